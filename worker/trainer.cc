@@ -314,14 +314,26 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   }
 
   // Data.
-  AVIARY_ASSIGN_OR_RETURN(s->table, common::BuildStageTable(config, options.stage));
-  AVIARY_ASSIGN_OR_RETURN(common::TrainList list,
-                          common::BuildTrainList(config, s->table, options.fold));
-  for (size_t r : list.train) {
-    s->train_items.push_back({s->table.samples[r].filepath, s->table.samples[r].target});
-  }
-  for (size_t r : list.valid) {
-    s->valid_items.push_back({s->table.samples[r].filepath, s->table.samples[r].target});
+  if (options.manifest != nullptr) {
+    const common::TaskManifest& m = *options.manifest;
+    if (m.stage != options.stage || m.fold != options.fold) {
+      return absl::InvalidArgumentError(absl::StrCat("the task manifest is for stage ", m.stage, " fold ", m.fold,
+                                                     ", not stage ", options.stage, " fold ", options.fold));
+    }
+    s->table.stage = m.stage;
+    s->table.class_names = m.class_names;
+    for (const auto& item : m.train) s->train_items.push_back({item.path, item.target});
+    for (const auto& item : m.valid) s->valid_items.push_back({item.path, item.target});
+  } else {
+    AVIARY_ASSIGN_OR_RETURN(s->table, common::BuildStageTable(config, options.stage));
+    AVIARY_ASSIGN_OR_RETURN(common::TrainList list,
+                            common::BuildTrainList(config, s->table, options.fold));
+    for (size_t r : list.train) {
+      s->train_items.push_back({s->table.samples[r].filepath, s->table.samples[r].target});
+    }
+    for (size_t r : list.valid) {
+      s->valid_items.push_back({s->table.samples[r].filepath, s->table.samples[r].target});
+    }
   }
   s->comm = options.comm;
   s->rank = s->comm ? s->comm->rank() : 0;

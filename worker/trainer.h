@@ -44,6 +44,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/config.h"
+#include "common/manifest.h"
 
 namespace aviary::worker {
 namespace comm {
@@ -75,6 +76,9 @@ struct TrainOptions {
   std::string stage = "finetune";   // "pretrain" or "finetune"
   int fold = 0;
   std::string init_checkpoint;      // fine-tuning: the pretraining best.pt (head skipped)
+  // The task's data as the coordinator computed it (not owned; null: build the stage table and
+  // the fold's train list from the config's data sources here). Stage and fold must match.
+  const common::TaskManifest* manifest = nullptr;
   bool resume = true;               // continue from out_dir/last.pt when it exists
   c10::Device device = c10::Device(c10::kCPU);
   bool progress_bar = false;        // a live line on stderr (a terminal); else log lines

@@ -1,0 +1,88 @@
+#include "common/manifest.h"
+
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/csv.h"
+#include "common/status.h"
+
+namespace aviary::common {
+
+absl::StatusOr<TaskManifest> BuildTaskManifest(const PipelineConfig& config, const StageTable& table,
+                                               int fold) {
+  AVIARY_ASSIGN_OR_RETURN(TrainList list, BuildTrainList(config, table, fold));
+  TaskManifest m;
+  m.stage = table.stage;
+  m.fold = fold;
+  m.class_names = table.class_names;
+  m.train.reserve(list.train.size());
+  for (size_t r : list.train) m.train.push_back({table.samples[r].filepath, table.samples[r].target});
+  m.valid.reserve(list.valid.size());
+  for (size_t r : list.valid) m.valid.push_back({table.samples[r].filepath, table.samples[r].target});
+  return m;
+}
+
+std::string ManifestToCsv(const TaskManifest& manifest) {
+  std::ostringstream out;
+  WriteCsvRow(out, {"split", "path", "target"});
+  WriteCsvRow(out, {"stage", manifest.stage, ""});
+  WriteCsvRow(out, {"fold", "", std::to_string(manifest.fold)});
+  for (size_t i = 0; i < manifest.class_names.size(); ++i) {
+    WriteCsvRow(out, {"class", manifest.class_names[i], std::to_string(i)});
+  }
+  for (const auto& item : manifest.train) WriteCsvRow(out, {"train", item.path, std::to_string(item.target)});
+  for (const auto& item : manifest.valid) WriteCsvRow(out, {"valid", item.path, std::to_string(item.target)});
+  return out.str();
+}
+
+absl::StatusOr<TaskManifest> ParseManifestCsv(absl::string_view text, const std::string& source) {
+  AVIARY_ASSIGN_OR_RETURN(CsvTable table, CsvTable::Parse(text, source));
+  if (table.header() != std::vector<std::string>{"split", "path", "target"}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": not a task manifest (expected the header split,path,target)"));
+  }
+  TaskManifest m;
+  bool have_stage = false, have_fold = false;
+  for (size_t i = 0; i < table.num_rows(); ++i) {
+    const auto& row = table.row(i);
+    const std::string where = absl::StrCat(source, ":", table.line(i));
+    const std::string& split = row[0];
+    int target = -1;
+    if (split != "stage" && !absl::SimpleAtoi(row[2], &target)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": target '", row[2], "' is not an integer"));
+    }
+    if (split == "stage") {
+      m.stage = row[1];
+      have_stage = true;
+    } else if (split == "fold") {
+      m.fold = target;
+      have_fold = true;
+    } else if (split == "class") {
+      if (target != static_cast<int>(m.class_names.size())) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": class '", row[1], "' has index ", target,
+                                                       ", expected ", m.class_names.size()));
+      }
+      m.class_names.push_back(row[1]);
+    } else if (split == "train" || split == "valid") {
+      if (target < 0 || target >= static_cast<int>(m.class_names.size())) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": target ", target, " of '", row[1],
+                                                       "' is outside the ", m.class_names.size(), " classes"));
+      }
+      if (row[1].empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": empty path"));
+      (split == "train" ? m.train : m.valid).push_back({row[1], target});
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": unknown split '", split,
+                                                     "' (expected stage, fold, class, train or valid)"));
+    }
+  }
+  if (!have_stage || !have_fold) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": the manifest names no ",
+                                                   have_stage ? "fold" : "stage"));
+  }
+  if (m.class_names.empty()) return absl::InvalidArgumentError(absl::StrCat(source, ": the manifest has no classes"));
+  if (m.train.empty()) return absl::InvalidArgumentError(absl::StrCat(source, ": the manifest has no training rows"));
+  return m;
+}
+
+}  // namespace aviary::common
