@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The aviary demo on a fresh Debian 12 machine: installs what is missing, builds, writes a
 # synthetic BirdCLEF-style corpus (a 2024 target and 2021/2022/2023/Xeno-Canto pretraining
-# sources, real ogg and mp3 files), and runs the dataset pipeline of configs/demo.yaml on it:
-# summary + distribution plot, stratified folds, and the training lists of both stages.
+# sources, real ogg and mp3 files), shows the dataset pipeline of configs/demo.yaml (summary +
+# distribution plot, stratified folds, training lists) and decodes the corpus into the cache.
 #
-# Then it decodes the corpus into the cache (`aviary prepare`), pretrains the small CNN on the
-# pretraining pool and fine-tunes it on the target from the pretraining checkpoint, each with a
-# 2-rank data-parallel group (`mpirun -np 2 aviary-worker train`), and scores the fine-tuned
-# model on synthetic soundscapes with known calls (`aviary predict`, `aviary score`). The
-# coordinator that would schedule these runs (issue 6) is not built yet; the script says so.
+# Then it runs the service: a coordinator (aviary-coordinator, SQLite in runs/demo/aviary.db, a
+# fresh bearer token), one 2-rank worker group (`mpirun -np 2 aviary-worker serve`), and the
+# client: `aviary submit configs/demo.yaml` (pretraining of the small CNN on the pool, then
+# fine-tuning on the target from its best checkpoint), `aviary watch` (live progress, then a
+# table of the final metrics), `aviary history --plot`. Finally it scores the fine-tuned model
+# on synthetic soundscapes with known calls (`aviary predict`, `aviary score`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
-aviary_install_packages "${AVIARY_BUILD_PACKAGES[@]}"
+aviary_install_packages "${AVIARY_BUILD_PACKAGES[@]}" python3 curl
 aviary_configure
-aviary_build_targets aviary aviary-worker
+aviary_build_targets aviary aviary-worker aviary-coordinator
 aviary=${AVIARY_BUILD_DIR:-build}/bin/aviary
 worker=${AVIARY_BUILD_DIR:-build}/bin/aviary-worker
+coordinator=${AVIARY_BUILD_DIR:-build}/bin/aviary-coordinator
 data=data/demo
 out=runs/demo
 mkdir -p "$out"
@@ -45,36 +47,57 @@ head -n 4 $out/folds_finetune.csv
 step "Decode every file once into the cache (data.cache_dir)"
 "$aviary" prepare --config configs/demo.yaml
 
-step "Pretrain the small CNN on the pool (fold 0), then fine-tune on the target from it (2 ranks)"
+step "Start the service: a coordinator and a 2-rank worker group"
 # mpirun refuses root unless told; two ranks on two cores need --oversubscribe.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-rm -rf $out/pretrain $out/finetune
-mpirun -np 2 --oversubscribe "$worker" train --config configs/demo.yaml --stage pretrain --fold 0 \
-  --out $out/pretrain
-mpirun -np 2 --oversubscribe "$worker" train --config configs/demo.yaml --stage finetune --fold 0 \
-  --out $out/finetune --init $out/pretrain/best.pt
+rm -rf $out/runs $out/aviary.db* $out/*.port $out/*.log
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > $out/token
+chmod 600 $out/token
+pids=()
+stop_service() {
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop_service EXIT
+"$coordinator" --config configs/coordinator.yaml --listen 127.0.0.1:0 --port-file $out/coordinator.port \
+  --metrics-listen 127.0.0.1:0 --metrics-port-file $out/metrics.port --database $out/aviary.db \
+  --work-dir $out/runs --token-file $out/token > $out/coordinator.log 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -s $out/coordinator.port ] && [ -s $out/metrics.port ] && break; sleep 0.2; done
+[ -s $out/coordinator.port ] || { cat $out/coordinator.log; echo "the coordinator did not start"; exit 1; }
+export AVIARY_COORDINATOR=127.0.0.1:$(cat $out/coordinator.port) AVIARY_TOKEN_FILE=$out/token
+echo "coordinator on $AVIARY_COORDINATOR (log $out/coordinator.log), Prometheus metrics on" \
+  "http://127.0.0.1:$(cat $out/metrics.port)/metrics"
+mpirun -np 2 --oversubscribe "$worker" serve --coordinator "$AVIARY_COORDINATOR" --token-file $out/token \
+  --metrics-listen 127.0.0.1:0 --metrics-port-file $out/group.port > $out/group.log 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -s $out/group.port ] && break; sleep 0.2; done
+echo "worker group: 2 ranks (log $out/group.log), its metrics on http://127.0.0.1:$(cat $out/group.port 2>/dev/null)/metrics"
 
-step "Final metrics"
-for run in pretrain finetune; do
-  echo "$run (history in $out/$run/history.csv, plot in $out/$run/history.png):"
-  python3 - "$out/$run/history.csv" <<'PY'
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-cols = ["epoch", "train_loss", "val_loss", "val_auc", "val_roc_auc", "val_cmap", "val_acc", "samples_per_s"]
-print("  " + "  ".join(f"{c:>12}" for c in cols))
-for r in rows:
-    print("  " + "  ".join(f"{float(r[c]):>12.4f}" if c != "epoch" else f"{r[c]:>12}" for c in cols))
-PY
-done
+step "Submit configs/demo.yaml: pretrain on the pool (fold 0), then fine-tune on the target (fold 0)"
+job=$("$aviary" submit configs/demo.yaml --name demo | tail -n 1)
+echo "job $job"
+
+step "Watch it (live progress per task; the final metrics at the end)"
+"$aviary" watch "$job"
+
+step "Final state and metrics"
+"$aviary" status "$job"
+"$aviary" history "$job" --plot $out/history.png
+curl -sf "http://127.0.0.1:$(cat $out/metrics.port)/metrics" 2>/dev/null | grep -E "^aviary_(val_auc|val_roc_auc|jobs)" || true
+best=$("$aviary" status "$job" --json | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+print([t for t in j["tasks"] if t["stage"] == "finetune"][0]["best_checkpoint"])')
 
 step "Inference: synthetic soundscapes with known calls -> BirdCLEF submission -> score"
 "$aviary" synth-soundscapes --out $data/soundscapes --species 12 --count 3 --seconds 60 --seed 2
-"$aviary" predict --checkpoint $out/finetune/best.pt --audio $data/soundscapes/soundscapes \
+"$aviary" predict --checkpoint "$best" --audio $data/soundscapes/soundscapes \
   --out $out/submission.csv
 "$aviary" score --solution $data/soundscapes/solution.csv --submission $out/submission.csv
 
 step "Done"
-echo "outputs in $out: dataset_summary.png, folds_*.csv, train_*_fold0.csv, pretrain/, finetune/,"
-echo "submission.csv"
-echo "not yet built: the coordinator, the worker agent and the gRPC client (issue 6); the runs above"
-echo "were launched by hand with mpirun"
+echo "outputs in $out: dataset_summary.png, folds_*.csv, train_*_fold0.csv, runs/$job/ (one run"
+echo "folder per task: history.csv, best.pt, last.pt, history.png), history.png, submission.csv,"
+echo "aviary.db (the coordinator's state), coordinator.log, group.log"

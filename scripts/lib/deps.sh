@@ -11,9 +11,12 @@ AVIARY_BUILD_PACKAGES=(
   libgtest-dev libgmock-dev
 )
 # References the parity tests compare against (python under /usr/bin/python3; ffmpeg and sox
-# for the audio decode and resampling tests).
+# for the audio decode and resampling tests), and what the service tests drive: a real
+# Prometheus server (and promtool for the deploy files), curl, the sqlite3 shell, openssl for
+# a TLS certificate.
 AVIARY_TEST_PACKAGES=(python3 python3-numpy python3-pandas python3-sklearn python3-torch
-                      python3-torchaudio python3-torchvision ffmpeg sox)
+                      python3-torchaudio python3-torchvision ffmpeg sox
+                      prometheus curl sqlite3 openssl)
 
 aviary_install_packages() {
   local missing=()

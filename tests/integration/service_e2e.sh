@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Issue 6's acceptance, end to end with real processes on 127.0.0.1 (ports chosen at run time):
+# a coordinator (SQLite file, bearer token), a 2-rank worker group under mpirun, the `aviary`
+# client, and a real Prometheus server (Debian `prometheus`) scraping the coordinator.
+#   - submit (pretrain -> fine-tune) -> watch -> SUCCEEDED, with the metrics in SQLite, in
+#     `aviary status --json`, on the coordinator's and the group's /metrics, and in Prometheus'
+#     HTTP API; history with a plot; list;
+#   - calls without the token or with a wrong one are refused (UNAUTHENTICATED);
+#   - an invalid config is refused at submit with the key named;
+#   - cancel stops a running task within a few steps.
+# usage: service_e2e.sh BIN_DIR MPIEXEC
+set -uo pipefail
+bin=$1
+mpiexec=${2:-mpirun}
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/service_lib.sh"
+
+service_recipe 2 3 "[0]"
+write_coordinator_config 20 2
+start_coordinator || exit 1
+echo "coordinator on 127.0.0.1:$port, metrics on :$mport"
+
+# Prometheus scrapes the coordinator every second.
+if command -v prometheus >/dev/null; then
+  pport=$(free_port)
+  cat > "$tmp/prometheus.yml" <<YAML
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - job_name: aviary-coordinator
+    static_configs: [{targets: ["127.0.0.1:$mport"]}]
+YAML
+  setsid prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/prom" \
+    --web.listen-address="127.0.0.1:$pport" > "$tmp/prometheus.log" 2>&1 &
+  pids+=($!)
+else
+  fail "prometheus is not installed (scripts/test.sh installs the Debian package)"
+fi
+
+# Refusals before any work: no token, a wrong token, an invalid config.
+expect "UNAUTHENTICATED" "$bin/aviary" --coordinator "127.0.0.1:$port" list
+echo "not-the-token" > "$tmp/wrong"
+expect "UNAUTHENTICATED" "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/wrong" list
+expect "train.epochz" av submit "$tmp/p.yaml" --set train.epochz=3
+cp "$tmp/p.yaml" "$tmp/bad.yaml"; echo "modle: {name: small_cnn}" >> "$tmp/bad.yaml"
+expect "bad.yaml:$(wc -l < "$tmp/bad.yaml")" av submit "$tmp/bad.yaml"
+expect "model.name" av submit "$tmp/p.yaml" --set model.name=resnet9000
+expect "NOT_FOUND" av status jffffffffffff
+[ -z "$(av list 2>&1 | grep -E '^j[0-9a-f]{12}')" ] || fail "a refused submission left a job behind"
+
+start_group g1 2
+job=$(av submit "$tmp/p.yaml" --name e2e | tail -n 1)
+[[ "$job" =~ ^j[0-9a-f]{12}$ ]] || fail "submit's last line is not a job id: '$job'"
+echo "job $job"
+if timeout 600 av watch "$job" > "$tmp/watch.log" 2>&1; then
+  ok
+else
+  fail "watch did not end with SUCCEEDED"; tail -n 30 "$tmp/watch.log"; tail -n 30 "$tmp/g1.log"; tail -n 30 "$tmp/coordinator.log"
+fi
+tail -n 8 "$tmp/watch.log"
+
+# status --json: the job and both tasks succeeded, with their metrics and checkpoints.
+jq_status "$job" 'j["state"] == "JOB_STATE_SUCCEEDED"' || fail "status: job not SUCCEEDED"
+jq_status "$job" 'len(j["tasks"]) == 2' || fail "status: expected 2 tasks (pretrain, finetune fold 0)"
+jq_status "$job" 'all(t["state"] == "TASK_STATE_SUCCEEDED" for t in j["tasks"])' || fail "status: a task did not succeed"
+jq_status "$job" 'task("finetune")["latest"]["epoch"] == 2 and task("pretrain")["latest"]["epoch"] == 1' ||
+  fail "status: the latest epochs are not the last ones"
+jq_status "$job" '0.5 < float(task("finetune")["best"]["val_roc_auc"]) <= 1' || fail "status: no sensible best val_roc_auc"
+best_ckpt=$(jq_status "$job" 'task("pretrain")["best_checkpoint"]')
+[ -s "$best_ckpt" ] || fail "the pretraining's best checkpoint '$best_ckpt' does not exist"
+ft_dir=$(jq_status "$job" 'task("finetune")["out_dir"]')
+[ -s "$ft_dir/history.csv" ] && [ -s "$ft_dir/best.pt" ] || fail "the fine-tuning run folder '$ft_dir' lacks history.csv/best.pt"
+grep -q "initialised from $best_ckpt" "$tmp/g1.log" || fail "the fine-tuning did not start from the pretraining's best.pt"
+val_auc=$(jq_status "$job" 'task("finetune")["latest"]["val_auc"]')
+
+# SQLite holds the job and its epoch metrics (read with the sqlite3 shell, not our code).
+n=$(sqlite3 "$tmp/aviary.db" "SELECT COUNT(*) FROM metric_points WHERE task_id LIKE '$job/%' AND epoch_end = 1" 2>&1)
+[ "$n" = 5 ] || fail "SQLite: expected 5 epoch points (2 pretrain + 3 finetune), got '$n'"
+[ "$(sqlite3 "$tmp/aviary.db" "SELECT state FROM jobs WHERE job_id = '$job'" 2>&1)" != "" ] || fail "SQLite: no jobs row"
+
+# The coordinator's /metrics.
+m=$(curl -sf "http://127.0.0.1:$mport/metrics") || fail "GET /metrics"
+v=$(metric "$m" aviary_val_auc "job_id=\"$job\"" | head -n1)
+sel="job_id=\"$job\",stage=\"finetune\",fold=\"0\""
+got=$(grep -F "aviary_val_auc{" <<<"$m" | grep -F "job_id=\"$job\"" | grep -F 'stage="finetune"' | grep -F 'fold="0"' | awk '{print $NF}')
+/usr/bin/python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); sys.exit(0 if abs(a-b)<1e-9 else 1)" "${got:-nan}" "$val_auc" ||
+  fail "/metrics aviary_val_auc{$sel} = '${got}', status says $val_auc"
+for name in aviary_val_roc_auc aviary_val_accuracy aviary_train_loss aviary_learning_rate; do
+  grep -F "$name{" <<<"$m" | grep -qF "job_id=\"$job\"" || fail "/metrics lacks $name for $job"
+done
+grep -qE '^aviary_jobs\{state="succeeded"\} 1' <<<"$m" || fail "/metrics: aviary_jobs{state=\"succeeded\"} is not 1"
+grep -qE '^aviary_worker_groups 1' <<<"$m" || fail "/metrics: aviary_worker_groups is not 1"
+
+# The group's own /metrics.
+if [ -s "$tmp/g1.mport" ]; then
+  gm=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics") || fail "GET the group's /metrics"
+  s=$(grep -E '^aviary_samples_total\{' <<<"$gm" | awk '{print $NF}')
+  /usr/bin/python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)" "${s:-0}" || fail "group: aviary_samples_total is '${s}'"
+  grep -qE '^aviary_step_duration_seconds_count\{' <<<"$gm" || fail "group: no aviary_step_duration_seconds histogram"
+  grep -qE '^aviary_allreduce_duration_seconds_count\{' <<<"$gm" || fail "group: no aviary_allreduce_duration_seconds histogram"
+else
+  fail "the group wrote no metrics port file"
+fi
+
+# Prometheus scraped the coordinator: its HTTP API returns aviary_val_auc for the job.
+if [ -n "${pport:-}" ]; then
+  q="http://127.0.0.1:$pport/api/v1/query?query=aviary_val_auc%7Bjob_id%3D%22$job%22%7D"
+  if wait_for 60 bash -c "curl -sf '$q' | grep -q '\"job_id\":\"$job\"'"; then
+    ok
+    curl -sf "$q" | /usr/bin/python3 -c "
+import json, sys
+r = json.load(sys.stdin)['data']['result']
+print('prometheus:', ', '.join(f\"aviary_val_auc{{stage={x['metric']['stage']},fold={x['metric']['fold']}}} = {x['value'][1]}\" for x in r))"
+  else
+    fail "Prometheus' API has no aviary_val_auc for $job"; tail -n 20 "$tmp/prometheus.log"
+  fi
+fi
+
+# history (table and plot) and list.
+av history "$job" --plot "$tmp/history.png" > "$tmp/history.txt" 2>&1 || fail "history"
+[ "$(head -c 4 "$tmp/history.png" | od -An -c | tr -d ' ')" = "211PNG" ] || fail "history --plot wrote no PNG"
+grep -q finetune "$tmp/history.txt" && grep -q pretrain "$tmp/history.txt" || fail "history lacks a stage"
+av list | grep -q "$job" || fail "list does not show $job"
+
+# Cancel: a long job; once its task has trained a few steps, cancel it. The group stops within
+# a few steps (its sample counter stands still) and the job is CANCELLED.
+job2=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=200 | tail -n 1)
+if wait_for 120 jq_status "$job2" 'int(task("finetune").get("latest", {}).get("step", 0)) >= 3'; then
+  av cancel "$job2" > "$tmp/cancel.log" 2>&1 || fail "cancel"; cat "$tmp/cancel.log"
+  jq_status "$job2" 'j["state"] == "JOB_STATE_CANCELLED"' || fail "the cancelled job is not CANCELLED"
+  wait_for 30 grep -qi "cancel" "$tmp/g1.log" || fail "the group did not log the cancel"
+  sleep 2
+  c1=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')
+  sleep 4
+  c2=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')
+  [ "$c1" = "$c2" ] || fail "the group still trains after the cancel ($c1 -> $c2 samples)"
+  timeout 20 av watch "$job2" > /dev/null 2>&1; [ $? -eq 1 ] || fail "watch of a cancelled job should exit 1"
+else
+  fail "the second job's task made no progress"; tail -n 20 "$tmp/g1.log"
+fi
+kill -0 "$group_pid" 2>/dev/null || fail "the group exited after the cancel"
+
+echo "service_e2e: $passes checks passed, $fails failed"
+[ "$fails" -eq 0 ]

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Issue 6's fault tests with real processes on 127.0.0.1:
+#   1. kill -9 of a worker group (its whole mpirun tree) mid-task: after the heartbeat timeout
+#      the task is leased to another group and resumes from its last checkpoint (the epochs
+#      continue; they do not start again from 0); restarts and attempts are counted.
+#   2. kill -9 of the coordinator mid-job and a restart on the same SQLite file (same port): the
+#      group reconnects, keeps its lease, and the job completes.
+# usage: service_faults.sh BIN_DIR MPIEXEC
+set -uo pipefail
+bin=$1
+mpiexec=${2:-mpirun}
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/service_lib.sh"
+
+service_recipe 2 6 "[0]"
+write_coordinator_config 5 2
+start_coordinator || exit 1
+
+# 1. A group dies mid-task.
+start_group a 2
+pid_a=$group_pid
+job=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false | tail -n 1)
+echo "job $job (6 epochs of fine-tuning); group a is $pid_a"
+if wait_for 300 jq_status "$job" 'task("finetune").get("latest", {}).get("epoch", 0) >= 2 and task("finetune")["latest"].get("epoch_end", False)'; then
+  done_epochs=$(jq_status "$job" 'task("finetune")["latest"]["epoch"] + 1')
+  kill -9 -- "-$pid_a"
+  echo "killed group a after $done_epochs epochs"
+  start_group b 2
+  if timeout 600 av watch "$job" > "$tmp/watch1.log" 2>&1; then ok; else
+    fail "the job did not succeed after the group was killed"; tail -n 20 "$tmp/watch1.log"; tail -n 30 "$tmp/b.log"; tail -n 30 "$tmp/coordinator.log"
+  fi
+  jq_status "$job" 'task("finetune")["restarts"] == 1' || fail "restarts should be 1: $(jq_status "$job" 'task("finetune")')"
+  jq_status "$job" 'task("finetune")["attempt"] == 2' || fail "attempt should be 2"
+  grep -qE "resuming .*last.pt after epoch ([2-9])" "$tmp/b.log" ||
+    fail "group b did not resume from the checkpoint of epoch >= 2: $(grep -m1 resuming "$tmp/b.log")"
+  ft_dir=$(jq_status "$job" 'task("finetune")["out_dir"]')
+  [ "$(cut -d, -f1 "$ft_dir/history.csv" | tail -n +2 | tr '\n' ' ')" = "0 1 2 3 4 5 " ] ||
+    fail "history.csv epochs are not 0..5 once each: $(cut -d, -f1 "$ft_dir/history.csv" | tr '\n' ' ')"
+  m=$(curl -sf "http://127.0.0.1:$mport/metrics")
+  grep -F "aviary_task_restarts_total{" <<<"$m" | grep -F "job_id=\"$job\"" | grep -qE ' 1$' ||
+    fail "/metrics: aviary_task_restarts_total for $job is not 1"
+  grep -qE '^aviary_worker_groups_lost_total 1' <<<"$m" || fail "/metrics: aviary_worker_groups_lost_total is not 1"
+  n=$(av history "$job" --csv | tail -n +2 | wc -l)
+  [ "$n" = 6 ] || fail "history --csv: expected 6 epoch rows, got $n"
+else
+  fail "group a made no progress"; tail -n 30 "$tmp/a.log"; tail -n 30 "$tmp/coordinator.log"
+fi
+
+# 2. The coordinator dies mid-job and comes back on the same SQLite file and port.
+job2=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=5 | tail -n 1)
+echo "job $job2"
+if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch_end", False)'; then
+  kill -9 "$coord_pid"
+  echo "killed the coordinator (pid $coord_pid) after epoch $(jq_status "$job2" 'task("finetune")["latest"]["epoch"]' 2>/dev/null)"
+  sleep 2
+  start_coordinator --listen "127.0.0.1:$port" --heartbeat-timeout-s 30 || exit 1
+  grep -c "listening on" "$tmp/coordinator.log" | grep -q 2 || fail "the coordinator did not log its second start"
+  if timeout 600 av watch "$job2" > "$tmp/watch2.log" 2>&1; then ok; else
+    fail "the job did not complete after the coordinator restart"; tail -n 20 "$tmp/watch2.log"; tail -n 30 "$tmp/b.log"; tail -n 30 "$tmp/coordinator.log"
+  fi
+  jq_status "$job2" 'task("finetune")["restarts"] == 0' || fail "the restart of the coordinator cost the task a restart"
+  jq_status "$job" 'j["state"] == "JOB_STATE_SUCCEEDED"' || fail "the first job's state was lost"
+  n=$(av history "$job2" --csv | tail -n +2 | wc -l)
+  [ "$n" = 5 ] || fail "history of the second job: expected 5 epoch rows, got $n"
+else
+  fail "the second job made no progress"; tail -n 30 "$tmp/b.log"
+fi
+
+echo "service_faults: $passes checks passed, $fails failed"
+[ "$fails" -eq 0 ]
