@@ -645,7 +645,12 @@ absl::StatusOr<int> Watch(Client& client, const std::vector<std::string>& args) 
           watchdog.Disarm();
         }
         view.OnEvent(event);
-        if (IsTerminal(event.job().state())) terminal = true;
+        if (IsTerminal(event.job().state())) {
+          // The coordinator ends the stream after this event; do not wait for it.
+          terminal = true;
+          context.TryCancel();
+          break;
+        }
       }
       status = reader->Finish();
       watchdog_fired = watchdog.fired();

@@ -98,6 +98,10 @@ TaskProgress ProgressOf(const v1::TaskInfo& task) {
   if (spe > 0) {
     p.epochs_done = static_cast<int>(std::min<int64_t>(step / spe, std::max(task.epochs(), 0)));
     p.step_in_epoch = step - static_cast<int64_t>(p.epochs_done) * spe;
+    if (p.epochs_done > 0 && p.epochs_done == task.epochs()) {
+      // Past the plan's last step: show the last epoch as full.
+      p.step_in_epoch = std::min<int64_t>(spe, step - static_cast<int64_t>(p.epochs_done - 1) * spe);
+    }
     if (task.epochs() > 0) {
       p.total_steps = spe * task.epochs();
       p.fraction = std::min(1.0, static_cast<double>(step) / static_cast<double>(p.total_steps));
@@ -170,6 +174,16 @@ std::string FormatColumns(const std::vector<std::vector<std::string>>& rows) {
   return out;
 }
 
+double LatestLoss(const v1::TaskInfo& task) {
+  return task.has_latest() ? task.latest().train_loss() : std::nan("");
+}
+
+double ShownValAuc(const v1::TaskInfo& task) {
+  if (task.has_latest() && std::isfinite(task.latest().val_auc())) return task.latest().val_auc();
+  if (task.has_best()) return task.best().val_auc();
+  return std::nan("");
+}
+
 std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s) {
   const TaskProgress p = ProgressOf(task);
   const int width = std::max(2, static_cast<int>(absl::StrCat(task.epochs()).size()));
@@ -183,8 +197,8 @@ std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s) {
   }
   std::string line = absl::StrFormat("%-8s  f%-2d %-9s  %s  %s  loss %s  val_auc %s",
                                      task.stage(), task.fold(), TaskStateName(task.state()),
-                                     epoch, step, FormatMetric(task.latest().train_loss()),
-                                     FormatMetric(task.latest().val_auc()));
+                                     epoch, step, FormatMetric(LatestLoss(task)),
+                                     FormatMetric(ShownValAuc(task)));
   if (task.state() == v1::TASK_STATE_LEASED) {
     absl::StrAppend(&line, "  ETA ", FormatDuration(eta_s));
   } else if (task.restarts() > 0) {
@@ -197,6 +211,8 @@ std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s) {
 }
 
 namespace {
+
+const char* UtcSuffix(int64_t unix_ms) { return unix_ms > 0 ? " UTC" : ""; }
 
 int TasksDone(const v1::JobInfo& job) {
   int done = 0;
@@ -222,8 +238,8 @@ std::string FormatJobStatus(const v1::JobInfo& job) {
   absl::StrAppend(&out, "job      ", job.job_id(), "\n");
   if (!job.name().empty()) absl::StrAppend(&out, "name     ", job.name(), "\n");
   absl::StrAppend(&out, "state    ", JobStateName(job.state()), "\n");
-  absl::StrAppend(&out, "created  ", FormatUnixMs(job.created_unix_ms()), " UTC\n");
-  absl::StrAppend(&out, "updated  ", FormatUnixMs(job.updated_unix_ms()), " UTC\n");
+  absl::StrAppend(&out, "created  ", FormatUnixMs(job.created_unix_ms()), UtcSuffix(job.created_unix_ms()), "\n");
+  absl::StrAppend(&out, "updated  ", FormatUnixMs(job.updated_unix_ms()), UtcSuffix(job.updated_unix_ms()), "\n");
   absl::StrAppend(&out, "tasks    ", TasksDone(job), "/", job.tasks_size(), " succeeded\n");
   if (!job.error().empty()) absl::StrAppend(&out, "error    ", job.error(), "\n");
   if (job.tasks_size() == 0) return out;
@@ -237,7 +253,7 @@ std::string FormatJobStatus(const v1::JobInfo& job) {
                     t.steps_per_epoch() > 0
                         ? absl::StrCat(p.step_in_epoch, "/", t.steps_per_epoch())
                         : std::string("-"),
-                    FormatMetric(t.latest().train_loss()), FormatMetric(t.latest().val_auc()),
+                    FormatMetric(LatestLoss(t)), FormatMetric(ShownValAuc(t)),
                     t.has_best() ? FormatMetric(t.best().val_auc()) : std::string("-"),
                     absl::StrCat(t.restarts()), absl::StrCat(t.attempt()),
                     t.group_id().empty() ? std::string("-") : t.group_id(),

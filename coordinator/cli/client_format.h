@@ -66,6 +66,12 @@ class EtaTracker {
   std::map<std::string, Sample> samples_;
 };
 
+// The latest training loss (NaN before the first report).
+double LatestLoss(const v1::TaskInfo& task);
+// The val AUC shown for a task: the latest point's when it has one (epoch ends), else the best
+// epoch's so far (step points carry NaN), else NaN.
+double ShownValAuc(const v1::TaskInfo& task);
+
 // The live line of one task:
 // "finetune  f1  LEASED     epoch  3/25  step  120/400  loss 2.3456  val_auc 0.4123  ETA 12m05s".
 std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s);
