@@ -464,7 +464,7 @@ class WatchView {
       states_[t.task_id()] = t.state();
     }
     std::vector<std::string> lines;  // lines that scroll (messages, epoch ends)
-    if (first) {
+    if (first && event.message().empty()) {
       lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + job.name() + ")",
                                    ": ", JobStateName(job.state()), ", ", job.tasks_size(),
                                    " tasks"));
@@ -472,6 +472,7 @@ class WatchView {
     const bool progress = event.has_metrics();
     if (progress && event.metrics().epoch_end()) {
       const v1::Metrics& m = event.metrics();
+      if (std::isfinite(m.val_auc())) epoch_auc_[event.task_id()] = m.val_auc();
       lines.push_back(absl::StrFormat(
           "%s epoch %d: loss %s  val_loss %s  val_auc %s  val_roc_auc %s  val_acc %s  lr %s",
           event.task_id(), m.epoch(), FormatMetric(m.train_loss()), FormatMetric(m.val_loss()),
@@ -506,7 +507,7 @@ class WatchView {
                             !event.metrics().epoch_end() &&
                             now - last_plain_[t.task_id()] >= kPlainStepIntervalS;
       if (state_changed || step_due) {
-        std::cout << Stamp() << FormatTaskLine(t, eta_.SecondsLeft(t)) << "\n";
+        std::cout << Stamp() << FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id())) << "\n";
         last_plain_[t.task_id()] = now;
       }
     }
@@ -532,6 +533,11 @@ class WatchView {
   const v1::JobInfo& job() const { return job_; }
 
  private:
+  double EpochAuc(const std::string& task_id) const {
+    auto it = epoch_auc_.find(task_id);
+    return it == epoch_auc_.end() ? std::nan("") : it->second;
+  }
+
   double Now() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
 
   static std::string Stamp() {
@@ -551,7 +557,7 @@ class WatchView {
       absl::StrAppend(&out, "\r\x1b[2K", job_.job_id(), "  ", JobStateName(job_.state()), "\n");
       ++drawn_;
       for (const auto& t : job_.tasks()) {
-        absl::StrAppend(&out, "\r\x1b[2K  ", FormatTaskLine(t, eta_.SecondsLeft(t)), "\n");
+        absl::StrAppend(&out, "\r\x1b[2K  ", FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id())), "\n");
         ++drawn_;
       }
     }
@@ -567,6 +573,7 @@ class WatchView {
   v1::JobInfo job_;
   std::map<std::string, v1::TaskState> states_;
   std::map<std::string, double> last_plain_;
+  std::map<std::string, double> epoch_auc_;  // val_auc of each task's last epoch end seen
   EtaTracker eta_;
   int drawn_ = 0;
   double last_draw_s_ = -1e9;

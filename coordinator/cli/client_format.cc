@@ -178,13 +178,14 @@ double LatestLoss(const v1::TaskInfo& task) {
   return task.has_latest() ? task.latest().train_loss() : std::nan("");
 }
 
-double ShownValAuc(const v1::TaskInfo& task) {
+double ShownValAuc(const v1::TaskInfo& task, double last_epoch_val_auc) {
   if (task.has_latest() && std::isfinite(task.latest().val_auc())) return task.latest().val_auc();
+  if (std::isfinite(last_epoch_val_auc)) return last_epoch_val_auc;
   if (task.has_best()) return task.best().val_auc();
   return std::nan("");
 }
 
-std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s) {
+std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s, double last_epoch_val_auc) {
   const TaskProgress p = ProgressOf(task);
   const int width = std::max(2, static_cast<int>(absl::StrCat(task.epochs()).size()));
   std::string epoch =
@@ -198,7 +199,7 @@ std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s) {
   std::string line = absl::StrFormat("%-8s  f%-2d %-9s  %s  %s  loss %s  val_auc %s",
                                      task.stage(), task.fold(), TaskStateName(task.state()),
                                      epoch, step, FormatMetric(LatestLoss(task)),
-                                     FormatMetric(ShownValAuc(task)));
+                                     FormatMetric(ShownValAuc(task, last_epoch_val_auc)));
   if (task.state() == v1::TASK_STATE_LEASED) {
     absl::StrAppend(&line, "  ETA ", FormatDuration(eta_s));
   } else if (task.restarts() > 0) {

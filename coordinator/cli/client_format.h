@@ -6,6 +6,7 @@
 #ifndef AVIARY_COORDINATOR_CLI_CLIENT_FORMAT_H_
 #define AVIARY_COORDINATOR_CLI_CLIENT_FORMAT_H_
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -68,13 +69,15 @@ class EtaTracker {
 
 // The latest training loss (NaN before the first report).
 double LatestLoss(const v1::TaskInfo& task);
-// The val AUC shown for a task: the latest point's when it has one (epoch ends), else the best
-// epoch's so far (step points carry NaN), else NaN.
-double ShownValAuc(const v1::TaskInfo& task);
+// The val AUC shown for a task: the latest point's when it has one (epoch ends); else
+// `last_epoch_val_auc` (what a watcher saw at the last epoch end; step points carry NaN); else
+// the best epoch's once known; else NaN.
+double ShownValAuc(const v1::TaskInfo& task, double last_epoch_val_auc = std::nan(""));
 
 // The live line of one task:
 // "finetune  f1  LEASED     epoch  3/25  step  120/400  loss 2.3456  val_auc 0.4123  ETA 12m05s".
-std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s);
+std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s,
+                           double last_epoch_val_auc = std::nan(""));
 
 // The job's one-line summary used by `list` and as the header of `status` / `watch`:
 // "j0123456789ab  RUNNING    2026-11-25 16:00:00  2/6 tasks done  name".
