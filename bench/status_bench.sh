@@ -6,6 +6,7 @@
 # one JSON line and a table (p50/p99/max latency, RPC/s, errors) of the pollers and heartbeats.
 # Usage: bench/status_bench.sh [BUILD_DIR] [DURATION_S] [extra status_bench flags...]
 #   e.g. bench/status_bench.sh build 20 --poll-interval-ms 1000 --channels 20
+# COORDINATOR_BIN=path uses that aviary-coordinator instead of building $BUILD_DIR's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
@@ -14,6 +15,12 @@ shift $(( $# > 2 ? 2 : $# ))
 if [[ ! -f "$build/build.ninja" && ! -f "$build/Makefile" ]]; then
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 fi
-cmake --build "$build" -j"$(nproc)" --target aviary-coordinator status_bench >/dev/null
-echo "machine: $(nproc) cores, $(uname -srm)"
-"$build/bin/status_bench" --coordinator-bin "$build/bin/aviary-coordinator" --duration "$duration" "$@"
+coordinator=${COORDINATOR_BIN:-}
+if [[ -z "$coordinator" ]]; then
+  cmake --build "$build" -j"$(nproc)" --target aviary-coordinator status_bench >/dev/null
+  coordinator="$build/bin/aviary-coordinator"
+else
+  cmake --build "$build" -j"$(nproc)" --target status_bench >/dev/null
+fi
+echo "machine: $(nproc) cores, $(uname -srm), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+"$build/bin/status_bench" --coordinator-bin "$coordinator" --duration "$duration" "$@"

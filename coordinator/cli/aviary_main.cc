@@ -63,6 +63,13 @@ int main(int argc, char** argv) {
   for (; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a.compare(0, 2, "--") != 0) break;
+    const std::string name = a.substr(2, a.find('=') == std::string::npos ? std::string::npos
+                                                                            : a.find('=') - 2);
+    if (name != "coordinator" && name != "token-file" && name != "tls-ca" && name != "timeout") {
+      std::cerr << "aviary: unknown global flag " << a
+                << " (before the command: --coordinator, --token-file, --tls-ca, --timeout)\n";
+      return 2;
+    }
     global.push_back(a);
     // "--flag value" unless written "--flag=value".
     if (a.find('=') == std::string::npos && i + 1 < args.size()) global.push_back(args[++i]);
