@@ -195,6 +195,11 @@ class Client {
       case absl::StatusCode::kInternal:
       case absl::StatusCode::kUnimplemented:
         message = absl::StrCat(rpc, " to coordinator ", options_.coordinator, ": ", message);
+        // A plaintext client closed on by a TLS server sees only "Socket closed".
+        if (code == absl::StatusCode::kUnavailable && options_.tls_ca.empty() &&
+            message.find("Connection refused") == std::string::npos) {
+          absl::StrAppend(&message, " (if the coordinator serves TLS, pass --tls-ca)");
+        }
         break;
       case absl::StatusCode::kDeadlineExceeded:
         message = absl::StrCat(rpc, " to coordinator ", options_.coordinator,
