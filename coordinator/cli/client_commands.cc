@@ -9,6 +9,7 @@
 // "aviary CMD: CODE_NAME: message" and exits 2 for caller errors, 1 otherwise.
 //
 // Torch-free on purpose: this file links only gRPC, protobuf, absl and aviary::common.
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -538,6 +539,12 @@ class WatchView {
   const v1::JobInfo& job() const { return job_; }
 
  private:
+  static size_t TerminalColumns() {
+    struct winsize ws {};
+    if (::ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+    return 0;  // unknown: no cut
+  }
+
   double EpochAuc(const std::string& task_id) const {
     auto it = epoch_auc_.find(task_id);
     return it == epoch_auc_.end() ? std::nan("") : it->second;
@@ -559,10 +566,19 @@ class WatchView {
     for (const std::string& l : scroll) absl::StrAppend(&out, "\r\x1b[2K", Stamp(), l, "\n");
     drawn_ = 0;
     if (has_job_) {
-      absl::StrAppend(&out, "\r\x1b[2K", job_.job_id(), "  ", JobStateName(job_.state()), "\n");
+      // Block lines are cut to the terminal's width: a wrapped line would break the cursor-up
+      // count of the next redraw.
+      const size_t width = TerminalColumns();
+      auto fit = [width](std::string line) {
+        if (width > 1 && line.size() >= width) line.resize(width - 1);
+        return line;
+      };
+      absl::StrAppend(&out, "\r\x1b[2K", fit(absl::StrCat(job_.job_id(), "  ", JobStateName(job_.state()))), "\n");
       ++drawn_;
       for (const auto& t : job_.tasks()) {
-        absl::StrAppend(&out, "\r\x1b[2K  ", FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id())), "\n");
+        absl::StrAppend(&out, "\r\x1b[2K",
+                        fit("  " + FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id()))),
+                        "\n");
         ++drawn_;
       }
     }
@@ -674,7 +690,7 @@ absl::StatusOr<int> Watch(Client& client, const std::vector<std::string>& args) 
       backoff_s = kFirstBackoffS;
     }
     absl::Status error;
-    if (watchdog_fired && !got_message) {
+    if (watchdog_fired) {
       error = absl::DeadlineExceededError(
           absl::StrCat("WatchJob to coordinator ", client.options().coordinator,
                        ": no answer within --timeout ", client.options().timeout_s, " s"));
