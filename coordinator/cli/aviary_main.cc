@@ -1,4 +1,5 @@
-// `aviary`: the user's command-line tool (offline dataset tools now; the gRPC client later).
+// `aviary`: the user's command-line tool: the gRPC client of the coordinator and the offline
+// dataset tools.
 #include <iostream>
 #include <string>
 #include <vector>
@@ -8,9 +9,21 @@
 namespace {
 
 constexpr char kUsage[] =
-    "usage: aviary <command> [args]\n"
+    "usage: aviary [--coordinator H:P] [--token-file F] [--tls-ca F] [--timeout S] <command> [args]\n"
     "\n"
-    "commands:\n"
+    "client commands (the coordinator: --coordinator, else $AVIARY_COORDINATOR, else\n"
+    "127.0.0.1:7070; token: --token-file, else $AVIARY_TOKEN_FILE, else $AVIARY_TOKEN;\n"
+    "TLS: --tls-ca or $AVIARY_TLS_CA; --timeout: seconds per call, default 30):\n"
+    "  submit P.yaml [--set k=v ...] [--name N]\n"
+    "                                 submit a pipeline; prints the job id last\n"
+    "  status JOB [--json]            the job and its tasks\n"
+    "  list [--limit N]               jobs, newest first\n"
+    "  watch JOB                      live progress; exit 0 when the job succeeds, else 1\n"
+    "  cancel JOB\n"
+    "  history JOB [--plot out.png] [--csv]\n"
+    "                                 epoch rows of every task; --plot: loss, val AUC, lr\n"
+    "\n"
+    "offline commands:\n"
     "  synth --out DIR --layout L --species N --recordings M --seed S [--max-seconds X]\n"
     "        [--no-broken]            write a synthetic corpus in layout L\n"
     "                                 (2024, 2023, 2022, 2021, 2020, xc)\n"
@@ -44,8 +57,35 @@ int main(int argc, char** argv) {
     std::cout << kUsage;
     return args.empty() ? 2 : 0;
   }
-  const std::string command = args[0];
-  std::vector<std::string> rest(args.begin() + 1, args.end());
+  // Global flags of the client come before the command.
+  std::vector<std::string> global;
+  size_t i = 0;
+  for (; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a.compare(0, 2, "--") != 0) break;
+    const std::string name = a.substr(2, a.find('=') == std::string::npos ? std::string::npos
+                                                                            : a.find('=') - 2);
+    if (name != "coordinator" && name != "token-file" && name != "tls-ca" && name != "timeout") {
+      std::cerr << "aviary: unknown global flag " << a
+                << " (before the command: --coordinator, --token-file, --tls-ca, --timeout)\n";
+      return 2;
+    }
+    global.push_back(a);
+    // "--flag value" unless written "--flag=value".
+    if (a.find('=') == std::string::npos && i + 1 < args.size()) global.push_back(args[++i]);
+  }
+  if (i >= args.size()) {
+    std::cerr << "aviary: missing command after the global flags\n\n" << kUsage;
+    return 2;
+  }
+  const std::string command = args[i];
+  std::vector<std::string> rest(args.begin() + i + 1, args.end());
+  if (aviary::cli::IsClientCommand(command)) return aviary::cli::RunClient(command, global, rest);
+  if (!global.empty()) {
+    std::cerr << "aviary " << command << ": INVALID_ARGUMENT: " << global[0]
+              << " is a flag of the client commands, not of '" << command << "'\n";
+    return 2;
+  }
   if (command == "synth") return aviary::cli::RunSynth(rest);
   if (command == "dataset") return aviary::cli::RunDataset(rest);
   if (command == "score") return aviary::cli::RunScore(rest);

@@ -34,6 +34,14 @@ int RunPrepare(const std::vector<std::string>& args);
 //                [--decode-threads N] [--device auto|cpu|cuda]
 int RunPredict(const std::vector<std::string>& args);
 
+// The gRPC client (coordinator/cli/client_commands.cc; torch-free): submit, status, list,
+// watch, cancel, history. `global_args` are the flags given before the command
+// (--coordinator, --token-file, --tls-ca, --timeout), `args` those after it. Errors print
+// "aviary CMD: CODE_NAME: message"; exit 2 for caller errors, 1 otherwise (docs/SERVICE.md).
+bool IsClientCommand(const std::string& command);
+int RunClient(const std::string& command, const std::vector<std::string>& global_args,
+              const std::vector<std::string>& args);
+
 }  // namespace aviary::cli
 
 #endif  // AVIARY_COORDINATOR_CLI_COMMANDS_H_

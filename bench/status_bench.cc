@@ -1,0 +1,556 @@
+// status_bench: how the coordinator answers status polling while worker groups heartbeat.
+//
+// Starts a real `aviary-coordinator` (--coordinator-bin; 127.0.0.1 port 0, a fresh SQLite file,
+// a token) or uses a running one (--coordinator H:P --token-file F), submits --jobs jobs over a
+// tiny hand-written dataset (a 2024-layout metadata CSV and empty audio files: the catalog only
+// checks that they exist), registers --groups worker groups that heartbeat every
+// --heartbeat-ms (the first --leased of them lease a task first and heartbeat with it), and
+// runs --pollers concurrent clients that call GetJob and ListJobs in a closed loop (or every
+// --poll-interval-ms) for --duration seconds. Prints p50/p99/max latency and RPC/s of the
+// pollers and of the heartbeats, as one JSON line and as a table.
+//
+// Every client is a thread with blocking calls on real gRPC stubs; --channels spreads them
+// over that many channels, each its own TCP connection (local subchannel pools). The
+// coordinator, the pollers and the groups share this machine's cores: the output says how
+// many. Not a test: nothing here asserts a time.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/flags.h"
+#include "common/status.h"
+#include "proto/aviary.grpc.pb.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = aviary::v1;
+using Clock = std::chrono::steady_clock;
+
+constexpr char kToken[] = "status-bench-token";  // of a spawned coordinator
+std::string g_token = kToken;                      // what the calls send
+constexpr double kCallTimeoutS = 10;
+
+struct Options {
+  std::string coordinator_bin;  // spawn this one ...
+  std::string coordinator;      // ... or use this address
+  std::string token_file;
+  double duration_s = 10;
+  int pollers = 200;
+  int channels = 200;
+  int groups = 50;
+  int leased = 8;
+  int jobs = 4;
+  int heartbeat_ms = 100;
+  int poll_interval_ms = 0;
+  int list_every = 4;  // every k-th poll is a ListJobs, the others GetJob
+  int list_limit = 20;
+  std::string scratch;
+  bool keep = false;
+};
+
+// Latencies of one kind of call, in microseconds, plus its error count.
+struct Samples {
+  std::vector<double> us;
+  int64_t errors = 0;
+  std::string first_error;
+  void Merge(const Samples& other) {
+    us.insert(us.end(), other.us.begin(), other.us.end());
+    errors += other.errors;
+    if (first_error.empty()) first_error = other.first_error;
+  }
+};
+
+struct Summary {
+  int64_t calls = 0, errors = 0;
+  double rps = 0, p50_ms = 0, p99_ms = 0, max_ms = 0, mean_ms = 0;
+};
+
+Summary Summarize(Samples s, double seconds) {
+  Summary out;
+  out.calls = static_cast<int64_t>(s.us.size());
+  out.errors = s.errors;
+  out.rps = seconds > 0 ? out.calls / seconds : 0;
+  if (s.us.empty()) return out;
+  std::sort(s.us.begin(), s.us.end());
+  auto pct = [&](double q) {
+    size_t i = static_cast<size_t>(std::ceil(q * s.us.size())) ;
+    i = std::min(s.us.size() - 1, i == 0 ? 0 : i - 1);
+    return s.us[i] / 1000.0;
+  };
+  out.p50_ms = pct(0.50);
+  out.p99_ms = pct(0.99);
+  out.max_ms = s.us.back() / 1000.0;
+  double sum = 0;
+  for (double v : s.us) sum += v;
+  out.mean_ms = sum / s.us.size() / 1000.0;
+  return out;
+}
+
+std::string Json(const char* name, const Summary& s) {
+  return absl::StrFormat(
+      "\"%s\":{\"calls\":%d,\"errors\":%d,\"rpc_per_s\":%.1f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,"
+      "\"max_ms\":%.3f,\"mean_ms\":%.3f}",
+      name, s.calls, s.errors, s.rps, s.p50_ms, s.p99_ms, s.max_ms, s.mean_ms);
+}
+
+std::string Row(const char* name, const Summary& s) {
+  return absl::StrFormat("%-12s %10d %8d %10.1f %9.3f %9.3f %9.3f", name, s.calls, s.errors,
+                         s.rps, s.p50_ms, s.p99_ms, s.max_ms);
+}
+
+void Prepare(grpc::ClientContext* context) {
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(kCallTimeoutS * 1000)));
+  if (!g_token.empty()) context->AddMetadata("authorization", absl::StrCat("Bearer ", g_token));
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int index) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
+  args.SetInt("aviary.bench.channel", index);           // distinct args: no channel sharing
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+absl::Status ToStatus(const grpc::Status& s, const std::string& what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat(what, ": ", s.error_message()));
+}
+
+absl::Status WriteFile(const fs::path& path, const std::string& text) {
+  fs::create_directories(path.parent_path());
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path.string()));
+  return absl::OkStatus();
+}
+
+// A 2024-layout dataset of 3 classes x 6 recordings with empty audio files, and a pipeline
+// that fine-tunes folds 0 and 1 of a 2-fold split (two tasks per job).
+absl::StatusOr<std::string> WriteDataset(const fs::path& root) {
+  std::string csv = "primary_label,secondary_labels,author,rating,filename\n";
+  int n = 0;
+  for (const char* label : {"asbfly", "ashdro1", "ashpri1"}) {
+    for (int i = 0; i < 6; ++i) {
+      ++n;
+      const std::string file = absl::StrCat(label, "/XC", 1000 + n, ".ogg");
+      absl::StrAppend(&csv, label, ",[],author", i, ",4.0,", file, "\n");
+      AVIARY_RETURN_IF_ERROR(WriteFile(root / "ds" / "train_audio" / file, ""));
+    }
+  }
+  AVIARY_RETURN_IF_ERROR(WriteFile(root / "ds" / "train_metadata.csv", csv));
+  return std::string(
+      "seed: 42\n"
+      "data:\n"
+      "  target: {layout: \"2024\", root: ds}\n"
+      "  pretrain_sources: []\n"
+      "folds: {finetune_splits: 2, selected_folds: [0, 1]}\n"
+      "model: {name: small_cnn}\n"
+      "train: {epochs: 2, batch_size: 4}\n"
+      "stages:\n"
+      "  pretrain: {enabled: false}\n"
+      "  finetune: {enabled: true}\n");
+}
+
+// A coordinator child process: started on 127.0.0.1 port 0, stopped with SIGTERM (then
+// SIGKILL) when this goes out of scope.
+class CoordinatorProcess {
+ public:
+  static absl::StatusOr<std::unique_ptr<CoordinatorProcess>> Start(const std::string& bin,
+                                                                   const fs::path& dir) {
+    const fs::path config = dir / "coordinator.yaml";
+    const fs::path port_file = dir / "port";
+    AVIARY_RETURN_IF_ERROR(WriteFile(dir / "token", std::string(kToken) + "\n"));
+    AVIARY_RETURN_IF_ERROR(WriteFile(
+        config, absl::StrCat("listen: 127.0.0.1:0\n"
+                             "port_file: ", port_file.string(), "\n"
+                             "metrics_listen: \"\"\n"
+                             "database: ", (dir / "aviary.db").string(), "\n"
+                             "work_dir: ", (dir / "runs").string(), "\n"
+                             "token_file: ", (dir / "token").string(), "\n"
+                             "heartbeat_timeout_s: 20\n"
+                             "log_level: warning\n")));
+    const fs::path log = dir / "coordinator.log";
+    pid_t pid = ::fork();
+    if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
+    if (pid == 0) {
+      FILE* f = std::freopen(log.c_str(), "w", stderr);
+      (void)f;
+      ::execl(bin.c_str(), bin.c_str(), "--config", config.c_str(), static_cast<char*>(nullptr));
+      std::fprintf(stderr, "exec %s: %s\n", bin.c_str(), std::strerror(errno));
+      ::_exit(127);
+    }
+    auto process = std::unique_ptr<CoordinatorProcess>(new CoordinatorProcess(pid));
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (Clock::now() < deadline) {
+      std::ifstream in(port_file);
+      int port = 0;
+      if (in >> port && port > 0) {
+        process->address_ = absl::StrCat("127.0.0.1:", port);
+        return process;
+      }
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        process->pid_ = -1;
+        return absl::FailedPreconditionError(absl::StrCat(
+            bin, " exited (status ", status, ") before writing ", port_file.string(),
+            "; see ", log.string()));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return absl::DeadlineExceededError(absl::StrCat(bin, " wrote no port to ", port_file.string(),
+                                                    " within 30 s; see ", log.string()));
+  }
+
+  ~CoordinatorProcess() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    for (int i = 0; i < 100; ++i) {
+      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+
+  const std::string& address() const { return address_; }
+
+ private:
+  explicit CoordinatorProcess(pid_t pid) : pid_(pid) {}
+  pid_t pid_;
+  std::string address_;
+};
+
+std::atomic<bool> g_stop{false};
+
+// A worker group: registers, optionally leases a task, then heartbeats every interval.
+void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& options,
+              bool lease, Clock::time_point measure_from, Samples* out, std::string* held) {
+  auto stub = v1::WorkerService::NewStub(channel);
+  v1::RegisterGroupRequest reg;
+  reg.set_world_size(1);
+  reg.add_hosts("status-bench");
+  reg.add_devices("cpu");
+  reg.set_backend("mpi");
+  reg.set_version("status_bench");
+  v1::RegisterGroupResponse reg_response;
+  {
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::Status s = stub->RegisterGroup(&context, reg, &reg_response);
+    if (!s.ok()) {
+      out->errors++;
+      out->first_error = ToStatus(s, absl::StrCat("RegisterGroup of group ", index)).ToString();
+      return;
+    }
+  }
+  std::string task_id;
+  if (lease) {
+    v1::LeaseTaskRequest req;
+    req.set_group_id(reg_response.group_id());
+    v1::LeaseTaskResponse resp;
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::Status s = stub->LeaseTask(&context, req, &resp);
+    if (s.ok() && resp.available()) task_id = resp.task().task_id();
+    if (!s.ok()) {
+      out->errors++;
+      if (out->first_error.empty()) {
+        out->first_error = ToStatus(s, absl::StrCat("LeaseTask of group ", index)).ToString();
+      }
+    }
+  }
+  *held = task_id;
+  const auto interval = std::chrono::milliseconds(options.heartbeat_ms);
+  auto next = Clock::now();
+  while (!g_stop.load()) {
+    v1::HeartbeatRequest req;
+    req.set_group_id(reg_response.group_id());
+    req.set_task_id(task_id);
+    v1::HeartbeatResponse resp;
+    grpc::ClientContext context;
+    Prepare(&context);
+    const auto t0 = Clock::now();
+    grpc::Status s = stub->Heartbeat(&context, req, &resp);
+    const auto t1 = Clock::now();
+    if (t0 >= measure_from) {
+      if (s.ok()) {
+        out->us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      } else {
+        out->errors++;
+        if (out->first_error.empty()) {
+          out->first_error = ToStatus(s, absl::StrCat("Heartbeat of group ", index)).ToString();
+        }
+      }
+    }
+    next += interval;
+    if (next < Clock::now()) next = Clock::now();  // late: do not burst to catch up
+    std::this_thread::sleep_until(next);
+  }
+}
+
+// A polling client: GetJob on a random job, every list_every-th call ListJobs instead.
+void RunPoller(std::shared_ptr<grpc::Channel> channel, int index, const Options& options,
+               const std::vector<std::string>& job_ids, Clock::time_point until,
+               Samples* get_out, Samples* list_out) {
+  auto stub = v1::JobService::NewStub(channel);
+  std::mt19937 rng(1234 + index);  // fixed seed per poller
+  std::uniform_int_distribution<size_t> pick(0, job_ids.size() - 1);
+  int64_t n = index;  // staggers the ListJobs calls across pollers
+  while (Clock::now() < until) {
+    grpc::ClientContext context;
+    Prepare(&context);
+    const bool list = options.list_every > 0 && (n++ % options.list_every) == 0;
+    const auto t0 = Clock::now();
+    grpc::Status s;
+    if (list) {
+      v1::ListJobsRequest req;
+      req.set_limit(options.list_limit);
+      v1::ListJobsResponse resp;
+      s = stub->ListJobs(&context, req, &resp);
+    } else {
+      v1::GetJobRequest req;
+      req.set_job_id(job_ids[pick(rng)]);
+      v1::JobInfo resp;
+      s = stub->GetJob(&context, req, &resp);
+    }
+    const auto t1 = Clock::now();
+    Samples* out = list ? list_out : get_out;
+    if (s.ok()) {
+      out->us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    } else {
+      out->errors++;
+      if (out->first_error.empty()) {
+        out->first_error = ToStatus(s, list ? "ListJobs" : "GetJob").ToString();
+      }
+    }
+    if (options.poll_interval_ms > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_interval_ms));
+    }
+  }
+}
+
+absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
+  aviary::common::Flags flags(
+      {"coordinator-bin", "coordinator", "token-file", "duration", "pollers", "channels",
+       "groups", "leased", "jobs", "heartbeat-ms", "poll-interval-ms", "list-every",
+       "list-limit", "scratch"},
+      {"keep"}, {});
+  AVIARY_RETURN_IF_ERROR(flags.Parse(std::vector<std::string>(argv + 1, argv + argc)));
+  if (!flags.positional().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flags.positional()[0], "'"));
+  }
+  Options o;
+  o.coordinator_bin = flags.Get("coordinator-bin").value_or("");
+  o.coordinator = flags.Get("coordinator").value_or("");
+  o.token_file = flags.Get("token-file").value_or("");
+  if (o.coordinator_bin.empty() == o.coordinator.empty()) {
+    return absl::InvalidArgumentError(
+        "give exactly one of --coordinator-bin PATH (start one) or --coordinator H:P (use one)");
+  }
+  AVIARY_ASSIGN_OR_RETURN(o.duration_s, flags.GetDouble("duration", 10));
+  if (!(o.duration_s > 0)) return absl::InvalidArgumentError("--duration must be > 0");
+  AVIARY_ASSIGN_OR_RETURN(long long pollers, flags.GetInt("pollers", 200, 1, 5000));
+  AVIARY_ASSIGN_OR_RETURN(long long channels, flags.GetInt("channels", pollers, 1, 5000));
+  AVIARY_ASSIGN_OR_RETURN(long long groups, flags.GetInt("groups", 50, 0, 5000));
+  AVIARY_ASSIGN_OR_RETURN(long long leased, flags.GetInt("leased", 8, 0, groups));
+  AVIARY_ASSIGN_OR_RETURN(long long jobs, flags.GetInt("jobs", 4, 1, 1000));
+  AVIARY_ASSIGN_OR_RETURN(long long hb, flags.GetInt("heartbeat-ms", 100, 1, 60000));
+  AVIARY_ASSIGN_OR_RETURN(long long pi, flags.GetInt("poll-interval-ms", 0, 0, 60000));
+  AVIARY_ASSIGN_OR_RETURN(long long le, flags.GetInt("list-every", 4, 0, 1000000));
+  AVIARY_ASSIGN_OR_RETURN(long long ll, flags.GetInt("list-limit", 20, 0, 10000));
+  o.pollers = static_cast<int>(pollers);
+  o.channels = static_cast<int>(std::min(channels, pollers));
+  o.groups = static_cast<int>(groups);
+  o.leased = static_cast<int>(leased);
+  o.jobs = static_cast<int>(jobs);
+  o.heartbeat_ms = static_cast<int>(hb);
+  o.poll_interval_ms = static_cast<int>(pi);
+  o.list_every = static_cast<int>(le);
+  o.list_limit = static_cast<int>(ll);
+  o.scratch = flags.Get("scratch").value_or(absl::StrCat("/tmp/aviary_status_bench_", ::getpid()));
+  o.keep = flags.GetBool("keep");
+  return o;
+}
+
+absl::Status Run(const Options& options) {
+  const fs::path scratch = options.scratch;
+  fs::create_directories(scratch);
+  std::unique_ptr<CoordinatorProcess> process;
+  std::string address = options.coordinator;
+  if (!options.coordinator_bin.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(process, CoordinatorProcess::Start(options.coordinator_bin, scratch));
+    address = process->address();
+  } else {
+    g_token.clear();
+    if (!options.token_file.empty()) {
+      std::ifstream in(options.token_file);
+      if (!in) {
+        return absl::NotFoundError(absl::StrCat("--token-file ", options.token_file, ": cannot open"));
+      }
+      std::getline(in, g_token);
+      while (!g_token.empty() && std::isspace(static_cast<unsigned char>(g_token.back()))) g_token.pop_back();
+      while (!g_token.empty() && std::isspace(static_cast<unsigned char>(g_token.front()))) g_token.erase(0, 1);
+    }
+  }
+  std::cerr << "status_bench: coordinator " << address << ", scratch " << scratch.string() << "\n";
+
+  // Jobs.
+  AVIARY_ASSIGN_OR_RETURN(std::string yaml, WriteDataset(scratch));
+  auto setup_channel = MakeChannel(address, -1);
+  auto jobs_stub = v1::JobService::NewStub(setup_channel);
+  std::vector<std::string> job_ids;
+  for (int j = 0; j < options.jobs; ++j) {
+    v1::SubmitJobRequest req;
+    req.set_pipeline_yaml(yaml);
+    req.set_name(absl::StrCat("status-bench-", j));
+    req.set_source_path((scratch / "pipeline.yaml").string());
+    req.set_working_dir(scratch.string());
+    v1::SubmitJobResponse resp;
+    grpc::ClientContext context;
+    Prepare(&context);
+    context.set_wait_for_ready(true);
+    AVIARY_RETURN_IF_ERROR(ToStatus(jobs_stub->SubmitJob(&context, req, &resp),
+                                    absl::StrCat("SubmitJob ", j, " to ", address)));
+    job_ids.push_back(resp.job_id());
+  }
+
+  // Groups: one thread each, on their own channels (8 groups per channel).
+  std::vector<std::shared_ptr<grpc::Channel>> group_channels;
+  const int group_channel_count = std::max(1, (options.groups + 7) / 8);
+  for (int i = 0; i < group_channel_count; ++i) group_channels.push_back(MakeChannel(address, 100000 + i));
+  std::vector<Samples> heartbeats(options.groups);
+  std::vector<std::string> held(options.groups);
+  std::vector<std::thread> group_threads;
+  const auto warmup_end = Clock::now() + std::chrono::seconds(1);
+  for (int g = 0; g < options.groups; ++g) {
+    group_threads.emplace_back(RunGroup, group_channels[g % group_channel_count], g,
+                               std::cref(options), g < options.leased, warmup_end,
+                               &heartbeats[g], &held[g]);
+  }
+  std::this_thread::sleep_until(warmup_end);
+
+  // Pollers.
+  std::vector<std::shared_ptr<grpc::Channel>> poll_channels;
+  for (int i = 0; i < options.channels; ++i) poll_channels.push_back(MakeChannel(address, i));
+  std::vector<Samples> gets(options.pollers), lists(options.pollers);
+  std::vector<std::thread> pollers;
+  const auto t0 = Clock::now();
+  const auto until = t0 + std::chrono::duration_cast<Clock::duration>(
+                              std::chrono::duration<double>(options.duration_s));
+  for (int p = 0; p < options.pollers; ++p) {
+    pollers.emplace_back(RunPoller, poll_channels[p % options.channels], p, std::cref(options),
+                         std::cref(job_ids), until, &gets[p], &lists[p]);
+  }
+  for (auto& t : pollers) t.join();
+  const double poll_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  g_stop.store(true);
+  for (auto& t : group_threads) t.join();
+  const double hb_s = std::chrono::duration<double>(Clock::now() - warmup_end).count();
+
+  Samples get_all, list_all, hb_all, poll_all;
+  for (auto& s : gets) get_all.Merge(s);
+  for (auto& s : lists) list_all.Merge(s);
+  for (auto& s : heartbeats) hb_all.Merge(s);
+  poll_all.Merge(get_all);
+  poll_all.Merge(list_all);
+  int holding = 0;
+  for (const auto& h : held) holding += !h.empty();
+  const Summary get = Summarize(get_all, poll_s), list = Summarize(list_all, poll_s),
+                poll = Summarize(poll_all, poll_s), hb = Summarize(hb_all, hb_s);
+  const unsigned cores = std::thread::hardware_concurrency();
+  const int client_threads = options.pollers + options.groups;
+
+  std::cout << "{"
+            << absl::StrFormat(
+                   "\"coordinator\":\"%s\",\"spawned\":%s,\"cores\":%u,\"duration_s\":%.2f,"
+                   "\"jobs\":%d,\"pollers\":%d,\"poller_threads\":%d,\"poller_channels\":%d,"
+                   "\"poll_interval_ms\":%d,\"list_every\":%d,\"list_limit\":%d,\"groups\":%d,"
+                   "\"group_threads\":%d,\"group_channels\":%d,\"groups_holding_leases\":%d,"
+                   "\"heartbeat_ms\":%d,",
+                   address, process ? "true" : "false", cores, poll_s, options.jobs,
+                   options.pollers, options.pollers, options.channels, options.poll_interval_ms,
+                   options.list_every, options.list_limit, options.groups, options.groups,
+                   group_channel_count, holding, options.heartbeat_ms)
+            << Json("poll", poll) << "," << Json("get_job", get) << "," << Json("list_jobs", list)
+            << "," << Json("heartbeat", hb) << "}\n";
+
+  std::cout << "\n"
+            << absl::StrFormat(
+                   "status_bench: %d pollers (%d threads, %d channels%s) and %d groups "
+                   "(%d threads, %d channels, heartbeat every %d ms, %d holding leases)\n"
+                   "over %d jobs for %.1f s; coordinator %s%s; %u cores shared by the "
+                   "coordinator and all %d client threads\n\n",
+                   options.pollers, options.pollers, options.channels,
+                   options.poll_interval_ms > 0
+                       ? absl::StrCat(", every ", options.poll_interval_ms, " ms")
+                       : std::string(", closed loop"),
+                   options.groups, options.groups, group_channel_count, options.heartbeat_ms,
+                   holding, options.jobs, poll_s, address, process ? " (spawned)" : "", cores,
+                   client_threads)
+            << absl::StrFormat("%-12s %10s %8s %10s %9s %9s %9s\n", "rpc", "calls", "errors",
+                               "rpc/s", "p50 ms", "p99 ms", "max ms")
+            << Row("poll (all)", poll) << "\n"
+            << Row("  GetJob", get) << "\n"
+            << Row("  ListJobs", list) << "\n"
+            << Row("Heartbeat", hb) << "\n";
+  for (const Samples* s : {&get_all, &list_all, &hb_all}) {
+    if (!s->first_error.empty()) std::cout << "first error: " << s->first_error << "\n";
+  }
+  process.reset();
+  if (!options.keep) {
+    std::error_code ec;
+    fs::remove_all(scratch, ec);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::StatusOr<Options> options = ParseOptions(argc, argv);
+  if (!options.ok()) {
+    std::cerr << "status_bench: " << options.status().message() << "\n"
+              << "usage: status_bench (--coordinator-bin build/bin/aviary-coordinator | "
+                 "--coordinator H:P --token-file F)\n"
+                 "       [--duration S] [--pollers N] [--channels N] [--groups N] [--leased N]\n"
+                 "       [--jobs N] [--heartbeat-ms MS] [--poll-interval-ms MS]\n"
+                 "       [--list-every K] [--list-limit N] [--scratch DIR] [--keep]\n";
+    return 2;
+  }
+  absl::Status status = Run(*options);
+  if (!status.ok()) {
+    std::cerr << "status_bench: " << status.ToString() << "\n";
+    return aviary::common::ExitCodeFor(status);
+  }
+  return 0;
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Status polling under heartbeat load: builds aviary-coordinator and status_bench, starts a
+# coordinator on 127.0.0.1 port 0 with a fresh SQLite file and a token, submits 4 jobs over a
+# hand-written dataset, registers 50 worker groups heartbeating every 100 ms (8 holding leases)
+# and runs 200 polling clients (GetJob, every 4th call ListJobs) for DURATION seconds. Prints
+# one JSON line and a table (p50/p99/max latency, RPC/s, errors) of the pollers and heartbeats.
+# Usage: bench/status_bench.sh [BUILD_DIR] [DURATION_S] [extra status_bench flags...]
+#   e.g. bench/status_bench.sh build 20 --poll-interval-ms 1000 --channels 20
+# COORDINATOR_BIN=path uses that aviary-coordinator instead of building $BUILD_DIR's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+duration=${2:-10}
+shift $(( $# > 2 ? 2 : $# ))
+if [[ ! -f "$build/build.ninja" && ! -f "$build/Makefile" ]]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+fi
+coordinator=${COORDINATOR_BIN:-}
+if [[ -z "$coordinator" ]]; then
+  cmake --build "$build" -j"$(nproc)" --target aviary-coordinator status_bench >/dev/null
+  coordinator="$build/bin/aviary-coordinator"
+else
+  cmake --build "$build" -j"$(nproc)" --target status_bench >/dev/null
+fi
+echo "machine: $(nproc) cores, $(uname -srm), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+"$build/bin/status_bench" --coordinator-bin "$coordinator" --duration "$duration" "$@"

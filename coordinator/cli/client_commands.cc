@@ -1,0 +1,772 @@
+// The `aviary` gRPC client: submit, status, list, watch, cancel, history (docs/SERVICE.md,
+// "Client").
+//
+// Global flags (before the command): --coordinator H:P (else $AVIARY_COORDINATOR, else
+// 127.0.0.1:7070), --token-file F (else $AVIARY_TOKEN_FILE, else $AVIARY_TOKEN), --tls-ca F
+// (else $AVIARY_TLS_CA) and --timeout S (the deadline of each call, default 30 s). Every unary
+// call carries that deadline; `watch` bounds each (re)connection by it and then keeps the
+// stream open for as long as the job runs. A failed call prints
+// "aviary CMD: CODE_NAME: message" and exits 2 for caller errors, 1 otherwise.
+//
+// Torch-free on purpose: this file links only gRPC, protobuf, absl and aviary::common.
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/flags.h"
+#include "common/plot.h"
+#include "common/status.h"
+#include "coordinator/cli/client_format.h"
+#include "coordinator/cli/commands.h"
+#include "proto/aviary.grpc.pb.h"
+#include "proto/aviary.pb.h"
+
+namespace aviary::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+constexpr char kDefaultCoordinator[] = "127.0.0.1:7070";
+constexpr double kDefaultTimeoutS = 30;
+// `watch`: consecutive failed reconnection attempts before giving up (each bounded by
+// --timeout), and the backoff between them.
+constexpr int kMaxReconnects = 10;
+constexpr double kFirstBackoffS = 0.5;
+constexpr double kMaxBackoffS = 10;
+// `watch` on a terminal redraws at most this often (progress reports arrive every 2 s per
+// group, state changes at any time).
+constexpr double kRedrawIntervalS = 0.2;
+// `watch` without a terminal prints a task's step progress at most this often.
+constexpr double kPlainStepIntervalS = 10;
+
+struct ClientOptions {
+  std::string coordinator;
+  std::string token;   // empty: no authorization entry
+  std::string tls_ca;  // PEM; empty: plaintext
+  double timeout_s = kDefaultTimeoutS;
+};
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const std::string& what) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) {
+    return absl::NotFoundError(absl::StrCat(what, " '", path, "' does not exist"));
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot open ", what, " '", path, "'"));
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, " '", path, "'"));
+  return text.str();
+}
+
+// The token: the first line of the file, surrounding whitespace removed (as the coordinator
+// reads its token_file).
+absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& source) {
+  AVIARY_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path, absl::StrCat("token file (", source, ")")));
+  std::string line = text.substr(0, text.find('\n'));
+  std::string token(absl::StripAsciiWhitespace(line));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("token file '", path, "' (", source, ") has an empty first line"));
+  }
+  return token;
+}
+
+absl::StatusOr<ClientOptions> ParseClientOptions(const std::vector<std::string>& global_args) {
+  common::Flags flags({"coordinator", "token-file", "tls-ca", "timeout"}, {}, {});
+  AVIARY_RETURN_IF_ERROR(flags.Parse(global_args));
+  if (!flags.positional().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument '", flags.positional()[0], "' before the command"));
+  }
+  ClientOptions options;
+  if (auto v = flags.Get("coordinator")) {
+    options.coordinator = *v;
+  } else if (std::string env = Env("AVIARY_COORDINATOR"); !env.empty()) {
+    options.coordinator = env;
+  } else {
+    options.coordinator = kDefaultCoordinator;
+  }
+  if (options.coordinator.empty()) {
+    return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
+  }
+  AVIARY_ASSIGN_OR_RETURN(options.timeout_s, flags.GetDouble("timeout", kDefaultTimeoutS));
+  if (!(options.timeout_s > 0) || options.timeout_s > 86400) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--timeout ", options.timeout_s, ": expected seconds in (0, 86400]"));
+  }
+  if (auto v = flags.Get("token-file")) {
+    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(*v, "--token-file"));
+  } else if (std::string env = Env("AVIARY_TOKEN_FILE"); !env.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(env, "AVIARY_TOKEN_FILE"));
+  } else {
+    options.token = std::string(absl::StripAsciiWhitespace(Env("AVIARY_TOKEN")));
+  }
+  std::string ca_path;
+  std::string ca_source;
+  if (auto v = flags.Get("tls-ca")) {
+    ca_path = *v;
+    ca_source = "--tls-ca";
+  } else {
+    ca_path = Env("AVIARY_TLS_CA");
+    ca_source = "AVIARY_TLS_CA";
+  }
+  if (!ca_path.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(options.tls_ca,
+                            ReadWholeFile(ca_path, absl::StrCat("CA certificate (", ca_source, ")")));
+    if (options.tls_ca.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CA certificate '", ca_path, "' (", ca_source, ") is empty"));
+    }
+  }
+  return options;
+}
+
+// One channel to the coordinator and the helpers every command uses.
+class Client {
+ public:
+  explicit Client(ClientOptions options) : options_(std::move(options)) {
+    std::shared_ptr<grpc::ChannelCredentials> creds;
+    if (options_.tls_ca.empty()) {
+      creds = grpc::InsecureChannelCredentials();
+    } else {
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = options_.tls_ca;
+      creds = grpc::SslCredentials(ssl);
+    }
+    grpc::ChannelArguments args;
+    // Detects a vanished coordinator host under a quiet `watch` stream. Not more often than the
+    // server's default ping policy (5 min) allows, or it answers with GOAWAY.
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 300000);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+    args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20);
+    channel_ = grpc::CreateCustomChannel(options_.coordinator, creds, args);
+    stub_ = v1::JobService::NewStub(channel_);
+  }
+
+  const ClientOptions& options() const { return options_; }
+  v1::JobService::Stub* stub() { return stub_.get(); }
+
+  // A context with the deadline and the bearer token.
+  void Prepare(grpc::ClientContext* context, bool with_deadline = true) const {
+    if (with_deadline) {
+      // gRPC takes system_clock deadlines only.
+      context->set_deadline(std::chrono::system_clock::now() +
+                            std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                                std::chrono::duration<double>(options_.timeout_s)));
+    }
+    if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
+  }
+
+  // The call's status as absl::Status; transport failures name the RPC and the address.
+  absl::Status ToStatus(const grpc::Status& status, const char* rpc) const {
+    if (status.ok()) return absl::OkStatus();
+    const auto code = static_cast<absl::StatusCode>(status.error_code());
+    std::string message = status.error_message();
+    switch (code) {
+      case absl::StatusCode::kUnavailable:
+      case absl::StatusCode::kUnknown:
+      case absl::StatusCode::kInternal:
+      case absl::StatusCode::kUnimplemented:
+        message = absl::StrCat(rpc, " to coordinator ", options_.coordinator, ": ", message);
+        // A plaintext client closed on by a TLS server sees only "Socket closed".
+        if (code == absl::StatusCode::kUnavailable && options_.tls_ca.empty() &&
+            message.find("Connection refused") == std::string::npos) {
+          absl::StrAppend(&message, " (if the coordinator serves TLS, pass --tls-ca)");
+        }
+        break;
+      case absl::StatusCode::kDeadlineExceeded:
+        message = absl::StrCat(rpc, " to coordinator ", options_.coordinator,
+                               ": no answer within --timeout ", options_.timeout_s, " s (",
+                               message, ")");
+        break;
+      default:
+        break;
+    }
+    return absl::Status(code, message);
+  }
+
+  template <typename Request, typename Response>
+  absl::Status Call(const char* rpc,
+                    grpc::Status (v1::JobService::Stub::*method)(grpc::ClientContext*,
+                                                                 const Request&, Response*),
+                    const Request& request, Response* response) {
+    grpc::ClientContext context;
+    Prepare(&context);
+    return ToStatus((stub_.get()->*method)(&context, request, response), rpc);
+  }
+
+ private:
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::JobService::Stub> stub_;
+};
+
+absl::Status CheckJobId(const std::string& job_id) {
+  if (job_id.empty()) return absl::InvalidArgumentError("the job id is empty");
+  return absl::OkStatus();
+}
+
+// Parses the command's own flags; exactly `positional` positional arguments.
+absl::Status ParseCommand(common::Flags* flags, const std::vector<std::string>& args,
+                          size_t positional, const char* what) {
+  AVIARY_RETURN_IF_ERROR(flags->Parse(args));
+  if (flags->positional().size() != positional) {
+    return absl::InvalidArgumentError(absl::StrCat("expected ", what, ", got ",
+                                                   flags->positional().size(), " arguments"));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// submit P.yaml [--set k=v ...] [--name N]
+
+absl::Status Submit(Client& client, const std::vector<std::string>& args) {
+  common::Flags flags({"name"}, {}, {"set"});
+  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one pipeline YAML (submit P.yaml)"));
+  const std::string path = flags.positional()[0];
+  AVIARY_ASSIGN_OR_RETURN(std::string yaml, ReadWholeFile(path, "pipeline config"));
+  std::error_code ec;
+  fs::path cwd = fs::current_path(ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot read the current directory: ", ec.message()));
+  }
+  fs::path absolute = fs::absolute(path, ec);
+  v1::SubmitJobRequest request;
+  request.set_pipeline_yaml(yaml);
+  for (const std::string& o : flags.GetRepeated("set")) {
+    if (o.find('=') == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--set '", o, "': expected dotted.key=value"));
+    }
+    request.add_overrides(o);
+  }
+  request.set_name(flags.Get("name").value_or(""));
+  request.set_source_path(ec ? path : absolute.lexically_normal().string());
+  request.set_working_dir(cwd.string());
+  v1::SubmitJobResponse response;
+  AVIARY_RETURN_IF_ERROR(
+      client.Call("SubmitJob", &v1::JobService::Stub::SubmitJob, request, &response));
+  std::cerr << "submitted " << request.source_path() << " to " << client.options().coordinator
+            << "; follow it with: aviary watch " << response.job_id() << "\n";
+  std::cout << response.job_id() << "\n";
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// status JOB [--json]
+
+absl::Status Status(Client& client, const std::vector<std::string>& args) {
+  common::Flags flags({}, {"json"}, {});
+  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (status JOB)"));
+  v1::GetJobRequest request;
+  request.set_job_id(flags.positional()[0]);
+  AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  v1::JobInfo job;
+  AVIARY_RETURN_IF_ERROR(client.Call("GetJob", &v1::JobService::Stub::GetJob, request, &job));
+  if (flags.GetBool("json")) {
+    google::protobuf::util::JsonPrintOptions options;
+    options.preserve_proto_field_names = true;
+    options.always_print_primitive_fields = true;
+    options.add_whitespace = true;
+    std::string json;
+    auto st = google::protobuf::util::MessageToJsonString(job, &json, options);
+    if (!st.ok()) {
+      return absl::InternalError(absl::StrCat("JobInfo of ", job.job_id(), " to JSON: ",
+                                              std::string(st.message())));
+    }
+    std::cout << json;
+    if (json.empty() || json.back() != '\n') std::cout << "\n";
+    return absl::OkStatus();
+  }
+  std::cout << FormatJobStatus(job);
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// list [--limit N]
+
+absl::Status List(Client& client, const std::vector<std::string>& args) {
+  common::Flags flags({"limit"}, {}, {});
+  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 0, "no arguments (list [--limit N])"));
+  AVIARY_ASSIGN_OR_RETURN(long long limit, flags.GetInt("limit", 0, 0, 10000));
+  v1::ListJobsRequest request;
+  request.set_limit(static_cast<int32_t>(limit));
+  v1::ListJobsResponse response;
+  AVIARY_RETURN_IF_ERROR(
+      client.Call("ListJobs", &v1::JobService::Stub::ListJobs, request, &response));
+  std::vector<const v1::JobInfo*> jobs;
+  for (const auto& j : response.jobs()) jobs.push_back(&j);
+  // Newest first (the coordinator's order already; kept stable for equal times).
+  std::stable_sort(jobs.begin(), jobs.end(), [](const v1::JobInfo* a, const v1::JobInfo* b) {
+    return a->created_unix_ms() > b->created_unix_ms();
+  });
+  if (jobs.empty()) {
+    std::cerr << "no jobs on " << client.options().coordinator << "\n";
+    return absl::OkStatus();
+  }
+  std::cout << JobLineHeader() << "\n";
+  for (const v1::JobInfo* j : jobs) std::cout << FormatJobLine(*j) << "\n";
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// cancel JOB
+
+absl::Status Cancel(Client& client, const std::vector<std::string>& args) {
+  common::Flags flags({}, {}, {});
+  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (cancel JOB)"));
+  v1::CancelJobRequest request;
+  request.set_job_id(flags.positional()[0]);
+  AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  v1::CancelJobResponse response;
+  AVIARY_RETURN_IF_ERROR(
+      client.Call("CancelJob", &v1::JobService::Stub::CancelJob, request, &response));
+  std::cout << "job " << response.job().job_id() << " is "
+            << JobStateName(response.job().state()) << "\n";
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// history JOB [--plot out.png] [--csv]
+
+absl::Status PlotHistory(const std::string& job_id, const std::vector<v1::HistoryRow>& rows,
+                         const std::string& path) {
+  // One series per task (in the order the coordinator sends: task then epoch).
+  std::vector<std::string> order;
+  std::map<std::string, std::vector<const v1::HistoryRow*>> by_task;
+  for (const auto& r : rows) {
+    if (!by_task.count(r.task_id())) order.push_back(r.task_id());
+    by_task[r.task_id()].push_back(&r);
+  }
+  common::Panel loss, auc, lr;
+  loss.title = "loss (train solid, val dashed)";
+  loss.x_label = auc.x_label = lr.x_label = "epoch";
+  loss.y_label = "loss";
+  auc.title = "val AUC (micro PR-AUC)";
+  auc.y_label = "AUC";
+  lr.title = "learning rate";
+  lr.y_label = "lr";
+  bool lr_positive = true;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const std::string& task = order[i];
+    std::string name = task.substr(task.find('/') == std::string::npos ? 0 : task.find('/') + 1);
+    const uint32_t color = common::PaletteColor(static_cast<int>(i));
+    common::Series train_loss, val_loss, val_auc, rate;
+    train_loss.name = name;
+    val_loss.name = "";  // one legend entry per task: the solid line's
+    val_auc.name = rate.name = name;
+    train_loss.rgb = val_loss.rgb = val_auc.rgb = rate.rgb = color;
+    val_loss.dashed = true;
+    int best = -1;
+    for (const v1::HistoryRow* r : by_task[task]) {
+      const v1::Metrics& m = r->metrics();
+      const double x = m.epoch();
+      for (auto* s : {&train_loss, &val_loss, &val_auc, &rate}) s->x.push_back(x);
+      train_loss.y.push_back(m.train_loss());
+      val_loss.y.push_back(m.val_loss());
+      val_auc.y.push_back(m.val_auc());
+      rate.y.push_back(m.lr());
+      if (std::isfinite(m.lr()) && m.lr() <= 0) lr_positive = false;
+      if (std::isfinite(m.val_auc()) &&
+          (best < 0 || m.val_auc() > val_auc.y[static_cast<size_t>(best)])) {
+        best = static_cast<int>(val_auc.y.size()) - 1;
+      }
+    }
+    if (best >= 0) {
+      val_auc.marker_index = best;
+      val_auc.marker_label = absl::StrFormat("%.4f", val_auc.y[static_cast<size_t>(best)]);
+    }
+    loss.lines.push_back(train_loss);
+    loss.lines.push_back(val_loss);
+    auc.lines.push_back(val_auc);
+    lr.lines.push_back(rate);
+  }
+  lr.log_y = lr_positive;
+  common::Figure figure;
+  figure.width = 1800;
+  figure.height = 560;
+  figure.title = absl::StrCat("job ", job_id);
+  figure.panels = {loss, auc, lr};
+  figure.columns = 3;
+  return common::WritePng(figure, path);
+}
+
+absl::Status History(Client& client, const std::vector<std::string>& args) {
+  common::Flags flags({"plot"}, {"csv"}, {});
+  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (history JOB)"));
+  v1::GetHistoryRequest request;
+  request.set_job_id(flags.positional()[0]);
+  AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  v1::GetHistoryResponse response;
+  AVIARY_RETURN_IF_ERROR(
+      client.Call("GetHistory", &v1::JobService::Stub::GetHistory, request, &response));
+  std::vector<v1::HistoryRow> rows(response.rows().begin(), response.rows().end());
+  if (flags.GetBool("csv")) {
+    std::cout << FormatHistoryCsv(rows);
+  } else if (rows.empty()) {
+    std::cerr << "job " << request.job_id() << " has no finished epochs yet\n";
+  } else {
+    std::cout << FormatHistoryTable(rows);
+  }
+  if (auto plot = flags.Get("plot")) {
+    if (rows.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--plot ", *plot, ": job ", request.job_id(), " has no finished epochs to plot"));
+    }
+    AVIARY_RETURN_IF_ERROR(
+        common::Annotate(PlotHistory(request.job_id(), rows, *plot), absl::StrCat("--plot ", *plot)));
+    std::cerr << "wrote " << *plot << "\n";
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// watch JOB
+
+// Draws the job as events arrive: on a terminal a block of one line per task redrawn in place
+// (messages scroll above it), otherwise plain log lines. Not thread-safe.
+class WatchView {
+ public:
+  explicit WatchView(bool tty) : tty_(tty), start_(Clock::now()) {}
+
+  void OnEvent(const v1::JobEvent& event) {
+    const double now = Now();
+    const bool first = !has_job_;
+    const v1::JobInfo& job = event.job();
+    std::map<std::string, v1::TaskState> previous = states_;
+    job_ = job;
+    has_job_ = true;
+    for (const auto& t : job.tasks()) {
+      eta_.Observe(t, now);
+      states_[t.task_id()] = t.state();
+    }
+    std::vector<std::string> lines;  // lines that scroll (messages, epoch ends)
+    if (first && event.message().empty()) {
+      lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + job.name() + ")",
+                                   ": ", JobStateName(job.state()), ", ", job.tasks_size(),
+                                   " tasks"));
+    }
+    const bool progress = event.has_metrics();
+    if (progress && event.metrics().epoch_end()) {
+      const v1::Metrics& m = event.metrics();
+      if (std::isfinite(m.val_auc())) epoch_auc_[event.task_id()] = m.val_auc();
+      lines.push_back(absl::StrFormat(
+          "%s epoch %d: loss %s  val_loss %s  val_auc %s  val_roc_auc %s  val_acc %s  lr %s",
+          event.task_id(), m.epoch(), FormatMetric(m.train_loss()), FormatMetric(m.val_loss()),
+          FormatMetric(m.val_auc()), FormatMetric(m.val_roc_auc()), FormatMetric(m.val_acc()),
+          FormatSmall(m.lr())));
+    } else if (!progress && !event.message().empty()) {
+      lines.push_back(event.message());
+    } else if (!progress && !first) {
+      // A state change without a message: say which task changed.
+      for (const auto& t : job.tasks()) {
+        auto it = previous.find(t.task_id());
+        if (it != previous.end() && it->second != t.state()) {
+          lines.push_back(absl::StrCat(t.task_id(), ": ", TaskStateName(it->second), " -> ",
+                                       TaskStateName(t.state())));
+        }
+      }
+    }
+    if (tty_) {
+      const bool changed = !lines.empty() || previous != states_;
+      if (changed || now - last_draw_s_ >= kRedrawIntervalS || IsTerminal(job.state())) {
+        Redraw(lines);
+        last_draw_s_ = now;
+      }
+      return;
+    }
+    for (const std::string& l : lines) std::cout << Stamp() << l << "\n";
+    // Plain output: a task's line on state changes and, for step progress, every few seconds.
+    for (const auto& t : job.tasks()) {
+      auto it = previous.find(t.task_id());
+      const bool state_changed = it == previous.end() || it->second != t.state();
+      const bool step_due = progress && event.task_id() == t.task_id() &&
+                            !event.metrics().epoch_end() &&
+                            now - last_plain_[t.task_id()] >= kPlainStepIntervalS;
+      if (state_changed || step_due) {
+        std::cout << Stamp() << FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id())) << "\n";
+        last_plain_[t.task_id()] = now;
+      }
+    }
+    std::cout.flush();
+  }
+
+  // A line outside the live block (reconnects, errors).
+  void Note(const std::string& line) {
+    if (tty_) {
+      Redraw({line});
+    } else {
+      std::cout << Stamp() << line << "\n";
+      std::cout.flush();
+    }
+  }
+
+  // Final redraw so the block shows the last state.
+  void Finish() {
+    if (tty_ && has_job_) Redraw({});
+  }
+
+  bool has_job() const { return has_job_; }
+  const v1::JobInfo& job() const { return job_; }
+
+ private:
+  static size_t TerminalColumns() {
+    struct winsize ws {};
+    if (::ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+    return 0;  // unknown: no cut
+  }
+
+  double EpochAuc(const std::string& task_id) const {
+    auto it = epoch_auc_.find(task_id);
+    return it == epoch_auc_.end() ? std::nan("") : it->second;
+  }
+
+  double Now() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+  static std::string Stamp() {
+    const auto now = std::chrono::system_clock::now();
+    const int64_t ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
+    return FormatUnixMs(ms).substr(11) + "  ";
+  }
+
+  // Moves up over the block, prints `scroll` lines, then the block again.
+  void Redraw(const std::vector<std::string>& scroll) {
+    std::string out;
+    if (drawn_ > 0) absl::StrAppend(&out, "\x1b[", drawn_, "A");
+    for (const std::string& l : scroll) absl::StrAppend(&out, "\r\x1b[2K", Stamp(), l, "\n");
+    drawn_ = 0;
+    if (has_job_) {
+      // Block lines are cut to the terminal's width: a wrapped line would break the cursor-up
+      // count of the next redraw.
+      const size_t width = TerminalColumns();
+      auto fit = [width](std::string line) {
+        if (width > 1 && line.size() >= width) line.resize(width - 1);
+        return line;
+      };
+      absl::StrAppend(&out, "\r\x1b[2K", fit(absl::StrCat(job_.job_id(), "  ", JobStateName(job_.state()))), "\n");
+      ++drawn_;
+      for (const auto& t : job_.tasks()) {
+        absl::StrAppend(&out, "\r\x1b[2K",
+                        fit("  " + FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id()))),
+                        "\n");
+        ++drawn_;
+      }
+    }
+    // Clears what an earlier, taller block left below.
+    absl::StrAppend(&out, "\x1b[J");
+    std::cout << out;
+    std::cout.flush();
+  }
+
+  const bool tty_;
+  const Clock::time_point start_;
+  bool has_job_ = false;
+  v1::JobInfo job_;
+  std::map<std::string, v1::TaskState> states_;
+  std::map<std::string, double> last_plain_;
+  std::map<std::string, double> epoch_auc_;  // val_auc of each task's last epoch end seen
+  EtaTracker eta_;
+  int drawn_ = 0;
+  double last_draw_s_ = -1e9;
+};
+
+// Cancels `context` unless Disarm() is called within `timeout_s`: bounds the wait for the
+// first message of a stream, which has no deadline of its own (a job may run for days).
+class FirstMessageWatchdog {
+ public:
+  FirstMessageWatchdog(grpc::ClientContext* context, double timeout_s)
+      : thread_([this, context, timeout_s] {
+          std::unique_lock<std::mutex> lock(mu_);
+          if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                            [this] { return disarmed_; })) {
+            fired_ = true;
+            context->TryCancel();
+          }
+        }) {}
+  ~FirstMessageWatchdog() {
+    Disarm();
+    thread_.join();
+  }
+  FirstMessageWatchdog(const FirstMessageWatchdog&) = delete;
+  FirstMessageWatchdog& operator=(const FirstMessageWatchdog&) = delete;
+
+  void Disarm() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      disarmed_ = true;
+    }
+    cv_.notify_all();
+  }
+  bool fired() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return fired_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool disarmed_ = false;
+  bool fired_ = false;
+  std::thread thread_;  // last: starts after the members it uses
+};
+
+absl::StatusOr<int> Watch(Client& client, const std::vector<std::string>& args) {
+  common::Flags flags({}, {}, {});
+  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (watch JOB)"));
+  const std::string job_id = flags.positional()[0];
+  AVIARY_RETURN_IF_ERROR(CheckJobId(job_id));
+  const char* term = std::getenv("TERM");
+  const bool tty = ::isatty(STDOUT_FILENO) && !(term && std::string(term) == "dumb");
+  WatchView view(tty);
+  v1::WatchJobRequest request;
+  request.set_job_id(job_id);
+  int failures = 0;
+  double backoff_s = kFirstBackoffS;
+  bool connected_once = false;
+  while (true) {
+    grpc::ClientContext context;
+    client.Prepare(&context, /*with_deadline=*/false);
+    // After a break, wait for the coordinator to come back (bounded by the watchdog).
+    if (connected_once) context.set_wait_for_ready(true);
+    bool got_message = false;
+    bool terminal = false;
+    grpc::Status status;
+    bool watchdog_fired = false;
+    {
+      FirstMessageWatchdog watchdog(&context, client.options().timeout_s);
+      std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader =
+          client.stub()->WatchJob(&context, request);
+      v1::JobEvent event;
+      while (reader->Read(&event)) {
+        if (!got_message) {
+          got_message = true;
+          watchdog.Disarm();
+        }
+        view.OnEvent(event);
+        if (IsTerminal(event.job().state())) {
+          // The coordinator ends the stream after this event; do not wait for it.
+          terminal = true;
+          context.TryCancel();
+          break;
+        }
+      }
+      status = reader->Finish();
+      watchdog_fired = watchdog.fired();
+    }
+    if (terminal) break;
+    if (got_message) {
+      connected_once = true;
+      failures = 0;
+      backoff_s = kFirstBackoffS;
+    }
+    absl::Status error;
+    if (watchdog_fired) {
+      error = absl::DeadlineExceededError(
+          absl::StrCat("WatchJob to coordinator ", client.options().coordinator,
+                       ": no answer within --timeout ", client.options().timeout_s, " s"));
+    } else if (status.ok()) {
+      // The stream ended before the job did (e.g. the coordinator shut down cleanly).
+      error = absl::UnavailableError(
+          absl::StrCat("WatchJob to coordinator ", client.options().coordinator,
+                       ": the stream ended before job ", job_id, " finished"));
+    } else {
+      error = client.ToStatus(status, "WatchJob");
+    }
+    const bool retryable = error.code() == absl::StatusCode::kUnavailable ||
+                           error.code() == absl::StatusCode::kDeadlineExceeded;
+    // A coordinator that was never reached is an error right away, like every other command.
+    if (!retryable || !connected_once) {
+      view.Finish();
+      return error;
+    }
+    if (++failures > kMaxReconnects) {
+      view.Finish();
+      return common::Annotate(error, absl::StrCat("gave up after ", kMaxReconnects,
+                                                  " reconnection attempts"));
+    }
+    view.Note(absl::StrFormat("connection lost (%s: %s); reconnecting in %.1f s (attempt %d/%d)",
+                              absl::StatusCodeToString(error.code()), error.message(), backoff_s,
+                              failures, kMaxReconnects));
+    std::this_thread::sleep_for(std::chrono::duration<double>(backoff_s));
+    backoff_s = std::min(kMaxBackoffS, backoff_s * 2);
+  }
+  view.Finish();
+  const v1::JobInfo& job = view.job();
+  std::cout << "\njob " << job.job_id() << " " << JobStateName(job.state()) << "\n";
+  if (!job.error().empty()) std::cout << "error: " << job.error() << "\n";
+  std::cout << FormatBestTable(job);
+  return job.state() == v1::JOB_STATE_SUCCEEDED ? 0 : 1;
+}
+
+}  // namespace
+
+bool IsClientCommand(const std::string& command) {
+  return command == "submit" || command == "status" || command == "list" ||
+         command == "watch" || command == "cancel" || command == "history";
+}
+
+int RunClient(const std::string& command, const std::vector<std::string>& global_args,
+              const std::vector<std::string>& args) {
+  absl::StatusOr<ClientOptions> options = ParseClientOptions(global_args);
+  if (!options.ok()) {
+    std::cerr << FormatClientError(command, options.status()) << "\n";
+    return ClientExitCode(options.status().code());
+  }
+  Client client(*std::move(options));
+  absl::StatusOr<int> code = 0;
+  absl::Status status;
+  if (command == "submit") {
+    status = Submit(client, args);
+  } else if (command == "status") {
+    status = Status(client, args);
+  } else if (command == "list") {
+    status = List(client, args);
+  } else if (command == "cancel") {
+    status = Cancel(client, args);
+  } else if (command == "history") {
+    status = History(client, args);
+  } else if (command == "watch") {
+    code = Watch(client, args);
+    status = code.status();
+  } else {
+    status = absl::InvalidArgumentError(absl::StrCat("unknown client command '", command, "'"));
+  }
+  std::cout.flush();
+  if (!status.ok()) {
+    std::cerr << FormatClientError(command, status) << "\n";
+    return ClientExitCode(status.code());
+  }
+  return code.ok() ? *code : 0;
+}
+
+}  // namespace aviary::cli

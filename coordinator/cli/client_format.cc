@@ -1,0 +1,343 @@
+#include "coordinator/cli/client_format.h"
+
+#include <algorithm>
+#include <cmath>
+#include <ctime>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+
+namespace aviary::cli {
+
+int ClientExitCode(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kOk:
+      return 0;
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kOutOfRange:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+std::string FormatClientError(const std::string& command, const absl::Status& status) {
+  return absl::StrCat("aviary ", command, ": ", absl::StatusCodeToString(status.code()), ": ",
+                      status.message());
+}
+
+std::string JobStateName(v1::JobState state) {
+  switch (state) {
+    case v1::JOB_STATE_UNSPECIFIED: return "UNSPECIFIED";
+    case v1::JOB_STATE_PENDING: return "PENDING";
+    case v1::JOB_STATE_RUNNING: return "RUNNING";
+    case v1::JOB_STATE_SUCCEEDED: return "SUCCEEDED";
+    case v1::JOB_STATE_FAILED: return "FAILED";
+    case v1::JOB_STATE_CANCELLED: return "CANCELLED";
+    default: return absl::StrCat("?", static_cast<int>(state));
+  }
+}
+
+std::string TaskStateName(v1::TaskState state) {
+  switch (state) {
+    case v1::TASK_STATE_UNSPECIFIED: return "UNSPECIFIED";
+    case v1::TASK_STATE_BLOCKED: return "BLOCKED";
+    case v1::TASK_STATE_READY: return "READY";
+    case v1::TASK_STATE_LEASED: return "LEASED";
+    case v1::TASK_STATE_SUCCEEDED: return "SUCCEEDED";
+    case v1::TASK_STATE_FAILED: return "FAILED";
+    case v1::TASK_STATE_CANCELLED: return "CANCELLED";
+    default: return absl::StrCat("?", static_cast<int>(state));
+  }
+}
+
+bool IsTerminal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+std::string FormatMetric(double value) {
+  if (!std::isfinite(value)) return "-";
+  return absl::StrFormat("%.4f", value);
+}
+
+std::string FormatSmall(double value) {
+  if (!std::isfinite(value)) return "-";
+  return absl::StrFormat("%.3g", value);
+}
+
+std::string FormatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "-";
+  const int64_t s = static_cast<int64_t>(std::llround(seconds));
+  if (s < 60) return absl::StrFormat("%ds", s);
+  if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  if (s < 86400) return absl::StrFormat("%dh%02dm", s / 3600, (s / 60) % 60);
+  return absl::StrFormat("%dd%02dh", s / 86400, (s / 3600) % 24);
+}
+
+std::string FormatUnixMs(int64_t unix_ms) {
+  if (unix_ms <= 0) return "-";
+  std::time_t t = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S", &tm);
+  return buf;
+}
+
+TaskProgress ProgressOf(const v1::TaskInfo& task) {
+  TaskProgress p;
+  const int64_t spe = task.steps_per_epoch();
+  const int64_t step = std::max<int64_t>(0, task.latest().step());
+  if (spe > 0) {
+    p.epochs_done = static_cast<int>(std::min<int64_t>(step / spe, std::max(task.epochs(), 0)));
+    p.step_in_epoch = step - static_cast<int64_t>(p.epochs_done) * spe;
+    if (p.epochs_done > 0 && p.epochs_done == task.epochs()) {
+      // Past the plan's last step: show the last epoch as full.
+      p.step_in_epoch = std::min<int64_t>(spe, step - static_cast<int64_t>(p.epochs_done - 1) * spe);
+    }
+    if (task.epochs() > 0) {
+      p.total_steps = spe * task.epochs();
+      p.fraction = std::min(1.0, static_cast<double>(step) / static_cast<double>(p.total_steps));
+    }
+  } else {
+    // Without steps_per_epoch only epoch ends tell the progress.
+    p.epochs_done = task.latest().epoch_end() ? task.latest().epoch() : 0;
+    if (task.epochs() > 0 && task.latest().epoch_end()) {
+      p.fraction = std::min(1.0, static_cast<double>(p.epochs_done) / task.epochs());
+    }
+  }
+  if (task.state() == v1::TASK_STATE_SUCCEEDED) p.fraction = 1.0;
+  return p;
+}
+
+void EtaTracker::Observe(const v1::TaskInfo& task, double now_s) {
+  const int64_t step = task.latest().step();
+  auto it = samples_.find(task.task_id());
+  // A new attempt (or a step count that went back, e.g. a resume from last.pt) restarts the
+  // measurement: its rate is what matters for the time left.
+  if (it == samples_.end() || it->second.attempt != task.attempt() || step < it->second.last_step) {
+    Sample s;
+    s.first_s = s.last_s = now_s;
+    s.first_step = s.last_step = step;
+    s.attempt = task.attempt();
+    samples_[task.task_id()] = s;
+    return;
+  }
+  if (step != it->second.last_step) {
+    it->second.last_step = step;
+    it->second.last_s = now_s;
+  }
+}
+
+double EtaTracker::SecondsLeft(const v1::TaskInfo& task) const {
+  if (task.state() != v1::TASK_STATE_LEASED) return -1;
+  auto it = samples_.find(task.task_id());
+  if (it == samples_.end()) return -1;
+  const Sample& s = it->second;
+  const TaskProgress p = ProgressOf(task);
+  if (p.total_steps <= 0 || s.last_step <= s.first_step || s.last_s <= s.first_s) return -1;
+  const double rate = (s.last_step - s.first_step) / (s.last_s - s.first_s);
+  return std::max<double>(0, p.total_steps - s.last_step) / rate;
+}
+
+std::string PadRight(const std::string& text, size_t width) {
+  if (text.size() >= width) return text;
+  return text + std::string(width - text.size(), ' ');
+}
+
+std::string FormatColumns(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths;
+  for (const auto& row : rows) {
+    if (widths.size() < row.size()) widths.resize(row.size(), 0);
+    for (size_t c = 0; c < row.size(); ++c) widths[c] = std::max(widths[c], row[c].size());
+  }
+  std::string out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t c = 0; c < row.size(); ++c) {
+      if (c + 1 == row.size()) {
+        absl::StrAppend(&line, row[c]);
+      } else {
+        absl::StrAppend(&line, PadRight(row[c], widths[c]), "  ");
+      }
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    absl::StrAppend(&out, line, "\n");
+  }
+  return out;
+}
+
+double LatestLoss(const v1::TaskInfo& task) {
+  return task.has_latest() ? task.latest().train_loss() : std::nan("");
+}
+
+double ShownValAuc(const v1::TaskInfo& task, double last_epoch_val_auc) {
+  if (task.has_latest() && std::isfinite(task.latest().val_auc())) return task.latest().val_auc();
+  if (std::isfinite(last_epoch_val_auc)) return last_epoch_val_auc;
+  if (task.has_best()) return task.best().val_auc();
+  return std::nan("");
+}
+
+std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s, double last_epoch_val_auc) {
+  const TaskProgress p = ProgressOf(task);
+  const int width = std::max(2, static_cast<int>(absl::StrCat(task.epochs()).size()));
+  std::string epoch =
+      task.epochs() > 0 ? absl::StrFormat("epoch %*d/%d", width, p.epochs_done, task.epochs())
+                        : absl::StrFormat("epoch %*d/?", width, p.epochs_done);
+  std::string step = "step -";
+  if (task.steps_per_epoch() > 0) {
+    const std::string spe = absl::StrCat(task.steps_per_epoch());
+    step = absl::StrFormat("step %*d/%s", static_cast<int>(spe.size()), p.step_in_epoch, spe);
+  }
+  std::string line = absl::StrFormat("%-8s  f%-2d %-9s  %s  %s  loss %s  val_auc %s",
+                                     task.stage(), task.fold(), TaskStateName(task.state()),
+                                     epoch, step, FormatMetric(LatestLoss(task)),
+                                     FormatMetric(ShownValAuc(task, last_epoch_val_auc)));
+  if (task.state() == v1::TASK_STATE_LEASED) {
+    absl::StrAppend(&line, "  ETA ", FormatDuration(eta_s));
+  } else if (task.restarts() > 0) {
+    absl::StrAppend(&line, "  restarts ", task.restarts());
+  }
+  if (!task.error().empty() && task.state() == v1::TASK_STATE_FAILED) {
+    absl::StrAppend(&line, "  error: ", task.error());
+  }
+  return line;
+}
+
+namespace {
+
+const char* UtcSuffix(int64_t unix_ms) { return unix_ms > 0 ? " UTC" : ""; }
+
+int TasksDone(const v1::JobInfo& job) {
+  int done = 0;
+  for (const auto& t : job.tasks()) done += t.state() == v1::TASK_STATE_SUCCEEDED;
+  return done;
+}
+
+}  // namespace
+
+std::string JobLineHeader() {
+  return absl::StrFormat("%-14s  %-9s  %-19s  %-10s  %s", "JOB", "STATE", "CREATED (UTC)",
+                         "TASKS", "NAME");
+}
+
+std::string FormatJobLine(const v1::JobInfo& job) {
+  return absl::StrFormat("%-14s  %-9s  %-19s  %-10s  %s", job.job_id(), JobStateName(job.state()),
+                         FormatUnixMs(job.created_unix_ms()),
+                         absl::StrCat(TasksDone(job), "/", job.tasks_size(), " done"), job.name());
+}
+
+std::string FormatJobStatus(const v1::JobInfo& job) {
+  std::string out;
+  absl::StrAppend(&out, "job      ", job.job_id(), "\n");
+  if (!job.name().empty()) absl::StrAppend(&out, "name     ", job.name(), "\n");
+  absl::StrAppend(&out, "state    ", JobStateName(job.state()), "\n");
+  absl::StrAppend(&out, "created  ", FormatUnixMs(job.created_unix_ms()), UtcSuffix(job.created_unix_ms()), "\n");
+  absl::StrAppend(&out, "updated  ", FormatUnixMs(job.updated_unix_ms()), UtcSuffix(job.updated_unix_ms()), "\n");
+  absl::StrAppend(&out, "tasks    ", TasksDone(job), "/", job.tasks_size(), " succeeded\n");
+  if (!job.error().empty()) absl::StrAppend(&out, "error    ", job.error(), "\n");
+  if (job.tasks_size() == 0) return out;
+  std::vector<std::vector<std::string>> rows{{"TASK", "STATE", "EPOCH", "STEP", "LOSS",
+                                              "VAL_AUC", "BEST_AUC", "RESTARTS", "ATTEMPT",
+                                              "GROUP", "RUN"}};
+  for (const auto& t : job.tasks()) {
+    const TaskProgress p = ProgressOf(t);
+    rows.push_back({t.task_id(), TaskStateName(t.state()),
+                    absl::StrCat(p.epochs_done, "/", t.epochs()),
+                    t.steps_per_epoch() > 0
+                        ? absl::StrCat(p.step_in_epoch, "/", t.steps_per_epoch())
+                        : std::string("-"),
+                    FormatMetric(LatestLoss(t)), FormatMetric(ShownValAuc(t)),
+                    t.has_best() ? FormatMetric(t.best().val_auc()) : std::string("-"),
+                    absl::StrCat(t.restarts()), absl::StrCat(t.attempt()),
+                    t.group_id().empty() ? std::string("-") : t.group_id(),
+                    t.out_dir().empty() ? std::string("-") : t.out_dir()});
+  }
+  absl::StrAppend(&out, "\n", FormatColumns(rows));
+  for (const auto& t : job.tasks()) {
+    if (!t.error().empty()) absl::StrAppend(&out, t.task_id(), ": ", t.error(), "\n");
+  }
+  return out;
+}
+
+std::string FormatBestTable(const v1::JobInfo& job) {
+  std::vector<std::vector<std::string>> rows{
+      {"TASK", "STATE", "BEST_EPOCH", "VAL_AUC", "VAL_ROC_AUC", "VAL_ACC", "CHECKPOINT"}};
+  for (const auto& t : job.tasks()) {
+    if (t.has_best()) {
+      rows.push_back({t.task_id(), TaskStateName(t.state()), absl::StrCat(t.best().epoch()),
+                      FormatMetric(t.best().val_auc()), FormatMetric(t.best().val_roc_auc()),
+                      FormatMetric(t.best().val_acc()),
+                      t.best_checkpoint().empty() ? std::string("-") : t.best_checkpoint()});
+    } else {
+      rows.push_back({t.task_id(), TaskStateName(t.state()), "-", "-", "-", "-", "-"});
+    }
+  }
+  return FormatColumns(rows);
+}
+
+namespace {
+
+std::string CsvNumber(double v) {
+  if (std::isnan(v)) return "nan";
+  return absl::StrFormat("%.6g", v);
+}
+
+// Quotes a CSV field when it holds a comma, a quote or a line break.
+std::string CsvField(const std::string& text) {
+  if (text.find_first_of(",\"\n\r") == std::string::npos) return text;
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"') out += '"';
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+std::string FormatHistoryTable(const std::vector<v1::HistoryRow>& rows) {
+  std::vector<std::vector<std::string>> table{{"TASK", "ATTEMPT", "EPOCH", "STEP", "LR",
+                                               "TRAIN_LOSS", "TRAIN_ACC", "VAL_LOSS", "VAL_AUC",
+                                               "VAL_ROC_AUC", "VAL_CMAP", "VAL_ACC",
+                                               "SAMPLES/S"}};
+  for (const auto& r : rows) {
+    const v1::Metrics& m = r.metrics();
+    table.push_back({r.task_id(), absl::StrCat(r.attempt()), absl::StrCat(m.epoch()),
+                     absl::StrCat(m.step()), FormatSmall(m.lr()), FormatMetric(m.train_loss()),
+                     FormatMetric(m.train_acc()), FormatMetric(m.val_loss()),
+                     FormatMetric(m.val_auc()), FormatMetric(m.val_roc_auc()),
+                     FormatMetric(m.val_cmap()), FormatMetric(m.val_acc()),
+                     std::isfinite(m.samples_per_s()) ? absl::StrFormat("%.1f", m.samples_per_s())
+                                                      : std::string("-")});
+  }
+  return FormatColumns(table);
+}
+
+std::string FormatHistoryCsv(const std::vector<v1::HistoryRow>& rows) {
+  std::string out =
+      "task_id,stage,fold,attempt,epoch,step,lr,train_loss,train_acc,val_loss,val_auc,"
+      "val_roc_auc,val_cmap,val_acc,samples_per_s\n";
+  for (const auto& r : rows) {
+    const v1::Metrics& m = r.metrics();
+    absl::StrAppend(&out, CsvField(r.task_id()), ",", CsvField(r.stage()), ",", r.fold(), ",",
+                    r.attempt(), ",", m.epoch(), ",", m.step(), ",",
+                    absl::StrJoin({CsvNumber(m.lr()), CsvNumber(m.train_loss()),
+                                   CsvNumber(m.train_acc()), CsvNumber(m.val_loss()),
+                                   CsvNumber(m.val_auc()), CsvNumber(m.val_roc_auc()),
+                                   CsvNumber(m.val_cmap()), CsvNumber(m.val_acc()),
+                                   CsvNumber(m.samples_per_s())},
+                                  ","),
+                    "\n");
+  }
+  return out;
+}
+
+}  // namespace aviary::cli

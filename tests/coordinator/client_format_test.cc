@@ -1,0 +1,164 @@
+#include "coordinator/cli/client_format.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace aviary::cli {
+namespace {
+
+v1::TaskInfo Task(const std::string& stage, int fold, v1::TaskState state, int epochs,
+                  int steps_per_epoch, int64_t step) {
+  v1::TaskInfo t;
+  t.set_task_id(absl::StrCat("j0123456789ab/", stage, "-f", fold));
+  t.set_job_id("j0123456789ab");
+  t.set_stage(stage);
+  t.set_fold(fold);
+  t.set_state(state);
+  t.set_epochs(epochs);
+  t.set_steps_per_epoch(steps_per_epoch);
+  t.set_attempt(1);
+  t.mutable_latest()->set_step(step);
+  t.mutable_latest()->set_train_loss(1.5);
+  t.mutable_latest()->set_val_auc(std::nan(""));
+  return t;
+}
+
+TEST(ClientExitCodeTest, CallerErrorsAreTwoOthersOne) {
+  for (auto code : {absl::StatusCode::kInvalidArgument, absl::StatusCode::kNotFound,
+                    absl::StatusCode::kFailedPrecondition, absl::StatusCode::kUnauthenticated,
+                    absl::StatusCode::kPermissionDenied, absl::StatusCode::kAlreadyExists,
+                    absl::StatusCode::kOutOfRange}) {
+    EXPECT_EQ(ClientExitCode(code), 2) << absl::StatusCodeToString(code);
+  }
+  for (auto code : {absl::StatusCode::kUnavailable, absl::StatusCode::kDeadlineExceeded,
+                    absl::StatusCode::kInternal, absl::StatusCode::kUnknown,
+                    absl::StatusCode::kCancelled, absl::StatusCode::kUnimplemented}) {
+    EXPECT_EQ(ClientExitCode(code), 1) << absl::StatusCodeToString(code);
+  }
+  EXPECT_EQ(ClientExitCode(absl::StatusCode::kOk), 0);
+}
+
+TEST(ClientFormatTest, ErrorLineNamesCommandAndCode) {
+  EXPECT_EQ(FormatClientError("status", absl::NotFoundError("job jx not found")),
+            "aviary status: NOT_FOUND: job jx not found");
+  EXPECT_EQ(FormatClientError("watch", absl::UnavailableError("down")),
+            "aviary watch: UNAVAILABLE: down");
+}
+
+TEST(ClientFormatTest, DurationsAndNumbers) {
+  EXPECT_EQ(FormatDuration(45), "45s");
+  EXPECT_EQ(FormatDuration(725), "12m05s");
+  EXPECT_EQ(FormatDuration(3 * 3600 + 125), "3h02m");
+  EXPECT_EQ(FormatDuration(2 * 86400 + 4 * 3600 + 59), "2d04h");
+  EXPECT_EQ(FormatDuration(-1), "-");
+  EXPECT_EQ(FormatDuration(std::nan("")), "-");
+  EXPECT_EQ(FormatMetric(0.123456), "0.1235");
+  EXPECT_EQ(FormatMetric(std::nan("")), "-");
+  EXPECT_EQ(FormatMetric(INFINITY), "-");
+  EXPECT_EQ(FormatSmall(0.00025), "0.00025");
+  EXPECT_EQ(FormatUnixMs(0), "-");
+  EXPECT_EQ(FormatUnixMs(86400000LL + 3723000LL), "1970-01-02 01:02:03");
+}
+
+TEST(ClientFormatTest, ProgressSplitsGlobalStepsIntoEpochs) {
+  TaskProgress p = ProgressOf(Task("pretrain", 0, v1::TASK_STATE_LEASED, 25, 400, 1320));
+  EXPECT_EQ(p.epochs_done, 3);
+  EXPECT_EQ(p.step_in_epoch, 120);
+  EXPECT_EQ(p.total_steps, 10000);
+  EXPECT_DOUBLE_EQ(p.fraction, 0.132);
+  // At the end of the plan the last epoch shows full, not "0 steps into epoch 26".
+  p = ProgressOf(Task("finetune", 1, v1::TASK_STATE_SUCCEEDED, 3, 10, 30));
+  EXPECT_EQ(p.epochs_done, 3);
+  EXPECT_EQ(p.step_in_epoch, 10);
+  EXPECT_DOUBLE_EQ(p.fraction, 1.0);
+  // Unknown steps_per_epoch: nothing to divide.
+  p = ProgressOf(Task("finetune", 1, v1::TASK_STATE_LEASED, 3, 0, 30));
+  EXPECT_EQ(p.total_steps, 0);
+  EXPECT_EQ(p.fraction, -1);
+}
+
+TEST(ClientFormatTest, TaskLineShowsProgressLossAucAndEta) {
+  v1::TaskInfo t = Task("finetune", 1, v1::TASK_STATE_LEASED, 25, 400, 1320);
+  t.mutable_best()->set_val_auc(0.41234);
+  EXPECT_EQ(FormatTaskLine(t, 725),
+            "finetune  f1  LEASED     epoch  3/25  step 120/400  loss 1.5000  val_auc 0.4123"
+            "  ETA 12m05s");
+  v1::TaskInfo blocked = Task("finetune", 2, v1::TASK_STATE_BLOCKED, 25, 0, 0);
+  blocked.clear_latest();
+  EXPECT_EQ(FormatTaskLine(blocked, -1),
+            "finetune  f2  BLOCKED    epoch  0/25  step -  loss -  val_auc -");
+}
+
+TEST(EtaTrackerTest, RateFromObservedStepsAndResetOnNewAttempt) {
+  EtaTracker eta;
+  v1::TaskInfo t = Task("pretrain", 0, v1::TASK_STATE_LEASED, 2, 100, 10);
+  eta.Observe(t, 0.0);
+  EXPECT_EQ(eta.SecondsLeft(t), -1);  // one sample: no rate yet
+  t.mutable_latest()->set_step(30);
+  eta.Observe(t, 10.0);              // 2 steps/s, 170 steps left
+  EXPECT_DOUBLE_EQ(eta.SecondsLeft(t), 85.0);
+  t.set_attempt(2);                  // a new lease starts a new measurement
+  t.mutable_latest()->set_step(0);
+  eta.Observe(t, 11.0);
+  EXPECT_EQ(eta.SecondsLeft(t), -1);
+  t.set_state(v1::TASK_STATE_SUCCEEDED);
+  EXPECT_EQ(eta.SecondsLeft(t), -1);
+}
+
+TEST(ClientFormatTest, BestTableHasOneRowPerTask) {
+  v1::JobInfo job;
+  job.set_job_id("j0123456789ab");
+  v1::TaskInfo* a = job.add_tasks();
+  *a = Task("pretrain", 0, v1::TASK_STATE_SUCCEEDED, 2, 10, 20);
+  a->mutable_best()->set_epoch(2);
+  a->mutable_best()->set_val_auc(0.5);
+  a->mutable_best()->set_val_roc_auc(0.75);
+  a->mutable_best()->set_val_acc(std::nan(""));
+  a->set_best_checkpoint("runs/j/pretrain-fold0/best.pt");
+  *job.add_tasks() = Task("finetune", 0, v1::TASK_STATE_CANCELLED, 2, 10, 0);
+  EXPECT_EQ(FormatBestTable(job),
+            "TASK                       STATE      BEST_EPOCH  VAL_AUC  VAL_ROC_AUC  VAL_ACC"
+            "  CHECKPOINT\n"
+            "j0123456789ab/pretrain-f0  SUCCEEDED  2           0.5000   0.7500       -"
+            "        runs/j/pretrain-fold0/best.pt\n"
+            "j0123456789ab/finetune-f0  CANCELLED  -           -        -            -"
+            "        -\n");
+}
+
+TEST(ClientFormatTest, HistoryCsvWritesNanAsHistoryCsvDoes) {
+  v1::HistoryRow row;
+  row.set_task_id("j0123456789ab/finetune-f0");
+  row.set_stage("finetune");
+  row.set_fold(0);
+  row.set_attempt(2);
+  v1::Metrics* m = row.mutable_metrics();
+  m->set_epoch(3);
+  m->set_step(300);
+  m->set_lr(0.001);
+  m->set_train_loss(0.5);
+  m->set_train_acc(0.25);
+  m->set_val_loss(std::nan(""));
+  m->set_val_auc(0.75);
+  m->set_val_roc_auc(0.8);
+  m->set_val_cmap(0.9);
+  m->set_val_acc(0.125);
+  m->set_samples_per_s(1234.5);
+  EXPECT_EQ(FormatHistoryCsv({row}),
+            "task_id,stage,fold,attempt,epoch,step,lr,train_loss,train_acc,val_loss,val_auc,"
+            "val_roc_auc,val_cmap,val_acc,samples_per_s\n"
+            "j0123456789ab/finetune-f0,finetune,0,2,3,300,0.001,0.5,0.25,nan,0.75,0.8,0.9,"
+            "0.125,1234.5\n");
+}
+
+TEST(ClientFormatTest, ColumnsAlignToWidestCell) {
+  EXPECT_EQ(FormatColumns({{"A", "BB", "C"}, {"long", "x", ""}}),
+            "A     BB  C\n"
+            "long  x\n");
+}
+
+}  // namespace
+}  // namespace aviary::cli
