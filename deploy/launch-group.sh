@@ -7,7 +7,9 @@
 #
 # SIGTERM / SIGINT to this script go to mpirun, which forwards them to every rank: the group
 # stops its task at the next step, reports a retryable failure (the task resumes elsewhere from
-# its last.pt) and exits. Ranks get --stop-timeout seconds for that before mpirun kills them.
+# its last.pt) and exits. Ranks get --stop-timeout seconds for that before mpirun kills them;
+# Open MPI 4.1's mpirun waits that long twice even when the ranks exit at once (measured), so a
+# stop takes about 2 x --stop-timeout.
 set -euo pipefail
 
 usage() {
@@ -41,7 +43,8 @@ how
   --env NAME             export one more environment variable to every rank (repeatable);
                          NCCL_*, UCX_*, TORCH_*, AVIARY_*, PATH and LD_LIBRARY_PATH always are
   --stop-timeout S       seconds ranks get to stop after SIGTERM before mpirun kills them
-                         (default 90; keep it above a step and below systemd's
+                         (default 45; a stop takes about twice that with Open MPI 4.1: keep
+                         it above a step plus a report, and 2 x S below systemd's
                          TimeoutStopSec and Slurm's --signal lead time)
   --sd-dir DIR           while the group runs, write DIR/aviary-group-<host>-<port>.json, a
                          Prometheus file_sd target for rank 0's /metrics (removed at exit)
@@ -68,7 +71,7 @@ worker=${AVIARY_WORKER:-}
 mpirun=${MPIRUN:-mpirun}
 mpirun_extra=()
 env_extra=()
-stop_timeout=90
+stop_timeout=45
 sd_dir=""
 dry_run=0
 serve_extra=()
@@ -184,7 +187,8 @@ else
 fi
 cmd+=(--map-by "$map_by" --bind-to "$bind_to" --report-bindings)
 # mpirun sends SIGKILL 1 s after forwarding SIGTERM unless told otherwise (measured with Open
-# MPI 4.1): give the ranks time to stop at the next step and report.
+# MPI 4.1): give the ranks time to stop at the next step and report. (It then waits the whole
+# timeout, twice, even when every rank has exited: a stop takes about 2 x stop_timeout.)
 cmd+=(--mca odls_base_sigkill_timeout "$stop_timeout")
 if [ "$(id -u)" -eq 0 ]; then cmd+=(--allow-run-as-root); fi
 # Environment for every rank, by name only (values such as AVIARY_TOKEN never appear in the
@@ -242,7 +246,7 @@ fi
 echo "launch-group.sh: $np ranks on $num_nodes node(s), coordinator $coordinator" >&2
 stopping=0
 # shellcheck disable=SC2317  # called from traps
-forward() { stopping=1; echo "launch-group.sh: $1: stopping the group (up to ${stop_timeout}s)" >&2; kill -TERM "$pid" 2>/dev/null || true; }
+forward() { stopping=1; echo "launch-group.sh: $1: stopping the group (about $((2 * stop_timeout))s)" >&2; kill -TERM "$pid" 2>/dev/null || true; }
 "${cmd[@]}" &
 pid=$!
 trap 'forward SIGTERM' TERM
