@@ -12,6 +12,7 @@
 # shellcheck disable=SC2015,SC2016  # `ok` never fails; single-quoted $ on purpose
 set -uo pipefail
 repo=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
+# shellcheck source=SCRIPTDIR/../integration/lib.sh
 source "$repo/tests/integration/lib.sh"
 deploy=$repo/deploy
 py=/usr/bin/python3
