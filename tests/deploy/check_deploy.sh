@@ -57,13 +57,15 @@ else
   run_ok "promtool check rules" promtool check rules "$deploy/prometheus/alerts.yml"
   run_ok "promtool test rules" promtool test rules "$deploy/prometheus/alerts_test.yml"
   # The unit tests must catch broken rules: a stalled threshold of 40 minutes, a NaN test that
-  # no longer matches NaN, and a restart rule that only looks at increase().
+  # no longer matches NaN, a restart rule that only looks at increase(), a never-reported rule
+  # that ignores reports.
   mkdir -p "$tmp/rules"
   cp "$deploy/prometheus/alerts_test.yml" "$tmp/rules/"
   i=0
   for edit in 's/> 20 \* 60/> 40 * 60/' \
               's/(aviary_train_loss != aviary_train_loss)/(aviary_train_loss < -1e300)/' \
-              's/or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))//'; do
+              's/or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))//' \
+              's/unless on (job_id, stage, fold) aviary_task_last_progress_timestamp_seconds$/> 1/'; do
     i=$((i + 1))
     sed "$edit" "$deploy/prometheus/alerts.yml" >"$tmp/rules/alerts.yml"
     if cmp -s "$deploy/prometheus/alerts.yml" "$tmp/rules/alerts.yml"; then
