@@ -246,11 +246,14 @@ fi
 echo "launch-group.sh: $np ranks on $num_nodes node(s), coordinator $coordinator" >&2
 stopping=0
 # shellcheck disable=SC2317  # called from traps
-forward() { stopping=1; echo "launch-group.sh: $1: stopping the group (about $((2 * stop_timeout))s)" >&2; kill -TERM "$pid" 2>/dev/null || true; }
-"${cmd[@]}" &
-pid=$!
+forward() { stopping=1; echo "launch-group.sh: $1: stopping the group (about $((2 * stop_timeout))s)" >&2; if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi; }
+pid=""
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
+"${cmd[@]}" &
+pid=$!
+# A signal that came while mpirun was starting.
+if [ "$stopping" -eq 1 ]; then kill -TERM "$pid" 2>/dev/null || true; fi
 # `wait` returns early (status > 128) when a trapped signal arrives; wait again until mpirun
 # has exited.
 rc=""
