@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Launches one aviary worker group: `mpirun` over a hostfile, one rank per GPU, every rank
+# running `aviary-worker serve` (docs/SERVICE.md "Worker groups", docs/DEPLOY.md "Launching").
+#
+#   deploy/launch-group.sh --coordinator HOST:PORT --hostfile FILE [options] [-- serve flags]
+#   deploy/launch-group.sh --coordinator HOST:PORT --dry-run ...   prints the mpirun command
+#
+# SIGTERM / SIGINT to this script go to mpirun, which forwards them to every rank: the group
+# stops its task at the next step, reports a retryable failure (the task resumes elsewhere from
+# its last.pt) and exits. Ranks get --stop-timeout seconds for that before mpirun kills them;
+# Open MPI 4.1's mpirun waits that long twice even when the ranks exit at once (measured), so a
+# stop takes about 2 x --stop-timeout.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch-group.sh --coordinator HOST:PORT [options] [-- extra `aviary-worker serve` flags]
+
+where the group runs
+  --hostfile FILE        Open MPI hostfile, one line per node: "node01 slots=4" (slots = GPUs).
+                         Every node must have the same number of slots. Default: this host only.
+  --gpus-per-node G      ranks per node (default: the hostfile's slots, else `nvidia-smi -L`
+                         lines on this host, else 1)
+  --cores-per-rank C     CPU cores per rank (default: cores of this host / G, at least 1);
+                         also the rank's torch threads (--threads)
+  --map-by SPEC          mpirun --map-by (default ppr:G:node:PE=C: G ranks per node, C cores each)
+  --bind-to WHAT         mpirun --bind-to (default core; use none on shared nodes)
+what it serves
+  --coordinator HOST:PORT  the coordinator's gRPC address (default $AVIARY_COORDINATOR)
+  --token-file FILE      bearer token file (default $AVIARY_TOKEN_FILE); a path rank 0 can read
+  --tls-ca FILE          CA certificate for TLS (default $AVIARY_TLS_CA)
+  --metrics-listen ADDR  rank 0's /metrics (default 0.0.0.0:9471; give each group on a node
+                         its own port)
+  --device auto|cpu|cuda (default auto)
+  --max-tasks N          exit after N tasks (default 0: serve until stopped)
+  --log-level L          debug|info|warning|error (default info)
+how
+  --worker PATH          the aviary-worker binary (default: $AVIARY_WORKER, else
+                         ../build/bin/aviary-worker next to this script, else from PATH)
+  --mpirun PATH          (default $MPIRUN, else mpirun)
+  --mpirun-arg ARG       one more mpirun argument (repeatable), e.g. --mpirun-arg=--mca
+                         --mpirun-arg=pml --mpirun-arg=ucx
+  --env NAME             export one more environment variable to every rank (repeatable);
+                         NCCL_*, UCX_*, TORCH_*, AVIARY_*, PATH and LD_LIBRARY_PATH always are
+  --stop-timeout S       seconds ranks get to stop after SIGTERM before mpirun kills them
+                         (default 45; a stop takes about twice that with Open MPI 4.1: keep
+                         it above a step plus a report, and 2 x S below systemd's
+                         TimeoutStopSec and Slurm's --signal lead time)
+  --sd-dir DIR           while the group runs, write DIR/aviary-group-<host>-<port>.json, a
+                         Prometheus file_sd target for rank 0's /metrics (removed at exit)
+  --dry-run              print the mpirun command (and the file_sd target) and exit
+EOF
+}
+
+die() { echo "launch-group.sh: $*" >&2; exit 2; }
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+coordinator=${AVIARY_COORDINATOR:-}
+hostfile=""
+gpus_per_node=""
+cores_per_rank=""
+map_by=""
+bind_to="core"
+token_file=${AVIARY_TOKEN_FILE:-}
+tls_ca=${AVIARY_TLS_CA:-}
+metrics_listen="0.0.0.0:9471"
+device="auto"
+max_tasks=0
+log_level="info"
+worker=${AVIARY_WORKER:-}
+mpirun=${MPIRUN:-mpirun}
+mpirun_extra=()
+env_extra=()
+stop_timeout=45
+sd_dir=""
+dry_run=0
+serve_extra=()
+
+need() { [ $# -ge 2 ] || die "$1 needs a value (--help)"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --*=*) opt=${1%%=*}; val=${1#*=}; shift; set -- "$opt" "$val" "$@"; continue ;;
+  esac
+  case $1 in
+    --hostfile) need "$@"; hostfile=$2; shift 2 ;;
+    --gpus-per-node) need "$@"; gpus_per_node=$2; shift 2 ;;
+    --cores-per-rank) need "$@"; cores_per_rank=$2; shift 2 ;;
+    --map-by) need "$@"; map_by=$2; shift 2 ;;
+    --bind-to) need "$@"; bind_to=$2; shift 2 ;;
+    --coordinator) need "$@"; coordinator=$2; shift 2 ;;
+    --token-file) need "$@"; token_file=$2; shift 2 ;;
+    --tls-ca) need "$@"; tls_ca=$2; shift 2 ;;
+    --metrics-listen) need "$@"; metrics_listen=$2; shift 2 ;;
+    --device) need "$@"; device=$2; shift 2 ;;
+    --max-tasks) need "$@"; max_tasks=$2; shift 2 ;;
+    --log-level) need "$@"; log_level=$2; shift 2 ;;
+    --worker) need "$@"; worker=$2; shift 2 ;;
+    --mpirun) need "$@"; mpirun=$2; shift 2 ;;
+    --mpirun-arg) need "$@"; mpirun_extra+=("$2"); shift 2 ;;
+    --env) need "$@"; env_extra+=("$2"); shift 2 ;;
+    --stop-timeout) need "$@"; stop_timeout=$2; shift 2 ;;
+    --sd-dir) need "$@"; sd_dir=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; serve_extra=("$@"); break ;;
+    *) die "unknown argument '$1' (--help)" ;;
+  esac
+done
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_pos_int() { [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ]; }
+[ -n "$coordinator" ] || die "--coordinator HOST:PORT is required (or AVIARY_COORDINATOR)"
+[[ $coordinator =~ ^[^:]+:[0-9]+$ || $coordinator =~ ^\[.*\]:[0-9]+$ ]] ||
+  die "--coordinator '$coordinator': expected HOST:PORT"
+case $device in auto|cpu|cuda) ;; *) die "--device '$device': expected auto, cpu or cuda" ;; esac
+case $log_level in debug|info|warning|error) ;; *) die "--log-level '$log_level': expected debug, info, warning or error" ;; esac
+is_uint "$max_tasks" || die "--max-tasks '$max_tasks': expected an integer >= 0"
+is_pos_int "$stop_timeout" || die "--stop-timeout '$stop_timeout': expected seconds >= 1"
+[ -z "$token_file" ] || [ -r "$token_file" ] || die "--token-file '$token_file': not a readable file"
+[ -z "$tls_ca" ] || [ -r "$tls_ca" ] || die "--tls-ca '$tls_ca': not a readable file"
+
+# Nodes and slots from the hostfile ("host slots=N", comments and blank lines ignored).
+hosts=()
+slots=()
+if [ -n "$hostfile" ]; then
+  [ -r "$hostfile" ] || die "--hostfile '$hostfile': not a readable file"
+  lineno=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    lineno=$((lineno + 1))
+    line=${line%%#*}
+    read -r -a words <<<"$line" || true
+    [ ${#words[@]} -gt 0 ] || continue
+    n=1
+    for w in "${words[@]:1}"; do
+      case $w in
+        slots=*) n=${w#slots=} ;;
+        max_slots=*|max-slots=*) ;;
+        *) die "$hostfile:$lineno: unexpected '$w' (expected 'host slots=N')" ;;
+      esac
+    done
+    is_pos_int "$n" || die "$hostfile:$lineno: slots '$n' is not an integer >= 1"
+    hosts+=("${words[0]}")
+    slots+=("$n")
+  done <"$hostfile"
+  [ ${#hosts[@]} -gt 0 ] || die "--hostfile '$hostfile': no hosts in it"
+fi
+
+if [ -z "$gpus_per_node" ]; then
+  if [ ${#slots[@]} -gt 0 ]; then
+    gpus_per_node=${slots[0]}
+  elif command -v nvidia-smi >/dev/null 2>&1 && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [ "$n" -gt 0 ]; then
+    gpus_per_node=$n
+  else
+    gpus_per_node=1
+  fi
+fi
+is_pos_int "$gpus_per_node" || die "--gpus-per-node '$gpus_per_node': expected an integer >= 1"
+for i in "${!slots[@]}"; do
+  [ "${slots[$i]}" -ge "$gpus_per_node" ] ||
+    die "--hostfile '$hostfile': ${hosts[$i]} has slots=${slots[$i]}, fewer than $gpus_per_node ranks per node"
+done
+num_nodes=${#hosts[@]}
+[ "$num_nodes" -gt 0 ] || num_nodes=1
+np=$((num_nodes * gpus_per_node))
+
+if [ -z "$cores_per_rank" ]; then
+  cores=$(nproc 2>/dev/null || echo 1)
+  cores_per_rank=$((cores / gpus_per_node))
+  [ "$cores_per_rank" -ge 1 ] || cores_per_rank=1
+fi
+is_pos_int "$cores_per_rank" || die "--cores-per-rank '$cores_per_rank': expected an integer >= 1"
+[ -n "$map_by" ] || map_by="ppr:${gpus_per_node}:node:PE=${cores_per_rank}"
+
+if [ -z "$worker" ]; then
+  if [ -x "$script_dir/../build/bin/aviary-worker" ]; then
+    worker=$(cd "$script_dir/../build/bin" && pwd)/aviary-worker
+  else
+    worker=aviary-worker
+  fi
+fi
+
+cmd=("$mpirun" -np "$np")
+if [ -n "$hostfile" ]; then
+  cmd+=(--hostfile "$hostfile")
+else
+  cmd+=(--host "localhost:$gpus_per_node")
+fi
+cmd+=(--map-by "$map_by" --bind-to "$bind_to" --report-bindings)
+# mpirun sends SIGKILL 1 s after forwarding SIGTERM unless told otherwise (measured with Open
+# MPI 4.1): give the ranks time to stop at the next step and report. (It then waits the whole
+# timeout, twice, even when every rank has exited: a stop takes about 2 x stop_timeout.)
+cmd+=(--mca odls_base_sigkill_timeout "$stop_timeout")
+if [ "$(id -u)" -eq 0 ]; then cmd+=(--allow-run-as-root); fi
+# Environment for every rank, by name only (values such as AVIARY_TOKEN never appear in the
+# command line).
+exported=()
+while IFS= read -r name; do
+  case $name in
+    NCCL_*|UCX_*|TORCH_*|AVIARY_*|PATH|LD_LIBRARY_PATH) exported+=("$name") ;;
+  esac
+done < <(compgen -e | sort)
+for name in "${env_extra[@]+"${env_extra[@]}"}"; do
+  [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env '$name': not a variable name"
+  exported+=("$name")
+done
+for name in "${exported[@]+"${exported[@]}"}"; do cmd+=(-x "$name"); done
+cmd+=("${mpirun_extra[@]+"${mpirun_extra[@]}"}")
+cmd+=("$worker" serve --coordinator "$coordinator" --metrics-listen "$metrics_listen"
+      --device "$device" --threads "$cores_per_rank" --log-level "$log_level" --max-tasks "$max_tasks")
+[ -z "$token_file" ] || cmd+=(--token-file "$token_file")
+[ -z "$tls_ca" ] || cmd+=(--tls-ca "$tls_ca")
+cmd+=("${serve_extra[@]+"${serve_extra[@]}"}")
+
+# Rank 0 runs on the hostfile's first node (ppr and slot mappings fill nodes in order).
+rank0_host=${hosts[0]:-$(hostname -f 2>/dev/null || hostname)}
+metrics_port=${metrics_listen##*:}
+sd_file=""
+sd_json=""
+if [ -n "$sd_dir" ]; then
+  if [ -z "$metrics_listen" ] || ! is_uint "$metrics_port" || [ "$metrics_port" -eq 0 ]; then
+    die "--sd-dir needs a fixed --metrics-listen port (got '$metrics_listen')"
+  fi
+  sd_file="$sd_dir/aviary-group-${rank0_host}-${metrics_port}.json"
+  all_hosts=$(IFS=,; echo "${hosts[*]:-$rank0_host}")
+  sd_json="[{\"targets\": [\"${rank0_host}:${metrics_port}\"], \"labels\": {\"aviary_hosts\": \"${all_hosts}\"}}]"
+fi
+
+if [ "$dry_run" -eq 1 ]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  if [ -n "$sd_file" ]; then echo "file_sd target $sd_file: $sd_json"; fi
+  exit 0
+fi
+
+command -v "$mpirun" >/dev/null 2>&1 || die "--mpirun '$mpirun': not found"
+command -v "$worker" >/dev/null 2>&1 || die "--worker '$worker': not found (build it, or pass --worker)"
+
+# shellcheck disable=SC2317  # called from traps
+cleanup() { if [ -n "$sd_file" ]; then rm -f "$sd_file"; fi; }
+trap cleanup EXIT
+if [ -n "$sd_file" ]; then
+  mkdir -p "$sd_dir"
+  printf '%s\n' "$sd_json" >"$sd_file.tmp.$$" && mv -f "$sd_file.tmp.$$" "$sd_file"
+fi
+
+echo "launch-group.sh: $np ranks on $num_nodes node(s), coordinator $coordinator" >&2
+stopping=0
+# shellcheck disable=SC2317  # called from traps
+forward() { stopping=1; echo "launch-group.sh: $1: stopping the group (about $((2 * stop_timeout))s)" >&2; if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi; }
+pid=""
+trap 'forward SIGTERM' TERM
+trap 'forward SIGINT' INT
+"${cmd[@]}" &
+pid=$!
+# A signal that came while mpirun was starting.
+if [ "$stopping" -eq 1 ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+# `wait` returns early (status > 128) when a trapped signal arrives; wait again until mpirun
+# has exited.
+rc=""
+while [ -z "$rc" ]; do
+  if wait "$pid"; then
+    rc=0
+  else
+    r=$?
+    if [ "$r" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+    rc=$r
+  fi
+done
+if [ "$stopping" -eq 1 ]; then
+  # mpirun exits non-zero after forwarding a signal even when every rank stopped cleanly.
+  echo "launch-group.sh: group stopped by signal (mpirun exit code $rc)" >&2
+  exit 0
+fi
+exit "$rc"

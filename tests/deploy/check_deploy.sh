@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# Checks deploy/ (issue 7): the Prometheus config and alert rules with promtool (including unit
+# tests of every alert, and that those tests catch a broken rule), the Grafana dashboard's
+# structure and metric names (tests/deploy/check_metrics.py, plus self-tests that it rejects
+# bad input), the shell scripts (bash -n, shellcheck when installed), the systemd units
+# (systemd-analyze verify when available), and the launchers: launch-group.sh's argument errors
+# and dry run, a real 2-rank `mpirun` group of a stand-in worker stopped by SIGTERM, and the
+# Slurm script's hostfile, dry run and requeue on the time-limit signal (a fake scontrol).
+#
+#   tests/deploy/check_deploy.sh [REPO]        (REPO defaults to this checkout)
+# Needs promtool (Debian: prometheus), python3 and mpirun. Exit 0 when every check passes.
+# shellcheck disable=SC2015,SC2016  # `ok` never fails; single-quoted $ on purpose
+set -uo pipefail
+repo=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
+# shellcheck source=SCRIPTDIR/../integration/lib.sh
+source "$repo/tests/integration/lib.sh"
+deploy=$repo/deploy
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+# mpirun refuses root unless told (CI runs as root); 2 ranks may exceed the cores.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+
+# must_fail "what" command...: the command must exit non-zero.
+must_fail() {
+  local what=$1; shift
+  if "$@" >"$tmp/must_fail.out" 2>&1; then
+    fail "$what: expected a failure, got success:"; sed 's/^/    /' "$tmp/must_fail.out"
+  else
+    ok
+  fi
+}
+# run_ok "what" command...: the command must succeed.
+run_ok() {
+  local what=$1; shift
+  if ! "$@" >"$tmp/run_ok.out" 2>&1; then
+    fail "$what:"; sed 's/^/    /' "$tmp/run_ok.out"
+  else
+    ok
+  fi
+}
+# wait_for FILE...: polls until every file exists; 120 s deadline.
+wait_for() {
+  local deadline=$((SECONDS + 120)) f
+  for f in "$@"; do
+    while [ ! -e "$f" ]; do
+      [ $SECONDS -lt $deadline ] || return 1
+      sleep 0.2
+    done
+  done
+}
+
+echo "== Prometheus (promtool)"
+if ! command -v promtool >/dev/null 2>&1; then
+  fail "promtool not found (Debian package: prometheus)"
+else
+  run_ok "promtool check config" promtool check config "$deploy/prometheus/prometheus.yml"
+  run_ok "promtool check rules" promtool check rules "$deploy/prometheus/alerts.yml"
+  run_ok "promtool test rules" promtool test rules "$deploy/prometheus/alerts_test.yml"
+  # The unit tests must catch broken rules: a stalled threshold of 40 minutes, a NaN test that
+  # no longer matches NaN, a restart rule that only looks at increase(), a never-reported rule
+  # that ignores reports.
+  mkdir -p "$tmp/rules"
+  cp "$deploy/prometheus/alerts_test.yml" "$tmp/rules/"
+  i=0
+  for edit in 's/> 20 \* 60/> 40 * 60/' \
+              's/(aviary_train_loss != aviary_train_loss)/(aviary_train_loss < -1e300)/' \
+              's/or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))//' \
+              's/unless on (job_id, stage, fold) aviary_task_last_progress_timestamp_seconds$/> 1/'; do
+    i=$((i + 1))
+    sed "$edit" "$deploy/prometheus/alerts.yml" >"$tmp/rules/alerts.yml"
+    if cmp -s "$deploy/prometheus/alerts.yml" "$tmp/rules/alerts.yml"; then
+      fail "mutation $i ($edit) did not change alerts.yml"
+    else
+      run_ok "promtool check rules (mutation $i)" promtool check rules "$tmp/rules/alerts.yml"
+      must_fail "promtool test rules must catch mutation $i ($edit)" promtool test rules "$tmp/rules/alerts_test.yml"
+    fi
+  done
+fi
+
+echo "== Grafana dashboard and metric names"
+run_ok "check_metrics.py $repo" "$py" "$repo/tests/deploy/check_metrics.py" "$repo"
+# Self-tests on copies: a broken dashboard; sources that export every name, and all but one.
+fake=$tmp/fake
+mkdir -p "$fake/deploy/grafana" "$fake/deploy/prometheus" "$fake/docs" "$fake/coordinator" "$fake/worker"
+cp "$repo/docs/SERVICE.md" "$fake/docs/"
+cp "$deploy/prometheus/alerts.yml" "$fake/deploy/prometheus/"
+"$py" - "$deploy/grafana/aviary-dashboard.json" "$fake/deploy/grafana/broken.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+panels = [p for p in d["panels"] if p["type"] != "row"]
+panels[1]["id"] = panels[0]["id"]                       # duplicate id
+panels[2]["targets"] = []                               # no target
+panels[3]["targets"][0]["expr"] = "rate(aviary_not_a_metric_total[5m])"
+panels[4]["datasource"] = {"type": "prometheus", "uid": "some-fixed-uid"}
+json.dump(d, open(sys.argv[2], "w"))
+EOF
+out=$("$py" "$repo/tests/deploy/check_metrics.py" "$fake" 2>&1); rc=$?
+for want in "used by" "aviary_not_a_metric_total" "has no target" "panel id" "datasource variable"; do
+  grep -qF -- "$want" <<<"$out" || fail "check_metrics.py on a broken dashboard: no '$want' in: $out"
+done
+[ $rc -eq 1 ] && ok || fail "check_metrics.py on a broken dashboard: rc=$rc, wanted 1"
+echo '{"panels": [' >"$fake/deploy/grafana/broken.json"
+must_fail "check_metrics.py must refuse invalid JSON" "$py" "$repo/tests/deploy/check_metrics.py" "$fake"
+rm "$fake/deploy/grafana/broken.json"
+cp "$deploy/grafana/aviary-dashboard.json" "$fake/deploy/grafana/"
+grep -oE '^\| `aviary_[a-z0-9_]+` \|' "$repo/docs/SERVICE.md" | grep -oE 'aviary_[a-z0-9_]+' >"$tmp/names"
+[ -s "$tmp/names" ] || fail "no metric names in docs/SERVICE.md"
+{ echo "// every metric, as the coordinator and the worker would name them"
+  sed 's/.*/const char* k = "&";/' "$tmp/names"; } >"$fake/coordinator/metrics.cc"
+run_ok "check_metrics.py --exported-by (every name exported)" \
+  "$py" "$repo/tests/deploy/check_metrics.py" "$fake" --exported-by "$fake"
+grep -v '"aviary_step_duration_seconds"' "$fake/coordinator/metrics.cc" >"$fake/worker/m.h"
+rm "$fake/coordinator/metrics.cc"
+out=$("$py" "$repo/tests/deploy/check_metrics.py" "$fake" --exported-by "$fake" 2>&1); rc=$?
+if [ $rc -ne 1 ] || ! grep -q '^FAIL: aviary_step_duration_seconds .*not exported' <<<"$out"; then
+  fail "check_metrics.py must report the one name that is not exported (rc=$rc): $out"
+else
+  ok
+fi
+
+echo "== shell scripts"
+scripts=("$deploy"/*.sh "$deploy"/slurm/*.sbatch "$repo"/tests/deploy/*.sh)
+for s in "${scripts[@]}"; do
+  run_ok "bash -n $s" bash -n "$s"
+done
+if command -v shellcheck >/dev/null 2>&1; then
+  run_ok "shellcheck" shellcheck -s bash -x "${scripts[@]}"
+else
+  echo "SKIP: shellcheck is not installed"
+fi
+
+echo "== systemd units"
+if command -v systemd-analyze >/dev/null 2>&1; then
+  # verify wants the ExecStart binaries to exist: point them at stand-ins. It exits 0 on parse
+  # warnings, so any output is a failure.
+  mkdir -p "$tmp/units"
+  for u in "$deploy"/systemd/*.service; do
+    sed -e 's|/opt/aviary/bin/aviary-coordinator|/bin/true|' \
+        -e 's|/opt/aviary/deploy/launch-group.sh|/bin/true|' "$u" >"$tmp/units/$(basename "$u")"
+  done
+  out=$(cd "$tmp/units" && systemd-analyze verify ./*.service 2>&1); rc=$?
+  if [ $rc -ne 0 ] || [ -n "$out" ]; then fail "systemd-analyze verify (rc=$rc): $out"; else ok; fi
+  printf '[Service]\nExecStart=/bin/true\nKillMode=sideways\n' >"$tmp/units/bad.service"
+  out=$(cd "$tmp/units" && systemd-analyze verify ./bad.service 2>&1)
+  [ -n "$out" ] && ok || fail "systemd-analyze verify said nothing about a bad unit"
+  for key in KillSignal=SIGTERM Restart=on-failure EnvironmentFile= User=aviary TimeoutStopSec=; do
+    for u in "$deploy"/systemd/*.service; do
+      grep -q "^$key" "$u" && ok || fail "$u: no $key"
+    done
+  done
+  # The group unit must wait longer than a stop takes (2 x the ranks' stop timeout, Open MPI 4.1).
+  unit_stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s$/\1/p' "$deploy/systemd/aviary-worker-group@.service")
+  env_stop=$(sed -n 's/^AVIARY_STOP_TIMEOUT=//p' "$deploy/systemd/worker-group.env.example")
+  if [ -n "$unit_stop" ] && [ -n "$env_stop" ] && [ "$unit_stop" -gt $((2 * env_stop)) ]; then ok
+  else fail "TimeoutStopSec ($unit_stop) must exceed 2 x AVIARY_STOP_TIMEOUT ($env_stop)"; fi
+else
+  echo "SKIP: systemd-analyze is not installed"
+fi
+
+echo "== launch-group.sh"
+launch=$deploy/launch-group.sh
+for args in "--hostfile $tmp/none" "--coordinator nocolon" "--coordinator h:1 --device tpu" \
+            "--coordinator h:1 --max-tasks -1" "--coordinator h:1 --bogus" "--coordinator h:1 --sd-dir $tmp --metrics-listen 0.0.0.0:0"; do
+  # shellcheck disable=SC2086  # split on purpose
+  out=$("$launch" $args --dry-run 2>&1); rc=$?
+  if [ $rc -ne 2 ] || ! grep -q '^launch-group.sh: ' <<<"$out"; then fail "launch-group.sh $args: rc=$rc: $out"; else ok; fi
+done
+printf 'node01 slots=4 # first\n\nnode02 slots=4\n' >"$tmp/hostfile"
+out=$(NCCL_IB_HCA=mlx5 UCX_TLS=rc,sm AVIARY_TOKEN=secret-token "$launch" --coordinator coord:7070 \
+      --hostfile "$tmp/hostfile" --cores-per-rank 6 --token-file "$tmp/hostfile" \
+      --sd-dir "$tmp/sd" --dry-run -- --log-level debug 2>&1); rc=$?
+[ $rc -eq 0 ] && ok || fail "launch-group.sh --dry-run: rc=$rc: $out"
+for want in "-np 8 " "--hostfile $tmp/hostfile" "--map-by ppr:4:node:PE=6 --bind-to core" \
+            "--mca odls_base_sigkill_timeout 45" "-x NCCL_IB_HCA" "-x UCX_TLS" "-x AVIARY_TOKEN " \
+            "serve --coordinator coord:7070 --metrics-listen 0.0.0.0:9471" "--threads 6" \
+            "--token-file $tmp/hostfile" "--log-level debug" \
+            "file_sd target $tmp/sd/aviary-group-node01-9471.json" '"targets": ["node01:9471"]'; do
+  grep -qF -- "$want" <<<"$out" && ok || fail "launch-group.sh --dry-run: no '$want' in: $out"
+done
+grep -q secret-token <<<"$out" && fail "launch-group.sh --dry-run shows a token value: $out" || ok
+[ -e "$tmp/sd" ] && fail "launch-group.sh --dry-run wrote $tmp/sd" || ok
+printf 'node01 slots=4\nnode02 slots=2\n' >"$tmp/uneven"
+out=$("$launch" --coordinator c:1 --hostfile "$tmp/uneven" --dry-run 2>&1); rc=$?
+[ $rc -eq 2 ] && grep -qF "node02 has slots=2" <<<"$out" && ok || fail "uneven hostfile: rc=$rc: $out"
+
+# A real group: 2 ranks of a stand-in worker under mpirun. Each rank records its arguments and
+# an exported knob, and on SIGTERM takes 3 s to stop (longer than mpirun's default 1 s before
+# SIGKILL, shorter than the 5 s given here), as a group finishing its step and reporting does.
+cat >"$tmp/fake-worker" <<EOF
+#!/usr/bin/env bash
+r=\${OMPI_COMM_WORLD_RANK:-x}
+trap 'sleep 3; echo stopped > "$tmp/rank\$r.stopped"; exit 0' TERM
+echo "\$* NCCL_TEST_KNOB=\${NCCL_TEST_KNOB:-unset}" > "$tmp/rank\$r.args"
+while true; do sleep 0.1; done
+EOF
+chmod +x "$tmp/fake-worker"
+echo "localhost slots=2" >"$tmp/local-hostfile"
+if ! command -v mpirun >/dev/null 2>&1; then
+  fail "mpirun not found"
+else
+  NCCL_TEST_KNOB=42 "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" \
+    --cores-per-rank 1 --bind-to none --worker "$tmp/fake-worker" --sd-dir "$tmp/sd" \
+    --metrics-listen 127.0.0.1:19471 --stop-timeout 5 >"$tmp/launch.log" 2>&1 &
+  lpid=$!
+  if ! wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
+    fail "the group's ranks did not start:"; sed 's/^/    /' "$tmp/launch.log"
+    kill -TERM $lpid 2>/dev/null
+  else
+    [ -s "$tmp/sd/aviary-group-localhost-19471.json" ] && ok || fail "no file_sd target while the group runs"
+    for r in 0 1; do
+      grep -q -- "serve --coordinator 127.0.0.1:7070 --metrics-listen 127.0.0.1:19471 --device auto --threads 1 .* NCCL_TEST_KNOB=42$" \
+        "$tmp/rank$r.args" && ok || fail "rank $r got: $(cat "$tmp/rank$r.args")"
+    done
+    kill -TERM $lpid
+  fi
+  wait $lpid; rc=$?
+  [ $rc -eq 0 ] && ok || { fail "launch-group.sh after SIGTERM: rc=$rc"; sed 's/^/    /' "$tmp/launch.log"; }
+  for r in 0 1; do
+    [ -e "$tmp/rank$r.stopped" ] && ok || fail "rank $r was killed before it stopped cleanly"
+  done
+  [ -e "$tmp/sd/aviary-group-localhost-19471.json" ] && fail "file_sd target left behind" || ok
+  grep -q "stopped by signal" "$tmp/launch.log" && ok || fail "no 'stopped by signal' in: $(cat "$tmp/launch.log")"
+fi
+
+echo "== Slurm script"
+sbatch_script=$deploy/slurm/aviary-group.sbatch
+mkdir -p "$tmp/bin"
+cat >"$tmp/bin/scontrol" <<EOF
+#!/usr/bin/env bash
+if [ "\$1 \$2" = "show hostnames" ]; then
+  case \$3 in localhost) echo localhost ;; *) echo gpu-a01; echo gpu-a02 ;; esac
+  exit 0
+fi
+echo "\$*" >> "$tmp/scontrol.log"
+EOF
+chmod +x "$tmp/bin/scontrol"
+grep -q '^#SBATCH --signal=B:USR1@' "$sbatch_script" && ok || fail "no --signal=B:USR1@ in $sbatch_script"
+grep -q '^#SBATCH --requeue' "$sbatch_script" && ok || fail "no --requeue in $sbatch_script"
+out=$(env -u SLURM_JOB_ID bash "$sbatch_script" 2>&1); rc=$?
+[ $rc -eq 2 ] && grep -q "not inside a Slurm allocation" <<<"$out" && ok || fail "sbatch outside Slurm: rc=$rc: $out"
+slurm_env=(PATH="$tmp/bin:$PATH" SLURM_JOB_ID=4242 SLURM_JOB_NODELIST="gpu-a[01-02]" SLURM_GPUS_ON_NODE=4
+           SLURM_CPUS_PER_TASK=8 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=coord:7070 AVIARY_DRY_RUN=1)
+out=$(env "${slurm_env[@]}" bash "$sbatch_script" 2>&1); rc=$?
+[ $rc -eq 0 ] && ok || fail "sbatch dry run: rc=$rc: $out"
+for want in "gpu-a01 slots=4" "gpu-a02 slots=4" "-np 8 " "--map-by ppr:4:node:PE=8" "--threads 8" \
+            "serve --coordinator coord:7070"; do
+  grep -qF -- "$want" <<<"$out" && ok || fail "sbatch dry run: no '$want' in: $out"
+done
+out=$(env "${slurm_env[@]}" AVIARY_LAUNCHER=srun bash "$sbatch_script" 2>&1); rc=$?
+for want in "srun --mpi=pmix --ntasks-per-node=4 --cpus-per-task=8" "serve --coordinator coord:7070"; do
+  grep -qF -- "$want" <<<"$out" && ok || fail "sbatch srun dry run (rc=$rc): no '$want' in: $out"
+done
+# The time-limit signal (SIGUSR1 to the batch shell): the group stops cleanly, the job is
+# requeued. A real 2-rank group of the stand-in worker on this host.
+rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped
+env PATH="$tmp/bin:$PATH" SLURM_JOB_ID=4243 SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=2 \
+    SLURM_CPUS_PER_TASK=1 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=127.0.0.1:7070 \
+    AVIARY_WORKER="$tmp/fake-worker" AVIARY_STOP_TIMEOUT=5 \
+    bash "$sbatch_script" >"$tmp/sbatch.log" 2>&1 &
+spid=$!
+if wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
+  kill -USR1 $spid
+else
+  fail "sbatch: the group's ranks did not start:"; sed 's/^/    /' "$tmp/sbatch.log"
+  kill -TERM $spid
+fi
+wait $spid; rc=$?
+[ $rc -eq 0 ] && ok || { fail "sbatch after SIGUSR1: rc=$rc"; sed 's/^/    /' "$tmp/sbatch.log"; }
+for r in 0 1; do
+  [ -e "$tmp/rank$r.stopped" ] && ok || fail "sbatch: rank $r was killed before it stopped cleanly"
+done
+grep -qx "requeue 4243" "$tmp/scontrol.log" 2>/dev/null && ok ||
+  { fail "sbatch: no 'scontrol requeue 4243' after SIGUSR1"; sed 's/^/    /' "$tmp/sbatch.log"; }
+
+echo "deploy checks: $passes passed, $fails failed"
+[ $fails -eq 0 ]
