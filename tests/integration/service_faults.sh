@@ -26,7 +26,7 @@ if wait_for 300 jq_status "$job" 'task("finetune").get("latest", {}).get("epoch"
   kill -9 -- "-$pid_a"
   echo "killed group a after $done_epochs epochs"
   start_group b 2
-  if timeout 600 av watch "$job" > "$tmp/watch1.log" 2>&1; then ok; else
+  if avt 600 watch "$job" > "$tmp/watch1.log" 2>&1; then ok; else
     fail "the job did not succeed after the group was killed"; tail -n 20 "$tmp/watch1.log"; tail -n 30 "$tmp/b.log"; tail -n 30 "$tmp/coordinator.log"
   fi
   jq_status "$job" 'task("finetune")["restarts"] == 1' || fail "restarts should be 1: $(jq_status "$job" 'task("finetune")')"
@@ -50,12 +50,13 @@ fi
 job2=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=5 | tail -n 1)
 echo "job $job2"
 if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch_end", False)'; then
+  e=$(jq_status "$job2" 'task("finetune")["latest"]["epoch"]')
   kill -9 "$coord_pid"
-  echo "killed the coordinator (pid $coord_pid) after epoch $(jq_status "$job2" 'task("finetune")["latest"]["epoch"]' 2>/dev/null)"
+  echo "killed the coordinator (pid $coord_pid) after epoch $e of job $job2"
   sleep 2
   start_coordinator --listen "127.0.0.1:$port" --heartbeat-timeout-s 30 || exit 1
   grep -c "listening on" "$tmp/coordinator.log" | grep -q 2 || fail "the coordinator did not log its second start"
-  if timeout 600 av watch "$job2" > "$tmp/watch2.log" 2>&1; then ok; else
+  if avt 600 watch "$job2" > "$tmp/watch2.log" 2>&1; then ok; else
     fail "the job did not complete after the coordinator restart"; tail -n 20 "$tmp/watch2.log"; tail -n 30 "$tmp/b.log"; tail -n 30 "$tmp/coordinator.log"
   fi
   jq_status "$job2" 'task("finetune")["restarts"] == 0' || fail "the restart of the coordinator cost the task a restart"

@@ -65,6 +65,8 @@ start_group() {
 
 # av ARGS...: the client with the coordinator's address and token.
 av() { "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/token" "$@"; }
+# avt SECONDS ARGS...: the same under a wall-clock limit.
+avt() { local s=$1; shift; timeout "$s" "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/token" "$@"; }
 
 # jq_status JOB PYTHON_EXPR: evaluates the expression on `aviary status JOB --json` (as j).
 jq_status() {
