@@ -454,9 +454,11 @@ absl::Status Coordinator::Shutdown(std::chrono::milliseconds grace) {
   if (scheduler_) scheduler_->Shutdown();
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + grace);
   if (server_) server_->Wait();
+  log_.Debug("gRPC server stopped");
   server_.reset();
   scheduler_.reset();
   metrics_.reset();
+  log_.Debug("metrics endpoint stopped");
   absl::Status status = store_ ? store_->Close() : absl::OkStatus();
   store_.reset();
   return status;

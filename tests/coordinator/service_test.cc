@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -27,26 +28,13 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/tiny_dataset.h"
 
 namespace aviary::coordinator {
 namespace {
 
 namespace fs = std::filesystem;
 using namespace aviary::v1;  // NOLINT: test brevity
-
-// A small pipeline over the dataset written by WriteDataset(); relative roots resolve against
-// the request's working_dir.
-constexpr char kPipeline[] =
-    "seed: 42\n"
-    "data:\n"
-    "  target: {layout: \"2024\", root: t24}\n"
-    "  pretrain_sources:\n"
-    "    - {layout: \"2021\", root: p21}\n"
-    "    - {layout: \"xc\", root: xc}\n"
-    "  corrupt_files: corrupt.json\n"
-    "folds: {pretrain_splits: 2, finetune_splits: 2, selected_folds: [0, 1], cv_filter_thr: 2}\n"
-    "sampling: {upsample_thr: 3, downsample_thr: 4}\n"
-    "train: {epochs: 3}\n";
 
 // An HTTP/1.0 GET of http://127.0.0.1:port/path; the body.
 std::string HttpGet(int port, const std::string& path) {
@@ -126,40 +114,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     std::ofstream(p) << text;
   }
 
-  // Hand-written metadata and empty audio files (the catalog only checks that files exist).
-  void WriteDataset() {
-    Write("t24/train_metadata.csv",
-          "primary_label,secondary_labels,author,rating,filename\n"
-          "a,[],ann,4.0,a/XC1.ogg\n"
-          "a,[],ann,3.5,a/XC2.ogg\n"
-          "b,[],bob,5.0,b/XC3.ogg\n"
-          "a,[],cy,2.0,a/XC4.ogg\n"
-          "b,[],bob,1.0,b/XC5.ogg\n"
-          "a,[],cy,2.0,a/XC6.ogg\n");
-    for (const char* f : {"a/XC1.ogg", "a/XC2.ogg", "b/XC3.ogg", "a/XC4.ogg", "b/XC5.ogg", "a/XC6.ogg"}) {
-      Write(std::string("t24/train_audio/") + f, "");
-    }
-    Write("p21/train_metadata.csv",
-          "primary_label,secondary_labels,author,filename\n"
-          "c,[],x,XC10.ogg\n"
-          "c,[],x,XC11.ogg\n"
-          "c,[],x,XC12.ogg\n"
-          "d,[],y,XC20.ogg\n"
-          "d,[],y,XC21.ogg\n");
-    for (const char* f : {"c/XC10.ogg", "c/XC11.ogg", "c/XC12.ogg", "d/XC20.ogg", "d/XC21.ogg"}) {
-      Write(std::string("p21/train_short_audio/") + f, "");
-    }
-    Write("xc/train_extended.csv",
-          "ebird_code,filename,author,primary_label,secondary_labels\n"
-          "c,XC13.mp3,x,Sci c_Common c,[]\n"
-          "c,XC14.mp3,x,Sci c_Common c,[]\n"
-          "nuthat,XC30.mp3,n,Sci n_Common n,[]\n"
-          "nuthat,XC31.mp3,n,Sci n_Common n,[]\n");
-    for (const char* f : {"A-M/c/XC13.mp3", "A-M/c/XC14.mp3", "N-Z/nuthat/XC30.mp3", "N-Z/nuthat/XC31.mp3"}) {
-      Write(std::string("xc/") + f, "");
-    }
-    Write("corrupt.json", "[]");
-  }
+  void WriteDataset() { WriteTinyDataset(root_); }
 
   void Start() {
     auto secrets = LoadCoordinatorSecrets(config_);
@@ -776,6 +731,44 @@ TEST_F(CoordinatorServiceTest, RestartKeepsJobsLeasesAndHeartbeatingGroups) {
   LeaseTaskResponse lease = Lease(a);
   EXPECT_EQ(lease.task().task_id(), job_id + "/finetune-f0");
   EXPECT_EQ(lease.task().init_checkpoint(), "/x/best.pt");
+}
+
+// 200 status pollers, 50 heartbeating groups and a few watchers at once: every call succeeds
+// (the server's thread quota and pollers are sized for this).
+TEST_F(CoordinatorServiceTest, ManyPollersAndGroupsAtOnce) {
+  Start();
+  const std::string job_id = Submit();
+  std::vector<std::string> groups;
+  for (int i = 0; i < 50; ++i) groups.push_back(Register(1));
+  ASSERT_TRUE(Lease(groups[0]).available());
+  std::atomic<int> failures{0};
+  std::atomic<int> calls{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 200; ++i) {
+    threads.emplace_back([&] {
+      for (int k = 0; k < 10; ++k) {
+        GetJobRequest request;
+        request.set_job_id(job_id);
+        JobInfo job;
+        if (!jobs_->GetJob(Ctx().get(), request, &job).ok() || job.tasks_size() != 3) ++failures;
+        ++calls;
+      }
+    });
+  }
+  for (int i = 0; i < 50; ++i) {
+    threads.emplace_back([&, i] {
+      for (int k = 0; k < 10; ++k) {
+        bool cancel = true;
+        const std::string task = i == 0 ? job_id + "/pretrain-f0" : "";
+        if (!Heartbeat(groups[i], task, &cancel).ok() || cancel) ++failures;
+        ++calls;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(failures, 0);
+  EXPECT_EQ(calls, 2500);
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
 }
 
 }  // namespace
