@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/status.h"
@@ -203,6 +204,7 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
                                                          const std::vector<ConfigOverride>& overrides) {
   CoordinatorConfig config;
   config.source_path = source_name;
+  std::map<std::string, std::string> set_at;  // key -> where its value came from
   YAML::Node root;
   try {
     root = YAML::Load(yaml_text);
@@ -234,6 +236,7 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
       const YAML::Node value = it->second;
       const Origin origin{absl::StrCat(source_name, ":", value.Mark().line + 1), base_dir};
       AVIARY_RETURN_IF_ERROR(field->read(value, origin, name, &config));
+      set_at[name] = origin.where;
     }
   }
   const std::string cwd = fs::current_path().string();
@@ -255,11 +258,19 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
     }
     const Origin origin{override_value.label, cwd};
     AVIARY_RETURN_IF_ERROR(field->read(value, origin, override_value.key, &config));
+    set_at[override_value.key] = origin.where;
   }
-  if (!source_name.empty()) {
-    AVIARY_RETURN_IF_ERROR(common::Annotate(ValidateCoordinatorConfig(config), source_name));
-  } else {
-    AVIARY_RETURN_IF_ERROR(ValidateCoordinatorConfig(config));
+  absl::Status valid = ValidateCoordinatorConfig(config);
+  if (!valid.ok()) {
+    // Point at the file line or flag that set the key the message starts with.
+    absl::string_view message = valid.message();
+    std::string where = source_name;
+    if (absl::ConsumePrefix(&message, "key '")) {
+      const std::string key(message.substr(0, message.find('\'')));
+      auto it = set_at.find(key);
+      if (it != set_at.end()) where = it->second;
+    }
+    return where.empty() ? valid : common::Annotate(valid, where);
   }
   return config;
 }
