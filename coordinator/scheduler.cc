@@ -163,6 +163,7 @@ absl::Status Scheduler::Restore() {
                                                task.info.group_id(), " at restart"));
     }
   }
+  for (auto& [id, job] : jobs_) RefreshSnapshot(&job);
   if (!repairs.tasks.empty()) {
     log_.Warn(absl::StrCat("restore: ", repairs.tasks.size(),
                            " leases without a registered holder were put back"));
@@ -295,7 +296,10 @@ absl::Status Scheduler::Commit(Changes* changes) {
   }));
 
   // Committed: apply to memory.
+  std::set<std::string> touched;
+  for (const auto& [id, job] : changes->jobs) touched.insert(id);
   for (auto& [id, task] : changes->tasks) {
+    touched.insert(task.info.job_id());
     TaskRow& current = tasks_.at(id);
     if (metrics_ != nullptr) {
       if (task.info.restarts() > current.info.restarts()) {
@@ -326,11 +330,12 @@ absl::Status Scheduler::Commit(Changes* changes) {
     metrics_->AddGroupsLost(changes->groups_lost);
     if (jobs_changed) UpdateJobCountsLocked();
   }
+  for (const std::string& id : touched) RefreshSnapshot(&jobs_.at(id));
   // Events, after the state they describe.
   for (EventSpec& spec : changes->events) {
     Job& job = jobs_.at(spec.job_id);
     JobEvent event;
-    *event.mutable_job() = BuildJobInfo(job);
+    *event.mutable_job() = *job.snapshot;
     event.set_task_id(spec.task_id);
     if (spec.has_metrics) *event.mutable_metrics() = spec.metrics;
     event.set_message(spec.message);
@@ -346,6 +351,10 @@ void Scheduler::UpdateJobCountsLocked() {
   std::map<JobState, int> counts;
   for (const auto& [id, job] : jobs_) ++counts[job.row.info.state()];
   metrics_->SetJobCounts(counts);
+}
+
+void Scheduler::RefreshSnapshot(Job* job) {
+  job->snapshot = std::make_shared<const JobInfo>(BuildJobInfo(*job));
 }
 
 JobInfo Scheduler::BuildJobInfo(const Job& job) const {
@@ -495,6 +504,7 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
     if (metrics_ != nullptr) metrics_->AddTaskRestarts(task.row.info, 0);
     tasks_[task.row.info.task_id()] = std::move(task.row);
   }
+  RefreshSnapshot(&job);
   UpdateJobCountsLocked();
   log_.Info(absl::StrCat("job ", job_id, " submitted (", source, "): ", new_tasks.size(),
                          " tasks"));
@@ -502,19 +512,30 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
 }
 
 absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
-  std::shared_lock<std::shared_mutex> lock(mu_);
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
-  return BuildJobInfo(it->second);
+  std::shared_ptr<const JobInfo> snapshot;
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) {
+      return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    }
+    snapshot = it->second.snapshot;
+  }
+  return *snapshot;  // copied outside the lock
 }
 
 std::vector<JobInfo> Scheduler::ListJobs(int limit) const {
-  std::shared_lock<std::shared_mutex> lock(mu_);
-  std::vector<JobInfo> out;
-  for (auto it = job_order_.rbegin(); it != job_order_.rend(); ++it) {
-    if (limit > 0 && static_cast<int>(out.size()) >= limit) break;
-    out.push_back(BuildJobInfo(jobs_.at(it->second)));
+  std::vector<std::shared_ptr<const JobInfo>> snapshots;
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    for (auto it = job_order_.rbegin(); it != job_order_.rend(); ++it) {
+      if (limit > 0 && static_cast<int>(snapshots.size()) >= limit) break;
+      snapshots.push_back(jobs_.at(it->second).snapshot);
+    }
   }
+  std::vector<JobInfo> out;
+  out.reserve(snapshots.size());
+  for (const auto& snapshot : snapshots) out.push_back(*snapshot);
   return out;
 }
 
@@ -522,7 +543,7 @@ absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
   std::unique_lock<std::shared_mutex> lock(mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
-  if (TerminalJob(it->second.row.info.state())) return BuildJobInfo(it->second);
+  if (TerminalJob(it->second.row.info.state())) return *it->second.snapshot;
   Changes changes;
   const int64_t now = UnixMs();
   for (const std::string& id : it->second.task_ids) {
@@ -539,7 +560,7 @@ absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
   changes.events.push_back({job_id, "", false, {}, absl::StrCat("job ", job_id, " CANCELLED")});
   AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Info(absl::StrCat("job ", job_id, " cancelled"));
-  return BuildJobInfo(it->second);
+  return *it->second.snapshot;
 }
 
 absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::string& job_id) {
@@ -584,7 +605,7 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
   const Job& job = it->second;
   JobEvent first;
-  *first.mutable_job() = BuildJobInfo(job);
+  *first.mutable_job() = *job.snapshot;
   first.set_message(absl::StrCat("job ", job_id, " ", JobStateName(job.row.info.state())));
   uint64_t seen = job.next_event;
   lock.unlock();
@@ -601,7 +622,7 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
       if (job.events.empty() || job.events.front().first > seen) {
         // The watcher fell behind the retained events: send the state as it is now.
         JobEvent now;
-        *now.mutable_job() = BuildJobInfo(job);
+        *now.mutable_job() = *job.snapshot;
         now.set_message("(events were dropped for a slow watcher) current state");
         batch.push_back(std::move(now));
       } else {

@@ -100,6 +100,8 @@ class Scheduler {
   struct Job {
     JobRow row;
     std::vector<std::string> task_ids;  // DAG order
+    // The job with its tasks as of the last commit; readers copy it outside the lock.
+    std::shared_ptr<const aviary::v1::JobInfo> snapshot;
     uint64_t next_event = 0;            // sequence number of the next event
     std::deque<std::pair<uint64_t, aviary::v1::JobEvent>> events;  // the latest events
   };
@@ -144,6 +146,7 @@ class Scheduler {
   void DeriveJobState(Changes* changes, const std::string& job_id);
   absl::Status Commit(Changes* changes);
   aviary::v1::JobInfo BuildJobInfo(const Job& job) const;
+  void RefreshSnapshot(Job* job);
   // The task the group holds (LEASED to it), or nullptr.
   const TaskRow* HeldTask(const Group& group) const;
   absl::StatusOr<Group*> FindGroup(const std::string& group_id) const;
