@@ -758,8 +758,9 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   }
   for (size_t i = 0; i < points.size(); ++i) {
     const aviary::v1::Metrics& point = points[i];
-    changes.points.emplace_back(task.info, point);
+    // Gauges keep the latest values only: epoch ends and the last point are enough.
     if (point.epoch_end() || i + 1 == points.size()) {
+      changes.points.emplace_back(task.info, point);
       changes.events.push_back(
           {task.info.job_id(), task.info.task_id(), true, point,
            point.epoch_end()

@@ -1,6 +1,12 @@
 #include "coordinator/store.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cstring>
 
 #include <utility>
 
@@ -166,6 +172,22 @@ absl::Status Store::Exec(const char* sql) {
 
 absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   if (path.empty()) return absl::InvalidArgumentError("database path is empty");
+  const std::string lock_path = path + ".lock";
+  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd < 0) {
+    return absl::InternalError(absl::StrCat("database ", path, ": cannot open lock file ",
+                                            lock_path, ": ", std::strerror(errno)));
+  }
+  if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    ::close(lock_fd);
+    if (error == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "database ", path, " is in use by another coordinator (", lock_path, " is locked)"));
+    }
+    return absl::InternalError(absl::StrCat("database ", path, ": flock ", lock_path, ": ",
+                                            std::strerror(error)));
+  }
   sqlite3* db = nullptr;
   const int rc = sqlite3_open_v2(path.c_str(), &db,
                                  SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
@@ -173,10 +195,11 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   if (rc != SQLITE_OK) {
     std::string detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     sqlite3_close(db);
+    ::close(lock_fd);
     return absl::InternalError(
         absl::StrCat("database ", path, ": cannot open: ", sqlite3_errstr(rc), ": ", detail));
   }
-  std::unique_ptr<Store> store(new Store(path, db));
+  std::unique_ptr<Store> store(new Store(path, db, lock_fd));
   const int busy_rc = sqlite3_busy_timeout(db, kBusyTimeoutMs);
   if (busy_rc != SQLITE_OK) return store->SqlError(busy_rc, "sqlite3_busy_timeout");
   // journal_mode returns a row with the mode in effect; check that WAL was accepted.
@@ -243,6 +266,10 @@ absl::Status Store::Close() {
     return status;
   }
   db_ = nullptr;
+  if (lock_fd_ >= 0) {
+    ::close(lock_fd_);  // releases the flock
+    lock_fd_ = -1;
+  }
   return absl::OkStatus();
 }
 

@@ -10,6 +10,10 @@
 // commits before it replies. The in-memory view lives in the scheduler; the store is read at
 // start (Load*), for lease payloads and for history.
 //
+// One coordinator per database: Open() takes an exclusive flock on "<path>.lock" (released when
+// the store closes or the process dies, `kill -9` included) and refuses a file another process
+// or store holds.
+//
 // Thread-safe: one connection behind a recursive mutex (Transaction holds it across its body).
 #ifndef AVIARY_COORDINATOR_STORE_H_
 #define AVIARY_COORDINATOR_STORE_H_
@@ -118,7 +122,8 @@ class Store {
   absl::StatusOr<std::vector<CheckpointRow>> LoadCheckpoints(const std::string& task_id);
 
  private:
-  Store(std::string path, sqlite3* db) : path_(std::move(path)), db_(db) {}
+  Store(std::string path, sqlite3* db, int lock_fd)
+      : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
   absl::Status Exec(const char* sql);
   absl::Status InitSchema();
   absl::Status SqlError(int rc, const std::string& statement) const;
@@ -128,6 +133,7 @@ class Store {
 
   const std::string path_;
   sqlite3* db_ = nullptr;
+  int lock_fd_ = -1;
   bool in_transaction_ = false;
   std::recursive_mutex mu_;
 };

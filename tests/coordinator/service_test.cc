@@ -501,6 +501,7 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   ASSERT_TRUE(Lease(a).available());
 
   std::vector<JobEvent> events;
+  std::atomic<bool> watching{false};
   grpc::Status watch_status;
   auto watch_context = Ctx();
   std::thread watcher([&] {
@@ -508,9 +509,14 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
     request.set_job_id(job_id);
     auto reader = jobs_->WatchJob(watch_context.get(), request);
     JobEvent event;
-    while (reader->Read(&event)) events.push_back(event);
+    while (reader->Read(&event)) {
+      events.push_back(event);
+      watching = true;
+    }
     watch_status = reader->Finish();
   });
+  // The first event (the job as it is) arrives before anything changes.
+  ASSERT_TRUE(Eventually([&] { return watching.load(); }));
   bool cancel = true;
   ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.4)}, &cancel).ok());
   EXPECT_FALSE(cancel);
@@ -522,8 +528,14 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   EXPECT_EQ(cancel_response.job().state(), JOB_STATE_CANCELLED);
   watcher.join();
   EXPECT_TRUE(watch_status.ok()) << watch_status.error_message();
-  ASSERT_GE(events.size(), 2u);
+  ASSERT_GE(events.size(), 3u);  // the job, the report, the cancel
   EXPECT_EQ(events.front().job().job_id(), job_id);
+  EXPECT_EQ(events.front().job().state(), JOB_STATE_RUNNING);
+  bool saw_progress = false;
+  for (const JobEvent& event : events) {
+    if (event.has_metrics() && event.metrics().val_auc() == 0.4) saw_progress = true;
+  }
+  EXPECT_TRUE(saw_progress);
   EXPECT_EQ(events.back().job().state(), JOB_STATE_CANCELLED);
 
   ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());

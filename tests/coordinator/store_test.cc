@@ -193,6 +193,19 @@ TEST_F(StoreTest, RefusesAForeignDatabase) {
       << store.status();
 }
 
+TEST_F(StoreTest, OneStorePerDatabase) {
+  auto first = Store::Open(path_);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = Store::Open(path_);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(second.status().message().find("in use by another coordinator"), std::string::npos)
+      << second.status();
+  ASSERT_TRUE((*first)->Close().ok());
+  auto third = Store::Open(path_);
+  EXPECT_TRUE(third.ok()) << third.status();
+}
+
 TEST_F(StoreTest, UnopenableFileNamesThePath) {
   auto store = Store::Open(root_ + "/missing/dir/aviary.db");
   ASSERT_FALSE(store.ok());
