@@ -167,7 +167,7 @@ absl::Status Scheduler::Restore() {
   if (!repairs.tasks.empty()) {
     log_.Warn(absl::StrCat("restore: ", repairs.tasks.size(),
                            " leases without a registered holder were put back"));
-    AVIARY_RETURN_IF_ERROR(Commit(&repairs));
+    AVIARY_RETURN_IF_ERROR(Commit(&repairs, nullptr));
   }
 
   if (metrics_ != nullptr) {
@@ -281,7 +281,7 @@ void Scheduler::DeriveJobState(Changes* changes, const std::string& job_id) {
   }
 }
 
-absl::Status Scheduler::Commit(Changes* changes) {
+absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared) {
   AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
     for (const auto& [id, task] : changes->tasks) AVIARY_RETURN_IF_ERROR(store_->UpdateTask(task));
     for (const auto& [id, job] : changes->jobs) AVIARY_RETURN_IF_ERROR(store_->PutJob(job));
@@ -295,7 +295,12 @@ absl::Status Scheduler::Commit(Changes* changes) {
     return absl::OkStatus();
   }));
 
-  // Committed: apply to memory.
+  // Committed: apply to memory, exclusively (readers waited for none of the above).
+  std::unique_lock<std::shared_mutex> exclusive(mu_, std::defer_lock);
+  if (shared != nullptr) {
+    shared->unlock();
+    exclusive.lock();
+  }
   std::set<std::string> touched;
   for (const auto& [id, job] : changes->jobs) touched.insert(id);
   for (auto& [id, task] : changes->tasks) {
@@ -343,6 +348,10 @@ absl::Status Scheduler::Commit(Changes* changes) {
     while (job.events.size() > kMaxEventsPerJob) job.events.pop_front();
   }
   if (!changes->events.empty()) watch_cv_.notify_all();
+  if (shared != nullptr) {
+    exclusive.unlock();
+    shared->lock();  // no other writer ran in between: write_mu_ is held
+  }
   return absl::OkStatus();
 }
 
@@ -452,7 +461,8 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
         common::Annotate(add_stage("finetune", config.folds.selected_folds), "stage finetune"));
   }
 
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   std::string job_id;
   do {
     job_id = NewId('j');
@@ -494,6 +504,8 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
     }
     return absl::OkStatus();
   }));
+  lock.unlock();
+  std::unique_lock<std::shared_mutex> exclusive(mu_);
   ++next_job_seq_;
   Job& job = jobs_[job_id];
   job.row = job_row;
@@ -540,7 +552,8 @@ std::vector<JobInfo> Scheduler::ListJobs(int limit) const {
 }
 
 absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
   if (TerminalJob(it->second.row.info.state())) return *it->second.snapshot;
@@ -558,7 +571,7 @@ absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
   job.info.set_error("cancelled by the user");
   job.info.set_updated_unix_ms(now);
   changes.events.push_back({job_id, "", false, {}, absl::StrCat("job ", job_id, " CANCELLED")});
-  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
   log_.Info(absl::StrCat("job ", job_id, " cancelled"));
   return *it->second.snapshot;
 }
@@ -646,7 +659,8 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
 
 absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
     const aviary::v1::RegisterGroupRequest& request) {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   Changes changes;
   GroupRow row;
   do {
@@ -655,7 +669,7 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
   row.registered_unix_ms = UnixMs();
   row.info = request;
   changes.put_groups[row.group_id] = row;
-  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
   log_.Info(absl::StrCat("group ", row.group_id, " registered: world_size ", request.world_size(),
                          ", backend ", request.backend(), ", hosts ",
                          request.hosts_size() > 0 ? request.hosts(0) : "?",
@@ -678,7 +692,8 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
 absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
   TaskRow leased;
   {
-    std::unique_lock<std::shared_mutex> lock(mu_);
+    std::lock_guard<std::mutex> writer(write_mu_);
+    std::shared_lock<std::shared_mutex> lock(mu_);
     AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
     if (const TaskRow* held = HeldTask(*group)) {
       leased = *held;
@@ -716,7 +731,7 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
                                              " (attempt ", task.info.attempt(), ")")});
       DeriveJobState(&changes, task.info.job_id());
       leased = task;
-      AVIARY_RETURN_IF_ERROR(Commit(&changes));
+      AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
       log_.Info(absl::StrCat("task ", task_id, " leased to group ", group_id, " (attempt ",
                              leased.info.attempt(), ")"));
     }
@@ -739,7 +754,8 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
 }
 
 absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (tasks_.count(request.task_id()) == 0) {
     return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
@@ -775,12 +791,13 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   changes.writes.push_back([this, job_id, task_id, attempt, now, points]() {
     return store_->AddPoints(job_id, task_id, attempt, now, points);
   });
-  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
   return false;
 }
 
 absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request) {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (tasks_.count(request.task_id()) == 0) {
     return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
@@ -802,11 +819,12 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
     return store_->AddCheckpoint(task_id, attempt, request.path(), request.epoch(), request.best(),
                                  now);
   });
-  return Commit(&changes);
+  return Commit(&changes, &lock);
 }
 
 absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& request) {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (tasks_.count(request.task_id()) == 0) {
     return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
@@ -844,14 +862,15 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
                                            request.best_checkpoint(), ")")});
   }
   DeriveJobState(&changes, job_id);
-  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
   log_.Info(absl::StrCat("task ", task_id, " succeeded on group ", request.group_id(),
                          ": best checkpoint ", request.best_checkpoint()));
   return absl::OkStatus();
 }
 
 absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (tasks_.count(request.task_id()) == 0) {
     return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
@@ -873,7 +892,7 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   } else {
     FailTaskAndJob(&changes, request.task_id(), absl::StrCat(why, " (not retryable)"));
   }
-  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
   log_.Warn(absl::StrCat("task ", request.task_id(), " failed on group ", request.group_id(),
                          request.retryable() ? " (retryable): " : ": ", request.error(),
                          "; now ", TaskStateName(tasks_.at(request.task_id()).info.state())));
@@ -884,7 +903,8 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
 // The reaper.
 
 int Scheduler::ReapLostGroups() {
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
   const int64_t now = NowMs();
   const int64_t timeout_ms = static_cast<int64_t>(options_.heartbeat_timeout_s * 1000);
   Changes changes;
@@ -902,7 +922,7 @@ int Scheduler::ReapLostGroups() {
     }
   }
   if (lost.empty()) return 0;
-  absl::Status status = Commit(&changes);
+  absl::Status status = Commit(&changes, &lock);
   if (!status.ok()) {
     log_.Error(absl::StrCat("reaper: cannot remove lost groups: ", status.message()));
     return 0;

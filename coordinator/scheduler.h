@@ -2,8 +2,8 @@
 // heartbeat, the reaper that re-leases the tasks of lost groups, cancel / completion / failure,
 // job-state derivation and job watchers (docs/SERVICE.md, "Jobs and tasks").
 //
-// State lives in memory for fast reads (GetJob / ListJobs / heartbeats take a reader lock and
-// never touch SQLite) and in the Store as the durable log: every mutation is staged on copies,
+// State lives in memory for fast reads (GetJob / ListJobs / heartbeats take a reader lock briefly
+// and never touch SQLite) and in the Store as the durable log: every mutation is staged on copies,
 // written in one SQLite transaction, and only applied to memory once committed, so the memory
 // view never runs ahead of the file. Create() restores the state from the store and restarts
 // every group's heartbeat clock at that moment (groups that keep heartbeating keep their tasks
@@ -133,7 +133,7 @@ class Scheduler {
   absl::Status Restore();
   void ReaperLoop();
 
-  // Staging helpers; all need mu_ held exclusively.
+  // Staging helpers; all need write_mu_ and mu_ (shared or exclusive) held.
   TaskRow& Stage(Changes* changes, const std::string& task_id);
   JobRow& StageJob(Changes* changes, const std::string& job_id);
   const TaskRow& View(const Changes& changes, const std::string& task_id) const;
@@ -144,7 +144,10 @@ class Scheduler {
   void FailTaskAndJob(Changes* changes, const std::string& task_id, const std::string& error);
   // Re-derives the job's state from its (staged) tasks.
   void DeriveJobState(Changes* changes, const std::string& job_id);
-  absl::Status Commit(Changes* changes);
+  // Writes `changes` in one transaction, then applies them to memory and wakes watchers. The
+  // caller holds write_mu_ and `*shared` (a reader lock of mu_), which is upgraded for the apply
+  // step and held again on return; `shared` null: the caller holds mu_ exclusively.
+  absl::Status Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared);
   aviary::v1::JobInfo BuildJobInfo(const Job& job) const;
   void RefreshSnapshot(Job* job);
   // The task the group holds (LEASED to it), or nullptr.
@@ -159,6 +162,10 @@ class Scheduler {
   CoordinatorMetrics* const metrics_;
   common::Logger log_{"scheduler"};
 
+  // Writers (every mutation and the reaper) serialise on write_mu_, stage their changes and write
+  // SQLite under a reader lock of mu_, and take mu_ exclusively only to apply the committed
+  // changes: status readers never wait for an fsync.
+  std::mutex write_mu_;
   mutable std::shared_mutex mu_;
   std::condition_variable_any watch_cv_;  // signalled after every committed change
   std::map<std::string, Job> jobs_;       // never erased: references stay valid
