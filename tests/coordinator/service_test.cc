@@ -342,7 +342,27 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
 
   ASSERT_GT(coordinator_->metrics_port(), 0);
   const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  // docs/SERVICE.md's coordinator table: every name with its type.
+  for (const auto& [name, type] : std::vector<std::pair<std::string, std::string>>{
+           {"aviary_train_loss", "gauge"}, {"aviary_train_accuracy", "gauge"},
+           {"aviary_val_loss", "gauge"}, {"aviary_val_auc", "gauge"},
+           {"aviary_val_roc_auc", "gauge"}, {"aviary_val_cmap", "gauge"},
+           {"aviary_val_accuracy", "gauge"}, {"aviary_learning_rate", "gauge"},
+           {"aviary_task_epoch", "gauge"}, {"aviary_task_running", "gauge"},
+           {"aviary_task_last_progress_timestamp_seconds", "gauge"},
+           {"aviary_task_restarts_total", "counter"}, {"aviary_jobs", "gauge"},
+           {"aviary_worker_groups", "gauge"}, {"aviary_worker_groups_lost_total", "counter"}}) {
+    EXPECT_NE(exposition.find(absl::StrCat("# TYPE ", name, " ", type, "\n")), std::string::npos)
+        << name;
+  }
   double value = 0;
+  ASSERT_TRUE(FindSample(exposition, "aviary_train_loss",
+                         {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"0\""}, &value));
+  EXPECT_DOUBLE_EQ(value, 1.25);
+  ASSERT_TRUE(FindSample(exposition, "aviary_learning_rate",
+                         {"job_id=\"" + job_id + "\"", "stage=\"pretrain\"", "fold=\"0\""}, &value));
+  EXPECT_DOUBLE_EQ(value, 1e-3);
+  EXPECT_NE(exposition.find("\naviary_worker_groups 3\n"), std::string::npos) << exposition;
   ASSERT_TRUE(FindSample(exposition, "aviary_val_auc",
                          {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"0\""}, &value))
       << exposition;
