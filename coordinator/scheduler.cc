@@ -282,6 +282,13 @@ void Scheduler::DeriveJobState(Changes* changes, const std::string& job_id) {
 }
 
 absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared) {
+  // A job's updated_unix_ms follows its tasks.
+  const int64_t now_unix_ms = UnixMs();
+  std::set<std::string> task_jobs;
+  for (const auto& [id, task] : changes->tasks) task_jobs.insert(task.info.job_id());
+  for (const std::string& job_id : task_jobs) {
+    StageJob(changes, job_id).info.set_updated_unix_ms(now_unix_ms);
+  }
   AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
     for (const auto& [id, task] : changes->tasks) AVIARY_RETURN_IF_ERROR(store_->UpdateTask(task));
     for (const auto& [id, job] : changes->jobs) AVIARY_RETURN_IF_ERROR(store_->PutJob(job));
@@ -314,8 +321,12 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
     }
     current = std::move(task);
   }
-  const bool jobs_changed = !changes->jobs.empty();
-  for (auto& [id, job] : changes->jobs) jobs_.at(id).row = std::move(job);
+  bool job_states_changed = false;
+  for (auto& [id, job] : changes->jobs) {
+    JobRow& current = jobs_.at(id).row;
+    if (current.info.state() != job.info.state()) job_states_changed = true;
+    current = std::move(job);
+  }
   for (auto& [id, group] : changes->put_groups) {
     auto it = groups_.find(id);
     if (it == groups_.end()) {
@@ -333,7 +344,7 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
       metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
     }
     metrics_->AddGroupsLost(changes->groups_lost);
-    if (jobs_changed) UpdateJobCountsLocked();
+    if (job_states_changed) UpdateJobCountsLocked();
   }
   for (const std::string& id : touched) RefreshSnapshot(&jobs_.at(id));
   // Events, after the state they describe.

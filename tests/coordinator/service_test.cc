@@ -311,7 +311,10 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
   checkpoint.set_best(true);
   ReportCheckpointResponse checkpoint_response;
   ASSERT_TRUE(workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response).ok());
+  const int64_t submitted_ms = job.updated_unix_ms();
   job = GetJob(job_id);
+  EXPECT_GE(job.updated_unix_ms(), submitted_ms);
+  EXPECT_GE(job.updated_unix_ms(), job.tasks(0).updated_unix_ms());
   EXPECT_EQ(job.tasks(0).steps_per_epoch(), 10);
   EXPECT_DOUBLE_EQ(job.tasks(0).latest().val_auc(), 0.61);
 
@@ -363,6 +366,13 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
                          {"job_id=\"" + job_id + "\"", "stage=\"pretrain\"", "fold=\"0\""}, &value));
   EXPECT_DOUBLE_EQ(value, 1e-3);
   EXPECT_NE(exposition.find("\naviary_worker_groups 3\n"), std::string::npos) << exposition;
+  // Prometheus' own linter, when installed.
+  if (std::system("command -v promtool >/dev/null 2>&1") == 0) {
+    const std::string file = root_ + "/metrics.txt";
+    std::ofstream(file) << exposition;
+    const std::string lint = "promtool check metrics < " + file + " > " + root_ + "/lint.txt 2>&1";
+    EXPECT_EQ(std::system(lint.c_str()), 0) << common::ReadFileToString(root_ + "/lint.txt").value_or("");
+  }
   ASSERT_TRUE(FindSample(exposition, "aviary_val_auc",
                          {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"0\""}, &value))
       << exposition;
