@@ -101,11 +101,9 @@ void Scheduler::Shutdown() {
   }
   reaper_cv_.notify_all();
   if (reaper_.joinable()) reaper_.join();
-  {
-    // Take the lock so that a watcher between its check and its wait sees the flag.
-    std::unique_lock<std::shared_mutex> lock(mu_);
-  }
-  watch_cv_.notify_all();
+  // Under the lock, so that a watcher between its check and its wait sees the flag.
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  for (auto& [id, job] : jobs_) job.watch_cv.notify_all();
 }
 
 int64_t Scheduler::NowMs() const {
@@ -358,7 +356,9 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
     job.events.emplace_back(job.next_event++, std::move(event));
     while (job.events.size() > kMaxEventsPerJob) job.events.pop_front();
   }
-  if (!changes->events.empty()) watch_cv_.notify_all();
+  std::set<std::string> event_jobs;
+  for (const EventSpec& spec : changes->events) event_jobs.insert(spec.job_id);
+  for (const std::string& id : event_jobs) jobs_.at(id).watch_cv.notify_all();
   if (shared != nullptr) {
     exclusive.unlock();
     shared->lock();  // no other writer ran in between: write_mu_ is held
@@ -639,7 +639,7 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
   while (true) {
     batch.clear();
     lock.lock();
-    watch_cv_.wait_for(lock, std::chrono::milliseconds(500),
+    job.watch_cv.wait_for(lock, std::chrono::milliseconds(500),
                        [&] { return shutdown_.load() || job.next_event > seen; });
     if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
     if (job.next_event > seen) {

@@ -104,6 +104,9 @@ class Scheduler {
     std::shared_ptr<const aviary::v1::JobInfo> snapshot;
     uint64_t next_event = 0;            // sequence number of the next event
     std::deque<std::pair<uint64_t, aviary::v1::JobEvent>> events;  // the latest events
+    // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
+    // never move (std::map, never erased), so watchers may wait on it.
+    mutable std::condition_variable_any watch_cv;
   };
   struct Group {
     GroupRow row;
@@ -167,7 +170,6 @@ class Scheduler {
   // changes: status readers never wait for an fsync.
   std::mutex write_mu_;
   mutable std::shared_mutex mu_;
-  std::condition_variable_any watch_cv_;  // signalled after every committed change
   std::map<std::string, Job> jobs_;       // never erased: references stay valid
   std::map<int64_t, std::string> job_order_;  // seq -> job id
   std::unordered_map<std::string, TaskRow> tasks_;
