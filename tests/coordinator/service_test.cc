@@ -775,6 +775,54 @@ TEST_F(CoordinatorServiceTest, RestartKeepsJobsLeasesAndHeartbeatingGroups) {
   EXPECT_EQ(lease.task().init_checkpoint(), "/x/best.pt");
 }
 
+TEST_F(CoordinatorServiceTest, WatchEndsAfterSuccessAndAtShutdown) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string other_id = Submit();
+  // Two watchers: one of the job that will succeed, one of a job that never finishes.
+  struct Watch {
+    std::unique_ptr<grpc::ClientContext> context;
+    std::vector<JobEvent> events;
+    std::atomic<bool> started{false};
+    grpc::Status status;
+    std::thread thread;
+  };
+  Watch done, pending;
+  for (auto [watch, id] : {std::make_pair(&done, job_id), std::make_pair(&pending, other_id)}) {
+    watch->context = Ctx();
+    watch->thread = std::thread([this, watch, id] {
+      WatchJobRequest request;
+      request.set_job_id(id);
+      auto reader = jobs_->WatchJob(watch->context.get(), request);
+      JobEvent event;
+      while (reader->Read(&event)) {
+        watch->events.push_back(event);
+        watch->started = true;
+      }
+      watch->status = reader->Finish();
+    });
+  }
+  ASSERT_TRUE(Eventually([&] { return done.started && pending.started; }));
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), job_id + "/pretrain-f0");
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, lease.task().task_id(), {EpochEnd(0, 0.9)}, &cancel).ok());
+  ASSERT_TRUE(Complete(a, lease.task().task_id(), "/x/best.pt").ok());
+  done.thread.join();
+  EXPECT_TRUE(done.status.ok()) << done.status.error_message();
+  ASSERT_GE(done.events.size(), 4u);  // as it was, leased, the epoch, succeeded
+  EXPECT_EQ(done.events.back().job().state(), JOB_STATE_SUCCEEDED);
+  for (size_t i = 0; i + 1 < done.events.size(); ++i) {
+    EXPECT_NE(done.events[i].job().state(), JOB_STATE_SUCCEEDED) << i;
+  }
+  // The other job's watcher only heard about its own job, and ends when the coordinator stops.
+  for (const JobEvent& event : pending.events) EXPECT_EQ(event.job().job_id(), other_id);
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  pending.thread.join();
+  EXPECT_EQ(pending.status.error_code(), grpc::StatusCode::UNAVAILABLE) << pending.status.error_message();
+}
+
 // 200 status pollers, 50 heartbeating groups and a few watchers at once: every call succeeds
 // (the server's thread quota and pollers are sized for this).
 TEST_F(CoordinatorServiceTest, ManyPollersAndGroupsAtOnce) {
