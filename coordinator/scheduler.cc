@@ -151,6 +151,21 @@ absl::Status Scheduler::Restore() {
     groups_[group->row.group_id] = std::move(group);
   }
 
+  if (metrics_ != nullptr) {
+    for (const auto& [id, task] : tasks_) {
+      const TaskInfo& info = task.info;
+      metrics_->SetTaskRunning(info, info.state() == aviary::v1::TASK_STATE_LEASED);
+      metrics_->AddTaskRestarts(info, info.restarts());
+      auto end = epoch_ends.find(id);
+      if (end != epoch_ends.end()) metrics_->ObservePoint(info, end->second, info.updated_unix_ms());
+      if (info.has_latest() && !info.latest().epoch_end()) {
+        metrics_->ObservePoint(info, info.latest(), info.updated_unix_ms());
+      }
+    }
+    metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
+    metrics_->AddGroupsLost(groups_lost_total_);
+    UpdateJobCountsLocked();
+  }
   // A lease whose holder is not registered cannot come from one transaction; repair it anyway.
   Changes repairs;
   for (auto& [id, task] : tasks_) {
@@ -168,21 +183,6 @@ absl::Status Scheduler::Restore() {
     AVIARY_RETURN_IF_ERROR(Commit(&repairs, nullptr));
   }
 
-  if (metrics_ != nullptr) {
-    for (const auto& [id, task] : tasks_) {
-      const TaskInfo& info = task.info;
-      metrics_->SetTaskRunning(info, info.state() == aviary::v1::TASK_STATE_LEASED);
-      metrics_->AddTaskRestarts(info, info.restarts());
-      auto end = epoch_ends.find(id);
-      if (end != epoch_ends.end()) metrics_->ObservePoint(info, end->second, info.updated_unix_ms());
-      if (info.has_latest() && !info.latest().epoch_end()) {
-        metrics_->ObservePoint(info, info.latest(), info.updated_unix_ms());
-      }
-    }
-    metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
-    metrics_->AddGroupsLost(groups_lost_total_);
-    UpdateJobCountsLocked();
-  }
   log_.Info(absl::StrCat("restored ", jobs_.size(), " jobs, ", tasks_.size(), " tasks, ",
                          groups_.size(), " groups from ", store_->path()));
   return absl::OkStatus();
