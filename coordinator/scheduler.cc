@@ -456,8 +456,8 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
       NewTask task;
       task.row.info.set_stage(stage);
       task.row.info.set_fold(fold);
-      task.row.info.set_epochs(config.debug ? std::min(2, stage_config.train.epochs)
-                                            : stage_config.train.epochs);
+      // As the trainer plans it (worker/trainer.cc): debug runs 2 epochs.
+      task.row.info.set_epochs(config.debug ? 2 : stage_config.train.epochs);
       task.payload.manifest_csv = common::ManifestToCsv(manifest);
       task.payload.pipeline_yaml = pipeline_yaml;
       new_tasks.push_back(std::move(task));
