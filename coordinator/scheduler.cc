@@ -25,7 +25,7 @@ using aviary::v1::TaskState;
 
 namespace {
 
-constexpr size_t kMaxEventsPerJob = 512;
+constexpr size_t kMaxEventsPerJob = 128;
 
 bool TerminalTask(TaskState state) {
   return state == aviary::v1::TASK_STATE_SUCCEEDED || state == aviary::v1::TASK_STATE_FAILED ||
@@ -354,11 +354,17 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
     if (spec.has_metrics) *event.mutable_metrics() = spec.metrics;
     event.set_message(spec.message);
     job.events.emplace_back(job.next_event++, std::move(event));
-    while (job.events.size() > kMaxEventsPerJob) job.events.pop_front();
   }
-  std::set<std::string> event_jobs;
-  for (const EventSpec& spec : changes->events) event_jobs.insert(spec.job_id);
-  for (const std::string& id : event_jobs) jobs_.at(id).watch_cv.notify_all();
+  std::map<std::string, size_t> event_jobs;  // job id -> events added now
+  for (const EventSpec& spec : changes->events) ++event_jobs[spec.job_id];
+  for (const auto& [id, added] : event_jobs) {
+    Job& job = jobs_.at(id);
+    // Bounded memory: a finished job keeps only the events of its final change (a watcher that
+    // lags further gets the final state), a running one the latest kMaxEventsPerJob.
+    const size_t keep = TerminalJob(job.row.info.state()) ? added : kMaxEventsPerJob;
+    while (job.events.size() > keep) job.events.pop_front();
+    job.watch_cv.notify_all();
+  }
   if (shared != nullptr) {
     exclusive.unlock();
     shared->lock();  // no other writer ran in between: write_mu_ is held
