@@ -1,0 +1,342 @@
+#include "coordinator/coordinator_config.h"
+
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "common/config.h"
+#include "common/csv.h"
+#include "common/status.h"
+#include "yaml-cpp/yaml.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Where a value came from: "file:line" or the override's label; plus the folder relative paths
+// resolve against.
+struct Origin {
+  std::string where;
+  std::string base_dir;
+};
+
+absl::Status KeyError(const Origin& origin, const std::string& key, absl::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(origin.where, ": key '", key, "': ", message));
+}
+
+std::string Describe(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Scalar: return absl::StrCat("'", node.Scalar(), "'");
+    case YAML::NodeType::Null: return "an empty value";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Map: return "a map";
+    case YAML::NodeType::Undefined: break;
+  }
+  return "nothing";
+}
+
+using Reader =
+    std::function<absl::Status(const YAML::Node&, const Origin&, const std::string&, CoordinatorConfig*)>;
+
+Reader String(std::string CoordinatorConfig::*member, bool is_path) {
+  return [member, is_path](const YAML::Node& node, const Origin& origin, const std::string& key,
+                           CoordinatorConfig* out) -> absl::Status {
+    if (node.IsNull()) {
+      out->*member = "";
+      return absl::OkStatus();
+    }
+    if (!node.IsScalar()) return KeyError(origin, key, absl::StrCat("expected a string, got ", Describe(node)));
+    std::string value = node.Scalar();
+    if (is_path && !value.empty() && fs::path(value).is_relative() && !origin.base_dir.empty()) {
+      value = (fs::path(origin.base_dir) / value).lexically_normal().string();
+    }
+    out->*member = value;
+    return absl::OkStatus();
+  };
+}
+
+Reader Bool(bool CoordinatorConfig::*member) {
+  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
+                  CoordinatorConfig* out) -> absl::Status {
+    const std::string text = node.IsScalar() ? absl::AsciiStrToLower(node.Scalar()) : "";
+    if (text == "true" || text == "yes" || text == "on") {
+      out->*member = true;
+    } else if (text == "false" || text == "no" || text == "off") {
+      out->*member = false;
+    } else {
+      return KeyError(origin, key, absl::StrCat("expected true or false, got ", Describe(node)));
+    }
+    return absl::OkStatus();
+  };
+}
+
+Reader Double(double CoordinatorConfig::*member) {
+  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
+                  CoordinatorConfig* out) -> absl::Status {
+    double value = 0;
+    if (!node.IsScalar() || !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
+      return KeyError(origin, key, absl::StrCat("expected a number of seconds, got ", Describe(node)));
+    }
+    out->*member = value;
+    return absl::OkStatus();
+  };
+}
+
+Reader Int(int CoordinatorConfig::*member) {
+  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
+                  CoordinatorConfig* out) -> absl::Status {
+    int value = 0;
+    if (!node.IsScalar() || !absl::SimpleAtoi(node.Scalar(), &value)) {
+      return KeyError(origin, key, absl::StrCat("expected an integer, got ", Describe(node)));
+    }
+    out->*member = value;
+    return absl::OkStatus();
+  };
+}
+
+struct Field {
+  std::string name;
+  Reader read;
+};
+
+const std::vector<Field>& Fields() {
+  static const std::vector<Field> kFields{
+      {"listen", String(&CoordinatorConfig::listen, false)},
+      {"port_file", String(&CoordinatorConfig::port_file, true)},
+      {"metrics_listen", String(&CoordinatorConfig::metrics_listen, false)},
+      {"metrics_port_file", String(&CoordinatorConfig::metrics_port_file, true)},
+      {"database", String(&CoordinatorConfig::database, true)},
+      {"work_dir", String(&CoordinatorConfig::work_dir, true)},
+      {"token_file", String(&CoordinatorConfig::token_file, true)},
+      {"allow_no_auth", Bool(&CoordinatorConfig::allow_no_auth)},
+      {"tls_cert_file", String(&CoordinatorConfig::tls_cert_file, true)},
+      {"tls_key_file", String(&CoordinatorConfig::tls_key_file, true)},
+      {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s)},
+      {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s)},
+      {"max_restarts", Int(&CoordinatorConfig::max_restarts)},
+      {"log_level", String(&CoordinatorConfig::log_level, false)},
+  };
+  return kFields;
+}
+
+const Field* FindField(const std::string& name) {
+  for (const Field& field : Fields()) {
+    if (field.name == name) return &field;
+  }
+  return nullptr;
+}
+
+absl::Status UnknownKey(const std::string& where, const std::string& key) {
+  std::string hint;
+  const std::string suggestion = common::DidYouMean(key, CoordinatorConfigKeys());
+  if (!suggestion.empty()) {
+    hint = absl::StrCat(" (did you mean '", suggestion, "'?)");
+  } else {
+    hint = absl::StrCat(" (expected one of ", absl::StrJoin(CoordinatorConfigKeys(), ", "), ")");
+  }
+  return absl::InvalidArgumentError(absl::StrCat(where, ": unknown key '", key, "'", hint));
+}
+
+// Checks that `address` is HOST:PORT with a port in 0..65535.
+absl::Status CheckAddress(const std::string& key, const std::string& address, bool may_be_empty) {
+  if (address.empty()) {
+    if (may_be_empty) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("key '", key, "': the address is empty"));
+  }
+  const size_t colon = address.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(absl::string_view(address).substr(colon + 1), &port) || port < 0 ||
+      port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("key '", key, "': '", address,
+                                                   "' is not HOST:PORT with a port in 0..65535"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const std::vector<std::string>& CoordinatorConfigKeys() {
+  static const std::vector<std::string> kKeys = [] {
+    std::vector<std::string> keys;
+    for (const Field& field : Fields()) keys.push_back(field.name);
+    return keys;
+  }();
+  return kKeys;
+}
+
+const std::vector<std::pair<std::string, std::string>>& CoordinatorFlagKeys() {
+  static const std::vector<std::pair<std::string, std::string>> kFlags{
+      {"listen", "listen"},
+      {"port-file", "port_file"},
+      {"metrics-listen", "metrics_listen"},
+      {"metrics-port-file", "metrics_port_file"},
+      {"database", "database"},
+      {"work-dir", "work_dir"},
+      {"token-file", "token_file"},
+      {"heartbeat-timeout-s", "heartbeat_timeout_s"},
+      {"max-restarts", "max_restarts"},
+      {"log-level", "log_level"},
+  };
+  return kFlags;
+}
+
+absl::StatusOr<ConfigOverride> ParseSetOverride(const std::string& text) {
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--set ", text, ": expected key=value (e.g. --set listen=0.0.0.0:7070)"));
+  }
+  return ConfigOverride{text.substr(0, eq), text.substr(eq + 1), absl::StrCat("--set ", text)};
+}
+
+absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml_text,
+                                                         const std::string& source_name,
+                                                         const std::string& base_dir,
+                                                         const std::vector<ConfigOverride>& overrides) {
+  CoordinatorConfig config;
+  config.source_path = source_name;
+  std::map<std::string, std::string> set_at;  // key -> where its value came from
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source_name, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg));
+  }
+  if (root.IsDefined() && !root.IsNull()) {
+    if (!root.IsMap()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source_name, ": expected a map of keys at the top, got ", Describe(root)));
+    }
+    std::map<std::string, std::string> seen;
+    for (auto it = root.begin(); it != root.end(); ++it) {
+      const YAML::Node key_node = it->first;
+      const std::string where = absl::StrCat(source_name, ":", key_node.Mark().line + 1);
+      if (!key_node.IsScalar()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": expected a key name, got ", Describe(key_node)));
+      }
+      const std::string& name = key_node.Scalar();
+      const Field* field = FindField(name);
+      if (field == nullptr) return UnknownKey(where, name);
+      auto [previous, inserted] = seen.emplace(name, where);
+      if (!inserted) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": duplicate key '", name,
+                                                       "' (first set at ", previous->second, ")"));
+      }
+      const YAML::Node value = it->second;
+      const Origin origin{absl::StrCat(source_name, ":", value.Mark().line + 1), base_dir};
+      AVIARY_RETURN_IF_ERROR(field->read(value, origin, name, &config));
+      set_at[name] = origin.where;
+    }
+  }
+  const std::string cwd = fs::current_path().string();
+  for (const ConfigOverride& override_value : overrides) {
+    const Field* field = FindField(override_value.key);
+    if (field == nullptr) return UnknownKey(override_value.label, override_value.key);
+    YAML::Node value;
+    try {
+      value = override_value.value.empty() ? YAML::Node(YAML::NodeType::Null)
+                                           : YAML::Load(override_value.value);
+    } catch (const YAML::Exception& e) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(override_value.label, ": key '", override_value.key,
+                       "': the value does not parse as YAML: ", e.msg));
+    }
+    // Strings keep the text as typed (YAML would read "0.0.0.0:7070" fine, but "on" as bool).
+    if (value.IsScalar() || value.IsNull()) {
+      if (!override_value.value.empty()) value = YAML::Node(override_value.value);
+    }
+    const Origin origin{override_value.label, cwd};
+    AVIARY_RETURN_IF_ERROR(field->read(value, origin, override_value.key, &config));
+    set_at[override_value.key] = origin.where;
+  }
+  absl::Status valid = ValidateCoordinatorConfig(config);
+  if (!valid.ok()) {
+    // Point at the file line or flag that set the key the message starts with.
+    absl::string_view message = valid.message();
+    std::string where = source_name;
+    if (absl::ConsumePrefix(&message, "key '")) {
+      const std::string key(message.substr(0, message.find('\'')));
+      auto it = set_at.find(key);
+      if (it != set_at.end()) where = it->second;
+    }
+    return where.empty() ? valid : common::Annotate(valid, where);
+  }
+  return config;
+}
+
+absl::StatusOr<CoordinatorConfig> LoadCoordinatorConfig(const std::string& path,
+                                                        const std::vector<ConfigOverride>& overrides) {
+  if (path.empty()) {
+    return ParseCoordinatorConfig("", "", fs::current_path().string(), overrides);
+  }
+  AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
+  std::error_code ec;
+  fs::path absolute = fs::absolute(path, ec);
+  const std::string base = ec ? fs::path(path).parent_path().string()
+                              : absolute.parent_path().string();
+  return ParseCoordinatorConfig(text, path, base, overrides);
+}
+
+absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
+  AVIARY_RETURN_IF_ERROR(CheckAddress("listen", config.listen, false));
+  AVIARY_RETURN_IF_ERROR(CheckAddress("metrics_listen", config.metrics_listen, true));
+  if (config.database.empty()) return absl::InvalidArgumentError("key 'database': the path is empty");
+  if (config.work_dir.empty()) return absl::InvalidArgumentError("key 'work_dir': the path is empty");
+  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key '", config.tls_cert_file.empty() ? "tls_cert_file" : "tls_key_file",
+        "': TLS needs both tls_cert_file and tls_key_file"));
+  }
+  if (config.token_file.empty() && !config.allow_no_auth) {
+    return absl::InvalidArgumentError(
+        "key 'token_file': no token file; set token_file (bearer token) or allow_no_auth: true "
+        "to serve without authentication");
+  }
+  if (!(config.heartbeat_interval_s > 0) || config.heartbeat_interval_s > 3600) {
+    return absl::InvalidArgumentError(absl::StrCat("key 'heartbeat_interval_s': ",
+                                                   config.heartbeat_interval_s,
+                                                   ": expected a value in (0, 3600]"));
+  }
+  if (!(config.heartbeat_timeout_s > config.heartbeat_interval_s) ||
+      config.heartbeat_timeout_s > 86400) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s,
+        ": expected more than heartbeat_interval_s (", config.heartbeat_interval_s,
+        ") and at most 86400"));
+  }
+  if (config.max_restarts < 0 || config.max_restarts > 1000) {
+    return absl::InvalidArgumentError(absl::StrCat("key 'max_restarts': ", config.max_restarts,
+                                                   ": expected 0..1000"));
+  }
+  common::LogLevel level;
+  if (!common::ParseLogLevel(config.log_level, &level).ok() ||
+      level == common::LogLevel::kOff) {
+    return absl::InvalidArgumentError(absl::StrCat("key 'log_level': '", config.log_level,
+                                                   "': expected debug, info, warning or error"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
+  const size_t newline = text.find('\n');
+  std::string token(absl::StripAsciiWhitespace(text.substr(0, newline)));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("token file ", path, ": the first line is empty (an empty token is refused)"));
+  }
+  return token;
+}
+
+}  // namespace aviary::coordinator

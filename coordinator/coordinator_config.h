@@ -1,0 +1,77 @@
+// The coordinator's configuration (configs/coordinator.yaml) and its command-line flags.
+//
+// Keys, defaults and meanings are docs/SERVICE.md's table. Loading reads the YAML file, applies
+// `--set key=value` overrides and then the dedicated flags (`--listen`, ...), converts and
+// validates. Every error is INVALID_ARGUMENT (NOT_FOUND for a missing file) naming the file and
+// line, or the flag / override, and the key. Relative paths set in the file resolve against the
+// file's folder; relative paths given by flags or `--set` resolve against the working directory.
+//
+// Plain value; no synchronisation.
+#ifndef AVIARY_COORDINATOR_COORDINATOR_CONFIG_H_
+#define AVIARY_COORDINATOR_COORDINATOR_CONFIG_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/logging.h"
+
+namespace aviary::coordinator {
+
+struct CoordinatorConfig {
+  std::string listen = "0.0.0.0:7070";
+  std::string port_file;
+  std::string metrics_listen = "0.0.0.0:9470";  // "" disables /metrics
+  std::string metrics_port_file;
+  std::string database = "aviary.db";
+  std::string work_dir = "runs";
+  std::string token_file;
+  bool allow_no_auth = false;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  double heartbeat_interval_s = 2.0;  // > 0
+  double heartbeat_timeout_s = 20.0;  // > heartbeat_interval_s
+  int max_restarts = 3;               // >= 0
+  std::string log_level = "info";     // debug, info, warning, error
+
+  std::string source_path;  // the file it was loaded from ("" = defaults only)
+};
+
+// One override from the command line: `--set key=value` or a dedicated flag.
+struct ConfigOverride {
+  std::string key;
+  std::string value;
+  std::string label;  // how it reads in messages: "--set listen=x" or "--listen x"
+};
+
+// Loads `path` ("" = no file, defaults) and applies `overrides` in order. Relative paths are
+// made absolute (see the file comment).
+absl::StatusOr<CoordinatorConfig> LoadCoordinatorConfig(const std::string& path,
+                                                        const std::vector<ConfigOverride>& overrides);
+
+// The same from YAML text; `source_name` names it in messages and `base_dir` is the folder
+// relative paths in the text resolve against.
+absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml_text,
+                                                         const std::string& source_name,
+                                                         const std::string& base_dir,
+                                                         const std::vector<ConfigOverride>& overrides);
+
+// Parses "key=value" (as given to --set) into an override; INVALID_ARGUMENT without '='.
+absl::StatusOr<ConfigOverride> ParseSetOverride(const std::string& text);
+
+// The dedicated flags and the keys they set ("listen" -> "listen", "port-file" -> "port_file").
+const std::vector<std::pair<std::string, std::string>>& CoordinatorFlagKeys();
+
+// The key names, in file order.
+const std::vector<std::string>& CoordinatorConfigKeys();
+
+// Cross-field checks; errors name the key.
+absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config);
+
+// Reads the bearer token: the first line of `path`, surrounding whitespace removed.
+// INVALID_ARGUMENT naming the file when it is empty; NOT_FOUND when missing.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_COORDINATOR_CONFIG_H_

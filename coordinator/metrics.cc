@@ -1,0 +1,151 @@
+#include "coordinator/metrics.h"
+
+#include <cmath>
+#include <exception>
+#include <sstream>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
+#include "prometheus/text_serializer.h"
+
+namespace aviary::coordinator {
+namespace {
+
+prometheus::Labels TaskLabels(const aviary::v1::TaskInfo& task) {
+  return {{"job_id", task.job_id()}, {"stage", task.stage()}, {"fold", absl::StrCat(task.fold())}};
+}
+
+void SetIfFinite(prometheus::Family<prometheus::Gauge>* family, const prometheus::Labels& labels,
+                 double value) {
+  if (std::isfinite(value)) family->Add(labels).Set(value);
+}
+
+const char* JobStateLabel(aviary::v1::JobState state) {
+  switch (state) {
+    case aviary::v1::JOB_STATE_PENDING: return "pending";
+    case aviary::v1::JOB_STATE_RUNNING: return "running";
+    case aviary::v1::JOB_STATE_SUCCEEDED: return "succeeded";
+    case aviary::v1::JOB_STATE_FAILED: return "failed";
+    case aviary::v1::JOB_STATE_CANCELLED: return "cancelled";
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+CoordinatorMetrics::CoordinatorMetrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  auto gauge = [this](const char* name, const char* help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
+  };
+  train_loss_ = gauge("aviary_train_loss", "Latest training loss of the task (steps and epoch ends)");
+  train_accuracy_ = gauge("aviary_train_accuracy", "Latest epoch's training accuracy");
+  val_loss_ = gauge("aviary_val_loss", "Latest epoch's validation loss");
+  val_auc_ = gauge("aviary_val_auc", "Latest epoch's val_auc (micro PR-AUC, the monitor)");
+  val_roc_auc_ = gauge("aviary_val_roc_auc", "Latest epoch's BirdCLEF macro ROC-AUC");
+  val_cmap_ = gauge("aviary_val_cmap", "Latest epoch's padded cmAP");
+  val_accuracy_ = gauge("aviary_val_accuracy", "Latest epoch's validation accuracy");
+  learning_rate_ = gauge("aviary_learning_rate", "Latest learning rate of the task");
+  task_epoch_ = gauge("aviary_task_epoch", "Epochs finished by the task");
+  task_running_ = gauge("aviary_task_running", "1 while the task is leased, else 0");
+  task_last_progress_ = gauge("aviary_task_last_progress_timestamp_seconds",
+                              "Unix time of the task's last progress report");
+  task_restarts_ = &prometheus::BuildCounter()
+                        .Name("aviary_task_restarts_total")
+                        .Help("Re-leases of the task after lost groups or retryable failures")
+                        .Register(*registry_);
+  jobs_ = gauge("aviary_jobs", "Jobs per state");
+  worker_groups_ = &prometheus::BuildGauge()
+                        .Name("aviary_worker_groups")
+                        .Help("Registered live worker groups")
+                        .Register(*registry_)
+                        .Add({});
+  worker_groups_lost_ = &prometheus::BuildCounter()
+                             .Name("aviary_worker_groups_lost_total")
+                             .Help("Worker groups removed for missing heartbeats")
+                             .Register(*registry_)
+                             .Add({});
+  for (aviary::v1::JobState state :
+       {aviary::v1::JOB_STATE_PENDING, aviary::v1::JOB_STATE_RUNNING, aviary::v1::JOB_STATE_SUCCEEDED,
+        aviary::v1::JOB_STATE_FAILED, aviary::v1::JOB_STATE_CANCELLED}) {
+    jobs_->Add({{"state", JobStateLabel(state)}}).Set(0);
+  }
+}
+
+CoordinatorMetrics::~CoordinatorMetrics() = default;
+
+absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
+    const std::string& listen_address) {
+  std::unique_ptr<CoordinatorMetrics> metrics(new CoordinatorMetrics());
+  if (listen_address.empty()) return metrics;
+  try {
+    metrics->exposer_ = std::make_unique<prometheus::Exposer>(listen_address, 2);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("metrics_listen ", listen_address, ": cannot serve /metrics: ", e.what()));
+  }
+  metrics->exposer_->RegisterCollectable(metrics->registry_);
+  const std::vector<int> ports = metrics->exposer_->GetListeningPorts();
+  if (ports.empty()) {
+    return absl::UnavailableError(
+        absl::StrCat("metrics_listen ", listen_address, ": the exposer reports no listening port"));
+  }
+  metrics->port_ = ports.front();
+  return metrics;
+}
+
+std::string CoordinatorMetrics::Serialize() const {
+  prometheus::TextSerializer serializer;
+  return serializer.Serialize(registry_->Collect());
+}
+
+void CoordinatorMetrics::ObservePoint(const aviary::v1::TaskInfo& task,
+                                      const aviary::v1::Metrics& point, int64_t time_unix_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const prometheus::Labels labels = TaskLabels(task);
+  SetIfFinite(train_loss_, labels, point.train_loss());
+  SetIfFinite(learning_rate_, labels, point.lr());
+  task_last_progress_->Add(labels).Set(static_cast<double>(time_unix_ms) / 1000.0);
+  if (!point.epoch_end()) return;
+  SetIfFinite(train_accuracy_, labels, point.train_acc());
+  SetIfFinite(val_loss_, labels, point.val_loss());
+  SetIfFinite(val_auc_, labels, point.val_auc());
+  SetIfFinite(val_roc_auc_, labels, point.val_roc_auc());
+  SetIfFinite(val_cmap_, labels, point.val_cmap());
+  SetIfFinite(val_accuracy_, labels, point.val_acc());
+  // Epochs are numbered from 0 in history.csv: epoch e's end means e + 1 epochs finished.
+  task_epoch_->Add(labels).Set(point.epoch() + 1);
+}
+
+void CoordinatorMetrics::SetTaskRunning(const aviary::v1::TaskInfo& task, bool running) {
+  std::lock_guard<std::mutex> lock(mu_);
+  task_running_->Add(TaskLabels(task)).Set(running ? 1 : 0);
+}
+
+void CoordinatorMetrics::AddTaskRestarts(const aviary::v1::TaskInfo& task, int restarts) {
+  std::lock_guard<std::mutex> lock(mu_);
+  prometheus::Counter& counter = task_restarts_->Add(TaskLabels(task));
+  if (restarts > 0) counter.Increment(restarts);
+}
+
+void CoordinatorMetrics::SetJobCounts(const std::map<aviary::v1::JobState, int>& counts) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (aviary::v1::JobState state :
+       {aviary::v1::JOB_STATE_PENDING, aviary::v1::JOB_STATE_RUNNING, aviary::v1::JOB_STATE_SUCCEEDED,
+        aviary::v1::JOB_STATE_FAILED, aviary::v1::JOB_STATE_CANCELLED}) {
+    auto it = counts.find(state);
+    jobs_->Add({{"state", JobStateLabel(state)}}).Set(it == counts.end() ? 0 : it->second);
+  }
+}
+
+void CoordinatorMetrics::SetWorkerGroups(int groups) { worker_groups_->Set(groups); }
+
+void CoordinatorMetrics::AddGroupsLost(int64_t lost) {
+  if (lost > 0) worker_groups_lost_->Increment(static_cast<double>(lost));
+}
+
+}  // namespace aviary::coordinator

@@ -1,0 +1,76 @@
+// The coordinator's Prometheus metrics (docs/SERVICE.md, "Metrics", the coordinator's table):
+// one owner of a prometheus::Registry and, when an address is given, the Exposer serving
+// `/metrics` on it.
+//
+// Thread-safe: prometheus-cpp metrics are atomic; the label maps are guarded by a mutex.
+#ifndef AVIARY_COORDINATOR_METRICS_H_
+#define AVIARY_COORDINATOR_METRICS_H_
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "proto/aviary.pb.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+class Gauge;
+class Counter;
+template <typename T>
+class Family;
+}  // namespace prometheus
+
+namespace aviary::coordinator {
+
+class CoordinatorMetrics {
+ public:
+  // Without `listen_address` ("") the registry exists but nothing serves it.
+  static absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> Create(const std::string& listen_address);
+  ~CoordinatorMetrics();
+
+  // The bound port of /metrics, 0 when not serving.
+  int port() const { return port_; }
+  // The text exposition of the registry (what /metrics answers).
+  std::string Serialize() const;
+
+  // A reported point of a task: train loss and lr always, epoch-end metrics when it is one.
+  void ObservePoint(const aviary::v1::TaskInfo& task, const aviary::v1::Metrics& point,
+                    int64_t time_unix_ms);
+  void SetTaskRunning(const aviary::v1::TaskInfo& task, bool running);
+  void AddTaskRestarts(const aviary::v1::TaskInfo& task, int restarts);
+  // Sets aviary_jobs{state} for every state.
+  void SetJobCounts(const std::map<aviary::v1::JobState, int>& counts);
+  void SetWorkerGroups(int groups);
+  void AddGroupsLost(int64_t lost);
+
+ private:
+  CoordinatorMetrics();
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+
+  prometheus::Family<prometheus::Gauge>* train_loss_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* train_accuracy_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_loss_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_auc_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_roc_auc_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_cmap_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_accuracy_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* learning_rate_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* task_epoch_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* task_running_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* task_last_progress_ = nullptr;
+  prometheus::Family<prometheus::Counter>* task_restarts_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* jobs_ = nullptr;
+  prometheus::Gauge* worker_groups_ = nullptr;
+  prometheus::Counter* worker_groups_lost_ = nullptr;
+  std::mutex mu_;
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_METRICS_H_

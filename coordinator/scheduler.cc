@@ -1,0 +1,967 @@
+#include "coordinator/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/catalog.h"
+#include "common/config.h"
+#include "common/manifest.h"
+#include "common/status.h"
+
+namespace aviary::coordinator {
+
+namespace fs = std::filesystem;
+using aviary::v1::JobEvent;
+using aviary::v1::JobInfo;
+using aviary::v1::JobState;
+using aviary::v1::TaskInfo;
+using aviary::v1::TaskState;
+
+namespace {
+
+constexpr size_t kMaxEventsPerJob = 128;
+
+bool TerminalTask(TaskState state) {
+  return state == aviary::v1::TASK_STATE_SUCCEEDED || state == aviary::v1::TASK_STATE_FAILED ||
+         state == aviary::v1::TASK_STATE_CANCELLED;
+}
+
+bool TerminalJob(JobState state) {
+  return state == aviary::v1::JOB_STATE_SUCCEEDED || state == aviary::v1::JOB_STATE_FAILED ||
+         state == aviary::v1::JOB_STATE_CANCELLED;
+}
+
+int64_t UnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string TaskStateName(TaskState state) {
+  std::string name = aviary::v1::TaskState_Name(state);
+  return name.rfind("TASK_STATE_", 0) == 0 ? name.substr(11) : name;
+}
+
+std::string JobStateName(JobState state) {
+  std::string name = aviary::v1::JobState_Name(state);
+  return name.rfind("JOB_STATE_", 0) == 0 ? name.substr(10) : name;
+}
+
+// Makes `path` absolute against `base` when relative (and non-empty).
+void Resolve(const std::string& base, std::string* path) {
+  if (path->empty() || fs::path(*path).is_absolute()) return;
+  *path = (fs::path(base) / *path).lexically_normal().string();
+}
+
+absl::Status NotRegistered(const std::string& group_id) {
+  return absl::NotFoundError(absl::StrCat(
+      "group ", group_id,
+      " is not registered (unknown, or removed after missing heartbeats); register again and "
+      "abandon its task"));
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics)
+    : options_(options), store_(store), metrics_(metrics), rng_(std::random_device{}()) {}
+
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOptions& options,
+                                                             Store* store,
+                                                             CoordinatorMetrics* metrics) {
+  SchedulerOptions resolved = options;
+  if (resolved.work_dir.empty()) return absl::InvalidArgumentError("work_dir is empty");
+  std::error_code ec;
+  const fs::path absolute = fs::absolute(resolved.work_dir, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("work_dir ", resolved.work_dir, ": cannot make it absolute: ", ec.message()));
+  }
+  resolved.work_dir = absolute.lexically_normal().string();
+  if (resolved.reaper_period_s <= 0) {
+    resolved.reaper_period_s = std::min(1.0, resolved.heartbeat_timeout_s / 4);
+  }
+  std::unique_ptr<Scheduler> scheduler(new Scheduler(resolved, store, metrics));
+  AVIARY_RETURN_IF_ERROR(scheduler->Restore());
+  scheduler->reaper_ = std::thread([s = scheduler.get()] { s->ReaperLoop(); });
+  return scheduler;
+}
+
+Scheduler::~Scheduler() { Shutdown(); }
+
+void Scheduler::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(reaper_mu_);
+    shutdown_ = true;
+  }
+  reaper_cv_.notify_all();
+  if (reaper_.joinable()) reaper_.join();
+  // Under the lock, so that a watcher between its check and its wait sees the flag.
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  for (auto& [id, job] : jobs_) job.watch_cv.notify_all();
+}
+
+int64_t Scheduler::NowMs() const {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string Scheduler::NewId(char prefix) {
+  return absl::StrFormat("%c%012x", prefix, rng_() & 0xffffffffffffULL);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore.
+
+absl::Status Scheduler::Restore() {
+  AVIARY_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, store_->LoadJobs());
+  AVIARY_ASSIGN_OR_RETURN(std::vector<TaskRow> tasks, store_->LoadTasks());
+  AVIARY_ASSIGN_OR_RETURN(std::vector<GroupRow> groups, store_->LoadGroups());
+  AVIARY_ASSIGN_OR_RETURN(groups_lost_total_, store_->GetCounter("groups_lost_total"));
+  AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
+
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  for (JobRow& row : jobs) {
+    const std::string id = row.info.job_id();
+    next_job_seq_ = std::max(next_job_seq_, row.seq + 1);
+    job_order_[row.seq] = id;
+    jobs_[id].row = std::move(row);
+  }
+  for (TaskRow& row : tasks) {
+    auto job = jobs_.find(row.info.job_id());
+    if (job == jobs_.end()) {
+      return absl::DataLossError(absl::StrCat("database ", store_->path(), ": task ",
+                                              row.info.task_id(), " belongs to unknown job ",
+                                              row.info.job_id()));
+    }
+    job->second.task_ids.push_back(row.info.task_id());
+    tasks_[row.info.task_id()] = std::move(row);
+  }
+  const int64_t now = NowMs();
+  for (GroupRow& row : groups) {
+    auto group = std::make_unique<Group>();
+    group->row = std::move(row);
+    group->last_seen_ms = now;  // every heartbeat clock restarts now
+    groups_[group->row.group_id] = std::move(group);
+  }
+
+  if (metrics_ != nullptr) {
+    for (const auto& [id, task] : tasks_) {
+      const TaskInfo& info = task.info;
+      metrics_->SetTaskRunning(info, info.state() == aviary::v1::TASK_STATE_LEASED);
+      metrics_->AddTaskRestarts(info, info.restarts());
+      auto end = epoch_ends.find(id);
+      if (end != epoch_ends.end()) metrics_->ObservePoint(info, end->second, info.updated_unix_ms());
+      if (info.has_latest() && !info.latest().epoch_end()) {
+        metrics_->ObservePoint(info, info.latest(), info.updated_unix_ms());
+      }
+    }
+    metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
+    metrics_->AddGroupsLost(groups_lost_total_);
+    UpdateJobCountsLocked();
+  }
+  // A lease whose holder is not registered cannot come from one transaction; repair it anyway.
+  Changes repairs;
+  for (auto& [id, task] : tasks_) {
+    if (task.info.state() != aviary::v1::TASK_STATE_LEASED) continue;
+    auto group = groups_.find(task.info.group_id());
+    if (group == groups_.end() || group->second->row.task_id != id) {
+      RestartOrFail(&repairs, id, absl::StrCat("lease held by unregistered group ",
+                                               task.info.group_id(), " at restart"));
+    }
+  }
+  for (auto& [id, job] : jobs_) RefreshSnapshot(&job);
+  if (!repairs.tasks.empty()) {
+    log_.Warn(absl::StrCat("restore: ", repairs.tasks.size(),
+                           " leases without a registered holder were put back"));
+    AVIARY_RETURN_IF_ERROR(Commit(&repairs, nullptr));
+  }
+
+  log_.Info(absl::StrCat("restored ", jobs_.size(), " jobs, ", tasks_.size(), " tasks, ",
+                         groups_.size(), " groups from ", store_->path()));
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staging and committing.
+
+TaskRow& Scheduler::Stage(Changes* changes, const std::string& task_id) {
+  auto it = changes->tasks.find(task_id);
+  if (it != changes->tasks.end()) return it->second;
+  return changes->tasks.emplace(task_id, tasks_.at(task_id)).first->second;
+}
+
+JobRow& Scheduler::StageJob(Changes* changes, const std::string& job_id) {
+  auto it = changes->jobs.find(job_id);
+  if (it != changes->jobs.end()) return it->second;
+  return changes->jobs.emplace(job_id, jobs_.at(job_id).row).first->second;
+}
+
+const TaskRow& Scheduler::View(const Changes& changes, const std::string& task_id) const {
+  auto it = changes.tasks.find(task_id);
+  return it != changes.tasks.end() ? it->second : tasks_.at(task_id);
+}
+
+void Scheduler::RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why) {
+  TaskRow& task = Stage(changes, task_id);
+  const int restarts = task.info.restarts() + 1;
+  if (restarts > options_.max_restarts) {
+    FailTaskAndJob(changes, task_id,
+                   absl::StrCat(why, "; ", task.info.restarts(), " restarts, max_restarts ",
+                                options_.max_restarts));
+    return;
+  }
+  task.info.set_restarts(restarts);
+  task.info.set_state(aviary::v1::TASK_STATE_READY);
+  task.info.clear_group_id();
+  task.info.set_updated_unix_ms(UnixMs());
+  changes->events.push_back({task.info.job_id(), task_id, false, {},
+                             absl::StrCat("task ", task_id, " READY again (restart ", restarts,
+                                          " of ", options_.max_restarts, "): ", why)});
+  DeriveJobState(changes, task.info.job_id());
+}
+
+void Scheduler::FailTaskAndJob(Changes* changes, const std::string& task_id,
+                               const std::string& error) {
+  TaskRow& task = Stage(changes, task_id);
+  const int64_t now = UnixMs();
+  task.info.set_state(aviary::v1::TASK_STATE_FAILED);
+  task.info.set_error(error);
+  task.info.clear_group_id();
+  task.info.set_updated_unix_ms(now);
+  const std::string job_id = task.info.job_id();
+  for (const std::string& other : jobs_.at(job_id).task_ids) {
+    if (other == task_id || TerminalTask(View(*changes, other).info.state())) continue;
+    TaskRow& row = Stage(changes, other);
+    row.info.set_state(aviary::v1::TASK_STATE_CANCELLED);
+    row.info.set_error(absl::StrCat("cancelled: task ", task_id, " failed"));
+    row.info.clear_group_id();
+    row.info.set_updated_unix_ms(now);
+  }
+  JobRow& job = StageJob(changes, job_id);
+  if (!TerminalJob(job.info.state())) {
+    job.info.set_state(aviary::v1::JOB_STATE_FAILED);
+    job.info.set_error(absl::StrCat("task ", task_id, " failed: ", error));
+    job.info.set_updated_unix_ms(now);
+  }
+  changes->events.push_back(
+      {job_id, task_id, false, {}, absl::StrCat("task ", task_id, " FAILED: ", error)});
+}
+
+void Scheduler::DeriveJobState(Changes* changes, const std::string& job_id) {
+  const Job& job = jobs_.at(job_id);
+  auto staged = changes->jobs.find(job_id);
+  const JobState current =
+      staged != changes->jobs.end() ? staged->second.info.state() : job.row.info.state();
+  if (TerminalJob(current)) return;
+  bool all_succeeded = true;
+  bool started = false;
+  for (const std::string& id : job.task_ids) {
+    const TaskInfo& info = View(*changes, id).info;
+    if (info.state() != aviary::v1::TASK_STATE_SUCCEEDED) all_succeeded = false;
+    if (info.attempt() > 0) started = true;
+  }
+  const JobState next = all_succeeded ? aviary::v1::JOB_STATE_SUCCEEDED
+                        : started     ? aviary::v1::JOB_STATE_RUNNING
+                                      : aviary::v1::JOB_STATE_PENDING;
+  if (next != current) {
+    JobRow& row = StageJob(changes, job_id);
+    row.info.set_state(next);
+    row.info.set_updated_unix_ms(UnixMs());
+    changes->events.push_back({job_id, "", false, {},
+                               absl::StrCat("job ", job_id, " ", JobStateName(next))});
+  }
+}
+
+absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared) {
+  // A job's updated_unix_ms follows its tasks.
+  const int64_t now_unix_ms = UnixMs();
+  std::set<std::string> task_jobs;
+  for (const auto& [id, task] : changes->tasks) task_jobs.insert(task.info.job_id());
+  for (const std::string& job_id : task_jobs) {
+    StageJob(changes, job_id).info.set_updated_unix_ms(now_unix_ms);
+  }
+  AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
+    for (const auto& [id, task] : changes->tasks) AVIARY_RETURN_IF_ERROR(store_->UpdateTask(task));
+    for (const auto& [id, job] : changes->jobs) AVIARY_RETURN_IF_ERROR(store_->PutJob(job));
+    for (const auto& [id, group] : changes->put_groups) AVIARY_RETURN_IF_ERROR(store_->PutGroup(group));
+    for (const std::string& id : changes->deleted_groups) AVIARY_RETURN_IF_ERROR(store_->DeleteGroup(id));
+    for (const auto& write : changes->writes) AVIARY_RETURN_IF_ERROR(write());
+    if (changes->groups_lost > 0) {
+      AVIARY_RETURN_IF_ERROR(
+          store_->SetCounter("groups_lost_total", groups_lost_total_ + changes->groups_lost));
+    }
+    return absl::OkStatus();
+  }));
+
+  // Committed: apply to memory, exclusively (readers waited for none of the above).
+  std::unique_lock<std::shared_mutex> exclusive(mu_, std::defer_lock);
+  if (shared != nullptr) {
+    shared->unlock();
+    exclusive.lock();
+  }
+  std::set<std::string> touched;
+  for (const auto& [id, job] : changes->jobs) touched.insert(id);
+  for (auto& [id, task] : changes->tasks) {
+    touched.insert(task.info.job_id());
+    TaskRow& current = tasks_.at(id);
+    if (metrics_ != nullptr) {
+      if (task.info.restarts() > current.info.restarts()) {
+        metrics_->AddTaskRestarts(task.info, task.info.restarts() - current.info.restarts());
+      }
+      metrics_->SetTaskRunning(task.info, task.info.state() == aviary::v1::TASK_STATE_LEASED);
+    }
+    current = std::move(task);
+  }
+  bool job_states_changed = false;
+  for (auto& [id, job] : changes->jobs) {
+    JobRow& current = jobs_.at(id).row;
+    if (current.info.state() != job.info.state()) job_states_changed = true;
+    current = std::move(job);
+  }
+  for (auto& [id, group] : changes->put_groups) {
+    auto it = groups_.find(id);
+    if (it == groups_.end()) {
+      auto fresh = std::make_unique<Group>();
+      fresh->last_seen_ms = NowMs();
+      it = groups_.emplace(id, std::move(fresh)).first;
+    }
+    it->second->row = std::move(group);
+  }
+  for (const std::string& id : changes->deleted_groups) groups_.erase(id);
+  groups_lost_total_ += changes->groups_lost;
+  if (metrics_ != nullptr) {
+    for (const auto& [task, point] : changes->points) metrics_->ObservePoint(task, point, UnixMs());
+    if (!changes->put_groups.empty() || !changes->deleted_groups.empty()) {
+      metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
+    }
+    metrics_->AddGroupsLost(changes->groups_lost);
+    if (job_states_changed) UpdateJobCountsLocked();
+  }
+  for (const std::string& id : touched) RefreshSnapshot(&jobs_.at(id));
+  // Events, after the state they describe.
+  for (EventSpec& spec : changes->events) {
+    Job& job = jobs_.at(spec.job_id);
+    JobEvent event;
+    *event.mutable_job() = *job.snapshot;
+    event.set_task_id(spec.task_id);
+    if (spec.has_metrics) *event.mutable_metrics() = spec.metrics;
+    event.set_message(spec.message);
+    job.events.emplace_back(job.next_event++, std::move(event));
+  }
+  std::map<std::string, size_t> event_jobs;  // job id -> events added now
+  for (const EventSpec& spec : changes->events) ++event_jobs[spec.job_id];
+  for (const auto& [id, added] : event_jobs) {
+    Job& job = jobs_.at(id);
+    // Bounded memory: a finished job keeps only the events of its final change (a watcher that
+    // lags further gets the final state), a running one the latest kMaxEventsPerJob.
+    const size_t keep = TerminalJob(job.row.info.state()) ? added : kMaxEventsPerJob;
+    while (job.events.size() > keep) job.events.pop_front();
+    job.watch_cv.notify_all();
+  }
+  if (shared != nullptr) {
+    exclusive.unlock();
+    shared->lock();  // no other writer ran in between: write_mu_ is held
+  }
+  return absl::OkStatus();
+}
+
+void Scheduler::UpdateJobCountsLocked() {
+  if (metrics_ == nullptr) return;
+  std::map<JobState, int> counts;
+  for (const auto& [id, job] : jobs_) ++counts[job.row.info.state()];
+  metrics_->SetJobCounts(counts);
+}
+
+void Scheduler::RefreshSnapshot(Job* job) {
+  job->snapshot = std::make_shared<const JobInfo>(BuildJobInfo(*job));
+}
+
+JobInfo Scheduler::BuildJobInfo(const Job& job) const {
+  JobInfo info = job.row.info;
+  for (const std::string& id : job.task_ids) *info.add_tasks() = tasks_.at(id).info;
+  return info;
+}
+
+const TaskRow* Scheduler::HeldTask(const Group& group) const {
+  if (group.row.task_id.empty()) return nullptr;
+  auto it = tasks_.find(group.row.task_id);
+  if (it == tasks_.end()) return nullptr;
+  const TaskInfo& info = it->second.info;
+  if (info.state() != aviary::v1::TASK_STATE_LEASED || info.group_id() != group.row.group_id) {
+    return nullptr;
+  }
+  return &it->second;
+}
+
+absl::StatusOr<Scheduler::Group*> Scheduler::FindGroup(const std::string& group_id) const {
+  auto it = groups_.find(group_id);
+  if (it == groups_.end()) return NotRegistered(group_id);
+  it->second->last_seen_ms = NowMs();
+  return it->second.get();
+}
+
+// ---------------------------------------------------------------------------------------------
+// JobService.
+
+absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequest& request) {
+  const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
+  std::vector<std::string> overrides(request.overrides().begin(), request.overrides().end());
+  AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
+                          common::ParsePipelineConfig(request.pipeline_yaml(), source, overrides));
+
+  // Relative data paths resolve against the client's working directory.
+  const std::string& base = request.working_dir();
+  auto check_and_resolve = [&](const std::string& key, std::string* path) -> absl::Status {
+    if (path->empty() || fs::path(*path).is_absolute()) return absl::OkStatus();
+    if (base.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": key '", key, "': relative path '", *path,
+          "' but the request has no working_dir to resolve it against"));
+    }
+    Resolve(base, path);
+    return absl::OkStatus();
+  };
+  AVIARY_RETURN_IF_ERROR(check_and_resolve("data.target.root", &config.data.target.root));
+  for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
+    AVIARY_RETURN_IF_ERROR(check_and_resolve(absl::StrCat("data.pretrain_sources.", i, ".root"),
+                                             &config.data.pretrain_sources[i].root));
+  }
+  AVIARY_RETURN_IF_ERROR(check_and_resolve("data.corrupt_files", &config.data.corrupt_files));
+  AVIARY_RETURN_IF_ERROR(check_and_resolve("data.cache_dir", &config.data.cache_dir));
+  AVIARY_RETURN_IF_ERROR(
+      check_and_resolve("model.pretrained_weights", &config.model.pretrained_weights));
+  AVIARY_RETURN_IF_ERROR(common::Annotate(common::ValidatePipelineConfig(config), source));
+
+  const bool pretrain = config.stages.at("pretrain").enabled;
+  const bool finetune = config.stages.at("finetune").enabled;
+  if (!pretrain && !finetune) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
+  }
+
+  // Dataset and manifests, outside the lock (this reads every metadata file).
+  struct NewTask {
+    TaskRow row;
+    TaskPayload payload;
+  };
+  std::vector<NewTask> new_tasks;
+  const std::string pipeline_yaml = common::PipelineConfigToYaml(config);
+  auto add_stage = [&](const std::string& stage, const std::vector<int>& folds) -> absl::Status {
+    AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
+    const common::StageConfig& stage_config = config.stages.at(stage);
+    for (int fold : folds) {
+      AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
+                              common::BuildTaskManifest(config, table, fold));
+      NewTask task;
+      task.row.info.set_stage(stage);
+      task.row.info.set_fold(fold);
+      // As the trainer plans it (worker/trainer.cc): debug runs 2 epochs.
+      task.row.info.set_epochs(config.debug ? 2 : stage_config.train.epochs);
+      task.payload.manifest_csv = common::ManifestToCsv(manifest);
+      task.payload.pipeline_yaml = pipeline_yaml;
+      new_tasks.push_back(std::move(task));
+    }
+    return absl::OkStatus();
+  };
+  if (pretrain) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(add_stage("pretrain", {0}), "stage pretrain"));
+  }
+  if (finetune) {
+    AVIARY_RETURN_IF_ERROR(
+        common::Annotate(add_stage("finetune", config.folds.selected_folds), "stage finetune"));
+  }
+
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  std::string job_id;
+  do {
+    job_id = NewId('j');
+  } while (jobs_.count(job_id) != 0);
+  const int64_t now = UnixMs();
+  JobRow job_row;
+  job_row.seq = next_job_seq_;
+  job_row.info.set_job_id(job_id);
+  job_row.info.set_state(aviary::v1::JOB_STATE_PENDING);
+  job_row.info.set_name(request.name());
+  job_row.info.set_created_unix_ms(now);
+  job_row.info.set_updated_unix_ms(now);
+  std::string pretrain_id;
+  for (size_t i = 0; i < new_tasks.size(); ++i) {
+    TaskRow& row = new_tasks[i].row;
+    const std::string& stage = row.info.stage();
+    const std::string task_id = absl::StrCat(job_id, "/", stage, "-f", row.info.fold());
+    row.seq = static_cast<int64_t>(i);
+    row.info.set_task_id(task_id);
+    row.info.set_job_id(job_id);
+    row.info.set_out_dir(
+        (fs::path(options_.work_dir) / job_id / absl::StrCat(stage, "-fold", row.info.fold()))
+            .string());
+    row.info.set_updated_unix_ms(now);
+    if (stage == "pretrain") {
+      pretrain_id = task_id;
+      row.info.set_state(aviary::v1::TASK_STATE_READY);
+    } else if (!pretrain_id.empty()) {
+      row.depends_on = pretrain_id;
+      row.info.set_state(aviary::v1::TASK_STATE_BLOCKED);
+    } else {
+      row.info.set_state(aviary::v1::TASK_STATE_READY);
+    }
+  }
+  AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
+    for (const NewTask& task : new_tasks) {
+      AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload));
+    }
+    return absl::OkStatus();
+  }));
+  lock.unlock();
+  std::unique_lock<std::shared_mutex> exclusive(mu_);
+  ++next_job_seq_;
+  Job& job = jobs_[job_id];
+  job.row = job_row;
+  job_order_[job_row.seq] = job_id;
+  for (NewTask& task : new_tasks) {
+    job.task_ids.push_back(task.row.info.task_id());
+    if (metrics_ != nullptr) metrics_->SetTaskRunning(task.row.info, false);
+    if (metrics_ != nullptr) metrics_->AddTaskRestarts(task.row.info, 0);
+    tasks_[task.row.info.task_id()] = std::move(task.row);
+  }
+  RefreshSnapshot(&job);
+  UpdateJobCountsLocked();
+  log_.Info(absl::StrCat("job ", job_id, " submitted (", source, "): ", new_tasks.size(),
+                         " tasks"));
+  return job_id;
+}
+
+absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
+  std::shared_ptr<const JobInfo> snapshot;
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) {
+      return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    }
+    snapshot = it->second.snapshot;
+  }
+  return *snapshot;  // copied outside the lock
+}
+
+std::vector<JobInfo> Scheduler::ListJobs(int limit) const {
+  std::vector<std::shared_ptr<const JobInfo>> snapshots;
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    for (auto it = job_order_.rbegin(); it != job_order_.rend(); ++it) {
+      if (limit > 0 && static_cast<int>(snapshots.size()) >= limit) break;
+      snapshots.push_back(jobs_.at(it->second).snapshot);
+    }
+  }
+  std::vector<JobInfo> out;
+  out.reserve(snapshots.size());
+  for (const auto& snapshot : snapshots) out.push_back(*snapshot);
+  return out;
+}
+
+absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+  if (TerminalJob(it->second.row.info.state())) return *it->second.snapshot;
+  Changes changes;
+  const int64_t now = UnixMs();
+  for (const std::string& id : it->second.task_ids) {
+    if (TerminalTask(tasks_.at(id).info.state())) continue;
+    TaskRow& task = Stage(&changes, id);
+    task.info.set_state(aviary::v1::TASK_STATE_CANCELLED);
+    task.info.clear_group_id();
+    task.info.set_updated_unix_ms(now);
+  }
+  JobRow& job = StageJob(&changes, job_id);
+  job.info.set_state(aviary::v1::JOB_STATE_CANCELLED);
+  job.info.set_error("cancelled by the user");
+  job.info.set_updated_unix_ms(now);
+  changes.events.push_back({job_id, "", false, {}, absl::StrCat("job ", job_id, " CANCELLED")});
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  log_.Info(absl::StrCat("job ", job_id, " cancelled"));
+  return *it->second.snapshot;
+}
+
+absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::string& job_id) {
+  std::map<std::string, std::pair<int64_t, const TaskInfo*>> order;
+  std::map<std::string, TaskInfo> infos;
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    for (const std::string& id : it->second.task_ids) infos[id] = tasks_.at(id).info;
+    for (const std::string& id : it->second.task_ids) {
+      order[id] = {tasks_.at(id).seq, &infos.at(id)};
+    }
+  }
+  AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> points, store_->LoadEpochEnds(job_id));
+  // The last report of each (task, epoch).
+  std::map<std::pair<int64_t, int>, PointRow> last;
+  for (PointRow& point : points) {
+    auto it = order.find(point.task_id);
+    if (it == order.end()) continue;
+    last[{it->second.first, point.metrics.epoch()}] = std::move(point);
+  }
+  aviary::v1::GetHistoryResponse response;
+  for (auto& [key, point] : last) {
+    const TaskInfo& info = *order.at(point.task_id).second;
+    aviary::v1::HistoryRow* row = response.add_rows();
+    row->set_task_id(point.task_id);
+    row->set_stage(info.stage());
+    row->set_fold(info.fold());
+    *row->mutable_metrics() = point.metrics;
+    row->set_attempt(point.attempt);
+    row->set_time_unix_ms(point.time_unix_ms);
+  }
+  return response;
+}
+
+absl::Status Scheduler::WatchJob(const std::string& job_id,
+                                 const std::function<bool(const JobEvent&)>& send,
+                                 const std::function<bool()>& cancelled) {
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+  const Job& job = it->second;
+  JobEvent first;
+  *first.mutable_job() = *job.snapshot;
+  first.set_message(absl::StrCat("job ", job_id, " ", JobStateName(job.row.info.state())));
+  uint64_t seen = job.next_event;
+  lock.unlock();
+  if (!send(first)) return absl::CancelledError("the watcher went away");
+  if (TerminalJob(first.job().state())) return absl::OkStatus();
+  std::vector<JobEvent> batch;
+  while (true) {
+    batch.clear();
+    lock.lock();
+    job.watch_cv.wait_for(lock, std::chrono::milliseconds(500),
+                       [&] { return shutdown_.load() || job.next_event > seen; });
+    if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
+    if (job.next_event > seen) {
+      if (job.events.empty() || job.events.front().first > seen) {
+        // The watcher fell behind the retained events: send the state as it is now.
+        JobEvent now;
+        *now.mutable_job() = *job.snapshot;
+        now.set_message("(events were dropped for a slow watcher) current state");
+        batch.push_back(std::move(now));
+      } else {
+        for (const auto& [seq, event] : job.events) {
+          if (seq >= seen) batch.push_back(event);
+        }
+      }
+      seen = job.next_event;
+    }
+    lock.unlock();
+    if (cancelled()) return absl::CancelledError("the watcher went away");
+    for (const JobEvent& event : batch) {
+      if (!send(event)) return absl::CancelledError("the watcher went away");
+      if (TerminalJob(event.job().state())) return absl::OkStatus();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WorkerService.
+
+absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
+    const aviary::v1::RegisterGroupRequest& request) {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  Changes changes;
+  GroupRow row;
+  do {
+    row.group_id = NewId('g');
+  } while (groups_.count(row.group_id) != 0);
+  row.registered_unix_ms = UnixMs();
+  row.info = request;
+  changes.put_groups[row.group_id] = row;
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  log_.Info(absl::StrCat("group ", row.group_id, " registered: world_size ", request.world_size(),
+                         ", backend ", request.backend(), ", hosts ",
+                         request.hosts_size() > 0 ? request.hosts(0) : "?",
+                         request.hosts_size() > 1 ? ", ..." : ""));
+  aviary::v1::RegisterGroupResponse response;
+  response.set_group_id(row.group_id);
+  response.set_heartbeat_interval_ms(
+      static_cast<int32_t>(std::llround(options_.heartbeat_interval_s * 1000)));
+  return response;
+}
+
+absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id) {
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+  if (task_id.empty()) return false;
+  const TaskRow* held = HeldTask(*group);
+  return held == nullptr || held->info.task_id() != task_id;
+}
+
+absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
+  TaskRow leased;
+  {
+    std::lock_guard<std::mutex> writer(write_mu_);
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+    if (const TaskRow* held = HeldTask(*group)) {
+      leased = *held;
+    } else {
+      const TaskRow* next = nullptr;
+      for (const auto& [seq, job_id] : job_order_) {
+        const Job& job = jobs_.at(job_id);
+        if (TerminalJob(job.row.info.state())) continue;
+        for (const std::string& id : job.task_ids) {
+          if (tasks_.at(id).info.state() == aviary::v1::TASK_STATE_READY) {
+            next = &tasks_.at(id);
+            break;
+          }
+        }
+        if (next != nullptr) break;
+      }
+      if (next == nullptr) {
+        aviary::v1::LeaseTaskResponse none;
+        none.set_available(false);
+        return none;
+      }
+      Changes changes;
+      const std::string task_id = next->info.task_id();
+      TaskRow& task = Stage(&changes, task_id);
+      task.info.set_state(aviary::v1::TASK_STATE_LEASED);
+      task.info.set_group_id(group_id);
+      task.info.set_attempt(task.info.attempt() + 1);
+      task.info.clear_error();
+      task.info.set_updated_unix_ms(UnixMs());
+      GroupRow group_row = group->row;
+      group_row.task_id = task_id;
+      changes.put_groups[group_id] = group_row;
+      changes.events.push_back({task.info.job_id(), task_id, false, {},
+                                absl::StrCat("task ", task_id, " LEASED to group ", group_id,
+                                             " (attempt ", task.info.attempt(), ")")});
+      DeriveJobState(&changes, task.info.job_id());
+      leased = task;
+      AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+      log_.Info(absl::StrCat("task ", task_id, " leased to group ", group_id, " (attempt ",
+                             leased.info.attempt(), ")"));
+    }
+  }
+  AVIARY_ASSIGN_OR_RETURN(TaskPayload payload, store_->LoadTaskPayload(leased.info.task_id()));
+  aviary::v1::LeaseTaskResponse response;
+  response.set_available(true);
+  aviary::v1::Task* task = response.mutable_task();
+  task->set_task_id(leased.info.task_id());
+  task->set_job_id(leased.info.job_id());
+  task->set_stage(leased.info.stage());
+  task->set_fold(leased.info.fold());
+  task->set_pipeline_yaml(std::move(payload.pipeline_yaml));
+  task->set_init_checkpoint(leased.init_checkpoint);
+  task->set_resume_checkpoint(leased.resume_checkpoint);
+  task->set_out_dir(leased.info.out_dir());
+  task->set_manifest_csv(std::move(payload.manifest_csv));
+  task->set_attempt(leased.info.attempt());
+  return response;
+}
+
+absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
+  if (tasks_.count(request.task_id()) == 0) {
+    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
+  }
+  const TaskRow* held = HeldTask(*group);
+  if (held == nullptr || held->info.task_id() != request.task_id()) return true;  // ignored
+  if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
+  Changes changes;
+  TaskRow& task = Stage(&changes, request.task_id());
+  const int64_t now = UnixMs();
+  if (request.steps_per_epoch() > 0) task.info.set_steps_per_epoch(request.steps_per_epoch());
+  std::vector<aviary::v1::Metrics> points(request.points().begin(), request.points().end());
+  if (!points.empty()) {
+    *task.info.mutable_latest() = points.back();
+    task.info.set_updated_unix_ms(now);
+  }
+  for (size_t i = 0; i < points.size(); ++i) {
+    const aviary::v1::Metrics& point = points[i];
+    // Gauges keep the latest values only: epoch ends and the last point are enough.
+    if (point.epoch_end() || i + 1 == points.size()) {
+      changes.points.emplace_back(task.info, point);
+      changes.events.push_back(
+          {task.info.job_id(), task.info.task_id(), true, point,
+           point.epoch_end()
+               ? absl::StrCat("task ", task.info.task_id(), " epoch ", point.epoch() + 1, " of ",
+                              task.info.epochs(), " done")
+               : absl::StrCat("task ", task.info.task_id(), " step ", point.step())});
+    }
+  }
+  const std::string job_id = task.info.job_id();
+  const std::string task_id = task.info.task_id();
+  const int attempt = task.info.attempt();
+  changes.writes.push_back([this, job_id, task_id, attempt, now, points]() {
+    return store_->AddPoints(job_id, task_id, attempt, now, points);
+  });
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  return false;
+}
+
+absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request) {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
+  if (tasks_.count(request.task_id()) == 0) {
+    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
+  }
+  const TaskRow* held = HeldTask(*group);
+  if (held == nullptr || held->info.task_id() != request.task_id()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("task ", request.task_id(), " is not leased to group ", request.group_id(),
+                     " (state ", TaskStateName(tasks_.at(request.task_id()).info.state()), ")"));
+  }
+  Changes changes;
+  TaskRow& task = Stage(&changes, request.task_id());
+  task.resume_checkpoint = request.path();
+  if (request.best()) task.info.set_best_checkpoint(request.path());
+  const int64_t now = UnixMs();
+  const std::string task_id = task.info.task_id();
+  const int attempt = task.info.attempt();
+  changes.writes.push_back([this, task_id, attempt, request, now]() {
+    return store_->AddCheckpoint(task_id, attempt, request.path(), request.epoch(), request.best(),
+                                 now);
+  });
+  return Commit(&changes, &lock);
+}
+
+absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& request) {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
+  if (tasks_.count(request.task_id()) == 0) {
+    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
+  }
+  const TaskRow* held = HeldTask(*group);
+  if (held == nullptr || held->info.task_id() != request.task_id()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("task ", request.task_id(), " is not leased to group ", request.group_id(),
+                     " (state ", TaskStateName(tasks_.at(request.task_id()).info.state()),
+                     "); only the holder may complete it"));
+  }
+  Changes changes;
+  TaskRow& task = Stage(&changes, request.task_id());
+  task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);
+  task.info.set_best_checkpoint(request.best_checkpoint());
+  if (request.has_best()) *task.info.mutable_best() = request.best();
+  task.info.clear_group_id();
+  task.info.clear_error();
+  task.info.set_updated_unix_ms(UnixMs());
+  const std::string task_id = task.info.task_id();
+  const std::string job_id = task.info.job_id();
+  changes.events.push_back({job_id, task_id, false, {}, absl::StrCat("task ", task_id, " SUCCEEDED")});
+  GroupRow group_row = group->row;
+  group_row.task_id.clear();
+  changes.put_groups[group_row.group_id] = group_row;
+  for (const std::string& id : jobs_.at(job_id).task_ids) {
+    const TaskRow& other = View(changes, id);
+    if (other.depends_on != task_id || other.info.state() != aviary::v1::TASK_STATE_BLOCKED) continue;
+    TaskRow& dependent = Stage(&changes, id);
+    dependent.init_checkpoint = request.best_checkpoint();
+    dependent.info.set_state(aviary::v1::TASK_STATE_READY);
+    dependent.info.set_updated_unix_ms(UnixMs());
+    changes.events.push_back({job_id, id, false, {},
+                              absl::StrCat("task ", id, " READY (init_checkpoint ",
+                                           request.best_checkpoint(), ")")});
+  }
+  DeriveJobState(&changes, job_id);
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  log_.Info(absl::StrCat("task ", task_id, " succeeded on group ", request.group_id(),
+                         ": best checkpoint ", request.best_checkpoint()));
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
+  if (tasks_.count(request.task_id()) == 0) {
+    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
+  }
+  const TaskRow* held = HeldTask(*group);
+  if (held == nullptr || held->info.task_id() != request.task_id()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("task ", request.task_id(), " is not leased to group ", request.group_id(),
+                     " (state ", TaskStateName(tasks_.at(request.task_id()).info.state()),
+                     "); only the holder may fail it"));
+  }
+  Changes changes;
+  GroupRow group_row = group->row;
+  group_row.task_id.clear();
+  changes.put_groups[group_row.group_id] = group_row;
+  const std::string why = absl::StrCat("group ", request.group_id(), ": ", request.error());
+  if (request.retryable()) {
+    RestartOrFail(&changes, request.task_id(), why);
+  } else {
+    FailTaskAndJob(&changes, request.task_id(), absl::StrCat(why, " (not retryable)"));
+  }
+  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  log_.Warn(absl::StrCat("task ", request.task_id(), " failed on group ", request.group_id(),
+                         request.retryable() ? " (retryable): " : ": ", request.error(),
+                         "; now ", TaskStateName(tasks_.at(request.task_id()).info.state())));
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reaper.
+
+int Scheduler::ReapLostGroups() {
+  std::lock_guard<std::mutex> writer(write_mu_);
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  const int64_t now = NowMs();
+  const int64_t timeout_ms = static_cast<int64_t>(options_.heartbeat_timeout_s * 1000);
+  Changes changes;
+  std::vector<std::string> lost;
+  for (const auto& [id, group] : groups_) {
+    const int64_t silent_ms = now - group->last_seen_ms.load();
+    if (silent_ms <= timeout_ms) continue;
+    lost.push_back(id);
+    changes.deleted_groups.push_back(id);
+    ++changes.groups_lost;
+    if (const TaskRow* held = HeldTask(*group)) {
+      RestartOrFail(&changes, held->info.task_id(),
+                    absl::StrFormat("lost group %s (no heartbeat for %.1f s, heartbeat_timeout_s %g)",
+                                    id, silent_ms / 1000.0, options_.heartbeat_timeout_s));
+    }
+  }
+  if (lost.empty()) return 0;
+  absl::Status status = Commit(&changes, &lock);
+  if (!status.ok()) {
+    log_.Error(absl::StrCat("reaper: cannot remove lost groups: ", status.message()));
+    return 0;
+  }
+  for (const std::string& id : lost) {
+    log_.Warn(absl::StrCat("group ", id, " lost (no heartbeat for more than ",
+                           options_.heartbeat_timeout_s, " s); removed"));
+  }
+  return static_cast<int>(lost.size());
+}
+
+void Scheduler::ReaperLoop() {
+  const auto period = std::chrono::milliseconds(
+      std::max<int64_t>(10, static_cast<int64_t>(options_.reaper_period_s * 1000)));
+  std::unique_lock<std::mutex> lock(reaper_mu_);
+  while (!shutdown_) {
+    reaper_cv_.wait_for(lock, period, [this] { return shutdown_.load(); });
+    if (shutdown_) break;
+    lock.unlock();
+    ReapLostGroups();
+    lock.lock();
+  }
+}
+
+}  // namespace aviary::coordinator

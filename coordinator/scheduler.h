@@ -1,0 +1,189 @@
+// The coordinator's scheduler: jobs as DAGs of tasks, leases held by worker groups while they
+// heartbeat, the reaper that re-leases the tasks of lost groups, cancel / completion / failure,
+// job-state derivation and job watchers (docs/SERVICE.md, "Jobs and tasks").
+//
+// State lives in memory for fast reads (GetJob / ListJobs / heartbeats take a reader lock briefly
+// and never touch SQLite) and in the Store as the durable log: every mutation is staged on copies,
+// written in one SQLite transaction, and only applied to memory once committed, so the memory
+// view never runs ahead of the file. Create() restores the state from the store and restarts
+// every group's heartbeat clock at that moment (groups that keep heartbeating keep their tasks
+// after a coordinator restart).
+//
+// Request fields are validated at the RPC edge (service.cc); the scheduler checks existence
+// (NOT_FOUND) and ownership (FAILED_PRECONDITION).
+//
+// Thread-safe. The reaper is a thread owned by the scheduler; Shutdown() (or the destructor)
+// stops it and wakes every watcher.
+#ifndef AVIARY_COORDINATOR_SCHEDULER_H_
+#define AVIARY_COORDINATOR_SCHEDULER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/logging.h"
+#include "coordinator/metrics.h"
+#include "coordinator/store.h"
+#include "proto/aviary.pb.h"
+
+namespace aviary::coordinator {
+
+struct SchedulerOptions {
+  std::string work_dir = "runs";       // made absolute at Create
+  double heartbeat_interval_s = 2.0;   // told to groups at registration
+  double heartbeat_timeout_s = 20.0;   // a group silent this long is lost
+  int max_restarts = 3;
+  double reaper_period_s = 0;          // 0: min(1 s, heartbeat_timeout_s / 4)
+};
+
+class Scheduler {
+ public:
+  // Restores the state from `store` and starts the reaper. `store` must outlive the scheduler;
+  // `metrics` may be null.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const SchedulerOptions& options,
+                                                           Store* store,
+                                                           CoordinatorMetrics* metrics);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Stops the reaper and ends every WatchJob (UNAVAILABLE). Idempotent.
+  void Shutdown();
+
+  // --- JobService.
+  // Parses, resolves and validates the pipeline, reads the dataset and builds every task's
+  // manifest (outside the lock), then records the job. Returns the job id.
+  absl::StatusOr<std::string> SubmitJob(const aviary::v1::SubmitJobRequest& request);
+  absl::StatusOr<aviary::v1::JobInfo> GetJob(const std::string& job_id) const;
+  // Newest first; limit 0 = every job.
+  std::vector<aviary::v1::JobInfo> ListJobs(int limit) const;
+  absl::StatusOr<aviary::v1::JobInfo> CancelJob(const std::string& job_id);
+  absl::StatusOr<aviary::v1::GetHistoryResponse> GetHistory(const std::string& job_id);
+  // Sends the job as it is, then one event per change of the job, until an event leaves the job
+  // terminal (OK), `send` returns false or `cancelled` returns true (CANCELLED), or Shutdown
+  // (UNAVAILABLE). `cancelled` is polled at least every 500 ms.
+  absl::Status WatchJob(const std::string& job_id,
+                        const std::function<bool(const aviary::v1::JobEvent&)>& send,
+                        const std::function<bool()>& cancelled);
+
+  // --- WorkerService.
+  absl::StatusOr<aviary::v1::RegisterGroupResponse> RegisterGroup(
+      const aviary::v1::RegisterGroupRequest& request);
+  // Renews the group; returns cancel_task.
+  absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id);
+  // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
+  absl::StatusOr<aviary::v1::LeaseTaskResponse> LeaseTask(const std::string& group_id);
+  // Returns cancel_task.
+  absl::StatusOr<bool> ReportProgress(const aviary::v1::ReportProgressRequest& request);
+  absl::Status ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request);
+  absl::Status CompleteTask(const aviary::v1::CompleteTaskRequest& request);
+  absl::Status FailTask(const aviary::v1::FailTaskRequest& request);
+
+  // One reaper pass now; returns the number of groups removed.
+  int ReapLostGroups();
+
+  const SchedulerOptions& options() const { return options_; }
+
+ private:
+  struct Job {
+    JobRow row;
+    std::vector<std::string> task_ids;  // DAG order
+    // The job with its tasks as of the last commit; readers copy it outside the lock.
+    std::shared_ptr<const aviary::v1::JobInfo> snapshot;
+    uint64_t next_event = 0;            // sequence number of the next event
+    std::deque<std::pair<uint64_t, aviary::v1::JobEvent>> events;  // the latest events
+    // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
+    // never move (std::map, never erased), so watchers may wait on it.
+    mutable std::condition_variable_any watch_cv;
+  };
+  struct Group {
+    GroupRow row;
+    std::atomic<int64_t> last_seen_ms{0};  // steady clock
+  };
+  struct EventSpec {
+    std::string job_id;
+    std::string task_id;
+    bool has_metrics = false;
+    aviary::v1::Metrics metrics;
+    std::string message;
+  };
+  // Staged changes of one mutation: copies of the rows it changes, written in one transaction,
+  // then applied to memory.
+  struct Changes {
+    std::map<std::string, TaskRow> tasks;
+    std::map<std::string, JobRow> jobs;
+    std::map<std::string, GroupRow> put_groups;
+    std::vector<std::string> deleted_groups;
+    std::vector<std::function<absl::Status()>> writes;  // extra store writes
+    std::vector<EventSpec> events;
+    std::vector<std::pair<aviary::v1::TaskInfo, aviary::v1::Metrics>> points;
+    int64_t groups_lost = 0;
+  };
+
+  Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics);
+  absl::Status Restore();
+  void ReaperLoop();
+
+  // Staging helpers; all need write_mu_ and mu_ (shared or exclusive) held.
+  TaskRow& Stage(Changes* changes, const std::string& task_id);
+  JobRow& StageJob(Changes* changes, const std::string& job_id);
+  const TaskRow& View(const Changes& changes, const std::string& task_id) const;
+  // Puts a leased task back to READY with one more restart, or fails it (and its job) when that
+  // would exceed max_restarts. `why` starts the failure message.
+  void RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why);
+  // Fails the task and its job; cancels the job's other unfinished tasks.
+  void FailTaskAndJob(Changes* changes, const std::string& task_id, const std::string& error);
+  // Re-derives the job's state from its (staged) tasks.
+  void DeriveJobState(Changes* changes, const std::string& job_id);
+  // Writes `changes` in one transaction, then applies them to memory and wakes watchers. The
+  // caller holds write_mu_ and `*shared` (a reader lock of mu_), which is upgraded for the apply
+  // step and held again on return; `shared` null: the caller holds mu_ exclusively.
+  absl::Status Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared);
+  aviary::v1::JobInfo BuildJobInfo(const Job& job) const;
+  void RefreshSnapshot(Job* job);
+  // The task the group holds (LEASED to it), or nullptr.
+  const TaskRow* HeldTask(const Group& group) const;
+  absl::StatusOr<Group*> FindGroup(const std::string& group_id) const;
+  void UpdateJobCountsLocked();
+  std::string NewId(char prefix);
+  int64_t NowMs() const;
+
+  const SchedulerOptions options_;
+  Store* const store_;
+  CoordinatorMetrics* const metrics_;
+  common::Logger log_{"scheduler"};
+
+  // Writers (every mutation and the reaper) serialise on write_mu_, stage their changes and write
+  // SQLite under a reader lock of mu_, and take mu_ exclusively only to apply the committed
+  // changes: status readers never wait for an fsync.
+  std::mutex write_mu_;
+  mutable std::shared_mutex mu_;
+  std::map<std::string, Job> jobs_;       // never erased: references stay valid
+  std::map<int64_t, std::string> job_order_;  // seq -> job id
+  std::unordered_map<std::string, TaskRow> tasks_;
+  std::map<std::string, std::unique_ptr<Group>> groups_;
+  int64_t next_job_seq_ = 1;
+  int64_t groups_lost_total_ = 0;
+  std::mt19937_64 rng_;
+
+  std::mutex reaper_mu_;
+  std::condition_variable reaper_cv_;
+  std::atomic<bool> shutdown_{false};
+  std::thread reaper_;
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_SCHEDULER_H_

@@ -1,0 +1,467 @@
+#include "coordinator/service.h"
+
+#include <cmath>
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/str_cat.h"
+#include "common/csv.h"
+#include "common/status.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/resource_quota.h"
+#include "grpcpp/security/server_credentials.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Sync-server threads are capped by this quota; WatchJob streams hold one each.
+constexpr int kMaxServerThreads = 512;
+constexpr int kMaxReceiveBytes = 64 << 20;  // progress batches of up to 100,000 points
+constexpr size_t kMaxPointsPerReport = 100000;
+constexpr size_t kMaxPipelineBytes = 4 << 20;
+constexpr size_t kMaxTextBytes = 4096;
+
+bool IsHex12(absl::string_view text) {
+  if (text.size() != 12) return false;
+  for (char c : text) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+std::string Shown(const std::string& value) {
+  if (value.size() > 80) return absl::StrCat("'", value.substr(0, 80), "...'");
+  return absl::StrCat("'", value, "'");
+}
+
+absl::Status CheckJobId(const std::string& field, const std::string& value) {
+  if (value.size() == 13 && value[0] == 'j' && IsHex12(absl::string_view(value).substr(1))) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "field '", field, "': ", Shown(value), " is not a job id (j + 12 lowercase hex digits)"));
+}
+
+absl::Status CheckGroupId(const std::string& field, const std::string& value) {
+  if (value.size() == 13 && value[0] == 'g' && IsHex12(absl::string_view(value).substr(1))) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "field '", field, "': ", Shown(value), " is not a group id (g + 12 lowercase hex digits)"));
+}
+
+// <job_id>/(pretrain|finetune)-f<k>
+absl::Status CheckTaskId(const std::string& field, const std::string& value) {
+  bool ok = value.size() > 14 && CheckJobId(field, value.substr(0, 13)).ok() && value[13] == '/';
+  if (ok) {
+    absl::string_view rest = absl::string_view(value).substr(14);
+    if (absl::ConsumePrefix(&rest, "pretrain-f") || absl::ConsumePrefix(&rest, "finetune-f")) {
+      ok = !rest.empty() && rest.size() <= 6;
+      for (char c : rest) ok = ok && c >= '0' && c <= '9';
+    } else {
+      ok = false;
+    }
+  }
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("field '", field, "': ", Shown(value),
+                                                 " is not a task id (<job_id>/<stage>-f<fold>)"));
+}
+
+absl::Status CheckText(const std::string& field, const std::string& value, bool required,
+                       size_t max_bytes = kMaxTextBytes) {
+  if (required && value.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("field '", field, "': must not be empty"));
+  }
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("field '", field, "': ", value.size(),
+                                                   " bytes, at most ", max_bytes, " allowed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPoint(int index, const aviary::v1::Metrics& point) {
+  const std::string field = absl::StrCat("points[", index, "]");
+  if (point.epoch() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("field '", field, ".epoch': ", point.epoch(), " must be >= 0"));
+  }
+  if (point.step() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("field '", field, ".step': ", point.step(), " must be >= 0"));
+  }
+  if (point.samples_total() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("field '", field, ".samples_total': ",
+                                                   point.samples_total(), " must be >= 0"));
+  }
+  return absl::OkStatus();
+}
+
+// Runs `body` after authorization, mapping its status to gRPC's.
+template <typename Body>
+grpc::Status Serve(const grpc::ServerContext& context, const std::string& token, Body body) {
+  absl::Status status = Authorize(context, token);
+  if (status.ok()) status = body();
+  return ToGrpcStatus(status);
+}
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+bool ConstantTimeEquals(const std::string& a, const std::string& b) {
+  const size_t n = std::max(a.size(), b.size());
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned char>(x ^ y);
+  }
+  return diff == 0;
+}
+
+absl::Status Authorize(const grpc::ServerContext& context, const std::string& token) {
+  if (token.empty()) return absl::OkStatus();
+  const auto& metadata = context.client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return absl::UnauthenticatedError(
+        "missing 'authorization: Bearer <token>' metadata (give the client --token-file)");
+  }
+  const std::string value(it->second.data(), it->second.size());
+  if (!ConstantTimeEquals(value, absl::StrCat("Bearer ", token))) {
+    return absl::UnauthenticatedError("the bearer token is not this coordinator's token");
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// JobService.
+
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
+                                       const aviary::v1::SubmitJobRequest* request,
+                                       aviary::v1::SubmitJobResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckText("pipeline_yaml", request->pipeline_yaml(), true, kMaxPipelineBytes));
+    AVIARY_RETURN_IF_ERROR(CheckText("name", request->name(), false, 256));
+    AVIARY_RETURN_IF_ERROR(CheckText("source_path", request->source_path(), false));
+    AVIARY_RETURN_IF_ERROR(CheckText("working_dir", request->working_dir(), false));
+    if (!request->working_dir().empty() && fs::path(request->working_dir()).is_relative()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "field 'working_dir': ", Shown(request->working_dir()), " is not an absolute path"));
+    }
+    for (int i = 0; i < request->overrides_size(); ++i) {
+      const std::string& text = request->overrides(i);
+      const std::string field = absl::StrCat("overrides[", i, "]");
+      AVIARY_RETURN_IF_ERROR(CheckText(field, text, true));
+      if (text.find('=') == std::string::npos || text[0] == '=') {
+        return absl::InvalidArgumentError(
+            absl::StrCat("field '", field, "': ", Shown(text), " is not dotted.key=value"));
+      }
+    }
+    AVIARY_ASSIGN_OR_RETURN(std::string job_id, scheduler_->SubmitJob(*request));
+    response->set_job_id(job_id);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* context,
+                                    const aviary::v1::GetJobRequest* request,
+                                    aviary::v1::JobInfo* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetJob(request->job_id()));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
+                                      const aviary::v1::ListJobsRequest* request,
+                                      aviary::v1::ListJobsResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    if (request->limit() < 0 || request->limit() > 10000) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field 'limit': ", request->limit(), " is outside 0..10000"));
+    }
+    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(request->limit())) {
+      *response->add_jobs() = std::move(job);
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
+                                       const aviary::v1::CancelJobRequest* request,
+                                       aviary::v1::CancelJobResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    AVIARY_ASSIGN_OR_RETURN(*response->mutable_job(), scheduler_->CancelJob(request->job_id()));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
+                                      const aviary::v1::WatchJobRequest* request,
+                                      grpc::ServerWriter<aviary::v1::JobEvent>* writer) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    return scheduler_->WatchJob(
+        request->job_id(), [&](const aviary::v1::JobEvent& event) { return writer->Write(event); },
+        [&] { return context->IsCancelled(); });
+  });
+}
+
+grpc::Status JobServiceImpl::GetHistory(grpc::ServerContext* context,
+                                        const aviary::v1::GetHistoryRequest* request,
+                                        aviary::v1::GetHistoryResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetHistory(request->job_id()));
+    return absl::OkStatus();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// WorkerService.
+
+grpc::Status WorkerServiceImpl::RegisterGroup(grpc::ServerContext* context,
+                                              const aviary::v1::RegisterGroupRequest* request,
+                                              aviary::v1::RegisterGroupResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    if (request->world_size() < 1 || request->world_size() > 65536) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field 'world_size': ", request->world_size(), " is outside 1..65536"));
+    }
+    if (request->hosts_size() > request->world_size() ||
+        request->devices_size() > request->world_size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "field '", request->hosts_size() > request->world_size() ? "hosts" : "devices", "': ",
+          std::max(request->hosts_size(), request->devices_size()),
+          " entries for world_size ", request->world_size()));
+    }
+    for (int i = 0; i < request->hosts_size(); ++i) {
+      AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("hosts[", i, "]"), request->hosts(i), false, 256));
+    }
+    for (int i = 0; i < request->devices_size(); ++i) {
+      AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("devices[", i, "]"), request->devices(i), false, 64));
+    }
+    AVIARY_RETURN_IF_ERROR(CheckText("backend", request->backend(), false, 64));
+    AVIARY_RETURN_IF_ERROR(CheckText("version", request->version(), false, 256));
+    AVIARY_RETURN_IF_ERROR(CheckText("metrics_address", request->metrics_address(), false, 256));
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->RegisterGroup(*request));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
+                                          const aviary::v1::HeartbeatRequest* request,
+                                          aviary::v1::HeartbeatResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    if (!request->task_id().empty()) AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->Heartbeat(request->group_id(), request->task_id()));
+    response->set_cancel_task(cancel);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status WorkerServiceImpl::LeaseTask(grpc::ServerContext* context,
+                                          const aviary::v1::LeaseTaskRequest* request,
+                                          aviary::v1::LeaseTaskResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->LeaseTask(request->group_id()));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* context,
+                                               const aviary::v1::ReportProgressRequest* request,
+                                               aviary::v1::ReportProgressResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    if (request->steps_per_epoch() < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "field 'steps_per_epoch': ", request->steps_per_epoch(), " must be >= 0"));
+    }
+    if (static_cast<size_t>(request->points_size()) > kMaxPointsPerReport) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'points': ", request->points_size(),
+                                                     " points, at most ", kMaxPointsPerReport));
+    }
+    for (int i = 0; i < request->points_size(); ++i) {
+      AVIARY_RETURN_IF_ERROR(CheckPoint(i, request->points(i)));
+    }
+    AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->ReportProgress(*request));
+    response->set_cancel_task(cancel);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status WorkerServiceImpl::ReportCheckpoint(grpc::ServerContext* context,
+                                                 const aviary::v1::ReportCheckpointRequest* request,
+                                                 aviary::v1::ReportCheckpointResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    AVIARY_RETURN_IF_ERROR(CheckText("path", request->path(), true));
+    if (request->epoch() < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field 'epoch': ", request->epoch(), " must be >= 0"));
+    }
+    return scheduler_->ReportCheckpoint(*request);
+  });
+}
+
+grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
+                                             const aviary::v1::CompleteTaskRequest* request,
+                                             aviary::v1::CompleteTaskResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    AVIARY_RETURN_IF_ERROR(CheckText("best_checkpoint", request->best_checkpoint(), true));
+    if (request->has_best()) AVIARY_RETURN_IF_ERROR(CheckPoint(0, request->best()));
+    return scheduler_->CompleteTask(*request);
+  });
+}
+
+grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
+                                         const aviary::v1::FailTaskRequest* request,
+                                         aviary::v1::FailTaskResponse* response) {
+  return Serve(*context, token_, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    AVIARY_RETURN_IF_ERROR(CheckText("error", request->error(), true, 64 * 1024));
+    return scheduler_->FailTask(*request);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coordinator.
+
+absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfig& config) {
+  CoordinatorSecrets secrets;
+  if (!config.token_file.empty()) {
+    auto token = ReadTokenFile(config.token_file);
+    if (!token.ok()) return common::Annotate(token.status(), "key 'token_file'");
+    secrets.token = std::move(*token);
+  } else if (!config.allow_no_auth) {
+    return absl::InvalidArgumentError(
+        "key 'token_file': no token file and allow_no_auth is false");
+  }
+  if (!config.tls_cert_file.empty()) {
+    auto cert = common::ReadFileToString(config.tls_cert_file);
+    if (!cert.ok()) return common::Annotate(cert.status(), "key 'tls_cert_file'");
+    auto key = common::ReadFileToString(config.tls_key_file);
+    if (!key.ok()) return common::Annotate(key.status(), "key 'tls_key_file'");
+    secrets.tls_cert_pem = std::move(*cert);
+    secrets.tls_key_pem = std::move(*key);
+  }
+  return secrets;
+}
+
+namespace {
+
+// "HOST:PORT" with the port replaced by the bound one.
+std::string WithPort(const std::string& address, int port) {
+  const size_t colon = address.rfind(':');
+  return absl::StrCat(address.substr(0, colon), ":", port);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorConfig& config,
+                                                                 const CoordinatorSecrets& secrets) {
+  std::unique_ptr<Coordinator> c(new Coordinator());
+  if (secrets.token.empty()) {
+    c->log_.Warn(
+        "serving WITHOUT authentication (allow_no_auth: true): anyone who can reach the port "
+        "can submit and cancel jobs and impersonate worker groups");
+  }
+  AVIARY_ASSIGN_OR_RETURN(c->store_, Store::Open(config.database));
+  AVIARY_ASSIGN_OR_RETURN(c->metrics_, CoordinatorMetrics::Create(config.metrics_listen));
+  SchedulerOptions options;
+  options.work_dir = config.work_dir;
+  options.heartbeat_interval_s = config.heartbeat_interval_s;
+  options.heartbeat_timeout_s = config.heartbeat_timeout_s;
+  options.max_restarts = config.max_restarts;
+  AVIARY_ASSIGN_OR_RETURN(c->scheduler_,
+                          Scheduler::Create(options, c->store_.get(), c->metrics_.get()));
+  c->job_service_ = std::make_unique<JobServiceImpl>(c->scheduler_.get(), secrets.token);
+  c->worker_service_ = std::make_unique<WorkerServiceImpl>(c->scheduler_.get(), secrets.token);
+
+  grpc::ServerBuilder builder;
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  if (!secrets.tls_cert_pem.empty()) {
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({secrets.tls_key_pem, secrets.tls_cert_pem});
+    credentials = grpc::SslServerCredentials(ssl);
+  } else {
+    credentials = grpc::InsecureServerCredentials();
+  }
+  builder.AddListeningPort(config.listen, credentials, &c->grpc_port_);
+  grpc::ResourceQuota quota("aviary-coordinator");
+  quota.SetMaxThreads(kMaxServerThreads);
+  builder.SetResourceQuota(quota);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::NUM_CQS, 2);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 2);
+  builder.SetMaxReceiveMessageSize(kMaxReceiveBytes);
+  builder.SetMaxSendMessageSize(-1);
+  // Find dead watchers and idle clients: ping every 60 s, allow clients' pings every 10 s.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 60000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.RegisterService(c->job_service_.get());
+  builder.RegisterService(c->worker_service_.get());
+  c->server_ = builder.BuildAndStart();
+  if (c->server_ == nullptr || c->grpc_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("listen ", config.listen,
+                                               ": cannot serve gRPC there (address in use, or "
+                                               "not an address of this host?)"));
+  }
+  if (!config.port_file.empty()) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(
+        common::WriteFileAtomically(config.port_file, absl::StrCat(c->grpc_port_, "\n")),
+        "key 'port_file'"));
+  }
+  if (!config.metrics_port_file.empty() && c->metrics_port() != 0) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(
+        common::WriteFileAtomically(config.metrics_port_file, absl::StrCat(c->metrics_port(), "\n")),
+        "key 'metrics_port_file'"));
+  }
+  c->log_.Info(absl::StrCat(
+      "listening on ", WithPort(config.listen, c->grpc_port_), " (gRPC",
+      secrets.tls_cert_pem.empty() ? "" : ", TLS", "), metrics on ",
+      config.metrics_listen.empty() ? std::string("(disabled)")
+                                    : WithPort(config.metrics_listen, c->metrics_port())));
+  return c;
+}
+
+Coordinator::~Coordinator() { (void)Shutdown(); }
+
+absl::Status Coordinator::Shutdown(std::chrono::milliseconds grace) {
+  if (shut_down_) return absl::OkStatus();
+  shut_down_ = true;
+  // Watchers end first so that Shutdown's wait is for short calls only.
+  if (scheduler_) scheduler_->Shutdown();
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + grace);
+  if (server_) server_->Wait();
+  log_.Debug("gRPC server stopped");
+  server_.reset();
+  scheduler_.reset();
+  metrics_.reset();
+  log_.Debug("metrics endpoint stopped");
+  absl::Status status = store_ ? store_->Close() : absl::OkStatus();
+  store_.reset();
+  return status;
+}
+
+}  // namespace aviary::coordinator

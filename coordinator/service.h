@@ -1,0 +1,133 @@
+// The coordinator's gRPC edge: JobService (clients) and WorkerService (worker groups) over the
+// Scheduler, bearer-token authentication on every RPC, TLS when configured, and request
+// validation (INVALID_ARGUMENT naming the field and the value). Plus `Coordinator`, which wires
+// the store, the metrics, the scheduler and the server together for main() and tests.
+//
+// Thread-safe: the services are stateless over the (thread-safe) scheduler.
+#ifndef AVIARY_COORDINATOR_SERVICE_H_
+#define AVIARY_COORDINATOR_SERVICE_H_
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/logging.h"
+#include "coordinator/coordinator_config.h"
+#include "coordinator/metrics.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/store.h"
+#include "proto/aviary.grpc.pb.h"
+
+namespace grpc {
+class Server;
+}
+
+namespace aviary::coordinator {
+
+// The absl::Status as a grpc::Status (same code, same message).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// Compares in time that depends only on the lengths, not on where the strings differ.
+bool ConstantTimeEquals(const std::string& a, const std::string& b);
+
+// Checks the `authorization: Bearer <token>` entry; `token` "" accepts every call.
+absl::Status Authorize(const grpc::ServerContext& context, const std::string& token);
+
+class JobServiceImpl final : public aviary::v1::JobService::Service {
+ public:
+  JobServiceImpl(Scheduler* scheduler, std::string token)
+      : scheduler_(scheduler), token_(std::move(token)) {}
+
+  grpc::Status SubmitJob(grpc::ServerContext* context, const aviary::v1::SubmitJobRequest* request,
+                         aviary::v1::SubmitJobResponse* response) override;
+  grpc::Status GetJob(grpc::ServerContext* context, const aviary::v1::GetJobRequest* request,
+                      aviary::v1::JobInfo* response) override;
+  grpc::Status ListJobs(grpc::ServerContext* context, const aviary::v1::ListJobsRequest* request,
+                        aviary::v1::ListJobsResponse* response) override;
+  grpc::Status CancelJob(grpc::ServerContext* context, const aviary::v1::CancelJobRequest* request,
+                         aviary::v1::CancelJobResponse* response) override;
+  grpc::Status WatchJob(grpc::ServerContext* context, const aviary::v1::WatchJobRequest* request,
+                        grpc::ServerWriter<aviary::v1::JobEvent>* writer) override;
+  grpc::Status GetHistory(grpc::ServerContext* context, const aviary::v1::GetHistoryRequest* request,
+                          aviary::v1::GetHistoryResponse* response) override;
+
+ private:
+  Scheduler* scheduler_;
+  const std::string token_;
+};
+
+class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {
+ public:
+  WorkerServiceImpl(Scheduler* scheduler, std::string token)
+      : scheduler_(scheduler), token_(std::move(token)) {}
+
+  grpc::Status RegisterGroup(grpc::ServerContext* context,
+                             const aviary::v1::RegisterGroupRequest* request,
+                             aviary::v1::RegisterGroupResponse* response) override;
+  grpc::Status Heartbeat(grpc::ServerContext* context, const aviary::v1::HeartbeatRequest* request,
+                         aviary::v1::HeartbeatResponse* response) override;
+  grpc::Status LeaseTask(grpc::ServerContext* context, const aviary::v1::LeaseTaskRequest* request,
+                         aviary::v1::LeaseTaskResponse* response) override;
+  grpc::Status ReportProgress(grpc::ServerContext* context,
+                              const aviary::v1::ReportProgressRequest* request,
+                              aviary::v1::ReportProgressResponse* response) override;
+  grpc::Status ReportCheckpoint(grpc::ServerContext* context,
+                                const aviary::v1::ReportCheckpointRequest* request,
+                                aviary::v1::ReportCheckpointResponse* response) override;
+  grpc::Status CompleteTask(grpc::ServerContext* context,
+                            const aviary::v1::CompleteTaskRequest* request,
+                            aviary::v1::CompleteTaskResponse* response) override;
+  grpc::Status FailTask(grpc::ServerContext* context, const aviary::v1::FailTaskRequest* request,
+                        aviary::v1::FailTaskResponse* response) override;
+
+ private:
+  Scheduler* scheduler_;
+  const std::string token_;
+};
+
+// What the coordinator reads from the files its config names: the token and the TLS PEMs.
+struct CoordinatorSecrets {
+  std::string token;  // "" only with allow_no_auth
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
+};
+
+// Reads token_file / tls_cert_file / tls_key_file; errors name the key and the file.
+absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfig& config);
+
+// A running coordinator: store, metrics, scheduler (with its reaper) and the gRPC server.
+class Coordinator {
+ public:
+  // Opens the store, restores the scheduler, serves /metrics and gRPC, then writes the port
+  // files. Logs "listening on HOST:PORT (gRPC), metrics on HOST:PORT".
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Start(const CoordinatorConfig& config,
+                                                            const CoordinatorSecrets& secrets);
+  ~Coordinator();
+
+  // Stops accepting calls, waits up to `grace` for running ones (then cancels them), stops the
+  // scheduler and closes the store. Idempotent.
+  absl::Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(5000));
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
+  Scheduler* scheduler() { return scheduler_.get(); }
+  CoordinatorMetrics* metrics() { return metrics_.get(); }
+
+ private:
+  Coordinator() = default;
+
+  common::Logger log_{"coordinator"};
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<CoordinatorMetrics> metrics_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<JobServiceImpl> job_service_;
+  std::unique_ptr<WorkerServiceImpl> worker_service_;
+  std::unique_ptr<grpc::Server> server_;
+  int grpc_port_ = 0;
+  bool shut_down_ = false;
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_SERVICE_H_

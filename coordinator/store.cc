@@ -1,0 +1,550 @@
+#include "coordinator/store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace aviary::coordinator {
+
+namespace {
+
+constexpr int kBusyTimeoutMs = 10000;
+
+constexpr const char* kSchema[] = {
+    "CREATE TABLE jobs ("
+    "  job_id TEXT PRIMARY KEY,"
+    "  seq INTEGER NOT NULL,"
+    "  state INTEGER NOT NULL,"
+    "  info BLOB NOT NULL)",
+    "CREATE TABLE tasks ("
+    "  task_id TEXT PRIMARY KEY,"
+    "  job_id TEXT NOT NULL,"
+    "  seq INTEGER NOT NULL,"
+    "  state INTEGER NOT NULL,"
+    "  group_id TEXT NOT NULL,"
+    "  depends_on TEXT NOT NULL,"
+    "  init_checkpoint TEXT NOT NULL,"
+    "  resume_checkpoint TEXT NOT NULL,"
+    "  info BLOB NOT NULL,"
+    "  manifest_csv BLOB NOT NULL,"
+    "  pipeline_yaml TEXT NOT NULL)",
+    "CREATE INDEX tasks_by_job ON tasks(job_id, seq)",
+    "CREATE TABLE groups ("
+    "  group_id TEXT PRIMARY KEY,"
+    "  task_id TEXT NOT NULL,"
+    "  registered_unix_ms INTEGER NOT NULL,"
+    "  info BLOB NOT NULL)",
+    "CREATE TABLE metric_points ("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    "  job_id TEXT NOT NULL,"
+    "  task_id TEXT NOT NULL,"
+    "  attempt INTEGER NOT NULL,"
+    "  time_unix_ms INTEGER NOT NULL,"
+    "  epoch INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  epoch_end INTEGER NOT NULL,"
+    "  metrics BLOB NOT NULL)",
+    "CREATE INDEX metric_points_by_job ON metric_points(job_id, epoch_end, id)",
+    "CREATE INDEX metric_points_by_task ON metric_points(task_id, epoch_end, id)",
+    "CREATE TABLE checkpoints ("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    "  task_id TEXT NOT NULL,"
+    "  attempt INTEGER NOT NULL,"
+    "  path TEXT NOT NULL,"
+    "  epoch INTEGER NOT NULL,"
+    "  best INTEGER NOT NULL,"
+    "  time_unix_ms INTEGER NOT NULL)",
+    "CREATE INDEX checkpoints_by_task ON checkpoints(task_id, id)",
+    "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+};
+
+std::string Serialize(const google::protobuf::MessageLite& message) {
+  std::string out;
+  message.SerializeToString(&out);
+  return out;
+}
+
+}  // namespace
+
+// A prepared statement; finalized on destruction. Binds are 1-based as in sqlite.
+class Store::Statement {
+ public:
+  Statement(Store* store, const char* sql) : store_(store), sql_(sql) {
+    rc_ = sqlite3_prepare_v2(store->db_, sql, -1, &stmt_, nullptr);
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+
+  absl::Status status() const {
+    return rc_ == SQLITE_OK ? absl::OkStatus() : store_->SqlError(rc_, sql_);
+  }
+  void Bind(int index, int64_t value) {
+    Keep(sqlite3_bind_int64(stmt_, index, value));
+  }
+  void Bind(int index, const std::string& text) {
+    Keep(sqlite3_bind_text(stmt_, index, text.data(), static_cast<int>(text.size()),
+                           SQLITE_TRANSIENT));
+  }
+  void BindBlob(int index, const std::string& bytes) {
+    Keep(sqlite3_bind_blob(stmt_, index, bytes.data(), static_cast<int>(bytes.size()),
+                           SQLITE_TRANSIENT));
+  }
+  // Steps once: true with a row, false when done; errors go to *status.
+  bool Step(absl::Status* status) {
+    if (rc_ != SQLITE_OK) {
+      *status = this->status();
+      return false;
+    }
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc != SQLITE_DONE) *status = store_->SqlError(rc, sql_);
+    return false;
+  }
+  // Runs a statement that returns no rows.
+  absl::Status Run() {
+    absl::Status status;
+    while (Step(&status)) {
+    }
+    return status;
+  }
+  int64_t Int(int column) const { return sqlite3_column_int64(stmt_, column); }
+  std::string Text(int column) const {
+    const void* data = sqlite3_column_blob(stmt_, column);
+    const int size = sqlite3_column_bytes(stmt_, column);
+    return data == nullptr ? std::string() : std::string(static_cast<const char*>(data), size);
+  }
+  template <typename M>
+  absl::Status Parse(int column, M* message) const {
+    if (!message->ParseFromString(Text(column))) {
+      return absl::DataLossError(absl::StrCat("database ", store_->path_, ": statement '", sql_,
+                                              "': column ", column, " does not parse as ",
+                                              message->GetTypeName()));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  void Keep(int rc) {
+    if (rc_ == SQLITE_OK && rc != SQLITE_OK) rc_ = rc;
+  }
+  Store* store_;
+  const char* sql_;
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_ = SQLITE_OK;
+};
+
+absl::Status Store::SqlError(int rc, const std::string& statement) const {
+  const char* detail = db_ != nullptr ? sqlite3_errmsg(db_) : sqlite3_errstr(rc);
+  return absl::InternalError(absl::StrCat("database ", path_, ": statement '", statement,
+                                          "' failed: ", sqlite3_errstr(rc), " (", rc, "): ",
+                                          detail));
+}
+
+absl::Status Store::CheckOpen() const {
+  if (db_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat("database ", path_, " is closed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Store::Exec(const char* sql) {
+  char* error = nullptr;
+  const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &error);
+  if (rc != SQLITE_OK) {
+    std::string detail = error != nullptr ? error : sqlite3_errstr(rc);
+    sqlite3_free(error);
+    return absl::InternalError(absl::StrCat("database ", path_, ": statement '", sql,
+                                            "' failed: ", sqlite3_errstr(rc), " (", rc, "): ",
+                                            detail));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
+  if (path.empty()) return absl::InvalidArgumentError("database path is empty");
+  const std::string lock_path = path + ".lock";
+  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd < 0) {
+    return absl::InternalError(absl::StrCat("database ", path, ": cannot open lock file ",
+                                            lock_path, ": ", std::strerror(errno)));
+  }
+  if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    ::close(lock_fd);
+    if (error == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "database ", path, " is in use by another coordinator (", lock_path, " is locked)"));
+    }
+    return absl::InternalError(absl::StrCat("database ", path, ": flock ", lock_path, ": ",
+                                            std::strerror(error)));
+  }
+  sqlite3* db = nullptr;
+  const int rc = sqlite3_open_v2(path.c_str(), &db,
+                                 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                                 nullptr);
+  if (rc != SQLITE_OK) {
+    std::string detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+    sqlite3_close(db);
+    ::close(lock_fd);
+    return absl::InternalError(
+        absl::StrCat("database ", path, ": cannot open: ", sqlite3_errstr(rc), ": ", detail));
+  }
+  std::unique_ptr<Store> store(new Store(path, db, lock_fd));
+  const int busy_rc = sqlite3_busy_timeout(db, kBusyTimeoutMs);
+  if (busy_rc != SQLITE_OK) return store->SqlError(busy_rc, "sqlite3_busy_timeout");
+  // journal_mode returns a row with the mode in effect; check that WAL was accepted.
+  {
+    Statement wal(store.get(), "PRAGMA journal_mode=WAL");
+    absl::Status status;
+    if (!wal.Step(&status)) {
+      if (!status.ok()) return status;
+      return absl::InternalError(absl::StrCat("database ", path, ": PRAGMA journal_mode=WAL returned no row"));
+    }
+    if (wal.Text(0) != "wal") {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "database ", path, ": cannot use the WAL journal (got '", wal.Text(0), "')"));
+    }
+  }
+  AVIARY_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
+  AVIARY_RETURN_IF_ERROR(store->Exec("PRAGMA foreign_keys=ON"));
+  AVIARY_RETURN_IF_ERROR(store->InitSchema());
+  return store;
+}
+
+absl::Status Store::InitSchema() {
+  int64_t version = 0;
+  int64_t tables = 0;
+  {
+    Statement st(this, "PRAGMA user_version");
+    absl::Status status;
+    if (st.Step(&status)) version = st.Int(0);
+    AVIARY_RETURN_IF_ERROR(status);
+  }
+  {
+    Statement st(this, "SELECT count(*) FROM sqlite_master WHERE type='table'");
+    absl::Status status;
+    if (st.Step(&status)) tables = st.Int(0);
+    AVIARY_RETURN_IF_ERROR(status);
+  }
+  if (version == kStoreSchemaVersion) return absl::OkStatus();
+  if (version != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("database ", path_, " has schema version ", version,
+                     "; this coordinator reads version ", kStoreSchemaVersion,
+                     " (use a new database file or the matching coordinator)"));
+  }
+  if (tables != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "database ", path_, " holds ", tables,
+        " tables but no aviary schema version (PRAGMA user_version = 0): not an aviary database"));
+  }
+  return Transaction([&]() -> absl::Status {
+    for (const char* sql : kSchema) AVIARY_RETURN_IF_ERROR(Exec(sql));
+    const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
+    return Exec(pragma.c_str());
+  });
+}
+
+Store::~Store() { (void)Close(); }
+
+absl::Status Store::Close() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (db_ == nullptr) return absl::OkStatus();
+  const int rc = sqlite3_close(db_);
+  if (rc != SQLITE_OK) {
+    absl::Status status = SqlError(rc, "sqlite3_close");
+    return status;
+  }
+  db_ = nullptr;
+  if (lock_fd_ >= 0) {
+    ::close(lock_fd_);  // releases the flock
+    lock_fd_ = -1;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  if (in_transaction_) return body();  // nested: part of the enclosing transaction
+  AVIARY_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  in_transaction_ = true;
+  absl::Status status = body();
+  if (status.ok()) status = Exec("COMMIT");
+  in_transaction_ = false;
+  if (!status.ok()) {
+    if (!sqlite3_get_autocommit(db_)) {
+      absl::Status rollback = Exec("ROLLBACK");
+      if (!rollback.ok()) {
+        return absl::InternalError(absl::StrCat(status.message(), "; then ", rollback.message()));
+      }
+    }
+    return status;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Store::PutJob(const JobRow& job) {
+  Statement st(this,
+               "INSERT INTO jobs(job_id, seq, state, info) VALUES(?1, ?2, ?3, ?4) "
+               "ON CONFLICT(job_id) DO UPDATE SET state=excluded.state, info=excluded.info");
+  st.Bind(1, job.info.job_id());
+  st.Bind(2, job.seq);
+  st.Bind(3, static_cast<int64_t>(job.info.state()));
+  aviary::v1::JobInfo info = job.info;
+  info.clear_tasks();
+  st.BindBlob(4, Serialize(info));
+  return st.Run();
+}
+
+absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) {
+  Statement st(this,
+               "INSERT INTO tasks(task_id, job_id, seq, state, group_id, depends_on, "
+               "init_checkpoint, resume_checkpoint, info, manifest_csv, pipeline_yaml) "
+               "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)");
+  st.Bind(1, task.info.task_id());
+  st.Bind(2, task.info.job_id());
+  st.Bind(3, task.seq);
+  st.Bind(4, static_cast<int64_t>(task.info.state()));
+  st.Bind(5, task.info.group_id());
+  st.Bind(6, task.depends_on);
+  st.Bind(7, task.init_checkpoint);
+  st.Bind(8, task.resume_checkpoint);
+  st.BindBlob(9, Serialize(task.info));
+  st.BindBlob(10, payload.manifest_csv);
+  st.Bind(11, payload.pipeline_yaml);
+  return st.Run();
+}
+
+absl::Status Store::UpdateTask(const TaskRow& task) {
+  Statement st(this,
+               "UPDATE tasks SET state=?2, group_id=?3, init_checkpoint=?4, "
+               "resume_checkpoint=?5, info=?6 WHERE task_id=?1");
+  st.Bind(1, task.info.task_id());
+  st.Bind(2, static_cast<int64_t>(task.info.state()));
+  st.Bind(3, task.info.group_id());
+  st.Bind(4, task.init_checkpoint);
+  st.Bind(5, task.resume_checkpoint);
+  st.BindBlob(6, Serialize(task.info));
+  AVIARY_RETURN_IF_ERROR(st.Run());
+  if (sqlite3_changes(db_) != 1) {
+    return absl::InternalError(absl::StrCat("database ", path_, ": UPDATE tasks: no row for task ",
+                                            task.info.task_id()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Store::PutGroup(const GroupRow& group) {
+  Statement st(this,
+               "INSERT INTO groups(group_id, task_id, registered_unix_ms, info) "
+               "VALUES(?1, ?2, ?3, ?4) ON CONFLICT(group_id) DO UPDATE SET "
+               "task_id=excluded.task_id");
+  st.Bind(1, group.group_id);
+  st.Bind(2, group.task_id);
+  st.Bind(3, group.registered_unix_ms);
+  st.BindBlob(4, Serialize(group.info));
+  return st.Run();
+}
+
+absl::Status Store::DeleteGroup(const std::string& group_id) {
+  Statement st(this, "DELETE FROM groups WHERE group_id=?1");
+  st.Bind(1, group_id);
+  return st.Run();
+}
+
+absl::Status Store::AddPoints(const std::string& job_id, const std::string& task_id, int attempt,
+                              int64_t time_unix_ms,
+                              const std::vector<aviary::v1::Metrics>& points) {
+  for (const aviary::v1::Metrics& point : points) {
+    Statement st(this,
+                 "INSERT INTO metric_points(job_id, task_id, attempt, time_unix_ms, epoch, step, "
+                 "epoch_end, metrics) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
+    st.Bind(1, job_id);
+    st.Bind(2, task_id);
+    st.Bind(3, attempt);
+    st.Bind(4, time_unix_ms);
+    st.Bind(5, point.epoch());
+    st.Bind(6, point.step());
+    st.Bind(7, point.epoch_end() ? 1 : 0);
+    st.BindBlob(8, Serialize(point));
+    AVIARY_RETURN_IF_ERROR(st.Run());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Store::AddCheckpoint(const std::string& task_id, int attempt, const std::string& path,
+                                  int epoch, bool best, int64_t time_unix_ms) {
+  Statement st(this,
+               "INSERT INTO checkpoints(task_id, attempt, path, epoch, best, time_unix_ms) "
+               "VALUES(?1, ?2, ?3, ?4, ?5, ?6)");
+  st.Bind(1, task_id);
+  st.Bind(2, attempt);
+  st.Bind(3, path);
+  st.Bind(4, epoch);
+  st.Bind(5, best ? 1 : 0);
+  st.Bind(6, time_unix_ms);
+  return st.Run();
+}
+
+absl::Status Store::SetCounter(const std::string& name, int64_t value) {
+  Statement st(this,
+               "INSERT INTO counters(name, value) VALUES(?1, ?2) "
+               "ON CONFLICT(name) DO UPDATE SET value=excluded.value");
+  st.Bind(1, name);
+  st.Bind(2, value);
+  return st.Run();
+}
+
+absl::StatusOr<std::vector<JobRow>> Store::LoadJobs() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT seq, info FROM jobs ORDER BY seq");
+  std::vector<JobRow> rows;
+  absl::Status status;
+  while (st.Step(&status)) {
+    JobRow row;
+    row.seq = st.Int(0);
+    AVIARY_RETURN_IF_ERROR(st.Parse(1, &row.info));
+    rows.push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return rows;
+}
+
+absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this,
+               "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info "
+               "FROM tasks t JOIN jobs j ON j.job_id = t.job_id ORDER BY j.seq, t.seq");
+  std::vector<TaskRow> rows;
+  absl::Status status;
+  while (st.Step(&status)) {
+    TaskRow row;
+    row.seq = st.Int(0);
+    row.depends_on = st.Text(1);
+    row.init_checkpoint = st.Text(2);
+    row.resume_checkpoint = st.Text(3);
+    AVIARY_RETURN_IF_ERROR(st.Parse(4, &row.info));
+    rows.push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return rows;
+}
+
+absl::StatusOr<std::vector<GroupRow>> Store::LoadGroups() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this,
+               "SELECT group_id, task_id, registered_unix_ms, info FROM groups "
+               "ORDER BY registered_unix_ms, group_id");
+  std::vector<GroupRow> rows;
+  absl::Status status;
+  while (st.Step(&status)) {
+    GroupRow row;
+    row.group_id = st.Text(0);
+    row.task_id = st.Text(1);
+    row.registered_unix_ms = st.Int(2);
+    AVIARY_RETURN_IF_ERROR(st.Parse(3, &row.info));
+    rows.push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return rows;
+}
+
+absl::StatusOr<TaskPayload> Store::LoadTaskPayload(const std::string& task_id) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT manifest_csv, pipeline_yaml FROM tasks WHERE task_id=?1");
+  st.Bind(1, task_id);
+  absl::Status status;
+  if (!st.Step(&status)) {
+    AVIARY_RETURN_IF_ERROR(status);
+    return absl::NotFoundError(absl::StrCat("database ", path_, ": no task ", task_id));
+  }
+  TaskPayload payload;
+  payload.manifest_csv = st.Text(0);
+  payload.pipeline_yaml = st.Text(1);
+  return payload;
+}
+
+absl::StatusOr<int64_t> Store::GetCounter(const std::string& name) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT value FROM counters WHERE name=?1");
+  st.Bind(1, name);
+  absl::Status status;
+  if (st.Step(&status)) return st.Int(0);
+  AVIARY_RETURN_IF_ERROR(status);
+  return 0;
+}
+
+absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& job_id) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this,
+               "SELECT task_id, attempt, time_unix_ms, metrics FROM metric_points "
+               "WHERE job_id=?1 AND epoch_end=1 ORDER BY id");
+  st.Bind(1, job_id);
+  std::vector<PointRow> rows;
+  absl::Status status;
+  while (st.Step(&status)) {
+    PointRow row;
+    row.task_id = st.Text(0);
+    row.attempt = static_cast<int>(st.Int(1));
+    row.time_unix_ms = st.Int(2);
+    AVIARY_RETURN_IF_ERROR(st.Parse(3, &row.metrics));
+    rows.push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return rows;
+}
+
+absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> Store::LoadLatestEpochEnds() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this,
+               "SELECT task_id, metrics FROM metric_points WHERE id IN "
+               "(SELECT max(id) FROM metric_points WHERE epoch_end=1 GROUP BY task_id)");
+  std::map<std::string, aviary::v1::Metrics> out;
+  absl::Status status;
+  while (st.Step(&status)) {
+    aviary::v1::Metrics metrics;
+    AVIARY_RETURN_IF_ERROR(st.Parse(1, &metrics));
+    out[st.Text(0)] = std::move(metrics);
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return out;
+}
+
+absl::StatusOr<std::vector<Store::CheckpointRow>> Store::LoadCheckpoints(const std::string& task_id) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this,
+               "SELECT path, epoch, best, attempt FROM checkpoints WHERE task_id=?1 ORDER BY id");
+  st.Bind(1, task_id);
+  std::vector<CheckpointRow> rows;
+  absl::Status status;
+  while (st.Step(&status)) {
+    CheckpointRow row;
+    row.path = st.Text(0);
+    row.epoch = static_cast<int>(st.Int(1));
+    row.best = st.Int(2) != 0;
+    row.attempt = static_cast<int>(st.Int(3));
+    rows.push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return rows;
+}
+
+}  // namespace aviary::coordinator

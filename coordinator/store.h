@@ -1,0 +1,143 @@
+// The coordinator's durable log: jobs, tasks (with their manifests and resolved pipeline YAML),
+// worker groups and their leases, metric points and checkpoints, in one SQLite file.
+//
+// The database runs in WAL mode with synchronous=FULL, so a committed transaction survives
+// `kill -9` and power loss. The schema is versioned with `PRAGMA user_version`; a file written
+// by another schema version (or another program) is refused. Every sqlite return code is
+// checked and turned into a Status naming the statement and the database path.
+//
+// Mutations are only allowed inside Transaction(): the scheduler runs one transaction per RPC and
+// commits before it replies. The in-memory view lives in the scheduler; the store is read at
+// start (Load*), for lease payloads and for history.
+//
+// One coordinator per database: Open() takes an exclusive flock on "<path>.lock" (released when
+// the store closes or the process dies, `kill -9` included) and refuses a file another process
+// or store holds.
+//
+// Thread-safe: one connection behind a recursive mutex (Transaction holds it across its body).
+#ifndef AVIARY_COORDINATOR_STORE_H_
+#define AVIARY_COORDINATOR_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "proto/aviary.pb.h"
+
+struct sqlite3;
+
+namespace aviary::coordinator {
+
+// The schema version this build reads and writes.
+inline constexpr int kStoreSchemaVersion = 1;
+
+// A job; `info.tasks` is always empty here (tasks are rows of their own).
+struct JobRow {
+  aviary::v1::JobInfo info;
+  int64_t seq = 0;  // submission order
+};
+
+// A task's scheduling state. The manifest and pipeline YAML live in TaskPayload (large, written
+// once at submit).
+struct TaskRow {
+  aviary::v1::TaskInfo info;
+  int64_t seq = 0;                // DAG order within the job
+  std::string depends_on;         // task id this one waits for ("" = none)
+  std::string init_checkpoint;    // set when the dependency succeeds
+  std::string resume_checkpoint;  // the latest checkpoint reported by any attempt
+};
+
+struct TaskPayload {
+  std::string manifest_csv;
+  std::string pipeline_yaml;
+};
+
+struct GroupRow {
+  std::string group_id;
+  std::string task_id;  // the leased task, "" when idle
+  int64_t registered_unix_ms = 0;
+  aviary::v1::RegisterGroupRequest info;
+};
+
+// One stored metric point.
+struct PointRow {
+  std::string task_id;
+  int attempt = 0;
+  int64_t time_unix_ms = 0;
+  aviary::v1::Metrics metrics;
+};
+
+class Store {
+ public:
+  // Opens (creating when missing) the database at `path`. FAILED_PRECONDITION when the file
+  // holds another schema version or foreign tables; INTERNAL for sqlite errors.
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& path);
+  ~Store();
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  // Closes the connection (checkpointing the WAL). Idempotent; later calls fail.
+  absl::Status Close();
+
+  const std::string& path() const { return path_; }
+
+  // Runs `body` inside BEGIN IMMEDIATE ... COMMIT; rolls back when `body` or COMMIT fails and
+  // returns that error. The mutators below must be called from such a body.
+  absl::Status Transaction(const std::function<absl::Status()>& body);
+
+  absl::Status PutJob(const JobRow& job);
+  absl::Status InsertTask(const TaskRow& task, const TaskPayload& payload);
+  absl::Status UpdateTask(const TaskRow& task);  // INTERNAL when the row is missing
+  absl::Status PutGroup(const GroupRow& group);
+  absl::Status DeleteGroup(const std::string& group_id);
+  absl::Status AddPoints(const std::string& job_id, const std::string& task_id, int attempt,
+                         int64_t time_unix_ms, const std::vector<aviary::v1::Metrics>& points);
+  absl::Status AddCheckpoint(const std::string& task_id, int attempt, const std::string& path,
+                             int epoch, bool best, int64_t time_unix_ms);
+  absl::Status SetCounter(const std::string& name, int64_t value);
+
+  // Readers (each takes the lock itself).
+  absl::StatusOr<std::vector<JobRow>> LoadJobs();     // submission order
+  absl::StatusOr<std::vector<TaskRow>> LoadTasks();   // job order, then DAG order
+  absl::StatusOr<std::vector<GroupRow>> LoadGroups();
+  absl::StatusOr<TaskPayload> LoadTaskPayload(const std::string& task_id);
+  absl::StatusOr<int64_t> GetCounter(const std::string& name);  // 0 when never set
+  // The epoch-end points of a job's tasks, in insertion order.
+  absl::StatusOr<std::vector<PointRow>> LoadEpochEnds(const std::string& job_id);
+  // Per task, its latest epoch-end point (for restoring gauges).
+  absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> LoadLatestEpochEnds();
+  // Checkpoints of a task, oldest first (path, epoch, best).
+  struct CheckpointRow {
+    std::string path;
+    int epoch = 0;
+    bool best = false;
+    int attempt = 0;
+  };
+  absl::StatusOr<std::vector<CheckpointRow>> LoadCheckpoints(const std::string& task_id);
+
+ private:
+  Store(std::string path, sqlite3* db, int lock_fd)
+      : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
+  absl::Status Exec(const char* sql);
+  absl::Status InitSchema();
+  absl::Status SqlError(int rc, const std::string& statement) const;
+  absl::Status CheckOpen() const;
+
+  class Statement;
+
+  const std::string path_;
+  sqlite3* db_ = nullptr;
+  int lock_fd_ = -1;
+  bool in_transaction_ = false;
+  std::recursive_mutex mu_;
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_STORE_H_

@@ -1,0 +1,127 @@
+#include "coordinator/coordinator_config.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+class CoordinatorConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_ccfg_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+  }
+  void TearDown() override { fs::remove_all(root_); }
+  std::string Write(const std::string& name, const std::string& text) {
+    const std::string path = root_ + "/" + name;
+    std::ofstream(path) << text;
+    return path;
+  }
+  std::string root_;
+};
+
+TEST_F(CoordinatorConfigTest, TheShippedFileLoads) {
+  // configs/coordinator.yaml names a token file next to it; give it one through --set.
+  const std::string token = Write("token", "s3cret\n");
+  auto config = LoadCoordinatorConfig(AVIARY_SOURCE_DIR "/configs/coordinator.yaml",
+                                      {{"token_file", token, "--token-file " + token}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->listen, "0.0.0.0:7070");
+  EXPECT_EQ(config->metrics_listen, "0.0.0.0:9470");
+  EXPECT_EQ(config->database, AVIARY_SOURCE_DIR "/configs/aviary.db");
+  EXPECT_EQ(config->heartbeat_timeout_s, 20);
+  EXPECT_EQ(config->max_restarts, 3);
+  EXPECT_EQ(config->token_file, token);
+}
+
+TEST_F(CoordinatorConfigTest, UnknownKeyNamesFileLineAndSuggestion) {
+  const std::string path = Write("c.yaml", "allow_no_auth: true\n\nlissten: x:1\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(config.status().message().find(path + ":3: unknown key 'lissten'"), std::string::npos)
+      << config.status();
+  EXPECT_NE(config.status().message().find("did you mean 'listen'"), std::string::npos)
+      << config.status();
+}
+
+TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
+  const std::string path = Write("c.yaml", "allow_no_auth: true\nmax_restarts: many\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(path + ":2: key 'max_restarts': expected an integer, got 'many'"),
+            std::string::npos)
+      << config.status();
+
+  const std::string timeout = Write("t.yaml", "allow_no_auth: true\nheartbeat_timeout_s: 1\n");
+  config = LoadCoordinatorConfig(timeout, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(timeout + ":2: key 'heartbeat_timeout_s'"), std::string::npos)
+      << config.status();
+
+  config = LoadCoordinatorConfig("", {{"listen", "nohostport", "--listen nohostport"},
+                                      {"allow_no_auth", "true", "--set allow_no_auth=true"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("key 'listen'"), std::string::npos) << config.status();
+}
+
+TEST_F(CoordinatorConfigTest, NoTokenNeedsAllowNoAuth) {
+  auto config = LoadCoordinatorConfig("", {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("token_file"), std::string::npos) << config.status();
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->allow_no_auth);
+}
+
+TEST_F(CoordinatorConfigTest, FlagsOverrideKeysAndPathsResolve) {
+  fs::create_directories(root_ + "/etc");
+  const std::string path =
+      Write("etc/c.yaml", "token_file: tok\ndatabase: state/aviary.db\nmax_restarts: 1\n");
+  auto config = LoadCoordinatorConfig(
+      path, {{"max_restarts", "5", "--max-restarts 5"}, {"work_dir", "/abs/runs", "--work-dir /abs/runs"},
+             {"metrics_listen", "", "--metrics-listen "}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->token_file, root_ + "/etc/tok");        // relative to the file's folder
+  EXPECT_EQ(config->database, root_ + "/etc/state/aviary.db");
+  EXPECT_EQ(config->max_restarts, 5);
+  EXPECT_EQ(config->work_dir, "/abs/runs");
+  EXPECT_EQ(config->metrics_listen, "");  // disabled
+
+  auto bad = LoadCoordinatorConfig(path, {{"max_restarts", "-1", "--max-restarts -1"}});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("--max-restarts -1: key 'max_restarts'"), std::string::npos)
+      << bad.status();
+
+  auto unknown = ParseSetOverride("listn=1");
+  ASSERT_TRUE(unknown.ok());
+  bad = LoadCoordinatorConfig(path, {*unknown});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("--set listn=1: unknown key 'listn'"), std::string::npos)
+      << bad.status();
+  EXPECT_FALSE(ParseSetOverride("no-equals").ok());
+}
+
+TEST_F(CoordinatorConfigTest, TokenFileTakesTheTrimmedFirstLine) {
+  auto token = ReadTokenFile(Write("t1", "  abc123  \nsecond line\n"));
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(*token, "abc123");
+  auto empty = ReadTokenFile(Write("t2", "   \nabc\n"));
+  ASSERT_FALSE(empty.ok());
+  EXPECT_NE(empty.status().message().find("empty"), std::string::npos);
+  EXPECT_FALSE(ReadTokenFile(root_ + "/missing").ok());
+}
+
+}  // namespace
+}  // namespace aviary::coordinator

@@ -1,0 +1,258 @@
+// The `aviary-coordinator` binary as a process: exit codes, SIGTERM, and `kill -9` in the middle
+// of a stream of acknowledged reports, then a restart on the same SQLite file.
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "common/csv.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/tiny_dataset.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace aviary::v1;  // NOLINT: test brevity
+
+bool Eventually(const std::function<bool()>& condition) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return condition();
+}
+
+class CoordinatorProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_coordproc_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    WriteTinyDataset(root_);
+    std::ofstream(root_ + "/token") << "proc-token\n";
+  }
+  void TearDown() override {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    fs::remove_all(root_);
+  }
+
+  // BaseArgs() with `flag` set to `value`.
+  std::vector<std::string> ArgsWith(const std::string& flag, const std::string& value) {
+    std::vector<std::string> args = BaseArgs();
+    for (size_t i = 0; i + 1 < args.size(); ++i) {
+      if (args[i] == flag) {
+        args[i + 1] = value;
+        return args;
+      }
+    }
+    args.insert(args.end(), {flag, value});
+    return args;
+  }
+
+  std::vector<std::string> BaseArgs() {
+    return {"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--port-file",
+            root_ + "/port", "--database", root_ + "/aviary.db", "--work-dir", root_ + "/runs",
+            "--token-file", root_ + "/token", "--heartbeat-timeout-s", "30", "--log-level", "debug"};
+  }
+
+  // Starts the binary with `args`, stderr to `log`.
+  pid_t Spawn(const std::vector<std::string>& args, const std::string& log) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, 2);
+        ::dup2(fd, 1);
+      }
+      std::vector<char*> argv;
+      std::string binary = AVIARY_COORDINATOR_BINARY;
+      argv.push_back(binary.data());
+      std::vector<std::string> copy = args;
+      for (std::string& arg : copy) argv.push_back(arg.data());
+      argv.push_back(nullptr);
+      ::execv(binary.c_str(), argv.data());
+      ::_exit(127);
+    }
+    return pid;
+  }
+
+  // Runs the binary to completion; its exit code.
+  int RunToExit(const std::vector<std::string>& args, const std::string& log) {
+    const pid_t pid = Spawn(args, log);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+  std::string Read(const std::string& path) {
+    auto text = common::ReadFileToString(path);
+    return text.ok() ? *text : "";
+  }
+
+  // Starts the coordinator and connects once its port file appears.
+  void StartAndConnect() {
+    fs::remove(root_ + "/port");
+    pid_ = Spawn(BaseArgs(), root_ + "/coordinator.log");
+    ASSERT_GT(pid_, 0);
+    int port = 0;
+    ASSERT_TRUE(Eventually([&] {
+      return absl::SimpleAtoi(absl::StripAsciiWhitespace(Read(root_ + "/port")), &port) && port > 0;
+    })) << Read(root_ + "/coordinator.log");
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
+    jobs_ = JobService::NewStub(channel);
+    workers_ = WorkerService::NewStub(channel);
+  }
+
+  std::unique_ptr<grpc::ClientContext> Ctx() {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->AddMetadata("authorization", "Bearer proc-token");
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return context;
+  }
+
+  std::string root_;
+  pid_t pid_ = -1;
+  std::unique_ptr<JobService::Stub> jobs_;
+  std::unique_ptr<WorkerService::Stub> workers_;
+};
+
+TEST_F(CoordinatorProcessTest, ConfigErrorsExitWithTwoBeforeListening) {
+  std::vector<std::string> args = BaseArgs();
+  args.insert(args.end(), {"--set", "bogus_key=1"});
+  EXPECT_EQ(RunToExit(args, root_ + "/a.log"), 2);
+  EXPECT_NE(Read(root_ + "/a.log").find("unknown key 'bogus_key'"), std::string::npos)
+      << Read(root_ + "/a.log");
+  EXPECT_FALSE(fs::exists(root_ + "/port"));
+
+  std::ofstream(root_ + "/c.yaml") << "token_file: token\nmax_restarts: [1]\n";
+  EXPECT_EQ(RunToExit({"--config", root_ + "/c.yaml"}, root_ + "/b.log"), 2);
+  EXPECT_NE(Read(root_ + "/b.log").find(root_ + "/c.yaml:2: key 'max_restarts'"), std::string::npos)
+      << Read(root_ + "/b.log");
+
+  args = ArgsWith("--token-file", root_ + "/missing-token");
+  EXPECT_EQ(RunToExit(args, root_ + "/c.log"), 2);
+  EXPECT_NE(Read(root_ + "/c.log").find("missing-token"), std::string::npos) << Read(root_ + "/c.log");
+
+  // A database of another program is not a config error: exit 1.
+  std::ofstream(root_ + "/other.db") << "not sqlite at all, just text that is long enough to matter";
+  args = ArgsWith("--database", root_ + "/other.db");
+  EXPECT_EQ(RunToExit(args, root_ + "/d.log"), 1);
+  EXPECT_NE(Read(root_ + "/d.log").find(root_ + "/other.db"), std::string::npos) << Read(root_ + "/d.log");
+}
+
+TEST_F(CoordinatorProcessTest, SigtermShutsDownCleanly) {
+  StartAndConnect();
+  ListJobsRequest request;
+  ListJobsResponse response;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), request, &response).ok());
+  // The client's channel stays open: shutdown waits at most its grace period for it.
+  ASSERT_EQ(::kill(pid_, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
+  pid_ = -1;
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  const std::string log = Read(root_ + "/coordinator.log");
+  EXPECT_NE(log.find("listening on 127.0.0.1:"), std::string::npos) << log;
+  EXPECT_NE(log.find("(gRPC), metrics on 127.0.0.1:"), std::string::npos) << log;
+}
+
+TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
+  StartAndConnect();
+  SubmitJobRequest submit;
+  submit.set_pipeline_yaml(kPipeline);
+  submit.set_source_path("pipe.yaml");
+  submit.set_working_dir(root_);
+  SubmitJobResponse submitted;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), submit, &submitted).ok());
+  const std::string job_id = submitted.job_id();
+  RegisterGroupRequest register_request;
+  register_request.set_world_size(1);
+  RegisterGroupResponse group;
+  ASSERT_TRUE(workers_->RegisterGroup(Ctx().get(), register_request, &group).ok());
+  LeaseTaskRequest lease_request;
+  lease_request.set_group_id(group.group_id());
+  LeaseTaskResponse lease;
+  ASSERT_TRUE(workers_->LeaseTask(Ctx().get(), lease_request, &lease).ok());
+  ASSERT_TRUE(lease.available());
+  const std::string task_id = lease.task().task_id();
+
+  // One epoch end per call, as fast as the coordinator acknowledges them, until it dies.
+  std::atomic<int> acknowledged{0};
+  std::thread reporter([&] {
+    for (int epoch = 0;; ++epoch) {
+      ReportProgressRequest request;
+      request.set_group_id(group.group_id());
+      request.set_task_id(task_id);
+      Metrics* point = request.add_points();
+      point->set_epoch(epoch);
+      point->set_epoch_end(true);
+      point->set_val_auc(epoch / 1000.0);
+      ReportProgressResponse response;
+      auto context = Ctx();
+      context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      if (!workers_->ReportProgress(context.get(), request, &response).ok()) return;
+      acknowledged = epoch + 1;
+    }
+  });
+  ASSERT_TRUE(Eventually([&] { return acknowledged >= 20; }));
+  ASSERT_EQ(::kill(pid_, SIGKILL), 0);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  reporter.join();
+  const int acked = acknowledged;
+
+  StartAndConnect();
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  // Every acknowledged report is there (one more may have committed without its reply).
+  ASSERT_GE(history.rows_size(), acked);
+  ASSERT_LE(history.rows_size(), acked + 1);
+  for (int i = 0; i < acked; ++i) EXPECT_EQ(history.rows(i).metrics().epoch(), i);
+
+  // The lease survived and the group keeps it by heartbeating.
+  HeartbeatRequest heartbeat;
+  heartbeat.set_group_id(group.group_id());
+  heartbeat.set_task_id(task_id);
+  HeartbeatResponse beat;
+  ASSERT_TRUE(workers_->Heartbeat(Ctx().get(), heartbeat, &beat).ok());
+  EXPECT_FALSE(beat.cancel_task());
+  CompleteTaskRequest complete;
+  complete.set_group_id(group.group_id());
+  complete.set_task_id(task_id);
+  complete.set_best_checkpoint(lease.task().out_dir() + "/best.pt");
+  CompleteTaskResponse completed;
+  ASSERT_TRUE(workers_->CompleteTask(Ctx().get(), complete, &completed).ok());
+  GetJobRequest get;
+  get.set_job_id(job_id);
+  JobInfo job;
+  ASSERT_TRUE(jobs_->GetJob(Ctx().get(), get, &job).ok());
+  EXPECT_EQ(job.state(), JOB_STATE_RUNNING);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_SUCCEEDED);
+  EXPECT_EQ(job.tasks(1).state(), TASK_STATE_READY);
+}
+
+}  // namespace
+}  // namespace aviary::coordinator

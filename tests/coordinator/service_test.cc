@@ -1,0 +1,865 @@
+// The coordinator end to end: a real gRPC server on 127.0.0.1:0 over a real SQLite file, driven
+// through the generated stubs; the test plays the client and the worker groups.
+#include "coordinator/service.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/config.h"
+#include "common/csv.h"
+#include "common/manifest.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/tiny_dataset.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace aviary::v1;  // NOLINT: test brevity
+
+// An HTTP/1.0 GET of http://127.0.0.1:port/path; the body.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if (::send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
+      char buffer[4096];
+      ssize_t n;
+      while ((n = ::recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
+    }
+  }
+  ::close(fd);
+  const size_t body = response.find("\r\n\r\n");
+  return body == std::string::npos ? "" : response.substr(body + 4);
+}
+
+// The value of the sample of `name` whose labels include every one of `labels` ("k=\"v\"").
+bool FindSample(const std::string& exposition, const std::string& name,
+                const std::vector<std::string>& labels, double* value) {
+  for (absl::string_view line : absl::StrSplit(exposition, '\n')) {
+    if (!absl::StartsWith(line, absl::StrCat(name, "{"))) continue;
+    const size_t close = line.find('}');
+    if (close == absl::string_view::npos) continue;
+    const absl::string_view label_text = line.substr(name.size() + 1, close - name.size() - 1);
+    bool all = true;
+    for (const std::string& label : labels) all = all && absl::StrContains(label_text, label);
+    if (all) return absl::SimpleAtod(line.substr(close + 1), value);
+  }
+  return false;
+}
+
+// Polls `condition` every 20 ms until it holds or 30 s pass.
+bool Eventually(const std::function<bool()>& condition) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return condition();
+}
+
+class CoordinatorServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_coordsvc_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    WriteDataset();
+    Write("token", "the-token\n");
+    config_.listen = "127.0.0.1:0";
+    config_.metrics_listen = "127.0.0.1:0";
+    config_.database = root_ + "/aviary.db";
+    config_.work_dir = root_ + "/runs";
+    config_.token_file = root_ + "/token";
+    config_.heartbeat_interval_s = 0.2;
+    config_.heartbeat_timeout_s = 20;
+    config_.max_restarts = 3;
+  }
+  void TearDown() override {
+    if (coordinator_) {
+      EXPECT_TRUE(coordinator_->Shutdown().ok());
+    }
+    coordinator_.reset();
+    fs::remove_all(root_);
+  }
+
+  void Write(const std::string& rel, const std::string& text) {
+    const fs::path p = fs::path(root_) / rel;
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+
+  void WriteDataset() { WriteTinyDataset(root_); }
+
+  void Start() {
+    auto secrets = LoadCoordinatorSecrets(config_);
+    ASSERT_TRUE(secrets.ok()) << secrets.status();
+    auto coordinator = Coordinator::Start(config_, *secrets);
+    ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+    coordinator_ = std::move(*coordinator);
+    Connect(grpc::InsecureChannelCredentials(), "127.0.0.1");
+  }
+
+  void Restart() {
+    ASSERT_TRUE(coordinator_->Shutdown().ok());
+    coordinator_.reset();
+    Start();
+  }
+
+  void Connect(std::shared_ptr<grpc::ChannelCredentials> credentials, const std::string& host) {
+    auto channel = grpc::CreateChannel(absl::StrCat(host, ":", coordinator_->grpc_port()), credentials);
+    jobs_ = JobService::NewStub(channel);
+    workers_ = WorkerService::NewStub(channel);
+  }
+
+  // A call context with the bearer token (`token` "" = none) and a deadline.
+  std::unique_ptr<grpc::ClientContext> Ctx(const std::string& token = "the-token") {
+    auto context = std::make_unique<grpc::ClientContext>();
+    if (!token.empty()) context->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return context;
+  }
+
+  std::string Submit(const std::vector<std::string>& overrides = {}) {
+    SubmitJobRequest request;
+    request.set_pipeline_yaml(kPipeline);
+    request.set_source_path("pipe.yaml");
+    request.set_working_dir(root_);
+    request.set_name("test job");
+    for (const std::string& o : overrides) request.add_overrides(o);
+    SubmitJobResponse response;
+    const grpc::Status status = jobs_->SubmitJob(Ctx().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job_id();
+  }
+
+  JobInfo GetJob(const std::string& job_id) {
+    GetJobRequest request;
+    request.set_job_id(job_id);
+    JobInfo job;
+    const grpc::Status status = jobs_->GetJob(Ctx().get(), request, &job);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return job;
+  }
+
+  const TaskInfo* FindTask(const JobInfo& job, const std::string& task_id) {
+    for (const TaskInfo& task : job.tasks()) {
+      if (task.task_id() == task_id) return &task;
+    }
+    return nullptr;
+  }
+
+  std::string Register(int world_size = 2) {
+    RegisterGroupRequest request;
+    request.set_world_size(world_size);
+    request.add_hosts("node1");
+    request.set_backend("mpi");
+    RegisterGroupResponse response;
+    const grpc::Status status = workers_->RegisterGroup(Ctx().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.heartbeat_interval_ms(), 200);
+    return response.group_id();
+  }
+
+  LeaseTaskResponse Lease(const std::string& group_id) {
+    LeaseTaskRequest request;
+    request.set_group_id(group_id);
+    LeaseTaskResponse response;
+    const grpc::Status status = workers_->LeaseTask(Ctx().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  }
+
+  grpc::Status Heartbeat(const std::string& group_id, const std::string& task_id, bool* cancel) {
+    HeartbeatRequest request;
+    request.set_group_id(group_id);
+    request.set_task_id(task_id);
+    HeartbeatResponse response;
+    grpc::Status status = workers_->Heartbeat(Ctx().get(), request, &response);
+    *cancel = response.cancel_task();
+    return status;
+  }
+
+  static Metrics EpochEnd(int epoch, double val_auc) {
+    Metrics m;
+    m.set_epoch(epoch);
+    m.set_step(10);
+    m.set_epoch_end(true);
+    m.set_lr(1e-3);
+    m.set_train_loss(1.25);
+    m.set_train_acc(0.4);
+    m.set_val_loss(0.9);
+    m.set_val_auc(val_auc);
+    m.set_val_roc_auc(0.7);
+    m.set_val_cmap(0.6);
+    m.set_val_acc(0.5);
+    m.set_samples_total(160);
+    return m;
+  }
+
+  grpc::Status Report(const std::string& group_id, const std::string& task_id,
+                      const std::vector<Metrics>& points, bool* cancel) {
+    ReportProgressRequest request;
+    request.set_group_id(group_id);
+    request.set_task_id(task_id);
+    request.set_steps_per_epoch(10);
+    for (const Metrics& m : points) *request.add_points() = m;
+    ReportProgressResponse response;
+    grpc::Status status = workers_->ReportProgress(Ctx().get(), request, &response);
+    *cancel = response.cancel_task();
+    return status;
+  }
+
+  grpc::Status Complete(const std::string& group_id, const std::string& task_id,
+                        const std::string& best) {
+    CompleteTaskRequest request;
+    request.set_group_id(group_id);
+    request.set_task_id(task_id);
+    request.set_best_checkpoint(best);
+    *request.mutable_best() = EpochEnd(0, 0.8);
+    CompleteTaskResponse response;
+    return workers_->CompleteTask(Ctx().get(), request, &response);
+  }
+
+  std::string root_;
+  CoordinatorConfig config_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<JobService::Stub> jobs_;
+  std::unique_ptr<WorkerService::Stub> workers_;
+};
+
+TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
+  Start();
+  const std::string job_id = Submit();
+  ASSERT_EQ(job_id.size(), 13u);
+  EXPECT_EQ(job_id[0], 'j');
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_PENDING);
+  EXPECT_EQ(job.name(), "test job");
+  ASSERT_EQ(job.tasks_size(), 3);
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string ft0 = job_id + "/finetune-f0";
+  const std::string ft1 = job_id + "/finetune-f1";
+  EXPECT_EQ(job.tasks(0).task_id(), pretrain);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
+  EXPECT_EQ(job.tasks(0).epochs(), 3);
+  EXPECT_EQ(job.tasks(0).out_dir(), root_ + "/runs/" + job_id + "/pretrain-fold0");
+  EXPECT_EQ(job.tasks(1).task_id(), ft0);
+  EXPECT_EQ(job.tasks(1).state(), TASK_STATE_BLOCKED);
+  EXPECT_EQ(job.tasks(2).task_id(), ft1);
+
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 1);
+  EXPECT_EQ(lease.task().init_checkpoint(), "");
+  auto manifest = common::ParseManifestCsv(lease.task().manifest_csv(), "lease");
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  EXPECT_EQ(manifest->stage, "pretrain");
+  EXPECT_FALSE(manifest->class_names.empty());
+  EXPECT_FALSE(manifest->train.empty());
+  auto resolved = common::ParsePipelineConfig(lease.task().pipeline_yaml(), "lease");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(resolved->data.target.root, root_ + "/t24");  // resolved against working_dir
+  EXPECT_EQ(GetJob(job_id).state(), JOB_STATE_RUNNING);
+  // A group holds one task: leasing again returns the same one.
+  LeaseTaskResponse again = Lease(a);
+  EXPECT_EQ(again.task().task_id(), pretrain);
+  EXPECT_EQ(again.task().attempt(), 1);
+
+  bool cancel = true;
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  EXPECT_FALSE(cancel);
+  Metrics step;
+  step.set_epoch(0);
+  step.set_step(5);
+  step.set_train_loss(2.5);
+  step.set_lr(5e-4);
+  ASSERT_TRUE(Report(a, pretrain, {step, EpochEnd(0, 0.61)}, &cancel).ok());
+  EXPECT_FALSE(cancel);
+  ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id(a);
+  checkpoint.set_task_id(pretrain);
+  checkpoint.set_path(root_ + "/runs/" + job_id + "/pretrain-fold0/best.pt");
+  checkpoint.set_epoch(0);
+  checkpoint.set_best(true);
+  ReportCheckpointResponse checkpoint_response;
+  ASSERT_TRUE(workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response).ok());
+  const int64_t submitted_ms = job.updated_unix_ms();
+  job = GetJob(job_id);
+  EXPECT_GE(job.updated_unix_ms(), submitted_ms);
+  EXPECT_GE(job.updated_unix_ms(), job.tasks(0).updated_unix_ms());
+  EXPECT_EQ(job.tasks(0).steps_per_epoch(), 10);
+  EXPECT_DOUBLE_EQ(job.tasks(0).latest().val_auc(), 0.61);
+
+  const std::string best = checkpoint.path();
+  ASSERT_TRUE(Complete(a, pretrain, best).ok());
+  // Only the holder may complete: the second call is refused.
+  EXPECT_EQ(Complete(a, pretrain, best).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_SUCCEEDED);
+  EXPECT_EQ(job.tasks(0).best_checkpoint(), best);
+  EXPECT_EQ(job.tasks(1).state(), TASK_STATE_READY);
+  EXPECT_EQ(job.tasks(2).state(), TASK_STATE_READY);
+
+  const std::string b = Register();
+  LeaseTaskResponse lease_a = Lease(a);
+  LeaseTaskResponse lease_b = Lease(b);
+  ASSERT_TRUE(lease_a.available() && lease_b.available());
+  EXPECT_EQ(lease_a.task().task_id(), ft0);
+  EXPECT_EQ(lease_b.task().task_id(), ft1);
+  EXPECT_EQ(lease_a.task().init_checkpoint(), best);
+  EXPECT_EQ(lease_b.task().init_checkpoint(), best);
+  EXPECT_EQ(lease_b.task().out_dir(), root_ + "/runs/" + job_id + "/finetune-fold1");
+  // Nothing left for a third group.
+  EXPECT_FALSE(Lease(Register()).available());
+
+  ASSERT_TRUE(Report(a, ft0, {EpochEnd(0, 0.70), EpochEnd(1, 0.75)}, &cancel).ok());
+  ASSERT_TRUE(Report(b, ft1, {EpochEnd(0, 0.55)}, &cancel).ok());
+
+  ASSERT_GT(coordinator_->metrics_port(), 0);
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  // docs/SERVICE.md's coordinator table: every name with its type.
+  for (const auto& [name, type] : std::vector<std::pair<std::string, std::string>>{
+           {"aviary_train_loss", "gauge"}, {"aviary_train_accuracy", "gauge"},
+           {"aviary_val_loss", "gauge"}, {"aviary_val_auc", "gauge"},
+           {"aviary_val_roc_auc", "gauge"}, {"aviary_val_cmap", "gauge"},
+           {"aviary_val_accuracy", "gauge"}, {"aviary_learning_rate", "gauge"},
+           {"aviary_task_epoch", "gauge"}, {"aviary_task_running", "gauge"},
+           {"aviary_task_last_progress_timestamp_seconds", "gauge"},
+           {"aviary_task_restarts_total", "counter"}, {"aviary_jobs", "gauge"},
+           {"aviary_worker_groups", "gauge"}, {"aviary_worker_groups_lost_total", "counter"}}) {
+    EXPECT_NE(exposition.find(absl::StrCat("# TYPE ", name, " ", type, "\n")), std::string::npos)
+        << name;
+  }
+  double value = 0;
+  ASSERT_TRUE(FindSample(exposition, "aviary_train_loss",
+                         {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"0\""}, &value));
+  EXPECT_DOUBLE_EQ(value, 1.25);
+  ASSERT_TRUE(FindSample(exposition, "aviary_learning_rate",
+                         {"job_id=\"" + job_id + "\"", "stage=\"pretrain\"", "fold=\"0\""}, &value));
+  EXPECT_DOUBLE_EQ(value, 1e-3);
+  EXPECT_NE(exposition.find("\naviary_worker_groups 3\n"), std::string::npos) << exposition;
+  // Prometheus' own linter, when installed.
+  if (std::system("command -v promtool >/dev/null 2>&1") == 0) {
+    const std::string file = root_ + "/metrics.txt";
+    std::ofstream(file) << exposition;
+    const std::string lint = "promtool check metrics < " + file + " > " + root_ + "/lint.txt 2>&1";
+    EXPECT_EQ(std::system(lint.c_str()), 0) << common::ReadFileToString(root_ + "/lint.txt").value_or("");
+  }
+  ASSERT_TRUE(FindSample(exposition, "aviary_val_auc",
+                         {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"0\""}, &value))
+      << exposition;
+  EXPECT_DOUBLE_EQ(value, 0.75);
+  ASSERT_TRUE(FindSample(exposition, "aviary_val_auc",
+                         {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"1\""}, &value));
+  EXPECT_DOUBLE_EQ(value, 0.55);
+  ASSERT_TRUE(FindSample(exposition, "aviary_task_running",
+                         {"job_id=\"" + job_id + "\"", "stage=\"pretrain\""}, &value));
+  EXPECT_EQ(value, 0);
+  ASSERT_TRUE(FindSample(exposition, "aviary_task_epoch",
+                         {"job_id=\"" + job_id + "\"", "stage=\"finetune\"", "fold=\"0\""}, &value));
+  EXPECT_EQ(value, 2);
+  ASSERT_TRUE(FindSample(exposition, "aviary_jobs", {"state=\"running\""}, &value));
+  EXPECT_EQ(value, 1);
+
+  ASSERT_TRUE(Complete(a, ft0, "/x/best0.pt").ok());
+  EXPECT_EQ(GetJob(job_id).state(), JOB_STATE_RUNNING);
+  ASSERT_TRUE(Complete(b, ft1, "/x/best1.pt").ok());
+  job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_SUCCEEDED);
+
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 4);
+  EXPECT_EQ(history.rows(0).task_id(), pretrain);
+  EXPECT_EQ(history.rows(1).task_id(), ft0);
+  EXPECT_EQ(history.rows(1).metrics().epoch(), 0);
+  EXPECT_EQ(history.rows(2).task_id(), ft0);
+  EXPECT_EQ(history.rows(2).metrics().epoch(), 1);
+  EXPECT_DOUBLE_EQ(history.rows(2).metrics().val_auc(), 0.75);
+  EXPECT_EQ(history.rows(3).task_id(), ft1);
+  EXPECT_EQ(history.rows(3).stage(), "finetune");
+  EXPECT_EQ(history.rows(3).fold(), 1);
+
+  ListJobsRequest list_request;
+  ListJobsResponse list;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+  ASSERT_EQ(list.jobs_size(), 1);
+  EXPECT_EQ(list.jobs(0).job_id(), job_id);
+
+  const std::string after = HttpGet(coordinator_->metrics_port(), "/metrics");
+  ASSERT_TRUE(FindSample(after, "aviary_jobs", {"state=\"succeeded\""}, &value)) << after;
+  EXPECT_EQ(value, 1);
+}
+
+TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
+  config_.heartbeat_timeout_s = 1;
+  config_.max_restarts = 1;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string task_id = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  LeaseTaskResponse first = Lease(a);
+  ASSERT_TRUE(first.available());
+  EXPECT_EQ(first.task().attempt(), 1);
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, task_id, {EpochEnd(0, 0.3)}, &cancel).ok());
+  ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id(a);
+  checkpoint.set_task_id(task_id);
+  checkpoint.set_path(first.task().out_dir() + "/last.pt");
+  checkpoint.set_epoch(0);
+  ReportCheckpointResponse checkpoint_response;
+  ASSERT_TRUE(workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response).ok());
+
+  // Group a stops heartbeating: the reaper removes it and the task is READY again.
+  ASSERT_TRUE(Eventually([&] {
+    const JobInfo job = GetJob(job_id);
+    return job.tasks(0).state() == TASK_STATE_READY;
+  }));
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).restarts(), 1);
+  EXPECT_EQ(job.tasks(0).group_id(), "");
+  EXPECT_EQ(job.tasks(0).out_dir(), first.task().out_dir());
+  const grpc::Status gone = Heartbeat(a, task_id, &cancel);
+  EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(gone.error_message().find("group " + a + " is not registered"), std::string::npos)
+      << gone.error_message();
+
+  const std::string b = Register();
+  LeaseTaskResponse second = Lease(b);
+  ASSERT_TRUE(second.available());
+  EXPECT_EQ(second.task().task_id(), task_id);
+  EXPECT_EQ(second.task().attempt(), 2);
+  EXPECT_EQ(second.task().out_dir(), first.task().out_dir());
+  EXPECT_EQ(second.task().resume_checkpoint(), checkpoint.path());
+  // The same epoch again from the new attempt: history keeps the last report.
+  ASSERT_TRUE(Report(b, task_id, {EpochEnd(0, 0.35)}, &cancel).ok());
+
+  // b goes silent too: one restart more than max_restarts fails the task and the job.
+  ASSERT_TRUE(Eventually([&] { return GetJob(job_id).state() == JOB_STATE_FAILED; }));
+  job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_FAILED);
+  EXPECT_NE(job.tasks(0).error().find("lost group " + b), std::string::npos) << job.tasks(0).error();
+  EXPECT_NE(job.tasks(0).error().find("max_restarts 1"), std::string::npos) << job.tasks(0).error();
+  EXPECT_NE(job.error().find(task_id), std::string::npos) << job.error();
+  EXPECT_EQ(Heartbeat(b, task_id, &cancel).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 1);
+  EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.35);
+  EXPECT_EQ(history.rows(0).attempt(), 2);
+
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  double value = 0;
+  ASSERT_TRUE(FindSample(exposition, "aviary_task_restarts_total",
+                         {"job_id=\"" + job_id + "\"", "stage=\"pretrain\""}, &value))
+      << exposition;
+  EXPECT_EQ(value, 1);
+  ASSERT_NE(exposition.find("aviary_worker_groups_lost_total 2"), std::string::npos) << exposition;
+}
+
+TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsTheJob) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("stopped by signal");
+  fail.set_retryable(true);
+  FailTaskResponse fail_response;
+  ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
+  EXPECT_EQ(job.tasks(0).restarts(), 1);
+  // The failed lease is gone: failing it again is refused.
+  EXPECT_EQ(workers_->FailTask(Ctx().get(), fail, &fail_response).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  LeaseTaskResponse again = Lease(a);
+  EXPECT_EQ(again.task().attempt(), 2);
+  fail.set_error("bad data: no rows");
+  fail.set_retryable(false);
+  ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());
+  job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_FAILED);
+  EXPECT_EQ(job.tasks(1).state(), TASK_STATE_CANCELLED);
+  EXPECT_NE(job.error().find("bad data: no rows"), std::string::npos) << job.error();
+  EXPECT_FALSE(Lease(a).available());
+}
+
+TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+
+  std::vector<JobEvent> events;
+  std::atomic<bool> watching{false};
+  grpc::Status watch_status;
+  auto watch_context = Ctx();
+  std::thread watcher([&] {
+    WatchJobRequest request;
+    request.set_job_id(job_id);
+    auto reader = jobs_->WatchJob(watch_context.get(), request);
+    JobEvent event;
+    while (reader->Read(&event)) {
+      events.push_back(event);
+      watching = true;
+    }
+    watch_status = reader->Finish();
+  });
+  // The first event (the job as it is) arrives before anything changes.
+  ASSERT_TRUE(Eventually([&] { return watching.load(); }));
+  bool cancel = true;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.4)}, &cancel).ok());
+  EXPECT_FALSE(cancel);
+
+  CancelJobRequest cancel_request;
+  cancel_request.set_job_id(job_id);
+  CancelJobResponse cancel_response;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancel_response).ok());
+  EXPECT_EQ(cancel_response.job().state(), JOB_STATE_CANCELLED);
+  watcher.join();
+  EXPECT_TRUE(watch_status.ok()) << watch_status.error_message();
+  ASSERT_GE(events.size(), 3u);  // the job, the report, the cancel
+  EXPECT_EQ(events.front().job().job_id(), job_id);
+  EXPECT_EQ(events.front().job().state(), JOB_STATE_RUNNING);
+  bool saw_progress = false;
+  for (const JobEvent& event : events) {
+    if (event.has_metrics() && event.metrics().val_auc() == 0.4) saw_progress = true;
+  }
+  EXPECT_TRUE(saw_progress);
+  EXPECT_EQ(events.back().job().state(), JOB_STATE_CANCELLED);
+
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  EXPECT_TRUE(cancel);
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(1, 0.5)}, &cancel).ok());
+  EXPECT_TRUE(cancel);
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_CANCELLED);
+  for (const TaskInfo& task : job.tasks()) EXPECT_EQ(task.state(), TASK_STATE_CANCELLED);
+  EXPECT_EQ(Complete(a, pretrain, "/x/best.pt").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // The ignored report did not move the task.
+  EXPECT_EQ(job.tasks(0).latest().epoch(), 0);
+  // A watch of a finished job sends its state and ends.
+  WatchJobRequest request;
+  request.set_job_id(job_id);
+  auto context = Ctx();
+  auto reader = jobs_->WatchJob(context.get(), request);
+  JobEvent event;
+  int count = 0;
+  while (reader->Read(&event)) ++count;
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(count, 1);
+}
+
+TEST_F(CoordinatorServiceTest, CallsWithoutTheTokenAreUnauthenticated) {
+  Start();
+  for (const std::string& token : {std::string(), std::string("wrong-token"), std::string("the-toke")}) {
+    ListJobsRequest list_request;
+    ListJobsResponse list;
+    EXPECT_EQ(jobs_->ListJobs(Ctx(token).get(), list_request, &list).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED)
+        << token;
+    RegisterGroupRequest register_request;
+    register_request.set_world_size(1);
+    RegisterGroupResponse register_response;
+    EXPECT_EQ(workers_->RegisterGroup(Ctx(token).get(), register_request, &register_response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED)
+        << token;
+    HeartbeatRequest heartbeat;
+    heartbeat.set_group_id("g000000000000");
+    HeartbeatResponse heartbeat_response;
+    EXPECT_EQ(workers_->Heartbeat(Ctx(token).get(), heartbeat, &heartbeat_response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  ListJobsRequest list_request;
+  ListJobsResponse list;
+  EXPECT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+}
+
+TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
+  Start();
+  SubmitJobRequest submit;
+  submit.set_pipeline_yaml("seed: 42\ndata:\n  sample_rat: 32000\n");
+  submit.set_source_path("pipe.yaml");
+  submit.set_working_dir(root_);
+  SubmitJobResponse submit_response;
+  grpc::Status status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("pipe.yaml:3"), std::string::npos) << status.error_message();
+  EXPECT_NE(status.error_message().find("data.sample_rat"), std::string::npos) << status.error_message();
+
+  submit.set_pipeline_yaml(kPipeline);
+  submit.add_overrides("train.epochs=zero");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("train.epochs"), std::string::npos) << status.error_message();
+
+  // A dataset that cannot be read is refused at submit, naming the path.
+  submit.clear_overrides();
+  submit.add_overrides("data.target.root=missing");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_FALSE(status.ok());
+  EXPECT_NE(status.error_message().find(root_ + "/missing"), std::string::npos) << status.error_message();
+
+  submit.clear_overrides();
+  submit.set_working_dir("relative/dir");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("working_dir"), std::string::npos) << status.error_message();
+
+  GetJobRequest get;
+  get.set_job_id("not-a-job");
+  JobInfo job;
+  status = jobs_->GetJob(Ctx().get(), get, &job);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("job_id"), std::string::npos) << status.error_message();
+  EXPECT_NE(status.error_message().find("not-a-job"), std::string::npos) << status.error_message();
+  get.set_job_id("j0123456789ab");
+  EXPECT_EQ(jobs_->GetJob(Ctx().get(), get, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  ListJobsRequest list;
+  list.set_limit(10001);
+  ListJobsResponse list_response;
+  status = jobs_->ListJobs(Ctx().get(), list, &list_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("limit"), std::string::npos);
+
+  RegisterGroupRequest register_request;
+  register_request.set_world_size(0);
+  RegisterGroupResponse register_response;
+  status = workers_->RegisterGroup(Ctx().get(), register_request, &register_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("world_size"), std::string::npos);
+
+  const std::string group = Register();
+  const std::string job_id = Submit();
+  ASSERT_TRUE(Lease(group).available());
+  Metrics bad;
+  bad.set_epoch(0);
+  bad.set_step(-1);
+  bool cancel = false;
+  status = Report(group, job_id + "/pretrain-f0", {bad}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("points[0].step"), std::string::npos) << status.error_message();
+  status = Report(group, "j0123/oops", {}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("task_id"), std::string::npos);
+  status = Report(group, "j0123456789ab/pretrain-f0", {}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id(group);
+  checkpoint.set_task_id(job_id + "/pretrain-f0");
+  ReportCheckpointResponse checkpoint_response;
+  status = workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("path"), std::string::npos);
+  EXPECT_EQ(Complete(group, job_id + "/pretrain-f0", "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Heartbeat("gnot-a-group", "", &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Heartbeat("g000000000000", "", &cancel).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(CoordinatorServiceTest, ServesTlsWithASelfSignedCertificate) {
+  const std::string cert = root_ + "/cert.pem";
+  const std::string key = root_ + "/key.pem";
+  const std::string command = absl::StrCat(
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+      "-addext subjectAltName=IP:127.0.0.1,DNS:localhost -keyout ", key, " -out ", cert,
+      " >/dev/null 2>&1");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  config_.tls_cert_file = cert;
+  config_.tls_key_file = key;
+  Start();
+  // A plaintext client cannot talk to a TLS-only server.
+  ListJobsRequest request;
+  ListJobsResponse response;
+  auto plain = Ctx();
+  plain->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  EXPECT_FALSE(jobs_->ListJobs(plain.get(), request, &response).ok());
+
+  auto pem = common::ReadFileToString(cert);
+  ASSERT_TRUE(pem.ok());
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = *pem;
+  Connect(grpc::SslCredentials(options), "localhost");
+  grpc::Status status = jobs_->ListJobs(Ctx().get(), request, &response);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(jobs_->ListJobs(Ctx("nope").get(), request, &response).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  const std::string job_id = Submit();
+  EXPECT_EQ(GetJob(job_id).job_id(), job_id);
+}
+
+TEST_F(CoordinatorServiceTest, RestartKeepsJobsLeasesAndHeartbeatingGroups) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.42)}, &cancel).ok());
+  Restart();
+
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_RUNNING);
+  ASSERT_EQ(job.tasks_size(), 3);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_LEASED);
+  EXPECT_EQ(job.tasks(0).group_id(), a);
+  EXPECT_EQ(job.tasks(0).attempt(), 1);
+  // Every heartbeat clock restarted with the coordinator: nothing is lost right away.
+  EXPECT_EQ(coordinator_->scheduler()->ReapLostGroups(), 0);
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  EXPECT_FALSE(cancel);
+  // Gauges come back from the store.
+  double value = 0;
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  ASSERT_TRUE(FindSample(exposition, "aviary_val_auc",
+                         {"job_id=\"" + job_id + "\"", "stage=\"pretrain\"", "fold=\"0\""}, &value))
+      << exposition;
+  EXPECT_DOUBLE_EQ(value, 0.42);
+  ASSERT_TRUE(FindSample(exposition, "aviary_task_running",
+                         {"job_id=\"" + job_id + "\"", "stage=\"pretrain\""}, &value));
+  EXPECT_EQ(value, 1);
+  // The group carries on.
+  ASSERT_TRUE(Complete(a, pretrain, "/x/best.pt").ok());
+  EXPECT_EQ(GetJob(job_id).tasks(1).state(), TASK_STATE_READY);
+  Restart();
+  const std::string job2 = Submit();
+  EXPECT_NE(job2, job_id);
+  ListJobsRequest list_request;
+  ListJobsResponse list;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+  ASSERT_EQ(list.jobs_size(), 2);
+  EXPECT_EQ(list.jobs(0).job_id(), job2);  // newest first
+  // The earlier job's ready tasks are still leased first.
+  LeaseTaskResponse lease = Lease(a);
+  EXPECT_EQ(lease.task().task_id(), job_id + "/finetune-f0");
+  EXPECT_EQ(lease.task().init_checkpoint(), "/x/best.pt");
+}
+
+TEST_F(CoordinatorServiceTest, WatchEndsAfterSuccessAndAtShutdown) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string other_id = Submit();
+  // Two watchers: one of the job that will succeed, one of a job that never finishes.
+  struct Watch {
+    std::unique_ptr<grpc::ClientContext> context;
+    std::vector<JobEvent> events;
+    std::atomic<bool> started{false};
+    grpc::Status status;
+    std::thread thread;
+  };
+  Watch done, pending;
+  for (auto [watch, id] : {std::make_pair(&done, job_id), std::make_pair(&pending, other_id)}) {
+    watch->context = Ctx();
+    watch->thread = std::thread([this, watch, id] {
+      WatchJobRequest request;
+      request.set_job_id(id);
+      auto reader = jobs_->WatchJob(watch->context.get(), request);
+      JobEvent event;
+      while (reader->Read(&event)) {
+        watch->events.push_back(event);
+        watch->started = true;
+      }
+      watch->status = reader->Finish();
+    });
+  }
+  ASSERT_TRUE(Eventually([&] { return done.started && pending.started; }));
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), job_id + "/pretrain-f0");
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, lease.task().task_id(), {EpochEnd(0, 0.9)}, &cancel).ok());
+  ASSERT_TRUE(Complete(a, lease.task().task_id(), "/x/best.pt").ok());
+  done.thread.join();
+  EXPECT_TRUE(done.status.ok()) << done.status.error_message();
+  ASSERT_GE(done.events.size(), 4u);  // as it was, leased, the epoch, succeeded
+  EXPECT_EQ(done.events.back().job().state(), JOB_STATE_SUCCEEDED);
+  for (size_t i = 0; i + 1 < done.events.size(); ++i) {
+    EXPECT_NE(done.events[i].job().state(), JOB_STATE_SUCCEEDED) << i;
+  }
+  // The other job's watcher only heard about its own job, and ends when the coordinator stops.
+  for (const JobEvent& event : pending.events) EXPECT_EQ(event.job().job_id(), other_id);
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  pending.thread.join();
+  EXPECT_EQ(pending.status.error_code(), grpc::StatusCode::UNAVAILABLE) << pending.status.error_message();
+}
+
+// 200 status pollers, 50 heartbeating groups and a few watchers at once: every call succeeds
+// (the server's thread quota and pollers are sized for this).
+TEST_F(CoordinatorServiceTest, ManyPollersAndGroupsAtOnce) {
+  Start();
+  const std::string job_id = Submit();
+  std::vector<std::string> groups;
+  for (int i = 0; i < 50; ++i) groups.push_back(Register(1));
+  ASSERT_TRUE(Lease(groups[0]).available());
+  std::atomic<int> failures{0};
+  std::atomic<int> calls{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 200; ++i) {
+    threads.emplace_back([&] {
+      for (int k = 0; k < 10; ++k) {
+        GetJobRequest request;
+        request.set_job_id(job_id);
+        JobInfo job;
+        if (!jobs_->GetJob(Ctx().get(), request, &job).ok() || job.tasks_size() != 3) ++failures;
+        ++calls;
+      }
+    });
+  }
+  for (int i = 0; i < 50; ++i) {
+    threads.emplace_back([&, i] {
+      for (int k = 0; k < 10; ++k) {
+        bool cancel = true;
+        const std::string task = i == 0 ? job_id + "/pretrain-f0" : "";
+        if (!Heartbeat(groups[i], task, &cancel).ok() || cancel) ++failures;
+        ++calls;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(failures, 0);
+  EXPECT_EQ(calls, 2500);
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
+}
+
+}  // namespace
+}  // namespace aviary::coordinator

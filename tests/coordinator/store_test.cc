@@ -1,0 +1,217 @@
+#include "coordinator/store.h"
+
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "gtest/gtest.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_store_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    path_ = root_ + "/aviary.db";
+  }
+  void TearDown() override { fs::remove_all(root_); }
+
+  // Runs `sql` on the file through a separate connection.
+  void RawExec(const std::string& sql) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    char* error = nullptr;
+    const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error);
+    EXPECT_EQ(rc, SQLITE_OK) << (error ? error : "");
+    sqlite3_free(error);
+    ASSERT_EQ(sqlite3_close(db), SQLITE_OK);
+  }
+
+  std::string root_;
+  std::string path_;
+};
+
+TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    JobRow job;
+    job.seq = 7;
+    job.info.set_job_id("j0123456789ab");
+    job.info.set_state(aviary::v1::JOB_STATE_RUNNING);
+    job.info.set_name("demo");
+    TaskRow task;
+    task.seq = 0;
+    task.info.set_task_id("j0123456789ab/pretrain-f0");
+    task.info.set_job_id("j0123456789ab");
+    task.info.set_state(aviary::v1::TASK_STATE_LEASED);
+    task.info.set_group_id("gaaaaaaaaaaaa");
+    task.info.set_attempt(2);
+    task.resume_checkpoint = "/runs/last.pt";
+    TaskPayload payload{"class,a,0\n", "seed: 1\n"};
+    GroupRow group;
+    group.group_id = "gaaaaaaaaaaaa";
+    group.task_id = task.info.task_id();
+    group.registered_unix_ms = 1234;
+    group.info.set_world_size(4);
+    aviary::v1::Metrics point;
+    point.set_epoch(3);
+    point.set_epoch_end(true);
+    point.set_val_auc(0.5);
+    ASSERT_TRUE((*store)
+                    ->Transaction([&]() -> absl::Status {
+                      AVIARY_RETURN_IF_ERROR((*store)->PutJob(job));
+                      AVIARY_RETURN_IF_ERROR((*store)->InsertTask(task, payload));
+                      AVIARY_RETURN_IF_ERROR((*store)->PutGroup(group));
+                      AVIARY_RETURN_IF_ERROR((*store)->AddPoints(job.info.job_id(), task.info.task_id(), 2, 99, {point}));
+                      AVIARY_RETURN_IF_ERROR((*store)->AddCheckpoint(task.info.task_id(), 2, "/runs/best.pt", 3, true, 99));
+                      return (*store)->SetCounter("groups_lost_total", 5);
+                    })
+                    .ok());
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto jobs = (*store)->LoadJobs();
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  ASSERT_EQ(jobs->size(), 1u);
+  EXPECT_EQ((*jobs)[0].seq, 7);
+  EXPECT_EQ((*jobs)[0].info.name(), "demo");
+  EXPECT_EQ((*jobs)[0].info.state(), aviary::v1::JOB_STATE_RUNNING);
+  auto tasks = (*store)->LoadTasks();
+  ASSERT_TRUE(tasks.ok()) << tasks.status();
+  ASSERT_EQ(tasks->size(), 1u);
+  EXPECT_EQ((*tasks)[0].info.group_id(), "gaaaaaaaaaaaa");
+  EXPECT_EQ((*tasks)[0].info.attempt(), 2);
+  EXPECT_EQ((*tasks)[0].resume_checkpoint, "/runs/last.pt");
+  auto payload = (*store)->LoadTaskPayload("j0123456789ab/pretrain-f0");
+  ASSERT_TRUE(payload.ok()) << payload.status();
+  EXPECT_EQ(payload->manifest_csv, "class,a,0\n");
+  EXPECT_EQ(payload->pipeline_yaml, "seed: 1\n");
+  auto groups = (*store)->LoadGroups();
+  ASSERT_TRUE(groups.ok());
+  ASSERT_EQ(groups->size(), 1u);
+  EXPECT_EQ((*groups)[0].info.world_size(), 4);
+  EXPECT_EQ((*groups)[0].task_id, "j0123456789ab/pretrain-f0");
+  auto points = (*store)->LoadEpochEnds("j0123456789ab");
+  ASSERT_TRUE(points.ok());
+  ASSERT_EQ(points->size(), 1u);
+  EXPECT_EQ((*points)[0].metrics.val_auc(), 0.5);
+  EXPECT_EQ((*points)[0].attempt, 2);
+  auto latest = (*store)->LoadLatestEpochEnds();
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ(latest->at("j0123456789ab/pretrain-f0").epoch(), 3);
+  auto checkpoints = (*store)->LoadCheckpoints("j0123456789ab/pretrain-f0");
+  ASSERT_TRUE(checkpoints.ok());
+  ASSERT_EQ(checkpoints->size(), 1u);
+  EXPECT_TRUE((*checkpoints)[0].best);
+  auto counter = (*store)->GetCounter("groups_lost_total");
+  ASSERT_TRUE(counter.ok());
+  EXPECT_EQ(*counter, 5);
+  auto absent = (*store)->GetCounter("never_set");
+  ASSERT_TRUE(absent.ok());
+  EXPECT_EQ(*absent, 0);
+}
+
+TEST_F(StoreTest, FailedTransactionLeavesNothing) {
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  JobRow job;
+  job.seq = 1;
+  job.info.set_job_id("j0123456789ab");
+  const absl::Status status = (*store)->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR((*store)->PutJob(job));
+    return absl::InternalError("injected");
+  });
+  EXPECT_EQ(status.message(), "injected");
+  auto jobs = (*store)->LoadJobs();
+  ASSERT_TRUE(jobs.ok());
+  EXPECT_TRUE(jobs->empty());
+  // A constraint violation is reported with the statement and the path, and rolled back.
+  TaskRow task;
+  task.info.set_task_id("j0123456789ab/pretrain-f0");
+  const absl::Status twice = (*store)->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR((*store)->InsertTask(task, {}));
+    return (*store)->InsertTask(task, {});
+  });
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.message().find("INSERT INTO tasks"), std::string::npos) << twice;
+  EXPECT_NE(twice.message().find(path_), std::string::npos) << twice;
+  auto tasks = (*store)->LoadTasks();
+  ASSERT_TRUE(tasks.ok());
+  EXPECT_TRUE(tasks->empty());
+  // Updating a task that does not exist is an error, not a silent no-op.
+  EXPECT_FALSE((*store)->Transaction([&] { return (*store)->UpdateTask(task); }).ok());
+}
+
+TEST_F(StoreTest, UsesWalAndFullSync) {
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &stmt, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))), "wal");
+  sqlite3_finalize(stmt);
+  ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(stmt, 0), kStoreSchemaVersion);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+}
+
+TEST_F(StoreTest, RefusesAnotherSchemaVersion) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+  }
+  RawExec("PRAGMA user_version=99");
+  auto store = Store::Open(path_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(store.status().message().find("schema version 99"), std::string::npos) << store.status();
+  EXPECT_NE(store.status().message().find(path_), std::string::npos) << store.status();
+}
+
+TEST_F(StoreTest, RefusesAForeignDatabase) {
+  RawExec("CREATE TABLE other(x INTEGER)");
+  auto store = Store::Open(path_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(store.status().message().find("not an aviary database"), std::string::npos)
+      << store.status();
+}
+
+TEST_F(StoreTest, OneStorePerDatabase) {
+  auto first = Store::Open(path_);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = Store::Open(path_);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(second.status().message().find("in use by another coordinator"), std::string::npos)
+      << second.status();
+  ASSERT_TRUE((*first)->Close().ok());
+  auto third = Store::Open(path_);
+  EXPECT_TRUE(third.ok()) << third.status();
+}
+
+TEST_F(StoreTest, UnopenableFileNamesThePath) {
+  auto store = Store::Open(root_ + "/missing/dir/aviary.db");
+  ASSERT_FALSE(store.ok());
+  EXPECT_NE(store.status().message().find(root_ + "/missing/dir/aviary.db"), std::string::npos)
+      << store.status();
+}
+
+}  // namespace
+}  // namespace aviary::coordinator
