@@ -107,7 +107,13 @@ void CoordinatorMetrics::ObservePoint(const aviary::v1::TaskInfo& task,
                                       const aviary::v1::Metrics& point, int64_t time_unix_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   const prometheus::Labels labels = TaskLabels(task);
-  SetIfFinite(train_loss_, labels, point.train_loss());
+  if (point.epoch_end()) {
+    SetIfFinite(train_loss_, labels, point.train_loss());
+  } else {
+    // A step point always carries the running training loss: a NaN or an infinity here is a
+    // diverging run, exported as is for the NaN/inf-loss alert (deploy/prometheus/alerts.yml).
+    train_loss_->Add(labels).Set(point.train_loss());
+  }
   SetIfFinite(learning_rate_, labels, point.lr());
   task_last_progress_->Add(labels).Set(static_cast<double>(time_unix_ms) / 1000.0);
   if (!point.epoch_end()) return;
