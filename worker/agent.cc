@@ -438,12 +438,15 @@ class Rank0 {
       if (!IsTransient(st.error_code())) {
         return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
       }
-      const double delay = backoff.Next();
+      double delay = backoff.Next();
       const double waited = Seconds(start);
-      if (options_.connect_timeout_s > 0 && waited + delay > options_.connect_timeout_s) {
-        return absl::UnavailableError(absl::StrFormat(
-            "could not register with the coordinator at %s within --connect-timeout-s %g: %s",
-            options_.coordinator, options_.connect_timeout_s, what));
+      if (options_.connect_timeout_s > 0) {
+        if (waited >= options_.connect_timeout_s) {
+          return absl::UnavailableError(absl::StrFormat(
+              "could not register with the coordinator at %s within --connect-timeout-s %g: %s",
+              options_.coordinator, options_.connect_timeout_s, what));
+        }
+        delay = std::min(delay, options_.connect_timeout_s - waited);
       }
       Log().Warn(absl::StrFormat("%s; retrying in %.1f s", what, delay));
       if (!SleepUnlessSignalled(delay)) return absl::CancelledError("stopped by signal before registering");
