@@ -586,7 +586,8 @@ class Rank0 {
       Prepare(&ctx);
       grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
       if (!st.ok()) {
-        Log().Warn(Failed("Heartbeat", st).message());
+        absl::Status failed = Failed("Heartbeat", st);
+        if (!absl::IsNotFound(failed)) Log().Warn(failed.message());  // NOT_FOUND: logged once by Failed
         continue;
       }
       Connected(true);
@@ -778,6 +779,7 @@ class Agent {
   // Per task.
   int64_t pending_samples_ = 0;   // this rank's samples since the last exchange
   int64_t group_samples_ = 0;     // rank 0: the group's samples in this task
+  std::map<int, int64_t> epoch_samples_;  // rank 0: group_samples_ at each epoch end of this lease
   StopReason stop_reason_ = kNoStop;
 };
 
@@ -952,6 +954,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
   const bool root = control_.rank() == 0;
   pending_samples_ = 0;
   group_samples_ = 0;
+  epoch_samples_.clear();
   stop_reason_ = kNoStop;
   const std::string& id = task.task_id();
   // 1. Preparation: parse, the run folder. No collective inside.
@@ -989,8 +992,22 @@ Outcome Agent::RunTask(const v1::Task& task) {
   options.device = RankDevice();
   auto last_point = Clock::now();
   int64_t samples_at_last_point = 0;
+  int32_t steps_per_epoch = 0;
+  // The samples every rank trained since the last exchange, summed on rank 0. A collective on
+  // the control communicator: call it at the same point on every rank.
+  auto exchange_samples = [&](std::vector<int64_t>* v) {
+    v->push_back(pending_samples_);
+    absl::Status st = control_.AllReduceSum(v, 0.0005, deadline_s);
+    if (!st.ok()) EndGroup(absl::StrCat("task ", id, ": control exchange: ", st.message()));
+    pending_samples_ = 0;
+    if (root) {
+      group_samples_ += v->back();
+      metrics_->AddSamples(v->back());
+    }
+  };
   options.on_step = [&, root](const StepStats& s) {
     pending_samples_ += s.samples;
+    steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
     if (!root) return;
     metrics_->OnStep(s);
     const double since = Seconds(last_point);
@@ -1024,11 +1041,15 @@ Outcome Agent::RunTask(const v1::Task& task) {
     rank0_->Push(std::move(r));
   };
   options.on_epoch = [&, root](const EpochRecord& record) {
+    std::vector<int64_t> none;
+    exchange_samples(&none);  // every rank calls on_epoch at the same point
     if (!root) return;
     Report point;
     point.kind = Report::Kind::kPoint;
     point.task_id = id;
+    point.steps_per_epoch = steps_per_epoch;
     point.point = ToMetrics(record, group_samples_);
+    epoch_samples_[record.epoch] = group_samples_;
     rank0_->Push(std::move(point));
     // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
     if (record.best) {
@@ -1048,14 +1069,9 @@ Outcome Agent::RunTask(const v1::Task& task) {
     rank0_->Push(std::move(last));
   };
   options.should_stop = [&, root]() {
-    std::vector<int64_t> v{root ? static_cast<int64_t>(rank0_->Decide()) : 0, Signalled() ? 1 : 0,
-                           pending_samples_};
-    absl::Status st = control_.AllReduceSum(&v, 0.0005, deadline_s);
-    if (!st.ok()) EndGroup(absl::StrCat("task ", id, ": per-step stop exchange: ", st.message()));
-    pending_samples_ = 0;
+    std::vector<int64_t> v{root ? static_cast<int64_t>(rank0_->Decide()) : 0, Signalled() ? 1 : 0};
+    exchange_samples(&v);
     if (root) {
-      group_samples_ += v[2];
-      metrics_->AddSamples(v[2]);
       if (stop_reason_ == kNoStop && (v[0] != 0 || v[1] != 0)) {
         stop_reason_ = v[0] != 0 ? static_cast<StopReason>(v[0]) : kSignal;
       }
@@ -1110,17 +1126,24 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
     }
     EndGroup(why);
   }
-  int first = -1;
+  // The rank to blame: the first whose error is not a consequence of another rank's (a
+  // collective that timed out waiting, a stop), else the first that failed at all.
+  int first = -1, first_cause = -1;
   for (int r = 0; r < control_.world(); ++r) {
     const int64_t code = (*all)[2 * r];
     if (training && code != (*all)[0]) out.agreed = false;
     if (code != 0 && first < 0) first = r;
+    if (code != 0 && code != static_cast<int64_t>(absl::StatusCode::kDeadlineExceeded) &&
+        code != static_cast<int64_t>(absl::StatusCode::kCancelled) && first_cause < 0) {
+      first_cause = r;
+    }
     if (control_.rank() == 0) {
       group_samples_ += (*all)[2 * r + 1];
       if (metrics_) metrics_->AddSamples((*all)[2 * r + 1]);
     }
   }
   if (first < 0) return out;
+  if (first_cause >= 0) first = first_cause;
   std::string message(mine.message());
   absl::Status st = control_.Broadcast(&message, first, 0.005, deadline_s);
   if (!st.ok()) EndGroup(std::string(st.message()));
@@ -1147,7 +1170,10 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
       best = &outcome.history.back();
       r.path = task.out_dir() + "/last.pt";
     }
-    if (best != nullptr) r.point = ToMetrics(*best, group_samples_);
+    if (best != nullptr) {
+      auto it = epoch_samples_.find(best->epoch);  // 0 for an epoch of an earlier lease
+      r.point = ToMetrics(*best, it == epoch_samples_.end() ? 0 : it->second);
+    }
     Log().Info(absl::StrCat("task ", task.task_id(), " done: ", outcome.history.size(), " epochs, best ", r.path));
     rank0_->Push(std::move(r));
     return;
