@@ -399,6 +399,11 @@ class Rank0 {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // tasks carry their manifest
     args.SetInt(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1 << 30);
+    // gRPC's own reconnect backoff grows to 120 s by default: keep it within ours (0.5 s to
+    // 10 s), so that reports flow soon after the coordinator is back.
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 500);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
     channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
     stub_ = v1::WorkerService::NewStub(channel_);
   }
@@ -919,6 +924,7 @@ absl::Status Agent::ServeRank0() {
                             "); the group cannot be trusted any more"));
     }
     if (stop_reason_ == kGroupLost) rank0_->DropTask(task.task_id());
+    if (stop_reason_ == kSignal) break;  // a signal on any rank stops the whole group
     ++tasks;
     if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
       Log().Info(absl::StrCat("served ", tasks, " task(s) (--max-tasks)"));

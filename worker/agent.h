@@ -35,9 +35,15 @@
 //   Retryable: every error except INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND and DATA_LOSS
 //   (bad config or bad data, which another attempt would meet again).
 //   A cancel_task answer stops the task without a report (the coordinator already decided); a
-//   NOT_FOUND for the group stops it too, and rank 0 registers anew. SIGTERM / SIGINT stop the
-//   task at the next step; rank 0 reports FailTask(retryable, "stopped by signal"), every rank
-//   returns OK (exit 0). A second signal ends the process at once.
+//   NOT_FOUND for the group stops it too, and rank 0 registers anew. SIGTERM / SIGINT (on any
+//   rank during a task; on rank 0 while idle) stop the task at the next step; rank 0 reports
+//   FailTask(retryable, "stopped by signal"), waits up to 30 s for the reports to be delivered,
+//   and every rank returns OK (exit 0). A second signal ends the process at once. (mpirun
+//   forwards SIGTERM to the ranks but may SIGKILL them soon after: launchers should give
+//   `--mca odls_base_sigkill_timeout` some seconds.)
+//
+// Metrics: rank 0 serves them; the step, all-reduce, loader and GPU memory series are rank 0's
+// own view, aviary_samples_total counts every rank's samples (exchanged each step).
 //
 // Thread safety: ServeAgent runs on the main thread; ReportBuffer is thread-safe; Backoff is not.
 #ifndef AVIARY_WORKER_AGENT_H_
