@@ -570,6 +570,7 @@ class Rank0 {
   }
 
   void HeartbeatLoop() {
+    int64_t heartbeat_failures = 0;
     while (true) {
       int interval_ms;
       {
@@ -592,8 +593,16 @@ class Rank0 {
       grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
       if (!st.ok()) {
         absl::Status failed = Failed("Heartbeat", st);
-        if (!absl::IsNotFound(failed)) Log().Warn(failed.message());  // NOT_FOUND: logged once by Failed
+        // NOT_FOUND is logged once by Failed; others at the first failure, then every 20th.
+        if (!absl::IsNotFound(failed) && heartbeat_failures++ % 20 == 0) {
+          Log().Warn(absl::StrCat(failed.message(), " (", heartbeat_failures, " in a row)"));
+        }
         continue;
+      }
+      if (heartbeat_failures > 0) {
+        Log().Info(absl::StrCat("Heartbeat to ", options_.coordinator, " answered again after ", heartbeat_failures,
+                                " failure(s)"));
+        heartbeat_failures = 0;
       }
       Connected(true);
       if (response.cancel_task()) CancelIfCurrent(request.task_id(), "Heartbeat");
