@@ -139,14 +139,6 @@ class Control {
     return Wait(&req, 0.002, deadline_s, "the control broadcast");
   }
 
-  // In-place sum of `values` over the ranks.
-  absl::Status AllReduceSum(std::vector<int64_t>* values, double max_sleep_s, double deadline_s) {
-    MPI_Request req;
-    AVIARY_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, values->data(), static_cast<int>(values->size()),
-                                    MPI_INT64_T, MPI_SUM, comm_, &req));
-    return Wait(&req, max_sleep_s, deadline_s, "the control all-reduce");
-  }
-
   // Every rank's `mine` (the same length everywhere), in rank order.
   absl::StatusOr<std::vector<int64_t>> AllGather(const std::vector<int64_t>& mine, double max_sleep_s,
                                                  double deadline_s) {
@@ -182,6 +174,22 @@ class Control {
   int rank_ = 0;
   int world_ = 1;
 };
+
+// Control exchanges within a task (Agent::Exchange).
+constexpr int64_t kExPrepared = 1;   // after parsing the task: {code}
+constexpr int64_t kExStep = 2;       // before each step: {stop decision, signal, samples}
+constexpr int64_t kExEpochEnd = 3;   // after each epoch: {0, 0, samples}
+constexpr int64_t kExFinished = 4;   // after training: {code, samples}
+
+const char* ExchangeName(int64_t kind) {
+  switch (kind) {
+    case kExPrepared: return "prepared the task";
+    case kExStep: return "training (step exchange)";
+    case kExEpochEnd: return "training (epoch end)";
+    case kExFinished: return "finished the task";
+  }
+  return "unknown";
+}
 
 // Control messages from rank 0: the first byte says what follows.
 constexpr char kMsgTask = 'T';
@@ -778,6 +786,15 @@ class Agent {
   absl::StatusOr<v1::RegisterGroupRequest> Describe(int metrics_port);
   c10::Device RankDevice() const;
   Outcome RunTask(const v1::Task& task);
+  // Every rank's {kind, a, b, c}, rank-major. All control exchanges of a task go through here
+  // with the same shape, so that ranks at different points (one failed alone) are detected
+  // instead of matching unlike collectives: then, and when the exchange times out, the group
+  // ends (OutOfStep).
+  std::vector<int64_t> Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
+                                double deadline_s, const absl::Status& mine);
+  // Rank 0 reports a retryable failure (waiting a little for its delivery) and ends the group;
+  // the other ranks give it 30 s to do so, then end it themselves.
+  [[noreturn]] void OutOfStep(const std::string& task_id, const std::string& why);
   // The outcome exchange (see agent.h): every rank's code; the first failing rank's message.
   // `training`: ranks that ended differently poison the group (Outcome::agreed false).
   Outcome Agree(const std::string& task_id, const absl::Status& mine, double deadline_s, int64_t pending_samples,
@@ -1010,15 +1027,21 @@ Outcome Agent::RunTask(const v1::Task& task) {
   int32_t steps_per_epoch = 0;
   // The samples every rank trained since the last exchange, summed on rank 0. A collective on
   // the control communicator: call it at the same point on every rank.
-  auto exchange_samples = [&](std::vector<int64_t>* v) {
-    v->push_back(pending_samples_);
-    absl::Status st = control_.AllReduceSum(v, 0.0005, deadline_s);
-    if (!st.ok()) EndGroup(absl::StrCat("task ", id, ": control exchange: ", st.message()));
+  // Returns {any stop decision, any signal}.
+  auto exchange_samples = [&](int64_t kind, int64_t decision) {
+    std::vector<int64_t> all =
+        Exchange(id, kind, decision, Signalled() ? 1 : 0, pending_samples_, deadline_s, absl::OkStatus());
     pending_samples_ = 0;
-    if (root) {
-      group_samples_ += v->back();
-      metrics_->AddSamples(v->back());
+    int64_t samples = 0, signals = 0;
+    for (int r = 0; r < control_.world(); ++r) {
+      samples += all[4 * r + 3];
+      signals += all[4 * r + 2];
     }
+    if (root) {
+      group_samples_ += samples;
+      metrics_->AddSamples(samples);
+    }
+    return std::pair<int64_t, int64_t>(all[1], signals);  // rank 0's decision
   };
   options.on_step = [&, root](const StepStats& s) {
     pending_samples_ += s.samples;
@@ -1056,8 +1079,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
     rank0_->Push(std::move(r));
   };
   options.on_epoch = [&, root](const EpochRecord& record) {
-    std::vector<int64_t> none;
-    exchange_samples(&none);  // every rank calls on_epoch at the same point
+    exchange_samples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
     if (!root) return;
     Report point;
     point.kind = Report::Kind::kPoint;
@@ -1084,14 +1106,11 @@ Outcome Agent::RunTask(const v1::Task& task) {
     rank0_->Push(std::move(last));
   };
   options.should_stop = [&, root]() {
-    std::vector<int64_t> v{root ? static_cast<int64_t>(rank0_->Decide()) : 0, Signalled() ? 1 : 0};
-    exchange_samples(&v);
-    if (root) {
-      if (stop_reason_ == kNoStop && (v[0] != 0 || v[1] != 0)) {
-        stop_reason_ = v[0] != 0 ? static_cast<StopReason>(v[0]) : kSignal;
-      }
+    auto [decision, signals] = exchange_samples(kExStep, root ? static_cast<int64_t>(rank0_->Decide()) : 0);
+    if (root && stop_reason_ == kNoStop && (decision != 0 || signals != 0)) {
+      stop_reason_ = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
     }
-    return v[0] != 0 || v[1] != 0;
+    return decision != 0 || signals != 0;
   };
   absl::Status status;
   std::vector<EpochRecord> history;
@@ -1122,39 +1141,65 @@ Outcome Agent::RunTask(const v1::Task& task) {
   return outcome;
 }
 
+std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
+                                     double deadline_s, const absl::Status& mine) {
+  const std::string own_error = mine.ok() ? "" : absl::StrCat(" (its error: ", mine.message(), ")");
+  auto all = control_.AllGather({kind, a, b, c}, kind == kExStep ? 0.0005 : 0.005, deadline_s);
+  if (!all.ok()) {
+    OutOfStep(task_id, absl::StrCat("rank ", control_.rank(), " ", ExchangeName(kind), own_error, ": ",
+                                    all.status().message()));
+  }
+  for (int r = 0; r < control_.world(); ++r) {
+    if ((*all)[4 * r] != kind) {
+      std::vector<std::string> where;
+      for (int q = 0; q < control_.world(); ++q) {
+        where.push_back(absl::StrCat("rank ", q, " ", ExchangeName((*all)[4 * q]),
+                                     q == control_.rank() ? own_error : ""));
+      }
+      OutOfStep(task_id, absl::StrCat("the ranks are out of step: ", absl::StrJoin(where, "; "),
+                                      " (see the other ranks' logs for their errors)"));
+    }
+  }
+  return *std::move(all);
+}
+
+[[noreturn]] void Agent::OutOfStep(const std::string& task_id, const std::string& why) {
+  const std::string message = absl::StrCat("task ", task_id, ": ", why);
+  Log().Error(message);
+  if (control_.rank() == 0 && rank0_) {
+    // Report before ending the group, so that the coordinator re-leases at once.
+    Report r;
+    r.kind = Report::Kind::kFail;
+    r.task_id = task_id;
+    r.error = message;
+    r.retryable = true;
+    rank0_->Push(std::move(r));
+    rank0_->Drain(task_id, 15, 5);
+  } else {
+    std::this_thread::sleep_for(std::chrono::seconds(30));
+  }
+  EndGroup(message);
+}
+
 Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, double deadline_s,
                      int64_t pending_samples, bool training) {
   Outcome out;
-  auto all = control_.AllGather({static_cast<int64_t>(mine.code()), pending_samples}, 0.005, deadline_s);
-  if (!all.ok()) {
-    const std::string why = absl::StrCat("task ", task_id, ": rank ", control_.rank(), ": ",
-                                         mine.ok() ? "" : absl::StrCat(mine.message(), "; "), all.status().message());
-    if (control_.rank() == 0 && rank0_) {
-      // Report before ending the group, so that the coordinator re-leases at once.
-      Report r;
-      r.kind = Report::Kind::kFail;
-      r.task_id = task_id;
-      r.error = why;
-      r.retryable = true;
-      rank0_->Push(std::move(r));
-      rank0_->Drain(task_id, 15, 5);
-    }
-    EndGroup(why);
-  }
+  auto all = Exchange(task_id, training ? kExFinished : kExPrepared, static_cast<int64_t>(mine.code()),
+                      pending_samples, 0, deadline_s, mine);
   // The rank to blame: the first whose error is not a consequence of another rank's (a
   // collective that timed out waiting, a stop), else the first that failed at all.
   int first = -1, first_cause = -1;
   for (int r = 0; r < control_.world(); ++r) {
-    const int64_t code = (*all)[2 * r];
-    if (training && code != (*all)[0]) out.agreed = false;
+    const int64_t code = all[4 * r + 1];
+    if (training && code != all[1]) out.agreed = false;
     if (code != 0 && first < 0) first = r;
     if (code != 0 && code != static_cast<int64_t>(absl::StatusCode::kDeadlineExceeded) &&
         code != static_cast<int64_t>(absl::StatusCode::kCancelled) && first_cause < 0) {
       first_cause = r;
     }
     if (control_.rank() == 0) {
-      group_samples_ += (*all)[2 * r + 1];
-      if (metrics_) metrics_->AddSamples((*all)[2 * r + 1]);
+      group_samples_ += all[4 * r + 2];
+      if (metrics_) metrics_->AddSamples(all[4 * r + 2]);
     }
   }
   if (first < 0) return out;
@@ -1162,7 +1207,7 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
   std::string message(mine.message());
   absl::Status st = control_.Broadcast(&message, first, 0.005, deadline_s);
   if (!st.ok()) EndGroup(std::string(st.message()));
-  const auto code = static_cast<absl::StatusCode>((*all)[2 * first]);
+  const auto code = static_cast<absl::StatusCode>(all[4 * first + 1]);
   out.status = absl::Status(code, control_.world() > 1 && !absl::StrContains(message, "rank ")
                                       ? absl::StrCat("rank ", first, ": ", message)
                                       : message);

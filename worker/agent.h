@@ -32,6 +32,10 @@
 //      error (retryable) and waits a little for it to be delivered, then the group ends
 //      (MPI_Abort, exit code 1), as `aviary-worker train` does. If the exchange does not complete
 //      by its deadline, the rank that waits ends the group the same way (rank 0 reports first).
+//   Every control exchange of a task (prepared, each step, each epoch end, finished) is the same
+//   all-gather of {kind, 3 values}, so a rank that left training alone while its peers are at a
+//   step or epoch exchange is seen as "out of step" (never as a mismatched collective): rank 0
+//   reports a retryable failure naming where each rank was, and the group ends.
 //   Retryable: every error except INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND and DATA_LOSS
 //   (bad config or bad data, which another attempt would meet again).
 //   A cancel_task answer stops the task without a report (the coordinator already decided); a
