@@ -976,8 +976,9 @@ absl::Status Agent::ServeOther() {
     }
     Outcome outcome = RunTask(task);
     if (!outcome.agreed) {
-      // Rank 0 reports it and ends the group; wait for that here.
-      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+      // Rank 0 reports it and ends the group; give it time, then end it from here.
+      std::this_thread::sleep_for(std::chrono::seconds(60));
+      EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks; rank 0 did not end the group"));
     }
   }
 }
