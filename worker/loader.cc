@@ -261,4 +261,9 @@ LoaderStats Loader::Stats() const {
   return s;
 }
 
+int Loader::QueueDepth() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(ready_.size());
+}
+
 }  // namespace aviary::worker

@@ -101,6 +101,8 @@ class Loader {
   int64_t BatchesPerEpoch() const { return num_batches_; }
   const std::vector<LoaderItem>& items() const { return items_; }
   LoaderStats Stats() const;
+  // Ready batches now (prefetched, waiting for Next()); cheap: one lock, no copies.
+  int QueueDepth() const;
 
   // The items rank `rank` gets for `epoch`, batch by batch (what the loader will produce,
   // before substitutions). Exposed for tests and for the distributed equivalence checks.

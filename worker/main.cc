@@ -1,6 +1,6 @@
 // aviary-worker: trains a stage on this machine (`train`, one process or one rank of an mpirun
 // world), measures the group's all-reduce (`allreduce-bench`), or serves a coordinator as part
-// of a worker group (`serve`, not built yet).
+// of a worker group (`serve`: worker/agent.h).
 //
 // Under mpirun every failure of a rank ends the whole group (MPI_Abort) with a message naming
 // the rank and the cause, so that no rank is left waiting in a collective.
@@ -21,12 +21,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/ascii.h"
+#include "common/csv.h"
 #include "common/config.h"
 #include "common/flags.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
+#include "worker/agent.h"
 #include "worker/trainer.h"
 
 namespace {
@@ -44,7 +48,16 @@ constexpr char kUsage[] =
     "  allreduce-bench [--min-bytes 1024] [--max-bytes 1073741824] [--dtype float32|bf16]\n"
     "        [--device cpu|cuda] [--backend auto|mpi|nccl] [--timeout-s 600]\n"
     "        all-reduce time, algbw and busbw (nccl-tests definitions) per size, under mpirun\n"
-    "  serve --coordinator HOST:PORT   (not built yet: the coordinator arrives with issue 6)\n";
+    "  serve --coordinator HOST:PORT [--token-file F] [--tls-ca F] [--metrics-listen ADDR]\n"
+    "        [--metrics-port-file F] [--device auto|cpu|cuda] [--threads N] [--max-tasks N]\n"
+    "        [--connect-timeout-s S] [--log-level debug|info|warning|error]\n"
+    "        a worker group (under `mpirun -np N`, or one process): leases tasks from the\n"
+    "        coordinator and trains them; the token comes from --token-file, else the file in\n"
+    "        AVIARY_TOKEN_FILE, else AVIARY_TOKEN; TLS with --tls-ca (or AVIARY_TLS_CA);\n"
+    "        /metrics on --metrics-listen (default 0.0.0.0:9471; port 0 picks one; \"\" disables);\n"
+    "        --max-tasks N exits 0 after N tasks (0: forever); --connect-timeout-s S exits 1 when\n"
+    "        the coordinator cannot be reached for S s (0: retry forever); SIGTERM/SIGINT stop\n"
+    "        the task at the next step (reported as retryable) and exit 0\n";
 
 // The MPI session of this process when it runs as a rank of a multi-process world.
 aviary::worker::comm::MpiSession* g_session = nullptr;
@@ -138,6 +151,85 @@ int RunTrain(const std::vector<std::string>& args) {
   return 0;
 }
 
+// The first line of `path`, surrounding whitespace removed; an empty token is an error.
+absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& what) {
+  auto text = aviary::common::ReadFileToString(path);
+  if (!text.ok()) return aviary::common::Annotate(text.status(), what);
+  std::string line = text->substr(0, text->find('\n'));
+  std::string token(absl::StripAsciiWhitespace(line));
+  if (token.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": '", path, "' holds an empty token"));
+  return token;
+}
+
+// Flag errors are the same on every rank: rank 0 says it, every rank exits with the code.
+int ServeFail(const absl::Status& st) {
+  if (g_session == nullptr || g_session->rank() == 0) std::cerr << "aviary-worker serve: " << st.message() << "\n";
+  return aviary::common::ExitCodeFor(st);
+}
+
+int RunServe(const std::vector<std::string>& args) {
+  aviary::common::Flags flags({"coordinator", "token-file", "tls-ca", "metrics-listen", "metrics-port-file",
+                               "device", "threads", "log-level", "max-tasks", "connect-timeout-s"},
+                              {});
+  if (absl::Status st = flags.Parse(args); !st.ok()) return ServeFail(st);
+  if (!flags.positional().empty()) {
+    return ServeFail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
+  }
+  if (auto level = flags.Get("log-level")) {
+    aviary::common::LogLevel l;
+    if (absl::Status st = aviary::common::ParseLogLevel(*level, &l); !st.ok()) return ServeFail(st);
+    aviary::common::SetLogLevel(l);
+  }
+  aviary::worker::AgentOptions options;
+  auto coordinator = flags.Require("coordinator");
+  if (!coordinator.ok()) return ServeFail(coordinator.status());
+  options.coordinator = *coordinator;
+  if (options.coordinator.find(':') == std::string::npos) {
+    return ServeFail(absl::InvalidArgumentError(
+        absl::StrCat("--coordinator: expected HOST:PORT, got '", options.coordinator, "'")));
+  }
+  if (auto file = flags.Get("token-file")) {
+    auto token = ReadToken(*file, "--token-file");
+    if (!token.ok()) return ServeFail(token.status());
+    options.token = *token;
+  } else if (const char* env = std::getenv("AVIARY_TOKEN_FILE"); env != nullptr && *env != '\0') {
+    auto token = ReadToken(env, "AVIARY_TOKEN_FILE");
+    if (!token.ok()) return ServeFail(token.status());
+    options.token = *token;
+  } else if (const char* env = std::getenv("AVIARY_TOKEN"); env != nullptr) {
+    options.token = std::string(absl::StripAsciiWhitespace(env));
+  }
+  std::string ca = flags.Get("tls-ca").value_or("");
+  if (ca.empty()) {
+    if (const char* env = std::getenv("AVIARY_TLS_CA"); env != nullptr) ca = env;
+  }
+  if (!ca.empty()) {
+    auto pem = aviary::common::ReadFileToString(ca);
+    if (!pem.ok()) return ServeFail(aviary::common::Annotate(pem.status(), "--tls-ca"));
+    options.tls_ca_pem = *pem;
+  }
+  options.metrics_listen = flags.Get("metrics-listen").value_or("0.0.0.0:9471");
+  options.metrics_port_file = flags.Get("metrics-port-file").value_or("");
+  options.device = flags.Get("device").value_or("auto");
+  auto threads = flags.GetInt("threads", 0, 0, 1024);
+  if (!threads.ok()) return ServeFail(threads.status());
+  options.threads = static_cast<int>(*threads);
+  auto max_tasks = flags.GetInt("max-tasks", 0, 0, 1000000000);
+  if (!max_tasks.ok()) return ServeFail(max_tasks.status());
+  options.max_tasks = static_cast<int>(*max_tasks);
+  auto connect_timeout = flags.GetDouble("connect-timeout-s", 0);
+  if (!connect_timeout.ok()) return ServeFail(connect_timeout.status());
+  if (!(*connect_timeout >= 0)) {
+    return ServeFail(absl::InvalidArgumentError(absl::StrCat("--connect-timeout-s: expected >= 0, got ", *connect_timeout)));
+  }
+  options.connect_timeout_s = *connect_timeout;
+  // The agent ends the whole group itself (MPI_Abort) when ranks cannot agree; an error that
+  // reaches here was shared by every rank.
+  absl::Status st = aviary::worker::ServeAgent(options, *g_session);
+  if (!st.ok()) return ServeFail(st);
+  return 0;
+}
+
 int RunAllreduceBench(const std::vector<std::string>& args) {
   aviary::common::Flags flags({"min-bytes", "max-bytes", "dtype", "device", "backend", "timeout-s"}, {});
   if (absl::Status st = flags.Parse(args); !st.ok()) return Fail("allreduce-bench", st);
@@ -211,7 +303,9 @@ int main(int argc, char** argv) {
   }
   std::vector<std::string> rest(args.begin() + 1, args.end());
   std::unique_ptr<aviary::worker::comm::MpiSession> session;
-  if ((args[0] == "train" || args[0] == "allreduce-bench") && aviary::worker::comm::LaunchedUnderMpi()) {
+  // serve always has a session (one process without mpirun is a world of one).
+  if (((args[0] == "train" || args[0] == "allreduce-bench") && aviary::worker::comm::LaunchedUnderMpi()) ||
+      args[0] == "serve") {
     auto s = aviary::worker::comm::MpiSession::Create();
     if (!s.ok()) return Fail(args[0], s.status());
     session = std::move(*s);
@@ -221,6 +315,7 @@ int main(int argc, char** argv) {
   try {
     if (args[0] == "train") rc = RunTrain(rest);
     else if (args[0] == "allreduce-bench") rc = RunAllreduceBench(rest);
+    else if (args[0] == "serve") rc = RunServe(rest);
     else rc = -1;
   } catch (const std::exception& e) {
     rc = Fail(args[0], absl::InternalError(absl::StrCat("uncaught exception: ", e.what())));
@@ -228,11 +323,6 @@ int main(int argc, char** argv) {
   if (rc != -1) {
     g_session = nullptr;
     return rc;  // `session` finalizes MPI (when it initialized it)
-  }
-  if (args[0] == "serve") {
-    std::cerr << "aviary-worker serve: not built yet: the coordinator and the worker agent arrive "
-                 "with issue 6\n";
-    return 2;
   }
   std::cerr << "aviary-worker: unknown command '" << args[0] << "'\n\n" << kUsage;
   return 2;

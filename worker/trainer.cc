@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -527,10 +528,35 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
   std::vector<int64_t> hard;
   const auto t0 = std::chrono::steady_clock::now();
   auto last_log = t0;
+  auto step_start = t0;
+  double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
+  // StepStats for on_step; `skipped` steps train nothing.
+  auto report_step = [&](int64_t s, int64_t samples, bool skipped, double data_wait) {
+    if (!options.on_step) return;
+    StepStats st;
+    st.epoch = epoch;
+    st.step = step;
+    st.step_in_epoch = s + 1;
+    st.steps_per_epoch = steps;
+    st.lr = train.lr_per_step ? LearningRate(train, epoch + static_cast<double>(s) / steps, global_batch) : record.lr;
+    st.train_loss = seen > 0 ? loss_sum / seen : kNaN;
+    st.samples = samples;
+    st.world_size = world;
+    st.skipped = skipped;
+    st.step_seconds = Seconds(step_start);
+    st.data_wait_seconds = data_wait;
+    const double allreduce_now = reducer ? reducer->finish_seconds() + reducer->hook_seconds() : 0.0;
+    st.allreduce_seconds = std::max(0.0, allreduce_now - allreduce_before);
+    st.loader_queue_depth = train_loader->QueueDepth();
+    options.on_step(st);
+  };
   for (int64_t s = 0;; ++s) {
+    step_start = std::chrono::steady_clock::now();
+    allreduce_before = reducer ? reducer->finish_seconds() + reducer->hook_seconds() : 0.0;
     Batch batch;
     AVIARY_ASSIGN_OR_RETURN(bool more, train_loader->Next(&batch));
     if (!more) break;
+    const double data_wait = Seconds(step_start);
     if (options.should_stop && options.should_stop()) {
       return absl::CancelledError(absl::StrCat("stopped at epoch ", epoch, " step ", s));
     }
@@ -578,6 +604,7 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
       if (!train.skip_nonfinite) return absl::DataLossError(where);
       ++skipped_steps;
       Log().Warn(absl::StrCat("skipped: ", where));
+      report_step(s, 0, /*skipped=*/true, data_wait);
       continue;
     }
     if (!std::isfinite(loss_value)) {
@@ -590,6 +617,7 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
       }
       ++skipped_steps;
       Log().Warn(absl::StrCat("skipped: ", where));
+      report_step(s, 0, /*skipped=*/true, data_wait);
       continue;
     }
     optimizer->zero_grad();
@@ -609,6 +637,7 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
       at::Tensor h = y.argmax(1).cpu();
       hard.insert(hard.end(), h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
     }
+    report_step(s, b, /*skipped=*/false, data_wait);
     const double elapsed = Seconds(t0);
     const double rate = seen / std::max(elapsed, 1e-9);
     if (options.progress_bar) {

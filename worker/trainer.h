@@ -68,6 +68,24 @@ struct EpochRecord {
   bool best = false;          // the monitor improved at this epoch
 };
 
+// One optimizer step as seen by one rank (TrainOptions::on_step). Times are this rank's wall
+// clock; nothing here is reduced across ranks.
+struct StepStats {
+  int epoch = 0;
+  int64_t step = 0;             // optimizer steps so far in the run (global, as EpochRecord::step)
+  int64_t step_in_epoch = 0;    // 1-based: the step just finished within the epoch
+  int64_t steps_per_epoch = 0;  // batches per epoch (the same on every rank)
+  double lr = 0;
+  double train_loss = 0;        // running mean of this rank's loss over the epoch so far
+  int64_t samples = 0;          // this rank's samples in the step (0 for a skipped step)
+  int world_size = 1;
+  bool skipped = false;         // a non-finite loss skipped the optimizer step
+  double step_seconds = 0;      // wall time of the step, the wait for data included
+  double data_wait_seconds = 0; // time spent waiting for the batch
+  double allreduce_seconds = 0; // gradient all-reduce time not hidden by backward (reducer)
+  int loader_queue_depth = 0;   // prefetched batches ready after this step's batch was taken
+};
+
 // The history.csv header, in the contract's column order.
 const std::vector<std::string>& HistoryColumns();
 
@@ -83,8 +101,15 @@ struct TrainOptions {
   c10::Device device = c10::Device(c10::kCPU);
   bool progress_bar = false;        // a live line on stderr (a terminal); else log lines
   double log_every_s = 10.0;        // plain progress lines at most this often
-  // Called after every epoch with its record (progress reports to the coordinator).
+  // Called on every rank after every epoch with its record (progress reports to the
+  // coordinator), after rank 0 wrote the epoch's files: when it runs, out_dir/last.pt (and
+  // out_dir/best.pt when the record is the best so far) hold this epoch, and history.csv has
+  // its row.
   std::function<void(const EpochRecord&)> on_epoch;
+  // Called on every rank after each optimizer step, and after a step skipped for a non-finite
+  // loss (StepStats::skipped), from the training thread. Must be cheap; must not call
+  // collectives of the trainer's communicator.
+  std::function<void(const StepStats&)> on_step;
   // Polled between steps; returning true stops the run after saving last.pt (CANCELLED). In a
   // multi-rank run it must answer the same on every rank at the same step.
   std::function<bool()> should_stop;

@@ -39,7 +39,7 @@ expect "--device: expected auto, cpu or cuda" "$w" train --config "$tmp/p.yaml" 
 expect "model.name" "$w" train --config "$tmp/p.yaml" --set model.name=resnet --stage finetune --fold 0 --out "$tmp/r2"
 expect "belongs to stage finetune fold 0, not stage finetune fold 1" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 1 --out "$tmp/run"
 expect "no such checkpoint" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r3" --init "$tmp/none.pt"
-expect "not built yet" "$w" serve --coordinator localhost:1
+expect "--coordinator: expected HOST:PORT, got 'localhost'" "$w" serve --coordinator localhost
 # Multi-rank training is tested by train_distributed.sh (mpirun -np 2).
 
 echo "train_small_cnn: $passes passed, $fails failed"

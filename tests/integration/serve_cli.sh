@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `aviary-worker serve` without a coordinator: bad flags exit 2 naming the flag; an unreachable
+# coordinator is retried with backoff (each failure logged with the gRPC code and the address)
+# and --connect-timeout-s ends it with exit 1 on every rank (one process and mpirun -np 2); the
+# group's /metrics answers while it waits, and SIGTERM ends it with exit 0.
+# usage: serve_cli.sh BIN_DIR MPIEXEC
+set -uo pipefail
+bin=$1
+mpiexec=$2
+worker=$bin/aviary-worker
+source "$(dirname "$0")/lib.sh"
+
+expect "unknown flag --coordinatr" "$worker" serve --coordinatr 127.0.0.1:7070
+expect "missing required flag --coordinator" "$worker" serve --metrics-listen ""
+expect "--coordinator: expected HOST:PORT, got 'localhost'" "$worker" serve --coordinator localhost
+expect "--device: expected auto, cpu or cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
+expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""
+expect "--token-file" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/missing-token" --metrics-listen ""
+: > "$tmp/empty-token"
+expect "empty token" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/empty-token" --metrics-listen ""
+
+# A free port nobody listens on.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+addr=127.0.0.1:$port
+
+# unreachable_case LABEL COMMAND...: exit 1, the address and UNAVAILABLE in the final message,
+# and at least one "retrying in" line before it.
+unreachable_case() {
+  local label=$1; shift
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  if [ $rc -ne 1 ]; then fail "$label: rc=$rc, wanted 1"; echo "$out" | sed 's/^/    /'; return; fi
+  grep -qF "could not register with the coordinator at $addr within --connect-timeout-s 2" <<<"$out" \
+    || { fail "$label: no final message"; echo "$out" | sed 's/^/    /'; return; }
+  grep -qE "RegisterGroup to $addr: UNAVAILABLE: .*retrying in [0-9.]+ s" <<<"$out" \
+    || { fail "$label: no retry line"; echo "$out" | sed 's/^/    /'; return; }
+  ok
+}
+unreachable_case "one process" "$worker" serve --coordinator "$addr" --connect-timeout-s 2 --metrics-listen ""
+unreachable_case "mpirun -np 2" "$mpiexec" -np 2 --oversubscribe "$worker" serve --coordinator "$addr" \
+  --connect-timeout-s 2 --metrics-listen 127.0.0.1:0
+
+# /metrics while waiting for the coordinator, then SIGTERM: exit 0.
+"$worker" serve --coordinator "$addr" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/mport" \
+  >"$tmp/serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do [ -s "$tmp/mport" ] && break; sleep 0.1; done
+if [ ! -s "$tmp/mport" ]; then
+  fail "no --metrics-port-file"
+else
+  mport=$(cat "$tmp/mport")
+  metrics=$(curl -sf "http://127.0.0.1:$mport/metrics")
+  for name in aviary_coordinator_connected aviary_reports_buffered aviary_samples_total \
+              aviary_samples_per_second aviary_step_duration_seconds_bucket \
+              aviary_allreduce_duration_seconds_bucket aviary_loader_queue_depth \
+              aviary_loader_wait_seconds_total; do
+    grep -q "^$name{" <<<"$metrics" || fail "/metrics lacks $name"
+  done
+  grep -q '^aviary_coordinator_connected{group_id=""} 0' <<<"$metrics" || fail "connected should be 0"
+  if command -v promtool >/dev/null; then
+    promtool check metrics <<<"$metrics" >/dev/null 2>&1 || fail "promtool check metrics: $(promtool check metrics <<<"$metrics" 2>&1)"
+  fi
+  ok
+fi
+kill -TERM $pid
+wait $pid; rc=$?
+[ $rc -eq 0 ] || { fail "SIGTERM while registering: rc=$rc"; sed 's/^/    /' "$tmp/serve.log"; }
+
+echo "serve_cli: $passes passed, $fails failed"
+[ $fails -eq 0 ]

@@ -1,0 +1,167 @@
+// The worker agent's parts that need no coordinator: the report buffer (order, bound, what is
+// dropped), the backoff schedules and the retryable classification.
+#include "worker/agent.h"
+
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace aviary::worker {
+namespace {
+
+Report Point(const std::string& task, int64_t step, bool epoch_end = false) {
+  Report r;
+  r.kind = Report::Kind::kPoint;
+  r.task_id = task;
+  r.point.set_step(step);
+  r.point.set_epoch_end(epoch_end);
+  return r;
+}
+
+Report Checkpoint(const std::string& task, const std::string& path) {
+  Report r;
+  r.kind = Report::Kind::kCheckpoint;
+  r.task_id = task;
+  r.path = path;
+  return r;
+}
+
+// Drains the buffer through Peek/Pop; "p<step>" / "e<step>" for points, "c:<path>", "done", "fail".
+std::vector<std::string> Drain(ReportBuffer* buffer, size_t max_points, std::vector<size_t>* runs = nullptr) {
+  std::vector<std::string> out;
+  while (true) {
+    std::vector<Report> run = buffer->Peek(max_points, 0);
+    if (run.empty()) break;
+    if (runs) runs->push_back(run.size());
+    for (const Report& r : run) {
+      switch (r.kind) {
+        case Report::Kind::kPoint:
+          out.push_back((r.point.epoch_end() ? "e" : "p") + std::to_string(r.point.step()));
+          break;
+        case Report::Kind::kCheckpoint: out.push_back("c:" + r.path); break;
+        case Report::Kind::kComplete: out.push_back("done"); break;
+        case Report::Kind::kFail: out.push_back("fail"); break;
+      }
+    }
+    buffer->Pop();
+  }
+  return out;
+}
+
+TEST(ReportBufferTest, SendsEverythingInOrderInRunsOfOneTasksPoints) {
+  ReportBuffer buffer(100);
+  buffer.Push(Point("a", 1));
+  buffer.Push(Point("a", 2));
+  buffer.Push(Point("a", 3, true));
+  buffer.Push(Checkpoint("a", "best.pt"));
+  buffer.Push(Checkpoint("a", "last.pt"));
+  buffer.Push(Point("a", 4));
+  buffer.Push(Point("b", 5));
+  Report done;
+  done.kind = Report::Kind::kComplete;
+  done.task_id = "b";
+  buffer.Push(done);
+  EXPECT_EQ(buffer.points(), 5u);
+  std::vector<size_t> runs;
+  EXPECT_EQ(Drain(&buffer, 2, &runs),
+            (std::vector<std::string>{"p1", "p2", "e3", "c:best.pt", "c:last.pt", "p4", "p5", "done"}));
+  // At most 2 points per run; a checkpoint, another task or an outcome ends a run.
+  EXPECT_EQ(runs, (std::vector<size_t>{2, 1, 1, 1, 1, 1, 1}));
+  EXPECT_EQ(buffer.size(), 0u);
+  EXPECT_EQ(buffer.points(), 0u);
+}
+
+TEST(ReportBufferTest, ARunThatFailedIsSentAgainFirst) {
+  ReportBuffer buffer(100);
+  buffer.Push(Point("a", 1));
+  buffer.Push(Point("a", 2));
+  std::vector<Report> first = buffer.Peek(10, 0);
+  ASSERT_EQ(first.size(), 2u);
+  buffer.Push(Point("a", 3));
+  // While a run is in flight, nothing else is handed out.
+  EXPECT_TRUE(buffer.Peek(10, 0).empty());
+  buffer.Release();
+  EXPECT_EQ(Drain(&buffer, 10), (std::vector<std::string>{"p1", "p2", "p3"}));
+}
+
+TEST(ReportBufferTest, TheBoundDropsTheOldestStepPointsAndKeepsEpochEnds) {
+  ReportBuffer buffer(3);
+  buffer.Push(Point("a", 1));
+  buffer.Push(Point("a", 2, true));
+  buffer.Push(Point("a", 3));
+  buffer.Push(Checkpoint("a", "last.pt"));  // not a point: never counted, never dropped
+  buffer.Push(Point("a", 4));               // drops p1
+  buffer.Push(Point("a", 5, true));         // drops p3
+  buffer.Push(Point("a", 6, true));         // drops p4
+  EXPECT_EQ(buffer.points(), 3u);
+  buffer.Push(Point("a", 7, true));         // only epoch ends left: kept beyond the bound
+  buffer.Push(Point("a", 8));               // and a new step point is the one dropped
+  EXPECT_EQ(buffer.points(), 4u);
+  EXPECT_EQ(buffer.dropped_points(), 4);
+  EXPECT_EQ(Drain(&buffer, 100), (std::vector<std::string>{"e2", "c:last.pt", "e5", "e6", "e7"}));
+}
+
+TEST(ReportBufferTest, PointsBeingSentAreNotDropped) {
+  ReportBuffer buffer(2);
+  buffer.Push(Point("a", 1));
+  buffer.Push(Point("a", 2));
+  ASSERT_EQ(buffer.Peek(10, 0).size(), 2u);  // in flight
+  buffer.Push(Point("a", 3));                // nothing droppable: p3 goes
+  EXPECT_EQ(buffer.dropped_points(), 1);
+  buffer.Release();
+  buffer.Push(Point("a", 4));                // now p1 goes
+  EXPECT_EQ(Drain(&buffer, 10), (std::vector<std::string>{"p2", "p4"}));
+}
+
+TEST(ReportBufferTest, DropTaskRemovesOnlyThatTasksWaitingReports) {
+  ReportBuffer buffer(100);
+  buffer.Push(Point("a", 1));
+  buffer.Push(Point("b", 2));
+  buffer.Push(Checkpoint("a", "last.pt"));
+  buffer.Push(Point("b", 3));
+  ASSERT_EQ(buffer.Peek(10, 0).size(), 1u);  // p1 of task a in flight: kept
+  buffer.DropTask("a");
+  buffer.Release();
+  EXPECT_EQ(buffer.points(), 3u);
+  EXPECT_EQ(Drain(&buffer, 10), (std::vector<std::string>{"p1", "p2", "p3"}));
+}
+
+TEST(ReportBufferTest, WaitEmptySaysWhetherEverythingWasDelivered) {
+  ReportBuffer buffer(100);
+  EXPECT_TRUE(buffer.WaitEmpty(0));
+  buffer.Push(Point("a", 1));
+  EXPECT_FALSE(buffer.WaitEmpty(0));
+  ASSERT_EQ(buffer.Peek(10, 0).size(), 1u);
+  EXPECT_FALSE(buffer.WaitEmpty(0));  // in flight is not delivered
+  buffer.Pop();
+  EXPECT_TRUE(buffer.WaitEmpty(0));
+  EXPECT_TRUE(buffer.Peek(10, 0).empty());
+}
+
+TEST(BackoffTest, DoublesFromInitialToMaxAndStartsOverOnReset) {
+  Backoff rpc(0.5, 10);
+  std::vector<double> got;
+  for (int i = 0; i < 7; ++i) got.push_back(rpc.Next());
+  EXPECT_EQ(got, (std::vector<double>{0.5, 1, 2, 4, 8, 10, 10}));
+  rpc.Reset();
+  EXPECT_EQ(rpc.Next(), 0.5);
+  Backoff idle(1, 5);  // LeaseTask polling while idle
+  got.clear();
+  for (int i = 0; i < 5; ++i) got.push_back(idle.Next());
+  EXPECT_EQ(got, (std::vector<double>{1, 2, 4, 5, 5}));
+}
+
+TEST(AgentTest, ConfigAndDataErrorsAreNotRetryable) {
+  EXPECT_FALSE(IsRetryable(absl::InvalidArgumentError("train.lr")));
+  EXPECT_FALSE(IsRetryable(absl::FailedPreconditionError("label set")));
+  EXPECT_FALSE(IsRetryable(absl::NotFoundError("x.ogg")));
+  EXPECT_FALSE(IsRetryable(absl::DataLossError("non-finite loss")));
+  EXPECT_TRUE(IsRetryable(absl::InternalError("CUDA error")));
+  EXPECT_TRUE(IsRetryable(absl::DeadlineExceededError("rank 1 did not arrive")));
+  EXPECT_TRUE(IsRetryable(absl::UnavailableError("disk")));
+  EXPECT_TRUE(IsRetryable(absl::ResourceExhaustedError("out of memory")));
+}
+
+}  // namespace
+}  // namespace aviary::worker

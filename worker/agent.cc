@@ -1,0 +1,1405 @@
+#include "worker/agent.h"
+
+#include <mpi.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#if defined(AVIARY_WITH_CUDA_TORCH)
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include <grpcpp/grpcpp.h>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/config.h"
+#include "common/csv.h"
+#include "common/logging.h"
+#include "common/manifest.h"
+#include "common/status.h"
+#include "proto/aviary.grpc.pb.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/mpi_session.h"
+#include "worker/trainer.h"
+
+#ifndef AVIARY_VERSION
+#define AVIARY_VERSION "unknown"
+#endif
+
+namespace aviary::worker {
+namespace {
+
+namespace v1 = ::aviary::v1;
+using Clock = std::chrono::steady_clock;
+
+const common::Logger& Log() {
+  static const common::Logger logger("agent");
+  return logger;
+}
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr size_t kMaxPointsPerReport = 1000;
+
+double Seconds(Clock::time_point since) {
+  return std::chrono::duration<double>(Clock::now() - since).count();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals: the first SIGTERM / SIGINT sets the flag (the task stops at the next step); the
+// handler is reset, so a second one ends the process.
+
+volatile std::sig_atomic_t g_signal = 0;
+
+extern "C" void OnStopSignal(int sig) { g_signal = sig; }
+
+void InstallSignalHandlers() {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = OnStopSignal;
+  sa.sa_flags = SA_RESETHAND;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
+
+bool Signalled() { return g_signal != 0; }
+
+// Sleeps up to `seconds`, waking early on a signal. False when a signal arrived.
+bool SleepUnlessSignalled(double seconds) {
+  const auto end = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < end) {
+    if (Signalled()) return false;
+    std::this_thread::sleep_for(std::min<Clock::duration>(
+        std::chrono::milliseconds(50), std::chrono::duration_cast<Clock::duration>(end - Clock::now())));
+  }
+  return !Signalled();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MPI control plane: its own communicator, non-blocking collectives polled with sleeps
+// (OpenMPI's blocking collectives busy-poll a core). Main thread only.
+
+class Control {
+ public:
+  static absl::StatusOr<std::unique_ptr<Control>> Create() {
+    auto c = std::unique_ptr<Control>(new Control());
+    AVIARY_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &c->comm_));
+    AVIARY_MPI_CHECK(MPI_Comm_rank(c->comm_, &c->rank_));
+    AVIARY_MPI_CHECK(MPI_Comm_size(c->comm_, &c->world_));
+    return c;
+  }
+  ~Control() {
+    if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  }
+  Control(const Control&) = delete;
+  Control& operator=(const Control&) = delete;
+
+  int rank() const { return rank_; }
+  int world() const { return world_; }
+
+  // `*bytes` takes root's value on every rank. `max_sleep_s` bounds the polling sleeps.
+  absl::Status Broadcast(std::string* bytes, int root, double max_sleep_s, double deadline_s) {
+    int64_t size = rank_ == root ? static_cast<int64_t>(bytes->size()) : 0;
+    MPI_Request req;
+    AVIARY_MPI_CHECK(MPI_Ibcast(&size, 1, MPI_INT64_T, root, comm_, &req));
+    AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control broadcast"));
+    if (size < 0 || size > std::numeric_limits<int>::max()) {
+      return absl::InternalError(absl::StrCat("control broadcast from rank ", root, ": bad size ", size));
+    }
+    if (size == 0) {
+      bytes->clear();
+      return absl::OkStatus();
+    }
+    if (rank_ != root) bytes->assign(static_cast<size_t>(size), '\0');
+    AVIARY_MPI_CHECK(MPI_Ibcast(bytes->data(), static_cast<int>(size), MPI_BYTE, root, comm_, &req));
+    return Wait(&req, 0.002, deadline_s, "the control broadcast");
+  }
+
+  // Every rank's `mine` (the same length everywhere), in rank order.
+  absl::StatusOr<std::vector<int64_t>> AllGather(const std::vector<int64_t>& mine, double max_sleep_s,
+                                                 double deadline_s) {
+    std::vector<int64_t> all(mine.size() * static_cast<size_t>(world_));
+    MPI_Request req;
+    AVIARY_MPI_CHECK(MPI_Iallgather(mine.data(), static_cast<int>(mine.size()), MPI_INT64_T, all.data(),
+                                    static_cast<int>(mine.size()), MPI_INT64_T, comm_, &req));
+    AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control all-gather"));
+    return all;
+  }
+
+ private:
+  Control() = default;
+
+  // Polls `req` with sleeps growing to `max_sleep_s`; DEADLINE_EXCEEDED after `deadline_s` (> 0).
+  absl::Status Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what) {
+    const auto start = Clock::now();
+    double sleep_s = 20e-6;
+    while (true) {
+      int done = 0;
+      AVIARY_MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
+      if (done) return absl::OkStatus();
+      if (deadline_s > 0 && Seconds(start) > deadline_s) {
+        return absl::DeadlineExceededError(absl::StrFormat(
+            "rank %d waited %.0f s for %s: another rank did not arrive", rank_, deadline_s, what));
+      }
+      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_s));
+      sleep_s = std::min(sleep_s * 2, max_sleep_s);
+    }
+  }
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int world_ = 1;
+};
+
+// Control exchanges within a task (Agent::Exchange).
+constexpr int64_t kExPrepared = 1;   // after parsing the task: {code}
+constexpr int64_t kExStep = 2;       // before each step: {stop decision, signal, samples}
+constexpr int64_t kExEpochEnd = 3;   // after each epoch: {0, 0, samples}
+constexpr int64_t kExFinished = 4;   // after training: {code, samples}
+
+const char* ExchangeName(int64_t kind) {
+  switch (kind) {
+    case kExPrepared: return "prepared the task";
+    case kExStep: return "training (step exchange)";
+    case kExEpochEnd: return "training (epoch end)";
+    case kExFinished: return "finished the task";
+  }
+  return "unknown";
+}
+
+// Control messages from rank 0: the first byte says what follows.
+constexpr char kMsgTask = 'T';
+constexpr char kMsgStop = 'S';  // then the status code (decimal) and '\n' and the message
+
+std::string StopMessage(const absl::Status& st) {
+  return absl::StrCat(std::string(1, kMsgStop), static_cast<int>(st.code()), "\n", st.message());
+}
+
+absl::Status ParseStopMessage(const std::string& msg) {
+  size_t nl = msg.find('\n');
+  int code = std::atoi(msg.substr(1, nl == std::string::npos ? std::string::npos : nl - 1).c_str());
+  if (code == 0) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(code),
+                      nl == std::string::npos ? std::string() : msg.substr(nl + 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The group's /metrics (rank 0). Thread-safe.
+
+class GroupMetrics {
+ public:
+  // `listen` empty: no endpoint (every update is still accepted).
+  static absl::StatusOr<std::unique_ptr<GroupMetrics>> Create(const std::string& listen) {
+    auto m = std::unique_ptr<GroupMetrics>(new GroupMetrics());
+    if (!listen.empty()) {
+      try {
+        m->exposer_ = std::make_unique<prometheus::Exposer>(listen, 1);
+      } catch (const std::exception& e) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--metrics-listen: cannot serve /metrics on '", listen, "': ", e.what()));
+      }
+      m->exposer_->RegisterCollectable(m->registry_);
+    }
+    m->SetGroupId("");
+    return m;
+  }
+
+  // The bound port (0 without an endpoint).
+  int port() const {
+    if (!exposer_) return 0;
+    auto ports = exposer_->GetListeningPorts();
+    return ports.empty() ? 0 : ports[0];
+  }
+
+  // Every series carries label group_id; a new registration starts new series.
+  void SetGroupId(const std::string& group_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (samples_total_ != nullptr) {
+      samples_total_family_.Remove(samples_total_);
+      samples_per_second_family_.Remove(samples_per_second_);
+      step_duration_family_.Remove(step_duration_);
+      allreduce_duration_family_.Remove(allreduce_duration_);
+      queue_depth_family_.Remove(queue_depth_);
+      loader_wait_family_.Remove(loader_wait_);
+      connected_family_.Remove(connected_);
+      buffered_family_.Remove(buffered_);
+      for (auto& [device, gauge] : gpu_memory_) gpu_memory_family_.Remove(gauge);
+      gpu_memory_.clear();
+    }
+    group_id_ = group_id;
+    const prometheus::Labels labels{{"group_id", group_id}};
+    samples_total_ = &samples_total_family_.Add(labels);
+    samples_per_second_ = &samples_per_second_family_.Add(labels);
+    step_duration_ = &step_duration_family_.Add(
+        labels, prometheus::Histogram::BucketBoundaries{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                        2.5, 5, 10, 25, 60, 120});
+    allreduce_duration_ = &allreduce_duration_family_.Add(
+        labels, prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5});
+    queue_depth_ = &queue_depth_family_.Add(labels);
+    loader_wait_ = &loader_wait_family_.Add(labels);
+    connected_ = &connected_family_.Add(labels);
+    buffered_ = &buffered_family_.Add(labels);
+    connected_->Set(connected_value_);
+  }
+
+  void OnStep(const StepStats& s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    step_duration_->Observe(s.step_seconds);
+    allreduce_duration_->Observe(s.allreduce_seconds);
+    queue_depth_->Set(s.loader_queue_depth);
+    loader_wait_->Increment(std::max(0.0, s.data_wait_seconds));
+  }
+  void AddSamples(int64_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (n > 0) samples_total_->Increment(static_cast<double>(n));
+  }
+  void SetSamplesPerSecond(double v) {
+    std::lock_guard<std::mutex> lock(mu_);
+    samples_per_second_->Set(v);
+  }
+  void SetConnected(bool connected) {
+    std::lock_guard<std::mutex> lock(mu_);
+    connected_value_ = connected ? 1 : 0;
+    connected_->Set(connected_value_);
+  }
+  void SetBuffered(size_t points) {
+    std::lock_guard<std::mutex> lock(mu_);
+    buffered_->Set(static_cast<double>(points));
+  }
+  void SetGpuMemory(const std::string& device, double bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = gpu_memory_.find(device);
+    if (it == gpu_memory_.end()) {
+      it = gpu_memory_.emplace(device, &gpu_memory_family_.Add({{"group_id", group_id_}, {"device", device}})).first;
+    }
+    it->second->Set(bytes);
+  }
+
+ private:
+  GroupMetrics()
+      : registry_(std::make_shared<prometheus::Registry>()),
+        samples_total_family_(prometheus::BuildCounter()
+                                  .Name("aviary_samples_total")
+                                  .Help("Samples trained by the group (all ranks)")
+                                  .Register(*registry_)),
+        samples_per_second_family_(prometheus::BuildGauge()
+                                       .Name("aviary_samples_per_second")
+                                       .Help("The group's throughput over the last report interval")
+                                       .Register(*registry_)),
+        step_duration_family_(prometheus::BuildHistogram()
+                                  .Name("aviary_step_duration_seconds")
+                                  .Help("Optimizer step time, data wait included (rank 0)")
+                                  .Register(*registry_)),
+        allreduce_duration_family_(prometheus::BuildHistogram()
+                                       .Name("aviary_allreduce_duration_seconds")
+                                       .Help("Per step: gradient all-reduce time not hidden by backward (rank 0)")
+                                       .Register(*registry_)),
+        queue_depth_family_(prometheus::BuildGauge()
+                                .Name("aviary_loader_queue_depth")
+                                .Help("Prefetched batches waiting (rank 0)")
+                                .Register(*registry_)),
+        loader_wait_family_(prometheus::BuildCounter()
+                                .Name("aviary_loader_wait_seconds_total")
+                                .Help("Time steps waited for data (rank 0)")
+                                .Register(*registry_)),
+        gpu_memory_family_(prometheus::BuildGauge()
+                               .Name("aviary_gpu_memory_bytes")
+                               .Help("Memory allocated by torch per device (CUDA only; rank 0's devices)")
+                               .Register(*registry_)),
+        connected_family_(prometheus::BuildGauge()
+                              .Name("aviary_coordinator_connected")
+                              .Help("1 while the coordinator answers")
+                              .Register(*registry_)),
+        buffered_family_(prometheus::BuildGauge()
+                             .Name("aviary_reports_buffered")
+                             .Help("Progress points waiting for the coordinator")
+                             .Register(*registry_)) {}
+
+  std::mutex mu_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  prometheus::Family<prometheus::Counter>& samples_total_family_;
+  prometheus::Family<prometheus::Gauge>& samples_per_second_family_;
+  prometheus::Family<prometheus::Histogram>& step_duration_family_;
+  prometheus::Family<prometheus::Histogram>& allreduce_duration_family_;
+  prometheus::Family<prometheus::Gauge>& queue_depth_family_;
+  prometheus::Family<prometheus::Counter>& loader_wait_family_;
+  prometheus::Family<prometheus::Gauge>& gpu_memory_family_;
+  prometheus::Family<prometheus::Gauge>& connected_family_;
+  prometheus::Family<prometheus::Gauge>& buffered_family_;
+  std::string group_id_;
+  prometheus::Counter* samples_total_ = nullptr;
+  prometheus::Gauge* samples_per_second_ = nullptr;
+  prometheus::Histogram* step_duration_ = nullptr;
+  prometheus::Histogram* allreduce_duration_ = nullptr;
+  prometheus::Gauge* queue_depth_ = nullptr;
+  prometheus::Counter* loader_wait_ = nullptr;
+  prometheus::Gauge* connected_ = nullptr;
+  prometheus::Gauge* buffered_ = nullptr;
+  std::map<std::string, prometheus::Gauge*> gpu_memory_;
+  double connected_value_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Rank 0's side of the WorkerService.
+
+// Transport-level failures worth retrying (the coordinator is down, restarting or slow).
+bool IsTransient(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::UNKNOWN:
+    case grpc::StatusCode::CANCELLED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string GrpcCodeName(grpc::StatusCode code) {
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+}
+
+// Errors that end or restart a whole task, with a named cause (rank 0's stop decision).
+enum StopReason : int64_t { kNoStop = 0, kCancelled = 1, kGroupLost = 2, kSignal = 3 };
+
+class Rank0 {
+ public:
+  Rank0(const AgentOptions& options, GroupMetrics* metrics, v1::RegisterGroupRequest registration)
+      : options_(options), metrics_(metrics), registration_(std::move(registration)),
+        buffer_(options.max_buffered_points) {
+    std::shared_ptr<grpc::ChannelCredentials> creds;
+    if (options.tls_ca_pem.empty()) {
+      creds = grpc::InsecureChannelCredentials();
+    } else {
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = options.tls_ca_pem;
+      creds = grpc::SslCredentials(ssl);
+    }
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // tasks carry their manifest
+    args.SetInt(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1 << 30);
+    // gRPC's own reconnect backoff grows to 120 s by default: keep it within ours (0.5 s to
+    // 10 s), so that reports flow soon after the coordinator is back.
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 500);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
+    channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
+    stub_ = v1::WorkerService::NewStub(channel_);
+  }
+  ~Rank0() { StopThreads(); }
+
+  // Registers (retrying transient failures with backoff). UNAVAILABLE after connect_timeout_s;
+  // CANCELLED when a signal arrived first; the coordinator's refusal otherwise.
+  absl::Status Register() {
+    Backoff backoff(0.5, 10);
+    const auto start = Clock::now();
+    while (true) {
+      v1::RegisterGroupResponse response;
+      grpc::ClientContext ctx;
+      Prepare(&ctx);
+      grpc::Status st = stub_->RegisterGroup(&ctx, registration_, &response);
+      if (st.ok()) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          group_id_ = response.group_id();
+          heartbeat_ms_ = response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 2000;
+        }
+        lost_ = false;
+        metrics_->SetGroupId(response.group_id());
+        Connected(true);
+        Log().Info(absl::StrCat("registered with ", options_.coordinator, " as group ", response.group_id(),
+                                " (", registration_.world_size(), " ranks, backend ", registration_.backend(),
+                                ", heartbeat every ", heartbeat_ms_, " ms",
+                                registration_.metrics_address().empty()
+                                    ? ""
+                                    : absl::StrCat(", metrics on ", registration_.metrics_address()),
+                                ")"));
+        return absl::OkStatus();
+      }
+      Connected(false);
+      const std::string what = absl::StrCat("RegisterGroup to ", options_.coordinator, ": ",
+                                            GrpcCodeName(st.error_code()), ": ", st.error_message());
+      if (!IsTransient(st.error_code())) {
+        return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
+      }
+      double delay = backoff.Next();
+      const double waited = Seconds(start);
+      if (options_.connect_timeout_s > 0) {
+        if (waited >= options_.connect_timeout_s) {
+          return absl::UnavailableError(absl::StrFormat(
+              "could not register with the coordinator at %s within --connect-timeout-s %g: %s",
+              options_.coordinator, options_.connect_timeout_s, what));
+        }
+        delay = std::min(delay, options_.connect_timeout_s - waited);
+      }
+      Log().Warn(absl::StrFormat("%s; retrying in %.1f s", what, delay));
+      if (!SleepUnlessSignalled(delay)) return absl::CancelledError("stopped by signal before registering");
+    }
+  }
+
+  void StartThreads() {
+    running_ = true;
+    heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+    sender_ = std::thread([this] { SenderLoop(); });
+  }
+
+  void StopThreads() {
+    if (!running_) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_ = false;
+    }
+    cv_.notify_all();
+    buffer_.Interrupt();
+    if (heartbeat_.joinable()) heartbeat_.join();
+    if (sender_.joinable()) sender_.join();
+  }
+
+  // LeaseTask once. `*task` set when one was leased. NOT_FOUND marks the group lost.
+  absl::Status Lease(v1::Task* task, bool* available) {
+    *available = false;
+    v1::LeaseTaskRequest request;
+    request.set_group_id(group_id());
+    v1::LeaseTaskResponse response;
+    grpc::ClientContext ctx;
+    Prepare(&ctx);
+    grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
+    if (!st.ok()) return Failed("LeaseTask", st);
+    Connected(true);
+    if (response.available()) {
+      *task = response.task();
+      *available = true;
+    }
+    return absl::OkStatus();
+  }
+
+  void BeginTask(const std::string& task_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    task_id_ = task_id;
+    cancel_ = false;
+  }
+  void EndTask() {
+    std::lock_guard<std::mutex> lock(mu_);
+    task_id_.clear();
+  }
+
+  // The stop decision for the current task (rank 0's part of the per-step exchange).
+  StopReason Decide() const {
+    if (lost_) return kGroupLost;
+    if (cancel_) return kCancelled;
+    if (Signalled()) return kSignal;
+    return kNoStop;
+  }
+  bool lost() const { return lost_; }
+
+  void Push(Report r) {
+    buffer_.Push(std::move(r));
+    metrics_->SetBuffered(buffer_.points());
+  }
+
+  // Waits until the buffer is delivered, at most `max_wait_s` (< 0: no limit). A lost group
+  // drops `task_id`'s reports (they would be refused); after a signal it gives up after
+  // `signal_wait_s`.
+  void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s) {
+    Clock::time_point signalled_at{};
+    const auto start = Clock::now();
+    while (!buffer_.WaitEmpty(0.2)) {
+      if (lost_) buffer_.DropTask(task_id);
+      if (max_wait_s >= 0 && Seconds(start) > max_wait_s) {
+        Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
+        return;
+      }
+      if (Signalled()) {
+        if (signalled_at == Clock::time_point{}) signalled_at = Clock::now();
+        if (Seconds(signalled_at) > signal_wait_s) {
+          Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,
+                                  " (stopping on a signal)"));
+          return;
+        }
+      }
+    }
+  }
+  void DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
+
+  std::string group_id() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return group_id_;
+  }
+
+ private:
+  void Prepare(grpc::ClientContext* ctx) const {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000)));
+    if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+  }
+
+  void Connected(bool c) { metrics_->SetConnected(c); }
+
+  // Logs a failed call and classifies it: NOT_FOUND marks the group lost.
+  absl::Status Failed(const char* rpc, const grpc::Status& st) {
+    const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
+                                          ": ", st.error_message());
+    if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+      Connected(true);
+      if (!lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
+    } else if (IsTransient(st.error_code())) {
+      Connected(false);
+    }
+    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
+  }
+
+  void HeartbeatLoop() {
+    int64_t heartbeat_failures = 0;
+    while (true) {
+      int interval_ms;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        interval_ms = heartbeat_ms_;
+        cv_.wait_for(lock, std::chrono::milliseconds(interval_ms), [this] { return !running_; });
+        if (!running_) return;
+      }
+      if (lost_) continue;
+      v1::HeartbeatRequest request;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (group_id_.empty()) continue;
+        request.set_group_id(group_id_);
+        request.set_task_id(task_id_);
+      }
+      v1::HeartbeatResponse response;
+      grpc::ClientContext ctx;
+      Prepare(&ctx);
+      grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
+      if (!st.ok()) {
+        absl::Status failed = Failed("Heartbeat", st);
+        // NOT_FOUND is logged once by Failed; others at the first failure, then every 20th.
+        if (!absl::IsNotFound(failed) && heartbeat_failures++ % 20 == 0) {
+          Log().Warn(absl::StrCat(failed.message(), " (", heartbeat_failures, " in a row)"));
+        }
+        continue;
+      }
+      if (heartbeat_failures > 0) {
+        Log().Info(absl::StrCat("Heartbeat to ", options_.coordinator, " answered again after ", heartbeat_failures,
+                                " failure(s)"));
+        heartbeat_failures = 0;
+      }
+      Connected(true);
+      if (response.cancel_task()) CancelIfCurrent(request.task_id(), "Heartbeat");
+    }
+  }
+
+  void CancelIfCurrent(const std::string& task_id, const char* rpc) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (task_id.empty() || task_id != task_id_ || cancel_) return;
+    cancel_ = true;
+    Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
+  }
+
+  // Sends one run of reports. OK: delivered (or refused for good: dropped and logged).
+  grpc::Status Send(const std::vector<Report>& run, const std::string& group_id) {
+    const Report& first = run.front();
+    grpc::ClientContext ctx;
+    Prepare(&ctx);
+    switch (first.kind) {
+      case Report::Kind::kPoint: {
+        v1::ReportProgressRequest request;
+        request.set_group_id(group_id);
+        request.set_task_id(first.task_id);
+        int32_t spe = 0;
+        for (const Report& r : run) {
+          *request.add_points() = r.point;
+          spe = std::max(spe, r.steps_per_epoch);
+        }
+        request.set_steps_per_epoch(spe);
+        v1::ReportProgressResponse response;
+        grpc::Status st = stub_->ReportProgress(&ctx, request, &response);
+        if (st.ok() && response.cancel_task()) CancelIfCurrent(first.task_id, "ReportProgress");
+        return st;
+      }
+      case Report::Kind::kCheckpoint: {
+        v1::ReportCheckpointRequest request;
+        request.set_group_id(group_id);
+        request.set_task_id(first.task_id);
+        request.set_path(first.path);
+        request.set_epoch(first.epoch);
+        request.set_best(first.best);
+        v1::ReportCheckpointResponse response;
+        return stub_->ReportCheckpoint(&ctx, request, &response);
+      }
+      case Report::Kind::kComplete: {
+        v1::CompleteTaskRequest request;
+        request.set_group_id(group_id);
+        request.set_task_id(first.task_id);
+        request.set_best_checkpoint(first.path);
+        *request.mutable_best() = first.point;
+        v1::CompleteTaskResponse response;
+        return stub_->CompleteTask(&ctx, request, &response);
+      }
+      case Report::Kind::kFail: {
+        v1::FailTaskRequest request;
+        request.set_group_id(group_id);
+        request.set_task_id(first.task_id);
+        request.set_error(first.error);
+        request.set_retryable(first.retryable);
+        v1::FailTaskResponse response;
+        return stub_->FailTask(&ctx, request, &response);
+      }
+    }
+    return grpc::Status(grpc::StatusCode::INTERNAL, "unknown report kind");
+  }
+
+  static const char* RpcName(Report::Kind kind) {
+    switch (kind) {
+      case Report::Kind::kPoint: return "ReportProgress";
+      case Report::Kind::kCheckpoint: return "ReportCheckpoint";
+      case Report::Kind::kComplete: return "CompleteTask";
+      case Report::Kind::kFail: return "FailTask";
+    }
+    return "?";
+  }
+
+  void SenderLoop() {
+    Backoff backoff(0.5, 10);
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!running_) return;
+      }
+      std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0.5);
+      if (run.empty()) continue;
+      const std::string gid = group_id();
+      if (lost_ || gid.empty()) {  // the main thread registers again
+        buffer_.Release();
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      grpc::Status st = Send(run, gid);
+      if (st.ok()) {
+        Connected(true);
+        backoff.Reset();
+        buffer_.Pop();
+      } else if (IsTransient(st.error_code())) {
+        buffer_.Release();
+        const double delay = backoff.Next();
+        Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
+                                   Failed(RpcName(run.front().kind), st).message(), buffer_.size(), delay));
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, std::chrono::duration<double>(delay), [this] { return !running_; });
+      } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+        (void)Failed(RpcName(run.front().kind), st);
+        buffer_.Pop();
+        buffer_.DropTask(run.front().task_id);
+      } else {
+        // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
+        // get the same answer.
+        Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st).message(), "; ", run.size(),
+                                 " report(s) of task ", run.front().task_id, " dropped"));
+        buffer_.Pop();
+      }
+      metrics_->SetBuffered(buffer_.points());
+    }
+  }
+
+  const AgentOptions& options_;
+  GroupMetrics* metrics_;
+  v1::RegisterGroupRequest registration_;
+  ReportBuffer buffer_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::WorkerService::Stub> stub_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool running_ = false;
+  std::string group_id_;
+  int heartbeat_ms_ = 2000;
+  std::string task_id_;
+  std::atomic<bool> cancel_{false};
+  std::atomic<bool> lost_{false};
+  std::thread heartbeat_, sender_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Every rank: one task.
+
+v1::Metrics ToMetrics(const EpochRecord& r, int64_t samples_total) {
+  v1::Metrics m;
+  m.set_epoch(r.epoch);
+  m.set_step(r.step);
+  m.set_lr(r.lr);
+  m.set_train_loss(r.train_loss);
+  m.set_train_acc(r.train_acc);
+  m.set_val_loss(r.val_loss);
+  m.set_val_auc(r.val_auc);
+  m.set_val_roc_auc(r.val_roc_auc);
+  m.set_val_cmap(r.val_cmap);
+  m.set_val_acc(r.val_acc);
+  m.set_samples_per_s(r.samples_per_s);
+  m.set_samples_total(samples_total);
+  m.set_epoch_end(true);
+  return m;
+}
+
+struct Outcome {
+  absl::Status status;   // the first failing rank's status (rank order), OK when all succeeded
+  bool agreed = true;    // every rank ended with the same code
+  std::vector<EpochRecord> history;  // rank 0's
+};
+
+class Agent {
+ public:
+  Agent(const AgentOptions& options, comm::MpiSession& session, Control& control)
+      : options_(options), session_(session), control_(control) {}
+
+  absl::Status Serve();
+
+ private:
+  absl::Status ServeRank0();
+  absl::Status ServeOther();
+  absl::StatusOr<v1::RegisterGroupRequest> Describe(int metrics_port);
+  c10::Device RankDevice() const;
+  Outcome RunTask(const v1::Task& task);
+  // Every rank's {kind, a, b, c}, rank-major. All control exchanges of a task go through here
+  // with the same shape, so that ranks at different points (one failed alone) are detected
+  // instead of matching unlike collectives: then, and when the exchange times out, the group
+  // ends (OutOfStep).
+  std::vector<int64_t> Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
+                                double deadline_s, const absl::Status& mine);
+  // Rank 0 reports a retryable failure (waiting a little for its delivery) and ends the group;
+  // the other ranks give it 30 s to do so, then end it themselves.
+  [[noreturn]] void OutOfStep(const std::string& task_id, const std::string& why);
+  // The outcome exchange (see agent.h): every rank's code; the first failing rank's message.
+  // `training`: ranks that ended differently poison the group (Outcome::agreed false).
+  Outcome Agree(const std::string& task_id, const absl::Status& mine, double deadline_s, int64_t pending_samples,
+                bool training);
+  void Report0(const v1::Task& task, const Outcome& outcome);
+  [[noreturn]] void EndGroup(const std::string& why);
+
+  const AgentOptions& options_;
+  comm::MpiSession& session_;
+  Control& control_;
+  std::unique_ptr<GroupMetrics> metrics_;  // rank 0
+  std::unique_ptr<Rank0> rank0_;           // rank 0
+  // Per task.
+  int64_t pending_samples_ = 0;   // this rank's samples since the last exchange
+  int64_t group_samples_ = 0;     // rank 0: the group's samples in this task
+  std::map<int, int64_t> epoch_samples_;  // rank 0: group_samples_ at each epoch end of this lease
+  StopReason stop_reason_ = kNoStop;
+};
+
+c10::Device Agent::RankDevice() const {
+  const bool cuda = options_.device == "cuda" || (options_.device == "auto" && at::hasCUDA());
+  if (!cuda) return c10::Device(c10::kCPU);
+  int count = static_cast<int>(at::getNumGPUs());
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(count > 0 ? session_.local_rank() % count : 0));
+}
+
+[[noreturn]] void Agent::EndGroup(const std::string& why) {
+  if (rank0_) rank0_->StopThreads();
+  session_.Abort(absl::StrCat("aviary-worker serve: ", why), 1);
+}
+
+// Hosts and devices of every rank (a collective at start), the backend the default config
+// resolves to, the version and the metrics address.
+absl::StatusOr<v1::RegisterGroupRequest> Agent::Describe(int metrics_port) {
+  char name[MPI_MAX_PROCESSOR_NAME] = {0};
+  int len = 0;
+  AVIARY_MPI_CHECK(MPI_Get_processor_name(name, &len));
+  const c10::Device device = RankDevice();
+  std::string mine = absl::StrCat(std::string(name, static_cast<size_t>(len)), "\t", device.str());
+  mine.resize(2048, '\0');  // fixed width per rank (a longer name is cut)
+  std::vector<int64_t> words(mine.size() / sizeof(int64_t));
+  std::memcpy(words.data(), mine.data(), mine.size());
+  AVIARY_ASSIGN_OR_RETURN(std::vector<int64_t> all, control_.AllGather(words, 0.02, 0));
+  v1::RegisterGroupRequest r;
+  r.set_world_size(control_.world());
+  const size_t bytes_per_rank = words.size() * sizeof(int64_t);
+  for (int i = 0; i < control_.world(); ++i) {
+    std::string entry(reinterpret_cast<const char*>(all.data()) + i * bytes_per_rank, bytes_per_rank);
+    entry = entry.substr(0, entry.find('\0'));
+    size_t tab = entry.find('\t');
+    r.add_hosts(entry.substr(0, tab));
+    r.add_devices(tab == std::string::npos ? "" : entry.substr(tab + 1));
+  }
+  bool nccl = false;
+#if defined(AVIARY_WITH_NCCL_BACKEND)
+  nccl = device.is_cuda() && static_cast<int>(at::getNumGPUs()) >= session_.local_size();
+#endif
+  r.set_backend(nccl ? "nccl" : "mpi");
+  r.set_version(AVIARY_VERSION);
+  if (metrics_port > 0) {
+    std::string host = options_.metrics_listen.substr(0, options_.metrics_listen.rfind(':'));
+    if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") host = r.hosts(0);
+    r.set_metrics_address(absl::StrCat(host, ":", metrics_port));
+  }
+  return r;
+}
+
+absl::Status Agent::Serve() {
+  InstallSignalHandlers();
+  if (options_.threads > 0) {
+    at::set_num_threads(options_.threads);
+  } else {
+    int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    at::set_num_threads(std::max(1, cores / std::max(1, session_.local_size())));
+  }
+  // Rank 0 sets up its endpoint first and shares the outcome, so that a bad --metrics-listen
+  // stops every rank with one message.
+  std::string setup;
+  int metrics_port = 0;
+  if (control_.rank() == 0) {
+    auto metrics = GroupMetrics::Create(options_.metrics_listen);
+    if (metrics.ok()) {
+      metrics_ = std::move(*metrics);
+      metrics_port = metrics_->port();
+      if (!options_.metrics_port_file.empty() && metrics_port > 0) {
+        absl::Status st = common::WriteFileAtomically(options_.metrics_port_file, absl::StrCat(metrics_port, "\n"));
+        if (!st.ok()) setup = StopMessage(common::Annotate(st, "--metrics-port-file"));
+      }
+    } else {
+      setup = StopMessage(metrics.status());
+    }
+  }
+  AVIARY_RETURN_IF_ERROR(control_.Broadcast(&setup, 0, 0.02, 0));
+  if (!setup.empty()) return ParseStopMessage(setup);
+  AVIARY_ASSIGN_OR_RETURN(v1::RegisterGroupRequest registration, Describe(metrics_port));
+  if (control_.rank() != 0) return ServeOther();
+  if (metrics_port > 0) Log().Info(absl::StrCat("group metrics on ", registration.metrics_address(), "/metrics"));
+  rank0_ = std::make_unique<Rank0>(options_, metrics_.get(), std::move(registration));
+  absl::Status st = ServeRank0();
+  // Tell the other ranks (OK: max tasks or a signal; else the error that ends the group).
+  std::string stop = StopMessage(st);
+  absl::Status sent = control_.Broadcast(&stop, 0, 0.02, 0);
+  rank0_->StopThreads();
+  if (!sent.ok()) EndGroup(std::string(sent.message()));
+  return st;
+}
+
+absl::Status Agent::ServeRank0() {
+  absl::Status st = rank0_->Register();
+  if (absl::IsCancelled(st)) {
+    Log().Info("stopped by signal");
+    return absl::OkStatus();
+  }
+  AVIARY_RETURN_IF_ERROR(st);
+  rank0_->StartThreads();
+  Backoff idle(1, 5);
+  Backoff errors(0.5, 10);
+  int tasks = 0;
+  while (!Signalled()) {
+    if (rank0_->lost()) {
+      st = rank0_->Register();
+      if (absl::IsCancelled(st)) break;
+      AVIARY_RETURN_IF_ERROR(st);
+    }
+    v1::Task task;
+    bool available = false;
+    st = rank0_->Lease(&task, &available);
+    if (!st.ok()) {
+      if (rank0_->lost()) continue;
+      const double delay = errors.Next();
+      Log().Warn(absl::StrFormat("%s; retrying in %.1f s", st.message(), delay));
+      SleepUnlessSignalled(delay);
+      continue;
+    }
+    errors.Reset();
+    if (!available) {
+      SleepUnlessSignalled(idle.Next());
+      continue;
+    }
+    idle.Reset();
+    Log().Info(absl::StrCat("leased task ", task.task_id(), " (attempt ", task.attempt(), ", stage ", task.stage(),
+                            " fold ", task.fold(), ") -> ", task.out_dir()));
+    rank0_->BeginTask(task.task_id());
+    std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
+    absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
+    if (!sent.ok()) EndGroup(std::string(sent.message()));
+    Outcome outcome = RunTask(task);
+    Report0(task, outcome);
+    rank0_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
+    rank0_->EndTask();
+    if (!outcome.agreed) {
+      EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks (", outcome.status.message(),
+                            "); the group cannot be trusted any more"));
+    }
+    if (stop_reason_ == kGroupLost) rank0_->DropTask(task.task_id());
+    if (stop_reason_ == kSignal) break;  // a signal on any rank stops the whole group
+    ++tasks;
+    if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
+      Log().Info(absl::StrCat("served ", tasks, " task(s) (--max-tasks)"));
+      break;
+    }
+  }
+  if (Signalled()) Log().Info("stopped by signal");
+  return absl::OkStatus();
+}
+
+absl::Status Agent::ServeOther() {
+  while (true) {
+    std::string msg;
+    AVIARY_RETURN_IF_ERROR(control_.Broadcast(&msg, 0, 0.02, 0));
+    if (msg.empty()) return absl::InternalError("empty control message from rank 0");
+    if (msg[0] == kMsgStop) {
+      absl::Status st = ParseStopMessage(msg);
+      return st.ok() ? st : absl::Status(st.code(), absl::StrCat("rank 0: ", st.message()));
+    }
+    v1::Task task;
+    if (msg[0] != kMsgTask || !task.ParseFromString(msg.substr(1))) {
+      EndGroup(absl::StrCat("rank ", control_.rank(), ": unreadable control message from rank 0"));
+    }
+    Outcome outcome = RunTask(task);
+    if (!outcome.agreed) {
+      // Rank 0 reports it and ends the group; give it time, then end it from here.
+      std::this_thread::sleep_for(std::chrono::seconds(60));
+      EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks; rank 0 did not end the group"));
+    }
+  }
+}
+
+Outcome Agent::RunTask(const v1::Task& task) {
+  const bool root = control_.rank() == 0;
+  pending_samples_ = 0;
+  group_samples_ = 0;
+  epoch_samples_.clear();
+  stop_reason_ = kNoStop;
+  const std::string& id = task.task_id();
+  // 1. Preparation: parse, the run folder. No collective inside.
+  common::TaskManifest manifest;
+  absl::StatusOr<common::PipelineConfig> config = common::ParsePipelineConfig(task.pipeline_yaml(), id + " config");
+  absl::Status prep = config.status();
+  if (prep.ok()) {
+    auto m = common::ParseManifestCsv(task.manifest_csv(), id + " manifest");
+    if (m.ok()) {
+      manifest = std::move(*m);
+    } else {
+      prep = m.status();
+    }
+  }
+  if (prep.ok()) {
+    std::error_code ec;
+    std::filesystem::create_directories(task.out_dir(), ec);
+    if (ec) {
+      prep = absl::UnavailableError(absl::StrCat("rank ", control_.rank(), ": cannot create the run folder '",
+                                                 task.out_dir(), "': ", ec.message()));
+    }
+  }
+  Outcome agreed = Agree(id, prep, 600, 0, /*training=*/false);
+  if (!agreed.status.ok()) return agreed;
+  const double deadline_s = 2 * config->comm.timeout_s + 30;
+
+  // 2. Training.
+  TrainOptions options;
+  options.out_dir = task.out_dir();
+  options.stage = task.stage();
+  options.fold = task.fold();
+  options.init_checkpoint = task.init_checkpoint();
+  options.manifest = &manifest;
+  options.resume = true;
+  options.device = RankDevice();
+  auto last_point = Clock::now();
+  int64_t samples_at_last_point = 0;
+  int32_t steps_per_epoch = 0;
+  // The samples every rank trained since the last exchange, summed on rank 0. A collective on
+  // the control communicator: call it at the same point on every rank.
+  // Returns {any stop decision, any signal}.
+  auto exchange_samples = [&](int64_t kind, int64_t decision) {
+    std::vector<int64_t> all =
+        Exchange(id, kind, decision, Signalled() ? 1 : 0, pending_samples_, deadline_s, absl::OkStatus());
+    pending_samples_ = 0;
+    int64_t samples = 0, signals = 0;
+    for (int r = 0; r < control_.world(); ++r) {
+      samples += all[4 * r + 3];
+      signals += all[4 * r + 2];
+    }
+    if (root) {
+      group_samples_ += samples;
+      metrics_->AddSamples(samples);
+    }
+    return std::pair<int64_t, int64_t>(all[1], signals);  // rank 0's decision
+  };
+  options.on_step = [&, root](const StepStats& s) {
+    pending_samples_ += s.samples;
+    steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
+    if (!root) return;
+    metrics_->OnStep(s);
+    const double since = Seconds(last_point);
+    if (since < options_.report_interval_s) return;
+    const double rate = (group_samples_ - samples_at_last_point) / std::max(since, 1e-9);
+    metrics_->SetSamplesPerSecond(rate);
+    last_point = Clock::now();
+    samples_at_last_point = group_samples_;
+#if defined(AVIARY_WITH_CUDA_TORCH)
+    if (options.device.is_cuda()) {
+      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(options.device.index());
+      metrics_->SetGpuMemory(options.device.str(), static_cast<double>(stats.allocated_bytes[0].current));
+    }
+#endif
+    Report r;
+    r.kind = Report::Kind::kPoint;
+    r.task_id = id;
+    r.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
+    v1::Metrics& m = r.point;
+    m.set_epoch(s.epoch);
+    m.set_step(s.step);
+    m.set_lr(s.lr);
+    m.set_train_loss(s.train_loss);
+    for (auto set : {&v1::Metrics::set_train_acc, &v1::Metrics::set_val_loss, &v1::Metrics::set_val_auc,
+                     &v1::Metrics::set_val_roc_auc, &v1::Metrics::set_val_cmap, &v1::Metrics::set_val_acc}) {
+      (m.*set)(kNaN);
+    }
+    m.set_samples_per_s(rate);
+    m.set_samples_total(group_samples_);
+    m.set_epoch_end(false);
+    rank0_->Push(std::move(r));
+  };
+  options.on_epoch = [&, root](const EpochRecord& record) {
+    exchange_samples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
+    if (!root) return;
+    Report point;
+    point.kind = Report::Kind::kPoint;
+    point.task_id = id;
+    point.steps_per_epoch = steps_per_epoch;
+    point.point = ToMetrics(record, group_samples_);
+    epoch_samples_[record.epoch] = group_samples_;
+    rank0_->Push(std::move(point));
+    // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
+    if (record.best) {
+      Report best;
+      best.kind = Report::Kind::kCheckpoint;
+      best.task_id = id;
+      best.path = task.out_dir() + "/best.pt";
+      best.epoch = record.epoch;
+      best.best = true;
+      rank0_->Push(std::move(best));
+    }
+    Report last;
+    last.kind = Report::Kind::kCheckpoint;
+    last.task_id = id;
+    last.path = task.out_dir() + "/last.pt";
+    last.epoch = record.epoch;
+    rank0_->Push(std::move(last));
+  };
+  options.should_stop = [&, root]() {
+    auto [decision, signals] = exchange_samples(kExStep, root ? static_cast<int64_t>(rank0_->Decide()) : 0);
+    if (root && stop_reason_ == kNoStop && (decision != 0 || signals != 0)) {
+      stop_reason_ = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
+    }
+    return decision != 0 || signals != 0;
+  };
+  absl::Status status;
+  std::vector<EpochRecord> history;
+  try {
+    std::unique_ptr<comm::Communicator> communicator;
+    auto c = comm::CreateCommunicator(config->comm, session_, options.device);
+    if (c.ok()) {
+      communicator = std::move(*c);
+      options.comm = communicator.get();
+      auto trainer = Trainer::Create(*config, options);
+      if (trainer.ok()) {
+        status = (*trainer)->Run();
+        history = (*trainer)->history();
+      } else {
+        status = trainer.status();
+      }
+    } else {
+      status = c.status();
+    }
+  } catch (const std::exception& e) {
+    status = absl::InternalError(absl::StrCat("rank ", control_.rank(), ": exception: ", e.what()));
+  }
+  if (!status.ok() && !absl::IsCancelled(status)) {
+    Log().Error(absl::StrCat("task ", id, " on rank ", control_.rank(), ": ", status.message()));
+  }
+  Outcome outcome = Agree(id, status, deadline_s, pending_samples_, /*training=*/true);
+  outcome.history = std::move(history);
+  return outcome;
+}
+
+std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
+                                     double deadline_s, const absl::Status& mine) {
+  const std::string own_error = mine.ok() ? "" : absl::StrCat(" (its error: ", mine.message(), ")");
+  auto all = control_.AllGather({kind, a, b, c}, kind == kExStep ? 0.0005 : 0.005, deadline_s);
+  if (!all.ok()) {
+    OutOfStep(task_id, absl::StrCat("rank ", control_.rank(), " ", ExchangeName(kind), own_error, ": ",
+                                    all.status().message()));
+  }
+  for (int r = 0; r < control_.world(); ++r) {
+    if ((*all)[4 * r] != kind) {
+      std::vector<std::string> where;
+      for (int q = 0; q < control_.world(); ++q) {
+        where.push_back(absl::StrCat("rank ", q, " ", ExchangeName((*all)[4 * q]),
+                                     q == control_.rank() ? own_error : ""));
+      }
+      OutOfStep(task_id, absl::StrCat("the ranks are out of step: ", absl::StrJoin(where, "; "),
+                                      " (see the other ranks' logs for their errors)"));
+    }
+  }
+  return *std::move(all);
+}
+
+[[noreturn]] void Agent::OutOfStep(const std::string& task_id, const std::string& why) {
+  const std::string message = absl::StrCat("task ", task_id, ": ", why);
+  Log().Error(message);
+  if (control_.rank() == 0 && rank0_) {
+    // Report before ending the group, so that the coordinator re-leases at once.
+    Report r;
+    r.kind = Report::Kind::kFail;
+    r.task_id = task_id;
+    r.error = message;
+    r.retryable = true;
+    rank0_->Push(std::move(r));
+    rank0_->Drain(task_id, 15, 5);
+  } else {
+    std::this_thread::sleep_for(std::chrono::seconds(30));
+  }
+  EndGroup(message);
+}
+
+Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, double deadline_s,
+                     int64_t pending_samples, bool training) {
+  Outcome out;
+  auto all = Exchange(task_id, training ? kExFinished : kExPrepared, static_cast<int64_t>(mine.code()),
+                      pending_samples, 0, deadline_s, mine);
+  // The rank to blame: the first whose error is not a consequence of another rank's (a
+  // collective that timed out waiting, a stop), else the first that failed at all.
+  int first = -1, first_cause = -1;
+  for (int r = 0; r < control_.world(); ++r) {
+    const int64_t code = all[4 * r + 1];
+    if (training && code != all[1]) out.agreed = false;
+    if (code != 0 && first < 0) first = r;
+    if (code != 0 && code != static_cast<int64_t>(absl::StatusCode::kDeadlineExceeded) &&
+        code != static_cast<int64_t>(absl::StatusCode::kCancelled) && first_cause < 0) {
+      first_cause = r;
+    }
+    if (control_.rank() == 0) {
+      group_samples_ += all[4 * r + 2];
+      if (metrics_) metrics_->AddSamples(all[4 * r + 2]);
+    }
+  }
+  if (first < 0) return out;
+  if (first_cause >= 0) first = first_cause;
+  std::string message(mine.message());
+  absl::Status st = control_.Broadcast(&message, first, 0.005, deadline_s);
+  if (!st.ok()) EndGroup(std::string(st.message()));
+  const auto code = static_cast<absl::StatusCode>(all[4 * first + 1]);
+  out.status = absl::Status(code, control_.world() > 1 && !absl::StrContains(message, "rank ")
+                                      ? absl::StrCat("rank ", first, ": ", message)
+                                      : message);
+  return out;
+}
+
+// Rank 0: the task's outcome for the coordinator.
+void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
+  Report r;
+  r.task_id = task.task_id();
+  if (outcome.status.ok()) {
+    const EpochRecord* best = nullptr;
+    for (const EpochRecord& e : outcome.history) {
+      if (e.best) best = &e;
+    }
+    r.kind = Report::Kind::kComplete;
+    r.path = task.out_dir() + "/best.pt";
+    if (best == nullptr && !outcome.history.empty()) {
+      // The monitor was never defined (no validation rows): the last epoch stands for the best.
+      best = &outcome.history.back();
+      r.path = task.out_dir() + "/last.pt";
+    }
+    if (best != nullptr) {
+      auto it = epoch_samples_.find(best->epoch);  // 0 for an epoch of an earlier lease
+      r.point = ToMetrics(*best, it == epoch_samples_.end() ? 0 : it->second);
+    }
+    Log().Info(absl::StrCat("task ", task.task_id(), " done: ", outcome.history.size(), " epochs, best ", r.path));
+    rank0_->Push(std::move(r));
+    return;
+  }
+  if (absl::IsCancelled(outcome.status) && outcome.agreed) {
+    switch (stop_reason_) {
+      case kCancelled:
+        Log().Info(absl::StrCat("task ", task.task_id(), " stopped: cancelled by the coordinator"));
+        return;
+      case kGroupLost:
+        Log().Warn(absl::StrCat("task ", task.task_id(), " abandoned: the coordinator no longer knows this group"));
+        return;
+      case kSignal:
+      case kNoStop:
+        r.kind = Report::Kind::kFail;
+        r.error = "stopped by signal";
+        r.retryable = true;
+        Log().Info(absl::StrCat("task ", task.task_id(), " stopped by signal; reported as a retryable failure"));
+        rank0_->Push(std::move(r));
+        return;
+    }
+  }
+  r.kind = Report::Kind::kFail;
+  r.error = std::string(outcome.status.message());
+  r.retryable = !outcome.agreed || IsRetryable(outcome.status);
+  Log().Error(absl::StrCat("task ", task.task_id(), " failed (", r.retryable ? "retryable" : "not retryable", "): ",
+                           r.error));
+  rank0_->Push(std::move(r));
+}
+
+}  // namespace
+
+double Backoff::Next() {
+  const double d = next_s_;
+  next_s_ = std::min(max_s_, next_s_ * 2);
+  return d;
+}
+
+bool IsRetryable(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kDataLoss:
+      return false;
+    default:
+      return true;
+  }
+}
+
+void ReportBuffer::Push(Report report) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const bool point = report.kind == Report::Kind::kPoint;
+  if (point && points_ >= max_points_) {
+    // Drop the oldest step point that is not being sent; epoch ends are kept.
+    bool dropped = false;
+    for (size_t i = in_flight_; i < queue_.size(); ++i) {
+      if (queue_[i].kind == Report::Kind::kPoint && !queue_[i].point.epoch_end()) {
+        queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(i));
+        --points_;
+        ++dropped_;
+        dropped = true;
+        break;
+      }
+    }
+    if (!dropped && !report.point.epoch_end()) {  // only epoch ends (or in flight): drop the new one
+      ++dropped_;
+      return;
+    }
+  }
+  if (point) ++points_;
+  queue_.push_back(std::move(report));
+  cv_.notify_all();
+}
+
+std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, std::chrono::duration<double>(wait_s),
+               [this] { return interrupted_ || queue_.size() > in_flight_; });
+  std::vector<Report> run;
+  if (in_flight_ > 0 || queue_.empty()) return run;
+  const Report& first = queue_.front();
+  if (first.kind != Report::Kind::kPoint) {
+    run.push_back(first);
+  } else {
+    for (size_t i = 0; i < queue_.size() && run.size() < std::max<size_t>(1, max_points); ++i) {
+      if (queue_[i].kind != Report::Kind::kPoint || queue_[i].task_id != first.task_id) break;
+      run.push_back(queue_[i]);
+    }
+  }
+  in_flight_ = run.size();
+  return run;
+}
+
+void ReportBuffer::Pop() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < in_flight_ && !queue_.empty(); ++i) {
+    if (queue_.front().kind == Report::Kind::kPoint) --points_;
+    queue_.pop_front();
+  }
+  in_flight_ = 0;
+  cv_.notify_all();
+}
+
+void ReportBuffer::Release() {
+  std::lock_guard<std::mutex> lock(mu_);
+  in_flight_ = 0;
+  cv_.notify_all();
+}
+
+void ReportBuffer::DropTask(const std::string& task_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::deque<Report> kept;
+  for (size_t i = 0; i < queue_.size(); ++i) {
+    if (i >= in_flight_ && queue_[i].task_id == task_id) {
+      if (queue_[i].kind == Report::Kind::kPoint) --points_;
+      continue;
+    }
+    kept.push_back(std::move(queue_[i]));
+  }
+  queue_.swap(kept);
+  cv_.notify_all();
+}
+
+bool ReportBuffer::WaitEmpty(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto empty = [this] { return queue_.empty() || interrupted_; };
+  if (timeout_s < 0) {
+    cv_.wait(lock, empty);
+  } else {
+    cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), empty);
+  }
+  return queue_.empty();
+}
+
+void ReportBuffer::Interrupt() {
+  std::lock_guard<std::mutex> lock(mu_);
+  interrupted_ = true;
+  cv_.notify_all();
+}
+
+size_t ReportBuffer::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queue_.size();
+}
+size_t ReportBuffer::points() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return points_;
+}
+int64_t ReportBuffer::dropped_points() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return dropped_;
+}
+
+absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) {
+  if (options.coordinator.empty()) return absl::InvalidArgumentError("missing required flag --coordinator");
+  if (options.device != "auto" && options.device != "cpu" && options.device != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("--device: expected auto, cpu or cuda, got '", options.device, "'"));
+  }
+  if (options.device == "cuda" && !at::hasCUDA()) {
+    return absl::FailedPreconditionError("--device cuda: torch sees no CUDA device");
+  }
+  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Control> control, Control::Create());
+  Agent agent(options, session, *control);
+  return agent.Serve();
+}
+
+}  // namespace aviary::worker
