@@ -1123,6 +1123,20 @@ Outcome Agent::RunTask(const v1::Task& task) {
       options.comm = communicator.get();
       auto trainer = Trainer::Create(*config, options);
       if (trainer.ok()) {
+        if (root && !(*trainer)->history().empty()) {
+          // Resuming from last.pt: a killed group may have written epochs whose reports never
+          // reached the coordinator. Report the restored epochs again (the coordinator keeps
+          // the last report of each epoch), so that the task's history has no hole.
+          for (const EpochRecord& record : (*trainer)->history()) {
+            Report point;
+            point.kind = Report::Kind::kPoint;
+            point.task_id = id;
+            point.point = ToMetrics(record, 0);
+            rank0_->Push(std::move(point));
+          }
+          Log().Info(absl::StrCat("task ", id, ": reported the ", (*trainer)->history().size(),
+                                  " epochs restored from ", task.out_dir(), "/last.pt again"));
+        }
         status = (*trainer)->Run();
         history = (*trainer)->history();
       } else {
