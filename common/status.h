@@ -33,21 +33,26 @@
 
 namespace aviary::common {
 
-// The process exit code for a command's final status: 0 for OK, 2 for errors in what the user
-// gave (bad flags, config, paths, preconditions), 1 for everything else.
-inline int ExitCodeFor(const absl::Status& status) {
-  switch (status.code()) {
+// The process exit code for a status code: 0 for OK, 2 for errors in what the user gave (bad
+// flags, config, paths, preconditions, credentials), 1 for everything else.
+inline int ExitCodeFor(absl::StatusCode code) {
+  switch (code) {
     case absl::StatusCode::kOk:
       return 0;
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kNotFound:
     case absl::StatusCode::kFailedPrecondition:
     case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kAlreadyExists:
       return 2;
     default:
       return 1;
   }
 }
+// The process exit code for a command's final status (see above).
+inline int ExitCodeFor(const absl::Status& status) { return ExitCodeFor(status.code()); }
 
 // Prepends `context` to the message of `status`, keeping its code: "context: message".
 inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {

@@ -770,15 +770,30 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
   return response;
 }
 
+absl::StatusOr<bool> Scheduler::GroupHolds(const Group& group, const std::string& task_id) const {
+  if (tasks_.count(task_id) == 0) {
+    return absl::NotFoundError(absl::StrCat("task_id '", task_id, "': no such task"));
+  }
+  const TaskRow* held = HeldTask(group);
+  return held != nullptr && held->info.task_id() == task_id;
+}
+
+absl::Status Scheduler::RequireHolder(const Group& group, const std::string& task_id,
+                                      absl::string_view action) const {
+  AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(group, task_id));
+  if (holds) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "task ", task_id, " is not leased to group ", group.row.group_id, " (state ",
+      TaskStateName(tasks_.at(task_id).info.state()), ")",
+      action.empty() ? "" : absl::StrCat("; only the holder may ", action)));
+}
+
 absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {
   std::lock_guard<std::mutex> writer(write_mu_);
   std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  if (tasks_.count(request.task_id()) == 0) {
-    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
-  }
-  const TaskRow* held = HeldTask(*group);
-  if (held == nullptr || held->info.task_id() != request.task_id()) return true;  // ignored
+  AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(*group, request.task_id()));
+  if (!holds) return true;  // ignored
   if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
@@ -816,15 +831,7 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
   std::lock_guard<std::mutex> writer(write_mu_);
   std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  if (tasks_.count(request.task_id()) == 0) {
-    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
-  }
-  const TaskRow* held = HeldTask(*group);
-  if (held == nullptr || held->info.task_id() != request.task_id()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("task ", request.task_id(), " is not leased to group ", request.group_id(),
-                     " (state ", TaskStateName(tasks_.at(request.task_id()).info.state()), ")"));
-  }
+  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), ""));
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.resume_checkpoint = request.path();
@@ -843,16 +850,7 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   std::lock_guard<std::mutex> writer(write_mu_);
   std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  if (tasks_.count(request.task_id()) == 0) {
-    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
-  }
-  const TaskRow* held = HeldTask(*group);
-  if (held == nullptr || held->info.task_id() != request.task_id()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("task ", request.task_id(), " is not leased to group ", request.group_id(),
-                     " (state ", TaskStateName(tasks_.at(request.task_id()).info.state()),
-                     "); only the holder may complete it"));
-  }
+  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "complete it"));
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);
@@ -889,16 +887,7 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   std::lock_guard<std::mutex> writer(write_mu_);
   std::shared_lock<std::shared_mutex> lock(mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  if (tasks_.count(request.task_id()) == 0) {
-    return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
-  }
-  const TaskRow* held = HeldTask(*group);
-  if (held == nullptr || held->info.task_id() != request.task_id()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("task ", request.task_id(), " is not leased to group ", request.group_id(),
-                     " (state ", TaskStateName(tasks_.at(request.task_id()).info.state()),
-                     "); only the holder may fail it"));
-  }
+  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "fail it"));
   Changes changes;
   GroupRow group_row = group->row;
   group_row.task_id.clear();

@@ -156,6 +156,11 @@ class Scheduler {
   // The task the group holds (LEASED to it), or nullptr.
   const TaskRow* HeldTask(const Group& group) const;
   absl::StatusOr<Group*> FindGroup(const std::string& group_id) const;
+  // Whether `group` holds task `task_id`; NOT_FOUND when there is no such task.
+  absl::StatusOr<bool> GroupHolds(const Group& group, const std::string& task_id) const;
+  // FAILED_PRECONDITION naming the task, the group and the task's state unless the group holds
+  // the task ("...; only the holder may <action>" when `action` is set).
+  absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const;
   void UpdateJobCountsLocked();
   std::string NewId(char prefix);
   int64_t NowMs() const;

@@ -7,25 +7,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/status.h"
 
 namespace aviary::cli {
 
-int ClientExitCode(absl::StatusCode code) {
-  switch (code) {
-    case absl::StatusCode::kOk:
-      return 0;
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kNotFound:
-    case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kUnauthenticated:
-    case absl::StatusCode::kPermissionDenied:
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kOutOfRange:
-      return 2;
-    default:
-      return 1;
-  }
-}
+int ClientExitCode(absl::StatusCode code) { return common::ExitCodeFor(code); }
 
 std::string FormatClientError(const std::string& command, const absl::Status& status) {
   return absl::StrCat("aviary ", command, ": ", absl::StatusCodeToString(status.code()), ": ",

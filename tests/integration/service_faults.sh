@@ -12,7 +12,7 @@ mpiexec=${2:-mpirun}
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/service_lib.sh"
 
-service_recipe 2 6 "[0]"
+service_recipe 2 20 "[0]"
 write_coordinator_config 5 2
 start_coordinator || exit 1
 
@@ -20,11 +20,12 @@ start_coordinator || exit 1
 start_group a 2
 pid_a=$group_pid
 job=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false | tail -n 1)
-echo "job $job (6 epochs of fine-tuning); group a is $pid_a"
+echo "job $job (20 epochs of fine-tuning); group a is $pid_a"
 if wait_for 300 jq_status "$job" 'task("finetune").get("latest", {}).get("epoch", 0) >= 2 and task("finetune")["latest"].get("epoch_end", False)'; then
   done_epochs=$(jq_status "$job" 'task("finetune")["latest"]["epoch"] + 1')
   kill -9 -- "-$pid_a"
   echo "killed group a after $done_epochs epochs"
+  jq_status "$job" 'j["state"] == "JOB_STATE_RUNNING"' || fail "the job was no longer running when group a was killed"
   start_group b 2
   if avt 600 watch "$job" > "$tmp/watch1.log" 2>&1; then ok; else
     fail "the job did not succeed after the group was killed"; tail -n 20 "$tmp/watch1.log"; tail -n 30 "$tmp/b.log"; tail -n 30 "$tmp/coordinator.log"
@@ -34,24 +35,25 @@ if wait_for 300 jq_status "$job" 'task("finetune").get("latest", {}).get("epoch"
   grep -qE "resuming .*last.pt after epoch ([2-9])" "$tmp/b.log" ||
     fail "group b did not resume from the checkpoint of epoch >= 2: $(grep -m1 resuming "$tmp/b.log")"
   ft_dir=$(jq_status "$job" 'task("finetune")["out_dir"]')
-  [ "$(cut -d, -f1 "$ft_dir/history.csv" | tail -n +2 | tr '\n' ' ')" = "0 1 2 3 4 5 " ] ||
-    fail "history.csv epochs are not 0..5 once each: $(cut -d, -f1 "$ft_dir/history.csv" | tr '\n' ' ')"
+  [ "$(cut -d, -f1 "$ft_dir/history.csv" | tail -n +2 | tr '\n' ' ')" = "$(seq -s ' ' 0 19) " ] ||
+    fail "history.csv epochs are not 0..19 once each: $(cut -d, -f1 "$ft_dir/history.csv" | tr '\n' ' ')"
   m=$(curl -sf "http://127.0.0.1:$mport/metrics")
   grep -F "aviary_task_restarts_total{" <<<"$m" | grep -F "job_id=\"$job\"" | grep -qE ' 1$' ||
     fail "/metrics: aviary_task_restarts_total for $job is not 1"
   grep -qE '^aviary_worker_groups_lost_total 1' <<<"$m" || fail "/metrics: aviary_worker_groups_lost_total is not 1"
   n=$(av history "$job" --csv | tail -n +2 | wc -l)
-  [ "$n" = 6 ] || fail "history --csv: expected 6 epoch rows, got $n"
+  [ "$n" = 20 ] || fail "history --csv: expected 20 epoch rows, got $n"
 else
   fail "group a made no progress"; tail -n 30 "$tmp/a.log"; tail -n 30 "$tmp/coordinator.log"
 fi
 
 # 2. The coordinator dies mid-job and comes back on the same SQLite file and port.
-job2=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=5 | tail -n 1)
+job2=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=15 | tail -n 1)
 echo "job $job2"
 if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch_end", False)'; then
   e=$(jq_status "$job2" 'task("finetune")["latest"]["epoch"]')
   kill -9 "$coord_pid"
+  [ "$e" -lt 12 ] || fail "job 2 was nearly done (epoch $e of 15) when the coordinator was killed"
   echo "killed the coordinator (pid $coord_pid) after epoch $e of job $job2"
   sleep 2
   start_coordinator --listen "127.0.0.1:$port" --heartbeat-timeout-s 30 || exit 1
@@ -62,7 +64,7 @@ if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch
   jq_status "$job2" 'task("finetune")["restarts"] == 0' || fail "the restart of the coordinator cost the task a restart"
   jq_status "$job" 'j["state"] == "JOB_STATE_SUCCEEDED"' || fail "the first job's state was lost"
   n=$(av history "$job2" --csv | tail -n +2 | wc -l)
-  [ "$n" = 5 ] || fail "history of the second job: expected 5 epoch rows, got $n"
+  [ "$n" = 15 ] || fail "history of the second job: expected 15 epoch rows, got $n"
 else
   fail "the second job made no progress"; tail -n 30 "$tmp/b.log"
 fi
