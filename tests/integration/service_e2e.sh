@@ -139,5 +139,21 @@ else
 fi
 kill -0 "$group_pid" 2>/dev/null || fail "the group exited after the cancel"
 
+# TLS: a second coordinator with a self-signed certificate for 127.0.0.1; the client trusts it
+# with --tls-ca, and a plaintext client is refused.
+if openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
+     -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout "$tmp/tls.key" -out "$tmp/tls.crt" > /dev/null 2>&1; then
+  plain_port=$port
+  sed -i "s#^database: .*#database: $tmp/tls.db#" "$tmp/coordinator.yaml"
+  start_coordinator --set tls_cert_file="$tmp/tls.crt" --set tls_key_file="$tmp/tls.key" || exit 1
+  av --tls-ca "$tmp/tls.crt" list > "$tmp/tls_list.log" 2>&1 || { fail "list over TLS with --tls-ca"; cat "$tmp/tls_list.log"; }
+  out=$(av list 2>&1); rc=$?
+  [ $rc -ne 0 ] || fail "a plaintext client was answered by the TLS coordinator: $out"
+  AVIARY_TLS_CA="$tmp/tls.crt" av list > /dev/null 2>&1 || fail "AVIARY_TLS_CA is not used"
+  port=$plain_port
+else
+  fail "openssl could not make a certificate"
+fi
+
 echo "service_e2e: $passes checks passed, $fails failed"
 [ "$fails" -eq 0 ]
