@@ -139,6 +139,29 @@ else
 fi
 kill -0 "$group_pid" 2>/dev/null || fail "the group exited after the cancel"
 
+# Fold-parallel fine-tuning: a second group (1 rank) joins; after the pretraining, the two
+# fine-tuning folds run at the same time, one on each group, both from the pretraining's best.pt
+# (10 epochs each: longer than an idle group's 5 s lease poll, so one group cannot take both).
+start_group g2 1
+job3=$(av submit "$tmp/p.yaml" --set folds.selected_folds=[0,1] --set stages.pretrain.epochs=1 \
+         --set stages.finetune.epochs=10 | tail -n 1)
+if avt 600 watch "$job3" > "$tmp/watch3.log" 2>&1; then
+  jq_status "$job3" 'len(j["tasks"]) == 3 and all(t["state"] == "TASK_STATE_SUCCEEDED" for t in j["tasks"])' ||
+    fail "fold-parallel job: expected 3 succeeded tasks"
+  for f in 0 1; do
+    n=$(cat "$tmp/g1.log" "$tmp/g2.log" | grep -c "leased task $job3/finetune-f$f ")
+    [ "$n" = 1 ] || fail "finetune-f$f was leased $n times (expected once)"
+  done
+  g1_ft=$(grep -c "leased task $job3/finetune-f" "$tmp/g1.log"); g2_ft=$(grep -c "leased task $job3/finetune-f" "$tmp/g2.log")
+  [ "$g1_ft" = 1 ] && [ "$g2_ft" = 1 ] || fail "the fine-tuning folds did not run one per group (g1: $g1_ft, g2: $g2_ft)"
+  pre=$(jq_status "$job3" 'task("pretrain")["best_checkpoint"]')
+  grep -q "initialised from $pre" "$tmp/g1.log" && grep -q "initialised from $pre" "$tmp/g2.log" ||
+    fail "both fine-tuning folds should start from $pre"
+  grep -qE '^aviary_worker_groups 2' <<<"$(curl -sf "http://127.0.0.1:$mport/metrics")" || fail "/metrics: aviary_worker_groups is not 2"
+else
+  fail "the fold-parallel job did not succeed"; tail -n 20 "$tmp/watch3.log"; tail -n 20 "$tmp/g2.log"
+fi
+
 # TLS: a second coordinator with a self-signed certificate for 127.0.0.1; the client trusts it
 # with --tls-ca, and a plaintext client is refused.
 if openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
