@@ -209,6 +209,9 @@ const TaskRow& Scheduler::View(const Changes& changes, const std::string& task_i
 }
 
 void Scheduler::RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why) {
+  // Only a leased task restarts: an earlier change of the same commit may have ended it (e.g.
+  // the reaper failed another task of its job, which cancelled this one).
+  if (View(*changes, task_id).info.state() != aviary::v1::TASK_STATE_LEASED) return;
   TaskRow& task = Stage(changes, task_id);
   const int restarts = task.info.restarts() + 1;
   if (restarts > options_.max_restarts) {

@@ -18,8 +18,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Sync-server threads are capped by this quota; WatchJob streams hold one each.
+// Sync-server threads are capped by this quota; WatchJob streams hold one each, so at most
+// kMaxWatchers of them may be open: the rest of the threads stay for heartbeats and the
+// other calls (a crowd of watchers must never cost a group its lease).
 constexpr int kMaxServerThreads = 512;
+constexpr int kMaxWatchers = 256;
 constexpr int kMaxReceiveBytes = 64 << 20;  // progress batches of up to 100,000 points
 constexpr size_t kMaxPointsPerReport = 100000;
 constexpr size_t kMaxPipelineBytes = 4 << 20;
@@ -211,6 +214,16 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
                                       grpc::ServerWriter<aviary::v1::JobEvent>* writer) {
   return Serve(*context, token_, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    if (watchers_.fetch_add(1) >= kMaxWatchers) {
+      watchers_.fetch_sub(1);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "WatchJob: ", kMaxWatchers, " streams are open already; poll with GetJob (aviary status) "
+          "or retry later"));
+    }
+    struct Release {
+      std::atomic<int>* count;
+      ~Release() { count->fetch_sub(1); }
+    } release{&watchers_};
     return scheduler_->WatchJob(
         request->job_id(), [&](const aviary::v1::JobEvent& event) { return writer->Write(event); },
         [&] { return context->IsCancelled(); });

@@ -8,6 +8,7 @@
 #define AVIARY_COORDINATOR_SERVICE_H_
 
 #include <chrono>
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -55,6 +56,7 @@ class JobServiceImpl final : public aviary::v1::JobService::Service {
  private:
   Scheduler* scheduler_;
   const std::string token_;
+  std::atomic<int> watchers_{0};  // open WatchJob streams
 };
 
 class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {

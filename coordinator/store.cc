@@ -426,7 +426,7 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
                "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info "
-               "FROM tasks t JOIN jobs j ON j.job_id = t.job_id ORDER BY j.seq, t.seq");
+               "FROM tasks t LEFT JOIN jobs j ON j.job_id = t.job_id ORDER BY j.seq, t.seq");
   std::vector<TaskRow> rows;
   absl::Status status;
   while (st.Step(&status)) {

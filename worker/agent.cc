@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -72,21 +73,29 @@ double Seconds(Clock::time_point since) {
 // Signals: the first SIGTERM / SIGINT sets the flag (the task stops at the next step); the
 // handler is reset, so a second one ends the process.
 
-volatile std::sig_atomic_t g_signal = 0;
+// Read from every thread: a lock-free atomic, which a signal handler may store to.
+std::atomic<int> g_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
 
-extern "C" void OnStopSignal(int sig) { g_signal = sig; }
+extern "C" void OnStopSignal(int sig) { g_signal.store(sig, std::memory_order_relaxed); }
 
 void InstallSignalHandlers() {
   struct sigaction sa;
   std::memset(&sa, 0, sizeof(sa));
   sa.sa_handler = OnStopSignal;
-  sa.sa_flags = SA_RESETHAND;
+  // SA_RESTART: a read or write in a loader thread is restarted, not failed with EINTR (which
+  // would be reported as an I/O error rather than "stopped by signal").
+  sa.sa_flags = SA_RESETHAND | SA_RESTART;
   sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
+  for (int sig : {SIGTERM, SIGINT}) {
+    if (::sigaction(sig, &sa, nullptr) != 0) {
+      Log().Warn(absl::StrCat("sigaction(", ::strsignal(sig), "): ", std::strerror(errno),
+                              "; this signal will end the group without a report"));
+    }
+  }
 }
 
-bool Signalled() { return g_signal != 0; }
+bool Signalled() { return g_signal.load(std::memory_order_relaxed) != 0; }
 
 // Sleeps up to `seconds`, waking early on a signal. False when a signal arrived.
 bool SleepUnlessSignalled(double seconds) {
@@ -493,7 +502,7 @@ class Rank0 {
     grpc::ClientContext ctx;
     Prepare(&ctx);
     grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
-    if (!st.ok()) return Failed("LeaseTask", st);
+    if (!st.ok()) return Failed("LeaseTask", st, request.group_id());
     Connected(true);
     if (response.available()) {
       *task = response.task();
@@ -505,6 +514,7 @@ class Rank0 {
   void BeginTask(const std::string& task_id) {
     std::lock_guard<std::mutex> lock(mu_);
     task_id_ = task_id;
+    ++lease_generation_;
     cancel_ = false;
   }
   void EndTask() {
@@ -564,13 +574,14 @@ class Rank0 {
 
   void Connected(bool c) { metrics_->SetConnected(c); }
 
-  // Logs a failed call and classifies it: NOT_FOUND marks the group lost.
-  absl::Status Failed(const char* rpc, const grpc::Status& st) {
+  // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
+  // unless the group has registered anew since the call was made (a stale answer).
+  absl::Status Failed(const char* rpc, const grpc::Status& st, const std::string& gid) {
     const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
                                           ": ", st.error_message());
     if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
       Connected(true);
-      if (!lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
+      if (gid == group_id() && !lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
     } else if (IsTransient(st.error_code())) {
       Connected(false);
     }
@@ -589,18 +600,20 @@ class Rank0 {
       }
       if (lost_) continue;
       v1::HeartbeatRequest request;
+      int64_t generation = 0;
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (group_id_.empty()) continue;
         request.set_group_id(group_id_);
         request.set_task_id(task_id_);
+        generation = lease_generation_;
       }
       v1::HeartbeatResponse response;
       grpc::ClientContext ctx;
       Prepare(&ctx);
       grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
       if (!st.ok()) {
-        absl::Status failed = Failed("Heartbeat", st);
+        absl::Status failed = Failed("Heartbeat", st, request.group_id());
         // NOT_FOUND is logged once by Failed; others at the first failure, then every 20th.
         if (!absl::IsNotFound(failed) && heartbeat_failures++ % 20 == 0) {
           Log().Warn(absl::StrCat(failed.message(), " (", heartbeat_failures, " in a row)"));
@@ -613,13 +626,17 @@ class Rank0 {
         heartbeat_failures = 0;
       }
       Connected(true);
-      if (response.cancel_task()) CancelIfCurrent(request.task_id(), "Heartbeat");
+      if (response.cancel_task()) CancelIfCurrent(request.task_id(), generation, "Heartbeat");
     }
   }
 
-  void CancelIfCurrent(const std::string& task_id, const char* rpc) {
+  // Cancels the current task if it is still the lease the answer was about (`generation`; a
+  // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
+  // lease of the same task (failed as retryable and leased again) must not stop the new one.
+  void CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc) {
     std::lock_guard<std::mutex> lock(mu_);
     if (task_id.empty() || task_id != task_id_ || cancel_) return;
+    if (generation >= 0 && generation != lease_generation_) return;
     cancel_ = true;
     Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
   }
@@ -642,7 +659,7 @@ class Rank0 {
         request.set_steps_per_epoch(spe);
         v1::ReportProgressResponse response;
         grpc::Status st = stub_->ReportProgress(&ctx, request, &response);
-        if (st.ok() && response.cancel_task()) CancelIfCurrent(first.task_id, "ReportProgress");
+        if (st.ok() && response.cancel_task()) CancelIfCurrent(first.task_id, -1, "ReportProgress");
         return st;
       }
       case Report::Kind::kCheckpoint: {
@@ -711,17 +728,17 @@ class Rank0 {
         buffer_.Release();
         const double delay = backoff.Next();
         Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
-                                   Failed(RpcName(run.front().kind), st).message(), buffer_.size(), delay));
+                                   Failed(RpcName(run.front().kind), st, gid).message(), buffer_.size(), delay));
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait_for(lock, std::chrono::duration<double>(delay), [this] { return !running_; });
       } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
-        (void)Failed(RpcName(run.front().kind), st);
+        (void)Failed(RpcName(run.front().kind), st, gid);
         buffer_.Pop();
         buffer_.DropTask(run.front().task_id);
       } else {
         // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
         // get the same answer.
-        Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st).message(), "; ", run.size(),
+        Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
                                  " report(s) of task ", run.front().task_id, " dropped"));
         buffer_.Pop();
       }
@@ -741,6 +758,7 @@ class Rank0 {
   std::string group_id_;
   int heartbeat_ms_ = 2000;
   std::string task_id_;
+  int64_t lease_generation_ = 0;  // BeginTask's count; guarded by mu_
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
   std::thread heartbeat_, sender_;
@@ -1291,9 +1309,11 @@ bool IsRetryable(const absl::Status& status) {
   switch (status.code()) {
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kNotFound:
     case absl::StatusCode::kDataLoss:
       return false;
+    // NOT_FOUND is retryable: the coordinator read the dataset at submit, so a file missing
+    // here is usually this node's view (a shared filesystem not mounted, a checkpoint not yet
+    // visible); another group may see it, and max_restarts bounds the retries.
     default:
       return true;
   }

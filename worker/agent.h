@@ -36,8 +36,9 @@
 //   all-gather of {kind, 3 values}, so a rank that left training alone while its peers are at a
 //   step or epoch exchange is seen as "out of step" (never as a mismatched collective): rank 0
 //   reports a retryable failure naming where each rank was, and the group ends.
-//   Retryable: every error except INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND and DATA_LOSS
-//   (bad config or bad data, which another attempt would meet again).
+//   Retryable: every error except INVALID_ARGUMENT, FAILED_PRECONDITION and DATA_LOSS (bad
+//   config or bad data, which another attempt would meet again). NOT_FOUND is retryable: the
+//   coordinator read the dataset at submit, so a missing file is usually this node's view.
 //   A cancel_task answer stops the task without a report (the coordinator already decided); a
 //   NOT_FOUND for the group stops it too, and rank 0 registers anew. SIGTERM / SIGINT (on any
 //   rank during a task; on rank 0 while idle) stop the task at the next step; rank 0 reports

@@ -491,6 +491,47 @@ TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
   ASSERT_NE(exposition.find("aviary_worker_groups_lost_total 2"), std::string::npos) << exposition;
 }
 
+// Two groups of one job lost together: the first one's task is out of restarts, which fails
+// the job and cancels the other task; the second one's task must stay CANCELLED (not be put back
+// to READY by the same reaper pass).
+TEST_F(CoordinatorServiceTest, GroupsLostTogetherLeaveNoReadyTaskInAFailedJob) {
+  config_.heartbeat_timeout_s = 1;
+  config_.max_restarts = 1;
+  Start();
+  const std::string job_id = Submit({"stages.pretrain.enabled=false"});
+  const std::string t0 = job_id + "/finetune-f0";
+  const std::string t1 = job_id + "/finetune-f1";
+  // A first group takes fold 0 and dies: fold 0 uses up its one restart.
+  const std::string c = Register();
+  ASSERT_EQ(Lease(c).task().task_id(), t0);
+  ASSERT_TRUE(Eventually([&] {
+    const JobInfo job = GetJob(job_id);
+    const TaskInfo* t = FindTask(job, t0);
+    return t != nullptr && t->state() == TASK_STATE_READY && t->restarts() == 1;
+  }));
+  // Two groups take both folds and die at the same moment.
+  const std::string a = Register();
+  const std::string b = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), t0);
+  ASSERT_EQ(Lease(b).task().task_id(), t1);
+  ASSERT_TRUE(Eventually([&] { return GetJob(job_id).state() == JOB_STATE_FAILED; }));
+  // Let every reaper pass that could touch them run.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  const JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  ASSERT_NE(FindTask(job, t0), nullptr);
+  ASSERT_NE(FindTask(job, t1), nullptr);
+  EXPECT_EQ(FindTask(job, t0)->state(), TASK_STATE_FAILED);
+  EXPECT_NE(FindTask(job, t1)->state(), TASK_STATE_READY) << FindTask(job, t1)->DebugString();
+  EXPECT_NE(FindTask(job, t1)->state(), TASK_STATE_LEASED) << FindTask(job, t1)->DebugString();
+  for (const TaskInfo& t : job.tasks()) {
+    EXPECT_NE(t.state(), TASK_STATE_READY) << t.task_id();
+  }
+  // Nothing of the failed job is leased again.
+  const std::string d = Register();
+  EXPECT_FALSE(Lease(d).available());
+}
+
 TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsTheJob) {
   Start();
   const std::string job_id = Submit();

@@ -155,9 +155,9 @@ TEST(BackoffTest, DoublesFromInitialToMaxAndStartsOverOnReset) {
 TEST(AgentTest, ConfigAndDataErrorsAreNotRetryable) {
   EXPECT_FALSE(IsRetryable(absl::InvalidArgumentError("train.lr")));
   EXPECT_FALSE(IsRetryable(absl::FailedPreconditionError("label set")));
-  EXPECT_FALSE(IsRetryable(absl::NotFoundError("x.ogg")));
   EXPECT_FALSE(IsRetryable(absl::DataLossError("non-finite loss")));
   EXPECT_TRUE(IsRetryable(absl::InternalError("CUDA error")));
+  EXPECT_TRUE(IsRetryable(absl::NotFoundError("/shared/runs/j1/pretrain-fold0/best.pt")));
   EXPECT_TRUE(IsRetryable(absl::DeadlineExceededError("rank 1 did not arrive")));
   EXPECT_TRUE(IsRetryable(absl::UnavailableError("disk")));
   EXPECT_TRUE(IsRetryable(absl::ResourceExhaustedError("out of memory")));
