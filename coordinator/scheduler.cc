@@ -667,10 +667,12 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
     }
     lock.unlock();
     if (cancelled()) return absl::CancelledError("the watcher went away");
+    // Every event of a commit carries the job as it is after the commit: send the whole batch
+    // (the change that ends the job has several events, "job J SUCCEEDED" last), then end.
     for (const JobEvent& event : batch) {
       if (!send(event)) return absl::CancelledError("the watcher went away");
-      if (TerminalJob(event.job().state())) return absl::OkStatus();
     }
+    if (!batch.empty() && TerminalJob(batch.back().job().state())) return absl::OkStatus();
   }
 }
 

@@ -854,8 +854,14 @@ TEST_F(CoordinatorServiceTest, WatchEndsAfterSuccessAndAtShutdown) {
   EXPECT_TRUE(done.status.ok()) << done.status.error_message();
   ASSERT_GE(done.events.size(), 4u);  // as it was, leased, the epoch, succeeded
   EXPECT_EQ(done.events.back().job().state(), JOB_STATE_SUCCEEDED);
-  for (size_t i = 0; i + 1 < done.events.size(); ++i) {
-    EXPECT_NE(done.events[i].job().state(), JOB_STATE_SUCCEEDED) << i;
+  // The stream ends with the job's own event, after the task's (both from the last change).
+  EXPECT_EQ(done.events.back().message(), "job " + job_id + " SUCCEEDED");
+  EXPECT_EQ(done.events[done.events.size() - 2].message(), "task " + job_id + "/pretrain-f0 SUCCEEDED");
+  // Once an event shows the job SUCCEEDED, every later one does (nothing after the end).
+  bool ended = false;
+  for (const JobEvent& event : done.events) {
+    if (ended) EXPECT_EQ(event.job().state(), JOB_STATE_SUCCEEDED) << event.message();
+    ended = ended || event.job().state() == JOB_STATE_SUCCEEDED;
   }
   // The other job's watcher only heard about its own job, and ends when the coordinator stops.
   for (const JobEvent& event : pending.events) EXPECT_EQ(event.job().job_id(), other_id);
