@@ -898,14 +898,25 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   group_row.task_id.clear();
   changes.put_groups[group_row.group_id] = group_row;
   const std::string why = absl::StrCat("group ", request.group_id(), ": ", request.error());
-  if (request.retryable()) {
+  if (request.preempted()) {
+    // Asked to stop (a time limit, a preemption): READY again, no restart counted, so that a
+    // long task can be requeued any number of times.
+    TaskRow& task = Stage(&changes, request.task_id());
+    task.info.set_state(aviary::v1::TASK_STATE_READY);
+    task.info.clear_group_id();
+    task.info.set_updated_unix_ms(UnixMs());
+    changes.events.push_back({task.info.job_id(), request.task_id(), false, {},
+                              absl::StrCat("task ", request.task_id(), " READY again (preempted: ", why, ")")});
+    DeriveJobState(&changes, task.info.job_id());
+  } else if (request.retryable()) {
     RestartOrFail(&changes, request.task_id(), why);
   } else {
     FailTaskAndJob(&changes, request.task_id(), absl::StrCat(why, " (not retryable)"));
   }
   AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
   log_.Warn(absl::StrCat("task ", request.task_id(), " failed on group ", request.group_id(),
-                         request.retryable() ? " (retryable): " : ": ", request.error(),
+                         request.preempted() ? " (preempted): " : request.retryable() ? " (retryable): " : ": ",
+                         request.error(),
                          "; now ", TaskStateName(tasks_.at(request.task_id()).info.state())));
   return absl::OkStatus();
 }

@@ -6,7 +6,7 @@
 #   deploy/launch-group.sh --coordinator HOST:PORT --dry-run ...   prints the mpirun command
 #
 # SIGTERM / SIGINT to this script go to mpirun, which forwards them to every rank: the group
-# stops its task at the next step, reports a retryable failure (the task resumes elsewhere from
+# stops its task at the next step, reports the task as preempted (it resumes elsewhere from
 # its last.pt) and exits. Ranks get --stop-timeout seconds for that before mpirun kills them;
 # Open MPI 4.1's mpirun waits that long twice even when the ranks exit at once (measured), so a
 # stop takes about 2 x --stop-timeout.

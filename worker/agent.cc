@@ -687,6 +687,7 @@ class Rank0 {
         request.set_task_id(first.task_id);
         request.set_error(first.error);
         request.set_retryable(first.retryable);
+        request.set_preempted(first.preempted);
         v1::FailTaskResponse response;
         return stub_->FailTask(&ctx, request, &response);
       }
@@ -1284,7 +1285,9 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
         r.kind = Report::Kind::kFail;
         r.error = "stopped by signal";
         r.retryable = true;
-        Log().Info(absl::StrCat("task ", task.task_id(), " stopped by signal; reported as a retryable failure"));
+        r.preempted = true;
+        Log().Info(absl::StrCat("task ", task.task_id(), " stopped by signal; reported as preempted (it is leased "
+                                "again without counting a restart)"));
         rank0_->Push(std::move(r));
         return;
     }

@@ -119,6 +119,7 @@ struct Report {
   bool best = false;              // kCheckpoint
   std::string error;              // kFail
   bool retryable = false;         // kFail
+  bool preempted = false;         // kFail: stopped by a signal (not counted as a restart)
 };
 
 // The reports waiting for the coordinator. Bounded: at most `max_points` progress points; when a

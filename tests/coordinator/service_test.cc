@@ -553,6 +553,19 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
             grpc::StatusCode::FAILED_PRECONDITION);
   LeaseTaskResponse again = Lease(a);
   EXPECT_EQ(again.task().attempt(), 2);
+  // A preempted group (SIGTERM from a Slurm time limit) gives the task back without a restart,
+  // however often it happens.
+  fail.set_preempted(true);
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());
+    job = GetJob(job_id);
+    EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
+    EXPECT_EQ(job.tasks(0).restarts(), 1);
+    EXPECT_EQ(job.state(), JOB_STATE_RUNNING);
+    again = Lease(a);
+    EXPECT_EQ(again.task().attempt(), 3 + i);
+  }
+  fail.set_preempted(false);
   fail.set_error("bad data: no rows");
   fail.set_retryable(false);
   ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());

@@ -5,6 +5,8 @@
 #      continue; they do not start again from 0); restarts and attempts are counted.
 #   2. kill -9 of the coordinator mid-job and a restart on the same SQLite file (same port): the
 #      group reconnects, keeps its lease, and the job completes.
+#   3. SIGTERM to a group's ranks mid-task: the task is given back as preempted (no restart
+#      counted) and resumed by the next group.
 # usage: service_faults.sh BIN_DIR MPIEXEC
 set -uo pipefail
 bin=$1
@@ -67,6 +69,36 @@ if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch
   [ "$n" = 15 ] || fail "history of the second job: expected 15 epoch rows, got $n"
 else
   fail "the second job made no progress"; tail -n 30 "$tmp/b.log"
+fi
+
+# 3. SIGTERM (a Slurm time limit, a preemption) to the ranks of the group mid-task: they stop at
+#    the next step, rank 0 reports the task as preempted and the group exits 0; the task is
+#    READY again at once (no heartbeat timeout) without counting a restart, and the next group
+#    resumes it from its last.pt.
+pid_b=$group_pid
+job3=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=15 | tail -n 1)
+echo "job $job3"
+if wait_for 300 jq_status "$job3" 'task("finetune").get("latest", {}).get("epoch", 0) >= 1'; then
+  pkill -TERM -P "$pid_b"   # the ranks: mpirun's own forwarding kills them a second later
+  if wait_for 60 bash -c "! kill -0 $pid_b 2>/dev/null"; then
+    wait "$pid_b"; rc=$?
+    [ "$rc" = 0 ] || fail "group b exited with $rc after SIGTERM"
+  else
+    fail "group b did not exit after SIGTERM"
+  fi
+  grep -q "stopped by signal; reported as preempted" "$tmp/b.log" || fail "group b did not report the preemption"
+  wait_for 10 jq_status "$job3" 'task("finetune")["state"] == "TASK_STATE_READY"' ||
+    fail "the preempted task is not READY at once: $(jq_status "$job3" 'task("finetune")["state"]')"
+  jq_status "$job3" 'task("finetune")["restarts"] == 0' || fail "the preemption counted as a restart"
+  start_group c 2
+  if avt 600 watch "$job3" > "$tmp/watch3.log" 2>&1; then ok; else
+    fail "the preempted job did not complete on group c"; tail -n 20 "$tmp/c.log"
+  fi
+  jq_status "$job3" 'task("finetune")["restarts"] == 0 and task("finetune")["attempt"] == 2' ||
+    fail "after the preemption: restarts should be 0 and attempt 2"
+  grep -qE "resuming .*last.pt after epoch ([1-9])" "$tmp/c.log" || fail "group c did not resume from the checkpoint"
+else
+  fail "job 3 made no progress"; tail -n 30 "$tmp/b.log"
 fi
 
 echo "service_faults: $passes checks passed, $fails failed"
