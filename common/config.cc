@@ -21,6 +21,7 @@
 #include "absl/strings/str_split.h"
 #include "common/layouts.h"
 #include "common/status.h"
+#include "common/yaml_util.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::common {
@@ -55,17 +56,7 @@ std::string FormatDouble(double value) {
   return text;
 }
 
-// How a YAML node reads in a message: "'abc'" for a scalar, else its kind.
-std::string Describe(const YAML::Node& node) {
-  switch (node.Type()) {
-    case YAML::NodeType::Scalar: return absl::StrCat("'", node.Scalar(), "'");
-    case YAML::NodeType::Null: return "an empty value";
-    case YAML::NodeType::Sequence: return "a list";
-    case YAML::NodeType::Map: return "a map";
-    case YAML::NodeType::Undefined: break;
-  }
-  return "nothing";
-}
+std::string Describe(const YAML::Node& node) { return DescribeYamlNode(node); }
 
 // "<where>: key '<key>': <message>", or without the location when there is none.
 absl::Status KeyError(const std::string& where, const std::string& key, absl::string_view message) {
@@ -1188,5 +1179,16 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) { return FieldsEqual
 bool operator==(const StageConfig& a, const StageConfig& b) { return FieldsEqual(a, b); }
 bool operator==(const CommConfig& a, const CommConfig& b) { return FieldsEqual(a, b); }
 bool operator==(const PipelineConfig& a, const PipelineConfig& b) { return FieldsEqual(a, b); }
+
+std::string DescribeYamlNode(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Scalar: return absl::StrCat("'", node.Scalar(), "'");
+    case YAML::NodeType::Null: return "an empty value";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Map: return "a map";
+    case YAML::NodeType::Undefined: break;
+  }
+  return "nothing";
+}
 
 }  // namespace aviary::common

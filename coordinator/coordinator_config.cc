@@ -14,6 +14,7 @@
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/status.h"
+#include "common/yaml_util.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::coordinator {
@@ -32,16 +33,7 @@ absl::Status KeyError(const Origin& origin, const std::string& key, absl::string
   return absl::InvalidArgumentError(absl::StrCat(origin.where, ": key '", key, "': ", message));
 }
 
-std::string Describe(const YAML::Node& node) {
-  switch (node.Type()) {
-    case YAML::NodeType::Scalar: return absl::StrCat("'", node.Scalar(), "'");
-    case YAML::NodeType::Null: return "an empty value";
-    case YAML::NodeType::Sequence: return "a list";
-    case YAML::NodeType::Map: return "a map";
-    case YAML::NodeType::Undefined: break;
-  }
-  return "nothing";
-}
+std::string Describe(const YAML::Node& node) { return common::DescribeYamlNode(node); }
 
 using Reader =
     std::function<absl::Status(const YAML::Node&, const Origin&, const std::string&, CoordinatorConfig*)>;
