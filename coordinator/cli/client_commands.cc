@@ -198,7 +198,8 @@ class Client {
         message = absl::StrCat(rpc, " to coordinator ", options_.coordinator, ": ", message);
         // A plaintext client closed on by a TLS server sees only "Socket closed".
         if (code == absl::StatusCode::kUnavailable && options_.tls_ca.empty() &&
-            message.find("Connection refused") == std::string::npos) {
+            message.find("Connection refused") == std::string::npos &&
+            message.find("DNS resolution failed") == std::string::npos) {
           absl::StrAppend(&message, " (if the coordinator serves TLS, pass --tls-ca)");
         }
         break;
