@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <utility>
 
@@ -262,12 +263,18 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     return false;
   }
   *info = SF_INFO{};
-  SNDFILE* handle = sf_open(path.c_str(), SFM_READ, info);
+  SNDFILE* handle = nullptr;
+  std::string error;
+  {
+    // libsndfile reports open failures through a process-wide error slot that every sf_open
+    // (a successful one too) overwrites: open and read it under one lock, so that the text is
+    // this file's. Reading frames stays parallel.
+    static std::mutex open_mu;
+    std::lock_guard<std::mutex> lock(open_mu);
+    handle = sf_open(path.c_str(), SFM_READ, info);
+    if (handle == nullptr) error = sf_strerror(nullptr);
+  }
   if (handle == nullptr) {
-    // libsndfile reports open failures through a process-wide error slot: under concurrent
-    // failures the text may come from another thread's file. The classification below does
-    // not depend on it.
-    std::string error = sf_strerror(nullptr);
     std::string container = SniffContainer(path);
     if (container.empty()) {
       *failure = Failure(AudioProblem::kNotAudio,
