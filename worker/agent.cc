@@ -27,7 +27,6 @@
 
 #include <grpcpp/grpcpp.h>
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
@@ -45,6 +44,7 @@
 #include "proto/aviary.grpc.pb.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
+#include "worker/metrics_server.h"
 #include "worker/trainer.h"
 
 #ifndef AVIARY_VERSION
@@ -225,24 +225,16 @@ class GroupMetrics {
   static absl::StatusOr<std::unique_ptr<GroupMetrics>> Create(const std::string& listen) {
     auto m = std::unique_ptr<GroupMetrics>(new GroupMetrics());
     if (!listen.empty()) {
-      try {
-        m->exposer_ = std::make_unique<prometheus::Exposer>(listen, 1);
-      } catch (const std::exception& e) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--metrics-listen: cannot serve /metrics on '", listen, "': ", e.what()));
-      }
-      m->exposer_->RegisterCollectable(m->registry_);
+      auto server = MetricsServer::Start(listen, m->registry_);
+      if (!server.ok()) return common::Annotate(server.status(), "--metrics-listen");
+      m->server_ = std::move(*server);
     }
     m->SetGroupId("");
     return m;
   }
 
   // The bound port (0 without an endpoint).
-  int port() const {
-    if (!exposer_) return 0;
-    auto ports = exposer_->GetListeningPorts();
-    return ports.empty() ? 0 : ports[0];
-  }
+  int port() const { return server_ ? server_->port() : 0; }
 
   // Every series carries label group_id; a new registration starts new series.
   void SetGroupId(const std::string& group_id) {
@@ -351,7 +343,7 @@ class GroupMetrics {
 
   std::mutex mu_;
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsServer> server_;  // declared after registry_: stops before it goes
   prometheus::Family<prometheus::Counter>& samples_total_family_;
   prometheus::Family<prometheus::Gauge>& samples_per_second_family_;
   prometheus::Family<prometheus::Histogram>& step_duration_family_;

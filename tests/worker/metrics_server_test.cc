@@ -1,0 +1,89 @@
+#include "worker/metrics_server.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <prometheus/counter.h>
+#include <prometheus/registry.h>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace aviary::worker {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+// One HTTP exchange with 127.0.0.1:port; the whole answer.
+std::string Exchange(int port, const std::string& request) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  EXPECT_EQ(::send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return out;
+}
+
+// The server works in a process that links a CUDA libtorch (the CUDA configuration builds this
+// test against one): prometheus-cpp's civetweb Exposer could not start there (metrics_server.h).
+TEST(MetricsServerTest, ServesTheRegistryAndRefusesOtherRequests) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  auto& family = prometheus::BuildCounter().Name("aviary_test_total").Help("a test").Register(*registry);
+  family.Add({{"group_id", "g1"}}).Increment(3);
+  auto server = MetricsServer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  ASSERT_GT(port, 0);
+
+  std::string ok = Exchange(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_THAT(ok, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(ok, HasSubstr("Content-Type: text/plain; version=0.0.4"));
+  EXPECT_THAT(ok, HasSubstr("aviary_test_total{group_id=\"g1\"} 3"));
+  // Prometheus' scrapes carry a query string sometimes; the root answers too.
+  EXPECT_THAT(Exchange(port, "GET /?x=1 HTTP/1.0\r\n\r\n"), HasSubstr("aviary_test_total"));
+  std::string head = Exchange(port, "HEAD /metrics HTTP/1.1\r\n\r\n");
+  EXPECT_THAT(head, StartsWith("HTTP/1.1 200 OK"));
+  EXPECT_THAT(head, ::testing::Not(HasSubstr("aviary_test_total")));
+  EXPECT_THAT(Exchange(port, "GET /admin HTTP/1.1\r\n\r\n"), StartsWith("HTTP/1.1 404"));
+  EXPECT_THAT(Exchange(port, "POST /metrics HTTP/1.1\r\n\r\n"), StartsWith("HTTP/1.1 405"));
+  EXPECT_THAT(Exchange(port, "nonsense\r\n\r\n"), StartsWith("HTTP/1.1 400"));
+  EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\nX: " + std::string(20000, 'a') + "\r\n\r\n"),
+              StartsWith("HTTP/1.1 431"));
+  // A client that connects and says nothing does not stop the next scrape for long.
+  int idle = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(idle, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  family.Add({{"group_id", "g1"}}).Increment(1);
+  EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total{group_id=\"g1\"} 4"));
+  ::close(idle);
+}
+
+TEST(MetricsServerTest, BadListenAddressesAreErrorsNamingThem) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  for (const char* listen : {"no-port", "127.0.0.1:99999", "127.0.0.1:http", ":9471", "no.such.host.invalid:0"}) {
+    auto server = MetricsServer::Start(listen, registry);
+    ASSERT_FALSE(server.ok()) << listen;
+    EXPECT_THAT(std::string(server.status().message()),
+                HasSubstr(std::string("cannot serve /metrics on '") + listen + "'"));
+  }
+  auto first = MetricsServer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(first.ok());
+  auto second = MetricsServer::Start("127.0.0.1:" + std::to_string((*first)->port()), registry);
+  ASSERT_FALSE(second.ok());
+  EXPECT_THAT(std::string(second.status().message()), HasSubstr("Address already in use"));
+}
+
+}  // namespace
+}  // namespace aviary::worker
