@@ -5,8 +5,12 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <sstream>
 
+#include <type_traits>
+
+#include <torch/optim/adam.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
@@ -94,7 +98,7 @@ absl::Status Guard(const std::string& what, Fn&& fn) {
 }  // namespace
 
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
-                            torch::optim::Optimizer* optimizer, const CheckpointMeta& meta) {
+                            const AdamOptimizer* optimizer, const CheckpointMeta& meta) {
   const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
   absl::Status st = Guard(absl::StrCat("writing checkpoint ", tmp), [&] {
     torch::serialize::OutputArchive archive;
@@ -104,8 +108,8 @@ absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
     archive.write("model", weights);
     if (optimizer != nullptr) {
       torch::serialize::OutputArchive optim;
-      optimizer->save(optim);
-      archive.write("optimizer", optim);
+      for (const auto& [name, t] : optimizer->ExportState()) optim.write(name, t, /*is_buffer=*/true);
+      archive.write("optimizer_state", optim);
     }
     archive.write("meta", c10::IValue(MetaToYaml(meta)));
     archive.save_to(tmp);
@@ -168,8 +172,54 @@ absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
   return out;
 }
 
+namespace {
+
+// torch::optim keys its state by TensorImpl: a string of the pointer in torch 1.x, the pointer
+// itself in 2.x.
+template <typename Map>
+auto LegacyStateKey(const Map&, c10::TensorImpl* impl) {
+  if constexpr (std::is_same_v<typename Map::key_type, std::string>) {
+    std::ostringstream key;  // c10::guts::to_string(impl) of torch 1.x
+    key << impl;
+    return key.str();
+  } else {
+    return static_cast<void*>(impl);
+  }
+}
+
+// A checkpoint of aviary 0.1's first wave: torch::optim::Adam's own archive over
+// model.parameters(), in order.
+absl::Status RestoreLegacyOptimizer(torch::serialize::InputArchive& archive, ClassifierImpl& model,
+                                    AdamOptimizer* optimizer, const std::string& path) {
+  std::vector<at::Tensor> params = model.parameters();
+  torch::optim::Adam legacy(params, torch::optim::AdamOptions(1e-3));
+  absl::Status st = Guard(
+      absl::StrCat(path, ": its optimizer state was written by torch::optim of another libtorch and "
+                         "cannot be read here (train on with --no-resume, or resume it with the build that wrote it)"),
+      [&] {
+        torch::serialize::InputArchive optim;
+        archive.read("optimizer", optim);
+        legacy.load(optim);
+      });
+  if (!st.ok()) return st;
+  NamedTensors state;
+  auto names = model.named_parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto it = legacy.state().find(LegacyStateKey(legacy.state(), params[i].unsafeGetTensorImpl()));
+    if (it == legacy.state().end()) continue;
+    auto& s = static_cast<torch::optim::AdamParamState&>(*it->second);
+    const std::string& name = names[i].key();
+    state.emplace_back(name + ".exp_avg", s.exp_avg());
+    state.emplace_back(name + ".exp_avg_sq", s.exp_avg_sq());
+    state.emplace_back(name + ".step", at::scalar_tensor(s.step(), at::kLong));
+  }
+  return optimizer->ImportState(state, path);
+}
+
+}  // namespace
+
 absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, ClassifierImpl& model,
-                                                 torch::optim::Optimizer* optimizer) {
+                                                 AdamOptimizer* optimizer) {
   torch::serialize::InputArchive archive;
   absl::Status st = OpenArchive(path, &archive);
   if (!st.ok()) return st;
@@ -187,11 +237,25 @@ absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, Classi
   auto report = LoadIntoModule(*tensors, model, LoadOptions{}, path);
   if (!report.ok()) return report.status();
   if (optimizer != nullptr) {
-    st = Guard(absl::StrCat(path, ": restoring the optimizer state"), [&] {
-      torch::serialize::InputArchive optim;
-      archive.read("optimizer", optim);
-      optimizer->load(optim);
-    });
+    std::vector<std::string> keys = archive.keys();
+    if (std::find(keys.begin(), keys.end(), "optimizer_state") != keys.end()) {
+      NamedTensors state;
+      st = Guard(absl::StrCat(path, ": reading the optimizer state"), [&] {
+        torch::serialize::InputArchive optim;
+        archive.read("optimizer_state", optim);
+        for (const std::string& key : optim.keys()) {
+          at::Tensor t;
+          optim.read(key, t, /*is_buffer=*/true);
+          state.emplace_back(key, t);
+        }
+      });
+      if (!st.ok()) return st;
+      st = optimizer->ImportState(state, path);
+    } else if (std::find(keys.begin(), keys.end(), "optimizer") != keys.end()) {
+      st = RestoreLegacyOptimizer(archive, model, optimizer, path);
+    } else {
+      st = absl::InvalidArgumentError(absl::StrCat(path, ": holds no optimizer state (a best.pt?); resume from last.pt"));
+    }
     if (!st.ok()) return st;
   }
   return meta;

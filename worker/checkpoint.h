@@ -11,10 +11,10 @@
 #include <string>
 #include <vector>
 
-#include <torch/optim/optimizer.h>
 
 #include "absl/status/statusor.h"
 #include "worker/models.h"
+#include "worker/optimizer.h"
 #include "worker/weights.h"
 
 namespace aviary::worker {
@@ -38,9 +38,9 @@ struct CheckpointMeta {
   int64_t skipped_steps = 0;             // non-finite steps skipped (train.skip_nonfinite)
 };
 
-// Saves `model` (and `optimizer` when not null) with `meta` to `path` atomically.
+// Saves `model` (and `optimizer`'s state when not null) with `meta` to `path` atomically.
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
-                            torch::optim::Optimizer* optimizer, const CheckpointMeta& meta);
+                            const AdamOptimizer* optimizer, const CheckpointMeta& meta);
 
 // Reads only the metadata.
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
@@ -49,9 +49,11 @@ absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
 absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path);
 
 // Restores `model` (and `optimizer`) from a checkpoint of the same model and classes. Refuses,
-// naming both sides, a checkpoint of another model, class count or input channels.
+// naming both sides, a checkpoint of another model, class count or input channels. The
+// optimizer state is read by parameter name ("optimizer_state"); checkpoints written before
+// that (torch::optim's own "optimizer" archive) are read too where this libtorch can parse them.
 absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, ClassifierImpl& model,
-                                                 torch::optim::Optimizer* optimizer);
+                                                 AdamOptimizer* optimizer);
 
 }  // namespace aviary::worker
 

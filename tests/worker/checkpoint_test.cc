@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <torch/optim/adam.h>
+#include <torch/serialize/output-archive.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
@@ -38,6 +39,13 @@ CheckpointMeta Meta() {
   return m;
 }
 
+void Step(ClassifierImpl& model, AdamOptimizer& opt) {
+  at::Tensor x = at::randn({2, 1, 32, 32});
+  opt.ZeroGrad();
+  model.forward(x).sum().backward();
+  opt.Step();
+}
+
 void Step(ClassifierImpl& model, torch::optim::Optimizer& opt) {
   at::Tensor x = at::randn({2, 1, 32, 32});
   opt.zero_grad();
@@ -48,13 +56,13 @@ void Step(ClassifierImpl& model, torch::optim::Optimizer& opt) {
 TEST(CheckpointTest, RoundTripsModelOptimizerAndMetadata) {
   at::manual_seed(0);
   auto a = Model(3);
-  torch::optim::Adam opt_a(a->parameters(), torch::optim::AdamOptions(1e-3));
+  AdamOptimizer opt_a(*a, AdamSettings{});
   Step(*a, opt_a);
   std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_roundtrip.pt";
   ASSERT_TRUE(SaveCheckpoint(path, *a, &opt_a, Meta()).ok());
 
   auto b = Model(3);
-  torch::optim::Adam opt_b(b->parameters(), torch::optim::AdamOptions(1e-3));
+  AdamOptimizer opt_b(*b, AdamSettings{});
   auto meta = RestoreCheckpoint(path, *b, &opt_b);
   ASSERT_TRUE(meta.ok()) << meta.status();
   EXPECT_EQ(meta->class_names, Meta().class_names);
@@ -74,6 +82,47 @@ TEST(CheckpointTest, RoundTripsModelOptimizerAndMetadata) {
   Step(*b, opt_b);
   for (const auto& p : a->named_parameters()) {
     EXPECT_TRUE(at::equal(p.value(), b->named_parameters()[p.key()])) << p.key();
+  }
+}
+
+// A last.pt of the first wave: the optimizer as torch::optim::Adam's own archive. It resumes
+// into AdamOptimizer, whose next step equals torch's Adam's (exactly without the fused kernel).
+TEST(CheckpointTest, ReadsTheOptimizerArchiveOfEarlierCheckpoints) {
+  at::manual_seed(0);
+  auto a = Model(3);
+  torch::optim::Adam opt_a(a->parameters(), torch::optim::AdamOptions(1e-3));
+  Step(*a, opt_a);
+  Step(*a, opt_a);
+  std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_legacy.pt";
+  {
+    torch::serialize::OutputArchive archive, weights, optim;
+    for (const auto& p : a->named_parameters()) weights.write(p.key(), p.value().detach());
+    for (const auto& b : a->named_buffers()) weights.write(b.key(), b.value(), /*is_buffer=*/true);
+    archive.write("model", weights);
+    opt_a.save(optim);
+    archive.write("optimizer", optim);
+    std::string yaml = "format: 1\nstage: finetune\nfold: 2\nepoch: 4\nstep: 2\nmonitor: auc\n"
+                       "best_value: 0.5\nbest_epoch: 3\nmodel_name: small_cnn\nnum_classes: 3\n"
+                       "in_channels: 1\nclass_names: [a, b, c]\nconfig_yaml: \"\"\nhistory_csv: \"\"\n";
+    archive.write("meta", c10::IValue(yaml));
+    archive.save_to(path);
+  }
+  auto b = Model(3);
+  AdamOptimizer opt_b(*b, AdamSettings{});
+  auto meta = RestoreCheckpoint(path, *b, &opt_b);
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  at::manual_seed(5);
+  Step(*a, opt_a);
+  at::manual_seed(5);
+  Step(*b, opt_b);
+  for (const auto& p : a->named_parameters()) {
+    const at::Tensor& theirs = p.value();
+    const at::Tensor& ours = b->named_parameters()[p.key()];
+    if (AdamOptimizer::Fused()) {
+      EXPECT_TRUE(at::allclose(theirs, ours, 1e-5, 1e-6)) << p.key();
+    } else {
+      EXPECT_TRUE(at::equal(theirs, ours)) << p.key();
+    }
   }
 }
 

@@ -210,7 +210,8 @@ absl::Status Reducer::Finish() {
       if (g.defined() && g.sizes() == avg.sizes()) {
         g.copy_(avg);
       } else {
-        g = avg.clone(at::MemoryFormat::Contiguous);
+        g = at::empty_like(params_[p]);  // the parameter's memory format (channels_last)
+        g.copy_(avg);
       }
     }
     b->work.reset();
