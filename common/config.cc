@@ -739,6 +739,7 @@ const std::vector<Field<TrainConfig>>& FieldsOf<TrainConfig>() {
       MakeField("tta", &TrainConfig::tta, AtLeast(1)),
       MakeField("skip_nonfinite", &TrainConfig::skip_nonfinite),
       MakeField("num_workers", &TrainConfig::num_workers, AtLeast(1)),
+      MakeField("deterministic", &TrainConfig::deterministic),
   };
   return *fields;
 }

@@ -115,6 +115,10 @@ struct TrainConfig {
   int tta = 1;                     // >= 1
   bool skip_nonfinite = false;
   int num_workers = 2;             // loader threads, >= 1
+  // CUDA: deterministic cuDNN/cuBLAS algorithms (bit-identical reruns and resumes, slower);
+  // false: cuDNN picks the fastest algorithms for the shapes (benchmark mode). CPU: no effect
+  // (the CPU kernels are deterministic).
+  bool deterministic = false;
 };
 
 struct StageConfig {

@@ -223,6 +223,22 @@ absl::StatusOr<std::shared_ptr<ClassifierImpl>> BuildClassifier(const common::Mo
   return model;
 }
 
+absl::Status PlaceModel(ClassifierImpl& model, c10::Device device, bool channels_last) {
+  try {
+    model.to(device);
+    if (channels_last) {
+      torch::NoGradGuard no_grad;
+      for (at::Tensor& p : model.parameters()) {
+        if (p.dim() == 4) p.set_data(p.contiguous(c10::MemoryFormat::ChannelsLast));
+      }
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("moving the model ", model.name(), " to ", device.str(),
+                                            ": ", e.what_without_backtrace()));
+  }
+  return absl::OkStatus();
+}
+
 at::Tensor ClassifierImpl::Features(const at::Tensor& x) {
   at::Tensor f = features_->forward(x);
   return at::adaptive_avg_pool2d(f, {1, 1}).flatten(1);

@@ -67,6 +67,11 @@ class ClassifierImpl : public torch::nn::Module {
 absl::StatusOr<std::shared_ptr<ClassifierImpl>> BuildClassifier(const common::ModelConfig& config,
                                                                 int in_channels, int num_classes);
 
+// Moves `model` to `device`; with `channels_last`, its 4-d weights become NHWC (oneDNN's CPU
+// convolutions and cuDNN's run faster on channels-last activations; the front end then
+// produces its output in the same layout). INTERNAL naming the device when torch refuses.
+absl::Status PlaceModel(ClassifierImpl& model, c10::Device device, bool channels_last);
+
 // The names BuildClassifier accepts.
 const std::vector<std::string>& ModelNames();
 

@@ -230,19 +230,8 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
     AVIARY_ASSIGN_OR_RETURN(CheckpointMeta restored, RestoreCheckpoint(path, *model, nullptr));
     (void)restored;
     model->eval();
-    try {
-      model->to(impl->device);
-      if (options.channels_last) {
-        // NHWC weights: oneDNN's convolutions (CPU) and cuDNN's run faster on channels-last
-        // activations; the front end produces its output in the same layout.
-        torch::NoGradGuard no_grad;
-        for (at::Tensor& p : model->parameters()) {
-          if (p.dim() == 4) p.set_data(p.contiguous(c10::MemoryFormat::ChannelsLast));
-        }
-      }
-    } catch (const c10::Error& e) {
-      return absl::InternalError(absl::StrCat(path, ": moving the model to ", impl->device.str(),
-                                              ": ", e.what_without_backtrace()));
+    if (absl::Status st = PlaceModel(*model, impl->device, options.channels_last); !st.ok()) {
+      return common::Annotate(st, path);
     }
     if (config.frontend.in_channels != meta.in_channels) {
       return absl::FailedPreconditionError(

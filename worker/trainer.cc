@@ -11,9 +11,6 @@
 #include <stdexcept>
 #include <thread>
 
-#include <ATen/autocast_mode.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
 #include <torch/utils.h>
 #include <torch/version.h>
 
@@ -36,7 +33,9 @@
 #include "worker/loader.h"
 #include "worker/loss.h"
 #include "worker/models.h"
+#include "worker/optimizer.h"
 #include "worker/schedule.h"
+#include "worker/train_step.h"
 #include "worker/weights.h"
 
 namespace aviary::worker {
@@ -54,33 +53,6 @@ std::string Num(double v) {
   if (std::isnan(v)) return "nan";
   return absl::StrFormat("%.6g", v);
 }
-
-// bf16 autocast on CUDA for the forward pass; a no-op elsewhere.
-class AutocastGuard {
- public:
-  explicit AutocastGuard(bool enabled) : enabled_(enabled) {
-    if (!enabled_) return;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-#else
-    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    at::autocast::set_enabled(true);
-#endif
-  }
-  ~AutocastGuard() {
-    if (!enabled_) return;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-#else
-    at::autocast::set_enabled(false);
-#endif
-    at::autocast::clear_cache();
-  }
-
- private:
-  bool enabled_;
-};
 
 std::string HistoryCsv(const std::vector<EpochRecord>& rows) {
   std::ostringstream out;
@@ -232,9 +204,10 @@ struct Trainer::State {
   std::unique_ptr<Loader> train_loader, valid_loader;
   std::unique_ptr<MelFrontend> frontend;
   std::shared_ptr<ClassifierImpl> model;
-  std::unique_ptr<torch::optim::Optimizer> optimizer;
+  std::unique_ptr<AdamOptimizer> optimizer;
   comm::Communicator* comm = nullptr;  // null: one process
   std::unique_ptr<comm::Reducer> reducer;
+  std::unique_ptr<TrainStep> step_fn;
   int rank = 0;
   int world = 1;
   FaultPlan fault;
@@ -250,9 +223,7 @@ struct Trainer::State {
   std::vector<double> train_auc;
 
   std::string Path(const std::string& name) const { return options.out_dir + "/" + name; }
-  void SetLr(double lr) {
-    for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
-  }
+  void SetLr(double lr) { optimizer->set_lr(lr); }
   bool Better(double v) const {
     if (std::isnan(v)) return false;
     if (std::isnan(best_value)) return true;
@@ -310,6 +281,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
     return absl::FailedPreconditionError("device cuda was asked for, but torch sees no CUDA device");
   }
   s->autocast = options.device.is_cuda() && s->train.precision != "fp32";
+  if (options.device.is_cuda()) {
+    auto& ctx = at::globalContext();
+    if (s->train.deterministic) {
+      // cuBLAS reads this when it creates its handle (at the first matmul, after this point).
+      ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+      ctx.setDeterministicCuDNN(true);
+      ctx.setBenchmarkCuDNN(false);
+      ctx.setDeterministicAlgorithms(true, /*warn_only=*/true);
+    } else {
+      ctx.setBenchmarkCuDNN(true);  // fixed shapes: the fastest algorithm, chosen once
+    }
+  }
   if (!options.device.is_cuda() && s->train.precision == "bf16") {
     return absl::InvalidArgumentError("train.precision: bf16 needs a CUDA device (use auto or fp32 on CPU)");
   }
@@ -401,7 +384,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   }
 
   // Front end and model.
-  const bool channels_last = options.device.is_cuda();
+  // NHWC on every device: cuDNN's and oneDNN's convolutions are faster on channels-last
+  // activations (EfficientNet-B0's CPU step: 1.3x, docs/BENCHMARKS.md).
+  const bool channels_last = true;
   AVIARY_ASSIGN_OR_RETURN(
       s->frontend,
       MelFrontend::Create(config.frontend, config.augment, config.data.sample_rate, options.device,
@@ -436,20 +421,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
     Log().Info(absl::StrCat("initialised from ", options.init_checkpoint, ": ", report->Summary(),
                             report->mismatched.empty() ? "" : " (mismatched tensors skipped)"));
   }
-  s->model->to(options.device);
-  if (channels_last) {
-    torch::NoGradGuard no_grad;
-    for (auto& p : s->model->parameters()) {
-      if (p.dim() == 4) p.set_data(p.contiguous(c10::MemoryFormat::ChannelsLast));
-    }
-  }
-  if (s->train.optimizer == "AdamW") {
-    s->optimizer = std::make_unique<torch::optim::AdamW>(
-        s->model->parameters(), torch::optim::AdamWOptions(s->train.lr).weight_decay(s->train.weight_decay));
-  } else {
-    s->optimizer = std::make_unique<torch::optim::Adam>(
-        s->model->parameters(), torch::optim::AdamOptions(s->train.lr).weight_decay(s->train.weight_decay));
-  }
+  AVIARY_RETURN_IF_ERROR(PlaceModel(*s->model, options.device, channels_last));
+  AVIARY_ASSIGN_OR_RETURN(s->optimizer, AdamOptimizer::FromConfig(s->train, *s->model));
 
   // Resume.
   const std::string last = s->Path("last.pt");
@@ -501,6 +474,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
                             s->reducer->buckets().size(), " gradient buckets of at most ",
                             config.comm.bucket_mb, " MB; global batch ", s->global_batch));
   }
+  s->step_fn = std::make_unique<TrainStep>(s->config, s->train, s->frontend.get(), s->model.get(),
+                                           s->optimizer.get(), s->reducer.get(), options.device,
+                                           s->autocast);
   Log().Info(absl::StrCat("stage ", options.stage, " fold ", options.fold, ": ",
                           s->train_items.size(), " training items, ", s->valid_items.size(),
                           " validation items, ", s->table.class_names.size(), " classes, model ",
@@ -564,18 +540,14 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     // Dropout and stochastic depth draw from the global generator: seed it per step.
     // Rank 0 draws what a single process draws; other ranks draw their own augmentation.
     const uint64_t salt = static_cast<uint64_t>(rank) << 32;
-    at::manual_seed(MixSeed(config.seed, epoch, s, 0x5EED + salt));
-    at::Tensor x = batch.waveforms.to(options.device, /*non_blocking=*/true);
-    at::Tensor y = at::one_hot(batch.targets, num_classes).to(at::kFloat).to(options.device, true);
-    AugmentBatch(config.augment, MixSeed(config.seed, epoch, s, 1 + salt), &x, &y);
-    at::Generator gen = MakeGenerator(options.device, MixSeed(config.seed, epoch, s, 2 + salt));
-    at::Tensor mel = frontend->Forward(x, FrontendMode::kTrain, gen);
-    at::Tensor logits;
-    {
-      AutocastGuard autocast_guard(autocast);
-      logits = model->forward(mel);
-    }
-    at::Tensor loss = ComputeLoss(train.loss, logits, y, train.label_smoothing);
+    StepSeeds seeds;
+    seeds.dropout = MixSeed(config.seed, epoch, s, 0x5EED + salt);
+    seeds.augment = MixSeed(config.seed, epoch, s, 1 + salt);
+    seeds.spec_augment = MixSeed(config.seed, epoch, s, 2 + salt);
+    StepForward fwd = step_fn->Forward(batch.waveforms, batch.targets, seeds);
+    at::Tensor loss = fwd.loss;
+    const at::Tensor& logits = fwd.logits;
+    const at::Tensor& y = fwd.targets;
     if (rank == fault.rank && step == fault.step) {
       if (fault.kind == "nan") loss = loss * std::numeric_limits<float>::quiet_NaN();
       if (fault.kind == "hang") {
@@ -620,11 +592,7 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
       report_step(s, 0, /*skipped=*/true, data_wait);
       continue;
     }
-    optimizer->zero_grad();
-    if (reducer) reducer->Prepare();
-    loss.backward();
-    if (reducer) AVIARY_RETURN_IF_ERROR(reducer->Finish());
-    optimizer->step();
+    AVIARY_RETURN_IF_ERROR(step_fn->Update(loss));
     ++step;
     const int64_t b = batch.waveforms.size(0);
     loss_sum += loss_value * b;

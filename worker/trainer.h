@@ -3,8 +3,9 @@
 // Data: the catalog's stage table and the fold's training list (cv_filter, upsample,
 // downsample) and validation rows; clips from the decoded-audio cache when data.cache_dir holds
 // one, decoded on the fly otherwise; a deterministic loader. Each step: waveform augmentation
-// on the device, the mel front end (SpecAugment in training), the model under bf16 autocast on
-// CUDA, the loss with label smoothing, the optimizer. Each epoch: validation (micro PR-AUC =
+// on the device, the mel front end (SpecAugment in training), the model (channels_last) under
+// bf16 autocast on CUDA, the loss with label smoothing, the optimizer (worker/optimizer.h: one
+// fused kernel per step with torch >= 2.4); worker/train_step.h is this step. Each epoch: validation (micro PR-AUC =
 // val_auc, BirdCLEF macro ROC-AUC, padded cmAP, accuracy), a history.csv row, last.pt, best.pt
 // when the monitor improved, history.png.
 //

@@ -1,0 +1,92 @@
+// One training step of the recipe, shared by the trainer (worker/trainer.cc) and the step
+// benchmark (bench/train_step_bench.cc), so that what the benchmark times is what training runs.
+//
+//   Forward:  waveforms (host, pinned on CUDA) and class ids -> the device (non-blocking),
+//             one-hot targets, waveform augmentation (MixUp, CutMix, noise, shift), the mel front
+//             end with SpecAugment, the model under bf16 autocast on CUDA, the loss.
+//   Update:   zero the gradients, backward (the reducer's hooks all-reduce buckets during it),
+//             the reducer's Finish, the optimizer step.
+// Between the two the trainer checks the loss (non-finite steps are skipped on every rank).
+//
+// Determinism: dropout and stochastic depth draw from the device's default generator, which
+// Forward seeds with `seeds.dropout`; augmentation and SpecAugment draw from generators of their
+// own seeded with `seeds.augment` and `seeds.spec_augment`.
+//
+// Not thread-safe; one per model replica.
+#ifndef AVIARY_WORKER_TRAIN_STEP_H_
+#define AVIARY_WORKER_TRAIN_STEP_H_
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/status.h"
+#include "common/config.h"
+#include "worker/frontend.h"
+#include "worker/models.h"
+#include "worker/optimizer.h"
+
+namespace aviary::worker {
+namespace comm {
+class Reducer;
+}
+
+// bf16 autocast on CUDA for the scope's lifetime; a no-op when not enabled.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_;
+};
+
+struct StepSeeds {
+  uint64_t dropout = 0;
+  uint64_t augment = 0;
+  uint64_t spec_augment = 0;
+};
+
+struct StepForward {
+  at::Tensor loss;     // float32 scalar on the device (not synchronized)
+  at::Tensor logits;   // [B, C], the autocast dtype
+  at::Tensor targets;  // [B, C] float32, after MixUp/CutMix
+};
+
+class TrainStep {
+ public:
+  // The parts are not owned and must outlive the step. `reducer` may be null (one process).
+  TrainStep(const common::PipelineConfig& config, const common::TrainConfig& train,
+            MelFrontend* frontend, ClassifierImpl* model, AdamOptimizer* optimizer,
+            comm::Reducer* reducer, c10::Device device, bool autocast);
+
+  // The whole forward from waveforms [B, T] (float32) and class ids [B] (int64), on the host.
+  StepForward Forward(const at::Tensor& waveforms, const at::Tensor& class_ids,
+                      const StepSeeds& seeds) const;
+  // The model and the loss only, from front-end output [B, C, n_mels, frames] and targets
+  // [B, num_classes] already on the device (benchmarks of the model step alone).
+  StepForward ForwardFeatures(const at::Tensor& features, const at::Tensor& targets,
+                              uint64_t dropout_seed) const;
+  // Backward, the gradient all-reduce and the optimizer step. Errors come from the reducer
+  // (a collective that failed or timed out); the group must then end.
+  absl::Status Update(const at::Tensor& loss);
+
+  bool autocast() const { return autocast_; }
+
+ private:
+  const common::PipelineConfig& config_;
+  const common::TrainConfig& train_;
+  MelFrontend* frontend_;
+  ClassifierImpl* model_;
+  AdamOptimizer* optimizer_;
+  comm::Reducer* reducer_;
+  c10::Device device_;
+  bool autocast_;
+};
+
+}  // namespace aviary::worker
+
+#endif  // AVIARY_WORKER_TRAIN_STEP_H_
