@@ -22,7 +22,7 @@ echo -n "$ours"
 echo -n "$ref"
 echo "load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 for t in 1 2; do
-  a=$(sed -n "s/^threads=$t .*aviary_clips_per_s=\([0-9.e+-]*\).*/\1/p" <<<"$ours" | sort -g | tail -1)
-  r=$(sed -n "s/^threads=$t .*reference_clips_per_s=\([0-9.e+-]*\).*/\1/p" <<<"$ref" | sort -g | tail -1)
+  a=$(sed -n "s/^device=cpu threads=$t .*aviary_clips_per_s=\([0-9.e+-]*\).*/\1/p" <<<"$ours" | sort -g | tail -1)
+  r=$(sed -n "s/^device=cpu threads=$t .*reference_clips_per_s=\([0-9.e+-]*\).*/\1/p" <<<"$ref" | sort -g | tail -1)
   python3 -c "print(f'threads=$t: aviary {float($a):.1f} clips/s, torchaudio {float($r):.1f} clips/s, ratio {float($a)/float($r):.2f}x')"
 done
