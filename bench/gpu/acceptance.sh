@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# Every GPU check of aviary in one command (docs/BENCHMARKS.md, "GPU acceptance"): correctness
+# on CUDA, the mel front end, the EfficientNet-B0 training step against PyTorch eager and
+# torch.compile, the real data path, NCCL and the all-reduce share of a step, and an 8-GPU
+# projection. Writes OUT/results.tsv (one row per check) and OUT/acceptance.log, and prints the
+# table.
+#
+# On a GPU host (Ubuntu 24.04, CUDA 13, PyTorch 2.11 in python3, OpenMPI): binaries built on a
+# Debian machine against the same torch wheel and packed with bench/gpu/pack.sh (the Debian
+# libraries they need travel with them), so nothing is built there:
+#   bench/gpu/acceptance.sh --pack .gpu --out "$OUT"
+# Without a GPU (CI): --dry-run runs every step on the CPU at toy sizes (MPI instead of NCCL,
+# torch.compile with its "eager" backend) from a build folder, so that the GPU call cannot fail
+# on a typo; its figures mean nothing:
+#   bench/gpu/acceptance.sh --dry-run --build build-cuda --python "$AVIARY_TORCH_VENV/bin/python"
+#
+# Options: --pack DIR (bin/ and lib/ from pack.sh) | --build DIR (its bin/), --python PY (the
+# python whose torch the binaries were built against; default python3), --out DIR (default
+# ./acceptance-out), --work DIR (scratch; default a temporary folder), --skip-compile.
+# Environment: AVIARY_PROJECTION_BUSBW_GBPS (NVLink all-reduce bus bandwidth assumed for the
+# 8-GPU projection; default 350, about what nccl-tests reports on 8 x H100 SXM).
+# Exit status: 0 when every check ran and met its goal (dry-run: when every step ran), 1 else.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+dry=0
+pack=""
+build=""
+python=python3
+out=$PWD/acceptance-out
+work=""
+compile=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --pack) pack=$2; shift ;;
+    --build) build=$2; shift ;;
+    --python) python=$2; shift ;;
+    --out) out=$2; shift ;;
+    --work) work=$2; shift ;;
+    --skip-compile) compile=0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) echo "acceptance.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -n "$pack" ]; then
+  bin=$(cd "$pack/bin" && pwd) || exit 2
+elif [ -n "$build" ]; then
+  bin=$(cd "$build/bin" && pwd) || exit 2
+else
+  echo "acceptance.sh: give --pack DIR (bench/gpu/pack.sh) or --build DIR" >&2; exit 2
+fi
+for b in aviary aviary-worker train_step_bench frontend_bench; do
+  [ -x "$bin/$b" ] || { echo "acceptance.sh: $bin/$b is missing" >&2; exit 2; }
+done
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+if [ -z "$work" ]; then work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
+mkdir -p "$work" && work=$(cd "$work" && pwd)
+log=$out/acceptance.log
+results=$out/results.tsv
+: >"$log"
+printf 'check\tstatus\tmeasured\treference\tratio\tgoal\tnote\n' >"$results"
+failed=0
+
+say() { echo "== $*" | tee -a "$log"; }
+# record CHECK STATUS MEASURED REFERENCE RATIO GOAL NOTE
+record() {
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$results"
+  case "$2" in PASS|INFO|SKIP) ;; *) failed=1 ;; esac
+  echo "   -> $1: $2 $3 ${7:-}" | tee -a "$log"
+}
+# run NAME CMD...: runs with output in $work/NAME.out and appended to the log.
+run() {
+  local name=$1; shift
+  echo "\$ $*" >>"$log"
+  "$@" >"$work/$name.out" 2>&1
+  local rc=$?
+  cat "$work/$name.out" >>"$log"
+  return $rc
+}
+kv() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" "$work/$1.out" | tail -1; }
+ratio() { "$python" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.3f}' if b > 0 else 'nan')" "$1" "$2" 2>/dev/null || echo nan; }
+meets() { "$python" -c "import sys; sys.exit(0 if float(sys.argv[1]) >= float(sys.argv[2]) else 1)" "$1" "$2" 2>/dev/null; }
+# A goal is a verdict on a GPU and information in the dry run.
+verdict() { if [ $dry -eq 1 ]; then echo INFO; elif meets "$1" "$2"; then echo PASS; else echo MISS; fi; }
+
+# Libraries: the packed Debian ones, torch's, and the wheels' CUDA libraries (NCCL, cuDNN, ...).
+torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>>"$log") || {
+  echo "acceptance.sh: $python cannot import torch" >&2; exit 2; }
+libs="$torch_dir/lib"
+for d in "$torch_dir"/../nvidia/*/lib; do [ -d "$d" ] && libs="$libs:$(cd "$d" && pwd)"; done
+if [ -n "$pack" ]; then
+  libs="$(cd "$pack/lib" && pwd):$libs"
+  # OpenMPI's libmpi.so.40 from the pack only when the host has none (then no mpirun either).
+  ldconfig -p 2>/dev/null | grep -q 'libmpi.so.40 ' || libs="$libs:$(cd "$pack/mpi-lib" && pwd)"
+fi
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+
+if [ $dry -eq 1 ]; then
+  dev=cpu; backend=mpi
+  species=6; recordings=60; epochs=2; resume_epochs=2; batch_b0=2; clip_s=2
+  steps=2; warmup=1; rounds=1; mel_batch=4; mel_repeats=2; upsample=12; compile_backend=eager
+else
+  dev=cuda; backend=nccl
+  species=12; recordings=240; epochs=8; resume_epochs=3; batch_b0=256; clip_s=10
+  steps=20; warmup=8; rounds=3; mel_batch=256; mel_repeats=20; upsample=600; compile_backend=inductor
+fi
+threads=$(nproc)
+mpirun_cmd=()
+has_mpirun=no
+if command -v mpirun >/dev/null 2>&1; then
+  has_mpirun=yes
+  mpirun_cmd=(mpirun -np 1 --oversubscribe --bind-to none -x LD_LIBRARY_PATH)
+fi
+t_start=$(date +%s)
+
+# 0. The machine.
+say "0. machine"
+gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
+torch_v=$("$python" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>>"$log")
+record machine INFO "${gpu:-no GPU}" "torch ${torch_v}" - - "$(nproc) cores; mpirun: $has_mpirun; dry-run $dry"
+if [ $dry -eq 0 ] && ! "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  record machine FAIL "torch sees no GPU" - - - "run with --dry-run on a machine without one"
+  column -t -s $'\t' "$results"; exit 1
+fi
+
+# 1. A synthetic corpus (real ogg files) and its decoded-audio cache.
+say "1. corpus and cache"
+"$bin/aviary" synth --out "$work/t24" --layout 2024 --species $species --recordings $recordings --seed 3 \
+  --max-seconds 12 >"$work/synth.out" 2>&1 || { cat "$work/synth.out" >>"$log"; record corpus FAIL - - - - "aviary synth failed"; }
+cat >"$work/cnn.yaml" <<YAML
+seed: 42
+data:
+  duration: 5.0
+  target: {layout: "2024", root: $work/t24}
+  pretrain_sources: []
+  cache_dir: $work/cache
+folds: {finetune_splits: 4}
+sampling: {upsample_thr: 10}
+model: {name: small_cnn, dropout: 0.1}
+train: {batch_size: 16, epochs: $epochs, num_workers: 4, lr_max_per_sample: 1.0e-4, lr_ramp_epochs: 1, deterministic: true}
+stages: {pretrain: {enabled: false}}
+YAML
+# The data path at the benchmark's shapes: EfficientNet-B0 on 10 s clips, every class upsampled
+# so that an epoch holds enough global batches to time.
+cat >"$work/b0.yaml" <<YAML
+seed: 42
+data:
+  duration: $clip_s
+  target: {layout: "2024", root: $work/t24}
+  pretrain_sources: []
+  cache_dir: $work/cache
+folds: {finetune_splits: 4}
+sampling: {upsample_thr: $upsample}
+model: {name: efficientnet_b0}
+train: {batch_size: $batch_b0, epochs: 2, num_workers: $threads, infer_bs: 1}
+stages: {pretrain: {enabled: false}}
+YAML
+t0=$(date +%s)
+if run prepare "$bin/aviary" prepare --config "$work/cnn.yaml" --threads "$threads"; then
+  record corpus PASS "$(grep -c . "$work/t24/train_metadata.csv") rows" - - - "synth + prepare in $(( $(date +%s) - t0 )) s"
+else
+  record corpus FAIL - - - - "aviary prepare failed"
+fi
+
+# 2. Training on the device with the NCCL backend (one rank: NCCL refuses two ranks on one GPU).
+say "2. training on $dev, backend $backend"
+train_cmd=("$bin/aviary-worker" train --config "$work/cnn.yaml" --stage finetune --fold 0 --device "$dev")
+if [ ${#mpirun_cmd[@]} -eq 0 ]; then
+  record train SKIP - - - - "no mpirun on this host: the NCCL backend needs an MPI world; one process instead"
+else
+  train_cmd=("${mpirun_cmd[@]}" "${train_cmd[@]}" --set "comm.backend=$backend")
+fi
+if run train_full "${train_cmd[@]}" --out "$work/run_full"; then
+  best=$("$python" -c "import csv,sys; print(max(float(r['val_roc_auc']) for r in csv.DictReader(open(sys.argv[1]))))" "$work/run_full/history.csv")
+  if [ ${#mpirun_cmd[@]} -gt 0 ] && ! grep -q "(${backend})" "$work/train_full.out"; then
+    record train FAIL "$best" - - - "the log does not show the $backend backend"
+  else
+    st=$(verdict "$best" 0.85)
+    record train "$st" "val ROC-AUC $best" - - ">= 0.85" "small_cnn, $epochs epochs, deterministic"
+  fi
+else
+  record train FAIL - - - - "aviary-worker train failed (see the log)"
+fi
+
+# 3. Exact resume: the same run killed in the middle of epoch 2 (fault injection) and resumed
+# ends with the same history and the same weights and optimizer state.
+say "3. exact resume"
+resume_cfg=(--set "train.epochs=$resume_epochs")
+run train_ref "${train_cmd[@]}" --out "$work/run_ref" "${resume_cfg[@]}" || record resume FAIL - - - - "reference run failed"
+spe=$(sed -n '2p' "$work/run_ref/history.csv" 2>/dev/null | cut -d, -f2)
+kill_step=$(( ${spe:-1} + ${spe:-1} / 2 ))
+AVIARY_FAULT_INJECT="rank=0,step=$kill_step,kind=throw" run train_killed "${train_cmd[@]}" --out "$work/run_resumed" "${resume_cfg[@]}"
+if grep -q "AVIARY_FAULT_INJECT" "$work/train_killed.out" && run train_resumed "${train_cmd[@]}" --out "$work/run_resumed" "${resume_cfg[@]}"; then
+  if run compare_ckpt "$python" "$here/compare_checkpoints.py" "$work/run_ref" "$work/run_resumed"; then
+    record resume PASS "identical" - - "identical" "killed at step $kill_step, resumed: history, weights, optimizer state"
+  else
+    record resume FAIL "$(tail -1 "$work/compare_ckpt.out")" - - "identical" "killed at step $kill_step"
+  fi
+else
+  record resume FAIL - - - "identical" "the interrupted or the resumed run failed"
+fi
+
+# 4. aviary predict on the device against the CPU (the device runs fp32 with TF32 convolutions).
+say "4. predict on $dev vs cpu"
+run soundscapes "$bin/aviary" synth-soundscapes --out "$work/sc" --species $species --count 2 --seconds 62.5 --seed 11
+if run predict_dev "$bin/aviary" predict --checkpoint "$work/run_full/best.pt" --audio "$work/sc/soundscapes" \
+     --out "$work/pred_dev.csv" --device "$dev" &&
+   run predict_cpu "$bin/aviary" predict --checkpoint "$work/run_full/best.pt" --audio "$work/sc/soundscapes" \
+     --out "$work/pred_cpu.csv" --device cpu --threads "$threads"; then
+  diff=$("$python" - "$work/pred_dev.csv" "$work/pred_cpu.csv" <<'PY'
+import csv, sys
+a = list(csv.reader(open(sys.argv[1]))); b = list(csv.reader(open(sys.argv[2])))
+assert a[0] == b[0] and [r[0] for r in a] == [r[0] for r in b], "different rows or columns"
+print(max(abs(float(x) - float(y)) for ra, rb in zip(a[1:], b[1:]) for x, y in zip(ra[1:], rb[1:])))
+PY
+)
+  if [ -n "$diff" ] && "$python" -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 2e-3 else 1)" "$diff"; then
+    record predict PASS "max |diff| $diff" - - "<= 2e-3" "probabilities, $dev vs cpu"
+  else
+    record predict FAIL "max |diff| ${diff:-?}" - - "<= 2e-3" "probabilities, $dev vs cpu"
+  fi
+else
+  record predict FAIL - - - - "aviary predict failed"
+fi
+
+# 5. The mel front end against torchaudio on the same device.
+say "5. mel front end"
+if run mel_aviary "$bin/frontend_bench" --device "$dev" $mel_batch 10 $mel_repeats 1 &&
+   run mel_ref "$python" "$repo/bench/frontend_reference.py" --device "$dev" $mel_batch 10 $mel_repeats 1; then
+  a=$(kv mel_aviary aviary_clips_per_s); r=$(kv mel_ref reference_clips_per_s)
+  record mel "$(verdict "$(ratio "$a" "$r")" 1.0)" "$a clips/s" "$r clips/s" "$(ratio "$a" "$r")" ">= 1.0x torchaudio" "batch $mel_batch x 10 s"
+else
+  record mel FAIL - - - - "a front-end benchmark failed"
+fi
+
+# 6. EfficientNet-B0, 3x128x384 (10 s), the model step (bf16 autocast + channels_last on CUDA)
+# against PyTorch eager and torch.compile in the same run.
+say "6. training step, synthetic input"
+step_args=(--device "$dev" --model efficientnet_b0 --batch $batch_b0 --seconds $clip_s --classes 182
+           --steps $steps --warmup $warmup --rounds $rounds --threads "$threads")
+run step_aviary "$bin/train_step_bench" "${step_args[@]}" --input mel || record step FAIL - - - - "train_step_bench failed"
+run step_eager "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel || record step FAIL - - - - "eager reference failed"
+a=$(kv step_aviary aviary_samples_per_s); e=$(kv step_eager reference_samples_per_s)
+if [ -n "$a" ] && [ -n "$e" ]; then
+  record step_vs_eager "$(verdict "$(ratio "$a" "$e")" 1.25)" "$a samples/s" "$e samples/s" "$(ratio "$a" "$e")" ">= 1.25x" "PyTorch eager, same GPU"
+fi
+if [ $compile -eq 1 ]; then
+  run step_compile "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel --compile \
+    --compile-backend $compile_backend --warmup $(( warmup + 2 )) || record step_vs_compile FAIL - - - - "torch.compile reference failed"
+  c=$(kv step_compile reference_samples_per_s)
+  [ -n "$a" ] && [ -n "$c" ] && record step_vs_compile "$(verdict "$(ratio "$a" "$c")" 1.0)" "$a samples/s" "$c samples/s" \
+    "$(ratio "$a" "$c")" ">= 1.0x" "torch.compile ($compile_backend), warm-up $(kv step_compile warmup_s) s"
+else
+  record step_vs_compile SKIP - - - - "--skip-compile"
+fi
+run wave_aviary "$bin/train_step_bench" "${step_args[@]}" --input wave || record step_wave FAIL - - - - "wave-input step failed"
+w=$(kv wave_aviary aviary_samples_per_s)
+[ -n "$w" ] && [ -n "$a" ] && record step_wave INFO "$w samples/s" "$a samples/s" "$(ratio "$w" "$a")" - \
+  "waveforms in host memory + augmentation + front end, vs the model step alone"
+
+# 7. The real data path (cache + loader + front end + the trainer) under the same group setup.
+say "7. the real data path"
+dp_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --fold 0 --device "$dev" --out "$work/run_b0")
+[ ${#mpirun_cmd[@]} -gt 0 ] && dp_cmd=("${mpirun_cmd[@]}" "${dp_cmd[@]}" --set "comm.backend=$backend")
+if run datapath "${dp_cmd[@]}"; then
+  d=$(tail -1 "$work/run_b0/history.csv" | awk -F, '{print $NF}')
+  record datapath "$(verdict "$(ratio "$d" "$a")" 0.9)" "$d samples/s" "$a samples/s" "$(ratio "$d" "$a")" ">= 0.9x" \
+    "aviary-worker train, last epoch, vs the synthetic-input step"
+  share=$(grep -o 'gradient all-reduce: .*' "$work/datapath.out" | tail -1 | sed -n 's/.*(\([0-9.]*\)%).*/\1/p')
+  if [ -n "$share" ]; then
+    st=$([ $dry -eq 1 ] && echo INFO || ("$python" -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 3 else 1)" "$share" && echo PASS || echo MISS))
+    record allreduce_share "$st" "$share %" - - "<= 3 %" "the last epoch's reducer time not hidden by backward, 1 rank"
+  else
+    record allreduce_share SKIP - - - - "no reducer (no mpirun)"
+  fi
+else
+  record datapath FAIL - - - - "aviary-worker train (EfficientNet-B0) failed"
+fi
+
+# 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).
+say "8. allreduce-bench"
+if [ ${#mpirun_cmd[@]} -gt 0 ] && run allreduce "${mpirun_cmd[@]}" "$bin/aviary-worker" allreduce-bench --device "$dev" \
+     --backend "$backend" --min-bytes 1048576 --max-bytes $([ $dry -eq 1 ] && echo 4194304 || echo 268435456); then
+  cp "$work/allreduce.out" "$out/allreduce.txt"
+  # The row nearest EfficientNet-B0's gradients (about 16 MB in float32), else the largest.
+  row=$(awk '$1 ~ /^[0-9]+$/ {last=$0; if ($1 >= 16777216 && !found) {pick=$0; found=1}} END {print (found ? pick : last)}' "$work/allreduce.out")
+  record allreduce INFO "$(echo "$row" | awk '{print $4 " us for " $1 " B, busbw " $6 " GB/s"}')" - - - "1 rank, $backend"
+else
+  record allreduce SKIP - - - - "no mpirun, or allreduce-bench failed"
+fi
+
+# 9. The 8-GPU projection: measured compute per step, and ring all-reduce time of the gradients
+# at an assumed NVLink bus bandwidth, without and with full overlap.
+say "9. 8-GPU projection"
+if [ -n "${d:-}" ]; then
+  "$python" - "$d" "${share:-0}" "$batch_b0" "${AVIARY_PROJECTION_BUSBW_GBPS:-350}" >"$work/projection.out" 2>&1 <<'PY'
+import sys
+import torchvision
+rate, share, batch, busbw = float(sys.argv[1]), float(sys.argv[2]) / 100, int(sys.argv[3]), float(sys.argv[4])
+params = sum(p.numel() for p in torchvision.models.efficientnet_b0(num_classes=182).parameters())
+step = batch / rate
+compute = step * (1 - share)
+n = 8
+comm = 2 * (n - 1) / n * params * 4 / (busbw * 1e9)
+no_overlap = n * batch / (compute + comm)
+full_overlap = n * batch / max(compute, comm)
+print(f"params={params} step_s={step:.4f} compute_s={compute:.4f} comm8_s={comm:.5f} "
+      f"samples_per_s_8gpu_no_overlap={no_overlap:.0f} samples_per_s_8gpu_full_overlap={full_overlap:.0f} "
+      f"scaling_no_overlap={no_overlap / rate / n:.3f}")
+PY
+  cat "$work/projection.out" >>"$log"
+  p=$(sed -n 's/.*samples_per_s_8gpu_no_overlap=\([0-9]*\).*/\1/p' "$work/projection.out")
+  f=$(sed -n 's/.*samples_per_s_8gpu_full_overlap=\([0-9]*\).*/\1/p' "$work/projection.out")
+  record projection_8gpu INFO "$p-$f samples/s" "$d x 8" - - "busbw ${AVIARY_PROJECTION_BUSBW_GBPS:-350} GB/s assumed; $(sed -n 's/.*\(comm8_s=[0-9.]*\).*/\1/p' "$work/projection.out")"
+else
+  record projection_8gpu SKIP - - - - "no data-path rate"
+fi
+
+say "done in $(( $(date +%s) - t_start )) s"
+echo
+column -t -s $'\t' "$results" | tee -a "$log"
+exit $failed

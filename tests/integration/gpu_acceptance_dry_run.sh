@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# bench/gpu/acceptance.sh in its CPU dry-run mode, through bench/gpu/pack.sh's pack as a GPU host
+# would run it: every step must run and every check must be reported (figures are not checked:
+# toy sizes on the CPU mean nothing). The GPU call then cannot fail on a typo.
+# usage: gpu_acceptance_dry_run.sh BUILD_DIR PYTHON
+set -uo pipefail
+build=$1
+python=$2
+source "$(dirname "$0")/lib.sh"
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+
+"$repo/bench/gpu/pack.sh" "$build" "$tmp/pack" > "$tmp/pack.log" 2>&1 || { cat "$tmp/pack.log"; fail "pack.sh"; }
+cat "$tmp/pack.log"
+if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$python" --out "$tmp/out" --work "$tmp/work" > "$tmp/run.log" 2>&1; then
+  ok
+else
+  cat "$tmp/out/acceptance.log" 2>/dev/null | tail -80; fail "acceptance.sh --dry-run failed"
+fi
+cat "$tmp/run.log" | tail -25
+for check in machine corpus train resume predict mel step_vs_eager step_vs_compile step_wave datapath allreduce_share allreduce projection_8gpu; do
+  grep -q "^$check	" "$tmp/out/results.tsv" || fail "results.tsv lacks the check '$check'"
+done
+grep -q "^resume	PASS" "$tmp/out/results.tsv" || fail "exact resume on the CPU did not pass"
+# Every check that ran measured something.
+awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {print "FAIL: " $1 " measured nothing: " $0; bad=1} END {exit bad}' \
+  "$tmp/out/results.tsv" || fail "a check measured nothing"
+[ -s "$tmp/out/acceptance.log" ] || fail "no acceptance.log"
+echo "gpu_acceptance_dry_run: $passes passed, $fails failed"
+[ $fails -eq 0 ]
