@@ -39,9 +39,11 @@ aviary_install_packages() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# Configures ${AVIARY_BUILD_DIR:-build} (extra arguments go to cmake).
+# Configures ${AVIARY_BUILD_DIR:-build} (extra arguments go to cmake). Release, like the CUDA
+# configuration: the two builds then compile the torch-free sources with the same flags, and
+# ccache (CCACHE_BASEDIR, no hash of the build folder: see CMakeLists.txt) compiles them once.
 aviary_configure() {
-  cmake -S . -B "${AVIARY_BUILD_DIR:-build}" -G Ninja -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-RelWithDebInfo} "$@"
+  cmake -S . -B "${AVIARY_BUILD_DIR:-build}" -G Ninja -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-Release} "$@"
 }
 
 # Builds the given targets (all when none) with every core.
@@ -50,4 +52,63 @@ aviary_build_targets() {
   local t
   for t in "$@"; do args+=(--target "$t"); done
   cmake --build "${AVIARY_BUILD_DIR:-build}" -j "$(nproc)" "${args[@]}"
+}
+
+# The CUDA configuration: PyTorch's CUDA libtorch from PyPI's torch wheel, the version the GPU
+# hosts run (PyTorch 2.11, CUDA 13.0), in a virtualenv outside the source tree that is reused
+# when present. gRPC, protobuf, prometheus-cpp, spdlog, sndfile, soxr, yaml-cpp, sqlite and
+# OpenMPI still come from Debian. The wheel's CUDA runtime libraries (cudart, cuBLAS, cuDNN,
+# NCCL, cuFFT, ...) come from the CUDA 13 toolkit under /usr/local/cuda rather than PyPI's
+# nvidia-* wheels (about 3 GB); only the three the toolkit lacks (cuSPARSELt, NVSHMEM, cuFile)
+# are installed from PyPI, at the versions torch 2.11.0 pins. torchvision and torchaudio are the
+# references of the benchmarks against PyTorch on the same libtorch.
+AVIARY_CUDA_PACKAGES=(python3-venv python3-dev)  # the venv; torch.compile's C++ needs Python.h
+AVIARY_TORCH_VERSION=2.11.0
+AVIARY_TORCH_PIP_PACKAGES=(
+  "torch==${AVIARY_TORCH_VERSION}" torchvision==0.26.0 torchaudio==2.11.0
+  nvidia-cusparselt-cu13==0.8.0 nvidia-nvshmem-cu13==3.4.5 nvidia-cufile==1.15.1.6
+  filelock==4.3.1 fsspec==2026.9.0 Jinja2==3.1.6 MarkupSafe==3.0.4 mpmath==1.4.1
+  networkx==3.6.1 numpy==2.4.6 pillow==13.0.0 sympy==1.14.0 typing_extensions==4.16.0
+)
+AVIARY_TORCH_VENV=${AVIARY_TORCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/aviary/torch-${AVIARY_TORCH_VERSION}-cu130}
+
+# Creates (once) the virtualenv with the CUDA torch wheel; prints nothing. The venv's python is
+# ${AVIARY_TORCH_VENV}/bin/python.
+aviary_torch_venv() {
+  local stamp="${AVIARY_TORCH_VENV}/.aviary-complete"
+  if [ -f "$stamp" ] && cmp -s "$stamp" <(printf '%s\n' "${AVIARY_TORCH_PIP_PACKAGES[@]}"); then
+    return 0
+  fi
+  aviary_install_packages python3-venv
+  echo "aviary: installing PyTorch ${AVIARY_TORCH_VERSION} (CUDA 13.0 wheel) into ${AVIARY_TORCH_VENV}"
+  rm -rf "${AVIARY_TORCH_VENV}"
+  /usr/bin/python3 -m venv "${AVIARY_TORCH_VENV}"
+  # --no-deps: the pins above are the whole set (not the nvidia-* wheels the toolkit provides).
+  "${AVIARY_TORCH_VENV}/bin/pip" install -q --no-deps --no-compile --disable-pip-version-check \
+    "${AVIARY_TORCH_PIP_PACKAGES[@]}"
+  printf '%s\n' "${AVIARY_TORCH_PIP_PACKAGES[@]}" >"$stamp"
+}
+
+# torch's package folder in the venv (what CMAKE_PREFIX_PATH needs: TorchConfig.cmake under
+# share/cmake and the libraries under lib, ahead of Debian's libtorch). Not
+# torch.utils.cmake_prefix_path (share/cmake alone): with it, TorchConfig's find_library takes
+# /usr/lib's libtorch 1.13 when libtorch-dev is installed, as it is here.
+aviary_torch_dir() {
+  local d
+  for d in "${AVIARY_TORCH_VENV}"/lib/python3*/site-packages/torch; do
+    [ -f "$d/share/cmake/Torch/TorchConfig.cmake" ] && { echo "$d"; return 0; }
+  done
+  echo "aviary: no torch package in ${AVIARY_TORCH_VENV}" >&2
+  return 1
+}
+
+# Configures the CUDA configuration in ${AVIARY_CUDA_BUILD_DIR:-build-cuda} against the venv's
+# torch (Release: what GPU hosts run; the reference python of the benchmarks and of the GPU
+# acceptance dry run is the venv's). Extra arguments go to cmake.
+aviary_configure_cuda() {
+  local torch_dir
+  torch_dir=$(aviary_torch_dir) || return 1
+  cmake -S . -B "${AVIARY_CUDA_BUILD_DIR:-build-cuda}" -G Ninja -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-Release} \
+    -DCMAKE_PREFIX_PATH="$torch_dir" -DAVIARY_WITH_CUDA=ON \
+    -DAVIARY_REFERENCE_PYTHON="${AVIARY_TORCH_VENV}/bin/python" "$@"
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The CUDA configuration's build and tests, on a machine with or without a GPU: PyPI's torch
+# wheel (CUDA libtorch, the version the GPU hosts run) in a virtualenv outside the tree
+# (scripts/lib/deps.sh: AVIARY_TORCH_VENV, reused when present), everything else from Debian.
+# Builds into build-cuda/ (Release) and runs the unit tests and the training, distributed,
+# service and interop tests against it on the CPU, plus the GPU acceptance script's dry run.
+# `.ci/run` calls it after scripts/test.sh, whose build/ (Debian's libtorch 1.13) the
+# checkpoint interop test resumes against.
+#   scripts/test-cuda.sh            that selection
+#   scripts/test-cuda.sh -L unit    ctest arguments instead of the default selection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/deps.sh
+aviary_install_packages "${AVIARY_BUILD_PACKAGES[@]}" "${AVIARY_TEST_PACKAGES[@]}" "${AVIARY_CUDA_PACKAGES[@]}"
+aviary_torch_venv
+interop=()
+if [ -x "${AVIARY_BUILD_DIR:-build}/bin/aviary-worker" ]; then
+  interop=(-DAVIARY_INTEROP_BIN_DIR="$(cd "${AVIARY_BUILD_DIR:-build}/bin" && pwd)")
+fi
+aviary_configure_cuda -DAVIARY_BUILD_TESTS=ON "${interop[@]}"
+AVIARY_BUILD_DIR=${AVIARY_CUDA_BUILD_DIR:-build-cuda} aviary_build_targets
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+if [ $# -eq 0 ]; then
+  # Everything but the parity tests, which compare the same code with Debian's references and
+  # ran in scripts/test.sh (the CUDA configuration's own parity is the interop test).
+  set -- -LE parity
+fi
+ctest --test-dir "${AVIARY_CUDA_BUILD_DIR:-build-cuda}" --output-on-failure -j 2 "$@"
