@@ -17,9 +17,9 @@
 #include <string>
 #include <vector>
 
-#include "worker/audio.h"
-#include "worker/audio_cache.h"
-#include "worker/clip_loader.h"
+#include "worker/data/audio.h"
+#include "worker/data/audio_cache.h"
+#include "worker/data/clip_loader.h"
 
 namespace {
 

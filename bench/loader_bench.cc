@@ -15,7 +15,7 @@
 #include "common/catalog.h"
 #include "common/config.h"
 #include "worker/augment.h"
-#include "worker/clip_loader.h"
+#include "worker/data/clip_loader.h"
 #include "worker/frontend.h"
 #include "worker/loader.h"
 #include "worker/loss.h"

@@ -109,4 +109,11 @@ std::vector<std::string> Flags::GetRepeated(const std::string& name) const {
   return it == repeated_.end() ? std::vector<std::string>{} : it->second;
 }
 
+bool HelpRequested(const std::vector<std::string>& args) {
+  for (const std::string& arg : args) {
+    if (arg == "-h" || arg == "--help") return true;
+  }
+  return false;
+}
+
 }  // namespace aviary::common

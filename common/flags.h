@@ -46,6 +46,10 @@ class Flags {
   std::vector<std::string> positional_;
 };
 
+// True when `args` hold -h or --help: the programs print the command's usage and exit 0 instead
+// of parsing them.
+bool HelpRequested(const std::vector<std::string>& args);
+
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_FLAGS_H_

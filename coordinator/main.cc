@@ -12,6 +12,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
 #include "common/logging.h"
+#include "common/status.h"
+#include "common/version.h"
+#include "coordinator/init.h"
 #include "coordinator/coordinator_config.h"
 #include "coordinator/service.h"
 
@@ -22,8 +25,31 @@ constexpr char kUsage[] =
     "         [--listen HOST:PORT] [--port-file F] [--metrics-listen HOST:PORT]\n"
     "         [--metrics-port-file F] [--database F] [--work-dir D] [--token-file F]\n"
     "         [--heartbeat-timeout-s S] [--max-restarts N] [--log-level L]\n"
+    "       aviary-coordinator init DIR\n"
+    "       aviary-coordinator --version\n"
     "Serves JobService and WorkerService over gRPC and /metrics for Prometheus.\n"
-    "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly.\n";
+    "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly.\n"
+    "init DIR: a state folder for a first run: DIR/token (a new random bearer token, mode\n"
+    "600), DIR/coordinator.yaml (database, work_dir and token_file in DIR) and DIR/runs/;\n"
+    "then: aviary-coordinator --config DIR/coordinator.yaml. Never overwrites.\n";
+
+// `aviary-coordinator init DIR`.
+int RunInit(const std::vector<std::string>& args) {
+  if (args.size() != 1 || args[0].empty() || args[0][0] == '-') {
+    std::cerr << "aviary-coordinator init: expected one folder (aviary-coordinator init DIR)\n";
+    return 2;
+  }
+  auto result = aviary::coordinator::InitStateDir(args[0]);
+  if (!result.ok()) {
+    std::cerr << "aviary-coordinator " << result.status().message() << "\n";
+    return aviary::common::ExitCodeFor(result.status());
+  }
+  std::cout << "wrote " << result->token_path << " (a new bearer token, mode 600)\n"
+            << "wrote " << result->config_path << " (database, work_dir and token_file in that folder)\n"
+            << "start:   aviary-coordinator --config " << result->config_path << "\n"
+            << "clients: export AVIARY_TOKEN_FILE=" << result->token_path << "\n";
+  return 0;
+}
 
 int Fail(const std::string& what, const absl::Status& status, int code) {
   std::cerr << "aviary-coordinator: " << what << ": " << status.message() << "\n";
@@ -35,6 +61,14 @@ int Fail(const std::string& what, const absl::Status& status, int code) {
 int main(int argc, char** argv) {
   using aviary::coordinator::ConfigOverride;
   std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && args[0] == "--version") {
+    std::cout << "aviary-coordinator " << aviary::common::Version() << " (git " << aviary::common::GitCommit()
+              << "); no libtorch\n";
+    return 0;
+  }
+  if (!args.empty() && args[0] == "init" && !aviary::common::HelpRequested(args)) {
+    return RunInit(std::vector<std::string>(args.begin() + 1, args.end()));
+  }
   for (const std::string& arg : args) {
     if (arg == "-h" || arg == "--help") {
       std::cout << kUsage;

@@ -362,7 +362,15 @@ absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfi
   CoordinatorSecrets secrets;
   if (!config.token_file.empty()) {
     auto token = ReadTokenFile(config.token_file);
-    if (!token.ok()) return common::Annotate(token.status(), "key 'token_file'");
+    if (!token.ok()) {
+      absl::Status st = common::Annotate(token.status(), "key 'token_file'");
+      if (st.code() == absl::StatusCode::kNotFound) {
+        // The first run: say how to get a token rather than how to weaken auth.
+        st = absl::Status(st.code(), absl::StrCat(st.message(), " (for a first run, `aviary-coordinator init DIR` "
+                                                               "writes a token, mode 600, and a config that uses it)"));
+      }
+      return st;
+    }
     secrets.token = std::move(*token);
   } else if (!config.allow_no_auth) {
     return absl::InvalidArgumentError(

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include <torch/version.h>
 #include <ATen/Parallel.h>
 #include <ATen/Context.h>
 
@@ -28,36 +29,84 @@
 #include "common/flags.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "common/version.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
 #include "worker/agent.h"
+#include "worker/tools/tools.h"
 #include "worker/trainer.h"
 
 namespace {
 
-constexpr char kUsage[] =
+struct CommandUsage {
+  const char* name;
+  const char* text;
+};
+
+// The usage text, written once: `aviary-worker --help` prints every entry, `aviary-worker CMD
+// --help` one. mel and predict are the client's commands (their usage: client/usage.cc).
+constexpr CommandUsage kCommands[] = {
+    {"train",
+     "  train --config P.yaml --stage S --fold K --out RUN [--init CKPT] [--no-resume]\n"
+     "        [--device auto|cpu|cuda] [--threads N] [--log-level debug|info|warning|error]\n"
+     "        [--set key=value ...]\n"
+     "        one stage of one fold on this machine; RUN gets history.csv, best.pt, last.pt,\n"
+     "        config.yaml and history.png; a RUN holding last.pt is resumed\n"
+     "        under `mpirun -np N`, every rank is a replica (data parallel, comm.* settings)\n"},
+    {"allreduce-bench",
+     "  allreduce-bench [--min-bytes 1024] [--max-bytes 1073741824] [--dtype float32|bf16]\n"
+     "        [--device cpu|cuda] [--backend auto|mpi|nccl] [--timeout-s 600]\n"
+     "        all-reduce time, algbw and busbw (nccl-tests definitions) per size, under mpirun\n"},
+    {"serve",
+     "  serve --coordinator HOST:PORT [--token-file F] [--tls-ca F] [--metrics-listen ADDR]\n"
+     "        [--metrics-port-file F] [--device auto|cpu|cuda] [--threads N] [--max-tasks N]\n"
+     "        [--connect-timeout-s S] [--log-level debug|info|warning|error]\n"
+     "        a worker group (under `mpirun -np N`, or one process): leases tasks from the\n"
+     "        coordinator and trains them; the token comes from --token-file, else the file in\n"
+     "        AVIARY_TOKEN_FILE, else AVIARY_TOKEN; TLS with --tls-ca (or AVIARY_TLS_CA);\n"
+     "        /metrics on --metrics-listen (default 0.0.0.0:9471; port 0 picks one; \"\" disables);\n"
+     "        --max-tasks N exits 0 after N tasks (0: forever); --connect-timeout-s S exits 1 when\n"
+     "        the coordinator cannot be reached for S s (0: retry forever); SIGTERM/SIGINT stop\n"
+     "        the task at the next step (reported to the coordinator as preempted: the task is\n"
+     "        leased again and resumes from its last checkpoint) and exit 0\n"},
+    {"mel", "  mel ...  the implementation of `aviary mel` (usage: aviary mel --help)\n"},
+    {"predict", "  predict ...  the implementation of `aviary predict` (usage: aviary predict --help)\n"},
+};
+
+constexpr char kUsageHead[] =
     "usage: aviary-worker <command> [args]\n"
+    "       aviary-worker <command> --help | aviary-worker --version\n"
     "\n"
-    "commands:\n"
-    "  train --config P.yaml --stage S --fold K --out RUN [--init CKPT] [--no-resume]\n"
-    "        [--device auto|cpu|cuda] [--threads N] [--log-level debug|info|warning|error]\n"
-    "        [--set key=value ...]\n"
-    "        one stage of one fold on this machine; RUN gets history.csv, best.pt, last.pt,\n"
-    "        config.yaml and history.png; a RUN holding last.pt is resumed\n"
-    "        under `mpirun -np N`, every rank is a replica (data parallel, comm.* settings)\n"
-    "  allreduce-bench [--min-bytes 1024] [--max-bytes 1073741824] [--dtype float32|bf16]\n"
-    "        [--device cpu|cuda] [--backend auto|mpi|nccl] [--timeout-s 600]\n"
-    "        all-reduce time, algbw and busbw (nccl-tests definitions) per size, under mpirun\n"
-    "  serve --coordinator HOST:PORT [--token-file F] [--tls-ca F] [--metrics-listen ADDR]\n"
-    "        [--metrics-port-file F] [--device auto|cpu|cuda] [--threads N] [--max-tasks N]\n"
-    "        [--connect-timeout-s S] [--log-level debug|info|warning|error]\n"
-    "        a worker group (under `mpirun -np N`, or one process): leases tasks from the\n"
-    "        coordinator and trains them; the token comes from --token-file, else the file in\n"
-    "        AVIARY_TOKEN_FILE, else AVIARY_TOKEN; TLS with --tls-ca (or AVIARY_TLS_CA);\n"
-    "        /metrics on --metrics-listen (default 0.0.0.0:9471; port 0 picks one; \"\" disables);\n"
-    "        --max-tasks N exits 0 after N tasks (0: forever); --connect-timeout-s S exits 1 when\n"
-    "        the coordinator cannot be reached for S s (0: retry forever); SIGTERM/SIGINT stop\n"
-    "        the task at the next step (reported as retryable) and exit 0\n";
+    "commands:\n";
+
+std::string Usage() {
+  std::string out = kUsageHead;
+  for (const CommandUsage& c : kCommands) out += c.text;
+  return out;
+}
+
+const CommandUsage* FindCommand(const std::string& name) {
+  for (const CommandUsage& c : kCommands) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+int PrintVersion() {
+  std::cout << "aviary-worker " << aviary::common::Version() << " (git " << aviary::common::GitCommit() << ")\n"
+            << "libtorch " << TORCH_VERSION << ", CUDA " << (at::hasCUDA() ? "available" : "not available")
+#ifdef AVIARY_WITH_CUDA_TORCH
+            << " (built with CUDA; " << at::getNumGPUs() << " GPU(s) visible)"
+#else
+            << " (this libtorch has no CUDA)"
+#endif
+#ifdef AVIARY_WITH_NCCL_BACKEND
+            << ", NCCL backend built\n";
+#else
+            << ", NCCL backend not built (comm.backend: mpi)\n";
+#endif
+  return 0;
+}
 
 // The MPI session of this process when it runs as a rank of a multi-process world.
 aviary::worker::comm::MpiSession* g_session = nullptr;
@@ -298,10 +347,20 @@ int RunAllreduceBench(const std::vector<std::string>& args) {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
-    std::cout << kUsage;
+    std::cout << Usage();
     return args.empty() ? 2 : 0;
   }
+  if (args[0] == "--version") return PrintVersion();
   std::vector<std::string> rest(args.begin() + 1, args.end());
+  const CommandUsage* usage = FindCommand(args[0]);
+  if (usage == nullptr) {
+    std::cerr << "aviary-worker: unknown command '" << args[0] << "'\n\n" << Usage();
+    return 2;
+  }
+  if (aviary::common::HelpRequested(rest)) {
+    std::cout << "usage: aviary-worker " << args[0] << " ...\n\n" << usage->text;
+    return 0;
+  }
   std::unique_ptr<aviary::worker::comm::MpiSession> session;
   // serve always has a session (one process without mpirun is a world of one).
   if (((args[0] == "train" || args[0] == "allreduce-bench") && aviary::worker::comm::LaunchedUnderMpi()) ||
@@ -316,6 +375,8 @@ int main(int argc, char** argv) {
     if (args[0] == "train") rc = RunTrain(rest);
     else if (args[0] == "allreduce-bench") rc = RunAllreduceBench(rest);
     else if (args[0] == "serve") rc = RunServe(rest);
+    else if (args[0] == "mel") rc = aviary::cli::RunMel(rest);
+    else if (args[0] == "predict") rc = aviary::cli::RunPredict(rest);
     else rc = -1;
   } catch (const std::exception& e) {
     rc = Fail(args[0], absl::InternalError(absl::StrCat("uncaught exception: ", e.what())));
@@ -324,6 +385,6 @@ int main(int argc, char** argv) {
     g_session = nullptr;
     return rc;  // `session` finalizes MPI (when it initialized it)
   }
-  std::cerr << "aviary-worker: unknown command '" << args[0] << "'\n\n" << kUsage;
-  return 2;
+  std::cerr << "aviary-worker: command '" << args[0] << "' has no handler\n";
+  return 1;
 }

@@ -24,7 +24,7 @@
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/status.h"
-#include "worker/audio.h"
+#include "worker/data/audio.h"
 #include "worker/checkpoint.h"
 #include "worker/frontend.h"
 #include "worker/models.h"

@@ -26,7 +26,7 @@
 #include "common/status.h"
 #include "worker/augment.h"
 #include "worker/checkpoint.h"
-#include "worker/clip_loader.h"
+#include "worker/data/clip_loader.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/reducer.h"
 #include "worker/frontend.h"

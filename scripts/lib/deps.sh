@@ -5,6 +5,7 @@ AVIARY_BUILD_PACKAGES=(
   cmake ninja-build g++ pkg-config ccache zlib1g-dev
   libtorch-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libc-ares-dev libre2-dev libssl-dev  # their static archives: the aviary client
   prometheus-cpp-dev libspdlog-dev libyaml-cpp-dev libsqlite3-dev
   libopenmpi-dev openmpi-bin
   libsndfile1-dev libsoxr-dev

@@ -44,5 +44,27 @@ if [ -e "$tmp/o.csv" ]; then echo "FAIL: a refused command wrote $tmp/o.csv"; fa
 if ! "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" >/dev/null 2>&1; then
   echo "FAIL: the good command failed"; fails=$((fails + 1))
 fi
+# A disabled stage's sources are not read: pretraining sources that do not exist are fine.
+out=$("$aviary" dataset summary --config "$tmp/p.yaml" --set 'data.pretrain_sources=[{layout: "2021", root: '"$tmp/nowhere"'}]' 2>&1)
+if [ $? -ne 0 ] || ! grep -q "pretrain: disabled" <<<"$out"; then
+  echo "FAIL: dataset summary read the disabled pretraining stage's sources: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+# synth --no-broken says none are broken (no empty "(0 broken:)").
+out=$("$aviary" synth --out "$tmp/nb" --layout 2024 --species 3 --recordings 6 --seed 1 --max-seconds 2 --no-broken 2>&1)
+if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then
+  echo "FAIL: synth --no-broken printed: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+# The torch commands run the aviary-worker next to aviary; without it the error says so.
+mkdir -p "$tmp/alone" && cp "$aviary" "$tmp/alone/aviary"
+out=$("$tmp/alone/aviary" mel --config x 2>&1)
+if [ $? -ne 1 ] || ! grep -qF "needs the aviary-worker program (libtorch) next to aviary: $tmp/alone/aviary-worker" <<<"$out"; then
+  echo "FAIL: aviary mel without aviary-worker: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
 echo "cli_errors: $passes passed, $fails failed"
 [ $fails -eq 0 ]

@@ -1,4 +1,4 @@
-#include "worker/audio_cache.h"
+#include "worker/data/audio_cache.h"
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -15,7 +15,7 @@
 #include "common/csv.h"
 #include "gtest/gtest.h"
 #include "tests/worker/audio_test_util.h"
-#include "worker/audio.h"
+#include "worker/data/audio.h"
 
 namespace aviary::worker {
 namespace {

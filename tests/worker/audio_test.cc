@@ -1,4 +1,4 @@
-#include "worker/audio.h"
+#include "worker/data/audio.h"
 
 #include <sndfile.h>
 

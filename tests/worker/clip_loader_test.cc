@@ -1,4 +1,4 @@
-#include "worker/clip_loader.h"
+#include "worker/data/clip_loader.h"
 
 #include <algorithm>
 #include <cmath>
@@ -8,7 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/worker/audio_test_util.h"
-#include "worker/audio_cache.h"
+#include "worker/data/audio_cache.h"
 
 namespace aviary::worker {
 namespace {

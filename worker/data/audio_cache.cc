@@ -1,4 +1,4 @@
-#include "worker/audio_cache.h"
+#include "worker/data/audio_cache.h"
 
 #include <fcntl.h>
 #include <sys/file.h>

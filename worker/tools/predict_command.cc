@@ -25,7 +25,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/flags.h"
-#include "coordinator/cli/commands.h"
+#include "worker/tools/tools.h"
 #include "worker/predict.h"
 
 namespace aviary::cli {

@@ -3,8 +3,8 @@
 // and `history`, the history CSV, and the client's exit-code mapping. No I/O, no gRPC calls;
 // every function is a pure function of its arguments and thread-safe (EtaTracker is not
 // thread-safe: one per watcher).
-#ifndef AVIARY_COORDINATOR_CLI_CLIENT_FORMAT_H_
-#define AVIARY_COORDINATOR_CLI_CLIENT_FORMAT_H_
+#ifndef AVIARY_CLIENT_FORMAT_H_
+#define AVIARY_CLIENT_FORMAT_H_
 
 #include <cmath>
 #include <cstdint>
@@ -107,4 +107,4 @@ std::string FormatColumns(const std::vector<std::vector<std::string>>& rows);
 
 }  // namespace aviary::cli
 
-#endif  // AVIARY_COORDINATOR_CLI_CLIENT_FORMAT_H_
+#endif  // AVIARY_CLIENT_FORMAT_H_

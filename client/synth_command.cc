@@ -6,7 +6,7 @@
 #include "common/flags.h"
 #include "common/layouts.h"
 #include "common/synth.h"
-#include "coordinator/cli/commands.h"
+#include "client/commands.h"
 
 namespace aviary::cli {
 
@@ -50,12 +50,17 @@ int RunSynth(const std::vector<std::string>& args) {
   std::map<std::string, int> kinds;
   for (const auto& f : report->files) ++kinds[common::SynthFileKindName(f.kind)];
   std::cout << "wrote " << report->metadata_path << ": " << report->rows << " rows, "
-            << report->classes.size() << " classes, " << report->audio_files << " audio files ("
-            << report->broken_files << " broken:";
-  for (const auto& [kind, n] : kinds) {
-    if (kind != "good") std::cout << " " << n << " " << kind;
+            << report->classes.size() << " classes, " << report->audio_files << " audio files";
+  if (report->broken_files > 0) {
+    std::cout << " (" << report->broken_files << " broken:";
+    for (const auto& [kind, n] : kinds) {
+      if (kind != "good") std::cout << " " << n << " " << kind;
+    }
+    std::cout << ")";
+  } else {
+    std::cout << " (none broken)";
   }
-  std::cout << "), " << report->duplicate_rows << " duplicate rows, " << report->shared_rows
+  std::cout << ", " << report->duplicate_rows << " duplicate rows, " << report->shared_rows
             << " rows with cross-layout xc_ids\n";
   return 0;
 }

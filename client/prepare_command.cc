@@ -1,7 +1,7 @@
 // aviary prepare --config P.yaml [--stage S] [--threads N] [--shard-mb M] [--set k=v ...]
 //
 // Decodes every audio file of the stage(s) once into the decoded-audio cache at data.cache_dir
-// (worker/audio_cache.h): resampled to data.sample_rate, mono per data.channels. Resumable:
+// (worker/data/audio_cache.h): resampled to data.sample_rate, mono per data.channels. Resumable:
 // files already cached are skipped. data.cache_dir must be set (training reads the cache from
 // there; with it empty, training decodes on the fly).
 #include <unistd.h>
@@ -21,9 +21,9 @@
 #include "common/config.h"
 #include "common/flags.h"
 #include "common/status.h"
-#include "coordinator/cli/commands.h"
-#include "worker/audio.h"
-#include "worker/audio_cache.h"
+#include "client/commands.h"
+#include "worker/data/audio.h"
+#include "worker/data/audio_cache.h"
 
 namespace aviary::cli {
 namespace {

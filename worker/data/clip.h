@@ -12,8 +12,8 @@
 // C++ standard) and the draws go through UniformInt below, not through std distributions,
 // whose algorithms differ between standard libraries. A given seed gives the same clips on
 // every platform. Pure functions; thread-safe as long as each thread has its own engine.
-#ifndef AVIARY_WORKER_CLIP_H_
-#define AVIARY_WORKER_CLIP_H_
+#ifndef AVIARY_WORKER_DATA_CLIP_H_
+#define AVIARY_WORKER_DATA_CLIP_H_
 
 #include <cstdint>
 #include <random>
@@ -49,4 +49,4 @@ std::vector<float> CropOrPad(const std::vector<float>& audio, int64_t clip_sampl
 
 }  // namespace aviary::worker
 
-#endif  // AVIARY_WORKER_CLIP_H_
+#endif  // AVIARY_WORKER_DATA_CLIP_H_

@@ -37,8 +37,8 @@
 #include "common/flags.h"
 #include "common/plot.h"
 #include "common/status.h"
-#include "coordinator/cli/client_format.h"
-#include "coordinator/cli/commands.h"
+#include "client/format.h"
+#include "client/commands.h"
 #include "proto/aviary.grpc.pb.h"
 #include "proto/aviary.pb.h"
 

@@ -20,8 +20,8 @@
 #include "common/flags.h"
 #include "common/npy.h"
 #include "common/status.h"
-#include "coordinator/cli/commands.h"
-#include "worker/audio.h"
+#include "worker/tools/tools.h"
+#include "worker/data/audio.h"
 #include "worker/frontend.h"
 
 namespace aviary::cli {

@@ -11,8 +11,8 @@
 // target rate T (exactly F when T == R).
 //
 // Torch-free. Thread-safe: every call opens its own file handle and resampler; no shared state.
-#ifndef AVIARY_WORKER_AUDIO_H_
-#define AVIARY_WORKER_AUDIO_H_
+#ifndef AVIARY_WORKER_DATA_AUDIO_H_
+#define AVIARY_WORKER_DATA_AUDIO_H_
 
 #include <cstdint>
 #include <string>
@@ -118,4 +118,4 @@ int64_t ResampledLength(int64_t source_frames, int from_hz, int to_hz);
 
 }  // namespace aviary::worker
 
-#endif  // AVIARY_WORKER_AUDIO_H_
+#endif  // AVIARY_WORKER_DATA_AUDIO_H_

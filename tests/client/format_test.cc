@@ -1,4 +1,4 @@
-#include "coordinator/cli/client_format.h"
+#include "client/format.h"
 
 #include <cmath>
 #include <string>

@@ -1,6 +1,6 @@
 // The one call the training data loader makes per sample: a clip of exactly
 // round(duration_s * sample_rate) float samples, cropped/padded by the recipe's rules
-// (worker/clip.h), read from the decoded-audio cache when it holds the file and decoded on the
+// (worker/data/clip.h), read from the decoded-audio cache when it holds the file and decoded on the
 // fly (seeking to the window) when it does not.
 //
 // Problems. A file the cache recorded with a problem, or one whose on-the-fly probe/decode
@@ -11,8 +11,8 @@
 // `aviary prepare` decodes the whole file).
 //
 // Thread-safe: LoadClip keeps no state; `cache` is read-only and may be shared.
-#ifndef AVIARY_WORKER_CLIP_LOADER_H_
-#define AVIARY_WORKER_CLIP_LOADER_H_
+#ifndef AVIARY_WORKER_DATA_CLIP_LOADER_H_
+#define AVIARY_WORKER_DATA_CLIP_LOADER_H_
 
 #include <cstdint>
 #include <string>
@@ -20,9 +20,9 @@
 
 #include "absl/status/statusor.h"
 #include "common/config.h"
-#include "worker/audio.h"
-#include "worker/audio_cache.h"
-#include "worker/clip.h"
+#include "worker/data/audio.h"
+#include "worker/data/audio_cache.h"
+#include "worker/data/clip.h"
 
 namespace aviary::worker {
 
@@ -62,4 +62,4 @@ absl::StatusOr<std::unique_ptr<AudioCache>> OpenConfiguredCache(const common::Da
 
 }  // namespace aviary::worker
 
-#endif  // AVIARY_WORKER_CLIP_LOADER_H_
+#endif  // AVIARY_WORKER_DATA_CLIP_LOADER_H_

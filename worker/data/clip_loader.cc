@@ -1,4 +1,4 @@
-#include "worker/clip_loader.h"
+#include "worker/data/clip_loader.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "worker/clip.h"
+#include "worker/data/clip.h"
 
 #include <algorithm>
 #include <cstring>

@@ -19,7 +19,7 @@
 #include "common/flags.h"
 #include "common/metrics.h"
 #include "common/status.h"
-#include "coordinator/cli/commands.h"
+#include "client/commands.h"
 
 namespace aviary::cli {
 namespace {

@@ -25,8 +25,8 @@
 //
 // Samples are stored as round(x * 32768) clamped to [-32768, 32767] and read back as q / 32768:
 // within 1/65536 of the decode for |x| < 1, and clipped at +-1.
-#ifndef AVIARY_WORKER_AUDIO_CACHE_H_
-#define AVIARY_WORKER_AUDIO_CACHE_H_
+#ifndef AVIARY_WORKER_DATA_AUDIO_CACHE_H_
+#define AVIARY_WORKER_DATA_AUDIO_CACHE_H_
 
 #include <cstdint>
 #include <functional>
@@ -40,7 +40,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "worker/audio.h"
+#include "worker/data/audio.h"
 
 namespace aviary::worker {
 
@@ -168,4 +168,4 @@ absl::Status WritePrepareReportCsv(const PrepareReport& report, const std::strin
 
 }  // namespace aviary::worker
 
-#endif  // AVIARY_WORKER_AUDIO_CACHE_H_
+#endif  // AVIARY_WORKER_DATA_AUDIO_CACHE_H_

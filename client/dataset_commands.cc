@@ -10,7 +10,7 @@
 #include "common/flags.h"
 #include "common/plot.h"
 #include "common/status.h"
-#include "coordinator/cli/commands.h"
+#include "client/commands.h"
 
 namespace aviary::cli {
 namespace {
@@ -188,6 +188,11 @@ int RunSummary(const std::vector<std::string>& args) {
   if (!config.ok()) return Fail("summary", config.status());
   std::vector<StageTable> tables;
   for (const std::string& stage : {std::string("finetune"), std::string("pretrain")}) {
+    // A disabled stage's sources are not read (they may not exist on this machine).
+    if (!config->stages.at(stage).enabled) {
+      std::cout << stage << ": disabled (stages." << stage << ".enabled: false); its sources are not read\n";
+      continue;
+    }
     if (stage == "pretrain" && config->data.pretrain_sources.empty()) continue;
     auto table = common::BuildStageTable(*config, stage);
     if (!table.ok()) return Fail("summary", table.status());

@@ -1,0 +1,106 @@
+#include "coordinator/init.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+absl::Status ErrnoError(const std::string& what, const std::string& path, int err) {
+  const std::string message = absl::StrCat(what, " '", path, "': ", std::strerror(err));
+  if (err == EEXIST) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(message, " (init never overwrites: remove it, or start the coordinator with it)"));
+  }
+  return absl::PermissionDeniedError(message);
+}
+
+// Writes `text` to a new file `path` with `mode`; fails if it exists.
+absl::Status WriteNewFile(const std::string& path, const std::string& text, mode_t mode) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) return ErrnoError("cannot create", path, errno);
+  // The umask may have narrowed the mode, never widened it; set it exactly.
+  if (::fchmod(fd, mode) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return ErrnoError("cannot chmod", path, err);
+  }
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = errno;
+      ::close(fd);
+      return ErrnoError("cannot write", path, err);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) return ErrnoError("cannot write", path, errno);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> RandomToken() {
+  std::ifstream in("/dev/urandom", std::ios::binary);
+  unsigned char bytes[32];
+  if (!in.read(reinterpret_cast<char*>(bytes), sizeof(bytes))) {
+    return absl::InternalError("cannot read 32 bytes from /dev/urandom for the token");
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (unsigned char b : bytes) {
+    token += kHex[b >> 4];
+    token += kHex[b & 15];
+  }
+  return token;
+}
+
+constexpr char kConfig[] =
+    "# aviary-coordinator configuration written by `aviary-coordinator init` (every key and its\n"
+    "# default: docs/SERVICE.md, \"Coordinator configuration\", and configs/coordinator.yaml).\n"
+    "# Relative paths resolve against this file's folder.\n"
+    "listen: \"0.0.0.0:7070\"\n"
+    "metrics_listen: \"0.0.0.0:9470\"\n"
+    "database: \"aviary.db\"\n"
+    "work_dir: \"runs\"\n"
+    "# The bearer token clients and worker groups send (--token-file, AVIARY_TOKEN_FILE).\n"
+    "token_file: \"token\"\n";
+
+}  // namespace
+
+absl::StatusOr<InitResult> InitStateDir(const std::string& dir) {
+  if (dir.empty()) return absl::InvalidArgumentError("init: expected a folder (aviary-coordinator init DIR)");
+  std::error_code ec;
+  const fs::path root = fs::absolute(dir, ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat("init: '", dir, "': ", ec.message()));
+  InitResult result;
+  result.config_path = (root / "coordinator.yaml").string();
+  result.token_path = (root / "token").string();
+  result.work_dir = (root / "runs").string();
+  // Refuse before writing anything when either file is there.
+  for (const std::string& path : {result.config_path, result.token_path}) {
+    if (fs::exists(path, ec)) return ErrnoError("init: will not overwrite", path, EEXIST);
+  }
+  fs::create_directories(root / "runs", ec);
+  if (ec) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("init: cannot create '", (root / "runs").string(), "': ", ec.message()));
+  }
+  absl::StatusOr<std::string> token = RandomToken();
+  if (!token.ok()) return token.status();
+  if (absl::Status st = WriteNewFile(result.token_path, *token + "\n", 0600); !st.ok()) return st;
+  if (absl::Status st = WriteNewFile(result.config_path, kConfig, 0644); !st.ok()) return st;
+  return result;
+}
+
+}  // namespace aviary::coordinator

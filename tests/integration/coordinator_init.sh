@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The README's first run: `aviary-coordinator init DIR` writes a token (mode 600), a config and
+# runs/; the coordinator starts on that config with no other file, the client reaches it with
+# the token and is refused without it; init never overwrites; a missing token file says how to
+# make one.
+# usage: coordinator_init.sh BIN_DIR
+set -uo pipefail
+bin=$1
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/service_lib.sh"
+
+cd "$tmp"
+out=$("$bin/aviary-coordinator" init state 2>&1) || fail "init failed: $out"
+[ "$(stat -c %a state/token)" = 600 ] || fail "the token's mode is $(stat -c %a state/token), not 600"
+[ "$(wc -c < state/token)" -ge 64 ] || fail "the token is shorter than 64 hex characters"
+[ -d state/runs ] || fail "init did not create state/runs"
+grep -q "aviary-coordinator --config $tmp/state/coordinator.yaml" <<<"$out" || fail "init did not say how to start: $out"
+cp state/token token.before
+expect "will not overwrite '$tmp/state/coordinator.yaml'" "$bin/aviary-coordinator" init state
+cmp -s state/token token.before || fail "a refused init changed the token"
+expect "expected one folder" "$bin/aviary-coordinator" init
+
+# Started from another folder with only the listen addresses overridden: the state lands in
+# state/, not in the working directory.
+mkdir elsewhere && cd elsewhere
+setsid "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --port-file "$tmp/port" > "$tmp/coordinator.log" 2>&1 &
+pids+=($!)
+wait_for 60 test -s "$tmp/port" || { fail "the coordinator did not start"; cat "$tmp/coordinator.log"; }
+port=$(cat "$tmp/port")
+AVIARY_TOKEN_FILE="$tmp/state/token" "$bin/aviary" --coordinator "127.0.0.1:$port" list > "$tmp/list.out" 2>&1 ||
+  { fail "list with the init token failed"; cat "$tmp/list.out"; }
+expect "UNAUTHENTICATED" env -u AVIARY_TOKEN_FILE -u AVIARY_TOKEN "$bin/aviary" --coordinator "127.0.0.1:$port" list
+[ -s "$tmp/state/aviary.db" ] || fail "the database is not in state/"
+[ -z "$(ls -A "$tmp/elsewhere")" ] || fail "the coordinator wrote into the working directory: $(ls -A "$tmp/elsewhere")"
+
+# configs/coordinator.yaml in place, without its token: the error says how to get one.
+cd "$tmp"
+mkdir cfg && printf 'token_file: "token"\n' > cfg/c.yaml
+expect "aviary-coordinator init DIR" "$bin/aviary-coordinator" --config cfg/c.yaml --listen 127.0.0.1:0 --metrics-listen ""
+echo "coordinator_init: $passes passed, $fails failed"
+[ $fails -eq 0 ]
