@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
-bench="$build/bin/decode_bench"
+bench="$build/bench/decode_bench"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 

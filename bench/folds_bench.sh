@@ -7,7 +7,7 @@ build=${1:-build}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 /usr/bin/python3 bench/folds_reference.py --make 150000 1200 "$tmp/labels.csv"
-ours=$("$build/bin/folds_bench" "$tmp/labels.csv" 5)
+ours=$("$build/bench/folds_bench" "$tmp/labels.csv" 5)
 ref=$(/usr/bin/python3 bench/folds_reference.py "$tmp/labels.csv" 3)
 echo "aviary:    $ours"
 echo "reference: $ref"

@@ -15,7 +15,7 @@ rounds=${5:-3}
 ours=""
 ref=""
 for ((i = 0; i < rounds; i++)); do
-  ours+=$("$build/bin/frontend_bench" "$batch" "$seconds" "$repeats" 1 2)$'\n'
+  ours+=$("$build/bench/frontend_bench" "$batch" "$seconds" "$repeats" 1 2)$'\n'
   ref+=$(/usr/bin/python3 bench/frontend_reference.py "$batch" "$seconds" "$repeats" 1 2)$'\n'
 done
 echo -n "$ours"

@@ -18,4 +18,4 @@ train: {batch_size: 16, num_workers: 1}
 stages: {pretrain: {enabled: false}}
 YAML
 "$build/bin/aviary" prepare --config "$tmp/p.yaml" >/dev/null 2>&1
-OMP_NUM_THREADS=1 "$build/bin/loader_bench" "$tmp/p.yaml" "$steps" 2>/dev/null
+OMP_NUM_THREADS=1 "$build/bench/loader_bench" "$tmp/p.yaml" "$steps" 2>/dev/null

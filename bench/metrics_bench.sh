@@ -9,7 +9,7 @@ rows=${2:-100000}
 classes=${3:-180}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-ours=$("$build/bin/metrics_bench" "$rows" "$classes" float "$tmp/m")
+ours=$("$build/bench/metrics_bench" "$rows" "$classes" float "$tmp/m")
 ref=$(/usr/bin/python3 bench/metrics_reference.py "$tmp/m" "$rows" "$classes" float)
 echo "aviary:    $ours"
 echo "reference: $ref"

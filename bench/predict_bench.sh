@@ -45,7 +45,7 @@ PY
 }
 sides="aviary:channels_last aviary:contiguous python:contiguous python:channels_last"
 for model in small_cnn efficientnet_b0; do
-  "$build/bin/predict_bench_model" "$model" "$tmp/sc/solution.csv" "$tmp/$model.pt" "$tmp/$model.safetensors" > /dev/null
+  "$build/bench/predict_bench_model" "$model" "$tmp/sc/solution.csv" "$tmp/$model.pt" "$tmp/$model.safetensors" > /dev/null
   declare -A best=() wall=()
   for ((i = 0; i < rounds; i++)); do
     for side in $sides; do

@@ -23,4 +23,4 @@ else
   cmake --build "$build" -j"$(nproc)" --target status_bench >/dev/null
 fi
 echo "machine: $(nproc) cores, $(uname -srm), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-"$build/bin/status_bench" --coordinator-bin "$coordinator" --duration "$duration" "$@"
+"$build/bench/status_bench" --coordinator-bin "$coordinator" --duration "$duration" "$@"

@@ -20,7 +20,7 @@ shift 3 || true
 ours=""
 ref=""
 for ((i = 0; i < rounds; i++)); do
-  ours+=$("$build/bin/train_step_bench" "$@")$'\n'
+  ours+=$("$build/bench/train_step_bench" "$@")$'\n'
   ref+=$("$python" bench/train_step_reference.py "$@")$'\n'
 done
 echo -n "$ours"

@@ -1,6 +1,6 @@
 // aviary-worker: trains a stage on this machine (`train`, one process or one rank of an mpirun
 // world), measures the group's all-reduce (`allreduce-bench`), or serves a coordinator as part
-// of a worker group (`serve`: worker/agent.h).
+// of a worker group (`serve`: worker/agent/agent.h).
 //
 // Under mpirun every failure of a rank ends the whole group (MPI_Abort) with a message naming
 // the rank and the cause, so that no rank is left waiting in a collective.
@@ -32,7 +32,7 @@
 #include "common/version.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
-#include "worker/agent.h"
+#include "worker/agent/agent.h"
 #include "worker/tools/tools.h"
 #include "worker/trainer.h"
 

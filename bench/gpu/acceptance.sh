@@ -47,13 +47,15 @@ while [ $# -gt 0 ]; do
 done
 if [ -n "$pack" ]; then
   bin=$(cd "$pack/bin" && pwd) || exit 2
+  benchbin=$bin
 elif [ -n "$build" ]; then
   bin=$(cd "$build/bin" && pwd) || exit 2
+  benchbin=$(cd "$build/bench" && pwd) || exit 2
 else
   echo "acceptance.sh: give --pack DIR (bench/gpu/pack.sh) or --build DIR" >&2; exit 2
 fi
-for b in aviary aviary-worker train_step_bench frontend_bench; do
-  [ -x "$bin/$b" ] || { echo "acceptance.sh: $bin/$b is missing" >&2; exit 2; }
+for b in "$bin/aviary" "$bin/aviary-worker" "$benchbin/train_step_bench" "$benchbin/frontend_bench"; do
+  [ -x "$b" ] || { echo "acceptance.sh: $b is missing" >&2; exit 2; }
 done
 mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
@@ -230,7 +232,7 @@ fi
 
 # 5. The mel front end against torchaudio on the same device.
 say "5. mel front end"
-if run mel_aviary "$bin/frontend_bench" --device "$dev" $mel_batch 10 $mel_repeats 1 &&
+if run mel_aviary "$benchbin/frontend_bench" --device "$dev" $mel_batch 10 $mel_repeats 1 &&
    run mel_ref "$python" "$repo/bench/frontend_reference.py" --device "$dev" $mel_batch 10 $mel_repeats 1; then
   a=$(kv mel_aviary aviary_clips_per_s); r=$(kv mel_ref reference_clips_per_s)
   record mel "$(verdict "$(ratio "$a" "$r")" 1.0)" "$a clips/s" "$r clips/s" "$(ratio "$a" "$r")" ">= 1.0x torchaudio" "batch $mel_batch x 10 s"
@@ -243,7 +245,7 @@ fi
 say "6. training step, synthetic input"
 step_args=(--device "$dev" --model efficientnet_b0 --batch $batch_b0 --seconds $clip_s --classes 182
            --steps $steps --warmup $warmup --rounds $rounds --threads "$threads")
-run step_aviary "$bin/train_step_bench" "${step_args[@]}" --input mel || record step FAIL - - - - "train_step_bench failed"
+run step_aviary "$benchbin/train_step_bench" "${step_args[@]}" --input mel || record step FAIL - - - - "train_step_bench failed"
 run step_eager "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel || record step FAIL - - - - "eager reference failed"
 a=$(kv step_aviary aviary_samples_per_s); e=$(kv step_eager reference_samples_per_s)
 if [ -n "$a" ] && [ -n "$e" ]; then
@@ -258,7 +260,7 @@ if [ $compile -eq 1 ]; then
 else
   record step_vs_compile SKIP - - - - "--skip-compile"
 fi
-run wave_aviary "$bin/train_step_bench" "${step_args[@]}" --input wave || record step_wave FAIL - - - - "wave-input step failed"
+run wave_aviary "$benchbin/train_step_bench" "${step_args[@]}" --input wave || record step_wave FAIL - - - - "wave-input step failed"
 w=$(kv wave_aviary aviary_samples_per_s)
 [ -n "$w" ] && [ -n "$a" ] && record step_wave INFO "$w samples/s" "$a samples/s" "$(ratio "$w" "$a")" - \
   "waveforms in host memory + augmentation + front end, vs the model step alone"

@@ -13,11 +13,14 @@ set -euo pipefail
 build=${1:?usage: pack.sh BUILD_DIR [OUT_DIR]}
 out=${2:-.gpu}
 programs=(aviary aviary-worker train_step_bench frontend_bench)
+# The programs are in BUILD_DIR/bin, the benchmarks in BUILD_DIR/bench.
+path_of() { if [ -x "$build/bin/$1" ]; then echo "$build/bin/$1"; else echo "$build/bench/$1"; fi; }
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib" "$out/mpi-lib"
 for p in "${programs[@]}"; do
-  [ -x "$build/bin/$p" ] || { echo "pack.sh: $build/bin/$p is missing (build it first)" >&2; exit 1; }
-  strip --strip-unneeded -o "$out/bin/$p" "$build/bin/$p"
+  src=$(path_of "$p")
+  [ -x "$src" ] || { echo "pack.sh: $src is missing (build it first)" >&2; exit 1; }
+  strip --strip-unneeded -o "$out/bin/$p" "$src"
 done
 # Host-provided: torch (and the libraries of its wheel), CUDA, the C/C++ runtime.
 host='^(libtorch|libc10|libcaffe2|libgomp|libcu|libnv|libnccl|libcudnn|libshm|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|ld-linux|libstdc\+\+|libgcc_s|linux-vdso)'
@@ -30,7 +33,7 @@ for p in "${programs[@]}"; do
     seen[$name]=1
     if [[ $name =~ $host ]]; then continue; fi
     if [[ $name =~ $mpi ]]; then cp -L "$path" "$out/mpi-lib/$name"; else cp -L "$path" "$out/lib/$name"; fi
-  done < <(ldd "$build/bin/$p" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
+  done < <(ldd "$(path_of "$p")" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
 done
 strip --strip-unneeded "$out"/lib/*.so* "$out"/mpi-lib/*.so* 2>/dev/null || true
 size=$(du -sm "$out" | cut -f1)

@@ -1,6 +1,6 @@
 // The worker agent's parts that need no coordinator: the report buffer (order, bound, what is
 // dropped), the backoff schedules and the retryable classification.
-#include "worker/agent.h"
+#include "worker/agent/agent.h"
 
 #include <string>
 #include <vector>

@@ -1,4 +1,4 @@
-#include "worker/agent.h"
+#include "worker/agent/agent.h"
 
 #include <mpi.h>
 #include <signal.h>
@@ -44,7 +44,7 @@
 #include "proto/aviary.grpc.pb.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
-#include "worker/metrics_server.h"
+#include "worker/agent/metrics_server.h"
 #include "worker/trainer.h"
 
 #ifndef AVIARY_VERSION

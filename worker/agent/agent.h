@@ -51,8 +51,8 @@
 // own view, aviary_samples_total counts every rank's samples (exchanged each step).
 //
 // Thread safety: ServeAgent runs on the main thread; ReportBuffer is thread-safe; Backoff is not.
-#ifndef AVIARY_WORKER_AGENT_H_
-#define AVIARY_WORKER_AGENT_H_
+#ifndef AVIARY_WORKER_AGENT_AGENT_H_
+#define AVIARY_WORKER_AGENT_AGENT_H_
 
 #include <condition_variable>
 #include <cstddef>
@@ -162,4 +162,4 @@ class ReportBuffer {
 
 }  // namespace aviary::worker
 
-#endif  // AVIARY_WORKER_AGENT_H_
+#endif  // AVIARY_WORKER_AGENT_AGENT_H_

@@ -1,4 +1,4 @@
-#include "worker/metrics_server.h"
+#include "worker/agent/metrics_server.h"
 
 #include <fcntl.h>
 #include <netdb.h>

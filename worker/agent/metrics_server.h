@@ -13,8 +13,8 @@
 //
 // Thread-safe: Start, port and the destructor from any one thread; the collectable must be
 // thread-safe (prometheus::Registry is).
-#ifndef AVIARY_WORKER_METRICS_SERVER_H_
-#define AVIARY_WORKER_METRICS_SERVER_H_
+#ifndef AVIARY_WORKER_AGENT_METRICS_SERVER_H_
+#define AVIARY_WORKER_AGENT_METRICS_SERVER_H_
 
 #include <atomic>
 #include <memory>
@@ -55,4 +55,4 @@ class MetricsServer {
 
 }  // namespace aviary::worker
 
-#endif  // AVIARY_WORKER_METRICS_SERVER_H_
+#endif  // AVIARY_WORKER_AGENT_METRICS_SERVER_H_

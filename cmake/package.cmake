@@ -1,0 +1,31 @@
+# `cmake --install build --prefix P` and `cpack` (a .deb): the three programs in P/bin (aviary
+# runs aviary-worker from its own folder), configs/ and deploy/ in P/share/aviary, the docs in
+# P/share/doc/aviary. Tests and benchmarks are not installed.
+include(GNUInstallDirs)
+install(TARGETS aviary aviary-worker aviary-coordinator RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/configs/ DESTINATION ${CMAKE_INSTALL_DATADIR}/aviary/configs)
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/ DESTINATION ${CMAKE_INSTALL_DATADIR}/aviary/deploy
+        USE_SOURCE_PERMISSIONS)
+install(FILES ${PROJECT_SOURCE_DIR}/README.md ${PROJECT_SOURCE_DIR}/docs/SERVICE.md
+              ${PROJECT_SOURCE_DIR}/docs/DEPLOY.md ${PROJECT_SOURCE_DIR}/docs/BENCHMARKS.md
+        DESTINATION ${CMAKE_INSTALL_DOCDIR})
+
+set(CPACK_PACKAGE_NAME aviary)
+set(CPACK_PACKAGE_VENDOR "aviary")
+set(CPACK_PACKAGE_CONTACT "aviary maintainers <aviary@localhost>")
+set(CPACK_PACKAGE_DESCRIPTION_SUMMARY
+    "distributed multi-GPU training service for bird-call classifiers (BirdCLEF recipe)")
+set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
+set(CPACK_GENERATOR DEB)
+set(CPACK_STRIP_FILES ON)
+set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
+set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
+set(CPACK_DEBIAN_PACKAGE_SECTION science)
+set(CPACK_DEBIAN_COMPRESSION_TYPE gzip)  # xz takes minutes on 2 cores for ~50 MB
+# The shared libraries' packages come from dpkg-shlibdeps (libtorch1.13, libgrpc++1.51, ...);
+# mpirun is a program, declared by hand. A libtorch from a PyPI wheel has no Debian package:
+# the CUDA configuration is not packaged this way (docs/DEPLOY.md, "Building on a GPU host").
+set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
+set(CPACK_DEBIAN_PACKAGE_DEPENDS "openmpi-bin")
+set(CPACK_DEBIAN_PACKAGE_SUGGESTS "prometheus")
+include(CPack)
