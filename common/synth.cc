@@ -681,21 +681,17 @@ SynthVoice SynthSpeciesVoice(int index) {
   return v;
 }
 
-absl::StatusOr<SynthReport> WriteSyntheticCorpus(const SynthOptions& options) {
-  AVIARY_RETURN_IF_ERROR(ValidateSynthOptions(options));
-  AVIARY_RETURN_IF_ERROR(PrepareOutDir(options.out_dir));
-  const Layout layout = options.layout;
-  const LayoutSpec& spec = GetLayoutSpec(layout);
-  const bool mp3 = IsMp3Layout(layout);
-  const int species = options.species;
+namespace {
 
-  // Plan the rows: ids, duplicates, broken files.
-  const std::vector<int> counts = ClassCounts(species, options.recordings, options.seed);
+// The rows of the corpus, class by class: their ids (shared across layouts for the first few of
+// each class, private otherwise), `counts` recordings per class.
+std::vector<RowPlan> PlanRows(const SynthOptions& options, const std::vector<int>& counts,
+                              std::vector<std::vector<int>>* rows_of) {
   std::vector<RowPlan> plan;
-  std::vector<std::vector<int>> rows_of(static_cast<size_t>(species));
+  rows_of->assign(static_cast<size_t>(options.species), {});
   int64_t serial = 0;
-  const int64_t private_base = kPrivateIdSpan * (2 + LayoutIndex(layout));
-  for (int i = 0; i < species; ++i) {
+  const int64_t private_base = kPrivateIdSpan * (2 + LayoutIndex(options.layout));
+  for (int i = 0; i < options.species; ++i) {
     int count = counts[static_cast<size_t>(i)];
     int shared = std::min(kMaxSharedSlots, (count + 5) / 10);
     for (int j = 0; j < count; ++j) {
@@ -705,148 +701,157 @@ absl::StatusOr<SynthReport> WriteSyntheticCorpus(const SynthOptions& options) {
       row.shared = j < shared;
       row.id = row.shared ? kSharedIdBase + 100 * i + j
                           : private_base + (serial++ * 7919 + options.seed) % kPrivateIdSpan;
-      rows_of[static_cast<size_t>(i)].push_back(static_cast<int>(plan.size()));
+      (*rows_of)[static_cast<size_t>(i)].push_back(static_cast<int>(plan.size()));
       plan.push_back(row);
     }
   }
-  std::vector<int> by_count(static_cast<size_t>(species));
-  std::iota(by_count.begin(), by_count.end(), 0);
-  std::stable_sort(by_count.begin(), by_count.end(), [&](int a, int b) {
-    return counts[static_cast<size_t>(a)] > counts[static_cast<size_t>(b)];
-  });
-  auto private_rows = [&](int i) {
-    std::vector<int> out;
-    for (int r : rows_of[static_cast<size_t>(i)]) {
-      if (!plan[static_cast<size_t>(r)].shared) out.push_back(r);
-    }
-    return out;
-  };
-  std::vector<bool> is_duplicate_source(plan.size(), false);
+  return plan;
+}
+
+// The private rows of class `i`.
+std::vector<int> PrivateRows(const std::vector<RowPlan>& plan, const std::vector<int>& rows) {
+  std::vector<int> out;
+  for (int r : rows) {
+    if (!plan[static_cast<size_t>(r)].shared) out.push_back(r);
+  }
+  return out;
+}
+
+// Duplicate rows (the same recording listed twice), in the largest classes first; returns which
+// rows are the source of a duplicate.
+std::vector<bool> AssignDuplicates(const SynthOptions& options, const std::vector<int>& counts,
+                                   const std::vector<int>& by_count,
+                                   const std::vector<std::vector<int>>& rows_of, std::vector<RowPlan>* plan) {
+  std::vector<bool> is_duplicate_source(plan->size(), false);
   int duplicates_wanted = options.recordings >= 10 ? std::max(1, options.recordings / 60) : 0;
   for (int i : by_count) {
     if (duplicates_wanted == 0) break;
-    std::vector<int> own = private_rows(i);
+    std::vector<int> own = PrivateRows(*plan, rows_of[static_cast<size_t>(i)]);
     if (counts[static_cast<size_t>(i)] < 3 || own.size() < 2) continue;
-    RowPlan& copy = plan[static_cast<size_t>(own.back())];
+    RowPlan& copy = (*plan)[static_cast<size_t>(own.back())];
     copy.duplicate_of = own.front();
-    copy.id = plan[static_cast<size_t>(own.front())].id;
+    copy.id = (*plan)[static_cast<size_t>(own.front())].id;
     is_duplicate_source[static_cast<size_t>(own.front())] = true;
     --duplicates_wanted;
   }
-  if (options.broken_files) {
-    // Greedy: the next broken file goes to the class with the most valid files per broken file
-    // already taken (ties: more rows first), never below one valid file and never more than
-    // max(1, count / 2) per class.
-    struct Candidates {
-      std::vector<int> rows;  // private, not duplicated, last first
-      int valid_files = 0;
-      int taken = 0;
-      int limit = 0;
-    };
-    std::vector<Candidates> classes;
-    for (int i : by_count) {
-      Candidates c;
-      std::vector<int> all = private_rows(i);
-      for (auto it = all.rbegin(); it != all.rend(); ++it) {
-        if (plan[static_cast<size_t>(*it)].duplicate_of < 0 &&
-            !is_duplicate_source[static_cast<size_t>(*it)]) {
-          c.rows.push_back(*it);
-        }
-      }
-      for (int r : rows_of[static_cast<size_t>(i)]) {
-        if (plan[static_cast<size_t>(r)].duplicate_of < 0) ++c.valid_files;
-      }
-      c.limit = std::max(1, counts[static_cast<size_t>(i)] / 2);
-      classes.push_back(std::move(c));
-    }
-    static const SynthFileKind kKinds[] = {SynthFileKind::kEmpty, SynthFileKind::kTruncated,
-                                           SynthFileKind::kSilent, SynthFileKind::kNotAudio};
-    const int wanted = 4 * std::max(1, options.recordings / 40);
-    for (int assigned = 0; assigned < wanted; ++assigned) {
-      Candidates* best = nullptr;
-      for (Candidates& c : classes) {
-        if (c.taken >= c.limit || c.taken >= static_cast<int>(c.rows.size()) || c.valid_files < 2) {
-          continue;
-        }
-        // valid / (1 + taken) > best.valid / (1 + best.taken), in integers.
-        if (best == nullptr ||
-            c.valid_files * (1 + best->taken) > best->valid_files * (1 + c.taken)) {
-          best = &c;
-        }
-      }
-      if (best == nullptr) break;
-      plan[static_cast<size_t>(best->rows[static_cast<size_t>(best->taken)])].kind =
-          kKinds[assigned % 4];
-      ++best->taken;
-      --best->valid_files;
-    }
-  }
+  return is_duplicate_source;
+}
 
-  // Draw, render and write every distinct recording; collect the metadata rows.
-  SynthReport report;
-  std::vector<std::map<std::string, std::string>> fields(plan.size());
-  std::vector<SynthFile> file_of(plan.size());
-  for (size_t r = 0; r < plan.size(); ++r) {
-    const RowPlan& row = plan[r];
-    if (row.duplicate_of >= 0) continue;
-    RowDraw draw = DrawRow(options, row);
-    fields[r] = RowFields(layout, row, draw);
-    const std::string label = SynthSpeciesCode(row.species);
-    const std::string relative = RelativeAudioPath(layout, label, fields[r].at("filename"));
-    const std::string path = (fs::path(options.out_dir) / relative).string();
-    std::error_code ec;
-    fs::create_directories(fs::path(path).parent_path(), ec);
-    if (ec) {
-      return absl::InternalError(absl::StrCat(fs::path(path).parent_path().string(),
-                                              ": cannot create directory: ", ec.message()));
-    }
-    const uint32_t ogg_serial =
-        static_cast<uint32_t>(Mix(options.seed, static_cast<uint64_t>(row.id)) & 0x7fffffff);
-    switch (row.kind) {
-      case SynthFileKind::kEmpty:
-        AVIARY_RETURN_IF_ERROR(WriteBinary(path, ""));
-        break;
-      case SynthFileKind::kNotAudio:
-        AVIARY_RETURN_IF_ERROR(WriteBinary(
-            path, absl::StrCat("<html><body>404 Not Found: ", XcId(row.id),
-                               " (broken file written by aviary synth)</body></html>\n")));
-        break;
-      case SynthFileKind::kSilent:
-        AVIARY_RETURN_IF_ERROR(WriteAudioFile(
-            path, mp3, draw.sample_rate, draw.channels,
-            std::vector<float>(static_cast<size_t>(draw.frames * draw.channels), 0.0f),
-            ogg_serial));
-        break;
-      case SynthFileKind::kGood:
-      case SynthFileKind::kTruncated: {
-        std::vector<float> audio = RenderRecording(SynthSpeciesVoice(row.species), draw.sample_rate,
-                                                   draw.channels, draw.frames, draw.audio_seed);
-        AVIARY_RETURN_IF_ERROR(
-            WriteAudioFile(path, mp3, draw.sample_rate, draw.channels, audio, ogg_serial));
-        if (row.kind == SynthFileKind::kTruncated) {
-          AVIARY_ASSIGN_OR_RETURN(std::string bytes, ReadBinary(path));
-          bytes.resize(std::min(bytes.size(), kTruncatedBytes));
-          AVIARY_RETURN_IF_ERROR(WriteBinary(path, bytes));
-        }
-        break;
+// Greedy: the next broken file goes to the class with the most valid files per broken file
+// already taken (ties: more rows first), never below one valid file and never more than
+// max(1, count / 2) per class.
+void AssignBrokenFiles(const SynthOptions& options, const std::vector<int>& counts,
+                       const std::vector<int>& by_count, const std::vector<std::vector<int>>& rows_of,
+                       const std::vector<bool>& is_duplicate_source, std::vector<RowPlan>* plan) {
+  struct Candidates {
+    std::vector<int> rows;  // private, not duplicated, last first
+    int valid_files = 0;
+    int taken = 0;
+    int limit = 0;
+  };
+  std::vector<Candidates> classes;
+  for (int i : by_count) {
+    Candidates c;
+    std::vector<int> all = PrivateRows(*plan, rows_of[static_cast<size_t>(i)]);
+    for (auto it = all.rbegin(); it != all.rend(); ++it) {
+      if ((*plan)[static_cast<size_t>(*it)].duplicate_of < 0 &&
+          !is_duplicate_source[static_cast<size_t>(*it)]) {
+        c.rows.push_back(*it);
       }
     }
-    SynthFile& file = file_of[r];
-    file.relative_path = relative;
-    file.label = label;
-    file.xc_id = XcId(row.id);
-    file.author = draw.author;
-    file.kind = row.kind;
-    file.shared_xc_id = row.shared;
-    file.sample_rate = draw.sample_rate;
-    file.channels = draw.channels;
-    file.num_frames = draw.frames;
+    for (int r : rows_of[static_cast<size_t>(i)]) {
+      if ((*plan)[static_cast<size_t>(r)].duplicate_of < 0) ++c.valid_files;
+    }
+    c.limit = std::max(1, counts[static_cast<size_t>(i)] / 2);
+    classes.push_back(std::move(c));
   }
-  for (size_t r = 0; r < plan.size(); ++r) {
-    if (plan[r].duplicate_of >= 0) fields[r] = fields[static_cast<size_t>(plan[r].duplicate_of)];
+  static const SynthFileKind kKinds[] = {SynthFileKind::kEmpty, SynthFileKind::kTruncated,
+                                         SynthFileKind::kSilent, SynthFileKind::kNotAudio};
+  const int wanted = 4 * std::max(1, options.recordings / 40);
+  for (int assigned = 0; assigned < wanted; ++assigned) {
+    Candidates* best = nullptr;
+    for (Candidates& c : classes) {
+      if (c.taken >= c.limit || c.taken >= static_cast<int>(c.rows.size()) || c.valid_files < 2) {
+        continue;
+      }
+      // valid / (1 + taken) > best.valid / (1 + best.taken), in integers.
+      if (best == nullptr ||
+          c.valid_files * (1 + best->taken) > best->valid_files * (1 + c.taken)) {
+        best = &c;
+      }
+    }
+    if (best == nullptr) break;
+    (*plan)[static_cast<size_t>(best->rows[static_cast<size_t>(best->taken)])].kind = kKinds[assigned % 4];
+    ++best->taken;
+    --best->valid_files;
   }
+}
 
-  // Sort as the real files are (label, then filename); duplicates stay next to their original.
+// Draws, renders and writes the recording of one (non-duplicate) row; its metadata fields go to
+// `*fields`.
+absl::StatusOr<SynthFile> WriteRow(const SynthOptions& options, const RowPlan& row,
+                                   std::map<std::string, std::string>* fields) {
+  const Layout layout = options.layout;
+  const bool mp3 = IsMp3Layout(layout);
+  RowDraw draw = DrawRow(options, row);
+  *fields = RowFields(layout, row, draw);
+  const std::string label = SynthSpeciesCode(row.species);
+  const std::string relative = RelativeAudioPath(layout, label, fields->at("filename"));
+  const std::string path = (fs::path(options.out_dir) / relative).string();
+  std::error_code ec;
+  fs::create_directories(fs::path(path).parent_path(), ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat(fs::path(path).parent_path().string(),
+                                            ": cannot create directory: ", ec.message()));
+  }
+  const uint32_t ogg_serial =
+      static_cast<uint32_t>(Mix(options.seed, static_cast<uint64_t>(row.id)) & 0x7fffffff);
+  switch (row.kind) {
+    case SynthFileKind::kEmpty:
+      AVIARY_RETURN_IF_ERROR(WriteBinary(path, ""));
+      break;
+    case SynthFileKind::kNotAudio:
+      AVIARY_RETURN_IF_ERROR(WriteBinary(
+          path, absl::StrCat("<html><body>404 Not Found: ", XcId(row.id),
+                             " (broken file written by aviary synth)</body></html>\n")));
+      break;
+    case SynthFileKind::kSilent:
+      AVIARY_RETURN_IF_ERROR(WriteAudioFile(
+          path, mp3, draw.sample_rate, draw.channels,
+          std::vector<float>(static_cast<size_t>(draw.frames * draw.channels), 0.0f), ogg_serial));
+      break;
+    case SynthFileKind::kGood:
+    case SynthFileKind::kTruncated: {
+      std::vector<float> audio = RenderRecording(SynthSpeciesVoice(row.species), draw.sample_rate,
+                                                 draw.channels, draw.frames, draw.audio_seed);
+      AVIARY_RETURN_IF_ERROR(WriteAudioFile(path, mp3, draw.sample_rate, draw.channels, audio, ogg_serial));
+      if (row.kind == SynthFileKind::kTruncated) {
+        AVIARY_ASSIGN_OR_RETURN(std::string bytes, ReadBinary(path));
+        bytes.resize(std::min(bytes.size(), kTruncatedBytes));
+        AVIARY_RETURN_IF_ERROR(WriteBinary(path, bytes));
+      }
+      break;
+    }
+  }
+  SynthFile file;
+  file.relative_path = relative;
+  file.label = label;
+  file.xc_id = XcId(row.id);
+  file.author = draw.author;
+  file.kind = row.kind;
+  file.shared_xc_id = row.shared;
+  file.sample_rate = draw.sample_rate;
+  file.channels = draw.channels;
+  file.num_frames = draw.frames;
+  return file;
+}
+
+// The metadata CSV, sorted as the real files are (label, then filename; duplicates stay next to
+// their original), and the report's counts.
+absl::Status WriteMetadata(const SynthOptions& options, const std::vector<RowPlan>& plan,
+                           const std::vector<std::map<std::string, std::string>>& fields,
+                           const std::vector<SynthFile>& file_of, SynthReport* report) {
+  const LayoutSpec& spec = GetLayoutSpec(options.layout);
   std::vector<size_t> order(plan.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
@@ -855,7 +860,6 @@ absl::StatusOr<SynthReport> WriteSyntheticCorpus(const SynthOptions& options) {
     if (la != lb) return la < lb;
     return fields[a].at("filename") < fields[b].at("filename");
   });
-
   std::ostringstream csv;
   WriteCsvRow(csv, spec.columns);
   std::vector<std::string> values(spec.columns.size());
@@ -864,24 +868,58 @@ absl::StatusOr<SynthReport> WriteSyntheticCorpus(const SynthOptions& options) {
       auto it = fields[r].find(spec.columns[c]);
       if (it == fields[r].end()) {
         return absl::InternalError(absl::StrCat("synth: no value for column '", spec.columns[c],
-                                                "' of layout ", LayoutName(layout)));
+                                                "' of layout ", LayoutName(options.layout)));
       }
       values[c] = it->second;
     }
     WriteCsvRow(csv, values);
     const RowPlan& row = plan[r];
-    ++report.rows;
+    ++report->rows;
     if (row.duplicate_of >= 0) {
-      ++report.duplicate_rows;
+      ++report->duplicate_rows;
     } else {
-      report.files.push_back(file_of[r]);
-      ++report.audio_files;
-      if (row.kind != SynthFileKind::kGood) ++report.broken_files;
+      report->files.push_back(file_of[r]);
+      ++report->audio_files;
+      if (row.kind != SynthFileKind::kGood) ++report->broken_files;
     }
-    if (row.shared) ++report.shared_rows;
+    if (row.shared) ++report->shared_rows;
   }
-  report.metadata_path = (fs::path(options.out_dir) / spec.metadata_file).string();
-  AVIARY_RETURN_IF_ERROR(WriteFileAtomically(report.metadata_path, csv.str()));
+  report->metadata_path = (fs::path(options.out_dir) / spec.metadata_file).string();
+  return WriteFileAtomically(report->metadata_path, csv.str());
+}
+
+}  // namespace
+
+absl::StatusOr<SynthReport> WriteSyntheticCorpus(const SynthOptions& options) {
+  AVIARY_RETURN_IF_ERROR(ValidateSynthOptions(options));
+  AVIARY_RETURN_IF_ERROR(PrepareOutDir(options.out_dir));
+  const int species = options.species;
+
+  // Plan the rows: ids, duplicates, broken files.
+  const std::vector<int> counts = ClassCounts(species, options.recordings, options.seed);
+  std::vector<std::vector<int>> rows_of;
+  std::vector<RowPlan> plan = PlanRows(options, counts, &rows_of);
+  std::vector<int> by_count(static_cast<size_t>(species));
+  std::iota(by_count.begin(), by_count.end(), 0);
+  std::stable_sort(by_count.begin(), by_count.end(), [&](int a, int b) {
+    return counts[static_cast<size_t>(a)] > counts[static_cast<size_t>(b)];
+  });
+  const std::vector<bool> is_duplicate_source = AssignDuplicates(options, counts, by_count, rows_of, &plan);
+  if (options.broken_files) AssignBrokenFiles(options, counts, by_count, rows_of, is_duplicate_source, &plan);
+
+  // Draw, render and write every distinct recording; collect the metadata rows.
+  std::vector<std::map<std::string, std::string>> fields(plan.size());
+  std::vector<SynthFile> file_of(plan.size());
+  for (size_t r = 0; r < plan.size(); ++r) {
+    if (plan[r].duplicate_of >= 0) continue;
+    AVIARY_ASSIGN_OR_RETURN(file_of[r], WriteRow(options, plan[r], &fields[r]));
+  }
+  for (size_t r = 0; r < plan.size(); ++r) {
+    if (plan[r].duplicate_of >= 0) fields[r] = fields[static_cast<size_t>(plan[r].duplicate_of)];
+  }
+
+  SynthReport report;
+  AVIARY_RETURN_IF_ERROR(WriteMetadata(options, plan, fields, file_of, &report));
   for (int i = 0; i < species; ++i) report.classes.push_back(SynthSpeciesCode(i));
   std::sort(report.classes.begin(), report.classes.end());
   return report;

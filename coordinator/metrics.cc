@@ -105,7 +105,7 @@ std::string CoordinatorMetrics::Serialize() const {
 
 void CoordinatorMetrics::ObservePoint(const aviary::v1::TaskInfo& task,
                                       const aviary::v1::Metrics& point, int64_t time_unix_ms) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const prometheus::Labels labels = TaskLabels(task);
   if (point.epoch_end()) {
     SetIfFinite(train_loss_, labels, point.train_loss());
@@ -128,18 +128,18 @@ void CoordinatorMetrics::ObservePoint(const aviary::v1::TaskInfo& task,
 }
 
 void CoordinatorMetrics::SetTaskRunning(const aviary::v1::TaskInfo& task, bool running) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   task_running_->Add(TaskLabels(task)).Set(running ? 1 : 0);
 }
 
 void CoordinatorMetrics::AddTaskRestarts(const aviary::v1::TaskInfo& task, int restarts) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   prometheus::Counter& counter = task_restarts_->Add(TaskLabels(task));
   if (restarts > 0) counter.Increment(restarts);
 }
 
 void CoordinatorMetrics::SetJobCounts(const std::map<aviary::v1::JobState, int>& counts) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (aviary::v1::JobState state :
        {aviary::v1::JOB_STATE_PENDING, aviary::v1::JOB_STATE_RUNNING, aviary::v1::JOB_STATE_SUCCEEDED,
         aviary::v1::JOB_STATE_FAILED, aviary::v1::JOB_STATE_CANCELLED}) {

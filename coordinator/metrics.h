@@ -8,10 +8,11 @@
 
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "proto/aviary.pb.h"
 
 namespace prometheus {
@@ -49,26 +50,27 @@ class CoordinatorMetrics {
  private:
   CoordinatorMetrics();
 
+  // Guards the families' label maps (Add); the gauges and counters themselves are atomic.
+  absl::Mutex mu_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 
-  prometheus::Family<prometheus::Gauge>* train_loss_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* train_accuracy_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* val_loss_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* val_auc_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* val_roc_auc_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* val_cmap_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* val_accuracy_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* learning_rate_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* task_epoch_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* task_running_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* task_last_progress_ = nullptr;
-  prometheus::Family<prometheus::Counter>* task_restarts_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* jobs_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* train_loss_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* train_accuracy_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_loss_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_auc_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_roc_auc_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_cmap_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_accuracy_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* learning_rate_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* task_epoch_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* task_running_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* task_last_progress_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Counter>* task_restarts_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* jobs_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
   prometheus::Gauge* worker_groups_ = nullptr;
   prometheus::Counter* worker_groups_lost_ = nullptr;
-  std::mutex mu_;
 };
 
 }  // namespace aviary::coordinator

@@ -95,15 +95,11 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOpti
 Scheduler::~Scheduler() { Shutdown(); }
 
 void Scheduler::Shutdown() {
-  {
-    std::lock_guard<std::mutex> lock(reaper_mu_);
-    shutdown_ = true;
-  }
-  reaper_cv_.notify_all();
+  if (!shutdown_.exchange(true)) reaper_wake_.Notify();
   if (reaper_.joinable()) reaper_.join();
   // Under the lock, so that a watcher between its check and its wait sees the flag.
-  std::unique_lock<std::shared_mutex> lock(mu_);
-  for (auto& [id, job] : jobs_) job.watch_cv.notify_all();
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, job] : jobs_) job.watch_cv.SignalAll();
 }
 
 int64_t Scheduler::NowMs() const {
@@ -123,10 +119,11 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, store_->LoadJobs());
   AVIARY_ASSIGN_OR_RETURN(std::vector<TaskRow> tasks, store_->LoadTasks());
   AVIARY_ASSIGN_OR_RETURN(std::vector<GroupRow> groups, store_->LoadGroups());
-  AVIARY_ASSIGN_OR_RETURN(groups_lost_total_, store_->GetCounter("groups_lost_total"));
+  AVIARY_ASSIGN_OR_RETURN(const int64_t groups_lost_total, store_->GetCounter("groups_lost_total"));
   AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
 
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
+  groups_lost_total_ = groups_lost_total;
   for (JobRow& row : jobs) {
     const std::string id = row.info.job_id();
     next_job_seq_ = std::max(next_job_seq_, row.seq + 1);
@@ -180,7 +177,8 @@ absl::Status Scheduler::Restore() {
   if (!repairs.tasks.empty()) {
     log_.Warn(absl::StrCat("restore: ", repairs.tasks.size(),
                            " leases without a registered holder were put back"));
-    AVIARY_RETURN_IF_ERROR(Commit(&repairs, nullptr));
+    AVIARY_RETURN_IF_ERROR(WriteChanges(&repairs));
+    ApplyChanges(&repairs);
   }
 
   log_.Info(absl::StrCat("restored ", jobs_.size(), " jobs, ", tasks_.size(), " tasks, ",
@@ -282,7 +280,19 @@ void Scheduler::DeriveJobState(Changes* changes, const std::string& job_id) {
   }
 }
 
-absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared) {
+absl::Status Scheduler::Commit(Changes* changes) {
+  AVIARY_RETURN_IF_ERROR(WriteChanges(changes));
+  // Committed: apply to memory, exclusively (readers waited for none of the above). No other
+  // writer runs in between: write_mu_ is held throughout.
+  mu_.ReaderUnlock();
+  mu_.Lock();
+  ApplyChanges(changes);
+  mu_.Unlock();
+  mu_.ReaderLock();
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::WriteChanges(Changes* changes) {
   // A job's updated_unix_ms follows its tasks.
   const int64_t now_unix_ms = UnixMs();
   std::set<std::string> task_jobs;
@@ -290,6 +300,7 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
   for (const std::string& job_id : task_jobs) {
     StageJob(changes, job_id).info.set_updated_unix_ms(now_unix_ms);
   }
+  const int64_t groups_lost_total = groups_lost_total_;  // the lambda is not analysed under mu_
   AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
     for (const auto& [id, task] : changes->tasks) AVIARY_RETURN_IF_ERROR(store_->UpdateTask(task));
     for (const auto& [id, job] : changes->jobs) AVIARY_RETURN_IF_ERROR(store_->PutJob(job));
@@ -298,17 +309,14 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
     for (const auto& write : changes->writes) AVIARY_RETURN_IF_ERROR(write());
     if (changes->groups_lost > 0) {
       AVIARY_RETURN_IF_ERROR(
-          store_->SetCounter("groups_lost_total", groups_lost_total_ + changes->groups_lost));
+          store_->SetCounter("groups_lost_total", groups_lost_total + changes->groups_lost));
     }
     return absl::OkStatus();
   }));
+  return absl::OkStatus();
+}
 
-  // Committed: apply to memory, exclusively (readers waited for none of the above).
-  std::unique_lock<std::shared_mutex> exclusive(mu_, std::defer_lock);
-  if (shared != nullptr) {
-    shared->unlock();
-    exclusive.lock();
-  }
+void Scheduler::ApplyChanges(Changes* changes) {
   std::set<std::string> touched;
   for (const auto& [id, job] : changes->jobs) touched.insert(id);
   for (auto& [id, task] : changes->tasks) {
@@ -366,13 +374,8 @@ absl::Status Scheduler::Commit(Changes* changes, std::shared_lock<std::shared_mu
     // lags further gets the final state), a running one the latest kMaxEventsPerJob.
     const size_t keep = TerminalJob(job.row.info.state()) ? added : kMaxEventsPerJob;
     while (job.events.size() > keep) job.events.pop_front();
-    job.watch_cv.notify_all();
+    job.watch_cv.SignalAll();
   }
-  if (shared != nullptr) {
-    exclusive.unlock();
-    shared->lock();  // no other writer ran in between: write_mu_ is held
-  }
-  return absl::OkStatus();
 }
 
 void Scheduler::UpdateJobCountsLocked() {
@@ -481,51 +484,53 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
         common::Annotate(add_stage("finetune", config.folds.selected_folds), "stage finetune"));
   }
 
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
   std::string job_id;
-  do {
-    job_id = NewId('j');
-  } while (jobs_.count(job_id) != 0);
-  const int64_t now = UnixMs();
   JobRow job_row;
-  job_row.seq = next_job_seq_;
-  job_row.info.set_job_id(job_id);
-  job_row.info.set_state(aviary::v1::JOB_STATE_PENDING);
-  job_row.info.set_name(request.name());
-  job_row.info.set_created_unix_ms(now);
-  job_row.info.set_updated_unix_ms(now);
-  std::string pretrain_id;
-  for (size_t i = 0; i < new_tasks.size(); ++i) {
-    TaskRow& row = new_tasks[i].row;
-    const std::string& stage = row.info.stage();
-    const std::string task_id = absl::StrCat(job_id, "/", stage, "-f", row.info.fold());
-    row.seq = static_cast<int64_t>(i);
-    row.info.set_task_id(task_id);
-    row.info.set_job_id(job_id);
-    row.info.set_out_dir(
-        (fs::path(options_.work_dir) / job_id / absl::StrCat(stage, "-fold", row.info.fold()))
-            .string());
-    row.info.set_updated_unix_ms(now);
-    if (stage == "pretrain") {
-      pretrain_id = task_id;
-      row.info.set_state(aviary::v1::TASK_STATE_READY);
-    } else if (!pretrain_id.empty()) {
-      row.depends_on = pretrain_id;
-      row.info.set_state(aviary::v1::TASK_STATE_BLOCKED);
-    } else {
-      row.info.set_state(aviary::v1::TASK_STATE_READY);
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    do {
+      job_id = NewId('j');
+    } while (jobs_.count(job_id) != 0);
+    const int64_t now = UnixMs();
+    job_row.seq = next_job_seq_;
+    job_row.info.set_job_id(job_id);
+    job_row.info.set_state(aviary::v1::JOB_STATE_PENDING);
+    job_row.info.set_name(request.name());
+    job_row.info.set_created_unix_ms(now);
+    job_row.info.set_updated_unix_ms(now);
+    std::string pretrain_id;
+    for (size_t i = 0; i < new_tasks.size(); ++i) {
+      TaskRow& row = new_tasks[i].row;
+      const std::string& stage = row.info.stage();
+      const std::string task_id = absl::StrCat(job_id, "/", stage, "-f", row.info.fold());
+      row.seq = static_cast<int64_t>(i);
+      row.info.set_task_id(task_id);
+      row.info.set_job_id(job_id);
+      row.info.set_out_dir(
+          (fs::path(options_.work_dir) / job_id / absl::StrCat(stage, "-fold", row.info.fold()))
+              .string());
+      row.info.set_updated_unix_ms(now);
+      if (stage == "pretrain") {
+        pretrain_id = task_id;
+        row.info.set_state(aviary::v1::TASK_STATE_READY);
+      } else if (!pretrain_id.empty()) {
+        row.depends_on = pretrain_id;
+        row.info.set_state(aviary::v1::TASK_STATE_BLOCKED);
+      } else {
+        row.info.set_state(aviary::v1::TASK_STATE_READY);
+      }
     }
+    AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
+      AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
+      for (const NewTask& task : new_tasks) {
+        AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload));
+      }
+      return absl::OkStatus();
+    }));
   }
-  AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
-    AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
-    for (const NewTask& task : new_tasks) {
-      AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload));
-    }
-    return absl::OkStatus();
-  }));
-  lock.unlock();
-  std::unique_lock<std::shared_mutex> exclusive(mu_);
+  // Released the reader lock to take mu_ exclusively: write_mu_ keeps other writers out.
+  absl::MutexLock exclusive(&mu_);
   ++next_job_seq_;
   Job& job = jobs_[job_id];
   job.row = job_row;
@@ -546,7 +551,7 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
 absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
   std::shared_ptr<const JobInfo> snapshot;
   {
-    std::shared_lock<std::shared_mutex> lock(mu_);
+    absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
     if (it == jobs_.end()) {
       return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
@@ -559,7 +564,7 @@ absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
 std::vector<JobInfo> Scheduler::ListJobs(int limit) const {
   std::vector<std::shared_ptr<const JobInfo>> snapshots;
   {
-    std::shared_lock<std::shared_mutex> lock(mu_);
+    absl::ReaderMutexLock lock(&mu_);
     for (auto it = job_order_.rbegin(); it != job_order_.rend(); ++it) {
       if (limit > 0 && static_cast<int>(snapshots.size()) >= limit) break;
       snapshots.push_back(jobs_.at(it->second).snapshot);
@@ -572,8 +577,8 @@ std::vector<JobInfo> Scheduler::ListJobs(int limit) const {
 }
 
 absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
   if (TerminalJob(it->second.row.info.state())) return *it->second.snapshot;
@@ -591,7 +596,7 @@ absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
   job.info.set_error("cancelled by the user");
   job.info.set_updated_unix_ms(now);
   changes.events.push_back({job_id, "", false, {}, absl::StrCat("job ", job_id, " CANCELLED")});
-  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Info(absl::StrCat("job ", job_id, " cancelled"));
   return *it->second.snapshot;
 }
@@ -600,7 +605,7 @@ absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::
   std::map<std::string, std::pair<int64_t, const TaskInfo*>> order;
   std::map<std::string, TaskInfo> infos;
   {
-    std::shared_lock<std::shared_mutex> lock(mu_);
+    absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
     if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
     for (const std::string& id : it->second.task_ids) infos[id] = tasks_.at(id).info;
@@ -633,39 +638,46 @@ absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::
 absl::Status Scheduler::WatchJob(const std::string& job_id,
                                  const std::function<bool(const JobEvent&)>& send,
                                  const std::function<bool()>& cancelled) {
-  std::shared_lock<std::shared_mutex> lock(mu_);
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
-  const Job& job = it->second;
+  const Job* found = nullptr;  // Job objects never move (std::map, never erased)
   JobEvent first;
-  *first.mutable_job() = *job.snapshot;
-  first.set_message(absl::StrCat("job ", job_id, " ", JobStateName(job.row.info.state())));
-  uint64_t seen = job.next_event;
-  lock.unlock();
+  uint64_t seen = 0;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    found = &it->second;
+    *first.mutable_job() = *found->snapshot;
+    first.set_message(absl::StrCat("job ", job_id, " ", JobStateName(found->row.info.state())));
+    seen = found->next_event;
+  }
+  const Job& job = *found;
   if (!send(first)) return absl::CancelledError("the watcher went away");
   if (TerminalJob(first.job().state())) return absl::OkStatus();
   std::vector<JobEvent> batch;
   while (true) {
     batch.clear();
-    lock.lock();
-    job.watch_cv.wait_for(lock, std::chrono::milliseconds(500),
-                       [&] { return shutdown_.load() || job.next_event > seen; });
-    if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
-    if (job.next_event > seen) {
-      if (job.events.empty() || job.events.front().first > seen) {
-        // The watcher fell behind the retained events: send the state as it is now.
-        JobEvent now;
-        *now.mutable_job() = *job.snapshot;
-        now.set_message("(events were dropped for a slow watcher) current state");
-        batch.push_back(std::move(now));
-      } else {
-        for (const auto& [seq, event] : job.events) {
-          if (seq >= seen) batch.push_back(event);
-        }
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      const absl::Time deadline = absl::Now() + absl::Milliseconds(500);
+      while (!shutdown_ && job.next_event <= seen) {
+        if (job.watch_cv.WaitWithDeadline(&mu_, deadline)) break;  // timed out
       }
-      seen = job.next_event;
+      if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
+      if (job.next_event > seen) {
+        if (job.events.empty() || job.events.front().first > seen) {
+          // The watcher fell behind the retained events: send the state as it is now.
+          JobEvent now;
+          *now.mutable_job() = *job.snapshot;
+          now.set_message("(events were dropped for a slow watcher) current state");
+          batch.push_back(std::move(now));
+        } else {
+          for (const auto& [seq, event] : job.events) {
+            if (seq >= seen) batch.push_back(event);
+          }
+        }
+        seen = job.next_event;
+      }
     }
-    lock.unlock();
     if (cancelled()) return absl::CancelledError("the watcher went away");
     // Every event of a commit carries the job as it is after the commit: send the whole batch
     // (the change that ends the job has several events, "job J SUCCEEDED" last), then end.
@@ -681,8 +693,8 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
 
 absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
     const aviary::v1::RegisterGroupRequest& request) {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   Changes changes;
   GroupRow row;
   do {
@@ -691,7 +703,7 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
   row.registered_unix_ms = UnixMs();
   row.info = request;
   changes.put_groups[row.group_id] = row;
-  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Info(absl::StrCat("group ", row.group_id, " registered: world_size ", request.world_size(),
                          ", backend ", request.backend(), ", hosts ",
                          request.hosts_size() > 0 ? request.hosts(0) : "?",
@@ -704,7 +716,7 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
 }
 
 absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id) {
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
   if (task_id.empty()) return false;
   const TaskRow* held = HeldTask(*group);
@@ -714,8 +726,8 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
 absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
   TaskRow leased;
   {
-    std::lock_guard<std::mutex> writer(write_mu_);
-    std::shared_lock<std::shared_mutex> lock(mu_);
+    absl::MutexLock writer(&write_mu_);
+    absl::ReaderMutexLock lock(&mu_);
     AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
     if (const TaskRow* held = HeldTask(*group)) {
       leased = *held;
@@ -753,7 +765,7 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
                                              " (attempt ", task.info.attempt(), ")")});
       DeriveJobState(&changes, task.info.job_id());
       leased = task;
-      AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+      AVIARY_RETURN_IF_ERROR(Commit(&changes));
       log_.Info(absl::StrCat("task ", task_id, " leased to group ", group_id, " (attempt ",
                              leased.info.attempt(), ")"));
     }
@@ -794,8 +806,8 @@ absl::Status Scheduler::RequireHolder(const Group& group, const std::string& tas
 }
 
 absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(*group, request.task_id()));
   if (!holds) return true;  // ignored
@@ -828,13 +840,13 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   changes.writes.push_back([this, job_id, task_id, attempt, now, points]() {
     return store_->AddPoints(job_id, task_id, attempt, now, points);
   });
-  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
   return false;
 }
 
 absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request) {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), ""));
   Changes changes;
@@ -848,12 +860,12 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
     return store_->AddCheckpoint(task_id, attempt, request.path(), request.epoch(), request.best(),
                                  now);
   });
-  return Commit(&changes, &lock);
+  return Commit(&changes);
 }
 
 absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& request) {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "complete it"));
   Changes changes;
@@ -882,15 +894,15 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
                                            request.best_checkpoint(), ")")});
   }
   DeriveJobState(&changes, job_id);
-  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Info(absl::StrCat("task ", task_id, " succeeded on group ", request.group_id(),
                          ": best checkpoint ", request.best_checkpoint()));
   return absl::OkStatus();
 }
 
 absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "fail it"));
   Changes changes;
@@ -913,7 +925,7 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   } else {
     FailTaskAndJob(&changes, request.task_id(), absl::StrCat(why, " (not retryable)"));
   }
-  AVIARY_RETURN_IF_ERROR(Commit(&changes, &lock));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Warn(absl::StrCat("task ", request.task_id(), " failed on group ", request.group_id(),
                          request.preempted() ? " (preempted): " : request.retryable() ? " (retryable): " : ": ",
                          request.error(),
@@ -925,8 +937,8 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
 // The reaper.
 
 int Scheduler::ReapLostGroups() {
-  std::lock_guard<std::mutex> writer(write_mu_);
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
   const int64_t now = NowMs();
   const int64_t timeout_ms = static_cast<int64_t>(options_.heartbeat_timeout_s * 1000);
   Changes changes;
@@ -944,7 +956,7 @@ int Scheduler::ReapLostGroups() {
     }
   }
   if (lost.empty()) return 0;
-  absl::Status status = Commit(&changes, &lock);
+  absl::Status status = Commit(&changes);
   if (!status.ok()) {
     log_.Error(absl::StrCat("reaper: cannot remove lost groups: ", status.message()));
     return 0;
@@ -959,14 +971,7 @@ int Scheduler::ReapLostGroups() {
 void Scheduler::ReaperLoop() {
   const auto period = std::chrono::milliseconds(
       std::max<int64_t>(10, static_cast<int64_t>(options_.reaper_period_s * 1000)));
-  std::unique_lock<std::mutex> lock(reaper_mu_);
-  while (!shutdown_) {
-    reaper_cv_.wait_for(lock, period, [this] { return shutdown_.load(); });
-    if (shutdown_) break;
-    lock.unlock();
-    ReapLostGroups();
-    lock.lock();
-  }
+  while (!reaper_wake_.WaitForNotificationWithTimeout(absl::FromChrono(period))) ReapLostGroups();
 }
 
 }  // namespace aviary::coordinator

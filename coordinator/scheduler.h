@@ -18,21 +18,21 @@
 #define AVIARY_COORDINATOR_SCHEDULER_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <random>
-#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "coordinator/metrics.h"
 #include "coordinator/store.h"
@@ -106,7 +106,7 @@ class Scheduler {
     std::deque<std::pair<uint64_t, aviary::v1::JobEvent>> events;  // the latest events
     // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
     // never move (std::map, never erased), so watchers may wait on it.
-    mutable std::condition_variable_any watch_cv;
+    mutable absl::CondVar watch_cv;
   };
   struct Group {
     GroupRow row;
@@ -133,36 +133,47 @@ class Scheduler {
   };
 
   Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics);
-  absl::Status Restore();
+  absl::Status Restore() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   void ReaperLoop();
 
-  // Staging helpers; all need write_mu_ and mu_ (shared or exclusive) held.
-  TaskRow& Stage(Changes* changes, const std::string& task_id);
-  JobRow& StageJob(Changes* changes, const std::string& job_id);
-  const TaskRow& View(const Changes& changes, const std::string& task_id) const;
+  // Staging helpers: read the state (mu_, shared or exclusive) into `changes`.
+  TaskRow& Stage(Changes* changes, const std::string& task_id) ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  JobRow& StageJob(Changes* changes, const std::string& job_id) ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  const TaskRow& View(const Changes& changes, const std::string& task_id) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Puts a leased task back to READY with one more restart, or fails it (and its job) when that
   // would exceed max_restarts. `why` starts the failure message.
-  void RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why);
+  void RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Fails the task and its job; cancels the job's other unfinished tasks.
-  void FailTaskAndJob(Changes* changes, const std::string& task_id, const std::string& error);
+  void FailTaskAndJob(Changes* changes, const std::string& task_id, const std::string& error)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Re-derives the job's state from its (staged) tasks.
-  void DeriveJobState(Changes* changes, const std::string& job_id);
-  // Writes `changes` in one transaction, then applies them to memory and wakes watchers. The
-  // caller holds write_mu_ and `*shared` (a reader lock of mu_), which is upgraded for the apply
-  // step and held again on return; `shared` null: the caller holds mu_ exclusively.
-  absl::Status Commit(Changes* changes, std::shared_lock<std::shared_mutex>* shared);
-  aviary::v1::JobInfo BuildJobInfo(const Job& job) const;
-  void RefreshSnapshot(Job* job);
+  void DeriveJobState(Changes* changes, const std::string& job_id) ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // A mutation, step by step: (1) take write_mu_, then mu_ as a reader; (2) stage the rows it
+  // changes into a Changes (Stage, StageJob, ...) reading the state under the reader lock;
+  // (3) Commit: WriteChanges writes them to SQLite in one transaction (readers still read),
+  // then the reader lock becomes exclusive for ApplyChanges only (memory, snapshots, events,
+  // watchers woken) and a reader lock again. write_mu_ keeps every other writer out from (1) on,
+  // so the state staged in (2) is the state (3) applies to.
+  absl::Status Commit(Changes* changes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status WriteChanges(Changes* changes) ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void ApplyChanges(Changes* changes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  aviary::v1::JobInfo BuildJobInfo(const Job& job) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void RefreshSnapshot(Job* job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The task the group holds (LEASED to it), or nullptr.
-  const TaskRow* HeldTask(const Group& group) const;
-  absl::StatusOr<Group*> FindGroup(const std::string& group_id) const;
+  const TaskRow* HeldTask(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Group*> FindGroup(const std::string& group_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Whether `group` holds task `task_id`; NOT_FOUND when there is no such task.
-  absl::StatusOr<bool> GroupHolds(const Group& group, const std::string& task_id) const;
+  absl::StatusOr<bool> GroupHolds(const Group& group, const std::string& task_id) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // FAILED_PRECONDITION naming the task, the group and the task's state unless the group holds
   // the task ("...; only the holder may <action>" when `action` is set).
-  absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const;
-  void UpdateJobCountsLocked();
-  std::string NewId(char prefix);
+  absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void UpdateJobCountsLocked() ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  std::string NewId(char prefix) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   int64_t NowMs() const;
 
   const SchedulerOptions options_;
@@ -173,18 +184,17 @@ class Scheduler {
   // Writers (every mutation and the reaper) serialise on write_mu_, stage their changes and write
   // SQLite under a reader lock of mu_, and take mu_ exclusively only to apply the committed
   // changes: status readers never wait for an fsync.
-  std::mutex write_mu_;
-  mutable std::shared_mutex mu_;
-  std::map<std::string, Job> jobs_;       // never erased: references stay valid
-  std::map<int64_t, std::string> job_order_;  // seq -> job id
-  std::unordered_map<std::string, TaskRow> tasks_;
-  std::map<std::string, std::unique_ptr<Group>> groups_;
-  int64_t next_job_seq_ = 1;
-  int64_t groups_lost_total_ = 0;
-  std::mt19937_64 rng_;
+  absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  mutable absl::Mutex mu_;
+  std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);  // never erased: references stay valid
+  std::map<int64_t, std::string> job_order_ ABSL_GUARDED_BY(mu_);  // seq -> job id
+  std::unordered_map<std::string, TaskRow> tasks_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<Group>> groups_ ABSL_GUARDED_BY(mu_);
+  int64_t next_job_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t groups_lost_total_ ABSL_GUARDED_BY(mu_) = 0;
+  std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
 
-  std::mutex reaper_mu_;
-  std::condition_variable reaper_cv_;
+  absl::Notification reaper_wake_;  // Shutdown
   std::atomic<bool> shutdown_{false};
   std::thread reaper_;
 };

@@ -70,11 +70,11 @@ Loader::~Loader() { StopWorkers(); }
 
 void Loader::StopWorkers() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stopping_ = true;
+    consumed_.SignalAll();
+    produced_.SignalAll();
   }
-  consumed_.notify_all();
-  produced_.notify_all();
   for (auto& t : workers_) {
     if (t.joinable()) t.join();
   }
@@ -126,7 +126,7 @@ void Loader::StartEpoch(int epoch) {
     *order = rng.Permutation(static_cast<int64_t>(items_.size()));
   }
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     epoch_ = epoch;
     plan_ = std::move(plan);
     epoch_order_ = std::move(order);
@@ -134,8 +134,8 @@ void Loader::StartEpoch(int epoch) {
     next_to_build_ = 0;
     next_to_consume_ = 0;
     error_ = absl::OkStatus();
+    consumed_.SignalAll();
   }
-  consumed_.notify_all();
 }
 
 absl::Status Loader::BuildBatch(int64_t index, int epoch, const std::vector<int64_t>& rows,
@@ -186,7 +186,7 @@ absl::Status Loader::BuildBatch(int64_t index, int epoch, const std::vector<int6
   batch->items = std::move(used);
   batch->index = index;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (const auto& [name, count] : problems) stats_.problems[name] += count;
   }
   return absl::OkStatus();
@@ -199,12 +199,12 @@ void Loader::WorkerLoop() {
     std::vector<int64_t> rows;
     std::shared_ptr<const std::vector<int64_t>> order;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      consumed_.wait(lock, [&] {
-        return stopping_ || (epoch_ >= 0 && error_.ok() &&
+      absl::MutexLock lock(&mu_);
+      while (!(stopping_ || (epoch_ >= 0 && error_.ok() &&
                              next_to_build_ < static_cast<int64_t>(plan_.size()) &&
-                             next_to_build_ < next_to_consume_ + options_.prefetch_batches);
-      });
+                             next_to_build_ < next_to_consume_ + options_.prefetch_batches))) {
+        consumed_.Wait(&mu_);
+      }
       if (stopping_) return;
       index = next_to_build_++;
       epoch = epoch_;
@@ -218,28 +218,25 @@ void Loader::WorkerLoop() {
     } catch (const std::exception& e) {
       status = absl::InternalError(absl::StrCat("loader: batch ", index, ": ", e.what()));
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (epoch != epoch_) continue;  // a new epoch started meanwhile: drop it
-      if (!status.ok()) {
-        if (error_.ok()) error_ = status;
-      } else {
-        ready_[index] = std::move(batch);
-      }
+    absl::MutexLock lock(&mu_);
+    if (epoch != epoch_) continue;  // a new epoch started meanwhile: drop it
+    if (!status.ok()) {
+      if (error_.ok()) error_ = status;
+    } else {
+      ready_[index] = std::move(batch);
     }
-    produced_.notify_all();
+    produced_.SignalAll();
   }
 }
 
 absl::StatusOr<bool> Loader::Next(Batch* batch) {
-  std::unique_lock<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (epoch_ < 0) return absl::FailedPreconditionError("loader: Next() before StartEpoch()");
   if (next_to_consume_ >= static_cast<int64_t>(plan_.size())) return false;
-  auto ready = [&] { return !error_.ok() || ready_.count(next_to_consume_) > 0; };
-  if (!ready()) {
+  if (error_.ok() && ready_.count(next_to_consume_) == 0) {
     ++stats_.consumer_waits;
     auto t0 = std::chrono::steady_clock::now();
-    produced_.wait(lock, ready);
+    while (error_.ok() && ready_.count(next_to_consume_) == 0) produced_.Wait(&mu_);
     stats_.consumer_wait_s +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
@@ -249,20 +246,19 @@ absl::StatusOr<bool> Loader::Next(Batch* batch) {
   ready_.erase(it);
   ++next_to_consume_;
   ++stats_.batches;
-  lock.unlock();
-  consumed_.notify_all();
+  consumed_.SignalAll();
   return true;
 }
 
 LoaderStats Loader::Stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   LoaderStats s = stats_;
   s.queue_depth = static_cast<int>(ready_.size());
   return s;
 }
 
 int Loader::QueueDepth() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return static_cast<int>(ready_.size());
 }
 

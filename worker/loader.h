@@ -21,19 +21,19 @@
 #define AVIARY_WORKER_LOADER_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 
 namespace aviary::worker {
 
@@ -120,21 +120,22 @@ class Loader {
   const LoaderOptions options_;
   int64_t num_batches_ = 0;
 
-  mutable std::mutex mu_;
-  std::condition_variable produced_;   // a batch became ready
-  std::condition_variable consumed_;   // room for one more
+  // The decode threads and the consumer share the plan and the ready batches under mu_.
+  mutable absl::Mutex mu_;
+  absl::CondVar produced_;   // a batch became ready
+  absl::CondVar consumed_;   // room for one more
   std::vector<std::thread> workers_;
-  bool stopping_ = false;
-  int epoch_ = -1;
-  std::vector<std::vector<int64_t>> plan_;  // this epoch's batches for this rank
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  int epoch_ ABSL_GUARDED_BY(mu_) = -1;
+  std::vector<std::vector<int64_t>> plan_ ABSL_GUARDED_BY(mu_);  // this epoch's batches for this rank
   // The epoch's full order (training), for substitutions; shared with in-flight builds.
-  std::shared_ptr<const std::vector<int64_t>> epoch_order_ =
+  std::shared_ptr<const std::vector<int64_t>> epoch_order_ ABSL_GUARDED_BY(mu_) =
       std::make_shared<const std::vector<int64_t>>();
-  int64_t next_to_build_ = 0;
-  int64_t next_to_consume_ = 0;
-  std::map<int64_t, Batch> ready_;
-  absl::Status error_;
-  LoaderStats stats_;
+  int64_t next_to_build_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_to_consume_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<int64_t, Batch> ready_ ABSL_GUARDED_BY(mu_);
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  LoaderStats stats_ ABSL_GUARDED_BY(mu_);
 };
 
 // Mixes a seed with up to three counters (SplitMix64): per-clip crop seeds and the like.

@@ -251,6 +251,13 @@ struct Trainer::State {
   absl::StatusOr<EpochRecord> TrainEpoch(int epoch);
   absl::Status Validate(EpochRecord* record);
   absl::Status BroadcastState(bool parameters);
+  // Trainer::Create's steps, in order.
+  absl::Status ConfigureDevice();
+  absl::Status LoadItems();
+  absl::Status CreateLoaders();
+  absl::Status BuildModel();
+  absl::Status Resume();
+  absl::Status JoinGroup();
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
@@ -265,25 +272,19 @@ Trainer::~Trainer() = default;
 const std::vector<EpochRecord>& Trainer::history() const { return state_->history; }
 int64_t Trainer::skipped_steps() const { return state_->skipped_steps; }
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineConfig& config,
-                                                         const TrainOptions& options) {
-  auto s = std::make_unique<State>();
-  s->config = config;
-  s->options = options;
-  AVIARY_ASSIGN_OR_RETURN(const common::StageConfig* stage, common::GetStage(config, options.stage));
-  s->train = stage->train;
-  if (options.out_dir.empty()) return absl::InvalidArgumentError("--out: the run folder is empty");
-  if (s->train.tta != 1) {
-    Log().Warn(absl::StrCat("train.tta = ", s->train.tta,
+// The device and precision checks; cuDNN's mode (train.deterministic).
+absl::Status Trainer::State::ConfigureDevice() {
+  if (train.tta != 1) {
+    Log().Warn(absl::StrCat("train.tta = ", train.tta,
                             " applies to inference (aviary predict); validation runs one pass"));
   }
   if (options.device.is_cuda() && !at::hasCUDA()) {
     return absl::FailedPreconditionError("device cuda was asked for, but torch sees no CUDA device");
   }
-  s->autocast = options.device.is_cuda() && s->train.precision != "fp32";
+  autocast = options.device.is_cuda() && train.precision != "fp32";
   if (options.device.is_cuda()) {
     auto& ctx = at::globalContext();
-    if (s->train.deterministic) {
+    if (train.deterministic) {
       // cuBLAS reads this when it creates its handle (at the first matmul, after this point).
       ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
       ctx.setDeterministicCuDNN(true);
@@ -293,56 +294,64 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
       ctx.setBenchmarkCuDNN(true);  // fixed shapes: the fastest algorithm, chosen once
     }
   }
-  if (!options.device.is_cuda() && s->train.precision == "bf16") {
+  if (!options.device.is_cuda() && train.precision == "bf16") {
     return absl::InvalidArgumentError("train.precision: bf16 needs a CUDA device (use auto or fp32 on CPU)");
   }
+  return absl::OkStatus();
+}
 
-  // Data.
+// This stage and fold's training and validation items (the task's manifest, or the dataset), and
+// this rank's place in the group.
+absl::Status Trainer::State::LoadItems() {
   if (options.manifest != nullptr) {
     const common::TaskManifest& m = *options.manifest;
     if (m.stage != options.stage || m.fold != options.fold) {
       return absl::InvalidArgumentError(absl::StrCat("the task manifest is for stage ", m.stage, " fold ", m.fold,
                                                      ", not stage ", options.stage, " fold ", options.fold));
     }
-    s->table.stage = m.stage;
-    s->table.class_names = m.class_names;
-    for (const auto& item : m.train) s->train_items.push_back({item.path, item.target});
-    for (const auto& item : m.valid) s->valid_items.push_back({item.path, item.target});
+    table.stage = m.stage;
+    table.class_names = m.class_names;
+    for (const auto& item : m.train) train_items.push_back({item.path, item.target});
+    for (const auto& item : m.valid) valid_items.push_back({item.path, item.target});
   } else {
-    AVIARY_ASSIGN_OR_RETURN(s->table, common::BuildStageTable(config, options.stage));
+    AVIARY_ASSIGN_OR_RETURN(table, common::BuildStageTable(config, options.stage));
     AVIARY_ASSIGN_OR_RETURN(common::TrainList list,
-                            common::BuildTrainList(config, s->table, options.fold));
+                            common::BuildTrainList(config, table, options.fold));
     for (size_t r : list.train) {
-      s->train_items.push_back({s->table.samples[r].filepath, s->table.samples[r].target});
+      train_items.push_back({table.samples[r].filepath, table.samples[r].target});
     }
     for (size_t r : list.valid) {
-      s->valid_items.push_back({s->table.samples[r].filepath, s->table.samples[r].target});
+      valid_items.push_back({table.samples[r].filepath, table.samples[r].target});
     }
   }
-  s->comm = options.comm;
-  s->rank = s->comm ? s->comm->rank() : 0;
-  s->world = s->comm ? s->comm->world_size() : 1;
-  s->fault = ReadFaultPlan();
-  const int world = s->world;
-  s->epochs = config.debug ? 2 : s->train.epochs;
+  comm = options.comm;
+  rank = comm ? comm->rank() : 0;
+  world = comm ? comm->world_size() : 1;
+  fault = ReadFaultPlan();
+  epochs = config.debug ? 2 : train.epochs;
   if (config.debug) {
     // The notebook's debug mode: 2 epochs of 2 batches, validation cut to the same size.
-    size_t keep = static_cast<size_t>(s->train.batch_size) * world * 2;
-    if (s->valid_items.size() > keep) s->valid_items.resize(keep);
+    size_t keep = static_cast<size_t>(train.batch_size) * world * 2;
+    if (valid_items.size() > keep) valid_items.resize(keep);
   }
-  s->global_batch = s->train.batch_size * world;
-  AVIARY_ASSIGN_OR_RETURN(s->cache, OpenConfiguredCache(config.data));
-  const AudioCache* cache = s->cache.get();
+  global_batch = train.batch_size * world;
+  return absl::OkStatus();
+}
+
+// The decoded-audio cache and the training and validation loaders.
+absl::Status Trainer::State::CreateLoaders() {
+  AVIARY_ASSIGN_OR_RETURN(cache, OpenConfiguredCache(config.data));
+  const AudioCache* audio_cache = cache.get();
   ClipRequest base;
   base.sample_rate = config.data.sample_rate;
   base.duration_s = config.data.duration;
   base.channels = config.data.channels == "mean" ? ChannelMode::kMean : ChannelMode::kFirst;
-  ClipFn clip = [cache, base](const LoaderItem& item, bool train, uint64_t seed) {
+  ClipFn clip = [audio_cache, base](const LoaderItem& item, bool train, uint64_t seed) {
     ClipRequest request = base;
     request.mode = train ? ClipMode::kTrain : ClipMode::kValidation;
     request.seed = seed;
     ClipData out;
-    auto r = LoadClip(cache, item.path, request);
+    auto r = LoadClip(audio_cache, item.path, request);
     if (!r.ok()) {
       out.problem = "error";
       out.message = std::string(r.status().message());
@@ -355,52 +364,55 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
     return out;
   };
   LoaderOptions lo;
-  lo.batch_size = s->train.batch_size;
-  lo.num_threads = s->train.num_workers;
+  lo.batch_size = train.batch_size;
+  lo.num_threads = train.num_workers;
   lo.seed = config.seed;
   lo.clip_samples = ClipSamples(base);
-  lo.num_classes = static_cast<int>(s->table.class_names.size());
+  lo.num_classes = static_cast<int>(table.class_names.size());
   lo.pin_memory = options.device.is_cuda();
-  lo.drop_remainder = s->train.drop_remainder;
+  lo.drop_remainder = train.drop_remainder;
   lo.max_batches = config.debug ? 2 : -1;
-  lo.rank = s->rank;
-  lo.world_size = s->world;
+  lo.rank = rank;
+  lo.world_size = world;
   lo.train = true;
-  auto train_loader = Loader::Create(s->train_items, clip, lo);
-  if (!train_loader.ok()) {
-    return common::Annotate(train_loader.status(),
+  auto created = Loader::Create(train_items, clip, lo);
+  if (!created.ok()) {
+    return common::Annotate(created.status(),
                             absl::StrCat("stage ", options.stage, " fold ", options.fold, " training"));
   }
-  s->train_loader = std::move(*train_loader);
-  if (!s->valid_items.empty()) {
+  train_loader = std::move(*created);
+  if (!valid_items.empty()) {
     LoaderOptions vo = lo;
     vo.train = false;
-    vo.batch_size = s->train.batch_size * s->train.infer_bs;
+    vo.batch_size = train.batch_size * train.infer_bs;
     vo.max_batches = -1;
-    AVIARY_ASSIGN_OR_RETURN(s->valid_loader, Loader::Create(s->valid_items, clip, vo));
+    AVIARY_ASSIGN_OR_RETURN(valid_loader, Loader::Create(valid_items, clip, vo));
   } else {
     Log().Warn(absl::StrCat("stage ", options.stage, " fold ", options.fold,
                             ": no validation rows; validation metrics will be nan"));
   }
+  return absl::OkStatus();
+}
 
-  // Front end and model.
+// The front end, the model (ImageNet backbone or --init weights), its placement and optimizer.
+absl::Status Trainer::State::BuildModel() {
   // NHWC on every device: cuDNN's and oneDNN's convolutions are faster on channels-last
   // activations (EfficientNet-B0's CPU step: 1.3x, docs/BENCHMARKS.md).
   const bool channels_last = true;
   AVIARY_ASSIGN_OR_RETURN(
-      s->frontend,
+      frontend,
       MelFrontend::Create(config.frontend, config.augment, config.data.sample_rate, options.device,
                           channels_last ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous));
   at::manual_seed(config.seed);
-  AVIARY_ASSIGN_OR_RETURN(s->model, BuildClassifier(config.model, config.frontend.in_channels,
-                                                    static_cast<int>(s->table.class_names.size())));
+  AVIARY_ASSIGN_OR_RETURN(model, BuildClassifier(config.model, config.frontend.in_channels,
+                                                    static_cast<int>(table.class_names.size())));
   if (config.model.pretrain == "imagenet") {
     AVIARY_ASSIGN_OR_RETURN(NamedTensors weights, ReadStateDict(config.model.pretrained_weights));
     LoadOptions lw;
     lw.only_prefix = "features.";
     lw.allow_unexpected = true;  // the ImageNet classifier
     lw.skip_mismatched = true;   // e.g. a first conv for another channel count
-    auto report = LoadIntoModule(weights, *s->model, lw,
+    auto report = LoadIntoModule(weights, *model, lw,
                                  absl::StrCat("model.pretrained_weights ", config.model.pretrained_weights));
     if (!report.ok()) return report.status();
     Log().Info(absl::StrCat("backbone from ", config.model.pretrained_weights, ": ", report->Summary()));
@@ -411,21 +423,24 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
     li.skip_mismatched = true;  // the new head
     li.require_all = false;
     li.allow_unexpected = true;
-    auto report = LoadIntoModule(weights, *s->model, li, options.init_checkpoint);
+    auto report = LoadIntoModule(weights, *model, li, options.init_checkpoint);
     if (!report.ok()) return report.status();
     if (report->loaded.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          options.init_checkpoint, ": no tensor fits the model ", s->model->name(), ": ",
+          options.init_checkpoint, ": no tensor fits the model ", model->name(), ": ",
           report->Summary()));
     }
     Log().Info(absl::StrCat("initialised from ", options.init_checkpoint, ": ", report->Summary(),
                             report->mismatched.empty() ? "" : " (mismatched tensors skipped)"));
   }
-  AVIARY_RETURN_IF_ERROR(PlaceModel(*s->model, options.device, channels_last));
-  AVIARY_ASSIGN_OR_RETURN(s->optimizer, AdamOptimizer::FromConfig(s->train, *s->model));
+  AVIARY_RETURN_IF_ERROR(PlaceModel(*model, options.device, channels_last));
+  AVIARY_ASSIGN_OR_RETURN(optimizer, AdamOptimizer::FromConfig(train, *model));
+  return absl::OkStatus();
+}
 
-  // Resume.
-  const std::string last = s->Path("last.pt");
+// Restores last.pt of the run folder when asked and present.
+absl::Status Trainer::State::Resume() {
+  const std::string last = Path("last.pt");
   if (options.resume && ::access(last.c_str(), R_OK) == 0) {
     AVIARY_ASSIGN_OR_RETURN(CheckpointMeta found, ReadCheckpointMeta(last));
     if (found.stage != options.stage || found.fold != options.fold) {
@@ -433,47 +448,69 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
           last, " belongs to stage ", found.stage, " fold ", found.fold, ", not stage ",
           options.stage, " fold ", options.fold, ": use another --out"));
     }
-    if (found.class_names != s->table.class_names) {
+    if (found.class_names != table.class_names) {
       return absl::FailedPreconditionError(
           absl::StrCat(last, ": its label set differs from this stage's; use another --out"));
     }
-    AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, RestoreCheckpoint(last, *s->model, s->optimizer.get()));
-    AVIARY_ASSIGN_OR_RETURN(s->history, ParseHistory(meta.history_csv, last));
-    s->train_auc = meta.train_auc;
-    for (size_t i = 0; i < s->history.size(); ++i) {
-      if (i < s->train_auc.size()) s->history[i].train_auc = s->train_auc[i];
-      s->history[i].best = s->history[i].epoch == meta.best_epoch;
+    AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, RestoreCheckpoint(last, *model, optimizer.get()));
+    AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta.history_csv, last));
+    train_auc = meta.train_auc;
+    for (size_t i = 0; i < history.size(); ++i) {
+      if (i < train_auc.size()) history[i].train_auc = train_auc[i];
+      history[i].best = history[i].epoch == meta.best_epoch;
     }
-    s->start_epoch = meta.epoch + 1;
-    s->step = meta.step;
-    s->best_value = meta.best_value;
-    s->best_epoch = meta.best_epoch;
-    s->skipped_steps = meta.skipped_steps;
+    start_epoch = meta.epoch + 1;
+    step = meta.step;
+    best_value = meta.best_value;
+    best_epoch = meta.best_epoch;
+    skipped_steps = meta.skipped_steps;
     Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta.epoch, " (step ", meta.step, ")"));
   }
-  if (s->comm != nullptr) {  // also with one rank under mpirun: the all-reduce path runs
+  return absl::OkStatus();
+}
+
+// Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
+absl::Status Trainer::State::JoinGroup() {
+  if (comm != nullptr) {  // also with one rank under mpirun: the all-reduce path runs
     // All ranks must resume from the same checkpoint (the run folder on a shared filesystem).
-    at::Tensor start = at::tensor({static_cast<int64_t>(s->start_epoch), -static_cast<int64_t>(s->start_epoch)}, at::kLong);
-    AVIARY_RETURN_IF_ERROR(s->comm->AllReduce(start, comm::ReduceOp::kMax));
+    at::Tensor start = at::tensor({static_cast<int64_t>(start_epoch), -static_cast<int64_t>(start_epoch)}, at::kLong);
+    AVIARY_RETURN_IF_ERROR(comm->AllReduce(start, comm::ReduceOp::kMax));
     if (start[0].item<int64_t>() != -start[1].item<int64_t>()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "rank ", s->rank, " starts at epoch ", s->start_epoch, " but the ranks range over epochs ",
+          "rank ", rank, " starts at epoch ", start_epoch, " but the ranks range over epochs ",
           -start[1].item<int64_t>(), "..", start[0].item<int64_t>(), ": every rank must see the same ",
-          last, " (put --out on a filesystem shared by all ranks)"));
+          Path("last.pt"), " (put --out on a filesystem shared by all ranks)"));
     }
-    AVIARY_RETURN_IF_ERROR(s->BroadcastState(/*parameters=*/true));
+    AVIARY_RETURN_IF_ERROR(BroadcastState(/*parameters=*/true));
     comm::ReducerOptions ro;
     ro.bucket_bytes = static_cast<int64_t>(config.comm.bucket_mb * (1 << 20));
     ro.first_bucket_bytes = std::min<int64_t>(1 << 20, ro.bucket_bytes);
     std::vector<at::Tensor> params;
-    for (const auto& p : s->model->parameters()) {
+    for (const auto& p : model->parameters()) {
       if (p.requires_grad()) params.push_back(p);
     }
-    AVIARY_ASSIGN_OR_RETURN(s->reducer, comm::Reducer::Create(params, s->comm, ro));
-    Log().Info(absl::StrCat("rank ", s->rank, " of ", s->world, " (", s->comm->backend(), "): ",
-                            s->reducer->buckets().size(), " gradient buckets of at most ",
-                            config.comm.bucket_mb, " MB; global batch ", s->global_batch));
+    AVIARY_ASSIGN_OR_RETURN(reducer, comm::Reducer::Create(params, comm, ro));
+    Log().Info(absl::StrCat("rank ", rank, " of ", world, " (", comm->backend(), "): ",
+                            reducer->buckets().size(), " gradient buckets of at most ",
+                            config.comm.bucket_mb, " MB; global batch ", global_batch));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineConfig& config,
+                                                         const TrainOptions& options) {
+  auto s = std::make_unique<State>();
+  s->config = config;
+  s->options = options;
+  AVIARY_ASSIGN_OR_RETURN(const common::StageConfig* stage, common::GetStage(config, options.stage));
+  s->train = stage->train;
+  if (options.out_dir.empty()) return absl::InvalidArgumentError("--out: the run folder is empty");
+  AVIARY_RETURN_IF_ERROR(s->ConfigureDevice());
+  AVIARY_RETURN_IF_ERROR(s->LoadItems());
+  AVIARY_RETURN_IF_ERROR(s->CreateLoaders());
+  AVIARY_RETURN_IF_ERROR(s->BuildModel());
+  AVIARY_RETURN_IF_ERROR(s->Resume());
+  AVIARY_RETURN_IF_ERROR(s->JoinGroup());
   s->step_fn = std::make_unique<TrainStep>(s->config, s->train, s->frontend.get(), s->model.get(),
                                            s->optimizer.get(), s->reducer.get(), options.device,
                                            s->autocast);

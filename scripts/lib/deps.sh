@@ -17,7 +17,8 @@ AVIARY_BUILD_PACKAGES=(
 # a TLS certificate.
 AVIARY_TEST_PACKAGES=(python3 python3-numpy python3-pandas python3-sklearn python3-torch
                       python3-torchaudio python3-torchvision ffmpeg sox
-                      prometheus curl sqlite3 openssl)
+                      prometheus curl sqlite3 openssl
+                      clang)  # clang: -Wthread-safety over the annotated sources (ctest lint.thread_safety)
 
 aviary_install_packages() {
   local missing=()

@@ -36,6 +36,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/logging.h"
@@ -238,7 +240,7 @@ class GroupMetrics {
 
   // Every series carries label group_id; a new registration starts new series.
   void SetGroupId(const std::string& group_id) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (samples_total_ != nullptr) {
       samples_total_family_.Remove(samples_total_);
       samples_per_second_family_.Remove(samples_per_second_);
@@ -269,31 +271,31 @@ class GroupMetrics {
   }
 
   void OnStep(const StepStats& s) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     step_duration_->Observe(s.step_seconds);
     allreduce_duration_->Observe(s.allreduce_seconds);
     queue_depth_->Set(s.loader_queue_depth);
     loader_wait_->Increment(std::max(0.0, s.data_wait_seconds));
   }
   void AddSamples(int64_t n) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (n > 0) samples_total_->Increment(static_cast<double>(n));
   }
   void SetSamplesPerSecond(double v) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     samples_per_second_->Set(v);
   }
   void SetConnected(bool connected) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     connected_value_ = connected ? 1 : 0;
     connected_->Set(connected_value_);
   }
   void SetBuffered(size_t points) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     buffered_->Set(static_cast<double>(points));
   }
   void SetGpuMemory(const std::string& device, double bytes) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     auto it = gpu_memory_.find(device);
     if (it == gpu_memory_.end()) {
       it = gpu_memory_.emplace(device, &gpu_memory_family_.Add({{"group_id", group_id_}, {"device", device}})).first;
@@ -341,7 +343,7 @@ class GroupMetrics {
                              .Help("Progress points waiting for the coordinator")
                              .Register(*registry_)) {}
 
-  std::mutex mu_;
+  absl::Mutex mu_;  // the series of the current group_id and the families' label maps
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<MetricsServer> server_;  // declared after registry_: stops before it goes
   prometheus::Family<prometheus::Counter>& samples_total_family_;
@@ -353,17 +355,17 @@ class GroupMetrics {
   prometheus::Family<prometheus::Gauge>& gpu_memory_family_;
   prometheus::Family<prometheus::Gauge>& connected_family_;
   prometheus::Family<prometheus::Gauge>& buffered_family_;
-  std::string group_id_;
-  prometheus::Counter* samples_total_ = nullptr;
-  prometheus::Gauge* samples_per_second_ = nullptr;
-  prometheus::Histogram* step_duration_ = nullptr;
-  prometheus::Histogram* allreduce_duration_ = nullptr;
-  prometheus::Gauge* queue_depth_ = nullptr;
-  prometheus::Counter* loader_wait_ = nullptr;
-  prometheus::Gauge* connected_ = nullptr;
-  prometheus::Gauge* buffered_ = nullptr;
-  std::map<std::string, prometheus::Gauge*> gpu_memory_;
-  double connected_value_ = 0;
+  std::string group_id_ ABSL_GUARDED_BY(mu_);
+  prometheus::Counter* samples_total_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Gauge* samples_per_second_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Histogram* step_duration_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Histogram* allreduce_duration_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Gauge* queue_depth_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Counter* loader_wait_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Gauge* connected_ ABSL_GUARDED_BY(mu_) = nullptr;
+  prometheus::Gauge* buffered_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::map<std::string, prometheus::Gauge*> gpu_memory_ ABSL_GUARDED_BY(mu_);
+  double connected_value_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -429,17 +431,18 @@ class Rank0 {
       Prepare(&ctx);
       grpc::Status st = stub_->RegisterGroup(&ctx, registration_, &response);
       if (st.ok()) {
+        const int heartbeat_ms = response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 2000;
         {
-          std::lock_guard<std::mutex> lock(mu_);
+          absl::MutexLock lock(&mu_);
           group_id_ = response.group_id();
-          heartbeat_ms_ = response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 2000;
+          heartbeat_ms_ = heartbeat_ms;
         }
         lost_ = false;
         metrics_->SetGroupId(response.group_id());
         Connected(true);
         Log().Info(absl::StrCat("registered with ", options_.coordinator, " as group ", response.group_id(),
                                 " (", registration_.world_size(), " ranks, backend ", registration_.backend(),
-                                ", heartbeat every ", heartbeat_ms_, " ms",
+                                ", heartbeat every ", heartbeat_ms, " ms",
                                 registration_.metrics_address().empty()
                                     ? ""
                                     : absl::StrCat(", metrics on ", registration_.metrics_address()),
@@ -468,18 +471,21 @@ class Rank0 {
   }
 
   void StartThreads() {
-    running_ = true;
+    {
+      absl::MutexLock lock(&mu_);
+      running_ = true;
+    }
     heartbeat_ = std::thread([this] { HeartbeatLoop(); });
     sender_ = std::thread([this] { SenderLoop(); });
   }
 
   void StopThreads() {
-    if (!running_) return;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
+      if (!running_) return;
       running_ = false;
+      cv_.SignalAll();
     }
-    cv_.notify_all();
     buffer_.Interrupt();
     if (heartbeat_.joinable()) heartbeat_.join();
     if (sender_.joinable()) sender_.join();
@@ -504,13 +510,13 @@ class Rank0 {
   }
 
   void BeginTask(const std::string& task_id) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     task_id_ = task_id;
     ++lease_generation_;
     cancel_ = false;
   }
   void EndTask() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     task_id_.clear();
   }
 
@@ -553,7 +559,7 @@ class Rank0 {
   void DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
 
   std::string group_id() const {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return group_id_;
   }
 
@@ -585,16 +591,18 @@ class Rank0 {
     while (true) {
       int interval_ms;
       {
-        std::unique_lock<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);
         interval_ms = heartbeat_ms_;
-        cv_.wait_for(lock, std::chrono::milliseconds(interval_ms), [this] { return !running_; });
+        const absl::Time deadline = absl::Now() + absl::Milliseconds(interval_ms);
+        while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
+        }
         if (!running_) return;
       }
       if (lost_) continue;
       v1::HeartbeatRequest request;
       int64_t generation = 0;
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);
         if (group_id_.empty()) continue;
         request.set_group_id(group_id_);
         request.set_task_id(task_id_);
@@ -626,7 +634,7 @@ class Rank0 {
   // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
   // lease of the same task (failed as retryable and leased again) must not stop the new one.
   void CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (task_id.empty() || task_id != task_id_ || cancel_) return;
     if (generation >= 0 && generation != lease_generation_) return;
     cancel_ = true;
@@ -701,7 +709,7 @@ class Rank0 {
     Backoff backoff(0.5, 10);
     while (true) {
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);
         if (!running_) return;
       }
       std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0.5);
@@ -722,8 +730,10 @@ class Rank0 {
         const double delay = backoff.Next();
         Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
                                    Failed(RpcName(run.front().kind), st, gid).message(), buffer_.size(), delay));
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait_for(lock, std::chrono::duration<double>(delay), [this] { return !running_; });
+        absl::MutexLock lock(&mu_);
+        const absl::Time deadline = absl::Now() + absl::Seconds(delay);
+        while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
+        }
       } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
         (void)Failed(RpcName(run.front().kind), st, gid);
         buffer_.Pop();
@@ -745,13 +755,14 @@ class Rank0 {
   ReportBuffer buffer_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool running_ = false;
-  std::string group_id_;
-  int heartbeat_ms_ = 2000;
-  std::string task_id_;
-  int64_t lease_generation_ = 0;  // BeginTask's count; guarded by mu_
+  // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;  // running_ became false
+  bool running_ ABSL_GUARDED_BY(mu_) = false;
+  std::string group_id_ ABSL_GUARDED_BY(mu_);
+  int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
+  std::string task_id_ ABSL_GUARDED_BY(mu_);
+  int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
   std::thread heartbeat_, sender_;
@@ -1315,7 +1326,7 @@ bool IsRetryable(const absl::Status& status) {
 }
 
 void ReportBuffer::Push(Report report) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const bool point = report.kind == Report::Kind::kPoint;
   if (point && points_ >= max_points_) {
     // Drop the oldest step point that is not being sent; epoch ends are kept.
@@ -1336,13 +1347,14 @@ void ReportBuffer::Push(Report report) {
   }
   if (point) ++points_;
   queue_.push_back(std::move(report));
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait_for(lock, std::chrono::duration<double>(wait_s),
-               [this] { return interrupted_ || queue_.size() > in_flight_; });
+  absl::MutexLock lock(&mu_);
+  const absl::Time deadline = absl::Now() + absl::Seconds(wait_s);
+  while (!(interrupted_ || queue_.size() > in_flight_) && !cv_.WaitWithDeadline(&mu_, deadline)) {
+  }
   std::vector<Report> run;
   if (in_flight_ > 0 || queue_.empty()) return run;
   const Report& first = queue_.front();
@@ -1359,23 +1371,23 @@ std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
 }
 
 void ReportBuffer::Pop() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (size_t i = 0; i < in_flight_ && !queue_.empty(); ++i) {
     if (queue_.front().kind == Report::Kind::kPoint) --points_;
     queue_.pop_front();
   }
   in_flight_ = 0;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void ReportBuffer::Release() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   in_flight_ = 0;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void ReportBuffer::DropTask(const std::string& task_id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   std::deque<Report> kept;
   for (size_t i = 0; i < queue_.size(); ++i) {
     if (i >= in_flight_ && queue_[i].task_id == task_id) {
@@ -1385,36 +1397,33 @@ void ReportBuffer::DropTask(const std::string& task_id) {
     kept.push_back(std::move(queue_[i]));
   }
   queue_.swap(kept);
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 bool ReportBuffer::WaitEmpty(double timeout_s) {
-  std::unique_lock<std::mutex> lock(mu_);
-  auto empty = [this] { return queue_.empty() || interrupted_; };
-  if (timeout_s < 0) {
-    cv_.wait(lock, empty);
-  } else {
-    cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), empty);
+  absl::MutexLock lock(&mu_);
+  const absl::Time deadline = timeout_s < 0 ? absl::InfiniteFuture() : absl::Now() + absl::Seconds(timeout_s);
+  while (!(queue_.empty() || interrupted_) && !cv_.WaitWithDeadline(&mu_, deadline)) {
   }
   return queue_.empty();
 }
 
 void ReportBuffer::Interrupt() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   interrupted_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 size_t ReportBuffer::size() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return queue_.size();
 }
 size_t ReportBuffer::points() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return points_;
 }
 int64_t ReportBuffer::dropped_points() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return dropped_;
 }
 

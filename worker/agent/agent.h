@@ -54,15 +54,15 @@
 #ifndef AVIARY_WORKER_AGENT_AGENT_H_
 #define AVIARY_WORKER_AGENT_AGENT_H_
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "proto/aviary.pb.h"
 
 namespace aviary::worker {
@@ -151,13 +151,13 @@ class ReportBuffer {
 
  private:
   const size_t max_points_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Report> queue_;
-  size_t in_flight_ = 0;
-  size_t points_ = 0;
-  int64_t dropped_ = 0;
-  bool interrupted_ = false;
+  mutable absl::Mutex mu_;  // the trainer's thread pushes, rank 0's sender peeks and pops
+  absl::CondVar cv_;
+  std::deque<Report> queue_ ABSL_GUARDED_BY(mu_);
+  size_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t points_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  bool interrupted_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace aviary::worker
