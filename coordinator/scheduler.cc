@@ -665,15 +665,16 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
       if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
       if (job.next_event > seen) {
         if (job.events.empty() || job.events.front().first > seen) {
-          // The watcher fell behind the retained events: send the state as it is now.
+          // The watcher fell behind the retained events: say so with the state as it is now,
+          // then send what is retained (a finished job keeps its final change's events, so the
+          // stream still ends with "job J SUCCEEDED").
           JobEvent now;
           *now.mutable_job() = *job.snapshot;
           now.set_message("(events were dropped for a slow watcher) current state");
           batch.push_back(std::move(now));
-        } else {
-          for (const auto& [seq, event] : job.events) {
-            if (seq >= seen) batch.push_back(event);
-          }
+        }
+        for (const auto& [seq, event] : job.events) {
+          if (seq >= seen) batch.push_back(event);
         }
         seen = job.next_event;
       }
