@@ -2,7 +2,7 @@
 # apt-get update runs at most once, and only when something has to be installed.
 
 AVIARY_BUILD_PACKAGES=(
-  cmake ninja-build g++ pkg-config ccache zlib1g-dev dpkg-dev  # dpkg-dev: cpack's shlibdeps
+  cmake ninja-build g++ pkg-config ccache zlib1g-dev dpkg-dev file  # cpack: dpkg-shlibdeps, file
   libtorch-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libc-ares-dev libre2-dev libssl-dev  # their static archives: the aviary client
