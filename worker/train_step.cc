@@ -56,23 +56,20 @@ StepForward TrainStep::Forward(const at::Tensor& waveforms, const at::Tensor& cl
   AugmentBatch(config_.augment, seeds.augment, &x, &y);
   at::Generator gen = MakeGenerator(device_, seeds.spec_augment);
   at::Tensor mel = frontend_->Forward(x, FrontendMode::kTrain, gen);
-  StepForward out;
-  {
-    AutocastGuard autocast_guard(autocast_);
-    out.logits = model_->forward(mel);
-  }
-  out.loss = ComputeLoss(train_.loss, out.logits, y, train_.label_smoothing);
-  out.targets = y;
-  return out;
+  return ModelForward(mel, y);
 }
 
 StepForward TrainStep::ForwardFeatures(const at::Tensor& features, const at::Tensor& targets,
                                        uint64_t dropout_seed) const {
   at::manual_seed(dropout_seed);
+  return ModelForward(features, targets);
+}
+
+StepForward TrainStep::ModelForward(const at::Tensor& input, const at::Tensor& targets) const {
   StepForward out;
   {
     AutocastGuard autocast_guard(autocast_);
-    out.logits = model_->forward(features);
+    out.logits = model_->forward(input);
   }
   out.loss = ComputeLoss(train_.loss, out.logits, targets, train_.label_smoothing);
   out.targets = targets;

@@ -77,6 +77,9 @@ class TrainStep {
   bool autocast() const { return autocast_; }
 
  private:
+  // The model (under autocast when on) and the loss; the RNG is the caller's to seed.
+  StepForward ModelForward(const at::Tensor& input, const at::Tensor& targets) const;
+
   const common::PipelineConfig& config_;
   const common::TrainConfig& train_;
   MelFrontend* frontend_;
