@@ -13,7 +13,8 @@ import sys
 import time
 
 import torch
-import torchaudio
+
+from notebook_frontend import NotebookFrontEnd
 
 args = sys.argv[1:]
 device = "cpu"
@@ -25,20 +26,7 @@ repeats = int(args[2]) if len(args) > 2 else 10
 threads = [int(t) for t in args[3:]] or [1, 2]
 cuda = device == "cuda"
 
-mel = torchaudio.transforms.MelSpectrogram(
-    sample_rate=32000, n_fft=2028, win_length=2028, hop_length=835, f_min=20, f_max=16000,
-    n_mels=128, power=2.0, center=True, pad_mode="reflect", norm=None, mel_scale="htk").to(device)
-to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80).to(device)
-
-
-def front_end(x):
-    d = to_db(mel(x).unsqueeze(1))                      # [B, 1, mels, frames], per-clip top_db
-    mean = d.mean(dim=(1, 2, 3), keepdim=True)
-    std = d.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-    z = (d - mean) / std
-    lo, hi = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
-    z = (z - lo) / (hi - lo)
-    return z.expand(-1, 3, -1, -1).contiguous()
+front_end = NotebookFrontEnd(device)
 
 
 def sync():

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import torchaudio
 import torchvision
 
+from notebook_frontend import NotebookFrontEnd
+
 model_name, weights_path, solution, audio_dir, out_path = sys.argv[1:6]
 threads = int(sys.argv[6])
 batch = int(sys.argv[7])
@@ -86,20 +88,11 @@ model.load_state_dict(read_safetensors(weights_path), strict=True)
 model.eval()
 model = model.to(memory_format=fmt)
 
-mel = torchaudio.transforms.MelSpectrogram(
-    sample_rate=SR, n_fft=2028, win_length=2028, hop_length=835, f_min=20, f_max=16000,
-    n_mels=128, power=2.0, center=True, pad_mode="reflect", norm=None, mel_scale="htk")
-to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80)
+notebook_front_end = NotebookFrontEnd()
 
 
 def front_end(x):
-    d = to_db(mel(x).unsqueeze(1))  # [B, 1, mels, frames], per-clip top_db
-    mean = d.mean(dim=(1, 2, 3), keepdim=True)
-    std = d.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-    z = (d - mean) / std
-    lo, hi = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
-    z = (z - lo) / (hi - lo)
-    return z.expand(-1, 3, -1, -1).contiguous(memory_format=fmt)
+    return notebook_front_end(x, fmt)
 
 
 files = sorted(os.path.join(audio_dir, f) for f in os.listdir(audio_dir) if not f.startswith("."))

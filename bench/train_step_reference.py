@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import torchaudio
 import torchvision
 
+from notebook_frontend import HOP, SAMPLE_RATE, NotebookFrontEnd
+
 p = argparse.ArgumentParser()
 p.add_argument("--device", default="cpu")
 p.add_argument("--model", default="efficientnet_b0")
@@ -54,29 +56,20 @@ cuda = dev.type == "cuda"
 bf16 = cuda and a.precision != "fp32"
 channels_last = a.channels_last != "off"  # auto: as aviary's trainer, NHWC on every device
 fmt = torch.channels_last if channels_last else torch.contiguous_format
-sr, n_fft, hop = 32000, 2028, 835
-samples = int(a.seconds * sr)
-frames = samples // hop + 1
+samples = int(a.seconds * SAMPLE_RATE)
+frames = samples // HOP + 1
 
-mel = torchaudio.transforms.MelSpectrogram(
-    sample_rate=sr, n_fft=n_fft, win_length=n_fft, hop_length=hop, f_min=20, f_max=16000,
-    n_mels=128, power=2.0, center=True, pad_mode="reflect", norm=None, mel_scale="htk").to(dev)
-to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80).to(dev)
+notebook = NotebookFrontEnd(dev)
 time_mask = torchaudio.transforms.TimeMasking(25, iid_masks=True)
 freq_mask = torchaudio.transforms.FrequencyMasking(10, iid_masks=True)
 
 
 def front_end(x):
     with torch.no_grad():
-        d = to_db(mel(x).unsqueeze(1))                   # [B, 1, mels, frames], per-clip top_db
-        mean = d.mean(dim=(1, 2, 3), keepdim=True)
-        std = d.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        z = (d - mean) / std
-        lo, hi = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
-        z = (z - lo) / (hi - lo)
+        z = notebook.normalize(notebook.db(x))           # [B, 1, mels, frames]
         z = time_mask(time_mask(z))                      # 2 time masks, 1 frequency mask
         z = freq_mask(z)
-        return z.expand(-1, 3, -1, -1).contiguous(memory_format=fmt)
+        return notebook.tile(z, fmt)
 
 
 def augment(x, y):
