@@ -44,7 +44,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "common/flags.h"
+#include "common/cli.h"
 #include "common/status.h"
 #include "proto/aviary.grpc.pb.h"
 
@@ -359,47 +359,40 @@ void RunPoller(std::shared_ptr<grpc::Channel> channel, int index, const Options&
   }
 }
 
-absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
-  aviary::common::Flags flags(
-      {"coordinator-bin", "coordinator", "token-file", "duration", "pollers", "channels",
-       "groups", "leased", "jobs", "heartbeat-ms", "poll-interval-ms", "list-every",
-       "list-limit", "scratch"},
-      {"keep"}, {});
-  AVIARY_RETURN_IF_ERROR(flags.Parse(std::vector<std::string>(argv + 1, argv + argc)));
-  if (!flags.positional().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flags.positional()[0], "'"));
+// Parses the flags into *o; std::nullopt to run, else the exit code (help or a flag error).
+std::optional<int> ParseOptions(int argc, char** argv, Options* o) {
+  CLI::App app("status_bench: GetJob/ListJobs latency under many pollers and heartbeating groups",
+               "status_bench");
+  aviary::common::ConfigureApp(&app);
+  using aviary::common::AddNumber;
+  app.add_option("--coordinator-bin", o->coordinator_bin, "start this coordinator");
+  app.add_option("--coordinator", o->coordinator, "or use the one at H:P");
+  app.add_option("--token-file", o->token_file, "its token (with --coordinator)");
+  AddNumber(&app, "--duration", &o->duration_s, "S", "seconds of load", 0.001, 1e6)->capture_default_str();
+  AddNumber(&app, "--pollers", &o->pollers, "N", "polling threads", 1, 5000)->capture_default_str();
+  CLI::Option* channels = AddNumber(&app, "--channels", &o->channels, "N", "channels (default: one per poller)", 1, 5000);
+  AddNumber(&app, "--groups", &o->groups, "N", "heartbeating worker groups", 0, 5000)->capture_default_str();
+  AddNumber(&app, "--leased", &o->leased, "N", "groups holding a task (<= --groups)", 0, 5000)->capture_default_str();
+  AddNumber(&app, "--jobs", &o->jobs, "N", "jobs submitted", 1, 1000)->capture_default_str();
+  AddNumber(&app, "--heartbeat-ms", &o->heartbeat_ms, "MS", "heartbeat period", 1, 60000)->capture_default_str();
+  AddNumber(&app, "--poll-interval-ms", &o->poll_interval_ms, "MS", "pause between polls", 0, 60000);
+  AddNumber(&app, "--list-every", &o->list_every, "K", "every K-th poll is a ListJobs", 0, 1000000)->capture_default_str();
+  AddNumber(&app, "--list-limit", &o->list_limit, "N", "ListJobs limit", 0, 10000)->capture_default_str();
+  app.add_option("--scratch", o->scratch, "scratch folder (default /tmp/aviary_status_bench_PID)");
+  app.add_flag("--keep", o->keep, "keep the scratch folder");
+  if (std::optional<int> code = aviary::common::ParseCommandLine(&app, {argv + 1, argv + argc})) return code;
+  const bool channels_given = channels->count() > 0;
+  if (o->coordinator_bin.empty() == o->coordinator.empty()) {
+    std::cerr << "status_bench: give exactly one of --coordinator-bin PATH (start one) or --coordinator H:P (use one)\n";
+    return 2;
   }
-  Options o;
-  o.coordinator_bin = flags.Get("coordinator-bin").value_or("");
-  o.coordinator = flags.Get("coordinator").value_or("");
-  o.token_file = flags.Get("token-file").value_or("");
-  if (o.coordinator_bin.empty() == o.coordinator.empty()) {
-    return absl::InvalidArgumentError(
-        "give exactly one of --coordinator-bin PATH (start one) or --coordinator H:P (use one)");
+  if (o->leased > o->groups) {
+    std::cerr << "status_bench: --leased " << o->leased << " is more than --groups " << o->groups << "\n";
+    return 2;
   }
-  AVIARY_ASSIGN_OR_RETURN(o.duration_s, flags.GetDouble("duration", 10));
-  if (!(o.duration_s > 0)) return absl::InvalidArgumentError("--duration must be > 0");
-  AVIARY_ASSIGN_OR_RETURN(long long pollers, flags.GetInt("pollers", 200, 1, 5000));
-  AVIARY_ASSIGN_OR_RETURN(long long channels, flags.GetInt("channels", pollers, 1, 5000));
-  AVIARY_ASSIGN_OR_RETURN(long long groups, flags.GetInt("groups", 50, 0, 5000));
-  AVIARY_ASSIGN_OR_RETURN(long long leased, flags.GetInt("leased", 8, 0, groups));
-  AVIARY_ASSIGN_OR_RETURN(long long jobs, flags.GetInt("jobs", 4, 1, 1000));
-  AVIARY_ASSIGN_OR_RETURN(long long hb, flags.GetInt("heartbeat-ms", 100, 1, 60000));
-  AVIARY_ASSIGN_OR_RETURN(long long pi, flags.GetInt("poll-interval-ms", 0, 0, 60000));
-  AVIARY_ASSIGN_OR_RETURN(long long le, flags.GetInt("list-every", 4, 0, 1000000));
-  AVIARY_ASSIGN_OR_RETURN(long long ll, flags.GetInt("list-limit", 20, 0, 10000));
-  o.pollers = static_cast<int>(pollers);
-  o.channels = static_cast<int>(std::min(channels, pollers));
-  o.groups = static_cast<int>(groups);
-  o.leased = static_cast<int>(leased);
-  o.jobs = static_cast<int>(jobs);
-  o.heartbeat_ms = static_cast<int>(hb);
-  o.poll_interval_ms = static_cast<int>(pi);
-  o.list_every = static_cast<int>(le);
-  o.list_limit = static_cast<int>(ll);
-  o.scratch = flags.Get("scratch").value_or(absl::StrCat("/tmp/aviary_status_bench_", ::getpid()));
-  o.keep = flags.GetBool("keep");
-  return o;
+  o->channels = channels_given ? std::min(o->channels, o->pollers) : o->pollers;
+  if (o->scratch.empty()) o->scratch = absl::StrCat("/tmp/aviary_status_bench_", ::getpid());
+  return std::nullopt;
 }
 
 absl::Status Run(const Options& options) {
@@ -537,17 +530,9 @@ absl::Status Run(const Options& options) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::StatusOr<Options> options = ParseOptions(argc, argv);
-  if (!options.ok()) {
-    std::cerr << "status_bench: " << options.status().message() << "\n"
-              << "usage: status_bench (--coordinator-bin build/bin/aviary-coordinator | "
-                 "--coordinator H:P --token-file F)\n"
-                 "       [--duration S] [--pollers N] [--channels N] [--groups N] [--leased N]\n"
-                 "       [--jobs N] [--heartbeat-ms MS] [--poll-interval-ms MS]\n"
-                 "       [--list-every K] [--list-limit N] [--scratch DIR] [--keep]\n";
-    return 2;
-  }
-  absl::Status status = Run(*options);
+  Options options;
+  if (std::optional<int> code = ParseOptions(argc, argv, &options)) return *code;
+  absl::Status status = Run(options);
   if (!status.ok()) {
     std::cerr << "status_bench: " << status.ToString() << "\n";
     return aviary::common::ExitCodeFor(status);

@@ -3,11 +3,11 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "common/catalog.h"
 #include "common/config.h"
-#include "common/flags.h"
 #include "common/plot.h"
 #include "common/status.h"
 #include "client/commands.h"
@@ -15,7 +15,6 @@
 namespace aviary::cli {
 namespace {
 
-using common::Flags;
 using common::PipelineConfig;
 using common::StageTable;
 
@@ -24,18 +23,19 @@ int Fail(const std::string& command, const absl::Status& status) {
   return ExitCodeFor(status);
 }
 
-absl::StatusOr<PipelineConfig> LoadConfig(const Flags& flags) {
-  AVIARY_ASSIGN_OR_RETURN(std::string path, flags.Require("config"));
-  return common::LoadPipelineConfig(path, flags.GetRepeated("set"));
-}
+// The flags of the dataset subcommands (each uses its own).
+struct DatasetArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string stage;
+  int fold = 0;
+  std::string out;
+  std::string plot;
+  bool all_classes = false;
+};
 
-absl::StatusOr<std::string> RequireStage(const Flags& flags) {
-  AVIARY_ASSIGN_OR_RETURN(std::string stage, flags.Require("stage"));
-  if (stage != "pretrain" && stage != "finetune") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--stage: unknown stage '", stage, "' (expected pretrain or finetune)"));
-  }
-  return stage;
+absl::StatusOr<PipelineConfig> LoadConfig(const DatasetArgs& args) {
+  return common::LoadPipelineConfig(args.config, args.overrides);
 }
 
 void PrintSourceReports(const StageTable& table) {
@@ -58,49 +58,32 @@ void PrintSourceReports(const StageTable& table) {
   }
 }
 
-int RunFolds(const std::vector<std::string>& args) {
-  Flags flags({"config", "stage", "out"}, {});
-  absl::Status st = flags.Parse(args);
-  if (!st.ok()) return Fail("folds", st);
-  auto config = LoadConfig(flags);
+int RunFolds(const DatasetArgs& args) {
+  auto config = LoadConfig(args);
   if (!config.ok()) return Fail("folds", config.status());
-  auto stage = RequireStage(flags);
-  if (!stage.ok()) return Fail("folds", stage.status());
-  auto out = flags.Require("out");
-  if (!out.ok()) return Fail("folds", out.status());
-  auto table = common::BuildStageTable(*config, *stage);
+  auto table = common::BuildStageTable(*config, args.stage);
   if (!table.ok()) return Fail("folds", table.status());
-  st = common::WriteFoldsCsv(*table, *out);
+  absl::Status st = common::WriteFoldsCsv(*table, args.out);
   if (!st.ok()) return Fail("folds", st);
   PrintSourceReports(*table);
-  std::cout << "wrote " << *out << " (" << table->samples.size() << " rows)\n";
+  std::cout << "wrote " << args.out << " (" << table->samples.size() << " rows)\n";
   return 0;
 }
 
-int RunTrainList(const std::vector<std::string>& args) {
-  Flags flags({"config", "stage", "fold", "out"}, {});
-  absl::Status st = flags.Parse(args);
-  if (!st.ok()) return Fail("train-list", st);
-  auto config = LoadConfig(flags);
+int RunTrainList(const DatasetArgs& args) {
+  auto config = LoadConfig(args);
   if (!config.ok()) return Fail("train-list", config.status());
-  auto stage = RequireStage(flags);
-  if (!stage.ok()) return Fail("train-list", stage.status());
-  auto out = flags.Require("out");
-  if (!out.ok()) return Fail("train-list", out.status());
-  if (!flags.Has("fold")) return Fail("train-list", absl::InvalidArgumentError("missing required flag --fold"));
-  auto fold = flags.GetInt("fold", 0, 0, 1000000);
-  if (!fold.ok()) return Fail("train-list", fold.status());
-  auto table = common::BuildStageTable(*config, *stage);
+  auto table = common::BuildStageTable(*config, args.stage);
   if (!table.ok()) return Fail("train-list", table.status());
-  auto list = common::BuildTrainList(*config, *table, static_cast<int>(*fold));
+  auto list = common::BuildTrainList(*config, *table, args.fold);
   if (!list.ok()) return Fail("train-list", list.status());
-  st = common::WriteTrainListCsv(*table, list->train, *out);
+  absl::Status st = common::WriteTrainListCsv(*table, list->train, args.out);
   if (!st.ok()) return Fail("train-list", st);
   PrintSourceReports(*table);
-  std::cout << "fold " << *fold << ": " << list->train.size() << " training rows (after "
+  std::cout << "fold " << args.fold << ": " << list->train.size() << " training rows (after "
             << (config->folds.cv_filter ? "cv_filter, " : "") << "upsample"
-            << (*stage == "pretrain" ? ", downsample" : "") << "), " << list->valid.size()
-            << " validation rows\nwrote " << *out << "\n";
+            << (args.stage == "pretrain" ? ", downsample" : "") << "), " << list->valid.size()
+            << " validation rows\nwrote " << args.out << "\n";
   return 0;
 }
 
@@ -180,11 +163,8 @@ absl::Status WriteSummaryPlot(const std::vector<StageTable>& tables, const std::
   return common::WritePng(figure, path);
 }
 
-int RunSummary(const std::vector<std::string>& args) {
-  Flags flags({"config", "plot"}, {"all-classes"});
-  absl::Status st = flags.Parse(args);
-  if (!st.ok()) return Fail("summary", st);
-  auto config = LoadConfig(flags);
+int RunSummary(const DatasetArgs& args) {
+  auto config = LoadConfig(args);
   if (!config.ok()) return Fail("summary", config.status());
   std::vector<StageTable> tables;
   for (const std::string& stage : {std::string("finetune"), std::string("pretrain")}) {
@@ -197,11 +177,11 @@ int RunSummary(const std::vector<std::string>& args) {
     auto table = common::BuildStageTable(*config, stage);
     if (!table.ok()) return Fail("summary", table.status());
     PrintSourceReports(*table);
-    PrintClassCounts(*table, *config, flags.GetBool("all-classes"));
+    PrintClassCounts(*table, *config, args.all_classes);
     tables.push_back(std::move(*table));
   }
-  if (auto plot = flags.Get("plot")) {
-    st = WriteSummaryPlot(tables, *plot);
+  if (const std::string* plot = args.plot.empty() ? nullptr : &args.plot) {
+    absl::Status st = WriteSummaryPlot(tables, *plot);
     if (!st.ok()) return Fail("summary", st);
     std::cout << "wrote " << *plot << "\n";
   }
@@ -210,18 +190,40 @@ int RunSummary(const std::vector<std::string>& args) {
 
 }  // namespace
 
-int RunDataset(const std::vector<std::string>& args) {
-  if (args.empty()) {
-    std::cerr << "aviary dataset: expected a subcommand: folds, train-list or summary\n";
-    return 2;
-  }
-  std::vector<std::string> rest(args.begin() + 1, args.end());
-  if (args[0] == "folds") return RunFolds(rest);
-  if (args[0] == "train-list") return RunTrainList(rest);
-  if (args[0] == "summary") return RunSummary(rest);
-  std::cerr << "aviary dataset: unknown subcommand '" << args[0]
-            << "' (expected folds, train-list or summary)\n";
-  return 2;
+void AddDatasetCommand(CLI::App* app, Runner* run) {
+  CLI::App* dataset = app->add_subcommand("dataset", "the stratified folds, a fold's training list, a summary");
+  dataset->group(kOfflineGroup);
+  dataset->require_subcommand(1);
+  auto args = std::make_shared<DatasetArgs>();
+  auto config_flags = [args](CLI::App* sub) {
+    sub->add_option("--config", args->config, "the pipeline YAML")->type_name("P.yaml")->required();
+    common::AddSetOption(sub, &args->overrides);
+  };
+  auto stage_flag = [args](CLI::App* sub) {
+    sub->add_option("--stage", args->stage, "pretrain or finetune")
+        ->type_name("S")
+        ->required()
+        ->check(common::OneOf({"pretrain", "finetune"}));
+  };
+  CLI::App* folds = dataset->add_subcommand("folds", "write the stage's samples with their fold (folds.csv)");
+  config_flags(folds);
+  stage_flag(folds);
+  folds->add_option("--out", args->out, "the CSV to write")->type_name("folds.csv")->required();
+  folds->callback([run, args] { *run = [args] { return RunFolds(*args); }; });
+
+  CLI::App* train_list =
+      dataset->add_subcommand("train-list", "write one fold's training rows (cv_filter, upsample, downsample)");
+  config_flags(train_list);
+  stage_flag(train_list);
+  common::AddNumber(train_list, "--fold", &args->fold, "K", "the validation fold", 0, 1000000)->required();
+  train_list->add_option("--out", args->out, "the CSV to write")->type_name("train.csv")->required();
+  train_list->callback([run, args] { *run = [args] { return RunTrainList(*args); }; });
+
+  CLI::App* summary = dataset->add_subcommand("summary", "the enabled stages' sources, rows dropped and classes");
+  config_flags(summary);
+  summary->add_option("--plot", args->plot, "also draw the class counts to a PNG")->type_name("out.png");
+  summary->add_flag("--all-classes", args->all_classes, "every class, not only the largest and smallest");
+  summary->callback([run, args] { *run = [args] { return RunSummary(*args); }; });
 }
 
 }  // namespace aviary::cli

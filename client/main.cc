@@ -7,19 +7,18 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
 
 #include "client/commands.h"
-#include "client/usage.h"
-#include "common/flags.h"
+#include "common/cli.h"
 #include "common/version.h"
 
 namespace {
-
-using aviary::cli::CommandKind;
 
 // Runs `aviary-worker COMMAND ARGS...` in place of this process (git-style): the commands that
 // need libtorch live in the worker program, found in the folder this program was started from,
@@ -40,7 +39,7 @@ int RunTool(const std::string& command, const std::vector<std::string>& args) {
     return 1;
   }
   std::vector<char*> argv;
-  std::string arg0 = "aviary-worker";
+  std::string arg0 = "aviary";  // aviary-worker then names its help "aviary mel", as typed
   std::string cmd = command;
   argv.push_back(arg0.data());
   argv.push_back(cmd.data());
@@ -59,74 +58,97 @@ int PrintVersion() {
   return 0;
 }
 
+constexpr char kFooter[] =
+    "Client commands talk to a coordinator: --coordinator, else $AVIARY_COORDINATOR, else\n"
+    "127.0.0.1:7070; token: --token-file, else $AVIARY_TOKEN_FILE, else $AVIARY_TOKEN; TLS:\n"
+    "--tls-ca or $AVIARY_TLS_CA. The global flags come before the command.\n"
+    "aviary COMMAND --help: the command's flags.\n";
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  using aviary::cli::FindCommand;
-  using aviary::cli::Usage;
+  using aviary::cli::kToolGroup;
   std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || args[0] == "-h" || args[0] == "--help") {
-    std::cout << Usage();
-    return args.empty() ? 2 : 0;
+  CLI::App app("aviary: submit and watch training jobs on an aviary coordinator, and the offline "
+               "dataset tools.",
+               "aviary");
+  aviary::common::ConfigureApp(&app);
+  app.require_subcommand(0, 1);
+  std::string coordinator, token_file, tls_ca;
+  double timeout_s = 30;
+  bool version = false;
+  CLI::Option* coordinator_flag =
+      app.add_option("--coordinator", coordinator, "the coordinator's address")->type_name("H:P");
+  CLI::Option* token_flag =
+      app.add_option("--token-file", token_file, "a file whose first line is the bearer token")->type_name("F");
+  CLI::Option* tls_flag =
+      app.add_option("--tls-ca", tls_ca, "CA certificate (PEM) of a coordinator that serves TLS")->type_name("F");
+  CLI::Option* timeout_flag =
+      aviary::common::AddNumber(&app, "--timeout", &timeout_s, "S", "seconds per call (default 30)", 0.001, 86400.0);
+  app.add_flag("--version", version, "the version, git commit and gRPC version");
+
+  aviary::cli::GlobalOptions global;
+  aviary::cli::Runner run;
+  aviary::cli::AddClientCommands(&app, &global, &run);
+  aviary::cli::AddSynthCommands(&app, &run);
+  aviary::cli::AddDatasetCommand(&app, &run);
+  aviary::cli::AddScoreCommand(&app, &run);
+  aviary::cli::AddPrepareCommand(&app, &run);
+  // The torch commands pass their arguments, --help included, to aviary-worker, which defines
+  // and parses their flags (worker/tools/tools.h).
+  for (const auto& [name, description] :
+       {std::pair<const char*, const char*>{"mel", "the model input of one clip as .npy"},
+        {"predict", "BirdCLEF submission: one row per window of every file, probabilities per class"}}) {
+    CLI::App* tool = app.add_subcommand(name, description)->group(kToolGroup)->prefix_command();
+    tool->set_help_flag();
+    tool->callback([&run, tool] {
+      run = [tool] { return RunTool(tool->get_name(), tool->remaining()); };
+    });
   }
-  if (args[0] == "--version") return PrintVersion();
-  if (args[0] == "help") {
-    if (args.size() < 2 || aviary::common::HelpRequested(args)) {
-      std::cout << Usage();
-      return 0;
-    }
-    const aviary::cli::CommandUsage* c = FindCommand(args[1]);
-    if (c == nullptr) {
-      std::cerr << "aviary help: unknown command '" << args[1] << "'\n\n" << Usage();
+  std::string help_topic;
+  CLI::App* help = app.add_subcommand("help", "this text, or one command's")->group(aviary::cli::kOfflineGroup);
+  help->add_option("command", help_topic, "a command")->type_name("COMMAND");
+  help->callback([&run, &app, &help_topic] {
+    run = [&app, &help_topic] {
+      if (help_topic.empty()) {
+        std::cout << app.help();
+        return 0;
+      }
+      for (CLI::App* sub : app.get_subcommands({})) {
+        if (sub->get_name() != help_topic) continue;
+        if (sub->get_group() == kToolGroup) return RunTool(help_topic, {"--help"});
+        std::cout << sub->help();
+        return 0;
+      }
+      std::cerr << "aviary help: unknown command '" << help_topic << "' (aviary --help lists them)\n";
       return 2;
+    };
+  });
+
+  app.footer(kFooter);  // after the subcommands, which would inherit it
+  if (args.empty()) {
+    std::cout << app.help();
+    return 2;
+  }
+  if (std::optional<int> code = aviary::common::ParseCommandLine(&app, args)) return *code;
+  if (version) return PrintVersion();
+  CLI::App* command = aviary::common::SelectedSubcommand(&app);
+  if (command == nullptr || !run) {
+    std::cerr << "aviary: missing command (aviary --help lists them)\n";
+    return 2;
+  }
+  if (command->get_group() != aviary::cli::kClientGroup) {
+    for (const CLI::Option* flag : {coordinator_flag, token_flag, tls_flag, timeout_flag}) {
+      if (flag->count() > 0) {
+        std::cerr << "aviary " << command->get_name() << ": " << flag->get_name()
+                  << " is a flag of the client commands, not of '" << command->get_name() << "'\n";
+        return 2;
+      }
     }
-    std::cout << aviary::cli::CommandHelp(*c);
-    return 0;
   }
-  // Global flags of the client come before the command.
-  std::vector<std::string> global;
-  size_t i = 0;
-  for (; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (a.compare(0, 2, "--") != 0) break;
-    const std::string name = a.substr(2, a.find('=') == std::string::npos ? std::string::npos
-                                                                            : a.find('=') - 2);
-    if (name != "coordinator" && name != "token-file" && name != "tls-ca" && name != "timeout") {
-      std::cerr << "aviary: unknown global flag " << a
-                << " (before the command: --coordinator, --token-file, --tls-ca, --timeout)\n";
-      return 2;
-    }
-    global.push_back(a);
-    // "--flag value" unless written "--flag=value".
-    if (a.find('=') == std::string::npos && i + 1 < args.size()) global.push_back(args[++i]);
-  }
-  if (i >= args.size()) {
-    std::cerr << "aviary: missing command after the global flags\n\n" << Usage();
-    return 2;
-  }
-  const std::string command = args[i];
-  std::vector<std::string> rest(args.begin() + i + 1, args.end());
-  const aviary::cli::CommandUsage* usage = FindCommand(command);
-  if (usage == nullptr || command == "help") {
-    std::cerr << "aviary: unknown command '" << command << "'\n\n" << Usage();
-    return 2;
-  }
-  if (aviary::common::HelpRequested(rest)) {
-    std::cout << aviary::cli::CommandHelp(*usage);
-    return 0;
-  }
-  if (usage->kind == CommandKind::kClient) return aviary::cli::RunClient(command, global, rest);
-  if (!global.empty()) {
-    std::cerr << "aviary " << command << ": INVALID_ARGUMENT: " << global[0]
-              << " is a flag of the client commands, not of '" << command << "'\n";
-    return 2;
-  }
-  if (usage->kind == CommandKind::kTool) return RunTool(command, rest);
-  if (command == "synth") return aviary::cli::RunSynth(rest);
-  if (command == "dataset") return aviary::cli::RunDataset(rest);
-  if (command == "score") return aviary::cli::RunScore(rest);
-  if (command == "prepare") return aviary::cli::RunPrepare(rest);
-  if (command == "synth-soundscapes") return aviary::cli::RunSynthSoundscapes(rest);
-  std::cerr << "aviary: command '" << command << "' has no handler\n";
-  return 1;
+  if (coordinator_flag->count() > 0) global.coordinator = coordinator;
+  if (token_flag->count() > 0) global.token_file = token_file;
+  if (tls_flag->count() > 0) global.tls_ca = tls_ca;
+  if (timeout_flag->count() > 0) global.timeout_s = timeout_s;
+  return run();
 }

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -19,7 +20,6 @@
 #include "absl/strings/str_format.h"
 #include "common/catalog.h"
 #include "common/config.h"
-#include "common/flags.h"
 #include "common/status.h"
 #include "client/commands.h"
 #include "worker/data/audio.h"
@@ -103,47 +103,32 @@ void PrintReport(const worker::PrepareReport& r) {
   }
 }
 
-}  // namespace
+struct PrepareArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string stage;  // empty: every enabled stage
+  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  double shard_mb = worker::kDefaultShardBytes / double(1 << 20);
+};
 
-int RunPrepare(const std::vector<std::string>& args) {
-  common::Flags flags({"config", "stage", "threads", "shard-mb"}, {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return Fail(st);
-  if (!flags.positional().empty()) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
-  auto config_path = flags.Require("config");
-  if (!config_path.ok()) return Fail(config_path.status());
-  auto config = common::LoadPipelineConfig(*config_path, flags.GetRepeated("set"));
+int RunPrepare(const PrepareArgs& args) {
+  auto config = common::LoadPipelineConfig(args.config, args.overrides);
   if (!config.ok()) return Fail(config.status());
   if (config->data.cache_dir.empty()) {
     return Fail(absl::InvalidArgumentError(
-        absl::StrCat(*config_path,
+        absl::StrCat(args.config,
                      ": data.cache_dir is empty: set it in the config or with --set "
                      "data.cache_dir=DIR (training reads the cache from there)")));
   }
   std::vector<std::string> stages;
-  if (auto stage = flags.Get("stage")) {
-    if (*stage != "pretrain" && *stage != "finetune") {
-      return Fail(absl::InvalidArgumentError(
-          absl::StrCat("--stage: unknown stage '", *stage, "' (expected pretrain or finetune)")));
-    }
-    stages.push_back(*stage);
+  if (!args.stage.empty()) {
+    stages.push_back(args.stage);
   } else {
     for (const std::string& stage : common::StageNames()) {
       if (!config->stages.at(stage).enabled) continue;
       if (stage == "pretrain" && config->data.pretrain_sources.empty()) continue;
       stages.push_back(stage);
     }
-  }
-  const long long hw = std::max(1u, std::thread::hardware_concurrency());
-  auto threads = flags.GetInt("threads", hw, 1, 1024);
-  if (!threads.ok()) return Fail(threads.status());
-  auto shard_mb = flags.GetDouble("shard-mb", worker::kDefaultShardBytes / double(1 << 20));
-  if (!shard_mb.ok()) return Fail(shard_mb.status());
-  if (!(*shard_mb > 0)) {
-    return Fail(
-        absl::InvalidArgumentError(absl::StrCat("--shard-mb ", *shard_mb, ": must be > 0")));
   }
   auto channels = worker::ParseChannelMode(config->data.channels);
   if (!channels.ok()) return Fail(channels.status());
@@ -161,14 +146,34 @@ int RunPrepare(const std::vector<std::string>& args) {
   options.cache_dir = config->data.cache_dir;
   options.sample_rate = config->data.sample_rate;
   options.channels = *channels;
-  options.num_threads = static_cast<int>(*threads);
-  options.shard_bytes = static_cast<int64_t>(*shard_mb * (1 << 20));
+  options.num_threads = args.threads;
+  options.shard_bytes = static_cast<int64_t>(args.shard_mb * (1 << 20));
   options.progress = [&printer](const worker::PrepareProgress& p) { printer.Update(p); };
   auto report = worker::PrepareAudioCache(paths, options);
   if (!report.ok()) return Fail(report.status());
   PrintReport(*report);
   std::cout << "wrote " << config->data.cache_dir << "/prepare_report.csv\n";
   return 0;
+}
+
+}  // namespace
+
+void AddPrepareCommand(CLI::App* app, Runner* run) {
+  auto args = std::make_shared<PrepareArgs>();
+  CLI::App* prepare = common::AddCommand(
+      app, "prepare", "decode the stages' audio into the cache (resumable)",
+      "Every file of the stage (default: every enabled stage) decoded once to data.sample_rate int16 "
+      "shards in data.cache_dir, which training then reads; files that cannot be decoded are reported.");
+  prepare->group(kOfflineGroup);
+  prepare->add_option("--config", args->config, "the pipeline YAML")->type_name("P.yaml")->required();
+  prepare->add_option("--stage", args->stage, "pretrain or finetune (default: every enabled stage)")
+      ->type_name("S")
+      ->check(common::OneOf({"pretrain", "finetune"}));
+  common::AddNumber(prepare, "--threads", &args->threads, "N", "decoders (default: every core)", 1, 1024);
+  common::AddNumber(prepare, "--shard-mb", &args->shard_mb, "M", "size of a cache shard, MiB", 0.001, 1e6)
+      ->capture_default_str();
+  common::AddSetOption(prepare, &args->overrides);
+  prepare->callback([run, args] { *run = [args] { return RunPrepare(*args); }; });
 }
 
 }  // namespace aviary::cli

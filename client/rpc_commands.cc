@@ -34,7 +34,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/flags.h"
+#include "common/cli.h"
 #include "common/plot.h"
 #include "common/status.h"
 #include "client/format.h"
@@ -99,16 +99,10 @@ absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string
   return token;
 }
 
-absl::StatusOr<ClientOptions> ParseClientOptions(const std::vector<std::string>& global_args) {
-  common::Flags flags({"coordinator", "token-file", "tls-ca", "timeout"}, {}, {});
-  AVIARY_RETURN_IF_ERROR(flags.Parse(global_args));
-  if (!flags.positional().empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "' before the command"));
-  }
+absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
   ClientOptions options;
-  if (auto v = flags.Get("coordinator")) {
-    options.coordinator = *v;
+  if (global.coordinator) {
+    options.coordinator = *global.coordinator;
   } else if (std::string env = Env("AVIARY_COORDINATOR"); !env.empty()) {
     options.coordinator = env;
   } else {
@@ -117,13 +111,13 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const std::vector<std::string>&
   if (options.coordinator.empty()) {
     return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
   }
-  AVIARY_ASSIGN_OR_RETURN(options.timeout_s, flags.GetDouble("timeout", kDefaultTimeoutS));
+  options.timeout_s = global.timeout_s.value_or(kDefaultTimeoutS);
   if (!(options.timeout_s > 0) || options.timeout_s > 86400) {
     return absl::InvalidArgumentError(
         absl::StrCat("--timeout ", options.timeout_s, ": expected seconds in (0, 86400]"));
   }
-  if (auto v = flags.Get("token-file")) {
-    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(*v, "--token-file"));
+  if (global.token_file) {
+    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(*global.token_file, "--token-file"));
   } else if (std::string env = Env("AVIARY_TOKEN_FILE"); !env.empty()) {
     AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(env, "AVIARY_TOKEN_FILE"));
   } else {
@@ -131,8 +125,8 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const std::vector<std::string>&
   }
   std::string ca_path;
   std::string ca_source;
-  if (auto v = flags.Get("tls-ca")) {
-    ca_path = *v;
+  if (global.tls_ca) {
+    ca_path = *global.tls_ca;
     ca_source = "--tls-ca";
   } else {
     ca_path = Env("AVIARY_TLS_CA");
@@ -235,24 +229,11 @@ absl::Status CheckJobId(const std::string& job_id) {
   return absl::OkStatus();
 }
 
-// Parses the command's own flags; exactly `positional` positional arguments.
-absl::Status ParseCommand(common::Flags* flags, const std::vector<std::string>& args,
-                          size_t positional, const char* what) {
-  AVIARY_RETURN_IF_ERROR(flags->Parse(args));
-  if (flags->positional().size() != positional) {
-    return absl::InvalidArgumentError(absl::StrCat("expected ", what, ", got ",
-                                                   flags->positional().size(), " arguments"));
-  }
-  return absl::OkStatus();
-}
-
 // ---------------------------------------------------------------------------------------------
 // submit P.yaml [--set k=v ...] [--name N]
 
-absl::Status Submit(Client& client, const std::vector<std::string>& args) {
-  common::Flags flags({"name"}, {}, {"set"});
-  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one pipeline YAML (submit P.yaml)"));
-  const std::string path = flags.positional()[0];
+absl::Status Submit(Client& client, const ClientArgs& args) {
+  const std::string& path = args.target;
   AVIARY_ASSIGN_OR_RETURN(std::string yaml, ReadWholeFile(path, "pipeline config"));
   std::error_code ec;
   fs::path cwd = fs::current_path(ec);
@@ -263,14 +244,8 @@ absl::Status Submit(Client& client, const std::vector<std::string>& args) {
   fs::path absolute = fs::absolute(path, ec);
   v1::SubmitJobRequest request;
   request.set_pipeline_yaml(yaml);
-  for (const std::string& o : flags.GetRepeated("set")) {
-    if (o.find('=') == std::string::npos) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--set '", o, "': expected dotted.key=value"));
-    }
-    request.add_overrides(o);
-  }
-  request.set_name(flags.Get("name").value_or(""));
+  for (const std::string& o : args.overrides) request.add_overrides(o);  // checked by --set
+  request.set_name(args.name);
   request.set_source_path(ec ? path : absolute.lexically_normal().string());
   request.set_working_dir(cwd.string());
   v1::SubmitJobResponse response;
@@ -285,15 +260,13 @@ absl::Status Submit(Client& client, const std::vector<std::string>& args) {
 // ---------------------------------------------------------------------------------------------
 // status JOB [--json]
 
-absl::Status Status(Client& client, const std::vector<std::string>& args) {
-  common::Flags flags({}, {"json"}, {});
-  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (status JOB)"));
+absl::Status Status(Client& client, const ClientArgs& args) {
   v1::GetJobRequest request;
-  request.set_job_id(flags.positional()[0]);
+  request.set_job_id(args.target);
   AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
   v1::JobInfo job;
   AVIARY_RETURN_IF_ERROR(client.Call("GetJob", &v1::JobService::Stub::GetJob, request, &job));
-  if (flags.GetBool("json")) {
+  if (args.json) {
     google::protobuf::util::JsonPrintOptions options;
     options.preserve_proto_field_names = true;
     options.always_print_primitive_fields = true;
@@ -315,12 +288,9 @@ absl::Status Status(Client& client, const std::vector<std::string>& args) {
 // ---------------------------------------------------------------------------------------------
 // list [--limit N]
 
-absl::Status List(Client& client, const std::vector<std::string>& args) {
-  common::Flags flags({"limit"}, {}, {});
-  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 0, "no arguments (list [--limit N])"));
-  AVIARY_ASSIGN_OR_RETURN(long long limit, flags.GetInt("limit", 0, 0, 10000));
+absl::Status List(Client& client, const ClientArgs& args) {
   v1::ListJobsRequest request;
-  request.set_limit(static_cast<int32_t>(limit));
+  request.set_limit(args.limit);
   v1::ListJobsResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("ListJobs", &v1::JobService::Stub::ListJobs, request, &response));
@@ -342,11 +312,9 @@ absl::Status List(Client& client, const std::vector<std::string>& args) {
 // ---------------------------------------------------------------------------------------------
 // cancel JOB
 
-absl::Status Cancel(Client& client, const std::vector<std::string>& args) {
-  common::Flags flags({}, {}, {});
-  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (cancel JOB)"));
+absl::Status Cancel(Client& client, const ClientArgs& args) {
   v1::CancelJobRequest request;
-  request.set_job_id(flags.positional()[0]);
+  request.set_job_id(args.target);
   AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
   v1::CancelJobResponse response;
   AVIARY_RETURN_IF_ERROR(
@@ -421,24 +389,22 @@ absl::Status PlotHistory(const std::string& job_id, const std::vector<v1::Histor
   return common::WritePng(figure, path);
 }
 
-absl::Status History(Client& client, const std::vector<std::string>& args) {
-  common::Flags flags({"plot"}, {"csv"}, {});
-  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (history JOB)"));
+absl::Status History(Client& client, const ClientArgs& args) {
   v1::GetHistoryRequest request;
-  request.set_job_id(flags.positional()[0]);
+  request.set_job_id(args.target);
   AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
   v1::GetHistoryResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("GetHistory", &v1::JobService::Stub::GetHistory, request, &response));
   std::vector<v1::HistoryRow> rows(response.rows().begin(), response.rows().end());
-  if (flags.GetBool("csv")) {
+  if (args.csv) {
     std::cout << FormatHistoryCsv(rows);
   } else if (rows.empty()) {
     std::cerr << "job " << request.job_id() << " has no finished epochs yet\n";
   } else {
     std::cout << FormatHistoryTable(rows);
   }
-  if (auto plot = flags.Get("plot")) {
+  if (const std::string* plot = args.plot.empty() ? nullptr : &args.plot) {
     if (rows.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "--plot ", *plot, ": job ", request.job_id(), " has no finished epochs to plot"));
@@ -641,10 +607,8 @@ class FirstMessageWatchdog {
   std::thread thread_;  // last: starts after the members it uses
 };
 
-absl::StatusOr<int> Watch(Client& client, const std::vector<std::string>& args) {
-  common::Flags flags({}, {}, {});
-  AVIARY_RETURN_IF_ERROR(ParseCommand(&flags, args, 1, "one job id (watch JOB)"));
-  const std::string job_id = flags.positional()[0];
+absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
+  const std::string& job_id = args.target;
   AVIARY_RETURN_IF_ERROR(CheckJobId(job_id));
   const char* term = std::getenv("TERM");
   const bool tty = ::isatty(STDOUT_FILENO) && !(term && std::string(term) == "dumb");
@@ -729,19 +693,17 @@ absl::StatusOr<int> Watch(Client& client, const std::vector<std::string>& args) 
   return job.state() == v1::JOB_STATE_SUCCEEDED ? 0 : 1;
 }
 
-}  // namespace
-
-bool IsClientCommand(const std::string& command) {
-  return command == "submit" || command == "status" || command == "list" ||
-         command == "watch" || command == "cancel" || command == "history";
-}
-
-int RunClient(const std::string& command, const std::vector<std::string>& global_args,
-              const std::vector<std::string>& args) {
-  absl::StatusOr<ClientOptions> options = ParseClientOptions(global_args);
+int RunClient(const std::string& command, const GlobalOptions& global, const ClientArgs& args) {
+  absl::StatusOr<ClientOptions> options = ParseClientOptions(global);
   if (!options.ok()) {
     std::cerr << FormatClientError(command, options.status()) << "\n";
     return ClientExitCode(options.status().code());
+  }
+  if (command != "submit" && command != "list") {
+    if (absl::Status st = CheckJobId(args.target); !st.ok()) {
+      std::cerr << FormatClientError(command, st) << "\n";
+      return ClientExitCode(st.code());
+    }
   }
   Client client(*std::move(options));
   absl::StatusOr<int> code = 0;
@@ -768,6 +730,51 @@ int RunClient(const std::string& command, const std::vector<std::string>& global
     return ClientExitCode(status.code());
   }
   return code.ok() ? *code : 0;
+}
+
+}  // namespace
+
+void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) {
+  struct Command {
+    const char* name;
+    const char* positional;  // nullptr: none
+    const char* description;
+  };
+  const Command commands[] = {
+      {"submit", "P.yaml", "submit a pipeline; prints the job id last"},
+      {"status", "JOB", "the job and its tasks"},
+      {"list", nullptr, "jobs, newest first"},
+      {"watch", "JOB", "live progress; exit 0 when the job succeeds, else 1"},
+      {"cancel", "JOB", "cancel a job: its running tasks stop at their next step"},
+      {"history", "JOB", "epoch rows of every task; --plot: loss, val AUC and lr per task"},
+  };
+  for (const Command& c : commands) {
+    auto args = std::make_shared<ClientArgs>();
+    CLI::App* sub = app->add_subcommand(c.name, c.description)->group(kClientGroup);
+    sub->footer(common::WrapText(kClientFooter) + "\n");
+    const std::string name = c.name;
+    if (c.positional != nullptr) {
+      sub->add_option(c.positional, args->target,
+                      name == "submit" ? "the pipeline YAML file" : "the job id")
+          ->required();
+    }
+    if (name == "submit") {
+      common::AddSetOption(sub, &args->overrides, "override a key of the pipeline (repeatable)");
+      sub->add_option("--name", args->name, "a name for the job (shown by list)")->type_name("N");
+    } else if (name == "status") {
+      sub->add_flag("--json", args->json, "the JobInfo message as JSON (proto field names)");
+    } else if (name == "list") {
+      common::AddNumber(sub, "--limit", &args->limit, "N", "at most N jobs (0: the coordinator's limit)", 0,
+                        10000);
+    } else if (name == "history") {
+      sub->add_option("--plot", args->plot, "also draw loss, val AUC and learning rate to a PNG")
+          ->type_name("out.png");
+      sub->add_flag("--csv", args->csv, "CSV instead of the table");
+    }
+    sub->callback([run, global, args, name] {
+      *run = [global, args, name] { return RunClient(name, *global, *args); };
+    });
+  }
 }
 
 }  // namespace aviary::cli

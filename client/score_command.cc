@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -16,7 +17,6 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/csv.h"
-#include "common/flags.h"
 #include "common/metrics.h"
 #include "common/status.h"
 #include "client/commands.h"
@@ -202,24 +202,18 @@ std::string JsonNumber(const MetricValue& m) {
   return m.defined() ? absl::StrFormat("%.17g", m.value) : "null";
 }
 
-}  // namespace
+struct ScoreArgs {
+  std::string solution;
+  std::string submission;
+  bool json = false;
+};
 
-int RunScore(const std::vector<std::string>& args) {
+int RunScore(const ScoreArgs& args) {
   auto fail = [](const absl::Status& st) {
     std::cerr << "aviary score: " << st.message() << "\n";
     return ExitCodeFor(st);
   };
-  common::Flags flags({"solution", "submission"}, {"json"}, {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return fail(st);
-  if (!flags.positional().empty()) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
-  auto solution = flags.Require("solution");
-  if (!solution.ok()) return fail(solution.status());
-  auto submission = flags.Require("submission");
-  if (!submission.ok()) return fail(submission.status());
-  auto input = LoadScoringInput(*solution, *submission);
+  auto input = LoadScoringInput(args.solution, args.submission);
   if (!input.ok()) return fail(input.status());
   common::MatrixView<double> scores(input->scores, input->truth.rows, input->truth.cols);
   auto metrics = common::ComputeEvalMetrics(input->truth, scores);
@@ -231,7 +225,7 @@ int RunScore(const std::vector<std::string>& args) {
       {"micro_pr_auc", &metrics->val_auc},
       {"accuracy", &metrics->val_acc},
   };
-  if (flags.GetBool("json")) {
+  if (args.json) {
     std::string undefined;
     std::string out = absl::StrCat("{\"rows\": ", input->truth.rows,
                                    ", \"classes\": ", input->truth.cols,
@@ -257,6 +251,25 @@ int RunScore(const std::vector<std::string>& args) {
                                              : absl::StrCat("nan (", m.undefined_reason, ")"));
   }
   return 0;
+}
+
+}  // namespace
+
+void AddScoreCommand(CLI::App* app, Runner* run) {
+  auto args = std::make_shared<ScoreArgs>();
+  CLI::App* score = common::AddCommand(
+      app, "score", "the validation metrics of a submission",
+      "BirdCLEF 2024's macro ROC-AUC, padded cmAP (5 rows), micro PR-AUC (val_auc) and accuracy; rows "
+      "matched by row_id, columns by name.");
+  score->group(kOfflineGroup);
+  score->add_option("--solution", args->solution, "the truth: row_id and one 0/1 column per class")
+      ->type_name("S.csv")
+      ->required();
+  score->add_option("--submission", args->submission, "the prediction: row_id and one column per class")
+      ->type_name("P.csv")
+      ->required();
+  score->add_flag("--json", args->json, "one JSON object");
+  score->callback([run, args] { *run = [args] { return RunScore(*args); }; });
 }
 
 }  // namespace aviary::cli

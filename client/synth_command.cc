@@ -1,50 +1,22 @@
-// aviary synth --out DIR --layout L --species N --recordings M --seed S
+// aviary synth and aviary synth-soundscapes: the synthetic corpus writer (common/synth.h).
+#include <memory>
 #include <iostream>
 #include <map>
 
 #include "absl/strings/str_cat.h"
-#include "common/flags.h"
 #include "common/layouts.h"
 #include "common/synth.h"
 #include "client/commands.h"
 
 namespace aviary::cli {
 
-int RunSynth(const std::vector<std::string>& args) {
+namespace {
+
+int RunSynth(const common::SynthOptions& options) {
   auto fail = [](const absl::Status& st) {
     std::cerr << "aviary synth: " << st.message() << "\n";
     return ExitCodeFor(st);
   };
-  common::Flags flags({"out", "layout", "species", "recordings", "seed", "max-seconds"},
-                      {"no-broken"}, {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return fail(st);
-  if (!flags.positional().empty()) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
-  common::SynthOptions options;
-  auto out = flags.Require("out");
-  if (!out.ok()) return fail(out.status());
-  options.out_dir = *out;
-  auto layout_name = flags.Require("layout");
-  if (!layout_name.ok()) return fail(layout_name.status());
-  auto layout = common::ParseLayout(*layout_name);
-  if (!layout.ok()) return fail(absl::InvalidArgumentError(absl::StrCat("--layout: ", layout.status().message())));
-  options.layout = *layout;
-  auto species = flags.GetInt("species", options.species, 1, 999);
-  if (!species.ok()) return fail(species.status());
-  auto recordings = flags.GetInt("recordings", options.recordings, 1, 99999);
-  if (!recordings.ok()) return fail(recordings.status());
-  auto seed = flags.GetInt("seed", options.seed, 0, 4294967295LL);
-  if (!seed.ok()) return fail(seed.status());
-  auto max_seconds = flags.GetDouble("max-seconds", options.max_seconds);
-  if (!max_seconds.ok()) return fail(max_seconds.status());
-  options.species = static_cast<int>(*species);
-  options.recordings = static_cast<int>(*recordings);
-  options.seed = static_cast<uint32_t>(*seed);
-  options.max_seconds = *max_seconds;
-  options.broken_files = !flags.GetBool("no-broken");
-
   auto report = common::WriteSyntheticCorpus(options);
   if (!report.ok()) return fail(report.status());
   std::map<std::string, int> kinds;
@@ -65,42 +37,72 @@ int RunSynth(const std::vector<std::string>& args) {
   return 0;
 }
 
-int RunSynthSoundscapes(const std::vector<std::string>& args) {
+int RunSynthSoundscapes(const common::SoundscapeOptions& options) {
   auto fail = [](const absl::Status& st) {
     std::cerr << "aviary synth-soundscapes: " << st.message() << "\n";
     return ExitCodeFor(st);
   };
-  common::Flags flags({"out", "species", "count", "seconds", "window", "seed"}, {}, {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return fail(st);
-  if (!flags.positional().empty()) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
-  common::SoundscapeOptions options;
-  auto out = flags.Require("out");
-  if (!out.ok()) return fail(out.status());
-  options.out_dir = *out;
-  auto species = flags.GetInt("species", options.species, 1, 999);
-  if (!species.ok()) return fail(species.status());
-  auto count = flags.GetInt("count", options.count, 1, 9999);
-  if (!count.ok()) return fail(count.status());
-  auto seconds = flags.GetDouble("seconds", options.seconds);
-  if (!seconds.ok()) return fail(seconds.status());
-  auto window = flags.GetDouble("window", options.window_s);
-  if (!window.ok()) return fail(window.status());
-  auto seed = flags.GetInt("seed", options.seed, 0, 4294967295LL);
-  if (!seed.ok()) return fail(seed.status());
-  options.species = static_cast<int>(*species);
-  options.count = static_cast<int>(*count);
-  options.seconds = *seconds;
-  options.window_s = *window;
-  options.seed = static_cast<uint32_t>(*seed);
   auto report = common::WriteSyntheticSoundscapes(options);
   if (!report.ok()) return fail(report.status());
   std::cout << "wrote " << report->files.size() << " soundscape(s) to " << options.out_dir
             << "/soundscapes and " << report->solution_path << ": " << report->rows << " rows, "
             << report->classes.size() << " classes, " << report->calls << " calls\n";
   return 0;
+}
+
+}  // namespace
+
+void AddSynthCommands(CLI::App* app, Runner* run) {
+  auto corpus = std::make_shared<common::SynthOptions>();
+  auto layout = std::make_shared<std::string>();
+  auto no_broken = std::make_shared<bool>(false);
+  CLI::App* synth = common::AddCommand(
+      app, "synth", "write a synthetic corpus in one layout",
+      "Real ogg/mp3 files and the metadata CSV of the layout; a few broken files (empty, truncated, "
+      "silent, not audio) unless --no-broken.");
+  synth->group(kOfflineGroup);
+  synth->add_option("--out", corpus->out_dir, "the corpus folder")->type_name("DIR")->required();
+  synth->add_option("--layout", *layout, "the metadata layout: 2024, 2023, 2022, 2021, 2020 or xc")
+      ->type_name("L")
+      ->required();
+  common::AddNumber(synth, "--species", &corpus->species, "N", "classes", 1, 999)->capture_default_str();
+  common::AddNumber(synth, "--recordings", &corpus->recordings, "M", "rows", 1, 99999)->capture_default_str();
+  common::AddNumber<uint32_t>(synth, "--seed", &corpus->seed, "S", "random seed", 0, 4294967295u)
+      ->capture_default_str();
+  common::AddNumber(synth, "--max-seconds", &corpus->max_seconds, "X", "longest recording, seconds (> 1, <= 600)")
+      ->capture_default_str();
+  synth->add_flag("--no-broken", *no_broken, "no broken audio files (by default a few are written, and listed)");
+  synth->callback([run, corpus, layout, no_broken] {
+    *run = [corpus, layout, no_broken] {
+      auto parsed = common::ParseLayout(*layout);
+      if (!parsed.ok()) {
+        std::cerr << "aviary synth: --layout: " << parsed.status().message() << "\n";
+        return 2;
+      }
+      common::SynthOptions options = *corpus;
+      options.layout = *parsed;
+      options.broken_files = !*no_broken;
+      return RunSynth(options);
+    };
+  });
+
+  auto scapes = std::make_shared<common::SoundscapeOptions>();
+  CLI::App* soundscapes = common::AddCommand(
+      app, "synth-soundscapes", "long recordings of known calls and their solution.csv",
+      "DIR/soundscapes/ holds 32 kHz ogg recordings of the synthetic species' calls at known windows (0, "
+      "1 or 2 species per window) over background noise; DIR/solution.csv their truth in BirdCLEF "
+      "solution format.");
+  soundscapes->group(kOfflineGroup);
+  soundscapes->add_option("--out", scapes->out_dir, "the output folder")->type_name("DIR")->required();
+  common::AddNumber(soundscapes, "--species", &scapes->species, "N", "classes", 1, 999)->capture_default_str();
+  common::AddNumber(soundscapes, "--count", &scapes->count, "M", "soundscapes", 1, 9999)->capture_default_str();
+  common::AddNumber(soundscapes, "--seconds", &scapes->seconds, "S", "length of each, seconds (1..3600)")
+      ->capture_default_str();
+  common::AddNumber(soundscapes, "--window", &scapes->window_s, "W", "window of the solution rows, seconds")
+      ->capture_default_str();
+  common::AddNumber<uint32_t>(soundscapes, "--seed", &scapes->seed, "S", "random seed", 0, 4294967295u)
+      ->capture_default_str();
+  soundscapes->callback([run, scapes] { *run = [scapes] { return RunSynthSoundscapes(*scapes); }; });
 }
 
 }  // namespace aviary::cli

@@ -5,12 +5,13 @@
 #include <signal.h>
 
 #include <iostream>
-#include <set>
+#include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/flags.h"
+#include "common/cli.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/version.h"
@@ -20,26 +21,23 @@
 
 namespace {
 
-constexpr char kUsage[] =
-    "usage: aviary-coordinator [--config configs/coordinator.yaml] [--set key=value ...]\n"
-    "         [--listen HOST:PORT] [--port-file F] [--metrics-listen HOST:PORT]\n"
-    "         [--metrics-port-file F] [--database F] [--work-dir D] [--token-file F]\n"
-    "         [--heartbeat-timeout-s S] [--max-restarts N] [--log-level L]\n"
-    "       aviary-coordinator init DIR\n"
-    "       aviary-coordinator --version\n"
-    "Serves JobService and WorkerService over gRPC and /metrics for Prometheus.\n"
-    "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly.\n"
-    "init DIR: a state folder for a first run: DIR/token (a new random bearer token, mode\n"
-    "600), DIR/coordinator.yaml (database, work_dir and token_file in DIR) and DIR/runs/;\n"
-    "then: aviary-coordinator --config DIR/coordinator.yaml. Never overwrites.\n";
+constexpr char kDescription[] =
+    "aviary-coordinator: serves JobService and WorkerService over gRPC and /metrics for Prometheus.\n"
+    "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly.";
+
+// The value shown for each key flag in --help.
+const char* FlagTypeName(const std::string& flag) {
+  if (flag == "listen" || flag == "metrics-listen") return "HOST:PORT";
+  if (flag == "work-dir") return "D";
+  if (flag == "heartbeat-timeout-s") return "S";
+  if (flag == "max-restarts") return "N";
+  if (flag == "log-level") return "L";
+  return "F";
+}
 
 // `aviary-coordinator init DIR`.
-int RunInit(const std::vector<std::string>& args) {
-  if (args.size() != 1 || args[0].empty() || args[0][0] == '-') {
-    std::cerr << "aviary-coordinator init: expected one folder (aviary-coordinator init DIR)\n";
-    return 2;
-  }
-  auto result = aviary::coordinator::InitStateDir(args[0]);
+int RunInit(const std::string& dir) {
+  auto result = aviary::coordinator::InitStateDir(dir);
   if (!result.ok()) {
     std::cerr << "aviary-coordinator " << result.status().message() << "\n";
     return aviary::common::ExitCodeFor(result.status());
@@ -61,45 +59,49 @@ int Fail(const std::string& what, const absl::Status& status, int code) {
 int main(int argc, char** argv) {
   using aviary::coordinator::ConfigOverride;
   std::vector<std::string> args(argv + 1, argv + argc);
-  if (!args.empty() && args[0] == "--version") {
+  CLI::App app(kDescription, "aviary-coordinator");
+  aviary::common::ConfigureApp(&app);
+  app.require_subcommand(0, 1);
+  std::string config_path;
+  std::vector<std::string> sets;
+  bool version = false;
+  app.add_option("--config", config_path, "the coordinator's YAML (configs/coordinator.yaml)")->type_name("F");
+  aviary::common::AddSetOption(&app, &sets, "override a key of the config (repeatable)");
+  std::vector<std::pair<std::string, CLI::Option*>> key_flags;  // key, its flag
+  std::vector<std::string> values(aviary::coordinator::CoordinatorFlagKeys().size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    const auto& [flag, key] = aviary::coordinator::CoordinatorFlagKeys()[i];
+    key_flags.emplace_back(key, app.add_option("--" + flag, values[i], "the config key " + key)
+                                    ->type_name(FlagTypeName(flag)));
+  }
+  app.add_flag("--version", version, "the version and git commit");
+  std::string init_dir;
+  CLI::App* init = aviary::common::AddCommand(
+      &app, "init", "write a state folder for a first run",
+      "DIR/token (a new random bearer token, mode 600), DIR/coordinator.yaml (database, work_dir and "
+      "token_file in DIR) and DIR/runs/; then: aviary-coordinator --config DIR/coordinator.yaml. Never "
+      "overwrites.");
+  init->add_option("DIR", init_dir, "the state folder")->type_name("")->required();
+  if (std::optional<int> code = aviary::common::ParseCommandLine(&app, args)) return *code;
+  if (version) {
     std::cout << "aviary-coordinator " << aviary::common::Version() << " (git " << aviary::common::GitCommit()
               << "); no libtorch\n";
     return 0;
   }
-  if (!args.empty() && args[0] == "init" && !aviary::common::HelpRequested(args)) {
-    return RunInit(std::vector<std::string>(args.begin() + 1, args.end()));
-  }
-  for (const std::string& arg : args) {
-    if (arg == "-h" || arg == "--help") {
-      std::cout << kUsage;
-      return 0;
-    }
-  }
-  std::set<std::string> value_flags{"config"};
-  for (const auto& [flag, key] : aviary::coordinator::CoordinatorFlagKeys()) value_flags.insert(flag);
-  aviary::common::Flags flags(value_flags, {});
-  absl::Status parsed = flags.Parse(args);
-  if (!parsed.ok()) {
-    std::cerr << "aviary-coordinator: " << parsed.message() << "\n\n" << kUsage;
-    return 2;
-  }
-  if (!flags.positional().empty()) {
-    std::cerr << "aviary-coordinator: unexpected argument '" << flags.positional().front()
-              << "'\n\n" << kUsage;
-    return 2;
-  }
+  if (init->parsed()) return RunInit(init_dir);
   std::vector<ConfigOverride> overrides;
-  for (const std::string& text : flags.GetRepeated("set")) {
+  for (const std::string& text : sets) {
     auto override_value = aviary::coordinator::ParseSetOverride(text);
     if (!override_value.ok()) return Fail("config", override_value.status(), 2);
     overrides.push_back(*override_value);
   }
-  for (const auto& [flag, key] : aviary::coordinator::CoordinatorFlagKeys()) {
-    if (auto value = flags.Get(flag)) {
-      overrides.push_back({key, *value, absl::StrCat("--", flag, " ", *value)});
+  for (size_t i = 0; i < key_flags.size(); ++i) {
+    const auto& [key, option] = key_flags[i];
+    if (option->count() > 0) {
+      overrides.push_back({key, values[i], absl::StrCat(option->get_name(), " ", values[i])});
     }
   }
-  auto config = aviary::coordinator::LoadCoordinatorConfig(flags.Get("config").value_or(""), overrides);
+  auto config = aviary::coordinator::LoadCoordinatorConfig(config_path, overrides);
   if (!config.ok()) return Fail("config", config.status(), 2);
   aviary::common::LogLevel level = aviary::common::LogLevel::kInfo;
   (void)aviary::common::ParseLogLevel(config->log_level, &level);  // validated already

@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,7 +28,7 @@
 #include "absl/strings/ascii.h"
 #include "common/csv.h"
 #include "common/config.h"
-#include "common/flags.h"
+#include "common/cli.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/version.h"
@@ -37,60 +39,6 @@
 #include "worker/trainer.h"
 
 namespace {
-
-struct CommandUsage {
-  const char* name;
-  const char* text;
-};
-
-// The usage text, written once: `aviary-worker --help` prints every entry, `aviary-worker CMD
-// --help` one. mel and predict are the client's commands (their usage: client/usage.cc).
-constexpr CommandUsage kCommands[] = {
-    {"train",
-     "  train --config P.yaml --stage S --fold K --out RUN [--init CKPT] [--no-resume]\n"
-     "        [--device auto|cpu|cuda] [--threads N] [--log-level debug|info|warning|error]\n"
-     "        [--set key=value ...]\n"
-     "        one stage of one fold on this machine; RUN gets history.csv, best.pt, last.pt,\n"
-     "        config.yaml and history.png; a RUN holding last.pt is resumed\n"
-     "        under `mpirun -np N`, every rank is a replica (data parallel, comm.* settings)\n"},
-    {"allreduce-bench",
-     "  allreduce-bench [--min-bytes 1024] [--max-bytes 1073741824] [--dtype float32|bf16]\n"
-     "        [--device cpu|cuda] [--backend auto|mpi|nccl] [--timeout-s 600]\n"
-     "        all-reduce time, algbw and busbw (nccl-tests definitions) per size, under mpirun\n"},
-    {"serve",
-     "  serve --coordinator HOST:PORT [--token-file F] [--tls-ca F] [--metrics-listen ADDR]\n"
-     "        [--metrics-port-file F] [--device auto|cpu|cuda] [--threads N] [--max-tasks N]\n"
-     "        [--connect-timeout-s S] [--log-level debug|info|warning|error]\n"
-     "        a worker group (under `mpirun -np N`, or one process): leases tasks from the\n"
-     "        coordinator and trains them; the token comes from --token-file, else the file in\n"
-     "        AVIARY_TOKEN_FILE, else AVIARY_TOKEN; TLS with --tls-ca (or AVIARY_TLS_CA);\n"
-     "        /metrics on --metrics-listen (default 0.0.0.0:9471; port 0 picks one; \"\" disables);\n"
-     "        --max-tasks N exits 0 after N tasks (0: forever); --connect-timeout-s S exits 1 when\n"
-     "        the coordinator cannot be reached for S s (0: retry forever); SIGTERM/SIGINT stop\n"
-     "        the task at the next step (reported to the coordinator as preempted: the task is\n"
-     "        leased again and resumes from its last checkpoint) and exit 0\n"},
-    {"mel", "  mel ...  the implementation of `aviary mel` (usage: aviary mel --help)\n"},
-    {"predict", "  predict ...  the implementation of `aviary predict` (usage: aviary predict --help)\n"},
-};
-
-constexpr char kUsageHead[] =
-    "usage: aviary-worker <command> [args]\n"
-    "       aviary-worker <command> --help | aviary-worker --version\n"
-    "\n"
-    "commands:\n";
-
-std::string Usage() {
-  std::string out = kUsageHead;
-  for (const CommandUsage& c : kCommands) out += c.text;
-  return out;
-}
-
-const CommandUsage* FindCommand(const std::string& name) {
-  for (const CommandUsage& c : kCommands) {
-    if (name == c.name) return &c;
-  }
-  return nullptr;
-}
 
 int PrintVersion() {
   std::cout << "aviary-worker " << aviary::common::Version() << " (git " << aviary::common::GitCommit() << ")\n"
@@ -135,44 +83,32 @@ c10::Device RankDevice(bool cuda) {
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(count > 0 ? local % count : 0));
 }
 
-int RunTrain(const std::vector<std::string>& args) {
-  aviary::common::Flags flags({"config", "stage", "fold", "out", "init", "device", "threads", "log-level"},
-                              {"no-resume"});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return Fail("train", st);
-  if (!flags.positional().empty()) {
-    return Fail("train", absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
-  if (auto level = flags.Get("log-level")) {
-    aviary::common::LogLevel l;
-    if (absl::Status st = aviary::common::ParseLogLevel(*level, &l); !st.ok()) return Fail("train", st);
-    aviary::common::SetLogLevel(l);
-  }
-  auto config_path = flags.Require("config");
-  if (!config_path.ok()) return Fail("train", config_path.status());
-  auto config = aviary::common::LoadPipelineConfig(*config_path, flags.GetRepeated("set"));
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  aviary::worker::TrainOptions options;  // stage, fold, out_dir, init_checkpoint
+  bool no_resume = false;
+  std::string device = "auto";
+  int threads = 0;  // 0: DefaultThreads()
+  std::string log_level;
+};
+
+absl::Status ApplyLogLevel(const std::string& level) {
+  if (level.empty()) return absl::OkStatus();
+  aviary::common::LogLevel l;
+  AVIARY_RETURN_IF_ERROR(aviary::common::ParseLogLevel(level, &l));
+  aviary::common::SetLogLevel(l);
+  return absl::OkStatus();
+}
+
+int RunTrain(const TrainArgs& args) {
+  if (absl::Status st = ApplyLogLevel(args.log_level); !st.ok()) return Fail("train", st);
+  auto config = aviary::common::LoadPipelineConfig(args.config, args.overrides);
   if (!config.ok()) return Fail("train", config.status());
-  aviary::worker::TrainOptions options;
-  auto stage = flags.Require("stage");
-  if (!stage.ok()) return Fail("train", stage.status());
-  options.stage = *stage;
-  auto out = flags.Require("out");
-  if (!out.ok()) return Fail("train", out.status());
-  options.out_dir = *out;
-  if (!flags.Has("fold")) return Fail("train", absl::InvalidArgumentError("missing required flag --fold"));
-  auto fold = flags.GetInt("fold", 0, 0, 1000000);
-  if (!fold.ok()) return Fail("train", fold.status());
-  options.fold = static_cast<int>(*fold);
-  options.init_checkpoint = flags.Get("init").value_or("");
-  options.resume = !flags.GetBool("no-resume");
-  const std::string device = flags.Get("device").value_or("auto");
-  if (device == "cuda" || (device == "auto" && at::hasCUDA())) {
-    options.device = RankDevice(true);
-  } else if (device != "cpu" && device != "auto") {
-    return Fail("train", absl::InvalidArgumentError(absl::StrCat("--device: expected auto, cpu or cuda, got '", device, "'")));
-  }
-  auto threads = flags.GetInt("threads", DefaultThreads(), 1, 1024);
-  if (!threads.ok()) return Fail("train", threads.status());
-  at::set_num_threads(static_cast<int>(*threads));
+  aviary::worker::TrainOptions options = args.options;
+  options.resume = !args.no_resume;
+  if (args.device == "cuda" || (args.device == "auto" && at::hasCUDA())) options.device = RankDevice(true);
+  at::set_num_threads(args.threads > 0 ? args.threads : DefaultThreads());
   options.progress_bar = ::isatty(STDERR_FILENO) != 0 && (g_session == nullptr || g_session->rank() == 0);
   std::unique_ptr<aviary::worker::comm::Communicator> comm;
   if (g_session != nullptr) {  // under mpirun, even -np 1 (the all-reduce path's cost)
@@ -216,29 +152,22 @@ int ServeFail(const absl::Status& st) {
   return aviary::common::ExitCodeFor(st);
 }
 
-int RunServe(const std::vector<std::string>& args) {
-  aviary::common::Flags flags({"coordinator", "token-file", "tls-ca", "metrics-listen", "metrics-port-file",
-                               "device", "threads", "log-level", "max-tasks", "connect-timeout-s"},
-                              {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return ServeFail(st);
-  if (!flags.positional().empty()) {
-    return ServeFail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
-  if (auto level = flags.Get("log-level")) {
-    aviary::common::LogLevel l;
-    if (absl::Status st = aviary::common::ParseLogLevel(*level, &l); !st.ok()) return ServeFail(st);
-    aviary::common::SetLogLevel(l);
-  }
-  aviary::worker::AgentOptions options;
-  auto coordinator = flags.Require("coordinator");
-  if (!coordinator.ok()) return ServeFail(coordinator.status());
-  options.coordinator = *coordinator;
+struct ServeArgs {
+  aviary::worker::AgentOptions options;  // coordinator, metrics, device, threads, max_tasks, ...
+  std::string token_file;
+  std::string tls_ca;
+  std::string log_level;
+};
+
+int RunServe(const ServeArgs& args) {
+  if (absl::Status st = ApplyLogLevel(args.log_level); !st.ok()) return ServeFail(st);
+  aviary::worker::AgentOptions options = args.options;
   if (options.coordinator.find(':') == std::string::npos) {
     return ServeFail(absl::InvalidArgumentError(
         absl::StrCat("--coordinator: expected HOST:PORT, got '", options.coordinator, "'")));
   }
-  if (auto file = flags.Get("token-file")) {
-    auto token = ReadToken(*file, "--token-file");
+  if (!args.token_file.empty()) {
+    auto token = ReadToken(args.token_file, "--token-file");
     if (!token.ok()) return ServeFail(token.status());
     options.token = *token;
   } else if (const char* env = std::getenv("AVIARY_TOKEN_FILE"); env != nullptr && *env != '\0') {
@@ -248,7 +177,7 @@ int RunServe(const std::vector<std::string>& args) {
   } else if (const char* env = std::getenv("AVIARY_TOKEN"); env != nullptr) {
     options.token = std::string(absl::StripAsciiWhitespace(env));
   }
-  std::string ca = flags.Get("tls-ca").value_or("");
+  std::string ca = args.tls_ca;
   if (ca.empty()) {
     if (const char* env = std::getenv("AVIARY_TLS_CA"); env != nullptr) ca = env;
   }
@@ -257,21 +186,6 @@ int RunServe(const std::vector<std::string>& args) {
     if (!pem.ok()) return ServeFail(aviary::common::Annotate(pem.status(), "--tls-ca"));
     options.tls_ca_pem = *pem;
   }
-  options.metrics_listen = flags.Get("metrics-listen").value_or("0.0.0.0:9471");
-  options.metrics_port_file = flags.Get("metrics-port-file").value_or("");
-  options.device = flags.Get("device").value_or("auto");
-  auto threads = flags.GetInt("threads", 0, 0, 1024);
-  if (!threads.ok()) return ServeFail(threads.status());
-  options.threads = static_cast<int>(*threads);
-  auto max_tasks = flags.GetInt("max-tasks", 0, 0, 1000000000);
-  if (!max_tasks.ok()) return ServeFail(max_tasks.status());
-  options.max_tasks = static_cast<int>(*max_tasks);
-  auto connect_timeout = flags.GetDouble("connect-timeout-s", 0);
-  if (!connect_timeout.ok()) return ServeFail(connect_timeout.status());
-  if (!(*connect_timeout >= 0)) {
-    return ServeFail(absl::InvalidArgumentError(absl::StrCat("--connect-timeout-s: expected >= 0, got ", *connect_timeout)));
-  }
-  options.connect_timeout_s = *connect_timeout;
   // The agent ends the whole group itself (MPI_Abort) when ranks cannot agree; an error that
   // reaches here was shared by every rank.
   absl::Status st = aviary::worker::ServeAgent(options, *g_session);
@@ -279,31 +193,25 @@ int RunServe(const std::vector<std::string>& args) {
   return 0;
 }
 
-int RunAllreduceBench(const std::vector<std::string>& args) {
-  aviary::common::Flags flags({"min-bytes", "max-bytes", "dtype", "device", "backend", "timeout-s"}, {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return Fail("allreduce-bench", st);
+struct BenchArgs {
+  int64_t min_bytes = 1024;
+  int64_t max_bytes = int64_t{1} << 30;
+  std::string dtype = "float32";
+  std::string device = "cpu";
+  std::string backend = "auto";
+  int timeout_s = 600;
+};
+
+int RunAllreduceBench(const BenchArgs& args) {
   if (g_session == nullptr) {
     return Fail("allreduce-bench", absl::FailedPreconditionError("run it under mpirun (e.g. mpirun -np 2 aviary-worker allreduce-bench)"));
   }
-  auto min_bytes = flags.GetInt("min-bytes", 1024, 4, int64_t{1} << 34);
-  auto max_bytes = flags.GetInt("max-bytes", int64_t{1} << 30, 4, int64_t{1} << 34);
-  if (!min_bytes.ok()) return Fail("allreduce-bench", min_bytes.status());
-  if (!max_bytes.ok()) return Fail("allreduce-bench", max_bytes.status());
-  const std::string dtype_name = flags.Get("dtype").value_or("float32");
-  if (dtype_name != "float32" && dtype_name != "bf16") {
-    return Fail("allreduce-bench", absl::InvalidArgumentError(absl::StrCat("--dtype: expected float32 or bf16, got '", dtype_name, "'")));
-  }
+  const std::string& dtype_name = args.dtype;
   const at::ScalarType dtype = dtype_name == "bf16" ? at::kBFloat16 : at::kFloat;
-  const std::string device_name = flags.Get("device").value_or("cpu");
-  if (device_name != "cpu" && device_name != "cuda") {
-    return Fail("allreduce-bench", absl::InvalidArgumentError(absl::StrCat("--device: expected cpu or cuda, got '", device_name, "'")));
-  }
-  const c10::Device device = RankDevice(device_name == "cuda");
+  const c10::Device device = RankDevice(args.device == "cuda");
   aviary::common::CommConfig cc;
-  cc.backend = flags.Get("backend").value_or("auto");
-  auto timeout = flags.GetInt("timeout-s", 600, 1, 86400);
-  if (!timeout.ok()) return Fail("allreduce-bench", timeout.status());
-  cc.timeout_s = static_cast<double>(*timeout);
+  cc.backend = args.backend;
+  cc.timeout_s = static_cast<double>(args.timeout_s);
   at::set_num_threads(DefaultThreads());
   auto comm = aviary::worker::comm::CreateCommunicator(cc, *g_session, device);
   if (!comm.ok()) return Fail("allreduce-bench", comm.status());
@@ -316,7 +224,7 @@ int RunAllreduceBench(const std::vector<std::string>& args) {
     std::printf("# algbw = size / time; busbw = algbw * 2(n-1)/n (nccl-tests); time = max over ranks\n");
     std::printf("%14s %12s %8s %12s %12s %12s\n", "size_bytes", "count", "iters", "time_us", "algbw_GB/s", "busbw_GB/s");
   }
-  for (int64_t bytes = *min_bytes; bytes <= *max_bytes; bytes *= 4) {
+  for (int64_t bytes = args.min_bytes; bytes <= args.max_bytes; bytes *= 4) {
     const int64_t count = std::max<int64_t>(1, bytes / elem);
     at::Tensor t = at::ones({count}, at::TensorOptions().dtype(dtype).device(device));
     const int iters = static_cast<int>(std::clamp<int64_t>((int64_t{64} << 20) / bytes, 3, 200));
@@ -342,49 +250,138 @@ int RunAllreduceBench(const std::vector<std::string>& args) {
   return 0;
 }
 
+// The subcommands' flags, on `app`; the one the command line names sets *run.
+void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
+  using aviary::common::AddNumber;
+  using aviary::common::OneOf;
+  const char* kLogLevel = "debug|info|warning|error";
+
+  auto train = std::make_shared<TrainArgs>();
+  CLI::App* t = aviary::common::AddCommand(
+      app, "train", "one stage of one fold on this machine",
+      "RUN gets history.csv, best.pt, last.pt, config.yaml and history.png; a RUN holding last.pt is "
+      "resumed. Under `mpirun -np N` every rank is a replica (data parallel, comm.* settings).");
+  t->add_option("--config", train->config, "the pipeline YAML")->type_name("P.yaml")->required();
+  t->add_option("--stage", train->options.stage, "pretrain or finetune")
+      ->type_name("S")
+      ->required()
+      ->check(OneOf({"pretrain", "finetune"}));
+  AddNumber(t, "--fold", &train->options.fold, "K", "the validation fold", 0, 1000000)->required();
+  t->add_option("--out", train->options.out_dir, "the run folder")->type_name("RUN")->required();
+  t->add_option("--init", train->options.init_checkpoint, "start from this checkpoint's weights")->type_name("CKPT");
+  t->add_flag("--no-resume", train->no_resume, "start over even if RUN holds last.pt");
+  t->add_option("--device", train->device, "auto uses the GPU when libtorch has CUDA")
+      ->type_name("auto|cpu|cuda")
+      ->check(OneOf({"auto", "cpu", "cuda"}));
+  AddNumber(t, "--threads", &train->threads, "N", "torch threads (default: the cores / local ranks)", 1, 1024);
+  t->add_option("--log-level", train->log_level, "log level")->type_name(kLogLevel);
+  aviary::common::AddSetOption(t, &train->overrides);
+  t->callback([run, train] { *run = [train] { return RunTrain(*train); }; });
+
+  auto bench = std::make_shared<BenchArgs>();
+  CLI::App* b = aviary::common::AddCommand(
+      app, "allreduce-bench", "all-reduce time, algbw and busbw per size, under mpirun",
+      "algbw = size / time, busbw = algbw * 2(n-1)/n (the nccl-tests definitions); time is the slowest rank's.");
+  AddNumber<int64_t>(b, "--min-bytes", &bench->min_bytes, "B", "smallest size", 4, int64_t{1} << 34)
+      ->capture_default_str();
+  AddNumber<int64_t>(b, "--max-bytes", &bench->max_bytes, "B", "largest size", 4, int64_t{1} << 34)
+      ->capture_default_str();
+  b->add_option("--dtype", bench->dtype, "element type")
+      ->type_name("float32|bf16")
+      ->check(OneOf({"float32", "bf16"}))
+      ->capture_default_str();
+  b->add_option("--device", bench->device, "where the buffers live")
+      ->type_name("cpu|cuda")
+      ->check(OneOf({"cpu", "cuda"}))
+      ->capture_default_str();
+  b->add_option("--backend", bench->backend, "comm.backend")->type_name("auto|mpi|nccl")->capture_default_str();
+  AddNumber(b, "--timeout-s", &bench->timeout_s, "S", "comm.timeout_s", 1, 86400)->capture_default_str();
+  b->callback([run, bench] { *run = [bench] { return RunAllreduceBench(*bench); }; });
+
+  auto serve = std::make_shared<ServeArgs>();
+  aviary::worker::AgentOptions& o = serve->options;
+  o.metrics_listen = "0.0.0.0:9471";
+  o.device = "auto";
+  CLI::App* s = aviary::common::AddCommand(
+      app, "serve", "a worker group: leases tasks from the coordinator and trains them",
+      "Under `mpirun -np N`, or one process. SIGTERM/SIGINT stop the task at the next step (reported to "
+      "the coordinator as preempted: the task is leased again and resumes from its last checkpoint) and "
+      "exit 0.");
+  s->add_option("--coordinator", o.coordinator, "the coordinator's address")->type_name("HOST:PORT")->required();
+  s->add_option("--token-file", serve->token_file, "the bearer token (else the file in AVIARY_TOKEN_FILE, else AVIARY_TOKEN)")
+      ->type_name("F");
+  s->add_option("--tls-ca", serve->tls_ca, "CA certificate of a TLS coordinator (else AVIARY_TLS_CA)")->type_name("F");
+  s->add_option("--metrics-listen", o.metrics_listen, "/metrics address; port 0 picks one; \"\" disables")
+      ->type_name("ADDR")
+      ->capture_default_str();
+  s->add_option("--metrics-port-file", o.metrics_port_file, "write the metrics port here")->type_name("F");
+  s->add_option("--device", o.device, "auto uses the GPU when libtorch has CUDA")
+      ->type_name("auto|cpu|cuda")
+      ->check(OneOf({"auto", "cpu", "cuda"}));
+  AddNumber(s, "--threads", &o.threads, "N", "torch threads per rank (0: the cores / local ranks)", 0, 1024);
+  AddNumber(s, "--max-tasks", &o.max_tasks, "N", "exit 0 after N tasks (0: forever)", 0, 1000000000);
+  AddNumber(s, "--connect-timeout-s", &o.connect_timeout_s, "S",
+            "exit 1 when the coordinator cannot be reached for S s (0: retry forever)", 0.0, 1e9);
+  s->add_option("--log-level", serve->log_level, "log level")->type_name(kLogLevel);
+  s->callback([run, serve] { *run = [serve] { return RunServe(*serve); }; });
+
+  aviary::cli::AddMelCommand(app, run);
+  aviary::cli::AddPredictCommand(app, run);
+}
+
+// This process's rank under mpirun from the launcher's environment (before MPI_Init), 0 otherwise.
+int LaunchRank() {
+  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"}) {
+    if (const char* v = std::getenv(name); v != nullptr && *v != '\0') return std::atoi(v);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
-    std::cout << Usage();
-    return args.empty() ? 2 : 0;
-  }
-  if (args[0] == "--version") return PrintVersion();
-  std::vector<std::string> rest(args.begin() + 1, args.end());
-  const CommandUsage* usage = FindCommand(args[0]);
-  if (usage == nullptr) {
-    std::cerr << "aviary-worker: unknown command '" << args[0] << "'\n\n" << Usage();
+  // `aviary mel|predict` run this program as "aviary" (client/main.cc): their help then names
+  // the command the user typed.
+  const std::string self = std::filesystem::path(argc > 0 ? argv[0] : "").filename().string();
+  CLI::App app("aviary-worker: trains on this machine (train), serves a coordinator as part of a worker group "
+               "(serve), measures the group's all-reduce (allreduce-bench), and runs `aviary mel` and "
+               "`aviary predict`.",
+               self == "aviary" ? "aviary" : "aviary-worker");
+  aviary::common::ConfigureApp(&app);
+  app.require_subcommand(0, 1);
+  bool version = false;
+  app.add_flag("--version", version, "the version, git commit, libtorch, CUDA and NCCL");
+  aviary::common::CommandRunner run;
+  AddCommands(&app, &run);
+  if (args.empty()) {
+    std::cout << app.help();
     return 2;
   }
-  if (aviary::common::HelpRequested(rest)) {
-    std::cout << "usage: aviary-worker " << args[0] << " ...\n\n" << usage->text;
-    return 0;
+  // Every rank parses the same command line; rank 0 alone prints what is wrong with it.
+  if (std::optional<int> code = aviary::common::ParseCommandLine(&app, args, LaunchRank() == 0)) return *code;
+  if (version) return PrintVersion();
+  CLI::App* command = aviary::common::SelectedSubcommand(&app);
+  if (command == nullptr || !run) {
+    std::cerr << "aviary-worker: missing command (aviary-worker --help lists them)\n";
+    return 2;
   }
+  const std::string name = command->get_name();
   std::unique_ptr<aviary::worker::comm::MpiSession> session;
   // serve always has a session (one process without mpirun is a world of one).
-  if (((args[0] == "train" || args[0] == "allreduce-bench") && aviary::worker::comm::LaunchedUnderMpi()) ||
-      args[0] == "serve") {
+  if (((name == "train" || name == "allreduce-bench") && aviary::worker::comm::LaunchedUnderMpi()) ||
+      name == "serve") {
     auto s = aviary::worker::comm::MpiSession::Create();
-    if (!s.ok()) return Fail(args[0], s.status());
+    if (!s.ok()) return Fail(name, s.status());
     session = std::move(*s);
     g_session = session.get();
   }
-  int rc = 2;
+  int rc = 1;
   try {
-    if (args[0] == "train") rc = RunTrain(rest);
-    else if (args[0] == "allreduce-bench") rc = RunAllreduceBench(rest);
-    else if (args[0] == "serve") rc = RunServe(rest);
-    else if (args[0] == "mel") rc = aviary::cli::RunMel(rest);
-    else if (args[0] == "predict") rc = aviary::cli::RunPredict(rest);
-    else rc = -1;
+    rc = run();
   } catch (const std::exception& e) {
-    rc = Fail(args[0], absl::InternalError(absl::StrCat("uncaught exception: ", e.what())));
+    rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", e.what())));
   }
-  if (rc != -1) {
-    g_session = nullptr;
-    return rc;  // `session` finalizes MPI (when it initialized it)
-  }
-  std::cerr << "aviary-worker: command '" << args[0] << "' has no handler\n";
-  return 1;
+  g_session = nullptr;
+  return rc;  // `session` finalizes MPI (when it initialized it)
 }

@@ -10,6 +10,7 @@ AVIARY_BUILD_PACKAGES=(
   libopenmpi-dev openmpi-bin
   libsndfile1-dev libsoxr-dev
   libgtest-dev libgmock-dev
+  libcli11-dev
 )
 # References the parity tests compare against (python under /usr/bin/python3; ffmpeg and sox
 # for the audio decode and resampling tests), and what the service tests drive: a real

@@ -23,21 +23,21 @@ YAML
 
 expect "unknown command 'fold'" "$aviary" fold
 expect "unknown subcommand 'split'" "$aviary" dataset split
-expect "missing required flag --config" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
-expect "unknown flag --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
+expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
+expect "argument was not expected: --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
 expect "unknown stage 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
 expect "$tmp/nope.yaml" "$aviary" dataset folds --config "$tmp/nope.yaml" --stage finetune --out "$tmp/o.csv"
 expect "bad.yaml:3: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)" \
   "$aviary" dataset folds --config "$tmp/bad.yaml" --stage finetune --out "$tmp/o.csv"
 expect "--set train.batch_size=abc" "$aviary" dataset folds --config "$tmp/p.yaml" --set train.batch_size=abc --stage finetune --out "$tmp/o.csv"
 expect "fold 7 is out of range" "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold 7 --out "$tmp/o.csv"
-expect "flag --fold: expected an integer, got 'x'" "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold x --out "$tmp/o.csv"
+expect "--fold: expected an integer in [0, 1000000], got 'x'" "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold x --out "$tmp/o.csv"
 expect "data.target" "$aviary" dataset folds --config "$tmp/p.yaml" --set data.target.root=$tmp/missing --stage finetune --out "$tmp/o.csv"
 expect "data.pretrain_sources" "$aviary" dataset folds --config "$tmp/p.yaml" --stage pretrain --out "$tmp/o.csv"
 expect "cannot make 30 stratified folds" "$aviary" dataset folds --config "$tmp/p.yaml" --set folds.finetune_splits=30 --stage finetune --out "$tmp/o.csv"
 expect "--layout: unknown layout '2019'" "$aviary" synth --out "$tmp/s" --layout 2019
 expect "flag --species: 0 is out of range" "$aviary" synth --out "$tmp/s" --layout 2024 --species 0
-expect "missing required flag --out" "$aviary" synth --layout 2024
+expect "--out is required" "$aviary" synth --layout 2024
 if [ -e "$tmp/o.csv" ]; then echo "FAIL: a refused command wrote $tmp/o.csv"; fails=$((fails + 1)); fi
 
 # And the good path still works with the same files.

@@ -53,7 +53,7 @@ echo "not audio" > "$tmp/text.ogg"
 expect "$tmp/text.ogg" "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/text.ogg" --out "$tmp/bad.npy"
 expect "$tmp/missing.ogg" "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/missing.ogg" --out "$tmp/bad.npy"
 expect "--offset" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --offset -3 --out "$tmp/bad.npy"
-expect "missing required flag --out" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg"
+expect "--out is required" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg"
 [ -e "$tmp/bad.npy" ] && fail "a refused command wrote its output"
 echo "mel_cli: $passes passed, $fails failed"
 [ $fails -eq 0 ]

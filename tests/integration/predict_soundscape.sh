@@ -89,7 +89,7 @@ fi
 a="$bin/aviary"
 expect "not an aviary checkpoint" "$a" predict --checkpoint "$tmp/p.yaml" --audio "$tmp/mixed" --out "$tmp/x.csv"
 expect "no such checkpoint" "$a" predict --checkpoint "$tmp/none.pt" --audio "$tmp/mixed" --out "$tmp/x.csv"
-expect "missing required flag --checkpoint" "$a" predict --audio "$tmp/mixed" --out "$tmp/x.csv"
+expect "--checkpoint is required" "$a" predict --audio "$tmp/mixed" --out "$tmp/x.csv"
 expect "no such file or directory" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/nowhere" --out "$tmp/x.csv"
 expect "smooth: expected an odd number of weights" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --smooth 1,1
 expect "--device: expected auto, cpu or cuda" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --device tpu

@@ -10,8 +10,8 @@ mpiexec=$2
 worker=$bin/aviary-worker
 source "$(dirname "$0")/lib.sh"
 
-expect "unknown flag --coordinatr" "$worker" serve --coordinatr 127.0.0.1:7070
-expect "missing required flag --coordinator" "$worker" serve --metrics-listen ""
+expect "argument was not expected: --coordinatr" "$worker" serve --coordinatr 127.0.0.1:7070
+expect "--coordinator is required" "$worker" serve --metrics-listen ""
 expect "--coordinator: expected HOST:PORT, got 'localhost'" "$worker" serve --coordinator localhost
 expect "--device: expected auto, cpu or cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
 expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""

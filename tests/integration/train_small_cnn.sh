@@ -32,7 +32,7 @@ else
 fi
 
 w="$bin/aviary-worker"
-expect "missing required flag --fold" "$w" train --config "$tmp/p.yaml" --stage finetune --out "$tmp/r2"
+expect "--fold is required" "$w" train --config "$tmp/p.yaml" --stage finetune --out "$tmp/r2"
 expect "unknown stage 'warmup'" "$w" train --config "$tmp/p.yaml" --stage warmup --fold 0 --out "$tmp/r2"
 expect "fold 9 is out of range" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 9 --out "$tmp/r2"
 expect "--device: expected auto, cpu or cuda" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2" --device tpu

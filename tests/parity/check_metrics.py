@@ -325,7 +325,7 @@ def check_cli(aviary):
         soft = sol_df.astype({"sp003": float})
         soft.loc[5, "sp003"] = 0.95
         bad("soft_truth", "SOL:7: column 'sp003': truth must be 0 or 1, got '0.95'", sol_frame=soft)
-        bad("missing_flag", "missing required flag --submission", args=["--solution", sol])
+        bad("missing_flag", "--submission is required", args=["--solution", sol])
         bad("missing_file", os.path.join(tmp, "nope.csv"),
             args=["--solution", os.path.join(tmp, "nope.csv"), "--submission", sub])
     return checker, cases

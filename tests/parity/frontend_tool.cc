@@ -22,7 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "common/csv.h"
-#include "common/flags.h"
+#include "common/cli.h"
 #include "common/npy.h"
 #include "worker/frontend.h"
 
@@ -42,34 +42,32 @@ absl::Status WriteTensor(const std::string& path, const at::Tensor& t) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  using aviary::common::Flags;
-  Flags flags({"out", "normalize", "channels", "sample-rate", "dtype", "seed", "filterbank"},
-              {"train"}, {});
-  std::vector<std::string> args(argv + 1, argv + argc);
-  if (absl::Status st = flags.Parse(args); !st.ok()) return Fail(std::string(st.message()));
-  auto out = flags.Require("out");
-  if (!out.ok()) return Fail(std::string(out.status().message()));
-  if (flags.positional().empty()) return Fail("no input clips");
-
   aviary::common::FrontendConfig frontend;
   aviary::common::AugmentConfig augment;
-  frontend.normalize = flags.Get("normalize").value_or(frontend.normalize);
-  auto channels = flags.GetInt("channels", frontend.in_channels, 1, 16);
-  auto sample_rate = flags.GetInt("sample-rate", 32000, 1, 1000000);
-  auto seed = flags.GetInt("seed", 0, 0, 1LL << 62);
-  if (!channels.ok()) return Fail(std::string(channels.status().message()));
-  if (!sample_rate.ok()) return Fail(std::string(sample_rate.status().message()));
-  if (!seed.ok()) return Fail(std::string(seed.status().message()));
-  frontend.in_channels = static_cast<int>(*channels);
-  const std::string dtype = flags.Get("dtype").value_or("float32");
-  if (dtype != "float32" && dtype != "bfloat16") return Fail("--dtype: float32 or bfloat16");
+  CLI::App app("frontend_tool: the mel front end of raw float32 clips, for the parity tests", "frontend_tool");
+  aviary::common::ConfigureApp(&app);
+  std::string out, filterbank, dtype = "float32";
+  std::vector<std::string> clips_paths;
+  int sample_rate = 32000;
+  int64_t seed = 0;
+  bool train = false;
+  app.add_option("clips", clips_paths, "raw float32 clips of equal length")->required();
+  app.add_option("--out", out, "the output tensor")->required();
+  app.add_option("--normalize", frontend.normalize, "frontend.normalize");
+  aviary::common::AddNumber(&app, "--channels", &frontend.in_channels, "N", "frontend.in_channels", 1, 16);
+  aviary::common::AddNumber(&app, "--sample-rate", &sample_rate, "HZ", "sample rate", 1, 1000000);
+  aviary::common::AddNumber<int64_t>(&app, "--seed", &seed, "S", "augmentation seed", 0, int64_t{1} << 62);
+  app.add_option("--dtype", dtype, "input dtype")->check(aviary::common::OneOf({"float32", "bfloat16"}));
+  app.add_option("--filterbank", filterbank, "also write the mel filterbank here");
+  app.add_flag("--train", train, "training mode (SpecAugment)");
+  if (std::optional<int> code = aviary::common::ParseCommandLine(&app, {argv + 1, argv + argc})) return *code;
 
-  auto fe = aviary::worker::MelFrontend::Create(frontend, augment, static_cast<int>(*sample_rate));
+  auto fe = aviary::worker::MelFrontend::Create(frontend, augment, sample_rate);
   if (!fe.ok()) return Fail(std::string(fe.status().message()));
 
   std::vector<at::Tensor> clips;
   std::vector<std::vector<float>> storage;
-  for (const std::string& path : flags.positional()) {
+  for (const std::string& path : clips_paths) {
     auto bytes = aviary::common::ReadFileToString(path);
     if (!bytes.ok()) return Fail(std::string(bytes.status().message()));
     if (bytes->size() % sizeof(float) != 0) return Fail(path + ": not raw float32");
@@ -79,24 +77,24 @@ int main(int argc, char** argv) {
                                   {static_cast<int64_t>(storage.back().size())}, at::kFloat));
     if (clips.back().size(0) != clips.front().size(0)) {
       return Fail(absl::StrCat(path, ": ", clips.back().size(0), " samples, but ",
-                               flags.positional()[0], " has ", clips.front().size(0)));
+                               clips_paths[0], " has ", clips.front().size(0)));
     }
   }
   try {
     at::Tensor batch = at::stack(clips);
     if (dtype == "bfloat16") batch = batch.to(at::kBFloat16);
     at::Tensor result;
-    if (flags.GetBool("train")) {
-      at::Generator gen = at::detail::createCPUGenerator(static_cast<uint64_t>(*seed));
+    if (train) {
+      at::Generator gen = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
       result = (*fe)->Forward(batch, aviary::worker::FrontendMode::kTrain, gen);
     } else {
       result = (*fe)->Forward(batch);
     }
-    if (absl::Status st = WriteTensor(*out, result); !st.ok()) {
+    if (absl::Status st = WriteTensor(out, result); !st.ok()) {
       return Fail(std::string(st.message()), 1);
     }
-    if (auto fb = flags.Get("filterbank")) {
-      if (absl::Status st = WriteTensor(*fb, (*fe)->mel_filterbank()); !st.ok()) {
+    if (!filterbank.empty()) {
+      if (absl::Status st = WriteTensor(filterbank, (*fe)->mel_filterbank()); !st.ok()) {
         return Fail(std::string(st.message()), 1);
       }
     }

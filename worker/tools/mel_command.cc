@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,7 +18,6 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/config.h"
-#include "common/flags.h"
 #include "common/npy.h"
 #include "common/status.h"
 #include "worker/tools/tools.h"
@@ -35,17 +35,19 @@ struct MelResult {
   int64_t decoded_samples = 0;
 };
 
-absl::StatusOr<MelResult> MakeMel(const common::Flags& flags) {
-  AVIARY_ASSIGN_OR_RETURN(std::string config_path, flags.Require("config"));
-  AVIARY_ASSIGN_OR_RETURN(std::string audio_path, flags.Require("audio"));
-  AVIARY_ASSIGN_OR_RETURN(std::string out_path, flags.Require("out"));
-  AVIARY_ASSIGN_OR_RETURN(double offset_s, flags.GetDouble("offset", 0.0));
-  if (!(offset_s >= 0.0) || !std::isfinite(offset_s)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--offset: expected seconds >= 0, got ", *flags.Get("offset")));
-  }
-  AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
-                          common::LoadPipelineConfig(config_path, flags.GetRepeated("set")));
+struct MelArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string audio;
+  double offset_s = 0;
+  std::string out;
+};
+
+absl::StatusOr<MelResult> MakeMel(const MelArgs& args) {
+  const std::string& audio_path = args.audio;
+  const std::string& out_path = args.out;
+  const double offset_s = args.offset_s;
+  AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config, common::LoadPipelineConfig(args.config, args.overrides));
 
   const int sample_rate = config.data.sample_rate;
   const auto window_samples = static_cast<int64_t>(std::llround(config.data.duration * sample_rate));
@@ -102,26 +104,34 @@ absl::StatusOr<MelResult> MakeMel(const common::Flags& flags) {
   return result;
 }
 
-}  // namespace
-
-int RunMel(const std::vector<std::string>& args) {
-  auto fail = [](const absl::Status& st) {
-    std::cerr << "aviary mel: " << st.message() << "\n";
-    return ExitCodeFor(st);
-  };
-  common::Flags flags({"config", "audio", "offset", "out"}, {});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return fail(st);
-  if (!flags.positional().empty()) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
+int RunMel(const MelArgs& args) {
+  absl::StatusOr<MelResult> result = MakeMel(args);
+  if (!result.ok()) {
+    std::cerr << "aviary mel: " << result.status().message() << "\n";
+    return ExitCodeFor(result.status());
   }
-  absl::StatusOr<MelResult> result = MakeMel(flags);
-  if (!result.ok()) return fail(result.status());
-  std::cout << "wrote " << *flags.Get("out") << ": float32 [" << absl::StrJoin(result->shape, ", ")
+  std::cout << "wrote " << args.out << ": float32 [" << absl::StrJoin(result->shape, ", ")
             << "] from " << result->decoded_samples << " samples (window " << result->window_samples
             << ", zero-padded at the end), source " << absl::StrFormat("%.3f", result->source_seconds)
             << " s at " << result->source_sample_rate << " Hz\n";
   return 0;
+}
+
+}  // namespace
+
+void AddMelCommand(CLI::App* app, common::CommandRunner* run) {
+  auto args = std::make_shared<MelArgs>();
+  CLI::App* mel = common::AddCommand(
+      app, "mel", "the model input of one clip as .npy",
+      "The data.duration window from --offset (zero-padded at the end), resampled to data.sample_rate, "
+      "through the front end in evaluation mode; float32 [in_channels, n_mels, frames].");
+  mel->add_option("--config", args->config, "the pipeline YAML")->type_name("P.yaml")->required();
+  mel->add_option("--audio", args->audio, "an audio file")->type_name("F")->required();
+  common::AddNumber(mel, "--offset", &args->offset_s, "S", "start of the window, seconds", 0.0, 1e9)
+      ->capture_default_str();
+  mel->add_option("--out", args->out, "the .npy to write")->type_name("x.npy")->required();
+  common::AddSetOption(mel, &args->overrides);
+  mel->callback([run, args] { *run = [args] { return RunMel(*args); }; });
 }
 
 }  // namespace aviary::cli

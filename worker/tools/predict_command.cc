@@ -18,13 +18,13 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "common/flags.h"
 #include "worker/tools/tools.h"
 #include "worker/predict.h"
 
@@ -90,56 +90,25 @@ absl::StatusOr<std::vector<double>> ParseWeights(const std::string& text) {
   return weights;
 }
 
-}  // namespace
-
-int RunPredict(const std::vector<std::string>& args) {
-  common::Flags flags({"audio", "out", "window", "batch", "tta", "smooth", "threads",
-                       "decode-threads", "device", "memory-format"},
-                      {}, {"checkpoint"});
-  if (absl::Status st = flags.Parse(args); !st.ok()) return Fail(st);
-  if (!flags.positional().empty()) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument '", flags.positional()[0], "'")));
-  }
+struct PredictArgs {
   worker::PredictOptions options;
-  options.checkpoints = flags.GetRepeated("checkpoint");
-  if (options.checkpoints.empty()) {
-    return Fail(absl::InvalidArgumentError("missing required flag --checkpoint"));
-  }
-  auto audio = flags.Require("audio");
-  if (!audio.ok()) return Fail(audio.status());
-  auto out = flags.Require("out");
-  if (!out.ok()) return Fail(out.status());
-  auto window = flags.GetDouble("window", 5.0);
-  if (!window.ok()) return Fail(window.status());
-  options.window_s = *window;
-  auto batch = flags.GetInt("batch", 0, 1, 1 << 20);
-  if (!batch.ok()) return Fail(batch.status());
-  options.batch_windows = static_cast<int>(*batch);
-  auto tta = flags.GetInt("tta", 0, 1, 64);
-  if (!tta.ok()) return Fail(tta.status());
-  options.tta = static_cast<int>(*tta);
-  if (auto smooth = flags.Get("smooth")) {
-    auto weights = ParseWeights(*smooth);
+  std::string audio;
+  std::string out;
+  std::string smooth;
+  std::string memory_format = "channels_last";
+};
+
+int RunPredict(const PredictArgs& args) {
+  worker::PredictOptions options = args.options;
+  const std::string& memory_format = args.memory_format;
+  if (!args.smooth.empty()) {
+    auto weights = ParseWeights(args.smooth);
     if (!weights.ok()) return Fail(weights.status());
     options.smooth = *weights;
   }
-  const long long hw = std::max(1u, std::thread::hardware_concurrency());
-  auto threads = flags.GetInt("threads", hw, 1, 1024);
-  if (!threads.ok()) return Fail(threads.status());
-  options.threads = static_cast<int>(*threads);
-  auto decoders = flags.GetInt("decode-threads", 1, 1, 64);
-  if (!decoders.ok()) return Fail(decoders.status());
-  options.decode_threads = static_cast<int>(*decoders);
-  options.device = flags.Get("device").value_or("auto");
-  const std::string memory_format = flags.Get("memory-format").value_or("channels_last");
-  if (memory_format != "channels_last" && memory_format != "contiguous") {
-    return Fail(absl::InvalidArgumentError(absl::StrCat(
-        "--memory-format: expected channels_last or contiguous, got '", memory_format, "'")));
-  }
   options.channels_last = memory_format == "channels_last";
 
-  auto files = worker::ListAudioFiles(*audio);
+  auto files = worker::ListAudioFiles(args.audio);
   if (!files.ok()) return Fail(files.status());
   auto predictor = worker::Predictor::Create(options);
   if (!predictor.ok()) return Fail(predictor.status());
@@ -152,14 +121,14 @@ int RunPredict(const std::vector<std::string>& args) {
   std::cout << files->size() << " file(s), " << p.class_names().size() << " classes, window "
             << options.window_s << " s (" << p.window_samples() << " samples at " << p.sample_rate()
             << " Hz), batch " << p.batch_windows() << ", tta " << p.tta() << ", smoothing "
-            << (options.smooth.empty() ? "off" : *flags.Get("smooth")) << ", device " << p.device()
+            << (options.smooth.empty() ? "off" : args.smooth) << ", device " << p.device()
             << ", " << options.threads << " thread(s), " << memory_format << std::endl;
 
-  const std::string tmp = absl::StrCat(*out, ".tmp.", ::getpid());
+  const std::string tmp = absl::StrCat(args.out, ".tmp.", ::getpid());
   std::ofstream csv(tmp, std::ios::binary | std::ios::trunc);
   if (!csv) {
     return Fail(absl::NotFoundError(
-        absl::StrCat("--out ", *out, ": cannot write ", tmp, ": ", std::strerror(errno))));
+        absl::StrCat("--out ", args.out, ": cannot write ", tmp, ": ", std::strerror(errno))));
   }
   ProgressBar bar;
   auto report = (*predictor)->Run(*files, csv, [&bar](const worker::PredictProgress& progress) {
@@ -172,14 +141,14 @@ int RunPredict(const std::vector<std::string>& args) {
     return Fail(report.status());
   }
   if (report->files_predicted == 0) std::remove(tmp.c_str());  // no submission without rows
-  if (report->files_predicted > 0 && std::rename(tmp.c_str(), out->c_str()) != 0) {
+  if (report->files_predicted > 0 && std::rename(tmp.c_str(), args.out.c_str()) != 0) {
     std::string why = std::strerror(errno);
     std::remove(tmp.c_str());
-    return Fail(absl::InternalError(absl::StrCat("rename ", tmp, " -> ", *out, ": ", why)));
+    return Fail(absl::InternalError(absl::StrCat("rename ", tmp, " -> ", args.out, ": ", why)));
   }
 
   const worker::PredictReport& r = *report;
-  std::cout << (r.files_predicted > 0 ? "wrote " : "did not write ") << *out << ": " << r.rows
+  std::cout << (r.files_predicted > 0 ? "wrote " : "did not write ") << args.out << ": " << r.rows
             << " rows from " << r.files_predicted << " of " << r.files_total << " file(s)"
             << (r.silent_files > 0 ? absl::StrCat(" (", r.silent_files, " silent)") : "")
             << absl::StrFormat(", %.1f min of audio in %.2f s (%.3f s per file, %.0fx real time)",
@@ -196,10 +165,50 @@ int RunPredict(const std::vector<std::string>& args) {
     for (const auto& s : r.skipped) std::cout << "  " << s.reason << ": " << s.message << "\n";
   }
   if (r.files_predicted == 0) {
-    std::cerr << "aviary predict: no file could be predicted; " << *out << " not written\n";
+    std::cerr << "aviary predict: no file could be predicted; " << args.out << " not written\n";
     return 2;
   }
   return 0;
+}
+
+}  // namespace
+
+void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
+  auto args = std::make_shared<PredictArgs>();
+  worker::PredictOptions& o = args->options;
+  o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  o.decode_threads = 1;
+  o.device = "auto";
+  CLI::App* predict = common::AddCommand(
+      app, "predict", "a BirdCLEF submission from a checkpoint or an ensemble",
+      "One row per window of every file (row_id = <file stem>_<end second>), one probability column per "
+      "class; several --checkpoint are averaged with equal weights.");
+  common::AddRepeatedOption(predict, "--checkpoint", &o.checkpoints, "RUN/best.pt",
+                            "a trained model (repeat for an ensemble)")
+      ->required();
+  predict->add_option("--audio", args->audio, "an audio file, or a folder of them")
+      ->type_name("DIR_OR_FILE")
+      ->required();
+  predict->add_option("--out", args->out, "the submission CSV to write")->type_name("sub.csv")->required();
+  common::AddNumber(predict, "--window", &o.window_s, "S", "window, seconds", 0.01, 3600.0)->capture_default_str();
+  common::AddNumber(predict, "--batch", &o.batch_windows, "N",
+                    "windows per forward pass (default: the stage's infer_bs x batch_size)", 1, 1 << 20);
+  common::AddNumber(predict, "--tta", &o.tta, "N", "views per window averaged (default: train.tta)", 1, 64);
+  predict->add_option("--smooth", args->smooth,
+                      "centered moving average over neighbouring windows (an odd number of weights)")
+      ->type_name("w,w,w");
+  common::AddNumber(predict, "--threads", &o.threads, "N", "torch threads (default: every core)", 1, 1024);
+  common::AddNumber(predict, "--decode-threads", &o.decode_threads, "N", "decoders reading ahead", 1, 64)
+      ->capture_default_str();
+  predict->add_option("--device", o.device, "auto uses the GPU when libtorch has CUDA")
+      ->type_name("auto|cpu|cuda")
+      ->check(common::OneOf({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  predict->add_option("--memory-format", args->memory_format, "the model's activations' layout")
+      ->type_name("channels_last|contiguous")
+      ->check(common::OneOf({"channels_last", "contiguous"}))
+      ->capture_default_str();
+  predict->callback([run, args] { *run = [args] { return RunPredict(*args); }; });
 }
 
 }  // namespace aviary::cli

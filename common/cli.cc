@@ -1,0 +1,201 @@
+#include "common/cli.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+
+namespace aviary::common {
+
+namespace {
+
+// CLI11's layout, with the whole command path in the usage line ("Usage: aviary dataset folds
+// [OPTIONS]"; CLI11 2.1 writes only the last name).
+class Formatter : public CLI::Formatter {
+ public:
+  std::string make_usage(const CLI::App* app, std::string /*name*/) const override {
+    return CLI::Formatter::make_usage(app, CommandPath(app));
+  }
+};
+
+}  // namespace
+
+void ConfigureApp(CLI::App* app) {
+  auto formatter = std::make_shared<Formatter>();
+  formatter->column_width(36);
+  formatter->label("REQUIRED", "(required)");
+  app->formatter(formatter);
+  app->description(WrapText(app->get_description()));
+  // One style for every program: --name value or --name=value, no /windows flags.
+  app->allow_windows_style_options(false);
+}
+
+CLI::App* AddCommand(CLI::App* parent, const std::string& name, const std::string& summary,
+                     const std::string& details) {
+  CLI::App* sub = parent->add_subcommand(name, summary);
+  sub->footer(details.empty() ? "" : WrapText(details) + "\n");
+  return sub;
+}
+
+std::string WrapText(const std::string& text, size_t width) {
+  std::string out;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!out.empty()) out += '\n';
+    size_t column = 0;
+    for (absl::string_view word : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
+      if (column > 0 && column + 1 + word.size() > width) {
+        out += '\n';
+        column = 0;
+      } else if (column > 0) {
+        out += ' ';
+        ++column;
+      }
+      absl::StrAppend(&out, word);
+      column += word.size();
+    }
+  }
+  return out;
+}
+
+std::string CommandPath(const CLI::App* app) {
+  std::string path = app->get_name();
+  for (const CLI::App* p = app->get_parent(); p != nullptr; p = p->get_parent()) {
+    path = absl::StrCat(p->get_name(), " ", path);
+  }
+  return path;
+}
+
+CLI::App* SelectedSubcommand(const CLI::App* app) {
+  std::vector<CLI::App*> selected = app->get_subcommands();
+  return selected.empty() ? nullptr : selected.front();
+}
+
+namespace {
+
+// The command the user was in when parsing stopped: the last subcommand selected, recursively.
+const CLI::App* DeepestSelected(const CLI::App* app) {
+  for (const CLI::App* sub = SelectedSubcommand(app); sub != nullptr; sub = SelectedSubcommand(sub)) {
+    app = sub;
+  }
+  return app;
+}
+
+// The first "--name" of `args` that neither `command` nor its parents define, "" when none.
+std::string FirstUnknownFlag(const CLI::App* command, const std::vector<std::string>& args) {
+  for (const std::string& arg : args) {
+    if (arg == "--") break;
+    if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) continue;
+    const std::string name = arg.substr(0, arg.find('='));
+    bool known = false;
+    for (const CLI::App* a = command; a != nullptr && !known; a = a->get_parent()) {
+      known = a->get_option_no_throw(name) != nullptr;
+    }
+    if (!known) return name;
+  }
+  return "";
+}
+
+// " in [0, 99]", " >= 1", or "" when unbounded.
+template <typename T>
+std::string RangeText(T min, T max) {
+  const bool low = min != std::numeric_limits<T>::lowest();
+  const bool high = max != std::numeric_limits<T>::max();
+  if (low && high) return absl::StrCat(" in [", min, ", ", max, "]");
+  if (low) return absl::StrCat(" >= ", min);
+  if (high) return absl::StrCat(" <= ", max);
+  return "";
+}
+
+}  // namespace
+
+std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string>& args, bool print_errors) {
+  // CLI11 consumes a vector from its back.
+  std::vector<std::string> reversed(args.rbegin(), args.rend());
+  try {
+    app->parse(reversed);
+    return std::nullopt;
+  } catch (const CLI::CallForHelp&) {
+    std::cout << DeepestSelected(app)->help();
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    if (!print_errors) return 2;
+    const CLI::App* command = DeepestSelected(app);
+    const std::string path = CommandPath(command);
+    std::string message = e.what();
+    // CLI11 reports unknown flags last, after missing and invalid ones; a misspelt flag
+    // ("--coordinatr" making --coordinator missing) is the more useful thing to say.
+    if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
+      message = absl::StrCat("The following argument was not expected: ", unknown);
+    }
+    std::cerr << path << ": " << message << " (" << path << " --help lists the flags)\n";
+    return 2;
+  }
+}
+
+CLI::Option* AddSetOption(CLI::App* app, std::vector<std::string>* overrides, const std::string& description) {
+  return AddRepeatedOption(app, "--set", overrides, "KEY=VALUE", description)
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            if (text.find('=') == std::string::npos || text.front() == '=') {
+              return absl::StrCat("expected dotted.key=value, got '", text, "'");
+            }
+            return "";
+          },
+          "", "key=value"));
+}
+
+CLI::Option* AddRepeatedOption(CLI::App* app, const std::string& name, std::vector<std::string>* values,
+                               const std::string& type_name, const std::string& description) {
+  return app->add_option(name, *values, description)
+      ->type_name(type_name)
+      ->expected(1)
+      ->allow_extra_args(false)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+}
+
+CLI::Validator IntegerIn(long long min, long long max) {
+  return CLI::Validator(
+      [min, max](std::string& text) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        long long v = std::strtoll(text.c_str(), &end, 10);
+        if (text.empty() || end != text.c_str() + text.size() || errno == ERANGE || v < min || v > max) {
+          return absl::StrCat("expected an integer", RangeText(min, max), ", got '", text, "'");
+        }
+        return "";
+      },
+      "", "integer");
+}
+
+CLI::Validator OneOf(std::vector<std::string> choices) {
+  return CLI::Validator(
+      [choices](std::string& text) -> std::string {
+        for (const std::string& c : choices) {
+          if (text == c) return "";
+        }
+        return absl::StrCat("expected one of ", absl::StrJoin(choices, ", "), ", got '", text, "'");
+      },
+      "", "choice");
+}
+
+CLI::Validator NumberIn(double min, double max) {
+  return CLI::Validator(
+      [min, max](std::string& text) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        double v = std::strtod(text.c_str(), &end);
+        if (text.empty() || end != text.c_str() + text.size() || errno == ERANGE || !std::isfinite(v) ||
+            v < min || v > max) {
+          return absl::StrCat("expected a number", RangeText(min, max), ", got '", text, "'");
+        }
+        return "";
+      },
+      "", "number");
+}
+
+}  // namespace aviary::common

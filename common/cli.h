@@ -1,0 +1,81 @@
+// The command lines of the three programs: CLI11 (Debian's libcli11-dev) with aviary's
+// conventions, so that every program and subcommand answers -h/--help from the same option
+// definitions it parses with, and a bad command line ends the same way everywhere:
+//
+//   PROGRAM CMD: MESSAGE (PROGRAM CMD --help lists the flags)      on stderr, exit code 2
+//
+// where MESSAGE is CLI11's ("--config is required", "The following argument was not expected:
+// --stge") or ours for numbers ("--fold: expected an integer in [0, 99], got 'x'").
+#ifndef AVIARY_COMMON_CLI_H_
+#define AVIARY_COMMON_CLI_H_
+
+#include <functional>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+namespace aviary::common {
+
+// What a parsed subcommand runs: set by its CLI11 callback, called by main(); returns the exit
+// code.
+using CommandRunner = std::function<int()>;
+
+// A program's top-level app with our help layout; subcommands added to it inherit the layout.
+void ConfigureApp(CLI::App* app);
+
+// A subcommand of `parent`: `summary` is its line in the parent's help, `details` (wrapped) follow
+// its flags in its own help.
+CLI::App* AddCommand(CLI::App* parent, const std::string& name, const std::string& summary,
+                     const std::string& details = "");
+
+// `text` with its words wrapped at `width` columns; existing line breaks are kept.
+std::string WrapText(const std::string& text, size_t width = 96);
+
+// Parses `args` (the program's arguments without argv[0]). std::nullopt: the command line is
+// good, run it. Otherwise the exit code to return at once: 0 after printing the help of the
+// deepest command named (for -h/--help), 2 after printing the error as above (only when
+// `print_errors`: the ranks of an mpirun world other than 0 keep quiet).
+std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string>& args,
+                                    bool print_errors = true);
+
+// "aviary dataset folds" for the app of `dataset folds` under `aviary`.
+std::string CommandPath(const CLI::App* app);
+
+// The subcommand of `app` that was given on the command line, nullptr when none.
+CLI::App* SelectedSubcommand(const CLI::App* app);
+
+// `--set key=value` (repeatable): dotted config overrides, checked for the '='.
+CLI::Option* AddSetOption(CLI::App* app, std::vector<std::string>* overrides,
+                          const std::string& description = "override a config key (repeatable)");
+
+// A value flag that may repeat (`--checkpoint A --checkpoint B`), one value per occurrence.
+CLI::Option* AddRepeatedOption(CLI::App* app, const std::string& name, std::vector<std::string>* values,
+                               const std::string& type_name, const std::string& description);
+
+// Validators for numbers with a message that names the flag, the range and the text given:
+// "--fold: expected an integer in [0, 99], got 'x'".
+CLI::Validator IntegerIn(long long min, long long max);
+// "--stage: expected one of pretrain, finetune, got 'x'".
+CLI::Validator OneOf(std::vector<std::string> choices);
+CLI::Validator NumberIn(double min, double max);
+
+// A numeric option in [min, max], stored in *out (its initial value is the default).
+template <typename T>
+CLI::Option* AddNumber(CLI::App* app, const std::string& name, T* out, const std::string& type_name,
+                       const std::string& description, T min = std::numeric_limits<T>::lowest(),
+                       T max = std::numeric_limits<T>::max()) {
+  CLI::Option* option = app->add_option(name, *out, description)->type_name(type_name);
+  if constexpr (std::is_integral_v<T>) {
+    option->check(IntegerIn(static_cast<long long>(min), static_cast<long long>(max)));
+  } else {
+    option->check(NumberIn(static_cast<double>(min), static_cast<double>(max)));
+  }
+  return option;
+}
+
+}  // namespace aviary::common
+
+#endif  // AVIARY_COMMON_CLI_H_
