@@ -22,10 +22,10 @@ set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
 set(CPACK_DEBIAN_PACKAGE_SECTION science)
 set(CPACK_DEBIAN_COMPRESSION_TYPE gzip)  # xz takes minutes on 2 cores for ~50 MB
-# The shared libraries' packages come from dpkg-shlibdeps (libtorch1.13, libgrpc++1.51, ...);
-# mpirun is a program, declared by hand. A libtorch from a PyPI wheel has no Debian package:
+# The shared libraries' packages come from dpkg-shlibdeps (libtorch1.13, libgrpc++1.51,
+# libcairo2, ...); mpirun is a program and the plots' font a data file, declared by hand. A libtorch from a PyPI wheel has no Debian package:
 # the CUDA configuration is not packaged this way (docs/DEPLOY.md, "Building on a GPU host").
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
-set(CPACK_DEBIAN_PACKAGE_DEPENDS "openmpi-bin")
+set(CPACK_DEBIAN_PACKAGE_DEPENDS "openmpi-bin, fonts-dejavu-core")
 set(CPACK_DEBIAN_PACKAGE_SUGGESTS "prometheus")
 include(CPack)

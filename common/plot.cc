@@ -1,12 +1,12 @@
 #include "common/plot.h"
 
-#include <zlib.h>
+#include <cairo.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -25,172 +25,111 @@ constexpr uint32_t kAxisColor = 0x404040;
 constexpr uint32_t kGridColor = 0xE5E5E5;
 constexpr uint32_t kLegendEdgeColor = 0xC8C8C8;
 constexpr uint32_t kWhite = 0xFFFFFF;
+constexpr double kPi = 3.14159265358979323846;
 
-// ---------------------------------------------------------------------------------------------
-// Font: 5x8 cells for ASCII 32..126, one byte per column, bit 0 = top row. Rows 0-6 hold the
-// letters, row 7 the descenders of g, j, p, q, y and the comma. (The classic public-domain
-// 5x7 LCD font.)
-constexpr int kGlyphCols = 5;
-constexpr int kGlyphRows = 8;
-constexpr int kGlyphCapRows = 7;
-constexpr int kGlyphAdvance = 6;  // columns per character, including the gap
-constexpr uint8_t kFont[95][kGlyphCols] = {
-    {0x00, 0x00, 0x00, 0x00, 0x00},  // ' '
-    {0x00, 0x00, 0x5F, 0x00, 0x00},  // !
-    {0x00, 0x07, 0x00, 0x07, 0x00},  // "
-    {0x14, 0x7F, 0x14, 0x7F, 0x14},  // #
-    {0x24, 0x2A, 0x7F, 0x2A, 0x12},  // $
-    {0x23, 0x13, 0x08, 0x64, 0x62},  // %
-    {0x36, 0x49, 0x56, 0x20, 0x50},  // &
-    {0x00, 0x00, 0x07, 0x00, 0x00},  // '
-    {0x00, 0x1C, 0x22, 0x41, 0x00},  // (
-    {0x00, 0x41, 0x22, 0x1C, 0x00},  // )
-    {0x14, 0x08, 0x3E, 0x08, 0x14},  // *
-    {0x08, 0x08, 0x3E, 0x08, 0x08},  // +
-    {0x00, 0x80, 0x60, 0x00, 0x00},  // ,
-    {0x08, 0x08, 0x08, 0x08, 0x08},  // -
-    {0x00, 0x60, 0x60, 0x00, 0x00},  // .
-    {0x20, 0x10, 0x08, 0x04, 0x02},  // /
-    {0x3E, 0x51, 0x49, 0x45, 0x3E},  // 0
-    {0x00, 0x42, 0x7F, 0x40, 0x00},  // 1
-    {0x62, 0x51, 0x49, 0x49, 0x46},  // 2
-    {0x22, 0x41, 0x49, 0x49, 0x36},  // 3
-    {0x18, 0x14, 0x12, 0x7F, 0x10},  // 4
-    {0x27, 0x45, 0x45, 0x45, 0x39},  // 5
-    {0x3C, 0x4A, 0x49, 0x49, 0x30},  // 6
-    {0x01, 0x71, 0x09, 0x05, 0x03},  // 7
-    {0x36, 0x49, 0x49, 0x49, 0x36},  // 8
-    {0x06, 0x49, 0x49, 0x29, 0x1E},  // 9
-    {0x00, 0x36, 0x36, 0x00, 0x00},  // :
-    {0x00, 0x56, 0x36, 0x00, 0x00},  // ;
-    {0x08, 0x14, 0x22, 0x41, 0x00},  // <
-    {0x14, 0x14, 0x14, 0x14, 0x14},  // =
-    {0x00, 0x41, 0x22, 0x14, 0x08},  // >
-    {0x02, 0x01, 0x51, 0x09, 0x06},  // ?
-    {0x32, 0x49, 0x79, 0x41, 0x3E},  // @
-    {0x7E, 0x11, 0x11, 0x11, 0x7E},  // A
-    {0x7F, 0x49, 0x49, 0x49, 0x36},  // B
-    {0x3E, 0x41, 0x41, 0x41, 0x22},  // C
-    {0x7F, 0x41, 0x41, 0x22, 0x1C},  // D
-    {0x7F, 0x49, 0x49, 0x49, 0x41},  // E
-    {0x7F, 0x09, 0x09, 0x09, 0x01},  // F
-    {0x3E, 0x41, 0x49, 0x49, 0x7A},  // G
-    {0x7F, 0x08, 0x08, 0x08, 0x7F},  // H
-    {0x00, 0x41, 0x7F, 0x41, 0x00},  // I
-    {0x20, 0x40, 0x41, 0x3F, 0x01},  // J
-    {0x7F, 0x08, 0x14, 0x22, 0x41},  // K
-    {0x7F, 0x40, 0x40, 0x40, 0x40},  // L
-    {0x7F, 0x02, 0x0C, 0x02, 0x7F},  // M
-    {0x7F, 0x04, 0x08, 0x10, 0x7F},  // N
-    {0x3E, 0x41, 0x41, 0x41, 0x3E},  // O
-    {0x7F, 0x09, 0x09, 0x09, 0x06},  // P
-    {0x3E, 0x41, 0x51, 0x21, 0x5E},  // Q
-    {0x7F, 0x09, 0x19, 0x29, 0x46},  // R
-    {0x46, 0x49, 0x49, 0x49, 0x31},  // S
-    {0x01, 0x01, 0x7F, 0x01, 0x01},  // T
-    {0x3F, 0x40, 0x40, 0x40, 0x3F},  // U
-    {0x1F, 0x20, 0x40, 0x20, 0x1F},  // V
-    {0x3F, 0x40, 0x38, 0x40, 0x3F},  // W
-    {0x63, 0x14, 0x08, 0x14, 0x63},  // X
-    {0x07, 0x08, 0x70, 0x08, 0x07},  // Y
-    {0x61, 0x51, 0x49, 0x45, 0x43},  // Z
-    {0x00, 0x7F, 0x41, 0x41, 0x00},  // [
-    {0x02, 0x04, 0x08, 0x10, 0x20},  // backslash
-    {0x00, 0x41, 0x41, 0x7F, 0x00},  // ]
-    {0x04, 0x02, 0x01, 0x02, 0x04},  // ^
-    {0x40, 0x40, 0x40, 0x40, 0x40},  // _
-    {0x00, 0x01, 0x02, 0x04, 0x00},  // `
-    {0x20, 0x54, 0x54, 0x54, 0x78},  // a
-    {0x7F, 0x48, 0x44, 0x44, 0x38},  // b
-    {0x38, 0x44, 0x44, 0x44, 0x20},  // c
-    {0x38, 0x44, 0x44, 0x48, 0x7F},  // d
-    {0x38, 0x54, 0x54, 0x54, 0x18},  // e
-    {0x08, 0x7E, 0x09, 0x01, 0x02},  // f
-    {0x18, 0xA4, 0xA4, 0xA4, 0x7C},  // g
-    {0x7F, 0x08, 0x04, 0x04, 0x78},  // h
-    {0x00, 0x44, 0x7D, 0x40, 0x00},  // i
-    {0x40, 0x80, 0x84, 0x7D, 0x00},  // j
-    {0x7F, 0x10, 0x28, 0x44, 0x00},  // k
-    {0x00, 0x41, 0x7F, 0x40, 0x00},  // l
-    {0x7C, 0x04, 0x18, 0x04, 0x78},  // m
-    {0x7C, 0x08, 0x04, 0x04, 0x78},  // n
-    {0x38, 0x44, 0x44, 0x44, 0x38},  // o
-    {0xFC, 0x24, 0x24, 0x24, 0x18},  // p
-    {0x18, 0x24, 0x24, 0x24, 0xFC},  // q
-    {0x7C, 0x08, 0x04, 0x04, 0x08},  // r
-    {0x48, 0x54, 0x54, 0x54, 0x20},  // s
-    {0x04, 0x3F, 0x44, 0x40, 0x20},  // t
-    {0x3C, 0x40, 0x40, 0x20, 0x7C},  // u
-    {0x1C, 0x20, 0x40, 0x20, 0x1C},  // v
-    {0x3C, 0x40, 0x30, 0x40, 0x3C},  // w
-    {0x44, 0x28, 0x10, 0x28, 0x44},  // x
-    {0x1C, 0xA0, 0xA0, 0xA0, 0x7C},  // y
-    {0x44, 0x64, 0x54, 0x4C, 0x44},  // z
-    {0x00, 0x08, 0x36, 0x41, 0x00},  // {
-    {0x00, 0x00, 0x7F, 0x00, 0x00},  // |
-    {0x00, 0x41, 0x36, 0x08, 0x00},  // }
-    {0x08, 0x04, 0x08, 0x10, 0x08},  // ~
+// The family asked of fontconfig (fonts-dejavu-core); it substitutes another sans-serif font
+// when DejaVu Sans is not installed.
+constexpr char kFontFamily[] = "DejaVu Sans";
+// The body font's em size at text scale s is kFontBasePx + kFontPxPerScale * s pixels (11 px
+// at 1, 18 px at 2: capitals 8 and 13 px high); titles are a quarter larger.
+constexpr double kFontBasePx = 4;
+constexpr double kFontPxPerScale = 7;
+constexpr double kLineWidthPerScale = 2;
+
+absl::Status CairoError(absl::string_view call, cairo_status_t status) {
+  return absl::InternalError(
+      absl::StrCat("cairo ", call, " failed: ", cairo_status_to_string(status)));
+}
+
+struct SurfaceDeleter {
+  void operator()(cairo_surface_t* surface) const { cairo_surface_destroy(surface); }
 };
-
-// ---------------------------------------------------------------------------------------------
-// Raster canvas. Continuous coordinates: pixel (i, j) covers [i, i+1) x [j, j+1), y down.
-class Canvas {
- public:
-  Canvas(int width, int height)
-      : width_(width), height_(height), rgb_(static_cast<size_t>(width) * height * 3, '\xFF') {}
-
-  int width() const { return width_; }
-  int height() const { return height_; }
-  const std::string& rgb() const { return rgb_; }
-
-  // Mixes `color` into pixel (x, y) with opacity `alpha` in [0, 1]; outside pixels are ignored.
-  void Blend(int x, int y, uint32_t color, double alpha) {
-    if (x < 0 || y < 0 || x >= width_ || y >= height_ || !(alpha > 0)) return;
-    alpha = std::min(alpha, 1.0);
-    char* p = &rgb_[(static_cast<size_t>(y) * width_ + x) * 3];
-    for (int c = 0; c < 3; ++c) {
-      double src = (color >> (16 - 8 * c)) & 0xFF;
-      double dst = static_cast<unsigned char>(p[c]);
-      p[c] = static_cast<char>(static_cast<unsigned char>(std::lround(dst + (src - dst) * alpha)));
-    }
-  }
-
-  // Fills [x0, x1) x [y0, y1) with fractional coverage at the edges.
-  void FillRect(double x0, double y0, double x1, double y1, uint32_t color, double alpha = 1.0) {
-    if (x1 < x0) std::swap(x0, x1);
-    if (y1 < y0) std::swap(y0, y1);
-    int ix0 = std::max(0, static_cast<int>(std::floor(x0)));
-    int ix1 = std::min(width_, static_cast<int>(std::ceil(x1)));
-    int iy0 = std::max(0, static_cast<int>(std::floor(y0)));
-    int iy1 = std::min(height_, static_cast<int>(std::ceil(y1)));
-    for (int y = iy0; y < iy1; ++y) {
-      double cy = std::min<double>(y + 1, y1) - std::max<double>(y, y0);
-      for (int x = ix0; x < ix1; ++x) {
-        double cx = std::min<double>(x + 1, x1) - std::max<double>(x, x0);
-        Blend(x, y, color, alpha * cx * cy);
-      }
-    }
-  }
-
-  // Anti-aliased filled disc.
-  void FillDisc(double cx, double cy, double radius, uint32_t color) {
-    int x0 = static_cast<int>(std::floor(cx - radius - 1));
-    int x1 = static_cast<int>(std::ceil(cx + radius + 1));
-    int y0 = static_cast<int>(std::floor(cy - radius - 1));
-    int y1 = static_cast<int>(std::ceil(cy + radius + 1));
-    for (int y = y0; y <= y1; ++y) {
-      for (int x = x0; x <= x1; ++x) {
-        double d = std::hypot(x + 0.5 - cx, y + 0.5 - cy);
-        Blend(x, y, color, std::clamp(radius + 0.5 - d, 0.0, 1.0));
-      }
-    }
-  }
-
- private:
-  int width_;
-  int height_;
-  std::string rgb_;
+struct ContextDeleter {
+  void operator()(cairo_t* cr) const { cairo_destroy(cr); }
 };
+struct FontFaceDeleter {
+  void operator()(cairo_font_face_t* face) const { cairo_font_face_destroy(face); }
+};
+using SurfacePtr = std::unique_ptr<cairo_surface_t, SurfaceDeleter>;
+using ContextPtr = std::unique_ptr<cairo_t, ContextDeleter>;
+using FontFacePtr = std::unique_ptr<cairo_font_face_t, FontFaceDeleter>;
+
+// An RGB24 image surface of width x height pixels, or the error naming the size.
+absl::StatusOr<SurfacePtr> CreateSurface(int width, int height) {
+  SurfacePtr surface(cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height));
+  if (cairo_status_t st = cairo_surface_status(surface.get()); st != CAIRO_STATUS_SUCCESS) {
+    return CairoError(absl::StrCat("image_surface_create(", width, "x", height, ")"), st);
+  }
+  return surface;
+}
+
+// The surface as PNG bytes (cairo's writer: 8-bit RGB for an RGB24 surface).
+absl::StatusOr<std::string> SurfaceToPng(cairo_surface_t* surface) {
+  cairo_surface_flush(surface);
+  std::string png;
+  cairo_status_t st = cairo_surface_write_to_png_stream(
+      surface,
+      [](void* closure, const unsigned char* data, unsigned int length) {
+        static_cast<std::string*>(closure)->append(reinterpret_cast<const char*>(data), length);
+        return CAIRO_STATUS_SUCCESS;
+      },
+      &png);
+  if (st != CAIRO_STATUS_SUCCESS) return CairoError("surface_write_to_png_stream", st);
+  return png;
+}
+
+// `text` as valid UTF-8 for cairo (which refuses anything else): each byte that does not start
+// a well-formed sequence becomes U+FFFD, control characters become spaces.
+std::string DisplayText(absl::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[i]); };
+  for (size_t i = 0; i < text.size();) {
+    const unsigned char c = byte(i);
+    if (c < 0x80) {
+      out.push_back(c < 0x20 || c == 0x7F ? ' ' : static_cast<char>(c));
+      ++i;
+      continue;
+    }
+    // Length and the range of the second byte (no overlong forms, surrogates or > U+10FFFF).
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    }
+    bool ok = len > 0 && i + len <= text.size() && byte(i + 1) >= lo && byte(i + 1) <= hi;
+    for (size_t k = 2; ok && k < len; ++k) ok = (byte(i + k) & 0xC0) == 0x80;
+    if (!ok) {
+      out += "\xEF\xBF\xBD";  // U+FFFD
+      ++i;
+      continue;
+    }
+    // C1 controls (U+0080..U+009F) are not drawable either.
+    if (c == 0xC2 && byte(i + 1) < 0xA0) {
+      out.push_back(' ');
+    } else {
+      out.append(text.data() + i, len);
+    }
+    i += len;
+  }
+  return out;
+}
+
+// Drops the last code point of valid UTF-8 `text`.
+void PopCodePoint(std::string* text) {
+  while (!text->empty() && (static_cast<unsigned char>(text->back()) & 0xC0) == 0x80) {
+    text->pop_back();
+  }
+  if (!text->empty()) text->pop_back();
+}
 
 struct Point {
   double x, y;
@@ -203,161 +142,17 @@ struct Box {
   bool Contains(Point p) const { return p.x >= x0 && p.x < x1 && p.y >= y0 && p.y < y1; }
 };
 
-// Anti-aliased thick polylines: per-pixel coverage (distance to the nearest segment) is
-// accumulated with max() in a mask and blended once, so joints and overlapping dashes are
-// not darkened twice. Drawing is clipped to `clip`.
-class LineMask {
- public:
-  LineMask(const Box& clip, const std::vector<Point>& points, double half_width) {
-    double r = half_width + 2;
-    double bx0 = clip.x1, by0 = clip.y1, bx1 = clip.x0, by1 = clip.y0;
-    for (const Point& p : points) {
-      bx0 = std::min(bx0, p.x - r);
-      by0 = std::min(by0, p.y - r);
-      bx1 = std::max(bx1, p.x + r);
-      by1 = std::max(by1, p.y + r);
-    }
-    x0_ = static_cast<int>(std::floor(std::max(bx0, clip.x0)));
-    y0_ = static_cast<int>(std::floor(std::max(by0, clip.y0)));
-    int x1 = static_cast<int>(std::ceil(std::min(bx1, clip.x1)));
-    int y1 = static_cast<int>(std::ceil(std::min(by1, clip.y1)));
-    w_ = std::max(0, x1 - x0_);
-    h_ = std::max(0, y1 - y0_);
-    coverage_.assign(static_cast<size_t>(w_) * h_, 0);
-  }
-
-  // A capsule of radius `half_width` around segment a-b (a disc when a == b).
-  void AddSegment(Point a, Point b, double half_width) {
-    const double r = half_width + 1;
-    const double dx = b.x - a.x, dy = b.y - a.y;
-    const double len2 = dx * dx + dy * dy;
-    auto coverage = [&](double px, double py) {
-      double t = len2 > 0 ? std::clamp(((px - a.x) * dx + (py - a.y) * dy) / len2, 0.0, 1.0) : 0;
-      double d = std::hypot(px - (a.x + t * dx), py - (a.y + t * dy));
-      return std::clamp(half_width + 0.5 - d, 0.0, 1.0);
-    };
-    // Walk the major axis; on each column (row) only the span near the segment is visited.
-    const bool x_major = std::abs(dx) >= std::abs(dy);
-    const double a_major = x_major ? a.x : a.y, b_major = x_major ? b.x : b.y;
-    const double a_minor = x_major ? a.y : a.x;
-    const double d_major = x_major ? dx : dy, d_minor = x_major ? dy : dx;
-    const int major_origin = x_major ? x0_ : y0_, major_size = x_major ? w_ : h_;
-    const int minor_origin = x_major ? y0_ : x0_, minor_size = x_major ? h_ : w_;
-    int m0 = std::max(major_origin, static_cast<int>(std::floor(std::min(a_major, b_major) - r)));
-    int m1 = std::min(major_origin + major_size - 1,
-                      static_cast<int>(std::ceil(std::max(a_major, b_major) + r)));
-    for (int m = m0; m <= m1; ++m) {
-      double c = m + 0.5;
-      double lo = a_minor, hi = a_minor;
-      if (d_major != 0) {
-        double t1 = std::clamp((c - r - a_major) / d_major, 0.0, 1.0);
-        double t2 = std::clamp((c + r - a_major) / d_major, 0.0, 1.0);
-        lo = std::min(a_minor + t1 * d_minor, a_minor + t2 * d_minor);
-        hi = std::max(a_minor + t1 * d_minor, a_minor + t2 * d_minor);
-      }
-      int n0 = std::max(minor_origin, static_cast<int>(std::floor(lo - r)));
-      int n1 = std::min(minor_origin + minor_size - 1, static_cast<int>(std::ceil(hi + r)));
-      for (int n = n0; n <= n1; ++n) {
-        int px = x_major ? m : n, py = x_major ? n : m;
-        double cov = coverage(px + 0.5, py + 0.5);
-        if (cov <= 0) continue;
-        uint8_t& cell = coverage_[static_cast<size_t>(py - y0_) * w_ + (px - x0_)];
-        cell = std::max<uint8_t>(cell, static_cast<uint8_t>(std::lround(cov * 255)));
-      }
-    }
-  }
-
-  void Composite(Canvas* canvas, uint32_t color) const {
-    for (int y = 0; y < h_; ++y) {
-      for (int x = 0; x < w_; ++x) {
-        uint8_t cov = coverage_[static_cast<size_t>(y) * w_ + x];
-        if (cov != 0) canvas->Blend(x0_ + x, y0_ + y, color, cov / 255.0);
-      }
-    }
-  }
-
- private:
-  int x0_ = 0, y0_ = 0, w_ = 0, h_ = 0;
-  std::vector<uint8_t> coverage_;
+struct Font {
+  double size_px = 12;  // the em size
+  bool bold = false;
 };
-
-// Draws connected runs of points (a run of one point is a dot), solid or dashed.
-void DrawPolyline(Canvas* canvas, const Box& clip, const std::vector<std::vector<Point>>& runs,
-                  double width, uint32_t color, bool dashed) {
-  std::vector<Point> all;
-  for (const auto& run : runs) all.insert(all.end(), run.begin(), run.end());
-  if (all.empty()) return;
-  const double half = width / 2;
-  LineMask mask(clip, all, half);
-  // Round caps widen every dash by `width`, so the visible pattern is ~6w on, ~2.5w off.
-  const double dash_on = 5 * width, dash_off = 3.5 * width;
-  for (const auto& run : runs) {
-    if (run.size() == 1) {
-      mask.AddSegment(run[0], run[0], width);
-      continue;
-    }
-    double phase = 0;  // distance into the current dash period
-    for (size_t i = 0; i + 1 < run.size(); ++i) {
-      Point a = run[i], b = run[i + 1];
-      if (!dashed) {
-        mask.AddSegment(a, b, half);
-        continue;
-      }
-      double len = std::hypot(b.x - a.x, b.y - a.y);
-      double pos = 0;
-      while (pos < len) {
-        bool on = phase < dash_on;
-        double step = std::min(len - pos, (on ? dash_on : dash_on + dash_off) - phase);
-        if (on) {
-          double t0 = pos / len, t1 = (pos + step) / len;
-          mask.AddSegment({a.x + t0 * (b.x - a.x), a.y + t0 * (b.y - a.y)},
-                          {a.x + t1 * (b.x - a.x), a.y + t1 * (b.y - a.y)}, half);
-        }
-        pos += step;
-        phase += step;
-        if (phase >= dash_on + dash_off - 1e-9) phase = 0;
-      }
-    }
-  }
-  mask.Composite(canvas, color);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Text.
-
-// Glyph indexes (0..94) of `text`: printable ASCII as is, every other byte or UTF-8 sequence '?'.
-std::vector<int> Glyphs(absl::string_view text) {
-  std::vector<int> out;
-  for (size_t i = 0; i < text.size(); ++i) {
-    unsigned char c = static_cast<unsigned char>(text[i]);
-    if ((c & 0xC0) == 0x80) continue;  // UTF-8 continuation byte
-    out.push_back(c >= 32 && c <= 126 ? c - 32 : '?' - 32);
-  }
-  return out;
-}
-
-int TextWidth(absl::string_view text, int scale) {
-  int n = static_cast<int>(Glyphs(text).size());
-  return n == 0 ? 0 : (n * kGlyphAdvance - 1) * scale;
-}
-int TextHeight(int scale) { return kGlyphRows * scale; }
-int CapHeight(int scale) { return kGlyphCapRows * scale; }
-
-enum class Align { kStart, kCenter, kEnd };
-
-// `text` cut to fit `max_width` pixels at `scale`, ending in "..." when cut.
-std::string FitText(absl::string_view text, int max_width, int scale) {
-  if (TextWidth(text, scale) <= max_width) return std::string(text);
-  std::string cut(text);
-  while (!cut.empty() && TextWidth(cut + "...", scale) > max_width) cut.pop_back();
-  return cut + "...";
-}
 
 struct TextStyle {
-  int scale = 1;
+  Font font;
   uint32_t color = kTextColor;
-  bool bold = false;  // every dot a third wider (at least one pixel)
 };
+
+enum class Align { kStart, kCenter, kEnd };
 
 double AlignOffset(Align align, double size) {
   switch (align) {
@@ -371,48 +166,197 @@ double AlignOffset(Align align, double size) {
   return 0;
 }
 
-// Horizontal text. (x, y) is the anchor: `h` aligns the text's width to it, `v` its cap height
-// (descenders hang below).
-void DrawText(Canvas* canvas, absl::string_view text, double x, double y, const TextStyle& style,
-              Align h, Align v) {
-  const int s = style.scale;
-  const int left = static_cast<int>(std::lround(x - AlignOffset(h, TextWidth(text, s))));
-  const int top = static_cast<int>(std::lround(y - AlignOffset(v, CapHeight(s))));
-  const int dot_w = s + (style.bold ? std::max(1, s / 3) : 0);
-  std::vector<int> glyphs = Glyphs(text);
-  for (size_t i = 0; i < glyphs.size(); ++i) {
-    for (int c = 0; c < kGlyphCols; ++c) {
-      uint8_t bits = kFont[glyphs[i]][c];
-      for (int r = 0; r < kGlyphRows; ++r) {
-        if (!((bits >> r) & 1)) continue;
-        int px = left + (static_cast<int>(i) * kGlyphAdvance + c) * s;
-        canvas->FillRect(px, top + r * s, px + dot_w, top + (r + 1) * s, style.color);
-      }
+// A white RGB canvas drawn with cairo: antialiased shapes and text in DejaVu Sans.
+// Continuous coordinates: pixel (i, j) covers [i, i+1) x [j, j+1), y down, so shapes with
+// whole-pixel edges are crisp. cairo errors are sticky: a failed call makes every later call a
+// no-op, and Encode() reports the first error.
+class Canvas {
+ public:
+  static absl::StatusOr<std::unique_ptr<Canvas>> Create(int width, int height) {
+    AVIARY_ASSIGN_OR_RETURN(SurfacePtr surface, CreateSurface(width, height));
+    ContextPtr cr(cairo_create(surface.get()));
+    if (cairo_status_t st = cairo_status(cr.get()); st != CAIRO_STATUS_SUCCESS) {
+      return CairoError("create", st);
     }
+    auto canvas = std::unique_ptr<Canvas>(new Canvas(std::move(surface), std::move(cr)));
+    for (cairo_font_weight_t weight : {CAIRO_FONT_WEIGHT_NORMAL, CAIRO_FONT_WEIGHT_BOLD}) {
+      FontFacePtr face(cairo_toy_font_face_create(kFontFamily, CAIRO_FONT_SLANT_NORMAL, weight));
+      if (cairo_status_t st = cairo_font_face_status(face.get()); st != CAIRO_STATUS_SUCCESS) {
+        return CairoError(absl::StrCat("toy_font_face_create('", kFontFamily, "')"), st);
+      }
+      (weight == CAIRO_FONT_WEIGHT_BOLD ? canvas->bold_ : canvas->regular_) = std::move(face);
+    }
+    cairo_t* c = canvas->cr_.get();
+    // Grey antialiasing (no colour fringes), slight hinting for crisp stems at small sizes.
+    cairo_font_options_t* options = cairo_font_options_create();
+    cairo_font_options_set_antialias(options, CAIRO_ANTIALIAS_GRAY);
+    cairo_font_options_set_hint_style(options, CAIRO_HINT_STYLE_SLIGHT);
+    cairo_font_options_set_hint_metrics(options, CAIRO_HINT_METRICS_ON);
+    cairo_set_font_options(c, options);
+    cairo_font_options_destroy(options);
+    cairo_set_source_rgb(c, 1, 1, 1);
+    cairo_paint(c);
+    AVIARY_RETURN_IF_ERROR(canvas->Status());
+    return canvas;
   }
-}
 
-// Text rotated 90 degrees counter-clockwise (reading bottom to top), centred on (cx, cy).
-void DrawTextVertical(Canvas* canvas, absl::string_view text, double cx, double cy,
-                      const TextStyle& style) {
-  const int s = style.scale;
-  const int length = TextWidth(text, s);
-  const int left = static_cast<int>(std::lround(cx - CapHeight(s) / 2.0));
-  const int bottom = static_cast<int>(std::lround(cy + length / 2.0));
-  std::vector<int> glyphs = Glyphs(text);
-  for (size_t i = 0; i < glyphs.size(); ++i) {
-    for (int c = 0; c < kGlyphCols; ++c) {
-      uint8_t bits = kFont[glyphs[i]][c];
-      for (int r = 0; r < kGlyphRows; ++r) {
-        if (!((bits >> r) & 1)) continue;
-        int u = static_cast<int>(i) * kGlyphAdvance + c;  // along the text
-        int py = bottom - (u + 1) * s;
-        canvas->FillRect(left + r * s, py - (style.bold ? std::max(1, s / 3) : 0),
-                         left + (r + 1) * s, py + s, style.color);
-      }
+  // The first cairo error of the drawing so far.
+  absl::Status Status() const {
+    if (cairo_status_t st = cairo_status(cr_.get()); st != CAIRO_STATUS_SUCCESS) {
+      return CairoError("drawing", st);
     }
+    if (cairo_status_t st = cairo_surface_status(surface_.get()); st != CAIRO_STATUS_SUCCESS) {
+      return CairoError("surface", st);
+    }
+    return absl::OkStatus();
   }
-}
+
+  absl::StatusOr<std::string> Encode() {
+    AVIARY_RETURN_IF_ERROR(Status());
+    return SurfaceToPng(surface_.get());
+  }
+
+  // Fills [x0, x1) x [y0, y1) with `color` at opacity `alpha` (fractional edges antialiased).
+  void FillRect(double x0, double y0, double x1, double y1, uint32_t color, double alpha = 1.0) {
+    cairo_t* c = cr_.get();
+    SetColor(color, alpha);
+    cairo_rectangle(c, std::min(x0, x1), std::min(y0, y1), std::abs(x1 - x0), std::abs(y1 - y0));
+    cairo_fill(c);
+  }
+
+  // A one-pixel outline just inside `b` (whole-pixel edges).
+  void StrokeBox(const Box& b, uint32_t color) {
+    cairo_t* c = cr_.get();
+    SetColor(color, 1.0);
+    cairo_set_line_width(c, 1.0);
+    cairo_set_dash(c, nullptr, 0, 0);
+    cairo_rectangle(c, b.x0 + 0.5, b.y0 + 0.5, b.width() - 1, b.height() - 1);
+    cairo_stroke(c);
+  }
+
+  void FillDisc(double cx, double cy, double radius, uint32_t color) {
+    cairo_t* c = cr_.get();
+    SetColor(color, 1.0);
+    cairo_new_path(c);
+    cairo_arc(c, cx, cy, radius, 0, 2 * kPi);
+    cairo_fill(c);
+  }
+
+  // Connected runs of points, clipped to `clip`, with round joins and caps; a run of one point
+  // is a dot of radius `width`. Dashes restart at each run.
+  void DrawPolyline(const Box& clip, const std::vector<std::vector<Point>>& runs, double width,
+                    uint32_t color, bool dashed) {
+    cairo_t* c = cr_.get();
+    cairo_save(c);
+    cairo_rectangle(c, clip.x0, clip.y0, clip.width(), clip.height());
+    cairo_clip(c);
+    SetColor(color, 1.0);
+    cairo_set_line_width(c, width);
+    cairo_set_line_cap(c, CAIRO_LINE_CAP_ROUND);
+    cairo_set_line_join(c, CAIRO_LINE_JOIN_ROUND);
+    // Round caps widen every dash by `width`: the visible pattern is ~6w on, ~2.5w off.
+    const double dashes[2] = {5 * width, 3.5 * width};
+    cairo_set_dash(c, dashed ? dashes : nullptr, dashed ? 2 : 0, 0);
+    cairo_new_path(c);
+    for (const auto& run : runs) {
+      if (run.size() < 2) continue;
+      cairo_move_to(c, run[0].x, run[0].y);
+      for (size_t i = 1; i < run.size(); ++i) cairo_line_to(c, run[i].x, run[i].y);
+    }
+    cairo_stroke(c);
+    for (const auto& run : runs) {
+      if (run.size() != 1) continue;
+      cairo_new_sub_path(c);
+      cairo_arc(c, run[0].x, run[0].y, width, 0, 2 * kPi);
+    }
+    cairo_fill(c);
+    cairo_restore(c);
+  }
+
+  // Text metrics in pixels: the advance width of `text`, the height of capitals above the
+  // baseline, and that plus the descent (the room a line of text takes).
+  double TextWidth(absl::string_view text, const Font& font) {
+    if (text.empty()) return 0;
+    SetFont(font);
+    cairo_text_extents_t extents;
+    cairo_text_extents(cr_.get(), DisplayText(text).c_str(), &extents);
+    return extents.x_advance;
+  }
+  double CapHeight(const Font& font) {
+    SetFont(font);
+    cairo_text_extents_t extents;
+    cairo_text_extents(cr_.get(), "H", &extents);
+    return -extents.y_bearing;
+  }
+  double TextHeight(const Font& font) {
+    SetFont(font);
+    cairo_font_extents_t extents;
+    cairo_font_extents(cr_.get(), &extents);
+    return CapHeight(font) + extents.descent;
+  }
+
+  // `text` cut to fit `max_width` pixels, ending in an ellipsis when cut.
+  std::string FitText(absl::string_view text, double max_width, const Font& font) {
+    std::string cut = DisplayText(text);
+    if (TextWidth(cut, font) <= max_width) return cut;
+    while (!cut.empty() && TextWidth(cut + "\u2026", font) > max_width) PopCodePoint(&cut);
+    return cut + "\u2026";
+  }
+
+  // Horizontal text. (x, y) is the anchor: `h` aligns the text's width to it, `v` its cap
+  // height (descenders hang below). The baseline and left edge are rounded to whole pixels.
+  void DrawText(absl::string_view text, double x, double y, const TextStyle& style, Align h,
+                Align v) {
+    if (text.empty()) return;
+    const std::string shown = DisplayText(text);
+    const double left = std::round(x - AlignOffset(h, TextWidth(shown, style.font)));
+    const double cap = CapHeight(style.font);
+    const double baseline = std::round(y - AlignOffset(v, cap) + cap);
+    cairo_t* c = cr_.get();
+    SetFont(style.font);
+    SetColor(style.color, 1.0);
+    cairo_move_to(c, left, baseline);
+    cairo_show_text(c, shown.c_str());
+    cairo_new_path(c);
+  }
+
+  // Text rotated 90 degrees counter-clockwise (reading bottom to top), centred on (cx, cy).
+  void DrawTextVertical(absl::string_view text, double cx, double cy, const TextStyle& style) {
+    if (text.empty()) return;
+    const std::string shown = DisplayText(text);
+    const double length = TextWidth(shown, style.font);
+    const double cap = CapHeight(style.font);
+    cairo_t* c = cr_.get();
+    cairo_save(c);
+    // Rotated, the text's x runs up the image and its y to the right: the baseline is the
+    // column right of the capitals.
+    cairo_translate(c, std::round(cx + cap / 2), std::round(cy + length / 2));
+    cairo_rotate(c, -kPi / 2);
+    SetFont(style.font);
+    SetColor(style.color, 1.0);
+    cairo_move_to(c, 0, 0);
+    cairo_show_text(c, shown.c_str());
+    cairo_new_path(c);
+    cairo_restore(c);
+  }
+
+ private:
+  Canvas(SurfacePtr surface, ContextPtr cr) : surface_(std::move(surface)), cr_(std::move(cr)) {}
+
+  void SetColor(uint32_t color, double alpha) {
+    cairo_set_source_rgba(cr_.get(), ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0,
+                          (color & 0xFF) / 255.0, std::clamp(alpha, 0.0, 1.0));
+  }
+
+  void SetFont(const Font& font) {
+    cairo_set_font_face(cr_.get(), font.bold ? bold_.get() : regular_.get());
+    cairo_set_font_size(cr_.get(), font.size_px);
+  }
+
+  SurfacePtr surface_;
+  ContextPtr cr_;
+  FontFacePtr regular_, bold_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Numbers and axes.
@@ -620,10 +564,12 @@ absl::Status ValidatePanel(const Panel& panel, size_t index) {
 
 // Sizes shared by every panel of a figure, derived from the text scale.
 struct Metrics {
-  int s;            // text scale
-  int title_scale;  // panel and figure titles
-  int pad;          // outer padding
-  int gap;          // between a tick and its label, a label and its axis label
+  int s;             // text scale: the unit of paddings, ticks and line widths
+  Font font;         // tick labels, axis labels, legends, value labels
+  Font title_font;   // panel titles
+  Font figure_font;  // the figure's title
+  int pad;           // outer padding
+  int gap;           // between a tick and its label, a label and its axis label
   int tick_len;
   double line_width;
 };
@@ -631,11 +577,13 @@ struct Metrics {
 Metrics MakeMetrics(int scale) {
   Metrics m;
   m.s = scale;
-  m.title_scale = std::max(scale + 1, (3 * scale + 1) / 2);
+  m.font = Font{kFontBasePx + kFontPxPerScale * scale};
+  m.title_font = Font{std::round(1.25 * m.font.size_px)};
+  m.figure_font = Font{std::round(1.35 * m.font.size_px), true};
   m.pad = 8 * scale;
   m.gap = 4 * scale;
   m.tick_len = 4 * scale;
-  m.line_width = 2.0 * scale;
+  m.line_width = kLineWidthPerScale * scale;
   return m;
 }
 
@@ -669,7 +617,7 @@ class PanelRenderer {
     DrawBars();
     for (size_t i = 0; i < panel_.lines.size(); ++i) {
       const Series& s = panel_.lines[i];
-      DrawPolyline(canvas_, plot_, runs_[i], m_.line_width, s.rgb, s.dashed);
+      canvas_->DrawPolyline(plot_, runs_[i], m_.line_width, s.rgb, s.dashed);
     }
     DrawFrameAndTicks();
     DrawMarkers();
@@ -686,20 +634,23 @@ class PanelRenderer {
 
   double XPx(double t) const { return plot_.x0 + x_.Unit(t) * plot_.width(); }
   double YPx(const Axis& axis, double t) const { return plot_.y1 - axis.Unit(t) * plot_.height(); }
-  int CharWidth() const { return kGlyphAdvance * m_.s; }
+  // Text metrics of the body font.
+  double TextWidth(absl::string_view text) const { return canvas_->TextWidth(text, m_.font); }
+  double TextHeight() const { return canvas_->TextHeight(m_.font); }
+  double CapHeight() const { return canvas_->CapHeight(m_.font); }
+  double CharWidth() const { return canvas_->TextWidth("0", m_.font); }
   int AxisWidth() const { return std::max(1, m_.s); }
 
-  static int MaxLabelWidth(const std::vector<std::string>& labels, int scale) {
-    int w = 0;
-    for (const std::string& l : labels) w = std::max(w, TextWidth(l, scale));
+  double MaxLabelWidth(const std::vector<std::string>& labels) const {
+    double w = 0;
+    for (const std::string& l : labels) w = std::max(w, TextWidth(l));
     return w;
   }
 
   // Places the plot area, axes limits and ticks, leaving `legend_rows` rows of legend entries
   // under the x axis label.
   absl::Status Layout(size_t legend_rows) {
-    const int s = m_.s;
-    const int ch = TextHeight(s);
+    const double ch = TextHeight();
     bool has_left = HasBars();
     bool has_right = false;
     for (const Series& series : panel_.lines) (series.right_axis ? has_right : has_left) = true;
@@ -707,7 +658,7 @@ class PanelRenderer {
 
     // Vertical margins first: they fix the plot height, which sets the number of y ticks.
     double top = area_.y0 + m_.pad;
-    if (!panel_.title.empty()) top += CapHeight(m_.title_scale) + m_.pad;
+    if (!panel_.title.empty()) top += canvas_->CapHeight(m_.title_font) + m_.pad;
     double bottom = area_.y1 - m_.pad - AxisWidth() - m_.tick_len - m_.gap - ch;
     if (!panel_.x_label.empty()) bottom -= m_.gap + ch;
     if (legend_rows > 0) bottom -= 2 * m_.gap + legend_rows * LegendRow();
@@ -758,7 +709,7 @@ class PanelRenderer {
         std::vector<std::string> texts;
         for (double v : panel_.bars->values) texts.push_back(FormatValue(v));
         double estimated_unit = area_.width() * 0.85 / panel_.bars->values.size();
-        show_bar_values_ = MaxLabelWidth(texts, s) <= estimated_unit - 2;
+        show_bar_values_ = MaxLabelWidth(texts) <= estimated_unit - 2;
       }
       if (show_bar_values_) {
         // Labels go above positive bars and below negative ones.
@@ -781,12 +732,12 @@ class PanelRenderer {
     }
 
     // Horizontal margins from the widest tick labels.
-    double left_margin = m_.pad + MaxLabelWidth(y_.labels, s) + m_.gap + m_.tick_len + AxisWidth();
-    if (!LeftLabel().empty()) left_margin += TextHeight(s) + m_.gap;
+    double left_margin = m_.pad + MaxLabelWidth(y_.labels) + m_.gap + m_.tick_len + AxisWidth();
+    if (!LeftLabel().empty()) left_margin += TextHeight() + m_.gap;
     double right_margin = m_.pad + 2 * CharWidth();
     if (right_used_) {
-      right_margin = m_.pad + AxisWidth() + m_.tick_len + m_.gap + MaxLabelWidth(y2_.labels, s);
-      if (!panel_.y2_label.empty()) right_margin += TextHeight(s) + m_.gap;
+      right_margin = m_.pad + AxisWidth() + m_.tick_len + m_.gap + MaxLabelWidth(y2_.labels);
+      if (!panel_.y2_label.empty()) right_margin += TextHeight() + m_.gap;
     }
     plot_.x0 = std::round(area_.x0 + left_margin);
     plot_.x1 = std::round(area_.x1 - right_margin);
@@ -817,7 +768,7 @@ class PanelRenderer {
       // Every k-th category label, k in 1, 2, 5, 10, 20, ... so that labels do not touch.
       const auto& labels = panel_.bars->labels;
       double unit = plot_.width() / (x_.hi - x_.lo);
-      double needed = MaxLabelWidth(labels, s) + 2.0 * CharWidth();
+      double needed = MaxLabelWidth(labels) + 2.0 * CharWidth();
       long long every = static_cast<long long>(NiceStep(needed / unit));
       if (needed <= unit) every = 1;
       x_.ticks.clear();
@@ -830,7 +781,7 @@ class PanelRenderer {
       int target = std::clamp(static_cast<int>(plot_.width() / (8 * CharWidth())), 2, 12);
       for (; target >= 2; --target) {
         MakeLinearTicks(&x_, target, integer_x || HasBars() ? 1.0 : 0.0);
-        double needed = x_.ticks.size() * (MaxLabelWidth(x_.labels, s) + 2.0 * CharWidth());
+        double needed = x_.ticks.size() * (MaxLabelWidth(x_.labels) + 2.0 * CharWidth());
         if (needed <= plot_.width()) break;
       }
     }
@@ -925,9 +876,9 @@ class PanelRenderer {
       canvas_->FillRect(b.x0, b.y0, b.x1, b.y1, panel_.bars->rgb);
       if (show_bar_values_) {
         std::string text = FormatValue(panel_.bars->values[bar.index]);
-        DrawText(canvas_, text, XPx(static_cast<double>(bar.index)),
-                 bar.up ? b.y0 - m_.gap : b.y1 + m_.gap, TextStyle{m_.s}, Align::kCenter,
-                 bar.up ? Align::kEnd : Align::kStart);
+        canvas_->DrawText(text, XPx(static_cast<double>(bar.index)),
+                          bar.up ? b.y0 - m_.gap : b.y1 + m_.gap, TextStyle{m_.font},
+                          Align::kCenter, bar.up ? Align::kEnd : Align::kStart);
       }
     }
   }
@@ -939,12 +890,12 @@ class PanelRenderer {
     canvas_->FillRect(p.x0 - aw, p.y1, p.x1 + aw, p.y1 + aw, kAxisColor);
     canvas_->FillRect(p.x0 - aw, p.y0, p.x0, p.y1, kAxisColor);
     canvas_->FillRect(p.x1, p.y0, p.x1 + aw, p.y1, kAxisColor);
-    const TextStyle style{m_.s};
+    const TextStyle style{m_.font};
     for (size_t i = 0; i < y_.ticks.size(); ++i) {
       double y = std::floor(YPx(y_, y_.ticks[i]));
       canvas_->FillRect(p.x0 - aw - m_.tick_len, y, p.x0 - aw, y + aw, kAxisColor);
-      DrawText(canvas_, y_.labels[i], p.x0 - aw - m_.tick_len - m_.gap, y + aw / 2.0, style,
-               Align::kEnd, Align::kCenter);
+      canvas_->DrawText(y_.labels[i], p.x0 - aw - m_.tick_len - m_.gap, y + aw / 2.0, style,
+                        Align::kEnd, Align::kCenter);
     }
     for (double t : y_.minor_ticks) {
       double y = std::floor(YPx(y_, t));
@@ -958,15 +909,15 @@ class PanelRenderer {
       for (size_t i = 0; i < y2_.ticks.size(); ++i) {
         double y = std::floor(YPx(y2_, y2_.ticks[i]));
         canvas_->FillRect(p.x1 + aw, y, p.x1 + aw + m_.tick_len, y + aw, kAxisColor);
-        DrawText(canvas_, y2_.labels[i], p.x1 + aw + m_.tick_len + m_.gap, y + aw / 2.0, style,
-                 Align::kStart, Align::kCenter);
+        canvas_->DrawText(y2_.labels[i], p.x1 + aw + m_.tick_len + m_.gap, y + aw / 2.0, style,
+                          Align::kStart, Align::kCenter);
       }
     }
     for (size_t i = 0; i < x_.ticks.size(); ++i) {
       double x = std::floor(XPx(x_.ticks[i]));
       canvas_->FillRect(x, p.y1 + aw, x + aw, p.y1 + aw + m_.tick_len, kAxisColor);
-      DrawText(canvas_, x_.labels[i], x + aw / 2.0, p.y1 + aw + m_.tick_len + m_.gap, style,
-               Align::kCenter, Align::kStart);
+      canvas_->DrawText(x_.labels[i], x + aw / 2.0, p.y1 + aw + m_.tick_len + m_.gap, style,
+                        Align::kCenter, Align::kStart);
     }
   }
 
@@ -997,7 +948,7 @@ class PanelRenderer {
     if (has_legend_ && legend_rows_.empty()) placed.push_back(legend_box_);
     for (Marker& mk : markers_) {
       const double pad = 2.0 * m_.s;
-      const double w = TextWidth(mk.label, m_.s) + 2 * pad, h = CapHeight(m_.s) + 2 * pad;
+      const double w = TextWidth(mk.label) + 2 * pad, h = TextHeight() + 2 * pad;
       const double off = mk.radius + 2.0 * m_.s;
       const std::array<Box, 4> candidates = {
           Box{mk.at.x + off, mk.at.y - off - h, mk.at.x + off + w, mk.at.y - off},
@@ -1043,9 +994,9 @@ class PanelRenderer {
     for (const Marker& mk : markers_) {
       const Box& b = mk.label_box;
       canvas_->FillRect(b.x0, b.y0, b.x1, b.y1, kWhite, 0.85);
-      DrawBorder(b, mk.rgb);
-      DrawText(canvas_, mk.label, b.x0 + 2.0 * m_.s, b.y0 + 2.0 * m_.s, TextStyle{m_.s},
-               Align::kStart, Align::kStart);
+      canvas_->StrokeBox(b, mk.rgb);
+      canvas_->DrawText(mk.label, b.x0 + 2.0 * m_.s, b.y0 + 2.0 * m_.s, TextStyle{m_.font},
+                        Align::kStart, Align::kStart);
     }
   }
 
@@ -1055,32 +1006,24 @@ class PanelRenderer {
     return w > 0 && h > 0 ? w * h : 0;
   }
 
-  void DrawBorder(const Box& b, uint32_t color) {
-    canvas_->FillRect(b.x0, b.y0, b.x1, b.y0 + 1, color);
-    canvas_->FillRect(b.x0, b.y1 - 1, b.x1, b.y1, color);
-    canvas_->FillRect(b.x0, b.y0, b.x0 + 1, b.y1, color);
-    canvas_->FillRect(b.x1 - 1, b.y0, b.x1, b.y1, color);
-  }
-
   void DrawLabels() {
-    const TextStyle style{m_.s};
+    const TextStyle style{m_.font};
     const double cx = (plot_.x0 + plot_.x1) / 2, cy = (plot_.y0 + plot_.y1) / 2;
     if (!panel_.title.empty()) {
       // A title wider than its panel is shortened with "..." rather than spill into the next.
-      const int room = static_cast<int>(area_.x1 - area_.x0) - 2 * m_.pad;
-      DrawText(canvas_, FitText(panel_.title, room, m_.title_scale), cx, area_.y0 + m_.pad,
-               TextStyle{m_.title_scale}, Align::kCenter, Align::kStart);
+      const double room = area_.width() - 2 * m_.pad;
+      canvas_->DrawText(canvas_->FitText(panel_.title, room, m_.title_font), cx, area_.y0 + m_.pad,
+                        TextStyle{m_.title_font}, Align::kCenter, Align::kStart);
     }
     if (!panel_.x_label.empty()) {
-      double y = plot_.y1 + AxisWidth() + m_.tick_len + m_.gap + TextHeight(m_.s) + m_.gap;
-      DrawText(canvas_, panel_.x_label, cx, y, style, Align::kCenter, Align::kStart);
+      double y = plot_.y1 + AxisWidth() + m_.tick_len + m_.gap + TextHeight() + m_.gap;
+      canvas_->DrawText(panel_.x_label, cx, y, style, Align::kCenter, Align::kStart);
     }
     if (!LeftLabel().empty()) {
-      DrawTextVertical(canvas_, LeftLabel(), area_.x0 + m_.pad + CapHeight(m_.s) / 2.0, cy, style);
+      canvas_->DrawTextVertical(LeftLabel(), area_.x0 + m_.pad + CapHeight() / 2.0, cy, style);
     }
     if (right_used_ && !panel_.y2_label.empty()) {
-      DrawTextVertical(canvas_, panel_.y2_label, area_.x1 - m_.pad - CapHeight(m_.s) / 2.0, cy,
-                       style);
+      canvas_->DrawTextVertical(panel_.y2_label, area_.x1 - m_.pad - CapHeight() / 2.0, cy, style);
     }
   }
 
@@ -1102,14 +1045,14 @@ class PanelRenderer {
   }
 
   double LegendInner() const { return m_.gap + m_.s; }
-  double LegendRow() const { return TextHeight(m_.s) + m_.gap; }
+  double LegendRow() const { return TextHeight() + m_.gap; }
   double LegendSample() const { return 22.0 * m_.s; }
 
   // Width and height of the legend box.
   Point LegendSize() const {
     std::vector<LegendEntry> entries = LegendEntries();
     double text_w = 0;
-    for (const LegendEntry& e : entries) text_w = std::max<double>(text_w, TextWidth(e.name, m_.s));
+    for (const LegendEntry& e : entries) text_w = std::max<double>(text_w, TextWidth(e.name));
     return {std::round(2 * LegendInner() + LegendSample() + m_.gap + text_w),
             std::round(2 * LegendInner() + entries.size() * LegendRow() - m_.gap)};
   }
@@ -1155,7 +1098,7 @@ class PanelRenderer {
   }
 
   double LegendEntryWidth(const LegendEntry& e) const {
-    return LegendSample() + m_.gap + TextWidth(e.name, m_.s);
+    return LegendSample() + m_.gap + TextWidth(e.name);
   }
 
   // Entry indexes per row when the legend goes under the plot: as many per row as fit the
@@ -1185,9 +1128,10 @@ class PanelRenderer {
     if (e.bar) {
       canvas_->FillRect(x + 4 * s, cy - 3.5 * s, x + sw - 4 * s, cy + 3.5 * s, e.rgb);
     } else {
-      DrawPolyline(canvas_, clip, {{{x, cy}, {x + sw, cy}}}, m_.line_width, e.rgb, e.dashed);
+      canvas_->DrawPolyline(clip, {{{x, cy}, {x + sw, cy}}}, m_.line_width, e.rgb, e.dashed);
     }
-    DrawText(canvas_, e.name, x + sw + m_.gap, cy, TextStyle{s}, Align::kStart, Align::kCenter);
+    canvas_->DrawText(e.name, x + sw + m_.gap, cy, TextStyle{m_.font}, Align::kStart,
+                      Align::kCenter);
   }
 
   void DrawLegend() {
@@ -1195,15 +1139,15 @@ class PanelRenderer {
     const std::vector<LegendEntry> entries = LegendEntries();
     if (!legend_rows_.empty()) {
       const double spacing = 3.0 * m_.gap;
-      double y = plot_.y1 + AxisWidth() + m_.tick_len + m_.gap + TextHeight(m_.s) + 2 * m_.gap;
-      if (!panel_.x_label.empty()) y += TextHeight(m_.s) + m_.gap;
+      double y = plot_.y1 + AxisWidth() + m_.tick_len + m_.gap + TextHeight() + 2 * m_.gap;
+      if (!panel_.x_label.empty()) y += TextHeight() + m_.gap;
       for (const std::vector<size_t>& row : legend_rows_) {
         double row_w = -spacing;
         for (size_t i : row) row_w += spacing + LegendEntryWidth(entries[i]);
         double x = (plot_.x0 + plot_.x1 - row_w) / 2;
         x = std::round(std::clamp(x, area_.x0 + m_.pad, area_.x1 - m_.pad - row_w));
         for (size_t i : row) {
-          DrawLegendEntry(entries[i], area_, x, y + CapHeight(m_.s) / 2.0);
+          DrawLegendEntry(entries[i], area_, x, y + CapHeight() / 2.0);
           x += LegendEntryWidth(entries[i]) + spacing;
         }
         y += LegendRow();
@@ -1212,10 +1156,10 @@ class PanelRenderer {
     }
     const Box& b = legend_box_;
     canvas_->FillRect(b.x0, b.y0, b.x1, b.y1, kWhite, 0.9);
-    DrawBorder(b, kLegendEdgeColor);
+    canvas_->StrokeBox(b, kLegendEdgeColor);
     for (size_t i = 0; i < entries.size(); ++i) {
       DrawLegendEntry(entries[i], b, b.x0 + LegendInner(),
-                      b.y0 + LegendInner() + i * LegendRow() + CapHeight(m_.s) / 2.0);
+                      b.y0 + LegendInner() + i * LegendRow() + CapHeight() / 2.0);
     }
   }
 
@@ -1249,66 +1193,6 @@ class PanelRenderer {
   std::vector<std::vector<size_t>> legend_rows_;  // else: entries per row under the plot
 };
 
-// A zlib deflate stream into a string; ends the stream on destruction.
-class Deflater {
- public:
-  Deflater() = default;
-  Deflater(const Deflater&) = delete;
-  Deflater& operator=(const Deflater&) = delete;
-  ~Deflater() {
-    if (initialized_) deflateEnd(&stream_);
-  }
-
-  absl::Status Init() {
-    int rc = deflateInit(&stream_, 6);
-    if (rc != Z_OK) return Error("deflateInit", rc);
-    initialized_ = true;
-    return absl::OkStatus();
-  }
-
-  // Compresses `data`; `flush` Z_FINISH ends the stream.
-  absl::Status Add(absl::string_view data, int flush) {
-    stream_.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
-    stream_.avail_in = static_cast<uInt>(data.size());
-    char buffer[1 << 14];
-    int rc;
-    do {
-      stream_.next_out = reinterpret_cast<Bytef*>(buffer);
-      stream_.avail_out = sizeof(buffer);
-      rc = deflate(&stream_, flush);
-      if (rc == Z_STREAM_ERROR) return Error("deflate", rc);
-      output_.append(buffer, sizeof(buffer) - stream_.avail_out);
-    } while (stream_.avail_out == 0 || (flush == Z_FINISH && rc != Z_STREAM_END));
-    return absl::OkStatus();
-  }
-
-  const std::string& output() const { return output_; }
-
- private:
-  static absl::Status Error(const char* call, int rc) {
-    return absl::InternalError(
-        absl::StrCat("zlib ", call, " failed with code ", rc, " (", zError(rc), ")"));
-  }
-
-  z_stream stream_{};
-  bool initialized_ = false;
-  std::string output_;
-};
-
-void AppendU32(std::string* out, uint32_t v) {
-  for (int shift = 24; shift >= 0; shift -= 8)
-    out->push_back(static_cast<char>((v >> shift) & 0xFF));
-}
-
-void AppendChunk(std::string* out, const char (&type)[5], absl::string_view data) {
-  AppendU32(out, static_cast<uint32_t>(data.size()));
-  out->append(type, 4);
-  out->append(data.data(), data.size());
-  uLong crc = crc32(0L, reinterpret_cast<const Bytef*>(type), 4);
-  crc = crc32(crc, reinterpret_cast<const Bytef*>(data.data()), static_cast<uInt>(data.size()));
-  AppendU32(out, static_cast<uint32_t>(crc));
-}
-
 }  // namespace
 
 uint32_t PaletteColor(int index) {
@@ -1324,28 +1208,21 @@ absl::StatusOr<std::string> EncodePng(int width, int height, absl::string_view r
                                                    width, "x", height, " pixels (expected ",
                                                    3LL * width * height, ")"));
   }
-  // Rows are deflated one by one, each behind its filter byte, so that no second copy of the
-  // image is held.
-  Deflater deflater;
-  AVIARY_RETURN_IF_ERROR(deflater.Init());
-  const size_t row_bytes = static_cast<size_t>(width) * 3;
-  std::string row(row_bytes + 1, '\0');  // row[0]: filter type 0 (None)
+  AVIARY_ASSIGN_OR_RETURN(SurfacePtr surface, CreateSurface(width, height));
+  cairo_surface_flush(surface.get());
+  unsigned char* data = cairo_image_surface_get_data(surface.get());
+  const int stride = cairo_image_surface_get_stride(surface.get());
   for (int y = 0; y < height; ++y) {
-    std::memcpy(&row[1], rgb.data() + static_cast<size_t>(y) * row_bytes, row_bytes);
-    AVIARY_RETURN_IF_ERROR(deflater.Add(row, Z_NO_FLUSH));
+    // RGB24 pixels are native-endian 32-bit words, 0x00RRGGBB.
+    auto* row = reinterpret_cast<uint32_t*>(data + static_cast<size_t>(y) * stride);
+    const auto* in =
+        reinterpret_cast<const unsigned char*>(rgb.data()) + static_cast<size_t>(y) * width * 3;
+    for (int x = 0; x < width; ++x) {
+      row[x] = (uint32_t{in[3 * x]} << 16) | (uint32_t{in[3 * x + 1]} << 8) | in[3 * x + 2];
+    }
   }
-  AVIARY_RETURN_IF_ERROR(deflater.Add("", Z_FINISH));
-  const std::string& z = deflater.output();
-
-  std::string png("\x89PNG\r\n\x1a\n", 8);
-  std::string ihdr;
-  AppendU32(&ihdr, static_cast<uint32_t>(width));
-  AppendU32(&ihdr, static_cast<uint32_t>(height));
-  ihdr += std::string("\x08\x02\x00\x00\x00", 5);  // 8-bit, RGB, deflate, no filter, no interlace
-  AppendChunk(&png, "IHDR", ihdr);
-  AppendChunk(&png, "IDAT", z);
-  AppendChunk(&png, "IEND", "");
-  return png;
+  cairo_surface_mark_dirty(surface.get());
+  return SurfaceToPng(surface.get());
 }
 
 absl::StatusOr<std::string> RenderPng(const Figure& figure) {
@@ -1374,12 +1251,14 @@ absl::StatusOr<std::string> RenderPng(const Figure& figure) {
                                          std::min(figure.width / 640.0, figure.height / 320.0))),
                                      1, 16);
   const Metrics m = MakeMetrics(scale);
-  Canvas canvas(figure.width, figure.height);
+  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Canvas> canvas,
+                          Canvas::Create(figure.width, figure.height));
   double top = 0;
   if (!figure.title.empty()) {
-    DrawText(&canvas, figure.title, figure.width / 2.0, m.pad,
-             TextStyle{m.title_scale, kTextColor, true}, Align::kCenter, Align::kStart);
-    top = m.pad + CapHeight(m.title_scale) + m.gap;
+    canvas->DrawText(canvas->FitText(figure.title, figure.width - 2.0 * m.pad, m.figure_font),
+                     figure.width / 2.0, m.pad, TextStyle{m.figure_font}, Align::kCenter,
+                     Align::kStart);
+    top = m.pad + canvas->CapHeight(m.figure_font) + m.gap;
   }
   const int n = static_cast<int>(figure.panels.size());
   const int cols = figure.columns == 0 ? n : std::min(figure.columns, n);
@@ -1390,19 +1269,21 @@ absl::StatusOr<std::string> RenderPng(const Figure& figure) {
     const int r = i / cols, c = i % cols;
     Box area{std::round(c * cell_w), std::round(top + r * cell_h), std::round((c + 1) * cell_w),
              std::round(top + (r + 1) * cell_h)};
-    PanelRenderer renderer(&canvas, figure.panels[i], m);
+    PanelRenderer renderer(canvas.get(), figure.panels[i], m);
     absl::Status status = renderer.Render(area);
     if (!status.ok()) {
       return Annotate(status, absl::StrCat(PanelName(figure.panels[i], i), " of a ", figure.width,
                                            "x", figure.height, " figure"));
     }
   }
-  return EncodePng(canvas.width(), canvas.height(), canvas.rgb());
+  return canvas->Encode();
 }
 
 absl::Status WritePng(const Figure& figure, const std::string& path) {
-  AVIARY_ASSIGN_OR_RETURN(std::string png, RenderPng(figure));
-  return Annotate(WriteFileAtomically(path, png), "WritePng");
+  const std::string context = absl::StrCat("WritePng ", path);
+  absl::StatusOr<std::string> png = RenderPng(figure);
+  if (!png.ok()) return Annotate(png.status(), context);
+  return Annotate(WriteFileAtomically(path, *png), context);
 }
 
 }  // namespace aviary::common

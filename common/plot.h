@@ -1,15 +1,19 @@
-// Dependency-free PNG charts: bar charts and line charts with one or two y axes.
+// PNG charts drawn with cairo: bar charts and line charts with one or two y axes.
 //
 // A Figure holds panels laid out on a grid; each panel draws optional bars (one bar per
 // category, bar i centred at x = i) and any number of line series, with "nice" ticks
 // (1/2/5 x 10^k, or decades on a log axis), grid lines, axis labels, a title and a legend.
-// Text uses an embedded 5x7 bitmap font (printable ASCII; anything else is drawn as '?'),
-// scaled by whole factors. The image is 8-bit RGB, encoded with zlib only.
+// The layout, ticks and legend placement are our own; cairo draws them antialiased and writes
+// the PNG (8-bit RGB). Text is UTF-8 in DejaVu Sans (Debian's fonts-dejavu-core, through
+// cairo's toy font API and fontconfig, which substitutes another sans-serif font when it is
+// missing); bytes that are not UTF-8 are drawn as U+FFFD, control characters as spaces.
 //
 // Used by `aviary dataset summary --plot` (sources bar chart + class long tail) and for a
 // training run's history.png (AUC lines, loss on a second y axis, best epochs marked).
+// Library aviary::plot (common/CMakeLists.txt), so that only its users link cairo.
 //
-// Everything here is a pure function of its arguments and is thread-safe.
+// Everything here is a pure function of its arguments (and of the installed fonts) and is
+// thread-safe.
 #ifndef AVIARY_COMMON_PLOT_H_
 #define AVIARY_COMMON_PLOT_H_
 
@@ -71,21 +75,23 @@ struct Figure {
   std::string title;               // drawn centred above all panels
   std::vector<Panel> panels;       // at least one
   int columns = 0;                 // panels per row; 0: all in one row
-  // Font scale, 0..16 (1: 5x7 px glyphs; titles about 1.5 times larger). 0: from the size,
-  // round(min(width / 640, height / 320)) but at least 1, e.g. 2 for the default 1200x500.
+  // Text scale, 0..16: the body font is 4 + 7 * text_scale px (11 px at 1, 18 px at 2), panel
+  // titles a quarter larger; paddings, ticks and line widths grow with it too. 0: from the
+  // size, round(min(width / 640, height / 320)) but at least 1, e.g. 2 for the default 1200x500.
   int text_scale = 0;
 };
 
 // Renders `figure` to PNG bytes. INVALID_ARGUMENT naming the panel and series for mismatched
 // x/y or labels/values sizes, an out-of-range marker_index, a size outside [200, 8000], no
-// panels, or panels too small to hold a chart.
+// panels, or panels too small to hold a chart; INTERNAL naming the cairo call that failed.
 absl::StatusOr<std::string> RenderPng(const Figure& figure);
 
-// Renders `figure` and writes it to `path` atomically (temporary file + rename).
+// Renders `figure` and writes it to `path` atomically (temporary file + rename); errors start
+// with "WritePng <path>: ".
 absl::Status WritePng(const Figure& figure, const std::string& path);
 
 // Encodes `rgb` (height rows of width pixels, 3 bytes each, top row first) as an 8-bit RGB
-// PNG: signature, IHDR, one IDAT, IEND.
+// PNG with cairo's writer.
 absl::StatusOr<std::string> EncodePng(int width, int height, absl::string_view rgb);
 
 }  // namespace aviary::common

@@ -9,6 +9,7 @@ AVIARY_BUILD_PACKAGES=(
   prometheus-cpp-dev libspdlog-dev libyaml-cpp-dev libsqlite3-dev
   libopenmpi-dev openmpi-bin
   libsndfile1-dev libsoxr-dev
+  libcairo2-dev fonts-dejavu-core  # the plots (common/plot.h): cairo, and the font it draws text in
   libgtest-dev libgmock-dev
   libcli11-dev
 )

@@ -2,11 +2,13 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -36,6 +38,39 @@ struct Image {
   }
 };
 
+int Channel(uint32_t rgb, int c) { return (rgb >> (16 - 8 * c)) & 0xFF; }
+
+// Text pixels: dark and grey (the text colour is 0x262626, blended into white at glyph edges).
+bool IsInk(uint32_t rgb) {
+  int r = Channel(rgb, 0), g = Channel(rgb, 1), b = Channel(rgb, 2);
+  return r < 0xC0 && std::abs(r - g) <= 2 && std::abs(g - b) <= 2;
+}
+
+struct Bounds {
+  int x0 = std::numeric_limits<int>::max(), y0 = std::numeric_limits<int>::max(), x1 = -1, y1 = -1;
+  int count = 0;
+  bool empty() const { return count == 0; }
+  int width() const { return x1 - x0 + 1; }
+  int height() const { return y1 - y0 + 1; }
+};
+
+// The bounding box of the pixels in [x0, x1) x [y0, y1) that satisfy `pred`.
+template <typename Pred>
+Bounds Find(const Image& image, int x0, int y0, int x1, int y1, Pred pred) {
+  Bounds b;
+  for (int y = std::max(0, y0); y < std::min(image.height, y1); ++y) {
+    for (int x = std::max(0, x0); x < std::min(image.width, x1); ++x) {
+      if (!pred(image.At(x, y))) continue;
+      b.x0 = std::min(b.x0, x);
+      b.y0 = std::min(b.y0, y);
+      b.x1 = std::max(b.x1, x);
+      b.y1 = std::max(b.y1, y);
+      ++b.count;
+    }
+  }
+  return b;
+}
+
 uint32_t ReadU32(const std::string& s, size_t at) {
   return (uint32_t{static_cast<uint8_t>(s[at])} << 24) |
          (uint32_t{static_cast<uint8_t>(s[at + 1])} << 16) |
@@ -48,8 +83,8 @@ int Paeth(int a, int b, int c) {
   return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
 }
 
-// Decodes the PNGs plot.cc writes, checking the signature, every chunk CRC, the IHDR fields
-// and that the IDAT stream inflates to exactly height * (1 + 3 * width) bytes.
+// Decodes the 8-bit RGB PNGs that cairo writes for plot.cc, checking the signature, every chunk
+// CRC, the IHDR fields and that the IDAT stream inflates to exactly height * (1 + 3 * width) bytes.
 ::testing::AssertionResult Decode(const std::string& png, Image* out) {
   if (png.size() < 8 || png.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) != 0) {
     return ::testing::AssertionFailure() << "bad PNG signature";
@@ -199,6 +234,50 @@ Figure HistoryFigure() {
   val_loss.marker_index = argbest(val_loss.y, false);
   panel.lines = {train, val, train_loss, val_loss};
   figure.panels = {panel};
+  return figure;
+}
+
+// `aviary history --plot`: three panels (losses, validation AUC with its best marked, a log
+// learning rate), one colour per task.
+Figure JobHistoryFigure() {
+  Panel loss, auc, lr;
+  loss.title = "loss (train solid, val dashed)";
+  loss.x_label = auc.x_label = lr.x_label = "epoch";
+  loss.y_label = "loss";
+  auc.title = "val AUC (micro PR-AUC)";
+  auc.y_label = "AUC";
+  lr.title = "learning rate";
+  lr.y_label = "lr";
+  lr.log_y = true;
+  const char* tasks[] = {"pretrain", "fold0", "fold1"};
+  for (int i = 0; i < 3; ++i) {
+    Series train_loss, val_loss, val_auc, rate;
+    train_loss.name = val_auc.name = rate.name = tasks[i];
+    train_loss.rgb = val_loss.rgb = val_auc.rgb = rate.rgb = PaletteColor(i);
+    val_loss.dashed = true;
+    const int epochs = i == 0 ? 40 : 25;
+    for (int e = 0; e < epochs; ++e) {
+      const double t = static_cast<double>(e) / epochs;
+      for (Series* s : {&train_loss, &val_loss, &val_auc, &rate}) s->x.push_back(e);
+      train_loss.y.push_back(0.03 + (0.7 - 0.1 * i) * std::exp(-3 * t));
+      val_loss.y.push_back(0.08 + (0.6 - 0.1 * i) * std::exp(-4 * t) + 0.1 * t * t);
+      val_auc.y.push_back(0.55 + 0.1 * i + 0.3 * (1 - std::exp(-5 * t)) - 0.05 * t * t);
+      rate.y.push_back(1e-3 * 0.5 * (1 + std::cos(3.14159265358979 * t)) + 1e-6);
+    }
+    val_auc.marker_index =
+        static_cast<int>(std::max_element(val_auc.y.begin(), val_auc.y.end()) - val_auc.y.begin());
+    val_auc.marker_label = std::to_string(val_auc.y[val_auc.marker_index]).substr(0, 6);
+    loss.lines.push_back(train_loss);
+    loss.lines.push_back(val_loss);
+    auc.lines.push_back(val_auc);
+    lr.lines.push_back(rate);
+  }
+  Figure figure;
+  figure.width = 1800;
+  figure.height = 560;
+  figure.title = "job 7f3a2c";
+  figure.panels = {loss, auc, lr};
+  figure.columns = 3;
   return figure;
 }
 
@@ -448,19 +527,250 @@ TEST(PlotTest, WritePngWritesTheRenderedBytes) {
   EXPECT_FALSE(ReadFileToString(path).ok());
 }
 
-// Renders the two figures aviary draws, for a look by eye: $TEST_TMPDIR or /tmp,
-// aviary_plot_summary.png and aviary_plot_history.png.
+// Renders the figures aviary draws, for a look by eye: $TEST_TMPDIR or /tmp,
+// aviary_plot_summary.png, aviary_plot_history.png and aviary_plot_job_history.png.
 TEST(PlotTest, RendersExampleFigures) {
   const std::string dir = ::testing::TempDir();
   for (auto [name, figure] :
        {std::pair<const char*, Figure>{"aviary_plot_summary.png", SummaryFigure()},
-        {"aviary_plot_history.png", HistoryFigure()}}) {
+        {"aviary_plot_history.png", HistoryFigure()},
+        {"aviary_plot_job_history.png", JobHistoryFigure()}}) {
     absl::Status status = WritePng(figure, dir + "/" + name);
     ASSERT_TRUE(status.ok()) << status;
     Image image;
     ASSERT_TRUE(Decode(*ReadFileToString(dir + "/" + name), &image));
     EXPECT_GT(image.Count(PaletteColor(1)), 500) << name;
   }
+}
+
+// A 600x400 figure (text scale 1) with one panel of `lines` and no legend unless asked.
+Figure LinesFigure(std::vector<Series> lines, bool legend = false) {
+  Figure figure;
+  figure.width = 600;
+  figure.height = 400;
+  Panel panel;
+  panel.legend = legend;
+  panel.lines = std::move(lines);
+  figure.panels = {panel};
+  return figure;
+}
+
+// The tests of text sizes below measure DejaVu Sans (fonts-dejavu-core, which
+// scripts/lib/deps.sh installs). Without it fontconfig substitutes another font, or cairo its
+// built-in one, and they fail on sizes: this says why.
+TEST(PlotTest, FontPackageIsInstalled) {
+  const char* font = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+  EXPECT_TRUE(ReadFileToString(font).ok())
+      << font << " is missing: apt-get install fonts-dejavu-core";
+}
+
+TEST(PlotTest, TitleIsAntialiasedTextCentredAtTheTop) {
+  Figure figure = LinesFigure({Series{"", {0, 1}, {0, 1}, 0x2266AA}});
+  figure.title = "Training history of a long run";
+  Image image = RenderOrDie(figure);
+  ASSERT_EQ(image.width, 600);
+  // The title's band: above the plot, which starts below it.
+  const Bounds title = Find(image, 0, 0, image.width, 30, IsInk);
+  ASSERT_FALSE(title.empty()) << "no title drawn";
+  EXPECT_NEAR((title.x0 + title.x1) / 2.0, image.width / 2.0, 6) << "centred";
+  EXPECT_GT(title.width(), 150) << "30 characters of a 15 px font";
+  EXPECT_LT(title.width(), 450);
+  EXPECT_GE(title.height(), 10) << "capitals and descenders";
+  EXPECT_LE(title.height(), 24);
+  // A real font rendered with antialiasing: many grey levels between the text colour and
+  // white (a bitmap font scaled by whole pixels has none).
+  std::set<uint32_t> greys;
+  int solid = 0;
+  for (int y = title.y0; y <= title.y1; ++y) {
+    for (int x = title.x0; x <= title.x1; ++x) {
+      uint32_t c = image.At(x, y);
+      if (!IsInk(c)) continue;
+      if (Channel(c, 0) <= 0x40) ++solid;
+      if (Channel(c, 0) > 0x40) greys.insert(c);
+    }
+  }
+  EXPECT_GT(greys.size(), 20u);
+  EXPECT_GT(solid, 100) << "the stems are solid text colour";
+  EXPECT_EQ(Find(image, 0, 0, image.width, 30, [](uint32_t c) { return c == 0x2266AAu; }).count, 0)
+      << "the plot stays below the title";
+}
+
+TEST(PlotTest, TextScaleSetsTheFontSize) {
+  auto title_height = [](int scale) {
+    Figure figure = LinesFigure({Series{"", {0, 1}, {0, 1}}});
+    figure.width = 1200;
+    figure.height = 800;
+    figure.title = "HHHH";  // capitals only: the height is the cap height
+    figure.text_scale = scale;
+    Image image = RenderOrDie(figure);
+    // Figure titles are 1.35 times the 4 + 7 * scale px body font; DejaVu's capitals are
+    // 0.73 em. The band above the plot: the padding (8 * scale) and the title's capitals.
+    const double title_px = std::round(1.35 * (4 + 7 * scale));
+    return Find(image, 0, 0, image.width, static_cast<int>(11 * scale + 0.8 * title_px), IsInk)
+        .height();
+  };
+  EXPECT_NEAR(title_height(1), 0.73 * 15, 1.5);
+  EXPECT_NEAR(title_height(3), 0.73 * 34, 1.5);
+}
+
+TEST(PlotTest, DrawsUtf8AndReplacesWhatIsNot) {
+  auto render = [](const std::string& title) {
+    Figure figure = LinesFigure({Series{"", {0, 1}, {0, 1}}});
+    figure.title = title;
+    absl::StatusOr<std::string> png = RenderPng(figure);
+    EXPECT_TRUE(png.ok()) << png.status();
+    return png.ok() ? *png : std::string();
+  };
+  EXPECT_NE(render("\xC2\xB5-law, na\xC3\xAFve"), render("?-law, na?ve")) << "µ and ï are drawn";
+  // Bytes that are not UTF-8 (a lone continuation byte, a truncated sequence, an overlong
+  // '/', a surrogate) become U+FFFD; control characters become spaces.
+  const std::string replacement = "\xEF\xBF\xBD";
+  EXPECT_EQ(render("a\x80z"), render("a" + replacement + "z"));
+  EXPECT_EQ(render("a\xC3"), render("a" + replacement));
+  EXPECT_EQ(render("\xC0\xAF"), render(replacement + replacement));
+  EXPECT_EQ(render("\xED\xA0\x80"), render(replacement + replacement + replacement));
+  EXPECT_EQ(render("a\tb\nc"), render("a b c"));
+  EXPECT_NE(render("a\tb"), render("ab"));
+}
+
+TEST(PlotTest, YAxisLabelReadsBottomToTop) {
+  Figure figure = LinesFigure({Series{"", {0, 1}, {0, 1}}});
+  figure.panels[0].y_label = "a long label of the vertical axis";
+  Image image = RenderOrDie(figure);
+  // The label sits in the left padding, left of the tick labels: a tall, narrow column.
+  const Bounds label = Find(image, 0, 0, 24, image.height, IsInk);
+  ASSERT_FALSE(label.empty());
+  EXPECT_GT(label.height(), 150) << "33 characters of an 11 px font";
+  EXPECT_LE(label.width(), 14);
+  EXPECT_NEAR((label.y0 + label.y1) / 2.0, image.height / 2.0, 30) << "centred on the plot";
+}
+
+TEST(PlotTest, LegendShowsEachNamedSeriesInItsColour) {
+  // Rising lines leave the upper left corner free for the legend.
+  std::vector<Series> lines = {Series{"first", {0, 1, 2}, {0, 1, 2}, 0xD62728},
+                               Series{"second", {0, 1, 2}, {0, 0.8, 1.8}, 0x2CA02C, false, true},
+                               Series{"", {0, 1, 2}, {0.2, 0.4, 0.6}, 0x9467BD}};
+  Image with = RenderOrDie(LinesFigure(lines, true));
+  Image without = RenderOrDie(LinesFigure(lines, false));
+  // The legend's frame, 0xC8C8C8, and nothing of that colour without a legend.
+  const Bounds frame =
+      Find(with, 0, 0, with.width, with.height, [](uint32_t c) { return c == 0xC8C8C8u; });
+  ASSERT_FALSE(frame.empty());
+  EXPECT_EQ(without.Count(0xC8C8C8), 0);
+  EXPECT_LT(frame.x1, with.width / 2) << "upper left, clear of the lines";
+  EXPECT_LT(frame.y1, with.height / 2);
+  // Inside it: a sample of each named series (dashed for the second), and their names.
+  for (uint32_t color : {0xD62728u, 0x2CA02Cu}) {
+    Bounds sample = Find(with, frame.x0, frame.y0, frame.x1, frame.y1,
+                         [color](uint32_t c) { return c == color; });
+    EXPECT_GE(sample.width(), 15) << std::hex << color;
+    EXPECT_LE(sample.height(), 4) << std::hex << color << ": a horizontal sample";
+  }
+  EXPECT_EQ(
+      Find(with, frame.x0, frame.y0, frame.x1, frame.y1, [](uint32_t c) { return c == 0x9467BDu; })
+          .count,
+      0)
+      << "an unnamed series has no entry";
+  const Bounds names = Find(with, frame.x0 + 1, frame.y0 + 1, frame.x1, frame.y1, IsInk);
+  EXPECT_GT(names.count, 60) << "the names are written";
+  EXPECT_GT(names.height(), 16) << "on two rows";
+}
+
+TEST(PlotTest, DashedLinesHaveGapsAndSolidOnesNone) {
+  Image image =
+      RenderOrDie(LinesFigure({Series{"solid", {0, 10}, {1, 1}, 0xD62728},
+                               Series{"dashed", {0, 10}, {2, 2}, 0x2CA02C, false, true}}));
+  // Columns holding each colour, and their runs.
+  auto columns = [&image](uint32_t color, int* runs) {
+    int n = 0;
+    bool in_run = false;
+    *runs = 0;
+    for (int x = 0; x < image.width; ++x) {
+      bool hit = false;
+      for (int y = 0; y < image.height && !hit; ++y) hit = image.At(x, y) == color;
+      n += hit;
+      *runs += hit && !in_run;
+      in_run = hit;
+    }
+    return n;
+  };
+  int solid_runs = 0, dashed_runs = 0;
+  const int solid = columns(0xD62728, &solid_runs), dashed = columns(0x2CA02C, &dashed_runs);
+  EXPECT_GT(solid, image.width * 3 / 4) << "across the plot";
+  EXPECT_EQ(solid_runs, 1);
+  // Dashes of ~12 px with ~5 px gaps (at 2 px wide) over the same span.
+  EXPECT_GE(dashed_runs, 20);
+  EXPECT_GT(dashed, solid / 2);
+  EXPECT_LT(dashed, solid * 9 / 10);
+}
+
+TEST(PlotTest, LinesAreAntialiased) {
+  const uint32_t color = 0x1F77B4;
+  Image image = RenderOrDie(LinesFigure({Series{"", {0, 1}, {0, 1}, color}}));
+  // Edge pixels of the diagonal: the line colour blended into white, strictly between them.
+  int solid = 0, blended = 0;
+  for (int y = 0; y < image.height; ++y) {
+    for (int x = 0; x < image.width; ++x) {
+      const uint32_t c = image.At(x, y);
+      solid += c == color;
+      if (c == color || c == 0xFFFFFFu) continue;
+      // On the segment from white to the colour: the same fraction in every channel.
+      double t[3];
+      for (int k = 0; k < 3; ++k) {
+        t[k] = (255.0 - Channel(c, k)) / (255.0 - Channel(color, k));
+      }
+      if (t[0] > 0.05 && t[0] < 0.95 && std::abs(t[0] - t[1]) < 0.05 &&
+          std::abs(t[0] - t[2]) < 0.05) {
+        ++blended;
+      }
+    }
+  }
+  EXPECT_GT(solid, 300) << "a 2 px line across the plot";
+  EXPECT_GT(blended, 300) << "with blended edges";
+}
+
+TEST(PlotTest, MarkerDrawsADotAndItsLabel) {
+  Series series{"", {0, 1, 2, 3, 4}, {0.1, 0.5, 0.9, 0.5, 0.1}, 0x9467BD};
+  Image plain = RenderOrDie(LinesFigure({series}));
+  series.marker_index = 2;
+  series.marker_label = "best 0.9";
+  Image marked = RenderOrDie(LinesFigure({series}));
+  // The dot (radius 4 px at text scale 1; the line is 2 px wide) is a solid 5x5 block of the
+  // series colour at the peak, the top of the line.
+  auto solid_block = [](const Image& image, uint32_t color) {
+    for (int y = 0; y + 5 <= image.height; ++y) {
+      for (int x = 0; x + 5 <= image.width; ++x) {
+        bool all = true;
+        for (int k = 0; k < 25 && all; ++k) all = image.At(x + k % 5, y + k / 5) == color;
+        if (all) return Bounds{x, y, x + 4, y + 4, 25};
+      }
+    }
+    return Bounds{};
+  };
+  EXPECT_TRUE(solid_block(plain, 0x9467BD).empty());
+  const Bounds dot = solid_block(marked, 0x9467BD);
+  ASSERT_FALSE(dot.empty());
+  const Bounds line =
+      Find(plain, 0, 0, plain.width, plain.height, [](uint32_t c) { return c == 0x9467BDu; });
+  EXPECT_NEAR(dot.x0 + 2, (line.x0 + line.x1) / 2.0, 4) << "at the middle point";
+  EXPECT_NEAR(dot.y0 + 2, line.y0, 5) << "at the top";
+  EXPECT_GT(marked.Count(0x9467BD), plain.Count(0x9467BD) + 40) << "the dot and label frame";
+  // The label's text sits beside the peak, in the upper half of the plot.
+  const Bounds plain_ink = Find(plain, 60, 20, plain.width - 20, plain.height / 2, IsInk);
+  const Bounds marked_ink = Find(marked, 60, 20, marked.width - 20, marked.height / 2, IsInk);
+  EXPECT_GT(marked_ink.count, plain_ink.count + 40);
+}
+
+TEST(PlotTest, WritePngErrorsNameThePath) {
+  absl::Status status = WritePng(SummaryFigure(), "/nonexistent-dir/x.png");
+  EXPECT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("/nonexistent-dir/x.png"), absl::string_view::npos) << status;
+  const std::string path = ::testing::TempDir() + "/plot_test_empty.png";
+  status = WritePng(Figure{}, path);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("WritePng " + path + ": figure has no panels"),
+            absl::string_view::npos)
+      << status;
 }
 
 }  // namespace
