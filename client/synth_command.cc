@@ -1,26 +1,26 @@
-// aviary synth and aviary synth-soundscapes: the synthetic corpus writer (common/synth.h).
+// aviary synth and aviary synth-soundscapes: the synthetic corpus writer (client/synth.h).
 #include <memory>
 #include <iostream>
 #include <map>
 
 #include "absl/strings/str_cat.h"
 #include "common/layouts.h"
-#include "common/synth.h"
+#include "client/synth.h"
 #include "client/commands.h"
 
 namespace aviary::cli {
 
 namespace {
 
-int RunSynth(const common::SynthOptions& options) {
+int RunSynth(const synth::SynthOptions& options) {
   auto fail = [](const absl::Status& st) {
     std::cerr << "aviary synth: " << st.message() << "\n";
     return ExitCodeFor(st);
   };
-  auto report = common::WriteSyntheticCorpus(options);
+  auto report = synth::WriteSyntheticCorpus(options);
   if (!report.ok()) return fail(report.status());
   std::map<std::string, int> kinds;
-  for (const auto& f : report->files) ++kinds[common::SynthFileKindName(f.kind)];
+  for (const auto& f : report->files) ++kinds[synth::SynthFileKindName(f.kind)];
   std::cout << "wrote " << report->metadata_path << ": " << report->rows << " rows, "
             << report->classes.size() << " classes, " << report->audio_files << " audio files";
   if (report->broken_files > 0) {
@@ -37,12 +37,12 @@ int RunSynth(const common::SynthOptions& options) {
   return 0;
 }
 
-int RunSynthSoundscapes(const common::SoundscapeOptions& options) {
+int RunSynthSoundscapes(const synth::SoundscapeOptions& options) {
   auto fail = [](const absl::Status& st) {
     std::cerr << "aviary synth-soundscapes: " << st.message() << "\n";
     return ExitCodeFor(st);
   };
-  auto report = common::WriteSyntheticSoundscapes(options);
+  auto report = synth::WriteSyntheticSoundscapes(options);
   if (!report.ok()) return fail(report.status());
   std::cout << "wrote " << report->files.size() << " soundscape(s) to " << options.out_dir
             << "/soundscapes and " << report->solution_path << ": " << report->rows << " rows, "
@@ -53,7 +53,7 @@ int RunSynthSoundscapes(const common::SoundscapeOptions& options) {
 }  // namespace
 
 void AddSynthCommands(CLI::App* app, Runner* run) {
-  auto corpus = std::make_shared<common::SynthOptions>();
+  auto corpus = std::make_shared<synth::SynthOptions>();
   auto layout = std::make_shared<std::string>();
   auto no_broken = std::make_shared<bool>(false);
   CLI::App* synth = common::AddCommand(
@@ -79,14 +79,14 @@ void AddSynthCommands(CLI::App* app, Runner* run) {
         std::cerr << "aviary synth: --layout: " << parsed.status().message() << "\n";
         return 2;
       }
-      common::SynthOptions options = *corpus;
+      synth::SynthOptions options = *corpus;
       options.layout = *parsed;
       options.broken_files = !*no_broken;
       return RunSynth(options);
     };
   });
 
-  auto scapes = std::make_shared<common::SoundscapeOptions>();
+  auto scapes = std::make_shared<synth::SoundscapeOptions>();
   CLI::App* soundscapes = common::AddCommand(
       app, "synth-soundscapes", "long recordings of known calls and their solution.csv",
       "DIR/soundscapes/ holds 32 kHz ogg recordings of the synthetic species' calls at known windows (0, "

@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/folds.h"
 #include "common/logging.h"
 #include "common/status.h"

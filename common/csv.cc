@@ -1,7 +1,7 @@
 #include "common/csv.h"
 
-#include <fcntl.h>
-#include <unistd.h>
+#include "common/files.h"
+
 
 #include <cerrno>
 #include <cstring>
@@ -120,19 +120,6 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
   return table;
 }
 
-absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    int err = errno;
-    if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(err)));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::InternalError(absl::StrCat(path, ": read error"));
-  return ss.str();
-}
-
 absl::StatusOr<CsvTable> CsvTable::ReadFile(const std::string& path) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   return Parse(text, path);
@@ -222,43 +209,6 @@ std::string FormatPythonStringList(const std::vector<std::string>& items) {
   }
   out += "]";
   return out;
-}
-
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents) {
-  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", std::strerror(errno)));
-  }
-  const char* p = contents.data();
-  size_t left = contents.size();
-  while (left > 0) {
-    ssize_t w = ::write(fd, p, left);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", std::strerror(err)));
-    }
-    p += w;
-    left -= static_cast<size_t>(w);
-  }
-  int sync_rc = ::fsync(fd);
-  int sync_errno = errno;
-  int close_rc = ::close(fd);
-  if (sync_rc != 0 || close_rc != 0) {
-    int err = sync_rc != 0 ? sync_errno : errno;
-    ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", std::strerror(err)));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return absl::InternalError(
-        absl::StrCat("rename ", tmp, " -> ", path, " failed: ", std::strerror(err)));
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace aviary::common

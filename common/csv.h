@@ -57,11 +57,6 @@ absl::StatusOr<std::vector<std::string>> ParsePythonStringList(absl::string_view
 // The inverse: "['a', 'b']" (double quotes for items holding a single quote).
 std::string FormatPythonStringList(const std::vector<std::string>& items);
 
-// Reads a whole file; NOT_FOUND or INTERNAL naming the path and errno text.
-absl::StatusOr<std::string> ReadFileToString(const std::string& path);
-// Writes `contents` to `path` through a temporary file, fsync and rename.
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
-
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_CSV_H_

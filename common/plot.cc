@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/status.h"
 
 namespace aviary::common {

@@ -13,6 +13,7 @@
 #include "absl/strings/strip.h"
 #include "common/config.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "common/yaml_util.h"
 #include "yaml-cpp/yaml.h"

@@ -8,6 +8,7 @@
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/resource_quota.h"

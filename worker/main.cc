@@ -29,6 +29,7 @@
 #include "common/csv.h"
 #include "common/config.h"
 #include "common/cli.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/version.h"

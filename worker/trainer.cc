@@ -20,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "common/catalog.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/plot.h"

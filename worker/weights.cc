@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "worker/torch_pickle.h"
 #include "yaml-cpp/yaml.h"

@@ -1,3 +1,4 @@
+#include "common/files.h"
 #include "common/plot.h"
 
 #include <zlib.h>

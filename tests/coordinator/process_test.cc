@@ -21,6 +21,7 @@
 #include "common/csv.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "common/files.h"
 #include "proto/aviary.grpc.pb.h"
 #include "tests/coordinator/tiny_dataset.h"
 

@@ -1,5 +1,6 @@
 // The coordinator end to end: a real gRPC server on 127.0.0.1:0 over a real SQLite file, driven
 // through the generated stubs; the test plays the client and the worker groups.
+#include "common/files.h"
 #include "coordinator/service.h"
 
 #include <arpa/inet.h>

@@ -23,7 +23,8 @@
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/cli.h"
-#include "common/npy.h"
+#include "common/files.h"
+#include "worker/tools/npy.h"
 #include "worker/frontend.h"
 
 namespace {
@@ -36,7 +37,7 @@ int Fail(const std::string& message, int code = 2) {
 absl::Status WriteTensor(const std::string& path, const at::Tensor& t) {
   at::Tensor c = t.to(at::kFloat).contiguous();
   std::vector<int64_t> shape(c.sizes().begin(), c.sizes().end());
-  return aviary::common::WriteNpy(path, shape, c.data_ptr<float>(), static_cast<size_t>(c.numel()));
+  return aviary::worker::WriteNpy(path, shape, c.data_ptr<float>(), static_cast<size_t>(c.numel()));
 }
 
 }  // namespace

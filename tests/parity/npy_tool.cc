@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
-#include "common/npy.h"
+#include "worker/tools/npy.h"
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
     }
     std::vector<float> data(n);
     for (size_t i = 0; i < n; ++i) data[i] = 0.25f * static_cast<float>(i) - 3.0f;
-    absl::Status st = aviary::common::WriteNpy(args[1], shape, data);
+    absl::Status st = aviary::worker::WriteNpy(args[1], shape, data);
     if (!st.ok()) {
       std::cerr << "npy_tool: " << st.message() << "\n";
       return 2;
@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (args.size() == 2 && args[0] == "read") {
-    auto array = aviary::common::ReadNpy(args[1]);
+    auto array = aviary::worker::ReadNpy(args[1]);
     if (!array.ok()) {
       std::cerr << "npy_tool: " << array.status().message() << "\n";
       return 2;

@@ -232,10 +232,10 @@ TEST(AudioCacheTest, ReportCountsEveryReason) {
   const auto& corpus = SharedCorpus();
   std::map<std::string, int64_t> expected;
   for (const auto& f : corpus.ogg) {
-    ++expected[f.kind == common::SynthFileKind::kGood ? "ok" : common::SynthFileKindName(f.kind)];
+    ++expected[f.kind == synth::SynthFileKind::kGood ? "ok" : synth::SynthFileKindName(f.kind)];
   }
   for (const auto& f : corpus.mp3) {
-    ++expected[f.kind == common::SynthFileKind::kGood ? "ok" : common::SynthFileKindName(f.kind)];
+    ++expected[f.kind == synth::SynthFileKind::kGood ? "ok" : synth::SynthFileKindName(f.kind)];
   }
   paths.push_back(tmp.Sub("missing.ogg"));
   ++expected["missing"];

@@ -79,7 +79,7 @@ TEST(AudioParityTest, OggMatchesFfmpegWithin1e6) {
   const auto& corpus = SharedCorpus();
   int compared = 0, stereo = 0;
   for (const auto& f : corpus.ogg) {
-    if (f.kind != common::SynthFileKind::kGood) continue;
+    if (f.kind != synth::SynthFileKind::kGood) continue;
     const std::string path = corpus.OggPath(f);
     for (ChannelMode mode : {ChannelMode::kFirst, ChannelMode::kMean}) {
       if (mode == ChannelMode::kMean && f.channels == 1) continue;
@@ -112,7 +112,7 @@ TEST(AudioParityTest, Mp3MatchesFfmpegWithin1e5) {
   int compared = 0;
   double worst = 0;
   for (const auto& f : corpus.mp3) {
-    if (f.kind != common::SynthFileKind::kGood) continue;
+    if (f.kind != synth::SynthFileKind::kGood) continue;
     const std::string path = corpus.Mp3Path(f);
     DecodeResult ours = Decode(path, 0);
     ASSERT_TRUE(ours.ok()) << ours.failure.message;
@@ -144,7 +144,7 @@ TEST(AudioParityTest, ResampleMatchesSox) {
   TempDir tmp("sox");
   std::vector<std::string> paths;
   for (const auto& f : corpus.ogg) {
-    if (f.kind == common::SynthFileKind::kGood && f.sample_rate != 32000)
+    if (f.kind == synth::SynthFileKind::kGood && f.sample_rate != 32000)
       paths.push_back(corpus.OggPath(f));
   }
   // Our own files at the rates the real datasets have.
@@ -200,7 +200,7 @@ TEST(AudioWindowTest, WindowsEqualWholeFileDecode) {
     const auto& files = pass == 0 ? corpus.ogg : corpus.mp3;
     int used = 0;
     for (const auto& f : files) {
-      if (f.kind != common::SynthFileKind::kGood || f.num_frames < 3 * f.sample_rate) continue;
+      if (f.kind != synth::SynthFileKind::kGood || f.num_frames < 3 * f.sample_rate) continue;
       if (++used > 5) break;
       const std::string path = pass == 0 ? corpus.OggPath(f) : corpus.Mp3Path(f);
       for (int target : {0, 32000}) {
@@ -240,7 +240,7 @@ TEST(AudioWindowTest, OggWindowsInTheFinalPageAreExact) {
   const auto& corpus = SharedCorpus();
   int compared = 0;
   for (const auto& f : corpus.ogg) {
-    if (f.kind != common::SynthFileKind::kGood) continue;
+    if (f.kind != synth::SynthFileKind::kGood) continue;
     const std::string path = corpus.OggPath(f);
     DecodeResult whole = Decode(path, 0);
     ASSERT_TRUE(whole.ok()) << whole.failure.message;
@@ -263,7 +263,7 @@ TEST(AudioWindowTest, OggWindowsInTheFinalPageAreExact) {
 TEST(AudioWindowTest, LengthsFollowTheRoundingRule) {
   const auto& corpus = SharedCorpus();
   for (const auto& f : corpus.ogg) {
-    if (f.kind != common::SynthFileKind::kGood) continue;
+    if (f.kind != synth::SynthFileKind::kGood) continue;
     DecodeResult r = Decode(corpus.OggPath(f), 32000);
     ASSERT_TRUE(r.ok()) << r.failure.message;
     EXPECT_EQ(r.audio.source_frames, f.num_frames);
@@ -454,13 +454,13 @@ TEST(AudioProblemTest, MissingEmptyAndNotAudio) {
 TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
   const auto& corpus = SharedCorpus();
   TempDir tmp;
-  const common::SynthFile* ogg = nullptr;
-  const common::SynthFile* mp3 = nullptr;
+  const synth::SynthFile* ogg = nullptr;
+  const synth::SynthFile* mp3 = nullptr;
   for (const auto& f : corpus.ogg) {
-    if (f.kind == common::SynthFileKind::kGood && f.num_frames > 3 * f.sample_rate) ogg = &f;
+    if (f.kind == synth::SynthFileKind::kGood && f.num_frames > 3 * f.sample_rate) ogg = &f;
   }
   for (const auto& f : corpus.mp3) {
-    if (f.kind == common::SynthFileKind::kGood && f.num_frames > 3 * f.sample_rate) mp3 = &f;
+    if (f.kind == synth::SynthFileKind::kGood && f.num_frames > 3 * f.sample_rate) mp3 = &f;
   }
   ASSERT_NE(ogg, nullptr);
   ASSERT_NE(mp3, nullptr);
@@ -530,7 +530,7 @@ TEST(AudioProblemTest, SynthBrokenFilesClassifiedAsWritten) {
       const std::string path = pass == 0 ? corpus.OggPath(f) : corpus.Mp3Path(f);
       DecodeResult r = Decode(path);
       const std::string want =
-          f.kind == common::SynthFileKind::kGood ? "ok" : common::SynthFileKindName(f.kind);
+          f.kind == synth::SynthFileKind::kGood ? "ok" : synth::SynthFileKindName(f.kind);
       EXPECT_EQ(AudioProblemName(r.failure.problem), want) << path << ": " << r.failure.message;
       ++seen[want];
     }

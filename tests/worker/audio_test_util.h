@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "common/synth.h"
+#include "client/synth.h"
 #include "gtest/gtest.h"
 
 namespace aviary::worker::testing {
@@ -136,10 +136,10 @@ inline std::string ShellQuote(const std::string& s) {
 // ctest runs each test case in its own process.
 struct Corpus {
   std::string root;
-  std::vector<common::SynthFile> ogg;  // layout 2024 under root/ogg
-  std::vector<common::SynthFile> mp3;  // layout xc under root/mp3
-  std::string OggPath(const common::SynthFile& f) const { return root + "/ogg/" + f.relative_path; }
-  std::string Mp3Path(const common::SynthFile& f) const { return root + "/mp3/" + f.relative_path; }
+  std::vector<synth::SynthFile> ogg;  // layout 2024 under root/ogg
+  std::vector<synth::SynthFile> mp3;  // layout xc under root/mp3
+  std::string OggPath(const synth::SynthFile& f) const { return root + "/ogg/" + f.relative_path; }
+  std::string Mp3Path(const synth::SynthFile& f) const { return root + "/mp3/" + f.relative_path; }
 };
 
 inline const Corpus& SharedCorpus() {
@@ -158,7 +158,7 @@ inline const Corpus& SharedCorpus() {
       in.close();
       std::string text = key + "\n";
       for (common::Layout layout : {common::Layout::k2024, common::Layout::kXc}) {
-        common::SynthOptions options;
+        synth::SynthOptions options;
         options.species = 4;
         options.recordings = 24;
         options.seed = 11;
@@ -166,10 +166,10 @@ inline const Corpus& SharedCorpus() {
         options.layout = layout;
         const char* sub = layout == common::Layout::kXc ? "mp3" : "ogg";
         options.out_dir = c->root + "/" + sub;
-        auto report = common::WriteSyntheticCorpus(options);
+        auto report = synth::WriteSyntheticCorpus(options);
         EXPECT_TRUE(report.ok()) << report.status();
         if (!report.ok()) break;
-        for (const common::SynthFile& f : report->files) {
+        for (const synth::SynthFile& f : report->files) {
           text += std::string(sub) + "," + f.relative_path + "," +
                   std::to_string(static_cast<int>(f.kind)) + "," + std::to_string(f.sample_rate) +
                   "," + std::to_string(f.channels) + "," + std::to_string(f.num_frames) + "\n";
@@ -190,9 +190,9 @@ inline const Corpus& SharedCorpus() {
       }
       fields.push_back(line.substr(pos));
       if (fields.size() != 6) continue;
-      common::SynthFile f;
+      synth::SynthFile f;
       f.relative_path = fields[1];
-      f.kind = static_cast<common::SynthFileKind>(std::stoi(fields[2]));
+      f.kind = static_cast<synth::SynthFileKind>(std::stoi(fields[2]));
       f.sample_rate = std::stoi(fields[3]);
       f.channels = std::stoi(fields[4]);
       f.num_frames = std::stoll(fields[5]);

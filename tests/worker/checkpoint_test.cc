@@ -1,3 +1,4 @@
+#include "common/files.h"
 #include "worker/checkpoint.h"
 
 #include <sys/stat.h>

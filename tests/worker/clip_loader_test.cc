@@ -132,7 +132,7 @@ TEST(LoadClipTest, DeterministicForASeed) {
   const auto& corpus = SharedCorpus();
   std::string path;
   for (const auto& f : corpus.ogg) {
-    if (f.kind == common::SynthFileKind::kGood && f.num_frames > 5 * f.sample_rate)
+    if (f.kind == synth::SynthFileKind::kGood && f.num_frames > 5 * f.sample_rate)
       path = corpus.OggPath(f);
   }
   ASSERT_FALSE(path.empty());

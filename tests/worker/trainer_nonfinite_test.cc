@@ -6,7 +6,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "common/synth.h"
+#include "client/synth.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
 #include "worker/trainer.h"
@@ -40,14 +40,14 @@ class NonFiniteTest : public ::testing::Test {
     // ctest runs each test case as its own process, in parallel: every path is per process.
     corpus_ = ::testing::TempDir() + "/aviary_nonfinite_corpus_" + std::to_string(::getpid());
     fs::remove_all(corpus_);
-    common::SynthOptions o;
+    synth::SynthOptions o;
     o.out_dir = corpus_;
     o.species = 3;
     o.recordings = 40;
     o.seed = 5;
     o.max_seconds = 2;
     o.broken_files = false;
-    ASSERT_TRUE(common::WriteSyntheticCorpus(o).ok());
+    ASSERT_TRUE(synth::WriteSyntheticCorpus(o).ok());
   }
   void TearDown() override { fs::remove_all(corpus_); }
   std::string corpus_;

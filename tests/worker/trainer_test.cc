@@ -11,7 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/csv.h"
-#include "common/synth.h"
+#include "client/synth.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
 
@@ -29,14 +29,14 @@ class TrainerTest : public ::testing::Test {
     fs::remove_all(*root_);
     for (auto [layout, species, rows] : {std::tuple{common::Layout::k2024, 5, 60},
                                          std::tuple{common::Layout::k2021, 6, 70}}) {
-      common::SynthOptions o;
+      synth::SynthOptions o;
       o.out_dir = *root_ + "/" + common::LayoutName(layout);
       o.layout = layout;
       o.species = species;
       o.recordings = rows;
       o.seed = 11;
       o.max_seconds = 3;
-      ASSERT_TRUE(common::WriteSyntheticCorpus(o).ok());
+      ASSERT_TRUE(synth::WriteSyntheticCorpus(o).ok());
     }
   }
   static void TearDownTestSuite() {

@@ -40,6 +40,7 @@
 #include "absl/time/time.h"
 #include "common/config.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/manifest.h"
 #include "common/status.h"

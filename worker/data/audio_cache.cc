@@ -23,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
 

@@ -18,7 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/config.h"
-#include "common/npy.h"
+#include "worker/tools/npy.h"
 #include "common/status.h"
 #include "worker/tools/tools.h"
 #include "worker/data/audio.h"
@@ -96,7 +96,7 @@ absl::StatusOr<MelResult> MakeMel(const MelArgs& args) {
     at::Tensor wave = at::from_blob(samples.data(), {1, window_samples}, at::kFloat);
     at::Tensor mel = frontend->Forward(wave, worker::FrontendMode::kEval).squeeze(0).contiguous();
     result.shape.assign(mel.sizes().begin(), mel.sizes().end());
-    AVIARY_RETURN_IF_ERROR(common::WriteNpy(out_path, result.shape, mel.data_ptr<float>(),
+    AVIARY_RETURN_IF_ERROR(worker::WriteNpy(out_path, result.shape, mel.data_ptr<float>(),
                                             static_cast<size_t>(mel.numel())));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("front end: ", e.what_without_backtrace()));

@@ -1,4 +1,4 @@
-#include "common/npy.h"
+#include "worker/tools/npy.h"
 
 #include <cstring>
 
@@ -9,8 +9,12 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "common/csv.h"
+#include "common/files.h"
 
-namespace aviary::common {
+namespace aviary::worker {
+
+using common::ReadFileToString;
+using common::WriteFileAtomically;
 namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
@@ -162,4 +166,4 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   return array;
 }
 
-}  // namespace aviary::common
+}  // namespace aviary::worker

@@ -49,8 +49,8 @@
 // given libm, not necessarily across C libraries.
 //
 // Not thread-safe against concurrent writers of the same out_dir; otherwise no shared state.
-#ifndef AVIARY_COMMON_SYNTH_H_
-#define AVIARY_COMMON_SYNTH_H_
+#ifndef AVIARY_CLIENT_SYNTH_H_
+#define AVIARY_CLIENT_SYNTH_H_
 
 #include <cstdint>
 #include <string>
@@ -60,7 +60,9 @@
 #include "absl/status/statusor.h"
 #include "common/layouts.h"
 
-namespace aviary::common {
+namespace aviary::synth {
+
+using common::Layout;
 
 // Options of `aviary synth`; see ValidateSynthOptions for the accepted ranges.
 struct SynthOptions {
@@ -168,6 +170,6 @@ struct SoundscapeReport {
 // INVALID_ARGUMENT naming the option for bad values; INTERNAL for I/O failures.
 absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptions& options);
 
-}  // namespace aviary::common
+}  // namespace aviary::synth
 
-#endif  // AVIARY_COMMON_SYNTH_H_
+#endif  // AVIARY_CLIENT_SYNTH_H_

@@ -1,4 +1,4 @@
-#include "common/synth.h"
+#include "client/synth.h"
 
 #include <sndfile.h>
 #include <unistd.h>
@@ -18,9 +18,16 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/status.h"
 
-namespace aviary::common {
+namespace aviary::synth {
+
+using common::CsvTable;
+using common::FormatPythonStringList;
+using common::LayoutSpec;
+using common::WriteCsvRow;
+using common::WriteFileAtomically;
 namespace {
 
 namespace fs = std::filesystem;
@@ -1038,4 +1045,4 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   return report;
 }
 
-}  // namespace aviary::common
+}  // namespace aviary::synth

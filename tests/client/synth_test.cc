@@ -1,4 +1,4 @@
-#include "common/synth.h"
+#include "client/synth.h"
 
 #include <sndfile.h>
 #include <stdlib.h>
@@ -18,7 +18,11 @@
 #include "common/layouts.h"
 #include "gtest/gtest.h"
 
-namespace aviary::common {
+namespace aviary::synth {
+
+using common::CsvTable;
+using common::LayoutSpec;
+using common::ParsePythonStringList;
 namespace {
 
 namespace fs = std::filesystem;
@@ -495,4 +499,4 @@ TEST(SynthTest, RefusesBadOptions) {
 }
 
 }  // namespace
-}  // namespace aviary::common
+}  // namespace aviary::synth

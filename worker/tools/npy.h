@@ -5,8 +5,8 @@
 // header dict `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 128, 384), }` followed by
 // numpy's spare spaces for growing the first axis, padded with spaces and a final '\n' so that
 // the data starts on a 64-byte boundary, then the raw values. Torch-free; thread-compatible.
-#ifndef AVIARY_COMMON_NPY_H_
-#define AVIARY_COMMON_NPY_H_
+#ifndef AVIARY_WORKER_TOOLS_NPY_H_
+#define AVIARY_WORKER_TOOLS_NPY_H_
 
 #include <cstdint>
 #include <string>
@@ -15,7 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
-namespace aviary::common {
+namespace aviary::worker {
 
 // Everything before the data: magic, version, header length and the padded header dict.
 // INVALID_ARGUMENT for a negative dimension or a header longer than version 1.0 allows.
@@ -41,6 +41,6 @@ struct NpyArray {
 // path and what it found (dtype, fortran_order, a truncated file); NOT_FOUND when missing.
 absl::StatusOr<NpyArray> ReadNpy(const std::string& path);
 
-}  // namespace aviary::common
+}  // namespace aviary::worker
 
-#endif  // AVIARY_COMMON_NPY_H_
+#endif  // AVIARY_WORKER_TOOLS_NPY_H_

@@ -1,4 +1,5 @@
-#include "common/npy.h"
+#include "common/files.h"
+#include "worker/tools/npy.h"
 
 #include <cstdio>
 #include <string>
@@ -7,7 +8,9 @@
 #include "common/csv.h"
 #include "gtest/gtest.h"
 
-namespace aviary::common {
+namespace aviary::worker {
+
+using common::WriteFileAtomically;
 namespace {
 
 std::string TempPath(const std::string& name) {
@@ -94,4 +97,4 @@ TEST(NpyTest, RefusesMismatchedDataAndBadFiles) {
 }
 
 }  // namespace
-}  // namespace aviary::common
+}  // namespace aviary::worker
