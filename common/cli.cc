@@ -131,8 +131,18 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
     // ("--coordinatr" making --coordinator missing) is the more useful thing to say.
     if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
       message = absl::StrCat("The following argument was not expected: ", unknown);
+    } else if (!command->get_subcommands({}).empty()) {
+      // A word where a command was expected, or none.
+      std::vector<std::string> names;
+      for (const CLI::App* sub : command->get_subcommands({})) names.push_back(sub->get_name());
+      std::vector<std::string> left = command->remaining();
+      if (!left.empty() && left.front().compare(0, 1, "-") != 0) {
+        message = absl::StrCat("unknown command '", left.front(), "' (expected ", absl::StrJoin(names, ", "), ")");
+      } else if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr && SelectedSubcommand(command) == nullptr) {
+        message = absl::StrCat("missing command (expected ", absl::StrJoin(names, ", "), ")");
+      }
     }
-    std::cerr << path << ": " << message << " (" << path << " --help lists the flags)\n";
+    std::cerr << path << ": " << message << " (see " << path << " --help)\n";
     return 2;
   }
 }

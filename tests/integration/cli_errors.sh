@@ -22,10 +22,10 @@ train:
 YAML
 
 expect "unknown command 'fold'" "$aviary" fold
-expect "unknown subcommand 'split'" "$aviary" dataset split
+expect "unknown command 'split' (expected folds, train-list, summary)" "$aviary" dataset split
 expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
 expect "argument was not expected: --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
-expect "unknown stage 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
+expect "--stage: expected one of pretrain, finetune, got 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
 expect "$tmp/nope.yaml" "$aviary" dataset folds --config "$tmp/nope.yaml" --stage finetune --out "$tmp/o.csv"
 expect "bad.yaml:3: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)" \
   "$aviary" dataset folds --config "$tmp/bad.yaml" --stage finetune --out "$tmp/o.csv"
@@ -36,7 +36,7 @@ expect "data.target" "$aviary" dataset folds --config "$tmp/p.yaml" --set data.t
 expect "data.pretrain_sources" "$aviary" dataset folds --config "$tmp/p.yaml" --stage pretrain --out "$tmp/o.csv"
 expect "cannot make 30 stratified folds" "$aviary" dataset folds --config "$tmp/p.yaml" --set folds.finetune_splits=30 --stage finetune --out "$tmp/o.csv"
 expect "--layout: unknown layout '2019'" "$aviary" synth --out "$tmp/s" --layout 2019
-expect "flag --species: 0 is out of range" "$aviary" synth --out "$tmp/s" --layout 2024 --species 0
+expect "--species: expected an integer in [1, 999], got '0'" "$aviary" synth --out "$tmp/s" --layout 2024 --species 0
 expect "--out is required" "$aviary" synth --layout 2024
 if [ -e "$tmp/o.csv" ]; then echo "FAIL: a refused command wrote $tmp/o.csv"; fails=$((fails + 1)); fi
 

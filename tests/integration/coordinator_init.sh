@@ -18,7 +18,7 @@ grep -q "aviary-coordinator --config $tmp/state/coordinator.yaml" <<<"$out" || f
 cp state/token token.before
 expect "will not overwrite '$tmp/state/coordinator.yaml'" "$bin/aviary-coordinator" init state
 cmp -s state/token token.before || fail "a refused init changed the token"
-expect "expected one folder" "$bin/aviary-coordinator" init
+expect "DIR is required" "$bin/aviary-coordinator" init
 
 # Started from another folder with only the listen addresses overridden: the state lands in
 # state/, not in the working directory.

@@ -92,7 +92,7 @@ expect "no such checkpoint" "$a" predict --checkpoint "$tmp/none.pt" --audio "$t
 expect "--checkpoint is required" "$a" predict --audio "$tmp/mixed" --out "$tmp/x.csv"
 expect "no such file or directory" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/nowhere" --out "$tmp/x.csv"
 expect "smooth: expected an odd number of weights" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --smooth 1,1
-expect "--device: expected auto, cpu or cuda" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --device tpu
+expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --device tpu
 mkdir -p "$tmp/bad"; : > "$tmp/bad/a.ogg"
 expect "no file could be predicted" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/bad" --out "$tmp/x.csv"
 # An ensemble of checkpoints with different label sets: a 2-epoch debug run on 6 species.

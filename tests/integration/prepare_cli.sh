@@ -61,7 +61,7 @@ expect2() {  # expect2 "substring" args...
   fi
 }
 expect2 "data.cache_dir is empty" --config "$tmp/p.yaml" --set data.cache_dir=
-expect2 "unknown stage 'train'" --config "$tmp/p.yaml" --stage train
+expect2 "--stage: expected one of pretrain, finetune, got 'train'" --config "$tmp/p.yaml" --stage train
 expect2 "--config is required"
 expect2 "holds 32000 Hz" --config "$tmp/p.yaml" --set data.sample_rate=16000 --set frontend.fmax=8000
 expect2 "--threads" --config "$tmp/p.yaml" --threads 0

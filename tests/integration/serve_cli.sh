@@ -13,7 +13,7 @@ source "$(dirname "$0")/lib.sh"
 expect "argument was not expected: --coordinatr" "$worker" serve --coordinatr 127.0.0.1:7070
 expect "--coordinator is required" "$worker" serve --metrics-listen ""
 expect "--coordinator: expected HOST:PORT, got 'localhost'" "$worker" serve --coordinator localhost
-expect "--device: expected auto, cpu or cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
+expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
 expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""
 expect "--token-file" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/missing-token" --metrics-listen ""
 : > "$tmp/empty-token"

@@ -46,9 +46,9 @@ expect "bad.yaml:$(wc -l < "$tmp/bad.yaml")" av submit "$tmp/bad.yaml"
 expect "model.name" av submit "$tmp/p.yaml" --set model.name=resnet9000
 expect "NOT_FOUND" av status jffffffffffff
 # The client's own refusals name the flag, the argument or the path (exit 2, no call made).
-expect "flag --timeout: expected a number, got 'abc'" av --timeout abc list
-expect "flag --limit: -1 is out of range" av list --limit -1
-expect "expected one job id (status JOB)" av status
+expect "--timeout: expected a number in [0.001, 86400], got 'abc'" av --timeout abc list
+expect "--limit: expected an integer in [0, 10000], got '-1'" av list --limit -1
+expect "aviary status: JOB is required" av status
 expect "'$tmp/nope.yaml' does not exist" av submit "$tmp/nope.yaml"
 [ -z "$(av list 2>&1 | grep -E '^j[0-9a-f]{12}')" ] || fail "a refused submission left a job behind"
 

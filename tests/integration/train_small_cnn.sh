@@ -33,9 +33,9 @@ fi
 
 w="$bin/aviary-worker"
 expect "--fold is required" "$w" train --config "$tmp/p.yaml" --stage finetune --out "$tmp/r2"
-expect "unknown stage 'warmup'" "$w" train --config "$tmp/p.yaml" --stage warmup --fold 0 --out "$tmp/r2"
+expect "--stage: expected one of pretrain, finetune, got 'warmup'" "$w" train --config "$tmp/p.yaml" --stage warmup --fold 0 --out "$tmp/r2"
 expect "fold 9 is out of range" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 9 --out "$tmp/r2"
-expect "--device: expected auto, cpu or cuda" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2" --device tpu
+expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2" --device tpu
 expect "model.name" "$w" train --config "$tmp/p.yaml" --set model.name=resnet --stage finetune --fold 0 --out "$tmp/r2"
 expect "belongs to stage finetune fold 0, not stage finetune fold 1" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 1 --out "$tmp/run"
 expect "no such checkpoint" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r3" --init "$tmp/none.pt"
