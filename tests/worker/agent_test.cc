@@ -1,6 +1,7 @@
 // The worker agent's parts that need no coordinator: the report buffer (order, bound, what is
 // dropped), the backoff schedules and the retryable classification.
 #include "worker/agent/agent.h"
+#include "worker/agent/report_buffer.h"
 
 #include <string>
 #include <vector>
