@@ -1,15 +1,12 @@
 #include "worker/agent/agent.h"
 
 #include <mpi.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cerrno>
 #include <cmath>
-#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -47,6 +44,7 @@
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
 #include "worker/agent/metrics_server.h"
+#include "worker/agent/signals.h"
 #include "worker/trainer.h"
 
 #ifndef AVIARY_VERSION
@@ -66,49 +64,6 @@ const common::Logger& Log() {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr size_t kMaxPointsPerReport = 1000;
-
-double Seconds(Clock::time_point since) {
-  return std::chrono::duration<double>(Clock::now() - since).count();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Signals: the first SIGTERM / SIGINT sets the flag (the task stops at the next step); the
-// handler is reset, so a second one ends the process.
-
-// Read from every thread: a lock-free atomic, which a signal handler may store to.
-std::atomic<int> g_signal{0};
-static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
-
-extern "C" void OnStopSignal(int sig) { g_signal.store(sig, std::memory_order_relaxed); }
-
-void InstallSignalHandlers() {
-  struct sigaction sa;
-  std::memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = OnStopSignal;
-  // SA_RESTART: a read or write in a loader thread is restarted, not failed with EINTR (which
-  // would be reported as an I/O error rather than "stopped by signal").
-  sa.sa_flags = SA_RESETHAND | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  for (int sig : {SIGTERM, SIGINT}) {
-    if (::sigaction(sig, &sa, nullptr) != 0) {
-      Log().Warn(absl::StrCat("sigaction(", ::strsignal(sig), "): ", std::strerror(errno),
-                              "; this signal will end the group without a report"));
-    }
-  }
-}
-
-bool Signalled() { return g_signal.load(std::memory_order_relaxed) != 0; }
-
-// Sleeps up to `seconds`, waking early on a signal. False when a signal arrived.
-bool SleepUnlessSignalled(double seconds) {
-  const auto end = Clock::now() + std::chrono::duration<double>(seconds);
-  while (Clock::now() < end) {
-    if (Signalled()) return false;
-    std::this_thread::sleep_for(std::min<Clock::duration>(
-        std::chrono::milliseconds(50), std::chrono::duration_cast<Clock::duration>(end - Clock::now())));
-  }
-  return !Signalled();
-}
 
 // ---------------------------------------------------------------------------------------------
 // The MPI control plane: its own communicator, non-blocking collectives polled with sleeps
@@ -172,7 +127,7 @@ class Control {
       int done = 0;
       AVIARY_MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
       if (done) return absl::OkStatus();
-      if (deadline_s > 0 && Seconds(start) > deadline_s) {
+      if (deadline_s > 0 && SecondsSince(start) > deadline_s) {
         return absl::DeadlineExceededError(absl::StrFormat(
             "rank %d waited %.0f s for %s: another rank did not arrive", rank_, deadline_s, what));
       }
@@ -456,7 +411,7 @@ class Rank0 {
         return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
       }
       double delay = backoff.Next();
-      const double waited = Seconds(start);
+      const double waited = SecondsSince(start);
       if (options_.connect_timeout_s > 0) {
         if (waited >= options_.connect_timeout_s) {
           return absl::UnavailableError(absl::StrFormat(
@@ -542,13 +497,13 @@ class Rank0 {
     const auto start = Clock::now();
     while (!buffer_.WaitEmpty(0.2)) {
       if (lost_) buffer_.DropTask(task_id);
-      if (max_wait_s >= 0 && Seconds(start) > max_wait_s) {
+      if (max_wait_s >= 0 && SecondsSince(start) > max_wait_s) {
         Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
         return;
       }
       if (Signalled()) {
         if (signalled_at == Clock::time_point{}) signalled_at = Clock::now();
-        if (Seconds(signalled_at) > signal_wait_s) {
+        if (SecondsSince(signalled_at) > signal_wait_s) {
           Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,
                                   " (stopping on a signal)"));
           return;
@@ -885,7 +840,7 @@ absl::StatusOr<v1::RegisterGroupRequest> Agent::Describe(int metrics_port) {
 }
 
 absl::Status Agent::Serve() {
-  InstallSignalHandlers();
+  InstallStopSignalHandlers();
   if (options_.threads > 0) {
     at::set_num_threads(options_.threads);
   } else {
@@ -1071,7 +1026,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
     steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
     if (!root) return;
     metrics_->OnStep(s);
-    const double since = Seconds(last_point);
+    const double since = SecondsSince(last_point);
     if (since < options_.report_interval_s) return;
     const double rate = (group_samples_ - samples_at_last_point) / std::max(since, 1e-9);
     metrics_->SetSamplesPerSecond(rate);
