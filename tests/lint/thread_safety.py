@@ -19,6 +19,7 @@ ANNOTATED = [
     "coordinator/scheduler.cc",
     "coordinator/metrics.cc",
     "worker/agent/agent.cc",
+    "worker/agent/group_metrics.cc",
     "worker/agent/report_buffer.cc",
     "worker/loader.cc",
 ]

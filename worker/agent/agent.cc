@@ -23,11 +23,6 @@
 #endif
 
 #include <grpcpp/grpcpp.h>
-#include <prometheus/counter.h>
-#include <prometheus/family.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
-#include <prometheus/registry.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -43,7 +38,7 @@
 #include "proto/aviary.grpc.pb.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
-#include "worker/agent/metrics_server.h"
+#include "worker/agent/group_metrics.h"
 #include "worker/agent/signals.h"
 #include "worker/trainer.h"
 
@@ -172,156 +167,6 @@ absl::Status ParseStopMessage(const std::string& msg) {
   return absl::Status(static_cast<absl::StatusCode>(code),
                       nl == std::string::npos ? std::string() : msg.substr(nl + 1));
 }
-
-// ---------------------------------------------------------------------------------------------
-// The group's /metrics (rank 0). Thread-safe.
-
-class GroupMetrics {
- public:
-  // `listen` empty: no endpoint (every update is still accepted).
-  static absl::StatusOr<std::unique_ptr<GroupMetrics>> Create(const std::string& listen) {
-    auto m = std::unique_ptr<GroupMetrics>(new GroupMetrics());
-    if (!listen.empty()) {
-      auto server = MetricsServer::Start(listen, m->registry_);
-      if (!server.ok()) return common::Annotate(server.status(), "--metrics-listen");
-      m->server_ = std::move(*server);
-    }
-    m->SetGroupId("");
-    return m;
-  }
-
-  // The bound port (0 without an endpoint).
-  int port() const { return server_ ? server_->port() : 0; }
-
-  // Every series carries label group_id; a new registration starts new series.
-  void SetGroupId(const std::string& group_id) {
-    absl::MutexLock lock(&mu_);
-    if (samples_total_ != nullptr) {
-      samples_total_family_.Remove(samples_total_);
-      samples_per_second_family_.Remove(samples_per_second_);
-      step_duration_family_.Remove(step_duration_);
-      allreduce_duration_family_.Remove(allreduce_duration_);
-      queue_depth_family_.Remove(queue_depth_);
-      loader_wait_family_.Remove(loader_wait_);
-      connected_family_.Remove(connected_);
-      buffered_family_.Remove(buffered_);
-      for (auto& [device, gauge] : gpu_memory_) gpu_memory_family_.Remove(gauge);
-      gpu_memory_.clear();
-    }
-    group_id_ = group_id;
-    const prometheus::Labels labels{{"group_id", group_id}};
-    samples_total_ = &samples_total_family_.Add(labels);
-    samples_per_second_ = &samples_per_second_family_.Add(labels);
-    step_duration_ = &step_duration_family_.Add(
-        labels, prometheus::Histogram::BucketBoundaries{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                        2.5, 5, 10, 25, 60, 120});
-    allreduce_duration_ = &allreduce_duration_family_.Add(
-        labels, prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                                                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5});
-    queue_depth_ = &queue_depth_family_.Add(labels);
-    loader_wait_ = &loader_wait_family_.Add(labels);
-    connected_ = &connected_family_.Add(labels);
-    buffered_ = &buffered_family_.Add(labels);
-    connected_->Set(connected_value_);
-  }
-
-  void OnStep(const StepStats& s) {
-    absl::MutexLock lock(&mu_);
-    step_duration_->Observe(s.step_seconds);
-    allreduce_duration_->Observe(s.allreduce_seconds);
-    queue_depth_->Set(s.loader_queue_depth);
-    loader_wait_->Increment(std::max(0.0, s.data_wait_seconds));
-  }
-  void AddSamples(int64_t n) {
-    absl::MutexLock lock(&mu_);
-    if (n > 0) samples_total_->Increment(static_cast<double>(n));
-  }
-  void SetSamplesPerSecond(double v) {
-    absl::MutexLock lock(&mu_);
-    samples_per_second_->Set(v);
-  }
-  void SetConnected(bool connected) {
-    absl::MutexLock lock(&mu_);
-    connected_value_ = connected ? 1 : 0;
-    connected_->Set(connected_value_);
-  }
-  void SetBuffered(size_t points) {
-    absl::MutexLock lock(&mu_);
-    buffered_->Set(static_cast<double>(points));
-  }
-  void SetGpuMemory(const std::string& device, double bytes) {
-    absl::MutexLock lock(&mu_);
-    auto it = gpu_memory_.find(device);
-    if (it == gpu_memory_.end()) {
-      it = gpu_memory_.emplace(device, &gpu_memory_family_.Add({{"group_id", group_id_}, {"device", device}})).first;
-    }
-    it->second->Set(bytes);
-  }
-
- private:
-  GroupMetrics()
-      : registry_(std::make_shared<prometheus::Registry>()),
-        samples_total_family_(prometheus::BuildCounter()
-                                  .Name("aviary_samples_total")
-                                  .Help("Samples trained by the group (all ranks)")
-                                  .Register(*registry_)),
-        samples_per_second_family_(prometheus::BuildGauge()
-                                       .Name("aviary_samples_per_second")
-                                       .Help("The group's throughput over the last report interval")
-                                       .Register(*registry_)),
-        step_duration_family_(prometheus::BuildHistogram()
-                                  .Name("aviary_step_duration_seconds")
-                                  .Help("Optimizer step time, data wait included (rank 0)")
-                                  .Register(*registry_)),
-        allreduce_duration_family_(prometheus::BuildHistogram()
-                                       .Name("aviary_allreduce_duration_seconds")
-                                       .Help("Per step: gradient all-reduce time not hidden by backward (rank 0)")
-                                       .Register(*registry_)),
-        queue_depth_family_(prometheus::BuildGauge()
-                                .Name("aviary_loader_queue_depth")
-                                .Help("Prefetched batches waiting (rank 0)")
-                                .Register(*registry_)),
-        loader_wait_family_(prometheus::BuildCounter()
-                                .Name("aviary_loader_wait_seconds_total")
-                                .Help("Time steps waited for data (rank 0)")
-                                .Register(*registry_)),
-        gpu_memory_family_(prometheus::BuildGauge()
-                               .Name("aviary_gpu_memory_bytes")
-                               .Help("Memory allocated by torch per device (CUDA only; rank 0's devices)")
-                               .Register(*registry_)),
-        connected_family_(prometheus::BuildGauge()
-                              .Name("aviary_coordinator_connected")
-                              .Help("1 while the coordinator answers")
-                              .Register(*registry_)),
-        buffered_family_(prometheus::BuildGauge()
-                             .Name("aviary_reports_buffered")
-                             .Help("Progress points waiting for the coordinator")
-                             .Register(*registry_)) {}
-
-  absl::Mutex mu_;  // the series of the current group_id and the families' label maps
-  std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<MetricsServer> server_;  // declared after registry_: stops before it goes
-  prometheus::Family<prometheus::Counter>& samples_total_family_;
-  prometheus::Family<prometheus::Gauge>& samples_per_second_family_;
-  prometheus::Family<prometheus::Histogram>& step_duration_family_;
-  prometheus::Family<prometheus::Histogram>& allreduce_duration_family_;
-  prometheus::Family<prometheus::Gauge>& queue_depth_family_;
-  prometheus::Family<prometheus::Counter>& loader_wait_family_;
-  prometheus::Family<prometheus::Gauge>& gpu_memory_family_;
-  prometheus::Family<prometheus::Gauge>& connected_family_;
-  prometheus::Family<prometheus::Gauge>& buffered_family_;
-  std::string group_id_ ABSL_GUARDED_BY(mu_);
-  prometheus::Counter* samples_total_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* samples_per_second_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Histogram* step_duration_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Histogram* allreduce_duration_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* queue_depth_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Counter* loader_wait_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* connected_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* buffered_ ABSL_GUARDED_BY(mu_) = nullptr;
-  std::map<std::string, prometheus::Gauge*> gpu_memory_ ABSL_GUARDED_BY(mu_);
-  double connected_value_ ABSL_GUARDED_BY(mu_) = 0;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Rank 0's side of the WorkerService.
