@@ -38,6 +38,7 @@
 #include "proto/aviary.grpc.pb.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
+#include "worker/agent/group_control.h"
 #include "worker/agent/group_metrics.h"
 #include "worker/agent/signals.h"
 #include "worker/trainer.h"
@@ -61,114 +62,6 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr size_t kMaxPointsPerReport = 1000;
 
 // ---------------------------------------------------------------------------------------------
-// The MPI control plane: its own communicator, non-blocking collectives polled with sleeps
-// (OpenMPI's blocking collectives busy-poll a core). Main thread only.
-
-class Control {
- public:
-  static absl::StatusOr<std::unique_ptr<Control>> Create() {
-    auto c = std::unique_ptr<Control>(new Control());
-    AVIARY_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &c->comm_));
-    AVIARY_MPI_CHECK(MPI_Comm_rank(c->comm_, &c->rank_));
-    AVIARY_MPI_CHECK(MPI_Comm_size(c->comm_, &c->world_));
-    return c;
-  }
-  ~Control() {
-    if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
-  }
-  Control(const Control&) = delete;
-  Control& operator=(const Control&) = delete;
-
-  int rank() const { return rank_; }
-  int world() const { return world_; }
-
-  // `*bytes` takes root's value on every rank. `max_sleep_s` bounds the polling sleeps.
-  absl::Status Broadcast(std::string* bytes, int root, double max_sleep_s, double deadline_s) {
-    int64_t size = rank_ == root ? static_cast<int64_t>(bytes->size()) : 0;
-    MPI_Request req;
-    AVIARY_MPI_CHECK(MPI_Ibcast(&size, 1, MPI_INT64_T, root, comm_, &req));
-    AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control broadcast"));
-    if (size < 0 || size > std::numeric_limits<int>::max()) {
-      return absl::InternalError(absl::StrCat("control broadcast from rank ", root, ": bad size ", size));
-    }
-    if (size == 0) {
-      bytes->clear();
-      return absl::OkStatus();
-    }
-    if (rank_ != root) bytes->assign(static_cast<size_t>(size), '\0');
-    AVIARY_MPI_CHECK(MPI_Ibcast(bytes->data(), static_cast<int>(size), MPI_BYTE, root, comm_, &req));
-    return Wait(&req, 0.002, deadline_s, "the control broadcast");
-  }
-
-  // Every rank's `mine` (the same length everywhere), in rank order.
-  absl::StatusOr<std::vector<int64_t>> AllGather(const std::vector<int64_t>& mine, double max_sleep_s,
-                                                 double deadline_s) {
-    std::vector<int64_t> all(mine.size() * static_cast<size_t>(world_));
-    MPI_Request req;
-    AVIARY_MPI_CHECK(MPI_Iallgather(mine.data(), static_cast<int>(mine.size()), MPI_INT64_T, all.data(),
-                                    static_cast<int>(mine.size()), MPI_INT64_T, comm_, &req));
-    AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control all-gather"));
-    return all;
-  }
-
- private:
-  Control() = default;
-
-  // Polls `req` with sleeps growing to `max_sleep_s`; DEADLINE_EXCEEDED after `deadline_s` (> 0).
-  absl::Status Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what) {
-    const auto start = Clock::now();
-    double sleep_s = 20e-6;
-    while (true) {
-      int done = 0;
-      AVIARY_MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
-      if (done) return absl::OkStatus();
-      if (deadline_s > 0 && SecondsSince(start) > deadline_s) {
-        return absl::DeadlineExceededError(absl::StrFormat(
-            "rank %d waited %.0f s for %s: another rank did not arrive", rank_, deadline_s, what));
-      }
-      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_s));
-      sleep_s = std::min(sleep_s * 2, max_sleep_s);
-    }
-  }
-
-  MPI_Comm comm_ = MPI_COMM_NULL;
-  int rank_ = 0;
-  int world_ = 1;
-};
-
-// Control exchanges within a task (Agent::Exchange).
-constexpr int64_t kExPrepared = 1;   // after parsing the task: {code}
-constexpr int64_t kExStep = 2;       // before each step: {stop decision, signal, samples}
-constexpr int64_t kExEpochEnd = 3;   // after each epoch: {0, 0, samples}
-constexpr int64_t kExFinished = 4;   // after training: {code, samples}
-
-const char* ExchangeName(int64_t kind) {
-  switch (kind) {
-    case kExPrepared: return "prepared the task";
-    case kExStep: return "training (step exchange)";
-    case kExEpochEnd: return "training (epoch end)";
-    case kExFinished: return "finished the task";
-  }
-  return "unknown";
-}
-
-// Control messages from rank 0: the first byte says what follows.
-constexpr char kMsgTask = 'T';
-constexpr char kMsgStop = 'S';  // then the status code (decimal) and '\n' and the message
-
-std::string StopMessage(const absl::Status& st) {
-  return absl::StrCat(std::string(1, kMsgStop), static_cast<int>(st.code()), "\n", st.message());
-}
-
-absl::Status ParseStopMessage(const std::string& msg) {
-  size_t nl = msg.find('\n');
-  int code = std::atoi(msg.substr(1, nl == std::string::npos ? std::string::npos : nl - 1).c_str());
-  if (code == 0) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      nl == std::string::npos ? std::string() : msg.substr(nl + 1));
-}
-
-// ---------------------------------------------------------------------------------------------
 // Rank 0's side of the WorkerService.
 
 // Transport-level failures worth retrying (the coordinator is down, restarting or slow).
@@ -190,9 +83,6 @@ bool IsTransient(grpc::StatusCode code) {
 std::string GrpcCodeName(grpc::StatusCode code) {
   return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
-
-// Errors that end or restart a whole task, with a named cause (rank 0's stop decision).
-enum StopReason : int64_t { kNoStop = 0, kCancelled = 1, kGroupLost = 2, kSignal = 3 };
 
 class Rank0 {
  public:
@@ -597,7 +487,7 @@ struct Outcome {
 
 class Agent {
  public:
-  Agent(const AgentOptions& options, comm::MpiSession& session, Control& control)
+  Agent(const AgentOptions& options, comm::MpiSession& session, GroupControl& control)
       : options_(options), session_(session), control_(control) {}
 
   absl::Status Serve();
@@ -617,7 +507,7 @@ class Agent {
   // Rank 0 reports a retryable failure (waiting a little for its delivery) and ends the group;
   // the other ranks give it 30 s to do so, then end it themselves.
   [[noreturn]] void OutOfStep(const std::string& task_id, const std::string& why);
-  // The outcome exchange (see agent.h): every rank's code; the first failing rank's message.
+  // The outcome agreement (group_control.h): every rank's code; the blamed rank's message.
   // `training`: ranks that ended differently poison the group (Outcome::agreed false).
   Outcome Agree(const std::string& task_id, const absl::Status& mine, double deadline_s, int64_t pending_samples,
                 bool training);
@@ -626,7 +516,7 @@ class Agent {
 
   const AgentOptions& options_;
   comm::MpiSession& session_;
-  Control& control_;
+  GroupControl& control_;
   std::unique_ptr<GroupMetrics> metrics_;  // rank 0
   std::unique_ptr<Rank0> rank0_;           // rank 0
   // Per task.
@@ -857,8 +747,8 @@ Outcome Agent::RunTask(const v1::Task& task) {
     pending_samples_ = 0;
     int64_t samples = 0, signals = 0;
     for (int r = 0; r < control_.world(); ++r) {
-      samples += all[4 * r + 3];
-      signals += all[4 * r + 2];
+      samples += all[kExchangeRow * r + 3];
+      signals += all[kExchangeRow * r + 2];
     }
     if (root) {
       group_samples_ += samples;
@@ -980,23 +870,8 @@ Outcome Agent::RunTask(const v1::Task& task) {
 
 std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
                                      double deadline_s, const absl::Status& mine) {
-  const std::string own_error = mine.ok() ? "" : absl::StrCat(" (its error: ", mine.message(), ")");
-  auto all = control_.AllGather({kind, a, b, c}, kind == kExStep ? 0.0005 : 0.005, deadline_s);
-  if (!all.ok()) {
-    OutOfStep(task_id, absl::StrCat("rank ", control_.rank(), " ", ExchangeName(kind), own_error, ": ",
-                                    all.status().message()));
-  }
-  for (int r = 0; r < control_.world(); ++r) {
-    if ((*all)[4 * r] != kind) {
-      std::vector<std::string> where;
-      for (int q = 0; q < control_.world(); ++q) {
-        where.push_back(absl::StrCat("rank ", q, " ", ExchangeName((*all)[4 * q]),
-                                     q == control_.rank() ? own_error : ""));
-      }
-      OutOfStep(task_id, absl::StrCat("the ranks are out of step: ", absl::StrJoin(where, "; "),
-                                      " (see the other ranks' logs for their errors)"));
-    }
-  }
+  auto all = control_.Exchange(kind, a, b, c, deadline_s, mine);
+  if (!all.ok()) OutOfStep(task_id, std::string(all.status().message()));
   return *std::move(all);
 }
 
@@ -1023,30 +898,21 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
   Outcome out;
   auto all = Exchange(task_id, training ? kExFinished : kExPrepared, static_cast<int64_t>(mine.code()),
                       pending_samples, 0, deadline_s, mine);
-  // The rank to blame: the first whose error is not a consequence of another rank's (a
-  // collective that timed out waiting, a stop), else the first that failed at all.
-  int first = -1, first_cause = -1;
-  for (int r = 0; r < control_.world(); ++r) {
-    const int64_t code = all[4 * r + 1];
-    if (training && code != all[1]) out.agreed = false;
-    if (code != 0 && first < 0) first = r;
-    if (code != 0 && code != static_cast<int64_t>(absl::StatusCode::kDeadlineExceeded) &&
-        code != static_cast<int64_t>(absl::StatusCode::kCancelled) && first_cause < 0) {
-      first_cause = r;
-    }
-    if (control_.rank() == 0) {
-      group_samples_ += all[4 * r + 2];
-      if (metrics_) metrics_->AddSamples(all[4 * r + 2]);
+  if (control_.rank() == 0) {
+    for (int r = 0; r < control_.world(); ++r) {
+      group_samples_ += all[kExchangeRow * r + 2];
+      if (metrics_) metrics_->AddSamples(all[kExchangeRow * r + 2]);
     }
   }
-  if (first < 0) return out;
-  if (first_cause >= 0) first = first_cause;
+  const Verdict verdict = JudgeOutcome(all, control_.world(), training);
+  out.agreed = verdict.agreed;
+  if (verdict.blamed < 0) return out;
   std::string message(mine.message());
-  absl::Status st = control_.Broadcast(&message, first, 0.005, deadline_s);
+  absl::Status st = control_.Broadcast(&message, verdict.blamed, 0.005, deadline_s);
   if (!st.ok()) EndGroup(std::string(st.message()));
-  const auto code = static_cast<absl::StatusCode>(all[4 * first + 1]);
+  const auto code = static_cast<absl::StatusCode>(all[kExchangeRow * verdict.blamed + 1]);
   out.status = absl::Status(code, control_.world() > 1 && !absl::StrContains(message, "rank ")
-                                      ? absl::StrCat("rank ", first, ": ", message)
+                                      ? absl::StrCat("rank ", verdict.blamed, ": ", message)
                                       : message);
   return out;
 }
@@ -1133,7 +999,7 @@ absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) 
   if (options.device == "cuda" && !at::hasCUDA()) {
     return absl::FailedPreconditionError("--device cuda: torch sees no CUDA device");
   }
-  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Control> control, Control::Create());
+  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<GroupControl> control, GroupControl::Create());
   Agent agent(options, session, *control);
   return agent.Serve();
 }
