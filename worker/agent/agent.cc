@@ -1,12 +1,9 @@
 #include "worker/agent/agent.h"
 
 #include <mpi.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -22,25 +19,21 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/logging.h"
 #include "common/manifest.h"
 #include "common/status.h"
-#include "proto/aviary.grpc.pb.h"
-#include "worker/comm/communicator.h"
-#include "worker/comm/mpi_session.h"
+#include "proto/aviary.pb.h"
+#include "worker/agent/coordinator_link.h"
 #include "worker/agent/group_control.h"
 #include "worker/agent/group_metrics.h"
 #include "worker/agent/signals.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/mpi_session.h"
 #include "worker/trainer.h"
 
 #ifndef AVIARY_VERSION
@@ -59,404 +52,6 @@ const common::Logger& Log() {
 }
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr size_t kMaxPointsPerReport = 1000;
-
-// ---------------------------------------------------------------------------------------------
-// Rank 0's side of the WorkerService.
-
-// Transport-level failures worth retrying (the coordinator is down, restarting or slow).
-bool IsTransient(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-    case grpc::StatusCode::ABORTED:
-    case grpc::StatusCode::INTERNAL:
-    case grpc::StatusCode::UNKNOWN:
-    case grpc::StatusCode::CANCELLED:
-      return true;
-    default:
-      return false;
-  }
-}
-
-std::string GrpcCodeName(grpc::StatusCode code) {
-  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
-}
-
-class Rank0 {
- public:
-  Rank0(const AgentOptions& options, GroupMetrics* metrics, v1::RegisterGroupRequest registration)
-      : options_(options), metrics_(metrics), registration_(std::move(registration)),
-        buffer_(options.max_buffered_points) {
-    std::shared_ptr<grpc::ChannelCredentials> creds;
-    if (options.tls_ca_pem.empty()) {
-      creds = grpc::InsecureChannelCredentials();
-    } else {
-      grpc::SslCredentialsOptions ssl;
-      ssl.pem_root_certs = options.tls_ca_pem;
-      creds = grpc::SslCredentials(ssl);
-    }
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // tasks carry their manifest
-    args.SetInt(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1 << 30);
-    // gRPC's own reconnect backoff grows to 120 s by default: keep it within ours (0.5 s to
-    // 10 s), so that reports flow soon after the coordinator is back.
-    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
-    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 500);
-    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
-    channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
-    stub_ = v1::WorkerService::NewStub(channel_);
-  }
-  ~Rank0() { StopThreads(); }
-
-  // Registers (retrying transient failures with backoff). UNAVAILABLE after connect_timeout_s;
-  // CANCELLED when a signal arrived first; the coordinator's refusal otherwise.
-  absl::Status Register() {
-    Backoff backoff(0.5, 10);
-    const auto start = Clock::now();
-    while (true) {
-      v1::RegisterGroupResponse response;
-      grpc::ClientContext ctx;
-      Prepare(&ctx);
-      grpc::Status st = stub_->RegisterGroup(&ctx, registration_, &response);
-      if (st.ok()) {
-        const int heartbeat_ms = response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 2000;
-        {
-          absl::MutexLock lock(&mu_);
-          group_id_ = response.group_id();
-          heartbeat_ms_ = heartbeat_ms;
-        }
-        lost_ = false;
-        metrics_->SetGroupId(response.group_id());
-        Connected(true);
-        Log().Info(absl::StrCat("registered with ", options_.coordinator, " as group ", response.group_id(),
-                                " (", registration_.world_size(), " ranks, backend ", registration_.backend(),
-                                ", heartbeat every ", heartbeat_ms, " ms",
-                                registration_.metrics_address().empty()
-                                    ? ""
-                                    : absl::StrCat(", metrics on ", registration_.metrics_address()),
-                                ")"));
-        return absl::OkStatus();
-      }
-      Connected(false);
-      const std::string what = absl::StrCat("RegisterGroup to ", options_.coordinator, ": ",
-                                            GrpcCodeName(st.error_code()), ": ", st.error_message());
-      if (!IsTransient(st.error_code())) {
-        return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
-      }
-      double delay = backoff.Next();
-      const double waited = SecondsSince(start);
-      if (options_.connect_timeout_s > 0) {
-        if (waited >= options_.connect_timeout_s) {
-          return absl::UnavailableError(absl::StrFormat(
-              "could not register with the coordinator at %s within --connect-timeout-s %g: %s",
-              options_.coordinator, options_.connect_timeout_s, what));
-        }
-        delay = std::min(delay, options_.connect_timeout_s - waited);
-      }
-      Log().Warn(absl::StrFormat("%s; retrying in %.1f s", what, delay));
-      if (!SleepUnlessSignalled(delay)) return absl::CancelledError("stopped by signal before registering");
-    }
-  }
-
-  void StartThreads() {
-    {
-      absl::MutexLock lock(&mu_);
-      running_ = true;
-    }
-    heartbeat_ = std::thread([this] { HeartbeatLoop(); });
-    sender_ = std::thread([this] { SenderLoop(); });
-  }
-
-  void StopThreads() {
-    {
-      absl::MutexLock lock(&mu_);
-      if (!running_) return;
-      running_ = false;
-      cv_.SignalAll();
-    }
-    buffer_.Interrupt();
-    if (heartbeat_.joinable()) heartbeat_.join();
-    if (sender_.joinable()) sender_.join();
-  }
-
-  // LeaseTask once. `*task` set when one was leased. NOT_FOUND marks the group lost.
-  absl::Status Lease(v1::Task* task, bool* available) {
-    *available = false;
-    v1::LeaseTaskRequest request;
-    request.set_group_id(group_id());
-    v1::LeaseTaskResponse response;
-    grpc::ClientContext ctx;
-    Prepare(&ctx);
-    grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
-    if (!st.ok()) return Failed("LeaseTask", st, request.group_id());
-    Connected(true);
-    if (response.available()) {
-      *task = response.task();
-      *available = true;
-    }
-    return absl::OkStatus();
-  }
-
-  void BeginTask(const std::string& task_id) {
-    absl::MutexLock lock(&mu_);
-    task_id_ = task_id;
-    ++lease_generation_;
-    cancel_ = false;
-  }
-  void EndTask() {
-    absl::MutexLock lock(&mu_);
-    task_id_.clear();
-  }
-
-  // The stop decision for the current task (rank 0's part of the per-step exchange).
-  StopReason Decide() const {
-    if (lost_) return kGroupLost;
-    if (cancel_) return kCancelled;
-    if (Signalled()) return kSignal;
-    return kNoStop;
-  }
-  bool lost() const { return lost_; }
-
-  void Push(Report r) {
-    buffer_.Push(std::move(r));
-    metrics_->SetBuffered(buffer_.points());
-  }
-
-  // Waits until the buffer is delivered, at most `max_wait_s` (< 0: no limit). A lost group
-  // drops `task_id`'s reports (they would be refused); after a signal it gives up after
-  // `signal_wait_s`.
-  void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s) {
-    Clock::time_point signalled_at{};
-    const auto start = Clock::now();
-    while (!buffer_.WaitEmpty(0.2)) {
-      if (lost_) buffer_.DropTask(task_id);
-      if (max_wait_s >= 0 && SecondsSince(start) > max_wait_s) {
-        Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
-        return;
-      }
-      if (Signalled()) {
-        if (signalled_at == Clock::time_point{}) signalled_at = Clock::now();
-        if (SecondsSince(signalled_at) > signal_wait_s) {
-          Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,
-                                  " (stopping on a signal)"));
-          return;
-        }
-      }
-    }
-  }
-  void DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
-
-  std::string group_id() const {
-    absl::MutexLock lock(&mu_);
-    return group_id_;
-  }
-
- private:
-  void Prepare(grpc::ClientContext* ctx) const {
-    ctx->set_deadline(std::chrono::system_clock::now() +
-                      std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000)));
-    if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
-  }
-
-  void Connected(bool c) { metrics_->SetConnected(c); }
-
-  // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
-  // unless the group has registered anew since the call was made (a stale answer).
-  absl::Status Failed(const char* rpc, const grpc::Status& st, const std::string& gid) {
-    const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
-                                          ": ", st.error_message());
-    if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
-      Connected(true);
-      if (gid == group_id() && !lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
-    } else if (IsTransient(st.error_code())) {
-      Connected(false);
-    }
-    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
-  }
-
-  void HeartbeatLoop() {
-    int64_t heartbeat_failures = 0;
-    while (true) {
-      int interval_ms;
-      {
-        absl::MutexLock lock(&mu_);
-        interval_ms = heartbeat_ms_;
-        const absl::Time deadline = absl::Now() + absl::Milliseconds(interval_ms);
-        while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-        }
-        if (!running_) return;
-      }
-      if (lost_) continue;
-      v1::HeartbeatRequest request;
-      int64_t generation = 0;
-      {
-        absl::MutexLock lock(&mu_);
-        if (group_id_.empty()) continue;
-        request.set_group_id(group_id_);
-        request.set_task_id(task_id_);
-        generation = lease_generation_;
-      }
-      v1::HeartbeatResponse response;
-      grpc::ClientContext ctx;
-      Prepare(&ctx);
-      grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
-      if (!st.ok()) {
-        absl::Status failed = Failed("Heartbeat", st, request.group_id());
-        // NOT_FOUND is logged once by Failed; others at the first failure, then every 20th.
-        if (!absl::IsNotFound(failed) && heartbeat_failures++ % 20 == 0) {
-          Log().Warn(absl::StrCat(failed.message(), " (", heartbeat_failures, " in a row)"));
-        }
-        continue;
-      }
-      if (heartbeat_failures > 0) {
-        Log().Info(absl::StrCat("Heartbeat to ", options_.coordinator, " answered again after ", heartbeat_failures,
-                                " failure(s)"));
-        heartbeat_failures = 0;
-      }
-      Connected(true);
-      if (response.cancel_task()) CancelIfCurrent(request.task_id(), generation, "Heartbeat");
-    }
-  }
-
-  // Cancels the current task if it is still the lease the answer was about (`generation`; a
-  // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
-  // lease of the same task (failed as retryable and leased again) must not stop the new one.
-  void CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc) {
-    absl::MutexLock lock(&mu_);
-    if (task_id.empty() || task_id != task_id_ || cancel_) return;
-    if (generation >= 0 && generation != lease_generation_) return;
-    cancel_ = true;
-    Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
-  }
-
-  // Sends one run of reports. OK: delivered (or refused for good: dropped and logged).
-  grpc::Status Send(const std::vector<Report>& run, const std::string& group_id) {
-    const Report& first = run.front();
-    grpc::ClientContext ctx;
-    Prepare(&ctx);
-    switch (first.kind) {
-      case Report::Kind::kPoint: {
-        v1::ReportProgressRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        int32_t spe = 0;
-        for (const Report& r : run) {
-          *request.add_points() = r.point;
-          spe = std::max(spe, r.steps_per_epoch);
-        }
-        request.set_steps_per_epoch(spe);
-        v1::ReportProgressResponse response;
-        grpc::Status st = stub_->ReportProgress(&ctx, request, &response);
-        if (st.ok() && response.cancel_task()) CancelIfCurrent(first.task_id, -1, "ReportProgress");
-        return st;
-      }
-      case Report::Kind::kCheckpoint: {
-        v1::ReportCheckpointRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        request.set_path(first.path);
-        request.set_epoch(first.epoch);
-        request.set_best(first.best);
-        v1::ReportCheckpointResponse response;
-        return stub_->ReportCheckpoint(&ctx, request, &response);
-      }
-      case Report::Kind::kComplete: {
-        v1::CompleteTaskRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        request.set_best_checkpoint(first.path);
-        *request.mutable_best() = first.point;
-        v1::CompleteTaskResponse response;
-        return stub_->CompleteTask(&ctx, request, &response);
-      }
-      case Report::Kind::kFail: {
-        v1::FailTaskRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        request.set_error(first.error);
-        request.set_retryable(first.retryable);
-        request.set_preempted(first.preempted);
-        v1::FailTaskResponse response;
-        return stub_->FailTask(&ctx, request, &response);
-      }
-    }
-    return grpc::Status(grpc::StatusCode::INTERNAL, "unknown report kind");
-  }
-
-  static const char* RpcName(Report::Kind kind) {
-    switch (kind) {
-      case Report::Kind::kPoint: return "ReportProgress";
-      case Report::Kind::kCheckpoint: return "ReportCheckpoint";
-      case Report::Kind::kComplete: return "CompleteTask";
-      case Report::Kind::kFail: return "FailTask";
-    }
-    return "?";
-  }
-
-  void SenderLoop() {
-    Backoff backoff(0.5, 10);
-    while (true) {
-      {
-        absl::MutexLock lock(&mu_);
-        if (!running_) return;
-      }
-      std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0.5);
-      if (run.empty()) continue;
-      const std::string gid = group_id();
-      if (lost_ || gid.empty()) {  // the main thread registers again
-        buffer_.Release();
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        continue;
-      }
-      grpc::Status st = Send(run, gid);
-      if (st.ok()) {
-        Connected(true);
-        backoff.Reset();
-        buffer_.Pop();
-      } else if (IsTransient(st.error_code())) {
-        buffer_.Release();
-        const double delay = backoff.Next();
-        Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
-                                   Failed(RpcName(run.front().kind), st, gid).message(), buffer_.size(), delay));
-        absl::MutexLock lock(&mu_);
-        const absl::Time deadline = absl::Now() + absl::Seconds(delay);
-        while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-        }
-      } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
-        (void)Failed(RpcName(run.front().kind), st, gid);
-        buffer_.Pop();
-        buffer_.DropTask(run.front().task_id);
-      } else {
-        // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
-        // get the same answer.
-        Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
-                                 " report(s) of task ", run.front().task_id, " dropped"));
-        buffer_.Pop();
-      }
-      metrics_->SetBuffered(buffer_.points());
-    }
-  }
-
-  const AgentOptions& options_;
-  GroupMetrics* metrics_;
-  v1::RegisterGroupRequest registration_;
-  ReportBuffer buffer_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::WorkerService::Stub> stub_;
-  // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
-  mutable absl::Mutex mu_;
-  absl::CondVar cv_;  // running_ became false
-  bool running_ ABSL_GUARDED_BY(mu_) = false;
-  std::string group_id_ ABSL_GUARDED_BY(mu_);
-  int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
-  std::string task_id_ ABSL_GUARDED_BY(mu_);
-  int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
-  std::atomic<bool> cancel_{false};
-  std::atomic<bool> lost_{false};
-  std::thread heartbeat_, sender_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Every rank: one task.
@@ -518,7 +113,7 @@ class Agent {
   comm::MpiSession& session_;
   GroupControl& control_;
   std::unique_ptr<GroupMetrics> metrics_;  // rank 0
-  std::unique_ptr<Rank0> rank0_;           // rank 0
+  std::unique_ptr<CoordinatorLink> link_;  // rank 0
   // Per task.
   int64_t pending_samples_ = 0;   // this rank's samples since the last exchange
   int64_t group_samples_ = 0;     // rank 0: the group's samples in this task
@@ -534,7 +129,7 @@ c10::Device Agent::RankDevice() const {
 }
 
 [[noreturn]] void Agent::EndGroup(const std::string& why) {
-  if (rank0_) rank0_->StopThreads();
+  if (link_) link_->StopThreads();
   session_.Abort(absl::StrCat("aviary-worker serve: ", why), 1);
 }
 
@@ -604,38 +199,38 @@ absl::Status Agent::Serve() {
   AVIARY_ASSIGN_OR_RETURN(v1::RegisterGroupRequest registration, Describe(metrics_port));
   if (control_.rank() != 0) return ServeOther();
   if (metrics_port > 0) Log().Info(absl::StrCat("group metrics on ", registration.metrics_address(), "/metrics"));
-  rank0_ = std::make_unique<Rank0>(options_, metrics_.get(), std::move(registration));
+  link_ = std::make_unique<CoordinatorLink>(options_, metrics_.get(), std::move(registration));
   absl::Status st = ServeRank0();
   // Tell the other ranks (OK: max tasks or a signal; else the error that ends the group).
   std::string stop = StopMessage(st);
   absl::Status sent = control_.Broadcast(&stop, 0, 0.02, 0);
-  rank0_->StopThreads();
+  link_->StopThreads();
   if (!sent.ok()) EndGroup(std::string(sent.message()));
   return st;
 }
 
 absl::Status Agent::ServeRank0() {
-  absl::Status st = rank0_->Register();
+  absl::Status st = link_->Register();
   if (absl::IsCancelled(st)) {
     Log().Info("stopped by signal");
     return absl::OkStatus();
   }
   AVIARY_RETURN_IF_ERROR(st);
-  rank0_->StartThreads();
+  link_->StartThreads();
   Backoff idle(1, 5);
   Backoff errors(0.5, 10);
   int tasks = 0;
   while (!Signalled()) {
-    if (rank0_->lost()) {
-      st = rank0_->Register();
+    if (link_->lost()) {
+      st = link_->Register();
       if (absl::IsCancelled(st)) break;
       AVIARY_RETURN_IF_ERROR(st);
     }
     v1::Task task;
     bool available = false;
-    st = rank0_->Lease(&task, &available);
+    st = link_->Lease(&task, &available);
     if (!st.ok()) {
-      if (rank0_->lost()) continue;
+      if (link_->lost()) continue;
       const double delay = errors.Next();
       Log().Warn(absl::StrFormat("%s; retrying in %.1f s", st.message(), delay));
       SleepUnlessSignalled(delay);
@@ -649,19 +244,19 @@ absl::Status Agent::ServeRank0() {
     idle.Reset();
     Log().Info(absl::StrCat("leased task ", task.task_id(), " (attempt ", task.attempt(), ", stage ", task.stage(),
                             " fold ", task.fold(), ") -> ", task.out_dir()));
-    rank0_->BeginTask(task.task_id());
+    link_->BeginTask(task.task_id());
     std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));
     Outcome outcome = RunTask(task);
     Report0(task, outcome);
-    rank0_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
-    rank0_->EndTask();
+    link_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
+    link_->EndTask();
     if (!outcome.agreed) {
       EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks (", outcome.status.message(),
                             "); the group cannot be trusted any more"));
     }
-    if (stop_reason_ == kGroupLost) rank0_->DropTask(task.task_id());
+    if (stop_reason_ == kGroupLost) link_->DropTask(task.task_id());
     if (stop_reason_ == kSignal) break;  // a signal on any rank stops the whole group
     ++tasks;
     if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
@@ -789,7 +384,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
     m.set_samples_per_s(rate);
     m.set_samples_total(group_samples_);
     m.set_epoch_end(false);
-    rank0_->Push(std::move(r));
+    link_->Push(std::move(r));
   };
   options.on_epoch = [&, root](const EpochRecord& record) {
     exchange_samples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
@@ -800,7 +395,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
     point.steps_per_epoch = steps_per_epoch;
     point.point = ToMetrics(record, group_samples_);
     epoch_samples_[record.epoch] = group_samples_;
-    rank0_->Push(std::move(point));
+    link_->Push(std::move(point));
     // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
     if (record.best) {
       Report best;
@@ -809,17 +404,17 @@ Outcome Agent::RunTask(const v1::Task& task) {
       best.path = task.out_dir() + "/best.pt";
       best.epoch = record.epoch;
       best.best = true;
-      rank0_->Push(std::move(best));
+      link_->Push(std::move(best));
     }
     Report last;
     last.kind = Report::Kind::kCheckpoint;
     last.task_id = id;
     last.path = task.out_dir() + "/last.pt";
     last.epoch = record.epoch;
-    rank0_->Push(std::move(last));
+    link_->Push(std::move(last));
   };
   options.should_stop = [&, root]() {
-    auto [decision, signals] = exchange_samples(kExStep, root ? static_cast<int64_t>(rank0_->Decide()) : 0);
+    auto [decision, signals] = exchange_samples(kExStep, root ? static_cast<int64_t>(link_->Decide()) : 0);
     if (root && stop_reason_ == kNoStop && (decision != 0 || signals != 0)) {
       stop_reason_ = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
     }
@@ -844,7 +439,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
             point.kind = Report::Kind::kPoint;
             point.task_id = id;
             point.point = ToMetrics(record, 0);
-            rank0_->Push(std::move(point));
+            link_->Push(std::move(point));
           }
           Log().Info(absl::StrCat("task ", id, ": reported the ", (*trainer)->history().size(),
                                   " epochs restored from ", task.out_dir(), "/last.pt again"));
@@ -878,15 +473,15 @@ std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, i
 [[noreturn]] void Agent::OutOfStep(const std::string& task_id, const std::string& why) {
   const std::string message = absl::StrCat("task ", task_id, ": ", why);
   Log().Error(message);
-  if (control_.rank() == 0 && rank0_) {
+  if (control_.rank() == 0 && link_) {
     // Report before ending the group, so that the coordinator re-leases at once.
     Report r;
     r.kind = Report::Kind::kFail;
     r.task_id = task_id;
     r.error = message;
     r.retryable = true;
-    rank0_->Push(std::move(r));
-    rank0_->Drain(task_id, 15, 5);
+    link_->Push(std::move(r));
+    link_->Drain(task_id, 15, 5);
   } else {
     std::this_thread::sleep_for(std::chrono::seconds(30));
   }
@@ -938,7 +533,7 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
       r.point = ToMetrics(*best, it == epoch_samples_.end() ? 0 : it->second);
     }
     Log().Info(absl::StrCat("task ", task.task_id(), " done: ", outcome.history.size(), " epochs, best ", r.path));
-    rank0_->Push(std::move(r));
+    link_->Push(std::move(r));
     return;
   }
   if (absl::IsCancelled(outcome.status) && outcome.agreed) {
@@ -957,7 +552,7 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
         r.preempted = true;
         Log().Info(absl::StrCat("task ", task.task_id(), " stopped by signal; reported as preempted (it is leased "
                                 "again without counting a restart)"));
-        rank0_->Push(std::move(r));
+        link_->Push(std::move(r));
         return;
     }
   }
@@ -966,7 +561,7 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
   r.retryable = !outcome.agreed || IsRetryable(outcome.status);
   Log().Error(absl::StrCat("task ", task.task_id(), " failed (", r.retryable ? "retryable" : "not retryable", "): ",
                            r.error));
-  rank0_->Push(std::move(r));
+  link_->Push(std::move(r));
 }
 
 }  // namespace
