@@ -88,15 +88,38 @@ class Agent {
   absl::Status Serve();
 
  private:
+  struct PreparedTask {
+    common::PipelineConfig config;
+    common::TaskManifest manifest;
+  };
+
+  // The loops of group_control.h: rank 0's (R1 to R5), the other ranks' (W1, W2).
   absl::Status ServeRank0();
   absl::Status ServeOther();
   absl::StatusOr<v1::RegisterGroupRequest> Describe(int metrics_port);
   c10::Device RankDevice() const;
+
+  // One task on every rank (T1 to T6).
   Outcome RunTask(const v1::Task& task);
-  // Every rank's {kind, a, b, c}, rank-major. All control exchanges of a task go through here
-  // with the same shape, so that ranks at different points (one failed alone) are detected
-  // instead of matching unlike collectives: then, and when the exchange times out, the group
-  // ends (OutOfStep).
+  // T1: the task's config and manifest, its run folder. No collective.
+  absl::StatusOr<PreparedTask> Prepare(const v1::Task& task) const;
+  // T3: the trainer's communicator, the trainer and its run (T4, T5 through its hooks).
+  // `*history`: the trainer's epochs when Run returned.
+  absl::Status Train(const v1::Task& task, const PreparedTask& prepared, std::vector<EpochRecord>* history);
+  // The trainer's hooks (TrainOptions): T4 before each step, the step's metrics and points, T5.
+  bool ShouldStop();
+  void OnStep(const StepStats& s);
+  void OnEpoch(const EpochRecord& record);
+  // T4 and T5's exchange: this rank's signal flag and samples since the last one, rank 0's
+  // `decision`. Returns {rank 0's decision, the number of signalled ranks}.
+  std::pair<int64_t, int64_t> ExchangeSamples(int64_t kind, int64_t decision);
+  // Rank 0's reports during a task.
+  void PushStepPoint(const StepStats& s, double rate);
+  void PushCheckpoint(const std::string& name, int epoch, bool best);
+  void PushRestoredEpochs(const std::vector<EpochRecord>& history);
+
+  // Every rank's {kind, a, b, c}, rank-major (GroupControl::Exchange); a rank out of step or an
+  // exchange past its deadline ends the group (OutOfStep).
   std::vector<int64_t> Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
                                 double deadline_s, const absl::Status& mine);
   // Rank 0 reports a retryable failure (waiting a little for its delivery) and ends the group;
@@ -114,11 +137,21 @@ class Agent {
   GroupControl& control_;
   std::unique_ptr<GroupMetrics> metrics_;  // rank 0
   std::unique_ptr<CoordinatorLink> link_;  // rank 0
-  // Per task.
-  int64_t pending_samples_ = 0;   // this rank's samples since the last exchange
-  int64_t group_samples_ = 0;     // rank 0: the group's samples in this task
-  std::map<int, int64_t> epoch_samples_;  // rank 0: group_samples_ at each epoch end of this lease
-  StopReason stop_reason_ = kNoStop;
+  // The current task's state; RunTask starts it afresh.
+  struct TaskState {
+    std::string id;
+    std::string out_dir;
+    c10::Device device = c10::Device(c10::kCPU);
+    double deadline_s = 0;                 // of T4 to T6's collectives
+    int64_t pending_samples = 0;           // this rank's samples since the last exchange
+    int32_t steps_per_epoch = 0;           // the trainer's last StepStats
+    int64_t group_samples = 0;             // rank 0: the group's samples in this task
+    std::map<int, int64_t> epoch_samples;  // rank 0: group_samples at each epoch end of this lease
+    StopReason stop_reason = kNoStop;      // rank 0
+    Clock::time_point last_point;          // rank 0: when the last step point was queued
+    int64_t samples_at_last_point = 0;     // rank 0: group_samples then
+  };
+  TaskState task_;
 };
 
 c10::Device Agent::RankDevice() const {
@@ -256,8 +289,8 @@ absl::Status Agent::ServeRank0() {
       EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks (", outcome.status.message(),
                             "); the group cannot be trusted any more"));
     }
-    if (stop_reason_ == kGroupLost) link_->DropTask(task.task_id());
-    if (stop_reason_ == kSignal) break;  // a signal on any rank stops the whole group
+    if (task_.stop_reason == kGroupLost) link_->DropTask(task.task_id());
+    if (task_.stop_reason == kSignal) break;  // a signal on any rank stops the whole group
     ++tasks;
     if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
       Log().Info(absl::StrCat("served ", tasks, " task(s) (--max-tasks)"));
@@ -291,176 +324,172 @@ absl::Status Agent::ServeOther() {
 }
 
 Outcome Agent::RunTask(const v1::Task& task) {
-  const bool root = control_.rank() == 0;
-  pending_samples_ = 0;
-  group_samples_ = 0;
-  epoch_samples_.clear();
-  stop_reason_ = kNoStop;
-  const std::string& id = task.task_id();
-  // 1. Preparation: parse, the run folder. No collective inside.
-  common::TaskManifest manifest;
-  absl::StatusOr<common::PipelineConfig> config = common::ParsePipelineConfig(task.pipeline_yaml(), id + " config");
-  absl::Status prep = config.status();
-  if (prep.ok()) {
-    auto m = common::ParseManifestCsv(task.manifest_csv(), id + " manifest");
-    if (m.ok()) {
-      manifest = std::move(*m);
-    } else {
-      prep = m.status();
-    }
-  }
-  if (prep.ok()) {
-    std::error_code ec;
-    std::filesystem::create_directories(task.out_dir(), ec);
-    if (ec) {
-      prep = absl::UnavailableError(absl::StrCat("rank ", control_.rank(), ": cannot create the run folder '",
-                                                 task.out_dir(), "': ", ec.message()));
-    }
-  }
-  Outcome agreed = Agree(id, prep, 600, 0, /*training=*/false);
+  task_ = TaskState();
+  task_.id = task.task_id();
+  task_.out_dir = task.out_dir();
+  task_.device = RankDevice();
+  // T1, T2: every rank prepared the task, or every rank skips it.
+  absl::StatusOr<PreparedTask> prepared = Prepare(task);
+  Outcome agreed = Agree(task_.id, prepared.status(), 600, 0, /*training=*/false);
   if (!agreed.status.ok()) return agreed;
-  const double deadline_s = 2 * config->comm.timeout_s + 30;
+  task_.deadline_s = 2 * prepared->config.comm.timeout_s + 30;
+  // T3 to T5.
+  task_.last_point = Clock::now();
+  std::vector<EpochRecord> history;
+  absl::Status status = Train(task, *prepared, &history);
+  if (!status.ok() && !absl::IsCancelled(status)) {
+    Log().Error(absl::StrCat("task ", task_.id, " on rank ", control_.rank(), ": ", status.message()));
+  }
+  // T6.
+  Outcome outcome = Agree(task_.id, status, task_.deadline_s, task_.pending_samples, /*training=*/true);
+  outcome.history = std::move(history);
+  return outcome;
+}
 
-  // 2. Training.
+absl::StatusOr<Agent::PreparedTask> Agent::Prepare(const v1::Task& task) const {
+  const std::string& id = task.task_id();
+  PreparedTask prepared;
+  AVIARY_ASSIGN_OR_RETURN(prepared.config, common::ParsePipelineConfig(task.pipeline_yaml(), id + " config"));
+  AVIARY_ASSIGN_OR_RETURN(prepared.manifest, common::ParseManifestCsv(task.manifest_csv(), id + " manifest"));
+  std::error_code ec;
+  std::filesystem::create_directories(task.out_dir(), ec);
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("rank ", control_.rank(), ": cannot create the run folder '",
+                                               task.out_dir(), "': ", ec.message()));
+  }
+  return prepared;
+}
+
+absl::Status Agent::Train(const v1::Task& task, const PreparedTask& prepared, std::vector<EpochRecord>* history) {
   TrainOptions options;
   options.out_dir = task.out_dir();
   options.stage = task.stage();
   options.fold = task.fold();
   options.init_checkpoint = task.init_checkpoint();
-  options.manifest = &manifest;
+  options.manifest = &prepared.manifest;
   options.resume = true;
-  options.device = RankDevice();
-  auto last_point = Clock::now();
-  int64_t samples_at_last_point = 0;
-  int32_t steps_per_epoch = 0;
-  // The samples every rank trained since the last exchange, summed on rank 0. A collective on
-  // the control communicator: call it at the same point on every rank.
-  // Returns {any stop decision, any signal}.
-  auto exchange_samples = [&](int64_t kind, int64_t decision) {
-    std::vector<int64_t> all =
-        Exchange(id, kind, decision, Signalled() ? 1 : 0, pending_samples_, deadline_s, absl::OkStatus());
-    pending_samples_ = 0;
-    int64_t samples = 0, signals = 0;
-    for (int r = 0; r < control_.world(); ++r) {
-      samples += all[kExchangeRow * r + 3];
-      signals += all[kExchangeRow * r + 2];
-    }
-    if (root) {
-      group_samples_ += samples;
-      metrics_->AddSamples(samples);
-    }
-    return std::pair<int64_t, int64_t>(all[1], signals);  // rank 0's decision
-  };
-  options.on_step = [&, root](const StepStats& s) {
-    pending_samples_ += s.samples;
-    steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
-    if (!root) return;
-    metrics_->OnStep(s);
-    const double since = SecondsSince(last_point);
-    if (since < options_.report_interval_s) return;
-    const double rate = (group_samples_ - samples_at_last_point) / std::max(since, 1e-9);
-    metrics_->SetSamplesPerSecond(rate);
-    last_point = Clock::now();
-    samples_at_last_point = group_samples_;
+  options.device = task_.device;
+  options.on_step = [this](const StepStats& s) { OnStep(s); };
+  options.on_epoch = [this](const EpochRecord& record) { OnEpoch(record); };
+  options.should_stop = [this]() { return ShouldStop(); };
+  try {
+    AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> communicator,
+                            comm::CreateCommunicator(prepared.config.comm, session_, options.device));
+    options.comm = communicator.get();
+    AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(prepared.config, options));
+    if (control_.rank() == 0) PushRestoredEpochs(trainer->history());
+    absl::Status status = trainer->Run();
+    *history = trainer->history();
+    return status;
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("rank ", control_.rank(), ": exception: ", e.what()));
+  }
+}
+
+std::pair<int64_t, int64_t> Agent::ExchangeSamples(int64_t kind, int64_t decision) {
+  std::vector<int64_t> all = Exchange(task_.id, kind, decision, Signalled() ? 1 : 0, task_.pending_samples,
+                                      task_.deadline_s, absl::OkStatus());
+  task_.pending_samples = 0;
+  int64_t samples = 0, signals = 0;
+  for (int r = 0; r < control_.world(); ++r) {
+    samples += all[kExchangeRow * r + 3];
+    signals += all[kExchangeRow * r + 2];
+  }
+  if (control_.rank() == 0) {
+    task_.group_samples += samples;
+    metrics_->AddSamples(samples);
+  }
+  return {all[1], signals};  // rank 0's decision
+}
+
+bool Agent::ShouldStop() {
+  const bool root = control_.rank() == 0;
+  auto [decision, signals] = ExchangeSamples(kExStep, root ? static_cast<int64_t>(link_->Decide()) : 0);
+  if (root && task_.stop_reason == kNoStop && (decision != 0 || signals != 0)) {
+    task_.stop_reason = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
+  }
+  return decision != 0 || signals != 0;
+}
+
+void Agent::OnStep(const StepStats& s) {
+  task_.pending_samples += s.samples;
+  task_.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
+  if (control_.rank() != 0) return;
+  metrics_->OnStep(s);
+  const double since = SecondsSince(task_.last_point);
+  if (since < options_.report_interval_s) return;
+  const double rate = (task_.group_samples - task_.samples_at_last_point) / std::max(since, 1e-9);
+  metrics_->SetSamplesPerSecond(rate);
+  task_.last_point = Clock::now();
+  task_.samples_at_last_point = task_.group_samples;
 #if defined(AVIARY_WITH_CUDA_TORCH)
-    if (options.device.is_cuda()) {
-      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(options.device.index());
-      metrics_->SetGpuMemory(options.device.str(), static_cast<double>(stats.allocated_bytes[0].current));
-    }
+  if (task_.device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(task_.device.index());
+    metrics_->SetGpuMemory(task_.device.str(), static_cast<double>(stats.allocated_bytes[0].current));
+  }
 #endif
-    Report r;
-    r.kind = Report::Kind::kPoint;
-    r.task_id = id;
-    r.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
-    v1::Metrics& m = r.point;
-    m.set_epoch(s.epoch);
-    m.set_step(s.step);
-    m.set_lr(s.lr);
-    m.set_train_loss(s.train_loss);
-    for (auto set : {&v1::Metrics::set_train_acc, &v1::Metrics::set_val_loss, &v1::Metrics::set_val_auc,
-                     &v1::Metrics::set_val_roc_auc, &v1::Metrics::set_val_cmap, &v1::Metrics::set_val_acc}) {
-      (m.*set)(kNaN);
-    }
-    m.set_samples_per_s(rate);
-    m.set_samples_total(group_samples_);
-    m.set_epoch_end(false);
-    link_->Push(std::move(r));
-  };
-  options.on_epoch = [&, root](const EpochRecord& record) {
-    exchange_samples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
-    if (!root) return;
+  PushStepPoint(s, rate);
+}
+
+void Agent::PushStepPoint(const StepStats& s, double rate) {
+  Report r;
+  r.kind = Report::Kind::kPoint;
+  r.task_id = task_.id;
+  r.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
+  v1::Metrics& m = r.point;
+  m.set_epoch(s.epoch);
+  m.set_step(s.step);
+  m.set_lr(s.lr);
+  m.set_train_loss(s.train_loss);
+  for (auto set : {&v1::Metrics::set_train_acc, &v1::Metrics::set_val_loss, &v1::Metrics::set_val_auc,
+                   &v1::Metrics::set_val_roc_auc, &v1::Metrics::set_val_cmap, &v1::Metrics::set_val_acc}) {
+    (m.*set)(kNaN);
+  }
+  m.set_samples_per_s(rate);
+  m.set_samples_total(task_.group_samples);
+  m.set_epoch_end(false);
+  link_->Push(std::move(r));
+}
+
+void Agent::OnEpoch(const EpochRecord& record) {
+  ExchangeSamples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
+  if (control_.rank() != 0) return;
+  Report point;
+  point.kind = Report::Kind::kPoint;
+  point.task_id = task_.id;
+  point.steps_per_epoch = task_.steps_per_epoch;
+  point.point = ToMetrics(record, task_.group_samples);
+  task_.epoch_samples[record.epoch] = task_.group_samples;
+  link_->Push(std::move(point));
+  // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
+  if (record.best) PushCheckpoint("best.pt", record.epoch, /*best=*/true);
+  PushCheckpoint("last.pt", record.epoch, /*best=*/false);
+}
+
+void Agent::PushCheckpoint(const std::string& name, int epoch, bool best) {
+  Report r;
+  r.kind = Report::Kind::kCheckpoint;
+  r.task_id = task_.id;
+  r.path = task_.out_dir + "/" + name;
+  r.epoch = epoch;
+  r.best = best;
+  link_->Push(std::move(r));
+}
+
+void Agent::PushRestoredEpochs(const std::vector<EpochRecord>& history) {
+  if (history.empty()) return;
+  // Resuming from last.pt: a killed group may have written epochs whose reports never reached
+  // the coordinator. Report the restored epochs again (the coordinator keeps the last report of
+  // each epoch), so that the task's history has no hole.
+  for (const EpochRecord& record : history) {
     Report point;
     point.kind = Report::Kind::kPoint;
-    point.task_id = id;
-    point.steps_per_epoch = steps_per_epoch;
-    point.point = ToMetrics(record, group_samples_);
-    epoch_samples_[record.epoch] = group_samples_;
+    point.task_id = task_.id;
+    point.point = ToMetrics(record, 0);
     link_->Push(std::move(point));
-    // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
-    if (record.best) {
-      Report best;
-      best.kind = Report::Kind::kCheckpoint;
-      best.task_id = id;
-      best.path = task.out_dir() + "/best.pt";
-      best.epoch = record.epoch;
-      best.best = true;
-      link_->Push(std::move(best));
-    }
-    Report last;
-    last.kind = Report::Kind::kCheckpoint;
-    last.task_id = id;
-    last.path = task.out_dir() + "/last.pt";
-    last.epoch = record.epoch;
-    link_->Push(std::move(last));
-  };
-  options.should_stop = [&, root]() {
-    auto [decision, signals] = exchange_samples(kExStep, root ? static_cast<int64_t>(link_->Decide()) : 0);
-    if (root && stop_reason_ == kNoStop && (decision != 0 || signals != 0)) {
-      stop_reason_ = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
-    }
-    return decision != 0 || signals != 0;
-  };
-  absl::Status status;
-  std::vector<EpochRecord> history;
-  try {
-    std::unique_ptr<comm::Communicator> communicator;
-    auto c = comm::CreateCommunicator(config->comm, session_, options.device);
-    if (c.ok()) {
-      communicator = std::move(*c);
-      options.comm = communicator.get();
-      auto trainer = Trainer::Create(*config, options);
-      if (trainer.ok()) {
-        if (root && !(*trainer)->history().empty()) {
-          // Resuming from last.pt: a killed group may have written epochs whose reports never
-          // reached the coordinator. Report the restored epochs again (the coordinator keeps
-          // the last report of each epoch), so that the task's history has no hole.
-          for (const EpochRecord& record : (*trainer)->history()) {
-            Report point;
-            point.kind = Report::Kind::kPoint;
-            point.task_id = id;
-            point.point = ToMetrics(record, 0);
-            link_->Push(std::move(point));
-          }
-          Log().Info(absl::StrCat("task ", id, ": reported the ", (*trainer)->history().size(),
-                                  " epochs restored from ", task.out_dir(), "/last.pt again"));
-        }
-        status = (*trainer)->Run();
-        history = (*trainer)->history();
-      } else {
-        status = trainer.status();
-      }
-    } else {
-      status = c.status();
-    }
-  } catch (const std::exception& e) {
-    status = absl::InternalError(absl::StrCat("rank ", control_.rank(), ": exception: ", e.what()));
   }
-  if (!status.ok() && !absl::IsCancelled(status)) {
-    Log().Error(absl::StrCat("task ", id, " on rank ", control_.rank(), ": ", status.message()));
-  }
-  Outcome outcome = Agree(id, status, deadline_s, pending_samples_, /*training=*/true);
-  outcome.history = std::move(history);
-  return outcome;
+  Log().Info(absl::StrCat("task ", task_.id, ": reported the ", history.size(), " epochs restored from ",
+                          task_.out_dir, "/last.pt again"));
 }
 
 std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
@@ -495,7 +524,7 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
                       pending_samples, 0, deadline_s, mine);
   if (control_.rank() == 0) {
     for (int r = 0; r < control_.world(); ++r) {
-      group_samples_ += all[kExchangeRow * r + 2];
+      task_.group_samples += all[kExchangeRow * r + 2];
       if (metrics_) metrics_->AddSamples(all[kExchangeRow * r + 2]);
     }
   }
@@ -529,15 +558,15 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
       r.path = task.out_dir() + "/last.pt";
     }
     if (best != nullptr) {
-      auto it = epoch_samples_.find(best->epoch);  // 0 for an epoch of an earlier lease
-      r.point = ToMetrics(*best, it == epoch_samples_.end() ? 0 : it->second);
+      auto it = task_.epoch_samples.find(best->epoch);  // 0 for an epoch of an earlier lease
+      r.point = ToMetrics(*best, it == task_.epoch_samples.end() ? 0 : it->second);
     }
     Log().Info(absl::StrCat("task ", task.task_id(), " done: ", outcome.history.size(), " epochs, best ", r.path));
     link_->Push(std::move(r));
     return;
   }
   if (absl::IsCancelled(outcome.status) && outcome.agreed) {
-    switch (stop_reason_) {
+    switch (task_.stop_reason) {
       case kCancelled:
         Log().Info(absl::StrCat("task ", task.task_id(), " stopped: cancelled by the coordinator"));
         return;
