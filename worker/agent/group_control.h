@@ -28,7 +28,8 @@
 //   R1. After a NOT_FOUND for the group (the coordinator forgot it), register anew.
 //   R2. LeaseTask; nothing to do: again after 1 s, backing off to 5 s; an error: 0.5 s to 10 s.
 //   R3. Broadcast kMsgTask and the task; run it as every rank does (T1 to T6).
-//   R4. Queue the task's outcome (T6) and wait until the reports are delivered; then R1.
+//   R4. Queue the task's outcome (T6) and wait until the reports are delivered. Then: the ranks
+//       disagreed: end the group; a signal or --max-tasks reached: R5; else R1.
 //   R5. When the loop ends: broadcast kMsgStop with its status (OK: --max-tasks or a signal; else
 //       the error that ends the agent, e.g. a refused registration) and stop the threads.
 // The other ranks (Agent::ServeOther) loop:
@@ -37,7 +38,8 @@
 //       then W1. An unreadable message ends the group.
 //
 // One task, on every rank (Agent::RunTask):
-//   T1. Prepare, without a collective: parse the task's config and manifest, create its run folder.
+//   T1. Prepare, without a collective: parse the task's config and manifest, create the run
+//       folder.
 //   T2. Exchange kExPrepared, then the outcome agreement (below). When a rank failed, every rank
 //       skips the task: rank 0 reports the blamed rank's error (FailTask, retryable as
 //       IsRetryable says) and the group leases the next task.
@@ -46,11 +48,12 @@
 //   T4. Before each step (TrainOptions::should_stop): Exchange kExStep {rank 0's stop decision
 //       (StopReason), the rank's signal flag, its samples since the last exchange}. Every rank
 //       stops at this step (CANCELLED) when rank 0 decided so or any rank was signalled. Rank 0
-//       adds every rank's samples to the group's (aviary_samples_total, samples_total).
+//       adds every rank's samples to the group's (aviary_samples_total, samples_total). After
+//       each step (TrainOptions::on_step, no collective) rank 0 queues a step point at most every
+//       report_interval_s.
 //   T5. After each epoch (TrainOptions::on_epoch, once rank 0 wrote the epoch's files): Exchange
 //       kExEpochEnd {0, signal flag (acted on at the next T4), samples}; rank 0 queues the epoch's
-//       point, then ReportCheckpoint for best.pt (when the epoch is the best) and last.pt. After
-//       steps, rank 0 queues a step point every report_interval_s (no collective).
+//       point, then ReportCheckpoint for best.pt (when the epoch is the best) and last.pt.
 //   T6. Exchange kExFinished {code, samples}, then the outcome agreement. Rank 0 reports OK as
 //       CompleteTask (best.pt, or last.pt when no epoch was best, with that epoch's metrics);
 //       CANCELLED on every rank as nothing after a cancel or a lost group, else (a signal) as
@@ -67,9 +70,9 @@
 // broadcasts between tasks wait as long as it takes.
 //
 // When things go wrong:
-//   Cancel. A cancel_task answer (Heartbeat, ReportProgress) for the current lease makes rank 0's
-//     decision kCancelled: every rank stops at the next T4. No report (the coordinator decided);
-//     the group leases again.
+//   Cancel. A cancel_task answer (Heartbeat, ReportProgress) for the task being trained makes rank
+//     0's decision kCancelled: every rank stops at the next T4. No report (the coordinator
+//     decided); the group leases again.
 //   Coordinator lost. Training goes on; reports wait in rank 0's buffer (worker/agent/
 //     report_buffer.h) and calls are retried with backoff (0.5 s to 10 s). A NOT_FOUND for the
 //     group makes the decision kGroupLost: every rank stops at the next T4, rank 0 drops the
