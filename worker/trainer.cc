@@ -249,7 +249,35 @@ struct Trainer::State {
     m.skipped_steps = skipped_steps;
     return m;
   }
+  // One epoch's running totals (TrainEpoch's steps), this rank's until FinishEpoch.
+  struct EpochTally {
+    int epoch = 0;
+    int64_t steps = 0;  // batches per epoch
+    double lr = 0;      // the epoch's learning rate (EpochRecord::lr)
+    double loss_sum = 0.0;
+    int64_t seen = 0;
+    int64_t correct = 0;
+    std::vector<float> probs;   // train_auc's sample: probabilities, kMaxTrainAucRows rows at most
+    std::vector<int64_t> hard;  // and their classes
+    std::chrono::steady_clock::time_point start, last_log, step_start;
+    double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
+  };
+
   absl::StatusOr<EpochRecord> TrainEpoch(int epoch);
+  // TrainEpoch's steps, in order.
+  EpochTally StartEpoch(int epoch);
+  absl::Status TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t);
+  absl::StatusOr<EpochRecord> FinishEpoch(const EpochTally& t);
+  // TrainBatch's parts.
+  StepSeeds SeedsFor(int epoch, int64_t s) const;
+  void InjectFault(at::Tensor* loss) const;
+  absl::StatusOr<std::string> NonFiniteRanks(double loss_value);
+  absl::StatusOr<bool> SkipNonFinite(const Batch& batch, double loss_value, int epoch, int64_t s);
+  void Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const;
+  void ReportStep(const EpochTally& t, int64_t s, int64_t samples, bool skipped, double data_wait);
+  void LogProgress(int64_t s, EpochTally* t);
+  double StepLr(int epoch, int64_t s, int64_t steps) const;  // train.lr_per_step's rate at step s
+  double AllReduceSeconds() const;  // the reducer's time in this epoch so far
   absl::Status Validate(EpochRecord* record);
   absl::Status BroadcastState(bool parameters);
   // Trainer::Create's steps, in order.
@@ -526,139 +554,190 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
 }
 
 absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
-  EpochRecord record;
-  record.epoch = epoch;
-  const int64_t steps = train_loader->BatchesPerEpoch();
-  const int num_classes = model->num_classes();
-  if (!train.lr_per_step) SetLr(LearningRate(train, epoch, global_batch));
-  record.lr = LearningRate(train, epoch, global_batch);
-  model->train();
-  train_loader->StartEpoch(epoch);
-  if (reducer) reducer->ResetTimers();
-  double loss_sum = 0.0;
-  int64_t seen = 0;
-  int64_t correct = 0;
-  std::vector<float> probs;
-  std::vector<int64_t> hard;
-  const auto t0 = std::chrono::steady_clock::now();
-  auto last_log = t0;
-  auto step_start = t0;
-  double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
-  // StepStats for on_step; `skipped` steps train nothing.
-  auto report_step = [&](int64_t s, int64_t samples, bool skipped, double data_wait) {
-    if (!options.on_step) return;
-    StepStats st;
-    st.epoch = epoch;
-    st.step = step;
-    st.step_in_epoch = s + 1;
-    st.steps_per_epoch = steps;
-    st.lr = train.lr_per_step ? LearningRate(train, epoch + static_cast<double>(s) / steps, global_batch) : record.lr;
-    st.train_loss = seen > 0 ? loss_sum / seen : kNaN;
-    st.samples = samples;
-    st.world_size = world;
-    st.skipped = skipped;
-    st.step_seconds = Seconds(step_start);
-    st.data_wait_seconds = data_wait;
-    const double allreduce_now = reducer ? reducer->finish_seconds() + reducer->hook_seconds() : 0.0;
-    st.allreduce_seconds = std::max(0.0, allreduce_now - allreduce_before);
-    st.loader_queue_depth = train_loader->QueueDepth();
-    options.on_step(st);
-  };
+  EpochTally t = StartEpoch(epoch);
   for (int64_t s = 0;; ++s) {
-    step_start = std::chrono::steady_clock::now();
-    allreduce_before = reducer ? reducer->finish_seconds() + reducer->hook_seconds() : 0.0;
+    t.step_start = std::chrono::steady_clock::now();
+    t.allreduce_before = AllReduceSeconds();
     Batch batch;
     AVIARY_ASSIGN_OR_RETURN(bool more, train_loader->Next(&batch));
     if (!more) break;
-    const double data_wait = Seconds(step_start);
+    const double data_wait = Seconds(t.step_start);
     if (options.should_stop && options.should_stop()) {
       return absl::CancelledError(absl::StrCat("stopped at epoch ", epoch, " step ", s));
     }
-    if (train.lr_per_step) SetLr(LearningRate(train, epoch + static_cast<double>(s) / steps, global_batch));
-    // Dropout and stochastic depth draw from the global generator: seed it per step.
-    // Rank 0 draws what a single process draws; other ranks draw their own augmentation.
-    const uint64_t salt = static_cast<uint64_t>(rank) << 32;
-    StepSeeds seeds;
-    seeds.dropout = MixSeed(config.seed, epoch, s, 0x5EED + salt);
-    seeds.augment = MixSeed(config.seed, epoch, s, 1 + salt);
-    seeds.spec_augment = MixSeed(config.seed, epoch, s, 2 + salt);
-    StepForward fwd = step_fn->Forward(batch.waveforms, batch.targets, seeds);
-    at::Tensor loss = fwd.loss;
-    const at::Tensor& logits = fwd.logits;
-    const at::Tensor& y = fwd.targets;
-    if (rank == fault.rank && step == fault.step) {
-      if (fault.kind == "nan") loss = loss * std::numeric_limits<float>::quiet_NaN();
-      if (fault.kind == "hang") {
-        Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " stops answering at step ", step));
-        while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
-      }
-      if (fault.kind == "throw") {
-        throw std::runtime_error(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " throws at step ", step));
-      }
-    }
-    const double loss_value = loss.item<double>();
-    std::string bad_ranks;
-    if (world > 1) {
-      // Every rank must skip (or fail) the same steps: share who saw a non-finite loss.
-      at::Tensor flags = at::zeros({world}, at::kFloat);
-      flags[rank] = std::isfinite(loss_value) ? 0.0f : 1.0f;
-      AVIARY_RETURN_IF_ERROR(comm->AllReduce(flags));
-      std::vector<std::string> bad;
-      for (int r = 0; r < world; ++r) {
-        if (flags[r].item<float>() != 0.0f) bad.push_back(std::to_string(r));
-      }
-      bad_ranks = absl::StrJoin(bad, ", ");
-    }
-    if (!bad_ranks.empty() && std::isfinite(loss_value)) {
-      std::string where = absl::StrCat("non-finite loss on rank(s) ", bad_ranks, " at epoch ", epoch, " step ", s);
-      if (!train.skip_nonfinite) return absl::DataLossError(where);
-      ++skipped_steps;
-      Log().Warn(absl::StrCat("skipped: ", where));
-      report_step(s, 0, /*skipped=*/true, data_wait);
-      continue;
-    }
-    if (!std::isfinite(loss_value)) {
-      std::vector<std::string> files;
-      for (int64_t item : batch.items) files.push_back(train_items[item].path);
-      std::string where = absl::StrCat("non-finite loss (", loss_value, ") on rank ", rank, " at epoch ", epoch,
-                                       " step ", s, "; batch files: ", absl::StrJoin(files, ", "));
-      if (!train.skip_nonfinite) {
-        return absl::DataLossError(absl::StrCat(where, " (set train.skip_nonfinite to skip such steps)"));
-      }
-      ++skipped_steps;
-      Log().Warn(absl::StrCat("skipped: ", where));
-      report_step(s, 0, /*skipped=*/true, data_wait);
-      continue;
-    }
-    AVIARY_RETURN_IF_ERROR(step_fn->Update(loss));
-    ++step;
-    const int64_t b = batch.waveforms.size(0);
-    loss_sum += loss_value * b;
-    seen += b;
-    at::Tensor pred = logits.detach().argmax(1);
-    correct += pred.eq(y.argmax(1)).sum().item<int64_t>();
-    if (probs.size() / num_classes < kMaxTrainAucRows) {
-      at::Tensor p = model->Probabilities(logits.detach().to(at::kFloat)).cpu().contiguous();
-      probs.insert(probs.end(), p.data_ptr<float>(), p.data_ptr<float>() + p.numel());
-      at::Tensor h = y.argmax(1).cpu();
-      hard.insert(hard.end(), h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
-    }
-    report_step(s, b, /*skipped=*/false, data_wait);
-    const double elapsed = Seconds(t0);
-    const double rate = seen / std::max(elapsed, 1e-9);
-    if (options.progress_bar) {
-      std::fprintf(stderr, "\repoch %d/%d  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s   ",
-                   epoch + 1, epochs, static_cast<long long>(s + 1), static_cast<long long>(steps),
-                   loss_sum / seen, rate, Eta((steps - s - 1) * elapsed / (s + 1)).c_str());
-    } else if (Seconds(last_log) >= options.log_every_s) {
-      last_log = std::chrono::steady_clock::now();
-      Log().Info(absl::StrFormat("epoch %d/%d step %lld/%lld loss %.4f %.0f samples/s ETA %s",
-                                 epoch + 1, epochs, static_cast<long long>(s + 1),
-                                 static_cast<long long>(steps), loss_sum / seen, rate,
-                                 Eta((steps - s - 1) * elapsed / (s + 1))));
-    }
+    AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, data_wait, &t));
   }
   if (options.progress_bar) std::fprintf(stderr, "\n");
+  return FinishEpoch(t);
+}
+
+// The epoch's learning rate (set now unless train.lr_per_step), the model in training mode, the
+// loader at `epoch`, the reducer's timers at zero.
+Trainer::State::EpochTally Trainer::State::StartEpoch(int epoch) {
+  EpochTally t;
+  t.epoch = epoch;
+  t.steps = train_loader->BatchesPerEpoch();
+  t.lr = LearningRate(train, epoch, global_batch);
+  if (!train.lr_per_step) SetLr(t.lr);
+  model->train();
+  train_loader->StartEpoch(epoch);
+  if (reducer) reducer->ResetTimers();
+  t.start = t.last_log = t.step_start = std::chrono::steady_clock::now();
+  return t;
+}
+
+// Step `s` of the epoch on `batch`: forward, the non-finite check, the optimizer update, the
+// running totals, on_step and the progress line.
+absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t) {
+  if (train.lr_per_step) SetLr(StepLr(t->epoch, s, t->steps));
+  StepForward fwd = step_fn->Forward(batch.waveforms, batch.targets, SeedsFor(t->epoch, s));
+  at::Tensor loss = fwd.loss;
+  InjectFault(&loss);
+  const double loss_value = loss.item<double>();
+  AVIARY_ASSIGN_OR_RETURN(bool skip, SkipNonFinite(batch, loss_value, t->epoch, s));
+  if (skip) {
+    ReportStep(*t, s, 0, /*skipped=*/true, data_wait);
+    return absl::OkStatus();
+  }
+  AVIARY_RETURN_IF_ERROR(step_fn->Update(loss));
+  ++step;
+  const int64_t b = batch.waveforms.size(0);
+  Tally(fwd, loss_value, b, t);
+  ReportStep(*t, s, b, /*skipped=*/false, data_wait);
+  LogProgress(s, t);
+  return absl::OkStatus();
+}
+
+double Trainer::State::StepLr(int epoch, int64_t s, int64_t steps) const {
+  return LearningRate(train, epoch + static_cast<double>(s) / steps, global_batch);
+}
+
+double Trainer::State::AllReduceSeconds() const {
+  return reducer ? reducer->finish_seconds() + reducer->hook_seconds() : 0.0;
+}
+
+// Dropout and stochastic depth draw from the global generator: it is seeded per step. Rank 0
+// draws what a single process draws; other ranks draw their own augmentation.
+StepSeeds Trainer::State::SeedsFor(int epoch, int64_t s) const {
+  const uint64_t salt = static_cast<uint64_t>(rank) << 32;
+  StepSeeds seeds;
+  seeds.dropout = MixSeed(config.seed, epoch, s, 0x5EED + salt);
+  seeds.augment = MixSeed(config.seed, epoch, s, 1 + salt);
+  seeds.spec_augment = MixSeed(config.seed, epoch, s, 2 + salt);
+  return seeds;
+}
+
+// AVIARY_FAULT_INJECT at its rank and optimizer step: a NaN loss, a rank that stops answering,
+// or an exception.
+void Trainer::State::InjectFault(at::Tensor* loss) const {
+  if (rank != fault.rank || step != fault.step) return;
+  if (fault.kind == "nan") *loss = *loss * std::numeric_limits<float>::quiet_NaN();
+  if (fault.kind == "hang") {
+    Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " stops answering at step ", step));
+    while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  if (fault.kind == "throw") {
+    throw std::runtime_error(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " throws at step ", step));
+  }
+}
+
+// With several ranks: the ranks whose loss is not finite ("1, 3"; empty: none). A collective.
+absl::StatusOr<std::string> Trainer::State::NonFiniteRanks(double loss_value) {
+  if (world == 1) return std::string();
+  at::Tensor flags = at::zeros({world}, at::kFloat);
+  flags[rank] = std::isfinite(loss_value) ? 0.0f : 1.0f;
+  AVIARY_RETURN_IF_ERROR(comm->AllReduce(flags));
+  std::vector<std::string> bad;
+  for (int r = 0; r < world; ++r) {
+    if (flags[r].item<float>() != 0.0f) bad.push_back(std::to_string(r));
+  }
+  return absl::StrJoin(bad, ", ");
+}
+
+// Whether step `s` is skipped for a non-finite loss on any rank (train.skip_nonfinite; else
+// DATA_LOSS naming the step, and the batch's files on the rank that saw it). Every rank must
+// skip (or fail) the same steps: the ranks share who saw one.
+absl::StatusOr<bool> Trainer::State::SkipNonFinite(const Batch& batch, double loss_value, int epoch, int64_t s) {
+  AVIARY_ASSIGN_OR_RETURN(const std::string bad_ranks, NonFiniteRanks(loss_value));
+  std::string where;
+  if (!std::isfinite(loss_value)) {
+    std::vector<std::string> files;
+    for (int64_t item : batch.items) files.push_back(train_items[item].path);
+    where = absl::StrCat("non-finite loss (", loss_value, ") on rank ", rank, " at epoch ", epoch, " step ", s,
+                         "; batch files: ", absl::StrJoin(files, ", "));
+    if (!train.skip_nonfinite) {
+      return absl::DataLossError(absl::StrCat(where, " (set train.skip_nonfinite to skip such steps)"));
+    }
+  } else if (!bad_ranks.empty()) {
+    where = absl::StrCat("non-finite loss on rank(s) ", bad_ranks, " at epoch ", epoch, " step ", s);
+    if (!train.skip_nonfinite) return absl::DataLossError(where);
+  } else {
+    return false;
+  }
+  ++skipped_steps;
+  Log().Warn(absl::StrCat("skipped: ", where));
+  return true;
+}
+
+// A trained step's loss and accuracy into the epoch's totals; its rows into train_auc's sample
+// (kMaxTrainAucRows at most).
+void Trainer::State::Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const {
+  const int num_classes = model->num_classes();
+  t->loss_sum += loss_value * b;
+  t->seen += b;
+  at::Tensor pred = fwd.logits.detach().argmax(1);
+  t->correct += pred.eq(fwd.targets.argmax(1)).sum().item<int64_t>();
+  if (t->probs.size() / num_classes < kMaxTrainAucRows) {
+    at::Tensor p = model->Probabilities(fwd.logits.detach().to(at::kFloat)).cpu().contiguous();
+    t->probs.insert(t->probs.end(), p.data_ptr<float>(), p.data_ptr<float>() + p.numel());
+    at::Tensor h = fwd.targets.argmax(1).cpu();
+    t->hard.insert(t->hard.end(), h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
+  }
+}
+
+// on_step's StepStats after step `s` of the epoch; a `skipped` step trained nothing.
+void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples, bool skipped, double data_wait) {
+  if (!options.on_step) return;
+  StepStats st;
+  st.epoch = t.epoch;
+  st.step = step;
+  st.step_in_epoch = s + 1;
+  st.steps_per_epoch = t.steps;
+  st.lr = train.lr_per_step ? StepLr(t.epoch, s, t.steps) : t.lr;
+  st.train_loss = t.seen > 0 ? t.loss_sum / t.seen : kNaN;
+  st.samples = samples;
+  st.world_size = world;
+  st.skipped = skipped;
+  st.step_seconds = Seconds(t.step_start);
+  st.data_wait_seconds = data_wait;
+  st.allreduce_seconds = std::max(0.0, AllReduceSeconds() - t.allreduce_before);
+  st.loader_queue_depth = train_loader->QueueDepth();
+  options.on_step(st);
+}
+
+// The live line on stderr (options.progress_bar), else a log line every log_every_s.
+void Trainer::State::LogProgress(int64_t s, EpochTally* t) {
+  const double elapsed = Seconds(t->start);
+  const double rate = t->seen / std::max(elapsed, 1e-9);
+  const int64_t steps = t->steps;
+  if (options.progress_bar) {
+    std::fprintf(stderr, "\repoch %d/%d  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s   ",
+                 t->epoch + 1, epochs, static_cast<long long>(s + 1), static_cast<long long>(steps),
+                 t->loss_sum / t->seen, rate, Eta((steps - s - 1) * elapsed / (s + 1)).c_str());
+  } else if (Seconds(t->last_log) >= options.log_every_s) {
+    t->last_log = std::chrono::steady_clock::now();
+    Log().Info(absl::StrFormat("epoch %d/%d step %lld/%lld loss %.4f %.0f samples/s ETA %s",
+                               t->epoch + 1, epochs, static_cast<long long>(s + 1),
+                               static_cast<long long>(steps), t->loss_sum / t->seen, rate,
+                               Eta((steps - s - 1) * elapsed / (s + 1))));
+  }
+}
+
+// The epoch's record from every rank's totals; rank 0 logs the all-reduce's share of the epoch.
+absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
+  double loss_sum = t.loss_sum;
+  int64_t seen = t.seen;
+  int64_t correct = t.correct;
   if (world > 1) {
     at::Tensor totals = at::tensor({loss_sum, static_cast<double>(seen), static_cast<double>(correct)}, at::kDouble);
     AVIARY_RETURN_IF_ERROR(comm->AllReduce(totals));
@@ -666,24 +745,28 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     seen = static_cast<int64_t>(totals[1].item<double>());
     correct = static_cast<int64_t>(totals[2].item<double>());
   }
-  const double elapsed = Seconds(t0);
+  const double elapsed = Seconds(t.start);
   if (reducer && rank == 0) {
     Log().Info(absl::StrFormat(
         "epoch %d: gradient all-reduce: %.3f s waiting after backward + %.3f s in hooks of %.3f s "
         "(%.1f%%), %d of %zu buckets launched during the last backward",
-        epoch + 1, reducer->finish_seconds(), reducer->hook_seconds(), elapsed,
-        100.0 * (reducer->finish_seconds() + reducer->hook_seconds()) / std::max(elapsed, 1e-9),
-        reducer->launched_during_backward(), reducer->buckets().size()));
+        t.epoch + 1, reducer->finish_seconds(), reducer->hook_seconds(), elapsed,
+        100.0 * AllReduceSeconds() / std::max(elapsed, 1e-9), reducer->launched_during_backward(),
+        reducer->buckets().size()));
   }
+  EpochRecord record;
+  record.epoch = t.epoch;
+  record.lr = t.lr;
   record.step = step;
   record.train_loss = seen > 0 ? loss_sum / seen : kNaN;
   record.train_acc = seen > 0 ? static_cast<double>(correct) / seen : kNaN;
   record.samples_per_s = seen / std::max(elapsed, 1e-9);
   record.train_auc = kNaN;
-  if (!hard.empty()) {
-    auto truth = common::OneHotLabels(hard, num_classes);
+  if (!t.hard.empty()) {
+    const int num_classes = model->num_classes();
+    auto truth = common::OneHotLabels(t.hard, num_classes);
     if (truth.ok()) {
-      auto ap = common::MicroAveragePrecision(*truth, common::MatrixView<float>(probs, hard.size(), num_classes));
+      auto ap = common::MicroAveragePrecision(*truth, common::MatrixView<float>(t.probs, t.hard.size(), num_classes));
       if (ap.ok() && ap->defined()) record.train_auc = ap->value;
     }
   }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """clang's -Wthread-safety over the translation units whose locking is annotated
 (absl::Mutex + ABSL_GUARDED_BY / ABSL_EXCLUSIVE_LOCKS_REQUIRED): the scheduler, the
-coordinator's metrics, the worker group's coordinator link and metrics, and the batch loader.
+coordinator's metrics, the worker group's coordinator link, metrics and report buffer, and the
+batch loader.
 
 It reuses the gcc build's compile commands (compile_commands.json) with clang++ in -fsyntax-only
 mode, so CI adds an analysis pass, not a third build. Any thread-safety warning fails.
@@ -18,7 +19,9 @@ import sys
 ANNOTATED = [
     "coordinator/scheduler.cc",
     "coordinator/metrics.cc",
-    "worker/agent/agent.cc",
+    "worker/agent/coordinator_link.cc",
+    "worker/agent/group_metrics.cc",
+    "worker/agent/report_buffer.cc",
     "worker/loader.cc",
 ]
 # gcc-only flags clang rejects or that point at gcc's precompiled header.

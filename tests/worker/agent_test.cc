@@ -1,10 +1,15 @@
 // The worker agent's parts that need no coordinator: the report buffer (order, bound, what is
-// dropped), the backoff schedules and the retryable classification.
+// dropped), the backoff schedules, the retryable classification, and the control protocol's
+// messages and outcome verdict.
 #include "worker/agent/agent.h"
+#include "worker/agent/group_control.h"
+#include "worker/agent/report_buffer.h"
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "gtest/gtest.h"
 
 namespace aviary::worker {
@@ -161,6 +166,38 @@ TEST(AgentTest, ConfigAndDataErrorsAreNotRetryable) {
   EXPECT_TRUE(IsRetryable(absl::DeadlineExceededError("rank 1 did not arrive")));
   EXPECT_TRUE(IsRetryable(absl::UnavailableError("disk")));
   EXPECT_TRUE(IsRetryable(absl::ResourceExhaustedError("out of memory")));
+}
+
+// Rows of a T6 exchange: {kind, code, samples, 0} per rank.
+std::vector<int64_t> Finished(const std::vector<absl::StatusCode>& codes) {
+  std::vector<int64_t> rows;
+  for (absl::StatusCode code : codes) rows.insert(rows.end(), {kExFinished, static_cast<int64_t>(code), 0, 0});
+  return rows;
+}
+
+TEST(GroupControlTest, TheVerdictBlamesTheFirstRankWhoseErrorIsNotAConsequence) {
+  using C = absl::StatusCode;
+  Verdict ok = JudgeOutcome(Finished({C::kOk, C::kOk, C::kOk}), 3, /*training=*/true);
+  EXPECT_EQ(ok.blamed, -1);
+  EXPECT_TRUE(ok.agreed);
+  // Rank 2 failed alone; rank 0 and 1 timed out in the collective that waited for it.
+  Verdict alone = JudgeOutcome(Finished({C::kDeadlineExceeded, C::kDeadlineExceeded, C::kInternal}), 3, true);
+  EXPECT_EQ(alone.blamed, 2);
+  EXPECT_FALSE(alone.agreed);
+  // Only consequences: the first failing rank.
+  Verdict stopped = JudgeOutcome(Finished({C::kOk, C::kCancelled, C::kDeadlineExceeded}), 3, true);
+  EXPECT_EQ(stopped.blamed, 1);
+  // A stop every rank met agrees; at T2 differing codes do not count as a disagreement.
+  EXPECT_TRUE(JudgeOutcome(Finished({C::kCancelled, C::kCancelled}), 2, true).agreed);
+  EXPECT_TRUE(JudgeOutcome(Finished({C::kOk, C::kInvalidArgument}), 2, /*training=*/false).agreed);
+}
+
+TEST(GroupControlTest, StopMessagesCarryTheStatus) {
+  EXPECT_TRUE(ParseStopMessage(StopMessage(absl::OkStatus())).ok());
+  const absl::Status refused = absl::PermissionDeniedError("token\nrefused");
+  std::string msg = StopMessage(refused);
+  EXPECT_EQ(msg[0], kMsgStop);
+  EXPECT_EQ(ParseStopMessage(msg), refused);
 }
 
 }  // namespace

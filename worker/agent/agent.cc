@@ -1,15 +1,9 @@
 #include "worker/agent/agent.h"
 
 #include <mpi.h>
-#include <signal.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <cerrno>
-#include <cmath>
-#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -25,29 +19,22 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
-#include <grpcpp/grpcpp.h>
-#include <prometheus/counter.h>
-#include <prometheus/family.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
-#include <prometheus/registry.h>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/manifest.h"
 #include "common/status.h"
-#include "proto/aviary.grpc.pb.h"
+#include "proto/aviary.pb.h"
+#include "worker/agent/coordinator_link.h"
+#include "worker/agent/group_control.h"
+#include "worker/agent/group_metrics.h"
+#include "worker/agent/signals.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
-#include "worker/agent/metrics_server.h"
 #include "worker/trainer.h"
 
 #ifndef AVIARY_VERSION
@@ -66,708 +53,6 @@ const common::Logger& Log() {
 }
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr size_t kMaxPointsPerReport = 1000;
-
-double Seconds(Clock::time_point since) {
-  return std::chrono::duration<double>(Clock::now() - since).count();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Signals: the first SIGTERM / SIGINT sets the flag (the task stops at the next step); the
-// handler is reset, so a second one ends the process.
-
-// Read from every thread: a lock-free atomic, which a signal handler may store to.
-std::atomic<int> g_signal{0};
-static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
-
-extern "C" void OnStopSignal(int sig) { g_signal.store(sig, std::memory_order_relaxed); }
-
-void InstallSignalHandlers() {
-  struct sigaction sa;
-  std::memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = OnStopSignal;
-  // SA_RESTART: a read or write in a loader thread is restarted, not failed with EINTR (which
-  // would be reported as an I/O error rather than "stopped by signal").
-  sa.sa_flags = SA_RESETHAND | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  for (int sig : {SIGTERM, SIGINT}) {
-    if (::sigaction(sig, &sa, nullptr) != 0) {
-      Log().Warn(absl::StrCat("sigaction(", ::strsignal(sig), "): ", std::strerror(errno),
-                              "; this signal will end the group without a report"));
-    }
-  }
-}
-
-bool Signalled() { return g_signal.load(std::memory_order_relaxed) != 0; }
-
-// Sleeps up to `seconds`, waking early on a signal. False when a signal arrived.
-bool SleepUnlessSignalled(double seconds) {
-  const auto end = Clock::now() + std::chrono::duration<double>(seconds);
-  while (Clock::now() < end) {
-    if (Signalled()) return false;
-    std::this_thread::sleep_for(std::min<Clock::duration>(
-        std::chrono::milliseconds(50), std::chrono::duration_cast<Clock::duration>(end - Clock::now())));
-  }
-  return !Signalled();
-}
-
-// ---------------------------------------------------------------------------------------------
-// The MPI control plane: its own communicator, non-blocking collectives polled with sleeps
-// (OpenMPI's blocking collectives busy-poll a core). Main thread only.
-
-class Control {
- public:
-  static absl::StatusOr<std::unique_ptr<Control>> Create() {
-    auto c = std::unique_ptr<Control>(new Control());
-    AVIARY_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &c->comm_));
-    AVIARY_MPI_CHECK(MPI_Comm_rank(c->comm_, &c->rank_));
-    AVIARY_MPI_CHECK(MPI_Comm_size(c->comm_, &c->world_));
-    return c;
-  }
-  ~Control() {
-    if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
-  }
-  Control(const Control&) = delete;
-  Control& operator=(const Control&) = delete;
-
-  int rank() const { return rank_; }
-  int world() const { return world_; }
-
-  // `*bytes` takes root's value on every rank. `max_sleep_s` bounds the polling sleeps.
-  absl::Status Broadcast(std::string* bytes, int root, double max_sleep_s, double deadline_s) {
-    int64_t size = rank_ == root ? static_cast<int64_t>(bytes->size()) : 0;
-    MPI_Request req;
-    AVIARY_MPI_CHECK(MPI_Ibcast(&size, 1, MPI_INT64_T, root, comm_, &req));
-    AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control broadcast"));
-    if (size < 0 || size > std::numeric_limits<int>::max()) {
-      return absl::InternalError(absl::StrCat("control broadcast from rank ", root, ": bad size ", size));
-    }
-    if (size == 0) {
-      bytes->clear();
-      return absl::OkStatus();
-    }
-    if (rank_ != root) bytes->assign(static_cast<size_t>(size), '\0');
-    AVIARY_MPI_CHECK(MPI_Ibcast(bytes->data(), static_cast<int>(size), MPI_BYTE, root, comm_, &req));
-    return Wait(&req, 0.002, deadline_s, "the control broadcast");
-  }
-
-  // Every rank's `mine` (the same length everywhere), in rank order.
-  absl::StatusOr<std::vector<int64_t>> AllGather(const std::vector<int64_t>& mine, double max_sleep_s,
-                                                 double deadline_s) {
-    std::vector<int64_t> all(mine.size() * static_cast<size_t>(world_));
-    MPI_Request req;
-    AVIARY_MPI_CHECK(MPI_Iallgather(mine.data(), static_cast<int>(mine.size()), MPI_INT64_T, all.data(),
-                                    static_cast<int>(mine.size()), MPI_INT64_T, comm_, &req));
-    AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control all-gather"));
-    return all;
-  }
-
- private:
-  Control() = default;
-
-  // Polls `req` with sleeps growing to `max_sleep_s`; DEADLINE_EXCEEDED after `deadline_s` (> 0).
-  absl::Status Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what) {
-    const auto start = Clock::now();
-    double sleep_s = 20e-6;
-    while (true) {
-      int done = 0;
-      AVIARY_MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
-      if (done) return absl::OkStatus();
-      if (deadline_s > 0 && Seconds(start) > deadline_s) {
-        return absl::DeadlineExceededError(absl::StrFormat(
-            "rank %d waited %.0f s for %s: another rank did not arrive", rank_, deadline_s, what));
-      }
-      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_s));
-      sleep_s = std::min(sleep_s * 2, max_sleep_s);
-    }
-  }
-
-  MPI_Comm comm_ = MPI_COMM_NULL;
-  int rank_ = 0;
-  int world_ = 1;
-};
-
-// Control exchanges within a task (Agent::Exchange).
-constexpr int64_t kExPrepared = 1;   // after parsing the task: {code}
-constexpr int64_t kExStep = 2;       // before each step: {stop decision, signal, samples}
-constexpr int64_t kExEpochEnd = 3;   // after each epoch: {0, 0, samples}
-constexpr int64_t kExFinished = 4;   // after training: {code, samples}
-
-const char* ExchangeName(int64_t kind) {
-  switch (kind) {
-    case kExPrepared: return "prepared the task";
-    case kExStep: return "training (step exchange)";
-    case kExEpochEnd: return "training (epoch end)";
-    case kExFinished: return "finished the task";
-  }
-  return "unknown";
-}
-
-// Control messages from rank 0: the first byte says what follows.
-constexpr char kMsgTask = 'T';
-constexpr char kMsgStop = 'S';  // then the status code (decimal) and '\n' and the message
-
-std::string StopMessage(const absl::Status& st) {
-  return absl::StrCat(std::string(1, kMsgStop), static_cast<int>(st.code()), "\n", st.message());
-}
-
-absl::Status ParseStopMessage(const std::string& msg) {
-  size_t nl = msg.find('\n');
-  int code = std::atoi(msg.substr(1, nl == std::string::npos ? std::string::npos : nl - 1).c_str());
-  if (code == 0) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      nl == std::string::npos ? std::string() : msg.substr(nl + 1));
-}
-
-// ---------------------------------------------------------------------------------------------
-// The group's /metrics (rank 0). Thread-safe.
-
-class GroupMetrics {
- public:
-  // `listen` empty: no endpoint (every update is still accepted).
-  static absl::StatusOr<std::unique_ptr<GroupMetrics>> Create(const std::string& listen) {
-    auto m = std::unique_ptr<GroupMetrics>(new GroupMetrics());
-    if (!listen.empty()) {
-      auto server = MetricsServer::Start(listen, m->registry_);
-      if (!server.ok()) return common::Annotate(server.status(), "--metrics-listen");
-      m->server_ = std::move(*server);
-    }
-    m->SetGroupId("");
-    return m;
-  }
-
-  // The bound port (0 without an endpoint).
-  int port() const { return server_ ? server_->port() : 0; }
-
-  // Every series carries label group_id; a new registration starts new series.
-  void SetGroupId(const std::string& group_id) {
-    absl::MutexLock lock(&mu_);
-    if (samples_total_ != nullptr) {
-      samples_total_family_.Remove(samples_total_);
-      samples_per_second_family_.Remove(samples_per_second_);
-      step_duration_family_.Remove(step_duration_);
-      allreduce_duration_family_.Remove(allreduce_duration_);
-      queue_depth_family_.Remove(queue_depth_);
-      loader_wait_family_.Remove(loader_wait_);
-      connected_family_.Remove(connected_);
-      buffered_family_.Remove(buffered_);
-      for (auto& [device, gauge] : gpu_memory_) gpu_memory_family_.Remove(gauge);
-      gpu_memory_.clear();
-    }
-    group_id_ = group_id;
-    const prometheus::Labels labels{{"group_id", group_id}};
-    samples_total_ = &samples_total_family_.Add(labels);
-    samples_per_second_ = &samples_per_second_family_.Add(labels);
-    step_duration_ = &step_duration_family_.Add(
-        labels, prometheus::Histogram::BucketBoundaries{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                        2.5, 5, 10, 25, 60, 120});
-    allreduce_duration_ = &allreduce_duration_family_.Add(
-        labels, prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                                                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5});
-    queue_depth_ = &queue_depth_family_.Add(labels);
-    loader_wait_ = &loader_wait_family_.Add(labels);
-    connected_ = &connected_family_.Add(labels);
-    buffered_ = &buffered_family_.Add(labels);
-    connected_->Set(connected_value_);
-  }
-
-  void OnStep(const StepStats& s) {
-    absl::MutexLock lock(&mu_);
-    step_duration_->Observe(s.step_seconds);
-    allreduce_duration_->Observe(s.allreduce_seconds);
-    queue_depth_->Set(s.loader_queue_depth);
-    loader_wait_->Increment(std::max(0.0, s.data_wait_seconds));
-  }
-  void AddSamples(int64_t n) {
-    absl::MutexLock lock(&mu_);
-    if (n > 0) samples_total_->Increment(static_cast<double>(n));
-  }
-  void SetSamplesPerSecond(double v) {
-    absl::MutexLock lock(&mu_);
-    samples_per_second_->Set(v);
-  }
-  void SetConnected(bool connected) {
-    absl::MutexLock lock(&mu_);
-    connected_value_ = connected ? 1 : 0;
-    connected_->Set(connected_value_);
-  }
-  void SetBuffered(size_t points) {
-    absl::MutexLock lock(&mu_);
-    buffered_->Set(static_cast<double>(points));
-  }
-  void SetGpuMemory(const std::string& device, double bytes) {
-    absl::MutexLock lock(&mu_);
-    auto it = gpu_memory_.find(device);
-    if (it == gpu_memory_.end()) {
-      it = gpu_memory_.emplace(device, &gpu_memory_family_.Add({{"group_id", group_id_}, {"device", device}})).first;
-    }
-    it->second->Set(bytes);
-  }
-
- private:
-  GroupMetrics()
-      : registry_(std::make_shared<prometheus::Registry>()),
-        samples_total_family_(prometheus::BuildCounter()
-                                  .Name("aviary_samples_total")
-                                  .Help("Samples trained by the group (all ranks)")
-                                  .Register(*registry_)),
-        samples_per_second_family_(prometheus::BuildGauge()
-                                       .Name("aviary_samples_per_second")
-                                       .Help("The group's throughput over the last report interval")
-                                       .Register(*registry_)),
-        step_duration_family_(prometheus::BuildHistogram()
-                                  .Name("aviary_step_duration_seconds")
-                                  .Help("Optimizer step time, data wait included (rank 0)")
-                                  .Register(*registry_)),
-        allreduce_duration_family_(prometheus::BuildHistogram()
-                                       .Name("aviary_allreduce_duration_seconds")
-                                       .Help("Per step: gradient all-reduce time not hidden by backward (rank 0)")
-                                       .Register(*registry_)),
-        queue_depth_family_(prometheus::BuildGauge()
-                                .Name("aviary_loader_queue_depth")
-                                .Help("Prefetched batches waiting (rank 0)")
-                                .Register(*registry_)),
-        loader_wait_family_(prometheus::BuildCounter()
-                                .Name("aviary_loader_wait_seconds_total")
-                                .Help("Time steps waited for data (rank 0)")
-                                .Register(*registry_)),
-        gpu_memory_family_(prometheus::BuildGauge()
-                               .Name("aviary_gpu_memory_bytes")
-                               .Help("Memory allocated by torch per device (CUDA only; rank 0's devices)")
-                               .Register(*registry_)),
-        connected_family_(prometheus::BuildGauge()
-                              .Name("aviary_coordinator_connected")
-                              .Help("1 while the coordinator answers")
-                              .Register(*registry_)),
-        buffered_family_(prometheus::BuildGauge()
-                             .Name("aviary_reports_buffered")
-                             .Help("Progress points waiting for the coordinator")
-                             .Register(*registry_)) {}
-
-  absl::Mutex mu_;  // the series of the current group_id and the families' label maps
-  std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<MetricsServer> server_;  // declared after registry_: stops before it goes
-  prometheus::Family<prometheus::Counter>& samples_total_family_;
-  prometheus::Family<prometheus::Gauge>& samples_per_second_family_;
-  prometheus::Family<prometheus::Histogram>& step_duration_family_;
-  prometheus::Family<prometheus::Histogram>& allreduce_duration_family_;
-  prometheus::Family<prometheus::Gauge>& queue_depth_family_;
-  prometheus::Family<prometheus::Counter>& loader_wait_family_;
-  prometheus::Family<prometheus::Gauge>& gpu_memory_family_;
-  prometheus::Family<prometheus::Gauge>& connected_family_;
-  prometheus::Family<prometheus::Gauge>& buffered_family_;
-  std::string group_id_ ABSL_GUARDED_BY(mu_);
-  prometheus::Counter* samples_total_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* samples_per_second_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Histogram* step_duration_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Histogram* allreduce_duration_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* queue_depth_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Counter* loader_wait_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* connected_ ABSL_GUARDED_BY(mu_) = nullptr;
-  prometheus::Gauge* buffered_ ABSL_GUARDED_BY(mu_) = nullptr;
-  std::map<std::string, prometheus::Gauge*> gpu_memory_ ABSL_GUARDED_BY(mu_);
-  double connected_value_ ABSL_GUARDED_BY(mu_) = 0;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Rank 0's side of the WorkerService.
-
-// Transport-level failures worth retrying (the coordinator is down, restarting or slow).
-bool IsTransient(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-    case grpc::StatusCode::ABORTED:
-    case grpc::StatusCode::INTERNAL:
-    case grpc::StatusCode::UNKNOWN:
-    case grpc::StatusCode::CANCELLED:
-      return true;
-    default:
-      return false;
-  }
-}
-
-std::string GrpcCodeName(grpc::StatusCode code) {
-  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
-}
-
-// Errors that end or restart a whole task, with a named cause (rank 0's stop decision).
-enum StopReason : int64_t { kNoStop = 0, kCancelled = 1, kGroupLost = 2, kSignal = 3 };
-
-class Rank0 {
- public:
-  Rank0(const AgentOptions& options, GroupMetrics* metrics, v1::RegisterGroupRequest registration)
-      : options_(options), metrics_(metrics), registration_(std::move(registration)),
-        buffer_(options.max_buffered_points) {
-    std::shared_ptr<grpc::ChannelCredentials> creds;
-    if (options.tls_ca_pem.empty()) {
-      creds = grpc::InsecureChannelCredentials();
-    } else {
-      grpc::SslCredentialsOptions ssl;
-      ssl.pem_root_certs = options.tls_ca_pem;
-      creds = grpc::SslCredentials(ssl);
-    }
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // tasks carry their manifest
-    args.SetInt(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1 << 30);
-    // gRPC's own reconnect backoff grows to 120 s by default: keep it within ours (0.5 s to
-    // 10 s), so that reports flow soon after the coordinator is back.
-    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
-    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 500);
-    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
-    channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
-    stub_ = v1::WorkerService::NewStub(channel_);
-  }
-  ~Rank0() { StopThreads(); }
-
-  // Registers (retrying transient failures with backoff). UNAVAILABLE after connect_timeout_s;
-  // CANCELLED when a signal arrived first; the coordinator's refusal otherwise.
-  absl::Status Register() {
-    Backoff backoff(0.5, 10);
-    const auto start = Clock::now();
-    while (true) {
-      v1::RegisterGroupResponse response;
-      grpc::ClientContext ctx;
-      Prepare(&ctx);
-      grpc::Status st = stub_->RegisterGroup(&ctx, registration_, &response);
-      if (st.ok()) {
-        const int heartbeat_ms = response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 2000;
-        {
-          absl::MutexLock lock(&mu_);
-          group_id_ = response.group_id();
-          heartbeat_ms_ = heartbeat_ms;
-        }
-        lost_ = false;
-        metrics_->SetGroupId(response.group_id());
-        Connected(true);
-        Log().Info(absl::StrCat("registered with ", options_.coordinator, " as group ", response.group_id(),
-                                " (", registration_.world_size(), " ranks, backend ", registration_.backend(),
-                                ", heartbeat every ", heartbeat_ms, " ms",
-                                registration_.metrics_address().empty()
-                                    ? ""
-                                    : absl::StrCat(", metrics on ", registration_.metrics_address()),
-                                ")"));
-        return absl::OkStatus();
-      }
-      Connected(false);
-      const std::string what = absl::StrCat("RegisterGroup to ", options_.coordinator, ": ",
-                                            GrpcCodeName(st.error_code()), ": ", st.error_message());
-      if (!IsTransient(st.error_code())) {
-        return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
-      }
-      double delay = backoff.Next();
-      const double waited = Seconds(start);
-      if (options_.connect_timeout_s > 0) {
-        if (waited >= options_.connect_timeout_s) {
-          return absl::UnavailableError(absl::StrFormat(
-              "could not register with the coordinator at %s within --connect-timeout-s %g: %s",
-              options_.coordinator, options_.connect_timeout_s, what));
-        }
-        delay = std::min(delay, options_.connect_timeout_s - waited);
-      }
-      Log().Warn(absl::StrFormat("%s; retrying in %.1f s", what, delay));
-      if (!SleepUnlessSignalled(delay)) return absl::CancelledError("stopped by signal before registering");
-    }
-  }
-
-  void StartThreads() {
-    {
-      absl::MutexLock lock(&mu_);
-      running_ = true;
-    }
-    heartbeat_ = std::thread([this] { HeartbeatLoop(); });
-    sender_ = std::thread([this] { SenderLoop(); });
-  }
-
-  void StopThreads() {
-    {
-      absl::MutexLock lock(&mu_);
-      if (!running_) return;
-      running_ = false;
-      cv_.SignalAll();
-    }
-    buffer_.Interrupt();
-    if (heartbeat_.joinable()) heartbeat_.join();
-    if (sender_.joinable()) sender_.join();
-  }
-
-  // LeaseTask once. `*task` set when one was leased. NOT_FOUND marks the group lost.
-  absl::Status Lease(v1::Task* task, bool* available) {
-    *available = false;
-    v1::LeaseTaskRequest request;
-    request.set_group_id(group_id());
-    v1::LeaseTaskResponse response;
-    grpc::ClientContext ctx;
-    Prepare(&ctx);
-    grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
-    if (!st.ok()) return Failed("LeaseTask", st, request.group_id());
-    Connected(true);
-    if (response.available()) {
-      *task = response.task();
-      *available = true;
-    }
-    return absl::OkStatus();
-  }
-
-  void BeginTask(const std::string& task_id) {
-    absl::MutexLock lock(&mu_);
-    task_id_ = task_id;
-    ++lease_generation_;
-    cancel_ = false;
-  }
-  void EndTask() {
-    absl::MutexLock lock(&mu_);
-    task_id_.clear();
-  }
-
-  // The stop decision for the current task (rank 0's part of the per-step exchange).
-  StopReason Decide() const {
-    if (lost_) return kGroupLost;
-    if (cancel_) return kCancelled;
-    if (Signalled()) return kSignal;
-    return kNoStop;
-  }
-  bool lost() const { return lost_; }
-
-  void Push(Report r) {
-    buffer_.Push(std::move(r));
-    metrics_->SetBuffered(buffer_.points());
-  }
-
-  // Waits until the buffer is delivered, at most `max_wait_s` (< 0: no limit). A lost group
-  // drops `task_id`'s reports (they would be refused); after a signal it gives up after
-  // `signal_wait_s`.
-  void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s) {
-    Clock::time_point signalled_at{};
-    const auto start = Clock::now();
-    while (!buffer_.WaitEmpty(0.2)) {
-      if (lost_) buffer_.DropTask(task_id);
-      if (max_wait_s >= 0 && Seconds(start) > max_wait_s) {
-        Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
-        return;
-      }
-      if (Signalled()) {
-        if (signalled_at == Clock::time_point{}) signalled_at = Clock::now();
-        if (Seconds(signalled_at) > signal_wait_s) {
-          Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,
-                                  " (stopping on a signal)"));
-          return;
-        }
-      }
-    }
-  }
-  void DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
-
-  std::string group_id() const {
-    absl::MutexLock lock(&mu_);
-    return group_id_;
-  }
-
- private:
-  void Prepare(grpc::ClientContext* ctx) const {
-    ctx->set_deadline(std::chrono::system_clock::now() +
-                      std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000)));
-    if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
-  }
-
-  void Connected(bool c) { metrics_->SetConnected(c); }
-
-  // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
-  // unless the group has registered anew since the call was made (a stale answer).
-  absl::Status Failed(const char* rpc, const grpc::Status& st, const std::string& gid) {
-    const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
-                                          ": ", st.error_message());
-    if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
-      Connected(true);
-      if (gid == group_id() && !lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
-    } else if (IsTransient(st.error_code())) {
-      Connected(false);
-    }
-    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
-  }
-
-  void HeartbeatLoop() {
-    int64_t heartbeat_failures = 0;
-    while (true) {
-      int interval_ms;
-      {
-        absl::MutexLock lock(&mu_);
-        interval_ms = heartbeat_ms_;
-        const absl::Time deadline = absl::Now() + absl::Milliseconds(interval_ms);
-        while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-        }
-        if (!running_) return;
-      }
-      if (lost_) continue;
-      v1::HeartbeatRequest request;
-      int64_t generation = 0;
-      {
-        absl::MutexLock lock(&mu_);
-        if (group_id_.empty()) continue;
-        request.set_group_id(group_id_);
-        request.set_task_id(task_id_);
-        generation = lease_generation_;
-      }
-      v1::HeartbeatResponse response;
-      grpc::ClientContext ctx;
-      Prepare(&ctx);
-      grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
-      if (!st.ok()) {
-        absl::Status failed = Failed("Heartbeat", st, request.group_id());
-        // NOT_FOUND is logged once by Failed; others at the first failure, then every 20th.
-        if (!absl::IsNotFound(failed) && heartbeat_failures++ % 20 == 0) {
-          Log().Warn(absl::StrCat(failed.message(), " (", heartbeat_failures, " in a row)"));
-        }
-        continue;
-      }
-      if (heartbeat_failures > 0) {
-        Log().Info(absl::StrCat("Heartbeat to ", options_.coordinator, " answered again after ", heartbeat_failures,
-                                " failure(s)"));
-        heartbeat_failures = 0;
-      }
-      Connected(true);
-      if (response.cancel_task()) CancelIfCurrent(request.task_id(), generation, "Heartbeat");
-    }
-  }
-
-  // Cancels the current task if it is still the lease the answer was about (`generation`; a
-  // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
-  // lease of the same task (failed as retryable and leased again) must not stop the new one.
-  void CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc) {
-    absl::MutexLock lock(&mu_);
-    if (task_id.empty() || task_id != task_id_ || cancel_) return;
-    if (generation >= 0 && generation != lease_generation_) return;
-    cancel_ = true;
-    Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
-  }
-
-  // Sends one run of reports. OK: delivered (or refused for good: dropped and logged).
-  grpc::Status Send(const std::vector<Report>& run, const std::string& group_id) {
-    const Report& first = run.front();
-    grpc::ClientContext ctx;
-    Prepare(&ctx);
-    switch (first.kind) {
-      case Report::Kind::kPoint: {
-        v1::ReportProgressRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        int32_t spe = 0;
-        for (const Report& r : run) {
-          *request.add_points() = r.point;
-          spe = std::max(spe, r.steps_per_epoch);
-        }
-        request.set_steps_per_epoch(spe);
-        v1::ReportProgressResponse response;
-        grpc::Status st = stub_->ReportProgress(&ctx, request, &response);
-        if (st.ok() && response.cancel_task()) CancelIfCurrent(first.task_id, -1, "ReportProgress");
-        return st;
-      }
-      case Report::Kind::kCheckpoint: {
-        v1::ReportCheckpointRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        request.set_path(first.path);
-        request.set_epoch(first.epoch);
-        request.set_best(first.best);
-        v1::ReportCheckpointResponse response;
-        return stub_->ReportCheckpoint(&ctx, request, &response);
-      }
-      case Report::Kind::kComplete: {
-        v1::CompleteTaskRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        request.set_best_checkpoint(first.path);
-        *request.mutable_best() = first.point;
-        v1::CompleteTaskResponse response;
-        return stub_->CompleteTask(&ctx, request, &response);
-      }
-      case Report::Kind::kFail: {
-        v1::FailTaskRequest request;
-        request.set_group_id(group_id);
-        request.set_task_id(first.task_id);
-        request.set_error(first.error);
-        request.set_retryable(first.retryable);
-        request.set_preempted(first.preempted);
-        v1::FailTaskResponse response;
-        return stub_->FailTask(&ctx, request, &response);
-      }
-    }
-    return grpc::Status(grpc::StatusCode::INTERNAL, "unknown report kind");
-  }
-
-  static const char* RpcName(Report::Kind kind) {
-    switch (kind) {
-      case Report::Kind::kPoint: return "ReportProgress";
-      case Report::Kind::kCheckpoint: return "ReportCheckpoint";
-      case Report::Kind::kComplete: return "CompleteTask";
-      case Report::Kind::kFail: return "FailTask";
-    }
-    return "?";
-  }
-
-  void SenderLoop() {
-    Backoff backoff(0.5, 10);
-    while (true) {
-      {
-        absl::MutexLock lock(&mu_);
-        if (!running_) return;
-      }
-      std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0.5);
-      if (run.empty()) continue;
-      const std::string gid = group_id();
-      if (lost_ || gid.empty()) {  // the main thread registers again
-        buffer_.Release();
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        continue;
-      }
-      grpc::Status st = Send(run, gid);
-      if (st.ok()) {
-        Connected(true);
-        backoff.Reset();
-        buffer_.Pop();
-      } else if (IsTransient(st.error_code())) {
-        buffer_.Release();
-        const double delay = backoff.Next();
-        Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
-                                   Failed(RpcName(run.front().kind), st, gid).message(), buffer_.size(), delay));
-        absl::MutexLock lock(&mu_);
-        const absl::Time deadline = absl::Now() + absl::Seconds(delay);
-        while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-        }
-      } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
-        (void)Failed(RpcName(run.front().kind), st, gid);
-        buffer_.Pop();
-        buffer_.DropTask(run.front().task_id);
-      } else {
-        // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
-        // get the same answer.
-        Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
-                                 " report(s) of task ", run.front().task_id, " dropped"));
-        buffer_.Pop();
-      }
-      metrics_->SetBuffered(buffer_.points());
-    }
-  }
-
-  const AgentOptions& options_;
-  GroupMetrics* metrics_;
-  v1::RegisterGroupRequest registration_;
-  ReportBuffer buffer_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::WorkerService::Stub> stub_;
-  // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
-  mutable absl::Mutex mu_;
-  absl::CondVar cv_;  // running_ became false
-  bool running_ ABSL_GUARDED_BY(mu_) = false;
-  std::string group_id_ ABSL_GUARDED_BY(mu_);
-  int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
-  std::string task_id_ ABSL_GUARDED_BY(mu_);
-  int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
-  std::atomic<bool> cancel_{false};
-  std::atomic<bool> lost_{false};
-  std::thread heartbeat_, sender_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Every rank: one task.
@@ -798,27 +83,50 @@ struct Outcome {
 
 class Agent {
  public:
-  Agent(const AgentOptions& options, comm::MpiSession& session, Control& control)
+  Agent(const AgentOptions& options, comm::MpiSession& session, GroupControl& control)
       : options_(options), session_(session), control_(control) {}
 
   absl::Status Serve();
 
  private:
+  struct PreparedTask {
+    common::PipelineConfig config;
+    common::TaskManifest manifest;
+  };
+
+  // The loops of group_control.h: rank 0's (R1 to R5), the other ranks' (W1, W2).
   absl::Status ServeRank0();
   absl::Status ServeOther();
   absl::StatusOr<v1::RegisterGroupRequest> Describe(int metrics_port);
   c10::Device RankDevice() const;
+
+  // One task on every rank (T1 to T6).
   Outcome RunTask(const v1::Task& task);
-  // Every rank's {kind, a, b, c}, rank-major. All control exchanges of a task go through here
-  // with the same shape, so that ranks at different points (one failed alone) are detected
-  // instead of matching unlike collectives: then, and when the exchange times out, the group
-  // ends (OutOfStep).
+  // T1: the task's config and manifest, its run folder. No collective.
+  absl::StatusOr<PreparedTask> Prepare(const v1::Task& task) const;
+  // T3: the trainer's communicator, the trainer and its run (T4, T5 through its hooks).
+  // `*history`: the trainer's epochs when Run returned.
+  absl::Status Train(const v1::Task& task, const PreparedTask& prepared, std::vector<EpochRecord>* history);
+  // The trainer's hooks (TrainOptions): T4 before each step, the step's metrics and points, T5.
+  bool ShouldStop();
+  void OnStep(const StepStats& s);
+  void OnEpoch(const EpochRecord& record);
+  // T4 and T5's exchange: this rank's signal flag and samples since the last one, rank 0's
+  // `decision`. Returns {rank 0's decision, the number of signalled ranks}.
+  std::pair<int64_t, int64_t> ExchangeSamples(int64_t kind, int64_t decision);
+  // Rank 0's reports during a task.
+  void PushStepPoint(const StepStats& s, double rate);
+  void PushCheckpoint(const std::string& name, int epoch, bool best);
+  void PushRestoredEpochs(const std::vector<EpochRecord>& history);
+
+  // Every rank's {kind, a, b, c}, rank-major (GroupControl::Exchange); a rank out of step or an
+  // exchange past its deadline ends the group (OutOfStep).
   std::vector<int64_t> Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
                                 double deadline_s, const absl::Status& mine);
   // Rank 0 reports a retryable failure (waiting a little for its delivery) and ends the group;
   // the other ranks give it 30 s to do so, then end it themselves.
   [[noreturn]] void OutOfStep(const std::string& task_id, const std::string& why);
-  // The outcome exchange (see agent.h): every rank's code; the first failing rank's message.
+  // The outcome agreement (group_control.h): every rank's code; the blamed rank's message.
   // `training`: ranks that ended differently poison the group (Outcome::agreed false).
   Outcome Agree(const std::string& task_id, const absl::Status& mine, double deadline_s, int64_t pending_samples,
                 bool training);
@@ -827,14 +135,24 @@ class Agent {
 
   const AgentOptions& options_;
   comm::MpiSession& session_;
-  Control& control_;
+  GroupControl& control_;
   std::unique_ptr<GroupMetrics> metrics_;  // rank 0
-  std::unique_ptr<Rank0> rank0_;           // rank 0
-  // Per task.
-  int64_t pending_samples_ = 0;   // this rank's samples since the last exchange
-  int64_t group_samples_ = 0;     // rank 0: the group's samples in this task
-  std::map<int, int64_t> epoch_samples_;  // rank 0: group_samples_ at each epoch end of this lease
-  StopReason stop_reason_ = kNoStop;
+  std::unique_ptr<CoordinatorLink> link_;  // rank 0
+  // The current task's state; RunTask starts it afresh.
+  struct TaskState {
+    std::string id;
+    std::string out_dir;
+    c10::Device device = c10::Device(c10::kCPU);
+    double deadline_s = 0;                 // of T4 to T6's collectives
+    int64_t pending_samples = 0;           // this rank's samples since the last exchange
+    int32_t steps_per_epoch = 0;           // the trainer's last StepStats
+    int64_t group_samples = 0;             // rank 0: the group's samples in this task
+    std::map<int, int64_t> epoch_samples;  // rank 0: group_samples at each epoch end of this lease
+    StopReason stop_reason = kNoStop;      // rank 0
+    Clock::time_point last_point;          // rank 0: when the last step point was queued
+    int64_t samples_at_last_point = 0;     // rank 0: group_samples then
+  };
+  TaskState task_;
 };
 
 c10::Device Agent::RankDevice() const {
@@ -845,7 +163,7 @@ c10::Device Agent::RankDevice() const {
 }
 
 [[noreturn]] void Agent::EndGroup(const std::string& why) {
-  if (rank0_) rank0_->StopThreads();
+  if (link_) link_->StopThreads();
   session_.Abort(absl::StrCat("aviary-worker serve: ", why), 1);
 }
 
@@ -886,7 +204,7 @@ absl::StatusOr<v1::RegisterGroupRequest> Agent::Describe(int metrics_port) {
 }
 
 absl::Status Agent::Serve() {
-  InstallSignalHandlers();
+  InstallStopSignalHandlers();
   if (options_.threads > 0) {
     at::set_num_threads(options_.threads);
   } else {
@@ -915,38 +233,38 @@ absl::Status Agent::Serve() {
   AVIARY_ASSIGN_OR_RETURN(v1::RegisterGroupRequest registration, Describe(metrics_port));
   if (control_.rank() != 0) return ServeOther();
   if (metrics_port > 0) Log().Info(absl::StrCat("group metrics on ", registration.metrics_address(), "/metrics"));
-  rank0_ = std::make_unique<Rank0>(options_, metrics_.get(), std::move(registration));
+  link_ = std::make_unique<CoordinatorLink>(options_, metrics_.get(), std::move(registration));
   absl::Status st = ServeRank0();
   // Tell the other ranks (OK: max tasks or a signal; else the error that ends the group).
   std::string stop = StopMessage(st);
   absl::Status sent = control_.Broadcast(&stop, 0, 0.02, 0);
-  rank0_->StopThreads();
+  link_->StopThreads();
   if (!sent.ok()) EndGroup(std::string(sent.message()));
   return st;
 }
 
 absl::Status Agent::ServeRank0() {
-  absl::Status st = rank0_->Register();
+  absl::Status st = link_->Register();
   if (absl::IsCancelled(st)) {
     Log().Info("stopped by signal");
     return absl::OkStatus();
   }
   AVIARY_RETURN_IF_ERROR(st);
-  rank0_->StartThreads();
+  link_->StartThreads();
   Backoff idle(1, 5);
   Backoff errors(0.5, 10);
   int tasks = 0;
   while (!Signalled()) {
-    if (rank0_->lost()) {
-      st = rank0_->Register();
+    if (link_->lost()) {
+      st = link_->Register();
       if (absl::IsCancelled(st)) break;
       AVIARY_RETURN_IF_ERROR(st);
     }
     v1::Task task;
     bool available = false;
-    st = rank0_->Lease(&task, &available);
+    st = link_->Lease(&task, &available);
     if (!st.ok()) {
-      if (rank0_->lost()) continue;
+      if (link_->lost()) continue;
       const double delay = errors.Next();
       Log().Warn(absl::StrFormat("%s; retrying in %.1f s", st.message(), delay));
       SleepUnlessSignalled(delay);
@@ -960,20 +278,20 @@ absl::Status Agent::ServeRank0() {
     idle.Reset();
     Log().Info(absl::StrCat("leased task ", task.task_id(), " (attempt ", task.attempt(), ", stage ", task.stage(),
                             " fold ", task.fold(), ") -> ", task.out_dir()));
-    rank0_->BeginTask(task.task_id());
+    link_->BeginTask(task.task_id());
     std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));
     Outcome outcome = RunTask(task);
     Report0(task, outcome);
-    rank0_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
-    rank0_->EndTask();
+    link_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
+    link_->EndTask();
     if (!outcome.agreed) {
       EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks (", outcome.status.message(),
                             "); the group cannot be trusted any more"));
     }
-    if (stop_reason_ == kGroupLost) rank0_->DropTask(task.task_id());
-    if (stop_reason_ == kSignal) break;  // a signal on any rank stops the whole group
+    if (task_.stop_reason == kGroupLost) link_->DropTask(task.task_id());
+    if (task_.stop_reason == kSignal) break;  // a signal on any rank stops the whole group
     ++tasks;
     if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
       Log().Info(absl::StrCat("served ", tasks, " task(s) (--max-tasks)"));
@@ -1007,212 +325,193 @@ absl::Status Agent::ServeOther() {
 }
 
 Outcome Agent::RunTask(const v1::Task& task) {
-  const bool root = control_.rank() == 0;
-  pending_samples_ = 0;
-  group_samples_ = 0;
-  epoch_samples_.clear();
-  stop_reason_ = kNoStop;
-  const std::string& id = task.task_id();
-  // 1. Preparation: parse, the run folder. No collective inside.
-  common::TaskManifest manifest;
-  absl::StatusOr<common::PipelineConfig> config = common::ParsePipelineConfig(task.pipeline_yaml(), id + " config");
-  absl::Status prep = config.status();
-  if (prep.ok()) {
-    auto m = common::ParseManifestCsv(task.manifest_csv(), id + " manifest");
-    if (m.ok()) {
-      manifest = std::move(*m);
-    } else {
-      prep = m.status();
-    }
-  }
-  if (prep.ok()) {
-    std::error_code ec;
-    std::filesystem::create_directories(task.out_dir(), ec);
-    if (ec) {
-      prep = absl::UnavailableError(absl::StrCat("rank ", control_.rank(), ": cannot create the run folder '",
-                                                 task.out_dir(), "': ", ec.message()));
-    }
-  }
-  Outcome agreed = Agree(id, prep, 600, 0, /*training=*/false);
+  task_ = TaskState();
+  task_.id = task.task_id();
+  task_.out_dir = task.out_dir();
+  task_.device = RankDevice();
+  // T1, T2: every rank prepared the task, or every rank skips it.
+  absl::StatusOr<PreparedTask> prepared = Prepare(task);
+  Outcome agreed = Agree(task_.id, prepared.status(), 600, 0, /*training=*/false);
   if (!agreed.status.ok()) return agreed;
-  const double deadline_s = 2 * config->comm.timeout_s + 30;
+  task_.deadline_s = 2 * prepared->config.comm.timeout_s + 30;
+  // T3 to T5.
+  task_.last_point = Clock::now();
+  std::vector<EpochRecord> history;
+  absl::Status status = Train(task, *prepared, &history);
+  if (!status.ok() && !absl::IsCancelled(status)) {
+    Log().Error(absl::StrCat("task ", task_.id, " on rank ", control_.rank(), ": ", status.message()));
+  }
+  // T6.
+  Outcome outcome = Agree(task_.id, status, task_.deadline_s, task_.pending_samples, /*training=*/true);
+  outcome.history = std::move(history);
+  return outcome;
+}
 
-  // 2. Training.
+absl::StatusOr<Agent::PreparedTask> Agent::Prepare(const v1::Task& task) const {
+  const std::string& id = task.task_id();
+  PreparedTask prepared;
+  AVIARY_ASSIGN_OR_RETURN(prepared.config, common::ParsePipelineConfig(task.pipeline_yaml(), id + " config"));
+  AVIARY_ASSIGN_OR_RETURN(prepared.manifest, common::ParseManifestCsv(task.manifest_csv(), id + " manifest"));
+  std::error_code ec;
+  std::filesystem::create_directories(task.out_dir(), ec);
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("rank ", control_.rank(), ": cannot create the run folder '",
+                                               task.out_dir(), "': ", ec.message()));
+  }
+  return prepared;
+}
+
+absl::Status Agent::Train(const v1::Task& task, const PreparedTask& prepared, std::vector<EpochRecord>* history) {
   TrainOptions options;
   options.out_dir = task.out_dir();
   options.stage = task.stage();
   options.fold = task.fold();
   options.init_checkpoint = task.init_checkpoint();
-  options.manifest = &manifest;
+  options.manifest = &prepared.manifest;
   options.resume = true;
-  options.device = RankDevice();
-  auto last_point = Clock::now();
-  int64_t samples_at_last_point = 0;
-  int32_t steps_per_epoch = 0;
-  // The samples every rank trained since the last exchange, summed on rank 0. A collective on
-  // the control communicator: call it at the same point on every rank.
-  // Returns {any stop decision, any signal}.
-  auto exchange_samples = [&](int64_t kind, int64_t decision) {
-    std::vector<int64_t> all =
-        Exchange(id, kind, decision, Signalled() ? 1 : 0, pending_samples_, deadline_s, absl::OkStatus());
-    pending_samples_ = 0;
-    int64_t samples = 0, signals = 0;
-    for (int r = 0; r < control_.world(); ++r) {
-      samples += all[4 * r + 3];
-      signals += all[4 * r + 2];
-    }
-    if (root) {
-      group_samples_ += samples;
-      metrics_->AddSamples(samples);
-    }
-    return std::pair<int64_t, int64_t>(all[1], signals);  // rank 0's decision
-  };
-  options.on_step = [&, root](const StepStats& s) {
-    pending_samples_ += s.samples;
-    steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
-    if (!root) return;
-    metrics_->OnStep(s);
-    const double since = Seconds(last_point);
-    if (since < options_.report_interval_s) return;
-    const double rate = (group_samples_ - samples_at_last_point) / std::max(since, 1e-9);
-    metrics_->SetSamplesPerSecond(rate);
-    last_point = Clock::now();
-    samples_at_last_point = group_samples_;
+  options.device = task_.device;
+  options.on_step = [this](const StepStats& s) { OnStep(s); };
+  options.on_epoch = [this](const EpochRecord& record) { OnEpoch(record); };
+  options.should_stop = [this]() { return ShouldStop(); };
+  try {
+    AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> communicator,
+                            comm::CreateCommunicator(prepared.config.comm, session_, options.device));
+    options.comm = communicator.get();
+    AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(prepared.config, options));
+    if (control_.rank() == 0) PushRestoredEpochs(trainer->history());
+    absl::Status status = trainer->Run();
+    *history = trainer->history();
+    return status;
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("rank ", control_.rank(), ": exception: ", e.what()));
+  }
+}
+
+std::pair<int64_t, int64_t> Agent::ExchangeSamples(int64_t kind, int64_t decision) {
+  std::vector<int64_t> all = Exchange(task_.id, kind, decision, Signalled() ? 1 : 0, task_.pending_samples,
+                                      task_.deadline_s, absl::OkStatus());
+  task_.pending_samples = 0;
+  int64_t samples = 0, signals = 0;
+  for (int r = 0; r < control_.world(); ++r) {
+    samples += all[kExchangeRow * r + 3];
+    signals += all[kExchangeRow * r + 2];
+  }
+  if (control_.rank() == 0) {
+    task_.group_samples += samples;
+    metrics_->AddSamples(samples);
+  }
+  return {all[1], signals};  // rank 0's decision
+}
+
+bool Agent::ShouldStop() {
+  const bool root = control_.rank() == 0;
+  auto [decision, signals] = ExchangeSamples(kExStep, root ? static_cast<int64_t>(link_->Decide()) : 0);
+  if (root && task_.stop_reason == kNoStop && (decision != 0 || signals != 0)) {
+    task_.stop_reason = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
+  }
+  return decision != 0 || signals != 0;
+}
+
+void Agent::OnStep(const StepStats& s) {
+  task_.pending_samples += s.samples;
+  task_.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
+  if (control_.rank() != 0) return;
+  metrics_->OnStep(s);
+  const double since = SecondsSince(task_.last_point);
+  if (since < options_.report_interval_s) return;
+  const double rate = (task_.group_samples - task_.samples_at_last_point) / std::max(since, 1e-9);
+  metrics_->SetSamplesPerSecond(rate);
+  task_.last_point = Clock::now();
+  task_.samples_at_last_point = task_.group_samples;
 #if defined(AVIARY_WITH_CUDA_TORCH)
-    if (options.device.is_cuda()) {
-      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(options.device.index());
-      metrics_->SetGpuMemory(options.device.str(), static_cast<double>(stats.allocated_bytes[0].current));
-    }
+  if (task_.device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(task_.device.index());
+    metrics_->SetGpuMemory(task_.device.str(), static_cast<double>(stats.allocated_bytes[0].current));
+  }
 #endif
-    Report r;
-    r.kind = Report::Kind::kPoint;
-    r.task_id = id;
-    r.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
-    v1::Metrics& m = r.point;
-    m.set_epoch(s.epoch);
-    m.set_step(s.step);
-    m.set_lr(s.lr);
-    m.set_train_loss(s.train_loss);
-    for (auto set : {&v1::Metrics::set_train_acc, &v1::Metrics::set_val_loss, &v1::Metrics::set_val_auc,
-                     &v1::Metrics::set_val_roc_auc, &v1::Metrics::set_val_cmap, &v1::Metrics::set_val_acc}) {
-      (m.*set)(kNaN);
-    }
-    m.set_samples_per_s(rate);
-    m.set_samples_total(group_samples_);
-    m.set_epoch_end(false);
-    rank0_->Push(std::move(r));
-  };
-  options.on_epoch = [&, root](const EpochRecord& record) {
-    exchange_samples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
-    if (!root) return;
+  PushStepPoint(s, rate);
+}
+
+void Agent::PushStepPoint(const StepStats& s, double rate) {
+  Report r;
+  r.kind = Report::Kind::kPoint;
+  r.task_id = task_.id;
+  r.steps_per_epoch = static_cast<int32_t>(s.steps_per_epoch);
+  v1::Metrics& m = r.point;
+  m.set_epoch(s.epoch);
+  m.set_step(s.step);
+  m.set_lr(s.lr);
+  m.set_train_loss(s.train_loss);
+  for (auto set : {&v1::Metrics::set_train_acc, &v1::Metrics::set_val_loss, &v1::Metrics::set_val_auc,
+                   &v1::Metrics::set_val_roc_auc, &v1::Metrics::set_val_cmap, &v1::Metrics::set_val_acc}) {
+    (m.*set)(kNaN);
+  }
+  m.set_samples_per_s(rate);
+  m.set_samples_total(task_.group_samples);
+  m.set_epoch_end(false);
+  link_->Push(std::move(r));
+}
+
+void Agent::OnEpoch(const EpochRecord& record) {
+  ExchangeSamples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
+  if (control_.rank() != 0) return;
+  Report point;
+  point.kind = Report::Kind::kPoint;
+  point.task_id = task_.id;
+  point.steps_per_epoch = task_.steps_per_epoch;
+  point.point = ToMetrics(record, task_.group_samples);
+  task_.epoch_samples[record.epoch] = task_.group_samples;
+  link_->Push(std::move(point));
+  // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
+  if (record.best) PushCheckpoint("best.pt", record.epoch, /*best=*/true);
+  PushCheckpoint("last.pt", record.epoch, /*best=*/false);
+}
+
+void Agent::PushCheckpoint(const std::string& name, int epoch, bool best) {
+  Report r;
+  r.kind = Report::Kind::kCheckpoint;
+  r.task_id = task_.id;
+  r.path = task_.out_dir + "/" + name;
+  r.epoch = epoch;
+  r.best = best;
+  link_->Push(std::move(r));
+}
+
+void Agent::PushRestoredEpochs(const std::vector<EpochRecord>& history) {
+  if (history.empty()) return;
+  // Resuming from last.pt: a killed group may have written epochs whose reports never reached
+  // the coordinator. Report the restored epochs again (the coordinator keeps the last report of
+  // each epoch), so that the task's history has no hole.
+  for (const EpochRecord& record : history) {
     Report point;
     point.kind = Report::Kind::kPoint;
-    point.task_id = id;
-    point.steps_per_epoch = steps_per_epoch;
-    point.point = ToMetrics(record, group_samples_);
-    epoch_samples_[record.epoch] = group_samples_;
-    rank0_->Push(std::move(point));
-    // best.pt first, then last.pt: the latest checkpoint is the one to resume from.
-    if (record.best) {
-      Report best;
-      best.kind = Report::Kind::kCheckpoint;
-      best.task_id = id;
-      best.path = task.out_dir() + "/best.pt";
-      best.epoch = record.epoch;
-      best.best = true;
-      rank0_->Push(std::move(best));
-    }
-    Report last;
-    last.kind = Report::Kind::kCheckpoint;
-    last.task_id = id;
-    last.path = task.out_dir() + "/last.pt";
-    last.epoch = record.epoch;
-    rank0_->Push(std::move(last));
-  };
-  options.should_stop = [&, root]() {
-    auto [decision, signals] = exchange_samples(kExStep, root ? static_cast<int64_t>(rank0_->Decide()) : 0);
-    if (root && stop_reason_ == kNoStop && (decision != 0 || signals != 0)) {
-      stop_reason_ = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
-    }
-    return decision != 0 || signals != 0;
-  };
-  absl::Status status;
-  std::vector<EpochRecord> history;
-  try {
-    std::unique_ptr<comm::Communicator> communicator;
-    auto c = comm::CreateCommunicator(config->comm, session_, options.device);
-    if (c.ok()) {
-      communicator = std::move(*c);
-      options.comm = communicator.get();
-      auto trainer = Trainer::Create(*config, options);
-      if (trainer.ok()) {
-        if (root && !(*trainer)->history().empty()) {
-          // Resuming from last.pt: a killed group may have written epochs whose reports never
-          // reached the coordinator. Report the restored epochs again (the coordinator keeps
-          // the last report of each epoch), so that the task's history has no hole.
-          for (const EpochRecord& record : (*trainer)->history()) {
-            Report point;
-            point.kind = Report::Kind::kPoint;
-            point.task_id = id;
-            point.point = ToMetrics(record, 0);
-            rank0_->Push(std::move(point));
-          }
-          Log().Info(absl::StrCat("task ", id, ": reported the ", (*trainer)->history().size(),
-                                  " epochs restored from ", task.out_dir(), "/last.pt again"));
-        }
-        status = (*trainer)->Run();
-        history = (*trainer)->history();
-      } else {
-        status = trainer.status();
-      }
-    } else {
-      status = c.status();
-    }
-  } catch (const std::exception& e) {
-    status = absl::InternalError(absl::StrCat("rank ", control_.rank(), ": exception: ", e.what()));
+    point.task_id = task_.id;
+    point.point = ToMetrics(record, 0);
+    link_->Push(std::move(point));
   }
-  if (!status.ok() && !absl::IsCancelled(status)) {
-    Log().Error(absl::StrCat("task ", id, " on rank ", control_.rank(), ": ", status.message()));
-  }
-  Outcome outcome = Agree(id, status, deadline_s, pending_samples_, /*training=*/true);
-  outcome.history = std::move(history);
-  return outcome;
+  Log().Info(absl::StrCat("task ", task_.id, ": reported the ", history.size(), " epochs restored from ",
+                          task_.out_dir, "/last.pt again"));
 }
 
 std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, int64_t a, int64_t b, int64_t c,
                                      double deadline_s, const absl::Status& mine) {
-  const std::string own_error = mine.ok() ? "" : absl::StrCat(" (its error: ", mine.message(), ")");
-  auto all = control_.AllGather({kind, a, b, c}, kind == kExStep ? 0.0005 : 0.005, deadline_s);
-  if (!all.ok()) {
-    OutOfStep(task_id, absl::StrCat("rank ", control_.rank(), " ", ExchangeName(kind), own_error, ": ",
-                                    all.status().message()));
-  }
-  for (int r = 0; r < control_.world(); ++r) {
-    if ((*all)[4 * r] != kind) {
-      std::vector<std::string> where;
-      for (int q = 0; q < control_.world(); ++q) {
-        where.push_back(absl::StrCat("rank ", q, " ", ExchangeName((*all)[4 * q]),
-                                     q == control_.rank() ? own_error : ""));
-      }
-      OutOfStep(task_id, absl::StrCat("the ranks are out of step: ", absl::StrJoin(where, "; "),
-                                      " (see the other ranks' logs for their errors)"));
-    }
-  }
+  auto all = control_.Exchange(kind, a, b, c, deadline_s, mine);
+  if (!all.ok()) OutOfStep(task_id, std::string(all.status().message()));
   return *std::move(all);
 }
 
 [[noreturn]] void Agent::OutOfStep(const std::string& task_id, const std::string& why) {
   const std::string message = absl::StrCat("task ", task_id, ": ", why);
   Log().Error(message);
-  if (control_.rank() == 0 && rank0_) {
+  if (control_.rank() == 0 && link_) {
     // Report before ending the group, so that the coordinator re-leases at once.
     Report r;
     r.kind = Report::Kind::kFail;
     r.task_id = task_id;
     r.error = message;
     r.retryable = true;
-    rank0_->Push(std::move(r));
-    rank0_->Drain(task_id, 15, 5);
+    link_->Push(std::move(r));
+    link_->Drain(task_id, 15, 5);
   } else {
     std::this_thread::sleep_for(std::chrono::seconds(30));
   }
@@ -1224,30 +523,21 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
   Outcome out;
   auto all = Exchange(task_id, training ? kExFinished : kExPrepared, static_cast<int64_t>(mine.code()),
                       pending_samples, 0, deadline_s, mine);
-  // The rank to blame: the first whose error is not a consequence of another rank's (a
-  // collective that timed out waiting, a stop), else the first that failed at all.
-  int first = -1, first_cause = -1;
-  for (int r = 0; r < control_.world(); ++r) {
-    const int64_t code = all[4 * r + 1];
-    if (training && code != all[1]) out.agreed = false;
-    if (code != 0 && first < 0) first = r;
-    if (code != 0 && code != static_cast<int64_t>(absl::StatusCode::kDeadlineExceeded) &&
-        code != static_cast<int64_t>(absl::StatusCode::kCancelled) && first_cause < 0) {
-      first_cause = r;
-    }
-    if (control_.rank() == 0) {
-      group_samples_ += all[4 * r + 2];
-      if (metrics_) metrics_->AddSamples(all[4 * r + 2]);
+  if (control_.rank() == 0) {
+    for (int r = 0; r < control_.world(); ++r) {
+      task_.group_samples += all[kExchangeRow * r + 2];
+      if (metrics_) metrics_->AddSamples(all[kExchangeRow * r + 2]);
     }
   }
-  if (first < 0) return out;
-  if (first_cause >= 0) first = first_cause;
+  const Verdict verdict = JudgeOutcome(all, control_.world(), training);
+  out.agreed = verdict.agreed;
+  if (verdict.blamed < 0) return out;
   std::string message(mine.message());
-  absl::Status st = control_.Broadcast(&message, first, 0.005, deadline_s);
+  absl::Status st = control_.Broadcast(&message, verdict.blamed, 0.005, deadline_s);
   if (!st.ok()) EndGroup(std::string(st.message()));
-  const auto code = static_cast<absl::StatusCode>(all[4 * first + 1]);
+  const auto code = static_cast<absl::StatusCode>(all[kExchangeRow * verdict.blamed + 1]);
   out.status = absl::Status(code, control_.world() > 1 && !absl::StrContains(message, "rank ")
-                                      ? absl::StrCat("rank ", first, ": ", message)
+                                      ? absl::StrCat("rank ", verdict.blamed, ": ", message)
                                       : message);
   return out;
 }
@@ -1269,15 +559,15 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
       r.path = task.out_dir() + "/last.pt";
     }
     if (best != nullptr) {
-      auto it = epoch_samples_.find(best->epoch);  // 0 for an epoch of an earlier lease
-      r.point = ToMetrics(*best, it == epoch_samples_.end() ? 0 : it->second);
+      auto it = task_.epoch_samples.find(best->epoch);  // 0 for an epoch of an earlier lease
+      r.point = ToMetrics(*best, it == task_.epoch_samples.end() ? 0 : it->second);
     }
     Log().Info(absl::StrCat("task ", task.task_id(), " done: ", outcome.history.size(), " epochs, best ", r.path));
-    rank0_->Push(std::move(r));
+    link_->Push(std::move(r));
     return;
   }
   if (absl::IsCancelled(outcome.status) && outcome.agreed) {
-    switch (stop_reason_) {
+    switch (task_.stop_reason) {
       case kCancelled:
         Log().Info(absl::StrCat("task ", task.task_id(), " stopped: cancelled by the coordinator"));
         return;
@@ -1292,7 +582,7 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
         r.preempted = true;
         Log().Info(absl::StrCat("task ", task.task_id(), " stopped by signal; reported as preempted (it is leased "
                                 "again without counting a restart)"));
-        rank0_->Push(std::move(r));
+        link_->Push(std::move(r));
         return;
     }
   }
@@ -1301,7 +591,7 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
   r.retryable = !outcome.agreed || IsRetryable(outcome.status);
   Log().Error(absl::StrCat("task ", task.task_id(), " failed (", r.retryable ? "retryable" : "not retryable", "): ",
                            r.error));
-  rank0_->Push(std::move(r));
+  link_->Push(std::move(r));
 }
 
 }  // namespace
@@ -1326,108 +616,6 @@ bool IsRetryable(const absl::Status& status) {
   }
 }
 
-void ReportBuffer::Push(Report report) {
-  absl::MutexLock lock(&mu_);
-  const bool point = report.kind == Report::Kind::kPoint;
-  if (point && points_ >= max_points_) {
-    // Drop the oldest step point that is not being sent; epoch ends are kept.
-    bool dropped = false;
-    for (size_t i = in_flight_; i < queue_.size(); ++i) {
-      if (queue_[i].kind == Report::Kind::kPoint && !queue_[i].point.epoch_end()) {
-        queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(i));
-        --points_;
-        ++dropped_;
-        dropped = true;
-        break;
-      }
-    }
-    if (!dropped && !report.point.epoch_end()) {  // only epoch ends (or in flight): drop the new one
-      ++dropped_;
-      return;
-    }
-  }
-  if (point) ++points_;
-  queue_.push_back(std::move(report));
-  cv_.SignalAll();
-}
-
-std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
-  absl::MutexLock lock(&mu_);
-  const absl::Time deadline = absl::Now() + absl::Seconds(wait_s);
-  while (!(interrupted_ || queue_.size() > in_flight_) && !cv_.WaitWithDeadline(&mu_, deadline)) {
-  }
-  std::vector<Report> run;
-  if (in_flight_ > 0 || queue_.empty()) return run;
-  const Report& first = queue_.front();
-  if (first.kind != Report::Kind::kPoint) {
-    run.push_back(first);
-  } else {
-    for (size_t i = 0; i < queue_.size() && run.size() < std::max<size_t>(1, max_points); ++i) {
-      if (queue_[i].kind != Report::Kind::kPoint || queue_[i].task_id != first.task_id) break;
-      run.push_back(queue_[i]);
-    }
-  }
-  in_flight_ = run.size();
-  return run;
-}
-
-void ReportBuffer::Pop() {
-  absl::MutexLock lock(&mu_);
-  for (size_t i = 0; i < in_flight_ && !queue_.empty(); ++i) {
-    if (queue_.front().kind == Report::Kind::kPoint) --points_;
-    queue_.pop_front();
-  }
-  in_flight_ = 0;
-  cv_.SignalAll();
-}
-
-void ReportBuffer::Release() {
-  absl::MutexLock lock(&mu_);
-  in_flight_ = 0;
-  cv_.SignalAll();
-}
-
-void ReportBuffer::DropTask(const std::string& task_id) {
-  absl::MutexLock lock(&mu_);
-  std::deque<Report> kept;
-  for (size_t i = 0; i < queue_.size(); ++i) {
-    if (i >= in_flight_ && queue_[i].task_id == task_id) {
-      if (queue_[i].kind == Report::Kind::kPoint) --points_;
-      continue;
-    }
-    kept.push_back(std::move(queue_[i]));
-  }
-  queue_.swap(kept);
-  cv_.SignalAll();
-}
-
-bool ReportBuffer::WaitEmpty(double timeout_s) {
-  absl::MutexLock lock(&mu_);
-  const absl::Time deadline = timeout_s < 0 ? absl::InfiniteFuture() : absl::Now() + absl::Seconds(timeout_s);
-  while (!(queue_.empty() || interrupted_) && !cv_.WaitWithDeadline(&mu_, deadline)) {
-  }
-  return queue_.empty();
-}
-
-void ReportBuffer::Interrupt() {
-  absl::MutexLock lock(&mu_);
-  interrupted_ = true;
-  cv_.SignalAll();
-}
-
-size_t ReportBuffer::size() const {
-  absl::MutexLock lock(&mu_);
-  return queue_.size();
-}
-size_t ReportBuffer::points() const {
-  absl::MutexLock lock(&mu_);
-  return points_;
-}
-int64_t ReportBuffer::dropped_points() const {
-  absl::MutexLock lock(&mu_);
-  return dropped_;
-}
-
 absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) {
   if (options.coordinator.empty()) return absl::InvalidArgumentError("missing required flag --coordinator");
   if (options.device != "auto" && options.device != "cpu" && options.device != "cuda") {
@@ -1436,7 +624,7 @@ absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) 
   if (options.device == "cuda" && !at::hasCUDA()) {
     return absl::FailedPreconditionError("--device cuda: torch sees no CUDA device");
   }
-  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Control> control, Control::Create());
+  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<GroupControl> control, GroupControl::Create());
   Agent agent(options, session, *control);
   return agent.Serve();
 }

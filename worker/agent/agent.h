@@ -9,61 +9,30 @@
 // While the coordinator does not answer, training goes on, reports wait in the buffer and calls
 // are retried with exponential backoff (0.5 s to 10 s).
 //
-// Control plane (MPI, on a communicator of its own, never from two threads at once): rank 0
-// broadcasts each task (the serialized Task proto) or "stop" to every rank; the other ranks wait
-// for it with a non-blocking broadcast polled with sleeps, so an idle group uses no CPU. During a
-// task every rank exchanges one small all-reduce per step (TrainOptions::should_stop): rank 0's
-// stop decision (cancel_task, a NOT_FOUND for the group, a signal), any rank's signal flag, and
-// the samples each rank trained since the last exchange (the group's samples_total), so that
-// every rank stops at the same step.
+// Every rank trains each task; rank 0 leads them over MPI. The control protocol, step by step,
+// and what happens on a cancel, a failure, a lost coordinator or SIGTERM:
+// worker/agent/group_control.h. Retryable: every error except INVALID_ARGUMENT,
+// FAILED_PRECONDITION and DATA_LOSS (bad config or bad data, which another attempt would meet
+// again). NOT_FOUND is retryable: the coordinator read the dataset at submit, so a missing file is
+// usually this node's view.
 //
-// Failure policy (no rank is left waiting):
-//   1. Preparation (parse the task's config and manifest, create the run folder and the
-//      communicator) ends with an agreement on every rank: an all-gather of the status codes on
-//      the control communicator and a broadcast of the first failing rank's message. When any
-//      rank failed, every rank skips the task; rank 0 reports that rank's error (FailTask).
-//   2. Training (Trainer::Create + Run) ends with the same exchange, polled with a deadline of
-//      2 x comm.timeout_s + 30 s. Errors that every rank meets at the same point (a cancel or a
-//      signal, a non-finite loss, which the trainer shares, a config or data error) complete it
-//      at once: rank 0 reports the outcome and the group leases the next task. A rank that failed
-//      alone while its peers wait in a training collective completes it too once their
-//      collective times out (comm.timeout_s, DEADLINE_EXCEEDED). When the ranks ended with
-//      different codes, the group is not trusted any more: rank 0 reports the first failing rank's
-//      error (retryable) and waits a little for it to be delivered, then the group ends
-//      (MPI_Abort, exit code 1), as `aviary-worker train` does. If the exchange does not complete
-//      by its deadline, the rank that waits ends the group the same way (rank 0 reports first).
-//   Every control exchange of a task (prepared, each step, each epoch end, finished) is the same
-//   all-gather of {kind, 3 values}, so a rank that left training alone while its peers are at a
-//   step or epoch exchange is seen as "out of step" (never as a mismatched collective): rank 0
-//   reports a retryable failure naming where each rank was, and the group ends.
-//   Retryable: every error except INVALID_ARGUMENT, FAILED_PRECONDITION and DATA_LOSS (bad
-//   config or bad data, which another attempt would meet again). NOT_FOUND is retryable: the
-//   coordinator read the dataset at submit, so a missing file is usually this node's view.
-//   A cancel_task answer stops the task without a report (the coordinator already decided); a
-//   NOT_FOUND for the group stops it too, and rank 0 registers anew. SIGTERM / SIGINT (on any
-//   rank during a task; on rank 0 while idle) stop the task at the next step; rank 0 reports
-//   FailTask(retryable, "stopped by signal"), waits up to 30 s for the reports to be delivered,
-//   and every rank returns OK (exit 0). A second signal ends the process at once. (mpirun
-//   forwards SIGTERM to the ranks but may SIGKILL them soon after: launchers should give
-//   `--mca odls_base_sigkill_timeout` some seconds.)
-//
-// Metrics: rank 0 serves them; the step, all-reduce, loader and GPU memory series are rank 0's
-// own view, aviary_samples_total counts every rank's samples (exchanged each step).
+// The room (target aviary_agent, linked by aviary-worker only):
+//   agent.{h,cc}             ServeAgent and the Agent: the serve loops and a task's steps
+//   group_control.{h,cc}     the control protocol and its MPI communicator
+//   coordinator_link.{h,cc}  rank 0's WorkerService client and its two threads
+//   report_buffer.{h,cc}     the reports waiting for the coordinator
+//   group_metrics.{h,cc}     the group's Prometheus series; metrics_server.{h,cc} serves them
+//   signals.{h,cc}           SIGTERM / SIGINT and the waits that heed them
 //
 // Thread safety: ServeAgent runs on the main thread; ReportBuffer is thread-safe; Backoff is not.
 #ifndef AVIARY_WORKER_AGENT_AGENT_H_
 #define AVIARY_WORKER_AGENT_AGENT_H_
 
 #include <cstddef>
-#include <cstdint>
-#include <deque>
 #include <string>
-#include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
-#include "proto/aviary.pb.h"
+#include "worker/agent/report_buffer.h"
 
 namespace aviary::worker {
 namespace comm {
@@ -106,59 +75,6 @@ class Backoff {
 // Whether a task that ended with `status` may be leased again (SERVICE.md: errors of the device,
 // the communicator or the filesystem are; config and data errors are not).
 bool IsRetryable(const absl::Status& status);
-
-// One report for the coordinator, in the order it was made.
-struct Report {
-  enum class Kind { kPoint, kCheckpoint, kComplete, kFail };
-  Kind kind = Kind::kPoint;
-  std::string task_id;
-  ::aviary::v1::Metrics point;          // kPoint; kComplete: the best epoch's metrics
-  int32_t steps_per_epoch = 0;    // kPoint
-  std::string path;               // kCheckpoint: the file; kComplete: the best checkpoint
-  int32_t epoch = 0;              // kCheckpoint
-  bool best = false;              // kCheckpoint
-  std::string error;              // kFail
-  bool retryable = false;         // kFail
-  bool preempted = false;         // kFail: stopped by a signal (not counted as a restart)
-};
-
-// The reports waiting for the coordinator. Bounded: at most `max_points` progress points; when a
-// point would exceed it, the oldest step point (epoch_end false) not being sent is dropped; epoch
-// ends, checkpoints and outcomes are never dropped (they may exceed the bound). The sender takes
-// the front with Peek, sends it, then Pop (delivered or refused for good) or Release (retry).
-// Thread-safe.
-class ReportBuffer {
- public:
-  explicit ReportBuffer(size_t max_points) : max_points_(max_points) {}
-
-  void Push(Report report);
-  // The front run to send, at most `max_points` long: consecutive points of one task, or one
-  // other report. Waits up to `wait_s` for something (empty: nothing yet). Marks the run in
-  // flight (not droppable) until Pop or Release.
-  std::vector<Report> Peek(size_t max_points, double wait_s);
-  void Pop();      // removes the run in flight
-  void Release();  // keeps it (to retry)
-  // Removes every report of `task_id` (a task the group no longer holds); keeps a run in flight.
-  void DropTask(const std::string& task_id);
-  // Waits until nothing is left or `timeout_s` passed (< 0: forever). True when empty.
-  bool WaitEmpty(double timeout_s);
-  // Wakes Peek and WaitEmpty callers (shutdown).
-  void Interrupt();
-
-  size_t size() const;
-  size_t points() const;           // progress points waiting (the gauge)
-  int64_t dropped_points() const;  // step points dropped for the bound so far
-
- private:
-  const size_t max_points_;
-  mutable absl::Mutex mu_;  // the trainer's thread pushes, rank 0's sender peeks and pops
-  absl::CondVar cv_;
-  std::deque<Report> queue_ ABSL_GUARDED_BY(mu_);
-  size_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
-  size_t points_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
-  bool interrupted_ ABSL_GUARDED_BY(mu_) = false;
-};
 
 }  // namespace aviary::worker
 

@@ -1,0 +1,391 @@
+#include "worker/agent/coordinator_link.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "common/logging.h"
+#include "worker/agent/signals.h"
+
+namespace aviary::worker {
+namespace {
+
+namespace v1 = ::aviary::v1;
+using Clock = std::chrono::steady_clock;
+
+const common::Logger& Log() {
+  static const common::Logger logger("agent");
+  return logger;
+}
+
+// Progress points per ReportProgress call, at most.
+constexpr size_t kMaxPointsPerReport = 1000;
+
+// Transport-level failures worth retrying (the coordinator is down, restarting or slow).
+bool IsTransient(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::UNKNOWN:
+    case grpc::StatusCode::CANCELLED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string GrpcCodeName(grpc::StatusCode code) {
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+}
+
+const char* RpcName(Report::Kind kind) {
+  switch (kind) {
+    case Report::Kind::kPoint: return "ReportProgress";
+    case Report::Kind::kCheckpoint: return "ReportCheckpoint";
+    case Report::Kind::kComplete: return "CompleteTask";
+    case Report::Kind::kFail: return "FailTask";
+  }
+  return "?";
+}
+
+}  // namespace
+
+CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metrics,
+                                 v1::RegisterGroupRequest registration)
+    : options_(options), metrics_(metrics), registration_(std::move(registration)),
+      buffer_(options.max_buffered_points) {
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (options.tls_ca_pem.empty()) {
+    creds = grpc::InsecureChannelCredentials();
+  } else {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_ca_pem;
+    creds = grpc::SslCredentials(ssl);
+  }
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // tasks carry their manifest
+  args.SetInt(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1 << 30);
+  // gRPC's own reconnect backoff grows to 120 s by default: keep it within ours (0.5 s to
+  // 10 s), so that reports flow soon after the coordinator is back.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 500);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
+  channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
+  stub_ = v1::WorkerService::NewStub(channel_);
+}
+
+CoordinatorLink::~CoordinatorLink() { StopThreads(); }
+
+absl::Status CoordinatorLink::Register() {
+  Backoff backoff(0.5, 10);
+  const auto start = Clock::now();
+  while (true) {
+    v1::RegisterGroupResponse response;
+    grpc::ClientContext ctx;
+    Prepare(&ctx);
+    grpc::Status st = stub_->RegisterGroup(&ctx, registration_, &response);
+    if (st.ok()) {
+      const int heartbeat_ms = response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 2000;
+      {
+        absl::MutexLock lock(&mu_);
+        group_id_ = response.group_id();
+        heartbeat_ms_ = heartbeat_ms;
+      }
+      lost_ = false;
+      metrics_->SetGroupId(response.group_id());
+      Connected(true);
+      Log().Info(absl::StrCat("registered with ", options_.coordinator, " as group ", response.group_id(),
+                              " (", registration_.world_size(), " ranks, backend ", registration_.backend(),
+                              ", heartbeat every ", heartbeat_ms, " ms",
+                              registration_.metrics_address().empty()
+                                  ? ""
+                                  : absl::StrCat(", metrics on ", registration_.metrics_address()),
+                              ")"));
+      return absl::OkStatus();
+    }
+    Connected(false);
+    const std::string what = absl::StrCat("RegisterGroup to ", options_.coordinator, ": ",
+                                          GrpcCodeName(st.error_code()), ": ", st.error_message());
+    if (!IsTransient(st.error_code())) {
+      return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
+    }
+    double delay = backoff.Next();
+    const double waited = SecondsSince(start);
+    if (options_.connect_timeout_s > 0) {
+      if (waited >= options_.connect_timeout_s) {
+        return absl::UnavailableError(absl::StrFormat(
+            "could not register with the coordinator at %s within --connect-timeout-s %g: %s",
+            options_.coordinator, options_.connect_timeout_s, what));
+      }
+      delay = std::min(delay, options_.connect_timeout_s - waited);
+    }
+    Log().Warn(absl::StrFormat("%s; retrying in %.1f s", what, delay));
+    if (!SleepUnlessSignalled(delay)) return absl::CancelledError("stopped by signal before registering");
+  }
+}
+
+void CoordinatorLink::StartThreads() {
+  {
+    absl::MutexLock lock(&mu_);
+    running_ = true;
+  }
+  heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  sender_ = std::thread([this] { SenderLoop(); });
+}
+
+void CoordinatorLink::StopThreads() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!running_) return;
+    running_ = false;
+    cv_.SignalAll();
+  }
+  buffer_.Interrupt();
+  if (heartbeat_.joinable()) heartbeat_.join();
+  if (sender_.joinable()) sender_.join();
+}
+
+absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
+  *available = false;
+  v1::LeaseTaskRequest request;
+  request.set_group_id(group_id());
+  v1::LeaseTaskResponse response;
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
+  if (!st.ok()) return Failed("LeaseTask", st, request.group_id());
+  Connected(true);
+  if (response.available()) {
+    *task = response.task();
+    *available = true;
+  }
+  return absl::OkStatus();
+}
+
+void CoordinatorLink::BeginTask(const std::string& task_id) {
+  absl::MutexLock lock(&mu_);
+  task_id_ = task_id;
+  ++lease_generation_;
+  cancel_ = false;
+}
+
+void CoordinatorLink::EndTask() {
+  absl::MutexLock lock(&mu_);
+  task_id_.clear();
+}
+
+StopReason CoordinatorLink::Decide() const {
+  if (lost_) return kGroupLost;
+  if (cancel_) return kCancelled;
+  if (Signalled()) return kSignal;
+  return kNoStop;
+}
+
+void CoordinatorLink::Push(Report r) {
+  buffer_.Push(std::move(r));
+  metrics_->SetBuffered(buffer_.points());
+}
+
+void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, double signal_wait_s) {
+  Clock::time_point signalled_at{};
+  const auto start = Clock::now();
+  while (!buffer_.WaitEmpty(0.2)) {
+    if (lost_) buffer_.DropTask(task_id);
+    if (max_wait_s >= 0 && SecondsSince(start) > max_wait_s) {
+      Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
+      return;
+    }
+    if (Signalled()) {
+      if (signalled_at == Clock::time_point{}) signalled_at = Clock::now();
+      if (SecondsSince(signalled_at) > signal_wait_s) {
+        Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,
+                                " (stopping on a signal)"));
+        return;
+      }
+    }
+  }
+}
+
+void CoordinatorLink::DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
+
+std::string CoordinatorLink::group_id() const {
+  absl::MutexLock lock(&mu_);
+  return group_id_;
+}
+
+void CoordinatorLink::Prepare(grpc::ClientContext* ctx) const {
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000)));
+  if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+}
+
+void CoordinatorLink::Connected(bool c) { metrics_->SetConnected(c); }
+
+absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, const std::string& gid) {
+  const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
+                                        ": ", st.error_message());
+  if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+    Connected(true);
+    if (gid == group_id() && !lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
+  } else if (IsTransient(st.error_code())) {
+    Connected(false);
+  }
+  return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
+}
+
+void CoordinatorLink::HeartbeatLoop() {
+  int64_t heartbeat_failures = 0;
+  while (true) {
+    int interval_ms;
+    {
+      absl::MutexLock lock(&mu_);
+      interval_ms = heartbeat_ms_;
+      const absl::Time deadline = absl::Now() + absl::Milliseconds(interval_ms);
+      while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
+      }
+      if (!running_) return;
+    }
+    if (lost_) continue;
+    v1::HeartbeatRequest request;
+    int64_t generation = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (group_id_.empty()) continue;
+      request.set_group_id(group_id_);
+      request.set_task_id(task_id_);
+      generation = lease_generation_;
+    }
+    v1::HeartbeatResponse response;
+    grpc::ClientContext ctx;
+    Prepare(&ctx);
+    grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
+    if (!st.ok()) {
+      absl::Status failed = Failed("Heartbeat", st, request.group_id());
+      // NOT_FOUND is logged once by Failed; others at the first failure, then every 20th.
+      if (!absl::IsNotFound(failed) && heartbeat_failures++ % 20 == 0) {
+        Log().Warn(absl::StrCat(failed.message(), " (", heartbeat_failures, " in a row)"));
+      }
+      continue;
+    }
+    if (heartbeat_failures > 0) {
+      Log().Info(absl::StrCat("Heartbeat to ", options_.coordinator, " answered again after ", heartbeat_failures,
+                              " failure(s)"));
+      heartbeat_failures = 0;
+    }
+    Connected(true);
+    if (response.cancel_task()) CancelIfCurrent(request.task_id(), generation, "Heartbeat");
+  }
+}
+
+void CoordinatorLink::CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc) {
+  absl::MutexLock lock(&mu_);
+  if (task_id.empty() || task_id != task_id_ || cancel_) return;
+  if (generation >= 0 && generation != lease_generation_) return;
+  cancel_ = true;
+  Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
+}
+
+grpc::Status CoordinatorLink::Send(const std::vector<Report>& run, const std::string& group_id) {
+  const Report& first = run.front();
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  switch (first.kind) {
+    case Report::Kind::kPoint: {
+      v1::ReportProgressRequest request;
+      request.set_group_id(group_id);
+      request.set_task_id(first.task_id);
+      int32_t spe = 0;
+      for (const Report& r : run) {
+        *request.add_points() = r.point;
+        spe = std::max(spe, r.steps_per_epoch);
+      }
+      request.set_steps_per_epoch(spe);
+      v1::ReportProgressResponse response;
+      grpc::Status st = stub_->ReportProgress(&ctx, request, &response);
+      if (st.ok() && response.cancel_task()) CancelIfCurrent(first.task_id, -1, "ReportProgress");
+      return st;
+    }
+    case Report::Kind::kCheckpoint: {
+      v1::ReportCheckpointRequest request;
+      request.set_group_id(group_id);
+      request.set_task_id(first.task_id);
+      request.set_path(first.path);
+      request.set_epoch(first.epoch);
+      request.set_best(first.best);
+      v1::ReportCheckpointResponse response;
+      return stub_->ReportCheckpoint(&ctx, request, &response);
+    }
+    case Report::Kind::kComplete: {
+      v1::CompleteTaskRequest request;
+      request.set_group_id(group_id);
+      request.set_task_id(first.task_id);
+      request.set_best_checkpoint(first.path);
+      *request.mutable_best() = first.point;
+      v1::CompleteTaskResponse response;
+      return stub_->CompleteTask(&ctx, request, &response);
+    }
+    case Report::Kind::kFail: {
+      v1::FailTaskRequest request;
+      request.set_group_id(group_id);
+      request.set_task_id(first.task_id);
+      request.set_error(first.error);
+      request.set_retryable(first.retryable);
+      request.set_preempted(first.preempted);
+      v1::FailTaskResponse response;
+      return stub_->FailTask(&ctx, request, &response);
+    }
+  }
+  return grpc::Status(grpc::StatusCode::INTERNAL, "unknown report kind");
+}
+
+void CoordinatorLink::SenderLoop() {
+  Backoff backoff(0.5, 10);
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!running_) return;
+    }
+    std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0.5);
+    if (run.empty()) continue;
+    const std::string gid = group_id();
+    if (lost_ || gid.empty()) {  // the main thread registers again
+      buffer_.Release();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      continue;
+    }
+    grpc::Status st = Send(run, gid);
+    if (st.ok()) {
+      Connected(true);
+      backoff.Reset();
+      buffer_.Pop();
+    } else if (IsTransient(st.error_code())) {
+      buffer_.Release();
+      const double delay = backoff.Next();
+      Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
+                                 Failed(RpcName(run.front().kind), st, gid).message(), buffer_.size(), delay));
+      absl::MutexLock lock(&mu_);
+      const absl::Time deadline = absl::Now() + absl::Seconds(delay);
+      while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
+      }
+    } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+      (void)Failed(RpcName(run.front().kind), st, gid);
+      buffer_.Pop();
+      buffer_.DropTask(run.front().task_id);
+    } else {
+      // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
+      // get the same answer.
+      Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
+                               " report(s) of task ", run.front().task_id, " dropped"));
+      buffer_.Pop();
+    }
+    metrics_->SetBuffered(buffer_.points());
+  }
+}
+
+}  // namespace aviary::worker

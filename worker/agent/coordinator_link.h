@@ -1,0 +1,113 @@
+// Rank 0's link to the coordinator's WorkerService (docs/SERVICE.md, "Worker groups"): the main
+// thread registers and leases (Agent::ServeRank0, steps R1 to R4 of worker/agent/group_control.h);
+// two threads of its own send heartbeats and the buffered reports, in the order they were made.
+//
+// Failures: transient ones (UNAVAILABLE, DEADLINE_EXCEEDED, ...) are retried with backoff
+// (0.5 s to 10 s) while training goes on and aviary_coordinator_connected is 0. A NOT_FOUND for
+// the current group (the coordinator timed it out) marks the group lost: the task stops
+// (kGroupLost) and the main thread registers anew. A cancel_task answer (Heartbeat,
+// ReportProgress) for the current lease marks the task cancelled (kCancelled). A report refused
+// for good (e.g. FAILED_PRECONDITION) is dropped and logged.
+//
+// Thread-safe: the main thread calls everything but the loops; HeartbeatLoop and SenderLoop run
+// on the threads StartThreads starts. They share group_id_, the lease and running_ under mu_,
+// the cancel and lost flags as atomics, and the ReportBuffer (itself thread-safe).
+#ifndef AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
+#define AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "proto/aviary.grpc.pb.h"
+#include "worker/agent/agent.h"
+#include "worker/agent/group_control.h"
+#include "worker/agent/group_metrics.h"
+#include "worker/agent/report_buffer.h"
+
+namespace aviary::worker {
+
+class CoordinatorLink {
+ public:
+  // `options` and `metrics` must outlive the link.
+  CoordinatorLink(const AgentOptions& options, GroupMetrics* metrics,
+                  ::aviary::v1::RegisterGroupRequest registration);
+  ~CoordinatorLink();  // StopThreads
+  CoordinatorLink(const CoordinatorLink&) = delete;
+  CoordinatorLink& operator=(const CoordinatorLink&) = delete;
+
+  // Registers (retrying transient failures with backoff). UNAVAILABLE after connect_timeout_s;
+  // CANCELLED when a signal arrived first; the coordinator's refusal otherwise.
+  absl::Status Register();
+
+  // The heartbeat and sender threads; StopThreads wakes and joins them (idempotent).
+  void StartThreads();
+  void StopThreads();
+
+  // LeaseTask once. `*task` set when one was leased. NOT_FOUND marks the group lost.
+  absl::Status Lease(::aviary::v1::Task* task, bool* available);
+
+  // The lease the heartbeats name and a cancel answer may stop (each BeginTask is a new lease).
+  void BeginTask(const std::string& task_id);
+  void EndTask();
+
+  // The stop decision for the current task (rank 0's part of the step exchange, T4).
+  StopReason Decide() const;
+  bool lost() const { return lost_; }
+
+  // Queues a report for the sender.
+  void Push(Report r);
+
+  // Waits until the buffer is delivered, at most `max_wait_s` (< 0: no limit). A lost group
+  // drops `task_id`'s reports (they would be refused); after a signal it gives up after
+  // `signal_wait_s`.
+  void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s);
+  void DropTask(const std::string& task_id);
+
+  std::string group_id() const;
+
+ private:
+  void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
+  void Connected(bool c);
+  // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
+  // unless the group has registered anew since the call was made (a stale answer).
+  absl::Status Failed(const char* rpc, const grpc::Status& st, const std::string& gid);
+  void HeartbeatLoop();
+  // Cancels the current task if it is still the lease the answer was about (`generation`; a
+  // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
+  // lease of the same task (failed as retryable and leased again) must not stop the new one.
+  void CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc);
+  // Sends one run of reports. OK: delivered (or refused for good: dropped and logged).
+  grpc::Status Send(const std::vector<Report>& run, const std::string& group_id);
+  void SenderLoop();
+
+  const AgentOptions& options_;
+  GroupMetrics* metrics_;
+  ::aviary::v1::RegisterGroupRequest registration_;
+  ReportBuffer buffer_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<::aviary::v1::WorkerService::Stub> stub_;
+  // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;  // running_ became false
+  bool running_ ABSL_GUARDED_BY(mu_) = false;
+  std::string group_id_ ABSL_GUARDED_BY(mu_);
+  int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
+  std::string task_id_ ABSL_GUARDED_BY(mu_);
+  int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
+  std::atomic<bool> cancel_{false};
+  std::atomic<bool> lost_{false};
+  std::thread heartbeat_, sender_;
+};
+
+}  // namespace aviary::worker
+
+#endif  // AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
