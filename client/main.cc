@@ -105,6 +105,20 @@ int main(int argc, char** argv) {
       run = [tool] { return RunTool(tool->get_name(), tool->remaining()); };
     });
   }
+  std::string shell;
+  CLI::App* completion = aviary::common::AddCommand(
+      &app, "completion", "a shell completion script",
+      "bash: source <(aviary completion bash), or install it as "
+      "/usr/share/bash-completion/completions/aviary (the .deb does).");
+  completion->group(aviary::cli::kOfflineGroup);
+  completion->add_option("shell", shell, "the shell")->type_name("bash")->required()->check(
+      aviary::common::OneOf({"bash"}));
+  completion->callback([&run, &app] {
+    run = [&app] {
+      std::cout << aviary::common::BashCompletion(app);
+      return 0;
+    };
+  });
   std::string help_topic;
   CLI::App* help = app.add_subcommand("help", "this text, or one command's")->group(aviary::cli::kOfflineGroup);
   help->add_option("command", help_topic, "a command")->type_name("COMMAND");

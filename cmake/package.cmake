@@ -3,6 +3,15 @@
 # P/share/doc/aviary. Tests and benchmarks are not installed.
 include(GNUInstallDirs)
 install(TARGETS aviary aviary-worker aviary-coordinator RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+# `aviary completion bash`, written at build time, where bash-completion looks for it.
+set(AVIARY_COMPLETION ${CMAKE_BINARY_DIR}/completion/aviary)
+add_custom_command(OUTPUT ${AVIARY_COMPLETION}
+  COMMAND ${CMAKE_COMMAND} -E make_directory ${CMAKE_BINARY_DIR}/completion
+  COMMAND sh -c "\"$1\" completion bash > \"$2\"" sh $<TARGET_FILE:aviary> ${AVIARY_COMPLETION}
+  DEPENDS aviary
+  COMMENT "bash completion of aviary")
+add_custom_target(aviary_bash_completion ALL DEPENDS ${AVIARY_COMPLETION})
+install(FILES ${AVIARY_COMPLETION} DESTINATION ${CMAKE_INSTALL_DATADIR}/bash-completion/completions)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/configs/ DESTINATION ${CMAKE_INSTALL_DATADIR}/aviary/configs)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/ DESTINATION ${CMAKE_INSTALL_DATADIR}/aviary/deploy
         USE_SOURCE_PERMISSIONS)

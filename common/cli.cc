@@ -1,5 +1,6 @@
 #include "common/cli.h"
 
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -60,6 +61,65 @@ std::string WrapText(const std::string& text, size_t width) {
     }
   }
   return out;
+}
+
+namespace {
+
+// One case of the completion's `case "$path"`: the flags and subcommands of `app`, whose path
+// below the program is `path` (" dataset folds"), and of its subcommands, recursively.
+void AddCompletionCases(const CLI::App& app, const std::string& path, std::string* known_paths,
+                        std::string* cases) {
+  std::vector<std::string> flags;
+  for (const CLI::Option* option : app.get_options()) {
+    if (!option->nonpositional()) continue;
+    for (const std::string& s : option->get_snames()) flags.push_back("-" + s);
+    for (const std::string& l : option->get_lnames()) flags.push_back("--" + l);
+  }
+  std::vector<std::string> subs;
+  for (const CLI::App* sub : app.get_subcommands({})) subs.push_back(sub->get_name());
+  if (app.get_prefix_command()) {
+    absl::StrAppend(cases, "    \"", path, "\") flags=$(\"${COMP_WORDS[0]}\"", path,
+                    " --help 2>/dev/null | grep -oE -- '--[a-z][a-z0-9-]*' | sort -u) ;;\n");
+  } else {
+    absl::StrAppend(cases, "    \"", path, "\") subs=\"", absl::StrJoin(subs, " "), "\"; flags=\"",
+                    absl::StrJoin(flags, " "), "\" ;;\n");
+  }
+  for (const CLI::App* sub : app.get_subcommands({})) {
+    const std::string sub_path = absl::StrCat(path, " ", sub->get_name());
+    absl::StrAppend(known_paths, known_paths->empty() ? "" : "|", "\"", sub_path, "\"");
+    AddCompletionCases(*sub, sub_path, known_paths, cases);
+  }
+}
+
+}  // namespace
+
+std::string BashCompletion(const CLI::App& app) {
+  const std::string name = app.get_name();
+  std::string function = "_" + name;
+  for (char& c : function) {
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  }
+  std::string known_paths, cases;
+  AddCompletionCases(app, "", &known_paths, &cases);
+  return absl::StrCat(
+      "# bash completion for ", name, " (", name, " completion bash)\n",
+      function, "() {\n",
+      "  local cur=${COMP_WORDS[COMP_CWORD]} path= subs= flags= i\n",
+      "  for ((i = 1; i < COMP_CWORD; i++)); do\n",
+      "    case \"$path ${COMP_WORDS[i]}\" in\n",
+      "      ", known_paths.empty() ? "\"\"" : known_paths, ") path=\"$path ${COMP_WORDS[i]}\" ;;\n",
+      "    esac\n",
+      "  done\n",
+      "  case \"$path\" in\n", cases, "  esac\n",
+      "  if [[ $cur == -* ]]; then\n",
+      "    COMPREPLY=($(compgen -W \"$flags\" -- \"$cur\"))\n",
+      "  elif [[ -n $subs ]]; then\n",
+      "    COMPREPLY=($(compgen -W \"$subs\" -- \"$cur\"))\n",
+      "  else\n",
+      "    COMPREPLY=($(compgen -f -- \"$cur\"))\n",
+      "  fi\n",
+      "}\n",
+      "complete -o filenames -F ", function, " ", name, "\n");
 }
 
 std::string CommandPath(const CLI::App* app) {

@@ -34,6 +34,12 @@ CLI::App* AddCommand(CLI::App* parent, const std::string& name, const std::strin
 // `text` with its words wrapped at `width` columns; existing line breaks are kept.
 std::string WrapText(const std::string& text, size_t width = 96);
 
+// A bash completion script for the program of `app` (its name is the command completed): the
+// subcommands and flags at each point of a command line, files elsewhere. Commands that pass
+// their arguments on (prefix commands: `aviary mel`) have their flags read from their --help
+// when completed.
+std::string BashCompletion(const CLI::App& app);
+
 // Parses `args` (the program's arguments without argv[0]). std::nullopt: the command line is
 // good, run it. Otherwise the exit code to return at once: 0 after printing the help of the
 // deepest command named (for -h/--help), 2 after printing the error as above (only when

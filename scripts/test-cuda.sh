@@ -25,6 +25,6 @@ if [ $# -eq 0 ]; then
   # ran in scripts/test.sh (the CUDA configuration's own parity is the interop test), and the
   # tests of the torch-free programs (the client's offline tools and errors, the documented
   # flags, the coordinator's init), which are the same in both configurations.
-  set -- -LE parity -E '^integration\.(cli_docs|cli_errors|prepare_cli|coordinator_init)$'
+  set -- -LE parity -E '^integration\.(cli_docs|cli_errors|prepare_cli|coordinator_init|bash_completion)$'
 fi
 ctest --test-dir "${AVIARY_CUDA_BUILD_DIR:-build-cuda}" --output-on-failure -j 2 "$@"

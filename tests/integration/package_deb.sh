@@ -20,7 +20,8 @@ done
 contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
 for want in ./usr/bin/aviary ./usr/bin/aviary-worker ./usr/bin/aviary-coordinator \
             ./usr/share/aviary/configs/pipeline.yaml ./usr/share/aviary/configs/coordinator.yaml \
-            ./usr/share/aviary/deploy/launch-group.sh ./usr/share/doc/aviary/SERVICE.md; do
+            ./usr/share/aviary/deploy/launch-group.sh ./usr/share/doc/aviary/SERVICE.md \
+            ./usr/share/bash-completion/completions/aviary; do
   grep -qx -- "$want" <<<"$contents" && ok || fail "the package lacks $want"
 done
 extra=$(grep '^./usr/bin/.' <<<"$contents" | grep -v -x -e ./usr/bin/aviary -e ./usr/bin/aviary-worker -e ./usr/bin/aviary-coordinator)
@@ -40,9 +41,11 @@ trap '"${sudo[@]}" dpkg -r aviary >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$deb" > "$tmp/install.log" 2>&1 ||
   { cat "$tmp/install.log"; fail "apt-get install $deb failed"; exit 1; }
 cd "$tmp"
-/usr/bin/aviary --help | grep -q "usage: aviary" && ok || fail "/usr/bin/aviary --help"
+/usr/bin/aviary --help | grep -q "Usage: aviary" && ok || fail "/usr/bin/aviary --help"
 /usr/bin/aviary-worker --version | grep -q "libtorch" && ok || fail "/usr/bin/aviary-worker --version"
-/usr/bin/aviary-coordinator --help | grep -q "aviary-coordinator init DIR" && ok || fail "/usr/bin/aviary-coordinator --help"
+/usr/bin/aviary-coordinator init --help | grep -q "Usage: aviary-coordinator init" && ok || fail "/usr/bin/aviary-coordinator init --help"
+bash -c 'source /usr/share/bash-completion/completions/aviary && complete -p aviary' | grep -q _aviary && ok ||
+  fail "the bash completion of aviary is not installed"
 /usr/bin/aviary synth --out t24 --layout 2024 --species 4 --recordings 32 --seed 3 --max-seconds 6 --no-broken > /dev/null ||
   fail "installed aviary synth"
 set_args=(--set data.target.root="$tmp/t24" --set 'data.pretrain_sources=[]' --set data.cache_dir="$tmp/cache"
