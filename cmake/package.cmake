@@ -7,7 +7,8 @@ install(TARGETS aviary aviary-worker aviary-coordinator RUNTIME DESTINATION ${CM
 set(AVIARY_COMPLETION ${CMAKE_BINARY_DIR}/completion/aviary)
 add_custom_command(OUTPUT ${AVIARY_COMPLETION}
   COMMAND ${CMAKE_COMMAND} -E make_directory ${CMAKE_BINARY_DIR}/completion
-  COMMAND sh -c "\"$1\" completion bash > \"$2\"" sh $<TARGET_FILE:aviary> ${AVIARY_COMPLETION}
+  COMMAND ${CMAKE_COMMAND} -DAVIARY=$<TARGET_FILE:aviary> -DOUT=${AVIARY_COMPLETION}
+          -P ${PROJECT_SOURCE_DIR}/cmake/completion.cmake
   DEPENDS aviary
   COMMENT "bash completion of aviary")
 add_custom_target(aviary_bash_completion ALL DEPENDS ${AVIARY_COMPLETION})
