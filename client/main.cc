@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <string>
@@ -64,10 +65,60 @@ constexpr char kFooter[] =
     "--tls-ca or $AVIARY_TLS_CA. The global flags come before the command.\n"
     "aviary COMMAND --help: the command's flags.\n";
 
+// mel and predict pass their arguments, --help included, to aviary-worker, which defines and
+// parses their flags (worker/tools/tools.h).
+void AddToolCommands(CLI::App* app, aviary::cli::Runner* run) {
+  for (const auto& [name, description] :
+       {std::pair<const char*, const char*>{"mel", "the model input of one clip as .npy"},
+        {"predict", "BirdCLEF submission: one row per window of every file, probabilities per class"}}) {
+    CLI::App* tool = app->add_subcommand(name, description)->group(aviary::cli::kToolGroup)->prefix_command();
+    tool->set_help_flag();
+    tool->callback([run, tool] {
+      *run = [tool] { return RunTool(tool->get_name(), tool->remaining()); };
+    });
+  }
+}
+
+// `aviary completion bash` and `aviary help [COMMAND]`: about the program itself.
+void AddHelpCommands(CLI::App* app, aviary::cli::Runner* run) {
+  CLI::App* completion = aviary::common::AddCommand(
+      app, "completion", "a shell completion script",
+      "bash: source <(aviary completion bash), or install it as "
+      "/usr/share/bash-completion/completions/aviary (the .deb does).");
+  completion->group(aviary::cli::kOfflineGroup);
+  auto shell = std::make_shared<std::string>();
+  completion->add_option("shell", *shell, "the shell")->type_name("bash")->required()->check(
+      aviary::common::OneOf({"bash"}));
+  completion->callback([run, app] {
+    *run = [app] {
+      std::cout << aviary::common::BashCompletion(*app);
+      return 0;
+    };
+  });
+  auto topic = std::make_shared<std::string>();
+  CLI::App* help = app->add_subcommand("help", "this text, or one command's")->group(aviary::cli::kOfflineGroup);
+  help->add_option("command", *topic, "a command")->type_name("COMMAND");
+  help->callback([run, app, topic] {
+    *run = [app, topic] {
+      if (topic->empty()) {
+        std::cout << app->help();
+        return 0;
+      }
+      for (CLI::App* sub : app->get_subcommands({})) {
+        if (sub->get_name() != *topic) continue;
+        if (sub->get_group() == aviary::cli::kToolGroup) return RunTool(*topic, {"--help"});
+        std::cout << sub->help();
+        return 0;
+      }
+      std::cerr << "aviary help: unknown command '" << *topic << "' (aviary --help lists them)\n";
+      return 2;
+    };
+  });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  using aviary::cli::kToolGroup;
   std::vector<std::string> args(argv + 1, argv + argc);
   CLI::App app("aviary: submit and watch training jobs on an aviary coordinator, and the offline "
                "dataset tools.",
@@ -94,51 +145,8 @@ int main(int argc, char** argv) {
   aviary::cli::AddDatasetCommand(&app, &run);
   aviary::cli::AddScoreCommand(&app, &run);
   aviary::cli::AddPrepareCommand(&app, &run);
-  // The torch commands pass their arguments, --help included, to aviary-worker, which defines
-  // and parses their flags (worker/tools/tools.h).
-  for (const auto& [name, description] :
-       {std::pair<const char*, const char*>{"mel", "the model input of one clip as .npy"},
-        {"predict", "BirdCLEF submission: one row per window of every file, probabilities per class"}}) {
-    CLI::App* tool = app.add_subcommand(name, description)->group(kToolGroup)->prefix_command();
-    tool->set_help_flag();
-    tool->callback([&run, tool] {
-      run = [tool] { return RunTool(tool->get_name(), tool->remaining()); };
-    });
-  }
-  std::string shell;
-  CLI::App* completion = aviary::common::AddCommand(
-      &app, "completion", "a shell completion script",
-      "bash: source <(aviary completion bash), or install it as "
-      "/usr/share/bash-completion/completions/aviary (the .deb does).");
-  completion->group(aviary::cli::kOfflineGroup);
-  completion->add_option("shell", shell, "the shell")->type_name("bash")->required()->check(
-      aviary::common::OneOf({"bash"}));
-  completion->callback([&run, &app] {
-    run = [&app] {
-      std::cout << aviary::common::BashCompletion(app);
-      return 0;
-    };
-  });
-  std::string help_topic;
-  CLI::App* help = app.add_subcommand("help", "this text, or one command's")->group(aviary::cli::kOfflineGroup);
-  help->add_option("command", help_topic, "a command")->type_name("COMMAND");
-  help->callback([&run, &app, &help_topic] {
-    run = [&app, &help_topic] {
-      if (help_topic.empty()) {
-        std::cout << app.help();
-        return 0;
-      }
-      for (CLI::App* sub : app.get_subcommands({})) {
-        if (sub->get_name() != help_topic) continue;
-        if (sub->get_group() == kToolGroup) return RunTool(help_topic, {"--help"});
-        std::cout << sub->help();
-        return 0;
-      }
-      std::cerr << "aviary help: unknown command '" << help_topic << "' (aviary --help lists them)\n";
-      return 2;
-    };
-  });
-
+  AddToolCommands(&app, &run);
+  AddHelpCommands(&app, &run);
   app.footer(kFooter);  // after the subcommands, which would inherit it
   if (args.empty()) {
     std::cout << app.help();
