@@ -326,4 +326,39 @@ std::string FormatHistoryCsv(const std::vector<v1::HistoryRow>& rows) {
   return out;
 }
 
+std::vector<int> WatchRows(const v1::JobInfo& job, int max_rows, std::string* summary) {
+  summary->clear();
+  const int n = job.tasks_size();
+  std::vector<int> rows;
+  if (n <= max_rows) {
+    for (int i = 0; i < n; ++i) rows.push_back(i);
+    return rows;
+  }
+  auto rank = [](v1::TaskState state) {
+    switch (state) {
+      case v1::TASK_STATE_LEASED: return 0;
+      case v1::TASK_STATE_READY: return 1;
+      case v1::TASK_STATE_BLOCKED: return 2;
+      default: return 3;
+    }
+  };
+  std::vector<int> order(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return rank(job.tasks(a).state()) < rank(job.tasks(b).state());
+  });
+  const size_t shown = static_cast<size_t>(std::max(0, max_rows - 1));
+  rows.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(std::min(shown, order.size())));
+  std::sort(rows.begin(), rows.end());
+  std::map<std::string, int> hidden;  // state name -> count
+  for (size_t i = rows.size(); i < order.size(); ++i) ++hidden[TaskStateName(job.tasks(order[i]).state())];
+  *summary = absl::StrCat("... ", order.size() - rows.size(), " more tasks:");
+  bool first = true;
+  for (const auto& [state, count] : hidden) {
+    absl::StrAppend(summary, first ? " " : ", ", count, " ", state);
+    first = false;
+  }
+  return rows;
+}
+
 }  // namespace aviary::cli

@@ -67,6 +67,13 @@ class EtaTracker {
   std::map<std::string, Sample> samples_;
 };
 
+// The tasks `watch` draws when its block may have at most `max_rows` task rows (the terminal's
+// height: a block taller than the screen cannot be redrawn in place). All of them when they
+// fit; else max_rows - 1 of them, LEASED first, then READY and BLOCKED, then finished ones (each
+// group in job order), returned in job order, and `*summary` gets the line that stands for
+// the rest ("... 7 more tasks: 6 SUCCEEDED, 1 BLOCKED"); empty when all fit.
+std::vector<int> WatchRows(const v1::JobInfo& job, int max_rows, std::string* summary);
+
 // The latest training loss (NaN before the first report).
 double LatestLoss(const v1::TaskInfo& task);
 // The val AUC shown for a task: the latest point's when it has one (epoch ends); else

@@ -512,6 +512,15 @@ class WatchView {
     return 0;  // unknown: no cut
   }
 
+  // The task rows the block may have: the terminal's height less the job line, a line for the
+  // cursor and one for a note; a block taller than the screen cannot be redrawn in place (the
+  // cursor stops at the top row and the next redraw lands over the old one).
+  int MaxTaskRows() const {
+    struct winsize ws {};
+    if (::ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_row > 0) return std::max(2, ws.ws_row - 3);
+    return job_.tasks_size();  // unknown: every task
+  }
+
   double EpochAuc(const std::string& task_id) const {
     auto it = epoch_auc_.find(task_id);
     return it == epoch_auc_.end() ? std::nan("") : it->second;
@@ -542,10 +551,16 @@ class WatchView {
       };
       absl::StrAppend(&out, "\r\x1b[2K", fit(absl::StrCat(job_.job_id(), "  ", JobStateName(job_.state()))), "\n");
       ++drawn_;
-      for (const auto& t : job_.tasks()) {
+      std::string more;
+      for (int i : WatchRows(job_, MaxTaskRows(), &more)) {
+        const v1::TaskInfo& t = job_.tasks(i);
         absl::StrAppend(&out, "\r\x1b[2K",
                         fit("  " + FormatTaskLine(t, eta_.SecondsLeft(t), EpochAuc(t.task_id()))),
                         "\n");
+        ++drawn_;
+      }
+      if (!more.empty()) {
+        absl::StrAppend(&out, "\r\x1b[2K", fit("  " + more), "\n");
         ++drawn_;
       }
     }

@@ -160,5 +160,26 @@ TEST(ClientFormatTest, ColumnsAlignToWidestCell) {
             "long  x\n");
 }
 
+// A block taller than the terminal cannot be redrawn in place: `watch` shows the tasks that
+// are running or waiting first and one line for the rest.
+TEST(ClientFormatTest, WatchRowsFitTheTerminalRunningTasksFirst) {
+  v1::JobInfo job;
+  *job.add_tasks() = Task("pretrain", 0, v1::TASK_STATE_SUCCEEDED, 2, 10, 20);
+  for (int fold = 0; fold < 5; ++fold) {
+    *job.add_tasks() = Task("finetune", fold,
+                            fold < 2 ? v1::TASK_STATE_SUCCEEDED
+                                     : (fold == 4 ? v1::TASK_STATE_LEASED : v1::TASK_STATE_READY),
+                            2, 10, 0);
+  }
+  std::string more;
+  EXPECT_EQ(WatchRows(job, 6, &more), (std::vector<int>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(more, "");
+  // Room for 3 task rows: 2 tasks and the summary; the LEASED one (5) and the first READY (3).
+  EXPECT_EQ(WatchRows(job, 3, &more), (std::vector<int>{3, 5}));
+  EXPECT_EQ(more, "... 4 more tasks: 1 READY, 3 SUCCEEDED");
+  EXPECT_EQ(WatchRows(job, 1, &more), (std::vector<int>{}));
+  EXPECT_EQ(more, "... 6 more tasks: 1 LEASED, 2 READY, 3 SUCCEEDED");
+}
+
 }  // namespace
 }  // namespace aviary::cli
