@@ -78,6 +78,9 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const std::st
   if (!fs::exists(path, ec)) {
     return absl::NotFoundError(absl::StrCat(what, " '", path, "' does not exist"));
   }
+  if (fs::is_directory(path, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " '", path, "' is a directory, expected a file"));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot open ", what, " '", path, "'"));
   std::ostringstream text;

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -13,6 +14,11 @@
 namespace aviary::common {
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+  // A folder opens as a stream of nothing: say what it is rather than parse "".
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": is a directory, expected a file"));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     int err = errno;

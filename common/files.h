@@ -10,7 +10,8 @@
 
 namespace aviary::common {
 
-// Reads a whole file; NOT_FOUND or INTERNAL naming the path and errno text.
+// Reads a whole file; NOT_FOUND or INTERNAL naming the path and errno text; INVALID_ARGUMENT
+// for a directory.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);

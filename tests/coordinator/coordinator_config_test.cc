@@ -56,6 +56,15 @@ TEST_F(CoordinatorConfigTest, UnknownKeyNamesFileLineAndSuggestion) {
       << config.status();
 }
 
+// A folder given as the config is refused by name, not read as an empty file.
+TEST_F(CoordinatorConfigTest, ADirectoryIsNotAConfig) {
+  auto config = LoadCoordinatorConfig(root_, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(config.status().message().find(root_ + ": is a directory, expected a file"), std::string::npos)
+      << config.status();
+}
+
 TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
   const std::string path = Write("c.yaml", "allow_no_auth: true\nmax_restarts: many\n");
   auto config = LoadCoordinatorConfig(path, {});

@@ -50,6 +50,7 @@ expect "--timeout: expected a number in [0.001, 86400], got 'abc'" av --timeout 
 expect "--limit: expected an integer in [0, 10000], got '-1'" av list --limit -1
 expect "aviary status: JOB is required" av status
 expect "'$tmp/nope.yaml' does not exist" av submit "$tmp/nope.yaml"
+expect "'$tmp' is a directory, expected a file" av submit "$tmp"
 [ -z "$(av list 2>&1 | grep -E '^j[0-9a-f]{12}')" ] || fail "a refused submission left a job behind"
 
 start_group g1 2
