@@ -815,6 +815,15 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
+  // Epochs count from 0 within the task's plan.
+  for (int i = 0; i < request.points_size(); ++i) {
+    const int32_t epoch = request.points(i).epoch();
+    if (task.info.epochs() > 0 && epoch >= task.info.epochs()) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'points[", i, "].epoch': ", epoch,
+                                                     " is outside the task's plan of ", task.info.epochs(),
+                                                     " epochs (0-based)"));
+    }
+  }
   const int64_t now = UnixMs();
   if (request.steps_per_epoch() > 0) task.info.set_steps_per_epoch(request.steps_per_epoch());
   std::vector<aviary::v1::Metrics> points(request.points().begin(), request.points().end());

@@ -7,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
@@ -87,6 +88,47 @@ absl::Status CheckText(const std::string& field, const std::string& value, bool 
   return absl::OkStatus();
 }
 
+// A job name is one line of text: control characters (a newline, ANSI escapes) would reach
+// every terminal that lists the jobs.
+absl::Status CheckName(const std::string& field, const std::string& value) {
+  for (size_t i = 0; i < value.size(); ++i) {
+    const auto c = static_cast<unsigned char>(value[i]);
+    if (c < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "field '%s': control character 0x%02x at byte %d (a name is one line of printable text)", field, c, i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The values of a progress point (docs/SERVICE.md, "What a worker group may report"): losses
+// may be NaN or infinite (that is what the NaN alert is for); the AUCs and accuracies are NaN
+// (undefined, e.g. no positive label) or in [0, 1]; lr and samples_per_s are finite and >= 0
+// (samples_per_s NaN: not measured); step and samples_total at most 2^53.
+absl::Status CheckPointValues(const std::string& field, const aviary::v1::Metrics& point) {
+  constexpr int64_t kMaxCount = int64_t{1} << 53;
+  auto bad = [&field](const char* name, double value, const char* rule) {
+    return absl::InvalidArgumentError(absl::StrCat("field '", field, ".", name, "': ", value, " ", rule));
+  };
+  if (point.step() > kMaxCount) return bad("step", static_cast<double>(point.step()), "is more than 2^53");
+  if (point.samples_total() > kMaxCount) {
+    return bad("samples_total", static_cast<double>(point.samples_total()), "is more than 2^53");
+  }
+  if (!std::isfinite(point.lr()) || point.lr() < 0) return bad("lr", point.lr(), "must be finite and >= 0");
+  if (std::isinf(point.samples_per_s()) || point.samples_per_s() < 0) {
+    return bad("samples_per_s", point.samples_per_s(), "must be finite and >= 0, or NaN");
+  }
+  const std::pair<const char*, double> fractions[] = {{"train_acc", point.train_acc()},
+                                                      {"val_auc", point.val_auc()},
+                                                      {"val_roc_auc", point.val_roc_auc()},
+                                                      {"val_cmap", point.val_cmap()},
+                                                      {"val_acc", point.val_acc()}};
+  for (const auto& [name, value] : fractions) {
+    if (!std::isnan(value) && !(value >= 0 && value <= 1)) return bad(name, value, "must be in [0, 1], or NaN");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckPoint(int index, const aviary::v1::Metrics& point) {
   const std::string field = absl::StrCat("points[", index, "]");
   if (point.epoch() < 0) {
@@ -101,7 +143,7 @@ absl::Status CheckPoint(int index, const aviary::v1::Metrics& point) {
     return absl::InvalidArgumentError(absl::StrCat("field '", field, ".samples_total': ",
                                                    point.samples_total(), " must be >= 0"));
   }
-  return absl::OkStatus();
+  return CheckPointValues(field, point);
 }
 
 // Runs `body` after authorization, mapping its status to gRPC's.
@@ -154,6 +196,7 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   return Serve(*context, token_, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckText("pipeline_yaml", request->pipeline_yaml(), true, kMaxPipelineBytes));
     AVIARY_RETURN_IF_ERROR(CheckText("name", request->name(), false, 256));
+    AVIARY_RETURN_IF_ERROR(CheckName("name", request->name()));
     AVIARY_RETURN_IF_ERROR(CheckText("source_path", request->source_path(), false));
     AVIARY_RETURN_IF_ERROR(CheckText("working_dir", request->working_dir(), false));
     if (!request->working_dir().empty() && fs::path(request->working_dir()).is_relative()) {

@@ -1,4 +1,3 @@
-#include "common/files.h"
 #include "common/plot.h"
 
 #include <zlib.h>
@@ -14,6 +13,7 @@
 #include <vector>
 
 #include "common/csv.h"
+#include "common/files.h"
 #include "gtest/gtest.h"
 
 namespace aviary::common {

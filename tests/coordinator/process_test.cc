@@ -182,6 +182,9 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   StartAndConnect();
   SubmitJobRequest submit;
   submit.set_pipeline_yaml(kPipeline);
+  // Room in the plan for every epoch the reporter below sends before the kill (epochs outside
+  // the plan are refused).
+  submit.add_overrides("train.epochs=100000");
   submit.set_source_path("pipe.yaml");
   submit.set_working_dir(root_);
   SubmitJobResponse submitted;

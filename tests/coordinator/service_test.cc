@@ -1,6 +1,5 @@
 // The coordinator end to end: a real gRPC server on 127.0.0.1:0 over a real SQLite file, driven
 // through the generated stubs; the test plays the client and the worker groups.
-#include "common/files.h"
 #include "coordinator/service.h"
 
 #include <arpa/inet.h>
@@ -11,6 +10,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,7 @@
 #include "absl/strings/str_split.h"
 #include "common/config.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/manifest.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -695,7 +697,15 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   EXPECT_FALSE(status.ok());
   EXPECT_NE(status.error_message().find(root_ + "/missing"), std::string::npos) << status.error_message();
 
+  // A name is one line of printable text (issue 14, item 5).
   submit.clear_overrides();
+  submit.set_name("evil\n\x1b[31mred");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'name': control character 0x0a at byte 4"), std::string::npos)
+      << status.error_message();
+  submit.clear_name();
+
   submit.set_working_dir("relative/dir");
   status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -735,6 +745,37 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   status = Report(group, job_id + "/pretrain-f0", {bad}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("points[0].step"), std::string::npos) << status.error_message();
+  // Progress stays within the plan and its values within their ranges (issue 14, item 3).
+  const std::string task = job_id + "/pretrain-f0";
+  auto refused = [&](const Metrics& point, const std::string& want) {
+    bool cancelled = false;
+    grpc::Status s = Report(group, task, {point}, &cancelled);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << want;
+    EXPECT_NE(s.error_message().find(want), std::string::npos) << s.error_message();
+  };
+  Metrics point = EpochEnd(0, 0.5);
+  point.set_epoch(2147483647);
+  refused(point, "field 'points[0].epoch': 2147483647 is outside the task's plan of");
+  point = EpochEnd(0, 0.5);
+  point.set_step(int64_t{1} << 62);
+  refused(point, "field 'points[0].step'");
+  point = EpochEnd(0, std::numeric_limits<double>::infinity());
+  refused(point, "field 'points[0].val_auc': inf must be in [0, 1], or NaN");
+  point = EpochEnd(0, 1.5);
+  refused(point, "field 'points[0].val_auc'");
+  point = EpochEnd(0, 0.5);
+  point.set_lr(std::nan(""));
+  refused(point, "field 'points[0].lr'");
+  point = EpochEnd(0, 0.5);
+  point.set_samples_per_s(-1);
+  refused(point, "field 'points[0].samples_per_s'");
+  // Undefined metrics (NaN) and a diverged loss (NaN, inf) are reported as they are.
+  point = EpochEnd(0, std::nan(""));
+  point.set_train_loss(std::nan(""));
+  point.set_val_loss(std::numeric_limits<double>::infinity());
+  point.set_samples_per_s(std::nan(""));
+  EXPECT_TRUE(Report(group, task, {point}, &cancel).ok());
+
   status = Report(group, "j0123/oops", {}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("task_id"), std::string::npos);

@@ -1,4 +1,3 @@
-#include "common/files.h"
 #include "worker/checkpoint.h"
 
 #include <sys/stat.h>
@@ -9,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "gtest/gtest.h"
 
 namespace aviary::worker {

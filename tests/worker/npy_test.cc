@@ -1,4 +1,3 @@
-#include "common/files.h"
 #include "worker/tools/npy.h"
 
 #include <cstdio>
@@ -6,6 +5,7 @@
 #include <vector>
 
 #include "common/csv.h"
+#include "common/files.h"
 #include "gtest/gtest.h"
 
 namespace aviary::worker {
