@@ -217,13 +217,13 @@ std::string JobLineHeader() {
 std::string FormatJobLine(const v1::JobInfo& job) {
   return absl::StrFormat("%-14s  %-9s  %-19s  %-10s  %s", job.job_id(), JobStateName(job.state()),
                          FormatUnixMs(job.created_unix_ms()),
-                         absl::StrCat(TasksDone(job), "/", job.tasks_size(), " done"), job.name());
+                         absl::StrCat(TasksDone(job), "/", job.tasks_size(), " done"), PrintableText(job.name()));
 }
 
 std::string FormatJobStatus(const v1::JobInfo& job) {
   std::string out;
   absl::StrAppend(&out, "job      ", job.job_id(), "\n");
-  if (!job.name().empty()) absl::StrAppend(&out, "name     ", job.name(), "\n");
+  if (!job.name().empty()) absl::StrAppend(&out, "name     ", PrintableText(job.name()), "\n");
   absl::StrAppend(&out, "state    ", JobStateName(job.state()), "\n");
   absl::StrAppend(&out, "created  ", FormatUnixMs(job.created_unix_ms()), UtcSuffix(job.created_unix_ms()), "\n");
   absl::StrAppend(&out, "updated  ", FormatUnixMs(job.updated_unix_ms()), UtcSuffix(job.updated_unix_ms()), "\n");
@@ -322,6 +322,19 @@ std::string FormatHistoryCsv(const std::vector<v1::HistoryRow>& rows) {
                                    CsvNumber(m.samples_per_s())},
                                   ","),
                     "\n");
+  }
+  return out;
+}
+
+std::string PrintableText(const std::string& text) {
+  std::string out;
+  for (char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c == 0x7f) {
+      absl::StrAppend(&out, absl::StrFormat("\\x%02x", c));
+    } else {
+      out += ch;
+    }
   }
   return out;
 }

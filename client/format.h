@@ -67,6 +67,10 @@ class EtaTracker {
   std::map<std::string, Sample> samples_;
 };
 
+// `text` with control characters written as \xNN: a job name from a database older than the
+// coordinator's check (docs/SERVICE.md) must not move the cursor or colour the terminal.
+std::string PrintableText(const std::string& text);
+
 // The tasks `watch` draws when its block may have at most `max_rows` task rows (the terminal's
 // height: a block taller than the screen cannot be redrawn in place). All of them when they
 // fit; else max_rows - 1 of them, LEASED first, then READY and BLOCKED, then finished ones (each

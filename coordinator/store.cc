@@ -7,7 +7,7 @@
 #include <unistd.h>
 
 #include <cstring>
-
+#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -66,6 +66,53 @@ constexpr const char* kSchema[] = {
     "CREATE INDEX checkpoints_by_task ON checkpoints(task_id, id)",
     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 };
+
+// The schema objects of `db` (tables and indices, SQLite's own excluded): "table jobs" -> its
+// CREATE statement as stored.
+absl::StatusOr<std::map<std::string, std::string>> SchemaObjects(sqlite3* db, const std::string& what) {
+  sqlite3_stmt* stmt = nullptr;
+  const char* sql =
+      "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name";
+  int rc = sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr);
+  if (rc != SQLITE_OK) {
+    return absl::InternalError(absl::StrCat(what, ": ", sql, ": ", sqlite3_errmsg(db)));
+  }
+  std::map<std::string, std::string> objects;
+  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+    auto text = [stmt](int column) {
+      const unsigned char* t = sqlite3_column_text(stmt, column);
+      return t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t));
+    };
+    objects[absl::StrCat(text(0), " ", text(1))] = text(2);
+  }
+  const std::string error = rc == SQLITE_DONE ? "" : sqlite3_errmsg(db);
+  sqlite3_finalize(stmt);
+  if (rc != SQLITE_DONE) return absl::InternalError(absl::StrCat(what, ": ", sql, ": ", error));
+  return objects;
+}
+
+// The objects kSchema creates, read back from an in-memory database.
+absl::StatusOr<std::map<std::string, std::string>> ExpectedSchema() {
+  sqlite3* db = nullptr;
+  int rc = sqlite3_open(":memory:", &db);
+  if (rc != SQLITE_OK) {
+    sqlite3_close(db);
+    return absl::InternalError(absl::StrCat("sqlite3_open(:memory:): ", sqlite3_errstr(rc)));
+  }
+  for (const char* sql : kSchema) {
+    char* error = nullptr;
+    rc = sqlite3_exec(db, sql, nullptr, nullptr, &error);
+    if (rc != SQLITE_OK) {
+      std::string message = error != nullptr ? error : sqlite3_errstr(rc);
+      sqlite3_free(error);
+      sqlite3_close(db);
+      return absl::InternalError(absl::StrCat("the schema in memory: ", sql, ": ", message));
+    }
+  }
+  auto objects = SchemaObjects(db, "the schema in memory");
+  sqlite3_close(db);
+  return objects;
+}
 
 std::string Serialize(const google::protobuf::MessageLite& message) {
   std::string out;
@@ -236,7 +283,7 @@ absl::Status Store::InitSchema() {
     if (st.Step(&status)) tables = st.Int(0);
     AVIARY_RETURN_IF_ERROR(status);
   }
-  if (version == kStoreSchemaVersion) return absl::OkStatus();
+  if (version == kStoreSchemaVersion) return VerifySchema();
   if (version != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("database ", path_, " has schema version ", version,
@@ -253,6 +300,34 @@ absl::Status Store::InitSchema() {
     const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
     return Exec(pragma.c_str());
   });
+}
+
+absl::Status Store::VerifySchema() {
+  AVIARY_ASSIGN_OR_RETURN(auto expected, ExpectedSchema());
+  AVIARY_ASSIGN_OR_RETURN(auto actual, SchemaObjects(db_, absl::StrCat("database ", path_)));
+  const std::string hint = " (a damaged database, or one changed by hand: restore a backup or use a new file)";
+  // Tables first: a dropped table takes its indices with it.
+  for (const char* kind : {"table ", "index "}) {
+    for (const auto& [name, sql] : expected) {
+      if (name.compare(0, std::strlen(kind), kind) != 0) continue;
+      auto it = actual.find(name);
+      if (it == actual.end()) {
+        return absl::FailedPreconditionError(absl::StrCat("database ", path_, ": ", name, " is missing", hint));
+      }
+      if (it->second != sql) {
+        return absl::FailedPreconditionError(absl::StrCat("database ", path_, ": ", name, " is `", it->second,
+                                                          "`, expected `", sql, "`", hint));
+      }
+    }
+  }
+  for (const auto& [name, sql] : actual) {
+    if (!expected.count(name)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("database ", path_, ": unexpected ", name, " (not in schema version ",
+                       kStoreSchemaVersion, ")", hint));
+    }
+  }
+  return absl::OkStatus();
 }
 
 Store::~Store() { (void)Close(); }

@@ -126,6 +126,9 @@ class Store {
       : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
   absl::Status Exec(const char* sql);
   absl::Status InitSchema();
+  // Every table and index of the schema is there as created, and nothing else: a damaged
+  // database is refused at start, naming what differs, not at the first write to it.
+  absl::Status VerifySchema();
   absl::Status SqlError(int rc, const std::string& statement) const;
   absl::Status CheckOpen() const;
 

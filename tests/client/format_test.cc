@@ -181,5 +181,15 @@ TEST(ClientFormatTest, WatchRowsFitTheTerminalRunningTasksFirst) {
   EXPECT_EQ(more, "... 6 more tasks: 1 LEASED, 2 READY, 3 SUCCEEDED");
 }
 
+TEST(ClientFormatTest, ControlCharactersInNamesArePrintedEscaped) {
+  EXPECT_EQ(PrintableText("evil\n\x1b[31mred\x7f"), "evil\\x0a\\x1b[31mred\\x7f");
+  EXPECT_EQ(PrintableText("caf\xc3\xa9 run"), "caf\xc3\xa9 run");  // UTF-8 stays
+  v1::JobInfo job;
+  job.set_job_id("j0123456789ab");
+  job.set_name("a\nb");
+  EXPECT_EQ(FormatJobLine(job).find('\n'), std::string::npos);
+  EXPECT_NE(FormatJobStatus(job).find("name     a\\x0ab\n"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace aviary::cli
