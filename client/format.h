@@ -1,4 +1,4 @@
-// Pure text helpers of the `aviary` gRPC client (coordinator/cli/client_commands.cc): state
+// Pure text helpers of the `aviary` gRPC client (client/rpc_commands.cc): state
 // names, numbers, durations, the live line of a task, the tables of `status`, `list`, `watch`
 // and `history`, the history CSV, and the client's exit-code mapping. No I/O, no gRPC calls;
 // every function is a pure function of its arguments and thread-safe (EtaTracker is not

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""common/npy against numpy itself: WriteNpy must produce the bytes numpy.save writes for the
+"""worker/tools/npy against numpy itself: WriteNpy must produce the bytes numpy.save writes for the
 same float32 C-order array, numpy.load must read them back, and ReadNpy must read numpy's files
 (and refuse float64 and Fortran-order ones).
 
