@@ -26,6 +26,7 @@ expect "unknown command 'split' (expected folds, train-list, summary)" "$aviary"
 expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
 expect "argument was not expected: --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
 expect "--stage: expected one of pretrain, finetune, got 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
+expect "--set: expected dotted.key=value, got 'seed'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --set seed
 expect "$tmp/nope.yaml" "$aviary" dataset folds --config "$tmp/nope.yaml" --stage finetune --out "$tmp/o.csv"
 expect "bad.yaml:3: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)" \
   "$aviary" dataset folds --config "$tmp/bad.yaml" --stage finetune --out "$tmp/o.csv"
