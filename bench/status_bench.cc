@@ -1,7 +1,8 @@
 // status_bench: how the coordinator answers status polling while worker groups heartbeat.
 //
 // Starts a real `aviary-coordinator` (--coordinator-bin; 127.0.0.1 port 0, a fresh SQLite file,
-// a token) or uses a running one (--coordinator H:P --token-file F), submits --jobs jobs over a
+// a client and a worker token) or uses a running one (--coordinator H:P --token-file F
+// --worker-token-file F), submits --jobs jobs over a
 // tiny hand-written dataset (a 2024-layout metadata CSV and empty audio files: the catalog only
 // checks that they exist), registers --groups worker groups that heartbeat every
 // --heartbeat-ms (the first --leased of them lease a task first and heartbeat with it), and
@@ -35,6 +36,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
@@ -46,6 +48,7 @@
 #include "absl/strings/str_join.h"
 #include "common/cli.h"
 #include "common/status.h"
+#include "common/tokens.h"
 #include "proto/aviary.grpc.pb.h"
 
 namespace {
@@ -55,13 +58,16 @@ namespace v1 = aviary::v1;
 using Clock = std::chrono::steady_clock;
 
 constexpr char kToken[] = "status-bench-token";  // of a spawned coordinator
-std::string g_token = kToken;                      // what the calls send
+std::string g_token = kToken;                      // what the clients' calls send
+constexpr char kWorkerToken[] = "status-bench-worker-token";  // of a spawned coordinator
+std::string g_worker_token = kWorkerToken;                   // what the groups' calls send
 constexpr double kCallTimeoutS = 10;
 
 struct Options {
   std::string coordinator_bin;  // spawn this one ...
   std::string coordinator;      // ... or use this address
   std::string token_file;
+  std::string worker_token_file;
   double duration_s = 10;
   int pollers = 200;
   int channels = 200;
@@ -132,6 +138,13 @@ void Prepare(grpc::ClientContext* context) {
   if (!g_token.empty()) context->AddMetadata("authorization", absl::StrCat("Bearer ", g_token));
 }
 
+// The same for WorkerService calls (the worker groups' token).
+void PrepareWorker(grpc::ClientContext* context) {
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(kCallTimeoutS * 1000)));
+  if (!g_worker_token.empty()) context->AddMetadata("authorization", absl::StrCat("Bearer ", g_worker_token));
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int index) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
@@ -190,6 +203,7 @@ class CoordinatorProcess {
     const fs::path config = dir / "coordinator.yaml";
     const fs::path port_file = dir / "port";
     AVIARY_RETURN_IF_ERROR(WriteFile(dir / "token", std::string(kToken) + "\n"));
+    AVIARY_RETURN_IF_ERROR(WriteFile(dir / "worker.token", std::string(kWorkerToken) + "\n"));
     AVIARY_RETURN_IF_ERROR(WriteFile(
         config, absl::StrCat("listen: 127.0.0.1:0\n"
                              "port_file: ", port_file.string(), "\n"
@@ -197,6 +211,7 @@ class CoordinatorProcess {
                              "database: ", (dir / "aviary.db").string(), "\n"
                              "work_dir: ", (dir / "runs").string(), "\n"
                              "token_file: ", (dir / "token").string(), "\n"
+                             "worker_token_file: ", (dir / "worker.token").string(), "\n"
                              "heartbeat_timeout_s: 20\n"
                              "log_level: warning\n")));
     const fs::path log = dir / "coordinator.log";
@@ -265,7 +280,7 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
   v1::RegisterGroupResponse reg_response;
   {
     grpc::ClientContext context;
-    Prepare(&context);
+    PrepareWorker(&context);
     grpc::Status s = stub->RegisterGroup(&context, reg, &reg_response);
     if (!s.ok()) {
       out->errors++;
@@ -279,7 +294,7 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     req.set_group_id(reg_response.group_id());
     v1::LeaseTaskResponse resp;
     grpc::ClientContext context;
-    Prepare(&context);
+    PrepareWorker(&context);
     grpc::Status s = stub->LeaseTask(&context, req, &resp);
     if (s.ok() && resp.available()) task_id = resp.task().task_id();
     if (!s.ok()) {
@@ -298,7 +313,7 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     req.set_task_id(task_id);
     v1::HeartbeatResponse resp;
     grpc::ClientContext context;
-    Prepare(&context);
+    PrepareWorker(&context);
     const auto t0 = Clock::now();
     grpc::Status s = stub->Heartbeat(&context, req, &resp);
     const auto t1 = Clock::now();
@@ -367,7 +382,8 @@ std::optional<int> ParseOptions(int argc, char** argv, Options* o) {
   using aviary::common::AddNumber;
   app.add_option("--coordinator-bin", o->coordinator_bin, "start this coordinator");
   app.add_option("--coordinator", o->coordinator, "or use the one at H:P");
-  app.add_option("--token-file", o->token_file, "its token (with --coordinator)");
+  app.add_option("--token-file", o->token_file, "its client token (with --coordinator)");
+  app.add_option("--worker-token-file", o->worker_token_file, "its worker-group token (with --coordinator)");
   AddNumber(&app, "--duration", &o->duration_s, "S", "seconds of load", 0.001, 1e6)->capture_default_str();
   AddNumber(&app, "--pollers", &o->pollers, "N", "polling threads", 1, 5000)->capture_default_str();
   CLI::Option* channels = AddNumber(&app, "--channels", &o->channels, "N", "channels (default: one per poller)", 1, 5000);
@@ -404,15 +420,18 @@ absl::Status Run(const Options& options) {
     AVIARY_ASSIGN_OR_RETURN(process, CoordinatorProcess::Start(options.coordinator_bin, scratch));
     address = process->address();
   } else {
-    g_token.clear();
-    if (!options.token_file.empty()) {
-      std::ifstream in(options.token_file);
-      if (!in) {
-        return absl::NotFoundError(absl::StrCat("--token-file ", options.token_file, ": cannot open"));
-      }
-      std::getline(in, g_token);
-      while (!g_token.empty() && std::isspace(static_cast<unsigned char>(g_token.back()))) g_token.pop_back();
-      while (!g_token.empty() && std::isspace(static_cast<unsigned char>(g_token.front()))) g_token.erase(0, 1);
+    for (auto [flag, path, token] : {std::tuple<const char*, const std::string*, std::string*>{
+                                         "--token-file", &options.token_file, &g_token},
+                                     {"--worker-token-file", &options.worker_token_file, &g_worker_token}}) {
+      token->clear();
+      if (path->empty()) continue;
+      std::ifstream in(*path);
+      if (!in) return absl::NotFoundError(absl::StrCat(flag, " ", *path, ": cannot open"));
+      std::ostringstream text;
+      text << in.rdbuf();
+      std::vector<std::string> tokens = aviary::common::ParseTokenLines(text.str());
+      if (tokens.empty()) return absl::InvalidArgumentError(absl::StrCat(flag, " ", *path, ": holds no token"));
+      *token = tokens.front();
     }
   }
   std::cerr << "status_bench: coordinator " << address << ", scratch " << scratch.string() << "\n";

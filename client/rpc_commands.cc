@@ -37,6 +37,7 @@
 #include "common/cli.h"
 #include "common/plot.h"
 #include "common/status.h"
+#include "common/tokens.h"
 #include "client/format.h"
 #include "client/commands.h"
 #include "proto/aviary.grpc.pb.h"
@@ -89,17 +90,16 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const std::st
   return text.str();
 }
 
-// The token: the first line of the file, surrounding whitespace removed (as the coordinator
-// reads its token_file).
+// The token: the first token line of the file (common/tokens.h: blank lines and '#' lines
+// skipped, surrounding whitespace removed), so a file listing several tokens works here too.
 absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& source) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path, absl::StrCat("token file (", source, ")")));
-  std::string line = text.substr(0, text.find('\n'));
-  std::string token(absl::StripAsciiWhitespace(line));
-  if (token.empty()) {
+  std::vector<std::string> tokens = common::ParseTokenLines(text);
+  if (tokens.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("token file '", path, "' (", source, ") has an empty first line"));
+        absl::StrCat("token file '", path, "' (", source, ") holds no token (only blank or '#' lines)"));
   }
-  return token;
+  return tokens.front();
 }
 
 absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {

@@ -15,6 +15,7 @@
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
+#include "common/tokens.h"
 #include "common/yaml_util.h"
 #include "yaml-cpp/yaml.h"
 
@@ -109,9 +110,12 @@ const std::vector<Field>& Fields() {
       {"database", String(&CoordinatorConfig::database, true)},
       {"work_dir", String(&CoordinatorConfig::work_dir, true)},
       {"token_file", String(&CoordinatorConfig::token_file, true)},
+      {"viewer_token_file", String(&CoordinatorConfig::viewer_token_file, true)},
+      {"worker_token_file", String(&CoordinatorConfig::worker_token_file, true)},
       {"allow_no_auth", Bool(&CoordinatorConfig::allow_no_auth)},
       {"tls_cert_file", String(&CoordinatorConfig::tls_cert_file, true)},
       {"tls_key_file", String(&CoordinatorConfig::tls_key_file, true)},
+      {"tls_client_ca_file", String(&CoordinatorConfig::tls_client_ca_file, true)},
       {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s)},
       {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s)},
       {"max_restarts", Int(&CoordinatorConfig::max_restarts)},
@@ -175,6 +179,8 @@ const std::vector<std::pair<std::string, std::string>>& CoordinatorFlagKeys() {
       {"database", "database"},
       {"work-dir", "work_dir"},
       {"token-file", "token_file"},
+      {"viewer-token-file", "viewer_token_file"},
+      {"worker-token-file", "worker_token_file"},
       {"heartbeat-timeout-s", "heartbeat_timeout_s"},
       {"max-restarts", "max_restarts"},
       {"log-level", "log_level"},
@@ -291,10 +297,18 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
         "key '", config.tls_cert_file.empty() ? "tls_cert_file" : "tls_key_file",
         "': TLS needs both tls_cert_file and tls_key_file"));
   }
-  if (config.token_file.empty() && !config.allow_no_auth) {
+  if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
     return absl::InvalidArgumentError(
-        "key 'token_file': no token file; set token_file (bearer token) or allow_no_auth: true "
-        "to serve without authentication");
+        "key 'tls_client_ca_file': client certificates need TLS: set tls_cert_file and tls_key_file too");
+  }
+  for (const auto& [key, path] : {std::pair<const char*, const std::string&>{"token_file", config.token_file},
+                                  {"worker_token_file", config.worker_token_file}}) {
+    if (path.empty() && !config.allow_no_auth) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "key '", key, "': no token file; set token_file (clients) and worker_token_file (worker "
+          "groups), which `aviary-coordinator init DIR` writes, or allow_no_auth: true to serve "
+          "without authentication"));
+    }
   }
   if (!(config.heartbeat_interval_s > 0) || config.heartbeat_interval_s > 3600) {
     return absl::InvalidArgumentError(absl::StrCat("key 'heartbeat_interval_s': ",
@@ -321,15 +335,14 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
-  const size_t newline = text.find('\n');
-  std::string token(absl::StripAsciiWhitespace(text.substr(0, newline)));
-  if (token.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("token file ", path, ": the first line is empty (an empty token is refused)"));
+  std::vector<std::string> tokens = common::ParseTokenLines(text);
+  if (tokens.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "token file ", path, ": holds no token (only blank or '#' lines; an empty token is refused)"));
   }
-  return token;
+  return tokens;
 }
 
 }  // namespace aviary::coordinator

@@ -25,10 +25,13 @@ struct CoordinatorConfig {
   std::string metrics_port_file;
   std::string database = "aviary.db";
   std::string work_dir = "runs";
-  std::string token_file;
+  std::string token_file;         // client tokens: all of JobService
+  std::string viewer_token_file;  // viewer tokens: GetJob, ListJobs, WatchJob, GetHistory ("" = none)
+  std::string worker_token_file;  // worker-group tokens: WorkerService only
   bool allow_no_auth = false;
   std::string tls_cert_file;
   std::string tls_key_file;
+  std::string tls_client_ca_file;  // mutual TLS: WorkerService needs a client cert signed by this CA
   double heartbeat_interval_s = 2.0;  // > 0
   double heartbeat_timeout_s = 20.0;  // > heartbeat_interval_s
   int max_restarts = 3;               // >= 0
@@ -68,9 +71,9 @@ const std::vector<std::string>& CoordinatorConfigKeys();
 // Cross-field checks; errors name the key.
 absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config);
 
-// Reads the bearer token: the first line of `path`, surrounding whitespace removed.
-// INVALID_ARGUMENT naming the file when it is empty; NOT_FOUND when missing.
-absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+// Reads a token file: every token line of `path` (common/tokens.h: one per line, blank and '#'
+// lines ignored). INVALID_ARGUMENT naming the file when it holds none; NOT_FOUND when missing.
+absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path);
 
 }  // namespace aviary::coordinator
 

@@ -73,8 +73,14 @@ constexpr char kConfig[] =
     "metrics_listen: \"0.0.0.0:9470\"\n"
     "database: \"aviary.db\"\n"
     "work_dir: \"runs\"\n"
-    "# The bearer token clients and worker groups send (--token-file, AVIARY_TOKEN_FILE).\n"
-    "token_file: \"token\"\n";
+    "# Bearer tokens, one role each (docs/SERVICE.md, \"Security model\"); every file may list\n"
+    "# several tokens, one a line (rotation), and SIGHUP re-reads them.\n"
+    "# Clients that submit and cancel (aviary --token-file, AVIARY_TOKEN_FILE):\n"
+    "token_file: \"token\"\n"
+    "# Read-only viewers (status, list, watch, history):\n"
+    "viewer_token_file: \"viewer.token\"\n"
+    "# Worker groups only (aviary-worker serve --token-file):\n"
+    "worker_token_file: \"worker.token\"\n";
 
 }  // namespace
 
@@ -86,9 +92,12 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir) {
   InitResult result;
   result.config_path = (root / "coordinator.yaml").string();
   result.token_path = (root / "token").string();
+  result.viewer_token_path = (root / "viewer.token").string();
+  result.worker_token_path = (root / "worker.token").string();
   result.work_dir = (root / "runs").string();
   // Refuse before writing anything when either file is there.
-  for (const std::string& path : {result.config_path, result.token_path}) {
+  for (const std::string& path :
+       {result.config_path, result.token_path, result.viewer_token_path, result.worker_token_path}) {
     if (fs::exists(path, ec)) return ErrnoError("init: will not overwrite", path, EEXIST);
   }
   fs::create_directories(root / "runs", ec);
@@ -96,9 +105,11 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir) {
     return absl::PermissionDeniedError(
         absl::StrCat("init: cannot create '", (root / "runs").string(), "': ", ec.message()));
   }
-  absl::StatusOr<std::string> token = RandomToken();
-  if (!token.ok()) return token.status();
-  if (absl::Status st = WriteNewFile(result.token_path, *token + "\n", 0600); !st.ok()) return st;
+  for (const std::string& path : {result.token_path, result.viewer_token_path, result.worker_token_path}) {
+    absl::StatusOr<std::string> token = RandomToken();  // 256 random bits each: distinct
+    if (!token.ok()) return token.status();
+    if (absl::Status st = WriteNewFile(path, *token + "\n", 0600); !st.ok()) return st;
+  }
   if (absl::Status st = WriteNewFile(result.config_path, kConfig, 0644); !st.ok()) return st;
   return result;
 }

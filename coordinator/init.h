@@ -1,10 +1,12 @@
 // `aviary-coordinator init DIR`: a state folder for a first run, so that the README's two
 // commands work without hand-made files and without weakening authentication:
-//   DIR/token             a new random bearer token, mode 600 (created exclusively)
-//   DIR/coordinator.yaml  listen/metrics defaults; database, work_dir and token_file relative
-//                         to DIR (relative paths in a config resolve against its folder)
+//   DIR/token             a new random client token, mode 600 (created exclusively)
+//   DIR/viewer.token      a new random viewer token (read-only JobService), mode 600
+//   DIR/worker.token      a new random worker-group token (WorkerService only), mode 600
+//   DIR/coordinator.yaml  listen/metrics defaults; database, work_dir and the three token files
+//                         relative to DIR (relative paths in a config resolve against its folder)
 //   DIR/runs/             the run folders
-// An existing token or coordinator.yaml is never overwritten (FAILED_PRECONDITION naming it).
+// An existing token file or coordinator.yaml is never overwritten (FAILED_PRECONDITION naming it).
 #ifndef AVIARY_COORDINATOR_INIT_H_
 #define AVIARY_COORDINATOR_INIT_H_
 
@@ -16,7 +18,9 @@ namespace aviary::coordinator {
 
 struct InitResult {
   std::string config_path;  // absolute
-  std::string token_path;   // absolute
+  std::string token_path;         // absolute; the client token
+  std::string viewer_token_path;  // absolute
+  std::string worker_token_path;  // absolute
   std::string work_dir;     // absolute
 };
 

@@ -1,7 +1,7 @@
 // `aviary-coordinator`: the job scheduler service (docs/SERVICE.md).
 //
 // Exit codes: 0 after a clean shutdown (SIGTERM / SIGINT), 2 for config errors (before it
-// listens), 1 otherwise.
+// listens), 1 otherwise. SIGHUP re-reads the token files (Coordinator::ReloadTokens).
 #include <signal.h>
 
 #include <iostream>
@@ -23,7 +23,8 @@ namespace {
 
 constexpr char kDescription[] =
     "aviary-coordinator: serves JobService and WorkerService over gRPC and /metrics for Prometheus.\n"
-    "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly.";
+    "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly; SIGHUP re-reads the\n"
+    "token files (token_file, viewer_token_file, worker_token_file).";
 
 // The value shown for each key flag in --help.
 const char* FlagTypeName(const std::string& flag) {
@@ -42,10 +43,17 @@ int RunInit(const std::string& dir) {
     std::cerr << "aviary-coordinator " << result.status().message() << "\n";
     return aviary::common::ExitCodeFor(result.status());
   }
-  std::cout << "wrote " << result->token_path << " (a new bearer token, mode 600)\n"
-            << "wrote " << result->config_path << " (database, work_dir and token_file in that folder)\n"
+  std::cout << "wrote " << result->token_path << " (client token, mode 600: for `aviary` users who submit and cancel)\n"
+            << "wrote " << result->viewer_token_path
+            << " (viewer token, mode 600: status, list, watch, history only)\n"
+            << "wrote " << result->worker_token_path
+            << " (worker token, mode 600: only for the hosts that run `aviary-worker serve`)\n"
+            << "wrote " << result->config_path
+            << " (database, work_dir, token_file, viewer_token_file and worker_token_file in that folder)\n"
             << "start:   aviary-coordinator --config " << result->config_path << "\n"
-            << "clients: export AVIARY_TOKEN_FILE=" << result->token_path << "\n";
+            << "clients: export AVIARY_TOKEN_FILE=" << result->token_path << "\n"
+            << "viewers: export AVIARY_TOKEN_FILE=" << result->viewer_token_path << "\n"
+            << "groups:  aviary-worker serve --token-file " << result->worker_token_path << " ...\n";
   return 0;
 }
 
@@ -78,9 +86,9 @@ int main(int argc, char** argv) {
   std::string init_dir;
   CLI::App* init = aviary::common::AddCommand(
       &app, "init", "write a state folder for a first run",
-      "DIR/token (a new random bearer token, mode 600), DIR/coordinator.yaml (database, work_dir and "
-      "token_file in DIR) and DIR/runs/; then: aviary-coordinator --config DIR/coordinator.yaml. Never "
-      "overwrites.");
+      "DIR/token, DIR/viewer.token and DIR/worker.token (new random bearer tokens for clients, viewers "
+      "and worker groups, mode 600), DIR/coordinator.yaml (database, work_dir and the three token files "
+      "in DIR) and DIR/runs/; then: aviary-coordinator --config DIR/coordinator.yaml. Never overwrites.");
   init->add_option("DIR", init_dir, "the state folder")->type_name("")->required();
   if (std::optional<int> code = aviary::common::ParseCommandLine(&app, args)) return *code;
   if (version) {
@@ -109,24 +117,34 @@ int main(int argc, char** argv) {
   auto secrets = aviary::coordinator::LoadCoordinatorSecrets(*config);
   if (!secrets.ok()) return Fail("config", secrets.status(), 2);
 
-  // Block the shutdown signals in every thread (gRPC's and ours inherit the mask) and wait for
-  // them here.
+  // Block the shutdown and reload signals in every thread (gRPC's and ours inherit the mask) and
+  // wait for them here: no work happens in a signal handler.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigaddset(&signals, SIGHUP);
+  if (int err = pthread_sigmask(SIG_BLOCK, &signals, nullptr); err != 0) {
+    return Fail("cannot start", absl::InternalError(absl::StrCat("pthread_sigmask: error ", err)), 1);
+  }
 
   aviary::common::Logger log("coordinator");
   auto coordinator = aviary::coordinator::Coordinator::Start(*config, *secrets);
   if (!coordinator.ok()) return Fail("cannot start", coordinator.status(), 1);
 
-  int signal_number = 0;
-  if (sigwait(&signals, &signal_number) != 0) {
-    log.Error("sigwait failed; shutting down");
-  } else {
-    log.Info(absl::StrCat("received ", signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
-                          "; shutting down"));
+  while (true) {
+    int signal_number = 0;
+    if (int err = sigwait(&signals, &signal_number); err != 0) {
+      log.Error(absl::StrCat("sigwait failed (error ", err, "); shutting down"));
+      break;
+    }
+    if (signal_number == SIGHUP) {
+      log.Info("received SIGHUP; reloading the token files");
+      (void)(*coordinator)->ReloadTokens();  // logs the outcome; an error keeps the current tokens
+      continue;
+    }
+    log.Info(absl::StrCat("received ", signal_number == SIGTERM ? "SIGTERM" : "SIGINT", "; shutting down"));
+    break;
   }
   absl::Status closed = (*coordinator)->Shutdown();
   coordinator->reset();

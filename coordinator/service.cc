@@ -146,10 +146,12 @@ absl::Status CheckPoint(int index, const aviary::v1::Metrics& point) {
   return CheckPointValues(field, point);
 }
 
-// Runs `body` after authorization, mapping its status to gRPC's.
+// Runs `body` after the role check (`rpc` names the call, `allowed` its roles), mapping its
+// status to gRPC's.
 template <typename Body>
-grpc::Status Serve(const grpc::ServerContext& context, const std::string& token, Body body) {
-  absl::Status status = Authorize(context, token);
+grpc::Status Serve(const grpc::ServerContext& context, const Authenticator& auth, const char* rpc,
+                   RoleSet allowed, Body body) {
+  absl::Status status = auth.Check(context, rpc, allowed);
   if (status.ok()) status = body();
   return ToGrpcStatus(status);
 }
@@ -161,39 +163,13 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-bool ConstantTimeEquals(const std::string& a, const std::string& b) {
-  const size_t n = std::max(a.size(), b.size());
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
-    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
-    diff |= static_cast<unsigned char>(x ^ y);
-  }
-  return diff == 0;
-}
-
-absl::Status Authorize(const grpc::ServerContext& context, const std::string& token) {
-  if (token.empty()) return absl::OkStatus();
-  const auto& metadata = context.client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
-    return absl::UnauthenticatedError(
-        "missing 'authorization: Bearer <token>' metadata (give the client --token-file)");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  if (!ConstantTimeEquals(value, absl::StrCat("Bearer ", token))) {
-    return absl::UnauthenticatedError("the bearer token is not this coordinator's token");
-  }
-  return absl::OkStatus();
-}
-
 // ---------------------------------------------------------------------------------------------
 // JobService.
 
 grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
                                        const aviary::v1::SubmitJobRequest* request,
                                        aviary::v1::SubmitJobResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "JobService.SubmitJob", kClientOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckText("pipeline_yaml", request->pipeline_yaml(), true, kMaxPipelineBytes));
     AVIARY_RETURN_IF_ERROR(CheckText("name", request->name(), false, 256));
     AVIARY_RETURN_IF_ERROR(CheckName("name", request->name()));
@@ -221,7 +197,7 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
 grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* context,
                                     const aviary::v1::GetJobRequest* request,
                                     aviary::v1::JobInfo* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "JobService.GetJob", kClientOrViewer, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetJob(request->job_id()));
     return absl::OkStatus();
@@ -231,7 +207,7 @@ grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* context,
 grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
                                       const aviary::v1::ListJobsRequest* request,
                                       aviary::v1::ListJobsResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "JobService.ListJobs", kClientOrViewer, [&]() -> absl::Status {
     if (request->limit() < 0 || request->limit() > 10000) {
       return absl::InvalidArgumentError(
           absl::StrCat("field 'limit': ", request->limit(), " is outside 0..10000"));
@@ -246,7 +222,7 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
 grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
                                        const aviary::v1::CancelJobRequest* request,
                                        aviary::v1::CancelJobResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "JobService.CancelJob", kClientOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
     AVIARY_ASSIGN_OR_RETURN(*response->mutable_job(), scheduler_->CancelJob(request->job_id()));
     return absl::OkStatus();
@@ -256,7 +232,7 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
 grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
                                       const aviary::v1::WatchJobRequest* request,
                                       grpc::ServerWriter<aviary::v1::JobEvent>* writer) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "JobService.WatchJob", kClientOrViewer, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
     if (watchers_.fetch_add(1) >= kMaxWatchers) {
       watchers_.fetch_sub(1);
@@ -277,7 +253,7 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
 grpc::Status JobServiceImpl::GetHistory(grpc::ServerContext* context,
                                         const aviary::v1::GetHistoryRequest* request,
                                         aviary::v1::GetHistoryResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "JobService.GetHistory", kClientOrViewer, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetHistory(request->job_id()));
     return absl::OkStatus();
@@ -290,7 +266,7 @@ grpc::Status JobServiceImpl::GetHistory(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::RegisterGroup(grpc::ServerContext* context,
                                               const aviary::v1::RegisterGroupRequest* request,
                                               aviary::v1::RegisterGroupResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.RegisterGroup", kWorkerOnly, [&]() -> absl::Status {
     if (request->world_size() < 1 || request->world_size() > 65536) {
       return absl::InvalidArgumentError(
           absl::StrCat("field 'world_size': ", request->world_size(), " is outside 1..65536"));
@@ -319,7 +295,7 @@ grpc::Status WorkerServiceImpl::RegisterGroup(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
                                           const aviary::v1::HeartbeatRequest* request,
                                           aviary::v1::HeartbeatResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.Heartbeat", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     if (!request->task_id().empty()) AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->Heartbeat(request->group_id(), request->task_id()));
@@ -331,7 +307,7 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::LeaseTask(grpc::ServerContext* context,
                                           const aviary::v1::LeaseTaskRequest* request,
                                           aviary::v1::LeaseTaskResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.LeaseTask", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->LeaseTask(request->group_id()));
     return absl::OkStatus();
@@ -341,7 +317,7 @@ grpc::Status WorkerServiceImpl::LeaseTask(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* context,
                                                const aviary::v1::ReportProgressRequest* request,
                                                aviary::v1::ReportProgressResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.ReportProgress", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     if (request->steps_per_epoch() < 0) {
@@ -364,7 +340,7 @@ grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::ReportCheckpoint(grpc::ServerContext* context,
                                                  const aviary::v1::ReportCheckpointRequest* request,
                                                  aviary::v1::ReportCheckpointResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.ReportCheckpoint", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     AVIARY_RETURN_IF_ERROR(CheckText("path", request->path(), true));
@@ -379,7 +355,7 @@ grpc::Status WorkerServiceImpl::ReportCheckpoint(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
                                              const aviary::v1::CompleteTaskRequest* request,
                                              aviary::v1::CompleteTaskResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.CompleteTask", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     AVIARY_RETURN_IF_ERROR(CheckText("best_checkpoint", request->best_checkpoint(), true));
@@ -391,7 +367,7 @@ grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
 grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
                                          const aviary::v1::FailTaskRequest* request,
                                          aviary::v1::FailTaskResponse* response) {
-  return Serve(*context, token_, [&]() -> absl::Status {
+  return Serve(*context, *auth_, "WorkerService.FailTask", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     AVIARY_RETURN_IF_ERROR(CheckText("error", request->error(), true, 64 * 1024));
@@ -404,22 +380,7 @@ grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
 
 absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfig& config) {
   CoordinatorSecrets secrets;
-  if (!config.token_file.empty()) {
-    auto token = ReadTokenFile(config.token_file);
-    if (!token.ok()) {
-      absl::Status st = common::Annotate(token.status(), "key 'token_file'");
-      if (st.code() == absl::StatusCode::kNotFound) {
-        // The first run: say how to get a token rather than how to weaken auth.
-        st = absl::Status(st.code(), absl::StrCat(st.message(), " (for a first run, `aviary-coordinator init DIR` "
-                                                               "writes a token, mode 600, and a config that uses it)"));
-      }
-      return st;
-    }
-    secrets.token = std::move(*token);
-  } else if (!config.allow_no_auth) {
-    return absl::InvalidArgumentError(
-        "key 'token_file': no token file and allow_no_auth is false");
-  }
+  AVIARY_ASSIGN_OR_RETURN(secrets.tokens, LoadTokenSet(config));
   if (!config.tls_cert_file.empty()) {
     auto cert = common::ReadFileToString(config.tls_cert_file);
     if (!cert.ok()) return common::Annotate(cert.status(), "key 'tls_cert_file'");
@@ -427,6 +388,15 @@ absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfi
     if (!key.ok()) return common::Annotate(key.status(), "key 'tls_key_file'");
     secrets.tls_cert_pem = std::move(*cert);
     secrets.tls_key_pem = std::move(*key);
+  }
+  if (!config.tls_client_ca_file.empty()) {
+    auto ca = common::ReadFileToString(config.tls_client_ca_file);
+    if (!ca.ok()) return common::Annotate(ca.status(), "key 'tls_client_ca_file'");
+    if (ca->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("key 'tls_client_ca_file': ", config.tls_client_ca_file,
+                                                     " holds no PEM certificate"));
+    }
+    secrets.tls_client_ca_pem = std::move(*ca);
   }
   return secrets;
 }
@@ -444,11 +414,13 @@ std::string WithPort(const std::string& address, int port) {
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorConfig& config,
                                                                  const CoordinatorSecrets& secrets) {
   std::unique_ptr<Coordinator> c(new Coordinator());
-  if (secrets.token.empty()) {
+  if (secrets.tokens.empty()) {
     c->log_.Warn(
         "serving WITHOUT authentication (allow_no_auth: true): anyone who can reach the port "
         "can submit and cancel jobs and impersonate worker groups");
   }
+  c->config_ = config;
+  c->auth_ = std::make_unique<Authenticator>(secrets.tokens, !secrets.tls_client_ca_pem.empty());
   AVIARY_ASSIGN_OR_RETURN(c->store_, Store::Open(config.database));
   AVIARY_ASSIGN_OR_RETURN(c->metrics_, CoordinatorMetrics::Create(config.metrics_listen));
   SchedulerOptions options;
@@ -458,14 +430,20 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   options.max_restarts = config.max_restarts;
   AVIARY_ASSIGN_OR_RETURN(c->scheduler_,
                           Scheduler::Create(options, c->store_.get(), c->metrics_.get()));
-  c->job_service_ = std::make_unique<JobServiceImpl>(c->scheduler_.get(), secrets.token);
-  c->worker_service_ = std::make_unique<WorkerServiceImpl>(c->scheduler_.get(), secrets.token);
+  c->job_service_ = std::make_unique<JobServiceImpl>(c->scheduler_.get(), c->auth_.get());
+  c->worker_service_ = std::make_unique<WorkerServiceImpl>(c->scheduler_.get(), c->auth_.get());
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials;
   if (!secrets.tls_cert_pem.empty()) {
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({secrets.tls_key_pem, secrets.tls_cert_pem});
+    if (!secrets.tls_client_ca_pem.empty()) {
+      // Mutual TLS for groups: a presented certificate must verify against the CA; clients
+      // (token only) may present none, and Authenticator refuses WorkerService calls without.
+      ssl.pem_root_certs = secrets.tls_client_ca_pem;
+      ssl.client_certificate_request = GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
     credentials = grpc::SslServerCredentials(ssl);
   } else {
     credentials = grpc::InsecureServerCredentials();
@@ -504,13 +482,39 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   }
   c->log_.Info(absl::StrCat(
       "listening on ", WithPort(config.listen, c->grpc_port_), " (gRPC",
-      secrets.tls_cert_pem.empty() ? "" : ", TLS", "), metrics on ",
+      secrets.tls_cert_pem.empty() ? "" : ", TLS",
+      secrets.tls_client_ca_pem.empty() ? "" : ", client certificates for worker groups", "), metrics on ",
       config.metrics_listen.empty() ? std::string("(disabled)")
                                     : WithPort(config.metrics_listen, c->metrics_port())));
+  if (!secrets.tokens.empty()) {
+    c->log_.Info(absl::StrCat("tokens: ", secrets.tokens.client.size(), " client, ", secrets.tokens.viewer.size(),
+                              " viewer, ", secrets.tokens.worker.size(), " worker"));
+  }
   return c;
 }
 
 Coordinator::~Coordinator() { (void)Shutdown(); }
+
+absl::Status Coordinator::ReloadTokens() {
+  if (auth_ == nullptr) return absl::FailedPreconditionError("ReloadTokens: the coordinator is not running");
+  absl::StatusOr<TokenSet> tokens = LoadTokenSet(config_);
+  if (!tokens.ok()) {
+    log_.Error(absl::StrCat("token reload failed, the current tokens stay: ", tokens.status().message()));
+    return tokens.status();
+  }
+  if (tokens->empty() != auth_->tokens()->empty()) {
+    // Turning authentication on or off is a restart, not a reload.
+    absl::Status st = absl::FailedPreconditionError(
+        "token reload: the config had no token files at start (allow_no_auth); restart to turn authentication on");
+    log_.Error(absl::StrCat("token reload failed, the current tokens stay: ", st.message()));
+    return st;
+  }
+  const std::string counts = absl::StrCat(tokens->client.size(), " client, ", tokens->viewer.size(), " viewer, ",
+                                          tokens->worker.size(), " worker");
+  auth_->Replace(std::move(*tokens));
+  log_.Info(absl::StrCat("tokens reloaded: ", counts));
+  return absl::OkStatus();
+}
 
 absl::Status Coordinator::Shutdown(std::chrono::milliseconds grace) {
   if (shut_down_) return absl::OkStatus();

@@ -1,9 +1,9 @@
-// The coordinator's gRPC edge: JobService (clients) and WorkerService (worker groups) over the
-// Scheduler, bearer-token authentication on every RPC, TLS when configured, and request
-// validation (INVALID_ARGUMENT naming the field and the value). Plus `Coordinator`, which wires
+// The coordinator's gRPC edge: JobService (clients, viewers) and WorkerService (worker groups)
+// over the Scheduler, a role check on every RPC (coordinator/auth.h), TLS when configured, and
+// request validation (INVALID_ARGUMENT naming the field and the value). Plus `Coordinator`, which wires
 // the store, the metrics, the scheduler and the server together for main() and tests.
 //
-// Thread-safe: the services are stateless over the (thread-safe) scheduler.
+// Thread-safe: the services are stateless over the (thread-safe) scheduler and authenticator.
 #ifndef AVIARY_COORDINATOR_SERVICE_H_
 #define AVIARY_COORDINATOR_SERVICE_H_
 
@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/logging.h"
+#include "coordinator/auth.h"
 #include "coordinator/coordinator_config.h"
 #include "coordinator/metrics.h"
 #include "coordinator/scheduler.h"
@@ -29,16 +30,10 @@ namespace aviary::coordinator {
 // The absl::Status as a grpc::Status (same code, same message).
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-// Compares in time that depends only on the lengths, not on where the strings differ.
-bool ConstantTimeEquals(const std::string& a, const std::string& b);
-
-// Checks the `authorization: Bearer <token>` entry; `token` "" accepts every call.
-absl::Status Authorize(const grpc::ServerContext& context, const std::string& token);
-
 class JobServiceImpl final : public aviary::v1::JobService::Service {
  public:
-  JobServiceImpl(Scheduler* scheduler, std::string token)
-      : scheduler_(scheduler), token_(std::move(token)) {}
+  // `auth` outlives the service.
+  JobServiceImpl(Scheduler* scheduler, const Authenticator* auth) : scheduler_(scheduler), auth_(auth) {}
 
   grpc::Status SubmitJob(grpc::ServerContext* context, const aviary::v1::SubmitJobRequest* request,
                          aviary::v1::SubmitJobResponse* response) override;
@@ -55,14 +50,14 @@ class JobServiceImpl final : public aviary::v1::JobService::Service {
 
  private:
   Scheduler* scheduler_;
-  const std::string token_;
+  const Authenticator* auth_;
   std::atomic<int> watchers_{0};  // open WatchJob streams
 };
 
 class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {
  public:
-  WorkerServiceImpl(Scheduler* scheduler, std::string token)
-      : scheduler_(scheduler), token_(std::move(token)) {}
+  // `auth` outlives the service.
+  WorkerServiceImpl(Scheduler* scheduler, const Authenticator* auth) : scheduler_(scheduler), auth_(auth) {}
 
   grpc::Status RegisterGroup(grpc::ServerContext* context,
                              const aviary::v1::RegisterGroupRequest* request,
@@ -85,17 +80,19 @@ class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {
 
  private:
   Scheduler* scheduler_;
-  const std::string token_;
+  const Authenticator* auth_;
 };
 
-// What the coordinator reads from the files its config names: the token and the TLS PEMs.
+// What the coordinator reads from the files its config names: the tokens and the TLS PEMs.
 struct CoordinatorSecrets {
-  std::string token;  // "" only with allow_no_auth
+  TokenSet tokens;  // empty only with allow_no_auth and no token files
   std::string tls_cert_pem;
   std::string tls_key_pem;
+  std::string tls_client_ca_pem;  // "" = no client certificates requested
 };
 
-// Reads token_file / tls_cert_file / tls_key_file; errors name the key and the file.
+// Reads the token files (LoadTokenSet) and tls_cert_file / tls_key_file / tls_client_ca_file;
+// errors name the key and the file.
 absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfig& config);
 
 // A running coordinator: store, metrics, scheduler (with its reaper) and the gRPC server.
@@ -111,6 +108,11 @@ class Coordinator {
   // scheduler and closes the store. Idempotent.
   absl::Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(5000));
 
+  // Re-reads the config's token files (SIGHUP) and swaps them in as a whole; logs "tokens
+  // reloaded: N client, M viewer, K worker". On an error (naming the key and the file) the
+  // current tokens stay. Not to be called concurrently with Shutdown.
+  absl::Status ReloadTokens();
+
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
   Scheduler* scheduler() { return scheduler_.get(); }
@@ -123,6 +125,8 @@ class Coordinator {
   std::unique_ptr<Store> store_;
   std::unique_ptr<CoordinatorMetrics> metrics_;
   std::unique_ptr<Scheduler> scheduler_;
+  CoordinatorConfig config_;
+  std::unique_ptr<Authenticator> auth_;
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;
   std::unique_ptr<grpc::Server> server_;

@@ -27,8 +27,12 @@ where the group runs
   --bind-to WHAT         mpirun --bind-to (default core; use none on shared nodes)
 what it serves
   --coordinator HOST:PORT  the coordinator's gRPC address (default $AVIARY_COORDINATOR)
-  --token-file FILE      bearer token file (default $AVIARY_TOKEN_FILE); a path rank 0 can read
+  --token-file FILE      the worker-group token file (the coordinator's worker_token_file;
+                         default $AVIARY_TOKEN_FILE); a path rank 0 can read
   --tls-ca FILE          CA certificate for TLS (default $AVIARY_TLS_CA)
+  --tls-cert FILE        client certificate for mutual TLS (coordinator's tls_client_ca_file;
+                         default $AVIARY_TLS_CERT)
+  --tls-key FILE         its private key (default $AVIARY_TLS_KEY)
   --metrics-listen ADDR  rank 0's /metrics (default 0.0.0.0:9471; give each group on a node
                          its own port)
   --device auto|cpu|cuda (default auto)
@@ -63,6 +67,8 @@ map_by=""
 bind_to="core"
 token_file=${AVIARY_TOKEN_FILE:-}
 tls_ca=${AVIARY_TLS_CA:-}
+tls_cert=${AVIARY_TLS_CERT:-}
+tls_key=${AVIARY_TLS_KEY:-}
 metrics_listen="0.0.0.0:9471"
 device="auto"
 max_tasks=0
@@ -90,6 +96,8 @@ while [ $# -gt 0 ]; do
     --coordinator) need "$@"; coordinator=$2; shift 2 ;;
     --token-file) need "$@"; token_file=$2; shift 2 ;;
     --tls-ca) need "$@"; tls_ca=$2; shift 2 ;;
+    --tls-cert) need "$@"; tls_cert=$2; shift 2 ;;
+    --tls-key) need "$@"; tls_key=$2; shift 2 ;;
     --metrics-listen) need "$@"; metrics_listen=$2; shift 2 ;;
     --device) need "$@"; device=$2; shift 2 ;;
     --max-tasks) need "$@"; max_tasks=$2; shift 2 ;;
@@ -118,6 +126,10 @@ is_uint "$max_tasks" || die "--max-tasks '$max_tasks': expected an integer >= 0"
 is_pos_int "$stop_timeout" || die "--stop-timeout '$stop_timeout': expected seconds >= 1"
 [ -z "$token_file" ] || [ -r "$token_file" ] || die "--token-file '$token_file': not a readable file"
 [ -z "$tls_ca" ] || [ -r "$tls_ca" ] || die "--tls-ca '$tls_ca': not a readable file"
+[ -z "$tls_cert" ] || [ -r "$tls_cert" ] || die "--tls-cert '$tls_cert': not a readable file"
+[ -z "$tls_key" ] || [ -r "$tls_key" ] || die "--tls-key '$tls_key': not a readable file"
+if [ -n "$tls_cert" ] && [ -z "$tls_key" ]; then die "--tls-cert needs --tls-key (or AVIARY_TLS_KEY)"; fi
+if [ -z "$tls_cert" ] && [ -n "$tls_key" ]; then die "--tls-key needs --tls-cert (or AVIARY_TLS_CERT)"; fi
 
 # Nodes and slots from the hostfile ("host slots=N", comments and blank lines ignored).
 hosts=()
@@ -209,6 +221,7 @@ cmd+=("$worker" serve --coordinator "$coordinator" --metrics-listen "$metrics_li
       --device "$device" --threads "$cores_per_rank" --log-level "$log_level" --max-tasks "$max_tasks")
 [ -z "$token_file" ] || cmd+=(--token-file "$token_file")
 [ -z "$tls_ca" ] || cmd+=(--tls-ca "$tls_ca")
+[ -z "$tls_cert" ] || cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
 cmd+=("${serve_extra[@]+"${serve_extra[@]}"}")
 
 # Rank 0 runs on the hostfile's first node (ppr and slot mappings fill nodes in order).

@@ -5,7 +5,7 @@
 # distribution plot, stratified folds, training lists) and decodes the corpus into the cache.
 #
 # Then it runs the service: a coordinator (aviary-coordinator, SQLite in runs/demo/aviary.db, a
-# fresh bearer token), one 2-rank worker group (`mpirun -np 2 aviary-worker serve`), and the
+# fresh client token and a worker-group token), one 2-rank worker group (`mpirun -np 2 aviary-worker serve`), and the
 # client: `aviary submit configs/demo.yaml` (pretraining of the small CNN on the pool, then
 # fine-tuning on the target from its best checkpoint), `aviary watch` (live progress, then a
 # table of the final metrics), `aviary history --plot`. Finally it scores the fine-tuned model
@@ -51,8 +51,10 @@ step "Start the service: a coordinator and a 2-rank worker group"
 # mpirun refuses root unless told; two ranks on two cores need --oversubscribe.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 rm -rf $out/runs $out/aviary.db* $out/*.port $out/*.log
+# One token for the client, another for the worker group (a client token cannot act as a group).
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > $out/token
-chmod 600 $out/token
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > $out/worker.token
+chmod 600 $out/token $out/worker.token
 pids=()
 stop_service() {
   local p
@@ -62,14 +64,14 @@ stop_service() {
 trap stop_service EXIT
 "$coordinator" --config configs/coordinator.yaml --listen 127.0.0.1:0 --port-file $out/coordinator.port \
   --metrics-listen 127.0.0.1:0 --metrics-port-file $out/metrics.port --database $out/aviary.db \
-  --work-dir $out/runs --token-file $out/token > $out/coordinator.log 2>&1 &
+  --work-dir $out/runs --token-file $out/token --worker-token-file $out/worker.token > $out/coordinator.log 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s $out/coordinator.port ] && [ -s $out/metrics.port ] && break; sleep 0.2; done
 [ -s $out/coordinator.port ] || { cat $out/coordinator.log; echo "the coordinator did not start"; exit 1; }
 export AVIARY_COORDINATOR=127.0.0.1:$(cat $out/coordinator.port) AVIARY_TOKEN_FILE=$out/token
 echo "coordinator on $AVIARY_COORDINATOR (log $out/coordinator.log), Prometheus metrics on" \
   "http://127.0.0.1:$(cat $out/metrics.port)/metrics"
-mpirun -np 2 --oversubscribe "$worker" serve --coordinator "$AVIARY_COORDINATOR" --token-file $out/token \
+mpirun -np 2 --oversubscribe "$worker" serve --coordinator "$AVIARY_COORDINATOR" --token-file $out/worker.token \
   --metrics-listen 127.0.0.1:0 --metrics-port-file $out/group.port > $out/group.log 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s $out/group.port ] && break; sleep 0.2; done

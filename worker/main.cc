@@ -32,6 +32,7 @@
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "common/tokens.h"
 #include "common/version.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
@@ -137,14 +138,16 @@ int RunTrain(const TrainArgs& args) {
   return 0;
 }
 
-// The first line of `path`, surrounding whitespace removed; an empty token is an error.
+// The first token line of `path` (common/tokens.h: blank and '#' lines skipped); none is an error.
 absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& what) {
   auto text = aviary::common::ReadFileToString(path);
   if (!text.ok()) return aviary::common::Annotate(text.status(), what);
-  std::string line = text->substr(0, text->find('\n'));
-  std::string token(absl::StripAsciiWhitespace(line));
-  if (token.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": '", path, "' holds an empty token"));
-  return token;
+  std::vector<std::string> tokens = aviary::common::ParseTokenLines(*text);
+  if (tokens.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": '", path, "' holds no token (only blank or '#' lines)"));
+  }
+  return tokens.front();
 }
 
 // Flag errors are the same on every rank: rank 0 says it, every rank exits with the code.
@@ -157,6 +160,8 @@ struct ServeArgs {
   aviary::worker::AgentOptions options;  // coordinator, metrics, device, threads, max_tasks, ...
   std::string token_file;
   std::string tls_ca;
+  std::string tls_cert;
+  std::string tls_key;
   std::string log_level;
 };
 
@@ -186,6 +191,31 @@ int RunServe(const ServeArgs& args) {
     auto pem = aviary::common::ReadFileToString(ca);
     if (!pem.ok()) return ServeFail(aviary::common::Annotate(pem.status(), "--tls-ca"));
     options.tls_ca_pem = *pem;
+  }
+  // The group's client certificate for a coordinator with tls_client_ca_file (mutual TLS).
+  std::string cert = args.tls_cert, key = args.tls_key;
+  const char* cert_source = "--tls-cert";
+  const char* key_source = "--tls-key";
+  if (const char* env = std::getenv("AVIARY_TLS_CERT"); cert.empty() && env != nullptr) {
+    cert = env;
+    cert_source = "AVIARY_TLS_CERT";
+  }
+  if (const char* env = std::getenv("AVIARY_TLS_KEY"); key.empty() && env != nullptr) {
+    key = env;
+    key_source = "AVIARY_TLS_KEY";
+  }
+  if (cert.empty() != key.empty()) {
+    return ServeFail(absl::InvalidArgumentError(absl::StrCat(
+        cert.empty() ? "--tls-key" : "--tls-cert",
+        ": a client certificate needs both --tls-cert and --tls-key (or AVIARY_TLS_CERT and AVIARY_TLS_KEY)")));
+  }
+  if (!cert.empty()) {
+    auto cert_pem = aviary::common::ReadFileToString(cert);
+    if (!cert_pem.ok()) return ServeFail(aviary::common::Annotate(cert_pem.status(), cert_source));
+    auto key_pem = aviary::common::ReadFileToString(key);
+    if (!key_pem.ok()) return ServeFail(aviary::common::Annotate(key_pem.status(), key_source));
+    options.tls_cert_pem = *cert_pem;
+    options.tls_key_pem = *key_pem;
   }
   // The agent ends the whole group itself (MPI_Abort) when ranks cannot agree; an error that
   // reaches here was shared by every rank.
@@ -312,6 +342,11 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   s->add_option("--token-file", serve->token_file, "the bearer token (else the file in AVIARY_TOKEN_FILE, else AVIARY_TOKEN)")
       ->type_name("F");
   s->add_option("--tls-ca", serve->tls_ca, "CA certificate of a TLS coordinator (else AVIARY_TLS_CA)")->type_name("F");
+  s->add_option("--tls-cert", serve->tls_cert,
+                "client certificate (PEM) for a coordinator with tls_client_ca_file (else AVIARY_TLS_CERT)")
+      ->type_name("F");
+  s->add_option("--tls-key", serve->tls_key, "the client certificate's private key (else AVIARY_TLS_KEY)")
+      ->type_name("F");
   s->add_option("--metrics-listen", o.metrics_listen, "/metrics address; port 0 picks one; \"\" disables")
       ->type_name("ADDR")
       ->capture_default_str();

@@ -32,10 +32,12 @@ class CoordinatorConfigTest : public ::testing::Test {
 };
 
 TEST_F(CoordinatorConfigTest, TheShippedFileLoads) {
-  // configs/coordinator.yaml names a token file next to it; give it one through --set.
+  // configs/coordinator.yaml names token files next to it; give it ones through flags.
   const std::string token = Write("token", "s3cret\n");
+  const std::string worker_token = Write("worker.token", "w0rker\n");
   auto config = LoadCoordinatorConfig(AVIARY_SOURCE_DIR "/configs/coordinator.yaml",
-                                      {{"token_file", token, "--token-file " + token}});
+                                      {{"token_file", token, "--token-file " + token},
+                                       {"worker_token_file", worker_token, "--worker-token-file " + worker_token}});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->listen, "0.0.0.0:7070");
   EXPECT_EQ(config->metrics_listen, "0.0.0.0:9470");
@@ -43,6 +45,9 @@ TEST_F(CoordinatorConfigTest, TheShippedFileLoads) {
   EXPECT_EQ(config->heartbeat_timeout_s, 20);
   EXPECT_EQ(config->max_restarts, 3);
   EXPECT_EQ(config->token_file, token);
+  EXPECT_EQ(config->worker_token_file, worker_token);
+  EXPECT_EQ(config->viewer_token_file, "");
+  EXPECT_EQ(config->tls_client_ca_file, "");
 }
 
 TEST_F(CoordinatorConfigTest, UnknownKeyNamesFileLineAndSuggestion) {
@@ -97,12 +102,13 @@ TEST_F(CoordinatorConfigTest, NoTokenNeedsAllowNoAuth) {
 TEST_F(CoordinatorConfigTest, FlagsOverrideKeysAndPathsResolve) {
   fs::create_directories(root_ + "/etc");
   const std::string path =
-      Write("etc/c.yaml", "token_file: tok\ndatabase: state/aviary.db\nmax_restarts: 1\n");
+      Write("etc/c.yaml", "token_file: tok\nworker_token_file: wtok\ndatabase: state/aviary.db\nmax_restarts: 1\n");
   auto config = LoadCoordinatorConfig(
       path, {{"max_restarts", "5", "--max-restarts 5"}, {"work_dir", "/abs/runs", "--work-dir /abs/runs"},
              {"metrics_listen", "", "--metrics-listen "}});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->token_file, root_ + "/etc/tok");        // relative to the file's folder
+  EXPECT_EQ(config->worker_token_file, root_ + "/etc/wtok");
   EXPECT_EQ(config->database, root_ + "/etc/state/aviary.db");
   EXPECT_EQ(config->max_restarts, 5);
   EXPECT_EQ(config->work_dir, "/abs/runs");
@@ -122,14 +128,36 @@ TEST_F(CoordinatorConfigTest, FlagsOverrideKeysAndPathsResolve) {
   EXPECT_FALSE(ParseSetOverride("no-equals").ok());
 }
 
-TEST_F(CoordinatorConfigTest, TokenFileTakesTheTrimmedFirstLine) {
-  auto token = ReadTokenFile(Write("t1", "  abc123  \nsecond line\n"));
-  ASSERT_TRUE(token.ok()) << token.status();
-  EXPECT_EQ(*token, "abc123");
-  auto empty = ReadTokenFile(Write("t2", "   \nabc\n"));
+// A token file lists every valid token, one a line (rotation); blank and '#' lines are ignored.
+TEST_F(CoordinatorConfigTest, TokenFileListsTrimmedTokensOneALine) {
+  auto tokens = ReadTokenFile(Write("t1", "# rotated 2026-12-03\n  abc123  \n\nsecond\n"));
+  ASSERT_TRUE(tokens.ok()) << tokens.status();
+  EXPECT_EQ(*tokens, (std::vector<std::string>{"abc123", "second"}));
+  auto empty = ReadTokenFile(Write("t2", "   \n# only a comment\n"));
   ASSERT_FALSE(empty.ok());
-  EXPECT_NE(empty.status().message().find("empty"), std::string::npos);
-  EXPECT_FALSE(ReadTokenFile(root_ + "/missing").ok());
+  EXPECT_NE(empty.status().message().find("holds no token"), std::string::npos) << empty.status();
+  EXPECT_NE(empty.status().message().find(root_ + "/t2"), std::string::npos) << empty.status();
+  EXPECT_EQ(ReadTokenFile(root_ + "/missing").status().code(), absl::StatusCode::kNotFound);
+}
+
+// Auth on needs the client and the worker token files; client certificates need TLS.
+TEST_F(CoordinatorConfigTest, AuthNeedsClientAndWorkerTokenFiles) {
+  const std::string path = Write("c.yaml", "token_file: token\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("key 'worker_token_file'"), std::string::npos) << config.status();
+  config = LoadCoordinatorConfig(path, {{"worker_token_file", "w", "--worker-token-file w"},
+                                        {"viewer_token_file", "v", "--viewer-token-file v"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->token_file, root_ + "/token");
+  EXPECT_EQ(config->worker_token_file, (fs::current_path() / "w").string());
+  EXPECT_EQ(config->viewer_token_file, (fs::current_path() / "v").string());
+  auto mtls = LoadCoordinatorConfig(path, {{"worker_token_file", "w", "--worker-token-file w"},
+                                           {"tls_client_ca_file", "ca.pem", "--set tls_client_ca_file=ca.pem"}});
+  ASSERT_FALSE(mtls.ok());
+  EXPECT_NE(mtls.status().message().find("--set tls_client_ca_file=ca.pem: key 'tls_client_ca_file'"),
+            std::string::npos)
+      << mtls.status();
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// The `aviary-coordinator` binary as a process: exit codes, SIGTERM, and `kill -9` in the middle
-// of a stream of acknowledged reports, then a restart on the same SQLite file.
+// The `aviary-coordinator` binary as a process: exit codes, SIGTERM, SIGHUP (token reload), and
+// `kill -9` in the middle of a stream of acknowledged reports, then a restart on the same SQLite
+// file.
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -48,6 +49,7 @@ class CoordinatorProcessTest : public ::testing::Test {
     root_ = tmpl;
     WriteTinyDataset(root_);
     std::ofstream(root_ + "/token") << "proc-token\n";
+    std::ofstream(root_ + "/worker.token") << "proc-worker-token\n";
   }
   void TearDown() override {
     if (pid_ > 0) {
@@ -73,7 +75,8 @@ class CoordinatorProcessTest : public ::testing::Test {
   std::vector<std::string> BaseArgs() {
     return {"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--port-file",
             root_ + "/port", "--database", root_ + "/aviary.db", "--work-dir", root_ + "/runs",
-            "--token-file", root_ + "/token", "--heartbeat-timeout-s", "30", "--log-level", "debug"};
+            "--token-file", root_ + "/token", "--worker-token-file", root_ + "/worker.token",
+            "--heartbeat-timeout-s", "30", "--log-level", "debug"};
   }
 
   // Starts the binary with `args`, stderr to `log`.
@@ -124,9 +127,9 @@ class CoordinatorProcessTest : public ::testing::Test {
     workers_ = WorkerService::NewStub(channel);
   }
 
-  std::unique_ptr<grpc::ClientContext> Ctx() {
+  std::unique_ptr<grpc::ClientContext> Ctx(const std::string& token = "proc-token") {
     auto context = std::make_unique<grpc::ClientContext>();
-    context->AddMetadata("authorization", "Bearer proc-token");
+    context->AddMetadata("authorization", "Bearer " + token);
     context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     return context;
   }
@@ -178,6 +181,68 @@ TEST_F(CoordinatorProcessTest, SigtermShutsDownCleanly) {
   EXPECT_NE(log.find("(gRPC), metrics on 127.0.0.1:"), std::string::npos) << log;
 }
 
+// Token rotation without a restart: SIGHUP re-reads the token files; a file that does not load
+// keeps the tokens in force.
+TEST_F(CoordinatorProcessTest, SighupReloadsTheTokenFiles) {
+  std::ofstream(root_ + "/token") << "# clients\nold-token\n";
+  StartAndConnect();
+  auto list = [&](const std::string& token) {
+    ListJobsRequest request;
+    ListJobsResponse response;
+    return jobs_->ListJobs(Ctx(token).get(), request, &response).error_code();
+  };
+  // How often the log says `text` so far.
+  auto logged = [&](const std::string& text) {
+    const std::string log = Read(root_ + "/coordinator.log");
+    int count = 0;
+    for (size_t at = log.find(text); at != std::string::npos; at = log.find(text, at + 1)) ++count;
+    return count;
+  };
+  ASSERT_EQ(list("old-token"), grpc::StatusCode::OK);
+  ASSERT_EQ(list("new-token"), grpc::StatusCode::UNAUTHENTICATED);
+
+  // Rotation, step 1: both tokens valid.
+  std::ofstream(root_ + "/token") << "new-token\n\nold-token\n";
+  ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+  ASSERT_TRUE(Eventually([&] { return logged("tokens reloaded: 2 client, 0 viewer, 1 worker") == 1; }))
+      << Read(root_ + "/coordinator.log");
+  EXPECT_EQ(list("old-token"), grpc::StatusCode::OK);
+  EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
+
+  // Step 2: the old one removed.
+  std::ofstream(root_ + "/token") << "new-token\n";
+  ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+  ASSERT_TRUE(Eventually([&] { return logged("tokens reloaded: 1 client, 0 viewer, 1 worker") == 1; }))
+      << Read(root_ + "/coordinator.log");
+  EXPECT_EQ(list("old-token"), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
+
+  // A broken file (the worker token also in the clients' file) keeps the current set.
+  std::ofstream(root_ + "/token") << "other-token\nproc-worker-token\n";
+  ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+  ASSERT_TRUE(Eventually([&] { return logged("token reload failed") == 1; }))
+      << Read(root_ + "/coordinator.log");
+  const std::string log = Read(root_ + "/coordinator.log");
+  EXPECT_NE(log.find("key 'worker_token_file': " + root_ + "/worker.token lists a token that key 'token_file' (" +
+                     root_ + "/token) lists too"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
+  EXPECT_EQ(list("other-token"), grpc::StatusCode::UNAUTHENTICATED);
+  // A missing file too; and the coordinator is still serving after all of it.
+  fs::remove(root_ + "/worker.token");
+  ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+  ASSERT_TRUE(Eventually([&] { return logged("token reload failed") == 2; }))
+      << Read(root_ + "/coordinator.log");
+  EXPECT_NE(Read(root_ + "/coordinator.log").find("key 'worker_token_file': "), std::string::npos);
+  RegisterGroupRequest register_request;
+  register_request.set_world_size(1);
+  RegisterGroupResponse group;
+  EXPECT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
+  EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
+  EXPECT_EQ(logged("tokens reloaded"), 2);
+}
+
 TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   StartAndConnect();
   SubmitJobRequest submit;
@@ -193,11 +258,11 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   RegisterGroupRequest register_request;
   register_request.set_world_size(1);
   RegisterGroupResponse group;
-  ASSERT_TRUE(workers_->RegisterGroup(Ctx().get(), register_request, &group).ok());
+  ASSERT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
   LeaseTaskRequest lease_request;
   lease_request.set_group_id(group.group_id());
   LeaseTaskResponse lease;
-  ASSERT_TRUE(workers_->LeaseTask(Ctx().get(), lease_request, &lease).ok());
+  ASSERT_TRUE(workers_->LeaseTask(Ctx("proc-worker-token").get(), lease_request, &lease).ok());
   ASSERT_TRUE(lease.available());
   const std::string task_id = lease.task().task_id();
 
@@ -213,7 +278,7 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
       point->set_epoch_end(true);
       point->set_val_auc(epoch / 1000.0);
       ReportProgressResponse response;
-      auto context = Ctx();
+      auto context = Ctx("proc-worker-token");
       context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
       if (!workers_->ReportProgress(context.get(), request, &response).ok()) return;
       acknowledged = epoch + 1;
@@ -241,14 +306,14 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   heartbeat.set_group_id(group.group_id());
   heartbeat.set_task_id(task_id);
   HeartbeatResponse beat;
-  ASSERT_TRUE(workers_->Heartbeat(Ctx().get(), heartbeat, &beat).ok());
+  ASSERT_TRUE(workers_->Heartbeat(Ctx("proc-worker-token").get(), heartbeat, &beat).ok());
   EXPECT_FALSE(beat.cancel_task());
   CompleteTaskRequest complete;
   complete.set_group_id(group.group_id());
   complete.set_task_id(task_id);
   complete.set_best_checkpoint(lease.task().out_dir() + "/best.pt");
   CompleteTaskResponse completed;
-  ASSERT_TRUE(workers_->CompleteTask(Ctx().get(), complete, &completed).ok());
+  ASSERT_TRUE(workers_->CompleteTask(Ctx("proc-worker-token").get(), complete, &completed).ok());
   GetJobRequest get;
   get.set_job_id(job_id);
   JobInfo job;

@@ -94,11 +94,13 @@ class CoordinatorServiceTest : public ::testing::Test {
     root_ = tmpl;
     WriteDataset();
     Write("token", "the-token\n");
+    Write("worker.token", "the-worker-token\n");
     config_.listen = "127.0.0.1:0";
     config_.metrics_listen = "127.0.0.1:0";
     config_.database = root_ + "/aviary.db";
     config_.work_dir = root_ + "/runs";
     config_.token_file = root_ + "/token";
+    config_.worker_token_file = root_ + "/worker.token";
     config_.heartbeat_interval_s = 0.2;
     config_.heartbeat_timeout_s = 20;
     config_.max_restarts = 3;
@@ -148,6 +150,9 @@ class CoordinatorServiceTest : public ::testing::Test {
     return context;
   }
 
+  // The same with the worker groups' token.
+  std::unique_ptr<grpc::ClientContext> WorkerCtx() { return Ctx("the-worker-token"); }
+
   std::string Submit(const std::vector<std::string>& overrides = {}) {
     SubmitJobRequest request;
     request.set_pipeline_yaml(kPipeline);
@@ -183,7 +188,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     request.add_hosts("node1");
     request.set_backend("mpi");
     RegisterGroupResponse response;
-    const grpc::Status status = workers_->RegisterGroup(Ctx().get(), request, &response);
+    const grpc::Status status = workers_->RegisterGroup(WorkerCtx().get(), request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
     EXPECT_EQ(response.heartbeat_interval_ms(), 200);
     return response.group_id();
@@ -193,7 +198,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     LeaseTaskRequest request;
     request.set_group_id(group_id);
     LeaseTaskResponse response;
-    const grpc::Status status = workers_->LeaseTask(Ctx().get(), request, &response);
+    const grpc::Status status = workers_->LeaseTask(WorkerCtx().get(), request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
     return response;
   }
@@ -203,7 +208,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     request.set_group_id(group_id);
     request.set_task_id(task_id);
     HeartbeatResponse response;
-    grpc::Status status = workers_->Heartbeat(Ctx().get(), request, &response);
+    grpc::Status status = workers_->Heartbeat(WorkerCtx().get(), request, &response);
     *cancel = response.cancel_task();
     return status;
   }
@@ -233,7 +238,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     request.set_steps_per_epoch(10);
     for (const Metrics& m : points) *request.add_points() = m;
     ReportProgressResponse response;
-    grpc::Status status = workers_->ReportProgress(Ctx().get(), request, &response);
+    grpc::Status status = workers_->ReportProgress(WorkerCtx().get(), request, &response);
     *cancel = response.cancel_task();
     return status;
   }
@@ -246,7 +251,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     request.set_best_checkpoint(best);
     *request.mutable_best() = EpochEnd(0, 0.8);
     CompleteTaskResponse response;
-    return workers_->CompleteTask(Ctx().get(), request, &response);
+    return workers_->CompleteTask(WorkerCtx().get(), request, &response);
   }
 
   std::string root_;
@@ -313,7 +318,7 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
   checkpoint.set_epoch(0);
   checkpoint.set_best(true);
   ReportCheckpointResponse checkpoint_response;
-  ASSERT_TRUE(workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response).ok());
+  ASSERT_TRUE(workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response).ok());
   const int64_t submitted_ms = job.updated_unix_ms();
   job = GetJob(job_id);
   EXPECT_GE(job.updated_unix_ms(), submitted_ms);
@@ -442,7 +447,7 @@ TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
   checkpoint.set_path(first.task().out_dir() + "/last.pt");
   checkpoint.set_epoch(0);
   ReportCheckpointResponse checkpoint_response;
-  ASSERT_TRUE(workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response).ok());
+  ASSERT_TRUE(workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response).ok());
 
   // Group a stops heartbeating: the reaper removes it and the task is READY again.
   ASSERT_TRUE(Eventually([&] {
@@ -547,12 +552,12 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   fail.set_error("stopped by signal");
   fail.set_retryable(true);
   FailTaskResponse fail_response;
-  ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
   JobInfo job = GetJob(job_id);
   EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
   EXPECT_EQ(job.tasks(0).restarts(), 1);
   // The failed lease is gone: failing it again is refused.
-  EXPECT_EQ(workers_->FailTask(Ctx().get(), fail, &fail_response).error_code(),
+  EXPECT_EQ(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).error_code(),
             grpc::StatusCode::FAILED_PRECONDITION);
   LeaseTaskResponse again = Lease(a);
   EXPECT_EQ(again.task().attempt(), 2);
@@ -560,7 +565,7 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   // however often it happens.
   fail.set_preempted(true);
   for (int i = 0; i < 5; ++i) {
-    ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());
+    ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
     job = GetJob(job_id);
     EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
     EXPECT_EQ(job.tasks(0).restarts(), 1);
@@ -571,7 +576,7 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   fail.set_preempted(false);
   fail.set_error("bad data: no rows");
   fail.set_retryable(false);
-  ASSERT_TRUE(workers_->FailTask(Ctx().get(), fail, &fail_response).ok());
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
   job = GetJob(job_id);
   EXPECT_EQ(job.state(), JOB_STATE_FAILED);
   EXPECT_EQ(job.tasks(0).state(), TASK_STATE_FAILED);
@@ -672,6 +677,160 @@ TEST_F(CoordinatorServiceTest, CallsWithoutTheTokenAreUnauthenticated) {
   EXPECT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
 }
 
+// Issue 14: clients and worker groups shared one token, so any client could act as a worker.
+// Each role's token now reaches only its RPCs; a known token of the wrong role is
+// PERMISSION_DENIED naming the RPC, the token's role and the role needed.
+TEST_F(CoordinatorServiceTest, EachRoleReachesOnlyItsRpcs) {
+  Write("token", "# clients (two during a rotation)\nthe-token\n\n  second-client  \n");
+  Write("viewer.token", "viewer-a\n# comment\nviewer-b\n");
+  config_.viewer_token_file = root_ + "/viewer.token";
+  Start();
+  const std::string job_id = Submit();
+  auto denied = [](const grpc::Status& status, const std::string& rpc, const std::string& role,
+                   const std::string& needed) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << rpc << ": " << status.error_message();
+    EXPECT_NE(status.error_message().find(rpc), std::string::npos) << status.error_message();
+    EXPECT_NE(status.error_message().find("role '" + role + "'"), std::string::npos) << status.error_message();
+    EXPECT_NE(status.error_message().find("needs role '" + needed + "'"), std::string::npos)
+        << status.error_message();
+  };
+
+  // A client token calling WorkerService (the reported bug), with both client tokens.
+  for (const std::string token : {"the-token", "second-client"}) {
+    RegisterGroupRequest register_request;
+    register_request.set_world_size(1);
+    RegisterGroupResponse register_response;
+    denied(workers_->RegisterGroup(Ctx(token).get(), register_request, &register_response),
+           "WorkerService.RegisterGroup", "client", "worker");
+    HeartbeatRequest heartbeat;
+    heartbeat.set_group_id("g000000000000");
+    HeartbeatResponse heartbeat_response;
+    denied(workers_->Heartbeat(Ctx(token).get(), heartbeat, &heartbeat_response), "WorkerService.Heartbeat",
+           "client", "worker");
+    LeaseTaskRequest lease;
+    lease.set_group_id("g000000000000");
+    LeaseTaskResponse lease_response;
+    denied(workers_->LeaseTask(Ctx(token).get(), lease, &lease_response), "WorkerService.LeaseTask", "client",
+           "worker");
+    ReportProgressRequest progress;
+    ReportProgressResponse progress_response;
+    denied(workers_->ReportProgress(Ctx(token).get(), progress, &progress_response),
+           "WorkerService.ReportProgress", "client", "worker");
+    ReportCheckpointRequest checkpoint;
+    ReportCheckpointResponse checkpoint_response;
+    denied(workers_->ReportCheckpoint(Ctx(token).get(), checkpoint, &checkpoint_response),
+           "WorkerService.ReportCheckpoint", "client", "worker");
+    CompleteTaskRequest complete;
+    CompleteTaskResponse complete_response;
+    denied(workers_->CompleteTask(Ctx(token).get(), complete, &complete_response), "WorkerService.CompleteTask",
+           "client", "worker");
+    FailTaskRequest fail;
+    FailTaskResponse fail_response;
+    denied(workers_->FailTask(Ctx(token).get(), fail, &fail_response), "WorkerService.FailTask", "client",
+           "worker");
+  }
+
+  // Viewers read, and only read.
+  for (const std::string token : {"viewer-a", "viewer-b"}) {
+    GetJobRequest get;
+    get.set_job_id(job_id);
+    JobInfo job;
+    grpc::Status status = jobs_->GetJob(Ctx(token).get(), get, &job);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(job.job_id(), job_id);
+    ListJobsRequest list;
+    ListJobsResponse jobs;
+    status = jobs_->ListJobs(Ctx(token).get(), list, &jobs);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(jobs.jobs_size(), 1);
+    GetHistoryRequest history;
+    history.set_job_id(job_id);
+    GetHistoryResponse history_response;
+    status = jobs_->GetHistory(Ctx(token).get(), history, &history_response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    SubmitJobRequest submit;
+    submit.set_pipeline_yaml(kPipeline);
+    submit.set_working_dir(root_);
+    SubmitJobResponse submitted;
+    denied(jobs_->SubmitJob(Ctx(token).get(), submit, &submitted), "JobService.SubmitJob", "viewer", "client");
+    CancelJobRequest cancel;
+    cancel.set_job_id(job_id);
+    CancelJobResponse cancelled;
+    denied(jobs_->CancelJob(Ctx(token).get(), cancel, &cancelled), "JobService.CancelJob", "viewer", "client");
+    RegisterGroupRequest register_request;
+    register_request.set_world_size(1);
+    RegisterGroupResponse register_response;
+    denied(workers_->RegisterGroup(Ctx(token).get(), register_request, &register_response),
+           "WorkerService.RegisterGroup", "viewer", "worker");
+  }
+  {
+    WatchJobRequest watch;
+    watch.set_job_id(job_id);
+    auto context = Ctx("viewer-a");
+    auto reader = jobs_->WatchJob(context.get(), watch);
+    JobEvent event;
+    EXPECT_TRUE(reader->Read(&event));  // the job as it is now
+    context->TryCancel();
+    while (reader->Read(&event)) {
+    }
+    (void)reader->Finish();
+  }
+
+  // A worker token calls neither half of JobService.
+  SubmitJobRequest submit;
+  submit.set_pipeline_yaml(kPipeline);
+  submit.set_working_dir(root_);
+  SubmitJobResponse submitted;
+  denied(jobs_->SubmitJob(WorkerCtx().get(), submit, &submitted), "JobService.SubmitJob", "worker", "client");
+  GetJobRequest get;
+  get.set_job_id(job_id);
+  JobInfo job;
+  denied(jobs_->GetJob(WorkerCtx().get(), get, &job), "JobService.GetJob", "worker", "client or viewer");
+  ListJobsRequest list;
+  ListJobsResponse jobs;
+  denied(jobs_->ListJobs(WorkerCtx().get(), list, &jobs), "JobService.ListJobs", "worker", "client or viewer");
+
+  // The second client token submits and cancels; the worker token registers.
+  SubmitJobRequest second;
+  second.set_pipeline_yaml(kPipeline);
+  second.set_source_path("pipe.yaml");
+  second.set_working_dir(root_);
+  grpc::Status status = jobs_->SubmitJob(Ctx("second-client").get(), second, &submitted);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  CancelJobRequest cancel;
+  cancel.set_job_id(submitted.job_id());
+  CancelJobResponse cancelled;
+  status = jobs_->CancelJob(Ctx("second-client").get(), cancel, &cancelled);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(Register(1).empty());
+}
+
+// One token in two roles' files would make the role ambiguous: refused at start, naming both.
+// The client and worker token files are required unless allow_no_auth.
+TEST_F(CoordinatorServiceTest, TokenFilesAreCheckedAtStart) {
+  Write("viewer.token", "viewer-a\nthe-worker-token\n");
+  config_.viewer_token_file = root_ + "/viewer.token";
+  auto secrets = LoadCoordinatorSecrets(config_);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_EQ(secrets.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(secrets.status().message().find(root_ + "/viewer.token"), std::string::npos) << secrets.status();
+  EXPECT_NE(secrets.status().message().find(root_ + "/worker.token"), std::string::npos) << secrets.status();
+
+  Write("viewer.token", "# nothing but comments\n\n");
+  secrets = LoadCoordinatorSecrets(config_);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_NE(secrets.status().message().find("key 'viewer_token_file'"), std::string::npos) << secrets.status();
+  EXPECT_NE(secrets.status().message().find("holds no token"), std::string::npos) << secrets.status();
+
+  config_.viewer_token_file.clear();
+  config_.worker_token_file.clear();
+  secrets = LoadCoordinatorSecrets(config_);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_NE(secrets.status().message().find("key 'worker_token_file'"), std::string::npos) << secrets.status();
+  EXPECT_NE(secrets.status().message().find("aviary-coordinator init"), std::string::npos) << secrets.status();
+  EXPECT_FALSE(ValidateCoordinatorConfig(config_).ok());
+}
+
 TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   Start();
   SubmitJobRequest submit;
@@ -731,7 +890,7 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   RegisterGroupRequest register_request;
   register_request.set_world_size(0);
   RegisterGroupResponse register_response;
-  status = workers_->RegisterGroup(Ctx().get(), register_request, &register_response);
+  status = workers_->RegisterGroup(WorkerCtx().get(), register_request, &register_response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("world_size"), std::string::npos);
 
@@ -785,7 +944,7 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   checkpoint.set_group_id(group);
   checkpoint.set_task_id(job_id + "/pretrain-f0");
   ReportCheckpointResponse checkpoint_response;
-  status = workers_->ReportCheckpoint(Ctx().get(), checkpoint, &checkpoint_response);
+  status = workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("path"), std::string::npos);
   EXPECT_EQ(Complete(group, job_id + "/pretrain-f0", "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -822,6 +981,81 @@ TEST_F(CoordinatorServiceTest, ServesTlsWithASelfSignedCertificate) {
             grpc::StatusCode::UNAUTHENTICATED);
   const std::string job_id = Submit();
   EXPECT_EQ(GetJob(job_id).job_id(), job_id);
+}
+
+// Mutual TLS for groups (tls_client_ca_file): WorkerService needs a client certificate the CA
+// signed, on top of the worker token; clients stay token-only.
+TEST_F(CoordinatorServiceTest, WorkerCallsNeedAClientCertificateWithTlsClientCa) {
+  auto run = [](const std::string& command) {
+    const std::string quiet = command + " >/dev/null 2>&1";
+    EXPECT_EQ(std::system(quiet.c_str()), 0) << command;
+  };
+  const std::string d = root_ + "/pki";
+  fs::create_directories(d);
+  // The server's own self-signed certificate; a CA for the groups; a group certificate it signed;
+  // and a certificate the CA did not sign.
+  run(absl::StrCat("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+                   "-addext subjectAltName=IP:127.0.0.1,DNS:localhost -keyout ", d, "/server.key -out ", d,
+                   "/server.pem"));
+  run(absl::StrCat("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=aviary-groups-ca -keyout ", d,
+                   "/ca.key -out ", d, "/ca.pem"));
+  run(absl::StrCat("openssl req -newkey rsa:2048 -nodes -subj /CN=group1 -keyout ", d, "/group.key -out ", d,
+                   "/group.csr"));
+  run(absl::StrCat("openssl x509 -req -days 1 -in ", d, "/group.csr -CA ", d, "/ca.pem -CAkey ", d,
+                   "/ca.key -CAcreateserial -out ", d, "/group.pem"));
+  run(absl::StrCat("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=rogue -keyout ", d,
+                   "/rogue.key -out ", d, "/rogue.pem"));
+  config_.tls_cert_file = d + "/server.pem";
+  config_.tls_key_file = d + "/server.key";
+  config_.tls_client_ca_file = d + "/ca.pem";
+  Start();
+  auto read = [](const std::string& path) {
+    auto text = common::ReadFileToString(path);
+    EXPECT_TRUE(text.ok()) << text.status();
+    return text.ok() ? *text : std::string();
+  };
+  auto connect = [&](const std::string& cert, const std::string& key) {
+    grpc::SslCredentialsOptions options;
+    options.pem_root_certs = read(d + "/server.pem");
+    if (!cert.empty()) {
+      options.pem_cert_chain = read(cert);
+      options.pem_private_key = read(key);
+    }
+    Connect(grpc::SslCredentials(options), "localhost");
+  };
+  auto register_group = [&]() {
+    RegisterGroupRequest request;
+    request.set_world_size(1);
+    RegisterGroupResponse response;
+    auto context = WorkerCtx();
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return workers_->RegisterGroup(context.get(), request, &response);
+  };
+
+  // No client certificate: a client works, a group with the right token does not.
+  connect("", "");
+  const std::string job_id = Submit();
+  EXPECT_EQ(GetJob(job_id).job_id(), job_id);
+  grpc::Status status = register_group();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_NE(status.error_message().find("WorkerService.RegisterGroup"), std::string::npos) << status.error_message();
+  EXPECT_NE(status.error_message().find("tls_client_ca_file"), std::string::npos) << status.error_message();
+
+  // A certificate the CA did not sign fails the handshake.
+  connect(d + "/rogue.pem", d + "/rogue.key");
+  EXPECT_FALSE(register_group().ok());
+
+  // The CA's certificate: the group registers; the certificate does not stand in for the token.
+  connect(d + "/group.pem", d + "/group.key");
+  status = register_group();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  RegisterGroupRequest request;
+  request.set_world_size(1);
+  RegisterGroupResponse response;
+  EXPECT_EQ(workers_->RegisterGroup(Ctx().get(), request, &response).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(workers_->RegisterGroup(Ctx("").get(), request, &response).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
 }
 
 TEST_F(CoordinatorServiceTest, RestartKeepsJobsLeasesAndHeartbeatingGroups) {

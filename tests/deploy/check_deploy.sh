@@ -160,7 +160,8 @@ fi
 echo "== launch-group.sh"
 launch=$deploy/launch-group.sh
 for args in "--hostfile $tmp/none" "--coordinator nocolon" "--coordinator h:1 --device tpu" \
-            "--coordinator h:1 --max-tasks -1" "--coordinator h:1 --bogus" "--coordinator h:1 --sd-dir $tmp --metrics-listen 0.0.0.0:0"; do
+            "--coordinator h:1 --max-tasks -1" "--coordinator h:1 --bogus" "--coordinator h:1 --sd-dir $tmp --metrics-listen 0.0.0.0:0" \
+            "--coordinator h:1 --tls-cert $launch" "--coordinator h:1 --tls-cert $launch --tls-key $tmp/none"; do
   # shellcheck disable=SC2086  # split on purpose
   out=$("$launch" $args --dry-run 2>&1); rc=$?
   if [ $rc -ne 2 ] || ! grep -q '^launch-group.sh: ' <<<"$out"; then fail "launch-group.sh $args: rc=$rc: $out"; else ok; fi
@@ -168,12 +169,13 @@ done
 printf 'node01 slots=4 # first\n\nnode02 slots=4\n' >"$tmp/hostfile"
 out=$(NCCL_IB_HCA=mlx5 UCX_TLS=rc,sm AVIARY_TOKEN=secret-token "$launch" --coordinator coord:7070 \
       --hostfile "$tmp/hostfile" --cores-per-rank 6 --token-file "$tmp/hostfile" \
+      --tls-cert "$tmp/hostfile" --tls-key "$tmp/hostfile" \
       --sd-dir "$tmp/sd" --dry-run -- --log-level debug 2>&1); rc=$?
 [ $rc -eq 0 ] && ok || fail "launch-group.sh --dry-run: rc=$rc: $out"
 for want in "-np 8 " "--hostfile $tmp/hostfile" "--map-by ppr:4:node:PE=6 --bind-to core" \
             "--mca odls_base_sigkill_timeout 45" "-x NCCL_IB_HCA" "-x UCX_TLS" "-x AVIARY_TOKEN " \
             "serve --coordinator coord:7070 --metrics-listen 0.0.0.0:9471" "--threads 6" \
-            "--token-file $tmp/hostfile" "--log-level debug" \
+            "--token-file $tmp/hostfile" "--tls-cert $tmp/hostfile --tls-key $tmp/hostfile" "--log-level debug" \
             "file_sd target $tmp/sd/aviary-group-node01-9471.json" '"targets": ["node01:9471"]'; do
   grep -qF -- "$want" <<<"$out" && ok || fail "launch-group.sh --dry-run: no '$want' in: $out"
 done

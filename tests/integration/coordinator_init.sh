@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's first run: `aviary-coordinator init DIR` writes a token (mode 600), a config and
-# runs/; the coordinator starts on that config with no other file, the client reaches it with
-# the token and is refused without it; init never overwrites; a missing token file says how to
-# make one.
+# The README's first run: `aviary-coordinator init DIR` writes three distinct tokens (client,
+# viewer, worker; mode 600), a config naming them and runs/; the coordinator starts on that
+# config with no other file, the client reaches it with the client token (and the viewer token),
+# is refused without one and with the worker token; init never overwrites; a missing token file
+# says how to make one.
 # usage: coordinator_init.sh BIN_DIR
 set -uo pipefail
 bin=$1
@@ -11,8 +12,14 @@ source "$(dirname "$0")/service_lib.sh"
 
 cd "$tmp"
 out=$("$bin/aviary-coordinator" init state 2>&1) || fail "init failed: $out"
-[ "$(stat -c %a state/token)" = 600 ] || fail "the token's mode is $(stat -c %a state/token), not 600"
-[ "$(wc -c < state/token)" -ge 64 ] || fail "the token is shorter than 64 hex characters"
+for f in token viewer.token worker.token; do
+  [ "$(stat -c %a state/$f)" = 600 ] || fail "the mode of $f is $(stat -c %a state/$f), not 600"
+  [ "$(wc -c < state/$f)" -ge 64 ] || fail "$f is shorter than 64 hex characters"
+  grep -q "wrote $tmp/state/$f (" <<<"$out" || fail "init did not name $f: $out"
+done
+[ "$(sort -u state/token state/viewer.token state/worker.token | wc -l)" = 3 ] || fail "the three tokens are not distinct"
+grep -q "worker token, mode 600: only for the hosts that run .aviary-worker serve." <<<"$out" ||
+  fail "init did not say who gets the worker token: $out"
 [ -d state/runs ] || fail "init did not create state/runs"
 grep -q "aviary-coordinator --config $tmp/state/coordinator.yaml" <<<"$out" || fail "init did not say how to start: $out"
 cp state/token token.before
@@ -31,6 +38,11 @@ port=$(cat "$tmp/port")
 AVIARY_TOKEN_FILE="$tmp/state/token" "$bin/aviary" --coordinator "127.0.0.1:$port" list > "$tmp/list.out" 2>&1 ||
   { fail "list with the init token failed"; cat "$tmp/list.out"; }
 expect "UNAUTHENTICATED" env -u AVIARY_TOKEN_FILE -u AVIARY_TOKEN "$bin/aviary" --coordinator "127.0.0.1:$port" list
+AVIARY_TOKEN_FILE="$tmp/state/viewer.token" "$bin/aviary" --coordinator "127.0.0.1:$port" list > "$tmp/list.out" 2>&1 ||
+  { fail "list with the viewer token failed"; cat "$tmp/list.out"; }
+expect "PERMISSION_DENIED" "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/state/worker.token" list
+expect "JobService.CancelJob: the token has role 'viewer'" "$bin/aviary" --coordinator "127.0.0.1:$port" \
+  --token-file "$tmp/state/viewer.token" cancel j000000000000
 [ -s "$tmp/state/aviary.db" ] || fail "the database is not in state/"
 [ -z "$(ls -A "$tmp/elsewhere")" ] || fail "the coordinator wrote into the working directory: $(ls -A "$tmp/elsewhere")"
 

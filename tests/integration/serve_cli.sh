@@ -17,7 +17,14 @@ expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$worker" serve --
 expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""
 expect "--token-file" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/missing-token" --metrics-listen ""
 : > "$tmp/empty-token"
-expect "empty token" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/empty-token" --metrics-listen ""
+expect "holds no token" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/empty-token" --metrics-listen ""
+printf '# only a comment\n\n' > "$tmp/comment-token"
+expect "holds no token" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/comment-token" --metrics-listen ""
+# A client certificate (mutual TLS) needs its key, and both must be readable.
+expect "--tls-cert: a client certificate needs both --tls-cert and --tls-key" "$worker" serve \
+  --coordinator 127.0.0.1:1 --tls-cert "$tmp/empty-token" --metrics-listen ""
+expect "AVIARY_TLS_KEY" env AVIARY_TLS_CERT="$tmp/empty-token" AVIARY_TLS_KEY="$tmp/missing.key" "$worker" serve \
+  --coordinator 127.0.0.1:1 --metrics-listen ""
 
 # A free port nobody listens on.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

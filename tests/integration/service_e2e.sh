@@ -5,7 +5,8 @@
 #   - submit (pretrain -> fine-tune) -> watch -> SUCCEEDED, with the metrics in SQLite, in
 #     `aviary status --json`, on the coordinator's and the group's /metrics, and in Prometheus'
 #     HTTP API; history with a plot; list;
-#   - calls without the token or with a wrong one are refused (UNAUTHENTICATED);
+#   - calls without the token or with a wrong one are refused (UNAUTHENTICATED), and the worker
+#     groups' token does not work for the client (PERMISSION_DENIED);
 #   - an invalid config is refused at submit with the key named;
 #   - cancel stops a running task within a few steps.
 # usage: service_e2e.sh BIN_DIR MPIEXEC
@@ -40,6 +41,7 @@ fi
 expect "UNAUTHENTICATED" "$bin/aviary" --coordinator "127.0.0.1:$port" list
 echo "not-the-token" > "$tmp/wrong"
 expect "UNAUTHENTICATED" "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/wrong" list
+expect "PERMISSION_DENIED" "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/worker.token" list
 expect "train.epochz" av submit "$tmp/p.yaml" --set train.epochz=3
 cp "$tmp/p.yaml" "$tmp/bad.yaml"; echo "modle: {name: small_cnn}" >> "$tmp/bad.yaml"
 expect "bad.yaml:$(wc -l < "$tmp/bad.yaml")" av submit "$tmp/bad.yaml"

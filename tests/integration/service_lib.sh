@@ -23,15 +23,18 @@ wait_for() {
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# write_coordinator_config HEARTBEAT_TIMEOUT_S MAX_RESTARTS: $tmp/coordinator.yaml and $tmp/token.
+# write_coordinator_config HEARTBEAT_TIMEOUT_S MAX_RESTARTS: $tmp/coordinator.yaml, $tmp/token
+# (clients) and $tmp/worker.token (worker groups).
 write_coordinator_config() {
   head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/token"
+  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/worker.token"
   cat > "$tmp/coordinator.yaml" <<YAML
 listen: 127.0.0.1:0
 metrics_listen: 127.0.0.1:0
 database: $tmp/aviary.db
 work_dir: $tmp/runs
 token_file: $tmp/token
+worker_token_file: $tmp/worker.token
 heartbeat_interval_s: 1
 heartbeat_timeout_s: ${1:-4}
 max_restarts: ${2:-2}
@@ -52,13 +55,14 @@ start_coordinator() {
   mport=$(cat "$tmp/coord.mport")
 }
 
-# start_group NAME NP: a worker group (mpirun) in its own process group; sets group_pid.
+# start_group NAME NP [serve flags...]: a worker group (mpirun) with the worker token, in its own
+# process group; sets group_pid.
 start_group() {
   local name=$1 np=$2
   rm -f "$tmp/$name.mport"
   setsid "$mpiexec" -np "$np" --oversubscribe "$bin/aviary-worker" serve --coordinator "127.0.0.1:$port" \
-    --token-file "$tmp/token" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/$name.mport" \
-    --threads 1 > "$tmp/$name.log" 2>&1 &
+    --token-file "$tmp/worker.token" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/$name.mport" \
+    --threads 1 "${@:3}" > "$tmp/$name.log" 2>&1 &
   group_pid=$!
   pids+=("$group_pid")
 }

@@ -43,6 +43,8 @@ struct AgentOptions {
   std::string coordinator;                  // HOST:PORT (required)
   std::string token;                        // bearer token; empty: no authorization entry
   std::string tls_ca_pem;                   // PEM to trust; empty: an insecure channel
+  std::string tls_cert_pem;                 // client certificate for mutual TLS ("" = none)
+  std::string tls_key_pem;                  // its private key
   std::string metrics_listen = "0.0.0.0:9471";  // "" disables the group's /metrics
   std::string metrics_port_file;            // the chosen metrics port, written atomically
   std::string device = "auto";              // auto, cpu or cuda

@@ -61,11 +61,13 @@ CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metr
     : options_(options), metrics_(metrics), registration_(std::move(registration)),
       buffer_(options.max_buffered_points) {
   std::shared_ptr<grpc::ChannelCredentials> creds;
-  if (options.tls_ca_pem.empty()) {
+  if (options.tls_ca_pem.empty() && options.tls_cert_pem.empty()) {
     creds = grpc::InsecureChannelCredentials();
   } else {
     grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = options.tls_ca_pem;
+    ssl.pem_root_certs = options.tls_ca_pem;  // "" = the system's roots
+    ssl.pem_cert_chain = options.tls_cert_pem;  // mutual TLS (coordinator's tls_client_ca_file)
+    ssl.pem_private_key = options.tls_key_pem;
     creds = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments args;
