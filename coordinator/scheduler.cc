@@ -910,6 +910,11 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
   // Only a file inside the task's own run folder (the coordinator reads the shared work_dir).
   AVIARY_RETURN_IF_ERROR(
       CheckCheckpointPath("path", request.path(), tasks_.at(request.task_id()).info.out_dir()));
+  if (const int epochs = tasks_.at(request.task_id()).info.epochs(); epochs > 0 && request.epoch() >= epochs) {
+    return absl::InvalidArgumentError(absl::StrCat("field 'epoch': ", request.epoch(),
+                                                   " is outside the task's plan of ", epochs,
+                                                   " epochs (0-based)"));
+  }
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.resume_checkpoint = request.path();
@@ -931,6 +936,12 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "complete it"));
   AVIARY_RETURN_IF_ERROR(CheckCheckpointPath("best_checkpoint", request.best_checkpoint(),
                                              tasks_.at(request.task_id()).info.out_dir()));
+  if (const int epochs = tasks_.at(request.task_id()).info.epochs();
+      request.has_best() && epochs > 0 && request.best().epoch() >= epochs) {
+    return absl::InvalidArgumentError(absl::StrCat("field 'best.epoch': ", request.best().epoch(),
+                                                   " is outside the task's plan of ", epochs,
+                                                   " epochs (0-based)"));
+  }
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);

@@ -595,6 +595,7 @@ TEST_F(RpcFuzzTest, RandomAndMutatedCallsKeepTheInvariants) {
       }
       if (task.has_best()) {
         EXPECT_GE(task.best().epoch(), 0) << replay;
+        EXPECT_LT(task.best().epoch(), task.epochs()) << replay;
       }
       if (task.state() == TASK_STATE_SUCCEEDED) {
         EXPECT_TRUE(InsideReal(task.best_checkpoint(), task.out_dir()))

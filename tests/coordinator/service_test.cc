@@ -1077,6 +1077,20 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
         << status.error_message();
   }
   ASSERT_TRUE(report(good).ok());
+  // The epoch of a checkpoint is within the task's plan (3 epochs: 0..2).
+  {
+    ReportCheckpointRequest request;
+    request.set_group_id(a);
+    request.set_task_id(pretrain);
+    request.set_path(good);
+    request.set_epoch(3);
+    ReportCheckpointResponse response;
+    const grpc::Status status = workers_->ReportCheckpoint(Ctx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("field 'epoch': 3 is outside the task's plan of 3 epochs"),
+              std::string::npos)
+        << status.error_message();
+  }
   // The next lease resumes from the good one, never from a refused path.
   bool cancel = false;
   ASSERT_TRUE(Eventually([&] { return GetJob(job_id).tasks(0).state() == TASK_STATE_READY; }));
@@ -1091,6 +1105,19 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     const grpc::Status status = Complete(b, pretrain, bad);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
     EXPECT_NE(status.error_message().find("field 'best_checkpoint': '" + bad + "'"), std::string::npos)
+        << status.error_message();
+  }
+  {
+    CompleteTaskRequest request;
+    request.set_group_id(b);
+    request.set_task_id(pretrain);
+    request.set_best_checkpoint(good);
+    *request.mutable_best() = EpochEnd(7, 0.8);
+    CompleteTaskResponse response;
+    const grpc::Status status = workers_->CompleteTask(Ctx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("field 'best.epoch': 7 is outside the task's plan of 3 epochs"),
+              std::string::npos)
         << status.error_message();
   }
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
