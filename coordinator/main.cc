@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
   CLI::App* init = aviary::common::AddCommand(
       &app, "init", "write a state folder for a first run",
       "DIR/token (a new random bearer token, mode 600), DIR/coordinator.yaml (database, work_dir and "
-      "token_file in DIR) and DIR/runs/; then: aviary-coordinator --config DIR/coordinator.yaml. Never "
+      "token_file in DIR, data_roots from --data-root) and DIR/runs/; then: aviary-coordinator --config DIR/coordinator.yaml. Never "
       "overwrites.");
   init->add_option("DIR", init_dir, "the state folder")->type_name("")->required();
   std::vector<std::string> init_data_roots;
