@@ -210,6 +210,7 @@ class CoordinatorProcess {
                              "metrics_listen: \"\"\n"
                              "database: ", (dir / "aviary.db").string(), "\n"
                              "work_dir: ", (dir / "runs").string(), "\n"
+                             "data_roots: [\"", dir.string(), "\"]\n"
                              "token_file: ", (dir / "token").string(), "\n"
                              "worker_token_file: ", (dir / "worker.token").string(), "\n"
                              "heartbeat_timeout_s: 20\n"

@@ -465,11 +465,28 @@ Field<PipelineConfig> MakeSection(const char* name, V PipelineConfig::*member) {
   return field;
 }
 
-Check<int> AtLeast(int min) {
-  return [min](const int& value) {
-    if (value >= min) return std::string();
-    return min == 1 ? std::string("expected an integer > 0")
-                    : absl::StrCat("expected an integer >= ", min);
+// An integer in [min, max]: the upper bounds keep a job from being absurd (a 2^31-epoch plan,
+// a million loader threads); README.md's key table lists them.
+Check<int> IntIn(int min, int max) {
+  return [min, max](const int& value) {
+    if (value >= min && value <= max) return std::string();
+    return absl::StrCat("expected an integer in [", min, ", ", max, "]");
+  };
+}
+
+// A number in (0, max].
+Check<double> PositiveAtMost(double max) {
+  return [max](const double& value) {
+    if (value > 0 && value <= max) return std::string();
+    return absl::StrCat("expected a number in (0, ", max, "]");
+  };
+}
+
+// A number in [0, max].
+Check<double> NonNegativeAtMost(double max) {
+  return [max](const double& value) {
+    if (value >= 0 && value <= max) return std::string();
+    return absl::StrCat("expected a number in [0, ", max, "]");
   };
 }
 
@@ -628,8 +645,8 @@ const std::vector<Field<SourceConfig>>& FieldsOf<SourceConfig>() {
 template <>
 const std::vector<Field<DataConfig>>& FieldsOf<DataConfig>() {
   static const auto* fields = new std::vector<Field<DataConfig>>{
-      MakeField("sample_rate", &DataConfig::sample_rate, AtLeast(1)),
-      MakeField("duration", &DataConfig::duration, Positive()),
+      MakeField("sample_rate", &DataConfig::sample_rate, IntIn(1, 384000)),
+      MakeField("duration", &DataConfig::duration, PositiveAtMost(600)),
       MakeField("target", &DataConfig::target),
       MakeField("pretrain_sources", &DataConfig::pretrain_sources),
       MakeField("corrupt_files", &DataConfig::corrupt_files),
@@ -642,11 +659,11 @@ const std::vector<Field<DataConfig>>& FieldsOf<DataConfig>() {
 template <>
 const std::vector<Field<FoldsConfig>>& FieldsOf<FoldsConfig>() {
   static const auto* fields = new std::vector<Field<FoldsConfig>>{
-      MakeField("pretrain_splits", &FoldsConfig::pretrain_splits, AtLeast(2)),
-      MakeField("finetune_splits", &FoldsConfig::finetune_splits, AtLeast(2)),
+      MakeField("pretrain_splits", &FoldsConfig::pretrain_splits, IntIn(2, 1000)),
+      MakeField("finetune_splits", &FoldsConfig::finetune_splits, IntIn(2, 1000)),
       MakeField("selected_folds", &FoldsConfig::selected_folds),
       MakeField("cv_filter", &FoldsConfig::cv_filter),
-      MakeField("cv_filter_thr", &FoldsConfig::cv_filter_thr, AtLeast(1)),
+      MakeField("cv_filter_thr", &FoldsConfig::cv_filter_thr, IntIn(1, 1000000)),
   };
   return *fields;
 }
@@ -654,8 +671,8 @@ const std::vector<Field<FoldsConfig>>& FieldsOf<FoldsConfig>() {
 template <>
 const std::vector<Field<SamplingConfig>>& FieldsOf<SamplingConfig>() {
   static const auto* fields = new std::vector<Field<SamplingConfig>>{
-      MakeField("upsample_thr", &SamplingConfig::upsample_thr, AtLeast(0)),
-      MakeField("downsample_thr", &SamplingConfig::downsample_thr, AtLeast(0)),
+      MakeField("upsample_thr", &SamplingConfig::upsample_thr, IntIn(0, 1000000)),
+      MakeField("downsample_thr", &SamplingConfig::downsample_thr, IntIn(0, 1000000)),
   };
   return *fields;
 }
@@ -663,12 +680,12 @@ const std::vector<Field<SamplingConfig>>& FieldsOf<SamplingConfig>() {
 template <>
 const std::vector<Field<FrontendConfig>>& FieldsOf<FrontendConfig>() {
   static const auto* fields = new std::vector<Field<FrontendConfig>>{
-      MakeField("n_fft", &FrontendConfig::n_fft, AtLeast(1)),
-      MakeField("hop_length", &FrontendConfig::hop_length, AtLeast(1)),
-      MakeField("n_mels", &FrontendConfig::n_mels, AtLeast(1)),
+      MakeField("n_fft", &FrontendConfig::n_fft, IntIn(1, 65536)),
+      MakeField("hop_length", &FrontendConfig::hop_length, IntIn(1, 65536)),
+      MakeField("n_mels", &FrontendConfig::n_mels, IntIn(1, 1024)),
       MakeField("fmin", &FrontendConfig::fmin, NonNegative()),
       MakeField("fmax", &FrontendConfig::fmax, Positive()),
-      MakeField("top_db", &FrontendConfig::top_db, Positive()),
+      MakeField("top_db", &FrontendConfig::top_db, PositiveAtMost(1000)),
       MakeField("normalize", &FrontendConfig::normalize,
                 OneOf({"per_sample", "per_batch", "none"})),
       MakeField("in_channels", &FrontendConfig::in_channels, IntOneOf({1, 3})),
@@ -681,20 +698,20 @@ const std::vector<Field<AugmentConfig>>& FieldsOf<AugmentConfig>() {
   static const auto* fields = new std::vector<Field<AugmentConfig>>{
       MakeField("audio_augment_prob", &AugmentConfig::audio_augment_prob, Probability()),
       MakeField("noise_prob", &AugmentConfig::noise_prob, Probability()),
-      MakeField("noise_std_min", &AugmentConfig::noise_std_min, NonNegative()),
-      MakeField("noise_std_max", &AugmentConfig::noise_std_max, NonNegative()),
+      MakeField("noise_std_min", &AugmentConfig::noise_std_min, NonNegativeAtMost(100)),
+      MakeField("noise_std_max", &AugmentConfig::noise_std_max, NonNegativeAtMost(100)),
       MakeField("timeshift_prob", &AugmentConfig::timeshift_prob, Probability()),
       MakeField("timeshift_max", &AugmentConfig::timeshift_max, UnitClosed()),
       MakeField("mixup_prob", &AugmentConfig::mixup_prob, Probability()),
-      MakeField("mixup_alpha", &AugmentConfig::mixup_alpha, Positive()),
+      MakeField("mixup_alpha", &AugmentConfig::mixup_alpha, PositiveAtMost(1000)),
       MakeField("cutmix_prob", &AugmentConfig::cutmix_prob, Probability()),
-      MakeField("cutmix_alpha", &AugmentConfig::cutmix_alpha, Positive()),
+      MakeField("cutmix_alpha", &AugmentConfig::cutmix_alpha, PositiveAtMost(1000)),
       MakeField("time_mask_prob", &AugmentConfig::time_mask_prob, Probability()),
-      MakeField("num_time_masks", &AugmentConfig::num_time_masks, AtLeast(0)),
-      MakeField("time_mask_param", &AugmentConfig::time_mask_param, AtLeast(0)),
+      MakeField("num_time_masks", &AugmentConfig::num_time_masks, IntIn(0, 100)),
+      MakeField("time_mask_param", &AugmentConfig::time_mask_param, IntIn(0, 100000)),
       MakeField("freq_mask_prob", &AugmentConfig::freq_mask_prob, Probability()),
-      MakeField("num_freq_masks", &AugmentConfig::num_freq_masks, AtLeast(0)),
-      MakeField("freq_mask_param", &AugmentConfig::freq_mask_param, AtLeast(0)),
+      MakeField("num_freq_masks", &AugmentConfig::num_freq_masks, IntIn(0, 100)),
+      MakeField("freq_mask_param", &AugmentConfig::freq_mask_param, IntIn(0, 1024)),
   };
   return *fields;
 }
@@ -707,7 +724,7 @@ const std::vector<Field<ModelConfig>>& FieldsOf<ModelConfig>() {
                        "small_cnn"})),
       MakeField("pretrain", &ModelConfig::pretrain, OneOf({"none", "imagenet"})),
       MakeField("pretrained_weights", &ModelConfig::pretrained_weights),
-      MakeField("neck_features", &ModelConfig::neck_features, AtLeast(0)),
+      MakeField("neck_features", &ModelConfig::neck_features, IntIn(0, 65536)),
       MakeField("final_act", &ModelConfig::final_act, OneOf({"softmax", "sigmoid"})),
       MakeField("dropout", &ModelConfig::dropout, UnitHalfOpen()),
   };
@@ -717,28 +734,28 @@ const std::vector<Field<ModelConfig>>& FieldsOf<ModelConfig>() {
 template <>
 const std::vector<Field<TrainConfig>>& FieldsOf<TrainConfig>() {
   static const auto* fields = new std::vector<Field<TrainConfig>>{
-      MakeField("batch_size", &TrainConfig::batch_size, AtLeast(1)),
-      MakeField("epochs", &TrainConfig::epochs, AtLeast(1)),
+      MakeField("batch_size", &TrainConfig::batch_size, IntIn(1, 65536)),
+      MakeField("epochs", &TrainConfig::epochs, IntIn(1, 10000)),
       MakeField("optimizer", &TrainConfig::optimizer, OneOf({"Adam", "AdamW"})),
-      MakeField("lr", &TrainConfig::lr, Positive()),
-      MakeField("weight_decay", &TrainConfig::weight_decay, NonNegative()),
+      MakeField("lr", &TrainConfig::lr, PositiveAtMost(100)),
+      MakeField("weight_decay", &TrainConfig::weight_decay, NonNegativeAtMost(100)),
       MakeField("scheduler", &TrainConfig::scheduler, OneOf({"cos", "exp", "step", "none"})),
-      MakeField("lr_start", &TrainConfig::lr_start, NonNegative()),
-      MakeField("lr_max_per_sample", &TrainConfig::lr_max_per_sample, Positive()),
-      MakeField("lr_min", &TrainConfig::lr_min, NonNegative()),
-      MakeField("lr_ramp_epochs", &TrainConfig::lr_ramp_epochs, AtLeast(0)),
+      MakeField("lr_start", &TrainConfig::lr_start, NonNegativeAtMost(100)),
+      MakeField("lr_max_per_sample", &TrainConfig::lr_max_per_sample, PositiveAtMost(100)),
+      MakeField("lr_min", &TrainConfig::lr_min, NonNegativeAtMost(100)),
+      MakeField("lr_ramp_epochs", &TrainConfig::lr_ramp_epochs, IntIn(0, 10000)),
       MakeField("lr_decay", &TrainConfig::lr_decay, DecayFactor()),
-      MakeField("lr_step_epochs", &TrainConfig::lr_step_epochs, AtLeast(1)),
+      MakeField("lr_step_epochs", &TrainConfig::lr_step_epochs, IntIn(1, 10000)),
       MakeField("lr_per_step", &TrainConfig::lr_per_step),
       MakeField("loss", &TrainConfig::loss, OneOf({"CCE", "BCE"})),
       MakeField("label_smoothing", &TrainConfig::label_smoothing, UnitHalfOpen()),
       MakeField("drop_remainder", &TrainConfig::drop_remainder),
       MakeField("monitor", &TrainConfig::monitor, OneOf({"auc", "roc_auc", "cmap", "acc", "loss"})),
       MakeField("precision", &TrainConfig::precision, OneOf({"auto", "fp32", "bf16"})),
-      MakeField("infer_bs", &TrainConfig::infer_bs, AtLeast(1)),
-      MakeField("tta", &TrainConfig::tta, AtLeast(1)),
+      MakeField("infer_bs", &TrainConfig::infer_bs, IntIn(1, 65536)),
+      MakeField("tta", &TrainConfig::tta, IntIn(1, 64)),
       MakeField("skip_nonfinite", &TrainConfig::skip_nonfinite),
-      MakeField("num_workers", &TrainConfig::num_workers, AtLeast(1)),
+      MakeField("num_workers", &TrainConfig::num_workers, IntIn(1, 256)),
       MakeField("deterministic", &TrainConfig::deterministic),
   };
   return *fields;
@@ -777,8 +794,8 @@ template <>
 const std::vector<Field<CommConfig>>& FieldsOf<CommConfig>() {
   static const auto* fields = new std::vector<Field<CommConfig>>{
       MakeField("backend", &CommConfig::backend, OneOf({"auto", "nccl", "mpi"})),
-      MakeField("bucket_mb", &CommConfig::bucket_mb, Positive()),
-      MakeField("timeout_s", &CommConfig::timeout_s, Positive()),
+      MakeField("bucket_mb", &CommConfig::bucket_mb, PositiveAtMost(4096)),
+      MakeField("timeout_s", &CommConfig::timeout_s, PositiveAtMost(86400)),
   };
   return *fields;
 }

@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/config.h"
 #include "common/csv.h"
@@ -17,6 +18,7 @@
 #include "common/status.h"
 #include "common/tokens.h"
 #include "common/yaml_util.h"
+#include "coordinator/path_policy.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::coordinator {
@@ -96,6 +98,42 @@ Reader Int(int CoordinatorConfig::*member) {
   };
 }
 
+// A list of folders: a YAML sequence, or one string of comma-separated folders (as --set gives
+// it). Relative ones resolve against the origin's folder; each is realpath-resolved and must be
+// an existing directory.
+Reader PathList(std::vector<std::string> CoordinatorConfig::*member) {
+  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
+                  CoordinatorConfig* out) -> absl::Status {
+    std::vector<std::string> items;
+    if (node.IsNull()) {
+      // An empty list.
+    } else if (node.IsSequence()) {
+      for (size_t i = 0; i < node.size(); ++i) {
+        if (!node[i].IsScalar()) {
+          return KeyError(origin, key, absl::StrCat("item ", i, ": expected a folder, got ", Describe(node[i])));
+        }
+        items.push_back(node[i].Scalar());
+      }
+    } else if (node.IsScalar()) {
+      for (absl::string_view item : absl::StrSplit(node.Scalar(), ',')) {
+        item = absl::StripAsciiWhitespace(item);
+        if (!item.empty()) items.emplace_back(item);
+      }
+    } else {
+      return KeyError(origin, key, absl::StrCat("expected a list of folders, got ", Describe(node)));
+    }
+    for (std::string& item : items) {
+      if (!item.empty() && fs::path(item).is_relative() && !origin.base_dir.empty()) {
+        item = (fs::path(origin.base_dir) / item).lexically_normal().string();
+      }
+    }
+    auto resolved = ResolveDataRoots(key, items);
+    if (!resolved.ok()) return absl::InvalidArgumentError(absl::StrCat(origin.where, ": ", resolved.status().message()));
+    out->*member = std::move(*resolved);
+    return absl::OkStatus();
+  };
+}
+
 struct Field {
   std::string name;
   Reader read;
@@ -109,6 +147,7 @@ const std::vector<Field>& Fields() {
       {"metrics_port_file", String(&CoordinatorConfig::metrics_port_file, true)},
       {"database", String(&CoordinatorConfig::database, true)},
       {"work_dir", String(&CoordinatorConfig::work_dir, true)},
+      {"data_roots", PathList(&CoordinatorConfig::data_roots)},
       {"token_file", String(&CoordinatorConfig::token_file, true)},
       {"viewer_token_file", String(&CoordinatorConfig::viewer_token_file, true)},
       {"worker_token_file", String(&CoordinatorConfig::worker_token_file, true)},

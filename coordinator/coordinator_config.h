@@ -25,6 +25,10 @@ struct CoordinatorConfig {
   std::string metrics_port_file;
   std::string database = "aviary.db";
   std::string work_dir = "runs";
+  // Folders a job's data paths (data roots, cache_dir, corrupt_files, pretrained_weights) must
+  // lie in, realpath-resolved at load (each must exist and be a directory). Empty: every job is
+  // refused. In YAML a list; from --set a comma-separated list.
+  std::vector<std::string> data_roots;
   std::string token_file;         // client tokens: all of JobService
   std::string viewer_token_file;  // viewer tokens: GetJob, ListJobs, WatchJob, GetHistory ("" = none)
   std::string worker_token_file;  // worker-group tokens: WorkerService only

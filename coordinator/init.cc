@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/path_policy.h"
 
 namespace aviary::coordinator {
 namespace {
@@ -80,12 +81,32 @@ constexpr char kConfig[] =
     "# Read-only viewers (status, list, watch, history):\n"
     "viewer_token_file: \"viewer.token\"\n"
     "# Worker groups only (aviary-worker serve --token-file):\n"
-    "worker_token_file: \"worker.token\"\n";
+    "worker_token_file: \"worker.token\"\n"
+    "# The folders jobs may read data from and write caches to (docs/SERVICE.md, \"Security\n"
+    "# model\"); a job naming a path outside them is refused at submit.\n";
+
+// `data_roots:` as a YAML flow list of double-quoted strings.
+std::string DataRootsYaml(const std::vector<std::string>& roots) {
+  std::string text = "data_roots: [";
+  for (size_t i = 0; i < roots.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += '"';
+    for (char c : roots[i]) {
+      if (c == '"' || c == '\\') text += '\\';
+      text += c;
+    }
+    text += '"';
+  }
+  return text + "]\n";
+}
 
 }  // namespace
 
-absl::StatusOr<InitResult> InitStateDir(const std::string& dir) {
+absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
+                                        const std::vector<std::string>& data_roots) {
   if (dir.empty()) return absl::InvalidArgumentError("init: expected a folder (aviary-coordinator init DIR)");
+  auto roots = ResolveDataRoots("--data-root", data_roots);
+  if (!roots.ok()) return absl::InvalidArgumentError(absl::StrCat("init: ", roots.status().message()));
   std::error_code ec;
   const fs::path root = fs::absolute(dir, ec);
   if (ec) return absl::InvalidArgumentError(absl::StrCat("init: '", dir, "': ", ec.message()));
@@ -110,7 +131,9 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir) {
     if (!token.ok()) return token.status();
     if (absl::Status st = WriteNewFile(path, *token + "\n", 0600); !st.ok()) return st;
   }
-  if (absl::Status st = WriteNewFile(result.config_path, kConfig, 0644); !st.ok()) return st;
+  if (absl::Status st = WriteNewFile(result.config_path, kConfig + DataRootsYaml(*roots), 0644); !st.ok()) {
+    return st;
+  }
   return result;
 }
 

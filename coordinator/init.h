@@ -6,11 +6,15 @@
 //   DIR/coordinator.yaml  listen/metrics defaults; database, work_dir and the three token files
 //                         relative to DIR (relative paths in a config resolve against its folder)
 //   DIR/runs/             the run folders
+// `data_roots` (init's repeatable --data-root) are written as the config's data_roots, made
+// absolute and resolved with realpath (each must be an existing folder); none leaves the key
+// an empty list, and the coordinator then refuses every job until it is set.
 // An existing token file or coordinator.yaml is never overwritten (FAILED_PRECONDITION naming it).
 #ifndef AVIARY_COORDINATOR_INIT_H_
 #define AVIARY_COORDINATOR_INIT_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -24,7 +28,8 @@ struct InitResult {
   std::string work_dir;     // absolute
 };
 
-absl::StatusOr<InitResult> InitStateDir(const std::string& dir);
+absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
+                                        const std::vector<std::string>& data_roots = {});
 
 }  // namespace aviary::coordinator
 

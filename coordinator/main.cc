@@ -37,8 +37,8 @@ const char* FlagTypeName(const std::string& flag) {
 }
 
 // `aviary-coordinator init DIR`.
-int RunInit(const std::string& dir) {
-  auto result = aviary::coordinator::InitStateDir(dir);
+int RunInit(const std::string& dir, const std::vector<std::string>& data_roots) {
+  auto result = aviary::coordinator::InitStateDir(dir, data_roots);
   if (!result.ok()) {
     std::cerr << "aviary-coordinator " << result.status().message() << "\n";
     return aviary::common::ExitCodeFor(result.status());
@@ -88,15 +88,21 @@ int main(int argc, char** argv) {
       &app, "init", "write a state folder for a first run",
       "DIR/token, DIR/viewer.token and DIR/worker.token (new random bearer tokens for clients, viewers "
       "and worker groups, mode 600), DIR/coordinator.yaml (database, work_dir and the three token files "
-      "in DIR) and DIR/runs/; then: aviary-coordinator --config DIR/coordinator.yaml. Never overwrites.");
+      "in DIR, data_roots from --data-root) and DIR/runs/; then: aviary-coordinator --config "
+      "DIR/coordinator.yaml. Never overwrites.");
   init->add_option("DIR", init_dir, "the state folder")->type_name("")->required();
+  std::vector<std::string> init_data_roots;
+  aviary::common::AddRepeatedOption(
+      init, "--data-root", &init_data_roots, "D",
+      "a folder jobs may read data from and write caches to, written into the config's data_roots "
+      "(repeatable; none: every job is refused until data_roots is set)");
   if (std::optional<int> code = aviary::common::ParseCommandLine(&app, args)) return *code;
   if (version) {
     std::cout << "aviary-coordinator " << aviary::common::Version() << " (git " << aviary::common::GitCommit()
               << "); no libtorch\n";
     return 0;
   }
-  if (init->parsed()) return RunInit(init_dir);
+  if (init->parsed()) return RunInit(init_dir, init_data_roots);
   std::vector<ConfigOverride> overrides;
   for (const std::string& text : sets) {
     auto override_value = aviary::coordinator::ParseSetOverride(text);

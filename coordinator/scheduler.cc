@@ -13,6 +13,7 @@
 #include "common/config.h"
 #include "common/manifest.h"
 #include "common/status.h"
+#include "coordinator/path_policy.h"
 
 namespace aviary::coordinator {
 
@@ -83,6 +84,7 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOpti
         absl::StrCat("work_dir ", resolved.work_dir, ": cannot make it absolute: ", ec.message()));
   }
   resolved.work_dir = absolute.lexically_normal().string();
+  AVIARY_ASSIGN_OR_RETURN(resolved.data_roots, ResolveDataRoots("data_roots", resolved.data_roots));
   if (resolved.reaper_period_s <= 0) {
     resolved.reaper_period_s = std::min(1.0, resolved.heartbeat_timeout_s / 4);
   }
@@ -121,6 +123,14 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(std::vector<GroupRow> groups, store_->LoadGroups());
   AVIARY_ASSIGN_OR_RETURN(const int64_t groups_lost_total, store_->GetCounter("groups_lost_total"));
   AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
+  AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> last_points, store_->LoadLastPoints());
+  {
+    absl::MutexLock writer(&write_mu_);
+    for (const PointRow& row : last_points) {
+      LastPoint& last = last_points_[row.task_id];
+      if (row.attempt >= last.attempt) last = {row.attempt, row.metrics.epoch(), row.metrics.step()};
+    }
+  }
 
   absl::MutexLock lock(&mu_);
   groups_lost_total_ = groups_lost_total;
@@ -444,6 +454,19 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
   AVIARY_RETURN_IF_ERROR(
       check_and_resolve("model.pretrained_weights", &config.model.pretrained_weights));
   AVIARY_RETURN_IF_ERROR(common::Annotate(common::ValidatePipelineConfig(config), source));
+  // Every path the workers will read or write lies inside a data root (after realpath).
+  std::vector<std::pair<std::string, std::string>> data_paths{
+      {"data.target.root", config.data.target.root}};
+  for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
+    data_paths.emplace_back(absl::StrCat("data.pretrain_sources.", i, ".root"),
+                            config.data.pretrain_sources[i].root);
+  }
+  data_paths.emplace_back("data.corrupt_files", config.data.corrupt_files);
+  data_paths.emplace_back("data.cache_dir", config.data.cache_dir);
+  data_paths.emplace_back("model.pretrained_weights", config.model.pretrained_weights);
+  for (const auto& [key, path] : data_paths) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(CheckDataPath(key, path, options_.data_roots), source));
+  }
 
   const bool pretrain = config.stages.at("pretrain").enabled;
   const bool finetune = config.stages.at("finetune").enabled;
@@ -824,6 +847,30 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
                                                      " epochs (0-based)"));
     }
   }
+  // Within one attempt, epochs and steps never go back (the first point of an attempt may
+  // start anywhere: a resumed attempt starts at its checkpoint).
+  LastPoint last;
+  bool has_last = false;
+  if (auto it = last_points_.find(task.info.task_id());
+      it != last_points_.end() && it->second.attempt == task.info.attempt()) {
+    last = it->second;
+    has_last = true;
+  }
+  for (int i = 0; i < request.points_size(); ++i) {
+    const aviary::v1::Metrics& point = request.points(i);
+    if (has_last && point.epoch() < last.epoch) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "field 'points[", i, "].epoch': ", point.epoch(), " is less than the epoch ", last.epoch,
+          " of the previous point of attempt ", task.info.attempt(), " (epochs never go back within an attempt)"));
+    }
+    if (has_last && point.step() < last.step) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "field 'points[", i, "].step': ", point.step(), " is less than the step ", last.step,
+          " of the previous point of attempt ", task.info.attempt(), " (steps never go back within an attempt)"));
+    }
+    last = {task.info.attempt(), point.epoch(), point.step()};
+    has_last = true;
+  }
   const int64_t now = UnixMs();
   if (request.steps_per_epoch() > 0) task.info.set_steps_per_epoch(request.steps_per_epoch());
   std::vector<aviary::v1::Metrics> points(request.points().begin(), request.points().end());
@@ -851,6 +898,7 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
     return store_->AddPoints(job_id, task_id, attempt, now, points);
   });
   AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  if (has_last) last_points_[task_id] = last;
   return false;
 }
 
@@ -859,6 +907,14 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), ""));
+  // Only a file inside the task's own run folder (the coordinator reads the shared work_dir).
+  AVIARY_RETURN_IF_ERROR(
+      CheckCheckpointPath("path", request.path(), tasks_.at(request.task_id()).info.out_dir()));
+  if (const int epochs = tasks_.at(request.task_id()).info.epochs(); epochs > 0 && request.epoch() >= epochs) {
+    return absl::InvalidArgumentError(absl::StrCat("field 'epoch': ", request.epoch(),
+                                                   " is outside the task's plan of ", epochs,
+                                                   " epochs (0-based)"));
+  }
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.resume_checkpoint = request.path();
@@ -878,6 +934,14 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "complete it"));
+  AVIARY_RETURN_IF_ERROR(CheckCheckpointPath("best_checkpoint", request.best_checkpoint(),
+                                             tasks_.at(request.task_id()).info.out_dir()));
+  if (const int epochs = tasks_.at(request.task_id()).info.epochs();
+      request.has_best() && epochs > 0 && request.best().epoch() >= epochs) {
+    return absl::InvalidArgumentError(absl::StrCat("field 'best.epoch': ", request.best().epoch(),
+                                                   " is outside the task's plan of ", epochs,
+                                                   " epochs (0-based)"));
+  }
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);

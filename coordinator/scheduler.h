@@ -46,6 +46,9 @@ struct SchedulerOptions {
   double heartbeat_timeout_s = 20.0;   // a group silent this long is lost
   int max_restarts = 3;
   double reaper_period_s = 0;          // 0: min(1 s, heartbeat_timeout_s / 4)
+  // The folders a job's data paths must resolve into (docs/SERVICE.md, "Security model");
+  // realpath-resolved at Create (each must be an existing folder). Empty: every job is refused.
+  std::vector<std::string> data_roots;
 };
 
 class Scheduler {
@@ -193,6 +196,15 @@ class Scheduler {
   int64_t next_job_seq_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t groups_lost_total_ ABSL_GUARDED_BY(mu_) = 0;
   std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
+  // Per task, the attempt and the epoch and step of its last accepted progress point: within
+  // one attempt, epochs and steps never go back. A new attempt starts afresh; at restart this is
+  // the last stored point of each attempt.
+  struct LastPoint {
+    int attempt = 0;
+    int32_t epoch = 0;
+    int64_t step = 0;
+  };
+  std::unordered_map<std::string, LastPoint> last_points_ ABSL_GUARDED_BY(write_mu_);
 
   absl::Notification reaper_wake_;  // Shutdown
   std::atomic<bool> shutdown_{false};

@@ -428,6 +428,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   options.heartbeat_interval_s = config.heartbeat_interval_s;
   options.heartbeat_timeout_s = config.heartbeat_timeout_s;
   options.max_restarts = config.max_restarts;
+  options.data_roots = config.data_roots;
   AVIARY_ASSIGN_OR_RETURN(c->scheduler_,
                           Scheduler::Create(options, c->store_.get(), c->metrics_.get()));
   c->job_service_ = std::make_unique<JobServiceImpl>(c->scheduler_.get(), c->auth_.get());

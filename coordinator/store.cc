@@ -602,6 +602,25 @@ absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> Store::LoadLatestEpoc
   return out;
 }
 
+absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this,
+               "SELECT task_id, attempt, metrics FROM metric_points WHERE id IN "
+               "(SELECT max(id) FROM metric_points GROUP BY task_id, attempt)");
+  std::vector<PointRow> out;
+  absl::Status status;
+  while (st.Step(&status)) {
+    PointRow row;
+    row.task_id = st.Text(0);
+    row.attempt = static_cast<int>(st.Int(1));
+    AVIARY_RETURN_IF_ERROR(st.Parse(2, &row.metrics));
+    out.push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return out;
+}
+
 absl::StatusOr<std::vector<Store::CheckpointRow>> Store::LoadCheckpoints(const std::string& task_id) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());

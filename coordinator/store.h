@@ -112,6 +112,8 @@ class Store {
   absl::StatusOr<std::vector<PointRow>> LoadEpochEnds(const std::string& job_id);
   // Per task, its latest epoch-end point (for restoring gauges).
   absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> LoadLatestEpochEnds();
+  // The last stored point of each (task, attempt); time_unix_ms is 0.
+  absl::StatusOr<std::vector<PointRow>> LoadLastPoints();
   // Checkpoints of a task, oldest first (path, epoch, best).
   struct CheckpointRow {
     std::string path;

@@ -64,7 +64,8 @@ stop_service() {
 trap stop_service EXIT
 "$coordinator" --config configs/coordinator.yaml --listen 127.0.0.1:0 --port-file $out/coordinator.port \
   --metrics-listen 127.0.0.1:0 --metrics-port-file $out/metrics.port --database $out/aviary.db \
-  --work-dir $out/runs --token-file $out/token --worker-token-file $out/worker.token > $out/coordinator.log 2>&1 &
+  --work-dir $out/runs --token-file $out/token --worker-token-file $out/worker.token \
+  --set data_roots="$PWD/data" > $out/coordinator.log 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s $out/coordinator.port ] && [ -s $out/metrics.port ] && break; sleep 0.2; done
 [ -s $out/coordinator.port ] || { cat $out/coordinator.log; echo "the coordinator did not start"; exit 1; }

@@ -144,11 +144,37 @@ TEST(ConfigTest, DuplicateKeyIsAnError) {
             "x.yaml:3: duplicate key 'train.lr' (first set at x.yaml:2)");
 }
 
+// Issue 14: numeric keys have upper bounds, so that a job cannot be absurd.
+TEST(ConfigTest, NumericKeysHaveUpperBounds) {
+  EXPECT_EQ(ParseError("train:\n  epochs: 2147483647\n"),
+            "x.yaml:2: key 'train.epochs': expected an integer in [1, 10000], got '2147483647'");
+  EXPECT_EQ(ParseError("stages:\n  pretrain:\n    epochs: 10001\n"),
+            "x.yaml:3: key 'stages.pretrain.epochs': expected an integer in [1, 10000], got '10001'");
+  EXPECT_EQ(ParseError("train:\n  batch_size: 65537\n"),
+            "x.yaml:2: key 'train.batch_size': expected an integer in [1, 65536], got '65537'");
+  EXPECT_EQ(ParseError("train:\n  num_workers: 100000\n"),
+            "x.yaml:2: key 'train.num_workers': expected an integer in [1, 256], got '100000'");
+  EXPECT_EQ(ParseError("folds:\n  finetune_splits: 1001\n"),
+            "x.yaml:2: key 'folds.finetune_splits': expected an integer in [2, 1000], got '1001'");
+  EXPECT_EQ(ParseError("data:\n  sample_rate: 1000000\n"),
+            "x.yaml:2: key 'data.sample_rate': expected an integer in [1, 384000], got '1000000'");
+  EXPECT_EQ(ParseError("data:\n  duration: 601\n"),
+            "x.yaml:2: key 'data.duration': expected a number in (0, 600], got '601.0'");
+  EXPECT_EQ(ParseError("frontend:\n  n_mels: 4096\n"),
+            "x.yaml:2: key 'frontend.n_mels': expected an integer in [1, 1024], got '4096'");
+  EXPECT_EQ(ParseError("train:\n  lr: 1000\n"),
+            "x.yaml:2: key 'train.lr': expected a number in (0, 100], got '1000.0'");
+  EXPECT_EQ(ParseError("comm:\n  timeout_s: 1e9\n"),
+            "x.yaml:2: key 'comm.timeout_s': expected a number in (0, 86400], got '1000000000.0'");
+  // The bounds themselves are accepted.
+  EXPECT_EQ(ParseError("train:\n  epochs: 10000\n  batch_size: 65536\n  num_workers: 256\n"), "");
+}
+
 TEST(ConfigTest, OutOfRangeValues) {
   EXPECT_EQ(ParseError("train:\n  batch_size: 0\n"),
-            "x.yaml:2: key 'train.batch_size': expected an integer > 0, got '0'");
+            "x.yaml:2: key 'train.batch_size': expected an integer in [1, 65536], got '0'");
   EXPECT_EQ(ParseError("\nfolds:\n  finetune_splits: 1\n"),
-            "x.yaml:3: key 'folds.finetune_splits': expected an integer >= 2, got '1'");
+            "x.yaml:3: key 'folds.finetune_splits': expected an integer in [2, 1000], got '1'");
   EXPECT_THAT(ParseError("augment:\n  mixup_prob: 1.5\n"),
               HasSubstr("x.yaml:2: key 'augment.mixup_prob': expected a probability in [0, 1], "
                         "got '1.5'"));
@@ -349,7 +375,7 @@ TEST(ConfigTest, StageErrors) {
             "x.yaml:3: unknown key 'stages.pretrain.epoch' (did you mean "
             "'stages.pretrain.epochs'?)");
   EXPECT_EQ(ParseError("stages:\n  finetune:\n    batch_size: 0\n"),
-            "x.yaml:3: key 'stages.finetune.batch_size': expected an integer > 0, got '0'");
+            "x.yaml:3: key 'stages.finetune.batch_size': expected an integer in [1, 65536], got '0'");
   EXPECT_EQ(ParseError("", {"stages.pretrain.enabled=sure"}),
             "--set stages.pretrain.enabled=sure: key 'stages.pretrain.enabled': expected true or "
             "false, got 'sure'");
@@ -466,10 +492,10 @@ TEST(ConfigTest, ValidateHandBuiltConfig) {
   config.train.batch_size = 0;
   absl::Status status = ValidatePipelineConfig(config);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(status.message(), "key 'train.batch_size': expected an integer > 0, got '0'");
+  EXPECT_EQ(status.message(), "key 'train.batch_size': expected an integer in [1, 65536], got '0'");
   config.source_path = "my.yaml";
   EXPECT_EQ(ValidatePipelineConfig(config).message(),
-            "my.yaml: key 'train.batch_size': expected an integer > 0, got '0'");
+            "my.yaml: key 'train.batch_size': expected an integer in [1, 65536], got '0'");
 
   config.train.batch_size = 8;
   config.stages["pretrain"].train.num_workers = 0;

@@ -50,6 +50,44 @@ TEST_F(CoordinatorConfigTest, TheShippedFileLoads) {
   EXPECT_EQ(config->tls_client_ca_file, "");
 }
 
+// data_roots: a YAML list (relative to the file's folder) or comma-separated from --set; each
+// resolved with realpath and required to be an existing folder.
+TEST_F(CoordinatorConfigTest, DataRootsAreResolvedExistingFolders) {
+  fs::create_directories(root_ + "/data/a");
+  fs::create_directories(root_ + "/b");
+  fs::create_symlink(root_ + "/b", root_ + "/b-link");
+  const std::string real = fs::canonical(root_).string();
+  const std::string path = Write("c.yaml", "allow_no_auth: true\ndata_roots: [data/a, " + root_ + "/b-link]\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->data_roots, (std::vector<std::string>{real + "/data/a", real + "/b"}));
+  // --set: comma-separated.
+  auto set = ParseSetOverride("data_roots=" + root_ + "/b, " + root_ + "/data");
+  ASSERT_TRUE(set.ok()) << set.status();
+  config = LoadCoordinatorConfig(path, {*set});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->data_roots, (std::vector<std::string>{real + "/b", real + "/data"}));
+  // The default: none.
+  config = LoadCoordinatorConfig(Write("d.yaml", "allow_no_auth: true\n"), {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->data_roots.empty());
+  // A missing folder and a file are refused, naming the line, the key and the path.
+  config = LoadCoordinatorConfig(Write("e.yaml", "allow_no_auth: true\ndata_roots:\n  - missing\n"), {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(config.status().message().find(root_ + "/e.yaml:3: key 'data_roots' [0]: '" + root_ +
+                                           "/missing': No such file or directory"),
+            std::string::npos)
+      << config.status();
+  Write("file", "x");
+  config = LoadCoordinatorConfig(path, {{"data_roots", root_ + "/file", "--set data_roots=" + root_ + "/file"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("--set data_roots=" + root_ + "/file: key 'data_roots' [0]: '" +
+                                           root_ + "/file' (" + real + "/file) is not a folder"),
+            std::string::npos)
+      << config.status();
+}
+
 TEST_F(CoordinatorConfigTest, UnknownKeyNamesFileLineAndSuggestion) {
   const std::string path = Write("c.yaml", "allow_no_auth: true\n\nlissten: x:1\n");
   auto config = LoadCoordinatorConfig(path, {});

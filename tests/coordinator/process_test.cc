@@ -76,7 +76,7 @@ class CoordinatorProcessTest : public ::testing::Test {
     return {"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--port-file",
             root_ + "/port", "--database", root_ + "/aviary.db", "--work-dir", root_ + "/runs",
             "--token-file", root_ + "/token", "--worker-token-file", root_ + "/worker.token",
-            "--heartbeat-timeout-s", "30", "--log-level", "debug"};
+            "--heartbeat-timeout-s", "30", "--log-level", "debug", "--set", "data_roots=" + root_};
   }
 
   // Starts the binary with `args`, stderr to `log`.
@@ -248,8 +248,8 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   SubmitJobRequest submit;
   submit.set_pipeline_yaml(kPipeline);
   // Room in the plan for every epoch the reporter below sends before the kill (epochs outside
-  // the plan are refused).
-  submit.add_overrides("train.epochs=100000");
+  // the plan are refused); 10000 is the bound of train.epochs.
+  submit.add_overrides("train.epochs=10000");
   submit.set_source_path("pipe.yaml");
   submit.set_working_dir(root_);
   SubmitJobResponse submitted;
@@ -311,6 +311,8 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   CompleteTaskRequest complete;
   complete.set_group_id(group.group_id());
   complete.set_task_id(task_id);
+  fs::create_directories(lease.task().out_dir());
+  std::ofstream(lease.task().out_dir() + "/best.pt") << "checkpoint";
   complete.set_best_checkpoint(lease.task().out_dir() + "/best.pt");
   CompleteTaskResponse completed;
   ASSERT_TRUE(workers_->CompleteTask(Ctx("proc-worker-token").get(), complete, &completed).ok());

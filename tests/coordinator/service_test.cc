@@ -99,6 +99,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     config_.metrics_listen = "127.0.0.1:0";
     config_.database = root_ + "/aviary.db";
     config_.work_dir = root_ + "/runs";
+    config_.data_roots = {root_};
     config_.token_file = root_ + "/token";
     config_.worker_token_file = root_ + "/worker.token";
     config_.heartbeat_interval_s = 0.2;
@@ -243,6 +244,17 @@ class CoordinatorServiceTest : public ::testing::Test {
     return status;
   }
 
+  // A checkpoint file `name` written in the run folder of `task_id` (<job>/<stage>-f<k>); its path.
+  std::string Checkpoint(const std::string& task_id, const std::string& name) {
+    const size_t slash = task_id.find('/');
+    const size_t f = task_id.rfind("-f");
+    const std::string rel = absl::StrCat("runs/", task_id.substr(0, slash), "/",
+                                         task_id.substr(slash + 1, f - slash - 1), "-fold",
+                                         task_id.substr(f + 2), "/", name);
+    Write(rel, "checkpoint");
+    return root_ + "/" + rel;
+  }
+
   grpc::Status Complete(const std::string& group_id, const std::string& task_id,
                         const std::string& best) {
     CompleteTaskRequest request;
@@ -314,7 +326,7 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
   ReportCheckpointRequest checkpoint;
   checkpoint.set_group_id(a);
   checkpoint.set_task_id(pretrain);
-  checkpoint.set_path(root_ + "/runs/" + job_id + "/pretrain-fold0/best.pt");
+  checkpoint.set_path(Checkpoint(pretrain, "best.pt"));
   checkpoint.set_epoch(0);
   checkpoint.set_best(true);
   ReportCheckpointResponse checkpoint_response;
@@ -397,9 +409,9 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
   ASSERT_TRUE(FindSample(exposition, "aviary_jobs", {"state=\"running\""}, &value));
   EXPECT_EQ(value, 1);
 
-  ASSERT_TRUE(Complete(a, ft0, "/x/best0.pt").ok());
+  ASSERT_TRUE(Complete(a, ft0, Checkpoint(ft0, "best0.pt")).ok());
   EXPECT_EQ(GetJob(job_id).state(), JOB_STATE_RUNNING);
-  ASSERT_TRUE(Complete(b, ft1, "/x/best1.pt").ok());
+  ASSERT_TRUE(Complete(b, ft1, Checkpoint(ft1, "best1.pt")).ok());
   job = GetJob(job_id);
   EXPECT_EQ(job.state(), JOB_STATE_SUCCEEDED);
 
@@ -444,7 +456,7 @@ TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
   ReportCheckpointRequest checkpoint;
   checkpoint.set_group_id(a);
   checkpoint.set_task_id(task_id);
-  checkpoint.set_path(first.task().out_dir() + "/last.pt");
+  checkpoint.set_path(Checkpoint(task_id, "last.pt"));
   checkpoint.set_epoch(0);
   ReportCheckpointResponse checkpoint_response;
   ASSERT_TRUE(workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response).ok());
@@ -637,7 +649,7 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   JobInfo job = GetJob(job_id);
   EXPECT_EQ(job.state(), JOB_STATE_CANCELLED);
   for (const TaskInfo& task : job.tasks()) EXPECT_EQ(task.state(), TASK_STATE_CANCELLED);
-  EXPECT_EQ(Complete(a, pretrain, "/x/best.pt").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Complete(a, pretrain, Checkpoint(pretrain, "best.pt")).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   // The ignored report did not move the task.
   EXPECT_EQ(job.tasks(0).latest().epoch(), 0);
   // A watch of a finished job sends its state and ends.
@@ -1089,7 +1101,8 @@ TEST_F(CoordinatorServiceTest, RestartKeepsJobsLeasesAndHeartbeatingGroups) {
                          {"job_id=\"" + job_id + "\"", "stage=\"pretrain\""}, &value));
   EXPECT_EQ(value, 1);
   // The group carries on.
-  ASSERT_TRUE(Complete(a, pretrain, "/x/best.pt").ok());
+  const std::string best = Checkpoint(pretrain, "best.pt");
+  ASSERT_TRUE(Complete(a, pretrain, best).ok());
   EXPECT_EQ(GetJob(job_id).tasks(1).state(), TASK_STATE_READY);
   Restart();
   const std::string job2 = Submit();
@@ -1102,7 +1115,7 @@ TEST_F(CoordinatorServiceTest, RestartKeepsJobsLeasesAndHeartbeatingGroups) {
   // The earlier job's ready tasks are still leased first.
   LeaseTaskResponse lease = Lease(a);
   EXPECT_EQ(lease.task().task_id(), job_id + "/finetune-f0");
-  EXPECT_EQ(lease.task().init_checkpoint(), "/x/best.pt");
+  EXPECT_EQ(lease.task().init_checkpoint(), best);
 }
 
 TEST_F(CoordinatorServiceTest, WatchEndsAfterSuccessAndAtShutdown) {
@@ -1138,7 +1151,7 @@ TEST_F(CoordinatorServiceTest, WatchEndsAfterSuccessAndAtShutdown) {
   ASSERT_EQ(lease.task().task_id(), job_id + "/pretrain-f0");
   bool cancel = false;
   ASSERT_TRUE(Report(a, lease.task().task_id(), {EpochEnd(0, 0.9)}, &cancel).ok());
-  ASSERT_TRUE(Complete(a, lease.task().task_id(), "/x/best.pt").ok());
+  ASSERT_TRUE(Complete(a, lease.task().task_id(), Checkpoint(lease.task().task_id(), "best.pt")).ok());
   done.thread.join();
   EXPECT_TRUE(done.status.ok()) << done.status.error_message();
   ASSERT_GE(done.events.size(), 4u);  // as it was, leased, the epoch, succeeded
@@ -1195,6 +1208,203 @@ TEST_F(CoordinatorServiceTest, ManyPollersAndGroupsAtOnce) {
   EXPECT_EQ(failures, 0);
   EXPECT_EQ(calls, 2500);
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
+}
+
+
+// --- Issue 14: the path policy and report validation.
+
+// SubmitJob with `overrides`: the status.
+grpc::Status SubmitStatus(JobService::Stub* jobs, const std::string& pipeline,
+                          const std::string& working_dir, const std::vector<std::string>& overrides,
+                          std::unique_ptr<grpc::ClientContext> context) {
+  SubmitJobRequest request;
+  request.set_pipeline_yaml(pipeline);
+  request.set_source_path("pipe.yaml");
+  request.set_working_dir(working_dir);
+  for (const std::string& o : overrides) request.add_overrides(o);
+  SubmitJobResponse response;
+  return jobs->SubmitJob(context.get(), request, &response);
+}
+
+TEST_F(CoordinatorServiceTest, SubmitRefusesDataPathsOutsideTheDataRoots) {
+  // A folder whose name starts with the root's (/data2 is not inside /data) and a symlink
+  // inside the root that points out of it.
+  const std::string sibling = root_ + "x";
+  fs::create_directories(sibling);
+  fs::create_symlink("/etc", root_ + "/etc-link");
+  Start();
+  const std::string roots = "(" + fs::canonical(root_).string() + ")";
+  struct Case {
+    std::string override_text;
+    std::string key;
+    std::string resolved;
+  };
+  const std::vector<Case> cases{
+      {"data.cache_dir=/etc", "data.cache_dir", "/etc"},
+      {"data.cache_dir=../../../../root", "data.cache_dir", "/root"},
+      {"model.pretrained_weights=/etc/shadow", "model.pretrained_weights", "/etc/shadow"},
+      {"data.corrupt_files=/etc/passwd", "data.corrupt_files", "/etc/passwd"},
+      {"data.target.root=" + sibling, "data.target.root", fs::canonical(sibling).string()},
+      {"data.cache_dir=" + root_ + "/etc-link/new-cache", "data.cache_dir", "/etc/new-cache"},
+      {"data.pretrain_sources.0.root=/etc", "data.pretrain_sources.0.root", "/etc"},
+  };
+  for (const Case& c : cases) {
+    const grpc::Status status = SubmitStatus(jobs_.get(), kPipeline, root_, {c.override_text}, Ctx());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.override_text;
+    const std::string& message = status.error_message();
+    EXPECT_NE(message.find("key '" + c.key + "'"), std::string::npos) << message;
+    EXPECT_NE(message.find("resolves to '" + c.resolved + "'"), std::string::npos) << message;
+    EXPECT_NE(message.find(roots), std::string::npos) << message;
+  }
+  // '..' below a part that does not exist yet cannot hide a climb out of the root.
+  grpc::Status status = SubmitStatus(jobs_.get(), kPipeline, root_,
+                                     {"data.cache_dir=" + root_ + "/new/../../../etc"}, Ctx());
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Numeric keys have upper bounds at submit too.
+  status = SubmitStatus(jobs_.get(), kPipeline, root_, {"train.epochs=2147483647"}, Ctx());
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("key 'train.epochs': expected an integer in [1, 10000], got '2147483647'"),
+            std::string::npos)
+      << status.error_message();
+  // Inside the root: accepted, also a cache folder that does not exist yet.
+  EXPECT_EQ(Submit({"data.cache_dir=" + root_ + "/cache/new"}).size(), 13u);
+  EXPECT_EQ(Submit({"data.cache_dir=cache2"}).size(), 13u);
+}
+
+TEST_F(CoordinatorServiceTest, NoDataRootsRefusesEveryJobSayingSo) {
+  config_.data_roots.clear();
+  Start();
+  const grpc::Status status = SubmitStatus(jobs_.get(), kPipeline, root_, {}, Ctx());
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("set `data_roots` in the coordinator config"), std::string::npos)
+      << status.error_message();
+}
+
+TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
+  config_.heartbeat_timeout_s = 1;
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  const std::string out_dir = lease.task().out_dir();
+  const std::string good = Checkpoint(pretrain, "last.pt");
+  fs::create_symlink("/etc/passwd", out_dir + "/passwd.pt");
+  const std::string other = Checkpoint(job_id + "/finetune-f0", "best.pt");  // another task's
+  auto report = [&](const std::string& path) {
+    ReportCheckpointRequest request;
+    request.set_group_id(a);
+    request.set_task_id(pretrain);
+    request.set_path(path);
+    request.set_epoch(0);
+    ReportCheckpointResponse response;
+    return workers_->ReportCheckpoint(Ctx().get(), request, &response);
+  };
+  for (const std::string& bad : {std::string("/etc/passwd"), out_dir + "/missing.pt",
+                                 out_dir + "/passwd.pt", other, out_dir,
+                                 out_dir + "/../pretrain-fold0/../finetune-fold0/best.pt",
+                                 std::string("last.pt")}) {
+    const grpc::Status status = report(bad);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(status.error_message().find("field 'path': '" + bad + "'"), std::string::npos)
+        << status.error_message();
+  }
+  ASSERT_TRUE(report(good).ok());
+  // The epoch of a checkpoint is within the task's plan (3 epochs: 0..2).
+  {
+    ReportCheckpointRequest request;
+    request.set_group_id(a);
+    request.set_task_id(pretrain);
+    request.set_path(good);
+    request.set_epoch(3);
+    ReportCheckpointResponse response;
+    const grpc::Status status = workers_->ReportCheckpoint(Ctx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("field 'epoch': 3 is outside the task's plan of 3 epochs"),
+              std::string::npos)
+        << status.error_message();
+  }
+  // The next lease resumes from the good one, never from a refused path.
+  bool cancel = false;
+  ASSERT_TRUE(Eventually([&] { return GetJob(job_id).tasks(0).state() == TASK_STATE_READY; }));
+  const std::string b = Register();
+  lease = Lease(b);
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().resume_checkpoint(), good);
+  ASSERT_TRUE(Heartbeat(b, pretrain, &cancel).ok());
+  // CompleteTask: a best checkpoint that does not exist, or is outside, is refused and the
+  // task stays leased.
+  for (const std::string& bad : {out_dir + "/best.pt", std::string("/etc/passwd")}) {
+    const grpc::Status status = Complete(b, pretrain, bad);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(status.error_message().find("field 'best_checkpoint': '" + bad + "'"), std::string::npos)
+        << status.error_message();
+  }
+  {
+    CompleteTaskRequest request;
+    request.set_group_id(b);
+    request.set_task_id(pretrain);
+    request.set_best_checkpoint(good);
+    *request.mutable_best() = EpochEnd(7, 0.8);
+    CompleteTaskResponse response;
+    const grpc::Status status = workers_->CompleteTask(Ctx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("field 'best.epoch': 7 is outside the task's plan of 3 epochs"),
+              std::string::npos)
+        << status.error_message();
+  }
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
+  ASSERT_TRUE(Complete(b, pretrain, Checkpoint(pretrain, "best.pt")).ok());
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_SUCCEEDED);
+}
+
+TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
+  config_.heartbeat_timeout_s = 1;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string task_id = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  auto point = [](int epoch, int64_t step) {
+    Metrics m;
+    m.set_epoch(epoch);
+    m.set_step(step);
+    m.set_lr(1e-3);
+    return m;
+  };
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, task_id, {point(0, 5), point(0, 10)}, &cancel).ok());
+  // A step below the last accepted one, in a later report or within one.
+  grpc::Status status = Report(a, task_id, {point(0, 9)}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'points[0].step': 9 is less than the step 10"),
+            std::string::npos)
+      << status.error_message();
+  status = Report(a, task_id, {point(0, 12), point(1, 20), point(1, 19)}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'points[2].step': 19 is less than the step 20"),
+            std::string::npos)
+      << status.error_message();
+  // The refused report was refused whole: step 12 is still allowed.
+  ASSERT_TRUE(Report(a, task_id, {point(0, 12), point(1, 20)}, &cancel).ok());
+  status = Report(a, task_id, {point(0, 30)}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'points[0].epoch': 0 is less than the epoch 1"),
+            std::string::npos)
+      << status.error_message();
+  EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 20);
+  // After a coordinator restart the last stored point of the attempt still counts.
+  Restart();
+  status = Report(a, task_id, {point(1, 15)}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  ASSERT_TRUE(Report(a, task_id, {point(1, 21)}, &cancel).ok());
+  // A new attempt (the group was lost) starts afresh: it resumes from an earlier checkpoint.
+  ASSERT_TRUE(Eventually([&] { return GetJob(job_id).tasks(0).state() == TASK_STATE_READY; }));
+  const std::string b = Register();
+  ASSERT_EQ(Lease(b).task().attempt(), 2);
+  ASSERT_TRUE(Report(b, task_id, {point(1, 10)}, &cancel).ok());
+  EXPECT_EQ(Report(b, task_id, {point(1, 9)}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 }  // namespace

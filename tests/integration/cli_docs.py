@@ -37,6 +37,8 @@ def help_flags(program, command):
     rc2, out2 = run(argv[:-1] + ["-h"])
     if rc2 != 0 or out2 != out:
         failures.append(f"{' '.join(argv[:-1])} -h differs from --help (exit {rc2})")
+    if command == "init":  # its footer names the next command (--config): options only
+        out = out.split("Options:", 1)[-1].split("\n\n", 1)[0]
     flags = set(FLAG.findall(out)) - {"--help", "--version"}
     if program == "aviary" and command in CLIENT:
         flags -= GLOBAL
@@ -53,7 +55,9 @@ def accepted(program, command, flags):
         argv = ["aviary", "--coordinator", "127.0.0.1:1", "--timeout", "1", command, "j000000000000"]
     given = {f: f"{f}=x" for f in sorted(flags)}
     for _ in range(len(given) + 1):
-        rc, out = run(argv + list(given.values()) + ["__probe__"], timeout=20)
+        # `init DIR` takes one positional: a second one is the stray (init never runs).
+        probe = ["__probe__", "__probe__"] if command == "init" else ["__probe__"]
+        rc, out = run(argv + list(given.values()) + probe, timeout=20)
         if rc != 2:
             failures.append(f"{' '.join(argv)} with every documented flag and a stray argument exited {rc}, not 2")
         unknown = re.search(r"argument was not expected: (--[a-z0-9-]+)", out)
@@ -90,6 +94,8 @@ def readme_entries():
             if client_block:
                 continue
             command = None if program == "aviary-coordinator" else words[1]
+            if program == "aviary-coordinator" and words[1] == "init":  # its own help
+                command = "init"
             if command == "dataset":  # folds, train-list and summary: each its own help
                 command = f"dataset {words[2]}"
             entries.append([program, command, set()])

@@ -26,6 +26,14 @@ cp state/token token.before
 expect "will not overwrite '$tmp/state/coordinator.yaml'" "$bin/aviary-coordinator" init state
 cmp -s state/token token.before || fail "a refused init changed the token"
 expect "DIR is required" "$bin/aviary-coordinator" init
+# --data-root (repeatable) lands in the config's data_roots, resolved; a missing one is refused.
+mkdir -p data/a data/b && ln -s data/b b-link
+"$bin/aviary-coordinator" init roots --data-root data/a --data-root b-link > /dev/null 2>&1 || fail "init --data-root failed"
+grep -qxF "data_roots: [\"$(realpath data/a)\", \"$(realpath data/b)\"]" roots/coordinator.yaml ||
+  { fail "init --data-root did not write data_roots:"; cat roots/coordinator.yaml; }
+out=$("$bin/aviary-coordinator" init roots2 --data-root "$tmp/missing" 2>&1) && fail "init took a missing --data-root"
+grep -qF "key '--data-root' [0]: '$tmp/missing': No such file or directory" <<<"$out" || fail "init --data-root missing: $out"
+[ ! -e roots2/coordinator.yaml ] || fail "a refused init wrote roots2/coordinator.yaml"
 
 # Started from another folder with only the listen addresses overridden: the state lands in
 # state/, not in the working directory.
@@ -43,6 +51,9 @@ AVIARY_TOKEN_FILE="$tmp/state/viewer.token" "$bin/aviary" --coordinator "127.0.0
 expect "PERMISSION_DENIED" "$bin/aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/state/worker.token" list
 expect "JobService.CancelJob: the token has role 'viewer'" "$bin/aviary" --coordinator "127.0.0.1:$port" \
   --token-file "$tmp/state/viewer.token" cancel j000000000000
+# init without --data-root: no data roots, so every job is refused, saying what to set.
+expect "set \`data_roots\` in the coordinator config" env AVIARY_TOKEN_FILE="$tmp/state/token" \
+  "$bin/aviary" --coordinator "127.0.0.1:$port" submit "$(cd "$(dirname "$0")/../.." && pwd)/configs/demo.yaml"
 [ -s "$tmp/state/aviary.db" ] || fail "the database is not in state/"
 [ -z "$(ls -A "$tmp/elsewhere")" ] || fail "the coordinator wrote into the working directory: $(ls -A "$tmp/elsewhere")"
 

@@ -33,6 +33,7 @@ listen: 127.0.0.1:0
 metrics_listen: 127.0.0.1:0
 database: $tmp/aviary.db
 work_dir: $tmp/runs
+data_roots: ["$tmp"]
 token_file: $tmp/token
 worker_token_file: $tmp/worker.token
 heartbeat_interval_s: 1

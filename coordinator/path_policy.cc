@@ -1,0 +1,155 @@
+#include "coordinator/path_policy.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+// realpath(3); on failure the errno in *err.
+bool RealPath(const std::string& path, std::string* out, int* err) {
+  std::unique_ptr<char, decltype(&::free)> resolved(::realpath(path.c_str(), nullptr), &::free);
+  if (resolved == nullptr) {
+    *err = errno;
+    return false;
+  }
+  *out = resolved.get();
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ResolvePolicyPath(const std::string& label, const std::string& path) {
+  const fs::path given(path);
+  if (path.empty() || !given.is_absolute()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": '", path, "' is not an absolute path"));
+  }
+  // Split into components; try the whole path, then ever shorter prefixes.
+  std::vector<std::string> parts;
+  for (const fs::path& part : given.relative_path()) {
+    if (!part.empty()) parts.push_back(part.string());
+  }
+  for (size_t keep = parts.size() + 1; keep-- > 0;) {
+    fs::path prefix = given.root_path();
+    for (size_t i = 0; i < keep; ++i) prefix /= parts[i];
+    std::string resolved;
+    int err = 0;
+    if (!RealPath(prefix.string(), &resolved, &err)) {
+      if (err == ENOENT) continue;
+      return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "': realpath of '",
+                                                     prefix.string(), "': ", std::strerror(err)));
+    }
+    fs::path result(resolved);
+    for (size_t i = keep; i < parts.size(); ++i) {
+      if (parts[i] == "..") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            label, ": '", path, "': '..' after the existing part '", prefix.string(),
+            "' (a path that does not exist yet may not climb out of it)"));
+      }
+      if (parts[i] == ".") continue;
+      result /= parts[i];
+    }
+    return result.string();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "': nothing of it exists"));
+}
+
+bool PathIsInside(const std::string& path, const std::string& root) {
+  const fs::path p(path);
+  const fs::path r(root);
+  auto pi = p.begin();
+  for (auto ri = r.begin(); ri != r.end(); ++ri) {
+    if (ri->empty()) continue;  // a trailing separator
+    if (pi == p.end() || *pi != *ri) return false;
+    ++pi;
+  }
+  return true;
+}
+
+absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key,
+                                                          const std::vector<std::string>& roots) {
+  std::vector<std::string> resolved;
+  for (size_t i = 0; i < roots.size(); ++i) {
+    const std::string label = absl::StrCat("key '", key, "' [", i, "]");
+    if (roots[i].empty()) return absl::InvalidArgumentError(absl::StrCat(label, ": an empty path"));
+    std::error_code ec;
+    const fs::path absolute = fs::absolute(roots[i], ec);
+    std::string real;
+    int err = 0;
+    if (ec || !RealPath(absolute.string(), &real, &err)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          label, ": '", roots[i], "': ", ec ? ec.message() : std::strerror(err),
+          " (each data root must be an existing folder)"));
+    }
+    struct stat st;
+    if (::stat(real.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": '", roots[i], "' (", real, ") is not a folder"));
+    }
+    resolved.push_back(real);
+  }
+  return resolved;
+}
+
+absl::Status CheckDataPath(const std::string& key, const std::string& path,
+                           const std::vector<std::string>& roots) {
+  if (path.empty()) return absl::OkStatus();
+  if (roots.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key '", key, "': '", path,
+        "': the coordinator has no data roots, so it refuses every data path; set `data_roots` "
+        "in the coordinator config (the folders jobs may read data from and write caches to)"));
+  }
+  auto resolved = ResolvePolicyPath(absl::StrCat("key '", key, "'"), path);
+  if (!resolved.ok()) return resolved.status();
+  for (const std::string& root : roots) {
+    if (PathIsInside(*resolved, root)) return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("key '", key, "': '", path, "' resolves to '",
+                                                 *resolved, "', outside the data roots (",
+                                                 absl::StrJoin(roots, ", "), ")"));
+}
+
+absl::Status CheckCheckpointPath(const std::string& field, const std::string& path,
+                                 const std::string& out_dir) {
+  const std::string label = absl::StrCat("field '", field, "'");
+  if (!fs::path(path).is_absolute()) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' is not an absolute path"));
+  }
+  std::string real;
+  int err = 0;
+  if (!RealPath(path, &real, &err)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": '", path, "': ", std::strerror(err), " (a checkpoint must exist)"));
+  }
+  struct stat st;
+  if (::stat(real.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": '", path, "' is not a regular file"));
+  }
+  std::string real_out;
+  if (!RealPath(out_dir, &real_out, &err)) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "': the task's run folder '",
+                                                   out_dir, "': ", std::strerror(err)));
+  }
+  if (!PathIsInside(real, real_out) || real == real_out) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' resolves to '", real,
+                                                   "', outside the task's run folder '", out_dir,
+                                                   "'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace aviary::coordinator

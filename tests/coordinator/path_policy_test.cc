@@ -1,0 +1,92 @@
+#include "coordinator/path_policy.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+class PathPolicyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_paths_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = fs::canonical(tmpl).string();
+    fs::create_directories(root_ + "/data/a");
+    fs::create_directories(root_ + "/data2");
+    fs::create_symlink("/etc", root_ + "/data/etc");
+    std::ofstream(root_ + "/data/a/file") << "x";
+  }
+  void TearDown() override { fs::remove_all(root_); }
+  std::string root_;
+};
+
+TEST_F(PathPolicyTest, InsideIsComponentWise) {
+  EXPECT_TRUE(PathIsInside("/data", "/data"));
+  EXPECT_TRUE(PathIsInside("/data/x/y", "/data"));
+  EXPECT_TRUE(PathIsInside("/data/x", "/data/"));
+  EXPECT_TRUE(PathIsInside("/anything", "/"));
+  EXPECT_FALSE(PathIsInside("/data2", "/data"));
+  EXPECT_FALSE(PathIsInside("/dat", "/data"));
+  EXPECT_FALSE(PathIsInside("/", "/data"));
+}
+
+TEST_F(PathPolicyTest, ResolvesSymlinksAndPathsThatDoNotExistYet) {
+  auto resolved = ResolvePolicyPath("key 'k'", root_ + "/data/a/file");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, root_ + "/data/a/file");
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/etc/passwd");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, "/etc/passwd");
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/new/cache/./dir");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, root_ + "/data/new/cache/dir");
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/etc/new-dir");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, "/etc/new-dir");
+  // '..' in the part that does not exist is refused; in the existing part realpath handles it.
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/new/../../data2");
+  ASSERT_FALSE(resolved.ok());
+  EXPECT_NE(resolved.status().message().find("key 'k': '" + root_ + "/data/new/../../data2': '..' after"),
+            std::string::npos)
+      << resolved.status();
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/a/../../data2");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, root_ + "/data2");
+  EXPECT_FALSE(ResolvePolicyPath("key 'k'", "relative/path").ok());
+}
+
+TEST_F(PathPolicyTest, DataPathsAndCheckpoints) {
+  auto roots = ResolveDataRoots("data_roots", {root_ + "/data"});
+  ASSERT_TRUE(roots.ok()) << roots.status();
+  EXPECT_TRUE(CheckDataPath("data.cache_dir", root_ + "/data/a/new", *roots).ok());
+  EXPECT_TRUE(CheckDataPath("data.cache_dir", "", *roots).ok());
+  const absl::Status outside = CheckDataPath("data.cache_dir", root_ + "/data2/x", *roots);
+  EXPECT_EQ(outside.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(outside.message(), absl::StrCat("key 'data.cache_dir': '", root_, "/data2/x' resolves to '", root_,
+                                            "/data2/x', outside the data roots (", root_, "/data)"));
+  EXPECT_FALSE(CheckDataPath("model.pretrained_weights", root_ + "/data/etc/shadow", *roots).ok());
+  EXPECT_NE(CheckDataPath("data.cache_dir", root_ + "/data/a", {}).message().find("set `data_roots`"),
+            std::string::npos);
+  EXPECT_FALSE(ResolveDataRoots("data_roots", {root_ + "/data/a/file"}).ok());
+  EXPECT_FALSE(ResolveDataRoots("data_roots", {root_ + "/missing"}).ok());
+
+  EXPECT_TRUE(CheckCheckpointPath("path", root_ + "/data/a/file", root_ + "/data/a").ok());
+  EXPECT_TRUE(CheckCheckpointPath("path", root_ + "/data/a/file", root_ + "/data").ok());
+  EXPECT_FALSE(CheckCheckpointPath("path", root_ + "/data/a/file", root_ + "/data2").ok());
+  EXPECT_FALSE(CheckCheckpointPath("path", root_ + "/data/a/missing", root_ + "/data/a").ok());
+  EXPECT_FALSE(CheckCheckpointPath("path", root_ + "/data/a", root_ + "/data").ok());  // a folder
+  EXPECT_FALSE(CheckCheckpointPath("path", root_ + "/data/etc/passwd", root_ + "/data").ok());
+}
+
+}  // namespace
+}  // namespace aviary::coordinator
