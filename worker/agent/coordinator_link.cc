@@ -214,6 +214,25 @@ void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, doubl
 
 void CoordinatorLink::DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
 
+void CoordinatorLink::Leave(const std::string& reason) {
+  const std::string gid = group_id();
+  if (gid.empty() || lost_) return;
+  v1::LeaveGroupRequest request;
+  request.set_group_id(gid);
+  request.set_reason(reason);
+  v1::LeaveGroupResponse response;
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  grpc::Status st = stub_->LeaveGroup(&ctx, request, &response);
+  if (!st.ok()) {
+    Log().Warn(absl::StrCat("LeaveGroup(", gid, ") to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
+                            ": ", st.error_message(), "; the coordinator will remove the group as lost after its "
+                            "heartbeat timeout"));
+    return;
+  }
+  Log().Info(absl::StrCat("left the coordinator as group ", gid, " (", reason, ")"));
+}
+
 std::string CoordinatorLink::group_id() const {
   absl::MutexLock lock(&mu_);
   return group_id_;
