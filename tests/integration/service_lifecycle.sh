@@ -83,8 +83,11 @@ le() { /usr/bin/python3 -c "import sys; sys.exit(0 if $1 <= $2 else 1)"; }
 # check_handed_back NAME JOB: the task is READY with no restart, no epoch was trained after the
 # signal's, the group reported the preemption and left (not lost).
 check_handed_back() {
-  grep -q "stopped by signal; reported as preempted" "$tmp/$1.log" || {
-    fail "group $1 did not report the preemption"; tail -n 20 "$tmp/$1.log"; }
+  # The coordinator's log: mpirun no longer forwards the ranks' output once it is ending the job.
+  local gid
+  gid=$(group_id "$1")
+  grep -qF "failed on group $gid (preempted): stopped by signal" "$tmp/coordinator.log" || {
+    fail "group $1 ($gid) did not report the preemption"; tail -n 20 "$tmp/$1.log"; }
   jq_status "$2" 'task("finetune")["state"] == "TASK_STATE_READY"' ||
     fail "group $1: the task is not READY after the signal: $(jq_status "$2" 'task("finetune")["state"]')"
   jq_status "$2" 'task("finetune")["restarts"] == 0' || fail "group $1: the stop counted as a restart"
@@ -107,10 +110,11 @@ long_job() { av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set s
 export OMPI_MCA_odls_base_sigkill_timeout=20
 job2=$(long_job)
 if stop_mid_task b TERM "$job2"; then
-  if wait_for 12 bash -c "[ -z \"\$(pgrep -P $pid_g)\" ]"; then
+  # Exited: zombies (mpirun reaps them only at its end) count as gone.
+  if wait_for 12 bash -c "! ps -o stat= --ppid $pid_g | grep -qv '^Z'"; then
     echo "group b's ranks exited $(since "$t0") s after SIGTERM to mpirun"; ok
   else
-    fail "group b's ranks still ran 12 s after SIGTERM to mpirun (odls_base_sigkill_timeout 20): $(pgrep -a -P "$pid_g")"
+    fail "group b's ranks still ran 12 s after SIGTERM to mpirun (odls_base_sigkill_timeout 20): $(ps -o pid=,stat=,comm= --ppid "$pid_g")"
   fi
   check_handed_back b "$job2"
   if wait_for 60 bash -c "! kill -0 $pid_g 2>/dev/null"; then

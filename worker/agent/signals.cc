@@ -72,6 +72,15 @@ void InstallStopSignalHandlers() {
                               "; this signal will end the group without a report"));
     }
   }
+  // Once mpirun is ending the job it no longer forwards the ranks' output (seen with 4.1.4) and
+  // may close the pipes: a log line must not kill a rank (SIGPIPE) before it has reported.
+  struct sigaction ignore;
+  std::memset(&ignore, 0, sizeof(ignore));
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  if (::sigaction(SIGPIPE, &ignore, nullptr) != 0) {
+    Log().Warn(absl::StrCat("sigaction(SIGPIPE): ", std::strerror(errno)));
+  }
   // The watchdog that tells a continued process from a running one (OnContinue).
   g_tick_ms.store(MonotonicMs(), std::memory_order_relaxed);
   std::thread([] {
