@@ -219,7 +219,12 @@ void CoordinatorLink::Leave(const std::string& reason) {
   if (gid.empty() || lost_) return;
   v1::LeaveGroupRequest request;
   request.set_group_id(gid);
-  request.set_reason(reason);
+  // The coordinator takes one line of at most 1,024 bytes (an error's message may be longer).
+  std::string line = reason.substr(0, 1000);
+  for (char& c : line) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
+  }
+  request.set_reason(line);
   v1::LeaveGroupResponse response;
   grpc::ClientContext ctx;
   Prepare(&ctx);
