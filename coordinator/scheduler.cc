@@ -1007,6 +1007,31 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   return absl::OkStatus();
 }
 
+absl::Status Scheduler::LeaveGroup(const std::string& group_id, const std::string& reason) {
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+  Changes changes;
+  changes.deleted_groups.push_back(group_id);
+  const std::string why = reason.empty() ? "no reason given" : reason;
+  std::string released;
+  if (const TaskRow* held = HeldTask(*group)) {
+    // As FailTask(preempted): READY again, no restart counted.
+    released = held->info.task_id();
+    TaskRow& task = Stage(&changes, released);
+    task.info.set_state(aviary::v1::TASK_STATE_READY);
+    task.info.clear_group_id();
+    task.info.set_updated_unix_ms(UnixMs());
+    changes.events.push_back({task.info.job_id(), released, false, {},
+                              absl::StrCat("task ", released, " READY again (group ", group_id, " left: ", why, ")")});
+    DeriveJobState(&changes, task.info.job_id());
+  }
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  log_.Info(absl::StrCat("group ", group_id, " left (", why, ")",
+                         released.empty() ? "" : absl::StrCat("; its task ", released, " is READY again")));
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The reaper.
 

@@ -93,6 +93,10 @@ class Scheduler {
   absl::Status ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request);
   absl::Status CompleteTask(const aviary::v1::CompleteTaskRequest& request);
   absl::Status FailTask(const aviary::v1::FailTaskRequest& request);
+  // A group that ends normally: removed at once, not counted as lost (groups_lost_total and the
+  // AviaryWorkerGroupLost alert stay quiet); a task it still holds goes back to READY without a
+  // restart, like a preemption. NOT_FOUND for an unknown group.
+  absl::Status LeaveGroup(const std::string& group_id, const std::string& reason);
 
   // One reaper pass now; returns the number of groups removed.
   int ReapLostGroups();

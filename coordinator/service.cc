@@ -375,6 +375,18 @@ grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
   });
 }
 
+grpc::Status WorkerServiceImpl::LeaveGroup(grpc::ServerContext* context,
+                                           const aviary::v1::LeaveGroupRequest* request,
+                                           aviary::v1::LeaveGroupResponse* response) {
+  return Serve(*context, *auth_, "WorkerService.LeaveGroup", kWorkerOnly, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    // The reason goes to the log: one line of printable text.
+    AVIARY_RETURN_IF_ERROR(CheckText("reason", request->reason(), false, 1024));
+    AVIARY_RETURN_IF_ERROR(CheckName("reason", request->reason()));
+    return scheduler_->LeaveGroup(request->group_id(), request->reason());
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Coordinator.
 

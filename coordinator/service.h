@@ -77,6 +77,8 @@ class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {
                             aviary::v1::CompleteTaskResponse* response) override;
   grpc::Status FailTask(grpc::ServerContext* context, const aviary::v1::FailTaskRequest* request,
                         aviary::v1::FailTaskResponse* response) override;
+  grpc::Status LeaveGroup(grpc::ServerContext* context, const aviary::v1::LeaveGroupRequest* request,
+                          aviary::v1::LeaveGroupResponse* response) override;
 
  private:
   Scheduler* scheduler_;

@@ -5,11 +5,14 @@
 #   deploy/launch-group.sh --coordinator HOST:PORT --hostfile FILE [options] [-- serve flags]
 #   deploy/launch-group.sh --coordinator HOST:PORT --dry-run ...   prints the mpirun command
 #
-# SIGTERM / SIGINT to this script go to mpirun, which forwards them to every rank: the group
-# stops its task at the next step, reports the task as preempted (it resumes elsewhere from
-# its last.pt) and exits. Ranks get --stop-timeout seconds for that before mpirun kills them;
-# Open MPI 4.1's mpirun waits that long twice even when the ranks exit at once (measured), so a
-# stop takes about 2 x --stop-timeout.
+# SIGTERM / SIGINT to this script become SIGUSR2 to mpirun, which forwards it to every rank at
+# once: the group stops its task at the next step, reports the task as preempted (it resumes
+# elsewhere from its last.pt), leaves the coordinator and exits 0, and so does mpirun, within
+# seconds. (SIGTERM to mpirun itself is not forwarded: Open MPI 4.1's mpirun sends the ranks
+# SIGCONT, which the ranks take as a stop, SIGTERM --stop-timeout seconds later and SIGKILL after
+# as long again, and exits only then, about 2 x --stop-timeout after the signal; measured.)
+# Ranks that have not exited --stop-timeout seconds after SIGUSR2, or a second signal to this
+# script, get that: SIGTERM to mpirun.
 set -euo pipefail
 
 usage() {
@@ -46,10 +49,11 @@ how
                          --mpirun-arg=pml --mpirun-arg=ucx
   --env NAME             export one more environment variable to every rank (repeatable);
                          NCCL_*, UCX_*, TORCH_*, AVIARY_*, PATH and LD_LIBRARY_PATH always are
-  --stop-timeout S       seconds ranks get to stop after SIGTERM before mpirun kills them
-                         (default 45; a stop takes about twice that with Open MPI 4.1: keep
-                         it above a step plus a report, and 2 x S below systemd's
-                         TimeoutStopSec and Slurm's --signal lead time)
+  --stop-timeout S       seconds ranks get to stop after a signal before mpirun is told to kill
+                         them (default 45; a stop normally takes a step and a report; a group
+                         that does not stop takes about 3 x S: keep S above a step plus a
+                         report, and 3 x S below systemd's TimeoutStopSec and Slurm's --signal
+                         lead time)
   --sd-dir DIR           while the group runs, write DIR/aviary-group-<host>-<port>.json, a
                          Prometheus file_sd target for rank 0's /metrics (removed at exit)
   --dry-run              print the mpirun command (and the file_sd target) and exit
@@ -198,9 +202,9 @@ else
   cmd+=(--host "localhost:$gpus_per_node")
 fi
 cmd+=(--map-by "$map_by" --bind-to "$bind_to" --report-bindings)
-# mpirun sends SIGKILL 1 s after forwarding SIGTERM unless told otherwise (measured with Open
-# MPI 4.1): give the ranks time to stop at the next step and report. (It then waits the whole
-# timeout, twice, even when every rank has exited: a stop takes about 2 x stop_timeout.)
+# On SIGTERM, mpirun sends the ranks SIGCONT, then SIGTERM and SIGKILL 1 s apart unless told
+# otherwise (measured with Open MPI 4.1): when this script falls back to SIGTERM (below), give
+# the ranks time to finish a step and report.
 cmd+=(--mca odls_base_sigkill_timeout "$stop_timeout")
 if [ "$(id -u)" -eq 0 ]; then cmd+=(--allow-run-as-root); fi
 # Environment for every rank, by name only (values such as AVIARY_TOKEN never appear in the
@@ -259,14 +263,33 @@ fi
 echo "launch-group.sh: $np ranks on $num_nodes node(s), coordinator $coordinator" >&2
 stopping=0
 # shellcheck disable=SC2317  # called from traps
-forward() { stopping=1; echo "launch-group.sh: $1: stopping the group (about $((2 * stop_timeout))s)" >&2; if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi; }
+# The first signal: SIGUSR2 to mpirun (forwarded to every rank at once), and SIGTERM to mpirun
+# if it is still running --stop-timeout seconds later; a second signal: SIGTERM to mpirun now.
+killer=""
+# shellcheck disable=SC2317  # called from traps
+forward() {
+  if [ "$stopping" -eq 1 ]; then
+    echo "launch-group.sh: $1 again: SIGTERM to mpirun" >&2
+    if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+    return
+  fi
+  stopping=1
+  echo "launch-group.sh: $1: stopping the group (SIGUSR2 to mpirun; SIGTERM after ${stop_timeout}s)" >&2
+  if [ -n "$pid" ]; then stop_mpirun; fi
+}
+# shellcheck disable=SC2317  # called from forward
+stop_mpirun() {
+  kill -USR2 "$pid" 2>/dev/null || true
+  (sleep "$stop_timeout"; kill -TERM "$pid" 2>/dev/null) >/dev/null 2>&1 &
+  killer=$!
+}
 pid=""
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
 "${cmd[@]}" &
 pid=$!
 # A signal that came while mpirun was starting.
-if [ "$stopping" -eq 1 ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+if [ "$stopping" -eq 1 ]; then stop_mpirun; fi
 # `wait` returns early (status > 128) when a trapped signal arrives; wait again until mpirun
 # has exited.
 rc=""
@@ -279,8 +302,9 @@ while [ -z "$rc" ]; do
     rc=$r
   fi
 done
+if [ -n "$killer" ]; then kill "$killer" 2>/dev/null || true; fi
 if [ "$stopping" -eq 1 ]; then
-  # mpirun exits non-zero after forwarding a signal even when every rank stopped cleanly.
+  # mpirun exits non-zero after SIGTERM even when every rank stopped cleanly.
   echo "launch-group.sh: group stopped by signal (mpirun exit code $rc)" >&2
   exit 0
 fi

@@ -335,9 +335,9 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   o.device = "auto";
   CLI::App* s = aviary::common::AddCommand(
       app, "serve", "a worker group: leases tasks from the coordinator and trains them",
-      "Under `mpirun -np N`, or one process. SIGTERM/SIGINT stop the task at the next step (reported to "
-      "the coordinator as preempted: the task is leased again and resumes from its last checkpoint) and "
-      "exit 0.");
+      "Under `mpirun -np N`, or one process. SIGTERM/SIGINT/SIGUSR2 (to mpirun: SIGUSR2, which it forwards at "
+      "once) stop the task at the next step (reported to the coordinator as preempted: the task is leased "
+      "again and resumes from its last checkpoint), leave the coordinator and exit 0.");
   s->add_option("--coordinator", o.coordinator, "the coordinator's address")->type_name("HOST:PORT")->required();
   s->add_option("--token-file", serve->token_file, "the bearer token (else the file in AVIARY_TOKEN_FILE, else AVIARY_TOKEN)")
       ->type_name("F");

@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -56,16 +57,25 @@ using namespace aviary::v1;  // NOLINT: test brevity
 
 constexpr uint64_t kDefaultSeed = 20261203;
 
-// --- Credentials: the one place that knows how calls authenticate. One token for both services
-// today; with per-role tokens, give each service (or each RPC) its own here.
-constexpr char kToken[] = "fuzz-token";
+// --- Credentials: the one place that knows how calls authenticate. Each role has its own token
+// file (clients: JobService; viewers: JobService reads; worker groups: WorkerService).
+constexpr char kClientToken[] = "fuzz-client-token";
+constexpr char kViewerToken[] = "fuzz-viewer-token";
+constexpr char kWorkerToken[] = "fuzz-worker-token";
 enum class Service { kJob, kWorker };
 void WriteTokenFiles(const std::string& root, CoordinatorConfig* config) {
-  std::ofstream(root + "/token") << kToken << "\n";
+  std::ofstream(root + "/token") << kClientToken << "\n";
+  std::ofstream(root + "/viewer.token") << kViewerToken << "\n";
+  std::ofstream(root + "/worker.token") << kWorkerToken << "\n";
   config->token_file = root + "/token";
+  config->viewer_token_file = root + "/viewer.token";
+  config->worker_token_file = root + "/worker.token";
 }
-void AddCredentials(Service /*service*/, grpc::ClientContext* context) {
-  context->AddMetadata("authorization", absl::StrCat("Bearer ", kToken));
+void AddToken(const char* token, grpc::ClientContext* context) {
+  context->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+}
+void AddCredentials(Service service, grpc::ClientContext* context) {
+  AddToken(service == Service::kJob ? kClientToken : kWorkerToken, context);
 }
 
 uint64_t EnvNumber(const char* name, uint64_t fallback) {
@@ -488,6 +498,73 @@ class RpcFuzzTest : public ::testing::Test {
     FailTaskResponse response;
     Record("FailTask", workers_->FailTask(Ctx(Service::kWorker).get(), request, &response));
   }
+  void LeaveGroup() {
+    LeaveGroupRequest request;
+    request.set_group_id(Chance(0.9) ? GroupId() : RandomBytes(40));
+    request.set_reason(Chance(0.8) ? "stopped by signal (SIGTERM)" : RandomBytes(100));
+    if (Chance(0.1)) Mutate(&request);
+    LeaveGroupResponse response;
+    const grpc::Status status = workers_->LeaveGroup(Ctx(Service::kWorker).get(), request, &response);
+    Record("LeaveGroup", status);
+    if (status.ok()) {
+      group_ids_.erase(std::remove(group_ids_.begin(), group_ids_.end(), request.group_id()), group_ids_.end());
+    }
+  }
+  // A valid-looking call with another role's token: always PERMISSION_DENIED, before any check
+  // of the request (a client or viewer never acts as a worker, a worker or viewer never submits).
+  void WrongRole() {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Status status;
+    std::string rpc;
+    switch (Below(4)) {
+      case 0: {
+        AddToken(Chance(0.5) ? kClientToken : kViewerToken, context.get());
+        ReportCheckpointRequest request;
+        const Leased task = Task();
+        request.set_group_id(task.group_id);
+        request.set_task_id(task.task_id);
+        request.set_path("/etc/passwd");
+        ReportCheckpointResponse response;
+        rpc = "ReportCheckpoint";
+        status = workers_->ReportCheckpoint(context.get(), request, &response);
+        break;
+      }
+      case 1: {
+        AddToken(Chance(0.5) ? kClientToken : kViewerToken, context.get());
+        LeaseTaskRequest request;
+        request.set_group_id(GroupId());
+        LeaseTaskResponse response;
+        rpc = "LeaseTask";
+        status = workers_->LeaseTask(context.get(), request, &response);
+        break;
+      }
+      case 2: {
+        AddToken(Chance(0.5) ? kWorkerToken : kViewerToken, context.get());
+        SubmitJobRequest request;
+        request.set_pipeline_yaml(kPipeline);
+        request.set_source_path("fuzz.yaml");
+        request.set_working_dir(root_);
+        SubmitJobResponse response;
+        rpc = "SubmitJob";
+        status = jobs_->SubmitJob(context.get(), request, &response);
+        break;
+      }
+      default: {
+        AddToken(kWorkerToken, context.get());
+        ListJobsRequest request;
+        ListJobsResponse response;
+        rpc = "ListJobs";
+        status = jobs_->ListJobs(context.get(), request, &response);
+        break;
+      }
+    }
+    ++calls_;
+    ++codes_[status.error_code()];
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << rpc << " with another role's token: " << status.error_message() << " (replay: AVIARY_FUZZ_SEED="
+        << seed_ << ")";
+  }
 
   // A lease seen: its checkpoints must lie inside the task's folders.
   void Saw(const std::string& group_id, const aviary::v1::Task& task) {
@@ -544,7 +621,8 @@ TEST_F(RpcFuzzTest, RandomAndMutatedCallsKeepTheInvariants) {
       {3, [&] { RegisterGroup(); }},    {4, [&] { Heartbeat(); }},
       {6, [&] { LeaseTask(); }},        {6, [&] { ReportProgress(); }},
       {6, [&] { ReportCheckpoint(); }}, {4, [&] { CompleteTask(); }},
-      {3, [&] { FailTask(); }},
+      {3, [&] { FailTask(); }},         {1, [&] { LeaveGroup(); }},
+      {1, [&] { WrongRole(); }},
   };
   int total_weight = 0;
   for (const auto& [weight, call] : rpcs) total_weight += weight;

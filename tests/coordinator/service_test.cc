@@ -597,6 +597,52 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   EXPECT_FALSE(Lease(a).available());
 }
 
+// Issue 14 item 8: a group that ends normally leaves. It is removed at once, not counted as lost
+// (the AviaryWorkerGroupLost alert watches aviary_worker_groups_lost_total), and the task it held
+// is READY again without a restart.
+TEST_F(CoordinatorServiceTest, LeaveGroupRemovesTheGroupWithoutCountingItLost) {
+  config_.heartbeat_timeout_s = 1;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  LeaveGroupRequest leave;
+  leave.set_group_id(a);
+  leave.set_reason("stopped by signal (SIGTERM)");
+  LeaveGroupResponse leave_response;
+  ASSERT_TRUE(workers_->LeaveGroup(WorkerCtx().get(), leave, &leave_response).ok());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
+  EXPECT_EQ(job.tasks(0).restarts(), 0);
+  EXPECT_EQ(job.tasks(0).group_id(), "");
+  bool cancel = false;
+  EXPECT_EQ(Heartbeat(a, "", &cancel).error_code(), grpc::StatusCode::NOT_FOUND);
+  const grpc::Status twice = workers_->LeaveGroup(WorkerCtx().get(), leave, &leave_response);
+  EXPECT_EQ(twice.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(twice.error_message().find("group " + a + " is not registered"), std::string::npos)
+      << twice.error_message();
+  // An idle group leaves too; the reason is one line of text.
+  const std::string b = Register();
+  leave.set_group_id(b);
+  leave.set_reason("served 1\ntask(s)");
+  const grpc::Status bad = workers_->LeaveGroup(WorkerCtx().get(), leave, &leave_response);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad.error_message().find("field 'reason'"), std::string::npos) << bad.error_message();
+  leave.set_reason("served 1 task(s), --max-tasks 1");
+  ASSERT_TRUE(workers_->LeaveGroup(WorkerCtx().get(), leave, &leave_response).ok());
+  // Past the heartbeat timeout, nothing is left to reap and nothing was lost.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_EQ(coordinator_->scheduler()->ReapLostGroups(), 0);
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  EXPECT_NE(exposition.find("aviary_worker_groups_lost_total 0"), std::string::npos) << exposition;
+  EXPECT_NE(exposition.find("aviary_worker_groups 0"), std::string::npos) << exposition;
+  // The task is leased to the next group as attempt 2.
+  const std::string c = Register();
+  LeaseTaskResponse again = Lease(c);
+  ASSERT_TRUE(again.available());
+  EXPECT_EQ(again.task().attempt(), 2);
+}
+
 TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   Start();
   const std::string job_id = Submit();

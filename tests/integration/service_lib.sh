@@ -57,13 +57,14 @@ start_coordinator() {
 }
 
 # start_group NAME NP [serve flags...]: a worker group (mpirun) with the worker token, in its own
-# process group; sets group_pid.
+# process group; sets group_pid (mpirun's).
 start_group() {
   local name=$1 np=$2
+  shift 2
   rm -f "$tmp/$name.mport"
   setsid "$mpiexec" -np "$np" --oversubscribe "$bin/aviary-worker" serve --coordinator "127.0.0.1:$port" \
     --token-file "$tmp/worker.token" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/$name.mport" \
-    --threads 1 "${@:3}" > "$tmp/$name.log" 2>&1 &
+    --threads 1 "$@" > "$tmp/$name.log" 2>&1 &
   group_pid=$!
   pids+=("$group_pid")
 }

@@ -1,12 +1,20 @@
 // The worker agent's parts that need no coordinator: the report buffer (order, bound, what is
 // dropped), the backoff schedules, the retryable classification, and the control protocol's
-// messages and outcome verdict.
+// messages and outcome verdict; the stop signals (in child processes).
 #include "worker/agent/agent.h"
 #include "worker/agent/group_control.h"
 #include "worker/agent/report_buffer.h"
+#include "worker/agent/signals.h"
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -198,6 +206,69 @@ TEST(GroupControlTest, StopMessagesCarryTheStatus) {
   std::string msg = StopMessage(refused);
   EXPECT_EQ(msg[0], kMsgStop);
   EXPECT_EQ(ParseStopMessage(msg), refused);
+}
+
+// The stop signals, in a child process that installs the handlers, says it is ready through a
+// pipe, then waits up to 4 s for the flag: exit 10 when stopped by SIGCONT, 11 by SIGUSR2, 12 by
+// another signal, 20 when never stopped. `act` does something to the child (its pid) meanwhile.
+int ChildStop(const std::function<void(pid_t)>& act) {
+  int fds[2];
+  if (::pipe(fds) != 0) return -1;
+  const pid_t child = ::fork();
+  if (child < 0) return -1;
+  if (child == 0) {
+    ::close(fds[0]);
+    InstallStopSignalHandlers();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the watchdog has ticked
+    const char ready = 'r';
+    if (::write(fds[1], &ready, 1) != 1) ::_exit(30);
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(4);
+    while (!Signalled() && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    const std::string name = StopSignalName();
+    ::_exit(name.empty() ? 20 : name.rfind("SIGCONT", 0) == 0 ? 10 : name == "SIGUSR2" ? 11 : 12);
+  }
+  ::close(fds[1]);
+  char ready = 0;
+  if (::read(fds[0], &ready, 1) != 1) return -2;
+  ::close(fds[0]);
+  act(child);
+  int status = 0;
+  if (::waitpid(child, &status, 0) != child) return -3;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+}
+
+// mpirun ends a job on SIGTERM by sending the ranks SIGCONT at once, SIGTERM only
+// odls_base_sigkill_timeout seconds later: a SIGCONT from the parent stops the group.
+TEST(SignalsTest, SigcontFromTheParentStops) {
+  EXPECT_EQ(ChildStop([](pid_t child) { ::kill(child, SIGCONT); }), 10);
+}
+
+// The launchers' stop (mpirun forwards SIGUSR2 at once).
+TEST(SignalsTest, Sigusr2Stops) {
+  EXPECT_EQ(ChildStop([](pid_t child) { ::kill(child, SIGUSR2); }), 11);
+}
+
+// Job control or a suspend: SIGSTOP, then SIGCONT 2 s later, continues the rank; no stop.
+TEST(SignalsTest, SigcontThatContinuesAStoppedProcessDoesNotStop) {
+  EXPECT_EQ(ChildStop([](pid_t child) {
+              ::kill(child, SIGSTOP);
+              std::this_thread::sleep_for(std::chrono::seconds(2));
+              ::kill(child, SIGCONT);
+            }),
+            20);
+}
+
+// A SIGCONT from another process than the parent is no stop.
+TEST(SignalsTest, SigcontFromAnotherProcessDoesNotStop) {
+  EXPECT_EQ(ChildStop([](pid_t child) {
+              const pid_t sender = ::fork();
+              if (sender == 0) ::_exit(::kill(child, SIGCONT) == 0 ? 0 : 1);
+              int status = 0;
+              ::waitpid(sender, &status, 0);
+            }),
+            20);
 }
 
 }  // namespace

@@ -138,6 +138,7 @@ class Agent {
   GroupControl& control_;
   std::unique_ptr<GroupMetrics> metrics_;  // rank 0
   std::unique_ptr<CoordinatorLink> link_;  // rank 0
+  std::string leave_reason_;               // rank 0: LeaveGroup's reason after a clean loop end
   // The current task's state; RunTask starts it afresh.
   struct TaskState {
     std::string id;
@@ -240,13 +241,16 @@ absl::Status Agent::Serve() {
   absl::Status sent = control_.Broadcast(&stop, 0, 0.02, 0);
   link_->StopThreads();
   if (!sent.ok()) EndGroup(std::string(sent.message()));
+  // R6: a clean exit; the coordinator removes the group now rather than as lost later.
+  link_->Leave(!st.ok() ? absl::StrCat("stopping on an error: ", st.message())
+               : leave_reason_.empty() ? std::string("stopped") : leave_reason_);
   return st;
 }
 
 absl::Status Agent::ServeRank0() {
   absl::Status st = link_->Register();
   if (absl::IsCancelled(st)) {
-    Log().Info("stopped by signal");
+    Log().Info(absl::StrCat("stopped by signal (", StopSignalName(), ")"));
     return absl::OkStatus();
   }
   AVIARY_RETURN_IF_ERROR(st);
@@ -291,14 +295,21 @@ absl::Status Agent::ServeRank0() {
                             "); the group cannot be trusted any more"));
     }
     if (task_.stop_reason == kGroupLost) link_->DropTask(task.task_id());
-    if (task_.stop_reason == kSignal) break;  // a signal on any rank stops the whole group
+    if (task_.stop_reason == kSignal) {  // a signal on any rank stops the whole group
+      leave_reason_ = "a rank was stopped by a signal";
+      break;
+    }
     ++tasks;
     if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
+      leave_reason_ = absl::StrCat("served ", tasks, " task(s), --max-tasks ", options_.max_tasks);
       Log().Info(absl::StrCat("served ", tasks, " task(s) (--max-tasks)"));
       break;
     }
   }
-  if (Signalled()) Log().Info("stopped by signal");
+  if (Signalled()) {
+    leave_reason_ = absl::StrCat("stopped by signal (", StopSignalName(), ")");
+    Log().Info(leave_reason_);
+  }
   return absl::OkStatus();
 }
 

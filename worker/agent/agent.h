@@ -22,7 +22,7 @@
 //   coordinator_link.{h,cc}  rank 0's WorkerService client and its two threads
 //   report_buffer.{h,cc}     the reports waiting for the coordinator
 //   group_metrics.{h,cc}     the group's Prometheus series; metrics_server.{h,cc} serves them
-//   signals.{h,cc}           SIGTERM / SIGINT and the waits that heed them
+//   signals.{h,cc}           SIGTERM / SIGINT / SIGUSR2 / mpirun's SIGCONT and the waits that heed them
 //
 // Thread safety: ServeAgent runs on the main thread; ReportBuffer is thread-safe; Backoff is not.
 #ifndef AVIARY_WORKER_AGENT_AGENT_H_

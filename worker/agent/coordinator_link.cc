@@ -216,6 +216,30 @@ void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, doubl
 
 void CoordinatorLink::DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
 
+void CoordinatorLink::Leave(const std::string& reason) {
+  const std::string gid = group_id();
+  if (gid.empty() || lost_) return;
+  v1::LeaveGroupRequest request;
+  request.set_group_id(gid);
+  // The coordinator takes one line of at most 1,024 bytes (an error's message may be longer).
+  std::string line = reason.substr(0, 1000);
+  for (char& c : line) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
+  }
+  request.set_reason(line);
+  v1::LeaveGroupResponse response;
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  grpc::Status st = stub_->LeaveGroup(&ctx, request, &response);
+  if (!st.ok()) {
+    Log().Warn(absl::StrCat("LeaveGroup(", gid, ") to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
+                            ": ", st.error_message(), "; the coordinator will remove the group as lost after its "
+                            "heartbeat timeout"));
+    return;
+  }
+  Log().Info(absl::StrCat("left the coordinator as group ", gid, " (", reason, ")"));
+}
+
 std::string CoordinatorLink::group_id() const {
   absl::MutexLock lock(&mu_);
   return group_id_;

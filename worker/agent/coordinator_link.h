@@ -72,6 +72,12 @@ class CoordinatorLink {
   void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s);
   void DropTask(const std::string& task_id);
 
+  // LeaveGroup once (after StopThreads), on a clean exit of the agent: the coordinator removes
+  // the group at once instead of counting it as lost after heartbeat_timeout_s. Nothing when the
+  // group never registered or is lost. A failure is logged, never fatal (the group is then
+  // removed as lost after the timeout).
+  void Leave(const std::string& reason);
+
   std::string group_id() const;
 
  private:

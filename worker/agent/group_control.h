@@ -14,8 +14,8 @@
 //              see that they are out of step, instead of waiting in unlike collectives.
 //
 // Start (ServeAgent, every rank):
-//   S1. Duplicate MPI_COMM_WORLD (GroupControl::Create). Install the SIGTERM / SIGINT handlers
-//       (worker/agent/signals.h); set torch's intra-op threads.
+//   S1. Duplicate MPI_COMM_WORLD (GroupControl::Create). Install the SIGTERM / SIGINT / SIGUSR2
+//       and SIGCONT handlers (worker/agent/signals.h); set torch's intra-op threads.
 //   S2. Rank 0 opens its /metrics endpoint and writes --metrics-port-file. Broadcast from rank 0:
 //       empty, or kMsgStop with the error, which every rank then returns (a bad --metrics-listen
 //       stops every rank with one message).
@@ -32,6 +32,10 @@
 //       disagreed: end the group; a signal or --max-tasks reached: R5; else R1.
 //   R5. When the loop ends: broadcast kMsgStop with its status (OK: --max-tasks or a signal; else
 //       the error that ends the agent, e.g. a refused registration) and stop the threads.
+//   R6. LeaveGroup with the reason (--max-tasks reached, the signal, the error), unless the group
+//       never registered or the coordinator forgot it: the coordinator removes the group now
+//       instead of counting it as lost after heartbeat_timeout_s. A failure is logged only.
+//       Not after EndGroup (MPI_Abort) or a crash: such a group is lost, and that is an alert.
 // The other ranks (Agent::ServeOther) loop:
 //   W1. Wait for rank 0's broadcast (sleeps up to 20 ms: an idle group uses no CPU).
 //   W2. kMsgStop: return its status (an error as "rank 0: ..."). kMsgTask: run it (T1 to T6),
@@ -77,12 +81,14 @@
 //     report_buffer.h) and calls are retried with backoff (0.5 s to 10 s). A NOT_FOUND for the
 //     group makes the decision kGroupLost: every rank stops at the next T4, rank 0 drops the
 //     task's reports, registers anew (R1) and leases again.
-//   SIGTERM / SIGINT. On rank 0 the decision becomes kSignal; any rank's flag counts at its next
-//     T4 (a rank signalled while idle: at the next task's first step). Every rank stops; rank 0
-//     reports FailTask(retryable, preempted), waits up to 30 s for delivery, broadcasts kMsgStop
-//     with OK, and every rank returns OK (exit 0). A signal on rank 0 while idle ends its loop
-//     (R5). A second signal ends the process. (mpirun forwards SIGTERM but may SIGKILL the ranks
-//     soon after: launchers give `--mca odls_base_sigkill_timeout` some seconds.)
+//   SIGTERM / SIGINT / SIGUSR2, or SIGCONT from mpirun (signals.h). On rank 0 the decision
+//     becomes kSignal; any rank's flag counts at its next T4 (a rank signalled while idle: at the
+//     next task's first step). Every rank stops; rank 0 reports FailTask(retryable, preempted),
+//     waits up to 30 s for delivery, broadcasts kMsgStop with OK, leaves (R6), and every rank
+//     returns OK (exit 0). A signal on rank 0 while idle ends its loop (R5). A second signal ends
+//     the process. (mpirun forwards SIGUSR2 at once; SIGTERM to mpirun reaches the ranks as
+//     SIGCONT at once and as SIGTERM only odls_base_sigkill_timeout seconds later, followed by
+//     SIGKILL after as long again: launchers send SIGUSR2, and give that timeout some seconds.)
 //   Disagreement. Errors that every rank meets at the same point (a stop, a non-finite loss,
 //     which the trainer shares, a config or data error) end only the task. A rank that fails
 //     alone while its peers are in a training collective reaches T6 first; they follow once the

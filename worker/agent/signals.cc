@@ -6,8 +6,13 @@
 #include <atomic>
 #include <cerrno>
 #include <csignal>
+#include <cstdint>
 #include <cstring>
+#include <ctime>
+#include <string>
 #include <thread>
+
+#include <unistd.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -25,8 +30,31 @@ const common::Logger& Log() {
 // Read from every thread: a lock-free atomic, which a signal handler may store to.
 std::atomic<int> g_signal{0};
 static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
+// CLOCK_MONOTONIC in ms at the watchdog's last tick (every kTickMs): a SIGCONT that finds it
+// older than kStoppedMs continues a stopped process (job control, a Slurm suspend) and is no
+// stop notice.
+std::atomic<int64_t> g_tick_ms{0};
+static_assert(std::atomic<int64_t>::is_always_lock_free, "the watchdog tick must be lock-free");
+constexpr int64_t kTickMs = 100;
+constexpr int64_t kStoppedMs = 1500;
+
+int64_t MonotonicMs() {
+  struct timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);  // async-signal-safe
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
 
 extern "C" void OnStopSignal(int sig) { g_signal.store(sig, std::memory_order_relaxed); }
+
+// Open MPI's mpirun (and orted) ends a job on SIGTERM by sending each rank SIGCONT at once and
+// SIGTERM only odls_base_sigkill_timeout seconds later (measured with 4.1.4). The SIGCONT from
+// the parent to a rank that was not stopped is the only prompt notice, so it counts as a stop.
+extern "C" void OnContinue(int, siginfo_t* info, void*) {
+  if (info == nullptr || info->si_code != SI_USER || info->si_pid != ::getppid()) return;
+  if (MonotonicMs() - g_tick_ms.load(std::memory_order_relaxed) > kStoppedMs) return;  // resumed
+  int expected = 0;
+  g_signal.compare_exchange_strong(expected, SIGCONT, std::memory_order_relaxed);
+}
 
 }  // namespace
 
@@ -38,15 +66,54 @@ void InstallStopSignalHandlers() {
   // would be reported as an I/O error rather than "stopped by signal").
   sa.sa_flags = SA_RESETHAND | SA_RESTART;
   sigemptyset(&sa.sa_mask);
-  for (int sig : {SIGTERM, SIGINT}) {
+  for (int sig : {SIGTERM, SIGINT, SIGUSR2}) {
     if (::sigaction(sig, &sa, nullptr) != 0) {
       Log().Warn(absl::StrCat("sigaction(", ::strsignal(sig), "): ", std::strerror(errno),
                               "; this signal will end the group without a report"));
     }
   }
+  // Once mpirun is ending the job it no longer forwards the ranks' output (seen with 4.1.4) and
+  // may close the pipes: a log line must not kill a rank (SIGPIPE) before it has reported.
+  struct sigaction ignore;
+  std::memset(&ignore, 0, sizeof(ignore));
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  if (::sigaction(SIGPIPE, &ignore, nullptr) != 0) {
+    Log().Warn(absl::StrCat("sigaction(SIGPIPE): ", std::strerror(errno)));
+  }
+  // The watchdog that tells a continued process from a running one (OnContinue).
+  g_tick_ms.store(MonotonicMs(), std::memory_order_relaxed);
+  std::thread([] {
+    while (true) {
+      g_tick_ms.store(MonotonicMs(), std::memory_order_relaxed);
+      std::this_thread::sleep_for(std::chrono::milliseconds(kTickMs));
+    }
+  }).detach();
+  struct sigaction cont;
+  std::memset(&cont, 0, sizeof(cont));
+  cont.sa_sigaction = OnContinue;
+  cont.sa_flags = SA_SIGINFO | SA_RESTART;  // kept: SIGCONT's default action only continues
+  sigemptyset(&cont.sa_mask);
+  if (::sigaction(SIGCONT, &cont, nullptr) != 0) {
+    Log().Warn(absl::StrCat("sigaction(SIGCONT): ", std::strerror(errno),
+                            "; SIGTERM to mpirun will stop the group only when mpirun forwards SIGTERM "
+                            "(odls_base_sigkill_timeout seconds later)"));
+  }
 }
 
 bool Signalled() { return g_signal.load(std::memory_order_relaxed) != 0; }
+
+std::string StopSignalName() {
+  const int sig = g_signal.load(std::memory_order_relaxed);
+  switch (sig) {
+    case 0: return "";
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    case SIGUSR2: return "SIGUSR2";
+    case SIGCONT: return "SIGCONT from the launcher, which is ending the group";
+    default: return absl::StrCat("signal ", sig);
+  }
+}
 
 bool SleepUnlessSignalled(double seconds) {
   const auto end = Clock::now() + std::chrono::duration<double>(seconds);
