@@ -9,6 +9,10 @@
 // ReportProgress) for the current lease marks the task cancelled (kCancelled). A report refused
 // for good (e.g. FAILED_PRECONDITION) is dropped and logged.
 //
+// The lease fence (lease_clock.h): Register learns the coordinator's heartbeat timeout, Lease
+// notes when it asked, each answered heartbeat renews the current lease from its send time, a
+// cancel answer or a NOT_FOUND revokes it; CheckLease is the trainer's commit check.
+//
 // Thread-safe: the main thread calls everything but the loops; HeartbeatLoop and SenderLoop run
 // on the threads StartThreads starts. They share group_id_, the lease and running_ under mu_,
 // the cancel and lost flags as atomics, and the ReportBuffer (itself thread-safe).
