@@ -570,10 +570,17 @@ bool Agent::WaitUntilWritable(const common::StorageFault& fault) {
   Backoff backoff(1, 30);
   const auto start = Clock::now();
   while (true) {
-    absl::Status usable = common::ProbeWritable(fault.dir, need);
+    // The folder itself, or its nearest existing ancestor when it was removed meanwhile (its
+    // filesystem is what matters; a missing folder must not keep the group out for ever).
+    std::filesystem::path dir(fault.dir);
+    std::error_code ec;
+    while (!std::filesystem::exists(dir, ec) && dir.has_parent_path() && dir.parent_path() != dir) {
+      dir = dir.parent_path();
+    }
+    absl::Status usable = common::ProbeWritable(dir.string(), need);
     if (usable.ok()) {
       Log().Info(absl::StrFormat("%s is writable again (%lld bytes free at least) after %.1f s; leasing again",
-                                 fault.dir, static_cast<long long>(need), SecondsSince(start)));
+                                 dir.string(), static_cast<long long>(need), SecondsSince(start)));
       return true;
     }
     const double delay = backoff.Next();
