@@ -1,15 +1,21 @@
 #include "common/files.h"
 
 #include <fcntl.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
+#include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace aviary::common {
 
@@ -31,11 +37,29 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   return ss.str();
 }
 
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents) {
-  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+namespace {
+
+constexpr char kStorageFaultUrl[] = "aviary.dev/storage-fault";
+
+absl::Status ErrnoStatus(int error, const std::string& what) {
+  const std::string message = absl::StrCat(what, ": ", ErrnoText(error));
+  if (error == ENOSPC || error == EDQUOT) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
+}
+
+std::string DirOf(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// Writes all of `contents` to a new `file` and fsyncs it; removes it on any failure.
+absl::Status WriteNewFile(const std::string& file, absl::string_view contents, int* error) {
+  *error = 0;
+  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
-    return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", std::strerror(errno)));
+    *error = errno;
+    return ErrnoStatus(*error, absl::StrCat(file, ": cannot create"));
   }
   const char* p = contents.data();
   size_t left = contents.size();
@@ -43,10 +67,11 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
     ssize_t w = ::write(fd, p, left);
     if (w < 0) {
       if (errno == EINTR) continue;
-      int err = errno;
+      *error = errno;
       ::close(fd);
-      ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", std::strerror(err)));
+      ::unlink(file.c_str());
+      return ErrnoStatus(*error, absl::StrCat(file, ": write failed after ", contents.size() - left, " of ",
+                                              contents.size(), " bytes"));
     }
     p += w;
     left -= static_cast<size_t>(w);
@@ -55,16 +80,99 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   int sync_errno = errno;
   int close_rc = ::close(fd);
   if (sync_rc != 0 || close_rc != 0) {
-    int err = sync_rc != 0 ? sync_errno : errno;
-    ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", std::strerror(err)));
+    *error = sync_rc != 0 ? sync_errno : errno;
+    ::unlink(file.c_str());
+    return ErrnoStatus(*error, absl::StrCat(file, sync_rc != 0 ? ": fsync failed" : ": close failed"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string ErrnoText(int error) {
+  const char* name = ::strerrorname_np(error);
+  return absl::StrCat(std::strerror(error), " (", name != nullptr ? name : absl::StrCat("errno ", error), ")");
+}
+
+absl::Status WithStorageFault(absl::Status status, const StorageFault& fault) {
+  status.SetPayload(kStorageFaultUrl, absl::Cord(absl::StrCat(fault.num_bytes, "\n", fault.error, "\n", fault.dir,
+                                                              "\n", fault.path)));
+  return status;
+}
+
+std::optional<StorageFault> StorageFaultOf(const absl::Status& status) {
+  auto payload = status.GetPayload(kStorageFaultUrl);
+  if (!payload) return std::nullopt;
+  std::vector<std::string> parts = absl::StrSplit(std::string(*payload), absl::MaxSplits('\n', 3));
+  StorageFault fault;
+  if (parts.size() != 4 || !absl::SimpleAtoi(parts[0], &fault.num_bytes) || !absl::SimpleAtoi(parts[1], &fault.error)) {
+    return std::nullopt;
+  }
+  fault.dir = parts[2];
+  fault.path = parts[3];
+  return fault;
+}
+
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents) {
+  return WriteFileAtomically(path, contents, AtomicWriteOptions{});
+}
+
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents,
+                                 const AtomicWriteOptions& options) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  StorageFault fault;
+  fault.path = path;
+  fault.dir = DirOf(path);
+  fault.num_bytes = static_cast<int64_t>(contents.size());
+  absl::Status st = WriteNewFile(tmp, contents, &fault.error);
+  if (!st.ok()) return WithStorageFault(st, fault);
+  if (options.check) {
+    st = options.check(path);
+    if (!st.ok()) {
+      ::unlink(tmp.c_str());
+      return st;
+    }
+  }
+  bool moved_previous = false;
+  if (!options.keep_previous_as.empty() && ::access(path.c_str(), F_OK) == 0) {
+    if (::rename(path.c_str(), options.keep_previous_as.c_str()) != 0) {
+      fault.error = errno;
+      ::unlink(tmp.c_str());
+      return WithStorageFault(
+          ErrnoStatus(fault.error, absl::StrCat("rename ", path, " -> ", options.keep_previous_as, " failed")), fault);
+    }
+    moved_previous = true;
   }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
+    fault.error = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError(
-        absl::StrCat("rename ", tmp, " -> ", path, " failed: ", std::strerror(err)));
+    if (moved_previous) ::rename(options.keep_previous_as.c_str(), path.c_str());
+    return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat("rename ", tmp, " -> ", path, " failed")), fault);
   }
+  int fd = ::open(fault.dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    fault.error = errno;
+    if (fd >= 0) ::close(fd);
+    return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat(fault.dir, ": fsync of the folder failed")), fault);
+  }
+  ::close(fd);
+  return absl::OkStatus();
+}
+
+absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes) {
+  struct statvfs vfs;
+  if (::statvfs(dir.c_str(), &vfs) != 0) return ErrnoStatus(errno, absl::StrCat(dir, ": statvfs failed"));
+  const int64_t free_bytes = static_cast<int64_t>(vfs.f_bavail) * static_cast<int64_t>(vfs.f_frsize);
+  if (free_bytes < num_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(dir, ": ", free_bytes, " bytes free, ", num_bytes,
+                                                     " needed"));
+  }
+  const std::string probe = absl::StrCat(dir, "/.aviary-probe.", ::getpid());
+  const std::string bytes(static_cast<size_t>(std::min<int64_t>(num_bytes, 1 << 20)), '\0');
+  int error = 0;
+  absl::Status written = WriteNewFile(probe, bytes, &error);
+  if (!written.ok()) return written;
+  if (::unlink(probe.c_str()) != 0) return ErrnoStatus(errno, absl::StrCat(probe, ": cannot remove"));
   return absl::OkStatus();
 }
 

@@ -2,6 +2,9 @@
 #ifndef AVIARY_COMMON_FILES_H_
 #define AVIARY_COMMON_FILES_H_
 
+#include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -15,6 +18,45 @@ namespace aviary::common {
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
+
+// A check made right before the rename that publishes a file (the worker's lease fence): an
+// error stops the write; the temporary file is removed and the previous file stays.
+using CommitCheck = std::function<absl::Status(const std::string& path)>;
+
+struct AtomicWriteOptions {
+  CommitCheck check;     // optional
+  // When set and `path` exists, `path` is renamed to this name just before the new file is
+  // renamed into place (last.pt -> last.prev.pt), so the previous version survives a new one
+  // that turns out unreadable.
+  std::string keep_previous_as;
+};
+
+// As above, with `options`. Every failure (open, write, fsync, close, rename, the check) removes
+// the temporary file `<path>.tmp.<pid>` and leaves the previous `path` as it was. Errors name the
+// path and errno's text and name ("No space left on device (ENOSPC)"); ENOSPC and EDQUOT are
+// RESOURCE_EXHAUSTED, other errno values INTERNAL, the check's error is returned as it is.
+// Errors of the filesystem carry a storage-fault payload (StorageFaultOf).
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents,
+                                 const AtomicWriteOptions& options);
+
+// A write that failed for the filesystem's sake, as WriteFileAtomically reports it.
+struct StorageFault {
+  std::string path;       // the file being written
+  std::string dir;        // its folder (where space must be found again)
+  int64_t num_bytes = 0;  // the size of what was being written
+  int error = 0;          // errno
+};
+// Marks `status` (not OK) as a storage fault.
+absl::Status WithStorageFault(absl::Status status, const StorageFault& fault);
+std::optional<StorageFault> StorageFaultOf(const absl::Status& status);
+
+// "No space left on device (ENOSPC)".
+std::string ErrnoText(int error);
+
+// Whether `dir` can take a file of `num_bytes` now: statvfs's free space for unprivileged
+// users, then a test write of min(num_bytes, 1 MiB) that is fsynced and removed. The error
+// names the folder, the space needed and found, or the failing call and errno.
+absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes);
 
 }  // namespace aviary::common
 

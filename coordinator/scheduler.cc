@@ -736,6 +736,8 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
   response.set_group_id(row.group_id);
   response.set_heartbeat_interval_ms(
       static_cast<int32_t>(std::llround(options_.heartbeat_interval_s * 1000)));
+  response.set_heartbeat_timeout_ms(
+      static_cast<int32_t>(std::llround(options_.heartbeat_timeout_s * 1000)));
   return response;
 }
 

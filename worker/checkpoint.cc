@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include <type_traits>
+#include <utility>
 
 #include <torch/optim/adam.h>
 #include <torch/serialize/input-archive.h>
@@ -39,6 +40,8 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   out << YAML::Key << "history_csv" << YAML::Value << YAML::Literal << m.history_csv;
   out << YAML::Key << "train_auc" << YAML::Value << YAML::Flow << YAML::Precision(17) << m.train_auc;
   out << YAML::Key << "skipped_steps" << YAML::Value << m.skipped_steps;
+  out << YAML::Key << "task_id" << YAML::Value << m.task_id;
+  out << YAML::Key << "attempt" << YAML::Value << m.attempt;
   out << YAML::EndMap;
   return out.c_str();
 }
@@ -63,6 +66,8 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     m.history_csv = n["history_csv"].as<std::string>();
     if (n["train_auc"]) m.train_auc = n["train_auc"].as<std::vector<double>>();
     if (n["skipped_steps"]) m.skipped_steps = n["skipped_steps"].as<int64_t>();
+    if (n["task_id"]) m.task_id = n["task_id"].as<std::string>();
+    if (n["attempt"]) m.attempt = n["attempt"].as<int>();
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": checkpoint metadata is unreadable: ", e.what()));
@@ -72,16 +77,6 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
         absl::StrCat(path, ": checkpoint format ", m.format, " is not supported (expected 1)"));
   }
   return m;
-}
-
-absl::Status FsyncPath(const std::string& path, bool directory) {
-  int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) return absl::InternalError(absl::StrCat(path, ": open for fsync: ", std::strerror(errno)));
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  if (rc != 0) return absl::InternalError(absl::StrCat(path, ": fsync: ", std::strerror(err)));
-  return absl::OkStatus();
 }
 
 template <typename Fn>
@@ -98,9 +93,12 @@ absl::Status Guard(const std::string& what, Fn&& fn) {
 }  // namespace
 
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
-                            const AdamOptimizer* optimizer, const CheckpointMeta& meta) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  absl::Status st = Guard(absl::StrCat("writing checkpoint ", tmp), [&] {
+                            const AdamOptimizer* optimizer, const CheckpointMeta& meta,
+                            const common::AtomicWriteOptions& write) {
+  // Serialized in memory first: torch's file writer throws from its destructor when the disk
+  // fills up (c10::Error "unexpected pos"), which ends the process; a string cannot fail so.
+  std::ostringstream bytes;
+  absl::Status st = Guard(absl::StrCat("serializing checkpoint ", path), [&] {
     torch::serialize::OutputArchive archive;
     torch::serialize::OutputArchive weights;
     for (const auto& p : model.named_parameters()) weights.write(p.key(), p.value().detach());
@@ -112,18 +110,46 @@ absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
       archive.write("optimizer_state", optim);
     }
     archive.write("meta", c10::IValue(MetaToYaml(meta)));
-    archive.save_to(tmp);
+    archive.save_to(bytes);
   });
-  if (st.ok()) st = FsyncPath(tmp, false);
-  if (st.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
-    st = absl::InternalError(absl::StrCat("rename ", tmp, " -> ", path, ": ", std::strerror(errno)));
+  if (!st.ok()) return absl::InternalError(st.message());
+  return common::WriteFileAtomically(path, bytes.str(), write);
+}
+
+ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates, const std::string& stage,
+                                  int fold, const std::string& task_id) {
+  ResumeChoice choice;
+  choice.skipped.resize(candidates.size());
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const ResumeCandidate& c = candidates[i];
+    if (!c.meta.ok()) {
+      choice.skipped[i] = std::string(c.meta.status().message());
+      continue;
+    }
+    const CheckpointMeta& m = *c.meta;
+    if (m.stage != stage || m.fold != fold) {
+      choice.skipped[i] = absl::StrCat(c.path, " belongs to stage ", m.stage, " fold ", m.fold, ", not stage ",
+                                       stage, " fold ", fold);
+      continue;
+    }
+    if (!m.task_id.empty() && !task_id.empty() && m.task_id != task_id) {
+      choice.skipped[i] = absl::StrCat(c.path, " belongs to task ", m.task_id, ", not ", task_id);
+      continue;
+    }
+    if (choice.index >= 0) {
+      const CheckpointMeta& best = *candidates[choice.index].meta;
+      if (std::make_pair(m.epoch, m.attempt) <= std::make_pair(best.epoch, best.attempt)) {
+        choice.skipped[i] = absl::StrCat(c.path, " holds epoch ", m.epoch, " (attempt ", m.attempt, "), not newer than ",
+                                         candidates[choice.index].path);
+        continue;
+      }
+      choice.skipped[choice.index] = absl::StrCat(candidates[choice.index].path, " holds epoch ", best.epoch,
+                                                  " (attempt ", best.attempt, "), older than ", c.path);
+    }
+    choice.index = static_cast<int>(i);
+    choice.skipped[i].clear();
   }
-  if (!st.ok()) {
-    ::unlink(tmp.c_str());
-    return st;
-  }
-  size_t slash = path.rfind('/');
-  return FsyncPath(slash == std::string::npos ? "." : path.substr(0, slash + 1), true);
+  return choice;
 }
 
 namespace {

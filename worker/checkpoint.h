@@ -1,7 +1,9 @@
 // Training checkpoints (best.pt, last.pt): model parameters and buffers, optimizer state and
 // the run's metadata (labels, resolved config, history so far, best monitor value) in one torch
-// archive. Writes are atomic: a temporary file, fsync, rename, fsync of the folder; a failed
-// write leaves the previous checkpoint intact.
+// archive. Writes are atomic: the archive is serialized in memory, then written through
+// common::WriteFileAtomically (a temporary file, fsync, rename, fsync of the folder); a failed
+// write (a full disk, a lease fence) leaves the previous checkpoint intact and no temporary file,
+// and never throws.
 //
 // Thread-compatible.
 #ifndef AVIARY_WORKER_CHECKPOINT_H_
@@ -13,6 +15,7 @@
 
 
 #include "absl/status/statusor.h"
+#include "common/files.h"
 #include "worker/models.h"
 #include "worker/optimizer.h"
 #include "worker/weights.h"
@@ -36,11 +39,34 @@ struct CheckpointMeta {
   std::string history_csv;               // history.csv up to `epoch`
   std::vector<double> train_auc;         // per epoch, for history.png (not a history.csv column)
   int64_t skipped_steps = 0;             // non-finite steps skipped (train.skip_nonfinite)
+  // The lease that wrote it (fencing, docs/SERVICE.md): the coordinator's task id and attempt;
+  // "" and 0 for `aviary-worker train` and checkpoints written before.
+  std::string task_id;
+  int attempt = 0;
 };
 
-// Saves `model` (and `optimizer`'s state when not null) with `meta` to `path` atomically.
+// Saves `model` (and `optimizer`'s state when not null) with `meta` to `path` atomically;
+// `write` adds the lease check before the rename and keeps the previous file (last.prev.pt).
+// Errors are those of common::WriteFileAtomically (path, errno; a storage-fault payload).
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
-                            const AdamOptimizer* optimizer, const CheckpointMeta& meta);
+                            const AdamOptimizer* optimizer, const CheckpointMeta& meta,
+                            const common::AtomicWriteOptions& write = {});
+
+// One checkpoint a run could resume from, and what reading its metadata gave.
+struct ResumeCandidate {
+  std::string path;
+  absl::StatusOr<CheckpointMeta> meta;
+};
+// The choice among the candidates: the index of the newest valid one (-1: none) and, per
+// candidate, why it was skipped ("" for the chosen one). Valid: its metadata was read, its stage
+// and fold are `stage` and `fold`, and when both it and `task_id` name a task, the same task.
+// Newest: the highest epoch, then the highest attempt, then the earlier candidate.
+struct ResumeChoice {
+  int index = -1;
+  std::vector<std::string> skipped;
+};
+ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates, const std::string& stage,
+                                  int fold, const std::string& task_id);
 
 // Reads only the metadata.
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);

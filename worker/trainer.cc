@@ -247,6 +247,8 @@ struct Trainer::State {
     m.history_csv = HistoryCsv(history);
     m.train_auc = train_auc;
     m.skipped_steps = skipped_steps;
+    m.task_id = options.task_id;
+    m.attempt = options.attempt;
     return m;
   }
   // One epoch's running totals (TrainEpoch's steps), this rank's until FinishEpoch.
@@ -280,6 +282,13 @@ struct Trainer::State {
   double AllReduceSeconds() const;  // the reducer's time in this epoch so far
   absl::Status Validate(EpochRecord* record);
   absl::Status BroadcastState(bool parameters);
+  // Rank 0: best.pt (when `best`), last.pt (the previous one kept as last.prev.pt), history.csv,
+  // history.png (its failure is only logged). Stops at the first failure.
+  absl::Status WriteEpochFiles(int epoch, bool best, const common::AtomicWriteOptions& write);
+  // Every rank, after each round of rank 0's writes (`what`): rank 0's `wrote`, known to all
+  // (one all-reduce of its code). Rank 0 returns `wrote`; the others, when it failed, the same
+  // code with "rank 0 could not write ...".
+  absl::Status ShareWriteOutcome(const absl::Status& wrote, const std::string& what);
   // Trainer::Create's steps, in order.
   absl::Status ConfigureDevice();
   absl::Status LoadItems();
@@ -290,6 +299,32 @@ struct Trainer::State {
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
+absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common::AtomicWriteOptions& write) {
+  if (best) AVIARY_RETURN_IF_ERROR(SaveCheckpoint(Path("best.pt"), *model, nullptr, Meta(epoch), write));
+  common::AtomicWriteOptions last = write;
+  last.keep_previous_as = Path("last.prev.pt");
+  AVIARY_RETURN_IF_ERROR(SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), Meta(epoch), last));
+  AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(Path("history.csv"), HistoryCsv(history), write));
+  // history.png is drawn straight to its file: the fence is checked before, not at its rename.
+  absl::Status plot = write.check ? write.check(Path("history.png")) : absl::OkStatus();
+  if (!plot.ok()) return plot;
+  plot = WriteHistoryPlot(history, train.monitor,
+                          absl::StrCat(options.stage, " fold ", options.fold, " (", model->name(), ")"),
+                          Path("history.png"));
+  if (!plot.ok()) Log().Warn(absl::StrCat("history.png: ", plot.message()));
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const std::string& what) {
+  if (comm == nullptr) return wrote;
+  at::Tensor code = at::tensor({static_cast<int64_t>(wrote.code())}, at::kLong);
+  AVIARY_RETURN_IF_ERROR(comm->AllReduce(code, comm::ReduceOp::kMax));
+  const auto shared = static_cast<absl::StatusCode>(code[0].item<int64_t>());
+  if (rank == 0 || shared == absl::StatusCode::kOk) return wrote;
+  return absl::Status(shared, absl::StrCat("rank ", rank, ": rank 0 could not write ", what, " to ",
+                                           options.out_dir, " (its error ends the task)"));
+}
+
 absl::Status Trainer::State::BroadcastState(bool parameters) {
   if (comm == nullptr || world == 1) return absl::OkStatus();
   return comm::BroadcastModuleState(*comm, *model, parameters);
@@ -467,35 +502,60 @@ absl::Status Trainer::State::BuildModel() {
   return absl::OkStatus();
 }
 
-// Restores last.pt of the run folder when asked and present.
+// Restores the newest valid checkpoint of the run folder (last.pt, last.prev.pt) when asked.
 absl::Status Trainer::State::Resume() {
-  const std::string last = Path("last.pt");
-  if (options.resume && ::access(last.c_str(), R_OK) == 0) {
-    AVIARY_ASSIGN_OR_RETURN(CheckpointMeta found, ReadCheckpointMeta(last));
-    if (found.stage != options.stage || found.fold != options.fold) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          last, " belongs to stage ", found.stage, " fold ", found.fold, ", not stage ",
-          options.stage, " fold ", options.fold, ": use another --out"));
+  if (!options.resume) return absl::OkStatus();
+  std::vector<ResumeCandidate> candidates;
+  for (const char* name : {"last.pt", "last.prev.pt"}) {
+    const std::string path = Path(name);
+    if (::access(path.c_str(), F_OK) != 0) continue;
+    candidates.push_back({path, ReadCheckpointMeta(path)});
+  }
+  if (candidates.empty()) return absl::OkStatus();
+  while (true) {
+    ResumeChoice choice = PickResumeCheckpoint(candidates, options.stage, options.fold, options.task_id);
+    if (choice.index < 0) {
+      // Nothing fits: as before, a foreign last.pt is an error, not a silent fresh start.
+      std::string why;
+      for (const std::string& reason : choice.skipped) absl::StrAppend(&why, why.empty() ? "" : "; ", reason);
+      return absl::FailedPreconditionError(absl::StrCat("no checkpoint in ", options.out_dir, " to resume stage ",
+                                                        options.stage, " fold ", options.fold, " from (", why,
+                                                        "): use another --out"));
     }
-    if (found.class_names != table.class_names) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(last, ": its label set differs from this stage's; use another --out"));
+    const std::string last = candidates[choice.index].path;
+    const CheckpointMeta& found = *candidates[choice.index].meta;
+    absl::StatusOr<CheckpointMeta> meta =
+        found.class_names == table.class_names
+            ? RestoreCheckpoint(last, *model, optimizer.get())
+            : absl::StatusOr<CheckpointMeta>(absl::FailedPreconditionError(
+                  absl::StrCat(last, ": its label set differs from this stage's; use another --out")));
+    if (!meta.ok()) {
+      Log().Warn(absl::StrCat("resume: ", meta.status().message(), "; trying the next checkpoint"));
+      candidates[choice.index].meta = meta.status();
+      continue;
     }
-    AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, RestoreCheckpoint(last, *model, optimizer.get()));
-    AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta.history_csv, last));
-    train_auc = meta.train_auc;
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      if (static_cast<int>(i) != choice.index && !choice.skipped[i].empty()) {
+        Log().Info(absl::StrCat("resume: skipped ", choice.skipped[i]));
+      }
+    }
+    AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta->history_csv, last));
+    train_auc = meta->train_auc;
     for (size_t i = 0; i < history.size(); ++i) {
       if (i < train_auc.size()) history[i].train_auc = train_auc[i];
-      history[i].best = history[i].epoch == meta.best_epoch;
+      history[i].best = history[i].epoch == meta->best_epoch;
     }
-    start_epoch = meta.epoch + 1;
-    step = meta.step;
-    best_value = meta.best_value;
-    best_epoch = meta.best_epoch;
-    skipped_steps = meta.skipped_steps;
-    Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta.epoch, " (step ", meta.step, ")"));
+    start_epoch = meta->epoch + 1;
+    step = meta->step;
+    best_value = meta->best_value;
+    best_epoch = meta->best_epoch;
+    skipped_steps = meta->skipped_steps;
+    Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta->epoch, " (step ", meta->step,
+                            meta->task_id.empty() ? "" : absl::StrCat(", written by task ", meta->task_id, " attempt ",
+                                                                         meta->attempt),
+                            ")"));
+    return absl::OkStatus();
   }
-  return absl::OkStatus();
 }
 
 // Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
@@ -852,9 +912,11 @@ absl::Status Trainer::Run() {
   State& s = *state_;
   const bool writer = s.rank == 0;  // only rank 0 writes the run folder
   const std::string config_path = s.Path("config.yaml");
-  if (writer) {
-    AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config)));
-  }
+  common::AtomicWriteOptions write;
+  write.check = s.options.commit_check;
+  absl::Status wrote;
+  if (writer) wrote = common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config), write);
+  AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, "config.yaml"));
   if (s.start_epoch >= s.epochs) {
     Log().Info(absl::StrCat("nothing to do: ", s.Path("last.pt"), " already holds all ", s.epochs, " epochs"));
     return absl::OkStatus();
@@ -889,18 +951,8 @@ absl::Status Trainer::Run() {
     }
     s.history.push_back(*record);
     s.train_auc.push_back(record->train_auc);
-    if (writer) {
-      if (record->best) {
-        AVIARY_RETURN_IF_ERROR(SaveCheckpoint(s.Path("best.pt"), *s.model, nullptr, s.Meta(epoch)));
-      }
-      AVIARY_RETURN_IF_ERROR(SaveCheckpoint(s.Path("last.pt"), *s.model, s.optimizer.get(), s.Meta(epoch)));
-      AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(s.Path("history.csv"), HistoryCsv(s.history)));
-      absl::Status plot = WriteHistoryPlot(
-          s.history, s.train.monitor,
-          absl::StrCat(s.options.stage, " fold ", s.options.fold, " (", s.model->name(), ")"),
-          s.Path("history.png"));
-      if (!plot.ok()) Log().Warn(absl::StrCat("history.png: ", plot.message()));
-    }
+    if (writer) wrote = s.WriteEpochFiles(epoch, record->best, write);
+    AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, absl::StrCat("epoch ", epoch, "'s files")));
     Log().Info(absl::StrFormat(
         "epoch %d/%d: lr %.3g loss %.4f acc %.4f | val loss %.4f auc %.4f roc_auc %.4f cmap %.4f "
         "acc %.4f | %.0f samples/s%s",

@@ -26,7 +26,15 @@
 // and the checkpoints use rank 0's statistics, like DDP's broadcast_buffers.
 // Validation is sharded (item i on rank i % world) and the predictions are gathered and put
 // back in item order, so the metrics are those of one process evaluating the same predictions.
-// Only rank 0 writes config.yaml, history.csv, history.png, best.pt and last.pt.
+// Only rank 0 writes config.yaml, history.csv, history.png, best.pt and last.pt (the previous
+// last.pt kept as last.prev.pt), each through common::WriteFileAtomically with
+// TrainOptions::commit_check before its rename. Every rank learns rank 0's outcome of each round
+// of writes (config.yaml at the start, the epoch's files at its end) with one small all-reduce,
+// so a full disk or a refused commit ends the run on every rank at the same point with the same
+// code (rank 0's error names the path and errno; the others say that rank 0 failed).
+// Resuming picks the newest valid checkpoint among last.pt and last.prev.pt (PickResumeCheckpoint:
+// readable, this stage, fold and task, the highest epoch then attempt) and logs why it skipped
+// the others; one that then fails to restore is skipped for the next.
 // Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang]" makes
 // rank R throw, produce a NaN loss, or stop answering at optimizer step K of the run.
 //
@@ -98,7 +106,13 @@ struct TrainOptions {
   // The task's data as the coordinator computed it (not owned; null: build the stage table and
   // the fold's train list from the config's data sources here). Stage and fold must match.
   const common::TaskManifest* manifest = nullptr;
-  bool resume = true;               // continue from out_dir/last.pt when it exists
+  bool resume = true;               // continue from out_dir/last.pt (or last.prev.pt) when it exists
+  // The lease the run trains under (recorded in the checkpoints; "" and 0 without a coordinator).
+  std::string task_id;
+  int attempt = 0;
+  // Rank 0: called right before each file is renamed into out_dir (the lease fence); an error
+  // leaves the previous file and ends the run with that error on every rank.
+  std::function<absl::Status(const std::string& path)> commit_check;
   c10::Device device = c10::Device(c10::kCPU);
   bool progress_bar = false;        // a live line on stderr (a terminal); else log lines
   double log_every_s = 10.0;        // plain progress lines at most this often

@@ -192,6 +192,8 @@ class CoordinatorServiceTest : public ::testing::Test {
     const grpc::Status status = workers_->RegisterGroup(WorkerCtx().get(), request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
     EXPECT_EQ(response.heartbeat_interval_ms(), 200);
+    // The group's lease fence counts on it (worker/agent/lease_clock.h).
+    EXPECT_EQ(response.heartbeat_timeout_ms(), static_cast<int32_t>(std::llround(config_.heartbeat_timeout_s * 1000)));
     return response.group_id();
   }
 

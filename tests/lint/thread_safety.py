@@ -22,6 +22,7 @@ ANNOTATED = [
     "coordinator/metrics.cc",
     "worker/agent/coordinator_link.cc",
     "worker/agent/group_metrics.cc",
+    "worker/agent/lease_clock.cc",
     "worker/agent/report_buffer.cc",
     "worker/loader.cc",
 ]

@@ -3,6 +3,7 @@
 // messages and outcome verdict; the stop signals (in child processes).
 #include "worker/agent/agent.h"
 #include "worker/agent/group_control.h"
+#include "worker/agent/lease_clock.h"
 #include "worker/agent/report_buffer.h"
 #include "worker/agent/signals.h"
 
@@ -269,6 +270,60 @@ TEST(SignalsTest, SigcontFromAnotherProcessDoesNotStop) {
               ::waitpid(sender, &status, 0);
             }),
             20);
+}
+
+}  // namespace
+}  // namespace aviary::worker
+
+// The lease fence (worker/agent/lease_clock.h), on a clock the test moves.
+namespace aviary::worker {
+namespace {
+
+using std::chrono::milliseconds;
+
+TEST(LeaseClockTest, ValidUntilTheLastAnsweredSendPlusTimeoutLessMargin) {
+  LeaseClock lease;
+  lease.SetTimeout(4000);  // margin max(500 ms, 400 ms) = 500 ms
+  const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);
+  lease.Begin("j1/finetune-f0", 2, t0);
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(3499)).ok());
+  absl::Status expired = lease.Check("/r/last.pt", t0 + milliseconds(3500));
+  ASSERT_TRUE(absl::IsAborted(expired)) << expired;
+  EXPECT_NE(expired.message().find("lease for task j1/finetune-f0 attempt 2 expired"), std::string::npos) << expired;
+  EXPECT_NE(expired.message().find("not writing /r/last.pt"), std::string::npos) << expired;
+  // A heartbeat sent at t0 + 3 s and answered extends the lease to t0 + 6.5 s.
+  lease.Renew("j1/finetune-f0", t0 + milliseconds(3000));
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(6400)).ok());
+  EXPECT_FALSE(lease.Check("/r/last.pt", t0 + milliseconds(6500)).ok());
+  // An older answer never shortens it; an answer about another task does not extend it.
+  lease.Renew("j1/finetune-f0", t0);
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(6400)).ok());
+  lease.Renew("j1/pretrain-f0", t0 + milliseconds(9000));
+  EXPECT_FALSE(lease.Check("/r/last.pt", t0 + milliseconds(7000)).ok());
+}
+
+TEST(LeaseClockTest, RevokedAtOnceAndFreshForTheNextLease) {
+  LeaseClock lease;
+  lease.SetTimeout(20000);
+  const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);
+  lease.Begin("j1/pretrain-f0", 1, t0);
+  lease.Revoke("the coordinator no longer knows group g1");
+  absl::Status st = lease.Check("/r/best.pt", t0);
+  ASSERT_TRUE(absl::IsAborted(st));
+  EXPECT_NE(st.message().find("no longer knows group g1"), std::string::npos) << st;
+  lease.Renew("j1/pretrain-f0", t0 + milliseconds(1000));  // a late answer does not revive it
+  EXPECT_FALSE(lease.Check("/r/best.pt", t0 + milliseconds(1000)).ok());
+  lease.End();
+  EXPECT_TRUE(lease.Check("/r/best.pt", t0 + std::chrono::hours(5)).ok());  // no lease: nothing to fence
+  lease.Begin("j1/pretrain-f0", 2, t0 + milliseconds(2000));
+  EXPECT_TRUE(lease.Check("/r/best.pt", t0 + milliseconds(2000)).ok());
+}
+
+TEST(LeaseClockTest, OffWhenTheCoordinatorDoesNotSayItsTimeout) {
+  LeaseClock lease;
+  const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);
+  lease.Begin("j1/pretrain-f0", 1, t0);
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + std::chrono::hours(24)).ok());
 }
 
 }  // namespace

@@ -159,6 +159,63 @@ TEST(CheckpointTest, AFailedWriteKeepsThePreviousCheckpoint) {
   EXPECT_EQ(ReadCheckpointMeta(path)->epoch, 4);
 }
 
+TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
+  auto meta = [](int epoch, int attempt, const std::string& task = "j1/finetune-f2") {
+    CheckpointMeta m = Meta();
+    m.epoch = epoch;
+    m.attempt = attempt;
+    m.task_id = task;
+    return m;
+  };
+  std::vector<ResumeCandidate> c;
+  c.push_back({"run/last.pt", meta(4, 1)});
+  c.push_back({"run/last.prev.pt", meta(3, 1)});
+  ResumeChoice r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
+  EXPECT_EQ(r.index, 0);
+  EXPECT_NE(r.skipped[1].find("run/last.prev.pt holds epoch 3 (attempt 1), not newer than run/last.pt"),
+            std::string::npos) << r.skipped[1];
+  // A corrupt newest one falls back to the previous.
+  c[0].meta = absl::InvalidArgumentError("run/last.pt: not an aviary checkpoint");
+  r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
+  EXPECT_EQ(r.index, 1);
+  EXPECT_EQ(r.skipped[0], "run/last.pt: not an aviary checkpoint");
+  // The same epoch by a later attempt wins; another task, stage or fold never does.
+  c[0].meta = meta(3, 2);
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 0);
+  c[0].meta = meta(9, 1, "j2/finetune-f2");
+  r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
+  EXPECT_EQ(r.index, 1);
+  EXPECT_NE(r.skipped[0].find("belongs to task j2/finetune-f2"), std::string::npos) << r.skipped[0];
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 1, "").index, -1);
+  EXPECT_EQ(PickResumeCheckpoint(c, "pretrain", 2, "").index, -1);
+  // Without a coordinator (no task id on either side) the task is not compared.
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "").index, 0);
+}
+
+TEST(CheckpointTest, ARefusedCommitLeavesThePreviousCheckpointAndNoTemporary) {
+  auto a = Model(3);
+  const std::string dir = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_fenced";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  const std::string path = dir + "/last.pt";
+  CheckpointMeta m = Meta();
+  m.task_id = "j1/finetune-f2";
+  m.attempt = 1;
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, m).ok());
+  common::AtomicWriteOptions fenced;
+  fenced.keep_previous_as = dir + "/last.prev.pt";
+  fenced.check = [](const std::string& p) { return absl::AbortedError("lease expired; not writing " + p); };
+  m.epoch = 5;
+  absl::Status st = SaveCheckpoint(path, *a, nullptr, m, fenced);
+  EXPECT_TRUE(absl::IsAborted(st)) << st;
+  auto back = ReadCheckpointMeta(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->epoch, 4);
+  EXPECT_EQ(back->task_id, "j1/finetune-f2");
+  EXPECT_EQ(back->attempt, 1);
+  EXPECT_NE(::access((path + ".tmp." + std::to_string(::getpid())).c_str(), F_OK), 0);
+  EXPECT_NE(::access(fenced.keep_previous_as.c_str(), F_OK), 0);  // nothing was moved either
+}
+
 TEST(CheckpointTest, MissingOrForeignFilesAreClearErrors) {
   EXPECT_EQ(ReadCheckpointMeta("/nonexistent/best.pt").status().code(), absl::StatusCode::kNotFound);
   std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_not_a_ckpt.pt";

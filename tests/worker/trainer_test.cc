@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/csv.h"
+#include "common/files.h"
 #include "client/synth.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
@@ -121,6 +122,65 @@ TEST_F(TrainerTest, AnInterruptedAndResumedRunEqualsAnUninterruptedOne) {
   auto third = Trainer::Create(Config(), b);
   ASSERT_TRUE(third.ok());
   EXPECT_TRUE((*third)->Run().ok());
+}
+
+TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
+  TrainOptions o;
+  o.out_dir = Out("fallback");
+  o.task_id = "j000000000001/finetune-f0";
+  o.attempt = 1;
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  auto first = Trainer::Create(two, o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)->Run().ok());
+  auto prev = ReadCheckpointMeta(o.out_dir + "/last.prev.pt");
+  ASSERT_TRUE(prev.ok()) << prev.status();
+  EXPECT_EQ(prev->epoch, 0);
+  EXPECT_EQ(prev->task_id, o.task_id);
+  EXPECT_EQ(prev->attempt, 1);
+  // A torn last.pt (storage trouble): the next attempt resumes from last.prev.pt.
+  ASSERT_TRUE(common::WriteFileAtomically(o.out_dir + "/last.pt", "torn").ok());
+  o.attempt = 2;
+  auto second = Trainer::Create(Config(), o);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second)->history().size(), 1u);  // epoch 0 restored
+  ASSERT_TRUE((*second)->Run().ok());
+  auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->epoch, 2);
+  EXPECT_EQ(last->attempt, 2);
+  auto h = common::CsvTable::ReadFile(o.out_dir + "/history.csv");
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->num_rows(), 3u);
+}
+
+TEST_F(TrainerTest, ARefusedCommitEndsTheRunAndKeepsThePreviousFiles) {
+  TrainOptions o;
+  o.out_dir = Out("fenced");
+  o.task_id = "j000000000001/finetune-f0";
+  o.attempt = 1;
+  int last_commits = 0;
+  o.commit_check = [&last_commits](const std::string& path) {
+    if (path.size() >= 7 && path.compare(path.size() - 7, 7, "last.pt") == 0 && ++last_commits > 1) {
+      return absl::AbortedError("lease for task j000000000001/finetune-f0 attempt 1 expired; not writing " + path);
+    }
+    return absl::OkStatus();
+  };
+  auto t = Trainer::Create(Config(), o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  absl::Status st = (*t)->Run();
+  ASSERT_TRUE(absl::IsAborted(st)) << st;
+  EXPECT_NE(st.message().find("not writing " + o.out_dir + "/last.pt"), std::string::npos) << st;
+  auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->epoch, 0);  // epoch 1 was not published
+  auto h = common::CsvTable::ReadFile(o.out_dir + "/history.csv");
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->num_rows(), 1u);
+  for (const auto& e : fs::directory_iterator(o.out_dir)) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
+  }
 }
 
 TEST_F(TrainerTest, FineTuningStartsFromThePretrainingCheckpointWithANewHead) {

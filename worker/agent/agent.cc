@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <limits>
 #include <map>
+#include <optional>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -152,7 +153,12 @@ class Agent {
     StopReason stop_reason = kNoStop;      // rank 0
     Clock::time_point last_point;          // rank 0: when the last step point was queued
     int64_t samples_at_last_point = 0;     // rank 0: group_samples then
+    bool fenced = false;                   // rank 0: a write was refused, the lease was gone
+    std::optional<common::StorageFault> storage_fault;  // rank 0: the run's write that failed
   };
+  // Rank 0, after a task that ended on a storage fault: waits until the node can write the run
+  // folder again (the rule in docs/SERVICE.md, "Storage faults"). False: a signal came first.
+  bool WaitUntilWritable(const common::StorageFault& fault);
   TaskState task_;
 };
 
@@ -282,12 +288,14 @@ absl::Status Agent::ServeRank0() {
     idle.Reset();
     Log().Info(absl::StrCat("leased task ", task.task_id(), " (attempt ", task.attempt(), ", stage ", task.stage(),
                             " fold ", task.fold(), ") -> ", task.out_dir()));
-    link_->BeginTask(task.task_id());
+    link_->BeginTask(task.task_id(), task.attempt());
     std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));
     Outcome outcome = RunTask(task);
     Report0(task, outcome);
+    // A fenced task is abandoned: its reports would be refused or would mislead.
+    if (task_.fenced) link_->DropTask(task.task_id());
     link_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
     link_->EndTask();
     if (!outcome.agreed) {
@@ -299,6 +307,7 @@ absl::Status Agent::ServeRank0() {
       leave_reason_ = "a rank was stopped by a signal";
       break;
     }
+    if (task_.storage_fault && !outcome.status.ok() && !WaitUntilWritable(*task_.storage_fault)) break;
     ++tasks;
     if (options_.max_tasks > 0 && tasks >= options_.max_tasks) {
       leave_reason_ = absl::StrCat("served ", tasks, " task(s), --max-tasks ", options_.max_tasks);
@@ -380,7 +389,16 @@ absl::Status Agent::Train(const v1::Task& task, const PreparedTask& prepared, st
   options.init_checkpoint = task.init_checkpoint();
   options.manifest = &prepared.manifest;
   options.resume = true;
+  options.task_id = task.task_id();
+  options.attempt = task.attempt();
   options.device = task_.device;
+  if (control_.rank() == 0) {
+    options.commit_check = [this](const std::string& path) {
+      absl::Status st = link_->CheckLease(path);
+      if (!st.ok()) task_.fenced = true;
+      return st;
+    };
+  }
   options.on_step = [this](const StepStats& s) { OnStep(s); };
   options.on_epoch = [this](const EpochRecord& record) { OnEpoch(record); };
   options.should_stop = [this]() { return ShouldStop(); };
@@ -392,6 +410,10 @@ absl::Status Agent::Train(const v1::Task& task, const PreparedTask& prepared, st
     if (control_.rank() == 0) PushRestoredEpochs(trainer->history());
     absl::Status status = trainer->Run();
     *history = trainer->history();
+    if (control_.rank() == 0 && !status.ok()) {
+      task_.storage_fault = common::StorageFaultOf(status);
+      if (task_.storage_fault) metrics_->AddStorageFault();
+    }
     return status;
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("rank ", control_.rank(), ": exception: ", e.what()));
@@ -553,6 +575,31 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
   return out;
 }
 
+bool Agent::WaitUntilWritable(const common::StorageFault& fault) {
+  // Room for the write that failed and as much again (the next last.pt beside last.prev.pt).
+  const int64_t need = std::max<int64_t>(2 * fault.num_bytes, 1 << 20);
+  Backoff backoff(1, 30);
+  const auto start = Clock::now();
+  while (true) {
+    // The folder itself, or its nearest existing ancestor when it was removed meanwhile (its
+    // filesystem is what matters; a missing folder must not keep the group out for ever).
+    std::filesystem::path dir(fault.dir);
+    std::error_code ec;
+    while (!std::filesystem::exists(dir, ec) && dir.has_parent_path() && dir.parent_path() != dir) {
+      dir = dir.parent_path();
+    }
+    absl::Status usable = common::ProbeWritable(dir.string(), need);
+    if (usable.ok()) {
+      Log().Info(absl::StrFormat("%s is writable again (%lld bytes free at least) after %.1f s; leasing again",
+                                 dir.string(), static_cast<long long>(need), SecondsSince(start)));
+      return true;
+    }
+    const double delay = backoff.Next();
+    Log().Warn(absl::StrFormat("node not usable for tasks: %s; checking again in %.0f s", usable.message(), delay));
+    if (!SleepUnlessSignalled(delay)) return false;
+  }
+}
+
 // Rank 0: the task's outcome for the coordinator.
 void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
   Report r;
@@ -575,6 +622,12 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
     }
     Log().Info(absl::StrCat("task ", task.task_id(), " done: ", outcome.history.size(), " epochs, best ", r.path));
     link_->Push(std::move(r));
+    return;
+  }
+  if (task_.fenced && outcome.agreed) {
+    // The coordinator has leased the task again or will: nothing to report, nothing written.
+    Log().Warn(absl::StrCat("task ", task.task_id(), " attempt ", task.attempt(), " abandoned: ",
+                            outcome.status.message()));
     return;
   }
   if (absl::IsCancelled(outcome.status) && outcome.agreed) {

@@ -99,6 +99,11 @@ absl::Status CoordinatorLink::Register() {
         group_id_ = response.group_id();
         heartbeat_ms_ = heartbeat_ms;
       }
+      lease_.SetTimeout(response.heartbeat_timeout_ms());
+      if (response.heartbeat_timeout_ms() <= 0) {
+        Log().Warn(absl::StrCat("the coordinator at ", options_.coordinator, " does not say its heartbeat timeout; "
+                                "writes into run folders are not fenced"));
+      }
       lost_ = false;
       metrics_->SetGroupId(response.group_id());
       Connected(true);
@@ -160,6 +165,7 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
   v1::LeaseTaskResponse response;
   grpc::ClientContext ctx;
   Prepare(&ctx);
+  lease_asked_at_ = LeaseClock::Clock::now();
   grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
   if (!st.ok()) return Failed("LeaseTask", st, request.group_id());
   Connected(true);
@@ -170,16 +176,27 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
   return absl::OkStatus();
 }
 
-void CoordinatorLink::BeginTask(const std::string& task_id) {
+void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
   absl::MutexLock lock(&mu_);
   task_id_ = task_id;
   ++lease_generation_;
   cancel_ = false;
+  lease_.Begin(task_id, attempt, lease_asked_at_);
 }
 
 void CoordinatorLink::EndTask() {
   absl::MutexLock lock(&mu_);
   task_id_.clear();
+  lease_.End();
+}
+
+absl::Status CoordinatorLink::CheckLease(const std::string& path) {
+  absl::Status st = lease_.Check(path);
+  if (!st.ok()) {
+    metrics_->AddFencedWrite();
+    Log().Warn(std::string(st.message()));
+  }
+  return st;
 }
 
 StopReason CoordinatorLink::Decide() const {
@@ -258,7 +275,10 @@ absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, co
                                         ": ", st.error_message());
   if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
     Connected(true);
-    if (gid == group_id() && !lost_.exchange(true)) Log().Warn(absl::StrCat(what, "; the group registers again"));
+    if (gid == group_id() && !lost_.exchange(true)) {
+      lease_.Revoke(absl::StrCat("the coordinator no longer knows group ", gid));
+      Log().Warn(absl::StrCat(what, "; the group registers again"));
+    }
   } else if (IsTransient(st.error_code())) {
     Connected(false);
   }
@@ -290,6 +310,7 @@ void CoordinatorLink::HeartbeatLoop() {
     v1::HeartbeatResponse response;
     grpc::ClientContext ctx;
     Prepare(&ctx);
+    const auto sent_at = LeaseClock::Clock::now();
     grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
     if (!st.ok()) {
       absl::Status failed = Failed("Heartbeat", st, request.group_id());
@@ -305,7 +326,11 @@ void CoordinatorLink::HeartbeatLoop() {
       heartbeat_failures = 0;
     }
     Connected(true);
-    if (response.cancel_task()) CancelIfCurrent(request.task_id(), generation, "Heartbeat");
+    if (response.cancel_task()) {
+      CancelIfCurrent(request.task_id(), generation, "Heartbeat");
+    } else {
+      lease_.Renew(request.task_id(), sent_at);
+    }
   }
 }
 
@@ -314,6 +339,7 @@ void CoordinatorLink::CancelIfCurrent(const std::string& task_id, int64_t genera
   if (task_id.empty() || task_id != task_id_ || cancel_) return;
   if (generation >= 0 && generation != lease_generation_) return;
   cancel_ = true;
+  lease_.Revoke(absl::StrCat("the coordinator cancelled it or gave it to another group (", rpc, ")"));
   Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
 }
 

@@ -9,6 +9,10 @@
 // ReportProgress) for the current lease marks the task cancelled (kCancelled). A report refused
 // for good (e.g. FAILED_PRECONDITION) is dropped and logged.
 //
+// The lease fence (lease_clock.h): Register learns the coordinator's heartbeat timeout, Lease
+// notes when it asked, each answered heartbeat renews the current lease from its send time, a
+// cancel answer or a NOT_FOUND revokes it; CheckLease is the trainer's commit check.
+//
 // Thread-safe: the main thread calls everything but the loops; HeartbeatLoop and SenderLoop run
 // on the threads StartThreads starts. They share group_id_, the lease and running_ under mu_,
 // the cancel and lost flags as atomics, and the ReportBuffer (itself thread-safe).
@@ -31,6 +35,7 @@
 #include "worker/agent/agent.h"
 #include "worker/agent/group_control.h"
 #include "worker/agent/group_metrics.h"
+#include "worker/agent/lease_clock.h"
 #include "worker/agent/report_buffer.h"
 
 namespace aviary::worker {
@@ -56,8 +61,14 @@ class CoordinatorLink {
   absl::Status Lease(::aviary::v1::Task* task, bool* available);
 
   // The lease the heartbeats name and a cancel answer may stop (each BeginTask is a new lease).
-  void BeginTask(const std::string& task_id);
+  // Its clock starts at the last Lease call's send time.
+  void BeginTask(const std::string& task_id, int attempt);
   void EndTask();
+
+  // The fence before each write into the task's run folder (TrainOptions::commit_check): OK
+  // while the lease is certainly still this group's (lease_clock.h); else ABORTED naming the
+  // task, attempt and `path`, logged and counted (aviary_fenced_writes_total).
+  absl::Status CheckLease(const std::string& path);
 
   // The stop decision for the current task (rank 0's part of the step exchange, T4).
   StopReason Decide() const;
@@ -111,6 +122,8 @@ class CoordinatorLink {
   int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
+  LeaseClock lease_;                       // thread-safe itself
+  LeaseClock::Clock::time_point lease_asked_at_{};  // main thread only
   std::thread heartbeat_, sender_;
 };
 

@@ -28,8 +28,10 @@
 //   R1. After a NOT_FOUND for the group (the coordinator forgot it), register anew.
 //   R2. LeaseTask; nothing to do: again after 1 s, backing off to 5 s; an error: 0.5 s to 10 s.
 //   R3. Broadcast kMsgTask and the task; run it as every rank does (T1 to T6).
-//   R4. Queue the task's outcome (T6) and wait until the reports are delivered. Then: the ranks
-//       disagreed: end the group; a signal or --max-tasks reached: R5; else R1.
+//   R4. Queue the task's outcome (T6) and wait until the reports are delivered (a fenced task's
+//       reports are dropped). Then: the ranks disagreed: end the group; a signal or --max-tasks
+//       reached: R5; the task ended on a storage fault: wait until the folder that failed can be
+//       written again (Agent::WaitUntilWritable; heartbeats go on, no lease), then R1; else R1.
 //   R5. When the loop ends: broadcast kMsgStop with its status (OK: --max-tasks or a signal; else
 //       the error that ends the agent, e.g. a refused registration) and stop the threads.
 //   R6. LeaveGroup with the reason (--max-tasks reached, the signal, the error), unless the group
@@ -55,7 +57,10 @@
 //       adds every rank's samples to the group's (aviary_samples_total, samples_total). After
 //       each step (TrainOptions::on_step, no collective) rank 0 queues a step point at most every
 //       report_interval_s.
-//   T5. After each epoch (TrainOptions::on_epoch, once rank 0 wrote the epoch's files): Exchange
+//   T5. At each epoch's end rank 0 writes the epoch's files (each rename after a lease check,
+//       TrainOptions::commit_check) and the trainer shares the outcome with every rank (one
+//       all-reduce of rank 0's code): a failed write ends the run on every rank with the same
+//       code, so T6 agrees. Then (TrainOptions::on_epoch): Exchange
 //       kExEpochEnd {0, signal flag (acted on at the next T4), samples}; rank 0 queues the epoch's
 //       point, then ReportCheckpoint for best.pt (when the epoch is the best) and last.pt.
 //   T6. Exchange kExFinished {code, samples}, then the outcome agreement. Rank 0 reports OK as
@@ -89,6 +94,13 @@
 //     the process. (mpirun forwards SIGUSR2 at once; SIGTERM to mpirun reaches the ranks as
 //     SIGCONT at once and as SIGTERM only odls_base_sigkill_timeout seconds later, followed by
 //     SIGKILL after as long again: launchers send SIGUSR2, and give that timeout some seconds.)
+//   Storage fault. A write of rank 0 fails (a full disk: ENOSPC): T5's shared outcome ends the
+//     run on every rank; rank 0 reports FailTask(retryable) naming the path and errno at once
+//     and the group waits at R4 until the folder has room again. No rank aborts.
+//   Fence. A lease check fails (the lease ran out without an answered heartbeat, or was
+//     cancelled or the group removed): nothing is renamed; every rank ends the task (ABORTED)
+//     at T5; rank 0 reports nothing (the coordinator re-leases the task), drops the task's
+//     reports and goes on at R1.
 //   Disagreement. Errors that every rank meets at the same point (a stop, a non-finite loss,
 //     which the trainer shares, a config or data error) end only the task. A rank that fails
 //     alone while its peers are in a training collective reaches T6 first; they follow once the

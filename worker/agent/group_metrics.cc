@@ -45,7 +45,17 @@ GroupMetrics::GroupMetrics()
       buffered_family_(prometheus::BuildGauge()
                            .Name("aviary_reports_buffered")
                            .Help("Progress points waiting for the coordinator")
-                           .Register(*registry_)) {}
+                           .Register(*registry_)),
+      fenced_writes_(prometheus::BuildCounter()
+                         .Name("aviary_fenced_writes_total")
+                         .Help("Writes into a run folder refused because the task's lease was gone")
+                         .Register(*registry_)
+                         .Add({})),
+      storage_faults_(prometheus::BuildCounter()
+                          .Name("aviary_storage_faults_total")
+                          .Help("Tasks that ended on a failed write into the run folder (full disk, I/O error)")
+                          .Register(*registry_)
+                          .Add({})) {}
 
 absl::StatusOr<std::unique_ptr<GroupMetrics>> GroupMetrics::Create(const std::string& listen) {
   auto m = std::unique_ptr<GroupMetrics>(new GroupMetrics());
@@ -112,6 +122,10 @@ void GroupMetrics::SetConnected(bool connected) {
   connected_value_ = connected ? 1 : 0;
   connected_->Set(connected_value_);
 }
+
+void GroupMetrics::AddFencedWrite() { fenced_writes_.Increment(); }
+
+void GroupMetrics::AddStorageFault() { storage_faults_.Increment(); }
 
 void GroupMetrics::SetBuffered(size_t points) {
   absl::MutexLock lock(&mu_);

@@ -45,6 +45,9 @@ class GroupMetrics {
   void SetSamplesPerSecond(double v);
   void SetConnected(bool connected);
   void SetBuffered(size_t points);
+  // Process-wide counters without the group_id label (they survive a new registration).
+  void AddFencedWrite();   // aviary_fenced_writes_total
+  void AddStorageFault();  // aviary_storage_faults_total
   void SetGpuMemory(const std::string& device, double bytes);
 
  private:
@@ -62,6 +65,8 @@ class GroupMetrics {
   prometheus::Family<prometheus::Gauge>& gpu_memory_family_;
   prometheus::Family<prometheus::Gauge>& connected_family_;
   prometheus::Family<prometheus::Gauge>& buffered_family_;
+  prometheus::Counter& fenced_writes_;   // thread-safe itself
+  prometheus::Counter& storage_faults_;
   std::string group_id_ ABSL_GUARDED_BY(mu_);
   prometheus::Counter* samples_total_ ABSL_GUARDED_BY(mu_) = nullptr;
   prometheus::Gauge* samples_per_second_ ABSL_GUARDED_BY(mu_) = nullptr;

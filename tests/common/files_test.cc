@@ -1,0 +1,107 @@
+#include "common/files.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace aviary::common {
+namespace {
+
+std::string FreshDir(const std::string& name) {
+  std::string dir = absl::StrCat(::testing::TempDir(), "/", ::getpid(), "_", name);
+  ::mkdir(dir.c_str(), 0755);
+  return dir;
+}
+
+std::vector<std::string> Entries(const std::string& dir) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return out;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") out.push_back(n);
+  }
+  ::closedir(d);
+  return out;
+}
+
+TEST(AtomicWriteTest, ARefusedCommitKeepsThePreviousFileAndLeavesNoTemporary) {
+  const std::string dir = FreshDir("refused");
+  const std::string path = dir + "/last.pt";
+  ASSERT_TRUE(WriteFileAtomically(path, "old").ok());
+  AtomicWriteOptions options;
+  std::string checked;
+  options.check = [&](const std::string& p) {
+    checked = p;
+    return absl::AbortedError(absl::StrCat("lease gone; not writing ", p));
+  };
+  absl::Status st = WriteFileAtomically(path, "new", options);
+  EXPECT_TRUE(absl::IsAborted(st)) << st;
+  EXPECT_EQ(checked, path);
+  EXPECT_FALSE(StorageFaultOf(st).has_value());  // a fence is not the disk's fault
+  EXPECT_EQ(*ReadFileToString(path), "old");
+  EXPECT_EQ(Entries(dir), std::vector<std::string>{"last.pt"});
+}
+
+TEST(AtomicWriteTest, KeepsThePreviousVersionWhenAsked) {
+  const std::string dir = FreshDir("previous");
+  AtomicWriteOptions options;
+  options.keep_previous_as = dir + "/last.prev.pt";
+  ASSERT_TRUE(WriteFileAtomically(dir + "/last.pt", "epoch 1", options).ok());
+  EXPECT_EQ(::access(options.keep_previous_as.c_str(), F_OK), -1);  // nothing to keep yet
+  ASSERT_TRUE(WriteFileAtomically(dir + "/last.pt", "epoch 2", options).ok());
+  EXPECT_EQ(*ReadFileToString(dir + "/last.pt"), "epoch 2");
+  EXPECT_EQ(*ReadFileToString(options.keep_previous_as), "epoch 1");
+}
+
+TEST(AtomicWriteTest, AFailedRenameIsAStorageFaultNamingPathAndErrno) {
+  const std::string dir = FreshDir("rename");
+  const std::string path = dir + "/history.csv";
+  // A non-empty directory where the file should go: the rename fails (EISDIR).
+  ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
+  ASSERT_TRUE(WriteFileAtomically(path + "/x", "x").ok());
+  absl::Status st = WriteFileAtomically(path, "epoch,step\n");
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(absl::StrContains(st.message(), path)) << st;
+  EXPECT_TRUE(absl::StrContains(st.message(), "(EISDIR)")) << st;
+  auto fault = StorageFaultOf(st);
+  ASSERT_TRUE(fault.has_value());
+  EXPECT_EQ(fault->path, path);
+  EXPECT_EQ(fault->dir, dir);
+  EXPECT_EQ(fault->num_bytes, 11);
+  EXPECT_EQ(fault->error, EISDIR);
+  EXPECT_EQ(Entries(dir), std::vector<std::string>{"history.csv"});  // no temporary left
+}
+
+// A real ENOSPC needs a full filesystem: tests/integration/service_storage.sh fills a tmpfs.
+TEST(AtomicWriteTest, StorageFaultPayloadRoundTripsAndErrnoIsNamed) {
+  EXPECT_EQ(ErrnoText(ENOSPC), "No space left on device (ENOSPC)");
+  StorageFault f{"/runs/a/last.pt", "/runs/a", 1234, ENOSPC};
+  auto back = StorageFaultOf(WithStorageFault(absl::ResourceExhaustedError("x"), f));
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->path, f.path);
+  EXPECT_EQ(back->dir, f.dir);
+  EXPECT_EQ(back->num_bytes, 1234);
+  EXPECT_EQ(back->error, ENOSPC);
+}
+
+TEST(ProbeWritableTest, NamesTheFolderAndTheSpaceNeeded) {
+  const std::string dir = FreshDir("probe");
+  EXPECT_TRUE(ProbeWritable(dir, 4096).ok());
+  EXPECT_TRUE(Entries(dir).empty());  // the probe file is removed
+  absl::Status st = ProbeWritable(dir, int64_t{1} << 62);
+  EXPECT_TRUE(absl::IsResourceExhausted(st)) << st;
+  EXPECT_TRUE(absl::StrContains(st.message(), dir)) << st;
+  EXPECT_FALSE(ProbeWritable(dir + "/missing", 1).ok());
+}
+
+}  // namespace
+}  // namespace aviary::common

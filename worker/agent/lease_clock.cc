@@ -1,0 +1,59 @@
+#include "worker/agent/lease_clock.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace aviary::worker {
+
+std::chrono::milliseconds LeaseClock::Margin(int64_t timeout_ms) {
+  return std::chrono::milliseconds(std::max<int64_t>(500, timeout_ms / 10));
+}
+
+void LeaseClock::SetTimeout(int64_t timeout_ms) {
+  absl::MutexLock lock(&mu_);
+  timeout_ms_ = std::max<int64_t>(0, timeout_ms);
+}
+
+void LeaseClock::Begin(const std::string& task_id, int attempt, Clock::time_point asked_at) {
+  absl::MutexLock lock(&mu_);
+  task_id_ = task_id;
+  attempt_ = attempt;
+  revoked_.clear();
+  valid_until_ = asked_at + std::chrono::milliseconds(timeout_ms_) - Margin(timeout_ms_);
+}
+
+void LeaseClock::Renew(const std::string& task_id, Clock::time_point sent_at) {
+  absl::MutexLock lock(&mu_);
+  if (task_id.empty() || task_id != task_id_ || !revoked_.empty()) return;
+  valid_until_ = std::max(valid_until_, sent_at + std::chrono::milliseconds(timeout_ms_) - Margin(timeout_ms_));
+}
+
+void LeaseClock::Revoke(const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  if (!task_id_.empty() && revoked_.empty()) revoked_ = why;
+}
+
+void LeaseClock::End() {
+  absl::MutexLock lock(&mu_);
+  task_id_.clear();
+  revoked_.clear();
+}
+
+absl::Status LeaseClock::Check(const std::string& path, Clock::time_point now) const {
+  absl::MutexLock lock(&mu_);
+  if (task_id_.empty()) return absl::OkStatus();  // not under a lease (nothing to fence)
+  if (!revoked_.empty()) {
+    return absl::AbortedError(absl::StrCat("lease for task ", task_id_, " attempt ", attempt_, " is gone (", revoked_,
+                                           "); not writing ", path));
+  }
+  if (timeout_ms_ <= 0 || now < valid_until_) return absl::OkStatus();
+  const double ago_s = std::chrono::duration<double>(now - valid_until_).count();
+  return absl::AbortedError(absl::StrFormat(
+      "lease for task %s attempt %d expired %.1f s ago (no heartbeat answered within heartbeat_timeout %.1f s "
+      "less a margin of %.1f s); not writing %s",
+      task_id_, attempt_, ago_s, timeout_ms_ / 1000.0, Margin(timeout_ms_).count() / 1000.0, path));
+}
+
+}  // namespace aviary::worker

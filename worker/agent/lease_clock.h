@@ -1,0 +1,61 @@
+// Rank 0's view of how long the lease on its current task is certainly still its own: the
+// fence that keeps a group cut off from the coordinator from writing the run folder after the
+// coordinator may have leased the task again (docs/SERVICE.md, "Fencing").
+//
+// The coordinator removes a group, and leases its task again, once it has heard nothing from it
+// for heartbeat_timeout (told at registration). A heartbeat that the coordinator answered was
+// received after it was sent, so the lease lasts at least until send time + timeout. The clock
+// keeps "valid until" = the send time of the last answered heartbeat (or of the LeaseTask call)
+// + timeout - margin, where margin = max(0.5 s, timeout / 10) covers the write being published
+// and clock rate differences. A cancel answer or a NOT_FOUND for the group revokes the lease at
+// once. With timeout 0 (a coordinator that does not say) the fence is off.
+//
+// Thread-safe (the heartbeat thread renews, the training thread checks).
+#ifndef AVIARY_WORKER_AGENT_LEASE_CLOCK_H_
+#define AVIARY_WORKER_AGENT_LEASE_CLOCK_H_
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+
+namespace aviary::worker {
+
+class LeaseClock {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // The coordinator's heartbeat timeout (RegisterGroupResponse.heartbeat_timeout_ms; 0: off).
+  void SetTimeout(int64_t timeout_ms);
+  // A new lease of `task_id` (attempt `attempt`), asked for at `asked_at`.
+  void Begin(const std::string& task_id, int attempt, Clock::time_point asked_at);
+  // An answered heartbeat for `task_id` sent at `sent_at` extends the lease (never shortens it).
+  void Renew(const std::string& task_id, Clock::time_point sent_at);
+  // The lease is gone (cancelled, the group removed): every later Check fails. `why` is logged
+  // in the error.
+  void Revoke(const std::string& why);
+  void End();
+
+  // OK while the current lease is valid at `now`; else ABORTED "lease for task T attempt N
+  // expired 1.2 s ago (no heartbeat answered since ...); not writing PATH".
+  absl::Status Check(const std::string& path, Clock::time_point now) const;
+  absl::Status Check(const std::string& path) const { return Check(path, Clock::now()); }
+
+  // The margin subtracted from the timeout.
+  static std::chrono::milliseconds Margin(int64_t timeout_ms);
+
+ private:
+  mutable absl::Mutex mu_;
+  int64_t timeout_ms_ ABSL_GUARDED_BY(mu_) = 0;
+  std::string task_id_ ABSL_GUARDED_BY(mu_);
+  int attempt_ ABSL_GUARDED_BY(mu_) = 0;
+  Clock::time_point valid_until_ ABSL_GUARDED_BY(mu_) = Clock::time_point{};
+  std::string revoked_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace aviary::worker
+
+#endif  // AVIARY_WORKER_AGENT_LEASE_CLOCK_H_
