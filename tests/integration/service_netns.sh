@@ -159,7 +159,8 @@ grep -qE "group g[0-9a-f]+ lost \(no heartbeat" "$tmp/coordinator.log" || fail "
 # whose lease is gone. The files there are what the next attempt resumes from.
 snap1=$(snapshot "$ft_dir")
 lines1=$(epoch_lines "$tmp/g1.log")
-if wait_for 60 bash -c "[ \$(grep -cE ' epoch [0-9]+/[0-9]+: lr ' '$tmp/g1.log') -gt $lines1 ]"; then
+# (An epoch takes 3-5 s here: 20 s is several epochs of a group that goes on training.)
+if wait_for 20 bash -c "[ \$(grep -cE ' epoch [0-9]+/[0-9]+: lr ' '$tmp/g1.log') -gt $lines1 ]"; then
   echo "group 1 finished an epoch after its lease was gone"
 else
   echo "group 1 finished no epoch after its lease was gone (it stopped training)"
@@ -220,6 +221,28 @@ grep -qE '^aviary_worker_groups_lost_total 1$' <<<"$m" ||
 neg=$(grep -E '^aviary_' <<<"$m" | awk '$NF ~ /^-/' | head -n 3)
 [ -z "$neg" ] || fail "/metrics: negative values: $neg"
 grep -qE '^aviary_jobs\{state="succeeded"\} 1$' <<<"$m" || fail "/metrics: aviary_jobs{succeeded} is not 1"
+# The lease recorded in the run folder's checkpoints (checkpoint metadata "task_id" and "attempt",
+# YAML inside the archive's data.pkl): last.pt is the final attempt's (best.pt may hold an epoch
+# of attempt 1 from before the cut). Checkpoints written before that
+# metadata existed carry neither key: then only the snapshot check above stands.
+for f in last.pt best.pt; do
+  lease=$(/usr/bin/python3 - "$ft_dir/$f" <<'PY'
+import re, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    data = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+t = re.search(rb"\ntask_id: ([^\n]*)\n", data)
+a = re.search(rb"\nattempt: (\d+)", data)
+print(f"{t.group(1).decode()} {a.group(1).decode()}" if t and a else "")
+PY
+  ) || fail "$ft_dir/$f: not a readable checkpoint archive"
+  if [ -z "$lease" ]; then
+    echo "note: $f records no task_id/attempt (checkpoints without lease metadata)"
+  elif [ "$f" = last.pt ] && [ "$lease" != "$task_id 2" ]; then
+    fail "last.pt was written by lease '$lease', not by the final attempt '$task_id 2'"
+  elif [ "$f" = best.pt ] && [ "$lease" != "$task_id 2" ] && [ "$lease" != "$task_id 1" ]; then
+    fail "best.pt was written by lease '$lease', not by attempt 1 or 2 of $task_id"
+  fi
+done
 
 # ---------------------------------------------------------------------------------------------
 # 2. hA <-> hB cut in the middle of training (the gradient all-reduce); the coordinator stays
