@@ -258,6 +258,13 @@ echo "job $job2 (comm.timeout_s $comm_timeout)"
 launch g3 "$ns_a" "$a_ip slots=1" "$b_ip slots=1"
 g3_pid=$group_pid
 if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch", 0) >= 1'; then
+  # Cut while both ranks compute a step, so that their next collective is the gradient
+  # all-reduce: shortly after an epoch-end line (files written, the next epoch's first step
+  # under way). A cut that lands in a control exchange instead (T4/T5) ends the group after that
+  # exchange's deadline, 2 x comm.timeout_s + 30 s (worker/agent/group_control.h).
+  n0=$(epoch_lines "$tmp/g3.log")
+  wait_for 60 bash -c "[ \$(grep -cE ' epoch [0-9]+/[0-9]+: lr ' '$tmp/g3.log') -gt $n0 ]" || fail "group 3 finished no epoch"
+  sleep 0.3
   partition "$ns_a" "$b_ip"
   partition "$ns_b" "$a_ip"
   t_cut=$(date +%s)
@@ -268,8 +275,18 @@ if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch
   # 3 x comm.timeout_s + 30 s.) mpirun itself cannot end before the link returns: its
   # teardown waits for hB's daemon.
   slack=20
-  if wait_for $((comm_timeout + slack)) jq_status "$job2" 'task("finetune")["restarts"] == 1 and task("finetune")["state"] in ("TASK_STATE_READY", "TASK_STATE_LEASED", "TASK_STATE_RUNNING")'; then
+  handed_back='task("finetune")["restarts"] == 1 and task("finetune")["state"] in ("TASK_STATE_READY", "TASK_STATE_LEASED", "TASK_STATE_RUNNING")'
+  if wait_for $((comm_timeout + slack)) jq_status "$job2" "$handed_back"; then
     echo "the task was handed back $(( $(date +%s) - t_cut )) s after the cut (comm.timeout_s $comm_timeout)"; ok
+  elif ! grep -q "waited longer than comm.timeout_s" "$tmp/g3.log" &&
+       wait_for $((comm_timeout + 30 + slack)) jq_status "$job2" "$handed_back"; then
+    echo "note: the cut landed in a control exchange, not in a collective: the task was handed back" \
+         "$(( $(date +%s) - t_cut )) s after the cut (2 x comm.timeout_s + 30 s by design)"
+    grep -qE "task $job2/finetune-f0 failed on group .*another rank did not arrive" "$tmp/coordinator.log" ||
+      fail "the failure the coordinator recorded does not say a rank did not arrive"
+    heal "$ns_a"; heal "$ns_b"
+    echo "service_netns: $passes checks passed, $fails failed"
+    [ "$fails" -eq 0 ]; exit
   else
     fail "the task was not handed back within comm.timeout_s + $slack s of the cut: $(jq_status "$job2" 'task("finetune")')"
     tail -n 5 "$tmp/g3.log"
