@@ -20,6 +20,7 @@ AVIARY_BUILD_PACKAGES=(
 AVIARY_TEST_PACKAGES=(python3 python3-numpy python3-pandas python3-sklearn python3-torch
                       python3-torchaudio python3-torchvision ffmpeg sox
                       prometheus curl sqlite3 openssl
+                      iproute2 iptables  # ctest integration.service_netns: network namespaces, partitions
                       clang)  # clang: -Wthread-safety over the annotated sources (ctest lint.thread_safety)
 
 aviary_install_packages() {

@@ -45,6 +45,9 @@
 namespace aviary::worker {
 namespace {
 
+// T6's deadline after this rank's collective timed out (RunTask).
+constexpr double kT6AfterCommTimeoutS = 10.0;
+
 namespace v1 = ::aviary::v1;
 using Clock = std::chrono::steady_clock;
 
@@ -361,8 +364,14 @@ Outcome Agent::RunTask(const v1::Task& task) {
   if (!status.ok() && !absl::IsCancelled(status)) {
     Log().Error(absl::StrCat("task ", task_.id, " on rank ", control_.rank(), ": ", status.message()));
   }
-  // T6.
-  Outcome outcome = Agree(task_.id, status, task_.deadline_s, task_.pending_samples, /*training=*/true);
+  // T6. When one of this rank's collectives timed out (comm.timeout_s: a peer did not arrive),
+  // the peers are either here already (one failed alone) or cannot be reached (a network
+  // partition between hosts, a hung host). Waiting T6's full deadline would keep a cut-off group
+  // alive for 2 x comm.timeout_s + 30 s more; peers that timed out in the same collective arrive
+  // within seconds, so give them kT6AfterCommTimeoutS, then end the group (OutOfStep).
+  const double t6_deadline =
+      absl::IsDeadlineExceeded(status) ? std::min(task_.deadline_s, kT6AfterCommTimeoutS) : task_.deadline_s;
+  Outcome outcome = Agree(task_.id, status, t6_deadline, task_.pending_samples, /*training=*/true);
   outcome.history = std::move(history);
   return outcome;
 }

@@ -75,7 +75,10 @@
 // a stop), else the first that failed; it broadcasts its message, which becomes the task's status
 // on every rank ("rank N: ..."). At T6 ranks that ended with different codes disagree.
 //
-// Deadlines: T2's exchange and broadcast 600 s; T4 to T6 2 x comm.timeout_s + 30 s; the
+// Deadlines: T2's exchange and broadcast 600 s; T4 to T6 2 x comm.timeout_s + 30 s, except T6
+// after one of the rank's own training collectives timed out (DEADLINE_EXCEEDED): 10 s, since
+// its peers are then either at T6 already or unreachable (a cut between hosts: the group ends
+// about comm.timeout_s + 10 s after the cut instead of 3 x comm.timeout_s + 30 s); the
 // broadcasts between tasks wait as long as it takes.
 //
 // When things go wrong:
