@@ -82,8 +82,8 @@ constexpr char kConfig[] =
     "viewer_token_file: \"viewer.token\"\n"
     "# Worker groups only (aviary-worker serve --token-file):\n"
     "worker_token_file: \"worker.token\"\n"
-    "# The folders jobs may read data from and write caches to (docs/SERVICE.md, \"Security\n"
-    "# model\"); a job naming a path outside them is refused at submit.\n";
+    "# The folders jobs may read data from and write caches to (docs/SERVICE.md, \"Paths,\n"
+    "# checkpoints and reports\"); a job naming a path outside them is refused at submit.\n";
 
 // `data_roots:` as a YAML flow list of double-quoted strings.
 std::string DataRootsYaml(const std::vector<std::string>& roots) {

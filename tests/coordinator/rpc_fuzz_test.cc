@@ -47,6 +47,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/http_get.h"
 #include "tests/coordinator/tiny_dataset.h"
 
 namespace aviary::coordinator {
@@ -83,28 +84,6 @@ uint64_t EnvNumber(const char* name, uint64_t fallback) {
   uint64_t value = 0;
   if (text == nullptr || !absl::SimpleAtoi(text, &value)) return fallback;
   return value;
-}
-
-// An HTTP/1.0 GET of http://127.0.0.1:port/path; the body.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if (::send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
-      char buffer[4096];
-      ssize_t n;
-      while ((n = ::recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
-    }
-  }
-  ::close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  return body == std::string::npos ? "" : response.substr(body + 4);
 }
 
 // A task the fuzzer saw leased.

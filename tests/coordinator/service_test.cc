@@ -31,6 +31,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/http_get.h"
 #include "tests/coordinator/tiny_dataset.h"
 
 namespace aviary::coordinator {
@@ -38,28 +39,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace aviary::v1;  // NOLINT: test brevity
-
-// An HTTP/1.0 GET of http://127.0.0.1:port/path; the body.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if (::send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
-      char buffer[4096];
-      ssize_t n;
-      while ((n = ::recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
-    }
-  }
-  ::close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  return body == std::string::npos ? "" : response.substr(body + 4);
-}
 
 // The value of the sample of `name` whose labels include every one of `labels` ("k=\"v\"").
 bool FindSample(const std::string& exposition, const std::string& name,
@@ -1210,7 +1189,9 @@ TEST_F(CoordinatorServiceTest, WatchEndsAfterSuccessAndAtShutdown) {
   // Once an event shows the job SUCCEEDED, every later one does (nothing after the end).
   bool ended = false;
   for (const JobEvent& event : done.events) {
-    if (ended) EXPECT_EQ(event.job().state(), JOB_STATE_SUCCEEDED) << event.message();
+    if (ended) {
+      EXPECT_EQ(event.job().state(), JOB_STATE_SUCCEEDED) << event.message();
+    }
     ended = ended || event.job().state() == JOB_STATE_SUCCEEDED;
   }
   // The other job's watcher only heard about its own job, and ends when the coordinator stops.
@@ -1347,7 +1328,7 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     request.set_path(path);
     request.set_epoch(0);
     ReportCheckpointResponse response;
-    return workers_->ReportCheckpoint(Ctx().get(), request, &response);
+    return workers_->ReportCheckpoint(WorkerCtx().get(), request, &response);
   };
   for (const std::string& bad : {std::string("/etc/passwd"), out_dir + "/missing.pt",
                                  out_dir + "/passwd.pt", other, out_dir,
@@ -1367,7 +1348,7 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     request.set_path(good);
     request.set_epoch(3);
     ReportCheckpointResponse response;
-    const grpc::Status status = workers_->ReportCheckpoint(Ctx().get(), request, &response);
+    const grpc::Status status = workers_->ReportCheckpoint(WorkerCtx().get(), request, &response);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(status.error_message().find("field 'epoch': 3 is outside the task's plan of 3 epochs"),
               std::string::npos)
@@ -1396,7 +1377,7 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     request.set_best_checkpoint(good);
     *request.mutable_best() = EpochEnd(7, 0.8);
     CompleteTaskResponse response;
-    const grpc::Status status = workers_->CompleteTask(Ctx().get(), request, &response);
+    const grpc::Status status = workers_->CompleteTask(WorkerCtx().get(), request, &response);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(status.error_message().find("field 'best.epoch': 7 is outside the task's plan of 3 epochs"),
               std::string::npos)

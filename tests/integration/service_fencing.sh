@@ -26,7 +26,7 @@ wait_for 20 test -s "$tmp/proxy.port" || { fail "the relay did not start"; exit 
 pport=$(cat "$tmp/proxy.port")
 # Group a dials the coordinator through the relay.
 setsid "$mpiexec" -np 2 --oversubscribe "$bin/aviary-worker" serve --coordinator "127.0.0.1:$pport" \
-  --token-file "$tmp/token" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/a.mport" \
+  --token-file "$tmp/worker.token" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/a.mport" \
   --threads 1 > "$tmp/a.log" 2>&1 &
 pid_a=$!
 pids+=("$pid_a")

@@ -106,7 +106,7 @@ launch() {
   local name=$1 ns=$2; shift 2
   printf '%s\n' "$@" > "$tmp/$name.hosts"
   setsid ip netns exec "$ns" "$launch" --coordinator "$co_ip:$port" --hostfile "$tmp/$name.hosts" \
-    --cores-per-rank 1 --bind-to none --metrics-listen 0.0.0.0:0 --device cpu --token-file "$tmp/token" \
+    --cores-per-rank 1 --bind-to none --metrics-listen 0.0.0.0:0 --device cpu --token-file "$tmp/worker.token" \
     --worker "$bin/aviary-worker" --mpirun "$mpiexec" --stop-timeout 5 \
     --mpirun-arg=--mca --mpirun-arg=plm_rsh_agent --mpirun-arg="$tmp/rsh-agent.sh" \
     --mpirun-arg=--mca --mpirun-arg=btl --mpirun-arg=self,tcp \
