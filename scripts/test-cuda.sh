@@ -24,7 +24,10 @@ if [ $# -eq 0 ]; then
   # Everything but the parity tests, which compare the same code with Debian's references and
   # ran in scripts/test.sh (the CUDA configuration's own parity is the interop test), and the
   # tests of the torch-free programs (the client's offline tools and errors, the documented
-  # flags, the coordinator's init), which are the same in both configurations.
-  set -- -LE parity -E '^integration\.(cli_docs|cli_errors|prepare_cli|coordinator_init|bash_completion)$'
+  # flags, the coordinator's init), which are the same in both configurations, and of the
+  # coordinator's RPC surface and the network between hosts (roles, the RPC fuzz, the network
+  # namespaces), whose worker side is the training code the other service tests run here.
+  set -- -LE parity \
+    -E '^(integration\.(cli_docs|cli_errors|prepare_cli|coordinator_init|bash_completion|service_roles|service_netns)|coordinator\.RpcFuzzTest\..*)$'
 fi
 ctest --test-dir "${AVIARY_CUDA_BUILD_DIR:-build-cuda}" --output-on-failure -j 2 "$@"
