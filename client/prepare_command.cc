@@ -1,9 +1,11 @@
-// aviary prepare --config P.yaml [--stage S] [--threads N] [--shard-mb M] [--set k=v ...]
+// aviary prepare --config P.yaml [--stage S] [--threads N] [--shard-mb M] [--dry-run] [--set k=v ...]
 //
 // Decodes every audio file of the stage(s) once into the decoded-audio cache at data.cache_dir
-// (worker/data/audio_cache.h): resampled to data.sample_rate, mono per data.channels. Resumable:
-// files already cached are skipped. data.cache_dir must be set (training reads the cache from
-// there; with it empty, training decodes on the fly).
+// (worker/data/audio_cache.h): resampled to data.sample_rate, mono per data.channels, cut to
+// the first data.cache_max_seconds seconds when that is > 0. Resumable: files already cached
+// are skipped. data.cache_dir must be set (training reads the cache from there; with it empty,
+// training decodes on the fly). --dry-run reads only the files' headers and prints what a run
+// would decode and write.
 #include <unistd.h>
 
 #include <chrono>
@@ -59,14 +61,14 @@ class ProgressPrinter {
       int filled = p.files_total > 0 ? static_cast<int>(kWidth * done / p.files_total) : kWidth;
       std::string bar(static_cast<size_t>(filled), '#');
       bar.append(static_cast<size_t>(kWidth - filled), '.');
-      std::fprintf(stderr, "\r\033[K[%s] %lld/%lld files  %.1f files/s  %.0fx real time  ETA %s",
+      std::fprintf(stderr, "\r\033[K[%s] %lld/%lld files  %.1f files/s  %.2f audio-h/s  ETA %s",
                    bar.c_str(), static_cast<long long>(done), static_cast<long long>(p.files_total),
-                   rate, audio_rate, FormatDuration(eta).c_str());
+                   rate, audio_rate / 3600.0, FormatDuration(eta).c_str());
       if (last) std::fprintf(stderr, "\n");
     } else {
-      std::fprintf(stderr, "prepare: %lld/%lld files, %.1f files/s, %.0fx real time, ETA %s\n",
+      std::fprintf(stderr, "prepare: %lld/%lld files, %.1f files/s, %.2f audio-h/s, ETA %s\n",
                    static_cast<long long>(done), static_cast<long long>(p.files_total), rate,
-                   audio_rate, FormatDuration(eta).c_str());
+                   audio_rate / 3600.0, FormatDuration(eta).c_str());
     }
     std::fflush(stderr);
   }
@@ -103,12 +105,38 @@ void PrintReport(const worker::PrepareReport& r) {
   }
 }
 
+void PrintPlan(const worker::PreparePlan& p, double max_seconds) {
+  std::cout << "dry run: cache " << p.cache_dir << ": " << p.files_total << " files, " << p.files_cached
+            << " cached, " << p.files_to_decode << " to decode (headers read in "
+            << absl::StrFormat("%.1f", p.elapsed_s) << " s; nothing written)\n";
+  std::cout << absl::StrFormat("  audio to decode: %.2f hours", p.source_seconds / 3600.0);
+  if (max_seconds > 0) {
+    std::cout << absl::StrFormat(", %.2f hours of it kept (data.cache_max_seconds %g)", p.audio_seconds / 3600.0,
+                                 max_seconds);
+  }
+  std::cout << "\n";
+  std::cout << absl::StrFormat("  cache to write: %.2f GiB (%lld bytes of int16 samples)\n",
+                               p.cache_bytes / double(int64_t{1} << 30), static_cast<long long>(p.cache_bytes));
+  if (p.files_unknown_length > 0) {
+    std::cout << "  " << p.files_unknown_length
+              << " file(s) whose header gives no length (not in the sums above; decoding will tell)\n";
+  }
+  for (const auto& [problem, n] : p.problems) {
+    std::cout << "  " << std::left << std::setw(11) << worker::AudioProblemName(problem) << std::right
+              << std::setw(8) << n << "  e.g. " << p.examples.at(problem) << "\n";
+  }
+  if (p.invalid_shards > 0) {
+    std::cout << "  " << p.invalid_shards << " incomplete shard(s) would be dropped (their files are counted)\n";
+  }
+}
+
 struct PrepareArgs {
   std::string config;
   std::vector<std::string> overrides;
   std::string stage;  // empty: every enabled stage
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   double shard_mb = worker::kDefaultShardBytes / double(1 << 20);
+  bool dry_run = false;
 };
 
 int RunPrepare(const PrepareArgs& args) {
@@ -146,9 +174,16 @@ int RunPrepare(const PrepareArgs& args) {
   options.cache_dir = config->data.cache_dir;
   options.sample_rate = config->data.sample_rate;
   options.channels = *channels;
+  options.max_seconds = config->data.cache_max_seconds;
   options.num_threads = args.threads;
   options.shard_bytes = static_cast<int64_t>(args.shard_mb * (1 << 20));
   options.progress = [&printer](const worker::PrepareProgress& p) { printer.Update(p); };
+  if (args.dry_run) {
+    auto plan = worker::PlanAudioCache(paths, options);
+    if (!plan.ok()) return Fail(plan.status());
+    PrintPlan(*plan, options.max_seconds);
+    return 0;
+  }
   auto report = worker::PrepareAudioCache(paths, options);
   if (!report.ok()) return Fail(report.status());
   PrintReport(*report);
@@ -172,6 +207,9 @@ void AddPrepareCommand(CLI::App* app, Runner* run) {
   common::AddNumber(prepare, "--threads", &args->threads, "N", "decoders (default: every core)", 1, 1024);
   common::AddNumber(prepare, "--shard-mb", &args->shard_mb, "M", "size of a cache shard, MiB", 0.001, 1e6)
       ->capture_default_str();
+  prepare->add_flag("--dry-run", args->dry_run,
+                    "read the files' headers only and print the file count, audio hours and cache size a run "
+                    "would write");
   common::AddSetOption(prepare, &args->overrides);
   prepare->callback([run, args] { *run = [args] { return RunPrepare(*args); }; });
 }

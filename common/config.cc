@@ -652,6 +652,7 @@ const std::vector<Field<DataConfig>>& FieldsOf<DataConfig>() {
       MakeField("corrupt_files", &DataConfig::corrupt_files),
       MakeField("channels", &DataConfig::channels, OneOf({"first", "mean"})),
       MakeField("cache_dir", &DataConfig::cache_dir),
+      MakeField("cache_max_seconds", &DataConfig::cache_max_seconds, NonNegativeAtMost(86400)),
   };
   return *fields;
 }
@@ -996,6 +997,13 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                         absl::StrCat("fold ", fold, " is already listed at index ", j));
       }
     }
+  }
+
+  const DataConfig& data = config.data;
+  if (data.cache_max_seconds > 0 && data.cache_max_seconds < data.duration) {
+    return KeyError(where.Any({"data.cache_max_seconds", "data.duration"}), "data.cache_max_seconds",
+                    absl::StrCat("expected 0 (whole recordings) or >= data.duration (",
+                                 FormatDouble(data.duration), "), got ", Show(data.cache_max_seconds)));
   }
 
   const SamplingConfig& sampling = config.sampling;

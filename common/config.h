@@ -36,6 +36,9 @@ struct DataConfig {
   std::string corrupt_files;       // optional JSON array of paths to drop ("" = none)
   std::string channels = "first";  // "first" (the notebook) or "mean"
   std::string cache_dir;           // decoded-audio cache ("" = decode on the fly)
+  // > 0: only the first this many seconds of each recording are used, cached or decoded on the
+  // fly (0 = whole recordings); 0 or >= duration.
+  double cache_max_seconds = 0.0;
 };
 
 struct FoldsConfig {

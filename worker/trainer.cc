@@ -410,6 +410,14 @@ absl::Status Trainer::State::CreateLoaders() {
   base.sample_rate = config.data.sample_rate;
   base.duration_s = config.data.duration;
   base.channels = config.data.channels == "mean" ? ChannelMode::kMean : ChannelMode::kFirst;
+  base.max_seconds = config.data.cache_max_seconds;
+  if (audio_cache != nullptr) {
+    const std::string mismatch = CacheMismatch(*audio_cache, base);
+    if (!mismatch.empty()) {
+      Log().Warn(absl::StrCat("not using the decoded-audio cache: ", mismatch,
+                              "; every clip is decoded on the fly (run `aviary prepare` with this config)"));
+    }
+  }
   ClipFn clip = [audio_cache, base](const LoaderItem& item, bool train, uint64_t seed) {
     ClipRequest request = base;
     request.mode = train ? ClipMode::kTrain : ClipMode::kValidation;

@@ -238,6 +238,11 @@ TEST(ConfigTest, CrossFieldChecks) {
               HasSubstr("x.yaml:3: key 'sampling.downsample_thr': expected >= "
                         "sampling.upsample_thr (50)"));
   EXPECT_EQ(ParseError("sampling:\n  upsample_thr: 50\n  downsample_thr: 0\n"), "");
+  EXPECT_THAT(ParseError("data:\n  duration: 5\n  cache_max_seconds: 4\n"),
+              HasSubstr("x.yaml:3: key 'data.cache_max_seconds': expected 0 (whole recordings) or >= "
+                        "data.duration (5.0), got '4.0'"));
+  EXPECT_EQ(ParseError("data:\n  duration: 5\n  cache_max_seconds: 60\n"), "");
+  EXPECT_THAT(ParseError("data:\n  cache_max_seconds: -1\n"), HasSubstr("key 'data.cache_max_seconds'"));
   EXPECT_THAT(ParseError("augment:\n  noise_std_min: 0.5\n"),
               HasSubstr("x.yaml:2: key 'augment.noise_std_min': expected <= "
                         "augment.noise_std_max"));

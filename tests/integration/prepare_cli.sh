@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `aviary prepare` on a synthetic corpus: decodes every file of both stages into the cache,
 # counts the broken ones per reason, writes prepare_report.csv, decodes nothing on a second run,
-# recovers from a lost shard, and refuses bad input with exit code 2.
+# recovers from a lost shard, and refuses bad input with exit code 2; --dry-run predicts what a
+# run decodes and writes, writing nothing; data.cache_max_seconds cuts the cache.
 # usage: prepare_cli.sh AVIARY_BIN
 set -uo pipefail
 aviary=$1
@@ -25,6 +26,18 @@ data:
 folds: {pretrain_splits: 2, finetune_splits: 2}
 YAML
 
+# --dry-run: headers only, nothing written; its file count and cache size are what the real run
+# then decodes and writes.
+dry=$("$aviary" prepare --config "$tmp/p.yaml" --threads 2 --dry-run 2>&1); rc=$?
+check "dry run exits 0 (rc=$rc): $dry" test $rc -eq 0
+echo "$dry"
+check "dry run writes nothing" test ! -e "$tmp/cache"
+check "dry run: every file to decode" grep -qE "^dry run: cache $tmp/cache: ([0-9]+) files, 0 cached, \1 to decode" <<<"$dry"
+check "dry run: hours of audio" grep -qE "^  audio to decode: [0-9]+\.[0-9]{2} hours$" <<<"$dry"
+check "dry run: broken files by reason" grep -qE "^  not_audio +[1-9]" <<<"$dry"
+dry_bytes=$(sed -nE 's/^  cache to write: .* \(([0-9]+) bytes of int16 samples\)$/\1/p' <<<"$dry")
+check "dry run: cache size" test -n "$dry_bytes"
+
 out=$("$aviary" prepare --config "$tmp/p.yaml" --threads 2 --shard-mb 0.5 2>"$tmp/err1"); rc=$?
 check "first run exits 0 (rc=$rc): $(cat "$tmp/err1")" test $rc -eq 0
 echo "$out"
@@ -34,6 +47,45 @@ for reason in ok empty not_audio truncated silent; do
 done
 check "progress lines on a non-terminal" grep -q "^prepare: .* files" "$tmp/err1"
 check "several shards" test "$(ls "$tmp/cache"/shard-*.index.csv | wc -l)" -ge 2
+pcm_bytes() { cat "$1"/shard-*.pcm | wc -c; }
+# indexed_bytes DIR [CUT_S]: the bytes the cache's files have at 32 kHz, from its index: the
+# samples written, plus those of the silent files (found only by decoding: the dry run counts
+# them, the cache stores them empty), cut at CUT_S seconds.
+indexed_bytes() {
+  python3 - "$@" <<'PY'
+import csv, glob, sys
+cut = round(float(sys.argv[2]) * 32000) if len(sys.argv) > 2 else None
+total = 0
+for index in glob.glob(sys.argv[1] + "/shard-*.index.csv"):
+    for row in csv.DictReader(open(index)):
+        n = int(row["frames"])
+        if row["problem"] == "silent":
+            n = round(int(row["source_frames"]) * 32000 / int(row["source_sample_rate"]))
+            n = min(n, cut) if cut is not None else n
+        total += 2 * n
+print(total)
+PY
+}
+# Within 1% (an mp3 header's length can be an estimate; wav, ogg and flac are exact).
+near() { python3 -c "import sys; a, b = int(sys.argv[1]), int(sys.argv[2]); sys.exit(abs(a - b) > 0.01 * max(a, b))" "$1" "$2"; }
+check "dry run's cache size ($dry_bytes) is what was written ($(indexed_bytes "$tmp/cache"))" \
+  near "${dry_bytes:-0}" "$(indexed_bytes "$tmp/cache")"
+dry2=$("$aviary" prepare --config "$tmp/p.yaml" --dry-run 2>&1)
+check "dry run after prepare: nothing to decode" grep -qE " ([0-9]+) files, \1 cached, 0 to decode" <<<"$dry2"
+
+# data.cache_max_seconds: only the first 1.5 s of each file, in its own cache.
+cut=(--set data.duration=1 --set data.cache_max_seconds=1.5 --set data.cache_dir="$tmp/cut")
+dry3=$("$aviary" prepare --config "$tmp/p.yaml" "${cut[@]}" --dry-run 2>&1)
+check "dry run with a cut names it" grep -q "of it kept (data.cache_max_seconds 1.5)" <<<"$dry3"
+cut_bytes=$(sed -nE 's/^  cache to write: .* \(([0-9]+) bytes of int16 samples\)$/\1/p' <<<"$dry3")
+out_cut=$("$aviary" prepare --config "$tmp/p.yaml" "${cut[@]}" 2>/dev/null); rc=$?
+check "cut run exits 0" test $rc -eq 0
+files_ok=$(sed -nE 's/^ok,([0-9]+),.*/\1/p' "$tmp/cut/prepare_report.csv")
+check "the cut cache holds at most 1.5 s a file" test "$(pcm_bytes "$tmp/cut")" -le $((files_ok * 48000 * 2))
+check "the cut cache is smaller" test "$(pcm_bytes "$tmp/cut")" -lt "$(pcm_bytes "$tmp/cache")"
+check "dry run's cut size ($cut_bytes) is what was written ($(indexed_bytes "$tmp/cut" 1.5))" \
+  near "${cut_bytes:-0}" "$(indexed_bytes "$tmp/cut" 1.5)"
+check "the manifest records the cut" grep -qx "max_seconds=1.5" "$tmp/cut/manifest.txt"
 
 out2=$("$aviary" prepare --config "$tmp/p.yaml" 2>/dev/null); rc=$?
 check "second run exits 0" test $rc -eq 0
@@ -65,6 +117,12 @@ expect2 "--stage: expected one of pretrain, finetune, got 'train'" --config "$tm
 expect2 "--config is required"
 expect2 "holds 32000 Hz" --config "$tmp/p.yaml" --set data.sample_rate=16000 --set frontend.fmax=8000
 expect2 "--threads" --config "$tmp/p.yaml" --threads 0
+expect2 "holds the first 1.5 s of each file; this run asks for whole files" --config "$tmp/p.yaml" \
+  --set data.cache_dir="$tmp/cut"
+expect2 "holds the first 1.5 s of each file; this run asks for whole files" --config "$tmp/p.yaml" \
+  --set data.cache_dir="$tmp/cut" --dry-run
+expect2 "key 'data.cache_max_seconds': expected 0 (whole recordings) or >= data.duration" --config "$tmp/p.yaml" \
+  --set data.cache_max_seconds=2
 
 if [ $fails -ne 0 ]; then echo "$fails check(s) failed"; exit 1; fi
 echo "all prepare CLI checks passed"

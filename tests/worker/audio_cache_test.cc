@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <set>
 #include <string>
@@ -323,6 +325,106 @@ TEST(AudioCacheTest, RefusesAnotherRateModeOrAConcurrentRun) {
   bad = Options(dir);
   bad.shard_bytes = 0;
   EXPECT_EQ(PrepareAudioCache({path}, bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// data.cache_max_seconds: only each file's first N seconds are decoded and stored, the manifest
+// records the cut, and a run asking for another cut (or none) is refused by name.
+TEST(AudioCacheTest, MaxSecondsStoresTheFirstSecondsAndIsKept) {
+  TempDir tmp;
+  const std::string long_file = tmp.Sub("long.wav");    // 3 s at 44.1 kHz
+  const std::string short_file = tmp.Sub("short.wav");  // 0.5 s at 32 kHz
+  WriteAudio(long_file, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 44100, 1, Sine(440, 44100, 44100 * 3));
+  WriteAudio(short_file, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(300, 32000, 16000));
+  const std::string dir = tmp.Sub("cache");
+  PrepareOptions options = Options(dir);
+  options.max_seconds = 1.25;
+  PrepareReport report = MustPrepare({long_file, short_file}, options);
+  EXPECT_NEAR(report.audio_seconds, 1.25 + 0.5, 1e-9);
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  EXPECT_EQ(cache->max_seconds(), 1.25);
+  const CacheEntry* cut = cache->Lookup(long_file);
+  ASSERT_NE(cut, nullptr);
+  EXPECT_EQ(cut->frames, 40000);  // round(1.25 x 32000)
+  EXPECT_EQ(cut->source_frames, 44100 * 3);
+  // The stored samples are the whole-file decode's first 40,000 (quantised).
+  auto whole = DecodeAudio(long_file, DecodeOptions{});
+  ASSERT_TRUE(whole.ok() && whole->ok());
+  absl::Span<const int16_t> q = cache->Samples(*cut);
+  for (size_t i = 0; i < q.size(); i += 97) {
+    ASSERT_NEAR(CacheSampleToFloat(q[i]), whole->audio.samples[i], 1.0 / 65536 + 2e-6) << i;
+  }
+  EXPECT_EQ(cache->Lookup(short_file)->frames, 16000);
+  std::string manifest;
+  {
+    std::ifstream in(dir + "/manifest.txt");
+    manifest.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  EXPECT_NE(manifest.find("max_seconds=1.25\n"), std::string::npos) << manifest;
+
+  PrepareOptions whole_files = Options(dir);
+  auto refused = PrepareAudioCache({long_file}, whole_files);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find(
+                "holds the first 1.25 s of each file; this run asks for whole files (data.cache_max_seconds)"),
+            std::string::npos)
+      << refused.status();
+  PrepareOptions other = Options(dir);
+  other.max_seconds = 2;
+  EXPECT_EQ(PrepareAudioCache({long_file}, other).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(PlanAudioCache({long_file}, other).status().code(), absl::StatusCode::kFailedPrecondition);
+  // Without a cut the manifest has no max_seconds line (the format older caches have).
+  MustPrepare({short_file}, Options(tmp.Sub("whole")));
+  EXPECT_EQ(MustOpen(tmp.Sub("whole"))->max_seconds(), 0);
+  other.max_seconds = -1;
+  EXPECT_EQ(PrepareAudioCache({long_file}, other).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The dry run predicts, from the headers only, the files a prepare decodes and the bytes it
+// writes, and writes nothing.
+TEST(AudioCacheTest, PlanPredictsWhatPrepareWrites) {
+  TempDir tmp;
+  std::vector<std::string> paths;
+  for (int i = 0; i < 6; ++i) {
+    const std::string path = tmp.Sub("f" + std::to_string(i) + ".wav");
+    const int rate = i % 2 == 0 ? 44100 : 22050;
+    WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, rate, 1 + i % 2,
+               Sine(200 + 50 * i, rate, rate / 2 + 3001 * i * (1 + i % 2)));
+    paths.push_back(path);
+  }
+  WriteBytes(tmp.Sub("junk.wav"), "not audio at all");
+  paths.push_back(tmp.Sub("junk.wav"));
+  paths.push_back(tmp.Sub("missing.wav"));
+  paths.push_back(paths[0]);  // listed twice: counted once
+  const std::string dir = tmp.Sub("cache");
+  for (double max_seconds : {0.0, 0.4}) {
+    const std::string cut_dir = dir + std::to_string(static_cast<int>(max_seconds * 10));
+    PrepareOptions options = Options(cut_dir);
+    options.max_seconds = max_seconds;
+    auto plan = PlanAudioCache(paths, options);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_FALSE(fs::exists(cut_dir)) << "the dry run wrote " << cut_dir;
+    EXPECT_EQ(plan->files_total, 8);
+    EXPECT_EQ(plan->files_cached, 0);
+    EXPECT_EQ(plan->files_to_decode, 8);
+    EXPECT_EQ(plan->problems[AudioProblem::kNotAudio], 1);
+    EXPECT_EQ(plan->problems[AudioProblem::kMissing], 1);
+    EXPECT_EQ(plan->files_unknown_length, 0);
+    PrepareReport report = MustPrepare(paths, options);
+    int64_t pcm_bytes = 0;
+    for (int shard : ShardNumbers(cut_dir, ".pcm")) pcm_bytes += fs::file_size(ShardFile(cut_dir, shard, ".pcm"));
+    EXPECT_EQ(plan->cache_bytes, pcm_bytes) << "max_seconds " << max_seconds;
+    EXPECT_NEAR(plan->audio_seconds, report.audio_seconds, 1e-6);
+    if (max_seconds > 0) {
+      EXPECT_GT(plan->source_seconds, plan->audio_seconds + 1);
+    }
+    // Planned again: everything is cached, nothing to write.
+    auto again = PlanAudioCache(paths, options);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->files_cached, 8);
+    EXPECT_EQ(again->files_to_decode, 0);
+    EXPECT_EQ(again->cache_bytes, 0);
+  }
 }
 
 TEST(AudioCacheTest, OpenWithoutACache) {

@@ -222,6 +222,55 @@ TEST(LoadClipTest, CacheOfAnotherRateOrModeIsNotUsed) {
   EXPECT_FALSE(MustLoad(cache.get(), path, at16k).from_cache);
 }
 
+// data.cache_max_seconds: clips come from the first max_seconds only, from a cache cut there
+// and on the fly alike; a cache cut shorter than the request (or cut when the request is not)
+// is not used, and says why.
+TEST(LoadClipTest, MaxSecondsCutsTheRecordingCachedOrNot) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("a.wav");  // 4 s: a tone for 1.5 s, then a louder one
+  std::vector<float> samples = Sine(440, 32000, 32000 * 4);
+  for (size_t i = 48000; i < samples.size(); ++i) samples[i] *= 4;
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, samples);
+  PrepareOptions options;
+  options.cache_dir = tmp.Sub("cut");
+  options.max_seconds = 1.5;
+  ASSERT_TRUE(PrepareAudioCache({path}, options).ok());
+  auto cut = AudioCache::Open(options.cache_dir);
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  auto whole = Prepare({path}, tmp.Sub("whole"));
+  ASSERT_NE(whole, nullptr);
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    ClipRequest request = Request(ClipMode::kTrain, seed, 1.0);
+    request.max_seconds = 1.5;
+    ClipResult fly = MustLoad(nullptr, path, request);
+    ClipResult from_cut = MustLoad(cut->get(), path, request);
+    ClipResult from_whole = MustLoad(whole.get(), path, request);
+    EXPECT_TRUE(from_cut.from_cache);
+    EXPECT_TRUE(from_whole.from_cache);
+    for (const ClipResult* r : {&fly, &from_cut, &from_whole}) {
+      ASSERT_TRUE(r->ok()) << r->message;
+      EXPECT_EQ(r->audio_samples, 48000);
+      EXPECT_LE(r->plan.source_offset + r->plan.source_length, 48000);
+      EXPECT_EQ(r->plan.source_offset, fly.plan.source_offset);
+      // Nothing from after the cut: the louder tone never shows.
+      for (float x : r->samples) ASSERT_LE(std::fabs(x), 1.01f);
+    }
+  }
+  ClipRequest uncut = Request(ClipMode::kValidation, 0, 1.0);
+  EXPECT_EQ(MustLoad(nullptr, path, uncut).audio_samples, 128000);
+  EXPECT_FALSE(MustLoad(cut->get(), path, uncut).from_cache);
+  EXPECT_NE(CacheMismatch(**cut, uncut).find("holds the first 1.5 s of each file, the clips may come from the whole file"),
+            std::string::npos)
+      << CacheMismatch(**cut, uncut);
+  uncut.max_seconds = 2;
+  EXPECT_FALSE(MustLoad(cut->get(), path, uncut).from_cache);
+  uncut.max_seconds = 1;
+  EXPECT_TRUE(MustLoad(cut->get(), path, uncut).from_cache);
+  EXPECT_EQ(CacheMismatch(**cut, uncut), "");
+  uncut.max_seconds = -1;
+  EXPECT_EQ(LoadClip(nullptr, path, uncut).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LoadClipTest, BadRequestsAndConfiguredCache) {
   ClipRequest bad = Request(ClipMode::kTrain, 0);
   bad.sample_rate = 0;

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -83,11 +84,19 @@ std::optional<int> ParseShardName(const std::string& name, absl::string_view suf
 struct Manifest {
   int sample_rate = 0;
   ChannelMode channels = ChannelMode::kFirst;
+  double max_seconds = 0;  // > 0: each file holds at most its first max_seconds seconds
 };
 
 std::string ManifestText(const Manifest& m) {
-  return absl::StrCat("format=", kFormat, "\nsample_rate=", m.sample_rate,
-                      "\nchannels=", ChannelModeName(m.channels), "\nsample_type=int16le\n");
+  std::string text = absl::StrCat("format=", kFormat, "\nsample_rate=", m.sample_rate,
+                                  "\nchannels=", ChannelModeName(m.channels), "\nsample_type=int16le\n");
+  if (m.max_seconds > 0) absl::StrAppend(&text, "max_seconds=", m.max_seconds, "\n");
+  return text;
+}
+
+// "whole files" or "the first N s of each file".
+std::string DescribeMaxSeconds(double max_seconds) {
+  return max_seconds > 0 ? absl::StrCat("the first ", max_seconds, " s of each file") : "whole files";
 }
 
 absl::StatusOr<Manifest> ReadManifest(const std::string& dir) {
@@ -121,6 +130,10 @@ absl::StatusOr<Manifest> ReadManifest(const std::string& dir) {
       if (!mode.ok()) return absl::DataLossError(absl::StrCat(path, ": ", mode.status().message()));
       m.channels = *mode;
       have_channels = true;
+    } else if (kv.first == "max_seconds") {
+      if (!absl::SimpleAtod(kv.second, &m.max_seconds) || !(m.max_seconds > 0)) {
+        return absl::DataLossError(absl::StrCat(path, ": bad max_seconds '", kv.second, "'"));
+      }
     }
   }
   if (!have_format || !have_rate || !have_channels) {
@@ -439,6 +452,7 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
   cache->dir_ = dir;
   cache->sample_rate_ = manifest.sample_rate;
   cache->channels_ = manifest.channels;
+  cache->max_seconds_ = manifest.max_seconds;
   for (const auto& [shard, reason] : scan.invalid) {
     cache->invalid_shards_.push_back(absl::StrCat(ShardName(shard), ": ", reason));
   }
@@ -535,9 +549,9 @@ absl::Status AudioCache::Read(absl::string_view path, int64_t offset, int64_t nu
 // ---------------------------------------------------------------------------------------------
 // PrepareAudioCache
 
-absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& paths,
-                                                const PrepareOptions& options) {
-  const auto start = std::chrono::steady_clock::now();
+namespace {
+
+absl::Status CheckPrepareOptions(const PrepareOptions& options) {
   if (options.cache_dir.empty()) return absl::InvalidArgumentError("cache_dir is empty");
   if (options.sample_rate <= 0) {
     return absl::InvalidArgumentError(
@@ -551,21 +565,157 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     return absl::InvalidArgumentError(
         absl::StrCat("num_threads ", options.num_threads, ": must be >= 0"));
   }
+  if (!(options.max_seconds >= 0) || !std::isfinite(options.max_seconds)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_seconds ", options.max_seconds, ": must be >= 0"));
+  }
+  return absl::OkStatus();
+}
+
+// FAILED_PRECONDITION unless the cache in `dir` holds what this run asks for.
+absl::Status CheckManifestMatches(const std::string& dir, const Manifest& have, const Manifest& wanted) {
+  if (have.sample_rate != wanted.sample_rate || have.channels != wanted.channels) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        dir, " holds ", have.sample_rate, " Hz ", ChannelModeName(have.channels),
+        "-channel audio; this run asks for ", wanted.sample_rate, " Hz ", ChannelModeName(wanted.channels),
+        ": use another cache directory"));
+  }
+  if (have.max_seconds != wanted.max_seconds) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        dir, " holds ", DescribeMaxSeconds(have.max_seconds), "; this run asks for ",
+        DescribeMaxSeconds(wanted.max_seconds), " (data.cache_max_seconds): use another cache directory"));
+  }
+  return absl::OkStatus();
+}
+
+// The asked-for files, distinct, in order of first appearance: those whose cached version is
+// current (same size and mtime) and those to decode.
+struct PendingFiles {
+  struct Item {
+    std::string path;  // as given (for messages)
+    std::string key;
+    FileStamp stamp;
+  };
+  std::vector<Item> todo;
+  std::vector<const CacheEntry*> current;  // cached entries of files not decoded again
+  int64_t files_total = 0;
+};
+PendingFiles SplitPaths(const std::vector<std::string>& paths,
+                        const std::unordered_map<std::string, CacheEntry>& cached) {
+  PendingFiles pending;
+  std::unordered_map<std::string, bool> seen;
+  for (const std::string& path : paths) {
+    std::string key = AudioCacheKey(path);
+    if (!seen.emplace(key, true).second) continue;
+    ++pending.files_total;
+    FileStamp stamp = StampOf(path);
+    auto it = cached.find(key);
+    if (it != cached.end() && FileStamp{it->second.file_bytes, it->second.mtime_ns} == stamp) {
+      pending.current.push_back(&it->second);
+    } else {
+      pending.todo.push_back({path, std::move(key), stamp});
+    }
+  }
+  return pending;
+}
+
+// Every entry of the valid shards, keyed by path (later shards win).
+std::unordered_map<std::string, CacheEntry> CachedEntries(ShardScan* scan) {
+  std::unordered_map<std::string, CacheEntry> cached;
+  for (auto& [shard, entries] : scan->valid) {
+    for (CacheEntry& e : entries) cached[e.path] = std::move(e);
+  }
+  return cached;
+}
+
+int DecodeThreads(const PrepareOptions& options, size_t files) {
+  const int threads = options.num_threads > 0 ? options.num_threads
+                                              : static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, std::min<int>(threads, static_cast<int>(std::min<size_t>(files, 1 << 20))));
+}
+
+// Runs work(i) for every i in [0, n) on `threads` threads.
+void ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work) {
+  std::atomic<size_t> next{0};
+  auto loop = [&]() {
+    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) pool.emplace_back(loop);
+  for (std::thread& t : pool) t.join();
+}
+
+}  // namespace
+
+absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths,
+                                           const PrepareOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  AVIARY_RETURN_IF_ERROR(CheckPrepareOptions(options));
+  const std::string& dir = options.cache_dir;
+  PreparePlan plan;
+  plan.cache_dir = dir;
+  std::unordered_map<std::string, CacheEntry> cached;
+  auto manifest = ReadManifest(dir);
+  if (manifest.ok()) {
+    AVIARY_RETURN_IF_ERROR(
+        CheckManifestMatches(dir, *manifest, Manifest{options.sample_rate, options.channels, options.max_seconds}));
+    AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest->sample_rate));
+    plan.invalid_shards = static_cast<int>(scan.invalid.size());
+    cached = CachedEntries(&scan);
+  } else if (!absl::IsNotFound(manifest.status())) {
+    return manifest.status();
+  }
+  const PendingFiles pending = SplitPaths(paths, cached);
+  plan.files_total = pending.files_total;
+  plan.files_cached = static_cast<int64_t>(pending.current.size());
+  plan.files_to_decode = static_cast<int64_t>(pending.todo.size());
+  const int64_t limit =
+      options.max_seconds > 0 ? std::llround(options.max_seconds * options.sample_rate) : -1;
+  std::mutex mu;
+  absl::Status error;
+  ParallelFor(pending.todo.size(), DecodeThreads(options, pending.todo.size()), [&](size_t i) {
+    auto probe = ProbeAudio(pending.todo[i].path, options.sample_rate);
+    std::lock_guard<std::mutex> guard(mu);
+    if (!probe.ok()) {
+      if (error.ok()) error = common::Annotate(probe.status(), pending.todo[i].path);
+      return;
+    }
+    if (!probe->ok()) {
+      if (plan.problems[probe->failure.problem]++ == 0) {
+        plan.examples[probe->failure.problem] = probe->failure.message;
+      }
+      return;
+    }
+    const int64_t total = probe->audio.total_samples;
+    if (total < 0) {
+      ++plan.files_unknown_length;
+      return;
+    }
+    const int64_t kept = limit >= 0 ? std::min(total, limit) : total;
+    plan.source_seconds += static_cast<double>(total) / options.sample_rate;
+    plan.audio_seconds += static_cast<double>(kept) / options.sample_rate;
+    plan.cache_bytes += kept * static_cast<int64_t>(sizeof(int16_t));
+  });
+  AVIARY_RETURN_IF_ERROR(error);
+  plan.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return plan;
+}
+
+absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& paths,
+                                                const PrepareOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  AVIARY_RETURN_IF_ERROR(CheckPrepareOptions(options));
   const std::string& dir = options.cache_dir;
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create: ", ec.message()));
   AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<DirLock> lock, DirLock::Acquire(dir));
 
-  Manifest wanted{options.sample_rate, options.channels};
+  Manifest wanted{options.sample_rate, options.channels, options.max_seconds};
   auto manifest = ReadManifest(dir);
   if (manifest.ok()) {
-    if (manifest->sample_rate != wanted.sample_rate || manifest->channels != wanted.channels) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          dir, " holds ", manifest->sample_rate, " Hz ", ChannelModeName(manifest->channels),
-          "-channel audio; this run asks for ", wanted.sample_rate, " Hz ",
-          ChannelModeName(wanted.channels), ": use another cache directory"));
-    }
+    AVIARY_RETURN_IF_ERROR(CheckManifestMatches(dir, *manifest, wanted));
   } else if (absl::IsNotFound(manifest.status())) {
     AVIARY_RETURN_IF_ERROR(
         common::WriteFileAtomically((fs::path(dir) / kManifest).string(), ManifestText(wanted)));
@@ -584,42 +734,17 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     RemoveQuietly(IndexPath(dir, shard));
     RemoveQuietly(PcmPath(dir, shard));
   }
-  std::unordered_map<std::string, CacheEntry> cached;
-  for (auto& [shard, entries] : scan.valid) {
-    for (CacheEntry& e : entries) cached[e.path] = std::move(e);
-  }
+  const std::unordered_map<std::string, CacheEntry> cached = CachedEntries(&scan);
+  const PendingFiles pending = SplitPaths(paths, cached);
+  const std::vector<PendingFiles::Item>& todo = pending.todo;
+  std::vector<const CacheEntry*> outcomes = pending.current;
+  report.files_total = pending.files_total;
+  report.files_cached = static_cast<int64_t>(pending.current.size());
 
-  // Distinct files in order of first appearance; those whose cached version is current.
-  struct Item {
-    std::string path;  // as given (for messages)
-    std::string key;
-    FileStamp stamp;
-  };
-  std::vector<Item> todo;
-  std::vector<const CacheEntry*> outcomes;  // cached entries of files not decoded again
-  {
-    std::unordered_map<std::string, bool> seen;
-    for (const std::string& path : paths) {
-      std::string key = AudioCacheKey(path);
-      if (!seen.emplace(key, true).second) continue;
-      ++report.files_total;
-      FileStamp stamp = StampOf(path);
-      auto it = cached.find(key);
-      if (it != cached.end() && FileStamp{it->second.file_bytes, it->second.mtime_ns} == stamp) {
-        outcomes.push_back(&it->second);
-        ++report.files_cached;
-      } else {
-        todo.push_back({path, std::move(key), stamp});
-      }
-    }
-  }
-
-  int threads = options.num_threads > 0 ? options.num_threads
-                                        : static_cast<int>(std::thread::hardware_concurrency());
-  threads = std::max(1, std::min<int>(threads, static_cast<int>(todo.size())));
   DecodeOptions decode;
   decode.target_sample_rate = options.sample_rate;
   decode.channels = options.channels;
+  decode.duration_s = options.max_seconds;  // 0: to the end; else the first max_seconds only
 
   std::mutex mu;  // guards writer, progress, error, clipped
   ShardWriter writer(dir, scan.max_shard + 1, options.shard_bytes, options.seal_interval_s);
@@ -629,56 +754,45 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   progress.files_to_decode = static_cast<int64_t>(todo.size());
   absl::Status error;
   int64_t clipped = 0;
-  std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
-
-  auto work = [&]() {
-    while (!failed.load()) {
-      size_t i = next.fetch_add(1);
-      if (i >= todo.size()) return;
-      const Item& item = todo[i];
-      Int16Sink sink;
-      auto result = DecodeAudioTo(item.path, decode, &sink);
-      CacheEntry entry;
-      entry.path = item.key;
-      entry.file_bytes = item.stamp.bytes;
-      entry.mtime_ns = item.stamp.mtime_ns;
-      entry.sample_rate = options.sample_rate;
-      if (result.ok()) {
-        const DecodedAudio& audio = result->audio;
-        entry.problem = result->failure.problem;
-        entry.message = result->failure.message;
-        entry.source_sample_rate = audio.source_sample_rate;
-        entry.source_channels = audio.source_channels;
-        entry.source_frames = audio.source_frames;
-        if (entry.problem != AudioProblem::kNone) sink.data().clear();
-      }
-      std::lock_guard<std::mutex> guard(mu);
-      if (!result.ok()) {
-        if (error.ok()) error = common::Annotate(result.status(), item.path);
-        failed = true;
-        return;
-      }
-      clipped += sink.clipped();
-      absl::Status st = writer.Append(std::move(entry), sink.data());
-      if (!st.ok()) {
-        if (error.ok()) error = st;
-        failed = true;
-        return;
-      }
-      ++progress.files_done;
-      progress.audio_seconds += static_cast<double>(sink.data().size()) / options.sample_rate;
-      progress.elapsed_s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (options.progress) options.progress(progress);
+  ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
+    if (failed.load()) return;
+    const PendingFiles::Item& item = todo[i];
+    Int16Sink sink;
+    auto result = DecodeAudioTo(item.path, decode, &sink);
+    CacheEntry entry;
+    entry.path = item.key;
+    entry.file_bytes = item.stamp.bytes;
+    entry.mtime_ns = item.stamp.mtime_ns;
+    entry.sample_rate = options.sample_rate;
+    if (result.ok()) {
+      const DecodedAudio& audio = result->audio;
+      entry.problem = result->failure.problem;
+      entry.message = result->failure.message;
+      entry.source_sample_rate = audio.source_sample_rate;
+      entry.source_channels = audio.source_channels;
+      entry.source_frames = audio.source_frames;
+      if (entry.problem != AudioProblem::kNone) sink.data().clear();
     }
-  };
-  if (!todo.empty()) {
-    std::vector<std::thread> pool;
-    pool.reserve(static_cast<size_t>(threads));
-    for (int t = 0; t < threads; ++t) pool.emplace_back(work);
-    for (std::thread& t : pool) t.join();
-  }
+    std::lock_guard<std::mutex> guard(mu);
+    if (!result.ok()) {
+      if (error.ok()) error = common::Annotate(result.status(), item.path);
+      failed = true;
+      return;
+    }
+    clipped += sink.clipped();
+    absl::Status st = writer.Append(std::move(entry), sink.data());
+    if (!st.ok()) {
+      if (error.ok()) error = st;
+      failed = true;
+      return;
+    }
+    ++progress.files_done;
+    progress.audio_seconds += static_cast<double>(sink.data().size()) / options.sample_rate;
+    progress.elapsed_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (options.progress) options.progress(progress);
+  });
   AVIARY_RETURN_IF_ERROR(error);
   AVIARY_RETURN_IF_ERROR(writer.Seal());
 

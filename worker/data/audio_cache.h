@@ -5,8 +5,10 @@
 //
 // Format (version 1), all in one directory:
 //   manifest.txt               "format=aviary-audio-cache/1", "sample_rate=32000",
-//                              "channels=first", "sample_type=int16le": one key=value per line.
-//                              A cache holds one rate and one channel mode.
+//                              "channels=first", "sample_type=int16le", and "max_seconds=N"
+//                              when each file holds only its first N seconds
+//                              (data.cache_max_seconds): one key=value per line. A cache holds
+//                              one rate, one channel mode and one cut.
 //   shard-000000.pcm           int16 little-endian mono samples, files back to back (~256 MB).
 //   shard-000000.index.csv     the shard's index, written atomically (temporary file, fsync,
 //                              rename) once its .pcm is complete and fsynced. Columns:
@@ -82,6 +84,8 @@ class AudioCache {
   const std::string& dir() const { return dir_; }
   int sample_rate() const { return sample_rate_; }
   ChannelMode channels() const { return channels_; }
+  // > 0: each file holds at most its first max_seconds() seconds; 0: whole files.
+  double max_seconds() const { return max_seconds_; }
   size_t size() const { return entries_.size(); }
   // Shards skipped by Open, each "shard-000003: reason".
   const std::vector<std::string>& invalid_shards() const { return invalid_shards_; }
@@ -107,6 +111,7 @@ class AudioCache {
   std::string dir_;
   int sample_rate_ = 0;
   ChannelMode channels_ = ChannelMode::kFirst;
+  double max_seconds_ = 0;
   std::vector<CacheEntry> entries_;
   std::unordered_map<std::string, size_t> by_path_;
   std::map<int, Mapping> mappings_;  // shard -> mapped .pcm
@@ -132,7 +137,10 @@ struct PrepareOptions {
   std::string cache_dir;  // created when missing
   int sample_rate = 32000;
   ChannelMode channels = ChannelMode::kFirst;
-  int num_threads = 0;  // decode threads; 0 = std::thread::hardware_concurrency()
+  // > 0: decode and store only the first max_seconds seconds of each file (decoding stops
+  // there); 0: whole files. A cache keeps the value it was made with.
+  double max_seconds = 0;
+  int num_threads = 0;  // decode threads (probe threads for PlanAudioCache); 0 = every core
   int64_t shard_bytes = kDefaultShardBytes;  // a shard is sealed once it holds this much
   // A shard is also sealed when it has been open this long (so that a kill loses at most this
   // much work on slow corpora); <= 0 disables.
@@ -158,10 +166,35 @@ struct PrepareReport {
 
 // Decodes every path not yet in the cache (see the file comment) with `num_threads` threads and
 // writes the report to <cache_dir>/prepare_report.csv. Problem files are recorded and counted,
-// never fatal. FAILED_PRECONDITION when the cache holds another sample rate or channel mode, or
+// never fatal. FAILED_PRECONDITION when the cache holds another sample rate, channel mode or
+// max_seconds, or
 // another prepare holds its lock; INVALID_ARGUMENT for bad options; INTERNAL for I/O failures.
 absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& paths,
                                                 const PrepareOptions& options);
+
+// What PrepareAudioCache would do, from the cache's index and the files' headers only (nothing
+// is decoded or written): `aviary prepare --dry-run`.
+struct PreparePlan {
+  std::string cache_dir;
+  int64_t files_total = 0;      // distinct files asked for
+  int64_t files_cached = 0;     // current in the cache: not decoded again
+  int64_t files_to_decode = 0;  // the rest (the problems below included)
+  // Problems the header shows (missing, empty, not_audio, truncated, too_short); decoding can
+  // find more (silent, non_finite, a truncation past the header).
+  std::map<AudioProblem, int64_t> problems;
+  std::map<AudioProblem, std::string> examples;
+  int64_t files_unknown_length = 0;  // headers without a length (some mp3s): not in the sums
+  double source_seconds = 0;  // audio of the files to decode, at full length
+  double audio_seconds = 0;   // what the cache would hold of them (after max_seconds)
+  int64_t cache_bytes = 0;    // int16 samples to write: audio_seconds x sample_rate x 2
+  int invalid_shards = 0;     // incomplete shards a prepare would drop (their files are counted)
+  double elapsed_s = 0;
+};
+// FAILED_PRECONDITION when the cache holds another rate, channel mode or cut, as for
+// PrepareAudioCache; INVALID_ARGUMENT for bad options. A missing cache directory is an empty
+// cache.
+absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths,
+                                           const PrepareOptions& options);
 
 // reason,files,seconds,example: one row per outcome ("ok" first, then each problem seen).
 absl::Status WritePrepareReportCsv(const PrepareReport& report, const std::string& path);

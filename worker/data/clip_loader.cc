@@ -30,6 +30,32 @@ int64_t ClipSamples(const ClipRequest& request) {
   return std::llround(request.duration_s * request.sample_rate);
 }
 
+namespace {
+
+// The samples of the recording a request may use: round(max_seconds x rate), or -1 for all.
+int64_t SampleLimit(const ClipRequest& request) {
+  return request.max_seconds > 0 ? std::llround(request.max_seconds * request.sample_rate) : -1;
+}
+int64_t Limited(int64_t samples, int64_t limit) { return limit >= 0 ? std::min(samples, limit) : samples; }
+
+}  // namespace
+
+std::string CacheMismatch(const AudioCache& cache, const ClipRequest& request) {
+  if (cache.sample_rate() != request.sample_rate || cache.channels() != request.channels) {
+    return absl::StrCat(cache.dir(), " holds ", cache.sample_rate(), " Hz ", ChannelModeName(cache.channels()),
+                        "-channel audio, the clips need ", request.sample_rate, " Hz ",
+                        ChannelModeName(request.channels));
+  }
+  const double cut = cache.max_seconds();
+  if (cut > 0 && !(request.max_seconds > 0 && request.max_seconds <= cut)) {
+    return absl::StrCat(cache.dir(), " holds the first ", cut, " s of each file, the clips may come from ",
+                        request.max_seconds > 0 ? absl::StrCat("the first ", request.max_seconds, " s")
+                                                : std::string("the whole file"),
+                        " (data.cache_max_seconds)");
+  }
+  return "";
+}
+
 absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& path,
                                     const ClipRequest& request) {
   if (request.sample_rate <= 0) {
@@ -40,14 +66,18 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
     return absl::InvalidArgumentError(
         absl::StrCat("clip duration_s ", request.duration_s, ": must be > 0"));
   }
+  if (!(request.max_seconds >= 0) || !std::isfinite(request.max_seconds)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("clip max_seconds ", request.max_seconds, ": must be >= 0"));
+  }
   const int64_t clip = ClipSamples(request);
+  const int64_t limit = SampleLimit(request);
   ClipResult result;
   result.samples.assign(static_cast<size_t>(clip), 0.0f);
   std::mt19937_64 rng(request.seed);
 
   const CacheEntry* entry = nullptr;
-  if (cache != nullptr && cache->sample_rate() == request.sample_rate &&
-      cache->channels() == request.channels) {
+  if (cache != nullptr && CacheMismatch(*cache, request).empty()) {
     entry = cache->Lookup(path);
   }
   if (entry != nullptr) {
@@ -57,7 +87,7 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
       return result;
     }
     absl::Span<const int16_t> samples = cache->Samples(*entry);
-    result.audio_samples = static_cast<int64_t>(samples.size());
+    result.audio_samples = Limited(static_cast<int64_t>(samples.size()), limit);
     result.plan = PlanClip(result.audio_samples, clip, request.mode, rng);
     float* out = result.samples.data() + result.plan.pad_front;
     const int16_t* in = samples.data() + result.plan.source_offset;
@@ -73,7 +103,7 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
     options.channels = request.channels;
     std::vector<float> window;
     if (probe.audio.total_samples >= 0) {
-      result.audio_samples = probe.audio.total_samples;
+      result.audio_samples = Limited(probe.audio.total_samples, limit);
       result.plan = PlanClip(result.audio_samples, clip, request.mode, rng);
       if (result.plan.source_length == 0) {
         SetProblem(&result, AudioProblem::kTooShort, absl::StrCat(path, ": no samples"));
@@ -96,13 +126,15 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
         return result;
       }
     } else {
-      // Length unknown from the header (an mp3 libsndfile could not scan): decode it all.
+      // Length unknown from the header (an mp3 libsndfile could not scan): decode it all (or
+      // the part max_seconds allows).
+      options.duration_s = request.max_seconds;
       AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
       if (!decoded.ok()) {
         SetProblem(&result, decoded.failure.problem, decoded.failure.message);
         return result;
       }
-      result.audio_samples = static_cast<int64_t>(decoded.audio.samples.size());
+      result.audio_samples = Limited(static_cast<int64_t>(decoded.audio.samples.size()), limit);
       result.plan = PlanClip(result.audio_samples, clip, request.mode, rng);
       window.assign(
           decoded.audio.samples.begin() + result.plan.source_offset,

@@ -30,6 +30,9 @@ struct ClipRequest {
   int sample_rate = 32000;
   double duration_s = 10.0;
   ChannelMode channels = ChannelMode::kFirst;
+  // > 0: the recording is its first max_seconds seconds (data.cache_max_seconds), cached or
+  // decoded on the fly alike; 0: the whole recording.
+  double max_seconds = 0;
   ClipMode mode = ClipMode::kTrain;
   // Seeds the crop/pad draws: std::mt19937_64(seed). Derive it from (run seed, epoch, sample) so
   // that clips do not depend on thread scheduling.
@@ -41,7 +44,7 @@ struct ClipResult {
   AudioProblem problem = AudioProblem::kNone;
   std::string message;
   ClipPlan plan;              // how the clip was cut (meaningful when ok())
-  int64_t audio_samples = 0;  // length of the whole file at the request's rate
+  int64_t audio_samples = 0;  // length of the file at the request's rate (after max_seconds)
   bool from_cache = false;
   bool ok() const { return problem == AudioProblem::kNone; }
 };
@@ -50,10 +53,14 @@ struct ClipResult {
 int64_t ClipSamples(const ClipRequest& request);
 
 // See the file comment. `cache` may be null; it is used when it holds the request's sample rate
-// and channel mode. INVALID_ARGUMENT for a bad request (rate <= 0, duration <= 0), INTERNAL for
+// and channel mode, and whole files or a cut at least as long as the request's max_seconds. INVALID_ARGUMENT for a bad request (rate <= 0, duration <= 0), INTERNAL for
 // resampler failures; file problems are never errors.
 absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& path,
                                     const ClipRequest& request);
+
+// Why `cache` cannot serve `request` (another rate or channel mode, or a shorter cut than the
+// request may use), naming both; "" when it can.
+std::string CacheMismatch(const AudioCache& cache, const ClipRequest& request);
 
 // The cache named by `data.cache_dir`: nullptr when the key is empty or the directory holds no
 // cache yet (training then decodes on the fly); an error when the cache exists but cannot be
