@@ -1,14 +1,18 @@
-// aviary prepare --config P.yaml [--stage S] [--threads N] [--shard-mb M] [--dry-run] [--set k=v ...]
+// aviary prepare --config P.yaml [--stage S] [--threads N] [--shard-mb M] [--part R/N] [--dry-run]
+//                [--set k=v ...]
 //
 // Decodes every audio file of the stage(s) once into the decoded-audio cache at data.cache_dir
 // (worker/data/audio_cache.h): resampled to data.sample_rate, mono per data.channels, cut to
 // the first data.cache_max_seconds seconds when that is > 0. Resumable: files already cached
 // are skipped. data.cache_dir must be set (training reads the cache from there; with it empty,
 // training decodes on the fly). --dry-run reads only the files' headers and prints what a run
-// would decode and write.
+// would decode and write. Under mpirun (or with --part R/N on several hosts) each process
+// decodes its share of the files into the same cache.
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <utility>
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
@@ -19,7 +23,9 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/catalog.h"
 #include "common/config.h"
 #include "common/status.h"
@@ -45,7 +51,7 @@ std::string FormatDuration(double seconds) {
 // Draws progress on stderr: a redrawn bar on a terminal, a line every 10 s otherwise.
 class ProgressPrinter {
  public:
-  ProgressPrinter() : tty_(::isatty(STDERR_FILENO) == 1) {}
+  explicit ProgressPrinter(std::string prefix) : tty_(::isatty(STDERR_FILENO) == 1), prefix_(std::move(prefix)) {}
 
   void Update(const worker::PrepareProgress& p) {
     const bool last = p.files_done == p.files_to_decode;
@@ -61,13 +67,13 @@ class ProgressPrinter {
       int filled = p.files_total > 0 ? static_cast<int>(kWidth * done / p.files_total) : kWidth;
       std::string bar(static_cast<size_t>(filled), '#');
       bar.append(static_cast<size_t>(kWidth - filled), '.');
-      std::fprintf(stderr, "\r\033[K[%s] %lld/%lld files  %.1f files/s  %.2f audio-h/s  ETA %s",
-                   bar.c_str(), static_cast<long long>(done), static_cast<long long>(p.files_total),
+      std::fprintf(stderr, "\r\033[K%s[%s] %lld/%lld files  %.1f files/s  %.2f audio-h/s  ETA %s",
+                   prefix_.c_str(), bar.c_str(), static_cast<long long>(done), static_cast<long long>(p.files_total),
                    rate, audio_rate / 3600.0, FormatDuration(eta).c_str());
       if (last) std::fprintf(stderr, "\n");
     } else {
-      std::fprintf(stderr, "prepare: %lld/%lld files, %.1f files/s, %.2f audio-h/s, ETA %s\n",
-                   static_cast<long long>(done), static_cast<long long>(p.files_total), rate,
+      std::fprintf(stderr, "prepare: %s%lld/%lld files, %.1f files/s, %.2f audio-h/s, ETA %s\n",
+                   prefix_.c_str(), static_cast<long long>(done), static_cast<long long>(p.files_total), rate,
                    audio_rate / 3600.0, FormatDuration(eta).c_str());
     }
     std::fflush(stderr);
@@ -75,59 +81,72 @@ class ProgressPrinter {
 
  private:
   bool tty_;
+  std::string prefix_;
   double last_print_s_ = -1e9;
 };
 
-void PrintReport(const worker::PrepareReport& r) {
-  std::cout << "cache " << r.cache_dir << ": " << r.files_total << " files (" << r.files_cached
+// Writes `text` to stdout in one piece, `prefix` before every line (the part of a split run, so
+// that the ranks' reports can be told apart).
+void WritePrefixed(const std::string& text, const std::string& prefix) {
+  std::string all;
+  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) absl::StrAppend(&all, prefix, line, "\n");
+  std::cout << all << std::flush;
+}
+
+void PrintReport(const worker::PrepareReport& r, const std::string& part) {
+  std::ostringstream out;
+  out << "cache " << r.cache_dir << ": " << r.files_total << " files (" << r.files_cached
             << " cached earlier, " << r.files_decoded << " decoded now) in "
             << absl::StrFormat("%.1f", r.elapsed_s) << " s, " << r.shards_written
             << " shard(s) written\n";
   for (const std::string& s : r.dropped_shards) {
-    std::cout << "  dropped incomplete " << s << " (its files were decoded again)\n";
+    out << "  dropped incomplete " << s << " (its files were decoded again)\n";
   }
-  std::cout << "  " << std::left << std::setw(11) << "reason" << std::right << std::setw(8)
+  out << "  " << std::left << std::setw(11) << "reason" << std::right << std::setw(8)
             << "files"
             << "  detail\n";
   for (const auto& [problem, n] : r.counts) {
-    std::cout << "  " << std::left << std::setw(11) << worker::AudioProblemName(problem)
+    out << "  " << std::left << std::setw(11) << worker::AudioProblemName(problem)
               << std::right << std::setw(8) << n << "  ";
     if (problem == worker::AudioProblem::kNone) {
-      std::cout << absl::StrFormat("%.2f hours of audio", r.audio_seconds / 3600.0);
+      out << absl::StrFormat("%.2f hours of audio", r.audio_seconds / 3600.0);
     } else {
       auto it = r.examples.find(problem);
-      if (it != r.examples.end()) std::cout << "e.g. " << it->second;
+      if (it != r.examples.end()) out << "e.g. " << it->second;
     }
-    std::cout << "\n";
+    out << "\n";
   }
   if (r.clipped_samples > 0) {
-    std::cout << "  " << r.clipped_samples << " samples clipped to int16's range\n";
+    out << "  " << r.clipped_samples << " samples clipped to int16's range\n";
   }
+  WritePrefixed(out.str(), part);
 }
 
-void PrintPlan(const worker::PreparePlan& p, double max_seconds) {
-  std::cout << "dry run: cache " << p.cache_dir << ": " << p.files_total << " files, " << p.files_cached
+void PrintPlan(const worker::PreparePlan& p, double max_seconds, const std::string& part) {
+  std::ostringstream out;
+  out << "dry run: cache " << p.cache_dir << ": " << p.files_total << " files, " << p.files_cached
             << " cached, " << p.files_to_decode << " to decode (headers read in "
             << absl::StrFormat("%.1f", p.elapsed_s) << " s; nothing written)\n";
-  std::cout << absl::StrFormat("  audio to decode: %.2f hours", p.source_seconds / 3600.0);
+  out << absl::StrFormat("  audio to decode: %.2f hours", p.source_seconds / 3600.0);
   if (max_seconds > 0) {
-    std::cout << absl::StrFormat(", %.2f hours of it kept (data.cache_max_seconds %g)", p.audio_seconds / 3600.0,
+    out << absl::StrFormat(", %.2f hours of it kept (data.cache_max_seconds %g)", p.audio_seconds / 3600.0,
                                  max_seconds);
   }
-  std::cout << "\n";
-  std::cout << absl::StrFormat("  cache to write: %.2f GiB (%lld bytes of int16 samples)\n",
+  out << "\n";
+  out << absl::StrFormat("  cache to write: %.2f GiB (%lld bytes of int16 samples)\n",
                                p.cache_bytes / double(int64_t{1} << 30), static_cast<long long>(p.cache_bytes));
   if (p.files_unknown_length > 0) {
-    std::cout << "  " << p.files_unknown_length
+    out << "  " << p.files_unknown_length
               << " file(s) whose header gives no length (not in the sums above; decoding will tell)\n";
   }
   for (const auto& [problem, n] : p.problems) {
-    std::cout << "  " << std::left << std::setw(11) << worker::AudioProblemName(problem) << std::right
+    out << "  " << std::left << std::setw(11) << worker::AudioProblemName(problem) << std::right
               << std::setw(8) << n << "  e.g. " << p.examples.at(problem) << "\n";
   }
   if (p.invalid_shards > 0) {
-    std::cout << "  " << p.invalid_shards << " incomplete shard(s) would be dropped (their files are counted)\n";
+    out << "  " << p.invalid_shards << " incomplete shard(s) would be dropped (their files are counted)\n";
   }
+  WritePrefixed(out.str(), part);
 }
 
 struct PrepareArgs {
@@ -137,9 +156,42 @@ struct PrepareArgs {
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   double shard_mb = worker::kDefaultShardBytes / double(1 << 20);
   bool dry_run = false;
+  std::string part;  // "R/N"; empty: from mpirun's environment, else the whole cache
 };
 
+// This process's part of a split prepare: --part R/N, else the rank and size mpirun (Open MPI,
+// or a PMI launcher) gives it, else 0 of 1.
+absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts) {
+  *part = 0;
+  *num_parts = 1;
+  if (!flag.empty()) {
+    std::vector<std::string> pieces = absl::StrSplit(flag, '/');
+    if (pieces.size() != 2 || !absl::SimpleAtoi(pieces[0], part) || !absl::SimpleAtoi(pieces[1], num_parts) ||
+        *num_parts < 1 || *num_parts > 100000 || *part < 0 || *part >= *num_parts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--part: expected R/N with 0 <= R < N <= 100000, got '", flag, "'"));
+    }
+    return absl::OkStatus();
+  }
+  for (const auto& [rank_var, size_var] : {std::pair<const char*, const char*>{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
+                                           {"PMI_RANK", "PMI_SIZE"}}) {
+    const char* rank = std::getenv(rank_var);
+    const char* size = std::getenv(size_var);
+    if (rank == nullptr || size == nullptr) continue;
+    if (!absl::SimpleAtoi(rank, part) || !absl::SimpleAtoi(size, num_parts) || *num_parts < 1 || *part < 0 ||
+        *part >= *num_parts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(rank_var, "='", rank, "', ", size_var, "='", size, "': not a rank and a size"));
+    }
+    return absl::OkStatus();
+  }
+  return absl::OkStatus();
+}
+
 int RunPrepare(const PrepareArgs& args) {
+  int part = 0, num_parts = 1;
+  if (absl::Status st = ResolvePart(args.part, &part, &num_parts); !st.ok()) return Fail(st);
+  const std::string part_prefix = num_parts == 1 ? "" : absl::StrCat("part ", part, " of ", num_parts, ": ");
   auto config = common::LoadPipelineConfig(args.config, args.overrides);
   if (!config.ok()) return Fail(config.status());
   if (config->data.cache_dir.empty()) {
@@ -165,29 +217,31 @@ int RunPrepare(const PrepareArgs& args) {
   for (const std::string& stage : stages) {
     auto table = common::BuildStageTable(*config, stage);
     if (!table.ok()) return Fail(table.status());
-    std::cout << "stage " << stage << ": " << table->samples.size() << " samples" << std::endl;
+    std::cout << part_prefix << "stage " << stage << ": " << table->samples.size() << " samples" << std::endl;
     for (const common::Sample& s : table->samples) paths.push_back(s.filepath);
   }
 
-  ProgressPrinter printer;
+  ProgressPrinter printer(part_prefix);
   worker::PrepareOptions options;
   options.cache_dir = config->data.cache_dir;
   options.sample_rate = config->data.sample_rate;
   options.channels = *channels;
   options.max_seconds = config->data.cache_max_seconds;
   options.num_threads = args.threads;
+  options.part = part;
+  options.num_parts = num_parts;
   options.shard_bytes = static_cast<int64_t>(args.shard_mb * (1 << 20));
   options.progress = [&printer](const worker::PrepareProgress& p) { printer.Update(p); };
   if (args.dry_run) {
     auto plan = worker::PlanAudioCache(paths, options);
     if (!plan.ok()) return Fail(plan.status());
-    PrintPlan(*plan, options.max_seconds);
+    PrintPlan(*plan, options.max_seconds, part_prefix);
     return 0;
   }
   auto report = worker::PrepareAudioCache(paths, options);
   if (!report.ok()) return Fail(report.status());
-  PrintReport(*report);
-  std::cout << "wrote " << config->data.cache_dir << "/prepare_report.csv\n";
+  PrintReport(*report, part_prefix);
+  std::cout << part_prefix << "wrote " << config->data.cache_dir << "/" << worker::PrepareReportName(options) << "\n";
   return 0;
 }
 
@@ -207,6 +261,10 @@ void AddPrepareCommand(CLI::App* app, Runner* run) {
   common::AddNumber(prepare, "--threads", &args->threads, "N", "decoders (default: every core)", 1, 1024);
   common::AddNumber(prepare, "--shard-mb", &args->shard_mb, "M", "size of a cache shard, MiB", 0.001, 1e6)
       ->capture_default_str();
+  prepare->add_option("--part", args->part,
+                      "decode part R of N of the files into the same cache (several hosts; under mpirun the "
+                      "rank and size are used)")
+      ->type_name("R/N");
   prepare->add_flag("--dry-run", args->dry_run,
                     "read the files' headers only and print the file count, audio hours and cache size a run "
                     "would write");

@@ -2,10 +2,12 @@
 # `aviary prepare` on a synthetic corpus: decodes every file of both stages into the cache,
 # counts the broken ones per reason, writes prepare_report.csv, decodes nothing on a second run,
 # recovers from a lost shard, and refuses bad input with exit code 2; --dry-run predicts what a
-# run decodes and writes, writing nothing; data.cache_max_seconds cuts the cache.
-# usage: prepare_cli.sh AVIARY_BIN
+# run decodes and writes, writing nothing; data.cache_max_seconds cuts the cache; under
+# `mpirun -np 2` the two ranks split the files and write one cache.
+# usage: prepare_cli.sh AVIARY_BIN MPIEXEC
 set -uo pipefail
 aviary=$1
+mpiexec=$2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fails=0
@@ -104,6 +106,26 @@ check "one stage exits 0" test $rc -eq 0
 check "one stage lists only its samples" grep -q "^stage finetune: 30 samples" <<<"$out5"
 check "one stage has no pretrain line" test -z "$(grep "^stage pretrain" <<<"$out5")"
 
+# Split over the ranks of an mpirun: each decodes its share into the same cache (one report
+# each), together every file once; the cache then has nothing left to decode.
+out_mpi=$("$mpiexec" -np 2 --oversubscribe "$aviary" prepare --config "$tmp/p.yaml" --threads 1 --shard-mb 0.2 \
+  --set data.cache_dir="$tmp/dist" 2>"$tmp/err_mpi"); rc=$?
+check "mpirun -np 2 prepare exits 0 (rc=$rc): $(tail -5 "$tmp/err_mpi")" test $rc -eq 0
+echo "$out_mpi"
+n0=$(sed -nE 's/^part 0 of 2: cache .*: ([0-9]+) files \(0 cached earlier, \1 decoded now\).*/\1/p' <<<"$out_mpi")
+n1=$(sed -nE 's/^part 1 of 2: cache .*: ([0-9]+) files \(0 cached earlier, \1 decoded now\).*/\1/p' <<<"$out_mpi")
+total=$(sed -nE 's/^cache .*: ([0-9]+) files .*/\1/p' <<<"$out" | head -1)
+check "both ranks decoded a share (${n0:-?} + ${n1:-?} of ${total:-?})" test -n "$n0" -a -n "$n1"
+check "the shares add up to every file" test "$((${n0:-0} + ${n1:-0}))" = "${total:-x}"
+check "each rank wrote its report" test -s "$tmp/dist/prepare_report.part-0-of-2.csv" -a -s "$tmp/dist/prepare_report.part-1-of-2.csv"
+check "shards of both ranks" test "$(ls "$tmp/dist"/shard-00000[0-9].index.csv | wc -l)" -ge 2
+check "the split cache holds what the single run wrote" test "$(pcm_bytes "$tmp/dist")" = "$(pcm_bytes "$tmp/cache")"
+after=$("$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist" 2>/dev/null)
+check "after the split run nothing is left to decode" grep -q " 0 decoded now" <<<"$after"
+outp=$("$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist2" --part 1/3 2>/dev/null); rc=$?
+check "--part 1/3 exits 0" test $rc -eq 0
+check "--part 1/3 decodes a third" grep -qE "^part 1 of 3: cache .*: $(( (${total:-0} + 1) / 3 )) files" <<<"$outp"
+
 expect2() {  # expect2 "substring" args...
   local want=$1; shift
   local msg rc
@@ -117,6 +139,7 @@ expect2 "--stage: expected one of pretrain, finetune, got 'train'" --config "$tm
 expect2 "--config is required"
 expect2 "holds 32000 Hz" --config "$tmp/p.yaml" --set data.sample_rate=16000 --set frontend.fmax=8000
 expect2 "--threads" --config "$tmp/p.yaml" --threads 0
+expect2 "--part: expected R/N with 0 <= R < N <= 100000, got '2/2'" --config "$tmp/p.yaml" --part 2/2
 expect2 "holds the first 1.5 s of each file; this run asks for whole files" --config "$tmp/p.yaml" \
   --set data.cache_dir="$tmp/cut"
 expect2 "holds the first 1.5 s of each file; this run asks for whole files" --config "$tmp/p.yaml" \

@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/csv.h"
@@ -424,6 +425,106 @@ TEST(AudioCacheTest, PlanPredictsWhatPrepareWrites) {
     EXPECT_EQ(again->files_cached, 8);
     EXPECT_EQ(again->files_to_decode, 0);
     EXPECT_EQ(again->cache_bytes, 0);
+  }
+}
+
+// A split run: parts 0 and 1 of 2, at the same time, write one cache holding every file once,
+// equal to the direct decode; each part numbers its shards by its residue and writes its own
+// report; a later whole-cache run decodes nothing. Locks keep a part from running twice and
+// from running beside a whole-cache run.
+TEST(AudioCacheTest, PartsOfASplitRunWriteOneCache) {
+  TempDir tmp;
+  const std::vector<std::string> paths = CorpusPaths();
+  const std::string dir = tmp.Sub("cache");
+  std::vector<PrepareReport> reports(2);
+  std::vector<absl::Status> errors(2);
+  {
+    std::vector<std::thread> parts;
+    for (int part = 0; part < 2; ++part) {
+      parts.emplace_back([&, part] {
+        PrepareOptions options = Options(dir, 1, 64 << 10);
+        options.part = part;
+        options.num_parts = 2;
+        auto report = PrepareAudioCache(paths, options);
+        if (report.ok()) {
+          reports[part] = *report;
+        } else {
+          errors[part] = report.status();
+        }
+      });
+    }
+    for (std::thread& t : parts) t.join();
+  }
+  ASSERT_TRUE(errors[0].ok()) << errors[0].ToString();
+  ASSERT_TRUE(errors[1].ok()) << errors[1].ToString();
+  std::set<std::string> distinct;
+  for (const std::string& path : paths) distinct.insert(AudioCacheKey(path));
+  EXPECT_EQ(reports[0].files_total + reports[1].files_total, static_cast<int64_t>(distinct.size()));
+  EXPECT_EQ(reports[0].files_total, (static_cast<int64_t>(distinct.size()) + 1) / 2);
+  EXPECT_GT(reports[1].files_decoded, 0);
+  for (int part = 0; part < 2; ++part) {
+    EXPECT_TRUE(fs::exists(dir + "/prepare_report.part-" + std::to_string(part) + "-of-2.csv"));
+  }
+  std::map<int, int> residues;
+  for (int shard : ShardNumbers(dir, ".index.csv")) ++residues[shard % 2];
+  EXPECT_GE(residues[0], 2);
+  EXPECT_GE(residues[1], 2);
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  EXPECT_EQ(cache->size(), distinct.size());
+  EXPECT_TRUE(cache->invalid_shards().empty());
+  ExpectCacheMatchesDecode(*cache, paths);
+  PrepareReport whole = MustPrepare(paths, Options(dir));
+  EXPECT_EQ(whole.files_decoded, 0);
+  EXPECT_EQ(whole.files_cached, static_cast<int64_t>(distinct.size()));
+
+  PrepareOptions part1 = Options(dir);
+  part1.part = 1;
+  part1.num_parts = 2;
+  {
+    int fd = ::open((dir + "/LOCK.part-1").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+    auto refused = PrepareAudioCache(paths, part1);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(refused.status().message().find("another `aviary prepare` of part 1 is writing this cache"),
+              std::string::npos)
+        << refused.status();
+    ::close(fd);
+  }
+  {
+    int fd = ::open((dir + "/LOCK").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_SH), 0);  // a part running
+    EXPECT_EQ(PrepareAudioCache(paths, Options(dir)).status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(PrepareAudioCache(paths, part1).ok());  // parts run beside each other
+    ASSERT_EQ(::flock(fd, LOCK_EX), 0);  // a whole-cache run
+    EXPECT_EQ(PrepareAudioCache(paths, part1).status().code(), absl::StatusCode::kFailedPrecondition);
+    ::close(fd);
+  }
+  part1.part = 2;
+  EXPECT_EQ(PrepareAudioCache(paths, part1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A part drops only its own incomplete shards: another part's may be being written.
+TEST(AudioCacheTest, APartLeavesTheOtherPartsShards) {
+  TempDir tmp;
+  const std::vector<std::string> paths = CorpusPaths();
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare({paths[0]}, Options(dir));
+  WriteBytes(ShardFile(dir, 5, ".pcm"), "in progress");   // part 1's (odd)
+  WriteBytes(ShardFile(dir, 6, ".pcm"), "interrupted");   // part 0's (even)
+  PrepareOptions part0 = Options(dir);
+  part0.num_parts = 2;
+  PrepareReport report = MustPrepare(paths, part0);
+  EXPECT_TRUE(fs::exists(ShardFile(dir, 5, ".pcm")));
+  EXPECT_FALSE(fs::exists(ShardFile(dir, 6, ".pcm")));
+  ASSERT_EQ(report.dropped_shards.size(), 1u);
+  EXPECT_EQ(report.dropped_shards[0].rfind("shard-000006", 0), 0u) << report.dropped_shards[0];
+  for (int shard : ShardNumbers(dir, ".index.csv")) {
+    if (shard > 0) {
+      EXPECT_EQ(shard % 2, 0) << shard;
+    }
   }
 }
 

@@ -36,6 +36,7 @@ namespace fs = std::filesystem;
 constexpr char kFormat[] = "aviary-audio-cache/1";
 constexpr char kManifest[] = "manifest.txt";
 constexpr char kLockFile[] = "LOCK";
+constexpr char kManifestLockFile[] = "LOCK.manifest";
 constexpr char kReportFile[] = "prepare_report.csv";
 const std::vector<std::string>& IndexColumns() {
   static const std::vector<std::string> kColumns{"path",
@@ -273,20 +274,24 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
 }
 
 // Locks the cache directory against a concurrent prepare; released when the process exits.
+// A whole-cache run holds LOCK exclusively; a part of a split run (PrepareOptions::part) holds
+// LOCK shared and LOCK.part-R exclusively, so that parts run together but never beside a
+// whole-cache run or a second copy of themselves.
 class DirLock {
  public:
-  static absl::StatusOr<std::unique_ptr<DirLock>> Acquire(const std::string& dir) {
-    const std::string path = (fs::path(dir) / kLockFile).string();
+  static absl::StatusOr<std::unique_ptr<DirLock>> Acquire(const std::string& dir, const std::string& name,
+                                                          bool exclusive, const std::string& who) {
+    const std::string path = (fs::path(dir) / name).string();
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) {
       return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
     }
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
       int err = errno;
       ::close(fd);
       if (err == EWOULDBLOCK) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            dir, ": another `aviary prepare` is writing this cache (", path, " is locked)"));
+        return absl::FailedPreconditionError(
+            absl::StrCat(dir, ": ", who, " is writing this cache (", path, " is locked)"));
       }
       return absl::InternalError(absl::StrCat(path, ": flock failed: ", std::strerror(err)));
     }
@@ -339,9 +344,11 @@ absl::Status WriteAll(int fd, const void* data, size_t num_bytes, const std::str
 // Appends decoded files to shards and seals them. Not synchronised: the caller holds a mutex.
 class ShardWriter {
  public:
-  ShardWriter(std::string dir, int first_shard, int64_t shard_bytes, double seal_interval_s)
+  // Shards first_shard, first_shard + stride, ... (a part of a split run writes its own residue).
+  ShardWriter(std::string dir, int first_shard, int stride, int64_t shard_bytes, double seal_interval_s)
       : dir_(std::move(dir)),
         next_shard_(first_shard),
+        stride_(stride),
         shard_bytes_(shard_bytes),
         seal_interval_s_(seal_interval_s) {}
   ~ShardWriter() {
@@ -392,7 +399,8 @@ class ShardWriter {
 
  private:
   absl::Status OpenShard() {
-    shard_ = next_shard_++;
+    shard_ = next_shard_;
+    next_shard_ += stride_;
     const std::string pcm = PcmPath(dir_, shard_);
     fd_ = ::open(pcm.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd_ < 0) {
@@ -405,6 +413,7 @@ class ShardWriter {
 
   std::string dir_;
   int next_shard_;
+  int stride_;
   int64_t shard_bytes_;
   double seal_interval_s_;
   int shard_ = -1;
@@ -569,7 +578,24 @@ absl::Status CheckPrepareOptions(const PrepareOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_seconds ", options.max_seconds, ": must be >= 0"));
   }
+  if (options.num_parts < 1 || options.part < 0 || options.part >= options.num_parts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("part ", options.part, " of ", options.num_parts, ": expected 0 <= part < num_parts"));
+  }
   return absl::OkStatus();
+}
+
+// Whether a shard number belongs to this run's part (every shard, for a whole-cache run).
+bool OwnsShard(int shard, const PrepareOptions& options) { return shard % options.num_parts == options.part; }
+
+// Whether a leftover temporary file is this part's to remove: a shard's (by its number), or any
+// for a whole-cache run.
+bool OwnsStray(const std::string& path, const PrepareOptions& options) {
+  if (options.num_parts == 1) return true;
+  const std::string name = fs::path(path).filename().string();
+  int shard = 0;
+  return name.size() > 12 && name.rfind("shard-", 0) == 0 && absl::SimpleAtoi(name.substr(6, 6), &shard) &&
+         OwnsShard(shard, options);
 }
 
 // FAILED_PRECONDITION unless the cache in `dir` holds what this run asks for.
@@ -600,13 +626,17 @@ struct PendingFiles {
   std::vector<const CacheEntry*> current;  // cached entries of files not decoded again
   int64_t files_total = 0;
 };
+// With several parts, part R takes the distinct files R, R + N, R + 2N, ... (the same split in
+// every part, whatever the cache holds when each starts).
 PendingFiles SplitPaths(const std::vector<std::string>& paths,
-                        const std::unordered_map<std::string, CacheEntry>& cached) {
+                        const std::unordered_map<std::string, CacheEntry>& cached, const PrepareOptions& options) {
   PendingFiles pending;
   std::unordered_map<std::string, bool> seen;
+  int64_t distinct = 0;
   for (const std::string& path : paths) {
     std::string key = AudioCacheKey(path);
     if (!seen.emplace(key, true).second) continue;
+    if (distinct++ % options.num_parts != options.part) continue;
     ++pending.files_total;
     FileStamp stamp = StampOf(path);
     auto it = cached.find(key);
@@ -661,12 +691,12 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
     AVIARY_RETURN_IF_ERROR(
         CheckManifestMatches(dir, *manifest, Manifest{options.sample_rate, options.channels, options.max_seconds}));
     AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest->sample_rate));
-    plan.invalid_shards = static_cast<int>(scan.invalid.size());
+    for (const auto& [shard, reason] : scan.invalid) plan.invalid_shards += OwnsShard(shard, options) ? 1 : 0;
     cached = CachedEntries(&scan);
   } else if (!absl::IsNotFound(manifest.status())) {
     return manifest.status();
   }
-  const PendingFiles pending = SplitPaths(paths, cached);
+  const PendingFiles pending = SplitPaths(paths, cached, options);
   plan.files_total = pending.files_total;
   plan.files_cached = static_cast<int64_t>(pending.current.size());
   plan.files_to_decode = static_cast<int64_t>(pending.todo.size());
@@ -710,24 +740,46 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create: ", ec.message()));
-  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<DirLock> lock, DirLock::Acquire(dir));
+  std::unique_ptr<DirLock> lock, part_lock;
+  if (options.num_parts == 1) {
+    AVIARY_ASSIGN_OR_RETURN(lock, DirLock::Acquire(dir, kLockFile, true, "another `aviary prepare`"));
+  } else {
+    AVIARY_ASSIGN_OR_RETURN(lock, DirLock::Acquire(dir, kLockFile, false, "an `aviary prepare` of the whole cache"));
+    AVIARY_ASSIGN_OR_RETURN(part_lock, DirLock::Acquire(dir, absl::StrCat(kLockFile, ".part-", options.part), true,
+                                                        absl::StrCat("another `aviary prepare` of part ", options.part)));
+  }
 
   Manifest wanted{options.sample_rate, options.channels, options.max_seconds};
-  auto manifest = ReadManifest(dir);
-  if (manifest.ok()) {
-    AVIARY_RETURN_IF_ERROR(CheckManifestMatches(dir, *manifest, wanted));
-  } else if (absl::IsNotFound(manifest.status())) {
-    AVIARY_RETURN_IF_ERROR(
-        common::WriteFileAtomically((fs::path(dir) / kManifest).string(), ManifestText(wanted)));
-  } else {
-    return manifest.status();
+  {
+    // The parts of a split run may all find no manifest: one writes it, the others then read it.
+    const std::string guard_path = (fs::path(dir) / kManifestLockFile).string();
+    const int guard = ::open(guard_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (guard < 0 || ::flock(guard, LOCK_EX) != 0) {
+      const int err = errno;
+      if (guard >= 0) ::close(guard);
+      return absl::InternalError(absl::StrCat(guard_path, ": cannot lock: ", std::strerror(err)));
+    }
+    auto manifest = ReadManifest(dir);
+    absl::Status st;
+    if (manifest.ok()) {
+      st = CheckManifestMatches(dir, *manifest, wanted);
+    } else if (absl::IsNotFound(manifest.status())) {
+      st = common::WriteFileAtomically((fs::path(dir) / kManifest).string(), ManifestText(wanted));
+    } else {
+      st = manifest.status();
+    }
+    ::close(guard);  // drops the lock
+    AVIARY_RETURN_IF_ERROR(st);
   }
 
   PrepareReport report;
   report.cache_dir = dir;
   AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, wanted.sample_rate));
-  for (const std::string& stray : scan.stray) RemoveQuietly(stray);
+  for (const std::string& stray : scan.stray) {
+    if (OwnsStray(stray, options)) RemoveQuietly(stray);
+  }
   for (const auto& [shard, reason] : scan.invalid) {
+    if (!OwnsShard(shard, options)) continue;  // another part's, maybe being written now
     Log().Warn(absl::StrCat(dir, ": dropping ", ShardName(shard), " (", reason,
                             "); its files are decoded again"));
     report.dropped_shards.push_back(absl::StrCat(ShardName(shard), ": ", reason));
@@ -735,7 +787,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     RemoveQuietly(PcmPath(dir, shard));
   }
   const std::unordered_map<std::string, CacheEntry> cached = CachedEntries(&scan);
-  const PendingFiles pending = SplitPaths(paths, cached);
+  const PendingFiles pending = SplitPaths(paths, cached, options);
   const std::vector<PendingFiles::Item>& todo = pending.todo;
   std::vector<const CacheEntry*> outcomes = pending.current;
   report.files_total = pending.files_total;
@@ -747,7 +799,9 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   decode.duration_s = options.max_seconds;  // 0: to the end; else the first max_seconds only
 
   std::mutex mu;  // guards writer, progress, error, clipped
-  ShardWriter writer(dir, scan.max_shard + 1, options.shard_bytes, options.seal_interval_s);
+  int first_shard = scan.max_shard + 1;
+  while (!OwnsShard(first_shard, options)) ++first_shard;
+  ShardWriter writer(dir, first_shard, options.num_parts, options.shard_bytes, options.seal_interval_s);
   PrepareProgress progress;
   progress.files_total = report.files_total;
   progress.files_cached = report.files_cached;
@@ -810,8 +864,13 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   }
   report.elapsed_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  AVIARY_RETURN_IF_ERROR(WritePrepareReportCsv(report, (fs::path(dir) / kReportFile).string()));
+  AVIARY_RETURN_IF_ERROR(WritePrepareReportCsv(report, (fs::path(dir) / PrepareReportName(options)).string()));
   return report;
+}
+
+std::string PrepareReportName(const PrepareOptions& options) {
+  if (options.num_parts == 1) return kReportFile;
+  return absl::StrCat("prepare_report.part-", options.part, "-of-", options.num_parts, ".csv");
 }
 
 absl::Status WritePrepareReportCsv(const PrepareReport& report, const std::string& path) {

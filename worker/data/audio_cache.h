@@ -19,7 +19,13 @@
 //                              AudioProblemName (files with a problem have frames 0 and are
 //                              listed so that they are not decoded again); file_bytes/mtime_ns
 //                              identify the source file version that was decoded.
-//   prepare_report.csv         the last prepare's counts per reason (see WritePrepareReportCsv).
+//   prepare_report.csv         the last prepare's counts per reason (see WritePrepareReportCsv);
+//                              prepare_report.part-R-of-N.csv for part R of a split run.
+//   LOCK, LOCK.part-R          flock()ed by a running prepare (see PrepareOptions::part);
+//   LOCK.manifest              while one writes the manifest.
+// A split prepare (several processes or hosts, e.g. the ranks of an mpirun) writes one cache:
+// part R of N decodes the distinct files R, R + N, ... and numbers its shards R mod N, so the
+// parts never write the same file; the shard indexes together are the cache's index.
 // A shard whose index is missing (an interrupted run) or unreadable, or whose .pcm is shorter
 // than its index says, is ignored by readers and deleted by the next prepare, which decodes its
 // files again: a kill loses at most the shard in progress. When a path appears in several
@@ -141,6 +147,10 @@ struct PrepareOptions {
   // there); 0: whole files. A cache keeps the value it was made with.
   double max_seconds = 0;
   int num_threads = 0;  // decode threads (probe threads for PlanAudioCache); 0 = every core
+  // This process's share of a split run: part `part` of `num_parts` (see the file comment).
+  // Parts of one run must agree on num_parts and on the list of paths.
+  int part = 0;
+  int num_parts = 1;
   int64_t shard_bytes = kDefaultShardBytes;  // a shard is sealed once it holds this much
   // A shard is also sealed when it has been open this long (so that a kill loses at most this
   // much work on slow corpora); <= 0 disables.
@@ -195,6 +205,9 @@ struct PreparePlan {
 // cache.
 absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths,
                                            const PrepareOptions& options);
+
+// "prepare_report.csv", or "prepare_report.part-R-of-N.csv" for a part of a split run.
+std::string PrepareReportName(const PrepareOptions& options);
 
 // reason,files,seconds,example: one row per outcome ("ok" first, then each problem seen).
 absl::Status WritePrepareReportCsv(const PrepareReport& report, const std::string& path);
