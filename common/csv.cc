@@ -3,6 +3,7 @@
 #include "common/files.h"
 
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -24,16 +25,26 @@ std::optional<size_t> CsvTable::ColumnIndex(absl::string_view name) const {
 absl::StatusOr<size_t> CsvTable::RequireColumn(absl::string_view name) const {
   if (auto i = ColumnIndex(name)) return *i;
   return absl::InvalidArgumentError(absl::StrCat(source_, ": missing column '", name,
-                                                 "' (columns: ", absl::StrJoin(header_, ","), ")"));
+                                                 "' (columns: ", absl::StrJoin(file_header_, ","), ")"));
 }
 
-absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string source_name) {
+absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string source_name,
+                                         const std::vector<std::string>* columns) {
   CsvTable table;
   table.source_ = std::move(source_name);
   if (text.size() >= 3 && text.substr(0, 3) == "\xEF\xBB\xBF") text.remove_prefix(3);
 
   std::vector<std::string> fields;
   std::string field;
+  // With `columns`: which fields of a row are kept (all while reading the header), and how many
+  // fields the current row has.
+  std::vector<bool> keep;
+  size_t num_fields = 0;
+  auto end_field = [&]() {
+    if (keep.empty() || (num_fields < keep.size() && keep[num_fields])) fields.push_back(std::move(field));
+    field.clear();
+    ++num_fields;
+  };
   bool in_quotes = false;
   bool field_was_quoted = false;
   int line = 1;
@@ -42,27 +53,41 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
   size_t i = 0;
   const size_t n = text.size();
 
+  size_t header_fields = 0;
   auto finish_row = [&]() -> absl::Status {
-    fields.push_back(std::move(field));
-    field.clear();
     // A line holding nothing at all is blank, not a row of one empty field.
-    bool blank = fields.size() == 1 && fields[0].empty() && !field_was_quoted;
+    const bool blank = num_fields == 0 && field.empty() && !field_was_quoted;
+    end_field();
     field_was_quoted = false;
     if (!blank) {
       if (!have_header) {
+        header_fields = fields.size();
+        table.file_header_ = fields;
+        if (columns != nullptr) {
+          keep.assign(fields.size(), false);
+          std::vector<std::string> kept;
+          for (size_t k = 0; k < fields.size(); ++k) {
+            if (std::find(columns->begin(), columns->end(), fields[k]) == columns->end()) continue;
+            keep[k] = true;
+            kept.push_back(fields[k]);
+          }
+          fields = std::move(kept);
+        }
         table.header_ = std::move(fields);
         have_header = true;
       } else {
-        if (fields.size() != table.header_.size()) {
+        if (num_fields != header_fields) {
           return absl::InvalidArgumentError(absl::StrCat(
-              table.source_, ":", row_line, ": expected ", table.header_.size(),
-              " fields (as the header), got ", fields.size()));
+              table.source_, ":", row_line, ": expected ", header_fields,
+              " fields (as the header), got ", num_fields));
         }
         table.rows_.push_back(std::move(fields));
         table.lines_.push_back(row_line);
       }
     }
-    fields.clear();
+    fields = std::vector<std::string>();
+    fields.reserve(table.header_.size());
+    num_fields = 0;
     return absl::OkStatus();
   };
 
@@ -80,8 +105,11 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
         continue;
       }
       if (c == '\n') ++line;
-      field.push_back(c);
-      ++i;
+      // The run up to the next quote or line end, at once.
+      size_t j = i + 1;
+      while (j < n && text[j] != '"' && text[j] != '\n') ++j;
+      field.append(text.data() + i, j - i);
+      i = j;
       continue;
     }
     if (c == '"') {
@@ -93,8 +121,7 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
       field_was_quoted = true;
       ++i;
     } else if (c == ',') {
-      fields.push_back(std::move(field));
-      field.clear();
+      end_field();
       ++i;
     } else if (c == '\r' || c == '\n') {
       AVIARY_RETURN_IF_ERROR(finish_row());
@@ -103,15 +130,18 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
       ++line;
       row_line = line;
     } else {
-      field.push_back(c);
-      ++i;
+      // The run up to the next separator, quote or line end, at once.
+      size_t j = i + 1;
+      while (j < n && text[j] != ',' && text[j] != '"' && text[j] != '\r' && text[j] != '\n') ++j;
+      field.append(text.data() + i, j - i);
+      i = j;
     }
   }
   if (in_quotes) {
     return absl::InvalidArgumentError(
         absl::StrCat(table.source_, ":", row_line, ": unterminated quoted field"));
   }
-  if (!field.empty() || !fields.empty() || field_was_quoted) {
+  if (!field.empty() || num_fields > 0 || field_was_quoted) {
     AVIARY_RETURN_IF_ERROR(finish_row());
   }
   if (!have_header) {
@@ -120,9 +150,9 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
   return table;
 }
 
-absl::StatusOr<CsvTable> CsvTable::ReadFile(const std::string& path) {
+absl::StatusOr<CsvTable> CsvTable::ReadFile(const std::string& path, const std::vector<std::string>* columns) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
-  return Parse(text, path);
+  return Parse(text, path, columns);
 }
 
 std::string CsvEscape(absl::string_view field) {

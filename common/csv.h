@@ -33,14 +33,19 @@ class CsvTable {
 
   // Parses CSV text. Every row must have as many fields as the header; a short or long row is
   // an error naming `source_name`:line and both counts. Blank lines are skipped. A UTF-8 BOM and
-  // CRLF line ends are accepted.
-  static absl::StatusOr<CsvTable> Parse(absl::string_view text, std::string source_name);
+  // CRLF line ends are accepted. With `columns`, only the columns named there (those the file
+  // has) are kept, in the file's order: header() and the rows hold just those (a wide metadata
+  // file then costs the memory of the columns used); every row is still checked in full.
+  static absl::StatusOr<CsvTable> Parse(absl::string_view text, std::string source_name,
+                                        const std::vector<std::string>* columns = nullptr);
   // Reads and parses a file (NOT_FOUND when it does not exist).
-  static absl::StatusOr<CsvTable> ReadFile(const std::string& path);
+  static absl::StatusOr<CsvTable> ReadFile(const std::string& path,
+                                           const std::vector<std::string>* columns = nullptr);
 
  private:
   std::string source_;
   std::vector<std::string> header_;
+  std::vector<std::string> file_header_;  // every column of the file (for messages)
   std::vector<std::vector<std::string>> rows_;
   std::vector<int> lines_;
 };

@@ -1,6 +1,8 @@
 #include "common/csv.h"
 
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -51,6 +53,38 @@ TEST(CsvTableTest, RequireColumnListsTheColumnsThereAre) {
   auto c = t->RequireColumn("filename");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().message(), "m.csv: missing column 'filename' (columns: x,y)");
+}
+
+// Keeping some columns: the header and rows hold just those, in the file's order, with the same
+// values a full parse gives; rows are still checked in full; messages list every column.
+TEST(CsvTableTest, KeepsOnlyTheNamedColumns) {
+  const std::string text =
+      "rating,filename,notes,primary_label,x\n"
+      "4.5,a/XC1.ogg,\"long, quoted\nnote\",abc1,\n"
+      "\n"
+      "3,b/XC2.ogg,,def2,\"\"\"q\"\"\"\n";
+  const std::vector<std::string> columns{"primary_label", "filename", "missing"};
+  auto some = CsvTable::Parse(text, "m.csv", &columns);
+  auto all = CsvTable::Parse(text, "m.csv");
+  ASSERT_TRUE(some.ok()) << some.status();
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(some->header(), (std::vector<std::string>{"filename", "primary_label"}));
+  ASSERT_EQ(some->num_rows(), 2u);
+  for (size_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(some->row(r), (std::vector<std::string>{all->row(r)[1], all->row(r)[3]}));
+    EXPECT_EQ(some->line(r), all->line(r));
+  }
+  EXPECT_EQ(some->line(1), 5);
+  EXPECT_EQ(all->row(1)[4], "\"q\"");
+  EXPECT_EQ(some->RequireColumn("notes").status().message(),
+            "m.csv: missing column 'notes' (columns: rating,filename,notes,primary_label,x)");
+  auto ragged = CsvTable::Parse("a,b,c\n1,2,3\n4,5\n", "r.csv", &columns);
+  ASSERT_FALSE(ragged.ok());
+  EXPECT_EQ(ragged.status().message(), "r.csv:3: expected 3 fields (as the header), got 2");
+  auto quote = CsvTable::Parse("a,b\n1,x\"y\n", "q.csv", &columns);
+  ASSERT_FALSE(quote.ok());
+  EXPECT_NE(quote.status().message().find("q.csv:2: quote inside an unquoted field 'x\"'"), std::string::npos)
+      << quote.status();
 }
 
 TEST(CsvTableTest, MissingFileIsNotFound) {
