@@ -1,0 +1,190 @@
+#!/usr/bin/python3
+"""The BirdCLEF-scale rows of issue 15, measured against the reference in one invocation.
+
+Makes a pool with make_corpus.py (every file real: hard links to `aviary synth` templates),
+then measures:
+  - `aviary dataset train-list --stage pretrain --fold 0` (read the CSVs, check every file,
+    dedup, target exclusion, 25 stratified folds, cv filter, up- and downsampling, the train
+    list) against the seed's pandas + scikit-learn code doing the same
+    (tests/parity/reference_pipeline.py, which also writes the folds) on the same files: best
+    wall time of REPEATS runs and peak RSS, and that both wrote the same bytes; and
+    `aviary dataset folds --stage pretrain` alone;
+  - `aviary submit` of the whole pipeline (pretraining on the pool, fine-tuning on the target)
+    to a coordinator on 127.0.0.1: wall time per submit, the coordinator's RSS and the SQLite
+    file's growth per job, over JOBS jobs.
+Prints a table and writes it as JSON to OUT_JSON when given.
+
+usage: scale_bench.py BUILD_DIR [--scale F] [--repeats N] [--jobs N] [--json OUT_JSON] [--keep DIR]
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LAYOUTS = ["2024", "2023", "2022", "2021", "xc"]
+
+
+def timed(cmd, env=None):
+    """(wall seconds, peak RSS in MiB of this child) of one run; raises on failure."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run the small one first.
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, (peak if peak > before else before) / 1024.0, r.stdout
+
+
+def peak_rss_mib(cmd, env=None):
+    """Peak RSS of one run of cmd, measured apart (a fresh Python process as its parent)."""
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+             "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+             "sys.exit(r.returncode)")
+    out = subprocess.run([sys.executable, "-c", probe] + cmd, stdout=subprocess.PIPE, text=True, env=env, check=True)
+    return int(out.stdout.strip()) / 1024.0
+
+
+def best_of(n, cmd, env=None):
+    walls = []
+    for _ in range(n):
+        wall, _, out = timed(cmd, env)
+        walls.append(wall)
+    return min(walls), out
+
+
+def rss_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("build")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=3)
+    p.add_argument("--json", default="")
+    p.add_argument("--keep", default="", help="make the pool here and keep it (reused when present)")
+    a = p.parse_args()
+    bin_dir = os.path.join(os.path.abspath(a.build), "bin")
+    aviary = os.path.join(bin_dir, "aviary")
+    tmp = tempfile.mkdtemp(prefix="aviary_scale_")
+    work = a.keep or tmp
+    pool = os.path.join(work, "pool")
+    try:
+        if not os.path.isdir(pool):
+            templates = os.path.join(work, "templates")
+            procs = [subprocess.Popen([aviary, "synth", "--out", os.path.join(templates, layout), "--layout", layout,
+                                       "--species", "300", "--recordings", "600", "--seed", "3", "--max-seconds", "2",
+                                       "--no-broken"], stdout=subprocess.DEVNULL) for layout in LAYOUTS]
+            if any(proc.wait() != 0 for proc in procs):
+                raise SystemExit("aviary synth failed")
+            subprocess.run([sys.executable, os.path.join(HERE, "make_corpus.py"), "--templates", templates,
+                            "--out", pool, "--scale", str(a.scale)], check=True)
+        config = os.path.join(tmp, "pipeline.yaml")
+        with open(config, "w") as f:
+            f.write(f"data:\n  target: {{layout: \"2024\", root: {pool}/2024}}\n  pretrain_sources:\n")
+            for layout in ["2021", "2022", "2023", "xc"]:
+                f.write(f"    - {{layout: \"{layout}\", root: {pool}/{layout}}}\n")
+        rows = {}
+
+        # 1. Folds of the pretraining pool.
+        ours_cmd = [aviary, "dataset", "folds", "--config", config, "--stage", "pretrain",
+                    "--out", os.path.join(tmp, "ours.csv")]
+        ref_cmd = [sys.executable, os.path.join(ROOT, "tests/parity/reference_pipeline.py"),
+                   "--target", f"2024:{pool}/2024"] + sum(
+            [["--source", f"{layout}:{pool}/{layout}"] for layout in ["2021", "2022", "2023", "xc"]], []) + [
+            "--stage", "pretrain", "--fold", "0", "--seed", "42", "--pretrain-splits", "25",
+            "--finetune-splits", "5", "--cv-filter", "1", "--cv-thr", "5", "--upsample-thr", "50",
+            "--downsample-thr", "500", "--folds-out", os.path.join(tmp, "ref.csv"),
+            "--train-out", os.path.join(tmp, "ref_train.csv")]
+        train_cmd = [aviary, "dataset", "train-list", "--config", config, "--stage", "pretrain", "--fold", "0",
+                     "--out", os.path.join(tmp, "ours_train.csv")]
+        timed(ours_cmd)  # warm the page cache and the dentry cache for both
+        folds_s, _ = best_of(a.repeats, ours_cmd)
+        ours_s, _ = best_of(a.repeats, train_cmd)
+        ref_s, _ = best_of(a.repeats, ref_cmd)
+        ours_mib = peak_rss_mib(train_cmd)
+        ref_mib = peak_rss_mib(ref_cmd)
+
+        def same_bytes(x, y):
+            return open(os.path.join(tmp, x), "rb").read() == open(os.path.join(tmp, y), "rb").read()
+
+        same = same_bytes("ours.csv", "ref.csv") and same_bytes("ours_train.csv", "ref_train.csv")
+        samples = sum(1 for _ in open(os.path.join(tmp, "ours.csv"))) - 1
+        rows["folds"] = {"aviary_s": ours_s, "reference_s": ref_s, "speedup": ref_s / ours_s,
+                         "aviary_folds_only_s": folds_s, "aviary_mib": ours_mib, "reference_mib": ref_mib,
+                         "same_output": same, "pool_samples": samples}
+
+        # 2. Submits to a coordinator.
+        state = os.path.join(tmp, "state")
+        subprocess.run([os.path.join(bin_dir, "aviary-coordinator"), "init", state, "--data-root", pool],
+                       check=True, stdout=subprocess.DEVNULL)
+        port_file = os.path.join(tmp, "port")
+        log = open(os.path.join(tmp, "coordinator.log"), "w")
+        coordinator = subprocess.Popen([os.path.join(bin_dir, "aviary-coordinator"), "--config",
+                                        os.path.join(state, "coordinator.yaml"), "--listen", "127.0.0.1:0",
+                                        "--port-file", port_file, "--metrics-listen", ""], stdout=log, stderr=log)
+        try:
+            for _ in range(300):
+                if os.path.exists(port_file) and os.path.getsize(port_file) > 0:
+                    break
+                time.sleep(0.1)
+            else:
+                raise SystemExit("the coordinator did not start: " + open(log.name).read()[-2000:])
+            port = open(port_file).read().strip()
+            env = dict(os.environ, AVIARY_TOKEN_FILE=os.path.join(state, "token"))
+            db = os.path.join(state, "aviary.db")
+            idle_mib = rss_of(coordinator.pid)
+            sizes, walls = [os.path.getsize(db)], []
+            for _ in range(a.jobs):
+                wall, _, _ = timed([aviary, "--coordinator", f"127.0.0.1:{port}", "submit", config,
+                                    "--set", "folds.selected_folds=[0]"], env)
+                walls.append(wall)
+                sizes.append(os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0))
+            growth = [(b - a_) / 2**20 for a_, b in zip(sizes, sizes[1:])]
+            rows["submit"] = {"jobs": a.jobs, "submit_s": walls, "coordinator_idle_mib": idle_mib,
+                              "coordinator_after_mib": rss_of(coordinator.pid), "db_growth_mib_per_job": growth}
+        finally:
+            coordinator.send_signal(signal.SIGTERM)
+            coordinator.wait(timeout=60)
+        # After a clean stop the WAL is folded into the file: its size over the jobs.
+        rows["submit"]["db_mib_after_stop"] = os.path.getsize(db) / 2**20
+
+        f = rows["folds"]
+        s = rows["submit"]
+        print(f"pool: {f['pool_samples']} pretraining samples (scale {a.scale}); machine: {os.cpu_count()} cores")
+        print(f"{'what':44} {'aviary':>16} {'reference':>16}")
+        print(f"{'folds + train list (pretrain): wall (best)':44} {f['aviary_s']:>15.2f}s {f['reference_s']:>15.2f}s"
+              f"   {f['speedup']:.1f}x")
+        print(f"{'folds + train list (pretrain): peak RSS':44} {f['aviary_mib']:>13.0f}MiB {f['reference_mib']:>13.0f}MiB"
+              f"   same bytes: {f['same_output']}")
+        print(f"{'dataset folds alone: wall (best)':44} {f['aviary_folds_only_s']:>15.2f}s")
+        print(f"{'submit of the full pipeline: wall':44} {', '.join(f'{w:.2f}s' for w in s['submit_s']):>16}")
+        print(f"{'coordinator RSS idle / after the jobs':44} {s['coordinator_idle_mib']:.0f} / {s['coordinator_after_mib']:.0f} MiB")
+        print(f"{'SQLite growth per job (file + WAL)':44} {', '.join(f'{g:.1f}' for g in s['db_growth_mib_per_job'])} MiB;"
+              f" {s['db_mib_after_stop']:.1f} MiB for {s['jobs']} jobs after the stop")
+        if a.json:
+            with open(a.json, "w") as out:
+                json.dump(rows, out, indent=2)
+        if not f["same_output"]:
+            raise SystemExit("aviary's folds or train list differ from the reference's")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
