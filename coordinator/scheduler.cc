@@ -1,5 +1,7 @@
 #include "coordinator/scheduler.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -427,6 +429,14 @@ absl::StatusOr<Scheduler::Group*> Scheduler::FindGroup(const std::string& group_
 // JobService.
 
 absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequest& request) {
+  absl::StatusOr<std::string> job_id = BuildAndRecordJob(request);
+#ifdef __GLIBC__
+  ::malloc_trim(0);  // glibc keeps freed arenas otherwise: 126 MiB after 3 pool-sized submits
+#endif
+  return job_id;
+}
+
+absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request) {
   const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
   std::vector<std::string> overrides(request.overrides().begin(), request.overrides().end());
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,

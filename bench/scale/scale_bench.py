@@ -149,15 +149,16 @@ def main():
             env = dict(os.environ, AVIARY_TOKEN_FILE=os.path.join(state, "token"))
             db = os.path.join(state, "aviary.db")
             idle_mib = rss_of(coordinator.pid)
-            sizes, walls = [os.path.getsize(db)], []
+            sizes, walls, rss = [os.path.getsize(db)], [], []
             for _ in range(a.jobs):
                 wall, _, _ = timed([aviary, "--coordinator", f"127.0.0.1:{port}", "submit", config,
                                     "--set", "folds.selected_folds=[0]"], env)
                 walls.append(wall)
+                rss.append(rss_of(coordinator.pid))
                 sizes.append(os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0))
             growth = [(b - a_) / 2**20 for a_, b in zip(sizes, sizes[1:])]
             rows["submit"] = {"jobs": a.jobs, "submit_s": walls, "coordinator_idle_mib": idle_mib,
-                              "coordinator_after_mib": rss_of(coordinator.pid), "db_growth_mib_per_job": growth}
+                              "coordinator_mib_after_each": rss, "db_growth_mib_per_job": growth}
         finally:
             coordinator.send_signal(signal.SIGTERM)
             coordinator.wait(timeout=60)
@@ -173,9 +174,17 @@ def main():
         print(f"{'folds + train list (pretrain): peak RSS':44} {f['aviary_mib']:>13.0f}MiB {f['reference_mib']:>13.0f}MiB"
               f"   same bytes: {f['same_output']}")
         print(f"{'dataset folds alone: wall (best)':44} {f['aviary_folds_only_s']:>15.2f}s")
-        print(f"{'submit of the full pipeline: wall':44} {', '.join(f'{w:.2f}s' for w in s['submit_s']):>16}")
-        print(f"{'coordinator RSS idle / after the jobs':44} {s['coordinator_idle_mib']:.0f} / {s['coordinator_after_mib']:.0f} MiB")
-        print(f"{'SQLite growth per job (file + WAL)':44} {', '.join(f'{g:.1f}' for g in s['db_growth_mib_per_job'])} MiB;"
+        def few(values, fmt):
+            """All values, or the first three, '...' and the last three."""
+            shown = values if len(values) <= 8 else values[:3] + [None] + values[-3:]
+            return ", ".join("..." if v is None else fmt.format(v) for v in shown)
+
+        walls = sorted(s["submit_s"])
+        print(f"{'submit of the full pipeline: wall':44} {few(s['submit_s'], '{:.2f}s')} "
+              f"(median {walls[len(walls) // 2]:.2f}s)")
+        print(f"{'coordinator RSS idle, then after each job':44} {s['coordinator_idle_mib']:.0f}; "
+              f"{few(s['coordinator_mib_after_each'], '{:.0f}')} MiB")
+        print(f"{'SQLite growth per job (file + WAL)':44} {few(s['db_growth_mib_per_job'], '{:.1f}')} MiB;"
               f" {s['db_mib_after_stop']:.1f} MiB for {s['jobs']} jobs after the stop")
         if a.json:
             with open(a.json, "w") as out:

@@ -123,6 +123,63 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
   EXPECT_EQ(*absent, 0);
 }
 
+// Manifests are stored deflated (a pool's paths compress about tenfold), read back exactly; a
+// row written before compression (the CSV itself) still reads; a damaged one is DATA_LOSS
+// naming the task.
+TEST_F(StoreTest, ManifestsAreStoredDeflated) {
+  std::string manifest = "split,path,target\n";
+  for (int i = 0; i < 20000; ++i) {
+    absl::StrAppend(&manifest, i % 5 == 0 ? "valid" : "train", ",/data/birdclef-2021/train_short_audio/sp",
+                    i % 300, "/XC", 20000000 + i * 7, ".ogg,", i % 300, "\n");
+  }
+  auto insert = [&](Store* store, const std::string& task_id, const std::string& csv) {
+    TaskRow task;
+    task.info.set_task_id(task_id);
+    task.info.set_job_id("j0123456789ab");
+    ASSERT_TRUE(store->InsertTask(task, TaskPayload{csv, "seed: 1\n"}).ok());
+  };
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    insert(store->get(), "j0123456789ab/pretrain-f0", manifest);
+    insert(store->get(), "j0123456789ab/finetune-f0", "");
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  RawExec("INSERT INTO tasks VALUES('j0123456789ab/finetune-f1', 'j0123456789ab', 2, 0, '', '', '', '', x'', "
+          "'split,path,target\nvalid,/a.ogg,0\n', 'seed: 1\n')");
+  RawExec("INSERT INTO tasks VALUES('j0123456789ab/finetune-f2', 'j0123456789ab', 3, 0, '', '', '', '', x'', "
+          "x'41565a310a000000000000007801', 'seed: 1\n')");
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT length(manifest_csv) FROM tasks WHERE task_id='j0123456789ab/pretrain-f0'",
+                                 -1, &stmt, nullptr),
+              SQLITE_OK);
+    ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+    EXPECT_LT(sqlite3_column_int64(stmt, 0), static_cast<int64_t>(manifest.size() / 5)) << manifest.size();
+    sqlite3_finalize(stmt);
+    ASSERT_EQ(sqlite3_close(db), SQLITE_OK);
+  }
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto big = (*store)->LoadTaskPayload("j0123456789ab/pretrain-f0");
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(big->manifest_csv, manifest);
+  EXPECT_EQ(big->pipeline_yaml, "seed: 1\n");
+  auto empty = (*store)->LoadTaskPayload("j0123456789ab/finetune-f0");
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->manifest_csv, "");
+  auto old = (*store)->LoadTaskPayload("j0123456789ab/finetune-f1");
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_EQ(old->manifest_csv, "split,path,target\nvalid,/a.ogg,0\n");
+  auto damaged = (*store)->LoadTaskPayload("j0123456789ab/finetune-f2");
+  EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(damaged.status().message().find("task j0123456789ab/finetune-f2: the stored manifest does not inflate"),
+            std::string::npos)
+      << damaged.status();
+}
+
 TEST_F(StoreTest, FailedTransactionLeavesNothing) {
   auto store = Store::Open(path_);
   ASSERT_TRUE(store.ok()) << store.status();
