@@ -30,6 +30,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -80,6 +81,13 @@ struct Options {
   int list_limit = 20;
   std::string scratch;
   bool keep = false;
+  // A load test at BirdCLEF size: submit this pipeline (its paths relative to working_dir,
+  // which a spawned coordinator takes as a data root) instead of the tiny built-in one.
+  std::string pipeline;
+  std::string working_dir;
+  // > 0: a group holding a task hands it back after this long (FailTask, preempted: no restart
+  // counted) and leases again, so leases run at a steady rate; LeaseTask latency is measured.
+  int task_ms = 0;
 };
 
 // Latencies of one kind of call, in microseconds, plus its error count.
@@ -149,6 +157,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int index
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection
   args.SetInt("aviary.bench.channel", index);           // distinct args: no channel sharing
+  args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // leases carry the manifest, as the worker's
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
@@ -199,7 +208,8 @@ absl::StatusOr<std::string> WriteDataset(const fs::path& root) {
 class CoordinatorProcess {
  public:
   static absl::StatusOr<std::unique_ptr<CoordinatorProcess>> Start(const std::string& bin,
-                                                                   const fs::path& dir) {
+                                                                   const fs::path& dir,
+                                                                   const std::string& extra_root) {
     const fs::path config = dir / "coordinator.yaml";
     const fs::path port_file = dir / "port";
     AVIARY_RETURN_IF_ERROR(WriteFile(dir / "token", std::string(kToken) + "\n"));
@@ -210,7 +220,8 @@ class CoordinatorProcess {
                              "metrics_listen: \"\"\n"
                              "database: ", (dir / "aviary.db").string(), "\n"
                              "work_dir: ", (dir / "runs").string(), "\n"
-                             "data_roots: [\"", dir.string(), "\"]\n"
+                             "data_roots: [\"", dir.string(), "\"",
+                             extra_root.empty() ? "" : absl::StrCat(", \"", extra_root, "\""), "]\n"
                              "token_file: ", (dir / "token").string(), "\n"
                              "worker_token_file: ", (dir / "worker.token").string(), "\n"
                              "heartbeat_timeout_s: 20\n"
@@ -259,6 +270,21 @@ class CoordinatorProcess {
   }
 
   const std::string& address() const { return address_; }
+  // CPU seconds (user + system) the coordinator has used so far; -1 when unknown.
+  double CpuSeconds() const {
+    std::ifstream in(absl::StrCat("/proc/", pid_, "/stat"));
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t paren = text.rfind(')');
+    if (paren == std::string::npos) return -1;
+    std::istringstream fields(text.substr(paren + 2));
+    std::string field;
+    double utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> field; ++i) {  // fields 14 and 15: utime, stime (ticks)
+      if (i == 14) utime = std::atof(field.c_str());
+      if (i == 15) stime = std::atof(field.c_str());
+    }
+    return (utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  }
 
  private:
   explicit CoordinatorProcess(pid_t pid) : pid_(pid) {}
@@ -270,7 +296,8 @@ std::atomic<bool> g_stop{false};
 
 // A worker group: registers, optionally leases a task, then heartbeats every interval.
 void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& options,
-              bool lease, Clock::time_point measure_from, Samples* out, std::string* held) {
+              bool lease, Clock::time_point measure_from, Samples* out, std::string* held,
+              Samples* leases) {
   auto stub = v1::WorkerService::NewStub(channel);
   v1::RegisterGroupRequest reg;
   reg.set_world_size(1);
@@ -290,22 +317,27 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     }
   }
   std::string task_id;
-  if (lease) {
+  auto lease_task = [&] {
     v1::LeaseTaskRequest req;
     req.set_group_id(reg_response.group_id());
     v1::LeaseTaskResponse resp;
     grpc::ClientContext context;
     PrepareWorker(&context);
+    const auto t0 = Clock::now();
     grpc::Status s = stub->LeaseTask(&context, req, &resp);
-    if (s.ok() && resp.available()) task_id = resp.task().task_id();
-    if (!s.ok()) {
-      out->errors++;
-      if (out->first_error.empty()) {
-        out->first_error = ToStatus(s, absl::StrCat("LeaseTask of group ", index)).ToString();
+    if (s.ok()) {
+      leases->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      if (resp.available()) task_id = resp.task().task_id();
+    } else {
+      leases->errors++;
+      if (leases->first_error.empty()) {
+        leases->first_error = ToStatus(s, absl::StrCat("LeaseTask of group ", index)).ToString();
       }
     }
-  }
+  };
+  if (lease) lease_task();
   *held = task_id;
+  auto leased_at = Clock::now();
   const auto interval = std::chrono::milliseconds(options.heartbeat_ms);
   auto next = Clock::now();
   while (!g_stop.load()) {
@@ -327,6 +359,24 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
           out->first_error = ToStatus(s, absl::StrCat("Heartbeat of group ", index)).ToString();
         }
       }
+    }
+    if (lease && options.task_ms > 0 && Clock::now() - leased_at >= std::chrono::milliseconds(options.task_ms)) {
+      if (!task_id.empty()) {  // hand it back, as a preempted group does
+        v1::FailTaskRequest fail;
+        fail.set_group_id(reg_response.group_id());
+        fail.set_task_id(task_id);
+        fail.set_error("status_bench: handed back");
+        fail.set_retryable(true);
+        fail.set_preempted(true);
+        v1::FailTaskResponse fail_response;
+        grpc::ClientContext fail_context;
+        PrepareWorker(&fail_context);
+        grpc::Status fs = stub->FailTask(&fail_context, fail, &fail_response);
+        if (!fs.ok() && leases->first_error.empty()) leases->first_error = ToStatus(fs, "FailTask").ToString();
+        task_id.clear();
+      }
+      lease_task();
+      leased_at = Clock::now();
     }
     next += interval;
     if (next < Clock::now()) next = Clock::now();  // late: do not burst to catch up
@@ -397,6 +447,12 @@ std::optional<int> ParseOptions(int argc, char** argv, Options* o) {
   AddNumber(&app, "--list-limit", &o->list_limit, "N", "ListJobs limit", 0, 10000)->capture_default_str();
   app.add_option("--scratch", o->scratch, "scratch folder (default /tmp/aviary_status_bench_PID)");
   app.add_flag("--keep", o->keep, "keep the scratch folder");
+  app.add_option("--pipeline", o->pipeline, "submit this pipeline YAML instead of the built-in tiny one");
+  app.add_option("--working-dir", o->working_dir,
+                 "the pipeline's relative paths resolve here (a data root of a spawned coordinator)");
+  AddNumber(&app, "--task-ms", &o->task_ms, "MS",
+            "groups holding a task hand it back after MS and lease again (0: hold it)", 0, 86400000)
+      ->capture_default_str();
   if (std::optional<int> code = aviary::common::ParseCommandLine(&app, {argv + 1, argv + argc})) return code;
   const bool channels_given = channels->count() > 0;
   if (o->coordinator_bin.empty() == o->coordinator.empty()) {
@@ -418,7 +474,7 @@ absl::Status Run(const Options& options) {
   std::unique_ptr<CoordinatorProcess> process;
   std::string address = options.coordinator;
   if (!options.coordinator_bin.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(process, CoordinatorProcess::Start(options.coordinator_bin, scratch));
+    AVIARY_ASSIGN_OR_RETURN(process, CoordinatorProcess::Start(options.coordinator_bin, scratch, options.working_dir));
     address = process->address();
   } else {
     for (auto [flag, path, token] : {std::tuple<const char*, const std::string*, std::string*>{
@@ -438,7 +494,16 @@ absl::Status Run(const Options& options) {
   std::cerr << "status_bench: coordinator " << address << ", scratch " << scratch.string() << "\n";
 
   // Jobs.
-  AVIARY_ASSIGN_OR_RETURN(std::string yaml, WriteDataset(scratch));
+  std::string yaml;
+  if (options.pipeline.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(yaml, WriteDataset(scratch));
+  } else {
+    std::ifstream in(options.pipeline);
+    if (!in) return absl::NotFoundError(absl::StrCat("--pipeline ", options.pipeline, ": cannot open"));
+    yaml.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const std::string working_dir = options.working_dir.empty() ? scratch.string() : options.working_dir;
+  const auto submit_start = Clock::now();
   auto setup_channel = MakeChannel(address, -1);
   auto jobs_stub = v1::JobService::NewStub(setup_channel);
   std::vector<std::string> job_ids;
@@ -447,7 +512,7 @@ absl::Status Run(const Options& options) {
     req.set_pipeline_yaml(yaml);
     req.set_name(absl::StrCat("status-bench-", j));
     req.set_source_path((scratch / "pipeline.yaml").string());
-    req.set_working_dir(scratch.string());
+    req.set_working_dir(working_dir);
     v1::SubmitJobResponse resp;
     grpc::ClientContext context;
     Prepare(&context);
@@ -456,19 +521,21 @@ absl::Status Run(const Options& options) {
                                     absl::StrCat("SubmitJob ", j, " to ", address)));
     job_ids.push_back(resp.job_id());
   }
+  const double submit_s = std::chrono::duration<double>(Clock::now() - submit_start).count();
+  const double cpu_before = process ? process->CpuSeconds() : -1;
 
   // Groups: one thread each, on their own channels (8 groups per channel).
   std::vector<std::shared_ptr<grpc::Channel>> group_channels;
   const int group_channel_count = std::max(1, (options.groups + 7) / 8);
   for (int i = 0; i < group_channel_count; ++i) group_channels.push_back(MakeChannel(address, 100000 + i));
-  std::vector<Samples> heartbeats(options.groups);
+  std::vector<Samples> heartbeats(options.groups), lease_samples(options.groups);
   std::vector<std::string> held(options.groups);
   std::vector<std::thread> group_threads;
   const auto warmup_end = Clock::now() + std::chrono::seconds(1);
   for (int g = 0; g < options.groups; ++g) {
     group_threads.emplace_back(RunGroup, group_channels[g % group_channel_count], g,
                                std::cref(options), g < options.leased, warmup_end,
-                               &heartbeats[g], &held[g]);
+                               &heartbeats[g], &held[g], &lease_samples[g]);
   }
   std::this_thread::sleep_until(warmup_end);
 
@@ -489,6 +556,10 @@ absl::Status Run(const Options& options) {
   g_stop.store(true);
   for (auto& t : group_threads) t.join();
   const double hb_s = std::chrono::duration<double>(Clock::now() - warmup_end).count();
+  const double cpu_s = process && cpu_before >= 0 ? process->CpuSeconds() - cpu_before : -1;
+  Samples lease_all;
+  for (auto& s : lease_samples) lease_all.Merge(s);
+  const Summary lease = Summarize(lease_all, hb_s);
 
   Samples get_all, list_all, hb_all, poll_all;
   for (auto& s : gets) get_all.Merge(s);
@@ -515,7 +586,9 @@ absl::Status Run(const Options& options) {
                    options.list_every, options.list_limit, options.groups, options.groups,
                    group_channel_count, holding, options.heartbeat_ms)
             << Json("poll", poll) << "," << Json("get_job", get) << "," << Json("list_jobs", list)
-            << "," << Json("heartbeat", hb) << "}\n";
+            << "," << Json("heartbeat", hb) << "," << Json("lease", lease)
+            << absl::StrFormat(",\"submit_s\":%.2f,\"coordinator_cpu_s\":%.2f,\"coordinator_cores\":%.3f}\n",
+                               submit_s, cpu_s, cpu_s >= 0 ? cpu_s / hb_s : -1.0);
 
   std::cout << "\n"
             << absl::StrFormat(
@@ -535,8 +608,12 @@ absl::Status Run(const Options& options) {
             << Row("poll (all)", poll) << "\n"
             << Row("  GetJob", get) << "\n"
             << Row("  ListJobs", list) << "\n"
-            << Row("Heartbeat", hb) << "\n";
-  for (const Samples* s : {&get_all, &list_all, &hb_all}) {
+            << Row("Heartbeat", hb) << "\n"
+            << Row("LeaseTask", lease) << "\n"
+            << absl::StrFormat("\nsubmits: %d in %.1f s; coordinator CPU while loaded: %s\n", options.jobs, submit_s,
+                               cpu_s >= 0 ? absl::StrFormat("%.1f s in %.1f s (%.2f cores)", cpu_s, hb_s, cpu_s / hb_s)
+                                          : std::string("unknown (not spawned)"));
+  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_all}) {
     if (!s->first_error.empty()) std::cout << "first error: " << s->first_error << "\n";
   }
   process.reset();

@@ -12,9 +12,15 @@ then measures:
   - `aviary submit` of the whole pipeline (pretraining on the pool, fine-tuning on the target)
     to a coordinator on 127.0.0.1: wall time per submit, the coordinator's RSS and the SQLite
     file's growth per job, over JOBS jobs.
+  - a scheduler load test (bench/status_bench.cc): a fresh coordinator, LOAD_JOBS jobs of the
+    same pipeline (25-fold pretraining fold 0 + 5 fine-tuning folds: 6 tasks each), 64 worker
+    groups heartbeating every 2 s, each holding a task and handing it back after 10 s to lease
+    again, 20 status pollers once a second, for LOAD_SECONDS: LeaseTask, Heartbeat and GetJob
+    latency and the coordinator's CPU.
 Prints a table and writes it as JSON to OUT_JSON when given.
 
-usage: scale_bench.py BUILD_DIR [--scale F] [--repeats N] [--jobs N] [--json OUT_JSON] [--keep DIR]
+usage: scale_bench.py BUILD_DIR [--scale F] [--repeats N] [--jobs N] [--load-jobs N]
+                      [--load-seconds S] [--json OUT_JSON] [--keep DIR]
 """
 import argparse
 import json
@@ -76,6 +82,8 @@ def main():
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--jobs", type=int, default=3)
+    p.add_argument("--load-jobs", type=int, default=20)
+    p.add_argument("--load-seconds", type=float, default=60, help="0 skips the load test")
     p.add_argument("--json", default="")
     p.add_argument("--keep", default="", help="make the pool here and keep it (reused when present)")
     a = p.parse_args()
@@ -165,6 +173,26 @@ def main():
         # After a clean stop the WAL is folded into the file: its size over the jobs.
         rows["submit"]["db_mib_after_stop"] = os.path.getsize(db) / 2**20
 
+        # 3. Scheduler load test.
+        if a.load_seconds > 0:
+            load_pipeline = os.path.join(tmp, "load.yaml")
+            with open(load_pipeline, "w") as out:
+                out.write("data:\n  target: {layout: \"2024\", root: 2024}\n  pretrain_sources:\n")
+                for layout in ["2021", "2022", "2023", "xc"]:
+                    out.write(f"    - {{layout: \"{layout}\", root: {layout}}}\n")
+                out.write("folds: {selected_folds: [0, 1, 2, 3, 4]}\n")
+            r = subprocess.run([os.path.join(os.path.abspath(a.build), "bench", "status_bench"), "--coordinator-bin",
+                                os.path.join(bin_dir, "aviary-coordinator"), "--pipeline", load_pipeline,
+                                "--working-dir", pool, "--jobs", str(a.load_jobs), "--groups", "64", "--leased", "64",
+                                "--heartbeat-ms", "2000", "--task-ms", "10000", "--pollers", "20",
+                                "--poll-interval-ms", "1000", "--duration", str(a.load_seconds),
+                                "--scratch", os.path.join(tmp, "load")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"status_bench failed ({r.returncode}): {r.stderr[-2000:]}")
+            rows["load"] = json.loads(r.stdout.splitlines()[0])
+            rows["load_table"] = r.stdout.split("\n", 2)[2]
+
         f = rows["folds"]
         s = rows["submit"]
         print(f"pool: {f['pool_samples']} pretraining samples (scale {a.scale}); machine: {os.cpu_count()} cores")
@@ -186,6 +214,9 @@ def main():
               f"{few(s['coordinator_mib_after_each'], '{:.0f}')} MiB")
         print(f"{'SQLite growth per job (file + WAL)':44} {few(s['db_growth_mib_per_job'], '{:.1f}')} MiB;"
               f" {s['db_mib_after_stop']:.1f} MiB for {s['jobs']} jobs after the stop")
+        if "load_table" in rows:
+            print(f"\nscheduler load test ({a.load_jobs} jobs x 6 tasks, 64 groups):")
+            print(rows.pop("load_table").rstrip())
         if a.json:
             with open(a.json, "w") as out:
                 json.dump(rows, out, indent=2)
