@@ -158,6 +158,7 @@ const std::vector<Field>& Fields() {
       {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s)},
       {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s)},
       {"max_restarts", Int(&CoordinatorConfig::max_restarts)},
+      {"retention_days", Double(&CoordinatorConfig::retention_days)},
       {"log_level", String(&CoordinatorConfig::log_level, false)},
   };
   return kFields;
@@ -364,6 +365,10 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
   if (config.max_restarts < 0 || config.max_restarts > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("key 'max_restarts': ", config.max_restarts,
                                                    ": expected 0..1000"));
+  }
+  if (!(config.retention_days >= 0) || config.retention_days > 36500) {
+    return absl::InvalidArgumentError(absl::StrCat("key 'retention_days': ", config.retention_days,
+                                                   ": expected 0 (keep for ever) to 36500"));
   }
   common::LogLevel level;
   if (!common::ParseLogLevel(config.log_level, &level).ok() ||

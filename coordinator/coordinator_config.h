@@ -39,6 +39,7 @@ struct CoordinatorConfig {
   double heartbeat_interval_s = 2.0;  // > 0
   double heartbeat_timeout_s = 20.0;  // > heartbeat_interval_s
   int max_restarts = 3;               // >= 0
+  double retention_days = 30;         // finished jobs keep step points and manifests this long; 0: for ever
   std::string log_level = "info";     // debug, info, warning, error
 
   std::string source_path;  // the file it was loaded from ("" = defaults only)

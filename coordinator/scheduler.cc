@@ -1079,10 +1079,44 @@ int Scheduler::ReapLostGroups() {
   return static_cast<int>(lost.size());
 }
 
+absl::StatusOr<int> Scheduler::PruneFinishedJobs() {
+  if (options_.retention_s <= 0) return 0;
+  absl::MutexLock writer(&write_mu_);
+  const int64_t cutoff = UnixMs() - static_cast<int64_t>(options_.retention_s * 1000);
+  std::vector<std::string> due;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    for (const auto& [job_id, job] : jobs_) {
+      if (TerminalJob(job.row.info.state()) && job.row.info.updated_unix_ms() < cutoff && pruned_.count(job_id) == 0) {
+        due.push_back(job_id);
+      }
+    }
+  }
+  for (const std::string& job_id : due) {
+    int64_t points = 0, manifests = 0;
+    AVIARY_RETURN_IF_ERROR(store_->Transaction([&] { return store_->PruneJob(job_id, &points, &manifests); }));
+    pruned_.insert(job_id);
+    if (points > 0 || manifests > 0) {
+      log_.Info(absl::StrCat("job ", job_id, " finished more than ", options_.retention_s / 86400,
+                             " days ago (retention_days): removed ", points, " step points and ", manifests,
+                             " task manifests; its state and epoch history stay"));
+    }
+  }
+  return static_cast<int>(due.size());
+}
+
 void Scheduler::ReaperLoop() {
   const auto period = std::chrono::milliseconds(
       std::max<int64_t>(10, static_cast<int64_t>(options_.reaper_period_s * 1000)));
-  while (!reaper_wake_.WaitForNotificationWithTimeout(absl::FromChrono(period))) ReapLostGroups();
+  auto next_prune = std::chrono::steady_clock::now();
+  while (!reaper_wake_.WaitForNotificationWithTimeout(absl::FromChrono(period))) {
+    ReapLostGroups();
+    if (std::chrono::steady_clock::now() >= next_prune) {
+      absl::StatusOr<int> pruned = PruneFinishedJobs();
+      if (!pruned.ok()) log_.Error(absl::StrCat("retention: ", pruned.status().message()));
+      next_prune = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    }
+  }
 }
 
 }  // namespace aviary::coordinator

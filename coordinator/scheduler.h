@@ -22,6 +22,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <random>
 #include <string>
@@ -46,6 +47,9 @@ struct SchedulerOptions {
   double heartbeat_timeout_s = 20.0;   // a group silent this long is lost
   int max_restarts = 3;
   double reaper_period_s = 0;          // 0: min(1 s, heartbeat_timeout_s / 4)
+  // A job finished longer ago than this loses its step points and manifests (PruneFinishedJobs);
+  // its state, tasks and epoch-end history stay. <= 0: kept for ever.
+  double retention_s = 30 * 86400.0;
   // The folders a job's data paths must resolve into (docs/SERVICE.md, "Security model");
   // realpath-resolved at Create (each must be an existing folder). Empty: every job is refused.
   std::vector<std::string> data_roots;
@@ -64,6 +68,11 @@ class Scheduler {
 
   // Stops the reaper and ends every WatchJob (UNAVAILABLE). Idempotent.
   void Shutdown();
+
+  // Retention: prunes (Store::PruneJob) every finished job whose last change is older than
+  // retention_s and that this process has not pruned yet. The reaper calls it every minute.
+  // Returns how many jobs it pruned.
+  absl::StatusOr<int> PruneFinishedJobs() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
 
   // --- JobService.
   // Parses, resolves and validates the pipeline, reads the dataset and builds every task's
@@ -203,6 +212,7 @@ class Scheduler {
   int64_t next_job_seq_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t groups_lost_total_ ABSL_GUARDED_BY(mu_) = 0;
   std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
+  std::set<std::string> pruned_ ABSL_GUARDED_BY(write_mu_);  // jobs PruneFinishedJobs has done
   // Per task, the attempt and the epoch and step of its last accepted progress point: within
   // one attempt, epochs and steps never go back. A new attempt starts afresh; at restart this is
   // the last stored point of each attempt.

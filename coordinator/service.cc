@@ -440,6 +440,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   options.heartbeat_interval_s = config.heartbeat_interval_s;
   options.heartbeat_timeout_s = config.heartbeat_timeout_s;
   options.max_restarts = config.max_restarts;
+  options.retention_s = config.retention_days * 86400.0;
   options.data_roots = config.data_roots;
   AVIARY_ASSIGN_OR_RETURN(c->scheduler_,
                           Scheduler::Create(options, c->store_.get(), c->metrics_.get()));

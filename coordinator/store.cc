@@ -460,6 +460,20 @@ absl::Status Store::UpdateTask(const TaskRow& task) {
   return absl::OkStatus();
 }
 
+absl::Status Store::PruneJob(const std::string& job_id, int64_t* points_deleted, int64_t* manifests_cleared) {
+  {
+    Statement st(this, "DELETE FROM metric_points WHERE job_id=?1 AND epoch_end=0");
+    st.Bind(1, job_id);
+    AVIARY_RETURN_IF_ERROR(st.Run());
+    *points_deleted += sqlite3_changes(db_);
+  }
+  Statement st(this, "UPDATE tasks SET manifest_csv=x'' WHERE job_id=?1 AND length(manifest_csv) > 0");
+  st.Bind(1, job_id);
+  AVIARY_RETURN_IF_ERROR(st.Run());
+  *manifests_cleared += sqlite3_changes(db_);
+  return absl::OkStatus();
+}
+
 absl::Status Store::PutGroup(const GroupRow& group) {
   Statement st(this,
                "INSERT INTO groups(group_id, task_id, registered_unix_ms, info) "

@@ -101,6 +101,9 @@ class Store {
   absl::Status AddCheckpoint(const std::string& task_id, int attempt, const std::string& path,
                              int epoch, bool best, int64_t time_unix_ms);
   absl::Status SetCounter(const std::string& name, int64_t value);
+  // Retention of a finished job: deletes its step points (epoch ends stay: history and status
+  // keep working) and empties its tasks' manifests. Adds what it removed to the counts.
+  absl::Status PruneJob(const std::string& job_id, int64_t* points_deleted, int64_t* manifests_cleared);
 
   // Readers (each takes the lock itself).
   absl::StatusOr<std::vector<JobRow>> LoadJobs();     // submission order

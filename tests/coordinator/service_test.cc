@@ -3,6 +3,7 @@
 #include "coordinator/service.h"
 
 #include <arpa/inet.h>
+#include <sqlite3.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <stdlib.h>
@@ -1434,6 +1435,66 @@ TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   ASSERT_EQ(Lease(b).task().attempt(), 2);
   ASSERT_TRUE(Report(b, task_id, {point(1, 10)}, &cancel).ok());
   EXPECT_EQ(Report(b, task_id, {point(1, 9)}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+// Retention (issue 15): a job finished longer ago than retention_days loses its step points and
+// its tasks' manifests; its state and epoch history stay. Running jobs are left alone, and a job
+// is pruned once.
+TEST_F(CoordinatorServiceTest, RetentionPrunesOnlyJobsFinishedLongAgo) {
+  config_.retention_days = 1.0 / 86400;  // one second
+  Start();
+  const std::string done = Submit({"stages.finetune.enabled=false"});
+  const std::string running = Submit({"stages.finetune.enabled=false"});
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  const std::string task = lease.task().task_id();
+  ASSERT_EQ(task, done + "/pretrain-f0");
+  Metrics step = EpochEnd(0, 0.9);
+  step.set_epoch_end(false);
+  step.set_step(4);
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, task, {step, EpochEnd(0, 0.9)}, &cancel).ok());
+  ASSERT_TRUE(Complete(a, task, Checkpoint(task, "best.pt")).ok());
+  const std::string b = Register();
+  ASSERT_EQ(Lease(b).task().task_id(), running + "/pretrain-f0");
+  ASSERT_TRUE(Report(b, running + "/pretrain-f0", {step}, &cancel).ok());
+  // Counts in the database file: step points and non-empty manifests of a job.
+  auto count = [&](const std::string& sql, const std::string& job_id) {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2(config_.database.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+    sqlite3_bind_text(stmt, 1, job_id.c_str(), -1, SQLITE_TRANSIENT);
+    int64_t n = -1;
+    if (sqlite3_step(stmt) == SQLITE_ROW) n = sqlite3_column_int64(stmt, 0);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return n;
+  };
+  const std::string steps = "SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0";
+  const std::string manifests = "SELECT count(*) FROM tasks WHERE job_id=?1 AND length(manifest_csv) > 0";
+  ASSERT_EQ(count(steps, done), 1);
+  ASSERT_EQ(count(manifests, done), 1);
+  auto pruned = coordinator_->scheduler()->PruneFinishedJobs();
+  ASSERT_TRUE(pruned.ok()) << pruned.status();
+  EXPECT_EQ(*pruned, 0);  // finished less than a second ago
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  pruned = coordinator_->scheduler()->PruneFinishedJobs();
+  ASSERT_TRUE(pruned.ok()) << pruned.status();
+  EXPECT_EQ(*pruned, 1);
+  EXPECT_EQ(count(steps, done), 0);
+  EXPECT_EQ(count(manifests, done), 0);
+  EXPECT_EQ(count(steps, running), 1);
+  EXPECT_EQ(count(manifests, running), 1);
+  EXPECT_EQ(GetJob(done).state(), JOB_STATE_SUCCEEDED);
+  GetHistoryRequest history_request;
+  history_request.set_job_id(done);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  EXPECT_EQ(history.rows_size(), 1);  // the epoch end stays
+  pruned = coordinator_->scheduler()->PruneFinishedJobs();
+  ASSERT_TRUE(pruned.ok());
+  EXPECT_EQ(*pruned, 0);  // once
 }
 
 }  // namespace
