@@ -2,8 +2,10 @@
 //
 // Exit codes: 0 after a clean shutdown (SIGTERM / SIGINT), 2 for config errors (before it
 // listens), 1 otherwise. SIGHUP re-reads the token files (Coordinator::ReloadTokens).
+#include <malloc.h>
 #include <signal.h>
 
+#include <cstdlib>
 #include <iostream>
 #include <optional>
 #include <utility>
@@ -65,6 +67,13 @@ int Fail(const std::string& what, const absl::Status& status, int code) {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef __GLIBC__
+  // Two malloc arenas instead of one per core: a submit reads the whole dataset (hundreds of MB)
+  // on whichever gRPC thread serves it, and with an arena per thread the freed memory stays
+  // spread over many arenas (90 MiB after 12 BirdCLEF-sized submits; 57 after 30 with two;
+  // docs/BENCHMARKS.md). An environment MALLOC_ARENA_MAX still wins.
+  if (std::getenv("MALLOC_ARENA_MAX") == nullptr) ::mallopt(M_ARENA_MAX, 2);
+#endif
   using aviary::coordinator::ConfigOverride;
   std::vector<std::string> args(argv + 1, argv + argc);
   CLI::App app(kDescription, "aviary-coordinator");
