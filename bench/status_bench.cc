@@ -371,8 +371,8 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
         v1::FailTaskResponse fail_response;
         grpc::ClientContext fail_context;
         PrepareWorker(&fail_context);
-        grpc::Status fs = stub->FailTask(&fail_context, fail, &fail_response);
-        if (!fs.ok() && leases->first_error.empty()) leases->first_error = ToStatus(fs, "FailTask").ToString();
+        grpc::Status handed_back = stub->FailTask(&fail_context, fail, &fail_response);
+        if (!handed_back.ok() && leases->first_error.empty()) leases->first_error = ToStatus(handed_back, "FailTask").ToString();
         task_id.clear();
       }
       lease_task();

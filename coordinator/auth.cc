@@ -5,7 +5,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/security/auth_context.h"
@@ -151,14 +153,17 @@ absl::Status Authenticator::CheckToken(const grpc::ServerContext& context, const
     return absl::UnauthenticatedError(absl::StrCat(
         rpc, ": missing 'authorization: Bearer <token>' metadata (give the client --token-file)"));
   }
-  const std::string value(it->second.data(), it->second.size());
-  // Every token is compared, so the time does not say which role (if any) matched.
+  // "Bearer <token>"; anything else matches no token. Every token is compared, so the time does
+  // not say which role (if any) matched.
+  constexpr absl::string_view kScheme = "Bearer ";
+  const absl::string_view header(it->second.data(), it->second.size());
+  const std::string value(absl::StartsWith(header, kScheme) ? header.substr(kScheme.size()) : absl::string_view());
   unsigned matched = 0;
   for (Role role : {Role::kClient, Role::kViewer, Role::kWorker}) {
     const std::vector<std::string>& tokens =
         role == Role::kClient ? set->client : role == Role::kViewer ? set->viewer : set->worker;
     for (const std::string& token : tokens) {
-      if (ConstantTimeEquals(value, absl::StrCat("Bearer ", token))) matched |= static_cast<unsigned>(role);
+      if (ConstantTimeEquals(value, token)) matched |= static_cast<unsigned>(role);
     }
   }
   if (matched == 0) {

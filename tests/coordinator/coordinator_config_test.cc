@@ -128,6 +128,22 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
   EXPECT_NE(config.status().message().find("key 'listen'"), std::string::npos) << config.status();
 }
 
+// retention_days: 0 (keep for ever) to 36500; anything else is refused by key and value.
+TEST_F(CoordinatorConfigTest, RetentionDaysIsBounded) {
+  for (const char* bad : {"-1", "40000", "nan"}) {
+    auto config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                             {"retention_days", bad, absl::StrCat("--set retention_days=", bad)}});
+    ASSERT_FALSE(config.ok()) << bad;
+    EXPECT_NE(config.status().message().find("key 'retention_days'"), std::string::npos) << config.status();
+    EXPECT_NE(config.status().message().find(absl::StrCat("--set retention_days=", bad)), std::string::npos)
+        << config.status();
+  }
+  auto config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                           {"retention_days", "0", "--set retention_days=0"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->retention_days, 0);
+}
+
 TEST_F(CoordinatorConfigTest, NoTokenNeedsAllowNoAuth) {
   auto config = LoadCoordinatorConfig("", {});
   ASSERT_FALSE(config.ok());
