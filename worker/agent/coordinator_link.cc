@@ -191,8 +191,10 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
     *csv = it->second;
     manifests_.splice(manifests_.begin(), manifests_, it);
     ++manifest_hits_;
+    Log().Info(absl::StrCat("manifest ", hash.substr(0, 12), " (", size, " bytes) from the cache"));
     return absl::OkStatus();
   }
+  const auto started = Clock::now();
   v1::GetManifestRequest request;
   request.set_group_id(gid);
   request.set_manifest_hash(hash);
@@ -227,6 +229,8 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
                                             " bytes, the lease said ", size));
   }
   ++manifest_fetches_;
+  Log().Info(absl::StrFormat("manifest %s (%d bytes) fetched in %.0f ms", hash.substr(0, 12), size,
+                             1000 * SecondsSince(started)));
   manifests_.emplace_front(hash, out);
   while (manifests_.size() > kCachedManifests) manifests_.pop_back();
   *csv = std::move(out);
