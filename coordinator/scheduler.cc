@@ -886,7 +886,21 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
                                                         hash, held == nullptr ? " (it holds no task)" : ""));
     }
   }
-  AVIARY_ASSIGN_OR_RETURN(std::string csv, store_->LoadManifest(hash));
+  std::shared_ptr<const std::string> shared;
+  {
+    absl::MutexLock lock(&streaming_mu_);  // held while loading: concurrent fetchers wait for one load
+    for (auto it = streaming_.begin(); it != streaming_.end();) {  // drop the finished ones
+      it = it->second.expired() ? streaming_.erase(it) : std::next(it);
+    }
+    auto it = streaming_.find(hash);
+    if (it != streaming_.end()) shared = it->second.lock();
+    if (shared == nullptr) {
+      AVIARY_ASSIGN_OR_RETURN(std::string loaded, store_->LoadManifest(hash));
+      shared = std::make_shared<const std::string>(std::move(loaded));
+      streaming_[hash] = shared;
+    }
+  }
+  const std::string& csv = *shared;
   constexpr size_t kChunk = size_t{1} << 20;
   aviary::v1::ManifestChunk chunk;
   size_t offset = 0;

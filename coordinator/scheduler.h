@@ -230,6 +230,11 @@ class Scheduler {
   std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
   std::set<std::string> pruned_ ABSL_GUARDED_BY(write_mu_);  // jobs PruneFinishedJobs has done
   FoldCache fold_cache_;  // the manifests of recent dataset versions (thread-safe itself)
+  // The manifests being streamed by GetManifest, by hash: groups that fetch the same one at once
+  // (a new dataset version leased by many groups together) share one inflated copy, which goes
+  // when the last of them is done.
+  absl::Mutex streaming_mu_;
+  std::map<std::string, std::weak_ptr<const std::string>> streaming_ ABSL_GUARDED_BY(streaming_mu_);
   // Per task, the attempt and the epoch and step of its last accepted progress point: within
   // one attempt, epochs and steps never go back. A new attempt starts afresh; at restart this is
   // the last stored point of each attempt.

@@ -1577,6 +1577,19 @@ TEST_F(CoordinatorServiceTest, ManifestsAreSharedPerDatasetVersionAndLeasedByRef
   std::string csv;
   ASSERT_TRUE(FetchManifest(a, lease.task().manifest_hash(), &csv).ok());
   EXPECT_EQ(Sha256Hex(csv), lease.task().manifest_hash());
+  {  // Fetches at once share one inflated copy on the coordinator; each gets the whole manifest.
+    std::vector<std::thread> fetchers;
+    std::vector<std::string> got(6);
+    std::vector<grpc::Status> statuses(6);
+    for (size_t i = 0; i < got.size(); ++i) {
+      fetchers.emplace_back([&, i] { statuses[i] = FetchManifest(a, lease.task().manifest_hash(), &got[i]); });
+    }
+    for (auto& t : fetchers) t.join();
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(statuses[i].ok()) << statuses[i].error_message();
+      EXPECT_EQ(got[i], csv) << i;
+    }
+  }
   grpc::Status refused = FetchManifest(idle, lease.task().manifest_hash(), &csv);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(refused.error_message().find("holds no task whose manifest is " + lease.task().manifest_hash()),
