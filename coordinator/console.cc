@@ -1,10 +1,6 @@
 #include "coordinator/console.h"
 
 #include <civetweb.h>
-#include <openssl/bio.h>
-#include <openssl/pem.h>
-#include <openssl/ssl.h>
-#include <openssl/x509.h>
 
 #include <algorithm>
 #include <chrono>
@@ -25,7 +21,6 @@
 #include "absl/strings/strip.h"
 #include "common/files.h"
 #include "common/status.h"
-#include "common/version.h"
 #include "coordinator/console_assets.h"
 #include "google/protobuf/util/json_util.h"
 #include "yaml-cpp/yaml.h"
@@ -148,8 +143,6 @@ void Flatten(const YAML::Node& node, const std::string& prefix, std::map<std::st
     (*out)[prefix] = "";
   }
 }
-
-int InitSsl(void* ssl_ctx, void* user_data);
 
 int LogMessage(const mg_connection* /*conn*/, const char* message) {
   static common::Logger log("console");
@@ -287,62 +280,23 @@ class Console::Request {
   std::chrono::steady_clock::time_point last_write_;
 };
 
-namespace {
-
-int InitSsl(void* ssl_ctx, void* user_data) {
-  auto* options = static_cast<const ConsoleOptions*>(user_data);
-  auto* ctx = static_cast<SSL_CTX*>(ssl_ctx);
-  BIO* cert_bio = BIO_new_mem_buf(options->tls_cert_pem.data(), static_cast<int>(options->tls_cert_pem.size()));
-  BIO* key_bio = BIO_new_mem_buf(options->tls_key_pem.data(), static_cast<int>(options->tls_key_pem.size()));
-  bool ok = cert_bio != nullptr && key_bio != nullptr;
-  X509* cert = ok ? PEM_read_bio_X509_AUX(cert_bio, nullptr, nullptr, nullptr) : nullptr;
-  ok = cert != nullptr && SSL_CTX_use_certificate(ctx, cert) == 1;
-  if (cert != nullptr) X509_free(cert);
-  // The rest of the chain.
-  while (ok) {
-    X509* extra = PEM_read_bio_X509(cert_bio, nullptr, nullptr, nullptr);
-    if (extra == nullptr) break;
-    if (SSL_CTX_add_extra_chain_cert(ctx, extra) != 1) {
-      X509_free(extra);
-      ok = false;
-    }
-  }
-  EVP_PKEY* key = ok ? PEM_read_bio_PrivateKey(key_bio, nullptr, nullptr, nullptr) : nullptr;
-  ok = ok && key != nullptr && SSL_CTX_use_PrivateKey(ctx, key) == 1 && SSL_CTX_check_private_key(ctx) == 1;
-  if (key != nullptr) EVP_PKEY_free(key);
-  if (cert_bio != nullptr) BIO_free(cert_bio);
-  if (key_bio != nullptr) BIO_free(key_bio);
-  return ok ? 1 : -1;
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& options, Scheduler* scheduler,
                                                         Store* store, const Authenticator* auth) {
   std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
-  const Console* self = console.get();
-  const bool tls = self->tls();
-  if (tls && mg_check_feature(MG_FEATURES_TLS) == 0) {
-    return absl::FailedPreconditionError(
-        "console_listen: TLS is configured (tls_cert_file) but this civetweb has no TLS support");
-  }
-  mg_init_library(tls ? MG_FEATURES_TLS : 0);
-  const std::string ports = absl::StrCat(options.listen, tls ? "s" : "");
+  mg_init_library(0);
   const std::string threads = absl::StrCat(kServerThreads);
-  const char* mg_options[] = {"listening_ports", ports.c_str(),
+  const char* mg_options[] = {"listening_ports", options.listen.c_str(),
                               "num_threads", threads.c_str(),
                               "request_timeout_ms", "30000",
-                              "ssl_protocol_version", "3",  // TLS 1.2 and later
                               nullptr};
   mg_callbacks callbacks;
   std::memset(&callbacks, 0, sizeof(callbacks));
   callbacks.log_message = LogMessage;
-  if (tls) callbacks.init_ssl = InitSsl;
-  console->ctx_ = mg_start(&callbacks, const_cast<ConsoleOptions*>(&self->options_), mg_options);
+  console->ctx_ = mg_start(&callbacks, nullptr, mg_options);
   if (console->ctx_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat(
-        "console_listen ", options.listen, ": cannot serve the console there (address in use, not an "
-        "IPv4 address of this host", tls ? ", or the TLS certificate and key do not load" : "", "?)"));
+    return absl::UnavailableError(absl::StrCat("console_listen ", options.listen,
+                                               ": cannot serve the console there (address in use, or not an IPv4 "
+                                               "address of this host?)"));
   }
   mg_set_request_handler(console->ctx_, "/", HandleRequest, console.get());
   mg_server_port bound[4];
@@ -406,8 +360,7 @@ void Console::Route(Request& request) {
   if (parts.size() == 1 && parts[0] == "session") {
     return request.Json(absl::StrCat("{\"role\":", JsonQuote(RoleName(request.role())),
                                      ",\"auth\":", auth_->tokens()->empty() ? "false" : "true",
-                                     ",\"grafana_url\":", JsonQuote(options_.grafana_url),
-                                     ",\"version\":", JsonQuote(common::Version()), "}"));
+                                     ",\"grafana_url\":", JsonQuote(options_.grafana_url), "}"));
   }
   if (parts.size() == 1 && parts[0] == "jobs") return ServeJobs(request);
   if (parts.size() == 1 && parts[0] == "groups") return ServeGroups(request);
@@ -446,7 +399,6 @@ void Console::ServePage(Request& request, const std::string& path) {
 }
 
 void Console::ServeLogin(Request& request) {
-  const bool secure = tls();
   if (request.method() == "POST") {
     const std::string body = request.Body();
     const std::string token = std::string(absl::StripAsciiWhitespace(Request::Var(body, "token")));
@@ -465,7 +417,7 @@ void Console::ServeLogin(Request& request) {
     std::vector<char> value(token.size() * 3 + 1);
     mg_url_encode(token.c_str(), value.data(), value.size());
     return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", value.data(),
-                                               "; Path=/; HttpOnly; SameSite=Strict", secure ? "; Secure" : "",
+                                               "; Path=/; HttpOnly; SameSite=Strict",
                                                "\r\n"));
   }
   if (request.method() != "GET" && request.method() != "HEAD") {
