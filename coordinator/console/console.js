@@ -381,6 +381,15 @@
         if (!column) { column = {stage: t.stage, tasks: []}; stages.push(column); }
         column.tasks.push(t);
       }
+      // Within a stage of several tasks (folds, a sweep's grid), the best by the monitor (val PR-AUC).
+      const leaders = new Set();
+      for (const s of stages) {
+        const scored = s.tasks.map((t) => [t, num(hasMetrics(t.best) ? t.best.val_auc : NaN)])
+          .filter(([, v]) => Number.isFinite(v));
+        if (scored.length < 2) continue;
+        scored.sort((a, b) => b[1] - a[1]);
+        leaders.add(scored[0][0].task_id);
+      }
       const nodes = [];
       stages.forEach((s, i) => {
         if (i > 0) nodes.push(el('div', {class: 'dag-arrow', 'aria-hidden': 'true'}, '\u2192'));
@@ -391,7 +400,9 @@
             return el('button', {class: `task-node state-${stateName(t.state)}${t.task_id === selectedTask ? ' selected' : ''}`,
               dataset: {task: t.task_id}, type: 'button',
               onclick: () => { location.hash = `task=${encodeURIComponent(taskName(t))}`; }},
-              el('div', {class: 'task-node-head'}, el('span', {class: 'mono'}, taskName(t)), badge(t.state)),
+              el('div', {class: 'task-node-head'}, el('span', {class: 'mono'}, taskName(t)),
+                 leaders.has(t.task_id) ? el('span', {class: 'leader', title: 'best of its stage by val PR-AUC'}, '\u2605 best') : null,
+                 el('span', {class: 'spacer'}), badge(t.state)),
               el('div', {class: 'progress'}, el('div', {class: 'progress-bar',
                 style: `width:${t.epochs ? (100 * done / t.epochs).toFixed(1) : 0}%`})),
               el('div', {class: 'task-node-facts small'},
