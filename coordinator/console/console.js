@@ -40,6 +40,30 @@
   function fill(node, ...children) {
     node.replaceChildren(...children.flat().filter((c) => c !== undefined && c !== null && c !== false));
   }
+  // Updates a table body to `rows` (each with data-key) in place: rows and cells whose content
+  // did not change stay the same nodes, so a link under the pointer is not swapped mid-click.
+  function patchRows(tbody, rows) {
+    const old = new Map([...tbody.children].map((r) => [r.dataset.key, r]));
+    let previous = null;
+    for (const row of rows) {
+      let current = old.get(row.dataset.key);
+      if (current && current.cells.length === row.cells.length) {
+        old.delete(row.dataset.key);
+        [...row.cells].forEach((cell, i) => {
+          const mine = current.cells[i];
+          if (mine.innerHTML !== cell.innerHTML || mine.className !== cell.className) mine.replaceWith(cell);
+        });
+        for (const [k, v] of Object.entries(row.dataset)) current.dataset[k] = v;
+      } else {
+        if (current) { old.delete(row.dataset.key); current.replaceWith(row); }
+        current = row;
+      }
+      const want = previous ? previous.nextSibling : tbody.firstChild;
+      if (want !== current) tbody.insertBefore(current, want);
+      previous = current;
+    }
+    for (const stale of old.values()) stale.remove();
+  }
   function num(v) {
     if (v === undefined || v === null || v === '' || v === 'NaN') return NaN;
     return Number(v);
@@ -282,7 +306,7 @@
       for (const j of jobs) byState[stateName(j.state)] = (byState[stateName(j.state)] || 0) + 1;
       fill(counts, ...Object.entries(byState).map(([s, n]) => el('span', {class: `count state-${s}`}, `${n} ${s}`)));
       empty.classList.toggle('hidden', jobs.length > 0);
-      fill(tbody, ...jobs.map((job) => {
+      patchRows(tbody, jobs.map((job) => {
         const best = jobBest(job);
         const check = el('input', {type: 'checkbox', 'aria-label': `select ${job.job_id}`,
           onchange: (e) => {
@@ -291,7 +315,7 @@
             compareButton.textContent = selected.size ? `Compare selected (${selected.size})` : 'Compare selected';
           }});
         check.checked = selected.has(job.job_id);
-        return el('tr', {dataset: {job: job.job_id, state: stateName(job.state)}},
+        return el('tr', {dataset: {key: job.job_id, job: job.job_id, state: stateName(job.state)}},
           el('td', {class: 'narrow'}, check),
           el('td', {}, el('a', {class: 'mono job-link', href: `/jobs/${job.job_id}`}, job.job_id)),
           el('td', {}, job.name || el('span', {class: 'muted'}, '\u2014')),
@@ -367,8 +391,15 @@
         el('a', {class: 'button secondary', href: `/compare?jobs=${jobId}`}, 'Compare tasks'), cancel);
       const facts = [['created', `${age(job.created_unix_ms)} ago`], ['updated', `${age(job.updated_unix_ms)} ago`],
                      ['tasks', String((job.tasks || []).length)]];
-      const best = jobBest(job);
-      facts.push(['best ROC-AUC', fmt(best.roc)], ['best PR-AUC', fmt(best.pr)]);
+      // The tasks' best epochs by the monitor (from the history while they run).
+      let roc = NaN, pr = NaN;
+      for (const t of job.tasks || []) {
+        const m = taskBest(t);
+        if (!m) continue;
+        if (!(num(m.val_roc_auc) <= roc)) roc = num(m.val_roc_auc);
+        if (!(num(m.val_auc) <= pr)) pr = num(m.val_auc);
+      }
+      facts.push(['best ROC-AUC', fmt(roc)], ['best PR-AUC', fmt(pr)]);
       fill(summary, ...facts.map(([k, v]) => el('div', {class: 'fact'}, el('span', {class: 'fact-key'}, k),
                                                                el('span', {class: 'fact-value'}, v))));
       if (job.error) summary.append(errorBox(job.error));
@@ -384,7 +415,7 @@
       // Within a stage of several tasks (folds, a sweep's grid), the best by the monitor (val PR-AUC).
       const leaders = new Set();
       for (const s of stages) {
-        const scored = s.tasks.map((t) => [t, num(hasMetrics(t.best) ? t.best.val_auc : NaN)])
+        const scored = s.tasks.map((t) => [t, num((taskBest(t) || {}).val_auc)])
           .filter(([, v]) => Number.isFinite(v));
         if (scored.length < 2) continue;
         scored.sort((a, b) => b[1] - a[1]);
@@ -396,7 +427,7 @@
         nodes.push(el('div', {class: 'dag-column'}, el('div', {class: 'dag-stage'}, s.stage),
           s.tasks.map((t) => {
             const done = Math.min(epochsDone(t), t.epochs || 0);
-            const bestAuc = hasMetrics(t.best) ? t.best.val_auc : NaN;
+            const bestAuc = (taskBest(t) || {}).val_auc;
             return el('button', {class: `task-node state-${stateName(t.state)}${t.task_id === selectedTask ? ' selected' : ''}`,
               dataset: {task: t.task_id}, type: 'button',
               onclick: () => { location.hash = `task=${encodeURIComponent(taskName(t))}`; }},
@@ -414,13 +445,45 @@
                 Number.isFinite(num(bestAuc)) ? el('span', {}, `best PR-AUC ${fmt(bestAuc)}`) : null));
           })));
       });
-      fill(dag, ...nodes);
+      // In place when the shape is the same (clicks on a node survive updates).
+      const same = dag.children.length === nodes.length && nodes.every((n, i) => {
+        const m = dag.children[i];
+        if (n.className !== m.className) return false;
+        if (n.className === 'dag-arrow') return true;
+        return n.children.length === m.children.length &&
+          [...n.children].every((c, k) => c.dataset.task === m.children[k].dataset.task);
+      });
+      if (!same) {
+        fill(dag, ...nodes);
+        return;
+      }
+      nodes.forEach((column, i) => {
+        [...column.children].forEach((fresh, k) => {
+          const mine = dag.children[i].children[k];
+          if (mine.className !== fresh.className) mine.className = fresh.className;
+          [...fresh.children].forEach((part, j) => {
+            const current = mine.children[j];
+            if (!current || current.innerHTML !== part.innerHTML) {
+              if (current) current.replaceWith(part); else mine.append(part);
+            }
+          });
+        });
+      });
     }
 
     function taskSeries(taskId) {
       const points = [...(history.get(taskId) || new Map()).values()].sort((a, b) => a.metrics.epoch - b.metrics.epoch);
       const series = (key) => new Map(points.map((p) => [p.metrics.epoch + 1, num(p.metrics[key])]));
       return {points, series};
+    }
+
+    // The metrics of a task's best epoch: reported at completion, else the history's best.
+    function taskBest(task) {
+      if (hasMetrics(task.best)) return task.best;
+      const {points} = taskSeries(task.task_id);
+      const epoch = bestEpoch(task, points);
+      const point = points.find((p) => p.metrics.epoch + 1 === epoch);
+      return point ? point.metrics : null;
     }
 
     function bestEpoch(task, points) {
@@ -462,8 +525,7 @@
         charts.lr.update(lrRows, best);
       }
       const latest = task.latest || {};
-      const bestPoint = points.find((p) => p.metrics.epoch + 1 === best);
-      const bestMetrics = hasMetrics(task.best) ? task.best : (bestPoint ? bestPoint.metrics : null);
+      const bestMetrics = taskBest(task);
       const factsList = [['state', stateName(task.state)], ['attempt', task.attempt || 0], ['restarts', task.restarts || 0],
         ['group', task.group_id || '\u2014'], ['epoch', `${Math.min(epochsDone(task), task.epochs)}/${task.epochs}`],
         ['steps/epoch', task.steps_per_epoch || '\u2014'], ['samples/s', fmt(latest.samples_per_s, 1)],
@@ -737,10 +799,10 @@
       const ranks = groups.reduce((n, g) => n + (g.world_size || 0), 0);
       fill(count, el('span', {class: 'count'}, `${groups.length} groups`), el('span', {class: 'count'}, `${ranks} ranks`),
                             el('span', {class: 'count state-running'}, `${groups.filter((g) => g.task_id).length} busy`));
-      fill(tbody, ...groups.map((g) => {
+      patchRows(tbody, groups.map((g) => {
         const jobId = g.task_id ? g.task_id.split('/')[0] : '';
         const heartbeat = num(g.last_heartbeat_age_s);
-        return el('tr', {dataset: {group: g.group_id}},
+        return el('tr', {dataset: {key: g.group_id, group: g.group_id}},
           el('td', {class: 'mono'}, g.group_id),
           el('td', {}, [...new Set(g.hosts)].join(', ') || '\u2014'),
           el('td', {}, String(g.world_size)),

@@ -131,7 +131,8 @@ try:
     shot("02-jobs")
 
     # Job page: the curves grow.
-    driver.find_element(By.CSS_SELECTOR, f'a.job-link[href="/jobs/{args.job1}"]').click()
+    wait_until("the click on job1", lambda: driver.find_element(
+        By.CSS_SELECTOR, f'a.job-link[href="/jobs/{args.job1}"]').click() or True)
     check(wait_until("the job page", lambda: driver.find_elements(By.CSS_SELECTOR, "#dag .task-node")),
           "the job page draws the task DAG")
     nodes = driver.find_elements(By.CSS_SELECTOR, "#dag .task-node")
@@ -149,8 +150,8 @@ try:
     shot("03-job-live")
 
     # Click through to the pretraining task.
-    pre = [n for n in driver.find_elements(By.CSS_SELECTOR, "#dag .task-node") if "pretrain" in n.text][0]
-    pre.click()
+    wait_until("the click on the pretraining task", lambda: [
+        n for n in driver.find_elements(By.CSS_SELECTOR, "#dag .task-node") if "pretrain" in n.text][0].click() or True)
     check(wait_until("the pretrain task", lambda: "pretrain-f" in driver.find_element(By.ID, "task-title").text),
           "clicking a task node shows that task")
     check("task=pretrain" in driver.current_url, "the task is in the URL fragment")
@@ -223,8 +224,7 @@ try:
 
     # Browser console errors (a CSP refusal, a script error) fail the test.
     # Expected network errors: the refusals above (401, 403) and the restart's dropped streams.
-    expected = ("status of 401", "status of 403", "ERR_CONNECTION_REFUSED", "ERR_EMPTY_RESPONSE",
-                "ERR_INCOMPLETE_CHUNKED_ENCODING", "ERR_CONNECTION_RESET")
+    expected = ("status of 401", "status of 403", "net::ERR_")  # net::ERR_*: the coordinator was down
     logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
             and not (e.get("source") == "network" and any(x in e.get("message", "") for x in expected))]
     check(not logs, f"no script errors in the browser console: {logs}")
