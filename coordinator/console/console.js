@@ -594,9 +594,10 @@
           const task = (job.tasks || []).find((t) => t.task_id === event.task_id);
           addPoint(event.task_id, task ? task.attempt : 0, m, Date.now());
         }
-        // New checkpoints or a finished task: refresh the checkpoint list (cheap, at most 1/s).
-        const changed = !previous || (job.tasks || []).some((t, i) => !previous.tasks || !previous.tasks[i] ||
-          previous.tasks[i].state !== t.state || previous.tasks[i].best_checkpoint !== t.best_checkpoint);
+        // An epoch end (checkpoints follow it) or a task's new state: refresh the checkpoint list
+        // (at most once a second).
+        const changed = !previous || (m && m.epoch_end) || (job.tasks || []).some((t, i) => !previous.tasks ||
+          !previous.tasks[i] || previous.tasks[i].state !== t.state);
         if (changed && !reloadTimer) {
           reloadTimer = setTimeout(() => {
             reloadTimer = null;
