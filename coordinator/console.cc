@@ -284,8 +284,11 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
                                                         Store* store, const Authenticator* auth) {
   std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
   mg_init_library(0);
+  const bool tls = console->tls();
+  // With TLS civetweb serves plain HTTP on loopback only, behind the TLS front.
+  const std::string ports = tls ? "127.0.0.1:0" : options.listen;
   const std::string threads = absl::StrCat(kServerThreads);
-  const char* mg_options[] = {"listening_ports", options.listen.c_str(),
+  const char* mg_options[] = {"listening_ports", ports.c_str(),
                               "num_threads", threads.c_str(),
                               "request_timeout_ms", "30000",
                               nullptr};
@@ -294,7 +297,7 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
   callbacks.log_message = LogMessage;
   console->ctx_ = mg_start(&callbacks, nullptr, mg_options);
   if (console->ctx_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("console_listen ", options.listen,
+    return absl::UnavailableError(absl::StrCat("console_listen ", ports,
                                                ": cannot serve the console there (address in use, or not an IPv4 "
                                                "address of this host?)"));
   }
@@ -306,6 +309,11 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
     return absl::UnavailableError(absl::StrCat("console_listen ", options.listen, ": no listening port"));
   }
   console->port_ = bound[0].port;
+  if (tls) {
+    AVIARY_ASSIGN_OR_RETURN(console->tls_front_, TlsFront::Start(options.listen, console->port_, options.tls_cert_pem,
+                                                                 options.tls_key_pem));
+    console->port_ = console->tls_front_->port();
+  }
   return console;
 }
 
@@ -313,6 +321,7 @@ Console::~Console() { Shutdown(); }
 
 void Console::Shutdown() {
   stopping_ = true;
+  if (tls_front_ != nullptr) tls_front_->Stop();
   if (ctx_ != nullptr) {
     mg_stop(ctx_);  // waits for the request threads; the streams see stopping_ within 500 ms
     ctx_ = nullptr;
@@ -399,6 +408,7 @@ void Console::ServePage(Request& request, const std::string& path) {
 }
 
 void Console::ServeLogin(Request& request) {
+  const bool secure = tls();
   if (request.method() == "POST") {
     const std::string body = request.Body();
     const std::string token = std::string(absl::StripAsciiWhitespace(Request::Var(body, "token")));
@@ -417,7 +427,7 @@ void Console::ServeLogin(Request& request) {
     std::vector<char> value(token.size() * 3 + 1);
     mg_url_encode(token.c_str(), value.data(), value.size());
     return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", value.data(),
-                                               "; Path=/; HttpOnly; SameSite=Strict",
+                                               "; Path=/; HttpOnly; SameSite=Strict", secure ? "; Secure" : "",
                                                "\r\n"));
   }
   if (request.method() != "GET" && request.method() != "HEAD") {

@@ -1,9 +1,8 @@
 // The coordinator's web console and its JSON API (docs/SERVICE.md, "Web console"), served over
 // HTTP by civetweb (the library prometheus-cpp's /metrics already runs on) on its own address,
-// `console_listen`. Plain HTTP only: Debian 12's civetweb 1.15 crashes on its first TLS
-// connection (a null OpenSSL 3 function in its dlopen table; its own `civetweb` binary does the
-// same), so with TLS configured the console must listen on a loopback address, for an HTTPS
-// reverse proxy or an SSH tunnel (ValidateCoordinatorConfig).
+// `console_listen`. With the gRPC port's certificate it serves HTTPS only: civetweb then listens
+// on an ephemeral loopback port and a TlsFront (coordinator/tls_front.h) serves console_listen,
+// because Debian 12's civetweb crashes on TLS connections itself.
 //
 // Pages: /jobs, /jobs/{id} (the task DAG, live per-epoch curves, config, checkpoints), /compare
 // and /groups: one HTML shell whose script (console.js, embedded in the binary) renders them
@@ -12,8 +11,8 @@
 //
 // Auth: the tokens and roles of the gRPC port (coordinator/auth.h). Reads need the client or
 // the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
-// or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict; it holds
-// the token itself, so it outlives a coordinator restart and a SIGHUP reload
+// or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
+// over HTTPS; it holds the token itself, so it outlives a coordinator restart and a SIGHUP reload
 // revokes it). A POST authenticated by the cookie must also carry `X-Aviary-Console: 1`.
 //
 // Thread-safe: civetweb serves each request on one of its threads; the handlers only read the
@@ -30,6 +29,7 @@
 #include "coordinator/auth.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/store.h"
+#include "coordinator/tls_front.h"
 
 struct mg_context;
 struct mg_connection;
@@ -37,8 +37,10 @@ struct mg_connection;
 namespace aviary::coordinator {
 
 struct ConsoleOptions {
-  std::string listen;       // HOST:PORT (an IPv4 address); port 0 picks one
-  std::string grafana_url;  // "" = no link
+  std::string listen;        // HOST:PORT (an IPv4 address); port 0 picks one
+  std::string tls_cert_pem;  // both set: HTTPS only
+  std::string tls_key_pem;
+  std::string grafana_url;   // "" = no link
   // Where Debian's libjs-dygraphs lives (dygraphs/dygraph.min.js under it).
   std::string javascript_dir = "/usr/share/javascript";
 };
@@ -57,6 +59,7 @@ class Console {
   void Shutdown();
 
   int port() const { return port_; }
+  bool tls() const { return !options_.tls_cert_pem.empty(); }
 
   // One request, for civetweb's callback (public only for it).
   int Handle(mg_connection* conn);
@@ -87,6 +90,7 @@ class Console {
   const Authenticator* const auth_;
   common::Logger log_{"console"};
   mg_context* ctx_ = nullptr;
+  std::unique_ptr<TlsFront> tls_front_;  // with TLS: serves `listen`, relays to civetweb on loopback
   int port_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<int> streams_{0};  // open event streams (each holds a server thread)

@@ -337,15 +337,6 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
   AVIARY_RETURN_IF_ERROR(CheckAddress("listen", config.listen, false));
   AVIARY_RETURN_IF_ERROR(CheckAddress("metrics_listen", config.metrics_listen, true));
   AVIARY_RETURN_IF_ERROR(CheckAddress("console_listen", config.console_listen, true));
-  if (!config.console_listen.empty() && !config.tls_cert_file.empty() &&
-      !absl::StartsWith(config.console_listen, "127.") && !absl::StartsWith(config.console_listen, "localhost:")) {
-    // Debian 12's civetweb crashes on TLS connections (coordinator/console.h): the console
-    // serves plain HTTP, so with TLS on it stays on loopback behind a proxy or a tunnel.
-    return absl::InvalidArgumentError(absl::StrCat(
-        "key 'console_listen': '", config.console_listen, "': the console serves plain HTTP only; with tls_cert_file "
-        "set it must listen on a loopback address (127.0.0.1:PORT) behind an HTTPS reverse proxy or an SSH "
-        "tunnel (docs/SERVICE.md, \"Web console\")"));
-  }
   if (!config.console_grafana_url.empty() && !absl::StartsWith(config.console_grafana_url, "http://") &&
       !absl::StartsWith(config.console_grafana_url, "https://")) {
     return absl::InvalidArgumentError(absl::StrCat("key 'console_grafana_url': '", config.console_grafana_url,

@@ -487,6 +487,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   if (!config.console_listen.empty()) {
     ConsoleOptions console;
     console.listen = config.console_listen;
+    console.tls_cert_pem = secrets.tls_cert_pem;
+    console.tls_key_pem = secrets.tls_key_pem;
     console.grafana_url = config.console_grafana_url;
     AVIARY_ASSIGN_OR_RETURN(c->console_, Console::Start(console, c->scheduler_.get(), c->store_.get(), c->auth_.get()));
     if (!config.console_port_file.empty()) {
@@ -494,7 +496,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
           common::WriteFileAtomically(config.console_port_file, absl::StrCat(c->console_port(), "\n")),
           "key 'console_port_file'"));
     }
-    c->log_.Info(absl::StrCat("console on http://",
+    c->log_.Info(absl::StrCat("console on ", c->console_->tls() ? "https://" : "http://",
                               WithPort(config.console_listen, c->console_port()), "/"));
   }
   if (!config.port_file.empty()) {
