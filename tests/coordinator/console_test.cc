@@ -306,6 +306,7 @@ TEST_F(ConsoleTest, RefusesCallsWithoutAClientOrViewerToken) {
 }
 
 TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
+  config_.console_grafana_url = "https://grafana.example/d/aviary";
   Start();
   const std::string job_id = Submit();
   const std::string group = RunEpochs(0, &task_id_);
@@ -347,7 +348,7 @@ TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
   EXPECT_TRUE(absl::StrContains(groups.body, "\"samples_per_s\":123.5")) << groups.body;
 
   HttpResponse session = Http(port_, "GET", "/api/session", {Bearer("the-viewer-token")});
-  EXPECT_TRUE(absl::StartsWith(session.body, "{\"role\":\"viewer\",\"auth\":true")) << session.body;
+  EXPECT_EQ(session.body, "{\"role\":\"viewer\",\"auth\":true,\"grafana_url\":\"https://grafana.example/d/aviary\"}");
 
   // Bad and unknown ids.
   EXPECT_EQ(Http(port_, "GET", "/api/jobs/x", {Bearer("the-token")}).status, 400);
@@ -462,6 +463,16 @@ TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {
   EXPECT_TRUE(absl::StrContains(stream, "event: job\ndata: {\"job\":{\"job_id\":\"" + job_id)) << stream;
   // Plain HTTP on the console's port gets no answer.
   EXPECT_EQ(Http(port_, "GET", "/api/jobs", {Bearer("the-viewer-token")}).status, 0);
+}
+
+TEST_F(ConsoleTest, ConfigKeysAreChecked) {
+  config_.console_listen = "nowhere";
+  EXPECT_TRUE(absl::StrContains(ValidateCoordinatorConfig(config_).message(),
+                                "key 'console_listen': 'nowhere' is not HOST:PORT"));
+  config_.console_listen = "127.0.0.1:0";
+  config_.console_grafana_url = "grafana:3000";
+  EXPECT_TRUE(absl::StrContains(ValidateCoordinatorConfig(config_).message(),
+                                "key 'console_grafana_url': 'grafana:3000' is not an http:// or https:// URL"));
 }
 
 }  // namespace
