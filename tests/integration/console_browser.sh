@@ -55,10 +55,12 @@ code=$(curl -s -o "$tmp/body" -w '%{http_code}' -H "Authorization: Bearer $(cat 
 [ "$code" = 200 ] && grep -q "\"job_id\":\"$job1\"" "$tmp/body" && ok || fail "/api/jobs/$job1 with the viewer token: HTTP $code"
 
 status=0
-/usr/bin/python3 "$(dirname "$0")/console_browser.py" --url "http://127.0.0.1:$cport" \
+# In its own process group (with chromedriver and chromium) so that the cleanup ends them all.
+setsid /usr/bin/python3 "$(dirname "$0")/console_browser.py" --url "http://127.0.0.1:$cport" \
   --client-token "$tmp/token" --viewer-token "$tmp/viewer.token" --job1 "$job1" --job2 "$job2" \
   --artifacts "$artifacts" --restart-file "$tmp/restart" &
 browser_pid=$!
+pids+=("$browser_pid")
 # The browser script asks for a coordinator restart by writing $tmp/restart.request; this loop
 # stops the coordinator (SIGTERM), starts it again on the same database and console port (the
 # groups keep heartbeating and keep their tasks) and answers in $tmp/restart.done.
