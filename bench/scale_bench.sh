@@ -2,7 +2,9 @@
 # BirdCLEF-scale data (issue 15): a ~140,000-row pretraining pool and a 24,459-row target made
 # from synthetic templates with hard-linked audio (bench/scale/make_corpus.py), then
 # `aviary dataset folds` against the seed's pandas/scikit-learn code on the same files, and
-# `aviary submit` of the full pipeline to a coordinator (time, coordinator memory, SQLite growth).
+# `aviary submit` of the full pipeline to a coordinator (time of the first submit and of the
+# later ones, which reuse the dataset version's manifests; coordinator memory; SQLite growth),
+# and the scheduler load test (bench/status_bench: 64 groups, LeaseTask / GetManifest / status).
 # Usage: bench/scale_bench.sh [BUILD_DIR] [scale_bench.py flags: --scale F --repeats N --jobs N
 #        --json OUT --keep DIR]   (after scripts/test.sh has built BUILD_DIR, default build/)
 set -euo pipefail

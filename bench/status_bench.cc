@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <cctype>
 #include <cerrno>
 #include <cstring>
@@ -86,7 +87,9 @@ struct Options {
   std::string pipeline;
   std::string working_dir;
   // > 0: a group holding a task hands it back after this long (FailTask, preempted: no restart
-  // counted) and leases again, so leases run at a steady rate; LeaseTask latency is measured.
+  // counted) and leases again, so leases run at a steady rate; LeaseTask latency is measured,
+  // and so is GetManifest, which a group calls (as aviary-worker does) for a manifest hash it
+  // has not fetched yet (each group remembers its last 4).
   int task_ms = 0;
 };
 
@@ -297,7 +300,7 @@ std::atomic<bool> g_stop{false};
 // A worker group: registers, optionally leases a task, then heartbeats every interval.
 void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& options,
               bool lease, Clock::time_point measure_from, Samples* out, std::string* held,
-              Samples* leases) {
+              Samples* leases, Samples* fetches) {
   auto stub = v1::WorkerService::NewStub(channel);
   v1::RegisterGroupRequest reg;
   reg.set_world_size(1);
@@ -317,6 +320,37 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     }
   }
   std::string task_id;
+  std::deque<std::string> fetched;  // the manifest hashes this group holds, newest last
+  auto fetch_manifest = [&](const v1::Task& task) {
+    if (task.manifest_hash().empty() ||
+        std::find(fetched.begin(), fetched.end(), task.manifest_hash()) != fetched.end()) {
+      return;
+    }
+    v1::GetManifestRequest req;
+    req.set_group_id(reg_response.group_id());
+    req.set_manifest_hash(task.manifest_hash());
+    grpc::ClientContext context;
+    PrepareWorker(&context);
+    const auto t0 = Clock::now();
+    auto reader = stub->GetManifest(&context, req);
+    v1::ManifestChunk chunk;
+    int64_t bytes = 0;
+    while (reader->Read(&chunk)) bytes += static_cast<int64_t>(chunk.data().size());
+    grpc::Status s = reader->Finish();
+    if (s.ok() && bytes != task.manifest_size()) {
+      s = grpc::Status(grpc::StatusCode::DATA_LOSS, absl::StrCat(bytes, " bytes, the lease said ", task.manifest_size()));
+    }
+    if (s.ok()) {
+      fetches->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      fetched.push_back(task.manifest_hash());
+      if (fetched.size() > 4) fetched.pop_front();
+    } else {
+      fetches->errors++;
+      if (fetches->first_error.empty()) {
+        fetches->first_error = ToStatus(s, absl::StrCat("GetManifest of group ", index)).ToString();
+      }
+    }
+  };
   auto lease_task = [&] {
     v1::LeaseTaskRequest req;
     req.set_group_id(reg_response.group_id());
@@ -327,7 +361,10 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     grpc::Status s = stub->LeaseTask(&context, req, &resp);
     if (s.ok()) {
       leases->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-      if (resp.available()) task_id = resp.task().task_id();
+      if (resp.available()) {
+        task_id = resp.task().task_id();
+        fetch_manifest(resp.task());
+      }
     } else {
       leases->errors++;
       if (leases->first_error.empty()) {
@@ -528,14 +565,14 @@ absl::Status Run(const Options& options) {
   std::vector<std::shared_ptr<grpc::Channel>> group_channels;
   const int group_channel_count = std::max(1, (options.groups + 7) / 8);
   for (int i = 0; i < group_channel_count; ++i) group_channels.push_back(MakeChannel(address, 100000 + i));
-  std::vector<Samples> heartbeats(options.groups), lease_samples(options.groups);
+  std::vector<Samples> heartbeats(options.groups), lease_samples(options.groups), fetch_samples(options.groups);
   std::vector<std::string> held(options.groups);
   std::vector<std::thread> group_threads;
   const auto warmup_end = Clock::now() + std::chrono::seconds(1);
   for (int g = 0; g < options.groups; ++g) {
     group_threads.emplace_back(RunGroup, group_channels[g % group_channel_count], g,
                                std::cref(options), g < options.leased, warmup_end,
-                               &heartbeats[g], &held[g], &lease_samples[g]);
+                               &heartbeats[g], &held[g], &lease_samples[g], &fetch_samples[g]);
   }
   std::this_thread::sleep_until(warmup_end);
 
@@ -557,9 +594,10 @@ absl::Status Run(const Options& options) {
   for (auto& t : group_threads) t.join();
   const double hb_s = std::chrono::duration<double>(Clock::now() - warmup_end).count();
   const double cpu_s = process && cpu_before >= 0 ? process->CpuSeconds() - cpu_before : -1;
-  Samples lease_all;
+  Samples lease_all, fetch_all;
   for (auto& s : lease_samples) lease_all.Merge(s);
-  const Summary lease = Summarize(lease_all, hb_s);
+  for (auto& s : fetch_samples) fetch_all.Merge(s);
+  const Summary lease = Summarize(lease_all, hb_s), fetch = Summarize(fetch_all, hb_s);
 
   Samples get_all, list_all, hb_all, poll_all;
   for (auto& s : gets) get_all.Merge(s);
@@ -586,7 +624,7 @@ absl::Status Run(const Options& options) {
                    options.list_every, options.list_limit, options.groups, options.groups,
                    group_channel_count, holding, options.heartbeat_ms)
             << Json("poll", poll) << "," << Json("get_job", get) << "," << Json("list_jobs", list)
-            << "," << Json("heartbeat", hb) << "," << Json("lease", lease)
+            << "," << Json("heartbeat", hb) << "," << Json("lease", lease) << "," << Json("get_manifest", fetch)
             << absl::StrFormat(",\"submit_s\":%.2f,\"coordinator_cpu_s\":%.2f,\"coordinator_cores\":%.3f}\n",
                                submit_s, cpu_s, cpu_s >= 0 ? cpu_s / hb_s : -1.0);
 
@@ -610,10 +648,11 @@ absl::Status Run(const Options& options) {
             << Row("  ListJobs", list) << "\n"
             << Row("Heartbeat", hb) << "\n"
             << Row("LeaseTask", lease) << "\n"
+            << Row("GetManifest", fetch) << "\n"
             << absl::StrFormat("\nsubmits: %d in %.1f s; coordinator CPU while loaded: %s\n", options.jobs, submit_s,
                                cpu_s >= 0 ? absl::StrFormat("%.1f s in %.1f s (%.2f cores)", cpu_s, hb_s, cpu_s / hb_s)
                                           : std::string("unknown (not spawned)"));
-  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_all}) {
+  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_all, &fetch_all}) {
     if (!s->first_error.empty()) std::cout << "first error: " << s->first_error << "\n";
   }
   process.reset();

@@ -45,6 +45,8 @@ struct ClientArgs {
   int limit = 0;                       // list --limit
   std::string plot;                    // history --plot
   bool csv = false;                    // history --csv
+  double older_than_days = -1;         // prune --older-than (< 0: the coordinator's retention_days)
+  bool dry_run = false;                // prune --dry-run
 };
 
 // The gRPC client (client/rpc_commands.cc): submit, status, list, watch, cancel, history. A

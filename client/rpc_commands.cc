@@ -1,4 +1,4 @@
-// The `aviary` gRPC client: submit, status, list, watch, cancel, history (docs/SERVICE.md,
+// The `aviary` gRPC client: submit, status, list, watch, cancel, history, prune (docs/SERVICE.md,
 // "Client").
 //
 // Global flags (before the command): --coordinator H:P (else $AVIARY_COORDINATOR, else
@@ -324,6 +324,29 @@ absl::Status Cancel(Client& client, const ClientArgs& args) {
       client.Call("CancelJob", &v1::JobService::Stub::CancelJob, request, &response));
   std::cout << "job " << response.job().job_id() << " is "
             << JobStateName(response.job().state()) << "\n";
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// prune [--older-than DAYS] [--dry-run]
+
+absl::Status Prune(Client& client, const ClientArgs& args) {
+  v1::PruneJobsRequest request;
+  request.set_older_than_days(args.older_than_days);
+  request.set_dry_run(args.dry_run);
+  v1::PruneJobsResponse response;
+  AVIARY_RETURN_IF_ERROR(client.Call("PruneJobs", &v1::JobService::Stub::PruneJobs, request, &response));
+  const char* verb = response.dry_run() ? "would remove" : "removed";
+  for (const v1::PrunedJob& job : response.jobs()) {
+    std::cout << "job " << job.job_id() << ": " << verb << " " << job.step_points() << " step points, "
+              << job.manifest_refs() << " task manifest references\n";
+  }
+  std::cout << absl::StrFormat("%s %d job(s) finished more than %g days ago; %s %d stored manifests (%.1f MiB) "
+                               "no task refers to%s\n",
+                               response.dry_run() ? "dry run:" : "pruned", response.jobs_size(),
+                               response.older_than_days(), verb, response.manifests_deleted(),
+                               response.manifest_bytes_deleted() / 1048576.0,
+                               response.dry_run() ? "; nothing was removed" : "");
   return absl::OkStatus();
 }
 
@@ -717,7 +740,7 @@ int RunClient(const std::string& command, const GlobalOptions& global, const Cli
     std::cerr << FormatClientError(command, options.status()) << "\n";
     return ClientExitCode(options.status().code());
   }
-  if (command != "submit" && command != "list") {
+  if (command != "submit" && command != "list" && command != "prune") {
     if (absl::Status st = CheckJobId(args.target); !st.ok()) {
       std::cerr << FormatClientError(command, st) << "\n";
       return ClientExitCode(st.code());
@@ -736,6 +759,8 @@ int RunClient(const std::string& command, const GlobalOptions& global, const Cli
     status = Cancel(client, args);
   } else if (command == "history") {
     status = History(client, args);
+  } else if (command == "prune") {
+    status = Prune(client, args);
   } else if (command == "watch") {
     code = Watch(client, args);
     status = code.status();
@@ -765,6 +790,7 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       {"watch", "JOB", "live progress; exit 0 when the job succeeds, else 1"},
       {"cancel", "JOB", "cancel a job: its running tasks stop at their next step"},
       {"history", "JOB", "epoch rows of every task; --plot: loss, val AUC and lr per task"},
+      {"prune", nullptr, "retention now: finished jobs lose step points and manifests (state and history stay)"},
   };
   for (const Command& c : commands) {
     auto args = std::make_shared<ClientArgs>();
@@ -788,6 +814,10 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       sub->add_option("--plot", args->plot, "also draw loss, val AUC and learning rate to a PNG")
           ->type_name("out.png");
       sub->add_flag("--csv", args->csv, "CSV instead of the table");
+    } else if (name == "prune") {
+      common::AddNumber(sub, "--older-than", &args->older_than_days, "DAYS",
+                        "jobs finished more than DAYS ago (default: the coordinator's retention_days)", 0.0, 100000.0);
+      sub->add_flag("--dry-run", args->dry_run, "print what would be removed, remove nothing");
     }
     sub->callback([run, global, args, name] {
       *run = [global, args, name] { return RunClient(name, *global, *args); };

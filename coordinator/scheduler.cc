@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -15,6 +16,7 @@
 #include "common/config.h"
 #include "common/manifest.h"
 #include "common/status.h"
+#include "coordinator/content_hash.h"
 #include "coordinator/path_policy.h"
 
 namespace aviary::coordinator {
@@ -429,14 +431,18 @@ absl::StatusOr<Scheduler::Group*> Scheduler::FindGroup(const std::string& group_
 // JobService.
 
 absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequest& request) {
-  absl::StatusOr<std::string> job_id = BuildAndRecordJob(request);
+  bool stale_cache = false;
+  absl::StatusOr<std::string> job_id = BuildAndRecordJob(request, /*use_cache=*/true, &stale_cache);
+  if (stale_cache) job_id = BuildAndRecordJob(request, /*use_cache=*/false, &stale_cache);
 #ifdef __GLIBC__
   ::malloc_trim(0);  // glibc keeps freed arenas otherwise: 126 MiB after 3 pool-sized submits
 #endif
   return job_id;
 }
 
-absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request) {
+absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request,
+                                                         bool use_cache, bool* stale_cache) {
+  *stale_cache = false;
   const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
   std::vector<std::string> overrides(request.overrides().begin(), request.overrides().end());
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
@@ -485,28 +491,57 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
   }
 
-  // Dataset and manifests, outside the lock (this reads every metadata file).
+  // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
+  // built before and none of its files changed, else read and built (every metadata file).
   struct NewTask {
     TaskRow row;
     TaskPayload payload;
   };
   std::vector<NewTask> new_tasks;
+  struct BuiltVersion {
+    std::string key;
+    std::vector<FileStamp> stamps;
+    std::map<int, ManifestRef> manifests;
+  };
+  std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
   const std::string pipeline_yaml = common::PipelineConfigToYaml(config);
   auto add_stage = [&](const std::string& stage, const std::vector<int>& folds) -> absl::Status {
-    AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
     const common::StageConfig& stage_config = config.stages.at(stage);
-    for (int fold : folds) {
-      AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
-                              common::BuildTaskManifest(config, table, fold));
+    auto add_task = [&](int fold, std::string csv, const ManifestRef& ref) {
       NewTask task;
       task.row.info.set_stage(stage);
       task.row.info.set_fold(fold);
       // As the trainer plans it (worker/trainer.cc): debug runs 2 epochs.
       task.row.info.set_epochs(config.debug ? 2 : stage_config.train.epochs);
-      task.payload.manifest_csv = common::ManifestToCsv(manifest);
+      task.row.manifest_hash = ref.hash;
+      task.payload.manifest_csv = std::move(csv);
+      task.payload.manifest_hash = ref.hash;
       task.payload.pipeline_yaml = pipeline_yaml;
       new_tasks.push_back(std::move(task));
+    };
+    const std::string key = FoldCache::Key(config, stage);
+    if (use_cache) {
+      if (std::optional<std::map<int, ManifestRef>> cached = fold_cache_.Lookup(key, folds)) {
+        for (int fold : folds) add_task(fold, "", cached->at(fold));
+        log_.Info(absl::StrCat("stage ", stage, ": the dataset is unchanged since an earlier submit; its ",
+                               folds.size(), " manifest(s) are reused"));
+        return absl::OkStatus();
+      }
     }
+    BuiltVersion version;
+    version.key = key;
+    for (const std::string& path : FoldCache::MetadataFiles(config, stage)) version.stamps.push_back(StampFile(path));
+    AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
+    for (const std::string& path : FoldCache::AudioFolders(table)) version.stamps.push_back(StampFile(path));
+    for (int fold : folds) {
+      AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
+                              common::BuildTaskManifest(config, table, fold));
+      std::string csv = common::ManifestToCsv(manifest);
+      ManifestRef ref{Sha256Hex(csv), static_cast<int64_t>(csv.size())};
+      version.manifests[fold] = ref;
+      add_task(fold, std::move(csv), ref);
+    }
+    built.push_back(std::move(version));
     return absl::OkStatus();
   };
   if (pretrain) {
@@ -554,6 +589,16 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         row.info.set_state(aviary::v1::TASK_STATE_READY);
       }
     }
+    // A cached manifest is stored unless pruned since (pruning takes write_mu_ too).
+    for (const NewTask& task : new_tasks) {
+      if (!task.payload.manifest_csv.empty() || task.payload.manifest_hash.empty()) continue;
+      AVIARY_ASSIGN_OR_RETURN(bool stored, store_->HasManifest(task.payload.manifest_hash));
+      if (!stored) {
+        fold_cache_.Erase(FoldCache::Key(config, task.row.info.stage()));
+        *stale_cache = true;
+        return absl::FailedPreconditionError("a cached manifest was pruned; building it again");
+      }
+    }
     AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
       AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
       for (const NewTask& task : new_tasks) {
@@ -576,6 +621,9 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   }
   RefreshSnapshot(&job);
   UpdateJobCountsLocked();
+  for (BuiltVersion& version : built) {
+    fold_cache_.Insert(version.key, std::move(version.stamps), std::move(version.manifests));
+  }
   log_.Info(absl::StrCat("job ", job_id, " submitted (", source, "): ", new_tasks.size(),
                          " tasks"));
   return job_id;
@@ -836,9 +884,53 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
   task->set_init_checkpoint(leased.init_checkpoint);
   task->set_resume_checkpoint(leased.resume_checkpoint);
   task->set_out_dir(leased.info.out_dir());
-  task->set_manifest_csv(std::move(payload.manifest_csv));
+  if (!payload.manifest_hash.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(int64_t size, store_->ManifestSize(payload.manifest_hash));
+    task->set_manifest_hash(payload.manifest_hash);
+    task->set_manifest_size(size);
+  }
   task->set_attempt(leased.info.attempt());
   return response;
+}
+
+absl::Status Scheduler::GetManifest(const std::string& group_id, const std::string& hash,
+                                    const std::function<bool(const aviary::v1::ManifestChunk&)>& send) {
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+    const TaskRow* held = HeldTask(*group);
+    if (held == nullptr || held->manifest_hash != hash) {
+      return absl::FailedPreconditionError(absl::StrCat("group ", group_id, " holds no task whose manifest is ",
+                                                        hash, held == nullptr ? " (it holds no task)" : ""));
+    }
+  }
+  std::shared_ptr<const std::string> shared;
+  {
+    absl::MutexLock lock(&streaming_mu_);  // held while loading: concurrent fetchers wait for one load
+    for (auto it = streaming_.begin(); it != streaming_.end();) {  // drop the finished ones
+      it = it->second.expired() ? streaming_.erase(it) : std::next(it);
+    }
+    auto it = streaming_.find(hash);
+    if (it != streaming_.end()) shared = it->second.lock();
+    if (shared == nullptr) {
+      AVIARY_ASSIGN_OR_RETURN(std::string loaded, store_->LoadManifest(hash));
+      shared = std::make_shared<const std::string>(std::move(loaded));
+      streaming_[hash] = shared;
+    }
+  }
+  const std::string& csv = *shared;
+  constexpr size_t kChunk = size_t{1} << 20;
+  aviary::v1::ManifestChunk chunk;
+  size_t offset = 0;
+  do {
+    const size_t n = std::min(kChunk, csv.size() - offset);
+    chunk.set_data(csv.data() + offset, n);
+    chunk.set_offset(static_cast<int64_t>(offset));
+    chunk.set_total_size(static_cast<int64_t>(csv.size()));
+    if (!send(chunk)) return absl::CancelledError(absl::StrCat("manifest ", hash, ": the group stopped reading"));
+    offset += n;
+  } while (offset < csv.size());
+  return absl::OkStatus();
 }
 
 absl::StatusOr<bool> Scheduler::GroupHolds(const Group& group, const std::string& task_id) const {
@@ -1099,28 +1191,64 @@ int Scheduler::ReapLostGroups() {
 
 absl::StatusOr<int> Scheduler::PruneFinishedJobs() {
   if (options_.retention_s <= 0) return 0;
+  AVIARY_ASSIGN_OR_RETURN(aviary::v1::PruneJobsResponse response, PruneJobs(options_.retention_s, false));
+  for (const aviary::v1::PrunedJob& job : response.jobs()) {
+    log_.Info(absl::StrCat("job ", job.job_id(), " finished more than ", options_.retention_s / 86400,
+                           " days ago (retention_days): removed ", job.step_points(), " step points and ",
+                           job.manifest_refs(), " task manifest references; its state and epoch history stay"));
+  }
+  if (response.manifests_deleted() > 0) {
+    log_.Info(absl::StrCat("retention: deleted ", response.manifests_deleted(), " manifests no task refers to (",
+                           response.manifest_bytes_deleted(), " bytes)"));
+  }
+  return response.jobs_size();
+}
+
+absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_than_s, bool dry_run) {
+  if (older_than_s < 0) older_than_s = options_.retention_s;
+  aviary::v1::PruneJobsResponse response;
+  response.set_older_than_days(older_than_s / 86400);
+  response.set_dry_run(dry_run);
   absl::MutexLock writer(&write_mu_);
-  const int64_t cutoff = UnixMs() - static_cast<int64_t>(options_.retention_s * 1000);
+  const int64_t cutoff = UnixMs() - static_cast<int64_t>(older_than_s * 1000);
   std::vector<std::string> due;
   {
     absl::ReaderMutexLock lock(&mu_);
-    for (const auto& [job_id, job] : jobs_) {
+    for (const auto& [seq, job_id] : job_order_) {
+      const Job& job = jobs_.at(job_id);
       if (TerminalJob(job.row.info.state()) && job.row.info.updated_unix_ms() < cutoff && pruned_.count(job_id) == 0) {
         due.push_back(job_id);
       }
     }
   }
-  for (const std::string& job_id : due) {
-    int64_t points = 0, manifests = 0;
-    AVIARY_RETURN_IF_ERROR(store_->Transaction([&] { return store_->PruneJob(job_id, &points, &manifests); }));
-    pruned_.insert(job_id);
-    if (points > 0 || manifests > 0) {
-      log_.Info(absl::StrCat("job ", job_id, " finished more than ", options_.retention_s / 86400,
-                             " days ago (retention_days): removed ", points, " step points and ", manifests,
-                             " task manifests; its state and epoch history stay"));
+  const absl::Status kRolledBack = absl::AbortedError("dry run: rolled back");
+  int64_t manifests = 0, bytes = 0;
+  absl::Status status = store_->Transaction([&]() -> absl::Status {
+    for (const std::string& job_id : due) {
+      int64_t points = 0, refs = 0;
+      AVIARY_RETURN_IF_ERROR(store_->PruneJob(job_id, &points, &refs));
+      if (points > 0 || refs > 0) {
+        aviary::v1::PrunedJob* job = response.add_jobs();
+        job->set_job_id(job_id);
+        job->set_step_points(points);
+        job->set_manifest_refs(static_cast<int32_t>(refs));
+      }
+    }
+    AVIARY_RETURN_IF_ERROR(store_->SweepManifests(&manifests, &bytes));
+    return dry_run ? kRolledBack : absl::OkStatus();
+  });
+  if (dry_run && status == kRolledBack) status = absl::OkStatus();
+  AVIARY_RETURN_IF_ERROR(status);
+  response.set_manifests_deleted(manifests);
+  response.set_manifest_bytes_deleted(bytes);
+  if (!dry_run) {
+    absl::MutexLock lock(&mu_);
+    for (const std::string& job_id : due) {
+      pruned_.insert(job_id);
+      for (const std::string& task_id : jobs_.at(job_id).task_ids) tasks_.at(task_id).manifest_hash.clear();
     }
   }
-  return static_cast<int>(due.size());
+  return response;
 }
 
 void Scheduler::ReaperLoop() {

@@ -35,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
+#include "coordinator/fold_cache.h"
 #include "coordinator/metrics.h"
 #include "coordinator/store.h"
 #include "proto/aviary.pb.h"
@@ -70,9 +71,15 @@ class Scheduler {
   void Shutdown();
 
   // Retention: prunes (Store::PruneJob) every finished job whose last change is older than
-  // retention_s and that this process has not pruned yet. The reaper calls it every minute.
+  // retention_s and that this process has not pruned yet, then deletes the manifests no task
+  // refers to any more (Store::SweepManifests). The reaper calls it every minute.
   // Returns how many jobs it pruned.
   absl::StatusOr<int> PruneFinishedJobs() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
+  // The same with any age (`aviary prune`): jobs finished more than `older_than_s` ago (< 0:
+  // retention_s; jobs already pruned by this process are skipped). With `dry_run` the same
+  // transaction runs and is rolled back: the counts are exact and nothing is removed.
+  absl::StatusOr<aviary::v1::PruneJobsResponse> PruneJobs(double older_than_s, bool dry_run)
+      ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
 
   // --- JobService.
   // Parses, resolves and validates the pipeline, reads the dataset and builds every task's
@@ -98,7 +105,13 @@ class Scheduler {
   // Renews the group; returns cancel_task.
   absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id);
   // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
+  // The task carries its manifest's hash and size, not the manifest (GetManifest).
   absl::StatusOr<aviary::v1::LeaseTaskResponse> LeaseTask(const std::string& group_id);
+  // Streams the manifest stored under `hash` in chunks of at most 1 MiB to a group whose leased
+  // task refers to it (FAILED_PRECONDITION otherwise, NOT_FOUND for an unknown group), until
+  // done or `send` returns false (CANCELLED).
+  absl::Status GetManifest(const std::string& group_id, const std::string& hash,
+                           const std::function<bool(const aviary::v1::ManifestChunk&)>& send);
   // Returns cancel_task.
   absl::StatusOr<bool> ReportProgress(const aviary::v1::ReportProgressRequest& request);
   absl::Status ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request);
@@ -125,7 +138,10 @@ class Scheduler {
   const SchedulerOptions& options() const { return options_; }
 
  private:
-  absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request);
+  // `use_cache`: take the manifests of an unchanged dataset version from fold_cache_. Sets
+  // `*stale_cache` (and fails) when a cached manifest is no longer stored (pruned since).
+  absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request, bool use_cache,
+                                                bool* stale_cache);
   struct Job {
     JobRow row;
     std::vector<std::string> task_ids;  // DAG order
@@ -223,6 +239,12 @@ class Scheduler {
   int64_t groups_lost_total_ ABSL_GUARDED_BY(mu_) = 0;
   std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
   std::set<std::string> pruned_ ABSL_GUARDED_BY(write_mu_);  // jobs PruneFinishedJobs has done
+  FoldCache fold_cache_;  // the manifests of recent dataset versions (thread-safe itself)
+  // The manifests being streamed by GetManifest, by hash: groups that fetch the same one at once
+  // (a new dataset version leased by many groups together) share one inflated copy, which goes
+  // when the last of them is done.
+  absl::Mutex streaming_mu_;
+  std::map<std::string, std::weak_ptr<const std::string>> streaming_ ABSL_GUARDED_BY(streaming_mu_);
   // Per task, the attempt and the epoch and step of its last accepted progress point: within
   // one attempt, epochs and steps never go back. A new attempt starts afresh; at restart this is
   // the last stored point of each attempt.

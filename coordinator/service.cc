@@ -11,6 +11,7 @@
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
+#include "coordinator/content_hash.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/resource_quota.h"
 #include "grpcpp/security/server_credentials.h"
@@ -260,6 +261,20 @@ grpc::Status JobServiceImpl::GetHistory(grpc::ServerContext* context,
   });
 }
 
+grpc::Status JobServiceImpl::PruneJobs(grpc::ServerContext* context,
+                                       const aviary::v1::PruneJobsRequest* request,
+                                       aviary::v1::PruneJobsResponse* response) {
+  return Serve(*context, *auth_, "JobService.PruneJobs", kClientOnly, [&]() -> absl::Status {
+    const double days = request->older_than_days();
+    if (!std::isfinite(days) || days > 100000) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field 'older_than_days': ", days, " is not a number of days up to 100000 (< 0: retention_days)"));
+    }
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->PruneJobs(days < 0 ? -1.0 : days * 86400, request->dry_run()));
+    return absl::OkStatus();
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // WorkerService.
 
@@ -384,6 +399,20 @@ grpc::Status WorkerServiceImpl::LeaveGroup(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckText("reason", request->reason(), false, 1024));
     AVIARY_RETURN_IF_ERROR(CheckName("reason", request->reason()));
     return scheduler_->LeaveGroup(request->group_id(), request->reason());
+  });
+}
+
+grpc::Status WorkerServiceImpl::GetManifest(grpc::ServerContext* context,
+                                            const aviary::v1::GetManifestRequest* request,
+                                            grpc::ServerWriter<aviary::v1::ManifestChunk>* writer) {
+  return Serve(*context, *auth_, "WorkerService.GetManifest", kWorkerOnly, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    if (!IsSha256Hex(request->manifest_hash())) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'manifest_hash': ", Shown(request->manifest_hash()),
+                                                     " is not a SHA-256 (64 lowercase hex digits)"));
+    }
+    return scheduler_->GetManifest(request->group_id(), request->manifest_hash(),
+                                   [&](const aviary::v1::ManifestChunk& chunk) { return writer->Write(chunk); });
   });
 }
 

@@ -48,6 +48,8 @@ class JobServiceImpl final : public aviary::v1::JobService::Service {
                         grpc::ServerWriter<aviary::v1::JobEvent>* writer) override;
   grpc::Status GetHistory(grpc::ServerContext* context, const aviary::v1::GetHistoryRequest* request,
                           aviary::v1::GetHistoryResponse* response) override;
+  grpc::Status PruneJobs(grpc::ServerContext* context, const aviary::v1::PruneJobsRequest* request,
+                         aviary::v1::PruneJobsResponse* response) override;
 
  private:
   Scheduler* scheduler_;
@@ -80,6 +82,8 @@ class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {
                         aviary::v1::FailTaskResponse* response) override;
   grpc::Status LeaveGroup(grpc::ServerContext* context, const aviary::v1::LeaveGroupRequest* request,
                           aviary::v1::LeaveGroupResponse* response) override;
+  grpc::Status GetManifest(grpc::ServerContext* context, const aviary::v1::GetManifestRequest* request,
+                           grpc::ServerWriter<aviary::v1::ManifestChunk>* writer) override;
 
  private:
   Scheduler* scheduler_;

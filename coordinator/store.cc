@@ -9,19 +9,23 @@
 
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "coordinator/content_hash.h"
 
 namespace aviary::coordinator {
 
 namespace {
 
-// A task's manifest is stored deflated: "AVZ1", the inflated size (8 bytes, little-endian), then
-// zlib's stream. A pool manifest of 133,000 paths is ~13 MB of CSV and a tenth of that
-// deflated. Rows written before compression hold the CSV itself and are read as they are.
+// A manifest is stored deflated: "AVZ1", the inflated size (8 bytes, little-endian), then zlib's
+// stream. A pool manifest of 133,000 paths is ~13 MB of CSV and a tenth of that deflated. Rows
+// written before compression hold the CSV itself and are read as they are. Since schema 2 each
+// content is stored once, in the manifests table under its SHA-256, and tasks refer to it.
 constexpr char kManifestMagic[] = "AVZ1";
 constexpr size_t kManifestHeader = 4 + 8;
 
@@ -108,6 +112,18 @@ constexpr const char* kSchema[] = {
     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 };
 
+// Schema 2: manifests stored once per content (hash -> deflated CSV, `size` = inflated bytes),
+// tasks refer to theirs by hash. A new database runs kSchema and then these, so that its schema
+// is, as text, the one a migrated version-1 database has.
+constexpr const char* kSchemaV2[] = {
+    "CREATE TABLE manifests ("
+    "  hash TEXT PRIMARY KEY,"
+    "  size INTEGER NOT NULL,"
+    "  data BLOB NOT NULL)",
+    "ALTER TABLE tasks ADD COLUMN manifest_hash TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX tasks_by_manifest ON tasks(manifest_hash)",
+};
+
 // The schema objects of `db` (tables and indices, SQLite's own excluded): "table jobs" -> its
 // CREATE statement as stored.
 absl::StatusOr<std::map<std::string, std::string>> SchemaObjects(sqlite3* db, const std::string& what) {
@@ -140,7 +156,9 @@ absl::StatusOr<std::map<std::string, std::string>> ExpectedSchema() {
     sqlite3_close(db);
     return absl::InternalError(absl::StrCat("sqlite3_open(:memory:): ", sqlite3_errstr(rc)));
   }
-  for (const char* sql : kSchema) {
+  std::vector<const char*> statements(std::begin(kSchema), std::end(kSchema));
+  statements.insert(statements.end(), std::begin(kSchemaV2), std::end(kSchemaV2));
+  for (const char* sql : statements) {
     char* error = nullptr;
     rc = sqlite3_exec(db, sql, nullptr, nullptr, &error);
     if (rc != SQLITE_OK) {
@@ -325,6 +343,14 @@ absl::Status Store::InitSchema() {
     AVIARY_RETURN_IF_ERROR(status);
   }
   if (version == kStoreSchemaVersion) return VerifySchema();
+  if (version == 1) {
+    AVIARY_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
+      AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
+      const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
+      return Exec(pragma.c_str());
+    }));
+    return VerifySchema();
+  }
   if (version != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("database ", path_, " has schema version ", version,
@@ -338,9 +364,40 @@ absl::Status Store::InitSchema() {
   }
   return Transaction([&]() -> absl::Status {
     for (const char* sql : kSchema) AVIARY_RETURN_IF_ERROR(Exec(sql));
+    for (const char* sql : kSchemaV2) AVIARY_RETURN_IF_ERROR(Exec(sql));
     const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
     return Exec(pragma.c_str());
   });
+}
+
+absl::Status Store::MigrateFromVersion1() {
+  for (const char* sql : kSchemaV2) AVIARY_RETURN_IF_ERROR(Exec(sql));
+  std::vector<std::string> task_ids;
+  {
+    Statement st(this, "SELECT task_id FROM tasks WHERE length(manifest_csv) > 0 ORDER BY rowid");
+    absl::Status status;
+    while (st.Step(&status)) task_ids.push_back(st.Text(0));
+    AVIARY_RETURN_IF_ERROR(status);
+  }
+  for (const std::string& task_id : task_ids) {
+    std::string stored;
+    {
+      Statement st(this, "SELECT manifest_csv FROM tasks WHERE task_id=?1");
+      st.Bind(1, task_id);
+      absl::Status status;
+      if (st.Step(&status)) stored = st.Text(0);
+      AVIARY_RETURN_IF_ERROR(status);
+    }
+    absl::StatusOr<std::string> csv = DecompressManifest(stored, absl::StrCat("database ", path_, ": task ", task_id));
+    if (!csv.ok()) continue;  // stays in the row: leasing it reports the DATA_LOSS
+    const std::string hash = Sha256Hex(*csv);
+    AVIARY_RETURN_IF_ERROR(PutManifest(hash, *csv));
+    Statement st(this, "UPDATE tasks SET manifest_hash=?2, manifest_csv=x'' WHERE task_id=?1");
+    st.Bind(1, task_id);
+    st.Bind(2, hash);
+    AVIARY_RETURN_IF_ERROR(st.Run());
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Store::VerifySchema() {
@@ -426,8 +483,8 @@ absl::Status Store::PutJob(const JobRow& job) {
 absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) {
   Statement st(this,
                "INSERT INTO tasks(task_id, job_id, seq, state, group_id, depends_on, "
-               "init_checkpoint, resume_checkpoint, info, manifest_csv, pipeline_yaml) "
-               "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)");
+               "init_checkpoint, resume_checkpoint, info, manifest_csv, pipeline_yaml, manifest_hash) "
+               "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, x'', ?10, ?11)");
   st.Bind(1, task.info.task_id());
   st.Bind(2, task.info.job_id());
   st.Bind(3, task.seq);
@@ -437,9 +494,55 @@ absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) 
   st.Bind(7, task.init_checkpoint);
   st.Bind(8, task.resume_checkpoint);
   st.BindBlob(9, Serialize(task.info));
-  st.BindBlob(10, CompressManifest(payload.manifest_csv));
-  st.Bind(11, payload.pipeline_yaml);
+  std::string hash = payload.manifest_hash;
+  if (hash.empty() && !payload.manifest_csv.empty()) hash = Sha256Hex(payload.manifest_csv);
+  st.Bind(10, payload.pipeline_yaml);
+  st.Bind(11, hash);
+  if (!hash.empty() && !IsSha256Hex(hash)) {
+    return absl::InvalidArgumentError(absl::StrCat("database ", path_, ": task ", task.info.task_id(),
+                                                   ": manifest hash '", hash, "' is not a SHA-256"));
+  }
+  if (!payload.manifest_csv.empty()) {
+    AVIARY_RETURN_IF_ERROR(PutManifest(hash, payload.manifest_csv));
+  } else if (!hash.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(bool stored, HasManifest(hash));
+    if (!stored) {
+      return absl::FailedPreconditionError(absl::StrCat("database ", path_, ": task ", task.info.task_id(),
+                                                        " refers to manifest ", hash,
+                                                        ", which is not stored"));
+    }
+  }
   return st.Run();
+}
+
+absl::Status Store::PutManifest(const std::string& hash, const std::string& csv) {
+  if (!IsSha256Hex(hash)) {
+    return absl::InvalidArgumentError(absl::StrCat("database ", path_, ": manifest hash '", hash, "' is not a SHA-256"));
+  }
+  AVIARY_ASSIGN_OR_RETURN(bool stored, HasManifest(hash));
+  if (stored) return absl::OkStatus();
+  Statement st(this, "INSERT INTO manifests(hash, size, data) VALUES(?1, ?2, ?3)");
+  st.Bind(1, hash);
+  st.Bind(2, static_cast<int64_t>(csv.size()));
+  st.BindBlob(3, CompressManifest(csv));
+  return st.Run();
+}
+
+absl::Status Store::SweepManifests(int64_t* manifests_deleted, int64_t* bytes_deleted) {
+  const char* unreferenced = "NOT EXISTS (SELECT 1 FROM tasks t WHERE t.manifest_hash = manifests.hash)";
+  {
+    const std::string sql = absl::StrCat("SELECT count(*), coalesce(sum(length(data)), 0) FROM manifests WHERE ",
+                                         unreferenced);
+    Statement st(this, sql.c_str());
+    absl::Status status;
+    if (st.Step(&status)) *bytes_deleted += st.Int(1);
+    AVIARY_RETURN_IF_ERROR(status);
+  }
+  const std::string sql = absl::StrCat("DELETE FROM manifests WHERE ", unreferenced);
+  Statement st(this, sql.c_str());
+  AVIARY_RETURN_IF_ERROR(st.Run());
+  *manifests_deleted += sqlite3_changes(db_);
+  return absl::OkStatus();
 }
 
 absl::Status Store::UpdateTask(const TaskRow& task) {
@@ -467,7 +570,9 @@ absl::Status Store::PruneJob(const std::string& job_id, int64_t* points_deleted,
     AVIARY_RETURN_IF_ERROR(st.Run());
     *points_deleted += sqlite3_changes(db_);
   }
-  Statement st(this, "UPDATE tasks SET manifest_csv=x'' WHERE job_id=?1 AND length(manifest_csv) > 0");
+  Statement st(this,
+               "UPDATE tasks SET manifest_csv=x'', manifest_hash='' "
+               "WHERE job_id=?1 AND (length(manifest_csv) > 0 OR manifest_hash != '')");
   st.Bind(1, job_id);
   AVIARY_RETURN_IF_ERROR(st.Run());
   *manifests_cleared += sqlite3_changes(db_);
@@ -555,7 +660,7 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info "
+               "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info, t.manifest_hash "
                "FROM tasks t LEFT JOIN jobs j ON j.job_id = t.job_id ORDER BY j.seq, t.seq");
   std::vector<TaskRow> rows;
   absl::Status status;
@@ -566,6 +671,7 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
     row.init_checkpoint = st.Text(2);
     row.resume_checkpoint = st.Text(3);
     AVIARY_RETURN_IF_ERROR(st.Parse(4, &row.info));
+    row.manifest_hash = st.Text(5);
     rows.push_back(std::move(row));
   }
   AVIARY_RETURN_IF_ERROR(status);
@@ -595,7 +701,7 @@ absl::StatusOr<std::vector<GroupRow>> Store::LoadGroups() {
 absl::StatusOr<TaskPayload> Store::LoadTaskPayload(const std::string& task_id) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
-  Statement st(this, "SELECT manifest_csv, pipeline_yaml FROM tasks WHERE task_id=?1");
+  Statement st(this, "SELECT manifest_csv, pipeline_yaml, manifest_hash FROM tasks WHERE task_id=?1");
   st.Bind(1, task_id);
   absl::Status status;
   if (!st.Step(&status)) {
@@ -606,7 +712,62 @@ absl::StatusOr<TaskPayload> Store::LoadTaskPayload(const std::string& task_id) {
   AVIARY_ASSIGN_OR_RETURN(payload.manifest_csv,
                           DecompressManifest(st.Text(0), absl::StrCat("database ", path_, ": task ", task_id)));
   payload.pipeline_yaml = st.Text(1);
+  payload.manifest_hash = st.Text(2);
   return payload;
+}
+
+absl::StatusOr<bool> Store::HasManifest(const std::string& hash) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT 1 FROM manifests WHERE hash=?1");
+  st.Bind(1, hash);
+  absl::Status status;
+  const bool found = st.Step(&status);
+  AVIARY_RETURN_IF_ERROR(status);
+  return found;
+}
+
+absl::StatusOr<std::string> Store::LoadManifest(const std::string& hash) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT size, data FROM manifests WHERE hash=?1");
+  st.Bind(1, hash);
+  absl::Status status;
+  if (!st.Step(&status)) {
+    AVIARY_RETURN_IF_ERROR(status);
+    return absl::NotFoundError(absl::StrCat("database ", path_, ": no manifest ", hash));
+  }
+  const std::string where = absl::StrCat("database ", path_, ": manifest ", hash);
+  AVIARY_ASSIGN_OR_RETURN(std::string csv, DecompressManifest(st.Text(1), where));
+  if (static_cast<int64_t>(csv.size()) != st.Int(0)) {
+    return absl::DataLossError(absl::StrCat(where, ": ", csv.size(), " bytes stored, ", st.Int(0), " recorded"));
+  }
+  return csv;
+}
+
+absl::StatusOr<int64_t> Store::ManifestSize(const std::string& hash) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT size FROM manifests WHERE hash=?1");
+  st.Bind(1, hash);
+  absl::Status status;
+  if (st.Step(&status)) return st.Int(0);
+  AVIARY_RETURN_IF_ERROR(status);
+  return absl::NotFoundError(absl::StrCat("database ", path_, ": no manifest ", hash));
+}
+
+absl::StatusOr<Store::ManifestStats> Store::GetManifestStats() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  Statement st(this, "SELECT count(*), coalesce(sum(length(data)), 0) FROM manifests");
+  absl::Status status;
+  ManifestStats stats;
+  if (st.Step(&status)) {
+    stats.count = st.Int(0);
+    stats.stored_bytes = st.Int(1);
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return stats;
 }
 
 absl::StatusOr<int64_t> Store::GetCounter(const std::string& name) {

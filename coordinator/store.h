@@ -1,4 +1,5 @@
-// The coordinator's durable log: jobs, tasks (with their manifests and resolved pipeline YAML),
+// The coordinator's durable log: jobs, tasks (with their resolved pipeline YAML and a reference to
+// their manifest, stored once per content in the manifests table),
 // worker groups and their leases, metric points and checkpoints, in one SQLite file.
 //
 // The database runs in WAL mode with synchronous=FULL, so a committed transaction survives
@@ -34,8 +35,11 @@ struct sqlite3;
 
 namespace aviary::coordinator {
 
-// The schema version this build reads and writes.
-inline constexpr int kStoreSchemaVersion = 1;
+// The schema version this build reads and writes. A version-1 file is migrated at Open: the
+// manifests table and tasks.manifest_hash are added and every task's own manifest moves into the
+// table under its content hash (rows that do not inflate stay where they are and are reported
+// as DATA_LOSS when leased, as before).
+inline constexpr int kStoreSchemaVersion = 2;
 
 // A job; `info.tasks` is always empty here (tasks are rows of their own).
 struct JobRow {
@@ -51,11 +55,17 @@ struct TaskRow {
   std::string depends_on;         // task id this one waits for ("" = none)
   std::string init_checkpoint;    // set when the dependency succeeds
   std::string resume_checkpoint;  // the latest checkpoint reported by any attempt
+  std::string manifest_hash;      // content address of its manifest ("" once pruned)
 };
 
+// InsertTask: with manifest_csv, the manifest is stored under its content hash (manifest_hash
+// when set, Sha256Hex(manifest_csv) otherwise) unless that content is stored already; without,
+// manifest_hash must name a stored manifest. LoadTaskPayload: manifest_hash, and manifest_csv
+// only for a row of schema 1 that could not be migrated (its own bytes, read as they are).
 struct TaskPayload {
   std::string manifest_csv;
   std::string pipeline_yaml;
+  std::string manifest_hash;
 };
 
 struct GroupRow {
@@ -102,14 +112,32 @@ class Store {
                              int epoch, bool best, int64_t time_unix_ms);
   absl::Status SetCounter(const std::string& name, int64_t value);
   // Retention of a finished job: deletes its step points (epoch ends stay: history and status
-  // keep working) and empties its tasks' manifests. Adds what it removed to the counts.
+  // keep working) and drops its tasks' manifest references. Adds what it removed to the counts.
+  // The manifests themselves go with SweepManifests once no task refers to them.
   absl::Status PruneJob(const std::string& job_id, int64_t* points_deleted, int64_t* manifests_cleared);
+  // Deletes the stored manifests no task refers to; adds their number and stored bytes.
+  absl::Status SweepManifests(int64_t* manifests_deleted, int64_t* bytes_deleted);
+  // Stores `csv` under `hash` (its Sha256Hex) unless that content is stored already.
+  absl::Status PutManifest(const std::string& hash, const std::string& csv);
 
   // Readers (each takes the lock itself).
   absl::StatusOr<std::vector<JobRow>> LoadJobs();     // submission order
   absl::StatusOr<std::vector<TaskRow>> LoadTasks();   // job order, then DAG order
   absl::StatusOr<std::vector<GroupRow>> LoadGroups();
   absl::StatusOr<TaskPayload> LoadTaskPayload(const std::string& task_id);
+  // Whether a manifest is stored under `hash`.
+  absl::StatusOr<bool> HasManifest(const std::string& hash);
+  // The manifest stored under `hash`, inflated; NOT_FOUND when there is none, DATA_LOSS when the
+  // stored bytes do not inflate to their recorded size.
+  absl::StatusOr<std::string> LoadManifest(const std::string& hash);
+  // The inflated size of the manifest stored under `hash`; NOT_FOUND when there is none.
+  absl::StatusOr<int64_t> ManifestSize(const std::string& hash);
+  // How many manifests are stored and their stored (deflated) bytes.
+  struct ManifestStats {
+    int64_t count = 0;
+    int64_t stored_bytes = 0;
+  };
+  absl::StatusOr<ManifestStats> GetManifestStats();
   absl::StatusOr<int64_t> GetCounter(const std::string& name);  // 0 when never set
   // The epoch-end points of a job's tasks, in insertion order.
   absl::StatusOr<std::vector<PointRow>> LoadEpochEnds(const std::string& job_id);
@@ -131,6 +159,8 @@ class Store {
       : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
   absl::Status Exec(const char* sql);
   absl::Status InitSchema();
+  // Schema 1 -> 2 (see kStoreSchemaVersion), inside InitSchema's transaction.
+  absl::Status MigrateFromVersion1();
   // Every table and index of the schema is there as created, and nothing else: a damaged
   // database is refused at start, naming what differs, not at the first write to it.
   absl::Status VerifySchema();

@@ -40,6 +40,7 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 #include "common/logging.h"
+#include "coordinator/content_hash.h"
 #include "coordinator/path_policy.h"
 #include "google/protobuf/stubs/logging.h"
 #include "coordinator/service.h"
@@ -92,6 +93,8 @@ struct Leased {
   std::string task_id;
   std::string job_id;
   std::string out_dir;
+  std::string manifest_hash;
+  int64_t manifest_size = 0;
 };
 
 class RpcFuzzTest : public ::testing::Test {
@@ -489,6 +492,45 @@ class RpcFuzzTest : public ::testing::Test {
       group_ids_.erase(std::remove(group_ids_.begin(), group_ids_.end(), request.group_id()), group_ids_.end());
     }
   }
+  // GetManifest of a lease seen (its group may have lost it since), of another group's lease, or
+  // of a made-up hash; what streams back must be the whole manifest with that hash.
+  void GetManifest() {
+    GetManifestRequest request;
+    const Leased task = Task();
+    request.set_group_id(Chance(0.8) ? task.group_id : GroupId());
+    request.set_manifest_hash(Chance(0.8) ? task.manifest_hash : (Chance(0.5) ? Sha256Hex(RandomBytes(8)) : RandomBytes(64)));
+    if (Chance(0.1)) Mutate(&request);
+    auto context = Ctx(Service::kWorker);
+    auto reader = workers_->GetManifest(context.get(), request);
+    std::string bytes;
+    ManifestChunk chunk;
+    int64_t total = -1;
+    while (reader->Read(&chunk)) {
+      EXPECT_EQ(chunk.offset(), static_cast<int64_t>(bytes.size()));
+      EXPECT_LE(chunk.data().size(), size_t{1} << 20);
+      total = chunk.total_size();
+      bytes += chunk.data();
+    }
+    const grpc::Status status = reader->Finish();
+    Record("GetManifest", status);
+    if (status.ok()) {
+      EXPECT_EQ(static_cast<int64_t>(bytes.size()), total);
+      EXPECT_EQ(Sha256Hex(bytes), request.manifest_hash()) << "GetManifest streamed other bytes than its hash names"
+                                                           << " (replay: AVIARY_FUZZ_SEED=" << seed_ << ")";
+      if (request.manifest_hash() == task.manifest_hash) {
+        EXPECT_EQ(static_cast<int64_t>(bytes.size()), task.manifest_size);
+      }
+    }
+  }
+  void PruneJobs() {
+    if (Chance(0.7)) return;  // rarer: a pruned job's manifests are gone
+    PruneJobsRequest request;
+    request.set_older_than_days(Chance(0.8) ? (Chance(0.5) ? -1.0 : Below(3) / 86400.0) : RandomDouble());
+    request.set_dry_run(Chance(0.5));
+    if (Chance(0.1)) Mutate(&request);
+    PruneJobsResponse response;
+    Record("PruneJobs", jobs_->PruneJobs(Ctx(Service::kJob).get(), request, &response));
+  }
   // A valid-looking call with another role's token: always PERMISSION_DENIED, before any check
   // of the request (a client or viewer never acts as a worker, a worker or viewer never submits).
   void WrongRole() {
@@ -496,7 +538,30 @@ class RpcFuzzTest : public ::testing::Test {
     context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     grpc::Status status;
     std::string rpc;
-    switch (Below(4)) {
+    switch (Below(6)) {
+      case 4: {
+        AddToken(Chance(0.5) ? kClientToken : kViewerToken, context.get());
+        GetManifestRequest request;
+        const Leased task = Task();
+        request.set_group_id(task.group_id);
+        request.set_manifest_hash(task.manifest_hash);
+        rpc = "GetManifest";
+        auto reader = workers_->GetManifest(context.get(), request);
+        ManifestChunk chunk;
+        while (reader->Read(&chunk)) {
+        }
+        status = reader->Finish();
+        break;
+      }
+      case 5: {
+        AddToken(Chance(0.5) ? kWorkerToken : kViewerToken, context.get());
+        PruneJobsRequest request;
+        request.set_older_than_days(0);
+        PruneJobsResponse response;
+        rpc = "PruneJobs";
+        status = jobs_->PruneJobs(context.get(), request, &response);
+        break;
+      }
       case 0: {
         AddToken(Chance(0.5) ? kClientToken : kViewerToken, context.get());
         ReportCheckpointRequest request;
@@ -547,7 +612,11 @@ class RpcFuzzTest : public ::testing::Test {
 
   // A lease seen: its checkpoints must lie inside the task's folders.
   void Saw(const std::string& group_id, const aviary::v1::Task& task) {
-    leased_.push_back({group_id, task.task_id(), task.job_id(), task.out_dir()});
+    leased_.push_back(
+        {group_id, task.task_id(), task.job_id(), task.out_dir(), task.manifest_hash(), task.manifest_size()});
+    EXPECT_TRUE(task.manifest_csv().empty()) << "lease of " << task.task_id() << " carried its manifest, not its hash";
+    EXPECT_TRUE(IsSha256Hex(task.manifest_hash())) << "lease of " << task.task_id() << ": manifest_hash '"
+                                                   << task.manifest_hash() << "' (replay: AVIARY_FUZZ_SEED=" << seed_ << ")";
     if (!task.resume_checkpoint().empty()) {
       EXPECT_TRUE(InsideReal(task.resume_checkpoint(), task.out_dir()))
           << "lease of " << task.task_id() << " carried resume_checkpoint " << task.resume_checkpoint()
@@ -601,6 +670,7 @@ TEST_F(RpcFuzzTest, RandomAndMutatedCallsKeepTheInvariants) {
       {6, [&] { LeaseTask(); }},        {6, [&] { ReportProgress(); }},
       {6, [&] { ReportCheckpoint(); }}, {4, [&] { CompleteTask(); }},
       {3, [&] { FailTask(); }},         {1, [&] { LeaveGroup(); }},
+      {3, [&] { GetManifest(); }},      {1, [&] { PruneJobs(); }},
       {1, [&] { WrongRole(); }},
   };
   int total_weight = 0;
@@ -703,6 +773,13 @@ TEST_F(RpcFuzzTest, RandomAndMutatedCallsKeepTheInvariants) {
     if (!task.resume_checkpoint.empty()) {
       EXPECT_TRUE(InsideReal(task.resume_checkpoint, task.info.out_dir()))
           << "resume_checkpoint " << task.resume_checkpoint << " of " << task.info.task_id();
+    }
+    // No task refers to a manifest that pruning deleted.
+    if (!task.manifest_hash.empty()) {
+      auto stored = (*store)->HasManifest(task.manifest_hash);
+      ASSERT_TRUE(stored.ok()) << stored.status();
+      EXPECT_TRUE(*stored) << task.info.task_id() << " refers to manifest " << task.manifest_hash
+                           << ", which is not stored (replay: AVIARY_FUZZ_SEED=" << seed_ << ")";
     }
   }
   EXPECT_TRUE((*store)->Close().ok());

@@ -29,6 +29,8 @@
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/manifest.h"
+#include "coordinator/content_hash.h"
+#include "coordinator/fold_cache.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
@@ -177,6 +179,36 @@ class CoordinatorServiceTest : public ::testing::Test {
     return response.group_id();
   }
 
+  // GetManifest as `group_id`: the streamed bytes (checked to continue each other) and the status.
+  grpc::Status FetchManifest(const std::string& group_id, const std::string& hash, std::string* bytes) {
+    GetManifestRequest request;
+    request.set_group_id(group_id);
+    request.set_manifest_hash(hash);
+    auto ctx = WorkerCtx();
+    auto reader = workers_->GetManifest(ctx.get(), request);
+    ManifestChunk chunk;
+    bytes->clear();
+    while (reader->Read(&chunk)) {
+      EXPECT_EQ(chunk.offset(), static_cast<int64_t>(bytes->size()));
+      *bytes += chunk.data();
+      EXPECT_LE(static_cast<int64_t>(bytes->size()), chunk.total_size());
+    }
+    return reader->Finish();
+  }
+  // Rows of the database file (a read-only connection of its own): the first column of `sql`.
+  int64_t CountRows(const std::string& sql, const std::string& bind = "") {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2(config_.database.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+    if (!bind.empty()) sqlite3_bind_text(stmt, 1, bind.c_str(), -1, SQLITE_TRANSIENT);
+    int64_t n = -1;
+    if (sqlite3_step(stmt) == SQLITE_ROW) n = sqlite3_column_int64(stmt, 0);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return n;
+  }
+
   LeaseTaskResponse Lease(const std::string& group_id) {
     LeaseTaskRequest request;
     request.set_group_id(group_id);
@@ -281,7 +313,13 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
   EXPECT_EQ(lease.task().task_id(), pretrain);
   EXPECT_EQ(lease.task().attempt(), 1);
   EXPECT_EQ(lease.task().init_checkpoint(), "");
-  auto manifest = common::ParseManifestCsv(lease.task().manifest_csv(), "lease");
+  // The lease names its manifest by content; the group fetches it.
+  EXPECT_EQ(lease.task().manifest_csv(), "");
+  std::string csv;
+  ASSERT_TRUE(FetchManifest(a, lease.task().manifest_hash(), &csv).ok());
+  EXPECT_EQ(static_cast<int64_t>(csv.size()), lease.task().manifest_size());
+  EXPECT_EQ(Sha256Hex(csv), lease.task().manifest_hash());
+  auto manifest = common::ParseManifestCsv(csv, "lease");
   ASSERT_TRUE(manifest.ok()) << manifest.status();
   EXPECT_EQ(manifest->stage, "pretrain");
   EXPECT_FALSE(manifest->class_names.empty());
@@ -1472,7 +1510,7 @@ TEST_F(CoordinatorServiceTest, RetentionPrunesOnlyJobsFinishedLongAgo) {
     return n;
   };
   const std::string steps = "SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0";
-  const std::string manifests = "SELECT count(*) FROM tasks WHERE job_id=?1 AND length(manifest_csv) > 0";
+  const std::string manifests = "SELECT count(*) FROM tasks WHERE job_id=?1 AND manifest_hash != ''";
   ASSERT_EQ(count(steps, done), 1);
   ASSERT_EQ(count(manifests, done), 1);
   auto pruned = coordinator_->scheduler()->PruneFinishedJobs();
@@ -1495,6 +1533,190 @@ TEST_F(CoordinatorServiceTest, RetentionPrunesOnlyJobsFinishedLongAgo) {
   pruned = coordinator_->scheduler()->PruneFinishedJobs();
   ASSERT_TRUE(pruned.ok());
   EXPECT_EQ(*pruned, 0);  // once
+  // Both jobs ran the same dataset version: one stored manifest, which the running job keeps.
+  EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 1);
+  std::string csv;
+  EXPECT_TRUE(FetchManifest(b, Lease(b).task().manifest_hash(), &csv).ok());
+}
+
+// Manifests are stored once per content and built once per dataset version: a second submit of
+// the same data reuses the first one's manifests (the database gains no manifest), a lease carries
+// the hash and the holder alone may fetch the manifest; a recording removed from the data makes
+// the next submit build anew, without it.
+TEST_F(CoordinatorServiceTest, ManifestsAreSharedPerDatasetVersionAndLeasedByReference) {
+  Start();
+  const std::string first = Submit();
+  const int64_t stored = CountRows("SELECT count(*) FROM manifests");
+  EXPECT_EQ(stored, 3);  // pretrain-f0, finetune-f0, finetune-f1
+  const std::string second = Submit({"train.epochs=2"});  // training keys do not change manifests
+  EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), stored);
+  const std::string by_task = "SELECT manifest_hash FROM tasks WHERE task_id=?1";
+  auto hash_of = [&](const std::string& task_id) {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2(config_.database.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    EXPECT_EQ(sqlite3_prepare_v2(db, by_task.c_str(), -1, &stmt, nullptr), SQLITE_OK);
+    sqlite3_bind_text(stmt, 1, task_id.c_str(), -1, SQLITE_TRANSIENT);
+    std::string hash;
+    if (sqlite3_step(stmt) == SQLITE_ROW) hash = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return hash;
+  };
+  for (const char* task : {"/pretrain-f0", "/finetune-f0", "/finetune-f1"}) {
+    EXPECT_TRUE(IsSha256Hex(hash_of(first + task))) << task;
+    EXPECT_EQ(hash_of(first + task), hash_of(second + task)) << task;
+  }
+  EXPECT_NE(hash_of(first + "/finetune-f0"), hash_of(first + "/finetune-f1"));
+
+  // Only a group whose leased task refers to the manifest gets it.
+  const std::string a = Register();
+  const std::string idle = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), first + "/pretrain-f0");
+  std::string csv;
+  ASSERT_TRUE(FetchManifest(a, lease.task().manifest_hash(), &csv).ok());
+  EXPECT_EQ(Sha256Hex(csv), lease.task().manifest_hash());
+  {  // Fetches at once share one inflated copy on the coordinator; each gets the whole manifest.
+    std::vector<std::thread> fetchers;
+    std::vector<std::string> got(6);
+    std::vector<grpc::Status> statuses(6);
+    for (size_t i = 0; i < got.size(); ++i) {
+      fetchers.emplace_back([&, i] { statuses[i] = FetchManifest(a, lease.task().manifest_hash(), &got[i]); });
+    }
+    for (auto& t : fetchers) t.join();
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(statuses[i].ok()) << statuses[i].error_message();
+      EXPECT_EQ(got[i], csv) << i;
+    }
+  }
+  grpc::Status refused = FetchManifest(idle, lease.task().manifest_hash(), &csv);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(refused.error_message().find("holds no task whose manifest is " + lease.task().manifest_hash()),
+            std::string::npos)
+      << refused.error_message();
+  EXPECT_TRUE(csv.empty());
+  refused = FetchManifest(a, "not-a-hash", &csv);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(refused.error_message().find("field 'manifest_hash'"), std::string::npos) << refused.error_message();
+  refused = FetchManifest(a, Sha256Hex("another"), &csv);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  // A recording of the target removed: the dataset version changed, the fine-tuning manifests
+  // are built anew without it; the pretraining pool (which only excludes the target's ids) is too.
+  const std::string gone = root_ + "/t24/train_audio/a/XC4.ogg";
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the file clock's tick
+  ASSERT_TRUE(fs::remove(gone));
+  const std::string third = Submit();
+  EXPECT_NE(hash_of(third + "/finetune-f0"), hash_of(first + "/finetune-f0"));
+  EXPECT_EQ(hash_of(third + "/pretrain-f0"), hash_of(first + "/pretrain-f0"));  // its files did not change
+  EXPECT_GT(CountRows("SELECT count(*) FROM manifests"), stored);
+}
+
+// The fold cache drops a version whose files changed (content, size or a rewrite in place) and
+// keeps at most its bound of versions.
+TEST(FoldCacheTest, ChangedFilesDropTheVersionAndTheCacheIsBounded) {
+  std::string tmpl = absl::StrCat("/tmp/aviary_fold_cache_", ::getpid(), "_XXXXXX");
+  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  const std::string file = tmpl + "/metadata.csv";
+  std::ofstream(file) << "a,b\n";
+  FoldCache cache(2);
+  ManifestRef ref{Sha256Hex("m"), 1};
+  cache.Insert("k", {StampFile(file), StampFile(tmpl + "/absent")}, {{0, ref}});
+  auto hit = cache.Lookup("k", {0});
+  ASSERT_TRUE(hit.has_value());
+  EXPECT_EQ(hit->at(0).hash, ref.hash);
+  EXPECT_FALSE(cache.Lookup("k", {0, 1}).has_value());  // fold 1 was never built
+  EXPECT_TRUE(cache.Lookup("k", {0}).has_value());       // ... which does not drop the version
+  // File times tick with the kernel's coarse clock (a few ms): changes are made later than that.
+  const auto tick = std::chrono::milliseconds(20);
+  std::this_thread::sleep_for(tick);
+  std::ofstream(file) << "a,c\n";  // same size, rewritten
+  EXPECT_FALSE(cache.Lookup("k", {0}).has_value());
+  EXPECT_EQ(cache.size(), 0u);
+  cache.Insert("k", {StampFile(file)}, {{0, ref}});
+  cache.Insert("k2", {StampFile(tmpl + "/other")}, {{0, ref}});
+  std::ofstream(tmpl + "/other") << "";  // a file that appears changes its stamp too
+  EXPECT_FALSE(cache.Lookup("k2", {0}).has_value());
+  cache.Insert("k2", {}, {{0, ref}});
+  cache.Insert("k3", {}, {{0, ref}});
+  EXPECT_EQ(cache.size(), 2u);
+  EXPECT_FALSE(cache.Lookup("k", {0}).has_value());  // least recently used, gone
+  EXPECT_TRUE(cache.Lookup("k2", {0}).has_value());
+  fs::remove_all(tmpl);
+}
+
+// `aviary prune` (JobService.PruneJobs): a dry run counts exactly what a real run then removes
+// and removes nothing; the real run drops the jobs' step points and manifest references and the
+// manifests nobody refers to any more; state and history stay.
+TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
+  config_.retention_days = 0;  // kept for ever unless pruned by hand
+  Start();
+  const std::string done = Submit({"stages.finetune.enabled=false"});
+  const std::string a = Register();
+  const std::string task = Lease(a).task().task_id();
+  Metrics step = EpochEnd(0, 0.9);
+  step.set_epoch_end(false);
+  step.set_step(4);
+  bool cancel = false;
+  Metrics step2 = step;
+  step2.set_step(5);
+  ASSERT_TRUE(Report(a, task, {step, step2, EpochEnd(0, 0.9)}, &cancel).ok());
+  ASSERT_TRUE(Complete(a, task, Checkpoint(task, "best.pt")).ok());
+  const std::string other = Submit({"stages.finetune.enabled=false", "sampling.upsample_thr=1"});  // its own manifest
+  ASSERT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);
+  auto prune = [&](double days, bool dry_run, PruneJobsResponse* response) {
+    PruneJobsRequest request;
+    request.set_older_than_days(days);
+    request.set_dry_run(dry_run);
+    return jobs_->PruneJobs(Ctx().get(), request, response);
+  };
+  PruneJobsResponse response;
+  ASSERT_TRUE(prune(1, false, &response).ok());  // finished less than a day ago
+  EXPECT_EQ(response.jobs_size(), 0);
+  EXPECT_EQ(response.manifests_deleted(), 0);
+  response.Clear();
+  ASSERT_TRUE(prune(0, true, &response).ok());
+  EXPECT_TRUE(response.dry_run());
+  ASSERT_EQ(response.jobs_size(), 1);
+  EXPECT_EQ(response.jobs(0).job_id(), done);
+  EXPECT_EQ(response.jobs(0).step_points(), 2);
+  EXPECT_EQ(response.jobs(0).manifest_refs(), 1);
+  EXPECT_EQ(response.manifests_deleted(), 1);
+  EXPECT_GT(response.manifest_bytes_deleted(), 0);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);  // nothing removed
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 2);
+  PruneJobsResponse real;
+  ASSERT_TRUE(prune(0, false, &real).ok());
+  EXPECT_FALSE(real.dry_run());
+  ASSERT_EQ(real.jobs_size(), 1);
+  EXPECT_EQ(real.jobs(0).step_points(), 2);
+  EXPECT_EQ(real.manifests_deleted(), response.manifests_deleted());
+  EXPECT_EQ(real.manifest_bytes_deleted(), response.manifest_bytes_deleted());
+  EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 1);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 0);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=1", done), 1);
+  EXPECT_EQ(GetJob(done).state(), JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(GetJob(other).state(), JOB_STATE_PENDING);
+  // The same data submitted again after its manifest was pruned: built and stored anew.
+  const std::string again = Submit({"stages.finetune.enabled=false"});
+  EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);
+  const std::string b = Register();
+  LeaseTaskResponse lease = Lease(b);
+  ASSERT_EQ(lease.task().task_id(), other + "/pretrain-f0");
+  std::string csv;
+  ASSERT_TRUE(FetchManifest(b, lease.task().manifest_hash(), &csv).ok());
+  EXPECT_FALSE(csv.empty());
+  (void)again;
+  // Bad ages, and the client role only.
+  PruneJobsRequest bad;
+  bad.set_older_than_days(std::numeric_limits<double>::quiet_NaN());
+  PruneJobsResponse ignored;
+  grpc::Status status = jobs_->PruneJobs(Ctx().get(), bad, &ignored);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'older_than_days'"), std::string::npos) << status.error_message();
+  status = jobs_->PruneJobs(WorkerCtx().get(), PruneJobsRequest(), &ignored);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
 }
 
 }  // namespace

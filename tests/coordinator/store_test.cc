@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "coordinator/content_hash.h"
 #include "gtest/gtest.h"
 
 namespace aviary::coordinator {
@@ -58,7 +59,7 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
     task.info.set_group_id("gaaaaaaaaaaaa");
     task.info.set_attempt(2);
     task.resume_checkpoint = "/runs/last.pt";
-    TaskPayload payload{"class,a,0\n", "seed: 1\n"};
+    TaskPayload payload{"class,a,0\n", "seed: 1\n", ""};
     GroupRow group;
     group.group_id = "gaaaaaaaaaaaa";
     group.task_id = task.info.task_id();
@@ -94,10 +95,15 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
   EXPECT_EQ((*tasks)[0].info.group_id(), "gaaaaaaaaaaaa");
   EXPECT_EQ((*tasks)[0].info.attempt(), 2);
   EXPECT_EQ((*tasks)[0].resume_checkpoint, "/runs/last.pt");
+  EXPECT_EQ((*tasks)[0].manifest_hash, Sha256Hex("class,a,0\n"));
   auto payload = (*store)->LoadTaskPayload("j0123456789ab/pretrain-f0");
   ASSERT_TRUE(payload.ok()) << payload.status();
-  EXPECT_EQ(payload->manifest_csv, "class,a,0\n");
+  EXPECT_EQ(payload->manifest_hash, Sha256Hex("class,a,0\n"));
+  EXPECT_EQ(payload->manifest_csv, "");
   EXPECT_EQ(payload->pipeline_yaml, "seed: 1\n");
+  auto manifest = (*store)->LoadManifest(payload->manifest_hash);
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  EXPECT_EQ(*manifest, "class,a,0\n");
   auto groups = (*store)->LoadGroups();
   ASSERT_TRUE(groups.ok());
   ASSERT_EQ(groups->size(), 1u);
@@ -123,61 +129,139 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
   EXPECT_EQ(*absent, 0);
 }
 
-// Manifests are stored deflated (a pool's paths compress about tenfold), read back exactly; a
-// row written before compression (the CSV itself) still reads; a damaged one is DATA_LOSS
-// naming the task.
-TEST_F(StoreTest, ManifestsAreStoredDeflated) {
+// Manifests are stored once per content, deflated (a pool's paths compress about tenfold), and
+// read back exactly; a task may refer to a stored one by its hash alone (never to one that is
+// not stored); pruning drops the references and the sweep the manifests nobody refers to; a
+// damaged one is DATA_LOSS naming it.
+TEST_F(StoreTest, ManifestsAreStoredOncePerContent) {
   std::string manifest = "split,path,target\n";
   for (int i = 0; i < 20000; ++i) {
     absl::StrAppend(&manifest, i % 5 == 0 ? "valid" : "train", ",/data/birdclef-2021/train_short_audio/sp",
                     i % 300, "/XC", 20000000 + i * 7, ".ogg,", i % 300, "\n");
   }
-  auto insert = [&](Store* store, const std::string& task_id, const std::string& csv) {
-    TaskRow task;
-    task.info.set_task_id(task_id);
-    task.info.set_job_id("j0123456789ab");
-    ASSERT_TRUE(store->InsertTask(task, TaskPayload{csv, "seed: 1\n"}).ok());
-  };
-  {
-    auto store = Store::Open(path_);
-    ASSERT_TRUE(store.ok()) << store.status();
-    insert(store->get(), "j0123456789ab/pretrain-f0", manifest);
-    insert(store->get(), "j0123456789ab/finetune-f0", "");
-    ASSERT_TRUE((*store)->Close().ok());
-  }
-  RawExec("INSERT INTO tasks VALUES('j0123456789ab/finetune-f1', 'j0123456789ab', 2, 0, '', '', '', '', x'', "
-          "'split,path,target\nvalid,/a.ogg,0\n', 'seed: 1\n')");
-  RawExec("INSERT INTO tasks VALUES('j0123456789ab/finetune-f2', 'j0123456789ab', 3, 0, '', '', '', '', x'', "
-          "x'41565a310a000000000000007801', 'seed: 1\n')");
-  {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
-    sqlite3_stmt* stmt = nullptr;
-    ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT length(manifest_csv) FROM tasks WHERE task_id='j0123456789ab/pretrain-f0'",
-                                 -1, &stmt, nullptr),
-              SQLITE_OK);
-    ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
-    EXPECT_LT(sqlite3_column_int64(stmt, 0), static_cast<int64_t>(manifest.size() / 5)) << manifest.size();
-    sqlite3_finalize(stmt);
-    ASSERT_EQ(sqlite3_close(db), SQLITE_OK);
-  }
+  const std::string other = "split,path,target\nvalid,/a.ogg,0\n";
   auto store = Store::Open(path_);
   ASSERT_TRUE(store.ok()) << store.status();
-  auto big = (*store)->LoadTaskPayload("j0123456789ab/pretrain-f0");
+  auto insert = [&](const std::string& job_id, const std::string& task_id, const TaskPayload& payload) {
+    TaskRow task;
+    task.info.set_task_id(task_id);
+    task.info.set_job_id(job_id);
+    return (*store)->Transaction([&] { return (*store)->InsertTask(task, payload); });
+  };
+  ASSERT_TRUE(insert("jaaaaaaaaaaaa", "jaaaaaaaaaaaa/pretrain-f0", TaskPayload{manifest, "seed: 1\n", ""}).ok());
+  ASSERT_TRUE(insert("jaaaaaaaaaaaa", "jaaaaaaaaaaaa/finetune-f0", TaskPayload{other, "seed: 1\n", ""}).ok());
+  // The same content again, by its bytes and by its hash alone.
+  ASSERT_TRUE(insert("jbbbbbbbbbbbb", "jbbbbbbbbbbbb/pretrain-f0", TaskPayload{manifest, "seed: 2\n", ""}).ok());
+  ASSERT_TRUE(insert("jbbbbbbbbbbbb", "jbbbbbbbbbbbb/finetune-f0", TaskPayload{"", "seed: 2\n", Sha256Hex(other)}).ok());
+  const absl::Status unknown = insert("jbbbbbbbbbbbb", "jbbbbbbbbbbbb/finetune-f1",
+                                      TaskPayload{"", "seed: 2\n", Sha256Hex("never stored")});
+  EXPECT_EQ(unknown.code(), absl::StatusCode::kFailedPrecondition) << unknown;
+  EXPECT_NE(unknown.message().find("refers to manifest " + Sha256Hex("never stored") + ", which is not stored"),
+            std::string::npos)
+      << unknown;
+  const absl::Status bad_hash = insert("jbbbbbbbbbbbb", "jbbbbbbbbbbbb/finetune-f2", TaskPayload{"", "", "XYZ"});
+  EXPECT_EQ(bad_hash.code(), absl::StatusCode::kInvalidArgument) << bad_hash;
+
+  auto stats = (*store)->GetManifestStats();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->count, 2);
+  EXPECT_LT(stats->stored_bytes, static_cast<int64_t>(manifest.size() / 5)) << manifest.size();
+  auto payload = (*store)->LoadTaskPayload("jbbbbbbbbbbbb/pretrain-f0");
+  ASSERT_TRUE(payload.ok()) << payload.status();
+  EXPECT_EQ(payload->manifest_hash, Sha256Hex(manifest));
+  EXPECT_EQ(payload->pipeline_yaml, "seed: 2\n");
+  auto big = (*store)->LoadManifest(payload->manifest_hash);
   ASSERT_TRUE(big.ok()) << big.status();
-  EXPECT_EQ(big->manifest_csv, manifest);
-  EXPECT_EQ(big->pipeline_yaml, "seed: 1\n");
-  auto empty = (*store)->LoadTaskPayload("j0123456789ab/finetune-f0");
-  ASSERT_TRUE(empty.ok()) << empty.status();
-  EXPECT_EQ(empty->manifest_csv, "");
-  auto old = (*store)->LoadTaskPayload("j0123456789ab/finetune-f1");
-  ASSERT_TRUE(old.ok()) << old.status();
-  EXPECT_EQ(old->manifest_csv, "split,path,target\nvalid,/a.ogg,0\n");
-  auto damaged = (*store)->LoadTaskPayload("j0123456789ab/finetune-f2");
+  EXPECT_EQ(*big, manifest);
+
+  // Pruning job a leaves every manifest job b still refers to.
+  int64_t points = 0, cleared = 0, swept = 0, swept_bytes = 0;
+  ASSERT_TRUE((*store)->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR((*store)->PruneJob("jaaaaaaaaaaaa", &points, &cleared));
+    return (*store)->SweepManifests(&swept, &swept_bytes);
+  }).ok());
+  EXPECT_EQ(cleared, 2);
+  EXPECT_EQ(swept, 0);
+  ASSERT_TRUE((*store)->LoadManifest(Sha256Hex(manifest)).ok());
+  ASSERT_TRUE((*store)->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR((*store)->PruneJob("jbbbbbbbbbbbb", &points, &cleared));
+    return (*store)->SweepManifests(&swept, &swept_bytes);
+  }).ok());
+  EXPECT_EQ(cleared, 4);
+  EXPECT_EQ(swept, 2);
+  EXPECT_EQ(swept_bytes, stats->stored_bytes);
+  EXPECT_EQ((*store)->LoadManifest(Sha256Hex(manifest)).status().code(), absl::StatusCode::kNotFound);
+  auto pruned = (*store)->LoadTaskPayload("jbbbbbbbbbbbb/pretrain-f0");
+  ASSERT_TRUE(pruned.ok()) << pruned.status();
+  EXPECT_EQ(pruned->manifest_hash, "");
+
+  // A damaged manifest.
+  ASSERT_TRUE(insert("jcccccccccccc", "jcccccccccccc/finetune-f0", TaskPayload{other, "", ""}).ok());
+  ASSERT_TRUE((*store)->Close().ok());
+  RawExec("UPDATE manifests SET data=x'41565a310a000000000000007801'");
+  store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto damaged = (*store)->LoadManifest(Sha256Hex(other));
   EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_NE(damaged.status().message().find("task j0123456789ab/finetune-f2: the stored manifest does not inflate"),
+  EXPECT_NE(damaged.status().message().find("manifest " + Sha256Hex(other) + ": the stored manifest does not inflate"),
             std::string::npos)
       << damaged.status();
+}
+
+// A database of schema version 1 (each task held its own manifest) is migrated at Open: the
+// manifests move into the content table, once per content; a row that does not inflate stays and
+// is still DATA_LOSS naming the task; the migrated file then opens as version 2.
+TEST_F(StoreTest, MigratesAVersion1Database) {
+  RawExec(
+      "CREATE TABLE jobs (  job_id TEXT PRIMARY KEY,  seq INTEGER NOT NULL,  state INTEGER NOT NULL,  info BLOB NOT NULL);"
+      "CREATE TABLE tasks (  task_id TEXT PRIMARY KEY,  job_id TEXT NOT NULL,  seq INTEGER NOT NULL,"
+      "  state INTEGER NOT NULL,  group_id TEXT NOT NULL,  depends_on TEXT NOT NULL,  init_checkpoint TEXT NOT NULL,"
+      "  resume_checkpoint TEXT NOT NULL,  info BLOB NOT NULL,  manifest_csv BLOB NOT NULL,  pipeline_yaml TEXT NOT NULL);"
+      "CREATE INDEX tasks_by_job ON tasks(job_id, seq);"
+      "CREATE TABLE groups (  group_id TEXT PRIMARY KEY,  task_id TEXT NOT NULL,  registered_unix_ms INTEGER NOT NULL,"
+      "  info BLOB NOT NULL);"
+      "CREATE TABLE metric_points (  id INTEGER PRIMARY KEY AUTOINCREMENT,  job_id TEXT NOT NULL,  task_id TEXT NOT NULL,"
+      "  attempt INTEGER NOT NULL,  time_unix_ms INTEGER NOT NULL,  epoch INTEGER NOT NULL,  step INTEGER NOT NULL,"
+      "  epoch_end INTEGER NOT NULL,  metrics BLOB NOT NULL);"
+      "CREATE INDEX metric_points_by_job ON metric_points(job_id, epoch_end, id);"
+      "CREATE INDEX metric_points_by_task ON metric_points(task_id, epoch_end, id);"
+      "CREATE TABLE checkpoints (  id INTEGER PRIMARY KEY AUTOINCREMENT,  task_id TEXT NOT NULL,  attempt INTEGER NOT NULL,"
+      "  path TEXT NOT NULL,  epoch INTEGER NOT NULL,  best INTEGER NOT NULL,  time_unix_ms INTEGER NOT NULL);"
+      "CREATE INDEX checkpoints_by_task ON checkpoints(task_id, id);"
+      "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+      "PRAGMA user_version=1;");
+  const std::string csv = "split,path,target\nvalid,/a.ogg,0\n";
+  RawExec("INSERT INTO tasks VALUES('jaaaaaaaaaaaa/finetune-f0', 'jaaaaaaaaaaaa', 0, 0, '', '', '', '', x'', "
+          "'split,path,target\nvalid,/a.ogg,0\n', 'seed: 1\n')");
+  RawExec("INSERT INTO tasks VALUES('jbbbbbbbbbbbb/finetune-f0', 'jbbbbbbbbbbbb', 0, 0, '', '', '', '', x'', "
+          "'split,path,target\nvalid,/a.ogg,0\n', 'seed: 2\n')");
+  RawExec("INSERT INTO tasks VALUES('jbbbbbbbbbbbb/finetune-f1', 'jbbbbbbbbbbbb', 1, 0, '', '', '', '', x'', "
+          "x'41565a310a000000000000007801', 'seed: 2\n')");
+  RawExec("INSERT INTO tasks VALUES('jbbbbbbbbbbbb/finetune-f2', 'jbbbbbbbbbbbb', 2, 0, '', '', '', '', x'', x'', '')");
+  for (int open = 0; open < 2; ++open) {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto stats = (*store)->GetManifestStats();
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(stats->count, 1);
+    for (const char* task_id : {"jaaaaaaaaaaaa/finetune-f0", "jbbbbbbbbbbbb/finetune-f0"}) {
+      auto payload = (*store)->LoadTaskPayload(task_id);
+      ASSERT_TRUE(payload.ok()) << payload.status();
+      EXPECT_EQ(payload->manifest_hash, Sha256Hex(csv)) << task_id;
+      EXPECT_EQ(payload->manifest_csv, "") << task_id;
+    }
+    auto manifest = (*store)->LoadManifest(Sha256Hex(csv));
+    ASSERT_TRUE(manifest.ok()) << manifest.status();
+    EXPECT_EQ(*manifest, csv);
+    auto damaged = (*store)->LoadTaskPayload("jbbbbbbbbbbbb/finetune-f1");
+    EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(damaged.status().message().find("task jbbbbbbbbbbbb/finetune-f1: the stored manifest does not inflate"),
+              std::string::npos)
+        << damaged.status();
+    auto none = (*store)->LoadTaskPayload("jbbbbbbbbbbbb/finetune-f2");
+    ASSERT_TRUE(none.ok()) << none.status();
+    EXPECT_EQ(none->manifest_hash, "");
+  }
 }
 
 TEST_F(StoreTest, FailedTransactionLeavesNothing) {

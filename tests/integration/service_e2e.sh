@@ -8,7 +8,9 @@
 #   - calls without the token or with a wrong one are refused (UNAUTHENTICATED), and the worker
 #     groups' token does not work for the client (PERMISSION_DENIED);
 #   - an invalid config is refused at submit with the key named;
-#   - cancel stops a running task within a few steps.
+#   - prune (dry run, then for real) of the finished job; its state and history stay;
+#   - cancel stops a running task within a few steps; its fine-tuning manifest, pruned with the
+#     first job and built again, is the same content, which the group has cached.
 # usage: service_e2e.sh BIN_DIR MPIEXEC
 set -uo pipefail
 bin=$1
@@ -133,10 +135,30 @@ av history "$job" --plot "$tmp/history.png" > "$tmp/history.txt" 2>&1 || fail "h
 grep -q finetune "$tmp/history.txt" && grep -q pretrain "$tmp/history.txt" || fail "history lacks a stage"
 av list | grep -q "$job" || fail "list does not show $job"
 
+# prune (issue 15): a dry run counts what the finished job would lose and removes nothing; the
+# real run removes the same (its step points, its manifests: no other job refers to them); its
+# state and epoch history stay.
+av prune --older-than 0 --dry-run > "$tmp/prune_dry.log" 2>&1 || fail "prune --dry-run"; cat "$tmp/prune_dry.log"
+grep -qE "^job $job: would remove [1-9][0-9]* step points, 2 task manifest references$" "$tmp/prune_dry.log" ||
+  fail "prune --dry-run does not name $job's step points and 2 manifests"
+grep -qE "^dry run: 1 job\(s\) finished more than 0 days ago; would remove 2 stored manifests .*nothing was removed$" \
+  "$tmp/prune_dry.log" || fail "prune --dry-run: not 2 stored manifests of 1 job"
+av prune --older-than 0 > "$tmp/prune.log" 2>&1 || fail "prune"; cat "$tmp/prune.log"
+grep -qE "^job $job: removed [1-9][0-9]* step points, 2 task manifest references$" "$tmp/prune.log" &&
+  grep -qE "^pruned 1 job\(s\) finished more than 0 days ago; removed 2 stored manifests" "$tmp/prune.log" ||
+  fail "prune did not remove what its dry run counted"
+[ "$(sed -n 's/^job [^:]*: would remove \([0-9]*\) step.*/\1/p' "$tmp/prune_dry.log")" = \
+  "$(sed -n 's/^job [^:]*: removed \([0-9]*\) step.*/\1/p' "$tmp/prune.log")" ] || fail "prune removed other counts than its dry run"
+av prune --older-than 0 | grep -q "^pruned 0 job(s)" || fail "a second prune found something left"
+jq_status "$job" 'j["state"] == "JOB_STATE_SUCCEEDED"' || fail "status after prune: job not SUCCEEDED"
+av history "$job" | grep -q finetune || fail "history after prune lacks the epoch rows"
+
 # Cancel: a long job; once its task has trained a few steps, cancel it. The group stops within
 # a few steps (its sample counter stands still) and the job is CANCELLED.
 job2=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=200 | tail -n 1)
 if wait_for 120 jq_status "$job2" 'int(task("finetune").get("latest", {}).get("step", 0)) >= 3'; then
+  grep -qE "manifest [0-9a-f]{12} \([0-9]+ bytes\) from the cache" "$tmp/g1.log" ||
+    fail "the group fetched $job2's manifest again (the same content as $job's fine-tuning manifest)"
   av cancel "$job2" > "$tmp/cancel.log" 2>&1 || fail "cancel"; cat "$tmp/cancel.log"
   jq_status "$job2" 'j["state"] == "JOB_STATE_CANCELLED"' || fail "the cancelled job is not CANCELLED"
   wait_for 30 grep -qi "cancel" "$tmp/g1.log" || fail "the group did not log the cancel"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """clang's -Wthread-safety over the translation units whose locking is annotated
-(absl::Mutex + ABSL_GUARDED_BY / ABSL_EXCLUSIVE_LOCKS_REQUIRED): the token sets, the scheduler, the
+(absl::Mutex + ABSL_GUARDED_BY / ABSL_EXCLUSIVE_LOCKS_REQUIRED): the token sets, the scheduler and its fold cache, the
 coordinator's metrics, the worker group's coordinator link, metrics and report buffer, and the
 batch loader.
 
@@ -18,6 +18,7 @@ import sys
 
 ANNOTATED = [
     "coordinator/auth.cc",
+    "coordinator/fold_cache.cc",
     "coordinator/scheduler.cc",
     "coordinator/metrics.cc",
     "worker/agent/coordinator_link.cc",

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
+#include "common/status.h"
 #include "worker/agent/signals.h"
 
 namespace aviary::worker {
@@ -171,8 +172,68 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
   Connected(true);
   if (response.available()) {
     *task = response.task();
+    if (!task->manifest_hash().empty()) {
+      // Fetched once per content: the tasks of one dataset version share their manifests. A
+      // failed fetch is a failed lease; the retried LeaseTask hands the same task back.
+      std::string csv;
+      AVIARY_RETURN_IF_ERROR(FetchManifest(task->manifest_hash(), task->manifest_size(), request.group_id(), &csv));
+      task->set_manifest_csv(std::move(csv));
+    }
     *available = true;
   }
+  return absl::OkStatus();
+}
+
+absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t size, const std::string& gid,
+                                            std::string* csv) {
+  for (auto it = manifests_.begin(); it != manifests_.end(); ++it) {
+    if (it->first != hash) continue;
+    *csv = it->second;
+    manifests_.splice(manifests_.begin(), manifests_, it);
+    ++manifest_hits_;
+    Log().Info(absl::StrCat("manifest ", hash.substr(0, 12), " (", size, " bytes) from the cache"));
+    return absl::OkStatus();
+  }
+  const auto started = Clock::now();
+  v1::GetManifestRequest request;
+  request.set_group_id(gid);
+  request.set_manifest_hash(hash);
+  grpc::ClientContext ctx;
+  // The deadline grows with the manifest: rpc_timeout_s plus 1 s per 8 MB.
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000) + size / 8000));
+  if (!options_.token.empty()) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+  std::unique_ptr<grpc::ClientReader<v1::ManifestChunk>> reader = stub_->GetManifest(&ctx, request);
+  std::string out;
+  if (size > 0) out.reserve(static_cast<size_t>(size));
+  v1::ManifestChunk chunk;
+  bool bad = false;
+  while (reader->Read(&chunk)) {
+    if (chunk.offset() != static_cast<int64_t>(out.size()) || chunk.total_size() != size ||
+        static_cast<int64_t>(out.size() + chunk.data().size()) > size) {
+      bad = true;
+      ctx.TryCancel();
+      break;
+    }
+    out += chunk.data();
+  }
+  grpc::Status st = reader->Finish();
+  if (bad) {
+    return absl::DataLossError(absl::StrCat("GetManifest ", hash, " from ", options_.coordinator, ": a chunk at offset ",
+                                            chunk.offset(), " of ", chunk.total_size(), " bytes does not continue the ",
+                                            out.size(), " of ", size, " bytes read"));
+  }
+  if (!st.ok()) return Failed("GetManifest", st, gid);
+  if (static_cast<int64_t>(out.size()) != size) {
+    return absl::DataLossError(absl::StrCat("GetManifest ", hash, " from ", options_.coordinator, ": got ", out.size(),
+                                            " bytes, the lease said ", size));
+  }
+  ++manifest_fetches_;
+  Log().Info(absl::StrFormat("manifest %s (%d bytes) fetched in %.0f ms", hash.substr(0, 12), size,
+                             1000 * SecondsSince(started)));
+  manifests_.emplace_front(hash, out);
+  while (manifests_.size() > kCachedManifests) manifests_.pop_back();
+  *csv = std::move(out);
   return absl::OkStatus();
 }
 

@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <string>
 #include <thread>
@@ -57,8 +58,12 @@ class CoordinatorLink {
   void StartThreads();
   void StopThreads();
 
-  // LeaseTask once. `*task` set when one was leased. NOT_FOUND marks the group lost.
+  // LeaseTask once. `*task` set when one was leased, its manifest_csv filled in from the
+  // manifest cache or fetched by hash (GetManifest). NOT_FOUND marks the group lost.
   absl::Status Lease(::aviary::v1::Task* task, bool* available);
+  // Manifests fetched from the coordinator and leases served from the cache (main thread).
+  int64_t manifest_fetches() const { return manifest_fetches_; }
+  int64_t manifest_hits() const { return manifest_hits_; }
 
   // The lease the heartbeats name and a cancel answer may stop (each BeginTask is a new lease).
   // Its clock starts at the last Lease call's send time.
@@ -93,6 +98,8 @@ class CoordinatorLink {
 
  private:
   void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
+  // The manifest `hash` (`size` bytes): from the cache, else streamed by GetManifest and kept.
+  absl::Status FetchManifest(const std::string& hash, int64_t size, const std::string& gid, std::string* csv);
   void Connected(bool c);
   // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
   // unless the group has registered anew since the call was made (a stale answer).
@@ -124,6 +131,11 @@ class CoordinatorLink {
   std::atomic<bool> lost_{false};
   LeaseClock lease_;                       // thread-safe itself
   LeaseClock::Clock::time_point lease_asked_at_{};  // main thread only
+  // The last few manifests by hash, most recent first (main thread only): a group that trains
+  // the folds of one dataset version fetches each manifest once.
+  static constexpr size_t kCachedManifests = 4;
+  std::list<std::pair<std::string, std::string>> manifests_;
+  int64_t manifest_fetches_ = 0, manifest_hits_ = 0;
   std::thread heartbeat_, sender_;
 };
 

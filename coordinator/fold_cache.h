@@ -1,0 +1,86 @@
+// Task manifests per dataset version, shared by the jobs that use the same data: a submit whose
+// stage reads the same files with the same fold-relevant config reuses the manifests an earlier
+// submit built (their content hashes; the manifests themselves are in the store) instead of
+// reading the metadata and rebuilding the folds (docs/SERVICE.md, "Dataset versions").
+//
+// A version's key is the stage plus every config key the manifests depend on (the sources'
+// layouts and resolved roots, data.corrupt_files, folds.*_splits, folds.cv_filter(_thr),
+// sampling.*_thr, seed). Its files are checked at every lookup by their stat stamp (device,
+// inode, size, mtime and ctime in ns): the metadata CSVs, the corrupt-file list, every folder
+// that holds a kept recording and each such folder's parent (a recording added or removed
+// changes its folder's mtime, a new label folder its parent's). A stamp, not a content hash:
+// stat of a few thousand paths takes milliseconds where hashing the pool's CSVs would read tens
+// of MB at every submit, and any write to a file changes its ctime, which no tool can set back.
+// A changed stamp drops the version. At most `max_versions` versions are kept (least recently
+// used first out).
+//
+// Thread-safe.
+#ifndef AVIARY_COORDINATOR_FOLD_CACHE_H_
+#define AVIARY_COORDINATOR_FOLD_CACHE_H_
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "common/catalog.h"
+#include "common/config.h"
+
+namespace aviary::coordinator {
+
+struct FileStamp {
+  std::string path;
+  bool exists = false;
+  uint64_t dev = 0, ino = 0;
+  int64_t size = 0, mtime_ns = 0, ctime_ns = 0;
+  bool operator==(const FileStamp& o) const {
+    return path == o.path && exists == o.exists && dev == o.dev && ino == o.ino && size == o.size &&
+           mtime_ns == o.mtime_ns && ctime_ns == o.ctime_ns;
+  }
+};
+FileStamp StampFile(const std::string& path);
+
+struct ManifestRef {
+  std::string hash;   // Sha256Hex of the CSV
+  int64_t size = 0;   // its bytes
+};
+
+class FoldCache {
+ public:
+  explicit FoldCache(size_t max_versions = 8) : max_versions_(max_versions) {}
+
+  // The version key of `stage` under `config` (paths already resolved).
+  static std::string Key(const common::PipelineConfig& config, const std::string& stage);
+  // The metadata files `stage` reads (stamped before reading them).
+  static std::vector<std::string> MetadataFiles(const common::PipelineConfig& config, const std::string& stage);
+  // The folders of `table`'s recordings and their parents.
+  static std::vector<std::string> AudioFolders(const common::StageTable& table);
+
+  // The manifests of `folds` when the version is cached with every one of them and none of its
+  // files changed; nullopt otherwise (a changed file drops the version).
+  std::optional<std::map<int, ManifestRef>> Lookup(const std::string& key, const std::vector<int>& folds)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Records a version (replacing one under the same key).
+  void Insert(const std::string& key, std::vector<FileStamp> stamps, std::map<int, ManifestRef> manifests)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void Erase(const std::string& key) ABSL_LOCKS_EXCLUDED(mu_);
+  size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  struct Version {
+    std::vector<FileStamp> stamps;
+    std::map<int, ManifestRef> manifests;
+  };
+  const size_t max_versions_;
+  mutable absl::Mutex mu_;
+  std::list<std::pair<std::string, std::shared_ptr<const Version>>> versions_ ABSL_GUARDED_BY(mu_);  // MRU first
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_FOLD_CACHE_H_
