@@ -105,6 +105,9 @@ class Store {
   // keep working) and empties its tasks' manifests. Adds what it removed to the counts.
   absl::Status PruneJob(const std::string& job_id, int64_t* points_deleted, int64_t* manifests_cleared);
 
+  // Removes a job with its tasks (manifests included), metric points and checkpoints.
+  absl::Status DeleteJob(const std::string& job_id);
+
   // Readers (each takes the lock itself).
   absl::StatusOr<std::vector<JobRow>> LoadJobs();     // submission order
   absl::StatusOr<std::vector<TaskRow>> LoadTasks();   // job order, then DAG order

@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <thread>
@@ -91,7 +92,22 @@ class CoordinatorLink {
 
   std::string group_id() const;
 
+  // Lines kept for shipping at most (the oldest go first when the coordinator is away).
+  static constexpr size_t kMaxBufferedLogLines = 5000;
+
  private:
+  // Rank 0's log lines of the current task (common::SetLogTap), shipped with ShipLogs after
+  // each heartbeat and at EndTask (docs/SERVICE.md, "Logs"). Shared with the tap, which may
+  // outlive a call into the link. Thread-safe.
+  struct LogBuffer {
+    absl::Mutex mu;
+    std::string task_id ABSL_GUARDED_BY(mu);  // "" between tasks: nothing is kept
+    std::deque<::aviary::v1::LogLine> lines ABSL_GUARDED_BY(mu);
+    int64_t dropped ABSL_GUARDED_BY(mu) = 0;
+  };
+  // Sends the buffered lines of the current task (one ShipLogs call); kept for the next call on a
+  // transient failure, dropped when refused for good.
+  void ShipLogs();
   void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
   void Connected(bool c);
   // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
@@ -125,6 +141,7 @@ class CoordinatorLink {
   LeaseClock lease_;                       // thread-safe itself
   LeaseClock::Clock::time_point lease_asked_at_{};  // main thread only
   std::thread heartbeat_, sender_;
+  std::shared_ptr<LogBuffer> logs_ = std::make_shared<LogBuffer>();
 };
 
 }  // namespace aviary::worker
