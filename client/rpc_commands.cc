@@ -574,9 +574,10 @@ class WatchView {
     }
     std::vector<std::string> lines;  // lines that scroll (messages, epoch ends)
     if (first && event.message().empty()) {
-      lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + job.name() + ")",
-                                   ": ", JobStateName(job.state()), ", ", job.tasks_size(),
-                                   " tasks"));
+      lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + PrintableText(job.name()) + ")",
+                                   ": ", JobStateName(job.state()), ", ", job.tasks_size(), " tasks",
+                                   job.tags().empty() ? "" : absl::StrCat("  [", FormatTags(job), "]"),
+                                   job.note().empty() ? "" : absl::StrCat("  note: ", PrintableText(job.note()))));
     }
     const bool progress = event.has_metrics();
     if (progress && event.metrics().epoch_end()) {
@@ -841,6 +842,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
   std::cout << "\njob " << job.job_id() << " " << JobStateName(job.state()) << "\n";
   if (!job.error().empty()) std::cout << "error: " << job.error() << "\n";
   std::cout << FormatBestTable(job);
+  if (const std::string best = FormatSweepBest(job); !best.empty()) std::cout << "best sweep " << best << "\n";
   return job.state() == v1::JOB_STATE_SUCCEEDED ? 0 : 1;
 }
 

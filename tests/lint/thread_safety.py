@@ -19,6 +19,7 @@ import sys
 ANNOTATED = [
     "coordinator/auth.cc",
     "coordinator/scheduler.cc",
+    "coordinator/scheduler_experiments.cc",
     "coordinator/metrics.cc",
     "worker/agent/coordinator_link.cc",
     "worker/agent/group_metrics.cc",
