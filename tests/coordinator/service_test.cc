@@ -1590,6 +1590,15 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
   ASSERT_EQ(job.sweep_best().overrides_size(), 2);
   EXPECT_EQ(job.sweep_best().overrides(0), "train.lr=5e-4");
   EXPECT_EQ(job.sweep_best().overrides(1), "model.dropout=0.2");
+  // The points' series are apart on /metrics (label `point`).
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  double value = 0;
+  for (int p = 0; p < 4; ++p) {
+    EXPECT_TRUE(FindSample(exposition, "aviary_task_running",
+                           {absl::StrCat("job_id=\"", job_id, "\""), "stage=\"finetune\"", absl::StrCat("point=\"", p, "\"")},
+                           &value))
+        << p;
+  }
   // Kept across a restart (JobInfo is stored whole).
   Restart();
   job = GetJob(job_id);
