@@ -798,6 +798,24 @@ TEST_F(CoordinatorServiceTest, EachRoleReachesOnlyItsRpcs) {
     cancel.set_job_id(job_id);
     CancelJobResponse cancelled;
     denied(jobs_->CancelJob(Ctx(token).get(), cancel, &cancelled), "JobService.CancelJob", "viewer", "client");
+    // Issue 16: groups and logs are the viewer's; retry and delete are not.
+    ListGroupsRequest groups;
+    ListGroupsResponse groups_response;
+    status = jobs_->ListGroups(Ctx(token).get(), groups, &groups_response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    GetLogsRequest logs;
+    logs.set_job_id(job_id);
+    GetLogsResponse logs_response;
+    status = jobs_->GetLogs(Ctx(token).get(), logs, &logs_response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    RetryJobRequest retry;
+    retry.set_job_id(job_id);
+    JobInfo retried;
+    denied(jobs_->RetryJob(Ctx(token).get(), retry, &retried), "JobService.RetryJob", "viewer", "client");
+    DeleteJobRequest remove;
+    remove.set_job_id(job_id);
+    DeleteJobResponse removed;
+    denied(jobs_->DeleteJob(Ctx(token).get(), remove, &removed), "JobService.DeleteJob", "viewer", "client");
     RegisterGroupRequest register_request;
     register_request.set_world_size(1);
     RegisterGroupResponse register_response;
