@@ -212,7 +212,9 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
 }
 
 void CoordinatorLink::EndTask() {
-  if (!lost_) ShipLogs();  // the task's last lines (its result, after CompleteTask / FailTask)
+  // The task's last lines (its result, after CompleteTask / FailTask); not while the coordinator
+  // is unreachable (a partition would hold the next lease up for a whole rpc_timeout_s).
+  if (!lost_ && connected_) ShipLogs();
   {
     absl::MutexLock logs(&logs_->mu);
     logs_->task_id.clear();
@@ -350,7 +352,10 @@ void CoordinatorLink::Prepare(grpc::ClientContext* ctx) const {
   if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
 }
 
-void CoordinatorLink::Connected(bool c) { metrics_->SetConnected(c); }
+void CoordinatorLink::Connected(bool c) {
+  connected_ = c;
+  metrics_->SetConnected(c);
+}
 
 absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, const std::string& gid) {
   const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),

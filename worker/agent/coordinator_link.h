@@ -138,6 +138,7 @@ class CoordinatorLink {
   int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
+  std::atomic<bool> connected_{false};  // the last call answered (Connected)
   LeaseClock lease_;                       // thread-safe itself
   LeaseClock::Clock::time_point lease_asked_at_{};  // main thread only
   std::thread heartbeat_, sender_;
