@@ -36,6 +36,7 @@ set(CPACK_DEBIAN_COMPRESSION_TYPE gzip)  # xz takes minutes on 2 cores for ~50 M
 # libcairo2, ...); mpirun is a program and the plots' font a data file, declared by hand. A libtorch from a PyPI wheel has no Debian package:
 # the CUDA configuration is not packaged this way (docs/DEPLOY.md, "Building on a GPU host").
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
-set(CPACK_DEBIAN_PACKAGE_DEPENDS "openmpi-bin, fonts-dejavu-core")
+# libjs-dygraphs: the web console's charts, served from /usr/share/javascript at run time.
+set(CPACK_DEBIAN_PACKAGE_DEPENDS "openmpi-bin, fonts-dejavu-core, libjs-dygraphs")
 set(CPACK_DEBIAN_PACKAGE_SUGGESTS "prometheus")
 include(CPack)

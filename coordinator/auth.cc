@@ -153,27 +153,38 @@ absl::Status Authenticator::CheckToken(const grpc::ServerContext& context, const
     return absl::UnauthenticatedError(absl::StrCat(
         rpc, ": missing 'authorization: Bearer <token>' metadata (give the client --token-file)"));
   }
-  // "Bearer <token>"; anything else matches no token. Every token is compared, so the time does
-  // not say which role (if any) matched.
+  // "Bearer <token>"; anything else matches no token.
   constexpr absl::string_view kScheme = "Bearer ";
   const absl::string_view header(it->second.data(), it->second.size());
   const std::string value(absl::StartsWith(header, kScheme) ? header.substr(kScheme.size()) : absl::string_view());
+  return CheckBearer(value, rpc, allowed);
+}
+
+absl::Status Authenticator::CheckBearer(const std::string& value, const char* what, RoleSet allowed,
+                                        Role* role) const {
+  const std::shared_ptr<const TokenSet> set = tokens();
+  if (set->empty()) {  // allow_no_auth
+    if (role != nullptr) *role = Role::kClient;
+    return absl::OkStatus();
+  }
+  // Every token is compared, so the time does not say which role (if any) matched.
   unsigned matched = 0;
-  for (Role role : {Role::kClient, Role::kViewer, Role::kWorker}) {
+  for (Role r : {Role::kClient, Role::kViewer, Role::kWorker}) {
     const std::vector<std::string>& tokens =
-        role == Role::kClient ? set->client : role == Role::kViewer ? set->viewer : set->worker;
+        r == Role::kClient ? set->client : r == Role::kViewer ? set->viewer : set->worker;
     for (const std::string& token : tokens) {
-      if (ConstantTimeEquals(value, token)) matched |= static_cast<unsigned>(role);
+      if (ConstantTimeEquals(value, token)) matched |= static_cast<unsigned>(r);
     }
   }
   if (matched == 0) {
     return absl::UnauthenticatedError(
-        absl::StrCat(rpc, ": the bearer token is not one of this coordinator's tokens"));
+        absl::StrCat(what, ": the bearer token is not one of this coordinator's tokens"));
   }
-  if ((matched & allowed) != 0) return absl::OkStatus();
   const Role has = static_cast<Role>(matched);  // one role: LoadTokenSet refuses shared tokens
+  if (role != nullptr) *role = has;
+  if ((matched & allowed) != 0) return absl::OkStatus();
   return absl::PermissionDeniedError(absl::StrCat(
-      rpc, ": the token has role '", RoleName(has), "' (", RoleKey(has), "); this call needs role '",
+      what, ": the token has role '", RoleName(has), "' (", RoleKey(has), "); this call needs role '",
       RoleNames(allowed), "'"));
 }
 

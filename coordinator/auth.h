@@ -70,6 +70,13 @@ class Authenticator {
   absl::Status Check(const grpc::ServerContext& context, const char* rpc, RoleSet allowed) const
       ABSL_LOCKS_EXCLUDED(mu_);
 
+  // The same check for a bearer token that came without gRPC (the web console's Authorization
+  // header or login cookie, coordinator/console.h): UNAUTHENTICATED when it is none of the
+  // tokens, PERMISSION_DENIED naming `what`, the token's role and the roles needed. `role`
+  // (optional) gets the token's role; with authentication off every caller is a client.
+  absl::Status CheckBearer(const std::string& token, const char* what, RoleSet allowed,
+                           Role* role = nullptr) const ABSL_LOCKS_EXCLUDED(mu_);
+
   // Swaps in a new set; calls already past Check keep their answer.
   void Replace(TokenSet tokens) ABSL_LOCKS_EXCLUDED(mu_);
 

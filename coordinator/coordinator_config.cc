@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -145,6 +146,9 @@ const std::vector<Field>& Fields() {
       {"port_file", String(&CoordinatorConfig::port_file, true)},
       {"metrics_listen", String(&CoordinatorConfig::metrics_listen, false)},
       {"metrics_port_file", String(&CoordinatorConfig::metrics_port_file, true)},
+      {"console_listen", String(&CoordinatorConfig::console_listen, false)},
+      {"console_port_file", String(&CoordinatorConfig::console_port_file, true)},
+      {"console_grafana_url", String(&CoordinatorConfig::console_grafana_url, false)},
       {"database", String(&CoordinatorConfig::database, true)},
       {"work_dir", String(&CoordinatorConfig::work_dir, true)},
       {"data_roots", PathList(&CoordinatorConfig::data_roots)},
@@ -216,6 +220,8 @@ const std::vector<std::pair<std::string, std::string>>& CoordinatorFlagKeys() {
       {"port-file", "port_file"},
       {"metrics-listen", "metrics_listen"},
       {"metrics-port-file", "metrics_port_file"},
+      {"console-listen", "console_listen"},
+      {"console-port-file", "console_port_file"},
       {"database", "database"},
       {"work-dir", "work_dir"},
       {"token-file", "token_file"},
@@ -330,6 +336,12 @@ absl::StatusOr<CoordinatorConfig> LoadCoordinatorConfig(const std::string& path,
 absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
   AVIARY_RETURN_IF_ERROR(CheckAddress("listen", config.listen, false));
   AVIARY_RETURN_IF_ERROR(CheckAddress("metrics_listen", config.metrics_listen, true));
+  AVIARY_RETURN_IF_ERROR(CheckAddress("console_listen", config.console_listen, true));
+  if (!config.console_grafana_url.empty() && !absl::StartsWith(config.console_grafana_url, "http://") &&
+      !absl::StartsWith(config.console_grafana_url, "https://")) {
+    return absl::InvalidArgumentError(absl::StrCat("key 'console_grafana_url': '", config.console_grafana_url,
+                                                   "' is not an http:// or https:// URL"));
+  }
   if (config.database.empty()) return absl::InvalidArgumentError("key 'database': the path is empty");
   if (config.work_dir.empty()) return absl::InvalidArgumentError("key 'work_dir': the path is empty");
   if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {

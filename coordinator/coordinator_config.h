@@ -23,6 +23,11 @@ struct CoordinatorConfig {
   std::string port_file;
   std::string metrics_listen = "0.0.0.0:9470";  // "" disables /metrics
   std::string metrics_port_file;
+  // The web console and its JSON API (coordinator/console.h), HOST:PORT; "" (the default)
+  // disables it. TLS and tokens as the gRPC port.
+  std::string console_listen;
+  std::string console_port_file;
+  std::string console_grafana_url;  // the console links to this Grafana dashboard ("" = no link)
   std::string database = "aviary.db";
   std::string work_dir = "runs";
   // Folders a job's data paths (data roots, cache_dir, corrupt_files, pretrained_weights) must

@@ -24,13 +24,14 @@
 namespace {
 
 constexpr char kDescription[] =
-    "aviary-coordinator: serves JobService and WorkerService over gRPC and /metrics for Prometheus.\n"
+    "aviary-coordinator: serves JobService and WorkerService over gRPC, /metrics for Prometheus and\n"
+    "(with --console-listen) the web console.\n"
     "Flags override the config's keys; SIGTERM / SIGINT shut it down cleanly; SIGHUP re-reads the\n"
     "token files (token_file, viewer_token_file, worker_token_file).";
 
 // The value shown for each key flag in --help.
 const char* FlagTypeName(const std::string& flag) {
-  if (flag == "listen" || flag == "metrics-listen") return "HOST:PORT";
+  if (flag == "listen" || flag == "metrics-listen" || flag == "console-listen") return "HOST:PORT";
   if (flag == "work-dir") return "D";
   if (flag == "heartbeat-timeout-s") return "S";
   if (flag == "max-restarts") return "N";

@@ -795,6 +795,24 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
   }
 }
 
+std::vector<Scheduler::GroupView> Scheduler::ConsoleGroups() const {
+  std::vector<GroupView> views;
+  const int64_t now = NowMs();
+  absl::ReaderMutexLock lock(&mu_);
+  views.reserve(groups_.size());
+  for (const auto& [id, group] : groups_) {
+    GroupView view;
+    view.row = group->row;
+    view.last_heartbeat_age_s = std::max<int64_t>(0, now - group->last_seen_ms.load()) / 1000.0;
+    if (const TaskRow* held = HeldTask(*group); held != nullptr) {
+      view.has_task = true;
+      view.task = held->info;
+    }
+    views.push_back(std::move(view));
+  }
+  return views;
+}
+
 // ---------------------------------------------------------------------------------------------
 // WorkerService.
 

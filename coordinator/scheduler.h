@@ -110,6 +110,16 @@ class Scheduler {
   // restart, like a preemption. NOT_FOUND for an unknown group.
   absl::Status LeaveGroup(const std::string& group_id, const std::string& reason);
 
+  // --- The web console (coordinator/console.h): a read-only view of the groups.
+  struct GroupView {
+    GroupRow row;
+    double last_heartbeat_age_s = 0;  // since its last call (heartbeat, lease, report)
+    bool has_task = false;
+    aviary::v1::TaskInfo task;        // the task it holds, when has_task
+  };
+  // Every registered group, in group-id order.
+  std::vector<GroupView> ConsoleGroups() const ABSL_LOCKS_EXCLUDED(mu_);
+
   // One reaper pass now; returns the number of groups removed.
   int ReapLostGroups();
 

@@ -601,6 +601,21 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
                                                ": cannot serve gRPC there (address in use, or "
                                                "not an address of this host?)"));
   }
+  if (!config.console_listen.empty()) {
+    ConsoleOptions console;
+    console.listen = config.console_listen;
+    console.tls_cert_pem = secrets.tls_cert_pem;
+    console.tls_key_pem = secrets.tls_key_pem;
+    console.grafana_url = config.console_grafana_url;
+    AVIARY_ASSIGN_OR_RETURN(c->console_, Console::Start(console, c->scheduler_.get(), c->store_.get(), c->auth_.get()));
+    if (!config.console_port_file.empty()) {
+      AVIARY_RETURN_IF_ERROR(common::Annotate(
+          common::WriteFileAtomically(config.console_port_file, absl::StrCat(c->console_port(), "\n")),
+          "key 'console_port_file'"));
+    }
+    c->log_.Info(absl::StrCat("console on ", c->console_->tls() ? "https://" : "http://",
+                              WithPort(config.console_listen, c->console_port()), "/"));
+  }
   if (!config.port_file.empty()) {
     AVIARY_RETURN_IF_ERROR(common::Annotate(
         common::WriteFileAtomically(config.port_file, absl::StrCat(c->grpc_port_, "\n")),
@@ -652,6 +667,8 @@ absl::Status Coordinator::Shutdown(std::chrono::milliseconds grace) {
   shut_down_ = true;
   // Watchers end first so that Shutdown's wait is for short calls only.
   if (scheduler_) scheduler_->Shutdown();
+  if (console_) console_->Shutdown();
+  console_.reset();
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + grace);
   if (server_) server_->Wait();
   log_.Debug("gRPC server stopped");

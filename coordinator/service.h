@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "common/logging.h"
 #include "coordinator/auth.h"
+#include "coordinator/console.h"
 #include "coordinator/coordinator_config.h"
 #include "coordinator/metrics.h"
 #include "coordinator/scheduler.h"
@@ -110,8 +111,9 @@ absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfi
 // A running coordinator: store, metrics, scheduler (with its reaper) and the gRPC server.
 class Coordinator {
  public:
-  // Opens the store, restores the scheduler, serves /metrics and gRPC, then writes the port
-  // files. Logs "listening on HOST:PORT (gRPC), metrics on HOST:PORT".
+  // Opens the store, restores the scheduler, serves /metrics, gRPC and (console_listen) the web
+  // console, then writes the port files. Logs "listening on HOST:PORT (gRPC), metrics on
+  // HOST:PORT" and "console on http(s)://HOST:PORT/".
   static absl::StatusOr<std::unique_ptr<Coordinator>> Start(const CoordinatorConfig& config,
                                                             const CoordinatorSecrets& secrets);
   ~Coordinator();
@@ -127,6 +129,8 @@ class Coordinator {
 
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
+  // The web console's port, 0 when console_listen is "".
+  int console_port() const { return console_ ? console_->port() : 0; }
   Scheduler* scheduler() { return scheduler_.get(); }
   CoordinatorMetrics* metrics() { return metrics_.get(); }
 
@@ -142,6 +146,7 @@ class Coordinator {
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<Console> console_;
   int grpc_port_ = 0;
   bool shut_down_ = false;
 };

@@ -7,6 +7,7 @@ AVIARY_BUILD_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libc-ares-dev libre2-dev libssl-dev  # their static archives: the aviary client
   prometheus-cpp-dev libspdlog-dev libyaml-cpp-dev libsqlite3-dev
+  libcivetweb-dev libjs-dygraphs  # the web console: its HTTP server and its charts (served at run time)
   libopenmpi-dev openmpi-bin
   libsndfile1-dev libsoxr-dev
   libcairo2-dev fonts-dejavu-core  # the plots (common/plot.h): cairo, and the font it draws text in
@@ -21,7 +22,8 @@ AVIARY_TEST_PACKAGES=(python3 python3-numpy python3-pandas python3-sklearn pytho
                       python3-torchaudio python3-torchvision ffmpeg sox
                       prometheus curl sqlite3 openssl
                       iproute2 iptables  # ctest integration.service_netns: network namespaces, partitions
-                      clang)  # clang: -Wthread-safety over the annotated sources (ctest lint.thread_safety)
+                      clang  # clang: -Wthread-safety over the annotated sources (ctest lint.thread_safety)
+                      chromium chromium-driver python3-selenium)  # ctest integration.console_browser
 
 aviary_install_packages() {
   local missing=()

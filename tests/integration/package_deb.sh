@@ -14,7 +14,7 @@ deb=$(ls "$tmp"/pkg/aviary_*.deb 2>/dev/null | head -n 1)
 [ -f "$deb" ] || { fail "cpack wrote no aviary_*.deb"; cat "$tmp/cpack.log"; exit 1; }
 echo "package: $(basename "$deb"), $(du -m "$deb" | cut -f1) MiB"
 depends=$(dpkg-deb -f "$deb" Depends)
-for want in libtorch libgrpc openmpi-bin libsndfile1 libsqlite3 libcairo2 fonts-dejavu-core; do
+for want in libtorch libgrpc openmpi-bin libsndfile1 libsqlite3 libcairo2 fonts-dejavu-core libjs-dygraphs libcivetweb; do
   grep -q "$want" <<<"$depends" && ok || fail "Depends lacks $want: $depends"
 done
 contents=$(dpkg-deb -c "$deb" | awk '{print $6}')

@@ -1,0 +1,641 @@
+#include "coordinator/console.h"
+
+#include <civetweb.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "common/files.h"
+#include "common/status.h"
+#include "coordinator/console_assets.h"
+#include "google/protobuf/util/json_util.h"
+#include "yaml-cpp/yaml.h"
+
+namespace aviary::coordinator {
+namespace {
+
+constexpr char kCookie[] = "aviary_console";
+constexpr char kCsrfHeader[] = "X-Aviary-Console";
+// civetweb threads; each event stream holds one, so streams stop below the total and the
+// rest stay for the pages and /api.
+constexpr int kServerThreads = 64;
+constexpr int kMaxStreams = 48;
+constexpr int kDefaultJobLimit = 200;
+constexpr auto kKeepalive = std::chrono::seconds(10);
+
+const char kPageCsp[] =
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+
+// JSON string literal (quotes included).
+std::string JsonQuote(absl::string_view text) {
+  std::string out = "\"";
+  for (char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '<': out += "\\u003c"; break;
+      case '>': out += "\\u003e"; break;
+      case '&': out += "\\u0026"; break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          absl::StrAppend(&out, "\\u00", absl::string_view("0123456789abcdef" + (c >> 4), 1),
+                          absl::string_view("0123456789abcdef" + (c & 15), 1));
+        } else {
+          out += ch;
+        }
+    }
+  }
+  out += "\"";
+  return out;
+}
+
+// A finite number, or null.
+std::string JsonNumber(double value) {
+  if (!std::isfinite(value)) return "null";
+  return absl::StrCat(value);
+}
+
+std::string HtmlEscape(absl::string_view text) {
+  return absl::StrReplaceAll(text, {{"&", "&amp;"}, {"<", "&lt;"}, {">", "&gt;"}, {"\"", "&quot;"}, {"'", "&#39;"}});
+}
+
+// The message as proto3 JSON with proto field names and every field (the shape of
+// `aviary status --json`, on one line).
+std::string ProtoJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  std::string json;
+  auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
+  if (!status.ok()) return "{}";
+  return json;
+}
+
+bool IsJobId(absl::string_view text) {
+  if (text.size() != 13 || text[0] != 'j') return false;
+  for (char c : text.substr(1)) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+// A task's name within its job ("finetune-f0"): letters, digits, '.', '_', '-'.
+bool IsTaskName(absl::string_view text) {
+  if (text.empty() || text.size() > 64) return false;
+  for (char c : text) {
+    if (!(absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) return false;
+  }
+  return true;
+}
+
+int HttpStatusFor(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk: return 200;
+    case absl::StatusCode::kInvalidArgument: return 400;
+    case absl::StatusCode::kUnauthenticated: return 401;
+    case absl::StatusCode::kPermissionDenied: return 403;
+    case absl::StatusCode::kNotFound: return 404;
+    case absl::StatusCode::kFailedPrecondition: return 409;
+    case absl::StatusCode::kResourceExhausted: return 429;
+    case absl::StatusCode::kUnavailable: return 503;
+    default: return 500;
+  }
+}
+
+std::string StatusCodeName(absl::StatusCode code) {
+  std::string name = absl::StatusCodeToString(code);
+  absl::AsciiStrToUpper(&name);
+  return absl::StrReplaceAll(name, {{" ", "_"}});
+}
+
+// Flattens a YAML tree into dotted keys (list items by index, as --set names them).
+void Flatten(const YAML::Node& node, const std::string& prefix, std::map<std::string, std::string>* out) {
+  if (node.IsMap()) {
+    for (const auto& item : node) {
+      const std::string key = item.first.as<std::string>();
+      Flatten(item.second, prefix.empty() ? key : absl::StrCat(prefix, ".", key), out);
+    }
+  } else if (node.IsSequence()) {
+    if (node.size() == 0) (*out)[prefix] = "[]";
+    for (size_t i = 0; i < node.size(); ++i) Flatten(node[i], absl::StrCat(prefix, ".", i), out);
+  } else if (node.IsScalar()) {
+    (*out)[prefix] = node.Scalar();
+  } else {
+    (*out)[prefix] = "";
+  }
+}
+
+int LogMessage(const mg_connection* /*conn*/, const char* message) {
+  static common::Logger log("console");
+  log.Debug(absl::StrCat("civetweb: ", message));
+  return 1;
+}
+
+int HandleRequest(mg_connection* conn, void* cbdata) { return static_cast<Console*>(cbdata)->Handle(conn); }
+
+}  // namespace
+
+// One request: what it asks and how to answer it.
+class Console::Request {
+ public:
+  explicit Request(mg_connection* conn) : conn_(conn), info_(mg_get_request_info(conn)) {
+    path_ = info_->local_uri != nullptr ? info_->local_uri : "/";
+    method_ = info_->request_method != nullptr ? info_->request_method : "";
+    query_ = info_->query_string != nullptr ? info_->query_string : "";
+  }
+
+  const std::string& path() const { return path_; }
+  const std::string& method() const { return method_; }
+  mg_connection* conn() { return conn_; }
+
+  std::string Header(const char* name) const {
+    const char* value = mg_get_header(conn_, name);
+    return value != nullptr ? value : "";
+  }
+
+  std::string Cookie(const char* name) const {
+    const char* header = mg_get_header(conn_, "Cookie");
+    if (header == nullptr) return "";
+    std::vector<char> buffer(4096);
+    const int n = mg_get_cookie(header, name, buffer.data(), buffer.size());
+    if (n < 0) return "";
+    std::vector<char> decoded(buffer.size());
+    const int m = mg_url_decode(buffer.data(), n, decoded.data(), static_cast<int>(decoded.size()), 1);
+    return m < 0 ? "" : std::string(decoded.data(), m);
+  }
+
+  // A query parameter ("" when absent).
+  std::string Query(const char* name) const { return Var(query_, name); }
+
+  // The body (at most 64 KiB).
+  std::string Body() {
+    std::string body;
+    char buffer[4096];
+    int n;
+    while (body.size() < 65536 && (n = mg_read(conn_, buffer, sizeof(buffer))) > 0) body.append(buffer, n);
+    return body;
+  }
+
+  static std::string Var(const std::string& data, const char* name) {
+    std::vector<char> buffer(8192);
+    const int n = mg_get_var(data.data(), data.size(), name, buffer.data(), buffer.size());
+    return n < 0 ? "" : std::string(buffer.data(), n);
+  }
+
+  void Reply(int status, const std::string& content_type, const std::string& body,
+             const std::string& extra_headers = "") {
+    mg_printf(conn_,
+              "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nCache-Control: no-store\r\n"
+              "X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\n"
+              "Connection: close\r\n%s\r\n",
+              status, mg_get_response_code_text(conn_, status), content_type.c_str(), body.size(),
+              extra_headers.c_str());
+    if (method_ != "HEAD") mg_write(conn_, body.data(), body.size());
+    status_ = status;
+  }
+  void Json(const std::string& json) { Reply(200, "application/json; charset=utf-8", json); }
+  void Error(const absl::Status& status) {
+    Reply(HttpStatusFor(status), "application/json; charset=utf-8",
+          absl::StrCat("{\"error\":{\"code\":", JsonQuote(StatusCodeName(status.code())),
+                       ",\"message\":", JsonQuote(status.message()), "}}"));
+  }
+  void Redirect(const std::string& location, const std::string& extra_headers = "") {
+    Reply(303, "text/plain; charset=utf-8", "see " + location,
+          absl::StrCat("Location: ", location, "\r\n", extra_headers));
+  }
+
+  // Starts a text/event-stream answer.
+  bool StartStream() {
+    const int n = mg_printf(conn_,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n"
+                            "X-Content-Type-Options: nosniff\r\nX-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
+                            "retry: 2000\n\n");
+    status_ = 200;
+    last_write_ = std::chrono::steady_clock::now();
+    return n > 0;
+  }
+  // One event; false when the peer went away.
+  bool Event(const char* name, const std::string& data) {
+    const std::string text = absl::StrCat("event: ", name, "\ndata: ", data, "\n\n");
+    last_write_ = std::chrono::steady_clock::now();
+    return mg_write(conn_, text.data(), text.size()) == static_cast<int>(text.size());
+  }
+  // A comment line when nothing was written for a while: finds peers that went away.
+  bool KeepAlive() {
+    if (std::chrono::steady_clock::now() - last_write_ < kKeepalive) return true;
+    last_write_ = std::chrono::steady_clock::now();
+    constexpr char kPing[] = ": keepalive\n\n";
+    return mg_write(conn_, kPing, sizeof(kPing) - 1) == static_cast<int>(sizeof(kPing) - 1);
+  }
+
+  int status() const { return status_; }
+
+  // Who calls: the bearer token of the Authorization header, else the login cookie.
+  absl::Status Authorize(const Authenticator& auth, const char* what, RoleSet allowed) {
+    std::string token;
+    const std::string header = Header("Authorization");
+    if (!header.empty()) {
+      token = absl::StartsWith(header, "Bearer ") ? header.substr(7) : "";
+    } else {
+      token = Cookie(kCookie);
+      by_cookie_ = !token.empty();
+      if (token.empty() && !auth.tokens()->empty()) {
+        return absl::UnauthenticatedError(absl::StrCat(
+            what, ": no token: send 'Authorization: Bearer <token>' or log in at /login"));
+      }
+    }
+    return auth.CheckBearer(token, what, allowed, &role_);
+  }
+  bool by_cookie() const { return by_cookie_; }
+  Role role() const { return role_; }
+
+ private:
+  mg_connection* conn_;
+  const mg_request_info* info_;
+  std::string path_;
+  std::string method_;
+  std::string query_;
+  int status_ = 0;
+  bool by_cookie_ = false;
+  Role role_ = Role::kViewer;
+  std::chrono::steady_clock::time_point last_write_;
+};
+
+absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& options, Scheduler* scheduler,
+                                                        Store* store, const Authenticator* auth) {
+  std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
+  mg_init_library(0);
+  const bool tls = console->tls();
+  // With TLS civetweb serves plain HTTP on loopback only, behind the TLS front.
+  const std::string ports = tls ? "127.0.0.1:0" : options.listen;
+  const std::string threads = absl::StrCat(kServerThreads);
+  const char* mg_options[] = {"listening_ports", ports.c_str(),
+                              "num_threads", threads.c_str(),
+                              "request_timeout_ms", "30000",
+                              nullptr};
+  mg_callbacks callbacks;
+  std::memset(&callbacks, 0, sizeof(callbacks));
+  callbacks.log_message = LogMessage;
+  console->ctx_ = mg_start(&callbacks, nullptr, mg_options);
+  if (console->ctx_ == nullptr) {
+    return absl::UnavailableError(absl::StrCat("console_listen ", ports,
+                                               ": cannot serve the console there (address in use, or not an IPv4 "
+                                               "address of this host?)"));
+  }
+  mg_set_request_handler(console->ctx_, "/", HandleRequest, console.get());
+  mg_server_port bound[4];
+  std::memset(bound, 0, sizeof(bound));
+  const int n = mg_get_server_ports(console->ctx_, 4, bound);
+  if (n < 1 || bound[0].port <= 0) {
+    return absl::UnavailableError(absl::StrCat("console_listen ", options.listen, ": no listening port"));
+  }
+  console->port_ = bound[0].port;
+  if (tls) {
+    AVIARY_ASSIGN_OR_RETURN(console->tls_front_, TlsFront::Start(options.listen, console->port_, options.tls_cert_pem,
+                                                                 options.tls_key_pem));
+    console->port_ = console->tls_front_->port();
+  }
+  return console;
+}
+
+Console::~Console() { Shutdown(); }
+
+void Console::Shutdown() {
+  stopping_ = true;
+  if (tls_front_ != nullptr) tls_front_->Stop();
+  if (ctx_ != nullptr) {
+    mg_stop(ctx_);  // waits for the request threads; the streams see stopping_ within 500 ms
+    ctx_ = nullptr;
+  }
+}
+
+int Console::Handle(mg_connection* conn) {
+  Request request(conn);
+  Route(request);
+  return request.status() != 0 ? request.status() : 500;
+}
+
+void Console::Route(Request& request) {
+  const std::string& path = request.path();
+  const std::string& method = request.method();
+  const bool get = method == "GET" || method == "HEAD";
+  if (path == "/" && get) return request.Redirect("/jobs");
+  if (path == "/favicon.ico" && get) return request.Redirect("/static/logo.svg");
+  if (path == "/login") return ServeLogin(request);
+  if (path == "/logout" && method == "POST") {
+    return request.Redirect("/login", absl::StrCat("Set-Cookie: ", kCookie, "=; Path=/; Max-Age=0; HttpOnly; "
+                                                   "SameSite=Strict\r\n"));
+  }
+  if (absl::StartsWith(path, "/static/") && get) return ServeStatic(request, path.substr(8));
+  if (get && (path == "/jobs" || path == "/compare" || path == "/groups" ||
+              (absl::StartsWith(path, "/jobs/") && IsJobId(path.substr(6))))) {
+    return ServePage(request, path);
+  }
+  if (!absl::StartsWith(path, "/api/")) {
+    return request.Error(absl::NotFoundError(absl::StrCat(path, ": no such page (try /jobs)")));
+  }
+
+  // The JSON API: reads need the client or the viewer role.
+  const std::vector<std::string> parts = absl::StrSplit(path.substr(5), '/');
+  const bool post = method == "POST";
+  if (post && parts.size() == 3 && parts[0] == "jobs" && parts[2] == "cancel") {
+    return ServeCancel(request, parts[1]);
+  }
+  if (!get) {
+    return request.Error(absl::InvalidArgumentError(absl::StrCat(method, " ", path, ": not a method of this path")));
+  }
+  const std::string what = absl::StrCat("console GET ", path);
+  absl::Status allowed = request.Authorize(*auth_, what.c_str(), kClientOrViewer);
+  if (!allowed.ok()) return request.Error(allowed);
+  if (parts.size() == 1 && parts[0] == "session") {
+    return request.Json(absl::StrCat("{\"role\":", JsonQuote(RoleName(request.role())),
+                                     ",\"auth\":", auth_->tokens()->empty() ? "false" : "true",
+                                     ",\"grafana_url\":", JsonQuote(options_.grafana_url), "}"));
+  }
+  if (parts.size() == 1 && parts[0] == "jobs") return ServeJobs(request);
+  if (parts.size() == 1 && parts[0] == "groups") return ServeGroups(request);
+  if (parts.size() == 1 && parts[0] == "events") return StreamOverview(request);
+  if (parts.size() >= 2 && parts[0] == "jobs") {
+    if (!IsJobId(parts[1])) {
+      return request.Error(absl::InvalidArgumentError(
+          absl::StrCat(path, ": '", parts[1], "' is not a job id (j + 12 lowercase hex digits)")));
+    }
+    if (parts.size() == 2) return ServeJob(request, parts[1]);
+    if (parts.size() == 3 && parts[2] == "history") return ServeHistory(request, parts[1]);
+    if (parts.size() == 3 && parts[2] == "events") return StreamJob(request, parts[1]);
+    if (parts.size() == 5 && parts[2] == "tasks" && parts[4] == "config" && IsTaskName(parts[3])) {
+      return ServeTaskConfig(request, absl::StrCat(parts[1], "/", parts[3]));
+    }
+  }
+  request.Error(absl::NotFoundError(absl::StrCat(path, ": no such API path (docs/SERVICE.md, \"Web console\")")));
+}
+
+void Console::ServePage(Request& request, const std::string& path) {
+  absl::Status allowed = request.Authorize(*auth_, "console page", kClientOrViewer);
+  if (!allowed.ok()) {
+    std::vector<char> encoded(path.size() * 3 + 1);
+    mg_url_encode(path.c_str(), encoded.data(), encoded.size());
+    const std::string error = request.by_cookie() || !request.Header("Authorization").empty() ? "&error=1" : "";
+    return request.Redirect(absl::StrCat("/login?next=", encoded.data(), error));
+  }
+  std::string page = "jobs";
+  if (path == "/compare") page = "compare";
+  if (path == "/groups") page = "groups";
+  if (absl::StartsWith(path, "/jobs/")) page = "job";
+  const ConsoleAsset* shell = FindConsoleAsset("shell.html");
+  std::string html = absl::StrReplaceAll(shell->body, {{"{{PAGE}}", page}});
+  request.Reply(200, "text/html; charset=utf-8", html,
+                absl::StrCat("Content-Security-Policy: ", kPageCsp, "\r\n"));
+}
+
+void Console::ServeLogin(Request& request) {
+  const bool secure = tls();
+  if (request.method() == "POST") {
+    const std::string body = request.Body();
+    const std::string token = std::string(absl::StripAsciiWhitespace(Request::Var(body, "token")));
+    std::string next = Request::Var(body, "next");
+    // Only a path of this site: no scheme, no "//host".
+    if (next.empty() || next[0] != '/' || absl::StartsWith(next, "//") || next.find('\\') != std::string::npos) {
+      next = "/jobs";
+    }
+    absl::Status allowed = auth_->CheckBearer(token, "console login", kClientOrViewer);
+    if (!allowed.ok() || token.empty()) {
+      log_.Info(absl::StrCat("console login refused: ", allowed.ok() ? "empty token" : allowed.message()));
+      std::vector<char> encoded(next.size() * 3 + 1);
+      mg_url_encode(next.c_str(), encoded.data(), encoded.size());
+      return request.Redirect(absl::StrCat("/login?error=1&next=", encoded.data()));
+    }
+    std::vector<char> value(token.size() * 3 + 1);
+    mg_url_encode(token.c_str(), value.data(), value.size());
+    return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", value.data(),
+                                               "; Path=/; HttpOnly; SameSite=Strict", secure ? "; Secure" : "",
+                                               "\r\n"));
+  }
+  if (request.method() != "GET" && request.method() != "HEAD") {
+    return request.Error(absl::InvalidArgumentError("/login: GET or POST"));
+  }
+  const ConsoleAsset* login = FindConsoleAsset("login.html");
+  const std::string error = request.Query("error").empty()
+                                ? ""
+                                : "<p class=\"login-error\" id=\"login-error\">That token is not a client or "
+                                  "viewer token of this coordinator.</p>";
+  std::string next = request.Query("next");
+  if (next.empty() || next[0] != '/' || absl::StartsWith(next, "//")) next = "/jobs";
+  request.Reply(request.Query("error").empty() ? 200 : 401, "text/html; charset=utf-8",
+                absl::StrReplaceAll(login->body, {{"{{ERROR}}", error}, {"{{NEXT}}", HtmlEscape(next)}}),
+                absl::StrCat("Content-Security-Policy: ", kPageCsp, "\r\n"));
+}
+
+void Console::ServeStatic(Request& request, const std::string& name) {
+  if (const ConsoleAsset* asset = FindConsoleAsset(name); asset != nullptr && name != "shell.html" &&
+                                                          name != "login.html") {
+    return request.Reply(200, asset->content_type, std::string(asset->body));
+  }
+  // Debian's libjs-dygraphs, read at run time.
+  for (const auto& [file, type] : {std::pair<const char*, const char*>{"dygraph.min.js", "text/javascript"},
+                                   {"dygraph.min.css", "text/css"}}) {
+    if (name != absl::StrCat("dygraphs/", file)) continue;
+    const std::string path = absl::StrCat(options_.javascript_dir, "/dygraphs/", file);
+    auto text = common::ReadFileToString(path);
+    if (!text.ok()) {
+      return request.Error(absl::NotFoundError(
+          absl::StrCat(path, ": ", text.status().message(), " (install Debian's libjs-dygraphs)")));
+    }
+    return request.Reply(200, absl::StrCat(type, "; charset=utf-8"), *text);
+  }
+  request.Error(absl::NotFoundError(absl::StrCat("/static/", name, ": no such file")));
+}
+
+std::string Console::JobsJson() const {
+  std::string json = "{\"jobs\":[";
+  bool first = true;
+  for (const aviary::v1::JobInfo& job : scheduler_->ListJobs(kDefaultJobLimit)) {
+    if (!first) json += ",";
+    first = false;
+    json += ProtoJson(job);
+  }
+  json += "]}";
+  return json;
+}
+
+void Console::ServeJobs(Request& request) { request.Json(JobsJson()); }
+
+void Console::ServeJob(Request& request, const std::string& job_id) {
+  absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
+  if (!job.ok()) return request.Error(job.status());
+  std::string json = ProtoJson(*job);
+  // The checkpoints each task reported, oldest first.
+  std::string checkpoints = "{";
+  for (int i = 0; i < job->tasks_size(); ++i) {
+    const std::string& task_id = job->tasks(i).task_id();
+    auto rows = store_->LoadCheckpoints(task_id);
+    if (!rows.ok()) return request.Error(rows.status());
+    absl::StrAppend(&checkpoints, i > 0 ? "," : "", JsonQuote(task_id), ":[");
+    for (size_t k = 0; k < rows->size(); ++k) {
+      const Store::CheckpointRow& row = (*rows)[k];
+      absl::StrAppend(&checkpoints, k > 0 ? "," : "", "{\"path\":", JsonQuote(row.path), ",\"epoch\":", row.epoch,
+                      ",\"best\":", row.best ? "true" : "false", ",\"attempt\":", row.attempt, "}");
+    }
+    checkpoints += "]";
+  }
+  checkpoints += "}";
+  if (!json.empty() && json.back() == '}') {
+    json.pop_back();
+    absl::StrAppend(&json, ",\"checkpoints\":", checkpoints, "}");
+  }
+  request.Json(json);
+}
+
+void Console::ServeHistory(Request& request, const std::string& job_id) {
+  absl::StatusOr<aviary::v1::GetHistoryResponse> history = scheduler_->GetHistory(job_id);
+  if (!history.ok()) return request.Error(history.status());
+  request.Json(ProtoJson(*history));
+}
+
+void Console::ServeTaskConfig(Request& request, const std::string& task_id) {
+  absl::StatusOr<TaskPayload> payload = store_->LoadTaskPayload(task_id);
+  if (!payload.ok()) return request.Error(payload.status());
+  std::map<std::string, std::string> flat;
+  try {
+    Flatten(YAML::Load(payload->pipeline_yaml), "", &flat);
+  } catch (const YAML::Exception& e) {
+    return request.Error(absl::InternalError(absl::StrCat(task_id, ": its stored pipeline does not parse: ", e.what())));
+  }
+  std::string json = absl::StrCat("{\"task_id\":", JsonQuote(task_id), ",\"yaml\":", JsonQuote(payload->pipeline_yaml),
+                                  ",\"flat\":{");
+  bool first = true;
+  for (const auto& [key, value] : flat) {
+    absl::StrAppend(&json, first ? "" : ",", JsonQuote(key), ":", JsonQuote(value));
+    first = false;
+  }
+  json += "}}";
+  request.Json(json);
+}
+
+std::string Console::GroupsJson() const {
+  std::string json = "{\"groups\":[";
+  bool first = true;
+  for (const Scheduler::GroupView& view : scheduler_->ConsoleGroups()) {
+    const aviary::v1::RegisterGroupRequest& info = view.row.info;
+    std::vector<std::string> hosts, devices;
+    for (const std::string& host : info.hosts()) hosts.push_back(JsonQuote(host));
+    for (const std::string& device : info.devices()) devices.push_back(JsonQuote(device));
+    absl::StrAppend(&json, first ? "" : ",", "{\"group_id\":", JsonQuote(view.row.group_id),
+                    ",\"world_size\":", info.world_size(), ",\"hosts\":[", absl::StrJoin(hosts, ","),
+                    "],\"devices\":[", absl::StrJoin(devices, ","), "],\"backend\":", JsonQuote(info.backend()),
+                    ",\"version\":", JsonQuote(info.version()), ",\"metrics_address\":", JsonQuote(info.metrics_address()),
+                    ",\"registered_unix_ms\":", view.row.registered_unix_ms,
+                    ",\"last_heartbeat_age_s\":", JsonNumber(view.last_heartbeat_age_s));
+    if (view.has_task) {
+      const aviary::v1::TaskInfo& task = view.task;
+      absl::StrAppend(&json, ",\"task_id\":", JsonQuote(task.task_id()), ",\"epoch\":", task.latest().epoch(),
+                      ",\"epochs\":", task.epochs(), ",\"step\":", task.latest().step(),
+                      ",\"samples_per_s\":", JsonNumber(task.latest().samples_per_s()));
+    } else {
+      json += ",\"task_id\":\"\",\"samples_per_s\":null";
+    }
+    // Groups do not report device memory (yet): null, shown as "not reported".
+    json += ",\"gpu_memory_bytes\":null}";
+    first = false;
+  }
+  json += "]}";
+  return json;
+}
+
+void Console::ServeGroups(Request& request) { request.Json(GroupsJson()); }
+
+void Console::ServeCancel(Request& request, const std::string& job_id) {
+  const std::string what = absl::StrCat("console POST /api/jobs/", job_id, "/cancel");
+  absl::Status allowed = request.Authorize(*auth_, what.c_str(), kClientOnly);
+  if (!allowed.ok()) return request.Error(allowed);
+  if (request.by_cookie() && request.Header(kCsrfHeader) != "1") {
+    // A form on another site cannot set this header (and SameSite=Strict keeps the cookie home).
+    return request.Error(absl::PermissionDeniedError(
+        absl::StrCat(what, ": a call authenticated by the login cookie needs the header '", kCsrfHeader, ": 1'")));
+  }
+  if (!IsJobId(job_id)) {
+    return request.Error(absl::InvalidArgumentError(absl::StrCat(what, ": '", job_id, "' is not a job id")));
+  }
+  absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->CancelJob(job_id);
+  if (!job.ok()) return request.Error(job.status());
+  log_.Info(absl::StrCat("job ", job_id, " cancelled from the console (role ", RoleName(request.role()), ")"));
+  request.Json(ProtoJson(*job));
+}
+
+void Console::StreamJob(Request& request, const std::string& job_id) {
+  absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
+  if (!job.ok()) return request.Error(job.status());
+  if (streams_.fetch_add(1) >= kMaxStreams) {
+    streams_.fetch_sub(1);
+    return request.Error(absl::ResourceExhaustedError(
+        absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
+  }
+  struct Release {
+    std::atomic<int>* count;
+    ~Release() { count->fetch_sub(1); }
+  } release{&streams_};
+  if (!request.StartStream()) return;
+  bool alive = true;
+  absl::Status status = scheduler_->WatchJob(
+      job_id,
+      [&](const aviary::v1::JobEvent& event) {
+        alive = request.Event("job", ProtoJson(event));
+        return alive;
+      },
+      [&] {
+        if (stopping_) return true;
+        alive = alive && request.KeepAlive();
+        return !alive;
+      });
+  // A finished job ends the stream; the page closes it rather than reconnecting.
+  if (status.ok() && alive) request.Event("end", "{}");
+}
+
+void Console::StreamOverview(Request& request) {
+  if (streams_.fetch_add(1) >= kMaxStreams) {
+    streams_.fetch_sub(1);
+    return request.Error(absl::ResourceExhaustedError(
+        absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
+  }
+  struct Release {
+    std::atomic<int>* count;
+    ~Release() { count->fetch_sub(1); }
+  } release{&streams_};
+  if (!request.StartStream()) return;
+  std::string last_jobs, last_groups;
+  while (!stopping_) {
+    std::string jobs = JobsJson();
+    if (jobs != last_jobs) {
+      if (!request.Event("jobs", jobs)) return;
+      last_jobs = std::move(jobs);
+    }
+    std::string groups = GroupsJson();
+    if (groups != last_groups) {
+      if (!request.Event("groups", groups)) return;
+      last_groups = std::move(groups);
+    }
+    if (!request.KeepAlive()) return;
+    for (int i = 0; i < 10 && !stopping_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+}  // namespace aviary::coordinator

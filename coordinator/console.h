@@ -1,0 +1,101 @@
+// The coordinator's web console and its JSON API (docs/SERVICE.md, "Web console"), served over
+// HTTP by civetweb (the library prometheus-cpp's /metrics already runs on) on its own address,
+// `console_listen`. With the gRPC port's certificate it serves HTTPS only: civetweb then listens
+// on an ephemeral loopback port and a TlsFront (coordinator/tls_front.h) serves console_listen,
+// because Debian 12's civetweb crashes on TLS connections itself.
+//
+// Pages: /jobs, /jobs/{id} (the task DAG, live per-epoch curves, config, checkpoints), /compare
+// and /groups: one HTML shell whose script (console.js, embedded in the binary) renders them
+// from /api and follows server-sent events; the charts are Debian's libjs-dygraphs, read from
+// /usr/share/javascript at run time (nothing is fetched from the internet).
+//
+// Auth: the tokens and roles of the gRPC port (coordinator/auth.h). Reads need the client or
+// the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
+// or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
+// over HTTPS; it holds the token itself, so it outlives a coordinator restart and a SIGHUP reload
+// revokes it). A POST authenticated by the cookie must also carry `X-Aviary-Console: 1`.
+//
+// Thread-safe: civetweb serves each request on one of its threads; the handlers only read the
+// (thread-safe) scheduler, store and authenticator.
+#ifndef AVIARY_COORDINATOR_CONSOLE_H_
+#define AVIARY_COORDINATOR_CONSOLE_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/logging.h"
+#include "coordinator/auth.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/store.h"
+#include "coordinator/tls_front.h"
+
+struct mg_context;
+struct mg_connection;
+
+namespace aviary::coordinator {
+
+struct ConsoleOptions {
+  std::string listen;        // HOST:PORT (an IPv4 address); port 0 picks one
+  std::string tls_cert_pem;  // both set: HTTPS only
+  std::string tls_key_pem;
+  std::string grafana_url;   // "" = no link
+  // Where Debian's libjs-dygraphs lives (dygraphs/dygraph.min.js under it).
+  std::string javascript_dir = "/usr/share/javascript";
+};
+
+class Console {
+ public:
+  // Serves the console; the scheduler, store and authenticator must outlive it (or Shutdown).
+  // UNAVAILABLE naming the address when it cannot listen there.
+  static absl::StatusOr<std::unique_ptr<Console>> Start(const ConsoleOptions& options, Scheduler* scheduler,
+                                                        Store* store, const Authenticator* auth);
+  ~Console();
+  Console(const Console&) = delete;
+  Console& operator=(const Console&) = delete;
+
+  // Ends the event streams and stops the server (waits for its threads). Idempotent.
+  void Shutdown();
+
+  int port() const { return port_; }
+  bool tls() const { return !options_.tls_cert_pem.empty(); }
+
+  // One request, for civetweb's callback (public only for it).
+  int Handle(mg_connection* conn);
+
+ private:
+  Console(const ConsoleOptions& options, Scheduler* scheduler, Store* store, const Authenticator* auth)
+      : options_(options), scheduler_(scheduler), store_(store), auth_(auth) {}
+
+  class Request;
+  void Route(Request& request);
+  void ServePage(Request& request, const std::string& page);
+  void ServeLogin(Request& request);
+  void ServeStatic(Request& request, const std::string& name);
+  void ServeJobs(Request& request);
+  void ServeJob(Request& request, const std::string& job_id);
+  void ServeHistory(Request& request, const std::string& job_id);
+  void ServeTaskConfig(Request& request, const std::string& task_id);
+  void ServeGroups(Request& request);
+  void ServeCancel(Request& request, const std::string& job_id);
+  void StreamJob(Request& request, const std::string& job_id);
+  void StreamOverview(Request& request);
+  std::string JobsJson() const;
+  std::string GroupsJson() const;
+
+  const ConsoleOptions options_;
+  Scheduler* const scheduler_;
+  Store* const store_;
+  const Authenticator* const auth_;
+  common::Logger log_{"console"};
+  mg_context* ctx_ = nullptr;
+  std::unique_ptr<TlsFront> tls_front_;  // with TLS: serves `listen`, relays to civetweb on loopback
+  int port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::atomic<int> streams_{0};  // open event streams (each holds a server thread)
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_CONSOLE_H_

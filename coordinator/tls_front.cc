@@ -1,0 +1,217 @@
+#include "coordinator/tls_front.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace aviary::coordinator {
+namespace {
+
+constexpr int kPollMs = 200;
+constexpr int kHandshakeTimeoutS = 10;
+
+std::string OpenSslError() {
+  const unsigned long code = ERR_get_error();
+  if (code == 0) return "no OpenSSL error";
+  char text[256];
+  ERR_error_string_n(code, text, sizeof(text));
+  return text;
+}
+
+// Loads the certificate chain and the key from PEM text into `ctx`.
+absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem) {
+  BIO* cert_bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
+  X509* cert = cert_bio != nullptr ? PEM_read_bio_X509_AUX(cert_bio, nullptr, nullptr, nullptr) : nullptr;
+  bool ok = cert != nullptr && SSL_CTX_use_certificate(ctx, cert) == 1;
+  if (cert != nullptr) X509_free(cert);
+  while (ok) {  // the rest of the chain
+    X509* extra = PEM_read_bio_X509(cert_bio, nullptr, nullptr, nullptr);
+    if (extra == nullptr) {
+      ERR_clear_error();  // the end of the file
+      break;
+    }
+    if (SSL_CTX_add_extra_chain_cert(ctx, extra) != 1) {
+      X509_free(extra);
+      ok = false;
+    }
+  }
+  if (cert_bio != nullptr) BIO_free(cert_bio);
+  if (!ok) return absl::InvalidArgumentError(absl::StrCat("tls_cert_file: not a PEM certificate: ", OpenSslError()));
+  BIO* key_bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
+  EVP_PKEY* key = key_bio != nullptr ? PEM_read_bio_PrivateKey(key_bio, nullptr, nullptr, nullptr) : nullptr;
+  ok = key != nullptr && SSL_CTX_use_PrivateKey(ctx, key) == 1;
+  if (key != nullptr) EVP_PKEY_free(key);
+  if (key_bio != nullptr) BIO_free(key_bio);
+  if (!ok) return absl::InvalidArgumentError(absl::StrCat("tls_key_file: not a PEM private key: ", OpenSslError()));
+  if (SSL_CTX_check_private_key(ctx) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tls_key_file: the key does not match tls_cert_file's certificate: ", OpenSslError()));
+  }
+  return absl::OkStatus();
+}
+
+bool SendAll(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// SSL_write of the whole buffer on a non-blocking socket (waits for POLLOUT when told to).
+bool SslWriteAll(SSL* ssl, int fd, const char* data, int size, const std::atomic<bool>& stop) {
+  while (size > 0 && !stop) {
+    const int n = SSL_write(ssl, data, size);
+    if (n > 0) {
+      data += n;
+      size -= n;
+      continue;
+    }
+    const int err = SSL_get_error(ssl, n);
+    if (err != SSL_ERROR_WANT_WRITE && err != SSL_ERROR_WANT_READ) return false;
+    pollfd p{fd, static_cast<short>(err == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
+    if (::poll(&p, 1, kPollMs) < 0 && errno != EINTR) return false;
+  }
+  return size == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<TlsFront>> TlsFront::Start(const std::string& listen, int backend_port,
+                                                          const std::string& cert_pem, const std::string& key_pem) {
+  std::unique_ptr<TlsFront> front(new TlsFront());
+  front->backend_port_ = backend_port;
+  front->ctx_ = SSL_CTX_new(TLS_server_method());
+  if (front->ctx_ == nullptr) return absl::InternalError(absl::StrCat("SSL_CTX_new: ", OpenSslError()));
+  SSL_CTX_set_min_proto_version(front->ctx_, TLS1_2_VERSION);
+  if (absl::Status loaded = LoadPem(front->ctx_, cert_pem, key_pem); !loaded.ok()) return loaded;
+
+  const size_t colon = listen.rfind(':');
+  int port = -1;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535 ||
+      ::inet_pton(AF_INET, listen.substr(0, colon).c_str(), &addr.sin_addr) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("console_listen '", listen, "': not IPv4-ADDRESS:PORT"));
+  }
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  front->listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int one = 1;
+  if (front->listen_fd_ < 0 || ::setsockopt(front->listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+      ::bind(front->listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(front->listen_fd_, 64) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("console_listen ", listen, ": cannot listen there: ", std::strerror(errno)));
+  }
+  socklen_t len = sizeof(addr);
+  if (::getsockname(front->listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return absl::UnavailableError(absl::StrCat("console_listen ", listen, ": getsockname: ", std::strerror(errno)));
+  }
+  front->port_ = ntohs(addr.sin_port);
+  front->acceptor_ = std::thread([f = front.get()] { f->AcceptLoop(); });
+  return front;
+}
+
+TlsFront::~TlsFront() {
+  Stop();
+  if (ctx_ != nullptr) SSL_CTX_free(ctx_);
+}
+
+void TlsFront::Stop() {
+  stop_ = true;
+  if (acceptor_.joinable()) acceptor_.join();
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_.wait(lock, [this] { return active_ == 0; });
+}
+
+void TlsFront::AcceptLoop() {
+  while (!stop_) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    const int ready = ::poll(&p, 1, kPollMs);
+    if (ready <= 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (active_ >= kMaxConnections) {
+        ::close(fd);
+        continue;
+      }
+      ++active_;
+    }
+    std::thread([this, fd] {
+      Relay(fd);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--active_ == 0) idle_.notify_all();
+    }).detach();
+  }
+}
+
+void TlsFront::Relay(int client_fd) {
+  timeval tv{kHandshakeTimeoutS, 0};
+  ::setsockopt(client_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(client_fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  SSL* ssl = SSL_new(ctx_);
+  int backend = -1;
+  if (ssl != nullptr && SSL_set_fd(ssl, client_fd) == 1 && SSL_accept(ssl) == 1) {
+    backend = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(backend_port_));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (backend >= 0 && ::connect(backend, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      ::fcntl(client_fd, F_SETFL, ::fcntl(client_fd, F_GETFL) | O_NONBLOCK);
+      char buffer[16384];
+      bool open = true;
+      while (open && !stop_) {
+        // Decrypted bytes OpenSSL holds already count as readable.
+        pollfd p[2] = {{client_fd, POLLIN, 0}, {backend, POLLIN, 0}};
+        const int ready = SSL_pending(ssl) > 0 ? 1 : ::poll(p, 2, kPollMs);
+        if (ready < 0 && errno != EINTR) break;
+        if (SSL_pending(ssl) > 0 || (p[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+          const int n = SSL_read(ssl, buffer, sizeof(buffer));
+          if (n > 0) {
+            open = SendAll(backend, buffer, static_cast<size_t>(n));
+          } else {
+            const int err = SSL_get_error(ssl, n);
+            open = err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE;
+          }
+        }
+        if (open && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+          const ssize_t n = ::recv(backend, buffer, sizeof(buffer), 0);
+          open = n > 0 && SslWriteAll(ssl, client_fd, buffer, static_cast<int>(n), stop_);
+        }
+      }
+      SSL_shutdown(ssl);
+    }
+  }
+  ERR_clear_error();
+  if (ssl != nullptr) SSL_free(ssl);
+  if (backend >= 0) ::close(backend);
+  ::close(client_fd);
+}
+
+}  // namespace aviary::coordinator

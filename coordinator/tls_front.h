@@ -1,0 +1,61 @@
+// HTTPS in front of a plain HTTP server on loopback: accepts TLS connections (OpenSSL) on one
+// address and relays each, decrypted, to 127.0.0.1:backend_port. The web console uses it
+// because Debian 12's civetweb 1.15 crashes on its first TLS connection (a null OpenSSL 3
+// function in its dlopen table; Debian's own `civetweb` binary does the same), so civetweb
+// serves plain HTTP on an ephemeral loopback port and this serves the configured address.
+//
+// One thread accepts; each connection gets a thread (TLS handshake, then a poll loop relaying
+// both ways) until either side closes. At most kMaxConnections at once (more are closed at
+// once). Thread-safe; Stop() (or the destructor) ends every connection within 200 ms.
+#ifndef AVIARY_COORDINATOR_TLS_FRONT_H_
+#define AVIARY_COORDINATOR_TLS_FRONT_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+
+typedef struct ssl_ctx_st SSL_CTX;
+
+namespace aviary::coordinator {
+
+class TlsFront {
+ public:
+  static constexpr int kMaxConnections = 128;
+
+  // Listens on `listen` (IPv4 HOST:PORT, port 0 picks one) with the PEM certificate chain and
+  // key. INVALID_ARGUMENT when they do not load, UNAVAILABLE when the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<TlsFront>> Start(const std::string& listen, int backend_port,
+                                                         const std::string& cert_pem, const std::string& key_pem);
+  ~TlsFront();
+  TlsFront(const TlsFront&) = delete;
+  TlsFront& operator=(const TlsFront&) = delete;
+
+  // Stops accepting, ends the connections and waits for their threads. Idempotent.
+  void Stop();
+
+  int port() const { return port_; }
+
+ private:
+  TlsFront() = default;
+  void AcceptLoop();
+  void Relay(int client_fd);
+
+  SSL_CTX* ctx_ = nullptr;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  int backend_port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::condition_variable idle_;
+  int active_ = 0;  // guarded by mu_
+};
+
+}  // namespace aviary::coordinator
+
+#endif  // AVIARY_COORDINATOR_TLS_FRONT_H_

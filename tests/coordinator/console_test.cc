@@ -1,0 +1,479 @@
+// The web console's JSON API (coordinator/console.h) against a real coordinator: a real
+// civetweb server on 127.0.0.1:0 over a real SQLite file, the groups played through the gRPC
+// stubs, HTTP spoken over a plain socket. Auth (no token, wrong token, the worker's token, the
+// viewer's cancel, the login cookie and its CSRF header), the JSON shapes of /api/jobs,
+// /api/jobs/{id}, its history, a task's config and /api/groups, the job's event stream, and
+// HTTPS with the gRPC port's certificate.
+#include "coordinator/console.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "coordinator/service.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/tiny_dataset.h"
+
+namespace aviary::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace aviary::v1;  // NOLINT: test brevity
+
+struct HttpResponse {
+  int status = 0;
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;
+};
+
+int Connect(int port, int timeout_s) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  timeval tv{timeout_s, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+std::string RequestText(const std::string& method, const std::string& path,
+                        const std::vector<std::string>& headers, const std::string& body) {
+  std::string text = absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+  for (const std::string& h : headers) absl::StrAppend(&text, h, "\r\n");
+  if (!body.empty() || method == "POST") absl::StrAppend(&text, "Content-Length: ", body.size(), "\r\n");
+  absl::StrAppend(&text, "\r\n", body);
+  return text;
+}
+
+HttpResponse Parse(const std::string& raw) {
+  HttpResponse response;
+  const size_t end = raw.find("\r\n\r\n");
+  if (end == std::string::npos) return response;
+  std::vector<std::string> lines = absl::StrSplit(raw.substr(0, end), "\r\n");
+  std::vector<std::string> first = absl::StrSplit(lines[0], ' ');
+  if (first.size() >= 2) (void)absl::SimpleAtoi(first[1], &response.status);
+  for (size_t i = 1; i < lines.size(); ++i) {
+    const size_t colon = lines[i].find(':');
+    if (colon == std::string::npos) continue;
+    std::string name = absl::AsciiStrToLower(lines[i].substr(0, colon));
+    std::string value(absl::StripAsciiWhitespace(lines[i].substr(colon + 1)));
+    response.headers[name] = response.headers.count(name) ? response.headers[name] + "\n" + value : value;
+  }
+  response.body = raw.substr(end + 4);
+  return response;
+}
+
+// One HTTP/1.1 request over plain TCP; the whole answer (the server closes the connection).
+HttpResponse Http(int port, const std::string& method, const std::string& path,
+                  const std::vector<std::string>& headers = {}, const std::string& body = "") {
+  const int fd = Connect(port, 30);
+  if (fd < 0) return {};
+  const std::string request = RequestText(method, path, headers, body);
+  std::string raw;
+  if (::send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
+    char buffer[8192];
+    ssize_t n;
+    while ((n = ::recv(fd, buffer, sizeof(buffer), 0)) > 0) raw.append(buffer, n);
+  }
+  ::close(fd);
+  return Parse(raw);
+}
+
+// An event stream: reads until `done` holds for what arrived (or 30 s pass).
+class EventStream {
+ public:
+  EventStream(int port, const std::string& path, const std::vector<std::string>& headers) {
+    fd_ = Connect(port, 1);
+    const std::string request = RequestText("GET", path, headers, "");
+    if (fd_ >= 0) (void)::send(fd_, request.data(), request.size(), 0);
+  }
+  ~EventStream() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool ReadUntil(const std::function<bool(const std::string&)>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    char buffer[8192];
+    while (fd_ >= 0 && !done(text_) && std::chrono::steady_clock::now() < deadline) {
+      const ssize_t n = ::recv(fd_, buffer, sizeof(buffer), 0);
+      if (n == 0) break;
+      if (n > 0) text_.append(buffer, n);
+    }
+    return done(text_);
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  int fd_ = -1;
+  std::string text_;
+};
+
+std::string Bearer(const std::string& token) { return absl::StrCat("Authorization: Bearer ", token); }
+
+class ConsoleTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_console_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    WriteTinyDataset(root_);
+    Write("token", "the-token\n");
+    Write("viewer.token", "the-viewer-token\n");
+    Write("worker.token", "the-worker-token\n");
+    config_.listen = "127.0.0.1:0";
+    config_.metrics_listen = "";
+    config_.console_listen = "127.0.0.1:0";
+    config_.database = root_ + "/aviary.db";
+    config_.work_dir = root_ + "/runs";
+    config_.data_roots = {root_};
+    config_.token_file = root_ + "/token";
+    config_.viewer_token_file = root_ + "/viewer.token";
+    config_.worker_token_file = root_ + "/worker.token";
+    config_.heartbeat_interval_s = 0.2;
+    config_.heartbeat_timeout_s = 20;
+  }
+  void TearDown() override {
+    if (coordinator_) {
+      EXPECT_TRUE(coordinator_->Shutdown().ok());
+    }
+    coordinator_.reset();
+    fs::remove_all(root_);
+  }
+
+  void Write(const std::string& rel, const std::string& text) {
+    const fs::path p = fs::path(root_) / rel;
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+
+  void Start() {
+    auto secrets = LoadCoordinatorSecrets(config_);
+    ASSERT_TRUE(secrets.ok()) << secrets.status();
+    auto coordinator = Coordinator::Start(config_, *secrets);
+    ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+    coordinator_ = std::move(*coordinator);
+    port_ = coordinator_->console_port();
+    ASSERT_GT(port_, 0);
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+    if (!config_.tls_cert_file.empty()) {
+      grpc::SslCredentialsOptions ssl;
+      std::ifstream in(config_.tls_cert_file);
+      ssl.pem_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      credentials = grpc::SslCredentials(ssl);
+    }
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", coordinator_->grpc_port()), credentials);
+    jobs_ = JobService::NewStub(channel);
+    workers_ = WorkerService::NewStub(channel);
+  }
+
+  std::unique_ptr<grpc::ClientContext> Ctx(const std::string& token) {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return context;
+  }
+
+  std::string Submit(const std::vector<std::string>& overrides = {}) {
+    SubmitJobRequest request;
+    request.set_pipeline_yaml(kPipeline);
+    request.set_working_dir(root_);
+    request.set_name("console job");
+    for (const std::string& o : overrides) request.add_overrides(o);
+    SubmitJobResponse response;
+    const grpc::Status status = jobs_->SubmitJob(Ctx("the-token").get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job_id();
+  }
+
+  // A group that leases the job's first task and reports `epochs` epoch ends and a checkpoint.
+  std::string RunEpochs(int epochs, std::string* task_id) {
+    RegisterGroupRequest reg;
+    reg.set_world_size(2);
+    reg.add_hosts("node1");
+    reg.add_hosts("node1");
+    reg.add_devices("cpu");
+    reg.add_devices("cpu");
+    reg.set_backend("mpi");
+    RegisterGroupResponse registered;
+    EXPECT_TRUE(workers_->RegisterGroup(Ctx("the-worker-token").get(), reg, &registered).ok());
+    LeaseTaskRequest lease;
+    lease.set_group_id(registered.group_id());
+    LeaseTaskResponse leased;
+    EXPECT_TRUE(workers_->LeaseTask(Ctx("the-worker-token").get(), lease, &leased).ok());
+    EXPECT_TRUE(leased.available());
+    *task_id = leased.task().task_id();
+    group_id_ = registered.group_id();
+    Report(0, epochs);
+    if (epochs == 0) return registered.group_id();
+    const std::string out = leased.task().out_dir();
+    fs::create_directories(out);
+    std::ofstream(out + "/best.pt") << "checkpoint";
+    ReportCheckpointRequest ckpt;
+    ckpt.set_group_id(group_id_);
+    ckpt.set_task_id(*task_id);
+    ckpt.set_path(out + "/best.pt");
+    ckpt.set_epoch(epochs - 1);
+    ckpt.set_best(true);
+    ReportCheckpointResponse ignored;
+    EXPECT_TRUE(workers_->ReportCheckpoint(Ctx("the-worker-token").get(), ckpt, &ignored).ok());
+    return registered.group_id();
+  }
+
+  void Report(int from_epoch, int to_epoch) {
+    ReportProgressRequest request;
+    request.set_group_id(group_id_);
+    request.set_task_id(task_id_);
+    request.set_steps_per_epoch(10);
+    for (int e = from_epoch; e < to_epoch; ++e) {
+      Metrics* m = request.add_points();
+      m->set_epoch(e);
+      m->set_step(10 * (e + 1));
+      m->set_epoch_end(true);
+      m->set_lr(1e-3);
+      m->set_train_loss(2.0 - 0.1 * e);
+      m->set_val_loss(1.5);
+      m->set_val_auc(0.5 + 0.1 * e);
+      m->set_val_roc_auc(0.7);
+      m->set_val_cmap(0.6);
+      m->set_val_acc(0.5);
+      m->set_samples_per_s(123.5);
+    }
+    ReportProgressResponse response;
+    const grpc::Status status = workers_->ReportProgress(Ctx("the-worker-token").get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
+
+  std::string root_;
+  CoordinatorConfig config_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<JobService::Stub> jobs_;
+  std::unique_ptr<WorkerService::Stub> workers_;
+  int port_ = 0;
+  std::string group_id_;
+  std::string task_id_;
+};
+
+TEST_F(ConsoleTest, RefusesCallsWithoutAClientOrViewerToken) {
+  Start();
+  HttpResponse none = Http(port_, "GET", "/api/jobs");
+  EXPECT_EQ(none.status, 401);
+  EXPECT_EQ(none.headers["content-type"], "application/json; charset=utf-8");
+  EXPECT_TRUE(absl::StrContains(none.body, "\"code\":\"UNAUTHENTICATED\"")) << none.body;
+  EXPECT_TRUE(absl::StrContains(none.body, "log in at /login")) << none.body;
+  HttpResponse wrong = Http(port_, "GET", "/api/jobs", {Bearer("nope")});
+  EXPECT_EQ(wrong.status, 401);
+  EXPECT_TRUE(absl::StrContains(wrong.body, "not one of this coordinator's tokens")) << wrong.body;
+  HttpResponse worker = Http(port_, "GET", "/api/groups", {Bearer("the-worker-token")});
+  EXPECT_EQ(worker.status, 403);
+  EXPECT_TRUE(absl::StrContains(worker.body, "role 'worker'")) << worker.body;
+  // A page without a token sends the browser to the login form, keeping where it was going.
+  HttpResponse page = Http(port_, "GET", "/groups");
+  EXPECT_EQ(page.status, 303);
+  EXPECT_EQ(page.headers["location"], "/login?next=%2fgroups");
+  HttpResponse login = Http(port_, "GET", "/login?next=%2fgroups");
+  EXPECT_EQ(login.status, 200);
+  EXPECT_TRUE(absl::StrContains(login.body, "name=\"next\" value=\"/groups\"")) << login.body;
+  EXPECT_TRUE(absl::StrContains(login.headers["content-security-policy"], "script-src 'self'"));
+  // Static files need no token; unknown paths are 404.
+  EXPECT_EQ(Http(port_, "GET", "/static/console.js").status, 200);
+  EXPECT_EQ(Http(port_, "GET", "/static/nope.js").status, 404);
+  EXPECT_EQ(Http(port_, "GET", "/api/nope", {Bearer("the-token")}).status, 404);
+}
+
+TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
+  config_.console_grafana_url = "https://grafana.example/d/aviary";
+  Start();
+  const std::string job_id = Submit();
+  const std::string group = RunEpochs(0, &task_id_);
+  Report(0, 2);
+
+  HttpResponse jobs = Http(port_, "GET", "/api/jobs", {Bearer("the-viewer-token")});
+  ASSERT_EQ(jobs.status, 200) << jobs.body;
+  EXPECT_TRUE(absl::StartsWith(jobs.body, "{\"jobs\":[{\"job_id\":\"" + job_id + "\"")) << jobs.body;
+  EXPECT_TRUE(absl::StrContains(jobs.body, "\"state\":\"JOB_STATE_RUNNING\"")) << jobs.body;
+  EXPECT_TRUE(absl::StrContains(jobs.body, "\"name\":\"console job\"")) << jobs.body;
+
+  HttpResponse job = Http(port_, "GET", "/api/jobs/" + job_id, {Bearer("the-viewer-token")});
+  ASSERT_EQ(job.status, 200) << job.body;
+  EXPECT_TRUE(absl::StrContains(job.body, "\"task_id\":\"" + task_id_ + "\"")) << job.body;
+  EXPECT_TRUE(absl::StrContains(job.body, "\"state\":\"TASK_STATE_LEASED\"")) << job.body;
+  EXPECT_TRUE(absl::StrContains(job.body, "\"checkpoints\":{\"" + task_id_ + "\":[]")) << job.body;
+
+  HttpResponse history = Http(port_, "GET", "/api/jobs/" + job_id + "/history", {Bearer("the-viewer-token")});
+  ASSERT_EQ(history.status, 200) << history.body;
+  EXPECT_TRUE(absl::StrContains(history.body, "\"val_auc\":0.5,")) << history.body;
+  EXPECT_TRUE(absl::StrContains(history.body, "\"val_auc\":0.6")) << history.body;
+  EXPECT_EQ(std::count(history.body.begin(), history.body.end(), '{') - 1, 2 * 2)  // 2 rows, each with metrics
+      << history.body;
+
+  const std::string task_name = task_id_.substr(task_id_.find('/') + 1);
+  HttpResponse config = Http(port_, "GET", absl::StrCat("/api/jobs/", job_id, "/tasks/", task_name, "/config"),
+                             {Bearer("the-token")});
+  ASSERT_EQ(config.status, 200) << config.body;
+  EXPECT_TRUE(absl::StrContains(config.body, "\"flat\":{")) << config.body;
+  EXPECT_TRUE(absl::StrContains(config.body, "\"train.epochs\":\"3\"")) << config.body;
+  EXPECT_TRUE(absl::StrContains(config.body, "\"folds.selected_folds.1\":\"1\"")) << config.body;
+
+  HttpResponse groups = Http(port_, "GET", "/api/groups", {Bearer("the-viewer-token")});
+  ASSERT_EQ(groups.status, 200) << groups.body;
+  EXPECT_TRUE(absl::StrContains(groups.body, "\"group_id\":\"" + group + "\",\"world_size\":2,\"hosts\":[\"node1\",\"node1\"],"
+                                             "\"devices\":[\"cpu\",\"cpu\"],\"backend\":\"mpi\""))
+      << groups.body;
+  EXPECT_TRUE(absl::StrContains(groups.body, "\"task_id\":\"" + task_id_ + "\",\"epoch\":1,\"epochs\":3")) << groups.body;
+  EXPECT_TRUE(absl::StrContains(groups.body, "\"samples_per_s\":123.5")) << groups.body;
+
+  HttpResponse session = Http(port_, "GET", "/api/session", {Bearer("the-viewer-token")});
+  EXPECT_EQ(session.body, "{\"role\":\"viewer\",\"auth\":true,\"grafana_url\":\"https://grafana.example/d/aviary\"}");
+
+  // Bad and unknown ids.
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs/x", {Bearer("the-token")}).status, 400);
+  HttpResponse unknown = Http(port_, "GET", "/api/jobs/jffffffffffff", {Bearer("the-token")});
+  EXPECT_EQ(unknown.status, 404);
+  EXPECT_TRUE(absl::StrContains(unknown.body, "no such job")) << unknown.body;
+  EXPECT_EQ(Http(port_, "GET", absl::StrCat("/api/jobs/", job_id, "/tasks/nope-f9/config"), {Bearer("the-token")}).status,
+            404);
+}
+
+TEST_F(ConsoleTest, CheckpointsAppearOnTheJob) {
+  Start();
+  const std::string job_id = Submit();
+  RunEpochs(2, &task_id_);
+  HttpResponse job = Http(port_, "GET", "/api/jobs/" + job_id, {Bearer("the-token")});
+  ASSERT_EQ(job.status, 200);
+  EXPECT_TRUE(absl::StrContains(job.body, "best.pt\",\"epoch\":1,\"best\":true,\"attempt\":1}")) << job.body;
+}
+
+TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string path = "/api/jobs/" + job_id + "/cancel";
+  HttpResponse viewer = Http(port_, "POST", path, {Bearer("the-viewer-token")});
+  EXPECT_EQ(viewer.status, 403);
+  EXPECT_TRUE(absl::StrContains(viewer.body, "the token has role 'viewer' (viewer_token_file); this call needs role "
+                                             "'client'"))
+      << viewer.body;
+  EXPECT_EQ(Http(port_, "POST", path).status, 401);
+
+  // The login cookie: HttpOnly, SameSite=Strict; a POST it authenticates needs the header.
+  HttpResponse refused = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                              "token=wrong&next=%2Fjobs");
+  EXPECT_EQ(refused.status, 303);
+  EXPECT_TRUE(absl::StartsWith(refused.headers["location"], "/login?error=1")) << refused.headers["location"];
+  EXPECT_EQ(refused.headers.count("set-cookie"), 0u);
+  HttpResponse login = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                            "token=the-token&next=%2Fjobs%2F" + job_id);
+  ASSERT_EQ(login.status, 303);
+  EXPECT_EQ(login.headers["location"], "/jobs/" + job_id);
+  const std::string cookie = login.headers["set-cookie"];
+  EXPECT_TRUE(absl::StrContains(cookie, "HttpOnly")) << cookie;
+  EXPECT_TRUE(absl::StrContains(cookie, "SameSite=Strict")) << cookie;
+  const std::string cookie_header = absl::StrCat("Cookie: ", cookie.substr(0, cookie.find(';')));
+  EXPECT_EQ(Http(port_, "GET", "/jobs/" + job_id, {cookie_header}).status, 200);
+  HttpResponse no_csrf = Http(port_, "POST", path, {cookie_header});
+  EXPECT_EQ(no_csrf.status, 403);
+  EXPECT_TRUE(absl::StrContains(no_csrf.body, "X-Aviary-Console")) << no_csrf.body;
+  HttpResponse cancelled = Http(port_, "POST", path, {cookie_header, "X-Aviary-Console: 1"});
+  EXPECT_EQ(cancelled.status, 200) << cancelled.body;
+  EXPECT_TRUE(absl::StrContains(cancelled.body, "\"state\":\"JOB_STATE_CANCELLED\"")) << cancelled.body;
+  // An open redirect is not possible: "next" stays on this site.
+  HttpResponse away = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                           "token=the-token&next=%2F%2Fevil.example");
+  EXPECT_EQ(away.headers["location"], "/jobs");
+}
+
+TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
+  Start();
+  const std::string job_id = Submit();
+  RunEpochs(0, &task_id_);
+  EventStream stream(port_, "/api/jobs/" + job_id + "/events", {Bearer("the-viewer-token")});
+  ASSERT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: job\ndata: {"); }))
+      << stream.text();
+  EXPECT_TRUE(absl::StrContains(stream.text(), "Content-Type: text/event-stream")) << stream.text();
+  EXPECT_FALSE(absl::StrContains(stream.text(), "\"epoch_end\":true"));
+  Report(0, 1);
+  ASSERT_TRUE(stream.ReadUntil([&](const std::string& t) {
+    return absl::StrContains(t, "\"task_id\":\"" + task_id_ + "\",\"metrics\":{\"epoch\":0");
+  })) << stream.text();
+  EXPECT_TRUE(absl::StrContains(stream.text(), "\"epoch_end\":true")) << stream.text();
+  // The overview stream: jobs and groups.
+  EventStream overview(port_, "/api/events", {Bearer("the-token")});
+  EXPECT_TRUE(overview.ReadUntil([&](const std::string& t) {
+    return absl::StrContains(t, "event: jobs\ndata: {\"jobs\":[{\"job_id\":\"" + job_id) &&
+           absl::StrContains(t, "event: groups\ndata: {\"groups\":[{");
+  })) << overview.text();
+}
+
+TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {
+  const std::string key = root_ + "/tls.key", cert = root_ + "/tls.crt";
+  const std::string make = absl::StrCat("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+                                        "-addext subjectAltName=IP:127.0.0.1 -keyout ", key, " -out ", cert,
+                                        " > /dev/null 2>&1");
+  ASSERT_EQ(std::system(make.c_str()), 0) << "openssl could not make a certificate";
+  config_.tls_cert_file = cert;
+  config_.tls_key_file = key;
+  Start();
+  const std::string job_id = Submit();
+  RunEpochs(0, &task_id_);
+  // curl (a real TLS client) trusts the self-signed certificate; the answer, the login cookie
+  // (Secure over HTTPS) and an event stream come through the TLS front.
+  auto curl = [&](const std::string& args) {
+    const std::string command = absl::StrCat("curl -s -i --max-time 20 --cacert ", cert, " ", args);
+    FILE* pipe = ::popen(command.c_str(), "r");
+    std::string out;
+    if (pipe == nullptr) return out;
+    char buffer[4096];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
+    ::pclose(pipe);
+    return out;
+  };
+  const std::string base = absl::StrCat("https://127.0.0.1:", port_);
+  const std::string jobs = curl(absl::StrCat("-H 'Authorization: Bearer the-viewer-token' ", base, "/api/jobs"));
+  EXPECT_TRUE(absl::StartsWith(jobs, "HTTP/1.1 200")) << jobs;
+  EXPECT_TRUE(absl::StrContains(jobs, "{\"jobs\":[{\"job_id\":\"" + job_id + "\"")) << jobs;
+  const std::string login = curl(absl::StrCat("-d token=the-viewer-token -d next=/jobs ", base, "/login"));
+  EXPECT_TRUE(absl::StrContains(login, "; Path=/; HttpOnly; SameSite=Strict; Secure")) << login;
+  const std::string stream = curl(absl::StrCat("--max-time 3 -H 'Authorization: Bearer the-token' ", base, "/api/jobs/",
+                                               job_id, "/events"));
+  EXPECT_TRUE(absl::StrContains(stream, "event: job\ndata: {\"job\":{\"job_id\":\"" + job_id)) << stream;
+  // Plain HTTP on the console's port gets no answer.
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {Bearer("the-viewer-token")}).status, 0);
+}
+
+TEST_F(ConsoleTest, ConfigKeysAreChecked) {
+  config_.console_listen = "nowhere";
+  EXPECT_TRUE(absl::StrContains(ValidateCoordinatorConfig(config_).message(),
+                                "key 'console_listen': 'nowhere' is not HOST:PORT"));
+  config_.console_listen = "127.0.0.1:0";
+  config_.console_grafana_url = "grafana:3000";
+  EXPECT_TRUE(absl::StrContains(ValidateCoordinatorConfig(config_).message(),
+                                "key 'console_grafana_url': 'grafana:3000' is not an http:// or https:// URL"));
+}
+
+}  // namespace
+}  // namespace aviary::coordinator

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""The web console in headless chromium (python3-selenium + chromium-driver), against a running
+coordinator with two jobs training (console_browser.sh sets them up). Checks, in order:
+
+- a page without the login cookie goes to /login; a wrong token is refused there;
+- logged in with the viewer token: the jobs page lists both jobs; the job page's curves grow
+  while the job trains (the chart's point count increases); clicking a task node shows that
+  task (title, URL fragment, its charts and config); the viewer's "Cancel job" is refused with
+  the coordinator's PERMISSION_DENIED message; the compare page overlays both jobs' tasks and
+  diffs their configs (train.lr_max_per_sample and model.dropout differ); the groups page lists
+  both groups with their tasks;
+- a coordinator restart: the job page goes "reconnecting", then "live" again, and its curves
+  keep growing;
+- logged in with the client token: cancelling from the job page works.
+Screenshots of every page go to --artifacts. Exit 77 when chromium cannot start.
+"""
+import argparse
+import os
+import sys
+import time
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+except ImportError as e:  # the package is in scripts/lib/deps.sh's test packages
+    print(f"console_browser: python3-selenium is missing ({e}); scripts/test.sh installs it")
+    sys.exit(1)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--url", required=True)
+ap.add_argument("--client-token", required=True)
+ap.add_argument("--viewer-token", required=True)
+ap.add_argument("--job1", required=True)
+ap.add_argument("--job2", required=True)
+ap.add_argument("--artifacts", required=True)
+ap.add_argument("--restart-file", required=True)
+args = ap.parse_args()
+client_token = open(args.client_token).read().split()[0]
+viewer_token = open(args.viewer_token).read().split()[0]
+failures = []
+
+
+def check(condition, what):
+    if condition:
+        print(f"ok: {what}")
+    else:
+        print(f"FAIL: {what}")
+        failures.append(what)
+    return condition
+
+
+def wait_until(what, fn, timeout=60.0, period=0.25):
+    """Polls fn until it returns a truthy value (returned) or the timeout passes (None)."""
+    deadline = time.time() + timeout
+    last_error = None
+    while time.time() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except WebDriverException as e:  # an element not there yet, a stale one
+            last_error = e
+        time.sleep(period)
+    print(f"  (waited {timeout:.0f} s for {what}{'; last error: ' + str(last_error).splitlines()[0] if last_error else ''})")
+    return None
+
+
+def shot(name):
+    """The whole page (the window grown to the document's height for the capture)."""
+    path = os.path.join(args.artifacts, f"{name}.png")
+    height, chrome = driver.execute_script(
+        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]")
+    driver.set_window_size(1440, max(1000, min(int(height) + int(chrome), 4000)))
+    time.sleep(0.3)  # the charts follow the size change
+    driver.save_screenshot(path)
+    driver.set_window_size(1440, 1000)
+    print(f"screenshot {path}")
+
+
+def points(chart_index=1):
+    """The number of epochs drawn by the job page's chart (0: loss, 1: validation, 2: lr)."""
+    charts = driver.find_elements(By.CSS_SELECTOR, "#charts .chart")
+    if len(charts) <= chart_index:
+        return 0
+    return int(charts[chart_index].get_attribute("data-points") or 0)
+
+
+def login(token):
+    driver.delete_all_cookies()
+    driver.get(args.url + "/login")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.ID, "login-submit").click()
+
+
+options = webdriver.ChromeOptions()
+for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--window-size=1440,1000", "--force-device-scale-factor=1", "--lang=en-US"):
+    options.add_argument(flag)
+options.binary_location = "/usr/bin/chromium"
+try:
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+except WebDriverException as e:
+    print(f"console_browser: chromium could not start: {str(e).splitlines()[0]}")
+    sys.exit(77)
+driver.set_page_load_timeout(30)
+
+try:
+    # Refusals: no cookie -> the login page; a wrong token -> refused there.
+    driver.get(f"{args.url}/jobs/{args.job1}")
+    check(wait_until("the login page", lambda: "/login" in driver.current_url and driver.find_element(By.ID, "token")),
+          "a page without a token redirects to /login")
+    driver.find_element(By.ID, "token").send_keys("not-a-token")
+    driver.find_element(By.ID, "login-submit").click()
+    check(wait_until("the login error", lambda: driver.find_element(By.ID, "login-error").is_displayed()),
+          "a wrong token is refused at /login")
+    shot("01-login-refused")
+
+    # The viewer: jobs page.
+    login(viewer_token)
+    check(wait_until("the jobs table", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#jobs-body tr")) >= 2),
+          "the jobs page lists both jobs")
+    rows = {r.get_attribute("data-job"): r for r in driver.find_elements(By.CSS_SELECTOR, "#jobs-body tr")}
+    check(args.job1 in rows and args.job2 in rows, "the jobs page shows job1 and job2 by id")
+    check("baseline" in driver.find_element(By.ID, "jobs-body").text, "the jobs page shows the job names")
+    check(wait_until("the live badge", lambda: "live-on" in driver.find_element(By.ID, "live").get_attribute("class")),
+          "the jobs page's event stream is live")
+    check(driver.find_element(By.ID, "role").text.startswith("viewer"), "the header shows the viewer role")
+    wait_until("a running job's progress", lambda: "epoch" in driver.find_element(By.ID, "jobs-body").text, timeout=60)
+    shot("02-jobs")
+
+    # Job page: the curves grow.
+    wait_until("the click on job1", lambda: driver.find_element(
+        By.CSS_SELECTOR, f'a.job-link[href="/jobs/{args.job1}"]').click() or True)
+    check(wait_until("the job page", lambda: driver.find_elements(By.CSS_SELECTOR, "#dag .task-node")),
+          "the job page draws the task DAG")
+    nodes = driver.find_elements(By.CSS_SELECTOR, "#dag .task-node")
+    check(len(nodes) == 2, f"job1 has 2 task nodes (pretrain -> finetune), got {len(nodes)}")
+    # Wait for the fine-tuning to run with an epoch drawn, then for one more.
+    first = wait_until("a fine-tuning epoch on the chart",
+                       lambda: "finetune" in driver.find_element(By.ID, "task-title").text and points() >= 1,
+                       timeout=150)
+    check(first, "the job page shows the running fine-tuning task's curves")
+    before = points()
+    grew = wait_until("another epoch", lambda: points() > before, timeout=90)
+    check(grew, f"the curves grow without a reload (from {before} to {points()} epochs)")
+    check(driver.execute_script("return window.Dygraph !== undefined"), "dygraphs loaded (from /usr/share/javascript)")
+    check(len(driver.find_elements(By.CSS_SELECTOR, "#charts .chart canvas")) >= 3, "the charts are drawn on canvases")
+    shot("03-job-live")
+
+    # Click through to the pretraining task.
+    wait_until("the click on the pretraining task", lambda: [
+        n for n in driver.find_elements(By.CSS_SELECTOR, "#dag .task-node") if "pretrain" in n.text][0].click() or True)
+    check(wait_until("the pretrain task", lambda: "pretrain-f" in driver.find_element(By.ID, "task-title").text),
+          "clicking a task node shows that task")
+    check("task=pretrain" in driver.current_url, "the task is in the URL fragment")
+    check(wait_until("pretrain points", lambda: points() >= 2), "the pretraining task's 2 epochs are drawn")
+    driver.find_element(By.CSS_SELECTOR, "#task-config summary").click()
+    check(wait_until("the config", lambda: "model:" in driver.find_element(By.CSS_SELECTOR, "#task-config pre").text),
+          "the task's config is shown")
+    check("best.pt" in driver.find_element(By.ID, "task-files").text, "the task's checkpoint paths are shown")
+    shot("04-task")
+
+    # A viewer trying to cancel is refused by the coordinator, and says so.
+    driver.find_element(By.ID, "cancel-job").click()
+    driver.switch_to.alert.accept()
+    flash = wait_until("the refusal", lambda: driver.find_element(By.ID, "flash").text)
+    check(flash and "PERMISSION_DENIED" in flash and "viewer" in flash, f"the viewer's cancel is refused: {flash!r}")
+    shot("05-viewer-cancel-refused")
+
+    # Compare the two jobs.
+    driver.get(f"{args.url}/compare?jobs={args.job1},{args.job2}")
+    check(wait_until("the config diff", lambda: "train.lr_max_per_sample" in driver.find_element(By.ID, "config-diff").text,
+                     timeout=30), "the compare page diffs the configs (train.lr_max_per_sample)")
+    diff = driver.find_element(By.ID, "config-diff").text
+    check("model.dropout" in diff, "the diff names model.dropout")
+    check(wait_until("overlaid curves", lambda: int(driver.find_element(By.CSS_SELECTOR, "#compare-chart .chart")
+                                                    .get_attribute("data-points") or 0) >= 1, timeout=60),
+          "the compare chart overlays the tasks' curves")
+    check(len(driver.find_elements(By.CSS_SELECTOR, "#task-picker input:checked")) == 3,
+          "the compare page selects the 3 tasks of both jobs")
+    shot("06-compare")
+
+    # Groups.
+    driver.get(f"{args.url}/groups")
+    check(wait_until("the groups", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#groups-body tr")) == 2),
+          "the groups page lists both groups")
+    text = driver.find_element(By.ID, "groups-body").text
+    check("mpi" in text and "cpu" in text, "the groups page shows backend and devices")
+    check(wait_until("a busy group", lambda: args.job1 in driver.find_element(By.ID, "groups-body").text
+                     or args.job2 in driver.find_element(By.ID, "groups-body").text, timeout=20),
+          "the groups page shows the groups' current tasks")
+    shot("07-groups")
+
+    # A coordinator restart: the job page reconnects and keeps growing.
+    driver.get(f"{args.url}/jobs/{args.job1}")
+    wait_until("the job page", lambda: points() >= 1 and "live-on" in driver.find_element(By.ID, "live").get_attribute("class"))
+    before = points()
+    open(args.restart_file + ".request", "w").write("restart\n")
+    check(wait_until("reconnecting", lambda: "live-off" in driver.find_element(By.ID, "live").get_attribute("class"),
+                     timeout=30, period=0.05), "the page notices the coordinator going away")
+    done = wait_until("the restart", lambda: os.path.exists(args.restart_file + ".done"), timeout=60)
+    check(done and open(args.restart_file + ".done").read().strip() == "ok", "the coordinator restarted")
+    check(wait_until("live again", lambda: "live-on" in driver.find_element(By.ID, "live").get_attribute("class"),
+                     timeout=30), "the page reconnects after the restart")
+    check(wait_until("growth after the restart", lambda: points() > before, timeout=90),
+          f"the curves keep growing after the restart ({before} -> {points()})")
+    shot("08-after-restart")
+
+    # The client token may cancel from the page.
+    login(client_token)
+    driver.get(f"{args.url}/jobs/{args.job2}")
+    wait_until("job2", lambda: driver.find_elements(By.ID, "cancel-job") or
+               "succeeded" in driver.find_element(By.CSS_SELECTOR, ".page-head").text)
+    if driver.find_elements(By.ID, "cancel-job"):
+        driver.find_element(By.ID, "cancel-job").click()
+        driver.switch_to.alert.accept()
+        check(wait_until("cancelled", lambda: "cancelled" in driver.find_element(By.CSS_SELECTOR, ".page-head").text,
+                         timeout=20), "a client token cancels the job from the page")
+        shot("09-client-cancelled")
+    else:
+        print("note: job2 finished before the cancel; the client cancel was not exercised")
+
+    # Browser console errors (a CSP refusal, a script error) fail the test.
+    # Expected network errors: the refusals above (401, 403) and the restart's dropped streams.
+    expected = ("status of 401", "status of 403", "net::ERR_")  # net::ERR_*: the coordinator was down
+    logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
+            and not (e.get("source") == "network" and any(x in e.get("message", "") for x in expected))]
+    check(not logs, f"no script errors in the browser console: {logs}")
+finally:
+    driver.quit()
+
+print(f"console_browser.py: {len(failures)} failures")
+sys.exit(1 if failures else 0)
