@@ -182,7 +182,11 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
   for (const aviary::v1::LogLine& in : request.lines()) {
     aviary::v1::LogLine line = in;
     if (line.text().size() > kMaxLogLineBytes) {
-      line.mutable_text()->resize(kMaxLogLineBytes);
+      // Cut at a UTF-8 character boundary: a string field must stay valid UTF-8 (a response
+      // with half a character would not serialize).
+      size_t cut = kMaxLogLineBytes;
+      while (cut > 0 && (static_cast<unsigned char>(line.text()[cut]) & 0xC0) == 0x80) --cut;
+      line.mutable_text()->resize(cut);
       line.mutable_text()->append(" [cut]");
     }
     line.set_seq(++log.last_seq);

@@ -1869,11 +1869,15 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   EXPECT_EQ(workers_->ShipLogs(Ctx().get(), forged, &forged_response).error_code(),
             grpc::StatusCode::PERMISSION_DENIED);
 
-  // Bounded: long lines are cut, old lines dropped past the per-task budget.
-  ASSERT_TRUE(ship(group, pretrain, {std::string(10000, 'x')}).ok());
+  // Bounded: long lines are cut (at a character: a 3-byte one straddles the cut here), old lines
+  // dropped past the per-task budget.
+  std::string long_line = "x";
+  while (long_line.size() < 10000) long_line += "\xe2\x82\xac";  // U+20AC
+  ASSERT_TRUE(ship(group, pretrain, {long_line}).ok());
   got = logs(pretrain, 3, 0);
   ASSERT_EQ(got.tasks(0).lines_size(), 1);
   EXPECT_LE(got.tasks(0).lines(0).text().size(), Scheduler::kMaxLogLineBytes + 16);
+  EXPECT_TRUE(absl::EndsWith(got.tasks(0).lines(0).text(), "\xe2\x82\xac [cut]")) << got.tasks(0).lines(0).text().substr(2030);
   for (int i = 0; i < 200; ++i) ASSERT_TRUE(ship(group, pretrain, {std::string(2000, 'y')}).ok());
   got = logs(pretrain, 0, 0);
   EXPECT_GT(got.tasks(0).dropped(), 0);

@@ -197,7 +197,9 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
     out.set_time_unix_ms(now_ms);
     out.set_rank(std::max(rank, 0));
     out.set_level(common::LogLevelName(level));
-    out.set_text(std::string(line.substr(0, 4096)));
+    size_t cut = std::min<size_t>(line.size(), 4096);  // at a UTF-8 character boundary
+    while (cut < line.size() && cut > 0 && (static_cast<unsigned char>(line[cut]) & 0xC0) == 0x80) --cut;
+    out.set_text(std::string(line.substr(0, cut)));
     buffer->lines.push_back(std::move(out));
     while (buffer->lines.size() > kMaxBufferedLogLines) {
       buffer->lines.pop_front();
