@@ -47,9 +47,17 @@ struct ClientArgs {
   bool csv = false;                    // history --csv
   double older_than_days = -1;         // prune --older-than (< 0: the coordinator's retention_days)
   bool dry_run = false;                // prune --dry-run
+  std::vector<std::string> tags;       // submit --tag
+  std::string note;                    // submit --note
+  std::vector<std::string> sweeps;     // submit --sweep key=[v1,...]
+  std::string task;                    // logs --task
+  bool follow = false;                 // logs --follow
+  int tail = 0;                        // logs --tail
+  bool with_run_folders = false;       // delete --with-run-folders
 };
 
-// The gRPC client (client/rpc_commands.cc): submit, status, list, watch, cancel, history. A
+// The gRPC client (client/rpc_commands.cc): submit, status, list, watch, cancel, history, logs,
+// groups, retry, delete. A
 // failed call prints "aviary CMD: CODE_NAME: message"; exit 2 for caller errors, 1 otherwise
 // (docs/SERVICE.md).
 void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run);

@@ -4,6 +4,9 @@
 #include <cmath>
 #include <ctime>
 
+#include <google/protobuf/util/json_util.h>
+
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -215,9 +218,122 @@ std::string JobLineHeader() {
 }
 
 std::string FormatJobLine(const v1::JobInfo& job) {
+  std::string name = PrintableText(job.name());
+  if (const std::string tags = FormatTags(job); !tags.empty()) {
+    absl::StrAppend(&name, name.empty() ? "" : "  ", "[", tags, "]");
+  }
   return absl::StrFormat("%-14s  %-9s  %-19s  %-10s  %s", job.job_id(), JobStateName(job.state()),
                          FormatUnixMs(job.created_unix_ms()),
-                         absl::StrCat(TasksDone(job), "/", job.tasks_size(), " done"), PrintableText(job.name()));
+                         absl::StrCat(TasksDone(job), "/", job.tasks_size(), " done"), name);
+}
+
+std::string FormatTags(const v1::JobInfo& job) {
+  std::map<std::string, std::string> sorted(job.tags().begin(), job.tags().end());
+  std::string out;
+  for (const auto& [key, value] : sorted) {
+    absl::StrAppend(&out, out.empty() ? "" : " ", PrintableText(key), value.empty() ? "" : "=",
+                    PrintableText(value));
+  }
+  return out;
+}
+
+std::string FormatSweepBest(const v1::JobInfo& job) {
+  if (!job.has_sweep_best()) return "";
+  const v1::SweepBest& best = job.sweep_best();
+  std::string overrides;
+  for (const std::string& o : best.overrides()) absl::StrAppend(&overrides, overrides.empty() ? "" : ", ", o);
+  return absl::StrCat("point ", best.point(), " (", PrintableText(overrides), "): ", best.metric(), " ",
+                      FormatMetric(best.value()), ", mean of ", best.tasks(), "/", best.tasks_total(), " folds");
+}
+
+absl::Status ParseSweepFlag(const std::string& text, v1::SweepAxis* axis) {
+  auto bad = [&text](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("--sweep '", text, "': ", why, " (expected key=[v1,v2,...])"));
+  };
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos) return bad("no '='");
+  const std::string key(absl::StripAsciiWhitespace(text.substr(0, eq)));
+  if (key.empty()) return bad("the key is empty");
+  const std::string list(absl::StripAsciiWhitespace(text.substr(eq + 1)));
+  if (list.size() < 2 || list.front() != '[' || list.back() != ']') return bad("the values are not one [...] list");
+  axis->Clear();
+  axis->set_key(key);
+  int depth = 0;
+  char quote = 0;
+  std::string item;
+  auto finish = [&]() -> absl::Status {
+    const std::string value(absl::StripAsciiWhitespace(item));
+    if (value.empty()) return bad(absl::StrCat("value ", axis->values_size() + 1, " is empty"));
+    axis->add_values(value);
+    item.clear();
+    return absl::OkStatus();
+  };
+  for (size_t i = 1; i + 1 < list.size(); ++i) {
+    const char c = list[i];
+    if (quote != 0) {
+      if (c == quote) quote = 0;
+    } else if (c == '"' || c == '\'') {
+      quote = c;
+    } else if (c == '[' || c == '{') {
+      ++depth;
+    } else if (c == ']' || c == '}') {
+      if (--depth < 0) return bad("unbalanced brackets");
+    } else if (c == ',' && depth == 0) {
+      AVIARY_RETURN_IF_ERROR(finish());
+      continue;
+    }
+    item += c;
+  }
+  if (quote != 0 || depth != 0) return bad("unbalanced brackets or quotes");
+  return finish();
+}
+
+std::string FormatGroups(const std::vector<v1::GroupInfo>& groups, int64_t now_unix_ms) {
+  std::vector<std::vector<std::string>> rows{
+      {"GROUP", "RANKS", "BACKEND", "DEVICES", "HOSTS", "TASK", "SAMPLES/S", "HEARTBEAT", "REGISTERED (UTC)"}};
+  for (const v1::GroupInfo& g : groups) {
+    std::map<std::string, int> devices, hosts;
+    for (const std::string& d : g.devices()) ++devices[d];
+    for (const std::string& h : g.hosts()) ++hosts[h];
+    auto counted = [](const std::map<std::string, int>& names) {
+      std::string out;
+      for (const auto& [name, n] : names) {
+        absl::StrAppend(&out, out.empty() ? "" : ",", PrintableText(name), n > 1 ? absl::StrCat("x", n) : "");
+      }
+      return out.empty() ? std::string("-") : out;
+    };
+    const bool busy = !g.task_id().empty();
+    const double rate = busy && g.has_latest() ? g.latest().samples_per_s() : std::nan("");
+    rows.push_back({g.group_id(), absl::StrCat(g.world_size()), g.backend().empty() ? "-" : PrintableText(g.backend()),
+                    counted(devices), counted(hosts), busy ? g.task_id() : std::string("idle"),
+                    std::isfinite(rate) ? absl::StrFormat("%.1f", rate) : std::string("-"),
+                    absl::StrCat(FormatDuration((now_unix_ms - g.last_heartbeat_unix_ms()) / 1000.0), " ago"),
+                    FormatUnixMs(g.registered_unix_ms())});
+  }
+  return FormatColumns(rows);
+}
+
+std::string FormatLogLine(const std::string& task_id, const v1::LogLine& line) {
+  const std::string stamp = FormatUnixMs(line.time_unix_ms());
+  const int64_t ms = line.time_unix_ms() % 1000;
+  return absl::StrCat(task_id.empty() ? "" : task_id + "  ",
+                      stamp.size() > 11 ? stamp.substr(11) : stamp, absl::StrFormat(".%03d", ms), " ",
+                      PadRight(line.level().empty() ? "info" : PrintableText(line.level()), 7), " [rank ", line.rank(),
+                      "] ", PrintableText(line.text()));
+}
+
+absl::StatusOr<std::string> ToJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  options.add_whitespace = true;
+  std::string json;
+  auto st = google::protobuf::util::MessageToJsonString(message, &json, options);
+  if (!st.ok()) {
+    return absl::InternalError(absl::StrCat(message.GetTypeName(), " to JSON: ", std::string(st.message())));
+  }
+  if (json.empty() || json.back() != '\n') json += '\n';
+  return json;
 }
 
 std::string FormatJobStatus(const v1::JobInfo& job) {
@@ -229,6 +345,22 @@ std::string FormatJobStatus(const v1::JobInfo& job) {
   absl::StrAppend(&out, "updated  ", FormatUnixMs(job.updated_unix_ms()), UtcSuffix(job.updated_unix_ms()), "\n");
   absl::StrAppend(&out, "tasks    ", TasksDone(job), "/", job.tasks_size(), " succeeded\n");
   if (!job.error().empty()) absl::StrAppend(&out, "error    ", job.error(), "\n");
+  if (const std::string tags = FormatTags(job); !tags.empty()) absl::StrAppend(&out, "tags     ", tags, "\n");
+  if (!job.note().empty()) absl::StrAppend(&out, "note     ", PrintableText(job.note()), "\n");
+  if (!job.sweep().empty()) {
+    size_t points = 1;
+    std::string axes;
+    for (const v1::SweepAxis& axis : job.sweep()) {
+      points *= static_cast<size_t>(axis.values_size());
+      std::string values;
+      for (const std::string& v : axis.values()) absl::StrAppend(&values, values.empty() ? "" : ",", v);
+      absl::StrAppend(&axes, axes.empty() ? "" : " x ", PrintableText(axis.key()), "=[", PrintableText(values), "]");
+    }
+    absl::StrAppend(&out, "sweep    ", points, " points: ", axes, "\n");
+    const std::string best = FormatSweepBest(job);
+    absl::StrAppend(&out, "best     ", best.empty() ? absl::StrCat("- (no point has a best ", job.monitor(), " yet)") : best,
+                    "\n");
+  }
   if (job.tasks_size() == 0) return out;
   std::vector<std::vector<std::string>> rows{{"TASK", "STATE", "EPOCH", "STEP", "LOSS",
                                               "VAL_AUC", "BEST_AUC", "RESTARTS", "ATTEMPT",

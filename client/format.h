@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "google/protobuf/message.h"
 #include "proto/aviary.pb.h"
 
 namespace aviary::cli {
@@ -108,6 +110,25 @@ std::string FormatBestTable(const v1::JobInfo& job);
 // val_roc_auc,val_cmap,val_acc,samples_per_s (NaN written as "nan", as history.csv).
 std::string FormatHistoryTable(const std::vector<v1::HistoryRow>& rows);
 std::string FormatHistoryCsv(const std::vector<v1::HistoryRow>& rows);
+
+// --- Experiments (issue 16).
+
+// A job's tags as "k=v k2" (sorted by key; a bare key has no '='); "" without tags.
+std::string FormatTags(const v1::JobInfo& job);
+// "point 3 (train.lr=5e-4, model.dropout=0.3): val_auc 0.5123, mean of 2/2 folds"; "" when the
+// job has no sweep_best.
+std::string FormatSweepBest(const v1::JobInfo& job);
+// A --sweep value "key=[v1,v2,...]" as an axis: the key, then the list's items split at its
+// top-level commas (brackets, braces and quotes nest), each trimmed. INVALID_ARGUMENT naming the
+// text for a missing '=', an empty key, a value that is not one [...] list, or an empty item.
+absl::Status ParseSweepFlag(const std::string& text, v1::SweepAxis* axis);
+// `aviary groups`: one row per group (id, world size, backend, devices, hosts, task, samples/s,
+// last heartbeat age at `now_unix_ms`).
+std::string FormatGroups(const std::vector<v1::GroupInfo>& groups, int64_t now_unix_ms);
+// `aviary logs`: "HH:MM:SS.mmm LEVEL [rank R] text", with "TASK " first when `task_id` is set.
+std::string FormatLogLine(const std::string& task_id, const v1::LogLine& line);
+// The message as JSON (proto field names, defaults printed, indented), ending with a newline.
+absl::StatusOr<std::string> ToJson(const google::protobuf::Message& message);
 
 // Pads `text` with spaces to `width` columns (left-aligned; longer text is kept whole).
 std::string PadRight(const std::string& text, size_t width);

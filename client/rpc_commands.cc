@@ -251,6 +251,11 @@ absl::Status Submit(Client& client, const ClientArgs& args) {
   request.set_name(args.name);
   request.set_source_path(ec ? path : absolute.lexically_normal().string());
   request.set_working_dir(cwd.string());
+  for (const std::string& tag : args.tags) request.add_tags(tag);
+  request.set_note(args.note);
+  for (const std::string& sweep : args.sweeps) {
+    AVIARY_RETURN_IF_ERROR(ParseSweepFlag(sweep, request.add_sweep()));
+  }
   v1::SubmitJobResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("SubmitJob", &v1::JobService::Stub::SubmitJob, request, &response));
@@ -270,18 +275,8 @@ absl::Status Status(Client& client, const ClientArgs& args) {
   v1::JobInfo job;
   AVIARY_RETURN_IF_ERROR(client.Call("GetJob", &v1::JobService::Stub::GetJob, request, &job));
   if (args.json) {
-    google::protobuf::util::JsonPrintOptions options;
-    options.preserve_proto_field_names = true;
-    options.always_print_primitive_fields = true;
-    options.add_whitespace = true;
-    std::string json;
-    auto st = google::protobuf::util::MessageToJsonString(job, &json, options);
-    if (!st.ok()) {
-      return absl::InternalError(absl::StrCat("JobInfo of ", job.job_id(), " to JSON: ",
-                                              std::string(st.message())));
-    }
+    AVIARY_ASSIGN_OR_RETURN(const std::string json, ToJson(job));
     std::cout << json;
-    if (json.empty() || json.back() != '\n') std::cout << "\n";
     return absl::OkStatus();
   }
   std::cout << FormatJobStatus(job);
@@ -297,6 +292,11 @@ absl::Status List(Client& client, const ClientArgs& args) {
   v1::ListJobsResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("ListJobs", &v1::JobService::Stub::ListJobs, request, &response));
+  if (args.json) {  // the ListJobsResponse: {"jobs": [JobInfo, ...]}, newest first
+    AVIARY_ASSIGN_OR_RETURN(const std::string json, ToJson(response));
+    std::cout << json;
+    return absl::OkStatus();
+  }
   std::vector<const v1::JobInfo*> jobs;
   for (const auto& j : response.jobs()) jobs.push_back(&j);
   // Newest first (the coordinator's order already; kept stable for equal times).
@@ -348,6 +348,139 @@ absl::Status Prune(Client& client, const ClientArgs& args) {
                                response.manifest_bytes_deleted() / 1048576.0,
                                response.dry_run() ? "; nothing was removed" : "");
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// groups [--json]
+
+absl::Status Groups(Client& client, const ClientArgs& args) {
+  v1::ListGroupsRequest request;
+  v1::ListGroupsResponse response;
+  AVIARY_RETURN_IF_ERROR(client.Call("ListGroups", &v1::JobService::Stub::ListGroups, request, &response));
+  if (args.json) {
+    AVIARY_ASSIGN_OR_RETURN(const std::string json, ToJson(response));
+    std::cout << json;
+    return absl::OkStatus();
+  }
+  if (response.groups().empty()) {
+    std::cerr << "no worker groups registered on " << client.options().coordinator << "\n";
+    return absl::OkStatus();
+  }
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  std::cout << FormatGroups({response.groups().begin(), response.groups().end()}, now);
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// retry JOB / delete JOB [--with-run-folders]
+
+absl::Status Retry(Client& client, const ClientArgs& args) {
+  v1::RetryJobRequest request;
+  request.set_job_id(args.target);
+  v1::JobInfo job;
+  AVIARY_RETURN_IF_ERROR(client.Call("RetryJob", &v1::JobService::Stub::RetryJob, request, &job));
+  int again = 0;
+  for (const auto& t : job.tasks()) {
+    again += t.state() == v1::TASK_STATE_READY || t.state() == v1::TASK_STATE_BLOCKED;
+  }
+  std::cout << "job " << job.job_id() << " is " << JobStateName(job.state()) << ": " << again
+            << " tasks to run again, each from its last checkpoint\n";
+  return absl::OkStatus();
+}
+
+absl::Status Delete(Client& client, const ClientArgs& args) {
+  v1::DeleteJobRequest request;
+  request.set_job_id(args.target);
+  request.set_with_run_folders(args.with_run_folders);
+  v1::DeleteJobResponse response;
+  AVIARY_RETURN_IF_ERROR(client.Call("DeleteJob", &v1::JobService::Stub::DeleteJob, request, &response));
+  std::cout << "job " << request.job_id() << " deleted\n";
+  for (const std::string& folder : response.removed_folders()) std::cout << "removed " << folder << "\n";
+  if (args.with_run_folders && response.removed_folders().empty()) {
+    std::cout << "no run folder to remove\n";
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// logs JOB [--task T] [--follow] [--tail N]
+
+// --follow: how often to ask for new lines, and how many failed polls in a row (a coordinator
+// restart) before giving up.
+constexpr double kLogPollS = 1.0;
+
+absl::Status Logs(Client& client, const ClientArgs& args) {
+  std::string only_task;
+  if (!args.task.empty()) {
+    // A task named without its job ("finetune-f0") is the job's.
+    only_task = args.task.find('/') == std::string::npos ? absl::StrCat(args.target, "/", args.task) : args.task;
+  }
+  std::map<std::string, int64_t> after;  // per task: the last seq printed
+  std::vector<std::string> tasks;        // the tasks to poll (learned from the first answer)
+  int failures = 0;
+  double backoff_s = kFirstBackoffS;
+  bool first = true;
+  bool last_round = false;
+  while (true) {
+    // The first call asks for every task (or the one); later ones ask per task from its last seq.
+    std::vector<v1::GetLogsRequest> requests;
+    for (const std::string& task : first ? std::vector<std::string>{only_task} : tasks) {
+      v1::GetLogsRequest request;
+      request.set_job_id(args.target);
+      request.set_task_id(task);
+      request.set_after_seq(task.empty() ? 0 : after[task]);
+      request.set_limit(first ? args.tail : 0);
+      requests.push_back(std::move(request));
+    }
+    v1::JobState job_state = v1::JOB_STATE_UNSPECIFIED;
+    std::string job_id = args.target;
+    absl::Status status;
+    for (const v1::GetLogsRequest& request : requests) {
+      v1::GetLogsResponse response;
+      status = client.Call("GetLogs", &v1::JobService::Stub::GetLogs, request, &response);
+      if (!status.ok()) break;
+      job_state = response.job().state();
+      for (const auto& log : response.tasks()) {
+        if (first) tasks.push_back(log.task_id());
+        int64_t& seen = after[log.task_id()];
+        // A coordinator restart starts the logs afresh (they are kept in memory).
+        if (log.last_seq() < seen) seen = 0;
+        if (first && log.dropped() > 0 && args.tail == 0) {
+          std::cout << "(" << log.task_id() << ": " << log.dropped() << " earlier lines are no longer kept)\n";
+        }
+        for (const v1::LogLine& line : log.lines()) {
+          if (line.seq() <= seen) continue;
+          std::cout << FormatLogLine(only_task.empty() ? log.task_id() : "", line) << "\n";
+          seen = line.seq();
+        }
+      }
+    }
+    std::cout.flush();
+    if (!status.ok()) {
+      const bool retryable = status.code() == absl::StatusCode::kUnavailable ||
+                             status.code() == absl::StatusCode::kDeadlineExceeded;
+      if (!args.follow || first || !retryable || ++failures > kMaxReconnects) return status;
+      std::cerr << "aviary logs: " << status.message() << "; retrying in " << backoff_s << " s\n";
+      std::this_thread::sleep_for(std::chrono::duration<double>(backoff_s));
+      backoff_s = std::min(kMaxBackoffS, backoff_s * 2);
+      continue;
+    }
+    failures = 0;
+    backoff_s = kFirstBackoffS;
+    first = false;
+    if (!args.follow) return absl::OkStatus();
+    if (IsTerminal(job_state)) {
+      // One more round after the end: lines shipped just before the job finished.
+      if (last_round) {
+        std::cerr << "job " << job_id << " " << JobStateName(job_state) << "\n";
+        return absl::OkStatus();
+      }
+      last_round = true;
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(kLogPollS));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,9 +597,10 @@ class WatchView {
     }
     std::vector<std::string> lines;  // lines that scroll (messages, epoch ends)
     if (first && event.message().empty()) {
-      lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + job.name() + ")",
-                                   ": ", JobStateName(job.state()), ", ", job.tasks_size(),
-                                   " tasks"));
+      lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + PrintableText(job.name()) + ")",
+                                   ": ", JobStateName(job.state()), ", ", job.tasks_size(), " tasks",
+                                   job.tags().empty() ? "" : absl::StrCat("  [", FormatTags(job), "]"),
+                                   job.note().empty() ? "" : absl::StrCat("  note: ", PrintableText(job.note()))));
     }
     const bool progress = event.has_metrics();
     if (progress && event.metrics().epoch_end()) {
@@ -731,6 +865,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
   std::cout << "\njob " << job.job_id() << " " << JobStateName(job.state()) << "\n";
   if (!job.error().empty()) std::cout << "error: " << job.error() << "\n";
   std::cout << FormatBestTable(job);
+  if (const std::string best = FormatSweepBest(job); !best.empty()) std::cout << "best sweep " << best << "\n";
   return job.state() == v1::JOB_STATE_SUCCEEDED ? 0 : 1;
 }
 
@@ -740,7 +875,7 @@ int RunClient(const std::string& command, const GlobalOptions& global, const Cli
     std::cerr << FormatClientError(command, options.status()) << "\n";
     return ClientExitCode(options.status().code());
   }
-  if (command != "submit" && command != "list" && command != "prune") {
+  if (command != "submit" && command != "list" && command != "prune" && command != "groups") {
     if (absl::Status st = CheckJobId(args.target); !st.ok()) {
       std::cerr << FormatClientError(command, st) << "\n";
       return ClientExitCode(st.code());
@@ -761,6 +896,14 @@ int RunClient(const std::string& command, const GlobalOptions& global, const Cli
     status = History(client, args);
   } else if (command == "prune") {
     status = Prune(client, args);
+  } else if (command == "groups") {
+    status = Groups(client, args);
+  } else if (command == "logs") {
+    status = Logs(client, args);
+  } else if (command == "retry") {
+    status = Retry(client, args);
+  } else if (command == "delete") {
+    status = Delete(client, args);
   } else if (command == "watch") {
     code = Watch(client, args);
     status = code.status();
@@ -791,6 +934,10 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       {"cancel", "JOB", "cancel a job: its running tasks stop at their next step"},
       {"history", "JOB", "epoch rows of every task; --plot: loss, val AUC and lr per task"},
       {"prune", nullptr, "retention now: finished jobs lose step points and manifests (state and history stay)"},
+      {"logs", "JOB", "the log lines the worker groups shipped for the job's tasks"},
+      {"groups", nullptr, "registered worker groups and what they run"},
+      {"retry", "JOB", "run a failed or cancelled job's unfinished tasks again, from their checkpoints"},
+      {"delete", "JOB", "remove a finished job (cancel a running one first)"},
   };
   for (const Command& c : commands) {
     auto args = std::make_shared<ClientArgs>();
@@ -805,11 +952,26 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
     if (name == "submit") {
       common::AddSetOption(sub, &args->overrides, "override a key of the pipeline (repeatable)");
       sub->add_option("--name", args->name, "a name for the job (shown by list)")->type_name("N");
+      common::AddRepeatedOption(sub, "--tag", &args->tags, "K[=V]", "a tag for the job (repeatable; shown by list, status)");
+      sub->add_option("--note", args->note, "a note for the job (one line; shown by status)")->type_name("TEXT");
+      common::AddRepeatedOption(sub, "--sweep", &args->sweeps, "KEY=[V1,V2,...]",
+                                "sweep a key over values (repeatable: the grid of all --sweep)");
+    } else if (name == "logs") {
+      sub->add_option("--task", args->task, "one task (e.g. finetune-f0, or JOB/finetune-f0)")->type_name("T");
+      sub->add_flag("--follow", args->follow, "keep printing new lines until the job ends");
+      common::AddNumber(sub, "--tail", &args->tail, "N", "only the last N lines of each task first (0: all kept)",
+                        0, 100000);
+    } else if (name == "groups") {
+      sub->add_flag("--json", args->json, "the ListGroupsResponse as JSON (proto field names)");
+    } else if (name == "delete") {
+      sub->add_flag("--with-run-folders", args->with_run_folders,
+                    "also delete the tasks' run folders (checkpoints, history) under the coordinator's work dir");
     } else if (name == "status") {
       sub->add_flag("--json", args->json, "the JobInfo message as JSON (proto field names)");
     } else if (name == "list") {
       common::AddNumber(sub, "--limit", &args->limit, "N", "at most N jobs (0: the coordinator's limit)", 0,
                         10000);
+      sub->add_flag("--json", args->json, "the ListJobsResponse as JSON (proto field names)");
     } else if (name == "history") {
       sub->add_option("--plot", args->plot, "also draw loss, val AUC and learning rate to a PNG")
           ->type_name("out.png");

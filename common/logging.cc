@@ -14,6 +14,10 @@ namespace {
 
 std::atomic<int> g_level{static_cast<int>(LogLevel::kInfo)};
 std::atomic<int> g_rank{-1};
+std::mutex g_tap_mu;
+std::shared_ptr<const LogTap> g_tap;  // guarded by g_tap_mu
+std::atomic<bool> g_has_tap{false};
+thread_local bool t_in_tap = false;
 
 spdlog::logger& Sink() {
   static std::shared_ptr<spdlog::logger> logger = [] {
@@ -52,6 +56,23 @@ absl::Status ParseLogLevel(absl::string_view text, LogLevel* level) {
   return absl::OkStatus();
 }
 
+void SetLogTap(LogTap tap) {
+  std::lock_guard<std::mutex> lock(g_tap_mu);
+  g_tap = tap ? std::make_shared<const LogTap>(std::move(tap)) : nullptr;
+  g_has_tap.store(g_tap != nullptr);
+}
+
+const char* LogLevelName(LogLevel level) {
+  switch (level) {
+    case LogLevel::kDebug: return "debug";
+    case LogLevel::kInfo: return "info";
+    case LogLevel::kWarning: return "warning";
+    case LogLevel::kError: return "error";
+    case LogLevel::kOff: return "off";
+  }
+  return "info";
+}
+
 void SetLogLevel(LogLevel level) { g_level.store(static_cast<int>(level)); }
 void SetLogRank(int rank) { g_rank.store(rank); }
 
@@ -67,6 +88,18 @@ void Logger::Log(LogLevel level, absl::string_view message) const {
   std::string prefix = rank >= 0 ? absl::StrCat("[", component_, "] [rank ", rank, "] ")
                                  : absl::StrCat("[", component_, "] ");
   Sink().log(ToSpd(level), "{}{}", prefix, std::string_view(message.data(), message.size()));
+  if (g_has_tap.load() && !t_in_tap) {
+    std::shared_ptr<const LogTap> tap;
+    {
+      std::lock_guard<std::mutex> lock(g_tap_mu);
+      tap = g_tap;
+    }
+    if (tap) {
+      t_in_tap = true;
+      (*tap)(level, rank, absl::StrCat(prefix, message));
+      t_in_tap = false;
+    }
+  }
 }
 
 void Logger::Debug(absl::string_view message) const { Log(LogLevel::kDebug, message); }

@@ -7,6 +7,7 @@
 #ifndef AVIARY_COMMON_LOGGING_H_
 #define AVIARY_COMMON_LOGGING_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include "absl/strings/string_view.h"
@@ -24,6 +25,15 @@ absl::Status ParseLogLevel(absl::string_view text, LogLevel* level);
 // Thread-safe.
 void SetLogLevel(LogLevel level);
 void SetLogRank(int rank);
+
+// A process-wide tap on every message that passes the level (after stderr): the worker group's
+// rank 0 ships its lines of a task to the coordinator (aviary logs). `line` is the message with
+// its "[component] [rank N] " prefix. Called on the logging thread; a message logged from inside
+// the tap is not tapped again. Pass nullptr to remove. Thread-safe.
+using LogTap = std::function<void(LogLevel level, int rank, absl::string_view line)>;
+void SetLogTap(LogTap tap);
+// "debug", "info", "warning", "error", "off".
+const char* LogLevelName(LogLevel level);
 
 // A named logger for one component ("catalog", "trainer", ...). Cheap to copy; thread-safe.
 // Messages go to stderr so that stdout stays clean for command output.

@@ -16,8 +16,12 @@
 namespace aviary::coordinator {
 namespace {
 
+// A sweep's tasks share job, stage and fold: they also carry their grid point (`point`; the
+// label is absent outside sweeps, so those series are unchanged).
 prometheus::Labels TaskLabels(const aviary::v1::TaskInfo& task) {
-  return {{"job_id", task.job_id()}, {"stage", task.stage()}, {"fold", absl::StrCat(task.fold())}};
+  prometheus::Labels labels{{"job_id", task.job_id()}, {"stage", task.stage()}, {"fold", absl::StrCat(task.fold())}};
+  if (task.sweep_overrides_size() > 0) labels["point"] = absl::StrCat(task.sweep_point());
+  return labels;
 }
 
 void SetIfFinite(prometheus::Family<prometheus::Gauge>* family, const prometheus::Labels& labels,

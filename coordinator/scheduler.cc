@@ -12,12 +12,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/catalog.h"
 #include "common/config.h"
 #include "common/manifest.h"
 #include "common/status.h"
 #include "coordinator/content_hash.h"
 #include "coordinator/path_policy.h"
+#include "coordinator/sweep.h"
 
 namespace aviary::coordinator {
 
@@ -62,6 +64,10 @@ std::string JobStateName(JobState state) {
 void Resolve(const std::string& base, std::string* path) {
   if (path->empty() || fs::path(*path).is_absolute()) return;
   *path = (fs::path(base) / *path).lexically_normal().string();
+}
+
+absl::Status NoSuchJob(const std::string& job_id) {
+  return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
 }
 
 absl::Status NotRegistered(const std::string& group_id) {
@@ -395,7 +401,9 @@ void Scheduler::ApplyChanges(Changes* changes) {
 void Scheduler::UpdateJobCountsLocked() {
   if (metrics_ == nullptr) return;
   std::map<JobState, int> counts;
-  for (const auto& [id, job] : jobs_) ++counts[job.row.info.state()];
+  for (const auto& [id, job] : jobs_) {
+    if (!job.deleted) ++counts[job.row.info.state()];
+  }
   metrics_->SetJobCounts(counts);
 }
 
@@ -406,6 +414,8 @@ void Scheduler::RefreshSnapshot(Job* job) {
 JobInfo Scheduler::BuildJobInfo(const Job& job) const {
   JobInfo info = job.row.info;
   for (const std::string& id : job.task_ids) *info.add_tasks() = tasks_.at(id).info;
+  aviary::v1::SweepBest best;
+  if (ComputeSweepBest(info, &best)) *info.mutable_sweep_best() = std::move(best);
   return info;
 }
 
@@ -440,11 +450,9 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
   return job_id;
 }
 
-absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request,
-                                                         bool use_cache, bool* stale_cache) {
-  *stale_cache = false;
-  const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
-  std::vector<std::string> overrides(request.overrides().begin(), request.overrides().end());
+absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary::v1::SubmitJobRequest& request,
+                                                                   const std::string& source,
+                                                                   const std::vector<std::string>& overrides) const {
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
                           common::ParsePipelineConfig(request.pipeline_yaml(), source, overrides));
 
@@ -484,6 +492,48 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     AVIARY_RETURN_IF_ERROR(common::Annotate(CheckDataPath(key, path, options_.data_roots), source));
   }
 
+  return config;
+}
+
+absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request,
+                                                         bool use_cache, bool* stale_cache) {
+  *stale_cache = false;
+  const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
+  // The grid (one point without --sweep); each point's overrides apply after --set.
+  AVIARY_ASSIGN_OR_RETURN(const std::vector<std::vector<std::string>> grid, ExpandSweep(request.sweep()));
+  const bool sweep = !request.sweep().empty();
+  std::vector<common::PipelineConfig> configs;
+  for (size_t p = 0; p < grid.size(); ++p) {
+    std::vector<std::string> overrides(request.overrides().begin(), request.overrides().end());
+    overrides.insert(overrides.end(), grid[p].begin(), grid[p].end());
+    absl::StatusOr<common::PipelineConfig> config = ResolveJobConfig(request, source, overrides);
+    if (!config.ok() && sweep) {
+      return common::Annotate(config.status(),
+                              absl::StrCat("sweep point ", p, " (", absl::StrJoin(grid[p], ", "), ")"));
+    }
+    AVIARY_RETURN_IF_ERROR(config.status());
+    configs.push_back(*std::move(config));
+  }
+  const common::PipelineConfig& config = configs.front();
+  // One job shares its dataset: the folds and manifests are built once, from point 0.
+  for (size_t p = 1; p < configs.size(); ++p) {
+    const common::PipelineConfig& other = configs[p];
+    const char* differs = other.seed != config.seed             ? "seed"
+                          : other.debug != config.debug         ? "debug"
+                          : !(other.data == config.data)         ? "data"
+                          : !(other.folds == config.folds)       ? "folds"
+                          : !(other.sampling == config.sampling) ? "sampling"
+                          : other.stages.at("pretrain").enabled != config.stages.at("pretrain").enabled ||
+                                  other.stages.at("finetune").enabled != config.stages.at("finetune").enabled
+                              ? "stages.*.enabled"
+                              : nullptr;
+    if (differs != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": sweep point ", p, " (", absl::StrJoin(grid[p], ", "), ") changes '", differs,
+          "', which the tasks of one job share (the dataset, folds and stages); submit one job per value"));
+    }
+  }
+
   const bool pretrain = config.stages.at("pretrain").enabled;
   const bool finetune = config.stages.at("finetune").enabled;
   if (!pretrain && !finetune) {
@@ -496,52 +546,73 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   struct NewTask {
     TaskRow row;
     TaskPayload payload;
+    int pretrain_index = -1;  // finetune: the new_tasks index of its pretraining task
   };
   std::vector<NewTask> new_tasks;
+  // Pretraining tasks are shared by the points whose configs agree on everything pretraining
+  // reads (they differ only in stages.finetune.*): key = that config as YAML.
+  std::map<std::string, int> pretrain_by_config;
+  std::vector<int> point_pretrain(grid.size(), -1);
   struct BuiltVersion {
     std::string key;
     std::vector<FileStamp> stamps;
     std::map<int, ManifestRef> manifests;
   };
   std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
-  const std::string pipeline_yaml = common::PipelineConfigToYaml(config);
   auto add_stage = [&](const std::string& stage, const std::vector<int>& folds) -> absl::Status {
-    const common::StageConfig& stage_config = config.stages.at(stage);
-    auto add_task = [&](int fold, std::string csv, const ManifestRef& ref) {
-      NewTask task;
-      task.row.info.set_stage(stage);
-      task.row.info.set_fold(fold);
-      // As the trainer plans it (worker/trainer.cc): debug runs 2 epochs.
-      task.row.info.set_epochs(config.debug ? 2 : stage_config.train.epochs);
-      task.row.manifest_hash = ref.hash;
-      task.payload.manifest_csv = std::move(csv);
-      task.payload.manifest_hash = ref.hash;
-      task.payload.pipeline_yaml = pipeline_yaml;
-      new_tasks.push_back(std::move(task));
-    };
+    // Per fold: the manifest (empty when the cache has it stored) and its reference.
+    std::map<int, std::pair<std::string, ManifestRef>> manifests;
     const std::string key = FoldCache::Key(config, stage);
-    if (use_cache) {
-      if (std::optional<std::map<int, ManifestRef>> cached = fold_cache_.Lookup(key, folds)) {
-        for (int fold : folds) add_task(fold, "", cached->at(fold));
-        log_.Info(absl::StrCat("stage ", stage, ": the dataset is unchanged since an earlier submit; its ",
-                               folds.size(), " manifest(s) are reused"));
-        return absl::OkStatus();
+    std::optional<std::map<int, ManifestRef>> cached;
+    if (use_cache) cached = fold_cache_.Lookup(key, folds);
+    if (cached) {
+      for (int fold : folds) manifests[fold] = {"", cached->at(fold)};
+      log_.Info(absl::StrCat("stage ", stage, ": the dataset is unchanged since an earlier submit; its ",
+                             folds.size(), " manifest(s) are reused"));
+    } else {
+      BuiltVersion version;
+      version.key = key;
+      for (const std::string& path : FoldCache::MetadataFiles(config, stage)) version.stamps.push_back(StampFile(path));
+      AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
+      for (const std::string& path : FoldCache::AudioFolders(table)) version.stamps.push_back(StampFile(path));
+      for (int fold : folds) {
+        AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
+                                common::BuildTaskManifest(config, table, fold));
+        std::string csv = common::ManifestToCsv(manifest);
+        ManifestRef ref{Sha256Hex(csv), static_cast<int64_t>(csv.size())};
+        version.manifests[fold] = ref;
+        manifests[fold] = {std::move(csv), ref};
+      }
+      built.push_back(std::move(version));
+    }
+    for (int fold : folds) {
+      const auto& [manifest_csv, ref] = manifests.at(fold);
+      for (size_t p = 0; p < grid.size(); ++p) {
+        const common::PipelineConfig& point = configs[p];
+        if (stage == "pretrain") {
+          common::PipelineConfig reads = point;
+          reads.train = reads.stages.at("pretrain").train;
+          reads.stages["finetune"] = common::StageConfig{};
+          auto [it, fresh] = pretrain_by_config.emplace(common::PipelineConfigToYaml(reads),
+                                                        static_cast<int>(new_tasks.size()));
+          point_pretrain[p] = it->second;
+          if (!fresh) continue;
+        }
+        NewTask task;
+        task.row.info.set_stage(stage);
+        task.row.info.set_fold(fold);
+        // As the trainer plans it (worker/trainer.cc): debug runs 2 epochs.
+        task.row.info.set_epochs(point.debug ? 2 : point.stages.at(stage).train.epochs);
+        task.row.info.set_sweep_point(static_cast<int>(p));
+        for (const std::string& o : grid[p]) task.row.info.add_sweep_overrides(o);
+        task.row.manifest_hash = ref.hash;
+        task.payload.manifest_csv = manifest_csv;
+        task.payload.manifest_hash = ref.hash;
+        task.payload.pipeline_yaml = common::PipelineConfigToYaml(point);
+        if (stage == "finetune") task.pretrain_index = point_pretrain[p];
+        new_tasks.push_back(std::move(task));
       }
     }
-    BuiltVersion version;
-    version.key = key;
-    for (const std::string& path : FoldCache::MetadataFiles(config, stage)) version.stamps.push_back(StampFile(path));
-    AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
-    for (const std::string& path : FoldCache::AudioFolders(table)) version.stamps.push_back(StampFile(path));
-    for (int fold : folds) {
-      AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
-                              common::BuildTaskManifest(config, table, fold));
-      std::string csv = common::ManifestToCsv(manifest);
-      ManifestRef ref{Sha256Hex(csv), static_cast<int64_t>(csv.size())};
-      version.manifests[fold] = ref;
-      add_task(fold, std::move(csv), ref);
-    }
-    built.push_back(std::move(version));
     return absl::OkStatus();
   };
   if (pretrain) {
@@ -567,23 +638,28 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     job_row.info.set_name(request.name());
     job_row.info.set_created_unix_ms(now);
     job_row.info.set_updated_unix_ms(now);
-    std::string pretrain_id;
+    for (const std::string& tag : request.tags()) {
+      const size_t eq = tag.find('=');
+      (*job_row.info.mutable_tags())[tag.substr(0, eq)] = eq == std::string::npos ? "" : tag.substr(eq + 1);
+    }
+    job_row.info.set_note(request.note());
+    *job_row.info.mutable_sweep() = request.sweep();
+    job_row.info.set_monitor(config.train.monitor);
     for (size_t i = 0; i < new_tasks.size(); ++i) {
       TaskRow& row = new_tasks[i].row;
       const std::string& stage = row.info.stage();
-      const std::string task_id = absl::StrCat(job_id, "/", stage, "-f", row.info.fold());
+      const std::string suffix = sweep ? absl::StrCat("-p", row.info.sweep_point()) : "";
+      const std::string task_id = absl::StrCat(job_id, "/", stage, "-f", row.info.fold(), suffix);
       row.seq = static_cast<int64_t>(i);
       row.info.set_task_id(task_id);
       row.info.set_job_id(job_id);
-      row.info.set_out_dir(
-          (fs::path(options_.work_dir) / job_id / absl::StrCat(stage, "-fold", row.info.fold()))
-              .string());
+      row.info.set_out_dir((fs::path(options_.work_dir) / job_id /
+                            absl::StrCat(stage, "-fold", row.info.fold(), suffix))
+                               .string());
       row.info.set_updated_unix_ms(now);
-      if (stage == "pretrain") {
-        pretrain_id = task_id;
-        row.info.set_state(aviary::v1::TASK_STATE_READY);
-      } else if (!pretrain_id.empty()) {
-        row.depends_on = pretrain_id;
+      const int dependency = new_tasks[i].pretrain_index;
+      if (dependency >= 0) {
+        row.depends_on = new_tasks[dependency].row.info.task_id();  // set above: pretrain comes first
         row.info.set_state(aviary::v1::TASK_STATE_BLOCKED);
       } else {
         row.info.set_state(aviary::v1::TASK_STATE_READY);
@@ -624,8 +700,8 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   for (BuiltVersion& version : built) {
     fold_cache_.Insert(version.key, std::move(version.stamps), std::move(version.manifests));
   }
-  log_.Info(absl::StrCat("job ", job_id, " submitted (", source, "): ", new_tasks.size(),
-                         " tasks"));
+  log_.Info(absl::StrCat("job ", job_id, " submitted (", source, "): ", new_tasks.size(), " tasks",
+                         sweep ? absl::StrCat(", a sweep of ", grid.size(), " points") : ""));
   return job_id;
 }
 
@@ -634,9 +710,7 @@ absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
   {
     absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
-    if (it == jobs_.end()) {
-      return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
-    }
+    if (it == jobs_.end() || it->second.deleted) return NoSuchJob(job_id);
     snapshot = it->second.snapshot;
   }
   return *snapshot;  // copied outside the lock
@@ -661,7 +735,7 @@ absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+  if (it == jobs_.end() || it->second.deleted) return NoSuchJob(job_id);
   if (TerminalJob(it->second.row.info.state())) return *it->second.snapshot;
   Changes changes;
   const int64_t now = UnixMs();
@@ -688,7 +762,7 @@ absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::
   {
     absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
-    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    if (it == jobs_.end() || it->second.deleted) return NoSuchJob(job_id);
     for (const std::string& id : it->second.task_ids) infos[id] = tasks_.at(id).info;
     for (const std::string& id : it->second.task_ids) {
       order[id] = {tasks_.at(id).seq, &infos.at(id)};
@@ -725,7 +799,7 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
   {
     absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
-    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    if (it == jobs_.end() || it->second.deleted) return NoSuchJob(job_id);
     found = &it->second;
     *first.mutable_job() = *found->snapshot;
     first.set_message(absl::StrCat("job ", job_id, " ", JobStateName(found->row.info.state())));
@@ -740,10 +814,11 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
     {
       absl::ReaderMutexLock lock(&mu_);
       const absl::Time deadline = absl::Now() + absl::Milliseconds(500);
-      while (!shutdown_ && job.next_event <= seen) {
+      while (!shutdown_ && !job.deleted && job.next_event <= seen) {
         if (job.watch_cv.WaitWithDeadline(&mu_, deadline)) break;  // timed out
       }
       if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
+      if (job.deleted) return absl::NotFoundError(absl::StrCat("job ", job_id, " was deleted"));
       if (job.next_event > seen) {
         if (job.events.empty() || job.events.front().first > seen) {
           // The watcher fell behind the retained events: say so with the state as it is now,
@@ -1216,7 +1291,8 @@ absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_
     absl::ReaderMutexLock lock(&mu_);
     for (const auto& [seq, job_id] : job_order_) {
       const Job& job = jobs_.at(job_id);
-      if (TerminalJob(job.row.info.state()) && job.row.info.updated_unix_ms() < cutoff && pruned_.count(job_id) == 0) {
+      if (!job.deleted && TerminalJob(job.row.info.state()) && job.row.info.updated_unix_ms() < cutoff &&
+          pruned_.count(job_id) == 0) {
         due.push_back(job_id);
       }
     }

@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "common/config.h"
 #include "common/logging.h"
 #include "coordinator/fold_cache.h"
 #include "coordinator/metrics.h"
@@ -135,6 +136,29 @@ class Scheduler {
   // One reaper pass now; returns the number of groups removed.
   int ReapLostGroups();
 
+  // --- Experiments (scheduler_experiments.cc; docs/SERVICE.md, "Logs, retry, delete").
+  // The registered groups, each with the task it holds (if any) and its last heartbeat.
+  std::vector<aviary::v1::GroupInfo> ListGroups() const;
+  // Failed and cancelled tasks of a FAILED or CANCELLED job become READY again (BLOCKED while
+  // their dependency has not succeeded), with their restarts reset and their resume checkpoint
+  // kept; the job runs again. FAILED_PRECONDITION for a job in another state.
+  absl::StatusOr<aviary::v1::JobInfo> RetryJob(const std::string& job_id);
+  // Removes a finished job from memory and the store (its points, checkpoints, manifests, logs);
+  // watchers end with NOT_FOUND. FAILED_PRECONDITION while it is PENDING or RUNNING. With
+  // `with_run_folders`, the tasks' run folders are deleted too, only where they lie inside the
+  // work dir (path_policy); returns the folders removed.
+  absl::StatusOr<std::vector<std::string>> DeleteJob(const std::string& job_id, bool with_run_folders);
+  // Appends a registered group's log lines to the task's bounded log (kept in memory: the last
+  // kMaxLogBytesPerTask bytes per task, lines cut at kMaxLogLineBytes).
+  absl::Status ShipLogs(const aviary::v1::ShipLogsRequest& request);
+  // The kept lines of one task of the job ("" = every task) with seq > after_seq, at most the
+  // last `limit` per task (0 = all), and the job as it is.
+  absl::StatusOr<aviary::v1::GetLogsResponse> GetLogs(const aviary::v1::GetLogsRequest& request) const;
+
+  static constexpr size_t kMaxLogBytesPerTask = 256 << 10;
+  static constexpr size_t kMaxLogLineBytes = 2048;
+  static constexpr size_t kMaxLogTasks = 1024;  // the least recently written task's log goes first
+
   const SchedulerOptions& options() const { return options_; }
 
  private:
@@ -142,6 +166,12 @@ class Scheduler {
   // `*stale_cache` (and fails) when a cached manifest is no longer stored (pruned since).
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request, bool use_cache,
                                                 bool* stale_cache);
+  absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request);
+  // The request's pipeline with `overrides`, data paths resolved against its working_dir,
+  // validated, and checked against the data roots.
+  absl::StatusOr<common::PipelineConfig> ResolveJobConfig(const aviary::v1::SubmitJobRequest& request,
+                                                          const std::string& source,
+                                                          const std::vector<std::string>& overrides) const;
   struct Job {
     JobRow row;
     std::vector<std::string> task_ids;  // DAG order
@@ -152,6 +182,7 @@ class Scheduler {
     // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
     // never move (std::map, never erased), so watchers may wait on it.
     mutable absl::CondVar watch_cv;
+    bool deleted = false;               // DeleteJob: kept (watchers may wait on it), never shown
   };
   struct Group {
     GroupRow row;
@@ -254,6 +285,18 @@ class Scheduler {
     int64_t step = 0;
   };
   std::unordered_map<std::string, LastPoint> last_points_ ABSL_GUARDED_BY(write_mu_);
+
+  // Task logs (ShipLogs / GetLogs), in memory only.
+  struct TaskLog {
+    std::deque<aviary::v1::LogLine> lines;
+    size_t bytes = 0;
+    int64_t last_seq = 0;
+    int64_t dropped = 0;
+    uint64_t written = 0;  // logs_clock_ at the last append
+  };
+  mutable absl::Mutex logs_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  std::unordered_map<std::string, TaskLog> logs_ ABSL_GUARDED_BY(logs_mu_);
+  uint64_t logs_clock_ ABSL_GUARDED_BY(logs_mu_) = 0;
 
   absl::Notification reaper_wake_;  // Shutdown
   std::atomic<bool> shutdown_{false};

@@ -60,22 +60,29 @@ absl::Status CheckGroupId(const std::string& field, const std::string& value) {
       "field '", field, "': ", Shown(value), " is not a group id (g + 12 lowercase hex digits)"));
 }
 
-// <job_id>/(pretrain|finetune)-f<k>
+bool IsNumber(absl::string_view text) {
+  bool ok = !text.empty() && text.size() <= 6;
+  for (char c : text) ok = ok && c >= '0' && c <= '9';
+  return ok;
+}
+
+// <job_id>/(pretrain|finetune)-f<k>, with -p<point> for a sweep's tasks.
 absl::Status CheckTaskId(const std::string& field, const std::string& value) {
   bool ok = value.size() > 14 && CheckJobId(field, value.substr(0, 13)).ok() && value[13] == '/';
   if (ok) {
     absl::string_view rest = absl::string_view(value).substr(14);
     if (absl::ConsumePrefix(&rest, "pretrain-f") || absl::ConsumePrefix(&rest, "finetune-f")) {
-      ok = !rest.empty() && rest.size() <= 6;
-      for (char c : rest) ok = ok && c >= '0' && c <= '9';
+      const size_t point = rest.find("-p");
+      ok = IsNumber(rest.substr(0, point)) && (point == absl::string_view::npos || IsNumber(rest.substr(point + 2)));
     } else {
       ok = false;
     }
   }
   if (ok) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("field '", field, "': ", Shown(value),
-                                                 " is not a task id (<job_id>/<stage>-f<fold>)"));
+                                                 " is not a task id (<job_id>/<stage>-f<fold>[-p<point>])"));
 }
+
 
 absl::Status CheckText(const std::string& field, const std::string& value, bool required,
                        size_t max_bytes = kMaxTextBytes) {
@@ -97,6 +104,33 @@ absl::Status CheckName(const std::string& field, const std::string& value) {
     if (c < 0x20 || c == 0x7f) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "field '%s': control character 0x%02x at byte %d (a name is one line of printable text)", field, c, i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A tag is "key" or "key=value": the key 1..64 of [A-Za-z0-9_.-], the value one line of at most
+// 256 bytes.
+absl::Status CheckTag(const std::string& field, const std::string& tag) {
+  const size_t eq = tag.find('=');
+  const std::string key = tag.substr(0, eq);
+  bool ok = !key.empty() && key.size() <= 64;
+  for (char c : key) {
+    ok = ok && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                c == '.' || c == '-');
+  }
+  if (!ok) {
+    return absl::InvalidArgumentError(absl::StrCat("field '", field, "': ", Shown(tag),
+                                                   ": a tag is KEY or KEY=VALUE, KEY 1 to 64 of [A-Za-z0-9_.-]"));
+  }
+  if (eq == std::string::npos) return absl::OkStatus();
+  const std::string value = tag.substr(eq + 1);
+  AVIARY_RETURN_IF_ERROR(CheckText(field, value, false, 256));
+  for (size_t i = 0; i < value.size(); ++i) {
+    const auto c = static_cast<unsigned char>(value[i]);
+    if (c < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("field '%s': tag '%s': control character 0x%02x in its value", field, key, c));
     }
   }
   return absl::OkStatus();
@@ -189,6 +223,17 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
             absl::StrCat("field '", field, "': ", Shown(text), " is not dotted.key=value"));
       }
     }
+    if (request->tags_size() > 32) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'tags': ", request->tags_size(), " tags, at most 32"));
+    }
+    for (int i = 0; i < request->tags_size(); ++i) {
+      AVIARY_RETURN_IF_ERROR(CheckTag(absl::StrCat("tags[", i, "]"), request->tags(i)));
+    }
+    AVIARY_RETURN_IF_ERROR(CheckText("note", request->note(), false, 4096));
+    AVIARY_RETURN_IF_ERROR(CheckName("note", request->note()));
+    if (request->sweep_size() > 16) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'sweep': ", request->sweep_size(), " axes, at most 16"));
+    }
     AVIARY_ASSIGN_OR_RETURN(std::string job_id, scheduler_->SubmitJob(*request));
     response->set_job_id(job_id);
     return absl::OkStatus();
@@ -271,6 +316,57 @@ grpc::Status JobServiceImpl::PruneJobs(grpc::ServerContext* context,
           absl::StrCat("field 'older_than_days': ", days, " is not a number of days up to 100000 (< 0: retention_days)"));
     }
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->PruneJobs(days < 0 ? -1.0 : days * 86400, request->dry_run()));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::ListGroups(grpc::ServerContext* context,
+                                        const aviary::v1::ListGroupsRequest* /*request*/,
+                                        aviary::v1::ListGroupsResponse* response) {
+  return Serve(*context, *auth_, "JobService.ListGroups", kClientOrViewer, [&]() -> absl::Status {
+    for (aviary::v1::GroupInfo& group : scheduler_->ListGroups()) *response->add_groups() = std::move(group);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::GetLogs(grpc::ServerContext* context, const aviary::v1::GetLogsRequest* request,
+                                     aviary::v1::GetLogsResponse* response) {
+  return Serve(*context, *auth_, "JobService.GetLogs", kClientOrViewer, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    if (!request->task_id().empty()) {
+      AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+      if (request->task_id().compare(0, 13, request->job_id()) != 0) {
+        return absl::InvalidArgumentError(absl::StrCat("field 'task_id': ", Shown(request->task_id()),
+                                                       " is not a task of job ", request->job_id()));
+      }
+    }
+    if (request->after_seq() < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'after_seq': ", request->after_seq(), " must be >= 0"));
+    }
+    if (request->limit() < 0 || request->limit() > 100000) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'limit': ", request->limit(), " is outside 0..100000"));
+    }
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetLogs(*request));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::RetryJob(grpc::ServerContext* context, const aviary::v1::RetryJobRequest* request,
+                                      aviary::v1::JobInfo* response) {
+  return Serve(*context, *auth_, "JobService.RetryJob", kClientOnly, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->RetryJob(request->job_id()));
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status JobServiceImpl::DeleteJob(grpc::ServerContext* context, const aviary::v1::DeleteJobRequest* request,
+                                       aviary::v1::DeleteJobResponse* response) {
+  return Serve(*context, *auth_, "JobService.DeleteJob", kClientOnly, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    AVIARY_ASSIGN_OR_RETURN(std::vector<std::string> removed,
+                            scheduler_->DeleteJob(request->job_id(), request->with_run_folders()));
+    for (std::string& folder : removed) response->add_removed_folders(std::move(folder));
     return absl::OkStatus();
   });
 }
@@ -413,6 +509,27 @@ grpc::Status WorkerServiceImpl::GetManifest(grpc::ServerContext* context,
     }
     return scheduler_->GetManifest(request->group_id(), request->manifest_hash(),
                                    [&](const aviary::v1::ManifestChunk& chunk) { return writer->Write(chunk); });
+  });
+}
+
+grpc::Status WorkerServiceImpl::ShipLogs(grpc::ServerContext* context, const aviary::v1::ShipLogsRequest* request,
+                                         aviary::v1::ShipLogsResponse* /*response*/) {
+  return Serve(*context, *auth_, "WorkerService.ShipLogs", kWorkerOnly, [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
+    AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    if (request->lines_size() > 10000) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'lines': ", request->lines_size(), " lines, at most 10000"));
+    }
+    for (int i = 0; i < request->lines_size(); ++i) {
+      const aviary::v1::LogLine& line = request->lines(i);
+      AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("lines[", i, "].text"), line.text(), false, 64 * 1024));
+      AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("lines[", i, "].level"), line.level(), false, 16));
+      AVIARY_RETURN_IF_ERROR(CheckName(absl::StrCat("lines[", i, "].level"), line.level()));
+      if (line.rank() < 0 || line.rank() > 65535) {
+        return absl::InvalidArgumentError(absl::StrCat("field 'lines[", i, "].rank': ", line.rank(), " is outside 0..65535"));
+      }
+    }
+    return scheduler_->ShipLogs(*request);
   });
 }
 

@@ -50,6 +50,14 @@ class JobServiceImpl final : public aviary::v1::JobService::Service {
                           aviary::v1::GetHistoryResponse* response) override;
   grpc::Status PruneJobs(grpc::ServerContext* context, const aviary::v1::PruneJobsRequest* request,
                          aviary::v1::PruneJobsResponse* response) override;
+  grpc::Status ListGroups(grpc::ServerContext* context, const aviary::v1::ListGroupsRequest* request,
+                          aviary::v1::ListGroupsResponse* response) override;
+  grpc::Status GetLogs(grpc::ServerContext* context, const aviary::v1::GetLogsRequest* request,
+                       aviary::v1::GetLogsResponse* response) override;
+  grpc::Status RetryJob(grpc::ServerContext* context, const aviary::v1::RetryJobRequest* request,
+                        aviary::v1::JobInfo* response) override;
+  grpc::Status DeleteJob(grpc::ServerContext* context, const aviary::v1::DeleteJobRequest* request,
+                         aviary::v1::DeleteJobResponse* response) override;
 
  private:
   Scheduler* scheduler_;
@@ -84,6 +92,8 @@ class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {
                           aviary::v1::LeaveGroupResponse* response) override;
   grpc::Status GetManifest(grpc::ServerContext* context, const aviary::v1::GetManifestRequest* request,
                            grpc::ServerWriter<aviary::v1::ManifestChunk>* writer) override;
+  grpc::Status ShipLogs(grpc::ServerContext* context, const aviary::v1::ShipLogsRequest* request,
+                        aviary::v1::ShipLogsResponse* response) override;
 
  private:
   Scheduler* scheduler_;

@@ -579,6 +579,22 @@ absl::Status Store::PruneJob(const std::string& job_id, int64_t* points_deleted,
   return absl::OkStatus();
 }
 
+absl::Status Store::DeleteJob(const std::string& job_id) {
+  // Checkpoints first: they name tasks, not jobs.
+  constexpr const char* kStatements[] = {
+      "DELETE FROM checkpoints WHERE task_id IN (SELECT task_id FROM tasks WHERE job_id=?1)",
+      "DELETE FROM metric_points WHERE job_id=?1",
+      "DELETE FROM tasks WHERE job_id=?1",
+      "DELETE FROM jobs WHERE job_id=?1",
+  };
+  for (const char* sql : kStatements) {
+    Statement st(this, sql);
+    st.Bind(1, job_id);
+    AVIARY_RETURN_IF_ERROR(st.Run());
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Store::PutGroup(const GroupRow& group) {
   Statement st(this,
                "INSERT INTO groups(group_id, task_id, registered_unix_ms, info) "

@@ -120,6 +120,9 @@ class Store {
   // Stores `csv` under `hash` (its Sha256Hex) unless that content is stored already.
   absl::Status PutManifest(const std::string& hash, const std::string& csv);
 
+  // Removes a job with its tasks (manifests included), metric points and checkpoints.
+  absl::Status DeleteJob(const std::string& job_id);
+
   // Readers (each takes the lock itself).
   absl::StatusOr<std::vector<JobRow>> LoadJobs();     // submission order
   absl::StatusOr<std::vector<TaskRow>> LoadTasks();   // job order, then DAG order

@@ -191,5 +191,88 @@ TEST(ClientFormatTest, ControlCharactersInNamesArePrintedEscaped) {
   EXPECT_NE(FormatJobStatus(job).find("name     a\\x0ab\n"), std::string::npos);
 }
 
+TEST(ClientFormatTest, SweepFlagsSplitAtTopLevelCommas) {
+  v1::SweepAxis axis;
+  ASSERT_TRUE(ParseSweepFlag("train.lr=[1e-3, 5e-4,2e-4]", &axis).ok());
+  EXPECT_EQ(axis.key(), "train.lr");
+  ASSERT_EQ(axis.values_size(), 3);
+  EXPECT_EQ(axis.values(0), "1e-3");
+  EXPECT_EQ(axis.values(1), "5e-4");
+  EXPECT_EQ(axis.values(2), "2e-4");
+  ASSERT_TRUE(ParseSweepFlag("folds.selected_folds=[[0,1],[2]]", &axis).ok());
+  ASSERT_EQ(axis.values_size(), 2);
+  EXPECT_EQ(axis.values(0), "[0,1]");
+  ASSERT_TRUE(ParseSweepFlag("model.name=['a,b', \"c\"]", &axis).ok());
+  ASSERT_EQ(axis.values_size(), 2);
+  EXPECT_EQ(axis.values(0), "'a,b'");
+  for (const char* bad : {"train.lr", "=[1]", "train.lr=1e-3", "train.lr=[]", "train.lr=[1,,2]", "train.lr=[[1]",
+                          "train.lr=['1]"}) {
+    const absl::Status status = ParseSweepFlag(bad, &axis);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(status.message().find(bad), std::string::npos) << status.message();
+  }
+}
+
+TEST(ClientFormatTest, TagsNotesAndTheBestSweepPointAreShown) {
+  v1::JobInfo job;
+  job.set_job_id("j0123456789ab");
+  job.set_name("search");
+  (*job.mutable_tags())["team"] = "birds";
+  (*job.mutable_tags())["alpha"] = "";
+  job.set_note("try lower lr");
+  job.set_monitor("auc");
+  EXPECT_EQ(FormatTags(job), "alpha team=birds");
+  EXPECT_NE(FormatJobLine(job).find("search  [alpha team=birds]"), std::string::npos) << FormatJobLine(job);
+  v1::SweepAxis* axis = job.add_sweep();
+  axis->set_key("train.lr");
+  axis->add_values("1e-3");
+  axis->add_values("5e-4");
+  std::string status = FormatJobStatus(job);
+  EXPECT_NE(status.find("tags     alpha team=birds\n"), std::string::npos) << status;
+  EXPECT_NE(status.find("note     try lower lr\n"), std::string::npos) << status;
+  EXPECT_NE(status.find("sweep    2 points: train.lr=[1e-3,5e-4]\n"), std::string::npos) << status;
+  EXPECT_NE(status.find("best     - (no point has a best auc yet)"), std::string::npos) << status;
+  v1::SweepBest* best = job.mutable_sweep_best();
+  best->set_point(1);
+  best->add_overrides("train.lr=5e-4");
+  best->set_metric("val_auc");
+  best->set_value(0.71234);
+  best->set_tasks(2);
+  best->set_tasks_total(2);
+  EXPECT_EQ(FormatSweepBest(job), "point 1 (train.lr=5e-4): val_auc 0.7123, mean of 2/2 folds");
+  EXPECT_NE(FormatJobStatus(job).find("best     point 1 (train.lr=5e-4)"), std::string::npos);
+}
+
+TEST(ClientFormatTest, GroupsAndLogLines) {
+  v1::GroupInfo busy;
+  busy.set_group_id("g0123456789ab");
+  busy.set_world_size(2);
+  busy.set_backend("mpi");
+  busy.add_devices("cpu");
+  busy.add_devices("cpu");
+  busy.add_hosts("node1");
+  busy.add_hosts("node1");
+  busy.set_task_id("j0123456789ab/pretrain-f0");
+  busy.mutable_latest()->set_samples_per_s(12.25);
+  busy.set_last_heartbeat_unix_ms(1000000);
+  busy.set_registered_unix_ms(1000);
+  v1::GroupInfo idle = busy;
+  idle.set_group_id("g000000000001");
+  idle.clear_task_id();
+  const std::string table = FormatGroups({busy, idle}, 1003000);
+  EXPECT_NE(table.find("cpux2"), std::string::npos) << table;
+  EXPECT_NE(table.find("j0123456789ab/pretrain-f0"), std::string::npos) << table;
+  EXPECT_NE(table.find("12.2"), std::string::npos) << table;
+  EXPECT_NE(table.find("3s ago"), std::string::npos) << table;
+  EXPECT_NE(table.find("idle"), std::string::npos) << table;
+  v1::LogLine line;
+  line.set_time_unix_ms(1764770400123);  // 2025-12-03 14:00:00.123 UTC
+  line.set_level("warning");
+  line.set_rank(0);
+  line.set_text("[trainer] epoch 1\x1b[31m");
+  EXPECT_EQ(FormatLogLine("", line), "14:00:00.123 warning [rank 0] [trainer] epoch 1\\x1b[31m");
+  EXPECT_EQ(FormatLogLine("j/t", line).rfind("j/t  14:00:00.123", 0), 0u);
+}
+
 }  // namespace
 }  // namespace aviary::cli

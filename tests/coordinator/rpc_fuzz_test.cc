@@ -361,6 +361,20 @@ class RpcFuzzTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) {
       request.add_overrides(Chance(0.9) ? Pick(kOverrides) : RandomBytes(30));
     }
+    // Tags, a note and a sweep (issue 16), valid and not.
+    static const std::vector<std::string> kTags{"team=birds", "lr-test", "k=", "=v", "bad key", "x=\n"};
+    const int tags = static_cast<int>(Below(3));
+    for (int i = 0; i < tags; ++i) request.add_tags(Chance(0.9) ? Pick(kTags) : RandomBytes(20));
+    if (Chance(0.3)) request.set_note(Chance(0.8) ? "a fuzz note" : RandomBytes(60));
+    if (Chance(0.2)) {
+      static const std::vector<std::string> kKeys{"train.lr", "model.dropout", "stages.finetune.lr", "seed",
+                                                  "train.nope", "", "folds.selected_folds"};
+      static const std::vector<std::string> kValues{"1e-3", "5e-4", "0.2", "0.3", "-1", "abc", "", "[0]"};
+      SweepAxis* axis = request.add_sweep();
+      axis->set_key(Pick(kKeys));
+      const int values = static_cast<int>(Below(4));
+      for (int i = 0; i < values; ++i) axis->add_values(Pick(kValues));
+    }
     if (Chance(0.1)) Mutate(&request);
     SubmitJobResponse response;
     const grpc::Status status = jobs_->SubmitJob(Ctx(Service::kJob).get(), request, &response);
@@ -404,6 +418,58 @@ class RpcFuzzTest : public ::testing::Test {
     request.set_job_id(JobId());
     GetHistoryResponse response;
     Record("GetHistory", jobs_->GetHistory(Ctx(Service::kJob).get(), request, &response));
+  }
+  void ListGroups() {
+    ListGroupsRequest request;
+    ListGroupsResponse response;
+    Record("ListGroups", jobs_->ListGroups(Ctx(Service::kJob).get(), request, &response));
+  }
+  void GetLogs() {
+    GetLogsRequest request;
+    request.set_job_id(JobId());
+    if (Chance(0.6)) request.set_task_id(Chance(0.8) ? Task().task_id : RandomBytes(30));
+    request.set_after_seq(Chance(0.8) ? static_cast<int64_t>(Below(5)) : static_cast<int64_t>(RandomInt()));
+    request.set_limit(static_cast<int32_t>(Chance(0.8) ? Below(10) : RandomInt()));
+    GetLogsResponse response;
+    Record("GetLogs", jobs_->GetLogs(Ctx(Service::kJob).get(), request, &response));
+  }
+  void RetryJob() {
+    RetryJobRequest request;
+    request.set_job_id(JobId());
+    JobInfo response;
+    Record("RetryJob", jobs_->RetryJob(Ctx(Service::kJob).get(), request, &response));
+  }
+  void DeleteJob() {
+    if (Chance(0.7)) return;  // rarer: a deleted job stops the fuzzing of its tasks
+    DeleteJobRequest request;
+    request.set_job_id(JobId());
+    request.set_with_run_folders(Chance(0.5));
+    DeleteJobResponse response;
+    const grpc::Status status = jobs_->DeleteJob(Ctx(Service::kJob).get(), request, &response);
+    Record("DeleteJob", status);
+    if (status.ok()) {
+      job_ids_.erase(std::remove(job_ids_.begin(), job_ids_.end(), request.job_id()), job_ids_.end());
+      for (const std::string& folder : response.removed_folders()) {
+        EXPECT_TRUE(PathIsInside(folder, fs::canonical(config_.work_dir).string()))
+            << "DeleteJob removed " << folder << " outside the work dir (replay: AVIARY_FUZZ_SEED=" << seed_ << ")";
+      }
+    }
+  }
+  void ShipLogs() {
+    ShipLogsRequest request;
+    const Leased task = Task();
+    request.set_group_id(task.group_id);
+    request.set_task_id(task.task_id);
+    const int n = static_cast<int>(Below(4));
+    for (int i = 0; i < n; ++i) {
+      LogLine* line = request.add_lines();
+      line->set_text(Chance(0.8) ? "epoch 1: loss 0.5" : RandomBytes(Chance(0.5) ? 50 : 5000));
+      line->set_level(Chance(0.9) ? "info" : RandomBytes(20));
+      line->set_rank(static_cast<int32_t>(Chance(0.9) ? Below(2) : RandomInt()));
+    }
+    if (Chance(0.1)) Mutate(&request);
+    ShipLogsResponse response;
+    Record("ShipLogs", workers_->ShipLogs(Ctx(Service::kWorker).get(), request, &response));
   }
   void RegisterGroup() {
     RegisterGroupRequest request;
@@ -538,8 +604,8 @@ class RpcFuzzTest : public ::testing::Test {
     context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     grpc::Status status;
     std::string rpc;
-    switch (Below(6)) {
-      case 4: {
+    switch (Below(10)) {
+      case 8: {
         AddToken(Chance(0.5) ? kClientToken : kViewerToken, context.get());
         GetManifestRequest request;
         const Leased task = Task();
@@ -553,7 +619,7 @@ class RpcFuzzTest : public ::testing::Test {
         status = reader->Finish();
         break;
       }
-      case 5: {
+      case 9: {
         AddToken(Chance(0.5) ? kWorkerToken : kViewerToken, context.get());
         PruneJobsRequest request;
         request.set_older_than_days(0);
@@ -592,6 +658,52 @@ class RpcFuzzTest : public ::testing::Test {
         SubmitJobResponse response;
         rpc = "SubmitJob";
         status = jobs_->SubmitJob(context.get(), request, &response);
+        break;
+      }
+      case 4: {
+        AddToken(Chance(0.5) ? kClientToken : kViewerToken, context.get());
+        ShipLogsRequest request;
+        const Leased task = Task();
+        request.set_group_id(task.group_id);
+        request.set_task_id(task.task_id);
+        request.add_lines()->set_text("forged");
+        ShipLogsResponse response;
+        rpc = "ShipLogs";
+        status = workers_->ShipLogs(context.get(), request, &response);
+        break;
+      }
+      case 5: {
+        AddToken(Chance(0.5) ? kWorkerToken : kViewerToken, context.get());
+        RetryJobRequest request;
+        request.set_job_id(JobId());
+        JobInfo response;
+        rpc = "RetryJob";
+        status = jobs_->RetryJob(context.get(), request, &response);
+        break;
+      }
+      case 6: {
+        AddToken(Chance(0.5) ? kWorkerToken : kViewerToken, context.get());
+        DeleteJobRequest request;
+        request.set_job_id(JobId());
+        DeleteJobResponse response;
+        rpc = "DeleteJob";
+        status = jobs_->DeleteJob(context.get(), request, &response);
+        break;
+      }
+      case 7: {
+        AddToken(kWorkerToken, context.get());
+        if (Chance(0.5)) {
+          ListGroupsRequest request;
+          ListGroupsResponse response;
+          rpc = "ListGroups";
+          status = jobs_->ListGroups(context.get(), request, &response);
+        } else {
+          GetLogsRequest request;
+          request.set_job_id(JobId());
+          GetLogsResponse response;
+          rpc = "GetLogs";
+          status = jobs_->GetLogs(context.get(), request, &response);
+        }
         break;
       }
       default: {
@@ -672,6 +784,9 @@ TEST_F(RpcFuzzTest, RandomAndMutatedCallsKeepTheInvariants) {
       {3, [&] { FailTask(); }},         {1, [&] { LeaveGroup(); }},
       {3, [&] { GetManifest(); }},      {1, [&] { PruneJobs(); }},
       {1, [&] { WrongRole(); }},
+      {1, [&] { ListGroups(); }},       {2, [&] { GetLogs(); }},
+      {1, [&] { RetryJob(); }},         {1, [&] { DeleteJob(); }},
+      {3, [&] { ShipLogs(); }},         {2, [&] { WrongRole(); }},
   };
   int total_weight = 0;
   for (const auto& [weight, call] : rpcs) total_weight += weight;

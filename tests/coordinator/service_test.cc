@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -835,6 +836,24 @@ TEST_F(CoordinatorServiceTest, EachRoleReachesOnlyItsRpcs) {
     cancel.set_job_id(job_id);
     CancelJobResponse cancelled;
     denied(jobs_->CancelJob(Ctx(token).get(), cancel, &cancelled), "JobService.CancelJob", "viewer", "client");
+    // Issue 16: groups and logs are the viewer's; retry and delete are not.
+    ListGroupsRequest groups;
+    ListGroupsResponse groups_response;
+    status = jobs_->ListGroups(Ctx(token).get(), groups, &groups_response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    GetLogsRequest logs;
+    logs.set_job_id(job_id);
+    GetLogsResponse logs_response;
+    status = jobs_->GetLogs(Ctx(token).get(), logs, &logs_response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    RetryJobRequest retry;
+    retry.set_job_id(job_id);
+    JobInfo retried;
+    denied(jobs_->RetryJob(Ctx(token).get(), retry, &retried), "JobService.RetryJob", "viewer", "client");
+    DeleteJobRequest remove;
+    remove.set_job_id(job_id);
+    DeleteJobResponse removed;
+    denied(jobs_->DeleteJob(Ctx(token).get(), remove, &removed), "JobService.DeleteJob", "viewer", "client");
     RegisterGroupRequest register_request;
     register_request.set_world_size(1);
     RegisterGroupResponse register_response;
@@ -1717,6 +1736,419 @@ TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
   EXPECT_NE(status.error_message().find("field 'older_than_days'"), std::string::npos) << status.error_message();
   status = jobs_->PruneJobs(WorkerCtx().get(), PruneJobsRequest(), &ignored);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+}
+
+// --- Issue 16: sweeps, tags and notes, retry, delete, logs, groups.
+
+SubmitJobRequest SweepRequest(const std::string& root, const std::vector<std::pair<std::string, std::vector<std::string>>>& axes) {
+  SubmitJobRequest request;
+  request.set_pipeline_yaml(kPipeline);
+  request.set_source_path("pipe.yaml");
+  request.set_working_dir(root);
+  for (const auto& [key, values] : axes) {
+    SweepAxis* axis = request.add_sweep();
+    axis->set_key(key);
+    for (const std::string& v : values) axis->add_values(v);
+  }
+  return request;
+}
+
+TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerPretrainConfig) {
+  Start();
+  // train.lr and model.dropout change what pretraining reads: a pretraining task per point.
+  SubmitJobRequest request = SweepRequest(root_, {{"train.lr", {"1e-3", "5e-4"}}, {"model.dropout", {"0.2", "0.3"}}});
+  request.add_tags("team=birds");
+  request.add_tags("lr-search");
+  request.set_note("first sweep");
+  SubmitJobResponse response;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &response).ok());
+  const std::string job_id = response.job_id();
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.tags().at("team"), "birds");
+  EXPECT_EQ(job.tags().at("lr-search"), "");
+  EXPECT_EQ(job.note(), "first sweep");
+  EXPECT_EQ(job.monitor(), "auc");
+  ASSERT_EQ(job.sweep_size(), 2);
+  ASSERT_EQ(job.tasks_size(), 4 + 4 * 2);  // 4 pretraining tasks, 4 points x 2 folds
+  std::map<std::string, const TaskInfo*> by_id;
+  for (const TaskInfo& t : job.tasks()) by_id[t.task_id()] = &t;
+  for (int p = 0; p < 4; ++p) {
+    const TaskInfo* pre = by_id[absl::StrCat(job_id, "/pretrain-f0-p", p)];
+    ASSERT_NE(pre, nullptr) << p;
+    EXPECT_EQ(pre->sweep_point(), p);
+    EXPECT_EQ(pre->state(), TASK_STATE_READY);
+    EXPECT_EQ(pre->out_dir(), absl::StrCat(root_, "/runs/", job_id, "/pretrain-fold0-p", p));
+    for (int f = 0; f < 2; ++f) {
+      const TaskInfo* ft = by_id[absl::StrCat(job_id, "/finetune-f", f, "-p", p)];
+      ASSERT_NE(ft, nullptr) << p << " " << f;
+      EXPECT_EQ(ft->state(), TASK_STATE_BLOCKED);
+      ASSERT_EQ(ft->sweep_overrides_size(), 2);
+    }
+  }
+  EXPECT_EQ(by_id[job_id + "/finetune-f1-p3"]->sweep_overrides(0), "train.lr=5e-4");
+  EXPECT_EQ(by_id[job_id + "/finetune-f1-p3"]->sweep_overrides(1), "model.dropout=0.3");
+  EXPECT_FALSE(job.has_sweep_best());
+
+  // Each lease carries its point's config; a point's fine-tuning waits for its own pretraining.
+  const std::string group = Register();
+  std::map<int, double> dropout_of_point;
+  for (int i = 0; i < 4; ++i) {
+    LeaseTaskResponse lease = Lease(group);
+    ASSERT_TRUE(lease.available());
+    auto config = common::ParsePipelineConfig(lease.task().pipeline_yaml(), "lease");
+    ASSERT_TRUE(config.ok()) << config.status();
+    const int point = i;
+    EXPECT_EQ(lease.task().task_id(), absl::StrCat(job_id, "/pretrain-f0-p", point));
+    EXPECT_DOUBLE_EQ(config->stages.at("pretrain").train.lr, point < 2 ? 1e-3 : 5e-4);
+    EXPECT_DOUBLE_EQ(config->model.dropout, point % 2 == 0 ? 0.2 : 0.3);
+    ASSERT_TRUE(Complete(group, lease.task().task_id(), Checkpoint(lease.task().task_id(), "best.pt")).ok());
+  }
+  // Fine-tuning: point 2 (lr 5e-4, dropout 0.2) has the best mean val_auc.
+  const std::map<int, double> auc{{0, 0.5}, {1, 0.55}, {2, 0.7}, {3, 0.6}};
+  for (int i = 0; i < 8; ++i) {
+    LeaseTaskResponse lease = Lease(group);
+    ASSERT_TRUE(lease.available());
+    const std::string id = lease.task().task_id();
+    const int point = id.back() - '0';
+    EXPECT_EQ(lease.task().init_checkpoint(), Checkpoint(absl::StrCat(job_id, "/pretrain-f0-p", point), "best.pt"));
+    CompleteTaskRequest complete;
+    complete.set_group_id(group);
+    complete.set_task_id(id);
+    complete.set_best_checkpoint(Checkpoint(id, "best.pt"));
+    *complete.mutable_best() = EpochEnd(1, auc.at(point) + (id.find("-f1-") != std::string::npos ? 0.01 : 0));
+    CompleteTaskResponse done;
+    ASSERT_TRUE(workers_->CompleteTask(WorkerCtx().get(), complete, &done).ok());
+  }
+  job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_SUCCEEDED);
+  ASSERT_TRUE(job.has_sweep_best());
+  EXPECT_EQ(job.sweep_best().point(), 2);
+  EXPECT_EQ(job.sweep_best().metric(), "val_auc");
+  EXPECT_NEAR(job.sweep_best().value(), 0.705, 1e-9);
+  EXPECT_EQ(job.sweep_best().tasks(), 2);
+  EXPECT_EQ(job.sweep_best().tasks_total(), 2);
+  ASSERT_EQ(job.sweep_best().overrides_size(), 2);
+  EXPECT_EQ(job.sweep_best().overrides(0), "train.lr=5e-4");
+  EXPECT_EQ(job.sweep_best().overrides(1), "model.dropout=0.2");
+  // The points' series are apart on /metrics (label `point`).
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  double value = 0;
+  for (int p = 0; p < 4; ++p) {
+    EXPECT_TRUE(FindSample(exposition, "aviary_task_running",
+                           {absl::StrCat("job_id=\"", job_id, "\""), "stage=\"finetune\"", absl::StrCat("point=\"", p, "\"")},
+                           &value))
+        << p;
+  }
+  // Kept across a restart (JobInfo is stored whole).
+  Restart();
+  job = GetJob(job_id);
+  EXPECT_EQ(job.note(), "first sweep");
+  EXPECT_EQ(job.sweep_best().point(), 2);
+}
+
+TEST_F(CoordinatorServiceTest, SweepOverFinetuneKeysSharesOnePretraining) {
+  Start();
+  SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr", {"1e-3", "2e-4", "1e-4"}}});
+  SubmitJobResponse response;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &response).ok());
+  JobInfo job = GetJob(response.job_id());
+  ASSERT_EQ(job.tasks_size(), 1 + 3 * 2);
+  EXPECT_EQ(job.tasks(0).task_id(), response.job_id() + "/pretrain-f0-p0");
+  for (int i = 1; i < job.tasks_size(); ++i) EXPECT_EQ(job.tasks(i).stage(), "finetune");
+  const std::string group = Register();
+  LeaseTaskResponse lease = Lease(group);
+  ASSERT_EQ(lease.task().task_id(), job.tasks(0).task_id());
+  const std::string best = Checkpoint(lease.task().task_id(), "best.pt");
+  ASSERT_TRUE(Complete(group, lease.task().task_id(), best).ok());
+  for (int i = 0; i < 6; ++i) {
+    lease = Lease(group);
+    ASSERT_TRUE(lease.available());
+    EXPECT_EQ(lease.task().init_checkpoint(), best);  // every point fine-tunes the one pretraining
+    auto config = common::ParsePipelineConfig(lease.task().pipeline_yaml(), "lease");
+    ASSERT_TRUE(config.ok());
+    const double want[] = {1e-3, 2e-4, 1e-4};
+    EXPECT_DOUBLE_EQ(config->stages.at("finetune").train.lr, want[lease.task().task_id().back() - '0']);
+    ASSERT_TRUE(Complete(group, lease.task().task_id(), Checkpoint(lease.task().task_id(), "best.pt")).ok());
+  }
+  EXPECT_EQ(GetJob(response.job_id()).state(), JOB_STATE_SUCCEEDED);
+}
+
+TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork) {
+  Start();
+  auto refused = [&](const SubmitJobRequest& request, const std::vector<std::string>& says) {
+    SubmitJobResponse response;
+    const grpc::Status status = jobs_->SubmitJob(Ctx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    for (const std::string& text : says) EXPECT_TRUE(absl::StrContains(status.error_message(), text)) << status.error_message();
+  };
+  refused(SweepRequest(root_, {{"train.lrr", {"1e-3"}}}), {"train.lrr", "sweep point 0"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "fast"}}}), {"train.lr", "sweep point 1"});
+  refused(SweepRequest(root_, {{"train.lr", {"-1"}}}), {"train.lr"});
+  refused(SweepRequest(root_, {{"train.lr", {}}}), {"sweep[0]", "no values"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3"}}, {"train.lr", {"2e-3"}}}), {"swept twice"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "1e-3"}}}), {"twice"});
+  refused(SweepRequest(root_, {{"seed", {"1", "2"}}}), {"changes 'seed'"});
+  refused(SweepRequest(root_, {{"folds.selected_folds", {"[0]", "[1]"}}}), {"changes 'folds'"});
+  refused(SweepRequest(root_, {{"a", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17"}},
+                               {"b", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"}}}),
+          {"more than 256 points"});
+  SubmitJobRequest tag = SweepRequest(root_, {});
+  tag.add_tags("bad key=1");
+  refused(tag, {"tags[0]", "bad key=1"});
+  SubmitJobRequest note = SweepRequest(root_, {});
+  note.set_note("two\nlines");
+  refused(note, {"note", "control character"});
+  ListJobsRequest list_request;
+  ListJobsResponse list;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+  EXPECT_EQ(list.jobs_size(), 0);
+}
+
+TEST_F(CoordinatorServiceTest, RetryResumesFailedAndCancelledTasksFromTheirCheckpoints) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string group = Register();
+  ASSERT_EQ(Lease(group).task().task_id(), pretrain);
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  grpc::Status status = jobs_->RetryJob(Ctx().get(), retry, &retried);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "RUNNING")) << status.error_message();
+  ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id(group);
+  checkpoint.set_task_id(pretrain);
+  checkpoint.set_path(Checkpoint(pretrain, "last.pt"));
+  checkpoint.set_epoch(1);
+  ReportCheckpointResponse checkpoint_response;
+  ASSERT_TRUE(workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response).ok());
+  FailTaskRequest fail;
+  fail.set_group_id(group);
+  fail.set_task_id(pretrain);
+  fail.set_error("out of memory");
+  FailTaskResponse failed;
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &failed).ok());
+  JobInfo job = GetJob(job_id);
+  ASSERT_EQ(job.state(), JOB_STATE_FAILED);
+  EXPECT_EQ(job.tasks(1).state(), TASK_STATE_CANCELLED);
+
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  EXPECT_EQ(retried.state(), JOB_STATE_RUNNING);
+  EXPECT_EQ(retried.error(), "");
+  EXPECT_EQ(retried.tasks(0).state(), TASK_STATE_READY);
+  EXPECT_EQ(retried.tasks(0).error(), "");
+  EXPECT_EQ(retried.tasks(1).state(), TASK_STATE_BLOCKED);  // behind the pretraining again
+  EXPECT_EQ(retried.tasks(2).state(), TASK_STATE_BLOCKED);
+  Restart();  // durable
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_READY);
+  const std::string again = Register();
+  LeaseTaskResponse lease = Lease(again);
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 2);
+  EXPECT_EQ(lease.task().resume_checkpoint(), checkpoint.path());
+  ASSERT_TRUE(Complete(again, pretrain, checkpoint.path()).ok());
+  EXPECT_EQ(GetJob(job_id).tasks(1).state(), TASK_STATE_READY);
+
+  // A cancelled job runs again too; a succeeded one cannot be retried.
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  EXPECT_EQ(retried.tasks(0).state(), TASK_STATE_SUCCEEDED);
+  EXPECT_EQ(retried.tasks(1).state(), TASK_STATE_READY);
+  EXPECT_EQ(retried.tasks(2).state(), TASK_STATE_READY);
+  retry.set_job_id("j000000000000");
+  EXPECT_EQ(jobs_->RetryJob(Ctx().get(), retry, &retried).error_code(), grpc::StatusCode::NOT_FOUND);
+  retry.set_job_id("nope");
+  EXPECT_EQ(jobs_->RetryJob(Ctx().get(), retry, &retried).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(CoordinatorServiceTest, DeleteRefusesARunningJobAndRemovesOnlyItsRunFolder) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string kept = Submit();
+  const std::string group = Register();
+  const std::string pretrain = Lease(group).task().task_id();
+  ASSERT_EQ(pretrain, job_id + "/pretrain-f0");
+  const std::string checkpoint = Checkpoint(pretrain, "last.pt");
+  Write(absl::StrCat("runs/", kept, "/pretrain-fold0/last.pt"), "other job");
+  DeleteJobRequest request;
+  request.set_job_id(job_id);
+  request.set_with_run_folders(true);
+  DeleteJobResponse response;
+  grpc::Status status = jobs_->DeleteJob(Ctx().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "cancel it first")) << status.error_message();
+  // A watcher of the job ends when it is deleted.
+  WatchJobRequest watch_request;
+  watch_request.set_job_id(job_id);
+  grpc::ClientContext watch_context;
+  watch_context.AddMetadata("authorization", "Bearer the-token");
+  auto reader = jobs_->WatchJob(&watch_context, watch_request);
+  JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  while (reader->Read(&event)) {
+  }
+  EXPECT_TRUE(reader->Finish().ok());  // the stream ends with the CANCELLED state
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  ASSERT_EQ(response.removed_folders_size(), 1);
+  EXPECT_EQ(response.removed_folders(0), fs::canonical(root_).string() + "/runs/" + job_id);
+  EXPECT_FALSE(fs::exists(checkpoint));
+  EXPECT_TRUE(fs::exists(absl::StrCat(root_, "/runs/", kept, "/pretrain-fold0/last.pt")));
+  GetJobRequest get;
+  get.set_job_id(job_id);
+  JobInfo job;
+  EXPECT_EQ(jobs_->GetJob(Ctx().get(), get, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(jobs_->DeleteJob(Ctx().get(), request, &response).error_code(), grpc::StatusCode::NOT_FOUND);
+  // The group that held the deleted task learns it on its next heartbeat, and leases on.
+  bool cancel_task = false;
+  const grpc::Status beat = Heartbeat(group, pretrain, &cancel_task);
+  EXPECT_TRUE(!beat.ok() || cancel_task) << beat.error_message();
+  EXPECT_EQ(Lease(group).task().task_id(), kept + "/pretrain-f0");
+  Restart();
+  EXPECT_EQ(jobs_->GetJob(Ctx().get(), get, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+  ListJobsRequest list_request;
+  ListJobsResponse list;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+  ASSERT_EQ(list.jobs_size(), 1);
+  EXPECT_EQ(list.jobs(0).job_id(), kept);
+  // Without --with-run-folders the folder stays.
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), [&] { CancelJobRequest c; c.set_job_id(kept); return c; }(), &cancelled).ok());
+  request.set_job_id(kept);
+  request.set_with_run_folders(false);
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  EXPECT_EQ(response.removed_folders_size(), 0);
+  EXPECT_TRUE(fs::exists(absl::StrCat(root_, "/runs/", kept, "/pretrain-fold0/last.pt")));
+}
+
+TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string other_job = Submit();
+  const std::string group = Register();
+  const std::string pretrain = Lease(group).task().task_id();
+  auto ship = [&](const std::string& gid, const std::string& task, const std::vector<std::string>& texts) {
+    ShipLogsRequest request;
+    request.set_group_id(gid);
+    request.set_task_id(task);
+    for (const std::string& text : texts) {
+      LogLine* line = request.add_lines();
+      line->set_text(text);
+      line->set_level("info");
+      line->set_time_unix_ms(1700000000000);
+    }
+    ShipLogsResponse response;
+    return workers_->ShipLogs(WorkerCtx().get(), request, &response);
+  };
+  auto logs = [&](const std::string& task, int64_t after, int limit) {
+    GetLogsRequest request;
+    request.set_job_id(job_id);
+    request.set_task_id(task);
+    request.set_after_seq(after);
+    request.set_limit(limit);
+    GetLogsResponse response;
+    const grpc::Status status = jobs_->GetLogs(Ctx().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  };
+  ASSERT_TRUE(ship(group, pretrain, {"epoch 0", "epoch 1", "epoch 2"}).ok());
+  GetLogsResponse got = logs(pretrain, 0, 0);
+  ASSERT_EQ(got.tasks_size(), 1);
+  ASSERT_EQ(got.tasks(0).lines_size(), 3);
+  EXPECT_EQ(got.tasks(0).lines(0).seq(), 1);
+  EXPECT_EQ(got.tasks(0).lines(2).text(), "epoch 2");
+  EXPECT_EQ(got.tasks(0).lines(2).attempt(), 1);
+  EXPECT_EQ(got.job().job_id(), job_id);
+  EXPECT_EQ(logs(pretrain, 2, 0).tasks(0).lines_size(), 1);
+  EXPECT_EQ(logs(pretrain, 0, 2).tasks(0).lines(0).text(), "epoch 1");  // the last 2
+  got = logs("", 0, 0);  // every task of the job, those without lines too
+  ASSERT_EQ(got.tasks_size(), 3);
+  EXPECT_EQ(got.tasks(1).lines_size(), 0);
+
+  // Errors: an unknown group, a task of another job, bad fields, the wrong role.
+  EXPECT_EQ(ship("g000000000000", pretrain, {"x"}).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ship(group, other_job + "/pretrain-f9", {"x"}).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ship(group, "bogus", {"x"}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  GetLogsRequest bad;
+  bad.set_job_id(job_id);
+  bad.set_task_id(other_job + "/pretrain-f0");
+  GetLogsResponse bad_response;
+  grpc::Status status = jobs_->GetLogs(Ctx().get(), bad, &bad_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "is not a task of job")) << status.error_message();
+  bad.set_task_id(job_id + "/finetune-f7");
+  EXPECT_EQ(jobs_->GetLogs(Ctx().get(), bad, &bad_response).error_code(), grpc::StatusCode::NOT_FOUND);
+  ShipLogsRequest forged;
+  forged.set_group_id(group);
+  forged.set_task_id(pretrain);
+  ShipLogsResponse forged_response;
+  EXPECT_EQ(workers_->ShipLogs(Ctx().get(), forged, &forged_response).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  // Bounded: long lines are cut (at a character: a 3-byte one straddles the cut here), old lines
+  // dropped past the per-task budget.
+  std::string long_line = "x";
+  while (long_line.size() < 10000) long_line += "\xe2\x82\xac";  // U+20AC
+  ASSERT_TRUE(ship(group, pretrain, {long_line}).ok());
+  got = logs(pretrain, 3, 0);
+  ASSERT_EQ(got.tasks(0).lines_size(), 1);
+  EXPECT_LE(got.tasks(0).lines(0).text().size(), Scheduler::kMaxLogLineBytes + 16);
+  EXPECT_TRUE(absl::EndsWith(got.tasks(0).lines(0).text(), "\xe2\x82\xac [cut]")) << got.tasks(0).lines(0).text().substr(2030);
+  for (int i = 0; i < 200; ++i) ASSERT_TRUE(ship(group, pretrain, {std::string(2000, 'y')}).ok());
+  got = logs(pretrain, 0, 0);
+  EXPECT_GT(got.tasks(0).dropped(), 0);
+  size_t bytes = 0;
+  for (const LogLine& line : got.tasks(0).lines()) bytes += line.text().size();
+  EXPECT_LE(bytes, Scheduler::kMaxLogBytesPerTask);
+  EXPECT_EQ(got.tasks(0).last_seq(), 3 + 1 + 200);
+  EXPECT_EQ(got.tasks(0).lines(got.tasks(0).lines_size() - 1).seq(), 204);
+}
+
+TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string busy = Register(2);
+  const std::string idle = Register(1);
+  const std::string task = Lease(busy).task().task_id();
+  bool cancel = false;
+  Metrics step;
+  step.set_epoch(0);
+  step.set_step(3);
+  step.set_samples_per_s(42.5);
+  ASSERT_TRUE(Report(busy, task, {step}, &cancel).ok());
+  ListGroupsRequest request;
+  ListGroupsResponse response;
+  ASSERT_TRUE(jobs_->ListGroups(Ctx().get(), request, &response).ok());
+  ASSERT_EQ(response.groups_size(), 2);
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch()).count();
+  for (const GroupInfo& g : response.groups()) {
+    EXPECT_EQ(g.backend(), "mpi");
+    ASSERT_EQ(g.hosts_size(), 1);
+    EXPECT_EQ(g.hosts(0), "node1");
+    EXPECT_LE(g.last_heartbeat_unix_ms(), now + 5);
+    EXPECT_GT(g.last_heartbeat_unix_ms(), now - 10000);
+    EXPECT_GT(g.registered_unix_ms(), 0);
+    if (g.group_id() == busy) {
+      EXPECT_EQ(g.world_size(), 2);
+      EXPECT_EQ(g.task_id(), task);
+      EXPECT_EQ(g.job_id(), job_id);
+      EXPECT_EQ(g.stage(), "pretrain");
+      EXPECT_DOUBLE_EQ(g.latest().samples_per_s(), 42.5);
+    } else {
+      EXPECT_EQ(g.group_id(), idle);
+      EXPECT_EQ(g.task_id(), "");
+    }
+  }
+  // Workers may not list groups.
+  EXPECT_EQ(jobs_->ListGroups(WorkerCtx().get(), request, &response).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ import sys
 
 BIN, SRC = sys.argv[1], sys.argv[2]
 FLAG = re.compile(r"--[a-z][a-z0-9-]*")
-CLIENT = ["submit", "status", "list", "watch", "cancel", "history", "prune"]
+CLIENT = ["submit", "status", "list", "watch", "cancel", "history", "prune", "logs", "groups", "retry", "delete"]
 GLOBAL = {"--coordinator", "--token-file", "--tls-ca", "--timeout"}
 failures = []
 

@@ -20,6 +20,7 @@ ANNOTATED = [
     "coordinator/auth.cc",
     "coordinator/fold_cache.cc",
     "coordinator/scheduler.cc",
+    "coordinator/scheduler_experiments.cc",
     "coordinator/metrics.cc",
     "worker/agent/coordinator_link.cc",
     "worker/agent/group_metrics.cc",

@@ -289,9 +289,9 @@ absl::Status Agent::ServeRank0() {
       continue;
     }
     idle.Reset();
+    link_->BeginTask(task.task_id(), task.attempt());  // first: the task's log (aviary logs) starts here
     Log().Info(absl::StrCat("leased task ", task.task_id(), " (attempt ", task.attempt(), ", stage ", task.stage(),
                             " fold ", task.fold(), ") -> ", task.out_dir()));
-    link_->BeginTask(task.task_id(), task.attempt());
     std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));

@@ -83,7 +83,10 @@ CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metr
   stub_ = v1::WorkerService::NewStub(channel_);
 }
 
-CoordinatorLink::~CoordinatorLink() { StopThreads(); }
+CoordinatorLink::~CoordinatorLink() {
+  common::SetLogTap(nullptr);
+  StopThreads();
+}
 
 absl::Status CoordinatorLink::Register() {
   Backoff backoff(0.5, 10);
@@ -238,6 +241,32 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
 }
 
 void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
+  {
+    absl::MutexLock logs(&logs_->mu);
+    logs_->task_id = task_id;
+    logs_->lines.clear();
+    logs_->dropped = 0;
+  }
+  // Every line rank 0 logs from here to EndTask is kept for the coordinator.
+  common::SetLogTap([buffer = logs_](common::LogLevel level, int rank, absl::string_view line) {
+    const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                               std::chrono::system_clock::now().time_since_epoch())
+                               .count();
+    absl::MutexLock logs(&buffer->mu);
+    if (buffer->task_id.empty()) return;
+    v1::LogLine out;
+    out.set_time_unix_ms(now_ms);
+    out.set_rank(std::max(rank, 0));
+    out.set_level(common::LogLevelName(level));
+    size_t cut = std::min<size_t>(line.size(), 4096);  // at a UTF-8 character boundary
+    while (cut < line.size() && cut > 0 && (static_cast<unsigned char>(line[cut]) & 0xC0) == 0x80) --cut;
+    out.set_text(std::string(line.substr(0, cut)));
+    buffer->lines.push_back(std::move(out));
+    while (buffer->lines.size() > kMaxBufferedLogLines) {
+      buffer->lines.pop_front();
+      ++buffer->dropped;
+    }
+  });
   absl::MutexLock lock(&mu_);
   task_id_ = task_id;
   ++lease_generation_;
@@ -246,9 +275,66 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
 }
 
 void CoordinatorLink::EndTask() {
+  // The task's last lines (its result, after CompleteTask / FailTask); not while the coordinator
+  // is unreachable (a partition would hold the next lease up for a whole rpc_timeout_s).
+  if (!lost_ && connected_) ShipLogs();
+  {
+    absl::MutexLock logs(&logs_->mu);
+    logs_->task_id.clear();
+    logs_->lines.clear();
+  }
   absl::MutexLock lock(&mu_);
   task_id_.clear();
   lease_.End();
+}
+
+void CoordinatorLink::ShipLogs() {
+  v1::ShipLogsRequest request;
+  request.set_group_id(group_id());
+  if (request.group_id().empty()) return;
+  int64_t dropped = 0;
+  {
+    absl::MutexLock logs(&logs_->mu);
+    if (logs_->task_id.empty() || logs_->lines.empty()) return;
+    request.set_task_id(logs_->task_id);
+    const size_t n = std::min<size_t>(logs_->lines.size(), 2000);
+    for (size_t i = 0; i < n; ++i) *request.add_lines() = logs_->lines[i];
+    dropped = logs_->dropped;
+    logs_->dropped = 0;
+  }
+  if (dropped > 0) {
+    v1::LogLine note;
+    note.set_time_unix_ms(request.lines(0).time_unix_ms());
+    note.set_level("warning");
+    note.set_text(absl::StrCat("[agent] ", dropped, " log lines were dropped before they could be shipped"));
+    request.mutable_lines()->AddAllocated(new v1::LogLine(note));
+  }
+  v1::ShipLogsResponse response;
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  const grpc::Status st = stub_->ShipLogs(&ctx, request, &response);
+  const bool transient = !st.ok() && IsTransient(st.error_code());
+  {
+    absl::MutexLock logs(&logs_->mu);
+    if (logs_->task_id != request.task_id()) return;
+    if (transient) {
+      logs_->dropped += dropped;  // said again with the next call
+      return;
+    }
+    if (!st.ok()) {
+      // Refused for good: stop keeping this task's lines (the warning below is not kept either).
+      logs_->task_id.clear();
+      logs_->lines.clear();
+    }
+  }
+  if (!st.ok()) {
+    Log().Warn(absl::StrCat("ShipLogs for ", request.task_id(), " refused: ", GrpcCodeName(st.error_code()), ": ",
+                            st.error_message(), "; its log lines are no longer shipped"));
+    return;
+  }
+  absl::MutexLock logs(&logs_->mu);
+  const size_t sent = static_cast<size_t>(request.lines_size()) - (dropped > 0 ? 1 : 0);
+  for (size_t i = 0; i < sent && !logs_->lines.empty(); ++i) logs_->lines.pop_front();
 }
 
 absl::Status CoordinatorLink::CheckLease(const std::string& path) {
@@ -329,7 +415,10 @@ void CoordinatorLink::Prepare(grpc::ClientContext* ctx) const {
   if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
 }
 
-void CoordinatorLink::Connected(bool c) { metrics_->SetConnected(c); }
+void CoordinatorLink::Connected(bool c) {
+  connected_ = c;
+  metrics_->SetConnected(c);
+}
 
 absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, const std::string& gid) {
   const std::string what = absl::StrCat(rpc, " to ", options_.coordinator, ": ", GrpcCodeName(st.error_code()),
@@ -392,6 +481,7 @@ void CoordinatorLink::HeartbeatLoop() {
     } else {
       lease_.Renew(request.task_id(), sent_at);
     }
+    ShipLogs();
   }
 }
 

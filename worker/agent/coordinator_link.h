@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdint>
 #include <list>
+#include <deque>
 #include <memory>
 #include <string>
 #include <thread>
@@ -96,7 +97,22 @@ class CoordinatorLink {
 
   std::string group_id() const;
 
+  // Lines kept for shipping at most (the oldest go first when the coordinator is away).
+  static constexpr size_t kMaxBufferedLogLines = 5000;
+
  private:
+  // Rank 0's log lines of the current task (common::SetLogTap), shipped with ShipLogs after
+  // each heartbeat and at EndTask (docs/SERVICE.md, "Logs"). Shared with the tap, which may
+  // outlive a call into the link. Thread-safe.
+  struct LogBuffer {
+    absl::Mutex mu;
+    std::string task_id ABSL_GUARDED_BY(mu);  // "" between tasks: nothing is kept
+    std::deque<::aviary::v1::LogLine> lines ABSL_GUARDED_BY(mu);
+    int64_t dropped ABSL_GUARDED_BY(mu) = 0;
+  };
+  // Sends the buffered lines of the current task (one ShipLogs call); kept for the next call on a
+  // transient failure, dropped when refused for good.
+  void ShipLogs();
   void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
   // The manifest `hash` (`size` bytes): from the cache, else streamed by GetManifest and kept.
   absl::Status FetchManifest(const std::string& hash, int64_t size, const std::string& gid, std::string* csv);
@@ -129,6 +145,7 @@ class CoordinatorLink {
   int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
+  std::atomic<bool> connected_{false};  // the last call answered (Connected)
   LeaseClock lease_;                       // thread-safe itself
   LeaseClock::Clock::time_point lease_asked_at_{};  // main thread only
   // The last few manifests by hash, most recent first (main thread only): a group that trains
@@ -137,6 +154,7 @@ class CoordinatorLink {
   std::list<std::pair<std::string, std::string>> manifests_;
   int64_t manifest_fetches_ = 0, manifest_hits_ = 0;
   std::thread heartbeat_, sender_;
+  std::shared_ptr<LogBuffer> logs_ = std::make_shared<LogBuffer>();
 };
 
 }  // namespace aviary::worker

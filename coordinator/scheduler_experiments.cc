@@ -1,0 +1,259 @@
+// The scheduler's experiment calls (docs/SERVICE.md, "Groups, logs, retry and delete"): the
+// list of groups, task logs shipped by the groups, retry and delete of a finished job. Kept apart
+// from scheduler.cc, whose locking rules (scheduler.h) they follow.
+#include <chrono>
+#include <filesystem>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/path_policy.h"
+#include "coordinator/scheduler.h"
+
+namespace aviary::coordinator {
+
+namespace fs = std::filesystem;
+using aviary::v1::JobInfo;
+using aviary::v1::TaskState;
+
+namespace {
+
+int64_t UnixNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string StateName(aviary::v1::JobState state) {
+  std::string name = aviary::v1::JobState_Name(state);
+  return name.rfind("JOB_STATE_", 0) == 0 ? name.substr(10) : name;
+}
+
+}  // namespace
+
+std::vector<aviary::v1::GroupInfo> Scheduler::ListGroups() const {
+  std::vector<aviary::v1::GroupInfo> out;
+  const int64_t now_steady = NowMs();
+  const int64_t now_unix = UnixNowMs();
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& [id, group] : groups_) {
+    aviary::v1::GroupInfo info;
+    const aviary::v1::RegisterGroupRequest& reg = group->row.info;
+    info.set_group_id(id);
+    info.set_world_size(reg.world_size());
+    *info.mutable_hosts() = reg.hosts();
+    *info.mutable_devices() = reg.devices();
+    info.set_backend(reg.backend());
+    info.set_version(reg.version());
+    info.set_metrics_address(reg.metrics_address());
+    info.set_registered_unix_ms(group->row.registered_unix_ms);
+    info.set_last_heartbeat_unix_ms(now_unix - (now_steady - group->last_seen_ms.load()));
+    if (const TaskRow* held = HeldTask(*group)) {
+      info.set_task_id(held->info.task_id());
+      info.set_job_id(held->info.job_id());
+      info.set_stage(held->info.stage());
+      info.set_fold(held->info.fold());
+      if (held->info.has_latest()) *info.mutable_latest() = held->info.latest();
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+absl::StatusOr<JobInfo> Scheduler::RetryJob(const std::string& job_id) {
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || it->second.deleted) {
+    return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+  }
+  const aviary::v1::JobState state = it->second.row.info.state();
+  if (state != aviary::v1::JOB_STATE_FAILED && state != aviary::v1::JOB_STATE_CANCELLED) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job_id, " is ", StateName(state), "; only a FAILED or CANCELLED job can be retried"));
+  }
+  Changes changes;
+  const int64_t now = UnixNowMs();
+  int ready = 0, blocked = 0;
+  bool started = false;
+  for (const std::string& id : it->second.task_ids) {  // DAG order: dependencies first
+    const TaskRow& current = View(changes, id);
+    if (current.info.attempt() > 0) started = true;
+    const TaskState task_state = current.info.state();
+    if (task_state != aviary::v1::TASK_STATE_FAILED && task_state != aviary::v1::TASK_STATE_CANCELLED) continue;
+    TaskRow& task = Stage(&changes, id);
+    const bool waits = !task.depends_on.empty() &&
+                       View(changes, task.depends_on).info.state() != aviary::v1::TASK_STATE_SUCCEEDED;
+    task.info.set_state(waits ? aviary::v1::TASK_STATE_BLOCKED : aviary::v1::TASK_STATE_READY);
+    task.info.clear_error();
+    task.info.clear_group_id();
+    task.info.set_restarts(0);
+    task.info.set_updated_unix_ms(now);
+    ++(waits ? blocked : ready);
+  }
+  JobRow& job = StageJob(&changes, job_id);
+  job.info.set_state(started ? aviary::v1::JOB_STATE_RUNNING : aviary::v1::JOB_STATE_PENDING);
+  job.info.clear_error();
+  job.info.set_updated_unix_ms(now);
+  changes.events.push_back({job_id, "", false, {},
+                            absl::StrCat("job ", job_id, " retried: ", ready, " tasks READY, ", blocked,
+                                         " BLOCKED (each resumes from its last checkpoint)")});
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  log_.Info(absl::StrCat("job ", job_id, " retried: ", ready, " tasks READY, ", blocked, " BLOCKED"));
+  return *it->second.snapshot;
+}
+
+absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string& job_id, bool with_run_folders) {
+  std::vector<std::string> task_ids;
+  {
+    absl::MutexLock writer(&write_mu_);
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      auto it = jobs_.find(job_id);
+      if (it == jobs_.end() || it->second.deleted) {
+        return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+      }
+      const aviary::v1::JobState state = it->second.row.info.state();
+      if (state == aviary::v1::JOB_STATE_PENDING || state == aviary::v1::JOB_STATE_RUNNING) {
+        return absl::FailedPreconditionError(absl::StrCat("job ", job_id, " is ", StateName(state),
+                                                          "; cancel it first (aviary cancel ", job_id, ")"));
+      }
+      task_ids = it->second.task_ids;
+      // The manifests only this job referred to go with it (a submit that finds a swept one in
+      // its fold cache builds it again: SubmitJob).
+      int64_t manifests = 0, bytes = 0;
+      AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
+        AVIARY_RETURN_IF_ERROR(store_->DeleteJob(job_id));
+        return store_->SweepManifests(&manifests, &bytes);
+      }));
+    }
+    absl::MutexLock exclusive(&mu_);
+    Job& job = jobs_.at(job_id);
+    job.deleted = true;
+    job_order_.erase(job.row.seq);
+    for (const std::string& id : task_ids) tasks_.erase(id);
+    job.task_ids.clear();
+    job.events.clear();
+    job.snapshot = std::make_shared<const JobInfo>();
+    job.watch_cv.SignalAll();
+    UpdateJobCountsLocked();
+    pruned_.erase(job_id);
+    for (const std::string& id : task_ids) last_points_.erase(id);
+  }
+  {
+    absl::MutexLock logs(&logs_mu_);
+    for (const std::string& id : task_ids) logs_.erase(id);
+  }
+  std::vector<std::string> removed;
+  if (with_run_folders) {
+    // The job's folder under the work dir (every task's run folder lies in it), only when it
+    // resolves strictly inside the work dir.
+    AVIARY_ASSIGN_OR_RETURN(const std::string root, ResolvePolicyPath("work_dir", options_.work_dir));
+    AVIARY_ASSIGN_OR_RETURN(const std::string folder,
+                            ResolvePolicyPath("run folder", (fs::path(options_.work_dir) / job_id).string()));
+    if (folder == root || !PathIsInside(folder, root)) {
+      return absl::FailedPreconditionError(absl::StrCat("job ", job_id, " was deleted, but its run folder ", folder,
+                                                        " is not inside the work dir ", root, "; left in place"));
+    }
+    std::error_code ec;
+    if (fs::exists(folder, ec)) {
+      fs::remove_all(folder, ec);
+      if (ec) {
+        return absl::InternalError(absl::StrCat("job ", job_id, " was deleted, but removing its run folder ", folder,
+                                                " failed: ", ec.message()));
+      }
+      removed.push_back(folder);
+    }
+  }
+  log_.Info(absl::StrCat("job ", job_id, " deleted", removed.empty() ? "" : absl::StrCat(" with ", removed.front())));
+  return removed;
+}
+
+absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
+  int attempt = 0;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
+    (void)group;
+    auto task = tasks_.find(request.task_id());
+    if (task == tasks_.end()) {
+      return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
+    }
+    attempt = task->second.info.attempt();
+  }
+  absl::MutexLock lock(&logs_mu_);
+  TaskLog& log = logs_[request.task_id()];
+  log.written = ++logs_clock_;
+  for (const aviary::v1::LogLine& in : request.lines()) {
+    aviary::v1::LogLine line = in;
+    if (line.text().size() > kMaxLogLineBytes) {
+      // Cut at a UTF-8 character boundary: a string field must stay valid UTF-8 (a response
+      // with half a character would not serialize).
+      size_t cut = kMaxLogLineBytes;
+      while (cut > 0 && (static_cast<unsigned char>(line.text()[cut]) & 0xC0) == 0x80) --cut;
+      line.mutable_text()->resize(cut);
+      line.mutable_text()->append(" [cut]");
+    }
+    line.set_seq(++log.last_seq);
+    if (line.attempt() <= 0) line.set_attempt(attempt);
+    log.bytes += line.text().size();
+    log.lines.push_back(std::move(line));
+    while (log.bytes > kMaxLogBytesPerTask && !log.lines.empty()) {
+      log.bytes -= log.lines.front().text().size();
+      log.lines.pop_front();
+      ++log.dropped;
+    }
+  }
+  while (logs_.size() > kMaxLogTasks) {
+    auto oldest = logs_.begin();
+    for (auto it = logs_.begin(); it != logs_.end(); ++it) {
+      if (it->second.written < oldest->second.written) oldest = it;
+    }
+    logs_.erase(oldest);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<aviary::v1::GetLogsResponse> Scheduler::GetLogs(const aviary::v1::GetLogsRequest& request) const {
+  aviary::v1::GetLogsResponse response;
+  std::vector<std::string> task_ids;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    auto it = jobs_.find(request.job_id());
+    if (it == jobs_.end() || it->second.deleted) {
+      return absl::NotFoundError(absl::StrCat("job_id '", request.job_id(), "': no such job"));
+    }
+    *response.mutable_job() = *it->second.snapshot;
+    if (request.task_id().empty()) {
+      task_ids = it->second.task_ids;
+    } else {
+      for (const std::string& id : it->second.task_ids) {
+        if (id == request.task_id()) task_ids.push_back(id);
+      }
+      if (task_ids.empty()) {
+        return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': job ", request.job_id(),
+                                                " has no such task"));
+      }
+    }
+  }
+  absl::MutexLock lock(&logs_mu_);
+  for (const std::string& id : task_ids) {
+    aviary::v1::GetLogsResponse::TaskLog* out = response.add_tasks();
+    out->set_task_id(id);
+    auto it = logs_.find(id);
+    if (it == logs_.end()) continue;
+    const TaskLog& log = it->second;
+    out->set_dropped(log.dropped);
+    out->set_last_seq(log.last_seq);
+    size_t first = log.lines.size();
+    while (first > 0 && log.lines[first - 1].seq() > request.after_seq()) --first;
+    if (request.limit() > 0 && log.lines.size() - first > static_cast<size_t>(request.limit())) {
+      first = log.lines.size() - static_cast<size_t>(request.limit());
+    }
+    for (size_t i = first; i < log.lines.size(); ++i) *out->add_lines() = log.lines[i];
+  }
+  return response;
+}
+
+}  // namespace aviary::coordinator
