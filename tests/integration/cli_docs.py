@@ -96,7 +96,7 @@ def readme_entries():
             command = None if program == "aviary-coordinator" else words[1]
             if program == "aviary-coordinator" and words[1] == "init":  # its own help
                 command = "init"
-            if command == "dataset":  # folds, train-list and summary: each its own help
+            if command in ("dataset", "weights"):  # dataset folds|..., weights import: each its own help
                 command = f"dataset {words[2]}"
             entries.append([program, command, set()])
         if client_block:
