@@ -97,7 +97,7 @@ def readme_entries():
             if program == "aviary-coordinator" and words[1] == "init":  # its own help
                 command = "init"
             if command in ("dataset", "weights"):  # dataset folds|..., weights import: each its own help
-                command = f"dataset {words[2]}"
+                command = f"{command} {words[2]}"
             entries.append([program, command, set()])
         if client_block:
             current = None
