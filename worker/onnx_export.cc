@@ -25,6 +25,8 @@ namespace {
 
 namespace nn = torch::nn;
 
+constexpr double kPi = 3.14159265358979323846;
+
 // One protobuf message in the wire format: fields appended in order.
 class Msg {
  public:
@@ -308,7 +310,7 @@ absl::StatusOr<std::string> EmitFrontend(Graph& g, const common::FrontendConfig&
   at::Tensor n = at::arange(n_fft, at::kLong);
   at::Tensor k = at::arange(n_freqs, at::kLong);
   // (k * n) mod N keeps the angle exact in integers before the double cosine.
-  at::Tensor phase = at::remainder(k.unsqueeze(1) * n.unsqueeze(0), n_fft).to(at::kDouble) * (2.0 * M_PI / n_fft);
+  at::Tensor phase = at::remainder(k.unsqueeze(1) * n.unsqueeze(0), n_fft).to(at::kDouble) * (2.0 * kPi / n_fft);
   at::Tensor re = (at::cos(phase) * window.unsqueeze(0)).to(at::kFloat).unsqueeze(1);   // [F, 1, N]
   at::Tensor im = (-at::sin(phase) * window.unsqueeze(0)).to(at::kFloat).unsqueeze(1);  // [F, 1, N]
 
