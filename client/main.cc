@@ -54,7 +54,7 @@ int RunTool(const std::string& command, const std::vector<std::string>& args) {
 
 int PrintVersion() {
   std::cout << "aviary " << aviary::common::Version() << " (git " << aviary::common::GitCommit() << ")\n"
-            << "gRPC " << grpc::Version() << "; no libtorch in this program: mel and predict run\n"
+            << "gRPC " << grpc::Version() << "; no libtorch in this program: mel, predict, export and weights run\n"
             << "aviary-worker (its libtorch, CUDA and NCCL: aviary-worker --version)\n";
   return 0;
 }
@@ -71,7 +71,7 @@ void AddToolCommands(CLI::App* app, aviary::cli::Runner* run) {
   for (const auto& [name, description] :
        {std::pair<const char*, const char*>{"mel", "the model input of one clip as .npy"},
         {"predict", "BirdCLEF submission: one row per window of every file, probabilities per class"},
-        {"export", "a checkpoint as a PyTorch state dict or safetensors file, with a JSON sidecar"},
+        {"export", "a checkpoint as a PyTorch state dict, safetensors or ONNX file, with a JSON sidecar"},
         {"weights", "ImageNet weights for model.pretrained_weights (weights import)"}}) {
     CLI::App* tool = app->add_subcommand(name, description)->group(aviary::cli::kToolGroup)->prefix_command();
     tool->set_help_flag();
