@@ -52,20 +52,20 @@ std::string Quote(const std::string& s) {
   return out + "\"";
 }
 
-// A number as JSON: shortest round-trip form, never NaN/Inf (null instead).
+// A number as JSON: the shortest of 6..17 significant digits that reads back exactly; null for
+// NaN and infinities, which JSON lacks.
 std::string Number(double v) {
   if (!std::isfinite(v)) return "null";
-  std::ostringstream s;
-  s.precision(17);
-  s << v;
-  double back = 0;
-  for (int p = 6; p <= 17; ++p) {  // the shortest precision that reads back exactly
+  std::string text;
+  for (int p = 6; p <= 17; ++p) {
     std::ostringstream t;
     t.precision(p);
     t << v;
-    if (absl::SimpleAtod(t.str(), &back) && back == v) return t.str();
+    text = t.str();
+    double back = 0;
+    if (absl::SimpleAtod(text, &back) && back == v) break;
   }
-  return s.str();
+  return text;
 }
 
 // The model's tensors in Python's state_dict() order: per module (depth first), its own
