@@ -54,7 +54,7 @@ int RunTool(const std::string& command, const std::vector<std::string>& args) {
 
 int PrintVersion() {
   std::cout << "aviary " << aviary::common::Version() << " (git " << aviary::common::GitCommit() << ")\n"
-            << "gRPC " << grpc::Version() << "; no libtorch in this program: mel and predict run\n"
+            << "gRPC " << grpc::Version() << "; no libtorch in this program: mel, predict, export and weights run\n"
             << "aviary-worker (its libtorch, CUDA and NCCL: aviary-worker --version)\n";
   return 0;
 }
@@ -65,12 +65,14 @@ constexpr char kFooter[] =
     "--tls-ca or $AVIARY_TLS_CA. The global flags come before the command.\n"
     "aviary COMMAND --help: the command's flags.\n";
 
-// mel and predict pass their arguments, --help included, to aviary-worker, which defines and
+// mel, predict, export and weights pass their arguments, --help included, to aviary-worker, which defines and
 // parses their flags (worker/tools/tools.h).
 void AddToolCommands(CLI::App* app, aviary::cli::Runner* run) {
   for (const auto& [name, description] :
        {std::pair<const char*, const char*>{"mel", "the model input of one clip as .npy"},
-        {"predict", "BirdCLEF submission: one row per window of every file, probabilities per class"}}) {
+        {"predict", "BirdCLEF submission: one row per window of every file, probabilities per class"},
+        {"export", "a checkpoint as a PyTorch state dict, safetensors or ONNX file, with a JSON sidecar"},
+        {"weights", "ImageNet weights for model.pretrained_weights (weights import)"}}) {
     CLI::App* tool = app->add_subcommand(name, description)->group(aviary::cli::kToolGroup)->prefix_command();
     tool->set_help_flag();
     tool->callback([run, tool] {

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
 aviary_install_packages "${AVIARY_BUILD_PACKAGES[@]}" "${AVIARY_TEST_PACKAGES[@]}" "${AVIARY_CUDA_PACKAGES[@]}"
 aviary_torch_venv
+aviary_onnxruntime  # ctest integration.onnx_vs_predict runs onnxruntime from this venv
 interop=()
 if [ -x "${AVIARY_BUILD_DIR:-build}/bin/aviary-worker" ]; then
   interop=(-DAVIARY_INTEROP_BIN_DIR="$(cd "${AVIARY_BUILD_DIR:-build}/bin" && pwd)")

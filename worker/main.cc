@@ -363,6 +363,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
 
   aviary::cli::AddMelCommand(app, run);
   aviary::cli::AddPredictCommand(app, run);
+  aviary::cli::AddExportCommands(app, run);
 }
 
 // This process's rank under mpirun from the launcher's environment (before MPI_Init), 0 otherwise.
@@ -381,8 +382,8 @@ int main(int argc, char** argv) {
   // the command the user typed.
   const std::string self = std::filesystem::path(argc > 0 ? argv[0] : "").filename().string();
   CLI::App app("aviary-worker: trains on this machine (train), serves a coordinator as part of a worker group "
-               "(serve), measures the group's all-reduce (allreduce-bench), and runs `aviary mel` and "
-               "`aviary predict`.",
+               "(serve), measures the group's all-reduce (allreduce-bench), and runs `aviary mel`, "
+               "`aviary predict`, `aviary export` and `aviary weights`.",
                self == "aviary" ? "aviary" : "aviary-worker");
   aviary::common::ConfigureApp(&app);
   app.require_subcommand(0, 1);

@@ -2,12 +2,14 @@
 
 #include <caffe2/serialize/inline_container.h>
 
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <variant>
 
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 
 namespace aviary::worker {
 namespace {
@@ -381,6 +383,152 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTen
   std::vector<std::pair<std::string, at::Tensor>> out;
   Flatten(*root, "", &out);
   return out;
+}
+
+}  // namespace aviary::worker
+
+namespace aviary::worker {
+namespace {
+
+// Pickle protocol 2 opcodes the writer uses.
+constexpr char kProto = '\x80';
+constexpr char kGlobal = 'c';
+constexpr char kEmptyTuple = ')';
+constexpr char kMark = '(';
+constexpr char kTuple = 't';
+constexpr char kReduce = 'R';
+constexpr char kSetItems = 'u';
+constexpr char kBinPersId = 'Q';
+constexpr char kBinUnicode = 'X';
+constexpr char kBinInt = 'J';
+constexpr char kLong1 = '\x8a';
+constexpr char kNewFalse = '\x89';
+constexpr char kStop = '.';
+
+class Pickler {
+ public:
+  void Proto() { out_ += kProto; out_ += '\x02'; }
+  void Global(const char* module, const char* name) {
+    absl::StrAppend(&out_, std::string(1, kGlobal), module, "\n", name, "\n");
+  }
+  void String(const std::string& s) {
+    out_ += kBinUnicode;
+    AppendLe(static_cast<uint32_t>(s.size()), 4);
+    out_ += s;
+  }
+  void Int(int64_t v) {
+    if (v >= INT32_MIN && v <= INT32_MAX) {
+      out_ += kBinInt;
+      AppendLe(static_cast<uint32_t>(static_cast<int32_t>(v)), 4);
+    } else {
+      out_ += kLong1;
+      out_ += '\x08';
+      AppendLe(static_cast<uint64_t>(v), 8);
+    }
+  }
+  void IntTuple(at::IntArrayRef values) {
+    if (values.empty()) {
+      out_ += kEmptyTuple;
+      return;
+    }
+    out_ += kMark;
+    for (int64_t v : values) Int(v);
+    out_ += kTuple;
+  }
+  void Op(char op) { out_ += op; }
+  // OrderedDict() on the stack.
+  void EmptyOrderedDict() {
+    Global("collections", "OrderedDict");
+    out_ += kEmptyTuple;
+    out_ += kReduce;
+  }
+  std::string& bytes() { return out_; }
+
+ private:
+  void AppendLe(uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) out_ += static_cast<char>((v >> (8 * i)) & 0xff);
+  }
+  std::string out_;
+};
+
+const char* StorageName(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "FloatStorage";
+    case at::kDouble: return "DoubleStorage";
+    case at::kHalf: return "HalfStorage";
+    case at::kBFloat16: return "BFloat16Storage";
+    case at::kLong: return "LongStorage";
+    case at::kInt: return "IntStorage";
+    case at::kShort: return "ShortStorage";
+    case at::kChar: return "CharStorage";
+    case at::kByte: return "ByteStorage";
+    case at::kBool: return "BoolStorage";
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+absl::Status WriteTorchSaveTensors(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                                   const std::string& path) {
+  std::vector<at::Tensor> storages;
+  Pickler p;
+  p.Proto();
+  p.EmptyOrderedDict();
+  p.Op(kMark);
+  for (const auto& [name, tensor] : tensors) {
+    at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    const char* storage = StorageName(t.scalar_type());
+    if (storage == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " has dtype ",
+                                                     c10::toString(t.scalar_type()),
+                                                     ", which a torch.save storage cannot hold"));
+    }
+    const std::string key = std::to_string(storages.size());
+    storages.push_back(t);
+    p.String(name);
+    p.Global("torch._utils", "_rebuild_tensor_v2");
+    p.Op(kMark);
+    // The persistent id ('storage', torch.<Type>Storage, key, location, numel).
+    p.Op(kMark);
+    p.String("storage");
+    p.Global("torch", storage);
+    p.String(key);
+    p.String("cpu");
+    p.Int(t.numel());
+    p.Op(kTuple);
+    p.Op(kBinPersId);
+    p.Int(0);  // storage offset
+    p.IntTuple(t.sizes());
+    p.IntTuple(t.strides());
+    p.Op(kNewFalse);  // requires_grad
+    p.EmptyOrderedDict();  // backward hooks
+    p.Op(kTuple);
+    p.Op(kReduce);
+  }
+  p.Op(kSetItems);
+  p.Op(kStop);
+
+  std::string zip;
+  try {
+    caffe2::serialize::PyTorchStreamWriter writer([&zip](const void* data, size_t n) -> size_t {
+      zip.append(static_cast<const char*>(data), n);
+      return n;
+    });
+    writer.writeRecord("data.pkl", p.bytes().data(), p.bytes().size());
+    static const char kLittle[] = "little";
+    writer.writeRecord("byteorder", kLittle, sizeof(kLittle) - 1);
+    for (size_t i = 0; i < storages.size(); ++i) {
+      const at::Tensor& t = storages[i];
+      writer.writeRecord(absl::StrCat("data/", i), t.data_ptr(), t.numel() * t.element_size());
+    }
+    writer.writeEndOfFile();
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    return absl::InternalError(absl::StrCat(path, ": writing the torch.save archive: ",
+                                            msg.substr(0, msg.find('\n'))));
+  }
+  return common::WriteFileAtomically(path, zip);
 }
 
 }  // namespace aviary::worker

@@ -24,6 +24,15 @@ namespace aviary::worker {
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
     const std::string& path);
 
+// Writes `tensors` as Python's `torch.save(state_dict, path)` does: a zip archive (data.pkl,
+// data/<key>, byteorder, version) whose pickle holds a collections.OrderedDict of
+// torch._utils._rebuild_tensor_v2 tensors over typed storages, so that
+// `torch.load(path, weights_only=True)` reads it. Tensors are written contiguous, on the CPU,
+// one storage each; names must be unique. INVALID_ARGUMENT for a dtype without a storage type;
+// the errors of common::WriteFileAtomically.
+absl::Status WriteTorchSaveTensors(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                                   const std::string& path);
+
 }  // namespace aviary::worker
 
 #endif  // AVIARY_WORKER_TORCH_PICKLE_H_

@@ -19,7 +19,7 @@ AVIARY_BUILD_PACKAGES=(
 # Prometheus server (and promtool for the deploy files), curl, the sqlite3 shell, openssl for
 # a TLS certificate.
 AVIARY_TEST_PACKAGES=(python3 python3-numpy python3-pandas python3-sklearn python3-torch
-                      python3-torchaudio python3-torchvision ffmpeg sox
+                      python3-torchaudio python3-torchvision python3-soundfile ffmpeg sox
                       prometheus curl sqlite3 openssl
                       iproute2 iptables  # ctest integration.service_netns: network namespaces, partitions
                       clang  # clang: -Wthread-safety over the annotated sources (ctest lint.thread_safety)
@@ -94,6 +94,21 @@ aviary_torch_venv() {
   "${AVIARY_TORCH_VENV}/bin/pip" install -q --no-deps --no-compile --disable-pip-version-check \
     "${AVIARY_TORCH_PIP_PACKAGES[@]}"
   printf '%s\n' "${AVIARY_TORCH_PIP_PACKAGES[@]}" >"$stamp"
+}
+
+# onnxruntime (PyPI; Debian ships none) in the same venv, for the ONNX export's test
+# (tests/integration/check_onnx.py, ctest integration.onnx_vs_predict). Its own stamp, so adding it does
+# not reinstall torch. --no-deps: at inference it needs numpy only, which the venv has.
+AVIARY_ONNXRUNTIME_PIP_PACKAGES=(onnxruntime==1.32.0)
+aviary_onnxruntime() {
+  aviary_torch_venv
+  local stamp="${AVIARY_TORCH_VENV}/.aviary-onnxruntime"
+  if [ -f "$stamp" ] && cmp -s "$stamp" <(printf '%s\n' "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}"); then
+    return 0
+  fi
+  "${AVIARY_TORCH_VENV}/bin/pip" install -q --no-deps --no-compile --disable-pip-version-check \
+    "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}"
+  printf '%s\n' "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}" >"$stamp"
 }
 
 # torch's package folder in the venv (what CMAKE_PREFIX_PATH needs: TorchConfig.cmake under

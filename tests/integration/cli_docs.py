@@ -96,8 +96,8 @@ def readme_entries():
             command = None if program == "aviary-coordinator" else words[1]
             if program == "aviary-coordinator" and words[1] == "init":  # its own help
                 command = "init"
-            if command == "dataset":  # folds, train-list and summary: each its own help
-                command = f"dataset {words[2]}"
+            if command in ("dataset", "weights"):  # dataset folds|..., weights import: each its own help
+                command = f"{command} {words[2]}"
             entries.append([program, command, set()])
         if client_block:
             current = None

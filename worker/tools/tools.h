@@ -1,5 +1,6 @@
-// The `aviary` commands that need libtorch, run by aviary-worker: `aviary mel ...` and
-// `aviary predict ...` exec `aviary-worker mel|predict ...` with argv[0] "aviary" (client/main.cc),
+// The `aviary` commands that need libtorch, run by aviary-worker: `aviary mel ...`,
+// `aviary predict ...`, `aviary export ...` and `aviary weights ...` exec
+// `aviary-worker mel|predict|export|weights ...` with argv[0] "aviary" (client/main.cc),
 // so their help reads "aviary mel"; their flags are defined here only. Errors print
 // "aviary <command>: <message>" as the client's offline commands do.
 #ifndef AVIARY_WORKER_TOOLS_TOOLS_H_
@@ -21,6 +22,10 @@ void AddMelCommand(CLI::App* app, common::CommandRunner* run);
 
 // Registers `predict`: a BirdCLEF submission from one checkpoint or an ensemble.
 void AddPredictCommand(CLI::App* app, common::CommandRunner* run);
+
+// Registers `export` (a checkpoint as a state dict or safetensors file with a JSON sidecar) and
+// `weights import` (a torchvision/timm EfficientNet checkpoint as model.pretrained_weights).
+void AddExportCommands(CLI::App* app, common::CommandRunner* run);
 
 }  // namespace aviary::cli
 

@@ -1,0 +1,157 @@
+// worker/export and the torch.save writer (worker/torch_pickle): round trips through aviary's
+// own readers, timm's names, and the refusals. Python's readers are checked by
+// tests/parity/check_export.py.
+#include "worker/export.h"
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include <gtest/gtest.h>
+#include <torch/utils.h>
+
+#include "common/config.h"
+#include "worker/checkpoint.h"
+#include "worker/models.h"
+#include "worker/torch_pickle.h"
+
+namespace aviary::worker {
+namespace {
+
+std::string TempPath(const std::string& name) { return ::testing::TempDir() + "/export_test_" + name; }
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST(WriteTorchSaveTensorsTest, RoundTripsThroughTheReaderWithDtypesAndShapes) {
+  torch::manual_seed(1);
+  NamedTensors tensors{{"a.weight", at::randn({3, 4})},
+                       {"a.num_batches_tracked", at::scalar_tensor(7, at::kLong)},
+                       {"b", at::randn({2, 3}).t()},  // not contiguous
+                       {"c", at::arange(5, at::kInt)},
+                       {"d", at::randn({1 << 17}).to(at::kDouble)},
+                       {"e", at::empty({0, 3})}};
+  const std::string path = TempPath("roundtrip.pt");
+  ASSERT_TRUE(WriteTorchSaveTensors(tensors, path).ok());
+  auto back = ReadTorchSaveTensors(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->size(), tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    EXPECT_EQ((*back)[i].first, tensors[i].first);
+    EXPECT_EQ((*back)[i].second.scalar_type(), tensors[i].second.scalar_type()) << tensors[i].first;
+    EXPECT_TRUE(at::equal((*back)[i].second, tensors[i].second)) << tensors[i].first;
+  }
+}
+
+TEST(WriteTorchSaveTensorsTest, RefusesADtypeWithoutAStorageNamingTheTensor) {
+  NamedTensors tensors{{"z", at::zeros({2}, at::kComplexFloat)}};
+  absl::Status st = WriteTorchSaveTensors(tensors, TempPath("complex.pt"));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("tensor z"), std::string::npos) << st;
+}
+
+TEST(TimmToTorchvisionNameTest, MapsStemBlocksAndHead) {
+  EXPECT_EQ(TimmToTorchvisionName("conv_stem.weight"), "features.0.0.weight");
+  EXPECT_EQ(TimmToTorchvisionName("bn1.running_var"), "features.0.1.running_var");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.0.0.conv_dw.weight"), "features.1.0.block.0.0.weight");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.0.0.se.conv_expand.bias"), "features.1.0.block.1.fc2.bias");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.0.1.conv_pw.weight"), "features.1.1.block.2.0.weight");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.3.2.conv_pw.weight"), "features.4.2.block.0.0.weight");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.3.2.bn2.num_batches_tracked"),
+            "features.4.2.block.1.1.num_batches_tracked");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.6.0.se.conv_reduce.weight"), "features.7.0.block.2.fc1.weight");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.6.0.conv_pwl.weight"), "features.7.0.block.3.0.weight");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.6.0.bn3.bias"), "features.7.0.block.3.1.bias");
+  EXPECT_EQ(TimmToTorchvisionName("conv_head.weight"), "features.8.0.weight");
+  EXPECT_EQ(TimmToTorchvisionName("bn2.weight"), "features.8.1.weight");
+  EXPECT_EQ(TimmToTorchvisionName("classifier.weight"), "");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.7.0.conv_pw.weight"), "");
+  EXPECT_EQ(TimmToTorchvisionName("blocks.1.0.conv_pwl"), "");
+}
+
+// A checkpoint of efficientnet_b0, written as the trainer does.
+std::string SaveB0(const std::string& name, common::PipelineConfig* config_out = nullptr) {
+  common::PipelineConfig config;
+  config.model.name = "efficientnet_b0";
+  torch::manual_seed(5);
+  auto model = BuildClassifier(config.model, 3, 4);
+  EXPECT_TRUE(model.ok());
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "efficientnet_b0";
+  meta.num_classes = 4;
+  meta.in_channels = 3;
+  meta.class_names = {"a\"quote", "b", "c", "d"};
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const std::string path = TempPath(name);
+  EXPECT_TRUE(SaveCheckpoint(path, **model, nullptr, meta).ok());
+  if (config_out) *config_out = config;
+  return path;
+}
+
+TEST(ExportCheckpointTest, WritesEveryModelTensorInBothFormatsWithASidecar) {
+  const std::string ckpt = SaveB0("b0.pt");
+  auto expected = ReadCheckpointTensors(ckpt);
+  ASSERT_TRUE(expected.ok());
+  for (const char* format : {"state_dict", "safetensors"}) {
+    ExportOptions o;
+    o.checkpoint = ckpt;
+    o.format = format;
+    o.out = TempPath(std::string("b0_export.") + format);
+    auto r = ExportCheckpoint(o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->torchvision, "efficientnet_b0");
+    EXPECT_EQ(r->sidecar_path, TempPath("b0_export.json"));
+    auto back = ReadStateDict(o.out);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->size(), expected->size());
+    std::map<std::string, at::Tensor> by_name(expected->begin(), expected->end());
+    for (const auto& [name, t] : *back) {
+      ASSERT_TRUE(by_name.count(name)) << name;
+      EXPECT_TRUE(at::equal(by_name[name], t)) << name;
+    }
+    const std::string json = Slurp(r->sidecar_path);
+    EXPECT_NE(json.find(R"("class_names": ["a\"quote", "b", "c", "d"])"), std::string::npos) << json;
+    EXPECT_NE(json.find(R"("window_samples": 160000)"), std::string::npos) << json;
+  }
+}
+
+TEST(ExportCheckpointTest, RefusesAnUnknownFormatBadOutAndNonCheckpoints) {
+  const std::string ckpt = SaveB0("b0_refuse.pt");
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.out = TempPath("x.tflite");
+  o.format = "tflite";
+  EXPECT_EQ(ExportCheckpoint(o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+  o.format = "state_dict";
+  o.out = TempPath("x.json");
+  EXPECT_EQ(ExportCheckpoint(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.out = TempPath("x.pt");
+  o.checkpoint = TempPath("missing.pt");
+  auto r = ExportCheckpoint(o);
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find(o.checkpoint), std::string::npos) << r.status();
+}
+
+TEST(ImportWeightsTest, RefusesAFileWithoutTheBackboneAndWritesNothing) {
+  const std::string in = TempPath("not_backbone.safetensors");
+  ASSERT_TRUE(WriteSafetensors({{"fc.weight", at::zeros({2, 2})}}, in).ok());
+  ImportOptions o;
+  o.in = in;
+  o.out = TempPath("not_backbone_out.safetensors");
+  auto r = ImportWeights(o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.status().message().find("missing"), std::string::npos) << r.status();
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+  o.model = "small_cnn";
+  EXPECT_EQ(ImportWeights(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace aviary::worker
