@@ -142,9 +142,12 @@ int RunTrain(const TrainArgs& args) {
   auto trainer = aviary::worker::Trainer::Create(*config, options);
   if (!trainer.ok()) return Fail("train", trainer.status());
   absl::Status st = (*trainer)->Run();
-  if (absl::IsCancelled(st) && aviary::worker::Signalled()) {
-    std::cerr << "aviary-worker train: " << aviary::worker::StopSignalName() << ": " << st.message()
-              << "; run the same command again to resume\n";
+  if (absl::IsCancelled(st)) {  // only should_stop cancels: a stop signal here or on another rank
+    if (g_session == nullptr || g_session->rank() == 0) {
+      std::cerr << "aviary-worker train: stopped by "
+                << (aviary::worker::Signalled() ? aviary::worker::StopSignalName() : "a signal to another rank")
+                << ": " << st.message() << "; run the same command again to resume\n";
+    }
     return 143;
   }
   if (!st.ok()) return Fail("train", st);

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <csignal>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -170,7 +172,7 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
   return common::WritePng(figure, path);
 }
 
-// AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang]" (tests only).
+// AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm]" (tests only).
 struct FaultPlan {
   int rank = -1;
   int64_t step = -1;
@@ -894,6 +896,14 @@ void Trainer::State::InjectFault(at::Tensor* loss) const {
   if (fault.kind == "hang") {
     Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " stops answering at step ", step));
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  if (fault.kind == "sigterm") {  // a preemption: the stop arrives as a real signal, once
+    static bool raised = false;
+    if (raised) return;
+    raised = true;
+    Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " raises SIGTERM at step ", step));
+    ::raise(SIGTERM);
+    return;
   }
   if (fault.kind == "throw") {
     throw std::runtime_error(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " throws at step ", step));

@@ -49,8 +49,9 @@
 // Resuming picks the newest valid checkpoint among last.pt and last.prev.pt (PickResumeCheckpoint:
 // readable, this stage, fold and task, the highest epoch then attempt) and logs why it skipped
 // the others; one that then fails to restore is skipped for the next.
-// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang]" makes
-// rank R throw, produce a NaN loss, or stop answering at optimizer step K of the run.
+// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm]"
+// makes rank R throw, produce a NaN loss, stop answering, or raise SIGTERM (a preemption) at
+// optimizer step K of the run.
 //
 // Not thread-safe: Run() once, from one thread.
 #ifndef AVIARY_WORKER_TRAINER_H_
