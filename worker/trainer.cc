@@ -689,13 +689,13 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
       mid.correct = meta.epoch_correct;
     }
   }
-  Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta.epoch,
-                          meta.in_epoch >= 0 ? absl::StrCat(" and ", meta.batches_done, " batches of epoch ", meta.in_epoch)
-                                             : std::string(),
-                          " (step ", meta.step,
+  Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta.epoch, " (step ", meta.step,
                           meta.task_id.empty() ? "" : absl::StrCat(", written by task ", meta.task_id, " attempt ",
                                                                        meta.attempt),
-                          ")"));
+                          ")",
+                          meta.in_epoch >= 0 ? absl::StrCat(" mid-epoch: at batch ", meta.batches_done, " of epoch ",
+                                                            meta.in_epoch)
+                                             : std::string()));
   return absl::OkStatus();
 }
 

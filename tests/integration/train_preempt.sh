@@ -45,7 +45,7 @@ preempt() {
     "$tmp/$name.1.log" || { cat "$tmp/$name.1.log"; fail "$name: no mid-epoch checkpoint reported"; }
   $launcher "$w" "${args[@]}" --out "$tmp/$name" > "$tmp/$name.2.log" 2>&1 \
     || { cat "$tmp/$name.2.log"; fail "$name: resume"; return; }
-  grep -q "resuming $tmp/$name/last.pt after epoch 0 and [0-9]* batches of epoch 1 (step 6)" "$tmp/$name.2.log" \
+  grep -q "resuming $tmp/$name/last.pt after epoch 0 (step 6) mid-epoch: at batch [1-9][0-9]* of epoch 1" "$tmp/$name.2.log" \
     || { cat "$tmp/$name.2.log"; fail "$name: did not resume mid-epoch"; }
   if same_history "$tmp/$name.straight" "$tmp/$name"; then ok; else fail "$name: histories differ"; fi
 }
