@@ -758,6 +758,13 @@ const std::vector<Field<TrainConfig>>& FieldsOf<TrainConfig>() {
       MakeField("skip_nonfinite", &TrainConfig::skip_nonfinite),
       MakeField("num_workers", &TrainConfig::num_workers, IntIn(1, 256)),
       MakeField("deterministic", &TrainConfig::deterministic),
+      MakeField("ema_decay", &TrainConfig::ema_decay, UnitHalfOpen()),
+      MakeField("ema_warmup_steps", &TrainConfig::ema_warmup_steps, IntIn(0, 100000000)),
+      MakeField("ema_eval", &TrainConfig::ema_eval),
+      MakeField("grad_clip_norm", &TrainConfig::grad_clip_norm, NonNegativeAtMost(1e6)),
+      MakeField("grad_accum_steps", &TrainConfig::grad_accum_steps, IntIn(1, 65536)),
+      MakeField("early_stop_patience", &TrainConfig::early_stop_patience, IntIn(0, 10000)),
+      MakeField("early_stop_min_delta", &TrainConfig::early_stop_min_delta, NonNegativeAtMost(1e6)),
   };
   return *fields;
 }
@@ -1047,6 +1054,17 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                     "expected a weights file when model.pretrain is 'imagenet', got ''");
   }
 
+  // train.ema_eval validates with the averaged weights: there must be an average.
+  std::vector<std::pair<std::string, const TrainConfig*>> trains{{"train", &config.train}};
+  for (const auto& [name, stage] : config.stages) trains.emplace_back("stages." + name, &stage.train);
+  for (const auto& [prefix, train] : trains) {
+    if (train->ema_eval && train->ema_decay <= 0) {
+      const std::string key = prefix + ".ema_eval";
+      return KeyError(where.Any({key, prefix + ".ema_decay", "train.ema_eval", "train.ema_decay"}), key,
+                      "expected false while ema_decay is 0 (no average to validate), got true");
+    }
+  }
+
   auto pretrain = config.stages.find("pretrain");
   if (pretrain != config.stages.end() && pretrain->second.enabled &&
       config.data.pretrain_sources.empty()) {
@@ -1155,6 +1173,45 @@ std::string PipelineConfigToYaml(const PipelineConfig& config) {
   }
   out << YAML::EndMap;
   return absl::StrCat(out.c_str(), "\n");
+}
+
+namespace {
+
+// Scalars and lists by dotted key ("train.lr", "stages.finetune.epochs"), as flow YAML text.
+void FlattenYaml(const YAML::Node& node, const std::string& prefix, std::map<std::string, std::string>* out) {
+  if (node.IsMap()) {
+    for (const auto& kv : node) {
+      const std::string key = kv.first.as<std::string>();
+      FlattenYaml(kv.second, prefix.empty() ? key : absl::StrCat(prefix, ".", key), out);
+    }
+    return;
+  }
+  YAML::Emitter e;
+  e << YAML::Flow << node;
+  (*out)[prefix] = e.c_str();
+}
+
+}  // namespace
+
+std::vector<ConfigDifference> DiffPipelineConfigs(const PipelineConfig& before, const PipelineConfig& after) {
+  std::map<std::string, std::string> a, b;
+  FlattenYaml(YAML::Load(PipelineConfigToYaml(before)), "", &a);
+  FlattenYaml(YAML::Load(PipelineConfigToYaml(after)), "", &b);
+  std::vector<ConfigDifference> out;
+  for (const auto& [key, value] : a) {
+    auto it = b.find(key);
+    if (it == b.end()) {
+      out.push_back({key, value, "(absent)"});
+    } else if (it->second != value) {
+      out.push_back({key, value, it->second});
+    }
+  }
+  for (const auto& [key, value] : b) {
+    if (a.count(key) == 0) out.push_back({key, "(absent)", value});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const ConfigDifference& x, const ConfigDifference& y) { return x.key < y.key; });
+  return out;
 }
 
 absl::StatusOr<const StageConfig*> GetStage(const PipelineConfig& config,

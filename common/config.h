@@ -122,6 +122,18 @@ struct TrainConfig {
   // false: cuDNN picks the fastest algorithms for the shapes (benchmark mode). CPU: no effect
   // (the CPU kernels are deterministic).
   bool deterministic = false;
+  // Exponential moving average of the weights (worker/ema.h): 0 = off, else the decay in
+  // (0, 1); its warm-up ramps the decay from 0 over the first this many optimizer steps; with
+  // ema_eval validation, the monitor and best.pt use the averaged weights.
+  double ema_decay = 0.0;          // [0, 1)
+  int ema_warmup_steps = 0;        // >= 0
+  bool ema_eval = false;           // needs ema_decay > 0
+  double grad_clip_norm = 0.0;     // > 0: clip the all-reduced gradient to this L2 norm; 0 = off
+  int grad_accum_steps = 1;        // micro-batches per optimizer step, >= 1
+  // Early stopping: stop when the monitor has not improved by more than early_stop_min_delta
+  // for early_stop_patience epochs (0 = off).
+  int early_stop_patience = 0;     // >= 0
+  double early_stop_min_delta = 0.0;  // >= 0
 };
 
 struct StageConfig {
@@ -184,6 +196,17 @@ absl::Status ValidatePipelineConfig(const PipelineConfig& config);
 // is written as `enabled` plus the train.* keys where it differs from `train`; doubles are
 // written with the fewest digits that read back exactly.
 std::string PipelineConfigToYaml(const PipelineConfig& config);
+
+// One key whose value differs between two configs: the dotted key ("train.lr",
+// "stages.finetune.epochs") and both values as YAML flow text ("(absent)" on the side without it).
+struct ConfigDifference {
+  std::string key;
+  std::string before;
+  std::string after;
+};
+// The differences between two configs, compared as PipelineConfigToYaml writes them (a stage
+// lists only its overrides of train.*), in key order.
+std::vector<ConfigDifference> DiffPipelineConfigs(const PipelineConfig& before, const PipelineConfig& after);
 
 // The stage's settings; INVALID_ARGUMENT naming the stage when it is not a known stage.
 absl::StatusOr<const StageConfig*> GetStage(const PipelineConfig& config, const std::string& stage);

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <algorithm>
 #include <sstream>
+#include <tuple>
 
 #include <type_traits>
 #include <utility>
@@ -38,10 +39,21 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   out << YAML::Key << "class_names" << YAML::Value << YAML::Flow << m.class_names;
   out << YAML::Key << "config_yaml" << YAML::Value << YAML::Literal << m.config_yaml;
   out << YAML::Key << "history_csv" << YAML::Value << YAML::Literal << m.history_csv;
-  out << YAML::Key << "train_auc" << YAML::Value << YAML::Flow << YAML::Precision(17) << m.train_auc;
   out << YAML::Key << "skipped_steps" << YAML::Value << m.skipped_steps;
   out << YAML::Key << "task_id" << YAML::Value << m.task_id;
   out << YAML::Key << "attempt" << YAML::Value << m.attempt;
+  if (m.in_epoch >= 0) {
+    out << YAML::Key << "in_epoch" << YAML::Value << m.in_epoch;
+    out << YAML::Key << "batches_done" << YAML::Value << m.batches_done;
+    out << YAML::Key << "epoch_loss_sum" << YAML::Value << YAML::Precision(17) << m.epoch_loss_sum;
+    out << YAML::Key << "epoch_seen" << YAML::Value << m.epoch_seen;
+    out << YAML::Key << "epoch_correct" << YAML::Value << m.epoch_correct;
+  }
+  if (m.early_stop_epoch >= 0 || m.stopped_early) {
+    out << YAML::Key << "early_stop_value" << YAML::Value << YAML::Precision(17) << m.early_stop_value;
+    out << YAML::Key << "early_stop_epoch" << YAML::Value << m.early_stop_epoch;
+    out << YAML::Key << "stopped_early" << YAML::Value << m.stopped_early;
+  }
   out << YAML::EndMap;
   return out.c_str();
 }
@@ -64,10 +76,21 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     m.class_names = n["class_names"].as<std::vector<std::string>>();
     m.config_yaml = n["config_yaml"].as<std::string>();
     m.history_csv = n["history_csv"].as<std::string>();
-    if (n["train_auc"]) m.train_auc = n["train_auc"].as<std::vector<double>>();
     if (n["skipped_steps"]) m.skipped_steps = n["skipped_steps"].as<int64_t>();
     if (n["task_id"]) m.task_id = n["task_id"].as<std::string>();
     if (n["attempt"]) m.attempt = n["attempt"].as<int>();
+    if (n["in_epoch"]) {
+      m.in_epoch = n["in_epoch"].as<int>();
+      m.batches_done = n["batches_done"].as<int64_t>();
+      m.epoch_loss_sum = n["epoch_loss_sum"].as<double>();
+      m.epoch_seen = n["epoch_seen"].as<int64_t>();
+      m.epoch_correct = n["epoch_correct"].as<int64_t>();
+    }
+    if (n["early_stop_epoch"]) {
+      m.early_stop_value = n["early_stop_value"].as<double>();
+      m.early_stop_epoch = n["early_stop_epoch"].as<int>();
+      m.stopped_early = n["stopped_early"].as<bool>();
+    }
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": checkpoint metadata is unreadable: ", e.what()));
@@ -94,7 +117,7 @@ absl::Status Guard(const std::string& what, Fn&& fn) {
 
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
                             const AdamOptimizer* optimizer, const CheckpointMeta& meta,
-                            const common::AtomicWriteOptions& write) {
+                            const common::AtomicWriteOptions& write, const CheckpointGroups& groups) {
   // Serialized in memory first: torch's file writer throws from its destructor when the disk
   // fills up (c10::Error "unexpected pos"), which ends the process; a string cannot fail so.
   std::ostringstream bytes;
@@ -108,6 +131,11 @@ absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
       torch::serialize::OutputArchive optim;
       for (const auto& [name, t] : optimizer->ExportState()) optim.write(name, t, /*is_buffer=*/true);
       archive.write("optimizer_state", optim);
+    }
+    for (const auto& [group, tensors] : groups) {
+      torch::serialize::OutputArchive g;
+      for (const auto& [name, t] : tensors) g.write(name, t, /*is_buffer=*/true);
+      archive.write(group, g);
     }
     archive.write("meta", c10::IValue(MetaToYaml(meta)));
     archive.save_to(bytes);
@@ -138,7 +166,10 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
     }
     if (choice.index >= 0) {
       const CheckpointMeta& best = *candidates[choice.index].meta;
-      if (std::make_pair(m.epoch, m.attempt) <= std::make_pair(best.epoch, best.attempt)) {
+      auto position = [](const CheckpointMeta& c) {
+        return std::make_tuple(c.epoch, c.attempt, c.in_epoch >= 0 ? c.batches_done : int64_t{-1});
+      };
+      if (position(m) <= position(best)) {
         choice.skipped[i] = absl::StrCat(c.path, " holds epoch ", m.epoch, " (attempt ", m.attempt, "), not newer than ",
                                          candidates[choice.index].path);
         continue;
@@ -191,6 +222,28 @@ absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
     for (const std::string& key : weights.keys()) {
       at::Tensor t;
       weights.read(key, t);
+      out.emplace_back(key, t);
+    }
+  });
+  if (!st.ok()) return st;
+  return out;
+}
+
+absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group) {
+  torch::serialize::InputArchive archive;
+  absl::Status st = OpenArchive(path, &archive);
+  if (!st.ok()) return st;
+  std::vector<std::string> keys = archive.keys();
+  if (std::find(keys.begin(), keys.end(), group) == keys.end()) {
+    return absl::NotFoundError(absl::StrCat(path, ": holds no ", group));
+  }
+  NamedTensors out;
+  st = Guard(absl::StrCat(path, ": reading ", group), [&] {
+    torch::serialize::InputArchive g;
+    archive.read(group, g);
+    for (const std::string& key : g.keys()) {
+      at::Tensor t;
+      g.read(key, t, /*is_buffer=*/true);
       out.emplace_back(key, t);
     }
   });

@@ -37,20 +37,37 @@ struct CheckpointMeta {
   std::vector<std::string> class_names;  // index = target
   std::string config_yaml;               // the resolved config of the run
   std::string history_csv;               // history.csv up to `epoch`
-  std::vector<double> train_auc;         // per epoch, for history.png (not a history.csv column)
   int64_t skipped_steps = 0;             // non-finite steps skipped (train.skip_nonfinite)
   // The lease that wrote it (fencing, docs/SERVICE.md): the coordinator's task id and attempt;
   // "" and 0 for `aviary-worker train` and checkpoints written before.
   std::string task_id;
   int attempt = 0;
+  // A checkpoint written mid-epoch (a stop or preemption, TrainOptions::should_stop): epoch
+  // `in_epoch` (= epoch + 1) is in progress and its first `batches_done` loader batches are
+  // trained; `epoch_loss_sum`, `epoch_seen` and `epoch_correct` are the epoch's running totals
+  // over every rank. -1: an epoch end.
+  int in_epoch = -1;
+  int64_t batches_done = 0;
+  double epoch_loss_sum = 0;
+  int64_t epoch_seen = 0;
+  int64_t epoch_correct = 0;
+  // Early stopping (train.early_stop_patience): the monitor value the patience counts from, its
+  // epoch (-1: none yet), and whether the run stopped early (it then has nothing left to do).
+  double early_stop_value = 0;
+  int early_stop_epoch = -1;
+  bool stopped_early = false;
 };
+
+// Named tensor groups stored beside the model and optimizer state ("ema_state").
+using CheckpointGroups = std::vector<std::pair<std::string, NamedTensors>>;
 
 // Saves `model` (and `optimizer`'s state when not null) with `meta` to `path` atomically;
 // `write` adds the lease check before the rename and keeps the previous file (last.prev.pt).
 // Errors are those of common::WriteFileAtomically (path, errno; a storage-fault payload).
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
                             const AdamOptimizer* optimizer, const CheckpointMeta& meta,
-                            const common::AtomicWriteOptions& write = {});
+                            const common::AtomicWriteOptions& write = {},
+                            const CheckpointGroups& groups = {});
 
 // One checkpoint a run could resume from, and what reading its metadata gave.
 struct ResumeCandidate {
@@ -60,7 +77,8 @@ struct ResumeCandidate {
 // The choice among the candidates: the index of the newest valid one (-1: none) and, per
 // candidate, why it was skipped ("" for the chosen one). Valid: its metadata was read, its stage
 // and fold are `stage` and `fold`, and when both it and `task_id` name a task, the same task.
-// Newest: the highest epoch, then the highest attempt, then the earlier candidate.
+// Newest: the highest epoch, then the highest attempt, then the most batches of the next epoch
+// (a mid-epoch checkpoint), then the earlier candidate.
 struct ResumeChoice {
   int index = -1;
   std::vector<std::string> skipped;
@@ -73,6 +91,10 @@ absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
 
 // The model tensors of a checkpoint, by name (for initialising another model from it).
 absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path);
+
+// One of the checkpoint's named groups (CheckpointGroups); NOT_FOUND when it has none of that
+// name.
+absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group);
 
 // Restores `model` (and `optimizer`) from a checkpoint of the same model and classes. Refuses,
 // naming both sides, a checkpoint of another model, class count or input channels. The

@@ -118,7 +118,7 @@ std::vector<std::vector<int64_t>> Loader::Plan(int epoch) const {
   return plan;
 }
 
-void Loader::StartEpoch(int epoch) {
+void Loader::StartEpoch(int epoch, int64_t first_batch) {
   std::vector<std::vector<int64_t>> plan = Plan(epoch);
   auto order = std::make_shared<std::vector<int64_t>>();
   if (options_.train) {
@@ -131,8 +131,8 @@ void Loader::StartEpoch(int epoch) {
     plan_ = std::move(plan);
     epoch_order_ = std::move(order);
     ready_.clear();
-    next_to_build_ = 0;
-    next_to_consume_ = 0;
+    next_to_build_ = std::clamp<int64_t>(first_batch, 0, static_cast<int64_t>(plan_.size()));
+    next_to_consume_ = next_to_build_;
     error_ = absl::OkStatus();
     consumed_.SignalAll();
   }

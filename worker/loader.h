@@ -92,8 +92,10 @@ class Loader {
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
 
-  // Starts producing epoch `epoch` (stops an epoch in progress).
-  void StartEpoch(int epoch);
+  // Starts producing epoch `epoch` (stops an epoch in progress) from its batch `first_batch`
+  // (a run resumed mid-epoch: the batches before it are not built; what follows is what an
+  // uninterrupted epoch produces there).
+  void StartEpoch(int epoch, int64_t first_batch = 0);
   // The next batch of the epoch in order; false at the end of the epoch. An error (e.g. more
   // than max_substitutions broken clips in a row) is returned as a status.
   absl::StatusOr<bool> Next(Batch* batch);

@@ -37,6 +37,7 @@
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
 #include "worker/agent/agent.h"
+#include "worker/agent/signals.h"
 #include "worker/tools/tools.h"
 #include "worker/trainer.h"
 
@@ -90,6 +91,7 @@ struct TrainArgs {
   std::vector<std::string> overrides;
   aviary::worker::TrainOptions options;  // stage, fold, out_dir, init_checkpoint
   bool no_resume = false;
+  bool extend_epochs = false;
   std::string device = "auto";
   int threads = 0;  // 0: DefaultThreads()
   std::string log_level;
@@ -109,6 +111,7 @@ int RunTrain(const TrainArgs& args) {
   if (!config.ok()) return Fail("train", config.status());
   aviary::worker::TrainOptions options = args.options;
   options.resume = !args.no_resume;
+  options.extend_epochs = args.extend_epochs;
   if (args.device == "cuda" || (args.device == "auto" && at::hasCUDA())) options.device = RankDevice(true);
   at::set_num_threads(args.threads > 0 ? args.threads : DefaultThreads());
   options.progress_bar = ::isatty(STDERR_FILENO) != 0 && (g_session == nullptr || g_session->rank() == 0);
@@ -119,6 +122,17 @@ int RunTrain(const TrainArgs& args) {
     comm = std::move(*c);
     options.comm = comm.get();
   }
+  // SIGTERM / SIGINT / SIGUSR2 (a preemption): the run stops at the next optimizer step with
+  // last.pt at that step, and a rerun resumes there. Under mpirun every rank must stop at the
+  // same step: the ranks agree on the flag (one small all-reduce per step).
+  aviary::worker::InstallStopSignalHandlers();
+  aviary::worker::comm::Communicator* group = options.comm;
+  options.should_stop = [group] {
+    if (group == nullptr || group->world_size() == 1) return aviary::worker::Signalled();
+    at::Tensor flag = at::tensor({aviary::worker::Signalled() ? int64_t{1} : int64_t{0}}, at::kLong);
+    absl::Status st = group->AllReduce(flag, aviary::worker::comm::ReduceOp::kMax);
+    return !st.ok() || flag.item<int64_t>() != 0;
+  };
   std::error_code ec;
   std::filesystem::create_directories(options.out_dir, ec);
   if (ec) {
@@ -128,6 +142,14 @@ int RunTrain(const TrainArgs& args) {
   auto trainer = aviary::worker::Trainer::Create(*config, options);
   if (!trainer.ok()) return Fail("train", trainer.status());
   absl::Status st = (*trainer)->Run();
+  if (absl::IsCancelled(st)) {  // only should_stop cancels: a stop signal here or on another rank
+    if (g_session == nullptr || g_session->rank() == 0) {
+      std::cerr << "aviary-worker train: stopped by "
+                << (aviary::worker::Signalled() ? aviary::worker::StopSignalName() : "a signal to another rank")
+                << ": " << st.message() << "; run the same command again to resume\n";
+    }
+    return 143;
+  }
   if (!st.ok()) return Fail("train", st);
   const auto& history = (*trainer)->history();
   if (!history.empty() && (g_session == nullptr || g_session->rank() == 0)) {
@@ -291,7 +313,9 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   CLI::App* t = aviary::common::AddCommand(
       app, "train", "one stage of one fold on this machine",
       "RUN gets history.csv, best.pt, last.pt, config.yaml and history.png; a RUN holding last.pt is "
-      "resumed. Under `mpirun -np N` every rank is a replica (data parallel, comm.* settings).");
+      "resumed (refused, naming the keys, when its config differs). SIGTERM/SIGINT/SIGUSR2 stop at the next "
+      "step with last.pt at that step (exit 143); the same command resumes there. Under `mpirun -np N` every "
+      "rank is a replica (data parallel, comm.* settings).");
   t->add_option("--config", train->config, "the pipeline YAML")->type_name("P.yaml")->required();
   t->add_option("--stage", train->options.stage, "pretrain or finetune")
       ->type_name("S")
@@ -301,6 +325,8 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   t->add_option("--out", train->options.out_dir, "the run folder")->type_name("RUN")->required();
   t->add_option("--init", train->options.init_checkpoint, "start from this checkpoint's weights")->type_name("CKPT");
   t->add_flag("--no-resume", train->no_resume, "start over even if RUN holds last.pt");
+  t->add_flag("--extend-epochs", train->extend_epochs,
+              "resume RUN although its config had other epochs (train on to the new count)");
   t->add_option("--device", train->device, "auto uses the GPU when libtorch has CUDA")
       ->type_name("auto|cpu|cuda")
       ->check(OneOf({"auto", "cpu", "cuda"}));

@@ -1,5 +1,7 @@
 #include "worker/train_step.h"
 
+#include <limits>
+
 #include <ATen/autocast_mode.h>
 #include <torch/utils.h>
 #include <torch/version.h>
@@ -77,15 +79,80 @@ StepForward TrainStep::ModelForward(const at::Tensor& input, const at::Tensor& t
 }
 
 absl::Status TrainStep::Update(const at::Tensor& loss) {
+  absl::Status st = Backward(loss);
+  if (!st.ok()) return st;
+  Apply();
+  return absl::OkStatus();
+}
+
+absl::Status TrainStep::Backward(const at::Tensor& loss) {
+  const int k = train_.grad_accum_steps;
   optimizer_->ZeroGrad();
   if (reducer_ != nullptr) reducer_->Prepare();
-  loss.backward();
+  // K = 1 keeps the loss as it is (bit-identical to runs before accumulation existed).
+  (k > 1 ? loss / static_cast<double>(k) : loss).backward();
   if (reducer_ != nullptr) {
     absl::Status st = reducer_->Finish();
     if (!st.ok()) return st;
   }
-  optimizer_->Step();
+  ++pending_;
+  if (k > 1) {
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> params = model_->parameters();
+    if (accum_.empty()) accum_.resize(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor& g = params[i].grad();
+      if (!g.defined()) continue;
+      if (accum_[i].defined()) {
+        accum_[i].add_(g);
+      } else {
+        accum_[i] = g.clone();
+      }
+    }
+  }
   return absl::OkStatus();
+}
+
+bool TrainStep::Apply() {
+  if (pending_ == 0) return false;
+  const int k = train_.grad_accum_steps;
+  std::vector<at::Tensor> params = model_->parameters();
+  if (k > 1) {
+    torch::NoGradGuard no_grad;
+    const int n = pending_;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!accum_[i].defined()) {
+        params[i].mutable_grad() = at::Tensor();
+        continue;
+      }
+      if (n < k) accum_[i].mul_(static_cast<double>(k) / n);
+      params[i].mutable_grad() = std::move(accum_[i]);
+    }
+    accum_.clear();
+  }
+  pending_ = 0;
+  last_grad_norm_ = std::numeric_limits<double>::quiet_NaN();
+  if (train_.grad_clip_norm > 0) last_grad_norm_ = ClipGradNorm(params, train_.grad_clip_norm);
+  optimizer_->Step();
+  return true;
+}
+
+double ClipGradNorm(const std::vector<at::Tensor>& params, double max_norm) {
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& p : params) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  if (grads.empty()) return 0.0;
+  std::vector<at::Tensor> norms;
+  norms.reserve(grads.size());
+  for (const at::Tensor& g : grads) norms.push_back(g.detach().norm(2.0).to(at::kFloat));
+  const at::Tensor total = at::stack(norms).norm(2.0);
+  // As torch: the factor clamped to 1 and always applied (x 1.0 changes nothing), no sync
+  // beyond the one .item() that reports the norm.
+  const at::Tensor coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+  for (at::Tensor& g : grads) g.mul_(coef.to(g.device(), g.scalar_type()));
+  return total.item<double>();
 }
 
 }  // namespace aviary::worker

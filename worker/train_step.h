@@ -8,6 +8,20 @@
 //             the reducer's Finish, the optimizer step.
 // Between the two the trainer checks the loss (non-finite steps are skipped on every rank).
 //
+// Gradient accumulation (train.grad_accum_steps = K > 1): Backward() runs once per micro-batch
+// on loss / K, all-reduces that micro-batch's gradient (the reducer replaces .grad) and adds it
+// to an accumulator; Apply() puts the sum into .grad and steps. Averaging is linear, so the
+// result is the gradient of the mean loss over the K micro-batches of every rank: one step on
+// batch_size x ranks x K samples (up to float rounding; BatchNorm layers in training mode
+// normalize each micro-batch with its own statistics, as each rank does without SyncBatchNorm).
+// An optimizer step made of n < K micro-batches (the end of an epoch, skipped micro-batches)
+// scales the sum by K / n: the mean over the micro-batches it has.
+// Gradient clipping (train.grad_clip_norm > 0): in Apply(), after the all-reduce and the
+// accumulation, torch.nn.utils.clip_grad_norm_'s semantics: total = the L2 norm of all the
+// gradients, and when total > max_norm every gradient is multiplied by max_norm / (total + 1e-6).
+// Every rank holds the same averaged gradient then, so every rank clips by the same factor: the
+// norm is that of the all-reduced gradient.
+//
 // Determinism: dropout and stochastic depth draw from the device's default generator, which
 // Forward seeds with `seeds.dropout`; augmentation and SpecAugment draw from generators of their
 // own seeded with `seeds.augment` and `seeds.spec_augment`.
@@ -18,6 +32,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -70,9 +85,19 @@ class TrainStep {
   // [B, num_classes] already on the device (benchmarks of the model step alone).
   StepForward ForwardFeatures(const at::Tensor& features, const at::Tensor& targets,
                               uint64_t dropout_seed) const;
-  // Backward, the gradient all-reduce and the optimizer step. Errors come from the reducer
-  // (a collective that failed or timed out); the group must then end.
+  // Backward, the gradient all-reduce and the optimizer step (Backward then Apply). Errors come
+  // from the reducer (a collective that failed or timed out); the group must then end.
   absl::Status Update(const at::Tensor& loss);
+  // One micro-batch: backward of loss / grad_accum_steps and its gradient all-reduce, added to
+  // the accumulator when grad_accum_steps > 1 (see the file comment).
+  absl::Status Backward(const at::Tensor& loss);
+  // The optimizer step on what Backward() gathered since the last Apply (clipped when
+  // train.grad_clip_norm > 0). False, without a step, when no micro-batch was gathered.
+  bool Apply();
+  // Micro-batches gathered since the last Apply().
+  int pending_micro_batches() const { return pending_; }
+  // The gradient's L2 norm before clipping at the last Apply() (NaN when clipping is off).
+  double last_grad_norm() const { return last_grad_norm_; }
 
   bool autocast() const { return autocast_; }
 
@@ -88,7 +113,14 @@ class TrainStep {
   comm::Reducer* reducer_;
   c10::Device device_;
   bool autocast_;
+  std::vector<at::Tensor> accum_;  // per trainable parameter (grad_accum_steps > 1)
+  int pending_ = 0;
+  double last_grad_norm_ = 0;
 };
+
+// torch.nn.utils.clip_grad_norm_ (norm_type 2, error_if_nonfinite false) over the gradients of
+// `params` (those without one are left out): returns the total norm before clipping.
+double ClipGradNorm(const std::vector<at::Tensor>& params, double max_norm);
 
 }  // namespace aviary::worker
 

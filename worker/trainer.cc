@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <csignal>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/match.h"
 #include "common/catalog.h"
 #include "common/csv.h"
 #include "common/files.h"
@@ -28,6 +31,7 @@
 #include "worker/augment.h"
 #include "worker/checkpoint.h"
 #include "worker/data/clip_loader.h"
+#include "worker/ema.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/reducer.h"
 #include "worker/frontend.h"
@@ -47,7 +51,6 @@ const common::Logger& Log() {
   return logger;
 }
 
-constexpr size_t kMaxTrainAucRows = 20000;  // rows kept per epoch for the train AUC
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 std::string Num(double v) {
@@ -106,8 +109,19 @@ double MonitorValue(const std::string& monitor, const EpochRecord& r) {
   return r.val_auc;
 }
 
-// The notebook's plot_history: AUC (train, val; best marked) and loss on a second axis (the
-// minimum validation loss marked).
+// What each monitor is called in plots and logs.
+std::string MonitorTitle(const std::string& monitor) {
+  if (monitor == "roc_auc") return "val_roc_auc (BirdCLEF macro ROC-AUC)";
+  if (monitor == "cmap") return "val_cmap (padded cmAP)";
+  if (monitor == "acc") return "val_acc (accuracy)";
+  if (monitor == "loss") return "val_loss";
+  return "val_auc (micro PR-AUC)";
+}
+
+// The notebook's plot_history, from history.csv's columns only: the validation micro PR-AUC
+// (val_auc) and BirdCLEF macro ROC-AUC (val_roc_auc), the best epoch of the monitored one
+// marked, and the losses on a second axis (the minimum validation loss marked). Epochs are
+// history.csv's (0-based).
 absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::string& monitor,
                               const std::string& title, const std::string& path) {
   auto series = [](const char* name, int color, bool loss) {
@@ -118,16 +132,16 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
     s.dashed = loss;
     return s;
   };
-  common::Series train_auc = series("train AUC", 0, false);
-  common::Series val_auc = series("val AUC", 1, false);
-  common::Series train_loss = series("train loss", 2, true);
-  common::Series val_loss = series("val loss", 3, true);
+  common::Series val_auc = series("val_auc (micro PR-AUC)", 1, false);
+  common::Series val_roc = series("val_roc_auc (BirdCLEF macro ROC-AUC)", 0, false);
+  common::Series train_loss = series("train_loss", 2, true);
+  common::Series val_loss = series("val_loss", 3, true);
   int best = -1, min_loss = -1;
   for (size_t i = 0; i < rows.size(); ++i) {
     const EpochRecord& r = rows[i];
-    for (auto* s : {&train_auc, &val_auc, &train_loss, &val_loss}) s->x.push_back(r.epoch);
-    train_auc.y.push_back(r.train_auc);
+    for (auto* s : {&val_auc, &val_roc, &train_loss, &val_loss}) s->x.push_back(r.epoch);
     val_auc.y.push_back(r.val_auc);
+    val_roc.y.push_back(r.val_roc_auc);
     train_loss.y.push_back(r.train_loss);
     val_loss.y.push_back(r.val_loss);
     if (r.best) best = static_cast<int>(i);
@@ -135,20 +149,22 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
       min_loss = static_cast<int>(i);
     }
   }
-  if (best >= 0 && monitor != "loss") {
-    val_auc.marker_index = best;
-    val_auc.marker_label = absl::StrFormat("best %.4f (epoch %d)", rows[best].val_auc, rows[best].epoch);
+  common::Series* marked = monitor == "roc_auc" ? &val_roc : monitor == "auc" ? &val_auc : nullptr;
+  if (best >= 0 && marked != nullptr) {
+    marked->marker_index = best;
+    marked->marker_label = absl::StrFormat("best %.4f (epoch %d)", marked->y[best], rows[best].epoch);
   }
   if (min_loss >= 0) {
     val_loss.marker_index = min_loss;
-    val_loss.marker_label = absl::StrFormat("min %.4f", rows[min_loss].val_loss);
+    val_loss.marker_label = absl::StrFormat("min %.4f (epoch %d)", rows[min_loss].val_loss, rows[min_loss].epoch);
   }
   common::Panel panel;
-  panel.title = title;
-  panel.x_label = "epoch";
+  panel.title = absl::StrCat(title, "; monitor ", MonitorTitle(monitor),
+                             best >= 0 ? absl::StrCat(", best epoch ", rows[best].epoch) : std::string());
+  panel.x_label = "epoch (0-based, as history.csv)";
   panel.y_label = "AUC";
   panel.y2_label = "loss";
-  panel.lines = {train_auc, val_auc, train_loss, val_loss};
+  panel.lines = {val_auc, val_roc, train_loss, val_loss};
   common::Figure figure;
   figure.width = 1100;
   figure.height = 520;
@@ -156,7 +172,7 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
   return common::WritePng(figure, path);
 }
 
-// AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang]" (tests only).
+// AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm]" (tests only).
 struct FaultPlan {
   int rank = -1;
   int64_t step = -1;
@@ -221,7 +237,19 @@ struct Trainer::State {
   int best_epoch = -1;
   int64_t skipped_steps = 0;
   std::vector<EpochRecord> history;
-  std::vector<double> train_auc;
+  int accum = 1;                  // train.grad_accum_steps: loader batches per optimizer step
+  std::unique_ptr<WeightEma> ema;  // train.ema_decay > 0
+  // Early stopping (train.early_stop_patience): the value and epoch the patience counts from.
+  double early_stop_value = kNaN;
+  int early_stop_epoch = -1;
+  bool stopped_early = false;
+  // A mid-epoch last.pt (CheckpointMeta::in_epoch): where start_epoch resumes and its totals.
+  struct MidEpoch {
+    int64_t batches_done = 0;
+    double loss_sum = 0;
+    int64_t seen = 0, correct = 0;
+  };
+  MidEpoch mid;
 
   std::string Path(const std::string& name) const { return options.out_dir + "/" + name; }
   void SetLr(double lr) { optimizer->set_lr(lr); }
@@ -245,11 +273,26 @@ struct Trainer::State {
     m.class_names = table.class_names;
     m.config_yaml = common::PipelineConfigToYaml(config);
     m.history_csv = HistoryCsv(history);
-    m.train_auc = train_auc;
     m.skipped_steps = skipped_steps;
     m.task_id = options.task_id;
     m.attempt = options.attempt;
+    m.early_stop_value = early_stop_value;
+    m.early_stop_epoch = early_stop_epoch;
+    m.stopped_early = stopped_early;
     return m;
+  }
+  // Whether `v` improves on early_stop_value by more than train.early_stop_min_delta.
+  bool ImprovedForEarlyStop(double v) const {
+    if (std::isnan(v)) return false;
+    if (std::isnan(early_stop_value)) return true;
+    const double delta = train.early_stop_min_delta;
+    return train.monitor == "loss" ? v < early_stop_value - delta : v > early_stop_value + delta;
+  }
+  // The groups last.pt carries beside the model and optimizer (the EMA's state).
+  CheckpointGroups LastGroups() const {
+    CheckpointGroups groups;
+    if (ema) groups.emplace_back("ema_state", ema->ExportState());
+    return groups;
   }
   // One epoch's running totals (TrainEpoch's steps), this rank's until FinishEpoch.
   struct EpochTally {
@@ -259,10 +302,10 @@ struct Trainer::State {
     double loss_sum = 0.0;
     int64_t seen = 0;
     int64_t correct = 0;
-    std::vector<float> probs;   // train_auc's sample: probabilities, kMaxTrainAucRows rows at most
-    std::vector<int64_t> hard;  // and their classes
     std::chrono::steady_clock::time_point start, last_log, step_start;
     double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
+    int64_t first_batch = 0;        // > 0: resumed mid-epoch at this loader batch
+    int64_t step_samples = 0;       // this rank's samples in the optimizer step so far
   };
 
   absl::StatusOr<EpochRecord> TrainEpoch(int epoch);
@@ -270,6 +313,11 @@ struct Trainer::State {
   EpochTally StartEpoch(int epoch);
   absl::Status TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t);
   absl::StatusOr<EpochRecord> FinishEpoch(const EpochTally& t);
+  // A stop between optimizer steps, before loader batch `next` of the epoch: last.pt at this
+  // step (rank 0; every rank learns the outcome), then CANCELLED.
+  absl::Status StopMidEpoch(const EpochTally& t, int64_t next);
+  // The epoch's monitor value into best / early stopping; true when the run stops early here.
+  bool TrackMonitor(EpochRecord* record);
   // TrainBatch's parts.
   StepSeeds SeedsFor(int epoch, int64_t s) const;
   void InjectFault(at::Tensor* loss) const;
@@ -295,15 +343,26 @@ struct Trainer::State {
   absl::Status CreateLoaders();
   absl::Status BuildModel();
   absl::Status Resume();
+  // Resume's checks and restores of the chosen checkpoint, in order.
+  absl::Status CheckConfigUnchanged(const CheckpointMeta& meta, const std::string& path) const;
+  absl::Status RestoreRunState(const CheckpointMeta& meta, const std::string& path);
   absl::Status JoinGroup();
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
 absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common::AtomicWriteOptions& write) {
-  if (best) AVIARY_RETURN_IF_ERROR(SaveCheckpoint(Path("best.pt"), *model, nullptr, Meta(epoch), write));
+  if (best) {
+    // train.ema_eval: best.pt holds the averaged weights, the ones that were validated.
+    const bool swap = ema && train.ema_eval;
+    if (swap) ema->Swap(*model);
+    absl::Status saved = SaveCheckpoint(Path("best.pt"), *model, nullptr, Meta(epoch), write);
+    if (swap) ema->Swap(*model);
+    AVIARY_RETURN_IF_ERROR(saved);
+  }
   common::AtomicWriteOptions last = write;
   last.keep_previous_as = Path("last.prev.pt");
-  AVIARY_RETURN_IF_ERROR(SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), Meta(epoch), last));
+  AVIARY_RETURN_IF_ERROR(
+      SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), Meta(epoch), last, LastGroups()));
   AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(Path("history.csv"), HistoryCsv(history), write));
   // history.png is drawn straight to its file: the fence is checked before, not at its rename.
   absl::Status plot = write.check ? write.check(Path("history.png")) : absl::OkStatus();
@@ -398,7 +457,8 @@ absl::Status Trainer::State::LoadItems() {
     size_t keep = static_cast<size_t>(train.batch_size) * world * 2;
     if (valid_items.size() > keep) valid_items.resize(keep);
   }
-  global_batch = train.batch_size * world;
+  accum = train.grad_accum_steps;
+  global_batch = train.batch_size * world * accum;
   return absl::OkStatus();
 }
 
@@ -507,6 +567,7 @@ absl::Status Trainer::State::BuildModel() {
   }
   AVIARY_RETURN_IF_ERROR(PlaceModel(*model, options.device, channels_last));
   AVIARY_ASSIGN_OR_RETURN(optimizer, AdamOptimizer::FromConfig(train, *model));
+  if (train.ema_decay > 0) ema = std::make_unique<WeightEma>(*model, train.ema_decay, train.ema_warmup_steps);
   return absl::OkStatus();
 }
 
@@ -532,6 +593,7 @@ absl::Status Trainer::State::Resume() {
     }
     const std::string last = candidates[choice.index].path;
     const CheckpointMeta& found = *candidates[choice.index].meta;
+    AVIARY_RETURN_IF_ERROR(CheckConfigUnchanged(found, last));
     absl::StatusOr<CheckpointMeta> meta =
         found.class_names == table.class_names
             ? RestoreCheckpoint(last, *model, optimizer.get())
@@ -547,23 +609,94 @@ absl::Status Trainer::State::Resume() {
         Log().Info(absl::StrCat("resume: skipped ", choice.skipped[i]));
       }
     }
-    AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta->history_csv, last));
-    train_auc = meta->train_auc;
-    for (size_t i = 0; i < history.size(); ++i) {
-      if (i < train_auc.size()) history[i].train_auc = train_auc[i];
-      history[i].best = history[i].epoch == meta->best_epoch;
-    }
-    start_epoch = meta->epoch + 1;
-    step = meta->step;
-    best_value = meta->best_value;
-    best_epoch = meta->best_epoch;
-    skipped_steps = meta->skipped_steps;
-    Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta->epoch, " (step ", meta->step,
-                            meta->task_id.empty() ? "" : absl::StrCat(", written by task ", meta->task_id, " attempt ",
-                                                                         meta->attempt),
-                            ")"));
+    return RestoreRunState(*meta, last);
+  }
+}
+
+// Settings that change how fast a run goes, not what it computes: they may differ on resume.
+static bool OperationalKey(const std::string& key) {
+  return key == "data.cache_dir" || absl::StartsWith(key, "comm.") || key == "train.num_workers";
+}
+
+// The run folder's config (the checkpoint's) against this run's: a difference is refused, naming
+// the keys, unless it is only epochs and TrainOptions::extend_epochs allows that.
+absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, const std::string& path) const {
+  // Read back through the typed config, so that keys added since the checkpoint was written
+  // compare at their defaults.
+  absl::StatusOr<common::PipelineConfig> before = common::ParsePipelineConfig(meta.config_yaml, path + " config");
+  if (!before.ok()) {
+    Log().Warn(absl::StrCat("resume: cannot compare configs: ", before.status().message()));
     return absl::OkStatus();
   }
+  // What this stage trains with: its effective train.* settings under `train`, no stage
+  // overrides (the other stage's settings do not matter to this run).
+  auto effective = [this](common::PipelineConfig c) {
+    auto it = c.stages.find(options.stage);
+    if (it != c.stages.end()) c.train = it->second.train;
+    for (auto& [name, stage] : c.stages) stage.train = c.train;
+    return c;
+  };
+  std::vector<std::string> changed;
+  bool only_epochs = true;
+  for (const common::ConfigDifference& d : common::DiffPipelineConfigs(effective(*before), effective(config))) {
+    if (OperationalKey(d.key)) continue;
+    changed.push_back(absl::StrCat(d.key, ": ", d.before, " -> ", d.after));
+    if (d.key != "train.epochs") only_epochs = false;
+  }
+  if (changed.empty()) return absl::OkStatus();
+  if (only_epochs && options.extend_epochs) {
+    Log().Info(absl::StrCat("resume: --extend-epochs: ", absl::StrJoin(changed, "; ")));
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      options.out_dir, " was trained with another config (", path, "): ", changed.size(), " key(s) differ: ",
+      absl::StrJoin(changed, "; "),
+      only_epochs ? "; pass --extend-epochs to train on to the new epoch count, or --no-resume to start over"
+                  : "; use the run's config.yaml, another --out, or --no-resume to start over"));
+}
+
+// The run's progress from the restored checkpoint: history, best, early stopping, the EMA, and
+// the position and totals of a mid-epoch checkpoint.
+absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const std::string& last) {
+  AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta.history_csv, last));
+  for (EpochRecord& r : history) r.best = r.epoch == meta.best_epoch;
+  start_epoch = meta.epoch + 1;
+  step = meta.step;
+  best_value = meta.best_value;
+  best_epoch = meta.best_epoch;
+  skipped_steps = meta.skipped_steps;
+  early_stop_value = meta.early_stop_epoch >= 0 ? meta.early_stop_value : kNaN;
+  early_stop_epoch = meta.early_stop_epoch;
+  stopped_early = meta.stopped_early;
+  if (ema) {
+    absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(last, "ema_state");
+    if (state.ok()) {
+      AVIARY_RETURN_IF_ERROR(ema->ImportState(*state, last));
+    } else if (absl::IsNotFound(state.status())) {
+      Log().Warn(absl::StrCat("resume: ", last, " holds no EMA state; the average starts from its weights"));
+      *ema = WeightEma(*model, train.ema_decay, train.ema_warmup_steps);
+    } else {
+      return state.status();
+    }
+  }
+  if (meta.in_epoch >= 0) {
+    start_epoch = meta.in_epoch;
+    mid.batches_done = meta.batches_done;
+    // The epoch's totals were summed over the ranks when it stopped: rank 0 carries them.
+    if (rank == 0) {
+      mid.loss_sum = meta.epoch_loss_sum;
+      mid.seen = meta.epoch_seen;
+      mid.correct = meta.epoch_correct;
+    }
+  }
+  Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta.epoch, " (step ", meta.step,
+                          meta.task_id.empty() ? "" : absl::StrCat(", written by task ", meta.task_id, " attempt ",
+                                                                       meta.attempt),
+                          ")",
+                          meta.in_epoch >= 0 ? absl::StrCat(" mid-epoch: at batch ", meta.batches_done, " of epoch ",
+                                                            meta.in_epoch)
+                                             : std::string()));
+  return absl::OkStatus();
 }
 
 // Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
@@ -623,20 +756,65 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
 
 absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
   EpochTally t = StartEpoch(epoch);
-  for (int64_t s = 0;; ++s) {
-    t.step_start = std::chrono::steady_clock::now();
-    t.allreduce_before = AllReduceSeconds();
+  for (int64_t s = t.first_batch;; ++s) {
+    if (step_fn->pending_micro_batches() == 0) {
+      t.step_start = std::chrono::steady_clock::now();
+      t.allreduce_before = AllReduceSeconds();
+      t.step_samples = 0;
+    }
+    const auto wait_start = std::chrono::steady_clock::now();
     Batch batch;
     AVIARY_ASSIGN_OR_RETURN(bool more, train_loader->Next(&batch));
     if (!more) break;
-    const double data_wait = Seconds(t.step_start);
-    if (options.should_stop && options.should_stop()) {
-      return absl::CancelledError(absl::StrCat("stopped at epoch ", epoch, " step ", s));
+    const double data_wait = Seconds(wait_start);
+    // Stops only between optimizer steps (no micro-batch gathered).
+    if (step_fn->pending_micro_batches() == 0 && options.should_stop && options.should_stop()) {
+      return StopMidEpoch(t, s);
     }
     AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, data_wait, &t));
   }
   if (options.progress_bar) std::fprintf(stderr, "\n");
   return FinishEpoch(t);
+}
+
+absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
+  const std::string where = absl::StrCat("stopped at epoch ", t.epoch, " batch ", next, " (step ", step, ")");
+  if (next == 0 || next == t.first_batch) {
+    // Nothing trained since the checkpoint the run started from or the epoch's last.pt.
+    return absl::CancelledError(where);
+  }
+  // Every rank's totals, summed: rank 0's checkpoint carries them (a resumed rank 0 starts
+  // from them, the others from zero, so FinishEpoch's sum is the same).
+  double loss_sum = t.loss_sum;
+  int64_t seen = t.seen, correct = t.correct;
+  if (world > 1) {
+    at::Tensor totals = at::tensor({loss_sum, static_cast<double>(seen), static_cast<double>(correct)}, at::kDouble);
+    AVIARY_RETURN_IF_ERROR(comm->AllReduce(totals));
+    loss_sum = totals[0].item<double>();
+    seen = static_cast<int64_t>(totals[1].item<double>());
+    correct = static_cast<int64_t>(totals[2].item<double>());
+  }
+  absl::Status wrote;
+  if (rank == 0) {
+    CheckpointMeta meta = Meta(t.epoch - 1);
+    meta.in_epoch = t.epoch;
+    meta.batches_done = next;
+    meta.epoch_loss_sum = loss_sum;
+    meta.epoch_seen = seen;
+    meta.epoch_correct = correct;
+    common::AtomicWriteOptions write;
+    write.check = options.commit_check;
+    write.keep_previous_as = Path("last.prev.pt");
+    wrote = SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), meta, write, LastGroups());
+  }
+  absl::Status shared = ShareWriteOutcome(wrote, "the mid-epoch last.pt");
+  if (!shared.ok()) {
+    Log().Warn(absl::StrCat(where, ": no mid-epoch checkpoint (", shared.message(), "); ", Path("last.pt"),
+                            " holds what it held"));
+    return absl::CancelledError(where);
+  }
+  if (rank == 0) Log().Info(absl::StrCat(where, ": ", Path("last.pt"), " holds this step"));
+  return absl::CancelledError(absl::StrCat(where, "; ", Path("last.pt"), " holds this step"));
 }
 
 // The epoch's learning rate (set now unless train.lr_per_step), the model in training mode, the
@@ -648,7 +826,15 @@ Trainer::State::EpochTally Trainer::State::StartEpoch(int epoch) {
   t.lr = LearningRate(train, epoch, global_batch);
   if (!train.lr_per_step) SetLr(t.lr);
   model->train();
-  train_loader->StartEpoch(epoch);
+  if (epoch == start_epoch && mid.batches_done > 0) {
+    // Resumed mid-epoch: the rest of the epoch, with its totals so far.
+    t.first_batch = mid.batches_done;
+    t.loss_sum = mid.loss_sum;
+    t.seen = mid.seen;
+    t.correct = mid.correct;
+    mid = MidEpoch();
+  }
+  train_loader->StartEpoch(epoch, t.first_batch);
   if (reducer) reducer->ResetTimers();
   t.start = t.last_log = t.step_start = std::chrono::steady_clock::now();
   return t;
@@ -656,23 +842,30 @@ Trainer::State::EpochTally Trainer::State::StartEpoch(int epoch) {
 
 // Step `s` of the epoch on `batch`: forward, the non-finite check, the optimizer update, the
 // running totals, on_step and the progress line.
+// With train.grad_accum_steps = K the batch is one micro-batch: the optimizer step comes after
+// the K-th (or the epoch's last).
 absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t) {
-  if (train.lr_per_step) SetLr(StepLr(t->epoch, s, t->steps));
+  if (train.lr_per_step && step_fn->pending_micro_batches() == 0) SetLr(StepLr(t->epoch, s, t->steps));
   StepForward fwd = step_fn->Forward(batch.waveforms, batch.targets, SeedsFor(t->epoch, s));
   at::Tensor loss = fwd.loss;
   InjectFault(&loss);
   const double loss_value = loss.item<double>();
   AVIARY_ASSIGN_OR_RETURN(bool skip, SkipNonFinite(batch, loss_value, t->epoch, s));
-  if (skip) {
-    ReportStep(*t, s, 0, /*skipped=*/true, data_wait);
-    return absl::OkStatus();
+  if (!skip) {
+    AVIARY_RETURN_IF_ERROR(step_fn->Backward(loss));
+    const int64_t b = batch.waveforms.size(0);
+    Tally(fwd, loss_value, b, t);
+    t->step_samples += b;
   }
-  AVIARY_RETURN_IF_ERROR(step_fn->Update(loss));
-  ++step;
-  const int64_t b = batch.waveforms.size(0);
-  Tally(fwd, loss_value, b, t);
-  ReportStep(*t, s, b, /*skipped=*/false, data_wait);
-  LogProgress(s, t);
+  const bool boundary = (s + 1) % accum == 0 || s + 1 == t->steps;
+  if (!boundary) return absl::OkStatus();
+  const bool applied = step_fn->Apply();
+  if (applied) {
+    ++step;
+    if (ema) ema->Update(*model);
+  }
+  ReportStep(*t, s, applied ? t->step_samples : 0, /*skipped=*/!applied, data_wait);
+  if (applied) LogProgress(s, t);
   return absl::OkStatus();
 }
 
@@ -703,6 +896,14 @@ void Trainer::State::InjectFault(at::Tensor* loss) const {
   if (fault.kind == "hang") {
     Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " stops answering at step ", step));
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  if (fault.kind == "sigterm") {  // a preemption: the stop arrives as a real signal, once
+    static bool raised = false;
+    if (raised) return;
+    raised = true;
+    Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " raises SIGTERM at step ", step));
+    ::raise(SIGTERM);
+    return;
   }
   if (fault.kind == "throw") {
     throw std::runtime_error(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " throws at step ", step));
@@ -747,20 +948,12 @@ absl::StatusOr<bool> Trainer::State::SkipNonFinite(const Batch& batch, double lo
   return true;
 }
 
-// A trained step's loss and accuracy into the epoch's totals; its rows into train_auc's sample
-// (kMaxTrainAucRows at most).
+// A trained step's loss and accuracy into the epoch's totals.
 void Trainer::State::Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const {
-  const int num_classes = model->num_classes();
   t->loss_sum += loss_value * b;
   t->seen += b;
   at::Tensor pred = fwd.logits.detach().argmax(1);
   t->correct += pred.eq(fwd.targets.argmax(1)).sum().item<int64_t>();
-  if (t->probs.size() / num_classes < kMaxTrainAucRows) {
-    at::Tensor p = model->Probabilities(fwd.logits.detach().to(at::kFloat)).cpu().contiguous();
-    t->probs.insert(t->probs.end(), p.data_ptr<float>(), p.data_ptr<float>() + p.numel());
-    at::Tensor h = fwd.targets.argmax(1).cpu();
-    t->hard.insert(t->hard.end(), h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
-  }
 }
 
 // on_step's StepStats after step `s` of the epoch; a `skipped` step trained nothing.
@@ -769,8 +962,8 @@ void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples,
   StepStats st;
   st.epoch = t.epoch;
   st.step = step;
-  st.step_in_epoch = s + 1;
-  st.steps_per_epoch = t.steps;
+  st.step_in_epoch = (s + accum) / accum;  // optimizer steps: ceil((s + 1) / K)
+  st.steps_per_epoch = (t.steps + accum - 1) / accum;
   st.lr = train.lr_per_step ? StepLr(t.epoch, s, t.steps) : t.lr;
   st.train_loss = t.seen > 0 ? t.loss_sum / t.seen : kNaN;
   st.samples = samples;
@@ -790,12 +983,12 @@ void Trainer::State::LogProgress(int64_t s, EpochTally* t) {
   const int64_t steps = t->steps;
   if (options.progress_bar) {
     std::fprintf(stderr, "\repoch %d/%d  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s   ",
-                 t->epoch + 1, epochs, static_cast<long long>(s + 1), static_cast<long long>(steps),
+                 t->epoch, epochs - 1, static_cast<long long>(s + 1), static_cast<long long>(steps),
                  t->loss_sum / t->seen, rate, Eta((steps - s - 1) * elapsed / (s + 1)).c_str());
   } else if (Seconds(t->last_log) >= options.log_every_s) {
     t->last_log = std::chrono::steady_clock::now();
     Log().Info(absl::StrFormat("epoch %d/%d step %lld/%lld loss %.4f %.0f samples/s ETA %s",
-                               t->epoch + 1, epochs, static_cast<long long>(s + 1),
+                               t->epoch, epochs - 1, static_cast<long long>(s + 1),
                                static_cast<long long>(steps), t->loss_sum / t->seen, rate,
                                Eta((steps - s - 1) * elapsed / (s + 1))));
   }
@@ -818,7 +1011,7 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
     Log().Info(absl::StrFormat(
         "epoch %d: gradient all-reduce: %.3f s waiting after backward + %.3f s in hooks of %.3f s "
         "(%.1f%%), %d of %zu buckets launched during the last backward",
-        t.epoch + 1, reducer->finish_seconds(), reducer->hook_seconds(), elapsed,
+        t.epoch, reducer->finish_seconds(), reducer->hook_seconds(), elapsed,
         100.0 * AllReduceSeconds() / std::max(elapsed, 1e-9), reducer->launched_during_backward(),
         reducer->buckets().size()));
   }
@@ -829,16 +1022,25 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
   record.train_loss = seen > 0 ? loss_sum / seen : kNaN;
   record.train_acc = seen > 0 ? static_cast<double>(correct) / seen : kNaN;
   record.samples_per_s = seen / std::max(elapsed, 1e-9);
-  record.train_auc = kNaN;
-  if (!t.hard.empty()) {
-    const int num_classes = model->num_classes();
-    auto truth = common::OneHotLabels(t.hard, num_classes);
-    if (truth.ok()) {
-      auto ap = common::MicroAveragePrecision(*truth, common::MatrixView<float>(t.probs, t.hard.size(), num_classes));
-      if (ap.ok() && ap->defined()) record.train_auc = ap->value;
-    }
-  }
   return record;
+}
+
+bool Trainer::State::TrackMonitor(EpochRecord* record) {
+  const double value = MonitorValue(train.monitor, *record);
+  if (Better(value)) {
+    best_value = value;
+    best_epoch = record->epoch;
+    record->best = true;
+    for (auto& h : history) h.best = false;
+  }
+  if (train.early_stop_patience <= 0) return false;
+  if (ImprovedForEarlyStop(value)) {
+    early_stop_value = value;
+    early_stop_epoch = record->epoch;
+  }
+  // Epochs since the last improvement (since the start when there was none).
+  stopped_early = record->epoch - early_stop_epoch >= train.early_stop_patience;
+  return stopped_early;
 }
 
 absl::Status Trainer::State::Validate(EpochRecord* record) {
@@ -925,8 +1127,14 @@ absl::Status Trainer::Run() {
   absl::Status wrote;
   if (writer) wrote = common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config), write);
   AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, "config.yaml"));
+  if (s.stopped_early) {
+    Log().Info(absl::StrCat("nothing to do: the run stopped early after epoch ", s.start_epoch - 1,
+                            " (train.early_stop_patience)"));
+    return absl::OkStatus();
+  }
   if (s.start_epoch >= s.epochs) {
-    Log().Info(absl::StrCat("nothing to do: ", s.Path("last.pt"), " already holds all ", s.epochs, " epochs"));
+    Log().Info(absl::StrCat("nothing to do: ", s.Path("last.pt"), " already holds all ", s.epochs,
+                            " epochs (0-", s.epochs - 1, ")"));
     return absl::OkStatus();
   }
   for (int epoch = s.start_epoch; epoch < s.epochs; ++epoch) {
@@ -936,38 +1144,37 @@ absl::Status Trainer::Run() {
     } catch (const std::exception& e) {
       record = absl::InternalError(absl::StrCat("rank ", s.rank, ": exception in epoch ", epoch, ": ", e.what()));
     }
-    if (!record.ok()) {
-      if (absl::IsCancelled(record.status()) && epoch > s.start_epoch) {
-        Log().Warn(absl::StrCat(record.status().message(), "; ", s.Path("last.pt"),
-                                " holds epoch ", epoch - 1));
-      }
-      return record.status();
-    }
+    if (!record.ok()) return record.status();
     absl::Status validated;
+    // train.ema_eval: validation (and best.pt, WriteEpochFiles) see the averaged weights.
+    const bool swap = s.ema && s.train.ema_eval;
+    if (swap) s.ema->Swap(*s.model);
     try {
       validated = s.Validate(&*record);
     } catch (const std::exception& e) {
       validated = absl::InternalError(absl::StrCat("rank ", s.rank, ": exception in validation of epoch ", epoch, ": ", e.what()));
     }
+    if (swap) s.ema->Swap(*s.model);
     AVIARY_RETURN_IF_ERROR(validated);
-    const double value = MonitorValue(s.train.monitor, *record);
-    if (s.Better(value)) {
-      s.best_value = value;
-      s.best_epoch = epoch;
-      record->best = true;
-      for (auto& h : s.history) h.best = false;
-    }
+    const bool stop_early = s.TrackMonitor(&*record);
     s.history.push_back(*record);
-    s.train_auc.push_back(record->train_auc);
     if (writer) wrote = s.WriteEpochFiles(epoch, record->best, write);
     AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, absl::StrCat("epoch ", epoch, "'s files")));
     Log().Info(absl::StrFormat(
         "epoch %d/%d: lr %.3g loss %.4f acc %.4f | val loss %.4f auc %.4f roc_auc %.4f cmap %.4f "
         "acc %.4f | %.0f samples/s%s",
-        epoch + 1, s.epochs, record->lr, record->train_loss, record->train_acc, record->val_loss,
+        epoch, s.epochs - 1, record->lr, record->train_loss, record->train_acc, record->val_loss,
         record->val_auc, record->val_roc_auc, record->val_cmap, record->val_acc,
         record->samples_per_s, record->best ? " | best" : ""));
     if (s.options.on_epoch) s.options.on_epoch(*record);
+    if (stop_early) {
+      Log().Info(absl::StrFormat(
+          "early stop after epoch %d: %s did not improve by more than %g for %d epochs (since epoch %d); "
+          "best.pt holds epoch %d",
+          epoch, s.train.monitor, s.train.early_stop_min_delta, s.train.early_stop_patience, s.early_stop_epoch,
+          s.best_epoch));
+      break;
+    }
   }
   LoaderStats stats = s.train_loader->Stats();
   for (const auto& [problem, count] : stats.problems) {

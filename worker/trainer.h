@@ -7,7 +7,21 @@
 // bf16 autocast on CUDA, the loss with label smoothing, the optimizer (worker/optimizer.h: one
 // fused kernel per step with torch >= 2.4); worker/train_step.h is this step. Each epoch: validation (micro PR-AUC =
 // val_auc, BirdCLEF macro ROC-AUC, padded cmAP, accuracy), a history.csv row, last.pt, best.pt
-// when the monitor improved, history.png.
+// when the monitor improved, history.png. Epochs are numbered from 0 everywhere (history.csv,
+// the checkpoints, the log's "epoch 0/5" = epoch 0 of 0..5, history.png).
+//
+// Options (train.*, all off by default): grad_accum_steps K (an optimizer step every K loader
+// batches; global batch = batch_size x ranks x K, and the learning-rate scaling uses it),
+// grad_clip_norm (worker/train_step.h), ema_decay / ema_warmup_steps / ema_eval (worker/ema.h:
+// the average is updated after every optimizer step; with ema_eval validation, the monitor and
+// best.pt use it, last.pt keeps the raw weights and the average), early_stop_patience /
+// early_stop_min_delta (the run ends after the epoch that is `patience` epochs past the last
+// improvement of the monitor by more than min_delta; best.pt is the best epoch as always).
+//
+// Stopping (should_stop) happens between optimizer steps: rank 0 writes last.pt at that step
+// (the epoch's position and running totals over all ranks, CheckpointMeta::in_epoch), and a
+// resumed run continues from the next batch of the epoch. Resuming refuses a run folder whose
+// config differs (naming the keys; TrainOptions::extend_epochs lets epochs grow).
 //
 // Determinism: the loader order, crops, augmentation, SpecAugment and dropout draws depend only
 // on (seed, epoch, step, rank), so on CPU a run resumed from last.pt ends with the same weights
@@ -35,8 +49,9 @@
 // Resuming picks the newest valid checkpoint among last.pt and last.prev.pt (PickResumeCheckpoint:
 // readable, this stage, fold and task, the highest epoch then attempt) and logs why it skipped
 // the others; one that then fails to restore is skipped for the next.
-// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang]" makes
-// rank R throw, produce a NaN loss, or stop answering at optimizer step K of the run.
+// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm]"
+// makes rank R throw, produce a NaN loss, stop answering, or raise SIGTERM (a preemption) at
+// optimizer step K of the run.
 //
 // Not thread-safe: Run() once, from one thread.
 #ifndef AVIARY_WORKER_TRAINER_H_
@@ -73,7 +88,6 @@ struct EpochRecord {
   double val_cmap = 0;
   double val_acc = 0;
   double samples_per_s = 0;
-  double train_auc = 0;       // for history.png only
   bool best = false;          // the monitor improved at this epoch
 };
 
@@ -107,6 +121,9 @@ struct TrainOptions {
   // the fold's train list from the config's data sources here). Stage and fold must match.
   const common::TaskManifest* manifest = nullptr;
   bool resume = true;               // continue from out_dir/last.pt (or last.prev.pt) when it exists
+  // Resuming refuses a run folder trained with another config (naming the keys); true lets the
+  // epochs (train.epochs, stages.*.epochs) differ, so that a finished run trains on.
+  bool extend_epochs = false;
   // The lease the run trains under (recorded in the checkpoints; "" and 0 without a coordinator).
   std::string task_id;
   int attempt = 0;
@@ -125,8 +142,9 @@ struct TrainOptions {
   // loss (StepStats::skipped), from the training thread. Must be cheap; must not call
   // collectives of the trainer's communicator.
   std::function<void(const StepStats&)> on_step;
-  // Polled between steps; returning true stops the run after saving last.pt (CANCELLED). In a
-  // multi-rank run it must answer the same on every rank at the same step.
+  // Polled between optimizer steps; returning true stops the run (CANCELLED) after saving
+  // last.pt at that step (mid-epoch: the next run resumes there and ends as an uninterrupted
+  // run would). In a multi-rank run it must answer the same on every rank at the same step.
   std::function<bool()> should_stop;
   // The worker group (not owned; null: one process without the all-reduce path). With one rank
   // the reducer still runs (its cost can be measured). Must outlive the trainer.

@@ -1,5 +1,6 @@
 #include "worker/weights.h"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -146,9 +147,15 @@ absl::StatusOr<NamedTensors> ReadStateDict(const std::string& path) {
 
 std::string LoadReport::Summary() const {
   std::string s = absl::StrCat(loaded.size(), " tensors loaded");
+  // The first few names of each list: a checkpoint of another model misses hundreds, and this
+  // text reaches `aviary status` and `watch` (a task's error) whole.
+  constexpr size_t kShown = 4;
   auto list = [&](const char* what, const std::vector<std::string>& names) {
     if (names.empty()) return;
-    absl::StrAppend(&s, "; ", names.size(), " ", what, ": ", absl::StrJoin(names, ", "));
+    const size_t shown = std::min(names.size(), kShown);
+    absl::StrAppend(&s, "; ", names.size(), " ", what, ": ",
+                    absl::StrJoin(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
+                    names.size() > shown ? absl::StrCat(", ... (", names.size() - shown, " more)") : "");
   };
   list("missing", missing);
   list("unexpected", unexpected);

@@ -34,7 +34,8 @@ struct LoadReport {
   std::vector<std::string> missing;      // in the module, not in the file
   std::vector<std::string> unexpected;   // in the file, not in the module
   std::vector<std::string> mismatched;   // "name: file [a, b] vs model [c, d]"
-  std::string Summary() const;           // counts and the names of what was not loaded
+  // Counts, and the first 4 names of each list of what was not loaded ("..., ... (N more)").
+  std::string Summary() const;
 };
 
 struct LoadOptions {

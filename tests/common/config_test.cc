@@ -191,6 +191,45 @@ TEST(ConfigTest, OutOfRangeValues) {
               HasSubstr("x.yaml:2: key 'frontend.in_channels': expected one of 1, 3, got '2'"));
 }
 
+// The training options of issue 17: ranges, and ema_eval only with an average to validate.
+TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
+  EXPECT_EQ(ParseError("train:\n  grad_accum_steps: 0\n"),
+            "x.yaml:2: key 'train.grad_accum_steps': expected an integer in [1, 65536], got '0'");
+  EXPECT_THAT(ParseError("train:\n  ema_decay: 1\n"),
+              HasSubstr("x.yaml:2: key 'train.ema_decay': expected a number in [0, 1), got '1.0'"));
+  EXPECT_THAT(ParseError("train:\n  grad_clip_norm: -1\n"), HasSubstr("x.yaml:2: key 'train.grad_clip_norm'"));
+  EXPECT_THAT(ParseError("train:\n  early_stop_patience: -2\n"),
+              HasSubstr("x.yaml:2: key 'train.early_stop_patience'"));
+  EXPECT_THAT(ParseError("train:\n  early_stop_min_delta: -0.1\n"),
+              HasSubstr("x.yaml:2: key 'train.early_stop_min_delta'"));
+  EXPECT_THAT(ParseError("train:\n  ema_warmup_steps: -1\n"), HasSubstr("x.yaml:2: key 'train.ema_warmup_steps'"));
+  EXPECT_EQ(ParseError("train:\n  ema_eval: true\n"),
+            "x.yaml:2: key 'train.ema_eval': expected false while ema_decay is 0 (no average to validate), "
+            "got true");
+  EXPECT_THAT(ParseError("train:\n  ema_decay: 0.99\nstages:\n  finetune: {ema_decay: 0.0, ema_eval: true}\n"),
+              HasSubstr("key 'stages.finetune.ema_eval': expected false while ema_decay is 0"));
+  EXPECT_EQ(ParseError("train:\n  ema_decay: 0.999\n  ema_eval: true\n  grad_accum_steps: 4\n"
+                       "  grad_clip_norm: 1.0\n  early_stop_patience: 3\n"),
+            "");
+}
+
+// Two configs' differences by dotted key, both values named, a key only one side has absent.
+TEST(ConfigTest, DiffNamesTheKeysThatDiffer) {
+  PipelineConfig a, b;
+  EXPECT_TRUE(DiffPipelineConfigs(a, b).empty());
+  b.train.lr = 2e-3;
+  b.model.name = "small_cnn";
+  b.folds.selected_folds = {0, 1};
+  b.stages["finetune"].train.epochs = 40;
+  std::vector<std::string> got;
+  for (const ConfigDifference& d : DiffPipelineConfigs(a, b)) got.push_back(d.key + ": " + d.before + " -> " + d.after);
+  EXPECT_EQ(got, (std::vector<std::string>{"folds.selected_folds: [0] -> [0, 1]", "model.name: efficientnet_b1 -> small_cnn",
+                                           "stages.finetune.epochs: (absent) -> 40",
+                                           "stages.finetune.lr: (absent) -> 0.001",
+                                           // the stages' copies of train.* keep the old rate: now overrides
+                                           "stages.pretrain.lr: (absent) -> 0.001", "train.lr: 0.001 -> 0.002"}));
+}
+
 TEST(ConfigTest, SeedIsUnsigned32) {
   EXPECT_EQ(ParseError("seed: -1\n"),
             "x.yaml:1: key 'seed': expected an integer in [0, 4294967295], got '-1'");

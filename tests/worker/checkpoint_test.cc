@@ -190,6 +190,50 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
   EXPECT_EQ(PickResumeCheckpoint(c, "pretrain", 2, "").index, -1);
   // Without a coordinator (no task id on either side) the task is not compared.
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "").index, 0);
+  // A mid-epoch checkpoint (a stop inside epoch 4) is newer than epoch 3's end, whichever is listed first.
+  CheckpointMeta mid = meta(3, 1);
+  mid.in_epoch = 4;
+  mid.batches_done = 7;
+  c[0].meta = meta(3, 1);
+  c[1].meta = mid;
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 1);
+  std::swap(c[0], c[1]);
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 0);
+}
+
+// The mid-epoch position and early-stopping state, and a named tensor group, read back exactly;
+// a checkpoint without a group says NOT_FOUND.
+TEST(CheckpointTest, MidEpochStateAndGroupsRoundTrip) {
+  auto a = Model(3);
+  CheckpointMeta m = Meta();
+  m.in_epoch = 2;
+  m.batches_done = 5;
+  m.epoch_loss_sum = 12.345678901234567;
+  m.epoch_seen = 40;
+  m.epoch_correct = 17;
+  m.early_stop_value = 0.8123456789012345;
+  m.early_stop_epoch = 1;
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_mid.pt";
+  CheckpointGroups groups{{"ema_state", {{"w", at::arange(6, at::kFloat)}, {"__updates", at::scalar_tensor(9, at::kLong)}}}};
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, m, {}, groups).ok());
+  auto read = ReadCheckpointMeta(path);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->in_epoch, 2);
+  EXPECT_EQ(read->batches_done, 5);
+  EXPECT_EQ(read->epoch_loss_sum, m.epoch_loss_sum);
+  EXPECT_EQ(read->epoch_seen, 40);
+  EXPECT_EQ(read->epoch_correct, 17);
+  EXPECT_EQ(read->early_stop_value, m.early_stop_value);
+  EXPECT_EQ(read->early_stop_epoch, 1);
+  EXPECT_FALSE(read->stopped_early);
+  auto group = ReadCheckpointGroup(path, "ema_state");
+  ASSERT_TRUE(group.ok()) << group.status();
+  ASSERT_EQ(group->size(), 2u);
+  EXPECT_TRUE(at::equal((*group)[0].second, at::arange(6, at::kFloat)));
+  EXPECT_EQ(ReadCheckpointGroup(path, "epoch_state").status().code(), absl::StatusCode::kNotFound);
+  // An epoch-end checkpoint has no position.
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, Meta()).ok());
+  EXPECT_EQ(ReadCheckpointMeta(path)->in_epoch, -1);
 }
 
 TEST(CheckpointTest, ARefusedCommitLeavesThePreviousCheckpointAndNoTemporary) {

@@ -1,7 +1,8 @@
 // Multi-rank tests of worker/comm: run under `mpirun -np 2 --oversubscribe` by ctest (they also
 // pass as one process). Collectives on sizes from 1 element to many MB in float32 and bf16,
 // the bucket plan, the reducer with uneven buckets, the equivalence of 2 ranks x batch b with
-// 1 rank x batch 2b, the gathered validation metrics, and the BatchNorm buffer policy.
+// 1 rank x batch 2b (also with gradient accumulation and clipping), the gathered validation
+// metrics, and the BatchNorm buffer policy.
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <torch/nn/modules/activation.h>
@@ -19,6 +20,9 @@
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/mpi_session.h"
 #include "worker/comm/reducer.h"
+#include "worker/models.h"
+#include "worker/optimizer.h"
+#include "worker/train_step.h"
 
 namespace aviary::worker::comm {
 namespace {
@@ -170,6 +174,69 @@ TEST(EquivalenceTest, TwoRanksOfBatchBMatchOneRankOfBatch2B) {
     worst = std::max(worst, (pd[i] - pr[i]).abs().max().item<double>());
   EXPECT_LT(worst, 1e-5);
   // The replicas agree with each other exactly.
+  for (const auto& p : pd) {
+    at::Tensor copy = p.detach().clone();
+    ASSERT_TRUE(Comm().Broadcast(copy, 0).ok());
+    EXPECT_TRUE(at::equal(copy, p.detach()));
+  }
+}
+
+// train.grad_accum_steps and train.grad_clip_norm across ranks: every rank steps on K = 2
+// micro-batches of b through TrainStep and the reducer; one process steps on all world x K x b
+// samples at once. Clipping binds at every step, and the norm it clips by is the all-reduced
+// gradient's: the reference's norm (torch's clip_grad_norm_ on the whole batch). The small CNN
+// runs in eval mode (BatchNorm on running statistics, no dropout), so only float rounding
+// differs: the parameters agree within 2e-6, the replicas exactly.
+TEST(EquivalenceTest, AccumulatedClippedStepsOnRanksMatchOneLargeBatch) {
+  const int world = Comm().world_size();
+  const int rank = Comm().rank();
+  const int k = 2;
+  const int64_t b = 3;
+  common::PipelineConfig config;
+  common::TrainConfig big;
+  big.loss = "BCE";
+  big.lr = 2e-3;
+  big.grad_clip_norm = 0.05;
+  common::TrainConfig micro = big;
+  micro.grad_accum_steps = k;
+  auto make = [] {
+    at::manual_seed(7);
+    common::ModelConfig c;
+    c.name = "small_cnn";
+    c.dropout = 0.0;
+    return *worker::BuildClassifier(c, 1, 5);
+  };
+  auto dist = make(), ref = make();
+  dist->eval();
+  ref->eval();
+  auto reducer = Reducer::Create(dist->parameters(), &Comm(), ReducerOptions{1 << 16, 1 << 12});
+  ASSERT_TRUE(reducer.ok()) << reducer.status();
+  auto opt_dist = worker::AdamOptimizer::FromConfig(micro, *dist);
+  auto opt_ref = worker::AdamOptimizer::FromConfig(big, *ref);
+  ASSERT_TRUE(opt_dist.ok() && opt_ref.ok());
+  const c10::Device cpu(c10::kCPU);
+  worker::TrainStep step_dist(config, micro, nullptr, dist.get(), opt_dist->get(), reducer->get(), cpu, false);
+  worker::TrainStep step_ref(config, big, nullptr, ref.get(), opt_ref->get(), nullptr, cpu, false);
+  for (int s = 0; s < 6; ++s) {
+    at::Generator gen = at::detail::createCPUGenerator(500 + s);
+    const int64_t n = world * k * b;
+    at::Tensor x = at::randn({n, 1, 32, 24}, gen);
+    at::Tensor y = at::one_hot(at::randint(0, 5, {n}, gen, at::kLong), 5).to(at::kFloat);
+    ASSERT_TRUE(step_ref.Update(step_ref.ForwardFeatures(x, y, 1).loss).ok());
+    for (int m = 0; m < k; ++m) {
+      const int64_t at_row = (m * world + rank) * b;  // as the loader: micro-batch m of the step
+      auto fwd = step_dist.ForwardFeatures(x.narrow(0, at_row, b), y.narrow(0, at_row, b), 1);
+      ASSERT_TRUE(step_dist.Backward(fwd.loss).ok());
+    }
+    ASSERT_TRUE(step_dist.Apply());
+    EXPECT_GT(step_ref.last_grad_norm(), big.grad_clip_norm) << "clipping should bind";
+    EXPECT_NEAR(step_dist.last_grad_norm(), step_ref.last_grad_norm(), 1e-5 * step_ref.last_grad_norm()) << s;
+  }
+  auto pd = dist->parameters();
+  auto pr = ref->parameters();
+  double worst = 0;
+  for (size_t i = 0; i < pd.size(); ++i) worst = std::max(worst, (pd[i] - pr[i]).abs().max().item<double>());
+  EXPECT_LT(worst, 2e-6);
   for (const auto& p : pd) {
     at::Tensor copy = p.detach().clone();
     ASSERT_TRUE(Comm().Broadcast(copy, 0).ok());

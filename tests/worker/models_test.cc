@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "worker/models.h"
 #include "worker/weights.h"
@@ -89,6 +90,12 @@ TEST(WeightsTest, MissingAndUnexpectedTensorsAreListed) {
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("unexpected: bogus.weight"), absl::string_view::npos);
   EXPECT_NE(r.status().message().find("missing: "), absl::string_view::npos);
+  // A long list is summarised: its count, the first 4 names and how many more.
+  const size_t missing = (*m)->named_parameters().size() + (*m)->named_buffers().size() - 1;
+  ASSERT_GT(missing, 4u);
+  EXPECT_NE(r.status().message().find(absl::StrCat(missing, " missing: ")), absl::string_view::npos) << r.status();
+  EXPECT_NE(r.status().message().find(absl::StrCat(", ... (", missing - 4, " more)")), absl::string_view::npos)
+      << r.status();
   LoadOptions lax;
   lax.require_all = false;
   lax.allow_unexpected = true;

@@ -4,7 +4,9 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <vector>
 
@@ -82,12 +84,19 @@ TEST_F(TrainerTest, AnInterruptedAndResumedRunEqualsAnUninterruptedOne) {
   TrainOptions b;
   b.out_dir = Out("resumed");
   int polls = 0;
-  b.should_stop = [&polls] { return ++polls > 5; };  // stops inside the second epoch
+  b.should_stop = [&polls] { return ++polls > 7; };  // 5 steps per epoch: stops at step 2 of epoch 1
   auto first = Trainer::Create(Config(), b);
   ASSERT_TRUE(first.ok());
   absl::Status st = (*first)->Run();
   ASSERT_TRUE(absl::IsCancelled(st)) << st;
-  EXPECT_EQ(ReadCheckpointMeta(b.out_dir + "/last.pt")->epoch, 0);
+  // last.pt holds the step it stopped at: after epoch 0, inside epoch 1.
+  auto stopped = ReadCheckpointMeta(b.out_dir + "/last.pt");
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  EXPECT_EQ(stopped->epoch, 0);
+  EXPECT_EQ(stopped->in_epoch, 1);
+  EXPECT_EQ(stopped->batches_done, 2);
+  EXPECT_EQ(stopped->step, 7);
+  EXPECT_EQ(ReadCheckpointMeta(b.out_dir + "/last.prev.pt")->in_epoch, -1);  // epoch 0's end
   b.should_stop = nullptr;
   auto second = Trainer::Create(Config(), b);
   ASSERT_TRUE(second.ok()) << second.status();
@@ -142,6 +151,7 @@ TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
   // A torn last.pt (storage trouble): the next attempt resumes from last.prev.pt.
   ASSERT_TRUE(common::WriteFileAtomically(o.out_dir + "/last.pt", "torn").ok());
   o.attempt = 2;
+  o.extend_epochs = true;  // on to 3 epochs
   auto second = Trainer::Create(Config(), o);
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ((*second)->history().size(), 1u);  // epoch 0 restored
@@ -318,12 +328,234 @@ TEST_F(TrainerTest, AStoppedAndResumedRunReportsEveryStepOnce) {
   auto trainer = Trainer::Create(Config(), b);
   ASSERT_TRUE(trainer.ok()) << trainer.status();
   ASSERT_TRUE((*trainer)->Run().ok());
-  // Resumed from last.pt (epoch 0): epochs 1 and 2 again, the global step continuing.
-  ASSERT_EQ(static_cast<int64_t>(second.size()), 2 * per_epoch);
+  // Resumed from last.pt (epoch 1 after 2 steps): the rest of epoch 1 and epoch 2, the global
+  // step continuing.
+  ASSERT_EQ(static_cast<int64_t>(second.size()), 2 * per_epoch - 2);
   EXPECT_EQ(second.front().epoch, 1);
-  EXPECT_EQ(second.front().step, per_epoch + 1);
+  EXPECT_EQ(second.front().step_in_epoch, 3);
+  EXPECT_EQ(second.front().step, per_epoch + 3);
   EXPECT_EQ(second.back().step, (*trainer)->history().back().step);
   EXPECT_EQ(second.back().step, 3 * per_epoch);
+}
+
+// Every history.csv column but samples_per_s (wall time) equal, row by row.
+void ExpectSameHistory(const std::string& a, const std::string& b) {
+  auto ha = common::CsvTable::ReadFile(a + "/history.csv");
+  auto hb = common::CsvTable::ReadFile(b + "/history.csv");
+  ASSERT_TRUE(ha.ok() && hb.ok());
+  ASSERT_EQ(ha->num_rows(), hb->num_rows());
+  const size_t speed = *ha->ColumnIndex("samples_per_s");
+  for (size_t r = 0; r < ha->num_rows(); ++r) {
+    for (size_t c = 0; c < ha->header().size(); ++c) {
+      if (c != speed) EXPECT_EQ(ha->row(r)[c], hb->row(r)[c]) << "row " << r << " " << ha->header()[c];
+    }
+  }
+}
+
+void ExpectSameTensors(const absl::StatusOr<NamedTensors>& a, const absl::StatusOr<NamedTensors>& b,
+                       const std::string& what) {
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(a->size(), b->size()) << what;
+  for (size_t i = 0; i < a->size(); ++i) {
+    EXPECT_EQ((*a)[i].first, (*b)[i].first) << what;
+    EXPECT_TRUE(at::equal((*a)[i].second, (*b)[i].second)) << what << " " << (*a)[i].first;
+  }
+}
+
+// EMA (validated, in best.pt), gradient accumulation and clipping together: optimizer steps of 2
+// micro-batches, and a run stopped between two of them mid-epoch and resumed equals an
+// uninterrupted one (history, last.pt's weights and EMA state, best.pt).
+TEST_F(TrainerTest, EmaAccumulationAndClippingResumeExactlyFromAMidEpochStop) {
+  common::PipelineConfig c = Config();
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) {
+    t->batch_size = 4;
+    t->grad_accum_steps = 2;
+    t->grad_clip_norm = 0.5;
+    t->ema_decay = 0.9;
+    t->ema_warmup_steps = 3;
+    t->ema_eval = true;
+  }
+  TrainOptions a;
+  a.out_dir = Out("ema_straight");
+  std::vector<StepStats> steps;
+  a.on_step = [&](const StepStats& s) { steps.push_back(s); };
+  int bests = 0;
+  a.on_epoch = [&](const EpochRecord& r) {
+    if (!r.best) return;
+    // best.pt holds the averaged weights: last.pt's EMA state of the same epoch.
+    ++bests;
+    auto best = ReadCheckpointTensors(a.out_dir + "/best.pt");
+    auto ema = ReadCheckpointGroup(a.out_dir + "/last.pt", "ema_state");
+    ASSERT_TRUE(best.ok() && ema.ok());
+    std::map<std::string, at::Tensor> averages(ema->begin(), ema->end());
+    int compared = 0;
+    for (const auto& [name, t] : *best) {
+      if (averages.count(name) == 0) continue;
+      EXPECT_TRUE(at::equal(t, averages[name])) << name;
+      ++compared;
+    }
+    EXPECT_GT(compared, 0);
+  };
+  auto straight = Trainer::Create(c, a);
+  ASSERT_TRUE(straight.ok()) << straight.status();
+  ASSERT_TRUE((*straight)->Run().ok());
+  EXPECT_GT(bests, 0);
+  // Optimizer steps of 2 micro-batches of 4 samples.
+  ASSERT_FALSE(steps.empty());
+  const int64_t per_epoch = steps.front().steps_per_epoch;
+  EXPECT_EQ(static_cast<int64_t>(steps.size()), 3 * per_epoch);
+  EXPECT_EQ(steps.front().samples, 8);
+  EXPECT_EQ((*straight)->history().back().step, 3 * per_epoch);
+  auto ema_meta = ReadCheckpointGroup(a.out_dir + "/last.pt", "ema_state");
+  ASSERT_TRUE(ema_meta.ok()) << ema_meta.status();
+  EXPECT_EQ(ema_meta->back().first, "__updates");
+  EXPECT_EQ(ema_meta->back().second.item<int64_t>(), 3 * per_epoch);
+
+  TrainOptions b;
+  b.out_dir = Out("ema_resumed");
+  int polls = 0;
+  const int stop_at = static_cast<int>(per_epoch) + 2;  // inside epoch 1, between optimizer steps
+  b.should_stop = [&] { return ++polls > stop_at; };
+  auto first = Trainer::Create(c, b);
+  ASSERT_TRUE(first.ok());
+  absl::Status st = (*first)->Run();
+  ASSERT_TRUE(absl::IsCancelled(st)) << st;
+  auto stopped = ReadCheckpointMeta(b.out_dir + "/last.pt");
+  ASSERT_TRUE(stopped.ok());
+  EXPECT_EQ(stopped->in_epoch, 1);
+  EXPECT_EQ(stopped->step, stop_at);
+  EXPECT_EQ(stopped->batches_done, 2 * 2);  // 2 steps of 2 micro-batches into epoch 1
+  b.should_stop = nullptr;
+  auto second = Trainer::Create(c, b);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE((*second)->Run().ok());
+  ExpectSameHistory(a.out_dir, b.out_dir);
+  ExpectSameTensors(ReadCheckpointTensors(a.out_dir + "/last.pt"), ReadCheckpointTensors(b.out_dir + "/last.pt"),
+                    "last.pt");
+  ExpectSameTensors(ReadCheckpointGroup(a.out_dir + "/last.pt", "ema_state"),
+                    ReadCheckpointGroup(b.out_dir + "/last.pt", "ema_state"), "ema_state");
+  ExpectSameTensors(ReadCheckpointTensors(a.out_dir + "/best.pt"), ReadCheckpointTensors(b.out_dir + "/best.pt"),
+                    "best.pt");
+}
+
+// Early stopping: where it must stop is computed from an uninterrupted run's history (the
+// first epoch that is `patience` epochs past the last improvement by more than min_delta); the
+// stopped run has exactly those rows, best.pt is the best of them, and a rerun has nothing to do.
+TEST_F(TrainerTest, EarlyStoppingStopsAfterThePatienceAndKeepsTheBest) {
+  common::PipelineConfig c = Config();
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) t->epochs = 8;
+  TrainOptions full;
+  full.out_dir = Out("early_full");
+  auto run = Trainer::Create(c, full);
+  ASSERT_TRUE(run.ok()) << run.status();
+  ASSERT_TRUE((*run)->Run().ok());
+  const std::vector<EpochRecord> all = (*run)->history();
+  ASSERT_EQ(all.size(), 8u);
+
+  const int patience = 2;
+  const double min_delta = 0.002;
+  int expected_rows = 8;
+  double ref = std::numeric_limits<double>::quiet_NaN();
+  int ref_epoch = -1;
+  for (const EpochRecord& r : all) {
+    if (!std::isnan(r.val_auc) && (std::isnan(ref) || r.val_auc > ref + min_delta)) {
+      ref = r.val_auc;
+      ref_epoch = r.epoch;
+    }
+    if (r.epoch - ref_epoch >= patience) {
+      expected_rows = r.epoch + 1;
+      break;
+    }
+  }
+  ASSERT_LT(expected_rows, 8) << "the corpus should plateau within 8 epochs (else pick another min_delta)";
+
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) {
+    t->early_stop_patience = patience;
+    t->early_stop_min_delta = min_delta;
+  }
+  TrainOptions o;
+  o.out_dir = Out("early");
+  auto stopped = Trainer::Create(c, o);
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  ASSERT_TRUE((*stopped)->Run().ok());
+  const auto& rows = (*stopped)->history();
+  ASSERT_EQ(static_cast<int>(rows.size()), expected_rows);
+  int best_epoch = 0;
+  for (const EpochRecord& r : rows) {
+    EXPECT_EQ(r.val_auc, all[r.epoch].val_auc);  // the same run until it stops
+    if (r.val_auc > rows[best_epoch].val_auc) best_epoch = r.epoch;
+  }
+  auto best = ReadCheckpointMeta(o.out_dir + "/best.pt");
+  ASSERT_TRUE(best.ok());
+  EXPECT_EQ(best->epoch, best_epoch);
+  auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(last.ok());
+  EXPECT_TRUE(last->stopped_early);
+  EXPECT_EQ(last->epoch, expected_rows - 1);
+  auto again = Trainer::Create(c, o);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE((*again)->Run().ok());
+  EXPECT_EQ(static_cast<int>((*again)->history().size()), expected_rows);
+}
+
+// A run folder resumed with another config is refused, naming the keys; epochs alone may grow
+// with extend_epochs; num_workers (speed only) may differ.
+TEST_F(TrainerTest, ARunFolderRefusesAnotherConfigUnlessExtendingEpochs) {
+  common::PipelineConfig c = Config();
+  c.debug = true;  // 2 epochs of 2 batches
+  TrainOptions o;
+  o.out_dir = Out("config_change");
+  auto first = Trainer::Create(c, o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)->Run().ok());
+
+  common::PipelineConfig lr = c;
+  lr.train.lr = 2e-3;
+  lr.stages["finetune"].train.lr = 2e-3;
+  lr.train.grad_clip_norm = 1.0;
+  lr.stages["finetune"].train.grad_clip_norm = 1.0;
+  auto refused = Trainer::Create(lr, o);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("2 key(s) differ: train.grad_clip_norm: 0.0 -> 1.0; train.lr: 0.001 -> 0.002"),
+            absl::string_view::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("--no-resume"), absl::string_view::npos);
+
+  // More epochs and debug off: not epochs alone, so --extend-epochs is not offered.
+  common::PipelineConfig more = c;
+  more.debug = false;
+  for (auto* t : {&more.train, &more.stages["finetune"].train}) t->epochs = 5;
+  auto not_extending = Trainer::Create(more, o);
+  ASSERT_EQ(not_extending.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(not_extending.status().message().find("2 key(s) differ: debug: true -> false; train.epochs: 3 -> 5"),
+            absl::string_view::npos)
+      << not_extending.status();
+  EXPECT_EQ(not_extending.status().message().find("--extend-epochs"), absl::string_view::npos)
+      << not_extending.status();
+
+  common::PipelineConfig epochs_only = c;
+  for (auto* t : {&epochs_only.train, &epochs_only.stages["finetune"].train}) {
+    t->epochs = 5;
+    t->num_workers = 2;
+  }
+  auto refused_epochs = Trainer::Create(epochs_only, o);
+  ASSERT_FALSE(refused_epochs.ok());
+  EXPECT_NE(refused_epochs.status().message().find("1 key(s) differ: train.epochs: 3 -> 5; pass --extend-epochs"),
+            absl::string_view::npos)
+      << refused_epochs.status();
+  o.extend_epochs = true;
+  epochs_only.debug = false;
+  auto mixed = Trainer::Create(epochs_only, o);  // debug changed too: still refused
+  ASSERT_FALSE(mixed.ok());
+  epochs_only.debug = true;
+  auto extended = Trainer::Create(epochs_only, o);
+  ASSERT_TRUE(extended.ok()) << extended.status();
+  EXPECT_EQ((*extended)->history().size(), 2u);
+
+  o.extend_epochs = false;
+  o.resume = false;  // --no-resume: start over with any config
+  EXPECT_TRUE(Trainer::Create(lr, o).ok());
 }
 
 }  // namespace

@@ -1,0 +1,62 @@
+// Exponential moving average of a model's weights (train.ema_decay, ema_warmup_steps, ema_eval).
+//
+// After each optimizer step (the n-th update, n = 0, 1, ...):
+//   d_n = ema_decay x min(1, n / ema_warmup_steps)        (d_n = ema_decay when warm-up is 0)
+//   ema = d_n x ema + (1 - d_n) x param                   (every trainable parameter)
+// so with a warm-up the first update copies the weights and the average then forgets the early
+// weights quickly. Buffers (BatchNorm running statistics, already averages) are not averaged:
+// evaluating with the EMA uses the model's own buffers, as torch.optim.swa_utils.AveragedModel
+// with use_buffers=False. The average lives on the parameters' device and dtype (float32).
+//
+// Data parallel: every rank applies the same averaged gradient, so every rank holds the same
+// weights and the same average; nothing is communicated.
+//
+// State: ExportState names each average "<param>" with the module's parameter names, plus
+// "__updates" (a 0-d int64 tensor, n); ImportState refuses, naming the tensor, a state that does
+// not fit. last.pt stores it (group "ema_state") so a resumed run averages on exactly.
+//
+// Not thread-safe; one per model replica.
+#ifndef AVIARY_WORKER_EMA_H_
+#define AVIARY_WORKER_EMA_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+#include "absl/status/status.h"
+#include "worker/weights.h"
+
+namespace aviary::worker {
+
+class WeightEma {
+ public:
+  // Starts the average at the module's current trainable parameters (copies).
+  WeightEma(const torch::nn::Module& module, double decay, int64_t warmup_steps);
+
+  // The decay of update number `n` (0-based), as in the file comment.
+  double DecayAt(int64_t n) const;
+  // One update from the module's current parameters (after an optimizer step).
+  void Update(const torch::nn::Module& module);
+  // Exchanges the module's trainable parameters with the averages (exact copies both ways):
+  // called twice, the module is back where it was. Validation and best.pt run in between.
+  void Swap(torch::nn::Module& module);
+
+  int64_t updates() const { return updates_; }
+  NamedTensors ExportState() const;
+  // INVALID_ARGUMENT naming `source` and the tensor for a missing, extra or mis-shaped entry.
+  absl::Status ImportState(const NamedTensors& state, const std::string& source);
+
+ private:
+  double decay_;
+  int64_t warmup_steps_;
+  int64_t updates_ = 0;
+  std::vector<std::string> names_;
+  std::vector<at::Tensor> averages_;
+};
+
+}  // namespace aviary::worker
+
+#endif  // AVIARY_WORKER_EMA_H_
