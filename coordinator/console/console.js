@@ -117,7 +117,8 @@
     return {roc, pr};
   }
   function tagsOf(job) {
-    const tags = Array.isArray(job.tags) ? job.tags : [];
+    // JobInfo.tags is a map (submit --tag K[=V]); a bare K has the value "".
+    const tags = Object.entries(job.tags || {}).map(([k, v]) => (v === '' ? k : k + '=' + v));
     return el('span', {class: 'tags'}, tags.map((t) => el('span', {class: 'tag'}, t)),
               job.note ? el('span', {class: 'note', title: job.note}, job.note) : null);
   }
@@ -400,6 +401,12 @@
         if (!(num(m.val_auc) <= pr)) pr = num(m.val_auc);
       }
       facts.push(['best ROC-AUC', fmt(roc)], ['best PR-AUC', fmt(pr)]);
+      // A sweep: its best grid point by the monitor (the mean over the point's final-stage tasks).
+      const best = job.sweep_best;
+      if ((job.sweep || []).length && best && best.tasks > 0) {
+        facts.push(['best sweep point', `p${best.point}: ${(best.overrides || []).join(', ')} ` +
+                    `(${best.metric} ${fmt(num(best.value))}, ${best.tasks}/${best.tasks_total} tasks)`]);
+      }
       fill(summary, ...facts.map(([k, v]) => el('div', {class: 'fact'}, el('span', {class: 'fact-key'}, k),
                                                                el('span', {class: 'fact-value'}, v))));
       if (job.error) summary.append(errorBox(job.error));

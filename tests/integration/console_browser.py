@@ -124,6 +124,7 @@ try:
     rows = {r.get_attribute("data-job"): r for r in driver.find_elements(By.CSS_SELECTOR, "#jobs-body tr")}
     check(args.job1 in rows and args.job2 in rows, "the jobs page shows job1 and job2 by id")
     check("baseline" in driver.find_element(By.ID, "jobs-body").text, "the jobs page shows the job names")
+    check("team=birds" in driver.find_element(By.ID, "jobs-body").text, "the jobs page shows the tags")
     check(wait_until("the live badge", lambda: "live-on" in driver.find_element(By.ID, "live").get_attribute("class")),
           "the jobs page's event stream is live")
     check(driver.find_element(By.ID, "role").text.startswith("viewer"), "the header shows the viewer role")

@@ -42,7 +42,7 @@ code=$(curl -s -o "$tmp/body" -w '%{http_code}' -H "Authorization: Bearer $(cat 
 # fine-tune-only one with another learning rate and dropout on a 1-rank group.
 start_group g1 2
 start_group g2 1
-job1=$(av submit "$tmp/p.yaml" --name baseline | tail -n 1)
+job1=$(av submit "$tmp/p.yaml" --name baseline --tag team=birds --note "first try" | tail -n 1)
 job2=$(av submit "$tmp/p.yaml" --name "lower lr" --set stages.pretrain.enabled=false \
          --set train.lr_max_per_sample=5.0e-5 --set model.dropout=0.3 --set stages.finetune.epochs=6 | tail -n 1)
 [[ "$job1" =~ ^j[0-9a-f]{12}$ && "$job2" =~ ^j[0-9a-f]{12}$ ]] || { fail "submit: '$job1' '$job2'"; exit 1; }
