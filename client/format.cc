@@ -290,7 +290,8 @@ absl::Status ParseSweepFlag(const std::string& text, v1::SweepAxis* axis) {
 
 std::string FormatGroups(const std::vector<v1::GroupInfo>& groups, int64_t now_unix_ms) {
   std::vector<std::vector<std::string>> rows{
-      {"GROUP", "RANKS", "BACKEND", "DEVICES", "HOSTS", "TASK", "SAMPLES/S", "HEARTBEAT", "REGISTERED (UTC)"}};
+      {"GROUP", "RANKS", "BACKEND", "DEVICES", "HOSTS", "TASK", "SAMPLES/S", "GPU MEM", "HEARTBEAT",
+       "REGISTERED (UTC)"}};
   for (const v1::GroupInfo& g : groups) {
     std::map<std::string, int> devices, hosts;
     for (const std::string& d : g.devices()) ++devices[d];
@@ -307,6 +308,8 @@ std::string FormatGroups(const std::vector<v1::GroupInfo>& groups, int64_t now_u
     rows.push_back({g.group_id(), absl::StrCat(g.world_size()), g.backend().empty() ? "-" : PrintableText(g.backend()),
                     counted(devices), counted(hosts), busy ? g.task_id() : std::string("idle"),
                     std::isfinite(rate) ? absl::StrFormat("%.1f", rate) : std::string("-"),
+                    g.gpu_memory_bytes() > 0 ? absl::StrFormat("%.1f GiB", g.gpu_memory_bytes() / 1073741824.0)
+                                             : std::string("-"),
                     absl::StrCat(FormatDuration((now_unix_ms - g.last_heartbeat_unix_ms()) / 1000.0), " ago"),
                     FormatUnixMs(g.registered_unix_ms())});
   }

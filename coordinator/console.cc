@@ -553,8 +553,9 @@ std::string Console::GroupsJson() const {
     } else {
       json += ",\"task_id\":\"\",\"samples_per_s\":null";
     }
-    // Groups do not report device memory (yet): null, shown as "not reported".
-    json += ",\"gpu_memory_bytes\":null}";
+    // Rank 0's CUDA memory from the last heartbeat; null (shown as "not reported") on the CPU.
+    absl::StrAppend(&json, ",\"gpu_memory_bytes\":",
+                    view.gpu_memory_bytes > 0 ? absl::StrCat(view.gpu_memory_bytes) : std::string("null"), "}");
     first = false;
   }
   json += "]}";

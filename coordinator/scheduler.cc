@@ -854,6 +854,7 @@ std::vector<Scheduler::GroupView> Scheduler::ConsoleGroups() const {
     GroupView view;
     view.row = group->row;
     view.last_heartbeat_age_s = std::max<int64_t>(0, now - group->last_seen_ms.load()) / 1000.0;
+    view.gpu_memory_bytes = group->gpu_memory_bytes.load();
     if (const TaskRow* held = HeldTask(*group); held != nullptr) {
       view.has_task = true;
       view.task = held->info;
@@ -892,9 +893,11 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
   return response;
 }
 
-absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id) {
+absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id,
+                                          int64_t gpu_memory_bytes) {
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+  group->gpu_memory_bytes = gpu_memory_bytes;
   if (task_id.empty()) return false;
   const TaskRow* held = HeldTask(*group);
   return held == nullptr || held->info.task_id() != task_id;

@@ -104,7 +104,8 @@ class Scheduler {
   absl::StatusOr<aviary::v1::RegisterGroupResponse> RegisterGroup(
       const aviary::v1::RegisterGroupRequest& request);
   // Renews the group; returns cancel_task.
-  absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id);
+  absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id,
+                                 int64_t gpu_memory_bytes = 0);
   // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
   // The task carries its manifest's hash and size, not the manifest (GetManifest).
   absl::StatusOr<aviary::v1::LeaseTaskResponse> LeaseTask(const std::string& group_id);
@@ -127,6 +128,7 @@ class Scheduler {
   struct GroupView {
     GroupRow row;
     double last_heartbeat_age_s = 0;  // since its last call (heartbeat, lease, report)
+    int64_t gpu_memory_bytes = 0;     // its last heartbeat's (0: not reported)
     bool has_task = false;
     aviary::v1::TaskInfo task;        // the task it holds, when has_task
   };
@@ -187,6 +189,7 @@ class Scheduler {
   struct Group {
     GroupRow row;
     std::atomic<int64_t> last_seen_ms{0};  // steady clock
+    std::atomic<int64_t> gpu_memory_bytes{0};  // its last heartbeat's (0: not reported)
   };
   struct EventSpec {
     std::string job_id;

@@ -49,6 +49,7 @@ std::vector<aviary::v1::GroupInfo> Scheduler::ListGroups() const {
     info.set_metrics_address(reg.metrics_address());
     info.set_registered_unix_ms(group->row.registered_unix_ms);
     info.set_last_heartbeat_unix_ms(now_unix - (now_steady - group->last_seen_ms.load()));
+    info.set_gpu_memory_bytes(group->gpu_memory_bytes.load());
     if (const TaskRow* held = HeldTask(*group)) {
       info.set_task_id(held->info.task_id());
       info.set_job_id(held->info.job_id());
@@ -82,6 +83,12 @@ absl::StatusOr<JobInfo> Scheduler::RetryJob(const std::string& job_id) {
     if (current.info.attempt() > 0) started = true;
     const TaskState task_state = current.info.state();
     if (task_state != aviary::v1::TASK_STATE_FAILED && task_state != aviary::v1::TASK_STATE_CANCELLED) continue;
+    if (current.manifest_hash.empty()) {
+      // Retention (retention_days, aviary prune) dropped the job's manifests: nothing to train on.
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job ", job_id, " was pruned (retention_days / aviary prune): task ", id,
+          " has no manifest any more; submit the pipeline again"));
+    }
     TaskRow& task = Stage(&changes, id);
     const bool waits = !task.depends_on.empty() &&
                        View(changes, task.depends_on).info.state() != aviary::v1::TASK_STATE_SUCCEEDED;

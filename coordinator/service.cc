@@ -409,7 +409,13 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
   return Serve(*context, *auth_, "WorkerService.Heartbeat", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     if (!request->task_id().empty()) AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
-    AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->Heartbeat(request->group_id(), request->task_id()));
+    constexpr int64_t kMaxDeviceBytes = int64_t{1} << 50;  // 1 PiB
+    if (request->gpu_memory_bytes() < 0 || request->gpu_memory_bytes() > kMaxDeviceBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'gpu_memory_bytes': ", request->gpu_memory_bytes(),
+                                                     " is outside 0..", kMaxDeviceBytes));
+    }
+    AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->Heartbeat(request->group_id(), request->task_id(),
+                                                               request->gpu_memory_bytes()));
     response->set_cancel_task(cancel);
     return absl::OkStatus();
   });

@@ -259,12 +259,14 @@ TEST(ClientFormatTest, GroupsAndLogLines) {
   v1::GroupInfo idle = busy;
   idle.set_group_id("g000000000001");
   idle.clear_task_id();
+  busy.set_gpu_memory_bytes(int64_t{3} << 29);  // 1.5 GiB (a CUDA group's heartbeat)
   const std::string table = FormatGroups({busy, idle}, 1003000);
   EXPECT_NE(table.find("cpux2"), std::string::npos) << table;
   EXPECT_NE(table.find("j0123456789ab/pretrain-f0"), std::string::npos) << table;
   EXPECT_NE(table.find("12.2"), std::string::npos) << table;
   EXPECT_NE(table.find("3s ago"), std::string::npos) << table;
   EXPECT_NE(table.find("idle"), std::string::npos) << table;
+  EXPECT_NE(table.find("1.5 GiB"), std::string::npos) << table;
   v1::LogLine line;
   line.set_time_unix_ms(1764770400123);  // 2025-12-03 14:00:00.123 UTC
   line.set_level("warning");

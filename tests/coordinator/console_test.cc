@@ -346,6 +346,8 @@ TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
       << groups.body;
   EXPECT_TRUE(absl::StrContains(groups.body, "\"task_id\":\"" + task_id_ + "\",\"epoch\":1,\"epochs\":3")) << groups.body;
   EXPECT_TRUE(absl::StrContains(groups.body, "\"samples_per_s\":123.5")) << groups.body;
+  // A CPU group reports no device memory: null (the page says "not reported").
+  EXPECT_TRUE(absl::StrContains(groups.body, "\"gpu_memory_bytes\":null}")) << groups.body;
 
   HttpResponse session = Http(port_, "GET", "/api/session", {Bearer("the-viewer-token")});
   EXPECT_EQ(session.body, "{\"role\":\"viewer\",\"auth\":true,\"grafana_url\":\"https://grafana.example/d/aviary\"}");

@@ -1904,6 +1904,31 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   EXPECT_EQ(list.jobs_size(), 0);
 }
 
+TEST_F(CoordinatorServiceTest, RetryRefusesAJobWhoseManifestsWerePruned) {
+  config_.retention_days = 0;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // finished before the cutoff
+  PruneJobsRequest prune;
+  prune.set_older_than_days(0);
+  PruneJobsResponse pruned;
+  ASSERT_TRUE(jobs_->PruneJobs(Ctx().get(), prune, &pruned).ok());
+  ASSERT_EQ(pruned.jobs_size(), 1);
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  const grpc::Status status = jobs_->RetryJob(Ctx().get(), retry, &retried);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "was pruned")) << status.error_message();
+  EXPECT_EQ(GetJob(job_id).state(), JOB_STATE_CANCELLED);  // unchanged: nothing leased without a manifest
+  const std::string group = Register();
+  EXPECT_FALSE(Lease(group).has_task());
+}
+
 TEST_F(CoordinatorServiceTest, RetryResumesFailedAndCancelledTasksFromTheirCheckpoints) {
   Start();
   const std::string job_id = Submit();
@@ -2122,6 +2147,17 @@ TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
   step.set_step(3);
   step.set_samples_per_s(42.5);
   ASSERT_TRUE(Report(busy, task, {step}, &cancel).ok());
+  // A CUDA group's heartbeat carries rank 0's device memory; out of range is refused by field.
+  HeartbeatRequest beat;
+  beat.set_group_id(busy);
+  beat.set_task_id(task);
+  beat.set_gpu_memory_bytes(int64_t{3} << 30);
+  HeartbeatResponse beat_response;
+  ASSERT_TRUE(workers_->Heartbeat(WorkerCtx().get(), beat, &beat_response).ok());
+  beat.set_gpu_memory_bytes(-1);
+  const grpc::Status negative = workers_->Heartbeat(WorkerCtx().get(), beat, &beat_response);
+  EXPECT_EQ(negative.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(negative.error_message().find("gpu_memory_bytes"), std::string::npos) << negative.error_message();
   ListGroupsRequest request;
   ListGroupsResponse response;
   ASSERT_TRUE(jobs_->ListGroups(Ctx().get(), request, &response).ok());
@@ -2141,6 +2177,7 @@ TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
       EXPECT_EQ(g.job_id(), job_id);
       EXPECT_EQ(g.stage(), "pretrain");
       EXPECT_DOUBLE_EQ(g.latest().samples_per_s(), 42.5);
+      EXPECT_EQ(g.gpu_memory_bytes(), int64_t{3} << 30);
     } else {
       EXPECT_EQ(g.group_id(), idle);
       EXPECT_EQ(g.task_id(), "");

@@ -457,6 +457,7 @@ void CoordinatorLink::HeartbeatLoop() {
       request.set_task_id(task_id_);
       generation = lease_generation_;
     }
+    request.set_gpu_memory_bytes(metrics_->GpuMemoryBytes());
     v1::HeartbeatResponse response;
     grpc::ClientContext ctx;
     Prepare(&ctx);

@@ -81,6 +81,7 @@ void GroupMetrics::SetGroupId(const std::string& group_id) {
     buffered_family_.Remove(buffered_);
     for (auto& [device, gauge] : gpu_memory_) gpu_memory_family_.Remove(gauge);
     gpu_memory_.clear();
+    gpu_memory_bytes_.clear();
   }
   group_id_ = group_id;
   const prometheus::Labels labels{{"group_id", group_id}};
@@ -139,6 +140,14 @@ void GroupMetrics::SetGpuMemory(const std::string& device, double bytes) {
     it = gpu_memory_.emplace(device, &gpu_memory_family_.Add({{"group_id", group_id_}, {"device", device}})).first;
   }
   it->second->Set(bytes);
+  gpu_memory_bytes_[device] = static_cast<int64_t>(bytes);
+}
+
+int64_t GroupMetrics::GpuMemoryBytes() {
+  absl::MutexLock lock(&mu_);
+  int64_t total = 0;
+  for (const auto& [device, bytes] : gpu_memory_bytes_) total += bytes;
+  return total;
 }
 
 }  // namespace aviary::worker

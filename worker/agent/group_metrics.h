@@ -49,6 +49,8 @@ class GroupMetrics {
   void AddFencedWrite();   // aviary_fenced_writes_total
   void AddStorageFault();  // aviary_storage_faults_total
   void SetGpuMemory(const std::string& device, double bytes);
+  // The sum over the devices of the last SetGpuMemory calls (0 before any; sent with heartbeats).
+  int64_t GpuMemoryBytes() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   GroupMetrics();
@@ -77,6 +79,7 @@ class GroupMetrics {
   prometheus::Gauge* connected_ ABSL_GUARDED_BY(mu_) = nullptr;
   prometheus::Gauge* buffered_ ABSL_GUARDED_BY(mu_) = nullptr;
   std::map<std::string, prometheus::Gauge*> gpu_memory_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> gpu_memory_bytes_ ABSL_GUARDED_BY(mu_);
   double connected_value_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
