@@ -203,7 +203,7 @@
             axisLabelFormatter: options && options.lr ? (y) => Number(y).toExponential(1) : (y) => Number(y).toFixed(2)},
       },
       underlayCallback: (ctx, area, g) => {
-        if (!state.best) return;
+        if (state.best === null || state.best === undefined) return;
         const x = g.toDomXCoord(state.best);
         if (x < area.x || x > area.x + area.w) return;
         ctx.save();
@@ -248,13 +248,13 @@
 
   // Whole epochs only, at most one label per 60 px.
   function epochTicks(min, max, pixels) {
-    const lo = Math.max(1, Math.ceil(min)), hi = Math.floor(max);
+    const lo = Math.max(0, Math.ceil(min)), hi = Math.floor(max);
     const span = Math.max(1, hi - lo);
     const steps = [1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000];
     const step = steps.find((s) => span / s <= Math.max(1, pixels / 60)) || 1000;
     const ticks = [];
-    for (let e = Math.ceil(lo / step) * step || step; e <= hi; e += step) ticks.push({v: e, label: String(e)});
-    if (lo === 1 && step > 1) ticks.unshift({v: 1, label: '1'});
+    for (let e = Math.ceil(lo / step) * step; e <= hi; e += step) ticks.push({v: e, label: String(e)});
+    if (lo % step !== 0) ticks.unshift({v: lo, label: String(lo)});  // the first epoch is always labelled
     return ticks;
   }
 
@@ -278,7 +278,7 @@
     for (const t of tasks) { planned += t.epochs || 0; finished += Math.min(epochsDone(t), t.epochs || 0); }
     const fraction = planned > 0 ? finished / planned : 0;
     const running = tasks.filter((t) => t.state === 'TASK_STATE_LEASED')
-      .map((t) => `${taskName(t)} \u00b7 epoch ${Math.min(epochsDone(t) + 1, t.epochs)}/${t.epochs}`);
+      .map((t) => `${taskName(t)} \u00b7 epoch ${Math.min(epochsDone(t), t.epochs - 1)}/${t.epochs - 1}`);
     return el('div', {class: 'progress-cell'},
       el('div', {class: 'progress'}, el('div', {class: 'progress-bar', style: `width:${(100 * fraction).toFixed(1)}%`})),
       el('div', {class: 'small muted'}, `${done}/${tasks.length} tasks`, running.length ? ` \u00b7 ${running.join(', ')}` : ''));
@@ -444,7 +444,7 @@
               el('div', {class: 'progress'}, el('div', {class: 'progress-bar',
                 style: `width:${t.epochs ? (100 * done / t.epochs).toFixed(1) : 0}%`})),
               el('div', {class: 'task-node-facts small'},
-                el('span', {}, `epoch ${done}/${t.epochs || '?'}`),
+                el('span', {}, `${done}/${t.epochs || '?'} epochs`),
                 el('span', {}, `attempt ${t.attempt || 0}`),
                 TERMINAL_TASK.has(t.state) ? null
                   : el('span', {title: t.group_id || ''}, t.group_id ? `group ${shortId(t.group_id)}` : 'waiting for a group'),
@@ -480,7 +480,7 @@
 
     function taskSeries(taskId) {
       const points = [...(history.get(taskId) || new Map()).values()].sort((a, b) => a.metrics.epoch - b.metrics.epoch);
-      const series = (key) => new Map(points.map((p) => [p.metrics.epoch + 1, num(p.metrics[key])]));
+      const series = (key) => new Map(points.map((p) => [p.metrics.epoch, num(p.metrics[key])]));
       return {points, series};
     }
 
@@ -489,16 +489,16 @@
       if (hasMetrics(task.best)) return task.best;
       const {points} = taskSeries(task.task_id);
       const epoch = bestEpoch(task, points);
-      const point = points.find((p) => p.metrics.epoch + 1 === epoch);
+      const point = points.find((p) => p.metrics.epoch === epoch);
       return point ? point.metrics : null;
     }
 
     function bestEpoch(task, points) {
-      if (task.best && task.best.epoch_end) return task.best.epoch + 1;
+      if (task.best && task.best.epoch_end) return task.best.epoch;
       let best = null, bestValue = -Infinity;
       for (const p of points) {
         const v = num(p.metrics.val_auc);
-        if (Number.isFinite(v) && v > bestValue) { bestValue = v; best = p.metrics.epoch + 1; }
+        if (Number.isFinite(v) && v > bestValue) { bestValue = v; best = p.metrics.epoch; }
       }
       return best;
     }
@@ -534,9 +534,9 @@
       const latest = task.latest || {};
       const bestMetrics = taskBest(task);
       const factsList = [['state', stateName(task.state)], ['attempt', task.attempt || 0], ['restarts', task.restarts || 0],
-        ['group', task.group_id || '\u2014'], ['epoch', `${Math.min(epochsDone(task), task.epochs)}/${task.epochs}`],
+        ['group', task.group_id || '\u2014'], ['epochs done', `${Math.min(epochsDone(task), task.epochs)}/${task.epochs}`],
         ['steps/epoch', task.steps_per_epoch || '\u2014'], ['samples/s', fmt(latest.samples_per_s, 1)],
-        ['ETA', eta(task)], ['best epoch', best || '\u2014'],
+        ['ETA', eta(task)], ['best epoch', best === null || best === undefined ? '\u2014' : best],
         ['best PR-AUC', fmt(bestMetrics ? bestMetrics.val_auc : NaN)],
         ['best ROC-AUC', fmt(bestMetrics ? bestMetrics.val_roc_auc : NaN)]];
       const factsBox = document.getElementById('task-facts');
@@ -549,7 +549,7 @@
         el('div', {class: 'fact-key'}, 'best checkpoint'), el('div', {class: 'mono path'}, task.best_checkpoint || '\u2014'),
         el('div', {class: 'fact-key'}, `checkpoints reported (${ckpts.length})`),
         el('div', {class: 'mono path small'}, ckpts.length ? ckpts.slice(-6).map((c) =>
-          el('div', {}, `epoch ${c.epoch + 1}${c.best ? ' (best)' : ''} \u00b7 attempt ${c.attempt} \u00b7 ${c.path}`)) : '\u2014'));
+          el('div', {}, `epoch ${c.epoch}${c.best ? ' (best)' : ''} \u00b7 attempt ${c.attempt} \u00b7 ${c.path}`)) : '\u2014'));
       if (configTask !== task.task_id) {
         configTask = task.task_id;
         const pre = document.querySelector('#task-config pre');
@@ -701,7 +701,7 @@
       const tasks = activeTasks();
       const series = tasks.map((t) => {
         const h = histories.get(t.task_id) || new Map();
-        return new Map([...h.entries()].map(([e, m]) => [e + 1, num(m[metric])]));
+        return new Map([...h.entries()].map(([e, m]) => [e, num(m[metric])]));
       });
       const rows = mergeSeries(series);
       const key = `${metric}|${tasks.map((t) => t.task_id).join('|')}`;
@@ -818,7 +818,7 @@
           el('td', {class: 'small'}, summarizeDevices(g.devices)),
           el('td', {}, g.task_id ? el('a', {class: 'mono', href: `/jobs/${jobId}#task=${encodeURIComponent(g.task_id.split('/')[1])}`}, g.task_id)
                                  : el('span', {class: 'muted'}, 'idle')),
-          el('td', {class: 'num'}, g.task_id ? `${(g.epoch || 0) + 1}/${g.epochs || '?'}` : '\u2014'),
+          el('td', {class: 'num'}, g.task_id ? `${g.epoch || 0}/${(g.epochs || 0) - 1}` : '\u2014'),
           el('td', {class: 'num'}, fmt(g.samples_per_s, 1)),
           el('td', {class: 'num muted', title: 'groups do not report device memory yet'},
              g.gpu_memory_bytes === null || g.gpu_memory_bytes === undefined ? 'not reported'
