@@ -34,6 +34,24 @@ constexpr char kCsrfHeader[] = "X-Aviary-Console";
 // rest stay for the pages and /api.
 constexpr int kServerThreads = 64;
 constexpr int kMaxStreams = 48;
+
+// One of the kMaxStreams event streams, held while in scope (held() false when all are taken).
+class StreamSlot {
+ public:
+  explicit StreamSlot(std::atomic<int>* count) : count_(count), held_(count->fetch_add(1) < kMaxStreams) {
+    if (!held_) count_->fetch_sub(1);
+  }
+  ~StreamSlot() {
+    if (held_) count_->fetch_sub(1);
+  }
+  StreamSlot(const StreamSlot&) = delete;
+  StreamSlot& operator=(const StreamSlot&) = delete;
+  bool held() const { return held_; }
+
+ private:
+  std::atomic<int>* count_;
+  bool held_;
+};
 constexpr int kDefaultJobLimit = 200;
 constexpr auto kKeepalive = std::chrono::seconds(10);
 
@@ -585,15 +603,11 @@ void Console::ServeCancel(Request& request, const std::string& job_id) {
 void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
   if (!job.ok()) return request.Error(job.status());
-  if (streams_.fetch_add(1) >= kMaxStreams) {
-    streams_.fetch_sub(1);
+  StreamSlot slot(&streams_);
+  if (!slot.held()) {
     return request.Error(absl::ResourceExhaustedError(
         absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
   }
-  struct Release {
-    std::atomic<int>* count;
-    ~Release() { count->fetch_sub(1); }
-  } release{&streams_};
   if (!request.StartStream()) return;
   bool alive = true;
   absl::Status status = scheduler_->WatchJob(
@@ -612,15 +626,11 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
 }
 
 void Console::StreamOverview(Request& request) {
-  if (streams_.fetch_add(1) >= kMaxStreams) {
-    streams_.fetch_sub(1);
+  StreamSlot slot(&streams_);
+  if (!slot.held()) {
     return request.Error(absl::ResourceExhaustedError(
         absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
   }
-  struct Release {
-    std::atomic<int>* count;
-    ~Release() { count->fetch_sub(1); }
-  } release{&streams_};
   if (!request.StartStream()) return;
   std::string last_jobs, last_groups;
   while (!stopping_) {
