@@ -105,7 +105,11 @@ TEST(GradAccumTest, APartialStepIsTheMeanOfItsMicroBatches) {
   ASSERT_TRUE(sa.Update(sa.ForwardFeatures(x, y, 1).loss).ok());
   ASSERT_TRUE(sb.Backward(sb.ForwardFeatures(x, y, 1).loss).ok());
   ASSERT_TRUE(sb.Apply());
-  EXPECT_LT(MaxDifference(*a, *b), 1e-7);
+  // The same float tolerance as the K-step test: torch 2.x scales and sums the micro-batch's
+  // gradient in another order than 1.13 (4e-7 seen), and Adam's first step, g / (|g| + eps),
+  // magnifies rounding in gradients near zero.
+  EXPECT_LT(MaxDifference(*a, *b), 2e-6);
+  EXPECT_GT(MaxDifference(*a, *Model(3)), 0.0) << "the step should have moved the parameters";
 }
 
 // ClipGradNorm against torch::nn::utils::clip_grad_norm_ (the C++ twin of torch.nn.utils'):
