@@ -66,10 +66,6 @@ void Resolve(const std::string& base, std::string* path) {
   *path = (fs::path(base) / *path).lexically_normal().string();
 }
 
-absl::Status NoSuchJob(const std::string& job_id) {
-  return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
-}
-
 absl::Status NotRegistered(const std::string& group_id) {
   return absl::NotFoundError(absl::StrCat(
       "group ", group_id,
@@ -78,6 +74,10 @@ absl::Status NotRegistered(const std::string& group_id) {
 }
 
 }  // namespace
+
+absl::Status NoSuchJob(const std::string& job_id) {
+  return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+}
 
 Scheduler::Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics)
     : options_(options), store_(store), metrics_(metrics), rng_(std::random_device{}()) {}

@@ -57,6 +57,9 @@ struct SchedulerOptions {
   std::vector<std::string> data_roots;
 };
 
+// NOT_FOUND naming the job id: the answer for an unknown or deleted job.
+absl::Status NoSuchJob(const std::string& job_id);
+
 class Scheduler {
  public:
   // Restores the state from `store` and starts the reaper. `store` must outlive the scheduler;

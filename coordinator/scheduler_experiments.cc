@@ -67,7 +67,7 @@ absl::StatusOr<JobInfo> Scheduler::RetryJob(const std::string& job_id) {
   absl::ReaderMutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end() || it->second.deleted) {
-    return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+    return NoSuchJob(job_id);
   }
   const aviary::v1::JobState state = it->second.row.info.state();
   if (state != aviary::v1::JOB_STATE_FAILED && state != aviary::v1::JOB_STATE_CANCELLED) {
@@ -119,7 +119,7 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
       absl::ReaderMutexLock lock(&mu_);
       auto it = jobs_.find(job_id);
       if (it == jobs_.end() || it->second.deleted) {
-        return absl::NotFoundError(absl::StrCat("job_id '", job_id, "': no such job"));
+        return NoSuchJob(job_id);
       }
       const aviary::v1::JobState state = it->second.row.info.state();
       if (state == aviary::v1::JOB_STATE_PENDING || state == aviary::v1::JOB_STATE_RUNNING) {
@@ -229,7 +229,7 @@ absl::StatusOr<aviary::v1::GetLogsResponse> Scheduler::GetLogs(const aviary::v1:
     absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(request.job_id());
     if (it == jobs_.end() || it->second.deleted) {
-      return absl::NotFoundError(absl::StrCat("job_id '", request.job_id(), "': no such job"));
+      return NoSuchJob(request.job_id());
     }
     *response.mutable_job() = *it->second.snapshot;
     if (request.task_id().empty()) {
