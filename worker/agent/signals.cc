@@ -35,8 +35,14 @@ static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lo
 // stop notice.
 std::atomic<int64_t> g_tick_ms{0};
 static_assert(std::atomic<int64_t>::is_always_lock_free, "the watchdog tick must be lock-free");
+// CLOCK_MONOTONIC in ms when the watchdog last woke to find its previous tick older than
+// kStoppedMs: the process had been stopped. After a SIGCONT the kernel may run the woken watchdog
+// before the handler (it did on a loaded 2-core CI machine), so a fresh tick alone does not prove
+// the process was running: a resume seen within kResumedMs also marks the SIGCONT as a resume.
+std::atomic<int64_t> g_resumed_ms{INT64_MIN / 2};
 constexpr int64_t kTickMs = 100;
 constexpr int64_t kStoppedMs = 1500;
+constexpr int64_t kResumedMs = 2000;
 
 int64_t MonotonicMs() {
   struct timespec ts;
@@ -51,7 +57,11 @@ extern "C" void OnStopSignal(int sig) { g_signal.store(sig, std::memory_order_re
 // the parent to a rank that was not stopped is the only prompt notice, so it counts as a stop.
 extern "C" void OnContinue(int, siginfo_t* info, void*) {
   if (info == nullptr || info->si_code != SI_USER || info->si_pid != ::getppid()) return;
-  if (MonotonicMs() - g_tick_ms.load(std::memory_order_relaxed) > kStoppedMs) return;  // resumed
+  // The tick is read first: a watchdog tick that is seen was stored after its resume mark.
+  const int64_t tick = g_tick_ms.load();
+  const int64_t now = MonotonicMs();
+  if (now - tick > kStoppedMs) return;                   // resumed; the watchdog has not woken yet
+  if (now - g_resumed_ms.load() <= kResumedMs) return;  // resumed; the watchdog woke first
   int expected = 0;
   g_signal.compare_exchange_strong(expected, SIGCONT, std::memory_order_relaxed);
 }
@@ -82,10 +92,14 @@ void InstallStopSignalHandlers() {
     Log().Warn(absl::StrCat("sigaction(SIGPIPE): ", std::strerror(errno)));
   }
   // The watchdog that tells a continued process from a running one (OnContinue).
-  g_tick_ms.store(MonotonicMs(), std::memory_order_relaxed);
+  g_tick_ms.store(MonotonicMs());
   std::thread([] {
+    int64_t last = MonotonicMs();
     while (true) {
-      g_tick_ms.store(MonotonicMs(), std::memory_order_relaxed);
+      const int64_t now = MonotonicMs();
+      if (now - last > kStoppedMs) g_resumed_ms.store(now);  // before the tick (OnContinue)
+      g_tick_ms.store(now);
+      last = now;
       std::this_thread::sleep_for(std::chrono::milliseconds(kTickMs));
     }
   }).detach();

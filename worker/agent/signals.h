@@ -8,7 +8,8 @@
 // forwarded: Open MPI 4.1's mpirun sends every rank SIGCONT at once and SIGTERM only
 // odls_base_sigkill_timeout seconds later (then SIGKILL). So a SIGCONT from the parent process
 // (mpirun or orted) to a rank that was not stopped counts as a stop too; a SIGCONT that continues
-// a stopped rank (job control, a Slurm suspend: a watchdog thread did not tick for 1.5 s) or
+// a stopped rank (job control, a Slurm suspend: a watchdog thread did not tick for 1.5 s, or
+// woke within the last 2 s to find such a gap) or
 // comes from another process does not.
 //
 // Thread-safe: the flag is a lock-free atomic, read from every thread.
