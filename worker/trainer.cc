@@ -21,6 +21,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/match.h"
+#include "common/backbone_fit.h"
 #include "common/catalog.h"
 #include "common/csv.h"
 #include "common/files.h"
@@ -540,10 +541,15 @@ absl::Status Trainer::State::BuildModel() {
                                                     static_cast<int>(table.class_names.size())));
   if (config.model.pretrain == "imagenet") {
     AVIARY_ASSIGN_OR_RETURN(NamedTensors weights, ReadStateDict(config.model.pretrained_weights));
+    // The rule the coordinator applies at submit (common/backbone_fit.h): every backbone tensor,
+    // no other backbone tensor, shapes equal but for the stem of another channel count.
+    AVIARY_RETURN_IF_ERROR(common::CheckBackboneFit(
+        common::CompareBackbone(IndexOf(weights), BackboneIndex(*model)), config.model.pretrained_weights,
+        config.model.name, config.frontend.in_channels));
     LoadOptions lw;
     lw.only_prefix = "features.";
     lw.allow_unexpected = true;  // the ImageNet classifier
-    lw.skip_mismatched = true;   // e.g. a first conv for another channel count
+    lw.skip_mismatched = true;   // the stem for another channel count (the only one the rule lets by)
     auto report = LoadIntoModule(weights, *model, lw,
                                  absl::StrCat("model.pretrained_weights ", config.model.pretrained_weights));
     if (!report.ok()) return report.status();

@@ -204,4 +204,27 @@ absl::StatusOr<LoadReport> LoadIntoModule(const NamedTensors& tensors, torch::nn
   return report;
 }
 
+common::TensorIndex IndexOf(const NamedTensors& tensors) {
+  common::TensorIndex out;
+  for (const auto& [name, t] : tensors) {
+    const char* dtype = "?";
+    for (const auto& d : kDtypes) {
+      if (t.scalar_type() == d.type) dtype = d.name;
+    }
+    out.push_back(common::TensorEntry{name, dtype, t.sizes().vec()});
+  }
+  return out;
+}
+
+common::TensorIndex BackboneIndex(torch::nn::Module& module) {
+  NamedTensors backbone;
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+    if (p.key().rfind("features.", 0) == 0) backbone.emplace_back(p.key(), p.value());
+  }
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) {
+    if (b.key().rfind("features.", 0) == 0) backbone.emplace_back(b.key(), b.value());
+  }
+  return IndexOf(backbone);
+}
+
 }  // namespace aviary::worker

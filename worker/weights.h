@@ -15,6 +15,7 @@
 #include <torch/nn/module.h>
 
 #include "absl/status/statusor.h"
+#include "common/tensor_index.h"
 
 namespace aviary::worker {
 
@@ -54,6 +55,13 @@ struct LoadOptions {
 // options do not allow them; on error the module is left unchanged.
 absl::StatusOr<LoadReport> LoadIntoModule(const NamedTensors& tensors, torch::nn::Module& module,
                                           const LoadOptions& options, const std::string& source);
+
+// The names, dtypes and shapes of `tensors` (what common::ReadTensorIndex reads from their file).
+common::TensorIndex IndexOf(const NamedTensors& tensors);
+
+// The backbone (`features.*` parameters, then buffers) of `module` as an index: what
+// common::BackboneShapes holds for it (tests/worker/model_shapes_test.cc).
+common::TensorIndex BackboneIndex(torch::nn::Module& module);
 
 }  // namespace aviary::worker
 

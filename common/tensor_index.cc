@@ -1,0 +1,666 @@
+#include "common/tensor_index.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "yaml-cpp/yaml.h"
+
+namespace aviary::common {
+namespace {
+
+// Caps on what a header may claim (far above real files: a B3 state dict's pickle is ~60 KB).
+constexpr uint64_t kMaxSafetensorsHeader = 100 << 20;  // safetensors' own limit
+constexpr uint64_t kMaxCentralDirectory = 64 << 20;
+constexpr uint64_t kMaxPickle = 64 << 20;
+constexpr int kMaxRank = 16;
+
+// Element sizes of the dtypes both formats name.
+int64_t ElementSize(const std::string& dtype) {
+  static const std::map<std::string, int64_t> kSizes{
+      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8},
+      {"I32", 4}, {"I16", 2}, {"I8", 1},  {"U8", 1},   {"BOOL", 1}};
+  auto it = kSizes.find(dtype);
+  return it == kSizes.end() ? 0 : it->second;
+}
+
+// A read-only file read by offset (pread); lengths are checked against its size.
+class File {
+ public:
+  static absl::StatusOr<std::unique_ptr<File>> Open(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      const int err = errno;
+      const std::string message = absl::StrCat(path, ": ", std::strerror(err));
+      if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(message);
+      if (err == EACCES || err == EPERM) return absl::PermissionDeniedError(message);
+      return absl::InvalidArgumentError(message);
+    }
+    std::unique_ptr<File> file(new File(fd, path));
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+    }
+    file->size_ = static_cast<uint64_t>(st.st_size);
+    return file;
+  }
+  ~File() { ::close(fd_); }
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  uint64_t size() const { return size_; }
+  // `n` bytes at `offset`; INVALID_ARGUMENT naming `what` when they lie past the end.
+  absl::StatusOr<std::string> Read(uint64_t offset, uint64_t n, const std::string& what) const {
+    if (offset > size_ || n > size_ - offset) {
+      return absl::InvalidArgumentError(absl::StrCat(path_, ": truncated: ", what, " at byte ", offset,
+                                                     " needs ", n, " bytes, the file has ", size_));
+    }
+    std::string out(n, '\0');
+    uint64_t done = 0;
+    while (done < n) {
+      const ssize_t got = ::pread(fd_, out.data() + done, n - done, static_cast<off_t>(offset + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(path_, ": read of ", what, " at byte ", offset,
+                                                       " failed: ", got < 0 ? std::strerror(errno) : "end of file"));
+      }
+      done += static_cast<uint64_t>(got);
+    }
+    return out;
+  }
+
+ private:
+  File(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  int fd_;
+  std::string path_;
+  uint64_t size_ = 0;
+};
+
+uint64_t Le(const std::string& bytes, size_t at, size_t n) {
+  uint64_t v = 0;
+  for (size_t k = 0; k < n; ++k) v |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[at + k])) << (8 * k);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors.
+
+absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::string& path) {
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid safetensors file: ", why));
+  };
+  absl::StatusOr<std::string> head = file.Read(0, 8, "the safetensors header length");
+  if (!head.ok()) return head.status();
+  const uint64_t header_len = Le(*head, 0, 8);
+  if (header_len > kMaxSafetensorsHeader) {
+    return bad(absl::StrCat("header length ", header_len, " exceeds ", kMaxSafetensorsHeader));
+  }
+  absl::StatusOr<std::string> json = file.Read(8, header_len, "the safetensors header");
+  if (!json.ok()) return json.status();
+  const uint64_t data_bytes = file.size() - 8 - header_len;
+  YAML::Node header;
+  try {
+    header = YAML::Load(*json);
+  } catch (const YAML::Exception& e) {
+    return bad(absl::StrCat("header JSON: ", e.msg));
+  }
+  if (!header.IsMap()) return bad("header is not a JSON object");
+  TensorIndex out;
+  try {
+    for (const auto& kv : header) {
+      TensorEntry entry;
+      entry.name = kv.first.as<std::string>();
+      if (entry.name == "__metadata__") continue;
+      const YAML::Node& info = kv.second;
+      if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"] ||
+          !info["shape"].IsSequence() || !info["data_offsets"].IsSequence() ||
+          info["data_offsets"].size() != 2) {
+        return bad(absl::StrCat("entry '", entry.name, "' lacks dtype/shape/data_offsets"));
+      }
+      entry.dtype = info["dtype"].as<std::string>();
+      const int64_t element = ElementSize(entry.dtype);
+      if (element == 0) return bad(absl::StrCat("entry '", entry.name, "' has unsupported dtype ", entry.dtype));
+      if (info["shape"].size() > kMaxRank) return bad(absl::StrCat("entry '", entry.name, "' has rank > ", kMaxRank));
+      uint64_t bytes = static_cast<uint64_t>(element);
+      for (const auto& d : info["shape"]) {
+        const int64_t dim = d.as<int64_t>();
+        if (dim < 0 || (dim > 0 && bytes > data_bytes / static_cast<uint64_t>(dim))) {
+          return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", dim, " that does not fit the file"));
+        }
+        bytes *= static_cast<uint64_t>(dim);
+        entry.shape.push_back(dim);
+      }
+      const uint64_t begin = info["data_offsets"][0].as<uint64_t>();
+      const uint64_t end = info["data_offsets"][1].as<uint64_t>();
+      if (end < begin || end - begin != bytes || end > data_bytes) {
+        return bad(absl::StrCat("entry '", entry.name, "' has data_offsets [", begin, ", ", end,
+                                "] that do not fit its shape ", ShapeText(entry.shape), " and ", entry.dtype,
+                                " or the file's ", data_bytes, " data bytes"));
+      }
+      out.push_back(std::move(entry));
+    }
+  } catch (const YAML::Exception& e) {
+    return bad(absl::StrCat("header JSON: ", e.msg));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zip archives (stored entries, zip64 where sizes or offsets need it).
+
+struct ZipEntry {
+  uint16_t method = 0;
+  uint64_t size = 0;          // uncompressed
+  uint64_t local_offset = 0;  // of the local file header
+};
+
+absl::StatusOr<std::map<std::string, ZipEntry>> ReadZipDirectory(const File& file, const std::string& path) {
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a torch.save zip archive: ", why));
+  };
+  // The end-of-central-directory record: 22 bytes and a comment of up to 65535.
+  if (file.size() < 22) return bad("shorter than a zip end record");
+  const uint64_t tail_len = std::min<uint64_t>(file.size(), 22 + 65535);
+  absl::StatusOr<std::string> tail = file.Read(file.size() - tail_len, tail_len, "the zip end record");
+  if (!tail.ok()) return tail.status();
+  size_t eocd = std::string::npos;
+  for (size_t i = tail_len - 22 + 1; i-- > 0;) {
+    if (Le(*tail, i, 4) == 0x06054b50) {
+      eocd = i;
+      break;
+    }
+  }
+  if (eocd == std::string::npos) {
+    return bad("no zip end record (a truncated file, or a legacy torch.save from PyTorch < 1.6: re-save it)");
+  }
+  const uint64_t eocd_offset = file.size() - tail_len + eocd;
+  uint64_t count = Le(*tail, eocd + 10, 2);
+  uint64_t cd_size = Le(*tail, eocd + 12, 4);
+  uint64_t cd_offset = Le(*tail, eocd + 16, 4);
+  if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_offset == 0xFFFFFFFF) {
+    if (eocd_offset < 20) return bad("zip64 end locator missing");
+    absl::StatusOr<std::string> locator = file.Read(eocd_offset - 20, 20, "the zip64 end locator");
+    if (!locator.ok()) return locator.status();
+    if (Le(*locator, 0, 4) != 0x07064b50) return bad("zip64 end locator missing");
+    absl::StatusOr<std::string> record = file.Read(Le(*locator, 8, 8), 56, "the zip64 end record");
+    if (!record.ok()) return record.status();
+    if (Le(*record, 0, 4) != 0x06064b50) return bad("bad zip64 end record signature");
+    count = Le(*record, 32, 8);
+    cd_size = Le(*record, 40, 8);
+    cd_offset = Le(*record, 48, 8);
+  }
+  if (cd_size > kMaxCentralDirectory) {
+    return bad(absl::StrCat("central directory of ", cd_size, " bytes exceeds ", kMaxCentralDirectory));
+  }
+  absl::StatusOr<std::string> cd = file.Read(cd_offset, cd_size, "the zip central directory");
+  if (!cd.ok()) return cd.status();
+  std::map<std::string, ZipEntry> entries;
+  size_t at = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    if (at + 46 > cd->size() || Le(*cd, at, 4) != 0x02014b50) {
+      return bad(absl::StrCat("bad central directory entry ", i, " at byte ", cd_offset + at));
+    }
+    ZipEntry entry;
+    entry.method = static_cast<uint16_t>(Le(*cd, at + 10, 2));
+    const uint64_t compressed = Le(*cd, at + 20, 4);
+    entry.size = Le(*cd, at + 24, 4);
+    const size_t name_len = Le(*cd, at + 28, 2);
+    const size_t extra_len = Le(*cd, at + 30, 2);
+    const size_t comment_len = Le(*cd, at + 32, 2);
+    entry.local_offset = Le(*cd, at + 42, 4);
+    if (at + 46 + name_len + extra_len + comment_len > cd->size()) {
+      return bad(absl::StrCat("central directory entry ", i, " runs past the directory"));
+    }
+    std::string name = cd->substr(at + 46, name_len);
+    // Zip64 extra field: the 64-bit values of the fields set to 0xFFFFFFFF, in this order.
+    for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+      const uint64_t id = Le(*cd, x, 2);
+      const size_t len = Le(*cd, x + 2, 2);
+      size_t v = x + 4;
+      const size_t end = std::min(x + 4 + len, at + 46 + name_len + extra_len);
+      if (id == 0x0001) {
+        if (entry.size == 0xFFFFFFFF && v + 8 <= end) entry.size = Le(*cd, v, 8), v += 8;
+        if (compressed == 0xFFFFFFFF && v + 8 <= end) v += 8;
+        if (entry.local_offset == 0xFFFFFFFF && v + 8 <= end) entry.local_offset = Le(*cd, v, 8);
+      }
+      x += 4 + len;
+    }
+    at += 46 + name_len + extra_len + comment_len;
+    entries[std::move(name)] = entry;
+  }
+  return entries;
+}
+
+// The bytes of a stored entry, at most `cap` of them.
+absl::StatusOr<std::string> ReadZipEntry(const File& file, const std::string& path, const std::string& name,
+                                         const ZipEntry& entry, uint64_t cap) {
+  if (entry.method != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", name, " is compressed (method ",
+                                                   entry.method, "); torch.save stores its entries uncompressed"));
+  }
+  if (entry.size > cap) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", name, " has ", entry.size,
+                                                   " bytes, more than the ", cap, " read"));
+  }
+  absl::StatusOr<std::string> local = file.Read(entry.local_offset, 30, absl::StrCat("the zip header of ", name));
+  if (!local.ok()) return local.status();
+  if (Le(*local, 0, 4) != 0x04034b50) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": bad zip header of ", name, " at byte ", entry.local_offset));
+  }
+  const uint64_t data = entry.local_offset + 30 + Le(*local, 26, 2) + Le(*local, 28, 2);
+  return file.Read(data, entry.size, absl::StrCat("zip entry ", name));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pickle machine.
+
+struct Value;
+using ValuePtr = std::shared_ptr<Value>;
+
+struct Value {
+  enum class Kind { kNone, kBool, kInt, kFloat, kString, kTuple, kList, kDict, kGlobal,
+                    kStorage, kTensor, kMark, kOpaque };
+  Kind kind = Kind::kNone;
+  int64_t i = 0;                                    // int; storage: numel
+  std::string s;                                    // string; global "module.name"; dtype
+  std::vector<ValuePtr> items;                      // tuple, list
+  std::vector<std::pair<ValuePtr, ValuePtr>> dict;  // dict / OrderedDict, in order
+  std::vector<int64_t> shape;                       // tensor
+};
+
+ValuePtr Make(Value::Kind kind) {
+  auto v = std::make_shared<Value>();
+  v->kind = kind;
+  return v;
+}
+
+const char* StorageDtype(const std::string& global) {
+  static const std::map<std::string, const char*> kTypes{
+      {"torch.FloatStorage", "F32"}, {"torch.DoubleStorage", "F64"}, {"torch.HalfStorage", "F16"},
+      {"torch.BFloat16Storage", "BF16"}, {"torch.LongStorage", "I64"}, {"torch.IntStorage", "I32"},
+      {"torch.ShortStorage", "I16"}, {"torch.CharStorage", "I8"}, {"torch.ByteStorage", "U8"},
+      {"torch.BoolStorage", "BOOL"}};
+  auto it = kTypes.find(global);
+  return it == kTypes.end() ? nullptr : it->second;
+}
+
+class Unpickler {
+ public:
+  // `records`: the archive's "data/<key>" sizes (storages are checked against them, not read).
+  Unpickler(const std::string& data, std::map<std::string, uint64_t> records, std::string where)
+      : data_(data), records_(std::move(records)), where_(std::move(where)) {}
+
+  absl::StatusOr<ValuePtr> Run() {
+    while (!done_) {
+      if (pos_ >= data_.size()) return Bad("the pickle ends before STOP");
+      op_at_ = pos_;
+      const uint8_t op = static_cast<uint8_t>(data_[pos_++]);
+      absl::Status st = Step(op);
+      if (!st.ok()) return st;
+    }
+    if (stack_.empty()) return Bad("empty pickle");
+    return stack_.back();
+  }
+
+ private:
+  absl::Status Bad(const std::string& why) const {
+    return absl::InvalidArgumentError(absl::StrCat(where_, " byte ", op_at_, ": ", why));
+  }
+  bool Need(size_t n) const { return n <= data_.size() - pos_; }
+  uint64_t ReadLE(size_t n) {
+    uint64_t v = Le(data_, pos_, n);
+    pos_ += n;
+    return v;
+  }
+  absl::StatusOr<uint64_t> Arg(size_t n) {
+    if (!Need(n)) return Bad("truncated opcode argument");
+    return ReadLE(n);
+  }
+  std::string ReadLine() {
+    size_t end = data_.find('\n', pos_);
+    if (end == std::string::npos) end = data_.size();
+    std::string line = data_.substr(pos_, end - pos_);
+    pos_ = std::min(data_.size(), end + 1);
+    return line;
+  }
+  absl::StatusOr<ValuePtr> Pop() {
+    if (stack_.empty()) return Bad("stack underflow");
+    ValuePtr v = stack_.back();
+    stack_.pop_back();
+    return v;
+  }
+  // Pops everything above the last MARK.
+  absl::StatusOr<std::vector<ValuePtr>> PopMark() {
+    std::vector<ValuePtr> out;
+    while (!stack_.empty() && stack_.back()->kind != Value::Kind::kMark) {
+      out.push_back(stack_.back());
+      stack_.pop_back();
+    }
+    if (stack_.empty()) return Bad("MARK not found");
+    stack_.pop_back();
+    std::reverse(out.begin(), out.end());
+    return out;
+  }
+  void Push(ValuePtr v) { stack_.push_back(std::move(v)); }
+  void PushInt(int64_t i) {
+    auto v = Make(Value::Kind::kInt);
+    v->i = i;
+    Push(v);
+  }
+  ValuePtr Tuple(std::vector<ValuePtr> items) {
+    auto v = Make(Value::Kind::kTuple);
+    v->items = std::move(items);
+    return v;
+  }
+
+  // persistent_id(('storage', <StorageType>, key, location, numel)).
+  absl::StatusOr<ValuePtr> Storage(const ValuePtr& pid) {
+    if (pid->kind != Value::Kind::kTuple || pid->items.size() < 5 || pid->items[0]->s != "storage" ||
+        pid->items[2]->kind != Value::Kind::kString || pid->items[4]->kind != Value::Kind::kInt) {
+      return Bad("persistent id is not ('storage', type, key, location, numel)");
+    }
+    const char* dtype = StorageDtype(pid->items[1]->s);
+    if (dtype == nullptr) return Bad(absl::StrCat("storage type ", pid->items[1]->s));
+    const std::string& key = pid->items[2]->s;
+    const int64_t numel = pid->items[4]->i;
+    auto record = records_.find(key);
+    if (record == records_.end()) return Bad(absl::StrCat("storage '", key, "' has no data record in the archive"));
+    if (numel < 0 || static_cast<uint64_t>(numel) > record->second / static_cast<uint64_t>(ElementSize(dtype))) {
+      return Bad(absl::StrCat("storage '", key, "' claims ", numel, " elements of ", dtype, "; its record has ",
+                              record->second, " bytes"));
+    }
+    auto v = Make(Value::Kind::kStorage);
+    v->s = dtype;
+    v->i = numel;
+    return v;
+  }
+
+  absl::StatusOr<ValuePtr> Reduce(const ValuePtr& callable, const ValuePtr& args) {
+    const std::string& fn = callable->s;
+    if (fn == "collections.OrderedDict") return Make(Value::Kind::kDict);
+    if (fn == "torch._utils._rebuild_tensor_v2" || fn == "torch._utils._rebuild_tensor") {
+      // (storage, storage_offset, size, stride, requires_grad, backward_hooks, ...)
+      if (args->items.size() < 4 || args->items[0]->kind != Value::Kind::kStorage ||
+          args->items[1]->kind != Value::Kind::kInt || args->items[2]->items.size() > kMaxRank ||
+          args->items[2]->items.size() != args->items[3]->items.size()) {
+        return Bad(absl::StrCat(fn, " arguments are not (storage, offset, size, stride, ...)"));
+      }
+      auto v = Make(Value::Kind::kTensor);
+      v->s = args->items[0]->s;
+      // The last element the view reaches must lie inside the storage.
+      int64_t last = args->items[1]->i;
+      bool empty = false;
+      for (size_t d = 0; d < args->items[2]->items.size(); ++d) {
+        const int64_t size = args->items[2]->items[d]->i;
+        const int64_t stride = args->items[3]->items[d]->i;
+        if (size < 0 || stride < 0 || (size > 0 && stride > (int64_t{1} << 40))) {
+          return Bad(absl::StrCat("tensor size ", size, " / stride ", stride));
+        }
+        if (size == 0) empty = true;
+        if (size > 0) last += (size - 1) * stride;
+        v->shape.push_back(size);
+      }
+      if (!empty && (args->items[1]->i < 0 || last >= args->items[0]->i)) {
+        return Bad(absl::StrCat("tensor ", ShapeText(v->shape), " at offset ", args->items[1]->i,
+                                " reaches past its storage of ", args->items[0]->i, " elements"));
+      }
+      return v;
+    }
+    if (fn == "torch._utils._rebuild_parameter") {
+      if (args->items.empty() || args->items[0]->kind != Value::Kind::kTensor) {
+        return Bad("_rebuild_parameter arguments");
+      }
+      return args->items[0];
+    }
+    auto v = Make(Value::Kind::kOpaque);
+    v->s = fn;
+    return v;
+  }
+
+  absl::Status PushString(size_t width) {
+    absl::StatusOr<uint64_t> n = Arg(width);
+    if (!n.ok()) return n.status();
+    if (!Need(*n)) return Bad("truncated string");
+    auto v = Make(Value::Kind::kString);
+    v->s = data_.substr(pos_, *n);
+    pos_ += *n;
+    Push(v);
+    return absl::OkStatus();
+  }
+
+  absl::Status Step(uint8_t op) {
+    switch (op) {
+      case 0x80: return Arg(1).status();                             // PROTO
+      case 0x95: return Arg(8).status();                             // FRAME
+      case '.': done_ = true; return absl::OkStatus();               // STOP
+      case '(': Push(Make(Value::Kind::kMark)); return absl::OkStatus();
+      case '}': Push(Make(Value::Kind::kDict)); return absl::OkStatus();
+      case ']': Push(Make(Value::Kind::kList)); return absl::OkStatus();
+      case ')': Push(Tuple({})); return absl::OkStatus();
+      case 'N': Push(Make(Value::Kind::kNone)); return absl::OkStatus();
+      case 0x88:
+      case 0x89: {  // NEWTRUE, NEWFALSE
+        auto v = Make(Value::Kind::kBool);
+        v->i = op == 0x88;
+        Push(v);
+        return absl::OkStatus();
+      }
+      case 'K':
+      case 'M':
+      case 'J': {  // BININT1, BININT2, BININT
+        absl::StatusOr<uint64_t> raw = Arg(op == 'K' ? 1 : op == 'M' ? 2 : 4);
+        if (!raw.ok()) return raw.status();
+        PushInt(op == 'J' ? static_cast<int32_t>(*raw) : static_cast<int64_t>(*raw));
+        return absl::OkStatus();
+      }
+      case 0x8a: {  // LONG1
+        absl::StatusOr<uint64_t> n = Arg(1);
+        if (!n.ok()) return n.status();
+        if (*n > 8) return Bad("LONG1 wider than 64 bits");
+        absl::StatusOr<uint64_t> raw = Arg(*n);
+        if (!raw.ok()) return raw.status();
+        int64_t v = static_cast<int64_t>(*raw);
+        if (*n > 0 && *n < 8 && (*raw >> (8 * *n - 1)) & 1) v -= static_cast<int64_t>(uint64_t{1} << (8 * *n));
+        PushInt(v);
+        return absl::OkStatus();
+      }
+      case 'G': {  // BINFLOAT (the value is not needed)
+        absl::Status st = Arg(8).status();
+        Push(Make(Value::Kind::kFloat));
+        return st;
+      }
+      case 0x8c: case 'U': case 'C': return PushString(1);  // SHORT_BINUNICODE, SHORT_BINSTRING, SHORT_BINBYTES
+      case 'X': case 'T': case 'B': return PushString(4);   // BINUNICODE, BINSTRING, BINBYTES
+      case 0x8d: case 0x8e: return PushString(8);           // BINUNICODE8, BINBYTES8
+      case 'c': {  // GLOBAL
+        auto v = Make(Value::Kind::kGlobal);
+        const std::string module = ReadLine();
+        v->s = module + "." + ReadLine();
+        Push(v);
+        return absl::OkStatus();
+      }
+      case 0x93: {  // STACK_GLOBAL
+        auto name = Pop();
+        if (!name.ok()) return name.status();
+        auto module = Pop();
+        if (!module.ok()) return module.status();
+        auto v = Make(Value::Kind::kGlobal);
+        v->s = (*module)->s + "." + (*name)->s;
+        Push(v);
+        return absl::OkStatus();
+      }
+      case 'q': case 'r': {  // BINPUT, LONG_BINPUT
+        absl::StatusOr<uint64_t> id = Arg(op == 'q' ? 1 : 4);
+        if (!id.ok()) return id.status();
+        return Put(*id);
+      }
+      case 0x94: return Put(memo_.size());  // MEMOIZE
+      case 'h': case 'j': {  // BINGET, LONG_BINGET
+        absl::StatusOr<uint64_t> id = Arg(op == 'h' ? 1 : 4);
+        if (!id.ok()) return id.status();
+        auto it = memo_.find(*id);
+        if (it == memo_.end()) return Bad(absl::StrCat("GET of unknown memo ", *id));
+        Push(it->second);
+        return absl::OkStatus();
+      }
+      case 't': {
+        auto items = PopMark();
+        if (!items.ok()) return items.status();
+        Push(Tuple(std::move(*items)));
+        return absl::OkStatus();
+      }
+      case 0x85: case 0x86: case 0x87: {  // TUPLE1-3
+        const size_t n = op - 0x84;
+        if (stack_.size() < n) return Bad("stack underflow");
+        std::vector<ValuePtr> items(stack_.end() - n, stack_.end());
+        stack_.resize(stack_.size() - n);
+        Push(Tuple(std::move(items)));
+        return absl::OkStatus();
+      }
+      case 'Q': {  // BINPERSID
+        auto pid = Pop();
+        if (!pid.ok()) return pid.status();
+        auto storage = Storage(*pid);
+        if (!storage.ok()) return storage.status();
+        Push(*storage);
+        return absl::OkStatus();
+      }
+      case 'R': case 0x81: {  // REDUCE, NEWOBJ
+        auto args = Pop();
+        if (!args.ok()) return args.status();
+        auto callable = Pop();
+        if (!callable.ok()) return callable.status();
+        auto v = Reduce(*callable, *args);
+        if (!v.ok()) return v.status();
+        Push(*v);
+        return absl::OkStatus();
+      }
+      case 'b': return Pop().status();  // BUILD: object state (OrderedDict _metadata, ...) is not needed
+      case 's': {  // SETITEM
+        auto value = Pop();
+        if (!value.ok()) return value.status();
+        auto key = Pop();
+        if (!key.ok()) return key.status();
+        if (stack_.empty()) return Bad("SETITEM without a dict");
+        if (stack_.back()->kind == Value::Kind::kDict) stack_.back()->dict.emplace_back(*key, *value);
+        return absl::OkStatus();
+      }
+      case 'u': {  // SETITEMS
+        auto items = PopMark();
+        if (!items.ok()) return items.status();
+        if (stack_.empty()) return Bad("SETITEMS without a dict");
+        if (stack_.back()->kind == Value::Kind::kDict) {
+          for (size_t k = 0; k + 1 < items->size(); k += 2) stack_.back()->dict.emplace_back((*items)[k], (*items)[k + 1]);
+        }
+        return absl::OkStatus();
+      }
+      case 'a': {  // APPEND
+        auto value = Pop();
+        if (!value.ok()) return value.status();
+        if (stack_.empty()) return Bad("APPEND without a list");
+        stack_.back()->items.push_back(*value);
+        return absl::OkStatus();
+      }
+      case 'e': {  // APPENDS
+        auto items = PopMark();
+        if (!items.ok()) return items.status();
+        if (stack_.empty()) return Bad("APPENDS without a list");
+        for (auto& v : *items) stack_.back()->items.push_back(v);
+        return absl::OkStatus();
+      }
+      default:
+        return Bad(absl::StrCat("unsupported pickle opcode 0x", absl::Hex(op)));
+    }
+  }
+  absl::Status Put(uint64_t id) {
+    if (stack_.empty()) return Bad("PUT on an empty stack");
+    memo_[id] = stack_.back();
+    return absl::OkStatus();
+  }
+
+  const std::string& data_;
+  std::map<std::string, uint64_t> records_;
+  std::string where_;
+  size_t pos_ = 0;
+  size_t op_at_ = 0;
+  bool done_ = false;
+  std::vector<ValuePtr> stack_;
+  std::map<uint64_t, ValuePtr> memo_;
+};
+
+// As worker/torch_pickle.cc's Flatten: string keys only; tensors kept, mappings recursed.
+void Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int depth) {
+  for (const auto& [k, v] : dict.dict) {
+    if (k->kind != Value::Kind::kString) continue;
+    std::string name = prefix.empty() ? k->s : prefix + "." + k->s;
+    if (v->kind == Value::Kind::kTensor) out->push_back(TensorEntry{name, v->s, v->shape});
+    if (v->kind == Value::Kind::kDict && depth < 64) Flatten(*v, name, out, depth + 1);
+  }
+}
+
+absl::StatusOr<TensorIndex> ReadTorchSaveIndex(const File& file, const std::string& path) {
+  absl::StatusOr<std::map<std::string, ZipEntry>> entries = ReadZipDirectory(file, path);
+  if (!entries.ok()) return entries.status();
+  // "<archive>/data.pkl" (the archive folder is named after the file by torch.save).
+  std::string pickle_name;
+  for (const auto& [name, entry] : *entries) {
+    const size_t slash = name.find('/');
+    if (name == "data.pkl" || (slash != std::string::npos && name.substr(slash) == "/data.pkl")) pickle_name = name;
+  }
+  if (pickle_name.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": a zip archive without */data.pkl: not a torch.save file"));
+  }
+  const std::string prefix = pickle_name.substr(0, pickle_name.size() - std::string("data.pkl").size());
+  if (entries->count(prefix + "constants.pkl") != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": a TorchScript archive (an aviary checkpoint such as best.pt?), not a state dict; "
+              "`aviary export --format state_dict` or `aviary weights import` writes one"));
+  }
+  std::map<std::string, uint64_t> records;
+  for (const auto& [name, entry] : *entries) {
+    if (name.rfind(prefix + "data/", 0) == 0) records[name.substr(prefix.size() + 5)] = entry.size;
+  }
+  absl::StatusOr<std::string> pickle = ReadZipEntry(file, path, pickle_name, entries->at(pickle_name), kMaxPickle);
+  if (!pickle.ok()) return pickle.status();
+  Unpickler unpickler(*pickle, std::move(records), absl::StrCat(path, ": ", pickle_name));
+  absl::StatusOr<ValuePtr> root = unpickler.Run();
+  if (!root.ok()) return root.status();
+  if ((*root)->kind != Value::Kind::kDict) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": expected a state dict (a mapping of names to tensors) at the top"));
+  }
+  TensorIndex out;
+  Flatten(**root, "", &out, 0);
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
+  return out;
+}
+
+}  // namespace
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+absl::StatusOr<TensorIndex> ReadTensorIndex(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<File>> file = File::Open(path);
+  if (!file.ok()) return file.status();
+  // The worker's test (worker/weights.cc LooksLikeSafetensors): a plausible length and a '{'.
+  if ((*file)->size() >= 10) {
+    absl::StatusOr<std::string> head = (*file)->Read(0, 9, "the header");
+    if (!head.ok()) return head.status();
+    const uint64_t n = Le(*head, 0, 8);
+    if (n > 1 && n <= (*file)->size() - 8 && (*head)[8] == '{') return ReadSafetensorsIndex(**file, path);
+  }
+  return ReadTorchSaveIndex(**file, path);
+}
+
+}  // namespace aviary::common

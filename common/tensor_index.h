@@ -1,0 +1,50 @@
+// The names, dtypes and shapes of the tensors in a weights file, read without the tensor data
+// and without libtorch (the coordinator checks `model.pretrained_weights` at submit with it).
+// Reads what the worker's ReadStateDict (worker/weights.h) reads, and names the tensors as it
+// does:
+//   - safetensors: 8-byte little-endian header length, then a JSON header;
+//   - torch.save zip archives (PyTorch >= 1.6, what Python's `torch.save(state_dict, f)`,
+//     `aviary weights import` and `aviary export --format state_dict` write): the archive's
+//     `*/data.pkl` run through a small pickle machine that knows what state dicts hold (dicts,
+//     collections.OrderedDict, tuples, lists, strings, numbers, persistent-id storages,
+//     torch._utils._rebuild_tensor_v2 and _rebuild_parameter). Nested mappings flatten with '.'
+//     ({"state_dict": {...}} -> "state_dict.x"); non-tensor values are skipped (other globals
+//     become opaque values, as in the worker's reader).
+// Every length taken from the file is bounded by the file's size and by fixed caps, so a corrupt
+// header cannot make a huge allocation.
+//
+// Thread-compatible; no global state.
+#ifndef AVIARY_COMMON_TENSOR_INDEX_H_
+#define AVIARY_COMMON_TENSOR_INDEX_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace aviary::common {
+
+struct TensorEntry {
+  std::string name;
+  std::string dtype;           // safetensors' names: F32, F64, F16, BF16, I64, I32, I16, I8, U8, BOOL
+  std::vector<int64_t> shape;  // [] for a scalar
+
+  bool operator==(const TensorEntry& o) const {
+    return name == o.name && dtype == o.dtype && shape == o.shape;
+  }
+};
+using TensorIndex = std::vector<TensorEntry>;
+
+// The file's tensors in file order. NOT_FOUND / PERMISSION_DENIED (errno's text) when the file
+// cannot be opened; INVALID_ARGUMENT naming the path and the byte offset, opcode or entry for
+// anything it cannot read (a truncated file, a legacy non-zip torch.save, a compressed entry,
+// an unknown pickle opcode, a top level that is not a mapping).
+absl::StatusOr<TensorIndex> ReadTensorIndex(const std::string& path);
+
+// "[32, 3, 3, 3]".
+std::string ShapeText(const std::vector<int64_t>& shape);
+
+}  // namespace aviary::common
+
+#endif  // AVIARY_COMMON_TENSOR_INDEX_H_
