@@ -71,4 +71,15 @@ absl::Status CheckBackboneFit(const BackboneFit& fit, const std::string& path, c
           : ""));
 }
 
+absl::Status CheckWeightsFile(const std::string& path, const std::string& model, int in_channels) {
+  absl::StatusOr<TensorIndex> file = ReadTensorIndex(path);
+  if (absl::IsNotFound(file.status()) || absl::IsPermissionDenied(file.status())) return file.status();
+  if (!file.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("key 'model.pretrained_weights': ", file.status().message()));
+  }
+  absl::StatusOr<TensorIndex> expected = BackboneShapes(model, in_channels);
+  if (!expected.ok()) return expected.status();
+  return CheckBackboneFit(CompareBackbone(*file, *expected), path, model, in_channels);
+}
+
 }  // namespace aviary::common

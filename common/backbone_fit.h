@@ -42,6 +42,12 @@ BackboneFit CompareBackbone(const TensorIndex& file, const TensorIndex& expected
 absl::Status CheckBackboneFit(const BackboneFit& fit, const std::string& path, const std::string& model,
                               int in_channels);
 
+// Reads `path`'s tensor index (common/tensor_index.h) and applies the rule against `model`'s
+// backbone (common/model_shapes.h). OK when it fits; INVALID_ARGUMENT naming the key, the path
+// and the model when it does not or is no weights file; NOT_FOUND / PERMISSION_DENIED when this
+// process cannot open it (the coordinator then leaves the check to the trainer).
+absl::Status CheckWeightsFile(const std::string& path, const std::string& model, int in_channels);
+
 // The first `shown` names of a list, then "... (N more)".
 std::string FirstNames(const std::vector<std::string>& names, size_t shown = 4);
 

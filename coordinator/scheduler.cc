@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/backbone_fit.h"
 #include "common/catalog.h"
 #include "common/config.h"
 #include "common/manifest.h"
@@ -490,6 +491,18 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary:
   data_paths.emplace_back("model.pretrained_weights", config.model.pretrained_weights);
   for (const auto& [key, path] : data_paths) {
     AVIARY_RETURN_IF_ERROR(common::Annotate(CheckDataPath(key, path, options_.data_roots), source));
+  }
+  // The ImageNet backbone file fits the model (the trainer's rule, common/backbone_fit.h) when
+  // the coordinator can read it; a file only the workers can read is left to the trainer.
+  if (config.model.pretrain == "imagenet") {
+    const absl::Status fit = common::CheckWeightsFile(config.model.pretrained_weights, config.model.name,
+                                                      config.frontend.in_channels);
+    if (absl::IsNotFound(fit) || absl::IsPermissionDenied(fit)) {
+      log_.Info(absl::StrCat(source, ": model.pretrained_weights not checked at submit (", fit.message(),
+                             "); the trainer checks it"));
+    } else {
+      AVIARY_RETURN_IF_ERROR(common::Annotate(fit, source));
+    }
   }
 
   return config;

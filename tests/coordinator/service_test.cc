@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -27,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/config.h"
+#include "common/model_shapes.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/manifest.h"
@@ -2193,6 +2195,85 @@ TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
   // Workers may not list groups.
   EXPECT_EQ(jobs_->ListGroups(WorkerCtx().get(), request, &response).error_code(),
             grpc::StatusCode::PERMISSION_DENIED);
+}
+
+// Writes `tensors` as a safetensors file of zeros (the shapes are what the check reads).
+void WriteSafetensors(const std::string& path, const common::TensorIndex& tensors) {
+  std::string header = "{";
+  uint64_t offset = 0;
+  for (const common::TensorEntry& t : tensors) {
+    uint64_t n = t.dtype == "I64" ? 8 : 4;
+    for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
+    absl::StrAppend(&header, header.size() > 1 ? "," : "", "\"", t.name, "\":{\"dtype\":\"", t.dtype,
+                    "\",\"shape\":", common::ShapeText(t.shape), ",\"data_offsets\":[", offset, ",", offset + n,
+                    "]}");
+    offset += n;
+  }
+  header += "}";
+  std::string bytes(8, '\0');
+  const uint64_t len = header.size();
+  std::memcpy(bytes.data(), &len, 8);
+  bytes += header;
+  bytes.append(offset, '\0');
+  ASSERT_TRUE(common::WriteFileAtomically(path, bytes).ok());
+}
+
+// model.pretrained_weights is checked against the model's backbone at submit when the
+// coordinator can read it: another variant's file or no weights file at all is refused before any
+// task exists, naming the key, the path and the model; a fitting file (also with a stem for
+// another channel count and the ImageNet classifier) is accepted, and so is a path the
+// coordinator cannot open (the trainer checks it).
+TEST_F(CoordinatorServiceTest, SubmitRefusesPretrainedWeightsThatDoNotFitTheModel) {
+  auto b0 = common::BackboneShapes("efficientnet_b0", 3);
+  auto b3 = common::BackboneShapes("efficientnet_b3", 3);
+  ASSERT_TRUE(b0.ok() && b3.ok());
+  common::TensorIndex imagenet = *b0;
+  imagenet.push_back({"classifier.1.weight", "F32", {1000, 1280}});
+  imagenet.push_back({"classifier.1.bias", "F32", {1000}});
+  fs::create_directories(root_ + "/weights");
+  ASSERT_NO_FATAL_FAILURE(WriteSafetensors(root_ + "/weights/b0.safetensors", imagenet));
+  ASSERT_NO_FATAL_FAILURE(WriteSafetensors(root_ + "/weights/b3.safetensors", *b3));
+  common::TensorIndex partial(b0->begin(), b0->end() - 40);
+  ASSERT_NO_FATAL_FAILURE(WriteSafetensors(root_ + "/weights/partial.safetensors", partial));
+  Start();
+  const std::vector<std::string> b0_model{"model.name=efficientnet_b0", "model.pretrain=imagenet",
+                                         "frontend.in_channels=1"};
+  struct Case {
+    std::string file;
+    std::string expect;
+  };
+  const std::vector<Case> refused{
+      {"weights/b3.safetensors", "mismatched: features.0.0.weight: file [40, 3, 3, 3] vs model [32, 1, 3, 3]"},
+      {"weights/partial.safetensors", "40 missing: "},
+      {"t24/train_metadata.csv", "not a torch.save zip archive"},
+  };
+  for (const Case& c : refused) {
+    std::vector<std::string> overrides = b0_model;
+    overrides.push_back("model.pretrained_weights=" + c.file);
+    const grpc::Status status = SubmitStatus(jobs_.get(), kPipeline, root_, overrides, Ctx());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.file;
+    const std::string& message = status.error_message();
+    EXPECT_NE(message.find("key 'model.pretrained_weights'"), std::string::npos) << message;
+    EXPECT_NE(message.find(root_ + "/" + c.file), std::string::npos) << message;
+    EXPECT_NE(message.find(c.expect), std::string::npos) << message;
+    if (c.file != "t24/train_metadata.csv") {
+      EXPECT_NE(message.find("does not fit model efficientnet_b0 (frontend.in_channels 1)"), std::string::npos)
+          << message;
+    }
+  }
+  EXPECT_EQ(CountRows("SELECT COUNT(*) FROM tasks"), 0);
+  EXPECT_EQ(CountRows("SELECT COUNT(*) FROM jobs"), 0);
+  // Fits: B0's backbone for a one-channel front end, for B3 its own file; not checkable here.
+  std::vector<std::string> ok = b0_model;
+  ok.push_back("model.pretrained_weights=weights/b0.safetensors");
+  EXPECT_EQ(Submit(ok).size(), 13u);
+  EXPECT_EQ(Submit({"model.name=efficientnet_b3", "model.pretrain=imagenet", "frontend.in_channels=3",
+                    "model.pretrained_weights=weights/b3.safetensors"})
+                .size(),
+            13u);
+  ok.back() = "model.pretrained_weights=weights/only-on-the-workers.pt";
+  EXPECT_EQ(Submit(ok).size(), 13u);
+  EXPECT_EQ(CountRows("SELECT COUNT(*) FROM jobs"), 3);
 }
 
 }  // namespace
