@@ -133,8 +133,8 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
       uint64_t bytes = static_cast<uint64_t>(element);
       for (const auto& d : info["shape"]) {
         const int64_t dim = d.as<int64_t>();
-        if (dim < 0 || (dim > 0 && bytes > data_bytes / static_cast<uint64_t>(dim))) {
-          return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", dim, " that does not fit the file"));
+        if (dim < 0 || (dim > 0 && bytes > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
+          return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", dim, " out of range"));
         }
         bytes *= static_cast<uint64_t>(dim);
         entry.shape.push_back(dim);

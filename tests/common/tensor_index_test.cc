@@ -1,0 +1,228 @@
+// common/tensor_index (hand-built safetensors files and torch.save zip archives, corrupt and
+// truncated ones included) and common/backbone_fit's rule. Files written by Python's torch are
+// checked by tests/parity/check_tensor_index.py.
+#include "common/tensor_index.h"
+
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/backbone_fit.h"
+#include "common/files.h"
+#include "common/model_shapes.h"
+#include "gtest/gtest.h"
+
+namespace aviary::common {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string Le(uint64_t v, int n) {
+  std::string s;
+  for (int k = 0; k < n; ++k) s.push_back(static_cast<char>((v >> (8 * k)) & 0xff));
+  return s;
+}
+
+struct Entry {
+  std::string name;
+  std::string data;
+  uint16_t method = 0;
+};
+
+// A zip archive of stored entries (CRCs are not checked by the reader and left 0); with `zip64`
+// the end records are the zip64 ones (the classic record's fields set to 0xFFFF...).
+std::string Zip(const std::vector<Entry>& entries, bool zip64 = false) {
+  std::string out, cd;
+  for (const Entry& e : entries) {
+    const uint64_t offset = out.size();
+    out += Le(0x04034b50, 4) + Le(20, 2) + Le(0, 2) + Le(e.method, 2) + Le(0, 4) + Le(0, 4) +
+           Le(e.data.size(), 4) + Le(e.data.size(), 4) + Le(e.name.size(), 2) + Le(0, 2) + e.name + e.data;
+    cd += Le(0x02014b50, 4) + Le(20, 2) + Le(20, 2) + Le(0, 2) + Le(e.method, 2) + Le(0, 4) + Le(0, 4) +
+          Le(e.data.size(), 4) + Le(e.data.size(), 4) + Le(e.name.size(), 2) + Le(0, 2) + Le(0, 2) + Le(0, 2) +
+          Le(0, 2) + Le(0, 4) + Le(offset, 4) + e.name;
+  }
+  const uint64_t cd_offset = out.size();
+  out += cd;
+  if (zip64) {
+    const uint64_t record = out.size();
+    out += Le(0x06064b50, 4) + Le(44, 8) + Le(45, 2) + Le(45, 2) + Le(0, 4) + Le(0, 4) + Le(entries.size(), 8) +
+           Le(entries.size(), 8) + Le(cd.size(), 8) + Le(cd_offset, 8);
+    out += Le(0x07064b50, 4) + Le(0, 4) + Le(record, 8) + Le(1, 4);
+    out += Le(0x06054b50, 4) + Le(0, 4) + Le(0xFFFF, 2) + Le(0xFFFF, 2) + Le(0xFFFFFFFF, 4) + Le(0xFFFFFFFF, 4) +
+           Le(0, 2);
+  } else {
+    out += Le(0x06054b50, 4) + Le(0, 4) + Le(entries.size(), 2) + Le(entries.size(), 2) + Le(cd.size(), 4) +
+           Le(cd_offset, 4) + Le(0, 2);
+  }
+  return out;
+}
+
+// Pickle protocol 2 as torch.save writes it.
+std::string Str(const std::string& s) { return "X" + Le(s.size(), 4) + s; }
+std::string Global(const std::string& module, const std::string& name) { return "c" + module + "\n" + name + "\n"; }
+// _rebuild_tensor_v2(persistent_id(('storage', FloatStorage, key, 'cpu', numel)), 0, size, stride, False, OrderedDict()).
+std::string Tensor(const std::string& key, int numel, const std::vector<int>& size, const std::vector<int>& stride) {
+  std::string s = Global("torch._utils", "_rebuild_tensor_v2") + "((" + Str("storage") +
+                  Global("torch", "FloatStorage") + Str(key) + Str("cpu") + "K" + Le(numel, 1) + "tQK" + Le(0, 1) + "(";
+  for (int d : size) s += "K" + Le(d, 1);
+  s += "t(";
+  for (int d : stride) s += "K" + Le(d, 1);
+  s += "t\x89" + Global("collections", "OrderedDict") + ")Rtr" + Le(0, 4) + "R";
+  return s;
+}
+std::string OrderedDict(const std::vector<std::pair<std::string, std::string>>& items) {
+  std::string s = Global("collections", "OrderedDict") + ")Rq" + Le(1, 1) + "(";
+  for (const auto& [k, v] : items) s += Str(k) + v;
+  return s + "u";
+}
+std::string Pickle(const std::string& body) { return "\x80\x02" + body + "."; }
+
+class TensorIndexTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat(::testing::TempDir(), "aviary_tensor_index_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string Put(const std::string& name, const std::string& bytes) {
+    const std::string path = dir_ + "/" + name;
+    EXPECT_TRUE(WriteFileAtomically(path, bytes).ok());
+    return path;
+  }
+  // The index of `bytes`, or the error's message.
+  std::string Read(const std::string& bytes, TensorIndex* index = nullptr) {
+    auto got = ReadTensorIndex(Put("f", bytes));
+    if (!got.ok()) return std::string(got.status().message());
+    if (index != nullptr) *index = *got;
+    return "ok";
+  }
+  std::string dir_;
+};
+
+TEST_F(TensorIndexTest, ReadsTorchSaveArchivesWithNestedDictsAndZip64) {
+  const std::string pickle = Pickle(
+      "}(" + Str("model") +
+      OrderedDict({{"features.0.weight", Tensor("0", 6, {2, 3}, {3, 1})}, {"bias", Tensor("1", 3, {3}, {1})}}) +
+      Str("epoch") + "K" + Le(7, 1) + Str("step") + "\x8a\x02" + Le(0xfff0, 2) + "u");
+  const std::vector<Entry> entries{{"archive/data.pkl", pickle},
+                                   {"archive/data/0", std::string(24, '\0')},
+                                   {"archive/data/1", std::string(12, '\0')},
+                                   {"archive/version", "3\n"}};
+  for (bool zip64 : {false, true}) {
+    TensorIndex index;
+    ASSERT_EQ(Read(Zip(entries, zip64), &index), "ok") << zip64;
+    const TensorIndex want{{"model.features.0.weight", "F32", {2, 3}}, {"model.bias", "F32", {3}}};
+    EXPECT_TRUE(index == want) << zip64;
+  }
+}
+
+TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
+  const std::string good = Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}}));
+  const std::string data(24, '\0');
+  const std::string path = dir_ + "/f";
+  struct Case {
+    std::string bytes;
+    std::string expect;
+  };
+  const std::string zip = Zip({{"a/data.pkl", good}, {"a/data/0", data}});
+  const std::vector<Case> cases{
+      {zip.substr(0, zip.size() - 30), "no zip end record"},
+      {zip.substr(0, 40), "no zip end record"},
+      {Zip({{"a/data.pkl", good}, {"a/data/0", data.substr(0, 20)}}), "storage '0' claims 6 elements of F32"},
+      {Zip({{"a/data.pkl", good}}), "storage '0' has no data record"},
+      {Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", Tensor("0", 6, {4, 3}, {3, 1})}}))}, {"a/data/0", data}}),
+       "reaches past its storage of 6 elements"},
+      {Zip({{"a/data.pkl", good.substr(0, good.size() - 5)}, {"a/data/0", data}}), "a/data.pkl byte"},
+      {Zip({{"a/data.pkl", "\x80\x02\xff."}, {"a/data/0", data}}), path + ": a/data.pkl byte 2: unsupported pickle opcode 0xff"},
+      {Zip({{"a/data.pkl", Pickle(Str("x"))}}), "expected a state dict"},
+      {Zip({{"a/data.pkl", good, 8}, {"a/data/0", data}}), "is compressed (method 8)"},
+      {Zip({{"a/data.pkl", good}, {"a/constants.pkl", good}, {"a/data/0", data}}), "a TorchScript archive"},
+      {Zip({{"a/other.pkl", good}}), "without */data.pkl"},
+      {"\x80\x02}q\x00.", "shorter than a zip end record"},
+  };
+  for (const Case& c : cases) {
+    const std::string got = Read(c.bytes);
+    EXPECT_TRUE(absl::StrContains(got, c.expect)) << got;
+    EXPECT_TRUE(absl::StartsWith(got, path)) << got;
+  }
+  // A central directory that claims more than the file holds.
+  std::string lying = zip;
+  const size_t eocd = lying.size() - 22;
+  lying.replace(eocd + 12, 4, Le(1u << 30, 4));
+  EXPECT_TRUE(absl::StrContains(Read(lying), "exceeds")) << Read(lying);
+  lying.replace(eocd + 12, 4, Le(1u << 20, 4));
+  EXPECT_TRUE(absl::StrContains(Read(lying), "truncated: the zip central directory")) << Read(lying);
+}
+
+TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
+  auto file = [](const std::string& header, size_t data) {
+    return Le(header.size(), 8) + header + std::string(data, '\0');
+  };
+  TensorIndex index;
+  ASSERT_EQ(Read(file(R"({"__metadata__":{"a":"b"},"w":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]},)"
+                      R"("n":{"dtype":"I64","shape":[],"data_offsets":[12,20]}})",
+                      20),
+                 &index),
+            "ok");
+  EXPECT_TRUE(index == (TensorIndex{{"w", "F16", {2, 3}}, {"n", "I64", {}}}));
+  const std::string path = dir_ + "/f";
+  EXPECT_EQ(Read(file(R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}})", 20)),
+            path + ": not a valid safetensors file: entry 'w' has data_offsets [0, 24] that do not fit its shape "
+                   "[2, 3] and F32 or the file's 20 data bytes");
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0)),
+                                "has a dimension 4611686018427387904 out of range"));
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}})", 1)),
+                                "unsupported dtype Q7"));
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32"}})", 0)), "lacks dtype/shape/data_offsets"));
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":[1,2}})", 0)), "header JSON"));
+  // A header length past the file's end is no safetensors file, as for the worker.
+  EXPECT_TRUE(absl::StrContains(Read(Le(1u << 30, 8) + "{}"), "shorter than a zip end record"));
+  EXPECT_EQ(ReadTensorIndex(dir_ + "/absent").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(ReadTensorIndex(dir_).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(BackboneFitTest, TheRuleTheTrainerAndTheCoordinatorShare) {
+  auto b0 = BackboneShapes("efficientnet_b0", 3);
+  auto b1 = BackboneShapes("efficientnet_b1", 3);
+  auto b0_mono = BackboneShapes("efficientnet_b0", 1);
+  ASSERT_TRUE(b0.ok() && b1.ok() && b0_mono.ok());
+  TensorIndex imagenet = *b0;
+  imagenet.push_back({"classifier.1.weight", "F32", {1000, 1280}});
+  // Its own backbone, also for one input plane (the stem stays random), with a classifier.
+  EXPECT_TRUE(CompareBackbone(imagenet, *b0).ok());
+  BackboneFit mono = CompareBackbone(imagenet, *b0_mono);
+  EXPECT_TRUE(mono.ok()) << mono.Summary();
+  EXPECT_TRUE(mono.stem_skipped);
+  EXPECT_EQ(mono.fitting.size(), b0->size() - 1);
+  // B1 has B0's widths and more blocks: unexpected for B0, missing for B1.
+  BackboneFit deeper = CompareBackbone(*b1, *b0);
+  EXPECT_FALSE(deeper.ok());
+  EXPECT_TRUE(deeper.missing.empty() && deeper.mismatched.empty());
+  EXPECT_FALSE(deeper.unexpected.empty());
+  EXPECT_FALSE(CompareBackbone(*b0, *b1).missing.empty());
+  // Nothing of the backbone (a timm file before `weights import`): refused, saying what to do.
+  const absl::Status none = CheckBackboneFit(CompareBackbone({{"conv_stem.weight", "F32", {32, 3, 3, 3}}}, *b0),
+                                             "/w/timm.pth", "efficientnet_b0", 3);
+  EXPECT_EQ(none.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StartsWith(none.message(), "key 'model.pretrained_weights': '/w/timm.pth' does not fit model "
+                                               "efficientnet_b0 (frontend.in_channels 3): 0 backbone tensors fit; "))
+      << none;
+  EXPECT_TRUE(absl::StrContains(none.message(), "aviary weights import --model efficientnet_b0")) << none;
+  // A stem that differs in more than the channels is a mismatch; lists show 4 names then a count.
+  TensorIndex wide = *b0;
+  wide[0].shape = {40, 3, 3, 3};
+  for (size_t i = 1; i < 7; ++i) wide[i].shape = {7};
+  BackboneFit fit = CompareBackbone(wide, *b0_mono);
+  EXPECT_EQ(fit.mismatched.size(), 7u);
+  EXPECT_TRUE(absl::StrContains(fit.Summary(), "7 mismatched: features.0.0.weight: file [40, 3, 3, 3] vs model "
+                                               "[32, 1, 3, 3], "))
+      << fit.Summary();
+  EXPECT_TRUE(absl::StrContains(fit.Summary(), ", ... (3 more)")) << fit.Summary();
+}
+
+}  // namespace
+}  // namespace aviary::common
