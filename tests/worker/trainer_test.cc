@@ -12,11 +12,14 @@
 
 #include <ATen/Parallel.h>
 
+#include "absl/strings/str_cat.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "client/synth.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
+#include "worker/models.h"
+#include "worker/weights.h"
 
 namespace aviary::worker {
 namespace {
@@ -249,6 +252,59 @@ TEST_F(TrainerTest, RefusesBadInputsBeforeTraining) {
   ASSERT_FALSE(mixed.ok());
   EXPECT_NE(mixed.status().message().find("belongs to stage finetune"), absl::string_view::npos)
       << mixed.status();
+}
+
+// model.pretrained_weights under the rule the coordinator applies at submit (common/backbone_fit):
+// the model's own backbone loads (a 3-channel stem into a 1-channel model is left random); a
+// tensor of another shape or a backbone tensor the model lacks is refused before training
+// (both were skipped silently before), as is a file without the backbone.
+TEST_F(TrainerTest, PretrainedWeightsMustFitTheBackbone) {
+  common::ModelConfig small;
+  small.name = "small_cnn";
+  auto source = BuildClassifier(small, /*in_channels=*/3, /*num_classes=*/10);
+  ASSERT_TRUE(source.ok()) << source.status();
+  NamedTensors backbone;
+  for (const auto& p : (*source)->named_parameters()) backbone.emplace_back(p.key(), p.value());
+  for (const auto& b : (*source)->named_buffers()) backbone.emplace_back(b.key(), b.value());
+  const std::string dir = Out("pretrained");
+  auto write = [&](const std::string& name, const NamedTensors& tensors) {
+    const std::string path = dir + "/" + name;
+    EXPECT_TRUE(WriteSafetensors(tensors, path).ok());
+    return path;
+  };
+  TrainOptions o;
+  o.out_dir = Out("pretrained_run");
+  common::PipelineConfig c = Config();
+  c.model.pretrain = "imagenet";
+  c.frontend.in_channels = 1;
+  c.model.pretrained_weights = write("fits.safetensors", backbone);
+  auto fits = Trainer::Create(c, o);
+  EXPECT_TRUE(fits.ok()) << fits.status();
+
+  NamedTensors wider = backbone;
+  for (auto& [name, t] : wider) {
+    if (name == "features.3.0.weight") t = at::zeros({256, 64, 3, 3});
+  }
+  NamedTensors deeper = backbone;
+  deeper.emplace_back("features.4.0.weight", at::zeros({8, 128, 3, 3}));
+  NamedTensors head_only;
+  for (const auto& [name, t] : backbone) {
+    if (name.rfind("features.", 0) != 0) head_only.emplace_back(name, t);
+  }
+  const std::vector<std::pair<std::string, NamedTensors>> refused{
+      {"1 mismatched: features.3.0.weight: file [256, 64, 3, 3] vs model [128, 64, 3, 3]", wider},
+      {"1 unexpected: features.4.0.weight", deeper},
+      {"0 backbone tensors fit; ", head_only}};
+  for (size_t i = 0; i < refused.size(); ++i) {
+    c.model.pretrained_weights = write(absl::StrCat("refused", i, ".safetensors"), refused[i].second);
+    auto bad = Trainer::Create(c, o);
+    ASSERT_FALSE(bad.ok()) << refused[i].first;
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    const std::string want = absl::StrCat("key 'model.pretrained_weights': '", c.model.pretrained_weights,
+                                          "' does not fit model small_cnn (frontend.in_channels 1): ");
+    EXPECT_NE(bad.status().message().find(want), absl::string_view::npos) << bad.status();
+    EXPECT_NE(bad.status().message().find(refused[i].first), absl::string_view::npos) << bad.status();
+  }
 }
 
 // TrainOptions::on_step and on_epoch: the step numbers add up to the history, the samples to
