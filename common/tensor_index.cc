@@ -598,13 +598,18 @@ class Unpickler {
 };
 
 // As worker/torch_pickle.cc's Flatten: string keys only; tensors kept, mappings recursed.
-void Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int depth) {
+// `budget` bounds the entries visited and `depth` the nesting (a memo can make a dict refer to
+// itself); false when either is spent.
+bool Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth) {
+  if (depth > 64) return false;
   for (const auto& [k, v] : dict.dict) {
+    if (--*budget < 0) return false;
     if (k->kind != Value::Kind::kString) continue;
     std::string name = prefix.empty() ? k->s : prefix + "." + k->s;
     if (v->kind == Value::Kind::kTensor) out->push_back(TensorEntry{name, v->s, v->shape});
-    if (v->kind == Value::Kind::kDict && depth < 64) Flatten(*v, name, out, depth + 1);
+    if (v->kind == Value::Kind::kDict && !Flatten(*v, name, out, budget, depth + 1)) return false;
   }
+  return true;
 }
 
 absl::StatusOr<TensorIndex> ReadTorchSaveIndex(const File& file, const std::string& path) {
@@ -639,7 +644,11 @@ absl::StatusOr<TensorIndex> ReadTorchSaveIndex(const File& file, const std::stri
         absl::StrCat(path, ": expected a state dict (a mapping of names to tensors) at the top"));
   }
   TensorIndex out;
-  Flatten(**root, "", &out, 0);
+  int64_t budget = 1 << 22;
+  if (!Flatten(**root, "", &out, &budget, 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": the state dict has more than ", 1 << 22, " entries, nests deeper than 64 or refers to itself"));
+  }
   if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
   return out;
 }

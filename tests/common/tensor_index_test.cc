@@ -143,6 +143,8 @@ TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
       {Zip({{"a/data.pkl", good}, {"a/constants.pkl", good}, {"a/data/0", data}}), "a TorchScript archive"},
       {Zip({{"a/other.pkl", good}}), "without */data.pkl"},
       {"\x80\x02}q\x00.", "shorter than a zip end record"},
+      // A dict that holds itself twice under every level (2^n paths without a bound).
+      {Zip({{"a/data.pkl", Pickle("}q" + Le(0, 1) + "(" + Str("x") + "h" + Le(0, 1) + Str("y") + "h" + Le(0, 1) + "u")}}), "refers to itself"},
   };
   for (const Case& c : cases) {
     const std::string got = Read(c.bytes);
