@@ -347,14 +347,19 @@ class Unpickler {
   std::map<std::string, ValuePtr> storages_;
 };
 
-void Flatten(const ValuePtr& dict, const std::string& prefix,
-             std::vector<std::pair<std::string, at::Tensor>>* out) {
+// Bounded as common/tensor_index.cc's Flatten (entries visited, nesting): a pickle memo can make
+// a dict hold itself. False when a bound is spent.
+bool Flatten(const ValuePtr& dict, const std::string& prefix,
+             std::vector<std::pair<std::string, at::Tensor>>* out, int64_t* budget, int depth) {
+  if (depth > 64) return false;
   for (const auto& [k, v] : dict->dict) {
+    if (--*budget < 0) return false;
     if (k->kind != Value::Kind::kString) continue;
     std::string name = prefix.empty() ? k->s : prefix + "." + k->s;
     if (v->kind == Value::Kind::kTensor) out->emplace_back(name, v->tensor);
-    if (v->kind == Value::Kind::kDict) Flatten(v, name, out);
+    if (v->kind == Value::Kind::kDict && !Flatten(v, name, out, budget, depth + 1)) return false;
   }
+  return true;
 }
 
 }  // namespace
@@ -381,7 +386,11 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTen
         absl::StrCat(path, ": expected a state dict (a mapping of names to tensors) at the top"));
   }
   std::vector<std::pair<std::string, at::Tensor>> out;
-  Flatten(*root, "", &out);
+  int64_t budget = 1 << 22;
+  if (!Flatten(*root, "", &out, &budget, 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": the state dict has more than ", 1 << 22, " entries, nests deeper than 64 or refers to itself"));
+  }
   return out;
 }
 

@@ -2,6 +2,9 @@
 // model.pretrained_weights against) against the models BuildClassifier makes: every model the
 // config accepts, for both channel counts. On a difference the test writes the table it expects
 // and prints the command that puts it in place.
+#include <caffe2/serialize/inline_container.h>
+
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -11,7 +14,9 @@
 #include "common/files.h"
 #include "common/model_shapes.h"
 #include "gtest/gtest.h"
+#include "common/tensor_index.h"
 #include "worker/models.h"
+#include "worker/torch_pickle.h"
 #include "worker/weights.h"
 
 namespace aviary::worker {
@@ -78,6 +83,50 @@ TEST(ModelShapesTest, BackboneShapesEqualTheBuiltModelsForBothChannelCounts) {
   }
   EXPECT_NE(common::BackboneShapes("efficientnet_b7", 3).status().message().find("'efficientnet_b7'"),
             std::string::npos);
+}
+
+// What the trainer reads (ReadStateDict) and what the coordinator reads (ReadTensorIndex) of the
+// files aviary writes (`weights import`, `export`): the same names, dtypes and shapes; and both
+// refuse a pickle whose dict holds itself.
+TEST(ReadersAgreeTest, WorkerAndTorchFreeReadersSeeTheSameTensors) {
+  common::ModelConfig config;
+  config.name = "efficientnet_b0";
+  auto model = BuildClassifier(config, /*in_channels=*/1, /*num_classes=*/7);
+  ASSERT_TRUE(model.ok()) << model.status();
+  NamedTensors tensors;
+  for (const auto& p : (*model)->named_parameters()) tensors.emplace_back(p.key(), p.value());
+  for (const auto& b : (*model)->named_buffers()) tensors.emplace_back(b.key(), b.value());
+  tensors.emplace_back("half", at::zeros({2, 3}, at::kHalf));
+  const std::string dir = ::testing::TempDir();
+  const std::string pt = dir + "readers_agree.pt";
+  const std::string st = dir + "readers_agree.safetensors";
+  ASSERT_TRUE(WriteTorchSaveTensors(tensors, pt).ok());
+  ASSERT_TRUE(WriteSafetensors(tensors, st).ok());
+  for (const std::string& path : {pt, st}) {
+    auto worker = ReadStateDict(path);
+    ASSERT_TRUE(worker.ok()) << worker.status();
+    auto index = common::ReadTensorIndex(path);
+    ASSERT_TRUE(index.ok()) << index.status();
+    EXPECT_TRUE(*index == IndexOf(*worker)) << path;
+    EXPECT_TRUE(*index == IndexOf(tensors)) << path;
+  }
+
+  // {"x": <itself>, "y": <itself>} through the memo.
+  const std::string pickle = std::string("\x80\x02}q") + '\0' + "(X" + std::string("\x01\0\0\0", 4) + "xh" + '\0' +
+                             "X" + std::string("\x01\0\0\0", 4) + "yh" + '\0' + "u.";
+  const std::string loop = dir + "readers_loop.pt";
+  {
+    caffe2::serialize::PyTorchStreamWriter writer(loop);
+    writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+    writer.writeEndOfFile();
+  }
+  auto worker = ReadStateDict(loop);
+  auto index = common::ReadTensorIndex(loop);
+  EXPECT_FALSE(worker.ok());
+  EXPECT_FALSE(index.ok());
+  EXPECT_NE(worker.status().message().find("refers to itself"), absl::string_view::npos) << worker.status();
+  EXPECT_NE(index.status().message().find("refers to itself"), absl::string_view::npos) << index.status();
+  for (const std::string& path : {pt, st, loop}) std::remove(path.c_str());
 }
 
 }  // namespace
