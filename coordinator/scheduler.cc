@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <optional>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -541,8 +542,6 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
   }
 
-  // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
-  // built before and none of its files changed, else read and built (every metadata file).
   struct NewTask {
     TaskRow row;
     TaskPayload payload;
@@ -558,35 +557,78 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     std::vector<FileStamp> stamps;
     std::map<int, ManifestRef> manifests;
   };
-  std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
-  auto add_stage = [&](const std::string& stage, const std::vector<int>& folds) -> absl::Status {
-    // Per fold: the manifest (empty when the cache has it stored) and its reference.
+  // Per stage: each fold's manifest (the CSV empty when the cache has it stored), its reference
+  // and its deflated bytes (made here when the store lacks them, so that the transaction below
+  // only inserts them), and the version to record once the job is committed.
+  struct StageManifests {
+    std::string stage;
+    std::vector<int> folds;
+    bool cached = false;
     std::map<int, std::pair<std::string, ManifestRef>> manifests;
-    const std::string key = FoldCache::Key(config, stage);
-    std::optional<std::map<int, ManifestRef>> cached;
-    if (use_cache) cached = fold_cache_.Lookup(key, folds);
-    if (cached) {
-      for (int fold : folds) manifests[fold] = {"", cached->at(fold)};
-      log_.Info(absl::StrCat("stage ", stage, ": the dataset is unchanged since an earlier submit; its ",
-                             folds.size(), " manifest(s) are reused"));
-    } else {
-      BuiltVersion version;
-      version.key = key;
-      for (const std::string& path : FoldCache::MetadataFiles(config, stage)) version.stamps.push_back(StampFile(path));
-      AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
-      for (const std::string& path : FoldCache::AudioFolders(table)) version.stamps.push_back(StampFile(path));
-      for (int fold : folds) {
-        AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
-                                common::BuildTaskManifest(config, table, fold));
+    std::map<int, std::string> deflated;
+    BuiltVersion version;
+    absl::Status status;
+  };
+  std::vector<StageManifests> stages;
+  if (pretrain) stages.push_back({"pretrain", {0}});
+  if (finetune) stages.push_back({"finetune", config.folds.selected_folds});
+  // Reads the stage's dataset, builds its folds' manifests and stamps the files they came from.
+  auto build_stage = [&](StageManifests* out) -> absl::Status {
+    BuiltVersion& version = out->version;
+    version.key = FoldCache::Key(config, out->stage);
+    for (const std::string& path : FoldCache::MetadataFiles(config, out->stage)) {
+      version.stamps.push_back(StampFile(path));
+    }
+    AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, out->stage));
+    // The folders' stamps (a few thousand stat calls) while the manifests are built.
+    std::vector<FileStamp> folder_stamps;
+    std::thread stamper([&] {
+      for (const std::string& path : FoldCache::AudioFolders(table)) folder_stamps.push_back(StampFile(path));
+    });
+    absl::Status status = [&]() -> absl::Status {
+      for (int fold : out->folds) {
+        AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest, common::BuildTaskManifest(config, table, fold));
         std::string csv = common::ManifestToCsv(manifest);
         ManifestRef ref{Sha256Hex(csv), static_cast<int64_t>(csv.size())};
+        AVIARY_ASSIGN_OR_RETURN(bool stored, store_->HasManifest(ref.hash));
+        if (!stored) out->deflated[fold] = DeflateManifest(csv);
         version.manifests[fold] = ref;
-        manifests[fold] = {std::move(csv), ref};
+        out->manifests[fold] = {std::move(csv), ref};
       }
-      built.push_back(std::move(version));
+      return absl::OkStatus();
+    }();
+    stamper.join();
+    version.stamps.insert(version.stamps.end(), std::make_move_iterator(folder_stamps.begin()),
+                          std::make_move_iterator(folder_stamps.end()));
+    return status;
+  };
+  // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
+  // built before and none of its files changed, else read and built, the stages at once (each
+  // on a thread of its own: the pool's table and the target's are independent).
+  std::vector<std::thread> builders;
+  for (StageManifests& stage : stages) {
+    std::optional<std::map<int, ManifestRef>> cached;
+    if (use_cache) cached = fold_cache_.Lookup(FoldCache::Key(config, stage.stage), stage.folds);
+    if (cached) {
+      stage.cached = true;
+      for (int fold : stage.folds) stage.manifests[fold] = {"", cached->at(fold)};
+      log_.Info(absl::StrCat("stage ", stage.stage, ": the dataset is unchanged since an earlier submit; its ",
+                             stage.folds.size(), " manifest(s) are reused"));
+    } else {
+      builders.emplace_back([&build_stage, &stage] { stage.status = build_stage(&stage); });
     }
-    for (int fold : folds) {
-      const auto& [manifest_csv, ref] = manifests.at(fold);
+  }
+  for (std::thread& builder : builders) builder.join();
+  std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
+  for (StageManifests& stage : stages) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(stage.status, absl::StrCat("stage ", stage.stage)));
+    if (!stage.cached) built.push_back(std::move(stage.version));
+  }
+  for (StageManifests& stage_manifests : stages) {
+    const std::string& stage = stage_manifests.stage;
+    for (int fold : stage_manifests.folds) {
+      const auto& [manifest_csv, ref] = stage_manifests.manifests.at(fold);
+      const auto deflated = stage_manifests.deflated.find(fold);
       for (size_t p = 0; p < grid.size(); ++p) {
         const common::PipelineConfig& point = configs[p];
         if (stage == "pretrain") {
@@ -608,19 +650,12 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         task.row.manifest_hash = ref.hash;
         task.payload.manifest_csv = manifest_csv;
         task.payload.manifest_hash = ref.hash;
+        if (deflated != stage_manifests.deflated.end()) task.payload.manifest_deflated = deflated->second;
         task.payload.pipeline_yaml = common::PipelineConfigToYaml(point);
         if (stage == "finetune") task.pretrain_index = point_pretrain[p];
         new_tasks.push_back(std::move(task));
       }
     }
-    return absl::OkStatus();
-  };
-  if (pretrain) {
-    AVIARY_RETURN_IF_ERROR(common::Annotate(add_stage("pretrain", {0}), "stage pretrain"));
-  }
-  if (finetune) {
-    AVIARY_RETURN_IF_ERROR(
-        common::Annotate(add_stage("finetune", config.folds.selected_folds), "stage finetune"));
   }
 
   absl::MutexLock writer(&write_mu_);

@@ -29,7 +29,9 @@ namespace {
 constexpr char kManifestMagic[] = "AVZ1";
 constexpr size_t kManifestHeader = 4 + 8;
 
-std::string CompressManifest(const std::string& csv) {
+}  // namespace
+
+std::string DeflateManifest(const std::string& csv) {
   if (csv.empty()) return csv;
   uLongf bound = compressBound(static_cast<uLong>(csv.size()));
   std::string out(kManifestHeader + bound, '\0');
@@ -42,6 +44,8 @@ std::string CompressManifest(const std::string& csv) {
   out.resize(kManifestHeader + bound);
   return out;
 }
+
+namespace {
 
 absl::StatusOr<std::string> DecompressManifest(const std::string& stored, const std::string& where) {
   if (stored.size() < kManifestHeader || stored.compare(0, 4, kManifestMagic) != 0) return stored;
@@ -503,7 +507,7 @@ absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) 
                                                    ": manifest hash '", hash, "' is not a SHA-256"));
   }
   if (!payload.manifest_csv.empty()) {
-    AVIARY_RETURN_IF_ERROR(PutManifest(hash, payload.manifest_csv));
+    AVIARY_RETURN_IF_ERROR(PutManifest(hash, payload.manifest_csv, payload.manifest_deflated));
   } else if (!hash.empty()) {
     AVIARY_ASSIGN_OR_RETURN(bool stored, HasManifest(hash));
     if (!stored) {
@@ -515,7 +519,7 @@ absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) 
   return st.Run();
 }
 
-absl::Status Store::PutManifest(const std::string& hash, const std::string& csv) {
+absl::Status Store::PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated) {
   if (!IsSha256Hex(hash)) {
     return absl::InvalidArgumentError(absl::StrCat("database ", path_, ": manifest hash '", hash, "' is not a SHA-256"));
   }
@@ -524,7 +528,7 @@ absl::Status Store::PutManifest(const std::string& hash, const std::string& csv)
   Statement st(this, "INSERT INTO manifests(hash, size, data) VALUES(?1, ?2, ?3)");
   st.Bind(1, hash);
   st.Bind(2, static_cast<int64_t>(csv.size()));
-  st.BindBlob(3, CompressManifest(csv));
+  st.BindBlob(3, deflated.empty() ? DeflateManifest(csv) : deflated);
   return st.Run();
 }
 

@@ -66,7 +66,13 @@ struct TaskPayload {
   std::string manifest_csv;
   std::string pipeline_yaml;
   std::string manifest_hash;
+  // Optional: DeflateManifest(manifest_csv), made before the transaction (the submit deflates a
+  // pool manifest on its own thread instead of inside the store's lock); "" = deflated here.
+  std::string manifest_deflated;
 };
+
+// A manifest as the store keeps it (deflated, with a header); a pure function, safe on any thread.
+std::string DeflateManifest(const std::string& csv);
 
 struct GroupRow {
   std::string group_id;
@@ -118,7 +124,8 @@ class Store {
   // Deletes the stored manifests no task refers to; adds their number and stored bytes.
   absl::Status SweepManifests(int64_t* manifests_deleted, int64_t* bytes_deleted);
   // Stores `csv` under `hash` (its Sha256Hex) unless that content is stored already.
-  absl::Status PutManifest(const std::string& hash, const std::string& csv);
+  // `deflated`, when not empty, is DeflateManifest(csv).
+  absl::Status PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated = "");
 
   // Removes a job with its tasks (manifests included), metric points and checkpoints.
   absl::Status DeleteJob(const std::string& job_id);
