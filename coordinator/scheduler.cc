@@ -81,7 +81,7 @@ absl::Status NoSuchJob(const std::string& job_id) {
 }
 
 Scheduler::Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics)
-    : options_(options), store_(store), metrics_(metrics), rng_(std::random_device{}()) {}
+    : options_(options), store_(store), metrics_(metrics), rng_(std::random_device{}()), fold_cache_(8, store) {}
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOptions& options,
                                                              Store* store,
@@ -545,6 +545,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   struct NewTask {
     TaskRow row;
     TaskPayload payload;
+    std::string manifest_deflated;  // of a manifest the store lacks, else ""
     int pretrain_index = -1;  // finetune: the new_tasks index of its pretraining task
   };
   std::vector<NewTask> new_tasks;
@@ -570,8 +571,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     absl::Status status;
   };
   std::vector<StageManifests> stages;
-  if (pretrain) stages.push_back({"pretrain", {0}});
-  if (finetune) stages.push_back({"finetune", config.folds.selected_folds});
+  for (const auto& [stage, enabled, folds] : {std::make_tuple("pretrain", pretrain, std::vector<int>{0}),
+                                              std::make_tuple("finetune", finetune, config.folds.selected_folds)}) {
+    if (!enabled) continue;
+    stages.emplace_back();
+    stages.back().stage = stage;
+    stages.back().folds = folds;
+  }
   // Reads the stage's dataset, builds its folds' manifests and stamps the files they came from.
   auto build_stage = [&](StageManifests* out) -> absl::Status {
     BuiltVersion& version = out->version;
@@ -650,7 +656,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         task.row.manifest_hash = ref.hash;
         task.payload.manifest_csv = manifest_csv;
         task.payload.manifest_hash = ref.hash;
-        if (deflated != stage_manifests.deflated.end()) task.payload.manifest_deflated = deflated->second;
+        if (deflated != stage_manifests.deflated.end()) task.manifest_deflated = deflated->second;
         task.payload.pipeline_yaml = common::PipelineConfigToYaml(point);
         if (stage == "finetune") task.pretrain_index = point_pretrain[p];
         new_tasks.push_back(std::move(task));
@@ -713,7 +719,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
       AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
       for (const NewTask& task : new_tasks) {
-        AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload));
+        AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload, task.manifest_deflated));
+      }
+      // The built dataset versions, with the tasks that keep their manifests: a restarted
+      // coordinator finds them (FoldCache::Lookup).
+      for (const BuiltVersion& version : built) {
+        AVIARY_RETURN_IF_ERROR(store_->PutDatasetVersion(
+            FoldCache::ToRow(version.key, version.stamps, version.manifests, now), fold_cache_.max_versions()));
       }
       return absl::OkStatus();
     }));
