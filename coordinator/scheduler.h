@@ -169,8 +169,10 @@ class Scheduler {
  private:
   // `use_cache`: take the manifests of an unchanged dataset version from fold_cache_. Sets
   // `*stale_cache` (and fails) when a cached manifest is no longer stored (pruned since).
+  // The dataset tables it read go to `*tables` (freed by the caller after the reply).
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request, bool use_cache,
-                                                bool* stale_cache);
+                                                bool* stale_cache,
+                                                std::vector<std::unique_ptr<common::StageTable>>* tables);
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request);
   // The request's pipeline with `overrides`, data paths resolved against its working_dir,
   // validated, and checked against the data roots.
