@@ -964,53 +964,105 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
   return held == nullptr || held->info.task_id() != task_id;
 }
 
-absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
-  TaskRow leased;
-  {
-    absl::MutexLock writer(&write_mu_);
-    absl::ReaderMutexLock lock(&mu_);
-    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
-    if (const TaskRow* held = HeldTask(*group)) {
-      leased = *held;
-    } else {
-      const TaskRow* next = nullptr;
-      for (const auto& [seq, job_id] : job_order_) {
-        const Job& job = jobs_.at(job_id);
-        if (TerminalJob(job.row.info.state())) continue;
-        for (const std::string& id : job.task_ids) {
-          if (tasks_.at(id).info.state() == aviary::v1::TASK_STATE_READY) {
-            next = &tasks_.at(id);
-            break;
-          }
+void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
+  Changes changes;
+  std::vector<LeaseWaiter*> staged;  // the waiters whose lease is in `changes`
+  for (LeaseWaiter* waiter : batch) {
+    const std::string& group_id = waiter->group_id;
+    absl::StatusOr<Group*> group = FindGroup(group_id);
+    if (!group.ok()) {
+      waiter->status = group.status();
+      continue;
+    }
+    // A group the batch leased to already (the same request twice): that task again.
+    if (auto it = changes.put_groups.find(group_id); it != changes.put_groups.end()) {
+      waiter->leased = View(changes, it->second.task_id);
+      staged.push_back(waiter);
+      continue;
+    }
+    if (const TaskRow* held = HeldTask(**group)) {
+      waiter->leased = *held;
+      continue;
+    }
+    // The oldest READY task, as staged by the leases before this one in the batch.
+    std::string next;
+    for (const auto& [seq, job_id] : job_order_) {
+      const Job& job = jobs_.at(job_id);
+      if (TerminalJob(job.row.info.state())) continue;
+      for (const std::string& id : job.task_ids) {
+        if (View(changes, id).info.state() == aviary::v1::TASK_STATE_READY) {
+          next = id;
+          break;
         }
-        if (next != nullptr) break;
       }
-      if (next == nullptr) {
-        aviary::v1::LeaseTaskResponse none;
-        none.set_available(false);
-        return none;
+      if (!next.empty()) break;
+    }
+    if (next.empty()) continue;  // none available
+    TaskRow& task = Stage(&changes, next);
+    task.info.set_state(aviary::v1::TASK_STATE_LEASED);
+    task.info.set_group_id(group_id);
+    task.info.set_attempt(task.info.attempt() + 1);
+    task.info.clear_error();
+    task.info.set_updated_unix_ms(UnixMs());
+    GroupRow group_row = (*group)->row;
+    group_row.task_id = next;
+    changes.put_groups[group_id] = group_row;
+    changes.events.push_back({task.info.job_id(), next, false, {},
+                              absl::StrCat("task ", next, " LEASED to group ", group_id,
+                                           " (attempt ", task.info.attempt(), ")")});
+    DeriveJobState(&changes, task.info.job_id());
+    staged.push_back(waiter);
+  }
+  if (staged.empty()) return;
+  // The tasks as leased (a later DeriveJobState of the batch does not touch them).
+  for (LeaseWaiter* waiter : staged) {
+    waiter->leased = View(changes, changes.put_groups.at(waiter->group_id).task_id);
+  }
+  const absl::Status committed = Commit(&changes);
+  for (LeaseWaiter* waiter : staged) {
+    if (!committed.ok()) {
+      waiter->status = committed;
+      waiter->leased.reset();
+      continue;
+    }
+    log_.Info(absl::StrCat("task ", waiter->leased->info.task_id(), " leased to group ", waiter->group_id,
+                           " (attempt ", waiter->leased->info.attempt(), ")"));
+  }
+}
+
+absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
+  LeaseWaiter me;
+  me.group_id = group_id;
+  {
+    absl::MutexLock queue(&lease_mu_);
+    lease_queue_.push_back(&me);
+    // Answered by a leader's batch, or the leader now (none is, and this request is still queued).
+    auto answered_or_no_leader = [this, &me]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(lease_mu_) {
+      return me.done || !lease_leader_;
+    };
+    lease_mu_.Await(absl::Condition(&answered_or_no_leader));
+    if (!me.done) {
+      lease_leader_ = true;
+      std::vector<LeaseWaiter*> batch;
+      batch.swap(lease_queue_);
+      lease_mu_.Unlock();
+      {
+        absl::MutexLock writer(&write_mu_);
+        absl::ReaderMutexLock lock(&mu_);
+        DecideLeases(batch);
       }
-      Changes changes;
-      const std::string task_id = next->info.task_id();
-      TaskRow& task = Stage(&changes, task_id);
-      task.info.set_state(aviary::v1::TASK_STATE_LEASED);
-      task.info.set_group_id(group_id);
-      task.info.set_attempt(task.info.attempt() + 1);
-      task.info.clear_error();
-      task.info.set_updated_unix_ms(UnixMs());
-      GroupRow group_row = group->row;
-      group_row.task_id = task_id;
-      changes.put_groups[group_id] = group_row;
-      changes.events.push_back({task.info.job_id(), task_id, false, {},
-                                absl::StrCat("task ", task_id, " LEASED to group ", group_id,
-                                             " (attempt ", task.info.attempt(), ")")});
-      DeriveJobState(&changes, task.info.job_id());
-      leased = task;
-      AVIARY_RETURN_IF_ERROR(Commit(&changes));
-      log_.Info(absl::StrCat("task ", task_id, " leased to group ", group_id, " (attempt ",
-                             leased.info.attempt(), ")"));
+      lease_mu_.Lock();
+      for (LeaseWaiter* waiter : batch) waiter->done = true;
+      lease_leader_ = false;
     }
   }
+  AVIARY_RETURN_IF_ERROR(me.status);
+  if (!me.leased) {
+    aviary::v1::LeaseTaskResponse none;
+    none.set_available(false);
+    return none;
+  }
+  const TaskRow& leased = *me.leased;
   AVIARY_ASSIGN_OR_RETURN(TaskPayload payload, store_->LoadTaskPayload(leased.info.task_id()));
   aviary::v1::LeaseTaskResponse response;
   response.set_available(true);
