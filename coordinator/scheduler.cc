@@ -1019,12 +1019,14 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
     waiter->leased = View(changes, changes.put_groups.at(waiter->group_id).task_id);
   }
   const absl::Status committed = Commit(&changes);
+  std::set<std::string> logged;  // a group that asked twice is logged once
   for (LeaseWaiter* waiter : staged) {
     if (!committed.ok()) {
       waiter->status = committed;
       waiter->leased.reset();
       continue;
     }
+    if (!logged.insert(waiter->group_id).second) continue;
     log_.Info(absl::StrCat("task ", waiter->leased->info.task_id(), " leased to group ", waiter->group_id,
                            " (attempt ", waiter->leased->info.attempt(), ")"));
   }
