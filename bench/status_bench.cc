@@ -300,7 +300,7 @@ std::atomic<bool> g_stop{false};
 // A worker group: registers, optionally leases a task, then heartbeats every interval.
 void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& options,
               bool lease, Clock::time_point measure_from, Samples* out, std::string* held,
-              Samples* leases, Samples* fetches) {
+              Samples* first_leases, Samples* leases, Samples* fetches) {
   auto stub = v1::WorkerService::NewStub(channel);
   v1::RegisterGroupRequest reg;
   reg.set_world_size(1);
@@ -351,7 +351,8 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
       }
     }
   };
-  auto lease_task = [&] {
+  // `samples`: the first lease (all groups at once, the start burst) or a later one (steady).
+  auto lease_task = [&](Samples* samples) {
     v1::LeaseTaskRequest req;
     req.set_group_id(reg_response.group_id());
     v1::LeaseTaskResponse resp;
@@ -360,19 +361,19 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     const auto t0 = Clock::now();
     grpc::Status s = stub->LeaseTask(&context, req, &resp);
     if (s.ok()) {
-      leases->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      samples->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       if (resp.available()) {
         task_id = resp.task().task_id();
         fetch_manifest(resp.task());
       }
     } else {
-      leases->errors++;
-      if (leases->first_error.empty()) {
-        leases->first_error = ToStatus(s, absl::StrCat("LeaseTask of group ", index)).ToString();
+      samples->errors++;
+      if (samples->first_error.empty()) {
+        samples->first_error = ToStatus(s, absl::StrCat("LeaseTask of group ", index)).ToString();
       }
     }
   };
-  if (lease) lease_task();
+  if (lease) lease_task(first_leases);
   *held = task_id;
   auto leased_at = Clock::now();
   const auto interval = std::chrono::milliseconds(options.heartbeat_ms);
@@ -412,7 +413,7 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
         if (!handed_back.ok() && leases->first_error.empty()) leases->first_error = ToStatus(handed_back, "FailTask").ToString();
         task_id.clear();
       }
-      lease_task();
+      lease_task(leases);
       leased_at = Clock::now();
     }
     next += interval;
@@ -565,14 +566,16 @@ absl::Status Run(const Options& options) {
   std::vector<std::shared_ptr<grpc::Channel>> group_channels;
   const int group_channel_count = std::max(1, (options.groups + 7) / 8);
   for (int i = 0; i < group_channel_count; ++i) group_channels.push_back(MakeChannel(address, 100000 + i));
-  std::vector<Samples> heartbeats(options.groups), lease_samples(options.groups), fetch_samples(options.groups);
+  std::vector<Samples> heartbeats(options.groups), first_lease_samples(options.groups), lease_samples(options.groups),
+      fetch_samples(options.groups);
   std::vector<std::string> held(options.groups);
   std::vector<std::thread> group_threads;
   const auto warmup_end = Clock::now() + std::chrono::seconds(1);
   for (int g = 0; g < options.groups; ++g) {
     group_threads.emplace_back(RunGroup, group_channels[g % group_channel_count], g,
                                std::cref(options), g < options.leased, warmup_end,
-                               &heartbeats[g], &held[g], &lease_samples[g], &fetch_samples[g]);
+                               &heartbeats[g], &held[g], &first_lease_samples[g], &lease_samples[g],
+                               &fetch_samples[g]);
   }
   std::this_thread::sleep_until(warmup_end);
 
@@ -594,10 +597,15 @@ absl::Status Run(const Options& options) {
   for (auto& t : group_threads) t.join();
   const double hb_s = std::chrono::duration<double>(Clock::now() - warmup_end).count();
   const double cpu_s = process && cpu_before >= 0 ? process->CpuSeconds() - cpu_before : -1;
-  Samples lease_all, fetch_all;
-  for (auto& s : lease_samples) lease_all.Merge(s);
+  // Leases: the first of each group (all at the start: the burst) and the later ones (steady).
+  Samples lease_all, lease_burst_all, lease_steady_all, fetch_all;
+  for (auto& s : first_lease_samples) lease_burst_all.Merge(s);
+  for (auto& s : lease_samples) lease_steady_all.Merge(s);
+  lease_all.Merge(lease_burst_all);
+  lease_all.Merge(lease_steady_all);
   for (auto& s : fetch_samples) fetch_all.Merge(s);
   const Summary lease = Summarize(lease_all, hb_s), fetch = Summarize(fetch_all, hb_s);
+  const Summary lease_burst = Summarize(lease_burst_all, hb_s), lease_steady = Summarize(lease_steady_all, hb_s);
 
   Samples get_all, list_all, hb_all, poll_all;
   for (auto& s : gets) get_all.Merge(s);
@@ -624,7 +632,8 @@ absl::Status Run(const Options& options) {
                    options.list_every, options.list_limit, options.groups, options.groups,
                    group_channel_count, holding, options.heartbeat_ms)
             << Json("poll", poll) << "," << Json("get_job", get) << "," << Json("list_jobs", list)
-            << "," << Json("heartbeat", hb) << "," << Json("lease", lease) << "," << Json("get_manifest", fetch)
+            << "," << Json("heartbeat", hb) << "," << Json("lease", lease) << "," << Json("lease_burst", lease_burst)
+            << "," << Json("lease_steady", lease_steady) << "," << Json("get_manifest", fetch)
             << absl::StrFormat(",\"submit_s\":%.2f,\"coordinator_cpu_s\":%.2f,\"coordinator_cores\":%.3f}\n",
                                submit_s, cpu_s, cpu_s >= 0 ? cpu_s / hb_s : -1.0);
 
@@ -648,11 +657,13 @@ absl::Status Run(const Options& options) {
             << Row("  ListJobs", list) << "\n"
             << Row("Heartbeat", hb) << "\n"
             << Row("LeaseTask", lease) << "\n"
+            << Row("  burst", lease_burst) << "\n"
+            << Row("  steady", lease_steady) << "\n"
             << Row("GetManifest", fetch) << "\n"
             << absl::StrFormat("\nsubmits: %d in %.1f s; coordinator CPU while loaded: %s\n", options.jobs, submit_s,
                                cpu_s >= 0 ? absl::StrFormat("%.1f s in %.1f s (%.2f cores)", cpu_s, hb_s, cpu_s / hb_s)
                                           : std::string("unknown (not spawned)"));
-  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_all, &fetch_all}) {
+  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_burst_all, &lease_steady_all, &fetch_all}) {
     if (!s->first_error.empty()) std::cout << "first error: " << s->first_error << "\n";
   }
   process.reset();

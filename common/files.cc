@@ -1,6 +1,7 @@
 #include "common/files.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -25,16 +26,32 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   if (std::filesystem::is_directory(path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": is a directory, expected a file"));
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  // read(2) into a string of the file's size: a stream copy grows its buffer step by step
+  // (a BirdCLEF-size metadata CSV is tens of MB and the submit path reads several).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
     int err = errno;
     if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(err)));
   }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::InternalError(absl::StrCat(path, ": read error"));
-  return ss.str();
+  struct stat st;
+  std::string out(::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0, '\0');
+  size_t used = 0;
+  while (true) {
+    if (used == out.size()) out.resize(std::max<size_t>(4096, out.size() * 2));  // grown since, or no size
+    const ssize_t n = ::read(fd, &out[used], out.size() - used);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      return absl::InternalError(absl::StrCat(path, ": read error: ", std::strerror(err)));
+    }
+    if (n == 0) break;
+    used += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  out.resize(used);
+  return out;
 }
 
 namespace {

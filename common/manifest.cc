@@ -1,6 +1,7 @@
 #include "common/manifest.h"
 
-#include <sstream>
+#include <charconv>
+#include <cstdint>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -23,17 +24,57 @@ absl::StatusOr<TaskManifest> BuildTaskManifest(const PipelineConfig& config, con
   return m;
 }
 
-std::string ManifestToCsv(const TaskManifest& manifest) {
-  std::ostringstream out;
-  WriteCsvRow(out, {"split", "path", "target"});
-  WriteCsvRow(out, {"stage", manifest.stage, ""});
-  WriteCsvRow(out, {"fold", "", std::to_string(manifest.fold)});
-  for (size_t i = 0; i < manifest.class_names.size(); ++i) {
-    WriteCsvRow(out, {"class", manifest.class_names[i], std::to_string(i)});
+namespace {
+
+// One field as WriteCsvRow writes it (CsvEscape's rule), appended without a copy.
+void AppendField(std::string* out, absl::string_view field) {
+  if (field.find_first_of(",\"\r\n") == absl::string_view::npos) {
+    out->append(field.data(), field.size());
+    return;
   }
-  for (const auto& item : manifest.train) WriteCsvRow(out, {"train", item.path, std::to_string(item.target)});
-  for (const auto& item : manifest.valid) WriteCsvRow(out, {"valid", item.path, std::to_string(item.target)});
-  return out.str();
+  out->push_back('"');
+  for (char c : field) {
+    if (c == '"') out->push_back('"');
+    out->push_back(c);
+  }
+  out->push_back('"');
+}
+
+// The row "split,path,number\n", as WriteCsvRow({split, path, std::to_string(number)}) writes it.
+void AppendRow(std::string* out, absl::string_view split, absl::string_view path, int64_t number) {
+  AppendField(out, split);
+  out->push_back(',');
+  AppendField(out, path);
+  out->push_back(',');
+  char digits[24];
+  const std::to_chars_result end = std::to_chars(digits, digits + sizeof(digits), number);
+  out->append(digits, end.ptr);
+  out->push_back('\n');
+}
+
+}  // namespace
+
+// Appends to one string instead of a stream of WriteCsvRow calls (each of which copied its
+// fields): a pool manifest has ~140,000 rows. The bytes are the same.
+std::string ManifestToCsv(const TaskManifest& manifest) {
+  size_t bytes = 64 + manifest.stage.size();
+  for (const std::string& name : manifest.class_names) bytes += name.size() + 16;
+  for (const auto& item : manifest.train) bytes += item.path.size() + 16;
+  for (const auto& item : manifest.valid) bytes += item.path.size() + 16;
+  std::string out;
+  out.reserve(bytes);
+  out.append("split,path,target\n");
+  AppendField(&out, "stage");
+  out.push_back(',');
+  AppendField(&out, manifest.stage);
+  out.append(",\n");
+  AppendRow(&out, "fold", "", manifest.fold);
+  for (size_t i = 0; i < manifest.class_names.size(); ++i) {
+    AppendRow(&out, "class", manifest.class_names[i], static_cast<int64_t>(i));
+  }
+  for (const auto& item : manifest.train) AppendRow(&out, "train", item.path, item.target);
+  for (const auto& item : manifest.valid) AppendRow(&out, "valid", item.path, item.target);
+  return out;
 }
 
 absl::StatusOr<TaskManifest> ParseManifestCsv(absl::string_view text, const std::string& source) {

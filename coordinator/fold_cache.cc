@@ -6,7 +6,10 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/layouts.h"
 
 namespace aviary::coordinator {
@@ -89,6 +92,7 @@ std::optional<std::map<int, ManifestRef>> FoldCache::Lookup(const std::string& k
       break;
     }
   }
+  if (version == nullptr) version = LoadFromStore(key);
   if (version == nullptr) return std::nullopt;
   std::map<int, ManifestRef> out;
   for (int fold : folds) {
@@ -98,8 +102,11 @@ std::optional<std::map<int, ManifestRef>> FoldCache::Lookup(const std::string& k
   }
   for (const FileStamp& stamp : version->stamps) {  // outside the lock: a few thousand stat calls
     if (!(StampFile(stamp.path) == stamp)) {
-      absl::MutexLock lock(&mu_);
-      versions_.remove_if([&](const auto& entry) { return entry.second == version; });
+      {
+        absl::MutexLock lock(&mu_);
+        versions_.remove_if([&](const auto& entry) { return entry.second == version; });
+      }
+      if (store_ != nullptr) (void)store_->DeleteDatasetVersion(key);  // a failure: rebuilt and replaced
       return std::nullopt;
     }
   }
@@ -117,8 +124,75 @@ void FoldCache::Insert(const std::string& key, std::vector<FileStamp> stamps, st
 }
 
 void FoldCache::Erase(const std::string& key) {
+  {
+    absl::MutexLock lock(&mu_);
+    versions_.remove_if([&](const auto& entry) { return entry.first == key; });
+  }
+  if (store_ != nullptr) (void)store_->DeleteDatasetVersion(key);  // a failure: rebuilt and replaced
+}
+
+std::shared_ptr<const FoldCache::Version> FoldCache::LoadFromStore(const std::string& key) {
+  if (store_ == nullptr) return nullptr;
+  absl::StatusOr<std::optional<DatasetVersionRow>> row = store_->LoadDatasetVersion(key);
+  if (!row.ok() || !row->has_value()) return nullptr;
+  absl::StatusOr<std::vector<FileStamp>> stamps = DecodeStamps((*row)->stamps);
+  if (!stamps.ok()) {
+    (void)store_->DeleteDatasetVersion(key);  // unreadable: built again and replaced
+    return nullptr;
+  }
+  auto version = std::make_shared<Version>();
+  version->stamps = *std::move(stamps);
+  for (const DatasetVersionRow::Manifest& manifest : (*row)->manifests) {
+    version->manifests[manifest.fold] = ManifestRef{manifest.hash, manifest.size};
+  }
   absl::MutexLock lock(&mu_);
   versions_.remove_if([&](const auto& entry) { return entry.first == key; });
+  versions_.emplace_front(key, version);
+  while (versions_.size() > max_versions_) versions_.pop_back();
+  return version;
+}
+
+DatasetVersionRow FoldCache::ToRow(const std::string& key, const std::vector<FileStamp>& stamps,
+                                   const std::map<int, ManifestRef>& manifests, int64_t created_unix_ms) {
+  DatasetVersionRow row;
+  row.key = key;
+  row.created_unix_ms = created_unix_ms;
+  row.stamps = EncodeStamps(stamps);
+  for (const auto& [fold, ref] : manifests) row.manifests.push_back({fold, ref.hash, ref.size});
+  return row;
+}
+
+// One line per stamp: "present dev ino size mtime_ns ctime_ns path" with the path C-escaped
+// (a path may hold any byte but NUL, a newline included).
+std::string FoldCache::EncodeStamps(const std::vector<FileStamp>& stamps) {
+  std::string out;
+  for (const FileStamp& s : stamps) {
+    absl::StrAppend(&out, s.exists ? 1 : 0, " ", s.dev, " ", s.ino, " ", s.size, " ", s.mtime_ns, " ", s.ctime_ns, " ",
+                    absl::CEscape(s.path), "\n");
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<FileStamp>> FoldCache::DecodeStamps(absl::string_view text) {
+  std::vector<FileStamp> stamps;
+  size_t line_no = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+    ++line_no;
+    std::vector<absl::string_view> fields = absl::StrSplit(line, absl::MaxSplits(' ', 6));
+    FileStamp s;
+    int present = 0;
+    std::string error;
+    if (fields.size() != 7 || !absl::SimpleAtoi(fields[0], &present) || !absl::SimpleAtoi(fields[1], &s.dev) ||
+        !absl::SimpleAtoi(fields[2], &s.ino) || !absl::SimpleAtoi(fields[3], &s.size) ||
+        !absl::SimpleAtoi(fields[4], &s.mtime_ns) || !absl::SimpleAtoi(fields[5], &s.ctime_ns) ||
+        !absl::CUnescape(fields[6], &s.path, &error)) {
+      return absl::InvalidArgumentError(absl::StrCat("dataset version stamps: line ", line_no, " is not a stamp: '",
+                                                     absl::CHexEscape(line.substr(0, 200)), "'"));
+    }
+    s.exists = present != 0;
+    stamps.push_back(std::move(s));
+  }
+  return stamps;
 }
 
 size_t FoldCache::size() const {

@@ -14,6 +14,13 @@
 // A changed stamp drops the version. At most `max_versions` versions are kept (least recently
 // used first out).
 //
+// With a store, the versions also live in its dataset_versions tables (written by the submit in
+// the job's own transaction: ToRow), so that they survive a restart: a lookup that misses in
+// memory reads the store, and a version dropped here (changed files, Erase) is deleted there.
+// Pruning that deletes a manifest deletes the versions naming it (Store::SweepManifests); a
+// version still remembered in memory is caught by the submit, which checks that its manifests
+// are stored. The store keeps the `max_versions` most recently built.
+//
 // Thread-safe.
 #ifndef AVIARY_COORDINATOR_FOLD_CACHE_H_
 #define AVIARY_COORDINATOR_FOLD_CACHE_H_
@@ -30,6 +37,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/catalog.h"
 #include "common/config.h"
+#include "coordinator/store.h"
 
 namespace aviary::coordinator {
 
@@ -52,7 +60,8 @@ struct ManifestRef {
 
 class FoldCache {
  public:
-  explicit FoldCache(size_t max_versions = 8) : max_versions_(max_versions) {}
+  // `store` (may be null: memory only) must outlive the cache.
+  explicit FoldCache(size_t max_versions = 8, Store* store = nullptr) : max_versions_(max_versions), store_(store) {}
 
   // The version key of `stage` under `config` (paths already resolved).
   static std::string Key(const common::PipelineConfig& config, const std::string& stage);
@@ -65,18 +74,32 @@ class FoldCache {
   // files changed; nullopt otherwise (a changed file drops the version).
   std::optional<std::map<int, ManifestRef>> Lookup(const std::string& key, const std::vector<int>& folds)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Records a version (replacing one under the same key).
+  // Records a version in memory (replacing one under the same key); the store's copy is written
+  // by the caller (Store::PutDatasetVersion of ToRow, with the tasks that refer to the manifests).
   void Insert(const std::string& key, std::vector<FileStamp> stamps, std::map<int, ManifestRef> manifests)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Drops the version from memory and from the store.
   void Erase(const std::string& key) ABSL_LOCKS_EXCLUDED(mu_);
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
+  size_t max_versions() const { return max_versions_; }
+
+  // The store's row of a version, and back (INVALID_ARGUMENT for stamps that do not decode).
+  static DatasetVersionRow ToRow(const std::string& key, const std::vector<FileStamp>& stamps,
+                                 const std::map<int, ManifestRef>& manifests, int64_t created_unix_ms);
+  static std::string EncodeStamps(const std::vector<FileStamp>& stamps);
+  static absl::StatusOr<std::vector<FileStamp>> DecodeStamps(absl::string_view text);
 
  private:
   struct Version {
     std::vector<FileStamp> stamps;
     std::map<int, ManifestRef> manifests;
   };
+  // The store's copy of `key`, put in memory; null when there is none (or it cannot be read:
+  // a miss, and the submit builds the version again).
+  std::shared_ptr<const Version> LoadFromStore(const std::string& key) ABSL_LOCKS_EXCLUDED(mu_);
+
   const size_t max_versions_;
+  Store* const store_;
   mutable absl::Mutex mu_;
   std::list<std::pair<std::string, std::shared_ptr<const Version>>> versions_ ABSL_GUARDED_BY(mu_);  // MRU first
 };

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <optional>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -81,7 +82,7 @@ absl::Status NoSuchJob(const std::string& job_id) {
 }
 
 Scheduler::Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics)
-    : options_(options), store_(store), metrics_(metrics), rng_(std::random_device{}()) {}
+    : options_(options), store_(store), metrics_(metrics), rng_(std::random_device{}()), fold_cache_(8, store) {}
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOptions& options,
                                                              Store* store,
@@ -443,11 +444,18 @@ absl::StatusOr<Scheduler::Group*> Scheduler::FindGroup(const std::string& group_
 
 absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequest& request) {
   bool stale_cache = false;
-  absl::StatusOr<std::string> job_id = BuildAndRecordJob(request, /*use_cache=*/true, &stale_cache);
-  if (stale_cache) job_id = BuildAndRecordJob(request, /*use_cache=*/false, &stale_cache);
+  std::vector<std::unique_ptr<common::StageTable>> tables;
+  absl::StatusOr<std::string> job_id = BuildAndRecordJob(request, /*use_cache=*/true, &stale_cache, &tables);
+  if (stale_cache) job_id = BuildAndRecordJob(request, /*use_cache=*/false, &stale_cache, &tables);
+  // The tables (~200 MB of strings for a BirdCLEF-size pool) freed and the heap trimmed on a
+  // thread of their own, after the reply: 30-80 ms that the submit no longer waits for. The
+  // thread touches nothing but what it owns.
+  std::thread([tables = std::move(tables)]() mutable {
+    tables.clear();
 #ifdef __GLIBC__
-  ::malloc_trim(0);  // glibc keeps freed arenas otherwise: 126 MiB after 3 pool-sized submits
+    ::malloc_trim(0);  // glibc keeps freed arenas otherwise: 126 MiB after 3 pool-sized submits
 #endif
+  }).detach();
   return job_id;
 }
 
@@ -509,7 +517,8 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary:
 }
 
 absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request,
-                                                         bool use_cache, bool* stale_cache) {
+                                                         bool use_cache, bool* stale_cache,
+                                                         std::vector<std::unique_ptr<common::StageTable>>* tables) {
   *stale_cache = false;
   const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
   // The grid (one point without --sweep); each point's overrides apply after --set.
@@ -554,11 +563,10 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
   }
 
-  // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
-  // built before and none of its files changed, else read and built (every metadata file).
   struct NewTask {
     TaskRow row;
     TaskPayload payload;
+    std::string manifest_deflated;  // of a manifest the store lacks, else ""
     int pretrain_index = -1;  // finetune: the new_tasks index of its pretraining task
   };
   std::vector<NewTask> new_tasks;
@@ -571,35 +579,89 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     std::vector<FileStamp> stamps;
     std::map<int, ManifestRef> manifests;
   };
-  std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
-  auto add_stage = [&](const std::string& stage, const std::vector<int>& folds) -> absl::Status {
-    // Per fold: the manifest (empty when the cache has it stored) and its reference.
+  // Per stage: each fold's manifest (the CSV empty when the cache has it stored), its reference
+  // and its deflated bytes (made here when the store lacks them, so that the transaction below
+  // only inserts them), and the version to record once the job is committed.
+  struct StageManifests {
+    std::string stage;
+    std::vector<int> folds;
+    bool cached = false;
     std::map<int, std::pair<std::string, ManifestRef>> manifests;
-    const std::string key = FoldCache::Key(config, stage);
-    std::optional<std::map<int, ManifestRef>> cached;
-    if (use_cache) cached = fold_cache_.Lookup(key, folds);
-    if (cached) {
-      for (int fold : folds) manifests[fold] = {"", cached->at(fold)};
-      log_.Info(absl::StrCat("stage ", stage, ": the dataset is unchanged since an earlier submit; its ",
-                             folds.size(), " manifest(s) are reused"));
-    } else {
-      BuiltVersion version;
-      version.key = key;
-      for (const std::string& path : FoldCache::MetadataFiles(config, stage)) version.stamps.push_back(StampFile(path));
-      AVIARY_ASSIGN_OR_RETURN(common::StageTable table, common::BuildStageTable(config, stage));
-      for (const std::string& path : FoldCache::AudioFolders(table)) version.stamps.push_back(StampFile(path));
-      for (int fold : folds) {
-        AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest,
-                                common::BuildTaskManifest(config, table, fold));
+    std::map<int, std::string> deflated;
+    BuiltVersion version;
+    std::unique_ptr<common::StageTable> table;  // kept for SubmitJob to free after the reply
+    absl::Status status;
+  };
+  std::vector<StageManifests> stages;
+  for (const auto& [stage, enabled, folds] : {std::make_tuple("pretrain", pretrain, std::vector<int>{0}),
+                                              std::make_tuple("finetune", finetune, config.folds.selected_folds)}) {
+    if (!enabled) continue;
+    stages.emplace_back();
+    stages.back().stage = stage;
+    stages.back().folds = folds;
+  }
+  // Reads the stage's dataset, builds its folds' manifests and stamps the files they came from.
+  auto build_stage = [&](StageManifests* out) -> absl::Status {
+    BuiltVersion& version = out->version;
+    version.key = FoldCache::Key(config, out->stage);
+    for (const std::string& path : FoldCache::MetadataFiles(config, out->stage)) {
+      version.stamps.push_back(StampFile(path));
+    }
+    AVIARY_ASSIGN_OR_RETURN(common::StageTable built_table, common::BuildStageTable(config, out->stage));
+    out->table = std::make_unique<common::StageTable>(std::move(built_table));
+    const common::StageTable& table = *out->table;
+    // The folders' stamps (a few thousand stat calls) while the manifests are built.
+    std::vector<FileStamp> folder_stamps;
+    std::thread stamper([&] {
+      for (const std::string& path : FoldCache::AudioFolders(table)) folder_stamps.push_back(StampFile(path));
+    });
+    absl::Status status = [&]() -> absl::Status {
+      for (int fold : out->folds) {
+        AVIARY_ASSIGN_OR_RETURN(common::TaskManifest manifest, common::BuildTaskManifest(config, table, fold));
         std::string csv = common::ManifestToCsv(manifest);
         ManifestRef ref{Sha256Hex(csv), static_cast<int64_t>(csv.size())};
+        AVIARY_ASSIGN_OR_RETURN(bool stored, store_->HasManifest(ref.hash));
+        if (!stored) out->deflated[fold] = DeflateManifest(csv);
         version.manifests[fold] = ref;
-        manifests[fold] = {std::move(csv), ref};
+        out->manifests[fold] = {std::move(csv), ref};
       }
-      built.push_back(std::move(version));
+      return absl::OkStatus();
+    }();
+    stamper.join();
+    version.stamps.insert(version.stamps.end(), std::make_move_iterator(folder_stamps.begin()),
+                          std::make_move_iterator(folder_stamps.end()));
+    return status;
+  };
+  // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
+  // built before and none of its files changed, else read and built, the stages at once (each
+  // on a thread of its own: the pool's table and the target's are independent).
+  std::vector<std::thread> builders;
+  for (StageManifests& stage : stages) {
+    std::optional<std::map<int, ManifestRef>> cached;
+    if (use_cache) cached = fold_cache_.Lookup(FoldCache::Key(config, stage.stage), stage.folds);
+    if (cached) {
+      stage.cached = true;
+      for (int fold : stage.folds) stage.manifests[fold] = {"", cached->at(fold)};
+      log_.Info(absl::StrCat("stage ", stage.stage, ": the dataset is unchanged since an earlier submit; its ",
+                             stage.folds.size(), " manifest(s) are reused"));
+    } else {
+      builders.emplace_back([&build_stage, &stage] { stage.status = build_stage(&stage); });
     }
-    for (int fold : folds) {
-      const auto& [manifest_csv, ref] = manifests.at(fold);
+  }
+  for (std::thread& builder : builders) builder.join();
+  for (StageManifests& stage : stages) {
+    if (stage.table != nullptr) tables->push_back(std::move(stage.table));
+  }
+  std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
+  for (StageManifests& stage : stages) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(stage.status, absl::StrCat("stage ", stage.stage)));
+    if (!stage.cached) built.push_back(std::move(stage.version));
+  }
+  for (StageManifests& stage_manifests : stages) {
+    const std::string& stage = stage_manifests.stage;
+    for (int fold : stage_manifests.folds) {
+      const auto& [manifest_csv, ref] = stage_manifests.manifests.at(fold);
+      const auto deflated = stage_manifests.deflated.find(fold);
       for (size_t p = 0; p < grid.size(); ++p) {
         const common::PipelineConfig& point = configs[p];
         if (stage == "pretrain") {
@@ -621,19 +683,12 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         task.row.manifest_hash = ref.hash;
         task.payload.manifest_csv = manifest_csv;
         task.payload.manifest_hash = ref.hash;
+        if (deflated != stage_manifests.deflated.end()) task.manifest_deflated = deflated->second;
         task.payload.pipeline_yaml = common::PipelineConfigToYaml(point);
         if (stage == "finetune") task.pretrain_index = point_pretrain[p];
         new_tasks.push_back(std::move(task));
       }
     }
-    return absl::OkStatus();
-  };
-  if (pretrain) {
-    AVIARY_RETURN_IF_ERROR(common::Annotate(add_stage("pretrain", {0}), "stage pretrain"));
-  }
-  if (finetune) {
-    AVIARY_RETURN_IF_ERROR(
-        common::Annotate(add_stage("finetune", config.folds.selected_folds), "stage finetune"));
   }
 
   absl::MutexLock writer(&write_mu_);
@@ -691,7 +746,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
       AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
       for (const NewTask& task : new_tasks) {
-        AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload));
+        AVIARY_RETURN_IF_ERROR(store_->InsertTask(task.row, task.payload, task.manifest_deflated));
+      }
+      // The built dataset versions, with the tasks that keep their manifests: a restarted
+      // coordinator finds them (FoldCache::Lookup).
+      for (const BuiltVersion& version : built) {
+        AVIARY_RETURN_IF_ERROR(store_->PutDatasetVersion(
+            FoldCache::ToRow(version.key, version.stamps, version.manifests, now), fold_cache_.max_versions()));
       }
       return absl::OkStatus();
     }));
@@ -916,53 +977,107 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
   return held == nullptr || held->info.task_id() != task_id;
 }
 
-absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
-  TaskRow leased;
-  {
-    absl::MutexLock writer(&write_mu_);
-    absl::ReaderMutexLock lock(&mu_);
-    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
-    if (const TaskRow* held = HeldTask(*group)) {
-      leased = *held;
-    } else {
-      const TaskRow* next = nullptr;
-      for (const auto& [seq, job_id] : job_order_) {
-        const Job& job = jobs_.at(job_id);
-        if (TerminalJob(job.row.info.state())) continue;
-        for (const std::string& id : job.task_ids) {
-          if (tasks_.at(id).info.state() == aviary::v1::TASK_STATE_READY) {
-            next = &tasks_.at(id);
-            break;
-          }
+void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
+  Changes changes;
+  std::vector<LeaseWaiter*> staged;  // the waiters whose lease is in `changes`
+  for (LeaseWaiter* waiter : batch) {
+    const std::string& group_id = waiter->group_id;
+    absl::StatusOr<Group*> group = FindGroup(group_id);
+    if (!group.ok()) {
+      waiter->status = group.status();
+      continue;
+    }
+    // A group the batch leased to already (the same request twice): that task again.
+    if (auto it = changes.put_groups.find(group_id); it != changes.put_groups.end()) {
+      waiter->leased = View(changes, it->second.task_id);
+      staged.push_back(waiter);
+      continue;
+    }
+    if (const TaskRow* held = HeldTask(**group)) {
+      waiter->leased = *held;
+      continue;
+    }
+    // The oldest READY task, as staged by the leases before this one in the batch.
+    std::string next;
+    for (const auto& [seq, job_id] : job_order_) {
+      const Job& job = jobs_.at(job_id);
+      if (TerminalJob(job.row.info.state())) continue;
+      for (const std::string& id : job.task_ids) {
+        if (View(changes, id).info.state() == aviary::v1::TASK_STATE_READY) {
+          next = id;
+          break;
         }
-        if (next != nullptr) break;
       }
-      if (next == nullptr) {
-        aviary::v1::LeaseTaskResponse none;
-        none.set_available(false);
-        return none;
+      if (!next.empty()) break;
+    }
+    if (next.empty()) continue;  // none available
+    TaskRow& task = Stage(&changes, next);
+    task.info.set_state(aviary::v1::TASK_STATE_LEASED);
+    task.info.set_group_id(group_id);
+    task.info.set_attempt(task.info.attempt() + 1);
+    task.info.clear_error();
+    task.info.set_updated_unix_ms(UnixMs());
+    GroupRow group_row = (*group)->row;
+    group_row.task_id = next;
+    changes.put_groups[group_id] = group_row;
+    changes.events.push_back({task.info.job_id(), next, false, {},
+                              absl::StrCat("task ", next, " LEASED to group ", group_id,
+                                           " (attempt ", task.info.attempt(), ")")});
+    DeriveJobState(&changes, task.info.job_id());
+    staged.push_back(waiter);
+  }
+  if (staged.empty()) return;
+  // The tasks as leased (a later DeriveJobState of the batch does not touch them).
+  for (LeaseWaiter* waiter : staged) {
+    waiter->leased = View(changes, changes.put_groups.at(waiter->group_id).task_id);
+  }
+  const absl::Status committed = Commit(&changes);
+  std::set<std::string> logged;  // a group that asked twice is logged once
+  for (LeaseWaiter* waiter : staged) {
+    if (!committed.ok()) {
+      waiter->status = committed;
+      waiter->leased.reset();
+      continue;
+    }
+    if (!logged.insert(waiter->group_id).second) continue;
+    log_.Info(absl::StrCat("task ", waiter->leased->info.task_id(), " leased to group ", waiter->group_id,
+                           " (attempt ", waiter->leased->info.attempt(), ")"));
+  }
+}
+
+absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::string& group_id) {
+  LeaseWaiter me;
+  me.group_id = group_id;
+  {
+    absl::MutexLock queue(&lease_mu_);
+    lease_queue_.push_back(&me);
+    // Answered by a leader's batch, or the leader now (none is, and this request is still queued).
+    auto answered_or_no_leader = [this, &me]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(lease_mu_) {
+      return me.done || !lease_leader_;
+    };
+    lease_mu_.Await(absl::Condition(&answered_or_no_leader));
+    if (!me.done) {
+      lease_leader_ = true;
+      std::vector<LeaseWaiter*> batch;
+      batch.swap(lease_queue_);
+      lease_mu_.Unlock();
+      {
+        absl::MutexLock writer(&write_mu_);
+        absl::ReaderMutexLock lock(&mu_);
+        DecideLeases(batch);
       }
-      Changes changes;
-      const std::string task_id = next->info.task_id();
-      TaskRow& task = Stage(&changes, task_id);
-      task.info.set_state(aviary::v1::TASK_STATE_LEASED);
-      task.info.set_group_id(group_id);
-      task.info.set_attempt(task.info.attempt() + 1);
-      task.info.clear_error();
-      task.info.set_updated_unix_ms(UnixMs());
-      GroupRow group_row = group->row;
-      group_row.task_id = task_id;
-      changes.put_groups[group_id] = group_row;
-      changes.events.push_back({task.info.job_id(), task_id, false, {},
-                                absl::StrCat("task ", task_id, " LEASED to group ", group_id,
-                                             " (attempt ", task.info.attempt(), ")")});
-      DeriveJobState(&changes, task.info.job_id());
-      leased = task;
-      AVIARY_RETURN_IF_ERROR(Commit(&changes));
-      log_.Info(absl::StrCat("task ", task_id, " leased to group ", group_id, " (attempt ",
-                             leased.info.attempt(), ")"));
+      lease_mu_.Lock();
+      for (LeaseWaiter* waiter : batch) waiter->done = true;
+      lease_leader_ = false;
     }
   }
+  AVIARY_RETURN_IF_ERROR(me.status);
+  if (!me.leased) {
+    aviary::v1::LeaseTaskResponse none;
+    none.set_available(false);
+    return none;
+  }
+  const TaskRow& leased = *me.leased;
   AVIARY_ASSIGN_OR_RETURN(TaskPayload payload, store_->LoadTaskPayload(leased.info.task_id()));
   aviary::v1::LeaseTaskResponse response;
   response.set_available(true);

@@ -24,6 +24,7 @@
 #include <map>
 #include <set>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -169,8 +170,10 @@ class Scheduler {
  private:
   // `use_cache`: take the manifests of an unchanged dataset version from fold_cache_. Sets
   // `*stale_cache` (and fails) when a cached manifest is no longer stored (pruned since).
+  // The dataset tables it read go to `*tables` (freed by the caller after the reply).
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request, bool use_cache,
-                                                bool* stale_cache);
+                                                bool* stale_cache,
+                                                std::vector<std::unique_ptr<common::StageTable>>* tables);
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request);
   // The request's pipeline with `overrides`, data paths resolved against its working_dir,
   // validated, and checked against the data roots.
@@ -247,6 +250,18 @@ class Scheduler {
   // The task the group holds (LEASED to it), or nullptr.
   const TaskRow* HeldTask(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Group*> FindGroup(const std::string& group_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Group commit of leases: a LeaseTask queues itself; the first in line (the leader) takes every
+  // queued request, decides them in order (as one LeaseTask after the other would) and commits
+  // the leases in one transaction, one fsync, then wakes them. Leases that arrive while a commit
+  // is in flight form the next batch, so a start burst of N groups costs a few commits, not N.
+  struct LeaseWaiter {
+    std::string group_id;
+    bool done = false;
+    absl::Status status;
+    std::optional<TaskRow> leased;  // nullopt: none available
+  };
+  void DecideLeases(const std::vector<LeaseWaiter*>& batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Whether `group` holds task `task_id`; NOT_FOUND when there is no such task.
   absl::StatusOr<bool> GroupHolds(const Group& group, const std::string& task_id) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -276,6 +291,9 @@ class Scheduler {
   int64_t groups_lost_total_ ABSL_GUARDED_BY(mu_) = 0;
   std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
   std::set<std::string> pruned_ ABSL_GUARDED_BY(write_mu_);  // jobs PruneFinishedJobs has done
+  absl::Mutex lease_mu_ ABSL_ACQUIRED_BEFORE(write_mu_);
+  std::vector<LeaseWaiter*> lease_queue_ ABSL_GUARDED_BY(lease_mu_);
+  bool lease_leader_ ABSL_GUARDED_BY(lease_mu_) = false;
   FoldCache fold_cache_;  // the manifests of recent dataset versions (thread-safe itself)
   // The manifests being streamed by GetManifest, by hash: groups that fetch the same one at once
   // (a new dataset version leased by many groups together) share one inflated copy, which goes

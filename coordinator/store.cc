@@ -29,7 +29,9 @@ namespace {
 constexpr char kManifestMagic[] = "AVZ1";
 constexpr size_t kManifestHeader = 4 + 8;
 
-std::string CompressManifest(const std::string& csv) {
+}  // namespace
+
+std::string DeflateManifest(const std::string& csv) {
   if (csv.empty()) return csv;
   uLongf bound = compressBound(static_cast<uLong>(csv.size()));
   std::string out(kManifestHeader + bound, '\0');
@@ -42,6 +44,8 @@ std::string CompressManifest(const std::string& csv) {
   out.resize(kManifestHeader + bound);
   return out;
 }
+
+namespace {
 
 absl::StatusOr<std::string> DecompressManifest(const std::string& stored, const std::string& where) {
   if (stored.size() < kManifestHeader || stored.compare(0, 4, kManifestMagic) != 0) return stored;
@@ -124,6 +128,23 @@ constexpr const char* kSchemaV2[] = {
     "CREATE INDEX tasks_by_manifest ON tasks(manifest_hash)",
 };
 
+// Schema 3: the fold cache's dataset versions (coordinator/fold_cache.h), so that a restarted
+// coordinator reuses the manifests of an unchanged dataset. `stamps` is the fold cache's
+// encoding of its files' stat stamps.
+constexpr const char* kSchemaV3[] = {
+    "CREATE TABLE dataset_versions ("
+    "  key TEXT PRIMARY KEY,"
+    "  created_unix_ms INTEGER NOT NULL,"
+    "  stamps BLOB NOT NULL)",
+    "CREATE TABLE dataset_version_manifests ("
+    "  key TEXT NOT NULL,"
+    "  fold INTEGER NOT NULL,"
+    "  hash TEXT NOT NULL,"
+    "  size INTEGER NOT NULL,"
+    "  PRIMARY KEY (key, fold))",
+    "CREATE INDEX dataset_version_manifests_by_hash ON dataset_version_manifests(hash)",
+};
+
 // The schema objects of `db` (tables and indices, SQLite's own excluded): "table jobs" -> its
 // CREATE statement as stored.
 absl::StatusOr<std::map<std::string, std::string>> SchemaObjects(sqlite3* db, const std::string& what) {
@@ -158,6 +179,7 @@ absl::StatusOr<std::map<std::string, std::string>> ExpectedSchema() {
   }
   std::vector<const char*> statements(std::begin(kSchema), std::end(kSchema));
   statements.insert(statements.end(), std::begin(kSchemaV2), std::end(kSchemaV2));
+  statements.insert(statements.end(), std::begin(kSchemaV3), std::end(kSchemaV3));
   for (const char* sql : statements) {
     char* error = nullptr;
     rc = sqlite3_exec(db, sql, nullptr, nullptr, &error);
@@ -343,9 +365,10 @@ absl::Status Store::InitSchema() {
     AVIARY_RETURN_IF_ERROR(status);
   }
   if (version == kStoreSchemaVersion) return VerifySchema();
-  if (version == 1) {
+  if (version == 1 || version == 2) {
     AVIARY_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
-      AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
+      if (version == 1) AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
+      AVIARY_RETURN_IF_ERROR(MigrateFromVersion2());
       const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
       return Exec(pragma.c_str());
     }));
@@ -365,6 +388,7 @@ absl::Status Store::InitSchema() {
   return Transaction([&]() -> absl::Status {
     for (const char* sql : kSchema) AVIARY_RETURN_IF_ERROR(Exec(sql));
     for (const char* sql : kSchemaV2) AVIARY_RETURN_IF_ERROR(Exec(sql));
+    for (const char* sql : kSchemaV3) AVIARY_RETURN_IF_ERROR(Exec(sql));
     const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
     return Exec(pragma.c_str());
   });
@@ -397,6 +421,11 @@ absl::Status Store::MigrateFromVersion1() {
     st.Bind(2, hash);
     AVIARY_RETURN_IF_ERROR(st.Run());
   }
+  return absl::OkStatus();
+}
+
+absl::Status Store::MigrateFromVersion2() {
+  for (const char* sql : kSchemaV3) AVIARY_RETURN_IF_ERROR(Exec(sql));
   return absl::OkStatus();
 }
 
@@ -480,7 +509,7 @@ absl::Status Store::PutJob(const JobRow& job) {
   return st.Run();
 }
 
-absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) {
+absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload, const std::string& manifest_deflated) {
   Statement st(this,
                "INSERT INTO tasks(task_id, job_id, seq, state, group_id, depends_on, "
                "init_checkpoint, resume_checkpoint, info, manifest_csv, pipeline_yaml, manifest_hash) "
@@ -503,7 +532,7 @@ absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) 
                                                    ": manifest hash '", hash, "' is not a SHA-256"));
   }
   if (!payload.manifest_csv.empty()) {
-    AVIARY_RETURN_IF_ERROR(PutManifest(hash, payload.manifest_csv));
+    AVIARY_RETURN_IF_ERROR(PutManifest(hash, payload.manifest_csv, manifest_deflated));
   } else if (!hash.empty()) {
     AVIARY_ASSIGN_OR_RETURN(bool stored, HasManifest(hash));
     if (!stored) {
@@ -515,7 +544,7 @@ absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload) 
   return st.Run();
 }
 
-absl::Status Store::PutManifest(const std::string& hash, const std::string& csv) {
+absl::Status Store::PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated) {
   if (!IsSha256Hex(hash)) {
     return absl::InvalidArgumentError(absl::StrCat("database ", path_, ": manifest hash '", hash, "' is not a SHA-256"));
   }
@@ -524,7 +553,7 @@ absl::Status Store::PutManifest(const std::string& hash, const std::string& csv)
   Statement st(this, "INSERT INTO manifests(hash, size, data) VALUES(?1, ?2, ?3)");
   st.Bind(1, hash);
   st.Bind(2, static_cast<int64_t>(csv.size()));
-  st.BindBlob(3, CompressManifest(csv));
+  st.BindBlob(3, deflated.empty() ? DeflateManifest(csv) : deflated);
   return st.Run();
 }
 
@@ -538,11 +567,97 @@ absl::Status Store::SweepManifests(int64_t* manifests_deleted, int64_t* bytes_de
     if (st.Step(&status)) *bytes_deleted += st.Int(1);
     AVIARY_RETURN_IF_ERROR(status);
   }
+  // The dataset versions that name a manifest about to go, first (inside the caller's
+  // transaction when there is one: both or neither).
+  std::vector<std::string> versions;
+  {
+    const std::string select = absl::StrCat(
+        "SELECT DISTINCT key FROM dataset_version_manifests WHERE hash IN (SELECT hash FROM manifests WHERE ",
+        unreferenced, ")");
+    Statement st(this, select.c_str());
+    absl::Status status;
+    while (st.Step(&status)) versions.push_back(st.Text(0));
+    AVIARY_RETURN_IF_ERROR(status);
+  }
+  for (const std::string& key : versions) AVIARY_RETURN_IF_ERROR(DeleteDatasetVersion(key));
   const std::string sql = absl::StrCat("DELETE FROM manifests WHERE ", unreferenced);
   Statement st(this, sql.c_str());
   AVIARY_RETURN_IF_ERROR(st.Run());
   *manifests_deleted += sqlite3_changes(db_);
   return absl::OkStatus();
+}
+
+absl::Status Store::PutDatasetVersion(const DatasetVersionRow& version, size_t max_versions) {
+  return Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(DeleteDatasetVersion(version.key));
+    {
+      Statement st(this, "INSERT INTO dataset_versions(key, created_unix_ms, stamps) VALUES(?1, ?2, ?3)");
+      st.Bind(1, version.key);
+      st.Bind(2, version.created_unix_ms);
+      st.BindBlob(3, version.stamps);
+      AVIARY_RETURN_IF_ERROR(st.Run());
+    }
+    for (const DatasetVersionRow::Manifest& manifest : version.manifests) {
+      AVIARY_ASSIGN_OR_RETURN(bool stored, HasManifest(manifest.hash));
+      if (!stored) {
+        return absl::FailedPreconditionError(absl::StrCat("database ", path_, ": a dataset version refers to manifest ",
+                                                          manifest.hash, ", which is not stored"));
+      }
+      Statement st(this, "INSERT INTO dataset_version_manifests(key, fold, hash, size) VALUES(?1, ?2, ?3, ?4)");
+      st.Bind(1, version.key);
+      st.Bind(2, static_cast<int64_t>(manifest.fold));
+      st.Bind(3, manifest.hash);
+      st.Bind(4, manifest.size);
+      AVIARY_RETURN_IF_ERROR(st.Run());
+    }
+    // The oldest beyond max_versions (rowid breaks ties of the same millisecond).
+    std::vector<std::string> old;
+    {
+      Statement st(this, "SELECT key FROM dataset_versions ORDER BY created_unix_ms DESC, rowid DESC LIMIT -1 OFFSET ?1");
+      st.Bind(1, static_cast<int64_t>(max_versions));
+      absl::Status status;
+      while (st.Step(&status)) old.push_back(st.Text(0));
+      AVIARY_RETURN_IF_ERROR(status);
+    }
+    for (const std::string& key : old) AVIARY_RETURN_IF_ERROR(DeleteDatasetVersion(key));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status Store::DeleteDatasetVersion(const std::string& key) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  for (const char* sql : {"DELETE FROM dataset_version_manifests WHERE key=?1", "DELETE FROM dataset_versions WHERE key=?1"}) {
+    Statement st(this, sql);
+    st.Bind(1, key);
+    AVIARY_RETURN_IF_ERROR(st.Run());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<DatasetVersionRow>> Store::LoadDatasetVersion(const std::string& key) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  DatasetVersionRow row;
+  {
+    Statement st(this, "SELECT created_unix_ms, stamps FROM dataset_versions WHERE key=?1");
+    st.Bind(1, key);
+    absl::Status status;
+    const bool found = st.Step(&status);
+    AVIARY_RETURN_IF_ERROR(status);
+    if (!found) return std::nullopt;
+    row.key = key;
+    row.created_unix_ms = st.Int(0);
+    row.stamps = st.Text(1);
+  }
+  Statement st(this, "SELECT fold, hash, size FROM dataset_version_manifests WHERE key=?1 ORDER BY fold");
+  st.Bind(1, key);
+  absl::Status status;
+  while (st.Step(&status)) {
+    row.manifests.push_back({static_cast<int>(st.Int(0)), st.Text(1), st.Int(2)});
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return row;
 }
 
 absl::Status Store::UpdateTask(const TaskRow& task) {

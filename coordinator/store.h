@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,8 +39,9 @@ namespace aviary::coordinator {
 // The schema version this build reads and writes. A version-1 file is migrated at Open: the
 // manifests table and tasks.manifest_hash are added and every task's own manifest moves into the
 // table under its content hash (rows that do not inflate stay where they are and are reported
-// as DATA_LOSS when leased, as before).
-inline constexpr int kStoreSchemaVersion = 2;
+// as DATA_LOSS when leased, as before). Version 3 adds the dataset versions of the fold cache
+// (dataset_versions, dataset_version_manifests); a version-1 or -2 file gains them at Open.
+inline constexpr int kStoreSchemaVersion = 3;
 
 // A job; `info.tasks` is always empty here (tasks are rows of their own).
 struct JobRow {
@@ -66,6 +68,23 @@ struct TaskPayload {
   std::string manifest_csv;
   std::string pipeline_yaml;
   std::string manifest_hash;
+};
+
+// A manifest as the store keeps it (deflated, with a header); a pure function, safe on any thread.
+std::string DeflateManifest(const std::string& csv);
+
+// A dataset version of the fold cache (coordinator/fold_cache.h): its key, the stat stamps of
+// its files (encoded by the fold cache) and its folds' manifests, each stored in `manifests`.
+struct DatasetVersionRow {
+  std::string key;
+  int64_t created_unix_ms = 0;
+  std::string stamps;
+  struct Manifest {
+    int fold = 0;
+    std::string hash;
+    int64_t size = 0;
+  };
+  std::vector<Manifest> manifests;
 };
 
 struct GroupRow {
@@ -102,7 +121,9 @@ class Store {
   absl::Status Transaction(const std::function<absl::Status()>& body);
 
   absl::Status PutJob(const JobRow& job);
-  absl::Status InsertTask(const TaskRow& task, const TaskPayload& payload);
+  // `manifest_deflated`, when not empty, is DeflateManifest(payload.manifest_csv), made before the
+  // transaction (the submit deflates a pool manifest on its own thread, not inside the lock).
+  absl::Status InsertTask(const TaskRow& task, const TaskPayload& payload, const std::string& manifest_deflated = "");
   absl::Status UpdateTask(const TaskRow& task);  // INTERNAL when the row is missing
   absl::Status PutGroup(const GroupRow& group);
   absl::Status DeleteGroup(const std::string& group_id);
@@ -115,10 +136,16 @@ class Store {
   // keep working) and drops its tasks' manifest references. Adds what it removed to the counts.
   // The manifests themselves go with SweepManifests once no task refers to them.
   absl::Status PruneJob(const std::string& job_id, int64_t* points_deleted, int64_t* manifests_cleared);
-  // Deletes the stored manifests no task refers to; adds their number and stored bytes.
+  // Deletes the stored manifests no task refers to; adds their number and stored bytes. The
+  // dataset versions that refer to one of them go too (a version never names a missing manifest).
   absl::Status SweepManifests(int64_t* manifests_deleted, int64_t* bytes_deleted);
+  // Records a dataset version (replacing one under the same key; every manifest it names must be
+  // stored) and keeps only the `max_versions` most recently recorded.
+  absl::Status PutDatasetVersion(const DatasetVersionRow& version, size_t max_versions);
+  absl::Status DeleteDatasetVersion(const std::string& key);
   // Stores `csv` under `hash` (its Sha256Hex) unless that content is stored already.
-  absl::Status PutManifest(const std::string& hash, const std::string& csv);
+  // `deflated`, when not empty, is DeflateManifest(csv).
+  absl::Status PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated = "");
 
   // Removes a job with its tasks (manifests included), metric points and checkpoints.
   absl::Status DeleteJob(const std::string& job_id);
@@ -128,6 +155,8 @@ class Store {
   absl::StatusOr<std::vector<TaskRow>> LoadTasks();   // job order, then DAG order
   absl::StatusOr<std::vector<GroupRow>> LoadGroups();
   absl::StatusOr<TaskPayload> LoadTaskPayload(const std::string& task_id);
+  // The dataset version recorded under `key`, if any.
+  absl::StatusOr<std::optional<DatasetVersionRow>> LoadDatasetVersion(const std::string& key);
   // Whether a manifest is stored under `hash`.
   absl::StatusOr<bool> HasManifest(const std::string& hash);
   // The manifest stored under `hash`, inflated; NOT_FOUND when there is none, DATA_LOSS when the
@@ -164,6 +193,8 @@ class Store {
   absl::Status InitSchema();
   // Schema 1 -> 2 (see kStoreSchemaVersion), inside InitSchema's transaction.
   absl::Status MigrateFromVersion1();
+  // Schema 2 -> 3, likewise.
+  absl::Status MigrateFromVersion2();
   // Every table and index of the schema is there as created, and nothing else: a damaged
   // database is refused at start, naming what differs, not at the first write to it.
   absl::Status VerifySchema();

@@ -162,6 +162,9 @@ def main():
                 wall, _, _ = timed([aviary, "--coordinator", f"127.0.0.1:{port}", "submit", config,
                                     "--set", "folds.selected_folds=[0]"], env)
                 walls.append(wall)
+                # The coordinator frees a submit's dataset tables and trims its heap after the
+                # reply (Scheduler::SubmitJob): its memory read once that is done.
+                time.sleep(1.0)
                 rss.append(rss_of(coordinator.pid))
                 sizes.append(os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0))
             growth = [(b - a_) / 2**20 for a_, b in zip(sizes, sizes[1:])]

@@ -1,8 +1,9 @@
 // The `aviary-coordinator` binary as a process: exit codes, SIGTERM, SIGHUP (token reload), and
 // `kill -9` in the middle of a stream of acknowledged reports, then a restart on the same SQLite
-// file.
+// file; the fold cache's dataset versions across restarts.
 #include <fcntl.h>
 #include <signal.h>
+#include <sqlite3.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -114,14 +115,14 @@ class CoordinatorProcessTest : public ::testing::Test {
   }
 
   // Starts the coordinator and connects once its port file appears.
-  void StartAndConnect() {
+  void StartAndConnect(const std::string& log = "coordinator.log") {
     fs::remove(root_ + "/port");
-    pid_ = Spawn(BaseArgs(), root_ + "/coordinator.log");
+    pid_ = Spawn(BaseArgs(), root_ + "/" + log);
     ASSERT_GT(pid_, 0);
     int port = 0;
     ASSERT_TRUE(Eventually([&] {
       return absl::SimpleAtoi(absl::StripAsciiWhitespace(Read(root_ + "/port")), &port) && port > 0;
-    })) << Read(root_ + "/coordinator.log");
+    })) << Read(root_ + "/" + log);
     auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
     jobs_ = JobService::NewStub(channel);
     workers_ = WorkerService::NewStub(channel);
@@ -323,6 +324,128 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   EXPECT_EQ(job.state(), JOB_STATE_RUNNING);
   EXPECT_EQ(job.tasks(0).state(), TASK_STATE_SUCCEEDED);
   EXPECT_EQ(job.tasks(1).state(), TASK_STATE_READY);
+}
+
+// The fold cache's dataset versions live in the database: after a restart (SIGTERM, or kill -9)
+// a submit of the unchanged data reuses the stored manifests without reading the dataset; a
+// file changed while the coordinator was down makes it build anew; deleting the jobs (the sweep
+// deletes their manifests) deletes the versions that named them, and the next submit builds.
+TEST_F(CoordinatorProcessTest, DatasetVersionsSurviveARestart) {
+  auto submit = [&]() {
+    SubmitJobRequest request;
+    request.set_pipeline_yaml(kPipeline);
+    request.set_source_path("pipe.yaml");
+    request.set_working_dir(root_);
+    SubmitJobResponse response;
+    const grpc::Status status = jobs_->SubmitJob(Ctx().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job_id();
+  };
+  auto stop = [&]() {  // SIGTERM: a clean stop, which also flushes the log
+    ASSERT_EQ(::kill(pid_, SIGTERM), 0);
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
+    pid_ = -1;
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  };
+  auto count = [&](const std::string& sql) {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2((root_ + "/aviary.db").c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+    int64_t n = -1;
+    if (sqlite3_step(stmt) == SQLITE_ROW) n = sqlite3_column_int64(stmt, 0);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return n;
+  };
+  auto reused = [&](const std::string& log) {  // the stages whose manifests a submit reused
+    std::vector<std::string> stages;
+    for (const char* stage : {"pretrain", "finetune"}) {
+      if (Read(root_ + "/" + log).find(absl::StrCat("stage ", stage, ": the dataset is unchanged since an earlier submit")) !=
+          std::string::npos) {
+        stages.push_back(stage);
+      }
+    }
+    return stages;
+  };
+  const std::vector<std::string> none, both{"pretrain", "finetune"};
+
+  StartAndConnect("first.log");
+  const std::string first = submit();
+  stop();
+  EXPECT_EQ(reused("first.log"), none);
+  EXPECT_EQ(count("SELECT count(*) FROM dataset_versions"), 2);  // pretrain and finetune
+  const int64_t manifests = count("SELECT count(*) FROM manifests");
+  EXPECT_EQ(manifests, 3);  // pretrain-f0, finetune-f0, finetune-f1
+
+  StartAndConnect("second.log");
+  const std::string second = submit();
+  stop();
+  EXPECT_EQ(reused("second.log"), both) << Read(root_ + "/second.log");
+  EXPECT_EQ(count("SELECT count(*) FROM manifests"), manifests);
+  EXPECT_EQ(count("SELECT count(DISTINCT manifest_hash) FROM tasks"), manifests);  // the second job shares them
+
+  // A killed coordinator keeps them too (they were committed with the first job).
+  StartAndConnect("third.log");
+  ASSERT_EQ(::kill(pid_, SIGKILL), 0);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  // The target's metadata rewritten (same bytes, a new ctime) while the coordinator is down:
+  // both stages read it, both are built anew.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the file clock's tick
+  const std::string metadata = root_ + "/t24/train_metadata.csv";
+  const std::string text = Read(metadata);
+  ASSERT_FALSE(text.empty());
+  std::ofstream(metadata, std::ios::trunc) << text;
+  StartAndConnect("fourth.log");
+  submit();
+  stop();
+  EXPECT_EQ(reused("fourth.log"), none) << Read(root_ + "/fourth.log");
+  EXPECT_EQ(count("SELECT count(*) FROM dataset_versions"), 2);  // replaced, same keys
+  EXPECT_EQ(count("SELECT count(*) FROM manifests"), manifests);  // same content
+
+  // Every job cancelled and deleted: their manifests are swept, and the versions naming them with them.
+  StartAndConnect("fifth.log");
+  ListJobsRequest list;
+  ListJobsResponse jobs;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), list, &jobs).ok());
+  ASSERT_EQ(jobs.jobs_size(), 3);
+  for (const JobInfo& job : jobs.jobs()) {
+    CancelJobRequest cancel;
+    cancel.set_job_id(job.job_id());
+    CancelJobResponse cancelled;
+    ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+    DeleteJobRequest request;
+    request.set_job_id(job.job_id());
+    DeleteJobResponse response;
+    const grpc::Status status = jobs_->DeleteJob(Ctx().get(), request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  stop();
+  EXPECT_EQ(count("SELECT count(*) FROM manifests"), 0);
+  EXPECT_EQ(count("SELECT count(*) FROM dataset_versions"), 0);
+  EXPECT_EQ(count("SELECT count(*) FROM dataset_version_manifests"), 0);
+  StartAndConnect("sixth.log");
+  const std::string after = submit();
+  ASSERT_FALSE(after.empty());
+  // Built anew and leasable with its manifest.
+  RegisterGroupRequest register_request;
+  register_request.set_world_size(1);
+  RegisterGroupResponse group;
+  ASSERT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
+  LeaseTaskRequest lease_request;
+  lease_request.set_group_id(group.group_id());
+  LeaseTaskResponse lease;
+  ASSERT_TRUE(workers_->LeaseTask(Ctx("proc-worker-token").get(), lease_request, &lease).ok());
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), after + "/pretrain-f0");
+  stop();
+  EXPECT_EQ(reused("sixth.log"), none) << Read(root_ + "/sixth.log");
+  EXPECT_EQ(count("SELECT count(*) FROM manifests"), manifests);
+  EXPECT_EQ(count("SELECT count(*) FROM dataset_versions"), 2);
+  (void)first;
+  (void)second;
 }
 
 }  // namespace

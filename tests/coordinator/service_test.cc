@@ -19,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1669,6 +1670,53 @@ TEST(FoldCacheTest, ChangedFilesDropTheVersionAndTheCacheIsBounded) {
 
 // `aviary prune` (JobService.PruneJobs): a dry run counts exactly what a real run then removes
 // and removes nothing; the real run drops the jobs' step points and manifest references and the
+// Leases that arrive together are decided together and committed in one transaction (group
+// commit): 12 groups (one of them asking twice at once) lease 3 READY tasks at the same instant;
+// each task goes to exactly one group, each group gets at most one task, the repeated request
+// gets the same answer, and the database agrees with the replies.
+TEST_F(CoordinatorServiceTest, ConcurrentLeasesEachTaskToOneGroup) {
+  Start();
+  std::set<std::string> ready;
+  for (int i = 0; i < 3; ++i) {
+    ready.insert(Submit({"stages.finetune.enabled=false", absl::StrCat("seed=", 40 + i)}) + "/pretrain-f0");
+  }
+  std::vector<std::string> groups;
+  for (int i = 0; i < 12; ++i) groups.push_back(Register());
+  groups.push_back(groups.front());  // the first group asks twice
+  std::vector<LeaseTaskResponse> replies(groups.size());
+  std::atomic<int> arrived{0};
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    threads.emplace_back([&, i] {
+      ++arrived;
+      while (arrived.load() < static_cast<int>(groups.size())) std::this_thread::yield();
+      replies[i] = Lease(groups[i]);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  std::map<std::string, std::string> holder;  // task -> group
+  for (size_t i = 0; i + 1 < groups.size(); ++i) {
+    if (!replies[i].available()) continue;
+    const std::string& task = replies[i].task().task_id();
+    EXPECT_TRUE(ready.count(task)) << task;
+    EXPECT_EQ(replies[i].task().attempt(), 1) << task;
+    EXPECT_TRUE(holder.emplace(task, groups[i]).second) << task << " leased twice";
+  }
+  EXPECT_EQ(holder.size(), 3u);
+  EXPECT_EQ(replies.back().available(), replies.front().available());
+  EXPECT_EQ(replies.back().task().task_id(), replies.front().task().task_id());
+  for (const auto& [task, group] : holder) {
+    EXPECT_EQ(GetJob(task.substr(0, task.find('/'))).tasks(0).group_id(), group) << task;
+    EXPECT_EQ(Lease(group).task().task_id(), task);  // a holder gets its task again
+  }
+  EXPECT_EQ(CountRows(absl::StrCat("SELECT count(*) FROM tasks WHERE state=", aviary::v1::TASK_STATE_LEASED)), 3);
+  EXPECT_EQ(CountRows(absl::StrCat("SELECT count(DISTINCT group_id) FROM tasks WHERE state=",
+                                   aviary::v1::TASK_STATE_LEASED)),
+            3);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM groups WHERE task_id != ''"), 3);
+  EXPECT_FALSE(Lease(Register()).available());
+}
+
 // manifests nobody refers to any more; state and history stay.
 TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
   config_.retention_days = 0;  // kept for ever unless pruned by hand

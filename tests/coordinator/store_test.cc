@@ -295,6 +295,110 @@ TEST_F(StoreTest, FailedTransactionLeavesNothing) {
   EXPECT_FALSE((*store)->Transaction([&] { return (*store)->UpdateTask(task); }).ok());
 }
 
+// The fold cache's dataset versions (schema 3): recorded with their manifests, read back after a
+// reopen, bounded to the most recent, refused when they name a manifest that is not stored, and
+// dropped by the sweep that deletes a manifest they name.
+TEST_F(StoreTest, DatasetVersionsSurviveReopenAndNeverNameAPrunedManifest) {
+  const std::string pool = "split,path,target\ntrain,/p/a.ogg,0\n";
+  const std::string target = "split,path,target\nvalid,/t/b.ogg,0\n";
+  auto version = [&](const std::string& key, int64_t created) {
+    DatasetVersionRow row;
+    row.key = key;
+    row.created_unix_ms = created;
+    row.stamps = "1 2 3 4 5 6 /data/xc\\n\n";
+    row.manifests = {{0, Sha256Hex(pool), static_cast<int64_t>(pool.size())},
+                     {3, Sha256Hex(target), static_cast<int64_t>(target.size())}};
+    return row;
+  };
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    const absl::Status missing = (*store)->PutDatasetVersion(version("k1", 1), 2);
+    EXPECT_EQ(missing.code(), absl::StatusCode::kFailedPrecondition) << missing;
+    EXPECT_NE(missing.message().find("refers to manifest " + Sha256Hex(pool) + ", which is not stored"),
+              std::string::npos)
+        << missing;
+    auto nothing = (*store)->LoadDatasetVersion("k1");
+    ASSERT_TRUE(nothing.ok()) << nothing.status();
+    EXPECT_FALSE(nothing->has_value());  // the refused version left no row
+    TaskRow a, b;
+    a.info.set_task_id("jaaaaaaaaaaaa/pretrain-f0");
+    a.info.set_job_id("jaaaaaaaaaaaa");
+    b.info.set_task_id("jbbbbbbbbbbbb/finetune-f3");
+    b.info.set_job_id("jbbbbbbbbbbbb");
+    ASSERT_TRUE((*store)->Transaction([&]() -> absl::Status {
+      AVIARY_RETURN_IF_ERROR((*store)->InsertTask(a, TaskPayload{pool, "", ""}, DeflateManifest(pool)));
+      AVIARY_RETURN_IF_ERROR((*store)->InsertTask(b, TaskPayload{target, "", ""}));
+      return (*store)->PutDatasetVersion(version("k1", 10), 2);
+    }).ok());
+    ASSERT_TRUE((*store)->PutDatasetVersion(version("k2", 20), 2).ok());
+    ASSERT_TRUE((*store)->PutDatasetVersion(version("k1", 30), 2).ok());  // replaces k1
+    auto pooled = (*store)->LoadManifest(Sha256Hex(pool));  // stored from its deflated bytes
+    ASSERT_TRUE(pooled.ok()) << pooled.status();
+    EXPECT_EQ(*pooled, pool);
+  }
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto k1 = (*store)->LoadDatasetVersion("k1");
+  ASSERT_TRUE(k1.ok()) << k1.status();
+  ASSERT_TRUE(k1->has_value());
+  EXPECT_EQ((*k1)->created_unix_ms, 30);
+  EXPECT_EQ((*k1)->stamps, version("k1", 30).stamps);
+  ASSERT_EQ((*k1)->manifests.size(), 2u);
+  EXPECT_EQ((*k1)->manifests[0].fold, 0);
+  EXPECT_EQ((*k1)->manifests[0].hash, Sha256Hex(pool));
+  EXPECT_EQ((*k1)->manifests[1].fold, 3);
+  EXPECT_EQ((*k1)->manifests[1].size, static_cast<int64_t>(target.size()));
+  // Two kept: a third pushes out the oldest recorded (k2, 20).
+  ASSERT_TRUE((*store)->PutDatasetVersion(version("k3", 40), 2).ok());
+  EXPECT_FALSE((*store)->LoadDatasetVersion("k2")->has_value());
+  EXPECT_TRUE((*store)->LoadDatasetVersion("k1")->has_value());
+  EXPECT_TRUE((*store)->LoadDatasetVersion("k3")->has_value());
+  // Pruning job b (the target's manifest) sweeps the manifest and both versions naming it.
+  int64_t points = 0, cleared = 0, swept = 0, bytes = 0;
+  ASSERT_TRUE((*store)->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR((*store)->PruneJob("jbbbbbbbbbbbb", &points, &cleared));
+    return (*store)->SweepManifests(&swept, &bytes);
+  }).ok());
+  EXPECT_EQ(swept, 1);
+  EXPECT_FALSE((*store)->LoadDatasetVersion("k1")->has_value());
+  EXPECT_FALSE((*store)->LoadDatasetVersion("k3")->has_value());
+  EXPECT_TRUE((*store)->LoadManifest(Sha256Hex(pool)).ok());  // job a still refers to it
+  ASSERT_TRUE((*store)->Close().ok());
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT (SELECT count(*) FROM dataset_versions) + "
+                                   "(SELECT count(*) FROM dataset_version_manifests)", -1, &stmt, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(stmt, 0), 0);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+}
+
+// A version-2 file (before the dataset versions) gains their tables at Open and keeps its rows.
+TEST_F(StoreTest, MigratesSchemaVersion2) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    TaskRow task;
+    task.info.set_task_id("jaaaaaaaaaaaa/pretrain-f0");
+    task.info.set_job_id("jaaaaaaaaaaaa");
+    ASSERT_TRUE((*store)->Transaction([&] { return (*store)->InsertTask(task, TaskPayload{"a,b\n", "", ""}); }).ok());
+  }
+  RawExec("DROP TABLE dataset_version_manifests; DROP TABLE dataset_versions; PRAGMA user_version=2;");
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_TRUE((*store)->LoadManifest(Sha256Hex("a,b\n")).ok());
+  auto none = (*store)->LoadDatasetVersion("k");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->has_value());
+  ASSERT_TRUE((*store)->Close().ok());
+  store = Store::Open(path_);  // the migrated file verifies as version 3
+  ASSERT_TRUE(store.ok()) << store.status();
+}
+
 TEST_F(StoreTest, UsesWalAndFullSync) {
   auto store = Store::Open(path_);
   ASSERT_TRUE(store.ok()) << store.status();
