@@ -275,6 +275,10 @@ struct Value {
   std::vector<ValuePtr> items;                      // tuple, list
   std::vector<std::pair<ValuePtr, ValuePtr>> dict;  // dict / OrderedDict, in order
   std::vector<int64_t> shape;                       // tensor
+  std::vector<int64_t> stride;                      // tensor
+  std::string storage;                              // storage, tensor: the record's key
+  int64_t storage_numel = 0;                        // tensor
+  int64_t offset = 0;                               // tensor: in elements
 };
 
 ValuePtr Make(Value::Kind kind) {
@@ -381,6 +385,7 @@ class Unpickler {
     auto v = Make(Value::Kind::kStorage);
     v->s = dtype;
     v->i = numel;
+    v->storage = key;
     return v;
   }
 
@@ -408,7 +413,11 @@ class Unpickler {
         if (size == 0) empty = true;
         if (size > 0) last += (size - 1) * stride;
         v->shape.push_back(size);
+        v->stride.push_back(stride);
       }
+      v->storage = args->items[0]->storage;
+      v->storage_numel = args->items[0]->i;
+      v->offset = args->items[1]->i;
       if (!empty && (args->items[1]->i < 0 || last >= args->items[0]->i)) {
         return Bad(absl::StrCat("tensor ", ShapeText(v->shape), " at offset ", args->items[1]->i,
                                 " reaches past its storage of ", args->items[0]->i, " elements"));
@@ -597,7 +606,8 @@ class Unpickler {
   std::map<uint64_t, ValuePtr> memo_;
 };
 
-// As worker/torch_pickle.cc's Flatten: string keys only; tensors kept, mappings recursed.
+// String keys only; tensors kept, mappings recursed (the worker's ReadTorchSaveTensors names
+// tensors by this too).
 // `budget` bounds the entries visited and `depth` the nesting (a memo can make a dict refer to
 // itself); false when either is spent.
 bool Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth) {
@@ -606,13 +616,15 @@ bool Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int
     if (--*budget < 0) return false;
     if (k->kind != Value::Kind::kString) continue;
     std::string name = prefix.empty() ? k->s : prefix + "." + k->s;
-    if (v->kind == Value::Kind::kTensor) out->push_back(TensorEntry{name, v->s, v->shape});
+    if (v->kind == Value::Kind::kTensor) {
+      out->push_back(TensorEntry{name, v->s, v->shape, v->storage, v->storage_numel, v->offset, v->stride});
+    }
     if (v->kind == Value::Kind::kDict && !Flatten(*v, name, out, budget, depth + 1)) return false;
   }
   return true;
 }
 
-absl::StatusOr<TensorIndex> ReadTorchSaveIndex(const File& file, const std::string& path) {
+absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::string& path) {
   absl::StatusOr<std::map<std::string, ZipEntry>> entries = ReadZipDirectory(file, path);
   if (!entries.ok()) return entries.status();
   // "<archive>/data.pkl" (the archive folder is named after the file by torch.save).
@@ -669,7 +681,13 @@ absl::StatusOr<TensorIndex> ReadTensorIndex(const std::string& path) {
     const uint64_t n = Le(*head, 0, 8);
     if (n > 1 && n <= (*file)->size() - 8 && (*head)[8] == '{') return ReadSafetensorsIndex(**file, path);
   }
-  return ReadTorchSaveIndex(**file, path);
+  return ReadTorchSaveArchive(**file, path);
+}
+
+absl::StatusOr<TensorIndex> ReadTorchSaveIndex(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<File>> file = File::Open(path);
+  if (!file.ok()) return file.status();
+  return ReadTorchSaveArchive(**file, path);
 }
 
 }  // namespace aviary::common

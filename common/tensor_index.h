@@ -29,7 +29,15 @@ struct TensorEntry {
   std::string name;
   std::string dtype;           // safetensors' names: F32, F64, F16, BF16, I64, I32, I16, I8, U8, BOOL
   std::vector<int64_t> shape;  // [] for a scalar
+  // Where a torch.save tensor's values lie (what worker/torch_pickle.cc reads them by; empty
+  // and 0 for safetensors): the archive's record data/<storage>, a storage of storage_numel
+  // elements of `dtype`, viewed from element storage_offset with `stride`.
+  std::string storage;
+  int64_t storage_numel = 0;
+  int64_t storage_offset = 0;
+  std::vector<int64_t> stride;
 
+  // Name, dtype and shape: what a file says to a model.
   bool operator==(const TensorEntry& o) const {
     return name == o.name && dtype == o.dtype && shape == o.shape;
   }
@@ -41,6 +49,8 @@ using TensorIndex = std::vector<TensorEntry>;
 // anything it cannot read (a truncated file, a legacy non-zip torch.save, a compressed entry,
 // an unknown pickle opcode, a top level that is not a mapping).
 absl::StatusOr<TensorIndex> ReadTensorIndex(const std::string& path);
+// The same for a file known to be a torch.save archive (the worker reads the values by it).
+absl::StatusOr<TensorIndex> ReadTorchSaveIndex(const std::string& path);
 
 // "[32, 3, 3, 3]".
 std::string ShapeText(const std::vector<int64_t>& shape);

@@ -1,8 +1,9 @@
 // Reads the tensors of a `torch.save` archive (the zip format PyTorch writes since 1.6) without
-// Python: a small unpickler for what state dicts contain (dicts, OrderedDicts, tuples, lists,
-// strings, numbers, persistent-id storages, torch._utils._rebuild_tensor_v2 and
-// _rebuild_parameter). torch's own C++ pickle_load maps OrderedDict to None, which loses every
-// state_dict() that Python writes, hence this reader.
+// Python: the pickle through common/tensor_index.h's small unpickler for what state dicts
+// contain (dicts, OrderedDicts, tuples, lists, strings, numbers, persistent-id storages,
+// torch._utils._rebuild_tensor_v2 and _rebuild_parameter), the one the coordinator checks
+// files with, and the storages through torch's zip reader. torch's own C++ pickle_load maps
+// OrderedDict to None, which loses every state_dict() that Python writes, hence this reader.
 //
 // Thread-compatible; no global state.
 #ifndef AVIARY_WORKER_TORCH_PICKLE_H_

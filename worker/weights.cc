@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/backbone_fit.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
@@ -149,13 +150,8 @@ std::string LoadReport::Summary() const {
   std::string s = absl::StrCat(loaded.size(), " tensors loaded");
   // The first few names of each list: a checkpoint of another model misses hundreds, and this
   // text reaches `aviary status` and `watch` (a task's error) whole.
-  constexpr size_t kShown = 4;
   auto list = [&](const char* what, const std::vector<std::string>& names) {
-    if (names.empty()) return;
-    const size_t shown = std::min(names.size(), kShown);
-    absl::StrAppend(&s, "; ", names.size(), " ", what, ": ",
-                    absl::StrJoin(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
-                    names.size() > shown ? absl::StrCat(", ... (", names.size() - shown, " more)") : "");
+    if (!names.empty()) absl::StrAppend(&s, "; ", names.size(), " ", what, ": ", common::FirstNames(names));
   };
   list("missing", missing);
   list("unexpected", unexpected);

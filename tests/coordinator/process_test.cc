@@ -135,6 +135,20 @@ class CoordinatorProcessTest : public ::testing::Test {
     return context;
   }
 
+  // Registers a one-rank group (its id in `*group_id`) and leases a task for it.
+  LeaseTaskResponse RegisterAndLease(std::string* group_id = nullptr) {
+    RegisterGroupRequest register_request;
+    register_request.set_world_size(1);
+    RegisterGroupResponse group;
+    EXPECT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
+    if (group_id != nullptr) *group_id = group.group_id();
+    LeaseTaskRequest lease_request;
+    lease_request.set_group_id(group.group_id());
+    LeaseTaskResponse lease;
+    EXPECT_TRUE(workers_->LeaseTask(Ctx("proc-worker-token").get(), lease_request, &lease).ok());
+    return lease;
+  }
+
   std::string root_;
   pid_t pid_ = -1;
   std::unique_ptr<JobService::Stub> jobs_;
@@ -256,14 +270,8 @@ TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
   SubmitJobResponse submitted;
   ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), submit, &submitted).ok());
   const std::string job_id = submitted.job_id();
-  RegisterGroupRequest register_request;
-  register_request.set_world_size(1);
   RegisterGroupResponse group;
-  ASSERT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
-  LeaseTaskRequest lease_request;
-  lease_request.set_group_id(group.group_id());
-  LeaseTaskResponse lease;
-  ASSERT_TRUE(workers_->LeaseTask(Ctx("proc-worker-token").get(), lease_request, &lease).ok());
+  const LeaseTaskResponse lease = RegisterAndLease(group.mutable_group_id());
   ASSERT_TRUE(lease.available());
   const std::string task_id = lease.task().task_id();
 
@@ -430,14 +438,7 @@ TEST_F(CoordinatorProcessTest, DatasetVersionsSurviveARestart) {
   const std::string after = submit();
   ASSERT_FALSE(after.empty());
   // Built anew and leasable with its manifest.
-  RegisterGroupRequest register_request;
-  register_request.set_world_size(1);
-  RegisterGroupResponse group;
-  ASSERT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
-  LeaseTaskRequest lease_request;
-  lease_request.set_group_id(group.group_id());
-  LeaseTaskResponse lease;
-  ASSERT_TRUE(workers_->LeaseTask(Ctx("proc-worker-token").get(), lease_request, &lease).ok());
+  const LeaseTaskResponse lease = RegisterAndLease();
   ASSERT_TRUE(lease.available());
   EXPECT_EQ(lease.task().task_id(), after + "/pretrain-f0");
   stop();
