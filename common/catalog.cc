@@ -1,5 +1,6 @@
 #include "common/catalog.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -9,8 +10,11 @@
 #include <string_view>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
@@ -39,36 +43,96 @@ bool FileExists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
-
-std::string JoinPath(const std::string& root, const std::string& rel) {
-  if (root.empty()) return rel;
-  if (root.back() == '/') return root + rel;
+std::string JoinPath(const std::string& root, absl::string_view rel) {
+  if (root.empty()) return std::string(rel);
+  if (root.back() == '/') return absl::StrCat(root, rel);
   return absl::StrCat(root, "/", rel);
 }
 
 // notebook: filepath.split('/')[-1].split('.')[0]
 std::string XcIdOf(const std::string& filepath) {
   size_t slash = filepath.rfind('/');
-  std::string base = slash == std::string::npos ? filepath : filepath.substr(slash + 1);
-  return base.substr(0, base.find('.'));
+  absl::string_view base = filepath;
+  if (slash != std::string::npos) base.remove_prefix(slash + 1);
+  return std::string(base.substr(0, base.find('.')));
 }
 
 struct SourceRow {
   Sample sample;
-  std::string relative_path;  // relative to the source root
+  uint32_t relative_from = 0;  // where the path relative to the source root starts in filepath
+  absl::string_view relative_path() const { return absl::string_view(sample.filepath).substr(relative_from); }
 };
 
-// FileExists for every row, on several threads: on a network filesystem each stat is a round
-// trip, and 150,000 of them one after another take minutes.
-std::vector<char> FilesExist(const std::vector<SourceRow>& rows) {
-  std::vector<char> exists(rows.size(), 0);
-  const size_t threads = std::min<size_t>(16, std::max<size_t>(1, rows.size() / 2048));
+// Folders with fewer wanted files than this are checked by stat, the others by one listing.
+constexpr size_t kListFolderFrom = 8;
+
+// FileExists of `paths[i]` for every i, answered a folder at a time: one listing of a folder
+// replaces a stat (a path walk in the kernel) per file, and the folders are read on several
+// threads (on a network filesystem each call is a round trip). A name the listing shows as a
+// regular file exists; a link or an entry of unknown type, and a name the listing lacks (a
+// case-insensitive filesystem), are asked of stat, so the answer is always stat's.
+std::vector<char> FilesExist(const std::vector<const std::string*>& paths) {
+  std::vector<char> exists(paths.size(), 0);
+  struct Folder {
+    std::string path;
+    std::vector<uint32_t> files;  // indices into `paths`
+  };
+  std::vector<Folder> folders;
+  std::vector<uint32_t> name_from(paths.size());  // where each path's file name starts
+  {
+    absl::flat_hash_map<std::string_view, size_t> index_of;  // views into `paths`
+    std::string_view last_folder;
+    size_t last_index = 0;
+    for (size_t i = 0; i < paths.size(); ++i) {
+      const std::string_view p = *paths[i];
+      const size_t slash = p.rfind('/');
+      name_from[i] = slash == std::string_view::npos ? 0 : static_cast<uint32_t>(slash + 1);
+      const std::string_view folder = slash == std::string_view::npos ? std::string_view(".")
+                                      : slash == 0                    ? std::string_view("/")
+                                                                      : p.substr(0, slash);
+      if (i == 0 || folder != last_folder) {  // rows come grouped by folder: one lookup a run
+        auto [it, added] = index_of.emplace(folder, folders.size());
+        if (added) folders.push_back(Folder{std::string(folder), {}});
+        last_folder = folder;
+        last_index = it->second;
+      }
+      folders[last_index].files.push_back(static_cast<uint32_t>(i));
+    }
+  }
+  auto check_folder = [&](const Folder& folder) {
+    DIR* dir = folder.files.size() < kListFolderFrom ? nullptr : ::opendir(folder.path.c_str());
+    if (dir == nullptr) {  // few files, or a folder that cannot be listed (stat may still answer)
+      for (uint32_t i : folder.files) exists[i] = FileExists(*paths[i]);
+      return;
+    }
+    // The listing: its names in one buffer, then a map from each name to its type.
+    std::string names;
+    std::vector<std::pair<size_t, unsigned char>> entries;  // end of the name in `names`, d_type
+    while (const dirent* entry = ::readdir(dir)) {
+      names.append(entry->d_name);
+      entries.emplace_back(names.size(), entry->d_type);
+    }
+    ::closedir(dir);
+    absl::flat_hash_map<absl::string_view, unsigned char> listed;  // views into `names`, now fixed
+    listed.reserve(entries.size());
+    size_t begin = 0;
+    for (const auto& [end, type] : entries) {
+      listed.emplace(absl::string_view(names).substr(begin, end - begin), type);
+      begin = end;
+    }
+    for (uint32_t i : folder.files) {
+      const auto it = listed.find(absl::string_view(*paths[i]).substr(name_from[i]));
+      if (it != listed.end() && it->second == DT_REG) {
+        exists[i] = 1;
+      } else if (it == listed.end() || it->second == DT_LNK || it->second == DT_UNKNOWN) {
+        exists[i] = FileExists(*paths[i]);
+      }
+    }
+  };
+  const size_t threads = std::min<size_t>(16, std::max<size_t>(1, folders.size() / 4));
   std::atomic<size_t> next{0};
   auto work = [&] {
-    constexpr size_t kChunk = 256;
-    for (size_t begin = next.fetch_add(kChunk); begin < rows.size(); begin = next.fetch_add(kChunk)) {
-      for (size_t i = begin; i < std::min(rows.size(), begin + kChunk); ++i) exists[i] = FileExists(rows[i].sample.filepath);
-    }
+    for (size_t f = next.fetch_add(1); f < folders.size(); f = next.fetch_add(1)) check_folder(folders[f]);
   };
   std::vector<std::thread> pool;
   for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
@@ -87,43 +151,54 @@ absl::StatusOr<std::vector<SourceRow>> ReadSource(const SourceConfig& source,
   report->layout = source.layout;
   report->root = source.root;
   report->metadata_path = JoinPath(source.root, spec.metadata_file);
-  // Only the columns used: the xc metadata has 30-odd columns, of which five matter here.
-  const std::vector<std::string> columns{spec.label_column, "filename", "secondary_labels", "author", "rating"};
-  auto table_or = CsvTable::ReadFile(report->metadata_path, &columns);
-  if (!table_or.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        key, " (layout ", source.layout, ", root '", source.root,
-        "'): cannot read metadata: ", table_or.status().message()));
-  }
-  const CsvTable& table = *table_or;
-  AVIARY_ASSIGN_OR_RETURN(size_t label_col, table.RequireColumn(spec.label_column));
-  AVIARY_ASSIGN_OR_RETURN(size_t filename_col, table.RequireColumn("filename"));
-  auto secondary_col = table.ColumnIndex("secondary_labels");
-  auto author_col = table.ColumnIndex("author");
-  auto rating_col = table.ColumnIndex("rating");
+  auto cannot_read = [&](const absl::Status& status) {
+    return absl::InvalidArgumentError(absl::StrCat(key, " (layout ", source.layout, ", root '", source.root,
+                                                   "'): cannot read metadata: ", status.message()));
+  };
+  absl::StatusOr<MappedFile> file = MappedFile::Open(report->metadata_path);
+  if (!file.ok()) return cannot_read(file.status());
+  const absl::string_view text = file->contents();
+  // Rows are read as views into the file (no table of strings): the xc metadata has 30-odd
+  // columns, of which five matter here.
+  absl::StatusOr<CsvRowReader> reader = CsvRowReader::Open(text, report->metadata_path);
+  if (!reader.ok()) return cannot_read(reader.status());
+  AVIARY_ASSIGN_OR_RETURN(size_t label_col, reader->RequireColumn(spec.label_column));
+  AVIARY_ASSIGN_OR_RETURN(size_t filename_col, reader->RequireColumn("filename"));
+  auto secondary_col = reader->ColumnIndex("secondary_labels");
+  auto author_col = reader->ColumnIndex("author");
+  auto rating_col = reader->ColumnIndex("rating");
 
   std::vector<SourceRow> rows;
-  rows.reserve(table.num_rows());
-  report->rows_read = static_cast<int>(table.num_rows());
-  for (size_t i = 0; i < table.num_rows(); ++i) {
-    const auto& r = table.row(i);
-    SourceRow row;
+  rows.reserve(static_cast<size_t>(std::count(text.begin(), text.end(), '\n')));
+  const std::string metadata_prefix = absl::StrCat(report->metadata_path, ":");
+  const std::string root_prefix = JoinPath(source.root, "");  // "" or the root with one '/' after it
+  std::vector<absl::string_view> fields;
+  int line = 0;
+  while (true) {
+    absl::StatusOr<bool> more = reader->Next(&fields, &line);
+    if (!more.ok()) return cannot_read(more.status());
+    if (!*more) break;
+    SourceRow& row = rows.emplace_back();
     Sample& s = row.sample;
-    s.primary_label = r[label_col];
+    s.primary_label = std::string(fields[label_col]);
     s.source = source.layout;
-    s.metadata = absl::StrCat(report->metadata_path, ":", table.line(i));
-    row.relative_path = RelativeAudioPath(layout, s.primary_label, r[filename_col]);
-    s.filepath = JoinPath(source.root, row.relative_path);
+    s.metadata = absl::StrCat(metadata_prefix, line);
+    // JoinPath(root, RelativeAudioPath(...)) in one string.
+    s.filepath.reserve(root_prefix.size() + 32 + s.primary_label.size() + fields[filename_col].size());
+    s.filepath = root_prefix;
+    row.relative_from = static_cast<uint32_t>(root_prefix.size());
+    AppendRelativeAudioPath(layout, s.primary_label, fields[filename_col], &s.filepath);
     s.xc_id = XcIdOf(s.filepath);
-    if (author_col) s.author = r[*author_col];
-    if (rating_col) {
+    if (author_col) s.author = std::string(fields[*author_col]);
+    if (rating_col && !fields[*rating_col].empty()) {
+      // strtod needs a terminated string; ratings are short.
+      const std::string text_value(fields[*rating_col]);
       char* end = nullptr;
-      const std::string& text = r[*rating_col];
-      double v = std::strtod(text.c_str(), &end);
-      if (end != text.c_str()) s.rating = v;
+      double v = std::strtod(text_value.c_str(), &end);
+      if (end != text_value.c_str()) s.rating = v;
     }
-    if (secondary_col) {
-      auto parsed = ParsePythonStringList(r[*secondary_col]);
+    if (secondary_col && fields[*secondary_col] != "[]") {  // "[]", the common case, at once
+      auto parsed = ParsePythonStringList(fields[*secondary_col]);
       if (parsed.ok()) {
         s.secondary_labels = std::move(*parsed);
       } else {
@@ -134,8 +209,8 @@ absl::StatusOr<std::vector<SourceRow>> ReadSource(const SourceConfig& source,
         ++report->bad_secondary_labels;
       }
     }
-    rows.push_back(std::move(row));
   }
+  report->rows_read = static_cast<int>(rows.size());
   return rows;
 }
 
@@ -158,34 +233,45 @@ std::vector<SourceRead> ReadSources(const std::vector<std::pair<const SourceConf
 
 // The deduplication key (xc_id, primary_label, author) as views into a row that outlives it.
 struct DedupKey {
-  std::string_view xc_id, label, author;
+  absl::string_view xc_id, label, author;
   bool operator==(const DedupKey& o) const { return xc_id == o.xc_id && label == o.label && author == o.author; }
-};
-struct DedupKeyHash {
-  size_t operator()(const DedupKey& k) const {
-    const std::hash<std::string_view> h;
-    size_t seed = h(k.xc_id);
-    seed ^= h(k.label) + 0x9e3779b97f4a7c15ULL + (seed << 6) + (seed >> 2);
-    seed ^= h(k.author) + 0x9e3779b97f4a7c15ULL + (seed << 6) + (seed >> 2);
-    return seed;
+  template <typename H>
+  friend H AbslHashValue(H h, const DedupKey& k) {
+    return H::combine(std::move(h), k.xc_id, k.label, k.author);
   }
 };
 
-// Drops rows whose file is missing or whose label is empty, counting per source.
-std::vector<Sample> DropUnusable(std::vector<SourceRow> rows,
-                                 std::vector<SourceReport>& reports,
-                                 const std::vector<int>& report_of_row) {
-  const std::vector<char> exists = FilesExist(rows);
-  std::vector<Sample> kept;
-  kept.reserve(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) {
-    SourceReport& rep = reports[report_of_row[i]];
-    Sample& s = rows[i].sample;
+// A row of one of the sources' row lists.
+struct RowRef {
+  uint32_t source;
+  uint32_t row;
+};
+
+// The samples of `candidates` (rows in `sources`, in order) that have a label and an existing
+// file, moved out of `sources`; the others are counted (and the missing files named) in
+// `reports[source]`.
+std::vector<Sample> DropUnusable(std::vector<std::vector<SourceRow>>& sources, const std::vector<RowRef>& candidates,
+                                 std::vector<SourceReport>& reports) {
+  std::vector<RowRef> labelled;
+  std::vector<const std::string*> paths;
+  labelled.reserve(candidates.size());
+  paths.reserve(candidates.size());
+  for (const RowRef& ref : candidates) {
+    const Sample& s = sources[ref.source][ref.row].sample;
     if (s.primary_label.empty()) {
-      ++rep.empty_label_dropped;
+      ++reports[ref.source].empty_label_dropped;
       Log().Warn(absl::StrCat(s.metadata, ": empty label, row dropped"));
       continue;
     }
+    labelled.push_back(ref);
+    paths.push_back(&s.filepath);
+  }
+  const std::vector<char> exists = FilesExist(paths);
+  std::vector<Sample> kept;
+  kept.reserve(static_cast<size_t>(std::count(exists.begin(), exists.end(), 1)));
+  for (size_t i = 0; i < labelled.size(); ++i) {
+    SourceReport& rep = reports[labelled[i].source];
+    Sample& s = sources[labelled[i].source][labelled[i].row].sample;
     if (!exists[i]) {
       ++rep.missing_file_dropped;
       if (static_cast<int>(rep.missing_examples.size()) < kMaxMissingExamples) {
@@ -209,18 +295,21 @@ std::vector<Sample> DropUnusable(std::vector<SourceRow> rows,
 }
 
 absl::Status AssignLabelsAndFolds(const PipelineConfig& config, StageTable* table) {
-  std::set<std::string> classes;
-  for (const Sample& s : table->samples) classes.insert(s.primary_label);
-  table->class_names.assign(classes.begin(), classes.end());
+  // The classes, sorted (byte order, as Python sorts str): counted in a hash map, then sorted.
+  absl::flat_hash_map<absl::string_view, int> index_of;  // views into the samples
+  for (const Sample& s : table->samples) index_of.emplace(s.primary_label, 0);
+  for (const auto& [name, index] : index_of) table->class_names.emplace_back(name);
+  std::sort(table->class_names.begin(), table->class_names.end());
   for (size_t i = 0; i < table->class_names.size(); ++i) {
-    table->name2label[table->class_names[i]] = static_cast<int>(i);
+    table->name2label.emplace_hint(table->name2label.end(), table->class_names[i], static_cast<int>(i));
+    index_of[table->class_names[i]] = static_cast<int>(i);
   }
   std::vector<std::string> labels;
   labels.reserve(table->samples.size());
   for (Sample& s : table->samples) {
-    s.target = table->name2label.at(s.primary_label);
+    s.target = index_of.at(s.primary_label);
     for (const auto& sl : s.secondary_labels) {
-      if (!table->name2label.count(sl)) ++table->unknown_secondary_labels;
+      if (!index_of.contains(sl)) ++table->unknown_secondary_labels;
     }
     labels.push_back(s.primary_label);
   }
@@ -271,114 +360,147 @@ absl::StatusOr<std::vector<std::string>> ReadCorruptFileList(const std::string& 
   return out;
 }
 
-absl::StatusOr<StageTable> BuildStageTable(const PipelineConfig& config,
-                                           const std::string& stage) {
-  StageTable table;
-  table.stage = stage;
-  if (stage == "finetune") {
-    table.n_splits = config.folds.finetune_splits;
-    table.sources.emplace_back();
-    AVIARY_ASSIGN_OR_RETURN(auto rows,
-                            ReadSource(config.data.target, "data.target", &table.sources[0]));
-    std::vector<int> report_of_row(rows.size(), 0);
-    table.samples = DropUnusable(std::move(rows), table.sources, report_of_row);
-  } else if (stage == "pretrain") {
-    table.n_splits = config.folds.pretrain_splits;
-    if (config.data.pretrain_sources.empty()) {
-      return absl::InvalidArgumentError(
-          "stage 'pretrain' needs data.pretrain_sources, which is empty");
-    }
-    // The target and every source, read at once; errors reported in this order.
-    std::vector<std::pair<const SourceConfig*, std::string>> to_read{{&config.data.target, "data.target"}};
-    for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
-      to_read.emplace_back(&config.data.pretrain_sources[i], absl::StrCat("data.pretrain_sources.", i));
-    }
-    std::vector<SourceRead> reads = ReadSources(to_read);
-    // Target xc_ids, for the exclusion of recordings the fine-tuning set also holds.
-    AVIARY_RETURN_IF_ERROR(reads[0].rows.status());
-    std::unordered_set<std::string> target_ids;
-    for (const auto& r : *reads[0].rows) target_ids.insert(r.sample.xc_id);
+namespace {
 
-    // Corrupt-file list: match the full path, or a path that ends with the row's
-    // source-relative path (lists written on another machine, e.g. /kaggle/input/...).
-    std::unordered_set<std::string> corrupt_exact, corrupt_suffix;
-    if (!config.data.corrupt_files.empty()) {
-      AVIARY_ASSIGN_OR_RETURN(auto corrupt, ReadCorruptFileList(config.data.corrupt_files));
-      for (const auto& p : corrupt) {
-        corrupt_exact.insert(p);
-        for (size_t pos = p.find('/'); pos != std::string::npos; pos = p.find('/', pos + 1)) {
-          corrupt_suffix.insert(p.substr(pos + 1));
-        }
+// The pretraining table from the sources' rows (`target_ids`: the target's xc_ids).
+absl::StatusOr<StageTable> BuildPretrainTable(const PipelineConfig& config, std::vector<SourceRead> reads,
+                                              const absl::flat_hash_set<std::string>& target_ids) {
+  StageTable table;
+  table.stage = "pretrain";
+  table.n_splits = config.folds.pretrain_splits;
+  // Corrupt-file list: match the full path, or a path that ends with the row's
+  // source-relative path (lists written on another machine, e.g. /kaggle/input/...).
+  absl::flat_hash_set<std::string> corrupt_exact, corrupt_suffix;
+  if (!config.data.corrupt_files.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(auto corrupt, ReadCorruptFileList(config.data.corrupt_files));
+    for (const auto& p : corrupt) {
+      corrupt_exact.insert(p);
+      for (size_t pos = p.find('/'); pos != std::string::npos; pos = p.find('/', pos + 1)) {
+        corrupt_suffix.insert(p.substr(pos + 1));
       }
     }
+  }
 
-    size_t pool_size = 0;
-    for (size_t i = 1; i < reads.size(); ++i) {
-      AVIARY_RETURN_IF_ERROR(reads[i].rows.status());
-      pool_size += reads[i].rows->size();
-    }
-    std::vector<SourceRow> pool;
-    std::vector<int> report_of_row;
-    pool.reserve(pool_size);
-    report_of_row.reserve(pool_size);
-    for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
-      const SourceConfig& src = config.data.pretrain_sources[i];
-      table.sources.push_back(std::move(reads[i + 1].report));
-      SourceReport& rep = table.sources.back();
-      std::vector<SourceRow> rows = *std::move(reads[i + 1].rows);
-      for (auto& r : rows) {
-        if (src.layout == "2021" &&
-            std::any_of(std::begin(kKnownAllZero2021), std::end(kKnownAllZero2021),
-                        [&](const char* p) { return r.relative_path == p; })) {
+  // The pool is concat(sources) in config order, walked in place (no copy of its rows):
+  // the known all-zero files of 2021; the deduplication on (xc_id, primary_label, author),
+  // keeping the first; then the target and corrupt-list exclusions, in the notebook's order.
+  std::vector<std::vector<SourceRow>> sources;
+  size_t pool_size = 0;
+  for (SourceRead& read : reads) {
+    AVIARY_RETURN_IF_ERROR(read.rows.status());
+    table.sources.push_back(std::move(read.report));
+    sources.push_back(*std::move(read.rows));
+    pool_size += sources.back().size();
+  }
+  std::vector<RowRef> candidates;
+  candidates.reserve(pool_size);
+  {
+    // Views into `sources`, whose rows do not move before the set is gone.
+    absl::flat_hash_set<DedupKey> seen;
+    seen.reserve(pool_size);
+    for (size_t i = 0; i < sources.size(); ++i) {
+      const bool is_2021 = config.data.pretrain_sources[i].layout == "2021";
+      SourceReport& rep = table.sources[i];
+      for (size_t r = 0; r < sources[i].size(); ++r) {
+        const SourceRow& row = sources[i][r];
+        const Sample& s = row.sample;
+        if (is_2021 && std::any_of(std::begin(kKnownAllZero2021), std::end(kKnownAllZero2021),
+                                   [&](const char* p) { return row.relative_path() == p; })) {
           ++rep.corrupt_dropped;
           continue;
         }
-        pool.push_back(std::move(r));
-        report_of_row.push_back(static_cast<int>(i));
+        if (!seen.insert(DedupKey{s.xc_id, s.primary_label, s.author}).second) {
+          ++rep.duplicates_dropped;
+          continue;
+        }
+        if (target_ids.contains(s.xc_id)) {
+          ++rep.target_overlap_dropped;
+          continue;
+        }
+        if (!corrupt_exact.empty() &&
+            (corrupt_exact.contains(s.filepath) || corrupt_exact.contains(row.relative_path()) ||
+             corrupt_suffix.contains(row.relative_path()))) {
+          ++rep.corrupt_dropped;
+          continue;
+        }
+        candidates.push_back(RowRef{static_cast<uint32_t>(i), static_cast<uint32_t>(r)});
       }
     }
-    // Deduplicate on (xc_id, primary_label, author), keep first; then the target and corrupt
-    // exclusions, in the notebook's order.
-    // Views into `pool`, whose rows do not move before the set is gone.
-    std::vector<char> duplicate(pool.size(), 0);
-    {
-      std::unordered_set<DedupKey, DedupKeyHash> seen;
-      seen.reserve(pool.size());
-      for (size_t i = 0; i < pool.size(); ++i) {
-        const Sample& s = pool[i].sample;
-        duplicate[i] = !seen.insert(DedupKey{s.xc_id, s.primary_label, s.author}).second;
-      }
-    }
-    std::vector<SourceRow> filtered;
-    std::vector<int> filtered_report;
-    filtered.reserve(pool.size());
-    filtered_report.reserve(pool.size());
-    for (size_t i = 0; i < pool.size(); ++i) {
-      Sample& s = pool[i].sample;
-      SourceReport& rep = table.sources[report_of_row[i]];
-      if (duplicate[i]) {
-        ++rep.duplicates_dropped;
-        continue;
-      }
-      if (target_ids.count(s.xc_id)) {
-        ++rep.target_overlap_dropped;
-        continue;
-      }
-      if (corrupt_exact.count(s.filepath) || corrupt_exact.count(pool[i].relative_path) ||
-          corrupt_suffix.count(pool[i].relative_path)) {
-        ++rep.corrupt_dropped;
-        continue;
-      }
-      filtered.push_back(std::move(pool[i]));
-      filtered_report.push_back(report_of_row[i]);
-    }
-    table.samples = DropUnusable(std::move(filtered), table.sources, filtered_report);
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown stage '", stage, "' (expected pretrain or finetune)"));
   }
+  table.samples = DropUnusable(sources, candidates, table.sources);
   AVIARY_RETURN_IF_ERROR(AssignLabelsAndFolds(config, &table));
   return table;
+}
+
+// The fine-tuning table from the target's rows.
+absl::StatusOr<StageTable> BuildFinetuneTable(const PipelineConfig& config, SourceRead read) {
+  StageTable table;
+  table.stage = "finetune";
+  table.n_splits = config.folds.finetune_splits;
+  AVIARY_RETURN_IF_ERROR(read.rows.status());
+  table.sources.push_back(std::move(read.report));
+  std::vector<std::vector<SourceRow>> rows;
+  rows.push_back(*std::move(read.rows));
+  std::vector<RowRef> all(rows[0].size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = RowRef{0, static_cast<uint32_t>(i)};
+  table.samples = DropUnusable(rows, all, table.sources);
+  AVIARY_RETURN_IF_ERROR(AssignLabelsAndFolds(config, &table));
+  return table;
+}
+
+}  // namespace
+
+std::vector<absl::StatusOr<StageTable>> BuildStageTables(const PipelineConfig& config,
+                                                         const std::vector<std::string>& stages) {
+  std::vector<absl::StatusOr<StageTable>> out(stages.size(), absl::UnknownError("not built"));
+  int pretrain = -1, finetune = -1;
+  for (size_t i = 0; i < stages.size(); ++i) {
+    if (stages[i] == "pretrain" && pretrain < 0) {
+      pretrain = static_cast<int>(i);
+    } else if (stages[i] == "finetune" && finetune < 0) {
+      finetune = static_cast<int>(i);
+    } else {
+      out[i] = absl::InvalidArgumentError(absl::StrCat("unknown stage '", stages[i], "' (expected pretrain or finetune)"));
+    }
+  }
+  if (pretrain >= 0 && config.data.pretrain_sources.empty()) {
+    out[pretrain] = absl::InvalidArgumentError("stage 'pretrain' needs data.pretrain_sources, which is empty");
+    pretrain = -1;
+  }
+  if (pretrain < 0 && finetune < 0) return out;
+  // The target and (for pretraining) every source, read at once; errors reported in this order.
+  std::vector<std::pair<const SourceConfig*, std::string>> to_read{{&config.data.target, "data.target"}};
+  if (pretrain >= 0) {
+    for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
+      to_read.emplace_back(&config.data.pretrain_sources[i], absl::StrCat("data.pretrain_sources.", i));
+    }
+  }
+  std::vector<SourceRead> reads = ReadSources(to_read);
+  if (!reads[0].rows.ok()) {
+    if (pretrain >= 0) out[pretrain] = reads[0].rows.status();
+    if (finetune >= 0) out[finetune] = reads[0].rows.status();
+    return out;
+  }
+  SourceRead target = std::move(reads[0]);
+  reads.erase(reads.begin());
+  // Target xc_ids (of every row, as the notebook takes them), for the exclusion of recordings
+  // the fine-tuning set also holds; then both stages at once.
+  absl::flat_hash_set<std::string> target_ids;
+  if (pretrain >= 0) {
+    target_ids.reserve(target.rows->size());
+    for (const SourceRow& r : *target.rows) target_ids.insert(r.sample.xc_id);
+  }
+  std::thread finetune_builder;
+  if (finetune >= 0) {
+    finetune_builder = std::thread([&] { out[finetune] = BuildFinetuneTable(config, std::move(target)); });
+  }
+  if (pretrain >= 0) out[pretrain] = BuildPretrainTable(config, std::move(reads), target_ids);
+  if (finetune_builder.joinable()) finetune_builder.join();
+  return out;
+}
+
+absl::StatusOr<StageTable> BuildStageTable(const PipelineConfig& config, const std::string& stage) {
+  return std::move(BuildStageTables(config, {stage})[0]);
 }
 
 absl::StatusOr<TrainList> BuildTrainList(const PipelineConfig& config, const StageTable& table,
@@ -408,24 +530,30 @@ absl::StatusOr<TrainList> BuildTrainList(const PipelineConfig& config, const Sta
 }
 
 absl::Status WriteFoldsCsv(const StageTable& table, const std::string& path) {
-  std::ostringstream out;
-  WriteCsvRow(out, {"filename", "primary_label", "fold", "cv"});
+  // One string, not a stream of rows: a pool has ~140,000.
+  std::string out = "filename,primary_label,fold,cv\n";
+  out.reserve(table.samples.size() * 96);
   for (const Sample& s : table.samples) {
-    WriteCsvRow(out, {s.filepath, s.primary_label, std::to_string(s.fold),
-                      s.cv ? "True" : "False"});
+    AppendCsvField(&out, s.filepath);
+    out.push_back(',');
+    AppendCsvField(&out, s.primary_label);
+    absl::StrAppend(&out, ",", s.fold, s.cv ? ",True\n" : ",False\n");
   }
-  return WriteFileAtomically(path, out.str());
+  return WriteFileAtomically(path, out);
 }
 
 absl::Status WriteTrainListCsv(const StageTable& table, const std::vector<size_t>& rows,
                                const std::string& path) {
-  std::ostringstream out;
-  WriteCsvRow(out, {"filename", "primary_label", "target"});
+  std::string out = "filename,primary_label,target\n";
+  out.reserve(rows.size() * 96);
   for (size_t r : rows) {
     const Sample& s = table.samples[r];
-    WriteCsvRow(out, {s.filepath, s.primary_label, std::to_string(s.target)});
+    AppendCsvField(&out, s.filepath);
+    out.push_back(',');
+    AppendCsvField(&out, s.primary_label);
+    absl::StrAppend(&out, ",", s.target, "\n");
   }
-  return WriteFileAtomically(path, out.str());
+  return WriteFileAtomically(path, out);
 }
 
 }  // namespace aviary::common

@@ -68,6 +68,10 @@ struct StageTable {
 // missing metadata file or column (naming the file), an empty pretraining source list, or
 // folds that cannot be made (every class smaller than n_splits).
 absl::StatusOr<StageTable> BuildStageTable(const PipelineConfig& config, const std::string& stage);
+// The tables of several stages (in the order of `stages`, each with its own outcome), built at
+// once from one read of each file: both stages read the target.
+std::vector<absl::StatusOr<StageTable>> BuildStageTables(const PipelineConfig& config,
+                                                         const std::vector<std::string>& stages);
 
 // The fold's training rows (indices into table.samples) after cv_filter, upsample and (for
 // pretraining) downsample, before shuffling; and its validation rows.

@@ -15,137 +15,196 @@
 
 namespace aviary::common {
 
-std::optional<size_t> CsvTable::ColumnIndex(absl::string_view name) const {
-  for (size_t i = 0; i < header_.size(); ++i) {
-    if (header_[i] == name) return i;
+namespace {
+
+std::optional<size_t> IndexIn(const std::vector<std::string>& header, absl::string_view name) {
+  for (size_t i = 0; i < header.size(); ++i) {
+    if (header[i] == name) return i;
   }
   return std::nullopt;
 }
 
+absl::Status MissingColumn(absl::string_view source, absl::string_view name,
+                           const std::vector<std::string>& file_header) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(source, ": missing column '", name, "' (columns: ", absl::StrJoin(file_header, ","), ")"));
+}
+
+}  // namespace
+
+std::optional<size_t> CsvTable::ColumnIndex(absl::string_view name) const { return IndexIn(header_, name); }
+
 absl::StatusOr<size_t> CsvTable::RequireColumn(absl::string_view name) const {
   if (auto i = ColumnIndex(name)) return *i;
-  return absl::InvalidArgumentError(absl::StrCat(source_, ": missing column '", name,
-                                                 "' (columns: ", absl::StrJoin(file_header_, ","), ")"));
+  return MissingColumn(source_, name, file_header_);
+}
+
+std::optional<size_t> CsvRowReader::ColumnIndex(absl::string_view name) const { return IndexIn(header_, name); }
+
+absl::StatusOr<size_t> CsvRowReader::RequireColumn(absl::string_view name) const {
+  if (auto i = ColumnIndex(name)) return *i;
+  return MissingColumn(source_, name, header_);
+}
+
+namespace {
+
+// The characters that end an unquoted run: separator, quote, line ends.
+struct SpecialChars {
+  bool is[256] = {};
+  constexpr SpecialChars() {
+    is[static_cast<unsigned char>(',')] = true;
+    is[static_cast<unsigned char>('"')] = true;
+    is[static_cast<unsigned char>('\r')] = true;
+    is[static_cast<unsigned char>('\n')] = true;
+  }
+};
+constexpr SpecialChars kSpecial;
+
+size_t EndOfRun(absl::string_view text, size_t pos) {
+  while (pos < text.size() && !kSpecial.is[static_cast<unsigned char>(text[pos])]) ++pos;
+  return pos;
+}
+
+}  // namespace
+
+absl::StatusOr<CsvRowReader> CsvRowReader::Open(absl::string_view text, std::string source_name) {
+  if (text.size() >= 3 && text.substr(0, 3) == "\xEF\xBB\xBF") text.remove_prefix(3);
+  CsvRowReader reader(text, std::move(source_name));
+  std::vector<absl::string_view> fields;
+  int line = 0;
+  AVIARY_ASSIGN_OR_RETURN(bool have_header, reader.NextFields(&fields, &line));
+  if (!have_header) {
+    return absl::InvalidArgumentError(absl::StrCat(reader.source_, ": empty CSV (no header)"));
+  }
+  for (absl::string_view field : fields) reader.header_.emplace_back(field);
+  return reader;
+}
+
+absl::StatusOr<bool> CsvRowReader::Next(std::vector<absl::string_view>* fields, int* line) {
+  AVIARY_ASSIGN_OR_RETURN(bool more, NextFields(fields, line));
+  if (more && fields->size() != header_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(source_, ":", *line, ": expected ", header_.size(),
+                                                   " fields (as the header), got ", fields->size()));
+  }
+  return more;
+}
+
+absl::StatusOr<bool> CsvRowReader::NextFields(std::vector<absl::string_view>* fields, int* line) {
+  fields->clear();
+  const size_t n = text_.size();
+  // Blank lines (nothing at all before the line end) are no rows.
+  while (pos_ < n && (text_[pos_] == '\r' || text_[pos_] == '\n')) {
+    if (text_[pos_] == '\r' && pos_ + 1 < n && text_[pos_ + 1] == '\n') ++pos_;
+    ++pos_;
+    ++line_;
+  }
+  if (pos_ >= n) return false;
+  const int row_line = line_;
+  while (true) {
+    absl::string_view value;
+    AVIARY_RETURN_IF_ERROR(ReadField(fields->size(), row_line, &value));
+    fields->push_back(value);
+    if (pos_ >= n) break;
+    const char c = text_[pos_++];
+    if (c == ',') {
+      if (pos_ < n) continue;
+      fields->push_back(absl::string_view());  // "a," at the end of the text: a last empty field
+      break;
+    }
+    if (c == '\r' && pos_ < n && text_[pos_] == '\n') ++pos_;  // '\r', '\n' or "\r\n"
+    ++line_;
+    break;
+  }
+  *line = row_line;
+  return true;
+}
+
+absl::Status CsvRowReader::ReadField(size_t index, int row_line, absl::string_view* value) {
+  const size_t n = text_.size();
+  if (pos_ >= n || text_[pos_] != '"') {
+    const size_t end = EndOfRun(text_, pos_);
+    if (end < n && text_[end] == '"') {
+      return absl::InvalidArgumentError(absl::StrCat(source_, ":", line_, ": quote inside an unquoted field '",
+                                                     text_.substr(pos_, end - pos_), "\"'"));
+    }
+    *value = text_.substr(pos_, end - pos_);
+    pos_ = end;
+    return absl::OkStatus();
+  }
+  // Quoted: up to the closing quote, "" standing for one quote; newlines are part of the value.
+  std::string* copy = nullptr;  // the value when it is not one run of the text
+  size_t begin = ++pos_;
+  while (true) {
+    const size_t quote = text_.find('"', pos_);
+    if (quote == absl::string_view::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(source_, ":", row_line, ": unterminated quoted field"));
+    }
+    line_ += static_cast<int>(std::count(text_.begin() + pos_, text_.begin() + quote, '\n'));
+    if (quote + 1 < n && text_[quote + 1] == '"') {  // an escaped quote
+      if (copy == nullptr) {
+        while (unescaped_.size() <= index) unescaped_.emplace_back();
+        copy = &unescaped_[index];
+        copy->clear();
+      }
+      copy->append(text_.data() + begin, quote + 1 - begin);
+      pos_ = begin = quote + 2;
+      continue;
+    }
+    pos_ = quote + 1;
+    if (copy == nullptr) {
+      *value = text_.substr(begin, quote - begin);
+    } else {
+      copy->append(text_.data() + begin, quote - begin);
+    }
+    break;
+  }
+  // Text after the closing quote belongs to the field too (as pandas reads it); a quote in it
+  // is an error.
+  const size_t end = EndOfRun(text_, pos_);
+  if (end == pos_) {
+    if (copy != nullptr) *value = *copy;
+    return absl::OkStatus();
+  }
+  if (copy == nullptr) {
+    while (unescaped_.size() <= index) unescaped_.emplace_back();
+    copy = &unescaped_[index];
+    copy->assign(value->data(), value->size());
+  }
+  copy->append(text_.data() + pos_, end - pos_);
+  pos_ = end;
+  if (pos_ < n && text_[pos_] == '"') {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source_, ":", line_, ": quote inside an unquoted field '", *copy, "\"'"));
+  }
+  *value = *copy;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string source_name,
                                          const std::vector<std::string>* columns) {
+  AVIARY_ASSIGN_OR_RETURN(CsvRowReader reader, CsvRowReader::Open(text, std::move(source_name)));
   CsvTable table;
-  table.source_ = std::move(source_name);
-  if (text.size() >= 3 && text.substr(0, 3) == "\xEF\xBB\xBF") text.remove_prefix(3);
-
-  std::vector<std::string> fields;
-  std::string field;
-  // With `columns`: which fields of a row are kept (all while reading the header), and how many
-  // fields the current row has.
-  std::vector<bool> keep;
-  size_t num_fields = 0;
-  auto end_field = [&]() {
-    if (keep.empty() || (num_fields < keep.size() && keep[num_fields])) fields.push_back(std::move(field));
-    field.clear();
-    ++num_fields;
-  };
-  bool in_quotes = false;
-  bool field_was_quoted = false;
-  int line = 1;
-  int row_line = 1;
-  bool have_header = false;
-  size_t i = 0;
-  const size_t n = text.size();
-
-  size_t header_fields = 0;
-  auto finish_row = [&]() -> absl::Status {
-    // A line holding nothing at all is blank, not a row of one empty field.
-    const bool blank = num_fields == 0 && field.empty() && !field_was_quoted;
-    end_field();
-    field_was_quoted = false;
-    if (!blank) {
-      if (!have_header) {
-        header_fields = fields.size();
-        table.file_header_ = fields;
-        if (columns != nullptr) {
-          keep.assign(fields.size(), false);
-          std::vector<std::string> kept;
-          for (size_t k = 0; k < fields.size(); ++k) {
-            if (std::find(columns->begin(), columns->end(), fields[k]) == columns->end()) continue;
-            keep[k] = true;
-            kept.push_back(fields[k]);
-          }
-          fields = std::move(kept);
-        }
-        table.header_ = std::move(fields);
-        have_header = true;
-      } else {
-        if (num_fields != header_fields) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              table.source_, ":", row_line, ": expected ", header_fields,
-              " fields (as the header), got ", num_fields));
-        }
-        table.rows_.push_back(std::move(fields));
-        table.lines_.push_back(row_line);
-      }
-    }
-    fields = std::vector<std::string>();
-    fields.reserve(table.header_.size());
-    num_fields = 0;
-    return absl::OkStatus();
-  };
-
-  while (i < n) {
-    char c = text[i];
-    if (in_quotes) {
-      if (c == '"') {
-        if (i + 1 < n && text[i + 1] == '"') {
-          field.push_back('"');
-          i += 2;
-          continue;
-        }
-        in_quotes = false;
-        ++i;
-        continue;
-      }
-      if (c == '\n') ++line;
-      // The run up to the next quote or line end, at once.
-      size_t j = i + 1;
-      while (j < n && text[j] != '"' && text[j] != '\n') ++j;
-      field.append(text.data() + i, j - i);
-      i = j;
+  table.source_ = reader.source();
+  table.file_header_ = reader.header();
+  std::vector<size_t> kept;  // the file's columns kept, in its order
+  for (size_t k = 0; k < table.file_header_.size(); ++k) {
+    if (columns != nullptr &&
+        std::find(columns->begin(), columns->end(), table.file_header_[k]) == columns->end()) {
       continue;
     }
-    if (c == '"') {
-      if (!field.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            table.source_, ":", line, ": quote inside an unquoted field '", field, "\"'"));
-      }
-      in_quotes = true;
-      field_was_quoted = true;
-      ++i;
-    } else if (c == ',') {
-      end_field();
-      ++i;
-    } else if (c == '\r' || c == '\n') {
-      AVIARY_RETURN_IF_ERROR(finish_row());
-      if (c == '\r' && i + 1 < n && text[i + 1] == '\n') ++i;
-      ++i;
-      ++line;
-      row_line = line;
-    } else {
-      // The run up to the next separator, quote or line end, at once.
-      size_t j = i + 1;
-      while (j < n && text[j] != ',' && text[j] != '"' && text[j] != '\r' && text[j] != '\n') ++j;
-      field.append(text.data() + i, j - i);
-      i = j;
-    }
+    kept.push_back(k);
+    table.header_.push_back(table.file_header_[k]);
   }
-  if (in_quotes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(table.source_, ":", row_line, ": unterminated quoted field"));
-  }
-  if (!field.empty() || num_fields > 0 || field_was_quoted) {
-    AVIARY_RETURN_IF_ERROR(finish_row());
-  }
-  if (!have_header) {
-    return absl::InvalidArgumentError(absl::StrCat(table.source_, ": empty CSV (no header)"));
+  std::vector<absl::string_view> fields;
+  int line = 0;
+  while (true) {
+    AVIARY_ASSIGN_OR_RETURN(bool more, reader.Next(&fields, &line));
+    if (!more) break;
+    std::vector<std::string> row;
+    row.reserve(kept.size());
+    for (size_t k : kept) row.emplace_back(fields[k]);
+    table.rows_.push_back(std::move(row));
+    table.lines_.push_back(line);
   }
   return table;
 }
@@ -156,14 +215,22 @@ absl::StatusOr<CsvTable> CsvTable::ReadFile(const std::string& path, const std::
 }
 
 std::string CsvEscape(absl::string_view field) {
-  if (field.find_first_of(",\"\r\n") == absl::string_view::npos) return std::string(field);
-  std::string out = "\"";
-  for (char c : field) {
-    if (c == '"') out.push_back('"');
-    out.push_back(c);
-  }
-  out.push_back('"');
+  std::string out;
+  AppendCsvField(&out, field);
   return out;
+}
+
+void AppendCsvField(std::string* out, absl::string_view field) {
+  if (field.find_first_of(",\"\r\n") == absl::string_view::npos) {
+    out->append(field.data(), field.size());
+    return;
+  }
+  out->push_back('"');
+  for (char c : field) {
+    if (c == '"') out->push_back('"');
+    out->push_back(c);
+  }
+  out->push_back('"');
 }
 
 void WriteCsvRow(std::ostream& out, const std::vector<std::string>& fields) {

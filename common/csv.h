@@ -6,6 +6,7 @@
 #define AVIARY_COMMON_CSV_H_
 
 #include <cstddef>
+#include <deque>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -50,8 +51,50 @@ class CsvTable {
   std::vector<int> lines_;
 };
 
+// Reads CSV text a row at a time without copying it: the streaming form of CsvTable::Parse for
+// large files (the same format, the same errors). A field is a view into the text, or into the
+// reader's own buffer when the field holds a doubled quote; views stay valid until the next call
+// of Next() and while the text lives. Movable; not synchronised.
+class CsvRowReader {
+ public:
+  // Reads the header (after a UTF-8 BOM and blank lines). INVALID_ARGUMENT naming
+  // `source_name`:line for a malformed header, or an empty text.
+  static absl::StatusOr<CsvRowReader> Open(absl::string_view text, std::string source_name);
+
+  const std::string& source() const { return source_; }
+  const std::vector<std::string>& header() const { return header_; }
+  // Index of column `name`, or nullopt.
+  std::optional<size_t> ColumnIndex(absl::string_view name) const;
+  // Index of column `name`; INVALID_ARGUMENT naming the file and the columns it does have.
+  absl::StatusOr<size_t> RequireColumn(absl::string_view name) const;
+
+  // The next row: true with as many `fields` as the header and the 1-based `line` the row starts
+  // on; false after the last row. Blank lines are skipped. INVALID_ARGUMENT naming
+  // `source`:line for a row with another number of fields, a quote inside an unquoted field or
+  // an unterminated quoted field.
+  absl::StatusOr<bool> Next(std::vector<absl::string_view>* fields, int* line);
+
+ private:
+  CsvRowReader(absl::string_view text, std::string source) : text_(text), source_(std::move(source)) {}
+  // Reads the fields of the next non-blank line, whatever their number.
+  absl::StatusOr<bool> NextFields(std::vector<absl::string_view>* fields, int* line);
+  // Reads the field at pos_ (the `index`th of its row) up to its separator or line end.
+  absl::Status ReadField(size_t index, int row_line, absl::string_view* value);
+
+  absl::string_view text_;
+  size_t pos_ = 0;
+  int line_ = 1;
+  std::string source_;
+  std::vector<std::string> header_;
+  // Per field index, the value of a field that holds "" escapes or text after its closing quote
+  // (a deque: growing it moves no string another field of the row points into).
+  std::deque<std::string> unescaped_;
+};
+
 // Quotes a field when it holds a comma, quote, CR or LF (pandas' QUOTE_MINIMAL).
 std::string CsvEscape(absl::string_view field);
+// The same, appended to `out` (a large file built in one string).
+void AppendCsvField(std::string* out, absl::string_view field);
 // Writes one row followed by '\n'.
 void WriteCsvRow(std::ostream& out, const std::vector<std::string>& fields);
 

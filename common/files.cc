@@ -1,6 +1,7 @@
 #include "common/files.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -11,35 +12,43 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/status.h"
 
 namespace aviary::common {
 
-absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+namespace {
+
+// open(2) of a file to read, with ReadFileToString's errors.
+absl::StatusOr<int> OpenToRead(const std::string& path) {
   // A folder opens as a stream of nothing: say what it is rather than parse "".
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": is a directory, expected a file"));
   }
-  // read(2) into a string of the file's size: a stream copy grows its buffer step by step
-  // (a BirdCLEF-size metadata CSV is tens of MB and the submit path reads several).
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     int err = errno;
     if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(err)));
   }
-  struct stat st;
-  std::string out(::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0, '\0');
-  size_t used = 0;
+  return fd;
+}
+
+// The rest of `fd` after `out`'s first `used` bytes, which it fills first; closes `fd`.
+absl::Status ReadToEnd(const std::string& path, int fd, std::string* out, size_t used) {
   while (true) {
-    if (used == out.size()) out.resize(std::max<size_t>(4096, out.size() * 2));  // grown since, or no size
-    const ssize_t n = ::read(fd, &out[used], out.size() - used);
+    char chunk[65536];
+    // Into the string while it has room (its size was the file's), then to the end of a file
+    // that has grown since or reported no size.
+    const bool room = used < out->size();
+    const ssize_t n = room ? ::read(fd, &(*out)[used], out->size() - used) : ::read(fd, chunk, sizeof chunk);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       const int err = errno;
@@ -47,11 +56,67 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
       return absl::InternalError(absl::StrCat(path, ": read error: ", std::strerror(err)));
     }
     if (n == 0) break;
+    if (!room) out->append(chunk, static_cast<size_t>(n));
     used += static_cast<size_t>(n);
   }
   ::close(fd);
-  out.resize(used);
+  out->resize(used);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+  AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path));
+  // read(2) into a string of the file's size: a stream copy grows its buffer step by step
+  // (a BirdCLEF-size metadata CSV is tens of MB and the submit path reads several).
+  struct stat st;
+  std::string out(::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0, '\0');
+  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &out, 0));
   return out;
+}
+
+absl::StatusOr<MappedFile> MappedFile::Open(const std::string& path) {
+  AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path));
+  MappedFile file;
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0) {
+    void* data = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    if (data != MAP_FAILED) {
+      ::close(fd);
+      file.data_ = static_cast<const char*>(data);
+      file.size_ = static_cast<size_t>(st.st_size);
+      file.mapped_ = true;
+      return file;
+    }
+  }
+  // Not a regular file (a pipe, /proc), empty, or not mappable: read.
+  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &file.copy_, 0));
+  file.data_ = file.copy_.data();
+  file.size_ = file.copy_.size();
+  return file;
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept { *this = std::move(other); }
+
+MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
+  if (this == &other) return *this;
+  Unmap();
+  mapped_ = std::exchange(other.mapped_, false);
+  copy_ = std::move(other.copy_);
+  size_ = std::exchange(other.size_, 0);
+  data_ = mapped_ ? std::exchange(other.data_, nullptr) : copy_.data();
+  other.data_ = nullptr;
+  return *this;
+}
+
+MappedFile::~MappedFile() { Unmap(); }
+
+void MappedFile::Unmap() {
+  if (mapped_) ::munmap(const_cast<char*>(data_), size_);  // a failure leaves the mapping: nothing to undo
+  mapped_ = false;
+  data_ = nullptr;
+  size_ = 0;
 }
 
 namespace {

@@ -19,6 +19,30 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
 
+// A whole file read-only in memory: mapped when it is a regular file (no copy of a large
+// metadata CSV, and the pages are the page cache's), else read. Open's errors are
+// ReadFileToString's. Move-only; contents() lives as long as the object.
+class MappedFile {
+ public:
+  static absl::StatusOr<MappedFile> Open(const std::string& path);
+  MappedFile() = default;
+  MappedFile(MappedFile&& other) noexcept;
+  MappedFile& operator=(MappedFile&& other) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile();
+
+  absl::string_view contents() const { return absl::string_view(data_, size_); }
+
+ private:
+  void Unmap();
+
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+  bool mapped_ = false;
+  std::string copy_;  // the contents when not mapped
+};
+
 // A check made right before the rename that publishes a file (the worker's lease fence): an
 // error stops the write; the temporary file is removed and the previous file stays.
 using CommitCheck = std::function<absl::Status(const std::string& path)>;

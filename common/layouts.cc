@@ -79,25 +79,34 @@ const LayoutSpec& GetLayoutSpec(Layout layout) {
   return k2024;
 }
 
-std::string RelativeAudioPath(Layout layout, const std::string& label,
-                              const std::string& filename) {
+void AppendRelativeAudioPath(Layout layout, absl::string_view label, absl::string_view filename, std::string* out) {
   switch (layout) {
     case Layout::k2024:
     case Layout::k2023:
     case Layout::k2022:
-      return absl::StrCat("train_audio/", filename);
+      absl::StrAppend(out, "train_audio/", filename);
+      return;
     case Layout::k2021:
-      return absl::StrCat("train_short_audio/", label, "/", filename);
+      absl::StrAppend(out, "train_short_audio/", label, "/", filename);
+      return;
     case Layout::k2020:
-      return absl::StrCat("train_audio/", label, "/", filename);
+      absl::StrAppend(out, "train_audio/", label, "/", filename);
+      return;
     case Layout::kXc: {
       char first = label.empty() ? 'a' : static_cast<char>(std::tolower(
                                              static_cast<unsigned char>(label[0])));
       const char* half = (first >= 'n' && first <= 'z') ? "N-Z" : "A-M";
-      return absl::StrCat(half, "/", label, "/", filename);
+      absl::StrAppend(out, half, "/", label, "/", filename);
+      return;
     }
   }
-  return filename;
+  absl::StrAppend(out, filename);
+}
+
+std::string RelativeAudioPath(Layout layout, absl::string_view label, absl::string_view filename) {
+  std::string out;
+  AppendRelativeAudioPath(layout, label, filename, &out);
+  return out;
 }
 
 }  // namespace aviary::common

@@ -35,7 +35,9 @@ const LayoutSpec& GetLayoutSpec(Layout layout);
 //   2020:           train_audio/<ebird_code>/<filename>
 //   xc:             A-M/<ebird_code>/<filename> or N-Z/<ebird_code>/<filename>, by the first
 //                   letter of the code (a..m -> A-M).
-std::string RelativeAudioPath(Layout layout, const std::string& label, const std::string& filename);
+std::string RelativeAudioPath(Layout layout, absl::string_view label, absl::string_view filename);
+// The same, appended to `out` (a path built in one string).
+void AppendRelativeAudioPath(Layout layout, absl::string_view label, absl::string_view filename, std::string* out);
 
 }  // namespace aviary::common
 

@@ -27,24 +27,10 @@ absl::StatusOr<TaskManifest> BuildTaskManifest(const PipelineConfig& config, con
 namespace {
 
 // One field as WriteCsvRow writes it (CsvEscape's rule), appended without a copy.
-void AppendField(std::string* out, absl::string_view field) {
-  if (field.find_first_of(",\"\r\n") == absl::string_view::npos) {
-    out->append(field.data(), field.size());
-    return;
-  }
-  out->push_back('"');
-  for (char c : field) {
-    if (c == '"') out->push_back('"');
-    out->push_back(c);
-  }
-  out->push_back('"');
-}
-
-// The row "split,path,number\n", as WriteCsvRow({split, path, std::to_string(number)}) writes it.
 void AppendRow(std::string* out, absl::string_view split, absl::string_view path, int64_t number) {
-  AppendField(out, split);
+  AppendCsvField(out, split);
   out->push_back(',');
-  AppendField(out, path);
+  AppendCsvField(out, path);
   out->push_back(',');
   char digits[24];
   const std::to_chars_result end = std::to_chars(digits, digits + sizeof(digits), number);
@@ -64,9 +50,9 @@ std::string ManifestToCsv(const TaskManifest& manifest) {
   std::string out;
   out.reserve(bytes);
   out.append("split,path,target\n");
-  AppendField(&out, "stage");
+  AppendCsvField(&out, "stage");
   out.push_back(',');
-  AppendField(&out, manifest.stage);
+  AppendCsvField(&out, manifest.stage);
   out.append(",\n");
   AppendRow(&out, "fold", "", manifest.fold);
   for (size_t i = 0; i < manifest.class_names.size(); ++i) {

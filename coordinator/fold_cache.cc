@@ -2,10 +2,12 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -63,22 +65,26 @@ std::vector<std::string> FoldCache::MetadataFiles(const common::PipelineConfig& 
 }
 
 std::vector<std::string> FoldCache::AudioFolders(const common::StageTable& table) {
-  std::set<std::string> folders;
-  std::string last;
+  absl::flat_hash_set<absl::string_view> seen;  // views into the samples' paths
+  std::vector<std::string> folders;
+  absl::string_view last;
   for (const common::Sample& sample : table.samples) {
-    const size_t slash = sample.filepath.rfind('/');
-    if (slash == std::string::npos) continue;
-    if (sample.filepath.compare(0, slash, last) == 0 && last.size() == slash) continue;  // same as the row before
-    last = sample.filepath.substr(0, slash);
-    folders.insert(last);
+    const absl::string_view path = sample.filepath;
+    const size_t slash = path.rfind('/');
+    if (slash == absl::string_view::npos) continue;
+    const absl::string_view folder = path.substr(0, slash);
+    if (folder == last) continue;  // same as the row before
+    last = folder;
+    if (seen.insert(folder).second) folders.emplace_back(folder);
   }
-  std::set<std::string> parents;
-  for (const std::string& folder : folders) {
-    const size_t slash = folder.rfind('/');
-    if (slash != std::string::npos && slash > 0) parents.insert(folder.substr(0, slash));
+  const size_t num_folders = folders.size();
+  for (size_t i = 0; i < num_folders; ++i) {
+    const size_t slash = folders[i].rfind('/');
+    if (slash != std::string::npos && slash > 0) folders.push_back(folders[i].substr(0, slash));
   }
-  folders.insert(parents.begin(), parents.end());
-  return std::vector<std::string>(folders.begin(), folders.end());
+  std::sort(folders.begin(), folders.end());
+  folders.erase(std::unique(folders.begin(), folders.end()), folders.end());
+  return folders;
 }
 
 std::optional<std::map<int, ManifestRef>> FoldCache::Lookup(const std::string& key, const std::vector<int>& folds) {

@@ -519,6 +519,7 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary:
 absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request,
                                                          bool use_cache, bool* stale_cache,
                                                          std::vector<std::unique_ptr<common::StageTable>>* tables) {
+  const absl::Time submit_started = absl::Now();
   *stale_cache = false;
   const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
   // The grid (one point without --sweep); each point's overrides apply after --set.
@@ -600,16 +601,16 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     stages.back().stage = stage;
     stages.back().folds = folds;
   }
-  // Reads the stage's dataset, builds its folds' manifests and stamps the files they came from.
-  auto build_stage = [&](StageManifests* out) -> absl::Status {
+  // Builds the stage's folds' manifests from its table and stamps the files they came from.
+  auto build_manifests = [&](StageManifests* out, absl::StatusOr<common::StageTable> built_table,
+                             std::vector<FileStamp> metadata_stamps, absl::Duration read_time) -> absl::Status {
     BuiltVersion& version = out->version;
     version.key = FoldCache::Key(config, out->stage);
-    for (const std::string& path : FoldCache::MetadataFiles(config, out->stage)) {
-      version.stamps.push_back(StampFile(path));
-    }
-    AVIARY_ASSIGN_OR_RETURN(common::StageTable built_table, common::BuildStageTable(config, out->stage));
-    out->table = std::make_unique<common::StageTable>(std::move(built_table));
+    version.stamps = std::move(metadata_stamps);
+    AVIARY_RETURN_IF_ERROR(built_table.status());
+    out->table = std::make_unique<common::StageTable>(*std::move(built_table));
     const common::StageTable& table = *out->table;
+    const absl::Time started = absl::Now();
     // The folders' stamps (a few thousand stat calls) while the manifests are built.
     std::vector<FileStamp> folder_stamps;
     std::thread stamper([&] {
@@ -628,14 +629,17 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       return absl::OkStatus();
     }();
     stamper.join();
+    log_.Info(absl::StrCat("stage ", out->stage, ": ", table.samples.size(), " samples read and checked in ",
+                           absl::ToInt64Milliseconds(read_time), " ms; ", out->folds.size(), " manifest(s) in ",
+                           absl::ToInt64Milliseconds(absl::Now() - started), " ms"));
     version.stamps.insert(version.stamps.end(), std::make_move_iterator(folder_stamps.begin()),
                           std::make_move_iterator(folder_stamps.end()));
     return status;
   };
   // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
-  // built before and none of its files changed, else read and built, the stages at once (each
-  // on a thread of its own: the pool's table and the target's are independent).
-  std::vector<std::thread> builders;
+  // built before and none of its files changed, else read and built: the stages' tables from one
+  // read of the files (both read the target), then each stage's manifests on a thread of its own.
+  std::vector<StageManifests*> to_build;
   for (StageManifests& stage : stages) {
     std::optional<std::map<int, ManifestRef>> cached;
     if (use_cache) cached = fold_cache_.Lookup(FoldCache::Key(config, stage.stage), stage.folds);
@@ -645,10 +649,33 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       log_.Info(absl::StrCat("stage ", stage.stage, ": the dataset is unchanged since an earlier submit; its ",
                              stage.folds.size(), " manifest(s) are reused"));
     } else {
-      builders.emplace_back([&build_stage, &stage] { stage.status = build_stage(&stage); });
+      to_build.push_back(&stage);
     }
   }
-  for (std::thread& builder : builders) builder.join();
+  if (!to_build.empty()) {
+    // The metadata files are stamped before they are read: a change while reading makes the
+    // stamp stale, never the manifests.
+    std::vector<std::string> names;
+    std::vector<std::vector<FileStamp>> metadata_stamps;
+    for (StageManifests* stage : to_build) {
+      names.push_back(stage->stage);
+      metadata_stamps.emplace_back();
+      for (const std::string& path : FoldCache::MetadataFiles(config, stage->stage)) {
+        metadata_stamps.back().push_back(StampFile(path));
+      }
+    }
+    const absl::Time started = absl::Now();
+    std::vector<absl::StatusOr<common::StageTable>> built_tables = common::BuildStageTables(config, names);
+    const absl::Duration read_time = absl::Now() - started;
+    std::vector<std::thread> builders;
+    for (size_t i = 0; i < to_build.size(); ++i) {
+      builders.emplace_back([&, i] {
+        to_build[i]->status =
+            build_manifests(to_build[i], std::move(built_tables[i]), std::move(metadata_stamps[i]), read_time);
+      });
+    }
+    for (std::thread& builder : builders) builder.join();
+  }
   for (StageManifests& stage : stages) {
     if (stage.table != nullptr) tables->push_back(std::move(stage.table));
   }
@@ -775,7 +802,8 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     fold_cache_.Insert(version.key, std::move(version.stamps), std::move(version.manifests));
   }
   log_.Info(absl::StrCat("job ", job_id, " submitted (", source, "): ", new_tasks.size(), " tasks",
-                         sweep ? absl::StrCat(", a sweep of ", grid.size(), " points") : ""));
+                         sweep ? absl::StrCat(", a sweep of ", grid.size(), " points") : "", ", in ",
+                         absl::ToInt64Milliseconds(absl::Now() - submit_started), " ms"));
   return job_id;
 }
 

@@ -1,12 +1,16 @@
 #include "common/catalog.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <string>
+#include <tuple>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace aviary::common {
@@ -224,6 +228,81 @@ TEST_F(CatalogTest, EmptyPretrainSourcesIsRefused) {
   auto table = BuildStageTable(config_, "pretrain");
   ASSERT_FALSE(table.ok());
   EXPECT_NE(table.status().message().find("data.pretrain_sources"), absl::string_view::npos);
+}
+
+// A folder with enough wanted files to be checked by one listing (the catalog lists a folder
+// from 8 wanted files up) answers as stat would: a regular file exists; a link to one exists; a
+// dangling link, a folder of the file's name, a fifo and an absent name do not.
+TEST_F(CatalogTest, ListedFoldersAnswerAsStatWould) {
+  std::string metadata = "primary_label,filename\n";
+  for (int i = 0; i < 10; ++i) {
+    absl::StrAppend(&metadata, "a,a/XC", i, ".ogg\n");
+    absl::StrAppend(&metadata, "b,b/XC", 100 + i, ".ogg\n");
+  }
+  Write("t24/train_metadata.csv", metadata);
+  const std::string a = root_ + "/t24/train_audio/a/";
+  for (int i = 0; i < 10; ++i) Touch(absl::StrCat("t24/train_audio/b/XC", 100 + i, ".ogg"));
+  for (int i : {0, 1, 2, 3, 4}) Touch(absl::StrCat("t24/train_audio/a/XC", i, ".ogg"));
+  Touch("t24/elsewhere.ogg");
+  fs::create_symlink(root_ + "/t24/elsewhere.ogg", a + "XC5.ogg");  // a link to a file: exists
+  fs::create_symlink(root_ + "/t24/gone.ogg", a + "XC6.ogg");       // dangling: missing
+  fs::create_directories(a + "XC7.ogg");                             // a folder: missing
+  ASSERT_EQ(::mkfifo((a + "XC8.ogg").c_str(), 0644), 0);             // a fifo: missing
+  // XC9.ogg: absent. Other files in the folder are listed but not wanted.
+  Touch("t24/train_audio/a/XC99.ogg");
+  Touch("t24/train_audio/a/XC9.ogg.part");
+  auto table = BuildStageTable(config_, "finetune");
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(table->sources[0].missing_file_dropped, 4);
+  std::set<std::string> kept;
+  for (const Sample& s : table->samples) kept.insert(s.filepath.substr(s.filepath.rfind('/') + 1));
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(kept.count(absl::StrCat("XC", 100 + i, ".ogg")), 1u) << i;
+  for (int i = 0; i < 10; ++i) {
+    struct stat st;
+    const bool regular = ::stat((a + absl::StrCat("XC", i, ".ogg")).c_str(), &st) == 0 && S_ISREG(st.st_mode);
+    EXPECT_EQ(kept.count(absl::StrCat("XC", i, ".ogg")), regular ? 1u : 0u) << i;
+    EXPECT_EQ(regular, i <= 5) << i;
+  }
+  EXPECT_EQ(table->sources[0].missing_examples.size(), 4u);
+}
+
+// Both stages built at once (one read of the target) equal each built alone; an error of one
+// stage leaves the other.
+TEST_F(CatalogTest, StagesBuiltTogetherEqualStagesBuiltAlone) {
+  WriteTarget();
+  WritePool();
+  auto together = BuildStageTables(config_, {"finetune", "pretrain"});
+  ASSERT_EQ(together.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const std::string stage = i == 0 ? "finetune" : "pretrain";
+    auto alone = BuildStageTable(config_, stage);
+    ASSERT_TRUE(together[i].ok()) << together[i].status();
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    EXPECT_EQ(together[i]->stage, stage);
+    EXPECT_EQ(together[i]->class_names, alone->class_names);
+    ASSERT_EQ(together[i]->samples.size(), alone->samples.size());
+    for (size_t r = 0; r < alone->samples.size(); ++r) {
+      const Sample& x = together[i]->samples[r];
+      const Sample& y = alone->samples[r];
+      EXPECT_EQ(std::tie(x.filepath, x.primary_label, x.secondary_labels, x.author, x.xc_id, x.source, x.metadata,
+                         x.rating, x.target, x.fold, x.cv),
+                std::tie(y.filepath, y.primary_label, y.secondary_labels, y.author, y.xc_id, y.source, y.metadata,
+                         y.rating, y.target, y.fold, y.cv))
+          << stage << " row " << r;
+    }
+    ASSERT_EQ(together[i]->sources.size(), alone->sources.size());
+    for (size_t k = 0; k < alone->sources.size(); ++k) {
+      EXPECT_EQ(together[i]->sources[k].kept, alone->sources[k].kept);
+      EXPECT_EQ(together[i]->sources[k].duplicates_dropped, alone->sources[k].duplicates_dropped);
+      EXPECT_EQ(together[i]->sources[k].target_overlap_dropped, alone->sources[k].target_overlap_dropped);
+    }
+  }
+  config_.data.pretrain_sources.clear();
+  auto one_fails = BuildStageTables(config_, {"pretrain", "finetune", "warmup"});
+  ASSERT_EQ(one_fails.size(), 3u);
+  EXPECT_NE(one_fails[0].status().message().find("data.pretrain_sources"), absl::string_view::npos);
+  EXPECT_TRUE(one_fails[1].ok()) << one_fails[1].status();
+  EXPECT_NE(one_fails[2].status().message().find("unknown stage 'warmup'"), absl::string_view::npos);
 }
 
 }  // namespace

@@ -1,9 +1,12 @@
 #include "common/csv.h"
 
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace aviary::common {
@@ -85,6 +88,148 @@ TEST(CsvTableTest, KeepsOnlyTheNamedColumns) {
   ASSERT_FALSE(quote.ok());
   EXPECT_NE(quote.status().message().find("q.csv:2: quote inside an unquoted field 'x\"'"), std::string::npos)
       << quote.status();
+}
+
+// The reader hands out views: into the text for plain and quoted fields, into its own buffer
+// for a field with doubled quotes; every field of a row stays valid until the next row.
+TEST(CsvRowReaderTest, ReadsRowsAsViewsWithTheirLines) {
+  const std::string text =
+      "\xEF\xBB\xBF" "\n"
+      "a,b,c\r\n"
+      "1,\"x,y\",\"say \"\"hi\"\"\"\n"
+      "\n"
+      "\"two\nlines\",\"\"\"q\"\"\",3\n"
+      "4,,\n";
+  auto reader = CsvRowReader::Open(text, "r.csv");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ(reader->header(), (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(*reader->ColumnIndex("c"), 2u);
+  EXPECT_EQ(reader->RequireColumn("d").status().message(), "r.csv: missing column 'd' (columns: a,b,c)");
+  std::vector<absl::string_view> fields;
+  int line = 0;
+  ASSERT_TRUE(*reader->Next(&fields, &line));
+  EXPECT_EQ(line, 3);
+  EXPECT_EQ(fields, (std::vector<absl::string_view>{"1", "x,y", "say \"hi\""}));
+  EXPECT_TRUE(fields[1].data() > text.data() && fields[1].data() < text.data() + text.size());  // a view
+  ASSERT_TRUE(*reader->Next(&fields, &line));
+  EXPECT_EQ(line, 5);
+  EXPECT_EQ(fields, (std::vector<absl::string_view>{"two\nlines", "\"q\"", "3"}));
+  ASSERT_TRUE(*reader->Next(&fields, &line));
+  EXPECT_EQ(line, 7);
+  EXPECT_EQ(fields, (std::vector<absl::string_view>{"4", "", ""}));
+  EXPECT_FALSE(*reader->Next(&fields, &line));
+  EXPECT_FALSE(*reader->Next(&fields, &line));
+
+  auto ragged = CsvRowReader::Open("a,b\n1,2\n3\n", "g.csv");
+  ASSERT_TRUE(*ragged->Next(&fields, &line));
+  EXPECT_EQ(ragged->Next(&fields, &line).status().message(), "g.csv:3: expected 2 fields (as the header), got 1");
+  EXPECT_EQ(CsvRowReader::Open("\n\r\n", "e.csv").status().message(), "e.csv: empty CSV (no header)");
+}
+
+// The parser as it was written first, a character at a time: the reference the reader is
+// checked against on random texts.
+struct ReferenceTable {
+  std::vector<std::vector<std::string>> rows;  // the header first
+  std::vector<int> lines;
+  std::string error;
+};
+ReferenceTable ReferenceParse(absl::string_view text, const std::string& source) {
+  ReferenceTable t;
+  if (text.size() >= 3 && text.substr(0, 3) == "\xEF\xBB\xBF") text.remove_prefix(3);
+  std::vector<std::string> fields;
+  std::string field;
+  bool in_quotes = false, was_quoted = false;
+  int line = 1, row_line = 1;
+  size_t header_fields = 0;
+  auto finish_row = [&]() -> bool {
+    const bool blank = fields.empty() && field.empty() && !was_quoted;
+    fields.push_back(field);
+    field.clear();
+    was_quoted = false;
+    if (!blank) {
+      if (!t.rows.empty() && fields.size() != header_fields) {
+        t.error = absl::StrCat(source, ":", row_line, ": expected ", header_fields, " fields (as the header), got ",
+                               fields.size());
+        return false;
+      }
+      if (t.rows.empty()) header_fields = fields.size();
+      t.rows.push_back(fields);
+      t.lines.push_back(row_line);
+    }
+    fields.clear();
+    return true;
+  };
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_quotes) {
+      if (c == '"' && i + 1 < text.size() && text[i + 1] == '"') {
+        field.push_back('"');
+        ++i;
+      } else if (c == '"') {
+        in_quotes = false;
+      } else {
+        if (c == '\n') ++line;
+        field.push_back(c);
+      }
+    } else if (c == '"') {
+      if (!field.empty()) {
+        t.error = absl::StrCat(source, ":", line, ": quote inside an unquoted field '", field, "\"'");
+        return t;
+      }
+      in_quotes = was_quoted = true;
+    } else if (c == ',') {
+      fields.push_back(field);
+      field.clear();
+    } else if (c == '\r' || c == '\n') {
+      if (!finish_row()) return t;
+      if (c == '\r' && i + 1 < text.size() && text[i + 1] == '\n') ++i;
+      row_line = ++line;
+    } else {
+      field.push_back(c);
+    }
+  }
+  if (in_quotes) {
+    t.error = absl::StrCat(source, ":", row_line, ": unterminated quoted field");
+    return t;
+  }
+  if (!field.empty() || !fields.empty() || was_quoted) finish_row();
+  if (t.rows.empty() && t.error.empty()) t.error = absl::StrCat(source, ": empty CSV (no header)");
+  return t;
+}
+
+// Random texts over the characters that matter (separators, quotes, line ends, a letter):
+// CsvTable::Parse (on the reader) gives the reference's rows, lines and error messages.
+TEST(CsvRowReaderTest, AgreesWithACharacterAtATimeParserOnRandomTexts) {
+  std::mt19937 rng(12345);
+  const char alphabet[] = {'a', 'b', ',', '"', '\n', '\r', ' '};
+  int ok = 0, failed = 0;
+  for (int n = 0; n < 20000; ++n) {
+    std::string text;
+    const int length = static_cast<int>(rng() % 24);
+    for (int i = 0; i < length; ++i) {
+      // Mostly well-formed: letters and separators more often than quotes.
+      const uint32_t pick = rng() % 16;
+      text.push_back(pick < 6 ? alphabet[pick % 2] : pick < 10 ? ',' : pick < 12 ? '\n' : alphabet[3 + pick % 4]);
+    }
+    const ReferenceTable want = ReferenceParse(text, "f.csv");
+    auto got = CsvTable::Parse(text, "f.csv");
+    ASSERT_EQ(got.ok(), want.error.empty()) << "text: '" << absl::CEscape(text) << "' reference error: " << want.error
+                                            << " got: " << got.status();
+    if (!got.ok()) {
+      ++failed;
+      ASSERT_EQ(got.status().message(), want.error) << absl::CEscape(text);
+      continue;
+    }
+    ++ok;
+    ASSERT_EQ(got->header(), want.rows[0]) << absl::CEscape(text);
+    ASSERT_EQ(got->num_rows() + 1, want.rows.size()) << absl::CEscape(text);
+    for (size_t r = 0; r < got->num_rows(); ++r) {
+      ASSERT_EQ(got->row(r), want.rows[r + 1]) << absl::CEscape(text);
+      ASSERT_EQ(got->line(r), want.lines[r + 1]) << absl::CEscape(text);
+    }
+  }
+  EXPECT_GT(ok, 2000);  // both outcomes are exercised
+  EXPECT_GT(failed, 2000);
 }
 
 TEST(CsvTableTest, MissingFileIsNotFound) {

@@ -33,6 +33,44 @@ std::vector<std::string> Entries(const std::string& dir) {
   return out;
 }
 
+// A regular file is mapped, an empty one and a /proc file (size 0 to stat) are read; errors are
+// ReadFileToString's; a moved-from file leaves its contents with the new owner.
+TEST(MappedFileTest, MapsOrReadsWholeFilesWithReadFilesErrors) {
+  const std::string dir = FreshDir("mapped");
+  const std::string path = dir + "/meta.csv";
+  std::string big(3 * 65536 + 17, 'x');
+  for (size_t i = 0; i < big.size(); i += 101) big[i] = static_cast<char>('a' + i % 26);
+  ASSERT_TRUE(WriteFileAtomically(path, big).ok());
+  auto mapped = MappedFile::Open(path);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  EXPECT_EQ(mapped->contents(), big);
+  MappedFile moved = *std::move(mapped);
+  EXPECT_EQ(moved.contents(), big);
+  MappedFile assigned;
+  assigned = std::move(moved);
+  EXPECT_EQ(assigned.contents(), big);
+
+  ASSERT_TRUE(WriteFileAtomically(dir + "/empty.csv", "").ok());
+  auto empty = MappedFile::Open(dir + "/empty.csv");
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->contents(), "");
+
+  auto proc = MappedFile::Open("/proc/self/status");
+  ASSERT_TRUE(proc.ok()) << proc.status();
+  EXPECT_TRUE(absl::StrContains(proc->contents(), "Name:")) << proc->contents();
+  auto proc_string = ReadFileToString("/proc/self/status");
+  ASSERT_TRUE(proc_string.ok()) << proc_string.status();
+  EXPECT_TRUE(absl::StrContains(*proc_string, "Name:"));
+  auto read = ReadFileToString(path);
+  ASSERT_TRUE(read.ok());
+  EXPECT_EQ(*read, big);
+
+  EXPECT_EQ(MappedFile::Open(dir + "/nope.csv").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir + "/nope.csv").status().message(), dir + "/nope.csv"));
+  EXPECT_EQ(MappedFile::Open(dir).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir).status().message(), "is a directory"));
+}
+
 TEST(AtomicWriteTest, ARefusedCommitKeepsThePreviousFileAndLeavesNoTemporary) {
   const std::string dir = FreshDir("refused");
   const std::string path = dir + "/last.pt";
