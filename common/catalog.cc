@@ -5,13 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <fstream>
-#include <set>
 #include <string_view>
-#include <sstream>
 #include <thread>
-#include <unordered_map>
-#include <unordered_set>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
