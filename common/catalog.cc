@@ -454,6 +454,8 @@ std::vector<absl::StatusOr<StageTable>> BuildStageTables(const PipelineConfig& c
       pretrain = static_cast<int>(i);
     } else if (stages[i] == "finetune" && finetune < 0) {
       finetune = static_cast<int>(i);
+    } else if (stages[i] == "pretrain" || stages[i] == "finetune") {
+      out[i] = absl::InvalidArgumentError(absl::StrCat("stage '", stages[i], "' is asked for twice"));
     } else {
       out[i] = absl::InvalidArgumentError(absl::StrCat("unknown stage '", stages[i], "' (expected pretrain or finetune)"));
     }

@@ -303,6 +303,10 @@ TEST_F(CatalogTest, StagesBuiltTogetherEqualStagesBuiltAlone) {
   EXPECT_NE(one_fails[0].status().message().find("data.pretrain_sources"), absl::string_view::npos);
   EXPECT_TRUE(one_fails[1].ok()) << one_fails[1].status();
   EXPECT_NE(one_fails[2].status().message().find("unknown stage 'warmup'"), absl::string_view::npos);
+  auto twice = BuildStageTables(config_, {"finetune", "finetune"});
+  ASSERT_EQ(twice.size(), 2u);
+  EXPECT_TRUE(twice[0].ok()) << twice[0].status();
+  EXPECT_EQ(twice[1].status().message(), "stage 'finetune' is asked for twice");
 }
 
 }  // namespace
