@@ -5,7 +5,7 @@
 //                    [--model efficientnet_b0] [--batch 16] [--seconds 5] [--classes 182]
 //                    [--input wave|mel] [--steps 10] [--warmup 3] [--rounds 1] [--threads N]
 //                    [--precision auto|fp32|bf16] [--channels-last auto|on|off]
-//                    [--profile FILE]
+//                    [--profile FILE] [--cuda-graph] [--graph-check N]
 //
 // wave: waveforms [B, seconds x sample_rate] on the host (pinned on CUDA) and class ids, then
 // the trainer's step: augmentation, the mel front end with SpecAugment, the model (bf16
@@ -14,11 +14,23 @@
 // the device. Each round times `steps` steps (the device synchronized at its end); prints one
 // line of key=value pairs, aviary_samples_per_s being the best round.
 // --profile FILE writes the autograd profiler's per-operator table of one extra round to FILE.
+//
+// --cuda-graph (mel input on CUDA; experimental, worker/cuda_graph_step.h): forward, loss and
+// backward replayed as one CUDA graph, then the same clipping and Adam step as the eager step
+// (the loss still read on the host every step). First, --graph-check N steps are run both ways
+// from the same weights, optimizer state and seeds, and the line reports how far apart they
+// are: graph_check_grad_rel_diff (|g_graph - g_eager| / |g_eager| over all the gradients of the
+// first step), graph_check_loss_max_rel_diff (over the N losses) and
+// graph_check_param_max_abs_diff (the weights after them). The timed steps start from the
+// state the check left.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <functional>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +44,7 @@
 #include "absl/strings/str_format.h"
 #include "common/config.h"
 #include "common/cli.h"
+#include "worker/cuda_graph_step.h"
 #include "worker/frontend.h"
 #include "worker/models.h"
 #include "worker/optimizer.h"
@@ -48,6 +61,34 @@ void Sync(const c10::Device& device, const at::Tensor& t) {
   if (device.is_cuda()) (void)t.sum().item<double>();  // waits for the stream
 }
 
+// The model's weights and buffers and the optimizer's state, copied (the --graph-check).
+struct Snapshot {
+  std::vector<at::Tensor> model;
+  aviary::worker::NamedTensors optimizer;
+};
+
+std::vector<at::Tensor> ModelTensors(aviary::worker::ClassifierImpl& model) {
+  std::vector<at::Tensor> out = model.parameters();
+  for (const at::Tensor& b : model.buffers()) out.push_back(b);
+  return out;
+}
+
+Snapshot Take(aviary::worker::ClassifierImpl& model, const aviary::worker::AdamOptimizer& optimizer) {
+  Snapshot s;
+  for (const at::Tensor& t : ModelTensors(model)) s.model.push_back(t.detach().clone());
+  for (const auto& [name, t] : optimizer.ExportState()) s.optimizer.emplace_back(name, t.clone());
+  return s;
+}
+
+// In place: a captured graph keeps the weights' memory.
+absl::Status Restore(const Snapshot& s, aviary::worker::ClassifierImpl& model,
+                     aviary::worker::AdamOptimizer& optimizer) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> live = ModelTensors(model);
+  for (size_t i = 0; i < live.size(); ++i) live[i].copy_(s.model[i]);
+  return optimizer.ImportState(s.optimizer, "the --graph-check snapshot");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -61,6 +102,8 @@ int main(int argc, char** argv) {
   int64_t batch = 16, classes = 182, steps = 10, warmup = 3, rounds = 1;
   int threads = 0;
   double seconds = 5.0;
+  bool cuda_graph = false;
+  int64_t graph_check = 3;
   using aviary::common::AddNumber;
   app.add_option("--config", config_path, "a pipeline YAML (default: the recipe's defaults)");
   aviary::common::AddSetOption(&app, &overrides);
@@ -77,6 +120,9 @@ int main(int argc, char** argv) {
   app.add_option("--precision", precision, "auto (bf16 autocast on CUDA) or fp32");
   app.add_option("--channels-last", cl, "auto or off");
   app.add_option("--profile", profile, "write an autograd profile (chrome trace) of one round here");
+  app.add_flag("--cuda-graph", cuda_graph, "--input mel on cuda: replay forward + backward as one CUDA graph");
+  AddNumber<int64_t>(&app, "--graph-check", &graph_check, "N", "--cuda-graph: steps compared with the eager step first",
+                     0, 1000)->capture_default_str();
   if (std::optional<int> code = aviary::common::ParseCommandLine(&app, {argv + 1, argv + argc})) return *code;
   aviary::common::PipelineConfig config;
   if (!config_path.empty()) {
@@ -87,6 +133,13 @@ int main(int argc, char** argv) {
   config.model.name = model_name;
   if (device_name == "cuda" && !at::hasCUDA()) {
     return Fail(absl::FailedPreconditionError("--device cuda: torch sees no CUDA device"));
+  }
+  if (cuda_graph && (input != "mel" || device_name != "cuda")) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--cuda-graph needs --input mel --device cuda (got --input ",
+                                                        input, " --device ", device_name, ")")));
+  }
+  if (cuda_graph && !aviary::worker::GraphedModelStep::Built()) {
+    return Fail(absl::FailedPreconditionError("--cuda-graph: this build has no CUDA torch"));
   }
   const c10::Device device = device_name == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
   const bool autocast = device.is_cuda() && precision != "fp32";
@@ -122,14 +175,81 @@ int main(int argc, char** argv) {
   (*model)->train();
 
   int64_t counter = 0;
-  auto run_step = [&]() -> absl::Status {
+  // One eager step (the trainer's); its loss.
+  auto eager_step = [&]() -> absl::StatusOr<double> {
     aviary::worker::StepSeeds seeds{static_cast<uint64_t>(3 * counter), static_cast<uint64_t>(3 * counter + 1),
                                     static_cast<uint64_t>(3 * counter + 2)};
     ++counter;
     aviary::worker::StepForward fwd = input == "wave" ? step.Forward(wave, ids, seeds)
                                                       : step.ForwardFeatures(feats, onehot, seeds.dropout);
-    (void)fwd.loss.item<double>();  // the trainer's non-finite check
-    return step.Update(fwd.loss);
+    const double loss = fwd.loss.item<double>();  // the trainer's non-finite check
+    if (absl::Status st = step.Update(fwd.loss); !st.ok()) return st;
+    return loss;
+  };
+  // One graphed step: the replay (forward, loss, backward), then what TrainStep::Apply does
+  // after the all-reduce. `before_update` sees the gradients (clipped, as the eager step leaves
+  // them).
+  std::unique_ptr<aviary::worker::GraphedModelStep> graphed;
+  auto graph_step = [&](const std::function<void()>& before_update = nullptr) -> absl::StatusOr<double> {
+    const uint64_t dropout_seed = static_cast<uint64_t>(3 * counter);
+    ++counter;
+    absl::StatusOr<at::Tensor> loss = graphed->Replay(feats, onehot, dropout_seed);
+    if (!loss.ok()) return loss.status();
+    const double value = loss->item<double>();
+    if (config.train.grad_clip_norm > 0) {
+      aviary::worker::ClipGradNorm((*model)->parameters(), config.train.grad_clip_norm);
+    }
+    if (before_update) before_update();
+    optimizer.Step();
+    return value;
+  };
+  // All the gradients as one float32 vector.
+  auto gradients = [&]() {
+    std::vector<at::Tensor> flat;
+    for (const at::Tensor& p : (*model)->parameters()) {
+      if (p.grad().defined()) flat.push_back(p.grad().detach().to(at::kFloat).reshape(-1));
+    }
+    return at::cat(flat);
+  };
+  std::string graph_report;
+  if (cuda_graph) {
+    // The check: N eager steps, then the same N graphed, from the same state and seeds.
+    const Snapshot start = Take(**model, optimizer);
+    std::vector<double> eager_losses;
+    at::Tensor eager_grad;  // the first step's
+    for (int64_t i = 0; i < graph_check; ++i) {
+      absl::StatusOr<double> loss = eager_step();
+      if (!loss.ok()) return Fail(loss.status());
+      eager_losses.push_back(*loss);
+      if (i == 0) eager_grad = gradients();
+    }
+    const Snapshot eager_end = Take(**model, optimizer);
+    auto captured = aviary::worker::GraphedModelStep::Capture(config.train, &step, &optimizer, feats, onehot,
+                                                              static_cast<int>(std::max<int64_t>(warmup, 1)));
+    if (!captured.ok()) return Fail(captured.status());
+    graphed = std::move(*captured);
+    if (absl::Status st = Restore(start, **model, optimizer); !st.ok()) return Fail(st);
+    counter = 0;
+    double loss_diff = 0, param_diff = 0, grad_diff = 0;
+    for (int64_t i = 0; i < graph_check; ++i) {
+      absl::StatusOr<double> loss = graph_step([&] {
+        if (i == 0) grad_diff = ((gradients() - eager_grad).norm() / eager_grad.norm().clamp_min(1e-30)).item<double>();
+      });
+      if (!loss.ok()) return Fail(loss.status());
+      loss_diff = std::max(loss_diff, std::abs(*loss - eager_losses[i]) / std::max(std::abs(eager_losses[i]), 1e-12));
+    }
+    const std::vector<at::Tensor> now = ModelTensors(**model);
+    for (size_t i = 0; i < (*model)->parameters().size(); ++i) {
+      param_diff = std::max(param_diff, (now[i].to(at::kFloat) - eager_end.model[i].to(at::kFloat)).abs().max().item<double>());
+    }
+    graph_report = graph_check == 0 ? std::string(" cuda_graph=1 graph_check_steps=0") :
+                   absl::StrFormat(" cuda_graph=1 graph_check_steps=%lld graph_check_grad_rel_diff=%.3g "
+                                   "graph_check_loss_max_rel_diff=%.3g graph_check_param_max_abs_diff=%.3g",
+                                   static_cast<long long>(graph_check), grad_diff, loss_diff, param_diff);
+  }
+  auto run_step = [&]() -> absl::Status {
+    absl::StatusOr<double> loss = graphed ? graph_step() : eager_step();
+    return loss.status();
   };
 
   const auto t_start = std::chrono::steady_clock::now();
@@ -159,10 +279,10 @@ int main(int argc, char** argv) {
   std::sort(sorted.begin(), sorted.end());
   std::printf("side=aviary torch=%s device=%s model=%s batch=%lld input=%s compile=0 bf16=%d "
               "channels_last=%d threads=%d steps=%lld rounds=%lld warmup_s=%.2f "
-              "aviary_samples_per_s=%.2f aviary_median_samples_per_s=%.2f\n",
+              "aviary_samples_per_s=%.2f aviary_median_samples_per_s=%.2f%s\n",
               TORCH_VERSION, device.str().c_str(), config.model.name.c_str(),
               static_cast<long long>(batch), input.c_str(), autocast ? 1 : 0, channels_last ? 1 : 0,
               at::get_num_threads(), static_cast<long long>(steps), static_cast<long long>(rounds),
-              warmup_s, sorted.back(), sorted[sorted.size() / 2]);
+              warmup_s, sorted.back(), sorted[sorted.size() / 2], graph_report.c_str());
   return 0;
 }

@@ -99,12 +99,15 @@ class TrainStep {
   // The gradient's L2 norm before clipping at the last Apply() (NaN when clipping is off).
   double last_grad_norm() const { return last_grad_norm_; }
 
-  bool autocast() const { return autocast_; }
-
- private:
-  // The model (under autocast when on) and the loss; the RNG is the caller's to seed.
+  // The model (under autocast when on) and the loss; the RNG is the caller's to seed (a CUDA
+  // graph capture cannot seed; worker/cuda_graph_step.h).
   StepForward ModelForward(const at::Tensor& input, const at::Tensor& targets) const;
 
+  bool autocast() const { return autocast_; }
+  // The gradient all-reduce, null in one process.
+  comm::Reducer* reducer() const { return reducer_; }
+
+ private:
   const common::PipelineConfig& config_;
   const common::TrainConfig& train_;
   MelFrontend* frontend_;

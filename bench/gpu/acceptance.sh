@@ -251,6 +251,25 @@ a=$(kv step_aviary aviary_samples_per_s); e=$(kv step_eager reference_samples_pe
 if [ -n "$a" ] && [ -n "$e" ]; then
   record step_vs_eager "$(verdict "$(ratio "$a" "$e")" 1.25)" "$a samples/s" "$e samples/s" "$(ratio "$a" "$e")" ">= 1.25x" "PyTorch eager, same GPU"
 fi
+# The same model step with forward + backward replayed as one CUDA graph (experimental,
+# worker/cuda_graph_step.h), checked first against the eager step from the same state and seeds:
+# the first step's gradients within 2% (bf16 autocast; nondeterministic cuDNN kernels) and the
+# losses of 3 steps within 1%.
+if [ $dry -eq 1 ]; then
+  record step_graph SKIP - - - - "CUDA graphs need a GPU"
+elif run step_graph "$benchbin/train_step_bench" "${step_args[@]}" --input mel --cuda-graph --graph-check 3; then
+  g=$(kv step_graph aviary_samples_per_s); gd=$(kv step_graph graph_check_grad_rel_diff)
+  ld=$(kv step_graph graph_check_loss_max_rel_diff); pd=$(kv step_graph graph_check_param_max_abs_diff)
+  check="gradients rel diff $gd, losses $ld, weights after 3 steps max |diff| $pd"
+  if "$python" -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 0.02 and float(sys.argv[2]) <= 0.01 else 1)" "$gd" "$ld" 2>/dev/null; then
+    record step_graph "$(verdict "$(ratio "$g" "${e:-0}")" 1.25)" "$g samples/s" "${e:-?} samples/s" "$(ratio "$g" "${e:-0}")" ">= 1.25x" \
+      "CUDA graph vs PyTorch eager; vs aviary eager $(ratio "$g" "${a:-0}")x; $check"
+  else
+    record step_graph FAIL "$g samples/s" - - "same as eager" "the graphed step differs from the eager one: $check"
+  fi
+else
+  record step_graph FAIL - - - - "train_step_bench --cuda-graph failed (see the log)"
+fi
 if [ $compile -eq 1 ]; then
   run step_compile "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel --compile \
     --compile-backend $compile_backend --warmup $(( warmup + 2 )) || record step_vs_compile FAIL - - - - "torch.compile reference failed"

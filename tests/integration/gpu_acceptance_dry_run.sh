@@ -17,7 +17,7 @@ else
   cat "$tmp/out/acceptance.log" 2>/dev/null | tail -80; fail "acceptance.sh --dry-run failed"
 fi
 cat "$tmp/run.log" | tail -25
-for check in machine corpus train resume predict mel step_vs_eager step_vs_compile step_wave datapath allreduce_share allreduce projection_8gpu; do
+for check in machine corpus train resume predict mel step_vs_eager step_graph step_vs_compile step_wave datapath allreduce_share allreduce projection_8gpu; do
   grep -q "^$check	" "$tmp/out/results.tsv" || fail "results.tsv lacks the check '$check'"
 done
 grep -q "^resume	PASS" "$tmp/out/results.tsv" || fail "exact resume on the CPU did not pass"

@@ -1,6 +1,8 @@
 // The training options' math on their own: gradient accumulation against one larger batch,
-// gradient clipping against torch's clip_grad_norm_, and the EMA of the weights. The trainer's
-// use of them (resume, early stopping, config refusals) is in trainer_test.cc.
+// gradient clipping against torch's clip_grad_norm_, the EMA of the weights, and what the CUDA
+// graph step refuses. The trainer's use of them (resume, early stopping, config refusals) is in
+// trainer_test.cc.
+#include "worker/cuda_graph_step.h"
 #include "worker/ema.h"
 #include "worker/train_step.h"
 
@@ -191,6 +193,36 @@ TEST(WeightEmaTest, FollowsTheDecayScheduleAndSwapsExactly) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("last.pt"), std::string::npos) << st;
   EXPECT_NE(st.message().find("weight"), std::string::npos) << st;
+}
+
+// What GraphedModelStep::Capture refuses before it touches a device: gradient accumulation, a
+// build without CUDA torch, inputs off CUDA. The capture and the replays themselves need a GPU:
+// bench/gpu/acceptance.sh runs them against the eager step (its step_graph check).
+TEST(CudaGraphStepTest, RefusesWhatItCannotCapture) {
+#ifdef AVIARY_EXPECT_CUDA_GRAPHS
+  ASSERT_TRUE(GraphedModelStep::Built()) << "the CUDA configuration left the CUDA graph step out";
+#else
+  ASSERT_FALSE(GraphedModelStep::Built());
+#endif
+  auto model = Model(3);
+  common::PipelineConfig config;
+  common::TrainConfig train;
+  auto optimizer = AdamOptimizer::FromConfig(train, *model);
+  ASSERT_TRUE(optimizer.ok());
+  TrainStep step(config, train, nullptr, model.get(), optimizer->get(), nullptr, c10::Device(c10::kCPU), false);
+  const at::Tensor x = at::randn({2, 1, 32, 24});
+  const at::Tensor y = at::zeros({2, 5});
+  common::TrainConfig accumulating = train;
+  accumulating.grad_accum_steps = 2;
+  auto refused = GraphedModelStep::Capture(accumulating, &step, optimizer->get(), x, y, 1);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("train.grad_accum_steps is 2, not 1"), std::string::npos) << refused.status();
+  refused = GraphedModelStep::Capture(train, &step, optimizer->get(), x, y, 1);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  const std::string expected = GraphedModelStep::Built() ? "CUDA graphs need the inputs on a CUDA device (features on cpu, targets on cpu)"
+                                                         : "this aviary was built against a torch without CUDA";
+  EXPECT_NE(refused.status().message().find(expected), std::string::npos) << refused.status();
+  EXPECT_FALSE(model->parameters()[0].grad().defined()) << "a refused capture must not have stepped";
 }
 
 }  // namespace

@@ -1,0 +1,178 @@
+#include "worker/cuda_graph_step.h"
+
+#include <exception>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+#if defined(AVIARY_WITH_CUDA_TORCH)
+#include <ATen/autocast_mode.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace aviary::worker {
+namespace {
+
+absl::Status CheckSupported(const common::TrainConfig& train, const TrainStep& step,
+                            const at::Tensor& features, const at::Tensor& targets) {
+  if (step.reducer() != nullptr) {
+    return absl::FailedPreconditionError(
+        "CUDA graphs: a step with a gradient all-reduce (more than one rank) is not supported; its "
+        "hooks wait on the collectives during backward");
+  }
+  if (train.grad_accum_steps != 1) {
+    return absl::FailedPreconditionError(absl::StrCat("CUDA graphs capture one micro-batch per step: train.grad_accum_steps is ",
+                                                      train.grad_accum_steps, ", not 1"));
+  }
+  if (!GraphedModelStep::Built()) {
+    return absl::FailedPreconditionError(
+        "CUDA graphs: this aviary was built against a torch without CUDA (build with "
+        "AVIARY_WITH_CUDA=ON against a CUDA libtorch; docs/DEPLOY.md)");
+  }
+  if (!features.is_cuda() || !targets.is_cuda()) {
+    return absl::FailedPreconditionError(absl::StrCat("CUDA graphs need the inputs on a CUDA device (features on ",
+                                                      features.device().str(), ", targets on ",
+                                                      targets.device().str(), ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+#if defined(AVIARY_WITH_CUDA_TORCH)
+namespace {
+
+// torch's error (c10::Error, CUDA's included) or another exception, naming the stage.
+absl::Status TorchError(const char* stage, const std::exception& e) {
+  const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
+  return absl::InternalError(
+      absl::StrCat("CUDA graph ", stage, ": ", torch_error != nullptr ? torch_error->what_without_backtrace() : e.what()));
+}
+
+absl::Status SameShape(const char* name, const at::Tensor& given, const at::Tensor& captured) {
+  if (given.sizes() == captured.sizes()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("CUDA graph replay: ", name, " have shape ", c10::str(given.sizes()),
+                                                 ", the graph was captured for ", c10::str(captured.sizes())));
+}
+
+// `waiter` waits for the work queued on `on` so far.
+void Order(const c10::cuda::CUDAStream& on, const c10::cuda::CUDAStream& waiter) {
+  at::cuda::CUDAEvent event;
+  event.record(on);
+  event.block(waiter);
+}
+
+class CudaGraphModelStep final : public GraphedModelStep {
+ public:
+  CudaGraphModelStep(at::Tensor features, at::Tensor targets)
+      : features_(std::move(features)), targets_(std::move(targets)) {}
+
+  // Warms up on a side stream and captures there (the legacy default stream cannot capture).
+  absl::Status WarmUpAndCapture(TrainStep* step, AdamOptimizer* optimizer, int warmup) {
+    const c10::DeviceIndex index = features_.device().index();
+    c10::cuda::CUDAGuard device_guard(index);
+    const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(index);
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
+    Order(main, side);
+    absl::Status status;
+    {
+      c10::cuda::CUDAStreamGuard on_side(side);
+      try {
+        for (int i = 0; i < warmup; ++i) {
+          optimizer->ZeroGrad();
+          step->ModelForward(features_, targets_).loss.backward();
+          optimizer->Step();
+        }
+        optimizer->ZeroGrad();  // backward in the capture allocates the gradients the graph owns
+      } catch (const std::exception& e) {
+        status = TorchError("warm-up", e);
+      }
+      if (status.ok()) status = Capture(step);
+    }
+    Order(side, main);
+    return status;
+  }
+
+  absl::StatusOr<at::Tensor> Replay(const at::Tensor& features, const at::Tensor& targets,
+                                    uint64_t dropout_seed) override {
+    if (absl::Status st = SameShape("features", features, features_); !st.ok()) return st;
+    if (absl::Status st = SameShape("targets", targets, targets_); !st.ok()) return st;
+    try {
+      if (!features.is_same(features_)) features_.copy_(features, /*non_blocking=*/true);
+      if (!targets.is_same(targets_)) targets_.copy_(targets, /*non_blocking=*/true);
+      // As TrainStep::ForwardFeatures: replay reads the generator's seed and offset.
+      at::manual_seed(dropout_seed);
+      graph_.replay();
+    } catch (const std::exception& e) {
+      return TorchError("replay", e);
+    }
+    return loss_;
+  }
+
+  const at::Tensor& static_features() const override { return features_; }
+  const at::Tensor& static_targets() const override { return targets_; }
+
+ private:
+  absl::Status Capture(TrainStep* step) {
+    const bool cache = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    absl::Status status;
+    bool capturing = false;
+    try {
+      graph_.capture_begin();
+      capturing = true;
+      at::Tensor loss = step->ModelForward(features_, targets_).loss;
+      loss.backward();
+      capturing = false;
+      graph_.capture_end();
+      loss_ = std::move(loss);
+    } catch (const std::exception& e) {
+      status = TorchError("capture", e);
+      if (capturing) {
+        try {
+          graph_.capture_end();  // ends the stream's capture; the graph is not used
+        } catch (const std::exception&) {
+        }
+      }
+    }
+    at::autocast::set_autocast_cache_enabled(cache);
+    return status;
+  }
+
+  at::Tensor features_;
+  at::Tensor targets_;
+  at::Tensor loss_;
+  at::cuda::CUDAGraph graph_;
+};
+
+}  // namespace
+
+bool GraphedModelStep::Built() { return true; }
+
+absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
+    const common::TrainConfig& train, TrainStep* step, AdamOptimizer* optimizer,
+    const at::Tensor& features, const at::Tensor& targets, int warmup) {
+  if (absl::Status st = CheckSupported(train, *step, features, targets); !st.ok()) return st;
+  auto graphed = std::make_unique<CudaGraphModelStep>(features.clone(), targets.clone());
+  if (absl::Status st = graphed->WarmUpAndCapture(step, optimizer, warmup); !st.ok()) return st;
+  return graphed;
+}
+
+#else  // a torch without CUDA: CheckSupported refuses
+
+bool GraphedModelStep::Built() { return false; }
+
+absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
+    const common::TrainConfig& train, TrainStep* step, AdamOptimizer* /*optimizer*/,
+    const at::Tensor& features, const at::Tensor& targets, int /*warmup*/) {
+  absl::Status st = CheckSupported(train, *step, features, targets);
+  if (st.ok()) st = absl::InternalError("CUDA graphs: not built, yet the check passed");
+  return st;
+}
+
+#endif
+
+}  // namespace aviary::worker
