@@ -16,9 +16,13 @@
 #
 # Options: --pack DIR (bin/ and lib/ from pack.sh) | --build DIR (its bin/), --python PY (the
 # python whose torch the binaries were built against; default python3), --out DIR (default
-# ./acceptance-out), --work DIR (scratch; default a temporary folder), --skip-compile.
+# ./acceptance-out), --work DIR (scratch; default a temporary folder), --skip-compile,
+# --budget S (the whole run's seconds, default 450: a step is stopped when the budget runs out,
+# and later steps do not start, so the table is printed before a device call's limit),
+# --step-timeout S (one step's seconds, default 240: a hung step is stopped and reported).
 # Environment: AVIARY_PROJECTION_BUSBW_GBPS (NVLink all-reduce bus bandwidth assumed for the
 # 8-GPU projection; default 350, about what nccl-tests reports on 8 x H100 SXM).
+# The order puts the checks first and torch.compile (minutes of compiling) last.
 # Exit status: 0 when every check ran and met its goal (dry-run: when every step ran), 1 else.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -31,6 +35,8 @@ python=python3
 out=$PWD/acceptance-out
 work=""
 compile=1
+budget=450
+step_timeout=240
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
@@ -40,10 +46,15 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --work) work=$2; shift ;;
     --skip-compile) compile=0 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --budget) budget=$2; shift ;;
+    --step-timeout) step_timeout=$2; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "acceptance.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
+done
+for n in "$budget" "$step_timeout"; do
+  [[ "$n" =~ ^[0-9]+$ ]] || { echo "acceptance.sh: --budget and --step-timeout take whole seconds, got '$n'" >&2; exit 2; }
 done
 if [ -n "$pack" ]; then
   bin=$(cd "$pack/bin" && pwd) || exit 2
@@ -74,13 +85,23 @@ record() {
   case "$2" in PASS|INFO|SKIP) ;; *) failed=1 ;; esac
   echo "   -> $1: $2 $3 ${7:-}" | tee -a "$log"
 }
-# run NAME CMD...: runs with output in $work/NAME.out and appended to the log.
+# run NAME CMD...: runs with output in $work/NAME.out and appended to the log, stopped after
+# --step-timeout or when the --budget runs out (status 124 then; not started when under 5 s
+# are left).
 run() {
   local name=$1; shift
-  echo "\$ $*" >>"$log"
-  "$@" >"$work/$name.out" 2>&1
+  local left=$(( budget - ($(date +%s) - t_start) ))
+  local limit=$(( left < step_timeout ? left : step_timeout ))
+  if [ $left -lt 5 ]; then
+    echo "not run: the ${budget} s budget is spent" | tee "$work/$name.out" >>"$log"
+    say "$name: not run, the ${budget} s budget is spent"
+    return 124
+  fi
+  echo "\$ $* (limit ${limit} s)" >>"$log"
+  timeout -k 10 "$limit" "$@" >"$work/$name.out" 2>&1
   local rc=$?
   cat "$work/$name.out" >>"$log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then say "$name: stopped after ${limit} s"; fi
   return $rc
 }
 kv() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" "$work/$1.out" | tail -1; }
@@ -93,7 +114,7 @@ verdict() { if [ $dry -eq 1 ]; then echo INFO; elif meets "$1" "$2"; then echo P
 torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>>"$log") || {
   echo "acceptance.sh: $python cannot import torch" >&2; exit 2; }
 libs="$torch_dir/lib"
-for d in "$torch_dir"/../nvidia/*/lib; do [ -d "$d" ] && libs="$libs:$(cd "$d" && pwd)"; done
+for nv in "$torch_dir"/../nvidia/*/lib; do [ -d "$nv" ] && libs="$libs:$(cd "$nv" && pwd)"; done
 if [ -n "$pack" ]; then
   libs="$(cd "$pack/lib" && pwd):$libs"
   # OpenMPI's libmpi.so.40 from the pack only when the host has none (then no mpirun either).
@@ -266,18 +287,10 @@ elif run step_graph "$benchbin/train_step_bench" "${step_args[@]}" --input mel -
       "CUDA graph vs PyTorch eager; vs aviary eager $(ratio "$g" "${a:-0}")x; $check"
   else
     record step_graph FAIL "$g samples/s" - - "same as eager" "the graphed step differs from the eager one: $check"
+    g=""  # not a rate to compare with torch.compile
   fi
 else
   record step_graph FAIL - - - - "train_step_bench --cuda-graph failed (see the log)"
-fi
-if [ $compile -eq 1 ]; then
-  run step_compile "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel --compile \
-    --compile-backend $compile_backend --warmup $(( warmup + 2 )) || record step_vs_compile FAIL - - - - "torch.compile reference failed"
-  c=$(kv step_compile reference_samples_per_s)
-  [ -n "$a" ] && [ -n "$c" ] && record step_vs_compile "$(verdict "$(ratio "$a" "$c")" 1.0)" "$a samples/s" "$c samples/s" \
-    "$(ratio "$a" "$c")" ">= 1.0x" "torch.compile ($compile_backend), warm-up $(kv step_compile warmup_s) s"
-else
-  record step_vs_compile SKIP - - - - "--skip-compile"
 fi
 run wave_aviary "$benchbin/train_step_bench" "${step_args[@]}" --input wave || record step_wave FAIL - - - - "wave-input step failed"
 w=$(kv wave_aviary aviary_samples_per_s)
@@ -288,6 +301,7 @@ w=$(kv wave_aviary aviary_samples_per_s)
 say "7. the real data path"
 dp_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --fold 0 --device "$dev" --out "$work/run_b0")
 [ ${#mpirun_cmd[@]} -gt 0 ] && dp_cmd=("${mpirun_cmd[@]}" "${dp_cmd[@]}" --set "comm.backend=$backend")
+d=""; share=""  # the data path's rate and all-reduce share, for the projection
 if run datapath "${dp_cmd[@]}"; then
   d=$(tail -1 "$work/run_b0/history.csv" | awk -F, '{print $NF}')
   record datapath "$(verdict "$(ratio "$d" "$a")" 0.9)" "$d samples/s" "$a samples/s" "$(ratio "$d" "$a")" ">= 0.9x" \
@@ -305,20 +319,22 @@ fi
 
 # 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).
 say "8. allreduce-bench"
-if [ ${#mpirun_cmd[@]} -gt 0 ] && run allreduce "${mpirun_cmd[@]}" "$bin/aviary-worker" allreduce-bench --device "$dev" \
+if [ ${#mpirun_cmd[@]} -eq 0 ]; then
+  record allreduce SKIP - - - - "no mpirun on this host"
+elif run allreduce "${mpirun_cmd[@]}" "$bin/aviary-worker" allreduce-bench --device "$dev" \
      --backend "$backend" --min-bytes 1048576 --max-bytes $([ $dry -eq 1 ] && echo 4194304 || echo 268435456); then
   cp "$work/allreduce.out" "$out/allreduce.txt"
   # The row nearest EfficientNet-B0's gradients (about 16 MB in float32), else the largest.
   row=$(awk '$1 ~ /^[0-9]+$/ {last=$0; if ($1 >= 16777216 && !found) {pick=$0; found=1}} END {print (found ? pick : last)}' "$work/allreduce.out")
   record allreduce INFO "$(echo "$row" | awk '{print $4 " us for " $1 " B, busbw " $6 " GB/s"}')" - - - "1 rank, $backend"
 else
-  record allreduce SKIP - - - - "no mpirun, or allreduce-bench failed"
+  record allreduce FAIL - - - - "aviary-worker allreduce-bench failed (see the log)"
 fi
 
 # 9. The 8-GPU projection: measured compute per step, and ring all-reduce time of the gradients
 # at an assumed NVLink bus bandwidth, without and with full overlap.
 say "9. 8-GPU projection"
-if [ -n "${d:-}" ]; then
+if [ -n "$d" ]; then
   "$python" - "$d" "${share:-0}" "$batch_b0" "${AVIARY_PROJECTION_BUSBW_GBPS:-350}" >"$work/projection.out" 2>&1 <<'PY'
 import sys
 import torchvision
@@ -340,6 +356,18 @@ PY
   record projection_8gpu INFO "$p-$f samples/s" "$d x 8" - - "busbw ${AVIARY_PROJECTION_BUSBW_GBPS:-350} GB/s assumed; $(sed -n 's/.*\(comm8_s=[0-9.]*\).*/\1/p' "$work/projection.out")"
 else
   record projection_8gpu SKIP - - - - "no data-path rate"
+fi
+
+# 10. torch.compile last: its compile takes minutes, and the budget may stop it.
+say "10. torch.compile"
+if [ $compile -eq 1 ]; then
+  run step_compile "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel --compile \
+    --compile-backend $compile_backend --warmup $(( warmup + 2 )) || record step_vs_compile FAIL - - - - "torch.compile reference failed"
+  c=$(kv step_compile reference_samples_per_s)
+  [ -n "$a" ] && [ -n "$c" ] && record step_vs_compile "$(verdict "$(ratio "$a" "$c")" 1.0)" "$a samples/s" "$c samples/s" \
+    "$(ratio "$a" "$c")" ">= 1.0x" "torch.compile ($compile_backend), warm-up $(kv step_compile warmup_s) s${g:+; the CUDA graph step $(ratio "$g" "$c")x}"
+else
+  record step_vs_compile SKIP - - - - "--skip-compile"
 fi
 
 say "done in $(( $(date +%s) - t_start )) s"

@@ -25,5 +25,16 @@ grep -q "^resume	PASS" "$tmp/out/results.tsv" || fail "exact resume on the CPU d
 awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {print "FAIL: " $1 " measured nothing: " $0; bad=1} END {exit bad}' \
   "$tmp/out/results.tsv" || fail "a check measured nothing"
 [ -s "$tmp/out/acceptance.log" ] || fail "no acceptance.log"
+
+# Out of time: with no budget left no step starts, each is reported, and the table is still
+# printed (a device call's limit must not take the results with it).
+if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$python" --out "$tmp/out0" --work "$tmp/work0" \
+     --budget 0 > "$tmp/run0.log" 2>&1; then
+  fail "acceptance.sh --budget 0 passed"
+fi
+grep -q "prepare: not run, the 0 s budget is spent" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "no 'budget is spent' line"; }
+grep -q "^corpus  *FAIL" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "the table was not printed with the corpus check failed"; }
+grep -q "^projection_8gpu  *SKIP" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "a projection without a data-path rate"; }
+ok
 echo "gpu_acceptance_dry_run: $passes passed, $fails failed"
 [ $fails -eq 0 ]
