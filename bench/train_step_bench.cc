@@ -22,7 +22,8 @@
 // are: graph_check_grad_rel_diff (|g_graph - g_eager| / |g_eager| over all the gradients of the
 // first step), graph_check_loss_max_rel_diff (over the N losses) and
 // graph_check_param_max_abs_diff (the weights after them). The timed steps start from the
-// state the check left.
+// state the check left. --graph-check N without --cuda-graph runs the same check with the eager
+// step on both sides: a test of the check itself (on the CPU every difference must be 0).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -121,8 +122,9 @@ int main(int argc, char** argv) {
   app.add_option("--channels-last", cl, "auto or off");
   app.add_option("--profile", profile, "write an autograd profile (chrome trace) of one round here");
   app.add_flag("--cuda-graph", cuda_graph, "--input mel on cuda: replay forward + backward as one CUDA graph");
-  AddNumber<int64_t>(&app, "--graph-check", &graph_check, "N", "--cuda-graph: steps compared with the eager step first",
-                     0, 1000)->capture_default_str();
+  AddNumber<int64_t>(&app, "--graph-check", &graph_check, "N",
+                     "steps compared with the eager step first (without --cuda-graph: eager against eager)", 0, 1000)
+      ->capture_default_str();
   if (std::optional<int> code = aviary::common::ParseCommandLine(&app, {argv + 1, argv + argc})) return *code;
   aviary::common::PipelineConfig config;
   if (!config_path.empty()) {
@@ -134,6 +136,8 @@ int main(int argc, char** argv) {
   if (device_name == "cuda" && !at::hasCUDA()) {
     return Fail(absl::FailedPreconditionError("--device cuda: torch sees no CUDA device"));
   }
+  // The check with the eager step on both sides, when asked for without --cuda-graph.
+  const bool self_check = !cuda_graph && app.count("--graph-check") > 0;
   if (cuda_graph && (input != "mel" || device_name != "cuda")) {
     return Fail(absl::InvalidArgumentError(absl::StrCat("--cuda-graph needs --input mel --device cuda (got --input ",
                                                         input, " --device ", device_name, ")")));
@@ -212,8 +216,9 @@ int main(int argc, char** argv) {
     return at::cat(flat);
   };
   std::string graph_report;
-  if (cuda_graph) {
-    // The check: N eager steps, then the same N graphed, from the same state and seeds.
+  if (cuda_graph || self_check) {
+    // The check: N eager steps, then the same N graphed (or eager again), from the same state
+    // and seeds.
     const Snapshot start = Take(**model, optimizer);
     std::vector<double> eager_losses;
     at::Tensor eager_grad;  // the first step's
@@ -224,17 +229,26 @@ int main(int argc, char** argv) {
       if (i == 0) eager_grad = gradients();
     }
     const Snapshot eager_end = Take(**model, optimizer);
-    auto captured = aviary::worker::GraphedModelStep::Capture(config.train, &step, &optimizer, feats, onehot,
-                                                              static_cast<int>(std::max<int64_t>(warmup, 1)));
-    if (!captured.ok()) return Fail(captured.status());
-    graphed = std::move(*captured);
+    if (cuda_graph) {
+      auto captured = aviary::worker::GraphedModelStep::Capture(config.train, &step, &optimizer, feats, onehot,
+                                                                static_cast<int>(std::max<int64_t>(warmup, 1)));
+      if (!captured.ok()) return Fail(captured.status());
+      graphed = std::move(*captured);
+    }
     if (absl::Status st = Restore(start, **model, optimizer); !st.ok()) return Fail(st);
     counter = 0;
     double loss_diff = 0, param_diff = 0, grad_diff = 0;
     for (int64_t i = 0; i < graph_check; ++i) {
-      absl::StatusOr<double> loss = graph_step([&] {
+      auto compare = [&] {
         if (i == 0) grad_diff = ((gradients() - eager_grad).norm() / eager_grad.norm().clamp_min(1e-30)).item<double>();
-      });
+      };
+      absl::StatusOr<double> loss;
+      if (graphed) {
+        loss = graph_step(compare);
+      } else {
+        loss = eager_step();  // the gradients stay in .grad after the update
+        if (loss.ok()) compare();
+      }
       if (!loss.ok()) return Fail(loss.status());
       loss_diff = std::max(loss_diff, std::abs(*loss - eager_losses[i]) / std::max(std::abs(eager_losses[i]), 1e-12));
     }
@@ -242,10 +256,14 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < (*model)->parameters().size(); ++i) {
       param_diff = std::max(param_diff, (now[i].to(at::kFloat) - eager_end.model[i].to(at::kFloat)).abs().max().item<double>());
     }
-    graph_report = graph_check == 0 ? std::string(" cuda_graph=1 graph_check_steps=0") :
-                   absl::StrFormat(" cuda_graph=1 graph_check_steps=%lld graph_check_grad_rel_diff=%.3g "
-                                   "graph_check_loss_max_rel_diff=%.3g graph_check_param_max_abs_diff=%.3g",
-                                   static_cast<long long>(graph_check), grad_diff, loss_diff, param_diff);
+    graph_report = absl::StrFormat(" cuda_graph=%d graph_check_steps=%lld", cuda_graph ? 1 : 0,
+                                   static_cast<long long>(graph_check));
+    if (graph_check > 0) {
+      absl::StrAppendFormat(&graph_report,
+                            " graph_check_grad_rel_diff=%.3g graph_check_loss_max_rel_diff=%.3g "
+                            "graph_check_param_max_abs_diff=%.3g",
+                            grad_diff, loss_diff, param_diff);
+    }
   }
   auto run_step = [&]() -> absl::Status {
     absl::StatusOr<double> loss = graphed ? graph_step() : eager_step();
