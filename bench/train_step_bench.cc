@@ -5,13 +5,15 @@
 //                    [--model efficientnet_b0] [--batch 16] [--seconds 5] [--classes 182]
 //                    [--input wave|mel] [--steps 10] [--warmup 3] [--rounds 1] [--threads N]
 //                    [--precision auto|fp32|bf16] [--channels-last auto|on|off]
+//                    [--cudnn-benchmark auto|on|off]
 //                    [--profile FILE] [--cuda-graph] [--graph-check N]
 //
 // wave: waveforms [B, seconds x sample_rate] on the host (pinned on CUDA) and class ids, then
 // the trainer's step: augmentation, the mel front end with SpecAugment, the model (bf16
 // autocast on CUDA), the loss, backward, the optimizer; the loss is read on the host every step
 // as the trainer does. mel: the model step alone on random front-end-shaped input already on
-// the device. Each round times `steps` steps (the device synchronized at its end); prints one
+// the device. On CUDA cuDNN picks its algorithms by benchmark (--cudnn-benchmark auto), as the
+// trainer does outside train.deterministic. Each round times `steps` steps (the device synchronized at its end); prints one
 // line of key=value pairs, aviary_samples_per_s being the best round.
 // --profile FILE writes the autograd profiler's per-operator table of one extra round to FILE.
 //
@@ -99,7 +101,7 @@ int main(int argc, char** argv) {
   std::string config_path, profile;
   std::vector<std::string> overrides;
   std::string model_name = "efficientnet_b0", input = "wave", device_name = "cpu", precision = "auto",
-              cl = "auto";
+              cl = "auto", cudnn_benchmark = "auto";
   int64_t batch = 16, classes = 182, steps = 10, warmup = 3, rounds = 1;
   int threads = 0;
   double seconds = 5.0;
@@ -120,6 +122,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", device_name, "cpu or cuda")->check(aviary::common::OneOf({"cpu", "cuda"}));
   app.add_option("--precision", precision, "auto (bf16 autocast on CUDA) or fp32");
   app.add_option("--channels-last", cl, "auto or off");
+  app.add_option("--cudnn-benchmark", cudnn_benchmark, "auto (on with CUDA, as the trainer), on or off")
+      ->check(aviary::common::OneOf({"auto", "on", "off"}));
   app.add_option("--profile", profile, "write an autograd profile (chrome trace) of one round here");
   app.add_flag("--cuda-graph", cuda_graph, "--input mel on cuda: replay forward + backward as one CUDA graph");
   AddNumber<int64_t>(&app, "--graph-check", &graph_check, "N",
@@ -147,6 +151,8 @@ int main(int argc, char** argv) {
   }
   const c10::Device device = device_name == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
   const bool autocast = device.is_cuda() && precision != "fp32";
+  const bool benchmark_cudnn = device.is_cuda() && cudnn_benchmark != "off";
+  if (device.is_cuda()) at::globalContext().setBenchmarkCuDNN(benchmark_cudnn);
   const bool channels_last = cl != "off";  // auto: the trainer's layout, NHWC everywhere
   if (threads > 0) at::set_num_threads(threads);
   config.data.duration = seconds;
@@ -296,10 +302,11 @@ int main(int argc, char** argv) {
   std::vector<double> sorted = rates;
   std::sort(sorted.begin(), sorted.end());
   std::printf("side=aviary torch=%s device=%s model=%s batch=%lld input=%s compile=0 bf16=%d "
-              "channels_last=%d threads=%d steps=%lld rounds=%lld warmup_s=%.2f "
+              "channels_last=%d cudnn_benchmark=%d threads=%d steps=%lld rounds=%lld warmup_s=%.2f "
               "aviary_samples_per_s=%.2f aviary_median_samples_per_s=%.2f%s\n",
               TORCH_VERSION, device.str().c_str(), config.model.name.c_str(),
               static_cast<long long>(batch), input.c_str(), autocast ? 1 : 0, channels_last ? 1 : 0,
+              benchmark_cudnn ? 1 : 0,
               at::get_num_threads(), static_cast<long long>(steps), static_cast<long long>(rounds),
               warmup_s, sorted.back(), sorted[sorted.size() / 2], graph_report.c_str());
   return 0;

@@ -7,7 +7,9 @@ SpecAugment (torchaudio's iid time and frequency masks), torchvision's Efficient
 entropy with label smoothing on the mixed targets, backward, Adam. With --input mel the step
 starts at the model (random front-end-shaped input already on the device). channels_last (as
 aviary's trainer, on every device; --channels-last off for PyTorch's default layout), bf16
-autocast on CUDA, and --compile wraps the model in torch.compile.
+autocast on CUDA, cuDNN's benchmark mode on CUDA (as aviary's trainer outside
+train.deterministic; --cudnn-benchmark off for PyTorch's default), and --compile wraps the
+model in torch.compile.
 
 Runs under Debian's /usr/bin/python3 (torch 1.13, CPU) and under a venv with PyTorch 2.x.
 Prints one line: key=value pairs (reference_samples_per_s is the figure to compare).
@@ -15,7 +17,7 @@ Prints one line: key=value pairs (reference_samples_per_s is the figure to compa
 usage: train_step_reference.py [--device cpu|cuda] [--model efficientnet_b0] [--batch 16]
        [--seconds 5] [--classes 182] [--input wave|mel] [--steps 10] [--warmup 3] [--rounds 1]
        [--threads N] [--compile [--compile-backend inductor]] [--precision auto|fp32|bf16] [--channels-last auto|on|off]
-       [--profile TRACE.json]
+       [--cudnn-benchmark auto|on|off] [--profile TRACE.json]
 """
 import argparse
 import contextlib
@@ -46,6 +48,7 @@ p.add_argument("--compile", action="store_true")
 p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: tracing only)")
 p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
 p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+p.add_argument("--cudnn-benchmark", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
 p.add_argument("--profile", default="", help="write a chrome trace of one more round here")
 a = p.parse_args()
 
@@ -56,6 +59,8 @@ cuda = dev.type == "cuda"
 bf16 = cuda and a.precision != "fp32"
 channels_last = a.channels_last != "off"  # auto: as aviary's trainer, NHWC on every device
 fmt = torch.channels_last if channels_last else torch.contiguous_format
+cudnn_benchmark = cuda and a.cudnn_benchmark != "off"
+torch.backends.cudnn.benchmark = cudnn_benchmark
 samples = int(a.seconds * SAMPLE_RATE)
 frames = samples // HOP + 1
 
@@ -151,6 +156,7 @@ if cuda:
     extra = f" peak_gpu_mib={torch.cuda.max_memory_allocated() / 2**20:.0f}"
 print(f"side=reference torch={torch.__version__} device={a.device} model={a.model} batch={a.batch} "
       f"input={a.input} compile={int(a.compile)} bf16={int(bf16)} channels_last={int(channels_last)} "
+      f"cudnn_benchmark={int(cudnn_benchmark)} "
       f"threads={torch.get_num_threads()} steps={a.steps} rounds={a.rounds} warmup_s={warmup_s:.2f} "
       f"reference_samples_per_s={max(rates):.2f} reference_median_samples_per_s={statistics.median(rates):.2f}"
       f"{extra}", flush=True)
