@@ -56,14 +56,16 @@ AugmentReport AugmentBatch(const common::AugmentConfig& config, uint64_t seed,
   }
   if (report.noised > 0) {
     at::Generator dev = MakeGenerator(x.device(), seed ^ 0x9e3779b97f4a7c15ULL);
+    // non_blocking from pageable memory: CUDA stages the bytes before the call returns (no
+    // stream sync, unlike a blocking copy), so the vector may go right after.
     at::Tensor stds = at::from_blob(noise_std.data(), {batch, 1}, at::kFloat)
-                          .to(x.device(), x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+                          .to(x.device(), x.scalar_type(), /*non_blocking=*/true, /*copy=*/true);
     x = x + at::randn(x.sizes(), dev, x.options()) * stds;
   }
   if (report.shifted > 0) {
     // A circular roll per sample: gather with (t - shift) mod T.
     at::Tensor shifts = at::from_blob(shift.data(), {batch, 1}, at::kLong)
-                            .to(x.device(), at::kLong, false, true);
+                            .to(x.device(), at::kLong, /*non_blocking=*/true, /*copy=*/true);
     at::Tensor t = at::arange(length, x.options().dtype(at::kLong)).unsqueeze(0);
     at::Tensor idx = at::remainder(t - shifts, length);
     x = at::gather(x, 1, idx);

@@ -132,27 +132,34 @@ bool TrainStep::Apply() {
   }
   pending_ = 0;
   last_grad_norm_ = std::numeric_limits<double>::quiet_NaN();
-  if (train_.grad_clip_norm > 0) last_grad_norm_ = ClipGradNorm(params, train_.grad_clip_norm);
+  at::Tensor norm;
+  if (train_.grad_clip_norm > 0) norm = ClipGradients(params, train_.grad_clip_norm);
   optimizer_->Step();
+  // Read after the step is queued: on a GPU the host then waits while the step runs, not before.
+  if (train_.grad_clip_norm > 0) last_grad_norm_ = norm.defined() ? norm.item<double>() : 0.0;
   return true;
 }
 
-double ClipGradNorm(const std::vector<at::Tensor>& params, double max_norm) {
+at::Tensor ClipGradients(const std::vector<at::Tensor>& params, double max_norm) {
   torch::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;
   for (const at::Tensor& p : params) {
     if (p.grad().defined()) grads.push_back(p.grad());
   }
-  if (grads.empty()) return 0.0;
+  if (grads.empty()) return at::Tensor();
   std::vector<at::Tensor> norms;
   norms.reserve(grads.size());
   for (const at::Tensor& g : grads) norms.push_back(g.detach().norm(2.0).to(at::kFloat));
-  const at::Tensor total = at::stack(norms).norm(2.0);
-  // As torch: the factor clamped to 1 and always applied (x 1.0 changes nothing), no sync
-  // beyond the one .item() that reports the norm.
+  at::Tensor total = at::stack(norms).norm(2.0);
+  // As torch: the factor clamped to 1 and always applied (x 1.0 changes nothing), no sync.
   const at::Tensor coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
   for (at::Tensor& g : grads) g.mul_(coef.to(g.device(), g.scalar_type()));
-  return total.item<double>();
+  return total;
+}
+
+double ClipGradNorm(const std::vector<at::Tensor>& params, double max_norm) {
+  const at::Tensor total = ClipGradients(params, max_norm);
+  return total.defined() ? total.item<double>() : 0.0;
 }
 
 }  // namespace aviary::worker

@@ -124,6 +124,9 @@ class TrainStep {
 // torch.nn.utils.clip_grad_norm_ (norm_type 2, error_if_nonfinite false) over the gradients of
 // `params` (those without one are left out): returns the total norm before clipping.
 double ClipGradNorm(const std::vector<at::Tensor>& params, double max_norm);
+// The same without waiting for the device: the total norm as a 0-d float32 tensor on the
+// gradients' device (undefined when no parameter has a gradient), to be read later.
+at::Tensor ClipGradients(const std::vector<at::Tensor>& params, double max_norm);
 
 }  // namespace aviary::worker
 

@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include <ATen/Context.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/utils.h>
 #include <torch/version.h>
 
@@ -324,7 +326,7 @@ struct Trainer::State {
   void InjectFault(at::Tensor* loss) const;
   absl::StatusOr<std::string> NonFiniteRanks(double loss_value);
   absl::StatusOr<bool> SkipNonFinite(const Batch& batch, double loss_value, int epoch, int64_t s);
-  void Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const;
+  at::Tensor Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const;
   void ReportStep(const EpochTally& t, int64_t s, int64_t samples, bool skipped, double data_wait);
   void LogProgress(int64_t s, EpochTally* t);
   double StepLr(int epoch, int64_t s, int64_t steps) const;  // train.lr_per_step's rate at step s
@@ -396,6 +398,14 @@ Trainer::~Trainer() = default;
 const std::vector<EpochRecord>& Trainer::history() const { return state_->history; }
 int64_t Trainer::skipped_steps() const { return state_->skipped_steps; }
 
+void ConfigureCudaMode(bool deterministic) {
+  ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  auto& ctx = at::globalContext();
+  ctx.setDeterministicCuDNN(deterministic);
+  ctx.setBenchmarkCuDNN(!deterministic);  // fixed shapes: the fastest algorithm, chosen once
+  ctx.setDeterministicAlgorithms(deterministic, /*warn_only=*/true);
+}
+
 // The device and precision checks; cuDNN's mode (train.deterministic).
 absl::Status Trainer::State::ConfigureDevice() {
   if (train.tta != 1) {
@@ -407,16 +417,10 @@ absl::Status Trainer::State::ConfigureDevice() {
   }
   autocast = options.device.is_cuda() && train.precision != "fp32";
   if (options.device.is_cuda()) {
-    auto& ctx = at::globalContext();
-    if (train.deterministic) {
-      // cuBLAS reads this when it creates its handle (at the first matmul, after this point).
-      ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
-      ctx.setDeterministicCuDNN(true);
-      ctx.setBenchmarkCuDNN(false);
-      ctx.setDeterministicAlgorithms(true, /*warn_only=*/true);
-    } else {
-      ctx.setBenchmarkCuDNN(true);  // fixed shapes: the fastest algorithm, chosen once
-    }
+    ConfigureCudaMode(train.deterministic);
+    // The rank's GPU current on this thread too: raw CUDA calls outside torch's guards (event
+    // queries) would otherwise open a context on GPU 0 in every rank.
+    c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(options.device);
   }
   if (!options.device.is_cuda() && train.precision == "bf16") {
     return absl::InvalidArgumentError("train.precision: bf16 needs a CUDA device (use auto or fp32 on CPU)");
@@ -857,19 +861,27 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
   InjectFault(&loss);
   const double loss_value = loss.item<double>();
   AVIARY_ASSIGN_OR_RETURN(bool skip, SkipNonFinite(batch, loss_value, t->epoch, s));
+  at::Tensor correct;  // on the device: read once the update is queued
   if (!skip) {
     AVIARY_RETURN_IF_ERROR(step_fn->Backward(loss));
     const int64_t b = batch.waveforms.size(0);
-    Tally(fwd, loss_value, b, t);
+    correct = Tally(fwd, loss_value, b, t);
     t->step_samples += b;
   }
+  auto count_correct = [&] {
+    if (correct.defined()) t->correct += correct.item<int64_t>();
+  };
   const bool boundary = (s + 1) % accum == 0 || s + 1 == t->steps;
-  if (!boundary) return absl::OkStatus();
+  if (!boundary) {
+    count_correct();
+    return absl::OkStatus();
+  }
   const bool applied = step_fn->Apply();
   if (applied) {
     ++step;
     if (ema) ema->Update(*model);
   }
+  count_correct();
   ReportStep(*t, s, applied ? t->step_samples : 0, /*skipped=*/!applied, data_wait);
   if (applied) LogProgress(s, t);
   return absl::OkStatus();
@@ -954,12 +966,14 @@ absl::StatusOr<bool> Trainer::State::SkipNonFinite(const Batch& batch, double lo
   return true;
 }
 
-// A trained step's loss and accuracy into the epoch's totals.
-void Trainer::State::Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const {
+// A trained step's loss into the epoch's totals; its correct predictions, a 0-d tensor on the
+// device for the caller to add to t->correct (reading it waits for the device: the caller does
+// so once the optimizer step is queued).
+at::Tensor Trainer::State::Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const {
   t->loss_sum += loss_value * b;
   t->seen += b;
   at::Tensor pred = fwd.logits.detach().argmax(1);
-  t->correct += pred.eq(fwd.targets.argmax(1)).sum().item<int64_t>();
+  return pred.eq(fwd.targets.argmax(1)).sum();
 }
 
 // on_step's StepStats after step `s` of the epoch; a `skipped` step trained nothing.

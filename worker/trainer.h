@@ -151,6 +151,15 @@ struct TrainOptions {
   comm::Communicator* comm = nullptr;
 };
 
+// The process-wide GPU settings of a CUDA task: with `deterministic`, deterministic cuDNN
+// without benchmark and torch's deterministic algorithms (warn only); without, the fastest
+// cuDNN algorithms chosen by benchmark and the rest off. Every flag is set either way: a serving
+// agent runs one task after another in one process, and a deterministic task must not leave
+// its mode to the next. cuBLAS's workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8, what determinism
+// needs; the default size on Hopper) is set, unless already set, by the first task of the
+// process: cuBLAS reads it when its handle is created, once.
+void ConfigureCudaMode(bool deterministic);
+
 class Trainer {
  public:
   // Builds the data, the model (with pretrained or pretraining weights) and the optimizer, and

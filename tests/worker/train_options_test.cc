@@ -5,6 +5,10 @@
 #include "worker/cuda_graph_step.h"
 #include "worker/ema.h"
 #include "worker/train_step.h"
+#include "worker/trainer.h"
+
+#include <ATen/Context.h>
+#include <cstdlib>
 
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/utils/clip_grad.h>
@@ -223,6 +227,31 @@ TEST(CudaGraphStepTest, RefusesWhatItCannotCapture) {
                                                          : "this aviary was built against a torch without CUDA";
   EXPECT_NE(refused.status().message().find(expected), std::string::npos) << refused.status();
   EXPECT_FALSE(model->parameters()[0].grad().defined()) << "a refused capture must not have stepped";
+}
+
+// A deterministic CUDA task sets process-wide flags; the next task of a serving agent, not
+// deterministic, must get benchmark cuDNN back and the deterministic modes off (they were left
+// on before). The flags are plain settings: no GPU is needed to check them.
+TEST(ConfigureCudaModeTest, EveryFlagIsSetEitherWay) {
+  auto& ctx = at::globalContext();
+  ::unsetenv("CUBLAS_WORKSPACE_CONFIG");
+  ConfigureCudaMode(true);
+  EXPECT_TRUE(ctx.deterministicCuDNN());
+  EXPECT_FALSE(ctx.benchmarkCuDNN());
+  EXPECT_TRUE(ctx.deterministicAlgorithms());
+  EXPECT_TRUE(ctx.deterministicAlgorithmsWarnOnly());
+  ASSERT_NE(std::getenv("CUBLAS_WORKSPACE_CONFIG"), nullptr);
+  EXPECT_STREQ(std::getenv("CUBLAS_WORKSPACE_CONFIG"), ":4096:8");
+  ConfigureCudaMode(false);
+  EXPECT_FALSE(ctx.deterministicCuDNN());
+  EXPECT_TRUE(ctx.benchmarkCuDNN());
+  EXPECT_FALSE(ctx.deterministicAlgorithms());
+  ::setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8", 1);  // a user's own setting is kept
+  ConfigureCudaMode(true);
+  EXPECT_STREQ(std::getenv("CUBLAS_WORKSPACE_CONFIG"), ":16:8");
+  ConfigureCudaMode(false);
+  ctx.setBenchmarkCuDNN(false);
+  ::unsetenv("CUBLAS_WORKSPACE_CONFIG");
 }
 
 }  // namespace
