@@ -134,6 +134,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   if (c->rank_ == 0) AVIARY_NCCL_CHECK(ncclGetUniqueId(&id), nullptr);
   AVIARY_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
   AVIARY_NCCL_CHECK(ncclCommInitRank(&c->comm_, c->world_size_, id, c->rank_), nullptr);
+  c->stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index()).stream();
   return c;
 }
 
@@ -143,8 +144,16 @@ NcclCommunicator::~NcclCommunicator() {
   ncclCommDestroy(comm_);
 }
 
-cudaStream_t NcclCommunicator::stream() const {
-  return c10::cuda::getCurrentCUDAStream(device_.index()).stream();
+absl::Status NcclCommunicator::AfterProducers() {
+  cudaEvent_t produced = nullptr;
+  AVIARY_CUDA_CHECK(cudaEventCreateWithFlags(&produced, cudaEventDisableTiming));
+  cudaError_t rc = cudaEventRecord(produced, c10::cuda::getCurrentCUDAStream(device_.index()).stream());
+  if (rc == cudaSuccess) rc = cudaStreamWaitEvent(stream_, produced, 0);
+  // Destroying an event that is still pending is allowed: CUDA frees it when it completes.
+  const cudaError_t destroyed = cudaEventDestroy(produced);
+  AVIARY_CUDA_CHECK(rc);
+  AVIARY_CUDA_CHECK(destroyed);
+  return absl::OkStatus();
 }
 
 absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const std::string& what) {
@@ -188,6 +197,7 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tenso
   const int64_t seq = ++seq_;
   auto work = std::make_unique<NcclWork>(this, tensor, dev, seq,
                                          absl::StrCat("all-reduce of ", tensor.numel()));
+  AVIARY_RETURN_IF_ERROR(AfterProducers());
   AVIARY_NCCL_CHECK(ncclAllReduce(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, NcclOp(op),
                                   comm_, stream()),
                     comm_);
@@ -206,6 +216,7 @@ absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
   const int64_t seq = ++seq_;
   NcclWork work(this, tensor, dev, seq,
                 absl::StrCat("broadcast of ", tensor.numel(), " from rank ", root));
+  AVIARY_RETURN_IF_ERROR(AfterProducers());
   AVIARY_NCCL_CHECK(
       ncclBroadcast(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, root, comm_, stream()),
       comm_);
@@ -226,6 +237,7 @@ absl::StatusOr<at::Tensor> NcclCommunicator::AllGather(const at::Tensor& tensor)
   at::Tensor out = at::empty(shape, dev.options());
   const int64_t seq = ++seq_;
   NcclWork work(this, out, out, seq, absl::StrCat("all-gather of ", tensor.numel()));
+  AVIARY_RETURN_IF_ERROR(AfterProducers());
   AVIARY_NCCL_CHECK(
       ncclAllGather(dev.data_ptr(), out.data_ptr(), dev.numel(), *type, comm_, stream()), comm_);
   AVIARY_RETURN_IF_ERROR(work.Record());

@@ -4,9 +4,11 @@
 //
 // One ncclComm_t per worker group, created from an ncclUniqueId that rank 0 draws and broadcasts
 // over MPI; one GPU per rank (NCCL refuses two ranks on one GPU: use the MPI backend there).
-// Collectives run on the current (training) stream of the rank's device, so they are ordered
-// with the kernels that produce and consume the tensors; CPU tensors are copied to the device
-// and back. Wait() polls a CUDA event and ncclCommGetAsyncError() with the comm.timeout_s
+// Collectives run on the communicator's own stream (high priority, as c10d's), so that the
+// reducer's all-reduce of a bucket runs while backward goes on in the training stream: each
+// collective first makes its stream wait for what the current stream has queued (the kernels
+// that produced the tensor), and its consumers run after Wait(), which returns once the
+// collective is done. CPU tensors are copied to the device and back. Wait() polls a CUDA event and ncclCommGetAsyncError() with the comm.timeout_s
 // deadline: an asynchronous NCCL error or a timeout aborts the communicator (ncclCommAbort) and
 // is returned with the call, file:line, rank and NCCL's message; the caller then ends the group.
 // NCCL cannot tell which ranks are missing: the timeout message says so (the MPI backend can).
@@ -52,7 +54,8 @@ class NcclCommunicator final : public Communicator {
   // Waits for `event` (recorded after collective `seq`) with the deadline; aborts on error.
   absl::Status WaitEvent(cudaEvent_t event, int64_t seq, const std::string& what);
   ncclComm_t comm() const { return comm_; }
-  cudaStream_t stream() const;
+  // The collectives' stream.
+  cudaStream_t stream() const { return stream_; }
 
  private:
   NcclCommunicator(int rank, int world_size, at::Device device, double timeout_s)
@@ -62,7 +65,11 @@ class NcclCommunicator final : public Communicator {
   int world_size_;
   at::Device device_;
   double timeout_s_;
+  // The collectives' stream waits for the work queued so far on the current stream.
+  absl::Status AfterProducers();
+
   ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;  // torch's pool owns it
   bool aborted_ = false;
   int64_t seq_ = 0;
 };
