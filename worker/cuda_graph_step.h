@@ -21,6 +21,10 @@
 // train.grad_accum_steps > 1, a gradient all-reduce (the reducer's hooks synchronize with the
 // host during backward; a graphed multi-rank step would all-reduce after the replay).
 //
+// Capture uses torch's default mode (cudaStreamCaptureModeGlobal): no other thread may make an
+// unsafe CUDA call meanwhile. A trainer whose loader threads pin memory would capture with
+// cudaStreamCaptureModeThreadLocal.
+//
 // Not thread-safe; one per model replica. The static inputs, the loss and the gradients are
 // the graph's: valid until the next Replay().
 #ifndef AVIARY_WORKER_CUDA_GRAPH_STEP_H_

@@ -3,7 +3,8 @@
 //     For hosts where NCCL cannot be used, e.g. several ranks on one GPU (NCCL refuses them:
 //     "Duplicate GPU detected").
 //   - NCCL (built when NCCL is found and torch has CUDA, AVIARY_WITH_NCCL_BACKEND): one
-//     communicator per group, the ncclUniqueId broadcast over MPI, on the training stream.
+//     communicator per group, the ncclUniqueId broadcast over MPI, on a stream of its own
+//     that waits for the training stream's producers (so that all-reduce overlaps backward).
 //
 // Collective contract: every rank calls the same collectives, in the same order, with tensors
 // of the same dtype and element count (AllGather: the same shape). Tensors are reduced in
