@@ -420,7 +420,7 @@ absl::Status Trainer::State::ConfigureDevice() {
     ConfigureCudaMode(train.deterministic);
     // The rank's GPU current on this thread too: raw CUDA calls outside torch's guards (event
     // queries) would otherwise open a context on GPU 0 in every rank.
-    c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(options.device);
+    if (options.device.has_index()) c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(options.device);
   }
   if (!options.device.is_cuda() && train.precision == "bf16") {
     return absl::InvalidArgumentError("train.precision: bf16 needs a CUDA device (use auto or fp32 on CPU)");
