@@ -29,6 +29,20 @@ awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {prin
   "$tmp/out/results.tsv" || fail "a check measured nothing"
 [ -s "$tmp/out/acceptance.log" ] || fail "no acceptance.log"
 
+# Bad input to the new flags is refused by name, before any work.
+expect_refusal() {  # EXPECTED_TEXT CMD...
+  local want=$1; shift
+  if "$@" > "$tmp/bad.log" 2>&1; then fail "accepted: $*"; return; fi
+  grep -qF -- "$want" "$tmp/bad.log" || { cat "$tmp/bad.log"; fail "'$*' did not say: $want"; return; }
+  ok
+}
+bench=$build/bench/train_step_bench
+expect_refusal "--cuda-graph needs --input mel --device cuda (got --input wave --device cpu)" "$bench" --cuda-graph
+expect_refusal "--cuda-graph needs --input mel --device cuda (got --input mel --device cpu)" "$bench" --cuda-graph --input mel
+expect_refusal "--cudnn-benchmark: expected one of auto, on, off, got 'fast'" "$bench" --cudnn-benchmark fast
+expect_refusal "--budget and --step-timeout take whole seconds, got '7m'" \
+  "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --budget 7m
+
 # Out of time: with no budget left no step starts, each is reported, and the table is still
 # printed (a device call's limit must not take the results with it).
 if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$python" --out "$tmp/out0" --work "$tmp/work0" \
