@@ -42,6 +42,7 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   out << YAML::Key << "skipped_steps" << YAML::Value << m.skipped_steps;
   out << YAML::Key << "task_id" << YAML::Value << m.task_id;
   out << YAML::Key << "attempt" << YAML::Value << m.attempt;
+  if (m.world_size > 0) out << YAML::Key << "world_size" << YAML::Value << m.world_size;
   if (m.in_epoch >= 0) {
     out << YAML::Key << "in_epoch" << YAML::Value << m.in_epoch;
     out << YAML::Key << "batches_done" << YAML::Value << m.batches_done;
@@ -79,6 +80,7 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     if (n["skipped_steps"]) m.skipped_steps = n["skipped_steps"].as<int64_t>();
     if (n["task_id"]) m.task_id = n["task_id"].as<std::string>();
     if (n["attempt"]) m.attempt = n["attempt"].as<int>();
+    if (n["world_size"]) m.world_size = n["world_size"].as<int>();
     if (n["in_epoch"]) {
       m.in_epoch = n["in_epoch"].as<int>();
       m.batches_done = n["batches_done"].as<int64_t>();
@@ -98,6 +100,10 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
   if (m.format != 1) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": checkpoint format ", m.format, " is not supported (expected 1)"));
+  }
+  if (m.world_size < 0 || m.batches_done < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has world_size ", m.world_size,
+                                                   " and batches_done ", m.batches_done, " (expected >= 0)"));
   }
   return m;
 }

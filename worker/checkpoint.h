@@ -42,6 +42,9 @@ struct CheckpointMeta {
   // "" and 0 for `aviary-worker train` and checkpoints written before.
   std::string task_id;
   int attempt = 0;
+  // The ranks of the run that wrote it (a mid-epoch position counts that run's loader batches);
+  // 0: not recorded (checkpoints written before).
+  int world_size = 0;
   // A checkpoint written mid-epoch (a stop or preemption, TrainOptions::should_stop): epoch
   // `in_epoch` (= epoch + 1) is in progress and its first `batches_done` loader batches are
   // trained; `epoch_loss_sum`, `epoch_seen` and `epoch_correct` are the epoch's running totals

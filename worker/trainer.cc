@@ -279,6 +279,7 @@ struct Trainer::State {
     m.skipped_steps = skipped_steps;
     m.task_id = options.task_id;
     m.attempt = options.attempt;
+    m.world_size = world;
     m.early_stop_value = early_stop_value;
     m.early_stop_epoch = early_stop_epoch;
     m.stopped_early = stopped_early;
@@ -305,6 +306,7 @@ struct Trainer::State {
     double loss_sum = 0.0;
     int64_t seen = 0;
     int64_t correct = 0;
+    int64_t seen_before = 0;  // of `seen`, the samples trained before a mid-epoch resume (rates)
     std::chrono::steady_clock::time_point start, last_log, step_start;
     double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
     int64_t first_batch = 0;        // > 0: resumed mid-epoch at this loader batch
@@ -350,6 +352,7 @@ struct Trainer::State {
   absl::Status CheckConfigUnchanged(const CheckpointMeta& meta, const std::string& path) const;
   absl::Status RestoreRunState(const CheckpointMeta& meta, const std::string& path);
   absl::Status JoinGroup();
+  int64_t ResumeBatch(const CheckpointMeta& meta, const std::string& last) const;
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
@@ -691,7 +694,7 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
   }
   if (meta.in_epoch >= 0) {
     start_epoch = meta.in_epoch;
-    mid.batches_done = meta.batches_done;
+    mid.batches_done = ResumeBatch(meta, last);
     // The epoch's totals were summed over the ranks when it stopped: rank 0 carries them.
     if (rank == 0) {
       mid.loss_sum = meta.epoch_loss_sum;
@@ -709,16 +712,45 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
   return absl::OkStatus();
 }
 
+// Where a mid-epoch checkpoint resumes in this run's loader plan. Loader batch s of an epoch is
+// rows [s*B*W, (s+1)*B*W) of the epoch's order for any number of ranks W (Loader::Plan), so a run
+// on other ranks than the one that stopped resumes at the batch that starts where it stopped.
+// When none starts there, at the one before: up to W-1 per-rank batches of the epoch are trained
+// again (never skipped). Either way the run is no longer bit-exact against an uninterrupted one
+// (other augmentation draws, another global batch and learning rate), and the log says so.
+int64_t Trainer::State::ResumeBatch(const CheckpointMeta& meta, const std::string& last) const {
+  if (meta.world_size <= 0 || meta.world_size == world) return meta.batches_done;
+  const int64_t rows = meta.batches_done * meta.world_size;  // in per-rank batches of batch_size
+  const int64_t batch = rows / world;
+  const int64_t again = rows - batch * world;
+  if (rank == 0) {
+    Log().Warn(absl::StrCat(
+        "resume: ", last, " stopped at batch ", meta.batches_done, " of epoch ", meta.in_epoch, " on ", meta.world_size,
+        meta.world_size == 1 ? " rank" : " ranks", "; on ", world, world == 1 ? " rank" : " ranks",
+        " that is batch ", batch,
+        again == 0 ? std::string(" (the same samples)")
+                   : absl::StrCat(" (", again * train.batch_size, " samples of the epoch are trained again)"),
+        "; the global batch is now ", global_batch, ", and the run is not bit-exact against an uninterrupted one"));
+  }
+  return batch;
+}
+
 // Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
 absl::Status Trainer::State::JoinGroup() {
   if (comm != nullptr) {  // also with one rank under mpirun: the all-reduce path runs
-    // All ranks must resume from the same checkpoint (the run folder on a shared filesystem).
-    at::Tensor start = at::tensor({static_cast<int64_t>(start_epoch), -static_cast<int64_t>(start_epoch)}, at::kLong);
-    AVIARY_RETURN_IF_ERROR(comm->AllReduce(start, comm::ReduceOp::kMax));
-    if (start[0].item<int64_t>() != -start[1].item<int64_t>()) {
+    // All ranks must resume from the same checkpoint (the run folder on a shared filesystem): the
+    // same epoch, mid-epoch position and optimizer step (a rank that found no mid-epoch last.pt
+    // would start the epoch over with fresh optimizer moments, beside ranks that did not).
+    const int64_t mine[3] = {start_epoch, mid.batches_done, step};
+    at::Tensor range = at::tensor({mine[0], -mine[0], mine[1], -mine[1], mine[2], -mine[2]}, at::kLong);
+    AVIARY_RETURN_IF_ERROR(comm->AllReduce(range, comm::ReduceOp::kMax));
+    const char* what[3] = {"epochs", "batches", "optimizer steps"};
+    for (int i = 0; i < 3; ++i) {
+      const int64_t hi = range[2 * i].item<int64_t>(), lo = -range[2 * i + 1].item<int64_t>();
+      if (hi == lo) continue;
       return absl::FailedPreconditionError(absl::StrCat(
-          "rank ", rank, " starts at epoch ", start_epoch, " but the ranks range over epochs ",
-          -start[1].item<int64_t>(), "..", start[0].item<int64_t>(), ": every rank must see the same ",
+          "rank ", rank, " resumes at epoch ", start_epoch, " batch ", mid.batches_done, " step ", step,
+          " but the ranks range over ", what[i], " ", lo, "..", hi, ": every rank must see the same ",
           Path("last.pt"), " (put --out on a filesystem shared by all ranks)"));
     }
     AVIARY_RETURN_IF_ERROR(BroadcastState(/*parameters=*/true));
@@ -841,6 +873,7 @@ Trainer::State::EpochTally Trainer::State::StartEpoch(int epoch) {
     t.first_batch = mid.batches_done;
     t.loss_sum = mid.loss_sum;
     t.seen = mid.seen;
+    t.seen_before = mid.seen;
     t.correct = mid.correct;
     mid = MidEpoch();
   }
@@ -984,7 +1017,7 @@ void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples,
   st.step = step;
   st.step_in_epoch = (s + accum) / accum;  // optimizer steps: ceil((s + 1) / K)
   st.steps_per_epoch = (t.steps + accum - 1) / accum;
-  st.lr = train.lr_per_step ? StepLr(t.epoch, s, t.steps) : t.lr;
+  st.lr = optimizer->lr();  // the rate this step used (lr_per_step: set at its first micro-batch)
   st.train_loss = t.seen > 0 ? t.loss_sum / t.seen : kNaN;
   st.samples = samples;
   st.world_size = world;
@@ -999,18 +1032,20 @@ void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples,
 // The live line on stderr (options.progress_bar), else a log line every log_every_s.
 void Trainer::State::LogProgress(int64_t s, EpochTally* t) {
   const double elapsed = Seconds(t->start);
-  const double rate = t->seen / std::max(elapsed, 1e-9);
+  // Rates and the ETA from what this run trained (a resumed epoch started at first_batch).
+  const double rate = (t->seen - t->seen_before) / std::max(elapsed, 1e-9);
   const int64_t steps = t->steps;
+  const int64_t done = std::max<int64_t>(s + 1 - t->first_batch, 1);
   if (options.progress_bar) {
     std::fprintf(stderr, "\repoch %d/%d  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s   ",
                  t->epoch, epochs - 1, static_cast<long long>(s + 1), static_cast<long long>(steps),
-                 t->loss_sum / t->seen, rate, Eta((steps - s - 1) * elapsed / (s + 1)).c_str());
+                 t->loss_sum / t->seen, rate, Eta((steps - s - 1) * elapsed / done).c_str());
   } else if (Seconds(t->last_log) >= options.log_every_s) {
     t->last_log = std::chrono::steady_clock::now();
     Log().Info(absl::StrFormat("epoch %d/%d step %lld/%lld loss %.4f %.0f samples/s ETA %s",
                                t->epoch, epochs - 1, static_cast<long long>(s + 1),
                                static_cast<long long>(steps), t->loss_sum / t->seen, rate,
-                               Eta((steps - s - 1) * elapsed / (s + 1))));
+                               Eta((steps - s - 1) * elapsed / done)));
   }
 }
 
@@ -1019,12 +1054,16 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
   double loss_sum = t.loss_sum;
   int64_t seen = t.seen;
   int64_t correct = t.correct;
+  int64_t seen_before = t.seen_before;
   if (world > 1) {
-    at::Tensor totals = at::tensor({loss_sum, static_cast<double>(seen), static_cast<double>(correct)}, at::kDouble);
+    at::Tensor totals = at::tensor({loss_sum, static_cast<double>(seen), static_cast<double>(correct),
+                                    static_cast<double>(seen_before)},
+                                   at::kDouble);
     AVIARY_RETURN_IF_ERROR(comm->AllReduce(totals));
     loss_sum = totals[0].item<double>();
     seen = static_cast<int64_t>(totals[1].item<double>());
     correct = static_cast<int64_t>(totals[2].item<double>());
+    seen_before = static_cast<int64_t>(totals[3].item<double>());
   }
   const double elapsed = Seconds(t.start);
   if (reducer && rank == 0) {
@@ -1041,7 +1080,7 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
   record.step = step;
   record.train_loss = seen > 0 ? loss_sum / seen : kNaN;
   record.train_acc = seen > 0 ? static_cast<double>(correct) / seen : kNaN;
-  record.samples_per_s = seen / std::max(elapsed, 1e-9);
+  record.samples_per_s = (seen - seen_before) / std::max(elapsed, 1e-9);
   return record;
 }
 

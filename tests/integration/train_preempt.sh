@@ -56,5 +56,51 @@ preempt accum 0 "" --set train.batch_size=8 --set train.grad_accum_steps=2 --set
 # Two ranks: the signal reaches rank 1 only; the ranks agree to stop at the same step.
 preempt two 1 "$mpiexec -np 2 --oversubscribe" --set train.batch_size=8
 
+# Another number of ranks on resume (the coordinator may re-lease a task to a group of another
+# size): stopped mid-epoch on one process at loader batch b, resumed on two. Batch s of an epoch
+# is rows [s*B*W, (s+1)*B*W) of its order, so two ranks resume at batch b/2 (b even: the same
+# samples) or (b-1)/2 (b odd: one batch of the epoch again), and epoch 1 then takes the 2-rank
+# epoch's steps less that batch. Before that, a group whose rank 1 sees only the epoch-end
+# last.pt (node-local run folders) is refused: same epoch, another batch and optimizer step.
+world_change() {
+  local args=(train --config "$tmp/p.yaml" --stage finetune --fold 0 --threads 1 --set train.batch_size=8)
+  AVIARY_FAULT_INJECT="rank=0,step=11,kind=sigterm" "$w" "${args[@]}" --out "$tmp/world" > "$tmp/world.1.log" 2>&1
+  local line b k
+  line=$(grep -o "stopped at epoch 1 batch [0-9]* (step [0-9]*)" "$tmp/world.1.log" | head -1)
+  [ -n "$line" ] || { cat "$tmp/world.1.log"; fail "world: no mid-epoch stop in epoch 1"; return; }
+  b=$(echo "$line" | sed 's/.*batch \([0-9]*\) .*/\1/')
+  k=$(echo "$line" | sed 's/.*(step \([0-9]*\))/\1/')
+  [ "$b" -ge 2 ] || { fail "world: stopped at batch $b, the test wants 2 or more"; return; }
+  mkdir -p "$tmp/split/r0" "$tmp/split/r1"
+  cp -r "$tmp/world" "$tmp/split/r0/run"
+  cp -r "$tmp/world" "$tmp/split/r1/run"
+  mv "$tmp/split/r1/run/last.prev.pt" "$tmp/split/r1/run/last.pt"
+  # shellcheck disable=SC2016  # expanded by the rank's shell
+  if $mpiexec -np 2 --oversubscribe bash -c 'cd "$0/r$OMPI_COMM_WORLD_RANK" && exec "$@"' "$tmp/split" \
+       "$w" "${args[@]}" --out run > "$tmp/split.log" 2>&1; then
+    fail "world: ranks that resume from different checkpoints were not refused"
+  elif grep -q "resumes at epoch 1 batch [0-9]* step [0-9]* but the ranks range over batches 0\.\.$((b / 2)): every rank must see the same run/last.pt" "$tmp/split.log"; then
+    ok
+  else
+    cat "$tmp/split.log"; fail "world: the refusal does not name the batches"
+  fi
+  $mpiexec -np 2 --oversubscribe "$w" "${args[@]}" --out "$tmp/world" > "$tmp/world.2.log" 2>&1 \
+    || { cat "$tmp/world.2.log"; fail "world: resume on two ranks"; return; }
+  grep -q "stopped at batch $b of epoch 1 on 1 rank; on 2 ranks that is batch $((b / 2)) " "$tmp/world.2.log" \
+    || { cat "$tmp/world.2.log"; fail "world: the resume does not say where it resumes"; return; }
+  if /usr/bin/python3 - "$tmp/world/history.csv" "$k" "$((b / 2))" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+k, start = int(sys.argv[2]), int(sys.argv[3])
+steps = [int(r["step"]) for r in rows]
+assert len(steps) == 3, steps
+full = steps[2] - steps[1]  # a whole epoch on two ranks
+if steps[1] - k != full - start:
+    sys.exit(f"epoch 1 took {steps[1] - k} steps after the resume at batch {start}; a 2-rank epoch has {full}")
+PY
+  then ok; else fail "world: epoch 1 did not train the rest of the epoch"; fi
+}
+world_change
+
 echo "train_preempt: $passes passed, $fails failed"
 [ $fails -eq 0 ]

@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
 #include "worker/models.h"
+#include "worker/schedule.h"
 #include "worker/weights.h"
 
 namespace aviary::worker {
@@ -355,6 +356,38 @@ TEST_F(TrainerTest, StepStatsAddUpToTheHistory) {
     EXPECT_EQ(s.step, r.step);
     EXPECT_EQ(s.lr, r.lr);
     EXPECT_DOUBLE_EQ(s.train_loss, r.train_loss);  // one rank: the running mean ends at the epoch's
+  }
+}
+
+// train.lr_per_step with accumulation: the rate is set at an optimizer step's first micro-batch,
+// and on_step reports that rate (the one the step used), not the rate of its last micro-batch.
+TEST_F(TrainerTest, PerStepRatesAreTheRatesTheStepsUsed) {
+  common::PipelineConfig c = Config();
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) {
+    t->epochs = 2;
+    t->lr_per_step = true;
+    t->grad_accum_steps = 2;
+    t->lr_ramp_epochs = 2;  // the rate changes at every micro-batch
+  }
+  TrainOptions o;
+  o.out_dir = Out("lr_per_step");
+  std::vector<StepStats> steps;
+  o.on_step = [&](const StepStats& s) { steps.push_back(s); };
+  auto trainer = Trainer::Create(c, o);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+  ASSERT_FALSE(steps.empty());
+  // Loader batches per epoch: the micro-batches of the epoch's steps (the last may hold one).
+  const int64_t per_epoch = steps.front().steps_per_epoch;
+  std::map<int, int64_t> micro;  // epoch -> loader batches, from the samples reported
+  for (const StepStats& s : steps) micro[s.epoch] += s.samples / c.train.batch_size;
+  const int global_batch = c.train.batch_size * 2;
+  for (const StepStats& s : steps) {
+    const int64_t batches = micro[s.epoch];
+    ASSERT_GE(batches, 2 * per_epoch - 1);
+    const int64_t first = 2 * (s.step_in_epoch - 1);  // the step's first micro-batch
+    EXPECT_DOUBLE_EQ(s.lr, LearningRate(c.train, s.epoch + static_cast<double>(first) / batches, global_batch))
+        << "epoch " << s.epoch << " step " << s.step_in_epoch;
   }
 }
 
