@@ -131,7 +131,10 @@ int RunTrain(const TrainArgs& args) {
     if (group == nullptr || group->world_size() == 1) return aviary::worker::Signalled();
     at::Tensor flag = at::tensor({aviary::worker::Signalled() ? int64_t{1} : int64_t{0}}, at::kLong);
     absl::Status st = group->AllReduce(flag, aviary::worker::comm::ReduceOp::kMax);
-    return !st.ok() || flag.item<int64_t>() != 0;
+    // A failed agreement is no stop signal: the group is broken (a rank stalled or died), so it
+    // ends as any failed collective ends it, naming the cause (Fail aborts the group).
+    if (!st.ok()) Fail("train", aviary::common::Annotate(st, "the per-step stop check"));
+    return flag.item<int64_t>() != 0;
   };
   std::error_code ec;
   std::filesystem::create_directories(options.out_dir, ec);
@@ -187,20 +190,21 @@ struct ServeArgs {
   std::string log_level;
 };
 
-int RunServe(const ServeArgs& args) {
-  if (absl::Status st = ApplyLogLevel(args.log_level); !st.ok()) return ServeFail(st);
+// The flags, token and TLS files of `serve` into `options` (every rank reads them).
+absl::Status PrepareServe(const ServeArgs& args, aviary::worker::AgentOptions* out) {
+  AVIARY_RETURN_IF_ERROR(ApplyLogLevel(args.log_level));
   aviary::worker::AgentOptions options = args.options;
   if (options.coordinator.find(':') == std::string::npos) {
-    return ServeFail(absl::InvalidArgumentError(
-        absl::StrCat("--coordinator: expected HOST:PORT, got '", options.coordinator, "'")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--coordinator: expected HOST:PORT, got '", options.coordinator, "'"));
   }
   if (!args.token_file.empty()) {
     auto token = ReadToken(args.token_file, "--token-file");
-    if (!token.ok()) return ServeFail(token.status());
+    if (!token.ok()) return token.status();
     options.token = *token;
   } else if (const char* env = std::getenv("AVIARY_TOKEN_FILE"); env != nullptr && *env != '\0') {
     auto token = ReadToken(env, "AVIARY_TOKEN_FILE");
-    if (!token.ok()) return ServeFail(token.status());
+    if (!token.ok()) return token.status();
     options.token = *token;
   } else if (const char* env = std::getenv("AVIARY_TOKEN"); env != nullptr) {
     options.token = std::string(absl::StripAsciiWhitespace(env));
@@ -211,7 +215,7 @@ int RunServe(const ServeArgs& args) {
   }
   if (!ca.empty()) {
     auto pem = aviary::common::ReadFileToString(ca);
-    if (!pem.ok()) return ServeFail(aviary::common::Annotate(pem.status(), "--tls-ca"));
+    if (!pem.ok()) return aviary::common::Annotate(pem.status(), "--tls-ca");
     options.tls_ca_pem = *pem;
   }
   // The group's client certificate for a coordinator with tls_client_ca_file (mutual TLS).
@@ -227,17 +231,39 @@ int RunServe(const ServeArgs& args) {
     key_source = "AVIARY_TLS_KEY";
   }
   if (cert.empty() != key.empty()) {
-    return ServeFail(absl::InvalidArgumentError(absl::StrCat(
+    return absl::InvalidArgumentError(absl::StrCat(
         cert.empty() ? "--tls-key" : "--tls-cert",
-        ": a client certificate needs both --tls-cert and --tls-key (or AVIARY_TLS_CERT and AVIARY_TLS_KEY)")));
+        ": a client certificate needs both --tls-cert and --tls-key (or AVIARY_TLS_CERT and AVIARY_TLS_KEY)"));
   }
   if (!cert.empty()) {
     auto cert_pem = aviary::common::ReadFileToString(cert);
-    if (!cert_pem.ok()) return ServeFail(aviary::common::Annotate(cert_pem.status(), cert_source));
+    if (!cert_pem.ok()) return aviary::common::Annotate(cert_pem.status(), cert_source);
     auto key_pem = aviary::common::ReadFileToString(key);
-    if (!key_pem.ok()) return ServeFail(aviary::common::Annotate(key_pem.status(), key_source));
+    if (!key_pem.ok()) return aviary::common::Annotate(key_pem.status(), key_source);
     options.tls_cert_pem = *cert_pem;
     options.tls_key_pem = *key_pem;
+  }
+  *out = std::move(options);
+  return absl::OkStatus();
+}
+
+int RunServe(const ServeArgs& args) {
+  aviary::worker::AgentOptions options;
+  absl::Status mine = PrepareServe(args, &options);
+  if (mine.ok()) mine = aviary::worker::CheckAgentOptions(options);
+  // Every rank reads its flags and files; a rank that cannot start (a token file only rank 0's
+  // host has, no GPU on one node) must not leave the others waiting in the group's first
+  // collective: the ranks agree first, and the lowest failing rank says why.
+  int first_failed = -1;
+  absl::Status all = g_session->AllRanksOk(mine, &first_failed);
+  if (!all.ok()) {
+    if (first_failed < 0) {  // the agreement itself failed (MPI)
+      std::cerr << "aviary-worker serve: rank " << g_session->rank() << ": " << all.message() << "\n";
+    } else if (g_session->rank() == first_failed) {
+      std::cerr << "aviary-worker serve: " << (g_session->world_size() > 1 ? absl::StrCat("rank ", first_failed, ": ") : "")
+                << mine.message() << "\n";
+    }
+    return aviary::common::ExitCodeFor(mine.ok() ? all : mine);
   }
   // The agent ends the whole group itself (MPI_Abort) when ranks cannot agree; an error that
   // reaches here was shared by every rank.

@@ -86,5 +86,19 @@ out=$(mpi2 "$w" train --config "$tmp/p.yaml" --set comm.backend=nccl --device cp
 rc=$?
 { [ $rc -ne 0 ] && grep -q "comm.backend: nccl" <<<"$out"; } || fail "comm.backend nccl: rc=$rc: $out"
 
+# serve: a rank that cannot start (its --token-file is missing on its host) ends every rank at
+# once with a message naming it, instead of leaving rank 0 in the group's first collective.
+echo "a-token" > "$tmp/token"
+# shellcheck disable=SC2016  # expanded by the rank's shell
+timeout 120 "$mpiexec" -np 2 --oversubscribe bash -c \
+  'f=$0; [ "$OMPI_COMM_WORLD_RANK" = 1 ] && f=$0.absent; exec "$1" serve --coordinator 127.0.0.1:1 --token-file "$f" --connect-timeout-s 5' \
+  "$tmp/token" "$w" > "$tmp/serve_rank1.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] || [ $rc -eq 124 ]; then
+  cat "$tmp/serve_rank1.log"; fail "serve with rank 1 unable to start: exit $rc (124: it hung)"
+elif ! grep -q "aviary-worker serve: rank 1: --token-file: .*$tmp/token.absent" "$tmp/serve_rank1.log"; then
+  cat "$tmp/serve_rank1.log"; fail "serve with rank 1 unable to start: rank 1 and its token file are not named"
+fi
+
 echo "train_distributed: $fails failed"
 [ $fails -eq 0 ]

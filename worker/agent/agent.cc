@@ -689,7 +689,7 @@ bool IsRetryable(const absl::Status& status) {
   }
 }
 
-absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) {
+absl::Status CheckAgentOptions(const AgentOptions& options) {
   if (options.coordinator.empty()) return absl::InvalidArgumentError("missing required flag --coordinator");
   if (options.device != "auto" && options.device != "cpu" && options.device != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat("--device: expected auto, cpu or cuda, got '", options.device, "'"));
@@ -697,6 +697,11 @@ absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) 
   if (options.device == "cuda" && !at::hasCUDA()) {
     return absl::FailedPreconditionError("--device cuda: torch sees no CUDA device");
   }
+  return absl::OkStatus();
+}
+
+absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session) {
+  AVIARY_RETURN_IF_ERROR(CheckAgentOptions(options));
   AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<GroupControl> control, GroupControl::Create());
   Agent agent(options, session, *control);
   return agent.Serve();

@@ -62,6 +62,10 @@ struct AgentOptions {
 // are told to stop and return the same code). `session` must outlive the call.
 absl::Status ServeAgent(const AgentOptions& options, comm::MpiSession& session);
 
+// The options ServeAgent refuses before it starts (INVALID_ARGUMENT / FAILED_PRECONDITION naming
+// the flag): each rank checks its own (--device cuda on a host without a GPU).
+absl::Status CheckAgentOptions(const AgentOptions& options);
+
 // Exponential backoff: Next() returns initial_s, then doubles each call up to max_s; Reset()
 // starts over. Not thread-safe.
 class Backoff {

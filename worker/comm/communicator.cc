@@ -1,6 +1,10 @@
 #include "worker/comm/communicator.h"
 
+#include <mpi.h>
+
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/mpi_session.h"
 #ifdef AVIARY_WITH_NCCL_BACKEND
@@ -11,9 +15,11 @@
 
 namespace aviary::worker::comm {
 
-absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::CommConfig& config,
-                                                                 const MpiSession& session,
-                                                                 const at::Device& device) {
+namespace {
+
+// This rank's backend: "mpi" or "nccl", or why it has none.
+absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, const MpiSession& session,
+                                          const at::Device& device) {
   std::string backend = config.backend;
   if (backend != "auto" && backend != "mpi" && backend != "nccl") {
     return absl::InvalidArgumentError(
@@ -32,15 +38,47 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
       return absl::FailedPreconditionError(
           "comm.backend: nccl needs a CUDA device; this rank trains on the CPU (use mpi)");
     }
-    auto c = NcclCommunicator::Create(session, device, config.timeout_s);
-    if (!c.ok()) return c.status();
-    return std::unique_ptr<Communicator>(std::move(*c));
 #else
     return absl::FailedPreconditionError(
         "comm.backend: nccl is not built into this aviary-worker (it needs NCCL and a CUDA-enabled "
         "libtorch at build time); use comm.backend: mpi or auto");
 #endif
   }
+  return backend;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::CommConfig& config,
+                                                                 const MpiSession& session,
+                                                                 const at::Device& device) {
+  // Each rank chooses from its own host (its GPUs, its local ranks), but NCCL's and MPI's set-up
+  // calls do not match: ranks that chose differently would wait in them for ever. So the ranks
+  // agree first: an error anywhere ends every rank, and "auto" falls back to MPI everywhere when
+  // one rank cannot use NCCL (one GPU fewer on a node, a host without a GPU).
+  absl::StatusOr<std::string> mine = ChooseBackend(config, session, device);
+  int first_failed = -1;
+  AVIARY_RETURN_IF_ERROR(session.AllRanksOk(mine.status(), &first_failed));
+  std::string backend = *mine;
+  if (session.world_size() > 1) {
+    const int nccl = backend == "nccl" ? 1 : 0;
+    int all_nccl = 0;
+    AVIARY_MPI_CHECK(MPI_Allreduce(&nccl, &all_nccl, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (backend == "nccl" && all_nccl == 0) {
+      // Only "auto" gets here (an explicit nccl on a rank without CUDA failed above).
+      static const common::Logger log("comm");
+      log.Warn("comm.backend auto: another rank cannot use NCCL (no GPU of its own, or fewer GPUs than ranks on "
+               "its host); the group all-reduces with MPI");
+      backend = "mpi";
+    }
+  }
+#ifdef AVIARY_WITH_NCCL_BACKEND
+  if (backend == "nccl") {
+    auto c = NcclCommunicator::Create(session, device, config.timeout_s);
+    if (!c.ok()) return c.status();
+    return std::unique_ptr<Communicator>(std::move(*c));
+  }
+#endif
   auto c = MpiCommunicator::Create(config.timeout_s);
   if (!c.ok()) return c.status();
   return std::unique_ptr<Communicator>(std::move(*c));

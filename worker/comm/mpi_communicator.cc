@@ -106,10 +106,13 @@ class MpiWork final : public Work {
   absl::Status Wait() override {
     if (done_) return absl::OkStatus();
     absl::Status st = comm_->WaitRequest(&request_, seq_, what_);
-    if (st.ok())
+    if (st.ok()) {
       Finish();
-    else
+    } else {
       done_ = true;  // the group is ending; do not wait again from the destructor
+      // MPI may still write the buffer of a request that never completed: it outlives us.
+      if (request_ != MPI_REQUEST_NULL) new at::Tensor(staged_);  // NOLINT: deliberately leaked
+    }
     return st;
   }
 
@@ -215,27 +218,38 @@ std::string MpiCommunicator::NotArrived(int64_t seq) {
 
 absl::Status MpiCommunicator::WaitRequest(MPI_Request* request, int64_t seq,
                                           const std::string& what) {
+  if (!failed_.ok()) return Broken(seq, what);
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
                                     std::chrono::duration<double>(timeout_s_));
   Backoff backoff;
   while (true) {
     int flag = 0;
-    AVIARY_MPI_CHECK(MPI_Test(request, &flag, MPI_STATUS_IGNORE));
+    if (int rc = MPI_Test(request, &flag, MPI_STATUS_IGNORE); rc != MPI_SUCCESS) {
+      failed_ = absl::InternalError(MpiErrorMessage("MPI_Test", rc, __FILE__, __LINE__));
+      return failed_;
+    }
     if (flag) return absl::OkStatus();
     AnswerQueries();
     if (Clock::now() > deadline) {
-      return absl::DeadlineExceededError(
+      failed_ = absl::DeadlineExceededError(
           absl::StrCat("rank ", rank_, ": collective #", seq, " (", what,
                        ") waited longer than comm.timeout_s = ", timeout_s_,
                        " s; ranks that did not arrive: ", NotArrived(seq)));
+      return failed_;
     }
     backoff.Pause();
   }
 }
 
+absl::Status MpiCommunicator::Broken(int64_t seq, const std::string& what) const {
+  return absl::AbortedError(absl::StrCat("rank ", rank_, ": collective #", seq, " (", what,
+                                         ") not waited for: an earlier one failed (", failed_.message(), ")"));
+}
+
 absl::StatusOr<std::unique_ptr<Work>> MpiCommunicator::AllReduceAsync(at::Tensor tensor,
                                                                       ReduceOp op) {
+  if (!failed_.ok()) return Broken(seq_ + 1, "all-reduce");
   bool widen = false;
   auto type = WireType(tensor.scalar_type(), &widen);
   if (!type.ok()) return type.status();
@@ -256,6 +270,7 @@ absl::StatusOr<std::unique_ptr<Work>> MpiCommunicator::AllReduceAsync(at::Tensor
 }
 
 absl::Status MpiCommunicator::Broadcast(at::Tensor tensor, int root) {
+  if (!failed_.ok()) return Broken(seq_ + 1, "broadcast");
   bool widen = false;
   auto type = WireType(tensor.scalar_type(), &widen);
   if (!type.ok()) return type.status();
@@ -273,6 +288,7 @@ absl::Status MpiCommunicator::Broadcast(at::Tensor tensor, int root) {
 }
 
 absl::StatusOr<at::Tensor> MpiCommunicator::AllGather(const at::Tensor& tensor) {
+  if (!failed_.ok()) return Broken(seq_ + 1, "all-gather");
   bool widen = false;
   auto type = WireType(tensor.scalar_type(), &widen);
   if (!type.ok()) return type.status();
@@ -287,11 +303,15 @@ absl::StatusOr<at::Tensor> MpiCommunicator::AllGather(const at::Tensor& tensor) 
                                   gathered.data_ptr(), static_cast<int>(staged.numel()), *type,
                                   comm_, work.request()));
   absl::Status st = work.Wait();
-  if (!st.ok()) return st;
+  if (!st.ok()) {
+    if (staged.data_ptr() != tensor.data_ptr()) new at::Tensor(staged);  // NOLINT: MPI may still read it
+    return st;
+  }
   return gathered.to(tensor.device(), tensor.scalar_type());
 }
 
 absl::Status MpiCommunicator::Barrier() {
+  if (!failed_.ok()) return Broken(seq_ + 1, "barrier");
   const int64_t seq = ++seq_;
   MPI_Request request = MPI_REQUEST_NULL;
   AVIARY_MPI_CHECK(MPI_Ibarrier(comm_, &request));

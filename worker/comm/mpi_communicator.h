@@ -50,6 +50,11 @@ class MpiCommunicator final : public Communicator {
   MpiCommunicator() = default;
   void AnswerQueries();
   std::string NotArrived(int64_t seq);
+  // ABORTED for collective `seq` (`what`) once an earlier one failed: a group whose collective
+  // timed out or failed is ending, and waiting on its other collectives (the reducer's later
+  // buckets, from destructors) would cost comm.timeout_s each before the error reaches the
+  // coordinator.
+  absl::Status Broken(int64_t seq, const std::string& what) const;
 
   MPI_Comm comm_ = MPI_COMM_NULL;  // the collectives
   MPI_Comm ctl_ = MPI_COMM_NULL;   // arrival queries and answers
@@ -57,6 +62,7 @@ class MpiCommunicator final : public Communicator {
   int world_size_ = 1;
   double timeout_s_ = 300.0;
   int64_t seq_ = 0;  // collectives started so far on this rank
+  absl::Status failed_;  // the first collective that failed or timed out
 };
 
 }  // namespace aviary::worker::comm

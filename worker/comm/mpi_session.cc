@@ -68,6 +68,25 @@ MpiSession::~MpiSession() {
   if (!finalized) MPI_Finalize();
 }
 
+absl::Status MpiSession::AllRanksOk(const absl::Status& mine, int* first_failed) const {
+  *first_failed = -1;
+  if (world_size_ == 1) {
+    if (!mine.ok()) *first_failed = rank_;
+    return mine;
+  }
+  const int candidate = mine.ok() ? world_size_ : rank_;
+  int lowest = world_size_;
+  const int failed = mine.ok() ? 0 : 1;
+  int failures = 0;
+  AVIARY_MPI_CHECK(MPI_Allreduce(&candidate, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  AVIARY_MPI_CHECK(MPI_Allreduce(&failed, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD));
+  if (failures == 0) return absl::OkStatus();
+  *first_failed = lowest;
+  if (!mine.ok()) return mine;
+  return absl::FailedPreconditionError(absl::StrCat("rank ", lowest, failures > 1 ? absl::StrCat(" and ", failures - 1, " more") : "",
+                                                    " of ", world_size_, " could not start (see its message)"));
+}
+
 void MpiSession::Abort(const std::string& message, int exit_code) const {
   std::cerr << "aviary: rank " << rank_ << " of " << world_size_ << " ends the group: " << message
             << std::endl;

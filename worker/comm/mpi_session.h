@@ -36,6 +36,13 @@ class MpiSession {
   // on MPI_COMM_WORLD, which makes mpirun kill every rank and exit non-zero. Never returns.
   [[noreturn]] void Abort(const std::string& message, int exit_code) const;
 
+  // Every rank passes its own outcome of a step that each rank does alone (reading its flags and
+  // files): OK when every rank's is OK; else this rank's error when it failed, or
+  // FAILED_PRECONDITION naming the lowest failing rank. `*first_failed` is that rank (-1: none,
+  // or the agreement itself failed: INTERNAL with MPI's message). A collective on
+  // MPI_COMM_WORLD: every rank must call it.
+  absl::Status AllRanksOk(const absl::Status& mine, int* first_failed) const;
+
  private:
   MpiSession() = default;
   bool owns_ = false;

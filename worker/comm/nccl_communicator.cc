@@ -157,6 +157,12 @@ absl::Status NcclCommunicator::AfterProducers() {
 }
 
 absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const std::string& what) {
+  // After an abort the communicator is gone: a later wait (the reducer's other buckets, from
+  // destructors) must neither query it nor wait out another timeout.
+  if (aborted_) {
+    return absl::AbortedError(absl::StrCat("rank ", rank_, ": collective #", seq, " (", what,
+                                           ") not waited for: the NCCL communicator was aborted after an error"));
+  }
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(timeout_s_));
   int spins = 0;
