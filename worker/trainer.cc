@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <cstdio>
 #include <limits>
 #include <sstream>
@@ -353,6 +354,7 @@ struct Trainer::State {
   absl::Status RestoreRunState(const CheckpointMeta& meta, const std::string& path);
   absl::Status JoinGroup();
   int64_t ResumeBatch(const CheckpointMeta& meta, const std::string& last) const;
+  void AdoptNewerBest(const CheckpointMeta& last);
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
@@ -677,6 +679,7 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
   step = meta.step;
   best_value = meta.best_value;
   best_epoch = meta.best_epoch;
+  AdoptNewerBest(meta);
   skipped_steps = meta.skipped_steps;
   early_stop_value = meta.early_stop_epoch >= 0 ? meta.early_stop_value : kNaN;
   early_stop_epoch = meta.early_stop_epoch;
@@ -710,6 +713,28 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
                                                             meta.in_epoch)
                                              : std::string()));
   return absl::OkStatus();
+}
+
+// best.pt is written before last.pt at an epoch's end: a stop between the two renames (or a
+// resume from last.prev.pt) leaves a best.pt of an epoch this run trains again. Its monitor
+// value is adopted, so that the re-run replaces it only by doing better, and the best epoch
+// reported stays the one whose weights best.pt holds.
+void Trainer::State::AdoptNewerBest(const CheckpointMeta& last) {
+  if (!std::filesystem::exists(Path("best.pt"))) return;
+  absl::StatusOr<CheckpointMeta> best = ReadCheckpointMeta(Path("best.pt"));
+  if (!best.ok()) {
+    Log().Warn(absl::StrCat("resume: ", best.status().message(), "; the next best epoch replaces it"));
+    return;
+  }
+  if (best->stage != last.stage || best->fold != last.fold || best->monitor != last.monitor ||
+      best->best_epoch <= last.epoch || std::isnan(best->best_value)) {
+    return;
+  }
+  Log().Info(absl::StrCat("resume: ", Path("best.pt"), " holds epoch ", best->best_epoch, " (", best->monitor, " ",
+                          best->best_value, "), newer than the resumed epoch ", last.epoch,
+                          ": the re-run of that epoch replaces it only if it does better"));
+  best_value = best->best_value;
+  best_epoch = best->best_epoch;
 }
 
 // Where a mid-epoch checkpoint resumes in this run's loader plan. Loader batch s of an epoch is
@@ -1089,6 +1114,10 @@ bool Trainer::State::TrackMonitor(EpochRecord* record) {
   if (Better(value)) {
     best_value = value;
     best_epoch = record->epoch;
+    record->best = true;
+    for (auto& h : history) h.best = false;
+  } else if (record->epoch == best_epoch) {
+    // The re-run of the epoch whose best.pt was adopted (AdoptNewerBest): best.pt stays its.
     record->best = true;
     for (auto& h : history) h.best = false;
   }

@@ -169,6 +169,45 @@ TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
   EXPECT_EQ(h->num_rows(), 3u);
 }
 
+// A stop between an epoch's two renames (best.pt, then last.pt): best.pt holds an epoch the
+// resumed run trains again. Its value is adopted: the re-run replaces best.pt only by doing
+// better, and the best epoch reported is the one whose weights best.pt holds.
+TEST_F(TrainerTest, ABestCheckpointNewerThanTheResumedOneIsKept) {
+  TrainOptions o;
+  o.out_dir = Out("newer_best");
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  {
+    auto first = Trainer::Create(two, o);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run().ok());
+  }
+  // As if epoch 2 had written best.pt (with a value no re-run reaches) and then stopped.
+  auto meta = ReadCheckpointMeta(o.out_dir + "/best.pt");
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  meta->epoch = meta->best_epoch = 2;
+  meta->best_value = 0.999;
+  {
+    auto model = BuildClassifier(two.model, meta->in_channels, meta->num_classes);
+    ASSERT_TRUE(model.ok()) << model.status();
+    ASSERT_TRUE(SaveCheckpoint(o.out_dir + "/best.pt", **model, nullptr, *meta).ok());
+  }
+  o.extend_epochs = true;  // on to 3 epochs
+  auto second = Trainer::Create(Config(), o);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE((*second)->Run().ok());
+  auto best = ReadCheckpointMeta(o.out_dir + "/best.pt");
+  ASSERT_TRUE(best.ok()) << best.status();
+  EXPECT_EQ(best->best_epoch, 2);
+  EXPECT_EQ(best->best_value, 0.999);  // not replaced by a worse re-run of epoch 2
+  const auto& history = (*second)->history();
+  ASSERT_EQ(history.size(), 3u);
+  for (const EpochRecord& r : history) EXPECT_EQ(r.best, r.epoch == 2) << "epoch " << r.epoch;
+  auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->best_epoch, 2);
+}
+
 TEST_F(TrainerTest, ARefusedCommitEndsTheRunAndKeepsThePreviousFiles) {
   TrainOptions o;
   o.out_dir = Out("fenced");
