@@ -408,6 +408,59 @@ TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
   EXPECT_EQ(away.headers["location"], "/jobs");
 }
 
+TEST_F(ConsoleTest, LoginNextRefusesControlCharactersAndOtherHosts) {
+  Start();
+  auto login = [&](const std::string& next) {
+    return Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                "token=the-token&next=" + next);
+  };
+  // Browsers drop a tab from a URL: "/\t/evil.example" would be "//evil.example".
+  for (const char* next : {"%2F%09%2Fevil.example", "%2F%0A%2Fevil.example", "%2F%0D%2Fevil.example",
+                           "%2F%5C%2Fevil.example", "%2Fjobs%2F%2Fevil.example", "https%3A%2F%2Fevil.example",
+                           "%2Fa%20b", "%2Fa%22b", "%2Fa%00b"}) {
+    HttpResponse away = login(next);
+    EXPECT_EQ(away.status, 303) << next;
+    EXPECT_EQ(away.headers["location"], "/jobs") << next;
+  }
+  // CR LF in `next` would start a header of its own.
+  HttpResponse injected = login("%2Fx%0D%0AX-Injected:%201");
+  EXPECT_EQ(injected.status, 303);
+  EXPECT_EQ(injected.headers["location"], "/jobs");
+  EXPECT_EQ(injected.headers.count("x-injected"), 0u);
+  EXPECT_TRUE(absl::StrContains(injected.headers["set-cookie"], "aviary_console=the-token"));
+  // The form's hidden field gets the same check.
+  HttpResponse form = Http(port_, "GET", "/login?next=%2F%09%2Fevil.example");
+  EXPECT_EQ(form.status, 200);
+  EXPECT_TRUE(absl::StrContains(form.body, "name=\"next\" value=\"/jobs\"")) << form.body;
+  EXPECT_FALSE(absl::StrContains(form.body, "evil.example")) << form.body;
+  // A refused login keeps a safe `next` and drops an unsafe one.
+  HttpResponse refused = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                              "token=wrong&next=%2Fx%0D%0AX-Injected:%201");
+  EXPECT_EQ(refused.headers["location"], "/login?error=1&next=%2fjobs");
+  EXPECT_EQ(refused.headers.count("x-injected"), 0u);
+  // A path of this site with a query still goes through.
+  EXPECT_EQ(login("%2Fcompare%3Fjobs%3Dj000000000001%2Cj000000000002").headers["location"],
+            "/compare?jobs=j000000000001,j000000000002");
+}
+
+TEST_F(ConsoleTest, ThePageRedirectToLoginKeepsTheQuery) {
+  Start();
+  HttpResponse page = Http(port_, "GET", "/compare?jobs=j000000000001,j000000000002");
+  EXPECT_EQ(page.status, 303);
+  const std::string location = page.headers["location"];
+  EXPECT_EQ(location, "/login?next=%2fcompare%3fjobs%3dj000000000001,j000000000002");
+  // The form carries it, and the login goes back to it.
+  HttpResponse form = Http(port_, "GET", location);
+  EXPECT_EQ(form.status, 200);
+  EXPECT_TRUE(absl::StrContains(form.body, "name=\"next\" value=\"/compare?jobs=j000000000001,j000000000002\""))
+      << form.body;
+  HttpResponse login = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                            "token=the-token&next=%2Fcompare%3Fjobs%3Dj000000000001%2Cj000000000002");
+  EXPECT_EQ(login.headers["location"], "/compare?jobs=j000000000001,j000000000002");
+  // Without a query the target is the path alone.
+  EXPECT_EQ(Http(port_, "GET", "/jobs").headers["location"], "/login?next=%2fjobs");
+}
+
 TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   Start();
   const std::string job_id = Submit();
