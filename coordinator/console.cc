@@ -298,7 +298,14 @@ class Console::Request {
             what, ": no token: send 'Authorization: Bearer <token>' or log in at /login"));
       }
     }
+    token_ = token;
+    allowed_ = allowed;
     return auth.CheckBearer(token, what, allowed, &role_);
+  }
+  // Whether the token Authorize accepted still has a role it allowed (a SIGHUP reload may have
+  // removed it since): event streams ask on each event and keepalive poll.
+  bool StillAuthorized(const Authenticator& auth) const {
+    return auth.CheckBearer(token_, "console event stream", allowed_).ok();
   }
   bool by_cookie() const { return by_cookie_; }
   Role role() const { return role_; }
@@ -311,6 +318,8 @@ class Console::Request {
   std::string query_;
   int status_ = 0;
   bool by_cookie_ = false;
+  std::string token_;  // what Authorize checked
+  RoleSet allowed_ = 0;
   Role role_ = Role::kViewer;
   std::chrono::steady_clock::time_point last_write_;
 };
@@ -627,12 +636,12 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::Status status = scheduler_->WatchJob(
       job_id,
       [&](const aviary::v1::JobEvent& event) {
-        alive = request.Event("job", ProtoJson(event));
+        alive = request.StillAuthorized(*auth_) && request.Event("job", ProtoJson(event));
         return alive;
       },
       [&] {
         if (stopping_) return true;
-        alive = alive && request.KeepAlive();
+        alive = alive && request.StillAuthorized(*auth_) && request.KeepAlive();
         return !alive;
       });
   // A finished job ends the stream; the page closes it rather than reconnecting.
@@ -648,6 +657,8 @@ void Console::StreamOverview(Request& request) {
   if (!request.StartStream()) return;
   std::string last_jobs, last_groups;
   while (!stopping_) {
+    // A token a reload removed ends the stream (the page then goes to the login form).
+    if (!request.StillAuthorized(*auth_)) return;
     std::string jobs = JobsJson();
     if (jobs != last_jobs) {
       if (!request.Event("jobs", jobs)) return;

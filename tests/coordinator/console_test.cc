@@ -116,20 +116,26 @@ class EventStream {
   ~EventStream() {
     if (fd_ >= 0) ::close(fd_);
   }
-  bool ReadUntil(const std::function<bool(const std::string&)>& done) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  bool ReadUntil(const std::function<bool(const std::string&)>& done, int timeout_s = 30) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
     char buffer[8192];
-    while (fd_ >= 0 && !done(text_) && std::chrono::steady_clock::now() < deadline) {
+    while (fd_ >= 0 && !closed_ && !done(text_) && std::chrono::steady_clock::now() < deadline) {
       const ssize_t n = ::recv(fd_, buffer, sizeof(buffer), 0);
-      if (n == 0) break;
+      if (n == 0) closed_ = true;
       if (n > 0) text_.append(buffer, n);
     }
     return done(text_);
+  }
+  // Reads until the server closes the stream (true) or `timeout_s` pass (false).
+  bool ReadUntilClosed(int timeout_s) {
+    ReadUntil([](const std::string&) { return false; }, timeout_s);
+    return closed_;
   }
   const std::string& text() const { return text_; }
 
  private:
   int fd_ = -1;
+  bool closed_ = false;
   std::string text_;
 };
 
@@ -459,6 +465,27 @@ TEST_F(ConsoleTest, ThePageRedirectToLoginKeepsTheQuery) {
   EXPECT_EQ(login.headers["location"], "/compare?jobs=j000000000001,j000000000002");
   // Without a query the target is the path alone.
   EXPECT_EQ(Http(port_, "GET", "/jobs").headers["location"], "/login?next=%2fjobs");
+}
+
+TEST_F(ConsoleTest, StreamsEndWhenAReloadRevokesTheirToken) {
+  Start();
+  const std::string job_id = Submit();
+  EventStream job_stream(port_, "/api/jobs/" + job_id + "/events", {Bearer("the-viewer-token")});
+  ASSERT_TRUE(job_stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: job\ndata: {"); }))
+      << job_stream.text();
+  EventStream overview(port_, "/api/events", {"Cookie: aviary_console=the-viewer-token"});
+  ASSERT_TRUE(overview.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+      << overview.text();
+  // A stream whose token stays keeps going.
+  EventStream kept(port_, "/api/events", {Bearer("the-token")});
+  ASSERT_TRUE(kept.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+      << kept.text();
+  // SIGHUP's reload with another viewer token: the old one no longer authenticates.
+  Write("viewer.token", "another-viewer-token\n");
+  ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  EXPECT_TRUE(job_stream.ReadUntilClosed(15)) << job_stream.text();
+  EXPECT_TRUE(overview.ReadUntilClosed(15)) << overview.text();
+  EXPECT_FALSE(kept.ReadUntilClosed(2)) << kept.text();
 }
 
 TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
