@@ -326,6 +326,9 @@ class Console::Request {
 
 absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& options, Scheduler* scheduler,
                                                         Store* store, const Authenticator* auth) {
+  if (options.listen.find(',') != std::string::npos) {  // civetweb would open one listener per item
+    return absl::InvalidArgumentError(absl::StrCat("console_listen '", options.listen, "': one HOST:PORT only"));
+  }
   std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
   mg_init_library(0);
   const bool tls = console->tls();

@@ -24,7 +24,8 @@ struct CoordinatorConfig {
   std::string metrics_listen = "0.0.0.0:9470";  // "" disables /metrics
   std::string metrics_port_file;
   // The web console and its JSON API (coordinator/console.h), HOST:PORT; "" (the default)
-  // disables it. TLS and tokens as the gRPC port.
+  // disables it. TLS and tokens as the gRPC port; with TLS the host must be a numeric IPv4
+  // address (TlsFront binds it).
   std::string console_listen;
   std::string console_port_file;
   std::string console_grafana_url;  // the console links to this Grafana dashboard ("" = no link)

@@ -34,8 +34,10 @@ std::string OpenSslError() {
   return text;
 }
 
-// Loads the certificate chain and the key from PEM text into `ctx`.
-absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem) {
+// Loads the certificate chain and the key from PEM text into `ctx`; messages start with
+// `cert_name` or `key_name`.
+absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem,
+                     const std::string& cert_name = "tls_cert_file", const std::string& key_name = "tls_key_file") {
   BIO* cert_bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
   X509* cert = cert_bio != nullptr ? PEM_read_bio_X509_AUX(cert_bio, nullptr, nullptr, nullptr) : nullptr;
   bool ok = cert != nullptr && SSL_CTX_use_certificate(ctx, cert) == 1;
@@ -52,16 +54,18 @@ absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::strin
     }
   }
   if (cert_bio != nullptr) BIO_free(cert_bio);
-  if (!ok) return absl::InvalidArgumentError(absl::StrCat("tls_cert_file: not a PEM certificate: ", OpenSslError()));
+  if (!ok) return absl::InvalidArgumentError(absl::StrCat(cert_name, ": not a PEM certificate: ", OpenSslError()));
   BIO* key_bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
   EVP_PKEY* key = key_bio != nullptr ? PEM_read_bio_PrivateKey(key_bio, nullptr, nullptr, nullptr) : nullptr;
-  ok = key != nullptr && SSL_CTX_use_PrivateKey(ctx, key) == 1;
-  if (key != nullptr) EVP_PKEY_free(key);
   if (key_bio != nullptr) BIO_free(key_bio);
-  if (!ok) return absl::InvalidArgumentError(absl::StrCat("tls_key_file: not a PEM private key: ", OpenSslError()));
-  if (SSL_CTX_check_private_key(ctx) != 1) {
+  if (key == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(key_name, ": not a PEM private key: ", OpenSslError()));
+  }
+  ok = SSL_CTX_use_PrivateKey(ctx, key) == 1;  // refuses a key of another certificate
+  EVP_PKEY_free(key);
+  if (!ok || SSL_CTX_check_private_key(ctx) != 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tls_key_file: the key does not match tls_cert_file's certificate: ", OpenSslError()));
+        absl::StrCat(key_name, ": the key does not match the certificate of ", cert_name, ": ", OpenSslError()));
   }
   return absl::OkStatus();
 }
@@ -95,6 +99,16 @@ bool SslWriteAll(SSL* ssl, int fd, const char* data, int size, const std::atomic
 }
 
 }  // namespace
+
+absl::Status CheckTlsPem(const std::string& cert_pem, const std::string& key_pem, const std::string& cert_name,
+                         const std::string& key_name) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+  if (ctx == nullptr) return absl::InternalError(absl::StrCat("SSL_CTX_new: ", OpenSslError()));
+  absl::Status loaded = LoadPem(ctx, cert_pem, key_pem, cert_name, key_name);
+  ERR_clear_error();
+  SSL_CTX_free(ctx);
+  return loaded;
+}
 
 absl::StatusOr<std::unique_ptr<TlsFront>> TlsFront::Start(const std::string& listen, int backend_port,
                                                           const std::string& cert_pem, const std::string& key_pem) {

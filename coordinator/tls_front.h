@@ -23,6 +23,12 @@ typedef struct ssl_ctx_st SSL_CTX;
 
 namespace aviary::coordinator {
 
+// Whether the PEM texts load as TlsFront::Start (and gRPC) would use them: a certificate (chain),
+// a private key, and a key that fits the certificate. INVALID_ARGUMENT starting with `cert_name`
+// or `key_name` otherwise. Thread-safe.
+absl::Status CheckTlsPem(const std::string& cert_pem, const std::string& key_pem, const std::string& cert_name,
+                         const std::string& key_name);
+
 class TlsFront {
  public:
   static constexpr int kMaxConnections = 128;
