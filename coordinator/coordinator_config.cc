@@ -426,6 +426,11 @@ absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) 
     return absl::InvalidArgumentError(absl::StrCat(
         "token file ", path, ": holds no token (only blank or '#' lines; an empty token is refused)"));
   }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (const std::string problem = common::TokenByteProblem(tokens[i]); !problem.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("token file ", path, ": token ", i + 1, ": ", problem));
+    }
+  }
   return tokens;
 }
 

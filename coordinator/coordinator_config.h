@@ -83,7 +83,9 @@ const std::vector<std::string>& CoordinatorConfigKeys();
 absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config);
 
 // Reads a token file: every token line of `path` (common/tokens.h: one per line, blank and '#'
-// lines ignored). INVALID_ARGUMENT naming the file when it holds none; NOT_FOUND when missing.
+// lines ignored, a leading UTF-8 BOM dropped). INVALID_ARGUMENT naming the file when it holds
+// none, or a token with a byte a gRPC header cannot carry (naming the token and the byte);
+// NOT_FOUND when missing.
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path);
 
 }  // namespace aviary::coordinator

@@ -197,6 +197,25 @@ TEST_F(CoordinatorConfigTest, TokenFileListsTrimmedTokensOneALine) {
   EXPECT_EQ(ReadTokenFile(root_ + "/missing").status().code(), absl::StatusCode::kNotFound);
 }
 
+// A token goes in a gRPC header: a byte that cannot (gRPC would abort the caller) is refused
+// naming the file, the token and the byte; a leading UTF-8 BOM (Windows editors) is dropped.
+TEST_F(CoordinatorConfigTest, TokenFileRefusesBytesAHeaderCannotCarry) {
+  auto bom = ReadTokenFile(Write("bom", "\xEF\xBB\xBF" "abc123\n"));
+  ASSERT_TRUE(bom.ok()) << bom.status();
+  EXPECT_EQ(*bom, (std::vector<std::string>{"abc123"}));
+  const std::string control = Write("control", "good\nba\x01" "d\n");
+  auto refused = ReadTokenFile(control);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(),
+                                absl::StrCat("token file ", control, ": token 2: byte 0x01 at position 3")))
+      << refused.status();
+  const std::string utf8 = Write("utf8", "t\xC3\xB6k\n");
+  refused = ReadTokenFile(utf8);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "token 1: byte 0xc3 at position 2")) << refused.status();
+}
+
 // Auth on needs the client and the worker token files; client certificates need TLS.
 TEST_F(CoordinatorConfigTest, AuthNeedsClientAndWorkerTokenFiles) {
   const std::string path = Write("c.yaml", "token_file: token\n");
