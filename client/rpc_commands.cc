@@ -99,6 +99,9 @@ absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string
     return absl::InvalidArgumentError(
         absl::StrCat("token file '", path, "' (", source, ") holds no token (only blank or '#' lines)"));
   }
+  if (const std::string problem = common::TokenByteProblem(tokens.front()); !problem.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, " ", path, ": ", problem));
+  }
   return tokens.front();
 }
 
@@ -125,6 +128,9 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
     AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(env, "AVIARY_TOKEN_FILE"));
   } else {
     options.token = std::string(absl::StripAsciiWhitespace(Env("AVIARY_TOKEN")));
+    if (const std::string problem = common::TokenByteProblem(options.token); !problem.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("AVIARY_TOKEN: ", problem));
+    }
   }
   std::string ca_path;
   std::string ca_source;
@@ -141,6 +147,11 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
     if (options.tls_ca.empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("CA certificate '", ca_path, "' (", ca_source, ") is empty"));
+    }
+    // gRPC would only fail the call later, with a handshake error that names neither.
+    if (options.tls_ca.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(ca_source, " ", ca_path,
+                                                     ": holds no PEM certificate (no '-----BEGIN CERTIFICATE-----')"));
     }
   }
   return options;

@@ -1,5 +1,7 @@
 // Token files (docs/SERVICE.md, "Authentication, roles and TLS"): one bearer token per line,
-// surrounding whitespace removed; blank lines and lines starting with '#' are ignored. The
+// surrounding whitespace removed; blank lines and lines starting with '#' are ignored, and so is
+// a UTF-8 byte order mark at the start of the file (editors on Windows write one). A token goes
+// in a gRPC (HTTP/2) header, so it is printable ASCII (TokenByteProblem). The
 // coordinator accepts every token a role's file lists (rotation: add the new one, roll the
 // holders, remove the old one); clients and worker groups send the first one.
 //
@@ -11,13 +13,16 @@
 #include <vector>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 
 namespace aviary::common {
 
-// The token lines of a token file's text, in file order.
+// The token lines of a token file's text, in file order (a leading UTF-8 BOM dropped).
 inline std::vector<std::string> ParseTokenLines(absl::string_view text) {
+  absl::ConsumePrefix(&text, "\xEF\xBB\xBF");
   std::vector<std::string> tokens;
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     line = absl::StripAsciiWhitespace(line);
@@ -25,6 +30,21 @@ inline std::vector<std::string> ParseTokenLines(absl::string_view text) {
     tokens.emplace_back(line);
   }
   return tokens;
+}
+
+// "" when every byte of `token` can go in a gRPC metadata (HTTP/2 header) value: 0x20..0x7e;
+// else which byte cannot ("byte 0x01 at position 4 (1-based) is not printable ASCII ..."), for
+// a message that also names where the token came from. gRPC asserts (aborts the process) on
+// such a value rather than failing the call.
+inline std::string TokenByteProblem(absl::string_view token) {
+  for (size_t i = 0; i < token.size(); ++i) {
+    const auto c = static_cast<unsigned char>(token[i]);
+    if (c >= 0x20 && c <= 0x7e) continue;
+    constexpr char kHex[] = "0123456789abcdef";
+    return absl::StrCat("byte 0x", std::string(1, kHex[c >> 4]), std::string(1, kHex[c & 15]), " at position ",
+                        i + 1, " (1-based) of the token is not printable ASCII, which a gRPC header cannot carry");
+  }
+  return "";
 }
 
 }  // namespace aviary::common

@@ -125,6 +125,21 @@ bool IsTaskName(absl::string_view text) {
   return true;
 }
 
+// A login's `next`: a path (and query) of this site, or "/jobs". One leading '/', then only
+// [A-Za-z0-9/_.,?=&#%~+-]: no "//" (another host), no backslash, no control characters (browsers
+// drop tab, CR and LF from a URL, so "/\t/evil.example" is "//evil.example"; CR LF in a Location
+// would start a header of its own), no quotes or spaces.
+std::string SafeNext(const std::string& next) {
+  constexpr char kFallback[] = "/jobs";
+  if (next.empty() || next[0] != '/' || next.size() > 2048 || next.find("//") != std::string::npos) return kFallback;
+  for (char ch : next) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (absl::ascii_isalnum(c)) continue;
+    if (std::strchr("/_.,?=&#%~+-", c) == nullptr || c == '\0') return kFallback;
+  }
+  return next;
+}
+
 int HttpStatusFor(const absl::Status& status) {
   switch (status.code()) {
     case absl::StatusCode::kOk: return 200;
@@ -183,6 +198,8 @@ class Console::Request {
 
   const std::string& path() const { return path_; }
   const std::string& method() const { return method_; }
+  // The query string as sent (still URL-encoded; "" when none).
+  const std::string& query() const { return query_; }
   mg_connection* conn() { return conn_; }
 
   std::string Header(const char* name) const {
@@ -281,7 +298,14 @@ class Console::Request {
             what, ": no token: send 'Authorization: Bearer <token>' or log in at /login"));
       }
     }
+    token_ = token;
+    allowed_ = allowed;
     return auth.CheckBearer(token, what, allowed, &role_);
+  }
+  // Whether the token Authorize accepted still has a role it allowed (a SIGHUP reload may have
+  // removed it since): event streams ask on each event and keepalive poll.
+  bool StillAuthorized(const Authenticator& auth) const {
+    return auth.CheckBearer(token_, "console event stream", allowed_).ok();
   }
   bool by_cookie() const { return by_cookie_; }
   Role role() const { return role_; }
@@ -294,12 +318,17 @@ class Console::Request {
   std::string query_;
   int status_ = 0;
   bool by_cookie_ = false;
+  std::string token_;  // what Authorize checked
+  RoleSet allowed_ = 0;
   Role role_ = Role::kViewer;
   std::chrono::steady_clock::time_point last_write_;
 };
 
 absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& options, Scheduler* scheduler,
                                                         Store* store, const Authenticator* auth) {
+  if (options.listen.find(',') != std::string::npos) {  // civetweb would open one listener per item
+    return absl::InvalidArgumentError(absl::StrCat("console_listen '", options.listen, "': one HOST:PORT only"));
+  }
   std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
   mg_init_library(0);
   const bool tls = console->tls();
@@ -410,8 +439,10 @@ void Console::Route(Request& request) {
 void Console::ServePage(Request& request, const std::string& path) {
   absl::Status allowed = request.Authorize(*auth_, "console page", kClientOrViewer);
   if (!allowed.ok()) {
-    std::vector<char> encoded(path.size() * 3 + 1);
-    mg_url_encode(path.c_str(), encoded.data(), encoded.size());
+    // Where it was going, query included (/compare?jobs=A,B), so that it survives the login.
+    const std::string target = request.query().empty() ? path : absl::StrCat(path, "?", request.query());
+    std::vector<char> encoded(target.size() * 3 + 1);
+    mg_url_encode(target.c_str(), encoded.data(), encoded.size());
     const std::string error = request.by_cookie() || !request.Header("Authorization").empty() ? "&error=1" : "";
     return request.Redirect(absl::StrCat("/login?next=", encoded.data(), error));
   }
@@ -430,11 +461,7 @@ void Console::ServeLogin(Request& request) {
   if (request.method() == "POST") {
     const std::string body = request.Body();
     const std::string token = std::string(absl::StripAsciiWhitespace(Request::Var(body, "token")));
-    std::string next = Request::Var(body, "next");
-    // Only a path of this site: no scheme, no "//host".
-    if (next.empty() || next[0] != '/' || absl::StartsWith(next, "//") || next.find('\\') != std::string::npos) {
-      next = "/jobs";
-    }
+    const std::string next = SafeNext(Request::Var(body, "next"));
     absl::Status allowed = auth_->CheckBearer(token, "console login", kClientOrViewer);
     if (!allowed.ok() || token.empty()) {
       log_.Info(absl::StrCat("console login refused: ", allowed.ok() ? "empty token" : allowed.message()));
@@ -456,8 +483,7 @@ void Console::ServeLogin(Request& request) {
                                 ? ""
                                 : "<p class=\"login-error\" id=\"login-error\">That token is not a client or "
                                   "viewer token of this coordinator.</p>";
-  std::string next = request.Query("next");
-  if (next.empty() || next[0] != '/' || absl::StartsWith(next, "//")) next = "/jobs";
+  const std::string next = SafeNext(request.Query("next"));
   request.Reply(request.Query("error").empty() ? 200 : 401, "text/html; charset=utf-8",
                 absl::StrReplaceAll(login->body, {{"{{ERROR}}", error}, {"{{NEXT}}", HtmlEscape(next)}}),
                 absl::StrCat("Content-Security-Policy: ", kPageCsp, "\r\n"));
@@ -613,12 +639,12 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::Status status = scheduler_->WatchJob(
       job_id,
       [&](const aviary::v1::JobEvent& event) {
-        alive = request.Event("job", ProtoJson(event));
+        alive = request.StillAuthorized(*auth_) && request.Event("job", ProtoJson(event));
         return alive;
       },
       [&] {
         if (stopping_) return true;
-        alive = alive && request.KeepAlive();
+        alive = alive && request.StillAuthorized(*auth_) && request.KeepAlive();
         return !alive;
       });
   // A finished job ends the stream; the page closes it rather than reconnecting.
@@ -634,6 +660,8 @@ void Console::StreamOverview(Request& request) {
   if (!request.StartStream()) return;
   std::string last_jobs, last_groups;
   while (!stopping_) {
+    // A token a reload removed ends the stream (the page then goes to the login form).
+    if (!request.StillAuthorized(*auth_)) return;
     std::string jobs = JobsJson();
     if (jobs != last_jobs) {
       if (!request.Event("jobs", jobs)) return;

@@ -13,7 +13,8 @@
 // the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
 // or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
 // over HTTPS; it holds the token itself, so it outlives a coordinator restart and a SIGHUP reload
-// revokes it). A POST authenticated by the cookie must also carry `X-Aviary-Console: 1`.
+// revokes it). A POST authenticated by the cookie must also carry `X-Aviary-Console: 1`. An event
+// stream re-checks its token at least every second and ends once a reload has revoked it.
 //
 // Thread-safe: civetweb serves each request on one of its threads; the handlers only read the
 // (thread-safe) scheduler, store and authenticator.

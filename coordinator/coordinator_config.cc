@@ -1,5 +1,9 @@
 #include "coordinator/coordinator_config.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <functional>
@@ -186,19 +190,40 @@ absl::Status UnknownKey(const std::string& where, const std::string& key) {
   return absl::InvalidArgumentError(absl::StrCat(where, ": unknown key '", key, "'", hint));
 }
 
-// Checks that `address` is HOST:PORT with a port in 0..65535.
+// Checks that `address` is one HOST:PORT with a port of digits in 0..65535: no comma (civetweb
+// would open a second listener for "127.0.0.1:0,0.0.0.0:0"), no sign, space or civetweb suffix
+// in the port ("+0", "80s").
 absl::Status CheckAddress(const std::string& key, const std::string& address, bool may_be_empty) {
   if (address.empty()) {
     if (may_be_empty) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat("key '", key, "': the address is empty"));
   }
+  if (address.find(',') != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("key '", key, "': '", address, "' holds a comma: one HOST:PORT only"));
+  }
   const size_t colon = address.rfind(':');
+  const absl::string_view digits =
+      colon == std::string::npos ? absl::string_view() : absl::string_view(address).substr(colon + 1);
   int port = -1;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(absl::string_view(address).substr(colon + 1), &port) || port < 0 ||
-      port > 65535) {
+  if (colon == std::string::npos || colon == 0 || digits.empty() || digits.size() > 5 ||
+      !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      !absl::SimpleAtoi(digits, &port) || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("key '", key, "': '", address,
-                                                   "' is not HOST:PORT with a port in 0..65535"));
+                                                   "' is not HOST:PORT with a port of digits in 0..65535"));
+  }
+  return absl::OkStatus();
+}
+
+// With TLS the console is served by TlsFront (coordinator/tls_front.h), which binds a numeric
+// IPv4 address only.
+absl::Status CheckTlsConsoleAddress(const std::string& address) {
+  const std::string host = address.substr(0, address.rfind(':'));
+  in_addr ignored{};
+  if (::inet_pton(AF_INET, host.c_str(), &ignored) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key 'console_listen': '", address, "': with TLS (tls_cert_file) the console listens on a numeric IPv4 "
+        "address only, e.g. 0.0.0.0:8443 or 127.0.0.1:8443 ('", host, "' is not one)"));
   }
   return absl::OkStatus();
 }
@@ -349,6 +374,9 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
         "key '", config.tls_cert_file.empty() ? "tls_cert_file" : "tls_key_file",
         "': TLS needs both tls_cert_file and tls_key_file"));
   }
+  if (!config.console_listen.empty() && !config.tls_cert_file.empty()) {
+    AVIARY_RETURN_IF_ERROR(CheckTlsConsoleAddress(config.console_listen));
+  }
   if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
     return absl::InvalidArgumentError(
         "key 'tls_client_ca_file': client certificates need TLS: set tls_cert_file and tls_key_file too");
@@ -397,6 +425,11 @@ absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) 
   if (tokens.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "token file ", path, ": holds no token (only blank or '#' lines; an empty token is refused)"));
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (const std::string problem = common::TokenByteProblem(tokens[i]); !problem.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("token file ", path, ": token ", i + 1, ": ", problem));
+    }
   }
   return tokens;
 }

@@ -24,7 +24,8 @@ struct CoordinatorConfig {
   std::string metrics_listen = "0.0.0.0:9470";  // "" disables /metrics
   std::string metrics_port_file;
   // The web console and its JSON API (coordinator/console.h), HOST:PORT; "" (the default)
-  // disables it. TLS and tokens as the gRPC port.
+  // disables it. TLS and tokens as the gRPC port; with TLS the host must be a numeric IPv4
+  // address (TlsFront binds it).
   std::string console_listen;
   std::string console_port_file;
   std::string console_grafana_url;  // the console links to this Grafana dashboard ("" = no link)
@@ -82,7 +83,9 @@ const std::vector<std::string>& CoordinatorConfigKeys();
 absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config);
 
 // Reads a token file: every token line of `path` (common/tokens.h: one per line, blank and '#'
-// lines ignored). INVALID_ARGUMENT naming the file when it holds none; NOT_FOUND when missing.
+// lines ignored, a leading UTF-8 BOM dropped). INVALID_ARGUMENT naming the file when it holds
+// none, or a token with a byte a gRPC header cannot carry (naming the token and the byte);
+// NOT_FOUND when missing.
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path);
 
 }  // namespace aviary::coordinator

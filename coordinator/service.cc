@@ -12,6 +12,7 @@
 #include "common/files.h"
 #include "common/status.h"
 #include "coordinator/content_hash.h"
+#include "coordinator/tls_front.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/resource_quota.h"
 #include "grpcpp/security/server_credentials.h"
@@ -550,6 +551,9 @@ absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfi
     if (!cert.ok()) return common::Annotate(cert.status(), "key 'tls_cert_file'");
     auto key = common::ReadFileToString(config.tls_key_file);
     if (!key.ok()) return common::Annotate(key.status(), "key 'tls_key_file'");
+    // Refused here by key and file: gRPC and the console would fail later, naming the address.
+    AVIARY_RETURN_IF_ERROR(CheckTlsPem(*cert, *key, absl::StrCat("key 'tls_cert_file': ", config.tls_cert_file),
+                                       absl::StrCat("key 'tls_key_file': ", config.tls_key_file)));
     secrets.tls_cert_pem = std::move(*cert);
     secrets.tls_key_pem = std::move(*key);
   }

@@ -109,7 +109,8 @@ struct CoordinatorSecrets {
 };
 
 // Reads the token files (LoadTokenSet) and tls_cert_file / tls_key_file / tls_client_ca_file;
-// errors name the key and the file.
+// errors name the key and the file: one that does not read, is not PEM, or a key that does not
+// fit the certificate (CheckTlsPem).
 absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfig& config);
 
 // A running coordinator: store, metrics, scheduler (with its reaper) and the gRPC server.

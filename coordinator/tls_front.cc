@@ -10,10 +10,11 @@
 #include <openssl/x509.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 
@@ -24,7 +25,14 @@ namespace aviary::coordinator {
 namespace {
 
 constexpr int kPollMs = 200;
-constexpr int kHandshakeTimeoutS = 10;
+// A write to the client that makes no progress for this long ends the connection.
+constexpr auto kWriteStall = std::chrono::seconds(10);
+
+// Milliseconds from now to `deadline`, at most kPollMs and at least 0.
+int PollMsUntil(std::chrono::steady_clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kPollMs, left.count())));
+}
 
 std::string OpenSslError() {
   const unsigned long code = ERR_get_error();
@@ -34,8 +42,10 @@ std::string OpenSslError() {
   return text;
 }
 
-// Loads the certificate chain and the key from PEM text into `ctx`.
-absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem) {
+// Loads the certificate chain and the key from PEM text into `ctx`; messages start with
+// `cert_name` or `key_name`.
+absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::string& key_pem,
+                     const std::string& cert_name = "tls_cert_file", const std::string& key_name = "tls_key_file") {
   BIO* cert_bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
   X509* cert = cert_bio != nullptr ? PEM_read_bio_X509_AUX(cert_bio, nullptr, nullptr, nullptr) : nullptr;
   bool ok = cert != nullptr && SSL_CTX_use_certificate(ctx, cert) == 1;
@@ -52,16 +62,18 @@ absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::strin
     }
   }
   if (cert_bio != nullptr) BIO_free(cert_bio);
-  if (!ok) return absl::InvalidArgumentError(absl::StrCat("tls_cert_file: not a PEM certificate: ", OpenSslError()));
+  if (!ok) return absl::InvalidArgumentError(absl::StrCat(cert_name, ": not a PEM certificate: ", OpenSslError()));
   BIO* key_bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
   EVP_PKEY* key = key_bio != nullptr ? PEM_read_bio_PrivateKey(key_bio, nullptr, nullptr, nullptr) : nullptr;
-  ok = key != nullptr && SSL_CTX_use_PrivateKey(ctx, key) == 1;
-  if (key != nullptr) EVP_PKEY_free(key);
   if (key_bio != nullptr) BIO_free(key_bio);
-  if (!ok) return absl::InvalidArgumentError(absl::StrCat("tls_key_file: not a PEM private key: ", OpenSslError()));
-  if (SSL_CTX_check_private_key(ctx) != 1) {
+  if (key == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(key_name, ": not a PEM private key: ", OpenSslError()));
+  }
+  ok = SSL_CTX_use_PrivateKey(ctx, key) == 1;  // refuses a key of another certificate
+  EVP_PKEY_free(key);
+  if (!ok || SSL_CTX_check_private_key(ctx) != 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tls_key_file: the key does not match tls_cert_file's certificate: ", OpenSslError()));
+        absl::StrCat(key_name, ": the key does not match the certificate of ", cert_name, ": ", OpenSslError()));
   }
   return absl::OkStatus();
 }
@@ -78,28 +90,63 @@ bool SendAll(int fd, const char* data, size_t size) {
 }
 
 // SSL_write of the whole buffer on a non-blocking socket (waits for POLLOUT when told to).
+// False when the peer fails, `stop` is set, or no byte went out for kWriteStall (a client that
+// does not read).
 bool SslWriteAll(SSL* ssl, int fd, const char* data, int size, const std::atomic<bool>& stop) {
+  auto deadline = std::chrono::steady_clock::now() + kWriteStall;
   while (size > 0 && !stop) {
     const int n = SSL_write(ssl, data, size);
     if (n > 0) {
       data += n;
       size -= n;
+      deadline = std::chrono::steady_clock::now() + kWriteStall;
       continue;
     }
     const int err = SSL_get_error(ssl, n);
     if (err != SSL_ERROR_WANT_WRITE && err != SSL_ERROR_WANT_READ) return false;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
     pollfd p{fd, static_cast<short>(err == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
-    if (::poll(&p, 1, kPollMs) < 0 && errno != EINTR) return false;
+    if (::poll(&p, 1, PollMsUntil(deadline)) < 0 && errno != EINTR) return false;
   }
   return size == 0;
 }
 
+// SSL_accept on a non-blocking socket, all of it within `deadline` (a client that trickles a
+// byte now and then cannot hold the thread longer) and ending early when `stop` is set.
+bool SslAcceptBy(SSL* ssl, int fd, std::chrono::steady_clock::time_point deadline, const std::atomic<bool>& stop) {
+  while (!stop) {
+    const int n = SSL_accept(ssl);
+    if (n == 1) return true;
+    const int err = SSL_get_error(ssl, n);
+    if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) return false;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    pollfd p{fd, static_cast<short>(err == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
+    if (::poll(&p, 1, PollMsUntil(deadline)) < 0 && errno != EINTR) return false;
+  }
+  return false;
+}
+
 }  // namespace
 
+absl::Status CheckTlsPem(const std::string& cert_pem, const std::string& key_pem, const std::string& cert_name,
+                         const std::string& key_name) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+  if (ctx == nullptr) return absl::InternalError(absl::StrCat("SSL_CTX_new: ", OpenSslError()));
+  absl::Status loaded = LoadPem(ctx, cert_pem, key_pem, cert_name, key_name);
+  ERR_clear_error();
+  SSL_CTX_free(ctx);
+  return loaded;
+}
+
 absl::StatusOr<std::unique_ptr<TlsFront>> TlsFront::Start(const std::string& listen, int backend_port,
-                                                          const std::string& cert_pem, const std::string& key_pem) {
+                                                          const std::string& cert_pem, const std::string& key_pem,
+                                                          int handshake_timeout_ms) {
+  if (handshake_timeout_ms <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("handshake_timeout_ms ", handshake_timeout_ms, ": expected > 0"));
+  }
   std::unique_ptr<TlsFront> front(new TlsFront());
   front->backend_port_ = backend_port;
+  front->handshake_timeout_ = std::chrono::milliseconds(handshake_timeout_ms);
   front->ctx_ = SSL_CTX_new(TLS_server_method());
   if (front->ctx_ == nullptr) return absl::InternalError(absl::StrCat("SSL_CTX_new: ", OpenSslError()));
   SSL_CTX_set_min_proto_version(front->ctx_, TLS1_2_VERSION);
@@ -171,19 +218,18 @@ void TlsFront::AcceptLoop() {
 }
 
 void TlsFront::Relay(int client_fd) {
-  timeval tv{kHandshakeTimeoutS, 0};
-  ::setsockopt(client_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  ::setsockopt(client_fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  SSL* ssl = SSL_new(ctx_);
+  const auto handshake_deadline = std::chrono::steady_clock::now() + handshake_timeout_;
+  // Non-blocking from the start: every wait is a poll that also looks at stop_ and the deadline.
+  const int flags = ::fcntl(client_fd, F_GETFL);
+  SSL* ssl = flags >= 0 && ::fcntl(client_fd, F_SETFL, flags | O_NONBLOCK) == 0 ? SSL_new(ctx_) : nullptr;
   int backend = -1;
-  if (ssl != nullptr && SSL_set_fd(ssl, client_fd) == 1 && SSL_accept(ssl) == 1) {
+  if (ssl != nullptr && SSL_set_fd(ssl, client_fd) == 1 && SslAcceptBy(ssl, client_fd, handshake_deadline, stop_)) {
     backend = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_port = htons(static_cast<uint16_t>(backend_port_));
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (backend >= 0 && ::connect(backend, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-      ::fcntl(client_fd, F_SETFL, ::fcntl(client_fd, F_GETFL) | O_NONBLOCK);
       char buffer[16384];
       bool open = true;
       while (open && !stop_) {

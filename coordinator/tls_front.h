@@ -6,11 +6,15 @@
 //
 // One thread accepts; each connection gets a thread (TLS handshake, then a poll loop relaying
 // both ways) until either side closes. At most kMaxConnections at once (more are closed at
-// once). Thread-safe; Stop() (or the destructor) ends every connection within 200 ms.
+// once). The whole handshake must finish within handshake_timeout_ms (a client trickling a byte
+// now and then is cut off then), and a write to a client that does not read gives up after 10 s
+// without progress. The client socket is non-blocking and every wait polls at most 200 ms, so
+// Stop() (or the destructor) ends every connection within about 200 ms. Thread-safe.
 #ifndef AVIARY_COORDINATOR_TLS_FRONT_H_
 #define AVIARY_COORDINATOR_TLS_FRONT_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -23,14 +27,23 @@ typedef struct ssl_ctx_st SSL_CTX;
 
 namespace aviary::coordinator {
 
+// Whether the PEM texts load as TlsFront::Start (and gRPC) would use them: a certificate (chain),
+// a private key, and a key that fits the certificate. INVALID_ARGUMENT starting with `cert_name`
+// or `key_name` otherwise. Thread-safe.
+absl::Status CheckTlsPem(const std::string& cert_pem, const std::string& key_pem, const std::string& cert_name,
+                         const std::string& key_name);
+
 class TlsFront {
  public:
   static constexpr int kMaxConnections = 128;
+  static constexpr int kHandshakeTimeoutMs = 10000;
 
   // Listens on `listen` (IPv4 HOST:PORT, port 0 picks one) with the PEM certificate chain and
   // key. INVALID_ARGUMENT when they do not load, UNAVAILABLE when the address cannot be bound.
+  // `handshake_timeout_ms` (> 0; tests shorten it) bounds each connection's whole handshake.
   static absl::StatusOr<std::unique_ptr<TlsFront>> Start(const std::string& listen, int backend_port,
-                                                         const std::string& cert_pem, const std::string& key_pem);
+                                                         const std::string& cert_pem, const std::string& key_pem,
+                                                         int handshake_timeout_ms = kHandshakeTimeoutMs);
   ~TlsFront();
   TlsFront(const TlsFront&) = delete;
   TlsFront& operator=(const TlsFront&) = delete;
@@ -49,6 +62,7 @@ class TlsFront {
   int listen_fd_ = -1;
   int port_ = 0;
   int backend_port_ = 0;
+  std::chrono::milliseconds handshake_timeout_{kHandshakeTimeoutMs};
   std::atomic<bool> stop_{false};
   std::thread acceptor_;
   std::mutex mu_;

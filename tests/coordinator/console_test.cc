@@ -12,15 +12,19 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <iterator>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -29,6 +33,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "coordinator/service.h"
+#include "coordinator/tls_front.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
@@ -116,24 +121,90 @@ class EventStream {
   ~EventStream() {
     if (fd_ >= 0) ::close(fd_);
   }
-  bool ReadUntil(const std::function<bool(const std::string&)>& done) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  bool ReadUntil(const std::function<bool(const std::string&)>& done, int timeout_s = 30) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
     char buffer[8192];
-    while (fd_ >= 0 && !done(text_) && std::chrono::steady_clock::now() < deadline) {
+    while (fd_ >= 0 && !closed_ && !done(text_) && std::chrono::steady_clock::now() < deadline) {
       const ssize_t n = ::recv(fd_, buffer, sizeof(buffer), 0);
-      if (n == 0) break;
+      if (n == 0) closed_ = true;
       if (n > 0) text_.append(buffer, n);
     }
     return done(text_);
+  }
+  // Reads until the server closes the stream (true) or `timeout_s` pass (false).
+  bool ReadUntilClosed(int timeout_s) {
+    ReadUntil([](const std::string&) { return false; }, timeout_s);
+    return closed_;
   }
   const std::string& text() const { return text_; }
 
  private:
   int fd_ = -1;
+  bool closed_ = false;
   std::string text_;
 };
 
 std::string Bearer(const std::string& token) { return absl::StrCat("Authorization: Bearer ", token); }
+
+// A client that starts a TLS handshake and never finishes it: a record header that announces
+// 512 bytes of ClientHello, then one byte every 200 ms, until the server closes the connection
+// or Stop().
+class Trickler {
+ public:
+  explicit Trickler(int port) : fd_(Connect(port, 1)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~Trickler() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  // Waits until the server has closed the connection (true) or `timeout_s` pass (false).
+  bool WaitClosed(int timeout_s) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+    while (!closed_ && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return closed_;
+  }
+  bool connected() const { return fd_ >= 0; }
+
+ private:
+  void Run() {
+    if (fd_ < 0) return;
+    const unsigned char header[] = {0x16, 0x03, 0x01, 0x02, 0x00};  // handshake record, 512 bytes
+    if (::send(fd_, header, sizeof(header), MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(header))) closed_ = true;
+    while (!stop_ && !closed_) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      char byte = 0;
+      const ssize_t got = ::recv(fd_, &byte, 1, MSG_DONTWAIT);
+      if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) closed_ = true;
+      if (!closed_ && ::send(fd_, &byte, 1, MSG_NOSIGNAL) != 1) closed_ = true;
+    }
+  }
+
+  int fd_;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> closed_{false};
+  std::thread thread_;
+};
+
+// A self-signed certificate for 127.0.0.1 in `dir`; false when openssl cannot make one.
+bool MakeCertificate(const std::string& dir, std::string* cert, std::string* key) {
+  *key = dir + "/tls.key";
+  *cert = dir + "/tls.crt";
+  const std::string make = absl::StrCat("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+                                        "-addext subjectAltName=IP:127.0.0.1 -keyout ", *key, " -out ", *cert,
+                                        " > /dev/null 2>&1");
+  return std::system(make.c_str()) == 0;
+}
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
 
 class ConsoleTest : public ::testing::Test {
  protected:
@@ -408,6 +479,80 @@ TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
   EXPECT_EQ(away.headers["location"], "/jobs");
 }
 
+TEST_F(ConsoleTest, LoginNextRefusesControlCharactersAndOtherHosts) {
+  Start();
+  auto login = [&](const std::string& next) {
+    return Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                "token=the-token&next=" + next);
+  };
+  // Browsers drop a tab from a URL: "/\t/evil.example" would be "//evil.example".
+  for (const char* next : {"%2F%09%2Fevil.example", "%2F%0A%2Fevil.example", "%2F%0D%2Fevil.example",
+                           "%2F%5C%2Fevil.example", "%2Fjobs%2F%2Fevil.example", "https%3A%2F%2Fevil.example",
+                           "%2Fa%20b", "%2Fa%22b", "%2Fa%00b"}) {
+    HttpResponse away = login(next);
+    EXPECT_EQ(away.status, 303) << next;
+    EXPECT_EQ(away.headers["location"], "/jobs") << next;
+  }
+  // CR LF in `next` would start a header of its own.
+  HttpResponse injected = login("%2Fx%0D%0AX-Injected:%201");
+  EXPECT_EQ(injected.status, 303);
+  EXPECT_EQ(injected.headers["location"], "/jobs");
+  EXPECT_EQ(injected.headers.count("x-injected"), 0u);
+  EXPECT_TRUE(absl::StrContains(injected.headers["set-cookie"], "aviary_console=the-token"));
+  // The form's hidden field gets the same check.
+  HttpResponse form = Http(port_, "GET", "/login?next=%2F%09%2Fevil.example");
+  EXPECT_EQ(form.status, 200);
+  EXPECT_TRUE(absl::StrContains(form.body, "name=\"next\" value=\"/jobs\"")) << form.body;
+  EXPECT_FALSE(absl::StrContains(form.body, "evil.example")) << form.body;
+  // A refused login keeps a safe `next` and drops an unsafe one.
+  HttpResponse refused = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                              "token=wrong&next=%2Fx%0D%0AX-Injected:%201");
+  EXPECT_EQ(refused.headers["location"], "/login?error=1&next=%2fjobs");
+  EXPECT_EQ(refused.headers.count("x-injected"), 0u);
+  // A path of this site with a query still goes through.
+  EXPECT_EQ(login("%2Fcompare%3Fjobs%3Dj000000000001%2Cj000000000002").headers["location"],
+            "/compare?jobs=j000000000001,j000000000002");
+}
+
+TEST_F(ConsoleTest, ThePageRedirectToLoginKeepsTheQuery) {
+  Start();
+  HttpResponse page = Http(port_, "GET", "/compare?jobs=j000000000001,j000000000002");
+  EXPECT_EQ(page.status, 303);
+  const std::string location = page.headers["location"];
+  EXPECT_EQ(location, "/login?next=%2fcompare%3fjobs%3dj000000000001,j000000000002");
+  // The form carries it, and the login goes back to it.
+  HttpResponse form = Http(port_, "GET", location);
+  EXPECT_EQ(form.status, 200);
+  EXPECT_TRUE(absl::StrContains(form.body, "name=\"next\" value=\"/compare?jobs=j000000000001,j000000000002\""))
+      << form.body;
+  HttpResponse login = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                            "token=the-token&next=%2Fcompare%3Fjobs%3Dj000000000001%2Cj000000000002");
+  EXPECT_EQ(login.headers["location"], "/compare?jobs=j000000000001,j000000000002");
+  // Without a query the target is the path alone.
+  EXPECT_EQ(Http(port_, "GET", "/jobs").headers["location"], "/login?next=%2fjobs");
+}
+
+TEST_F(ConsoleTest, StreamsEndWhenAReloadRevokesTheirToken) {
+  Start();
+  const std::string job_id = Submit();
+  EventStream job_stream(port_, "/api/jobs/" + job_id + "/events", {Bearer("the-viewer-token")});
+  ASSERT_TRUE(job_stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: job\ndata: {"); }))
+      << job_stream.text();
+  EventStream overview(port_, "/api/events", {"Cookie: aviary_console=the-viewer-token"});
+  ASSERT_TRUE(overview.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+      << overview.text();
+  // A stream whose token stays keeps going.
+  EventStream kept(port_, "/api/events", {Bearer("the-token")});
+  ASSERT_TRUE(kept.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+      << kept.text();
+  // SIGHUP's reload with another viewer token: the old one no longer authenticates.
+  Write("viewer.token", "another-viewer-token\n");
+  ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  EXPECT_TRUE(job_stream.ReadUntilClosed(15)) << job_stream.text();
+  EXPECT_TRUE(overview.ReadUntilClosed(15)) << overview.text();
+  EXPECT_FALSE(kept.ReadUntilClosed(2)) << kept.text();
+}
+
 TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   Start();
   const std::string job_id = Submit();
@@ -465,6 +610,50 @@ TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {
   EXPECT_TRUE(absl::StrContains(stream, "event: job\ndata: {\"job\":{\"job_id\":\"" + job_id)) << stream;
   // Plain HTTP on the console's port gets no answer.
   EXPECT_EQ(Http(port_, "GET", "/api/jobs", {Bearer("the-viewer-token")}).status, 0);
+}
+
+// A client that trickles its handshake a byte at a time is cut off at the handshake deadline
+// (not kept while each read brings a byte), and Stop() does not wait for it.
+TEST_F(ConsoleTest, TheTlsFrontCutsATricklingHandshakeAtItsDeadline) {
+  std::string cert, key;
+  ASSERT_TRUE(MakeCertificate(root_, &cert, &key)) << "openssl could not make a certificate";
+  auto front = TlsFront::Start("127.0.0.1:0", 1, ReadText(cert), ReadText(key), /*handshake_timeout_ms=*/1000);
+  ASSERT_TRUE(front.ok()) << front.status();
+  Trickler trickler((*front)->port());
+  ASSERT_TRUE(trickler.connected());
+  EXPECT_TRUE(trickler.WaitClosed(15)) << "the server kept a handshake that trickled for 15 s (deadline 1 s)";
+  trickler.Stop();
+
+  auto front2 = TlsFront::Start("127.0.0.1:0", 1, ReadText(cert), ReadText(key));  // the 10 s default
+  ASSERT_TRUE(front2.ok()) << front2.status();
+  Trickler held((*front2)->port());
+  ASSERT_TRUE(held.connected());
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the server is inside SSL_accept
+  auto stopped = std::async(std::launch::async, [&] { (*front2)->Stop(); });
+  EXPECT_EQ(stopped.wait_for(std::chrono::seconds(5)), std::future_status::ready)
+      << "TlsFront::Stop waited for a trickling handshake";
+  EXPECT_TRUE(held.WaitClosed(5));
+  held.Stop();
+  stopped.wait();
+}
+
+// The same through the coordinator: with a handshake trickling into the console, Shutdown
+// returns promptly (SIGTERM).
+TEST_F(ConsoleTest, ShutdownDoesNotWaitForATricklingTlsHandshake) {
+  std::string cert, key;
+  ASSERT_TRUE(MakeCertificate(root_, &cert, &key)) << "openssl could not make a certificate";
+  config_.tls_cert_file = cert;
+  config_.tls_key_file = key;
+  Start();
+  Trickler trickler(port_);
+  ASSERT_TRUE(trickler.connected());
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  auto shutdown = std::async(std::launch::async, [&] { return coordinator_->Shutdown(); });
+  EXPECT_EQ(shutdown.wait_for(std::chrono::seconds(8)), std::future_status::ready)
+      << "Coordinator::Shutdown waited for a trickling TLS handshake";
+  trickler.Stop();
+  EXPECT_TRUE(shutdown.get().ok());
+  coordinator_.reset();
 }
 
 TEST_F(ConsoleTest, ConfigKeysAreChecked) {

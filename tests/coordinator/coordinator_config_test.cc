@@ -3,11 +3,14 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "coordinator/service.h"
 #include "gtest/gtest.h"
 
 namespace aviary::coordinator {
@@ -194,6 +197,25 @@ TEST_F(CoordinatorConfigTest, TokenFileListsTrimmedTokensOneALine) {
   EXPECT_EQ(ReadTokenFile(root_ + "/missing").status().code(), absl::StatusCode::kNotFound);
 }
 
+// A token goes in a gRPC header: a byte that cannot (gRPC would abort the caller) is refused
+// naming the file, the token and the byte; a leading UTF-8 BOM (Windows editors) is dropped.
+TEST_F(CoordinatorConfigTest, TokenFileRefusesBytesAHeaderCannotCarry) {
+  auto bom = ReadTokenFile(Write("bom", "\xEF\xBB\xBF" "abc123\n"));
+  ASSERT_TRUE(bom.ok()) << bom.status();
+  EXPECT_EQ(*bom, (std::vector<std::string>{"abc123"}));
+  const std::string control = Write("control", "good\nba\x01" "d\n");
+  auto refused = ReadTokenFile(control);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(),
+                                absl::StrCat("token file ", control, ": token 2: byte 0x01 at position 3")))
+      << refused.status();
+  const std::string utf8 = Write("utf8", "t\xC3\xB6k\n");
+  refused = ReadTokenFile(utf8);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "token 1: byte 0xc3 at position 2")) << refused.status();
+}
+
 // Auth on needs the client and the worker token files; client certificates need TLS.
 TEST_F(CoordinatorConfigTest, AuthNeedsClientAndWorkerTokenFiles) {
   const std::string path = Write("c.yaml", "token_file: token\n");
@@ -212,6 +234,97 @@ TEST_F(CoordinatorConfigTest, AuthNeedsClientAndWorkerTokenFiles) {
   EXPECT_NE(mtls.status().message().find("--set tls_client_ca_file=ca.pem: key 'tls_client_ca_file'"),
             std::string::npos)
       << mtls.status();
+}
+
+// One HOST:PORT each: a comma would make civetweb open a second listener, and the port is
+// digits only (no sign, no space, no civetweb suffix).
+TEST_F(CoordinatorConfigTest, ListenAddressesAreOneHostAndADigitsPort) {
+  for (std::string CoordinatorConfig::*member :
+       {&CoordinatorConfig::listen, &CoordinatorConfig::metrics_listen, &CoordinatorConfig::console_listen}) {
+    CoordinatorConfig config;
+    config.allow_no_auth = true;
+    const std::string key = member == &CoordinatorConfig::listen           ? "listen"
+                            : member == &CoordinatorConfig::metrics_listen ? "metrics_listen"
+                                                                           : "console_listen";
+    for (const char* bad : {"127.0.0.1:0,0.0.0.0:0", "127.0.0.1:+0", "127.0.0.1:-0", "127.0.0.1: 80",
+                            "127.0.0.1:80s", "127.0.0.1:", ":80", "127.0.0.1:65536", "127.0.0.1:000080"}) {
+      config.*member = bad;
+      const absl::Status status = ValidateCoordinatorConfig(config);
+      EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << key << "=" << bad;
+      EXPECT_TRUE(absl::StrContains(status.message(), absl::StrCat("key '", key, "': '", bad, "'"))) << status;
+    }
+    for (const char* good : {"127.0.0.1:0", "0.0.0.0:8443", "localhost:7070", "[::]:7070"}) {
+      config.*member = good;
+      EXPECT_TRUE(ValidateCoordinatorConfig(config).ok()) << key << "=" << good << ": " << ValidateCoordinatorConfig(config);
+    }
+  }
+  // Through a flag the message points at it.
+  auto config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                           {"console_listen", "127.0.0.1:0,0.0.0.0:0", "--console-listen X"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_TRUE(absl::StrContains(config.status().message(),
+                                "--console-listen X: key 'console_listen': '127.0.0.1:0,0.0.0.0:0' holds a comma"))
+      << config.status();
+}
+
+// With TLS the console is served by TlsFront, which listens on a numeric IPv4 address only.
+TEST_F(CoordinatorConfigTest, TheTlsConsoleNeedsANumericIpv4Address) {
+  CoordinatorConfig config;
+  config.allow_no_auth = true;
+  config.tls_cert_file = "c.pem";
+  config.tls_key_file = "k.pem";
+  for (const char* bad : {"localhost:0", "[::1]:0", "console.example:8443"}) {
+    config.console_listen = bad;
+    const absl::Status status = ValidateCoordinatorConfig(config);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_TRUE(absl::StrContains(status.message(), absl::StrCat("key 'console_listen': '", bad, "'"))) << status;
+    EXPECT_TRUE(absl::StrContains(status.message(), "numeric IPv4")) << status;
+  }
+  config.console_listen = "0.0.0.0:8443";
+  EXPECT_TRUE(ValidateCoordinatorConfig(config).ok());
+  // Without TLS civetweb serves it and takes a host name.
+  config.tls_cert_file = config.tls_key_file = "";
+  config.console_listen = "localhost:0";
+  EXPECT_TRUE(ValidateCoordinatorConfig(config).ok());
+}
+
+// tls_cert_file and tls_key_file must hold a PEM certificate and a PEM key that fit it; the
+// error names the key and the file (not, later, the listen address).
+TEST_F(CoordinatorConfigTest, TlsFilesThatAreNotPemAreRefusedByKey) {
+  const std::string key = root_ + "/tls.key", cert = root_ + "/tls.crt", other = root_ + "/other.key";
+  const std::string make = absl::StrCat("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -keyout ",
+                                        key, " -out ", cert, " > /dev/null 2>&1 && openssl genrsa -out ", other,
+                                        " 2048 > /dev/null 2>&1");
+  ASSERT_EQ(std::system(make.c_str()), 0) << "openssl could not make a certificate";
+  const std::string junk = Write("junk.pem", "not a certificate\n");
+  CoordinatorConfig config;
+  config.allow_no_auth = true;
+  config.tls_cert_file = cert;
+  config.tls_key_file = key;
+  ASSERT_TRUE(LoadCoordinatorSecrets(config).ok()) << LoadCoordinatorSecrets(config).status();
+
+  config.tls_cert_file = junk;
+  auto secrets = LoadCoordinatorSecrets(config);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_EQ(secrets.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(secrets.status().message(), "key 'tls_cert_file': " + junk)) << secrets.status();
+
+  config.tls_cert_file = cert;
+  config.tls_key_file = junk;
+  secrets = LoadCoordinatorSecrets(config);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_TRUE(absl::StrContains(secrets.status().message(), "key 'tls_key_file': " + junk)) << secrets.status();
+
+  config.tls_key_file = cert;  // a certificate where the key should be
+  secrets = LoadCoordinatorSecrets(config);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_TRUE(absl::StrContains(secrets.status().message(), "key 'tls_key_file': " + cert)) << secrets.status();
+
+  config.tls_key_file = other;  // a key, but not the certificate's
+  secrets = LoadCoordinatorSecrets(config);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_TRUE(absl::StrContains(secrets.status().message(), "key 'tls_key_file': " + other)) << secrets.status();
+  EXPECT_TRUE(absl::StrContains(secrets.status().message(), "does not match")) << secrets.status();
 }
 
 }  // namespace

@@ -59,6 +59,29 @@ if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then
 else
   passes=$((passes + 1))
 fi
+# Credentials the client cannot send are refused by source and byte, before gRPC sees them (it
+# aborted on a token byte an HTTP/2 header cannot carry); a CA file that is not PEM is refused.
+printf 'tok\001en\n' > "$tmp/control.token"
+expect "--token-file $tmp/control.token: byte 0x01 at position 4" \
+  "$aviary" --coordinator 127.0.0.1:1 --token-file "$tmp/control.token" list
+expect "AVIARY_TOKEN: byte 0x01 at position 4" env AVIARY_TOKEN=$'tok\001en' "$aviary" --coordinator 127.0.0.1:1 list
+printf 't\303\266k\n' > "$tmp/utf8.token"
+expect "AVIARY_TOKEN_FILE $tmp/utf8.token: byte 0xc3 at position 2" \
+  env AVIARY_TOKEN_FILE="$tmp/utf8.token" "$aviary" --coordinator 127.0.0.1:1 list
+echo "not a certificate" > "$tmp/notpem.crt"
+expect "--tls-ca $tmp/notpem.crt: holds no PEM certificate" \
+  "$aviary" --coordinator 127.0.0.1:1 --tls-ca "$tmp/notpem.crt" list
+expect "AVIARY_TLS_CA $tmp/notpem.crt: holds no PEM certificate" \
+  env AVIARY_TLS_CA="$tmp/notpem.crt" "$aviary" --coordinator 127.0.0.1:1 list
+# A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
+printf '\357\273\277the-token\n' > "$tmp/bom.token"
+out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?
+if [ $rc -ne 1 ] || ! grep -qF "to coordinator 127.0.0.1:1" <<<"$out"; then
+  echo "FAIL: a token file with a BOM -> rc=$rc: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+
 # The torch commands run the aviary-worker next to aviary; without it the error says so.
 mkdir -p "$tmp/alone" && cp "$aviary" "$tmp/alone/aviary"
 out=$("$tmp/alone/aviary" mel --config x 2>&1)
