@@ -172,6 +172,9 @@ absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": '", path, "' holds no token (only blank or '#' lines)"));
   }
+  if (const std::string problem = aviary::common::TokenByteProblem(tokens.front()); !problem.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": ", problem));
+  }
   return tokens.front();
 }
 
@@ -208,6 +211,9 @@ absl::Status PrepareServe(const ServeArgs& args, aviary::worker::AgentOptions* o
     options.token = *token;
   } else if (const char* env = std::getenv("AVIARY_TOKEN"); env != nullptr) {
     options.token = std::string(absl::StripAsciiWhitespace(env));
+    if (const std::string problem = aviary::common::TokenByteProblem(options.token); !problem.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("AVIARY_TOKEN: ", problem));
+    }
   }
   std::string ca = args.tls_ca;
   if (ca.empty()) {

@@ -100,5 +100,12 @@ elif ! grep -q "aviary-worker serve: rank 1: --token-file: .*$tmp/token.absent" 
   cat "$tmp/serve_rank1.log"; fail "serve with rank 1 unable to start: rank 1 and its token file are not named"
 fi
 
+# A token byte that a gRPC header cannot carry is refused by its source (gRPC would abort).
+printf 'tok\001en\n' > "$tmp/bad-token"
+"$w" serve --coordinator 127.0.0.1:1 --token-file "$tmp/bad-token" --connect-timeout-s 5 > "$tmp/bad-token.log" 2>&1
+rc=$?
+{ [ $rc -eq 2 ] && grep -q -- "--token-file $tmp/bad-token: byte 0x01 at position 4" "$tmp/bad-token.log"; } \
+  || { cat "$tmp/bad-token.log"; fail "serve with a control byte in its token: exit $rc"; }
+
 echo "train_distributed: $fails failed"
 [ $fails -eq 0 ]
