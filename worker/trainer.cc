@@ -737,6 +737,21 @@ void Trainer::State::AdoptNewerBest(const CheckpointMeta& last) {
   best_epoch = best->best_epoch;
 }
 
+// A 62-bit FNV-1a digest of the items' paths and targets, in order (the ranks compare them).
+static int64_t ItemsDigest(const std::vector<LoaderItem>& items) {
+  uint64_t h = 14695981039346656037ULL;
+  auto mix = [&h](const void* data, size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  };
+  for (const LoaderItem& item : items) {
+    mix(item.path.data(), item.path.size() + 1);  // with its NUL: "ab","c" differs from "a","bc"
+    const int32_t target = item.target;
+    mix(&target, sizeof(target));
+  }
+  return static_cast<int64_t>(h >> 2);
+}
+
 // Where a mid-epoch checkpoint resumes in this run's loader plan. Loader batch s of an epoch is
 // rows [s*B*W, (s+1)*B*W) of the epoch's order for any number of ranks W (Loader::Plan), so a run
 // on other ranks than the one that stopped resumes at the batch that starts where it stopped.
@@ -766,13 +781,24 @@ absl::Status Trainer::State::JoinGroup() {
     // All ranks must resume from the same checkpoint (the run folder on a shared filesystem): the
     // same epoch, mid-epoch position and optimizer step (a rank that found no mid-epoch last.pt
     // would start the epoch over with fresh optimizer moments, beside ranks that did not).
-    const int64_t mine[3] = {start_epoch, mid.batches_done, step};
-    at::Tensor range = at::tensor({mine[0], -mine[0], mine[1], -mine[1], mine[2], -mine[2]}, at::kLong);
+    // And the same training and validation items (`aviary-worker train` builds them on every
+    // rank from its own view of the dataset: a file one host lacks would shift the epoch's order).
+    const int64_t mine[5] = {start_epoch, mid.batches_done, step, ItemsDigest(train_items),
+                             ItemsDigest(valid_items)};
+    std::vector<int64_t> both;
+    for (int64_t v : mine) both.insert(both.end(), {v, -v});
+    at::Tensor range = at::tensor(both, at::kLong);
     AVIARY_RETURN_IF_ERROR(comm->AllReduce(range, comm::ReduceOp::kMax));
     const char* what[3] = {"epochs", "batches", "optimizer steps"};
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < 5; ++i) {
       const int64_t hi = range[2 * i].item<int64_t>(), lo = -range[2 * i + 1].item<int64_t>();
       if (hi == lo) continue;
+      if (i >= 3) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "rank ", rank, ": the ranks' ", i == 3 ? "training" : "validation", " items differ (this rank has ",
+            i == 3 ? train_items.size() : valid_items.size(),
+            "): every rank must see the same dataset files at the same paths (a filesystem shared by all ranks)"));
+      }
       return absl::FailedPreconditionError(absl::StrCat(
           "rank ", rank, " resumes at epoch ", start_epoch, " batch ", mid.batches_done, " step ", step,
           " but the ranks range over ", what[i], " ", lo, "..", hi, ": every rank must see the same ",

@@ -100,6 +100,18 @@ elif ! grep -q "aviary-worker serve: rank 1: --token-file: .*$tmp/token.absent" 
   cat "$tmp/serve_rank1.log"; fail "serve with rank 1 unable to start: rank 1 and its token file are not named"
 fi
 
+# Ranks that see different dataset files (rank 1's copy lacks one recording) are refused before
+# the first step, instead of shuffling different item lists.
+cp -r "$tmp/t24" "$tmp/t24-rank1"
+rm -f "$(find "$tmp/t24-rank1/train_audio" -type f | sort | head -1)"
+# shellcheck disable=SC2016  # expanded by the rank's shell
+if mpi2 bash -c 'r=$0; [ "$OMPI_COMM_WORLD_RANK" = 1 ] && r=$0-rank1; exec "$1" train --config "$2" --set data.target.root="$r" --set train.batch_size=8 --stage finetune --fold 0 --out "$3"' \
+     "$tmp/t24" "$w" "$tmp/p.yaml" "$tmp/items" > "$tmp/items.log" 2>&1; then
+  fail "ranks with different dataset files were not refused"
+elif ! grep -q "the ranks' training items differ" "$tmp/items.log"; then
+  cat "$tmp/items.log"; fail "ranks with different dataset files: the refusal does not say so"
+fi
+
 # A token byte that a gRPC header cannot carry is refused by its source (gRPC would abort).
 printf 'tok\001en\n' > "$tmp/bad-token"
 "$w" serve --coordinator 127.0.0.1:1 --token-file "$tmp/bad-token" --connect-timeout-s 5 > "$tmp/bad-token.log" 2>&1
