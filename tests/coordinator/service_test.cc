@@ -1048,6 +1048,22 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("path"), std::string::npos);
   EXPECT_EQ(Complete(group, job_id + "/pretrain-f0", "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // CompleteTask's `best` is named as such, not as a progress point.
+  CompleteTaskRequest complete;
+  complete.set_group_id(group);
+  complete.set_task_id(task);
+  complete.set_best_checkpoint(Checkpoint(task, "best.pt"));
+  *complete.mutable_best() = EpochEnd(0, 0.8);
+  complete.mutable_best()->set_epoch(-1);
+  CompleteTaskResponse complete_response;
+  status = workers_->CompleteTask(WorkerCtx().get(), complete, &complete_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'best.epoch': -1"), std::string::npos) << status.error_message();
+  complete.mutable_best()->set_epoch(0);
+  complete.mutable_best()->set_val_auc(7);
+  status = workers_->CompleteTask(WorkerCtx().get(), complete, &complete_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'best.val_auc': 7"), std::string::npos) << status.error_message();
   EXPECT_EQ(Heartbeat("gnot-a-group", "", &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Heartbeat("g000000000000", "", &cancel).error_code(), grpc::StatusCode::NOT_FOUND);
 }
