@@ -1167,21 +1167,19 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> Scheduler::GroupHolds(const Group& group, const std::string& task_id) const {
-  if (tasks_.count(task_id) == 0) {
-    return absl::NotFoundError(absl::StrCat("task_id '", task_id, "': no such task"));
-  }
+bool Scheduler::GroupHolds(const Group& group, const std::string& task_id) const {
   const TaskRow* held = HeldTask(group);
   return held != nullptr && held->info.task_id() == task_id;
 }
 
 absl::Status Scheduler::RequireHolder(const Group& group, const std::string& task_id,
                                       absl::string_view action) const {
-  AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(group, task_id));
-  if (holds) return absl::OkStatus();
+  if (GroupHolds(group, task_id)) return absl::OkStatus();
+  auto it = tasks_.find(task_id);
   return absl::FailedPreconditionError(absl::StrCat(
-      "task ", task_id, " is not leased to group ", group.row.group_id, " (state ",
-      TaskStateName(tasks_.at(task_id).info.state()), ")",
+      "task ", task_id, " is not leased to group ", group.row.group_id,
+      it == tasks_.end() ? absl::StrCat(" (task_id '", task_id, "': no such task; its job was deleted)")
+                         : absl::StrCat(" (state ", TaskStateName(it->second.info.state()), ")"),
       action.empty() ? "" : absl::StrCat("; only the holder may ", action)));
 }
 
@@ -1189,8 +1187,9 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(*group, request.task_id()));
-  if (!holds) return true;  // ignored
+  if (!GroupHolds(*group, request.task_id())) {
+    return true;  // ignored, and the group told to stop (an unknown task too: deleted with its job)
+  }
   if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());

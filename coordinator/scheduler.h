@@ -262,11 +262,11 @@ class Scheduler {
   };
   void DecideLeases(const std::vector<LeaseWaiter*>& batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Whether `group` holds task `task_id`; NOT_FOUND when there is no such task.
-  absl::StatusOr<bool> GroupHolds(const Group& group, const std::string& task_id) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // FAILED_PRECONDITION naming the task, the group and the task's state unless the group holds
-  // the task ("...; only the holder may <action>" when `action` is set).
+  // Whether `group` holds task `task_id` (false for an unknown task: deleted with its job).
+  bool GroupHolds(const Group& group, const std::string& task_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // FAILED_PRECONDITION naming the task, the group and the task's state (or that there is no
+  // such task) unless the group holds the task ("...; only the holder may <action>" when
+  // `action` is set). Never NOT_FOUND: that tells a group it is not registered.
   absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void UpdateJobCountsLocked() ABSL_SHARED_LOCKS_REQUIRED(mu_);

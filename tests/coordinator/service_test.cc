@@ -1038,8 +1038,11 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   status = Report(group, "j0123/oops", {}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("task_id"), std::string::npos);
+  // An unknown task (deleted, say) is not the group's: told to stop, not NOT_FOUND (which says
+  // the group is not registered).
   status = Report(group, "j0123456789ab/pretrain-f0", {}, &cancel);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(cancel);
   ReportCheckpointRequest checkpoint;
   checkpoint.set_group_id(group);
   checkpoint.set_task_id(job_id + "/pretrain-f0");
@@ -2164,7 +2167,7 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
 
   // Errors: an unknown group, a task of another job, bad fields, the wrong role.
   EXPECT_EQ(ship("g000000000000", pretrain, {"x"}).error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(ship(group, other_job + "/pretrain-f9", {"x"}).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ship(group, other_job + "/pretrain-f9", {"x"}).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(ship(group, "bogus", {"x"}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   GetLogsRequest bad;
   bad.set_job_id(job_id);
@@ -2338,6 +2341,56 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesPretrainedWeightsThatDoNotFitTheMode
   ok.back() = "model.pretrained_weights=weights/only-on-the-workers.pt";
   EXPECT_EQ(Submit(ok).size(), 13u);
   EXPECT_EQ(CountRows("SELECT COUNT(*) FROM jobs"), 3);
+}
+
+// A task deleted under its holder: the holder is told to stop (ReportProgress), or refused with
+// FAILED_PRECONDITION naming the task; never NOT_FOUND, which tells a group it is not registered.
+TEST_F(CoordinatorServiceTest, ADeletedTaskIsNotNotFoundForItsHolder) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  const std::string last = Checkpoint(pretrain, "last.pt");
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  DeleteJobRequest del;
+  del.set_job_id(job_id);
+  DeleteJobResponse deleted;
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), del, &deleted).ok());
+  bool cancel_task = false;
+  Metrics m = EpochEnd(0, 0.5);
+  m.set_epoch_end(false);
+  grpc::Status status = Report(a, pretrain, {m}, &cancel_task);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(cancel_task);
+  auto refused = [&](const grpc::Status& s, const std::string& rpc) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << rpc << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(pretrain), std::string::npos) << rpc << ": " << s.error_message();
+  };
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("x");
+  FailTaskResponse failed;
+  refused(workers_->FailTask(WorkerCtx().get(), fail, &failed), "FailTask");
+  refused(Complete(a, pretrain, last), "CompleteTask");
+  ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id(a);
+  checkpoint.set_task_id(pretrain);
+  checkpoint.set_path(last);
+  ReportCheckpointResponse checkpoint_response;
+  refused(workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response), "ReportCheckpoint");
+  ShipLogsRequest ship;
+  ship.set_group_id(a);
+  ship.set_task_id(pretrain);
+  ship.add_lines()->set_text("x");
+  ShipLogsResponse shipped;
+  refused(workers_->ShipLogs(WorkerCtx().get(), ship, &shipped), "ShipLogs");
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel_task).ok());
+  EXPECT_TRUE(cancel_task);
 }
 
 }  // namespace
