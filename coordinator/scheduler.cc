@@ -75,6 +75,11 @@ absl::Status NotRegistered(const std::string& group_id) {
       "abandon its task"));
 }
 
+// A store error that a retry cannot mend: the row or the bytes are gone or damaged.
+bool PermanentLoadError(const absl::Status& status) {
+  return absl::IsDataLoss(status) || absl::IsNotFound(status);
+}
+
 }  // namespace
 
 absl::Status NoSuchJob(const std::string& job_id) {
@@ -1106,7 +1111,15 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
     return none;
   }
   const TaskRow& leased = *me.leased;
-  AVIARY_ASSIGN_OR_RETURN(TaskPayload payload, store_->LoadTaskPayload(leased.info.task_id()));
+  // A payload or manifest that cannot be loaded for good fails the task: left leased, every
+  // retried LeaseTask would hand back the same task and the same error, for ever.
+  auto load_failed = [&](const absl::Status& error) {
+    if (!PermanentLoadError(error)) return error;  // e.g. a busy database: the group retries
+    return FailUnloadableLease(group_id, leased.info.task_id(), leased.info.attempt(), error);
+  };
+  absl::StatusOr<TaskPayload> loaded = store_->LoadTaskPayload(leased.info.task_id());
+  if (!loaded.ok()) return load_failed(loaded.status());
+  TaskPayload& payload = *loaded;
   aviary::v1::LeaseTaskResponse response;
   response.set_available(true);
   aviary::v1::Task* task = response.mutable_task();
@@ -1119,9 +1132,10 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
   task->set_resume_checkpoint(leased.resume_checkpoint);
   task->set_out_dir(leased.info.out_dir());
   if (!payload.manifest_hash.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(int64_t size, store_->ManifestSize(payload.manifest_hash));
+    absl::StatusOr<int64_t> size = store_->ManifestSize(payload.manifest_hash);
+    if (!size.ok()) return load_failed(size.status());
     task->set_manifest_hash(payload.manifest_hash);
-    task->set_manifest_size(size);
+    task->set_manifest_size(*size);
   }
   task->set_attempt(leased.info.attempt());
   return response;
@@ -1129,6 +1143,8 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
 
 absl::Status Scheduler::GetManifest(const std::string& group_id, const std::string& hash,
                                     const std::function<bool(const aviary::v1::ManifestChunk&)>& send) {
+  std::string held_id;
+  int held_attempt = 0;
   {
     absl::ReaderMutexLock lock(&mu_);
     AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
@@ -1137,8 +1153,11 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
       return absl::FailedPreconditionError(absl::StrCat("group ", group_id, " holds no task whose manifest is ",
                                                         hash, held == nullptr ? " (it holds no task)" : ""));
     }
+    held_id = held->info.task_id();
+    held_attempt = held->info.attempt();
   }
   std::shared_ptr<const std::string> shared;
+  absl::Status load_error;
   {
     absl::MutexLock lock(&streaming_mu_);  // held while loading: concurrent fetchers wait for one load
     for (auto it = streaming_.begin(); it != streaming_.end();) {  // drop the finished ones
@@ -1147,10 +1166,19 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
     auto it = streaming_.find(hash);
     if (it != streaming_.end()) shared = it->second.lock();
     if (shared == nullptr) {
-      AVIARY_ASSIGN_OR_RETURN(std::string loaded, store_->LoadManifest(hash));
-      shared = std::make_shared<const std::string>(std::move(loaded));
-      streaming_[hash] = shared;
+      absl::StatusOr<std::string> loaded = store_->LoadManifest(hash);
+      if (loaded.ok()) {
+        shared = std::make_shared<const std::string>(*std::move(loaded));
+        streaming_[hash] = shared;
+      } else {
+        load_error = loaded.status();
+      }
     }
+  }
+  if (!load_error.ok()) {
+    // As in LeaseTask: a manifest that cannot be loaded for good fails the task that needs it.
+    if (!PermanentLoadError(load_error)) return load_error;
+    return FailUnloadableLease(group_id, held_id, held_attempt, load_error);
   }
   const std::string& csv = *shared;
   constexpr size_t kChunk = size_t{1} << 20;
@@ -1181,6 +1209,30 @@ absl::Status Scheduler::RequireHolder(const Group& group, const std::string& tas
       it == tasks_.end() ? absl::StrCat(" (task_id '", task_id, "': no such task; its job was deleted)")
                          : absl::StrCat(" (state ", TaskStateName(it->second.info.state()), ")"),
       action.empty() ? "" : absl::StrCat("; only the holder may ", action)));
+}
+
+absl::Status Scheduler::FailUnloadableLease(const std::string& group_id, const std::string& task_id, int attempt,
+                                            const absl::Status& error) {
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = tasks_.find(task_id);
+  if (it == tasks_.end() || it->second.info.state() != aviary::v1::TASK_STATE_LEASED ||
+      it->second.info.group_id() != group_id || it->second.info.attempt() != attempt) {
+    // Cancelled, re-leased or deleted meanwhile: nothing to fail; the group leases again.
+    return absl::FailedPreconditionError(absl::StrCat("task ", task_id, " is no longer leased to group ", group_id,
+                                                      " (", error.message(), "); lease again"));
+  }
+  const std::string why = absl::StrCat("task ", task_id, ": cannot load its manifest: ", error.message());
+  Changes changes;
+  FailTaskAndJob(&changes, task_id, why);
+  if (auto group = groups_.find(group_id); group != groups_.end() && group->second->row.task_id == task_id) {
+    GroupRow row = group->second->row;
+    row.task_id.clear();
+    changes.put_groups[group_id] = row;
+  }
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  log_.Error(absl::StrCat(why, "; the task FAILED (group ", group_id, ", attempt ", attempt, ")"));
+  return absl::DataLossError(absl::StrCat(why, "; the task FAILED, lease another"));
 }
 
 absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {

@@ -269,6 +269,13 @@ class Scheduler {
   // `action` is set). Never NOT_FOUND: that tells a group it is not registered.
   absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The payload or manifest of task `task_id`, leased to `group_id` in `attempt`, cannot be
+  // loaded for good (`error`: DATA_LOSS or NOT_FOUND from the store): the task fails (and its
+  // job, as failed tasks do) instead of staying leased for ever, and the group's row lets go of
+  // it. Returns the DATA_LOSS to answer, naming the task and the error (FAILED_PRECONDITION when
+  // the lease changed meanwhile).
+  absl::Status FailUnloadableLease(const std::string& group_id, const std::string& task_id, int attempt,
+                                   const absl::Status& error) ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   void UpdateJobCountsLocked() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewId(char prefix) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   int64_t NowMs() const;

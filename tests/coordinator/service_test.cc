@@ -2343,6 +2343,87 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesPretrainedWeightsThatDoNotFitTheMode
   EXPECT_EQ(CountRows("SELECT COUNT(*) FROM jobs"), 3);
 }
 
+// A stored manifest that does not inflate (DATA_LOSS) fails the leased task, naming it, instead of
+// handing the same task and error to every retried LeaseTask for ever; the job fails as with any
+// failed task.
+TEST_F(CoordinatorServiceTest, ALeaseWhosePayloadCannotBeLoadedFailsTheTask) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(config_.database.c_str(), &db), SQLITE_OK);
+    // The compressed-manifest header (AVZ1, 10 bytes claimed), then no valid zlib stream.
+    const std::string sql =
+        "UPDATE tasks SET manifest_csv=x'41565a310a000000000000007801' WHERE task_id='" + pretrain + "'";
+    char* err = nullptr;
+    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_close(db);
+  }
+  Start();
+  const std::string a = Register();
+  LeaseTaskRequest request;
+  request.set_group_id(a);
+  LeaseTaskResponse response;
+  grpc::Status status = workers_->LeaseTask(WorkerCtx().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS) << status.error_message();
+  EXPECT_NE(status.error_message().find(pretrain), std::string::npos) << status.error_message();
+  EXPECT_NE(status.error_message().find("does not inflate"), std::string::npos) << status.error_message();
+  // The retried lease has nothing to do: the task failed, and its job with it.
+  status = workers_->LeaseTask(WorkerCtx().get(), request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(response.available());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  const TaskInfo* task = FindTask(job, pretrain);
+  ASSERT_NE(task, nullptr);
+  EXPECT_EQ(task->state(), TASK_STATE_FAILED);
+  EXPECT_EQ(task->group_id(), "");
+  EXPECT_NE(task->error().find(pretrain), std::string::npos) << task->error();
+  EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
+  EXPECT_NE(job.error().find(pretrain), std::string::npos) << job.error();
+  for (const TaskInfo& other : job.tasks()) {
+    if (other.task_id() != pretrain) EXPECT_EQ(other.state(), TASK_STATE_CANCELLED) << other.task_id();
+  }
+  bool cancel = false;
+  ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());  // the group is still registered
+}
+
+// The same for a manifest that does not inflate when GetManifest streams it.
+TEST_F(CoordinatorServiceTest, AManifestThatCannotBeLoadedFailsTheTaskThatFetchesIt) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(config_.database.c_str(), &db), SQLITE_OK);
+    const std::string sql = "UPDATE manifests SET data=x'41565a310a000000000000007801'";
+    char* err = nullptr;
+    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_close(db);
+  }
+  Start();
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  std::string bytes;
+  grpc::Status status = FetchManifest(a, lease.task().manifest_hash(), &bytes);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS) << status.error_message();
+  EXPECT_NE(status.error_message().find(pretrain), std::string::npos) << status.error_message();
+  EXPECT_FALSE(Lease(a).available());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  const TaskInfo* task = FindTask(job, pretrain);
+  ASSERT_NE(task, nullptr);
+  EXPECT_EQ(task->state(), TASK_STATE_FAILED);
+  EXPECT_NE(task->error().find(pretrain), std::string::npos) << task->error();
+  EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
+}
+
 // A task deleted under its holder: the holder is told to stop (ReportProgress), or refused with
 // FAILED_PRECONDITION naming the task; never NOT_FOUND, which tells a group it is not registered.
 TEST_F(CoordinatorServiceTest, ADeletedTaskIsNotNotFoundForItsHolder) {
