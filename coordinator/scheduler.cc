@@ -1027,6 +1027,11 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       continue;
     }
     if (const TaskRow* held = HeldTask(**group)) {
+      // The group asks for work while holding a task: it has dropped the task (a failed manifest
+      // fetch, or its lease fence ran out while the coordinator was away) and resumes it from its
+      // checkpoint, possibly behind its last report. The attempt stays (docs/SERVICE.md,
+      // "Fencing"); its progress points start afresh, as a new attempt's do.
+      last_points_.erase(held->info.task_id());
       waiter->leased = *held;
       continue;
     }

@@ -2424,6 +2424,46 @@ TEST_F(CoordinatorServiceTest, AManifestThatCannotBeLoadedFailsTheTaskThatFetche
   EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
 }
 
+// After an outage longer than the heartbeat timeout the group abandoned its task; the restarted
+// coordinator hands the same task and attempt back, and the resumed run's reports (steps from
+// the checkpoint, the restored epochs sent again) are accepted; a re-sent epoch is not stored twice.
+TEST_F(CoordinatorServiceTest, AHeldTaskLeasedAgainRestartsItsPointOrdering) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  Metrics step = EpochEnd(1, 0.5);
+  step.set_epoch_end(false);
+  step.set_step(15);
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.5), step}, &cancel).ok());
+  Restart();
+  LeaseTaskResponse again = Lease(a);
+  ASSERT_EQ(again.task().task_id(), pretrain);
+  EXPECT_EQ(again.task().attempt(), 1);
+  // Resumed from last.pt written after epoch 0 (step 10): epoch 0 sent again, then epoch 1 from step 11.
+  step.set_step(11);
+  Metrics end = EpochEnd(1, 0.6);
+  end.set_step(20);
+  grpc::Status status = Report(a, pretrain, {EpochEnd(0, 0.55), step, end}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(cancel);
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 2);
+  EXPECT_EQ(history.rows(0).metrics().epoch(), 0);
+  EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.55);
+  EXPECT_EQ(history.rows(1).metrics().epoch(), 1);
+  EXPECT_EQ(history.rows(1).metrics().step(), 20);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE task_id=?1 AND epoch_end=1 AND epoch=0", pretrain), 1);
+  // Within the resumed run the ordering holds again.
+  step.set_step(12);
+  EXPECT_EQ(Report(a, pretrain, {step}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 // A task deleted under its holder: the holder is told to stop (ReportProgress), or refused with
 // FAILED_PRECONDITION naming the task; never NOT_FOUND, which tells a group it is not registered.
 TEST_F(CoordinatorServiceTest, ADeletedTaskIsNotNotFoundForItsHolder) {
