@@ -1002,9 +1002,21 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
 
 absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id,
                                           int64_t gpu_memory_bytes) {
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+    group->gpu_memory_bytes = gpu_memory_bytes;
+    const TaskRow* held = HeldTask(*group);
+    const bool cancel = !task_id.empty() && (held == nullptr || held->info.task_id() != task_id);
+    // The usual heartbeat: nothing to write.
+    if (!HoldsStale(*group) || (!task_id.empty() && task_id != group->row.task_id)) return cancel;
+  }
+  // The group's row names a task it no longer holds, and this heartbeat tells it to stop that
+  // task (its lease fence ends with the answer) or says it runs none: it lets go.
+  absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
-  group->gpu_memory_bytes = gpu_memory_bytes;
+  AVIARY_RETURN_IF_ERROR(LetGo(*group, task_id.empty() ? group->row.task_id : task_id));
   if (task_id.empty()) return false;
   const TaskRow* held = HeldTask(*group);
   return held == nullptr || held->info.task_id() != task_id;
@@ -1013,6 +1025,14 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
 void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
   Changes changes;
   std::vector<LeaseWaiter*> staged;  // the waiters whose lease is in `changes`
+  std::vector<LeaseWaiter*> let_go;  // the waiters whose group lets go of a task in `changes`
+  // Tasks that a registered group may still be training (cancelled or failed under it, retried
+  // since): nobody else leases them until that group lets go (never two writers of one run
+  // folder; docs/SERVICE.md, "Fencing"). Task id -> those groups.
+  std::map<std::string, std::set<std::string>> stopping;
+  for (const auto& [id, group] : groups_) {
+    if (HoldsStale(*group)) stopping[group->row.task_id].insert(id);
+  }
   for (LeaseWaiter* waiter : batch) {
     const std::string& group_id = waiter->group_id;
     absl::StatusOr<Group*> group = FindGroup(group_id);
@@ -1021,7 +1041,8 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       continue;
     }
     // A group the batch leased to already (the same request twice): that task again.
-    if (auto it = changes.put_groups.find(group_id); it != changes.put_groups.end()) {
+    if (auto it = changes.put_groups.find(group_id);
+        it != changes.put_groups.end() && !it->second.task_id.empty()) {
       waiter->leased = View(changes, it->second.task_id);
       staged.push_back(waiter);
       continue;
@@ -1035,16 +1056,24 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       waiter->leased = *held;
       continue;
     }
+    if (HoldsStale(**group) && changes.put_groups.count(group_id) == 0) {
+      // Asking for work, it has let go of the task its row still names.
+      stopping[(*group)->row.task_id].erase(group_id);
+      GroupRow row = (*group)->row;
+      row.task_id.clear();
+      changes.put_groups[group_id] = row;
+      let_go.push_back(waiter);
+    }
     // The oldest READY task, as staged by the leases before this one in the batch.
     std::string next;
     for (const auto& [seq, job_id] : job_order_) {
       const Job& job = jobs_.at(job_id);
       if (TerminalJob(job.row.info.state())) continue;
       for (const std::string& id : job.task_ids) {
-        if (View(changes, id).info.state() == aviary::v1::TASK_STATE_READY) {
-          next = id;
-          break;
-        }
+        if (View(changes, id).info.state() != aviary::v1::TASK_STATE_READY) continue;
+        if (auto fence = stopping.find(id); fence != stopping.end() && !fence->second.empty()) continue;
+        next = id;
+        break;
       }
       if (!next.empty()) break;
     }
@@ -1064,12 +1093,15 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
     DeriveJobState(&changes, task.info.job_id());
     staged.push_back(waiter);
   }
-  if (staged.empty()) return;
+  if (staged.empty() && let_go.empty()) return;
   // The tasks as leased (a later DeriveJobState of the batch does not touch them).
   for (LeaseWaiter* waiter : staged) {
     waiter->leased = View(changes, changes.put_groups.at(waiter->group_id).task_id);
   }
   const absl::Status committed = Commit(&changes);
+  if (!committed.ok()) {
+    for (LeaseWaiter* waiter : let_go) waiter->status = committed;
+  }
   std::set<std::string> logged;  // a group that asked twice is logged once
   for (LeaseWaiter* waiter : staged) {
     if (!committed.ok()) {
@@ -1216,6 +1248,21 @@ absl::Status Scheduler::RequireHolder(const Group& group, const std::string& tas
       action.empty() ? "" : absl::StrCat("; only the holder may ", action)));
 }
 
+bool Scheduler::HoldsStale(const Group& group) const {
+  return !group.row.task_id.empty() && HeldTask(group) == nullptr;
+}
+
+absl::Status Scheduler::LetGo(const Group& group, const std::string& task_id) {
+  if (!HoldsStale(group) || group.row.task_id != task_id) return absl::OkStatus();
+  Changes changes;
+  GroupRow row = group.row;
+  row.task_id.clear();
+  changes.put_groups[row.group_id] = row;
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  log_.Info(absl::StrCat("group ", row.group_id, " let go of task ", task_id, " (no longer leased to it)"));
+  return absl::OkStatus();
+}
+
 absl::Status Scheduler::FailUnloadableLease(const std::string& group_id, const std::string& task_id, int attempt,
                                             const absl::Status& error) {
   absl::MutexLock writer(&write_mu_);
@@ -1245,7 +1292,10 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (!GroupHolds(*group, request.task_id())) {
-    return true;  // ignored, and the group told to stop (an unknown task too: deleted with its job)
+    // Ignored, and the group told to stop (an unknown task too: deleted with its job); told so,
+    // it lets go of the task.
+    AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));
+    return true;
   }
   if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
   Changes changes;
@@ -1345,7 +1395,10 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "complete it"));
+  if (absl::Status holder = RequireHolder(*group, request.task_id(), "complete it"); !holder.ok()) {
+    AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
+    return holder;
+  }
   AVIARY_RETURN_IF_ERROR(CheckCheckpointPath("best_checkpoint", request.best_checkpoint(),
                                              tasks_.at(request.task_id()).info.out_dir()));
   if (const int epochs = tasks_.at(request.task_id()).info.epochs();
@@ -1390,7 +1443,10 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "fail it"));
+  if (absl::Status holder = RequireHolder(*group, request.task_id(), "fail it"); !holder.ok()) {
+    AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
+    return holder;
+  }
   Changes changes;
   GroupRow group_row = group->row;
   group_row.task_id.clear();

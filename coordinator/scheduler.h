@@ -107,7 +107,8 @@ class Scheduler {
   // --- WorkerService.
   absl::StatusOr<aviary::v1::RegisterGroupResponse> RegisterGroup(
       const aviary::v1::RegisterGroupRequest& request);
-  // Renews the group; returns cancel_task.
+  // Renews the group; returns cancel_task. A group that is told to stop its task (or that
+  // heartbeats without one) has let go of it: its row's task is cleared (LetGo).
   absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id,
                                  int64_t gpu_memory_bytes = 0);
   // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
@@ -268,6 +269,16 @@ class Scheduler {
   // such task) unless the group holds the task ("...; only the holder may <action>" when
   // `action` is set). Never NOT_FOUND: that tells a group it is not registered.
   absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Whether the group's row still names a task that is no longer leased to it (cancelled, failed
+  // by another task of its job, retried since, deleted): the group may still be training it,
+  // and writing its run folder, until it learns so. Nobody else leases that task meanwhile
+  // (DecideLeases; docs/SERVICE.md, "Fencing").
+  bool HoldsStale(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The group has let go of `task_id` (it was told to stop it, reported on it, or asks for
+  // work): when its row still names that task and it does not hold it, the row's task is
+  // cleared (committed). Nothing otherwise.
+  absl::Status LetGo(const Group& group, const std::string& task_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The payload or manifest of task `task_id`, leased to `group_id` in `attempt`, cannot be
   // loaded for good (`error`: DATA_LOSS or NOT_FOUND from the store): the task fails (and its

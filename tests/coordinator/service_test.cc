@@ -2424,6 +2424,75 @@ TEST_F(CoordinatorServiceTest, AManifestThatCannotBeLoadedFailsTheTaskThatFetche
   EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
 }
 
+// A cancelled job retried at once: its task is READY again, but another group cannot lease it
+// while the previous holder has not learnt of the cancel (never two writers of one run folder).
+TEST_F(CoordinatorServiceTest, ARetriedTaskWaitsUntilItsCancelledHolderLetsGo) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  bool cancel = false;
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  ASSERT_FALSE(cancel);
+  CancelJobRequest cancel_request;
+  cancel_request.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  EXPECT_EQ(FindTask(retried, pretrain)->state(), TASK_STATE_READY);
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available());  // A is still training it, as far as anyone knows
+  Restart();  // the fence is durable
+  EXPECT_FALSE(Lease(b).available());
+  // A's next heartbeat tells it to stop (its lease fence ends with that answer): it lets go.
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  EXPECT_TRUE(cancel);
+  LeaseTaskResponse lease = Lease(b);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 2);
+}
+
+// The holder itself may lease its retried task again (it has let go: it asks for work), and a
+// holder that reports FailTask for the cancelled task lets go too.
+TEST_F(CoordinatorServiceTest, ACancelledHolderLetsGoByLeasingOrFailing) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  CancelJobRequest cancel_request;
+  cancel_request.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 2);
+
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available());
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("stopped");
+  FailTaskResponse failed;
+  EXPECT_EQ(workers_->FailTask(WorkerCtx().get(), fail, &failed).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  lease = Lease(b);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+}
+
 // After an outage longer than the heartbeat timeout the group abandoned its task; the restarted
 // coordinator hands the same task and attempt back, and the resumed run's reports (steps from
 // the checkpoint, the restored epochs sent again) are accepted; a re-sent epoch is not stored twice.
