@@ -1008,18 +1008,16 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
     group->gpu_memory_bytes = gpu_memory_bytes;
     const TaskRow* held = HeldTask(*group);
     const bool cancel = !task_id.empty() && (held == nullptr || held->info.task_id() != task_id);
-    // The usual heartbeat: nothing to write.
-    if (!HoldsStale(*group) || (!task_id.empty() && task_id != group->row.task_id)) return cancel;
+    // The usual heartbeat: nothing to write. A group still running a task it no longer holds
+    // is told to stop, again and again: an answer lost on its way must not count as heard.
+    if (!task_id.empty() || !HoldsStale(*group)) return cancel;
   }
-  // The group's row names a task it no longer holds, and this heartbeat tells it to stop that
-  // task (its lease fence ends with the answer) or says it runs none: it lets go.
+  // The group runs no task while its row still names one it no longer holds: it has let go.
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
-  AVIARY_RETURN_IF_ERROR(LetGo(*group, task_id.empty() ? group->row.task_id : task_id));
-  if (task_id.empty()) return false;
-  const TaskRow* held = HeldTask(*group);
-  return held == nullptr || held->info.task_id() != task_id;
+  AVIARY_RETURN_IF_ERROR(LetGo(*group, group->row.task_id));
+  return false;
 }
 
 void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
@@ -1292,10 +1290,7 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (!GroupHolds(*group, request.task_id())) {
-    // Ignored, and the group told to stop (an unknown task too: deleted with its job); told so,
-    // it lets go of the task.
-    AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));
-    return true;
+    return true;  // ignored, and the group told to stop (an unknown task too: deleted with its job)
   }
   if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
   Changes changes;

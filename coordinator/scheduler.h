@@ -107,8 +107,8 @@ class Scheduler {
   // --- WorkerService.
   absl::StatusOr<aviary::v1::RegisterGroupResponse> RegisterGroup(
       const aviary::v1::RegisterGroupRequest& request);
-  // Renews the group; returns cancel_task. A group that is told to stop its task (or that
-  // heartbeats without one) has let go of it: its row's task is cleared (LetGo).
+  // Renews the group; returns cancel_task. A group that heartbeats without a task has let go of
+  // one its row still names (LetGo).
   absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id,
                                  int64_t gpu_memory_bytes = 0);
   // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
@@ -275,9 +275,9 @@ class Scheduler {
   // and writing its run folder, until it learns so. Nobody else leases that task meanwhile
   // (DecideLeases; docs/SERVICE.md, "Fencing").
   bool HoldsStale(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // The group has let go of `task_id` (it was told to stop it, reported on it, or asks for
-  // work): when its row still names that task and it does not hold it, the row's task is
-  // cleared (committed). Nothing otherwise.
+  // The group has let go of `task_id` (it heartbeats without a task, reports the task's outcome,
+  // or asks for work): when its row still names that task and it does not hold it, the row's
+  // task is cleared (committed). Nothing otherwise.
   absl::Status LetGo(const Group& group, const std::string& task_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The payload or manifest of task `task_id`, leased to `group_id` in `attempt`, cannot be

@@ -2448,9 +2448,13 @@ TEST_F(CoordinatorServiceTest, ARetriedTaskWaitsUntilItsCancelledHolderLetsGo) {
   EXPECT_FALSE(Lease(b).available());  // A is still training it, as far as anyone knows
   Restart();  // the fence is durable
   EXPECT_FALSE(Lease(b).available());
-  // A's next heartbeat tells it to stop (its lease fence ends with that answer): it lets go.
+  // A's next heartbeat tells it to stop; until A says it runs no task (the answer may be lost on
+  // its way), the task waits.
   ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
   EXPECT_TRUE(cancel);
+  EXPECT_FALSE(Lease(b).available());
+  ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());  // stopped: it lets go
+  EXPECT_FALSE(cancel);
   LeaseTaskResponse lease = Lease(b);
   ASSERT_TRUE(lease.available());
   EXPECT_EQ(lease.task().task_id(), pretrain);
