@@ -75,6 +75,11 @@ absl::Status NotRegistered(const std::string& group_id) {
       "abandon its task"));
 }
 
+// A store error that a retry cannot mend: the row or the bytes are gone or damaged.
+bool PermanentLoadError(const absl::Status& status) {
+  return absl::IsDataLoss(status) || absl::IsNotFound(status);
+}
+
 }  // namespace
 
 absl::Status NoSuchJob(const std::string& job_id) {
@@ -997,17 +1002,35 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
 
 absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id,
                                           int64_t gpu_memory_bytes) {
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+    group->gpu_memory_bytes = gpu_memory_bytes;
+    const TaskRow* held = HeldTask(*group);
+    const bool cancel = !task_id.empty() && (held == nullptr || held->info.task_id() != task_id);
+    // The usual heartbeat: nothing to write. A group still running a task it no longer holds
+    // is told to stop, again and again: an answer lost on its way must not count as heard.
+    if (!task_id.empty() || !HoldsStale(*group)) return cancel;
+  }
+  // The group runs no task while its row still names one it no longer holds: it has let go.
+  absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
-  group->gpu_memory_bytes = gpu_memory_bytes;
-  if (task_id.empty()) return false;
-  const TaskRow* held = HeldTask(*group);
-  return held == nullptr || held->info.task_id() != task_id;
+  AVIARY_RETURN_IF_ERROR(LetGo(*group, group->row.task_id));
+  return false;
 }
 
 void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
   Changes changes;
   std::vector<LeaseWaiter*> staged;  // the waiters whose lease is in `changes`
+  std::vector<LeaseWaiter*> let_go;  // the waiters whose group lets go of a task in `changes`
+  // Tasks that a registered group may still be training (cancelled or failed under it, retried
+  // since): nobody else leases them until that group lets go (never two writers of one run
+  // folder; docs/SERVICE.md, "Fencing"). Task id -> those groups.
+  std::map<std::string, std::set<std::string>> stopping;
+  for (const auto& [id, group] : groups_) {
+    if (HoldsStale(*group)) stopping[group->row.task_id].insert(id);
+  }
   for (LeaseWaiter* waiter : batch) {
     const std::string& group_id = waiter->group_id;
     absl::StatusOr<Group*> group = FindGroup(group_id);
@@ -1016,14 +1039,28 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       continue;
     }
     // A group the batch leased to already (the same request twice): that task again.
-    if (auto it = changes.put_groups.find(group_id); it != changes.put_groups.end()) {
+    if (auto it = changes.put_groups.find(group_id);
+        it != changes.put_groups.end() && !it->second.task_id.empty()) {
       waiter->leased = View(changes, it->second.task_id);
       staged.push_back(waiter);
       continue;
     }
     if (const TaskRow* held = HeldTask(**group)) {
+      // The group asks for work while holding a task: it has dropped the task (a failed manifest
+      // fetch, or its lease fence ran out while the coordinator was away) and resumes it from its
+      // checkpoint, possibly behind its last report. The attempt stays (docs/SERVICE.md,
+      // "Fencing"); its progress points start afresh, as a new attempt's do.
+      last_points_.erase(held->info.task_id());
       waiter->leased = *held;
       continue;
+    }
+    if (HoldsStale(**group) && changes.put_groups.count(group_id) == 0) {
+      // Asking for work, it has let go of the task its row still names.
+      stopping[(*group)->row.task_id].erase(group_id);
+      GroupRow row = (*group)->row;
+      row.task_id.clear();
+      changes.put_groups[group_id] = row;
+      let_go.push_back(waiter);
     }
     // The oldest READY task, as staged by the leases before this one in the batch.
     std::string next;
@@ -1031,10 +1068,10 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       const Job& job = jobs_.at(job_id);
       if (TerminalJob(job.row.info.state())) continue;
       for (const std::string& id : job.task_ids) {
-        if (View(changes, id).info.state() == aviary::v1::TASK_STATE_READY) {
-          next = id;
-          break;
-        }
+        if (View(changes, id).info.state() != aviary::v1::TASK_STATE_READY) continue;
+        if (auto fence = stopping.find(id); fence != stopping.end() && !fence->second.empty()) continue;
+        next = id;
+        break;
       }
       if (!next.empty()) break;
     }
@@ -1054,12 +1091,15 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
     DeriveJobState(&changes, task.info.job_id());
     staged.push_back(waiter);
   }
-  if (staged.empty()) return;
+  if (staged.empty() && let_go.empty()) return;
   // The tasks as leased (a later DeriveJobState of the batch does not touch them).
   for (LeaseWaiter* waiter : staged) {
     waiter->leased = View(changes, changes.put_groups.at(waiter->group_id).task_id);
   }
   const absl::Status committed = Commit(&changes);
+  if (!committed.ok()) {
+    for (LeaseWaiter* waiter : let_go) waiter->status = committed;
+  }
   std::set<std::string> logged;  // a group that asked twice is logged once
   for (LeaseWaiter* waiter : staged) {
     if (!committed.ok()) {
@@ -1106,7 +1146,15 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
     return none;
   }
   const TaskRow& leased = *me.leased;
-  AVIARY_ASSIGN_OR_RETURN(TaskPayload payload, store_->LoadTaskPayload(leased.info.task_id()));
+  // A payload or manifest that cannot be loaded for good fails the task: left leased, every
+  // retried LeaseTask would hand back the same task and the same error, for ever.
+  auto load_failed = [&](const absl::Status& error) {
+    if (!PermanentLoadError(error)) return error;  // e.g. a busy database: the group retries
+    return FailUnloadableLease(group_id, leased.info.task_id(), leased.info.attempt(), error);
+  };
+  absl::StatusOr<TaskPayload> loaded = store_->LoadTaskPayload(leased.info.task_id());
+  if (!loaded.ok()) return load_failed(loaded.status());
+  TaskPayload& payload = *loaded;
   aviary::v1::LeaseTaskResponse response;
   response.set_available(true);
   aviary::v1::Task* task = response.mutable_task();
@@ -1119,9 +1167,10 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
   task->set_resume_checkpoint(leased.resume_checkpoint);
   task->set_out_dir(leased.info.out_dir());
   if (!payload.manifest_hash.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(int64_t size, store_->ManifestSize(payload.manifest_hash));
+    absl::StatusOr<int64_t> size = store_->ManifestSize(payload.manifest_hash);
+    if (!size.ok()) return load_failed(size.status());
     task->set_manifest_hash(payload.manifest_hash);
-    task->set_manifest_size(size);
+    task->set_manifest_size(*size);
   }
   task->set_attempt(leased.info.attempt());
   return response;
@@ -1129,6 +1178,8 @@ absl::StatusOr<aviary::v1::LeaseTaskResponse> Scheduler::LeaseTask(const std::st
 
 absl::Status Scheduler::GetManifest(const std::string& group_id, const std::string& hash,
                                     const std::function<bool(const aviary::v1::ManifestChunk&)>& send) {
+  std::string held_id;
+  int held_attempt = 0;
   {
     absl::ReaderMutexLock lock(&mu_);
     AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
@@ -1137,8 +1188,11 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
       return absl::FailedPreconditionError(absl::StrCat("group ", group_id, " holds no task whose manifest is ",
                                                         hash, held == nullptr ? " (it holds no task)" : ""));
     }
+    held_id = held->info.task_id();
+    held_attempt = held->info.attempt();
   }
   std::shared_ptr<const std::string> shared;
+  absl::Status load_error;
   {
     absl::MutexLock lock(&streaming_mu_);  // held while loading: concurrent fetchers wait for one load
     for (auto it = streaming_.begin(); it != streaming_.end();) {  // drop the finished ones
@@ -1147,10 +1201,19 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
     auto it = streaming_.find(hash);
     if (it != streaming_.end()) shared = it->second.lock();
     if (shared == nullptr) {
-      AVIARY_ASSIGN_OR_RETURN(std::string loaded, store_->LoadManifest(hash));
-      shared = std::make_shared<const std::string>(std::move(loaded));
-      streaming_[hash] = shared;
+      absl::StatusOr<std::string> loaded = store_->LoadManifest(hash);
+      if (loaded.ok()) {
+        shared = std::make_shared<const std::string>(*std::move(loaded));
+        streaming_[hash] = shared;
+      } else {
+        load_error = loaded.status();
+      }
     }
+  }
+  if (!load_error.ok()) {
+    // As in LeaseTask: a manifest that cannot be loaded for good fails the task that needs it.
+    if (!PermanentLoadError(load_error)) return load_error;
+    return FailUnloadableLease(group_id, held_id, held_attempt, load_error);
   }
   const std::string& csv = *shared;
   constexpr size_t kChunk = size_t{1} << 20;
@@ -1167,30 +1230,68 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> Scheduler::GroupHolds(const Group& group, const std::string& task_id) const {
-  if (tasks_.count(task_id) == 0) {
-    return absl::NotFoundError(absl::StrCat("task_id '", task_id, "': no such task"));
-  }
+bool Scheduler::GroupHolds(const Group& group, const std::string& task_id) const {
   const TaskRow* held = HeldTask(group);
   return held != nullptr && held->info.task_id() == task_id;
 }
 
 absl::Status Scheduler::RequireHolder(const Group& group, const std::string& task_id,
                                       absl::string_view action) const {
-  AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(group, task_id));
-  if (holds) return absl::OkStatus();
+  if (GroupHolds(group, task_id)) return absl::OkStatus();
+  auto it = tasks_.find(task_id);
   return absl::FailedPreconditionError(absl::StrCat(
-      "task ", task_id, " is not leased to group ", group.row.group_id, " (state ",
-      TaskStateName(tasks_.at(task_id).info.state()), ")",
+      "task ", task_id, " is not leased to group ", group.row.group_id,
+      it == tasks_.end() ? absl::StrCat(" (task_id '", task_id, "': no such task; its job was deleted)")
+                         : absl::StrCat(" (state ", TaskStateName(it->second.info.state()), ")"),
       action.empty() ? "" : absl::StrCat("; only the holder may ", action)));
+}
+
+bool Scheduler::HoldsStale(const Group& group) const {
+  return !group.row.task_id.empty() && HeldTask(group) == nullptr;
+}
+
+absl::Status Scheduler::LetGo(const Group& group, const std::string& task_id) {
+  if (!HoldsStale(group) || group.row.task_id != task_id) return absl::OkStatus();
+  Changes changes;
+  GroupRow row = group.row;
+  row.task_id.clear();
+  changes.put_groups[row.group_id] = row;
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  log_.Info(absl::StrCat("group ", row.group_id, " let go of task ", task_id, " (no longer leased to it)"));
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::FailUnloadableLease(const std::string& group_id, const std::string& task_id, int attempt,
+                                            const absl::Status& error) {
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = tasks_.find(task_id);
+  if (it == tasks_.end() || it->second.info.state() != aviary::v1::TASK_STATE_LEASED ||
+      it->second.info.group_id() != group_id || it->second.info.attempt() != attempt) {
+    // Cancelled, re-leased or deleted meanwhile: nothing to fail; the group leases again.
+    return absl::FailedPreconditionError(absl::StrCat("task ", task_id, " is no longer leased to group ", group_id,
+                                                      " (", error.message(), "); lease again"));
+  }
+  const std::string why = absl::StrCat("task ", task_id, ": cannot load its manifest: ", error.message());
+  Changes changes;
+  FailTaskAndJob(&changes, task_id, why);
+  if (auto group = groups_.find(group_id); group != groups_.end() && group->second->row.task_id == task_id) {
+    GroupRow row = group->second->row;
+    row.task_id.clear();
+    changes.put_groups[group_id] = row;
+  }
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  log_.Error(absl::StrCat(why, "; the task FAILED (group ", group_id, ", attempt ", attempt, ")"));
+  return absl::DataLossError(absl::StrCat(why, "; the task FAILED, lease another"));
 }
 
 absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  AVIARY_ASSIGN_OR_RETURN(bool holds, GroupHolds(*group, request.task_id()));
-  if (!holds) return true;  // ignored
+  if (!GroupHolds(*group, request.task_id())) {
+    return true;  // ignored, and the group told to stop (an unknown task too: deleted with its job)
+  }
   if (request.points_size() == 0 && request.steps_per_epoch() <= 0) return false;
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
@@ -1289,7 +1390,10 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "complete it"));
+  if (absl::Status holder = RequireHolder(*group, request.task_id(), "complete it"); !holder.ok()) {
+    AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
+    return holder;
+  }
   AVIARY_RETURN_IF_ERROR(CheckCheckpointPath("best_checkpoint", request.best_checkpoint(),
                                              tasks_.at(request.task_id()).info.out_dir()));
   if (const int epochs = tasks_.at(request.task_id()).info.epochs();
@@ -1334,7 +1438,10 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-  AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), "fail it"));
+  if (absl::Status holder = RequireHolder(*group, request.task_id(), "fail it"); !holder.ok()) {
+    AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
+    return holder;
+  }
   Changes changes;
   GroupRow group_row = group->row;
   group_row.task_id.clear();

@@ -107,7 +107,8 @@ class Scheduler {
   // --- WorkerService.
   absl::StatusOr<aviary::v1::RegisterGroupResponse> RegisterGroup(
       const aviary::v1::RegisterGroupRequest& request);
-  // Renews the group; returns cancel_task.
+  // Renews the group; returns cancel_task. A group that heartbeats without a task has let go of
+  // one its row still names (LetGo).
   absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id,
                                  int64_t gpu_memory_bytes = 0);
   // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
@@ -262,13 +263,30 @@ class Scheduler {
   };
   void DecideLeases(const std::vector<LeaseWaiter*>& batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Whether `group` holds task `task_id`; NOT_FOUND when there is no such task.
-  absl::StatusOr<bool> GroupHolds(const Group& group, const std::string& task_id) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // FAILED_PRECONDITION naming the task, the group and the task's state unless the group holds
-  // the task ("...; only the holder may <action>" when `action` is set).
+  // Whether `group` holds task `task_id` (false for an unknown task: deleted with its job).
+  bool GroupHolds(const Group& group, const std::string& task_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // FAILED_PRECONDITION naming the task, the group and the task's state (or that there is no
+  // such task) unless the group holds the task ("...; only the holder may <action>" when
+  // `action` is set). Never NOT_FOUND: that tells a group it is not registered.
   absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Whether the group's row still names a task that is no longer leased to it (cancelled, failed
+  // by another task of its job, retried since, deleted): the group may still be training it,
+  // and writing its run folder, until it learns so. Nobody else leases that task meanwhile
+  // (DecideLeases; docs/SERVICE.md, "Fencing").
+  bool HoldsStale(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The group has let go of `task_id` (it heartbeats without a task, reports the task's outcome,
+  // or asks for work): when its row still names that task and it does not hold it, the row's
+  // task is cleared (committed). Nothing otherwise.
+  absl::Status LetGo(const Group& group, const std::string& task_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The payload or manifest of task `task_id`, leased to `group_id` in `attempt`, cannot be
+  // loaded for good (`error`: DATA_LOSS or NOT_FOUND from the store): the task fails (and its
+  // job, as failed tasks do) instead of staying leased for ever, and the group's row lets go of
+  // it. Returns the DATA_LOSS to answer, naming the task and the error (FAILED_PRECONDITION when
+  // the lease changed meanwhile).
+  absl::Status FailUnloadableLease(const std::string& group_id, const std::string& task_id, int attempt,
+                                   const absl::Status& error) ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   void UpdateJobCountsLocked() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewId(char prefix) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   int64_t NowMs() const;

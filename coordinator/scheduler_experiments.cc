@@ -178,17 +178,18 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
 }
 
 absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
-  int attempt = 0;
-  {
-    absl::ReaderMutexLock lock(&mu_);
-    AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
-    (void)group;
-    auto task = tasks_.find(request.task_id());
-    if (task == tasks_.end()) {
-      return absl::NotFoundError(absl::StrCat("task_id '", request.task_id(), "': no such task"));
-    }
-    attempt = task->second.info.attempt();
+  // mu_ stays held (as a reader) while the lines are appended: DeleteJob erases the task under
+  // mu_ exclusively before it erases the task's log, so no log outlives its task.
+  absl::ReaderMutexLock tasks_lock(&mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
+  auto task = tasks_.find(request.task_id());
+  if (task == tasks_.end()) {
+    // Not NOT_FOUND: that tells a group it is not registered.
+    return absl::FailedPreconditionError(absl::StrCat("task_id '", request.task_id(),
+                                                      "': no such task (its job was deleted); group ",
+                                                      group->row.group_id, " keeps no log for it"));
   }
+  const int attempt = task->second.info.attempt();
   absl::MutexLock lock(&logs_mu_);
   TaskLog& log = logs_[request.task_id()];
   log.written = ++logs_clock_;

@@ -165,8 +165,8 @@ absl::Status CheckPointValues(const std::string& field, const aviary::v1::Metric
   return absl::OkStatus();
 }
 
-absl::Status CheckPoint(int index, const aviary::v1::Metrics& point) {
-  const std::string field = absl::StrCat("points[", index, "]");
+// `field` names the point in the request ("points[3]", "best").
+absl::Status CheckPoint(const std::string& field, const aviary::v1::Metrics& point) {
   if (point.epoch() < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("field '", field, ".epoch': ", point.epoch(), " must be >= 0"));
@@ -447,7 +447,7 @@ grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* context,
                                                      " points, at most ", kMaxPointsPerReport));
     }
     for (int i = 0; i < request->points_size(); ++i) {
-      AVIARY_RETURN_IF_ERROR(CheckPoint(i, request->points(i)));
+      AVIARY_RETURN_IF_ERROR(CheckPoint(absl::StrCat("points[", i, "]"), request->points(i)));
     }
     AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->ReportProgress(*request));
     response->set_cancel_task(cancel);
@@ -477,7 +477,7 @@ grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     AVIARY_RETURN_IF_ERROR(CheckText("best_checkpoint", request->best_checkpoint(), true));
-    if (request->has_best()) AVIARY_RETURN_IF_ERROR(CheckPoint(0, request->best()));
+    if (request->has_best()) AVIARY_RETURN_IF_ERROR(CheckPoint("best", request->best()));
     return scheduler_->CompleteTask(*request);
   });
 }

@@ -732,6 +732,16 @@ absl::Status Store::AddPoints(const std::string& job_id, const std::string& task
                               int64_t time_unix_ms,
                               const std::vector<aviary::v1::Metrics>& points) {
   for (const aviary::v1::Metrics& point : points) {
+    if (point.epoch_end()) {
+      // An epoch end sent again within one attempt (a run resumed from its checkpoint re-sends
+      // the epochs it restored) replaces the earlier one.
+      Statement del(this,
+                    "DELETE FROM metric_points WHERE task_id=?1 AND epoch_end=1 AND attempt=?2 AND epoch=?3");
+      del.Bind(1, task_id);
+      del.Bind(2, attempt);
+      del.Bind(3, point.epoch());
+      AVIARY_RETURN_IF_ERROR(del.Run());
+    }
     Statement st(this,
                  "INSERT INTO metric_points(job_id, task_id, attempt, time_unix_ms, epoch, step, "
                  "epoch_end, metrics) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");

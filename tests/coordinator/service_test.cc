@@ -1038,8 +1038,11 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   status = Report(group, "j0123/oops", {}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("task_id"), std::string::npos);
+  // An unknown task (deleted, say) is not the group's: told to stop, not NOT_FOUND (which says
+  // the group is not registered).
   status = Report(group, "j0123456789ab/pretrain-f0", {}, &cancel);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(cancel);
   ReportCheckpointRequest checkpoint;
   checkpoint.set_group_id(group);
   checkpoint.set_task_id(job_id + "/pretrain-f0");
@@ -1048,6 +1051,22 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("path"), std::string::npos);
   EXPECT_EQ(Complete(group, job_id + "/pretrain-f0", "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // CompleteTask's `best` is named as such, not as a progress point.
+  CompleteTaskRequest complete;
+  complete.set_group_id(group);
+  complete.set_task_id(task);
+  complete.set_best_checkpoint(Checkpoint(task, "best.pt"));
+  *complete.mutable_best() = EpochEnd(0, 0.8);
+  complete.mutable_best()->set_epoch(-1);
+  CompleteTaskResponse complete_response;
+  status = workers_->CompleteTask(WorkerCtx().get(), complete, &complete_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'best.epoch': -1"), std::string::npos) << status.error_message();
+  complete.mutable_best()->set_epoch(0);
+  complete.mutable_best()->set_val_auc(7);
+  status = workers_->CompleteTask(WorkerCtx().get(), complete, &complete_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'best.val_auc': 7"), std::string::npos) << status.error_message();
   EXPECT_EQ(Heartbeat("gnot-a-group", "", &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Heartbeat("g000000000000", "", &cancel).error_code(), grpc::StatusCode::NOT_FOUND);
 }
@@ -2148,7 +2167,7 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
 
   // Errors: an unknown group, a task of another job, bad fields, the wrong role.
   EXPECT_EQ(ship("g000000000000", pretrain, {"x"}).error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(ship(group, other_job + "/pretrain-f9", {"x"}).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ship(group, other_job + "/pretrain-f9", {"x"}).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(ship(group, "bogus", {"x"}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   GetLogsRequest bad;
   bad.set_job_id(job_id);
@@ -2322,6 +2341,250 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesPretrainedWeightsThatDoNotFitTheMode
   ok.back() = "model.pretrained_weights=weights/only-on-the-workers.pt";
   EXPECT_EQ(Submit(ok).size(), 13u);
   EXPECT_EQ(CountRows("SELECT COUNT(*) FROM jobs"), 3);
+}
+
+// A stored manifest that does not inflate (DATA_LOSS) fails the leased task, naming it, instead of
+// handing the same task and error to every retried LeaseTask for ever; the job fails as with any
+// failed task.
+TEST_F(CoordinatorServiceTest, ALeaseWhosePayloadCannotBeLoadedFailsTheTask) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(config_.database.c_str(), &db), SQLITE_OK);
+    // The compressed-manifest header (AVZ1, 10 bytes claimed), then no valid zlib stream.
+    const std::string sql =
+        "UPDATE tasks SET manifest_csv=x'41565a310a000000000000007801' WHERE task_id='" + pretrain + "'";
+    char* err = nullptr;
+    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_close(db);
+  }
+  Start();
+  const std::string a = Register();
+  LeaseTaskRequest request;
+  request.set_group_id(a);
+  LeaseTaskResponse response;
+  grpc::Status status = workers_->LeaseTask(WorkerCtx().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS) << status.error_message();
+  EXPECT_NE(status.error_message().find(pretrain), std::string::npos) << status.error_message();
+  EXPECT_NE(status.error_message().find("does not inflate"), std::string::npos) << status.error_message();
+  // The retried lease has nothing to do: the task failed, and its job with it.
+  status = workers_->LeaseTask(WorkerCtx().get(), request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(response.available());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  const TaskInfo* task = FindTask(job, pretrain);
+  ASSERT_NE(task, nullptr);
+  EXPECT_EQ(task->state(), TASK_STATE_FAILED);
+  EXPECT_EQ(task->group_id(), "");
+  EXPECT_NE(task->error().find(pretrain), std::string::npos) << task->error();
+  EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
+  EXPECT_NE(job.error().find(pretrain), std::string::npos) << job.error();
+  for (const TaskInfo& other : job.tasks()) {
+    if (other.task_id() != pretrain) EXPECT_EQ(other.state(), TASK_STATE_CANCELLED) << other.task_id();
+  }
+  bool cancel = false;
+  ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());  // the group is still registered
+}
+
+// The same for a manifest that does not inflate when GetManifest streams it.
+TEST_F(CoordinatorServiceTest, AManifestThatCannotBeLoadedFailsTheTaskThatFetchesIt) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(config_.database.c_str(), &db), SQLITE_OK);
+    const std::string sql = "UPDATE manifests SET data=x'41565a310a000000000000007801'";
+    char* err = nullptr;
+    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_close(db);
+  }
+  Start();
+  const std::string a = Register();
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  std::string bytes;
+  grpc::Status status = FetchManifest(a, lease.task().manifest_hash(), &bytes);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS) << status.error_message();
+  EXPECT_NE(status.error_message().find(pretrain), std::string::npos) << status.error_message();
+  EXPECT_FALSE(Lease(a).available());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  const TaskInfo* task = FindTask(job, pretrain);
+  ASSERT_NE(task, nullptr);
+  EXPECT_EQ(task->state(), TASK_STATE_FAILED);
+  EXPECT_NE(task->error().find(pretrain), std::string::npos) << task->error();
+  EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
+}
+
+// A cancelled job retried at once: its task is READY again, but another group cannot lease it
+// while the previous holder has not learnt of the cancel (never two writers of one run folder).
+TEST_F(CoordinatorServiceTest, ARetriedTaskWaitsUntilItsCancelledHolderLetsGo) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  bool cancel = false;
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  ASSERT_FALSE(cancel);
+  CancelJobRequest cancel_request;
+  cancel_request.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  EXPECT_EQ(FindTask(retried, pretrain)->state(), TASK_STATE_READY);
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available());  // A is still training it, as far as anyone knows
+  Restart();  // the fence is durable
+  EXPECT_FALSE(Lease(b).available());
+  // A's next heartbeat tells it to stop; until A says it runs no task (the answer may be lost on
+  // its way), the task waits.
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
+  EXPECT_TRUE(cancel);
+  EXPECT_FALSE(Lease(b).available());
+  ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());  // stopped: it lets go
+  EXPECT_FALSE(cancel);
+  LeaseTaskResponse lease = Lease(b);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 2);
+}
+
+// The holder itself may lease its retried task again (it has let go: it asks for work), and a
+// holder that reports FailTask for the cancelled task lets go too.
+TEST_F(CoordinatorServiceTest, ACancelledHolderLetsGoByLeasingOrFailing) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  CancelJobRequest cancel_request;
+  cancel_request.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  LeaseTaskResponse lease = Lease(a);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 2);
+
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available());
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("stopped");
+  FailTaskResponse failed;
+  EXPECT_EQ(workers_->FailTask(WorkerCtx().get(), fail, &failed).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  lease = Lease(b);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+}
+
+// After an outage longer than the heartbeat timeout the group abandoned its task; the restarted
+// coordinator hands the same task and attempt back, and the resumed run's reports (steps from
+// the checkpoint, the restored epochs sent again) are accepted; a re-sent epoch is not stored twice.
+TEST_F(CoordinatorServiceTest, AHeldTaskLeasedAgainRestartsItsPointOrdering) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  Metrics step = EpochEnd(1, 0.5);
+  step.set_epoch_end(false);
+  step.set_step(15);
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.5), step}, &cancel).ok());
+  Restart();
+  LeaseTaskResponse again = Lease(a);
+  ASSERT_EQ(again.task().task_id(), pretrain);
+  EXPECT_EQ(again.task().attempt(), 1);
+  // Resumed from last.pt written after epoch 0 (step 10): epoch 0 sent again, then epoch 1 from step 11.
+  step.set_step(11);
+  Metrics end = EpochEnd(1, 0.6);
+  end.set_step(20);
+  grpc::Status status = Report(a, pretrain, {EpochEnd(0, 0.55), step, end}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(cancel);
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 2);
+  EXPECT_EQ(history.rows(0).metrics().epoch(), 0);
+  EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.55);
+  EXPECT_EQ(history.rows(1).metrics().epoch(), 1);
+  EXPECT_EQ(history.rows(1).metrics().step(), 20);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE task_id=?1 AND epoch_end=1 AND epoch=0", pretrain), 1);
+  // Within the resumed run the ordering holds again.
+  step.set_step(12);
+  EXPECT_EQ(Report(a, pretrain, {step}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+// A task deleted under its holder: the holder is told to stop (ReportProgress), or refused with
+// FAILED_PRECONDITION naming the task; never NOT_FOUND, which tells a group it is not registered.
+TEST_F(CoordinatorServiceTest, ADeletedTaskIsNotNotFoundForItsHolder) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  const std::string last = Checkpoint(pretrain, "last.pt");
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  DeleteJobRequest del;
+  del.set_job_id(job_id);
+  DeleteJobResponse deleted;
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), del, &deleted).ok());
+  bool cancel_task = false;
+  Metrics m = EpochEnd(0, 0.5);
+  m.set_epoch_end(false);
+  grpc::Status status = Report(a, pretrain, {m}, &cancel_task);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(cancel_task);
+  auto refused = [&](const grpc::Status& s, const std::string& rpc) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << rpc << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(pretrain), std::string::npos) << rpc << ": " << s.error_message();
+  };
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("x");
+  FailTaskResponse failed;
+  refused(workers_->FailTask(WorkerCtx().get(), fail, &failed), "FailTask");
+  refused(Complete(a, pretrain, last), "CompleteTask");
+  ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id(a);
+  checkpoint.set_task_id(pretrain);
+  checkpoint.set_path(last);
+  ReportCheckpointResponse checkpoint_response;
+  refused(workers_->ReportCheckpoint(WorkerCtx().get(), checkpoint, &checkpoint_response), "ReportCheckpoint");
+  ShipLogsRequest ship;
+  ship.set_group_id(a);
+  ship.set_task_id(pretrain);
+  ship.add_lines()->set_text("x");
+  ShipLogsResponse shipped;
+  refused(workers_->ShipLogs(WorkerCtx().get(), ship, &shipped), "ShipLogs");
+  ASSERT_TRUE(Heartbeat(a, pretrain, &cancel_task).ok());
+  EXPECT_TRUE(cancel_task);
 }
 
 }  // namespace
