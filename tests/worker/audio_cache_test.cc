@@ -277,6 +277,32 @@ TEST(AudioCacheTest, ReportCountsEveryReason) {
   EXPECT_EQ(again.counts, report.counts);
 }
 
+// A WAV whose header announces 1 or 3 Hz is counted as not_audio; prepare neither resamples it
+// into billions of samples nor dies of std::bad_alloc in a decode thread.
+TEST(AudioCacheTest, ImplausibleSampleRateIsCountedNotFatal) {
+  TempDir tmp;
+  const std::string good = tmp.Sub("good.wav");
+  WriteAudio(good, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  std::vector<std::string> paths = {good};
+  for (uint32_t rate : {1u, 3u}) {
+    paths.push_back(tmp.Sub("rate" + std::to_string(rate) + ".wav"));
+    testing::WriteWavWithHeaderRate(paths.back(), 4800, rate);
+  }
+  const std::string dir = tmp.Sub("cache");
+  auto report = PrepareAudioCache(paths, Options(dir));
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->counts[AudioProblem::kNone], 1);
+  EXPECT_EQ(report->counts[AudioProblem::kNotAudio], 2);
+  EXPECT_NE(report->examples[AudioProblem::kNotAudio].find("Hz is implausible"), std::string::npos)
+      << report->examples[AudioProblem::kNotAudio];
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  const CacheEntry* entry = cache->Lookup(paths[1]);
+  ASSERT_NE(entry, nullptr);
+  EXPECT_EQ(entry->problem, AudioProblem::kNotAudio);
+  EXPECT_EQ(entry->frames, 0);
+}
+
 TEST(AudioCacheTest, ChangedFileIsDecodedAgainAndTheNewestShardWins) {
   TempDir tmp;
   const std::string path = tmp.Sub("a.wav");

@@ -451,6 +451,53 @@ TEST(AudioProblemTest, MissingEmptyAndNotAudio) {
   ExpectProblem(tmp.Sub("dir.ogg"), AudioProblem::kNotAudio, "directory");
 }
 
+// A header whose sample rate is implausible (a corrupt fmt chunk) is refused as not_audio by
+// name and rate, not resampled: 4,800 frames announced at 1 Hz would be 153.6e6 samples at
+// 32 kHz (the reviewer's 240,000-frame file, 7.68e9: std::bad_alloc).
+TEST(AudioProblemTest, ImplausibleSampleRateIsRefused) {
+  TempDir tmp;
+  for (uint32_t rate : {1u, 3u, 999u, 768001u}) {
+    const std::string path = tmp.Sub("rate" + std::to_string(rate) + ".wav");
+    testing::WriteWavWithHeaderRate(path, 4800, rate);
+    DecodeResult r = Decode(path);
+    EXPECT_EQ(r.failure.problem, AudioProblem::kNotAudio)
+        << path << ": " << AudioProblemName(r.failure.problem) << " " << r.audio.samples.size();
+    EXPECT_NE(r.failure.message.find(path), std::string::npos) << r.failure.message;
+    EXPECT_NE(r.failure.message.find("sample rate " + std::to_string(rate) + " Hz"),
+              std::string::npos)
+        << r.failure.message;
+    EXPECT_TRUE(r.audio.samples.empty());
+    auto probe = ProbeAudio(path, 32000);
+    ASSERT_TRUE(probe.ok());
+    EXPECT_EQ(probe->failure.problem, AudioProblem::kNotAudio) << probe->failure.message;
+  }
+  // The ends of the accepted range decode.
+  for (uint32_t rate : {1000u, 768000u}) {
+    const std::string path = tmp.Sub("edge" + std::to_string(rate) + ".wav");
+    testing::WriteWavWithHeaderRate(path, 4800, rate);
+    DecodeResult r = Decode(path);
+    EXPECT_TRUE(r.ok()) << r.failure.message;
+    EXPECT_EQ(static_cast<int64_t>(r.audio.samples.size()), ResampledLength(4800, rate, 32000));
+  }
+}
+
+// A decode that would deliver more than 2^29 samples is refused before any is decoded: 700,000
+// frames at 1 kHz resampled to 768 kHz would be 5.376e8 > 2^29 = 5.369e8.
+TEST(AudioProblemTest, DecodeBeyondTheLengthLimitIsRefused) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("long.wav");
+  testing::WriteWavWithHeaderRate(path, 700000, 1000);
+  DecodeResult r = Decode(path, 768000);
+  EXPECT_EQ(r.failure.problem, AudioProblem::kNotAudio) << r.failure.message;
+  EXPECT_NE(r.failure.message.find(path), std::string::npos) << r.failure.message;
+  EXPECT_NE(r.failure.message.find("limit of 536870912"), std::string::npos) << r.failure.message;
+  EXPECT_TRUE(r.audio.samples.empty());
+  // A window of it is fine.
+  DecodeResult w = Decode(path, 768000, ChannelMode::kFirst, 10.0, 1.0);
+  EXPECT_TRUE(w.ok()) << w.failure.message;
+  EXPECT_EQ(w.audio.samples.size(), 768000u);
+}
+
 TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
   const auto& corpus = SharedCorpus();
   TempDir tmp;

@@ -12,6 +12,8 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <numeric>
 #include <utility>
 
@@ -30,6 +32,16 @@ constexpr int64_t kBlockFrames = 16384;
 // is a few hundred taps long at our ratios; 20 ms of source is several times that (measured in
 // audio_test: windows equal whole-file decodes to float rounding).
 constexpr double kResampleMarginSeconds = 0.02;
+
+// Source sample rates the decoder accepts: [1000, 768000] Hz. Real recordings use 8 kHz and up
+// (1 kHz leaves room for odd loggers); 768 kHz is the highest rate any converter offers. A header
+// outside the range is corrupt, and trusting it is dangerous: 240,000 frames announced at 1 Hz
+// resample to 7.68e9 samples at 32 kHz (std::bad_alloc, or the OOM killer).
+constexpr int kMinSourceRate = 1000;
+constexpr int kMaxSourceRate = 768000;
+// The most samples one decode may deliver: 2^29 (2 GiB as float, 1 GiB as int16; 4.66 hours at
+// 32 kHz). A decode that would deliver more is refused as a problem file, not attempted.
+constexpr int64_t kMaxDecodeSamples = int64_t{1} << 29;
 
 // Owns an SNDFILE*. Close() returns sf_close's status; the destructor closes quietly (on paths
 // that already report a problem).
@@ -300,6 +312,13 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
                                     info->channels, " channels"));
     return false;
   }
+  if (info->samplerate < kMinSourceRate || info->samplerate > kMaxSourceRate) {
+    *failure = Failure(AudioProblem::kNotAudio,
+                       absl::StrCat(path, ": the header's sample rate ", info->samplerate,
+                                    " Hz is implausible (accepted: ", kMinSourceRate, " to ",
+                                    kMaxSourceRate, " Hz): a corrupt header"));
+    return false;
+  }
   bool known = info->frames >= 0 && info->frames != SF_COUNT_MAX;
   if (known) {
     audio->source_frames = info->frames;
@@ -446,8 +465,10 @@ int64_t ResampledLength(int64_t source_frames, int from_hz, int to_hz) {
   return static_cast<int64_t>(num / (2 * static_cast<__int128>(from_hz)));
 }
 
-absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const DecodeOptions& options,
-                                           SampleSink* sink) {
+namespace {
+
+absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
+                                                  const DecodeOptions& options, SampleSink* sink) {
   AVIARY_RETURN_IF_ERROR(ValidateOptions(options));
   DecodeResult result;
   DecodedAudio& audio = result.audio;
@@ -468,6 +489,17 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
   audio.offset = t0;
   if (known) want = std::max<int64_t>(0, std::min(want, audio.total_samples - t0));
   if (want == 0) return result;  // a window past the end: nothing to decode
+  if (known && want > kMaxDecodeSamples) {
+    result.failure = Failure(
+        AudioProblem::kNotAudio,
+        absl::StrCat(path, ": the decode would deliver ", want, " samples at ", to_hz, " Hz (",
+                     audio.source_frames, " frames at ", from_hz,
+                     " Hz in the header), more than the decoder's limit of ", kMaxDecodeSamples,
+                     ": refused"));
+    return result;
+  }
+  // Unknown length: one sample past the limit tells a stream that is too long.
+  if (!known) want = std::min(want, kMaxDecodeSamples + 1);
 
   // Where to start reading: the window's first source frame less the resampler margin, rounded
   // down to a frame that falls exactly on an output sample (a multiple of from / gcd).
@@ -586,6 +618,13 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
       audio.total_samples = ResampledLength(audio.source_frames, from_hz, to_hz);
     }
   }
+  if (emitter.emitted() > kMaxDecodeSamples) {
+    result.failure = Failure(
+        AudioProblem::kNotAudio,
+        absl::StrCat(path, ": the stream decodes to more than the decoder's limit of ",
+                     kMaxDecodeSamples, " samples at ", to_hz, " Hz: refused"));
+    return result;
+  }
   if (emitter.emitted() == 0) {
     if (t0 == 0) {
       result.failure =
@@ -612,6 +651,28 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
                              absl::StrCat(path, ": sf_close failed: ", sf_error_number(rc)));
   }
   return result;
+}
+
+}  // namespace
+
+absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const DecodeOptions& options,
+                                           SampleSink* sink) {
+  // An exception (std::bad_alloc above all) must not escape into a decode thread, where it
+  // would terminate the process: it becomes this file's problem, classed kMissing (it cannot
+  // be read now; not a verdict on the file's contents, so the cache does not keep it).
+  try {
+    return DecodeAudioUnguarded(path, options, sink);
+  } catch (const std::bad_alloc&) {
+    DecodeResult result;
+    result.failure = Failure(AudioProblem::kMissing,
+                             absl::StrCat(path, ": out of memory while decoding (std::bad_alloc)"));
+    return result;
+  } catch (const std::exception& e) {
+    DecodeResult result;
+    result.failure = Failure(AudioProblem::kMissing,
+                             absl::StrCat(path, ": the decode failed: ", e.what()));
+    return result;
+  }
 }
 
 absl::StatusOr<DecodeResult> DecodeAudio(const std::string& path, const DecodeOptions& options) {

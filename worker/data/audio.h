@@ -29,7 +29,9 @@ enum class AudioProblem {
   kMissing,    // no such file (or it cannot be opened for reading: the message says why)
   kEmpty,      // zero bytes
   kNotAudio,   // libsndfile does not recognise it and it has no known audio signature
-               // (text named .ogg, ...)
+               // (text named .ogg, ...); or its header is implausible: a sample rate outside
+               // [1000, 768000] Hz, or a length whose decode would deliver more than 2^29
+               // samples (4.66 h at 32 kHz), which the decoder refuses rather than attempt
   kTruncated,  // a known container (Ogg, MPEG, FLAC, RIFF, ...) that libsndfile cannot open,
                // an Ogg stream without an end, fewer frames than the header says, or a
                // libsndfile error mid-stream

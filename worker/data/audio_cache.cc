@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <mutex>
@@ -664,16 +665,30 @@ int DecodeThreads(const PrepareOptions& options, size_t files) {
   return std::max(1, std::min<int>(threads, static_cast<int>(std::min<size_t>(files, 1 << 20))));
 }
 
-// Runs work(i) for every i in [0, n) on `threads` threads.
-void ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work) {
+// Runs work(i) for every i in [0, n) on `threads` threads. An exception thrown by work(i)
+// (std::bad_alloc) would terminate the process from a thread: it is caught, the remaining work
+// is skipped, and the first one comes back as an INTERNAL error naming `what(i)`.
+absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work,
+                         const std::function<std::string(size_t)>& what) {
   std::atomic<size_t> next{0};
+  std::mutex mu;
+  absl::Status error;
   auto loop = [&]() {
-    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i);
+    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      try {
+        work(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> guard(mu);
+        if (error.ok()) error = absl::InternalError(absl::StrCat(what(i), ": ", e.what()));
+        next = n;  // stop handing out work
+      }
+    }
   };
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(threads));
   for (int t = 0; t < threads; ++t) pool.emplace_back(loop);
   for (std::thread& t : pool) t.join();
+  return error;
 }
 
 }  // namespace
@@ -704,7 +719,7 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
       options.max_seconds > 0 ? std::llround(options.max_seconds * options.sample_rate) : -1;
   std::mutex mu;
   absl::Status error;
-  ParallelFor(pending.todo.size(), DecodeThreads(options, pending.todo.size()), [&](size_t i) {
+  absl::Status thrown = ParallelFor(pending.todo.size(), DecodeThreads(options, pending.todo.size()), [&](size_t i) {
     auto probe = ProbeAudio(pending.todo[i].path, options.sample_rate);
     std::lock_guard<std::mutex> guard(mu);
     if (!probe.ok()) {
@@ -726,8 +741,9 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
     plan.source_seconds += static_cast<double>(total) / options.sample_rate;
     plan.audio_seconds += static_cast<double>(kept) / options.sample_rate;
     plan.cache_bytes += kept * static_cast<int64_t>(sizeof(int16_t));
-  });
+  }, [&](size_t i) { return pending.todo[i].path; });
   AVIARY_RETURN_IF_ERROR(error);
+  AVIARY_RETURN_IF_ERROR(thrown);
   plan.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return plan;
 }
@@ -809,7 +825,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   absl::Status error;
   int64_t clipped = 0;
   std::atomic<bool> failed{false};
-  ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
+  absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
     const PendingFiles::Item& item = todo[i];
     Int16Sink sink;
@@ -846,8 +862,9 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     progress.elapsed_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (options.progress) options.progress(progress);
-  });
+  }, [&](size_t i) { return todo[i].path; });
   AVIARY_RETURN_IF_ERROR(error);
+  AVIARY_RETURN_IF_ERROR(thrown);
   AVIARY_RETURN_IF_ERROR(writer.Seal());
 
   report.files_decoded = static_cast<int64_t>(writer.sealed().size());
