@@ -68,7 +68,10 @@ struct DecodedAudio {
   int64_t offset = 0;          // index of samples[0] in the whole-file output
   int source_sample_rate = 0;
   int source_channels = 0;
-  int64_t source_frames = -1;  // whole file, as the header says; -1 when unknown
+  // Whole file, as the header says; -1 when unknown: an MPEG stream without a Xing/Info/VBRI
+  // tag, whose count libsndfile only estimates from the first frame's bitrate (a decode then
+  // reads to the end of the stream, and a whole-file decode fills in the frames it read).
+  int64_t source_frames = -1;
   // Samples of the whole file at `sample_rate` (round(source_frames * T / R)); -1 when unknown.
   int64_t total_samples = -1;
   int source_format = 0;  // libsndfile's SF_INFO::format
