@@ -378,6 +378,18 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     *failure = Failure(AudioProblem::kNotAudio, absl::StrCat(path, ": is a directory"));
     return false;
   }
+  {
+    // A file that cannot be opened now (permission, too many open files, an I/O error) is
+    // missing for this run, not "not audio": the verdict must not outlive the cause.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+      const int err = errno;
+      *failure = Failure(AudioProblem::kMissing,
+                         absl::StrCat(path, ": cannot open for reading: ", std::strerror(err)));
+      return false;
+    }
+    ::close(fd);
+  }
   if (st.st_size == 0) {
     *failure = Failure(AudioProblem::kEmpty, absl::StrCat(path, ": empty file (0 bytes)"));
     return false;
@@ -713,8 +725,11 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
     }
     sf_count_t n = sf_readf_float(file.get(), interleaved.data(), ask);
     if (n < 0 || sf_error(file.get()) != SF_ERR_NO_ERROR) {
+      // SF_ERR_SYSTEM: read(2) failed (EIO, ...): the file could not be read now, which says
+      // nothing about its contents.
+      const bool system = sf_error(file.get()) == SF_ERR_SYSTEM;
       result.failure =
-          Failure(AudioProblem::kTruncated,
+          Failure(system ? AudioProblem::kMissing : AudioProblem::kTruncated,
                   absl::StrCat(path, ": libsndfile error after ", source_start + read_total,
                                known ? absl::StrCat(" of ", audio.source_frames) : std::string(),
                                " frames: ", sf_strerror(file.get())));

@@ -26,7 +26,10 @@ namespace aviary::worker {
 // Why a file was skipped. Never fatal for a run: the data plane counts these per reason.
 enum class AudioProblem {
   kNone = 0,
-  kMissing,    // no such file (or it cannot be opened for reading: the message says why)
+  kMissing,    // no such file, or it cannot be read now: open(2) fails (permission, too many
+               // open files, ...), read(2) fails mid-stream (I/O error), or the decoder ran out
+               // of memory; the message says why. Transient: the audio cache never stores this
+               // verdict, so the next `aviary prepare` tries the file again
   kEmpty,      // zero bytes
   kNotAudio,   // libsndfile does not recognise it and it has no known audio signature
                // (text named .ogg, ...); or its header is implausible: a sample rate outside

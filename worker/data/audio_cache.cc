@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <deque>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -641,7 +642,9 @@ PendingFiles SplitPaths(const std::vector<std::string>& paths,
     ++pending.files_total;
     FileStamp stamp = StampOf(path);
     auto it = cached.find(key);
-    if (it != cached.end() && FileStamp{it->second.file_bytes, it->second.mtime_ns} == stamp) {
+    // A missing verdict (cached by an older version) is never current: the file is tried again.
+    if (it != cached.end() && it->second.problem != AudioProblem::kMissing &&
+        FileStamp{it->second.file_bytes, it->second.mtime_ns} == stamp) {
       pending.current.push_back(&it->second);
     } else {
       pending.todo.push_back({path, std::move(key), stamp});
@@ -824,6 +827,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   progress.files_to_decode = static_cast<int64_t>(todo.size());
   absl::Status error;
   int64_t clipped = 0;
+  std::deque<CacheEntry> transient;  // kMissing outcomes: reported, not cached
   std::atomic<bool> failed{false};
   absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
@@ -850,6 +854,14 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       failed = true;
       return;
     }
+    if (entry.problem == AudioProblem::kMissing) {
+      // Not a verdict on the file (it could not be read now: permission, too many open files,
+      // an I/O error): counted in the report, never cached, so the next run tries again.
+      transient.push_back(std::move(entry));
+      ++progress.files_done;
+      if (options.progress) options.progress(progress);
+      return;
+    }
     clipped += sink.clipped();
     absl::Status st = writer.Append(std::move(entry), sink.data());
     if (!st.ok()) {
@@ -867,10 +879,11 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   AVIARY_RETURN_IF_ERROR(thrown);
   AVIARY_RETURN_IF_ERROR(writer.Seal());
 
-  report.files_decoded = static_cast<int64_t>(writer.sealed().size());
+  report.files_decoded = static_cast<int64_t>(writer.sealed().size() + transient.size());
   report.clipped_samples = clipped;
   report.shards_written = writer.shards_written();
   for (const CacheEntry& e : writer.sealed()) outcomes.push_back(&e);
+  for (const CacheEntry& e : transient) outcomes.push_back(&e);
   for (const CacheEntry* e : outcomes) {
     ++report.counts[e->problem];
     if (e->problem == AudioProblem::kNone) {
