@@ -198,6 +198,39 @@ TEST(LoadClipTest, Mp3WithoutXingTagUsesTheDecodedLength) {
   }
 }
 
+// A file replaced after prepare (other content, other size) is not served from the cache: the
+// loader notices on first use (size/mtime differ from the entry's), decodes the new version on
+// the fly, and counts it; an unchanged file is still served from the cache.
+TEST(LoadClipTest, FileChangedSincePrepareIsDecodedOnTheFly) {
+  TempDir tmp;
+  const std::string changed = tmp.Sub("changed.wav");
+  const std::string same = tmp.Sub("same.wav");
+  WriteAudio(changed, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 3 * 32000));
+  WriteAudio(same, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 3 * 32000));
+  const std::string dir = tmp.Sub("cache");
+  ASSERT_NE(Prepare({changed, same}, dir), nullptr);
+  // Replaced: 5 s of another tone.
+  WriteAudio(changed, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(880, 32000, 5 * 32000));
+  auto opened = AudioCache::Open(dir);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const AudioCache& cache = **opened;
+  const ClipRequest request = Request(ClipMode::kValidation, 1);
+  ClipResult fresh = MustLoad(&cache, changed, request);
+  ClipResult fly = MustLoad(nullptr, changed, request);
+  EXPECT_FALSE(fresh.from_cache);
+  EXPECT_EQ(fresh.problem, AudioProblem::kNone) << fresh.message;
+  EXPECT_EQ(fresh.audio_samples, 5 * 32000);
+  EXPECT_EQ(fresh.samples, fly.samples);
+  EXPECT_EQ(cache.stale_files(), 1);
+  // Asked again: the verdict holds, counted once.
+  EXPECT_FALSE(MustLoad(&cache, changed, request).from_cache);
+  EXPECT_EQ(cache.stale_files(), 1);
+  ClipResult kept = MustLoad(&cache, same, request);
+  EXPECT_TRUE(kept.from_cache);
+  EXPECT_EQ(kept.audio_samples, 3 * 32000);
+  EXPECT_EQ(cache.stale_files(), 1);
+}
+
 // Broken files give a clip of zeros and the problem, from the cache and on the fly; never NaN.
 TEST(LoadClipTest, ProblemsGiveZerosNeverNaN) {
   TempDir tmp;

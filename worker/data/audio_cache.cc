@@ -506,6 +506,8 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
                             "; its files are decoded on the fly (run "
                             "`aviary prepare` to repair the cache)"));
   }
+  cache->freshness_.reset(new std::atomic<int8_t>[cache->entries_.size()]);
+  for (size_t i = 0; i < cache->entries_.size(); ++i) cache->freshness_[i].store(0);
   return cache;
 }
 
@@ -527,6 +529,38 @@ std::vector<const CacheEntry*> AudioCache::Entries() const {
 const CacheEntry* AudioCache::Lookup(absl::string_view path) const {
   auto it = by_path_.find(AudioCacheKey(path));
   return it == by_path_.end() ? nullptr : &entries_[it->second];
+}
+
+const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
+  auto it = by_path_.find(AudioCacheKey(path));
+  if (it == by_path_.end()) return nullptr;
+  const size_t i = it->second;
+  int8_t state = freshness_[i].load(std::memory_order_acquire);
+  if (state == 0) {
+    const CacheEntry& e = entries_[i];
+    struct stat st;
+    bool stale = false;
+    std::string now;
+    // A source that cannot be stat()ed (gone, unreachable) keeps its cached audio: there is no
+    // newer version to prefer. An entry without a stamp (-1) cannot be compared.
+    if (e.file_bytes >= 0 && ::stat(e.path.c_str(), &st) == 0) {
+      const FileStamp stamp{static_cast<int64_t>(st.st_size),
+                            static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 +
+                                st.st_mtim.tv_nsec};
+      stale = !(stamp == FileStamp{e.file_bytes, e.mtime_ns});
+      now = absl::StrCat(stamp.bytes, " bytes, mtime_ns ", stamp.mtime_ns);
+    }
+    int8_t expected = 0;
+    if (freshness_[i].compare_exchange_strong(expected, stale ? 2 : 1) && stale) {
+      stale_files_.fetch_add(1);
+      Log().Warn(absl::StrCat(e.path, ": changed since `aviary prepare` cached it (then ",
+                              e.file_bytes, " bytes, mtime_ns ", e.mtime_ns, "; now ", now,
+                              "): decoded on the fly instead of the cache ", dir_,
+                              " (run `aviary prepare` again)"));
+    }
+    state = freshness_[i].load(std::memory_order_acquire);
+  }
+  return state == 1 ? &entries_[i] : nullptr;
 }
 
 absl::Span<const int16_t> AudioCache::Samples(const CacheEntry& entry) const {
