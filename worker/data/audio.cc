@@ -17,6 +17,7 @@
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <system_error>
 #include <numeric>
 #include <thread>
 #include <utility>
@@ -71,13 +72,13 @@ class StreamFeeder {
       return nullptr;
     }
     std::unique_ptr<StreamFeeder> feeder(new StreamFeeder(keep));
-    feeder->thread_ = std::thread([in, out = sv[1]] {
-      std::vector<char> buffer(1 << 16);
+    auto feed = [in, out = sv[1]] {
+      char buffer[1 << 16];  // on the stack: nothing in this thread may throw
       for (;;) {
-        ssize_t n = ::read(in, buffer.data(), buffer.size());
+        ssize_t n = ::read(in, buffer, sizeof(buffer));
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) break;  // end of file, or a read error: the stream just ends
-        for (const char* p = buffer.data(); n > 0;) {
+        for (const char* p = buffer; n > 0;) {
           ssize_t w = ::send(out, p, static_cast<size_t>(n), MSG_NOSIGNAL);
           if (w < 0 && errno == EINTR) continue;
           if (w <= 0) goto done;  // the reader is gone
@@ -88,7 +89,16 @@ class StreamFeeder {
     done:
       ::close(out);
       ::close(in);
-    });
+    };
+    try {
+      feeder->thread_ = std::thread(feed);
+    } catch (const std::system_error& e) {  // no thread to be had: EAGAIN
+      ::close(in);
+      ::close(sv[0]);
+      ::close(sv[1]);
+      errno = e.code().value();
+      return nullptr;  // the feeder closes `keep`
+    }
     *read_fd = sv[0];
     return feeder;
   }
