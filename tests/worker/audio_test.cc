@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -574,6 +575,25 @@ TEST(AudioProblemTest, ImplausibleSampleRateIsRefused) {
     EXPECT_TRUE(r.ok()) << r.failure.message;
     EXPECT_EQ(static_cast<int64_t>(r.audio.samples.size()), ResampledLength(4800, rate, 32000));
   }
+}
+
+// An exception inside a decode (std::bad_alloc from a sink, the resampler, libsndfile's buffers)
+// becomes the file's problem, naming the path, instead of escaping into a decode thread (where
+// it terminated the process).
+TEST(AudioProblemTest, ExceptionInADecodeIsTheFilesProblem) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("tone.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, Sine(440, 16000, 16000));
+  class ThrowingSink : public SampleSink {
+   public:
+    bool Consume(const float*, int64_t) override { throw std::bad_alloc(); }
+  } sink;
+  DecodeOptions options;
+  absl::StatusOr<DecodeResult> r = DecodeAudioTo(path, options, &sink);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->failure.problem, AudioProblem::kMissing);
+  EXPECT_NE(r->failure.message.find(path), std::string::npos) << r->failure.message;
+  EXPECT_NE(r->failure.message.find("out of memory"), std::string::npos) << r->failure.message;
 }
 
 // A decode that would deliver more than 2^29 samples is refused before any is decoded: 700,000
