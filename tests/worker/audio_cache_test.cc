@@ -1,13 +1,20 @@
 #include "worker/data/audio_cache.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <set>
@@ -277,6 +284,110 @@ TEST(AudioCacheTest, ReportCountsEveryReason) {
   EXPECT_EQ(again.counts, report.counts);
 }
 
+// A WAV whose header announces 1 or 3 Hz is counted as not_audio; prepare neither resamples it
+// into billions of samples nor dies of std::bad_alloc in a decode thread.
+TEST(AudioCacheTest, ImplausibleSampleRateIsCountedNotFatal) {
+  TempDir tmp;
+  const std::string good = tmp.Sub("good.wav");
+  WriteAudio(good, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  std::vector<std::string> paths = {good};
+  for (uint32_t rate : {1u, 3u}) {
+    paths.push_back(tmp.Sub("rate" + std::to_string(rate) + ".wav"));
+    testing::WriteWavWithHeaderRate(paths.back(), 4800, rate);
+  }
+  const std::string dir = tmp.Sub("cache");
+  auto report = PrepareAudioCache(paths, Options(dir));
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->counts[AudioProblem::kNone], 1);
+  EXPECT_EQ(report->counts[AudioProblem::kNotAudio], 2);
+  EXPECT_NE(report->examples[AudioProblem::kNotAudio].find("Hz is implausible"), std::string::npos)
+      << report->examples[AudioProblem::kNotAudio];
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  const CacheEntry* entry = cache->Lookup(paths[1]);
+  ASSERT_NE(entry, nullptr);
+  EXPECT_EQ(entry->problem, AudioProblem::kNotAudio);
+  EXPECT_EQ(entry->frames, 0);
+}
+
+// Runs `body` in a child process that cannot read `path`: as root (chmod cannot deny root) the
+// child drops to uid/gid 65534 (nobody) and `path` is made 0600 root's; otherwise `path` is
+// made 0000. Returns the child's exit status (0: `body` returned true), or -1 when it could not
+// run. `path` gets its mode back.
+int RunWithoutReadAccess(const std::string& path, const std::function<bool()>& body) {
+  const bool root = ::geteuid() == 0;
+  if (::chmod(path.c_str(), root ? 0600 : 0000) != 0) return -1;
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (root && (::setgroups(0, nullptr) != 0 || ::setresgid(65534, 65534, 65534) != 0 ||
+                 ::setresuid(65534, 65534, 65534) != 0)) {
+      std::fprintf(stderr, "cannot drop to nobody: %s\n", std::strerror(errno));
+      ::_exit(2);
+    }
+    ::_exit(body() ? 0 : 1);
+  }
+  int status = 0;
+  const bool waited = pid > 0 && ::waitpid(pid, &status, 0) == pid;
+  ::chmod(path.c_str(), 0644);
+  return waited && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// A file that cannot be opened now (EACCES) is classed missing, naming the path and the errno's
+// text; prepare counts it but does not cache the verdict, so that once the file is readable the
+// next prepare decodes it (it used to be cached as not_audio with the file's size and mtime, and
+// never tried again: chmod changes neither).
+TEST(AudioCacheTest, UnreadableFileIsMissingAndNotCached) {
+  TempDir tmp;
+  ASSERT_EQ(::chmod(tmp.path().c_str(), 0755), 0);
+  const std::string path = tmp.Sub("locked.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  const std::string dir = tmp.Sub("cache");
+  ASSERT_TRUE(std::filesystem::create_directories(dir));
+  ASSERT_EQ(::chmod(dir.c_str(), 0777), 0);
+  const int status = RunWithoutReadAccess(path, [&] {
+    auto decoded = DecodeAudio(path, DecodeOptions{});
+    if (!decoded.ok() || decoded->failure.problem != AudioProblem::kMissing ||
+        decoded->failure.message.find(path) == std::string::npos ||
+        decoded->failure.message.find("Permission denied") == std::string::npos) {
+      std::fprintf(stderr, "decode: %s\n",
+                   decoded.ok() ? (std::string(AudioProblemName(decoded->failure.problem)) +
+                                   ": " + decoded->failure.message)
+                                      .c_str()
+                                : std::string(decoded.status().message()).c_str());
+      return false;
+    }
+    auto report = PrepareAudioCache({path}, Options(dir));
+    if (!report.ok()) {
+      std::fprintf(stderr, "prepare: %s\n", std::string(report.status().message()).c_str());
+      return false;
+    }
+    std::map<AudioProblem, int64_t> want = {{AudioProblem::kMissing, 1}};
+    if (report->counts != want || report->files_decoded != 1) {
+      for (const auto& [p, n] : report->counts) {
+        std::fprintf(stderr, "prepare counted %s: %lld\n", AudioProblemName(p),
+                     static_cast<long long>(n));
+      }
+      return false;
+    }
+    return true;
+  });
+  if (status == 2) GTEST_SKIP() << "cannot switch to uid 65534 to deny read access";
+  ASSERT_EQ(status, 0) << "the unreadable file was not reported missing (see stderr)";
+  // Readable again (mode back, or we are root): the next run decodes it.
+  PrepareReport again = MustPrepare({path}, Options(dir));
+  EXPECT_EQ(again.files_cached, 0);
+  EXPECT_EQ(again.files_decoded, 1);
+  EXPECT_EQ(again.counts[AudioProblem::kNone], 1);
+  EXPECT_EQ(again.counts.count(AudioProblem::kMissing), 0u);
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  const CacheEntry* entry = cache->Lookup(path);
+  ASSERT_NE(entry, nullptr);
+  EXPECT_EQ(entry->problem, AudioProblem::kNone);
+  EXPECT_EQ(entry->frames, 32000);
+}
+
 TEST(AudioCacheTest, ChangedFileIsDecodedAgainAndTheNewestShardWins) {
   TempDir tmp;
   const std::string path = tmp.Sub("a.wav");
@@ -419,11 +530,13 @@ TEST(AudioCacheTest, PlanPredictsWhatPrepareWrites) {
     if (max_seconds > 0) {
       EXPECT_GT(plan->source_seconds, plan->audio_seconds + 1);
     }
-    // Planned again: everything is cached, nothing to write.
+    // Planned again: everything is cached, nothing to write; but the missing file, whose
+    // verdict is never cached, is looked at again.
     auto again = PlanAudioCache(paths, options);
     ASSERT_TRUE(again.ok()) << again.status();
-    EXPECT_EQ(again->files_cached, 8);
-    EXPECT_EQ(again->files_to_decode, 0);
+    EXPECT_EQ(again->files_cached, 7);
+    EXPECT_EQ(again->files_to_decode, 1);
+    EXPECT_EQ(again->problems[AudioProblem::kMissing], 1);
     EXPECT_EQ(again->cache_bytes, 0);
   }
 }

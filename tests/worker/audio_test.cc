@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -418,6 +419,101 @@ TEST(AudioRatesTest, ClipOf50Milliseconds) {
   EXPECT_EQ(r.audio.samples.size(), 1600u);
 }
 
+// --- MP3 without a Xing/Info tag -------------------------------------------------------------
+
+// Deterministic white noise in [-0.5, 0.5).
+std::vector<float> Noise(int64_t n, uint32_t seed) {
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) {
+    seed = seed * 1664525u + 1013904223u;
+    v = static_cast<float>(seed >> 8) / float(1 << 24) - 0.5f;
+  }
+  return x;
+}
+
+// libsndfile's frame count, as sf_open reports it (an estimate for these files).
+int64_t SndfileFrames(const std::string& path) {
+  SF_INFO info{};
+  SNDFILE* f = sf_open(path.c_str(), SFM_READ, &info);
+  if (f == nullptr) return -1;
+  sf_close(f);
+  return info.frames;
+}
+
+// VBR mp3 without a Xing/Info tag (`-write_xing 0`): libsndfile estimates the frame count from
+// the file size and the first frame's bitrate. For 30 s of noise at -q:a 4 the estimate is far
+// too low (the decoder used to stop there: "30 s" decoded as 9 s); for 2 s of silence then 10 s
+// of noise at -q:a 0 it is far too high (the decoder used to call the file truncated). Both must
+// decode to the end of the stream: as many samples as ffmpeg decodes from the same mp3, within
+// one mp3 frame (1152 samples: the decoders may differ by the decoder delay/padding they trim
+// without a tag), and no problem reported.
+TEST(AudioMp3Test, WithoutXingTagDecodesToTheEndOfTheStream) {
+  if (!HaveTool("ffmpeg")) GTEST_SKIP() << "ffmpeg is not installed (needed to encode the mp3s)";
+  TempDir tmp;
+  const int rate = 44100;
+  std::vector<float> low = Noise(int64_t{30} * rate, 1);
+  std::vector<float> high(static_cast<size_t>(12 * rate), 0.0f);
+  std::vector<float> tail = Noise(int64_t{10} * rate, 2);
+  std::copy(tail.begin(), tail.end(), high.begin() + 2 * rate);
+  struct Case {
+    std::string name;
+    const std::vector<float>* signal;
+    std::string quality;
+    bool estimate_low;
+  };
+  for (const Case& c : {Case{"low", &low, "4", true}, Case{"high", &high, "0", false}}) {
+    const std::string wav = tmp.Sub(c.name + ".wav");
+    const std::string mp3 = tmp.Sub(c.name + ".mp3");
+    WriteAudio(wav, SF_FORMAT_WAV | SF_FORMAT_PCM_16, rate, 1, *c.signal);
+    bool ok = false;
+    RunCapture("ffmpeg -nostdin -v error -y -i " + ShellQuote(wav) +
+                   " -c:a libmp3lame -q:a " + c.quality + " -write_xing 0 " + ShellQuote(mp3),
+               &ok);
+    ASSERT_TRUE(ok) << "ffmpeg could not encode " << mp3;
+    std::vector<float> ref = FfmpegDecode(mp3, ChannelMode::kFirst, &ok);
+    ASSERT_TRUE(ok) << mp3;
+    const int64_t want = static_cast<int64_t>(ref.size());
+    // The scenario holds: libsndfile's estimate is off by far more than a frame, either way.
+    const int64_t estimate = SndfileFrames(mp3);
+    if (c.estimate_low) {
+      EXPECT_LT(estimate, want - 5 * rate) << mp3;
+    } else {
+      EXPECT_GT(estimate, want + 5 * rate) << mp3;
+    }
+
+    DecodeResult ours = Decode(mp3, 0);
+    EXPECT_TRUE(ours.ok()) << AudioProblemName(ours.failure.problem) << ": "
+                           << ours.failure.message;
+    const int64_t got = static_cast<int64_t>(ours.audio.samples.size());
+    EXPECT_LE(std::abs(got - want), 1152) << mp3 << ": ours " << got << ", ffmpeg " << want;
+    EXPECT_EQ(ours.audio.source_frames, got) << mp3;
+    EXPECT_EQ(ours.audio.total_samples, got) << mp3;
+    // The header cannot tell the length: the probe says unknown.
+    auto probe = ProbeAudio(mp3, 32000);
+    ASSERT_TRUE(probe.ok());
+    EXPECT_TRUE(probe->ok()) << probe->failure.message;
+    EXPECT_EQ(probe->audio.total_samples, -1) << mp3;
+    // At 32 kHz: the rounding rule on the frames decoded.
+    DecodeResult at32 = Decode(mp3, 32000);
+    EXPECT_TRUE(at32.ok()) << at32.failure.message;
+    EXPECT_EQ(static_cast<int64_t>(at32.audio.samples.size()), ResampledLength(got, rate, 32000));
+    // A window beyond the estimate (the low case) and near the end decodes and equals the
+    // whole-file decode there.
+    const double offset = static_cast<double>(got) / rate - 1.5;
+    DecodeResult window = Decode(mp3, 32000, ChannelMode::kFirst, offset, 1.0);
+    EXPECT_TRUE(window.ok()) << window.failure.message;
+    ASSERT_EQ(window.audio.samples.size(), 32000u) << mp3;
+    const int64_t t0 = std::llround(offset * 32000);
+    std::vector<float> same(at32.audio.samples.begin() + t0,
+                            at32.audio.samples.begin() + t0 + 32000);
+    EXPECT_LE(Compare(window.audio.samples, same).max_abs, 1e-6) << mp3;
+    // A window past the end is empty, not truncated.
+    DecodeResult past = Decode(mp3, 32000, ChannelMode::kFirst, 60.0, 1.0);
+    EXPECT_TRUE(past.ok()) << past.failure.message;
+    EXPECT_TRUE(past.audio.samples.empty());
+  }
+}
+
 // --- Problems ----------------------------------------------------------------------------------
 
 void ExpectProblem(const std::string& path, AudioProblem problem,
@@ -449,6 +545,72 @@ TEST(AudioProblemTest, MissingEmptyAndNotAudio) {
   ExpectProblem(tmp.Sub("text.mp3"), AudioProblem::kNotAudio);
   std::filesystem::create_directories(tmp.Sub("dir.ogg"));
   ExpectProblem(tmp.Sub("dir.ogg"), AudioProblem::kNotAudio, "directory");
+}
+
+// A header whose sample rate is implausible (a corrupt fmt chunk) is refused as not_audio by
+// name and rate, not resampled: 4,800 frames announced at 1 Hz would be 153.6e6 samples at
+// 32 kHz (the reviewer's 240,000-frame file, 7.68e9: std::bad_alloc).
+TEST(AudioProblemTest, ImplausibleSampleRateIsRefused) {
+  TempDir tmp;
+  for (uint32_t rate : {1u, 3u, 999u, 768001u}) {
+    const std::string path = tmp.Sub("rate" + std::to_string(rate) + ".wav");
+    testing::WriteWavWithHeaderRate(path, 4800, rate);
+    DecodeResult r = Decode(path);
+    EXPECT_EQ(r.failure.problem, AudioProblem::kNotAudio)
+        << path << ": " << AudioProblemName(r.failure.problem) << " " << r.audio.samples.size();
+    EXPECT_NE(r.failure.message.find(path), std::string::npos) << r.failure.message;
+    EXPECT_NE(r.failure.message.find("sample rate " + std::to_string(rate) + " Hz"),
+              std::string::npos)
+        << r.failure.message;
+    EXPECT_TRUE(r.audio.samples.empty());
+    auto probe = ProbeAudio(path, 32000);
+    ASSERT_TRUE(probe.ok());
+    EXPECT_EQ(probe->failure.problem, AudioProblem::kNotAudio) << probe->failure.message;
+  }
+  // The ends of the accepted range decode.
+  for (uint32_t rate : {1000u, 768000u}) {
+    const std::string path = tmp.Sub("edge" + std::to_string(rate) + ".wav");
+    testing::WriteWavWithHeaderRate(path, 4800, rate);
+    DecodeResult r = Decode(path);
+    EXPECT_TRUE(r.ok()) << r.failure.message;
+    EXPECT_EQ(static_cast<int64_t>(r.audio.samples.size()), ResampledLength(4800, rate, 32000));
+  }
+}
+
+// An exception inside a decode (std::bad_alloc from a sink, the resampler, libsndfile's buffers)
+// becomes the file's problem, naming the path, instead of escaping into a decode thread (where
+// it terminated the process).
+TEST(AudioProblemTest, ExceptionInADecodeIsTheFilesProblem) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("tone.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, Sine(440, 16000, 16000));
+  class ThrowingSink : public SampleSink {
+   public:
+    bool Consume(const float*, int64_t) override { throw std::bad_alloc(); }
+  } sink;
+  DecodeOptions options;
+  absl::StatusOr<DecodeResult> r = DecodeAudioTo(path, options, &sink);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->failure.problem, AudioProblem::kMissing);
+  EXPECT_NE(r->failure.message.find(path), std::string::npos) << r->failure.message;
+  EXPECT_NE(r->failure.message.find("out of memory"), std::string::npos) << r->failure.message;
+}
+
+// A decode that would deliver more than 2^29 samples is refused before any is decoded: 700,000
+// frames at 1 kHz resampled to 768 kHz would be 5.376e8 > 2^29 = 5.369e8.
+TEST(AudioProblemTest, DecodeBeyondTheLengthLimitIsRefused) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("long.wav");
+  testing::WriteWavWithHeaderRate(path, 700000, 1000);
+  DecodeResult r = Decode(path, 768000);
+  EXPECT_EQ(r.failure.problem, AudioProblem::kNotAudio) << r.failure.message;
+  EXPECT_NE(r.failure.message.find(path), std::string::npos) << r.failure.message;
+  EXPECT_NE(r.failure.message.find("limit of 536870912"), std::string::npos) << r.failure.message;
+  EXPECT_TRUE(r.audio.samples.empty());
+  // A window of it is fine.
+  DecodeResult w = Decode(path, 768000, ChannelMode::kFirst, 10.0, 1.0);
+  EXPECT_TRUE(w.ok()) << w.failure.message;
+  EXPECT_EQ(w.audio.samples.size(), 768000u);
 }
 
 TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {

@@ -84,6 +84,23 @@ inline std::string ReadBytes(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
+// A mono 16-bit WAV of `frames` frames of a tone whose fmt chunk then has its sample-rate (and
+// byte-rate) fields patched to `header_rate`: a corrupt header that libsndfile opens as is.
+inline void WriteWavWithHeaderRate(const std::string& path, int64_t frames, uint32_t header_rate) {
+  std::vector<float> tone(static_cast<size_t>(frames));
+  for (int64_t i = 0; i < frames; ++i) tone[i] = 0.5f * static_cast<float>(std::sin(0.05 * i));
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, tone);
+  std::string bytes = ReadBytes(path);
+  size_t fmt = bytes.find("fmt ");
+  ASSERT_NE(fmt, std::string::npos) << path;
+  auto put32 = [&](size_t at, uint32_t v) {
+    for (int b = 0; b < 4; ++b) bytes[at + b] = static_cast<char>((v >> (8 * b)) & 0xFF);
+  };
+  put32(fmt + 12, header_rate);      // nSamplesPerSec
+  put32(fmt + 16, header_rate * 2);  // nAvgBytesPerSec (mono, 16-bit)
+  WriteBytes(path, bytes);
+}
+
 // The first `fraction` of a file's bytes, written to `out`.
 inline void TruncateCopy(const std::string& in, const std::string& out, double fraction) {
   std::string bytes = ReadBytes(in);

@@ -2,7 +2,10 @@
 
 #include <sndfile.h>
 #include <soxr.h>
+#include <fcntl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -12,7 +15,11 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
+#include <system_error>
 #include <numeric>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -31,29 +38,108 @@ constexpr int64_t kBlockFrames = 16384;
 // audio_test: windows equal whole-file decodes to float rounding).
 constexpr double kResampleMarginSeconds = 0.02;
 
-// Owns an SNDFILE*. Close() returns sf_close's status; the destructor closes quietly (on paths
-// that already report a problem).
+// Source sample rates the decoder accepts: [1000, 768000] Hz. Real recordings use 8 kHz and up
+// (1 kHz leaves room for odd loggers); 768 kHz is the highest rate any converter offers. A header
+// outside the range is corrupt, and trusting it is dangerous: 240,000 frames announced at 1 Hz
+// resample to 7.68e9 samples at 32 kHz (std::bad_alloc, or the OOM killer).
+constexpr int kMinSourceRate = 1000;
+constexpr int kMaxSourceRate = 768000;
+// The most samples one decode may deliver: 2^29 (2 GiB as float, 1 GiB as int16; 4.66 hours at
+// 32 kHz). A decode that would deliver more is refused as a problem file, not attempted.
+constexpr int64_t kMaxDecodeSamples = int64_t{1} << 29;
+
+// Feeds a file's bytes into one end of a socket pair from a thread, so that libsndfile can read
+// the file as a stream (sf_open_fd on the other end). libsndfile then treats it as a pipe: for
+// MPEG it asks mpg123 for no length estimate (frames = SF_COUNT_MAX) and reads to the end of
+// the stream, where on a regular file sf_readf_* stop at the estimated count.
+class StreamFeeder {
+ public:
+  // The read end for sf_open_fd (libsndfile closes it), or -1 (errno set) on failure.
+  static std::unique_ptr<StreamFeeder> Start(const std::string& path, int* read_fd) {
+    *read_fd = -1;
+    const int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (in < 0) return nullptr;
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+      ::close(in);
+      return nullptr;
+    }
+    const int keep = ::fcntl(sv[0], F_DUPFD_CLOEXEC, 0);
+    if (keep < 0) {
+      ::close(in);
+      ::close(sv[0]);
+      ::close(sv[1]);
+      return nullptr;
+    }
+    std::unique_ptr<StreamFeeder> feeder(new StreamFeeder(keep));
+    auto feed = [in, out = sv[1]] {
+      char buffer[1 << 16];  // on the stack: nothing in this thread may throw
+      for (;;) {
+        ssize_t n = ::read(in, buffer, sizeof(buffer));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;  // end of file, or a read error: the stream just ends
+        for (const char* p = buffer; n > 0;) {
+          ssize_t w = ::send(out, p, static_cast<size_t>(n), MSG_NOSIGNAL);
+          if (w < 0 && errno == EINTR) continue;
+          if (w <= 0) goto done;  // the reader is gone
+          p += w;
+          n -= w;
+        }
+      }
+    done:
+      ::close(out);
+      ::close(in);
+    };
+    try {
+      feeder->thread_ = std::thread(feed);
+    } catch (const std::system_error& e) {  // no thread to be had: EAGAIN
+      ::close(in);
+      ::close(sv[0]);
+      ::close(sv[1]);
+      errno = e.code().value();
+      return nullptr;  // the feeder closes `keep`
+    }
+    *read_fd = sv[0];
+    return feeder;
+  }
+  StreamFeeder(const StreamFeeder&) = delete;
+  StreamFeeder& operator=(const StreamFeeder&) = delete;
+  ~StreamFeeder() {
+    ::shutdown(keep_, SHUT_RDWR);  // unblocks a writer whose reader stopped early
+    if (thread_.joinable()) thread_.join();
+    ::close(keep_);
+  }
+
+ private:
+  explicit StreamFeeder(int keep) : keep_(keep) {}
+  int keep_;  // a duplicate of the read end: shutdown() works whatever libsndfile did with its fd
+  std::thread thread_;
+};
+
+// Owns an SNDFILE* (and the feeder of a streamed one). Close() returns sf_close's status; the
+// destructor closes quietly (on paths that already report a problem).
 class SndFile {
  public:
   SndFile() = default;
   SndFile(const SndFile&) = delete;
   SndFile& operator=(const SndFile&) = delete;
-  ~SndFile() {
-    if (file_ != nullptr) sf_close(file_);
-  }
-  void reset(SNDFILE* file) {
-    if (file_ != nullptr) sf_close(file_);
+  ~SndFile() { Close(); }
+  void reset(SNDFILE* file, std::unique_ptr<StreamFeeder> feeder = nullptr) {
+    Close();
     file_ = file;
+    feeder_ = std::move(feeder);
   }
   SNDFILE* get() const { return file_; }
   int Close() {
     int rc = file_ != nullptr ? sf_close(file_) : 0;
     file_ = nullptr;
+    feeder_.reset();  // after sf_close: the reader is gone, the writer stops
     return rc;
   }
 
  private:
   SNDFILE* file_ = nullptr;
+  std::unique_ptr<StreamFeeder> feeder_;
 };
 
 // Owns a soxr_t streaming resampler for one mono stream.
@@ -157,6 +243,50 @@ std::string SniffContainer(const std::string& path) {
 }
 
 bool IsOgg(const SF_INFO& info) { return (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_OGG; }
+bool IsMpeg(const SF_INFO& info) { return (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_MPEG; }
+
+// Whether an MPEG audio file states its length: a Xing/Info tag with a frame count, or a VBRI
+// tag, in its first frame. libsndfile (mpg123) reports an exact frame count only then; without
+// one (`-write_xing 0`, many streams and cut files) it estimates the count from the file size
+// and the first frame's bitrate, which for VBR is off either way (a 30 s file "of 9 s", a 12 s
+// file "of 42 s"). Reads the first frame after any ID3v2 tags.
+bool MpegStatesLength(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  std::string head(256 * 1024, '\0');
+  head.resize(std::fread(head.data(), 1, head.size(), f));
+  std::fclose(f);
+  const auto* d = reinterpret_cast<const unsigned char*>(head.data());
+  const size_t n = head.size();
+  size_t pos = 0;
+  while (n - pos >= 10 && std::memcmp(d + pos, "ID3", 3) == 0) {  // ID3v2 tags (syncsafe size)
+    const size_t size = (size_t{d[pos + 6]} & 0x7F) << 21 | (size_t{d[pos + 7]} & 0x7F) << 14 |
+                        (size_t{d[pos + 8]} & 0x7F) << 7 | (size_t{d[pos + 9]} & 0x7F);
+    pos += 10 + size + ((d[pos + 5] & 0x10) ? 10 : 0);
+    if (pos >= n) return false;
+  }
+  // The first plausible frame header: sync, a version, Layer III, a bitrate, a sample rate.
+  for (; pos + 4 <= n; ++pos) {
+    if (d[pos] != 0xFF || (d[pos + 1] & 0xE0) != 0xE0) continue;
+    const int version = (d[pos + 1] >> 3) & 3;  // 3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5
+    const int layer = (d[pos + 1] >> 1) & 3;     // 1: Layer III
+    const int bitrate = d[pos + 2] >> 4;
+    const int rate = (d[pos + 2] >> 2) & 3;
+    if (version == 1 || layer == 0 || bitrate == 15 || rate == 3) continue;
+    const bool mono = (d[pos + 3] >> 6) == 3;
+    // The Xing/Info tag follows the side information: 32/17 bytes (MPEG-1 stereo/mono), 17/9
+    // (MPEG-2 and 2.5); VBRI always sits 32 bytes after the header.
+    const size_t side = version == 3 ? (mono ? 17 : 32) : (mono ? 9 : 17);
+    const size_t xing = pos + 4 + side;
+    if (xing + 8 <= n &&
+        (std::memcmp(d + xing, "Xing", 4) == 0 || std::memcmp(d + xing, "Info", 4) == 0)) {
+      return (d[xing + 7] & 0x01) != 0;  // the frame-count field is present
+    }
+    const size_t vbri = pos + 4 + 32;
+    return vbri + 4 <= n && std::memcmp(d + vbri, "VBRI", 4) == 0;
+  }
+  return false;
+}
 
 // libsndfile opens a WAV file whose data chunk is longer than the file (a cut download, an
 // unfinished recording) without an error: it shortens the frame count to what is there and
@@ -258,6 +388,18 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     *failure = Failure(AudioProblem::kNotAudio, absl::StrCat(path, ": is a directory"));
     return false;
   }
+  {
+    // A file that cannot be opened now (permission, too many open files, an I/O error) is
+    // missing for this run, not "not audio": the verdict must not outlive the cause.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+      const int err = errno;
+      *failure = Failure(AudioProblem::kMissing,
+                         absl::StrCat(path, ": cannot open for reading: ", std::strerror(err)));
+      return false;
+    }
+    ::close(fd);
+  }
   if (st.st_size == 0) {
     *failure = Failure(AudioProblem::kEmpty, absl::StrCat(path, ": empty file (0 bytes)"));
     return false;
@@ -300,7 +442,48 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
                                     info->channels, " channels"));
     return false;
   }
-  bool known = info->frames >= 0 && info->frames != SF_COUNT_MAX;
+  if (info->samplerate < kMinSourceRate || info->samplerate > kMaxSourceRate) {
+    *failure = Failure(AudioProblem::kNotAudio,
+                       absl::StrCat(path, ": the header's sample rate ", info->samplerate,
+                                    " Hz is implausible (accepted: ", kMinSourceRate, " to ",
+                                    kMaxSourceRate, " Hz): a corrupt header"));
+    return false;
+  }
+  if (IsMpeg(*info) && !MpegStatesLength(path)) {
+    // MPEG without a Xing/Info/VBRI tag: libsndfile's count is an estimate (far off either way
+    // for VBR), and sf_readf_* stop at it. Reopen the file as a stream: the length is then
+    // unknown (SF_COUNT_MAX) and a decode reads to the end of the stream, where a stream that
+    // ends is no truncation.
+    int fd = -1;
+    std::unique_ptr<StreamFeeder> feeder = StreamFeeder::Start(path, &fd);
+    if (feeder == nullptr) {
+      const int err = errno;
+      file->reset(nullptr);
+      *failure = Failure(AudioProblem::kMissing,
+                         absl::StrCat(path, ": cannot open to stream: ", std::strerror(err)));
+      return false;
+    }
+    SF_INFO streamed{};
+    SNDFILE* again = nullptr;
+    {
+      static std::mutex stream_mu;  // see open_mu: libsndfile's error slot is process-wide
+      std::lock_guard<std::mutex> lock(stream_mu);
+      again = sf_open_fd(fd, SFM_READ, &streamed, SF_TRUE);
+      if (again == nullptr) error = sf_strerror(nullptr);
+    }
+    if (again == nullptr) {
+      file->reset(nullptr);
+      *failure = Failure(AudioProblem::kTruncated,
+                         absl::StrCat(path, ": MPEG file that libsndfile opens but cannot read as "
+                                            "a stream: ",
+                                      error));
+      return false;
+    }
+    file->reset(again, std::move(feeder));
+    streamed.frames = SF_COUNT_MAX;
+    *info = streamed;
+  }
+  const bool known = info->frames >= 0 && info->frames != SF_COUNT_MAX;
   if (known) {
     audio->source_frames = info->frames;
     audio->total_samples = ResampledLength(info->frames, info->samplerate, audio->sample_rate);
@@ -318,7 +501,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     *failure = Failure(AudioProblem::kTooShort, absl::StrCat(path, ": 0 frames"));
     return false;
   }
-  if (std::string line = WavTruncationNote(handle, info->format); !line.empty()) {
+  if (std::string line = WavTruncationNote(file->get(), info->format); !line.empty()) {
     *failure =
         Failure(AudioProblem::kTruncated,
                 absl::StrCat(path, ": the data chunk is cut short (libsndfile: '", line, "')"));
@@ -446,8 +629,10 @@ int64_t ResampledLength(int64_t source_frames, int from_hz, int to_hz) {
   return static_cast<int64_t>(num / (2 * static_cast<__int128>(from_hz)));
 }
 
-absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const DecodeOptions& options,
-                                           SampleSink* sink) {
+namespace {
+
+absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
+                                                  const DecodeOptions& options, SampleSink* sink) {
   AVIARY_RETURN_IF_ERROR(ValidateOptions(options));
   DecodeResult result;
   DecodedAudio& audio = result.audio;
@@ -468,6 +653,17 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
   audio.offset = t0;
   if (known) want = std::max<int64_t>(0, std::min(want, audio.total_samples - t0));
   if (want == 0) return result;  // a window past the end: nothing to decode
+  if (known && want > kMaxDecodeSamples) {
+    result.failure = Failure(
+        AudioProblem::kNotAudio,
+        absl::StrCat(path, ": the decode would deliver ", want, " samples at ", to_hz, " Hz (",
+                     audio.source_frames, " frames at ", from_hz,
+                     " Hz in the header), more than the decoder's limit of ", kMaxDecodeSamples,
+                     ": refused"));
+    return result;
+  }
+  // Unknown length: one sample past the limit tells a stream that is too long.
+  if (!known) want = std::min(want, kMaxDecodeSamples + 1);
 
   // Where to start reading: the window's first source frame less the resampler margin, rounded
   // down to a frame that falls exactly on an output sample (a multiple of from / gcd).
@@ -486,7 +682,11 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
   const int channels = info.channels;
   std::vector<float> interleaved(static_cast<size_t>(kBlockFrames) * channels);
   if (source_start > 0) {
-    const int64_t seek_to = IsOgg(info) ? std::min(source_start, OggSeekLimit(path)) : source_start;
+    // Unknown length (an MPEG stream whose count libsndfile estimates): sf_seek refuses frames
+    // past the estimate, so decode forward from the start.
+    const int64_t seek_to = !known       ? 0
+                            : IsOgg(info) ? std::min(source_start, OggSeekLimit(path))
+                                          : source_start;
     if (seek_to > 0) {
       sf_count_t got = sf_seek(file.get(), seek_to, SEEK_SET);
       if (got != seek_to) {
@@ -499,6 +699,12 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
     for (int64_t at = seek_to; at < source_start;) {  // decode forward to the start
       sf_count_t n = sf_readf_float(file.get(), interleaved.data(),
                                     std::min<int64_t>(kBlockFrames, source_start - at));
+      if (n == 0 && !known && sf_error(file.get()) == SF_ERR_NO_ERROR) {
+        // The stream ends before the window: a window past the end, nothing to decode.
+        audio.source_frames = at;
+        audio.total_samples = ResampledLength(at, from_hz, to_hz);
+        return result;
+      }
       if (n <= 0 || sf_error(file.get()) != SF_ERR_NO_ERROR) {
         result.failure = Failure(
             AudioProblem::kTruncated,
@@ -529,8 +735,11 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
     }
     sf_count_t n = sf_readf_float(file.get(), interleaved.data(), ask);
     if (n < 0 || sf_error(file.get()) != SF_ERR_NO_ERROR) {
+      // SF_ERR_SYSTEM: read(2) failed (EIO, ...): the file could not be read now, which says
+      // nothing about its contents.
+      const bool system = sf_error(file.get()) == SF_ERR_SYSTEM;
       result.failure =
-          Failure(AudioProblem::kTruncated,
+          Failure(system ? AudioProblem::kMissing : AudioProblem::kTruncated,
                   absl::StrCat(path, ": libsndfile error after ", source_start + read_total,
                                known ? absl::StrCat(" of ", audio.source_frames) : std::string(),
                                " frames: ", sf_strerror(file.get())));
@@ -586,6 +795,13 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
       audio.total_samples = ResampledLength(audio.source_frames, from_hz, to_hz);
     }
   }
+  if (emitter.emitted() > kMaxDecodeSamples) {
+    result.failure = Failure(
+        AudioProblem::kNotAudio,
+        absl::StrCat(path, ": the stream decodes to more than the decoder's limit of ",
+                     kMaxDecodeSamples, " samples at ", to_hz, " Hz: refused"));
+    return result;
+  }
   if (emitter.emitted() == 0) {
     if (t0 == 0) {
       result.failure =
@@ -612,6 +828,28 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
                              absl::StrCat(path, ": sf_close failed: ", sf_error_number(rc)));
   }
   return result;
+}
+
+}  // namespace
+
+absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const DecodeOptions& options,
+                                           SampleSink* sink) {
+  // An exception (std::bad_alloc above all) must not escape into a decode thread, where it
+  // would terminate the process: it becomes this file's problem, classed kMissing (it cannot
+  // be read now; not a verdict on the file's contents, so the cache does not keep it).
+  try {
+    return DecodeAudioUnguarded(path, options, sink);
+  } catch (const std::bad_alloc&) {
+    DecodeResult result;
+    result.failure = Failure(AudioProblem::kMissing,
+                             absl::StrCat(path, ": out of memory while decoding (std::bad_alloc)"));
+    return result;
+  } catch (const std::exception& e) {
+    DecodeResult result;
+    result.failure = Failure(AudioProblem::kMissing,
+                             absl::StrCat(path, ": the decode failed: ", e.what()));
+    return result;
+  }
 }
 
 absl::StatusOr<DecodeResult> DecodeAudio(const std::string& path, const DecodeOptions& options) {

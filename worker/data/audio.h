@@ -26,10 +26,15 @@ namespace aviary::worker {
 // Why a file was skipped. Never fatal for a run: the data plane counts these per reason.
 enum class AudioProblem {
   kNone = 0,
-  kMissing,    // no such file (or it cannot be opened for reading: the message says why)
+  kMissing,    // no such file, or it cannot be read now: open(2) fails (permission, too many
+               // open files, ...), read(2) fails mid-stream (I/O error), or the decoder ran out
+               // of memory; the message says why. Transient: the audio cache never stores this
+               // verdict, so the next `aviary prepare` tries the file again
   kEmpty,      // zero bytes
   kNotAudio,   // libsndfile does not recognise it and it has no known audio signature
-               // (text named .ogg, ...)
+               // (text named .ogg, ...); or its header is implausible: a sample rate outside
+               // [1000, 768000] Hz, or a length whose decode would deliver more than 2^29
+               // samples (4.66 h at 32 kHz), which the decoder refuses rather than attempt
   kTruncated,  // a known container (Ogg, MPEG, FLAC, RIFF, ...) that libsndfile cannot open,
                // an Ogg stream without an end, fewer frames than the header says, or a
                // libsndfile error mid-stream
@@ -66,7 +71,10 @@ struct DecodedAudio {
   int64_t offset = 0;          // index of samples[0] in the whole-file output
   int source_sample_rate = 0;
   int source_channels = 0;
-  int64_t source_frames = -1;  // whole file, as the header says; -1 when unknown
+  // Whole file, as the header says; -1 when unknown: an MPEG stream without a Xing/Info/VBRI
+  // tag, whose count libsndfile only estimates from the first frame's bitrate (a decode then
+  // reads to the end of the stream, and a whole-file decode fills in the frames it read).
+  int64_t source_frames = -1;
   // Samples of the whole file at `sample_rate` (round(source_frames * T / R)); -1 when unknown.
   int64_t total_samples = -1;
   int source_format = 0;  // libsndfile's SF_INFO::format

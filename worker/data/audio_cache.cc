@@ -10,8 +10,10 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <deque>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <mutex>
@@ -504,6 +506,8 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
                             "; its files are decoded on the fly (run "
                             "`aviary prepare` to repair the cache)"));
   }
+  cache->freshness_.reset(new std::atomic<int8_t>[cache->entries_.size()]);
+  for (size_t i = 0; i < cache->entries_.size(); ++i) cache->freshness_[i].store(0);
   return cache;
 }
 
@@ -525,6 +529,38 @@ std::vector<const CacheEntry*> AudioCache::Entries() const {
 const CacheEntry* AudioCache::Lookup(absl::string_view path) const {
   auto it = by_path_.find(AudioCacheKey(path));
   return it == by_path_.end() ? nullptr : &entries_[it->second];
+}
+
+const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
+  auto it = by_path_.find(AudioCacheKey(path));
+  if (it == by_path_.end()) return nullptr;
+  const size_t i = it->second;
+  int8_t state = freshness_[i].load(std::memory_order_acquire);
+  if (state == 0) {
+    const CacheEntry& e = entries_[i];
+    struct stat st;
+    bool stale = false;
+    std::string now;
+    // A source that cannot be stat()ed (gone, unreachable) keeps its cached audio: there is no
+    // newer version to prefer. An entry without a stamp (-1) cannot be compared.
+    if (e.file_bytes >= 0 && ::stat(e.path.c_str(), &st) == 0) {
+      const FileStamp stamp{static_cast<int64_t>(st.st_size),
+                            static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 +
+                                st.st_mtim.tv_nsec};
+      stale = !(stamp == FileStamp{e.file_bytes, e.mtime_ns});
+      now = absl::StrCat(stamp.bytes, " bytes, mtime_ns ", stamp.mtime_ns);
+    }
+    int8_t expected = 0;
+    if (freshness_[i].compare_exchange_strong(expected, stale ? 2 : 1) && stale) {
+      stale_files_.fetch_add(1);
+      Log().Warn(absl::StrCat(e.path, ": changed since `aviary prepare` cached it (then ",
+                              e.file_bytes, " bytes, mtime_ns ", e.mtime_ns, "; now ", now,
+                              "): decoded on the fly instead of the cache ", dir_,
+                              " (run `aviary prepare` again)"));
+    }
+    state = freshness_[i].load(std::memory_order_acquire);
+  }
+  return state == 1 ? &entries_[i] : nullptr;
 }
 
 absl::Span<const int16_t> AudioCache::Samples(const CacheEntry& entry) const {
@@ -640,7 +676,9 @@ PendingFiles SplitPaths(const std::vector<std::string>& paths,
     ++pending.files_total;
     FileStamp stamp = StampOf(path);
     auto it = cached.find(key);
-    if (it != cached.end() && FileStamp{it->second.file_bytes, it->second.mtime_ns} == stamp) {
+    // A missing verdict (cached by an older version) is never current: the file is tried again.
+    if (it != cached.end() && it->second.problem != AudioProblem::kMissing &&
+        FileStamp{it->second.file_bytes, it->second.mtime_ns} == stamp) {
       pending.current.push_back(&it->second);
     } else {
       pending.todo.push_back({path, std::move(key), stamp});
@@ -664,16 +702,30 @@ int DecodeThreads(const PrepareOptions& options, size_t files) {
   return std::max(1, std::min<int>(threads, static_cast<int>(std::min<size_t>(files, 1 << 20))));
 }
 
-// Runs work(i) for every i in [0, n) on `threads` threads.
-void ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work) {
+// Runs work(i) for every i in [0, n) on `threads` threads. An exception thrown by work(i)
+// (std::bad_alloc) would terminate the process from a thread: it is caught, the remaining work
+// is skipped, and the first one comes back as an INTERNAL error naming `what(i)`.
+absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work,
+                         const std::function<std::string(size_t)>& what) {
   std::atomic<size_t> next{0};
+  std::mutex mu;
+  absl::Status error;
   auto loop = [&]() {
-    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i);
+    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      try {
+        work(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> guard(mu);
+        if (error.ok()) error = absl::InternalError(absl::StrCat(what(i), ": ", e.what()));
+        next = n;  // stop handing out work
+      }
+    }
   };
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(threads));
   for (int t = 0; t < threads; ++t) pool.emplace_back(loop);
   for (std::thread& t : pool) t.join();
+  return error;
 }
 
 }  // namespace
@@ -704,7 +756,7 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
       options.max_seconds > 0 ? std::llround(options.max_seconds * options.sample_rate) : -1;
   std::mutex mu;
   absl::Status error;
-  ParallelFor(pending.todo.size(), DecodeThreads(options, pending.todo.size()), [&](size_t i) {
+  absl::Status thrown = ParallelFor(pending.todo.size(), DecodeThreads(options, pending.todo.size()), [&](size_t i) {
     auto probe = ProbeAudio(pending.todo[i].path, options.sample_rate);
     std::lock_guard<std::mutex> guard(mu);
     if (!probe.ok()) {
@@ -726,8 +778,9 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
     plan.source_seconds += static_cast<double>(total) / options.sample_rate;
     plan.audio_seconds += static_cast<double>(kept) / options.sample_rate;
     plan.cache_bytes += kept * static_cast<int64_t>(sizeof(int16_t));
-  });
+  }, [&](size_t i) { return pending.todo[i].path; });
   AVIARY_RETURN_IF_ERROR(error);
+  AVIARY_RETURN_IF_ERROR(thrown);
   plan.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return plan;
 }
@@ -808,8 +861,9 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   progress.files_to_decode = static_cast<int64_t>(todo.size());
   absl::Status error;
   int64_t clipped = 0;
+  std::deque<CacheEntry> transient;  // kMissing outcomes: reported, not cached
   std::atomic<bool> failed{false};
-  ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
+  absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
     const PendingFiles::Item& item = todo[i];
     Int16Sink sink;
@@ -834,6 +888,14 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       failed = true;
       return;
     }
+    if (entry.problem == AudioProblem::kMissing) {
+      // Not a verdict on the file (it could not be read now: permission, too many open files,
+      // an I/O error): counted in the report, never cached, so the next run tries again.
+      transient.push_back(std::move(entry));
+      ++progress.files_done;
+      if (options.progress) options.progress(progress);
+      return;
+    }
     clipped += sink.clipped();
     absl::Status st = writer.Append(std::move(entry), sink.data());
     if (!st.ok()) {
@@ -846,14 +908,16 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     progress.elapsed_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (options.progress) options.progress(progress);
-  });
+  }, [&](size_t i) { return todo[i].path; });
   AVIARY_RETURN_IF_ERROR(error);
+  AVIARY_RETURN_IF_ERROR(thrown);
   AVIARY_RETURN_IF_ERROR(writer.Seal());
 
-  report.files_decoded = static_cast<int64_t>(writer.sealed().size());
+  report.files_decoded = static_cast<int64_t>(writer.sealed().size() + transient.size());
   report.clipped_samples = clipped;
   report.shards_written = writer.shards_written();
   for (const CacheEntry& e : writer.sealed()) outcomes.push_back(&e);
+  for (const CacheEntry& e : transient) outcomes.push_back(&e);
   for (const CacheEntry* e : outcomes) {
     ++report.counts[e->problem];
     if (e->problem == AudioProblem::kNone) {

@@ -36,6 +36,7 @@
 #ifndef AVIARY_WORKER_DATA_AUDIO_CACHE_H_
 #define AVIARY_WORKER_DATA_AUDIO_CACHE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -74,8 +75,8 @@ struct CacheEntry {
   int64_t mtime_ns = -1;    // its modification time
 };
 
-// A read-only, memory-mapped cache. Thread-safe: immutable after Open; any number of threads
-// may call Lookup/Read concurrently. Move-free: hold it in the unique_ptr Open returns.
+// A read-only, memory-mapped cache. Thread-safe: immutable after Open (but for LookupCurrent's
+// per-entry freshness flags, atomics); any number of threads may call Lookup/Read concurrently. Move-free: hold it in the unique_ptr Open returns.
 class AudioCache {
  public:
   // Opens the cache in `dir`: reads manifest.txt (NOT_FOUND when absent, FAILED_PRECONDITION
@@ -100,6 +101,15 @@ class AudioCache {
 
   // The entry for `path` (any spelling that AudioCacheKey maps to the same key), or nullptr.
   const CacheEntry* Lookup(absl::string_view path) const;
+  // Lookup, for a reader about to use the entry: nullptr also when the source file changed
+  // since prepare cached it (its size or mtime differ from the entry's file_bytes/mtime_ns),
+  // so that the caller decodes the new version instead of serving stale audio. The source is
+  // stat()ed once per entry, on first use (a file changed later is not noticed); a stale entry
+  // is logged once and counted in stale_files(). A source that cannot be stat()ed (gone) keeps
+  // its cached entry.
+  const CacheEntry* LookupCurrent(absl::string_view path) const;
+  // Entries found stale by LookupCurrent so far.
+  int64_t stale_files() const { return stale_files_.load(); }
   // The entry's samples (empty for a problem entry). Valid while the cache lives.
   absl::Span<const int16_t> Samples(const CacheEntry& entry) const;
   // Copies samples [offset, offset + num_frames) of `path` to `out` as floats (q / 32768).
@@ -122,6 +132,9 @@ class AudioCache {
   std::unordered_map<std::string, size_t> by_path_;
   std::map<int, Mapping> mappings_;  // shard -> mapped .pcm
   std::vector<std::string> invalid_shards_;
+  // Per entry, whether its source file is unchanged: 0 not checked yet, 1 current, 2 stale.
+  std::unique_ptr<std::atomic<int8_t>[]> freshness_;
+  mutable std::atomic<int64_t> stale_files_{0};
 };
 
 // Converts a cached sample to float.

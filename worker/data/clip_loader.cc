@@ -78,7 +78,7 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
 
   const CacheEntry* entry = nullptr;
   if (cache != nullptr && CacheMismatch(*cache, request).empty()) {
-    entry = cache->Lookup(path);
+    entry = cache->LookupCurrent(path);  // nullptr too when the file changed since prepare
   }
   if (entry != nullptr) {
     result.from_cache = true;

@@ -1,7 +1,8 @@
 // The one call the training data loader makes per sample: a clip of exactly
 // round(duration_s * sample_rate) float samples, cropped/padded by the recipe's rules
 // (worker/data/clip.h), read from the decoded-audio cache when it holds the file and decoded on the
-// fly (seeking to the window) when it does not.
+// fly (seeking to the window) when it does not, or when the file changed since `aviary prepare`
+// cached it (AudioCache::LookupCurrent: one stat per file, on first use; logged once).
 //
 // Problems. A file the cache recorded with a problem, or one whose on-the-fly probe/decode
 // fails, yields a clip of zeros and the problem: never NaN, never an error. A clip whose audio

@@ -29,7 +29,7 @@ namespace {
 
 struct MelResult {
   std::vector<int64_t> shape;
-  double source_seconds = 0;
+  double source_seconds = 0;  // -1 when unknown (an mp3 without a length tag, decoded in part)
   int source_sample_rate = 0;
   int64_t window_samples = 0;
   int64_t decoded_samples = 0;
@@ -77,10 +77,11 @@ absl::StatusOr<MelResult> MakeMel(const MelArgs& args) {
   }
   MelResult result;
   result.source_sample_rate = decoded.audio.source_sample_rate;
-  result.source_seconds = decoded.audio.source_sample_rate > 0
+  // source_frames is -1 when the header cannot tell (an mp3 without a Xing/Info tag).
+  result.source_seconds = decoded.audio.source_sample_rate > 0 && decoded.audio.source_frames >= 0
                               ? static_cast<double>(decoded.audio.source_frames) /
                                     decoded.audio.source_sample_rate
-                              : 0.0;
+                              : -1.0;
   result.window_samples = window_samples;
   std::vector<float>& samples = decoded.audio.samples;
   result.decoded_samples = static_cast<int64_t>(samples.size());
@@ -112,8 +113,11 @@ int RunMel(const MelArgs& args) {
   }
   std::cout << "wrote " << args.out << ": float32 [" << absl::StrJoin(result->shape, ", ")
             << "] from " << result->decoded_samples << " samples (window " << result->window_samples
-            << ", zero-padded at the end), source " << absl::StrFormat("%.3f", result->source_seconds)
-            << " s at " << result->source_sample_rate << " Hz\n";
+            << ", zero-padded at the end), source "
+            << (result->source_seconds >= 0 ? absl::StrFormat("%.3f s", result->source_seconds)
+                                            : std::string("of unknown length (an mp3 without a "
+                                                          "length tag)"))
+            << " at " << result->source_sample_rate << " Hz\n";
   return 0;
 }
 
