@@ -153,6 +153,21 @@ class CoordinatorServiceTest : public ::testing::Test {
     return response.job_id();
   }
 
+  // `aviary cancel JOB && aviary retry JOB`: the job as the retry left it.
+  JobInfo CancelAndRetry(const std::string& job_id) {
+    CancelJobRequest cancel;
+    cancel.set_job_id(job_id);
+    CancelJobResponse cancelled;
+    grpc::Status status = jobs_->CancelJob(Ctx().get(), cancel, &cancelled);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    RetryJobRequest retry;
+    retry.set_job_id(job_id);
+    JobInfo retried;
+    status = jobs_->RetryJob(Ctx().get(), retry, &retried);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return retried;
+  }
+
   JobInfo GetJob(const std::string& job_id) {
     GetJobRequest request;
     request.set_job_id(job_id);
@@ -2435,14 +2450,7 @@ TEST_F(CoordinatorServiceTest, ARetriedTaskWaitsUntilItsCancelledHolderLetsGo) {
   bool cancel = false;
   ASSERT_TRUE(Heartbeat(a, pretrain, &cancel).ok());
   ASSERT_FALSE(cancel);
-  CancelJobRequest cancel_request;
-  cancel_request.set_job_id(job_id);
-  CancelJobResponse cancelled;
-  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
-  RetryJobRequest retry;
-  retry.set_job_id(job_id);
-  JobInfo retried;
-  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  const JobInfo retried = CancelAndRetry(job_id);
   EXPECT_EQ(FindTask(retried, pretrain)->state(), TASK_STATE_READY);
   const std::string b = Register();
   EXPECT_FALSE(Lease(b).available());  // A is still training it, as far as anyone knows
@@ -2469,21 +2477,13 @@ TEST_F(CoordinatorServiceTest, ACancelledHolderLetsGoByLeasingOrFailing) {
   const std::string pretrain = job_id + "/pretrain-f0";
   const std::string a = Register();
   ASSERT_EQ(Lease(a).task().task_id(), pretrain);
-  CancelJobRequest cancel_request;
-  cancel_request.set_job_id(job_id);
-  CancelJobResponse cancelled;
-  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
-  RetryJobRequest retry;
-  retry.set_job_id(job_id);
-  JobInfo retried;
-  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  CancelAndRetry(job_id);
   LeaseTaskResponse lease = Lease(a);
   ASSERT_TRUE(lease.available());
   EXPECT_EQ(lease.task().task_id(), pretrain);
   EXPECT_EQ(lease.task().attempt(), 2);
 
-  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel_request, &cancelled).ok());
-  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  CancelAndRetry(job_id);
   const std::string b = Register();
   EXPECT_FALSE(Lease(b).available());
   FailTaskRequest fail;
