@@ -2400,7 +2400,9 @@ TEST_F(CoordinatorServiceTest, ALeaseWhosePayloadCannotBeLoadedFailsTheTask) {
   EXPECT_NE(task->error().find("does not inflate"), std::string::npos) << task->error();
   EXPECT_NE(job.error().find(pretrain), std::string::npos) << job.error();
   for (const TaskInfo& other : job.tasks()) {
-    if (other.task_id() != pretrain) EXPECT_EQ(other.state(), TASK_STATE_CANCELLED) << other.task_id();
+    if (other.task_id() != pretrain) {
+      EXPECT_EQ(other.state(), TASK_STATE_CANCELLED) << other.task_id();
+    }
   }
   bool cancel = false;
   ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());  // the group is still registered
