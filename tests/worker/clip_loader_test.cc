@@ -85,6 +85,34 @@ TEST(LoadClipTest, CacheAndOnTheFlyAgree) {
   EXPECT_GE(compared, 100);
 }
 
+// Audio below 16 bits' half step (about -100 dBFS; the cache stores it as zeros) is silent on
+// both paths, and audio one 16-bit step loud is not, on either.
+TEST(LoadClipTest, CacheAndOnTheFlyAgreeOnSilenceAtSixteenBits) {
+  TempDir tmp;
+  const std::string faint = tmp.Sub("faint.wav");
+  std::vector<float> below = Sine(440, 32000, 32000 * 3);
+  for (float& x : below) x *= 1.0e-5f;  // < 2^-16 = 1.53e-5
+  WriteAudio(faint, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, below);
+  const std::string quiet = tmp.Sub("quiet.wav");
+  std::vector<float> above = Sine(440, 32000, 32000 * 3);
+  for (float& x : above) x *= 4.0e-5f;  // rounds to +-1 at 16 bits
+  WriteAudio(quiet, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, above);
+  auto cache = Prepare({faint, quiet}, tmp.Sub("cache"));
+  ASSERT_NE(cache, nullptr);
+  for (ClipMode mode : {ClipMode::kTrain, ClipMode::kValidation}) {
+    const ClipRequest request = Request(mode, 7);
+    ClipResult cached = MustLoad(cache.get(), faint, request);
+    ClipResult fly = MustLoad(nullptr, faint, request);
+    EXPECT_TRUE(cached.from_cache);
+    EXPECT_EQ(cached.problem, AudioProblem::kSilent) << cached.message;
+    EXPECT_EQ(fly.problem, AudioProblem::kSilent) << fly.message;
+    ClipResult cached_quiet = MustLoad(cache.get(), quiet, request);
+    ClipResult fly_quiet = MustLoad(nullptr, quiet, request);
+    EXPECT_TRUE(cached_quiet.ok()) << cached_quiet.message;
+    EXPECT_TRUE(fly_quiet.ok()) << fly_quiet.message;
+  }
+}
+
 TEST(LoadClipTest, ExactLengthCropAndPad) {
   TempDir tmp;
   const std::string shorter = tmp.Sub("short.wav");  // 0.05 s at 44.1 kHz -> 1600 samples

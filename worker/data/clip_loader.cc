@@ -11,9 +11,12 @@
 namespace aviary::worker {
 namespace {
 
-bool AllZero(const float* samples, int64_t n) {
+// Whether every sample rounds to 0 in the cache's 16-bit format (|x| <= 2^-16, below -96 dBFS):
+// the cache stores such audio as zeros, so both paths must call such a clip silent.
+bool Inaudible(const float* samples, int64_t n) {
+  constexpr float kHalfStep = 1.0f / 65536.0f;
   for (int64_t i = 0; i < n; ++i) {
-    if (samples[i] != 0.0f) return false;
+    if (!(std::fabs(samples[i]) <= kHalfStep)) return false;
   }
   return true;
 }
@@ -144,10 +147,10 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
   }
   if (result.plan.source_length == 0) {
     SetProblem(&result, AudioProblem::kTooShort, absl::StrCat(path, ": no samples"));
-  } else if (AllZero(result.samples.data() + result.plan.pad_front, result.plan.source_length)) {
+  } else if (Inaudible(result.samples.data() + result.plan.pad_front, result.plan.source_length)) {
     SetProblem(&result, AudioProblem::kSilent,
                absl::StrCat(path, ": the ", result.plan.source_length, " samples at ",
-                            result.plan.source_offset, " are all zero"));
+                            result.plan.source_offset, " are all zero (at 16 bits)"));
   }
   return result;
 }

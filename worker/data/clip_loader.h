@@ -6,8 +6,8 @@
 //
 // Problems. A file the cache recorded with a problem, or one whose on-the-fly probe/decode
 // fails, yields a clip of zeros and the problem: never NaN, never an error. A clip whose audio
-// samples (before padding) are all exactly zero is reported kSilent, both from the cache and on
-// the fly, so the two paths skip the same clips. On the fly, a problem is only seen where the
+// samples (before padding) are all zero at 16 bits (|x| <= 2^-16: what the cache stores as 0)
+// is reported kSilent, both from the cache and on the fly, so the two paths skip the same clips. On the fly, a problem is only seen where the
 // decode looks: the header and the window (a truncation past the window goes unnoticed until
 // `aviary prepare` decodes the whole file).
 //
