@@ -76,7 +76,8 @@ struct CacheEntry {
 };
 
 // A read-only, memory-mapped cache. Thread-safe: immutable after Open (but for LookupCurrent's
-// per-entry freshness flags, atomics); any number of threads may call Lookup/Read concurrently. Move-free: hold it in the unique_ptr Open returns.
+// per-entry freshness flags, atomics); any number of threads may call Lookup/Read concurrently.
+// Move-free: hold it in the unique_ptr Open returns.
 class AudioCache {
  public:
   // Opens the cache in `dir`: reads manifest.txt (NOT_FOUND when absent, FAILED_PRECONDITION
