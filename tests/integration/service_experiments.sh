@@ -4,7 +4,7 @@
 #   - a sweep (2 x 2 fine-tuning points sharing one pretraining) with tags and a note: refused
 #     keys and values named before any work; SUCCEEDED; status reports the best point; list and
 #     list --json show the tags;
-#   - `logs --follow` streams the group's lines of every task and ends with the job;
+#   - `logs --follow` streams the group's lines of every task, each once, and ends with the job;
 #   - `groups` / `groups --json` show the group;
 #   - `retry` of a cancelled job resumes its pretraining from the checkpoint it left;
 #   - `delete` refuses a job that is not finished, removes a finished one (and its run folder
@@ -57,6 +57,14 @@ for t in pretrain-f0-p0 finetune-f0-p0 finetune-f0-p3; do
   grep -q "^$job/$t  .*\[rank 0\]" "$tmp/logs.log" || fail "logs --follow has no line of $t"
 done
 grep -q "SUCCEEDED" "$tmp/logs.err" || fail "logs --follow did not say how the job ended"
+# Every line once (ShipLogs runs on the heartbeat thread and at a task's end; a line is stamped to
+# the millisecond, so two equal lines are one line shipped twice).
+av logs "$job" > "$tmp/logs-all.log" && grep -q "^$job/pretrain-f0-p0  .*\[rank 0\]" "$tmp/logs-all.log" ||
+  fail "logs has no line of the pretraining"
+for f in logs.log logs-all.log; do
+  dups=$(sort "$tmp/$f" | uniq -d | head -n 3)
+  [ -z "$dups" ] || fail "$f has lines twice: $dups"
+done
 av status "$job" > "$tmp/status.txt" || fail "status"
 grep -q "^best     point [0-3] (stages.finetune.lr=.*): val_auc [0-9.]*, mean of 1/1 folds" "$tmp/status.txt" ||
   { fail "status does not report the best sweep point"; cat "$tmp/status.txt"; }

@@ -289,6 +289,7 @@ void CoordinatorLink::EndTask() {
 }
 
 void CoordinatorLink::ShipLogs() {
+  absl::MutexLock ship(&ship_mu_);
   v1::ShipLogsRequest request;
   request.set_group_id(group_id());
   if (request.group_id().empty()) return;

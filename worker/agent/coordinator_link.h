@@ -111,8 +111,10 @@ class CoordinatorLink {
     int64_t dropped ABSL_GUARDED_BY(mu) = 0;
   };
   // Sends the buffered lines of the current task (one ShipLogs call); kept for the next call on a
-  // transient failure, dropped when refused for good.
-  void ShipLogs();
+  // transient failure, dropped when refused for good. One call at a time (ship_mu_): the heartbeat
+  // thread and EndTask both ship, and two calls in flight would send the same lines twice and then
+  // drop as many unsent ones.
+  void ShipLogs() ABSL_LOCKS_EXCLUDED(ship_mu_);
   void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
   // The manifest `hash` (`size` bytes): from the cache, else streamed by GetManifest and kept.
   absl::Status FetchManifest(const std::string& hash, int64_t size, const std::string& gid, std::string* csv);
@@ -135,6 +137,7 @@ class CoordinatorLink {
   ReportBuffer buffer_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<::aviary::v1::WorkerService::Stub> stub_;
+  absl::Mutex ship_mu_;  // held across one ShipLogs call
   // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
   mutable absl::Mutex mu_;
   absl::CondVar cv_;  // running_ became false
