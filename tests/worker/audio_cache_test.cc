@@ -615,6 +615,21 @@ TEST(AudioCacheTest, PartsOfASplitRunWriteOneCache) {
     EXPECT_EQ(PrepareAudioCache(paths, part1).status().code(), absl::StatusCode::kFailedPrecondition);
     ::close(fd);
   }
+  {
+    // A part of a run split 3 ways while one split 2 ways writes: part 1 of 2 owns shards 1, 3, 5,
+    // part 0 of 3 shards 0, 3, 6: both would write shard 3.
+    int fd = ::open((dir + "/LOCK.of-3").c_str(), O_RDWR | O_CREAT, 0644);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_SH), 0);
+    auto refused = PrepareAudioCache(paths, part1);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(refused.status().message().find("an `aviary prepare` split into 3 parts is writing this cache "
+                                              "(LOCK.of-3 is locked); this is part 1 of 2"),
+              std::string::npos)
+        << refused.status();
+    ::close(fd);
+    EXPECT_TRUE(PrepareAudioCache(paths, part1).ok());  // the other split is done
+  }
   part1.part = 2;
   EXPECT_EQ(PrepareAudioCache(paths, part1).status().code(), absl::StatusCode::kInvalidArgument);
 }

@@ -308,6 +308,36 @@ class DirLock {
   int fd_;
 };
 
+// A part of a run split N ways holds LOCK.of-N shared, and no run split another way may hold its
+// own: part R of N owns the shards s with s % N == R, so parts of two splits would write the same
+// shard numbers. Each run takes its own lock before it looks for the others', so of two runs
+// started together at least one sees the other.
+absl::StatusOr<std::unique_ptr<DirLock>> LockSplitCount(const std::string& dir, const PrepareOptions& options) {
+  const std::string prefix = absl::StrCat(kLockFile, ".of-");
+  AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<DirLock> mine,
+                          DirLock::Acquire(dir, absl::StrCat(prefix, options.num_parts), false,
+                                           "an `aviary prepare` split into another part count"));
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    int other = 0;
+    if (name.rfind(prefix, 0) != 0 || !absl::SimpleAtoi(name.substr(prefix.size()), &other) ||
+        other == options.num_parts) {
+      continue;
+    }
+    auto probe = DirLock::Acquire(dir, name, true, "");
+    if (absl::IsFailedPrecondition(probe.status())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir, ": an `aviary prepare` split into ", other, " parts is writing this cache (", name,
+          " is locked); this is part ", options.part, " of ", options.num_parts,
+          ", and every part of a split run must use the same part count"));
+    }
+    if (!probe.ok()) return probe.status();
+  }
+  if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot list: ", ec.message()));
+  return mine;
+}
+
 // Collects a decode as int16 cache samples.
 class Int16Sink : public SampleSink {
  public:
@@ -793,13 +823,14 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create: ", ec.message()));
-  std::unique_ptr<DirLock> lock, part_lock;
+  std::unique_ptr<DirLock> lock, part_lock, split_lock;
   if (options.num_parts == 1) {
     AVIARY_ASSIGN_OR_RETURN(lock, DirLock::Acquire(dir, kLockFile, true, "another `aviary prepare`"));
   } else {
     AVIARY_ASSIGN_OR_RETURN(lock, DirLock::Acquire(dir, kLockFile, false, "an `aviary prepare` of the whole cache"));
     AVIARY_ASSIGN_OR_RETURN(part_lock, DirLock::Acquire(dir, absl::StrCat(kLockFile, ".part-", options.part), true,
                                                         absl::StrCat("another `aviary prepare` of part ", options.part)));
+    AVIARY_ASSIGN_OR_RETURN(split_lock, LockSplitCount(dir, options));
   }
 
   Manifest wanted{options.sample_rate, options.channels, options.max_seconds};

@@ -21,11 +21,13 @@
 //                              identify the source file version that was decoded.
 //   prepare_report.csv         the last prepare's counts per reason (see WritePrepareReportCsv);
 //                              prepare_report.part-R-of-N.csv for part R of a split run.
-//   LOCK, LOCK.part-R          flock()ed by a running prepare (see PrepareOptions::part);
+//   LOCK, LOCK.part-R,         flock()ed by a running prepare (see PrepareOptions::part);
+//   LOCK.of-N
 //   LOCK.manifest              while one writes the manifest.
 // A split prepare (several processes or hosts, e.g. the ranks of an mpirun) writes one cache:
 // part R of N decodes the distinct files R, R + N, ... and numbers its shards R mod N, so the
-// parts never write the same file; the shard indexes together are the cache's index.
+// parts never write the same file; the shard indexes together are the cache's index. A part is
+// refused while a run split into another number of parts writes the cache (LOCK.of-N).
 // A shard whose index is missing (an interrupted run) or unreadable, or whose .pcm is shorter
 // than its index says, is ignored by readers and deleted by the next prepare, which decodes its
 // files again: a kill loses at most the shard in progress. When a path appears in several
