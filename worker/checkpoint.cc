@@ -43,6 +43,10 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   out << YAML::Key << "task_id" << YAML::Value << m.task_id;
   out << YAML::Key << "attempt" << YAML::Value << m.attempt;
   if (m.world_size > 0) out << YAML::Key << "world_size" << YAML::Value << m.world_size;
+  if (m.cached_files >= 0) {
+    out << YAML::Key << "cached_files" << YAML::Value << m.cached_files;
+    out << YAML::Key << "data_files" << YAML::Value << m.data_files;
+  }
   if (m.in_epoch >= 0) {
     out << YAML::Key << "in_epoch" << YAML::Value << m.in_epoch;
     out << YAML::Key << "batches_done" << YAML::Value << m.batches_done;
@@ -81,6 +85,10 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     if (n["task_id"]) m.task_id = n["task_id"].as<std::string>();
     if (n["attempt"]) m.attempt = n["attempt"].as<int>();
     if (n["world_size"]) m.world_size = n["world_size"].as<int>();
+    if (n["cached_files"]) {
+      m.cached_files = n["cached_files"].as<int64_t>();
+      m.data_files = n["data_files"].as<int64_t>();
+    }
     if (n["in_epoch"]) {
       m.in_epoch = n["in_epoch"].as<int>();
       m.batches_done = n["batches_done"].as<int64_t>();

@@ -45,6 +45,11 @@ struct CheckpointMeta {
   // The ranks of the run that wrote it (a mid-epoch position counts that run's loader batches);
   // 0: not recorded (checkpoints written before).
   int world_size = 0;
+  // Of the stage's `data_files` distinct training and validation files, how many rank 0 read
+  // from the decoded-audio cache (the rest are decoded on the fly: float, not 16-bit). -1: not
+  // recorded (checkpoints written before).
+  int64_t cached_files = -1;
+  int64_t data_files = -1;
   // A checkpoint written mid-epoch (a stop or preemption, TrainOptions::should_stop): epoch
   // `in_epoch` (= epoch + 1) is in progress and its first `batches_done` loader batches are
   // trained; `epoch_loss_sum`, `epoch_seen` and `epoch_correct` are the epoch's running totals

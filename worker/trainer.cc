@@ -13,6 +13,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <unordered_set>
 
 #include <ATen/Context.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -222,6 +223,9 @@ struct Trainer::State {
   common::StageTable table;
   std::vector<LoaderItem> train_items, valid_items;
   std::unique_ptr<AudioCache> cache;
+  // Of the data_files distinct training and validation files, those this rank reads from the
+  // cache (CountCachedFiles; recorded in the checkpoints and compared on resume).
+  int64_t cached_files = 0, data_files = 0;
   std::unique_ptr<Loader> train_loader, valid_loader;
   std::unique_ptr<MelFrontend> frontend;
   std::shared_ptr<ClassifierImpl> model;
@@ -281,6 +285,8 @@ struct Trainer::State {
     m.task_id = options.task_id;
     m.attempt = options.attempt;
     m.world_size = world;
+    m.cached_files = cached_files;
+    m.data_files = data_files;
     m.early_stop_value = early_stop_value;
     m.early_stop_epoch = early_stop_epoch;
     m.stopped_early = stopped_early;
@@ -347,6 +353,8 @@ struct Trainer::State {
   absl::Status ConfigureDevice();
   absl::Status LoadItems();
   absl::Status CreateLoaders();
+  void CountCachedFiles(const ClipRequest& base);
+  void CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const;
   absl::Status BuildModel();
   absl::Status Resume();
   // Resume's checks and restores of the chosen checkpoint, in order.
@@ -488,6 +496,7 @@ absl::Status Trainer::State::CreateLoaders() {
                               "; every clip is decoded on the fly (run `aviary prepare` with this config)"));
     }
   }
+  CountCachedFiles(base);
   ClipFn clip = [audio_cache, base](const LoaderItem& item, bool train, uint64_t seed) {
     ClipRequest request = base;
     request.mode = train ? ClipMode::kTrain : ClipMode::kValidation;
@@ -534,6 +543,38 @@ absl::Status Trainer::State::CreateLoaders() {
                             ": no validation rows; validation metrics will be nan"));
   }
   return absl::OkStatus();
+}
+
+// How many of the stage's files the clip loader reads from the cache (LoadClip's choice: a cache
+// made for these clips, holding the file's current version); said in the log when the cache is
+// configured. A file's version is checked once per run, so a file changed later keeps the answer.
+void Trainer::State::CountCachedFiles(const ClipRequest& base) {
+  std::unordered_set<std::string> paths;
+  for (const auto* items : {&train_items, &valid_items}) {
+    for (const LoaderItem& item : *items) paths.insert(item.path);
+  }
+  data_files = static_cast<int64_t>(paths.size());
+  cached_files = 0;
+  if (cache == nullptr || !CacheMismatch(*cache, base).empty()) return;
+  for (const std::string& path : paths) cached_files += cache->LookupCurrent(path) != nullptr;
+  Log().Info(absl::StrCat("reading ", cached_files, " of the ", data_files, " files from the decoded-audio cache ",
+                          cache->dir(),
+                          cached_files < data_files ? "; the others are decoded on the fly (`aviary prepare` caches them)"
+                                                    : ""));
+}
+
+// A run resumed with another share of its files in the cache is not bit-exact against an
+// uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
+// differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
+// finishes between two attempts of a task is normal; the log says so.
+void Trainer::State::CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const {
+  if (rank != 0 || meta.cached_files < 0) return;
+  if (meta.cached_files == cached_files && meta.data_files == data_files) return;
+  Log().Warn(absl::StrCat("resume: ", last, " was written by a run that read ", meta.cached_files, " of its ",
+                          meta.data_files, " files from the decoded-audio cache; this one reads ", cached_files,
+                          " of ", data_files, ": the clips of the files that moved between the cache (16-bit) and "
+                          "decoding on the fly (float) differ slightly, so the run is not bit-exact against an "
+                          "uninterrupted one"));
 }
 
 // The front end, the model (ImageNet backbone or --init weights), its placement and optimizer.
@@ -674,6 +715,7 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
 // the position and totals of a mid-epoch checkpoint.
 absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const std::string& last) {
   AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta.history_csv, last));
+  CheckSameDataSource(meta, last);
   for (EpochRecord& r : history) r.best = r.epoch == meta.best_epoch;
   start_epoch = meta.epoch + 1;
   step = meta.step;

@@ -12,12 +12,16 @@
 
 #include <ATen/Parallel.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/logging.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "client/synth.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
+#include "worker/data/audio_cache.h"
 #include "worker/models.h"
 #include "worker/schedule.h"
 #include "worker/weights.h"
@@ -685,6 +689,55 @@ TEST_F(TrainerTest, ARunFolderRefusesAnotherConfigUnlessExtendingEpochs) {
   o.extend_epochs = false;
   o.resume = false;  // --no-resume: start over with any config
   EXPECT_TRUE(Trainer::Create(lr, o).ok());
+}
+
+// A run resumed after `aviary prepare` cached its files reads 16-bit clips where it decoded float
+// ones: allowed (data.cache_dir is operational), recorded in the checkpoints, and said in the log.
+TEST_F(TrainerTest, AResumeWithAnotherShareOfCachedFilesSaysItIsNotBitExact) {
+  common::PipelineConfig c = Config();
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) t->epochs = 1;
+  c.data.cache_dir = Out("cache_source_cache");
+  TrainOptions o;
+  o.out_dir = Out("cache_source");
+  auto first = Trainer::Create(c, o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)->Run().ok());
+  absl::StatusOr<CheckpointMeta> before = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(before->cached_files, 0);  // no cache was prepared
+  EXPECT_GT(before->data_files, 10);
+
+  std::vector<std::string> audio;
+  for (const auto& e : fs::recursive_directory_iterator(*root_)) {
+    if (e.path().extension() == ".ogg" || e.path().extension() == ".mp3") audio.push_back(e.path().string());
+  }
+  PrepareOptions prepare;
+  prepare.cache_dir = c.data.cache_dir;
+  prepare.num_threads = 1;
+  ASSERT_TRUE(PrepareAudioCache(audio, prepare).ok());
+
+  absl::Mutex mu;
+  std::vector<std::string> warnings;
+  common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
+    absl::MutexLock lock(&mu);
+    if (level == common::LogLevel::kWarning) warnings.emplace_back(line);
+  });
+  common::PipelineConfig more = c;
+  for (auto* t : {&more.train, &more.stages["finetune"].train}) t->epochs = 2;
+  o.extend_epochs = true;
+  auto resumed = Trainer::Create(more, o);
+  common::SetLogTap(nullptr);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  const std::string said = absl::StrCat("read 0 of its ", before->data_files, " files from the decoded-audio cache; ",
+                                        "this one reads ", before->data_files, " of ", before->data_files);
+  bool found = false;
+  for (const std::string& w : warnings) found = found || (absl::StrContains(w, said) && absl::StrContains(w, "not bit-exact"));
+  EXPECT_TRUE(found) << "no warning with \"" << said << "\" among " << warnings.size();
+  ASSERT_TRUE((*resumed)->Run().ok());
+  absl::StatusOr<CheckpointMeta> after = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->cached_files, before->data_files);
+  EXPECT_EQ(after->data_files, before->data_files);
 }
 
 }  // namespace
