@@ -24,10 +24,11 @@ std::optional<size_t> IndexIn(const std::vector<std::string>& header, absl::stri
   return std::nullopt;
 }
 
-absl::Status MissingColumn(absl::string_view source, absl::string_view name,
+// Names the header's line: the place a column would be.
+absl::Status MissingColumn(absl::string_view source, int header_line, absl::string_view name,
                            const std::vector<std::string>& file_header) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(source, ": missing column '", name, "' (columns: ", absl::StrJoin(file_header, ","), ")"));
+  return absl::InvalidArgumentError(absl::StrCat(source, ":", header_line, ": missing column '", name,
+                                                 "' (columns: ", absl::StrJoin(file_header, ","), ")"));
 }
 
 }  // namespace
@@ -36,14 +37,14 @@ std::optional<size_t> CsvTable::ColumnIndex(absl::string_view name) const { retu
 
 absl::StatusOr<size_t> CsvTable::RequireColumn(absl::string_view name) const {
   if (auto i = ColumnIndex(name)) return *i;
-  return MissingColumn(source_, name, file_header_);
+  return MissingColumn(source_, header_line_, name, file_header_);
 }
 
 std::optional<size_t> CsvRowReader::ColumnIndex(absl::string_view name) const { return IndexIn(header_, name); }
 
 absl::StatusOr<size_t> CsvRowReader::RequireColumn(absl::string_view name) const {
   if (auto i = ColumnIndex(name)) return *i;
-  return MissingColumn(source_, name, header_);
+  return MissingColumn(source_, header_line_, name, header_);
 }
 
 namespace {
@@ -76,6 +77,7 @@ absl::StatusOr<CsvRowReader> CsvRowReader::Open(absl::string_view text, std::str
   if (!have_header) {
     return absl::InvalidArgumentError(absl::StrCat(reader.source_, ": empty CSV (no header)"));
   }
+  reader.header_line_ = line;
   for (absl::string_view field : fields) reader.header_.emplace_back(field);
   return reader;
 }
@@ -186,6 +188,7 @@ absl::StatusOr<CsvTable> CsvTable::Parse(absl::string_view text, std::string sou
   CsvTable table;
   table.source_ = reader.source();
   table.file_header_ = reader.header();
+  table.header_line_ = reader.header_line();
   std::vector<size_t> kept;  // the file's columns kept, in its order
   for (size_t k = 0; k < table.file_header_.size(); ++k) {
     if (columns != nullptr &&

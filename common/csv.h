@@ -29,7 +29,8 @@ class CsvTable {
 
   // Index of column `name`, or nullopt.
   std::optional<size_t> ColumnIndex(absl::string_view name) const;
-  // Index of column `name`; INVALID_ARGUMENT naming the file and the columns it does have.
+  // Index of column `name`; INVALID_ARGUMENT naming the file, the header's line and the columns
+  // it does have.
   absl::StatusOr<size_t> RequireColumn(absl::string_view name) const;
 
   // Parses CSV text. Every row must have as many fields as the header; a short or long row is
@@ -47,6 +48,7 @@ class CsvTable {
   std::string source_;
   std::vector<std::string> header_;
   std::vector<std::string> file_header_;  // every column of the file (for messages)
+  int header_line_ = 1;
   std::vector<std::vector<std::string>> rows_;
   std::vector<int> lines_;
 };
@@ -63,9 +65,12 @@ class CsvRowReader {
 
   const std::string& source() const { return source_; }
   const std::vector<std::string>& header() const { return header_; }
+  // The 1-based line the header is on (after a BOM and blank lines).
+  int header_line() const { return header_line_; }
   // Index of column `name`, or nullopt.
   std::optional<size_t> ColumnIndex(absl::string_view name) const;
-  // Index of column `name`; INVALID_ARGUMENT naming the file and the columns it does have.
+  // Index of column `name`; INVALID_ARGUMENT naming the file, the header's line and the columns
+  // it does have.
   absl::StatusOr<size_t> RequireColumn(absl::string_view name) const;
 
   // The next row: true with as many `fields` as the header and the 1-based `line` the row starts
@@ -86,6 +91,7 @@ class CsvRowReader {
   int line_ = 1;
   std::string source_;
   std::vector<std::string> header_;
+  int header_line_ = 1;
   // Per field index, the value of a field that holds "" escapes or text after its closing quote
   // (a deque: growing it moves no string another field of the row points into).
   std::deque<std::string> unescaped_;

@@ -23,6 +23,9 @@ constexpr uint64_t kMaxSafetensorsHeader = 100 << 20;  // safetensors' own limit
 constexpr uint64_t kMaxCentralDirectory = 64 << 20;
 constexpr uint64_t kMaxPickle = 64 << 20;
 constexpr int kMaxRank = 16;
+// A tensor view's elements (stride 0 lets a small storage claim any number; the worker
+// materialises each view).
+constexpr int64_t kMaxViewElements = int64_t{1} << 40;
 
 // Element sizes of the dtypes both formats name.
 int64_t ElementSize(const std::string& dtype) {
@@ -401,19 +404,28 @@ class Unpickler {
       }
       auto v = Make(Value::Kind::kTensor);
       v->s = args->items[0]->s;
-      // The last element the view reaches must lie inside the storage.
+      // The last element the view reaches must lie inside the storage. Sizes and strides come
+      // from the file: the sums and products are checked for overflow (a wrapped extent would
+      // pass the bound), and so is the view's element count (what the worker allocates).
       int64_t last = args->items[1]->i;
-      bool empty = false;
+      int64_t numel = 1;
+      bool empty = false, too_many = false;
       for (size_t d = 0; d < args->items[2]->items.size(); ++d) {
         const int64_t size = args->items[2]->items[d]->i;
         const int64_t stride = args->items[3]->items[d]->i;
-        if (size < 0 || stride < 0 || (size > 0 && stride > (int64_t{1} << 40))) {
+        int64_t extent = 0;
+        if (size < 0 || stride < 0 || (size > 0 && stride > (int64_t{1} << 40)) ||
+            (size > 0 && (__builtin_mul_overflow(size - 1, stride, &extent) ||
+                          __builtin_add_overflow(last, extent, &last)))) {
           return Bad(absl::StrCat("tensor size ", size, " / stride ", stride));
         }
         if (size == 0) empty = true;
-        if (size > 0) last += (size - 1) * stride;
+        if (__builtin_mul_overflow(numel, size, &numel) || numel > kMaxViewElements) too_many = true;
         v->shape.push_back(size);
         v->stride.push_back(stride);
+      }
+      if (!empty && too_many) {
+        return Bad(absl::StrCat("tensor ", ShapeText(v->shape), " has more than ", kMaxViewElements, " elements"));
       }
       v->storage = args->items[0]->storage;
       v->storage_numel = args->items[0]->i;

@@ -20,6 +20,9 @@
 namespace aviary::worker {
 namespace {
 
+// As common/tensor_index.cc.
+constexpr size_t kMaxRank = 16;
+
 std::string ShapeString(at::IntArrayRef sizes) {
   return absl::StrCat("[", absl::StrJoin(sizes, ", "), "]");
 }
@@ -56,34 +59,50 @@ absl::StatusOr<NamedTensors> ParseSafetensors(const std::string& bytes, const st
   }
   if (!header.IsMap()) return bad("header is not a JSON object");
   NamedTensors out;
-  for (const auto& kv : header) {
-    std::string name = kv.first.as<std::string>();
-    if (name == "__metadata__") continue;
-    const YAML::Node& info = kv.second;
-    if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"]) {
-      return bad(absl::StrCat("entry '", name, "' lacks dtype/shape/data_offsets"));
+  // The checks of common/tensor_index.cc's reader (the coordinator's), so that both refuse the
+  // same files: yaml-cpp throws on a malformed entry, and a negative or wrapped-around shape
+  // would reach at::empty.
+  const uint64_t data_bytes = bytes.size() - data_start;
+  try {
+    for (const auto& kv : header) {
+      std::string name = kv.first.as<std::string>();
+      if (name == "__metadata__") continue;
+      const YAML::Node& info = kv.second;
+      if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"] ||
+          !info["shape"].IsSequence() || !info["data_offsets"].IsSequence() ||
+          info["data_offsets"].size() != 2) {
+        return bad(absl::StrCat("entry '", name, "' lacks dtype/shape/data_offsets"));
+      }
+      std::string dtype = info["dtype"].as<std::string>();
+      const DtypeName* dt = nullptr;
+      for (const auto& d : kDtypes) {
+        if (dtype == d.name) dt = &d;
+      }
+      if (!dt) return bad(absl::StrCat("entry '", name, "' has unsupported dtype ", dtype));
+      if (info["shape"].size() > kMaxRank) return bad(absl::StrCat("entry '", name, "' has rank > ", kMaxRank));
+      std::vector<int64_t> shape;
+      uint64_t want = at::elementSize(dt->type);
+      for (const auto& d : info["shape"]) {
+        const int64_t dim = d.as<int64_t>();
+        if (dim < 0 || (dim > 0 && want > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
+          return bad(absl::StrCat("entry '", name, "' has a dimension ", dim, " out of range"));
+        }
+        want *= static_cast<uint64_t>(dim);
+        shape.push_back(dim);
+      }
+      const uint64_t begin = info["data_offsets"][0].as<uint64_t>();
+      const uint64_t end = info["data_offsets"][1].as<uint64_t>();
+      if (end < begin || end - begin != want || end > data_bytes) {
+        return bad(absl::StrCat("entry '", name, "' has data_offsets [", begin, ", ", end,
+                                "] that do not fit its shape ", ShapeString(shape), " and ",
+                                dtype, " or the file's ", data_bytes, " data bytes"));
+      }
+      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dt->type));
+      if (want > 0) std::memcpy(t.data_ptr(), bytes.data() + data_start + begin, want);
+      out.emplace_back(std::move(name), std::move(t));
     }
-    std::string dtype = info["dtype"].as<std::string>();
-    const DtypeName* dt = nullptr;
-    for (const auto& d : kDtypes) {
-      if (dtype == d.name) dt = &d;
-    }
-    if (!dt) return bad(absl::StrCat("entry '", name, "' has unsupported dtype ", dtype));
-    std::vector<int64_t> shape;
-    for (const auto& d : info["shape"]) shape.push_back(d.as<int64_t>());
-    uint64_t begin = info["data_offsets"][0].as<uint64_t>();
-    uint64_t end = info["data_offsets"][1].as<uint64_t>();
-    int64_t numel = 1;
-    for (int64_t d : shape) numel *= d;
-    const uint64_t want = static_cast<uint64_t>(numel) * at::elementSize(dt->type);
-    if (end < begin || end - begin != want || data_start + end > bytes.size()) {
-      return bad(absl::StrCat("entry '", name, "' has data_offsets [", begin, ", ", end,
-                              "] that do not fit its shape ", ShapeString(shape), " and ",
-                              dtype, " or the file"));
-    }
-    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dt->type));
-    if (want > 0) std::memcpy(t.data_ptr(), bytes.data() + data_start + begin, want);
-    out.emplace_back(std::move(name), std::move(t));
+  } catch (const YAML::Exception& e) {
+    return bad(absl::StrCat("header JSON: ", e.msg));
   }
   return out;
 }

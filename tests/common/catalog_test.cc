@@ -174,7 +174,15 @@ TEST_F(CatalogTest, MissingColumnIsNamed) {
   Write("t24/train_metadata.csv", "primary_label,author\na,x\n");
   auto table = BuildStageTable(config_, "finetune");
   ASSERT_FALSE(table.ok());
-  EXPECT_NE(table.status().message().find("missing column 'filename'"), absl::string_view::npos)
+  EXPECT_NE(table.status().message().find(root_ + "/t24/train_metadata.csv:1: missing column 'filename'"),
+            absl::string_view::npos)
+      << table.status();
+  // After a BOM and a blank line the header is on line 2.
+  Write("t24/train_metadata.csv", "\xEF\xBB\xBF\r\nprimary_label,author\r\na,x\r\n");
+  table = BuildStageTable(config_, "finetune");
+  ASSERT_FALSE(table.ok());
+  EXPECT_NE(table.status().message().find(root_ + "/t24/train_metadata.csv:2: missing column 'filename'"),
+            absl::string_view::npos)
       << table.status();
 }
 

@@ -55,7 +55,7 @@ TEST(CsvTableTest, RequireColumnListsTheColumnsThereAre) {
   ASSERT_TRUE(t.ok());
   auto c = t->RequireColumn("filename");
   ASSERT_FALSE(c.ok());
-  EXPECT_EQ(c.status().message(), "m.csv: missing column 'filename' (columns: x,y)");
+  EXPECT_EQ(c.status().message(), "m.csv:1: missing column 'filename' (columns: x,y)");
 }
 
 // Keeping some columns: the header and rows hold just those, in the file's order, with the same
@@ -80,7 +80,7 @@ TEST(CsvTableTest, KeepsOnlyTheNamedColumns) {
   EXPECT_EQ(some->line(1), 5);
   EXPECT_EQ(all->row(1)[4], "\"q\"");
   EXPECT_EQ(some->RequireColumn("notes").status().message(),
-            "m.csv: missing column 'notes' (columns: rating,filename,notes,primary_label,x)");
+            "m.csv:1: missing column 'notes' (columns: rating,filename,notes,primary_label,x)");
   auto ragged = CsvTable::Parse("a,b,c\n1,2,3\n4,5\n", "r.csv", &columns);
   ASSERT_FALSE(ragged.ok());
   EXPECT_EQ(ragged.status().message(), "r.csv:3: expected 3 fields (as the header), got 2");
@@ -104,7 +104,7 @@ TEST(CsvRowReaderTest, ReadsRowsAsViewsWithTheirLines) {
   ASSERT_TRUE(reader.ok()) << reader.status();
   EXPECT_EQ(reader->header(), (std::vector<std::string>{"a", "b", "c"}));
   EXPECT_EQ(*reader->ColumnIndex("c"), 2u);
-  EXPECT_EQ(reader->RequireColumn("d").status().message(), "r.csv: missing column 'd' (columns: a,b,c)");
+  EXPECT_EQ(reader->RequireColumn("d").status().message(), "r.csv:2: missing column 'd' (columns: a,b,c)");
   std::vector<absl::string_view> fields;
   int line = 0;
   ASSERT_TRUE(*reader->Next(&fields, &line));

@@ -160,6 +160,40 @@ TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
   EXPECT_TRUE(absl::StrContains(Read(lying), "truncated: the zip central directory")) << Read(lying);
 }
 
+// Sizes and strides whose products wrap around int64 (LONG1 values) must not pass the bound
+// check: the view would claim 2^62 elements of a 1-element storage (the worker's clone of it
+// fails to allocate and aborts).
+TEST_F(TensorIndexTest, ViewsWhoseExtentOverflowsAreRefused) {
+  auto tensor = [](const std::vector<uint64_t>& size, const std::vector<uint64_t>& stride) {
+    auto ints = [](const std::vector<uint64_t>& v) {
+      std::string s = "(";
+      for (uint64_t d : v) s += "\x8a\x08" + Le(d, 8);
+      return s + "t";
+    };
+    return Global("torch._utils", "_rebuild_tensor_v2") + "((" + Str("storage") + Global("torch", "FloatStorage") +
+           Str("0") + Str("cpu") + "K" + Le(1, 1) + "tQK" + Le(0, 1) + ints(size) + ints(stride) + "\x89" +
+           Global("collections", "OrderedDict") + ")RtR";
+  };
+  const std::string data(4, '\0');
+  const std::string path = dir_ + "/f";
+  // (2^62 + 1 - 1) * 4 wraps to 0: the last element would seem to be element 0.
+  std::string got = Read(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", tensor({(1ull << 62) + 1}, {4})}}))},
+                              {"a/data/0", data}}));
+  EXPECT_TRUE(absl::StartsWith(got, path + ": a/data.pkl byte")) << got;
+  EXPECT_TRUE(absl::StrContains(got, "tensor size 4611686018427387905 / stride 4")) << got;
+  // Stride 0 (an expanded view) of 2^32 x 2^32 elements: in bounds, but 2^64 elements.
+  got = Read(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", tensor({1ull << 32, 1ull << 32}, {0, 0})}}))},
+                  {"a/data/0", data}}));
+  EXPECT_TRUE(absl::StartsWith(got, path + ": a/data.pkl byte")) << got;
+  EXPECT_TRUE(absl::StrContains(got, "elements")) << got;
+  // A plain expanded view of few elements still reads.
+  TensorIndex index;
+  ASSERT_EQ(Read(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", tensor({3, 2}, {0, 0})}}))}, {"a/data/0", data}}),
+                 &index),
+            "ok");
+  EXPECT_TRUE(index == (TensorIndex{{"w", "F32", {3, 2}}}));
+}
+
 TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
   auto file = [](const std::string& header, size_t data) {
     return Le(header.size(), 8) + header + std::string(data, '\0');

@@ -309,7 +309,7 @@ def check_cli(aviary):
         bad("missing_class", "SUB: class columns differ from SOL: missing 1 (sp002)",
             sub_frame=sub_df.drop(columns=["sp002"]))
         bad("extra_class", "extra 1 (bogus)", sub_frame=sub_df.assign(bogus=0.5))
-        bad("no_row_id", "SUB: missing column 'row_id'", sub_frame=sub_df.drop(columns=["row_id"]))
+        bad("no_row_id", "SUB:1: missing column 'row_id'", sub_frame=sub_df.drop(columns=["row_id"]))
         lines = open(sub).read().splitlines()
         cells = lines[3].split(",")
         cells[2] = "abc"

@@ -8,6 +8,7 @@
 #include <map>
 #include <sstream>
 
+#include <caffe2/serialize/inline_container.h>
 #include <gtest/gtest.h>
 #include <torch/utils.h>
 
@@ -46,6 +47,46 @@ TEST(WriteTorchSaveTensorsTest, RoundTripsThroughTheReaderWithDtypesAndShapes) {
     EXPECT_EQ((*back)[i].second.scalar_type(), tensors[i].second.scalar_type()) << tensors[i].first;
     EXPECT_TRUE(at::equal((*back)[i].second, tensors[i].second)) << tensors[i].first;
   }
+}
+
+// Two tensors of one storage key that disagree on its type or size (what torch.save never writes:
+// a corrupt or hand-made file): an error naming the path and the tensor, not a view past the
+// storage (torch throws out of as_strided) or a tensor of the other dtype.
+TEST(ReadTorchSaveTensorsTest, AStorageClaimedWithAnotherTypeOrSizeIsAnErrorNamingTheTensor) {
+  auto str = [](const std::string& v) {
+    std::string s = "X";
+    for (int k = 0; k < 4; ++k) s.push_back(static_cast<char>((v.size() >> (8 * k)) & 0xff));
+    return s + v;
+  };
+  auto tensor = [&](const char* storage, int numel, int size) {
+    return "ctorch._utils\n_rebuild_tensor_v2\n((" + str("storage") + "ctorch\n" + storage + "\n" + str("0") +
+           str("cpu") + "K" + std::string(1, static_cast<char>(numel)) + "tQK" + std::string(1, '\0') + "(K" +
+           std::string(1, static_cast<char>(size)) + "t(K\x01t\x89" "ccollections\nOrderedDict\n)RtR";
+  };
+  struct Case {
+    std::string second;
+    std::string expect;
+  };
+  const std::vector<Case> cases{
+      {tensor("FloatStorage", 4, 4), "tensor b: storage '0' holds 2 elements of F32 for tensor a, 4 of F32 here"},
+      {tensor("DoubleStorage", 2, 2), "tensor b: storage '0' holds 2 elements of F32 for tensor a, 2 of F64 here"},
+  };
+  const std::string path = TempPath("shared_storage.pt");
+  const std::string data(16, '\0');
+  for (const Case& c : cases) {
+    const std::string pickle = "\x80\x02}(" + str("a") + tensor("FloatStorage", 2, 2) + str("b") + c.second + "u.";
+    {
+      caffe2::serialize::PyTorchStreamWriter writer(path);
+      writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+      writer.writeRecord("data/0", data.data(), data.size());
+      writer.writeEndOfFile();
+    }
+    auto r = ReadTorchSaveTensors(path);
+    ASSERT_FALSE(r.ok()) << c.expect;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(r.status().message(), path + ": " + c.expect) << r.status();
+  }
+  std::remove(path.c_str());
 }
 
 TEST(WriteTorchSaveTensorsTest, RefusesADtypeWithoutAStorageNamingTheTensor) {

@@ -113,5 +113,44 @@ TEST(WeightsTest, NonWeightFilesAreRefusedWithThePath) {
   EXPECT_EQ(ReadStateDict("/nonexistent.pt").status().code(), absl::StatusCode::kNotFound);
 }
 
+// Corrupt safetensors headers are errors naming the file and the entry, never an exception out
+// of the reader (yaml-cpp's on a malformed entry, torch's on a negative or wrapped-around shape
+// at::empty is asked for).
+TEST(WeightsTest, CorruptSafetensorsHeadersAreErrorsNamingTheEntry) {
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_corrupt.safetensors";
+  auto read = [&](const std::string& header, size_t data_bytes) {
+    std::string bytes(8, '\0');
+    const uint64_t n = header.size();
+    for (int k = 0; k < 8; ++k) bytes[k] = static_cast<char>((n >> (8 * k)) & 0xff);
+    bytes += header + std::string(data_bytes, '\0');
+    std::ofstream(path, std::ios::binary) << bytes;
+    return ReadStateDict(path);
+  };
+  struct Case {
+    std::string header;
+    size_t data_bytes;
+    std::string expect;
+  };
+  const std::vector<Case> cases{
+      {R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", 8, "entry 'w' lacks dtype/shape/data_offsets"},
+      {R"({"w":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", 8, "entry 'w' lacks dtype/shape/data_offsets"},
+      {R"({"w":{"dtype":"F32","shape":["two"],"data_offsets":[0,8]}})", 8, "header JSON"},
+      {R"({"w":{"dtype":"F32","shape":[-2,-1],"data_offsets":[0,8]}})", 8, "entry 'w' has a dimension -2 out of range"},
+      {R"({"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", 8,
+       "entry 'w' has a dimension 4611686018427387904 out of range"},
+      {R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551608,18446744073709551612]}})", 8,
+       "entry 'w' has data_offsets"},
+  };
+  for (const Case& c : cases) {
+    auto r = read(c.header, c.data_bytes);
+    ASSERT_FALSE(r.ok()) << c.header;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.header;
+    EXPECT_NE(r.status().message().find(path + ": not a valid safetensors file: "), absl::string_view::npos)
+        << r.status();
+    EXPECT_NE(r.status().message().find(c.expect), absl::string_view::npos) << r.status();
+  }
+  std::remove(path.c_str());
+}
+
 }  // namespace
 }  // namespace aviary::worker
