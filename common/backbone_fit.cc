@@ -2,11 +2,16 @@
 
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model_shapes.h"
 
 namespace aviary::common {
+
+bool OptionalStateTensor(absl::string_view name) {
+  return name == "num_batches_tracked" || absl::EndsWith(name, ".num_batches_tracked");
+}
 
 std::string FirstNames(const std::vector<std::string>& names, size_t shown) {
   shown = std::min(names.size(), shown);
@@ -54,7 +59,7 @@ BackboneFit CompareBackbone(const TensorIndex& file, const TensorIndex& expected
     }
   }
   for (const TensorEntry& e : expected) {
-    if (!seen.count(e.name)) fit.missing.push_back(e.name);
+    if (!seen.count(e.name) && !OptionalStateTensor(e.name)) fit.missing.push_back(e.name);
   }
   return fit;
 }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "common/tensor_index.h"
 
 namespace aviary::common {
@@ -47,6 +48,11 @@ absl::Status CheckBackboneFit(const BackboneFit& fit, const std::string& path, c
 // and the model when it does not or is no weights file; NOT_FOUND / PERMISSION_DENIED when this
 // process cannot open it (the coordinator then leaves the check to the trainer).
 absl::Status CheckWeightsFile(const std::string& path, const std::string& model, int in_channels);
+
+// A tensor a weights file may leave out: BatchNorm's `num_batches_tracked` counter, which
+// PyTorch's load_state_dict fills in when absent (files from before PyTorch 0.4.1, exports that
+// drop buffers of no use for inference). The model then keeps its own (0 for a fresh one).
+bool OptionalStateTensor(absl::string_view name);
 
 // The first `shown` names of a list, then "... (N more)".
 std::string FirstNames(const std::vector<std::string>& names, size_t shown = 4);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/backbone_fit.h"
 #include "common/config.h"
 #include "common/files.h"
 #include "common/status.h"
@@ -307,7 +308,12 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
     out.emplace_back(target, tensor.to(it->second.scalar_type()).contiguous());
   }
   for (const auto& [name, t] : targets) {
-    if (name.rfind("features.", 0) == 0 && !seen.count(name)) report.missing.push_back(name);
+    if (name.rfind("features.", 0) != 0 || seen.count(name)) continue;
+    if (common::OptionalStateTensor(name)) {
+      out.emplace_back(name, at::zeros_like(t));  // as PyTorch's load_state_dict fills it in
+    } else {
+      report.missing.push_back(name);
+    }
   }
   // A first convolution of another channel count is expected (frontend.in_channels 1); any
   // other shape difference means another variant or architecture.

@@ -205,7 +205,7 @@ absl::StatusOr<LoadReport> LoadIntoModule(const NamedTensors& tensors, torch::nn
     report.loaded.push_back(name);
   }
   for (const auto& [name, t] : targets) {
-    if (wanted(name) && !seen.count(name)) report.missing.push_back(name);
+    if (wanted(name) && !seen.count(name) && !common::OptionalStateTensor(name)) report.missing.push_back(name);
   }
   const bool fail = (!report.mismatched.empty() && !options.skip_mismatched) ||
                     (!report.missing.empty() && options.require_all) ||

@@ -12,10 +12,13 @@
 #include <gtest/gtest.h>
 #include <torch/utils.h>
 
+#include "common/backbone_fit.h"
 #include "common/config.h"
+#include "common/model_shapes.h"
 #include "worker/checkpoint.h"
 #include "worker/models.h"
 #include "worker/torch_pickle.h"
+#include "worker/weights.h"
 
 namespace aviary::worker {
 namespace {
@@ -192,6 +195,69 @@ TEST(ImportWeightsTest, RefusesAFileWithoutTheBackboneAndWritesNothing) {
   EXPECT_FALSE(std::filesystem::exists(o.out));
   o.model = "small_cnn";
   EXPECT_EQ(ImportWeights(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A backbone file without BatchNorm's num_batches_tracked counters (older PyTorch, exports that
+// drop them) is accepted wherever PyTorch's load_state_dict accepts it: by the submit-time rule,
+// by the trainer's strict load, and by `weights import`, which writes them as zeros.
+TEST(ImportWeightsTest, AFileWithoutNumBatchesTrackedIsABackbone) {
+  common::ModelConfig mc;
+  mc.name = "efficientnet_b0";
+  torch::manual_seed(3);
+  auto model = BuildClassifier(mc, 3, 1);
+  ASSERT_TRUE(model.ok()) << model.status();
+  NamedTensors kept;
+  size_t counters = 0;
+  for (const auto& p : (*model)->named_parameters(true)) {
+    if (p.key().rfind("features.", 0) == 0) kept.emplace_back(p.key(), p.value().detach().clone());
+  }
+  for (const auto& b : (*model)->named_buffers(true)) {
+    if (b.key().rfind("features.", 0) != 0) continue;
+    if (common::OptionalStateTensor(b.key())) {
+      ++counters;
+    } else {
+      kept.emplace_back(b.key(), b.value().clone());
+    }
+  }
+  ASSERT_GT(counters, 40u);
+  const std::string in = TempPath("no_counters.safetensors");
+  ASSERT_TRUE(WriteSafetensors(kept, in).ok());
+
+  auto index = common::ReadTensorIndex(in);
+  ASSERT_TRUE(index.ok()) << index.status();
+  auto shapes = common::BackboneShapes("efficientnet_b0", 3);
+  ASSERT_TRUE(shapes.ok());
+  const common::BackboneFit fit = common::CompareBackbone(*index, *shapes);
+  EXPECT_TRUE(fit.ok()) << fit.Summary();
+
+  auto fresh = BuildClassifier(mc, 3, 1);
+  ASSERT_TRUE(fresh.ok());
+  LoadOptions strict;
+  strict.only_prefix = "features.";
+  auto loaded = LoadIntoModule(kept, **fresh, strict, in);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->loaded.size(), kept.size());
+  EXPECT_TRUE(loaded->missing.empty());
+
+  ImportOptions o;
+  o.in = in;
+  o.out = TempPath("no_counters_out.safetensors");
+  auto imported = ImportWeights(o);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_TRUE(imported->missing.empty());
+  auto back = ReadStateDict(o.out);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->size(), kept.size() + counters);
+  for (const auto& [name, t] : *back) {
+    if (common::OptionalStateTensor(name)) EXPECT_EQ(t.item<int64_t>(), 0) << name;
+  }
+  // Any other missing buffer is still missing.
+  NamedTensors no_mean;
+  for (const auto& [name, t] : kept) {
+    if (name != "features.0.1.running_mean") no_mean.emplace_back(name, t);
+  }
+  EXPECT_FALSE(LoadIntoModule(no_mean, **fresh, strict, in).ok());
+  EXPECT_FALSE(common::CompareBackbone(IndexOf(no_mean), *shapes).ok());
 }
 
 }  // namespace
