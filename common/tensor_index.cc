@@ -22,6 +22,10 @@ namespace {
 constexpr uint64_t kMaxSafetensorsHeader = 100 << 20;  // safetensors' own limit
 constexpr uint64_t kMaxCentralDirectory = 64 << 20;
 constexpr uint64_t kMaxPickle = 64 << 20;
+// Values a pickle may push or memoize: a state dict takes about 25 a tensor (40,000 tensors fit),
+// and a crafted one of 64 MB of pushes would otherwise take gigabytes (the coordinator reads
+// model.pretrained_weights at submit).
+constexpr int64_t kMaxPickleValues = int64_t{1} << 20;
 constexpr int kMaxRank = 16;
 // A tensor view's elements (stride 0 lets a small storage claim any number; the worker
 // materialises each view).
@@ -313,6 +317,9 @@ class Unpickler {
       const uint8_t op = static_cast<uint8_t>(data_[pos_++]);
       absl::Status st = Step(op);
       if (!st.ok()) return st;
+      if (values_ > kMaxPickleValues) {
+        return Bad(absl::StrCat("more than ", kMaxPickleValues, " pickle values: not a state dict this reader takes"));
+      }
     }
     if (stack_.empty()) return Bad("empty pickle");
     return stack_.back();
@@ -357,7 +364,10 @@ class Unpickler {
     std::reverse(out.begin(), out.end());
     return out;
   }
-  void Push(ValuePtr v) { stack_.push_back(std::move(v)); }
+  void Push(ValuePtr v) {
+    ++values_;
+    stack_.push_back(std::move(v));
+  }
   void PushInt(int64_t i) {
     auto v = Make(Value::Kind::kInt);
     v->i = i;
@@ -605,6 +615,7 @@ class Unpickler {
   absl::Status Put(uint64_t id) {
     if (stack_.empty()) return Bad("PUT on an empty stack");
     memo_[id] = stack_.back();
+    ++values_;
     return absl::OkStatus();
   }
 
@@ -616,6 +627,7 @@ class Unpickler {
   bool done_ = false;
   std::vector<ValuePtr> stack_;
   std::map<uint64_t, ValuePtr> memo_;
+  int64_t values_ = 0;  // pushed or memoized, counted against kMaxPickleValues
 };
 
 // String keys only; tensors kept, mappings recursed (the worker's ReadTorchSaveTensors names

@@ -145,6 +145,8 @@ TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
       {"\x80\x02}q\x00.", "shorter than a zip end record"},
       // A dict that holds itself twice under every level (2^n paths without a bound).
       {Zip({{"a/data.pkl", Pickle("}q" + Le(0, 1) + "(" + Str("x") + "h" + Le(0, 1) + Str("y") + "h" + Le(0, 1) + "u")}}), "refers to itself"},
+      // A pickle of a few MB that pushes millions of values (gigabytes for a 64 MB one).
+      {Zip({{"a/data.pkl", Pickle(std::string(3 << 20, '('))}}), "more than 1048576 pickle values"},
   };
   for (const Case& c : cases) {
     const std::string got = Read(c.bytes);
