@@ -1039,6 +1039,18 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                     absl::StrCat("expected <= frontend.n_fft (", frontend.n_fft, "), got ",
                                  Show(frontend.hop_length)));
   }
+  // The STFT's reflect padding (center=True) needs a clip of more than n_fft / 2 samples; the
+  // front end refuses shorter ones at the first batch (worker/frontend.h, MinSamples).
+  const int64_t clip_samples = std::llround(data.duration * data.sample_rate);
+  const int64_t min_samples = frontend.n_fft / 2 + 1;
+  if (clip_samples < min_samples) {
+    return KeyError(
+        where.Any({"data.duration", "data.sample_rate", "frontend.n_fft"}), "data.duration",
+        absl::StrCat("expected a clip of at least frontend.n_fft / 2 + 1 = ", min_samples,
+                     " samples at data.sample_rate ", data.sample_rate, " (", FormatDouble(
+                         static_cast<double>(min_samples) / data.sample_rate),
+                     " s), got ", Show(data.duration), " (", clip_samples, " samples)"));
+  }
 
   const AugmentConfig& augment = config.augment;
   if (augment.noise_std_min > augment.noise_std_max) {

@@ -273,6 +273,19 @@ TEST(ConfigTest, CrossFieldChecks) {
   EXPECT_THAT(ParseError("frontend:\n  n_fft: 512\n"),
               HasSubstr("x.yaml:2: key 'frontend.hop_length': expected <= frontend.n_fft (512), "
                         "got '835'"));
+  // A clip shorter than the STFT's reflect padding needs (n_fft / 2 + 1 samples) is refused here,
+  // not by the front end at the first training batch.
+  EXPECT_EQ(ParseError("data:\n  duration: 0.02\n"),
+            "x.yaml:2: key 'data.duration': expected a clip of at least frontend.n_fft / 2 + 1 = 1015 "
+            "samples at data.sample_rate 32000 (0.03171875 s), got '0.02' (640 samples)");
+  EXPECT_THAT(ParseError("data:\n  duration: 1\nfrontend:\n  n_fft: 65536\n  hop_length: 512\n"),
+              HasSubstr("x.yaml:2: key 'data.duration': expected a clip of at least frontend.n_fft / 2 + 1 "
+                        "= 32769 samples"));
+  EXPECT_THAT(ParseError("", {"data.duration=0.1", "data.sample_rate=8000", "frontend.fmax=4000"}),
+              HasSubstr("--set data.duration=0.1: key 'data.duration': expected a clip of at least "
+                        "frontend.n_fft / 2 + 1 = 1015 samples at data.sample_rate 8000"));
+  EXPECT_EQ(ParseError("data:\n  duration: 0.03171875\n"), "");
+  EXPECT_EQ(ParseError("data:\n  duration: 0.05\nfrontend:\n  n_fft: 512\n  hop_length: 128\n"), "");
   EXPECT_THAT(ParseError("sampling:\n  upsample_thr: 50\n  downsample_thr: 10\n"),
               HasSubstr("x.yaml:3: key 'sampling.downsample_thr': expected >= "
                         "sampling.upsample_thr (50)"));
