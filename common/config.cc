@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <type_traits>
 #include <utility>
@@ -348,6 +349,23 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
   return absl::OkStatus();
 }
 
+// For a scalar of decimal digits (optionally signed) outside int's range: INT_MAX or INT_MIN
+// by its sign; nullopt for anything else.
+std::optional<int> SaturatedInt(const YAML::Node& node) {
+  if (!node.IsScalar()) return std::nullopt;
+  absl::string_view text = absl::StripAsciiWhitespace(node.Scalar());
+  const bool negative = !text.empty() && text.front() == '-';
+  if (!text.empty() && (text.front() == '-' || text.front() == '+')) text.remove_prefix(1);
+  if (text.empty() || !std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c); })) {
+    return std::nullopt;
+  }
+  int64_t value = 0;
+  if (absl::SimpleAtoi(text, &value) && value <= std::numeric_limits<int>::max()) {
+    if (!negative || -value >= std::numeric_limits<int>::min()) return std::nullopt;  // fits
+  }
+  return negative ? std::numeric_limits<int>::min() : std::numeric_limits<int>::max();
+}
+
 template <typename V>
 absl::Status ReadValue(const YAML::Node& node, const std::string& key, Origins* origins, V* out) {
   if constexpr (IsVector<V>::value) {
@@ -435,7 +453,21 @@ Field<T> MakeField(const char* name, V T::*member,
                    typename Identity<Check<V>>::type check = nullptr) {
   Field<T> field;
   field.name = name;
-  field.read = [member](const YAML::Node& node, const std::string& key, Origins* origins, T* out) {
+  field.read = [member, check](const YAML::Node& node, const std::string& key, Origins* origins,
+                               T* out) -> absl::Status {
+    if constexpr (std::is_same_v<V, int>) {
+      // An integer beyond int's range fails this field's own range, which is what the message
+      // should name ("[1, 10000]", not int's).
+      if (check) {
+        if (std::optional<int> saturated = SaturatedInt(node)) {
+          const std::string expected = check(*saturated);
+          if (!expected.empty()) {
+            return KeyError(origins->Where(key, node), key,
+                            absl::StrCat(expected, ", got ", Describe(node)));
+          }
+        }
+      }
+    }
     return ReadValue(node, key, origins, &(out->*member));
   };
   field.emit = [member](YAML::Emitter* out, const T& value) { EmitValue(out, value.*member); };

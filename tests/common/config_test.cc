@@ -166,6 +166,16 @@ TEST(ConfigTest, NumericKeysHaveUpperBounds) {
             "x.yaml:2: key 'train.lr': expected a number in (0, 100], got '1000.0'");
   EXPECT_EQ(ParseError("comm:\n  timeout_s: 1e9\n"),
             "x.yaml:2: key 'comm.timeout_s': expected a number in (0, 86400], got '1000000000.0'");
+  // Beyond int's range (and int64's) the message still gives the key's own range.
+  EXPECT_EQ(ParseError("train:\n  epochs: 99999999999\n"),
+            "x.yaml:2: key 'train.epochs': expected an integer in [1, 10000], got '99999999999'");
+  EXPECT_EQ(ParseError("stages:\n  finetune:\n    batch_size: -99999999999999999999\n"),
+            "x.yaml:3: key 'stages.finetune.batch_size': expected an integer in [1, 65536], "
+            "got '-99999999999999999999'");
+  EXPECT_EQ(ParseError("", {"frontend.n_mels=2147483648"}),
+            "--set frontend.n_mels=2147483648: key 'frontend.n_mels': expected an integer in [1, 1024], "
+            "got '2147483648'");
+  EXPECT_EQ(ParseError("train:\n  epochs: 1e3\n"), "x.yaml:2: key 'train.epochs': expected an integer, got '1e3'");
   // The bounds themselves are accepted.
   EXPECT_EQ(ParseError("train:\n  epochs: 10000\n  batch_size: 65536\n  num_workers: 256\n"), "");
 }
