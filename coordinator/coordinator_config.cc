@@ -390,10 +390,12 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
           "without authentication"));
     }
   }
-  if (!(config.heartbeat_interval_s > 0) || config.heartbeat_interval_s > 3600) {
+  // Groups are told the interval in whole milliseconds (RegisterGroupResponse), and take 0 as
+  // "not said" (their default, 2 s).
+  if (!(config.heartbeat_interval_s >= 0.001) || config.heartbeat_interval_s > 3600) {
     return absl::InvalidArgumentError(absl::StrCat("key 'heartbeat_interval_s': ",
                                                    config.heartbeat_interval_s,
-                                                   ": expected a value in (0, 3600]"));
+                                                   ": expected a value in [0.001, 3600]"));
   }
   if (!(config.heartbeat_timeout_s > config.heartbeat_interval_s) ||
       config.heartbeat_timeout_s > 86400) {
@@ -401,6 +403,20 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
         "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s,
         ": expected more than heartbeat_interval_s (", config.heartbeat_interval_s,
         ") and at most 86400"));
+  }
+  // A group's lease lasts the timeout less a margin of max(0.5 s, timeout / 10) after the send
+  // of its last answered heartbeat (worker/agent/lease_clock.h). Unless that spans two heartbeat
+  // intervals, the lease runs out between healthy heartbeats (or at the first late one) and the
+  // group's checkpoint writes are fenced: the task is abandoned and re-leased, over and over.
+  const double lease_s = config.heartbeat_timeout_s - std::max(0.5, config.heartbeat_timeout_s / 10);
+  if (lease_s < 2 * config.heartbeat_interval_s) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s,
+        ": too short for heartbeat_interval_s ", config.heartbeat_interval_s,
+        ": a group's lease (the timeout less a margin of max(0.5 s, timeout / 10), here ", lease_s,
+        " s) must span two heartbeat intervals (", 2 * config.heartbeat_interval_s,
+        " s), or healthy groups have their checkpoint writes fenced; expected at least ",
+        std::max(2 * config.heartbeat_interval_s + 0.5, 2 * config.heartbeat_interval_s / 0.9)));
   }
   if (config.max_restarts < 0 || config.max_restarts > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("key 'max_restarts': ", config.max_restarts,

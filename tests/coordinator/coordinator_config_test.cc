@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -129,6 +130,48 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
                                       {"allow_no_auth", "true", "--set allow_no_auth=true"}});
   ASSERT_FALSE(config.ok());
   EXPECT_NE(config.status().message().find("key 'listen'"), std::string::npos) << config.status();
+}
+
+// A timeout whose lease (less the fence's margin) does not span two heartbeat intervals fenced
+// healthy groups' checkpoint writes (interval 2, timeout 2.1: the lease ran out 0.4 s before
+// every next heartbeat); an interval under 1 ms reached groups as 0 ms, which they read as "not
+// said" and heartbeated every 2 s.
+TEST_F(CoordinatorConfigTest, HeartbeatTimeoutCoversTheLeaseMargin) {
+  const std::string path = Write("h.yaml", "allow_no_auth: true\nheartbeat_interval_s: 2\nheartbeat_timeout_s: 2.1\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(path + ":3: key 'heartbeat_timeout_s': 2.1: too short for "
+                                           "heartbeat_interval_s 2"),
+            std::string::npos)
+      << config.status();
+  EXPECT_NE(config.status().message().find("expected at least 4.5"), std::string::npos) << config.status();
+  const ConfigOverride no_auth{"allow_no_auth", "true", "--set allow_no_auth=true"};
+  // The bounds: 2 x interval + 0.5 s up to 5 s, then 2 x interval / 0.9.
+  for (const auto& [interval, timeout, ok] :
+       std::vector<std::tuple<std::string, std::string, bool>>{{"2", "4.5", true},
+                                                               {"2", "4.4", false},
+                                                               {"1", "3", true},
+                                                               {"0.2", "1", true},
+                                                               {"10", "22.3", true},
+                                                               {"10", "22.1", false},
+                                                               {"2", "20", true}}) {
+    config = LoadCoordinatorConfig("", {no_auth,
+                                        {"heartbeat_interval_s", interval, "--set heartbeat_interval_s=" + interval},
+                                        {"heartbeat_timeout_s", timeout, "--heartbeat-timeout-s " + timeout}});
+    EXPECT_EQ(config.ok(), ok) << interval << " " << timeout << ": " << config.status();
+    if (!ok && !config.ok()) {
+      EXPECT_NE(config.status().message().find("--heartbeat-timeout-s " + timeout + ": key 'heartbeat_timeout_s'"),
+                std::string::npos)
+          << config.status();
+    }
+  }
+  config = LoadCoordinatorConfig("", {no_auth, {"heartbeat_interval_s", "0.0004", "--set heartbeat_interval_s=0.0004"},
+                                      {"heartbeat_timeout_s", "1", "--set heartbeat_timeout_s=1"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("--set heartbeat_interval_s=0.0004: key 'heartbeat_interval_s': 0.0004: "
+                                           "expected a value in [0.001, 3600]"),
+            std::string::npos)
+      << config.status();
 }
 
 // retention_days: 0 (keep for ever) to 36500; anything else is refused by key and value.
