@@ -497,6 +497,11 @@ Field<PipelineConfig> MakeSection(const char* name, V PipelineConfig::*member) {
   return field;
 }
 
+// The bound of the batches train.batch_size is multiplied into (x infer_bs for validation,
+// x grad_accum_steps per optimizer step and rank): 2^20, which leaves the trainer's int global
+// batch (x ranks) room for 2048 ranks.
+constexpr int64_t kMaxBatchProduct = int64_t{1} << 20;
+
 // An integer in [min, max]: the upper bounds keep a job from being absurd (a 2^31-epoch plan,
 // a million loader threads); README.md's key table lists them.
 Check<int> IntIn(int min, int max) {
@@ -1106,6 +1111,20 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
       const std::string key = prefix + ".ema_eval";
       return KeyError(where.Any({key, prefix + ".ema_decay", "train.ema_eval", "train.ema_decay"}), key,
                       "expected false while ema_decay is 0 (no average to validate), got true");
+    }
+    // The validation batch (batch_size x infer_bs) and the samples per optimizer step and rank
+    // (batch_size x grad_accum_steps) are ints in the trainer and predict: keep them far from
+    // overflowing (65536 x 65536 gave a validation batch of 0).
+    for (const auto& [factor, value] : {std::pair<const char*, int>{"infer_bs", train->infer_bs},
+                                        {"grad_accum_steps", train->grad_accum_steps}}) {
+      const int64_t product = int64_t{train->batch_size} * value;
+      if (product > kMaxBatchProduct) {
+        const std::string key = absl::StrCat(prefix, ".", factor);
+        return KeyError(where.Any({key, prefix + ".batch_size", absl::StrCat("train.", factor), "train.batch_size"}),
+                        key,
+                        absl::StrCat("expected batch_size x ", factor, " <= ", kMaxBatchProduct, " (batch_size is ",
+                                     train->batch_size, "), got ", Show(value), " (", product, ")"));
+      }
     }
   }
 

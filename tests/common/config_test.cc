@@ -218,6 +218,19 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
             "got true");
   EXPECT_THAT(ParseError("train:\n  ema_decay: 0.99\nstages:\n  finetune: {ema_decay: 0.0, ema_eval: true}\n"),
               HasSubstr("key 'stages.finetune.ema_eval': expected false while ema_decay is 0"));
+  // Products of batch_size that the trainer holds in an int, bounded by 2^20: 65536 x 65536
+  // wrapped to a validation batch of 0 ("loader option batch_size = 0") after the config was
+  // accepted.
+  EXPECT_EQ(ParseError("train:\n  batch_size: 65536\n  infer_bs: 65536\n"),
+            "x.yaml:3: key 'train.infer_bs': expected batch_size x infer_bs <= 1048576 (batch_size is 65536), "
+            "got '65536' (4294967296)");
+  EXPECT_EQ(ParseError("train:\n  batch_size: 4096\nstages:\n  finetune: {grad_accum_steps: 512}\n"),
+            "x.yaml:4: key 'stages.finetune.grad_accum_steps': expected batch_size x grad_accum_steps <= 1048576 "
+            "(batch_size is 4096), got '512' (2097152)");
+  EXPECT_THAT(ParseError("train:\n  infer_bs: 32768\n", {"stages.pretrain.batch_size=64"}),
+              HasSubstr("--set stages.pretrain.batch_size=64: key 'stages.pretrain.infer_bs': expected batch_size x "
+                        "infer_bs <= 1048576"));
+  EXPECT_EQ(ParseError("train:\n  batch_size: 65536\n  infer_bs: 16\n  grad_accum_steps: 16\n"), "");
   EXPECT_EQ(ParseError("train:\n  ema_decay: 0.999\n  ema_eval: true\n  grad_accum_steps: 4\n"
                        "  grad_clip_norm: 1.0\n  early_stop_patience: 3\n"),
             "");
