@@ -99,10 +99,27 @@ void PrintClassCounts(const StageTable& table, const PipelineConfig& config, boo
     below_up += n < config.sampling.upsample_thr;
     above_down += n > config.sampling.downsample_thr;
   }
-  std::cout << "  classes: " << sorted.size() << "; " << below_cv << " with fewer than "
-            << config.folds.cv_filter_thr << " (cv=False, always trained on), " << below_up
-            << " below upsample_thr " << config.sampling.upsample_thr << ", " << above_down
-            << " above downsample_thr " << config.sampling.downsample_thr << "\n";
+  // As BuildTrainList applies them: cv_filter only when on, a threshold of 0 is off, and only
+  // pretraining downsamples.
+  std::cout << "  classes: " << sorted.size() << "; ";
+  if (config.folds.cv_filter) {
+    std::cout << below_cv << " with fewer than " << config.folds.cv_filter_thr << " (cv=False, always trained on), ";
+  } else {
+    std::cout << "cv_filter off, ";
+  }
+  if (config.sampling.upsample_thr > 0) {
+    std::cout << below_up << " below upsample_thr " << config.sampling.upsample_thr;
+  } else {
+    std::cout << "upsampling off (upsample_thr 0)";
+  }
+  if (table.stage == "pretrain") {
+    if (config.sampling.downsample_thr > 0) {
+      std::cout << ", " << above_down << " above downsample_thr " << config.sampling.downsample_thr;
+    } else {
+      std::cout << ", downsampling off (downsample_thr 0)";
+    }
+  }
+  std::cout << "\n";
   const size_t kShown = 10;
   for (size_t i = 0; i < sorted.size(); ++i) {
     if (!all && sorted.size() > 2 * kShown && i == kShown) {

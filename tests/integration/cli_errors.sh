@@ -52,6 +52,26 @@ if [ $? -ne 0 ] || ! grep -q "pretrain: disabled" <<<"$out"; then
 else
   passes=$((passes + 1))
 fi
+# The class counts say what the config does: cv_filter off and thresholds of 0 are "off" (not
+# "4 with fewer than 5 (cv=False)" or "N above downsample_thr 0"), and fine-tuning (which does
+# not downsample) gives no downsampling count.
+out=$("$aviary" dataset summary --config "$tmp/p.yaml" --set folds.cv_filter=false --set sampling.upsample_thr=0 \
+  --set sampling.downsample_thr=0 2>&1)
+if [ $? -ne 0 ] || ! grep -qF "classes: 6; cv_filter off, upsampling off (upsample_thr 0)" <<<"$out" ||
+   grep -q "downsampl" <<<"$out"; then
+  echo "FAIL: dataset summary with cv_filter, upsampling and downsampling off: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+"$aviary" synth --out "$tmp/t21" --layout 2021 --species 6 --recordings 40 --seed 5 --max-seconds 3 >/dev/null
+out=$("$aviary" dataset summary --config "$tmp/p.yaml" --set stages.pretrain.enabled=true \
+  --set 'data.pretrain_sources=[{layout: "2021", root: '"$tmp/t21"'}]' --set folds.pretrain_splits=3 \
+  --set sampling.downsample_thr=0 2>&1)
+if [ $? -ne 0 ] || ! grep -qE "classes: [0-9]+; [0-9]+ with fewer than 5 \(cv=False, always trained on\), [0-9]+ below upsample_thr 50, downsampling off \(downsample_thr 0\)$" <<<"$out"; then
+  echo "FAIL: dataset summary of the pretraining stage with downsampling off: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
 # synth --no-broken says none are broken (no empty "(0 broken:)").
 out=$("$aviary" synth --out "$tmp/nb" --layout 2024 --species 3 --recordings 6 --seed 1 --max-seconds 2 --no-broken 2>&1)
 if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then
