@@ -279,8 +279,15 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
   try {
     root = YAML::Load(yaml_text);
   } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source_name, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg));
+    std::string where = source_name;
+    if (!e.mark.is_null() && e.mark.line >= 0) {
+      // An error at the end of the input ("end of sequence flow not found") is marked one line
+      // past the last one; name the last line instead (as the pipeline config does).
+      const int num_lines = static_cast<int>(std::count(yaml_text.begin(), yaml_text.end(), '\n')) +
+                            (yaml_text.empty() || yaml_text.back() == '\n' ? 0 : 1);
+      where = absl::StrCat(source_name, ":", std::max(1, std::min(e.mark.line + 1, num_lines)));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(where, ": YAML syntax error: ", e.msg));
   }
   if (root.IsDefined() && !root.IsNull()) {
     if (!root.IsMap()) {

@@ -174,6 +174,18 @@ TEST_F(CoordinatorConfigTest, HeartbeatTimeoutCoversTheLeaseMargin) {
       << config.status();
 }
 
+// A syntax error found at the end of the file names its last line, not the one after it.
+TEST_F(CoordinatorConfigTest, YamlSyntaxErrorAtTheEndNamesTheLastLine) {
+  const std::string path = Write("s.yaml", "allow_no_auth: true\nlisten: [1,\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().message(), path + ":2: YAML syntax error: end of sequence flow not found");
+  const std::string tab = Write("tab.yaml", "allow_no_auth: true\n\tlisten: x\n");
+  config = LoadCoordinatorConfig(tab, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(tab + ":2: YAML syntax error"), std::string::npos) << config.status();
+}
+
 // retention_days: 0 (keep for ever) to 36500; anything else is refused by key and value.
 TEST_F(CoordinatorConfigTest, RetentionDaysIsBounded) {
   for (const char* bad : {"-1", "40000", "nan"}) {
