@@ -718,7 +718,7 @@ const std::vector<Field<SamplingConfig>>& FieldsOf<SamplingConfig>() {
 template <>
 const std::vector<Field<FrontendConfig>>& FieldsOf<FrontendConfig>() {
   static const auto* fields = new std::vector<Field<FrontendConfig>>{
-      MakeField("n_fft", &FrontendConfig::n_fft, IntIn(1, 65536)),
+      MakeField("n_fft", &FrontendConfig::n_fft, IntIn(2, 65536)),  // MelFrontend::Create refuses 1
       MakeField("hop_length", &FrontendConfig::hop_length, IntIn(1, 65536)),
       MakeField("n_mels", &FrontendConfig::n_mels, IntIn(1, 1024)),
       MakeField("fmin", &FrontendConfig::fmin, NonNegative()),

@@ -197,6 +197,10 @@ TEST(ConfigTest, OutOfRangeValues) {
   EXPECT_THAT(ParseError("data:\n  sample_rate: -1\n"), HasSubstr("key 'data.sample_rate'"));
   EXPECT_THAT(ParseError("data:\n  duration: 0\n"), HasSubstr("key 'data.duration'"));
   EXPECT_THAT(ParseError("folds:\n  cv_filter_thr: 0\n"), HasSubstr("key 'folds.cv_filter_thr'"));
+  // The front end refuses n_fft 1 when training starts; the config refuses it first.
+  EXPECT_EQ(ParseError("frontend:\n  n_fft: 1\n  hop_length: 1\n"),
+            "x.yaml:2: key 'frontend.n_fft': expected an integer in [2, 65536], got '1'");
+  EXPECT_EQ(ParseError("data:\n  duration: 1\nfrontend:\n  n_fft: 2\n  hop_length: 1\n  n_mels: 2\n"), "");
   EXPECT_THAT(ParseError("frontend:\n  in_channels: 2\n"),
               HasSubstr("x.yaml:2: key 'frontend.in_channels': expected one of 1, 3, got '2'"));
 }
