@@ -1089,6 +1089,28 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                      " s), got ", Show(data.duration), " (", clip_samples, " samples)"));
   }
 
+  // small_cnn halves the mel image four times with 2x2 max-pools (worker/models.cc), and torch
+  // refuses a pool whose output would be empty: it needs 16 mel bins and 16 frames (frames =
+  // 1 + clip samples / hop_length, as the front end's STFT with center=True makes them).
+  if (config.model.name == "small_cnn") {
+    constexpr int kSmallCnnMinSize = 16;
+    if (frontend.n_mels < kSmallCnnMinSize) {
+      return KeyError(where.Any({"frontend.n_mels", "model.name"}), "frontend.n_mels",
+                      absl::StrCat("expected >= ", kSmallCnnMinSize,
+                                   " for model.name small_cnn (four 2x2 max-pools), got ", Show(frontend.n_mels)));
+    }
+    const int64_t frames = 1 + clip_samples / frontend.hop_length;
+    if (frames < kSmallCnnMinSize) {
+      return KeyError(
+          where.Any({"data.duration", "frontend.hop_length", "data.sample_rate", "model.name"}), "data.duration",
+          absl::StrCat("expected a clip of at least ", kSmallCnnMinSize,
+                       " frames for model.name small_cnn (four 2x2 max-pools; frames = 1 + samples / "
+                       "frontend.hop_length ",
+                       frontend.hop_length, "), got ", Show(data.duration), " (", clip_samples, " samples, ", frames,
+                       " frames)"));
+    }
+  }
+
   const AugmentConfig& augment = config.augment;
   if (augment.noise_std_min > augment.noise_std_max) {
     return KeyError(

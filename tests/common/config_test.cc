@@ -313,6 +313,17 @@ TEST(ConfigTest, CrossFieldChecks) {
                         "frontend.n_fft / 2 + 1 = 1015 samples at data.sample_rate 8000"));
   EXPECT_EQ(ParseError("data:\n  duration: 0.03171875\n"), "");
   EXPECT_EQ(ParseError("data:\n  duration: 0.05\nfrontend:\n  n_fft: 512\n  hop_length: 128\n"), "");
+  // small_cnn's four 2x2 max-pools need a mel image of at least 16 x 16 (torch: "Output size is
+  // too small" at the first batch).
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\nfrontend:\n  n_mels: 8\n"),
+            "x.yaml:4: key 'frontend.n_mels': expected >= 16 for model.name small_cnn (four 2x2 max-pools), got '8'");
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\ndata:\n  duration: 0.4\n"), "");  // 1 + 12800 / 835 = 16
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\ndata:\n  duration: 0.39\n"),
+            "x.yaml:4: key 'data.duration': expected a clip of at least 16 frames for model.name small_cnn (four "
+            "2x2 max-pools; frames = 1 + samples / frontend.hop_length 835), got '0.39' (12480 samples, 15 frames)");
+  EXPECT_THAT(ParseError("frontend:\n  hop_length: 2028\n", {"model.name=small_cnn", "data.duration=0.9"}),
+              HasSubstr("--set data.duration=0.9: key 'data.duration': expected a clip of at least 16 frames"));
+  EXPECT_EQ(ParseError("frontend:\n  n_mels: 8\n"), "");  // the EfficientNets have no such limit
   EXPECT_THAT(ParseError("sampling:\n  upsample_thr: 50\n  downsample_thr: 10\n"),
               HasSubstr("x.yaml:3: key 'sampling.downsample_thr': expected >= "
                         "sampling.upsample_thr (50)"));
