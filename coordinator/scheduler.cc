@@ -568,6 +568,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
   }
+  // Fine-tuning has one task per selected fold: without pretraining and without a fold the job
+  // would have no task and stay PENDING for ever.
+  if (!pretrain && config.folds.selected_folds.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": key 'folds.selected_folds': expected at least one fold while stages.pretrain.enabled is "
+                "false (fine-tuning runs one task per selected fold), got an empty list; nothing to run"));
+  }
 
   struct NewTask {
     TaskRow row;

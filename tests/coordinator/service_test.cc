@@ -964,6 +964,17 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("train.epochs"), std::string::npos) << status.error_message();
 
+  // Fine-tuning only, with no selected fold: a job of no task stayed PENDING for ever.
+  submit.clear_overrides();
+  submit.add_overrides("stages.pretrain.enabled=false");
+  submit.add_overrides("folds.selected_folds=[]");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("pipe.yaml: key 'folds.selected_folds': expected at least one fold while "
+                                        "stages.pretrain.enabled is false"),
+            std::string::npos)
+      << status.error_message();
+
   // A dataset that cannot be read is refused at submit, naming the path.
   submit.clear_overrides();
   submit.add_overrides("data.target.root=missing");
