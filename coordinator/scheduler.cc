@@ -1553,7 +1553,16 @@ absl::StatusOr<int> Scheduler::PruneFinishedJobs() {
 }
 
 absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_than_s, bool dry_run) {
-  if (older_than_s < 0) older_than_s = options_.retention_s;
+  if (older_than_s < 0) {
+    // retention_days 0 keeps everything for ever: as a default age it must not mean "every
+    // finished job" (which pruned a job cancelled a second ago, so that it could not be retried).
+    if (options_.retention_s <= 0) {
+      return absl::FailedPreconditionError(
+          "retention_days is 0 (finished jobs are kept for ever), so there is no default age to prune at; "
+          "give one (aviary prune --older-than DAYS; 0: every finished job)");
+    }
+    older_than_s = options_.retention_s;
+  }
   aviary::v1::PruneJobsResponse response;
   response.set_older_than_days(older_than_s / 86400);
   response.set_dry_run(dry_run);
