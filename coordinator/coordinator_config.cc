@@ -91,14 +91,22 @@ Reader Double(double CoordinatorConfig::*member) {
   };
 }
 
-Reader Int(int CoordinatorConfig::*member) {
-  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
-                  CoordinatorConfig* out) -> absl::Status {
-    int value = 0;
-    if (!node.IsScalar() || !absl::SimpleAtoi(node.Scalar(), &value)) {
+// An integer in [min, max] (a huge one, beyond int, is refused by that range too).
+Reader Int(int CoordinatorConfig::*member, int min, int max) {
+  return [member, min, max](const YAML::Node& node, const Origin& origin, const std::string& key,
+                            CoordinatorConfig* out) -> absl::Status {
+    std::string text = node.IsScalar() ? std::string(absl::StripAsciiWhitespace(node.Scalar())) : "";
+    const bool digits = !text.empty() && std::all_of(text.begin() + (text[0] == '-' || text[0] == '+'), text.end(),
+                                                     [](char c) { return c >= '0' && c <= '9'; }) &&
+                        text.size() > static_cast<size_t>(text[0] == '-' || text[0] == '+');
+    int64_t value = 0;
+    if (!digits) {
       return KeyError(origin, key, absl::StrCat("expected an integer, got ", Describe(node)));
     }
-    out->*member = value;
+    if (!absl::SimpleAtoi(text, &value) || value < min || value > max) {
+      return KeyError(origin, key, absl::StrCat("expected an integer in ", min, "..", max, ", got ", Describe(node)));
+    }
+    out->*member = static_cast<int>(value);
     return absl::OkStatus();
   };
 }
@@ -165,7 +173,7 @@ const std::vector<Field>& Fields() {
       {"tls_client_ca_file", String(&CoordinatorConfig::tls_client_ca_file, true)},
       {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s)},
       {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s)},
-      {"max_restarts", Int(&CoordinatorConfig::max_restarts)},
+      {"max_restarts", Int(&CoordinatorConfig::max_restarts, 0, 1000)},
       {"retention_days", Double(&CoordinatorConfig::retention_days)},
       {"log_level", String(&CoordinatorConfig::log_level, false)},
   };

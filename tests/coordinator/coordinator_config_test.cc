@@ -120,6 +120,20 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
             std::string::npos)
       << config.status();
 
+  // A number beyond int names the key's range (it read as "expected an integer", which it is).
+  const std::string huge = Write("m.yaml", "allow_no_auth: true\nmax_restarts: 99999999999\n");
+  config = LoadCoordinatorConfig(huge, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().message(), huge + ":2: key 'max_restarts': expected an integer in 0..1000, got '99999999999'");
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                      {"max_restarts", "1001", "--max-restarts 1001"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().message(), "--max-restarts 1001: key 'max_restarts': expected an integer in 0..1000, got '1001'");
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                      {"max_restarts", "+7", "--set max_restarts=+7"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->max_restarts, 7);
+
   const std::string timeout = Write("t.yaml", "allow_no_auth: true\nheartbeat_timeout_s: 1\n");
   config = LoadCoordinatorConfig(timeout, {});
   ASSERT_FALSE(config.ok());
