@@ -79,12 +79,13 @@ Reader Bool(bool CoordinatorConfig::*member) {
   };
 }
 
-Reader Double(double CoordinatorConfig::*member) {
-  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
-                  CoordinatorConfig* out) -> absl::Status {
+// A finite number of `unit` ("seconds", "days").
+Reader Double(double CoordinatorConfig::*member, const char* unit) {
+  return [member, unit](const YAML::Node& node, const Origin& origin, const std::string& key,
+                        CoordinatorConfig* out) -> absl::Status {
     double value = 0;
     if (!node.IsScalar() || !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
-      return KeyError(origin, key, absl::StrCat("expected a number of seconds, got ", Describe(node)));
+      return KeyError(origin, key, absl::StrCat("expected a number of ", unit, ", got ", Describe(node)));
     }
     out->*member = value;
     return absl::OkStatus();
@@ -171,10 +172,10 @@ const std::vector<Field>& Fields() {
       {"tls_cert_file", String(&CoordinatorConfig::tls_cert_file, true)},
       {"tls_key_file", String(&CoordinatorConfig::tls_key_file, true)},
       {"tls_client_ca_file", String(&CoordinatorConfig::tls_client_ca_file, true)},
-      {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s)},
-      {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s)},
+      {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s, "seconds")},
+      {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s, "seconds")},
       {"max_restarts", Int(&CoordinatorConfig::max_restarts, 0, 1000)},
-      {"retention_days", Double(&CoordinatorConfig::retention_days)},
+      {"retention_days", Double(&CoordinatorConfig::retention_days, "days")},
       {"log_level", String(&CoordinatorConfig::log_level, false)},
   };
   return kFields;

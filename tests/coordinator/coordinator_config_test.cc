@@ -202,6 +202,11 @@ TEST_F(CoordinatorConfigTest, YamlSyntaxErrorAtTheEndNamesTheLastLine) {
 
 // retention_days: 0 (keep for ever) to 36500; anything else is refused by key and value.
 TEST_F(CoordinatorConfigTest, RetentionDaysIsBounded) {
+  // Its unit is days (the message said "seconds").
+  auto words = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                          {"retention_days", "30d", "--set retention_days=30d"}});
+  ASSERT_FALSE(words.ok());
+  EXPECT_EQ(words.status().message(), "--set retention_days=30d: key 'retention_days': expected a number of days, got '30d'");
   for (const char* bad : {"-1", "40000", "nan"}) {
     auto config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
                                              {"retention_days", bad, absl::StrCat("--set retention_days=", bad)}});
