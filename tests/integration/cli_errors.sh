@@ -26,6 +26,12 @@ expect "unknown command 'split' (expected folds, train-list, summary)" "$aviary"
 expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
 expect "argument was not expected: --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
 expect "--stage: expected one of pretrain, finetune, got 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
+# A program's own flag after the command (the usage puts it before) is named as such; CLI11 alone
+# said "The following arguments were not expected: 127.0.0.1:1 --coordinator".
+expect "--coordinator is a flag of 'aviary', not of 'list' (the flags of 'aviary' go before the command: aviary --coordinator ... list ...)" \
+  "$aviary" list --coordinator 127.0.0.1:1
+expect "--timeout is a flag of 'aviary', not of 'dataset folds'" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --timeout=5
 expect "--set: expected dotted.key=value, got 'seed'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --set seed
 expect "$tmp/nope.yaml" "$aviary" dataset folds --config "$tmp/nope.yaml" --stage finetune --out "$tmp/o.csv"
 expect "bad.yaml:3: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)" \
