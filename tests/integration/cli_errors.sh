@@ -78,6 +78,21 @@ if [ $? -ne 0 ] || ! grep -qE "classes: [0-9]+; [0-9]+ with fewer than 5 \(cv=Fa
 else
   passes=$((passes + 1))
 fi
+# `aviary help` is the program's help (it printed help's own usage), and `aviary help CMD SUB`
+# reaches a subcommand (README: "aviary help CMD").
+if [ "$("$aviary" help 2>&1)" != "$("$aviary" --help 2>&1)" ]; then
+  echo "FAIL: aviary help differs from aviary --help: $("$aviary" help 2>&1 | head -3)"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+out=$("$aviary" help dataset folds 2>&1)
+if [ $? -ne 0 ] || ! grep -q "^Usage: aviary dataset folds " <<<"$out"; then
+  echo "FAIL: aviary help dataset folds: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+expect "aviary help: unknown command 'fold' of 'aviary dataset' (aviary dataset --help lists them)" \
+  "$aviary" help dataset fold
 # synth --no-broken says none are broken (no empty "(0 broken:)").
 out=$("$aviary" synth --out "$tmp/nb" --layout 2024 --species 3 --recordings 6 --seed 1 --max-seconds 2 --no-broken 2>&1)
 if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then
