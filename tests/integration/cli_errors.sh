@@ -42,6 +42,15 @@ expect "--fold: expected an integer in [0, 1000000], got 'x'" "$aviary" dataset 
 expect "data.target" "$aviary" dataset folds --config "$tmp/p.yaml" --set data.target.root=$tmp/missing --stage finetune --out "$tmp/o.csv"
 expect "data.pretrain_sources" "$aviary" dataset folds --config "$tmp/p.yaml" --stage pretrain --out "$tmp/o.csv"
 expect "cannot make 30 stratified folds" "$aviary" dataset folds --config "$tmp/p.yaml" --set folds.finetune_splits=30 --stage finetune --out "$tmp/o.csv"
+# An output path in a missing folder, or a folder, is bad input named by its flag (exit 1 and the
+# atomic write's temporary file name before).
+expect "--out $tmp/nodir/o.csv: the folder $tmp/nodir does not exist" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/nodir/o.csv"
+mkdir -p "$tmp/adir"
+expect "--out $tmp/adir: is a directory, expected a file path" \
+  "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/adir"
+expect "--plot $tmp/nodir/s.png: the folder $tmp/nodir does not exist" \
+  "$aviary" dataset summary --config "$tmp/p.yaml" --plot "$tmp/nodir/s.png"
 expect "--layout: unknown layout '2019'" "$aviary" synth --out "$tmp/s" --layout 2019
 expect "--species: expected an integer in [1, 999], got '0'" "$aviary" synth --out "$tmp/s" --layout 2024 --species 0
 expect "--out is required" "$aviary" synth --layout 2024
