@@ -563,6 +563,18 @@ absl::Status History(Client& client, const ClientArgs& args) {
   v1::GetHistoryRequest request;
   request.set_job_id(args.target);
   AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  if (!args.plot.empty()) {
+    // Before the call: a plot that cannot be written is bad input (exit 2), not a failed write.
+    std::error_code ec;
+    const fs::path parent = fs::path(args.plot).parent_path();
+    if (fs::is_directory(args.plot, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("--plot ", args.plot, ": is a directory, expected a file path"));
+    }
+    if (!parent.empty() && !fs::is_directory(parent, ec)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--plot ", args.plot, ": the folder ", parent.string(), " does not exist"));
+    }
+  }
   v1::GetHistoryResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("GetHistory", &v1::JobService::Stub::GetHistory, request, &response));

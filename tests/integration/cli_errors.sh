@@ -51,6 +51,8 @@ expect "--out $tmp/adir: is a directory, expected a file path" \
   "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/adir"
 expect "--plot $tmp/nodir/s.png: the folder $tmp/nodir does not exist" \
   "$aviary" dataset summary --config "$tmp/p.yaml" --plot "$tmp/nodir/s.png"
+expect "--plot $tmp/nodir/h.png: the folder $tmp/nodir does not exist" \
+  "$aviary" --coordinator 127.0.0.1:1 --timeout 5 history j0123456789ab --plot "$tmp/nodir/h.png"
 expect "--layout: unknown layout '2019'" "$aviary" synth --out "$tmp/s" --layout 2019
 expect "--species: expected an integer in [1, 999], got '0'" "$aviary" synth --out "$tmp/s" --layout 2024 --species 0
 expect "--out is required" "$aviary" synth --layout 2024
