@@ -117,6 +117,13 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
   if (options.coordinator.empty()) {
     return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
   }
+  // Without a port gRPC dials 443 ("ipv4:127.0.0.1:443: Connection refused"); the coordinator
+  // listens on 7070 unless told otherwise.
+  if (options.coordinator.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR",
+                                                   ": expected HOST:PORT, got '", options.coordinator, "' (e.g. ",
+                                                   options.coordinator, ":7070)"));
+  }
   options.timeout_s = global.timeout_s.value_or(kDefaultTimeoutS);
   if (!(options.timeout_s > 0) || options.timeout_s > 86400) {
     return absl::InvalidArgumentError(

@@ -125,6 +125,10 @@ expect "--tls-ca $tmp/notpem.crt: holds no PEM certificate" \
   "$aviary" --coordinator 127.0.0.1:1 --tls-ca "$tmp/notpem.crt" list
 expect "AVIARY_TLS_CA $tmp/notpem.crt: holds no PEM certificate" \
   env AVIARY_TLS_CA="$tmp/notpem.crt" "$aviary" --coordinator 127.0.0.1:1 list
+# A coordinator address without a port (gRPC would dial 443) is refused naming where it came from.
+# (as aviary-worker serve and the launchers already do).
+expect "--coordinator: expected HOST:PORT, got 'localhost' (e.g. localhost:7070)" "$aviary" --coordinator localhost list
+expect "AVIARY_COORDINATOR: expected HOST:PORT, got 'coord' (e.g. coord:7070)" env AVIARY_COORDINATOR=coord "$aviary" status j0123456789ab
 # A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
 printf '\357\273\277the-token\n' > "$tmp/bom.token"
 out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?
