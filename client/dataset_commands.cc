@@ -1,5 +1,6 @@
 // aviary dataset folds | train-list | summary.
 #include <algorithm>
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -34,6 +35,23 @@ struct DatasetArgs {
   bool all_classes = false;
 };
 
+// An output file's path must name a file in an existing folder: checked before the (slow) table
+// is built, and said with the flag, where the atomic write would name its temporary file and
+// exit 1.
+absl::Status CheckOutputPath(const std::string& flag, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": is a directory, expected a file path"));
+  }
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty() && !fs::is_directory(parent, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " ", path, ": the folder ", parent.string(), " does not exist"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<PipelineConfig> LoadConfig(const DatasetArgs& args) {
   return common::LoadPipelineConfig(args.config, args.overrides);
 }
@@ -59,6 +77,7 @@ void PrintSourceReports(const StageTable& table) {
 }
 
 int RunFolds(const DatasetArgs& args) {
+  if (absl::Status st = CheckOutputPath("--out", args.out); !st.ok()) return Fail("folds", st);
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("folds", config.status());
   auto table = common::BuildStageTable(*config, args.stage);
@@ -71,6 +90,7 @@ int RunFolds(const DatasetArgs& args) {
 }
 
 int RunTrainList(const DatasetArgs& args) {
+  if (absl::Status st = CheckOutputPath("--out", args.out); !st.ok()) return Fail("train-list", st);
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("train-list", config.status());
   auto table = common::BuildStageTable(*config, args.stage);
@@ -99,10 +119,27 @@ void PrintClassCounts(const StageTable& table, const PipelineConfig& config, boo
     below_up += n < config.sampling.upsample_thr;
     above_down += n > config.sampling.downsample_thr;
   }
-  std::cout << "  classes: " << sorted.size() << "; " << below_cv << " with fewer than "
-            << config.folds.cv_filter_thr << " (cv=False, always trained on), " << below_up
-            << " below upsample_thr " << config.sampling.upsample_thr << ", " << above_down
-            << " above downsample_thr " << config.sampling.downsample_thr << "\n";
+  // As BuildTrainList applies them: cv_filter only when on, a threshold of 0 is off, and only
+  // pretraining downsamples.
+  std::cout << "  classes: " << sorted.size() << "; ";
+  if (config.folds.cv_filter) {
+    std::cout << below_cv << " with fewer than " << config.folds.cv_filter_thr << " (cv=False, always trained on), ";
+  } else {
+    std::cout << "cv_filter off, ";
+  }
+  if (config.sampling.upsample_thr > 0) {
+    std::cout << below_up << " below upsample_thr " << config.sampling.upsample_thr;
+  } else {
+    std::cout << "upsampling off (upsample_thr 0)";
+  }
+  if (table.stage == "pretrain") {
+    if (config.sampling.downsample_thr > 0) {
+      std::cout << ", " << above_down << " above downsample_thr " << config.sampling.downsample_thr;
+    } else {
+      std::cout << ", downsampling off (downsample_thr 0)";
+    }
+  }
+  std::cout << "\n";
   const size_t kShown = 10;
   for (size_t i = 0; i < sorted.size(); ++i) {
     if (!all && sorted.size() > 2 * kShown && i == kShown) {
@@ -164,6 +201,9 @@ absl::Status WriteSummaryPlot(const std::vector<StageTable>& tables, const std::
 }
 
 int RunSummary(const DatasetArgs& args) {
+  if (!args.plot.empty()) {
+    if (absl::Status st = CheckOutputPath("--plot", args.plot); !st.ok()) return Fail("summary", st);
+  }
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("summary", config.status());
   std::vector<StageTable> tables;

@@ -97,23 +97,32 @@ void AddHelpCommands(CLI::App* app, aviary::cli::Runner* run) {
       return 0;
     };
   });
-  auto topic = std::make_shared<std::string>();
+  // `aviary help dataset folds`: a command and its subcommands, as typed.
+  auto topic = std::make_shared<std::vector<std::string>>();
   CLI::App* help = app->add_subcommand("help", "this text, or one command's")->group(aviary::cli::kOfflineGroup);
-  help->add_option("command", *topic, "a command")->type_name("COMMAND");
+  help->add_option("command", *topic, "a command (and subcommand)")->type_name("COMMAND");
   help->callback([run, app, topic] {
     *run = [app, topic] {
-      if (topic->empty()) {
-        std::cout << app->help();
-        return 0;
+      const CLI::App* shown = app;
+      std::string path = "aviary";
+      for (const std::string& word : *topic) {
+        const CLI::App* next = nullptr;
+        for (const CLI::App* sub : shown->get_subcommands({})) {
+          if (sub->get_name() == word) next = sub;
+        }
+        if (next == nullptr) {
+          std::cerr << "aviary help: unknown command '" << word << "'" << (shown == app ? "" : " of '" + path + "'")
+                    << " (" << path << " --help lists them)\n";
+          return 2;
+        }
+        if (next->get_group() == aviary::cli::kToolGroup) return RunTool(word, {"--help"});
+        shown = next;
+        path += " " + word;
       }
-      for (CLI::App* sub : app->get_subcommands({})) {
-        if (sub->get_name() != *topic) continue;
-        if (sub->get_group() == aviary::cli::kToolGroup) return RunTool(*topic, {"--help"});
-        std::cout << sub->help();
-        return 0;
-      }
-      std::cerr << "aviary help: unknown command '" << *topic << "' (aviary --help lists them)\n";
-      return 2;
+      // App::help() shows the selected subcommand's help, and `help` itself is selected here.
+      std::cout << (shown == app ? app->get_formatter()->make_help(app, app->get_name(), CLI::AppFormatMode::Normal)
+                                 : shown->help());
+      return 0;
     };
   });
 }

@@ -117,6 +117,13 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
   if (options.coordinator.empty()) {
     return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
   }
+  // Without a port gRPC dials 443 ("ipv4:127.0.0.1:443: Connection refused"); the coordinator
+  // listens on 7070 unless told otherwise.
+  if (options.coordinator.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR",
+                                                   ": expected HOST:PORT, got '", options.coordinator, "' (e.g. ",
+                                                   options.coordinator, ":7070)"));
+  }
   options.timeout_s = global.timeout_s.value_or(kDefaultTimeoutS);
   if (!(options.timeout_s > 0) || options.timeout_s > 86400) {
     return absl::InvalidArgumentError(
@@ -563,6 +570,18 @@ absl::Status History(Client& client, const ClientArgs& args) {
   v1::GetHistoryRequest request;
   request.set_job_id(args.target);
   AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  if (!args.plot.empty()) {
+    // Before the call: a plot that cannot be written is bad input (exit 2), not a failed write.
+    std::error_code ec;
+    const fs::path parent = fs::path(args.plot).parent_path();
+    if (fs::is_directory(args.plot, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("--plot ", args.plot, ": is a directory, expected a file path"));
+    }
+    if (!parent.empty() && !fs::is_directory(parent, ec)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--plot ", args.plot, ": the folder ", parent.string(), " does not exist"));
+    }
+  }
   v1::GetHistoryResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("GetHistory", &v1::JobService::Stub::GetHistory, request, &response));

@@ -160,6 +160,31 @@ std::string FirstUnknownFlag(const CLI::App* command, const std::vector<std::str
   return "";
 }
 
+// The first "--name" after `command`'s name in `args` that `command` does not define but one of
+// its parents does (a program's flag given after the command: "aviary list --coordinator X"),
+// "" when none.
+std::string FirstParentFlagAfterCommand(const CLI::App* command, const std::vector<std::string>& args) {
+  std::vector<std::string> path;  // the command words, outermost first
+  for (const CLI::App* a = command; a != nullptr && a->get_parent() != nullptr; a = a->get_parent()) {
+    path.insert(path.begin(), a->get_name());
+  }
+  if (path.empty()) return "";
+  size_t i = 0;
+  for (size_t matched = 0; i < args.size() && matched < path.size(); ++i) {
+    if (args[i] == path[matched]) ++matched;
+  }
+  for (; i < args.size(); ++i) {
+    if (args[i] == "--") break;
+    if (args[i].size() < 3 || args[i].compare(0, 2, "--") != 0) continue;
+    const std::string name = args[i].substr(0, args[i].find('='));
+    if (command->get_option_no_throw(name) != nullptr) continue;
+    for (const CLI::App* a = command->get_parent(); a != nullptr; a = a->get_parent()) {
+      if (a->get_option_no_throw(name) != nullptr) return name;
+    }
+  }
+  return "";
+}
+
 // " in [0, 99]", " >= 1", or "" when unbounded.
 template <typename T>
 std::string RangeText(T min, T max) {
@@ -191,6 +216,16 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
     // ("--coordinatr" making --coordinator missing) is the more useful thing to say.
     if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
       message = absl::StrCat("The following argument was not expected: ", unknown);
+    } else if (std::string misplaced = FirstParentFlagAfterCommand(command, args);
+               !misplaced.empty() && dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr) {
+      // The usage puts a program's own flags before the command; CLI11 only lists the extras.
+      const CLI::App* owner = command->get_parent();
+      while (owner->get_option_no_throw(misplaced) == nullptr) owner = owner->get_parent();
+      const std::string owner_path = CommandPath(owner);
+      const std::string below = CommandPath(command).substr(owner_path.size() + 1);  // "dataset folds"
+      message = absl::StrCat(misplaced, " is a flag of '", owner_path, "', not of '", below, "' (the flags of '",
+                             owner_path, "' go before the command: ", owner_path, " ", misplaced, " ... ", below,
+                             " ...)");
     } else if (!command->get_subcommands({}).empty()) {
       // A word where a command was expected, or none.
       std::vector<std::string> names;

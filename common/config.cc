@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <type_traits>
 #include <utility>
@@ -348,6 +349,23 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
   return absl::OkStatus();
 }
 
+// For a scalar of decimal digits (optionally signed) outside int's range: INT_MAX or INT_MIN
+// by its sign; nullopt for anything else.
+std::optional<int> SaturatedInt(const YAML::Node& node) {
+  if (!node.IsScalar()) return std::nullopt;
+  absl::string_view text = absl::StripAsciiWhitespace(node.Scalar());
+  const bool negative = !text.empty() && text.front() == '-';
+  if (!text.empty() && (text.front() == '-' || text.front() == '+')) text.remove_prefix(1);
+  if (text.empty() || !std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c); })) {
+    return std::nullopt;
+  }
+  int64_t value = 0;
+  if (absl::SimpleAtoi(text, &value) && value <= std::numeric_limits<int>::max()) {
+    if (!negative || -value >= std::numeric_limits<int>::min()) return std::nullopt;  // fits
+  }
+  return negative ? std::numeric_limits<int>::min() : std::numeric_limits<int>::max();
+}
+
 template <typename V>
 absl::Status ReadValue(const YAML::Node& node, const std::string& key, Origins* origins, V* out) {
   if constexpr (IsVector<V>::value) {
@@ -435,7 +453,21 @@ Field<T> MakeField(const char* name, V T::*member,
                    typename Identity<Check<V>>::type check = nullptr) {
   Field<T> field;
   field.name = name;
-  field.read = [member](const YAML::Node& node, const std::string& key, Origins* origins, T* out) {
+  field.read = [member, check](const YAML::Node& node, const std::string& key, Origins* origins,
+                               T* out) -> absl::Status {
+    if constexpr (std::is_same_v<V, int>) {
+      // An integer beyond int's range fails this field's own range, which is what the message
+      // should name ("[1, 10000]", not int's).
+      if (check) {
+        if (std::optional<int> saturated = SaturatedInt(node)) {
+          const std::string expected = check(*saturated);
+          if (!expected.empty()) {
+            return KeyError(origins->Where(key, node), key,
+                            absl::StrCat(expected, ", got ", Describe(node)));
+          }
+        }
+      }
+    }
     return ReadValue(node, key, origins, &(out->*member));
   };
   field.emit = [member](YAML::Emitter* out, const T& value) { EmitValue(out, value.*member); };
@@ -464,6 +496,11 @@ Field<PipelineConfig> MakeSection(const char* name, V PipelineConfig::*member) {
   };
   return field;
 }
+
+// The bound of the batches train.batch_size is multiplied into (x infer_bs for validation,
+// x grad_accum_steps per optimizer step and rank): 2^20, which leaves the trainer's int global
+// batch (x ranks) room for 2048 ranks.
+constexpr int64_t kMaxBatchProduct = int64_t{1} << 20;
 
 // An integer in [min, max]: the upper bounds keep a job from being absurd (a 2^31-epoch plan,
 // a million loader threads); README.md's key table lists them.
@@ -681,7 +718,7 @@ const std::vector<Field<SamplingConfig>>& FieldsOf<SamplingConfig>() {
 template <>
 const std::vector<Field<FrontendConfig>>& FieldsOf<FrontendConfig>() {
   static const auto* fields = new std::vector<Field<FrontendConfig>>{
-      MakeField("n_fft", &FrontendConfig::n_fft, IntIn(1, 65536)),
+      MakeField("n_fft", &FrontendConfig::n_fft, IntIn(2, 65536)),  // MelFrontend::Create refuses 1
       MakeField("hop_length", &FrontendConfig::hop_length, IntIn(1, 65536)),
       MakeField("n_mels", &FrontendConfig::n_mels, IntIn(1, 1024)),
       MakeField("fmin", &FrontendConfig::fmin, NonNegative()),
@@ -1039,6 +1076,40 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                     absl::StrCat("expected <= frontend.n_fft (", frontend.n_fft, "), got ",
                                  Show(frontend.hop_length)));
   }
+  // The STFT's reflect padding (center=True) needs a clip of more than n_fft / 2 samples; the
+  // front end refuses shorter ones at the first batch (worker/frontend.h, MinSamples).
+  const int64_t clip_samples = std::llround(data.duration * data.sample_rate);
+  const int64_t min_samples = frontend.n_fft / 2 + 1;
+  if (clip_samples < min_samples) {
+    return KeyError(
+        where.Any({"data.duration", "data.sample_rate", "frontend.n_fft"}), "data.duration",
+        absl::StrCat("expected a clip of at least frontend.n_fft / 2 + 1 = ", min_samples,
+                     " samples at data.sample_rate ", data.sample_rate, " (", FormatDouble(
+                         static_cast<double>(min_samples) / data.sample_rate),
+                     " s), got ", Show(data.duration), " (", clip_samples, " samples)"));
+  }
+
+  // small_cnn halves the mel image four times with 2x2 max-pools (worker/models.cc), and torch
+  // refuses a pool whose output would be empty: it needs 16 mel bins and 16 frames (frames =
+  // 1 + clip samples / hop_length, as the front end's STFT with center=True makes them).
+  if (config.model.name == "small_cnn") {
+    constexpr int kSmallCnnMinSize = 16;
+    if (frontend.n_mels < kSmallCnnMinSize) {
+      return KeyError(where.Any({"frontend.n_mels", "model.name"}), "frontend.n_mels",
+                      absl::StrCat("expected >= ", kSmallCnnMinSize,
+                                   " for model.name small_cnn (four 2x2 max-pools), got ", Show(frontend.n_mels)));
+    }
+    const int64_t frames = 1 + clip_samples / frontend.hop_length;
+    if (frames < kSmallCnnMinSize) {
+      return KeyError(
+          where.Any({"data.duration", "frontend.hop_length", "data.sample_rate", "model.name"}), "data.duration",
+          absl::StrCat("expected a clip of at least ", kSmallCnnMinSize,
+                       " frames for model.name small_cnn (four 2x2 max-pools; frames = 1 + samples / "
+                       "frontend.hop_length ",
+                       frontend.hop_length, "), got ", Show(data.duration), " (", clip_samples, " samples, ", frames,
+                       " frames)"));
+    }
+  }
 
   const AugmentConfig& augment = config.augment;
   if (augment.noise_std_min > augment.noise_std_max) {
@@ -1062,6 +1133,20 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
       const std::string key = prefix + ".ema_eval";
       return KeyError(where.Any({key, prefix + ".ema_decay", "train.ema_eval", "train.ema_decay"}), key,
                       "expected false while ema_decay is 0 (no average to validate), got true");
+    }
+    // The validation batch (batch_size x infer_bs) and the samples per optimizer step and rank
+    // (batch_size x grad_accum_steps) are ints in the trainer and predict: keep them far from
+    // overflowing (65536 x 65536 gave a validation batch of 0).
+    for (const auto& [factor, value] : {std::pair<const char*, int>{"infer_bs", train->infer_bs},
+                                        {"grad_accum_steps", train->grad_accum_steps}}) {
+      const int64_t product = int64_t{train->batch_size} * value;
+      if (product > kMaxBatchProduct) {
+        const std::string key = absl::StrCat(prefix, ".", factor);
+        return KeyError(where.Any({key, prefix + ".batch_size", absl::StrCat("train.", factor), "train.batch_size"}),
+                        key,
+                        absl::StrCat("expected batch_size x ", factor, " <= ", kMaxBatchProduct, " (batch_size is ",
+                                     train->batch_size, "), got ", Show(value), " (", product, ")"));
+      }
     }
   }
 

@@ -79,26 +79,35 @@ Reader Bool(bool CoordinatorConfig::*member) {
   };
 }
 
-Reader Double(double CoordinatorConfig::*member) {
-  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
-                  CoordinatorConfig* out) -> absl::Status {
+// A finite number of `unit` ("seconds", "days").
+Reader Double(double CoordinatorConfig::*member, const char* unit) {
+  return [member, unit](const YAML::Node& node, const Origin& origin, const std::string& key,
+                        CoordinatorConfig* out) -> absl::Status {
     double value = 0;
     if (!node.IsScalar() || !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
-      return KeyError(origin, key, absl::StrCat("expected a number of seconds, got ", Describe(node)));
+      return KeyError(origin, key, absl::StrCat("expected a number of ", unit, ", got ", Describe(node)));
     }
     out->*member = value;
     return absl::OkStatus();
   };
 }
 
-Reader Int(int CoordinatorConfig::*member) {
-  return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
-                  CoordinatorConfig* out) -> absl::Status {
-    int value = 0;
-    if (!node.IsScalar() || !absl::SimpleAtoi(node.Scalar(), &value)) {
+// An integer in [min, max] (a huge one, beyond int, is refused by that range too).
+Reader Int(int CoordinatorConfig::*member, int min, int max) {
+  return [member, min, max](const YAML::Node& node, const Origin& origin, const std::string& key,
+                            CoordinatorConfig* out) -> absl::Status {
+    std::string text = node.IsScalar() ? std::string(absl::StripAsciiWhitespace(node.Scalar())) : "";
+    const bool digits = !text.empty() && std::all_of(text.begin() + (text[0] == '-' || text[0] == '+'), text.end(),
+                                                     [](char c) { return c >= '0' && c <= '9'; }) &&
+                        text.size() > static_cast<size_t>(text[0] == '-' || text[0] == '+');
+    int64_t value = 0;
+    if (!digits) {
       return KeyError(origin, key, absl::StrCat("expected an integer, got ", Describe(node)));
     }
-    out->*member = value;
+    if (!absl::SimpleAtoi(text, &value) || value < min || value > max) {
+      return KeyError(origin, key, absl::StrCat("expected an integer in ", min, "..", max, ", got ", Describe(node)));
+    }
+    out->*member = static_cast<int>(value);
     return absl::OkStatus();
   };
 }
@@ -163,10 +172,10 @@ const std::vector<Field>& Fields() {
       {"tls_cert_file", String(&CoordinatorConfig::tls_cert_file, true)},
       {"tls_key_file", String(&CoordinatorConfig::tls_key_file, true)},
       {"tls_client_ca_file", String(&CoordinatorConfig::tls_client_ca_file, true)},
-      {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s)},
-      {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s)},
-      {"max_restarts", Int(&CoordinatorConfig::max_restarts)},
-      {"retention_days", Double(&CoordinatorConfig::retention_days)},
+      {"heartbeat_interval_s", Double(&CoordinatorConfig::heartbeat_interval_s, "seconds")},
+      {"heartbeat_timeout_s", Double(&CoordinatorConfig::heartbeat_timeout_s, "seconds")},
+      {"max_restarts", Int(&CoordinatorConfig::max_restarts, 0, 1000)},
+      {"retention_days", Double(&CoordinatorConfig::retention_days, "days")},
       {"log_level", String(&CoordinatorConfig::log_level, false)},
   };
   return kFields;
@@ -279,8 +288,15 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
   try {
     root = YAML::Load(yaml_text);
   } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source_name, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg));
+    std::string where = source_name;
+    if (!e.mark.is_null() && e.mark.line >= 0) {
+      // An error at the end of the input ("end of sequence flow not found") is marked one line
+      // past the last one; name the last line instead (as the pipeline config does).
+      const int num_lines = static_cast<int>(std::count(yaml_text.begin(), yaml_text.end(), '\n')) +
+                            (yaml_text.empty() || yaml_text.back() == '\n' ? 0 : 1);
+      where = absl::StrCat(source_name, ":", std::max(1, std::min(e.mark.line + 1, num_lines)));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(where, ": YAML syntax error: ", e.msg));
   }
   if (root.IsDefined() && !root.IsNull()) {
     if (!root.IsMap()) {
@@ -390,10 +406,12 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
           "without authentication"));
     }
   }
-  if (!(config.heartbeat_interval_s > 0) || config.heartbeat_interval_s > 3600) {
+  // Groups are told the interval in whole milliseconds (RegisterGroupResponse), and take 0 as
+  // "not said" (their default, 2 s).
+  if (!(config.heartbeat_interval_s >= 0.001) || config.heartbeat_interval_s > 3600) {
     return absl::InvalidArgumentError(absl::StrCat("key 'heartbeat_interval_s': ",
                                                    config.heartbeat_interval_s,
-                                                   ": expected a value in (0, 3600]"));
+                                                   ": expected a value in [0.001, 3600]"));
   }
   if (!(config.heartbeat_timeout_s > config.heartbeat_interval_s) ||
       config.heartbeat_timeout_s > 86400) {
@@ -401,6 +419,20 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
         "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s,
         ": expected more than heartbeat_interval_s (", config.heartbeat_interval_s,
         ") and at most 86400"));
+  }
+  // A group's lease lasts the timeout less a margin of max(0.5 s, timeout / 10) after the send
+  // of its last answered heartbeat (worker/agent/lease_clock.h). Unless that spans two heartbeat
+  // intervals, the lease runs out between healthy heartbeats (or at the first late one) and the
+  // group's checkpoint writes are fenced: the task is abandoned and re-leased, over and over.
+  const double lease_s = config.heartbeat_timeout_s - std::max(0.5, config.heartbeat_timeout_s / 10);
+  if (lease_s < 2 * config.heartbeat_interval_s) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s,
+        ": too short for heartbeat_interval_s ", config.heartbeat_interval_s,
+        ": a group's lease (the timeout less a margin of max(0.5 s, timeout / 10), here ", lease_s,
+        " s) must span two heartbeat intervals (", 2 * config.heartbeat_interval_s,
+        " s), or healthy groups have their checkpoint writes fenced; expected at least ",
+        std::max(2 * config.heartbeat_interval_s + 0.5, 2 * config.heartbeat_interval_s / 0.9)));
   }
   if (config.max_restarts < 0 || config.max_restarts > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("key 'max_restarts': ", config.max_restarts,

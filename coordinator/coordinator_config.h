@@ -42,8 +42,9 @@ struct CoordinatorConfig {
   std::string tls_cert_file;
   std::string tls_key_file;
   std::string tls_client_ca_file;  // mutual TLS: WorkerService needs a client cert signed by this CA
-  double heartbeat_interval_s = 2.0;  // > 0
-  double heartbeat_timeout_s = 20.0;  // > heartbeat_interval_s
+  double heartbeat_interval_s = 2.0;  // [0.001, 3600]
+  // <= 86400; less max(0.5, timeout / 10) (the lease fence's margin) >= 2 x heartbeat_interval_s
+  double heartbeat_timeout_s = 20.0;
   int max_restarts = 3;               // >= 0
   double retention_days = 30;         // finished jobs keep step points and manifests this long; 0: for ever
   std::string log_level = "info";     // debug, info, warning, error

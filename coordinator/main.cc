@@ -112,7 +112,23 @@ int main(int argc, char** argv) {
               << "); no libtorch\n";
     return 0;
   }
-  if (init->parsed()) return RunInit(init_dir, init_data_roots);
+  if (init->parsed()) {
+    // The server's flags mean nothing to init, which writes its own DIR/coordinator.yaml: refuse
+    // them rather than drop them silently (`aviary-coordinator --database D init DIR`).
+    std::vector<const CLI::Option*> server_flags{app.get_option("--config"), app.get_option("--set")};
+    for (const auto& [key, option] : key_flags) server_flags.push_back(option);
+    for (const CLI::Option* option : server_flags) {
+      if (option->count() > 0) {
+        std::cerr << "aviary-coordinator init: " << option->get_name()
+                  << " is a flag of the coordinator itself, not of init (init writes DIR/coordinator.yaml: "
+                     "edit that file, or give the flag when starting: aviary-coordinator --config "
+                     "DIR/coordinator.yaml "
+                  << option->get_name() << " ...)\n";
+        return 2;
+      }
+    }
+    return RunInit(init_dir, init_data_roots);
+  }
   std::vector<ConfigOverride> overrides;
   for (const std::string& text : sets) {
     auto override_value = aviary::coordinator::ParseSetOverride(text);

@@ -568,6 +568,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
   }
+  // Fine-tuning has one task per selected fold: without pretraining and without a fold the job
+  // would have no task and stay PENDING for ever.
+  if (!pretrain && config.folds.selected_folds.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": key 'folds.selected_folds': expected at least one fold while stages.pretrain.enabled is "
+                "false (fine-tuning runs one task per selected fold), got an empty list; nothing to run"));
+  }
 
   struct NewTask {
     TaskRow row;
@@ -1546,7 +1553,16 @@ absl::StatusOr<int> Scheduler::PruneFinishedJobs() {
 }
 
 absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_than_s, bool dry_run) {
-  if (older_than_s < 0) older_than_s = options_.retention_s;
+  if (older_than_s < 0) {
+    // retention_days 0 keeps everything for ever: as a default age it must not mean "every
+    // finished job" (which pruned a job cancelled a second ago, so that it could not be retried).
+    if (options_.retention_s <= 0) {
+      return absl::FailedPreconditionError(
+          "retention_days is 0 (finished jobs are kept for ever), so there is no default age to prune at; "
+          "give one (aviary prune --older-than DAYS; 0: every finished job)");
+    }
+    older_than_s = options_.retention_s;
+  }
   aviary::v1::PruneJobsResponse response;
   response.set_older_than_days(older_than_s / 86400);
   response.set_dry_run(dry_run);

@@ -81,7 +81,8 @@ class Scheduler {
   // Returns how many jobs it pruned.
   absl::StatusOr<int> PruneFinishedJobs() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   // The same with any age (`aviary prune`): jobs finished more than `older_than_s` ago (< 0:
-  // retention_s; jobs already pruned by this process are skipped). With `dry_run` the same
+  // retention_s, FAILED_PRECONDITION when that is 0, "keep for ever"; jobs already pruned by
+  // this process are skipped). With `dry_run` the same
   // transaction runs and is rolled back: the counts are exact and nothing is removed.
   absl::StatusOr<aviary::v1::PruneJobsResponse> PruneJobs(double older_than_s, bool dry_run)
       ABSL_LOCKS_EXCLUDED(mu_, write_mu_);

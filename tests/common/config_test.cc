@@ -166,6 +166,16 @@ TEST(ConfigTest, NumericKeysHaveUpperBounds) {
             "x.yaml:2: key 'train.lr': expected a number in (0, 100], got '1000.0'");
   EXPECT_EQ(ParseError("comm:\n  timeout_s: 1e9\n"),
             "x.yaml:2: key 'comm.timeout_s': expected a number in (0, 86400], got '1000000000.0'");
+  // Beyond int's range (and int64's) the message still gives the key's own range.
+  EXPECT_EQ(ParseError("train:\n  epochs: 99999999999\n"),
+            "x.yaml:2: key 'train.epochs': expected an integer in [1, 10000], got '99999999999'");
+  EXPECT_EQ(ParseError("stages:\n  finetune:\n    batch_size: -99999999999999999999\n"),
+            "x.yaml:3: key 'stages.finetune.batch_size': expected an integer in [1, 65536], "
+            "got '-99999999999999999999'");
+  EXPECT_EQ(ParseError("", {"frontend.n_mels=2147483648"}),
+            "--set frontend.n_mels=2147483648: key 'frontend.n_mels': expected an integer in [1, 1024], "
+            "got '2147483648'");
+  EXPECT_EQ(ParseError("train:\n  epochs: 1e3\n"), "x.yaml:2: key 'train.epochs': expected an integer, got '1e3'");
   // The bounds themselves are accepted.
   EXPECT_EQ(ParseError("train:\n  epochs: 10000\n  batch_size: 65536\n  num_workers: 256\n"), "");
 }
@@ -187,6 +197,10 @@ TEST(ConfigTest, OutOfRangeValues) {
   EXPECT_THAT(ParseError("data:\n  sample_rate: -1\n"), HasSubstr("key 'data.sample_rate'"));
   EXPECT_THAT(ParseError("data:\n  duration: 0\n"), HasSubstr("key 'data.duration'"));
   EXPECT_THAT(ParseError("folds:\n  cv_filter_thr: 0\n"), HasSubstr("key 'folds.cv_filter_thr'"));
+  // The front end refuses n_fft 1 when training starts; the config refuses it first.
+  EXPECT_EQ(ParseError("frontend:\n  n_fft: 1\n  hop_length: 1\n"),
+            "x.yaml:2: key 'frontend.n_fft': expected an integer in [2, 65536], got '1'");
+  EXPECT_EQ(ParseError("data:\n  duration: 1\nfrontend:\n  n_fft: 2\n  hop_length: 1\n  n_mels: 2\n"), "");
   EXPECT_THAT(ParseError("frontend:\n  in_channels: 2\n"),
               HasSubstr("x.yaml:2: key 'frontend.in_channels': expected one of 1, 3, got '2'"));
 }
@@ -208,6 +222,19 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
             "got true");
   EXPECT_THAT(ParseError("train:\n  ema_decay: 0.99\nstages:\n  finetune: {ema_decay: 0.0, ema_eval: true}\n"),
               HasSubstr("key 'stages.finetune.ema_eval': expected false while ema_decay is 0"));
+  // Products of batch_size that the trainer holds in an int, bounded by 2^20: 65536 x 65536
+  // wrapped to a validation batch of 0 ("loader option batch_size = 0") after the config was
+  // accepted.
+  EXPECT_EQ(ParseError("train:\n  batch_size: 65536\n  infer_bs: 65536\n"),
+            "x.yaml:3: key 'train.infer_bs': expected batch_size x infer_bs <= 1048576 (batch_size is 65536), "
+            "got '65536' (4294967296)");
+  EXPECT_EQ(ParseError("train:\n  batch_size: 4096\nstages:\n  finetune: {grad_accum_steps: 512}\n"),
+            "x.yaml:4: key 'stages.finetune.grad_accum_steps': expected batch_size x grad_accum_steps <= 1048576 "
+            "(batch_size is 4096), got '512' (2097152)");
+  EXPECT_THAT(ParseError("train:\n  infer_bs: 32768\n", {"stages.pretrain.batch_size=64"}),
+              HasSubstr("--set stages.pretrain.batch_size=64: key 'stages.pretrain.infer_bs': expected batch_size x "
+                        "infer_bs <= 1048576"));
+  EXPECT_EQ(ParseError("train:\n  batch_size: 65536\n  infer_bs: 16\n  grad_accum_steps: 16\n"), "");
   EXPECT_EQ(ParseError("train:\n  ema_decay: 0.999\n  ema_eval: true\n  grad_accum_steps: 4\n"
                        "  grad_clip_norm: 1.0\n  early_stop_patience: 3\n"),
             "");
@@ -273,6 +300,30 @@ TEST(ConfigTest, CrossFieldChecks) {
   EXPECT_THAT(ParseError("frontend:\n  n_fft: 512\n"),
               HasSubstr("x.yaml:2: key 'frontend.hop_length': expected <= frontend.n_fft (512), "
                         "got '835'"));
+  // A clip shorter than the STFT's reflect padding needs (n_fft / 2 + 1 samples) is refused here,
+  // not by the front end at the first training batch.
+  EXPECT_EQ(ParseError("data:\n  duration: 0.02\n"),
+            "x.yaml:2: key 'data.duration': expected a clip of at least frontend.n_fft / 2 + 1 = 1015 "
+            "samples at data.sample_rate 32000 (0.03171875 s), got '0.02' (640 samples)");
+  EXPECT_THAT(ParseError("data:\n  duration: 1\nfrontend:\n  n_fft: 65536\n  hop_length: 512\n"),
+              HasSubstr("x.yaml:2: key 'data.duration': expected a clip of at least frontend.n_fft / 2 + 1 "
+                        "= 32769 samples"));
+  EXPECT_THAT(ParseError("", {"data.duration=0.1", "data.sample_rate=8000", "frontend.fmax=4000"}),
+              HasSubstr("--set data.duration=0.1: key 'data.duration': expected a clip of at least "
+                        "frontend.n_fft / 2 + 1 = 1015 samples at data.sample_rate 8000"));
+  EXPECT_EQ(ParseError("data:\n  duration: 0.03171875\n"), "");
+  EXPECT_EQ(ParseError("data:\n  duration: 0.05\nfrontend:\n  n_fft: 512\n  hop_length: 128\n"), "");
+  // small_cnn's four 2x2 max-pools need a mel image of at least 16 x 16 (torch: "Output size is
+  // too small" at the first batch).
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\nfrontend:\n  n_mels: 8\n"),
+            "x.yaml:4: key 'frontend.n_mels': expected >= 16 for model.name small_cnn (four 2x2 max-pools), got '8'");
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\ndata:\n  duration: 0.4\n"), "");  // 1 + 12800 / 835 = 16
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\ndata:\n  duration: 0.39\n"),
+            "x.yaml:4: key 'data.duration': expected a clip of at least 16 frames for model.name small_cnn (four "
+            "2x2 max-pools; frames = 1 + samples / frontend.hop_length 835), got '0.39' (12480 samples, 15 frames)");
+  EXPECT_THAT(ParseError("frontend:\n  hop_length: 2028\n", {"model.name=small_cnn", "data.duration=0.9"}),
+              HasSubstr("--set data.duration=0.9: key 'data.duration': expected a clip of at least 16 frames"));
+  EXPECT_EQ(ParseError("frontend:\n  n_mels: 8\n"), "");  // the EfficientNets have no such limit
   EXPECT_THAT(ParseError("sampling:\n  upsample_thr: 50\n  downsample_thr: 10\n"),
               HasSubstr("x.yaml:3: key 'sampling.downsample_thr': expected >= "
                         "sampling.upsample_thr (50)"));

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -119,6 +120,20 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
             std::string::npos)
       << config.status();
 
+  // A number beyond int names the key's range (it read as "expected an integer", which it is).
+  const std::string huge = Write("m.yaml", "allow_no_auth: true\nmax_restarts: 99999999999\n");
+  config = LoadCoordinatorConfig(huge, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().message(), huge + ":2: key 'max_restarts': expected an integer in 0..1000, got '99999999999'");
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                      {"max_restarts", "1001", "--max-restarts 1001"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().message(), "--max-restarts 1001: key 'max_restarts': expected an integer in 0..1000, got '1001'");
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                      {"max_restarts", "+7", "--set max_restarts=+7"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->max_restarts, 7);
+
   const std::string timeout = Write("t.yaml", "allow_no_auth: true\nheartbeat_timeout_s: 1\n");
   config = LoadCoordinatorConfig(timeout, {});
   ASSERT_FALSE(config.ok());
@@ -131,8 +146,67 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
   EXPECT_NE(config.status().message().find("key 'listen'"), std::string::npos) << config.status();
 }
 
+// A timeout whose lease (less the fence's margin) does not span two heartbeat intervals fenced
+// healthy groups' checkpoint writes (interval 2, timeout 2.1: the lease ran out 0.4 s before
+// every next heartbeat); an interval under 1 ms reached groups as 0 ms, which they read as "not
+// said" and heartbeated every 2 s.
+TEST_F(CoordinatorConfigTest, HeartbeatTimeoutCoversTheLeaseMargin) {
+  const std::string path = Write("h.yaml", "allow_no_auth: true\nheartbeat_interval_s: 2\nheartbeat_timeout_s: 2.1\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(path + ":3: key 'heartbeat_timeout_s': 2.1: too short for "
+                                           "heartbeat_interval_s 2"),
+            std::string::npos)
+      << config.status();
+  EXPECT_NE(config.status().message().find("expected at least 4.5"), std::string::npos) << config.status();
+  const ConfigOverride no_auth{"allow_no_auth", "true", "--set allow_no_auth=true"};
+  // The bounds: 2 x interval + 0.5 s up to 5 s, then 2 x interval / 0.9.
+  for (const auto& [interval, timeout, ok] :
+       std::vector<std::tuple<std::string, std::string, bool>>{{"2", "4.5", true},
+                                                               {"2", "4.4", false},
+                                                               {"1", "3", true},
+                                                               {"0.2", "1", true},
+                                                               {"10", "22.3", true},
+                                                               {"10", "22.1", false},
+                                                               {"2", "20", true}}) {
+    config = LoadCoordinatorConfig("", {no_auth,
+                                        {"heartbeat_interval_s", interval, "--set heartbeat_interval_s=" + interval},
+                                        {"heartbeat_timeout_s", timeout, "--heartbeat-timeout-s " + timeout}});
+    EXPECT_EQ(config.ok(), ok) << interval << " " << timeout << ": " << config.status();
+    if (!ok && !config.ok()) {
+      EXPECT_NE(config.status().message().find("--heartbeat-timeout-s " + timeout + ": key 'heartbeat_timeout_s'"),
+                std::string::npos)
+          << config.status();
+    }
+  }
+  config = LoadCoordinatorConfig("", {no_auth, {"heartbeat_interval_s", "0.0004", "--set heartbeat_interval_s=0.0004"},
+                                      {"heartbeat_timeout_s", "1", "--set heartbeat_timeout_s=1"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("--set heartbeat_interval_s=0.0004: key 'heartbeat_interval_s': 0.0004: "
+                                           "expected a value in [0.001, 3600]"),
+            std::string::npos)
+      << config.status();
+}
+
+// A syntax error found at the end of the file names its last line, not the one after it.
+TEST_F(CoordinatorConfigTest, YamlSyntaxErrorAtTheEndNamesTheLastLine) {
+  const std::string path = Write("s.yaml", "allow_no_auth: true\nlisten: [1,\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().message(), path + ":2: YAML syntax error: end of sequence flow not found");
+  const std::string tab = Write("tab.yaml", "allow_no_auth: true\n\tlisten: x\n");
+  config = LoadCoordinatorConfig(tab, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(tab + ":2: YAML syntax error"), std::string::npos) << config.status();
+}
+
 // retention_days: 0 (keep for ever) to 36500; anything else is refused by key and value.
 TEST_F(CoordinatorConfigTest, RetentionDaysIsBounded) {
+  // Its unit is days (the message said "seconds").
+  auto words = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                          {"retention_days", "30d", "--set retention_days=30d"}});
+  ASSERT_FALSE(words.ok());
+  EXPECT_EQ(words.status().message(), "--set retention_days=30d: key 'retention_days': expected a number of days, got '30d'");
   for (const char* bad : {"-1", "40000", "nan"}) {
     auto config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
                                              {"retention_days", bad, absl::StrCat("--set retention_days=", bad)}});

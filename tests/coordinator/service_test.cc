@@ -964,6 +964,17 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("train.epochs"), std::string::npos) << status.error_message();
 
+  // Fine-tuning only, with no selected fold: a job of no task stayed PENDING for ever.
+  submit.clear_overrides();
+  submit.add_overrides("stages.pretrain.enabled=false");
+  submit.add_overrides("folds.selected_folds=[]");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("pipe.yaml: key 'folds.selected_folds': expected at least one fold while "
+                                        "stages.pretrain.enabled is false"),
+            std::string::npos)
+      << status.error_message();
+
   // A dataset that cannot be read is refused at submit, naming the path.
   submit.clear_overrides();
   submit.add_overrides("data.target.root=missing");
@@ -1775,6 +1786,13 @@ TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
     return jobs_->PruneJobs(Ctx().get(), request, response);
   };
   PruneJobsResponse response;
+  // Without an age the coordinator's retention_days applies; 0 keeps everything for ever, so it is
+  // no age to prune at (it pruned every finished job).
+  grpc::Status by_default = prune(-1, false, &response);
+  EXPECT_EQ(by_default.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(by_default.error_message().find("retention_days is 0"), std::string::npos) << by_default.error_message();
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 2);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);
   ASSERT_TRUE(prune(1, false, &response).ok());  // finished less than a day ago
   EXPECT_EQ(response.jobs_size(), 0);
   EXPECT_EQ(response.manifests_deleted(), 0);

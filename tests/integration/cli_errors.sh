@@ -26,6 +26,12 @@ expect "unknown command 'split' (expected folds, train-list, summary)" "$aviary"
 expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
 expect "argument was not expected: --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
 expect "--stage: expected one of pretrain, finetune, got 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
+# A program's own flag after the command (the usage puts it before) is named as such; CLI11 alone
+# said "The following arguments were not expected: 127.0.0.1:1 --coordinator".
+expect "--coordinator is a flag of 'aviary', not of 'list' (the flags of 'aviary' go before the command: aviary --coordinator ... list ...)" \
+  "$aviary" list --coordinator 127.0.0.1:1
+expect "--timeout is a flag of 'aviary', not of 'dataset folds'" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --timeout=5
 expect "--set: expected dotted.key=value, got 'seed'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --set seed
 expect "$tmp/nope.yaml" "$aviary" dataset folds --config "$tmp/nope.yaml" --stage finetune --out "$tmp/o.csv"
 expect "bad.yaml:3: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)" \
@@ -36,6 +42,17 @@ expect "--fold: expected an integer in [0, 1000000], got 'x'" "$aviary" dataset 
 expect "data.target" "$aviary" dataset folds --config "$tmp/p.yaml" --set data.target.root=$tmp/missing --stage finetune --out "$tmp/o.csv"
 expect "data.pretrain_sources" "$aviary" dataset folds --config "$tmp/p.yaml" --stage pretrain --out "$tmp/o.csv"
 expect "cannot make 30 stratified folds" "$aviary" dataset folds --config "$tmp/p.yaml" --set folds.finetune_splits=30 --stage finetune --out "$tmp/o.csv"
+# An output path in a missing folder, or a folder, is bad input named by its flag (exit 1 and the
+# atomic write's temporary file name before).
+expect "--out $tmp/nodir/o.csv: the folder $tmp/nodir does not exist" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/nodir/o.csv"
+mkdir -p "$tmp/adir"
+expect "--out $tmp/adir: is a directory, expected a file path" \
+  "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/adir"
+expect "--plot $tmp/nodir/s.png: the folder $tmp/nodir does not exist" \
+  "$aviary" dataset summary --config "$tmp/p.yaml" --plot "$tmp/nodir/s.png"
+expect "--plot $tmp/nodir/h.png: the folder $tmp/nodir does not exist" \
+  "$aviary" --coordinator 127.0.0.1:1 --timeout 5 history j0123456789ab --plot "$tmp/nodir/h.png"
 expect "--layout: unknown layout '2019'" "$aviary" synth --out "$tmp/s" --layout 2019
 expect "--species: expected an integer in [1, 999], got '0'" "$aviary" synth --out "$tmp/s" --layout 2024 --species 0
 expect "--out is required" "$aviary" synth --layout 2024
@@ -52,6 +69,41 @@ if [ $? -ne 0 ] || ! grep -q "pretrain: disabled" <<<"$out"; then
 else
   passes=$((passes + 1))
 fi
+# The class counts say what the config does: cv_filter off and thresholds of 0 are "off" (not
+# "4 with fewer than 5 (cv=False)" or "N above downsample_thr 0"), and fine-tuning (which does
+# not downsample) gives no downsampling count.
+out=$("$aviary" dataset summary --config "$tmp/p.yaml" --set folds.cv_filter=false --set sampling.upsample_thr=0 \
+  --set sampling.downsample_thr=0 2>&1)
+if [ $? -ne 0 ] || ! grep -qF "classes: 6; cv_filter off, upsampling off (upsample_thr 0)" <<<"$out" ||
+   grep -q "downsampl" <<<"$out"; then
+  echo "FAIL: dataset summary with cv_filter, upsampling and downsampling off: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+"$aviary" synth --out "$tmp/t21" --layout 2021 --species 6 --recordings 40 --seed 5 --max-seconds 3 >/dev/null
+out=$("$aviary" dataset summary --config "$tmp/p.yaml" --set stages.pretrain.enabled=true \
+  --set 'data.pretrain_sources=[{layout: "2021", root: '"$tmp/t21"'}]' --set folds.pretrain_splits=3 \
+  --set sampling.downsample_thr=0 2>&1)
+if [ $? -ne 0 ] || ! grep -qE "classes: [0-9]+; [0-9]+ with fewer than 5 \(cv=False, always trained on\), [0-9]+ below upsample_thr 50, downsampling off \(downsample_thr 0\)$" <<<"$out"; then
+  echo "FAIL: dataset summary of the pretraining stage with downsampling off: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+# `aviary help` is the program's help (it printed help's own usage), and `aviary help CMD SUB`
+# reaches a subcommand (README: "aviary help CMD").
+if [ "$("$aviary" help 2>&1)" != "$("$aviary" --help 2>&1)" ]; then
+  echo "FAIL: aviary help differs from aviary --help: $("$aviary" help 2>&1 | head -3)"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+out=$("$aviary" help dataset folds 2>&1)
+if [ $? -ne 0 ] || ! grep -q "^Usage: aviary dataset folds " <<<"$out"; then
+  echo "FAIL: aviary help dataset folds: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+expect "aviary help: unknown command 'fold' of 'aviary dataset' (aviary dataset --help lists them)" \
+  "$aviary" help dataset fold
 # synth --no-broken says none are broken (no empty "(0 broken:)").
 out=$("$aviary" synth --out "$tmp/nb" --layout 2024 --species 3 --recordings 6 --seed 1 --max-seconds 2 --no-broken 2>&1)
 if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then
@@ -73,6 +125,10 @@ expect "--tls-ca $tmp/notpem.crt: holds no PEM certificate" \
   "$aviary" --coordinator 127.0.0.1:1 --tls-ca "$tmp/notpem.crt" list
 expect "AVIARY_TLS_CA $tmp/notpem.crt: holds no PEM certificate" \
   env AVIARY_TLS_CA="$tmp/notpem.crt" "$aviary" --coordinator 127.0.0.1:1 list
+# A coordinator address without a port (gRPC would dial 443) is refused naming where it came from.
+# (as aviary-worker serve and the launchers already do).
+expect "--coordinator: expected HOST:PORT, got 'localhost' (e.g. localhost:7070)" "$aviary" --coordinator localhost list
+expect "AVIARY_COORDINATOR: expected HOST:PORT, got 'coord' (e.g. coord:7070)" env AVIARY_COORDINATOR=coord "$aviary" status j0123456789ab
 # A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
 printf '\357\273\277the-token\n' > "$tmp/bom.token"
 out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?

@@ -26,6 +26,13 @@ cp state/token token.before
 expect "will not overwrite '$tmp/state/coordinator.yaml'" "$bin/aviary-coordinator" init state
 cmp -s state/token token.before || fail "a refused init changed the token"
 expect "DIR is required" "$bin/aviary-coordinator" init
+# The coordinator's own flags are refused with init (they were dropped silently: the config init
+# writes has its own database), before or after the command; nothing is written.
+expect "--database is a flag of the coordinator itself, not of init (init writes DIR/coordinator.yaml" \
+  "$bin/aviary-coordinator" --database "$tmp/other.db" init flags
+expect "--set is a flag of the coordinator itself, not of init" "$bin/aviary-coordinator" --set listen=127.0.0.1:1 init flags
+expect "--listen is a flag of 'aviary-coordinator', not of 'init'" "$bin/aviary-coordinator" init flags --listen 127.0.0.1:1
+[ ! -e flags ] || fail "a refused init wrote flags/"
 # --data-root (repeatable) lands in the config's data_roots, resolved; a missing one is refused.
 mkdir -p data/a data/b && ln -s data/b b-link
 "$bin/aviary-coordinator" init roots --data-root data/a --data-root b-link > /dev/null 2>&1 || fail "init --data-root failed"
