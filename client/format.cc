@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/status.h"
 
 namespace aviary::cli {
@@ -195,7 +196,7 @@ std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s, double last_e
     absl::StrAppend(&line, "  restarts ", task.restarts());
   }
   if (!task.error().empty() && task.state() == v1::TASK_STATE_FAILED) {
-    absl::StrAppend(&line, "  error: ", task.error());
+    absl::StrAppend(&line, "  error: ", PrintableLines(task.error(), " / "));
   }
   return line;
 }
@@ -347,7 +348,7 @@ std::string FormatJobStatus(const v1::JobInfo& job) {
   absl::StrAppend(&out, "created  ", FormatUnixMs(job.created_unix_ms()), UtcSuffix(job.created_unix_ms()), "\n");
   absl::StrAppend(&out, "updated  ", FormatUnixMs(job.updated_unix_ms()), UtcSuffix(job.updated_unix_ms()), "\n");
   absl::StrAppend(&out, "tasks    ", TasksDone(job), "/", job.tasks_size(), " succeeded\n");
-  if (!job.error().empty()) absl::StrAppend(&out, "error    ", job.error(), "\n");
+  if (!job.error().empty()) absl::StrAppend(&out, "error    ", PrintableLines(job.error(), "\n         "), "\n");
   if (const std::string tags = FormatTags(job); !tags.empty()) absl::StrAppend(&out, "tags     ", tags, "\n");
   if (!job.note().empty()) absl::StrAppend(&out, "note     ", PrintableText(job.note()), "\n");
   if (!job.sweep().empty()) {
@@ -383,7 +384,10 @@ std::string FormatJobStatus(const v1::JobInfo& job) {
   }
   absl::StrAppend(&out, "\n", FormatColumns(rows));
   for (const auto& t : job.tasks()) {
-    if (!t.error().empty()) absl::StrAppend(&out, t.task_id(), ": ", t.error(), "\n");
+    if (!t.error().empty()) {
+      const std::string head = absl::StrCat(t.task_id(), ": ");
+      absl::StrAppend(&out, head, PrintableLines(t.error(), absl::StrCat("\n", std::string(head.size(), ' '))), "\n");
+    }
   }
   return out;
 }
@@ -470,6 +474,18 @@ std::string PrintableText(const std::string& text) {
     } else {
       out += ch;
     }
+  }
+  return out;
+}
+
+std::string PrintableLines(const std::string& text, absl::string_view separator) {
+  std::vector<std::string> lines = absl::StrSplit(text, '\n');
+  if (lines.size() > 1 && lines.back().empty()) lines.pop_back();
+  std::string out;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    std::string& line = lines[i];
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    absl::StrAppend(&out, i == 0 ? "" : separator, PrintableText(line));
   }
   return out;
 }

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "google/protobuf/message.h"
 #include "proto/aviary.pb.h"
 
@@ -72,6 +73,11 @@ class EtaTracker {
 // `text` with control characters written as \xNN: a job name from a database older than the
 // coordinator's check (docs/SERVICE.md) must not move the cursor or colour the terminal.
 std::string PrintableText(const std::string& text);
+
+// A multi-line text (a task's error: a worker's stack of causes) as PrintableText lines joined
+// by `separator` ("\r\n" and "\n" end a line; a trailing newline adds none): `watch` keeps each
+// task on its one row, `status` indents the lines after the first.
+std::string PrintableLines(const std::string& text, absl::string_view separator);
 
 // The tasks `watch` draws when its block may have at most `max_rows` task rows (the terminal's
 // height: a block taller than the screen cannot be redrawn in place). All of them when they

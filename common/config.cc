@@ -519,6 +519,14 @@ Check<double> PositiveAtMost(double max) {
   };
 }
 
+// A number in [min, max].
+Check<double> NumberIn(double min, double max) {
+  return [min, max](const double& value) {
+    if (value >= min && value <= max) return std::string();
+    return absl::StrCat("expected a number in [", min, ", ", max, "]");
+  };
+}
+
 // A number in [0, max].
 Check<double> NonNegativeAtMost(double max) {
   return [max](const double& value) {
@@ -839,7 +847,8 @@ template <>
 const std::vector<Field<CommConfig>>& FieldsOf<CommConfig>() {
   static const auto* fields = new std::vector<Field<CommConfig>>{
       MakeField("backend", &CommConfig::backend, OneOf({"auto", "nccl", "mpi"})),
-      MakeField("bucket_mb", &CommConfig::bucket_mb, PositiveAtMost(4096)),
+      // At least 1 KiB: the reducer's bucket is bucket_mb x 2^20 bytes, which must not round to 0.
+      MakeField("bucket_mb", &CommConfig::bucket_mb, NumberIn(1.0 / 1024, 4096)),
       MakeField("timeout_s", &CommConfig::timeout_s, PositiveAtMost(86400)),
   };
   return *fields;

@@ -191,6 +191,28 @@ TEST(ClientFormatTest, ControlCharactersInNamesArePrintedEscaped) {
   EXPECT_NE(FormatJobStatus(job).find("name     a\\x0ab\n"), std::string::npos);
 }
 
+// A task's error of several lines (or with a terminal escape in a file name) keeps `watch`'s row
+// one line, and `status` indents its lines under the first.
+TEST(ClientFormatTest, MultiLineErrorsStayInTheirRowsAndColumns) {
+  EXPECT_EQ(PrintableLines("a\r\nb\x1b[2J\n", " / "), "a / b\\x1b[2J");
+  EXPECT_EQ(PrintableLines("one", " / "), "one");
+  v1::TaskInfo t = Task("finetune", 1, v1::TASK_STATE_FAILED, 25, 400, 1320);
+  t.set_task_id("finetune-f1");
+  t.set_error("rank 1: data error\ncaused by: /d/x.ogg: truncated\n");
+  const std::string line = FormatTaskLine(t, -1);
+  EXPECT_EQ(line.find('\n'), std::string::npos) << line;
+  EXPECT_NE(line.find("error: rank 1: data error / caused by: /d/x.ogg: truncated"), std::string::npos) << line;
+  v1::JobInfo job;
+  job.set_job_id("j0123456789ab");
+  job.set_error("2 tasks failed\nsee below");
+  *job.add_tasks() = t;
+  const std::string status = FormatJobStatus(job);
+  EXPECT_NE(status.find("error    2 tasks failed\n         see below\n"), std::string::npos) << status;
+  EXPECT_NE(status.find("finetune-f1: rank 1: data error\n             caused by: /d/x.ogg: truncated\n"),
+            std::string::npos)
+      << status;
+}
+
 TEST(ClientFormatTest, SweepFlagsSplitAtTopLevelCommas) {
   v1::SweepAxis axis;
   ASSERT_TRUE(ParseSweepFlag("train.lr=[1e-3, 5e-4,2e-4]", &axis).ok());

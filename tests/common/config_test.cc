@@ -193,6 +193,9 @@ TEST(ConfigTest, OutOfRangeValues) {
   EXPECT_THAT(ParseError("train:\n  label_smoothing: -0.1\n"),
               HasSubstr("key 'train.label_smoothing'"));
   EXPECT_THAT(ParseError("comm:\n  bucket_mb: 0\n"), HasSubstr("x.yaml:2: key 'comm.bucket_mb'"));
+  // Below 1 KiB the bucket of bucket_mb x 2^20 bytes rounds to nothing.
+  EXPECT_THAT(ParseError("comm:\n  bucket_mb: 1e-9\n"),
+              HasSubstr("x.yaml:2: key 'comm.bucket_mb': expected a number in [0.000976562, 4096], got "));
   EXPECT_THAT(ParseError("augment:\n  cutmix_alpha: 0\n"), HasSubstr("key 'augment.cutmix_alpha'"));
   EXPECT_THAT(ParseError("data:\n  sample_rate: -1\n"), HasSubstr("key 'data.sample_rate'"));
   EXPECT_THAT(ParseError("data:\n  duration: 0\n"), HasSubstr("key 'data.duration'"));
