@@ -155,6 +155,7 @@ class Agent {
     std::map<int, int64_t> epoch_samples;  // rank 0: group_samples at each epoch end of this lease
     StopReason stop_reason = kNoStop;      // rank 0
     Clock::time_point last_point;          // rank 0: when the last step point was queued
+    bool step_point_sent = false;          // rank 0: the lease's first step goes out at once
     int64_t samples_at_last_point = 0;     // rank 0: group_samples then
     bool fenced = false;                   // rank 0: a write was refused, the lease was gone
     std::optional<common::StorageFault> storage_fault;  // rank 0: the run's write that failed
@@ -359,6 +360,7 @@ Outcome Agent::RunTask(const v1::Task& task) {
   task_.deadline_s = 2 * prepared->config.comm.timeout_s + 30;
   // T3 to T5.
   task_.last_point = Clock::now();
+  task_.step_point_sent = false;
   std::vector<EpochRecord> history;
   absl::Status status = Train(task, *prepared, &history);
   if (!status.ok() && !absl::IsCancelled(status)) {
@@ -460,7 +462,10 @@ void Agent::OnStep(const StepStats& s) {
   if (control_.rank() != 0) return;
   metrics_->OnStep(s);
   const double since = SecondsSince(task_.last_point);
-  if (since < options_.report_interval_s) return;
+  // The first step of a lease at once (watch shows the task moving, and a task shorter than the
+  // interval still leaves a step point), then at most every report_interval_s.
+  if (task_.step_point_sent && since < options_.report_interval_s) return;
+  task_.step_point_sent = true;
   const double rate = (task_.group_samples - task_.samples_at_last_point) / std::max(since, 1e-9);
   metrics_->SetSamplesPerSecond(rate);
   task_.last_point = Clock::now();
