@@ -21,6 +21,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/layouts.h"
+#include "common/model_shapes.h"
 #include "common/status.h"
 #include "common/yaml_util.h"
 #include "yaml-cpp/yaml.h"
@@ -1156,6 +1157,26 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                         absl::StrCat("expected batch_size x ", factor, " <= ", kMaxBatchProduct, " (batch_size is ",
                                      train->batch_size, "), got ", Show(value), " (", product, ")"));
       }
+    }
+  }
+
+  // torch's BatchNorm refuses a training batch with one value per channel: a model that shrinks
+  // the mel image to 1 x 1 (EfficientNet at most 32 x 32) cannot train on batches of one image.
+  const int64_t mel_frames = 1 + clip_samples / frontend.hop_length;
+  AVIARY_ASSIGN_OR_RETURN(const int64_t norm_plane,
+                          SmallestNormPlane(config.model.name, frontend.n_mels, mel_frames));
+  for (const auto& [prefix, train] : trains) {
+    if (int64_t{train->batch_size} * norm_plane < 2) {
+      const std::string key = prefix + ".batch_size";
+      return KeyError(
+          where.Any({key, "train.batch_size", "model.name", "frontend.n_mels", "data.duration",
+                     "frontend.hop_length"}),
+          key,
+          absl::StrCat("expected >= 2 for model.name ", config.model.name, " on a mel image of ",
+                       frontend.n_mels, " x ", mel_frames,
+                       " (frontend.n_mels x frames), which it shrinks to 1 x 1: BatchNorm cannot "
+                       "train on one value per channel; got ",
+                       Show(train->batch_size)));
     }
   }
 

@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
@@ -23,6 +24,15 @@ absl::StatusOr<TensorIndex> BackboneShapes(const std::string& model, int in_chan
                                                    "' (the table has ", absl::StrJoin(models, ", "), ")"));
   }
   return out;
+}
+
+absl::StatusOr<int64_t> SmallestNormPlane(const std::string& model, int64_t height, int64_t width) {
+  if (absl::StartsWith(model, "efficientnet_")) {
+    constexpr int64_t kReduction = 32;
+    return ((height + kReduction - 1) / kReduction) * ((width + kReduction - 1) / kReduction);
+  }
+  if (model == "small_cnn") return (height / 8) * (width / 8);
+  return absl::InvalidArgumentError(absl::StrCat("key 'model.name': no BatchNorm plane known for '", model, "'"));
 }
 
 }  // namespace aviary::common

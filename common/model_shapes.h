@@ -37,6 +37,15 @@ extern const int kModelShapeRowCount;
 // model's order. INVALID_ARGUMENT naming model.name for a model the table lacks.
 absl::StatusOr<TensorIndex> BackboneShapes(const std::string& model, int in_channels);
 
+// Values per channel of the smallest BatchNorm input of `model`'s backbone for one mel image of
+// `height` x `width` (n_mels x frames): its height times its width. torch's BatchNorm refuses a
+// training batch with one value per channel, so a per-rank training batch of b images trains only
+// when b x this >= 2. EfficientNet halves the image five times (stride-2 convolutions with k / 2
+// padding, ceil(n / 2) each) and normalizes after the last: ceil(h / 32) x ceil(w / 32);
+// small_cnn normalizes before its fourth 2x2 max-pool: floor(h / 8) x floor(w / 8).
+// INVALID_ARGUMENT naming model.name for another model.
+absl::StatusOr<int64_t> SmallestNormPlane(const std::string& model, int64_t height, int64_t width);
+
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_MODEL_SHAPES_H_

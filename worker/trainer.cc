@@ -31,6 +31,7 @@
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/metrics.h"
+#include "common/model_shapes.h"
 #include "common/plot.h"
 #include "common/status.h"
 #include "worker/augment.h"
@@ -532,6 +533,26 @@ absl::Status Trainer::State::CreateLoaders() {
                             absl::StrCat("stage ", options.stage, " fold ", options.fold, " training"));
   }
   train_loader = std::move(*created);
+  // The last, padded training batch of an epoch with drop_remainder false may hold one image per
+  // rank; a model that shrinks the mel image to 1 x 1 cannot train on it (BatchNorm needs two
+  // values per channel; batch_size 1 itself is refused with the config).
+  const int64_t global = int64_t{lo.batch_size} * world;
+  const int64_t rest = static_cast<int64_t>(train_items.size()) % global;
+  const int64_t full = static_cast<int64_t>(train_items.size()) / global;
+  const bool last_trained = lo.max_batches < 0 || full < lo.max_batches;
+  if (!lo.drop_remainder && rest > 0 && last_trained) {
+    const int64_t last_batch = (rest + world - 1) / world;
+    AVIARY_ASSIGN_OR_RETURN(const int64_t plane,
+                            common::SmallestNormPlane(config.model.name, config.frontend.n_mels,
+                                                      1 + lo.clip_samples / config.frontend.hop_length));
+    if (last_batch * plane < 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stage ", options.stage, " fold ", options.fold, ": the last training batch of each epoch holds ",
+          last_batch, " image per rank (", train_items.size(), " items, batch_size ", lo.batch_size, " x ", world,
+          " ranks) and model.name ", config.model.name, " shrinks the ", config.frontend.n_mels,
+          "-mel image to 1 x 1, where BatchNorm cannot train; set train.drop_remainder to true"));
+    }
+  }
   if (!valid_items.empty()) {
     LoaderOptions vo = lo;
     vo.train = false;

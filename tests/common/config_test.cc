@@ -327,6 +327,19 @@ TEST(ConfigTest, CrossFieldChecks) {
   EXPECT_THAT(ParseError("frontend:\n  hop_length: 2028\n", {"model.name=small_cnn", "data.duration=0.9"}),
               HasSubstr("--set data.duration=0.9: key 'data.duration': expected a clip of at least 16 frames"));
   EXPECT_EQ(ParseError("frontend:\n  n_mels: 8\n"), "");  // the EfficientNets have no such limit
+  // An EfficientNet shrinks a mel image of at most 32 x 32 to 1 x 1, where torch's BatchNorm
+  // refuses a training batch of one image ("Expected more than 1 value per channel").
+  EXPECT_EQ(ParseError("train:\n  batch_size: 1\nfrontend:\n  n_mels: 32\n  hop_length: 1024\n",
+                       {"data.duration=1"}),
+            "x.yaml:2: key 'train.batch_size': expected >= 2 for model.name efficientnet_b1 on a mel image of 32 x 32 "
+            "(frontend.n_mels x frames), which it shrinks to 1 x 1: BatchNorm cannot train on one value per "
+            "channel; got '1'");
+  EXPECT_THAT(ParseError("stages:\n  finetune:\n    batch_size: 1\n",
+                         {"frontend.n_mels=32", "frontend.hop_length=1024", "data.duration=1"}),
+              HasSubstr("x.yaml:3: key 'stages.finetune.batch_size': expected >= 2"));
+  EXPECT_EQ(ParseError("train:\n  batch_size: 2\n", {"frontend.n_mels=32", "frontend.hop_length=1024", "data.duration=1"}), "");
+  EXPECT_EQ(ParseError("train:\n  batch_size: 1\n", {"frontend.n_mels=33", "frontend.hop_length=1024", "data.duration=1"}), "");
+  EXPECT_EQ(ParseError("train:\n  batch_size: 1\n", {"model.name=small_cnn", "frontend.n_mels=16", "data.duration=0.4"}), "");
   EXPECT_THAT(ParseError("sampling:\n  upsample_thr: 50\n  downsample_thr: 10\n"),
               HasSubstr("x.yaml:3: key 'sampling.downsample_thr': expected >= "
                         "sampling.upsample_thr (50)"));

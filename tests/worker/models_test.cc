@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/backbone_fit.h"
+#include "common/model_shapes.h"
 #include "gtest/gtest.h"
 #include "worker/models.h"
 #include "worker/weights.h"
@@ -47,6 +48,32 @@ TEST(ModelsTest, EfficientNetNamesFollowTorchvision) {
   EXPECT_EQ((*m)->feature_dim(), 1280);
   auto b3 = BuildClassifier(Config("efficientnet_b3"), 3, 10);
   EXPECT_EQ((*b3)->feature_dim(), 1536);
+}
+
+// common::SmallestNormPlane (which the config and the trainer check batch sizes against) against
+// torch itself: a training batch of one image fails in BatchNorm exactly when it says one value.
+TEST(ModelsTest, SmallestNormPlaneIsWhereTorchsBatchNormRefusesOneImage) {
+  const std::vector<std::pair<int64_t, int64_t>> sizes{{32, 32}, {33, 32}, {32, 33}, {17, 64}, {64, 64},
+                                                       {16, 16}, {15, 40}, {24, 24}};
+  for (const std::string name : {"efficientnet_b0", "efficientnet_b3", "small_cnn"}) {
+    auto m = BuildClassifier(Config(name), 3, 4);
+    ASSERT_TRUE(m.ok()) << m.status();
+    (*m)->train();
+    for (const auto& [h, w] : sizes) {
+      auto plane = common::SmallestNormPlane(name, h, w);
+      ASSERT_TRUE(plane.ok()) << plane.status();
+      bool refused = false;
+      try {
+        (*m)->forward(at::randn({1, 3, h, w}));
+      } catch (const c10::Error& e) {
+        refused = std::string(e.what()).find("more than 1 value per channel") != std::string::npos;
+        if (!refused && name == "small_cnn" && (h < 16 || w < 16)) continue;  // the pools refuse first
+        EXPECT_TRUE(refused) << name << " " << h << "x" << w << ": " << e.what();
+      }
+      EXPECT_EQ(refused, *plane < 2) << name << " " << h << "x" << w << ": plane " << *plane;
+    }
+  }
+  EXPECT_FALSE(common::SmallestNormPlane("resnet50", 64, 64).ok());
 }
 
 TEST(ModelsTest, UnknownModelIsNamed) {

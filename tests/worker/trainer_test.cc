@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/catalog.h"
 #include "common/logging.h"
 #include "common/csv.h"
 #include "common/files.h"
@@ -284,6 +285,31 @@ TEST_F(TrainerTest, RefusesBadInputsBeforeTraining) {
   auto bad_weights = Trainer::Create(c, o);
   ASSERT_FALSE(bad_weights.ok());
   EXPECT_NE(bad_weights.status().message().find("train_metadata.csv"), absl::string_view::npos);
+
+  // With drop_remainder false, a last training batch of one image per rank on a model that
+  // shrinks the mel image to 1 x 1 (EfficientNet at 32 x 32) is refused before training: torch's
+  // BatchNorm would throw at the epoch's last step.
+  common::PipelineConfig tiny = Config();
+  tiny.model.name = "efficientnet_b0";
+  tiny.frontend.n_mels = 32;
+  tiny.frontend.hop_length = 1024;  // 1 + 32000 / 1024 = 32 frames
+  auto table = common::BuildStageTable(tiny, "finetune");
+  ASSERT_TRUE(table.ok()) << table.status();
+  auto list = common::BuildTrainList(tiny, *table, 0);
+  ASSERT_TRUE(list.ok()) << list.status();
+  const int n = static_cast<int>(list->train.size());
+  tiny.train.batch_size = n - 1;
+  tiny.train.drop_remainder = false;
+  for (auto& [name, stage] : tiny.stages) stage.train = tiny.train;
+  auto one_left = Trainer::Create(tiny, o);
+  ASSERT_FALSE(one_left.ok());
+  EXPECT_EQ(one_left.status().message(),
+            absl::StrCat("stage finetune fold 0: the last training batch of each epoch holds 1 image per rank (", n,
+                         " items, batch_size ", n - 1, " x 1 ranks) and model.name efficientnet_b0 shrinks the "
+                         "32-mel image to 1 x 1, where BatchNorm cannot train; set train.drop_remainder to true"));
+  tiny.train.batch_size = n - 2;  // a last batch of two images trains
+  for (auto& [name, stage] : tiny.stages) stage.train = tiny.train;
+  EXPECT_TRUE(Trainer::Create(tiny, o).ok());
 
   // A run folder of another stage is not resumed into.
   TrainOptions other;
