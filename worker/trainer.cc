@@ -224,8 +224,9 @@ struct Trainer::State {
   common::StageTable table;
   std::vector<LoaderItem> train_items, valid_items;
   std::unique_ptr<AudioCache> cache;
-  // Of the data_files distinct training and validation files, those this rank reads from the
-  // cache (CountCachedFiles; recorded in the checkpoints and compared on resume).
+  // Of the data_files distinct training and validation files, those rank 0 reads from the cache
+  // (CountCachedFiles; recorded in the checkpoints rank 0 writes and compared on resume; the
+  // other ranks leave it 0 and stat nothing).
   int64_t cached_files = 0, data_files = 0;
   std::unique_ptr<Loader> train_loader, valid_loader;
   std::unique_ptr<MelFrontend> frontend;
@@ -576,7 +577,9 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   }
   data_files = static_cast<int64_t>(paths.size());
   cached_files = 0;
-  if (cache == nullptr || !CacheMismatch(*cache, base).empty()) return;
+  // One stat per file (LookupCurrent): on a network filesystem with BirdCLEF's ~150k files
+  // that is seconds, which only the rank that writes the checkpoints spends.
+  if (rank != 0 || cache == nullptr || !CacheMismatch(*cache, base).empty()) return;
   for (const std::string& path : paths) cached_files += cache->LookupCurrent(path) != nullptr;
   Log().Info(absl::StrCat("reading ", cached_files, " of the ", data_files, " files from the decoded-audio cache ",
                           cache->dir(),
