@@ -109,16 +109,30 @@ ratio() { "$python" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); p
 meets() { "$python" -c "import sys; sys.exit(0 if float(sys.argv[1]) >= float(sys.argv[2]) else 1)" "$1" "$2" 2>/dev/null; }
 # A goal is a verdict on a GPU and information in the dry run.
 verdict() { if [ $dry -eq 1 ]; then echo INFO; elif meets "$1" "$2"; then echo PASS; else echo MISS; fi; }
+# The results as a table (column is in bsdextrautils, which a bare host may lack).
+table() { column -t -s $'\t' "$1" 2>/dev/null || cat "$1"; }
 
 # Libraries: the packed Debian ones, torch's, and the wheels' CUDA libraries (NCCL, cuDNN, ...).
 torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>>"$log") || {
   echo "acceptance.sh: $python cannot import torch" >&2; exit 2; }
+# Python runs with the host's own library path, through a wrapper: the packed Debian 12
+# libraries are older than a GPU host's (an Ubuntu 24.04 python3 links its libexpat 2.6 and
+# libz), so only aviary's programs get them.
+py=$(command -v "$python") && py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") || py=""
+if [ -n "$py" ]; then
+  if [ -n "${LD_LIBRARY_PATH+x}" ]; then keep="export LD_LIBRARY_PATH=$(printf %q "$LD_LIBRARY_PATH")"; else keep="unset LD_LIBRARY_PATH"; fi
+  printf '#!/usr/bin/env bash\n%s\nexec %q "$@"\n' "$keep" "$py" >"$work/python" && chmod +x "$work/python" && python=$work/python
+fi
 libs="$torch_dir/lib"
 for nv in "$torch_dir"/../nvidia/*/lib; do [ -d "$nv" ] && libs="$libs:$(cd "$nv" && pwd)"; done
 if [ -n "$pack" ]; then
   libs="$(cd "$pack/lib" && pwd):$libs"
-  # OpenMPI's libmpi.so.40 from the pack only when the host has none (then no mpirun either).
-  ldconfig -p 2>/dev/null | grep -q 'libmpi.so.40 ' || libs="$libs:$(cd "$pack/mpi-lib" && pwd)"
+  # OpenMPI's libmpi.so.40 from the pack only when the host has neither mpirun nor a libmpi of
+  # its own: the packed one under the host's mpirun (another OpenMPI) would not start.
+  if ! command -v mpirun >/dev/null 2>&1 &&
+     ! { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q 'libmpi.so.40 '; then
+    libs="$libs:$(cd "$pack/mpi-lib" && pwd)"
+  fi
 fi
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
@@ -148,7 +162,7 @@ torch_v=$("$python" -c 'import torch; print(torch.__version__, "cuda", torch.ver
 record machine INFO "${gpu:-no GPU}" "torch ${torch_v}" - - "$(nproc) cores; mpirun: $has_mpirun; dry-run $dry"
 if [ $dry -eq 0 ] && ! "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   record machine FAIL "torch sees no GPU" - - - "run with --dry-run on a machine without one"
-  column -t -s $'\t' "$results"; exit 1
+  table "$results"; exit 1
 fi
 
 # 1. A synthetic corpus (real ogg files) and its decoded-audio cache.
@@ -373,5 +387,5 @@ fi
 
 say "done in $(( $(date +%s) - t_start )) s"
 echo
-column -t -s $'\t' "$results" | tee -a "$log"
+table "$results" | tee -a "$log"
 exit $failed
