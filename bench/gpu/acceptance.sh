@@ -380,7 +380,13 @@ fi
 say "10. torch.compile"
 if [ $compile -eq 1 ]; then
   run step_compile "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel --compile \
-    --compile-backend $compile_backend --warmup $(( warmup + 2 )) || record step_vs_compile FAIL - - - - "torch.compile reference failed"
+    --compile-backend $compile_backend --warmup $(( warmup + 2 ))
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    record step_vs_compile FAIL - - - - "torch.compile reference stopped: the --budget or --step-timeout ran out"
+  elif [ $rc -ne 0 ]; then
+    record step_vs_compile FAIL - - - - "torch.compile reference failed (see the log)"
+  fi
   c=$(kv step_compile reference_samples_per_s)
   [ -n "$a" ] && [ -n "$c" ] && record step_vs_compile "$(verdict "$(ratio "$a" "$c")" 1.0)" "$a samples/s" "$c samples/s" \
     "$(ratio "$a" "$c")" ">= 1.0x" "torch.compile ($compile_backend), warm-up $(kv step_compile warmup_s) s${g:+; the CUDA graph step $(ratio "$g" "$c")x}"
