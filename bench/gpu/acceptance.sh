@@ -121,7 +121,8 @@ torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__
 py=$(command -v "$python") && py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") || py=""
 if [ -n "$py" ]; then
   if [ -n "${LD_LIBRARY_PATH+x}" ]; then keep="export LD_LIBRARY_PATH=$(printf %q "$LD_LIBRARY_PATH")"; else keep="unset LD_LIBRARY_PATH"; fi
-  printf '#!/usr/bin/env bash\n%s\nexec %q "$@"\n' "$keep" "$py" >"$work/python" && chmod +x "$work/python" && python=$work/python
+  printf '#!/usr/bin/env bash\n%s\nexec %q "$@"\n' "$keep" "$py" >"$work/python" && chmod +x "$work/python" &&
+    "$work/python" -c '' 2>/dev/null && python=$work/python  # not where --work is mounted noexec
 fi
 libs="$torch_dir/lib"
 for nv in "$torch_dir"/../nvidia/*/lib; do [ -d "$nv" ] && libs="$libs:$(cd "$nv" && pwd)"; done
