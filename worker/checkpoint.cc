@@ -203,7 +203,10 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
   if (::access(path.c_str(), R_OK) != 0) {
     return absl::NotFoundError(absl::StrCat(path, ": no such checkpoint"));
   }
-  return Guard(absl::StrCat(path, ": not an aviary checkpoint"), [&] { archive->load_from(path); });
+  // Onto the CPU: a checkpoint written on a GPU holds CUDA tensors, which a host without one
+  // could not even open; the readers copy each tensor to where it goes.
+  return Guard(absl::StrCat(path, ": not an aviary checkpoint"),
+               [&] { archive->load_from(path, torch::Device(torch::kCPU)); });
 }
 
 absl::StatusOr<CheckpointMeta> ReadMeta(torch::serialize::InputArchive& archive,

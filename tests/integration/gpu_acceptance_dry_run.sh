@@ -11,7 +11,17 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 
 "$repo/bench/gpu/pack.sh" "$build" "$tmp/pack" > "$tmp/pack.log" 2>&1 || { cat "$tmp/pack.log"; fail "pack.sh"; }
 cat "$tmp/pack.log"
-if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$python" --out "$tmp/out" --work "$tmp/work" > "$tmp/run.log" 2>&1; then
+# Python must not run with the pack's Debian libraries on its library path (a GPU host's
+# python3 links newer ones): this python refuses to.
+cat > "$tmp/guarded-python" <<EOF
+#!/usr/bin/env bash
+case ":\${LD_LIBRARY_PATH:-}:" in
+  *"/pack/lib:"*) echo "python run with the pack's libraries: LD_LIBRARY_PATH=\$LD_LIBRARY_PATH" >&2; exit 97 ;;
+esac
+exec "$python" "\$@"
+EOF
+chmod +x "$tmp/guarded-python"
+if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$tmp/guarded-python" --out "$tmp/out" --work "$tmp/work" > "$tmp/run.log" 2>&1; then
   ok
 else
   cat "$tmp/out/acceptance.log" 2>/dev/null | tail -80; fail "acceptance.sh --dry-run failed"

@@ -70,6 +70,29 @@ else
   cat "$tmp/ens.log"; fail "ensemble predict"
 fi
 
+# A checkpoint written on a GPU (its storages tagged cuda:0, as torch saves CUDA tensors) is
+# read on a machine without one, onto the CPU: the same submission as from best.pt.
+/usr/bin/python3 - "$tmp/run/best.pt" "$tmp/gpu_best.pt" <<'PY' || fail "could not retag best.pt as a CUDA checkpoint"
+import sys, zipfile
+src, dst = zipfile.ZipFile(sys.argv[1]), zipfile.ZipFile(sys.argv[2], "w", zipfile.ZIP_STORED)
+for info in src.infolist():
+    data = src.read(info.filename)
+    if info.filename.endswith("/data.pkl"):
+        cpu = b"X\x03\x00\x00\x00cpu"  # pickle BINUNICODE 'cpu', memoized for every storage
+        assert data.count(cpu) == 1, data.count(cpu)
+        data = data.replace(cpu, b"X\x06\x00\x00\x00cuda:0")
+    dst.writestr(info.filename, data)
+dst.close()
+PY
+if "$bin/aviary" predict --checkpoint "$tmp/gpu_best.pt" --audio "$tmp/sc/soundscapes/$one" --out "$tmp/gpu_ckpt.csv" \
+     --device cpu --threads 2 > "$tmp/gpu_ckpt.log" 2>&1 &&
+   "$bin/aviary" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/sc/soundscapes/$one" --out "$tmp/cpu_ckpt.csv" \
+     --device cpu --threads 2 > "$tmp/cpu_ckpt.log" 2>&1; then
+  cmp -s "$tmp/gpu_ckpt.csv" "$tmp/cpu_ckpt.csv" && ok || fail "a GPU-written checkpoint predicts differently on the CPU"
+else
+  cat "$tmp/gpu_ckpt.log"; fail "predict from a GPU-written checkpoint on the CPU"
+fi
+
 # Undecodable files are reported and skipped; the others are predicted.
 mkdir -p "$tmp/mixed"
 cp "$tmp/sc/soundscapes/$one" "$tmp/mixed/"

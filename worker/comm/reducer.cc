@@ -1,5 +1,6 @@
 #include "worker/comm/reducer.h"
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/autograd.h>
 
 #include <chrono>
@@ -179,6 +180,14 @@ void Reducer::LaunchReady() {
 absl::Status Reducer::Finish() {
   if (!armed_) return absl::FailedPreconditionError("Reducer::Finish without Prepare");
   armed_ = false;
+  // On a GPU backward() returns with its kernels still queued on the current stream: wait for
+  // them before the clock starts, so that finish_seconds counts the all-reduce backward did not
+  // hide, not backward's own device time (the host waits for them below in any case: the last
+  // bucket follows them).
+  if (!buckets_.empty() && buckets_.front()->flat.is_cuda()) {
+    const c10::Device device = buckets_.front()->flat.device();
+    c10::impl::getDeviceGuardImpl(device.type())->getStream(device).synchronize();
+  }
   const auto t0 = std::chrono::steady_clock::now();
   struct AddTime {
     double* total;

@@ -70,8 +70,9 @@ class Reducer {
   const std::vector<std::vector<size_t>>& buckets() const { return plan_; }
   // Buckets launched from inside backward (before Finish) in the last step: overlap evidence.
   int launched_during_backward() const { return launched_in_backward_; }
-  // Seconds spent in Finish() (communication not hidden behind backward, plus averaging) and
-  // in the hooks' bucket copies, since the last ResetTimers().
+  // Seconds spent in Finish() (communication not hidden behind backward, plus averaging; on a
+  // GPU counted from the end of backward's kernels) and in the hooks' bucket copies, since the
+  // last ResetTimers().
   double finish_seconds() const { return finish_seconds_; }
   double hook_seconds() const { return hook_seconds_; }
   void ResetTimers() { finish_seconds_ = hook_seconds_ = 0; }
