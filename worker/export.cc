@@ -172,6 +172,19 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   // Restoring checks that the tensors fit the model the metadata names, every one of them.
   AVIARY_RETURN_IF_ERROR(RestoreCheckpoint(options.checkpoint, *model, nullptr).status());
   NamedTensors tensors = ModuleStateDict(*model);
+  // The front end must give the first convolution the planes it takes; only an edited config or
+  // checkpoint gets here, and every format would carry the mismatch (the ONNX graph's Concat, the
+  // sidecar the notebook expands by).
+  for (const auto& [name, t] : tensors) {
+    if (t.dim() != 4) continue;
+    if (t.size(1) != config.frontend.in_channels) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          options.checkpoint, ": frontend.in_channels ", config.frontend.in_channels,
+          " (its config_yaml) does not fit the model: the first convolution ", name, " ",
+          ShapeString(t.sizes()), " takes ", t.size(1), " input channels"));
+    }
+    break;
+  }
   if (meta.model_name.rfind("efficientnet_", 0) == 0 && config.model.neck_features == 0) {
     result.torchvision = meta.model_name;
   }

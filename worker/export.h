@@ -57,7 +57,9 @@ std::string SidecarPath(const std::string& out);
 
 // Reads and checks the checkpoint (it must load into the model its metadata names), writes the
 // weights and the sidecar atomically. INVALID_ARGUMENT for an unknown format or an --out whose
-// sidecar would be itself; the checkpoint's errors naming its path.
+// sidecar would be itself; the checkpoint's errors naming its path; FAILED_PRECONDITION naming
+// the path and both counts when its config's frontend.in_channels differs from the input
+// channels of the model's first convolution (nothing written).
 absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options);
 
 struct ImportOptions {

@@ -183,6 +183,46 @@ TEST(ExportCheckpointTest, RefusesAnUnknownFormatBadOutAndNonCheckpoints) {
   EXPECT_NE(r.status().message().find(o.checkpoint), std::string::npos) << r.status();
 }
 
+// A checkpoint whose config asks the front end for another number of mel planes than its first
+// convolution takes (an edited config_yaml, or a checkpoint pasted from another run): every
+// format refuses it, naming the checkpoint and both counts, and writes nothing. The ONNX graph
+// would otherwise feed 3 planes to a 1-channel convolution (onnxruntime fails on the first
+// window) and the sidecar would tell the notebook to expand to 3 channels.
+TEST(ExportCheckpointTest, RefusesAFrontendWhoseChannelsDifferFromTheFirstConvolution) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 3;
+  config.frontend.n_mels = 32;
+  auto model = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(model.ok()) << model.status();
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "small_cnn";
+  meta.num_classes = 2;
+  meta.in_channels = 1;
+  meta.class_names = {"a", "b"};
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const std::string ckpt = TempPath("channels.pt");
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, meta).ok());
+  for (const char* format : {"onnx", "state_dict", "safetensors"}) {
+    ExportOptions o;
+    o.checkpoint = ckpt;
+    o.format = format;
+    o.out = TempPath(std::string("channels_out.") + format);
+    std::filesystem::remove(o.out);
+    std::filesystem::remove(SidecarPath(o.out));
+    auto r = ExportCheckpoint(o);
+    ASSERT_FALSE(r.ok()) << format;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+    const std::string message(r.status().message());
+    EXPECT_NE(message.find(ckpt), std::string::npos) << message;
+    EXPECT_NE(message.find("frontend.in_channels 3"), std::string::npos) << message;
+    EXPECT_NE(message.find("features.0.0.weight [16, 1, 3, 3] takes 1"), std::string::npos) << message;
+    EXPECT_FALSE(std::filesystem::exists(o.out)) << format;
+    EXPECT_FALSE(std::filesystem::exists(SidecarPath(o.out))) << format;
+  }
+}
+
 TEST(ImportWeightsTest, RefusesAFileWithoutTheBackboneAndWritesNothing) {
   const std::string in = TempPath("not_backbone.safetensors");
   ASSERT_TRUE(WriteSafetensors({{"fc.weight", at::zeros({2, 2})}}, in).ok());
