@@ -294,6 +294,50 @@ TEST(PredictTest, RunSkipsUndecodableFilesAndWritesTheHeader) {
   EXPECT_EQ(report->skipped[1].reason, "not_audio");
 }
 
+// A mono 16-bit PCM WAV of `samples` (in [-1, 1]) at `rate`.
+void WriteWav(const std::string& path, const std::vector<float>& samples, int rate) {
+  auto le = [](uint32_t v, int n) {
+    std::string s;
+    for (int k = 0; k < n; ++k) s.push_back(static_cast<char>((v >> (8 * k)) & 0xff));
+    return s;
+  };
+  std::string data;
+  for (float x : samples) data += le(static_cast<uint16_t>(static_cast<int16_t>(std::lround(x * 32767.0f))), 2);
+  const uint32_t n = static_cast<uint32_t>(data.size());
+  std::ofstream(path, std::ios::binary) << "RIFF" << le(36 + n, 4) << "WAVEfmt " << le(16, 4) << le(1, 2)
+                                        << le(1, 2) << le(static_cast<uint32_t>(rate), 4)
+                                        << le(static_cast<uint32_t>(rate) * 2, 4) << le(2, 2) << le(16, 2)
+                                        << "data" << le(n, 4) << data;
+}
+
+// A silent file keeps its rows (all-zero input; counted as silent), as a file with sound does:
+// a submission needs a row for every window of every soundscape.
+TEST(PredictTest, RunPredictsSilentFilesAndCountsThem) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("silent", {"a", "b"})};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::string dir = Dir("silent");
+  WriteWav(dir + "/quiet.wav", std::vector<float>(16000 * 3 + 100, 0.0f), 32000);
+  WriteWav(dir + "/sound.wav", Noise(16000 * 2, 5), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::ostringstream csv;
+  auto report = (*p)->Run(*files, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->skipped.empty()) << report->skipped[0].message;
+  EXPECT_EQ(report->files_predicted, 2);
+  EXPECT_EQ(report->silent_files, 1);
+  EXPECT_EQ(report->rows, 4 + 2);
+  std::vector<std::string> ids;
+  std::istringstream lines(csv.str());
+  for (std::string line; std::getline(lines, line);) ids.push_back(line.substr(0, line.find(',')));
+  EXPECT_EQ(ids, (std::vector<std::string>{"row_id", "quiet_0.5", "quiet_1", "quiet_1.5", "quiet_2",
+                                           "sound_0.5", "sound_1"}));
+}
+
 TEST(PredictTest, ListAudioFilesChecksItsInput) {
   EXPECT_EQ(ListAudioFiles("/nonexistent/predict").status().code(), absl::StatusCode::kNotFound);
   std::string empty = Dir("empty_dir");
