@@ -123,11 +123,13 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
   }
   if (!header.IsMap()) return bad("header is not a JSON object");
   TensorIndex out;
+  std::set<std::string> names;
   try {
     for (const auto& kv : header) {
       TensorEntry entry;
       entry.name = kv.first.as<std::string>();
       if (entry.name == "__metadata__") continue;
+      if (!names.insert(entry.name).second) return bad(absl::StrCat("two entries are named '", entry.name, "'"));
       const YAML::Node& info = kv.second;
       if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"] ||
           !info["shape"].IsSequence() || !info["data_offsets"].IsSequence() ||

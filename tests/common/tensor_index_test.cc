@@ -240,6 +240,11 @@ TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
                                 "unsupported dtype Q7"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32"}})", 0)), "lacks dtype/shape/data_offsets"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":[1,2}})", 0)), "header JSON"));
+  // A key twice in the header (JSON parsers differ on which one they keep).
+  EXPECT_EQ(Read(file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                      R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                      8)),
+            path + ": not a valid safetensors file: two entries are named 'w'");
   // A header length past the file's end is no safetensors file, as for the worker.
   EXPECT_TRUE(absl::StrContains(Read(Le(1u << 30, 8) + "{}"), "shorter than a zip end record"));
   EXPECT_EQ(ReadTensorIndex(dir_ + "/absent").status().code(), absl::StatusCode::kNotFound);
