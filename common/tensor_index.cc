@@ -9,6 +9,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -122,11 +123,13 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
   }
   if (!header.IsMap()) return bad("header is not a JSON object");
   TensorIndex out;
+  std::set<std::string> names;
   try {
     for (const auto& kv : header) {
       TensorEntry entry;
       entry.name = kv.first.as<std::string>();
       if (entry.name == "__metadata__") continue;
+      if (!names.insert(entry.name).second) return bad(absl::StrCat("two entries are named '", entry.name, "'"));
       const YAML::Node& info = kv.second;
       if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"] ||
           !info["shape"].IsSequence() || !info["data_offsets"].IsSequence() ||
@@ -633,17 +636,24 @@ class Unpickler {
 // String keys only; tensors kept, mappings recursed (the worker's ReadTorchSaveTensors names
 // tensors by this too).
 // `budget` bounds the entries visited and `depth` the nesting (a memo can make a dict refer to
-// itself); false when either is spent.
-bool Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth) {
+// itself); false when either is spent. `names` holds the tensor names so far: a second tensor of
+// one name ({"a": {"b": t}} beside "a.b", or a key pickled twice) sets `*duplicate` and returns
+// false, since which of the two a model would get is arbitrary.
+bool Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth,
+             std::set<std::string>* names, std::string* duplicate) {
   if (depth > 64) return false;
   for (const auto& [k, v] : dict.dict) {
     if (--*budget < 0) return false;
     if (k->kind != Value::Kind::kString) continue;
     std::string name = prefix.empty() ? k->s : prefix + "." + k->s;
     if (v->kind == Value::Kind::kTensor) {
+      if (!names->insert(name).second) {
+        *duplicate = name;
+        return false;
+      }
       out->push_back(TensorEntry{name, v->s, v->shape, v->storage, v->storage_numel, v->offset, v->stride});
     }
-    if (v->kind == Value::Kind::kDict && !Flatten(*v, name, out, budget, depth + 1)) return false;
+    if (v->kind == Value::Kind::kDict && !Flatten(*v, name, out, budget, depth + 1, names, duplicate)) return false;
   }
   return true;
 }
@@ -681,7 +691,15 @@ absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::st
   }
   TensorIndex out;
   int64_t budget = 1 << 22;
-  if (!Flatten(**root, "", &out, &budget, 0)) {
+  std::set<std::string> names;
+  std::string duplicate;
+  if (!Flatten(**root, "", &out, &budget, 0, &names, &duplicate)) {
+    if (!duplicate.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": two tensors are named '", duplicate,
+          "' once nested mappings are joined with '.' (a nested key and a dotted one, or a key "
+          "twice): which one is meant is ambiguous"));
+    }
     return absl::InvalidArgumentError(absl::StrCat(
         path, ": the state dict has more than ", 1 << 22, " entries, nests deeper than 64 or refers to itself"));
   }

@@ -9,7 +9,8 @@
 //     collections.OrderedDict, tuples, lists, strings, numbers, persistent-id storages,
 //     torch._utils._rebuild_tensor_v2 and _rebuild_parameter). Nested mappings flatten with '.'
 //     ({"state_dict": {...}} -> "state_dict.x"); non-tensor values are skipped (other globals
-//     become opaque values, as in the worker's reader).
+//     become opaque values, as in the worker's reader). Two tensors of one flattened name
+//     ({"a": {"b": t}} beside "a.b") are an error naming the file and the name.
 // Every length taken from the file is bounded by the file's size and by fixed caps, so a corrupt
 // header cannot make a huge allocation.
 //

@@ -142,6 +142,17 @@ void CoordinatorMetrics::AddTaskRestarts(const aviary::v1::TaskInfo& task, int r
   if (restarts > 0) counter.Increment(restarts);
 }
 
+void CoordinatorMetrics::RemoveTask(const aviary::v1::TaskInfo& task) {
+  absl::MutexLock lock(&mu_);
+  const prometheus::Labels labels = TaskLabels(task);
+  for (prometheus::Family<prometheus::Gauge>* family :
+       {train_loss_, train_accuracy_, val_loss_, val_auc_, val_roc_auc_, val_cmap_, val_accuracy_,
+        learning_rate_, task_epoch_, task_running_, task_last_progress_}) {
+    if (family->Has(labels)) family->Remove(&family->Add(labels));
+  }
+  if (task_restarts_->Has(labels)) task_restarts_->Remove(&task_restarts_->Add(labels));
+}
+
 void CoordinatorMetrics::SetJobCounts(const std::map<aviary::v1::JobState, int>& counts) {
   absl::MutexLock lock(&mu_);
   for (aviary::v1::JobState state :

@@ -42,6 +42,9 @@ class CoordinatorMetrics {
                     int64_t time_unix_ms);
   void SetTaskRunning(const aviary::v1::TaskInfo& task, bool running);
   void AddTaskRestarts(const aviary::v1::TaskInfo& task, int restarts);
+  // Drops every series of the task (its job was deleted): /metrics then shows what a restarted
+  // coordinator, which reads only the stored jobs, would.
+  void RemoveTask(const aviary::v1::TaskInfo& task);
   // Sets aviary_jobs{state} for every state.
   void SetJobCounts(const std::map<aviary::v1::JobState, int>& counts);
   void SetWorkerGroups(int groups);

@@ -139,7 +139,10 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
     Job& job = jobs_.at(job_id);
     job.deleted = true;
     job_order_.erase(job.row.seq);
-    for (const std::string& id : task_ids) tasks_.erase(id);
+    for (const std::string& id : task_ids) {
+      if (metrics_ != nullptr) metrics_->RemoveTask(tasks_.at(id).info);
+      tasks_.erase(id);
+    }
     job.task_ids.clear();
     job.events.clear();
     job.snapshot = std::make_shared<const JobInfo>();

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "worker/checkpoint.h"
 
 namespace aviary::worker {
 namespace {
@@ -95,6 +96,19 @@ absl::Status WeightEma::ImportState(const NamedTensors& state, const std::string
   for (size_t i = 0; i < names_.size(); ++i) averages_[i].copy_(by_name[names_[i]]);
   updates_ = updates->second.item<int64_t>();
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::TrainConfig& train,
+                                         torch::nn::Module& module) {
+  if (!train.ema_eval || train.ema_decay <= 0) return false;
+  absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(path, "ema_state");
+  if (absl::IsNotFound(state.status())) return false;
+  if (!state.ok()) return state.status();
+  WeightEma ema(module, train.ema_decay, train.ema_warmup_steps);
+  absl::Status imported = ema.ImportState(*state, path);
+  if (!imported.ok()) return imported;
+  ema.Swap(module);
+  return true;
 }
 
 }  // namespace aviary::worker

@@ -27,6 +27,8 @@
 #include <torch/nn/module.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/config.h"
 #include "worker/weights.h"
 
 namespace aviary::worker {
@@ -56,6 +58,15 @@ class WeightEma {
   std::vector<std::string> names_;
   std::vector<at::Tensor> averages_;
 };
+
+// The weights a checkpoint was validated with, for inference (predict, export). With the
+// stage's train.ema_eval, validation, the monitor and best.pt use the average: a checkpoint
+// that carries an "ema_state" group (last.pt, whose model tensors are the raw weights) gets the
+// averaged parameters copied into `module` (buffers stay: the EMA does not average them). best.pt
+// already holds the average as its weights and carries no group. True when the average was
+// applied; the errors of reading the group and of WeightEma::ImportState, naming `path`.
+absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::TrainConfig& train,
+                                         torch::nn::Module& module);
 
 }  // namespace aviary::worker
 

@@ -19,6 +19,7 @@
 #include "common/status.h"
 #include "common/version.h"
 #include "worker/checkpoint.h"
+#include "worker/ema.h"
 #include "worker/models.h"
 #include "worker/onnx_export.h"
 #include "worker/torch_pickle.h"
@@ -131,7 +132,7 @@ std::string SidecarJson(const ExportOptions& options, const ExportResult& result
     << "  \"checkpoint\": {\"path\": " << Quote(options.checkpoint) << ", \"stage\": " << Quote(meta.stage)
     << ", \"fold\": " << meta.fold << ", \"epoch\": " << meta.epoch << ", \"step\": " << meta.step
     << ", \"monitor\": " << Quote(meta.monitor) << ", \"best_value\": " << Number(meta.best_value)
-    << ", \"best_epoch\": " << meta.best_epoch << "}\n"
+    << ", \"best_epoch\": " << meta.best_epoch << ", \"ema\": " << (result.ema ? "true" : "false") << "}\n"
     << "}\n";
   return j.str();
 }
@@ -171,7 +172,24 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
                           BuildClassifier(config.model, meta.in_channels, meta.num_classes));
   // Restoring checks that the tensors fit the model the metadata names, every one of them.
   AVIARY_RETURN_IF_ERROR(RestoreCheckpoint(options.checkpoint, *model, nullptr).status());
+  // The weights the run validated: a last.pt of an ema_eval run holds them as its EMA state.
+  common::TrainConfig stage_train = config.train;
+  if (auto stage = common::GetStage(config, meta.stage); stage.ok()) stage_train = (*stage)->train;
+  AVIARY_ASSIGN_OR_RETURN(result.ema, UseValidatedWeights(options.checkpoint, stage_train, *model));
   NamedTensors tensors = ModuleStateDict(*model);
+  // The front end must give the first convolution the planes it takes; only an edited config or
+  // checkpoint gets here, and every format would carry the mismatch (the ONNX graph's Concat, the
+  // sidecar the notebook expands by).
+  for (const auto& [name, t] : tensors) {
+    if (t.dim() != 4) continue;
+    if (t.size(1) != config.frontend.in_channels) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          options.checkpoint, ": frontend.in_channels ", config.frontend.in_channels,
+          " (its config_yaml) does not fit the model: the first convolution ", name, " ",
+          ShapeString(t.sizes()), " takes ", t.size(1), " input channels"));
+    }
+    break;
+  }
   if (meta.model_name.rfind("efficientnet_", 0) == 0 && config.model.neck_features == 0) {
     result.torchvision = meta.model_name;
   }

@@ -50,14 +50,19 @@ struct ExportResult {
   std::string torchvision;      // "efficientnet_b0" when the state dict loads into it; else ""
   std::string model_name;
   int num_classes = 0;
+  bool ema = false;             // the checkpoint's EMA average was exported (ema_eval, last.pt)
 };
 
 // `out` with its extension replaced by ".json" ("model.pt" -> "model.json").
 std::string SidecarPath(const std::string& out);
 
-// Reads and checks the checkpoint (it must load into the model its metadata names), writes the
+// Reads and checks the checkpoint (it must load into the model its metadata names), takes the
+// weights the run validated (worker/ema.h UseValidatedWeights: a last.pt's EMA average with
+// train.ema_eval), writes the
 // weights and the sidecar atomically. INVALID_ARGUMENT for an unknown format or an --out whose
-// sidecar would be itself; the checkpoint's errors naming its path.
+// sidecar would be itself; the checkpoint's errors naming its path; FAILED_PRECONDITION naming
+// the path and both counts when its config's frontend.in_channels differs from the input
+// channels of the model's first convolution (nothing written).
 absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options);
 
 struct ImportOptions {

@@ -26,6 +26,7 @@
 #include "common/status.h"
 #include "worker/data/audio.h"
 #include "worker/checkpoint.h"
+#include "worker/ema.h"
 #include "worker/frontend.h"
 #include "worker/models.h"
 
@@ -229,6 +230,9 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
                             BuildClassifier(config.model, meta.in_channels, meta.num_classes));
     AVIARY_ASSIGN_OR_RETURN(CheckpointMeta restored, RestoreCheckpoint(path, *model, nullptr));
     (void)restored;
+    common::TrainConfig stage_train = config.train;
+    if (auto stage = common::GetStage(config, meta.stage); stage.ok()) stage_train = (*stage)->train;
+    AVIARY_ASSIGN_OR_RETURN(const bool ema, UseValidatedWeights(path, stage_train, *model));
     model->eval();
     if (absl::Status st = PlaceModel(*model, impl->device, options.channels_last); !st.ok()) {
       return common::Annotate(st, path);
@@ -259,6 +263,7 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
     info.fold = meta.fold;
     info.epoch = meta.epoch;
     info.sigmoid = model->sigmoid();
+    info.ema = ema;
     impl->infos.push_back(info);
     impl->models.push_back(std::move(model));
     configs.push_back(std::move(config));

@@ -10,8 +10,9 @@
 // and one probability column per class, in the checkpoint's label order (class_names; the
 // header is `row_id` followed by those names). Each window goes through the checkpoint's mel
 // front end (eval mode: no SpecAugment) and model; probabilities come from the model's final
-// activation (softmax or sigmoid). Models trained on longer clips work on shorter windows: the
-// classifiers pool globally over time.
+// activation (softmax or sigmoid); the weights are the ones the run validated (with
+// train.ema_eval, a last.pt's EMA average: worker/ema.h UseValidatedWeights). Models trained on
+// longer clips work on shorter windows: the classifiers pool globally over time.
 //
 // Test-time augmentation (tta = N >= 1): N views of each window, averaged: the window itself
 // and N - 1 copies shifted in time by +d, -d, +2d, -2d, ... with d = W / (2N) samples (N = 2:
@@ -101,6 +102,7 @@ struct PredictModelInfo {
   int fold = 0;
   int epoch = -1;
   bool sigmoid = false;
+  bool ema = false;  // the checkpoint's EMA average replaced its raw weights (ema_eval, last.pt)
 };
 
 class Predictor {

@@ -21,7 +21,8 @@ namespace aviary::worker {
 
 // The top-level mapping's (name, tensor) pairs in file order; nested mappings are flattened
 // with '.' (e.g. {"model": {...}} -> "model.x"). INVALID_ARGUMENT naming the path and the
-// unsupported construct for anything else (legacy non-zip files, unknown globals at the top).
+// unsupported construct for anything else (legacy non-zip files, unknown globals at the top),
+// or naming the path and the name when two tensors flatten to one name.
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
     const std::string& path);
 

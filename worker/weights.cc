@@ -4,6 +4,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include <torch/utils.h>
@@ -189,7 +190,12 @@ absl::StatusOr<LoadReport> LoadIntoModule(const NamedTensors& tensors, torch::nn
   LoadReport report;
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (destination, source)
   std::map<std::string, bool> seen;
+  std::set<std::string> names;
   for (const auto& [name, tensor] : tensors) {
+    if (!names.insert(name).second) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": two tensors are named '", name, "': which one is meant is ambiguous"));
+    }
     auto it = targets.find(name);
     if (it == targets.end() || !wanted(name)) {
       report.unexpected.push_back(name);

@@ -52,7 +52,8 @@ struct LoadOptions {
 
 // Copies matching tensors into `module`'s parameters and buffers (dtype converted, device
 // kept). INVALID_ARGUMENT listing every missing, unexpected and mis-shaped tensor when the
-// options do not allow them; on error the module is left unchanged.
+// options do not allow them, or naming `source` and the name when `tensors` holds a name twice;
+// on error the module is left unchanged.
 absl::StatusOr<LoadReport> LoadIntoModule(const NamedTensors& tensors, torch::nn::Module& module,
                                           const LoadOptions& options, const std::string& source);
 

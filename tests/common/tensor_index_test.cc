@@ -120,6 +120,29 @@ TEST_F(TensorIndexTest, ReadsTorchSaveArchivesWithNestedDictsAndZip64) {
   }
 }
 
+// {"a": {"b": t}} beside "a.b": both flatten to "a.b", and which one a model got was the
+// order's accident (the last won). The same for a key pickled twice into one dict.
+TEST_F(TensorIndexTest, TensorsThatFlattenToOneNameAreAnErrorNamingTheFileAndTheName) {
+  const std::string data(24, '\0');
+  const std::string path = dir_ + "/f";
+  const std::string nested = Pickle("}(" + Str("a") + OrderedDict({{"b", Tensor("0", 6, {2, 3}, {3, 1})}}) +
+                                    Str("a.b") + Tensor("1", 6, {3, 2}, {2, 1}) + "u");
+  const std::string twice = Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}, {"w", Tensor("1", 6, {6}, {1})}}));
+  for (const auto& [pickle, name] : {std::pair<std::string, std::string>{nested, "a.b"}, {twice, "w"}}) {
+    const std::string got = Read(Zip({{"a/data.pkl", pickle}, {"a/data/0", data}, {"a/data/1", data}}));
+    EXPECT_TRUE(absl::StartsWith(got, path)) << got;
+    EXPECT_TRUE(absl::StrContains(got, absl::StrCat("two tensors are named '", name, "'"))) << got;
+  }
+  // Distinct names in nested and dotted form still read.
+  const std::string distinct = Pickle("}(" + Str("a") + OrderedDict({{"b", Tensor("0", 6, {2, 3}, {3, 1})}}) +
+                                      Str("a.c") + Tensor("1", 6, {6}, {1}) + "u");
+  TensorIndex index;
+  ASSERT_EQ(Read(Zip({{"a/data.pkl", distinct}, {"a/data/0", data}, {"a/data/1", data}}), &index), "ok");
+  ASSERT_EQ(index.size(), 2u);
+  EXPECT_EQ(index[0].name, "a.b");
+  EXPECT_EQ(index[1].name, "a.c");
+}
+
 TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
   const std::string good = Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}}));
   const std::string data(24, '\0');
@@ -217,6 +240,11 @@ TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
                                 "unsupported dtype Q7"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32"}})", 0)), "lacks dtype/shape/data_offsets"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":[1,2}})", 0)), "header JSON"));
+  // A key twice in the header (JSON parsers differ on which one they keep).
+  EXPECT_EQ(Read(file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                      R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                      8)),
+            path + ": not a valid safetensors file: two entries are named 'w'");
   // A header length past the file's end is no safetensors file, as for the worker.
   EXPECT_TRUE(absl::StrContains(Read(Le(1u << 30, 8) + "{}"), "shorter than a zip end record"));
   EXPECT_EQ(ReadTensorIndex(dir_ + "/absent").status().code(), absl::StatusCode::kNotFound);

@@ -2102,6 +2102,9 @@ TEST_F(CoordinatorServiceTest, DeleteRefusesARunningJobAndRemovesOnlyItsRunFolde
   ASSERT_EQ(pretrain, job_id + "/pretrain-f0");
   const std::string checkpoint = Checkpoint(pretrain, "last.pt");
   Write(absl::StrCat("runs/", kept, "/pretrain-fold0/last.pt"), "other job");
+  bool stop = false;
+  ASSERT_TRUE(Report(group, pretrain, {EpochEnd(0, 0.5)}, &stop).ok());
+  const std::string labelled = absl::StrCat("job_id=\"", job_id, "\"");
   DeleteJobRequest request;
   request.set_job_id(job_id);
   request.set_with_run_folders(true);
@@ -2124,7 +2127,14 @@ TEST_F(CoordinatorServiceTest, DeleteRefusesARunningJobAndRemovesOnlyItsRunFolde
   while (reader->Read(&event)) {
   }
   EXPECT_TRUE(reader->Finish().ok());  // the stream ends with the CANCELLED state
+  double value = 0;
+  ASSERT_TRUE(FindSample(HttpGet(coordinator_->metrics_port(), "/metrics"), "aviary_val_auc", {labelled}, &value));
   ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  // Its series leave /metrics with it (as after a restart), the other job's stay.
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  EXPECT_FALSE(absl::StrContains(exposition, labelled)) << exposition;
+  EXPECT_TRUE(FindSample(exposition, "aviary_task_running", {absl::StrCat("job_id=\"", kept, "\"")}, &value))
+      << exposition;
   ASSERT_EQ(response.removed_folders_size(), 1);
   EXPECT_EQ(response.removed_folders(0), fs::canonical(root_).string() + "/runs/" + job_id);
   EXPECT_FALSE(fs::exists(checkpoint));

@@ -4,7 +4,8 @@ torchvision's efficientnet_b0 and b3 (random init) saved by torch.save (the zip 
 nested in a checkpoint dict, and in half precision) and as safetensors: tensor_index_tool must
 read exactly the names, dtypes and shapes torch has, and the rule must accept each variant for its
 own model (also for one input channel) and refuse the other. `aviary weights import` output in
-both formats must pass. A legacy (pre-1.6) torch.save and truncated files must be clear errors.
+both formats must pass. A nested state dict beside a dotted key of the same name must be refused
+by the index, the rule and `aviary weights import`, naming the file and the name. A legacy (pre-1.6) torch.save and truncated files must be clear errors.
 
 Usage: check_tensor_index.py BIN_DIR TENSOR_INDEX_TOOL
 """
@@ -103,6 +104,20 @@ def main():
         check_fit("b0.pth", b0_pth, "efficientnet_b3", 3, False, "missing: ")
         check_fit("b0.pth", b0_pth, "efficientnet_b1", 3, False, "missing: ")
         check_fit("nested.pth", nested, "efficientnet_b0", 3, False, "no `features.*` backbone tensor")
+
+        # A nested state dict beside a dotted key of the same flattened name: which tensor is
+        # meant is ambiguous, so every reader refuses it naming the file and the name.
+        clash = os.path.join(tmp, "clash.pth")
+        torch.save({"state_dict": b0, "state_dict.features.0.0.weight": torch.zeros(32, 1, 3, 3)}, clash)
+        want = f"two tensors are named 'state_dict.features.0.0.weight'"
+        r = run(TOOL, "index", clash)
+        report("index of a nested and a dotted name that collide", r.returncode == 1 and clash in r.stdout and
+               want in r.stdout, r.stdout)
+        check_fit("clash.pth", clash, "efficientnet_b0", 3, False, want)
+        r = run(AVIARY, "weights", "import", clash, "--model", "efficientnet_b0", "--out",
+                os.path.join(tmp, "clash_out.safetensors"))
+        report("weights import of the colliding names", r.returncode != 0 and clash in r.stderr and want in r.stderr
+               and not os.path.exists(os.path.join(tmp, "clash_out.safetensors")), r.stdout + r.stderr)
 
         # `aviary weights import` output passes the check, in both formats.
         for fmt in ("state_dict", "safetensors"):

@@ -16,6 +16,7 @@
 #include "common/config.h"
 #include "common/model_shapes.h"
 #include "worker/checkpoint.h"
+#include "worker/ema.h"
 #include "worker/models.h"
 #include "worker/torch_pickle.h"
 #include "worker/weights.h"
@@ -181,6 +182,89 @@ TEST(ExportCheckpointTest, RefusesAnUnknownFormatBadOutAndNonCheckpoints) {
   auto r = ExportCheckpoint(o);
   EXPECT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find(o.checkpoint), std::string::npos) << r.status();
+}
+
+// A checkpoint whose config asks the front end for another number of mel planes than its first
+// convolution takes (an edited config_yaml, or a checkpoint pasted from another run): every
+// format refuses it, naming the checkpoint and both counts, and writes nothing. The ONNX graph
+// would otherwise feed 3 planes to a 1-channel convolution (onnxruntime fails on the first
+// window) and the sidecar would tell the notebook to expand to 3 channels.
+TEST(ExportCheckpointTest, RefusesAFrontendWhoseChannelsDifferFromTheFirstConvolution) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 3;
+  config.frontend.n_mels = 32;
+  auto model = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(model.ok()) << model.status();
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "small_cnn";
+  meta.num_classes = 2;
+  meta.in_channels = 1;
+  meta.class_names = {"a", "b"};
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const std::string ckpt = TempPath("channels.pt");
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, meta).ok());
+  for (const char* format : {"onnx", "state_dict", "safetensors"}) {
+    ExportOptions o;
+    o.checkpoint = ckpt;
+    o.format = format;
+    o.out = TempPath(std::string("channels_out.") + format);
+    std::filesystem::remove(o.out);
+    std::filesystem::remove(SidecarPath(o.out));
+    auto r = ExportCheckpoint(o);
+    ASSERT_FALSE(r.ok()) << format;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+    const std::string message(r.status().message());
+    EXPECT_NE(message.find(ckpt), std::string::npos) << message;
+    EXPECT_NE(message.find("frontend.in_channels 3"), std::string::npos) << message;
+    EXPECT_NE(message.find("features.0.0.weight [16, 1, 3, 3] takes 1"), std::string::npos) << message;
+    EXPECT_FALSE(std::filesystem::exists(o.out)) << format;
+    EXPECT_FALSE(std::filesystem::exists(SidecarPath(o.out))) << format;
+  }
+}
+
+// With train.ema_eval a last.pt's model tensors are the raw weights and its "ema_state" the
+// validated average: the export carries the average (and says so in the sidecar).
+TEST(ExportCheckpointTest, ALastCheckpointOfAnEmaEvalRunExportsTheAverage) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.train.ema_decay = 0.5;
+  config.train.ema_eval = true;
+  for (auto& [name, stage] : config.stages) stage.train = config.train;
+  torch::manual_seed(3);
+  auto raw = BuildClassifier(config.model, 1, 2);
+  auto averaged = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(raw.ok() && averaged.ok());
+  WeightEma ema(**averaged, 0.5, 0);
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "small_cnn";
+  meta.num_classes = 2;
+  meta.in_channels = 1;
+  meta.class_names = {"a", "b"};
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const std::string ckpt = TempPath("ema_last.pt");
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **raw, nullptr, meta, {}, {{"ema_state", ema.ExportState()}}).ok());
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "safetensors";
+  o.out = TempPath("ema_last.safetensors");
+  auto r = ExportCheckpoint(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->ema);
+  EXPECT_NE(Slurp(r->sidecar_path).find(R"("ema": true)"), std::string::npos) << Slurp(r->sidecar_path);
+  auto back = ReadStateDict(o.out);
+  ASSERT_TRUE(back.ok()) << back.status();
+  std::map<std::string, at::Tensor> by_name(back->begin(), back->end());
+  int compared = 0;
+  for (const auto& p : (*averaged)->named_parameters()) {
+    ASSERT_TRUE(by_name.count(p.key())) << p.key();
+    EXPECT_TRUE(at::equal(by_name[p.key()], p.value())) << p.key();
+    ++compared;
+  }
+  EXPECT_GT(compared, 0);
 }
 
 TEST(ImportWeightsTest, RefusesAFileWithoutTheBackboneAndWritesNothing) {

@@ -134,6 +134,24 @@ TEST(WeightsTest, MissingAndUnexpectedTensorsAreListed) {
   EXPECT_EQ(ok->loaded.size(), 1u);
 }
 
+// A name twice (a safetensors header with a key twice; any reader's duplicate) is refused, even
+// where unexpected and missing tensors are allowed: which of the two the model got was the
+// order's accident (the last won).
+TEST(WeightsTest, ATensorNamedTwiceIsRefusedNamingTheSourceAndTheName) {
+  auto m = BuildClassifier(Config("small_cnn"), 3, 4);
+  NamedTensors tensors{{"features.0.0.weight", at::zeros({16, 3, 3, 3})},
+                       {"features.0.0.weight", at::ones({16, 3, 3, 3})}};
+  LoadOptions lax;
+  lax.require_all = false;
+  lax.allow_unexpected = true;
+  auto r = LoadIntoModule(tensors, **m, lax, "dup.safetensors");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("dup.safetensors: two tensors are named 'features.0.0.weight'"),
+            absl::string_view::npos)
+      << r.status();
+}
+
 TEST(WeightsTest, NonWeightFilesAreRefusedWithThePath) {
   std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_not_weights.pt";
   std::ofstream(path) << "hello";

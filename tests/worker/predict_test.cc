@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
+#include "worker/ema.h"
 #include "worker/models.h"
 
 namespace aviary::worker {
@@ -163,6 +164,74 @@ TEST(PredictTest, EnsembleAndTtaAverage) {
   ASSERT_EQ(tta_probs->size(), probs->size());
 }
 
+// With train.ema_eval, validation and best.pt use the averaged weights; last.pt holds the raw
+// ones and the average (group "ema_state"). Predicting from last.pt must use the average, as
+// the epoch's val_* did: it equals a best.pt of the same epoch. Without ema_eval the raw
+// weights are the validated ones.
+TEST(PredictTest, ALastCheckpointOfAnEmaEvalRunPredictsWithTheAverage) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.frontend.n_mels = 32;
+  config.train.ema_decay = 0.9;
+  config.train.ema_eval = true;
+  for (auto& [name, stage] : config.stages) stage.train = config.train;
+  torch::manual_seed(11);
+  auto raw = BuildClassifier(config.model, 1, 3);
+  auto averaged = BuildClassifier(config.model, 1, 3);
+  ASSERT_TRUE(raw.ok() && averaged.ok());
+  // The average: other weights, the same buffers (the EMA does not average buffers).
+  {
+    torch::NoGradGuard no_grad;
+    auto from = (*raw)->named_buffers();
+    for (auto& b : (*averaged)->named_buffers()) b.value().copy_(from[b.key()]);
+  }
+  WeightEma ema(**averaged, 0.9, 0);
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "small_cnn";
+  meta.num_classes = 3;
+  meta.in_channels = 1;
+  meta.class_names = {"a", "b", "c"};
+  auto save = [&](const std::string& name, const common::PipelineConfig& c, ClassifierImpl& model,
+                  const CheckpointGroups& groups) {
+    meta.config_yaml = common::PipelineConfigToYaml(c);
+    const std::string path = ::testing::TempDir() + "/predict_test_" + name + ".pt";
+    EXPECT_TRUE(SaveCheckpoint(path, model, nullptr, meta, {}, groups).ok());
+    return path;
+  };
+  const std::string last = save("ema_last", config, **raw, {{"ema_state", ema.ExportState()}});
+  const std::string best = save("ema_best", config, **averaged, {});
+  common::PipelineConfig no_eval = config;
+  no_eval.train.ema_eval = false;
+  for (auto& [name, stage] : no_eval.stages) stage.train = no_eval.train;
+  const std::string last_no_eval = save("ema_last_no_eval", no_eval, **raw, {{"ema_state", ema.ExportState()}});
+  const std::string plain = save("ema_raw", no_eval, **raw, {});
+
+  const std::vector<float> wave = Noise(16000 * 2, 7);
+  auto predict = [&](const std::string& ckpt) {
+    PredictOptions options;
+    options.checkpoints = {ckpt};
+    options.window_s = 0.5;
+    options.device = "cpu";
+    auto p = Predictor::Create(options);
+    EXPECT_TRUE(p.ok()) << p.status();
+    auto probs = (*p)->PredictWaveform(wave);
+    EXPECT_TRUE(probs.ok()) << probs.status();
+    return *probs;
+  };
+  const std::vector<float> from_last = predict(last), from_best = predict(best);
+  const std::vector<float> from_raw = predict(plain), from_no_eval = predict(last_no_eval);
+  ASSERT_EQ(from_last.size(), from_best.size());
+  double differs = 0;
+  for (size_t i = 0; i < from_last.size(); ++i) {
+    EXPECT_NEAR(from_last[i], from_best[i], 1e-6) << i;
+    EXPECT_NEAR(from_no_eval[i], from_raw[i], 1e-6) << i;
+    differs = std::max<double>(differs, std::abs(from_raw[i] - from_best[i]));
+  }
+  EXPECT_GT(differs, 1e-4);  // the two weight sets predict differently
+}
+
 TEST(PredictTest, RefusesCheckpointsWithoutLabelsOrWithDifferentLabelSets) {
   PredictOptions options;
   options.device = "cpu";
@@ -223,6 +292,50 @@ TEST(PredictTest, RunSkipsUndecodableFilesAndWritesTheHeader) {
   ASSERT_EQ(report->skipped.size(), 2u);
   EXPECT_EQ(report->skipped[0].reason, "empty");
   EXPECT_EQ(report->skipped[1].reason, "not_audio");
+}
+
+// A mono 16-bit PCM WAV of `samples` (in [-1, 1]) at `rate`.
+void WriteWav(const std::string& path, const std::vector<float>& samples, int rate) {
+  auto le = [](uint32_t v, int n) {
+    std::string s;
+    for (int k = 0; k < n; ++k) s.push_back(static_cast<char>((v >> (8 * k)) & 0xff));
+    return s;
+  };
+  std::string data;
+  for (float x : samples) data += le(static_cast<uint16_t>(static_cast<int16_t>(std::lround(x * 32767.0f))), 2);
+  const uint32_t n = static_cast<uint32_t>(data.size());
+  std::ofstream(path, std::ios::binary) << "RIFF" << le(36 + n, 4) << "WAVEfmt " << le(16, 4) << le(1, 2)
+                                        << le(1, 2) << le(static_cast<uint32_t>(rate), 4)
+                                        << le(static_cast<uint32_t>(rate) * 2, 4) << le(2, 2) << le(16, 2)
+                                        << "data" << le(n, 4) << data;
+}
+
+// A silent file keeps its rows (all-zero input; counted as silent), as a file with sound does:
+// a submission needs a row for every window of every soundscape.
+TEST(PredictTest, RunPredictsSilentFilesAndCountsThem) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("silent", {"a", "b"})};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::string dir = Dir("silent");
+  WriteWav(dir + "/quiet.wav", std::vector<float>(16000 * 3 + 100, 0.0f), 32000);
+  WriteWav(dir + "/sound.wav", Noise(16000 * 2, 5), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::ostringstream csv;
+  auto report = (*p)->Run(*files, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->skipped.empty()) << report->skipped[0].message;
+  EXPECT_EQ(report->files_predicted, 2);
+  EXPECT_EQ(report->silent_files, 1);
+  EXPECT_EQ(report->rows, 4 + 2);
+  std::vector<std::string> ids;
+  std::istringstream lines(csv.str());
+  for (std::string line; std::getline(lines, line);) ids.push_back(line.substr(0, line.find(',')));
+  EXPECT_EQ(ids, (std::vector<std::string>{"row_id", "quiet_0.5", "quiet_1", "quiet_1.5", "quiet_2",
+                                           "sound_0.5", "sound_1"}));
 }
 
 TEST(PredictTest, ListAudioFilesChecksItsInput) {

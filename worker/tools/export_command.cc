@@ -29,7 +29,7 @@ int RunExport(const worker::ExportOptions& options) {
   std::cout << "wrote " << r.weights_path << " (" << options.format << ", " << r.num_tensors << " tensors, "
             << (r.onnx_nodes > 0 ? absl::StrCat(r.onnx_nodes, " nodes, ") : "") << r.num_bytes << " bytes) and "
             << r.sidecar_path << ": " << r.model_name << ", "
-            << r.num_classes << " classes\n";
+            << r.num_classes << " classes" << (r.ema ? ", the EMA weights (ema_eval)" : "") << "\n";
   if (!r.torchvision.empty() && options.format != "onnx") {
     std::cout << "loads with strict=True into torchvision.models." << r.torchvision << "(num_classes="
               << r.num_classes << ")\n";

@@ -116,7 +116,7 @@ int RunPredict(const PredictArgs& args) {
   for (const worker::PredictModelInfo& m : p.models()) {
     std::cout << "checkpoint " << m.path << ": " << m.model_name << ", stage " << m.stage
               << " fold " << m.fold << ", epoch " << m.epoch + 1 << ", "
-              << (m.sigmoid ? "sigmoid" : "softmax") << "\n";
+              << (m.sigmoid ? "sigmoid" : "softmax") << (m.ema ? ", EMA weights (ema_eval)" : "") << "\n";
   }
   std::cout << files->size() << " file(s), " << p.class_names().size() << " classes, window "
             << options.window_s << " s (" << p.window_samples() << " samples at " << p.sample_rate()
