@@ -184,6 +184,18 @@ TEST(ExportCheckpointTest, RefusesAnUnknownFormatBadOutAndNonCheckpoints) {
   EXPECT_NE(r.status().message().find(o.checkpoint), std::string::npos) << r.status();
 }
 
+// The metadata of a one-plane, two-class small_cnn fine-tuning checkpoint written with `config`.
+CheckpointMeta TwoClassSmallCnnMeta(const common::PipelineConfig& config) {
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "small_cnn";
+  meta.num_classes = 2;
+  meta.in_channels = 1;
+  meta.class_names = {"a", "b"};
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  return meta;
+}
+
 // A checkpoint whose config asks the front end for another number of mel planes than its first
 // convolution takes (an edited config_yaml, or a checkpoint pasted from another run): every
 // format refuses it, naming the checkpoint and both counts, and writes nothing. The ONNX graph
@@ -196,13 +208,7 @@ TEST(ExportCheckpointTest, RefusesAFrontendWhoseChannelsDifferFromTheFirstConvol
   config.frontend.n_mels = 32;
   auto model = BuildClassifier(config.model, 1, 2);
   ASSERT_TRUE(model.ok()) << model.status();
-  CheckpointMeta meta;
-  meta.stage = "finetune";
-  meta.model_name = "small_cnn";
-  meta.num_classes = 2;
-  meta.in_channels = 1;
-  meta.class_names = {"a", "b"};
-  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const CheckpointMeta meta = TwoClassSmallCnnMeta(config);
   const std::string ckpt = TempPath("channels.pt");
   ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, meta).ok());
   for (const char* format : {"onnx", "state_dict", "safetensors"}) {
@@ -238,13 +244,7 @@ TEST(ExportCheckpointTest, ALastCheckpointOfAnEmaEvalRunExportsTheAverage) {
   auto averaged = BuildClassifier(config.model, 1, 2);
   ASSERT_TRUE(raw.ok() && averaged.ok());
   WeightEma ema(**averaged, 0.5, 0);
-  CheckpointMeta meta;
-  meta.stage = "finetune";
-  meta.model_name = "small_cnn";
-  meta.num_classes = 2;
-  meta.in_channels = 1;
-  meta.class_names = {"a", "b"};
-  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const CheckpointMeta meta = TwoClassSmallCnnMeta(config);
   const std::string ckpt = TempPath("ema_last.pt");
   ASSERT_TRUE(SaveCheckpoint(ckpt, **raw, nullptr, meta, {}, {{"ema_state", ema.ExportState()}}).ok());
   ExportOptions o;
@@ -333,7 +333,9 @@ TEST(ImportWeightsTest, AFileWithoutNumBatchesTrackedIsABackbone) {
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->size(), kept.size() + counters);
   for (const auto& [name, t] : *back) {
-    if (common::OptionalStateTensor(name)) EXPECT_EQ(t.item<int64_t>(), 0) << name;
+    if (common::OptionalStateTensor(name)) {
+      EXPECT_EQ(t.item<int64_t>(), 0) << name;
+    }
   }
   // Any other missing buffer is still missing.
   NamedTensors no_mean;
