@@ -33,10 +33,10 @@ struct TensorEntry {
   // Where a torch.save tensor's values lie (what worker/torch_pickle.cc reads them by; empty
   // and 0 for safetensors): the archive's record data/<storage>, a storage of storage_numel
   // elements of `dtype`, viewed from element storage_offset with `stride`.
-  std::string storage;
+  std::string storage = {};
   int64_t storage_numel = 0;
   int64_t storage_offset = 0;
-  std::vector<int64_t> stride;
+  std::vector<int64_t> stride = {};
 
   // Name, dtype and shape: what a file says to a model.
   bool operator==(const TensorEntry& o) const {
