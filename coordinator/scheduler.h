@@ -319,13 +319,14 @@ class Scheduler {
   // when the last of them is done.
   absl::Mutex streaming_mu_;
   std::map<std::string, std::weak_ptr<const std::string>> streaming_ ABSL_GUARDED_BY(streaming_mu_);
-  // Per task, the attempt and the epoch and step of its last accepted progress point: within
-  // one attempt, epochs and steps never go back. A new attempt starts afresh; at restart this is
-  // the last stored point of each attempt.
+  // Per task, the attempt and its last accepted progress point: within one attempt, epochs and
+  // steps never go back. A new attempt starts afresh; at restart this is the last stored point of
+  // each attempt. The whole point is kept so that a report sent again (its answer was lost, and
+  // the group's retry may carry more points behind it) is recognised by its last delivered point
+  // and only its new points are taken (ReportProgress).
   struct LastPoint {
     int attempt = 0;
-    int32_t epoch = 0;
-    int64_t step = 0;
+    aviary::v1::Metrics point;
   };
   std::unordered_map<std::string, LastPoint> last_points_ ABSL_GUARDED_BY(write_mu_);
 

@@ -1543,6 +1543,52 @@ TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   EXPECT_EQ(Report(b, task_id, {point(1, 9)}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
+// A ReportProgress whose answer was lost (a deadline, a network blip) is sent again by the
+// group's sender, often with the points made meanwhile behind it: the points delivered before are
+// taken once, the new ones (here an epoch end) are stored, and neither is refused.
+TEST_F(CoordinatorServiceTest, AReportSentAgainWithNewPointsBehindItIsTakenOnce) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string task_id = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  auto point = [](int epoch, int64_t step) {
+    Metrics m;
+    m.set_epoch(epoch);
+    m.set_step(step);
+    m.set_lr(1e-3);
+    return m;
+  };
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, task_id, {point(0, 5), point(0, 8)}, &cancel).ok());
+  // The same run again, now with the epoch end behind it.
+  Metrics end = EpochEnd(0, 0.625);
+  grpc::Status status = Report(a, task_id, {point(0, 5), point(0, 8), end}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(cancel);
+  EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 10);
+  EXPECT_TRUE(GetJob(job_id).tasks(0).latest().epoch_end());
+  // Sent once more, whole (its answer was lost too), also after a coordinator restart.
+  status = Report(a, task_id, {point(0, 5), point(0, 8), end}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  Restart();
+  status = Report(a, task_id, {point(0, 8), end, point(1, 12)}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 12);
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 1);
+  EXPECT_EQ(history.rows(0).metrics().epoch(), 0);
+  EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.625);
+  // A point behind the last one that does not repeat a delivered run is still refused.
+  status = Report(a, task_id, {point(1, 11), point(1, 13)}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("field 'points[0].step': 11 is less than the step 12"), std::string::npos)
+      << status.error_message();
+}
+
 // Retention (issue 15): a job finished longer ago than retention_days loses its step points and
 // its tasks' manifests; its state and epoch history stay. Running jobs are left alone, and a job
 // is pruned once.
