@@ -154,7 +154,10 @@ class Scheduler {
   // Removes a finished job from memory and the store (its points, checkpoints, manifests, logs);
   // watchers end with NOT_FOUND. FAILED_PRECONDITION while it is PENDING or RUNNING. With
   // `with_run_folders`, the tasks' run folders are deleted too, only where they lie inside the
-  // work dir (path_policy); returns the folders removed.
+  // work dir (path_policy); returns the folders removed. With `with_run_folders`,
+  // FAILED_PRECONDITION naming the group, task and folder while a group has not let go of a task
+  // of the job cancelled or failed under it (it may still be writing the folder; "Fencing").
+  // Without, the job goes at once (the group learns it at its next heartbeat).
   absl::StatusOr<std::vector<std::string>> DeleteJob(const std::string& job_id, bool with_run_folders);
   // Appends a registered group's log lines to the task's bounded log (kept in memory: the last
   // kMaxLogBytesPerTask bytes per task, lines cut at kMaxLogLineBytes).
