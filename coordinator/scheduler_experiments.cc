@@ -137,8 +137,8 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
           const std::string& held = group->row.task_id;
           if (held.empty() || std::find(task_ids.begin(), task_ids.end(), held) == task_ids.end()) continue;
           return absl::FailedPreconditionError(absl::StrCat(
-              "job ", job_id, ": group ", group_id, " has not stopped task ", held, " yet and may still write its run folder ",
-              tasks_.at(held).info.out_dir(), "; delete it with --with-run-folders once the group has let go (its next "
+              "job ", job_id, ": group ", group_id, " has not stopped task ", held,
+              " yet and may still write its run folder ", tasks_.at(held).info.out_dir(), "; delete it with --with-run-folders once the group has let go (its next "
               "heartbeats, or heartbeat_timeout_s ", options_.heartbeat_timeout_s, " s for a silent group), or without "
               "--with-run-folders now"));
         }
