@@ -11,6 +11,8 @@
 #include <thread>
 #include <utility>
 
+#include <google/protobuf/util/message_differencer.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -145,7 +147,7 @@ absl::Status Scheduler::Restore() {
     absl::MutexLock writer(&write_mu_);
     for (const PointRow& row : last_points) {
       LastPoint& last = last_points_[row.task_id];
-      if (row.attempt >= last.attempt) last = {row.attempt, row.metrics.epoch(), row.metrics.step()};
+      if (row.attempt >= last.attempt) last = {row.attempt, row.metrics};
     }
   }
 
@@ -1320,24 +1322,44 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
     last = it->second;
     has_last = true;
   }
+  // A report sent again: its answer was lost (a deadline, a network blip) after the points were
+  // stored, and the group's retry carries the same run, possibly with newer points behind it.
+  // Its points up to the one equal to the last accepted point were taken already: they are
+  // skipped, in order, and only the points after them are checked and stored.
+  int first_new = 0;
+  if (has_last) {
+    for (int i = request.points_size() - 1; i >= 0; --i) {
+      if (google::protobuf::util::MessageDifferencer::Equals(request.points(i), last.point)) {
+        first_new = i + 1;
+        break;
+      }
+    }
+  }
+  bool has_previous = has_last && first_new == 0;  // the skipped run is checked within itself
+  aviary::v1::Metrics previous = last.point;
   for (int i = 0; i < request.points_size(); ++i) {
     const aviary::v1::Metrics& point = request.points(i);
-    if (has_last && point.epoch() < last.epoch) {
+    if (has_previous && point.epoch() < previous.epoch()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "field 'points[", i, "].epoch': ", point.epoch(), " is less than the epoch ", last.epoch,
+          "field 'points[", i, "].epoch': ", point.epoch(), " is less than the epoch ", previous.epoch(),
           " of the previous point of attempt ", task.info.attempt(), " (epochs never go back within an attempt)"));
     }
-    if (has_last && point.step() < last.step) {
+    if (has_previous && point.step() < previous.step()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "field 'points[", i, "].step': ", point.step(), " is less than the step ", last.step,
+          "field 'points[", i, "].step': ", point.step(), " is less than the step ", previous.step(),
           " of the previous point of attempt ", task.info.attempt(), " (steps never go back within an attempt)"));
     }
-    last = {task.info.attempt(), point.epoch(), point.step()};
-    has_last = true;
+    previous = point;
+    has_previous = true;
   }
+  if (first_new == request.points_size() && first_new > 0) {
+    return false;  // all of it was delivered before
+  }
+  if (first_new < request.points_size()) last = {task.info.attempt(), request.points(request.points_size() - 1)};
+  has_last = has_last || request.points_size() > 0;
   const int64_t now = UnixMs();
   if (request.steps_per_epoch() > 0) task.info.set_steps_per_epoch(request.steps_per_epoch());
-  std::vector<aviary::v1::Metrics> points(request.points().begin(), request.points().end());
+  std::vector<aviary::v1::Metrics> points(request.points().begin() + first_new, request.points().end());
   if (!points.empty()) {
     *task.info.mutable_latest() = points.back();
     task.info.set_updated_unix_ms(now);

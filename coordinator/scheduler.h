@@ -154,7 +154,10 @@ class Scheduler {
   // Removes a finished job from memory and the store (its points, checkpoints, manifests, logs);
   // watchers end with NOT_FOUND. FAILED_PRECONDITION while it is PENDING or RUNNING. With
   // `with_run_folders`, the tasks' run folders are deleted too, only where they lie inside the
-  // work dir (path_policy); returns the folders removed.
+  // work dir (path_policy); returns the folders removed. With `with_run_folders`,
+  // FAILED_PRECONDITION naming the group, task and folder while a group has not let go of a task
+  // of the job cancelled or failed under it (it may still be writing the folder; "Fencing").
+  // Without, the job goes at once (the group learns it at its next heartbeat).
   absl::StatusOr<std::vector<std::string>> DeleteJob(const std::string& job_id, bool with_run_folders);
   // Appends a registered group's log lines to the task's bounded log (kept in memory: the last
   // kMaxLogBytesPerTask bytes per task, lines cut at kMaxLogLineBytes).
@@ -319,13 +322,14 @@ class Scheduler {
   // when the last of them is done.
   absl::Mutex streaming_mu_;
   std::map<std::string, std::weak_ptr<const std::string>> streaming_ ABSL_GUARDED_BY(streaming_mu_);
-  // Per task, the attempt and the epoch and step of its last accepted progress point: within
-  // one attempt, epochs and steps never go back. A new attempt starts afresh; at restart this is
-  // the last stored point of each attempt.
+  // Per task, the attempt and its last accepted progress point: within one attempt, epochs and
+  // steps never go back. A new attempt starts afresh; at restart this is the last stored point of
+  // each attempt. The whole point is kept so that a report sent again (its answer was lost, and
+  // the group's retry may carry more points behind it) is recognised by its last delivered point
+  // and only its new points are taken (ReportProgress).
   struct LastPoint {
     int attempt = 0;
-    int32_t epoch = 0;
-    int64_t step = 0;
+    aviary::v1::Metrics point;
   };
   std::unordered_map<std::string, LastPoint> last_points_ ABSL_GUARDED_BY(write_mu_);
 

@@ -1,6 +1,7 @@
 // The scheduler's experiment calls (docs/SERVICE.md, "Groups, logs, retry and delete"): the
 // list of groups, task logs shipped by the groups, retry and delete of a finished job. Kept apart
 // from scheduler.cc, whose locking rules (scheduler.h) they follow.
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <system_error>
@@ -127,6 +128,21 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
                                                           "; cancel it first (aviary cancel ", job_id, ")"));
       }
       task_ids = it->second.task_ids;
+      if (with_run_folders) {
+        // A task cancelled or failed under its group stays that group's until it lets go: it may
+        // still be training it and writing its run folder (docs/SERVICE.md, "Fencing"). Removing
+        // the folder meanwhile races those writes (a checkpoint or history renamed into a folder
+        // being removed, or the folder made again after it was "removed").
+        for (const auto& [group_id, group] : groups_) {
+          const std::string& held = group->row.task_id;
+          if (held.empty() || std::find(task_ids.begin(), task_ids.end(), held) == task_ids.end()) continue;
+          return absl::FailedPreconditionError(absl::StrCat(
+              "job ", job_id, ": group ", group_id, " has not stopped task ", held,
+              " yet and may still write its run folder ", tasks_.at(held).info.out_dir(), "; delete it with --with-run-folders once the group has let go (its next "
+              "heartbeats, or heartbeat_timeout_s ", options_.heartbeat_timeout_s, " s for a silent group), or without "
+              "--with-run-folders now"));
+        }
+      }
       // The manifests only this job referred to go with it (a submit that finds a swept one in
       // its fold cache builds it again: SubmitJob).
       int64_t manifests = 0, bytes = 0;

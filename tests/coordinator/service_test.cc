@@ -1543,6 +1543,52 @@ TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   EXPECT_EQ(Report(b, task_id, {point(1, 9)}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
+// A ReportProgress whose answer was lost (a deadline, a network blip) is sent again by the
+// group's sender, often with the points made meanwhile behind it: the points delivered before are
+// taken once, the new ones (here an epoch end) are stored, and neither is refused.
+TEST_F(CoordinatorServiceTest, AReportSentAgainWithNewPointsBehindItIsTakenOnce) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string task_id = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  auto point = [](int epoch, int64_t step) {
+    Metrics m;
+    m.set_epoch(epoch);
+    m.set_step(step);
+    m.set_lr(1e-3);
+    return m;
+  };
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, task_id, {point(0, 5), point(0, 8)}, &cancel).ok());
+  // The same run again, now with the epoch end behind it.
+  Metrics end = EpochEnd(0, 0.625);
+  grpc::Status status = Report(a, task_id, {point(0, 5), point(0, 8), end}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(cancel);
+  EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 10);
+  EXPECT_TRUE(GetJob(job_id).tasks(0).latest().epoch_end());
+  // Sent once more, whole (its answer was lost too), also after a coordinator restart.
+  status = Report(a, task_id, {point(0, 5), point(0, 8), end}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  Restart();
+  status = Report(a, task_id, {point(0, 8), end, point(1, 12)}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 12);
+  GetHistoryRequest history_request;
+  history_request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), history_request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 1);
+  EXPECT_EQ(history.rows(0).metrics().epoch(), 0);
+  EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.625);
+  // A point behind the last one that does not repeat a delivered run is still refused.
+  status = Report(a, task_id, {point(1, 11), point(1, 13)}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("field 'points[0].step': 11 is less than the step 12"), std::string::npos)
+      << status.error_message();
+}
+
 // Retention (issue 15): a job finished longer ago than retention_days loses its step points and
 // its tasks' manifests; its state and epoch history stay. Running jobs are left alone, and a job
 // is pruned once.
@@ -2129,6 +2175,12 @@ TEST_F(CoordinatorServiceTest, DeleteRefusesARunningJobAndRemovesOnlyItsRunFolde
   EXPECT_TRUE(reader->Finish().ok());  // the stream ends with the CANCELLED state
   double value = 0;
   ASSERT_TRUE(FindSample(HttpGet(coordinator_->metrics_port(), "/metrics"), "aviary_val_auc", {labelled}, &value));
+  // The group stops the cancelled task and lets go of it (its heartbeats come without it), so
+  // the run folder may go (DeleteWithRunFoldersWaitsForTheCancelledHolder).
+  bool told = false;
+  ASSERT_TRUE(Heartbeat(group, pretrain, &told).ok());
+  EXPECT_TRUE(told);
+  ASSERT_TRUE(Heartbeat(group, "", &told).ok());
   ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
   // Its series leave /metrics with it (as after a restart), the other job's stay.
   const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
@@ -2163,6 +2215,57 @@ TEST_F(CoordinatorServiceTest, DeleteRefusesARunningJobAndRemovesOnlyItsRunFolde
   ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
   EXPECT_EQ(response.removed_folders_size(), 0);
   EXPECT_TRUE(fs::exists(absl::StrCat(root_, "/runs/", kept, "/pretrain-fold0/last.pt")));
+}
+
+// A job cancelled under its group: the group may train the task, and write its run folder, until
+// it learns of the cancel. Deleting the run folder meanwhile raced those writes; it waits until
+// the group lets go (or is removed as lost). Deleting without the folders is not held up.
+TEST_F(CoordinatorServiceTest, DeleteWithRunFoldersWaitsForTheCancelledHolder) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string group = Register();
+  const std::string pretrain = Lease(group).task().task_id();
+  ASSERT_EQ(pretrain, job_id + "/pretrain-f0");
+  const std::string checkpoint = Checkpoint(pretrain, "last.pt");
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  DeleteJobRequest request;
+  request.set_job_id(job_id);
+  request.set_with_run_folders(true);
+  DeleteJobResponse response;
+  grpc::Status status = jobs_->DeleteJob(Ctx().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(),
+                                absl::StrCat("group ", group, " has not stopped task ", pretrain)))
+      << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "/runs/" + job_id + "/pretrain-fold0"))
+      << status.error_message();
+  EXPECT_TRUE(fs::exists(checkpoint));
+  // Told to stop (a cancel answer alone may be lost: still refused), then it lets go.
+  bool told = false;
+  ASSERT_TRUE(Heartbeat(group, pretrain, &told).ok());
+  EXPECT_TRUE(told);
+  EXPECT_EQ(jobs_->DeleteJob(Ctx().get(), request, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // Across a coordinator restart too (the holder is in the group's row).
+  Restart();
+  EXPECT_EQ(jobs_->DeleteJob(Ctx().get(), request, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(Heartbeat(group, "", &told).ok());
+  status = jobs_->DeleteJob(Ctx().get(), request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(response.removed_folders_size(), 1);
+  EXPECT_FALSE(fs::exists(checkpoint));
+  // Without the run folders a job goes at once, its holder told at its next heartbeat.
+  const std::string other = Submit();
+  const std::string other_task = Lease(group).task().task_id();
+  cancel.set_job_id(other);
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  request.set_job_id(other);
+  request.set_with_run_folders(false);
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  ASSERT_TRUE(Heartbeat(group, other_task, &told).ok());
+  EXPECT_TRUE(told);
 }
 
 TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
