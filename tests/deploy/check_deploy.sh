@@ -58,14 +58,16 @@ else
   run_ok "promtool test rules" promtool test rules "$deploy/prometheus/alerts_test.yml"
   # The unit tests must catch broken rules: a stalled threshold of 40 minutes, a NaN test that
   # no longer matches NaN, a restart rule that only looks at increase(), a never-reported rule
-  # that ignores reports.
+  # that ignores reports, a stalled rule that pairs one sweep point's timestamp with another's
+  # lease.
   mkdir -p "$tmp/rules"
   cp "$deploy/prometheus/alerts_test.yml" "$tmp/rules/"
   i=0
   for edit in 's/> 20 \* 60/> 40 * 60/' \
               's/(aviary_train_loss != aviary_train_loss)/(aviary_train_loss < -1e300)/' \
               's/or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))//' \
-              's/unless on (job_id, stage, fold) aviary_task_last_progress_timestamp_seconds$/> 1/'; do
+              's/unless on (job_id, stage, fold, point) aviary_task_last_progress_timestamp_seconds$/> 1/' \
+              's/and on (job_id, stage, fold, point)/and on (job_id, stage, fold)/'; do
     i=$((i + 1))
     sed "$edit" "$deploy/prometheus/alerts.yml" >"$tmp/rules/alerts.yml"
     if cmp -s "$deploy/prometheus/alerts.yml" "$tmp/rules/alerts.yml"; then
@@ -92,10 +94,12 @@ panels[1]["id"] = panels[0]["id"]                       # duplicate id
 panels[2]["targets"] = []                               # no target
 panels[3]["targets"][0]["expr"] = "rate(aviary_not_a_metric_total[5m])"
 panels[4]["datasource"] = {"type": "prometheus", "uid": "some-fixed-uid"}
+panels[5]["targets"][0]["expr"] = "aviary_task_epoch and on (job_id, stage, fold) aviary_task_running"
 json.dump(d, open(sys.argv[2], "w"))
 EOF
 out=$("$py" "$repo/tests/deploy/check_metrics.py" "$fake" 2>&1); rc=$?
-for want in "used by" "aviary_not_a_metric_total" "has no target" "panel id" "datasource variable"; do
+for want in "used by" "aviary_not_a_metric_total" "has no target" "panel id" "datasource variable" \
+            "on (job_id, stage, fold) names job_id without point"; do
   grep -qF -- "$want" <<<"$out" || fail "check_metrics.py on a broken dashboard: no '$want' in: $out"
 done
 [ $rc -eq 1 ] && ok || fail "check_metrics.py on a broken dashboard: rc=$rc, wanted 1"
