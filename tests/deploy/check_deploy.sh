@@ -152,6 +152,15 @@ if command -v systemd-analyze >/dev/null 2>&1; then
       grep -q "^$key" "$u" && ok || fail "$u: no $key"
     done
   done
+  # A WorkingDirectory under /var/lib must be the unit's StateDirectory: systemd then creates it
+  # owned by User= before the start; otherwise a node where nothing made it (useradd --system
+  # makes no home) fails every start with status 200/CHDIR.
+  for u in "$deploy"/systemd/*.service; do
+    wd=$(sed -n 's|^WorkingDirectory=-\{0,1\}/var/lib/||p' "$u")
+    [ -z "$wd" ] && continue
+    grep -qx "StateDirectory=$wd" "$u" && ok ||
+      fail "$u: WorkingDirectory=/var/lib/$wd but no StateDirectory=$wd (nothing creates the folder)"
+  done
   # The group unit must wait longer than a stop takes (2 x the ranks' stop timeout, Open MPI 4.1).
   unit_stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s$/\1/p' "$deploy/systemd/aviary-worker-group@.service")
   env_stop=$(sed -n 's/^AVIARY_STOP_TIMEOUT=//p' "$deploy/systemd/worker-group.env.example")
