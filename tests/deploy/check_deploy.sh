@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks deploy/ (issue 7): the Prometheus config and alert rules with promtool (including unit
-# tests of every alert, and that those tests catch a broken rule), the Grafana dashboard's
+# tests of every alert, and that those tests catch a broken rule), the Dockerfile's packages
+# against CMakeLists.txt (tests/deploy/check_docker_deps.py), the Grafana dashboard's
 # structure and metric names (tests/deploy/check_metrics.py, plus self-tests that it rejects
 # bad input), the shell scripts (bash -n, shellcheck when installed), the systemd units
 # (systemd-analyze verify when available), and the launchers: launch-group.sh's argument errors
@@ -121,6 +122,16 @@ if [ $rc -ne 1 ] || ! grep -q '^FAIL: aviary_step_duration_seconds .*not exporte
 else
   ok
 fi
+
+echo "== Dockerfile packages"
+run_ok "check_docker_deps.py $repo" "$py" "$repo/tests/deploy/check_docker_deps.py" "$repo"
+# Self-test: a Dockerfile without libssl-dev (OpenSSL) is refused by name.
+mkdir -p "$fake/deploy/docker"
+cp "$repo/CMakeLists.txt" "$fake/"
+sed 's/ libssl-dev//' "$deploy/docker/Dockerfile" >"$fake/deploy/docker/Dockerfile"
+out=$("$py" "$repo/tests/deploy/check_docker_deps.py" "$fake" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -qF "needs 'OpenSSL' (package libssl-dev)" <<<"$out" && ok ||
+  fail "check_docker_deps.py must refuse a Dockerfile without libssl-dev (rc=$rc): $out"
 
 echo "== shell scripts"
 scripts=("$deploy"/*.sh "$deploy"/slurm/*.sbatch "$repo"/tests/deploy/*.sh)
