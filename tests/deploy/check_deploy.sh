@@ -172,11 +172,12 @@ if command -v systemd-analyze >/dev/null 2>&1; then
     grep -qx "StateDirectory=$wd" "$u" && ok ||
       fail "$u: WorkingDirectory=/var/lib/$wd but no StateDirectory=$wd (nothing creates the folder)"
   done
-  # The group unit must wait longer than a stop takes (2 x the ranks' stop timeout, Open MPI 4.1).
+  # The group unit must wait longer than a group that does not stop takes (3 x the ranks' stop
+  # timeout: the launcher's wait, then mpirun's SIGTERM and SIGKILL, Open MPI 4.1).
   unit_stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s$/\1/p' "$deploy/systemd/aviary-worker-group@.service")
   env_stop=$(sed -n 's/^AVIARY_STOP_TIMEOUT=//p' "$deploy/systemd/worker-group.env.example")
-  if [ -n "$unit_stop" ] && [ -n "$env_stop" ] && [ "$unit_stop" -gt $((2 * env_stop)) ]; then ok
-  else fail "TimeoutStopSec ($unit_stop) must exceed 2 x AVIARY_STOP_TIMEOUT ($env_stop)"; fi
+  if [ -n "$unit_stop" ] && [ -n "$env_stop" ] && [ "$unit_stop" -gt $((3 * env_stop)) ]; then ok
+  else fail "TimeoutStopSec ($unit_stop) must exceed 3 x AVIARY_STOP_TIMEOUT ($env_stop)"; fi
 else
   echo "SKIP: systemd-analyze is not installed"
 fi
@@ -268,6 +269,13 @@ echo "\$*" >> "$tmp/scontrol.log"
 EOF
 chmod +x "$tmp/bin/scontrol"
 grep -q '^#SBATCH --signal=B:USR1@' "$sbatch_script" && ok || fail "no --signal=B:USR1@ in $sbatch_script"
+# The time-limit signal must come early enough for a group that does not stop (killed about
+# 3 x AVIARY_STOP_TIMEOUT after it with the mpirun launcher) to be gone before the limit, or
+# Slurm ends the job at its limit and the script never requeues it.
+lead=$(sed -n 's/^#SBATCH --signal=B:USR1@\([0-9]*\)$/\1/p' "$sbatch_script")
+stop=$(sed -n 's/^stop_timeout=\${AVIARY_STOP_TIMEOUT:-\([0-9]*\)}$/\1/p' "$sbatch_script")
+if [ -n "$lead" ] && [ -n "$stop" ] && [ "$lead" -gt $((3 * stop)) ]; then ok
+else fail "$sbatch_script: --signal lead time '$lead' s must exceed 3 x AVIARY_STOP_TIMEOUT ('$stop' s)"; fi
 grep -q '^#SBATCH --requeue' "$sbatch_script" && ok || fail "no --requeue in $sbatch_script"
 out=$(env -u SLURM_JOB_ID bash "$sbatch_script" 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -q "not inside a Slurm allocation" <<<"$out" && ok || fail "sbatch outside Slurm: rc=$rc: $out"
