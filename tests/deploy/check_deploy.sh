@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks deploy/ (issue 7): the Prometheus config and alert rules with promtool (including unit
-# tests of every alert, and that those tests catch a broken rule), the Grafana dashboard's
+# tests of every alert, and that those tests catch a broken rule), the Dockerfile's packages
+# against CMakeLists.txt (tests/deploy/check_docker_deps.py), the Grafana dashboard's
 # structure and metric names (tests/deploy/check_metrics.py, plus self-tests that it rejects
 # bad input), the shell scripts (bash -n, shellcheck when installed), the systemd units
 # (systemd-analyze verify when available), and the launchers: launch-group.sh's argument errors
@@ -58,14 +59,16 @@ else
   run_ok "promtool test rules" promtool test rules "$deploy/prometheus/alerts_test.yml"
   # The unit tests must catch broken rules: a stalled threshold of 40 minutes, a NaN test that
   # no longer matches NaN, a restart rule that only looks at increase(), a never-reported rule
-  # that ignores reports.
+  # that ignores reports, a stalled rule that pairs one sweep point's timestamp with another's
+  # lease.
   mkdir -p "$tmp/rules"
   cp "$deploy/prometheus/alerts_test.yml" "$tmp/rules/"
   i=0
   for edit in 's/> 20 \* 60/> 40 * 60/' \
               's/(aviary_train_loss != aviary_train_loss)/(aviary_train_loss < -1e300)/' \
               's/or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))//' \
-              's/unless on (job_id, stage, fold) aviary_task_last_progress_timestamp_seconds$/> 1/'; do
+              's/unless on (job_id, stage, fold, point) aviary_task_last_progress_timestamp_seconds$/> 1/' \
+              's/and on (job_id, stage, fold, point)/and on (job_id, stage, fold)/'; do
     i=$((i + 1))
     sed "$edit" "$deploy/prometheus/alerts.yml" >"$tmp/rules/alerts.yml"
     if cmp -s "$deploy/prometheus/alerts.yml" "$tmp/rules/alerts.yml"; then
@@ -92,10 +95,12 @@ panels[1]["id"] = panels[0]["id"]                       # duplicate id
 panels[2]["targets"] = []                               # no target
 panels[3]["targets"][0]["expr"] = "rate(aviary_not_a_metric_total[5m])"
 panels[4]["datasource"] = {"type": "prometheus", "uid": "some-fixed-uid"}
+panels[5]["targets"][0]["expr"] = "aviary_task_epoch and on (job_id, stage, fold) aviary_task_running"
 json.dump(d, open(sys.argv[2], "w"))
 EOF
 out=$("$py" "$repo/tests/deploy/check_metrics.py" "$fake" 2>&1); rc=$?
-for want in "used by" "aviary_not_a_metric_total" "has no target" "panel id" "datasource variable"; do
+for want in "used by" "aviary_not_a_metric_total" "has no target" "panel id" "datasource variable" \
+            "on (job_id, stage, fold) names job_id without point"; do
   grep -qF -- "$want" <<<"$out" || fail "check_metrics.py on a broken dashboard: no '$want' in: $out"
 done
 [ $rc -eq 1 ] && ok || fail "check_metrics.py on a broken dashboard: rc=$rc, wanted 1"
@@ -117,6 +122,16 @@ if [ $rc -ne 1 ] || ! grep -q '^FAIL: aviary_step_duration_seconds .*not exporte
 else
   ok
 fi
+
+echo "== Dockerfile packages"
+run_ok "check_docker_deps.py $repo" "$py" "$repo/tests/deploy/check_docker_deps.py" "$repo"
+# Self-test: a Dockerfile without libssl-dev (OpenSSL) is refused by name.
+mkdir -p "$fake/deploy/docker"
+cp "$repo/CMakeLists.txt" "$fake/"
+sed 's/ libssl-dev//' "$deploy/docker/Dockerfile" >"$fake/deploy/docker/Dockerfile"
+out=$("$py" "$repo/tests/deploy/check_docker_deps.py" "$fake" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -qF "needs 'OpenSSL' (package libssl-dev)" <<<"$out" && ok ||
+  fail "check_docker_deps.py must refuse a Dockerfile without libssl-dev (rc=$rc): $out"
 
 echo "== shell scripts"
 scripts=("$deploy"/*.sh "$deploy"/slurm/*.sbatch "$repo"/tests/deploy/*.sh)
@@ -148,11 +163,21 @@ if command -v systemd-analyze >/dev/null 2>&1; then
       grep -q "^$key" "$u" && ok || fail "$u: no $key"
     done
   done
-  # The group unit must wait longer than a stop takes (2 x the ranks' stop timeout, Open MPI 4.1).
+  # A WorkingDirectory under /var/lib must be the unit's StateDirectory: systemd then creates it
+  # owned by User= before the start; otherwise a node where nothing made it (useradd --system
+  # makes no home) fails every start with status 200/CHDIR.
+  for u in "$deploy"/systemd/*.service; do
+    wd=$(sed -n 's|^WorkingDirectory=-\{0,1\}/var/lib/||p' "$u")
+    [ -z "$wd" ] && continue
+    grep -qx "StateDirectory=$wd" "$u" && ok ||
+      fail "$u: WorkingDirectory=/var/lib/$wd but no StateDirectory=$wd (nothing creates the folder)"
+  done
+  # The group unit must wait longer than a group that does not stop takes (3 x the ranks' stop
+  # timeout: the launcher's wait, then mpirun's SIGTERM and SIGKILL, Open MPI 4.1).
   unit_stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s$/\1/p' "$deploy/systemd/aviary-worker-group@.service")
   env_stop=$(sed -n 's/^AVIARY_STOP_TIMEOUT=//p' "$deploy/systemd/worker-group.env.example")
-  if [ -n "$unit_stop" ] && [ -n "$env_stop" ] && [ "$unit_stop" -gt $((2 * env_stop)) ]; then ok
-  else fail "TimeoutStopSec ($unit_stop) must exceed 2 x AVIARY_STOP_TIMEOUT ($env_stop)"; fi
+  if [ -n "$unit_stop" ] && [ -n "$env_stop" ] && [ "$unit_stop" -gt $((3 * env_stop)) ]; then ok
+  else fail "TimeoutStopSec ($unit_stop) must exceed 3 x AVIARY_STOP_TIMEOUT ($env_stop)"; fi
 else
   echo "SKIP: systemd-analyze is not installed"
 fi
@@ -244,6 +269,13 @@ echo "\$*" >> "$tmp/scontrol.log"
 EOF
 chmod +x "$tmp/bin/scontrol"
 grep -q '^#SBATCH --signal=B:USR1@' "$sbatch_script" && ok || fail "no --signal=B:USR1@ in $sbatch_script"
+# The time-limit signal must come early enough for a group that does not stop (killed about
+# 3 x AVIARY_STOP_TIMEOUT after it with the mpirun launcher) to be gone before the limit, or
+# Slurm ends the job at its limit and the script never requeues it.
+lead=$(sed -n 's/^#SBATCH --signal=B:USR1@\([0-9]*\)$/\1/p' "$sbatch_script")
+stop=$(sed -n 's/^stop_timeout=\${AVIARY_STOP_TIMEOUT:-\([0-9]*\)}$/\1/p' "$sbatch_script")
+if [ -n "$lead" ] && [ -n "$stop" ] && [ "$lead" -gt $((3 * stop)) ]; then ok
+else fail "$sbatch_script: --signal lead time '$lead' s must exceed 3 x AVIARY_STOP_TIMEOUT ('$stop' s)"; fi
 grep -q '^#SBATCH --requeue' "$sbatch_script" && ok || fail "no --requeue in $sbatch_script"
 out=$(env -u SLURM_JOB_ID bash "$sbatch_script" 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -q "not inside a Slurm allocation" <<<"$out" && ok || fail "sbatch outside Slurm: rc=$rc: $out"

@@ -20,6 +20,20 @@ import sys
 
 NAME_RE = re.compile(r"\baviary_[a-z0-9_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# A task's series are told apart by job_id, stage, fold and, for the points of a sweep, point
+# (docs/SERVICE.md, "Metrics"): a vector match on job_id without point pairs one sweep point's
+# series with another's.
+MATCH_RE = re.compile(r"\b(on|ignoring|by)\s*\(([^)]*)\)")
+
+
+def task_match_problems(expr):
+    """The on/by clauses of expr that name job_id but not point."""
+    out = []
+    for kw, labels in MATCH_RE.findall(expr):
+        names = {l.strip() for l in labels.split(",")}
+        if kw != "ignoring" and "job_id" in names and "point" not in names:
+            out.append(f"{kw} ({labels}) names job_id without point")
+    return out
 
 
 def base_name(name):
@@ -91,6 +105,8 @@ def check_dashboard(path, problems):
                 problems.append(f"{path}: panel {pid} '{title}' target {t.get('refId')} names no aviary metric: {expr!r}")
             for n in found:
                 used.setdefault(n, []).append(f"{os.path.basename(path)} panel {pid} '{title}'")
+            for m in task_match_problems(expr):
+                problems.append(f"{path}: panel {pid} '{title}' target {t.get('refId')}: {m}: {expr!r}")
     return used
 
 
@@ -105,6 +121,8 @@ def rule_names(path, problems):
         return used
     for n in names_in(text):
         used.setdefault(n, []).append(os.path.basename(path))
+    for m in task_match_problems(text):
+        problems.append(f"{path}: {m}")
     return used
 
 

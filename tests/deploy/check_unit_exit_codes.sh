@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Checks deploy/systemd/aviary-coordinator.service against the real aviary-coordinator's exit
+# codes: a config error (exit 2, before it listens) must be in RestartPreventExitStatus, so that
+# systemd leaves the unit failed with the error in the journal instead of restarting it every
+# RestartSec for ever; SIGTERM (KillSignal) must end a running coordinator with exit 0.
+#
+#   tests/deploy/check_unit_exit_codes.sh COORDINATOR_BINARY [REPO]
+# shellcheck disable=SC2015  # `ok` never fails
+set -uo pipefail
+coordinator=$1
+repo=$(cd "${2:-$(dirname "$0")/../..}" && pwd)
+# shellcheck source=SCRIPTDIR/../integration/lib.sh
+source "$repo/tests/integration/lib.sh"
+unit=$repo/deploy/systemd/aviary-coordinator.service
+
+# A config error: an unknown key.
+printf 'listen: 127.0.0.1:0\nlisten_adress: 127.0.0.1:0\n' >"$tmp/bad.yaml"
+"$coordinator" --config "$tmp/bad.yaml" >"$tmp/bad.out" 2>&1; rc=$?
+if [ $rc -ne 2 ] || ! grep -q "listen_adress" "$tmp/bad.out"; then
+  fail "aviary-coordinator with an unknown config key: rc=$rc, wanted 2 naming the key: $(cat "$tmp/bad.out")"
+else
+  ok
+fi
+prevent=$(sed -n 's/^RestartPreventExitStatus=//p' "$unit")
+if [[ " $prevent " == *" $rc "* ]]; then ok
+else fail "$unit: RestartPreventExitStatus='$prevent' lacks $rc, the coordinator's exit code for config errors (systemd restarts it every RestartSec for ever)"; fi
+
+# SIGTERM (the unit's KillSignal) to a running coordinator: exit 0.
+signal=$(sed -n 's/^KillSignal=SIG//p' "$unit")
+mkdir -p "$tmp/state"
+printf 'listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\ndatabase: %s/state/aviary.db\nwork_dir: %s/state/runs\nallow_no_auth: true\n' \
+  "$tmp" "$tmp" >"$tmp/good.yaml"
+"$coordinator" --config "$tmp/good.yaml" --port-file "$tmp/port" >"$tmp/good.out" 2>&1 &
+pid=$!
+deadline=$((SECONDS + 60))
+while [ ! -s "$tmp/port" ] && kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+if [ ! -s "$tmp/port" ]; then
+  fail "the coordinator did not start: $(cat "$tmp/good.out")"; kill -KILL "$pid" 2>/dev/null
+else
+  kill "-${signal:-TERM}" "$pid"
+  wait "$pid"; rc=$?
+  [ $rc -eq 0 ] && ok || fail "SIG${signal:-TERM} (the unit's KillSignal) to the coordinator: rc=$rc, wanted 0: $(tail -n 5 "$tmp/good.out")"
+fi
+echo "unit exit-code checks: $passes passed, $fails failed"
+[ $fails -eq 0 ]
