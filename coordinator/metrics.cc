@@ -73,6 +73,11 @@ CoordinatorMetrics::CoordinatorMetrics() : registry_(std::make_shared<prometheus
                              .Help("Worker groups removed for missing heartbeats")
                              .Register(*registry_)
                              .Add({});
+  jobs_failed_ = &prometheus::BuildCounter()
+                      .Name("aviary_jobs_failed_total")
+                      .Help("Jobs that went to the failed state (a retried job failing again counts again)")
+                      .Register(*registry_)
+                      .Add({});
   for (aviary::v1::JobState state :
        {aviary::v1::JOB_STATE_PENDING, aviary::v1::JOB_STATE_RUNNING, aviary::v1::JOB_STATE_SUCCEEDED,
         aviary::v1::JOB_STATE_FAILED, aviary::v1::JOB_STATE_CANCELLED}) {
@@ -167,6 +172,10 @@ void CoordinatorMetrics::SetWorkerGroups(int groups) { worker_groups_->Set(group
 
 void CoordinatorMetrics::AddGroupsLost(int64_t lost) {
   if (lost > 0) worker_groups_lost_->Increment(static_cast<double>(lost));
+}
+
+void CoordinatorMetrics::AddJobsFailed(int64_t failed) {
+  if (failed > 0) jobs_failed_->Increment(static_cast<double>(failed));
 }
 
 }  // namespace aviary::coordinator

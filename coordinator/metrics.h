@@ -49,6 +49,10 @@ class CoordinatorMetrics {
   void SetJobCounts(const std::map<aviary::v1::JobState, int>& counts);
   void SetWorkerGroups(int groups);
   void AddGroupsLost(int64_t lost);
+  // aviary_jobs_failed_total: jobs that went to FAILED (each time: a retried job that fails
+  // again counts again). The AviaryJobFailed alert watches it; the aviary_jobs{state="failed"}
+  // gauge cannot tell a new failure from another failed job deleted or retried meanwhile.
+  void AddJobsFailed(int64_t failed);
 
  private:
   CoordinatorMetrics();
@@ -74,6 +78,7 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>* jobs_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
   prometheus::Gauge* worker_groups_ = nullptr;
   prometheus::Counter* worker_groups_lost_ = nullptr;
+  prometheus::Counter* jobs_failed_ = nullptr;
 };
 
 }  // namespace aviary::coordinator

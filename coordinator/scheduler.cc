@@ -141,6 +141,7 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(std::vector<TaskRow> tasks, store_->LoadTasks());
   AVIARY_ASSIGN_OR_RETURN(std::vector<GroupRow> groups, store_->LoadGroups());
   AVIARY_ASSIGN_OR_RETURN(const int64_t groups_lost_total, store_->GetCounter("groups_lost_total"));
+  AVIARY_ASSIGN_OR_RETURN(const int64_t jobs_failed_total, store_->GetCounter("jobs_failed_total"));
   AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
   AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> last_points, store_->LoadLastPoints());
   {
@@ -153,6 +154,7 @@ absl::Status Scheduler::Restore() {
 
   absl::MutexLock lock(&mu_);
   groups_lost_total_ = groups_lost_total;
+  jobs_failed_total_ = jobs_failed_total;
   for (JobRow& row : jobs) {
     const std::string id = row.info.job_id();
     next_job_seq_ = std::max(next_job_seq_, row.seq + 1);
@@ -190,6 +192,7 @@ absl::Status Scheduler::Restore() {
     }
     metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
     metrics_->AddGroupsLost(groups_lost_total_);
+    metrics_->AddJobsFailed(jobs_failed_total_);
     UpdateJobCountsLocked();
   }
   // A lease whose holder is not registered cannot come from one transaction; repair it anyway.
@@ -329,7 +332,17 @@ absl::Status Scheduler::WriteChanges(Changes* changes) {
   for (const std::string& job_id : task_jobs) {
     StageJob(changes, job_id).info.set_updated_unix_ms(now_unix_ms);
   }
+  // Jobs going to FAILED now (from any other state: a retried job that fails again counts again).
+  changes->jobs_failed = 0;
+  for (const auto& [id, job] : changes->jobs) {
+    if (job.info.state() != aviary::v1::JOB_STATE_FAILED) continue;
+    auto current = jobs_.find(id);
+    if (current == jobs_.end() || current->second.row.info.state() != aviary::v1::JOB_STATE_FAILED) {
+      ++changes->jobs_failed;
+    }
+  }
   const int64_t groups_lost_total = groups_lost_total_;  // the lambda is not analysed under mu_
+  const int64_t jobs_failed_total = jobs_failed_total_;
   AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
     for (const auto& [id, task] : changes->tasks) AVIARY_RETURN_IF_ERROR(store_->UpdateTask(task));
     for (const auto& [id, job] : changes->jobs) AVIARY_RETURN_IF_ERROR(store_->PutJob(job));
@@ -339,6 +352,10 @@ absl::Status Scheduler::WriteChanges(Changes* changes) {
     if (changes->groups_lost > 0) {
       AVIARY_RETURN_IF_ERROR(
           store_->SetCounter("groups_lost_total", groups_lost_total + changes->groups_lost));
+    }
+    if (changes->jobs_failed > 0) {
+      AVIARY_RETURN_IF_ERROR(
+          store_->SetCounter("jobs_failed_total", jobs_failed_total + changes->jobs_failed));
     }
     return absl::OkStatus();
   }));
@@ -376,12 +393,14 @@ void Scheduler::ApplyChanges(Changes* changes) {
   }
   for (const std::string& id : changes->deleted_groups) groups_.erase(id);
   groups_lost_total_ += changes->groups_lost;
+  jobs_failed_total_ += changes->jobs_failed;
   if (metrics_ != nullptr) {
     for (const auto& [task, point] : changes->points) metrics_->ObservePoint(task, point, UnixMs());
     if (!changes->put_groups.empty() || !changes->deleted_groups.empty()) {
       metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));
     }
     metrics_->AddGroupsLost(changes->groups_lost);
+    metrics_->AddJobsFailed(changes->jobs_failed);
     if (job_states_changed) UpdateJobCountsLocked();
   }
   for (const std::string& id : touched) RefreshSnapshot(&jobs_.at(id));

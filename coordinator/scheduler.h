@@ -220,6 +220,7 @@ class Scheduler {
     std::vector<EventSpec> events;
     std::vector<std::pair<aviary::v1::TaskInfo, aviary::v1::Metrics>> points;
     int64_t groups_lost = 0;
+    int64_t jobs_failed = 0;  // jobs going to FAILED in this change (WriteChanges counts them)
   };
 
   Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics);
@@ -311,6 +312,7 @@ class Scheduler {
   std::map<std::string, std::unique_ptr<Group>> groups_ ABSL_GUARDED_BY(mu_);
   int64_t next_job_seq_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t groups_lost_total_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t jobs_failed_total_ ABSL_GUARDED_BY(mu_) = 0;  // kept in the store, as groups_lost_total_
   std::mt19937_64 rng_ ABSL_GUARDED_BY(write_mu_);
   std::set<std::string> pruned_ ABSL_GUARDED_BY(write_mu_);  // jobs PruneFinishedJobs has done
   absl::Mutex lease_mu_ ABSL_ACQUIRED_BEFORE(write_mu_);

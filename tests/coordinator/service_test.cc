@@ -28,6 +28,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/backbone_fit.h"
 #include "common/config.h"
 #include "common/model_shapes.h"
@@ -414,7 +415,8 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
            {"aviary_task_epoch", "gauge"}, {"aviary_task_running", "gauge"},
            {"aviary_task_last_progress_timestamp_seconds", "gauge"},
            {"aviary_task_restarts_total", "counter"}, {"aviary_jobs", "gauge"},
-           {"aviary_worker_groups", "gauge"}, {"aviary_worker_groups_lost_total", "counter"}}) {
+           {"aviary_worker_groups", "gauge"}, {"aviary_worker_groups_lost_total", "counter"},
+           {"aviary_jobs_failed_total", "counter"}}) {
     EXPECT_NE(exposition.find(absl::StrCat("# TYPE ", name, " ", type, "\n")), std::string::npos)
         << name;
   }
@@ -635,6 +637,76 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   EXPECT_EQ(job.tasks(1).state(), TASK_STATE_CANCELLED);
   EXPECT_NE(job.error().find("bad data: no rows"), std::string::npos) << job.error();
   EXPECT_FALSE(Lease(a).available());
+}
+
+// The AviaryJobFailed alert watches aviary_jobs_failed_total: every transition to FAILED counts,
+// a retried job failing again counts again, and the count neither drops when a failed job is
+// deleted or retried (the aviary_jobs{state="failed"} gauge does: it cannot tell a new failure
+// from a failed job deleted meanwhile) nor resets when the coordinator restarts. A cancel is not
+// a failure.
+TEST_F(CoordinatorServiceTest, EveryJobFailureIsCountedOnceAndStaysCounted) {
+  Start();
+  const std::string group = Register();
+  auto fail_held_task = [&](const std::string& job_id) {
+    LeaseTaskResponse lease = Lease(group);
+    ASSERT_TRUE(lease.available());
+    ASSERT_EQ(lease.task().job_id(), job_id);
+    FailTaskRequest fail;
+    fail.set_group_id(group);
+    fail.set_task_id(lease.task().task_id());
+    fail.set_error("bad data: no rows");
+    FailTaskResponse response;
+    ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &response).ok());
+    ASSERT_EQ(GetJob(job_id).state(), JOB_STATE_FAILED);
+  };
+  auto failed_total = [&]() {
+    const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+    for (absl::string_view line : absl::StrSplit(exposition, '\n')) {
+      if (absl::ConsumePrefix(&line, "aviary_jobs_failed_total ")) return std::string(line);
+    }
+    return std::string("absent");
+  };
+  EXPECT_EQ(failed_total(), "0");
+  const std::string job_id = Submit();
+  fail_held_task(job_id);
+  EXPECT_EQ(failed_total(), "1");
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  EXPECT_EQ(failed_total(), "1");
+  fail_held_task(job_id);
+  EXPECT_EQ(failed_total(), "2");
+  // Deleted: the gauge goes down, the count stays.
+  DeleteJobRequest remove;
+  remove.set_job_id(job_id);
+  DeleteJobResponse removed;
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), remove, &removed).ok());
+  double failed_jobs = -1;
+  const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
+  ASSERT_TRUE(FindSample(exposition, "aviary_jobs", {"state=\"failed\""}, &failed_jobs)) << exposition;
+  EXPECT_EQ(failed_jobs, 0);
+  EXPECT_EQ(failed_total(), "2");
+  // Cancelled is not failed.
+  const std::string cancelled_job = Submit();
+  CancelJobRequest cancel;
+  cancel.set_job_id(cancelled_job);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  EXPECT_EQ(failed_total(), "2");
+  Restart();
+  EXPECT_EQ(failed_total(), "2");
+  const std::string group_after = Register();
+  const std::string third = Submit();
+  LeaseTaskResponse lease = Lease(group_after);
+  ASSERT_EQ(lease.task().job_id(), third);
+  FailTaskRequest fail;
+  fail.set_group_id(group_after);
+  fail.set_task_id(lease.task().task_id());
+  fail.set_error("bad data");
+  FailTaskResponse response;
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &response).ok());
+  EXPECT_EQ(failed_total(), "3");
 }
 
 // Issue 14 item 8: a group that ends normally leaves. It is removed at once, not counted as lost
