@@ -32,6 +32,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/cli.h"
@@ -124,6 +125,19 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
                                                    ": expected HOST:PORT, got '", options.coordinator, "' (e.g. ",
                                                    options.coordinator, ":7070)"));
   }
+  // An empty or out-of-range port ("127.0.0.1:", "host:0") would be dialed as port 0 and fail as
+  // "Connection refused" on an address nobody typed.
+  {
+    const std::string port = options.coordinator.substr(options.coordinator.rfind(':') + 1);
+    int port_number = 0;
+    const bool numeric = !port.empty() && port.find_first_not_of("0123456789") == std::string::npos;
+    if (port.empty() || (numeric && (!absl::SimpleAtoi(port, &port_number) || port_number < 1 ||
+                                     port_number > 65535))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR", ": expected HOST:PORT with a port in 1..65535, got '",
+          options.coordinator, "'"));
+    }
+  }
   options.timeout_s = global.timeout_s.value_or(kDefaultTimeoutS);
   if (!(options.timeout_s > 0) || options.timeout_s > 86400) {
     return absl::InvalidArgumentError(
@@ -211,8 +225,13 @@ class Client {
       case absl::StatusCode::kInternal:
       case absl::StatusCode::kUnimplemented:
         message = absl::StrCat(rpc, " to coordinator ", options_.coordinator, ": ", message);
-        // A plaintext client closed on by a TLS server sees only "Socket closed".
+        // A plaintext client closed on by a TLS server sees only "Socket closed" (from the
+        // transport); an UNAVAILABLE the coordinator itself returned ("the coordinator is shutting
+        // down") reached it, so TLS is not the cause.
         if (code == absl::StatusCode::kUnavailable && options_.tls_ca.empty() &&
+            (message.find("Socket closed") != std::string::npos ||
+             message.find("Connection reset") != std::string::npos ||
+             message.find("failed to connect") != std::string::npos) &&
             message.find("Connection refused") == std::string::npos &&
             message.find("DNS resolution failed") == std::string::npos) {
           absl::StrAppend(&message, " (if the coordinator serves TLS, pass --tls-ca)");

@@ -129,6 +129,10 @@ expect "AVIARY_TLS_CA $tmp/notpem.crt: holds no PEM certificate" \
 # (as aviary-worker serve and the launchers already do).
 expect "--coordinator: expected HOST:PORT, got 'localhost' (e.g. localhost:7070)" "$aviary" --coordinator localhost list
 expect "AVIARY_COORDINATOR: expected HOST:PORT, got 'coord' (e.g. coord:7070)" env AVIARY_COORDINATOR=coord "$aviary" status j0123456789ab
+# An empty or out-of-range port was dialed as port 0 ("ipv4:127.0.0.1:0: Connection refused").
+expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.1:'" "$aviary" --coordinator 127.0.0.1: list
+expect "AVIARY_COORDINATOR: expected HOST:PORT with a port in 1..65535, got 'coord:70000'" \
+  env AVIARY_COORDINATOR=coord:70000 "$aviary" status j0123456789ab
 # A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
 printf '\357\273\277the-token\n' > "$tmp/bom.token"
 out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?
@@ -145,6 +149,67 @@ if [ $? -ne 1 ] || ! grep -qF "needs the aviary-worker program (libtorch) next t
   echo "FAIL: aviary mel without aviary-worker: $out"; fails=$((fails + 1))
 else
   passes=$((passes + 1))
+fi
+
+# A real coordinator (the one built next to aviary): `watch` rides out its restart, and the
+# coordinator's own UNAVAILABLE ("the coordinator is shutting down") is not blamed on TLS; a
+# plaintext client closed on by a TLS coordinator still gets the --tls-ca hint.
+coordinator_bin="$(dirname "$aviary")/aviary-coordinator"
+start_coord() {  # start_coord YAML LOG: sets coord_pid; waits for "listening"
+  "$coordinator_bin" --config "$1" --port-file "$1.port" > "$2" 2>&1 & coord_pid=$!
+  for _ in $(seq 300); do grep -q listening "$2" && return 0; sleep 0.1; done
+  fail "coordinator did not start: $(cat "$2")"; return 1
+}
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/c.token"
+echo "worker-$(cat "$tmp/c.token")" > "$tmp/c.wtoken"
+cat > "$tmp/c.yaml" <<YAML
+listen: 127.0.0.1:0
+metrics_listen: 127.0.0.1:0
+database: $tmp/c.db
+work_dir: $tmp/runs
+data_roots: ["$tmp"]
+token_file: $tmp/c.token
+worker_token_file: $tmp/c.wtoken
+YAML
+if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
+  port=$(cat "$tmp/c.yaml.port")
+  av() { "$aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/c.token" "$@"; }
+  cat > "$tmp/w.yaml" <<YAML
+data:
+  target: {layout: "2024", root: $tmp/t}
+  pretrain_sources: []
+  cache_dir: $tmp/cache
+stages: {pretrain: {enabled: false}}
+folds: {finetune_splits: 3}
+YAML
+  job=$(av submit "$tmp/w.yaml" | tail -1)
+  av --timeout 10 watch "$job" > "$tmp/watch.out" 2>&1 & watch_pid=$!
+  for _ in $(seq 300); do grep -q PENDING "$tmp/watch.out" && break; sleep 0.1; done
+  kill -TERM $coord_pid; wait $coord_pid
+  sed -i "s/^listen: .*/listen: 127.0.0.1:$port/" "$tmp/c.yaml"
+  start_coord "$tmp/c.yaml" "$tmp/c2.log" && av cancel "$job" >/dev/null
+  wait $watch_pid; rc=$?
+  kill -TERM $coord_pid; wait $coord_pid
+  if [ $rc -ne 1 ] || ! grep -qF "job $job CANCELLED" "$tmp/watch.out" || grep -qF -- "--tls-ca" "$tmp/watch.out"; then
+    fail "watch across a coordinator restart -> rc=$rc:"; sed 's/^/    /' "$tmp/watch.out"
+  else
+    ok
+  fi
+  if command -v openssl >/dev/null; then
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$tmp/tls.key" -out "$tmp/tls.crt" -days 1 \
+      -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+    sed "s/^listen: .*/listen: 127.0.0.1:0/" "$tmp/c.yaml" > "$tmp/tls.yaml"
+    printf 'tls_cert_file: %s\ntls_key_file: %s\n' "$tmp/tls.crt" "$tmp/tls.key" >> "$tmp/tls.yaml"
+    if start_coord "$tmp/tls.yaml" "$tmp/c3.log"; then
+      out=$("$aviary" --coordinator "127.0.0.1:$(cat "$tmp/tls.yaml.port")" --token-file "$tmp/c.token" --timeout 5 list 2>&1); rc=$?
+      kill -TERM $coord_pid; wait $coord_pid
+      if [ $rc -ne 1 ] || ! grep -qF "(if the coordinator serves TLS, pass --tls-ca)" <<<"$out"; then
+        fail "plaintext list against a TLS coordinator -> rc=$rc: $out"
+      else
+        ok
+      fi
+    fi
+  fi
 fi
 echo "cli_errors: $passes passed, $fails failed"
 [ $fails -eq 0 ]
