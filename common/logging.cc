@@ -96,7 +96,9 @@ void Logger::Log(LogLevel level, absl::string_view message) const {
     }
     if (tap) {
       t_in_tap = true;
-      (*tap)(level, rank, absl::StrCat(prefix, message));
+      // The rank goes as its own argument (a LogLine's rank field, which `aviary logs` shows):
+      // not again in the text.
+      (*tap)(level, rank, absl::StrCat("[", component_, "] ", message));
       t_in_tap = false;
     }
   }

@@ -100,7 +100,9 @@ jq_status "$job2" 'task("pretrain")["attempt"] == 2' || fail "the retried pretra
 # The second attempt resumed from the checkpoint the first one left (the trainer says so in the
 # task's log, which the group shipped).
 av logs "$job2" --task pretrain-f0 > "$tmp/logs2.log" || fail "logs of the retried job"
-grep -q "\[trainer\] \[rank 0\] resuming $tmp/runs/$job2/pretrain-fold0/.* after epoch [0-9]" "$tmp/logs2.log" ||
+# `aviary logs` shows the rank once, from the line's rank field ("[rank 0] [agent] [rank 0] ..."
+# before: the text carried it too).
+grep -q "info    \[rank 0\] \[trainer\] resuming $tmp/runs/$job2/pretrain-fold0/.* after epoch [0-9]" "$tmp/logs2.log" ||
   { fail "the retried pretraining did not resume from its checkpoint"; grep -i resum "$tmp/logs2.log"; }
 grep -q "leased task $job2/pretrain-f0 (attempt 2" "$tmp/logs2.log" || fail "the log lacks the second lease"
 
