@@ -217,8 +217,19 @@ class Client {
   // The call's status as absl::Status; transport failures name the RPC and the address.
   absl::Status ToStatus(const grpc::Status& status, const char* rpc) const {
     if (status.ok()) return absl::OkStatus();
-    const auto code = static_cast<absl::StatusCode>(status.error_code());
+    auto code = static_cast<absl::StatusCode>(status.error_code());
     std::string message = status.error_message();
+    // The client cancels a call only where it says so itself (watch's first-message watchdog, a
+    // finished watch): a CANCELLED that reaches here is the server ending the call, which a gRPC
+    // server does to the calls in flight when it shuts down (a watch reconnecting to a coordinator
+    // still stopping). That is UNAVAILABLE, retryable: before, watch gave up saying only
+    // "CANCELLED: CANCELLED".
+    if (code == absl::StatusCode::kCancelled) {
+      code = absl::StatusCode::kUnavailable;
+      message = absl::StrCat(rpc, " to coordinator ", options_.coordinator, ": the coordinator ended the call (",
+                             message, "): it is shutting down or restarting");
+      return absl::Status(code, message);
+    }
     switch (code) {
       case absl::StatusCode::kUnavailable:
       case absl::StatusCode::kUnknown:
