@@ -647,12 +647,12 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
 TEST_F(CoordinatorServiceTest, EveryJobFailureIsCountedOnceAndStaysCounted) {
   Start();
   const std::string group = Register();
-  auto fail_held_task = [&](const std::string& job_id) {
-    LeaseTaskResponse lease = Lease(group);
+  auto lease_and_fail = [&](const std::string& holder, const std::string& job_id) {
+    LeaseTaskResponse lease = Lease(holder);
     ASSERT_TRUE(lease.available());
     ASSERT_EQ(lease.task().job_id(), job_id);
     FailTaskRequest fail;
-    fail.set_group_id(group);
+    fail.set_group_id(holder);
     fail.set_task_id(lease.task().task_id());
     fail.set_error("bad data: no rows");
     FailTaskResponse response;
@@ -668,14 +668,14 @@ TEST_F(CoordinatorServiceTest, EveryJobFailureIsCountedOnceAndStaysCounted) {
   };
   EXPECT_EQ(failed_total(), "0");
   const std::string job_id = Submit();
-  fail_held_task(job_id);
+  lease_and_fail(group, job_id);
   EXPECT_EQ(failed_total(), "1");
   RetryJobRequest retry;
   retry.set_job_id(job_id);
   JobInfo retried;
   ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
   EXPECT_EQ(failed_total(), "1");
-  fail_held_task(job_id);
+  lease_and_fail(group, job_id);
   EXPECT_EQ(failed_total(), "2");
   // Deleted: the gauge goes down, the count stays.
   DeleteJobRequest remove;
@@ -696,16 +696,7 @@ TEST_F(CoordinatorServiceTest, EveryJobFailureIsCountedOnceAndStaysCounted) {
   EXPECT_EQ(failed_total(), "2");
   Restart();
   EXPECT_EQ(failed_total(), "2");
-  const std::string group_after = Register();
-  const std::string third = Submit();
-  LeaseTaskResponse lease = Lease(group_after);
-  ASSERT_EQ(lease.task().job_id(), third);
-  FailTaskRequest fail;
-  fail.set_group_id(group_after);
-  fail.set_task_id(lease.task().task_id());
-  fail.set_error("bad data");
-  FailTaskResponse response;
-  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &response).ok());
+  lease_and_fail(Register(), Submit());
   EXPECT_EQ(failed_total(), "3");
 }
 
@@ -1567,6 +1558,15 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_SUCCEEDED);
 }
 
+// A step point of `epoch` at `step` (no validation values).
+Metrics StepPoint(int epoch, int64_t step) {
+  Metrics m;
+  m.set_epoch(epoch);
+  m.set_step(step);
+  m.set_lr(1e-3);
+  return m;
+}
+
 TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   config_.heartbeat_timeout_s = 1;
   Start();
@@ -1574,29 +1574,22 @@ TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   const std::string task_id = job_id + "/pretrain-f0";
   const std::string a = Register();
   ASSERT_EQ(Lease(a).task().attempt(), 1);
-  auto point = [](int epoch, int64_t step) {
-    Metrics m;
-    m.set_epoch(epoch);
-    m.set_step(step);
-    m.set_lr(1e-3);
-    return m;
-  };
   bool cancel = false;
-  ASSERT_TRUE(Report(a, task_id, {point(0, 5), point(0, 10)}, &cancel).ok());
+  ASSERT_TRUE(Report(a, task_id, {StepPoint(0, 5), StepPoint(0, 10)}, &cancel).ok());
   // A step below the last accepted one, in a later report or within one.
-  grpc::Status status = Report(a, task_id, {point(0, 9)}, &cancel);
+  grpc::Status status = Report(a, task_id, {StepPoint(0, 9)}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("field 'points[0].step': 9 is less than the step 10"),
             std::string::npos)
       << status.error_message();
-  status = Report(a, task_id, {point(0, 12), point(1, 20), point(1, 19)}, &cancel);
+  status = Report(a, task_id, {StepPoint(0, 12), StepPoint(1, 20), StepPoint(1, 19)}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("field 'points[2].step': 19 is less than the step 20"),
             std::string::npos)
       << status.error_message();
   // The refused report was refused whole: step 12 is still allowed.
-  ASSERT_TRUE(Report(a, task_id, {point(0, 12), point(1, 20)}, &cancel).ok());
-  status = Report(a, task_id, {point(0, 30)}, &cancel);
+  ASSERT_TRUE(Report(a, task_id, {StepPoint(0, 12), StepPoint(1, 20)}, &cancel).ok());
+  status = Report(a, task_id, {StepPoint(0, 30)}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("field 'points[0].epoch': 0 is less than the epoch 1"),
             std::string::npos)
@@ -1604,15 +1597,15 @@ TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 20);
   // After a coordinator restart the last stored point of the attempt still counts.
   Restart();
-  status = Report(a, task_id, {point(1, 15)}, &cancel);
+  status = Report(a, task_id, {StepPoint(1, 15)}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
-  ASSERT_TRUE(Report(a, task_id, {point(1, 21)}, &cancel).ok());
+  ASSERT_TRUE(Report(a, task_id, {StepPoint(1, 21)}, &cancel).ok());
   // A new attempt (the group was lost) starts afresh: it resumes from an earlier checkpoint.
   ASSERT_TRUE(Eventually([&] { return GetJob(job_id).tasks(0).state() == TASK_STATE_READY; }));
   const std::string b = Register();
   ASSERT_EQ(Lease(b).task().attempt(), 2);
-  ASSERT_TRUE(Report(b, task_id, {point(1, 10)}, &cancel).ok());
-  EXPECT_EQ(Report(b, task_id, {point(1, 9)}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ASSERT_TRUE(Report(b, task_id, {StepPoint(1, 10)}, &cancel).ok());
+  EXPECT_EQ(Report(b, task_id, {StepPoint(1, 9)}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 // A ReportProgress whose answer was lost (a deadline, a network blip) is sent again by the
@@ -1624,27 +1617,20 @@ TEST_F(CoordinatorServiceTest, AReportSentAgainWithNewPointsBehindItIsTakenOnce)
   const std::string task_id = job_id + "/pretrain-f0";
   const std::string a = Register();
   ASSERT_EQ(Lease(a).task().attempt(), 1);
-  auto point = [](int epoch, int64_t step) {
-    Metrics m;
-    m.set_epoch(epoch);
-    m.set_step(step);
-    m.set_lr(1e-3);
-    return m;
-  };
   bool cancel = false;
-  ASSERT_TRUE(Report(a, task_id, {point(0, 5), point(0, 8)}, &cancel).ok());
+  ASSERT_TRUE(Report(a, task_id, {StepPoint(0, 5), StepPoint(0, 8)}, &cancel).ok());
   // The same run again, now with the epoch end behind it.
   Metrics end = EpochEnd(0, 0.625);
-  grpc::Status status = Report(a, task_id, {point(0, 5), point(0, 8), end}, &cancel);
+  grpc::Status status = Report(a, task_id, {StepPoint(0, 5), StepPoint(0, 8), end}, &cancel);
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_FALSE(cancel);
   EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 10);
   EXPECT_TRUE(GetJob(job_id).tasks(0).latest().epoch_end());
   // Sent once more, whole (its answer was lost too), also after a coordinator restart.
-  status = Report(a, task_id, {point(0, 5), point(0, 8), end}, &cancel);
+  status = Report(a, task_id, {StepPoint(0, 5), StepPoint(0, 8), end}, &cancel);
   ASSERT_TRUE(status.ok()) << status.error_message();
   Restart();
-  status = Report(a, task_id, {point(0, 8), end, point(1, 12)}, &cancel);
+  status = Report(a, task_id, {StepPoint(0, 8), end, StepPoint(1, 12)}, &cancel);
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(GetJob(job_id).tasks(0).latest().step(), 12);
   GetHistoryRequest history_request;
@@ -1655,7 +1641,7 @@ TEST_F(CoordinatorServiceTest, AReportSentAgainWithNewPointsBehindItIsTakenOnce)
   EXPECT_EQ(history.rows(0).metrics().epoch(), 0);
   EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.625);
   // A point behind the last one that does not repeat a delivered run is still refused.
-  status = Report(a, task_id, {point(1, 11), point(1, 13)}, &cancel);
+  status = Report(a, task_id, {StepPoint(1, 11), StepPoint(1, 13)}, &cancel);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
   EXPECT_NE(status.error_message().find("field 'points[0].step': 11 is less than the step 12"), std::string::npos)
       << status.error_message();
