@@ -28,8 +28,9 @@ void SetLogRank(int rank);
 
 // A process-wide tap on every message that passes the level (after stderr): the worker group's
 // rank 0 ships its lines of a task to the coordinator (aviary logs). `line` is the message with
-// its "[component] " prefix; the rank (-1 before SetLogRank) is its own argument. Called on the logging thread; a message logged from inside
-// the tap is not tapped again. Pass nullptr to remove. Thread-safe.
+// its "[component] " prefix; the rank (-1 before SetLogRank) is its own argument. Called on the
+// logging thread; a message logged from inside the tap is not tapped again. Pass nullptr to
+// remove. Thread-safe.
 using LogTap = std::function<void(LogLevel level, int rank, absl::string_view line)>;
 void SetLogTap(LogTap tap);
 // "debug", "info", "warning", "error", "off".
