@@ -11,6 +11,7 @@
 #include <thread>
 #include <utility>
 
+#include <google/protobuf/util/field_comparator.h>
 #include <google/protobuf/util/message_differencer.h>
 
 #include "absl/strings/str_cat.h"
@@ -1345,10 +1346,16 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   // stored, and the group's retry carries the same run, possibly with newer points behind it.
   // Its points up to the one equal to the last accepted point were taken already: they are
   // skipped, in order, and only the points after them are checked and stored.
+  // NaN is how a point says "absent" (every step point's validation values): equal to NaN here.
   int first_new = 0;
   if (has_last) {
+    google::protobuf::util::DefaultFieldComparator comparator;
+    comparator.set_treat_nan_as_equal(true);
+    google::protobuf::util::MessageDifferencer same;
+    same.set_field_comparator(&comparator);
     for (int i = request.points_size() - 1; i >= 0; --i) {
-      if (google::protobuf::util::MessageDifferencer::Equals(request.points(i), last.point)) {
+      const aviary::v1::Metrics& point = request.points(i);
+      if (point.step() == last.point.step() && same.Compare(point, last.point)) {
         first_new = i + 1;
         break;
       }

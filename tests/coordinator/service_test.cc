@@ -1558,12 +1558,18 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_SUCCEEDED);
 }
 
-// A step point of `epoch` at `step` (no validation values).
+// A step point of `epoch` at `step`, as a group sends it: NaN for the values a step does not
+// measure (the validation metrics).
 Metrics StepPoint(int epoch, int64_t step) {
   Metrics m;
   m.set_epoch(epoch);
   m.set_step(step);
   m.set_lr(1e-3);
+  const double absent = std::numeric_limits<double>::quiet_NaN();
+  m.set_val_auc(absent);
+  m.set_val_roc_auc(absent);
+  m.set_val_cmap(absent);
+  m.set_val_acc(absent);
   return m;
 }
 
