@@ -760,9 +760,11 @@ absl::Status Store::AddPoints(const std::string& job_id, const std::string& task
 
 absl::Status Store::AddCheckpoint(const std::string& task_id, int attempt, const std::string& path,
                                   int epoch, bool best, int64_t time_unix_ms) {
+  // A report sent again after its answer was lost adds no second row.
   Statement st(this,
                "INSERT INTO checkpoints(task_id, attempt, path, epoch, best, time_unix_ms) "
-               "VALUES(?1, ?2, ?3, ?4, ?5, ?6)");
+               "SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM checkpoints "
+               "WHERE task_id=?1 AND attempt=?2 AND path=?3 AND epoch=?4 AND best=?5)");
   st.Bind(1, task_id);
   st.Bind(2, attempt);
   st.Bind(3, path);

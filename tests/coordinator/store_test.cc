@@ -129,6 +129,27 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
   EXPECT_EQ(*absent, 0);
 }
 
+// ReportCheckpoint sent again after its answer was lost records the checkpoint once; the same
+// file written at another epoch, or by another attempt, is a row of its own.
+TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const std::string task_id = "j0123456789ab/pretrain-f0";
+  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 0, false, 10).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 0, false, 11).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 1, false, 12).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/best.pt", 1, true, 12).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 2, "/runs/last.pt", 1, false, 13).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 2, "/runs/last.pt", 1, false, 14).ok());
+  auto rows = (*store)->LoadCheckpoints(task_id);
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->size(), 4u);
+  EXPECT_EQ((*rows)[0].epoch, 0);
+  EXPECT_EQ((*rows)[1].epoch, 1);
+  EXPECT_TRUE((*rows)[2].best);
+  EXPECT_EQ((*rows)[3].attempt, 2);
+}
+
 // Manifests are stored once per content, deflated (a pool's paths compress about tenfold), and
 // read back exactly; a task may refer to a stored one by its hash alone (never to one that is
 // not stored); pruning drops the references and the sweep the manifests nobody refers to; a
