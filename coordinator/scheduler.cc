@@ -1275,6 +1275,19 @@ absl::Status Scheduler::RequireHolder(const Group& group, const std::string& tas
       action.empty() ? "" : absl::StrCat("; only the holder may ", action)));
 }
 
+bool Scheduler::EndedBy(const Group& group, const std::string& task_id, bool completed,
+                        const std::string& best_checkpoint) const {
+  auto it = tasks_.find(task_id);
+  if (it == tasks_.end()) return false;
+  const aviary::v1::TaskInfo& info = it->second.info;
+  if (info.ended_by_group().empty() || info.ended_by_group() != group.row.group_id ||
+      info.ended_attempt() != info.attempt()) {
+    return false;
+  }
+  const bool succeeded = info.state() == aviary::v1::TASK_STATE_SUCCEEDED;
+  return completed ? succeeded && info.best_checkpoint() == best_checkpoint : !succeeded;
+}
+
 bool Scheduler::HoldsStale(const Group& group) const {
   return !group.row.task_id.empty() && HeldTask(group) == nullptr;
 }
@@ -1446,6 +1459,11 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (absl::Status holder = RequireHolder(*group, request.task_id(), "complete it"); !holder.ok()) {
+    if (EndedBy(*group, request.task_id(), true, request.best_checkpoint())) {
+      log_.Info(absl::StrCat("group ", request.group_id(), " sent CompleteTask for task ", request.task_id(),
+                             " again (its answer was lost); it succeeded already"));
+      return absl::OkStatus();
+    }
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
@@ -1460,6 +1478,8 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);
+  task.info.set_ended_by_group(request.group_id());
+  task.info.set_ended_attempt(task.info.attempt());
   task.info.set_best_checkpoint(request.best_checkpoint());
   if (request.has_best()) *task.info.mutable_best() = request.best();
   task.info.clear_group_id();
@@ -1494,6 +1514,11 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   if (absl::Status holder = RequireHolder(*group, request.task_id(), "fail it"); !holder.ok()) {
+    if (EndedBy(*group, request.task_id(), false, "")) {
+      log_.Info(absl::StrCat("group ", request.group_id(), " sent FailTask for task ", request.task_id(),
+                             " again (its answer was lost); taken already"));
+      return absl::OkStatus();
+    }
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
@@ -1517,6 +1542,9 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   } else {
     FailTaskAndJob(&changes, request.task_id(), absl::StrCat(why, " (not retryable)"));
   }
+  TaskRow& ended = Stage(&changes, request.task_id());
+  ended.info.set_ended_by_group(request.group_id());
+  ended.info.set_ended_attempt(ended.info.attempt());
   AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Warn(absl::StrCat("task ", request.task_id(), " failed on group ", request.group_id(),
                          request.preempted() ? " (preempted): " : request.retryable() ? " (retryable): " : ": ",

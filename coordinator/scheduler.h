@@ -275,6 +275,11 @@ class Scheduler {
   // `action` is set). Never NOT_FOUND: that tells a group it is not registered.
   absl::Status RequireHolder(const Group& group, const std::string& task_id, absl::string_view action) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Whether task `task_id`'s current attempt was ended by `group`'s CompleteTask (`completed`) or
+  // FailTask, and has not been leased since: a report the group sends again after its answer was
+  // lost. A CompleteTask matches only with the same best checkpoint.
+  bool EndedBy(const Group& group, const std::string& task_id, bool completed,
+               const std::string& best_checkpoint) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Whether the group's row still names a task that is no longer leased to it (cancelled, failed
   // by another task of its job, retried since, deleted): the group may still be training it,
   // and writing its run folder, until it learns so. Nobody else leases that task meanwhile

@@ -381,8 +381,8 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
 
   const std::string best = checkpoint.path();
   ASSERT_TRUE(Complete(a, pretrain, best).ok());
-  // Only the holder may complete: the second call is refused.
-  EXPECT_EQ(Complete(a, pretrain, best).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // Sent again (its answer lost): taken once (AnOutcomeSentAgainAfterItsAnswerWasLostIsTakenOnce).
+  EXPECT_TRUE(Complete(a, pretrain, best).ok());
   job = GetJob(job_id);
   EXPECT_EQ(job.tasks(0).state(), TASK_STATE_SUCCEEDED);
   EXPECT_EQ(job.tasks(0).best_checkpoint(), best);
@@ -610,9 +610,6 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   JobInfo job = GetJob(job_id);
   EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
   EXPECT_EQ(job.tasks(0).restarts(), 1);
-  // The failed lease is gone: failing it again is refused.
-  EXPECT_EQ(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).error_code(),
-            grpc::StatusCode::FAILED_PRECONDITION);
   LeaseTaskResponse again = Lease(a);
   EXPECT_EQ(again.task().attempt(), 2);
   // A preempted group (SIGTERM from a Slurm time limit) gives the task back without a restart,
@@ -637,6 +634,68 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   EXPECT_EQ(job.tasks(1).state(), TASK_STATE_CANCELLED);
   EXPECT_NE(job.error().find("bad data: no rows"), std::string::npos) << job.error();
   EXPECT_FALSE(Lease(a).available());
+}
+
+// A group whose CompleteTask or FailTask landed but whose answer was lost (a deadline, a
+// coordinator restart right after the commit) sends it again: the same group's report for the
+// attempt it ended is answered OK and changes nothing, across a restart too. Anything else is
+// still refused: another group, another best checkpoint, the other outcome, and a report for an
+// attempt that ended otherwise (cancelled under the group after it leased the task again).
+TEST_F(CoordinatorServiceTest, AnOutcomeSentAgainAfterItsAnswerWasLostIsTakenOnce) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string ft0 = job_id + "/finetune-f0";
+  const std::string a = Register();
+  const std::string b = Register();
+  auto fail = [&](const std::string& group, const std::string& task_id) {
+    FailTaskRequest request;
+    request.set_group_id(group);
+    request.set_task_id(task_id);
+    request.set_error("CUDA error: an illegal memory access");
+    request.set_retryable(true);
+    FailTaskResponse response;
+    return workers_->FailTask(WorkerCtx().get(), request, &response).error_code();
+  };
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  ASSERT_EQ(fail(a, pretrain), grpc::StatusCode::OK);
+  EXPECT_EQ(fail(a, pretrain), grpc::StatusCode::OK);
+  EXPECT_EQ(fail(b, pretrain), grpc::StatusCode::FAILED_PRECONDITION);
+  Restart();
+  EXPECT_EQ(fail(a, pretrain), grpc::StatusCode::OK);
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_READY);
+  EXPECT_EQ(job.tasks(0).restarts(), 1);  // counted once
+  EXPECT_EQ(job.tasks(0).ended_by_group(), a);
+  EXPECT_EQ(job.tasks(0).ended_attempt(), 1);
+
+  LeaseTaskResponse lease = Lease(b);
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  ASSERT_EQ(lease.task().attempt(), 2);
+  EXPECT_EQ(fail(a, pretrain), grpc::StatusCode::FAILED_PRECONDITION);  // leased since
+  const std::string best = Checkpoint(pretrain, "best.pt");
+  ASSERT_TRUE(Complete(b, pretrain, best).ok());
+  EXPECT_TRUE(Complete(b, pretrain, best).ok());
+  Restart();
+  EXPECT_TRUE(Complete(b, pretrain, best).ok());
+  EXPECT_EQ(Complete(b, pretrain, Checkpoint(pretrain, "last.pt")).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Complete(a, pretrain, best).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(fail(b, pretrain), grpc::StatusCode::FAILED_PRECONDITION);  // it succeeded
+  job = GetJob(job_id);
+  EXPECT_EQ(job.tasks(0).state(), TASK_STATE_SUCCEEDED);
+  EXPECT_EQ(job.tasks(0).restarts(), 1);
+  EXPECT_EQ(job.tasks(1).state(), TASK_STATE_READY);
+
+  // a fails attempt 1 of the fine-tuning task, leases it again, and attempt 2 is cancelled
+  // under it: its FailTask for the cancelled attempt is refused as before.
+  ASSERT_EQ(Lease(a).task().task_id(), ft0);
+  ASSERT_EQ(fail(a, ft0), grpc::StatusCode::OK);
+  lease = Lease(a);
+  ASSERT_EQ(lease.task().task_id(), ft0);
+  ASSERT_EQ(lease.task().attempt(), 2);
+  CancelAndRetry(job_id);
+  EXPECT_EQ(fail(a, ft0), grpc::StatusCode::FAILED_PRECONDITION);
 }
 
 // The AviaryJobFailed alert watches aviary_jobs_failed_total: every transition to FAILED counts,
