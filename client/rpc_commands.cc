@@ -41,6 +41,7 @@
 #include "common/tokens.h"
 #include "client/format.h"
 #include "client/commands.h"
+#include "client/output.h"
 #include "proto/aviary.grpc.pb.h"
 #include "proto/aviary.pb.h"
 
@@ -506,6 +507,8 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
       }
     }
     std::cout.flush();
+    // A failed write stops --follow (main() reports it: client/output.h).
+    if (StdoutFailed()) return absl::OkStatus();
     if (!status.ok()) {
       const bool retryable = status.code() == absl::StatusCode::kUnavailable ||
                              status.code() == absl::StatusCode::kDeadlineExceeded;
@@ -873,6 +876,12 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
           watchdog.Disarm();
         }
         view.OnEvent(event);
+        if (StdoutFailed()) {
+          // Nobody sees the progress any more (a full disk under `watch > file`): stop rather
+          // than watch on for days; main() reports the failed write (client/output.h).
+          context.TryCancel();
+          break;
+        }
         if (IsTerminal(event.job().state())) {
           // The coordinator ends the stream after this event; do not wait for it.
           terminal = true;
@@ -883,6 +892,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
       status = reader->Finish();
       watchdog_fired = watchdog.fired();
     }
+    if (StdoutFailed()) return 1;
     if (terminal) break;
     if (got_message) {
       connected_once = true;
