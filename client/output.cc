@@ -1,17 +1,27 @@
 #include "client/output.h"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <streambuf>
 
 namespace aviary::cli {
 namespace {
+
+// Ends the program as a write to a pipe without a reader does.
+[[noreturn]] void DieOfSigpipe() {
+  std::signal(SIGPIPE, SIG_DFL);
+  std::raise(SIGPIPE);
+  std::_Exit(128 + SIGPIPE);  // only if the signal could not end it
+}
 
 // std::cout's buffer: descriptor 1, the errno of the first failed write kept. Not thread-safe.
 class StdoutBuffer final : public std::streambuf {
@@ -116,6 +126,35 @@ int FinishStdout(const std::string& command, int code) {
   std::cerr << command << ": cannot write to standard output"
             << (error != 0 ? std::string(": ") + std::strerror(error) : std::string()) << "\n";
   return code == 0 ? 1 : code;
+}
+
+ClosedPipeWatcher::ClosedPipeWatcher() {
+  struct stat st {};
+  if (::fstat(STDOUT_FILENO, &st) != 0 || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) return;
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return;  // no watcher: the next write still ends the program
+  stop_read_fd_ = fds[0];
+  stop_write_fd_ = fds[1];
+  thread_ = std::thread([stop = stop_read_fd_] {
+    // events 0 on stdout: poll reports only POLLERR (a pipe's reader closed its end) and POLLHUP
+    // (a socket's peer went away), never that it is writable.
+    pollfd watched[2] = {{STDOUT_FILENO, 0, 0}, {stop, POLLIN, 0}};
+    while (true) {
+      if (::poll(watched, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      if (watched[1].revents != 0) return;
+      if (watched[0].revents & (POLLERR | POLLHUP)) DieOfSigpipe();
+      if (watched[0].revents & POLLNVAL) return;
+    }
+  });
+}
+
+ClosedPipeWatcher::~ClosedPipeWatcher() {
+  if (stop_write_fd_ >= 0) ::close(stop_write_fd_);  // the thread sees POLLHUP on its end
+  if (thread_.joinable()) thread_.join();
+  if (stop_read_fd_ >= 0) ::close(stop_read_fd_);
 }
 
 }  // namespace aviary::cli

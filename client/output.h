@@ -7,6 +7,7 @@
 #define AVIARY_CLIENT_OUTPUT_H_
 
 #include <string>
+#include <thread>
 
 namespace aviary::cli {
 
@@ -30,6 +31,24 @@ bool StdoutFailed();
 // standard output: REASON" to stderr and returns `code`, or 1 when `code` is 0; else returns
 // `code`. `command` is how the error names the program, e.g. "aviary list".
 int FinishStdout(const std::string& command, int code);
+
+// While alive, ends the program by SIGPIPE as soon as standard output is a pipe or socket whose
+// reader has gone, without waiting for the next write: `watch` and `logs --follow` may write
+// nothing for minutes (`aviary watch JOB | head -1` on a quiet job waited until the job changed).
+// Does nothing when standard output is a terminal or a file. One thread blocked in poll(2); not
+// copyable; the destructor stops and joins it.
+class ClosedPipeWatcher {
+ public:
+  ClosedPipeWatcher();
+  ~ClosedPipeWatcher();
+  ClosedPipeWatcher(const ClosedPipeWatcher&) = delete;
+  ClosedPipeWatcher& operator=(const ClosedPipeWatcher&) = delete;
+
+ private:
+  int stop_read_fd_ = -1;  // a pipe whose write end the destructor closes to wake the thread
+  int stop_write_fd_ = -1;
+  std::thread thread_;
+};
 
 }  // namespace aviary::cli
 

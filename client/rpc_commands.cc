@@ -23,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -472,6 +473,9 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
   double backoff_s = kFirstBackoffS;
   bool first = true;
   bool last_round = false;
+  // `logs --follow | grep -m1 X` ends with grep, not at the next line.
+  std::optional<ClosedPipeWatcher> pipe_watcher;
+  if (args.follow) pipe_watcher.emplace();
   while (true) {
     // The first call asks for every task (or the one); later ones ask per task from its last seq.
     std::vector<v1::GetLogsRequest> requests;
@@ -851,6 +855,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
   const char* term = std::getenv("TERM");
   const bool tty = ::isatty(STDOUT_FILENO) && !(term && std::string(term) == "dumb");
   WatchView view(tty);
+  const ClosedPipeWatcher pipe_watcher;  // `watch JOB | head -1` ends with head, not at the next event
   v1::WatchJobRequest request;
   request.set_job_id(job_id);
   int failures = 0;

@@ -2,8 +2,9 @@
 # The `aviary` client against a real coordinator when the user interrupts it or its output goes
 # away (docs/SERVICE.md, "Client"): Ctrl-C (SIGINT) and SIGTERM end `watch` and `logs --follow`
 # at once and quietly (status 130, 143), also while they wait to reconnect; a reader that went
-# away ends any command by SIGPIPE (141) without a word, also when the parent left SIGPIPE
-# ignored; any other failed write to standard output is an error naming it, exit 1.
+# away ends any command by SIGPIPE (141) without a word, even while `watch` or `logs --follow`
+# have nothing to write and when the parent left SIGPIPE ignored; any other failed write to
+# standard output is an error naming it, exit 1.
 # usage: cli_signals.sh AVIARY_BIN
 set -uo pipefail
 aviary=$1
@@ -103,6 +104,23 @@ for sig in INT TERM; do
 done
 
 # 2. A reader that goes away: SIGPIPE, no message.
+# watch on a quiet job wrote its first lines and waited for the next event, for as long as the
+# job stayed unchanged (here: for ever), with head long gone.
+out=$(timeout 20 "$aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/c.token" watch "$job" 2>"$tmp/e" | head -1)
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 141 ] || ! grep -qF "job $job PENDING" <<<"$out" || [ -s "$tmp/e" ]; then
+  fail "watch JOB | head -1 -> rc=$rc (wanted 141, 124 is a hang), out '$out', stderr: $(cat "$tmp/e")"
+else
+  ok
+fi
+# logs --follow of a job without lines never writes: only watching the pipe can end it.
+closed_pipe timeout 20 "$aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/c.token" logs "$job" --follow 2>"$tmp/e"
+rc=$?
+if [ $rc -ne 141 ] || [ -s "$tmp/e" ]; then
+  fail "logs --follow to a closed pipe -> rc=$rc (wanted 141, 124 is a hang), stderr: $(cat "$tmp/e")"
+else
+  ok
+fi
 out=$(av status "$sweep" --json 2>"$tmp/e" | head -1); rc=${PIPESTATUS[0]}
 if [ "$rc" -ne 141 ] || [ "$out" != "{" ] || [ -s "$tmp/e" ]; then
   fail "status SWEEP --json | head -1 -> rc=$rc (wanted 141), out '$out', stderr: $(cat "$tmp/e")"
