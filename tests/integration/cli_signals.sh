@@ -32,6 +32,14 @@ wait_for() {
   fail "no '$1' in $2 within 30 s: $(cat "$2")"
   return 1
 }
+# wait_polling PID: polls (at most 30 s) until `logs --follow` sleeps between its polls, its first
+# poll answered (it prints nothing for a job without lines; /proc's wchan shows the sleep).
+wait_polling() {
+  local i
+  for i in $(seq 300); do grep -q nanosleep "/proc/$1/wchan" 2>/dev/null && return 0; sleep 0.1; done
+  fail "logs --follow (pid $1) did not reach its poll loop within 30 s (wchan: $(cat "/proc/$1/wchan" 2>&1))"
+  return 1
+}
 # closed_pipe CMD...: runs CMD with standard output a pipe whose reader has already gone (so the
 # first write, if any, meets a closed pipe: no race with a reader's exit).
 closed_pipe() {
@@ -94,7 +102,7 @@ for sig in INT TERM; do
     ok
   fi
   "${av_bg[@]}" logs "$job" --follow > "$tmp/l.out" 2> "$tmp/l.err" & pid=$!
-  sleep 1.5  # into its poll loop (it prints nothing for a job without lines)
+  wait_polling $pid
   kill -$sig $pid; wait_exit $pid
   if [ $rc -ne "$want" ] || [ -s "$tmp/l.err" ]; then
     fail "logs --follow, then SIG$sig -> rc=$rc (wanted $want), stderr: $(cat "$tmp/l.err")"
@@ -163,7 +171,7 @@ fi
 "${av_bg[@]}" watch "$job" > "$tmp/w.out" 2> "$tmp/w.err" & watch_pid=$!
 "${av_bg[@]}" logs "$job" --follow > "$tmp/l.out" 2> "$tmp/l.err" & logs_pid=$!
 wait_for PENDING "$tmp/w.out"
-sleep 1  # logs --follow: past its first poll
+wait_polling $logs_pid  # past its first poll: a first poll that fails is an error, not retried
 kill -TERM $coord_pid; wait $coord_pid
 wait_for reconnecting "$tmp/w.out" && wait_for retrying "$tmp/l.err"
 for pid in $watch_pid $logs_pid; do
