@@ -16,6 +16,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "client/commands.h"
+#include "client/output.h"
 #include "common/cli.h"
 #include "common/version.h"
 
@@ -127,10 +128,9 @@ void AddHelpCommands(CLI::App* app, aviary::cli::Runner* run) {
   });
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
+// The program after the signal setup; *command becomes the command's path ("aviary dataset folds")
+// once the command line names one.
+int Run(const std::vector<std::string>& args, std::string* command_path) {
   CLI::App app("aviary: submit and watch training jobs on an aviary coordinator, and the offline "
                "dataset tools.",
                "aviary");
@@ -170,6 +170,9 @@ int main(int argc, char** argv) {
     std::cerr << "aviary: missing command (aviary --help lists them)\n";
     return 2;
   }
+  for (const CLI::App* sub = command; sub != nullptr; sub = aviary::common::SelectedSubcommand(sub)) {
+    *command_path = aviary::common::CommandPath(sub);
+  }
   if (command->get_group() != aviary::cli::kClientGroup) {
     for (const CLI::Option* flag : {coordinator_flag, token_flag, tls_flag, timeout_flag}) {
       if (flag->count() > 0) {
@@ -184,4 +187,13 @@ int main(int argc, char** argv) {
   if (tls_flag->count() > 0) global.tls_ca = tls_ca;
   if (timeout_flag->count() > 0) global.timeout_s = timeout_s;
   return run();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  aviary::cli::SetUpStdout();  // before gRPC starts its threads
+  std::string command_path = "aviary";
+  const int code = Run(std::vector<std::string>(argv + 1, argv + argc), &command_path);
+  return aviary::cli::FinishStdout(command_path, code);
 }

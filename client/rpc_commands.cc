@@ -23,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -41,6 +42,7 @@
 #include "common/tokens.h"
 #include "client/format.h"
 #include "client/commands.h"
+#include "client/output.h"
 #include "proto/aviary.grpc.pb.h"
 #include "proto/aviary.pb.h"
 
@@ -471,6 +473,9 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
   double backoff_s = kFirstBackoffS;
   bool first = true;
   bool last_round = false;
+  // `logs --follow | grep -m1 X` ends with grep, not at the next line.
+  std::optional<ClosedPipeWatcher> pipe_watcher;
+  if (args.follow) pipe_watcher.emplace();
   while (true) {
     // The first call asks for every task (or the one); later ones ask per task from its last seq.
     std::vector<v1::GetLogsRequest> requests;
@@ -506,6 +511,8 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
       }
     }
     std::cout.flush();
+    // A failed write stops --follow (main() reports it: client/output.h).
+    if (StdoutFailed()) return absl::OkStatus();
     if (!status.ok()) {
       const bool retryable = status.code() == absl::StatusCode::kUnavailable ||
                              status.code() == absl::StatusCode::kDeadlineExceeded;
@@ -848,6 +855,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
   const char* term = std::getenv("TERM");
   const bool tty = ::isatty(STDOUT_FILENO) && !(term && std::string(term) == "dumb");
   WatchView view(tty);
+  const ClosedPipeWatcher pipe_watcher;  // `watch JOB | head -1` ends with head, not at the next event
   v1::WatchJobRequest request;
   request.set_job_id(job_id);
   int failures = 0;
@@ -873,6 +881,12 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
           watchdog.Disarm();
         }
         view.OnEvent(event);
+        if (StdoutFailed()) {
+          // Nobody sees the progress any more (a full disk under `watch > file`): stop rather
+          // than watch on for days; main() reports the failed write (client/output.h).
+          context.TryCancel();
+          break;
+        }
         if (IsTerminal(event.job().state())) {
           // The coordinator ends the stream after this event; do not wait for it.
           terminal = true;
@@ -883,6 +897,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
       status = reader->Finish();
       watchdog_fired = watchdog.fired();
     }
+    if (StdoutFailed()) return 1;
     if (terminal) break;
     if (got_message) {
       connected_once = true;
