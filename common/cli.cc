@@ -198,6 +198,9 @@ std::string RangeText(T min, T max) {
 
 }  // namespace
 
+// How CLI11 words a flag given more often than it may be (ArgumentMismatch::AtMost).
+constexpr char kAtMostOne[] = ": At Most 1 required but received ";
+
 std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string>& args, bool print_errors) {
   // CLI11 consumes a vector from its back.
   std::vector<std::string> reversed(args.rbegin(), args.rend());
@@ -211,11 +214,22 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
     if (!print_errors) return 2;
     const CLI::App* command = DeepestSelected(app);
     const std::string path = CommandPath(command);
+    std::string help_path = path;
     std::string message = e.what();
     // CLI11 reports unknown flags last, after missing and invalid ones; a misspelt flag
     // ("--coordinatr" making --coordinator missing) is the more useful thing to say.
     if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
       message = absl::StrCat("The following argument was not expected: ", unknown);
+    } else if (const size_t at = message.find(kAtMostOne);
+               dynamic_cast<const CLI::ArgumentMismatch*>(&e) != nullptr && at != std::string::npos) {
+      // CLI11: "--limit: At Most 1 required but received 2". A program's own flag (aviary
+      // --timeout) is explained by that program's help.
+      const std::string flag = message.substr(0, at);
+      message = absl::StrCat(flag, " was given ", message.substr(at + sizeof(kAtMostOne) - 1),
+                             " times; it takes one value");
+      const CLI::App* owner = command;
+      while (owner->get_parent() != nullptr && owner->get_option_no_throw(flag) == nullptr) owner = owner->get_parent();
+      help_path = CommandPath(owner);
     } else if (std::string misplaced = FirstParentFlagAfterCommand(command, args);
                !misplaced.empty() && dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr) {
       // The usage puts a program's own flags before the command; CLI11 only lists the extras.
@@ -237,7 +251,7 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
         message = absl::StrCat("missing command (expected ", absl::StrJoin(names, ", "), ")");
       }
     }
-    std::cerr << path << ": " << message << " (see " << path << " --help)\n";
+    std::cerr << path << ": " << message << " (see " << help_path << " --help)\n";
     return 2;
   }
 }

@@ -32,6 +32,11 @@ expect "--coordinator is a flag of 'aviary', not of 'list' (the flags of 'aviary
   "$aviary" list --coordinator 127.0.0.1:1
 expect "--timeout is a flag of 'aviary', not of 'dataset folds'" \
   "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --timeout=5
+# CLI11 alone said "--stage: At Most 1 required but received 2".
+expect "--stage was given 2 times; it takes one value" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --stage pretrain --out "$tmp/o.csv"
+expect "aviary list: --timeout was given 2 times; it takes one value (see aviary --help)" \
+  "$aviary" --timeout 3 --timeout 4 list
 expect "--set: expected dotted.key=value, got 'seed'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/o.csv" --set seed
 expect "$tmp/nope.yaml" "$aviary" dataset folds --config "$tmp/nope.yaml" --stage finetune --out "$tmp/o.csv"
 expect "bad.yaml:3: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)" \
