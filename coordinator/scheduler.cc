@@ -1007,19 +1007,31 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
     const aviary::v1::RegisterGroupRequest& request) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
-  Changes changes;
   GroupRow row;
-  do {
-    row.group_id = NewId('g');
-  } while (groups_.count(row.group_id) != 0);
-  row.registered_unix_ms = UnixMs();
-  row.info = request;
-  changes.put_groups[row.group_id] = row;
-  AVIARY_RETURN_IF_ERROR(Commit(&changes));
-  log_.Info(absl::StrCat("group ", row.group_id, " registered: world_size ", request.world_size(),
-                         ", backend ", request.backend(), ", hosts ",
-                         request.hosts_size() > 0 ? request.hosts(0) : "?",
-                         request.hosts_size() > 1 ? ", ..." : ""));
+  const Group* again = nullptr;
+  if (!request.registration_id().empty()) {
+    for (const auto& [id, group] : groups_) {
+      if (group->row.info.registration_id() == request.registration_id()) again = group.get();
+    }
+  }
+  if (again != nullptr) {
+    // The answer to the first call was lost; the group is the one it registered.
+    row = again->row;
+    log_.Info(absl::StrCat("group ", row.group_id, " sent its registration again (the answer was lost)"));
+  } else {
+    Changes changes;
+    do {
+      row.group_id = NewId('g');
+    } while (groups_.count(row.group_id) != 0);
+    row.registered_unix_ms = UnixMs();
+    row.info = request;
+    changes.put_groups[row.group_id] = row;
+    AVIARY_RETURN_IF_ERROR(Commit(&changes));
+    log_.Info(absl::StrCat("group ", row.group_id, " registered: world_size ", request.world_size(),
+                           ", backend ", request.backend(), ", hosts ",
+                           request.hosts_size() > 0 ? request.hosts(0) : "?",
+                           request.hosts_size() > 1 ? ", ..." : ""));
+  }
   aviary::v1::RegisterGroupResponse response;
   response.set_group_id(row.group_id);
   response.set_heartbeat_interval_ms(

@@ -346,6 +346,8 @@ class Scheduler {
     size_t bytes = 0;
     int64_t last_seq = 0;
     int64_t dropped = 0;
+    // Per group that shipped lines for the task: its highest own line number (ShipLogsRequest).
+    std::map<std::string, int64_t> group_seq;
     uint64_t written = 0;  // logs_clock_ at the last append
   };
   mutable absl::Mutex logs_mu_ ABSL_ACQUIRED_AFTER(mu_);

@@ -212,7 +212,12 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
   absl::MutexLock lock(&logs_mu_);
   TaskLog& log = logs_[request.task_id()];
   log.written = ++logs_clock_;
+  int64_t& group_seq = log.group_seq[request.group_id()];
   for (const aviary::v1::LogLine& in : request.lines()) {
+    if (in.seq() > 0) {
+      if (in.seq() <= group_seq) continue;  // stored already: sent again after a lost answer
+      group_seq = in.seq();
+    }
     aviary::v1::LogLine line = in;
     if (line.text().size() > kMaxLogLineBytes) {
       // Cut at a UTF-8 character boundary: a string field must stay valid UTF-8 (a response

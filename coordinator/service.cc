@@ -1,9 +1,12 @@
 #include "coordinator/service.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
@@ -399,6 +402,13 @@ grpc::Status WorkerServiceImpl::RegisterGroup(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckText("backend", request->backend(), false, 64));
     AVIARY_RETURN_IF_ERROR(CheckText("version", request->version(), false, 256));
     AVIARY_RETURN_IF_ERROR(CheckText("metrics_address", request->metrics_address(), false, 256));
+    if (const std::string& id = request->registration_id();
+        id.size() > 64 || !std::all_of(id.begin(), id.end(), [](char c) {
+          return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+        })) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'registration_id': '", absl::CHexEscape(id),
+                                                     "' is not at most 64 of [A-Za-z0-9_-]"));
+    }
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->RegisterGroup(*request));
     return absl::OkStatus();
   });
@@ -532,6 +542,9 @@ grpc::Status WorkerServiceImpl::ShipLogs(grpc::ServerContext* context, const avi
       AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("lines[", i, "].text"), line.text(), false, 64 * 1024));
       AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("lines[", i, "].level"), line.level(), false, 16));
       AVIARY_RETURN_IF_ERROR(CheckName(absl::StrCat("lines[", i, "].level"), line.level()));
+      if (line.seq() < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("field 'lines[", i, "].seq': ", line.seq(), " is negative"));
+      }
       if (line.rank() < 0 || line.rank() > 65535) {
         return absl::InvalidArgumentError(absl::StrCat("field 'lines[", i, "].rank': ", line.rank(), " is outside 0..65535"));
       }

@@ -466,6 +466,7 @@ class RpcFuzzTest : public ::testing::Test {
       line->set_text(Chance(0.8) ? "epoch 1: loss 0.5" : RandomBytes(Chance(0.5) ? 50 : 5000));
       line->set_level(Chance(0.9) ? "info" : RandomBytes(20));
       line->set_rank(static_cast<int32_t>(Chance(0.9) ? Below(2) : RandomInt()));
+      if (Chance(0.5)) line->set_seq(Chance(0.9) ? static_cast<int64_t>(Below(8)) : static_cast<int64_t>(RandomInt()));
     }
     if (Chance(0.1)) Mutate(&request);
     ShipLogsResponse response;
@@ -477,6 +478,7 @@ class RpcFuzzTest : public ::testing::Test {
     const int hosts = static_cast<int>(Below(3));
     for (int i = 0; i < hosts; ++i) request.add_hosts(Chance(0.8) ? "node" : RandomBytes(300));
     request.set_backend(Chance(0.8) ? "mpi" : RandomBytes(80));
+    if (Chance(0.5)) request.set_registration_id(Chance(0.8) ? absl::StrCat("r", Below(4)) : RandomBytes(80));
     if (Chance(0.1)) Mutate(&request);
     RegisterGroupResponse response;
     const grpc::Status status = workers_->RegisterGroup(Ctx(Service::kWorker).get(), request, &response);

@@ -186,9 +186,10 @@ class CoordinatorServiceTest : public ::testing::Test {
     return nullptr;
   }
 
-  std::string Register(int world_size = 2) {
+  std::string Register(int world_size = 2, const std::string& registration_id = "") {
     RegisterGroupRequest request;
     request.set_world_size(world_size);
+    request.set_registration_id(registration_id);
     request.add_hosts("node1");
     request.set_backend("mpi");
     RegisterGroupResponse response;
@@ -634,6 +635,30 @@ TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsT
   EXPECT_EQ(job.tasks(1).state(), TASK_STATE_CANCELLED);
   EXPECT_NE(job.error().find("bad data: no rows"), std::string::npos) << job.error();
   EXPECT_FALSE(Lease(a).available());
+}
+
+// A group whose RegisterGroup answer was lost (a deadline during a slow commit, a restart right
+// after it) sends the registration again with the same registration_id: it gets the group the
+// first call registered, across a restart too, rather than a second group that would never
+// heartbeat and be counted lost (aviary_worker_groups_lost_total, AviaryWorkerGroupLost).
+TEST_F(CoordinatorServiceTest, ARegistrationSentAgainGetsTheGroupItRegistered) {
+  Start();
+  const std::string a = Register(2, "0123456789abcdef");
+  EXPECT_EQ(Register(2, "0123456789abcdef"), a);
+  const std::string b = Register(2, "fedcba9876543210");
+  EXPECT_NE(b, a);
+  EXPECT_NE(Register(), Register());  // without an id, every call is a group of its own
+  Restart();
+  EXPECT_EQ(Register(2, "0123456789abcdef"), a);
+  EXPECT_EQ(CountRows("SELECT COUNT(*) FROM groups"), 4);
+  RegisterGroupRequest bad;
+  bad.set_world_size(1);
+  bad.set_registration_id("a b");
+  RegisterGroupResponse response;
+  const grpc::Status status = workers_->RegisterGroup(WorkerCtx().get(), bad, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'registration_id': 'a b'"), std::string::npos)
+      << status.error_message();
 }
 
 // A group whose CompleteTask or FailTask landed but whose answer was lost (a deadline, a
@@ -2389,6 +2414,46 @@ TEST_F(CoordinatorServiceTest, DeleteWithRunFoldersWaitsForTheCancelledHolder) {
   ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
   ASSERT_TRUE(Heartbeat(group, other_task, &told).ok());
   EXPECT_TRUE(told);
+}
+
+// A group numbers its lines (LogLine.seq in ShipLogs); a ShipLogs sent again after its answer was
+// lost, possibly with newer lines behind, stores each line once. Another group's numbers are its
+// own, and unnumbered lines (seq 0) are always stored.
+TEST_F(CoordinatorServiceTest, ALogLineShippedAgainIsStoredOnce) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string a = Register();
+  const std::string b = Register();
+  const std::string pretrain = Lease(a).task().task_id();
+  auto ship = [&](const std::string& gid, const std::vector<std::pair<int64_t, std::string>>& lines) {
+    ShipLogsRequest request;
+    request.set_group_id(gid);
+    request.set_task_id(pretrain);
+    for (const auto& [seq, text] : lines) {
+      LogLine* line = request.add_lines();
+      line->set_seq(seq);
+      line->set_text(text);
+      line->set_level("info");
+    }
+    ShipLogsResponse response;
+    return workers_->ShipLogs(WorkerCtx().get(), request, &response);
+  };
+  ASSERT_TRUE(ship(a, {{1, "one"}, {2, "two"}}).ok());
+  ASSERT_TRUE(ship(a, {{1, "one"}, {2, "two"}, {3, "three"}}).ok());
+  ASSERT_TRUE(ship(a, {{3, "three"}}).ok());
+  ASSERT_TRUE(ship(b, {{1, "b one"}, {0, "b unnumbered"}}).ok());
+  ASSERT_TRUE(ship(b, {{1, "b one"}, {0, "b unnumbered"}}).ok());
+  ASSERT_TRUE(ship(a, {{4, "four"}}).ok());
+  EXPECT_EQ(ship(a, {{-1, "x"}}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  GetLogsRequest request;
+  request.set_job_id(job_id);
+  request.set_task_id(pretrain);
+  GetLogsResponse response;
+  ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), request, &response).ok());
+  std::vector<std::string> texts;
+  for (const LogLine& line : response.tasks(0).lines()) texts.push_back(line.text());
+  EXPECT_EQ(texts, (std::vector<std::string>{"one", "two", "three", "b one", "b unnumbered", "b unnumbered", "four"}));
+  EXPECT_EQ(response.tasks(0).lines(6).seq(), 7);  // numbered by the coordinator
 }
 
 TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <random>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -91,6 +92,10 @@ CoordinatorLink::~CoordinatorLink() {
 absl::Status CoordinatorLink::Register() {
   Backoff backoff(0.5, 10);
   const auto start = Clock::now();
+  // One id for this registration and its retries: a retry whose first answer was lost gets the
+  // group that call registered (docs/SERVICE.md), not a second one left to be counted lost.
+  std::random_device random;
+  registration_.set_registration_id(absl::StrFormat("%08x%08x%08x%08x", random(), random(), random(), random()));
   while (true) {
     v1::RegisterGroupResponse response;
     grpc::ClientContext ctx;
@@ -261,6 +266,7 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
     size_t cut = std::min<size_t>(line.size(), 4096);  // at a UTF-8 character boundary
     while (cut < line.size() && cut > 0 && (static_cast<unsigned char>(line[cut]) & 0xC0) == 0x80) --cut;
     out.set_text(std::string(line.substr(0, cut)));
+    out.set_seq(++buffer->last_seq);
     buffer->lines.push_back(std::move(out));
     while (buffer->lines.size() > kMaxBufferedLogLines) {
       buffer->lines.pop_front();
@@ -298,17 +304,18 @@ void CoordinatorLink::ShipLogs() {
     absl::MutexLock logs(&logs_->mu);
     if (logs_->task_id.empty() || logs_->lines.empty()) return;
     request.set_task_id(logs_->task_id);
-    const size_t n = std::min<size_t>(logs_->lines.size(), 2000);
-    for (size_t i = 0; i < n; ++i) *request.add_lines() = logs_->lines[i];
     dropped = logs_->dropped;
     logs_->dropped = 0;
-  }
-  if (dropped > 0) {
-    v1::LogLine note;
-    note.set_time_unix_ms(request.lines(0).time_unix_ms());
-    note.set_level("warning");
-    note.set_text(absl::StrCat("[agent] ", dropped, " log lines were dropped before they could be shipped"));
-    request.mutable_lines()->AddAllocated(new v1::LogLine(note));
+    if (dropped > 0) {
+      // In the place of the dropped lines, numbered as the last of them.
+      v1::LogLine* note = request.add_lines();
+      note->set_time_unix_ms(logs_->lines.front().time_unix_ms());
+      note->set_level("warning");
+      note->set_text(absl::StrCat("[agent] ", dropped, " log lines were dropped before they could be shipped"));
+      note->set_seq(std::max<int64_t>(logs_->lines.front().seq() - 1, 0));
+    }
+    const size_t n = std::min<size_t>(logs_->lines.size(), 2000);
+    for (size_t i = 0; i < n; ++i) *request.add_lines() = logs_->lines[i];
   }
   v1::ShipLogsResponse response;
   grpc::ClientContext ctx;
@@ -333,9 +340,10 @@ void CoordinatorLink::ShipLogs() {
                             st.error_message(), "; its log lines are no longer shipped"));
     return;
   }
+  // By number: lines dropped from the front while the call was in flight were not sent.
   absl::MutexLock logs(&logs_->mu);
-  const size_t sent = static_cast<size_t>(request.lines_size()) - (dropped > 0 ? 1 : 0);
-  for (size_t i = 0; i < sent && !logs_->lines.empty(); ++i) logs_->lines.pop_front();
+  const int64_t last_sent = request.lines(request.lines_size() - 1).seq();
+  while (!logs_->lines.empty() && logs_->lines.front().seq() <= last_sent) logs_->lines.pop_front();
 }
 
 absl::Status CoordinatorLink::CheckLease(const std::string& path) {

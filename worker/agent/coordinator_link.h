@@ -109,6 +109,10 @@ class CoordinatorLink {
     std::string task_id ABSL_GUARDED_BY(mu);  // "" between tasks: nothing is kept
     std::deque<::aviary::v1::LogLine> lines ABSL_GUARDED_BY(mu);
     int64_t dropped ABSL_GUARDED_BY(mu) = 0;
+    // The last line's own number (LogLine.seq in ShipLogs): increasing over the process's life,
+    // so that the coordinator stores a line sent again once, and the lines a ShipLogs delivered
+    // are known after older ones were dropped meanwhile.
+    int64_t last_seq ABSL_GUARDED_BY(mu) = 0;
   };
   // Sends the buffered lines of the current task (one ShipLogs call); kept for the next call on a
   // transient failure, dropped when refused for good. One call at a time (ship_mu_): the heartbeat
