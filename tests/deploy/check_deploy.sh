@@ -6,7 +6,8 @@
 # bad input), the shell scripts (bash -n, shellcheck when installed), the systemd units
 # (systemd-analyze verify when available), and the launchers: launch-group.sh's argument errors
 # and dry run, a real 2-rank `mpirun` group of a stand-in worker stopped by SIGTERM, and the
-# Slurm script's hostfile, dry run and requeue on the time-limit signal (a fake scontrol).
+# Slurm script's hostfile, dry run and requeue on the time-limit signal (a fake scontrol); and
+# docs/DEPLOY.md's launch-group.sh example against the command the page says it prints.
 #
 #   tests/deploy/check_deploy.sh [REPO]        (REPO defaults to this checkout)
 # Needs promtool (Debian: prometheus), python3 and mpirun. Exit 0 when every check passes.
@@ -312,6 +313,52 @@ for r in 0 1; do
 done
 grep -qx "requeue 4243" "$tmp/scontrol.log" 2>/dev/null && ok ||
   { fail "sbatch: no 'scontrol requeue 4243' after SIGUSR1"; sed 's/^/    /' "$tmp/sbatch.log"; }
+
+echo "== docs/DEPLOY.md: the launch-group.sh example and the output it shows"
+# The page's hostfile, its `launch-group.sh ... --dry-run` command and the mpirun command it says
+# that prints, taken from the page as written and run here on the machine it describes: a normal
+# user (the root-only --allow-run-as-root is dropped), 96 cores (a stand-in nproc), LD_LIBRARY_PATH
+# and NCCL_IB_HCA set. The token file is the only path replaced (the launcher checks it is readable).
+doc=$repo/docs/DEPLOY.md
+if ! "$py" - "$doc" "$tmp/docex" <<'EOF2'
+import os, re, sys
+text = open(sys.argv[1]).read()
+out = sys.argv[2]
+os.makedirs(out, exist_ok=True)
+m = re.search(r"cat > hosts <<EOF\n(.*?)\nEOF\n(deploy/launch-group\.sh .*?--dry-run)\n```\n(.*?)\n```\n(.*?)```", text, re.S)
+if not m:
+    sys.exit("docs/DEPLOY.md: no hostfile / launch-group.sh --dry-run / printed-command example found")
+hosts, command, between, printed = m.groups()
+if "prints" not in between:
+    sys.exit("docs/DEPLOY.md: the block after the launch-group.sh example is not introduced by 'prints'")
+open(os.path.join(out, "hosts"), "w").write(hosts + "\n")
+join = lambda s: " ".join(s.replace("\\\n", " ").split())
+open(os.path.join(out, "command"), "w").write(join(command) + "\n")
+open(os.path.join(out, "printed"), "w").write(join(printed) + "\n")
+EOF2
+then
+  fail "could not extract the launch-group.sh example from $doc"
+else
+  mkdir -p "$tmp/docex/bin"
+  printf '#!/bin/sh\necho 96\n' >"$tmp/docex/bin/nproc"
+  chmod +x "$tmp/docex/bin/nproc"
+  read -r -a words <"$tmp/docex/command"
+  token=""
+  for i in "${!words[@]}"; do
+    if [ "${words[$i]}" = --token-file ]; then token=${words[$((i + 1))]}; fi
+  done
+  : >"$tmp/docex/worker.token"
+  argv=()
+  for w in "${words[@]:1}"; do
+    if [ -n "$token" ] && [ "$w" = "$token" ]; then argv+=("$tmp/docex/worker.token"); else argv+=("$w"); fi
+  done
+  got=$(cd "$tmp/docex" && env -i HOME="$tmp" PATH="$tmp/docex/bin:/usr/bin:/bin" LD_LIBRARY_PATH=/opt/deps/lib \
+          NCCL_IB_HCA=mlx5 bash "$deploy/launch-group.sh" "${argv[@]}" 2>&1); rc=$?
+  got=$(sed -e 's/ --allow-run-as-root//' -e "s|$tmp/docex/worker.token|$token|" <<<"$got" | xargs)
+  want=$(xargs <"$tmp/docex/printed")
+  if [ $rc -eq 0 ] && [ "$got" = "$want" ]; then ok
+  else fail "docs/DEPLOY.md's launch-group.sh example (rc=$rc) prints:"$'\n'"    $got"$'\n'"  the page shows:"$'\n'"    $want"; fi
+fi
 
 echo "deploy checks: $passes passed, $fails failed"
 [ $fails -eq 0 ]

@@ -2,7 +2,8 @@
 # `aviary mel` end to end on real ogg and mp3 files: the .npy is what numpy reads, with the
 # model input's shape and range, equal to torchaudio's MelSpectrogram + AmplitudeToDB + the
 # notebook's normalisation on the same decoded samples (ffmpeg decodes them for the reference);
-# --offset moves the window; bad input is refused with exit code 2.
+# --offset moves the window; bad input is refused with exit code 2 (for export and weights import
+# too: an --out in a missing folder).
 # usage: mel_cli.sh AVIARY_BIN
 set -uo pipefail
 aviary=$1
@@ -55,5 +56,14 @@ expect "$tmp/missing.ogg" "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/mis
 expect "--offset" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --offset -3 --out "$tmp/bad.npy"
 expect "--out is required" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg"
 [ -e "$tmp/bad.npy" ] && fail "a refused command wrote its output"
+# An --out in a missing folder is bad input named by its flag (exit 2, as `aviary dataset` and
+# `aviary predict` say it), for the torch tools that write through a temporary file; checked
+# before any work, so no checkpoint or weights file is needed to see it.
+expect "--out $tmp/nodir/m.npy: the folder $tmp/nodir does not exist" \
+  "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --out "$tmp/nodir/m.npy"
+expect "--out $tmp/nodir/model.pt: the folder $tmp/nodir does not exist" \
+  "$aviary" export "$tmp/p.yaml" --out "$tmp/nodir/model.pt"
+expect "--out $tmp/nodir/b0.safetensors: the folder $tmp/nodir does not exist" \
+  "$aviary" weights import "$tmp/p.yaml" --model efficientnet_b0 --out "$tmp/nodir/b0.safetensors"
 echo "mel_cli: $passes passed, $fails failed"
 [ $fails -eq 0 ]

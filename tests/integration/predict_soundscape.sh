@@ -58,6 +58,11 @@ one=$(ls "$tmp/sc/soundscapes" | head -1)
 if "$bin/aviary" predict --checkpoint "$tmp/run/best.pt" --checkpoint "$tmp/run/last.pt" --audio "$tmp/sc/soundscapes/$one" \
      --out "$tmp/ens.csv" --tta 3 --smooth 0.25,0.5,0.25 --batch 7 --threads 2 > "$tmp/ens.log" 2>&1; then
   grep -q "tta 3, smoothing 0.25,0.5,0.25" "$tmp/ens.log" || fail "ensemble run did not report its settings: $(cat "$tmp/ens.log")"
+  # Epochs are numbered from 0 everywhere (README, "Training"): each checkpoint's line names the
+  # epoch of history.csv it was written after (last.pt: the last row; best.pt: the best one).
+  last_epoch=$(tail -n 1 "$tmp/run/history.csv" | cut -d, -f1)
+  grep -qF "last.pt: small_cnn, stage finetune fold 0, after epoch $last_epoch," "$tmp/ens.log" && ok ||
+    fail "predict does not name last.pt's epoch $last_epoch (history.csv's numbering): $(grep -F last.pt: "$tmp/ens.log")"
   /usr/bin/python3 - "$tmp/ens.csv" <<'PY' && ok || fails=$((fails + 1))
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))

@@ -23,6 +23,7 @@ int Fail(const char* command, const absl::Status& status) {
 }
 
 int RunExport(const worker::ExportOptions& options) {
+  if (absl::Status out = CheckOutputPath("--out", options.out); !out.ok()) return Fail("export", out);
   auto result = worker::ExportCheckpoint(options);
   if (!result.ok()) return Fail("export", result.status());
   const worker::ExportResult& r = *result;
@@ -38,6 +39,7 @@ int RunExport(const worker::ExportOptions& options) {
 }
 
 int RunImport(const worker::ImportOptions& options, bool verbose) {
+  if (absl::Status out = CheckOutputPath("--out", options.out); !out.ok()) return Fail("weights import", out);
   auto report = worker::ImportWeights(options);
   if (!report.ok()) return Fail("weights import", report.status());
   const worker::ImportReport& r = *report;

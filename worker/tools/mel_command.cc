@@ -47,6 +47,7 @@ absl::StatusOr<MelResult> MakeMel(const MelArgs& args) {
   const std::string& audio_path = args.audio;
   const std::string& out_path = args.out;
   const double offset_s = args.offset_s;
+  AVIARY_RETURN_IF_ERROR(CheckOutputPath("--out", out_path));
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config, common::LoadPipelineConfig(args.config, args.overrides));
 
   const int sample_rate = config.data.sample_rate;

@@ -115,7 +115,9 @@ int RunPredict(const PredictArgs& args) {
   const worker::Predictor& p = **predictor;
   for (const worker::PredictModelInfo& m : p.models()) {
     std::cout << "checkpoint " << m.path << ": " << m.model_name << ", stage " << m.stage
-              << " fold " << m.fold << ", epoch " << m.epoch + 1 << ", "
+              << " fold " << m.fold << ", "  // epochs from 0, as history.csv
+              << (m.epoch >= 0 ? absl::StrCat("after epoch ", m.epoch) : std::string("within epoch 0"))
+              << ", "
               << (m.sigmoid ? "sigmoid" : "softmax") << (m.ema ? ", EMA weights (ema_eval)" : "") << "\n";
   }
   std::cout << files->size() << " file(s), " << p.class_names().size() << " classes, window "
