@@ -24,6 +24,11 @@ for want in ./usr/bin/aviary ./usr/bin/aviary-worker ./usr/bin/aviary-coordinato
             ./usr/share/bash-completion/completions/aviary; do
   grep -qx -- "$want" <<<"$contents" && ok || fail "the package lacks $want"
 done
+# Every document of the repository (README: "the docs in P/share/doc/aviary/").
+for doc in "$(dirname "$0")/../../README.md" "$(dirname "$0")"/../../docs/*.md; do
+  want=./usr/share/doc/aviary/$(basename "$doc")
+  grep -qx -- "$want" <<<"$contents" && ok || fail "the package lacks $want"
+done
 extra=$(grep '^./usr/bin/.' <<<"$contents" | grep -v -x -e ./usr/bin/aviary -e ./usr/bin/aviary-worker -e ./usr/bin/aviary-coordinator)
 [ -z "$extra" ] && ok || fail "the package installs more programs than the three: $extra"
 
