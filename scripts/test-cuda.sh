@@ -29,6 +29,6 @@ if [ $# -eq 0 ]; then
   # coordinator's RPC surface and the network between hosts (roles, the RPC fuzz, the network
   # namespaces), whose worker side is the training code the other service tests run here.
   set -- -LE parity \
-    -E '^(integration\.(cli_docs|cli_errors|prepare_cli|coordinator_init|bash_completion|service_roles|service_netns)|coordinator\.RpcFuzzTest\..*)$'
+    -E '^(integration\.(cli_docs|cli_errors|cli_signals|prepare_cli|coordinator_init|bash_completion|service_roles|service_netns)|coordinator\.RpcFuzzTest\..*)$'
 fi
 ctest --test-dir "${AVIARY_CUDA_BUILD_DIR:-build-cuda}" --output-on-failure -j 2 "$@"
