@@ -79,6 +79,40 @@ else
       must_fail "promtool test rules must catch mutation $i ($edit)" promtool test rules "$tmp/rules/alerts_test.yml"
     fi
   done
+  # The dashboard's PromQL, as recording rules (its variables matching everything): promtool
+  # parses each expression, and evaluates the training-loss panel's on a sweep point's series and
+  # a plain job's: the legend's {{point}} reads "point 3", and nothing for the plain job.
+  mkdir -p "$tmp/dash"
+  "$py" - "$deploy/grafana/aviary-dashboard.json" "$tmp/dash" <<'EOF'
+import json, sys
+def walk(panels):
+    for p in panels:
+        yield p
+        yield from walk(p.get("panels", []))
+dash = json.load(open(sys.argv[1]))
+rules, loss = [], None
+for p in walk(dash["panels"]):
+    for t in p.get("targets", []):
+        expr = t["expr"]
+        for var in ("job_id", "stage", "fold", "group_id"):
+            expr = expr.replace("$" + var, ".*")
+        rules.append({"record": f"dashboard:panel{p['id']}:{t.get('refId', 'A')}", "expr": expr})
+        if expr.startswith("label_replace(aviary_train_loss{"):
+            loss = rules[-1]["record"]
+json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2] + "/rules.yml", "w"), indent=1)
+series = [('aviary_train_loss{job_id="j1",stage="finetune",fold="0",point="3"}', "0.5x3"),
+          ('aviary_train_loss{job_id="j2",stage="finetune",fold="1"}', "0.25x3")]
+loss = loss or "no_training_loss_panel"
+test = {"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": [{
+    "interval": "1m",
+    "input_series": [{"series": s, "values": v} for s, v in series],
+    "promql_expr_test": [{"expr": loss, "eval_time": "1m", "exp_samples": [
+        {"labels": loss + '{job_id="j1",stage="finetune",fold="0",point="point 3"}', "value": 0.5},
+        {"labels": loss + '{job_id="j2",stage="finetune",fold="1"}', "value": 0.25}]}]}]}
+json.dump(test, open(sys.argv[2] + "/test.yml", "w"), indent=1)
+EOF
+  run_ok "promtool check rules (the dashboard's expressions)" promtool check rules "$tmp/dash/rules.yml"
+  run_ok "promtool test rules (a sweep point's legend label)" promtool test rules "$tmp/dash/test.yml"
 fi
 
 echo "== Grafana dashboard and metric names"

@@ -107,6 +107,12 @@ def check_dashboard(path, problems):
                 used.setdefault(n, []).append(f"{os.path.basename(path)} panel {pid} '{title}'")
             for m in task_match_problems(expr):
                 problems.append(f"{path}: panel {pid} '{title}' target {t.get('refId')}: {m}: {expr!r}")
+            # A sweep's points share job_id, stage and fold: a task series' legend names the point
+            # too ("point 3", from label_replace; nothing for a job without a sweep).
+            legend = t.get("legendFormat", "")
+            if "{{job_id}}" in legend and ("{{point}}" not in legend or "label_replace(" not in expr):
+                problems.append(f"{path}: panel {pid} '{title}' target {t.get('refId')}: a legend with "
+                                f"{{{{job_id}}}} needs {{{{point}}}} (label_replace'd to 'point N'): {legend!r}")
     return used
 
 
