@@ -1008,15 +1008,23 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   GroupRow row;
-  const Group* again = nullptr;
+  Group* again = nullptr;
   if (!request.registration_id().empty()) {
     for (const auto& [id, group] : groups_) {
       if (group->row.info.registration_id() == request.registration_id()) again = group.get();
     }
   }
   if (again != nullptr) {
-    // The answer to the first call was lost; the group is the one it registered.
+    // The answer to the first call was lost; the group is the one it registered. It could not
+    // heartbeat without its id: it has been heard from now.
+    if (!google::protobuf::util::MessageDifferencer::Equals(again->row.info, request)) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'registration_id': '", request.registration_id(),
+                                                     "' registered group ", again->row.group_id,
+                                                     " with other details (world_size, hosts, devices, ...); "
+                                                     "a registration sent again must be the same"));
+    }
     row = again->row;
+    again->last_seen_ms = NowMs();
     log_.Info(absl::StrCat("group ", row.group_id, " sent its registration again (the answer was lost)"));
   } else {
     Changes changes;

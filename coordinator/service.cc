@@ -406,8 +406,8 @@ grpc::Status WorkerServiceImpl::RegisterGroup(grpc::ServerContext* context,
         id.size() > 64 || !std::all_of(id.begin(), id.end(), [](char c) {
           return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
         })) {
-      return absl::InvalidArgumentError(absl::StrCat("field 'registration_id': '", absl::CHexEscape(id),
-                                                     "' is not at most 64 of [A-Za-z0-9_-]"));
+      return absl::InvalidArgumentError(absl::StrCat("field 'registration_id': ", Shown(absl::CHexEscape(id)),
+                                                     " is not at most 64 of [A-Za-z0-9_-]"));
     }
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->RegisterGroup(*request));
     return absl::OkStatus();

@@ -651,6 +651,15 @@ TEST_F(CoordinatorServiceTest, ARegistrationSentAgainGetsTheGroupItRegistered) {
   Restart();
   EXPECT_EQ(Register(2, "0123456789abcdef"), a);
   EXPECT_EQ(CountRows("SELECT COUNT(*) FROM groups"), 4);
+  // The same id with other details is another process's mistake, not a resend.
+  RegisterGroupRequest other;
+  other.set_world_size(4);
+  other.set_registration_id("0123456789abcdef");
+  RegisterGroupResponse other_response;
+  const grpc::Status mismatch = workers_->RegisterGroup(WorkerCtx().get(), other, &other_response);
+  EXPECT_EQ(mismatch.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(mismatch.error_message().find("registered group " + a + " with other details"), std::string::npos)
+      << mismatch.error_message();
   RegisterGroupRequest bad;
   bad.set_world_size(1);
   bad.set_registration_id("a b");
@@ -659,6 +668,21 @@ TEST_F(CoordinatorServiceTest, ARegistrationSentAgainGetsTheGroupItRegistered) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("field 'registration_id': 'a b'"), std::string::npos)
       << status.error_message();
+}
+
+// The group could not heartbeat while its registration's answer was lost (it had no id): the
+// registration sent again counts as hearing from it, or the reaper could remove it right after
+// answering, before its first heartbeat.
+TEST_F(CoordinatorServiceTest, ARegistrationSentAgainCountsAsHearingFromTheGroup) {
+  config_.heartbeat_timeout_s = 2;
+  Start();
+  const std::string a = Register(1, "r-heard");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  ASSERT_EQ(Register(1, "r-heard"), a);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // 2.4 s after the first call
+  coordinator_->scheduler()->ReapLostGroups();
+  bool cancel = false;
+  EXPECT_TRUE(Heartbeat(a, "", &cancel).ok());
 }
 
 // A group whose CompleteTask or FailTask landed but whose answer was lost (a deadline, a

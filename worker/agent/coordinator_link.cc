@@ -282,27 +282,39 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
 
 void CoordinatorLink::EndTask() {
   // The task's last lines (its result, after CompleteTask / FailTask); not while the coordinator
-  // is unreachable (a partition would hold the next lease up for a whole rpc_timeout_s).
-  if (!lost_ && connected_) ShipLogs();
+  // is unreachable (a partition would hold the next lease up for a whole rpc_timeout_s). After an
+  // outage the buffer may hold more than one call takes; its newest lines are the result.
+  if (!lost_ && connected_) {
+    for (int calls = 0; calls < 5 && ShipLogs(); ++calls) {
+    }
+  }
+  size_t unshipped = 0;
+  std::string task_id;
   {
     absl::MutexLock logs(&logs_->mu);
+    unshipped = logs_->lines.size();
+    task_id = logs_->task_id;
     logs_->task_id.clear();
     logs_->lines.clear();
+  }
+  if (unshipped > 0) {  // after the tap stopped keeping lines: this one only goes to stderr
+    Log().Warn(absl::StrCat(unshipped, " log line(s) of task ", task_id,
+                            " were not shipped to the coordinator (they are in this log)"));
   }
   absl::MutexLock lock(&mu_);
   task_id_.clear();
   lease_.End();
 }
 
-void CoordinatorLink::ShipLogs() {
+bool CoordinatorLink::ShipLogs() {
   absl::MutexLock ship(&ship_mu_);
   v1::ShipLogsRequest request;
   request.set_group_id(group_id());
-  if (request.group_id().empty()) return;
+  if (request.group_id().empty()) return false;
   int64_t dropped = 0;
   {
     absl::MutexLock logs(&logs_->mu);
-    if (logs_->task_id.empty() || logs_->lines.empty()) return;
+    if (logs_->task_id.empty() || logs_->lines.empty()) return false;
     request.set_task_id(logs_->task_id);
     dropped = logs_->dropped;
     logs_->dropped = 0;
@@ -324,10 +336,10 @@ void CoordinatorLink::ShipLogs() {
   const bool transient = !st.ok() && IsTransient(st.error_code());
   {
     absl::MutexLock logs(&logs_->mu);
-    if (logs_->task_id != request.task_id()) return;
+    if (logs_->task_id != request.task_id()) return false;
     if (transient) {
       logs_->dropped += dropped;  // said again with the next call
-      return;
+      return false;
     }
     if (!st.ok()) {
       // Refused for good: stop keeping this task's lines (the warning below is not kept either).
@@ -338,12 +350,13 @@ void CoordinatorLink::ShipLogs() {
   if (!st.ok()) {
     Log().Warn(absl::StrCat("ShipLogs for ", request.task_id(), " refused: ", GrpcCodeName(st.error_code()), ": ",
                             st.error_message(), "; its log lines are no longer shipped"));
-    return;
+    return false;
   }
   // By number: lines dropped from the front while the call was in flight were not sent.
   absl::MutexLock logs(&logs_->mu);
   const int64_t last_sent = request.lines(request.lines_size() - 1).seq();
   while (!logs_->lines.empty() && logs_->lines.front().seq() <= last_sent) logs_->lines.pop_front();
+  return !logs_->lines.empty();
 }
 
 absl::Status CoordinatorLink::CheckLease(const std::string& path) {

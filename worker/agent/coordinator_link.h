@@ -117,8 +117,9 @@ class CoordinatorLink {
   // Sends the buffered lines of the current task (one ShipLogs call); kept for the next call on a
   // transient failure, dropped when refused for good. One call at a time (ship_mu_): the heartbeat
   // thread and EndTask both ship, and two calls in flight would send the same lines twice and then
-  // drop as many unsent ones.
-  void ShipLogs() ABSL_LOCKS_EXCLUDED(ship_mu_);
+  // drop as many unsent ones. At most 2,000 lines a call: true when the call succeeded and
+  // lines are left.
+  bool ShipLogs() ABSL_LOCKS_EXCLUDED(ship_mu_);
   void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
   // The manifest `hash` (`size` bytes): from the cache, else streamed by GetManifest and kept.
   absl::Status FetchManifest(const std::string& hash, int64_t size, const std::string& gid, std::string* csv);

@@ -1,0 +1,128 @@
+// Rank 0's CoordinatorLink against a real coordinator on loopback (docs/SERVICE.md, "Logs"): the
+// log lines of a task, shipped with ShipLogs, reach `aviary logs` whole when the task ends, also
+// after more piled up than one call takes (a coordinator that was away for a while).
+#include "worker/agent/coordinator_link.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "coordinator/service.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/tiny_dataset.h"
+
+namespace aviary::worker {
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = ::aviary::v1;
+
+class CoordinatorLinkTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = absl::StrCat("/tmp/aviary_link_", ::getpid(), "_XXXXXX");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    coordinator::WriteTinyDataset(root_);
+    Write("token", "the-token\n");
+    Write("worker.token", "the-worker-token\n");
+    coordinator::CoordinatorConfig config;
+    config.listen = "127.0.0.1:0";
+    config.metrics_listen = "127.0.0.1:0";
+    config.database = root_ + "/aviary.db";
+    config.work_dir = root_ + "/runs";
+    config.data_roots = {root_};
+    config.token_file = root_ + "/token";
+    config.worker_token_file = root_ + "/worker.token";
+    config.heartbeat_interval_s = 0.2;
+    auto secrets = coordinator::LoadCoordinatorSecrets(config);
+    ASSERT_TRUE(secrets.ok()) << secrets.status();
+    auto started = coordinator::Coordinator::Start(config, *secrets);
+    ASSERT_TRUE(started.ok()) << started.status();
+    coordinator_ = std::move(*started);
+    address_ = absl::StrCat("127.0.0.1:", coordinator_->grpc_port());
+    jobs_ = v1::JobService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    if (coordinator_) {
+      EXPECT_TRUE(coordinator_->Shutdown().ok());
+    }
+    coordinator_.reset();
+    fs::remove_all(root_);
+  }
+
+  void Write(const std::string& rel, const std::string& text) {
+    std::ofstream(fs::path(root_) / rel) << text;
+  }
+  std::unique_ptr<grpc::ClientContext> Ctx() {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->AddMetadata("authorization", "Bearer the-token");
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return ctx;
+  }
+
+  std::string root_;
+  std::string address_;
+  std::unique_ptr<coordinator::Coordinator> coordinator_;
+  std::unique_ptr<v1::JobService::Stub> jobs_;
+};
+
+TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
+  v1::SubmitJobRequest submit;
+  submit.set_pipeline_yaml(coordinator::kPipeline);
+  submit.set_source_path("pipe.yaml");
+  submit.set_working_dir(root_);
+  v1::SubmitJobResponse submitted;
+  const grpc::Status status = jobs_->SubmitJob(Ctx().get(), submit, &submitted);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+
+  AgentOptions options;
+  options.coordinator = address_;
+  options.token = "the-worker-token";
+  options.metrics_listen = "";
+  auto metrics = GroupMetrics::Create("");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  v1::RegisterGroupRequest registration;
+  registration.set_world_size(1);
+  registration.set_backend("mpi");
+  CoordinatorLink link(options, metrics->get(), registration);
+  ASSERT_TRUE(link.Register().ok());
+  v1::Task task;
+  bool available = false;
+  ASSERT_TRUE(link.Lease(&task, &available).ok());
+  ASSERT_TRUE(available);
+
+  // No threads started: nothing ships until the task ends, as when the coordinator was away.
+  link.BeginTask(task.task_id(), task.attempt());
+  const common::Logger log("trainer");
+  constexpr int kLines = 4500;  // more than two ShipLogs calls take, fewer than the buffer keeps
+  for (int i = 0; i < kLines; ++i) log.Info(absl::StrCat("line ", i));
+  link.EndTask();
+
+  v1::GetLogsRequest request;
+  request.set_job_id(submitted.job_id());
+  request.set_task_id(task.task_id());
+  v1::GetLogsResponse response;
+  ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), request, &response).ok());
+  ASSERT_EQ(response.tasks_size(), 1);
+  int found = 0;
+  std::string last;
+  for (const v1::LogLine& line : response.tasks(0).lines()) {
+    if (line.text().find("[trainer] line ") == std::string::npos) continue;
+    ++found;
+    last = line.text();
+  }
+  EXPECT_EQ(found, kLines);
+  EXPECT_EQ(last, absl::StrCat("[trainer] line ", kLines - 1));
+  EXPECT_EQ(response.tasks(0).dropped(), 0);
+}
+
+}  // namespace
+}  // namespace aviary::worker
