@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/catalog.h"
 #include "common/config.h"
+#include "common/files.h"
 #include "common/plot.h"
 #include "common/status.h"
 #include "client/commands.h"
@@ -35,22 +36,8 @@ struct DatasetArgs {
   bool all_classes = false;
 };
 
-// An output file's path must name a file in an existing folder: checked before the (slow) table
-// is built, and said with the flag, where the atomic write would name its temporary file and
-// exit 1.
-absl::Status CheckOutputPath(const std::string& flag, const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": is a directory, expected a file path"));
-  }
-  const fs::path parent = fs::path(path).parent_path();
-  if (!parent.empty() && !fs::is_directory(parent, ec)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, " ", path, ": the folder ", parent.string(), " does not exist"));
-  }
-  return absl::OkStatus();
-}
+// Output paths are checked before the (slow) table is built (common/files.h).
+using common::CheckOutputPath;
 
 absl::StatusOr<PipelineConfig> LoadConfig(const DatasetArgs& args) {
   return common::LoadPipelineConfig(args.config, args.overrides);

@@ -258,4 +258,18 @@ absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes) {
   return absl::OkStatus();
 }
 
+absl::Status CheckOutputPath(const std::string& flag, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": is a directory, expected a file path"));
+  }
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty() && !fs::is_directory(parent, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " ", path, ": the folder ", parent.string(), " does not exist"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace aviary::common

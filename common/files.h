@@ -82,6 +82,11 @@ std::string ErrnoText(int error);
 // names the folder, the space needed and found, or the failing call and errno.
 absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes);
 
+// A command's output file (`flag` names it in the error) must be a file path in an existing
+// folder: checked before any work and said with the flag (INVALID_ARGUMENT, exit 2), where the
+// atomic write would fail late, naming its temporary file.
+absl::Status CheckOutputPath(const std::string& flag, const std::string& path);
+
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_FILES_H_

@@ -216,17 +216,10 @@ class ConsoleTest : public ::testing::Test {
     Write("token", "the-token\n");
     Write("viewer.token", "the-viewer-token\n");
     Write("worker.token", "the-worker-token\n");
-    config_.listen = "127.0.0.1:0";
+    config_ = LoopbackTestConfig(root_);
     config_.metrics_listen = "";
     config_.console_listen = "127.0.0.1:0";
-    config_.database = root_ + "/aviary.db";
-    config_.work_dir = root_ + "/runs";
-    config_.data_roots = {root_};
-    config_.token_file = root_ + "/token";
     config_.viewer_token_file = root_ + "/viewer.token";
-    config_.worker_token_file = root_ + "/worker.token";
-    config_.heartbeat_interval_s = 0.2;
-    config_.heartbeat_timeout_s = 20;
   }
   void TearDown() override {
     if (coordinator_) {

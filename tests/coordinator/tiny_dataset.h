@@ -8,6 +8,8 @@
 #include <fstream>
 #include <string>
 
+#include "coordinator/coordinator_config.h"
+
 namespace aviary::coordinator {
 
 // A small pipeline over the dataset written by WriteTinyDataset(); relative roots resolve against
@@ -62,6 +64,23 @@ inline void WriteTinyDataset(const std::string& root) {
     Write(std::string("xc/") + f, "");
   }
   Write("corrupt.json", "[]");
+}
+
+// A coordinator's configuration for tests: loopback ports (0: the system picks), its database,
+// runs/ and the token files "token" and "worker.token" under `root` (the caller writes those),
+// data under `root`, heartbeats every 0.2 s and a 20 s timeout.
+inline CoordinatorConfig LoopbackTestConfig(const std::string& root) {
+  CoordinatorConfig config;
+  config.listen = "127.0.0.1:0";
+  config.metrics_listen = "127.0.0.1:0";
+  config.database = root + "/aviary.db";
+  config.work_dir = root + "/runs";
+  config.data_roots = {root};
+  config.token_file = root + "/token";
+  config.worker_token_file = root + "/worker.token";
+  config.heartbeat_interval_s = 0.2;
+  config.heartbeat_timeout_s = 20;
+  return config;
 }
 
 }  // namespace aviary::coordinator

@@ -165,17 +165,7 @@ start_coord() {  # start_coord YAML LOG: sets coord_pid; waits for "listening"
   for _ in $(seq 300); do grep -q listening "$2" && return 0; sleep 0.1; done
   fail "coordinator did not start: $(cat "$2")"; return 1
 }
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/c.token"
-echo "worker-$(cat "$tmp/c.token")" > "$tmp/c.wtoken"
-cat > "$tmp/c.yaml" <<YAML
-listen: 127.0.0.1:0
-metrics_listen: 127.0.0.1:0
-database: $tmp/c.db
-work_dir: $tmp/runs
-data_roots: ["$tmp"]
-token_file: $tmp/c.token
-worker_token_file: $tmp/c.wtoken
-YAML
+loopback_coordinator_config
 if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
   port=$(cat "$tmp/c.yaml.port")
   av() { "$aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/c.token" "$@"; }

@@ -58,17 +58,7 @@ closed_pipe() {
 }
 
 "$aviary" synth --out "$tmp/t" --layout 2024 --species 6 --recordings 40 --seed 3 --max-seconds 3 >/dev/null
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/c.token"
-echo "worker-$(cat "$tmp/c.token")" > "$tmp/c.wtoken"
-cat > "$tmp/c.yaml" <<YAML
-listen: 127.0.0.1:0
-metrics_listen: 127.0.0.1:0
-database: $tmp/c.db
-work_dir: $tmp/runs
-data_roots: ["$tmp"]
-token_file: $tmp/c.token
-worker_token_file: $tmp/c.wtoken
-YAML
+loopback_coordinator_config
 cat > "$tmp/w.yaml" <<YAML
 data:
   target: {layout: "2024", root: $tmp/t}

@@ -21,6 +21,23 @@ expect() {
   fi
 }
 
+# loopback_coordinator_config: a coordinator's config at $tmp/c.yaml on loopback ports (0: the
+# system picks; --port-file says which), its database and runs/ under $tmp, data under $tmp, and
+# fresh random tokens in $tmp/c.token (client) and $tmp/c.wtoken (worker).
+loopback_coordinator_config() {
+  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/c.token"
+  echo "worker-$(cat "$tmp/c.token")" > "$tmp/c.wtoken"
+  cat > "$tmp/c.yaml" <<YAML
+listen: 127.0.0.1:0
+metrics_listen: 127.0.0.1:0
+database: $tmp/c.db
+work_dir: $tmp/runs
+data_roots: ["$tmp"]
+token_file: $tmp/c.token
+worker_token_file: $tmp/c.wtoken
+YAML
+}
+
 # small_cnn_recipe BIN_DIR [SPECIES RECORDINGS SEED MAX_SECONDS EPOCHS NUM_WORKERS [EXTRA_YAML]]
 # Writes the corpus to $tmp/t24 and the config to $tmp/p.yaml (cache at $tmp/cache).
 small_cnn_recipe() {

@@ -33,15 +33,7 @@ class CoordinatorLinkTest : public ::testing::Test {
     coordinator::WriteTinyDataset(root_);
     Write("token", "the-token\n");
     Write("worker.token", "the-worker-token\n");
-    coordinator::CoordinatorConfig config;
-    config.listen = "127.0.0.1:0";
-    config.metrics_listen = "127.0.0.1:0";
-    config.database = root_ + "/aviary.db";
-    config.work_dir = root_ + "/runs";
-    config.data_roots = {root_};
-    config.token_file = root_ + "/token";
-    config.worker_token_file = root_ + "/worker.token";
-    config.heartbeat_interval_s = 0.2;
+    const coordinator::CoordinatorConfig config = coordinator::LoopbackTestConfig(root_);
     auto secrets = coordinator::LoadCoordinatorSecrets(config);
     ASSERT_TRUE(secrets.ok()) << secrets.status();
     auto started = coordinator::Coordinator::Start(config, *secrets);
