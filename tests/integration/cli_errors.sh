@@ -169,14 +169,7 @@ loopback_coordinator_config
 if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
   port=$(cat "$tmp/c.yaml.port")
   av() { "$aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/c.token" "$@"; }
-  cat > "$tmp/w.yaml" <<YAML
-data:
-  target: {layout: "2024", root: $tmp/t}
-  pretrain_sources: []
-  cache_dir: $tmp/cache
-stages: {pretrain: {enabled: false}}
-folds: {finetune_splits: 3}
-YAML
+  finetune_job_config "$tmp/t"
   job=$(av submit "$tmp/w.yaml" | tail -1)
   av --timeout 10 watch "$job" > "$tmp/watch.out" 2>&1 & watch_pid=$!
   for _ in $(seq 300); do grep -q PENDING "$tmp/watch.out" && break; sleep 0.1; done

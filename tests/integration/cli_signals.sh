@@ -59,14 +59,7 @@ closed_pipe() {
 
 "$aviary" synth --out "$tmp/t" --layout 2024 --species 6 --recordings 40 --seed 3 --max-seconds 3 >/dev/null
 loopback_coordinator_config
-cat > "$tmp/w.yaml" <<YAML
-data:
-  target: {layout: "2024", root: $tmp/t}
-  pretrain_sources: []
-  cache_dir: $tmp/cache
-stages: {pretrain: {enabled: false}}
-folds: {finetune_splits: 3}
-YAML
+finetune_job_config "$tmp/t"
 "$coordinator_bin" --config "$tmp/c.yaml" --port-file "$tmp/c.yaml.port" > "$tmp/c.log" 2>&1 & coord_pid=$!
 # The background processes still running at exit (a failed case) go with the scratch folder.
 trap 'kill -KILL $coord_pid ${pid:-} ${watch_pid:-} ${logs_pid:-} 2>/dev/null; rm -rf "$tmp"' EXIT

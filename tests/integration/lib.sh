@@ -38,6 +38,19 @@ worker_token_file: $tmp/c.wtoken
 YAML
 }
 
+# finetune_job_config CORPUS: a job's config at $tmp/w.yaml, fine-tuning only, 3 folds, over the
+# 2024-layout corpus at CORPUS (cache under $tmp).
+finetune_job_config() {
+  cat > "$tmp/w.yaml" <<YAML
+data:
+  target: {layout: "2024", root: $1}
+  pretrain_sources: []
+  cache_dir: $tmp/cache
+stages: {pretrain: {enabled: false}}
+folds: {finetune_splits: 3}
+YAML
+}
+
 # small_cnn_recipe BIN_DIR [SPECIES RECORDINGS SEED MAX_SECONDS EPOCHS NUM_WORKERS [EXTRA_YAML]]
 # Writes the corpus to $tmp/t24 and the config to $tmp/p.yaml (cache at $tmp/cache).
 small_cnn_recipe() {
