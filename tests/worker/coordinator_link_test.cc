@@ -33,7 +33,11 @@ class CoordinatorLinkTest : public ::testing::Test {
     coordinator::WriteTinyDataset(root_);
     Write("token", "the-token\n");
     Write("worker.token", "the-worker-token\n");
-    const coordinator::CoordinatorConfig config = coordinator::LoopbackTestConfig(root_);
+    coordinator::CoordinatorConfig config = coordinator::LoopbackTestConfig(root_);
+    // No /metrics here: prometheus-cpp's civetweb (the group's) and Debian's (the coordinator's)
+    // meet in this one process, which no deployment has; with CUDA's libtorch linked, starting
+    // the coordinator's endpoint failed ("null context when constructing CivetServer").
+    config.metrics_listen = "";
     auto secrets = coordinator::LoadCoordinatorSecrets(config);
     ASSERT_TRUE(secrets.ok()) << secrets.status();
     auto started = coordinator::Coordinator::Start(config, *secrets);
