@@ -666,12 +666,12 @@ TEST_F(CoordinatorServiceTest, ARegistrationSentAgainGetsTheGroupItRegistered) {
 // registration sent again counts as hearing from it, or the reaper could remove it right after
 // answering, before its first heartbeat.
 TEST_F(CoordinatorServiceTest, ARegistrationSentAgainCountsAsHearingFromTheGroup) {
-  config_.heartbeat_timeout_s = 2;
+  config_.heartbeat_timeout_s = 4;
   Start();
   const std::string a = Register(1, "r-heard");
-  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   ASSERT_EQ(Register(1, "r-heard"), a);
-  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // 2.4 s after the first call
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // 5 s after the first call
   coordinator_->scheduler()->ReapLostGroups();
   bool cancel = false;
   EXPECT_TRUE(Heartbeat(a, "", &cancel).ok());
