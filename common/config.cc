@@ -809,6 +809,7 @@ const std::vector<Field<TrainConfig>>& FieldsOf<TrainConfig>() {
       MakeField("ema_eval", &TrainConfig::ema_eval),
       MakeField("grad_clip_norm", &TrainConfig::grad_clip_norm, NonNegativeAtMost(1e6)),
       MakeField("grad_accum_steps", &TrainConfig::grad_accum_steps, IntIn(1, 65536)),
+      MakeField("cuda_graph", &TrainConfig::cuda_graph),
       MakeField("early_stop_patience", &TrainConfig::early_stop_patience, IntIn(0, 10000)),
       MakeField("early_stop_min_delta", &TrainConfig::early_stop_min_delta, NonNegativeAtMost(1e6)),
   };
@@ -1143,6 +1144,13 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
       const std::string key = prefix + ".ema_eval";
       return KeyError(where.Any({key, prefix + ".ema_decay", "train.ema_eval", "train.ema_decay"}), key,
                       "expected false while ema_decay is 0 (no average to validate), got true");
+    }
+    // A CUDA graph replays one captured micro-batch per optimizer step.
+    if (train->cuda_graph && train->grad_accum_steps != 1) {
+      const std::string key = prefix + ".cuda_graph";
+      return KeyError(where.Any({key, prefix + ".grad_accum_steps", "train.cuda_graph", "train.grad_accum_steps"}), key,
+                      absl::StrCat("expected false while grad_accum_steps is ", train->grad_accum_steps,
+                                   " (a graph replays one micro-batch per optimizer step), got true"));
     }
     // The validation batch (batch_size x infer_bs) and the samples per optimizer step and rank
     // (batch_size x grad_accum_steps) are ints in the trainer and predict: keep them far from

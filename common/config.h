@@ -130,6 +130,10 @@ struct TrainConfig {
   bool ema_eval = false;           // needs ema_decay > 0
   double grad_clip_norm = 0.0;     // > 0: clip the all-reduced gradient to this L2 norm; 0 = off
   int grad_accum_steps = 1;        // micro-batches per optimizer step, >= 1
+  // CUDA, one rank: forward, loss and backward captured once as a CUDA graph and replayed every
+  // step (worker/cuda_graph_step.h); the same numbers as the eager step, fewer kernel launches.
+  // Needs grad_accum_steps 1; refused on a CPU device and in groups of more than one rank.
+  bool cuda_graph = false;
   // Early stopping: stop when the monitor has not improved by more than early_stop_min_delta
   // for early_stop_patience epochs (0 = off).
   int early_stop_patience = 0;     // >= 0

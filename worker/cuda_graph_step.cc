@@ -2,6 +2,7 @@
 
 #include <exception>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -81,10 +82,19 @@ class CudaGraphModelStep final : public GraphedModelStep {
     {
       c10::cuda::CUDAStreamGuard on_side(side);
       try {
+        // The warm-up leaves no trace: no optimizer step, the buffers (BatchNorm's running
+        // statistics and batch counts) put back as they were.
+        std::vector<at::Tensor> buffers = step->model()->buffers();
+        std::vector<at::Tensor> saved;
+        saved.reserve(buffers.size());
+        for (const at::Tensor& b : buffers) saved.push_back(b.detach().clone());
         for (int i = 0; i < warmup; ++i) {
           optimizer->ZeroGrad();
           step->ModelForward(features_, targets_).loss.backward();
-          optimizer->Step();
+        }
+        {
+          at::NoGradGuard no_grad;
+          for (size_t i = 0; i < buffers.size(); ++i) buffers[i].detach().copy_(saved[i]);
         }
         optimizer->ZeroGrad();  // backward in the capture allocates the gradients the graph owns
       } catch (const std::exception& e) {
@@ -103,6 +113,10 @@ class CudaGraphModelStep final : public GraphedModelStep {
     try {
       if (!features.is_same(features_)) features_.copy_(features, /*non_blocking=*/true);
       if (!targets.is_same(targets_)) targets_.copy_(targets, /*non_blocking=*/true);
+      // An eager step in between (ZeroGrad()) may have dropped the graph's gradients.
+      for (auto& [param, grad] : grads_) {
+        if (!param.grad().is_same(grad)) param.mutable_grad() = grad;
+      }
       // As TrainStep::ForwardFeatures: replay reads the generator's seed and offset.
       at::manual_seed(dropout_seed);
       graph_.replay();
@@ -112,6 +126,7 @@ class CudaGraphModelStep final : public GraphedModelStep {
     return loss_;
   }
 
+  const at::Tensor& logits() const override { return logits_; }
   const at::Tensor& static_features() const override { return features_; }
   const at::Tensor& static_targets() const override { return targets_; }
 
@@ -122,13 +137,18 @@ class CudaGraphModelStep final : public GraphedModelStep {
     absl::Status status;
     bool capturing = false;
     try {
-      graph_.capture_begin();
+      // Thread-local: another thread's CUDA calls (the loader pinning memory) do not end it.
+      graph_.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
       capturing = true;
-      at::Tensor loss = step->ModelForward(features_, targets_).loss;
-      loss.backward();
+      StepForward out = step->ModelForward(features_, targets_);
+      out.loss.backward();
       capturing = false;
       graph_.capture_end();
-      loss_ = std::move(loss);
+      loss_ = std::move(out.loss);
+      logits_ = std::move(out.logits);
+      for (const at::Tensor& p : step->model()->parameters()) {
+        if (p.grad().defined()) grads_.emplace_back(p, p.grad());
+      }
     } catch (const std::exception& e) {
       status = TorchError("capture", e);
       if (capturing) {
@@ -145,6 +165,8 @@ class CudaGraphModelStep final : public GraphedModelStep {
   at::Tensor features_;
   at::Tensor targets_;
   at::Tensor loss_;
+  at::Tensor logits_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> grads_;  // (parameter, the graph's .grad)
   at::cuda::CUDAGraph graph_;
 };
 

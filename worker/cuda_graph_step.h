@@ -1,32 +1,32 @@
 // The model step (forward under autocast, the loss, backward) captured once into a CUDA graph and
 // replayed every step: one graph launch instead of a few thousand kernel launches from the CPU
-// (issue 12). Experimental: only bench/train_step_bench.cc (--cuda-graph) uses it, and it has
-// not yet run on a GPU (the GPU acceptance script times it and checks it against the eager step).
+// (issue 12). The trainer uses it in one-rank groups on CUDA with train.cuda_graph (the first
+// GPU acceptance run, docs/BENCHMARKS.md, found the graphed step's gradients, losses and weights
+// identical to the eager step's, and the step 1.11x faster); bench/train_step_bench.cc times it.
 //
-//   Capture:  `warmup` eager steps on a side stream (cuDNN/cuBLAS lazy state, autograd's
-//             gradient accumulators; each one an optimizer step, as in training), then the
-//             gradients set to none and forward + loss + backward captured on that stream from
-//             static input buffers, with autocast's weight cache off (torch's rule for graphs).
+//   Capture:  `warmup` forward + backward passes on a side stream (cuDNN/cuBLAS lazy state,
+//             cuDNN's benchmark choice, autograd's gradient accumulators) that leave no trace:
+//             no optimizer step, and the model's buffers (BatchNorm's running statistics)
+//             restored afterwards. Then the gradients set to none and forward + loss + backward
+//             captured on that stream from static input buffers, with autocast's weight cache
+//             off (torch's rule for graphs), in cudaStreamCaptureModeThreadLocal (the loader's
+//             threads may pin memory meanwhile). Nothing runs during the capture: the batch it
+//             was given is computed by the first Replay().
 //   Replay:   the batch copied into the static buffers, the device generator seeded as
 //             TrainStep::ForwardFeatures seeds it (dropout and stochastic depth draw the same
 //             numbers as the eager step: torch's graph-safe Philox), the graph launched on the
 //             current stream. The parameters' .grad are then this batch's gradients, in memory
-//             that belongs to the graph.
+//             that belongs to the graph (re-attached first if an eager step in between dropped
+//             them: ZeroGrad() sets them to none).
 //   Update:   the caller's, outside the graph: read the loss, clip (ClipGradNorm) and
-//             AdamOptimizer::Step(). Never ZeroGrad() a graphed model: the graph writes the same
-//             gradient tensors on every replay, and a parameter whose .grad was dropped would
-//             no longer see them.
+//             AdamOptimizer::Step().
 //
 // Not supported (FAILED_PRECONDITION at Capture): a CPU device or a build without CUDA torch,
 // train.grad_accum_steps > 1, a gradient all-reduce (the reducer's hooks synchronize with the
 // host during backward; a graphed multi-rank step would all-reduce after the replay).
 //
-// Capture uses torch's default mode (cudaStreamCaptureModeGlobal): no other thread may make an
-// unsafe CUDA call meanwhile. A trainer whose loader threads pin memory would capture with
-// cudaStreamCaptureModeThreadLocal.
-//
-// Not thread-safe; one per model replica. The static inputs, the loss and the gradients are
-// the graph's: valid until the next Replay().
+// Not thread-safe; one per model replica. The static inputs, the loss, the logits and the
+// gradients are the graph's: valid until the next Replay().
 #ifndef AVIARY_WORKER_CUDA_GRAPH_STEP_H_
 #define AVIARY_WORKER_CUDA_GRAPH_STEP_H_
 
@@ -45,9 +45,11 @@ class GraphedModelStep {
   // True when aviary was built against a CUDA torch (the graph code is compiled in).
   static bool Built();
 
-  // Warms up and captures (see the file comment). `features` [B, C, n_mels, frames] and
-  // `targets` [B, num_classes] are on the CUDA device with the shapes and layout every replay
-  // will have. INTERNAL, with torch's message, when the capture fails.
+  // Warms up and captures (see the file comment). The model's weights and buffers and the
+  // optimizer's state are left as they were; .grad becomes the graph's (meaningless until the
+  // first Replay()). `features` [B, C, n_mels, frames] and `targets` [B, num_classes] are on the
+  // CUDA device with the shapes and layout every replay will have. INTERNAL, with torch's
+  // message, when the capture fails.
   static absl::StatusOr<std::unique_ptr<GraphedModelStep>> Capture(
       const common::TrainConfig& train, TrainStep* step, AdamOptimizer* optimizer,
       const at::Tensor& features, const at::Tensor& targets, int warmup);
@@ -59,6 +61,9 @@ class GraphedModelStep {
   // INTERNAL, with torch's message, when the copy or the launch fails.
   virtual absl::StatusOr<at::Tensor> Replay(const at::Tensor& features, const at::Tensor& targets,
                                             uint64_t dropout_seed) = 0;
+
+  // The logits [B, num_classes] of the last replay (the autocast dtype).
+  virtual const at::Tensor& logits() const = 0;
 
   // The static input buffers (a caller may write its batch into them and pass them back).
   virtual const at::Tensor& static_features() const = 0;

@@ -1,6 +1,7 @@
 #include "worker/train_step.h"
 
 #include <limits>
+#include <utility>
 
 #include <ATen/autocast_mode.h>
 #include <torch/utils.h>
@@ -50,6 +51,12 @@ TrainStep::TrainStep(const common::PipelineConfig& config, const common::TrainCo
 StepForward TrainStep::Forward(const at::Tensor& waveforms, const at::Tensor& class_ids,
                                const StepSeeds& seeds) const {
   at::manual_seed(seeds.dropout);
+  StepInputs in = Prepare(waveforms, class_ids, seeds);
+  return ModelForward(in.features, in.targets);
+}
+
+StepInputs TrainStep::Prepare(const at::Tensor& waveforms, const at::Tensor& class_ids,
+                              const StepSeeds& seeds) const {
   at::Tensor x = waveforms.to(device_, /*non_blocking=*/true);
   // one_hot on the host: on CUDA it would check the ids' range with a device sync.
   at::Tensor y = at::one_hot(class_ids, model_->num_classes())
@@ -57,8 +64,10 @@ StepForward TrainStep::Forward(const at::Tensor& waveforms, const at::Tensor& cl
                      .to(device_, /*non_blocking=*/true);
   AugmentBatch(config_.augment, seeds.augment, &x, &y);
   at::Generator gen = MakeGenerator(device_, seeds.spec_augment);
-  at::Tensor mel = frontend_->Forward(x, FrontendMode::kTrain, gen);
-  return ModelForward(mel, y);
+  StepInputs in;
+  in.features = frontend_->Forward(x, FrontendMode::kTrain, gen);
+  in.targets = std::move(y);
+  return in;
 }
 
 StepForward TrainStep::ForwardFeatures(const at::Tensor& features, const at::Tensor& targets,

@@ -65,6 +65,11 @@ struct StepSeeds {
   uint64_t spec_augment = 0;
 };
 
+struct StepInputs {
+  at::Tensor features;  // [B, C, n_mels, frames] float32 on the device, after SpecAugment
+  at::Tensor targets;   // [B, C] float32 on the device, after MixUp/CutMix
+};
+
 struct StepForward {
   at::Tensor loss;     // float32 scalar on the device (not synchronized)
   at::Tensor logits;   // [B, C], the autocast dtype
@@ -81,6 +86,10 @@ class TrainStep {
   // The whole forward from waveforms [B, T] (float32) and class ids [B] (int64), on the host.
   StepForward Forward(const at::Tensor& waveforms, const at::Tensor& class_ids,
                       const StepSeeds& seeds) const;
+  // Forward's inputs to the model: the waveforms and class ids to the device, augmentation and
+  // the front end (generators of their own; the dropout seed is the model's to set).
+  StepInputs Prepare(const at::Tensor& waveforms, const at::Tensor& class_ids,
+                     const StepSeeds& seeds) const;
   // The model and the loss only, from front-end output [B, C, n_mels, frames] and targets
   // [B, num_classes] already on the device (benchmarks of the model step alone).
   StepForward ForwardFeatures(const at::Tensor& features, const at::Tensor& targets,
@@ -94,6 +103,10 @@ class TrainStep {
   // The optimizer step on what Backward() gathered since the last Apply (clipped when
   // train.grad_clip_norm > 0). False, without a step, when no micro-batch was gathered.
   bool Apply();
+  // A micro-batch whose backward ran elsewhere (a CUDA graph's replay wrote .grad): counted
+  // for Apply() like one Backward() gathered. Only without a reducer and with
+  // grad_accum_steps 1 (GraphedModelStep's conditions).
+  void AddGraphedMicroBatch() { ++pending_; }
   // Micro-batches gathered since the last Apply().
   int pending_micro_batches() const { return pending_; }
   // The gradient's L2 norm before clipping at the last Apply() (NaN when clipping is off).
@@ -104,6 +117,7 @@ class TrainStep {
   StepForward ModelForward(const at::Tensor& input, const at::Tensor& targets) const;
 
   bool autocast() const { return autocast_; }
+  ClassifierImpl* model() const { return model_; }
   // The gradient all-reduce, null in one process.
   comm::Reducer* reducer() const { return reducer_; }
 

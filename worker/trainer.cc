@@ -40,6 +40,7 @@
 #include "worker/ema.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/reducer.h"
+#include "worker/cuda_graph_step.h"
 #include "worker/frontend.h"
 #include "worker/loader.h"
 #include "worker/loss.h"
@@ -58,6 +59,8 @@ const common::Logger& Log() {
 }
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+// train.cuda_graph: forward + backward passes that warm up cuDNN and autograd before the capture.
+constexpr int kGraphWarmup = 3;
 
 std::string Num(double v) {
   if (std::isnan(v)) return "nan";
@@ -235,6 +238,8 @@ struct Trainer::State {
   comm::Communicator* comm = nullptr;  // null: one process
   std::unique_ptr<comm::Reducer> reducer;
   std::unique_ptr<TrainStep> step_fn;
+  // train.cuda_graph: the model step's graph, captured at the first batch of batch_size.
+  std::unique_ptr<GraphedModelStep> graph;
   int rank = 0;
   int world = 1;
   FaultPlan fault;
@@ -326,6 +331,10 @@ struct Trainer::State {
   // TrainEpoch's steps, in order.
   EpochTally StartEpoch(int epoch);
   absl::Status TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t);
+  // train.cuda_graph: `batch`'s forward, loss and backward as a replay of the graph (captured
+  // now if not yet); true then. A batch of another size takes the eager Forward (false: the
+  // caller runs Backward).
+  absl::StatusOr<bool> GraphForward(const Batch& batch, const StepSeeds& seeds, StepForward* fwd);
   absl::StatusOr<EpochRecord> FinishEpoch(const EpochTally& t);
   // A stop between optimizer steps, before loader batch `next` of the epoch: last.pt at this
   // step (rank 0; every rank learns the outcome), then CANCELLED.
@@ -439,6 +448,14 @@ absl::Status Trainer::State::ConfigureDevice() {
   }
   if (!options.device.is_cuda() && train.precision == "bf16") {
     return absl::InvalidArgumentError("train.precision: bf16 needs a CUDA device (use auto or fp32 on CPU)");
+  }
+  if (train.cuda_graph && !options.device.is_cuda()) {
+    return absl::InvalidArgumentError(absl::StrCat("train.cuda_graph: CUDA graphs need a CUDA device, got device ",
+                                                   options.device.str(), " (set it false on the CPU)"));
+  }
+  if (train.cuda_graph && !GraphedModelStep::Built()) {
+    return absl::FailedPreconditionError(
+        "train.cuda_graph: this aviary was built against a torch without CUDA (docs/DEPLOY.md)");
   }
   return absl::OkStatus();
 }
@@ -843,6 +860,11 @@ int64_t Trainer::State::ResumeBatch(const CheckpointMeta& meta, const std::strin
 
 // Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
 absl::Status Trainer::State::JoinGroup() {
+  if (train.cuda_graph && world > 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "train.cuda_graph: CUDA graphs run in one-rank groups (the gradient all-reduce runs inside "
+        "backward), this group has ", world, " ranks; set it false or run one rank"));
+  }
   if (comm != nullptr) {  // also with one rank under mpirun: the all-reduce path runs
     // All ranks must resume from the same checkpoint (the run folder on a shared filesystem): the
     // same epoch, mid-epoch position and optimizer step (a rank that found no mid-epoch last.pt
@@ -871,6 +893,11 @@ absl::Status Trainer::State::JoinGroup() {
           Path("last.pt"), " (put --out on a filesystem shared by all ranks)"));
     }
     AVIARY_RETURN_IF_ERROR(BroadcastState(/*parameters=*/true));
+    if (train.cuda_graph) {
+      // One rank: its all-reduce is the identity, and the graph captures backward whole.
+      if (rank == 0) Log().Info("train.cuda_graph on one rank: no gradient all-reduce");
+      return absl::OkStatus();
+    }
     comm::ReducerOptions ro;
     ro.bucket_bytes = static_cast<int64_t>(config.comm.bucket_mb * (1 << 20));
     ro.first_bucket_bytes = std::min<int64_t>(1 << 20, ro.bucket_bytes);
@@ -1006,14 +1033,24 @@ Trainer::State::EpochTally Trainer::State::StartEpoch(int epoch) {
 // the K-th (or the epoch's last).
 absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t) {
   if (train.lr_per_step && step_fn->pending_micro_batches() == 0) SetLr(StepLr(t->epoch, s, t->steps));
-  StepForward fwd = step_fn->Forward(batch.waveforms, batch.targets, SeedsFor(t->epoch, s));
+  StepForward fwd;
+  bool graphed = false;
+  if (train.cuda_graph) {
+    AVIARY_ASSIGN_OR_RETURN(graphed, GraphForward(batch, SeedsFor(t->epoch, s), &fwd));
+  } else {
+    fwd = step_fn->Forward(batch.waveforms, batch.targets, SeedsFor(t->epoch, s));
+  }
   at::Tensor loss = fwd.loss;
   InjectFault(&loss);
   const double loss_value = loss.item<double>();
   AVIARY_ASSIGN_OR_RETURN(bool skip, SkipNonFinite(batch, loss_value, t->epoch, s));
   at::Tensor correct;  // on the device: read once the update is queued
   if (!skip) {
-    AVIARY_RETURN_IF_ERROR(step_fn->Backward(loss));
+    if (graphed) {
+      step_fn->AddGraphedMicroBatch();  // the replay ran backward
+    } else {
+      AVIARY_RETURN_IF_ERROR(step_fn->Backward(loss));
+    }
     const int64_t b = batch.waveforms.size(0);
     correct = Tally(fwd, loss_value, b, t);
     t->step_samples += b;
@@ -1035,6 +1072,35 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
   ReportStep(*t, s, applied ? t->step_samples : 0, /*skipped=*/!applied, data_wait);
   if (applied) LogProgress(s, t);
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Trainer::State::GraphForward(const Batch& batch, const StepSeeds& seeds, StepForward* fwd) {
+  if (batch.waveforms.size(0) != train.batch_size) {  // drop_remainder false: the epoch's last
+    *fwd = step_fn->Forward(batch.waveforms, batch.targets, seeds);
+    return false;
+  }
+  at::manual_seed(seeds.dropout);  // as Forward (the replay seeds the device generator again)
+  StepInputs in = step_fn->Prepare(batch.waveforms, batch.targets, seeds);
+  if (graph == nullptr) {
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<std::unique_ptr<GraphedModelStep>> captured =
+        GraphedModelStep::Capture(train, step_fn.get(), optimizer.get(), in.features, in.targets, kGraphWarmup);
+    if (!captured.ok()) {
+      return absl::Status(captured.status().code(),
+                          absl::StrCat("train.cuda_graph: ", captured.status().message(), " (set it false to train eagerly)"));
+    }
+    graph = std::move(*captured);
+    if (rank == 0) {
+      Log().Info(absl::StrFormat("train.cuda_graph: the model step captured for batches of %d in %.2f s",
+                                 train.batch_size, Seconds(start)));
+    }
+  }
+  absl::StatusOr<at::Tensor> loss = graph->Replay(in.features, in.targets, seeds.dropout);
+  if (!loss.ok()) return loss.status();
+  fwd->loss = *loss;
+  fwd->logits = graph->logits();
+  fwd->targets = graph->static_targets();
+  return true;
 }
 
 double Trainer::State::StepLr(int epoch, int64_t s, int64_t steps) const {

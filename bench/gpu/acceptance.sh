@@ -184,7 +184,8 @@ train: {batch_size: 16, epochs: $epochs, num_workers: 4, lr_max_per_sample: 1.0e
 stages: {pretrain: {enabled: false}}
 YAML
 # The data path at the benchmark's shapes: EfficientNet-B0 on 10 s clips, every class upsampled
-# so that an epoch holds enough global batches to time.
+# so that an epoch holds enough global batches to time (no downsampling: its default threshold,
+# 500, is under the GPU run's upsampling threshold, which the config refuses).
 cat >"$work/b0.yaml" <<YAML
 seed: 42
 data:
@@ -193,7 +194,7 @@ data:
   pretrain_sources: []
   cache_dir: $work/cache
 folds: {finetune_splits: 4}
-sampling: {upsample_thr: $upsample}
+sampling: {upsample_thr: $upsample, downsample_thr: 0}
 model: {name: efficientnet_b0}
 train: {batch_size: $batch_b0, epochs: 2, num_workers: $threads, infer_bs: 1}
 stages: {pretrain: {enabled: false}}
@@ -241,6 +242,37 @@ if grep -q "AVIARY_FAULT_INJECT" "$work/train_killed.out" && run train_resumed "
   fi
 else
   record resume FAIL - - - "identical" "the interrupted or the resumed run failed"
+fi
+
+# 3b. train.cuda_graph: the same run with the model step replayed as a CUDA graph is the same
+# run (deterministic cuDNN: history, weights and optimizer state bit for bit); also with
+# drop_remainder false, where each epoch's partial last batch takes the eager step between
+# replays. The dry run has no CUDA: eager against eager (tests the comparison and the parsing).
+say "3b. CUDA graph training"
+graph_set=(--set train.cuda_graph=true); graph_what="train.cuda_graph vs eager"
+[ $dry -eq 1 ] && { graph_set=(); graph_what="no GPU: eager against eager"; }
+# graph_same NAME EAGER_RUN GRAPH_RUN NOTE: the row comparing two run folders of $work (the
+# graphed run's `run` name is its folder's).
+graph_same() {
+  if [ $dry -eq 0 ] && ! grep -q "train.cuda_graph: the model step captured" "$work/$3.out"; then
+    record "$1" FAIL - - - identical "the graphed run's log does not show a capture"
+  elif run "compare_$1" "$python" "$here/compare_checkpoints.py" "$work/$2" "$work/$3"; then
+    record "$1" PASS identical - - identical "$graph_what, $4: history, weights, optimizer state"
+  else
+    record "$1" FAIL "$(tail -1 "$work/compare_$1.out")" - - identical "$graph_what, $4"
+  fi
+}
+if run run_graph "${train_cmd[@]}" --out "$work/run_graph" "${graph_set[@]}"; then
+  graph_same train_graph run_full run_graph "small_cnn, $epochs epochs against the train check's run_full"
+else
+  record train_graph FAIL - - - identical "the graphed run failed (see the log)"
+fi
+part=(--set train.drop_remainder=false --set "train.epochs=$resume_epochs")
+if run run_part_eager "${train_cmd[@]}" --out "$work/run_part_eager" "${part[@]}" &&
+   run run_part_graph "${train_cmd[@]}" --out "$work/run_part_graph" "${part[@]}" "${graph_set[@]}"; then
+  graph_same train_graph_partial run_part_eager run_part_graph "drop_remainder false, $resume_epochs epochs"
+else
+  record train_graph_partial FAIL - - - identical "a drop_remainder false run failed (see the log)"
 fi
 
 # 4. aviary predict on the device against the CPU, float32 on both: the device run without TF32
@@ -334,6 +366,16 @@ if run datapath "${dp_cmd[@]}"; then
   fi
 else
   record datapath FAIL - - - - "aviary-worker train (EfficientNet-B0) failed"
+fi
+# The same with train.cuda_graph (one rank: no reducer; eager again in the dry run).
+dpg_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --fold 0 --device "$dev" --out "$work/run_b0_graph")
+[ ${#mpirun_cmd[@]} -gt 0 ] && dpg_cmd=("${mpirun_cmd[@]}" "${dpg_cmd[@]}" --set "comm.backend=$backend")
+if run datapath_graph "${dpg_cmd[@]}" "${graph_set[@]}"; then
+  dg=$(tail -1 "$work/run_b0_graph/history.csv" | awk -F, '{print $NF}')
+  record datapath_graph "$(verdict "$(ratio "$dg" "$a")" 0.9)" "$dg samples/s" "$a samples/s" "$(ratio "$dg" "$a")" ">= 0.9x" \
+    "$graph_what: aviary-worker train, last epoch, vs the synthetic-input step; vs the eager data path $(ratio "$dg" "${d:-0}")x"
+else
+  record datapath_graph FAIL - - - - "aviary-worker train (EfficientNet-B0, $graph_what) failed"
 fi
 
 # 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).

@@ -4,7 +4,9 @@
 # stripped programs, and every shared library they load that is neither torch's, CUDA's, NCCL's,
 # OpenMPI's nor the C/C++ runtime's (gRPC, protobuf, abseil, prometheus-cpp, civetweb,
 # yaml-cpp, libsndfile and its codecs, soxr, ...). OpenMPI's own libraries go to mpi-lib/, used
-# only where the host has no libmpi.so.40 (the programs load it even without mpirun).
+# only where the host has no libmpi.so.40 (the programs load it even without mpirun). The C++
+# bindings (libmpi_cxx.so.40) go to lib/: a host's OpenMPI 4.1 may come without them, and they
+# work over any libmpi.so.40.
 #
 # usage: bench/gpu/pack.sh BUILD_DIR [OUT_DIR=.gpu]
 #   BUILD_DIR: a CUDA configuration (scripts/lib/deps.sh: aviary_build_cuda), Release
@@ -24,7 +26,7 @@ for p in "${programs[@]}"; do
 done
 # Host-provided: torch (and the libraries of its wheel), CUDA, the C/C++ runtime.
 host='^(libtorch|libc10|libcaffe2|libgomp|libcu|libnv|libnccl|libcudnn|libshm|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|ld-linux|libstdc\+\+|libgcc_s|linux-vdso)'
-mpi='^(libmpi|libopen-rte|libopen-pal|libpmix|libhwloc|libevent|libudev|libltdl)'
+mpi='^(libmpi\.so|libopen-rte|libopen-pal|libpmix|libhwloc|libevent|libudev|libltdl)'
 declare -A seen=()
 for p in "${programs[@]}"; do
   while read -r name path; do

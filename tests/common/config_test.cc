@@ -241,6 +241,13 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
   EXPECT_EQ(ParseError("train:\n  ema_decay: 0.999\n  ema_eval: true\n  grad_accum_steps: 4\n"
                        "  grad_clip_norm: 1.0\n  early_stop_patience: 3\n"),
             "");
+  // train.cuda_graph replays one micro-batch per optimizer step.
+  EXPECT_EQ(ParseError("train:\n  cuda_graph: true\n  grad_accum_steps: 2\n"),
+            "x.yaml:2: key 'train.cuda_graph': expected false while grad_accum_steps is 2 (a graph replays one "
+            "micro-batch per optimizer step), got true");
+  EXPECT_THAT(ParseError("train:\n  grad_accum_steps: 4\nstages:\n  finetune: {cuda_graph: true}\n"),
+              HasSubstr("key 'stages.finetune.cuda_graph': expected false while grad_accum_steps is 4"));
+  EXPECT_EQ(ParseError("train:\n  cuda_graph: true\n"), "");
 }
 
 // Two configs' differences by dotted key, both values named, a key only one side has absent.

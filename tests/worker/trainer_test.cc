@@ -311,6 +311,15 @@ TEST_F(TrainerTest, RefusesBadInputsBeforeTraining) {
   for (auto& [name, stage] : tiny.stages) stage.train = tiny.train;
   EXPECT_TRUE(Trainer::Create(tiny, o).ok());
 
+  // train.cuda_graph on the CPU is refused by name, before training.
+  common::PipelineConfig graphed = Config();
+  graphed.train.cuda_graph = true;
+  for (auto& [name, stage] : graphed.stages) stage.train = graphed.train;
+  auto cpu_graph = Trainer::Create(graphed, o);
+  ASSERT_FALSE(cpu_graph.ok());
+  EXPECT_EQ(cpu_graph.status().message(),
+            "train.cuda_graph: CUDA graphs need a CUDA device, got device cpu (set it false on the CPU)");
+
   // A run folder of another stage is not resumed into.
   TrainOptions other;
   other.out_dir = Out("other_stage");
