@@ -17,11 +17,11 @@
 // line of key=value pairs, aviary_samples_per_s being the best round.
 // --profile FILE writes the autograd profiler's per-operator table of one extra round to FILE.
 //
-// --cuda-graph (mel input on CUDA; experimental, worker/cuda_graph_step.h): forward, loss and
-// backward replayed as one CUDA graph, then the same clipping and Adam step as the eager step
-// (the loss still read on the host every step). First, --graph-check N steps are run both ways
-// from the same weights, optimizer state and seeds, and the line reports how far apart they
-// are: graph_check_grad_rel_diff (|g_graph - g_eager| / |g_eager| over all the gradients of the
+// --cuda-graph (mel input on CUDA; worker/cuda_graph_step.h, what train.cuda_graph runs):
+// forward, loss and backward replayed as one CUDA graph, then the same clipping and Adam step as
+// the eager step (the loss still read on the host every step). First, --graph-check N steps are
+// run both ways from the same weights, optimizer state and seeds, and the line reports how far
+// apart they are: graph_check_grad_rel_diff (|g_graph - g_eager| / |g_eager| over all the gradients of the
 // first step), graph_check_loss_max_rel_diff (over the N losses) and
 // graph_check_param_max_abs_diff (the weights after them). The timed steps start from the
 // state the check left. --graph-check N without --cuda-graph runs the same check with the eager

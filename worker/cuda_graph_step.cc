@@ -144,8 +144,10 @@ class CudaGraphModelStep final : public GraphedModelStep {
       out.loss.backward();
       capturing = false;
       graph_.capture_end();
-      loss_ = std::move(out.loss);
-      logits_ = std::move(out.logits);
+      // Detached: the same memory, without the captured autograd graph (its accumulators would
+      // pin an eager step's gradient accumulation to the capture's side stream).
+      loss_ = out.loss.detach();
+      logits_ = out.logits.detach();
       for (const at::Tensor& p : step->model()->parameters()) {
         if (p.grad().defined()) grads_.emplace_back(p, p.grad());
       }

@@ -455,7 +455,7 @@ absl::Status Trainer::State::ConfigureDevice() {
   }
   if (train.cuda_graph && !GraphedModelStep::Built()) {
     return absl::FailedPreconditionError(
-        "train.cuda_graph: this aviary was built against a torch without CUDA (docs/DEPLOY.md)");
+        "train.cuda_graph: this aviary was built against a torch without CUDA (docs/DEPLOY.md); set it false");
   }
   return absl::OkStatus();
 }
@@ -487,6 +487,11 @@ absl::Status Trainer::State::LoadItems() {
   comm = options.comm;
   rank = comm ? comm->rank() : 0;
   world = comm ? comm->world_size() : 1;
+  if (train.cuda_graph && world > 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "train.cuda_graph: CUDA graphs run in one-rank groups (the gradient all-reduce runs inside "
+        "backward), this group has ", world, " ranks; set it false or run one rank"));
+  }
   fault = ReadFaultPlan();
   epochs = config.debug ? 2 : train.epochs;
   if (config.debug) {
@@ -710,9 +715,9 @@ absl::Status Trainer::State::Resume() {
   }
 }
 
-// Settings that change how fast a run goes, not what it computes: they may differ on resume.
-static bool OperationalKey(const std::string& key) {
-  return key == "data.cache_dir" || absl::StartsWith(key, "comm.") || key == "train.num_workers";
+bool ResumeMayChange(const std::string& key) {
+  return key == "data.cache_dir" || absl::StartsWith(key, "comm.") || key == "train.num_workers" ||
+         key == "train.cuda_graph";
 }
 
 // The run folder's config (the checkpoint's) against this run's: a difference is refused, naming
@@ -736,7 +741,7 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
   std::vector<std::string> changed;
   bool only_epochs = true;
   for (const common::ConfigDifference& d : common::DiffPipelineConfigs(effective(*before), effective(config))) {
-    if (OperationalKey(d.key)) continue;
+    if (ResumeMayChange(d.key)) continue;
     changed.push_back(absl::StrCat(d.key, ": ", d.before, " -> ", d.after));
     if (d.key != "train.epochs") only_epochs = false;
   }
@@ -860,11 +865,6 @@ int64_t Trainer::State::ResumeBatch(const CheckpointMeta& meta, const std::strin
 
 // Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
 absl::Status Trainer::State::JoinGroup() {
-  if (train.cuda_graph && world > 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "train.cuda_graph: CUDA graphs run in one-rank groups (the gradient all-reduce runs inside "
-        "backward), this group has ", world, " ranks; set it false or run one rank"));
-  }
   if (comm != nullptr) {  // also with one rank under mpirun: the all-reduce path runs
     // All ranks must resume from the same checkpoint (the run folder on a shared filesystem): the
     // same epoch, mid-epoch position and optimizer step (a rank that found no mid-epoch last.pt
@@ -1096,7 +1096,10 @@ absl::StatusOr<bool> Trainer::State::GraphForward(const Batch& batch, const Step
     }
   }
   absl::StatusOr<at::Tensor> loss = graph->Replay(in.features, in.targets, seeds.dropout);
-  if (!loss.ok()) return loss.status();
+  if (!loss.ok()) {
+    return absl::Status(loss.status().code(),
+                        absl::StrCat("train.cuda_graph: ", loss.status().message(), " (set it false to train eagerly)"));
+  }
   fwd->loss = *loss;
   fwd->logits = graph->logits();
   fwd->targets = graph->static_targets();

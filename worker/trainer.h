@@ -147,9 +147,15 @@ struct TrainOptions {
   // run would). In a multi-rank run it must answer the same on every rank at the same step.
   std::function<bool()> should_stop;
   // The worker group (not owned; null: one process without the all-reduce path). With one rank
-  // the reducer still runs (its cost can be measured). Must outlive the trainer.
+  // the reducer still runs (its cost can be measured), unless train.cuda_graph. Must outlive
+  // the trainer.
   comm::Communicator* comm = nullptr;
 };
+
+// Config keys (as the resume check names them) that change how fast a run goes, not what it
+// computes: data.cache_dir, comm.*, train.num_workers and train.cuda_graph (the graphed step is
+// the eager step's arithmetic). A run folder resumes under other values of these.
+bool ResumeMayChange(const std::string& key);
 
 // The process-wide GPU settings of a CUDA task: with `deterministic`, deterministic cuDNN
 // without benchmark and torch's deterministic algorithms (warn only); without, the fastest

@@ -322,7 +322,7 @@ a=$(kv step_aviary aviary_samples_per_s); e=$(kv step_eager reference_samples_pe
 if [ -n "$a" ] && [ -n "$e" ]; then
   record step_vs_eager "$(verdict "$(ratio "$a" "$e")" 1.25)" "$a samples/s" "$e samples/s" "$(ratio "$a" "$e")" ">= 1.25x" "PyTorch eager, same GPU"
 fi
-# The same model step with forward + backward replayed as one CUDA graph (experimental,
+# The same model step with forward + backward replayed as one CUDA graph (train.cuda_graph;
 # worker/cuda_graph_step.h), checked first against the eager step from the same state and seeds:
 # the first step's gradients within 2% (bf16 autocast; nondeterministic cuDNN kernels) and the
 # losses of 3 steps within 1%. The dry run has no CUDA: it runs the check with the eager step on
@@ -370,12 +370,13 @@ fi
 # The same with train.cuda_graph (one rank: no reducer; eager again in the dry run).
 dpg_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --fold 0 --device "$dev" --out "$work/run_b0_graph")
 [ ${#mpirun_cmd[@]} -gt 0 ] && dpg_cmd=("${mpirun_cmd[@]}" "${dpg_cmd[@]}" --set "comm.backend=$backend")
-if run datapath_graph "${dpg_cmd[@]}" "${graph_set[@]}"; then
+if run datapath_graph "${dpg_cmd[@]}" "${graph_set[@]}" &&
+   { [ $dry -eq 1 ] || grep -q "train.cuda_graph: the model step captured" "$work/datapath_graph.out"; }; then
   dg=$(tail -1 "$work/run_b0_graph/history.csv" | awk -F, '{print $NF}')
   record datapath_graph "$(verdict "$(ratio "$dg" "$a")" 0.9)" "$dg samples/s" "$a samples/s" "$(ratio "$dg" "$a")" ">= 0.9x" \
     "$graph_what: aviary-worker train, last epoch, vs the synthetic-input step; vs the eager data path $(ratio "$dg" "${d:-0}")x"
 else
-  record datapath_graph FAIL - - - - "aviary-worker train (EfficientNet-B0, $graph_what) failed"
+  record datapath_graph FAIL - - - - "aviary-worker train (EfficientNet-B0, $graph_what) failed or did not capture"
 fi
 
 # 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).

@@ -667,6 +667,17 @@ TEST_F(TrainerTest, EarlyStoppingStopsAfterThePatienceAndKeepsTheBest) {
   EXPECT_EQ(static_cast<int>((*again)->history().size()), expected_rows);
 }
 
+// The keys a resume lets differ change speed only; train.cuda_graph is one (its error messages
+// tell users to set it false, which must not lock them out of their run folder).
+TEST(ResumeMayChangeTest, SpeedOnlyKeys) {
+  for (const char* key : {"data.cache_dir", "comm.backend", "comm.bucket_mb", "train.num_workers", "train.cuda_graph"}) {
+    EXPECT_TRUE(ResumeMayChange(key)) << key;
+  }
+  for (const char* key : {"train.lr", "train.grad_accum_steps", "train.deterministic", "data.duration", "seed"}) {
+    EXPECT_FALSE(ResumeMayChange(key)) << key;
+  }
+}
+
 // A run folder resumed with another config is refused, naming the keys; epochs alone may grow
 // with extend_epochs; num_workers (speed only) may differ.
 TEST_F(TrainerTest, ARunFolderRefusesAnotherConfigUnlessExtendingEpochs) {
