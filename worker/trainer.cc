@@ -320,6 +320,9 @@ struct Trainer::State {
     double loss_sum = 0.0;
     int64_t seen = 0;
     int64_t correct = 0;
+    // Correct predictions of steps since, summed on the device without waiting for it (a host
+    // read each step would stall the GPU between steps); CorrectSoFar() reads it.
+    at::Tensor correct_pending;
     int64_t seen_before = 0;  // of `seen`, the samples trained before a mid-epoch resume (rates)
     std::chrono::steady_clock::time_point start, last_log, step_start;
     double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
@@ -328,6 +331,10 @@ struct Trainer::State {
   };
 
   absl::StatusOr<EpochRecord> TrainEpoch(int epoch);
+  // This rank's correct predictions in the epoch so far (waits for the device).
+  static int64_t CorrectSoFar(const EpochTally& t) {
+    return t.correct + (t.correct_pending.defined() ? t.correct_pending.item<int64_t>() : 0);
+  }
   // TrainEpoch's steps, in order.
   EpochTally StartEpoch(int epoch);
   absl::Status TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t);
@@ -972,7 +979,7 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
   // Every rank's totals, summed: rank 0's checkpoint carries them (a resumed rank 0 starts
   // from them, the others from zero, so FinishEpoch's sum is the same).
   double loss_sum = t.loss_sum;
-  int64_t seen = t.seen, correct = t.correct;
+  int64_t seen = t.seen, correct = CorrectSoFar(t);
   if (world > 1) {
     at::Tensor totals = at::tensor({loss_sum, static_cast<double>(seen), static_cast<double>(correct)}, at::kDouble);
     AVIARY_RETURN_IF_ERROR(comm->AllReduce(totals));
@@ -1044,7 +1051,7 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
   InjectFault(&loss);
   const double loss_value = loss.item<double>();
   AVIARY_ASSIGN_OR_RETURN(bool skip, SkipNonFinite(batch, loss_value, t->epoch, s));
-  at::Tensor correct;  // on the device: read once the update is queued
+  at::Tensor correct;  // on the device, summed into t->correct_pending unread
   if (!skip) {
     if (graphed) {
       step_fn->AddGraphedMicroBatch();  // the replay ran backward
@@ -1056,7 +1063,8 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     t->step_samples += b;
   }
   auto count_correct = [&] {
-    if (correct.defined()) t->correct += correct.item<int64_t>();
+    if (!correct.defined()) return;
+    t->correct_pending = t->correct_pending.defined() ? t->correct_pending + correct : correct;
   };
   const bool boundary = (s + 1) % accum == 0 || s + 1 == t->steps;
   if (!boundary) {
@@ -1186,8 +1194,7 @@ absl::StatusOr<bool> Trainer::State::SkipNonFinite(const Batch& batch, double lo
 }
 
 // A trained step's loss into the epoch's totals; its correct predictions, a 0-d tensor on the
-// device for the caller to add to t->correct (reading it waits for the device: the caller does
-// so once the optimizer step is queued).
+// device for the caller to add to t->correct_pending (not read: reading waits for the device).
 at::Tensor Trainer::State::Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const {
   t->loss_sum += loss_value * b;
   t->seen += b;
@@ -1239,7 +1246,7 @@ void Trainer::State::LogProgress(int64_t s, EpochTally* t) {
 absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
   double loss_sum = t.loss_sum;
   int64_t seen = t.seen;
-  int64_t correct = t.correct;
+  int64_t correct = CorrectSoFar(t);
   int64_t seen_before = t.seen_before;
   if (world > 1) {
     at::Tensor totals = at::tensor({loss_sum, static_cast<double>(seen), static_cast<double>(correct),
