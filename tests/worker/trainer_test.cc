@@ -435,6 +435,16 @@ TEST_F(TrainerTest, StepStatsAddUpToTheHistory) {
     EXPECT_EQ(s.lr, r.lr);
     EXPECT_DOUBLE_EQ(s.train_loss, r.train_loss);  // one rank: the running mean ends at the epoch's
   }
+  // train_acc: the correct predictions (summed on the device step by step, read at the epoch's
+  // end) over the epoch's samples: a whole count each epoch, and not none over three epochs.
+  double correct_total = 0;
+  for (const EpochRecord& r : history) {
+    const double count = r.train_acc * static_cast<double>(per_epoch * config.train.batch_size);
+    EXPECT_NEAR(count, std::round(count), 1e-6) << "epoch " << r.epoch;
+    EXPECT_LE(r.train_acc, 1.0);
+    correct_total += count;
+  }
+  EXPECT_GT(correct_total, 0.5);
 }
 
 // train.lr_per_step with accumulation: the rate is set at an optimizer step's first micro-batch,
