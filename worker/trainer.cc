@@ -328,6 +328,7 @@ struct Trainer::State {
     double allreduce_before = 0.0;  // reducer time at the start of the step (it sums per epoch)
     int64_t first_batch = 0;        // > 0: resumed mid-epoch at this loader batch
     int64_t step_samples = 0;       // this rank's samples in the optimizer step so far
+    double data_wait = 0.0;         // seconds the training thread waited for the loader's batches
   };
 
   absl::StatusOr<EpochRecord> TrainEpoch(int epoch);
@@ -960,6 +961,7 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     AVIARY_ASSIGN_OR_RETURN(bool more, train_loader->Next(&batch));
     if (!more) break;
     const double data_wait = Seconds(wait_start);
+    t.data_wait += data_wait;
     // Stops only between optimizer steps (no micro-batch gathered).
     if (step_fn->pending_micro_batches() == 0 && options.should_stop && options.should_stop()) {
       return StopMidEpoch(t, s);
@@ -1259,6 +1261,12 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
     seen_before = static_cast<int64_t>(totals[3].item<double>());
   }
   const double elapsed = Seconds(t.start);
+  if (rank == 0) {
+    // The loader's share: time the host waited for a ready batch (a GPU may still have been busy
+    // with queued work meanwhile; a large share means the data path cannot keep up).
+    Log().Info(absl::StrFormat("epoch %d: waited %.3f s for the loader's batches of %.3f s (%.1f%%)", t.epoch,
+                               t.data_wait, elapsed, 100.0 * t.data_wait / std::max(elapsed, 1e-9)));
+  }
   if (reducer && rank == 0) {
     Log().Info(absl::StrFormat(
         "epoch %d: gradient all-reduce: %.3f s waiting after backward + %.3f s in hooks of %.3f s "

@@ -274,6 +274,25 @@ if run run_part_eager "${train_cmd[@]}" --out "$work/run_part_eager" "${part[@]}
 else
   record train_graph_partial FAIL - - - identical "a drop_remainder false run failed (see the log)"
 fi
+# With gradient clipping, the EMA (validating with it) and the per-step schedule, which act
+# between replays.
+opts=(--set train.grad_clip_norm=1.0 --set train.ema_decay=0.9 --set train.ema_eval=true --set train.lr_per_step=true
+      --set "train.epochs=$resume_epochs")
+if run run_opts_eager "${train_cmd[@]}" --out "$work/run_opts_eager" "${opts[@]}" &&
+   run run_opts_graph "${train_cmd[@]}" --out "$work/run_opts_graph" "${opts[@]}" "${graph_set[@]}"; then
+  graph_same train_graph_options run_opts_eager run_opts_graph "grad_clip_norm, ema_decay + ema_eval, lr_per_step"
+else
+  record train_graph_options FAIL - - - identical "a clipping/EMA/lr_per_step run failed (see the log)"
+fi
+# A graphed run killed mid-epoch and resumed (graphed again) against the eager reference run.
+AVIARY_FAULT_INJECT="rank=0,step=$kill_step,kind=throw" run run_graph_killed "${train_cmd[@]}" --out "$work/run_graph_resumed" \
+  "${resume_cfg[@]}" "${graph_set[@]}"
+if grep -q "AVIARY_FAULT_INJECT" "$work/run_graph_killed.out" &&
+   run run_graph_resumed "${train_cmd[@]}" --out "$work/run_graph_resumed" "${resume_cfg[@]}" "${graph_set[@]}"; then
+  graph_same resume_graph run_ref run_graph_resumed "killed at step $kill_step and resumed, against the eager uninterrupted run"
+else
+  record resume_graph FAIL - - - identical "the interrupted or the resumed graphed run failed"
+fi
 
 # 4. aviary predict on the device against the CPU, float32 on both: the device run without TF32
 # (NVIDIA_TF32_OVERRIDE=0 turns it off in cuDNN and cuBLAS). cuDNN's default TF32 convolutions
@@ -377,6 +396,17 @@ if run datapath_graph "${dpg_cmd[@]}" "${graph_set[@]}" &&
     "$graph_what: aviary-worker train, last epoch, vs the synthetic-input step; vs the eager data path $(ratio "$dg" "${d:-0}")x"
 else
   record datapath_graph FAIL - - - - "aviary-worker train (EfficientNet-B0, $graph_what) failed or did not capture"
+fi
+
+# The host's wait for the loader in the data path's last epoch (the trainer's epoch log line).
+wait_share() { grep -o "waited [0-9.]* s for the loader's batches of [0-9.]* s ([0-9.]*%)" "$work/$1.out" 2>/dev/null |
+  tail -1 | sed -n 's/.*(\([0-9.]*\)%)/\1/p'; }
+we=$(wait_share datapath); wg=$(wait_share datapath_graph)
+if [ -n "$we" ] || [ -n "$wg" ]; then
+  record datapath_loader_wait INFO "${we:-?} % eager, ${wg:-?} % graph" - - - \
+    "the last epoch's time the training thread waited for a ready batch"
+else
+  record datapath_loader_wait SKIP - - - - "no data-path run logged its loader wait"
 fi
 
 # 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).

@@ -27,19 +27,22 @@ else
   cat "$tmp/out/acceptance.log" 2>/dev/null | tail -80; fail "acceptance.sh --dry-run failed"
 fi
 cat "$tmp/run.log" | tail -25
-for check in machine corpus train resume train_graph train_graph_partial predict mel step_vs_eager step_graph step_vs_compile \
-    step_wave datapath datapath_graph allreduce_share allreduce projection_8gpu; do
+for check in machine corpus train resume train_graph train_graph_partial train_graph_options resume_graph predict mel \
+    step_vs_eager step_graph step_vs_compile step_wave datapath datapath_graph datapath_loader_wait allreduce_share \
+    allreduce projection_8gpu; do
   grep -q "^$check	" "$tmp/out/results.tsv" || fail "results.tsv lacks the check '$check'"
 done
 grep -q "^resume	PASS" "$tmp/out/results.tsv" || fail "exact resume on the CPU did not pass"
 # The train.cuda_graph comparisons, eager against eager: the same runs.
-for check in train_graph train_graph_partial; do
+for check in train_graph train_graph_partial train_graph_options resume_graph; do
   grep -q "^$check	PASS	identical	.*no GPU: eager against eager" "$tmp/out/results.tsv" ||
     { grep "^$check" "$tmp/out/results.tsv"; fail "$check, eager against eager, was not identical"; }
 done
 # The CUDA graph check run eager against eager: the same numbers on both sides.
 grep -q "^step_graph	INFO	.*no GPU: eager against eager.*gradients rel diff 0, losses 0, weights after 3 steps max |diff| 0$" \
   "$tmp/out/results.tsv" || { grep "^step_graph" "$tmp/out/results.tsv"; fail "the graph check, eager against eager, found differences"; }
+grep -qE "^datapath_loader_wait	INFO	[0-9.]+ % eager, [0-9.]+ % graph" "$tmp/out/results.tsv" ||
+  { grep "^datapath_loader_wait" "$tmp/out/results.tsv"; fail "no loader-wait share from the data-path runs"; }
 # Every check that ran measured something.
 awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {print "FAIL: " $1 " measured nothing: " $0; bad=1} END {exit bad}' \
   "$tmp/out/results.tsv" || fail "a check measured nothing"

@@ -27,6 +27,9 @@ if best < 0.9:
 PY
   grep -q "decoded-audio cache" "$tmp/train.log" || fail "training did not read the prepared cache"
   grep -q "skipped as truncated (substituted)" "$tmp/train.log" || fail "broken clips were not reported"
+  # The loader's share of each epoch (what the GPU acceptance reports for the real data path).
+  [ "$(grep -cE "epoch [0-9]+: waited [0-9.]+ s for the loader's batches of [0-9.]+ s \([0-9.]+%\)" "$tmp/train.log")" = 12 ] ||
+    { grep "waited" "$tmp/train.log"; fail "no loader-wait line for each of the 12 epochs"; }
 else
   cat "$tmp/train.log"; fail "train"
 fi
