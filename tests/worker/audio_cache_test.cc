@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/csv.h"
 #include "gtest/gtest.h"
 #include "tests/worker/audio_test_util.h"
@@ -205,8 +207,19 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   const int middle = shards[shards.size() / 2];
   const int64_t lost = count_rows(last) + count_rows(middle);
   fs::remove(ShardFile(dir, last, ".pcm"));
-  std::string index = testing::ReadBytes(ShardFile(dir, middle, ".index.csv"));
-  WriteBytes(ShardFile(dir, middle, ".index.csv"), index.substr(0, index.size() * 2 / 3));
+  // The middle shard's index loses its rows from the last one with samples on, cut at a row's
+  // end: it still parses, but no longer covers the .pcm.
+  std::vector<std::string> lines = absl::StrSplit(testing::ReadBytes(ShardFile(dir, middle, ".index.csv")), '\n',
+                                                  absl::SkipEmpty());
+  size_t keep = lines.size();
+  for (size_t i = 1; i < lines.size(); ++i) {
+    std::vector<std::string> cells = absl::StrSplit(lines[i], ',');
+    ASSERT_GT(cells.size(), 3u) << lines[i];
+    if (cells[3] != "0") keep = i;  // column 3: frames
+  }
+  ASSERT_LT(keep, lines.size()) << "no row with samples in shard " << middle;
+  lines.resize(keep);
+  WriteBytes(ShardFile(dir, middle, ".index.csv"), absl::StrJoin(lines, "\n") + "\n");
   WriteBytes(ShardFile(dir, 900, ".pcm"), std::string(1000, '\x7f'));
   WriteBytes(ShardFile(dir, 3, ".index.csv.tmp.12345"), "path,shard\n");
 

@@ -261,6 +261,16 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
                               expected_rate, " Hz");
       }
     }
+    // A sealed shard's rows lie end to end over its whole .pcm: an index that stops short lost
+    // rows (cut at a row's end, it parses).
+    if (reason.empty()) {
+      int64_t covered = 0;
+      for (const CacheEntry& e : entries) covered = std::max(covered, e.offset + e.frames);
+      if (covered * 2 != pcm->second) {
+        reason = absl::StrCat("its index covers ", covered * 2, " of the .pcm's ", pcm->second,
+                              " bytes (rows are missing)");
+      }
+    }
     if (!reason.empty()) {
       scan.invalid[shard] = reason;
       continue;
