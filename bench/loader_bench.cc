@@ -7,6 +7,7 @@
 //   synthetic: front end + model forward/backward + optimizer on a fixed random batch;
 //   real:      the same steps fed by the loader, with the time the consumer waited for data.
 #include <chrono>
+#include <cstdlib>
 #include <iostream>
 
 #include <ATen/Parallel.h>
@@ -59,17 +60,14 @@ int main(int argc, char** argv) {
   worker::ClipRequest base;
   base.sample_rate = config->data.sample_rate;
   base.duration_s = config->data.duration;
-  worker::ClipFn clip = [c, base](const worker::LoaderItem& item, bool train_mode, uint64_t seed) {
+  worker::ClipFn clip = [c, base](const worker::LoaderItem& item, bool train_mode, uint64_t seed,
+                                  absl::Span<float> samples) {
     worker::ClipRequest r = base;
     r.mode = train_mode ? worker::ClipMode::kTrain : worker::ClipMode::kValidation;
     r.seed = seed;
     worker::ClipData out;
-    auto res = worker::LoadClip(c, item.path, r);
-    if (!res.ok() || !res->ok()) {
-      out.problem = res.ok() ? worker::AudioProblemName(res->problem) : "error";
-    } else {
-      out.samples = std::move(res->samples);
-    }
+    auto res = worker::LoadClipInto(c, item.path, r, samples);
+    if (!res.ok() || !res->ok()) out.problem = res.ok() ? worker::AudioProblemName(res->problem) : "error";
     return out;
   };
   worker::LoaderOptions lo;
@@ -90,6 +88,11 @@ int main(int argc, char** argv) {
     while (n < static_cast<int64_t>(steps) * lo.batch_size && *(*loader)->Next(&b)) n += b.waveforms.size(0);
   }
   const double loader_rate = n / Since(t0);
+  if (std::getenv("AVIARY_LOADER_BENCH_ONLY") != nullptr) {  // the loader's figure alone
+    std::cout << "loader alone:       " << loader_rate << " samples/s (" << lo.num_threads << " thread(s), batch "
+              << lo.batch_size << ")\n";
+    return 0;
+  }
 
   auto frontend = worker::MelFrontend::Create(config->frontend, config->augment, config->data.sample_rate);
   if (!frontend.ok()) return Die(frontend.status());

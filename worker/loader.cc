@@ -72,7 +72,7 @@ void Loader::StopWorkers() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
-    consumed_.SignalAll();
+    work_.SignalAll();
     produced_.SignalAll();
   }
   for (auto& t : workers_) {
@@ -118,6 +118,22 @@ std::vector<std::vector<int64_t>> Loader::Plan(int epoch) const {
   return plan;
 }
 
+// A batch being decoded: its rows go to whichever threads claim them.
+struct Loader::Build {
+  int64_t index = 0;
+  int epoch = 0;
+  uint64_t generation = 0;
+  std::vector<int64_t> rows;                          // the plan's items
+  std::shared_ptr<const std::vector<int64_t>> order;  // the epoch's order (substitutes)
+  at::Tensor waveforms;                               // [rows, clip_samples], rows written in place
+  // Per row, written by the thread that decoded it and read by the one that assembles the batch
+  // after the last row (the mutex orders them): the item decoded, -1 when left out.
+  std::vector<int64_t> used;
+  // Under the loader's mu_.
+  size_t next_row = 0;   // the next row to claim
+  size_t rows_done = 0;  // rows decoded
+};
+
 void Loader::StartEpoch(int epoch, int64_t first_batch) {
   std::vector<std::vector<int64_t>> plan = Plan(epoch);
   auto order = std::make_shared<std::vector<int64_t>>();
@@ -128,102 +144,176 @@ void Loader::StartEpoch(int epoch, int64_t first_batch) {
   {
     absl::MutexLock lock(&mu_);
     epoch_ = epoch;
+    ++generation_;
     plan_ = std::move(plan);
     epoch_order_ = std::move(order);
+    building_.clear();
     ready_.clear();
     next_to_build_ = std::clamp<int64_t>(first_batch, 0, static_cast<int64_t>(plan_.size()));
     next_to_consume_ = next_to_build_;
     error_ = absl::OkStatus();
-    consumed_.SignalAll();
+    work_.SignalAll();
   }
 }
 
-absl::Status Loader::BuildBatch(int64_t index, int epoch, const std::vector<int64_t>& rows,
-                               const std::vector<int64_t>& order, Batch* batch) {
+Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
   const int64_t t = options_.clip_samples;
+  const std::vector<int64_t>& order = *build.order;
   const int64_t n = static_cast<int64_t>(items_.size());
-  std::vector<std::vector<float>> clips;
-  std::vector<int64_t> used;
-  std::map<std::string, int64_t> problems;
-  for (size_t k = 0; k < rows.size(); ++k) {
-    int64_t item = rows[k];
-    int64_t pos = -1;  // position of rows[k] in the epoch order, found on the first failure
-    for (int attempt = 0;; ++attempt) {
-      uint64_t crop_seed = MixSeed(options_.seed, static_cast<uint64_t>(epoch),
-                                   static_cast<uint64_t>(item), static_cast<uint64_t>(attempt));
-      ClipData clip = clip_(items_[item], options_.train, crop_seed);
-      if (clip.problem.empty()) {
-        if (static_cast<int64_t>(clip.samples.size()) != t) {
-          return absl::InternalError(absl::StrCat("clip of ", items_[item].path, " has ",
-                                                  clip.samples.size(), " samples, expected ", t));
-        }
-        clips.push_back(std::move(clip.samples));
-        used.push_back(item);
-        break;
-      }
-      ++problems[clip.problem];
-      if (!options_.train) break;  // validation leaves broken items out
-      if (attempt + 1 >= options_.max_substitutions) {
-        return absl::DataLossError(absl::StrCat(
-            "loader: ", options_.max_substitutions, " broken clips in a row from ",
-            items_[rows[k]].path, " on (last: ", items_[item].path, ": ", clip.message, ")"));
-      }
-      // The deterministic substitute: the next items of the epoch order.
-      if (pos < 0) pos = std::find(order.begin(), order.end(), rows[k]) - order.begin();
-      item = order[(pos + attempt + 1) % n];
+  const absl::Span<float> out(build.waveforms.data_ptr<float>() + static_cast<int64_t>(k) * t,
+                              static_cast<size_t>(t));
+  RowOutcome outcome;
+  int64_t item = build.rows[k];
+  int64_t pos = -1;  // position of rows[k] in the epoch order, found on the first failure
+  for (int attempt = 0;; ++attempt) {
+    uint64_t crop_seed = MixSeed(options_.seed, static_cast<uint64_t>(build.epoch),
+                                 static_cast<uint64_t>(item), static_cast<uint64_t>(attempt));
+    ClipData clip = clip_(items_[item], options_.train, crop_seed, out);
+    if (clip.problem.empty()) {
+      outcome.item = item;
+      return outcome;
+    }
+    ++outcome.problems[clip.problem];
+    if (!options_.train) return outcome;  // validation leaves broken items out
+    if (attempt + 1 >= options_.max_substitutions) {
+      outcome.status = absl::DataLossError(absl::StrCat(
+          "loader: ", options_.max_substitutions, " broken clips in a row from ",
+          items_[build.rows[k]].path, " on (last: ", items_[item].path, ": ", clip.message, ")"));
+      return outcome;
+    }
+    // The deterministic substitute: the next items of the epoch order.
+    if (pos < 0) pos = std::find(order.begin(), order.end(), build.rows[k]) - order.begin();
+    item = order[(pos + attempt + 1) % n];
+  }
+}
+
+Batch Loader::Assemble(const Build& build) const {
+  const int64_t t = options_.clip_samples;
+  Batch batch;
+  for (int64_t item : build.used) {
+    if (item >= 0) batch.items.push_back(item);
+  }
+  const int64_t rows_out = static_cast<int64_t>(batch.items.size());
+  if (rows_out == static_cast<int64_t>(build.used.size())) {
+    batch.waveforms = build.waveforms;
+  } else {  // validation rows left out: the others, in order, in a tensor of their own
+    batch.waveforms =
+        at::empty({rows_out, t}, at::TensorOptions().dtype(at::kFloat).pinned_memory(options_.pin_memory));
+    const float* src = build.waveforms.data_ptr<float>();
+    float* dst = batch.waveforms.data_ptr<float>();
+    int64_t r = 0;
+    for (size_t k = 0; k < build.used.size(); ++k) {
+      if (build.used[k] < 0) continue;
+      std::memcpy(dst + r * t, src + static_cast<int64_t>(k) * t, sizeof(float) * static_cast<size_t>(t));
+      ++r;
     }
   }
-  const int64_t rows_out = static_cast<int64_t>(clips.size());
-  auto options = at::TensorOptions().dtype(at::kFloat).pinned_memory(options_.pin_memory);
-  batch->waveforms = at::empty({rows_out, t}, options);
-  float* dst = batch->waveforms.data_ptr<float>();
-  for (int64_t i = 0; i < rows_out; ++i) {
-    std::memcpy(dst + i * t, clips[i].data(), sizeof(float) * static_cast<size_t>(t));
-  }
-  batch->targets = at::empty({rows_out}, at::TensorOptions().dtype(at::kLong));
-  int64_t* tgt = batch->targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows_out; ++i) tgt[i] = items_[used[i]].target;
-  batch->items = std::move(used);
-  batch->index = index;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [name, count] : problems) stats_.problems[name] += count;
-  }
-  return absl::OkStatus();
+  batch.targets = at::empty({rows_out}, at::TensorOptions().dtype(at::kLong));
+  int64_t* tgt = batch.targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows_out; ++i) tgt[i] = items_[batch.items[i]].target;
+  batch.index = build.index;
+  return batch;
 }
 
 void Loader::WorkerLoop() {
   while (true) {
-    int64_t index;
-    int epoch;
-    std::vector<int64_t> rows;
-    std::shared_ptr<const std::vector<int64_t>> order;
+    std::shared_ptr<Build> build;  // the row's batch, or the batch to open
+    size_t k = 0;
+    bool open = false;
     {
       absl::MutexLock lock(&mu_);
-      while (!(stopping_ || (epoch_ >= 0 && error_.ok() &&
-                             next_to_build_ < static_cast<int64_t>(plan_.size()) &&
-                             next_to_build_ < next_to_consume_ + options_.prefetch_batches))) {
-        consumed_.Wait(&mu_);
+      while (true) {
+        if (stopping_) return;
+        if (epoch_ >= 0 && error_.ok()) {
+          // A row of the earliest batch in progress first: the consumer waits for that one.
+          for (auto& [index, b] : building_) {
+            if (b->next_row < b->rows.size()) {
+              build = b;
+              k = b->next_row++;
+              break;
+            }
+          }
+          if (build == nullptr && next_to_build_ < static_cast<int64_t>(plan_.size()) &&
+              next_to_build_ < next_to_consume_ + options_.prefetch_batches) {
+            build = std::make_shared<Build>();
+            build->index = next_to_build_++;
+            build->epoch = epoch_;
+            build->generation = generation_;
+            build->rows = plan_[build->index];
+            build->order = epoch_order_;
+            open = true;
+          }
+        }
+        if (build != nullptr) break;
+        work_.Wait(&mu_);
       }
-      if (stopping_) return;
-      index = next_to_build_++;
-      epoch = epoch_;
-      rows = plan_[index];
-      order = epoch_order_;
     }
+    RowOutcome outcome;
+    if (open) {
+      // The batch's tensor, outside the lock (a first pinned allocation takes a while); then its
+      // rows are open to every thread, this one taking row 0.
+      try {
+        build->waveforms = at::empty(
+            {static_cast<int64_t>(build->rows.size()), options_.clip_samples},
+            at::TensorOptions().dtype(at::kFloat).pinned_memory(options_.pin_memory));
+        build->used.assign(build->rows.size(), -1);
+      } catch (const std::exception& e) {
+        outcome.status = absl::ResourceExhaustedError(
+            absl::StrCat("loader: batch ", build->index, ": allocating its ", build->rows.size(), " x ",
+                         options_.clip_samples, " samples: ", e.what()));
+      }
+      absl::MutexLock lock(&mu_);
+      if (build->generation != generation_) continue;  // a new epoch started meanwhile: drop it
+      if (!outcome.status.ok()) {
+        if (error_.ok()) error_ = outcome.status;
+        produced_.SignalAll();
+        continue;
+      }
+      if (build->rows.empty()) {  // nothing to decode (cannot happen with a valid plan)
+        ready_[build->index] = Assemble(*build);
+        produced_.SignalAll();
+        continue;
+      }
+      k = build->next_row++;
+      building_[build->index] = build;
+      work_.SignalAll();
+    }
+    try {
+      outcome = FillRow(*build, k);
+    } catch (const std::exception& e) {
+      outcome.status = absl::InternalError(absl::StrCat("loader: batch ", build->index, " row ", k, ": ", e.what()));
+    }
+    bool last = false;
+    {
+      absl::MutexLock lock(&mu_);
+      for (const auto& [name, count] : outcome.problems) stats_.problems[name] += count;
+      if (build->generation != generation_) continue;  // a new epoch started meanwhile: drop it
+      if (!outcome.status.ok()) {
+        if (error_.ok()) error_ = outcome.status;
+        produced_.SignalAll();
+        continue;
+      }
+      build->used[k] = outcome.item;
+      if (++build->rows_done == build->rows.size()) {
+        building_.erase(build->index);
+        last = true;
+      }
+    }
+    if (!last) continue;
+    // The last row's thread assembles the batch (a copy only when validation left rows out).
     Batch batch;
     absl::Status status;
     try {
-      status = BuildBatch(index, epoch, rows, *order, &batch);
+      batch = Assemble(*build);
     } catch (const std::exception& e) {
-      status = absl::InternalError(absl::StrCat("loader: batch ", index, ": ", e.what()));
+      status = absl::InternalError(absl::StrCat("loader: batch ", build->index, ": ", e.what()));
     }
     absl::MutexLock lock(&mu_);
-    if (epoch != epoch_) continue;  // a new epoch started meanwhile: drop it
+    if (build->generation != generation_) continue;
     if (!status.ok()) {
       if (error_.ok()) error_ = status;
     } else {
-      ready_[index] = std::move(batch);
+      ready_[build->index] = std::move(batch);
     }
     produced_.SignalAll();
   }
@@ -246,7 +336,7 @@ absl::StatusOr<bool> Loader::Next(Batch* batch) {
   ready_.erase(it);
   ++next_to_consume_;
   ++stats_.batches;
-  consumed_.SignalAll();
+  work_.SignalAll();  // room for one more batch
   return true;
 }
 

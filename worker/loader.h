@@ -15,8 +15,14 @@
 // (deterministically, whatever the thread timing), so batches keep their size; in validation
 // the item is left out of its batch.
 //
-// Threading: Next() is called by one consumer thread; worker threads are internal. The clip
-// function must be thread-safe. Destruction stops and joins the workers.
+// Threading: Next() is called by one consumer thread; worker threads are internal. The unit of
+// work is one clip, not one batch: every thread takes the next undecoded row of the earliest
+// batch in progress and decodes it straight into that row of the batch's (pinned) tensor, then
+// opens the next batch when the earlier ones have no row left, up to prefetch_batches batches
+// ahead of the consumer. So all num_threads threads work on the batch the consumer waits for
+// (an epoch's first batch arrives num_threads times sooner), and the loader's throughput does
+// not stop at prefetch_batches threads. The clip function must be thread-safe. Destruction
+// stops and joins the workers.
 #ifndef AVIARY_WORKER_LOADER_H_
 #define AVIARY_WORKER_LOADER_H_
 
@@ -34,6 +40,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 
 namespace aviary::worker {
 
@@ -42,15 +49,15 @@ struct LoaderItem {
   int target = 0;  // class index
 };
 
-// One clip's samples (exactly the requested length) or a problem name ("" when fine).
+// What became of one clip: a problem name ("" when fine) and its message.
 struct ClipData {
-  std::vector<float> samples;
   std::string problem;  // e.g. "truncated", "silent"
   std::string message;
 };
-// Produces the clip of `item`: `train` selects the random crop (seeded by `crop_seed`) rather
-// than the first window. Called concurrently from the loader's threads.
-using ClipFn = std::function<ClipData(const LoaderItem& item, bool train, uint64_t crop_seed)>;
+// Writes the clip of `item` into `out` (clip_samples floats: the clip's row of the batch; what it
+// leaves there on a problem is overwritten or dropped). `train` selects the random crop (seeded
+// by `crop_seed`) rather than the first window. Called concurrently from the loader's threads.
+using ClipFn = std::function<ClipData(const LoaderItem& item, bool train, uint64_t crop_seed, absl::Span<float> out)>;
 
 struct LoaderOptions {
   int batch_size = 32;         // per rank
@@ -111,30 +118,46 @@ class Loader {
   std::vector<std::vector<int64_t>> Plan(int epoch) const;
 
  private:
+  struct Build;  // a batch being decoded (loader.cc)
+  // What became of one row: the item decoded into it (a substitute, maybe), or -1 when it was
+  // left out (a broken validation clip); the problems met on the way.
+  struct RowOutcome {
+    int64_t item = -1;
+    std::map<std::string, int64_t> problems;
+    absl::Status status;
+  };
+
   Loader(std::vector<LoaderItem> items, ClipFn clip, LoaderOptions options);
   void StopWorkers();
   void WorkerLoop();
-  absl::Status BuildBatch(int64_t index, int epoch, const std::vector<int64_t>& rows,
-                          const std::vector<int64_t>& order, Batch* batch);
+  // Decodes row k of `build` into its row of the tensor (training: substituting broken clips).
+  RowOutcome FillRow(const Build& build, size_t k) const;
+  // The finished batch: the rows left out dropped (validation), the targets, the items.
+  Batch Assemble(const Build& build) const;
 
   const std::vector<LoaderItem> items_;
   const ClipFn clip_;
   const LoaderOptions options_;
   int64_t num_batches_ = 0;
 
-  // The decode threads and the consumer share the plan and the ready batches under mu_.
+  // The decode threads and the consumer share the plan, the batches in progress and the ready
+  // batches under mu_.
   mutable absl::Mutex mu_;
-  absl::CondVar produced_;   // a batch became ready
-  absl::CondVar consumed_;   // room for one more
+  absl::CondVar produced_;  // a batch became ready, or an error
+  absl::CondVar work_;      // a row to decode or room for a new batch, or stopping
   std::vector<std::thread> workers_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int epoch_ ABSL_GUARDED_BY(mu_) = -1;
+  // Counts StartEpoch calls: work begun under an older one is dropped (the same epoch may start
+  // again, from another batch).
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::vector<int64_t>> plan_ ABSL_GUARDED_BY(mu_);  // this epoch's batches for this rank
   // The epoch's full order (training), for substitutions; shared with in-flight builds.
   std::shared_ptr<const std::vector<int64_t>> epoch_order_ ABSL_GUARDED_BY(mu_) =
       std::make_shared<const std::vector<int64_t>>();
-  int64_t next_to_build_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_to_build_ ABSL_GUARDED_BY(mu_) = 0;  // the next batch to open
   int64_t next_to_consume_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<int64_t, std::shared_ptr<Build>> building_ ABSL_GUARDED_BY(mu_);  // opened, rows undone
   std::map<int64_t, Batch> ready_ ABSL_GUARDED_BY(mu_);
   absl::Status error_ ABSL_GUARDED_BY(mu_);
   LoaderStats stats_ ABSL_GUARDED_BY(mu_);

@@ -529,20 +529,18 @@ absl::Status Trainer::State::CreateLoaders() {
     }
   }
   CountCachedFiles(base);
-  ClipFn clip = [audio_cache, base](const LoaderItem& item, bool train, uint64_t seed) {
+  ClipFn clip = [audio_cache, base](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> samples) {
     ClipRequest request = base;
     request.mode = train ? ClipMode::kTrain : ClipMode::kValidation;
     request.seed = seed;
     ClipData out;
-    auto r = LoadClip(audio_cache, item.path, request);
+    auto r = LoadClipInto(audio_cache, item.path, request, samples);
     if (!r.ok()) {
       out.problem = "error";
       out.message = std::string(r.status().message());
     } else if (!r->ok()) {
       out.problem = AudioProblemName(r->problem);
       out.message = r->message;
-    } else {
-      out.samples = std::move(r->samples);
     }
     return out;
   };

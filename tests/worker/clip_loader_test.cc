@@ -156,6 +156,42 @@ TEST(LoadClipTest, ExactLengthCropAndPad) {
   EXPECT_EQ(starts.size(), 10u);
 }
 
+// LoadClipInto (the loader's: straight into a batch row) writes what LoadClip returns, pads
+// included, whatever the row held before (a NaN-filled row here), cached or decoded on the fly.
+TEST(LoadClipTest, IntoARowWritesWhatLoadClipReturns) {
+  TempDir tmp;
+  const std::string shorter = tmp.Sub("short.wav");  // 1 s, shorter than the clip: padded
+  WriteAudio(shorter, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(700, 32000, 32000));
+  const std::string longer = tmp.Sub("long.wav");  // 5 s: cropped
+  WriteAudio(longer, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(321, 32000, 5 * 32000));
+  const std::string text = tmp.Sub("text.ogg");  // a problem: zeros
+  WriteBytes(text, "not audio at all\n");
+  auto cache = Prepare({shorter, longer, text}, tmp.Sub("cache"));
+  ASSERT_NE(cache, nullptr);
+  for (const AudioCache* c : std::vector<const AudioCache*>{nullptr, cache.get()}) {
+    for (const std::string& path : {shorter, longer, text}) {
+      for (ClipMode mode : {ClipMode::kTrain, ClipMode::kValidation}) {
+        const ClipRequest request = Request(mode, 11);
+        ClipResult whole = MustLoad(c, path, request);
+        std::vector<float> row(whole.samples.size(), std::nanf(""));
+        auto into = LoadClipInto(c, path, request, absl::MakeSpan(row));
+        ASSERT_TRUE(into.ok()) << into.status();
+        EXPECT_TRUE(into->samples.empty());
+        EXPECT_EQ(into->problem, whole.problem) << path;
+        EXPECT_EQ(into->from_cache, whole.from_cache) << path;
+        EXPECT_EQ(into->plan.pad_front, whole.plan.pad_front) << path;
+        ASSERT_EQ(row, whole.samples) << path << (c ? " (cache)" : "");
+      }
+    }
+  }
+  std::vector<float> wrong(100);
+  auto bad = LoadClipInto(nullptr, longer, Request(ClipMode::kTrain, 1), absl::MakeSpan(wrong));
+  ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("the destination holds 100 samples, the request's clip is 64000"),
+            std::string::npos)
+      << bad.status();
+}
+
 TEST(LoadClipTest, DeterministicForASeed) {
   const auto& corpus = SharedCorpus();
   std::string path;

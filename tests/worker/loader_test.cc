@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <set>
+#include <thread>
 
 #include "gtest/gtest.h"
 
@@ -15,18 +17,20 @@ std::vector<LoaderItem> MakeItems(int n, int classes = 4) {
   return items;
 }
 
-// A clip whose samples encode the item (first sample) and the crop seed (second sample).
-ClipFn EncodingClip(int64_t length, std::set<std::string> broken = {}) {
-  return [length, broken](const LoaderItem& item, bool train, uint64_t seed) {
+// A clip whose samples encode the item (first sample) and the crop seed (second sample); a
+// broken one leaves garbage in its row (the loader must overwrite or drop it).
+ClipFn EncodingClip(std::set<std::string> broken = {}) {
+  return [broken](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
     ClipData c;
     if (broken.count(item.path)) {
+      std::fill(out.begin(), out.end(), -7.0f);
       c.problem = "truncated";
       c.message = item.path + ": truncated";
       return c;
     }
-    c.samples.assign(length, 0.0f);
-    c.samples[0] = static_cast<float>(std::stoi(item.path.substr(4)));
-    c.samples[1] = train ? static_cast<float>(seed % 1000) : -1.0f;
+    std::fill(out.begin(), out.end(), 0.0f);
+    out[0] = static_cast<float>(std::stoi(item.path.substr(4)));
+    out[1] = train ? static_cast<float>(seed % 1000) : -1.0f;
     return c;
   };
 }
@@ -59,9 +63,9 @@ std::vector<Batch> DrainEpoch(Loader& loader, int epoch) {
 
 TEST(LoaderTest, TwoRanksSeeWhatOneRankWithDoubleBatchSees) {
   auto items = MakeItems(50);
-  auto one = Loader::Create(items, EncodingClip(8), Options(8));
-  auto r0 = Loader::Create(items, EncodingClip(8), Options(4, 0, 2));
-  auto r1 = Loader::Create(items, EncodingClip(8), Options(4, 1, 2));
+  auto one = Loader::Create(items, EncodingClip(), Options(8));
+  auto r0 = Loader::Create(items, EncodingClip(), Options(4, 0, 2));
+  auto r1 = Loader::Create(items, EncodingClip(), Options(4, 1, 2));
   ASSERT_TRUE(one.ok() && r0.ok() && r1.ok());
   for (int epoch : {0, 3}) {
     auto p = (*one)->Plan(epoch), p0 = (*r0)->Plan(epoch), p1 = (*r1)->Plan(epoch);
@@ -81,7 +85,7 @@ TEST(LoaderTest, ValidationCoversEveryItemOnceAcrossRanks) {
   auto items = MakeItems(23);
   std::multiset<int64_t> seen;
   for (int rank = 0; rank < 3; ++rank) {
-    auto l = Loader::Create(items, EncodingClip(8), Options(4, rank, 3, /*train=*/false));
+    auto l = Loader::Create(items, EncodingClip(), Options(4, rank, 3, /*train=*/false));
     ASSERT_TRUE(l.ok());
     for (const Batch& b : DrainEpoch(**l, 0)) seen.insert(b.items.begin(), b.items.end());
   }
@@ -91,7 +95,7 @@ TEST(LoaderTest, ValidationCoversEveryItemOnceAcrossRanks) {
 
 TEST(LoaderTest, BatchesArriveInOrderWithTheirItemsAndTargets) {
   auto items = MakeItems(40);
-  auto l = Loader::Create(items, EncodingClip(8), Options(5));
+  auto l = Loader::Create(items, EncodingClip(), Options(5));
   ASSERT_TRUE(l.ok());
   auto plan = (*l)->Plan(2);
   auto batches = DrainEpoch(**l, 2);
@@ -114,8 +118,8 @@ TEST(LoaderTest, SameSeedSameBatchesWhateverTheThreads) {
   o1.num_threads = 1;
   auto o3 = Options(6);
   o3.num_threads = 3;
-  auto a = Loader::Create(items, EncodingClip(8), o1);
-  auto b = Loader::Create(items, EncodingClip(8), o3);
+  auto a = Loader::Create(items, EncodingClip(), o1);
+  auto b = Loader::Create(items, EncodingClip(), o3);
   ASSERT_TRUE(a.ok() && b.ok());
   auto ba = DrainEpoch(**a, 1), bb = DrainEpoch(**b, 1);
   ASSERT_EQ(ba.size(), bb.size());
@@ -125,29 +129,36 @@ TEST(LoaderTest, SameSeedSameBatchesWhateverTheThreads) {
 TEST(LoaderTest, BrokenTrainingClipsAreSubstitutedAndCounted) {
   auto items = MakeItems(40);
   std::set<std::string> broken{"item3", "item4", "item17"};
-  auto l = Loader::Create(items, EncodingClip(8, broken), Options(8));
+  auto l = Loader::Create(items, EncodingClip(broken), Options(8));
   ASSERT_TRUE(l.ok());
   auto batches = DrainEpoch(**l, 0);
   ASSERT_EQ(batches.size(), 5u);
   for (const Batch& b : batches) {
     EXPECT_EQ(b.waveforms.size(0), 8);  // batches keep their size
     for (int64_t item : b.items) EXPECT_FALSE(broken.count(items[item].path)) << item;
+    for (int64_t r = 0; r < b.waveforms.size(0); ++r) {  // each row holds its substitute's clip
+      EXPECT_EQ(b.waveforms[r][0].item<float>(), static_cast<float>(b.items[r]));
+    }
   }
   EXPECT_EQ((*l)->Stats().problems.at("truncated"), 3);
   // The substitutes are deterministic.
-  auto again = Loader::Create(items, EncodingClip(8, broken), Options(8));
+  auto again = Loader::Create(items, EncodingClip(broken), Options(8));
   auto batches2 = DrainEpoch(**again, 0);
   for (size_t i = 0; i < batches.size(); ++i) EXPECT_EQ(batches[i].items, batches2[i].items);
 }
 
 TEST(LoaderTest, BrokenValidationClipsAreLeftOut) {
   auto items = MakeItems(10);
-  auto l = Loader::Create(items, EncodingClip(8, {"item2"}), Options(4, 0, 1, false));
+  auto l = Loader::Create(items, EncodingClip({"item2"}), Options(4, 0, 1, false));
   ASSERT_TRUE(l.ok());
   auto batches = DrainEpoch(**l, 0);
   ASSERT_EQ(batches.size(), 3u);
   EXPECT_EQ(batches[0].waveforms.size(0), 3);
   EXPECT_EQ(batches[0].items, (std::vector<int64_t>{0, 1, 3}));
+  for (int64_t r = 0; r < 3; ++r) {  // the rows after the left-out one moved up
+    EXPECT_EQ(batches[0].waveforms[r][0].item<float>(), static_cast<float>(batches[0].items[r]));
+  }
+  EXPECT_EQ(batches[0].targets[2].item<int64_t>(), 3);
   EXPECT_EQ(batches[2].waveforms.size(0), 2);
 }
 
@@ -157,7 +168,7 @@ TEST(LoaderTest, TooManyBrokenClipsInARowFailTheEpochWithTheirNames) {
   for (const auto& i : items) all.insert(i.path);
   auto o = Options(4);
   o.max_substitutions = 5;
-  auto l = Loader::Create(items, EncodingClip(8, all), o);
+  auto l = Loader::Create(items, EncodingClip(all), o);
   ASSERT_TRUE(l.ok());
   (*l)->StartEpoch(0);
   Batch b;
@@ -169,7 +180,7 @@ TEST(LoaderTest, TooManyBrokenClipsInARowFailTheEpochWithTheirNames) {
 
 TEST(LoaderTest, RestartingAnEpochMidwayStartsClean) {
   auto items = MakeItems(64);
-  auto l = Loader::Create(items, EncodingClip(8), Options(4));
+  auto l = Loader::Create(items, EncodingClip(), Options(4));
   ASSERT_TRUE(l.ok());
   (*l)->StartEpoch(0);
   Batch b;
@@ -183,13 +194,13 @@ TEST(LoaderTest, MaxBatchesAndRemainderPadding) {
   auto items = MakeItems(21);
   auto o = Options(4, 1, 2);
   o.drop_remainder = false;
-  auto l = Loader::Create(items, EncodingClip(8), o);
+  auto l = Loader::Create(items, EncodingClip(), o);
   ASSERT_TRUE(l.ok());
   auto plan = (*l)->Plan(0);
   ASSERT_EQ(plan.size(), 3u);      // 2 full global batches of 8, then 5 left
   EXPECT_EQ(plan[2].size(), 3u);   // ceil(5 / 2): padded from the start of the order
   o.max_batches = 1;
-  auto capped = Loader::Create(items, EncodingClip(8), o);
+  auto capped = Loader::Create(items, EncodingClip(), o);
   EXPECT_EQ((*capped)->BatchesPerEpoch(), 1);
 }
 
@@ -197,28 +208,50 @@ TEST(LoaderTest, BadOptionsAreNamed) {
   auto items = MakeItems(8);
   auto o = Options(4);
   o.rank = 2;
-  auto l = Loader::Create(items, EncodingClip(8), o);
+  auto l = Loader::Create(items, EncodingClip(), o);
   ASSERT_FALSE(l.ok());
   EXPECT_NE(l.status().message().find("rank = 2"), absl::string_view::npos);
-  auto big = Loader::Create(items, EncodingClip(8), Options(16));
+  auto big = Loader::Create(items, EncodingClip(), Options(16));
   ASSERT_FALSE(big.ok());
   EXPECT_NE(big.status().message().find("fewer than one global batch"), absl::string_view::npos);
   items[3].target = 9;
-  auto t = Loader::Create(items, EncodingClip(8), Options(4));
+  auto t = Loader::Create(items, EncodingClip(), Options(4));
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.status().message().find("item 3 (item3) has target 9"), absl::string_view::npos);
-  EXPECT_FALSE(Loader::Create({}, EncodingClip(8), Options(4)).ok());
+  EXPECT_FALSE(Loader::Create({}, EncodingClip(), Options(4)).ok());
 }
 
-TEST(LoaderTest, WrongClipLengthIsAnError) {
-  auto items = MakeItems(8);
-  auto l = Loader::Create(items, EncodingClip(5), Options(4));
+TEST(LoaderTest, EveryThreadDecodesRowsOfTheBatchInProgress) {
+  // One batch at a time (prefetch_batches 1) and 4 threads: the clips of that batch are decoded
+  // concurrently (a loader that gave each batch to one thread would decode one clip at a time).
+  auto items = MakeItems(48);
+  std::atomic<int> now{0}, most{0};
+  ClipFn inner = EncodingClip();
+  ClipFn slow = [&](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
+    const int n = ++now;
+    int m = most.load();
+    while (n > m && !most.compare_exchange_weak(m, n)) {
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    --now;
+    return inner(item, train, seed, out);
+  };
+  auto o = Options(8);
+  o.num_threads = 4;
+  o.prefetch_batches = 1;
+  auto l = Loader::Create(items, slow, o);
   ASSERT_TRUE(l.ok());
-  (*l)->StartEpoch(0);
-  Batch b;
-  auto r = (*l)->Next(&b);
-  ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.status().message().find("expected 8"), absl::string_view::npos);
+  auto batches = DrainEpoch(**l, 2);
+  ASSERT_EQ(batches.size(), 6u);
+  const auto plan = (*l)->Plan(2);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    EXPECT_EQ(batches[i].index, static_cast<int64_t>(i));
+    EXPECT_EQ(batches[i].items, plan[i]);
+    for (int64_t r = 0; r < batches[i].waveforms.size(0); ++r) {
+      EXPECT_EQ(batches[i].waveforms[r][0].item<float>(), static_cast<float>(batches[i].items[r]));
+    }
+  }
+  EXPECT_GE(most.load(), 2);
 }
 
 }  // namespace

@@ -21,10 +21,27 @@ bool Inaudible(const float* samples, int64_t n) {
   return true;
 }
 
-void SetProblem(ClipResult* result, AudioProblem problem, std::string message) {
+// The problem, and zeros in the clip.
+void SetProblem(ClipResult* result, absl::Span<float> out, AudioProblem problem, std::string message) {
   result->problem = problem;
   result->message = std::move(message);
-  std::fill(result->samples.begin(), result->samples.end(), 0.0f);
+  std::fill(out.begin(), out.end(), 0.0f);
+}
+
+absl::Status CheckRequest(const ClipRequest& request) {
+  if (request.sample_rate <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("clip sample_rate ", request.sample_rate, ": must be > 0"));
+  }
+  if (!(request.duration_s > 0) || !std::isfinite(request.duration_s)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("clip duration_s ", request.duration_s, ": must be > 0"));
+  }
+  if (!(request.max_seconds >= 0) || !std::isfinite(request.max_seconds)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("clip max_seconds ", request.max_seconds, ": must be >= 0"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -61,22 +78,23 @@ std::string CacheMismatch(const AudioCache& cache, const ClipRequest& request) {
 
 absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& path,
                                     const ClipRequest& request) {
-  if (request.sample_rate <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("clip sample_rate ", request.sample_rate, ": must be > 0"));
-  }
-  if (!(request.duration_s > 0) || !std::isfinite(request.duration_s)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("clip duration_s ", request.duration_s, ": must be > 0"));
-  }
-  if (!(request.max_seconds >= 0) || !std::isfinite(request.max_seconds)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("clip max_seconds ", request.max_seconds, ": must be >= 0"));
-  }
+  AVIARY_RETURN_IF_ERROR(CheckRequest(request));
+  std::vector<float> samples(static_cast<size_t>(ClipSamples(request)));
+  AVIARY_ASSIGN_OR_RETURN(ClipResult result, LoadClipInto(cache, path, request, absl::MakeSpan(samples)));
+  result.samples = std::move(samples);
+  return result;
+}
+
+absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::string& path,
+                                        const ClipRequest& request, absl::Span<float> out_clip) {
+  AVIARY_RETURN_IF_ERROR(CheckRequest(request));
   const int64_t clip = ClipSamples(request);
+  if (static_cast<int64_t>(out_clip.size()) != clip) {
+    return absl::InvalidArgumentError(absl::StrCat("clip of ", path, ": the destination holds ", out_clip.size(),
+                                                   " samples, the request's clip is ", clip));
+  }
   const int64_t limit = SampleLimit(request);
   ClipResult result;
-  result.samples.assign(static_cast<size_t>(clip), 0.0f);
   std::mt19937_64 rng(request.seed);
 
   const CacheEntry* entry = nullptr;
@@ -86,19 +104,22 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
   if (entry != nullptr) {
     result.from_cache = true;
     if (entry->problem != AudioProblem::kNone) {
-      SetProblem(&result, entry->problem, entry->message);
+      SetProblem(&result, out_clip, entry->problem, entry->message);
       return result;
     }
     absl::Span<const int16_t> samples = cache->Samples(*entry);
     result.audio_samples = Limited(static_cast<int64_t>(samples.size()), limit);
     result.plan = PlanClip(result.audio_samples, clip, request.mode, rng);
-    float* out = result.samples.data() + result.plan.pad_front;
+    float* front = out_clip.data();
+    std::fill(front, front + result.plan.pad_front, 0.0f);
+    float* out = front + result.plan.pad_front;
     const int16_t* in = samples.data() + result.plan.source_offset;
     for (int64_t i = 0; i < result.plan.source_length; ++i) out[i] = CacheSampleToFloat(in[i]);
+    std::fill(out + result.plan.source_length, out + result.plan.source_length + result.plan.pad_back, 0.0f);
   } else {
     AVIARY_ASSIGN_OR_RETURN(DecodeResult probe, ProbeAudio(path, request.sample_rate));
     if (!probe.ok()) {
-      SetProblem(&result, probe.failure.problem, probe.failure.message);
+      SetProblem(&result, out_clip, probe.failure.problem, probe.failure.message);
       return result;
     }
     DecodeOptions options;
@@ -109,7 +130,7 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
       result.audio_samples = Limited(probe.audio.total_samples, limit);
       result.plan = PlanClip(result.audio_samples, clip, request.mode, rng);
       if (result.plan.source_length == 0) {
-        SetProblem(&result, AudioProblem::kTooShort, absl::StrCat(path, ": no samples"));
+        SetProblem(&result, out_clip, AudioProblem::kTooShort, absl::StrCat(path, ": no samples"));
         return result;
       }
       // Exact: llround((k / rate) * rate) == k for every k below 2^52.
@@ -117,13 +138,13 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
       options.duration_s = static_cast<double>(result.plan.source_length) / request.sample_rate;
       AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
       if (!decoded.ok()) {
-        SetProblem(&result, decoded.failure.problem, decoded.failure.message);
+        SetProblem(&result, out_clip, decoded.failure.problem, decoded.failure.message);
         return result;
       }
       window = std::move(decoded.audio.samples);
       if (static_cast<int64_t>(window.size()) != result.plan.source_length) {
         SetProblem(
-            &result, AudioProblem::kTruncated,
+            &result, out_clip, AudioProblem::kTruncated,
             absl::StrCat(path, ": decoded ", window.size(), " of the ", result.plan.source_length,
                          " samples the header promises at ", result.plan.source_offset));
         return result;
@@ -134,7 +155,7 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
       options.duration_s = request.max_seconds;
       AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
       if (!decoded.ok()) {
-        SetProblem(&result, decoded.failure.problem, decoded.failure.message);
+        SetProblem(&result, out_clip, decoded.failure.problem, decoded.failure.message);
         return result;
       }
       result.audio_samples = Limited(static_cast<int64_t>(decoded.audio.samples.size()), limit);
@@ -143,12 +164,12 @@ absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& 
           decoded.audio.samples.begin() + result.plan.source_offset,
           decoded.audio.samples.begin() + result.plan.source_offset + result.plan.source_length);
     }
-    FillClip(result.plan, window.data(), result.samples.data());
+    FillClip(result.plan, window.data(), out_clip.data());
   }
   if (result.plan.source_length == 0) {
-    SetProblem(&result, AudioProblem::kTooShort, absl::StrCat(path, ": no samples"));
-  } else if (Inaudible(result.samples.data() + result.plan.pad_front, result.plan.source_length)) {
-    SetProblem(&result, AudioProblem::kSilent,
+    SetProblem(&result, out_clip, AudioProblem::kTooShort, absl::StrCat(path, ": no samples"));
+  } else if (Inaudible(out_clip.data() + result.plan.pad_front, result.plan.source_length)) {
+    SetProblem(&result, out_clip, AudioProblem::kSilent,
                absl::StrCat(path, ": the ", result.plan.source_length, " samples at ",
                             result.plan.source_offset, " are all zero (at 16 bits)"));
   }

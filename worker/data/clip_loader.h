@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "common/config.h"
 #include "worker/data/audio.h"
 #include "worker/data/audio_cache.h"
@@ -41,7 +42,7 @@ struct ClipRequest {
 };
 
 struct ClipResult {
-  std::vector<float> samples;  // exactly ClipSamples(request); zeros on a problem
+  std::vector<float> samples;  // exactly ClipSamples(request); zeros on a problem (LoadClipInto: empty)
   AudioProblem problem = AudioProblem::kNone;
   std::string message;
   ClipPlan plan;              // how the clip was cut (meaningful when ok())
@@ -58,6 +59,11 @@ int64_t ClipSamples(const ClipRequest& request);
 // resampler failures; file problems are never errors.
 absl::StatusOr<ClipResult> LoadClip(const AudioCache* cache, const std::string& path,
                                     const ClipRequest& request);
+// LoadClip writing the clip into `out` (exactly ClipSamples(request) floats; zeros on a problem)
+// rather than into ClipResult::samples, which stays empty: the loader decodes each clip straight
+// into its row of the batch. INVALID_ARGUMENT, too, when `out` has another size.
+absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::string& path,
+                                        const ClipRequest& request, absl::Span<float> out);
 
 // Why `cache` cannot serve `request` (another rate or channel mode, or a shorter cut than the
 // request may use), naming both; "" when it can.
