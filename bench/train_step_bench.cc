@@ -8,7 +8,8 @@
 //                    [--cudnn-benchmark auto|on|off]
 //                    [--profile FILE] [--cuda-graph] [--graph-check N]
 //
-// wave: waveforms [B, seconds x sample_rate] on the host (pinned on CUDA) and class ids, then
+// wave: waveforms [B, seconds x sample_rate] on the host (pinned on CUDA) and class ids, copied
+// to the device one step ahead on a copy stream as the trainer does (worker/device_copy.h), then
 // the trainer's step: augmentation, the mel front end with SpecAugment, the model (bf16
 // autocast on CUDA), the loss, backward, the optimizer; the loss is read on the host every step
 // as the trainer does. mel: the model step alone on random front-end-shaped input already on
@@ -48,6 +49,7 @@
 #include "common/config.h"
 #include "common/cli.h"
 #include "worker/cuda_graph_step.h"
+#include "worker/device_copy.h"
 #include "worker/frontend.h"
 #include "worker/models.h"
 #include "worker/optimizer.h"
@@ -185,15 +187,23 @@ int main(int argc, char** argv) {
   (*model)->train();
 
   int64_t counter = 0;
+  aviary::worker::DeviceCopier copier(device);
+  aviary::worker::DeviceCopier::InFlight ahead;  // the next step's waveforms, on their way
   // One eager step (the trainer's); its loss.
   auto eager_step = [&]() -> absl::StatusOr<double> {
     aviary::worker::StepSeeds seeds{static_cast<uint64_t>(3 * counter), static_cast<uint64_t>(3 * counter + 1),
                                     static_cast<uint64_t>(3 * counter + 2)};
     ++counter;
-    aviary::worker::StepForward fwd = input == "wave" ? step.Forward(wave, ids, seeds)
-                                                      : step.ForwardFeatures(feats, onehot, seeds.dropout);
+    aviary::worker::StepForward fwd;
+    if (input == "wave") {
+      if (!ahead.tensor.defined()) ahead = copier.Start(wave);
+      fwd = step.Forward(copier.Take(std::move(ahead)), ids, seeds);
+    } else {
+      fwd = step.ForwardFeatures(feats, onehot, seeds.dropout);
+    }
     const double loss = fwd.loss.item<double>();  // the trainer's non-finite check
     if (absl::Status st = step.Update(fwd.loss); !st.ok()) return st;
+    if (input == "wave") ahead = copier.Start(wave);  // the trainer's next batch
     return loss;
   };
   // One graphed step: the replay (forward, loss, backward), then what TrainStep::Apply does
@@ -302,11 +312,11 @@ int main(int argc, char** argv) {
   std::vector<double> sorted = rates;
   std::sort(sorted.begin(), sorted.end());
   std::printf("side=aviary torch=%s device=%s model=%s batch=%lld input=%s compile=0 bf16=%d "
-              "channels_last=%d cudnn_benchmark=%d threads=%d steps=%lld rounds=%lld warmup_s=%.2f "
+              "channels_last=%d cudnn_benchmark=%d copy_ahead=%d threads=%d steps=%lld rounds=%lld warmup_s=%.2f "
               "aviary_samples_per_s=%.2f aviary_median_samples_per_s=%.2f%s\n",
               TORCH_VERSION, device.str().c_str(), config.model.name.c_str(),
               static_cast<long long>(batch), input.c_str(), autocast ? 1 : 0, channels_last ? 1 : 0,
-              benchmark_cudnn ? 1 : 0,
+              benchmark_cudnn ? 1 : 0, input == "wave" && copier.overlaps() ? 1 : 0,
               at::get_num_threads(), static_cast<long long>(steps), static_cast<long long>(rounds),
               warmup_s, sorted.back(), sorted[sorted.size() / 2], graph_report.c_str());
   return 0;

@@ -1,4 +1,5 @@
 #include "worker/cuda_graph_step.h"
+#include "worker/device_copy.h"
 
 #include <exception>
 #include <utility>
@@ -176,6 +177,47 @@ class CudaGraphModelStep final : public GraphedModelStep {
 
 bool GraphedModelStep::Built() { return true; }
 
+struct DeviceCopier::Stream {
+  c10::cuda::CUDAStream stream;
+};
+struct DeviceCopier::Event {
+  at::cuda::CUDAEvent event;
+};
+
+DeviceCopier::DeviceCopier(c10::Device device) : device_(device) {
+  if (!device_.is_cuda()) return;
+  stream_ = std::make_unique<Stream>(
+      Stream{c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device_.index())});
+}
+
+DeviceCopier::~DeviceCopier() = default;
+
+DeviceCopier::InFlight DeviceCopier::Start(const at::Tensor& host) {
+  if (stream_ == nullptr) return InFlight{host, nullptr};
+  c10::cuda::CUDAGuard device_guard(device_.index());
+  InFlight out;
+  {
+    // The destination comes from the copy stream's pool; the copy reads the host tensor, which
+    // the loader finished writing before handing it over (nothing on the device to wait for).
+    c10::cuda::CUDAStreamGuard stream_guard(stream_->stream);
+    out.tensor = host.to(device_, /*non_blocking=*/true);
+    out.event = std::make_shared<Event>();
+    out.event->event.record(stream_->stream);
+  }
+  return out;
+}
+
+at::Tensor DeviceCopier::Take(InFlight in_flight) {
+  if (in_flight.event == nullptr) return std::move(in_flight.tensor);
+  c10::cuda::CUDAGuard device_guard(device_.index());
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
+  in_flight.event->event.block(current);
+  // Allocated on the copy stream, used on this one: its memory is not reused until this
+  // stream's work queued so far (and from now on, until it is freed) is done.
+  in_flight.tensor.record_stream(current);
+  return std::move(in_flight.tensor);
+}
+
 absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
     const common::TrainConfig& train, TrainStep* step, AdamOptimizer* optimizer,
     const at::Tensor& features, const at::Tensor& targets, int warmup) {
@@ -188,6 +230,14 @@ absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
 #else  // a torch without CUDA: CheckSupported refuses
 
 bool GraphedModelStep::Built() { return false; }
+
+struct DeviceCopier::Stream {};
+struct DeviceCopier::Event {};
+
+DeviceCopier::DeviceCopier(c10::Device device) : device_(device) {}
+DeviceCopier::~DeviceCopier() = default;
+DeviceCopier::InFlight DeviceCopier::Start(const at::Tensor& host) { return InFlight{host, nullptr}; }
+at::Tensor DeviceCopier::Take(InFlight in_flight) { return std::move(in_flight.tensor); }
 
 absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
     const common::TrainConfig& train, TrainStep* step, AdamOptimizer* /*optimizer*/,

@@ -41,6 +41,7 @@
 #include "worker/comm/communicator.h"
 #include "worker/comm/reducer.h"
 #include "worker/cuda_graph_step.h"
+#include "worker/device_copy.h"
 #include "worker/frontend.h"
 #include "worker/loader.h"
 #include "worker/loss.h"
@@ -240,6 +241,8 @@ struct Trainer::State {
   std::unique_ptr<TrainStep> step_fn;
   // train.cuda_graph: the model step's graph, captured at the first batch of batch_size.
   std::unique_ptr<GraphedModelStep> graph;
+  // The training batches' waveforms to the device, one batch ahead (worker/device_copy.h).
+  std::unique_ptr<DeviceCopier> copier;
   int rank = 0;
   int world = 1;
   FaultPlan fault;
@@ -338,6 +341,9 @@ struct Trainer::State {
   }
   // TrainEpoch's steps, in order.
   EpochTally StartEpoch(int epoch);
+  // The loader's next batch (false at the epoch's end), its waveforms' copy to the device
+  // started; `wait`: the seconds the loader kept the host waiting.
+  absl::StatusOr<bool> NextBatch(Batch* batch, DeviceCopier::InFlight* copy, double* wait);
   absl::Status TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t);
   // train.cuda_graph: `batch`'s forward, loss and backward as a replay of the graph (captured
   // now if not yet); true then. A batch of another size takes the eager Forward (false: the
@@ -933,6 +939,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   AVIARY_RETURN_IF_ERROR(s->BuildModel());
   AVIARY_RETURN_IF_ERROR(s->Resume());
   AVIARY_RETURN_IF_ERROR(s->JoinGroup());
+  s->copier = std::make_unique<DeviceCopier>(options.device);
   s->step_fn = std::make_unique<TrainStep>(s->config, s->train, s->frontend.get(), s->model.get(),
                                            s->optimizer.get(), s->reducer.get(), options.device,
                                            s->autocast);
@@ -948,26 +955,41 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
 
 absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
   EpochTally t = StartEpoch(epoch);
-  for (int64_t s = t.first_batch;; ++s) {
-    if (step_fn->pending_micro_batches() == 0) {
-      t.step_start = std::chrono::steady_clock::now();
-      t.allreduce_before = AllReduceSeconds();
-      t.step_samples = 0;
-    }
-    const auto wait_start = std::chrono::steady_clock::now();
-    Batch batch;
-    AVIARY_ASSIGN_OR_RETURN(bool more, train_loader->Next(&batch));
-    if (!more) break;
-    const double data_wait = Seconds(wait_start);
+  // An optimizer step's time runs from the fetch of its first batch.
+  auto begin_step = [&] {
+    if (step_fn->pending_micro_batches() != 0) return;
+    t.step_start = std::chrono::steady_clock::now();
+    t.allreduce_before = AllReduceSeconds();
+    t.step_samples = 0;
+  };
+  // One batch ahead: batch s + 1 is fetched and its copy to the device started once step s is
+  // queued, so that the copy runs while the device trains on batch s.
+  Batch batch;
+  DeviceCopier::InFlight copy;
+  double data_wait = 0;
+  begin_step();
+  AVIARY_ASSIGN_OR_RETURN(bool more, NextBatch(&batch, &copy, &data_wait));
+  for (int64_t s = t.first_batch; more; ++s) {
     t.data_wait += data_wait;
     // Stops only between optimizer steps (no micro-batch gathered).
     if (step_fn->pending_micro_batches() == 0 && options.should_stop && options.should_stop()) {
       return StopMidEpoch(t, s);
     }
+    batch.waveforms = copier->Take(std::move(copy));
     AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, data_wait, &t));
+    begin_step();
+    AVIARY_ASSIGN_OR_RETURN(more, NextBatch(&batch, &copy, &data_wait));
   }
   if (options.progress_bar) std::fprintf(stderr, "\n");
   return FinishEpoch(t);
+}
+
+absl::StatusOr<bool> Trainer::State::NextBatch(Batch* batch, DeviceCopier::InFlight* copy, double* wait) {
+  const auto wait_start = std::chrono::steady_clock::now();
+  AVIARY_ASSIGN_OR_RETURN(bool more, train_loader->Next(batch));
+  *wait = Seconds(wait_start);
+  *copy = more ? copier->Start(batch->waveforms) : DeviceCopier::InFlight();
+  return more;
 }
 
 absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
