@@ -6,6 +6,9 @@
 //   loader:    the loader alone (the consumer only takes batches);
 //   synthetic: front end + model forward/backward + optimizer on a fixed random batch;
 //   real:      the same steps fed by the loader, with the time the consumer waited for data.
+// With AVIARY_LOADER_BENCH_ONLY set, the loader's figure alone (STEPS batches; what a GPU host's
+// decode threads can feed, bench/gpu/acceptance.sh's `loader` row). Batches are in pinned memory
+// where torch has a CUDA device, as the trainer's.
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
@@ -75,6 +78,7 @@ int main(int argc, char** argv) {
   lo.num_threads = train.num_workers;
   lo.clip_samples = worker::ClipSamples(base);
   lo.num_classes = static_cast<int>(table->class_names.size());
+  lo.pin_memory = at::hasCUDA();
   auto make_loader = [&] { return worker::Loader::Create(items, clip, lo); };
 
   // 1. The loader alone.
@@ -90,7 +94,8 @@ int main(int argc, char** argv) {
   const double loader_rate = n / Since(t0);
   if (std::getenv("AVIARY_LOADER_BENCH_ONLY") != nullptr) {  // the loader's figure alone
     std::cout << "loader alone:       " << loader_rate << " samples/s (" << lo.num_threads << " thread(s), batch "
-              << lo.batch_size << ")\n";
+              << lo.batch_size << ", " << config->data.duration << " s clips" << (lo.pin_memory ? ", pinned" : "")
+              << ")\n";
     return 0;
   }
 

@@ -9,7 +9,8 @@
 //                    [--profile FILE] [--cuda-graph] [--graph-check N]
 //
 // wave: waveforms [B, seconds x sample_rate] on the host (pinned on CUDA) and class ids, copied
-// to the device one step ahead on a copy stream as the trainer does (worker/device_copy.h), then
+// to the device one step ahead on a copy stream, started before the step as the trainer does
+// (worker/device_copy.h), then
 // the trainer's step: augmentation, the mel front end with SpecAugment, the model (bf16
 // autocast on CUDA), the loss, backward, the optimizer; the loss is read on the host every step
 // as the trainer does. mel: the model step alone on random front-end-shaped input already on
@@ -197,13 +198,14 @@ int main(int argc, char** argv) {
     aviary::worker::StepForward fwd;
     if (input == "wave") {
       if (!ahead.tensor.defined()) ahead = copier.Start(wave);
-      fwd = step.Forward(copier.Take(std::move(ahead)), ids, seeds);
+      at::Tensor x = copier.Take(std::move(ahead));
+      ahead = copier.Start(wave);  // the trainer's next batch, copied during this step
+      fwd = step.Forward(x, ids, seeds);
     } else {
       fwd = step.ForwardFeatures(feats, onehot, seeds.dropout);
     }
     const double loss = fwd.loss.item<double>();  // the trainer's non-finite check
     if (absl::Status st = step.Update(fwd.loss); !st.ok()) return st;
-    if (input == "wave") ahead = copier.Start(wave);  // the trainer's next batch
     return loss;
   };
   // One graphed step: the replay (forward, loss, backward), then what TrainStep::Apply does

@@ -3,14 +3,15 @@
 // A non-blocking copy from pinned memory issued on the compute stream still waits in that stream
 // for the kernels queued before it, and the next kernels wait for it: the 328 MB of a batch of
 // 256 ten-second clips (float32) were copy time added to every step on the H200. Issued on a
-// side stream while the GPU trains on the previous batch, the copy runs on the copy engine in
-// parallel with that batch's backward and update; the compute stream then waits only for the
-// copy's event.
+// side stream before the previous batch's step is queued, the copy runs on the copy engine in
+// parallel with that step's forward and backward; the compute stream then waits only for the
+// copy's event. (Started after the step, it would overlap little: the trainer waits for the
+// device at the loss and, with a reducer, after backward.)
 //
 //   DeviceCopier copier(device);
-//   DeviceCopier::InFlight next = copier.Start(batch.waveforms);  // after step n is queued
-//   ...
-//   at::Tensor x = copier.Take(std::move(next));                   // at step n + 1
+//   DeviceCopier::InFlight next = copier.Start(batch_n1.waveforms);  // before step n is queued
+//   ... step n ...
+//   at::Tensor x = copier.Take(std::move(next));                      // at step n + 1
 //
 // Start() allocates the device tensor on the copy stream and records an event after the copy;
 // Take() makes the current stream wait for that event and records the tensor's use on the

@@ -62,7 +62,7 @@ using ClipFn = std::function<ClipData(const LoaderItem& item, bool train, uint64
 struct LoaderOptions {
   int batch_size = 32;         // per rank
   int num_threads = 2;         // decode threads
-  int prefetch_batches = 4;    // ready batches held at most
+  int prefetch_batches = 4;    // batches in progress or ready, ahead of the consumer, at most
   bool train = true;
   bool drop_remainder = true;  // training only
   uint32_t seed = 42;

@@ -962,8 +962,10 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     t.allreduce_before = AllReduceSeconds();
     t.step_samples = 0;
   };
-  // One batch ahead: batch s + 1 is fetched and its copy to the device started once step s is
-  // queued, so that the copy runs while the device trains on batch s.
+  // One batch ahead: batch s + 1 is fetched and its copy to the device started before step s
+  // is queued, so that the copy runs during step s's forward and backward (the step waits for
+  // the device at its loss, and the reducer after backward: a copy started after the step would
+  // overlap its optimizer update at most).
   Batch batch;
   DeviceCopier::InFlight copy;
   double data_wait = 0;
@@ -976,9 +978,15 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
       return StopMidEpoch(t, s);
     }
     batch.waveforms = copier->Take(std::move(copy));
-    AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, data_wait, &t));
+    const double batch_wait = data_wait;
+    Batch next;
+    DeviceCopier::InFlight next_copy;
+    AVIARY_ASSIGN_OR_RETURN(const bool next_more, NextBatch(&next, &next_copy, &data_wait));
+    AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, batch_wait, &t));
     begin_step();
-    AVIARY_ASSIGN_OR_RETURN(more, NextBatch(&batch, &copy, &data_wait));
+    batch = std::move(next);
+    copy = std::move(next_copy);
+    more = next_more;
   }
   if (options.progress_bar) std::fprintf(stderr, "\n");
   return FinishEpoch(t);

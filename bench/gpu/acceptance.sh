@@ -65,7 +65,7 @@ elif [ -n "$build" ]; then
 else
   echo "acceptance.sh: give --pack DIR (bench/gpu/pack.sh) or --build DIR" >&2; exit 2
 fi
-for b in "$bin/aviary" "$bin/aviary-worker" "$benchbin/train_step_bench" "$benchbin/frontend_bench"; do
+for b in "$bin/aviary" "$bin/aviary-worker" "$benchbin/train_step_bench" "$benchbin/frontend_bench" "$benchbin/loader_bench"; do
   [ -x "$b" ] || { echo "acceptance.sh: $b is missing" >&2; exit 2; }
 done
 mkdir -p "$out" || exit 2
@@ -407,6 +407,20 @@ if [ -n "$we" ] || [ -n "$wg" ]; then
     "the last epoch's time the training thread waited for a ready batch"
 else
   record datapath_loader_wait SKIP - - - - "no data-path run logged its loader wait"
+fi
+
+# The loader alone on this host (the cache, the decode threads, pinned batches; no GPU step):
+# how fast the data path can be fed, against the synthetic-input step.
+if run loader env AVIARY_LOADER_BENCH_ONLY=1 "$benchbin/loader_bench" "$work/b0.yaml" $([ $dry -eq 1 ] && echo 4 || echo 40); then
+  l=$(sed -n 's/^loader alone: *\([0-9.e+]*\) samples\/s.*/\1/p' "$work/loader.out" | tail -1)
+  if [ -n "$l" ]; then
+    record loader INFO "$l samples/s" "$a samples/s" "$(ratio "$l" "$a")" - \
+      "the loader alone: $threads threads, batch $batch_b0 of ${clip_s} s clips, vs the synthetic-input step"
+  else
+    record loader FAIL - - - - "loader_bench printed no rate (see the log)"
+  fi
+else
+  record loader FAIL - - - - "loader_bench failed (see the log)"
 fi
 
 # 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).

@@ -14,7 +14,7 @@
 set -euo pipefail
 build=${1:?usage: pack.sh BUILD_DIR [OUT_DIR]}
 out=${2:-.gpu}
-programs=(aviary aviary-worker train_step_bench frontend_bench)
+programs=(aviary aviary-worker train_step_bench frontend_bench loader_bench)
 # The programs are in BUILD_DIR/bin, the benchmarks in BUILD_DIR/bench.
 path_of() { if [ -x "$build/bin/$1" ]; then echo "$build/bin/$1"; else echo "$build/bench/$1"; fi; }
 rm -rf "$out"

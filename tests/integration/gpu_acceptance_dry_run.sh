@@ -28,7 +28,7 @@ else
 fi
 cat "$tmp/run.log" | tail -25
 for check in machine corpus train resume train_graph train_graph_partial train_graph_options resume_graph predict mel \
-    step_vs_eager step_graph step_vs_compile step_wave datapath datapath_graph datapath_loader_wait allreduce_share \
+    step_vs_eager step_graph step_vs_compile step_wave datapath datapath_graph datapath_loader_wait loader allreduce_share \
     allreduce projection_8gpu; do
   grep -q "^$check	" "$tmp/out/results.tsv" || fail "results.tsv lacks the check '$check'"
 done

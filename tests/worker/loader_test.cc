@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "gtest/gtest.h"
+#include "worker/device_copy.h"
 
 namespace aviary::worker {
 namespace {
@@ -252,6 +253,89 @@ TEST(LoaderTest, EveryThreadDecodesRowsOfTheBatchInProgress) {
     }
   }
   EXPECT_GE(most.load(), 2);
+}
+
+TEST(LoaderTest, AnEpochStartedAgainMidwayDropsTheRowsInFlight) {
+  // Slow clips and 4 threads: when the same epoch starts again from batch 3, rows of the first
+  // start are still being decoded; none of them may reach the new start's batches.
+  auto items = MakeItems(64);
+  ClipFn inner = EncodingClip();
+  ClipFn slow = [&](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    return inner(item, train, seed, out);
+  };
+  auto o = Options(4);
+  o.num_threads = 4;
+  auto l = Loader::Create(items, slow, o);
+  ASSERT_TRUE(l.ok());
+  (*l)->StartEpoch(0);
+  Batch b;
+  ASSERT_TRUE(*(*l)->Next(&b));
+  (*l)->StartEpoch(0, 3);
+  std::vector<Batch> batches;
+  while (true) {
+    auto more = (*l)->Next(&b);
+    ASSERT_TRUE(more.ok()) << more.status();
+    if (!*more) break;
+    EXPECT_LE((*l)->QueueDepth(), o.prefetch_batches);
+    batches.push_back(b);
+  }
+  const auto plan = (*l)->Plan(0);
+  ASSERT_EQ(batches.size(), plan.size() - 3);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    EXPECT_EQ(batches[i].index, static_cast<int64_t>(i + 3));
+    EXPECT_EQ(batches[i].items, plan[i + 3]);
+    for (int64_t r = 0; r < batches[i].waveforms.size(0); ++r) {
+      EXPECT_EQ(batches[i].waveforms[r][0].item<float>(), static_cast<float>(batches[i].items[r]));
+    }
+  }
+}
+
+TEST(LoaderTest, AFailedEpochLeavesTheThreadsReadyForTheNext) {
+  // Every clip broken: the epoch fails (several threads meet the error); the next epoch, with
+  // the files fixed, runs whole.
+  auto items = MakeItems(32);
+  std::atomic<bool> broken{true};
+  ClipFn inner = EncodingClip();
+  ClipFn flaky = [&](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
+    if (broken.load()) return ClipData{"truncated", item.path + ": truncated"};
+    return inner(item, train, seed, out);
+  };
+  auto o = Options(4);
+  o.num_threads = 4;
+  o.max_substitutions = 3;
+  auto l = Loader::Create(items, flaky, o);
+  ASSERT_TRUE(l.ok());
+  (*l)->StartEpoch(0);
+  Batch b;
+  auto r = (*l)->Next(&b);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
+  broken = false;
+  auto batches = DrainEpoch(**l, 1);
+  ASSERT_EQ(batches.size(), 8u);
+  for (const Batch& batch : batches) EXPECT_EQ(batch.waveforms.size(0), 4);
+}
+
+// DeviceCopier (worker/device_copy.h): on the CPU the batch's own tensor comes back; on CUDA the
+// copy started ahead, on its own stream while the compute stream is busy, is what the work
+// queued after Take() reads. The CUDA half is skipped without a GPU (CI has none).
+TEST(DeviceCopierTest, CopiesAheadOrHandsTheHostTensorBack) {
+  DeviceCopier cpu(c10::Device(c10::kCPU));
+  EXPECT_FALSE(cpu.overlaps());
+  const at::Tensor host = at::arange(12, at::kFloat).reshape({3, 4});
+  EXPECT_TRUE(cpu.Take(cpu.Start(host)).is_same(host));
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device here: the copy stream is not exercised";
+  const c10::Device gpu(c10::kCUDA, 0);
+  DeviceCopier copier(gpu);
+  EXPECT_TRUE(copier.overlaps());
+  const at::Tensor pinned = at::randn({64, 32000}).pin_memory();
+  at::Tensor busy = at::randn({2048, 2048}, at::TensorOptions().device(gpu));
+  DeviceCopier::InFlight in_flight = copier.Start(pinned);
+  for (int i = 0; i < 20; ++i) busy = busy.matmul(busy).div_(busy.norm());
+  const at::Tensor x = copier.Take(std::move(in_flight));
+  EXPECT_TRUE(x.is_cuda());
+  EXPECT_TRUE(at::equal((x * 2).cpu(), pinned * 2));
 }
 
 }  // namespace
