@@ -62,6 +62,13 @@ std::vector<Batch> DrainEpoch(Loader& loader, int epoch) {
   return out;
 }
 
+// Each row of `b` holds its item's clip (EncodingClip's first sample), not another row's.
+void ExpectRowsHoldTheirItems(const Batch& b) {
+  for (int64_t r = 0; r < b.waveforms.size(0); ++r) {
+    EXPECT_EQ(b.waveforms[r][0].item<float>(), static_cast<float>(b.items[r])) << "batch " << b.index << " row " << r;
+  }
+}
+
 TEST(LoaderTest, TwoRanksSeeWhatOneRankWithDoubleBatchSees) {
   auto items = MakeItems(50);
   auto one = Loader::Create(items, EncodingClip(), Options(8));
@@ -137,9 +144,7 @@ TEST(LoaderTest, BrokenTrainingClipsAreSubstitutedAndCounted) {
   for (const Batch& b : batches) {
     EXPECT_EQ(b.waveforms.size(0), 8);  // batches keep their size
     for (int64_t item : b.items) EXPECT_FALSE(broken.count(items[item].path)) << item;
-    for (int64_t r = 0; r < b.waveforms.size(0); ++r) {  // each row holds its substitute's clip
-      EXPECT_EQ(b.waveforms[r][0].item<float>(), static_cast<float>(b.items[r]));
-    }
+    ExpectRowsHoldTheirItems(b);  // each row holds its substitute's clip
   }
   EXPECT_EQ((*l)->Stats().problems.at("truncated"), 3);
   // The substitutes are deterministic.
@@ -156,9 +161,7 @@ TEST(LoaderTest, BrokenValidationClipsAreLeftOut) {
   ASSERT_EQ(batches.size(), 3u);
   EXPECT_EQ(batches[0].waveforms.size(0), 3);
   EXPECT_EQ(batches[0].items, (std::vector<int64_t>{0, 1, 3}));
-  for (int64_t r = 0; r < 3; ++r) {  // the rows after the left-out one moved up
-    EXPECT_EQ(batches[0].waveforms[r][0].item<float>(), static_cast<float>(batches[0].items[r]));
-  }
+  ExpectRowsHoldTheirItems(batches[0]);  // the rows after the left-out one moved up
   EXPECT_EQ(batches[0].targets[2].item<int64_t>(), 3);
   EXPECT_EQ(batches[2].waveforms.size(0), 2);
 }
@@ -248,9 +251,7 @@ TEST(LoaderTest, EveryThreadDecodesRowsOfTheBatchInProgress) {
   for (size_t i = 0; i < batches.size(); ++i) {
     EXPECT_EQ(batches[i].index, static_cast<int64_t>(i));
     EXPECT_EQ(batches[i].items, plan[i]);
-    for (int64_t r = 0; r < batches[i].waveforms.size(0); ++r) {
-      EXPECT_EQ(batches[i].waveforms[r][0].item<float>(), static_cast<float>(batches[i].items[r]));
-    }
+    ExpectRowsHoldTheirItems(batches[i]);
   }
   EXPECT_GE(most.load(), 2);
 }
@@ -285,9 +286,7 @@ TEST(LoaderTest, AnEpochStartedAgainMidwayDropsTheRowsInFlight) {
   for (size_t i = 0; i < batches.size(); ++i) {
     EXPECT_EQ(batches[i].index, static_cast<int64_t>(i + 3));
     EXPECT_EQ(batches[i].items, plan[i + 3]);
-    for (int64_t r = 0; r < batches[i].waveforms.size(0); ++r) {
-      EXPECT_EQ(batches[i].waveforms[r][0].item<float>(), static_cast<float>(batches[i].items[r]));
-    }
+    ExpectRowsHoldTheirItems(batches[i]);
   }
 }
 
