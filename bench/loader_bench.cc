@@ -6,9 +6,10 @@
 //   loader:    the loader alone (the consumer only takes batches);
 //   synthetic: front end + model forward/backward + optimizer on a fixed random batch;
 //   real:      the same steps fed by the loader, with the time the consumer waited for data.
-// With AVIARY_LOADER_BENCH_ONLY set, the loader's figure alone (STEPS batches; what a GPU host's
-// decode threads can feed, bench/gpu/acceptance.sh's `loader` row). Batches are in pinned memory
-// where torch has a CUDA device, as the trainer's.
+// With AVIARY_LOADER_BENCH_ONLY set, the loader's figure alone: STEPS batches timed after
+// prefetch_batches + 1 untimed ones, what a GPU host's decode threads can feed
+// (bench/gpu/acceptance.sh's `loader` row). Batches are in pinned memory where torch has a CUDA
+// device, as the trainer's.
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
@@ -81,21 +82,33 @@ int main(int argc, char** argv) {
   lo.pin_memory = at::hasCUDA();
   auto make_loader = [&] { return worker::Loader::Create(items, clip, lo); };
 
-  // 1. The loader alone.
+  // 1. The loader alone. Alone, the first prefetch_batches + 1 batches are not timed: the first
+  // (pinned) allocations and the empty queue at the start are not the steady rate.
+  const bool only = std::getenv("AVIARY_LOADER_BENCH_ONLY") != nullptr;
+  const int64_t untimed = only ? lo.prefetch_batches + 1 : 0;
   auto loader = make_loader();
   if (!loader.ok()) return Die(loader.status());
-  int64_t n = 0;
+  int64_t n = 0, batches = 0;
   auto t0 = Clock::now();
-  for (int epoch = 0; n < static_cast<int64_t>(steps) * lo.batch_size; ++epoch) {
+  for (int epoch = 0; batches < untimed + steps; ++epoch) {
     (*loader)->StartEpoch(epoch);
     worker::Batch b;
-    while (n < static_cast<int64_t>(steps) * lo.batch_size && *(*loader)->Next(&b)) n += b.waveforms.size(0);
+    while (batches < untimed + steps) {
+      absl::StatusOr<bool> more = (*loader)->Next(&b);
+      if (!more.ok()) return Die(more.status());
+      if (!*more) break;
+      if (++batches == untimed) {
+        t0 = Clock::now();
+      } else if (batches > untimed) {
+        n += b.waveforms.size(0);
+      }
+    }
   }
   const double loader_rate = n / Since(t0);
-  if (std::getenv("AVIARY_LOADER_BENCH_ONLY") != nullptr) {  // the loader's figure alone
+  if (only) {  // the loader's figure alone
     std::cout << "loader alone:       " << loader_rate << " samples/s (" << lo.num_threads << " thread(s), batch "
               << lo.batch_size << ", " << config->data.duration << " s clips" << (lo.pin_memory ? ", pinned" : "")
-              << ")\n";
+              << "; " << steps << " batches timed after " << untimed << ")\n";
     return 0;
   }
 

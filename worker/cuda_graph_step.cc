@@ -187,7 +187,7 @@ struct DeviceCopier::Event {
 DeviceCopier::DeviceCopier(c10::Device device) : device_(device) {
   if (!device_.is_cuda()) return;
   // From the high-priority pool: never the stream a CUDA graph is captured on (the low-priority
-  // pool's), and copies start as soon as the copy engine is free.
+  // pool's).
   stream_ = std::make_unique<Stream>(
       Stream{c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_.index())});
 }

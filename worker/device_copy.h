@@ -6,7 +6,7 @@
 // side stream before the previous batch's step is queued, the copy runs on the copy engine in
 // parallel with that step's forward and backward; the compute stream then waits only for the
 // copy's event. (Started after the step, it would overlap little: the trainer waits for the
-// device at the loss and, with a reducer, after backward.)
+// device at the loss and, with a CUDA graph, a reducer or clipping, after backward too.)
 //
 //   DeviceCopier copier(device);
 //   DeviceCopier::InFlight next = copier.Start(batch_n1.waveforms);  // before step n is queued

@@ -243,6 +243,8 @@ struct Trainer::State {
   std::unique_ptr<GraphedModelStep> graph;
   // The training batches' waveforms to the device, one batch ahead (worker/device_copy.h).
   std::unique_ptr<DeviceCopier> copier;
+  // Batches TrainEpoch took from the loader ahead of the one training (counted as queued).
+  int held_batches = 0;
   int rank = 0;
   int world = 1;
   FaultPlan fault;
@@ -955,39 +957,47 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
 
 absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
   EpochTally t = StartEpoch(epoch);
-  // An optimizer step's time runs from the fetch of its first batch.
+  // An optimizer step's time runs from the end of the previous one (true: a step began).
   auto begin_step = [&] {
-    if (step_fn->pending_micro_batches() != 0) return;
+    if (step_fn->pending_micro_batches() != 0) return false;
     t.step_start = std::chrono::steady_clock::now();
     t.allreduce_before = AllReduceSeconds();
     t.step_samples = 0;
+    return true;
   };
   // One batch ahead: batch s + 1 is fetched and its copy to the device started before step s
-  // is queued, so that the copy runs during step s's forward and backward (the step waits for
-  // the device at its loss, and the reducer after backward: a copy started after the step would
-  // overlap its optimizer update at most).
+  // is queued, so that the copy runs during step s's forward and backward. (The step waits for
+  // the device at its loss; with a CUDA graph, a reducer or clipping, after backward too: a copy
+  // started after the step would overlap its optimizer update at most.)
   Batch batch;
   DeviceCopier::InFlight copy;
-  double data_wait = 0;
+  double step_wait = 0;  // the loader's waits within the optimizer step (as its step_seconds)
+  auto fetch = [&](Batch* b, DeviceCopier::InFlight* c) -> absl::StatusOr<bool> {
+    double wait = 0;
+    AVIARY_ASSIGN_OR_RETURN(const bool got, NextBatch(b, c, &wait));
+    t.data_wait += wait;
+    step_wait += wait;
+    return got;
+  };
   begin_step();
-  AVIARY_ASSIGN_OR_RETURN(bool more, NextBatch(&batch, &copy, &data_wait));
+  AVIARY_ASSIGN_OR_RETURN(bool more, fetch(&batch, &copy));
   for (int64_t s = t.first_batch; more; ++s) {
-    t.data_wait += data_wait;
     // Stops only between optimizer steps (no micro-batch gathered).
     if (step_fn->pending_micro_batches() == 0 && options.should_stop && options.should_stop()) {
       return StopMidEpoch(t, s);
     }
     batch.waveforms = copier->Take(std::move(copy));
-    const double batch_wait = data_wait;
     Batch next;
     DeviceCopier::InFlight next_copy;
-    AVIARY_ASSIGN_OR_RETURN(const bool next_more, NextBatch(&next, &next_copy, &data_wait));
-    AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, batch_wait, &t));
-    begin_step();
+    AVIARY_ASSIGN_OR_RETURN(const bool next_more, fetch(&next, &next_copy));
+    held_batches = next_more ? 1 : 0;
+    AVIARY_RETURN_IF_ERROR(TrainBatch(batch, s, step_wait, &t));
+    if (begin_step()) step_wait = 0;
     batch = std::move(next);
     copy = std::move(next_copy);
     more = next_more;
   }
+  held_batches = 0;
   if (options.progress_bar) std::fprintf(stderr, "\n");
   return FinishEpoch(t);
 }
@@ -1248,7 +1258,7 @@ void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples,
   st.step_seconds = Seconds(t.step_start);
   st.data_wait_seconds = data_wait;
   st.allreduce_seconds = std::max(0.0, AllReduceSeconds() - t.allreduce_before);
-  st.loader_queue_depth = train_loader->QueueDepth();
+  st.loader_queue_depth = train_loader->QueueDepth() + held_batches;
   options.on_step(st);
 }
 

@@ -104,9 +104,10 @@ struct StepStats {
   int world_size = 1;
   bool skipped = false;         // a non-finite loss skipped the optimizer step
   double step_seconds = 0;      // wall time of the step, the wait for data included
-  double data_wait_seconds = 0; // time spent waiting for the batch
+  double data_wait_seconds = 0; // time spent waiting for the loader's batches within the step
   double allreduce_seconds = 0; // gradient all-reduce time not hidden by backward (reducer)
-  int loader_queue_depth = 0;   // prefetched batches ready after this step's batch was taken
+  int loader_queue_depth = 0;   // prefetched batches ready beyond this step's (the next one,
+                                // already taken for its copy to the device, included)
 };
 
 // The history.csv header, in the contract's column order.

@@ -411,11 +411,12 @@ fi
 
 # The loader alone on this host (the cache, the decode threads, pinned batches; no GPU step):
 # how fast the data path can be fed, against the synthetic-input step.
-if run loader env AVIARY_LOADER_BENCH_ONLY=1 "$benchbin/loader_bench" "$work/b0.yaml" $([ $dry -eq 1 ] && echo 4 || echo 40); then
+say "7b. the loader alone"
+if run loader env AVIARY_LOADER_BENCH_ONLY=1 "$benchbin/loader_bench" "$work/b0.yaml" $([ $dry -eq 1 ] && echo 4 || echo 60); then
   l=$(sed -n 's/^loader alone: *\([0-9.e+]*\) samples\/s.*/\1/p' "$work/loader.out" | tail -1)
   if [ -n "$l" ]; then
     record loader INFO "$l samples/s" "$a samples/s" "$(ratio "$l" "$a")" - \
-      "the loader alone: $threads threads, batch $batch_b0 of ${clip_s} s clips, vs the synthetic-input step"
+      "the loader alone: $threads threads, batch $batch_b0 of ${clip_s} s clips, after 5 untimed batches; vs the synthetic-input step"
   else
     record loader FAIL - - - - "loader_bench printed no rate (see the log)"
   fi
