@@ -377,15 +377,19 @@
       return left > 0 ? `~${duration(left)}` : 'soon';
     }
 
+    // One button for the page's life: the head is drawn again on every update, and a new button
+    // each time would be swapped under a click (pressed on one node, released on the next).
+    const cancelButton = el('button', {class: 'button danger', id: 'cancel-job',
+      onclick: async () => {
+        if (!window.confirm(`Cancel job ${jobId}?`)) return;
+        try {
+          await api(`/api/jobs/${jobId}/cancel`, {method: 'POST'});
+          flash(`job ${jobId} cancelled`, 'ok');
+        } catch (e) { flash(`cancel refused: ${e.message}`); }
+      }}, 'Cancel job');
+
     function renderHead() {
-      const cancel = TERMINAL_JOB.has(job.state) ? null : el('button', {class: 'button danger', id: 'cancel-job',
-        onclick: async () => {
-          if (!window.confirm(`Cancel job ${jobId}?`)) return;
-          try {
-            await api(`/api/jobs/${jobId}/cancel`, {method: 'POST'});
-            flash(`job ${jobId} cancelled`, 'ok');
-          } catch (e) { flash(`cancel refused: ${e.message}`); }
-        }}, 'Cancel job');
+      const cancel = TERMINAL_JOB.has(job.state) ? null : cancelButton;
       fill(head,
         el('h1', {}, el('span', {class: 'mono'}, jobId), job.name ? el('span', {class: 'subtitle'}, job.name) : null),
         badge(job.state), tagsOf(job), el('div', {class: 'spacer'}),

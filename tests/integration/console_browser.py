@@ -144,8 +144,17 @@ try:
                        timeout=150)
     check(first, "the job page shows the running fine-tuning task's curves")
     before = points()
+    cancel_button = driver.find_element(By.ID, "cancel-job")
     grew = wait_until("another epoch", lambda: points() > before, timeout=90)
     check(grew, f"the curves grow without a reload (from {before} to {points()} epochs)")
+    # The head is drawn again on each event; its Cancel button must stay the same node, or a click
+    # landing during an update is lost (the browser sees a stale element).
+    try:
+        same = cancel_button.is_displayed() and cancel_button.get_attribute("id") == "cancel-job"
+    except WebDriverException as e:
+        same = False
+        print(f"  ({str(e).splitlines()[0]})")
+    check(same, "the Cancel button survives the page's updates")
     check(driver.execute_script("return window.Dygraph !== undefined"), "dygraphs loaded (from /usr/share/javascript)")
     check(len(driver.find_elements(By.CSS_SELECTOR, "#charts .chart canvas")) >= 3, "the charts are drawn on canvases")
     shot("03-job-live")
