@@ -100,16 +100,39 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
   for (size_t b = 0; b < r->plan_.size(); ++b) {
     auto bucket = std::make_unique<Bucket>();
     bucket->params = r->plan_[b];
+    // Offsets aligned to 16 elements (64 bytes in float32): the gradients are the optimizer's
+    // inputs, and the fused kernels load vectors only from aligned tensors. The gaps stay zero.
+    constexpr int64_t kAlign = 16;
     int64_t total = 0;
     for (size_t p : bucket->params) {
       r->bucket_of_[p] = b;
       r->offset_of_[p] = total;
-      total += r->params_[p].numel();
+      total += (r->params_[p].numel() + kAlign - 1) / kAlign * kAlign;
     }
     const at::Tensor& first = r->params_[bucket->params.front()];
     bucket->flat = at::zeros({total}, first.options().requires_grad(false));
     bucket->ready.assign(bucket->params.size(), false);
     r->buckets_.push_back(std::move(bucket));
+  }
+  // Each parameter's gradient in its bucket's memory, in the parameter's own strides when it is
+  // dense (channels_last convolution weights stay channels_last), so that the hook's copy keeps
+  // the layout and Finish hands the tensor itself out as the gradient. Made with set_, not as a
+  // view: autograd refuses detach_() on views, and optimizers' zero_grad may detach_ a .grad.
+  r->grad_of_.resize(r->params_.size());
+  for (size_t i = 0; i < r->params_.size(); ++i) {
+    const at::Tensor& p = r->params_[i];
+    const at::Tensor& flat = r->buckets_[r->bucket_of_[i]]->flat;
+    std::vector<int64_t> strides = p.strides().vec();
+    if (!p.is_non_overlapping_and_dense()) {
+      int64_t stride = 1;
+      for (size_t d = strides.size(); d-- > 0;) {
+        strides[d] = stride;
+        stride *= std::max<int64_t>(p.size(static_cast<int64_t>(d)), 1);
+      }
+    }
+    r->grad_of_[i] = at::empty({0}, flat.options())
+                         .set_(flat.storage(), flat.storage_offset() + r->offset_of_[i],
+                               p.sizes(), strides);
   }
   Reducer* self = r.get();
   for (size_t i = 0; i < r->params_.size(); ++i) {
@@ -123,6 +146,12 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
 }
 
 void Reducer::Prepare() {
+  // Finish handed out the buckets' memory as gradients: take it back, or autograd would add this
+  // backward's gradients into the bucket the hooks are filling.
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& g = params_[i].grad();
+    if (g.defined() && g.is_same(grad_of_[i])) params_[i].mutable_grad().reset();
+  }
   for (auto& b : buckets_) {
     std::fill(b->ready.begin(), b->ready.end(), false);
     b->pending = b->params.size();
@@ -151,8 +180,7 @@ void Reducer::OnGrad(size_t param, const at::Tensor& grad) {
         absl::StrCat("Reducer: parameter ", param, " received a second gradient in one backward"));
     return;
   }
-  const int64_t n = params_[param].numel();
-  b.flat.narrow(0, offset_of_[param], n).view(params_[param].sizes()).copy_(grad);
+  grad_of_[param].copy_(grad);
   b.ready[slot] = true;
   --b.pending;
   const size_t before = next_launch_;
@@ -199,29 +227,22 @@ absl::Status Reducer::Finish() {
   for (auto& b : buckets_) {
     for (size_t slot = 0; slot < b->params.size(); ++slot) {
       if (b->ready[slot]) continue;
-      size_t p = b->params[slot];
-      b->flat.narrow(0, offset_of_[p], params_[p].numel()).zero_();
+      grad_of_[b->params[slot]].zero_();
       b->ready[slot] = true;
       --b->pending;
     }
   }
   LaunchReady();
   if (!error_.ok()) return error_;
-  const double scale = 1.0 / comm_->world_size();
+  const int world = comm_->world_size();
   for (auto& b : buckets_) {
     absl::Status st = b->work->Wait();
     if (!st.ok()) return st;
-    b->flat.mul_(scale);
+    if (world > 1) b->flat.mul_(1.0 / world);  // one rank: the sum is the average
+    // The averages are the gradients: no copy back (c10d's gradient_as_bucket_view).
     for (size_t p : b->params) {
-      at::Tensor avg =
-          b->flat.narrow(0, offset_of_[p], params_[p].numel()).view(params_[p].sizes());
       at::Tensor& g = params_[p].mutable_grad();
-      if (g.defined() && g.sizes() == avg.sizes()) {
-        g.copy_(avg);
-      } else {
-        g = at::empty_like(params_[p]);  // the parameter's memory format (channels_last)
-        g.copy_(avg);
-      }
+      if (!g.defined() || !g.is_same(grad_of_[p])) g = grad_of_[p];
     }
     b->work.reset();
   }

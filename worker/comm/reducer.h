@@ -16,8 +16,11 @@
 //
 // Finish(), after backward and before optimizer.step(): launches the buckets whose parameters
 // received no gradient (zeros), waits for every bucket (comm.timeout_s applies), divides by the
-// world size and writes the averages into each parameter's .grad, replacing what was there
-// (no gradient accumulation across backward calls).
+// world size and makes each parameter's .grad a tensor over its part of the bucket (in the
+// parameter's strides when the parameter is dense; c10d's gradient_as_bucket_view), replacing
+// what was there: nothing is copied back, and there is no gradient accumulation across backward
+// calls. The next backward writes into that memory, so a .grad kept past the next Prepare()
+// must be cloned (TrainStep's accumulation clones).
 //
 // Thread safety: Prepare/Finish on the training thread; the hooks run on autograd's thread
 // while the training thread is blocked in backward(). One Reducer per model.
@@ -90,6 +93,7 @@ class Reducer {
   std::vector<std::unique_ptr<Bucket>> buckets_;
   std::vector<size_t> bucket_of_;   // param -> bucket
   std::vector<int64_t> offset_of_;  // param -> element offset in its bucket
+  std::vector<at::Tensor> grad_of_;  // param -> its gradient, in its bucket's memory
   size_t next_launch_ = 0;
   bool armed_ = false;
   int launched_in_backward_ = 0;
