@@ -318,7 +318,7 @@ int RunAllreduceBench(const BenchArgs& args) {
     const auto t0 = std::chrono::steady_clock::now();
     // AllReduce returns once its collective completed (NCCL: the host waited for the event
     // after it), so the clock stops at the last one's end. (A copy of `t` to the host used to
-    // stop it: that timed a pageable device-to-host copy, ~1 GB/s on the H200 host, not NCCL.)
+    // stop it: that timed a pageable device-to-host copy, not NCCL.)
     for (int i = 0; i < iters && st.ok(); ++i) st = c.AllReduce(t);
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
     at::Tensor worst = at::tensor({seconds}, at::kDouble);

@@ -424,7 +424,8 @@ else
   record loader FAIL - - - - "loader_bench failed (see the log)"
 fi
 
-# 8. NCCL all-reduce (one rank: the collective's own cost on this GPU).
+# 8. NCCL all-reduce. One rank: NCCL's in-place all-reduce launches nothing, so this is the
+# call's host overhead (event, wait), not bandwidth; bandwidth needs two or more GPUs.
 say "8. allreduce-bench"
 if [ ${#mpirun_cmd[@]} -eq 0 ]; then
   record allreduce SKIP - - - - "no mpirun on this host"
@@ -433,7 +434,7 @@ elif run allreduce "${mpirun_cmd[@]}" "$bin/aviary-worker" allreduce-bench --dev
   cp "$work/allreduce.out" "$out/allreduce.txt"
   # The row nearest EfficientNet-B0's gradients (about 16 MB in float32), else the largest.
   row=$(awk '$1 ~ /^[0-9]+$/ {last=$0; if ($1 >= 16777216 && !found) {pick=$0; found=1}} END {print (found ? pick : last)}' "$work/allreduce.out")
-  record allreduce INFO "$(echo "$row" | awk '{print $4 " us for " $1 " B, busbw " $6 " GB/s"}')" - - - "1 rank, $backend"
+  record allreduce INFO "$(echo "$row" | awk '{print $4 " us for " $1 " B, busbw " $6 " GB/s"}')" - - - "1 rank, $backend (one rank: no transfer, the call's overhead)"
 else
   record allreduce FAIL - - - - "aviary-worker allreduce-bench failed (see the log)"
 fi

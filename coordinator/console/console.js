@@ -377,8 +377,10 @@
       return left > 0 ? `~${duration(left)}` : 'soon';
     }
 
-    // One button for the page's life: the head is drawn again on every update, and a new button
-    // each time would be swapped under a click (pressed on one node, released on the next).
+    // The head's parts stay the same nodes for the page's life; a part whose content changed is
+    // swapped alone. The head is drawn on every event: new nodes each time would split a click
+    // on Cancel or Compare across two nodes (pressed on one, released on the next) and drop the
+    // keyboard focus.
     const cancelButton = el('button', {class: 'button danger', id: 'cancel-job',
       onclick: async () => {
         if (!window.confirm(`Cancel job ${jobId}?`)) return;
@@ -387,13 +389,23 @@
           flash(`job ${jobId} cancelled`, 'ok');
         } catch (e) { flash(`cancel refused: ${e.message}`); }
       }}, 'Cancel job');
+    let headParts = null;  // [title, state badge, tags], as in the page
 
     function renderHead() {
-      const cancel = TERMINAL_JOB.has(job.state) ? null : cancelButton;
-      fill(head,
+      const parts = [
         el('h1', {}, el('span', {class: 'mono'}, jobId), job.name ? el('span', {class: 'subtitle'}, job.name) : null),
-        badge(job.state), tagsOf(job), el('div', {class: 'spacer'}),
-        el('a', {class: 'button secondary', href: `/compare?jobs=${jobId}`}, 'Compare tasks'), cancel);
+        badge(job.state), tagsOf(job)];
+      if (!headParts) {
+        headParts = parts;
+        fill(head, ...parts, el('div', {class: 'spacer'}),
+             el('a', {class: 'button secondary', id: 'compare-job', href: `/compare?jobs=${jobId}`}, 'Compare tasks'));
+      } else {
+        parts.forEach((node, i) => {
+          if (node.outerHTML !== headParts[i].outerHTML) { headParts[i].replaceWith(node); headParts[i] = node; }
+        });
+      }
+      if (TERMINAL_JOB.has(job.state)) cancelButton.remove();
+      else if (!cancelButton.isConnected) head.append(cancelButton);
       const facts = [['created', `${age(job.created_unix_ms)} ago`], ['updated', `${age(job.updated_unix_ms)} ago`],
                      ['tasks', String((job.tasks || []).length)]];
       // The tasks' best epochs by the monitor (from the history while they run).

@@ -63,12 +63,20 @@ browser_pid=$!
 pids+=("$browser_pid")
 # The browser script asks for a coordinator restart by writing $tmp/restart.request; this loop
 # stops the coordinator (SIGTERM), starts it again on the same database and console port (the
-# groups keep heartbeating and keep their tasks) and answers in $tmp/restart.done.
+# groups keep heartbeating and keep their tasks) and answers in $tmp/restart.done ...
 while kill -0 "$browser_pid" 2>/dev/null; do
   if [ -f "$tmp/restart.request" ]; then
     rm -f "$tmp/restart.request"
     kill -TERM "$coord_pid"; wait "$coord_pid" 2>/dev/null
     if start_coordinator; then echo ok > "$tmp/restart.done"; else echo failed > "$tmp/restart.done"; fi
+  fi
+  # ... and for a job of its own to cancel (long enough to be running still), answered with its
+  # id in $tmp/restart.job.
+  if [ -f "$tmp/restart.submit" ]; then
+    rm -f "$tmp/restart.submit"
+    av submit "$tmp/p.yaml" --name "to cancel" --set stages.pretrain.enabled=false \
+      --set stages.finetune.epochs=200 | tail -n 1 > "$tmp/restart.job.part"
+    mv "$tmp/restart.job.part" "$tmp/restart.job"
   fi
   sleep 0.3
 done
