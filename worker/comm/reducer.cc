@@ -239,7 +239,8 @@ absl::Status Reducer::Finish() {
     absl::Status st = b->work->Wait();
     if (!st.ok()) return st;
     if (world > 1) b->flat.mul_(1.0 / world);  // one rank: the sum is the average
-    // The averages are the gradients: no copy back (c10d's gradient_as_bucket_view).
+    // The averages are the gradients: no copy back. (As c10d's gradient_as_bucket_view hands
+    // them out; unlike it, autograd still allocates each gradient before the hook copies it.)
     for (size_t p : b->params) {
       at::Tensor& g = params_[p].mutable_grad();
       if (!g.defined() || !g.is_same(grad_of_[p])) g = grad_of_[p];

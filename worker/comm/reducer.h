@@ -17,10 +17,10 @@
 // Finish(), after backward and before optimizer.step(): launches the buckets whose parameters
 // received no gradient (zeros), waits for every bucket (comm.timeout_s applies), divides by the
 // world size and makes each parameter's .grad a tensor over its part of the bucket (in the
-// parameter's strides when the parameter is dense; c10d's gradient_as_bucket_view), replacing
-// what was there: nothing is copied back, and there is no gradient accumulation across backward
-// calls. The next backward writes into that memory, so a .grad kept past the next Prepare()
-// must be cloned (TrainStep's accumulation clones).
+// parameter's strides when the parameter is dense; as c10d's gradient_as_bucket_view hands them
+// out, without its memory saving), replacing what was there: nothing is copied back, and there
+// is no gradient accumulation across backward calls. The next backward writes into that memory,
+// so a .grad kept past the next Prepare() must be cloned (TrainStep's accumulation clones).
 //
 // Thread safety: Prepare/Finish on the training thread; the hooks run on autograd's thread
 // while the training thread is blocked in backward(). One Reducer per model.
