@@ -92,6 +92,12 @@ def login(token):
     driver.get(args.url + "/login")
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.ID, "login-submit").click()
+    # The form's POST sets the cookie and redirects. A driver.get() before the answer cancels
+    # the POST, and the next page redirects to /login without a cookie (CI saw this once).
+    role = "client" if token == client_token else "viewer"
+    check(wait_until("the login's redirect", lambda: "/login" not in driver.current_url
+                     and driver.get_cookies(), timeout=30),
+          f"the login with the {role} token leaves the login page (at {driver.current_url})")
 
 
 options = webdriver.ChromeOptions()
@@ -229,7 +235,8 @@ try:
     driver.get(f"{args.url}/jobs/{job3}")
     clicked = wait_until("the client's cancel click",
                          lambda: driver.find_element(By.ID, "cancel-job").click() or True, timeout=30)
-    check(clicked, "the client's job page offers Cancel")
+    if not check(clicked, f"the client's job page offers Cancel (at {driver.current_url})"):
+        shot("09-client-cancel-missing")
     if clicked:
         driver.switch_to.alert.accept()
         check(wait_until("cancelled", lambda: "cancelled" in driver.find_element(By.CSS_SELECTOR, ".page-head").text,
