@@ -21,7 +21,7 @@ import time
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
+    from selenium.common.exceptions import UnexpectedAlertPresentException, WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 except ImportError as e:  # the package is in scripts/lib/deps.sh's test packages
@@ -51,7 +51,7 @@ def check(condition, what):
     return condition
 
 
-def wait_until(what, fn, timeout=60.0, period=0.25):
+def wait_until(what, fn, timeout=60.0, period=0.25, quiet=False):
     """Polls fn until it returns a truthy value (returned) or the timeout passes (None)."""
     deadline = time.time() + timeout
     last_error = None
@@ -63,7 +63,8 @@ def wait_until(what, fn, timeout=60.0, period=0.25):
         except WebDriverException as e:  # an element not there yet, a stale one
             last_error = e
         time.sleep(period)
-    print(f"  (waited {timeout:.0f} s for {what}{'; last error: ' + str(last_error).splitlines()[0] if last_error else ''})")
+    if not quiet:
+        print(f"  (waited {timeout:.0f} s for {what}{'; last error: ' + str(last_error).splitlines()[0] if last_error else ''})")
     return None
 
 
@@ -87,6 +88,26 @@ def points(chart_index=1):
     return int(charts[chart_index].get_attribute("data-points") or 0)
 
 
+def click_confirm(element_id, timeout=10.0):
+    """Clicks the button and returns the confirm() dialog it opened (None if none opened).
+
+    chromedriver may answer the click itself with "unexpected alert open" when the dialog opened
+    before the click command returned (seen under load); the dialog is then still open (the
+    session's unhandledPromptBehavior is "ignore", not the default "dismiss"). A click that did
+    not take (a stale node, the button not there yet) is tried again."""
+    def attempt():
+        try:
+            return driver.switch_to.alert  # an earlier attempt's click opened it after all
+        except WebDriverException:
+            pass
+        try:
+            driver.find_element(By.ID, element_id).click()
+        except UnexpectedAlertPresentException:
+            pass
+        return wait_until("the confirm dialog", lambda: driver.switch_to.alert, timeout=2, period=0.1, quiet=True)
+    return wait_until(f"a confirm dialog from #{element_id}", attempt, timeout=timeout)
+
+
 def login(token):
     driver.delete_all_cookies()
     driver.get(args.url + "/login")
@@ -105,6 +126,7 @@ for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-s
              "--window-size=1440,1000", "--force-device-scale-factor=1", "--lang=en-US"):
     options.add_argument(flag)
 options.binary_location = "/usr/bin/chromium"
+options.set_capability("unhandledPromptBehavior", "ignore")  # see click_confirm
 try:
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 except WebDriverException as e:
@@ -180,8 +202,10 @@ try:
     shot("04-task")
 
     # A viewer trying to cancel is refused by the coordinator, and says so.
-    driver.find_element(By.ID, "cancel-job").click()
-    driver.switch_to.alert.accept()
+    confirm = click_confirm("cancel-job")
+    check(confirm, "the viewer's Cancel asks for confirmation")
+    if confirm:
+        confirm.accept()
     flash = wait_until("the refusal", lambda: driver.find_element(By.ID, "flash").text)
     check(flash and "PERMISSION_DENIED" in flash and "viewer" in flash, f"the viewer's cancel is refused: {flash!r}")
     shot("05-viewer-cancel-refused")
@@ -233,12 +257,13 @@ try:
     check(job3, f"a job to cancel was submitted ({job3})")
     login(client_token)
     driver.get(f"{args.url}/jobs/{job3}")
-    clicked = wait_until("the client's cancel click",
-                         lambda: driver.find_element(By.ID, "cancel-job").click() or True, timeout=30)
-    if not check(clicked, f"the client's job page offers Cancel (at {driver.current_url})"):
+    confirm = click_confirm("cancel-job", timeout=30)
+    if confirm:
+        check(True, "the client's job page offers Cancel")
+        confirm.accept()
+    else:  # (no dialog open: the driver answers again)
+        check(False, f"the client's job page offers Cancel (at {driver.current_url})")
         shot("09-client-cancel-missing")
-    if clicked:
-        driver.switch_to.alert.accept()
         check(wait_until("cancelled", lambda: "cancelled" in driver.find_element(By.CSS_SELECTOR, ".page-head").text,
                          timeout=20), "a client token cancels the job from the page")
         shot("09-client-cancelled")
