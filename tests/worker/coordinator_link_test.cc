@@ -120,5 +120,76 @@ TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
   EXPECT_EQ(response.tasks(0).dropped(), 0);
 }
 
+// A group's lines keep the attempt that logged them. Group 1 stops its task (preempted: READY
+// again), group 2 leases it (attempt 2), and only then does group 1's EndTask ship its lines, one
+// of them logged after the new lease: the coordinator used to stamp them with the task's attempt
+// at arrival (2).
+TEST_F(CoordinatorLinkTest, LinesShippedAfterTheTaskMovedOnKeepTheirAttempt) {
+  v1::SubmitJobRequest submit;
+  submit.set_pipeline_yaml(coordinator::kPipeline);
+  submit.set_source_path("pipe.yaml");
+  submit.set_working_dir(root_);
+  v1::SubmitJobResponse submitted;
+  const grpc::Status status = jobs_->SubmitJob(Ctx().get(), submit, &submitted);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+
+  AgentOptions options;
+  options.coordinator = address_;
+  options.token = "the-worker-token";
+  options.metrics_listen = "";
+  auto metrics = GroupMetrics::Create("");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  v1::RegisterGroupRequest registration;
+  registration.set_world_size(1);
+  registration.set_backend("mpi");
+  CoordinatorLink first(options, metrics->get(), registration);
+  CoordinatorLink second(options, metrics->get(), registration);
+  ASSERT_TRUE(first.Register().ok());
+  ASSERT_TRUE(second.Register().ok());
+
+  v1::Task task;
+  bool available = false;
+  ASSERT_TRUE(first.Lease(&task, &available).ok());
+  ASSERT_TRUE(available);
+  ASSERT_EQ(task.attempt(), 1);
+  first.BeginTask(task.task_id(), task.attempt());
+  const common::Logger log("trainer");
+  log.Info("logged by attempt 1 before the stop");
+
+  auto workers = v1::WorkerService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+  v1::FailTaskRequest stop;
+  stop.set_group_id(first.group_id());
+  stop.set_task_id(task.task_id());
+  stop.set_error("stopped for the test");
+  stop.set_preempted(true);
+  v1::FailTaskResponse stopped;
+  grpc::ClientContext stop_ctx;
+  stop_ctx.AddMetadata("authorization", "Bearer the-worker-token");
+  const grpc::Status fail_status = workers->FailTask(&stop_ctx, stop, &stopped);
+  ASSERT_TRUE(fail_status.ok()) << fail_status.error_message();
+
+  v1::Task again;
+  ASSERT_TRUE(second.Lease(&again, &available).ok());
+  ASSERT_TRUE(available);
+  ASSERT_EQ(again.task_id(), task.task_id());
+  ASSERT_EQ(again.attempt(), 2);
+  log.Info("logged by attempt 1 after attempt 2 began");  // group 1's tap is still the process's
+  first.EndTask();
+
+  v1::GetLogsRequest request;
+  request.set_job_id(submitted.job_id());
+  request.set_task_id(task.task_id());
+  v1::GetLogsResponse response;
+  ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), request, &response).ok());
+  ASSERT_EQ(response.tasks_size(), 1);
+  int found = 0;
+  for (const v1::LogLine& line : response.tasks(0).lines()) {
+    if (line.text().find("logged by attempt 1") == std::string::npos) continue;
+    ++found;
+    EXPECT_EQ(line.attempt(), 1) << line.text();
+  }
+  EXPECT_EQ(found, 2);
+}
+
 }  // namespace
 }  // namespace aviary::worker

@@ -249,6 +249,7 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
   {
     absl::MutexLock logs(&logs_->mu);
     logs_->task_id = task_id;
+    logs_->attempt = attempt;
     logs_->lines.clear();
     logs_->dropped = 0;
   }
@@ -267,6 +268,7 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
     while (cut < line.size() && cut > 0 && (static_cast<unsigned char>(line[cut]) & 0xC0) == 0x80) --cut;
     out.set_text(std::string(line.substr(0, cut)));
     out.set_seq(++buffer->last_seq);
+    out.set_attempt(buffer->attempt);
     buffer->lines.push_back(std::move(out));
     while (buffer->lines.size() > kMaxBufferedLogLines) {
       buffer->lines.pop_front();
@@ -325,6 +327,7 @@ bool CoordinatorLink::ShipLogs() {
       note->set_level("warning");
       note->set_text(absl::StrCat("[agent] ", dropped, " log lines were dropped before they could be shipped"));
       note->set_seq(std::max<int64_t>(logs_->lines.front().seq() - 1, 0));
+      note->set_attempt(logs_->attempt);
     }
     const size_t n = std::min<size_t>(logs_->lines.size(), 2000);
     for (size_t i = 0; i < n; ++i) *request.add_lines() = logs_->lines[i];

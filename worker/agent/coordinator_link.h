@@ -107,6 +107,9 @@ class CoordinatorLink {
   struct LogBuffer {
     absl::Mutex mu;
     std::string task_id ABSL_GUARDED_BY(mu);  // "" between tasks: nothing is kept
+    // The lease's attempt, on every line: lines shipped after the task moved on (EndTask's, when
+    // another group leased it again meanwhile) still name the attempt that logged them.
+    int attempt ABSL_GUARDED_BY(mu) = 0;
     std::deque<::aviary::v1::LogLine> lines ABSL_GUARDED_BY(mu);
     int64_t dropped ABSL_GUARDED_BY(mu) = 0;
     // The last line's own number (LogLine.seq in ShipLogs): increasing over the process's life,
