@@ -181,6 +181,41 @@ TEST(ReducerTest, GradientsAreTheBucketsInTheParametersLayout) {
   }
 }
 
+// The hooks sit on the parameters' AccumulateGrad nodes and see the .grad autograd set: a .grad
+// left from before Prepare (a foreign tensor, or the bucket's own from the last Finish) is not
+// added in; a parameter used twice in the forward is reduced once, with both uses' sum; a
+// parameter outside this backward is zeros; a backward without Prepare leaves the buckets alone.
+TEST(ReducerTest, ReducesThisBackwardsGradientOnly) {
+  const int world = Comm().world_size();
+  const int rank = Comm().rank();
+  at::Tensor shared = at::zeros({6}).set_requires_grad(true);
+  at::Tensor plain = at::zeros({4}).set_requires_grad(true);
+  at::Tensor idle = at::zeros({3}).set_requires_grad(true);
+  std::vector<at::Tensor> params = {shared, plain, idle};
+  auto reducer = Reducer::Create(params, &Comm(), ReducerOptions{});
+  ASSERT_TRUE(reducer.ok()) << reducer.status();
+  const double mean_rank = (world - 1) / 2.0;
+  auto forward = [&](double scale) {
+    // d/d(shared) = 2 + 3 (two uses), d/d(plain) = rank + scale, idle unused.
+    return ((shared * 2).sum() + (shared * 3).sum() + (plain * (rank + scale)).sum());
+  };
+  plain.mutable_grad() = at::full({4}, 100.0);  // foreign, before the first Prepare
+  for (int step = 0; step < 3; ++step) {
+    (*reducer)->Prepare();
+    forward(step).backward();
+    ASSERT_TRUE((*reducer)->Finish().ok());
+    EXPECT_TRUE(at::equal(shared.grad(), at::full({6}, 5.0))) << "step " << step << ": " << shared.grad();
+    EXPECT_TRUE(at::allclose(plain.grad(), at::full({4}, mean_rank + step))) << "step " << step << ": " << plain.grad();
+    ASSERT_TRUE(idle.grad().defined());
+    EXPECT_TRUE(at::equal(idle.grad(), at::zeros({3})));
+  }
+  // Outside Prepare/Finish the hooks do nothing: autograd adds into the .grad Finish handed out.
+  const at::Tensor bucket_grad = plain.grad();
+  forward(0).backward();
+  EXPECT_TRUE(plain.grad().is_same(bucket_grad));
+  EXPECT_TRUE(at::allclose(plain.grad(), at::full({4}, mean_rank + 2 + rank)));
+}
+
 TEST(ReducerTest, RefusesReplicasThatDiffer) {
   if (Comm().world_size() == 1) GTEST_SKIP() << "needs two ranks";
   std::vector<at::Tensor> params = {at::zeros({10 + Comm().rank()}).set_requires_grad(true)};

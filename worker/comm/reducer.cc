@@ -2,6 +2,10 @@
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/version.h>
 
 #include <chrono>
 
@@ -14,7 +18,24 @@ struct Reducer::Bucket {
   at::Tensor flat;
   std::vector<bool> ready;
   size_t pending = 0;
+  bool filled = false;  // this backward's gradients copied into `flat`
   std::unique_ptr<Work> work;
+};
+
+// Called by a parameter's AccumulateGrad node after it has set the parameter's .grad (c10d's
+// Reducer hooks the same node).
+class Reducer::AccumulatedHook : public torch::autograd::FunctionPostHook {
+ public:
+  AccumulatedHook(Reducer* reducer, size_t param) : reducer_(reducer), param_(param) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list& /*inputs*/) override {
+    reducer_->OnGrad(param_);
+    return outputs;
+  }
+
+ private:
+  Reducer* reducer_;
+  size_t param_;
 };
 
 std::vector<std::vector<size_t>> PlanBuckets(const std::vector<at::Tensor>& params,
@@ -115,7 +136,7 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
     r->buckets_.push_back(std::move(bucket));
   }
   // Each parameter's gradient in its bucket's memory, in the parameter's own strides when it is
-  // dense (channels_last convolution weights stay channels_last), so that the hook's copy keeps
+  // dense (channels_last convolution weights stay channels_last), so that the bucket's copy keeps
   // the layout and Finish hands the tensor itself out as the gradient. Made with set_, not as a
   // view: autograd refuses detach_() on views, and optimizers' zero_grad may detach_ a .grad.
   r->grad_of_.resize(r->params_.size());
@@ -140,21 +161,29 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
       return absl::InvalidArgumentError(
           absl::StrCat("Reducer: parameter ", i, " does not require grad"));
     }
-    r->params_[i].register_hook([self, i](const at::Tensor& grad) { self->OnGrad(i, grad); });
+    // The node lives as long as something holds it: the reducer does, or each backward would
+    // make a new one without the hook.
+    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(r->params_[i]);
+    if (accumulator == nullptr) {
+      return absl::InternalError(absl::StrCat("Reducer: parameter ", i, " has no gradient accumulator"));
+    }
+    accumulator->add_post_hook(std::make_unique<AccumulatedHook>(self, i));
+    r->accumulators_.push_back(std::move(accumulator));
   }
   return r;
 }
 
 void Reducer::Prepare() {
-  // Finish handed out the buckets' memory as gradients: take it back, or autograd would add this
-  // backward's gradients into the bucket the hooks are filling.
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const at::Tensor& g = params_[i].grad();
-    if (g.defined() && g.is_same(grad_of_[i])) params_[i].mutable_grad().reset();
+  // Every .grad goes: autograd then sets each parameter's .grad to this backward's gradient alone
+  // (no accumulation across backward calls), and the buckets' memory Finish handed out is not
+  // written while the bucket copies read from it.
+  for (at::Tensor& p : params_) {
+    if (p.grad().defined()) p.mutable_grad().reset();
   }
   for (auto& b : buckets_) {
     std::fill(b->ready.begin(), b->ready.end(), false);
     b->pending = b->params.size();
+    b->filled = false;
     b->work.reset();
   }
   next_launch_ = 0;
@@ -169,7 +198,7 @@ double Since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
-void Reducer::OnGrad(size_t param, const at::Tensor& grad) {
+void Reducer::OnGrad(size_t param) {
   if (!armed_ || !error_.ok()) return;
   const auto t0 = std::chrono::steady_clock::now();
   Bucket& b = *buckets_[bucket_of_[param]];
@@ -180,9 +209,9 @@ void Reducer::OnGrad(size_t param, const at::Tensor& grad) {
         absl::StrCat("Reducer: parameter ", param, " received a second gradient in one backward"));
     return;
   }
-  grad_of_[param].copy_(grad);
   b.ready[slot] = true;
   --b.pending;
+  if (b.pending == 0) Fill(b);
   const size_t before = next_launch_;
   LaunchReady();
   launched_in_backward_ += static_cast<int>(next_launch_ - before);
@@ -190,6 +219,32 @@ void Reducer::OnGrad(size_t param, const at::Tensor& grad) {
     if (buckets_[k]->work) buckets_[k]->work->Poll();
   }
   hook_seconds_ += Since(t0);
+}
+
+void Reducer::Fill(Bucket& b) {
+  // The gradients autograd set (one batched copy on torch 2.x: a few kernels for the bucket, not
+  // one per parameter); the parameters that received none are zeros.
+  std::vector<at::Tensor> dst, src;
+  dst.reserve(b.params.size());
+  src.reserve(b.params.size());
+  for (size_t slot = 0; slot < b.params.size(); ++slot) {
+    const size_t p = b.params[slot];
+    const at::Tensor& g = params_[p].grad();
+    if (b.ready[slot] && g.defined()) {
+      dst.push_back(grad_of_[p]);
+      src.push_back(g);
+    } else {
+      grad_of_[p].zero_();
+    }
+  }
+  if (!dst.empty()) {
+#if TORCH_VERSION_MAJOR >= 2
+    at::_foreach_copy_(dst, src);
+#else
+    for (size_t k = 0; k < dst.size(); ++k) dst[k].copy_(src[k]);
+#endif
+  }
+  b.filled = true;
 }
 
 void Reducer::LaunchReady() {
@@ -225,12 +280,10 @@ absl::Status Reducer::Finish() {
   if (!error_.ok()) return error_;
   // Parameters that took no part in this backward contribute zeros.
   for (auto& b : buckets_) {
-    for (size_t slot = 0; slot < b->params.size(); ++slot) {
-      if (b->ready[slot]) continue;
-      grad_of_[b->params[slot]].zero_();
-      b->ready[slot] = true;
-      --b->pending;
-    }
+    if (b->filled) continue;
+    Fill(*b);
+    std::fill(b->ready.begin(), b->ready.end(), true);
+    b->pending = 0;
   }
   LaunchReady();
   if (!error_.ok()) return error_;
@@ -240,7 +293,7 @@ absl::Status Reducer::Finish() {
     if (!st.ok()) return st;
     if (world > 1) b->flat.mul_(1.0 / world);  // one rank: the sum is the average
     // The averages are the gradients: no copy back. (As c10d's gradient_as_bucket_view hands
-    // them out; unlike it, autograd still allocates each gradient before the hook copies it.)
+    // them out; unlike it, autograd still allocates each gradient before the bucket's copy.)
     for (size_t p : b->params) {
       at::Tensor& g = params_[p].mutable_grad();
       if (!g.defined() || !g.is_same(grad_of_[p])) g = grad_of_[p];

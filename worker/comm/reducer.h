@@ -6,21 +6,24 @@
 // first bucket is capped at `first_bucket_bytes` (1 MB by default) so that communication starts
 // early in backward.
 //
-// Overlap: a hook on each parameter (Tensor::register_hook on the leaf, which autograd calls
-// once with the parameter's whole gradient) copies the gradient into its bucket's flat buffer;
-// when a bucket holds all its gradients it is launched as an asynchronous all-reduce while
-// backward goes on. Buckets launch strictly in bucket order (a bucket that is ready early waits
-// for the ones before it), so every rank issues the same collectives in the same order whatever
-// the order its hooks fire in. Each hook also polls the buckets in flight, which drives MPI's
+// Overlap: a hook on each parameter's AccumulateGrad node (as c10d's; autograd calls it once per
+// backward, after it has set the parameter's .grad to the whole gradient) marks the parameter
+// ready; when all of a bucket's parameters are, their gradients are copied into the bucket's
+// flat buffer in one batch (at::_foreach_copy_ on torch 2.x: a few kernels a bucket rather than
+// one per parameter) and the bucket is launched as an asynchronous all-reduce while backward
+// goes on. Buckets launch strictly in bucket order (a bucket that is ready early waits for the
+// ones before it), so every rank issues the same collectives in the same order whatever the
+// order its hooks fire in. Each hook also polls the buckets in flight, which drives MPI's
 // progress engine.
 //
 // Finish(), after backward and before optimizer.step(): launches the buckets whose parameters
 // received no gradient (zeros), waits for every bucket (comm.timeout_s applies), divides by the
 // world size and makes each parameter's .grad a tensor over its part of the bucket (in the
 // parameter's strides when the parameter is dense; as c10d's gradient_as_bucket_view hands them
-// out, without its memory saving), replacing what was there: nothing is copied back, and there
-// is no gradient accumulation across backward calls. The next backward writes into that memory,
-// so a .grad kept past the next Prepare() must be cloned (TrainStep's accumulation clones).
+// out, without its memory saving), replacing what was there: nothing is copied back. Prepare()
+// drops every .grad, so there is no gradient accumulation across backward calls. The next
+// backward writes into the buckets' memory, so a .grad kept past the next Prepare() must be
+// cloned (TrainStep's accumulation clones).
 //
 // Thread safety: Prepare/Finish on the training thread; the hooks run on autograd's thread
 // while the training thread is blocked in backward(). One Reducer per model.
@@ -37,6 +40,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "worker/comm/communicator.h"
+
+namespace torch::autograd {
+struct Node;
+}  // namespace torch::autograd
 
 namespace aviary::worker::comm {
 
@@ -82,8 +89,11 @@ class Reducer {
 
  private:
   struct Bucket;
+  class AccumulatedHook;
   Reducer(std::vector<at::Tensor> params, Communicator* comm, ReducerOptions options);
-  void OnGrad(size_t param, const at::Tensor& grad);
+  void OnGrad(size_t param);
+  // Copies the bucket's gradients (.grad of the ready parameters; zeros for the others) into it.
+  void Fill(Bucket& b);
   void LaunchReady();
 
   std::vector<at::Tensor> params_;
@@ -94,6 +104,7 @@ class Reducer {
   std::vector<size_t> bucket_of_;   // param -> bucket
   std::vector<int64_t> offset_of_;  // param -> element offset in its bucket
   std::vector<at::Tensor> grad_of_;  // param -> its gradient, in its bucket's memory
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;  // param -> its AccumulateGrad (hooked)
   size_t next_launch_ = 0;
   bool armed_ = false;
   int launched_in_backward_ = 0;
