@@ -5,6 +5,8 @@
 // metrics, and the BatchNorm buffer policy.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -214,6 +216,41 @@ TEST(ReducerTest, ReducesThisBackwardsGradientOnly) {
   forward(0).backward();
   EXPECT_TRUE(plain.grad().is_same(bucket_grad));
   EXPECT_TRUE(at::allclose(plain.grad(), at::full({4}, mean_rank + 2 + rank)));
+}
+
+// The hooks go with the reducer, also from a node a pending graph still holds; a parameter moved
+// to another dtype after the reducer was made (a new AccumulateGrad node, unhooked) makes Finish
+// fail by name instead of reducing zeros.
+TEST(ReducerTest, HooksGoWithTheReducerAndAnUnhookedGradientIsAnError) {
+  at::Tensor w = at::ones({5}).set_requires_grad(true);
+  at::Tensor pending_loss;
+  {
+    auto reducer = Reducer::Create({w}, &Comm(), ReducerOptions{});
+    ASSERT_TRUE(reducer.ok()) << reducer.status();
+    pending_loss = (w * 2).sum();  // its graph holds w's AccumulateGrad node
+    auto node = torch::autograd::impl::try_get_grad_accumulator(w);
+    ASSERT_NE(node, nullptr);
+    EXPECT_EQ(node->post_hooks().size(), 1u);
+  }
+  auto node = torch::autograd::impl::try_get_grad_accumulator(w);
+  ASSERT_NE(node, nullptr);
+  EXPECT_EQ(node->post_hooks().size(), 0u);
+  pending_loss.backward();  // no hook into the destroyed reducer
+  EXPECT_TRUE(at::equal(w.grad(), at::full({5}, 2.0)));
+  pending_loss = at::Tensor();
+  node.reset();
+
+  auto reducer = Reducer::Create({w}, &Comm(), ReducerOptions{});
+  ASSERT_TRUE(reducer.ok()) << reducer.status();
+  {
+    torch::NoGradGuard no_grad;
+    w.set_data(w.to(at::kDouble));
+  }
+  (*reducer)->Prepare();
+  (w * 3).sum().backward();
+  const absl::Status st = (*reducer)->Finish();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("parameter 0 received a gradient its hook did not see"), absl::string_view::npos) << st;
 }
 
 TEST(ReducerTest, RefusesReplicasThatDiffer) {

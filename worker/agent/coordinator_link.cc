@@ -314,10 +314,12 @@ bool CoordinatorLink::ShipLogs() {
   request.set_group_id(group_id());
   if (request.group_id().empty()) return false;
   int64_t dropped = 0;
+  int attempt = 0;
   {
     absl::MutexLock logs(&logs_->mu);
     if (logs_->task_id.empty() || logs_->lines.empty()) return false;
     request.set_task_id(logs_->task_id);
+    attempt = logs_->attempt;
     dropped = logs_->dropped;
     logs_->dropped = 0;
     if (dropped > 0) {
@@ -339,7 +341,9 @@ bool CoordinatorLink::ShipLogs() {
   const bool transient = !st.ok() && IsTransient(st.error_code());
   {
     absl::MutexLock logs(&logs_->mu);
-    if (logs_->task_id != request.task_id()) return false;
+    // Another lease's buffer by now (the same task again, after EndTask could not ship): its
+    // lines and counts are not this call's.
+    if (logs_->task_id != request.task_id() || logs_->attempt != attempt) return false;
     if (transient) {
       logs_->dropped += dropped;  // said again with the next call
       return false;

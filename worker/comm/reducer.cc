@@ -88,7 +88,11 @@ absl::Status BroadcastModuleState(Communicator& comm, torch::nn::Module& module,
 Reducer::Reducer(std::vector<at::Tensor> params, Communicator* comm, ReducerOptions options)
     : params_(std::move(params)), comm_(comm), options_(options) {}
 
-Reducer::~Reducer() = default;
+Reducer::~Reducer() {
+  // A node something else still holds (a graph from an earlier forward) must not call into a
+  // destroyed reducer.
+  for (size_t i = 0; i < hook_keys_.size(); ++i) accumulators_[i]->del_post_hook(hook_keys_[i]);
+}
 
 absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor> params,
                                                          Communicator* comm,
@@ -167,7 +171,7 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
     if (accumulator == nullptr) {
       return absl::InternalError(absl::StrCat("Reducer: parameter ", i, " has no gradient accumulator"));
     }
-    accumulator->add_post_hook(std::make_unique<AccumulatedHook>(self, i));
+    r->hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<AccumulatedHook>(self, i)));
     r->accumulators_.push_back(std::move(accumulator));
   }
   return r;
@@ -233,12 +237,19 @@ void Reducer::Fill(Bucket& b) {
     if (b.ready[slot] && g.defined()) {
       dst.push_back(grad_of_[p]);
       src.push_back(g);
+    } else if (!b.ready[slot] && g.defined() && error_.ok()) {
+      // Prepare dropped it, so autograd set it in this backward without calling the hook: the
+      // parameter's AccumulateGrad node is not the hooked one (set_data to another dtype or
+      // device after the reducer was made gives it a new node).
+      error_ = absl::FailedPreconditionError(absl::StrCat(
+          "Reducer: parameter ", p, " received a gradient its hook did not see (was it moved to another "
+          "dtype or device after the reducer was made?)"));
     } else {
       grad_of_[p].zero_();
     }
   }
   if (!dst.empty()) {
-#if TORCH_VERSION_MAJOR >= 2
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)  // _foreach_copy_
     at::_foreach_copy_(dst, src);
 #else
     for (size_t k = 0; k < dst.size(); ++k) dst[k].copy_(src[k]);

@@ -25,6 +25,10 @@
 // backward writes into the buckets' memory, so a .grad kept past the next Prepare() must be
 // cloned (TrainStep's accumulation clones).
 //
+// The hooks are tied to the parameters' AccumulateGrad nodes as they are when the reducer is
+// made: moving a parameter to another dtype or device afterwards (set_data) makes Finish fail
+// by name rather than reduce zeros. Destruction removes the hooks.
+//
 // Thread safety: Prepare/Finish on the training thread; the hooks run on autograd's thread
 // while the training thread is blocked in backward(). One Reducer per model.
 #ifndef AVIARY_WORKER_COMM_REDUCER_H_
@@ -105,6 +109,7 @@ class Reducer {
   std::vector<int64_t> offset_of_;  // param -> element offset in its bucket
   std::vector<at::Tensor> grad_of_;  // param -> its gradient, in its bucket's memory
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;  // param -> its AccumulateGrad (hooked)
+  std::vector<uintptr_t> hook_keys_;                                  // param -> its hook's key there
   size_t next_launch_ = 0;
   bool armed_ = false;
   int launched_in_backward_ = 0;
