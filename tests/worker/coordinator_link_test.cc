@@ -45,6 +45,12 @@ class CoordinatorLinkTest : public ::testing::Test {
     coordinator_ = std::move(*started);
     address_ = absl::StrCat("127.0.0.1:", coordinator_->grpc_port());
     jobs_ = v1::JobService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+    options_.coordinator = address_;
+    options_.token = "the-worker-token";
+    options_.metrics_listen = "";
+    auto metrics = GroupMetrics::Create("");
+    ASSERT_TRUE(metrics.ok()) << metrics.status();
+    metrics_ = std::move(*metrics);
   }
   void TearDown() override {
     if (coordinator_) {
@@ -64,31 +70,45 @@ class CoordinatorLinkTest : public ::testing::Test {
     return ctx;
   }
 
+  // A job of the tiny dataset's pipeline (coordinator::kPipeline).
+  void Submit(v1::SubmitJobResponse* submitted) {
+    v1::SubmitJobRequest submit;
+    submit.set_pipeline_yaml(coordinator::kPipeline);
+    submit.set_source_path("pipe.yaml");
+    submit.set_working_dir(root_);
+    const grpc::Status status = jobs_->SubmitJob(Ctx().get(), submit, submitted);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  // `aviary logs` of one task.
+  void TaskLogs(const std::string& job_id, const std::string& task_id, v1::GetLogsResponse::TaskLog* out) {
+    v1::GetLogsRequest request;
+    request.set_job_id(job_id);
+    request.set_task_id(task_id);
+    v1::GetLogsResponse response;
+    const grpc::Status status = jobs_->GetLogs(Ctx().get(), request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ASSERT_EQ(response.tasks_size(), 1);
+    *out = response.tasks(0);
+  }
+  static v1::RegisterGroupRequest OneRank() {
+    v1::RegisterGroupRequest registration;
+    registration.set_world_size(1);
+    registration.set_backend("mpi");
+    return registration;
+  }
+
   std::string root_;
   std::string address_;
   std::unique_ptr<coordinator::Coordinator> coordinator_;
   std::unique_ptr<v1::JobService::Stub> jobs_;
+  AgentOptions options_;  // the links' (set in SetUp)
+  std::unique_ptr<GroupMetrics> metrics_;
 };
 
 TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
-  v1::SubmitJobRequest submit;
-  submit.set_pipeline_yaml(coordinator::kPipeline);
-  submit.set_source_path("pipe.yaml");
-  submit.set_working_dir(root_);
   v1::SubmitJobResponse submitted;
-  const grpc::Status status = jobs_->SubmitJob(Ctx().get(), submit, &submitted);
-  ASSERT_TRUE(status.ok()) << status.error_message();
-
-  AgentOptions options;
-  options.coordinator = address_;
-  options.token = "the-worker-token";
-  options.metrics_listen = "";
-  auto metrics = GroupMetrics::Create("");
-  ASSERT_TRUE(metrics.ok()) << metrics.status();
-  v1::RegisterGroupRequest registration;
-  registration.set_world_size(1);
-  registration.set_backend("mpi");
-  CoordinatorLink link(options, metrics->get(), registration);
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
   ASSERT_TRUE(link.Register().ok());
   v1::Task task;
   bool available = false;
@@ -102,22 +122,18 @@ TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
   for (int i = 0; i < kLines; ++i) log.Info(absl::StrCat("line ", i));
   link.EndTask();
 
-  v1::GetLogsRequest request;
-  request.set_job_id(submitted.job_id());
-  request.set_task_id(task.task_id());
-  v1::GetLogsResponse response;
-  ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), request, &response).ok());
-  ASSERT_EQ(response.tasks_size(), 1);
+  v1::GetLogsResponse::TaskLog logs;
+  ASSERT_NO_FATAL_FAILURE(TaskLogs(submitted.job_id(), task.task_id(), &logs));
   int found = 0;
   std::string last;
-  for (const v1::LogLine& line : response.tasks(0).lines()) {
+  for (const v1::LogLine& line : logs.lines()) {
     if (line.text().find("[trainer] line ") == std::string::npos) continue;
     ++found;
     last = line.text();
   }
   EXPECT_EQ(found, kLines);
   EXPECT_EQ(last, absl::StrCat("[trainer] line ", kLines - 1));
-  EXPECT_EQ(response.tasks(0).dropped(), 0);
+  EXPECT_EQ(logs.dropped(), 0);
 }
 
 // A group's lines keep the attempt that logged them. Group 1 stops its task (preempted: READY
@@ -125,25 +141,10 @@ TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
 // of them logged after the new lease: the coordinator used to stamp them with the task's attempt
 // at arrival (2).
 TEST_F(CoordinatorLinkTest, LinesShippedAfterTheTaskMovedOnKeepTheirAttempt) {
-  v1::SubmitJobRequest submit;
-  submit.set_pipeline_yaml(coordinator::kPipeline);
-  submit.set_source_path("pipe.yaml");
-  submit.set_working_dir(root_);
   v1::SubmitJobResponse submitted;
-  const grpc::Status status = jobs_->SubmitJob(Ctx().get(), submit, &submitted);
-  ASSERT_TRUE(status.ok()) << status.error_message();
-
-  AgentOptions options;
-  options.coordinator = address_;
-  options.token = "the-worker-token";
-  options.metrics_listen = "";
-  auto metrics = GroupMetrics::Create("");
-  ASSERT_TRUE(metrics.ok()) << metrics.status();
-  v1::RegisterGroupRequest registration;
-  registration.set_world_size(1);
-  registration.set_backend("mpi");
-  CoordinatorLink first(options, metrics->get(), registration);
-  CoordinatorLink second(options, metrics->get(), registration);
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink first(options_, metrics_.get(), OneRank());
+  CoordinatorLink second(options_, metrics_.get(), OneRank());
   ASSERT_TRUE(first.Register().ok());
   ASSERT_TRUE(second.Register().ok());
 
@@ -176,14 +177,10 @@ TEST_F(CoordinatorLinkTest, LinesShippedAfterTheTaskMovedOnKeepTheirAttempt) {
   log.Info("logged by attempt 1 after attempt 2 began");  // group 1's tap is still the process's
   first.EndTask();
 
-  v1::GetLogsRequest request;
-  request.set_job_id(submitted.job_id());
-  request.set_task_id(task.task_id());
-  v1::GetLogsResponse response;
-  ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), request, &response).ok());
-  ASSERT_EQ(response.tasks_size(), 1);
+  v1::GetLogsResponse::TaskLog logs;
+  ASSERT_NO_FATAL_FAILURE(TaskLogs(submitted.job_id(), task.task_id(), &logs));
   int found = 0;
-  for (const v1::LogLine& line : response.tasks(0).lines()) {
+  for (const v1::LogLine& line : logs.lines()) {
     if (line.text().find("logged by attempt 1") == std::string::npos) continue;
     ++found;
     EXPECT_EQ(line.attempt(), 1) << line.text();
