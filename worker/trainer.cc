@@ -1353,31 +1353,54 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
   model->eval();
   torch::NoGradGuard no_grad;
   valid_loader->StartEpoch(0);
-  std::vector<float> probs;
   std::vector<int64_t> targets;
   std::vector<int64_t> items;
+  // One batch behind: once batch i is queued and batch i + 1 fetched with its copy started (on
+  // the copier's stream, so it runs during batch i's forward), the host reads batch i - 1's loss.
+  // So the device always has the next batch queued, and at most about three batches' tensors
+  // are in device memory. The probabilities stay on the device until the last batch.
   double loss_sum = 0.0;
-  while (true) {
-    Batch batch;
-    AVIARY_ASSIGN_OR_RETURN(bool more, valid_loader->Next(&batch));
-    if (!more) break;
-    if (batch.waveforms.size(0) == 0) continue;
-    at::Tensor x = batch.waveforms.to(options.device, true);
-    at::Tensor y = at::one_hot(batch.targets, num_classes).to(at::kFloat).to(options.device, true);
-    at::Tensor mel = frontend->Forward(x, FrontendMode::kEval);
-    at::Tensor logits;
-    {
-      AutocastGuard autocast_guard(autocast);
-      logits = model->forward(mel);
+  at::Tensor lagging;  // batch i - 1's loss times its size, in double
+  std::vector<at::Tensor> probs_parts;
+  Batch batch;
+  DeviceCopier::InFlight copy;
+  auto next = [&]() -> absl::StatusOr<bool> {
+    batch = Batch();
+    AVIARY_ASSIGN_OR_RETURN(const bool more, valid_loader->Next(&batch));
+    copy = more ? copier->Start(batch.waveforms) : DeviceCopier::InFlight();
+    return more;
+  };
+  AVIARY_ASSIGN_OR_RETURN(bool more, next());
+  while (more) {
+    at::Tensor x = copier->Take(std::move(copy));
+    const int64_t n = x.size(0);
+    if (n > 0) {
+      at::Tensor y = at::one_hot(batch.targets, num_classes).to(at::kFloat).to(options.device, true);
+      at::Tensor mel = frontend->Forward(x, FrontendMode::kEval);
+      at::Tensor logits;
+      {
+        AutocastGuard autocast_guard(autocast);
+        logits = model->forward(mel);
+      }
+      logits = logits.to(at::kFloat);
+      at::Tensor loss = ComputeLoss(train.loss, logits, y, train.label_smoothing).to(at::kDouble) *
+                        static_cast<double>(n);
+      probs_parts.push_back(model->Probabilities(logits));
+      targets.insert(targets.end(), batch.targets.data_ptr<int64_t>(),
+                     batch.targets.data_ptr<int64_t>() + batch.targets.numel());
+      items.insert(items.end(), batch.items.begin(), batch.items.end());
+      AVIARY_ASSIGN_OR_RETURN(more, next());
+      if (lagging.defined()) loss_sum += lagging.item<double>();
+      lagging = loss;
+    } else {
+      AVIARY_ASSIGN_OR_RETURN(more, next());
     }
-    logits = logits.to(at::kFloat);
-    loss_sum += ComputeLoss(train.loss, logits, y, train.label_smoothing).item<double>() *
-                batch.waveforms.size(0);
-    at::Tensor p = model->Probabilities(logits).cpu().contiguous();
-    probs.insert(probs.end(), p.data_ptr<float>(), p.data_ptr<float>() + p.numel());
-    targets.insert(targets.end(), batch.targets.data_ptr<int64_t>(),
-                   batch.targets.data_ptr<int64_t>() + batch.targets.numel());
-    items.insert(items.end(), batch.items.begin(), batch.items.end());
+  }
+  if (lagging.defined()) loss_sum += lagging.item<double>();
+  std::vector<float> probs;
+  if (!probs_parts.empty()) {
+    const at::Tensor p = at::cat(probs_parts).to(at::kFloat).cpu().contiguous();
+    probs.assign(p.data_ptr<float>(), p.data_ptr<float>() + p.numel());
   }
   if (world > 1) {
     // Gather every rank's predictions and put them back in item order.

@@ -447,6 +447,38 @@ TEST_F(TrainerTest, StepStatsAddUpToTheHistory) {
   EXPECT_GT(correct_total, 0.5);
 }
 
+// Validation reads each batch's loss one batch behind and the probabilities at the end: its
+// metrics are those of one batch over the whole validation set, whatever train.infer_bs cuts it
+// into (here batches of 8, the last one partial, against a single batch).
+TEST_F(TrainerTest, ValidationMetricsDoNotDependOnItsBatches) {
+  std::vector<std::vector<EpochRecord>> histories;
+  for (int infer_bs : {1, 64}) {
+    common::PipelineConfig config = Config();
+    config.train.epochs = 2;
+    config.train.infer_bs = infer_bs;
+    for (auto& [name, stage] : config.stages) stage.train = config.train;
+    TrainOptions o;
+    o.out_dir = Out(absl::StrCat("infer_bs", infer_bs));
+    auto trainer = Trainer::Create(config, o);
+    ASSERT_TRUE(trainer.ok()) << trainer.status();
+    ASSERT_TRUE((*trainer)->Run().ok());
+    histories.push_back((*trainer)->history());
+  }
+  ASSERT_EQ(histories[0].size(), 2u);
+  ASSERT_EQ(histories[1].size(), 2u);
+  for (size_t e = 0; e < 2; ++e) {
+    const EpochRecord& small = histories[0][e];
+    const EpochRecord& whole = histories[1][e];
+    EXPECT_EQ(small.train_loss, whole.train_loss) << "epoch " << e;  // validation changes no weights
+    ASSERT_TRUE(std::isfinite(small.val_loss)) << "epoch " << e;
+    EXPECT_NEAR(small.val_loss, whole.val_loss, 1e-5 * std::abs(whole.val_loss)) << "epoch " << e;
+    EXPECT_NEAR(small.val_roc_auc, whole.val_roc_auc, 1e-6) << "epoch " << e;
+    EXPECT_NEAR(small.val_auc, whole.val_auc, 1e-6) << "epoch " << e;
+    EXPECT_NEAR(small.val_cmap, whole.val_cmap, 1e-6) << "epoch " << e;
+    EXPECT_EQ(small.val_acc, whole.val_acc) << "epoch " << e;
+  }
+}
+
 // train.lr_per_step with accumulation: the rate is set at an optimizer step's first micro-batch,
 // and on_step reports that rate (the one the step used), not the rate of its last micro-batch.
 TEST_F(TrainerTest, PerStepRatesAreTheRatesTheStepsUsed) {
