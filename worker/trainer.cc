@@ -1372,10 +1372,14 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
   };
   AVIARY_ASSIGN_OR_RETURN(bool more, next());
   while (more) {
+    // (next() drops the pinned host batch while its copy may be in flight: torch's caching host
+    // allocator keeps the memory until the copy's recorded event, as in training.)
     at::Tensor x = copier->Take(std::move(copy));
     const int64_t n = x.size(0);
     if (n > 0) {
-      at::Tensor y = at::one_hot(batch.targets, num_classes).to(at::kFloat).to(options.device, true);
+      // One-hot on the device: its few class ids are copied, not a float matrix from pageable
+      // memory (a copy that large may make the host wait for the stream).
+      at::Tensor y = at::one_hot(batch.targets.to(options.device, true), num_classes).to(at::kFloat);
       at::Tensor mel = frontend->Forward(x, FrontendMode::kEval);
       at::Tensor logits;
       {

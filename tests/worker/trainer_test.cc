@@ -449,11 +449,12 @@ TEST_F(TrainerTest, StepStatsAddUpToTheHistory) {
 
 // Validation reads each batch's loss one batch behind and the probabilities at the end: its
 // metrics are those of one batch over the whole validation set, whatever train.infer_bs cuts it
-// into (here batches of 8, the last one partial, against a single batch).
+// into (here batches of 4 of the fold's 20 items, some of them broken, against a single batch).
 TEST_F(TrainerTest, ValidationMetricsDoNotDependOnItsBatches) {
   std::vector<std::vector<EpochRecord>> histories;
   for (int infer_bs : {1, 64}) {
     common::PipelineConfig config = Config();
+    config.train.batch_size = 4;
     config.train.epochs = 2;
     config.train.infer_bs = infer_bs;
     for (auto& [name, stage] : config.stages) stage.train = config.train;
