@@ -1376,6 +1376,7 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
     // allocator keeps the memory until the copy's recorded event, as in training.)
     at::Tensor x = copier->Take(std::move(copy));
     const int64_t n = x.size(0);
+    at::Tensor loss;  // this batch's, times its size, in double
     if (n > 0) {
       // One-hot on the device: its few class ids are copied, not a float matrix from pageable
       // memory (a copy that large may make the host wait for the stream).
@@ -1387,17 +1388,16 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
         logits = model->forward(mel);
       }
       logits = logits.to(at::kFloat);
-      at::Tensor loss = ComputeLoss(train.loss, logits, y, train.label_smoothing).to(at::kDouble) *
-                        static_cast<double>(n);
+      loss = ComputeLoss(train.loss, logits, y, train.label_smoothing).to(at::kDouble) * static_cast<double>(n);
       probs_parts.push_back(model->Probabilities(logits));
       targets.insert(targets.end(), batch.targets.data_ptr<int64_t>(),
                      batch.targets.data_ptr<int64_t>() + batch.targets.numel());
       items.insert(items.end(), batch.items.begin(), batch.items.end());
-      AVIARY_ASSIGN_OR_RETURN(more, next());
+    }
+    AVIARY_ASSIGN_OR_RETURN(more, next());
+    if (loss.defined()) {
       if (lagging.defined()) loss_sum += lagging.item<double>();
       lagging = loss;
-    } else {
-      AVIARY_ASSIGN_OR_RETURN(more, next());
     }
   }
   if (lagging.defined()) loss_sum += lagging.item<double>();
