@@ -272,4 +272,17 @@ absl::Status CheckOutputPath(const std::string& flag, const std::string& path) {
   return absl::OkStatus();
 }
 
+void WriteLineToStderr(absl::string_view line) {
+  const std::string text = absl::StrCat(line, "\n");
+  const char* p = text.data();
+  size_t left = text.size();
+  while (left > 0) {
+    const ssize_t w = ::write(STDERR_FILENO, p, left);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return;
+    p += w;
+    left -= static_cast<size_t>(w);
+  }
+}
+
 }  // namespace aviary::common

@@ -87,6 +87,12 @@ absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes);
 // atomic write would fail late, naming its temporary file.
 absl::Status CheckOutputPath(const std::string& flag, const std::string& path);
 
+// Writes `line` and a newline to standard error in one write(2) (more only when the kernel takes
+// part of it). A rank under mpirun shares its stderr with mpirun's own messages, and a line written
+// in pieces, as std::cerr's unbuffered `<<` chain does, can come out cut by them. Errors are
+// ignored: there is nowhere left to report them.
+void WriteLineToStderr(absl::string_view line);
+
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_FILES_H_

@@ -67,7 +67,7 @@ int Fail(const std::string& command, const absl::Status& st) {
     // The other ranks may be waiting in a collective: end the whole group.
     g_session->Abort(absl::StrCat("aviary-worker ", command, ": ", st.message()), aviary::common::ExitCodeFor(st));
   }
-  std::cerr << "aviary-worker " << command << ": " << st.message() << "\n";
+  aviary::common::WriteLineToStderr(absl::StrCat("aviary-worker ", command, ": ", st.message()));
   return aviary::common::ExitCodeFor(st);
 }
 
@@ -147,9 +147,10 @@ int RunTrain(const TrainArgs& args) {
   absl::Status st = (*trainer)->Run();
   if (absl::IsCancelled(st)) {  // only should_stop cancels: a stop signal here or on another rank
     if (g_session == nullptr || g_session->rank() == 0) {
-      std::cerr << "aviary-worker train: stopped by "
-                << (aviary::worker::Signalled() ? aviary::worker::StopSignalName() : "a signal to another rank")
-                << ": " << st.message() << "; run the same command again to resume\n";
+      aviary::common::WriteLineToStderr(absl::StrCat(
+          "aviary-worker train: stopped by ",
+          aviary::worker::Signalled() ? aviary::worker::StopSignalName() : "a signal to another rank", ": ",
+          st.message(), "; run the same command again to resume"));
     }
     return 143;
   }
@@ -180,7 +181,9 @@ absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string
 
 // Flag errors are the same on every rank: rank 0 says it, every rank exits with the code.
 int ServeFail(const absl::Status& st) {
-  if (g_session == nullptr || g_session->rank() == 0) std::cerr << "aviary-worker serve: " << st.message() << "\n";
+  if (g_session == nullptr || g_session->rank() == 0) {
+    aviary::common::WriteLineToStderr(absl::StrCat("aviary-worker serve: ", st.message()));
+  }
   return aviary::common::ExitCodeFor(st);
 }
 
@@ -264,10 +267,11 @@ int RunServe(const ServeArgs& args) {
   absl::Status all = g_session->AllRanksOk(mine, &first_failed);
   if (!all.ok()) {
     if (first_failed < 0) {  // the agreement itself failed (MPI)
-      std::cerr << "aviary-worker serve: rank " << g_session->rank() << ": " << all.message() << "\n";
+      aviary::common::WriteLineToStderr(absl::StrCat("aviary-worker serve: rank ", g_session->rank(), ": ", all.message()));
     } else if (g_session->rank() == first_failed) {
-      std::cerr << "aviary-worker serve: " << (g_session->world_size() > 1 ? absl::StrCat("rank ", first_failed, ": ") : "")
-                << mine.message() << "\n";
+      aviary::common::WriteLineToStderr(absl::StrCat(
+          "aviary-worker serve: ", g_session->world_size() > 1 ? absl::StrCat("rank ", first_failed, ": ") : "",
+          mine.message()));
     }
     return aviary::common::ExitCodeFor(mine.ok() ? all : mine);
   }

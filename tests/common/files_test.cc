@@ -1,6 +1,7 @@
 #include "common/files.h"
 
 #include <dirent.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -139,6 +140,27 @@ TEST(ProbeWritableTest, NamesTheFolderAndTheSpaceNeeded) {
   EXPECT_TRUE(absl::IsResourceExhausted(st)) << st;
   EXPECT_TRUE(absl::StrContains(st.message(), dir)) << st;
   EXPECT_FALSE(ProbeWritable(dir + "/missing", 1).ok());
+}
+
+// Standard error is a SOCK_SEQPACKET socket here, so each write(2) is one message: the line and
+// its newline must arrive as one (a std::cerr `<<` chain sends one message per piece).
+TEST(WriteLineToStderrTest, WritesTheLineAndItsNewlineInOneWrite) {
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET, 0, fds), 0) << ErrnoText(errno);
+  const int saved = ::dup(STDERR_FILENO);
+  ASSERT_GE(saved, 0);
+  ASSERT_GE(::dup2(fds[1], STDERR_FILENO), 0);
+  const std::string line = absl::StrCat("aviary: rank ", 1, " of ", 2, " ends the group: ", std::string(300, 'x'));
+  WriteLineToStderr(line);
+  ::dup2(saved, STDERR_FILENO);
+  ::close(saved);
+  std::string got(8192, '\0');
+  const ssize_t n = ::recv(fds[0], got.data(), got.size(), MSG_DONTWAIT);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  ASSERT_GT(n, 0) << ErrnoText(errno);
+  got.resize(static_cast<size_t>(n));
+  EXPECT_EQ(got, line + "\n");
 }
 
 }  // namespace

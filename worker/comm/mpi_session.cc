@@ -3,9 +3,9 @@
 #include <mpi.h>
 
 #include <cstdlib>
-#include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 #include "common/logging.h"
 
 namespace aviary::worker::comm {
@@ -88,8 +88,8 @@ absl::Status MpiSession::AllRanksOk(const absl::Status& mine, int* first_failed)
 }
 
 void MpiSession::Abort(const std::string& message, int exit_code) const {
-  std::cerr << "aviary: rank " << rank_ << " of " << world_size_ << " ends the group: " << message
-            << std::endl;
+  // One write: mpirun's own banner for the abort must not cut the line (it did, in CI).
+  common::WriteLineToStderr(absl::StrCat("aviary: rank ", rank_, " of ", world_size_, " ends the group: ", message));
   MPI_Abort(MPI_COMM_WORLD, exit_code == 0 ? 1 : exit_code);
   std::_Exit(exit_code == 0 ? 1 : exit_code);
 }
