@@ -220,6 +220,18 @@ at::Tensor DeviceCopier::Take(InFlight in_flight) {
   return std::move(in_flight.tensor);
 }
 
+std::shared_ptr<DeviceCopier::Event> DeviceCopier::Mark() {
+  if (stream_ == nullptr) return nullptr;
+  c10::cuda::CUDAGuard device_guard(device_.index());
+  auto mark = std::make_shared<Event>();
+  mark->event.record(c10::cuda::getCurrentCUDAStream(device_.index()));
+  return mark;
+}
+
+void DeviceCopier::Await(const std::shared_ptr<Event>& mark) {
+  if (mark != nullptr) mark->event.synchronize();
+}
+
 absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
     const common::TrainConfig& train, TrainStep* step, AdamOptimizer* optimizer,
     const at::Tensor& features, const at::Tensor& targets, int warmup) {
@@ -240,6 +252,8 @@ DeviceCopier::DeviceCopier(c10::Device device) : device_(device) {}
 DeviceCopier::~DeviceCopier() = default;
 DeviceCopier::InFlight DeviceCopier::Start(const at::Tensor& host) { return InFlight{host, nullptr}; }
 at::Tensor DeviceCopier::Take(InFlight in_flight) { return std::move(in_flight.tensor); }
+std::shared_ptr<DeviceCopier::Event> DeviceCopier::Mark() { return nullptr; }
+void DeviceCopier::Await(const std::shared_ptr<Event>& /*mark*/) {}
 
 absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
     const common::TrainConfig& train, TrainStep* step, AdamOptimizer* /*optimizer*/,

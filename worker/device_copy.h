@@ -32,7 +32,7 @@ namespace aviary::worker {
 
 class DeviceCopier {
  public:
-  struct Event;  // the copy's CUDA event (cuda_graph_step.cc)
+  struct Event;  // a CUDA event (cuda_graph_step.cc)
   struct InFlight {
     at::Tensor tensor;             // on the device once Take() returns it
     std::shared_ptr<Event> event;  // null: nothing to wait for
@@ -49,6 +49,13 @@ class DeviceCopier {
   InFlight Start(const at::Tensor& host);
   // The copied tensor, for work queued on the current stream from now on.
   at::Tensor Take(InFlight in_flight);
+  // A mark after the work queued so far on the current stream (null without a copy stream: on
+  // a CPU the work is done when the call that queued it returns). Await() blocks the host until
+  // that work is done, leaving what was queued after the mark queued: a loop that awaits the
+  // previous round's mark keeps the device one round ahead of the host without reading a value
+  // back (Tensor::item() waits for everything queued on the stream).
+  std::shared_ptr<Event> Mark();
+  static void Await(const std::shared_ptr<Event>& mark);
 
  private:
   struct Stream;  // the copy stream (cuda_graph_step.cc)

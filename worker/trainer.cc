@@ -1355,12 +1355,14 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
   valid_loader->StartEpoch(0);
   std::vector<int64_t> targets;
   std::vector<int64_t> items;
-  // One batch behind: once batch i is queued and batch i + 1 fetched with its copy started (on
-  // the copier's stream, so it runs during batch i's forward), the host reads batch i - 1's loss.
-  // So the device always has the next batch queued, and at most about three batches' tensors
-  // are in device memory. The probabilities stay on the device until the last batch.
-  double loss_sum = 0.0;
-  at::Tensor lagging;  // batch i - 1's loss times its size, in double
+  // Nothing is read back until the last batch: the losses are summed on the device (in double,
+  // in batch order: the sum a host loop would make) and the probabilities kept there. Once batch
+  // i is queued and batch i + 1 fetched with its copy started (on the copier's stream, so it runs
+  // during batch i's forward), the host waits for batch i - 1's work only (a mark, not a read:
+  // reading a value waits for batch i too). So the device always has the next batch queued, and
+  // at most about three batches' tensors are in device memory.
+  at::Tensor loss_sum_dev;  // the losses times their batch's size, in double
+  std::shared_ptr<DeviceCopier::Event> behind;  // batch i - 1's work
   std::vector<at::Tensor> probs_parts;
   Batch batch;
   DeviceCopier::InFlight copy;
@@ -1394,13 +1396,13 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
                      batch.targets.data_ptr<int64_t>() + batch.targets.numel());
       items.insert(items.end(), batch.items.begin(), batch.items.end());
     }
+    if (loss.defined()) loss_sum_dev = loss_sum_dev.defined() ? loss_sum_dev + loss : loss;
+    std::shared_ptr<DeviceCopier::Event> mark = copier->Mark();
     AVIARY_ASSIGN_OR_RETURN(more, next());
-    if (loss.defined()) {
-      if (lagging.defined()) loss_sum += lagging.item<double>();
-      lagging = loss;
-    }
+    DeviceCopier::Await(behind);
+    behind = std::move(mark);
   }
-  if (lagging.defined()) loss_sum += lagging.item<double>();
+  double loss_sum = loss_sum_dev.defined() ? loss_sum_dev.item<double>() : 0.0;
   std::vector<float> probs;
   if (!probs_parts.empty()) {
     const at::Tensor p = at::cat(probs_parts).to(at::kFloat).cpu().contiguous();

@@ -326,6 +326,8 @@ TEST(DeviceCopierTest, CopiesAheadOrHandsTheHostTensorBack) {
   EXPECT_FALSE(cpu.overlaps());
   const at::Tensor host = at::arange(12, at::kFloat).reshape({3, 4});
   EXPECT_TRUE(cpu.Take(cpu.Start(host)).is_same(host));
+  EXPECT_EQ(cpu.Mark(), nullptr);  // nothing to wait for on the CPU
+  DeviceCopier::Await(nullptr);
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device here: the copy stream is not exercised";
   const c10::Device gpu(c10::kCUDA, 0);
   DeviceCopier copier(gpu);
@@ -337,6 +339,12 @@ TEST(DeviceCopierTest, CopiesAheadOrHandsTheHostTensorBack) {
   const at::Tensor x = copier.Take(std::move(in_flight));
   EXPECT_TRUE(x.is_cuda());
   EXPECT_TRUE(at::equal((x * 2).cpu(), pinned * 2));
+  // A mark after queued work: awaited, the work's result is there.
+  const at::Tensor y = x * 3;
+  const std::shared_ptr<DeviceCopier::Event> mark = copier.Mark();
+  ASSERT_NE(mark, nullptr);
+  DeviceCopier::Await(mark);
+  EXPECT_TRUE(at::equal(y.cpu(), pinned * 3));
 }
 
 }  // namespace
