@@ -64,6 +64,11 @@ bool FindSample(const std::string& exposition, const std::string& name,
   return false;
 }
 
+// The heartbeat timeout of the tests that wait for the reaper: short to wait for, but long
+// enough that a loaded machine's fsyncs between one group's RPCs (each commit syncs) do not get
+// the group reaped in the middle of a test (1 s could).
+constexpr int kReapAfterS = 3;
+
 // Polls `condition` every 20 ms until it holds or 30 s pass.
 bool Eventually(const std::function<bool()>& condition) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
@@ -477,7 +482,7 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
 }
 
 TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
-  config_.heartbeat_timeout_s = 1;
+  config_.heartbeat_timeout_s = kReapAfterS;
   config_.max_restarts = 1;
   Start();
   const std::string job_id = Submit({"stages.finetune.enabled=false"});
@@ -550,7 +555,7 @@ TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
 // the job and cancels the other task; the second one's task must stay CANCELLED (not be put back
 // to READY by the same reaper pass).
 TEST_F(CoordinatorServiceTest, GroupsLostTogetherLeaveNoReadyTaskInAFailedJob) {
-  config_.heartbeat_timeout_s = 1;
+  config_.heartbeat_timeout_s = kReapAfterS;
   config_.max_restarts = 1;
   Start();
   const std::string job_id = Submit({"stages.pretrain.enabled=false"});
@@ -571,7 +576,7 @@ TEST_F(CoordinatorServiceTest, GroupsLostTogetherLeaveNoReadyTaskInAFailedJob) {
   ASSERT_EQ(Lease(b).task().task_id(), t1);
   ASSERT_TRUE(Eventually([&] { return GetJob(job_id).state() == JOB_STATE_FAILED; }));
   // Let every reaper pass that could touch them run.
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(kReapAfterS * 1000 + 1500));
   const JobInfo job = GetJob(job_id);
   EXPECT_EQ(job.state(), JOB_STATE_FAILED);
   ASSERT_NE(FindTask(job, t0), nullptr);
@@ -804,7 +809,7 @@ TEST_F(CoordinatorServiceTest, EveryJobFailureIsCountedOnceAndStaysCounted) {
 // (the AviaryWorkerGroupLost alert watches aviary_worker_groups_lost_total), and the task it held
 // is READY again without a restart.
 TEST_F(CoordinatorServiceTest, LeaveGroupRemovesTheGroupWithoutCountingItLost) {
-  config_.heartbeat_timeout_s = 1;
+  config_.heartbeat_timeout_s = kReapAfterS;
   Start();
   const std::string job_id = Submit({"stages.finetune.enabled=false"});
   const std::string a = Register();
@@ -834,7 +839,7 @@ TEST_F(CoordinatorServiceTest, LeaveGroupRemovesTheGroupWithoutCountingItLost) {
   leave.set_reason("served 1 task(s), --max-tasks 1");
   ASSERT_TRUE(workers_->LeaveGroup(WorkerCtx().get(), leave, &leave_response).ok());
   // Past the heartbeat timeout, nothing is left to reap and nothing was lost.
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(kReapAfterS * 1000 + 500));
   EXPECT_EQ(coordinator_->scheduler()->ReapLostGroups(), 0);
   const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
   EXPECT_NE(exposition.find("aviary_worker_groups_lost_total 0"), std::string::npos) << exposition;
@@ -1580,7 +1585,7 @@ TEST_F(CoordinatorServiceTest, NoDataRootsRefusesEveryJobSayingSo) {
 }
 
 TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
-  config_.heartbeat_timeout_s = 1;
+  config_.heartbeat_timeout_s = kReapAfterS;
   Start();
   const std::string job_id = Submit();
   const std::string pretrain = job_id + "/pretrain-f0";
@@ -1674,7 +1679,7 @@ Metrics StepPoint(int epoch, int64_t step) {
 }
 
 TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
-  config_.heartbeat_timeout_s = 1;
+  config_.heartbeat_timeout_s = kReapAfterS;
   Start();
   const std::string job_id = Submit({"stages.finetune.enabled=false"});
   const std::string task_id = job_id + "/pretrain-f0";

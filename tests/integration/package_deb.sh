@@ -43,7 +43,7 @@ if dpkg -s aviary >/dev/null 2>&1; then
   exit 77
 fi
 trap '"${sudo[@]}" dpkg -r aviary >/dev/null 2>&1; rm -rf "$tmp"' EXIT
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$deb" > "$tmp/install.log" 2>&1 ||
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends "$deb" > "$tmp/install.log" 2>&1 ||
   { cat "$tmp/install.log"; fail "apt-get install $deb failed"; exit 1; }
 cd "$tmp"
 /usr/bin/aviary --help | grep -q "Usage: aviary" && ok || fail "/usr/bin/aviary --help"

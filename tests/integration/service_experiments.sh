@@ -82,7 +82,9 @@ av logs "$job" --task pretrain-f0-p0 --tail 3 > "$tmp/tail.log" || fail "logs --
 
 # Retry: a job cancelled once its pretraining wrote last.pt resumes from it.
 expect "only a FAILED or CANCELLED job can be retried" av retry "$job"
-job2=$(av submit "$tmp/p.yaml" --name retry --set stages.pretrain.epochs=4 | tail -n 1)
+# 12 epochs: the pretraining must still run when the cancel lands (seeing epoch 1 and cancelling
+# takes a second or two; with 4 epochs of about a second each it sometimes finished first).
+job2=$(av submit "$tmp/p.yaml" --name retry --set stages.pretrain.epochs=12 | tail -n 1)
 # Cancelled once the coordinator has the checkpoint of epoch 0: the group reports in order, so a
 # step point of epoch 1 comes after the checkpoint written at the end of epoch 0.
 wait_for 300 jq_status "$job2" 'task("pretrain").get("latest", {}).get("epoch", 0) >= 1' ||
@@ -91,6 +93,8 @@ test -s "$tmp/runs/$job2/pretrain-fold0/last.pt" || fail "the pretraining wrote 
 expect "cancel it first" av delete "$job2"
 av cancel "$job2" > /dev/null || fail "cancel"
 jq_status "$job2" 'j["state"] == "JOB_STATE_CANCELLED"' || fail "not CANCELLED"
+jq_status "$job2" 'task("pretrain")["state"] == "TASK_STATE_CANCELLED"' ||
+  fail "the pretraining had finished before the cancel: $(jq_status "$job2" 'task("pretrain")["state"]')"
 av retry "$job2" > "$tmp/retry.txt" || fail "retry"
 grep -q "tasks to run again" "$tmp/retry.txt" || fail "retry said: $(cat "$tmp/retry.txt")"
 if avt 900 watch "$job2" > "$tmp/watch2.log" 2>&1; then ok; else

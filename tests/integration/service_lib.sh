@@ -42,14 +42,22 @@ max_restarts: ${2:-2}
 YAML
 }
 
+# logged_more_starts N: the coordinator's log has more than N start lines.
+logged_more_starts() { [ "$(grep -c "listening on" "$tmp/coordinator.log" 2>/dev/null)" -gt "$1" ]; }
+
 # start_coordinator [flags...]: sets coord_pid, port (gRPC) and mport (/metrics).
 start_coordinator() {
   rm -f "$tmp/coord.port" "$tmp/coord.mport"
+  local starts
+  starts=$(grep -c "listening on" "$tmp/coordinator.log" 2>/dev/null)
   setsid "$bin/aviary-coordinator" --config "$tmp/coordinator.yaml" --port-file "$tmp/coord.port" \
     --metrics-port-file "$tmp/coord.mport" "$@" >> "$tmp/coordinator.log" 2>&1 &
   coord_pid=$!
   pids+=("$coord_pid")
-  if ! wait_for 60 test -s "$tmp/coord.port" || ! wait_for 10 test -s "$tmp/coord.mport"; then
+  # The port files come first, then the start line ("listening on ..."): wait for both, so that
+  # a test may grep the line.
+  if ! wait_for 60 test -s "$tmp/coord.port" || ! wait_for 10 test -s "$tmp/coord.mport" ||
+     ! wait_for 10 logged_more_starts "${starts:-0}"; then
     fail "the coordinator did not start"; cat "$tmp/coordinator.log"; return 1
   fi
   port=$(cat "$tmp/coord.port")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 14 item 8: normal exits of worker groups must not look like failures. Real processes on
 # 127.0.0.1 (coordinator, `mpirun -np 2 --oversubscribe aviary-worker serve`), heartbeat timeout
-# 3 s so that a group that did not leave would be reaped as lost within the test.
+# 6 s so that a group that did not leave would be reaped as lost within the test. (Not 3 s: a
+# group's write fence then lapsed 2.5 s after its last answered heartbeat, which a loaded
+# 2-core machine can stall past, and a healthy group abandoned its task.)
 #   1. A group with --max-tasks 1 finishes its task and exits 0: the coordinator logs "group G
 #      left", never "group G lost", and aviary_worker_groups_lost_total stays 0 after the
 #      heartbeat timeout has passed.
@@ -19,7 +21,7 @@ source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/service_lib.sh"
 
 service_recipe 1 2 "[0]"
-write_coordinator_config 3 2
+write_coordinator_config 6 2
 start_coordinator || exit 1
 
 # group_id NAME: the id the group registered as (from its log).
@@ -61,7 +63,7 @@ else
   fail "group a did not exit after --max-tasks 1"
 fi
 grep -q "left the coordinator as group" "$tmp/a.log" || fail "group a did not log that it left"
-sleep 5  # past heartbeat_timeout_s (3 s): a group that did not leave is reaped as lost by now
+sleep 8  # past heartbeat_timeout_s (6 s): a group that did not leave is reaped as lost by now
 check_left a
 check_not_lost "after --max-tasks 1"
 
@@ -94,7 +96,7 @@ check_handed_back() {
   local after
   after=$(jq_status "$2" 'task("finetune")["latest"]["epoch"]')
   [ "$after" -le $((before + 1)) ] || fail "group $1 trained on after the signal: epoch $before -> $after"
-  sleep 4  # past heartbeat_timeout_s (3 s)
+  sleep 7  # past heartbeat_timeout_s (6 s)
   check_left "$1"
   check_not_lost "after group $1's stop"
 }
