@@ -195,7 +195,9 @@ DeviceCopier::DeviceCopier(c10::Device device) : device_(device) {
 DeviceCopier::~DeviceCopier() = default;
 
 DeviceCopier::InFlight DeviceCopier::Start(const at::Tensor& host) {
-  if (stream_ == nullptr) return InFlight{host, nullptr};
+  // A tensor already on a device is not copied: the copy stream would read it without waiting
+  // for the stream that wrote it.
+  if (stream_ == nullptr || !host.is_cpu()) return InFlight{host, nullptr};
   c10::cuda::CUDAGuard device_guard(device_.index());
   InFlight out;
   {

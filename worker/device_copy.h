@@ -45,7 +45,9 @@ class DeviceCopier {
 
   // Whether copies run on a stream of their own (a CUDA device in a CUDA build).
   bool overlaps() const { return stream_ != nullptr; }
-  // Starts copying `host` (pinned, for the copy to be asynchronous) to the device.
+  // Starts copying `host` (pinned, for the copy to be asynchronous) to the device. The host
+  // tensor must be written by the host (the copy waits for no stream; the loader's batches are);
+  // a tensor already on a device comes back from Take() as it is.
   InFlight Start(const at::Tensor& host);
   // The copied tensor, for work queued on the current stream from now on.
   at::Tensor Take(InFlight in_flight);

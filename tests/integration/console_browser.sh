@@ -20,15 +20,18 @@ rm -f "$artifacts"/*.png
 service_recipe 2 8 "[0]"
 write_coordinator_config 20 2
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/viewer.token"
-cport=$(free_port)
-# Fixed ports: the coordinator restarts on the same ones (the groups redial the gRPC port, the
-# page the console's).
-sed -i "s#^listen: .*#listen: 127.0.0.1:$(free_port)#" "$tmp/coordinator.yaml"
 cat >> "$tmp/coordinator.yaml" <<YAML
 viewer_token_file: $tmp/viewer.token
-console_listen: 127.0.0.1:$cport
+console_listen: 127.0.0.1:0
+console_port_file: $tmp/console.port
 YAML
 start_coordinator || exit 1
+cport=$(cat "$tmp/console.port")
+# The coordinator restarts on the ports it got (the groups redial the gRPC port, the page the
+# console's). Picked by the kernel at the first start: a port picked free beforehand could be
+# taken by another test's listener before the coordinator bound it.
+sed -i -e "s#^listen: .*#listen: 127.0.0.1:$port#" -e "s#^console_listen: .*#console_listen: 127.0.0.1:$cport#" \
+  "$tmp/coordinator.yaml"
 echo "coordinator on 127.0.0.1:$port, console on http://127.0.0.1:$cport/"
 
 # The JSON API without a browser: no token, a worker token, a viewer's cancel.

@@ -17,7 +17,7 @@ source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/service_lib.sh"
 
 service_recipe 2 16 "[0]"
-write_coordinator_config 4 2
+write_coordinator_config 6 2
 start_coordinator || exit 1
 /usr/bin/python3 "$(dirname "$0")/tcp_proxy.py" "$tmp/proxy.port" "$port" > "$tmp/proxy.log" 2>&1 &
 proxy_pid=$!
