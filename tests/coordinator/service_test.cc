@@ -671,12 +671,14 @@ TEST_F(CoordinatorServiceTest, ARegistrationSentAgainGetsTheGroupItRegistered) {
 // registration sent again counts as hearing from it, or the reaper could remove it right after
 // answering, before its first heartbeat.
 TEST_F(CoordinatorServiceTest, ARegistrationSentAgainCountsAsHearingFromTheGroup) {
-  config_.heartbeat_timeout_s = 4;
+  // 3 s of slack on either side (the second call must come before the timeout, the reap after
+  // the timeout counted from the first call but within it from the second).
+  config_.heartbeat_timeout_s = 8;
   Start();
   const std::string a = Register(1, "r-heard");
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(5000));
   ASSERT_EQ(Register(1, "r-heard"), a);
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // 5 s after the first call
+  std::this_thread::sleep_for(std::chrono::milliseconds(5000));  // 10 s after the first call
   coordinator_->scheduler()->ReapLostGroups();
   bool cancel = false;
   EXPECT_TRUE(Heartbeat(a, "", &cancel).ok());
@@ -860,6 +862,7 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
 
   std::vector<JobEvent> events;
   std::atomic<bool> watching{false};
+  std::atomic<bool> saw_report{false};
   grpc::Status watch_status;
   auto watch_context = Ctx();
   std::thread watcher([&] {
@@ -869,6 +872,7 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
     JobEvent event;
     while (reader->Read(&event)) {
       events.push_back(event);
+      if (event.has_metrics() && event.metrics().val_auc() == 0.4) saw_report = true;
       watching = true;
     }
     watch_status = reader->Finish();
@@ -878,6 +882,9 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   bool cancel = true;
   ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.4)}, &cancel).ok());
   EXPECT_FALSE(cancel);
+  // The watcher reads the report before the cancel: a finished job keeps only its final
+  // change's events, so a watcher still behind then gets the state instead of the report.
+  ASSERT_TRUE(Eventually([&] { return saw_report.load(); }));
 
   CancelJobRequest cancel_request;
   cancel_request.set_job_id(job_id);
@@ -1762,7 +1769,10 @@ TEST_F(CoordinatorServiceTest, AReportSentAgainWithNewPointsBehindItIsTakenOnce)
 // its tasks' manifests; its state and epoch history stay. Running jobs are left alone, and a job
 // is pruned once.
 TEST_F(CoordinatorServiceTest, RetentionPrunesOnlyJobsFinishedLongAgo) {
-  config_.retention_days = 1.0 / 86400;  // one second
+  // Five seconds: the "not yet" prune right after the job finished must come within them on a
+  // loaded machine (one second held four fsynced commits before, and could run out).
+  constexpr int kRetentionS = 5;
+  config_.retention_days = static_cast<double>(kRetentionS) / 86400;
   Start();
   const std::string done = Submit({"stages.finetune.enabled=false"});
   const std::string running = Submit({"stages.finetune.enabled=false"});
@@ -1775,10 +1785,11 @@ TEST_F(CoordinatorServiceTest, RetentionPrunesOnlyJobsFinishedLongAgo) {
   step.set_step(4);
   bool cancel = false;
   ASSERT_TRUE(Report(a, task, {step, EpochEnd(0, 0.9)}, &cancel).ok());
-  ASSERT_TRUE(Complete(a, task, Checkpoint(task, "best.pt")).ok());
   const std::string b = Register();
   ASSERT_EQ(Lease(b).task().task_id(), running + "/pretrain-f0");
   ASSERT_TRUE(Report(b, running + "/pretrain-f0", {step}, &cancel).ok());
+  ASSERT_TRUE(Complete(a, task, Checkpoint(task, "best.pt")).ok());
+  const auto finished = std::chrono::steady_clock::now();  // the job's end was stamped before
   // Counts in the database file: step points and non-empty manifests of a job.
   auto count = [&](const std::string& sql, const std::string& job_id) {
     sqlite3* db = nullptr;
@@ -1798,8 +1809,8 @@ TEST_F(CoordinatorServiceTest, RetentionPrunesOnlyJobsFinishedLongAgo) {
   ASSERT_EQ(count(manifests, done), 1);
   auto pruned = coordinator_->scheduler()->PruneFinishedJobs();
   ASSERT_TRUE(pruned.ok()) << pruned.status();
-  EXPECT_EQ(*pruned, 0);  // finished less than a second ago
-  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  EXPECT_EQ(*pruned, 0);  // finished less than kRetentionS ago
+  std::this_thread::sleep_until(finished + std::chrono::milliseconds(kRetentionS * 1000 + 200));
   pruned = coordinator_->scheduler()->PruneFinishedJobs();
   ASSERT_TRUE(pruned.ok()) << pruned.status();
   EXPECT_EQ(*pruned, 1);

@@ -41,11 +41,14 @@ code=$(curl -s -o "$tmp/body" -w '%{http_code}' "$api/jobs")
 code=$(curl -s -o "$tmp/body" -w '%{http_code}' -H "Authorization: Bearer $(cat "$tmp/worker.token")" "$api/jobs")
 [ "$code" = 403 ] && ok || fail "/api/jobs with the worker token: HTTP $code $(cat "$tmp/body")"
 
-# Two jobs: a two-stage one (pretrain -> fine-tune, 8 epochs) on a 2-rank group and a
+# Two jobs: a two-stage one (pretrain -> fine-tune) on a 2-rank group and a
 # fine-tune-only one with another learning rate and dropout on a 1-rank group.
 start_group g1 2
 start_group g2 1
-job1=$(av submit "$tmp/p.yaml" --name baseline --tag team=birds --note "first try" | tail -n 1)
+# job1's fine-tuning runs until the end of the test (200 epochs): the restart's checks need it
+# still training then, and 8 epochs were sometimes over by that point.
+job1=$(av submit "$tmp/p.yaml" --name baseline --tag team=birds --note "first try" \
+         --set stages.finetune.epochs=200 | tail -n 1)
 job2=$(av submit "$tmp/p.yaml" --name "lower lr" --set stages.pretrain.enabled=false \
          --set train.lr_max_per_sample=5.0e-5 --set model.dropout=0.3 --set stages.finetune.epochs=6 | tail -n 1)
 [[ "$job1" =~ ^j[0-9a-f]{12}$ && "$job2" =~ ^j[0-9a-f]{12}$ ]] || { fail "submit: '$job1' '$job2'"; exit 1; }
@@ -71,7 +74,9 @@ while kill -0 "$browser_pid" 2>/dev/null; do
   if [ -f "$tmp/restart.request" ]; then
     rm -f "$tmp/restart.request"
     kill -TERM "$coord_pid"; wait "$coord_pid" 2>/dev/null
-    if start_coordinator; then echo ok > "$tmp/restart.done"; else echo failed > "$tmp/restart.done"; fi
+    # Written whole, then renamed: the browser script reads it as soon as it exists.
+    if start_coordinator; then echo ok > "$tmp/restart.done.part"; else echo failed > "$tmp/restart.done.part"; fi
+    mv "$tmp/restart.done.part" "$tmp/restart.done"
   fi
   # ... and for a job of its own to cancel (long enough to be running still), answered with its
   # id in $tmp/restart.job.
