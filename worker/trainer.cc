@@ -17,6 +17,7 @@
 
 #include <ATen/Context.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/utils.h>
 #include <torch/version.h>
 
@@ -25,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "common/backbone_fit.h"
 #include "common/catalog.h"
 #include "common/csv.h"
@@ -202,6 +204,102 @@ FaultPlan ReadFaultPlan() {
   return plan;
 }
 
+// AVIARY_PROFILE="out=FILE[,skip=K][,steps=N]" (diagnostics: bench/gpu/acceptance.sh): rank 0
+// records the torch profiler (CPU operators and, on a GPU, CUDA kernels, copies and runtime
+// calls) over this process's optimizer steps K+1 .. K+N (default 10 and 8) and writes its chrome
+// trace to FILE; bench/gpu/trace_summary.py says how busy the GPU was and where the host waited.
+// A malformed value is refused before any work; a profiler that fails only logs why.
+struct ProfilePlan {
+  std::string out;  // empty: off
+  int64_t skip = 10;
+  int64_t steps = 8;
+};
+
+absl::StatusOr<ProfilePlan> ReadProfilePlan() {
+  ProfilePlan plan;
+  const char* env = std::getenv("AVIARY_PROFILE");
+  if (env == nullptr || *env == '\0') return plan;
+  for (absl::string_view part : absl::StrSplit(env, ',')) {
+    std::pair<std::string, std::string> kv = absl::StrSplit(part, absl::MaxSplits('=', 1));
+    int64_t n = -1;
+    const bool number = absl::SimpleAtoi(kv.second, &n);
+    if (kv.first == "out" && !kv.second.empty()) {
+      plan.out = kv.second;
+    } else if (kv.first == "skip" && number && n >= 0) {
+      plan.skip = n;
+    } else if (kv.first == "steps" && number && n >= 1) {
+      plan.steps = n;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "AVIARY_PROFILE='", env, "': '", part, "' is not out=FILE, skip=K (K >= 0) or steps=N (N >= 1)"));
+    }
+  }
+  if (plan.out.empty()) return absl::InvalidArgumentError(absl::StrCat("AVIARY_PROFILE='", env, "': needs out=FILE"));
+  return plan;
+}
+
+// The profiler of a ProfilePlan, driven by the count of optimizer steps this process ran.
+class StepProfiler {
+ public:
+  StepProfiler(ProfilePlan plan, bool cuda) : plan_(std::move(plan)), cuda_(cuda) {}
+  ~StepProfiler() { Stop(); }
+  StepProfiler(const StepProfiler&) = delete;
+  StepProfiler& operator=(const StepProfiler&) = delete;
+
+  // After the process's `done`-th optimizer step (0: before the first).
+  void AfterStep(int64_t done) {
+    seen_ = done;
+    if (!on_ && !over_ && done == plan_.skip) Start(done);
+    if (on_ && done >= plan_.skip + plan_.steps) Stop();
+  }
+  // Writes what was recorded (also when the run ended first).
+  void Stop() {
+    if (!on_) return;
+    on_ = false;
+    over_ = true;
+    namespace prof = torch::autograd::profiler;
+    try {
+      std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
+      if (result != nullptr) result->save(plan_.out);
+    } catch (const std::exception& e) {
+      Log().Warn(absl::StrCat("AVIARY_PROFILE: the profiler failed: ", e.what()));
+      return;
+    }
+    std::error_code ec;
+    if (std::filesystem::file_size(plan_.out, ec) > 0 && !ec) {
+      Log().Info(absl::StrCat("AVIARY_PROFILE: optimizer steps ", first_, " to ", seen_, " of this process profiled in ",
+                              plan_.out));
+    } else {
+      Log().Warn(absl::StrCat("AVIARY_PROFILE: torch wrote no trace to ", plan_.out, " (a torch built without kineto?)"));
+    }
+  }
+
+ private:
+  void Start(int64_t done) {
+    namespace impl = torch::profiler::impl;
+    try {
+      const impl::ProfilerConfig config(impl::ProfilerState::KINETO);
+      std::set<impl::ActivityType> activities{impl::ActivityType::CPU};
+      if (cuda_) activities.insert(impl::ActivityType::CUDA);
+      torch::autograd::profiler::prepareProfiler(config, activities);
+      torch::autograd::profiler::enableProfiler(config, activities);
+    } catch (const std::exception& e) {
+      over_ = true;
+      Log().Warn(absl::StrCat("AVIARY_PROFILE: the profiler did not start: ", e.what()));
+      return;
+    }
+    on_ = true;
+    first_ = done + 1;
+  }
+
+  ProfilePlan plan_;
+  bool cuda_;
+  bool on_ = false;
+  bool over_ = false;  // profiled (or failed): once per process
+  int64_t first_ = 0;  // the first profiled step
+  int64_t seen_ = 0;   // the last step seen
+};
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -248,6 +346,8 @@ struct Trainer::State {
   int rank = 0;
   int world = 1;
   FaultPlan fault;
+  std::unique_ptr<StepProfiler> profiler;  // AVIARY_PROFILE, rank 0
+  int64_t run_steps = 0;                   // optimizer steps this process ran
   int epochs = 0;
   int global_batch = 0;
   bool autocast = false;
@@ -509,6 +609,11 @@ absl::Status Trainer::State::LoadItems() {
         "backward), this group has ", world, " ranks; set it false or run one rank"));
   }
   fault = ReadFaultPlan();
+  AVIARY_ASSIGN_OR_RETURN(ProfilePlan profile_plan, ReadProfilePlan());
+  if (!profile_plan.out.empty() && rank == 0) {
+    profiler = std::make_unique<StepProfiler>(std::move(profile_plan), options.device.is_cuda());
+    profiler->AfterStep(0);
+  }
   epochs = config.debug ? 2 : train.epochs;
   if (config.debug) {
     // The notebook's debug mode: 2 epochs of 2 batches, validation cut to the same size.
@@ -1115,6 +1220,7 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
   if (applied) {
     ++step;
     if (ema) ema->Update(*model);
+    if (profiler) profiler->AfterStep(++run_steps);
   }
   count_correct();
   ReportStep(*t, s, applied ? t->step_samples : 0, /*skipped=*/!applied, data_wait);

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of aviary in one command (docs/BENCHMARKS.md, "GPU acceptance"): correctness
 # on CUDA, the mel front end, the EfficientNet-B0 training step against PyTorch eager and
-# torch.compile, the real data path, NCCL and the all-reduce share of a step, and an 8-GPU
-# projection. Writes OUT/results.tsv (one row per check) and OUT/acceptance.log, and prints the
+# torch.compile, the real data path (with a torch profile of some of its steps: how busy the GPU
+# was, where the host waited), NCCL and the all-reduce share of a step, and an 8-GPU projection. Writes OUT/results.tsv (one row per check) and OUT/acceptance.log, and prints the
 # table.
 #
 # On a GPU host (Ubuntu 24.04, CUDA 13, PyTorch 2.11 in python3, OpenMPI): binaries built on a
@@ -372,7 +372,12 @@ say "7. the real data path"
 dp_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --fold 0 --device "$dev" --out "$work/run_b0")
 [ ${#mpirun_cmd[@]} -gt 0 ] && dp_cmd=("${mpirun_cmd[@]}" "${dp_cmd[@]}" --set "comm.backend=$backend")
 d=""; share=""  # the data path's rate and all-reduce share, for the projection
-if run datapath "${dp_cmd[@]}"; then
+# Profiled in epoch 0 (the rows read the last epoch): where the data-path step leaves the GPU
+# idle, for the datapath_profile row (AVIARY_PROFILE, bench/gpu/trace_summary.py).
+prof_skip=10; prof_steps=8
+[ $dry -eq 1 ] && { prof_skip=1; prof_steps=2; }
+rm -f "$work/datapath_trace.json"
+if run datapath env AVIARY_PROFILE="out=$work/datapath_trace.json,skip=$prof_skip,steps=$prof_steps" "${dp_cmd[@]}"; then
   d=$(tail -1 "$work/run_b0/history.csv" | awk -F, '{print $NF}')
   record datapath "$(verdict "$(ratio "$d" "$a")" 0.9)" "$d samples/s" "$a samples/s" "$(ratio "$d" "$a")" ">= 0.9x" \
     "aviary-worker train, last epoch, vs the synthetic-input step"
@@ -388,6 +393,21 @@ if run datapath "${dp_cmd[@]}"; then
   fi
 else
   record datapath FAIL - - - - "aviary-worker train (EfficientNet-B0) failed"
+fi
+sv() { sed -n "s/^$2=//p" "$work/$1.out" | tail -1; }
+if [ -s "$work/datapath_trace.json" ] &&
+   run trace_summary "$python" "$here/trace_summary.py" "$work/datapath_trace.json" --steps "$prof_steps"; then
+  where="eager data path, optimizer steps $((prof_skip + 1))-$((prof_skip + prof_steps)), $(sv trace_summary span_ms) ms"
+  if [ "$(sv trace_summary device_events)" = 0 ] && [ $dry -eq 1 ]; then
+    record datapath_profile INFO "no device activity" - - - "$where (a CPU run: nothing on a GPU to measure)"
+  elif [ "$(sv trace_summary device_events)" = 0 ]; then
+    record datapath_profile SKIP - - - - "$where: the trace holds no device activity (CUPTI, in the wheel's nvidia libraries, not loaded?)"
+  else
+    record datapath_profile INFO "GPU busy $(sv trace_summary gpu_busy_pct) %" - - - \
+      "$where; kernels $(sv trace_summary kernel_busy_pct) %, copies $(sv trace_summary copy_ms) ms; host waits $(sv trace_summary host_sync_ms) ($(sv trace_summary host_sync_calls)); top kernels: $(sv trace_summary top_kernels)"
+  fi
+else
+  record datapath_profile SKIP - - - - "no profile of the data path (see the log: AVIARY_PROFILE)"
 fi
 # The same with train.cuda_graph (one rank: no reducer; eager again in the dry run).
 dpg_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --fold 0 --device "$dev" --out "$work/run_b0_graph")

@@ -28,7 +28,7 @@ else
 fi
 cat "$tmp/run.log" | tail -25
 for check in machine corpus train resume train_graph train_graph_partial train_graph_options resume_graph predict mel \
-    step_vs_eager step_graph step_vs_compile step_wave datapath datapath_graph datapath_loader_wait loader allreduce_share \
+    step_vs_eager step_graph step_vs_compile step_wave datapath datapath_profile datapath_graph datapath_loader_wait loader allreduce_share \
     allreduce projection_8gpu; do
   grep -q "^$check	" "$tmp/out/results.tsv" || fail "results.tsv lacks the check '$check'"
 done
@@ -43,6 +43,10 @@ grep -q "^step_graph	INFO	.*no GPU: eager against eager.*gradients rel diff 0, l
   "$tmp/out/results.tsv" || { grep "^step_graph" "$tmp/out/results.tsv"; fail "the graph check, eager against eager, found differences"; }
 grep -qE "^datapath_loader_wait	INFO	[0-9.]+ % eager, [0-9.]+ % graph" "$tmp/out/results.tsv" ||
   { grep "^datapath_loader_wait" "$tmp/out/results.tsv"; fail "no loader-wait share from the data-path runs"; }
+# The data path's profile (AVIARY_PROFILE): a trace was written and read; on the CPU it has no
+# device activity.
+grep -q "^datapath_profile	INFO	no device activity	.*optimizer steps 2-3" "$tmp/out/results.tsv" ||
+  { grep "^datapath_profile" "$tmp/out/results.tsv"; fail "no profile of the data path's steps"; }
 # Every check that ran measured something.
 awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {print "FAIL: " $1 " measured nothing: " $0; bad=1} END {exit bad}' \
   "$tmp/out/results.tsv" || fail "a check measured nothing"

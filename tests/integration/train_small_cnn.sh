@@ -40,6 +40,11 @@ expect "--stage: expected one of pretrain, finetune, got 'warmup'" "$w" train --
 expect "fold 9 is out of range" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 9 --out "$tmp/r2"
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2" --device tpu
 expect "model.name" "$w" train --config "$tmp/p.yaml" --set model.name=resnet --stage finetune --fold 0 --out "$tmp/r2"
+# The profiling switch (AVIARY_PROFILE, diagnostics) is checked before any work.
+expect "AVIARY_PROFILE='out=$tmp/t.json,steps=0': 'steps=0' is not out=FILE, skip=K (K >= 0) or steps=N (N >= 1)" \
+  env AVIARY_PROFILE="out=$tmp/t.json,steps=0" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2"
+expect "AVIARY_PROFILE='skip=3': needs out=FILE" \
+  env AVIARY_PROFILE="skip=3" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2"
 expect "belongs to stage finetune fold 0, not stage finetune fold 1" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 1 --out "$tmp/run"
 expect "no such checkpoint" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r3" --init "$tmp/none.pt"
 expect "--coordinator: expected HOST:PORT, got 'localhost'" "$w" serve --coordinator localhost
