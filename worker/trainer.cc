@@ -206,7 +206,7 @@ FaultPlan ReadFaultPlan() {
 
 // AVIARY_PROFILE="out=FILE[,skip=K][,steps=N]" (diagnostics: bench/gpu/acceptance.sh): rank 0
 // records the torch profiler (CPU operators and, on a GPU, CUDA kernels, copies and runtime
-// calls) over this process's optimizer steps K+1 .. K+N (default 10 and 8) and writes its chrome
+// calls) over the run's optimizer steps K+1 .. K+N (default 10 and 8) and writes its chrome
 // trace to FILE; bench/gpu/trace_summary.py says how busy the GPU was and where the host waited.
 // A malformed value is refused before any work; a profiler that fails only logs why.
 struct ProfilePlan {
@@ -238,7 +238,7 @@ absl::StatusOr<ProfilePlan> ReadProfilePlan() {
   return plan;
 }
 
-// The profiler of a ProfilePlan, driven by the count of optimizer steps this process ran.
+// The profiler of a ProfilePlan, driven by the count of optimizer steps this run (this Trainer) took.
 class StepProfiler {
  public:
   StepProfiler(ProfilePlan plan, bool cuda) : plan_(std::move(plan)), cuda_(cuda) {}
@@ -246,7 +246,7 @@ class StepProfiler {
   StepProfiler(const StepProfiler&) = delete;
   StepProfiler& operator=(const StepProfiler&) = delete;
 
-  // After the process's `done`-th optimizer step (0: before the first).
+  // After the run's `done`-th optimizer step (0: before the first).
   void AfterStep(int64_t done) {
     seen_ = done;
     if (!on_ && !over_ && done == plan_.skip) Start(done);
@@ -267,7 +267,7 @@ class StepProfiler {
     }
     std::error_code ec;
     if (std::filesystem::file_size(plan_.out, ec) > 0 && !ec) {
-      Log().Info(absl::StrCat("AVIARY_PROFILE: optimizer steps ", first_, " to ", seen_, " of this process profiled in ",
+      Log().Info(absl::StrCat("AVIARY_PROFILE: optimizer steps ", first_, " to ", seen_, " of this run profiled in ",
                               plan_.out));
     } else {
       Log().Warn(absl::StrCat("AVIARY_PROFILE: torch wrote no trace to ", plan_.out, " (a torch built without kineto?)"));
@@ -347,7 +347,7 @@ struct Trainer::State {
   int world = 1;
   FaultPlan fault;
   std::unique_ptr<StepProfiler> profiler;  // AVIARY_PROFILE, rank 0
-  int64_t run_steps = 0;                   // optimizer steps this process ran
+  int64_t run_steps = 0;                   // optimizer steps this run took (from its start or resume)
   int epochs = 0;
   int global_batch = 0;
   bool autocast = false;
