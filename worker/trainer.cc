@@ -215,6 +215,8 @@ struct ProfilePlan {
   int64_t steps = 8;
 };
 
+constexpr int64_t kMaxProfileSteps = 1000000000;
+
 absl::StatusOr<ProfilePlan> ReadProfilePlan() {
   ProfilePlan plan;
   const char* env = std::getenv("AVIARY_PROFILE");
@@ -225,13 +227,13 @@ absl::StatusOr<ProfilePlan> ReadProfilePlan() {
     const bool number = absl::SimpleAtoi(kv.second, &n);
     if (kv.first == "out" && !kv.second.empty()) {
       plan.out = kv.second;
-    } else if (kv.first == "skip" && number && n >= 0) {
+    } else if (kv.first == "skip" && number && n >= 0 && n <= kMaxProfileSteps) {
       plan.skip = n;
-    } else if (kv.first == "steps" && number && n >= 1) {
+    } else if (kv.first == "steps" && number && n >= 1 && n <= kMaxProfileSteps) {
       plan.steps = n;
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
-          "AVIARY_PROFILE='", env, "': '", part, "' is not out=FILE, skip=K (K >= 0) or steps=N (N >= 1)"));
+          "AVIARY_PROFILE='", env, "': '", part, "' is not out=FILE, skip=K (0 <= K <= 1e9) or steps=N (1 <= N <= 1e9)"));
     }
   }
   if (plan.out.empty()) return absl::InvalidArgumentError(absl::StrCat("AVIARY_PROFILE='", env, "': needs out=FILE"));
@@ -277,6 +279,8 @@ class StepProfiler {
  private:
   void Start(int64_t done) {
     namespace impl = torch::profiler::impl;
+    std::error_code ec;
+    std::filesystem::remove(plan_.out, ec);  // an earlier run's trace must not pass for this one's
     try {
       const impl::ProfilerConfig config(impl::ProfilerState::KINETO);
       std::set<impl::ActivityType> activities{impl::ActivityType::CPU};
@@ -295,7 +299,7 @@ class StepProfiler {
   ProfilePlan plan_;
   bool cuda_;
   bool on_ = false;
-  bool over_ = false;  // profiled (or failed): once per process
+  bool over_ = false;  // profiled (or failed): once per run
   int64_t first_ = 0;  // the first profiled step
   int64_t seen_ = 0;   // the last step seen
 };
@@ -612,7 +616,6 @@ absl::Status Trainer::State::LoadItems() {
   AVIARY_ASSIGN_OR_RETURN(ProfilePlan profile_plan, ReadProfilePlan());
   if (!profile_plan.out.empty() && rank == 0) {
     profiler = std::make_unique<StepProfiler>(std::move(profile_plan), options.device.is_cuda());
-    profiler->AfterStep(0);
   }
   epochs = config.debug ? 2 : train.epochs;
   if (config.debug) {
@@ -1557,6 +1560,15 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
 
 absl::Status Trainer::Run() {
   State& s = *state_;
+  // AVIARY_PROFILE: from the run's first step (skip=0) at the earliest, and written when the run
+  // returns (a failed multi-rank run ends the process without destroying the trainer).
+  struct StopProfiler {
+    StepProfiler* profiler;
+    ~StopProfiler() {
+      if (profiler != nullptr) profiler->Stop();
+    }
+  } stop_profiler{s.profiler.get()};
+  if (s.profiler) s.profiler->AfterStep(0);
   const bool writer = s.rank == 0;  // only rank 0 writes the run folder
   const std::string config_path = s.Path("config.yaml");
   common::AtomicWriteOptions write;

@@ -397,7 +397,9 @@ fi
 sv() { sed -n "s/^$2=//p" "$work/$1.out" | tail -1; }
 if [ -s "$work/datapath_trace.json" ] &&
    run trace_summary "$python" "$here/trace_summary.py" "$work/datapath_trace.json" --steps "$prof_steps"; then
-  where="eager data path, optimizer steps $((prof_skip + 1))-$((prof_skip + prof_steps)), $(sv trace_summary span_ms) ms"
+  # The steps the trainer says it profiled (fewer when the run ended first).
+  steps_line=$(grep -o "AVIARY_PROFILE: optimizer steps [0-9]* to [0-9]*" "$work/datapath.out" | tail -1)
+  where="eager data path, optimizer steps $(echo "$steps_line" | sed -n 's/.* steps \([0-9]*\) to \([0-9]*\)$/\1-\2/p'), $(sv trace_summary span_ms) ms"
   if [ "$(sv trace_summary device_events)" = 0 ] && [ $dry -eq 1 ]; then
     record datapath_profile INFO "no device activity" - - - "$where (a CPU run: nothing on a GPU to measure)"
   elif [ "$(sv trace_summary device_events)" = 0 ]; then

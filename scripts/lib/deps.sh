@@ -39,13 +39,12 @@ aviary_install_packages() {
   echo "aviary: installing ${missing[*]}"
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  # A fresh machine's apt-daily / unattended-upgrades may hold apt's locks for a while: wait.
-  local lock=(-o DPkg::Lock::Timeout=600)
   if [ -z "${AVIARY_APT_UPDATED:-}" ]; then
-    $sudo apt-get "${lock[@]}" update -q
+    $sudo apt-get update -q
     AVIARY_APT_UPDATED=1
   fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get "${lock[@]}" install -y -q --no-install-recommends "${missing[@]}"
+  # A fresh machine's unattended-upgrades may hold dpkg's lock for a while: wait for it.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 }
 
 # Configures ${AVIARY_BUILD_DIR:-build} (extra arguments go to cmake). Release, like the CUDA

@@ -671,8 +671,8 @@ TEST_F(CoordinatorServiceTest, ARegistrationSentAgainGetsTheGroupItRegistered) {
 // registration sent again counts as hearing from it, or the reaper could remove it right after
 // answering, before its first heartbeat.
 TEST_F(CoordinatorServiceTest, ARegistrationSentAgainCountsAsHearingFromTheGroup) {
-  // 3 s of slack on either side (the second call must come before the timeout, the reap after
-  // the timeout counted from the first call but within it from the second).
+  // Slack of 3 s before the timeout for the second call, and 2 s past it (from the first call)
+  // and 3 s within it (from the second) for the reap.
   config_.heartbeat_timeout_s = 8;
   Start();
   const std::string a = Register(1, "r-heard");
@@ -877,14 +877,26 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
     }
     watch_status = reader->Finish();
   });
+  // A failed wait ends the watch before the test returns (a joinable thread would abort the
+  // whole binary).
+  auto stop_watching = [&] {
+    watch_context->TryCancel();
+    watcher.join();
+  };
   // The first event (the job as it is) arrives before anything changes.
-  ASSERT_TRUE(Eventually([&] { return watching.load(); }));
+  if (!Eventually([&] { return watching.load(); })) {
+    stop_watching();
+    FAIL() << "no first event from WatchJob";
+  }
   bool cancel = true;
-  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.4)}, &cancel).ok());
-  EXPECT_FALSE(cancel);
+  const bool reported = Report(a, pretrain, {EpochEnd(0, 0.4)}, &cancel).ok();
   // The watcher reads the report before the cancel: a finished job keeps only its final
   // change's events, so a watcher still behind then gets the state instead of the report.
-  ASSERT_TRUE(Eventually([&] { return saw_report.load(); }));
+  if (!reported || !Eventually([&] { return saw_report.load(); })) {
+    stop_watching();
+    FAIL() << (reported ? "the watcher never saw the report" : "Report failed");
+  }
+  EXPECT_FALSE(cancel);
 
   CancelJobRequest cancel_request;
   cancel_request.set_job_id(job_id);

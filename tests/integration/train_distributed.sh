@@ -72,8 +72,10 @@ expect_group_failure() {  # name, wanted text, env/args...
   rc=$?
   local took=$(( $(date +%s) - t0 ))
   # mpirun prints its MPI_ABORT banner (between two lines of dashes) into the ranks' output as it
-  # reads it, in chunks: taken out, a rank's line it landed in is whole again.
+  # reads it, in chunks: taken out, a rank's line it landed in is whole again. (A whole line
+  # between the banner's two dash lines goes with it: the raw log is searched too.)
   perl -0pe 's/-{60,}\n.*?-{60,}\n//gs' "$tmp/f_$name.log" > "$tmp/f_$name.txt"
+  cat "$tmp/f_$name.log" >> "$tmp/f_$name.txt"
   if [ $rc -eq 0 ] || [ $rc -eq 124 ] || ! grep -qE -- "$want" "$tmp/f_$name.txt"; then
     cat "$tmp/f_$name.log"; fail "$name: rc=$rc after ${took}s, wanted '$want'"
   else

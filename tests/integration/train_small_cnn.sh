@@ -41,7 +41,7 @@ expect "fold 9 is out of range" "$w" train --config "$tmp/p.yaml" --stage finetu
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2" --device tpu
 expect "model.name" "$w" train --config "$tmp/p.yaml" --set model.name=resnet --stage finetune --fold 0 --out "$tmp/r2"
 # The profiling switch (AVIARY_PROFILE, diagnostics) is checked before any work.
-expect "AVIARY_PROFILE='out=$tmp/t.json,steps=0': 'steps=0' is not out=FILE, skip=K (K >= 0) or steps=N (N >= 1)" \
+expect "AVIARY_PROFILE='out=$tmp/t.json,steps=0': 'steps=0' is not out=FILE, skip=K (0 <= K <= 1e9) or steps=N (1 <= N <= 1e9)" \
   env AVIARY_PROFILE="out=$tmp/t.json,steps=0" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2"
 expect "AVIARY_PROFILE='skip=3': needs out=FILE" \
   env AVIARY_PROFILE="skip=3" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2"
