@@ -408,6 +408,8 @@ if [ -s "$work/datapath_trace.json" ] &&
     record datapath_profile INFO "GPU busy $(sv trace_summary gpu_busy_pct) %" - - - \
       "$where; kernels $(sv trace_summary kernel_busy_pct) %, copies $(sv trace_summary copy_ms) ms; host waits $(sv trace_summary host_sync_ms) ($(sv trace_summary host_sync_calls)); top kernels: $(sv trace_summary top_kernels)"
   fi
+  # The trace itself comes back with the results, compressed (for Perfetto or chrome://tracing).
+  gzip -c "$work/datapath_trace.json" > "$out/datapath_trace.json.gz" 2>>"$log" || rm -f "$out/datapath_trace.json.gz"
 else
   record datapath_profile SKIP - - - - "no profile of the data path (see the log: AVIARY_PROFILE)"
 fi

@@ -47,6 +47,7 @@ grep -qE "^datapath_loader_wait	INFO	[0-9.]+ % eager, [0-9.]+ % graph" "$tmp/out
 # device activity.
 grep -q "^datapath_profile	INFO	no device activity	.*optimizer steps 2-3" "$tmp/out/results.tsv" ||
   { grep "^datapath_profile" "$tmp/out/results.tsv"; fail "no profile of the data path's steps"; }
+gzip -t "$tmp/out/datapath_trace.json.gz" 2>/dev/null || fail "the data path's trace did not come back in --out"
 # Every check that ran measured something.
 awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {print "FAIL: " $1 " measured nothing: " $0; bad=1} END {exit bad}' \
   "$tmp/out/results.tsv" || fail "a check measured nothing"
