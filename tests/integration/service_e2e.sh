@@ -161,8 +161,12 @@ if wait_for 120 jq_status "$job2" 'int(task("finetune").get("latest", {}).get("s
     fail "the group fetched $job2's manifest again (the same content as $job's fine-tuning manifest)"
   av cancel "$job2" > "$tmp/cancel.log" 2>&1 || fail "cancel"; cat "$tmp/cancel.log"
   jq_status "$job2" 'j["state"] == "JOB_STATE_CANCELLED"' || fail "the cancelled job is not CANCELLED"
-  # The trainer's last step exchange comes before this line: no sample is counted after it.
-  wait_for 60 grep -q "stopped: cancelled by the coordinator" "$tmp/g1.log" || fail "the group did not log the cancel"
+  # The task's last line comes after the trainer's last step exchange: no sample is counted after
+  # it. (Whichever it is: a cancel revokes the lease, and a last.pt written just then is fenced.)
+  wait_for 60 grep -qE "task $job2/finetune-f0 (stopped|attempt [0-9]+ abandoned|failed)" "$tmp/g1.log" ||
+    { fail "the group did not end the cancelled task"; grep -F "$job2" "$tmp/g1.log" | tail -n 8; }
+  grep -q "task $job2/finetune-f0 stopped: cancelled by the coordinator" "$tmp/g1.log" ||
+    { fail "the group did not say the task was cancelled"; grep -F "$job2" "$tmp/g1.log" | tail -n 8; }
   c1=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')
   sleep 4
   c2=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')

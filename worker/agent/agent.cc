@@ -638,6 +638,13 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
     link_->Push(std::move(r));
     return;
   }
+  if (outcome.agreed && task_.stop_reason == kCancelled && (absl::IsCancelled(outcome.status) || task_.fenced)) {
+    // Before the fence's case: a cancel takes the lease away, so a last.pt written after the
+    // heartbeat that learned of it (the stop's, or an epoch's end just then) was fenced: a matter
+    // of timing, and the cancel is what happened.
+    Log().Info(absl::StrCat("task ", task.task_id(), " stopped: cancelled by the coordinator"));
+    return;
+  }
   if (task_.fenced && outcome.agreed) {
     // The coordinator has leased the task again or will: nothing to report, nothing written.
     Log().Warn(absl::StrCat("task ", task.task_id(), " attempt ", task.attempt(), " abandoned: ",
@@ -646,8 +653,7 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
   }
   if (absl::IsCancelled(outcome.status) && outcome.agreed) {
     switch (task_.stop_reason) {
-      case kCancelled:
-        Log().Info(absl::StrCat("task ", task.task_id(), " stopped: cancelled by the coordinator"));
+      case kCancelled:  // above
         return;
       case kGroupLost:
         Log().Warn(absl::StrCat("task ", task.task_id(), " abandoned: the coordinator no longer knows this group"));
