@@ -180,8 +180,11 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
     }
     if (choice.index >= 0) {
       const CheckpointMeta& best = *candidates[choice.index].meta;
+      // A mid-epoch position in rows of the epoch's order (per-rank batches): a loader batch is
+      // world_size of them, and runs on other numbers of ranks write the same files.
       auto position = [](const CheckpointMeta& c) {
-        return std::make_tuple(c.epoch, c.attempt, c.in_epoch >= 0 ? c.batches_done : int64_t{-1});
+        const int64_t rows = c.batches_done * std::max(c.world_size, 1);
+        return std::make_tuple(c.epoch, c.attempt, c.in_epoch >= 0 ? rows : int64_t{-1});
       };
       if (position(m) <= position(best)) {
         choice.skipped[i] = absl::StrCat(c.path, " holds epoch ", m.epoch, " (attempt ", m.attempt, "), not newer than ",

@@ -199,6 +199,18 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 1);
   std::swap(c[0], c[1]);
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 0);
+  // Two stops inside the same epoch by runs on different numbers of ranks: batch 10 on one rank
+  // is 10 rows of the order, batch 7 on two ranks is 14 (the later one), whichever is listed first.
+  CheckpointMeta one = mid, two = mid;
+  one.world_size = 1;
+  one.batches_done = 10;
+  two.world_size = 2;
+  two.batches_done = 7;
+  c[0].meta = two;
+  c[1].meta = one;
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 0);
+  std::swap(c[0], c[1]);
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 1);
 }
 
 // The mid-epoch position and early-stopping state, and a named tensor group, read back exactly;
