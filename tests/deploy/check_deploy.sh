@@ -266,7 +266,7 @@ if ! command -v mpirun >/dev/null 2>&1; then
 else
   NCCL_TEST_KNOB=42 "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" \
     --cores-per-rank 1 --bind-to none --worker "$tmp/fake-worker" --sd-dir "$tmp/sd" \
-    --metrics-listen 127.0.0.1:19471 --stop-timeout 5 >"$tmp/launch.log" 2>&1 &
+    --metrics-listen 127.0.0.1:19471 --stop-timeout 15 >"$tmp/launch.log" 2>&1 &
   lpid=$!
   if ! wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
     fail "the group's ranks did not start:"; sed 's/^/    /' "$tmp/launch.log"
@@ -283,9 +283,9 @@ else
   wait $lpid; rc=$?
   took_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   [ $rc -eq 0 ] && ok || { fail "launch-group.sh after SIGTERM: rc=$rc"; sed 's/^/    /' "$tmp/launch.log"; }
-  # 3 s of the stand-in's stop, not --stop-timeout (5 s) or more.
-  # (In milliseconds: whole seconds read 4.1 s as 5 when the count started late in a second.)
-  [ "$took_ms" -lt 5000 ] && ok || fail "launch-group.sh took ${took_ms} ms to stop the group (--stop-timeout 5)"
+  # 3 s of the stand-in's stop (and mpirun's teardown, 1-2 s on a loaded machine), not
+  # --stop-timeout (15 s) or more: the launcher waited for the stop and escalated nothing.
+  [ "$took_ms" -lt 15000 ] && ok || fail "launch-group.sh took ${took_ms} ms to stop the group (--stop-timeout 15)"
   for r in 0 1; do
     [ -e "$tmp/rank$r.stopped" ] && ok || fail "rank $r was killed before it stopped cleanly"
   done

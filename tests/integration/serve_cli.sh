@@ -51,7 +51,7 @@ unreachable_case "mpirun -np 2" "$mpiexec" -np 2 --oversubscribe "$worker" serve
 "$worker" serve --coordinator "$addr" --metrics-listen 127.0.0.1:0 --metrics-port-file "$tmp/mport" \
   >"$tmp/serve.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 100); do [ -s "$tmp/mport" ] && break; sleep 0.1; done
+for _ in $(seq 1 600); do [ -s "$tmp/mport" ] && break; sleep 0.1; done
 if [ ! -s "$tmp/mport" ]; then
   fail "no --metrics-port-file"
 else

@@ -85,7 +85,7 @@ chmod +x "$tmp/rsh-agent.sh"
 
 # The coordinator in its namespace; the client and scrapes run there too (127.0.0.1).
 service_recipe 2 30 "[0]"
-write_coordinator_config 4 3
+write_coordinator_config 8 3
 sed -i -e 's/^listen: .*/listen: 0.0.0.0:0/' -e 's/^metrics_listen: .*/metrics_listen: 0.0.0.0:0/' "$tmp/coordinator.yaml"
 setsid ip netns exec "$ns_co" "$bin/aviary-coordinator" --config "$tmp/coordinator.yaml" \
   --port-file "$tmp/coord.port" --metrics-port-file "$tmp/coord.mport" > "$tmp/coordinator.log" 2>&1 &
@@ -150,7 +150,7 @@ partition "$ns_co" "$a_ip" "$b_ip"
 t_cut=$(date +%s)
 echo "cut hA and hB off the coordinator after epoch $e_cut"
 reach "$ns_a" "$co_ip" "$port" && fail "hA still reaches the coordinator after the cut"
-# The coordinator loses group 1 after heartbeat_timeout_s (4 s) and puts the task back.
+# The coordinator loses group 1 after heartbeat_timeout_s (8 s) and puts the task back.
 if wait_for 30 jq_status "$job" 'task("finetune")["state"] == "TASK_STATE_READY"'; then ok; else
   fail "the task was not READY again after group 1 was cut off: $(jq_status "$job" 'task("finetune")')"
 fi

@@ -638,6 +638,9 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
     link_->Push(std::move(r));
     return;
   }
+  // A cancel heard after the epoch's last step asked should_stop (during validation or the
+  // epoch's writes) reaches no step: the write it fenced ends the task.
+  if (task_.stop_reason == kNoStop && task_.fenced && link_->Decide() == kCancelled) task_.stop_reason = kCancelled;
   if (outcome.agreed && task_.stop_reason == kCancelled && (absl::IsCancelled(outcome.status) || task_.fenced)) {
     // Before the fence's case: a cancel takes the lease away, so a last.pt written after the
     // heartbeat that learned of it (the stop's, or an epoch's end just then) was fenced: a matter
