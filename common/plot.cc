@@ -14,6 +14,7 @@
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
+#include "common/utf8.h"
 
 namespace aviary::common {
 namespace {
@@ -84,42 +85,19 @@ absl::StatusOr<std::string> SurfaceToPng(cairo_surface_t* surface) {
 std::string DisplayText(absl::string_view text) {
   std::string out;
   out.reserve(text.size());
-  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[i]); };
   for (size_t i = 0; i < text.size();) {
-    const unsigned char c = byte(i);
-    if (c < 0x80) {
-      out.push_back(c < 0x20 || c == 0x7F ? ' ' : static_cast<char>(c));
-      ++i;
-      continue;
-    }
-    // Length and the range of the second byte (no overlong forms, surrogates or > U+10FFFF).
-    size_t len = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    }
-    bool ok = len > 0 && i + len <= text.size() && byte(i + 1) >= lo && byte(i + 1) <= hi;
-    for (size_t k = 2; ok && k < len; ++k) ok = (byte(i + k) & 0xC0) == 0x80;
-    if (!ok) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const size_t len = Utf8SequenceLength(text, i);
+    if (len == 0) {
       out += "\xEF\xBF\xBD";  // U+FFFD
       ++i;
-      continue;
-    }
-    // C1 controls (U+0080..U+009F) are not drawable either.
-    if (c == 0xC2 && byte(i + 1) < 0xA0) {
-      out.push_back(' ');
+    } else if (c < 0x20 || c == 0x7F || (c == 0xC2 && static_cast<unsigned char>(text[i + 1]) < 0xA0)) {
+      out.push_back(' ');  // C0 and C1 controls (U+0080..U+009F) are not drawable
+      i += len;
     } else {
       out.append(text.data() + i, len);
+      i += len;
     }
-    i += len;
   }
   return out;
 }

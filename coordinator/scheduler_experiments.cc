@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "coordinator/path_policy.h"
 #include "coordinator/scheduler.h"
 
@@ -222,9 +223,7 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
     if (line.text().size() > kMaxLogLineBytes) {
       // Cut at a UTF-8 character boundary: a string field must stay valid UTF-8 (a response
       // with half a character would not serialize).
-      size_t cut = kMaxLogLineBytes;
-      while (cut > 0 && (static_cast<unsigned char>(line.text()[cut]) & 0xC0) == 0x80) --cut;
-      line.mutable_text()->resize(cut);
+      line.mutable_text()->resize(common::Utf8Prefix(line.text(), kMaxLogLineBytes).size());
       line.mutable_text()->append(" [cut]");
     }
     line.set_seq(++log.last_seq);

@@ -188,5 +188,55 @@ TEST_F(CoordinatorLinkTest, LinesShippedAfterTheTaskMovedOnKeepTheirAttempt) {
   EXPECT_EQ(found, 2);
 }
 
+// Text from outside (a clip's file name in Latin-1, a library's message) is not always UTF-8, and
+// gRPC refuses a proto3 string that is not with INTERNAL, which the link takes for a transient
+// failure: the lines and the task's failure were retried for ever and the task stayed leased.
+// Both now arrive, invalid bytes as U+FFFD; a failure longer than FailTask takes arrives cut.
+TEST_F(CoordinatorLinkTest, TextThatIsNotUtf8ArrivesAndALongFailureArrivesCut) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  ASSERT_TRUE(link.Register().ok());
+  v1::Task task;
+  bool available = false;
+  ASSERT_TRUE(link.Lease(&task, &available).ok());
+  ASSERT_TRUE(available);
+  link.StartThreads();
+  link.BeginTask(task.task_id(), task.attempt());
+  const common::Logger log("loader");
+  log.Warn("skipped as corrupt: Rohrs\xE4nger.ogg");
+  Report failure;
+  failure.kind = Report::Kind::kFail;
+  failure.task_id = task.task_id();
+  failure.error = "cannot open Rohrs\xE4nger.ogg; " + std::string(100 * 1024, 'x');
+  failure.retryable = false;
+  link.Push(failure);
+  link.Drain(task.task_id(), 30, 0);
+  link.EndTask();
+  link.StopThreads();
+
+  const std::string shown = "Rohrs\xEF\xBF\xBDnger.ogg";  // U+FFFD
+  v1::GetLogsResponse::TaskLog logs;
+  ASSERT_NO_FATAL_FAILURE(TaskLogs(submitted.job_id(), task.task_id(), &logs));
+  int found = 0;
+  for (const v1::LogLine& line : logs.lines()) found += line.text().find("corrupt: " + shown) != std::string::npos;
+  EXPECT_EQ(found, 1);
+
+  v1::GetJobRequest get;
+  get.set_job_id(submitted.job_id());
+  v1::JobInfo job;
+  const grpc::Status status = jobs_->GetJob(Ctx().get(), get, &job);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const v1::TaskInfo* failed = nullptr;
+  for (const v1::TaskInfo& t : job.tasks()) {
+    if (t.task_id() == task.task_id()) failed = &t;
+  }
+  ASSERT_NE(failed, nullptr);
+  EXPECT_EQ(failed->state(), v1::TASK_STATE_FAILED);
+  EXPECT_NE(failed->error().find("cannot open " + shown), std::string::npos) << failed->error().substr(0, 200);
+  EXPECT_NE(failed->error().find("x [cut]"), std::string::npos);
+  EXPECT_LT(failed->error().size(), 64u * 1024);
+}
+
 }  // namespace
 }  // namespace aviary::worker

@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "worker/agent/signals.h"
 
 namespace aviary::worker {
@@ -54,6 +55,17 @@ const char* RpcName(Report::Kind kind) {
     case Report::Kind::kFail: return "FailTask";
   }
   return "?";
+}
+
+// A failure's message as FailTask takes it: not empty, at most 64 KiB, valid UTF-8. Refused, the
+// report would be dropped and the task left leased to a group that has stopped it.
+std::string FailureText(const std::string& error) {
+  if (error.empty()) return "(no message)";
+  constexpr size_t kMaxBytes = 60 * 1024;  // the coordinator takes 64 KiB
+  std::string text = common::ValidUtf8(common::Utf8Prefix(error, kMaxBytes));
+  if (text.size() > kMaxBytes) text = std::string(common::Utf8Prefix(text, kMaxBytes));  // U+FFFD is 3 bytes
+  if (text.size() < error.size()) text += " [cut]";
+  return text;
 }
 
 }  // namespace
@@ -264,9 +276,8 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
     out.set_time_unix_ms(now_ms);
     out.set_rank(std::max(rank, 0));
     out.set_level(common::LogLevelName(level));
-    size_t cut = std::min<size_t>(line.size(), 4096);  // at a UTF-8 character boundary
-    while (cut < line.size() && cut > 0 && (static_cast<unsigned char>(line[cut]) & 0xC0) == 0x80) --cut;
-    out.set_text(std::string(line.substr(0, cut)));
+    // Valid UTF-8 (a file name of another encoding would make the coordinator refuse the call).
+    out.set_text(common::ValidUtf8(common::Utf8Prefix(line, 4096)));
     out.set_seq(++buffer->last_seq);
     out.set_attempt(buffer->attempt);
     buffer->lines.push_back(std::move(out));
@@ -414,8 +425,9 @@ void CoordinatorLink::Leave(const std::string& reason) {
   if (gid.empty() || lost_) return;
   v1::LeaveGroupRequest request;
   request.set_group_id(gid);
-  // The coordinator takes one line of at most 1,024 bytes (an error's message may be longer).
-  std::string line = reason.substr(0, 1000);
+  // The coordinator takes one line of at most 1,024 bytes of UTF-8 (an error's message may be
+  // longer, or name a file in another encoding).
+  std::string line = common::ValidUtf8(common::Utf8Prefix(reason, 1000));
   for (char& c : line) {
     if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
   }
@@ -567,7 +579,7 @@ grpc::Status CoordinatorLink::Send(const std::vector<Report>& run, const std::st
       v1::FailTaskRequest request;
       request.set_group_id(group_id);
       request.set_task_id(first.task_id);
-      request.set_error(first.error);
+      request.set_error(FailureText(first.error));
       request.set_retryable(first.retryable);
       request.set_preempted(first.preempted);
       v1::FailTaskResponse response;
