@@ -462,8 +462,19 @@ const TaskRow* Scheduler::HeldTask(const Group& group) const {
 absl::StatusOr<Scheduler::Group*> Scheduler::FindGroup(const std::string& group_id) const {
   auto it = groups_.find(group_id);
   if (it == groups_.end()) return NotRegistered(group_id);
-  it->second->last_seen_ms = NowMs();
-  return it->second.get();
+  Group& group = *it->second;
+  // Heard from: its heartbeat clock restarts, unless the reaper has judged it lost. Its commit
+  // runs under a reader lock of mu_, as this does: refreshing the group then would answer "still
+  // yours" (its agent renews its write fence) while the commit hands its task to another group.
+  absl::MutexLock seen(&seen_mu_);
+  if (group.reaped) {
+    return absl::NotFoundError(absl::StrFormat(
+        "group %s is lost (no heartbeat for more than heartbeat_timeout_s %g s) and being removed; register "
+        "again and abandon its task",
+        group_id, options_.heartbeat_timeout_s));
+  }
+  group.last_seen_ms = std::max(NowMs(), group.last_seen_ms.load());
+  return &group;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1447,15 +1458,29 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   return false;
 }
 
+Scheduler::TaskPlanView Scheduler::TaskPlan(const std::string& task_id) const {
+  absl::ReaderMutexLock lock(&mu_);
+  TaskPlanView plan;
+  auto it = tasks_.find(task_id);
+  if (it == tasks_.end()) return plan;
+  plan.known = true;
+  plan.out_dir = it->second.info.out_dir();
+  plan.epochs = it->second.info.epochs();
+  return plan;
+}
+
 absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request) {
+  // Only a file inside the task's own run folder (the coordinator reads the shared work_dir).
+  // Checked before any lock: a stalled filesystem must not hold up every writer.
+  const TaskPlanView plan = TaskPlan(request.task_id());
+  const int epochs = plan.epochs;
+  absl::Status checked = plan.known ? CheckCheckpointPath("path", request.path(), plan.out_dir) : absl::OkStatus();
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
   AVIARY_RETURN_IF_ERROR(RequireHolder(*group, request.task_id(), ""));
-  // Only a file inside the task's own run folder (the coordinator reads the shared work_dir).
-  AVIARY_RETURN_IF_ERROR(
-      CheckCheckpointPath("path", request.path(), tasks_.at(request.task_id()).info.out_dir()));
-  if (const int epochs = tasks_.at(request.task_id()).info.epochs(); epochs > 0 && request.epoch() >= epochs) {
+  AVIARY_RETURN_IF_ERROR(checked);
+  if (epochs > 0 && request.epoch() >= epochs) {
     return absl::InvalidArgumentError(absl::StrCat("field 'epoch': ", request.epoch(),
                                                    " is outside the task's plan of ", epochs,
                                                    " epochs (0-based)"));
@@ -1475,6 +1500,15 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
 }
 
 absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& request) {
+  // The best checkpoint inside the task's run folder, checked before any lock (as ReportCheckpoint).
+  const TaskPlanView plan = TaskPlan(request.task_id());
+  const int epochs = plan.epochs;
+  absl::Status checked =
+      plan.known ? CheckCheckpointPath("best_checkpoint", request.best_checkpoint(), plan.out_dir) : absl::OkStatus();
+  if (checked.ok() && request.has_best() && epochs > 0 && request.best().epoch() >= epochs) {
+    checked = absl::InvalidArgumentError(absl::StrCat("field 'best.epoch': ", request.best().epoch(),
+                                                      " is outside the task's plan of ", epochs, " epochs (0-based)"));
+  }
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
@@ -1487,14 +1521,7 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
-  AVIARY_RETURN_IF_ERROR(CheckCheckpointPath("best_checkpoint", request.best_checkpoint(),
-                                             tasks_.at(request.task_id()).info.out_dir()));
-  if (const int epochs = tasks_.at(request.task_id()).info.epochs();
-      request.has_best() && epochs > 0 && request.best().epoch() >= epochs) {
-    return absl::InvalidArgumentError(absl::StrCat("field 'best.epoch': ", request.best().epoch(),
-                                                   " is outside the task's plan of ", epochs,
-                                                   " epochs (0-based)"));
-  }
+  if (!checked.ok()) return RestartRefusedEnd(*group, request.task_id(), "CompleteTask", checked);
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);
@@ -1573,6 +1600,30 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   return absl::OkStatus();
 }
 
+absl::Status Scheduler::RefuseEndOfTask(const std::string& group_id, const std::string& task_id, const char* rpc,
+                                        const absl::Status& refusal) {
+  absl::MutexLock writer(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+  if (!GroupHolds(*group, task_id)) return refusal;
+  return RestartRefusedEnd(*group, task_id, rpc, refusal);
+}
+
+absl::Status Scheduler::RestartRefusedEnd(const Group& group, const std::string& task_id, const char* rpc,
+                                          const absl::Status& refusal) {
+  Changes changes;
+  GroupRow row = group.row;
+  row.task_id.clear();
+  changes.put_groups[row.group_id] = row;
+  RestartOrFail(&changes, task_id,
+                absl::StrCat("group ", row.group_id, "'s ", rpc, " was refused: ", refusal.message()));
+  AVIARY_RETURN_IF_ERROR(Commit(&changes));
+  const std::string state = TaskStateName(tasks_.at(task_id).info.state());
+  log_.Warn(absl::StrCat("task ", task_id, ": group ", row.group_id, "'s ", rpc, " refused (", refusal.message(),
+                         "); the group let go of it, now ", state));
+  return absl::Status(refusal.code(), absl::StrCat(refusal.message(), " (task ", task_id, " is ", state, " now)"));
+}
+
 absl::Status Scheduler::LeaveGroup(const std::string& group_id, const std::string& reason) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
@@ -1609,8 +1660,13 @@ int Scheduler::ReapLostGroups() {
   Changes changes;
   std::vector<std::string> lost;
   for (const auto& [id, group] : groups_) {
-    const int64_t silent_ms = now - group->last_seen_ms.load();
-    if (silent_ms <= timeout_ms) continue;
+    int64_t silent_ms = 0;
+    {
+      absl::MutexLock seen(&seen_mu_);  // as FindGroup judges: never both
+      silent_ms = now - group->last_seen_ms.load();
+      if (silent_ms <= timeout_ms || group->reaped) continue;
+      group->reaped = true;
+    }
     lost.push_back(id);
     changes.deleted_groups.push_back(id);
     ++changes.groups_lost;
@@ -1624,6 +1680,8 @@ int Scheduler::ReapLostGroups() {
   absl::Status status = Commit(&changes);
   if (!status.ok()) {
     log_.Error(absl::StrCat("reaper: cannot remove lost groups: ", status.message()));
+    absl::MutexLock seen(&seen_mu_);  // judged again at the next pass (still silent)
+    for (const std::string& id : lost) groups_.at(id)->reaped = false;
     return 0;
   }
   for (const std::string& id : lost) {

@@ -125,6 +125,12 @@ class Scheduler {
   absl::Status ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request);
   absl::Status CompleteTask(const aviary::v1::CompleteTaskRequest& request);
   absl::Status FailTask(const aviary::v1::FailTaskRequest& request);
+  // The holder's CompleteTask or FailTask was refused as malformed (`refusal`, the service's
+  // checks of its fields): its agent drops a refused report and leases again, and would get the
+  // same task back for ever. The task restarts instead (counted; FAILED at max_restarts) and the
+  // group lets go of it. Returns `refusal`; nothing changes when the group does not hold the task.
+  absl::Status RefuseEndOfTask(const std::string& group_id, const std::string& task_id, const char* rpc,
+                               const absl::Status& refusal) ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   // A group that ends normally: removed at once, not counted as lost (groups_lost_total and the
   // AviaryWorkerGroupLost alert stay quiet); a task it still holds goes back to READY without a
   // restart, like a preemption. NOT_FOUND for an unknown group.
@@ -199,7 +205,9 @@ class Scheduler {
   };
   struct Group {
     GroupRow row;
-    std::atomic<int64_t> last_seen_ms{0};  // steady clock
+    // Steady clock; refreshed and judged under Scheduler::seen_mu_ (FindGroup, the reaper).
+    std::atomic<int64_t> last_seen_ms{0};
+    bool reaped = false;  // under seen_mu_: the reaper has decided it is lost (FindGroup refuses it)
     std::atomic<int64_t> gpu_memory_bytes{0};  // its last heartbeat's (0: not reported)
   };
   struct EventSpec {
@@ -285,6 +293,18 @@ class Scheduler {
   // and writing its run folder, until it learns so. Nobody else leases that task meanwhile
   // (DecideLeases; docs/SERVICE.md, "Fencing").
   bool HoldsStale(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // RefuseEndOfTask with the locks held, for a group that holds `task_id`.
+  absl::Status RestartRefusedEnd(const Group& group, const std::string& task_id, const char* rpc,
+                                 const absl::Status& refusal) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The task's run folder and planned epochs, read under a short lock (known false for an
+  // unknown task): a task's out_dir never changes, so its files are checked with no lock held.
+  struct TaskPlanView {
+    bool known = false;
+    std::string out_dir;
+    int epochs = 0;
+  };
+  TaskPlanView TaskPlan(const std::string& task_id) const ABSL_LOCKS_EXCLUDED(mu_);
   // The group has let go of `task_id` (it heartbeats without a task, reports the task's outcome,
   // or asks for work): when its row still names that task and it does not hold it, the row's
   // task is cleared (committed). Nothing otherwise.
@@ -311,6 +331,11 @@ class Scheduler {
   // changes: status readers never wait for an fsync.
   absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
+  // A group's heartbeat clock: a message from it refreshes last_seen_ms only if the reaper has
+  // not judged it lost, and the reaper judges under the same lock, so the two never both act
+  // (a heartbeat answered "still yours" while the reaper's commit hands its task on). A leaf:
+  // nothing else is taken under it.
+  mutable absl::Mutex seen_mu_ ABSL_ACQUIRED_AFTER(mu_);
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);  // never erased: references stay valid
   std::map<int64_t, std::string> job_order_ ABSL_GUARDED_BY(mu_);  // seq -> job id
   std::unordered_map<std::string, TaskRow> tasks_ ABSL_GUARDED_BY(mu_);

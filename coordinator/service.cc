@@ -486,8 +486,10 @@ grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
   return Serve(*context, *auth_, "WorkerService.CompleteTask", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
-    AVIARY_RETURN_IF_ERROR(CheckText("best_checkpoint", request->best_checkpoint(), true));
-    if (request->has_best()) AVIARY_RETURN_IF_ERROR(CheckPoint("best", request->best()));
+    // A malformed outcome from the task's holder restarts the task (Scheduler::RefuseEndOfTask).
+    absl::Status checked = CheckText("best_checkpoint", request->best_checkpoint(), true);
+    if (checked.ok() && request->has_best()) checked = CheckPoint("best", request->best());
+    if (!checked.ok()) return scheduler_->RefuseEndOfTask(request->group_id(), request->task_id(), "CompleteTask", checked);
     return scheduler_->CompleteTask(*request);
   });
 }
@@ -498,7 +500,8 @@ grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
   return Serve(*context, *auth_, "WorkerService.FailTask", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
-    AVIARY_RETURN_IF_ERROR(CheckText("error", request->error(), true, 64 * 1024));
+    absl::Status checked = CheckText("error", request->error(), true, 64 * 1024);
+    if (!checked.ok()) return scheduler_->RefuseEndOfTask(request->group_id(), request->task_id(), "FailTask", checked);
     return scheduler_->FailTask(*request);
   });
 }

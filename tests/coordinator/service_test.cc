@@ -1605,6 +1605,7 @@ TEST_F(CoordinatorServiceTest, NoDataRootsRefusesEveryJobSayingSo) {
 
 TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
   config_.heartbeat_timeout_s = kReapAfterS;
+  config_.max_restarts = 6;  // the reap of group a, then each refused end below
   Start();
   const std::string job_id = Submit();
   const std::string pretrain = job_id + "/pretrain-f0";
@@ -1656,27 +1657,49 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
   ASSERT_EQ(lease.task().task_id(), pretrain);
   EXPECT_EQ(lease.task().resume_checkpoint(), good);
   ASSERT_TRUE(Heartbeat(b, pretrain, &cancel).ok());
-  // CompleteTask: a best checkpoint that does not exist, or is outside, is refused and the
-  // task stays leased.
+  // The holder's CompleteTask with a best checkpoint that does not exist or is outside, or a
+  // best epoch outside the plan, and its FailTask without a message: each is refused, and the
+  // task restarts (counted) rather than staying leased to a group that has stopped it (its
+  // agent drops a refused report and leases again: it got the same task back, for ever).
+  auto refused_end = [&](const std::function<grpc::Status()>& end, const std::string& want) {
+    const int restarts = GetJob(job_id).tasks(0).restarts();
+    const grpc::Status status = end();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << want;
+    EXPECT_NE(status.error_message().find(want), std::string::npos) << status.error_message();
+    EXPECT_NE(status.error_message().find("(task " + pretrain + " is READY now)"), std::string::npos)
+        << status.error_message();
+    const TaskInfo info = GetJob(job_id).tasks(0);
+    EXPECT_EQ(info.state(), TASK_STATE_READY);
+    EXPECT_EQ(info.restarts(), restarts + 1);
+    // The group let go of it: it is leased again, as a new attempt.
+    lease = Lease(b);
+    EXPECT_EQ(lease.task().task_id(), pretrain);
+    EXPECT_EQ(lease.task().attempt(), info.attempt() + 1);
+  };
   for (const std::string& bad : {out_dir + "/best.pt", std::string("/etc/passwd")}) {
-    const grpc::Status status = Complete(b, pretrain, bad);
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
-    EXPECT_NE(status.error_message().find("field 'best_checkpoint': '" + bad + "'"), std::string::npos)
-        << status.error_message();
+    refused_end([&] { return Complete(b, pretrain, bad); }, "field 'best_checkpoint': '" + bad + "'");
   }
-  {
-    CompleteTaskRequest request;
-    request.set_group_id(b);
-    request.set_task_id(pretrain);
-    request.set_best_checkpoint(good);
-    *request.mutable_best() = EpochEnd(7, 0.8);
-    CompleteTaskResponse response;
-    const grpc::Status status = workers_->CompleteTask(WorkerCtx().get(), request, &response);
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_NE(status.error_message().find("field 'best.epoch': 7 is outside the task's plan of 3 epochs"),
-              std::string::npos)
-        << status.error_message();
-  }
+  refused_end(
+      [&] {
+        CompleteTaskRequest request;
+        request.set_group_id(b);
+        request.set_task_id(pretrain);
+        request.set_best_checkpoint(good);
+        *request.mutable_best() = EpochEnd(7, 0.8);
+        CompleteTaskResponse response;
+        return workers_->CompleteTask(WorkerCtx().get(), request, &response);
+      },
+      "field 'best.epoch': 7 is outside the task's plan of 3 epochs");
+  refused_end(
+      [&] {
+        FailTaskRequest request;
+        request.set_group_id(b);
+        request.set_task_id(pretrain);
+        request.set_retryable(true);
+        FailTaskResponse response;
+        return workers_->FailTask(WorkerCtx().get(), request, &response);
+      },
+      "field 'error': must not be empty");
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
   ASSERT_TRUE(Complete(b, pretrain, Checkpoint(pretrain, "best.pt")).ok());
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_SUCCEEDED);
