@@ -40,6 +40,7 @@
 #include "common/plot.h"
 #include "common/status.h"
 #include "common/tokens.h"
+#include "common/utf8.h"
 #include "client/format.h"
 #include "client/commands.h"
 #include "client/output.h"
@@ -285,9 +286,24 @@ absl::Status CheckJobId(const std::string& job_id) {
 // ---------------------------------------------------------------------------------------------
 // submit P.yaml [--set k=v ...] [--name N]
 
+// `text` (what `what` names) is UTF-8, as an RPC's text must be: gRPC would refuse the call with a
+// bare INTERNAL. The error names the line and column of the first byte that is not.
+absl::Status CheckUtf8(const std::string& what, const std::string& text) {
+  const size_t at = common::FirstInvalidUtf8(text);
+  if (at == std::string::npos) return absl::OkStatus();
+  const absl::string_view before(text.data(), at);
+  const size_t newline = before.rfind('\n');
+  const size_t column = newline == absl::string_view::npos ? at + 1 : at - newline;
+  const int64_t line = std::count(before.begin(), before.end(), '\n') + 1;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s:%d:%d: byte 0x%02X is not UTF-8 (the coordinator takes UTF-8 text; save it as UTF-8)", what, line, column,
+      static_cast<unsigned char>(text[at])));
+}
+
 absl::Status Submit(Client& client, const ClientArgs& args) {
   const std::string& path = args.target;
   AVIARY_ASSIGN_OR_RETURN(std::string yaml, ReadWholeFile(path, "pipeline config"));
+  AVIARY_RETURN_IF_ERROR(CheckUtf8(path, yaml));
   std::error_code ec;
   fs::path cwd = fs::current_path(ec);
   if (ec) {
@@ -306,6 +322,13 @@ absl::Status Submit(Client& client, const ClientArgs& args) {
   for (const std::string& sweep : args.sweeps) {
     AVIARY_RETURN_IF_ERROR(ParseSweepFlag(sweep, request.add_sweep()));
   }
+  for (const std::string& o : args.overrides) AVIARY_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("--set ", o), o));
+  for (const std::string& t : args.tags) AVIARY_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("--tag ", t), t));
+  for (const std::string& w : args.sweeps) AVIARY_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("--sweep ", w), w));
+  AVIARY_RETURN_IF_ERROR(CheckUtf8("--name", args.name));
+  AVIARY_RETURN_IF_ERROR(CheckUtf8("--note", args.note));
+  AVIARY_RETURN_IF_ERROR(CheckUtf8("the config's path", request.source_path()));
+  AVIARY_RETURN_IF_ERROR(CheckUtf8("the current directory", request.working_dir()));
   v1::SubmitJobResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("SubmitJob", &v1::JobService::Stub::SubmitJob, request, &response));

@@ -27,6 +27,15 @@ size_t Utf8SequenceLength(absl::string_view text, size_t i) {
   return len;
 }
 
+size_t FirstInvalidUtf8(absl::string_view text) {
+  for (size_t i = 0; i < text.size();) {
+    const size_t len = Utf8SequenceLength(text, i);
+    if (len == 0) return i;
+    i += len;
+  }
+  return absl::string_view::npos;
+}
+
 std::string ValidUtf8(absl::string_view text) {
   std::string out;
   out.reserve(text.size());

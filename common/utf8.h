@@ -21,6 +21,10 @@ size_t Utf8SequenceLength(absl::string_view text, size_t i);
 // text comes back unchanged.
 std::string ValidUtf8(absl::string_view text);
 
+// The offset of the first byte of `text` that starts no well-formed sequence; npos when `text`
+// is valid UTF-8.
+size_t FirstInvalidUtf8(absl::string_view text);
+
 // The longest prefix of `text` of at most `max_bytes` bytes that does not end inside a
 // character (`text` itself when it is short enough).
 absl::string_view Utf8Prefix(absl::string_view text, size_t max_bytes);

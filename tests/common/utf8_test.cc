@@ -25,6 +25,9 @@ TEST(Utf8Test, EachByteThatStartsNoWellFormedSequenceBecomesTheReplacementCharac
   EXPECT_EQ(ValidUtf8("\xED\xA0\x80"), r + r + r);
   EXPECT_EQ(ValidUtf8("\xF4\x90\x80\x80"), r + r + r + r);
   EXPECT_EQ(Utf8SequenceLength("\xF4\x8F\xBF\xBF", 0), 4u);  // U+10FFFF itself is fine
+  EXPECT_EQ(FirstInvalidUtf8("Rohrs\xC3\xA4nger"), absl::string_view::npos);
+  EXPECT_EQ(FirstInvalidUtf8("Rohrs\xE4nger"), 5u);
+  EXPECT_EQ(FirstInvalidUtf8(""), absl::string_view::npos);
 }
 
 TEST(Utf8Test, APrefixNeverEndsInsideACharacter) {
