@@ -974,7 +974,10 @@ int RunClient(const std::string& command, const GlobalOptions& global, const Cli
     return ClientExitCode(options.status().code());
   }
   if (command != "submit" && command != "list" && command != "prune" && command != "groups") {
-    if (absl::Status st = CheckJobId(args.target); !st.ok()) {
+    absl::Status st = CheckJobId(args.target);
+    if (st.ok()) st = CheckUtf8("JOB", args.target);
+    if (st.ok()) st = CheckUtf8("--task", args.task);
+    if (!st.ok()) {
       std::cerr << FormatClientError(command, st) << "\n";
       return ClientExitCode(st.code());
     }

@@ -122,27 +122,56 @@ absl::Status CheckDataPath(const std::string& key, const std::string& path,
                                                  absl::StrJoin(roots, ", "), ")"));
 }
 
+bool TransientFilesystemErrno(int err) {
+  switch (err) {
+    case EIO:
+    case ESTALE:
+    case ETIMEDOUT:
+    case EINTR:
+    case EAGAIN:
+    case ENOMEM:
+    case ENFILE:
+    case EMFILE:
+    case ENOLCK:
+      return true;
+    default:
+      return false;
+  }
+}
+
 absl::Status CheckCheckpointPath(const std::string& field, const std::string& path,
                                  const std::string& out_dir) {
   const std::string label = absl::StrCat("field '", field, "'");
   if (!fs::path(path).is_absolute()) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' is not an absolute path"));
   }
-  std::string real;
+  // The run folder first: when the filesystem fails there (a stale mount), the coordinator can
+  // say nothing about the group's file. (A folder it does not find is refused: it may never have
+  // been made, and an unmounted work_dir looks the same.)
+  std::string real_out;
   int err = 0;
+  if (!RealPath(out_dir, &real_out, &err)) {
+    const std::string what = absl::StrCat(label, ": '", path, "': the task's run folder '", out_dir, "': ",
+                                          std::strerror(err), " (the coordinator must see work_dir at the groups' path)");
+    if (TransientFilesystemErrno(err)) return absl::UnavailableError(what);
+    return absl::InvalidArgumentError(what);
+  }
+  std::string real;
   if (!RealPath(path, &real, &err)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(label, ": '", path, "': ", std::strerror(err), " (a checkpoint must exist)"));
+    const std::string what = absl::StrCat(label, ": '", path, "': ", std::strerror(err));
+    if (TransientFilesystemErrno(err)) return absl::UnavailableError(what);
+    return absl::InvalidArgumentError(absl::StrCat(what, " (a checkpoint must exist)"));
   }
   struct stat st;
-  if (::stat(real.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::stat(real.c_str(), &st) != 0) {
+    const int stat_err = errno;
+    const std::string what = absl::StrCat(label, ": '", path, "': ", std::strerror(stat_err));
+    if (TransientFilesystemErrno(stat_err)) return absl::UnavailableError(what);
+    return absl::InvalidArgumentError(what);
+  }
+  if (!S_ISREG(st.st_mode)) {
     return absl::InvalidArgumentError(
         absl::StrCat(label, ": '", path, "' is not a regular file"));
-  }
-  std::string real_out;
-  if (!RealPath(out_dir, &real_out, &err)) {
-    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "': the task's run folder '",
-                                                   out_dir, "': ", std::strerror(err)));
   }
   if (!PathIsInside(real, real_out) || real == real_out) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' resolves to '", real,

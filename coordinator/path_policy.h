@@ -34,8 +34,14 @@ absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key
 absl::Status CheckDataPath(const std::string& key, const std::string& path,
                            const std::vector<std::string>& roots);
 
+// Whether a filesystem call's errno says nothing about the file (EIO, ESTALE, ETIMEDOUT, EINTR,
+// EAGAIN, ENOMEM, ENFILE, EMFILE, ENOLCK): a retry may see it.
+bool TransientFilesystemErrno(int err);
+
 // A checkpoint reported by a group: `path` must exist as a regular file and resolve inside the
-// realpath of `out_dir` (the task's run folder). INVALID_ARGUMENT naming `field` and the path.
+// realpath of `out_dir` (the task's run folder). INVALID_ARGUMENT naming `field` and the path
+// when it does not; UNAVAILABLE when the filesystem failed (EIO, ESTALE, ETIMEDOUT, ...: the
+// coordinator cannot tell), which the group retries rather than drops.
 absl::Status CheckCheckpointPath(const std::string& field, const std::string& path,
                                  const std::string& out_dir);
 

@@ -1521,7 +1521,8 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
-  if (!checked.ok()) return RestartRefusedEnd(*group, request.task_id(), "CompleteTask", checked);
+  if (absl::IsInvalidArgument(checked)) return RestartRefusedEnd(*group, request.task_id(), "CompleteTask", checked);
+  AVIARY_RETURN_IF_ERROR(checked);  // UNAVAILABLE: the group sends it again
   Changes changes;
   TaskRow& task = Stage(&changes, request.task_id());
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);

@@ -125,10 +125,11 @@ class Scheduler {
   absl::Status ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request);
   absl::Status CompleteTask(const aviary::v1::CompleteTaskRequest& request);
   absl::Status FailTask(const aviary::v1::FailTaskRequest& request);
-  // The holder's CompleteTask or FailTask was refused as malformed (`refusal`, the service's
+  // The holder's CompleteTask was refused as malformed (`refusal`, INVALID_ARGUMENT from the
   // checks of its fields): its agent drops a refused report and leases again, and would get the
   // same task back for ever. The task restarts instead (counted; FAILED at max_restarts) and the
   // group lets go of it. Returns `refusal`; nothing changes when the group does not hold the task.
+  // (A FailTask with a malformed message is recorded with the refusal as its message.)
   absl::Status RefuseEndOfTask(const std::string& group_id, const std::string& task_id, const char* rpc,
                                const absl::Status& refusal) ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   // A group that ends normally: removed at once, not counted as lost (groups_lost_total and the

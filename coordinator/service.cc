@@ -501,7 +501,15 @@ grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     absl::Status checked = CheckText("error", request->error(), true, 64 * 1024);
-    if (!checked.ok()) return scheduler_->RefuseEndOfTask(request->group_id(), request->task_id(), "FailTask", checked);
+    if (!checked.ok()) {
+      // The failure still ends the task as its flags say (preempted, retryable or not), with the
+      // refusal for its message: an agent drops a refused report, and the task would stay leased
+      // to a group that has stopped it.
+      aviary::v1::FailTaskRequest recorded = *request;
+      recorded.set_error(absl::StrCat("(its message was refused: ", checked.message(), ")"));
+      if (!scheduler_->FailTask(recorded).ok()) return checked;
+      return absl::Status(checked.code(), absl::StrCat(checked.message(), " (the failure is recorded without it)"));
+    }
     return scheduler_->FailTask(*request);
   });
 }

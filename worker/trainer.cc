@@ -1629,7 +1629,11 @@ absl::Status Trainer::Run() {
   for (const auto& [problem, count] : stats.problems) {
     Log().Warn(absl::StrCat(count, " training clips skipped as ", problem, " (substituted)"));
   }
-  if (s.skipped_steps > 0) Log().Warn(absl::StrCat(s.skipped_steps, " non-finite steps skipped"));
+  if (s.skipped_steps > 0) {
+    // Counted per batch: with grad_accum_steps > 1 one is a micro-batch, and its optimizer step
+    // may still have been taken from the others.
+    Log().Warn(absl::StrCat(s.skipped_steps, s.accum > 1 ? " non-finite micro-batches skipped" : " non-finite steps skipped"));
+  }
   return absl::OkStatus();
 }
 

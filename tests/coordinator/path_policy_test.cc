@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -63,6 +64,11 @@ TEST_F(PathPolicyTest, ResolvesSymlinksAndPathsThatDoNotExistYet) {
   ASSERT_TRUE(resolved.ok()) << resolved.status();
   EXPECT_EQ(*resolved, root_ + "/data2");
   EXPECT_FALSE(ResolvePolicyPath("key 'k'", "relative/path").ok());
+}
+
+TEST_F(PathPolicyTest, OnlyErrorsThatSayNothingAboutTheFileAreTransient) {
+  for (int err : {EIO, ESTALE, ETIMEDOUT, EINTR, EMFILE}) EXPECT_TRUE(TransientFilesystemErrno(err)) << err;
+  for (int err : {ENOENT, ENOTDIR, EACCES, ELOOP, 0}) EXPECT_FALSE(TransientFilesystemErrno(err)) << err;
 }
 
 TEST_F(PathPolicyTest, DataPathsAndCheckpoints) {

@@ -1690,16 +1690,26 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
         return workers_->CompleteTask(WorkerCtx().get(), request, &response);
       },
       "field 'best.epoch': 7 is outside the task's plan of 3 epochs");
-  refused_end(
-      [&] {
-        FailTaskRequest request;
-        request.set_group_id(b);
-        request.set_task_id(pretrain);
-        request.set_retryable(true);
-        FailTaskResponse response;
-        return workers_->FailTask(WorkerCtx().get(), request, &response);
-      },
-      "field 'error': must not be empty");
+  // A FailTask whose message is refused still ends the task as its flags say (retryable: a
+  // restart), with the refusal for its message.
+  {
+    const int restarts = GetJob(job_id).tasks(0).restarts();
+    FailTaskRequest request;
+    request.set_group_id(b);
+    request.set_task_id(pretrain);
+    request.set_retryable(true);
+    FailTaskResponse response;
+    const grpc::Status status = workers_->FailTask(WorkerCtx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("field 'error': must not be empty (the failure is recorded without it)"),
+              std::string::npos)
+        << status.error_message();
+    const TaskInfo info = GetJob(job_id).tasks(0);
+    EXPECT_EQ(info.state(), TASK_STATE_READY);
+    EXPECT_EQ(info.restarts(), restarts + 1);
+    lease = Lease(b);
+    EXPECT_EQ(lease.task().task_id(), pretrain);
+  }
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
   ASSERT_TRUE(Complete(b, pretrain, Checkpoint(pretrain, "best.pt")).ok());
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_SUCCEEDED);

@@ -29,6 +29,7 @@
 #include "common/logging.h"
 #include "common/manifest.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "proto/aviary.pb.h"
 #include "worker/agent/coordinator_link.h"
 #include "worker/agent/group_control.h"
@@ -197,8 +198,8 @@ absl::StatusOr<v1::RegisterGroupRequest> Agent::Describe(int metrics_port) {
     std::string entry(reinterpret_cast<const char*>(all.data()) + i * bytes_per_rank, bytes_per_rank);
     entry = entry.substr(0, entry.find('\0'));
     size_t tab = entry.find('\t');
-    r.add_hosts(entry.substr(0, tab));
-    r.add_devices(tab == std::string::npos ? "" : entry.substr(tab + 1));
+    r.add_hosts(common::ValidUtf8(entry.substr(0, tab)));  // text fields must be UTF-8 (common/utf8.h)
+    r.add_devices(tab == std::string::npos ? "" : common::ValidUtf8(entry.substr(tab + 1)));
   }
   bool nccl = false;
 #if defined(AVIARY_WITH_NCCL_BACKEND)
@@ -209,7 +210,7 @@ absl::StatusOr<v1::RegisterGroupRequest> Agent::Describe(int metrics_port) {
   if (metrics_port > 0) {
     std::string host = options_.metrics_listen.substr(0, options_.metrics_listen.rfind(':'));
     if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") host = r.hosts(0);
-    r.set_metrics_address(absl::StrCat(host, ":", metrics_port));
+    r.set_metrics_address(common::ValidUtf8(absl::StrCat(host, ":", metrics_port)));
   }
   return r;
 }

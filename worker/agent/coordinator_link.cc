@@ -62,9 +62,9 @@ const char* RpcName(Report::Kind kind) {
 std::string FailureText(const std::string& error) {
   if (error.empty()) return "(no message)";
   constexpr size_t kMaxBytes = 60 * 1024;  // the coordinator takes 64 KiB
-  std::string text = common::ValidUtf8(common::Utf8Prefix(error, kMaxBytes));
-  if (text.size() > kMaxBytes) text = std::string(common::Utf8Prefix(text, kMaxBytes));  // U+FFFD is 3 bytes
-  if (text.size() < error.size()) text += " [cut]";
+  const std::string valid = common::ValidUtf8(error);  // U+FFFD is 3 bytes: cut after
+  std::string text(common::Utf8Prefix(valid, kMaxBytes));
+  if (text.size() < valid.size()) text += " [cut]";
   return text;
 }
 
@@ -427,7 +427,7 @@ void CoordinatorLink::Leave(const std::string& reason) {
   request.set_group_id(gid);
   // The coordinator takes one line of at most 1,024 bytes of UTF-8 (an error's message may be
   // longer, or name a file in another encoding).
-  std::string line = common::ValidUtf8(common::Utf8Prefix(reason, 1000));
+  std::string line(common::Utf8Prefix(common::ValidUtf8(reason), 1000));  // U+FFFD is 3 bytes: cut after
   for (char& c : line) {
     if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
   }
