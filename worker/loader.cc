@@ -135,6 +135,11 @@ struct Loader::Build {
 };
 
 void Loader::StartEpoch(int epoch, int64_t first_batch) {
+  {
+    absl::MutexLock lock(&mu_);
+    const int64_t from = std::clamp<int64_t>(first_batch, 0, static_cast<int64_t>(plan_.size()));
+    if (epoch_ == epoch && first_batch_ == from && next_to_consume_ == from && error_.ok()) return;
+  }
   std::vector<std::vector<int64_t>> plan = Plan(epoch);
   auto order = std::make_shared<std::vector<int64_t>>();
   if (options_.train) {
@@ -150,6 +155,7 @@ void Loader::StartEpoch(int epoch, int64_t first_batch) {
     building_.clear();
     ready_.clear();
     next_to_build_ = std::clamp<int64_t>(first_batch, 0, static_cast<int64_t>(plan_.size()));
+    first_batch_ = next_to_build_;
     next_to_consume_ = next_to_build_;
     error_ = absl::OkStatus();
     work_.SignalAll();

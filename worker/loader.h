@@ -101,7 +101,9 @@ class Loader {
 
   // Starts producing epoch `epoch` (stops an epoch in progress) from its batch `first_batch`
   // (a run resumed mid-epoch: the batches before it are not built; what follows is what an
-  // uninterrupted epoch produces there).
+  // uninterrupted epoch produces there). Started already from there, with no batch taken and no
+  // error, the work done is kept (the same batches, whatever the timing): so a trainer starts
+  // the next epoch ahead, during validation, and starts it again when it begins.
   void StartEpoch(int epoch, int64_t first_batch = 0);
   // The next batch of the epoch in order; false at the end of the epoch. An error (e.g. more
   // than max_substitutions broken clips in a row) is returned as a status.
@@ -155,6 +157,7 @@ class Loader {
   // The epoch's full order (training), for substitutions; shared with in-flight builds.
   std::shared_ptr<const std::vector<int64_t>> epoch_order_ ABSL_GUARDED_BY(mu_) =
       std::make_shared<const std::vector<int64_t>>();
+  int64_t first_batch_ ABSL_GUARDED_BY(mu_) = 0;    // where this epoch was started
   int64_t next_to_build_ ABSL_GUARDED_BY(mu_) = 0;  // the next batch to open
   int64_t next_to_consume_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<int64_t, std::shared_ptr<Build>> building_ ABSL_GUARDED_BY(mu_);  // opened, rows undone

@@ -1106,6 +1106,9 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     more = next_more;
   }
   held_batches = 0;
+  // The next epoch's first batches decode meanwhile (the epoch's totals, validation, its files);
+  // its StartEpoch keeps them. (Wasted if the run stops early: nothing else changes.)
+  if (epoch + 1 < epochs) train_loader->StartEpoch(epoch + 1);
   if (options.progress_bar) std::fprintf(stderr, "\n");
   return FinishEpoch(t);
 }

@@ -194,6 +194,46 @@ TEST(LoaderTest, RestartingAnEpochMidwayStartsClean) {
   EXPECT_EQ(batches[0].items, (*l)->Plan(1)[0]);
 }
 
+TEST(LoaderTest, StartingTheEpochAgainBeforeItsFirstBatchKeepsTheWorkDone) {
+  // A trainer starts epoch 1 ahead (during epoch 0's validation) and again when it begins: the
+  // batches decoded meanwhile are kept, and they are the batches a fresh start would give.
+  auto items = MakeItems(64);
+  std::atomic<int> calls{0};
+  ClipFn inner = EncodingClip();
+  ClipFn counted = [&](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
+    ++calls;
+    return inner(item, train, seed, out);
+  };
+  auto o = Options(4);
+  auto l = Loader::Create(items, counted, o);
+  ASSERT_TRUE(l.ok());
+  (*l)->StartEpoch(1);
+  for (int i = 0; i < 2000 && (*l)->QueueDepth() < o.prefetch_batches; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ((*l)->QueueDepth(), o.prefetch_batches);
+  const int ahead = calls.load();
+  EXPECT_EQ(ahead, o.prefetch_batches * o.batch_size);
+  auto batches = DrainEpoch(**l, 1);  // StartEpoch(1) again, then every batch
+  EXPECT_EQ(calls.load(), 64);        // no row decoded twice
+  auto fresh = Loader::Create(items, EncodingClip(), o);
+  ASSERT_TRUE(fresh.ok());
+  auto expected = DrainEpoch(**fresh, 1);
+  ASSERT_EQ(batches.size(), expected.size());
+  for (size_t i = 0; i < batches.size(); ++i) {
+    EXPECT_EQ(batches[i].items, expected[i].items);
+    EXPECT_TRUE(batches[i].waveforms.equal(expected[i].waveforms)) << "batch " << i;
+  }
+  // Once a batch is taken, starting the epoch again starts it over.
+  (*l)->StartEpoch(2);
+  Batch b;
+  ASSERT_TRUE(*(*l)->Next(&b));
+  batches = DrainEpoch(**l, 2);
+  ASSERT_EQ(batches.size(), 16u);
+  EXPECT_EQ(batches[0].index, 0);
+  EXPECT_EQ(batches[0].items, (*l)->Plan(2)[0]);
+}
+
 TEST(LoaderTest, MaxBatchesAndRemainderPadding) {
   auto items = MakeItems(21);
   auto o = Options(4, 1, 2);
