@@ -676,6 +676,10 @@ TEST(AudioProblemTest, ZeroFramesAndNonFinite) {
   const std::string none = tmp.Sub("none.wav");
   WriteAudio(none, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, {});
   ExpectProblem(none, AudioProblem::kTooShort, "0 frames");
+  // One frame at 96 kHz is no sample at 32 kHz (it used to decode "fine" to nothing).
+  const std::string one = tmp.Sub("one.wav");
+  WriteAudio(one, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 96000, 1, {0.5f});
+  ExpectProblem(one, AudioProblem::kTooShort, "1 frames at 96000 Hz give no sample at 32000 Hz");
   const std::string nan = tmp.Sub("nan.wav");
   std::vector<float> x = Sine(440, 32000, 32000);
   x[12345] = std::nanf("");

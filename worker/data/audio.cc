@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -72,11 +73,12 @@ class StreamFeeder {
       return nullptr;
     }
     std::unique_ptr<StreamFeeder> feeder(new StreamFeeder(keep));
-    auto feed = [in, out = sv[1]] {
+    auto feed = [in, out = sv[1], read_errno = &feeder->read_errno_] {
       char buffer[1 << 16];  // on the stack: nothing in this thread may throw
       for (;;) {
         ssize_t n = ::read(in, buffer, sizeof(buffer));
         if (n < 0 && errno == EINTR) continue;
+        if (n < 0) read_errno->store(errno);  // recorded before the stream ends (close below)
         if (n <= 0) break;  // end of file, or a read error: the stream just ends
         for (const char* p = buffer; n > 0;) {
           ssize_t w = ::send(out, p, static_cast<size_t>(n), MSG_NOSIGNAL);
@@ -109,10 +111,14 @@ class StreamFeeder {
     if (thread_.joinable()) thread_.join();
     ::close(keep_);
   }
+  // The errno of a failed read of the file (0: none): the stream then ended early, and looked
+  // like a normal end to the decoder.
+  int read_errno() const { return read_errno_.load(); }
 
  private:
   explicit StreamFeeder(int keep) : keep_(keep) {}
   int keep_;  // a duplicate of the read end: shutdown() works whatever libsndfile did with its fd
+  std::atomic<int> read_errno_{0};
   std::thread thread_;
 };
 
@@ -130,6 +136,8 @@ class SndFile {
     feeder_ = std::move(feeder);
   }
   SNDFILE* get() const { return file_; }
+  // A streamed file's failed read (StreamFeeder::read_errno); 0 otherwise.
+  int stream_read_errno() const { return feeder_ != nullptr ? feeder_->read_errno() : 0; }
   int Close() {
     int rc = file_ != nullptr ? sf_close(file_) : 0;
     file_ = nullptr;
@@ -221,11 +229,16 @@ class Resampler {
 // audio file (truncated, malformed header) from something that is not audio at all, because
 // libsndfile reports both as a failed sf_open (its error codes vary by format: the mp3 probe
 // reports "File does not exist ..." for garbage).
-std::string SniffContainer(const std::string& path) {
+std::string SniffContainer(const std::string& path, bool* unreadable) {
   unsigned char head[12] = {0};
+  *unreadable = false;
   FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return "";
+  if (f == nullptr) {
+    *unreadable = true;  // no verdict on the contents
+    return "";
+  }
   size_t n = std::fread(head, 1, sizeof(head), f);
+  if (std::ferror(f)) *unreadable = true;
   std::fclose(f);
   auto starts = [&](const char* magic, size_t at = 0) {
     size_t len = std::strlen(magic);
@@ -407,6 +420,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
   *info = SF_INFO{};
   SNDFILE* handle = nullptr;
   std::string error;
+  bool system = false;  // SF_ERR_SYSTEM: an open(2), read(2) or allocation failed
   {
     // libsndfile reports open failures through a process-wide error slot that every sf_open
     // (a successful one too) overwrites: open and read it under one lock, so that the text is
@@ -414,11 +428,19 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     static std::mutex open_mu;
     std::lock_guard<std::mutex> lock(open_mu);
     handle = sf_open(path.c_str(), SFM_READ, info);
-    if (handle == nullptr) error = sf_strerror(nullptr);
+    if (handle == nullptr) {
+      error = sf_strerror(nullptr);
+      system = sf_error(nullptr) == SF_ERR_SYSTEM;
+    }
   }
   if (handle == nullptr) {
-    std::string container = SniffContainer(path);
-    if (container.empty()) {
+    bool unreadable = false;
+    std::string container = system ? std::string() : SniffContainer(path, &unreadable);
+    if (system || unreadable) {
+      // The system failed (too many open files, out of memory, an I/O error), not the file:
+      // missing for this run, as a failed open above.
+      *failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": cannot open for reading: ", error));
+    } else if (container.empty()) {
       *failure = Failure(AudioProblem::kNotAudio,
                          absl::StrCat(path, ": not audio (", st.st_size,
                                       " bytes, no known audio signature); libsndfile: ", error));
@@ -652,7 +674,16 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
                                         : std::numeric_limits<int64_t>::max();
   audio.offset = t0;
   if (known) want = std::max<int64_t>(0, std::min(want, audio.total_samples - t0));
-  if (want == 0) return result;  // a window past the end: nothing to decode
+  if (want == 0) {
+    // A window past the end: nothing to decode. At the start, a file too short to give one
+    // sample at the target rate (a single frame at 96 kHz, say).
+    if (t0 == 0 && known && audio.total_samples == 0) {
+      result.failure = Failure(AudioProblem::kTooShort,
+                               absl::StrCat(path, ": ", audio.source_frames, " frames at ", from_hz,
+                                            " Hz give no sample at ", to_hz, " Hz"));
+    }
+    return result;
+  }
   if (known && want > kMaxDecodeSamples) {
     result.failure = Failure(
         AudioProblem::kNotAudio,
@@ -746,6 +777,14 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
       return result;
     }
     if (n == 0) {
+      if (const int err = file.stream_read_errno(); err != 0) {
+        // Not the stream's end: reading the file failed (EIO on a network filesystem, say). It
+        // cannot be read now, which is no verdict on its contents (the cache does not keep it).
+        result.failure = Failure(AudioProblem::kMissing,
+                                 absl::StrCat(path, ": reading failed after ", source_start + read_total,
+                                              " frames: ", std::strerror(err)));
+        return result;
+      }
       at_end = true;
       break;
     }
