@@ -503,6 +503,13 @@ TEST(AudioCacheTest, MaxSecondsStoresTheFirstSecondsAndIsKept) {
   EXPECT_EQ(MustOpen(tmp.Sub("whole"))->max_seconds(), 0);
   other.max_seconds = -1;
   EXPECT_EQ(PrepareAudioCache({long_file}, other).status().code(), absl::StatusCode::kInvalidArgument);
+  // A cut of more than 6 significant digits is kept whole: the same config prepares again (the
+  // manifest used to round it, and refused its own config from then on).
+  PrepareOptions fine = Options(tmp.Sub("fine"));
+  fine.max_seconds = 1.2345678;
+  MustPrepare({long_file}, fine);
+  MustPrepare({long_file, short_file}, fine);
+  EXPECT_EQ(MustOpen(tmp.Sub("fine"))->max_seconds(), 1.2345678);
 }
 
 // The dry run predicts, from the headers only, the files a prepare decodes and the bytes it

@@ -90,16 +90,28 @@ struct Manifest {
   double max_seconds = 0;  // > 0: each file holds at most its first max_seconds seconds
 };
 
+// The shortest text that reads back as `x` (1.25, 0.1, 1.2345678): the manifest is compared
+// exactly, and messages show the value as written.
+std::string ExactText(double x) {
+  for (int digits = 6; digits < 17; ++digits) {
+    std::string text = absl::StrFormat("%.*g", digits, x);
+    double back = 0;
+    if (absl::SimpleAtod(text, &back) && back == x) return text;
+  }
+  return absl::StrFormat("%.17g", x);
+}
+
 std::string ManifestText(const Manifest& m) {
   std::string text = absl::StrCat("format=", kFormat, "\nsample_rate=", m.sample_rate,
                                   "\nchannels=", ChannelModeName(m.channels), "\nsample_type=int16le\n");
-  if (m.max_seconds > 0) absl::StrAppend(&text, "max_seconds=", m.max_seconds, "\n");
+  if (m.max_seconds > 0) absl::StrAppend(&text, "max_seconds=", ExactText(m.max_seconds), "\n");
   return text;
 }
 
 // "whole files" or "the first N s of each file".
 std::string DescribeMaxSeconds(double max_seconds) {
-  return max_seconds > 0 ? absl::StrCat("the first ", max_seconds, " s of each file") : "whole files";
+  return max_seconds > 0 ? absl::StrCat("the first ", ExactText(max_seconds), " s of each file")
+                         : "whole files";
 }
 
 absl::StatusOr<Manifest> ReadManifest(const std::string& dir) {
