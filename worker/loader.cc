@@ -180,6 +180,7 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
       return outcome;
     }
     ++outcome.problems[clip.problem];
+    outcome.messages.emplace(clip.problem, clip.message);
     if (!options_.train) return outcome;  // validation leaves broken items out
     if (attempt + 1 >= options_.max_substitutions) {
       outcome.status = absl::DataLossError(absl::StrCat(
@@ -293,6 +294,7 @@ void Loader::WorkerLoop() {
     {
       absl::MutexLock lock(&mu_);
       for (const auto& [name, count] : outcome.problems) stats_.problems[name] += count;
+      for (const auto& [name, message] : outcome.messages) stats_.examples.emplace(name, message);
       if (build->generation != generation_) continue;  // a new epoch started meanwhile: drop it
       if (!outcome.status.ok()) {
         if (error_.ok()) error_ = outcome.status;

@@ -84,6 +84,7 @@ struct Batch {
 
 struct LoaderStats {
   std::map<std::string, int64_t> problems;  // broken clips per reason, this loader's lifetime
+  std::map<std::string, std::string> examples;  // per reason, the first broken clip's message (its file)
   int64_t batches = 0;
   int64_t consumer_waits = 0;      // Next() calls that found no ready batch
   double consumer_wait_s = 0.0;    // time Next() spent waiting: the GPU starving
@@ -126,6 +127,7 @@ class Loader {
   struct RowOutcome {
     int64_t item = -1;
     std::map<std::string, int64_t> problems;
+    std::map<std::string, std::string> messages;  // the first per problem
     absl::Status status;
   };
 

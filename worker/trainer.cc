@@ -1561,6 +1561,19 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The loader's broken clips per reason, with the first one's message (it names the file).
+void ReportBrokenClips(const LoaderStats& stats, const std::string& what, const std::string& fate) {
+  for (const auto& [problem, count] : stats.problems) {
+    auto example = stats.examples.find(problem);
+    Log().Warn(absl::StrCat(count, " ", what, " as ", problem, fate,
+                            example != stats.examples.end() ? absl::StrCat("; the first: ", example->second) : ""));
+  }
+}
+
+}  // namespace
+
 absl::Status Trainer::Run() {
   State& s = *state_;
   // AVIARY_PROFILE: from the run's first step (skip=0) at the earliest, and written when the run
@@ -1608,6 +1621,9 @@ absl::Status Trainer::Run() {
     }
     if (swap) s.ema->Swap(*s.model);
     AVIARY_RETURN_IF_ERROR(validated);
+    if (epoch == s.start_epoch && s.valid_loader) {  // the same clips every validation: said once
+      ReportBrokenClips(s.valid_loader->Stats(), "validation clips left out", " (from every validation)");
+    }
     const bool stop_early = s.TrackMonitor(&*record);
     s.history.push_back(*record);
     if (writer) wrote = s.WriteEpochFiles(epoch, record->best, write);
@@ -1628,10 +1644,7 @@ absl::Status Trainer::Run() {
       break;
     }
   }
-  LoaderStats stats = s.train_loader->Stats();
-  for (const auto& [problem, count] : stats.problems) {
-    Log().Warn(absl::StrCat(count, " training clips skipped as ", problem, " (substituted)"));
-  }
+  ReportBrokenClips(s.train_loader->Stats(), "training clips skipped", " (substituted)");
   if (s.skipped_steps > 0) {
     // Counted per batch: with grad_accum_steps > 1 one is a micro-batch, and its optimizer step
     // may still have been taken from the others.

@@ -26,7 +26,9 @@ if best < 0.9:
     sys.exit(f"FAIL: validation macro ROC-AUC reached only {best:.4f} < 0.9")
 PY
   grep -q "decoded-audio cache" "$tmp/train.log" || fail "training did not read the prepared cache"
-  grep -q "skipped as truncated (substituted)" "$tmp/train.log" || fail "broken clips were not reported"
+  # Reported with the first broken clip's message, which names its file.
+  grep -qE "skipped as truncated \(substituted\); the first: [^ ]+\.(ogg|mp3|wav): " "$tmp/train.log" ||
+    { grep "skipped as" "$tmp/train.log"; fail "broken clips were not reported with a file"; }
   # The loader's share of each epoch (what the GPU acceptance reports for the real data path).
   [ "$(grep -cE "epoch [0-9]+: waited [0-9.]+ s for the loader's batches of [0-9.]+ s \([0-9.]+%\)" "$tmp/train.log")" = 12 ] ||
     { grep "waited" "$tmp/train.log"; fail "no loader-wait line for each of the 12 epochs"; }
