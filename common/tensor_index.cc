@@ -27,6 +27,8 @@ constexpr uint64_t kMaxPickle = 64 << 20;
 // and a crafted one of 64 MB of pushes would otherwise take gigabytes (the coordinator reads
 // model.pretrained_weights at submit).
 constexpr int64_t kMaxPickleValues = int64_t{1} << 20;
+// A view's elements beyond its storage's (stride 0): a broadcast bias, not gigabytes.
+constexpr int64_t kMaxExpandedElements = int64_t{1} << 24;
 constexpr int kMaxRank = 16;
 // A tensor view's elements (stride 0 lets a small storage claim any number; the worker
 // materialises each view).
@@ -312,6 +314,18 @@ class Unpickler {
   // `records`: the archive's "data/<key>" sizes (storages are checked against them, not read).
   Unpickler(const std::string& data, std::map<std::string, uint64_t> records, std::string where)
       : data_(data), records_(std::move(records)), where_(std::move(where)) {}
+  // Every value's children are let go first, so that none is freed from within another: a file
+  // can nest values a million deep (TUPLE1 after TUPLE1, or lists appended through the memo),
+  // and freeing such a chain recursively overflowed the stack. Values that Run() handed out stay
+  // valid as long as the unpickler lives (declare it first).
+  ~Unpickler() {
+    for (const ValuePtr& v : all_) {
+      v->items.clear();
+      v->dict.clear();
+    }
+  }
+  Unpickler(const Unpickler&) = delete;
+  Unpickler& operator=(const Unpickler&) = delete;
 
   absl::StatusOr<ValuePtr> Run() {
     while (!done_) {
@@ -329,6 +343,10 @@ class Unpickler {
   }
 
  private:
+  ValuePtr New(Value::Kind kind) {
+    all_.push_back(Make(kind));
+    return all_.back();
+  }
   absl::Status Bad(const std::string& why) const {
     return absl::InvalidArgumentError(absl::StrCat(where_, " byte ", op_at_, ": ", why));
   }
@@ -372,12 +390,12 @@ class Unpickler {
     stack_.push_back(std::move(v));
   }
   void PushInt(int64_t i) {
-    auto v = Make(Value::Kind::kInt);
+    auto v = New(Value::Kind::kInt);
     v->i = i;
     Push(v);
   }
   ValuePtr Tuple(std::vector<ValuePtr> items) {
-    auto v = Make(Value::Kind::kTuple);
+    auto v = New(Value::Kind::kTuple);
     v->items = std::move(items);
     return v;
   }
@@ -398,7 +416,7 @@ class Unpickler {
       return Bad(absl::StrCat("storage '", key, "' claims ", numel, " elements of ", dtype, "; its record has ",
                               record->second, " bytes"));
     }
-    auto v = Make(Value::Kind::kStorage);
+    auto v = New(Value::Kind::kStorage);
     v->s = dtype;
     v->i = numel;
     v->storage = key;
@@ -407,7 +425,7 @@ class Unpickler {
 
   absl::StatusOr<ValuePtr> Reduce(const ValuePtr& callable, const ValuePtr& args) {
     const std::string& fn = callable->s;
-    if (fn == "collections.OrderedDict") return Make(Value::Kind::kDict);
+    if (fn == "collections.OrderedDict") return New(Value::Kind::kDict);
     if (fn == "torch._utils._rebuild_tensor_v2" || fn == "torch._utils._rebuild_tensor") {
       // (storage, storage_offset, size, stride, requires_grad, backward_hooks, ...)
       if (args->items.size() < 4 || args->items[0]->kind != Value::Kind::kStorage ||
@@ -415,7 +433,7 @@ class Unpickler {
           args->items[2]->items.size() != args->items[3]->items.size()) {
         return Bad(absl::StrCat(fn, " arguments are not (storage, offset, size, stride, ...)"));
       }
-      auto v = Make(Value::Kind::kTensor);
+      auto v = New(Value::Kind::kTensor);
       v->s = args->items[0]->s;
       // The last element the view reaches must lie inside the storage. Sizes and strides come
       // from the file: the sums and products are checked for overflow (a wrapped extent would
@@ -440,6 +458,13 @@ class Unpickler {
       if (!empty && too_many) {
         return Bad(absl::StrCat("tensor ", ShapeText(v->shape), " has more than ", kMaxViewElements, " elements"));
       }
+      // An expanded view (stride 0) holds more elements than its storage, and whoever reads it
+      // makes them all: a file of a few hundred bytes would claim gigabytes.
+      if (!empty && numel > args->items[0]->i && numel > kMaxExpandedElements) {
+        return Bad(absl::StrCat("tensor ", ShapeText(v->shape), " expands a storage of ", args->items[0]->i,
+                                " elements to ", numel, ", more than ", kMaxExpandedElements,
+                                " (not a state dict this reader takes)"));
+      }
       v->storage = args->items[0]->storage;
       v->storage_numel = args->items[0]->i;
       v->offset = args->items[1]->i;
@@ -455,7 +480,7 @@ class Unpickler {
       }
       return args->items[0];
     }
-    auto v = Make(Value::Kind::kOpaque);
+    auto v = New(Value::Kind::kOpaque);
     v->s = fn;
     return v;
   }
@@ -464,7 +489,7 @@ class Unpickler {
     absl::StatusOr<uint64_t> n = Arg(width);
     if (!n.ok()) return n.status();
     if (!Need(*n)) return Bad("truncated string");
-    auto v = Make(Value::Kind::kString);
+    auto v = New(Value::Kind::kString);
     v->s = data_.substr(pos_, *n);
     pos_ += *n;
     Push(v);
@@ -476,14 +501,14 @@ class Unpickler {
       case 0x80: return Arg(1).status();                             // PROTO
       case 0x95: return Arg(8).status();                             // FRAME
       case '.': done_ = true; return absl::OkStatus();               // STOP
-      case '(': Push(Make(Value::Kind::kMark)); return absl::OkStatus();
-      case '}': Push(Make(Value::Kind::kDict)); return absl::OkStatus();
-      case ']': Push(Make(Value::Kind::kList)); return absl::OkStatus();
+      case '(': Push(New(Value::Kind::kMark)); return absl::OkStatus();
+      case '}': Push(New(Value::Kind::kDict)); return absl::OkStatus();
+      case ']': Push(New(Value::Kind::kList)); return absl::OkStatus();
       case ')': Push(Tuple({})); return absl::OkStatus();
-      case 'N': Push(Make(Value::Kind::kNone)); return absl::OkStatus();
+      case 'N': Push(New(Value::Kind::kNone)); return absl::OkStatus();
       case 0x88:
       case 0x89: {  // NEWTRUE, NEWFALSE
-        auto v = Make(Value::Kind::kBool);
+        auto v = New(Value::Kind::kBool);
         v->i = op == 0x88;
         Push(v);
         return absl::OkStatus();
@@ -509,14 +534,14 @@ class Unpickler {
       }
       case 'G': {  // BINFLOAT (the value is not needed)
         absl::Status st = Arg(8).status();
-        Push(Make(Value::Kind::kFloat));
+        Push(New(Value::Kind::kFloat));
         return st;
       }
       case 0x8c: case 'U': case 'C': return PushString(1);  // SHORT_BINUNICODE, SHORT_BINSTRING, SHORT_BINBYTES
       case 'X': case 'T': case 'B': return PushString(4);   // BINUNICODE, BINSTRING, BINBYTES
       case 0x8d: case 0x8e: return PushString(8);           // BINUNICODE8, BINBYTES8
       case 'c': {  // GLOBAL
-        auto v = Make(Value::Kind::kGlobal);
+        auto v = New(Value::Kind::kGlobal);
         const std::string module = ReadLine();
         v->s = module + "." + ReadLine();
         Push(v);
@@ -527,7 +552,7 @@ class Unpickler {
         if (!name.ok()) return name.status();
         auto module = Pop();
         if (!module.ok()) return module.status();
-        auto v = Make(Value::Kind::kGlobal);
+        auto v = New(Value::Kind::kGlobal);
         v->s = (*module)->s + "." + (*name)->s;
         Push(v);
         return absl::OkStatus();
@@ -629,6 +654,7 @@ class Unpickler {
   size_t op_at_ = 0;
   bool done_ = false;
   std::vector<ValuePtr> stack_;
+  std::vector<ValuePtr> all_;  // every value made (the destructor's flat teardown)
   std::map<uint64_t, ValuePtr> memo_;
   int64_t values_ = 0;  // pushed or memoized, counted against kMaxPickleValues
 };

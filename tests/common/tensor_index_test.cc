@@ -170,6 +170,9 @@ TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
       {Zip({{"a/data.pkl", Pickle("}q" + Le(0, 1) + "(" + Str("x") + "h" + Le(0, 1) + Str("y") + "h" + Le(0, 1) + "u")}}), "refers to itself"},
       // A pickle of a few MB that pushes millions of values (gigabytes for a 64 MB one).
       {Zip({{"a/data.pkl", Pickle(std::string(3 << 20, '('))}}), "more than 1048576 pickle values"},
+      // Tuples nested a million deep (TUPLE1 after TUPLE1): refused, and freed without
+      // recursing a million frames deep (which overflowed the stack).
+      {Zip({{"a/data.pkl", Pickle("N" + std::string(1000000, '\x85'))}}), "expected a state dict"},
   };
   for (const Case& c : cases) {
     const std::string got = Read(c.bytes);
@@ -211,6 +214,11 @@ TEST_F(TensorIndexTest, ViewsWhoseExtentOverflowsAreRefused) {
                   {"a/data/0", data}}));
   EXPECT_TRUE(absl::StartsWith(got, path + ": a/data.pkl byte")) << got;
   EXPECT_TRUE(absl::StrContains(got, "elements")) << got;
+  // Stride 0 over one element, 2^34 elements: within the view bound, but 64 GiB to make from a
+  // file of a few hundred bytes.
+  got = Read(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", tensor({1ull << 34}, {0})}}))}, {"a/data/0", data}}));
+  EXPECT_TRUE(absl::StartsWith(got, path + ": a/data.pkl byte")) << got;
+  EXPECT_TRUE(absl::StrContains(got, "expands a storage of 1 elements to 17179869184")) << got;
   // A plain expanded view of few elements still reads.
   TensorIndex index;
   ASSERT_EQ(Read(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", tensor({3, 2}, {0, 0})}}))}, {"a/data/0", data}}),
