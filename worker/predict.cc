@@ -389,7 +389,8 @@ absl::StatusOr<PredictReport> Predictor::Run(
       const int64_t rows = static_cast<int64_t>(probs->size()) / classes;
       text.clear();
       for (int64_t row = 0; row < rows; ++row) {
-        text += RowId(audio_files[i], static_cast<double>(row + 1) * impl_->options.window_s);
+        // Quoted as the header is, when the name needs it (a comma, a quote).
+        common::AppendCsvField(&text, RowId(audio_files[i], static_cast<double>(row + 1) * impl_->options.window_s));
         for (int64_t c = 0; c < classes; ++c) {
           text += ',';
           AppendFloat(&text, (*probs)[static_cast<size_t>(row * classes + c)]);
@@ -469,7 +470,12 @@ std::string RowId(const std::string& path, double end_s) {
   if (std::abs(end_s - rounded) < 1e-9) {
     return absl::StrCat(Stem(path), "_", static_cast<int64_t>(rounded));
   }
-  return absl::StrCat(Stem(path), "_", absl::StrFormat("%.6g", end_s));
+  // Six decimals, trailing zeros dropped: "%.6g" kept six digits in all, and ids past 10,000 s
+  // collided (10000.05 and 10000 both read "10000").
+  std::string end = absl::StrFormat("%.6f", end_s);
+  while (!end.empty() && end.back() == '0') end.pop_back();
+  if (!end.empty() && end.back() == '.') end.pop_back();
+  return absl::StrCat(Stem(path), "_", end);
 }
 
 std::vector<int64_t> TtaShifts(int tta, int64_t window) {

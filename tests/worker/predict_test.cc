@@ -68,6 +68,10 @@ TEST(PredictTest, RowIdsFollowBirdClef) {
   EXPECT_EQ(RowId("460830.ogg", 240), "460830_240");
   EXPECT_EQ(RowId("dir/a.b.ogg", 10), "a.b_10");
   EXPECT_EQ(RowId("x.wav", 2.5), "x_2.5");
+  // Six decimals whatever the size: past 10,000 s the ids stay distinct.
+  EXPECT_EQ(RowId("x.wav", 10000.05), "x_10000.05");
+  EXPECT_EQ(RowId("x.wav", 10000.1), "x_10000.1");
+  EXPECT_EQ(RowId("x.wav", 16777.25), "x_16777.25");
   EXPECT_EQ(RowId("noext", 15.000000000001), "noext_15");
 }
 
@@ -336,6 +340,27 @@ TEST(PredictTest, RunPredictsSilentFilesAndCountsThem) {
   for (std::string line; std::getline(lines, line);) ids.push_back(line.substr(0, line.find(',')));
   EXPECT_EQ(ids, (std::vector<std::string>{"row_id", "quiet_0.5", "quiet_1", "quiet_1.5", "quiet_2",
                                            "sound_0.5", "sound_1"}));
+}
+
+// A row id is a CSV field like the header's: quoted when the file's name holds a comma or a
+// quote (the rows had one field too many, and pandas or `aviary score` refused the submission).
+TEST(PredictTest, RowIdsAreQuotedWhenTheNameNeedsIt) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("quoted", {"a", "b"})};
+  options.window_s = 1;
+  options.device = "cpu";
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::string dir = Dir("quoted");
+  WriteWav(dir + "/site,A.wav", Noise(32000, 3), 32000);
+  std::ostringstream csv;
+  auto report = (*p)->Run({dir + "/site,A.wav"}, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  std::istringstream lines(csv.str());
+  std::string header, row;
+  std::getline(lines, header);
+  std::getline(lines, row);
+  EXPECT_EQ(row.substr(0, 12), "\"site,A_1\",0") << row;
 }
 
 TEST(PredictTest, ListAudioFilesChecksItsInput) {
