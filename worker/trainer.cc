@@ -347,6 +347,7 @@ struct Trainer::State {
   std::unique_ptr<DeviceCopier> copier;
   // Batches TrainEpoch took from the loader ahead of the one training (counted as queued).
   int held_batches = 0;
+  LoaderStats trained_loader_stats;  // the train loader's, at the end of the last epoch trained
   int rank = 0;
   int world = 1;
   FaultPlan fault;
@@ -1106,6 +1107,8 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     more = next_more;
   }
   held_batches = 0;
+  // The broken clips of the epochs trained (the next one's rows decoded ahead are not).
+  trained_loader_stats = train_loader->Stats();
   // The next epoch's first batches decode meanwhile (the epoch's totals, validation, its files);
   // its StartEpoch keeps them. (Wasted if the run stops early: nothing else changes.)
   if (epoch + 1 < epochs) train_loader->StartEpoch(epoch + 1);
@@ -1644,7 +1647,7 @@ absl::Status Trainer::Run() {
       break;
     }
   }
-  ReportBrokenClips(s.train_loader->Stats(), "training clips skipped", " (substituted)");
+  ReportBrokenClips(s.trained_loader_stats, "training clips skipped", " (substituted)");
   if (s.skipped_steps > 0) {
     // Counted per batch: with grad_accum_steps > 1 one is a micro-batch, and its optimizer step
     // may still have been taken from the others.

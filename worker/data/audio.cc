@@ -229,16 +229,17 @@ class Resampler {
 // audio file (truncated, malformed header) from something that is not audio at all, because
 // libsndfile reports both as a failed sf_open (its error codes vary by format: the mp3 probe
 // reports "File does not exist ..." for garbage).
-std::string SniffContainer(const std::string& path, bool* unreadable) {
+std::string SniffContainer(const std::string& path, int* unreadable_errno) {
   unsigned char head[12] = {0};
-  *unreadable = false;
+  *unreadable_errno = 0;
   FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) {
-    *unreadable = true;  // no verdict on the contents
+    *unreadable_errno = errno != 0 ? errno : EIO;  // no verdict on the contents
     return "";
   }
+  errno = 0;
   size_t n = std::fread(head, 1, sizeof(head), f);
-  if (std::ferror(f)) *unreadable = true;
+  if (std::ferror(f)) *unreadable_errno = errno != 0 ? errno : EIO;
   std::fclose(f);
   auto starts = [&](const char* magic, size_t at = 0) {
     size_t len = std::strlen(magic);
@@ -253,6 +254,13 @@ std::string SniffContainer(const std::string& path, bool* unreadable) {
   if (starts("caff")) return "CAF";
   if (starts(".snd")) return "AU";
   return "";
+}
+
+// Held around every sf_open/sf_open_fd and the read of its error: libsndfile keeps an open's
+// error in one process-wide slot, which every open (a successful one too) overwrites.
+std::mutex& SndfileOpenMutex() {
+  static std::mutex mu;
+  return mu;
 }
 
 bool IsOgg(const SF_INFO& info) { return (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_OGG; }
@@ -425,8 +433,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     // libsndfile reports open failures through a process-wide error slot that every sf_open
     // (a successful one too) overwrites: open and read it under one lock, so that the text is
     // this file's. Reading frames stays parallel.
-    static std::mutex open_mu;
-    std::lock_guard<std::mutex> lock(open_mu);
+    std::lock_guard<std::mutex> lock(SndfileOpenMutex());
     handle = sf_open(path.c_str(), SFM_READ, info);
     if (handle == nullptr) {
       error = sf_strerror(nullptr);
@@ -434,12 +441,14 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     }
   }
   if (handle == nullptr) {
-    bool unreadable = false;
+    int unreadable = 0;
     std::string container = system ? std::string() : SniffContainer(path, &unreadable);
-    if (system || unreadable) {
+    if (system || unreadable != 0) {
       // The system failed (too many open files, out of memory, an I/O error), not the file:
-      // missing for this run, as a failed open above.
-      *failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": cannot open for reading: ", error));
+      // missing for this run, as a failed open above. (Only an open's failure says so: a read
+      // error within libsndfile's header parsing reads as a malformed file, and is cached so.)
+      *failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": cannot open for reading: ",
+                                                              system ? error : std::strerror(unreadable)));
     } else if (container.empty()) {
       *failure = Failure(AudioProblem::kNotAudio,
                          absl::StrCat(path, ": not audio (", st.st_size,
@@ -488,8 +497,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     SF_INFO streamed{};
     SNDFILE* again = nullptr;
     {
-      static std::mutex stream_mu;  // see open_mu: libsndfile's error slot is process-wide
-      std::lock_guard<std::mutex> lock(stream_mu);
+      std::lock_guard<std::mutex> lock(SndfileOpenMutex());  // libsndfile's error slot is process-wide
       again = sf_open_fd(fd, SFM_READ, &streamed, SF_TRUE);
       if (again == nullptr) error = sf_strerror(nullptr);
     }
@@ -730,6 +738,11 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
     for (int64_t at = seek_to; at < source_start;) {  // decode forward to the start
       sf_count_t n = sf_readf_float(file.get(), interleaved.data(),
                                     std::min<int64_t>(kBlockFrames, source_start - at));
+      if (const int err = file.stream_read_errno(); n <= 0 && err != 0) {
+        result.failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": reading failed after ", at,
+                                                                      " frames: ", std::strerror(err)));
+        return result;
+      }
       if (n == 0 && !known && sf_error(file.get()) == SF_ERR_NO_ERROR) {
         // The stream ends before the window: a window past the end, nothing to decode.
         audio.source_frames = at;
@@ -768,7 +781,8 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
     if (n < 0 || sf_error(file.get()) != SF_ERR_NO_ERROR) {
       // SF_ERR_SYSTEM: read(2) failed (EIO, ...): the file could not be read now, which says
       // nothing about its contents.
-      const bool system = sf_error(file.get()) == SF_ERR_SYSTEM;
+      // A streamed file whose read failed ends mid-frame: the decoder's error follows from it.
+      const bool system = sf_error(file.get()) == SF_ERR_SYSTEM || file.stream_read_errno() != 0;
       result.failure =
           Failure(system ? AudioProblem::kMissing : AudioProblem::kTruncated,
                   absl::StrCat(path, ": libsndfile error after ", source_start + read_total,
