@@ -1,11 +1,13 @@
 #include "common/files.h"
 
 #include <dirent.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -16,9 +18,11 @@
 namespace aviary::common {
 namespace {
 
+// A new directory of its own (mkdtemp): "<pid>_<name>" was not fresh once a pid came round
+// again, and an earlier run's history.csv directory failed the rename test.
 std::string FreshDir(const std::string& name) {
-  std::string dir = absl::StrCat(::testing::TempDir(), "/", ::getpid(), "_", name);
-  ::mkdir(dir.c_str(), 0755);
+  std::string dir = absl::StrCat(::testing::TempDir(), "/aviary_files_", name, "_XXXXXX");
+  if (::mkdtemp(dir.data()) == nullptr) ADD_FAILURE() << "mkdtemp " << dir << ": " << std::strerror(errno);
   return dir;
 }
 
