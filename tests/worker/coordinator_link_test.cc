@@ -90,6 +90,13 @@ class CoordinatorLinkTest : public ::testing::Test {
     ASSERT_EQ(response.tasks_size(), 1);
     *out = response.tasks(0);
   }
+  // Registers `link` and leases a task of the submitted job.
+  static void RegisterAndLease(CoordinatorLink& link, v1::Task* task) {
+    ASSERT_TRUE(link.Register().ok());
+    bool available = false;
+    ASSERT_TRUE(link.Lease(task, &available).ok());
+    ASSERT_TRUE(available);
+  }
   static v1::RegisterGroupRequest OneRank() {
     v1::RegisterGroupRequest registration;
     registration.set_world_size(1);
@@ -109,11 +116,8 @@ TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
   v1::SubmitJobResponse submitted;
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
   CoordinatorLink link(options_, metrics_.get(), OneRank());
-  ASSERT_TRUE(link.Register().ok());
   v1::Task task;
-  bool available = false;
-  ASSERT_TRUE(link.Lease(&task, &available).ok());
-  ASSERT_TRUE(available);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
 
   // No threads started: nothing ships until the task ends, as when the coordinator was away.
   link.BeginTask(task.task_id(), task.attempt());
@@ -196,11 +200,8 @@ TEST_F(CoordinatorLinkTest, TextThatIsNotUtf8ArrivesAndALongFailureArrivesCut) {
   v1::SubmitJobResponse submitted;
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
   CoordinatorLink link(options_, metrics_.get(), OneRank());
-  ASSERT_TRUE(link.Register().ok());
   v1::Task task;
-  bool available = false;
-  ASSERT_TRUE(link.Lease(&task, &available).ok());
-  ASSERT_TRUE(available);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
   link.StartThreads();
   link.BeginTask(task.task_id(), task.attempt());
   const common::Logger log("loader");

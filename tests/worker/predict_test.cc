@@ -314,22 +314,29 @@ void WriteWav(const std::string& path, const std::vector<float>& samples, int ra
                                         << "data" << le(n, 4) << data;
 }
 
+// A CPU predictor of one small model with classes a and b (saved as `name`), windows of `window_s`.
+std::unique_ptr<Predictor> TwoClassPredictor(const std::string& name, double window_s) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel(name, {"a", "b"})};
+  options.window_s = window_s;
+  options.device = "cpu";
+  auto p = Predictor::Create(options);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? std::move(*p) : nullptr;
+}
+
 // A silent file keeps its rows (all-zero input; counted as silent), as a file with sound does:
 // a submission needs a row for every window of every soundscape.
 TEST(PredictTest, RunPredictsSilentFilesAndCountsThem) {
-  PredictOptions options;
-  options.checkpoints = {SaveModel("silent", {"a", "b"})};
-  options.window_s = 0.5;
-  options.device = "cpu";
-  auto p = Predictor::Create(options);
-  ASSERT_TRUE(p.ok()) << p.status();
+  std::unique_ptr<Predictor> p = TwoClassPredictor("silent", 0.5);
+  ASSERT_NE(p, nullptr);
   std::string dir = Dir("silent");
   WriteWav(dir + "/quiet.wav", std::vector<float>(16000 * 3 + 100, 0.0f), 32000);
   WriteWav(dir + "/sound.wav", Noise(16000 * 2, 5), 32000);
   auto files = ListAudioFiles(dir);
   ASSERT_TRUE(files.ok()) << files.status();
   std::ostringstream csv;
-  auto report = (*p)->Run(*files, csv, nullptr);
+  auto report = p->Run(*files, csv, nullptr);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->skipped.empty()) << report->skipped[0].message;
   EXPECT_EQ(report->files_predicted, 2);
@@ -345,16 +352,12 @@ TEST(PredictTest, RunPredictsSilentFilesAndCountsThem) {
 // A row id is a CSV field like the header's: quoted when the file's name holds a comma or a
 // quote (the rows had one field too many, and pandas or `aviary score` refused the submission).
 TEST(PredictTest, RowIdsAreQuotedWhenTheNameNeedsIt) {
-  PredictOptions options;
-  options.checkpoints = {SaveModel("quoted", {"a", "b"})};
-  options.window_s = 1;
-  options.device = "cpu";
-  auto p = Predictor::Create(options);
-  ASSERT_TRUE(p.ok()) << p.status();
+  std::unique_ptr<Predictor> p = TwoClassPredictor("quoted", 1);
+  ASSERT_NE(p, nullptr);
   std::string dir = Dir("quoted");
   WriteWav(dir + "/site,A.wav", Noise(32000, 3), 32000);
   std::ostringstream csv;
-  auto report = (*p)->Run({dir + "/site,A.wav"}, csv, nullptr);
+  auto report = p->Run({dir + "/site,A.wav"}, csv, nullptr);
   ASSERT_TRUE(report.ok()) << report.status();
   std::istringstream lines(csv.str());
   std::string header, row;
