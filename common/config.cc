@@ -1280,6 +1280,20 @@ absl::StatusOr<PipelineConfig> ParsePipelineConfig(const std::string& yaml_text,
   }
 }
 
+absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name) {
+  std::vector<std::pair<std::string, const TrainConfig*>> trains{{"train", &config.train}};
+  for (const auto& [name, stage] : config.stages) trains.emplace_back("stages." + name, &stage.train);
+  for (const auto& [prefix, train] : trains) {
+    const std::string act = train->loss == "BCE" ? "sigmoid" : "softmax";
+    if (config.model.final_act == act) continue;
+    return absl::InvalidArgumentError(absl::StrCat(
+        source_name, ": key '", prefix, ".loss': expected ", train->loss == "BCE" ? "CCE" : "BCE",
+        " while model.final_act is ", config.model.final_act,
+        " (BCE trains sigmoids, CCE a softmax; validation and predict apply model.final_act), got ", train->loss));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidatePipelineConfig(const PipelineConfig& config) {
   Locator locator;
   locator.fallback = config.source_path;

@@ -196,6 +196,12 @@ absl::StatusOr<PipelineConfig> ParsePipelineConfig(const std::string& yaml_text,
 // builds a config by hand.
 absl::Status ValidatePipelineConfig(const PipelineConfig& config);
 
+// Whether each stage's train.loss trains model.final_act, which validation, predict and the ONNX
+// export apply: BCE independent sigmoids, CCE a softmax. INVALID_ARGUMENT naming the key and
+// `source_name`. Checked where a run starts (`aviary-worker train`, SubmitJob), not by Parse:
+// checkpoints written before the check carry such configs and must still load.
+absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name);
+
 // The resolved config as YAML (every key, overrides applied); Parse(ToYaml(c)) == c. Each stage
 // is written as `enabled` plus the train.* keys where it differs from `train`; doubles are
 // written with the fewest digits that read back exactly.

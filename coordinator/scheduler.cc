@@ -502,6 +502,7 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary:
                                                                    const std::vector<std::string>& overrides) const {
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
                           common::ParsePipelineConfig(request.pipeline_yaml(), source, overrides));
+  AVIARY_RETURN_IF_ERROR(common::CheckLossMatchesActivation(config, source));
 
   // Relative data paths resolve against the client's working directory.
   const std::string& base = request.working_dir();

@@ -225,6 +225,20 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
             "got true");
   EXPECT_THAT(ParseError("train:\n  ema_decay: 0.99\nstages:\n  finetune: {ema_decay: 0.0, ema_eval: true}\n"),
               HasSubstr("key 'stages.finetune.ema_eval': expected false while ema_decay is 0"));
+  // The loss must train the activation predict applies: refused where a run starts, while Parse
+  // still takes it (a checkpoint written before the check carries such a config).
+  auto mismatch = [](const std::string& yaml) {
+    absl::StatusOr<PipelineConfig> c = ParsePipelineConfig(yaml, "x.yaml");
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::string(CheckLossMatchesActivation(*c, "x.yaml").message()) : std::string("parse failed");
+  };
+  EXPECT_EQ(mismatch("train:\n  loss: BCE\n"),
+            "x.yaml: key 'train.loss': expected CCE while model.final_act is softmax (BCE trains sigmoids, CCE a "
+            "softmax; validation and predict apply model.final_act), got BCE");
+  EXPECT_THAT(mismatch("model:\n  final_act: sigmoid\ntrain:\n  loss: BCE\nstages:\n  pretrain: {loss: CCE}\n"),
+              HasSubstr("key 'stages.pretrain.loss': expected BCE while model.final_act is sigmoid"));
+  EXPECT_EQ(mismatch("model:\n  final_act: sigmoid\ntrain:\n  loss: BCE\n"), "");
+  EXPECT_EQ(mismatch(""), "");
   // Products of batch_size that the trainer holds in an int, bounded by 2^20: 65536 x 65536
   // wrapped to a validation batch of 0 ("loader option batch_size = 0") after the config was
   // accepted.

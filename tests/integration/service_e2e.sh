@@ -53,6 +53,7 @@ expect "NOT_FOUND" av status jffffffffffff
 expect "key 'data.cache_dir': '/etc' resolves to '/etc', outside the data roots" av submit "$tmp/p.yaml" --set data.cache_dir=/etc
 expect "key 'model.pretrained_weights': '/etc/shadow'" av submit "$tmp/p.yaml" --set model.pretrained_weights=/etc/shadow
 expect "key 'train.epochs': expected an integer in [1, 10000], got '2147483647'" av submit "$tmp/p.yaml" --set train.epochs=2147483647
+expect "key 'train.loss': expected CCE while model.final_act is softmax" av submit "$tmp/p.yaml" --set train.loss=BCE
 # The client's own refusals name the flag, the argument or the path (exit 2, no call made).
 expect "--timeout: expected a number in [0.001, 86400], got 'abc'" av --timeout abc list
 expect "--limit: expected an integer in [0, 10000], got '-1'" av list --limit -1

@@ -40,6 +40,7 @@ w="$bin/aviary-worker"
 expect "--fold is required" "$w" train --config "$tmp/p.yaml" --stage finetune --out "$tmp/r2"
 expect "--stage: expected one of pretrain, finetune, got 'warmup'" "$w" train --config "$tmp/p.yaml" --stage warmup --fold 0 --out "$tmp/r2"
 expect "fold 9 is out of range" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 9 --out "$tmp/r2"
+expect "key 'train.loss': expected CCE while model.final_act is softmax" "$w" train --config "$tmp/p.yaml" --set train.loss=BCE --stage finetune --fold 0 --out "$tmp/r2"
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$w" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/r2" --device tpu
 expect "model.name" "$w" train --config "$tmp/p.yaml" --set model.name=resnet --stage finetune --fold 0 --out "$tmp/r2"
 # The profiling switch (AVIARY_PROFILE, diagnostics) is checked before any work.
