@@ -1,6 +1,9 @@
 #include "coordinator/console.h"
 
+#include <arpa/inet.h>
 #include <civetweb.h>
+#include <netinet/in.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +24,7 @@
 #include "absl/strings/strip.h"
 #include "common/files.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "coordinator/console_assets.h"
 #include "google/protobuf/util/json_util.h"
 #include "yaml-cpp/yaml.h"
@@ -54,16 +58,39 @@ class StreamSlot {
 };
 constexpr int kDefaultJobLimit = 200;
 constexpr auto kKeepalive = std::chrono::seconds(10);
+// How old the /api/events payloads may be: every open stream shares one build of the job list
+// (up to kDefaultJobLimit jobs with their tasks) and the group list per interval.
+constexpr auto kOverviewRefresh = std::chrono::milliseconds(500);
 
 const char kPageCsp[] =
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 
-// JSON string literal (quotes included).
+// JSON string literal (quotes included). Bytes that are not UTF-8 (a file name in Latin-1, a
+// request path) become U+FFFD, so the answer is valid JSON for a strict parser too; U+2028 and
+// U+2029 are escaped (JavaScript source before ES2019 ends a line there).
 std::string JsonQuote(absl::string_view text) {
   std::string out = "\"";
-  for (char ch : text) {
-    const auto c = static_cast<unsigned char>(ch);
+  for (size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x80) {
+      const size_t n = common::Utf8SequenceLength(text, i);
+      if (n == 0) {
+        out += "\\ufffd";
+        ++i;
+        continue;
+      }
+      const absl::string_view sequence = text.substr(i, n);
+      if (sequence == "\xe2\x80\xa8") {
+        out += "\\u2028";
+      } else if (sequence == "\xe2\x80\xa9") {
+        out += "\\u2029";
+      } else {
+        out.append(sequence.data(), sequence.size());
+      }
+      i += n;
+      continue;
+    }
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -78,9 +105,10 @@ std::string JsonQuote(absl::string_view text) {
           absl::StrAppend(&out, "\\u00", absl::string_view("0123456789abcdef" + (c >> 4), 1),
                           absl::string_view("0123456789abcdef" + (c & 15), 1));
         } else {
-          out += ch;
+          out += static_cast<char>(c);
         }
     }
+    ++i;
   }
   out += "\"";
   return out;
@@ -138,6 +166,36 @@ std::string SafeNext(const std::string& next) {
     if (std::strchr("/_.,?=&#%~+-", c) == nullptr || c == '\0') return kFallback;
   }
   return next;
+}
+
+// With authentication off (allow_no_auth): whether a request's Host header names this console
+// by an IP address, as localhost or by this machine's own name (gethostname, or its first label)
+// - names that a page on another site cannot re-point at this address (DNS rebinding) to read
+// the API or cancel jobs. No Host header (HTTP/1.0; browsers always send one) passes.
+absl::Status CheckHostWithoutAuth(const std::string& header) {
+  if (header.empty()) return absl::OkStatus();
+  std::string host = absl::AsciiStrToLower(header);
+  if (host[0] == '[') {  // [IPv6]:port
+    const size_t close = host.find(']');
+    in6_addr address;
+    if (close != std::string::npos && ::inet_pton(AF_INET6, host.substr(1, close - 1).c_str(), &address) == 1) {
+      return absl::OkStatus();
+    }
+  } else {
+    if (const size_t colon = host.rfind(':'); colon != std::string::npos) host.resize(colon);
+    if (!host.empty() && host.back() == '.') host.pop_back();
+    in_addr address;
+    if (::inet_pton(AF_INET, host.c_str(), &address) == 1) return absl::OkStatus();
+    if (host == "localhost" || absl::EndsWith(host, ".localhost")) return absl::OkStatus();
+  }
+  char name[256] = {};
+  std::string mine;
+  if (::gethostname(name, sizeof(name) - 1) == 0) mine = absl::AsciiStrToLower(name);
+  if (!mine.empty() && (host == mine || host == mine.substr(0, mine.find('.')))) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "Host '", header, "': with authentication off (allow_no_auth) the console answers only to an IP address, "
+      "localhost or this machine's name ('", mine, "'), names a page on another site cannot take over by DNS "
+      "rebinding; open it by one of those, or turn authentication on (aviary-coordinator init)"));
 }
 
 int HttpStatusFor(const absl::Status& status) {
@@ -335,9 +393,13 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
   // With TLS civetweb serves plain HTTP on loopback only, behind the TLS front.
   const std::string ports = tls ? "127.0.0.1:0" : options.listen;
   const std::string threads = absl::StrCat(kServerThreads);
+  // request_timeout_ms: a request whose head has not arrived 10 s after its first byte is cut,
+  // and so is a write a peer has not taken in 10 s (a stalled event stream). Each connection
+  // holds a server thread until then, so a client trickling requests from many sockets still
+  // ties up the 64 threads (docs/SERVICE.md, "Web console": serve it on a trusted network).
   const char* mg_options[] = {"listening_ports", ports.c_str(),
                               "num_threads", threads.c_str(),
-                              "request_timeout_ms", "30000",
+                              "request_timeout_ms", "10000",
                               nullptr};
   mg_callbacks callbacks;
   std::memset(&callbacks, 0, sizeof(callbacks));
@@ -385,6 +447,21 @@ void Console::Route(Request& request) {
   const std::string& path = request.path();
   const std::string& method = request.method();
   const bool get = method == "GET" || method == "HEAD";
+  if (auth_->tokens()->empty()) {
+    // Without authentication the Host header is what stands between the API and a page on
+    // another site whose name an attacker re-points at this address (DNS rebinding).
+    if (absl::Status host = CheckHostWithoutAuth(request.Header("Host")); !host.ok()) return request.Error(host);
+  }
+  if (method == "POST" && request.Header("Authorization").empty() && request.Header(kCsrfHeader) != "1") {
+    // The login cookie, or no authentication: a form on another site could send this POST, but
+    // it cannot set this header (and SameSite=Strict keeps the cookie home). The login form
+    // itself is exempt: it carries the token it checks.
+    if (path != "/login") {
+      return request.Error(absl::PermissionDeniedError(
+          absl::StrCat("console POST ", path, ": without an Authorization header (the login cookie, or no "
+                       "authentication) a POST needs the header '", kCsrfHeader, ": 1'")));
+    }
+  }
   if (path == "/" && get) return request.Redirect("/jobs");
   if (path == "/favicon.ico" && get) return request.Redirect("/static/logo.svg");
   if (path == "/login") return ServeLogin(request);
@@ -517,11 +594,22 @@ std::string Console::JobsJson() const {
     first = false;
     json += ProtoJson(job);
   }
-  json += "]}";
+  absl::StrAppend(&json, "],\"limit\":", kDefaultJobLimit, "}");
   return json;
 }
 
 void Console::ServeJobs(Request& request) { request.Json(JobsJson()); }
+
+Console::Overview Console::OverviewJson() {
+  absl::MutexLock lock(&overview_mu_);
+  const auto now = std::chrono::steady_clock::now();
+  if (overview_.jobs == nullptr || now - overview_at_ >= kOverviewRefresh) {
+    overview_.jobs = std::make_shared<const std::string>(JobsJson());
+    overview_.groups = std::make_shared<const std::string>(GroupsJson());
+    overview_at_ = now;
+  }
+  return overview_;
+}
 
 void Console::ServeJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
@@ -612,11 +700,6 @@ void Console::ServeCancel(Request& request, const std::string& job_id) {
   const std::string what = absl::StrCat("console POST /api/jobs/", job_id, "/cancel");
   absl::Status allowed = request.Authorize(*auth_, what.c_str(), kClientOnly);
   if (!allowed.ok()) return request.Error(allowed);
-  if (request.by_cookie() && request.Header(kCsrfHeader) != "1") {
-    // A form on another site cannot set this header (and SameSite=Strict keeps the cookie home).
-    return request.Error(absl::PermissionDeniedError(
-        absl::StrCat(what, ": a call authenticated by the login cookie needs the header '", kCsrfHeader, ": 1'")));
-  }
   if (!IsJobId(job_id)) {
     return request.Error(absl::InvalidArgumentError(absl::StrCat(what, ": '", job_id, "' is not a job id")));
   }
@@ -629,6 +712,7 @@ void Console::ServeCancel(Request& request, const std::string& job_id) {
 void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
   if (!job.ok()) return request.Error(job.status());
+  if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
   StreamSlot slot(&streams_);
   if (!slot.held()) {
     return request.Error(absl::ResourceExhaustedError(
@@ -652,26 +736,30 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
 }
 
 void Console::StreamOverview(Request& request) {
+  if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
   StreamSlot slot(&streams_);
   if (!slot.held()) {
     return request.Error(absl::ResourceExhaustedError(
         absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
   }
   if (!request.StartStream()) return;
-  std::string last_jobs, last_groups;
+  Overview last;
+  const auto changed = [](const std::shared_ptr<const std::string>& now,
+                          const std::shared_ptr<const std::string>& before) {
+    return before == nullptr || (now != before && *now != *before);
+  };
   while (!stopping_) {
     // A token a reload removed ends the stream (the page then goes to the login form).
     if (!request.StillAuthorized(*auth_)) return;
-    std::string jobs = JobsJson();
-    if (jobs != last_jobs) {
-      if (!request.Event("jobs", jobs)) return;
-      last_jobs = std::move(jobs);
+    const Overview now = OverviewJson();
+    if (changed(now.jobs, last.jobs)) {
+      if (!request.Event("jobs", *now.jobs)) return;
     }
-    std::string groups = GroupsJson();
-    if (groups != last_groups) {
-      if (!request.Event("groups", groups)) return;
-      last_groups = std::move(groups);
+    last.jobs = now.jobs;
+    if (changed(now.groups, last.groups)) {
+      if (!request.Event("groups", *now.groups)) return;
     }
+    last.groups = now.groups;
     if (!request.KeepAlive()) return;
     for (int i = 0; i < 10 && !stopping_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }

@@ -13,8 +13,10 @@
 // the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
 // or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
 // over HTTPS; it holds the token itself, so it outlives a coordinator restart and a SIGHUP reload
-// revokes it). A POST authenticated by the cookie must also carry `X-Aviary-Console: 1`. An event
-// stream re-checks its token at least every second and ends once a reload has revoked it.
+// revokes it). A POST without an Authorization header (the cookie's, log out, or any with
+// authentication off) must also carry `X-Aviary-Console: 1`; with authentication off the Host
+// header must name this machine (DNS rebinding). An event stream re-checks its token at least
+// every second and ends once a reload has revoked it.
 //
 // Thread-safe: civetweb serves each request on one of its threads; the handlers only read the
 // (thread-safe) scheduler, store and authenticator.
@@ -22,10 +24,13 @@
 #define AVIARY_COORDINATOR_CONSOLE_H_
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "coordinator/auth.h"
 #include "coordinator/scheduler.h"
@@ -84,6 +89,13 @@ class Console {
   void StreamOverview(Request& request);
   std::string JobsJson() const;
   std::string GroupsJson() const;
+  // The /api/events payloads: JobsJson and GroupsJson, shared by every stream and rebuilt at
+  // most every 500 ms (one build a tick, not one per open page).
+  struct Overview {
+    std::shared_ptr<const std::string> jobs;
+    std::shared_ptr<const std::string> groups;
+  };
+  Overview OverviewJson() ABSL_LOCKS_EXCLUDED(overview_mu_);
 
   const ConsoleOptions options_;
   Scheduler* const scheduler_;
@@ -95,6 +107,9 @@ class Console {
   int port_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<int> streams_{0};  // open event streams (each holds a server thread)
+  absl::Mutex overview_mu_;
+  Overview overview_ ABSL_GUARDED_BY(overview_mu_);
+  std::chrono::steady_clock::time_point overview_at_ ABSL_GUARDED_BY(overview_mu_);
 };
 
 }  // namespace aviary::coordinator

@@ -151,18 +151,26 @@
 
   // A server-sent event stream that reconnects (EventSource retries by itself after a network
   // error; an HTTP error closes it, so it is reopened here). onOpen runs on every (re)connect:
-  // the page reloads its state then, so nothing is missed across a coordinator restart.
+  // the page reloads its state then, so nothing is missed across a coordinator restart. It also
+  // runs when an HTTP error closed the stream, to find out why: the page's own calls go to
+  // /login on a 401 (a reload revoked the token) and show a 404 (a deleted job), and with all
+  // streams taken (429) the page still shows its data. The reopen then waits 2 s, doubling up
+  // to 30 s.
   function stream(path, handlers, onOpen) {
     let source = null;
     let stopped = false;
+    let delay = 2000;
     function open() {
       if (stopped) return;
       source = new EventSource(path);
-      source.onopen = () => { setLive('on'); if (onOpen) onOpen(); };
+      source.onopen = () => { delay = 2000; setLive('on'); if (onOpen) onOpen(); };
       source.onerror = () => {
         if (stopped) return;
         setLive('off');
-        if (source.readyState === EventSource.CLOSED) setTimeout(open, 2000);
+        if (source.readyState !== EventSource.CLOSED) return;
+        if (onOpen) onOpen();
+        setTimeout(open, delay);
+        delay = Math.min(2 * delay, 30000);
       };
       for (const [name, fn] of Object.entries(handlers)) {
         source.addEventListener(name, (e) => fn(JSON.parse(e.data)));
@@ -305,7 +313,10 @@
       const jobs = data.jobs || [];
       const byState = {};
       for (const j of jobs) byState[stateName(j.state)] = (byState[stateName(j.state)] || 0) + 1;
-      fill(counts, ...Object.entries(byState).map(([s, n]) => el('span', {class: `count state-${s}`}, `${n} ${s}`)));
+      fill(counts, ...Object.entries(byState).map(([s, n]) => el('span', {class: `count state-${s}`}, `${n} ${s}`)),
+           data.limit && jobs.length >= data.limit
+             ? el('span', {class: 'count muted', id: 'jobs-limit', title: 'aviary list --limit N lists more'},
+                  `the newest ${data.limit} jobs`) : null);
       empty.classList.toggle('hidden', jobs.length > 0);
       patchRows(tbody, jobs.map((job) => {
         const best = jobBest(job);
@@ -355,7 +366,8 @@
 
     function selectFromHash() {
       const m = /task=([^&]+)/.exec(location.hash);
-      return m ? `${jobId}/${decodeURIComponent(m[1])}` : null;
+      if (!m) return null;
+      try { return `${jobId}/${decodeURIComponent(m[1])}`; } catch (e) { return null; }  // "#task=%"
     }
     function defaultTask() {
       const tasks = job.tasks || [];
@@ -600,15 +612,33 @@
         render();
         return true;
       } catch (e) {
-        if (e.status === 404) fill(main, errorBox(e.message));
-        else flash(e.message);
+        if (e.status === 404) {
+          fill(main, errorBox(e.message));
+          if (events) events.close();  // a deleted (or never seen) job: nothing more will come
+          if (retryWatch) clearInterval(retryWatch);
+        } else {
+          flash(e.message);
+        }
         return false;
       }
     }
 
     window.addEventListener('hashchange', render);
     let reloadTimer = null;
-    events = stream(`/api/jobs/${jobId}/events`, {
+    // After the job's end the stream is closed; `aviary retry` can start the job again under the
+    // same id, so the page looks every 15 s and follows it again once it is no longer finished.
+    let retryWatch = null;
+    function watchForRetry() {
+      retryWatch = setInterval(() => {
+        api(`/api/jobs/${jobId}`).then((j) => {
+          if (TERMINAL_JOB.has(j.state)) return;
+          clearInterval(retryWatch);
+          retryWatch = null;
+          follow();
+        }).catch(() => {});
+      }, 15000);
+    }
+    const follow = () => { events = stream(`/api/jobs/${jobId}/events`, {
       job: (event) => {
         const previous = job;
         job = Object.assign({}, event.job, {checkpoints});
@@ -629,8 +659,12 @@
         }
         render();
       },
-      end: () => { events.close(); load().then(() => setLive('done')); },
-    }, load);
+      end: () => {
+        events.close();
+        load().then((ok) => { if (ok) { setLive('done'); watchForRetry(); } });
+      },
+    }, load); };
+    follow();
     setInterval(() => { if (job && !TERMINAL_JOB.has(job.state)) { renderDag(); } }, 5000);
   }
 
@@ -676,7 +710,12 @@
     }
 
     function drawPicker() {
-      fill(picker, ...jobs.slice(0, 30).map((j) => {
+      // The 30 newest jobs, and every chosen one (so that it can be unchecked).
+      const shown = jobs.filter((j, i) => i < 30 || chosenJobs.has(j.job_id));
+      for (const id of chosenJobs) {
+        if (!shown.some((j) => j.job_id === id) && jobInfo.has(id)) shown.push(jobInfo.get(id));
+      }
+      fill(picker, ...shown.map((j) => {
         const box = el('input', {type: 'checkbox', value: j.job_id, onchange: (e) => {
           if (e.target.checked) chosenJobs.add(j.job_id); else chosenJobs.delete(j.job_id);
           syncUrl();
@@ -776,9 +815,27 @@
 
     async function loadJobs() {
       try {
-        const wanted = [...chosenJobs];
-        const infos = await Promise.all(wanted.map((id) => api(`/api/jobs/${id}`)));
-        await Promise.all(wanted.map(loadHistory));
+        // A job of the link that is gone (deleted, or a typo) is dropped with a note; the others
+        // still load.
+        const results = await Promise.allSettled([...chosenJobs].map((id) => api(`/api/jobs/${id}`)));
+        const gone = [];
+        const infos = [];
+        [...chosenJobs].forEach((id, i) => {
+          const r = results[i];
+          if (r.status === 'fulfilled') { infos.push(r.value); return; }
+          if (r.reason && r.reason.status === 404) {
+            gone.push(id);
+            chosenJobs.delete(id);
+            for (const t of [...chosenTasks]) if (t.startsWith(`${id}/`)) chosenTasks.delete(t);
+            return;
+          }
+          throw r.reason;
+        });
+        if (gone.length) {
+          syncUrl();
+          flash(`left out, no such job: ${gone.join(', ')}`);
+        }
+        await Promise.all(infos.map((j) => loadHistory(j.job_id)));
         infos.forEach((j) => { jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms); });
         // No explicit task list: every task of the chosen jobs.
         if (params.get('tasks') === null) {
@@ -855,6 +912,15 @@
   // ---------------------------------------------------------------------------------------------
 
   async function start() {
+    // Log out sends the console's header (the server refuses a POST without it: a form on
+    // another site could post there).
+    for (const form of document.querySelectorAll('form[action="/logout"]')) {
+      form.addEventListener('submit', (e) => {
+        e.preventDefault();
+        fetch('/logout', {method: 'POST', credentials: 'same-origin', headers: {'X-Aviary-Console': '1'}})
+          .finally(() => { location.href = '/login'; });
+      });
+    }
     for (const a of document.querySelectorAll('[data-nav]')) {
       if (a.dataset.nav === page || (page === 'job' && a.dataset.nav === 'jobs')) a.classList.add('active');
     }

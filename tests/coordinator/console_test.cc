@@ -32,6 +32,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/utf8.h"
 #include "coordinator/service.h"
 #include "coordinator/tls_front.h"
 #include "grpcpp/grpcpp.h"
@@ -69,8 +70,14 @@ int Connect(int port, int timeout_s) {
 
 std::string RequestText(const std::string& method, const std::string& path,
                         const std::vector<std::string>& headers, const std::string& body) {
-  std::string text = absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-  for (const std::string& h : headers) absl::StrAppend(&text, h, "\r\n");
+  // "Host: 127.0.0.1" unless `headers` name one ("Host: x"), or drop it ("Host:").
+  bool host = true;
+  for (const std::string& h : headers) host = host && !absl::StartsWith(h, "Host:");
+  std::string text = absl::StrCat(method, " ", path, " HTTP/1.1\r\n", host ? "Host: 127.0.0.1\r\n" : "",
+                                  "Connection: close\r\n");
+  for (const std::string& h : headers) {
+    if (h != "Host:") absl::StrAppend(&text, h, "\r\n");
+  }
   if (!body.empty() || method == "POST") absl::StrAppend(&text, "Content-Length: ", body.size(), "\r\n");
   absl::StrAppend(&text, "\r\n", body);
   return text;
@@ -443,7 +450,8 @@ TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
   EXPECT_TRUE(absl::StrContains(viewer.body, "the token has role 'viewer' (viewer_token_file); this call needs role "
                                              "'client'"))
       << viewer.body;
-  EXPECT_EQ(Http(port_, "POST", path).status, 401);
+  EXPECT_EQ(Http(port_, "POST", path, {"X-Aviary-Console: 1"}).status, 401);
+  EXPECT_EQ(Http(port_, "POST", path).status, 403);  // no header: refused before the token is looked at
 
   // The login cookie: HttpOnly, SameSite=Strict; a POST it authenticates needs the header.
   HttpResponse refused = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
@@ -470,6 +478,72 @@ TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
   HttpResponse away = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
                            "token=the-token&next=%2F%2Fevil.example");
   EXPECT_EQ(away.headers["location"], "/jobs");
+}
+
+TEST_F(ConsoleTest, APostWithoutAnAuthorizationHeaderNeedsTheConsolesHeader) {
+  Start();
+  const std::string job_id = Submit();
+  // Log out is a POST too: a form on another site must not be able to send it.
+  HttpResponse logout = Http(port_, "POST", "/logout");
+  EXPECT_EQ(logout.status, 403);
+  EXPECT_TRUE(absl::StrContains(logout.body, "X-Aviary-Console")) << logout.body;
+  HttpResponse out = Http(port_, "POST", "/logout", {"X-Aviary-Console: 1"});
+  EXPECT_EQ(out.status, 303);
+  EXPECT_TRUE(absl::StrContains(out.headers["set-cookie"], "Max-Age=0")) << out.headers["set-cookie"];
+  // A bearer token (a script) needs no header: no browser sends it on its own.
+  HttpResponse cancelled = Http(port_, "POST", "/api/jobs/" + job_id + "/cancel", {Bearer("the-token")});
+  EXPECT_EQ(cancelled.status, 200) << cancelled.body;
+}
+
+TEST_F(ConsoleTest, WithoutAuthenticationAPostNeedsTheHeaderAndTheHostMustBeThisMachine) {
+  config_.token_file.clear();
+  config_.viewer_token_file.clear();
+  config_.worker_token_file.clear();
+  config_.allow_no_auth = true;
+  Start();
+  const std::string job_id = Submit();
+  const std::string path = "/api/jobs/" + job_id + "/cancel";
+  // A cross-site form: no header (it used to pass, since no cookie authenticated it).
+  HttpResponse form = Http(port_, "POST", path, {"Origin: http://evil.example"});
+  EXPECT_EQ(form.status, 403);
+  EXPECT_TRUE(absl::StrContains(form.body, "X-Aviary-Console")) << form.body;
+  // DNS rebinding: a page of evil.example whose name now points here. Refused by its Host.
+  HttpResponse rebound = Http(port_, "GET", "/api/jobs", {"Host: evil.example:" + std::to_string(port_)});
+  EXPECT_EQ(rebound.status, 403);
+  EXPECT_TRUE(absl::StrContains(rebound.body, "Host 'evil.example:")) << rebound.body;
+  EXPECT_TRUE(absl::StrContains(rebound.body, "DNS rebinding")) << rebound.body;
+  EXPECT_FALSE(absl::StrContains(rebound.body, job_id)) << rebound.body;
+  EXPECT_EQ(Http(port_, "POST", path, {"Host: evil.example", "X-Aviary-Console: 1"}).status, 403);
+  // Addresses, localhost and this machine's own name are served.
+  char name[256] = {};
+  ASSERT_EQ(::gethostname(name, sizeof(name) - 1), 0);
+  for (const std::string& host : {std::string("127.0.0.1"), absl::StrCat("127.0.0.1:", port_), std::string("[::1]:8470"),
+                                  absl::StrCat("localhost:", port_), std::string("LOCALHOST."), std::string(name),
+                                  std::string("Host:")}) {
+    const std::string header = host == "Host:" ? host : "Host: " + host;  // "Host:": none (HTTP/1.0 style)
+    HttpResponse jobs = Http(port_, "GET", "/api/jobs", {header});
+    EXPECT_EQ(jobs.status, 200) << host << ": " << jobs.body;
+  }
+  HttpResponse cancelled = Http(port_, "POST", path, {"X-Aviary-Console: 1"});
+  EXPECT_EQ(cancelled.status, 200) << cancelled.body;
+}
+
+TEST_F(ConsoleTest, ErrorsAreValidJsonAndHeadOpensNoStream) {
+  Start();
+  // A path that is not UTF-8, with U+2028, echoed in the error: valid UTF-8, both escaped.
+  HttpResponse bad = Http(port_, "GET", "/api/%ff%e2%80%a8x", {Bearer("the-token")});
+  EXPECT_EQ(bad.status, 404);
+  EXPECT_EQ(common::FirstInvalidUtf8(bad.body), std::string::npos) << bad.body;
+  EXPECT_TRUE(absl::StrContains(bad.body, "/api/\\ufffd\\u2028x")) << bad.body;
+  // HEAD on an event stream: the headers, no events, and the connection ends (Http reads to EOF).
+  const auto start = std::chrono::steady_clock::now();
+  HttpResponse head = Http(port_, "HEAD", "/api/events", {Bearer("the-token")});
+  EXPECT_EQ(head.status, 200);
+  EXPECT_EQ(head.headers["content-type"], "text/event-stream");
+  EXPECT_EQ(head.body, "");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(25));  // not held open (30 s recv limit)
+  // The job list says how many it shows at most.
+  EXPECT_TRUE(absl::StrContains(Http(port_, "GET", "/api/jobs", {Bearer("the-token")}).body, "\"limit\":200"));
 }
 
 TEST_F(ConsoleTest, LoginNextRefusesControlCharactersAndOtherHosts) {

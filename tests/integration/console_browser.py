@@ -11,7 +11,9 @@ coordinator with two jobs training (console_browser.sh sets them up). Checks, in
   both groups with their tasks;
 - a coordinator restart: the job page goes "reconnecting", then "live" again, and its curves
   keep growing;
-- logged in with the client token: cancelling a job (submitted for it) from its page works.
+- an unknown job's page shows the 404; a compare link naming it still compares the other job;
+- logged in with the client token: cancelling a job (submitted for it) from its page works;
+  logging out clears the cookie.
 Screenshots of every page go to --artifacts. Exit 77 when chromium cannot start.
 """
 import argparse
@@ -240,6 +242,21 @@ try:
           "the groups page shows the groups' current tasks")
     shot("07-groups")
 
+    # A job that is not there: the page says so (the 404 of its event stream closes the stream;
+    # the page's own load finds out why) instead of "reconnecting" for ever.
+    missing = "j000000000000"
+    driver.get(f"{args.url}/jobs/{missing}")
+    box = wait_until("the missing job's error", lambda: driver.find_element(By.CSS_SELECTOR, "#main .error-box").text,
+                     timeout=20)
+    check(box and "NOT_FOUND" in box, f"a job page for an unknown job shows the coordinator's 404: {box!r}")
+    # A compare link with a job that is gone still compares the others.
+    driver.get(f"{args.url}/compare?jobs={args.job1},{missing}")
+    check(wait_until("job1's tasks", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#task-picker input:checked")) == 2,
+                     timeout=30), "a compare link with an unknown job still shows the other job's 2 tasks")
+    flash = wait_until("the note", lambda: driver.find_element(By.ID, "flash").text, timeout=10)
+    check(flash and missing in flash, f"the compare page names the job it left out: {flash!r}")
+    check(missing not in driver.current_url, f"the unknown job is dropped from the URL ({driver.current_url})")
+
     # A coordinator restart: the job page reconnects and keeps growing.
     driver.get(f"{args.url}/jobs/{args.job1}")
     wait_until("the job page", lambda: points() >= 1 and "live-on" in driver.find_element(By.ID, "live").get_attribute("class"))
@@ -274,9 +291,19 @@ try:
         check(False, f"the client's job page offers Cancel (at {driver.current_url})")
         shot("09-client-cancel-missing")
 
+    # Log out: the page posts with the console's header, the cookie is cleared, pages go to /login.
+    wait_until("the log-out click", lambda: driver.find_element(By.CSS_SELECTOR, 'form[action="/logout"] button').click()
+               or True)
+    check(wait_until("the login page", lambda: "/login" in driver.current_url, timeout=20),
+          f"log out goes to the login page (at {driver.current_url})")
+    driver.get(f"{args.url}/jobs")
+    check(wait_until("the login page", lambda: "/login" in driver.current_url, timeout=20),
+          "after log out a page redirects to /login again")
+
     # Browser console errors (a CSP refusal, a script error) fail the test.
-    # Expected network errors: the refusals above (401, 403) and the restart's dropped streams.
-    expected = ("status of 401", "status of 403", "net::ERR_")  # net::ERR_*: the coordinator was down
+    # Expected network errors: the refusals above (401, 403, the unknown job's 404) and the
+    # restart's dropped streams.
+    expected = ("status of 401", "status of 403", "status of 404", "net::ERR_")  # net::ERR_*: the coordinator was down
     logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
             and not (e.get("source") == "network" and any(x in e.get("message", "") for x in expected))]
     check(not logs, f"no script errors in the browser console: {logs}")
