@@ -22,6 +22,7 @@
 #include "common/config.h"
 #include "common/manifest.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "coordinator/content_hash.h"
 #include "coordinator/path_policy.h"
 #include "coordinator/sweep.h"
@@ -104,6 +105,15 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOpti
         absl::StrCat("work_dir ", resolved.work_dir, ": cannot make it absolute: ", ec.message()));
   }
   resolved.work_dir = absolute.lexically_normal().string();
+  // Run folders go to the groups in proto strings, and every task row holds one: bytes that are
+  // not UTF-8 would make those rows unreadable (gRPC and protobuf refuse them), the database with
+  // them.
+  if (const size_t bad = common::FirstInvalidUtf8(resolved.work_dir); bad != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key 'work_dir': '", common::ValidUtf8(resolved.work_dir), "' is not UTF-8 (byte ", bad, ", 0x",
+        absl::Hex(static_cast<unsigned char>(resolved.work_dir[bad]), absl::kZeroPad2),
+        "); run folders are sent to worker groups as UTF-8 text: use a folder whose path is UTF-8"));
+  }
   AVIARY_ASSIGN_OR_RETURN(resolved.data_roots, ResolveDataRoots("data_roots", resolved.data_roots));
   if (resolved.reaper_period_s <= 0) {
     resolved.reaper_period_s = std::min(1.0, resolved.heartbeat_timeout_s / 4);
@@ -608,6 +618,18 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": key 'folds.selected_folds': expected at least one fold while stages.pretrain.enabled is "
                 "false (fine-tuning runs one task per selected fold), got an empty list; nothing to run"));
+  }
+
+  // One job's tasks are written in one transaction under the writers' lock (every lease and
+  // report waits for it), each with its resolved config: a grid of 256 points times hundreds of
+  // folds would hold it for minutes and store a gigabyte.
+  const size_t most_tasks = grid.size() * ((pretrain ? 1 : 0) + (finetune ? config.folds.selected_folds.size() : 0));
+  if (most_tasks > kMaxTasksPerJob) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": up to ", most_tasks, " tasks (", grid.size(), " sweep point(s) x (",
+        pretrain ? "1 pretraining + " : "", finetune ? config.folds.selected_folds.size() : 0,
+        " fold(s) of folds.selected_folds)); one job has at most ", kMaxTasksPerJob,
+        ": sweep fewer values or select fewer folds, or submit several jobs"));
   }
 
   struct NewTask {

@@ -17,6 +17,8 @@ namespace aviary::coordinator {
 
 // At most this many grid points per job (the product of the axes' sizes).
 inline constexpr size_t kMaxSweepPoints = 256;
+// The most tasks one job may have (its sweep points times its stages' tasks).
+inline constexpr size_t kMaxTasksPerJob = 4096;
 
 // The grid points in order (the last axis varies fastest), each as "key=value" overrides. No
 // axes: one point with no overrides. INVALID_ARGUMENT naming the axis for an empty or

@@ -35,6 +35,7 @@
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/manifest.h"
+#include "common/utf8.h"
 #include "coordinator/content_hash.h"
 #include "coordinator/fold_cache.h"
 #include "grpcpp/grpcpp.h"
@@ -1110,6 +1111,20 @@ TEST_F(CoordinatorServiceTest, EachRoleReachesOnlyItsRpcs) {
 
 // One token in two roles' files would make the role ambiguous: refused at start, naming both.
 // The client and worker token files are required unless allow_no_auth.
+TEST_F(CoordinatorServiceTest, AWorkDirThatIsNotUtf8IsRefusedAtStart) {
+  // Its run folders would go into every task row and lease as proto strings, which protobuf
+  // then refuses to read back: the database would not load again.
+  config_.work_dir = root_ + "/runs_\xe9";
+  auto secrets = LoadCoordinatorSecrets(config_);
+  ASSERT_TRUE(secrets.ok()) << secrets.status();
+  auto coordinator = Coordinator::Start(config_, *secrets);
+  ASSERT_FALSE(coordinator.ok());
+  EXPECT_EQ(coordinator.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(coordinator.status().message(), "key 'work_dir'")) << coordinator.status();
+  EXPECT_TRUE(absl::StrContains(coordinator.status().message(), "0xe9")) << coordinator.status();
+  EXPECT_EQ(common::FirstInvalidUtf8(coordinator.status().message()), std::string::npos);
+}
+
 TEST_F(CoordinatorServiceTest, TokenFilesAreCheckedAtStart) {
   Write("viewer.token", "viewer-a\nthe-worker-token\n");
   config_.viewer_token_file = root_ + "/viewer.token";
@@ -2266,6 +2281,13 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   refused(SweepRequest(root_, {{"a", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17"}},
                                {"b", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"}}}),
           {"more than 256 points"});
+  // 256 points of 1 pretraining + 16 fine-tuning tasks: more tasks than one job may have.
+  std::vector<std::string> lrs;
+  for (int i = 1; i <= 256; ++i) lrs.push_back(absl::StrCat(i, "e-6"));
+  SubmitJobRequest many = SweepRequest(root_, {{"stages.finetune.lr", lrs}});
+  many.add_overrides("folds.finetune_splits=16");
+  many.add_overrides("folds.selected_folds=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]");
+  refused(many, {"up to 4352 tasks", "256 sweep point(s)", "16 fold(s) of folds.selected_folds", "at most 4096"});
   SubmitJobRequest tag = SweepRequest(root_, {});
   tag.add_tags("bad key=1");
   refused(tag, {"tags[0]", "bad key=1"});
