@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <iterator>
 #include <map>
 #include <utility>
@@ -19,6 +20,8 @@
 #include "coordinator/content_hash.h"
 
 namespace aviary::coordinator {
+
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -51,8 +54,12 @@ absl::StatusOr<std::string> DecompressManifest(const std::string& stored, const 
   if (stored.size() < kManifestHeader || stored.compare(0, 4, kManifestMagic) != 0) return stored;
   uint64_t size = 0;
   for (int i = 0; i < 8; ++i) size |= static_cast<uint64_t>(static_cast<unsigned char>(stored[4 + i])) << (8 * i);
-  if (size > (uint64_t{1} << 36)) {
-    return absl::DataLossError(absl::StrCat(where, ": manifest claims ", size, " bytes"));
+  // zlib inflates at most ~1032 times its input: a larger size is a damaged header, which would
+  // otherwise ask for up to 64 GiB here (and end the coordinator with bad_alloc).
+  const uint64_t deflated = stored.size() - kManifestHeader;
+  if (size > (uint64_t{1} << 36) || size > deflated * 1032 + 1024) {
+    return absl::DataLossError(
+        absl::StrCat(where, ": manifest claims ", size, " bytes from ", deflated, " deflated (a damaged header)"));
   }
   std::string csv(size, '\0');
   uLongf got = static_cast<uLongf>(size);
@@ -300,7 +307,12 @@ absl::Status Store::Exec(const char* sql) {
 
 absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   if (path.empty()) return absl::InvalidArgumentError("database path is empty");
-  const std::string lock_path = path + ".lock";
+  // The lock sits next to the file the path resolves to, so that two coordinators that name one
+  // database by different paths (a symlink, "..") still exclude each other.
+  std::error_code ec;
+  fs::path resolved = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  if (ec || resolved.empty()) resolved = path;
+  const std::string lock_path = resolved.string() + ".lock";
   const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (lock_fd < 0) {
     return absl::InternalError(absl::StrCat("database ", path, ": cannot open lock file ",
@@ -330,6 +342,8 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   std::unique_ptr<Store> store(new Store(path, db, lock_fd));
   const int busy_rc = sqlite3_busy_timeout(db, kBusyTimeoutMs);
   if (busy_rc != SQLITE_OK) return store->SqlError(busy_rc, "sqlite3_busy_timeout");
+  // A file that is not ours is refused before anything is written to it (the journal mode is).
+  AVIARY_RETURN_IF_ERROR(store->CheckIsOursOrEmpty());
   // journal_mode returns a row with the mode in effect; check that WAL was accepted.
   {
     Statement wal(store.get(), "PRAGMA journal_mode=WAL");
@@ -349,21 +363,37 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   return store;
 }
 
-absl::Status Store::InitSchema() {
-  int64_t version = 0;
-  int64_t tables = 0;
+absl::Status Store::ReadSchemaVersion(int64_t* version, int64_t* tables) {
+  *version = 0;
+  *tables = 0;
   {
     Statement st(this, "PRAGMA user_version");
     absl::Status status;
-    if (st.Step(&status)) version = st.Int(0);
+    if (st.Step(&status)) *version = st.Int(0);
     AVIARY_RETURN_IF_ERROR(status);
   }
-  {
-    Statement st(this, "SELECT count(*) FROM sqlite_master WHERE type='table'");
-    absl::Status status;
-    if (st.Step(&status)) tables = st.Int(0);
-    AVIARY_RETURN_IF_ERROR(status);
+  Statement st(this, "SELECT count(*) FROM sqlite_master WHERE type='table'");
+  absl::Status status;
+  if (st.Step(&status)) *tables = st.Int(0);
+  return status;
+}
+
+absl::Status Store::CheckIsOursOrEmpty() {
+  int64_t version = 0;
+  int64_t tables = 0;
+  AVIARY_RETURN_IF_ERROR(ReadSchemaVersion(&version, &tables));
+  if (version == 0 && tables != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "database ", path_, " holds ", tables,
+        " tables but no aviary schema version (PRAGMA user_version = 0): not an aviary database"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Store::InitSchema() {
+  int64_t version = 0;
+  int64_t tables = 0;
+  AVIARY_RETURN_IF_ERROR(ReadSchemaVersion(&version, &tables));
   if (version == kStoreSchemaVersion) return VerifySchema();
   if (version == 1 || version == 2) {
     AVIARY_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
@@ -380,11 +410,7 @@ absl::Status Store::InitSchema() {
                      "; this coordinator reads version ", kStoreSchemaVersion,
                      " (use a new database file or the matching coordinator)"));
   }
-  if (tables != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "database ", path_, " holds ", tables,
-        " tables but no aviary schema version (PRAGMA user_version = 0): not an aviary database"));
-  }
+  AVIARY_RETURN_IF_ERROR(CheckIsOursOrEmpty());  // (checked in Open already; cheap)
   return Transaction([&]() -> absl::Status {
     for (const char* sql : kSchema) AVIARY_RETURN_IF_ERROR(Exec(sql));
     for (const char* sql : kSchemaV2) AVIARY_RETURN_IF_ERROR(Exec(sql));

@@ -192,6 +192,10 @@ class Store {
       : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
   absl::Status Exec(const char* sql);
   absl::Status InitSchema();
+  // PRAGMA user_version and the number of tables.
+  absl::Status ReadSchemaVersion(int64_t* version, int64_t* tables);
+  // FAILED_PRECONDITION for a database of tables without aviary's schema version.
+  absl::Status CheckIsOursOrEmpty();
   // Schema 1 -> 2 (see kStoreSchemaVersion), inside InitSchema's transaction.
   absl::Status MigrateFromVersion1();
   // Schema 2 -> 3, likewise.

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -225,6 +226,17 @@ TEST_F(StoreTest, ManifestsAreStoredOncePerContent) {
   auto damaged = (*store)->LoadManifest(Sha256Hex(other));
   EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(damaged.status().message().find("manifest " + Sha256Hex(other) + ": the stored manifest does not inflate"),
+            std::string::npos)
+      << damaged.status();
+  // A header whose size field is damaged: 32 GiB claimed by 2 bytes is refused before anything
+  // is allocated (it used to be, and ended the process with bad_alloc or the OOM killer).
+  ASSERT_TRUE((*store)->Close().ok());
+  RawExec("UPDATE manifests SET data=x'41565a310000000008000000' || x'7801'");
+  store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  damaged = (*store)->LoadManifest(Sha256Hex(other));
+  EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(damaged.status().message().find("claims 34359738368 bytes from 2 deflated (a damaged header)"),
             std::string::npos)
       << damaged.status();
 }
@@ -493,6 +505,13 @@ TEST_F(StoreTest, RefusesAForeignDatabase) {
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(store.status().message().find("not an aviary database"), std::string::npos)
       << store.status();
+  // Left as it was: still a rollback-journal file (header bytes 18 and 19 are 1; WAL makes them 2).
+  std::ifstream in(path_, std::ios::binary);
+  char header[20] = {};
+  ASSERT_TRUE(in.read(header, sizeof(header)));
+  EXPECT_EQ(header[18], 1);
+  EXPECT_EQ(header[19], 1);
+  EXPECT_FALSE(fs::exists(path_ + "-wal"));
 }
 
 TEST_F(StoreTest, OneStorePerDatabase) {
@@ -503,6 +522,15 @@ TEST_F(StoreTest, OneStorePerDatabase) {
   EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(second.status().message().find("in use by another coordinator"), std::string::npos)
       << second.status();
+  // The same file by another name (a symlink, "..") is the same database.
+  fs::create_directories(root_ + "/sub");
+  fs::create_symlink(path_, root_ + "/alias.db");
+  for (const std::string& other : {root_ + "/alias.db", root_ + "/sub/../aviary.db"}) {
+    auto aliased = Store::Open(other);
+    ASSERT_FALSE(aliased.ok()) << other;
+    EXPECT_NE(aliased.status().message().find("in use by another coordinator"), std::string::npos)
+        << aliased.status();
+  }
   ASSERT_TRUE((*first)->Close().ok());
   auto third = Store::Open(path_);
   EXPECT_TRUE(third.ok()) << third.status();
