@@ -195,12 +195,28 @@ void TlsFront::Stop() {
 }
 
 void TlsFront::AcceptLoop() {
+  bool out_of_descriptors = false;
   while (!stop_) {
     pollfd p{listen_fd_, POLLIN, 0};
     const int ready = ::poll(&p, 1, kPollMs);
     if (ready <= 0) continue;
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      const int error = errno;
+      if (error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM) {
+        // The connection stays queued, so the next poll returns at once: without a pause this
+        // loop spun a core until descriptors were freed. Said once per spell.
+        if (!out_of_descriptors) {
+          log_.Warn(absl::StrCat("console (TLS): cannot accept a connection: ", std::strerror(error),
+                                    "; retrying every ", kPollMs, " ms (raise the open-file limit, LimitNOFILE=)"));
+        }
+        out_of_descriptors = true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(kPollMs));
+      }
+      continue;
+    }
+    if (out_of_descriptors) log_.Info("console (TLS): accepting connections again");
+    out_of_descriptors = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (active_ >= kMaxConnections) {

@@ -8,7 +8,8 @@
 // both ways) until either side closes. At most kMaxConnections at once (more are closed at
 // once). The whole handshake must finish within handshake_timeout_ms (a client trickling a byte
 // now and then is cut off then), and a write to a client that does not read gives up after 10 s
-// without progress. The client socket is non-blocking and every wait polls at most 200 ms, so
+// without progress. Out of file descriptors, accepting pauses 200 ms between tries (and says
+// so once). The client socket is non-blocking and every wait polls at most 200 ms, so
 // Stop() (or the destructor) ends every connection within about 200 ms. Thread-safe.
 #ifndef AVIARY_COORDINATOR_TLS_FRONT_H_
 #define AVIARY_COORDINATOR_TLS_FRONT_H_
@@ -22,6 +23,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "common/logging.h"
 
 typedef struct ssl_ctx_st SSL_CTX;
 
@@ -68,6 +70,7 @@ class TlsFront {
   std::mutex mu_;
   std::condition_variable idle_;
   int active_ = 0;  // guarded by mu_
+  common::Logger log_{"console"};
 };
 
 }  // namespace aviary::coordinator
