@@ -294,9 +294,23 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
       std::atomic<int>* count;
       ~Release() { count->fetch_sub(1); }
     } release{&watchers_};
-    return scheduler_->WatchJob(
-        request->job_id(), [&](const aviary::v1::JobEvent& event) { return writer->Write(event); },
-        [&] { return context->IsCancelled(); });
+    // The token is checked again before each event and every idle half second: a SIGHUP reload
+    // that removed it ends the stream (UNAUTHENTICATED), as it ends every later call; a watch
+    // otherwise lasts as long as the job, days.
+    absl::Status revoked;
+    const auto still_allowed = [&] {
+      if (revoked.ok()) revoked = auth_->Check(*context, "JobService.WatchJob", kClientOrViewer);
+      return revoked.ok();
+    };
+    absl::Status status = scheduler_->WatchJob(
+        request->job_id(),
+        [&](const aviary::v1::JobEvent& event) { return still_allowed() && writer->Write(event); },
+        [&] { return context->IsCancelled() || !still_allowed(); });
+    if (!revoked.ok()) {
+      return absl::Status(revoked.code(), absl::StrCat(revoked.message(), " (checked again on the open stream after "
+                                                                          "a token reload)"));
+    }
+    return status;
   });
 }
 

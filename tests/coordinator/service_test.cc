@@ -938,6 +938,41 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   EXPECT_EQ(count, 1);
 }
 
+TEST_F(CoordinatorServiceTest, AReloadThatRevokesATokenEndsItsOpenWatch) {
+  Write("viewer.token", "the-viewer-token\n");
+  config_.viewer_token_file = root_ + "/viewer.token";
+  Start();
+  const std::string job_id = Submit();  // stays PENDING: no group
+  WatchJobRequest request;
+  request.set_job_id(job_id);
+  auto viewer_context = Ctx("the-viewer-token");
+  auto viewer = jobs_->WatchJob(viewer_context.get(), request);
+  auto client_context = Ctx();
+  auto client = jobs_->WatchJob(client_context.get(), request);
+  JobEvent event;
+  ASSERT_TRUE(viewer->Read(&event));
+  ASSERT_TRUE(client->Read(&event));
+  // SIGHUP's reload with another viewer token: the open stream of the old one ends.
+  Write("viewer.token", "another-viewer-token\n");
+  ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  const auto start = std::chrono::steady_clock::now();
+  while (viewer->Read(&event)) {
+  }
+  const grpc::Status ended = viewer->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
+  EXPECT_TRUE(absl::StrContains(ended.error_message(), "after a token reload")) << ended.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));  // not the 30 s deadline
+  // The client's token stays: its stream goes on and sees the cancel.
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled_job;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled_job).ok());
+  bool cancelled = false;
+  while (client->Read(&event)) cancelled = cancelled || event.job().state() == JOB_STATE_CANCELLED;
+  EXPECT_TRUE(client->Finish().ok());
+  EXPECT_TRUE(cancelled);
+}
+
 TEST_F(CoordinatorServiceTest, CallsWithoutTheTokenAreUnauthenticated) {
   Start();
   for (const std::string& token : {std::string(), std::string("wrong-token"), std::string("the-toke")}) {
