@@ -1,5 +1,8 @@
 #include "coordinator/service.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -13,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "common/csv.h"
 #include "common/files.h"
+#include "common/logging.h"
 #include "common/status.h"
 #include "coordinator/content_hash.h"
 #include "coordinator/tls_front.h"
@@ -581,9 +585,35 @@ grpc::Status WorkerServiceImpl::ShipLogs(grpc::ServerContext* context, const avi
 // ---------------------------------------------------------------------------------------------
 // Coordinator.
 
+namespace {
+
+// A secret file that others than its owner may read or write: said in the log (the coordinator
+// still starts: a shared read-only mount may leave no choice), naming the key, file and mode.
+void WarnIfNotPrivate(const char* key, const std::string& path) {
+  struct stat info;
+  if (path.empty() || ::stat(path.c_str(), &info) != 0) return;  // a missing file is refused elsewhere
+  const mode_t open_to = info.st_mode & 077;
+  std::string problem;
+  if (open_to != 0) {
+    problem = absl::StrFormat("mode %04o: %s can %s it", info.st_mode & 07777, (open_to & 070) != 0 ? "its group" : "others",
+                              (open_to & 022) != 0 ? "write" : "read");
+  } else if (info.st_uid != ::geteuid()) {
+    problem = absl::StrCat("owned by uid ", info.st_uid, ", not this coordinator's ", ::geteuid());
+  }
+  if (problem.empty()) return;
+  static const common::Logger log("coordinator");
+  log.Warn(absl::StrCat("key '", key, "': ", path, " holds secrets but is not private (", problem, "); chmod 600 it"));
+}
+
+}  // namespace
+
 absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfig& config) {
   CoordinatorSecrets secrets;
   AVIARY_ASSIGN_OR_RETURN(secrets.tokens, LoadTokenSet(config));
+  WarnIfNotPrivate("token_file", config.token_file);
+  WarnIfNotPrivate("viewer_token_file", config.viewer_token_file);
+  WarnIfNotPrivate("worker_token_file", config.worker_token_file);
+  WarnIfNotPrivate("tls_key_file", config.tls_key_file);
   if (!config.tls_cert_file.empty()) {
     auto cert = common::ReadFileToString(config.tls_cert_file);
     if (!cert.ok()) return common::Annotate(cert.status(), "key 'tls_cert_file'");

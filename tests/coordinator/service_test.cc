@@ -1184,6 +1184,20 @@ TEST_F(CoordinatorServiceTest, TokenFilesAreCheckedAtStart) {
   EXPECT_FALSE(ValidateCoordinatorConfig(config_).ok());
 }
 
+TEST_F(CoordinatorServiceTest, SecretFilesOthersCanReadAreNamedInTheLog) {
+  fs::permissions(root_ + "/token", fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read |
+                                        fs::perms::others_read);
+  fs::permissions(root_ + "/worker.token", fs::perms::owner_read | fs::perms::owner_write);
+  ::testing::internal::CaptureStderr();
+  auto secrets = LoadCoordinatorSecrets(config_);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(secrets.ok()) << secrets.status();  // a warning, not a refusal
+  EXPECT_TRUE(absl::StrContains(log, absl::StrCat("key 'token_file': ", root_, "/token holds secrets but is not "
+                                                  "private (mode 0644: its group can read it); chmod 600 it")))
+      << log;
+  EXPECT_FALSE(absl::StrContains(log, "worker_token_file")) << log;
+}
+
 TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   Start();
   SubmitJobRequest submit;
