@@ -467,12 +467,17 @@ std::string FormatHistoryCsv(const std::vector<v1::HistoryRow>& rows) {
 
 std::string PrintableText(const std::string& text) {
   std::string out;
-  for (char ch : text) {
-    const auto c = static_cast<unsigned char>(ch);
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
     if (c < 0x20 || c == 0x7f) {
       absl::StrAppend(&out, absl::StrFormat("\\x%02x", c));
+    } else if (c == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) >= 0x80 &&
+               static_cast<unsigned char>(text[i + 1]) <= 0x9f) {
+      // U+0080..U+009F, the C1 controls: U+009B is CSI on terminals that honour C1 codes.
+      absl::StrAppend(&out, absl::StrFormat("\\u%04x", static_cast<unsigned char>(text[i + 1])));
+      ++i;
     } else {
-      out += ch;
+      out += static_cast<char>(c);
     }
   }
   return out;

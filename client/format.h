@@ -70,8 +70,9 @@ class EtaTracker {
   std::map<std::string, Sample> samples_;
 };
 
-// `text` with control characters written as \xNN: a job name from a database older than the
-// coordinator's check (docs/SERVICE.md) must not move the cursor or colour the terminal.
+// `text` with control characters written as \xNN, and the C1 controls U+0080..U+009F as \uNNNN:
+// a job name from a database older than the coordinator's check (docs/SERVICE.md), or a worker's
+// error text, must not move the cursor or colour the terminal.
 std::string PrintableText(const std::string& text);
 
 // A multi-line text (a task's error: a worker's stack of causes) as PrintableText lines joined

@@ -33,6 +33,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -128,14 +129,14 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
                                                    ": expected HOST:PORT, got '", options.coordinator, "' (e.g. ",
                                                    options.coordinator, ":7070)"));
   }
-  // An empty or out-of-range port ("127.0.0.1:", "host:0") would be dialed as port 0 and fail as
-  // "Connection refused" on an address nobody typed.
-  {
+  // An empty, out-of-range or non-numeric port ("127.0.0.1:", "host:0", "host:7070x") would be
+  // dialed as another port (gRPC reads the digits it finds) and fail as "Connection refused" on
+  // an address nobody typed. A unix: socket path has no port.
+  if (!absl::StartsWith(options.coordinator, "unix:") && !absl::StartsWith(options.coordinator, "unix-abstract:")) {
     const std::string port = options.coordinator.substr(options.coordinator.rfind(':') + 1);
     int port_number = 0;
     const bool numeric = !port.empty() && port.find_first_not_of("0123456789") == std::string::npos;
-    if (port.empty() || (numeric && (!absl::SimpleAtoi(port, &port_number) || port_number < 1 ||
-                                     port_number > 65535))) {
+    if (!numeric || !absl::SimpleAtoi(port, &port_number) || port_number < 1 || port_number > 65535) {
       return absl::InvalidArgumentError(absl::StrCat(
           global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR", ": expected HOST:PORT with a port in 1..65535, got '",
           options.coordinator, "'"));
@@ -263,12 +264,15 @@ class Client {
   }
 
   template <typename Request, typename Response>
+  // `wait_for_ready`: a coordinator that is not up is waited for (until the deadline) instead of
+  // failing the call at once.
   absl::Status Call(const char* rpc,
                     grpc::Status (v1::JobService::Stub::*method)(grpc::ClientContext*,
                                                                  const Request&, Response*),
-                    const Request& request, Response* response) {
+                    const Request& request, Response* response, bool wait_for_ready = false) {
     grpc::ClientContext context;
     Prepare(&context);
+    if (wait_for_ready) context.set_wait_for_ready(true);
     return ToStatus((stub_.get()->*method)(&context, request, response), rpc);
   }
 
@@ -480,49 +484,61 @@ absl::Status Delete(Client& client, const ClientArgs& args) {
 // ---------------------------------------------------------------------------------------------
 // logs JOB [--task T] [--follow] [--tail N]
 
-// --follow: how often to ask for new lines, and how many failed polls in a row (a coordinator
-// restart) before giving up.
+// --follow: how often to ask for new lines. After the job's end the polls go on until
+// kLogEndQuietS pass without a new line (at most kLogEndMaxS): groups send a task's last lines
+// after it ends, and hear of a cancel only at their next heartbeat.
 constexpr double kLogPollS = 1.0;
+constexpr double kLogEndQuietS = 4.0;
+constexpr double kLogEndMaxS = 20.0;
 
 absl::Status Logs(Client& client, const ClientArgs& args) {
+  using Clock = std::chrono::steady_clock;
   std::string only_task;
   if (!args.task.empty()) {
     // A task named without its job ("finetune-f0") is the job's.
     only_task = args.task.find('/') == std::string::npos ? absl::StrCat(args.target, "/", args.task) : args.task;
   }
-  std::map<std::string, int64_t> after;  // per task: the last seq printed
-  std::vector<std::string> tasks;        // the tasks to poll (learned from the first answer)
+  std::map<std::string, int64_t> after;    // per task: the last seq printed
+  std::map<std::string, int64_t> log_ids;  // per task: the coordinator's log it came from
   int failures = 0;
   double backoff_s = kFirstBackoffS;
   bool first = true;
-  bool last_round = false;
+  std::optional<Clock::time_point> ended_at;
+  Clock::time_point last_line_at;
   // `logs --follow | grep -m1 X` ends with grep, not at the next line.
   std::optional<ClosedPipeWatcher> pipe_watcher;
   if (args.follow) pipe_watcher.emplace();
   while (true) {
-    // The first call asks for every task (or the one); later ones ask per task from its last seq.
-    std::vector<v1::GetLogsRequest> requests;
-    for (const std::string& task : first ? std::vector<std::string>{only_task} : tasks) {
-      v1::GetLogsRequest request;
-      request.set_job_id(args.target);
-      request.set_task_id(task);
-      request.set_after_seq(task.empty() ? 0 : after[task]);
-      request.set_limit(first ? args.tail : 0);
-      requests.push_back(std::move(request));
-    }
-    v1::JobState job_state = v1::JOB_STATE_UNSPECIFIED;
-    std::string job_id = args.target;
-    absl::Status status;
-    for (const v1::GetLogsRequest& request : requests) {
-      v1::GetLogsResponse response;
-      status = client.Call("GetLogs", &v1::JobService::Stub::GetLogs, request, &response);
-      if (!status.ok()) break;
-      job_state = response.job().state();
+    // One call for every task (or the one), each from its last seq.
+    v1::GetLogsRequest request;
+    request.set_job_id(args.target);
+    request.set_task_id(only_task);
+    request.set_limit(first ? args.tail : 0);
+    for (const auto& [task, seq] : after) (*request.mutable_after_seq_by_task())[task] = seq;
+    v1::GetLogsResponse response;
+    // After the first answer a follower waits for a coordinator that is restarting (up to
+    // --timeout a call), as watch does, rather than failing at once.
+    const absl::Status status = client.Call("GetLogs", &v1::JobService::Stub::GetLogs, request, &response,
+                                            /*wait_for_ready=*/args.follow && !first);
+    bool new_lines = false;
+    bool again = false;  // a task's log started afresh: ask again from its start at once
+    if (status.ok()) {
       for (const auto& log : response.tasks()) {
-        if (first) tasks.push_back(log.task_id());
         int64_t& seen = after[log.task_id()];
-        // A coordinator restart starts the logs afresh (they are kept in memory).
-        if (log.last_seq() < seen) seen = 0;
+        int64_t& log_id = log_ids[log.task_id()];
+        // A coordinator restart or an evicted log starts the task's log afresh (logs are kept in
+        // memory), numbered from 1 again: another log_id (an older coordinator sends none, and
+        // then a last_seq below what was printed says so).
+        const bool afresh = (log.log_id() != 0 && log_id != 0 && log.log_id() != log_id) || log.last_seq() < seen;
+        if (log.log_id() != 0) log_id = log.log_id();
+        if (afresh) {
+          const bool cut = seen > 0;  // this answer left out its lines up to the old seq
+          seen = 0;
+          if (cut) {
+            again = true;
+            continue;
+          }
+        }
         if (first && log.dropped() > 0 && args.tail == 0) {
           std::cout << "(" << log.task_id() << ": " << log.dropped() << " earlier lines are no longer kept)\n";
         }
@@ -530,6 +546,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
           if (line.seq() <= seen) continue;
           std::cout << FormatLogLine(only_task.empty() ? log.task_id() : "", line) << "\n";
           seen = line.seq();
+          new_lines = true;
         }
       }
     }
@@ -549,15 +566,18 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     backoff_s = kFirstBackoffS;
     first = false;
     if (!args.follow) return absl::OkStatus();
-    if (IsTerminal(job_state)) {
-      // One more round after the end: lines shipped just before the job finished.
-      if (last_round) {
-        std::cerr << "job " << job_id << " " << JobStateName(job_state) << "\n";
+    const Clock::time_point now = Clock::now();
+    if (new_lines) last_line_at = now;
+    if (IsTerminal(response.job().state())) {
+      if (!ended_at) ended_at = now;
+      const auto quiet = now - std::max(*ended_at, last_line_at);
+      if (quiet >= std::chrono::duration<double>(kLogEndQuietS) ||
+          now - *ended_at >= std::chrono::duration<double>(kLogEndMaxS)) {
+        std::cerr << "job " << args.target << " " << JobStateName(response.job().state()) << "\n";
         return absl::OkStatus();
       }
-      last_round = true;
     }
-    std::this_thread::sleep_for(std::chrono::duration<double>(kLogPollS));
+    if (!again) std::this_thread::sleep_for(std::chrono::duration<double>(kLogPollS));
   }
 }
 
@@ -674,9 +694,13 @@ class WatchView {
  public:
   explicit WatchView(bool tty) : tty_(tty), start_(Clock::now()) {}
 
-  void OnEvent(const v1::JobEvent& event) {
+  // `snapshot`: the stream's first event, the job as it stands (its message only repeats the
+  // state): the first one is shown as the job's header line, a reconnect's as the task states
+  // that changed while the stream was down.
+  void OnEvent(const v1::JobEvent& event, bool snapshot) {
     const double now = Now();
     const bool first = !has_job_;
+    const std::string message = snapshot ? "" : PrintableLines(event.message(), " / ");
     const v1::JobInfo& job = event.job();
     std::map<std::string, v1::TaskState> previous = states_;
     job_ = job;
@@ -686,9 +710,10 @@ class WatchView {
       states_[t.task_id()] = t.state();
     }
     std::vector<std::string> lines;  // lines that scroll (messages, epoch ends)
-    if (first && event.message().empty()) {
-      lines.push_back(absl::StrCat("job ", job.job_id(), job.name().empty() ? "" : " (" + PrintableText(job.name()) + ")",
-                                   ": ", JobStateName(job.state()), ", ", job.tasks_size(), " tasks",
+    if (first && message.empty()) {
+      lines.push_back(absl::StrCat("job ", job.job_id(), " ", JobStateName(job.state()),
+                                   job.name().empty() ? "" : " (" + PrintableText(job.name()) + ")", ", ",
+                                   job.tasks_size(), " tasks",
                                    job.tags().empty() ? "" : absl::StrCat("  [", FormatTags(job), "]"),
                                    job.note().empty() ? "" : absl::StrCat("  note: ", PrintableText(job.note()))));
     }
@@ -701,8 +726,8 @@ class WatchView {
           event.task_id(), m.epoch(), FormatMetric(m.train_loss()), FormatMetric(m.val_loss()),
           FormatMetric(m.val_auc()), FormatMetric(m.val_roc_auc()), FormatMetric(m.val_acc()),
           FormatSmall(m.lr())));
-    } else if (!progress && !event.message().empty()) {
-      lines.push_back(event.message());
+    } else if (!progress && !message.empty()) {
+      lines.push_back(message);  // a worker's error text among them: one line, escaped
     } else if (!progress && !first) {
       // A state change without a message: say which task changed.
       for (const auto& t : job.tasks()) {
@@ -899,11 +924,12 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
           client.stub()->WatchJob(&context, request);
       v1::JobEvent event;
       while (reader->Read(&event)) {
+        const bool snapshot = !got_message;
         if (!got_message) {
           got_message = true;
           watchdog.Disarm();
         }
-        view.OnEvent(event);
+        view.OnEvent(event, snapshot);
         if (StdoutFailed()) {
           // Nobody sees the progress any more (a full disk under `watch > file`): stop rather
           // than watch on for days; main() reports the failed write (client/output.h).
@@ -961,7 +987,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
   view.Finish();
   const v1::JobInfo& job = view.job();
   std::cout << "\njob " << job.job_id() << " " << JobStateName(job.state()) << "\n";
-  if (!job.error().empty()) std::cout << "error: " << job.error() << "\n";
+  if (!job.error().empty()) std::cout << "error: " << PrintableLines(job.error(), "\n       ") << "\n";
   std::cout << FormatBestTable(job);
   if (const std::string best = FormatSweepBest(job); !best.empty()) std::cout << "best sweep " << best << "\n";
   return job.state() == v1::JOB_STATE_SUCCEEDED ? 0 : 1;

@@ -375,10 +375,12 @@ class Scheduler {
     // Per group that shipped lines for the task: its highest own line number (ShipLogsRequest).
     std::map<std::string, int64_t> group_seq;
     uint64_t written = 0;  // logs_clock_ at the last append
+    int64_t log_id = 0;    // GetLogsResponse.TaskLog.log_id: microseconds since the epoch at its start
   };
   mutable absl::Mutex logs_mu_ ABSL_ACQUIRED_AFTER(mu_);
   std::unordered_map<std::string, TaskLog> logs_ ABSL_GUARDED_BY(logs_mu_);
   uint64_t logs_clock_ ABSL_GUARDED_BY(logs_mu_) = 0;
+  int64_t last_log_id_ ABSL_GUARDED_BY(logs_mu_) = 0;  // log_ids increase, across restarts too (the clock)
 
   absl::Notification reaper_wake_;  // Shutdown
   std::atomic<bool> shutdown_{false};

@@ -212,6 +212,10 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
   const int attempt = task->second.info.attempt();
   absl::MutexLock lock(&logs_mu_);
   TaskLog& log = logs_[request.task_id()];
+  if (log.log_id == 0) {
+    log.log_id = std::max(last_log_id_ + 1, absl::ToUnixMicros(absl::Now()));
+    last_log_id_ = log.log_id;
+  }
   log.written = ++logs_clock_;
   int64_t& group_seq = log.group_seq[request.group_id()];
   for (const aviary::v1::LogLine& in : request.lines()) {
@@ -277,8 +281,11 @@ absl::StatusOr<aviary::v1::GetLogsResponse> Scheduler::GetLogs(const aviary::v1:
     const TaskLog& log = it->second;
     out->set_dropped(log.dropped);
     out->set_last_seq(log.last_seq);
+    out->set_log_id(log.log_id);
+    auto by_task = request.after_seq_by_task().find(id);
+    const int64_t after = by_task != request.after_seq_by_task().end() ? by_task->second : request.after_seq();
     size_t first = log.lines.size();
-    while (first > 0 && log.lines[first - 1].seq() > request.after_seq()) --first;
+    while (first > 0 && log.lines[first - 1].seq() > after) --first;
     if (request.limit() > 0 && log.lines.size() - first > static_cast<size_t>(request.limit())) {
       first = log.lines.size() - static_cast<size_t>(request.limit());
     }

@@ -368,6 +368,12 @@ grpc::Status JobServiceImpl::GetLogs(grpc::ServerContext* context, const aviary:
     if (request->limit() < 0 || request->limit() > 100000) {
       return absl::InvalidArgumentError(absl::StrCat("field 'limit': ", request->limit(), " is outside 0..100000"));
     }
+    for (const auto& [task_id, after] : request->after_seq_by_task()) {
+      if (after < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("field 'after_seq_by_task[", Shown(task_id), "]': ", after, " must be >= 0"));
+      }
+    }
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetLogs(*request));
     return absl::OkStatus();
   });

@@ -184,6 +184,8 @@ TEST(ClientFormatTest, WatchRowsFitTheTerminalRunningTasksFirst) {
 TEST(ClientFormatTest, ControlCharactersInNamesArePrintedEscaped) {
   EXPECT_EQ(PrintableText("evil\n\x1b[31mred\x7f"), "evil\\x0a\\x1b[31mred\\x7f");
   EXPECT_EQ(PrintableText("caf\xc3\xa9 run"), "caf\xc3\xa9 run");  // UTF-8 stays
+  // The C1 controls (U+0080..U+009F): U+009B is CSI on terminals that honour them.
+  EXPECT_EQ(PrintableText("x\xc2\x9b" "31mred\xc2\x80\xc2\xa0"), "x\\u009b31mred\\u0080\xc2\xa0");
   v1::JobInfo job;
   job.set_job_id("j0123456789ab");
   job.set_name("a\nb");

@@ -2685,6 +2685,38 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   EXPECT_LE(bytes, Scheduler::kMaxLogBytesPerTask);
   EXPECT_EQ(got.tasks(0).last_seq(), 3 + 1 + 200);
   EXPECT_EQ(got.tasks(0).lines(got.tasks(0).lines_size() - 1).seq(), 204);
+
+  // One poll for every task, each from its own seq (aviary logs --follow).
+  const std::string finetune = got.job().tasks(1).task_id();
+  ASSERT_TRUE(ship(group, finetune, {"f one", "f two"}).ok());
+  GetLogsRequest each;
+  each.set_job_id(job_id);
+  (*each.mutable_after_seq_by_task())[pretrain] = 202;
+  (*each.mutable_after_seq_by_task())[finetune] = 1;
+  GetLogsResponse both;
+  ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), each, &both).ok());
+  ASSERT_EQ(both.tasks_size(), 3);
+  ASSERT_EQ(both.tasks(0).lines_size(), 2);
+  EXPECT_EQ(both.tasks(0).lines(0).seq(), 203);
+  ASSERT_EQ(both.tasks(1).lines_size(), 1);
+  EXPECT_EQ(both.tasks(1).lines(0).text(), "f two");
+  (*each.mutable_after_seq_by_task())[finetune] = -1;
+  status = jobs_->GetLogs(Ctx().get(), each, &both);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "after_seq_by_task")) << status.error_message();
+
+  // Each task's log has an id; a restart starts the logs afresh (in memory), numbered from 1
+  // again, under a new, larger id: a follower knows to read them from their start.
+  const int64_t before = logs(pretrain, 0, 0).tasks(0).log_id();
+  EXPECT_GT(before, 0);
+  EXPECT_NE(logs(finetune, 0, 0).tasks(0).log_id(), before);
+  EXPECT_EQ(logs(got.job().tasks(2).task_id(), 0, 0).tasks(0).log_id(), 0);  // no line yet
+  Restart();
+  ASSERT_TRUE(ship(group, pretrain, {"after the restart"}).ok());
+  got = logs(pretrain, 0, 0);
+  ASSERT_EQ(got.tasks(0).lines_size(), 1);
+  EXPECT_EQ(got.tasks(0).lines(0).seq(), 1);
+  EXPECT_GT(got.tasks(0).log_id(), before);
 }
 
 TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {

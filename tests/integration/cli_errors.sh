@@ -138,6 +138,9 @@ expect "AVIARY_COORDINATOR: expected HOST:PORT, got 'coord' (e.g. coord:7070)" e
 expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.1:'" "$aviary" --coordinator 127.0.0.1: list
 expect "AVIARY_COORDINATOR: expected HOST:PORT with a port in 1..65535, got 'coord:70000'" \
   env AVIARY_COORDINATOR=coord:70000 "$aviary" status j0123456789ab
+# A port with junk after its digits was dialed as the digits ("ipv4:127.0.0.1:7070").
+expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.1:7070x'" \
+  "$aviary" --coordinator 127.0.0.1:7070x list
 # A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
 printf '\357\273\277the-token\n' > "$tmp/bom.token"
 out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?
@@ -180,6 +183,12 @@ if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
   kill -TERM $coord_pid; wait $coord_pid
   if [ $rc -ne 1 ] || ! grep -qF "job $job CANCELLED" "$tmp/watch.out" || grep -qF -- "--tls-ca" "$tmp/watch.out"; then
     fail "watch across a coordinator restart -> rc=$rc:"; sed 's/^/    /' "$tmp/watch.out"
+  else
+    ok
+  fi
+  # The job's header line once (with its task count), not the state again at each reconnect.
+  if [ "$(grep -c "job $job PENDING" "$tmp/watch.out")" -ne 1 ] || ! grep -q "job $job PENDING.*, [0-9]* tasks" "$tmp/watch.out"; then
+    fail "watch: one header line 'job $job PENDING ..., N tasks' across the restart:"; sed 's/^/    /' "$tmp/watch.out"
   else
     ok
   fi
