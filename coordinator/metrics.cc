@@ -141,6 +141,12 @@ void CoordinatorMetrics::SetTaskRunning(const aviary::v1::TaskInfo& task, bool r
   task_running_->Add(TaskLabels(task)).Set(running ? 1 : 0);
 }
 
+void CoordinatorMetrics::StartAttempt(const aviary::v1::TaskInfo& task) {
+  absl::MutexLock lock(&mu_);
+  const prometheus::Labels labels = TaskLabels(task);
+  if (task_last_progress_->Has(labels)) task_last_progress_->Remove(&task_last_progress_->Add(labels));
+}
+
 void CoordinatorMetrics::AddTaskRestarts(const aviary::v1::TaskInfo& task, int restarts) {
   absl::MutexLock lock(&mu_);
   prometheus::Counter& counter = task_restarts_->Add(TaskLabels(task));

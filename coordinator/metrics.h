@@ -41,9 +41,13 @@ class CoordinatorMetrics {
   void ObservePoint(const aviary::v1::TaskInfo& task, const aviary::v1::Metrics& point,
                     int64_t time_unix_ms);
   void SetTaskRunning(const aviary::v1::TaskInfo& task, bool running);
+  // A new attempt of the task was leased: drops its last-progress timestamp, which the new
+  // attempt's first report sets again (deploy/prometheus/alerts.yml: AviaryTaskNeverReported
+  // until then, AviaryTaskStalled after).
+  void StartAttempt(const aviary::v1::TaskInfo& task);
   void AddTaskRestarts(const aviary::v1::TaskInfo& task, int restarts);
-  // Drops every series of the task (its job was deleted): /metrics then shows what a restarted
-  // coordinator, which reads only the stored jobs, would.
+  // Drops every series of the task (its job was deleted, or pruned by retention): /metrics then
+  // shows what a restarted coordinator, which exports neither, would.
   void RemoveTask(const aviary::v1::TaskInfo& task);
   // Sets aviary_jobs{state} for every state.
   void SetJobCounts(const std::map<aviary::v1::JobState, int>& counts);

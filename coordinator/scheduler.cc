@@ -193,6 +193,9 @@ absl::Status Scheduler::Restore() {
   if (metrics_ != nullptr) {
     for (const auto& [id, task] : tasks_) {
       const TaskInfo& info = task.info;
+      // A pruned job (retention, aviary prune: its tasks' manifest references are gone) exports
+      // no series again.
+      if (TerminalJob(jobs_.at(info.job_id()).row.info.state()) && task.manifest_hash.empty()) continue;
       metrics_->SetTaskRunning(info, info.state() == aviary::v1::TASK_STATE_LEASED);
       metrics_->AddTaskRestarts(info, info.restarts());
       auto end = epoch_ends.find(id);
@@ -383,7 +386,15 @@ void Scheduler::ApplyChanges(Changes* changes) {
       if (task.info.restarts() > current.info.restarts()) {
         metrics_->AddTaskRestarts(task.info, task.info.restarts() - current.info.restarts());
       }
-      metrics_->SetTaskRunning(task.info, task.info.state() == aviary::v1::TASK_STATE_LEASED);
+      const bool leased = task.info.state() == aviary::v1::TASK_STATE_LEASED;
+      if (leased && (current.info.state() != aviary::v1::TASK_STATE_LEASED ||
+                     current.info.attempt() != task.info.attempt())) {
+        // A new attempt: its silence counts from its own first report (the earlier attempt's
+        // timestamp made AviaryTaskStalled fire on a task leased again after a wait, and kept
+        // AviaryTaskNeverReported from ever firing for it).
+        metrics_->StartAttempt(task.info);
+      }
+      metrics_->SetTaskRunning(task.info, leased);
     }
     current = std::move(task);
   }
@@ -1781,7 +1792,11 @@ absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_
     absl::MutexLock lock(&mu_);
     for (const std::string& job_id : due) {
       pruned_.insert(job_id);
-      for (const std::string& task_id : jobs_.at(job_id).task_ids) tasks_.at(task_id).manifest_hash.clear();
+      for (const std::string& task_id : jobs_.at(job_id).task_ids) {
+        tasks_.at(task_id).manifest_hash.clear();
+        // Its series leave /metrics: per-task series of every job ever run would grow for ever.
+        if (metrics_ != nullptr) metrics_->RemoveTask(tasks_.at(task_id).info);
+      }
     }
   }
   return response;

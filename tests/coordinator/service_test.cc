@@ -593,6 +593,38 @@ TEST_F(CoordinatorServiceTest, GroupsLostTogetherLeaveNoReadyTaskInAFailedJob) {
   EXPECT_FALSE(Lease(d).available());
 }
 
+// deploy/prometheus/alerts.yml: AviaryTaskNeverReported fires for a leased task without a
+// last-progress timestamp, AviaryTaskStalled for one whose timestamp is old. A new attempt has
+// reported nothing yet: the earlier attempt's timestamp must not stand for it.
+TEST_F(CoordinatorServiceTest, ANewAttemptStartsWithoutTheLastAttemptsProgressTimestamp) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.5)}, &cancel).ok());
+  const std::vector<std::string> labels{"job_id=\"" + job_id + "\"", "stage=\"pretrain\""};
+  auto sample = [&](const char* name, double* value) {
+    return FindSample(HttpGet(coordinator_->metrics_port(), "/metrics"), name, labels, value);
+  };
+  double value = 0;
+  ASSERT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("lost a rank");
+  fail.set_retryable(true);
+  FailTaskResponse fail_response;
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
+  ASSERT_EQ(Lease(a).task().attempt(), 2);
+  ASSERT_TRUE(sample("aviary_task_running", &value));
+  EXPECT_EQ(value, 1);
+  EXPECT_FALSE(sample("aviary_task_last_progress_timestamp_seconds", &value)) << value;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.6)}, &cancel).ok());
+  EXPECT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
+}
+
 TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsTheJob) {
   Start();
   const std::string job_id = Submit();
@@ -2155,6 +2187,11 @@ TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
   EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=1", done), 1);
   EXPECT_EQ(GetJob(done).state(), JOB_STATE_SUCCEEDED);
   EXPECT_EQ(GetJob(other).state(), JOB_STATE_PENDING);
+  // A pruned job's series leave /metrics (they grew with every job ever run), after a restart too.
+  EXPECT_FALSE(absl::StrContains(HttpGet(coordinator_->metrics_port(), "/metrics"), done));
+  Restart();
+  EXPECT_FALSE(absl::StrContains(HttpGet(coordinator_->metrics_port(), "/metrics"), done));
+  EXPECT_TRUE(absl::StrContains(HttpGet(coordinator_->metrics_port(), "/metrics"), other));
   // The same data submitted again after its manifest was pruned: built and stored anew.
   const std::string again = Submit({"stages.finetune.enabled=false"});
   EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);
