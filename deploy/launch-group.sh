@@ -12,7 +12,8 @@
 # SIGCONT, which the ranks take as a stop, SIGTERM --stop-timeout seconds later and SIGKILL after
 # as long again, and exits only then, about 2 x --stop-timeout after the signal; measured.)
 # Ranks that have not exited --stop-timeout seconds after SIGUSR2, or a second signal to this
-# script, get that: SIGTERM to mpirun.
+# script, get that: SIGTERM to mpirun. Exit 0 after a clean stop; after one that needed SIGTERM,
+# mpirun's exit code (1 if that was 0).
 set -euo pipefail
 
 usage() {
@@ -252,8 +253,14 @@ fi
 command -v "$mpirun" >/dev/null 2>&1 || die "--mpirun '$mpirun': not found"
 command -v "$worker" >/dev/null 2>&1 || die "--worker '$worker': not found (build it, or pass --worker)"
 
+# Where the stop's SIGTERM fallback notes that it fired (a subshell cannot set our variables).
+forced_file=$(mktemp "${TMPDIR:-/tmp}/aviary-launch.XXXXXX") || die "mktemp failed"
+rm -f "$forced_file"
 # shellcheck disable=SC2317  # called from traps
-cleanup() { if [ -n "$sd_file" ]; then rm -f "$sd_file"; fi; }
+cleanup() {
+  if [ -n "$sd_file" ]; then rm -f "$sd_file"; fi
+  rm -f "$forced_file"
+}
 trap cleanup EXIT
 if [ -n "$sd_file" ]; then
   mkdir -p "$sd_dir"
@@ -270,6 +277,7 @@ killer=""
 forward() {
   if [ "$stopping" -eq 1 ]; then
     echo "launch-group.sh: $1 again: SIGTERM to mpirun" >&2
+    : >"$forced_file"
     if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
     return
   fi
@@ -280,7 +288,7 @@ forward() {
 # shellcheck disable=SC2317  # called from forward
 stop_mpirun() {
   kill -USR2 "$pid" 2>/dev/null || true
-  (sleep "$stop_timeout"; kill -TERM "$pid" 2>/dev/null) >/dev/null 2>&1 &
+  (sleep "$stop_timeout"; : >"$forced_file"; kill -TERM "$pid" 2>/dev/null) >/dev/null 2>&1 &
   killer=$!
 }
 pid=""
@@ -304,7 +312,16 @@ while [ -z "$rc" ]; do
 done
 if [ -n "$killer" ]; then kill "$killer" 2>/dev/null || true; fi
 if [ "$stopping" -eq 1 ]; then
-  # mpirun exits non-zero after SIGTERM even when every rank stopped cleanly.
+  if [ -e "$forced_file" ]; then
+    # The ranks did not all stop on SIGUSR2 in time (or a second signal asked for SIGTERM):
+    # mpirun got SIGTERM and killed what was left. Not a clean stop: say so in the exit code
+    # (systemd and Slurm then show the unit or job as failed).
+    echo "launch-group.sh: the group did not stop within --stop-timeout ${stop_timeout}s of the signal" \
+      "(or a second signal came): mpirun was sent SIGTERM (mpirun exit code $rc)" >&2
+    if [ "$rc" -eq 0 ]; then exit 1; fi
+    exit "$rc"
+  fi
+  # A clean stop: every rank left on SIGUSR2 (mpirun's own exit code then says nothing more).
   echo "launch-group.sh: group stopped by signal (mpirun exit code $rc)" >&2
   exit 0
 fi

@@ -291,6 +291,18 @@ else
   done
   [ -e "$tmp/sd/aviary-group-localhost-19471.json" ] && fail "file_sd target left behind" || ok
   grep -q "stopped by signal" "$tmp/launch.log" && ok || fail "no 'stopped by signal' in: $(cat "$tmp/launch.log")"
+
+  # A group slower to stop (3 s) than --stop-timeout (1 s): the launcher falls back to SIGTERM
+  # to mpirun, and its exit code says the stop was not clean (it said 0).
+  rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped
+  "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 --bind-to none \
+    --worker "$tmp/fake-worker" --stop-timeout 1 >"$tmp/launch2.log" 2>&1 &
+  lpid=$!
+  if wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then kill -TERM $lpid; else fail "the second group did not start"; kill -TERM $lpid; fi
+  wait $lpid; rc=$?
+  [ $rc -ne 0 ] && ok || { fail "launch-group.sh after a stop that needed SIGTERM: rc=0"; sed 's/^/    /' "$tmp/launch2.log"; }
+  grep -q "did not stop within --stop-timeout 1s" "$tmp/launch2.log" && ok ||
+    fail "no 'did not stop within' in: $(cat "$tmp/launch2.log")"
 fi
 
 echo "== Slurm script"
