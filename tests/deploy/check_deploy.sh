@@ -333,7 +333,7 @@ slurm_env=(PATH="$tmp/bin:$PATH" SLURM_JOB_ID=4242 SLURM_JOB_NODELIST="gpu-a[01-
 out=$(env "${slurm_env[@]}" bash "$sbatch_script" 2>&1); rc=$?
 [ $rc -eq 0 ] && ok || fail "sbatch dry run: rc=$rc: $out"
 for want in "gpu-a01 slots=4" "gpu-a02 slots=4" "-np 8 " "--map-by ppr:4:node:PE=8" "--threads 8" \
-            "serve --coordinator coord:7070"; do
+            "serve --coordinator coord:7070" "--metrics-listen 0.0.0.0:9513"; do  # 9471 + 4242 mod 100
   grep -qF -- "$want" <<<"$out" && ok || fail "sbatch dry run: no '$want' in: $out"
 done
 out=$(env "${slurm_env[@]}" AVIARY_LAUNCHER=srun bash "$sbatch_script" 2>&1); rc=$?

@@ -116,6 +116,10 @@ if [ -s "$tmp/g1.mport" ]; then
   /usr/bin/python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)" "${s:-0}" || fail "group: aviary_samples_total is '${s}'"
   grep -qE '^aviary_step_duration_seconds_count\{' <<<"$gm" || fail "group: no aviary_step_duration_seconds histogram"
   grep -qE '^aviary_allreduce_duration_seconds_count\{' <<<"$gm" || fail "group: no aviary_allreduce_duration_seconds histogram"
+  # Idle after the job: its throughput and loader queue read 0, not the last task's values.
+  for name in aviary_samples_per_second aviary_loader_queue_depth; do
+    grep -qE "^$name\{[^}]*\} 0$" <<<"$gm" || fail "group (idle): $(grep -E "^$name\{" <<<"$gm")"
+  done
 else
   fail "the group wrote no metrics port file"
 fi

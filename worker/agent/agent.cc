@@ -298,6 +298,7 @@ absl::Status Agent::ServeRank0() {
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));
     Outcome outcome = RunTask(task);
+    metrics_->EndTask();  // before the outcome reaches the coordinator: an idle group reads 0
     Report0(task, outcome);
     // A fenced task is abandoned: its reports would be refused or would mislead.
     if (task_.fenced) link_->DropTask(task.task_id());

@@ -118,6 +118,12 @@ void GroupMetrics::SetSamplesPerSecond(double v) {
   samples_per_second_->Set(v);
 }
 
+void GroupMetrics::EndTask() {
+  absl::MutexLock lock(&mu_);
+  samples_per_second_->Set(0);
+  queue_depth_->Set(0);
+}
+
 void GroupMetrics::SetConnected(bool connected) {
   absl::MutexLock lock(&mu_);
   connected_value_ = connected ? 1 : 0;

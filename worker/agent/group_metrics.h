@@ -43,6 +43,9 @@ class GroupMetrics {
   void OnStep(const StepStats& s);  // rank 0's step: its duration, all-reduce, loader
   void AddSamples(int64_t n);       // the group's samples (every rank's)
   void SetSamplesPerSecond(double v);
+  // The task ended: the throughput and the loader's queue read 0 while the group is idle (they
+  // kept the last task's values, and a dashboard's sum over groups overstated).
+  void EndTask();
   void SetConnected(bool connected);
   void SetBuffered(size_t points);
   // Process-wide counters without the group_id label (they survive a new registration).
