@@ -153,7 +153,8 @@ int RunTrain(const TrainArgs& args) {
       aviary::common::WriteLineToStderr(absl::StrCat(
           "aviary-worker train: stopped by ",
           aviary::worker::Signalled() ? aviary::worker::StopSignalName() : "a signal to another rank", ": ",
-          st.message(), "; run the same command again to resume"));
+          st.message(), args.no_resume ? "; run the same command without --no-resume to resume"
+                                        : "; run the same command again to resume"));
     }
     return 143;
   }
@@ -365,7 +366,9 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   AddNumber(t, "--fold", &train->options.fold, "K", "the validation fold", 0, 1000000)->required();
   t->add_option("--out", train->options.out_dir, "the run folder")->type_name("RUN")->required();
   t->add_option("--init", train->options.init_checkpoint, "start from this checkpoint's weights")->type_name("CKPT");
-  t->add_flag("--no-resume", train->no_resume, "start over even if RUN holds last.pt");
+  t->add_flag("--no-resume", train->no_resume,
+              "start over even if RUN holds last.pt (its last.pt, last.prev.pt and best.pt are moved aside to "
+              "*.replaced)");
   t->add_flag("--extend-epochs", train->extend_epochs,
               "resume RUN although its config had other epochs (train on to the new count)");
   t->add_option("--device", train->device, "auto uses the GPU when libtorch has CUDA")

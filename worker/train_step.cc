@@ -1,5 +1,6 @@
 #include "worker/train_step.h"
 
+#include <cmath>
 #include <limits>
 #include <utility>
 
@@ -141,12 +142,38 @@ bool TrainStep::Apply() {
   }
   pending_ = 0;
   last_grad_norm_ = std::numeric_limits<double>::quiet_NaN();
+  skipped_nonfinite_ = false;
   at::Tensor norm;
+  if (train_.skip_nonfinite) {
+    // A finite loss can still give a non-finite gradient (backward through sqrt at 0, a bf16
+    // overflow); stepped on, it makes every weight NaN on every rank. Checked on the gradients
+    // the ranks share after the all-reduce (equal on every rank, so they all decide alike),
+    // at the price of one wait for the device before the step.
+    norm = GradNorm(params);
+    const double value = norm.defined() ? norm.item<double>() : 0.0;
+    if (!std::isfinite(value)) {
+      for (at::Tensor& p : params) p.mutable_grad() = at::Tensor();
+      skipped_nonfinite_ = true;
+      last_grad_norm_ = value;
+      return false;
+    }
+    last_grad_norm_ = value;
+  }
   if (train_.grad_clip_norm > 0) norm = ClipGradients(params, train_.grad_clip_norm);
   optimizer_->Step();
   // Read after the step is queued: on a GPU the host then waits while the step runs, not before.
   if (train_.grad_clip_norm > 0) last_grad_norm_ = norm.defined() ? norm.item<double>() : 0.0;
   return true;
+}
+
+at::Tensor GradNorm(const std::vector<at::Tensor>& params) {
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> norms;
+  for (const at::Tensor& p : params) {
+    if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2.0).to(at::kFloat));
+  }
+  if (norms.empty()) return at::Tensor();
+  return at::stack(norms).norm(2.0);
 }
 
 at::Tensor ClipGradients(const std::vector<at::Tensor>& params, double max_norm) {
@@ -156,10 +183,7 @@ at::Tensor ClipGradients(const std::vector<at::Tensor>& params, double max_norm)
     if (p.grad().defined()) grads.push_back(p.grad());
   }
   if (grads.empty()) return at::Tensor();
-  std::vector<at::Tensor> norms;
-  norms.reserve(grads.size());
-  for (const at::Tensor& g : grads) norms.push_back(g.detach().norm(2.0).to(at::kFloat));
-  at::Tensor total = at::stack(norms).norm(2.0);
+  at::Tensor total = GradNorm(params);
   // As torch: the factor clamped to 1 and always applied (x 1.0 changes nothing), no sync.
   const at::Tensor coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
   for (at::Tensor& g : grads) g.mul_(coef.to(g.device(), g.scalar_type()));

@@ -101,15 +101,20 @@ class TrainStep {
   // the accumulator when grad_accum_steps > 1 (see the file comment).
   absl::Status Backward(const at::Tensor& loss);
   // The optimizer step on what Backward() gathered since the last Apply (clipped when
-  // train.grad_clip_norm > 0). False, without a step, when no micro-batch was gathered.
+  // train.grad_clip_norm > 0). False, without a step, when no micro-batch was gathered, and
+  // with train.skip_nonfinite when the gradient's norm is not finite (the gradients are then
+  // dropped: skipped_nonfinite()).
   bool Apply();
+  // Whether the last Apply() skipped the step for a non-finite gradient (its norm: last_grad_norm()).
+  bool skipped_nonfinite() const { return skipped_nonfinite_; }
   // A micro-batch whose backward ran elsewhere (a CUDA graph's replay wrote .grad): counted
   // for Apply() like one Backward() gathered. Only without a reducer and with
   // grad_accum_steps 1 (GraphedModelStep's conditions).
   void AddGraphedMicroBatch() { ++pending_; }
   // Micro-batches gathered since the last Apply().
   int pending_micro_batches() const { return pending_; }
-  // The gradient's L2 norm before clipping at the last Apply() (NaN when clipping is off).
+  // The gradient's L2 norm before clipping at the last Apply() (NaN when clipping and
+  // train.skip_nonfinite are off).
   double last_grad_norm() const { return last_grad_norm_; }
 
   // The model (under autocast when on) and the loss; the RNG is the caller's to seed (a CUDA
@@ -133,6 +138,7 @@ class TrainStep {
   std::vector<at::Tensor> accum_;  // per trainable parameter (grad_accum_steps > 1)
   int pending_ = 0;
   double last_grad_norm_ = 0;
+  bool skipped_nonfinite_ = false;
 };
 
 // torch.nn.utils.clip_grad_norm_ (norm_type 2, error_if_nonfinite false) over the gradients of
@@ -141,6 +147,9 @@ double ClipGradNorm(const std::vector<at::Tensor>& params, double max_norm);
 // The same without waiting for the device: the total norm as a 0-d float32 tensor on the
 // gradients' device (undefined when no parameter has a gradient), to be read later.
 at::Tensor ClipGradients(const std::vector<at::Tensor>& params, double max_norm);
+// The L2 norm of the parameters' gradients (those defined), a 0-d float tensor on their device,
+// not read; undefined when none has a gradient.
+at::Tensor GradNorm(const std::vector<at::Tensor>& params);
 
 }  // namespace aviary::worker
 

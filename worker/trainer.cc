@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <cstdio>
 #include <limits>
@@ -461,7 +463,9 @@ struct Trainer::State {
   // step (rank 0; every rank learns the outcome), then CANCELLED.
   absl::Status StopMidEpoch(const EpochTally& t, int64_t next);
   // The epoch's monitor value into best / early stopping; true when the run stops early here.
-  bool TrackMonitor(EpochRecord* record);
+  // `write_best`: the epoch improved on best.pt's value (the re-run of an adopted best epoch
+  // that does not do better is marked best, and leaves best.pt as it is).
+  bool TrackMonitor(EpochRecord* record, bool* write_best);
   // TrainBatch's parts.
   StepSeeds SeedsFor(int epoch, int64_t s) const;
   void InjectFault(at::Tensor* loss) const;
@@ -495,6 +499,7 @@ struct Trainer::State {
   absl::Status JoinGroup();
   int64_t ResumeBatch(const CheckpointMeta& meta, const std::string& last) const;
   void AdoptNewerBest(const CheckpointMeta& last);
+  void RemoveStaleTemporaries() const;
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
@@ -796,9 +801,54 @@ absl::Status Trainer::State::BuildModel() {
   return absl::OkStatus();
 }
 
+// What a write killed between its temporary file and the rename left ("last.pt.tmp.<pid>": a
+// SIGKILL after the stop's grace time, an OOM kill), a checkpoint's size each: a run folder
+// preempted often would fill up with them. Nothing writes the folder before this run does.
+void Trainer::State::RemoveStaleTemporaries() const {
+  std::error_code ec;
+  int removed = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(options.out_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    for (const char* ours : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "config.yaml"}) {
+      const std::string prefix = absl::StrCat(ours, ".tmp.");
+      if (!absl::StartsWith(name, prefix) || name.size() == prefix.size() ||
+          name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) {
+        continue;
+      }
+      std::error_code gone;
+      if (std::filesystem::remove(entry.path(), gone)) ++removed;
+    }
+  }
+  if (removed > 0) {
+    Log().Info(absl::StrCat("removed ", removed, " temporary file(s) an interrupted write left in ", options.out_dir));
+  }
+}
+
 // Restores the newest valid checkpoint of the run folder (last.pt, last.prev.pt) when asked.
 absl::Status Trainer::State::Resume() {
-  if (!options.resume) return absl::OkStatus();
+  if (rank == 0) RemoveStaleTemporaries();
+  if (!options.resume) {
+    // Starting over (--no-resume): the earlier run's checkpoints are moved aside, not left for a
+    // later resume to pick (the highest epoch wins: an abandoned epoch 9 over this run's epoch 0)
+    // or to adopt as best.pt. Rank 0 writes the run folder.
+    if (rank != 0) return absl::OkStatus();
+    std::vector<std::string> moved;
+    for (const char* name : {"last.pt", "last.prev.pt", "best.pt"}) {
+      const std::string path = Path(name);
+      if (::access(path.c_str(), F_OK) != 0) continue;
+      const std::string aside = path + ".replaced";
+      if (::rename(path.c_str(), aside.c_str()) != 0) {
+        return absl::FailedPreconditionError(absl::StrCat("--no-resume: cannot move ", path, " aside to ", aside, ": ",
+                                                          std::strerror(errno), " (it would be resumed later)"));
+      }
+      moved.push_back(name);
+    }
+    if (!moved.empty()) {
+      Log().Info(absl::StrCat("starting over (--no-resume): the earlier run's ", absl::StrJoin(moved, ", "),
+                              " moved aside to *.replaced in ", options.out_dir));
+    }
+    return absl::OkStatus();
+  }
   std::vector<ResumeCandidate> candidates;
   for (const char* name : {"last.pt", "last.prev.pt"}) {
     const std::string path = Path(name);
@@ -850,8 +900,11 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
   // compare at their defaults.
   absl::StatusOr<common::PipelineConfig> before = common::ParsePipelineConfig(meta.config_yaml, path + " config");
   if (!before.ok()) {
-    Log().Warn(absl::StrCat("resume: cannot compare configs: ", before.status().message()));
-    return absl::OkStatus();
+    // Not compared is not the same: resuming would go on with whatever config is given now.
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": its config cannot be compared with this run's (", before.status().message(),
+        "): written by another version of aviary? Resume with that version, or start over (--no-resume, which "
+        "moves the checkpoints aside, or another --out)"));
   }
   // What this stage trains with: its effective train.* settings under `train`, no stage
   // overrides (the other stage's settings do not matter to this run).
@@ -1226,6 +1279,18 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     return absl::OkStatus();
   }
   const bool applied = step_fn->Apply();
+  if (step_fn->skipped_nonfinite()) {
+    // train.skip_nonfinite: a finite loss whose gradient is not (the same on every rank: it
+    // was checked after the all-reduce).
+    ++skipped_steps;
+    Log().Warn(absl::StrCat("skipped: non-finite gradient (norm ", step_fn->last_grad_norm(), ") at epoch ", t->epoch,
+                            " step ", s));
+  } else if (applied && train.grad_clip_norm > 0 && !std::isfinite(step_fn->last_grad_norm())) {
+    // Stepped on (the norm is read after the step is queued): the weights are not finite now.
+    return absl::DataLossError(absl::StrCat("non-finite gradient (norm ", step_fn->last_grad_norm(), ") at epoch ",
+                                            t->epoch, " step ", s, " with a finite loss; the weights are no longer "
+                                            "finite (set train.skip_nonfinite to skip such steps)"));
+  }
   if (applied) {
     ++step;
     if (ema) ema->Update(*model);
@@ -1438,15 +1503,18 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
   return record;
 }
 
-bool Trainer::State::TrackMonitor(EpochRecord* record) {
+bool Trainer::State::TrackMonitor(EpochRecord* record, bool* write_best) {
   const double value = MonitorValue(train.monitor, *record);
+  *write_best = false;
   if (Better(value)) {
     best_value = value;
     best_epoch = record->epoch;
     record->best = true;
+    *write_best = true;
     for (auto& h : history) h.best = false;
   } else if (record->epoch == best_epoch) {
-    // The re-run of the epoch whose best.pt was adopted (AdoptNewerBest): best.pt stays its.
+    // The re-run of the epoch whose best.pt was adopted (AdoptNewerBest), not better: best.pt
+    // stays that earlier run's (not written again), and stays this epoch's in the history.
     record->best = true;
     for (auto& h : history) h.best = false;
   }
@@ -1627,9 +1695,10 @@ absl::Status Trainer::Run() {
     if (epoch == s.start_epoch && s.valid_loader) {  // the same clips every validation: said once
       ReportBrokenClips(s.valid_loader->Stats(), "validation clips left out", " (from every validation)");
     }
-    const bool stop_early = s.TrackMonitor(&*record);
+    bool write_best = false;
+    const bool stop_early = s.TrackMonitor(&*record, &write_best);
     s.history.push_back(*record);
-    if (writer) wrote = s.WriteEpochFiles(epoch, record->best, write);
+    if (writer) wrote = s.WriteEpochFiles(epoch, write_best, write);
     AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, absl::StrCat("epoch ", epoch, "'s files")));
     Log().Info(absl::StrFormat(
         "epoch %d/%d: lr %.3g loss %.4f acc %.4f | val loss %.4f auc %.4f roc_auc %.4f cmap %.4f "

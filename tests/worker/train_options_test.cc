@@ -8,7 +8,9 @@
 #include "worker/trainer.h"
 
 #include <ATen/Context.h>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/utils/clip_grad.h>
@@ -88,6 +90,42 @@ TEST(GradAccumTest, AccumulatedMicroBatchesEqualOneLargerBatch) {
     EXPECT_LT(diff, 2e-6) << "K = " << k;
     EXPECT_GT(MaxDifference(*model_big, *Model(7)), 1e-3) << "the parameters should have moved";
   }
+}
+
+// train.skip_nonfinite: a finite loss whose gradient is not (backward through sqrt at 0, a
+// bf16 overflow) skips the optimizer step; it used to step and turn every weight into NaN.
+TEST(NonFiniteGradientTest, AStepWithANonFiniteGradientIsSkippedWhenAsked) {
+  common::PipelineConfig config;
+  common::TrainConfig train;
+  train.skip_nonfinite = true;
+  auto model = Model(3);
+  auto before = Model(3);
+  model->eval();
+  auto optimizer = AdamOptimizer::FromConfig(train, *model);
+  ASSERT_TRUE(optimizer.ok());
+  const c10::Device cpu(c10::kCPU);
+  TrainStep step(config, train, nullptr, model.get(), optimizer->get(), nullptr, cpu, false);
+  at::manual_seed(5);
+  at::Tensor x = at::randn({4, 1, 32, 24});
+  at::Tensor y = at::one_hot(at::randint(0, 5, {4}, at::kLong), 5).to(at::kFloat);
+  StepForward fwd = step.ForwardFeatures(x, y, 1);
+  ASSERT_TRUE(std::isfinite(fwd.loss.item<double>()));
+  ASSERT_TRUE(step.Backward(fwd.loss).ok());
+  {
+    torch::NoGradGuard no_grad;
+    model->parameters()[0].mutable_grad().view(-1)[0] = std::numeric_limits<float>::infinity();
+  }
+  EXPECT_FALSE(step.Apply());
+  EXPECT_TRUE(step.skipped_nonfinite());
+  EXPECT_FALSE(std::isfinite(step.last_grad_norm()));
+  EXPECT_EQ(MaxDifference(*model, *before), 0.0) << "a skipped step moves nothing";
+  for (const at::Tensor& p : model->parameters()) EXPECT_FALSE(p.grad().defined());
+  // The next step, finite, is taken.
+  ASSERT_TRUE(step.Backward(step.ForwardFeatures(x, y, 1).loss).ok());
+  EXPECT_TRUE(step.Apply());
+  EXPECT_FALSE(step.skipped_nonfinite());
+  EXPECT_TRUE(std::isfinite(step.last_grad_norm()));
+  EXPECT_GT(MaxDifference(*model, *before), 0.0);
 }
 
 // An optimizer step made of fewer micro-batches than grad_accum_steps (the end of an epoch) is

@@ -197,6 +197,8 @@ TEST_F(TrainerTest, ABestCheckpointNewerThanTheResumedOneIsKept) {
     ASSERT_TRUE(model.ok()) << model.status();
     ASSERT_TRUE(SaveCheckpoint(o.out_dir + "/best.pt", **model, nullptr, *meta).ok());
   }
+  auto kept = ReadCheckpointTensors(o.out_dir + "/best.pt");
+  ASSERT_TRUE(kept.ok()) << kept.status();
   o.extend_epochs = true;  // on to 3 epochs
   auto second = Trainer::Create(Config(), o);
   ASSERT_TRUE(second.ok()) << second.status();
@@ -205,12 +207,60 @@ TEST_F(TrainerTest, ABestCheckpointNewerThanTheResumedOneIsKept) {
   ASSERT_TRUE(best.ok()) << best.status();
   EXPECT_EQ(best->best_epoch, 2);
   EXPECT_EQ(best->best_value, 0.999);  // not replaced by a worse re-run of epoch 2
+  // Nor its weights: they were written again with the re-run's, under the adopted value.
+  auto weights = ReadCheckpointTensors(o.out_dir + "/best.pt");
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  ASSERT_EQ(weights->size(), kept->size());
+  for (size_t i = 0; i < kept->size(); ++i) {
+    EXPECT_TRUE(at::equal((*weights)[i].second, (*kept)[i].second)) << (*kept)[i].first;
+  }
   const auto& history = (*second)->history();
   ASSERT_EQ(history.size(), 3u);
   for (const EpochRecord& r : history) EXPECT_EQ(r.best, r.epoch == 2) << "epoch " << r.epoch;
   auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
   ASSERT_TRUE(last.ok()) << last.status();
   EXPECT_EQ(last->best_epoch, 2);
+}
+
+// Starting over (--no-resume) in a folder of a finished run, stopped early: a later resume
+// continues the new run. The old run's last.pt (epoch 1) used to stay as last.prev.pt and win
+// over the new run's (epoch 0, mid-epoch) by its higher epoch.
+TEST_F(TrainerTest, StartingOverMovesTheEarlierRunsCheckpointsAside) {
+  TrainOptions o;
+  o.out_dir = Out("over");
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  {
+    auto first = Trainer::Create(two, o);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run().ok());
+  }
+  // What a write killed before its rename leaves (a SIGKILL): removed at the next start.
+  common::WriteFileAtomically(o.out_dir + "/last.pt.tmp.12345", std::string(1000, 'x')).IgnoreError();
+  common::WriteFileAtomically(o.out_dir + "/notes.tmp.1", "mine").IgnoreError();
+  TrainOptions fresh = o;
+  fresh.resume = false;
+  int polls = 0;
+  fresh.should_stop = [&polls] { return ++polls > 2; };
+  {
+    auto over = Trainer::Create(two, fresh);
+    ASSERT_TRUE(over.ok()) << over.status();
+    EXPECT_TRUE(absl::IsCancelled((*over)->Run()));
+  }
+  for (const char* name : {"last.pt", "last.prev.pt", "best.pt"}) {
+    EXPECT_TRUE(fs::exists(o.out_dir + "/" + name + ".replaced")) << name;
+  }
+  EXPECT_FALSE(fs::exists(o.out_dir + "/best.pt"));
+  EXPECT_FALSE(fs::exists(o.out_dir + "/last.pt.tmp.12345"));
+  EXPECT_TRUE(fs::exists(o.out_dir + "/notes.tmp.1"));  // not ours
+  auto stopped = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  EXPECT_EQ(stopped->in_epoch, 0);
+  auto resumed = Trainer::Create(two, o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->history().size(), 0u);  // inside the new run's epoch 0, not after the old run's epoch 1
+  ASSERT_TRUE((*resumed)->Run().ok());
+  EXPECT_EQ((*resumed)->history().size(), 2u);
 }
 
 TEST_F(TrainerTest, ARefusedCommitEndsTheRunAndKeepsThePreviousFiles) {
