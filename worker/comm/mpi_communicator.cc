@@ -1,12 +1,14 @@
 #include "worker/comm/mpi_communicator.h"
 
 #include <chrono>
+#include <limits>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "common/status.h"
 #include "worker/comm/mpi_session.h"
 
 namespace aviary::worker::comm {
@@ -161,15 +163,28 @@ MpiCommunicator::~MpiCommunicator() {
 }
 
 void MpiCommunicator::AnswerQueries() {
+  // Any failure ends the loop: a query that cannot be received stays queued, and probing it
+  // again for ever would keep the caller from its own timeout.
   while (true) {
     int flag = 0;
     MPI_Status status;
     if (MPI_Iprobe(MPI_ANY_SOURCE, kQueryTag, ctl_, &flag, &status) != MPI_SUCCESS || !flag) return;
     int64_t asked = 0;
-    MPI_Recv(&asked, 1, MPI_INT64_T, status.MPI_SOURCE, kQueryTag, ctl_, MPI_STATUS_IGNORE);
+    if (MPI_Recv(&asked, 1, MPI_INT64_T, status.MPI_SOURCE, kQueryTag, ctl_, MPI_STATUS_IGNORE) != MPI_SUCCESS) return;
     int64_t mine = seq_;
-    MPI_Send(&mine, 1, MPI_INT64_T, status.MPI_SOURCE, kAnswerTag, ctl_);
+    if (MPI_Send(&mine, 1, MPI_INT64_T, status.MPI_SOURCE, kAnswerTag, ctl_) != MPI_SUCCESS) return;
   }
+}
+
+// MPI counts elements in an int: a larger tensor would be cut to its low 32 bits (replicas that
+// drift apart silently) or go negative.
+static absl::StatusOr<int> MpiCount(int64_t elements, absl::string_view what) {
+  if (elements > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MPI backend: ", what, " of ", elements, " elements, more than MPI's count can hold (2^31 - 1): "
+        "lower comm.bucket_mb, or use comm.backend nccl"));
+  }
+  return static_cast<int>(elements);
 }
 
 absl::StatusOr<bool> MpiCommunicator::TestRequest(MPI_Request* request) {
@@ -182,7 +197,7 @@ absl::StatusOr<bool> MpiCommunicator::TestRequest(MPI_Request* request) {
 std::string MpiCommunicator::NotArrived(int64_t seq) {
   for (int r = 0; r < world_size_; ++r) {
     if (r == rank_) continue;
-    MPI_Send(&seq, 1, MPI_INT64_T, r, kQueryTag, ctl_);
+    (void)MPI_Send(&seq, 1, MPI_INT64_T, r, kQueryTag, ctl_);  // a rank not asked shows as "no answer"
   }
   std::vector<int64_t> at(world_size_, -1);
   at[rank_] = seq;
@@ -193,13 +208,15 @@ std::string MpiCommunicator::NotArrived(int64_t seq) {
     AnswerQueries();
     int flag = 0;
     MPI_Status status;
-    MPI_Iprobe(MPI_ANY_SOURCE, kAnswerTag, ctl_, &flag, &status);
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kAnswerTag, ctl_, &flag, &status) != MPI_SUCCESS) break;
     if (!flag) {
       backoff.Pause();
       continue;
     }
     int64_t theirs = 0;
-    MPI_Recv(&theirs, 1, MPI_INT64_T, status.MPI_SOURCE, kAnswerTag, ctl_, MPI_STATUS_IGNORE);
+    if (MPI_Recv(&theirs, 1, MPI_INT64_T, status.MPI_SOURCE, kAnswerTag, ctl_, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+      break;
+    }
     if (at[status.MPI_SOURCE] < 0) ++answered;
     at[status.MPI_SOURCE] = theirs;
   }
@@ -256,14 +273,14 @@ absl::StatusOr<std::unique_ptr<Work>> MpiCommunicator::AllReduceAsync(at::Tensor
   if (!tensor.is_contiguous()) {
     return absl::InvalidArgumentError("MPI backend: AllReduce needs a contiguous tensor");
   }
+  AVIARY_ASSIGN_OR_RETURN(const int count, MpiCount(tensor.numel(), "all-reduce"));
   at::Tensor staged = Stage(tensor, widen);
   const int64_t seq = ++seq_;
   auto work = std::make_unique<MpiWork>(
       this, tensor, staged, seq,
       absl::StrCat("all-reduce of ", tensor.numel(), " ", c10::toString(tensor.scalar_type())));
   if (tensor.numel() > 0) {
-    AVIARY_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, staged.data_ptr(),
-                                    static_cast<int>(staged.numel()), *type, WireOp(op), comm_,
+    AVIARY_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, staged.data_ptr(), count, *type, WireOp(op), comm_,
                                     work->request()));
   }
   return std::unique_ptr<Work>(std::move(work));
@@ -276,13 +293,13 @@ absl::Status MpiCommunicator::Broadcast(at::Tensor tensor, int root) {
   if (!type.ok()) return type.status();
   if (!tensor.is_contiguous())
     return absl::InvalidArgumentError("MPI backend: Broadcast needs a contiguous tensor");
+  AVIARY_ASSIGN_OR_RETURN(const int count, MpiCount(tensor.numel(), "broadcast"));
   at::Tensor staged = Stage(tensor, widen);
   const int64_t seq = ++seq_;
   MpiWork work(this, tensor, staged, seq,
                absl::StrCat("broadcast of ", tensor.numel(), " from rank ", root));
   if (tensor.numel() > 0) {
-    AVIARY_MPI_CHECK(MPI_Ibcast(staged.data_ptr(), static_cast<int>(staged.numel()), *type, root,
-                                comm_, work.request()));
+    AVIARY_MPI_CHECK(MPI_Ibcast(staged.data_ptr(), count, *type, root, comm_, work.request()));
   }
   return work.Wait();
 }
@@ -292,6 +309,7 @@ absl::StatusOr<at::Tensor> MpiCommunicator::AllGather(const at::Tensor& tensor) 
   bool widen = false;
   auto type = WireType(tensor.scalar_type(), &widen);
   if (!type.ok()) return type.status();
+  AVIARY_ASSIGN_OR_RETURN(const int count, MpiCount(tensor.numel(), "all-gather"));
   at::Tensor staged = Stage(tensor.contiguous(), widen);
   std::vector<int64_t> shape = tensor.sizes().vec();
   if (shape.empty()) shape.push_back(1);
@@ -299,9 +317,8 @@ absl::StatusOr<at::Tensor> MpiCommunicator::AllGather(const at::Tensor& tensor) 
   at::Tensor gathered = at::empty(shape, staged.options());
   const int64_t seq = ++seq_;
   MpiWork work(this, gathered, gathered, seq, absl::StrCat("all-gather of ", tensor.numel()));
-  AVIARY_MPI_CHECK(MPI_Iallgather(staged.data_ptr(), static_cast<int>(staged.numel()), *type,
-                                  gathered.data_ptr(), static_cast<int>(staged.numel()), *type,
-                                  comm_, work.request()));
+  AVIARY_MPI_CHECK(MPI_Iallgather(staged.data_ptr(), count, *type, gathered.data_ptr(), count, *type, comm_,
+                                  work.request()));
   absl::Status st = work.Wait();
   if (!st.ok()) {
     if (staged.data_ptr() != tensor.data_ptr()) new at::Tensor(staged);  // NOLINT: MPI may still read it

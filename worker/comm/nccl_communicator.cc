@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status.h"
 #include "worker/comm/mpi_session.h"
 
@@ -139,9 +140,29 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  if (comm_ == nullptr) return;
-  if (aborted_) return;
-  ncclCommDestroy(comm_);
+  if (comm_ == nullptr || aborted_) return;
+  // An error the waits did not see (a collective nobody waited for): abort, as destroy would
+  // wait for it.
+  ncclResult_t async = ncclSuccess;
+  if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || async != ncclSuccess) {
+    (void)Abort(absl::OkStatus());
+    return;
+  }
+  const ncclResult_t rc = ncclCommDestroy(comm_);
+  if (rc != ncclSuccess) {
+    common::Logger("comm").Warn(absl::StrCat("rank ", rank_, ": ncclCommDestroy: ", ncclGetErrorString(rc)));
+  }
+}
+
+absl::Status NcclCommunicator::Abort(absl::Status why) {
+  if (!aborted_) {
+    aborted_ = true;
+    const ncclResult_t rc = ncclCommAbort(comm_);
+    if (rc != ncclSuccess) {
+      common::Logger("comm").Warn(absl::StrCat("rank ", rank_, ": ncclCommAbort: ", ncclGetErrorString(rc)));
+    }
+  }
+  return why;
 }
 
 absl::Status NcclCommunicator::AfterProducers() {
@@ -169,23 +190,24 @@ absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const s
   while (true) {
     cudaError_t q = cudaEventQuery(event);
     if (q == cudaSuccess) return absl::OkStatus();
-    if (q != cudaErrorNotReady) AVIARY_CUDA_CHECK(q);
+    if (q != cudaErrorNotReady) {
+      return Abort(absl::InternalError(CudaErrorMessage("cudaEventQuery", q, __FILE__, __LINE__)));
+    }
     ncclResult_t async = ncclSuccess;
-    AVIARY_NCCL_CHECK(ncclCommGetAsyncError(comm_, &async), comm_);
+    const ncclResult_t got = ncclCommGetAsyncError(comm_, &async);
+    if (got != ncclSuccess) {
+      return Abort(absl::InternalError(NcclErrorMessage("ncclCommGetAsyncError", got, comm_, __FILE__, __LINE__)));
+    }
     if (async != ncclSuccess) {
       std::string msg = NcclErrorMessage(what.c_str(), async, comm_, __FILE__, __LINE__);
-      ncclCommAbort(comm_);
-      aborted_ = true;
-      return absl::InternalError(
-          absl::StrCat("asynchronous NCCL error in collective #", seq, ": ", msg));
+      return Abort(absl::InternalError(
+          absl::StrCat("asynchronous NCCL error in collective #", seq, ": ", msg)));
     }
     if (Clock::now() > deadline) {
-      ncclCommAbort(comm_);
-      aborted_ = true;
-      return absl::DeadlineExceededError(absl::StrCat(
+      return Abort(absl::DeadlineExceededError(absl::StrCat(
           "rank ", rank_, ": collective #", seq, " (", what,
           ") waited longer than comm.timeout_s = ", timeout_s_,
-          " s; NCCL cannot tell which ranks did not arrive (the communicator was aborted)"));
+          " s; NCCL cannot tell which ranks did not arrive (the communicator was aborted)")));
     }
     if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
@@ -207,7 +229,8 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tenso
   AVIARY_NCCL_CHECK(ncclAllReduce(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, NcclOp(op),
                                   comm_, stream()),
                     comm_);
-  AVIARY_RETURN_IF_ERROR(work->Record());
+  // Enqueued: a failure to record its event leaves it in flight with nothing to wait for it.
+  if (absl::Status recorded = work->Record(); !recorded.ok()) return Abort(recorded);
   return std::unique_ptr<Work>(std::move(work));
 }
 
@@ -226,7 +249,7 @@ absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
   AVIARY_NCCL_CHECK(
       ncclBroadcast(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, root, comm_, stream()),
       comm_);
-  AVIARY_RETURN_IF_ERROR(work.Record());
+  if (absl::Status recorded = work.Record(); !recorded.ok()) return Abort(recorded);
   return work.Wait();
 }
 
@@ -246,7 +269,7 @@ absl::StatusOr<at::Tensor> NcclCommunicator::AllGather(const at::Tensor& tensor)
   AVIARY_RETURN_IF_ERROR(AfterProducers());
   AVIARY_NCCL_CHECK(
       ncclAllGather(dev.data_ptr(), out.data_ptr(), dev.numel(), *type, comm_, stream()), comm_);
-  AVIARY_RETURN_IF_ERROR(work.Record());
+  if (absl::Status recorded = work.Record(); !recorded.ok()) return Abort(recorded);
   AVIARY_RETURN_IF_ERROR(work.Wait());
   return out.to(tensor.device());
 }

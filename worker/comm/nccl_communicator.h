@@ -67,6 +67,10 @@ class NcclCommunicator final : public Communicator {
   double timeout_s_;
   // The collectives' stream waits for the work queued so far on the current stream.
   absl::Status AfterProducers();
+  // Aborts the communicator (once) and returns `why`: after an error a collective may be in
+  // flight, which ncclCommDestroy would wait for without end (a peer gone); later waits return
+  // at once.
+  absl::Status Abort(absl::Status why);
 
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;  // torch's pool owns it
