@@ -22,6 +22,17 @@
 namespace aviary::common {
 namespace {
 
+// Whether pandas' read_csv (default na_values, keep_default_na) reads `field` as NaN.
+bool IsPandasNa(absl::string_view field) {
+  static constexpr absl::string_view kNa[] = {"",     "#N/A", "#N/A N/A", "#NA",  "-1.#IND", "-1.#QNAN", "-NaN",
+                                              "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",     "NA",       "NULL",
+                                              "NaN",  "None", "n/a",      "nan",  "null"};
+  for (absl::string_view na : kNa) {
+    if (field == na) return true;
+  }
+  return false;
+}
+
 const Logger& Log() {
   static const Logger logger("catalog");
   return logger;
@@ -184,7 +195,7 @@ absl::StatusOr<std::vector<SourceRow>> ReadSource(const SourceConfig& source,
     row.relative_from = static_cast<uint32_t>(root_prefix.size());
     AppendRelativeAudioPath(layout, s.primary_label, fields[filename_col], &s.filepath);
     s.xc_id = XcIdOf(s.filepath);
-    if (author_col) s.author = std::string(fields[*author_col]);
+    if (author_col && !IsPandasNa(fields[*author_col])) s.author = std::string(fields[*author_col]);
     if (rating_col && !fields[*rating_col].empty()) {
       // strtod needs a terminated string; ratings are short.
       const std::string text_value(fields[*rating_col]);
@@ -227,6 +238,8 @@ std::vector<SourceRead> ReadSources(const std::vector<std::pair<const SourceConf
 }
 
 // The deduplication key (xc_id, primary_label, author) as views into a row that outlives it.
+// An author that pandas' read_csv reads as NaN ("", "NA", "None", "null", ...) is "": the
+// notebook's drop_duplicates takes NaN for equal to NaN, whatever the text was.
 struct DedupKey {
   absl::string_view xc_id, label, author;
   bool operator==(const DedupKey& o) const { return xc_id == o.xc_id && label == o.label && author == o.author; }
@@ -264,6 +277,7 @@ std::vector<Sample> DropUnusable(std::vector<std::vector<SourceRow>>& sources, c
   const std::vector<char> exists = FilesExist(paths);
   std::vector<Sample> kept;
   kept.reserve(static_cast<size_t>(std::count(exists.begin(), exists.end(), 1)));
+  std::vector<absl::flat_hash_set<std::string>> missing_folders(reports.size());
   for (size_t i = 0; i < labelled.size(); ++i) {
     SourceReport& rep = reports[labelled[i].source];
     Sample& s = sources[labelled[i].source][labelled[i].row].sample;
@@ -271,6 +285,11 @@ std::vector<Sample> DropUnusable(std::vector<std::vector<SourceRow>>& sources, c
       ++rep.missing_file_dropped;
       if (static_cast<int>(rep.missing_examples.size()) < kMaxMissingExamples) {
         rep.missing_examples.push_back(s.filepath);
+      }
+      const size_t slash = s.filepath.rfind('/');
+      if (slash != std::string::npos && slash > 0) {
+        std::string folder = s.filepath.substr(0, slash);
+        if (missing_folders[labelled[i].source].insert(folder).second) rep.missing_folders.push_back(std::move(folder));
       }
       continue;
     }

@@ -51,6 +51,9 @@ struct SourceReport {
   int bad_secondary_labels = 0;    // unparsable secondary_labels text (treated as [])
   int kept = 0;
   std::vector<std::string> missing_examples;  // the first few missing paths
+  // The folders of every missing file, each once: what the coordinator's fold cache watches for
+  // those files to appear (coordinator/fold_cache.h).
+  std::vector<std::string> missing_folders;
 };
 
 struct StageTable {

@@ -77,6 +77,11 @@ std::vector<std::string> FoldCache::AudioFolders(const common::StageTable& table
     last = folder;
     if (seen.insert(folder).second) folders.emplace_back(folder);
   }
+  // The folders of rows dropped because their file was missing: the file appearing there (or
+  // the whole folder, or its parent tree, restored) changes the rows.
+  for (const common::SourceReport& source : table.sources) {
+    for (const std::string& folder : source.missing_folders) folders.push_back(folder);
+  }
   const size_t num_folders = folders.size();
   for (size_t i = 0; i < num_folders; ++i) {
     const size_t slash = folders[i].rfind('/');

@@ -67,7 +67,7 @@ class FoldCache {
   static std::string Key(const common::PipelineConfig& config, const std::string& stage);
   // The metadata files `stage` reads (stamped before reading them).
   static std::vector<std::string> MetadataFiles(const common::PipelineConfig& config, const std::string& stage);
-  // The folders of `table`'s recordings and their parents.
+  // The folders of `table`'s recordings and of the files it dropped as missing, and their parents.
   static std::vector<std::string> AudioFolders(const common::StageTable& table);
 
   // The manifests of `folds` when the version is cached with every one of them and none of its

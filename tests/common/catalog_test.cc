@@ -132,6 +132,8 @@ TEST_F(CatalogTest, PretrainPoolAppliesTheSeedRulesInOrder) {
   EXPECT_EQ(p21.missing_file_dropped, 1);    // XC22
   ASSERT_EQ(p21.missing_examples.size(), 1u);
   EXPECT_EQ(p21.missing_examples[0], root_ + "/p21/train_short_audio/d/XC22.ogg");
+  // Its folder, for the coordinator's fold cache to watch (the file appearing changes the rows).
+  EXPECT_EQ(p21.missing_folders, std::vector<std::string>{root_ + "/p21/train_short_audio/d"});
   EXPECT_EQ(p21.kept, 5);
   EXPECT_EQ(xc.duplicates_dropped, 1);  // XC10 again
   EXPECT_EQ(xc.corrupt_dropped, 1);     // XC32 via the /kaggle/... list entry
@@ -141,6 +143,29 @@ TEST_F(CatalogTest, PretrainPoolAppliesTheSeedRulesInOrder) {
   // xc rows take their label from ebird_code and their folder from its first letter.
   EXPECT_EQ(table->samples.back().filepath, root_ + "/xc/N-Z/nuthat/XC31.mp3");
   EXPECT_EQ(table->samples.back().primary_label, "nuthat");
+}
+
+// The notebook reads the metadata with pandas, which turns "", "NA", "None", ... into NaN, and
+// drop_duplicates takes NaN for equal to NaN: such authors are one author in the dedup.
+TEST_F(CatalogTest, AuthorsPandasReadsAsNaNAreOneAuthorInTheDedup) {
+  WriteTarget();
+  Write("p21/train_metadata.csv",
+        "primary_label,secondary_labels,author,filename\n"
+        "c,[],NA,XC40.ogg\n"
+        "c,[],,XC41.ogg\n"
+        "c,[],x,XC42.ogg\n");
+  for (const char* f : {"c/XC40.ogg", "c/XC41.ogg", "c/XC42.ogg"}) Touch(std::string("p21/train_short_audio/") + f);
+  Write("xc/train_extended.csv",
+        "ebird_code,filename,author,primary_label,secondary_labels\n"
+        "c,XC40.mp3,,Sci c_Common c,[]\n"       // "NA" before: both NaN, a duplicate
+        "c,XC41.mp3,None,Sci c_Common c,[]\n"   // "" before: both NaN, a duplicate
+        "c,XC42.mp3,y,Sci c_Common c,[]\n");    // another author: kept
+  for (const char* f : {"A-M/c/XC40.mp3", "A-M/c/XC41.mp3", "A-M/c/XC42.mp3"}) Touch(std::string("xc/") + f);
+  auto table = BuildStageTable(config_, "pretrain");
+  ASSERT_TRUE(table.ok()) << table.status();
+  ASSERT_EQ(table->sources.size(), 2u);
+  EXPECT_EQ(table->sources[1].duplicates_dropped, 2);
+  EXPECT_EQ(table->sources[1].kept, 1);
 }
 
 TEST_F(CatalogTest, TrainListUpsamplesAndDownsamplesPretraining) {

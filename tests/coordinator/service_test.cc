@@ -2046,6 +2046,17 @@ TEST_F(CoordinatorServiceTest, ManifestsAreSharedPerDatasetVersionAndLeasedByRef
   EXPECT_NE(hash_of(third + "/finetune-f0"), hash_of(first + "/finetune-f0"));
   EXPECT_EQ(hash_of(third + "/pretrain-f0"), hash_of(first + "/pretrain-f0"));  // its files did not change
   EXPECT_GT(CountRows("SELECT count(*) FROM manifests"), stored);
+
+  // A whole audio tree missing at a submit (an archive not extracted yet): its rows are dropped.
+  // Once it is back, the next submit builds the version anew; it reused the one without them,
+  // since only the folders of kept rows were stamped.
+  fs::rename(root_ + "/xc/N-Z", root_ + "/xc/N-Z.away");
+  const std::string without = Submit();
+  EXPECT_NE(hash_of(without + "/pretrain-f0"), hash_of(first + "/pretrain-f0"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the file clock's tick
+  fs::rename(root_ + "/xc/N-Z.away", root_ + "/xc/N-Z");
+  const std::string with = Submit();
+  EXPECT_EQ(hash_of(with + "/pretrain-f0"), hash_of(first + "/pretrain-f0"));
 }
 
 // The fold cache drops a version whose files changed (content, size or a rewrite in place) and
