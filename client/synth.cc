@@ -976,7 +976,11 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
 
   const int sr = options.sample_rate;
   const int64_t frames = static_cast<int64_t>(std::llround(options.seconds * sr));
-  const int64_t rows = static_cast<int64_t>(std::ceil(options.seconds / options.window_s - 1e-9));
+  // The rows `aviary predict` makes of the written file: ceil(frames / window) with the window
+  // in whole samples (worker/predict.cc), not ceil(seconds / window) (10.00001 s in 5 s windows:
+  // 3 rows here, 2 there).
+  const int64_t window = std::max<int64_t>(1, std::llround(options.window_s * sr));
+  const int64_t rows = std::max<int64_t>(1, (frames + window - 1) / window);
   for (int k = 0; k < options.count; ++k) {
     const int64_t id = 1000000000LL + static_cast<int64_t>(options.seed % 1000000) * 1000 + k;
     Rng rng(Mix(Mix(options.seed, 0x50c5ca9e), static_cast<uint64_t>(k)));
@@ -1025,11 +1029,7 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
     for (int64_t w = 0; w < rows; ++w) {
       // The nominal end of the window, as `aviary predict` writes it (worker/predict.h RowId).
       const double end = static_cast<double>(w + 1) * options.window_s;
-      const double whole = std::round(end);
-      std::vector<std::string> fields{absl::StrCat(
-          stem, "_",
-          std::abs(end - whole) < 1e-9 ? absl::StrCat(static_cast<int64_t>(whole))
-                                       : absl::StrFormat("%.6g", end))};
+      std::vector<std::string> fields{absl::StrCat(stem, "_", common::WindowEndText(end))};
       std::vector<std::string> cells(static_cast<size_t>(options.species));
       for (int sp = 0; sp < options.species; ++sp) {
         cells[static_cast<size_t>(column_of[static_cast<size_t>(sp)])] =

@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
 
@@ -309,6 +311,17 @@ std::string FormatPythonStringList(const std::vector<std::string>& items) {
   }
   out += "]";
   return out;
+}
+
+std::string WindowEndText(double end_s) {
+  const double rounded = std::round(end_s);
+  if (std::abs(end_s - rounded) < 1e-9) return absl::StrCat(static_cast<int64_t>(rounded));
+  // Six decimals, trailing zeros dropped: "%.6g" kept six digits in all, and ids past 10,000 s
+  // collided (10000.05 and 10000 both read "10000").
+  std::string end = absl::StrFormat("%.6f", end_s);
+  while (!end.empty() && end.back() == '0') end.pop_back();
+  if (!end.empty() && end.back() == '.') end.pop_back();
+  return end;
 }
 
 }  // namespace aviary::common

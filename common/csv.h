@@ -104,6 +104,11 @@ void AppendCsvField(std::string* out, absl::string_view field);
 // Writes one row followed by '\n'.
 void WriteCsvRow(std::ostream& out, const std::vector<std::string>& fields);
 
+// A window's end in seconds as a row id writes it ("FILE_10", "FILE_2.5"): whole seconds as an
+// integer, else six decimals with trailing zeros dropped (ids past 10,000 s stay distinct).
+// `aviary predict` writes its row ids so, and the synthetic soundscapes' solution.csv matches.
+std::string WindowEndText(double end_s);
+
 // Parses a Python list literal of strings as pandas writes secondary_labels:
 // "[]", "['a', 'b']", "[\"o'brien\"]". Empty text and "nan" give an empty list.
 // INVALID_ARGUMENT (quoting the text) for anything else.

@@ -466,16 +466,7 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
 }
 
 std::string RowId(const std::string& path, double end_s) {
-  const double rounded = std::round(end_s);
-  if (std::abs(end_s - rounded) < 1e-9) {
-    return absl::StrCat(Stem(path), "_", static_cast<int64_t>(rounded));
-  }
-  // Six decimals, trailing zeros dropped: "%.6g" kept six digits in all, and ids past 10,000 s
-  // collided (10000.05 and 10000 both read "10000").
-  std::string end = absl::StrFormat("%.6f", end_s);
-  while (!end.empty() && end.back() == '0') end.pop_back();
-  if (!end.empty() && end.back() == '.') end.pop_back();
-  return absl::StrCat(Stem(path), "_", end);
+  return absl::StrCat(Stem(path), "_", common::WindowEndText(end_s));
 }
 
 std::vector<int64_t> TtaShifts(int tta, int64_t window) {

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/csv.h"
 #include "common/layouts.h"
 #include "gtest/gtest.h"
@@ -496,6 +497,35 @@ TEST(SynthTest, RefusesBadOptions) {
   EXPECT_NE(s.message().find(o.out_dir), absl::string_view::npos) << s;
 
   EXPECT_FALSE(fs::exists(base.out_dir));  // nothing written for refused options
+}
+
+// solution.csv has the rows `aviary predict` makes of each file: ceil(frames / window samples),
+// ids as predict writes them. It used ceil(seconds / window) (10.00001 s in 5 s windows: a
+// third row predict never makes) and "%.6g" ids (0.333333 s windows: 1.99999... as "2").
+TEST(SynthTest, SoundscapeRowsAreThoseAviaryPredictMakes) {
+  TempDir tmp;
+  for (const auto& [seconds, window, want] :
+       {std::tuple{10.00001, 5.0, std::vector<std::string>{"_5", "_10"}},
+        std::tuple{2.0, 0.333333, std::vector<std::string>{"_0.333333", "_0.666666", "_0.999999", "_1.333332",
+                                                           "_1.666665", "_1.999998"}}}) {
+    SoundscapeOptions o;
+    o.out_dir = tmp.Sub(absl::StrCat("scape_", window));
+    o.species = 3;
+    o.count = 1;
+    o.seconds = seconds;
+    o.window_s = window;
+    auto report = WriteSyntheticSoundscapes(o);
+    ASSERT_TRUE(report.ok()) << report.status();
+    ASSERT_EQ(report->rows, static_cast<int>(want.size())) << window;
+    auto solution = common::CsvTable::ReadFile(report->solution_path);
+    ASSERT_TRUE(solution.ok()) << solution.status();
+    ASSERT_EQ(solution->num_rows(), want.size());
+    const std::string stem = fs::path(report->files[0]).stem().string();
+    for (size_t r = 0; r < want.size(); ++r) EXPECT_EQ(solution->row(r)[0], stem + want[r]) << window;
+  }
+  EXPECT_EQ(common::WindowEndText(10000.05), "10000.05");
+  EXPECT_EQ(common::WindowEndText(10000.0), "10000");
+  EXPECT_EQ(common::WindowEndText(2.5), "2.5");
 }
 
 }  // namespace

@@ -187,6 +187,34 @@ TEST(AudioCacheTest, SecondRunDecodesNothing) {
   EXPECT_EQ(third.files_decoded, 1);
 }
 
+// An index row whose offset is damaged to near 2^63: offset + frames wrapped negative and passed
+// the bounds check, and training read outside the shard's mapping. The shard is refused now.
+TEST(AudioCacheTest, AnIndexOffsetPastItsShardIsRefusedWithoutOverflow) {
+  TempDir tmp;
+  const std::vector<std::string> paths = CorpusPaths();
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare(paths, Options(dir, 2, 512 << 10));
+  const int shard = ShardNumbers(dir, ".index.csv").front();
+  std::vector<std::string> lines = absl::StrSplit(testing::ReadBytes(ShardFile(dir, shard, ".index.csv")), '\n',
+                                                  absl::SkipEmpty());
+  bool damaged = false;
+  for (size_t i = 1; i < lines.size() && !damaged; ++i) {
+    std::vector<std::string> cells = absl::StrSplit(lines[i], ',');
+    ASSERT_GT(cells.size(), 3u) << lines[i];
+    if (cells[3] == "0") continue;  // column 2: offset, 3: frames
+    cells[2] = "9223372036854775000";
+    lines[i] = absl::StrJoin(cells, ",");
+    damaged = true;
+  }
+  ASSERT_TRUE(damaged);
+  WriteBytes(ShardFile(dir, shard, ".index.csv"), absl::StrJoin(lines, "\n") + "\n");
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  ASSERT_EQ(cache->invalid_shards().size(), 1u);
+  EXPECT_NE(cache->invalid_shards()[0].find("needs frames 9223372036854775000"), std::string::npos)
+      << cache->invalid_shards()[0];
+}
+
 // A kill loses at most the shard in progress: here, a shard whose .pcm is gone, a shard whose
 // index was cut short, an orphan .pcm (killed before its index was written) and a temporary
 // index file. Readers skip the broken shards; the next prepare removes them and decodes exactly

@@ -265,9 +265,12 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
         reason = std::string(st.message());
       } else if (e.shard != shard) {
         reason = absl::StrCat("row ", i + 1, " names shard ", e.shard);
-      } else if ((e.offset + e.frames) * 2 > pcm->second) {
-        reason = absl::StrCat("its .pcm holds ", pcm->second, " bytes, the index needs ",
-                              (e.offset + e.frames) * 2);
+      } else if (e.offset < 0 || e.frames < 0 || e.frames > pcm->second / 2 ||
+                 e.offset > pcm->second / 2 - e.frames) {
+        // Checked without adding them: a damaged offset near 2^63 wrapped the sum negative and
+        // passed, and Samples() then pointed outside the mapping.
+        reason = absl::StrCat("its .pcm holds ", pcm->second, " bytes, row ", i + 1, " needs frames ", e.offset,
+                              " to ", e.offset, " + ", e.frames, " (2 bytes each)");
       } else if (e.problem == AudioProblem::kNone && e.sample_rate != expected_rate) {
         reason = absl::StrCat(e.path, " is indexed at ", e.sample_rate, " Hz, the cache holds ",
                               expected_rate, " Hz");
