@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -23,7 +24,9 @@
 #include "common/layouts.h"
 #include "common/model_shapes.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "common/yaml_util.h"
+#include "yaml-cpp/eventhandler.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::common {
@@ -520,11 +523,21 @@ Check<double> PositiveAtMost(double max) {
   };
 }
 
+// The shortest text that reads back as `x` (a bound quoted in an error must be a value the
+// check accepts: 1/1024 with 6 digits, 0.000976562, is just below it).
+std::string BoundText(double x) {
+  for (int digits = 6; digits < 17; ++digits) {
+    std::string text = absl::StrFormat("%.*g", digits, x);
+    if (std::strtod(text.c_str(), nullptr) == x) return text;
+  }
+  return absl::StrFormat("%.17g", x);
+}
+
 // A number in [min, max].
 Check<double> NumberIn(double min, double max) {
   return [min, max](const double& value) {
     if (value >= min && value <= max) return std::string();
-    return absl::StrCat("expected a number in [", min, ", ", max, "]");
+    return absl::StrCat("expected a number in [", BoundText(min), ", ", BoundText(max), "]");
   };
 }
 
@@ -977,6 +990,15 @@ absl::Status SetPath(YAML::Node node, const YAML::Node& defaults,
   if (node.IsMap() || node.IsNull()) {
     path->push_back(part);
     if (last) {
+      if (defaults.IsMap()) {
+        const YAML::Node section = defaults[part];
+        if (section.IsDefined() && section.IsMap()) {
+          // A section set whole would drop (or revert to their defaults) the file's other keys in it.
+          const std::string key = absl::StrJoin(*path, ".");
+          return absl::InvalidArgumentError(absl::StrCat(label, ": '", key, "' is a section; set its keys one by one (",
+                                                         key, ".KEY=VALUE)"));
+        }
+      }
       node[part] = value;
       return absl::OkStatus();
     }
@@ -1022,6 +1044,7 @@ absl::Status ApplyOverride(YAML::Node root, const YAML::Node& defaults, const st
   }
   YAML::Node value;
   try {
+    AVIARY_RETURN_IF_ERROR(CheckYamlText(value_text, label));
     value = YAML::Load(value_text);
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(
@@ -1204,6 +1227,7 @@ absl::StatusOr<PipelineConfig> ParseImpl(const std::string& yaml_text,
                                          const std::vector<std::string>& overrides) {
   YAML::Node root;
   try {
+    if (absl::Status text = CheckYamlText(yaml_text, source_name); !text.ok()) return text;
     root = YAML::Load(yaml_text);
   } catch (const YAML::Exception& e) {
     std::string where = source_name;
@@ -1399,6 +1423,67 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) { return FieldsEqual
 bool operator==(const StageConfig& a, const StageConfig& b) { return FieldsEqual(a, b); }
 bool operator==(const CommConfig& a, const CommConfig& b) { return FieldsEqual(a, b); }
 bool operator==(const PipelineConfig& a, const PipelineConfig& b) { return FieldsEqual(a, b); }
+
+namespace {
+
+// Finds what CheckYamlText refuses among the parser's events: aliases and a second document.
+class YamlShapeCheck : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    if (++documents_ == 2) second_ = mark;
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark& mark, YAML::anchor_t) override {
+    if (!alias_) alias_ = mark;
+  }
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+
+  int documents_ = 0;
+  YAML::Mark second_;
+  std::optional<YAML::Mark> alias_;
+};
+
+}  // namespace
+
+absl::Status CheckYamlText(const std::string& text, const std::string& source) {
+  if (const size_t bad = FirstInvalidUtf8(text); bad != std::string::npos) {
+    const size_t line_start = text.rfind('\n', bad == 0 ? 0 : bad - 1);
+    const size_t column = bad - (line_start == std::string::npos || bad == 0 ? 0 : line_start + 1) + 1;
+    const int64_t line = std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(bad), '\n') + 1;
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s:%d:%d: byte 0x%02x is not UTF-8 (paths and values are kept as UTF-8 text: in checkpoints, config.yaml "
+        "and the service's messages)",
+        source, line, column, static_cast<unsigned char>(text[bad])));
+  }
+  YamlShapeCheck check;
+  try {
+    std::istringstream in(text);
+    YAML::Parser parser(in);
+    while (parser.HandleNextDocument(check)) {
+    }
+  } catch (const YAML::Exception&) {
+    // A syntax error: YAML::Load says what is wrong, with its line; unless it lies in a second
+    // document, which YAML::Load would not even read.
+    if (check.documents_ < 2) return absl::OkStatus();
+  }
+  if (check.documents_ > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ":", check.second_.line + 1,
+                                                   ": a second YAML document ('---'); a config is one document, "
+                                                   "and the rest would be ignored"));
+  }
+  if (check.alias_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ":", check.alias_->line + 1,
+        ": a YAML alias (*name); not supported in a config: a --set through it would change every place the "
+        "anchor's value stands (write the value out)"));
+  }
+  return absl::OkStatus();
+}
 
 std::string DescribeYamlNode(const YAML::Node& node) {
   switch (node.Type()) {

@@ -5,12 +5,21 @@
 
 #include <string>
 
+#include "absl/status/status.h"
+
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::common {
 
 // How a YAML node reads in an error message: "'abc'" for a scalar, else its kind ("a list").
 std::string DescribeYamlNode(const YAML::Node& node);
+
+// What a config's YAML text must be before it is loaded, INVALID_ARGUMENT naming `source`, the
+// line (and column) otherwise: UTF-8 (yaml-cpp writes other bytes back as U+FFFD, so a path
+// would not read back as itself), one document (YAML::Load ignores the rest), no aliases (a node
+// shared by every place its alias stands: a --set through one changes them all). A syntax error
+// passes here, for YAML::Load to report.
+absl::Status CheckYamlText(const std::string& text, const std::string& source);
 
 }  // namespace aviary::common
 

@@ -286,6 +286,7 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
   std::map<std::string, std::string> set_at;  // key -> where its value came from
   YAML::Node root;
   try {
+    if (absl::Status text = common::CheckYamlText(yaml_text, source_name); !text.ok()) return text;
     root = YAML::Load(yaml_text);
   } catch (const YAML::Exception& e) {
     std::string where = source_name;
@@ -331,6 +332,7 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
     if (field == nullptr) return UnknownKey(override_value.label, override_value.key);
     YAML::Node value;
     try {
+      AVIARY_RETURN_IF_ERROR(common::CheckYamlText(override_value.value, override_value.label));
       value = override_value.value.empty() ? YAML::Node(YAML::NodeType::Null)
                                            : YAML::Load(override_value.value);
     } catch (const YAML::Exception& e) {

@@ -195,7 +195,7 @@ TEST(ConfigTest, OutOfRangeValues) {
   EXPECT_THAT(ParseError("comm:\n  bucket_mb: 0\n"), HasSubstr("x.yaml:2: key 'comm.bucket_mb'"));
   // Below 1 KiB the bucket of bucket_mb x 2^20 bytes rounds to nothing.
   EXPECT_THAT(ParseError("comm:\n  bucket_mb: 1e-9\n"),
-              HasSubstr("x.yaml:2: key 'comm.bucket_mb': expected a number in [0.000976562, 4096], got "));
+              HasSubstr("x.yaml:2: key 'comm.bucket_mb': expected a number in [0.0009765625, 4096], got "));
   EXPECT_THAT(ParseError("augment:\n  cutmix_alpha: 0\n"), HasSubstr("key 'augment.cutmix_alpha'"));
   EXPECT_THAT(ParseError("data:\n  sample_rate: -1\n"), HasSubstr("key 'data.sample_rate'"));
   EXPECT_THAT(ParseError("data:\n  duration: 0\n"), HasSubstr("key 'data.duration'"));
@@ -440,7 +440,32 @@ TEST(ConfigTest, OverrideErrorsNameTheOverride) {
             "--set model.pretrain=imagenet: key 'model.pretrained_weights': expected a weights "
             "file when model.pretrain is 'imagenet', got ''");
   EXPECT_EQ(ParseError("", {"data.target=x"}),
-            "--set data.target=x: key 'data.target': expected a map, got 'x'");
+            "--set data.target=x: 'data.target' is a section; set its keys one by one (data.target.KEY=VALUE)");
+}
+
+// A section set whole dropped (or reverted to their defaults) the file's other keys in it.
+TEST(ConfigTest, ASectionIsNotSetWhole) {
+  EXPECT_EQ(ParseError("train:\n  lr: 0.1\n", {"train="}),
+            "--set train=: 'train' is a section; set its keys one by one (train.KEY=VALUE)");
+  EXPECT_THAT(ParseError("", {"data={sample_rate: 16000}"}), HasSubstr("'data' is a section"));
+  // Lists stay settable whole (the pool's sources).
+  EXPECT_EQ(ParseError("", {"data.pretrain_sources=[]", "stages.pretrain.enabled=false"}), "");
+}
+
+// What would not read back as written: a second document (YAML::Load read the first only), an
+// alias (a --set through it changed every place it stands), bytes that are not UTF-8
+// (written back as U+FFFD: a resume could not see the path change).
+TEST(ConfigTest, TextThatWouldNotReadBackIsRefused) {
+  EXPECT_EQ(ParseError("train: {lr: 0.1}\n---\ntrain: {lrr: 0.2}\n"),
+            "x.yaml:2: a second YAML document ('---'); a config is one document, and the rest would be ignored");
+  EXPECT_THAT(ParseError("train: {lr: 0.1}\n---\ntrain: [x\n"), HasSubstr("x.yaml:2: a second YAML document"));
+  EXPECT_THAT(ParseError("train: {lr_start: &ls 5.0e-6}\nstages:\n  finetune: {lr_start: *ls}\n"),
+              HasSubstr("x.yaml:3: a YAML alias (*name); not supported in a config"));
+  EXPECT_THAT(ParseError("data:\n  target: {root: \"d\xe9\"}\n"), HasSubstr("x.yaml:2:20: byte 0xe9 is not UTF-8"));
+  EXPECT_THAT(ParseError("", {"data.target.root=d\xe9"}), HasSubstr("byte 0xe9 is not UTF-8"));
+  EXPECT_THAT(ParseError("", {"train.lr=0.2\n---\n[x"}), HasSubstr("a second YAML document"));
+  // A refused bound reads as a value the check takes: 1/1024 (0.000976562 is just below it).
+  EXPECT_THAT(ParseError("", {"comm.bucket_mb=0.0001"}), HasSubstr("expected a number in [0.0009765625, 4096]"));
 }
 
 TEST(ConfigTest, BadOverrideForms) {

@@ -103,6 +103,15 @@ TEST_F(CoordinatorConfigTest, UnknownKeyNamesFileLineAndSuggestion) {
       << config.status();
 }
 
+// A second YAML document was ignored, unknown keys and all.
+TEST_F(CoordinatorConfigTest, ASecondDocumentIsRefused) {
+  const std::string path = Write("c.yaml", "allow_no_auth: true\n---\nlistn: x:1\n");
+  auto config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(path + ":2: a second YAML document"), std::string::npos)
+      << config.status();
+}
+
 // A folder given as the config is refused by name, not read as an empty file.
 TEST_F(CoordinatorConfigTest, ADirectoryIsNotAConfig) {
   auto config = LoadCoordinatorConfig(root_, {});
