@@ -568,7 +568,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     if (!args.follow) return absl::OkStatus();
     const Clock::time_point now = Clock::now();
     if (new_lines) last_line_at = now;
-    if (IsTerminal(response.job().state())) {
+    if (IsTerminal(response.job().state()) && !again) {  // a log to read again first
       if (!ended_at) ended_at = now;
       const auto quiet = now - std::max(*ended_at, last_line_at);
       if (quiet >= std::chrono::duration<double>(kLogEndQuietS) ||

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <civetweb.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <unistd.h>
 
@@ -168,34 +169,53 @@ std::string SafeNext(const std::string& next) {
   return next;
 }
 
+// This machine's own names, lower case: gethostname, its first label, and the canonical name
+// the resolver gives it (a fully qualified name when gethostname is short). Read once.
+std::vector<std::string> OwnHostNames() {
+  std::vector<std::string> names;
+  char name[256] = {};
+  if (::gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return names;
+  const std::string mine = absl::AsciiStrToLower(name);
+  names.push_back(mine);
+  names.push_back(mine.substr(0, mine.find('.')));
+  addrinfo hints{};
+  hints.ai_flags = AI_CANONNAME;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(name, nullptr, &hints, &found) == 0) {
+    if (found != nullptr && found->ai_canonname != nullptr) names.push_back(absl::AsciiStrToLower(found->ai_canonname));
+    ::freeaddrinfo(found);
+  }
+  return names;
+}
+
 // With authentication off (allow_no_auth): whether a request's Host header names this console
-// by an IP address, as localhost or by this machine's own name (gethostname, or its first label)
-// - names that a page on another site cannot re-point at this address (DNS rebinding) to read
-// the API or cancel jobs. No Host header (HTTP/1.0; browsers always send one) passes.
-absl::Status CheckHostWithoutAuth(const std::string& header) {
+// by an IP address, as localhost or by one of this machine's own names (`own_names`) - names
+// that a page on another site cannot re-point at this address (DNS rebinding) to read the API
+// or cancel jobs. No Host header (HTTP/1.0; browsers always send one) passes.
+absl::Status CheckHostWithoutAuth(const std::string& header, const std::vector<std::string>& own_names) {
   if (header.empty()) return absl::OkStatus();
   std::string host = absl::AsciiStrToLower(header);
-  if (host[0] == '[') {  // [IPv6]:port
+  if (host[0] == '[') {  // [IPv6]:port, a zone id written %25eth0
     const size_t close = host.find(']');
-    in6_addr address;
-    if (close != std::string::npos && ::inet_pton(AF_INET6, host.substr(1, close - 1).c_str(), &address) == 1) {
-      return absl::OkStatus();
-    }
+    std::string address = close == std::string::npos ? "" : host.substr(1, close - 1);
+    if (const size_t zone = address.find('%'); zone != std::string::npos) address.resize(zone);
+    in6_addr parsed;
+    if (!address.empty() && ::inet_pton(AF_INET6, address.c_str(), &parsed) == 1) return absl::OkStatus();
   } else {
     if (const size_t colon = host.rfind(':'); colon != std::string::npos) host.resize(colon);
     if (!host.empty() && host.back() == '.') host.pop_back();
     in_addr address;
     if (::inet_pton(AF_INET, host.c_str(), &address) == 1) return absl::OkStatus();
     if (host == "localhost" || absl::EndsWith(host, ".localhost")) return absl::OkStatus();
+    for (const std::string& name : own_names) {
+      if (!name.empty() && host == name) return absl::OkStatus();
+    }
   }
-  char name[256] = {};
-  std::string mine;
-  if (::gethostname(name, sizeof(name) - 1) == 0) mine = absl::AsciiStrToLower(name);
-  if (!mine.empty() && (host == mine || host == mine.substr(0, mine.find('.')))) return absl::OkStatus();
   return absl::PermissionDeniedError(absl::StrCat(
       "Host '", header, "': with authentication off (allow_no_auth) the console answers only to an IP address, "
-      "localhost or this machine's name ('", mine, "'), names a page on another site cannot take over by DNS "
-      "rebinding; open it by one of those, or turn authentication on (aviary-coordinator init)"));
+      "localhost or this machine's own name (", absl::StrJoin(own_names, ", "),
+      "), names a page on another site cannot take over by DNS rebinding; open it by one of those, or turn "
+      "authentication on (aviary-coordinator init)"));
 }
 
 int HttpStatusFor(const absl::Status& status) {
@@ -388,6 +408,7 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
     return absl::InvalidArgumentError(absl::StrCat("console_listen '", options.listen, "': one HOST:PORT only"));
   }
   std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
+  if (auth->tokens()->empty()) console->own_names_ = OwnHostNames();  // for the Host check
   mg_init_library(0);
   const bool tls = console->tls();
   // With TLS civetweb serves plain HTTP on loopback only, behind the TLS front.
@@ -450,12 +471,16 @@ void Console::Route(Request& request) {
   if (auth_->tokens()->empty()) {
     // Without authentication the Host header is what stands between the API and a page on
     // another site whose name an attacker re-points at this address (DNS rebinding).
-    if (absl::Status host = CheckHostWithoutAuth(request.Header("Host")); !host.ok()) return request.Error(host);
+    if (absl::Status host = CheckHostWithoutAuth(request.Header("Host"), own_names_); !host.ok()) {
+      return request.Error(host);
+    }
   }
-  if (method == "POST" && request.Header("Authorization").empty() && request.Header(kCsrfHeader) != "1") {
+  if (method == "POST" && !absl::StartsWith(request.Header("Authorization"), "Bearer ") &&
+      request.Header(kCsrfHeader) != "1") {
     // The login cookie, or no authentication: a form on another site could send this POST, but
-    // it cannot set this header (and SameSite=Strict keeps the cookie home). The login form
-    // itself is exempt: it carries the token it checks.
+    // it cannot set this header (and SameSite=Strict keeps the cookie home). A bearer token is
+    // what a script sends; any other Authorization (Basic, to a proxy in front) a browser adds
+    // by itself. The login form itself is exempt: it carries the token it checks.
     if (path != "/login") {
       return request.Error(absl::PermissionDeniedError(
           absl::StrCat("console POST ", path, ": without an Authorization header (the login cookie, or no "

@@ -13,7 +13,7 @@
 // the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
 // or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
 // over HTTPS; it holds the token itself, so it outlives a coordinator restart and a SIGHUP reload
-// revokes it). A POST without an Authorization header (the cookie's, log out, or any with
+// revokes it). A POST without an Authorization: Bearer header (the cookie's, log out, or any with
 // authentication off) must also carry `X-Aviary-Console: 1`; with authentication off the Host
 // header must name this machine (DNS rebinding). An event stream re-checks its token at least
 // every second and ends once a reload has revoked it.
@@ -27,6 +27,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -107,6 +108,7 @@ class Console {
   int port_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<int> streams_{0};  // open event streams (each holds a server thread)
+  std::vector<std::string> own_names_;  // with authentication off: the Host names accepted
   absl::Mutex overview_mu_;
   Overview overview_ ABSL_GUARDED_BY(overview_mu_);
   std::chrono::steady_clock::time_point overview_at_ ABSL_GUARDED_BY(overview_mu_);

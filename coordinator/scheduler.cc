@@ -155,11 +155,14 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(const int64_t jobs_failed_total, store_->GetCounter("jobs_failed_total"));
   AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
   AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> last_points, store_->LoadLastPoints());
+  std::map<std::string, int> reported_attempt;  // task -> the latest attempt that reported a point
   {
     absl::MutexLock writer(&write_mu_);
     for (const PointRow& row : last_points) {
       LastPoint& last = last_points_[row.task_id];
       if (row.attempt >= last.attempt) last = {row.attempt, row.metrics};
+      int& attempt = reported_attempt[row.task_id];
+      attempt = std::max(attempt, row.attempt);
     }
   }
 
@@ -202,6 +205,13 @@ absl::Status Scheduler::Restore() {
       if (end != epoch_ends.end()) metrics_->ObservePoint(info, end->second, info.updated_unix_ms());
       if (info.has_latest() && !info.latest().epoch_end()) {
         metrics_->ObservePoint(info, info.latest(), info.updated_unix_ms());
+      }
+      // A leased attempt that has not reported yet has no last-progress timestamp, as before
+      // the restart (the points above may be an earlier attempt's).
+      auto reported = reported_attempt.find(id);
+      if (info.state() == aviary::v1::TASK_STATE_LEASED &&
+          (reported == reported_attempt.end() || reported->second < info.attempt())) {
+        metrics_->StartAttempt(info);
       }
     }
     metrics_->SetWorkerGroups(static_cast<int>(groups_.size()));

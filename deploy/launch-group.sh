@@ -253,13 +253,14 @@ fi
 command -v "$mpirun" >/dev/null 2>&1 || die "--mpirun '$mpirun': not found"
 command -v "$worker" >/dev/null 2>&1 || die "--worker '$worker': not found (build it, or pass --worker)"
 
-# Where the stop's SIGTERM fallback notes that it fired (a subshell cannot set our variables).
-forced_file=$(mktemp "${TMPDIR:-/tmp}/aviary-launch.XXXXXX") || die "mktemp failed"
-rm -f "$forced_file"
+# Where the stop's SIGTERM fallback notes that it fired (a subshell cannot set our variables):
+# a private folder, so that no one else can place the marker.
+marker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aviary-launch.XXXXXX") || die "mktemp -d failed"
+forced_file=$marker_dir/forced
 # shellcheck disable=SC2317  # called from traps
 cleanup() {
   if [ -n "$sd_file" ]; then rm -f "$sd_file"; fi
-  rm -f "$forced_file"
+  rm -rf "$marker_dir"
 }
 trap cleanup EXIT
 if [ -n "$sd_file" ]; then

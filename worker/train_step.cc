@@ -124,6 +124,7 @@ absl::Status TrainStep::Backward(const at::Tensor& loss) {
 }
 
 bool TrainStep::Apply() {
+  skipped_nonfinite_ = false;
   if (pending_ == 0) return false;
   const int k = train_.grad_accum_steps;
   std::vector<at::Tensor> params = model_->parameters();
@@ -142,7 +143,6 @@ bool TrainStep::Apply() {
   }
   pending_ = 0;
   last_grad_norm_ = std::numeric_limits<double>::quiet_NaN();
-  skipped_nonfinite_ = false;
   at::Tensor norm;
   if (train_.skip_nonfinite) {
     // A finite loss can still give a non-finite gradient (backward through sqrt at 0, a bf16

@@ -1278,11 +1278,12 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     count_correct();
     return absl::OkStatus();
   }
+  const int micro_batches = step_fn->pending_micro_batches();
   const bool applied = step_fn->Apply();
   if (step_fn->skipped_nonfinite()) {
     // train.skip_nonfinite: a finite loss whose gradient is not (the same on every rank: it
-    // was checked after the all-reduce).
-    ++skipped_steps;
+    // was checked after the all-reduce). Counted as the micro-batches it drops, as a loss's are.
+    skipped_steps += micro_batches;
     Log().Warn(absl::StrCat("skipped: non-finite gradient (norm ", step_fn->last_grad_norm(), ") at epoch ", t->epoch,
                             " step ", s));
   } else if (applied && train.grad_clip_norm > 0 && !std::isfinite(step_fn->last_grad_norm())) {

@@ -635,7 +635,12 @@
           clearInterval(retryWatch);
           retryWatch = null;
           follow();
-        }).catch(() => {});
+        }).catch((e) => {
+          if (e.status !== 404) return;
+          clearInterval(retryWatch);  // deleted: nothing to wait for
+          retryWatch = null;
+          fill(main, errorBox(e.message));
+        });
       }, 15000);
     }
     const follow = () => { events = stream(`/api/jobs/${jobId}/events`, {

@@ -507,6 +507,8 @@ TEST_F(ConsoleTest, WithoutAuthenticationAPostNeedsTheHeaderAndTheHostMustBeThis
   HttpResponse form = Http(port_, "POST", path, {"Origin: http://evil.example"});
   EXPECT_EQ(form.status, 403);
   EXPECT_TRUE(absl::StrContains(form.body, "X-Aviary-Console")) << form.body;
+  // The same with the Basic credentials a browser adds by itself (a proxy's login in front).
+  EXPECT_EQ(Http(port_, "POST", path, {"Authorization: Basic dXNlcjpwYXNz"}).status, 403);
   // DNS rebinding: a page of evil.example whose name now points here. Refused by its Host.
   HttpResponse rebound = Http(port_, "GET", "/api/jobs", {"Host: evil.example:" + std::to_string(port_)});
   EXPECT_EQ(rebound.status, 403);
@@ -517,7 +519,7 @@ TEST_F(ConsoleTest, WithoutAuthenticationAPostNeedsTheHeaderAndTheHostMustBeThis
   // Addresses, localhost and this machine's own name are served.
   char name[256] = {};
   ASSERT_EQ(::gethostname(name, sizeof(name) - 1), 0);
-  for (const std::string& host : {std::string("127.0.0.1"), absl::StrCat("127.0.0.1:", port_), std::string("[::1]:8470"),
+  for (const std::string& host : {std::string("127.0.0.1"), absl::StrCat("127.0.0.1:", port_), std::string("[::1]:8470"), std::string("[fe80::1%25eth0]:8470"),
                                   absl::StrCat("localhost:", port_), std::string("LOCALHOST."), std::string(name),
                                   std::string("Host:")}) {
     const std::string header = host == "Host:" ? host : "Host: " + host;  // "Host:": none (HTTP/1.0 style)

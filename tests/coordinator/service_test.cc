@@ -621,6 +621,11 @@ TEST_F(CoordinatorServiceTest, ANewAttemptStartsWithoutTheLastAttemptsProgressTi
   ASSERT_TRUE(sample("aviary_task_running", &value));
   EXPECT_EQ(value, 1);
   EXPECT_FALSE(sample("aviary_task_last_progress_timestamp_seconds", &value)) << value;
+  // Nor after a restart (it read the earlier attempt's points back).
+  Restart();
+  ASSERT_TRUE(sample("aviary_task_running", &value));
+  EXPECT_EQ(value, 1);
+  EXPECT_FALSE(sample("aviary_task_last_progress_timestamp_seconds", &value)) << value;
   ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.6)}, &cancel).ok());
   EXPECT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
 }
