@@ -828,7 +828,9 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     }
     job_row.info.set_note(request.note());
     *job_row.info.mutable_sweep() = request.sweep();
-    job_row.info.set_monitor(config.train.monitor);
+    // The sweep's points are ranked by what their final stage's tasks chose their best epoch by
+    // (stages.finetune.monitor when set, not train.monitor).
+    job_row.info.set_monitor(config.stages.at(finetune ? "finetune" : "pretrain").train.monitor);
     for (size_t i = 0; i < new_tasks.size(); ++i) {
       TaskRow& row = new_tasks[i].row;
       const std::string& stage = row.info.stage();

@@ -2259,6 +2259,12 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
   EXPECT_EQ(job.tags().at("lr-search"), "");
   EXPECT_EQ(job.note(), "first sweep");
   EXPECT_EQ(job.monitor(), "auc");
+  // The points are ranked by their final stage's monitor, a stage override included.
+  SubmitJobRequest by_loss = SweepRequest(root_, {{"train.lr", {"1e-3", "5e-4"}}});
+  by_loss.add_overrides("stages.finetune.monitor=loss");
+  SubmitJobResponse by_loss_response;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), by_loss, &by_loss_response).ok());
+  EXPECT_EQ(GetJob(by_loss_response.job_id()).monitor(), "loss");
   ASSERT_EQ(job.sweep_size(), 2);
   ASSERT_EQ(job.tasks_size(), 4 + 4 * 2);  // 4 pretraining tasks, 4 points x 2 folds
   std::map<std::string, const TaskInfo*> by_id;
