@@ -992,13 +992,12 @@ TEST_F(CoordinatorServiceTest, AReloadThatRevokesATokenEndsItsOpenWatch) {
   // SIGHUP's reload with another viewer token: the open stream of the old one ends.
   Write("viewer.token", "another-viewer-token\n");
   ASSERT_TRUE(coordinator_->ReloadTokens().ok());
-  const auto start = std::chrono::steady_clock::now();
   while (viewer->Read(&event)) {
   }
+  // Ended by the reload (the call's 30 s deadline would end it DEADLINE_EXCEEDED).
   const grpc::Status ended = viewer->Finish();
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
   EXPECT_TRUE(absl::StrContains(ended.error_message(), "after a token reload")) << ended.error_message();
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));  // not the 30 s deadline
   // The client's token stays: its stream goes on and sees the cancel.
   CancelJobRequest cancel;
   cancel.set_job_id(job_id);
