@@ -237,6 +237,13 @@ absl::Status Scheduler::Restore() {
     ApplyChanges(&repairs);
   }
 
+  std::vector<std::string> damaged;
+  if (const int64_t skipped = store_->TakeDamagedRows(&damaged); skipped > 0) {
+    log_.Warn(absl::StrCat("restore: skipped ", skipped,
+                           " damaged group or metric-point rows (history and registrations "
+                           "only; jobs and tasks are whole); the first: ",
+                           absl::StrJoin(damaged, "; ")));
+  }
   log_.Info(absl::StrCat("restored ", jobs_.size(), " jobs, ", tasks_.size(), " tasks, ",
                          groups_.size(), " groups from ", store_->path()));
   return absl::OkStatus();

@@ -258,12 +258,15 @@ class Store::Statement {
     const int size = sqlite3_column_bytes(stmt_, column);
     return data == nullptr ? std::string() : std::string(static_cast<const char*>(data), size);
   }
+  // `row` names the row in the error ("task j.../finetune-f0").
   template <typename M>
-  absl::Status Parse(int column, M* message) const {
+  absl::Status Parse(int column, M* message, const std::string& row) const {
     if (!message->ParseFromString(Text(column))) {
-      return absl::DataLossError(absl::StrCat("database ", store_->path_, ": statement '", sql_,
-                                              "': column ", column, " does not parse as ",
-                                              message->GetTypeName()));
+      return absl::DataLossError(absl::StrCat(
+          "database ", store_->path_, ": ", row, ": its column ",
+          sqlite3_column_name(stmt_, column), " does not parse as ", message->GetTypeName(),
+          " (statement '", sql_, "'); the file is damaged: nothing was changed; restore it "
+          "from a backup (docs/DEPLOY.md, \"Failures\")"));
     }
     return absl::OkStatus();
   }
@@ -283,6 +286,27 @@ absl::Status Store::SqlError(int rc, const std::string& statement) const {
   return absl::InternalError(absl::StrCat("database ", path_, ": statement '", statement,
                                           "' failed: ", sqlite3_errstr(rc), " (", rc, "): ",
                                           detail));
+}
+
+bool Store::SkipDamaged(const absl::Status& parsed) {
+  if (parsed.ok()) return false;
+  ++damaged_rows_skipped_;
+  if (damaged_rows_.size() < kMaxDamagedRowsKept) damaged_rows_.emplace_back(parsed.message());
+  return true;
+}
+
+std::string Store::PointLabel(const std::string& task_id, int attempt) {
+  return attempt < 0 ? absl::StrCat("a metric point of task ", task_id)
+                     : absl::StrCat("a metric point of task ", task_id, " attempt ", attempt);
+}
+
+int64_t Store::TakeDamagedRows(std::vector<std::string>* described) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  const int64_t count = damaged_rows_skipped_;
+  if (described != nullptr) *described = std::move(damaged_rows_);
+  damaged_rows_.clear();
+  damaged_rows_skipped_ = 0;
+  return count;
 }
 
 absl::Status Store::CheckOpen() const {
@@ -812,13 +836,13 @@ absl::Status Store::SetCounter(const std::string& name, int64_t value) {
 absl::StatusOr<std::vector<JobRow>> Store::LoadJobs() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
-  Statement st(this, "SELECT seq, info FROM jobs ORDER BY seq");
+  Statement st(this, "SELECT seq, info, job_id FROM jobs ORDER BY seq");
   std::vector<JobRow> rows;
   absl::Status status;
   while (st.Step(&status)) {
     JobRow row;
     row.seq = st.Int(0);
-    AVIARY_RETURN_IF_ERROR(st.Parse(1, &row.info));
+    AVIARY_RETURN_IF_ERROR(st.Parse(1, &row.info, absl::StrCat("job ", st.Text(2))));
     rows.push_back(std::move(row));
   }
   AVIARY_RETURN_IF_ERROR(status);
@@ -829,7 +853,8 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info, t.manifest_hash "
+               "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info, t.manifest_hash, "
+               "t.task_id "
                "FROM tasks t LEFT JOIN jobs j ON j.job_id = t.job_id ORDER BY j.seq, t.seq");
   std::vector<TaskRow> rows;
   absl::Status status;
@@ -839,7 +864,7 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
     row.depends_on = st.Text(1);
     row.init_checkpoint = st.Text(2);
     row.resume_checkpoint = st.Text(3);
-    AVIARY_RETURN_IF_ERROR(st.Parse(4, &row.info));
+    AVIARY_RETURN_IF_ERROR(st.Parse(4, &row.info, absl::StrCat("task ", st.Text(6))));
     row.manifest_hash = st.Text(5);
     rows.push_back(std::move(row));
   }
@@ -860,8 +885,9 @@ absl::StatusOr<std::vector<GroupRow>> Store::LoadGroups() {
     row.group_id = st.Text(0);
     row.task_id = st.Text(1);
     row.registered_unix_ms = st.Int(2);
-    AVIARY_RETURN_IF_ERROR(st.Parse(3, &row.info));
-    rows.push_back(std::move(row));
+    if (!SkipDamaged(st.Parse(3, &row.info, absl::StrCat("group ", row.group_id)))) {
+      rows.push_back(std::move(row));
+    }
   }
   AVIARY_RETURN_IF_ERROR(status);
   return rows;
@@ -964,8 +990,9 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& jo
     row.task_id = st.Text(0);
     row.attempt = static_cast<int>(st.Int(1));
     row.time_unix_ms = st.Int(2);
-    AVIARY_RETURN_IF_ERROR(st.Parse(3, &row.metrics));
-    rows.push_back(std::move(row));
+    if (!SkipDamaged(st.Parse(3, &row.metrics, PointLabel(row.task_id, row.attempt)))) {
+      rows.push_back(std::move(row));
+    }
   }
   AVIARY_RETURN_IF_ERROR(status);
   return rows;
@@ -981,8 +1008,9 @@ absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> Store::LoadLatestEpoc
   absl::Status status;
   while (st.Step(&status)) {
     aviary::v1::Metrics metrics;
-    AVIARY_RETURN_IF_ERROR(st.Parse(1, &metrics));
-    out[st.Text(0)] = std::move(metrics);
+    if (!SkipDamaged(st.Parse(1, &metrics, PointLabel(st.Text(0), -1)))) {
+      out[st.Text(0)] = std::move(metrics);
+    }
   }
   AVIARY_RETURN_IF_ERROR(status);
   return out;
@@ -1000,8 +1028,9 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
     PointRow row;
     row.task_id = st.Text(0);
     row.attempt = static_cast<int>(st.Int(1));
-    AVIARY_RETURN_IF_ERROR(st.Parse(2, &row.metrics));
-    out.push_back(std::move(row));
+    if (!SkipDamaged(st.Parse(2, &row.metrics, PointLabel(row.task_id, row.attempt)))) {
+      out.push_back(std::move(row));
+    }
   }
   AVIARY_RETURN_IF_ERROR(status);
   return out;

@@ -187,6 +187,12 @@ class Store {
   };
   absl::StatusOr<std::vector<CheckpointRow>> LoadCheckpoints(const std::string& task_id);
 
+  // A damaged job or task row (its info does not parse) fails its reader with DATA_LOSS naming
+  // the row: the scheduler cannot go on without it. A damaged group row or metric point is
+  // history or a registration the group renews, so the readers skip it and count it here:
+  // TakeDamagedRows returns how many were skipped since the last call and describes the first few.
+  int64_t TakeDamagedRows(std::vector<std::string>* described);
+
  private:
   Store(std::string path, sqlite3* db, int lock_fd)
       : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
@@ -205,14 +211,20 @@ class Store {
   absl::Status VerifySchema();
   absl::Status SqlError(int rc, const std::string& statement) const;
   absl::Status CheckOpen() const;
+  // True (and counted) when `parsed` failed; called with mu_ held.
+  bool SkipDamaged(const absl::Status& parsed);
+  static std::string PointLabel(const std::string& task_id, int attempt);
 
   class Statement;
+  static constexpr size_t kMaxDamagedRowsKept = 8;
 
   const std::string path_;
   sqlite3* db_ = nullptr;
   int lock_fd_ = -1;
   bool in_transaction_ = false;
   std::recursive_mutex mu_;
+  int64_t damaged_rows_skipped_ = 0;        // guarded by mu_
+  std::vector<std::string> damaged_rows_;  // guarded by mu_
 };
 
 }  // namespace aviary::coordinator

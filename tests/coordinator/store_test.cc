@@ -130,6 +130,84 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
   EXPECT_EQ(*absent, 0);
 }
 
+// A damaged job or task row stops the readers with DATA_LOSS naming the row (the scheduler cannot
+// go on without it; nothing is changed); a damaged group row or metric point is skipped, counted
+// and described.
+TEST_F(StoreTest, DamagedRowsAreNamedOrSkipped) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    JobRow job;
+    job.info.set_job_id("j0123456789ab");
+    TaskRow task;
+    task.info.set_task_id("j0123456789ab/pretrain-f0");
+    task.info.set_job_id("j0123456789ab");
+    GroupRow group;
+    group.group_id = "gaaaaaaaaaaaa";
+    group.task_id = task.info.task_id();
+    aviary::v1::Metrics first, second;
+    first.set_epoch(0);
+    first.set_epoch_end(true);
+    second.set_epoch(1);
+    second.set_epoch_end(true);
+    ASSERT_TRUE((*store)
+                    ->Transaction([&]() -> absl::Status {
+                      AVIARY_RETURN_IF_ERROR((*store)->PutJob(job));
+                      AVIARY_RETURN_IF_ERROR((*store)->InsertTask(task, TaskPayload{"a\n", "", ""}));
+                      AVIARY_RETURN_IF_ERROR((*store)->PutGroup(group));
+                      return (*store)->AddPoints(job.info.job_id(), task.info.task_id(), 1, 5,
+                                                 {first, second});
+                    })
+                    .ok());
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  // 0xff starts a varint that never ends: no protobuf parser takes it.
+  RawExec("UPDATE groups SET info=x'ff'; UPDATE metric_points SET metrics=x'ff' WHERE epoch=0");
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto groups = (*store)->LoadGroups();
+    ASSERT_TRUE(groups.ok()) << groups.status();
+    EXPECT_TRUE(groups->empty());
+    auto points = (*store)->LoadEpochEnds("j0123456789ab");
+    ASSERT_TRUE(points.ok()) << points.status();
+    ASSERT_EQ(points->size(), 1u);
+    EXPECT_EQ((*points)[0].metrics.epoch(), 1);
+    std::vector<std::string> described;
+    EXPECT_EQ((*store)->TakeDamagedRows(&described), 2);
+    ASSERT_EQ(described.size(), 2u);
+    EXPECT_NE(described[0].find("group gaaaaaaaaaaaa: its column info does not parse"), std::string::npos)
+        << described[0];
+    EXPECT_NE(described[1].find("a metric point of task j0123456789ab/pretrain-f0 attempt 1"), std::string::npos)
+        << described[1];
+    EXPECT_EQ((*store)->TakeDamagedRows(nullptr), 0);  // taken
+    auto tasks = (*store)->LoadTasks();
+    ASSERT_TRUE(tasks.ok()) << tasks.status();
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  RawExec("UPDATE tasks SET info=x'ff'");
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto tasks = (*store)->LoadTasks();
+    EXPECT_EQ(tasks.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(tasks.status().message().find("task j0123456789ab/pretrain-f0: its column info does not "
+                                            "parse as aviary.v1.TaskInfo"),
+              std::string::npos)
+        << tasks.status();
+    EXPECT_NE(tasks.status().message().find("nothing was changed"), std::string::npos) << tasks.status();
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  RawExec("UPDATE jobs SET info=x'ff'");
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto jobs = (*store)->LoadJobs();
+  EXPECT_EQ(jobs.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(jobs.status().message().find("job j0123456789ab: its column info does not parse"),
+            std::string::npos)
+      << jobs.status();
+}
+
 // ReportCheckpoint sent again after its answer was lost records the checkpoint once; the same
 // file written at another epoch, or by another attempt, is a row of its own.
 TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
