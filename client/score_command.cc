@@ -130,6 +130,10 @@ absl::StatusOr<ScoringInput> LoadScoringInput(const std::string& solution_path,
         absl::StrCat(solution.source(), ": no class columns besides row_id"));
   }
 
+  if (solution.num_rows() == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(solution.source(), ": no rows to score"));
+  }
+
   // Rows by row_id: every solution row needs exactly one submission row and vice versa.
   AVIARY_ASSIGN_OR_RETURN(auto solution_rows, IndexRowIds(solution, solution_id_col));
   AVIARY_ASSIGN_OR_RETURN(auto submission_rows, IndexRowIds(submission, submission_id_col));
@@ -179,6 +183,35 @@ absl::StatusOr<ScoringInput> LoadScoringInput(const std::string& solution_path,
   return input;
 }
 
+// Accuracy of a soundscape solution: over the rows with a positive label, the share whose
+// highest score (the first, on a tie) is one of the row's positive classes. A row without a
+// positive (no bird in the window) has no right answer and is left out, and a row with two
+// species is right when either one scores highest. (The trainer's val_acc compares the argmax of
+// one-hot labels, Keras's categorical accuracy: for one-hot rows the two agree.)
+MetricValue SoundscapeAccuracy(const common::BinaryLabels& truth, const std::vector<double>& scores,
+                               size_t* rows_with_positive) {
+  size_t counted = 0, hits = 0;
+  for (size_t r = 0; r < truth.rows; ++r) {
+    bool positive = false;
+    size_t best = 0;
+    for (size_t k = 0; k < truth.cols; ++k) {
+      positive = positive || truth(r, k) != 0;
+      if (scores[r * truth.cols + k] > scores[r * truth.cols + best]) best = k;
+    }
+    if (!positive) continue;
+    ++counted;
+    if (truth(r, best) != 0) ++hits;
+  }
+  *rows_with_positive = counted;
+  MetricValue out;
+  if (counted == 0) {
+    out.undefined_reason = "no row has a positive label";
+  } else {
+    out.value = static_cast<double>(hits) / static_cast<double>(counted);
+  }
+  return out;
+}
+
 std::string JsonString(absl::string_view text) {
   std::string out = "\"";
   for (char ch : text) {
@@ -218,6 +251,8 @@ int RunScore(const ScoreArgs& args) {
   common::MatrixView<double> scores(input->scores, input->truth.rows, input->truth.cols);
   auto metrics = common::ComputeEvalMetrics(input->truth, scores);
   if (!metrics.ok()) return fail(metrics.status());
+  size_t accuracy_rows = 0;
+  metrics->val_acc = SoundscapeAccuracy(input->truth, input->scores, &accuracy_rows);
 
   const std::pair<const char*, const MetricValue*> named[] = {
       {"macro_roc_auc", &metrics->val_roc_auc},
@@ -229,7 +264,8 @@ int RunScore(const ScoreArgs& args) {
     std::string undefined;
     std::string out = absl::StrCat("{\"rows\": ", input->truth.rows,
                                    ", \"classes\": ", input->truth.cols,
-                                   ", \"scored_classes\": ", metrics->scored_classes.size());
+                                   ", \"scored_classes\": ", metrics->scored_classes.size(),
+                                   ", \"accuracy_rows\": ", accuracy_rows);
     for (const auto& [name, value] : named) {
       absl::StrAppend(&out, ", \"", name, "\": ", JsonNumber(*value));
       if (!value->defined()) {
@@ -240,8 +276,9 @@ int RunScore(const ScoreArgs& args) {
     std::cout << out << ", \"undefined\": {" << undefined << "}}\n";
     return 0;
   }
+  const std::string accuracy_label = absl::StrCat("accuracy (", accuracy_rows, " rows with a label)");
   const char* labels[] = {"macro ROC-AUC (BirdCLEF 2024)", "padded cmAP (5 rows)",
-                          "micro PR-AUC (val_auc)", "accuracy"};
+                          "micro PR-AUC (val_auc)", accuracy_label.c_str()};
   std::cout << input->truth.rows << " rows, " << input->truth.cols << " classes ("
             << metrics->scored_classes.size() << " with a positive label)\n";
   for (size_t i = 0; i < 4; ++i) {
@@ -259,8 +296,9 @@ void AddScoreCommand(CLI::App* app, Runner* run) {
   auto args = std::make_shared<ScoreArgs>();
   CLI::App* score = common::AddCommand(
       app, "score", "the validation metrics of a submission",
-      "BirdCLEF 2024's macro ROC-AUC, padded cmAP (5 rows), micro PR-AUC (val_auc) and accuracy; rows "
-      "matched by row_id, columns by name.");
+      "BirdCLEF 2024's macro ROC-AUC, padded cmAP (5 rows), micro PR-AUC (val_auc) and accuracy (over "
+      "the rows with a positive label: right when the top score is one of them); rows matched by "
+      "row_id, columns by name.");
   score->group(kOfflineGroup);
   score->add_option("--solution", args->solution, "the truth: row_id and one 0/1 column per class")
       ->type_name("S.csv")

@@ -7,7 +7,9 @@ The references are scikit-learn 1.2's own functions, called as the recipe define
                           keep = y.sum(0) > 0 (the BirdCLEF 2024 metric)
   padded cmAP             average_precision_score(y + 5 rows of ones, s + 5 rows of ones,
                           average='macro') (BirdCLEF 2022/2023)
-  accuracy                mean(argmax(s, 1) == argmax(y, 1))
+  accuracy                mean(argmax(s, 1) == argmax(y, 1)) (the metrics tool, the trainer's
+                          val_acc); `aviary score`: over the rows with a positive,
+                          mean(y[r, argmax(s[r])] == 1)
 Undefined cases must come back as NaN from aviary: no positive at all (scikit-learn warns and
 returns 0 for the micro AP), and a ValueError from roc_auc_score.
 
@@ -54,6 +56,9 @@ def reference(y, s):
         ref["macro_ap"] = average_precision_score(y, s, average="macro") if n > 0 else math.nan
         ref["accuracy"] = (float(np.mean(np.argmax(s, axis=1) == np.argmax(y, axis=1)))
                            if n > 0 else math.nan)
+        labelled = y.sum(axis=1) > 0
+        ref["score_accuracy"] = (float(np.mean(y[labelled, np.argmax(s[labelled], axis=1)] == 1))
+                                 if labelled.any() else math.nan)
     return ref
 
 
@@ -66,7 +71,7 @@ TOOL_NAMES = {
     "val_acc": "accuracy", "accuracy": "accuracy", "soft_accuracy": "accuracy",
 }
 JSON_NAMES = {"micro_pr_auc": "micro_ap", "macro_roc_auc": "roc_auc", "padded_cmap": "cmap",
-              "accuracy": "accuracy"}
+              "accuracy": "score_accuracy"}
 
 
 class Checker:
@@ -242,7 +247,8 @@ def check_cli(aviary):
             ref = reference(y, s)
             for json_name, ref_name in JSON_NAMES.items():
                 checker.compare(f"cli case {i} ({kind} {n}x{k})", json_name, got[json_name], ref[ref_name])
-            if got["rows"] != n or got["classes"] != k or got["scored_classes"] != int((y.sum(0) > 0).sum()):
+            if (got["rows"] != n or got["classes"] != k or got["scored_classes"] != int((y.sum(0) > 0).sum())
+                    or got["accuracy_rows"] != int((y.sum(1) > 0).sum())):
                 checker.failures.append(f"cli case {i}: counts {got}")
             if i == 0:
                 table = run_score(aviary, sol, sub, json_output=False)
@@ -274,6 +280,19 @@ def check_cli(aviary):
             checker.failures.append(f"cli undefined case: rc {out.returncode} {out.stdout} {out.stderr}")
         else:
             checker.compare("cli undefined case", "padded_cmap", got["padded_cmap"], reference(y, s)["cmap"])
+            if got.get("accuracy") is not None or got.get("accuracy_rows") != 0:
+                checker.failures.append(f"cli undefined case: accuracy {out.stdout}")
+
+        # Accuracy over the labelled rows: a window without a bird is left out, a window with two
+        # species is right when either scores highest (by hand: 2 of the 3 labelled rows).
+        y = np.array([[0, 0, 0], [1, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.int64)
+        s = np.array([[0.9, 0.1, 0.1], [0.1, 0.2, 0.8], [0.7, 0.3, 0.1], [0.6, 0.5, 0.4]])
+        sol, sub = write_birdclef(tmp, "windows", y, s, rng)
+        out = run_score(aviary, sol, sub)
+        got = json.loads(out.stdout) if out.returncode == 0 else {}
+        checker.checks += 1
+        if got.get("accuracy_rows") != 3 or got.get("accuracy") is None or abs(got["accuracy"] - 2 / 3) > 1e-12:
+            checker.failures.append(f"cli accuracy over labelled rows: rc {out.returncode} {out.stdout} {out.stderr}")
 
         # Bad input: exit code 2 and a message naming what is wrong.
         y, s = make_case(rng, "round2", 12, 4)
@@ -325,6 +344,7 @@ def check_cli(aviary):
         soft = sol_df.astype({"sp003": float})
         soft.loc[5, "sp003"] = 0.95
         bad("soft_truth", "SOL:7: column 'sp003': truth must be 0 or 1, got '0.95'", sol_frame=soft)
+        bad("no_rows", "SOL: no rows to score", sol_frame=sol_df.iloc[:0], sub_frame=sub_df.iloc[:0])
         bad("missing_flag", "--submission is required", args=["--solution", sol])
         bad("missing_file", os.path.join(tmp, "nope.csv"),
             args=["--solution", os.path.join(tmp, "nope.csv"), "--submission", sub])
