@@ -606,7 +606,7 @@ absl::Status ValidateSynthOptions(const SynthOptions& options) {
   }
   if (!(options.max_seconds > 1) || !(options.max_seconds <= kMaxSeconds)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--max_seconds ", options.max_seconds, ": must be > 1 and <= ", kMaxSeconds));
+        absl::StrCat("--max-seconds ", options.max_seconds, ": must be > 1 and <= ", kMaxSeconds));
   }
   return absl::OkStatus();
 }
@@ -1041,7 +1041,7 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
     }
   }
   report.solution_path = absl::StrCat(options.out_dir, "/solution.csv");
-  AVIARY_RETURN_IF_ERROR(WriteBinary(report.solution_path, solution.str()));
+  AVIARY_RETURN_IF_ERROR(WriteFileAtomically(report.solution_path, solution.str()));
   return report;
 }
 

@@ -239,6 +239,11 @@ void AppendCsvField(std::string* out, absl::string_view field) {
 }
 
 void WriteCsvRow(std::ostream& out, const std::vector<std::string>& fields) {
+  // One empty field would be an empty line, which readers skip: quote it (as Python's csv does).
+  if (fields.size() == 1 && fields[0].empty()) {
+    out << "\"\"\n";
+    return;
+  }
   for (size_t i = 0; i < fields.size(); ++i) {
     if (i) out << ',';
     out << CsvEscape(fields[i]);

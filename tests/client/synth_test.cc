@@ -471,7 +471,7 @@ TEST(SynthTest, RefusesBadOptions) {
   o.max_seconds = 1;
   s = error_of(o);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("--max_seconds 1"), absl::string_view::npos) << s;
+  EXPECT_NE(s.message().find("--max-seconds 1"), absl::string_view::npos) << s;
 
   o = base;
   o.max_seconds = std::nan("");

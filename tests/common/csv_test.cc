@@ -247,6 +247,20 @@ TEST(CsvWriteTest, EscapesRoundTrip) {
   EXPECT_EQ(t->row(0), (std::vector<std::string>{"plain", "with,comma", "with \"quote\"", "multi\nline"}));
 }
 
+// A one-column row with an empty value is written "" (an empty line would be skipped as blank).
+TEST(CsvWriteTest, AnEmptyOnlyFieldSurvives) {
+  std::ostringstream out;
+  WriteCsvRow(out, {"name"});
+  WriteCsvRow(out, {""});
+  WriteCsvRow(out, {"x"});
+  EXPECT_EQ(out.str(), "name\n\"\"\nx\n");
+  auto t = CsvTable::Parse(out.str(), "w.csv");
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_EQ(t->num_rows(), 2u);
+  EXPECT_EQ(t->row(0), std::vector<std::string>{""});
+  EXPECT_EQ(t->row(1), std::vector<std::string>{"x"});
+}
+
 TEST(PythonListTest, ParsesPandasSecondaryLabels) {
   EXPECT_EQ(*ParsePythonStringList("[]"), std::vector<std::string>{});
   EXPECT_EQ(*ParsePythonStringList(""), std::vector<std::string>{});
