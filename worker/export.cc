@@ -1,7 +1,9 @@
 #include "worker/export.h"
 
 #include <cmath>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -92,6 +94,18 @@ int64_t FileSize(const std::string& path) {
   return ec ? -1 : static_cast<int64_t>(n);
 }
 
+// An output that is the input file itself (by its path or through a link) would replace what
+// the command reads: refused before anything is read.
+absl::Status CheckNotTheInput(const std::string& out, const char* out_flag, const std::string& in,
+                              const char* in_what) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(out, in, ec) && !ec) {
+    return absl::InvalidArgumentError(absl::StrCat(out_flag, " ", out, ": is the ", in_what, " ", in,
+                                                   " itself; write elsewhere (it would be replaced)"));
+  }
+  return absl::OkStatus();
+}
+
 std::string SidecarJson(const ExportOptions& options, const ExportResult& result,
                         const CheckpointMeta& meta, const common::PipelineConfig& config) {
   const common::FrontendConfig& fe = config.frontend;
@@ -137,6 +151,12 @@ std::string SidecarJson(const ExportOptions& options, const ExportResult& result
   return j.str();
 }
 
+// Writes the weights and the sidecar JSON to the given paths; fills `out`'s sizes and names.
+absl::Status WriteExportPair(const ExportOptions& options, const common::PipelineConfig& config,
+                             const CheckpointMeta& meta, ClassifierImpl& model, const NamedTensors& tensors,
+                             const std::string& weights_path, const std::string& sidecar_path,
+                             ExportResult* out);
+
 }  // namespace
 
 std::string SidecarPath(const std::string& out) {
@@ -159,6 +179,9 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
         "--out ", options.out, ": the JSON sidecar would overwrite the weights; name the weights "
         "file with another extension (.pt, .pth, .safetensors)"));
   }
+  AVIARY_RETURN_IF_ERROR(CheckNotTheInput(options.out, "--out", options.checkpoint, "checkpoint"));
+  AVIARY_RETURN_IF_ERROR(CheckNotTheInput(result.sidecar_path, "--out's sidecar",
+                                          options.checkpoint, "checkpoint"));
   AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(options.checkpoint));
   AVIARY_ASSIGN_OR_RETURN(
       common::PipelineConfig config,
@@ -193,29 +216,58 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   if (meta.model_name.rfind("efficientnet_", 0) == 0 && config.model.neck_features == 0) {
     result.torchvision = meta.model_name;
   }
+  // The weights and their sidecar are a pair (the sidecar names the outputs and the window):
+  // both are written in full under temporary names first and then renamed into place, so a
+  // failed write never leaves new weights beside an earlier export's sidecar.
+  const std::string staged_weights = absl::StrCat(options.out, ".partial");
+  const std::string staged_sidecar = absl::StrCat(result.sidecar_path, ".partial");
+  absl::Status written = WriteExportPair(options, config, meta, *model, tensors, staged_weights,
+                                         staged_sidecar, &result);
+  if (written.ok() && std::rename(staged_weights.c_str(), options.out.c_str()) != 0) {
+    written = absl::InternalError(absl::StrCat("cannot rename ", staged_weights, " to ", options.out, ": ",
+                                               std::strerror(errno)));
+  }
+  if (written.ok() && std::rename(staged_sidecar.c_str(), result.sidecar_path.c_str()) != 0) {
+    written = absl::InternalError(absl::StrCat("cannot rename ", staged_sidecar, " to ", result.sidecar_path,
+                                               ": ", std::strerror(errno), " (", options.out,
+                                               " is written; its sidecar is not)"));
+  }
+  std::remove(staged_weights.c_str());
+  std::remove(staged_sidecar.c_str());
+  AVIARY_RETURN_IF_ERROR(written);
+  return result;
+}
+
+namespace {
+
+absl::Status WriteExportPair(const ExportOptions& options, const common::PipelineConfig& config,
+                             const CheckpointMeta& meta, ClassifierImpl& model, const NamedTensors& tensors,
+                             const std::string& weights_path, const std::string& sidecar_path,
+                             ExportResult* out) {
+  ExportResult& result = *out;
   if (options.format == "state_dict") {
-    AVIARY_RETURN_IF_ERROR(WriteTorchSaveTensors(tensors, options.out));
+    AVIARY_RETURN_IF_ERROR(WriteTorchSaveTensors(tensors, weights_path));
   } else if (options.format == "safetensors") {
-    AVIARY_RETURN_IF_ERROR(WriteSafetensors(tensors, options.out));
+    AVIARY_RETURN_IF_ERROR(WriteSafetensors(tensors, weights_path));
   } else {
-    model->eval();
+    model.eval();
     OnnxGraphInfo info;
     AVIARY_ASSIGN_OR_RETURN(
         std::string bytes,
-        OnnxModelBytes(*model, config.frontend, config.data.sample_rate,
+        OnnxModelBytes(model, config.frontend, config.data.sample_rate,
                        static_cast<int64_t>(std::llround(options.window_s * config.data.sample_rate)),
                        common::Version(), &info));
-    AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(options.out, bytes));
+    AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(weights_path, bytes));
     result.onnx_nodes = info.num_nodes;
   }
   result.num_tensors = static_cast<int64_t>(tensors.size());
-  result.num_bytes = FileSize(options.out);
+  result.num_bytes = FileSize(weights_path);
   result.model_name = meta.model_name;
   result.num_classes = meta.num_classes;
-  AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(result.sidecar_path,
-                                                     SidecarJson(options, result, meta, config)));
-  return result;
+  return common::WriteFileAtomically(sidecar_path, SidecarJson(options, result, meta, config));
 }
+
+}  // namespace
 
 std::string TimmToTorchvisionName(const std::string& name) {
   auto starts = [&](const char* p) { return name.rfind(p, 0) == 0; };
@@ -276,6 +328,7 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--model: ImageNet backbones exist for efficientnet_b0..b3 only, got '", options.model, "'"));
   }
+  AVIARY_RETURN_IF_ERROR(CheckNotTheInput(options.out, "--out", options.in, "input"));
   common::ModelConfig mc;
   mc.name = options.model;
   AVIARY_ASSIGN_OR_RETURN(std::shared_ptr<ClassifierImpl> model,

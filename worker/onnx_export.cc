@@ -94,7 +94,11 @@ struct Attr {
 };
 
 Msg TensorProto(const std::string& name, const at::Tensor& tensor) {
-  at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+  // Every initializer is FLOAT or INT64 (raw_data's length must be dims x 4 or 8 bytes): a
+  // half, bfloat16 or double tensor is written as float32.
+  at::Tensor t = tensor.detach().to(at::kCPU);
+  if (t.scalar_type() != at::kLong) t = t.to(at::kFloat);
+  t = t.contiguous();
   Msg m;
   for (int64_t d : t.sizes()) m.Varint(1, static_cast<uint64_t>(d));
   m.Varint(2, t.scalar_type() == at::kLong ? kInt64 : kFloat);

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `aviary export --format onnx` against `aviary predict` (issue 17): for small_cnn and
 # efficientnet_b0..b3 (1 and 3 input channels, with and without a neck, softmax and sigmoid),
-# a checkpoint of random weights and BatchNorm statistics (export_tool), exported as ONNX and
+# a checkpoint of random weights and BatchNorm statistics (export_tool; one with the front end's
+# normalize: none, the others per_sample; per_batch depends on the caller's batch by design),
+# exported as ONNX and
 # run by onnxruntime from PyPI (scripts/lib/deps.sh: aviary_onnxruntime, in the torch venv) on
 # synthetic soundscapes (`aviary synth-soundscapes`, decoded by libsndfile into 16-bit WAV so that
 # both sides read the same samples), must give `aviary predict --tta 1`'s probabilities within
@@ -33,12 +35,12 @@ PY
 i=0
 for spec in "small_cnn 1 0 softmax" "small_cnn 3 16 sigmoid" "efficientnet_b0 3 0 softmax" \
             "efficientnet_b1 3 0 sigmoid" "efficientnet_b2 1 0 softmax" "efficientnet_b3 3 0 softmax" \
-            "efficientnet_b0 3 24 sigmoid"; do
-  read -r model cin neck act <<<"$spec"
+            "efficientnet_b0 3 24 sigmoid" "small_cnn 1 0 softmax none"; do
+  read -r model cin neck act normalize <<<"$spec"
   i=$((i + 1))
   d="$tmp/case$i"
   mkdir -p "$d"
-  "$tool" "$model" 6 "$cin" "$neck" "$act" $((200 + i)) "$d/best.pt" || { echo "FAIL: export_tool $spec"; fails=$((fails + 1)); continue; }
+  "$tool" "$model" 6 "$cin" "$neck" "$act" $((200 + i)) "$d/best.pt" $normalize || { echo "FAIL: export_tool $spec"; fails=$((fails + 1)); continue; }
   if ! "$bin/aviary" export "$d/best.pt" --format onnx --out "$d/model.onnx" > "$d/export.log" 2>&1; then
     echo "FAIL: aviary export --format onnx ($spec): $(cat "$d/export.log")"; fails=$((fails + 1)); continue
   fi

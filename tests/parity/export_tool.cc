@@ -15,8 +15,8 @@
 
 int main(int argc, char** argv) {
   using namespace aviary::worker;
-  if (argc != 8) {
-    std::cerr << "usage: export_tool MODEL NUM_CLASSES IN_CHANNELS NECK_FEATURES FINAL_ACT SEED OUT.pt\n";
+  if (argc != 8 && argc != 9) {
+    std::cerr << "usage: export_tool MODEL NUM_CLASSES IN_CHANNELS NECK_FEATURES FINAL_ACT SEED OUT.pt [NORMALIZE]\n";
     return 2;
   }
   aviary::common::PipelineConfig config;
@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   config.model.neck_features = std::stoi(argv[4]);
   config.model.final_act = argv[5];
   config.frontend.in_channels = in_channels;
+  if (argc == 9) config.frontend.normalize = argv[8];
   config.train.batch_size = 4;
   config.train.infer_bs = 2;
   for (auto& [name, stage] : config.stages) stage.train = config.train;

@@ -184,6 +184,36 @@ TEST(ExportCheckpointTest, RefusesAnUnknownFormatBadOutAndNonCheckpoints) {
   EXPECT_NE(r.status().message().find(o.checkpoint), std::string::npos) << r.status();
 }
 
+// --out naming the checkpoint itself (by its path or a link) is refused before anything is read
+// or written: the export used to replace the trained checkpoint with a bare state dict. A
+// successful export leaves no staged file behind.
+TEST(ExportCheckpointTest, RefusesToOverwriteItsCheckpointAndLeavesNoStagedFiles) {
+  const std::string ckpt = SaveB0("b0_self.pt");
+  const std::string before = Slurp(ckpt);
+  const std::string link = TempPath("b0_self_link.pt");
+  std::filesystem::remove(link);
+  std::filesystem::create_symlink(ckpt, link);
+  for (const std::string& out : {ckpt, link}) {
+    ExportOptions o;
+    o.checkpoint = ckpt;
+    o.format = "state_dict";
+    o.out = out;
+    auto r = ExportCheckpoint(o);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << out;
+    EXPECT_NE(r.status().message().find("is the checkpoint " + ckpt + " itself"), std::string::npos) << r.status();
+  }
+  EXPECT_EQ(Slurp(ckpt), before);
+  EXPECT_FALSE(std::filesystem::exists(TempPath("b0_self.json")));
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "safetensors";
+  o.out = TempPath("b0_self_export.safetensors");
+  ASSERT_TRUE(ExportCheckpoint(o).ok());
+  EXPECT_TRUE(std::filesystem::exists(TempPath("b0_self_export.json")));
+  EXPECT_FALSE(std::filesystem::exists(o.out + ".partial"));
+  EXPECT_FALSE(std::filesystem::exists(TempPath("b0_self_export.json.partial")));
+}
+
 // The metadata of a one-plane, two-class small_cnn fine-tuning checkpoint written with `config`.
 CheckpointMeta TwoClassSmallCnnMeta(const common::PipelineConfig& config) {
   CheckpointMeta meta;
@@ -279,6 +309,13 @@ TEST(ImportWeightsTest, RefusesAFileWithoutTheBackboneAndWritesNothing) {
   EXPECT_FALSE(std::filesystem::exists(o.out));
   o.model = "small_cnn";
   EXPECT_EQ(ImportWeights(o).status().code(), absl::StatusCode::kInvalidArgument);
+  // --out naming --in: refused, the download stays.
+  o.model = "efficientnet_b0";
+  o.out = in;
+  r = ImportWeights(o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("is the input " + in + " itself"), std::string::npos) << r.status();
+  EXPECT_TRUE(ReadStateDict(in).ok());
 }
 
 // A backbone file without BatchNorm's num_batches_tracked counters (older PyTorch, exports that
