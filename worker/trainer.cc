@@ -836,16 +836,19 @@ absl::Status Trainer::State::Resume() {
     for (const char* name : {"last.pt", "last.prev.pt", "best.pt"}) {
       const std::string path = Path(name);
       if (::access(path.c_str(), F_OK) != 0) continue;
-      const std::string aside = path + ".replaced";
+      // An earlier --no-resume's files stay: the first free name of NAME.replaced,
+      // NAME.replaced.2, ... (rename would replace one).
+      std::string aside = path + ".replaced";
+      for (int n = 2; ::access(aside.c_str(), F_OK) == 0; ++n) aside = absl::StrCat(path, ".replaced.", n);
       if (::rename(path.c_str(), aside.c_str()) != 0) {
         return absl::FailedPreconditionError(absl::StrCat("--no-resume: cannot move ", path, " aside to ", aside, ": ",
                                                           std::strerror(errno), " (it would be resumed later)"));
       }
-      moved.push_back(name);
+      moved.push_back(absl::StrCat(name, " to ", aside.substr(aside.rfind('/') + 1)));
     }
     if (!moved.empty()) {
-      Log().Info(absl::StrCat("starting over (--no-resume): the earlier run's ", absl::StrJoin(moved, ", "),
-                              " moved aside to *.replaced in ", options.out_dir));
+      Log().Info(absl::StrCat("starting over (--no-resume): the earlier run's files moved aside in ",
+                              options.out_dir, ": ", absl::StrJoin(moved, ", ")));
     }
     return absl::OkStatus();
   }

@@ -261,6 +261,22 @@ TEST_F(TrainerTest, StartingOverMovesTheEarlierRunsCheckpointsAside) {
   EXPECT_EQ((*resumed)->history().size(), 0u);  // inside the new run's epoch 0, not after the old run's epoch 1
   ASSERT_TRUE((*resumed)->Run().ok());
   EXPECT_EQ((*resumed)->history().size(), 2u);
+  // Starting over again keeps the first start's files: the second run's go to *.replaced.2.
+  const auto size_of = [&](const std::string& name) { return fs::file_size(o.out_dir + "/" + name); };
+  const uintmax_t first_best = size_of("best.pt.replaced");
+  const auto first_best_time = fs::last_write_time(o.out_dir + "/best.pt.replaced");
+  polls = 0;
+  {
+    auto again = Trainer::Create(two, fresh);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_TRUE(absl::IsCancelled((*again)->Run()));
+  }
+  for (const char* name : {"last.pt", "last.prev.pt", "best.pt"}) {
+    EXPECT_TRUE(fs::exists(o.out_dir + "/" + name + ".replaced")) << name;
+    EXPECT_TRUE(fs::exists(o.out_dir + "/" + name + ".replaced.2")) << name;
+  }
+  EXPECT_EQ(size_of("best.pt.replaced"), first_best);
+  EXPECT_EQ(fs::last_write_time(o.out_dir + "/best.pt.replaced"), first_best_time);
 }
 
 TEST_F(TrainerTest, ARefusedCommitEndsTheRunAndKeepsThePreviousFiles) {
