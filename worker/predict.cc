@@ -9,10 +9,12 @@
 #include <torch/utils.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -439,16 +441,34 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
   }
   if (!S_ISDIR(st.st_mode)) return std::vector<std::string>{path};
   DIR* dir = ::opendir(path.c_str());
-  if (dir == nullptr) return absl::NotFoundError(absl::StrCat(path, ": cannot open directory"));
+  if (dir == nullptr) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open directory: ", std::strerror(errno)));
+  }
   std::vector<std::string> files;
-  while (struct dirent* e = ::readdir(dir)) {
+  // A file that cannot be looked at (a dangling link, no permission) is an error, not a file
+  // left out: the submission would lack its rows without a word. Folders are not descended.
+  absl::Status listed;
+  while (listed.ok()) {
+    errno = 0;
+    struct dirent* e = ::readdir(dir);
+    if (e == nullptr) {
+      if (errno != 0) listed = absl::InternalError(absl::StrCat(path, ": readdir: ", std::strerror(errno)));
+      break;
+    }
     std::string name = e->d_name;
     if (name.empty() || name[0] == '.') continue;
     std::string full = path.back() == '/' ? path + name : absl::StrCat(path, "/", name);
     struct stat fst;
-    if (::stat(full.c_str(), &fst) == 0 && S_ISREG(fst.st_mode)) files.push_back(full);
+    if (::stat(full.c_str(), &fst) != 0) {
+      listed = absl::FailedPreconditionError(
+          absl::StrCat(full, ": cannot stat: ", std::strerror(errno),
+                       " (a dangling link?); remove it or predict the other files one by one"));
+    } else if (S_ISREG(fst.st_mode)) {
+      files.push_back(full);
+    }
   }
   ::closedir(dir);
+  AVIARY_RETURN_IF_ERROR(listed);
   std::sort(files.begin(), files.end());
   if (files.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no files to predict"));

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -383,6 +384,14 @@ TEST(PredictTest, ListAudioFilesChecksItsInput) {
   ASSERT_TRUE(files.ok());
   EXPECT_EQ(*files, (std::vector<std::string>{ok + "/a.ogg", ok + "/b.ogg"}));
   EXPECT_EQ(*ListAudioFiles(ok + "/a.ogg"), (std::vector<std::string>{ok + "/a.ogg"}));
+  // A dangling link is named, not left out (its rows would be missing from the submission).
+  std::string dangling = Dir("dangling");
+  std::ofstream(dangling + "/a.ogg").close();
+  std::filesystem::remove(dangling + "/b.ogg");
+  std::filesystem::create_symlink(dangling + "/gone.ogg", dangling + "/b.ogg");
+  st = ListAudioFiles(dangling).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(st.message()), HasSubstr(dangling + "/b.ogg: cannot stat"));
 }
 
 }  // namespace
