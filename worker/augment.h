@@ -13,7 +13,8 @@
 //       mixed by the segment's actual share of the clip.
 // Decisions and small draws (probabilities, lam, shifts) come from a CPU generator seeded by
 // the caller; the noise itself is drawn on the batch's device from a generator of that device
-// seeded the same way, so a (seed, batch) pair gives the same augmentation on every run.
+// seeded from the same seed (seed ^ 0x9e3779b97f4a7c15), so a (seed, batch) pair gives the same
+// augmentation on every run.
 //
 // Thread-compatible: no state beyond the arguments.
 #ifndef AVIARY_WORKER_AUGMENT_H_

@@ -33,6 +33,16 @@ WeightEma::WeightEma(const torch::nn::Module& module, double decay, int64_t warm
   }
 }
 
+void WeightEma::CheckSameParameters(const std::vector<std::pair<std::string, at::Tensor>>& params) const {
+  TORCH_CHECK(params.size() == names_.size(), "EMA: the model has ", params.size(),
+              " trainable parameters, the average ", names_.size(),
+              " (a parameter frozen or unfrozen after the average began)");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].first == names_[i], "EMA: trainable parameter ", i, " is ", params[i].first,
+                ", the average's is ", names_[i]);
+  }
+}
+
 double WeightEma::DecayAt(int64_t n) const {
   if (warmup_steps_ <= 0) return decay_;
   return decay_ * std::min(1.0, static_cast<double>(n) / static_cast<double>(warmup_steps_));
@@ -42,6 +52,7 @@ void WeightEma::Update(const torch::nn::Module& module) {
   torch::NoGradGuard no_grad;
   const double d = DecayAt(updates_);
   auto params = Trainable(module);
+  CheckSameParameters(params);
   for (size_t i = 0; i < averages_.size(); ++i) {
     // ema + (1 - d)(p - ema) = d ema + (1 - d) p: torch's lerp_, one kernel.
     averages_[i].lerp_(params[i].second.detach(), 1.0 - d);
@@ -52,6 +63,7 @@ void WeightEma::Update(const torch::nn::Module& module) {
 void WeightEma::Swap(torch::nn::Module& module) {
   torch::NoGradGuard no_grad;
   auto params = Trainable(module);
+  CheckSameParameters(params);
   for (size_t i = 0; i < averages_.size(); ++i) {
     at::Tensor held = params[i].second.detach().clone();
     params[i].second.detach().copy_(averages_[i]);

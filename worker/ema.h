@@ -5,8 +5,10 @@
 //   ema = d_n x ema + (1 - d_n) x param                   (every trainable parameter)
 // so with a warm-up the first update copies the weights and the average then forgets the early
 // weights quickly. Buffers (BatchNorm running statistics, already averages) are not averaged:
-// evaluating with the EMA uses the model's own buffers, as torch.optim.swa_utils.AveragedModel
-// with use_buffers=False. The average lives on the parameters' device and dtype (float32).
+// evaluating with the EMA uses the live model's buffers, the running statistics of the raw
+// weights. (torch.optim.swa_utils.AveragedModel with use_buffers=False keeps the buffers of the
+// model it was built from instead; timm's ModelEma averages them.) The average lives on the
+// parameters' device and dtype (float32).
 //
 // Data parallel: every rank applies the same averaged gradient, so every rank holds the same
 // weights and the same average; nothing is communicated.
@@ -21,6 +23,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -52,6 +55,11 @@ class WeightEma {
   absl::Status ImportState(const NamedTensors& state, const std::string& source);
 
  private:
+  // The averages pair with the module's trainable parameters by position: throws (c10::Error)
+  // when the module's are not the ones the average was built from (a parameter frozen or
+  // unfrozen since), which would otherwise average one tensor into another.
+  void CheckSameParameters(const std::vector<std::pair<std::string, at::Tensor>>& params) const;
+
   double decay_;
   int64_t warmup_steps_;
   int64_t updates_ = 0;

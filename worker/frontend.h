@@ -132,8 +132,12 @@ class MelFrontend {
   // [B, n_mels, frames] -> [B, in_channels, n_mels, frames] in output_format.
   at::Tensor Tile(const at::Tensor& spec) const;
 
-  // 1 + num_samples / hop_length (center=True).
-  int64_t NumFrames(int64_t num_samples) const { return 1 + num_samples / hop_length_; }
+  // torch.stft's frame count with center=True: the clip padded by n_fft / 2 on both sides,
+  // 1 + (num_samples + 2 (n_fft / 2) - n_fft) / hop_length (1 + num_samples / hop_length for an
+  // even n_fft).
+  int64_t NumFrames(int64_t num_samples) const {
+    return 1 + (num_samples + 2 * (n_fft_ / 2) - n_fft_) / hop_length_;
+  }
   // The shortest clip reflect padding accepts: n_fft / 2 + 1 samples (torch requires the pad,
   // n_fft / 2, to be smaller than the clip). Clips are padded to the configured duration long
   // before this matters; shorter ones are refused, not silently changed.
