@@ -40,7 +40,18 @@ aviary_install_packages() {
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   if [ -z "${AVIARY_APT_UPDATED:-}" ]; then
-    $sudo apt-get update -q
+    # apt-get update takes the lists' lock, which a fresh machine's apt-daily may hold at boot,
+    # and DPkg::Lock::Timeout does not cover it: retry for up to 10 minutes.
+    local tries=0
+    until $sudo apt-get -o DPkg::Lock::Timeout=600 update -q; do
+      tries=$((tries + 1))
+      if [ "$tries" -ge 60 ]; then
+        echo "aviary: apt-get update failed $tries times" >&2
+        return 1
+      fi
+      echo "aviary: apt-get update failed (the lists' lock held?); again in 10 s" >&2
+      sleep 10
+    done
     AVIARY_APT_UPDATED=1
   fi
   # A fresh machine's unattended-upgrades may hold dpkg's lock for a while: wait for it.
