@@ -169,6 +169,7 @@ start_coord() {  # start_coord YAML LOG: sets coord_pid; waits for "listening"
   fail "coordinator did not start: $(cat "$2")"; return 1
 }
 loopback_coordinator_config
+[ -x "$coordinator_bin" ] || fail "$coordinator_bin is not built"
 if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
   port=$(cat "$tmp/c.yaml.port")
   av() { "$aviary" --coordinator "127.0.0.1:$port" --token-file "$tmp/c.token" "$@"; }

@@ -6,7 +6,7 @@
 # (console_browser.py): login, jobs page, live curves that grow, click through to a task,
 # compare two jobs with their config diff, groups page, a coordinator restart the page rides
 # through, and the refusals (no token; a viewer token trying to cancel). Screenshots go to
-# ARTIFACTS_DIR. Exit 77 (skipped) only when chromium cannot start.
+# ARTIFACTS_DIR. Exit 77 (skipped) only when chromium is not installed.
 # usage: console_browser.sh BIN_DIR MPIEXEC ARTIFACTS_DIR
 set -uo pipefail
 bin=$1
@@ -90,7 +90,7 @@ while kill -0 "$browser_pid" 2>/dev/null; do
 done
 wait "$browser_pid"; status=$?
 if [ "$status" -eq 77 ]; then
-  echo "SKIP: chromium could not start (see above)"
+  echo "SKIP: chromium is not installed (see above)"
   exit 77
 fi
 [ "$status" -eq 0 ] && ok || { fail "the browser checks failed (exit $status)"; tail -n 20 "$tmp/coordinator.log"; }

@@ -67,6 +67,6 @@ expect "set \`data_roots\` in the coordinator config" env AVIARY_TOKEN_FILE="$tm
 # configs/coordinator.yaml in place, without its token: the error says how to get one.
 cd "$tmp"
 mkdir cfg && printf 'token_file: "token"\n' > cfg/c.yaml
-expect "aviary-coordinator init DIR" "$bin/aviary-coordinator" --config cfg/c.yaml --listen 127.0.0.1:0 --metrics-listen ""
+expect "aviary-coordinator init DIR" timeout 60 "$bin/aviary-coordinator" --config cfg/c.yaml --listen 127.0.0.1:0 --metrics-listen ""
 echo "coordinator_init: $passes passed, $fails failed"
 [ $fails -eq 0 ]

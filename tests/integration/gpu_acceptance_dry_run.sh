@@ -21,7 +21,9 @@ esac
 exec "$python" "\$@"
 EOF
 chmod +x "$tmp/guarded-python"
-if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$tmp/guarded-python" --out "$tmp/out" --work "$tmp/work" > "$tmp/run.log" 2>&1; then
+# The GPU call's budgets (450 s, 240 s a step) are for an H100; two loaded cores doing the same
+# steps at toy sizes get what ctest's TIMEOUT (1500 s) leaves.
+if "$repo/bench/gpu/acceptance.sh" --dry-run --budget 1300 --step-timeout 900 --pack "$tmp/pack" --python "$tmp/guarded-python" --out "$tmp/out" --work "$tmp/work" > "$tmp/run.log" 2>&1; then
   ok
 else
   cat "$tmp/out/acceptance.log" 2>/dev/null | tail -80; fail "acceptance.sh --dry-run failed"

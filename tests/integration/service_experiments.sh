@@ -27,7 +27,7 @@ expect "sweep point 1 (train.lr=fast)" av submit "$tmp/p.yaml" --sweep "train.lr
 expect "changes 'seed'" av submit "$tmp/p.yaml" --sweep "seed=[1,2]"
 expect "--sweep 'train.lr=1e-3': the values are not one [...] list" av submit "$tmp/p.yaml" --sweep train.lr=1e-3
 expect "tags[0]" av submit "$tmp/p.yaml" --tag "bad key"
-[ -z "$(av list 2>&1 | grep -E '^j[0-9a-f]{12}')" ] || fail "a refused submission left a job behind"
+no_jobs_listed || fail "a refused submission left a job behind"
 
 start_group g1 2
 wait_for 60 sh -c "'$bin/aviary' --coordinator 127.0.0.1:$port --token-file '$tmp/token' groups | grep -q idle" ||
@@ -51,6 +51,7 @@ assert len(g) == 1 and g[0]["world_size"] == 2 and g[0]["backend"] == "mpi", g
 ' "$tmp/groups.json" || fail "groups --json: expected one 2-rank mpi group"
 if avt 900 watch "$job" > "$tmp/watch.log" 2>&1; then ok; else
   fail "the sweep did not succeed"; tail -n 30 "$tmp/watch.log"; tail -n 30 "$tmp/g1.log"
+  kill "$logs_pid" 2>/dev/null  # a job still running would hold logs --follow for its 900 s
 fi
 wait "$logs_pid" || fail "logs --follow did not end cleanly with the job (rc $?)"
 for t in pretrain-f0-p0 finetune-f0-p0 finetune-f0-p3; do
@@ -117,7 +118,7 @@ grep -q "removed $(realpath "$tmp")/runs/$job2" "$tmp/delete.txt" || fail "delet
 expect "NOT_FOUND" av status "$job2"
 av delete "$job" > /dev/null || fail "delete of the sweep"
 [ -d "$tmp/runs/$job" ] || fail "delete without --with-run-folders removed the run folder"
-[ -z "$(av list 2>&1 | grep -E '^j[0-9a-f]{12}')" ] || fail "deleted jobs are still listed"
+no_jobs_listed || fail "deleted jobs are still listed"
 
 echo "service_experiments: $passes checks passed, $fails failed"
 [ "$fails" -eq 0 ]

@@ -4,9 +4,18 @@
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 pids=()
+# kill_session PID: SIGKILL to everything in the session PID leads (started with setsid): Open
+# MPI puts each rank in a process group of its own, so killing mpirun's group misses the ranks.
+kill_session() {
+  [ -n "${1:-}" ] && [ "$1" -gt 1 ] || return 0
+  kill -9 -- "-$1" 2>/dev/null
+  kill -9 "$1" 2>/dev/null
+  pkill -KILL -s "$1" 2>/dev/null
+  return 0
+}
 cleanup_service() {
   local p
-  for p in "${pids[@]}"; do kill -9 -- "-$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do kill_session "$p"; done
   wait 2>/dev/null
   rm -rf "$tmp"
 }
@@ -19,6 +28,13 @@ wait_for() {
     [ "$(date +%s)" -ge "$deadline" ] && return 1
     sleep 0.5
   done
+}
+
+# no_jobs_listed: `av list` answers and lists no job (a dead coordinator is not an empty list).
+no_jobs_listed() {
+  local listed
+  listed=$(av list 2>&1) || { echo "av list failed: $listed" >&2; return 1; }
+  ! grep -qE '^j[0-9a-f]{12}' <<< "$listed"
 }
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -23,7 +23,7 @@ source "$(dirname "$0")/service_lib.sh"
 runs=$tmp/runs
 cleanup_storage() {
   local p
-  for p in "${pids[@]}"; do kill -9 -- "-$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do kill_session "$p"; done
   wait 2>/dev/null
   umount "$runs" 2>/dev/null
   rm -rf "$tmp"
