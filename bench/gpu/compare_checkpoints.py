@@ -2,7 +2,8 @@
 """Are two aviary run folders the same run? (bench/gpu/acceptance.sh, exact resume)
 
 Compares history.csv (every column but samples_per_s, which is wall time) and the tensors of
-last.pt and best.pt: the model's parameters and buffers and the optimizer state, bit for bit.
+last.pt and best.pt: every part's parameters and buffers (the model, the optimizer state, the
+EMA state, ...), bit for bit.
 Prints what differs and the largest absolute difference; exit status 0 when identical.
 
 usage: compare_checkpoints.py RUN_A RUN_B
@@ -22,10 +23,7 @@ def history(run):
 def tensors(path):
     archive = torch.jit.load(path, map_location="cpu")
     out = {}
-    for part in ("model", "optimizer_state"):
-        if not hasattr(archive, part):
-            continue
-        module = getattr(archive, part)
+    for part, module in archive.named_children():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             out[f"{part}/{name}"] = t.detach()
     return out
