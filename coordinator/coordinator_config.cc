@@ -22,6 +22,7 @@
 #include "common/files.h"
 #include "common/status.h"
 #include "common/tokens.h"
+#include "common/utf8.h"
 #include "common/yaml_util.h"
 #include "coordinator/path_policy.h"
 #include "yaml-cpp/yaml.h"
@@ -387,6 +388,13 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
   }
   if (config.database.empty()) return absl::InvalidArgumentError("key 'database': the path is empty");
   if (config.work_dir.empty()) return absl::InvalidArgumentError("key 'work_dir': the path is empty");
+  // Checked again after it is made absolute (coordinator/scheduler.cc); here, so that a bad flag
+  // is a config error (exit 2, which systemd does not restart) rather than a failed start.
+  if (const size_t bad = common::FirstInvalidUtf8(config.work_dir); bad != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key 'work_dir': '", common::ValidUtf8(config.work_dir), "' is not UTF-8 (byte ", bad,
+        "); run folders are sent to worker groups as UTF-8 text: use a folder whose path is UTF-8"));
+  }
   if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "key '", config.tls_cert_file.empty() ? "tls_cert_file" : "tls_key_file",

@@ -149,6 +149,17 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
   EXPECT_NE(config.status().message().find(timeout + ":2: key 'heartbeat_timeout_s'"), std::string::npos)
       << config.status();
 
+  // A work_dir that is not UTF-8 once resolved (a relative one, in a config folder whose name is
+  // not UTF-8) is a config error naming the line (exit 2), not a failed start.
+  fs::create_directory(root_ + "/caf\xe9");
+  const std::string latin1 = Write("caf\xe9/c.yaml", "allow_no_auth: true\nwork_dir: runs\n");
+  config = LoadCoordinatorConfig(latin1, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(":2: key 'work_dir': '"), std::string::npos) << config.status();
+  EXPECT_NE(config.status().message().find("' is not UTF-8 (byte " + std::to_string(root_.size() + 4) + ")"),
+            std::string::npos)
+      << config.status();
+
   config = LoadCoordinatorConfig("", {{"listen", "nohostport", "--listen nohostport"},
                                       {"allow_no_auth", "true", "--set allow_no_auth=true"}});
   ASSERT_FALSE(config.ok());
