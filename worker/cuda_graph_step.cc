@@ -198,6 +198,12 @@ DeviceCopier::InFlight DeviceCopier::Start(const at::Tensor& host) {
   // A tensor already on a device is not copied: the copy stream would read it without waiting
   // for the stream that wrote it.
   if (stream_ == nullptr || !host.is_cpu()) return InFlight{host, nullptr};
+  // From pageable memory the "non-blocking" copy blocks this thread for the whole copy (the
+  // driver stages it): the loaders pin on CUDA, so this would be a new caller's mistake.
+  if (!host.is_pinned()) {
+    TORCH_WARN_ONCE("DeviceCopier: a host batch of ", host.nbytes(),
+                    " bytes is not pinned; its copy blocks the host (pin it in the loader)");
+  }
   c10::cuda::CUDAGuard device_guard(device_.index());
   InFlight out;
   {

@@ -59,10 +59,22 @@ StepForward TrainStep::Forward(const at::Tensor& waveforms, const at::Tensor& cl
 StepInputs TrainStep::Prepare(const at::Tensor& waveforms, const at::Tensor& class_ids,
                               const StepSeeds& seeds) const {
   at::Tensor x = waveforms.to(device_, /*non_blocking=*/true);
-  // one_hot on the host: on CUDA it would check the ids' range with a device sync.
-  at::Tensor y = at::one_hot(class_ids, model_->num_classes())
-                     .to(at::kFloat)
-                     .to(device_, /*non_blocking=*/true);
+  // The one-hot targets are made on the device from the class ids, as validation does: a
+  // [B, classes] float matrix copied from pageable memory (211 KB at 256 x 206) may make the
+  // host wait for the stream, the previous step's backward included. On CUDA one_hot leaves the
+  // ids' range to a device assert, so host ids are checked here first (B values, no sync).
+  const int64_t num_classes = model_->num_classes();
+  at::Tensor y;
+  if (device_.is_cuda()) {
+    if (class_ids.device().is_cpu() && class_ids.numel() > 0) {
+      const int64_t low = class_ids.min().item<int64_t>(), high = class_ids.max().item<int64_t>();
+      TORCH_CHECK(low >= 0 && high < num_classes, "class ids must be in [0, ", num_classes, "), got [", low,
+                  ", ", high, "]");
+    }
+    y = at::one_hot(class_ids.to(device_, /*non_blocking=*/true), num_classes).to(at::kFloat);
+  } else {
+    y = at::one_hot(class_ids, num_classes).to(at::kFloat);
+  }
   AugmentBatch(config_.augment, seeds.augment, &x, &y);
   at::Generator gen = MakeGenerator(device_, seeds.spec_augment);
   StepInputs in;

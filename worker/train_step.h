@@ -1,8 +1,8 @@
 // One training step of the recipe, shared by the trainer (worker/trainer.cc) and the step
 // benchmark (bench/train_step_bench.cc), so that what the benchmark times is what training runs.
 //
-//   Forward:  waveforms (host, pinned on CUDA) and class ids -> the device (non-blocking),
-//             one-hot targets, waveform augmentation (MixUp, CutMix, noise, shift), the mel front
+//   Forward:  waveforms (on the device already: the trainer's copy-ahead; or host, pinned on
+//             CUDA, copied non-blocking) and class ids -> the device, one-hot targets there, waveform augmentation (MixUp, CutMix, noise, shift), the mel front
 //             end with SpecAugment, the model under bf16 autocast on CUDA, the loss.
 //   Update:   zero the gradients, backward (the reducer's hooks all-reduce buckets during it),
 //             the reducer's Finish, the optimizer step.

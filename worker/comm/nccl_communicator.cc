@@ -80,7 +80,14 @@ class NcclWork final : public Work {
   }
   bool Poll() override {
     if (done_) return true;
-    if (cudaEventQuery(event_) != cudaSuccess) return false;
+    const cudaError_t q = cudaEventQuery(event_);
+    if (q != cudaSuccess) {
+      // "Not ready" is not an error, but the runtime may keep it as the thread's last error,
+      // which a later launch check (on autograd's thread, between backward kernels) would
+      // report: cleared, as torch's own queries do. Another error is Wait()'s to report.
+      if (q == cudaErrorNotReady) (void)cudaGetLastError();
+      return false;
+    }
     Finish();
     return true;
   }
@@ -190,6 +197,7 @@ absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const s
   while (true) {
     cudaError_t q = cudaEventQuery(event);
     if (q == cudaSuccess) return absl::OkStatus();
+    if (q == cudaErrorNotReady) (void)cudaGetLastError();  // as in Poll
     if (q != cudaErrorNotReady) {
       return Abort(absl::InternalError(CudaErrorMessage("cudaEventQuery", q, __FILE__, __LINE__)));
     }
