@@ -507,7 +507,7 @@ Field<PipelineConfig> MakeSection(const char* name, V PipelineConfig::*member) {
 constexpr int64_t kMaxBatchProduct = int64_t{1} << 20;
 
 // An integer in [min, max]: the upper bounds keep a job from being absurd (a 2^31-epoch plan,
-// a million loader threads); README.md's key table lists them.
+// a million loader threads); configs/pipeline.yaml's comments list them.
 Check<int> IntIn(int min, int max) {
   return [min, max](const int& value) {
     if (value >= min && value <= max) return std::string();

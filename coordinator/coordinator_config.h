@@ -36,7 +36,7 @@ struct CoordinatorConfig {
   // refused. In YAML a list; from --set a comma-separated list.
   std::vector<std::string> data_roots;
   std::string token_file;         // client tokens: all of JobService
-  std::string viewer_token_file;  // viewer tokens: GetJob, ListJobs, WatchJob, GetHistory ("" = none)
+  std::string viewer_token_file;  // viewer tokens: the reads (docs/SERVICE.md, "Roles"; "" = none)
   std::string worker_token_file;  // worker-group tokens: WorkerService only
   bool allow_no_auth = false;
   std::string tls_cert_file;
