@@ -206,6 +206,47 @@ absl::StatusOr<std::vector<FileStamp>> FoldCache::DecodeStamps(absl::string_view
   return stamps;
 }
 
+FoldCache::BuildClaim FoldCache::ClaimForBuild(std::vector<std::string> keys, bool* waited) {
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  if (waited != nullptr) *waited = false;
+  absl::MutexLock lock(&mu_);
+  while (true) {
+    bool taken = false;
+    for (const std::string& key : keys) taken = taken || building_.count(key) > 0;
+    if (!taken) break;
+    if (waited != nullptr) *waited = true;
+    building_done_.Wait(&mu_);
+  }
+  building_.insert(keys.begin(), keys.end());
+  BuildClaim claim;
+  claim.cache_ = this;
+  claim.keys_ = std::move(keys);
+  return claim;
+}
+
+void FoldCache::ReleaseKeys(const std::vector<std::string>& keys) {
+  absl::MutexLock lock(&mu_);
+  for (const std::string& key : keys) building_.erase(key);
+  building_done_.SignalAll();
+}
+
+FoldCache::BuildClaim& FoldCache::BuildClaim::operator=(BuildClaim&& other) noexcept {
+  if (this != &other) {
+    Release();
+    cache_ = std::exchange(other.cache_, nullptr);
+    keys_ = std::move(other.keys_);
+    other.keys_.clear();
+  }
+  return *this;
+}
+
+void FoldCache::BuildClaim::Release() {
+  if (cache_ != nullptr && !keys_.empty()) cache_->ReleaseKeys(keys_);
+  cache_ = nullptr;
+  keys_.clear();
+}
+
 size_t FoldCache::size() const {
   absl::MutexLock lock(&mu_);
   return versions_.size();

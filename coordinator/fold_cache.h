@@ -21,6 +21,11 @@
 // version still remembered in memory is caught by the submit, which checks that its manifests
 // are stored. The store keeps the `max_versions` most recently built.
 //
+// Single flight: a submit that misses claims the versions it will build (ClaimForBuild) until it
+// has recorded them or given up; a second submit of the same data at the same time waits for
+// that and then finds them, instead of reading the metadata and building the same folds beside
+// it (minutes of CPU and hundreds of MB for a BirdCLEF-size pool).
+//
 // Thread-safe.
 #ifndef AVIARY_COORDINATOR_FOLD_CACHE_H_
 #define AVIARY_COORDINATOR_FOLD_CACHE_H_
@@ -30,7 +35,9 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -83,6 +90,28 @@ class FoldCache {
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
   size_t max_versions() const { return max_versions_; }
 
+  // Keys claimed for a build, released on destruction (or Release()). Movable.
+  class BuildClaim {
+   public:
+    BuildClaim() = default;
+    BuildClaim(BuildClaim&& other) noexcept { *this = std::move(other); }
+    BuildClaim& operator=(BuildClaim&& other) noexcept;
+    BuildClaim(const BuildClaim&) = delete;
+    BuildClaim& operator=(const BuildClaim&) = delete;
+    ~BuildClaim() { Release(); }
+    void Release();
+    const std::vector<std::string>& keys() const { return keys_; }
+
+   private:
+    friend class FoldCache;
+    FoldCache* cache_ = nullptr;
+    std::vector<std::string> keys_;
+  };
+  // Waits until no other claim holds any of `keys`, then claims them all at once (two submits
+  // that need two versions each cannot wait for each other). `*waited` (may be null) says
+  // whether it had to wait. Call Lookup again after: the waited-for build may have recorded them.
+  BuildClaim ClaimForBuild(std::vector<std::string> keys, bool* waited = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
+
   // The store's row of a version, and back (INVALID_ARGUMENT for stamps that do not decode).
   static DatasetVersionRow ToRow(const std::string& key, const std::vector<FileStamp>& stamps,
                                  const std::map<int, ManifestRef>& manifests, int64_t created_unix_ms);
@@ -100,8 +129,12 @@ class FoldCache {
 
   const size_t max_versions_;
   Store* const store_;
+  void ReleaseKeys(const std::vector<std::string>& keys) ABSL_LOCKS_EXCLUDED(mu_);
+
   mutable absl::Mutex mu_;
   std::list<std::pair<std::string, std::shared_ptr<const Version>>> versions_ ABSL_GUARDED_BY(mu_);  // MRU first
+  std::set<std::string> building_ ABSL_GUARDED_BY(mu_);  // claimed keys
+  absl::CondVar building_done_;  // signalled when claimed keys are released
 };
 
 }  // namespace aviary::coordinator

@@ -735,18 +735,34 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   // Dataset and manifests, outside the lock: from the fold cache when this dataset version was
   // built before and none of its files changed, else read and built: the stages' tables from one
   // read of the files (both read the target), then each stage's manifests on a thread of its own.
+  // A version another submit is building now is waited for (FoldCache::ClaimForBuild), not
+  // built beside it; the claim is held until this job is recorded (or refused) and released
+  // when this function returns.
   std::vector<StageManifests*> to_build;
-  for (StageManifests& stage : stages) {
-    std::optional<std::map<int, ManifestRef>> cached;
-    if (use_cache) cached = fold_cache_.Lookup(FoldCache::Key(config, stage.stage), stage.folds);
-    if (cached) {
-      stage.cached = true;
-      for (int fold : stage.folds) stage.manifests[fold] = {"", cached->at(fold)};
-      log_.Info(absl::StrCat("stage ", stage.stage, ": the dataset is unchanged since an earlier submit; its ",
-                             stage.folds.size(), " manifest(s) are reused"));
-    } else {
-      to_build.push_back(&stage);
+  auto look_up = [&](StageManifests& stage) {
+    std::optional<std::map<int, ManifestRef>> cached = fold_cache_.Lookup(FoldCache::Key(config, stage.stage), stage.folds);
+    if (!cached) return false;
+    stage.cached = true;
+    for (int fold : stage.folds) stage.manifests[fold] = {"", cached->at(fold)};
+    log_.Info(absl::StrCat("stage ", stage.stage, ": the dataset is unchanged since an earlier submit; its ",
+                           stage.folds.size(), " manifest(s) are reused"));
+    return true;
+  };
+  FoldCache::BuildClaim claim;
+  if (use_cache) {
+    std::vector<std::string> keys;
+    for (StageManifests& stage : stages) {
+      if (!look_up(stage)) keys.push_back(FoldCache::Key(config, stage.stage));
     }
+    if (!keys.empty()) {
+      bool waited = false;
+      claim = fold_cache_.ClaimForBuild(keys, &waited);
+      for (StageManifests& stage : stages) {
+        if (!stage.cached && !(waited && look_up(stage))) to_build.push_back(&stage);
+      }
+    }
+  } else {
+    for (StageManifests& stage : stages) to_build.push_back(&stage);
   }
   if (!to_build.empty()) {
     // The metadata files are stamped before they are read: a change while reading makes the

@@ -2065,6 +2065,40 @@ TEST_F(CoordinatorServiceTest, ManifestsAreSharedPerDatasetVersionAndLeasedByRef
 
 // The fold cache drops a version whose files changed (content, size or a rewrite in place) and
 // keeps at most its bound of versions.
+// Single flight: a build of a version another build holds waits for its release (then looks the
+// version up again); claims of other versions do not wait; all of a claim's keys are taken at
+// once, so two builds that need two versions each cannot wait for each other.
+TEST(FoldCacheTest, ASecondBuildOfTheSameVersionWaitsForTheFirst) {
+  FoldCache cache(2);
+  bool waited = true;
+  FoldCache::BuildClaim first = cache.ClaimForBuild({"pretrain|a", "finetune|a", "pretrain|a"}, &waited);
+  EXPECT_FALSE(waited);
+  EXPECT_EQ(first.keys(), (std::vector<std::string>{"finetune|a", "pretrain|a"}));
+  {
+    FoldCache::BuildClaim other = cache.ClaimForBuild({"pretrain|b"}, &waited);
+    EXPECT_FALSE(waited);  // another version
+  }
+  std::atomic<bool> claimed{false};
+  bool second_waited = false;
+  std::thread second([&] {
+    FoldCache::BuildClaim claim = cache.ClaimForBuild({"finetune|a", "pretrain|c"}, &second_waited);
+    claimed = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(claimed.load());  // still held by the first build
+  FoldCache::BuildClaim moved = std::move(first);  // a move keeps the claim
+  EXPECT_TRUE(first.keys().empty());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(claimed.load());
+  moved.Release();
+  second.join();
+  EXPECT_TRUE(claimed.load());
+  EXPECT_TRUE(second_waited);
+  // Released again by the second's destructor: free for the next.
+  FoldCache::BuildClaim third = cache.ClaimForBuild({"finetune|a", "pretrain|c"}, &waited);
+  EXPECT_FALSE(waited);
+}
+
 TEST(FoldCacheTest, ChangedFilesDropTheVersionAndTheCacheIsBounded) {
   std::string tmpl = absl::StrCat("/tmp/aviary_fold_cache_", ::getpid(), "_XXXXXX");
   ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
