@@ -27,6 +27,7 @@
 #include "common/status.h"
 #include "common/utf8.h"
 #include "coordinator/console_assets.h"
+#include "coordinator/content_hash.h"
 #include "google/protobuf/util/json_util.h"
 #include "yaml-cpp/yaml.h"
 
@@ -39,24 +40,9 @@ constexpr char kCsrfHeader[] = "X-Aviary-Console";
 // rest stay for the pages and /api.
 constexpr int kServerThreads = 64;
 constexpr int kMaxStreams = 48;
-
-// One of the kMaxStreams event streams, held while in scope (held() false when all are taken).
-class StreamSlot {
- public:
-  explicit StreamSlot(std::atomic<int>* count) : count_(count), held_(count->fetch_add(1) < kMaxStreams) {
-    if (!held_) count_->fetch_sub(1);
-  }
-  ~StreamSlot() {
-    if (held_) count_->fetch_sub(1);
-  }
-  StreamSlot(const StreamSlot&) = delete;
-  StreamSlot& operator=(const StreamSlot&) = delete;
-  bool held() const { return held_; }
-
- private:
-  std::atomic<int>* count_;
-  bool held_;
-};
+// Per holder: a token (every tab of a user's browser shares its cookie) or, without one, the
+// peer's address. A page refused a stream loads its data by GET instead (console.js).
+constexpr int kMaxStreamsPerHolder = 16;
 constexpr int kDefaultJobLimit = 200;
 constexpr auto kKeepalive = std::chrono::seconds(10);
 // How old the /api/events payloads may be: every open stream shares one build of the job list
@@ -265,6 +251,45 @@ int HandleRequest(mg_connection* conn, void* cbdata) { return static_cast<Consol
 
 }  // namespace
 
+// One of the console's event streams, held while in scope; held() false, with the reason in
+// status(), when all are taken or its holder has kMaxStreamsPerHolder open.
+class StreamSlot {
+ public:
+  StreamSlot(Console* console, std::string holder) : console_(console), holder_(std::move(holder)) {
+    absl::MutexLock lock(&console_->streams_mu_);
+    int& mine = console_->streams_by_holder_[holder_];
+    if (console_->streams_ >= kMaxStreams) {
+      status_ = absl::ResourceExhaustedError(
+          absl::StrCat(kMaxStreams, " event streams are open already; reload later"));
+    } else if (mine >= kMaxStreamsPerHolder) {
+      status_ = absl::ResourceExhaustedError(absl::StrCat(
+          "this token (or address) has ", kMaxStreamsPerHolder, " event streams open already; close a page"));
+    } else {
+      ++mine;
+      ++console_->streams_;
+      held_ = true;
+    }
+    if (mine == 0) console_->streams_by_holder_.erase(holder_);
+  }
+  ~StreamSlot() {
+    if (!held_) return;
+    absl::MutexLock lock(&console_->streams_mu_);
+    --console_->streams_;
+    auto it = console_->streams_by_holder_.find(holder_);
+    if (it != console_->streams_by_holder_.end() && --it->second <= 0) console_->streams_by_holder_.erase(it);
+  }
+  StreamSlot(const StreamSlot&) = delete;
+  StreamSlot& operator=(const StreamSlot&) = delete;
+  bool held() const { return held_; }
+  const absl::Status& status() const { return status_; }
+
+ private:
+  Console* const console_;
+  const std::string holder_;
+  bool held_ = false;
+  absl::Status status_;
+};
+
 // One request: what it asks and how to answer it.
 class Console::Request {
  public:
@@ -387,6 +412,12 @@ class Console::Request {
   }
   bool by_cookie() const { return by_cookie_; }
   Role role() const { return role_; }
+  // Whose streams these are, for the per-holder limit: the token Authorize checked (hashed: not
+  // kept in the clear), or the peer's address without one.
+  std::string holder() const {
+    if (!token_.empty()) return "token " + Sha256Hex(token_);
+    return absl::StrCat("address ", info_->remote_addr);
+  }
 
  private:
   mg_connection* conn_;
@@ -738,11 +769,8 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
   if (!job.ok()) return request.Error(job.status());
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
-  StreamSlot slot(&streams_);
-  if (!slot.held()) {
-    return request.Error(absl::ResourceExhaustedError(
-        absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
-  }
+  StreamSlot slot(this, request.holder());
+  if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   bool alive = true;
   absl::Status status = scheduler_->WatchJob(
@@ -762,11 +790,8 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
 
 void Console::StreamOverview(Request& request) {
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
-  StreamSlot slot(&streams_);
-  if (!slot.held()) {
-    return request.Error(absl::ResourceExhaustedError(
-        absl::StrCat(kMaxStreams, " event streams are open already; reload later")));
-  }
+  StreamSlot slot(this, request.holder());
+  if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   Overview last;
   const auto changed = [](const std::shared_ptr<const std::string>& now,

@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -107,7 +108,12 @@ class Console {
   std::unique_ptr<TlsFront> tls_front_;  // with TLS: serves `listen`, relays to civetweb on loopback
   int port_ = 0;
   std::atomic<bool> stopping_{false};
-  std::atomic<int> streams_{0};  // open event streams (each holds a server thread)
+  // Open event streams (each holds a server thread), in all and per holder (a token, or the
+  // peer's address without one): one holder cannot take every stream.
+  friend class StreamSlot;
+  absl::Mutex streams_mu_;
+  int streams_ ABSL_GUARDED_BY(streams_mu_) = 0;
+  std::map<std::string, int> streams_by_holder_ ABSL_GUARDED_BY(streams_mu_);
   std::vector<std::string> own_names_;  // with authentication off: the Host names accepted
   absl::Mutex overview_mu_;
   Overview overview_ ABSL_GUARDED_BY(overview_mu_);

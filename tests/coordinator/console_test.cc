@@ -621,6 +621,24 @@ TEST_F(ConsoleTest, StreamsEndWhenAReloadRevokesTheirToken) {
   EXPECT_FALSE(kept.ReadUntilClosed(2)) << kept.text();
 }
 
+// One token holds at most 16 event streams (of the console's 48): the 17th is refused with 429
+// naming the limit, and another token still gets one.
+TEST_F(ConsoleTest, OneTokenCannotTakeEveryEventStream) {
+  Start();
+  std::vector<std::unique_ptr<EventStream>> streams;
+  for (int i = 0; i < 16; ++i) {
+    streams.push_back(std::make_unique<EventStream>(port_, "/api/events", std::vector<std::string>{Bearer("the-token")}));
+    ASSERT_TRUE(streams.back()->ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+        << i << ": " << streams.back()->text();
+  }
+  HttpResponse refused = Http(port_, "GET", "/api/events", {Bearer("the-token")});
+  EXPECT_EQ(refused.status, 429) << refused.body;
+  EXPECT_TRUE(absl::StrContains(refused.body, "has 16 event streams open already")) << refused.body;
+  EventStream other(port_, "/api/events", {Bearer("the-viewer-token")});
+  EXPECT_TRUE(other.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+      << other.text();
+}
+
 TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   Start();
   const std::string job_id = Submit();
