@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -19,8 +20,12 @@
 namespace aviary::common {
 namespace {
 
-// Caps on what a header may claim (far above real files: a B3 state dict's pickle is ~60 KB).
-constexpr uint64_t kMaxSafetensorsHeader = 100 << 20;  // safetensors' own limit
+// Caps on what a header may claim (far above real files: a B3 state dict's pickle is ~60 KB, its
+// safetensors header ~40 KB). The coordinator reads files users name at submit: every cap bounds
+// what a crafted file can make it allocate or do.
+constexpr uint64_t kMaxSafetensorsHeader = 16 << 20;  // safetensors allows 100 MB; yaml-cpp takes ~50x
+// JSON tokens ({ [ , :) in a safetensors header: yaml-cpp makes a node of ~200 bytes of each.
+constexpr int64_t kMaxHeaderTokens = int64_t{1} << 18;
 constexpr uint64_t kMaxCentralDirectory = 64 << 20;
 constexpr uint64_t kMaxPickle = 64 << 20;
 // Values a pickle may push or memoize: a state dict takes about 25 a tensor (40,000 tensors fit),
@@ -30,6 +35,20 @@ constexpr int64_t kMaxPickleValues = int64_t{1} << 20;
 // A view's elements beyond its storage's (stride 0): a broadcast bias, not gigabytes.
 constexpr int64_t kMaxExpandedElements = int64_t{1} << 24;
 constexpr int kMaxRank = 16;
+// Tensors in one file, bytes of one tensor name (nested keys joined with '.'), of a storage key,
+// of a global's "module.name".
+constexpr int64_t kMaxTensors = int64_t{1} << 18;
+constexpr size_t kMaxNameBytes = 1024;
+constexpr size_t kMaxStorageKeyBytes = 256;
+constexpr size_t kMaxGlobalBytes = 512;
+// All views together may make at most this many elements beyond 4 x their storages' (tied
+// weights view one storage twice): the worker materialises every view.
+constexpr int64_t kMaxTotalExtraElements = int64_t{1} << 24;
+
+// Text from the file in a message: at most 200 bytes of it.
+std::string Shown(const std::string& text) {
+  return text.size() <= 200 ? text : absl::StrCat(text.substr(0, 200), "... (", text.size(), " bytes)");
+}
 // A tensor view's elements (stride 0 lets a small storage claim any number; the worker
 // materialises each view).
 constexpr int64_t kMaxViewElements = int64_t{1} << 40;
@@ -47,7 +66,9 @@ int64_t ElementSize(const std::string& dtype) {
 class File {
  public:
   static absl::StatusOr<std::unique_ptr<File>> Open(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO would wait for a writer (a submit's thread, for ever); only a
+    // regular file is read, and for one the flag changes nothing.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       const int err = errno;
       const std::string message = absl::StrCat(path, ": ", std::strerror(err));
@@ -104,6 +125,34 @@ uint64_t Le(const std::string& bytes, size_t at, size_t n) {
 // ---------------------------------------------------------------------------------------------
 // safetensors.
 
+// The header must be plain JSON of at most kMaxHeaderTokens structural tokens before yaml-cpp
+// (which reads YAML: anchors, aliases and tags are not JSON) builds its nodes; empty when it is.
+std::string CheckJsonHeader(const std::string& json) {
+  int64_t tokens = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < json.size(); ++i) {
+    const char c = json[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    switch (c) {
+      case '"': in_string = true; break;
+      case '{': case '[': case ',': case ':':
+        if (++tokens > kMaxHeaderTokens) return absl::StrCat("more than ", kMaxHeaderTokens, " JSON tokens");
+        break;
+      case '&': case '*': case '!': case '|': case '>': case '%': case '@': case '`': case '#': case '\'':
+        return absl::StrCat("'", std::string(1, c), "' at byte ", i, " outside a string: not JSON");
+      default: break;
+    }
+  }
+  return "";
+}
+
 absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::string& path) {
   auto bad = [&](const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid safetensors file: ", why));
@@ -116,6 +165,7 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
   }
   absl::StatusOr<std::string> json = file.Read(8, header_len, "the safetensors header");
   if (!json.ok()) return json.status();
+  if (const std::string why = CheckJsonHeader(*json); !why.empty()) return bad(absl::StrCat("header: ", why));
   const uint64_t data_bytes = file.size() - 8 - header_len;
   YAML::Node header;
   try {
@@ -131,6 +181,9 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
       TensorEntry entry;
       entry.name = kv.first.as<std::string>();
       if (entry.name == "__metadata__") continue;
+      if (entry.name.size() > kMaxNameBytes) {
+        return bad(absl::StrCat("an entry's name '", Shown(entry.name), "' is longer than ", kMaxNameBytes, " bytes"));
+      }
       if (!names.insert(entry.name).second) return bad(absl::StrCat("two entries are named '", entry.name, "'"));
       const YAML::Node& info = kv.second;
       if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"] ||
@@ -140,7 +193,7 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
       }
       entry.dtype = info["dtype"].as<std::string>();
       const int64_t element = ElementSize(entry.dtype);
-      if (element == 0) return bad(absl::StrCat("entry '", entry.name, "' has unsupported dtype ", entry.dtype));
+      if (element == 0) return bad(absl::StrCat("entry '", entry.name, "' has unsupported dtype ", Shown(entry.dtype)));
       if (info["shape"].size() > kMaxRank) return bad(absl::StrCat("entry '", entry.name, "' has rank > ", kMaxRank));
       uint64_t bytes = static_cast<uint64_t>(element);
       for (const auto& d : info["shape"]) {
@@ -172,6 +225,7 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
 struct ZipEntry {
   uint16_t method = 0;
   uint64_t size = 0;          // uncompressed
+  uint64_t compressed = 0;
   uint64_t local_offset = 0;  // of the local file header
 };
 
@@ -223,7 +277,8 @@ absl::StatusOr<std::map<std::string, ZipEntry>> ReadZipDirectory(const File& fil
     }
     ZipEntry entry;
     entry.method = static_cast<uint16_t>(Le(*cd, at + 10, 2));
-    const uint64_t compressed = Le(*cd, at + 20, 4);
+    entry.compressed = Le(*cd, at + 20, 4);
+    const uint64_t compressed = entry.compressed;
     entry.size = Le(*cd, at + 24, 4);
     const size_t name_len = Le(*cd, at + 28, 2);
     const size_t extra_len = Le(*cd, at + 30, 2);
@@ -241,35 +296,54 @@ absl::StatusOr<std::map<std::string, ZipEntry>> ReadZipDirectory(const File& fil
       const size_t end = std::min(x + 4 + len, at + 46 + name_len + extra_len);
       if (id == 0x0001) {
         if (entry.size == 0xFFFFFFFF && v + 8 <= end) entry.size = Le(*cd, v, 8), v += 8;
-        if (compressed == 0xFFFFFFFF && v + 8 <= end) v += 8;
+        if (compressed == 0xFFFFFFFF && v + 8 <= end) entry.compressed = Le(*cd, v, 8), v += 8;
         if (entry.local_offset == 0xFFFFFFFF && v + 8 <= end) entry.local_offset = Le(*cd, v, 8);
       }
       x += 4 + len;
     }
     at += 46 + name_len + extra_len + comment_len;
-    entries[std::move(name)] = entry;
+    // Two entries of one name: which one a reader takes differs (torch's takes another than
+    // "the last"), so what the coordinator checks would not be what the worker loads.
+    if (!entries.emplace(name, entry).second) {
+      return bad(absl::StrCat("two entries are named '", Shown(name), "'"));
+    }
   }
   return entries;
+}
+
+// Where a stored entry's bytes lie, checked against the file: its local header, stored (not
+// compressed), and the data within the file. The central directory's sizes alone could claim
+// terabytes for a record of a 1 KB file.
+absl::StatusOr<uint64_t> ZipEntryData(const File& file, const std::string& path, const std::string& name,
+                                      const ZipEntry& entry) {
+  if (entry.method != 0 || entry.compressed != entry.size) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", Shown(name), " is compressed (method ",
+                                                   entry.method, "); torch.save stores its entries uncompressed"));
+  }
+  absl::StatusOr<std::string> local = file.Read(entry.local_offset, 30, absl::StrCat("the zip header of ", Shown(name)));
+  if (!local.ok()) return local.status();
+  if (Le(*local, 0, 4) != 0x04034b50) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": bad zip header of ", Shown(name), " at byte ", entry.local_offset));
+  }
+  const uint64_t data = entry.local_offset + 30 + Le(*local, 26, 2) + Le(*local, 28, 2);
+  if (data > file.size() || entry.size > file.size() - data) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", Shown(name), " claims ", entry.size,
+                                                   " bytes at byte ", data, "; the file has ", file.size()));
+  }
+  return data;
 }
 
 // The bytes of a stored entry, at most `cap` of them.
 absl::StatusOr<std::string> ReadZipEntry(const File& file, const std::string& path, const std::string& name,
                                          const ZipEntry& entry, uint64_t cap) {
-  if (entry.method != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", name, " is compressed (method ",
-                                                   entry.method, "); torch.save stores its entries uncompressed"));
-  }
   if (entry.size > cap) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", name, " has ", entry.size,
+    return absl::InvalidArgumentError(absl::StrCat(path, ": zip entry ", Shown(name), " has ", entry.size,
                                                    " bytes, more than the ", cap, " read"));
   }
-  absl::StatusOr<std::string> local = file.Read(entry.local_offset, 30, absl::StrCat("the zip header of ", name));
-  if (!local.ok()) return local.status();
-  if (Le(*local, 0, 4) != 0x04034b50) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": bad zip header of ", name, " at byte ", entry.local_offset));
-  }
-  const uint64_t data = entry.local_offset + 30 + Le(*local, 26, 2) + Le(*local, 28, 2);
-  return file.Read(data, entry.size, absl::StrCat("zip entry ", name));
+  absl::StatusOr<uint64_t> data = ZipEntryData(file, path, name, entry);
+  if (!data.ok()) return data.status();
+  return file.Read(*data, entry.size, absl::StrCat("zip entry ", Shown(name)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,11 +481,21 @@ class Unpickler {
       return Bad("persistent id is not ('storage', type, key, location, numel)");
     }
     const char* dtype = StorageDtype(pid->items[1]->s);
-    if (dtype == nullptr) return Bad(absl::StrCat("storage type ", pid->items[1]->s));
+    if (dtype == nullptr) return Bad(absl::StrCat("storage type ", Shown(pid->items[1]->s)));
     const std::string& key = pid->items[2]->s;
+    if (key.size() > kMaxStorageKeyBytes) {
+      return Bad(absl::StrCat("storage key '", Shown(key), "' is longer than ", kMaxStorageKeyBytes, " bytes"));
+    }
     const int64_t numel = pid->items[4]->i;
     auto record = records_.find(key);
     if (record == records_.end()) return Bad(absl::StrCat("storage '", key, "' has no data record in the archive"));
+    // One key is one storage: named again with another type or size, a reader would view the
+    // first as the second.
+    auto [seen, first] = storages_.emplace(key, std::make_pair(std::string(dtype), numel));
+    if (!first && (seen->second.first != dtype || seen->second.second != numel)) {
+      return Bad(absl::StrCat("storage '", key, "' is named with ", seen->second.second, " elements of ",
+                              seen->second.first, " and with ", numel, " of ", dtype));
+    }
     if (numel < 0 || static_cast<uint64_t>(numel) > record->second / static_cast<uint64_t>(ElementSize(dtype))) {
       return Bad(absl::StrCat("storage '", key, "' claims ", numel, " elements of ", dtype, "; its record has ",
                               record->second, " bytes"));
@@ -424,11 +508,18 @@ class Unpickler {
   }
 
   absl::StatusOr<ValuePtr> Reduce(const ValuePtr& callable, const ValuePtr& args) {
-    const std::string& fn = callable->s;
+    // Only a global is called (its name is at most kMaxGlobalBytes); anything else makes an
+    // opaque value of no name, never a copy of what was "called".
+    static const std::string kNoName;
+    const std::string& fn = callable->kind == Value::Kind::kGlobal ? callable->s : kNoName;
     if (fn == "collections.OrderedDict") return New(Value::Kind::kDict);
     if (fn == "torch._utils._rebuild_tensor_v2" || fn == "torch._utils._rebuild_tensor") {
       // (storage, storage_offset, size, stride, requires_grad, backward_hooks, ...)
-      if (args->items.size() < 4 || args->items[0]->kind != Value::Kind::kStorage ||
+      bool ints = args->items.size() >= 4;
+      for (size_t k = 2; ints && k < 4; ++k) {
+        for (const ValuePtr& item : args->items[k]->items) ints = ints && item->kind == Value::Kind::kInt;
+      }
+      if (!ints || args->items[0]->kind != Value::Kind::kStorage ||
           args->items[1]->kind != Value::Kind::kInt || args->items[2]->items.size() > kMaxRank ||
           args->items[2]->items.size() != args->items[3]->items.size()) {
         return Bad(absl::StrCat(fn, " arguments are not (storage, offset, size, stride, ...)"));
@@ -483,6 +574,18 @@ class Unpickler {
     auto v = New(Value::Kind::kOpaque);
     v->s = fn;
     return v;
+  }
+
+  // A global's "module.name", at most kMaxGlobalBytes (real ones are under 50).
+  absl::Status PushGlobal(const std::string& module, const std::string& name) {
+    if (module.size() + name.size() + 1 > kMaxGlobalBytes) {
+      return Bad(absl::StrCat("a global name of ", module.size() + name.size() + 1, " bytes (more than ",
+                              kMaxGlobalBytes, ")"));
+    }
+    auto v = New(Value::Kind::kGlobal);
+    v->s = absl::StrCat(module, ".", name);
+    Push(v);
+    return absl::OkStatus();
   }
 
   absl::Status PushString(size_t width) {
@@ -541,21 +644,18 @@ class Unpickler {
       case 'X': case 'T': case 'B': return PushString(4);   // BINUNICODE, BINSTRING, BINBYTES
       case 0x8d: case 0x8e: return PushString(8);           // BINUNICODE8, BINBYTES8
       case 'c': {  // GLOBAL
-        auto v = New(Value::Kind::kGlobal);
         const std::string module = ReadLine();
-        v->s = module + "." + ReadLine();
-        Push(v);
-        return absl::OkStatus();
+        return PushGlobal(module, ReadLine());
       }
-      case 0x93: {  // STACK_GLOBAL
+      case 0x93: {  // STACK_GLOBAL: two strings (anything else would let names grow by doubling)
         auto name = Pop();
         if (!name.ok()) return name.status();
         auto module = Pop();
         if (!module.ok()) return module.status();
-        auto v = New(Value::Kind::kGlobal);
-        v->s = (*module)->s + "." + (*name)->s;
-        Push(v);
-        return absl::OkStatus();
+        if ((*module)->kind != Value::Kind::kString || (*name)->kind != Value::Kind::kString) {
+          return Bad("STACK_GLOBAL of values that are not two strings");
+        }
+        return PushGlobal((*module)->s, (*name)->s);
       }
       case 'q': case 'r': {  // BINPUT, LONG_BINPUT
         absl::StatusOr<uint64_t> id = Arg(op == 'q' ? 1 : 4);
@@ -657,41 +757,62 @@ class Unpickler {
   std::vector<ValuePtr> all_;  // every value made (the destructor's flat teardown)
   std::map<uint64_t, ValuePtr> memo_;
   int64_t values_ = 0;  // pushed or memoized, counted against kMaxPickleValues
+  std::map<std::string, std::pair<std::string, int64_t>> storages_;  // key -> dtype, numel
 };
 
 // String keys only; tensors kept, mappings recursed (the worker's ReadTorchSaveTensors names
-// tensors by this too).
-// `budget` bounds the entries visited and `depth` the nesting (a memo can make a dict refer to
-// itself); false when either is spent. `names` holds the tensor names so far: a second tensor of
-// one name ({"a": {"b": t}} beside "a.b", or a key pickled twice) sets `*duplicate` and returns
-// false, since which of the two a model would get is arbitrary.
-bool Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth,
-             std::set<std::string>* names, std::string* duplicate) {
-  if (depth > 64) return false;
+// tensors by this too). Empty when it worked, else why not:
+// - `budget` bounds the entries visited and `depth` the nesting;
+// - a mapping is flattened once: reached again (the memo can make a dict refer to itself, or
+//   two keys to one dict, which fans out into millions of names), the file is refused
+//   (torch.save's state dicts never share one);
+// - names are at most kMaxNameBytes and tensors at most kMaxTensors;
+// - a second tensor of one name ({"a": {"b": t}} beside "a.b", or a key pickled twice) is
+//   refused, since which of the two a model would get is arbitrary.
+std::string Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth,
+                    std::set<std::string>* names, std::set<const Value*>* visited) {
+  if (depth > 64) return "nests deeper than 64";
+  if (!visited->insert(&dict).second) return "reaches one mapping twice (a mapping refers to itself, or two keys to one mapping)";
   for (const auto& [k, v] : dict.dict) {
-    if (--*budget < 0) return false;
+    if (--*budget < 0) return absl::StrCat("has more than ", 1 << 22, " entries");
     if (k->kind != Value::Kind::kString) continue;
+    if (prefix.size() + 1 + k->s.size() > kMaxNameBytes) {
+      return absl::StrCat("has a name longer than ", kMaxNameBytes, " bytes: '",
+                          Shown(prefix.empty() ? k->s : absl::StrCat(prefix, ".", k->s.substr(0, 200))), "'");
+    }
     std::string name = prefix.empty() ? k->s : prefix + "." + k->s;
     if (v->kind == Value::Kind::kTensor) {
       if (!names->insert(name).second) {
-        *duplicate = name;
-        return false;
+        return absl::StrCat("is ambiguous: two tensors are named '", name,
+                            "' once nested mappings are joined with '.' (a nested key and a dotted one, or a key "
+                            "twice)");
       }
+      if (static_cast<int64_t>(out->size()) >= kMaxTensors) return absl::StrCat("holds more than ", kMaxTensors, " tensors");
       out->push_back(TensorEntry{name, v->s, v->shape, v->storage, v->storage_numel, v->offset, v->stride});
     }
-    if (v->kind == Value::Kind::kDict && !Flatten(*v, name, out, budget, depth + 1, names, duplicate)) return false;
+    if (v->kind == Value::Kind::kDict) {
+      std::string why = Flatten(*v, name, out, budget, depth + 1, names, visited);
+      if (!why.empty()) return why;
+    }
   }
-  return true;
+  return "";
 }
 
 absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::string& path) {
   absl::StatusOr<std::map<std::string, ZipEntry>> entries = ReadZipDirectory(file, path);
   if (!entries.ok()) return entries.status();
-  // "<archive>/data.pkl" (the archive folder is named after the file by torch.save).
+  // "<archive>/data.pkl" (the archive folder is named after the file by torch.save); one only:
+  // readers would differ in which of two they take.
   std::string pickle_name;
   for (const auto& [name, entry] : *entries) {
     const size_t slash = name.find('/');
-    if (name == "data.pkl" || (slash != std::string::npos && name.substr(slash) == "/data.pkl")) pickle_name = name;
+    if (name == "data.pkl" || (slash != std::string::npos && name.substr(slash) == "/data.pkl")) {
+      if (!pickle_name.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": two pickles, ", Shown(pickle_name), " and ",
+                                                       Shown(name), ": not a torch.save file"));
+      }
+      pickle_name = name;
+    }
   }
   if (pickle_name.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": a zip archive without */data.pkl: not a torch.save file"));
@@ -702,9 +823,22 @@ absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::st
         path, ": a TorchScript archive (an aviary checkpoint such as best.pt?), not a state dict; "
               "`aviary export --format state_dict` or `aviary weights import` writes one"));
   }
+  // The storages' records, each checked to lie in the file as stored bytes.
   std::map<std::string, uint64_t> records;
   for (const auto& [name, entry] : *entries) {
-    if (name.rfind(prefix + "data/", 0) == 0) records[name.substr(prefix.size() + 5)] = entry.size;
+    if (name.rfind(prefix + "data/", 0) != 0) continue;
+    absl::StatusOr<uint64_t> data = ZipEntryData(file, path, name, entry);
+    if (!data.ok()) return data.status();
+    records[name.substr(prefix.size() + 5)] = entry.size;
+  }
+  // The byte order of the storages (a file without the record is little-endian, as torch reads it).
+  if (auto order = entries->find(prefix + "byteorder"); order != entries->end()) {
+    absl::StatusOr<std::string> text = ReadZipEntry(file, path, order->first, order->second, 16);
+    if (!text.ok()) return text.status();
+    if (*text != "little") {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": written on a '", Shown(*text),
+                                                     "'-endian machine; only little-endian files are read"));
+    }
   }
   absl::StatusOr<std::string> pickle = ReadZipEntry(file, path, pickle_name, entries->at(pickle_name), kMaxPickle);
   if (!pickle.ok()) return pickle.status();
@@ -718,18 +852,26 @@ absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::st
   TensorIndex out;
   int64_t budget = 1 << 22;
   std::set<std::string> names;
-  std::string duplicate;
-  if (!Flatten(**root, "", &out, &budget, 0, &names, &duplicate)) {
-    if (!duplicate.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": two tensors are named '", duplicate,
-          "' once nested mappings are joined with '.' (a nested key and a dotted one, or a key "
-          "twice): which one is meant is ambiguous"));
-    }
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": the state dict has more than ", 1 << 22, " entries, nests deeper than 64 or refers to itself"));
+  std::set<const Value*> visited;
+  if (const std::string why = Flatten(**root, "", &out, &budget, 0, &names, &visited); !why.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict ", why));
   }
   if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
+  // What a reader makes of all the views together: a file of many expanded views of one small
+  // storage passes each view's cap and still claims terabytes.
+  std::map<std::string, int64_t> storage_numel;
+  int64_t views = 0, storages = 0;
+  for (const TensorEntry& entry : out) {
+    int64_t numel = std::count(entry.shape.begin(), entry.shape.end(), 0) > 0 ? 0 : 1;
+    for (int64_t d : entry.shape) numel *= numel == 0 ? 0 : d;  // a non-empty view: at most kMaxViewElements
+    views = views > INT64_MAX - numel ? INT64_MAX : views + numel;
+    if (storage_numel.emplace(entry.storage, entry.storage_numel).second) storages += entry.storage_numel;
+  }
+  if (storages < (INT64_MAX - kMaxTotalExtraElements) / 4 && views > 4 * storages + kMaxTotalExtraElements) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": its ", out.size(), " tensors view ", views,
+                                                   " elements of storages holding ", storages,
+                                                   " (not a state dict this reader takes)"));
+  }
   return out;
 }
 

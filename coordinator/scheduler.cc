@@ -535,9 +535,9 @@ absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequ
   return job_id;
 }
 
-absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary::v1::SubmitJobRequest& request,
-                                                                   const std::string& source,
-                                                                   const std::vector<std::string>& overrides) const {
+absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
+    const aviary::v1::SubmitJobRequest& request, const std::string& source, const std::vector<std::string>& overrides,
+    std::map<std::string, absl::Status>* weights_checked) const {
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
                           common::ParsePipelineConfig(request.pipeline_yaml(), source, overrides));
   AVIARY_RETURN_IF_ERROR(common::CheckLossMatchesActivation(config, source));
@@ -580,8 +580,17 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(const aviary:
   // The ImageNet backbone file fits the model (the trainer's rule, common/backbone_fit.h) when
   // the coordinator can read it; a file only the workers can read is left to the trainer.
   if (config.model.pretrain == "imagenet") {
-    const absl::Status fit = common::CheckWeightsFile(config.model.pretrained_weights, config.model.name,
-                                                      config.frontend.in_channels);
+    // Once per file, model and planes in a submit (a sweep's points share them).
+    const std::string fit_key = absl::StrCat(config.model.pretrained_weights, "\n", config.model.name, "\n",
+                                             config.frontend.in_channels);
+    auto checked = weights_checked->find(fit_key);
+    if (checked == weights_checked->end()) {
+      checked = weights_checked
+                    ->emplace(fit_key, common::CheckWeightsFile(config.model.pretrained_weights, config.model.name,
+                                                                config.frontend.in_channels))
+                    .first;
+    }
+    const absl::Status& fit = checked->second;
     if (absl::IsNotFound(fit) || absl::IsPermissionDenied(fit)) {
       log_.Info(absl::StrCat(source, ": model.pretrained_weights not checked at submit (", fit.message(),
                              "); the trainer checks it"));
@@ -603,10 +612,11 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   AVIARY_ASSIGN_OR_RETURN(const std::vector<std::vector<std::string>> grid, ExpandSweep(request.sweep()));
   const bool sweep = !request.sweep().empty();
   std::vector<common::PipelineConfig> configs;
+  std::map<std::string, absl::Status> weights_checked;
   for (size_t p = 0; p < grid.size(); ++p) {
     std::vector<std::string> overrides(request.overrides().begin(), request.overrides().end());
     overrides.insert(overrides.end(), grid[p].begin(), grid[p].end());
-    absl::StatusOr<common::PipelineConfig> config = ResolveJobConfig(request, source, overrides);
+    absl::StatusOr<common::PipelineConfig> config = ResolveJobConfig(request, source, overrides, &weights_checked);
     if (!config.ok() && sweep) {
       return common::Annotate(config.status(),
                               absl::StrCat("sweep point ", p, " (", absl::StrJoin(grid[p], ", "), ")"));

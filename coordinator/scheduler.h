@@ -189,9 +189,12 @@ class Scheduler {
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request);
   // The request's pipeline with `overrides`, data paths resolved against its working_dir,
   // validated, and checked against the data roots.
+  // `weights_checked`: the pretrained-weights checks done so far in this submit (by file, model
+  // and planes), so that a sweep's points read the file once.
   absl::StatusOr<common::PipelineConfig> ResolveJobConfig(const aviary::v1::SubmitJobRequest& request,
                                                           const std::string& source,
-                                                          const std::vector<std::string>& overrides) const;
+                                                          const std::vector<std::string>& overrides,
+                                                          std::map<std::string, absl::Status>* weights_checked) const;
   struct Job {
     JobRow row;
     std::vector<std::string> task_ids;  // DAG order

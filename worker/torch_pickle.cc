@@ -27,8 +27,8 @@ at::ScalarType StorageType(const std::string& dtype, bool* ok) {
 }  // namespace
 
 // The pickle is read by common/tensor_index.cc (the coordinator's torch-free reader, which checks
-// every storage and view against the archive), so both read a file the same way; the values
-// come from torch's own zip reader.
+// every storage and view against the archive, and the byte order), so both read a file the same
+// way; the values come from torch's own zip reader.
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
     const std::string& path) {
   absl::StatusOr<common::TensorIndex> index = common::ReadTorchSaveIndex(path);
@@ -40,21 +40,6 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTen
     std::string what = e.what();
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a torch.save zip archive: ",
                                                    what.substr(0, what.find('\n'))));
-  }
-  // torch.save records the writer's byte order (a file without it is little-endian, as torch
-  // reads it); the storages are copied as they are, so another order would read as garbage.
-  try {
-    if (zip->hasRecord("byteorder")) {
-      auto [ptr, size] = zip->getRecord("byteorder");
-      const std::string order(static_cast<const char*>(ptr.get()), size);
-      if (order != "little") {
-        return absl::InvalidArgumentError(absl::StrCat(
-            path, ": written on a '", order, "'-endian machine; only little-endian files are read"));
-      }
-    }
-  } catch (const std::exception& e) {
-    std::string what = e.what();
-    return absl::InvalidArgumentError(absl::StrCat(path, ": record byteorder: ", what.substr(0, what.find('\n'))));
   }
   std::map<std::string, at::Tensor> storages;  // by key: tensors may share one
   std::map<std::string, const common::TensorEntry*> storage_owner;  // the first tensor of each key

@@ -3,6 +3,7 @@
 // checked by tests/parity/check_tensor_index.py.
 #include "common/tensor_index.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -227,6 +228,63 @@ TEST_F(TensorIndexTest, ViewsWhoseExtentOverflowsAreRefused) {
   EXPECT_TRUE(index == (TensorIndex{{"w", "F32", {3, 2}}}));
 }
 
+// Files crafted to make the reader (the coordinator, at submit) allocate, loop or read what a
+// worker's torch would read otherwise (found by review): each is refused with a message naming
+// the file.
+TEST_F(TensorIndexTest, CraftedArchivesAreRefusedBeforeTheyCostMemory) {
+  const std::string data(24, '\0');
+  const std::string path = dir_ + "/f";
+  const std::string good = Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}}));
+  auto refused = [&](const std::string& bytes, const std::string& expect) {
+    const std::string got = Read(bytes);
+    EXPECT_TRUE(absl::StartsWith(got, path)) << got;
+    EXPECT_TRUE(absl::StrContains(got, expect)) << "wanted '" << expect << "' in: " << got.substr(0, 400);
+  };
+  // STACK_GLOBAL of its own results doubled a string per 4 opcodes (2^40 bytes from 300).
+  std::string doubling = "\x80\x02" + Str("a") + "q" + Le(0, 1);
+  for (int i = 0; i < 40; ++i) doubling += "h" + Le(0, 1) + "h" + Le(0, 1) + "\x93q" + Le(0, 1);
+  refused(Zip({{"a/data.pkl", doubling + "."}}), "STACK_GLOBAL of values that are not two strings");
+  refused(Zip({{"a/data.pkl", Pickle(Str(std::string(300, 'm')) + Str(std::string(300, 'n')) + "\x93")}}),
+          "a global name of 601 bytes");
+  // One mapping under two keys (with 2000 keys each way: 4 million names from 40 KB).
+  refused(Zip({{"a/data.pkl",
+                Pickle("}(" + Str("a") + OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}}) + Str("b") + "h" +
+                       Le(1, 1) + "u")},
+               {"a/data/0", data}}),
+          "reaches one mapping twice");
+  refused(Zip({{"a/data.pkl", Pickle(OrderedDict({{std::string(2000, 'k'), Tensor("0", 6, {2, 3}, {3, 1})}}))},
+               {"a/data/0", data}}),
+          "has a name longer than 1024 bytes");
+  // A storage record whose central directory entry claims 2 GB of a file of 300 bytes.
+  std::string lying = Zip({{"a/data.pkl", good}, {"a/data/0", data}});
+  const size_t second_cd = lying.find("PK\x01\x02", lying.find("PK\x01\x02") + 4);
+  ASSERT_NE(second_cd, std::string::npos);
+  lying.replace(second_cd + 20, 8, Le(0x7FFFFFFF, 4) + Le(0x7FFFFFFF, 4));
+  refused(lying, "zip entry a/data/0 claims 2147483647 bytes");
+  // Two entries of one name, two pickles: torch's reader and this one would take different ones.
+  refused(Zip({{"a/data.pkl", good}, {"a/data/0", data}, {"a/data/0", data}}), "two entries are named 'a/data/0'");
+  refused(Zip({{"a/data.pkl", good}, {"b/data.pkl", good}, {"a/data/0", data}}), "two pickles");
+  // One storage named with two sizes; a big-endian file.
+  refused(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}, {"v", Tensor("0", 3, {3}, {1})}}))},
+               {"a/data/0", data}}),
+          "storage '0' is named with 6 elements of F32 and with 3 of F32");
+  refused(Zip({{"a/data.pkl", good}, {"a/data/0", data}, {"a/byteorder", "big"}}), "'big'-endian");
+  EXPECT_EQ(Read(Zip({{"a/data.pkl", good}, {"a/data/0", data}, {"a/byteorder", "little"}})), "ok");
+  // 300 expanded views of one element, each under the per-view cap, 19.5 million together.
+  std::vector<std::pair<std::string, std::string>> views;
+  for (int i = 0; i < 300; ++i) views.emplace_back(absl::StrCat("w", i), Tensor("0", 1, {255, 255}, {0, 0}));
+  refused(Zip({{"a/data.pkl", Pickle(OrderedDict(views))}, {"a/data/0", data}}), "tensors view 19507500 elements");
+}
+
+// A FIFO under the data roots: refused as not a regular file, not waited on for a writer.
+TEST_F(TensorIndexTest, AFifoIsRefusedWithoutWaiting) {
+  const std::string fifo = dir_ + "/weights.pt";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto got = ReadTensorIndex(fifo);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(got.status().message(), "not a regular file")) << got.status();
+}
+
 TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
   auto file = [](const std::string& header, size_t data) {
     return Le(header.size(), 8) + header + std::string(data, '\0');
@@ -248,6 +306,13 @@ TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
                                 "unsupported dtype Q7"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32"}})", 0)), "lacks dtype/shape/data_offsets"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":[1,2}})", 0)), "header JSON"));
+  // YAML that is not JSON (an anchor and an alias), and a header of too many values (yaml-cpp
+  // takes ~200 bytes of each: gigabytes from 100 MB).
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w": &a {"dtype":"F32"}, "v": *a})", 0)),
+                                "'&' at byte 6 outside a string: not JSON"));
+  std::string many = R"({"w":[0)";
+  for (int i = 0; i < 270000; ++i) many += ",0";
+  EXPECT_TRUE(absl::StrContains(Read(file(many + "]}", 0)), "more than 262144 JSON tokens"));
   // A key twice in the header (JSON parsers differ on which one they keep).
   EXPECT_EQ(Read(file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
                       R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
