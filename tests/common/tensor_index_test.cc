@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "absl/strings/match.h"
@@ -302,11 +303,12 @@ TEST_F(TensorIndexTest, DamagedFilesEndInAnIndexOrAnError) {
       bytes[at] = static_cast<char>(rng() % 7 == 0 ? 0xff : rng() & 0xff);
     }
     if (rng() % 5 == 0) bytes.resize(rng() % bytes.size());
-    const std::string got = Read(bytes);
-    if (got == "ok") {
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;  // no fsync: 3000 files
+    auto got = ReadTensorIndex(path);
+    if (got.ok()) {
       ++ok;
     } else {
-      ASSERT_TRUE(absl::StartsWith(got, path)) << i << ": " << got;
+      ASSERT_TRUE(absl::StartsWith(got.status().message(), path)) << i << ": " << got.status();
     }
   }
   EXPECT_GT(ok, 0);  // some damage (a flipped data byte) leaves a readable file
