@@ -25,6 +25,7 @@ namespace {
 // what a crafted file can make it allocate or do.
 constexpr uint64_t kMaxSafetensorsHeader = 16 << 20;  // safetensors allows 100 MB; yaml-cpp takes ~50x
 // JSON tokens ({ [ , :) in a safetensors header: yaml-cpp makes a node of ~200 bytes of each.
+// An entry takes about 17: some 15,000 tensors (a CNN backbone has about 500).
 constexpr int64_t kMaxHeaderTokens = int64_t{1} << 18;
 constexpr uint64_t kMaxCentralDirectory = 64 << 20;
 constexpr uint64_t kMaxPickle = 64 << 20;
@@ -37,8 +38,11 @@ constexpr int64_t kMaxExpandedElements = int64_t{1} << 24;
 constexpr int kMaxRank = 16;
 // Tensors in one file, bytes of one tensor name (nested keys joined with '.'), of a storage key,
 // of a global's "module.name".
-constexpr int64_t kMaxTensors = int64_t{1} << 18;
+constexpr int64_t kMaxTensors = int64_t{1} << 16;
 constexpr size_t kMaxNameBytes = 1024;
+// Mapping entries visited while flattening (a mapping reached through several keys is visited
+// each time).
+constexpr int64_t kMaxFlattenEntries = int64_t{1} << 22;
 constexpr size_t kMaxStorageKeyBytes = 256;
 constexpr size_t kMaxGlobalBytes = 512;
 // All views together may make at most this many elements beyond 4 x their storages' (tied
@@ -762,20 +766,19 @@ class Unpickler {
 
 // String keys only; tensors kept, mappings recursed (the worker's ReadTorchSaveTensors names
 // tensors by this too). Empty when it worked, else why not:
-// - `budget` bounds the entries visited and `depth` the nesting;
-// - a mapping is flattened once: reached again (the memo can make a dict refer to itself, or
-//   two keys to one dict, which fans out into millions of names), the file is refused
-//   (torch.save's state dicts never share one);
-// - names are at most kMaxNameBytes and tensors at most kMaxTensors;
+// - `budget` bounds the entries visited and `depth` the nesting (the memo can make a dict refer
+//   to itself, or many keys to one dict, which fans out into millions of names);
+// - names of tensors and mappings are at most kMaxNameBytes, tensors at most kMaxTensors (so a
+//   fan-out ends at kMaxTensors names of at most 1 KB);
 // - a second tensor of one name ({"a": {"b": t}} beside "a.b", or a key pickled twice) is
 //   refused, since which of the two a model would get is arbitrary.
 std::string Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth,
-                    std::set<std::string>* names, std::set<const Value*>* visited) {
-  if (depth > 64) return "nests deeper than 64";
-  if (!visited->insert(&dict).second) return "reaches one mapping twice (a mapping refers to itself, or two keys to one mapping)";
+                    std::set<std::string>* names) {
+  if (depth > 64) return "nests deeper than 64 (or refers to itself)";
   for (const auto& [k, v] : dict.dict) {
-    if (--*budget < 0) return absl::StrCat("has more than ", 1 << 22, " entries");
+    if (--*budget < 0) return absl::StrCat("has more than ", kMaxFlattenEntries, " entries (or refers to itself)");
     if (k->kind != Value::Kind::kString) continue;
+    if (v->kind != Value::Kind::kTensor && v->kind != Value::Kind::kDict) continue;  // a number, a string, ...
     if (prefix.size() + 1 + k->s.size() > kMaxNameBytes) {
       return absl::StrCat("has a name longer than ", kMaxNameBytes, " bytes: '",
                           Shown(prefix.empty() ? k->s : absl::StrCat(prefix, ".", k->s.substr(0, 200))), "'");
@@ -791,7 +794,7 @@ std::string Flatten(const Value& dict, const std::string& prefix, TensorIndex* o
       out->push_back(TensorEntry{name, v->s, v->shape, v->storage, v->storage_numel, v->offset, v->stride});
     }
     if (v->kind == Value::Kind::kDict) {
-      std::string why = Flatten(*v, name, out, budget, depth + 1, names, visited);
+      std::string why = Flatten(*v, name, out, budget, depth + 1, names);
       if (!why.empty()) return why;
     }
   }
@@ -850,10 +853,9 @@ absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::st
         absl::StrCat(path, ": expected a state dict (a mapping of names to tensors) at the top"));
   }
   TensorIndex out;
-  int64_t budget = 1 << 22;
+  int64_t budget = kMaxFlattenEntries;
   std::set<std::string> names;
-  std::set<const Value*> visited;
-  if (const std::string why = Flatten(**root, "", &out, &budget, 0, &names, &visited); !why.empty()) {
+  if (const std::string why = Flatten(**root, "", &out, &budget, 0, &names); !why.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict ", why));
   }
   if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));

@@ -42,22 +42,14 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTen
                                                    what.substr(0, what.find('\n'))));
   }
   std::map<std::string, at::Tensor> storages;  // by key: tensors may share one
-  std::map<std::string, const common::TensorEntry*> storage_owner;  // the first tensor of each key
   std::vector<std::pair<std::string, at::Tensor>> out;
   out.reserve(index->size());
   for (const common::TensorEntry& entry : *index) {
     bool ok = false;
     const at::ScalarType type = StorageType(entry.dtype, &ok);
     if (!ok) return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", entry.name, ": dtype ", entry.dtype));
-    // The index checked each view against the storage it names; a key named again with another
-    // type or size (torch.save memoizes a storage: a corrupt file) would be viewed as the first.
-    const common::TensorEntry* first = storage_owner.emplace(entry.storage, &entry).first->second;
-    if (first->dtype != entry.dtype || first->storage_numel != entry.storage_numel) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": tensor ", entry.name, ": storage '", entry.storage, "' holds ", first->storage_numel,
-          " elements of ", first->dtype, " for tensor ", first->name, ", ", entry.storage_numel, " of ",
-          entry.dtype, " here"));
-    }
+    // The index checked each view against the storage it names, and that a key names one
+    // storage (one type and size: torch.save memoizes a storage).
     at::Tensor& storage = storages[entry.storage];
     if (!storage.defined()) {
       const std::string record = absl::StrCat("data/", entry.storage);
