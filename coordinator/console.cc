@@ -257,11 +257,12 @@ class StreamSlot {
  public:
   StreamSlot(Console* console, std::string holder) : console_(console), holder_(std::move(holder)) {
     absl::MutexLock lock(&console_->streams_mu_);
-    int& mine = console_->streams_by_holder_[holder_];
+    int unlimited = 0;
+    int& mine = holder_.empty() ? unlimited : console_->streams_by_holder_[holder_];
     if (console_->streams_ >= kMaxStreams) {
       status_ = absl::ResourceExhaustedError(
           absl::StrCat(kMaxStreams, " event streams are open already; reload later"));
-    } else if (mine >= kMaxStreamsPerHolder) {
+    } else if (!holder_.empty() && mine >= kMaxStreamsPerHolder) {
       status_ = absl::ResourceExhaustedError(absl::StrCat(
           "this token (or address) has ", kMaxStreamsPerHolder, " event streams open already; close a page"));
     } else {
@@ -269,12 +270,13 @@ class StreamSlot {
       ++console_->streams_;
       held_ = true;
     }
-    if (mine == 0) console_->streams_by_holder_.erase(holder_);
+    if (!holder_.empty() && mine == 0) console_->streams_by_holder_.erase(holder_);
   }
   ~StreamSlot() {
     if (!held_) return;
     absl::MutexLock lock(&console_->streams_mu_);
     --console_->streams_;
+    if (holder_.empty()) return;
     auto it = console_->streams_by_holder_.find(holder_);
     if (it != console_->streams_by_holder_.end() && --it->second <= 0) console_->streams_by_holder_.erase(it);
   }
@@ -413,9 +415,12 @@ class Console::Request {
   bool by_cookie() const { return by_cookie_; }
   Role role() const { return role_; }
   // Whose streams these are, for the per-holder limit: the token Authorize checked (hashed: not
-  // kept in the clear), or the peer's address without one.
-  std::string holder() const {
-    if (!token_.empty()) return "token " + Sha256Hex(token_);
+  // kept in the clear); without authentication (where any token passes, so a new one each time
+  // would be a new holder) the peer's address; "" (no per-holder limit) when that address is
+  // the TLS front's loopback relay, which every browser shares.
+  std::string holder(const Authenticator& auth, bool behind_tls_front) const {
+    if (!auth.tokens()->empty()) return "token " + Sha256Hex(token_);
+    if (behind_tls_front) return "";
     return absl::StrCat("address ", info_->remote_addr);
   }
 
@@ -769,7 +774,7 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
   if (!job.ok()) return request.Error(job.status());
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
-  StreamSlot slot(this, request.holder());
+  StreamSlot slot(this, request.holder(*auth_, tls_front_ != nullptr));
   if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   bool alive = true;
@@ -790,7 +795,7 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
 
 void Console::StreamOverview(Request& request) {
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
-  StreamSlot slot(this, request.holder());
+  StreamSlot slot(this, request.holder(*auth_, tls_front_ != nullptr));
   if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   Overview last;

@@ -639,6 +639,25 @@ TEST_F(ConsoleTest, OneTokenCannotTakeEveryEventStream) {
       << other.text();
 }
 
+// Without authentication any token passes, so streams are counted by address: a new made-up
+// token per stream is no way around the limit.
+TEST_F(ConsoleTest, WithoutAuthenticationStreamsAreCountedByAddress) {
+  config_.token_file.clear();
+  config_.viewer_token_file.clear();
+  config_.worker_token_file.clear();
+  config_.allow_no_auth = true;
+  Start();
+  std::vector<std::unique_ptr<EventStream>> streams;
+  for (int i = 0; i < 16; ++i) {
+    streams.push_back(std::make_unique<EventStream>(port_, "/api/events",
+                                                    std::vector<std::string>{Bearer(absl::StrCat("made-up-", i))}));
+    ASSERT_TRUE(streams.back()->ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+        << i << ": " << streams.back()->text();
+  }
+  HttpResponse refused = Http(port_, "GET", "/api/events", {Bearer("made-up-16")});
+  EXPECT_EQ(refused.status, 429) << refused.body;
+}
+
 TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   Start();
   const std::string job_id = Submit();
