@@ -288,16 +288,17 @@ absl::Status Store::SqlError(int rc, const std::string& statement) const {
                                           detail));
 }
 
-bool Store::SkipDamaged(const absl::Status& parsed) {
+bool Store::SkipDamaged(const absl::Status& parsed, const std::string& row) {
   if (parsed.ok()) return false;
+  // Counted once, however many readers meet the row (Restore reads the points twice).
+  if (!damaged_seen_.insert(row).second) return true;
   ++damaged_rows_skipped_;
   if (damaged_rows_.size() < kMaxDamagedRowsKept) damaged_rows_.emplace_back(parsed.message());
   return true;
 }
 
-std::string Store::PointLabel(const std::string& task_id, int attempt) {
-  return attempt < 0 ? absl::StrCat("a metric point of task ", task_id)
-                     : absl::StrCat("a metric point of task ", task_id, " attempt ", attempt);
+std::string Store::PointLabel(int64_t id, const std::string& task_id) {
+  return absl::StrCat("metric point ", id, " (task ", task_id, ")");
 }
 
 int64_t Store::TakeDamagedRows(std::vector<std::string>* described) {
@@ -885,7 +886,8 @@ absl::StatusOr<std::vector<GroupRow>> Store::LoadGroups() {
     row.group_id = st.Text(0);
     row.task_id = st.Text(1);
     row.registered_unix_ms = st.Int(2);
-    if (!SkipDamaged(st.Parse(3, &row.info, absl::StrCat("group ", row.group_id)))) {
+    const std::string label = absl::StrCat("group ", row.group_id);
+    if (!SkipDamaged(st.Parse(3, &row.info, label), label)) {
       rows.push_back(std::move(row));
     }
   }
@@ -980,7 +982,7 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& jo
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT task_id, attempt, time_unix_ms, metrics FROM metric_points "
+               "SELECT task_id, attempt, time_unix_ms, metrics, id FROM metric_points "
                "WHERE job_id=?1 AND epoch_end=1 ORDER BY id");
   st.Bind(1, job_id);
   std::vector<PointRow> rows;
@@ -990,7 +992,8 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& jo
     row.task_id = st.Text(0);
     row.attempt = static_cast<int>(st.Int(1));
     row.time_unix_ms = st.Int(2);
-    if (!SkipDamaged(st.Parse(3, &row.metrics, PointLabel(row.task_id, row.attempt)))) {
+    const std::string label = PointLabel(st.Int(4), row.task_id);
+    if (!SkipDamaged(st.Parse(3, &row.metrics, label), label)) {
       rows.push_back(std::move(row));
     }
   }
@@ -1002,13 +1005,14 @@ absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> Store::LoadLatestEpoc
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT task_id, metrics FROM metric_points WHERE id IN "
+               "SELECT task_id, metrics, id FROM metric_points WHERE id IN "
                "(SELECT max(id) FROM metric_points WHERE epoch_end=1 GROUP BY task_id)");
   std::map<std::string, aviary::v1::Metrics> out;
   absl::Status status;
   while (st.Step(&status)) {
     aviary::v1::Metrics metrics;
-    if (!SkipDamaged(st.Parse(1, &metrics, PointLabel(st.Text(0), -1)))) {
+    const std::string label = PointLabel(st.Int(2), st.Text(0));
+    if (!SkipDamaged(st.Parse(1, &metrics, label), label)) {
       out[st.Text(0)] = std::move(metrics);
     }
   }
@@ -1020,7 +1024,7 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT task_id, attempt, metrics FROM metric_points WHERE id IN "
+               "SELECT task_id, attempt, metrics, id FROM metric_points WHERE id IN "
                "(SELECT max(id) FROM metric_points GROUP BY task_id, attempt)");
   std::vector<PointRow> out;
   absl::Status status;
@@ -1028,7 +1032,8 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
     PointRow row;
     row.task_id = st.Text(0);
     row.attempt = static_cast<int>(st.Int(1));
-    if (!SkipDamaged(st.Parse(2, &row.metrics, PointLabel(row.task_id, row.attempt)))) {
+    const std::string label = PointLabel(st.Int(3), row.task_id);
+    if (!SkipDamaged(st.Parse(2, &row.metrics, label), label)) {
       out.push_back(std::move(row));
     }
   }

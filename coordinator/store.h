@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -189,8 +190,9 @@ class Store {
 
   // A damaged job or task row (its info does not parse) fails its reader with DATA_LOSS naming
   // the row: the scheduler cannot go on without it. A damaged group row or metric point is
-  // history or a registration the group renews, so the readers skip it and count it here:
-  // TakeDamagedRows returns how many were skipped since the last call and describes the first few.
+  // history or a registration the group renews, so the readers skip it and count it here, each
+  // row once: TakeDamagedRows returns how many were found since the last call and describes the
+  // first few. (They stay in the file, for whoever restores it; the next start names them again.)
   int64_t TakeDamagedRows(std::vector<std::string>* described);
 
  private:
@@ -212,8 +214,8 @@ class Store {
   absl::Status SqlError(int rc, const std::string& statement) const;
   absl::Status CheckOpen() const;
   // True (and counted) when `parsed` failed; called with mu_ held.
-  bool SkipDamaged(const absl::Status& parsed);
-  static std::string PointLabel(const std::string& task_id, int attempt);
+  bool SkipDamaged(const absl::Status& parsed, const std::string& row);
+  static std::string PointLabel(int64_t id, const std::string& task_id);
 
   class Statement;
   static constexpr size_t kMaxDamagedRowsKept = 8;
@@ -225,6 +227,7 @@ class Store {
   std::recursive_mutex mu_;
   int64_t damaged_rows_skipped_ = 0;        // guarded by mu_
   std::vector<std::string> damaged_rows_;  // guarded by mu_
+  std::set<std::string> damaged_seen_;     // guarded by mu_: the rows counted
 };
 
 }  // namespace aviary::coordinator
