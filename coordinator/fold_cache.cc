@@ -216,13 +216,20 @@ FoldCache::BuildClaim FoldCache::ClaimForBuild(std::vector<std::string> keys, bo
     for (const std::string& key : keys) taken = taken || building_.count(key) > 0;
     if (!taken) break;
     if (waited != nullptr) *waited = true;
+    ++waiting_;
     building_done_.Wait(&mu_);
+    --waiting_;
   }
   building_.insert(keys.begin(), keys.end());
   BuildClaim claim;
   claim.cache_ = this;
   claim.keys_ = std::move(keys);
   return claim;
+}
+
+int FoldCache::waiting_claims() const {
+  absl::MutexLock lock(&mu_);
+  return waiting_;
 }
 
 void FoldCache::ReleaseKeys(const std::vector<std::string>& keys) {

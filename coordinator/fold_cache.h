@@ -111,6 +111,8 @@ class FoldCache {
   // that need two versions each cannot wait for each other). `*waited` (may be null) says
   // whether it had to wait. Call Lookup again after: the waited-for build may have recorded them.
   BuildClaim ClaimForBuild(std::vector<std::string> keys, bool* waited = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
+  // How many ClaimForBuild calls are waiting now (tests).
+  int waiting_claims() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // The store's row of a version, and back (INVALID_ARGUMENT for stamps that do not decode).
   static DatasetVersionRow ToRow(const std::string& key, const std::vector<FileStamp>& stamps,
@@ -134,6 +136,7 @@ class FoldCache {
   mutable absl::Mutex mu_;
   std::list<std::pair<std::string, std::shared_ptr<const Version>>> versions_ ABSL_GUARDED_BY(mu_);  // MRU first
   std::set<std::string> building_ ABSL_GUARDED_BY(mu_);  // claimed keys
+  int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   absl::CondVar building_done_;  // signalled when claimed keys are released
 };
 

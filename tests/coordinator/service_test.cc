@@ -2084,11 +2084,13 @@ TEST(FoldCacheTest, ASecondBuildOfTheSameVersionWaitsForTheFirst) {
     FoldCache::BuildClaim claim = cache.ClaimForBuild({"finetune|a", "pretrain|c"}, &second_waited);
     claimed = true;
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Wait until the second is seen waiting (no sleep decides it).
+  for (int i = 0; i < 3000 && cache.waiting_claims() == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(cache.waiting_claims(), 1);
   EXPECT_FALSE(claimed.load());  // still held by the first build
   FoldCache::BuildClaim moved = std::move(first);  // a move keeps the claim
   EXPECT_TRUE(first.keys().empty());
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(cache.waiting_claims(), 1);
   EXPECT_FALSE(claimed.load());
   moved.Release();
   second.join();
