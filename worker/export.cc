@@ -1,7 +1,10 @@
 #include "worker/export.h"
 
-#include <cmath>
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -235,6 +238,16 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   std::remove(staged_weights.c_str());
   std::remove(staged_sidecar.c_str());
   AVIARY_RETURN_IF_ERROR(written);
+  // The renames on disk (as WriteFileAtomically's): both files lie in one folder.
+  const std::string folder = std::filesystem::path(options.out).parent_path().string();
+  const int fd = ::open(folder.empty() ? "." : folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    const int error = errno;
+    if (fd >= 0) ::close(fd);
+    return absl::InternalError(absl::StrCat(folder.empty() ? "." : folder, ": fsync of the folder failed: ",
+                                            std::strerror(error)));
+  }
+  ::close(fd);
   return result;
 }
 

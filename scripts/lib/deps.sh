@@ -41,17 +41,20 @@ aviary_install_packages() {
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   if [ -z "${AVIARY_APT_UPDATED:-}" ]; then
     # apt-get update takes the lists' lock, which a fresh machine's apt-daily may hold at boot,
-    # and DPkg::Lock::Timeout does not cover it: retry for up to 10 minutes.
-    local tries=0
-    until $sudo apt-get -o DPkg::Lock::Timeout=600 update -q; do
+    # and DPkg::Lock::Timeout does not cover it: while the lock is held, again every 10 s for up
+    # to 10 minutes; any other failure ends here.
+    local tries=0 out
+    until out=$($sudo apt-get -o DPkg::Lock::Timeout=600 update -q 2>&1); do
+      echo "$out" >&2
       tries=$((tries + 1))
-      if [ "$tries" -ge 60 ]; then
-        echo "aviary: apt-get update failed $tries times" >&2
+      if ! grep -qiE "could not get lock|unable to lock" <<<"$out" || [ "$tries" -ge 60 ]; then
+        echo "aviary: apt-get update failed" >&2
         return 1
       fi
-      echo "aviary: apt-get update failed (the lists' lock held?); again in 10 s" >&2
+      echo "aviary: the apt lists' lock is held; apt-get update again in 10 s" >&2
       sleep 10
     done
+    echo "$out"
     AVIARY_APT_UPDATED=1
   fi
   # A fresh machine's unattended-upgrades may hold dpkg's lock for a while: wait for it.
