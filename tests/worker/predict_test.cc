@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
 #include "worker/ema.h"
+#include "worker/frontend.h"
 #include "worker/models.h"
 
 namespace aviary::worker {
@@ -167,6 +168,57 @@ TEST(PredictTest, EnsembleAndTtaAverage) {
   auto tta_probs = (*tta)->PredictWaveform(wave);
   ASSERT_TRUE(tta_probs.ok());
   ASSERT_EQ(tta_probs->size(), probs->size());
+}
+
+// Each row is the model on its own window (the last one zero-padded) and, with TTA, the average of
+// its shifted views (zeros outside the recording): computed here one view at a time from the
+// checkpoint's model and front end, against PredictWaveform's batched rows.
+TEST(PredictTest, EachRowIsTheModelOnItsWindowAndTtaAveragesTheShiftedViews) {
+  const std::string ckpt = SaveModel("rows", {"x", "y", "z"});
+  auto meta = ReadCheckpointMeta(ckpt);
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  auto config = common::ParsePipelineConfig(meta->config_yaml, "rows");
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto model = BuildClassifier(config->model, 1, 3);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_TRUE(RestoreCheckpoint(ckpt, **model, nullptr).ok());
+  (*model)->eval();
+  auto frontend = MelFrontend::Create(config->frontend, config->augment, config->data.sample_rate);
+  ASSERT_TRUE(frontend.ok()) << frontend.status();
+  PredictOptions options;
+  options.checkpoints = {ckpt};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  const int64_t window = config->data.sample_rate / 2;
+  const std::vector<float> wave = Noise(window * 3 + window / 3, 9);  // 4 windows, the last padded
+  const int64_t n = static_cast<int64_t>(wave.size());
+  for (int tta : {1, 3}) {
+    options.tta = tta;
+    auto predictor = Predictor::Create(options);
+    ASSERT_TRUE(predictor.ok()) << predictor.status();
+    auto rows = (*predictor)->PredictWaveform(wave);
+    ASSERT_TRUE(rows.ok()) << rows.status();
+    ASSERT_EQ(rows->size(), 4u * 3u);
+    const std::vector<int64_t> shifts = TtaShifts(tta, window);
+    torch::NoGradGuard no_grad;
+    for (int64_t i = 0; i < 4; ++i) {
+      at::Tensor sum = at::zeros({3});
+      for (int64_t shift : shifts) {
+        at::Tensor view = at::zeros({1, window});
+        float* out = view.data_ptr<float>();
+        for (int64_t j = 0; j < window; ++j) {
+          const int64_t from = i * window + shift + j;
+          if (from >= 0 && from < n) out[j] = wave[static_cast<size_t>(from)];
+        }
+        sum += (*model)->Probabilities((*model)->forward((*frontend)->Forward(view)).to(at::kFloat))[0];
+      }
+      sum /= static_cast<double>(shifts.size());
+      for (int64_t k = 0; k < 3; ++k) {
+        EXPECT_NEAR((*rows)[static_cast<size_t>(i * 3 + k)], sum[k].item<float>(), 1e-5)
+            << "tta " << tta << " window " << i << " class " << k;
+      }
+    }
+  }
 }
 
 // With train.ema_eval, validation and best.pt use the averaged weights; last.pt holds the raw
