@@ -1,5 +1,6 @@
 #include "common/files.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -239,6 +240,72 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   }
   ::close(fd);
   return absl::OkStatus();
+}
+
+namespace {
+
+// Removes the entry `name` of the folder `dir_fd` (`shown` names it in errors).
+absl::Status RemoveEntryAt(int dir_fd, const std::string& name, const std::string& shown, int depth,
+                           int64_t* removed) {
+  if (depth > 256) return absl::FailedPreconditionError(absl::StrCat(shown, ": nested more than 256 folders deep"));
+  const int fd = ::openat(dir_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    // Not a folder (a file, or a link, which O_NOFOLLOW refuses with ELOOP or ENOTDIR): unlinked.
+    const int error = errno;
+    if (error != ENOTDIR && error != ELOOP) return ErrnoStatus(error, absl::StrCat("open ", shown));
+    if (::unlinkat(dir_fd, name.c_str(), 0) != 0) {
+      const int unlink_error = errno;
+      return ErrnoStatus(unlink_error, absl::StrCat("remove ", shown));
+    }
+    ++*removed;
+    return absl::OkStatus();
+  }
+  DIR* dir = ::fdopendir(fd);
+  if (dir == nullptr) {
+    const int error = errno;
+    ::close(fd);
+    return ErrnoStatus(error, absl::StrCat("read ", shown));
+  }
+  std::vector<std::string> entries;
+  while (true) {
+    errno = 0;
+    struct dirent* e = ::readdir(dir);
+    if (e == nullptr) break;
+    const std::string entry = e->d_name;
+    if (entry != "." && entry != "..") entries.push_back(entry);
+  }
+  const int read_error = errno;
+  absl::Status status = read_error != 0 ? ErrnoStatus(read_error, absl::StrCat("read ", shown)) : absl::OkStatus();
+  for (const std::string& entry : entries) {
+    if (!status.ok()) break;
+    status = RemoveEntryAt(::dirfd(dir), entry, absl::StrCat(shown, "/", entry), depth + 1, removed);
+  }
+  ::closedir(dir);
+  if (!status.ok()) return status;
+  if (::unlinkat(dir_fd, name.c_str(), AT_REMOVEDIR) != 0) {
+    const int error = errno;
+    return ErrnoStatus(error, absl::StrCat("remove ", shown));
+  }
+  ++*removed;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RemoveTreeNoFollow(const std::string& parent, const std::string& name, int64_t* removed) {
+  int64_t count = 0;
+  if (removed == nullptr) removed = &count;
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("RemoveTreeNoFollow: '", name, "' is not one path component"));
+  }
+  const int dir_fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) {
+    const int error = errno;
+    return ErrnoStatus(error, absl::StrCat("open ", parent));
+  }
+  absl::Status status = RemoveEntryAt(dir_fd, name, absl::StrCat(parent, "/", name), 0, removed);
+  ::close(dir_fd);
+  return status;
 }
 
 absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes) {

@@ -82,6 +82,13 @@ std::string ErrnoText(int error);
 // names the folder, the space needed and found, or the failing call and errno.
 absl::Status ProbeWritable(const std::string& dir, int64_t num_bytes);
 
+// Removes `parent`/`name` and everything under it without following a symbolic link anywhere
+// (a link is removed, never its target): each folder is opened relative to the one above it with
+// O_NOFOLLOW, so a folder swapped for a link while the removal runs is not descended into.
+// `name` must be one path component. Counts the entries removed in `*removed` (may be null);
+// the first failure ends it, naming the path and errno's text (what was removed stays removed).
+absl::Status RemoveTreeNoFollow(const std::string& parent, const std::string& name, int64_t* removed = nullptr);
+
 // A command's output file (`flag` names it in the error) must be a file path in an existing
 // folder: checked before any work and said with the flag (INVALID_ARGUMENT, exit 2), where the
 // atomic write would fail late, naming its temporary file.

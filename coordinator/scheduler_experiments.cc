@@ -1,13 +1,19 @@
 // The scheduler's experiment calls (docs/SERVICE.md, "Groups, logs, retry and delete"): the
 // list of groups, task logs shipped by the groups, retry and delete of a finished job. Kept apart
 // from scheduler.cc, whose locking rules (scheduler.h) they follow.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <system_error>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "common/utf8.h"
 #include "coordinator/path_policy.h"
@@ -113,8 +119,49 @@ absl::StatusOr<JobInfo> Scheduler::RetryJob(const std::string& job_id) {
   return *it->second.snapshot;
 }
 
+namespace {
+
+// The job's run folder for `aviary delete --with-run-folders` (the parent of its tasks' run
+// folders as the groups were given them, `task_out_dir`; <work_dir>/JOB for a job without
+// tasks), checked before anything is deleted: named after the job, directly in a folder inside
+// the work dir (after realpath), not itself a symbolic link (whose target would go), and
+// removable by this process. Sets `*parent` (resolved) and `*name`; `*name` stays empty when
+// there is no such folder. FAILED_PRECONDITION ending in "nothing was deleted" otherwise.
+absl::Status CheckRunFolderRemovable(const std::string& job_id, const std::string& task_out_dir,
+                                     const std::string& work_dir, std::string* parent, std::string* name) {
+  const fs::path folder =
+      (task_out_dir.empty() ? fs::path(work_dir) / job_id : fs::path(task_out_dir).parent_path()).lexically_normal();
+  auto refuse = [&](const std::string& why) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", job_id, ": run folder ", folder.string(), " ", why,
+                                                      "; nothing was deleted (delete it without --with-run-folders "
+                                                      "to keep the folder)"));
+  };
+  if (folder.filename() != job_id) return refuse("is not named after the job");
+  AVIARY_ASSIGN_OR_RETURN(const std::string root, ResolvePolicyPath("work_dir", work_dir));
+  AVIARY_ASSIGN_OR_RETURN(const std::string resolved, ResolvePolicyPath("run folder", folder.parent_path().string()));
+  if (resolved != root && !PathIsInside(resolved, root)) return refuse(absl::StrCat("is not inside the work dir ", root));
+  struct stat st;
+  if (::lstat(folder.c_str(), &st) != 0) {
+    const int error = errno;
+    if (error == ENOENT) return absl::OkStatus();
+    return refuse(absl::StrCat("cannot be looked at: ", std::strerror(error)));
+  }
+  if (S_ISLNK(st.st_mode)) return refuse("is a symbolic link (its target would be removed)");
+  if (!S_ISDIR(st.st_mode)) return refuse("is not a folder");
+  if (::access(resolved.c_str(), W_OK | X_OK) != 0 || ::access(folder.c_str(), R_OK | W_OK | X_OK) != 0) {
+    const int error = errno;
+    return refuse(absl::StrCat("cannot be removed by the coordinator's user: ", std::strerror(error)));
+  }
+  *parent = resolved;
+  *name = job_id;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string& job_id, bool with_run_folders) {
   std::vector<std::string> task_ids;
+  std::string folder_parent, folder_name;  // the run folder removed after the commit (none: empty)
   {
     absl::MutexLock writer(&write_mu_);
     {
@@ -143,6 +190,11 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
               "heartbeats, or heartbeat_timeout_s ", options_.heartbeat_timeout_s, " s for a silent group), or without "
               "--with-run-folders now"));
         }
+      }
+      if (with_run_folders) {
+        AVIARY_RETURN_IF_ERROR(CheckRunFolderRemovable(
+            job_id, task_ids.empty() ? "" : tasks_.at(task_ids.front()).info.out_dir(), options_.work_dir,
+            &folder_parent, &folder_name));
       }
       // The manifests only this job referred to go with it (a submit that finds a swept one in
       // its fold cache builds it again: SubmitJob).
@@ -173,25 +225,20 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
     for (const std::string& id : task_ids) logs_.erase(id);
   }
   std::vector<std::string> removed;
-  if (with_run_folders) {
-    // The job's folder under the work dir (every task's run folder lies in it), only when it
-    // resolves strictly inside the work dir.
-    AVIARY_ASSIGN_OR_RETURN(const std::string root, ResolvePolicyPath("work_dir", options_.work_dir));
-    AVIARY_ASSIGN_OR_RETURN(const std::string folder,
-                            ResolvePolicyPath("run folder", (fs::path(options_.work_dir) / job_id).string()));
-    if (folder == root || !PathIsInside(folder, root)) {
-      return absl::FailedPreconditionError(absl::StrCat("job ", job_id, " was deleted, but its run folder ", folder,
-                                                        " is not inside the work dir ", root, "; left in place"));
+  if (!folder_name.empty()) {
+    // Checked above; removed without following a link anywhere in it (a subfolder swapped for a
+    // link meanwhile is not descended into).
+    const std::string folder = absl::StrCat(folder_parent, "/", folder_name);
+    int64_t entries = 0;
+    const absl::Status gone = common::RemoveTreeNoFollow(folder_parent, folder_name, &entries);
+    if (!gone.ok()) {
+      log_.Warn(absl::StrCat("job ", job_id, " deleted; removing its run folder ", folder, " stopped after ",
+                             entries, " entries: ", gone.message()));
+      return absl::Status(gone.code(), absl::StrCat("job ", job_id, " was deleted, but removing its run folder ", folder,
+                                                    " stopped after ", entries, " entries: ", gone.message(),
+                                                    "; remove the rest by hand"));
     }
-    std::error_code ec;
-    if (fs::exists(folder, ec)) {
-      fs::remove_all(folder, ec);
-      if (ec) {
-        return absl::InternalError(absl::StrCat("job ", job_id, " was deleted, but removing its run folder ", folder,
-                                                " failed: ", ec.message()));
-      }
-      removed.push_back(folder);
-    }
+    removed.push_back(folder);
   }
   log_.Info(absl::StrCat("job ", job_id, " deleted", removed.empty() ? "" : absl::StrCat(" with ", removed.front())));
   return removed;

@@ -136,6 +136,37 @@ TEST(AtomicWriteTest, StorageFaultPayloadRoundTripsAndErrnoIsNamed) {
   EXPECT_EQ(back->error, ENOSPC);
 }
 
+// A run folder with files, nested folders and links (to a file and a folder outside it, and a
+// dangling one): everything in it goes, the links' targets stay.
+TEST(RemoveTreeNoFollowTest, RemovesTheTreeAndNeverALinksTarget) {
+  const std::string dir = FreshDir("remove_tree");
+  const std::string outside = dir + "/outside";
+  ASSERT_EQ(::mkdir(outside.c_str(), 0755), 0);
+  ASSERT_TRUE(WriteFileAtomically(outside + "/keep.txt", "mine").ok());
+  const std::string run = dir + "/j0123456789ab";
+  ASSERT_EQ(::mkdir(run.c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir((run + "/finetune-fold0").c_str(), 0755), 0);
+  ASSERT_TRUE(WriteFileAtomically(run + "/finetune-fold0/last.pt", "x").ok());
+  ASSERT_TRUE(WriteFileAtomically(run + "/history.csv", "y").ok());
+  ASSERT_EQ(::symlink(outside.c_str(), (run + "/finetune-fold0/to_folder").c_str()), 0);
+  ASSERT_EQ(::symlink((outside + "/keep.txt").c_str(), (run + "/to_file").c_str()), 0);
+  ASSERT_EQ(::symlink((dir + "/gone").c_str(), (run + "/dangling").c_str()), 0);
+  int64_t removed = 0;
+  ASSERT_TRUE(RemoveTreeNoFollow(dir, "j0123456789ab", &removed).ok());
+  EXPECT_EQ(removed, 7);  // 2 files, 3 links, 2 folders
+  EXPECT_EQ(Entries(dir), std::vector<std::string>{"outside"});
+  EXPECT_EQ(Entries(outside), std::vector<std::string>{"keep.txt"});
+  // The top entry itself a link: the link goes, not its target.
+  ASSERT_EQ(::symlink(outside.c_str(), (dir + "/j1").c_str()), 0);
+  ASSERT_TRUE(RemoveTreeNoFollow(dir, "j1").ok());
+  EXPECT_EQ(Entries(outside), std::vector<std::string>{"keep.txt"});
+  // Not one component; a missing entry names the path.
+  EXPECT_EQ(RemoveTreeNoFollow(dir, "../x").code(), absl::StatusCode::kInvalidArgument);
+  absl::Status missing = RemoveTreeNoFollow(dir, "j2");
+  EXPECT_FALSE(missing.ok());
+  EXPECT_TRUE(absl::StrContains(missing.message(), dir + "/j2")) << missing;
+}
+
 TEST(ProbeWritableTest, NamesTheFolderAndTheSpaceNeeded) {
   const std::string dir = FreshDir("probe");
   EXPECT_TRUE(ProbeWritable(dir, 4096).ok());

@@ -2607,6 +2607,38 @@ TEST_F(CoordinatorServiceTest, DeleteRefusesARunningJobAndRemovesOnlyItsRunFolde
   EXPECT_TRUE(fs::exists(absl::StrCat(root_, "/runs/", kept, "/pretrain-fold0/last.pt")));
 }
 
+// A job's run folder that is a symbolic link (here to another folder in the work dir): removing
+// it would remove the link's target, so delete --with-run-folders refuses before deleting
+// anything; without the flag the job goes and the folders stay.
+TEST_F(CoordinatorServiceTest, DeleteRefusesARunFolderThatIsALinkAndDeletesNothing) {
+  Start();
+  const std::string job_id = Submit();
+  Write("runs/elsewhere/keep.txt", "mine");
+  fs::create_directories(root_ + "/runs");
+  fs::create_directory_symlink(root_ + "/runs/elsewhere", root_ + "/runs/" + job_id);
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  DeleteJobRequest request;
+  request.set_job_id(job_id);
+  request.set_with_run_folders(true);
+  DeleteJobResponse response;
+  grpc::Status status = jobs_->DeleteJob(Ctx().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "is a symbolic link")) << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "nothing was deleted")) << status.error_message();
+  GetJobRequest get;
+  get.set_job_id(job_id);
+  JobInfo job;
+  EXPECT_TRUE(jobs_->GetJob(Ctx().get(), get, &job).ok());
+  EXPECT_TRUE(fs::exists(root_ + "/runs/elsewhere/keep.txt"));
+  request.set_with_run_folders(false);
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  EXPECT_TRUE(fs::exists(root_ + "/runs/elsewhere/keep.txt"));
+  EXPECT_TRUE(fs::is_symlink(root_ + "/runs/" + job_id));
+}
+
 // A job cancelled under its group: the group may train the task, and write its run folder, until
 // it learns of the cancel. Deleting the run folder meanwhile raced those writes; it waits until
 // the group lets go (or is removed as lost). Deleting without the folders is not held up.
