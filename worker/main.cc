@@ -367,8 +367,8 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   t->add_option("--out", train->options.out_dir, "the run folder")->type_name("RUN")->required();
   t->add_option("--init", train->options.init_checkpoint, "start from this checkpoint's weights")->type_name("CKPT");
   t->add_flag("--no-resume", train->no_resume,
-              "start over even if RUN holds last.pt (its last.pt, last.prev.pt and best.pt are moved aside to "
-              "*.replaced, or *.replaced.N when that is taken)");
+              "start over even if RUN holds last.pt (its checkpoints, history and config.yaml are moved aside "
+              "to *.replaced, or *.replaced.N when that is taken)");
   t->add_flag("--extend-epochs", train->extend_epochs,
               "resume RUN although its config had other epochs (train on to the new count)");
   t->add_option("--device", train->device, "auto uses the GPU when libtorch has CUDA")

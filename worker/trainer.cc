@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <initializer_list>
 #include <cstdio>
 #include <limits>
 #include <sstream>
@@ -500,6 +501,10 @@ struct Trainer::State {
   int64_t ResumeBatch(const CheckpointMeta& meta, const std::string& last) const;
   void AdoptNewerBest(const CheckpointMeta& last);
   void RemoveStaleTemporaries() const;
+  // Renames each existing file of `names` in the run folder to the first free NAME<suffix>,
+  // NAME<suffix>.2, ... (an earlier one's stays); `moved` lists "NAME to NEW" for the log.
+  absl::Status MoveAside(std::initializer_list<const char*> names, const std::string& suffix,
+                         std::vector<std::string>* moved) const;
 };
 
 // Rank 0's parameters (when asked) and buffers to every rank.
@@ -831,21 +836,11 @@ absl::Status Trainer::State::Resume() {
     // Starting over (--no-resume): the earlier run's checkpoints are moved aside, not left for a
     // later resume to pick (the highest epoch wins: an abandoned epoch 9 over this run's epoch 0)
     // or to adopt as best.pt. Rank 0 writes the run folder.
+    // Its history, plot and config too: they would be replaced by this run's.
     if (rank != 0) return absl::OkStatus();
     std::vector<std::string> moved;
-    for (const char* name : {"last.pt", "last.prev.pt", "best.pt"}) {
-      const std::string path = Path(name);
-      if (::access(path.c_str(), F_OK) != 0) continue;
-      // An earlier --no-resume's files stay: the first free name of NAME.replaced,
-      // NAME.replaced.2, ... (rename would replace one).
-      std::string aside = path + ".replaced";
-      for (int n = 2; ::access(aside.c_str(), F_OK) == 0; ++n) aside = absl::StrCat(path, ".replaced.", n);
-      if (::rename(path.c_str(), aside.c_str()) != 0) {
-        return absl::FailedPreconditionError(absl::StrCat("--no-resume: cannot move ", path, " aside to ", aside, ": ",
-                                                          std::strerror(errno), " (it would be resumed later)"));
-      }
-      moved.push_back(absl::StrCat(name, " to ", aside.substr(aside.rfind('/') + 1)));
-    }
+    AVIARY_RETURN_IF_ERROR(MoveAside({"last.pt", "last.prev.pt", "best.pt", "history.csv", "history.png", "config.yaml"},
+                                     ".replaced", &moved));
     if (!moved.empty()) {
       Log().Info(absl::StrCat("starting over (--no-resume): the earlier run's files moved aside in ",
                               options.out_dir, ": ", absl::StrJoin(moved, ", ")));
@@ -858,7 +853,18 @@ absl::Status Trainer::State::Resume() {
     if (::access(path.c_str(), F_OK) != 0) continue;
     candidates.push_back({path, ReadCheckpointMeta(path)});
   }
-  if (candidates.empty()) return absl::OkStatus();
+  if (candidates.empty()) {
+    // Nothing to resume, but an earlier run's best.pt or history (its last.pt removed to save
+    // space, say): this run's epoch 0 would replace them. Moved aside as --no-resume does.
+    if (rank != 0) return absl::OkStatus();
+    std::vector<std::string> moved;
+    if (::access(Path("best.pt").c_str(), F_OK) == 0 || ::access(Path("history.csv").c_str(), F_OK) == 0) {
+      AVIARY_RETURN_IF_ERROR(MoveAside({"best.pt", "history.csv", "history.png", "config.yaml"}, ".replaced", &moved));
+      Log().Warn(absl::StrCat("no last.pt in ", options.out_dir, " to resume, but an earlier run's files: starting "
+                              "over with them moved aside: ", absl::StrJoin(moved, ", ")));
+    }
+    return absl::OkStatus();
+  }
   while (true) {
     ResumeChoice choice = PickResumeCheckpoint(candidates, options.stage, options.fold, options.task_id);
     if (choice.index < 0) {
@@ -887,8 +893,33 @@ absl::Status Trainer::State::Resume() {
         Log().Info(absl::StrCat("resume: skipped ", choice.skipped[i]));
       }
     }
+    if (rank == 0 && last != Path("last.pt") && ::access(Path("last.pt").c_str(), F_OK) == 0) {
+      // Resumed from last.prev.pt: the next epoch's rotation would rename the unusable last.pt
+      // over it, the only good copy (then a crash between the rotation's two renames left none).
+      std::vector<std::string> moved;
+      AVIARY_RETURN_IF_ERROR(MoveAside({"last.pt"}, ".unreadable", &moved));
+      Log().Warn(absl::StrCat("resume: ", absl::StrJoin(moved, ", "), " (kept for a look; this run goes on from ",
+                              last, ")"));
+    }
     return RestoreRunState(*meta, last);
   }
+}
+
+absl::Status Trainer::State::MoveAside(std::initializer_list<const char*> names, const std::string& suffix,
+                                       std::vector<std::string>* moved) const {
+  for (const char* name : names) {
+    const std::string path = Path(name);
+    if (::access(path.c_str(), F_OK) != 0) continue;
+    std::string aside = path + suffix;
+    for (int n = 2; ::access(aside.c_str(), F_OK) == 0; ++n) aside = absl::StrCat(path, suffix, ".", n);
+    if (::rename(path.c_str(), aside.c_str()) != 0) {
+      const int error = errno;
+      return absl::FailedPreconditionError(absl::StrCat("cannot move ", path, " aside to ", aside, ": ",
+                                                        std::strerror(error), " (it would be resumed or replaced)"));
+    }
+    moved->push_back(absl::StrCat(name, " to ", aside.substr(aside.rfind('/') + 1)));
+  }
+  return absl::OkStatus();
 }
 
 bool ResumeMayChange(const std::string& key) {

@@ -164,6 +164,9 @@ TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
   auto second = Trainer::Create(Config(), o);
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ((*second)->history().size(), 1u);  // epoch 0 restored
+  // The torn file is moved aside: the next rotation would otherwise rename it over the only
+  // good checkpoint, last.prev.pt.
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt.unreadable"), "torn");
   ASSERT_TRUE((*second)->Run().ok());
   auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
   ASSERT_TRUE(last.ok()) << last.status();
@@ -247,7 +250,7 @@ TEST_F(TrainerTest, StartingOverMovesTheEarlierRunsCheckpointsAside) {
     ASSERT_TRUE(over.ok()) << over.status();
     EXPECT_TRUE(absl::IsCancelled((*over)->Run()));
   }
-  for (const char* name : {"last.pt", "last.prev.pt", "best.pt"}) {
+  for (const char* name : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "config.yaml"}) {
     EXPECT_TRUE(fs::exists(o.out_dir + "/" + name + ".replaced")) << name;
   }
   EXPECT_FALSE(fs::exists(o.out_dir + "/best.pt"));
@@ -277,6 +280,28 @@ TEST_F(TrainerTest, StartingOverMovesTheEarlierRunsCheckpointsAside) {
   }
   EXPECT_EQ(size_of("best.pt.replaced"), first_best);
   EXPECT_EQ(fs::last_write_time(o.out_dir + "/best.pt.replaced"), first_best_time);
+}
+
+// A run folder with an earlier run's best.pt and history but no last.pt (removed to save space):
+// nothing to resume, and this run's epoch 0 would replace them; they are moved aside instead.
+TEST_F(TrainerTest, AFreshStartMovesAnEarlierRunsBestCheckpointAside) {
+  TrainOptions o;
+  o.out_dir = Out("leftover");
+  {
+    auto first = Trainer::Create(Config(), o);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run().ok());
+  }
+  const std::string best = *common::ReadFileToString(o.out_dir + "/best.pt");
+  fs::remove(o.out_dir + "/last.pt");
+  fs::remove(o.out_dir + "/last.prev.pt");
+  auto again = Trainer::Create(Config(), o);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)->history().size(), 0u);
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/best.pt.replaced"), best);
+  EXPECT_TRUE(fs::exists(o.out_dir + "/history.csv.replaced"));
+  EXPECT_TRUE(fs::exists(o.out_dir + "/config.yaml.replaced"));
+  EXPECT_FALSE(fs::exists(o.out_dir + "/best.pt"));
 }
 
 TEST_F(TrainerTest, ARefusedCommitEndsTheRunAndKeepsThePreviousFiles) {
