@@ -809,9 +809,15 @@ absl::Status Trainer::State::BuildModel() {
 // What a write killed between its temporary file and the rename left ("last.pt.tmp.<pid>": a
 // SIGKILL after the stop's grace time, an OOM kill), a checkpoint's size each: a run folder
 // preempted often would fill up with them. Nothing writes the folder before this run does.
+// One is kept: a complete last.pt.tmp.<pid> where there is no last.pt. The rotation renames
+// last.pt to last.prev.pt and then the temporary file to last.pt; a kill between the two leaves
+// the newest checkpoint only as the temporary file (removing it lost an epoch). It becomes
+// last.pt again when it reads as a checkpoint (one cut short does not: its zip directory is at
+// the end); Resume's own checks follow as for any last.pt.
 void Trainer::State::RemoveStaleTemporaries() const {
   std::error_code ec;
   int removed = 0;
+  std::vector<std::string> last_temporaries;
   for (const auto& entry : std::filesystem::directory_iterator(options.out_dir, ec)) {
     const std::string name = entry.path().filename().string();
     for (const char* ours : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "config.yaml"}) {
@@ -820,8 +826,42 @@ void Trainer::State::RemoveStaleTemporaries() const {
           name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) {
         continue;
       }
+      if (std::strcmp(ours, "last.pt") == 0) {
+        last_temporaries.push_back(entry.path().string());
+        continue;
+      }
       std::error_code gone;
       if (std::filesystem::remove(entry.path(), gone)) ++removed;
+    }
+  }
+  std::sort(last_temporaries.begin(), last_temporaries.end());
+  const std::string last = Path("last.pt");
+  std::string adopt;
+  if (!last_temporaries.empty() && ::access(last.c_str(), F_OK) != 0) {
+    // The newest that reads (several: kills in more than one rotation; each run's pid differs).
+    std::pair<int, int64_t> newest{-2, -1};
+    for (const std::string& path : last_temporaries) {
+      absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(path);
+      if (!meta.ok()) continue;
+      if (std::make_pair(meta->epoch, meta->step) > newest) {
+        newest = {meta->epoch, meta->step};
+        adopt = path;
+      }
+    }
+  }
+  for (const std::string& path : last_temporaries) {
+    if (path == adopt) continue;
+    std::error_code gone;
+    if (std::filesystem::remove(path, gone)) ++removed;
+  }
+  if (!adopt.empty()) {
+    if (::rename(adopt.c_str(), last.c_str()) != 0) {
+      const int error = errno;
+      Log().Warn(absl::StrCat("cannot rename ", adopt, " to ", last, ": ", std::strerror(error),
+                              " (left as it is; resuming from what else the folder holds)"));
+    } else {
+      Log().Warn(absl::StrCat("found no ", last, " but a complete ", adopt.substr(adopt.rfind('/') + 1),
+                              " (a stop between the checkpoint rotation's renames): renamed to last.pt"));
     }
   }
   if (removed > 0) {
@@ -832,6 +872,9 @@ void Trainer::State::RemoveStaleTemporaries() const {
 // Restores the newest valid checkpoint of the run folder (last.pt, last.prev.pt) when asked.
 absl::Status Trainer::State::Resume() {
   if (rank == 0) RemoveStaleTemporaries();
+  // The other ranks read the folder after rank 0 has tidied it (a last.pt it renamed back in
+  // place must be seen by all, or they would resume from different epochs).
+  if (comm != nullptr && options.resume) AVIARY_RETURN_IF_ERROR(comm->Barrier());
   if (!options.resume) {
     // Starting over (--no-resume): the earlier run's checkpoints are moved aside, not left for a
     // later resume to pick (the highest epoch wins: an abandoned epoch 9 over this run's epoch 0)

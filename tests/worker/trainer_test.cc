@@ -225,6 +225,36 @@ TEST_F(TrainerTest, ABestCheckpointNewerThanTheResumedOneIsKept) {
   EXPECT_EQ(last->best_epoch, 2);
 }
 
+// A stop between the rotation's two renames (last.pt -> last.prev.pt, last.pt.tmp.<pid> ->
+// last.pt): the newest checkpoint is only the temporary file. It is renamed back, not removed
+// as stale (which lost an epoch); one cut short is removed.
+TEST_F(TrainerTest, ACompleteTemporaryCheckpointLeftByARotationIsResumed) {
+  TrainOptions o;
+  o.out_dir = Out("rotation");
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  {
+    auto first = Trainer::Create(two, o);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run().ok());
+  }
+  const std::string complete = *common::ReadFileToString(o.out_dir + "/last.pt");
+  fs::rename(o.out_dir + "/last.pt", o.out_dir + "/last.pt.tmp.4242");
+  ASSERT_TRUE(common::WriteFileAtomically(o.out_dir + "/last.pt.tmp.4243", complete.substr(0, complete.size() / 2)).ok());
+  auto prev = ReadCheckpointMeta(o.out_dir + "/last.prev.pt");
+  ASSERT_TRUE(prev.ok()) << prev.status();
+  ASSERT_EQ(prev->epoch, 0);
+  o.extend_epochs = true;  // on to 3 epochs
+  auto resumed = Trainer::Create(Config(), o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->history().size(), 2u);  // after epoch 1, not epoch 0 (last.prev.pt)
+  EXPECT_FALSE(fs::exists(o.out_dir + "/last.pt.tmp.4242"));
+  EXPECT_FALSE(fs::exists(o.out_dir + "/last.pt.tmp.4243"));
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt"), complete);
+  ASSERT_TRUE((*resumed)->Run().ok());
+  EXPECT_EQ((*resumed)->history().size(), 3u);
+}
+
 // Starting over (--no-resume) in a folder of a finished run, stopped early: a later resume
 // continues the new run. The old run's last.pt (epoch 1) used to stay as last.prev.pt and win
 // over the new run's (epoch 0, mid-epoch) by its higher epoch.
