@@ -120,6 +120,7 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOpti
   }
   std::unique_ptr<Scheduler> scheduler(new Scheduler(resolved, store, metrics));
   AVIARY_RETURN_IF_ERROR(scheduler->Restore());
+  scheduler->FinishInterruptedRemovals();
   scheduler->reaper_ = std::thread([s = scheduler.get()] { s->ReaperLoop(); });
   return scheduler;
 }

@@ -237,6 +237,10 @@ class Scheduler {
 
   Scheduler(const SchedulerOptions& options, Store* store, CoordinatorMetrics* metrics);
   absl::Status Restore() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
+  // At start, after Restore: the run folders a DeleteJob renamed ".<job>.deleting" in the work
+  // dir and did not finish removing (the coordinator stopped) are removed, or renamed back where
+  // the job is still in the store (its delete did not commit). Logs what it did; never fails.
+  void FinishInterruptedRemovals() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   void ReaperLoop();
 
   // Staging helpers: read the state (mu_, shared or exclusive) into `changes`.

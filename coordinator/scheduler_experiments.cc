@@ -12,6 +12,7 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/status.h"
@@ -157,7 +158,62 @@ absl::Status CheckRunFolderRemovable(const std::string& job_id, const std::strin
   return absl::OkStatus();
 }
 
+// The name a run folder has between its job's delete and its removal (in the same folder).
+std::string DeletingName(const std::string& job_id) { return absl::StrCat(".", job_id, ".deleting"); }
+
+// The job id of a DeletingName ("" for another name).
+std::string JobOfDeletingName(const std::string& name) {
+  constexpr absl::string_view kSuffix = ".deleting";
+  if (name.size() <= 1 + kSuffix.size() || name[0] != '.' || !absl::EndsWith(name, kSuffix)) return "";
+  const std::string job_id = name.substr(1, name.size() - 1 - kSuffix.size());
+  // NewId's shape: 'j' and 12 hex digits.
+  if (job_id.size() != 13 || job_id[0] != 'j' ||
+      job_id.find_first_not_of("0123456789abcdef", 1) != std::string::npos) {
+    return "";
+  }
+  return job_id;
+}
+
 }  // namespace
+
+void Scheduler::FinishInterruptedRemovals() {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(options_.work_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const std::string job_id = JobOfDeletingName(name);
+    if (job_id.empty()) continue;
+    struct stat st;
+    if (::lstat(entry.path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;  // not ours
+    bool live = false;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      auto it = jobs_.find(job_id);
+      live = it != jobs_.end() && !it->second.deleted;
+    }
+    const std::string folder = absl::StrCat(options_.work_dir, "/", job_id);
+    if (live) {
+      // Renamed, then the delete's transaction did not commit: the job is there, its folder goes back.
+      if (::lstat(folder.c_str(), &st) == 0 || ::rename(entry.path().c_str(), folder.c_str()) != 0) {
+        log_.Warn(absl::StrCat("job ", job_id, " is not deleted, but its run folder is ", entry.path().string(),
+                               " (a delete interrupted before it committed) and cannot go back to ", folder,
+                               ": move it back by hand"));
+      } else {
+        log_.Warn(absl::StrCat("job ", job_id, ": its run folder is back at ", folder,
+                               " (a delete interrupted before it committed)"));
+      }
+      continue;
+    }
+    int64_t entries = 0;
+    const absl::Status gone = common::RemoveTreeNoFollow(options_.work_dir, name, &entries);
+    if (gone.ok()) {
+      log_.Info(absl::StrCat("removed ", entry.path().string(), " (", entries, " entries): the run folder of job ",
+                             job_id, ", deleted with --with-run-folders before the coordinator stopped"));
+    } else {
+      log_.Warn(absl::StrCat("cannot finish removing ", entry.path().string(), ", the run folder of deleted job ",
+                             job_id, ": ", gone.message(), "; remove it by hand"));
+    }
+  }
+}
 
 absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string& job_id, bool with_run_folders) {
   std::vector<std::string> task_ids;
@@ -196,13 +252,53 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
             job_id, task_ids.empty() ? "" : tasks_.at(task_ids.front()).info.out_dir(), options_.work_dir,
             &folder_parent, &folder_name));
       }
+      if (!folder_name.empty()) {
+        // Renamed to ".<job>.deleting" before the delete commits, removed after: a coordinator
+        // stopped in between finds it at its next start (FinishInterruptedRemovals) and removes
+        // it, or puts it back where the delete did not commit. Removed after the commit alone, it
+        // stayed for ever, nothing left to say whose it was.
+        const std::string trash = DeletingName(job_id);
+        const std::string trash_path = absl::StrCat(folder_parent, "/", trash);
+        struct stat st;
+        if (::lstat(trash_path.c_str(), &st) == 0) {
+          // An earlier delete of this job stopped in another work dir's folder: ours to remove.
+          const absl::Status leftover = common::RemoveTreeNoFollow(folder_parent, trash);
+          if (!leftover.ok()) {
+            return absl::FailedPreconditionError(absl::StrCat("job ", job_id, ": cannot remove the leftover ",
+                                                              trash_path, ": ", leftover.message(),
+                                                              "; nothing was deleted"));
+          }
+        }
+        const std::string folder = absl::StrCat(folder_parent, "/", folder_name);
+        if (::rename(folder.c_str(), trash_path.c_str()) != 0) {
+          const int error = errno;
+          if (error != ENOENT) {
+            return absl::FailedPreconditionError(absl::StrCat("job ", job_id, ": run folder ", folder,
+                                                              " cannot be renamed for its removal: ",
+                                                              std::strerror(error), "; nothing was deleted"));
+          }
+          folder_name.clear();  // gone meanwhile
+        }
+      }
       // The manifests only this job referred to go with it (a submit that finds a swept one in
       // its fold cache builds it again: SubmitJob).
       int64_t manifests = 0, bytes = 0;
-      AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
+      const absl::Status committed = store_->Transaction([&]() -> absl::Status {
         AVIARY_RETURN_IF_ERROR(store_->DeleteJob(job_id));
         return store_->SweepManifests(&manifests, &bytes);
-      }));
+      });
+      if (!committed.ok()) {
+        if (!folder_name.empty()) {
+          const std::string folder = absl::StrCat(folder_parent, "/", folder_name);
+          const std::string trash_path = absl::StrCat(folder_parent, "/", DeletingName(job_id));
+          if (::rename(trash_path.c_str(), folder.c_str()) != 0) {
+            const int error = errno;
+            log_.Warn(absl::StrCat("job ", job_id, ": its delete failed, and its run folder stays as ", trash_path,
+                                   " (cannot rename it back: ", std::strerror(error), "); the next start puts it back"));
+          }
+        }
+        return committed;
+      }
     }
     absl::MutexLock exclusive(&mu_);
     Job& job = jobs_.at(job_id);
@@ -229,14 +325,16 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
     // Checked above; removed without following a link anywhere in it (a subfolder swapped for a
     // link meanwhile is not descended into).
     const std::string folder = absl::StrCat(folder_parent, "/", folder_name);
+    const std::string trash = DeletingName(job_id);
     int64_t entries = 0;
-    const absl::Status gone = common::RemoveTreeNoFollow(folder_parent, folder_name, &entries);
+    const absl::Status gone = common::RemoveTreeNoFollow(folder_parent, trash, &entries);
     if (!gone.ok()) {
-      log_.Warn(absl::StrCat("job ", job_id, " deleted; removing its run folder ", folder, " stopped after ",
-                             entries, " entries: ", gone.message()));
+      const std::string trash_path = absl::StrCat(folder_parent, "/", trash);
+      log_.Warn(absl::StrCat("job ", job_id, " deleted; removing its run folder ", folder, " (renamed ", trash_path,
+                             ") stopped after ", entries, " entries: ", gone.message()));
       return absl::Status(gone.code(), absl::StrCat("job ", job_id, " was deleted, but removing its run folder ", folder,
-                                                    " stopped after ", entries, " entries: ", gone.message(),
-                                                    "; remove the rest by hand"));
+                                                    " (renamed ", trash_path, ") stopped after ", entries,
+                                                    " entries: ", gone.message(), "; remove the rest by hand"));
     }
     removed.push_back(folder);
   }

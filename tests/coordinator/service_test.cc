@@ -2639,6 +2639,50 @@ TEST_F(CoordinatorServiceTest, DeleteRefusesARunFolderThatIsALinkAndDeletesNothi
   EXPECT_TRUE(fs::is_symlink(root_ + "/runs/" + job_id));
 }
 
+// delete --with-run-folders renames the folder ".<job>.deleting" before its transaction and
+// removes it after. A coordinator stopped in between finishes at its next start: the folder of a
+// deleted job is removed, that of a job still in the store (the delete did not commit) goes back.
+// Other dot-folders of the work dir are not touched.
+TEST_F(CoordinatorServiceTest, AnInterruptedRunFolderRemovalIsFinishedAtTheNextStart) {
+  Start();
+  const std::string deleted = Submit();
+  const std::string kept = Submit();
+  for (const std::string& job_id : {deleted, kept}) {
+    CancelJobRequest cancel;
+    cancel.set_job_id(job_id);
+    CancelJobResponse cancelled;
+    ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  }
+  Write(absl::StrCat("runs/", deleted, "/pretrain-fold0/last.pt"), "deleted job's");
+  Write(absl::StrCat("runs/", kept, "/pretrain-fold0/last.pt"), "kept job's");
+  Write("runs/.jffffffffffff.deleting.not/keep.txt", "not ours");
+  Write("runs/.notajob.deleting/keep.txt", "not ours");
+  DeleteJobRequest request;
+  request.set_job_id(deleted);
+  request.set_with_run_folders(false);  // the job goes, its folder stays: as if stopped before removing it
+  DeleteJobResponse response;
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  const std::string runs = root_ + "/runs/";
+  fs::rename(runs + deleted, runs + "." + deleted + ".deleting");
+  fs::rename(runs + kept, runs + "." + kept + ".deleting");
+  Start();
+  EXPECT_FALSE(fs::exists(runs + "." + deleted + ".deleting"));
+  EXPECT_FALSE(fs::exists(runs + deleted));
+  EXPECT_FALSE(fs::exists(runs + "." + kept + ".deleting"));
+  EXPECT_TRUE(fs::exists(runs + kept + "/pretrain-fold0/last.pt"));
+  EXPECT_TRUE(fs::exists(runs + ".jffffffffffff.deleting.not/keep.txt"));
+  EXPECT_TRUE(fs::exists(runs + ".notajob.deleting/keep.txt"));
+  // A delete that completes leaves no renamed folder behind.
+  request.set_job_id(kept);
+  request.set_with_run_folders(true);
+  ASSERT_TRUE(jobs_->DeleteJob(Ctx().get(), request, &response).ok());
+  ASSERT_EQ(response.removed_folders_size(), 1);
+  EXPECT_FALSE(fs::exists(runs + kept));
+  EXPECT_FALSE(fs::exists(runs + "." + kept + ".deleting"));
+}
+
 // A job cancelled under its group: the group may train the task, and write its run folder, until
 // it learns of the cancel. Deleting the run folder meanwhile raced those writes; it waits until
 // the group lets go (or is removed as lost). Deleting without the folders is not held up.
