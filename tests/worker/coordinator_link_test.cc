@@ -10,7 +10,9 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <functional>
 #include <string>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -190,6 +192,56 @@ TEST_F(CoordinatorLinkTest, LinesShippedAfterTheTaskMovedOnKeepTheirAttempt) {
     EXPECT_EQ(line.attempt(), 1) << line.text();
   }
   EXPECT_EQ(found, 2);
+}
+
+// Polls `condition` every 20 ms until it holds or 30 s pass.
+bool Eventually(const std::function<bool()>& condition) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return condition();
+}
+
+// Between LeaseTask's answer and BeginTask (the manifest's fetch, which takes a while for a large
+// one) the heartbeats name the task. They named none, which the coordinator took for a group that
+// had let go of its task: cancelled (a sibling failed, or the user) and retried meanwhile, it was
+// leased to a second group while the first went on to train it. Now the cancel reaches the
+// first group, stays through BeginTask, and the task waits for the first group to let go.
+TEST_F(CoordinatorLinkTest, HeartbeatsNameALeasedTaskBeforeItBegins) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink first(options_, metrics_.get(), OneRank());
+  CoordinatorLink second(options_, metrics_.get(), OneRank());
+  ASSERT_TRUE(second.Register().ok());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(first, &task));
+  first.StartThreads();
+  v1::CancelJobRequest cancel;
+  cancel.set_job_id(submitted.job_id());
+  v1::CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  EXPECT_TRUE(Eventually([&] { return first.Decide() == kCancelled; }));
+  first.BeginTask(task.task_id(), task.attempt());  // the fetch done: the cancel stays
+  EXPECT_EQ(first.Decide(), kCancelled);
+  EXPECT_FALSE(first.CheckLease(root_ + "/last.pt").ok());  // nor may it write
+  v1::RetryJobRequest retry;
+  retry.set_job_id(submitted.job_id());
+  v1::JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // heartbeats naming the task
+  v1::Task other;
+  bool available = false;
+  ASSERT_TRUE(second.Lease(&other, &available).ok());
+  EXPECT_TRUE(!available || other.task_id() != task.task_id()) << other.task_id();
+  first.EndTask();  // let go: the task is the second group's to lease
+  EXPECT_TRUE(Eventually([&] {
+    v1::Task again;
+    bool leased = false;
+    return second.Lease(&again, &leased).ok() && leased && again.task_id() == task.task_id();
+  }));
+  first.StopThreads();
 }
 
 // Text from outside (a clip's file name in Latin-1, a library's message) is not always UTF-8, and

@@ -300,8 +300,10 @@ absl::Status Agent::ServeRank0() {
     Outcome outcome = RunTask(task);
     metrics_->EndTask();  // before the outcome reaches the coordinator: an idle group reads 0
     Report0(task, outcome);
-    // A fenced task is abandoned: its reports would be refused or would mislead.
-    if (task_.fenced) link_->DropTask(task.task_id());
+    // A fenced task is abandoned: its reports would be refused or would mislead. Not when the
+    // ranks disagreed: the group ends, and its retryable FailTask is the coordinator's word of it
+    // (refused if the task moved on; else the task waited for the group's heartbeat timeout).
+    if (task_.fenced && outcome.agreed) link_->DropTask(task.task_id());
     link_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
     link_->EndTask();
     if (!outcome.agreed) {

@@ -164,6 +164,7 @@ void CoordinatorLink::StartThreads() {
     running_ = true;
   }
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  shipper_ = std::thread([this] { ShipLoop(); });
   sender_ = std::thread([this] { SenderLoop(); });
 }
 
@@ -176,6 +177,7 @@ void CoordinatorLink::StopThreads() {
   }
   buffer_.Interrupt();
   if (heartbeat_.joinable()) heartbeat_.join();
+  if (shipper_.joinable()) shipper_.join();
   if (sender_.joinable()) sender_.join();
 }
 
@@ -190,6 +192,20 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
   grpc::Status st = stub_->LeaseTask(&ctx, request, &response);
   if (!st.ok()) return Failed("LeaseTask", st, request.group_id());
   Connected(true);
+  {
+    absl::MutexLock lock(&mu_);
+    if (response.available()) {
+      task_id_ = response.task().task_id();
+      ++lease_generation_;
+      cancel_ = false;
+      leased_not_begun_ = true;
+      lease_.Begin(task_id_, response.task().attempt(), lease_asked_at_);
+    } else if (leased_not_begun_) {  // a task whose fetch failed is not ours any more
+      task_id_.clear();
+      leased_not_begun_ = false;
+      lease_.End();
+    }
+  }
   if (response.available()) {
     *task = response.task();
     if (!task->manifest_hash().empty()) {
@@ -287,13 +303,24 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
     }
   });
   absl::MutexLock lock(&mu_);
-  task_id_ = task_id;
-  ++lease_generation_;
-  cancel_ = false;
-  lease_.Begin(task_id, attempt, lease_asked_at_);
+  if (!leased_not_begun_ || task_id_ != task_id) {
+    task_id_ = task_id;
+    ++lease_generation_;
+    cancel_ = false;
+    lease_.Begin(task_id, attempt, lease_asked_at_);
+  }
+  leased_not_begun_ = false;
 }
 
 void CoordinatorLink::EndTask() {
+  {
+    // First: heartbeats name the task no more (one naming it after its CompleteTask would be
+    // answered "cancel", and stop nothing but a warning in the task's log).
+    absl::MutexLock lock(&mu_);
+    task_id_.clear();
+    leased_not_begun_ = false;
+    lease_.End();
+  }
   // The task's last lines (its result, after CompleteTask / FailTask); not while the coordinator
   // is unreachable (a partition would hold the next lease up for a whole rpc_timeout_s). After an
   // outage the buffer may hold more than one call takes; its newest lines are the result.
@@ -314,9 +341,6 @@ void CoordinatorLink::EndTask() {
     Log().Warn(absl::StrCat(unshipped, " log line(s) of task ", task_id,
                             " were not shipped to the coordinator (they are in this log)"));
   }
-  absl::MutexLock lock(&mu_);
-  task_id_.clear();
-  lease_.End();
 }
 
 bool CoordinatorLink::ShipLogs() {
@@ -478,16 +502,18 @@ absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, co
 
 void CoordinatorLink::HeartbeatLoop() {
   int64_t heartbeat_failures = 0;
+  auto last_sent = LeaseClock::Clock::now();
   while (true) {
-    int interval_ms;
     {
       absl::MutexLock lock(&mu_);
-      interval_ms = heartbeat_ms_;
-      const absl::Time deadline = absl::Now() + absl::Milliseconds(interval_ms);
+      // From the previous send: an answer that took most of the interval does not delay the next.
+      const auto wait = last_sent + std::chrono::milliseconds(heartbeat_ms_) - LeaseClock::Clock::now();
+      const absl::Time deadline = absl::Now() + absl::FromChrono(std::max(wait, LeaseClock::Clock::duration::zero()));
       while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
       }
       if (!running_) return;
     }
+    last_sent = LeaseClock::Clock::now();
     if (lost_) continue;
     v1::HeartbeatRequest request;
     int64_t generation = 0;
@@ -523,7 +549,19 @@ void CoordinatorLink::HeartbeatLoop() {
     } else {
       lease_.Renew(request.task_id(), sent_at);
     }
-    ShipLogs();
+  }
+}
+
+void CoordinatorLink::ShipLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      const absl::Time deadline = absl::Now() + absl::Milliseconds(heartbeat_ms_);
+      while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
+      }
+      if (!running_) return;
+    }
+    if (!lost_) ShipLogs();
   }
 }
 

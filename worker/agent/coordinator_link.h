@@ -55,19 +55,24 @@ class CoordinatorLink {
   // CANCELLED when a signal arrived first; the coordinator's refusal otherwise.
   absl::Status Register();
 
-  // The heartbeat and sender threads; StopThreads wakes and joins them (idempotent).
+  // The heartbeat, log-shipping and sender threads; StopThreads wakes and joins them (idempotent).
   void StartThreads();
   void StopThreads();
 
   // LeaseTask once. `*task` set when one was leased, its manifest_csv filled in from the
-  // manifest cache or fetched by hash (GetManifest). NOT_FOUND marks the group lost.
+  // manifest cache or fetched by hash (GetManifest). NOT_FOUND marks the group lost. The lease
+  // starts when LeaseTask answers: heartbeats name the task (and a cancel answer stops it) while
+  // its manifest comes; a heartbeat naming no task there told the coordinator the group had let
+  // go of it, and the task could be leased to a second group. A failed fetch keeps the lease
+  // named (the coordinator hands the same task back to the retried LeaseTask).
   absl::Status Lease(::aviary::v1::Task* task, bool* available);
   // Manifests fetched from the coordinator and leases served from the cache (main thread).
   int64_t manifest_fetches() const { return manifest_fetches_; }
   int64_t manifest_hits() const { return manifest_hits_; }
 
-  // The lease the heartbeats name and a cancel answer may stop (each BeginTask is a new lease).
-  // Its clock starts at the last Lease call's send time.
+  // The lease the heartbeats name and a cancel answer may stop: the one Lease started for
+  // `task_id` (a cancel that came meanwhile stays), else a new one. Its clock starts at the last
+  // Lease call's send time.
   void BeginTask(const std::string& task_id, int attempt);
   void EndTask();
 
@@ -101,8 +106,8 @@ class CoordinatorLink {
   static constexpr size_t kMaxBufferedLogLines = 5000;
 
  private:
-  // Rank 0's log lines of the current task (common::SetLogTap), shipped with ShipLogs after
-  // each heartbeat and at EndTask (docs/SERVICE.md, "Logs"). Shared with the tap, which may
+  // Rank 0's log lines of the current task (common::SetLogTap), shipped with ShipLogs every
+  // heartbeat interval (ShipLoop: a slow ShipLogs must not hold the heartbeats up) and at EndTask (docs/SERVICE.md, "Logs"). Shared with the tap, which may
   // outlive a call into the link. Thread-safe.
   struct LogBuffer {
     absl::Mutex mu;
@@ -118,7 +123,7 @@ class CoordinatorLink {
     int64_t last_seq ABSL_GUARDED_BY(mu) = 0;
   };
   // Sends the buffered lines of the current task (one ShipLogs call); kept for the next call on a
-  // transient failure, dropped when refused for good. One call at a time (ship_mu_): the heartbeat
+  // transient failure, dropped when refused for good. One call at a time (ship_mu_): the shipping
   // thread and EndTask both ship, and two calls in flight would send the same lines twice and then
   // drop as many unsent ones. At most 2,000 lines a call: true when the call succeeded and
   // lines are left.
@@ -130,7 +135,10 @@ class CoordinatorLink {
   // Logs a failed call made as group `gid` and classifies it: NOT_FOUND marks the group lost,
   // unless the group has registered anew since the call was made (a stale answer).
   absl::Status Failed(const char* rpc, const grpc::Status& st, const std::string& gid);
+  // Heartbeats every interval from the previous one's send time (a slow answer does not push the
+  // next one back by a whole interval: the lease is valid for timeout - margin from a send).
   void HeartbeatLoop();
+  void ShipLoop();
   // Cancels the current task if it is still the lease the answer was about (`generation`; a
   // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
   // lease of the same task (failed as retryable and leased again) must not stop the new one.
@@ -153,7 +161,8 @@ class CoordinatorLink {
   std::string group_id_ ABSL_GUARDED_BY(mu_);
   int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
   std::string task_id_ ABSL_GUARDED_BY(mu_);
-  int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // BeginTask's count
+  int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // the leases' count
+  bool leased_not_begun_ ABSL_GUARDED_BY(mu_) = false;  // Lease named task_id_, BeginTask not yet
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
   std::atomic<bool> connected_{false};  // the last call answered (Connected)
@@ -164,7 +173,7 @@ class CoordinatorLink {
   static constexpr size_t kCachedManifests = 4;
   std::list<std::pair<std::string, std::string>> manifests_;
   int64_t manifest_fetches_ = 0, manifest_hits_ = 0;
-  std::thread heartbeat_, sender_;
+  std::thread heartbeat_, shipper_, sender_;
   std::shared_ptr<LogBuffer> logs_ = std::make_shared<LogBuffer>();
 };
 
