@@ -637,11 +637,17 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
                           : other.stages.at("pretrain").enabled != config.stages.at("pretrain").enabled ||
                                   other.stages.at("finetune").enabled != config.stages.at("finetune").enabled
                               ? "stages.*.enabled"
+                          // The points are ranked by one metric (the job's monitor, SweepBest), and
+                          // each point's best epoch must be chosen by it too.
+                          : other.stages.at("pretrain").train.monitor != config.stages.at("pretrain").train.monitor ||
+                                  other.stages.at("finetune").train.monitor != config.stages.at("finetune").train.monitor
+                              ? "train.monitor"
                               : nullptr;
     if (differs != nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(
           source, ": sweep point ", p, " (", absl::StrJoin(grid[p], ", "), ") changes '", differs,
-          "', which the tasks of one job share (the dataset, folds and stages); submit one job per value"));
+          "', which the tasks of one job share (the dataset, folds, stages and the metric its points are ranked "
+          "by); submit one job per value"));
     }
   }
 

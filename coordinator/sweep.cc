@@ -40,6 +40,15 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
         return absl::InvalidArgumentError(absl::StrCat("field '", field, ".values[", v, "]' of key '", key,
                                                        "': ", value.size(), " bytes (1 to 1024 allowed)"));
       }
+      // As --set's values (service.cc, CheckText): they reach the task's overrides, the logs and
+      // the console. (Not UTF-8 is refused by protobuf itself: a proto3 string.)
+      for (size_t b = 0; b < value.size(); ++b) {
+        const unsigned char c = static_cast<unsigned char>(value[b]);
+        if (c < 0x20 || c == 0x7f) {
+          return absl::InvalidArgumentError(absl::StrCat("field '", field, ".values[", v, "]' of key '", key,
+                                                         "': a control character (byte ", b, ")"));
+        }
+      }
       if (!seen.insert(value).second) {
         return absl::InvalidArgumentError(
             absl::StrCat("field '", field, "': key '", key, "' lists the value '", value, "' twice"));

@@ -2421,6 +2421,8 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "1e-3"}}}), {"twice"});
   refused(SweepRequest(root_, {{"seed", {"1", "2"}}}), {"changes 'seed'"});
   refused(SweepRequest(root_, {{"folds.selected_folds", {"[0]", "[1]"}}}), {"changes 'folds'"});
+  refused(SweepRequest(root_, {{"train.monitor", {"auc", "loss"}}}), {"changes 'train.monitor'"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3\n"}}}), {"sweep[0].values[1]", "control character"});
   refused(SweepRequest(root_, {{"a", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17"}},
                                {"b", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"}}}),
           {"more than 256 points"});
