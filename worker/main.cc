@@ -113,6 +113,7 @@ int RunTrain(const TrainArgs& args) {
     return Fail("train", st);
   }
   aviary::worker::TrainOptions options = args.options;
+  options.lock_run_folder = true;  // a second `train` in the same --out is refused
   options.resume = !args.no_resume;
   options.extend_epochs = args.extend_epochs;
   if (args.device == "cuda" || (args.device == "auto" && at::hasCUDA())) options.device = RankDevice(true);

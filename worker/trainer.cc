@@ -1,5 +1,7 @@
 #include "worker/trainer.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -463,6 +465,25 @@ struct Trainer::State {
   // A stop between optimizer steps, before loader batch `next` of the epoch: last.pt at this
   // step (rank 0; every rank learns the outcome), then CANCELLED.
   absl::Status StopMidEpoch(const EpochTally& t, int64_t next);
+  // Rank 0 writes last.pt at batch `next` of epoch t.epoch (every rank's totals summed); the
+  // outcome shared by every rank (ShareWriteOutcome).
+  absl::Status WriteMidEpoch(const EpochTally& t, int64_t next);
+  // TrainOptions::checkpoint_before_validation_s, for the epoch TrainEpoch just trained.
+  absl::Status CheckpointBeforeValidation();
+  // The epoch TrainEpoch trained last, this rank's totals (CheckpointBeforeValidation).
+  EpochTally trained_tally;
+  // Whether every parameter and buffer of the model is finite (waits for the device): a
+  // checkpoint of non-finite weights is not written, and not resumed from.
+  bool ModelIsFinite() const;
+  // TrainOptions::lock_run_folder: the locked file's descriptor (rank 0), closed with the trainer.
+  int lock_fd = -1;
+  ~State() {
+    if (lock_fd >= 0) ::close(lock_fd);
+  }
+  absl::Status LockRunFolder();
+  // Steps skipped in a row for a non-finite loss (train.skip_nonfinite): a run that skips every
+  // step trains nothing, and ends after TrainOptions::max_skipped_in_a_row.
+  int64_t skipped_in_a_row = 0;
   // The epoch's monitor value into best / early stopping; true when the run stops early here.
   // `write_best`: the epoch improved on best.pt's value (the re-run of an adopted best epoch
   // that does not do better is marked best, and leaves best.pt as it is).
@@ -509,6 +530,11 @@ struct Trainer::State {
 
 // Rank 0's parameters (when asked) and buffers to every rank.
 absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common::AtomicWriteOptions& write) {
+  if (!ModelIsFinite()) {
+    return absl::DataLossError(absl::StrCat("the weights after epoch ", epoch, " (step ", step, ") are not finite: ",
+                                            "not written over ", Path("last.pt"), " (set train.grad_clip_norm or ",
+                                            "train.skip_nonfinite to check each step's gradients)"));
+  }
   if (best) {
     // train.ema_eval: best.pt holds the averaged weights, the ones that were validated.
     const bool swap = ema && train.ema_eval;
@@ -534,6 +560,9 @@ absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common:
 
 absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const std::string& what) {
   if (comm == nullptr) return wrote;
+  // Said before the all-reduce: another rank's abort (it fails with "rank 0 could not write")
+  // may end this process before its own error is printed.
+  if (rank == 0 && !wrote.ok()) Log().Error(absl::StrCat("writing ", what, ": ", wrote.message()));
   at::Tensor code = at::tensor({static_cast<int64_t>(wrote.code())}, at::kLong);
   AVIARY_RETURN_IF_ERROR(comm->AllReduce(code, comm::ReduceOp::kMax));
   const auto shared = static_cast<absl::StatusCode>(code[0].item<int64_t>());
@@ -869,6 +898,42 @@ void Trainer::State::RemoveStaleTemporaries() const {
   }
 }
 
+absl::Status Trainer::State::LockRunFolder() {
+  const std::string path = Path(".aviary-train.lock");
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    const int error = errno;
+    return absl::FailedPreconditionError(absl::StrCat("--out: cannot open ", path, ": ", std::strerror(error)));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    if (error != EWOULDBLOCK) {
+      // A filesystem without locks (some NFS setups): the run goes on unguarded, as before.
+      ::close(fd);
+      Log().Warn(absl::StrCat("cannot lock ", path, " (", std::strerror(error),
+                              "): a second run in this folder would not be refused"));
+      return absl::OkStatus();
+    }
+    char holder[256] = {0};
+    const ssize_t n = ::pread(fd, holder, sizeof(holder) - 1, 0);
+    ::close(fd);
+    std::string who = n > 0 ? std::string(holder, static_cast<size_t>(n)) : std::string();
+    while (!who.empty() && (who.back() == '\n' || who.back() == '\0')) who.pop_back();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--out ", options.out_dir, ": another aviary-worker train", who.empty() ? "" : absl::StrCat(" (", who, ")"),
+        " is training in it (", path, " is locked): wait for it to end, or use another --out"));
+  }
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  const std::string me = absl::StrCat("pid ", ::getpid(), " on ", host, "\n");
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size())) {
+    const int error = errno;
+    Log().Warn(absl::StrCat(path, ": cannot record this run in it (", std::strerror(error), ")"));
+  }
+  lock_fd = fd;
+  return absl::OkStatus();
+}
+
 // Restores the newest valid checkpoint of the run folder (last.pt, last.prev.pt) when asked.
 absl::Status Trainer::State::Resume() {
   if (rank == 0) RemoveStaleTemporaries();
@@ -926,6 +991,10 @@ absl::Status Trainer::State::Resume() {
             ? RestoreCheckpoint(last, *model, optimizer.get())
             : absl::StatusOr<CheckpointMeta>(absl::FailedPreconditionError(
                   absl::StrCat(last, ": its label set differs from this stage's; use another --out")));
+    if (meta.ok() && !ModelIsFinite()) {
+      // Written before its weights were checked (an older aviary): resuming would end at the first step.
+      meta = absl::DataLossError(absl::StrCat(last, ": its weights are not finite"));
+    }
     if (!meta.ok()) {
       Log().Warn(absl::StrCat("resume: ", meta.status().message(), "; trying the next checkpoint"));
       candidates[choice.index].meta = meta.status();
@@ -1116,6 +1185,26 @@ int64_t Trainer::State::ResumeBatch(const CheckpointMeta& meta, const std::strin
   return batch;
 }
 
+// The run as each rank was told it (config, stage, fold, --init, --extend-epochs), less what may
+// differ per host: the decoded-audio cache's folder and the loader threads; and the data roots,
+// whose files the items' own check compares (it names them). Ranks started with
+// configs that differ otherwise (a stale copy of --config on one node) would all-reduce
+// different sizes (batch_size, comm.bucket_mb: a hang or garbage) or drift apart silently (lr,
+// augmentation, seed).
+static int64_t RunDigest(common::PipelineConfig config, const TrainOptions& options) {
+  config.data.cache_dir.clear();
+  config.data.target.root.clear();
+  for (common::SourceConfig& source : config.data.pretrain_sources) source.root.clear();
+  config.train.num_workers = 0;
+  for (auto& [name, stage] : config.stages) stage.train.num_workers = 0;
+  const std::string text = absl::StrCat(common::PipelineConfigToYaml(config), "\n", options.stage, "\n",
+                                        options.fold, "\n", options.init_checkpoint, "\n",
+                                        options.extend_epochs ? 1 : 0);
+  uint64_t h = 14695981039346656037ULL;
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ULL;
+  return static_cast<int64_t>(h >> 2);
+}
+
 // Under mpirun: every rank at the same epoch, rank 0's state everywhere, the gradient reducer.
 absl::Status Trainer::State::JoinGroup() {
   if (comm != nullptr) {  // also with one rank under mpirun: the all-reduce path runs
@@ -1124,25 +1213,33 @@ absl::Status Trainer::State::JoinGroup() {
     // would start the epoch over with fresh optimizer moments, beside ranks that did not).
     // And the same training and validation items (`aviary-worker train` builds them on every
     // rank from its own view of the dataset: a file one host lacks would shift the epoch's order).
-    const int64_t mine[5] = {start_epoch, mid.batches_done, step, ItemsDigest(train_items),
-                             ItemsDigest(valid_items)};
+    // The run first: ranks with other configs also differ in what follows, for that reason.
+    const int64_t mine[6] = {RunDigest(config, options), start_epoch, mid.batches_done, step,
+                             ItemsDigest(train_items), ItemsDigest(valid_items)};
     std::vector<int64_t> both;
     for (int64_t v : mine) both.insert(both.end(), {v, -v});
     at::Tensor range = at::tensor(both, at::kLong);
     AVIARY_RETURN_IF_ERROR(comm->AllReduce(range, comm::ReduceOp::kMax));
     const char* what[3] = {"epochs", "batches", "optimizer steps"};
-    for (int i = 0; i < 5; ++i) {
+    for (int i = 0; i < 6; ++i) {
       const int64_t hi = range[2 * i].item<int64_t>(), lo = -range[2 * i + 1].item<int64_t>();
       if (hi == lo) continue;
-      if (i >= 3) {
+      if (i == 0) {
         return absl::FailedPreconditionError(absl::StrCat(
-            "rank ", rank, ": the ranks' ", i == 3 ? "training" : "validation", " items differ (this rank has ",
-            i == 3 ? train_items.size() : valid_items.size(),
+            "rank ", rank, ": the ranks' runs differ (the config, --set, --stage, --fold, --init or --extend-epochs ",
+            "each rank was started with; only the data roots, data.cache_dir and train.num_workers may differ): "
+            "start every rank "
+            "with the same command and the same config file contents"));
+      }
+      if (i >= 4) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "rank ", rank, ": the ranks' ", i == 4 ? "training" : "validation", " items differ (this rank has ",
+            i == 4 ? train_items.size() : valid_items.size(),
             "): every rank must see the same dataset files at the same paths (a filesystem shared by all ranks)"));
       }
       return absl::FailedPreconditionError(absl::StrCat(
           "rank ", rank, " resumes at epoch ", start_epoch, " batch ", mid.batches_done, " step ", step,
-          " but the ranks range over ", what[i], " ", lo, "..", hi, ": every rank must see the same ",
+          " but the ranks range over ", what[i - 1], " ", lo, "..", hi, ": every rank must see the same ",
           Path("last.pt"), " (put --out on a filesystem shared by all ranks)"));
     }
     AVIARY_RETURN_IF_ERROR(BroadcastState(/*parameters=*/true));
@@ -1178,6 +1275,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   AVIARY_RETURN_IF_ERROR(s->LoadItems());
   AVIARY_RETURN_IF_ERROR(s->CreateLoaders());
   AVIARY_RETURN_IF_ERROR(s->BuildModel());
+  if (options.lock_run_folder && s->rank == 0) AVIARY_RETURN_IF_ERROR(s->LockRunFolder());
   AVIARY_RETURN_IF_ERROR(s->Resume());
   AVIARY_RETURN_IF_ERROR(s->JoinGroup());
   s->copier = std::make_unique<DeviceCopier>(options.device);
@@ -1243,6 +1341,7 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
   // its StartEpoch keeps them. (Wasted if the run stops early: nothing else changes.)
   if (epoch + 1 < epochs) train_loader->StartEpoch(epoch + 1);
   if (options.progress_bar) std::fprintf(stderr, "\n");
+  trained_tally = t;
   return FinishEpoch(t);
 }
 
@@ -1260,6 +1359,17 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
     // Nothing trained since the checkpoint the run started from or the epoch's last.pt.
     return absl::CancelledError(where);
   }
+  absl::Status shared = WriteMidEpoch(t, next);
+  if (!shared.ok()) {
+    Log().Warn(absl::StrCat(where, ": no mid-epoch checkpoint (", shared.message(), "); ", Path("last.pt"),
+                            " holds what it held"));
+    return absl::CancelledError(where);
+  }
+  if (rank == 0) Log().Info(absl::StrCat(where, ": ", Path("last.pt"), " holds this step"));
+  return absl::CancelledError(absl::StrCat(where, "; ", Path("last.pt"), " holds this step"));
+}
+
+absl::Status Trainer::State::WriteMidEpoch(const EpochTally& t, int64_t next) {
   // Every rank's totals, summed: rank 0's checkpoint carries them (a resumed rank 0 starts
   // from them, the others from zero, so FinishEpoch's sum is the same).
   double loss_sum = t.loss_sum;
@@ -1279,19 +1389,49 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
     meta.epoch_loss_sum = loss_sum;
     meta.epoch_seen = seen;
     meta.epoch_correct = correct;
-    common::AtomicWriteOptions write;
-    write.check = options.commit_check;
-    write.keep_previous_as = Path("last.prev.pt");
-    wrote = SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), meta, write, LastGroups());
+    if (!ModelIsFinite()) {
+      // A non-finite gradient the loss check did not see (it is not checked unless clipping or
+      // train.skip_nonfinite asks): the weights would replace a good last.pt.
+      wrote = absl::DataLossError(absl::StrCat("the weights at epoch ", t.epoch, " batch ", next, " (step ", step,
+                                               ") are not finite: not written over ", Path("last.pt")));
+    } else {
+      common::AtomicWriteOptions write;
+      write.check = options.commit_check;
+      write.keep_previous_as = Path("last.prev.pt");
+      wrote = SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), meta, write, LastGroups());
+    }
   }
-  absl::Status shared = ShareWriteOutcome(wrote, "the mid-epoch last.pt");
-  if (!shared.ok()) {
-    Log().Warn(absl::StrCat(where, ": no mid-epoch checkpoint (", shared.message(), "); ", Path("last.pt"),
-                            " holds what it held"));
-    return absl::CancelledError(where);
+  return ShareWriteOutcome(wrote, "the mid-epoch last.pt");
+}
+
+absl::Status Trainer::State::CheckpointBeforeValidation() {
+  if (!valid_loader || options.checkpoint_before_validation_s < 0) return absl::OkStatus();
+  const EpochTally& t = trained_tally;
+  // Trained nothing since last.pt (resumed at the epoch's end): that last.pt is this one.
+  const bool wanted = t.first_batch < t.steps && Seconds(t.start) >= options.checkpoint_before_validation_s;
+  bool write = wanted;
+  if (comm != nullptr) {  // every rank the same answer: the write is a collective
+    at::Tensor flag = at::tensor({wanted ? int64_t{1} : int64_t{0}}, at::kLong);
+    AVIARY_RETURN_IF_ERROR(comm->AllReduce(flag, comm::ReduceOp::kMax));
+    write = flag[0].item<int64_t>() != 0;
   }
-  if (rank == 0) Log().Info(absl::StrCat(where, ": ", Path("last.pt"), " holds this step"));
-  return absl::CancelledError(absl::StrCat(where, "; ", Path("last.pt"), " holds this step"));
+  if (!write) return absl::OkStatus();
+  AVIARY_RETURN_IF_ERROR(WriteMidEpoch(t, t.steps));
+  if (rank == 0) {
+    Log().Info(absl::StrCat("epoch ", t.epoch, " trained: ", Path("last.pt"),
+                            " holds it before its validation (a stop during validation resumes there)"));
+  }
+  return absl::OkStatus();
+}
+
+bool Trainer::State::ModelIsFinite() const {
+  std::vector<at::Tensor> finite;
+  for (const auto& p : model->parameters()) finite.push_back(at::isfinite(p.detach()).all());
+  for (const auto& b : model->buffers()) {
+    if (b.is_floating_point()) finite.push_back(at::isfinite(b).all());
+  }
+  if (finite.empty()) return true;
+  return at::stack(finite).all().item<bool>();
 }
 
 // The epoch's learning rate (set now unless train.lr_per_step), the model in training mode, the
@@ -1370,6 +1510,13 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
                                             "finite (set train.skip_nonfinite to skip such steps)"));
   }
   if (applied) {
+    if (fault.kind == "nan_weights" && rank == fault.rank && step == fault.step) {
+      // A non-finite gradient that no check saw (none is made unless clipping or skip_nonfinite
+      // asks), written into the weights by the optimizer: the step's loss was finite.
+      Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " makes its weights non-finite at step ", step));
+      torch::NoGradGuard no_grad;
+      model->parameters().front().fill_(std::numeric_limits<float>::quiet_NaN());
+    }
     ++step;
     if (ema) ema->Update(*model);
     if (profiler) profiler->AfterStep(++run_steps);
@@ -1434,8 +1581,13 @@ StepSeeds Trainer::State::SeedsFor(int epoch, int64_t s) const {
 // AVIARY_FAULT_INJECT at its rank and optimizer step: a NaN loss, a rank that stops answering,
 // or an exception.
 void Trainer::State::InjectFault(at::Tensor* loss) const {
+  // "nan_from": a non-finite loss at every step from `step` on (a run that trains nothing).
+  if (rank == fault.rank && fault.kind == "nan_from" && step >= fault.step) {
+    *loss = *loss * std::numeric_limits<float>::quiet_NaN();
+  }
   if (rank != fault.rank || step != fault.step) return;
   if (fault.kind == "nan") *loss = *loss * std::numeric_limits<float>::quiet_NaN();
+
   if (fault.kind == "hang") {
     Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " stops answering at step ", step));
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
@@ -1484,10 +1636,17 @@ absl::StatusOr<bool> Trainer::State::SkipNonFinite(const Batch& batch, double lo
     where = absl::StrCat("non-finite loss on rank(s) ", bad_ranks, " at epoch ", epoch, " step ", s);
     if (!train.skip_nonfinite) return absl::DataLossError(where);
   } else {
+    skipped_in_a_row = 0;
     return false;
   }
   ++skipped_steps;
   Log().Warn(absl::StrCat("skipped: ", where));
+  if (++skipped_in_a_row >= options.max_skipped_in_a_row) {
+    // Every rank skips the same steps (NonFiniteRanks is every rank's answer): all end here.
+    return absl::DataLossError(absl::StrCat(skipped_in_a_row, " steps in a row skipped for a non-finite loss (",
+                                            "train.skip_nonfinite), the last: ", where,
+                                            "; the run trains nothing: look at the data and the learning rate"));
+  }
   return true;
 }
 
@@ -1759,6 +1918,7 @@ absl::Status Trainer::Run() {
       record = absl::InternalError(absl::StrCat("rank ", s.rank, ": exception in epoch ", epoch, ": ", e.what()));
     }
     if (!record.ok()) return record.status();
+    AVIARY_RETURN_IF_ERROR(s.CheckpointBeforeValidation());
     absl::Status validated;
     // train.ema_eval: validation (and best.pt, WriteEpochFiles) see the averaged weights.
     const bool swap = s.ema && s.train.ema_eval;

@@ -48,10 +48,12 @@
 // code (rank 0's error names the path and errno; the others say that rank 0 failed).
 // Resuming picks the newest valid checkpoint among last.pt and last.prev.pt (PickResumeCheckpoint:
 // readable, this stage, fold and task, the highest epoch then attempt) and logs why it skipped
-// the others; one that then fails to restore is skipped for the next.
-// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm]"
-// makes rank R throw, produce a NaN loss, stop answering, or raise SIGTERM (a preemption) at
-// optimizer step K of the run.
+// the others; one that then fails to restore, or holds non-finite weights, is skipped for the
+// next. No last.pt is written with non-finite weights.
+// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|
+// nan_from|nan_weights]" makes rank R throw, produce a NaN loss, stop answering, or raise SIGTERM
+// (a preemption) at optimizer step K of the run; produce a NaN loss at every step from K on; or
+// make its weights non-finite after step K (a finite loss, a non-finite gradient).
 //
 // Not thread-safe: Run() once, from one thread.
 #ifndef AVIARY_WORKER_TRAINER_H_
@@ -147,6 +149,18 @@ struct TrainOptions {
   // last.pt at that step (mid-epoch: the next run resumes there and ends as an uninterrupted
   // run would). In a multi-rank run it must answer the same on every rank at the same step.
   std::function<bool()> should_stop;
+  // An epoch whose training took at least this long (on any rank) is saved in last.pt before
+  // its validation, as a mid-epoch checkpoint with every batch done: a stop or crash during a
+  // long validation (a kill after the stop's grace time, an out-of-memory error) then loses the
+  // validation, not the epoch. < 0: never.
+  double checkpoint_before_validation_s = 60.0;
+  // `aviary-worker train`: rank 0 holds an exclusive lock (flock) on out_dir/.aviary-train.lock for
+  // the trainer's life, and a second run in the folder (a rerun while the first still writes) is
+  // refused, FAILED_PRECONDITION naming the holder. (`serve` has the coordinator's lease fence.)
+  bool lock_run_folder = false;
+  // train.skip_nonfinite: this many steps skipped in a row end the run (DATA_LOSS): it trains
+  // nothing (a learning rate that diverged, a broken data path).
+  int64_t max_skipped_in_a_row = 100;
   // The worker group (not owned; null: one process without the all-reduce path). With one rank
   // the reducer still runs (its cost can be measured), unless train.cuda_graph. Must outlive
   // the trainer.

@@ -118,6 +118,16 @@ elif ! grep -q "the ranks' training items differ" "$tmp/items.log"; then
   cat "$tmp/items.log"; fail "ranks with different dataset files: the refusal does not say so"
 fi
 
+# Ranks started with different configs (a stale copy of the config on one node: here another
+# batch size, whose all-reduces would not match) are refused before the first step.
+# shellcheck disable=SC2016  # expanded by the rank's shell
+if mpi2 bash -c 'b=8; [ "$OMPI_COMM_WORLD_RANK" = 1 ] && b=4; exec "$0" train --config "$1" --set train.batch_size=$b --set comm.timeout_s=30 --stage finetune --fold 0 --out "$2"' \
+     "$w" "$tmp/p.yaml" "$tmp/configs" > "$tmp/configs.log" 2>&1; then
+  fail "ranks with different configs were not refused"
+elif ! grep -q "the ranks' runs differ" "$tmp/configs.log"; then
+  cat "$tmp/configs.log"; fail "ranks with different configs: the refusal does not say so"
+fi
+
 # A token byte that a gRPC header cannot carry is refused by its source (gRPC would abort).
 printf 'tok\001en\n' > "$tmp/bad-token"
 "$w" serve --coordinator 127.0.0.1:1 --token-file "$tmp/bad-token" --connect-timeout-s 5 > "$tmp/bad-token.log" 2>&1

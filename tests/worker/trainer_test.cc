@@ -24,6 +24,7 @@
 #include "worker/checkpoint.h"
 #include "worker/data/audio_cache.h"
 #include "worker/models.h"
+#include "worker/optimizer.h"
 #include "worker/schedule.h"
 #include "worker/weights.h"
 
@@ -175,6 +176,150 @@ TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
   auto h = common::CsvTable::ReadFile(o.out_dir + "/history.csv");
   ASSERT_TRUE(h.ok());
   EXPECT_EQ(h->num_rows(), 3u);
+}
+
+// An epoch that trained long enough is saved before its validation (a mid-epoch last.pt with
+// every batch done): a run that dies during validation or the epoch's writes (here: its best.pt
+// refused) resumes at the validation, not the epoch's first step, and ends as an uninterrupted
+// run does.
+TEST_F(TrainerTest, AnEpochSavedBeforeItsValidationResumesThere) {
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  TrainOptions a;
+  a.out_dir = Out("straight_pv");
+  auto straight = Trainer::Create(two, a);
+  ASSERT_TRUE(straight.ok()) << straight.status();
+  ASSERT_TRUE((*straight)->Run().ok());
+
+  TrainOptions b;
+  b.out_dir = Out("before_validation");
+  b.checkpoint_before_validation_s = 0;  // every epoch
+  b.commit_check = [](const std::string& path) {
+    if (absl::EndsWith(path, "/best.pt")) return absl::AbortedError("stopped for the test: not writing " + path);
+    return absl::OkStatus();
+  };
+  auto first = Trainer::Create(two, b);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(absl::IsAborted((*first)->Run()));
+  auto saved = ReadCheckpointMeta(b.out_dir + "/last.pt");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(saved->epoch, -1);
+  EXPECT_EQ(saved->in_epoch, 0);
+  EXPECT_EQ(saved->batches_done, 5);  // all of epoch 0's
+  EXPECT_EQ(saved->step, 5);
+  b.commit_check = nullptr;
+  int steps = 0;
+  b.on_step = [&steps](const StepStats&) { ++steps; };
+  auto second = Trainer::Create(two, b);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second)->history().size(), 0u);
+  ASSERT_TRUE((*second)->Run().ok());
+  EXPECT_EQ(steps, 5);  // epoch 1's only: epoch 0 was validated without training it again
+  auto ha = common::CsvTable::ReadFile(a.out_dir + "/history.csv");
+  auto hb = common::CsvTable::ReadFile(b.out_dir + "/history.csv");
+  ASSERT_TRUE(ha.ok() && hb.ok());
+  ASSERT_EQ(ha->num_rows(), 2u);
+  ASSERT_EQ(hb->num_rows(), 2u);
+  const size_t speed = *ha->ColumnIndex("samples_per_s");
+  for (size_t r = 0; r < 2; ++r) {
+    for (size_t c = 0; c < ha->header().size(); ++c) {
+      if (c != speed) EXPECT_EQ(ha->row(r)[c], hb->row(r)[c]) << "row " << r << " " << ha->header()[c];
+    }
+  }
+  auto wa = ReadCheckpointTensors(a.out_dir + "/last.pt");
+  auto wb = ReadCheckpointTensors(b.out_dir + "/last.pt");
+  ASSERT_TRUE(wa.ok() && wb.ok());
+  ASSERT_EQ(wa->size(), wb->size());
+  for (size_t i = 0; i < wa->size(); ++i) {
+    EXPECT_TRUE(at::equal((*wa)[i].second, (*wb)[i].second)) << (*wa)[i].first;
+  }
+}
+
+// `aviary-worker train` locks its run folder: a second run there (a rerun while the first still
+// writes: a replacement pod in the first's grace period) is refused naming the holder, and goes
+// once the first has ended.
+TEST_F(TrainerTest, ASecondRunInALockedFolderIsRefused) {
+  TrainOptions o;
+  o.out_dir = Out("locked");
+  o.lock_run_folder = true;
+  auto first = Trainer::Create(Config(), o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = Trainer::Create(Config(), o);
+  ASSERT_FALSE(second.ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(second.status())) << second.status();
+  EXPECT_NE(second.status().message().find(absl::StrCat("(pid ", ::getpid(), " on ")), std::string::npos)
+      << second.status();
+  EXPECT_NE(second.status().message().find("is training in it"), std::string::npos) << second.status();
+  first->reset();
+  auto third = Trainer::Create(Config(), o);
+  EXPECT_TRUE(third.ok()) << third.status();
+}
+
+// Sets AVIARY_FAULT_INJECT for one scope (the trainer reads it at Create).
+class ScopedFault {
+ public:
+  explicit ScopedFault(const std::string& plan) { ::setenv("AVIARY_FAULT_INJECT", plan.c_str(), 1); }
+  ~ScopedFault() { ::unsetenv("AVIARY_FAULT_INJECT"); }
+};
+
+// Weights made non-finite by a step whose loss was finite (a non-finite gradient: no check sees
+// it unless clipping or train.skip_nonfinite asks) are not written over a good last.pt by the
+// stop that follows; and a checkpoint that holds such weights is not resumed from.
+TEST_F(TrainerTest, NonFiniteWeightsAreNeitherWrittenNorResumed) {
+  TrainOptions o;
+  o.out_dir = Out("nan_weights");
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  {
+    ScopedFault fault("rank=0,step=7,kind=nan_weights");  // epoch 1, batch 2
+    int polls = 0;
+    o.should_stop = [&polls] { return ++polls > 8; };  // the stop at epoch 1 batch 3, right after
+    auto t = Trainer::Create(two, o);
+    ASSERT_TRUE(t.ok()) << t.status();
+    const absl::Status st = (*t)->Run();
+    ASSERT_TRUE(absl::IsCancelled(st)) << st;
+  }
+  auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->epoch, 0);  // epoch 0's end, not the stop's non-finite weights
+  EXPECT_EQ(last->in_epoch, -1);
+  // A last.pt with non-finite weights (written by an earlier aviary): last.prev.pt is resumed.
+  fs::rename(o.out_dir + "/last.pt", o.out_dir + "/last.prev.pt");
+  {
+    auto model = BuildClassifier(two.model, last->in_channels, last->num_classes);
+    ASSERT_TRUE(model.ok()) << model.status();
+    {
+      torch::NoGradGuard no_grad;
+      (*model)->parameters().front().fill_(std::numeric_limits<float>::quiet_NaN());
+    }
+    auto optimizer = AdamOptimizer::FromConfig(two.stages.at("finetune").train, **model);
+    ASSERT_TRUE(optimizer.ok()) << optimizer.status();
+    CheckpointMeta later = *last;
+    later.epoch = 1;
+    ASSERT_TRUE(SaveCheckpoint(o.out_dir + "/last.pt", **model, optimizer->get(), later).ok());
+  }
+  o.should_stop = nullptr;
+  auto resumed = Trainer::Create(two, o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->history().size(), 1u);  // after epoch 0 (last.prev.pt)
+  EXPECT_TRUE(fs::exists(o.out_dir + "/last.pt.unreadable"));
+  ASSERT_TRUE((*resumed)->Run().ok());
+}
+
+// train.skip_nonfinite skips a step whose loss is not finite; a run that skips every step
+// trains nothing and ends, naming the count.
+TEST_F(TrainerTest, SkippingEveryStepEndsTheRun) {
+  TrainOptions o;
+  o.out_dir = Out("skip_all");
+  o.max_skipped_in_a_row = 4;
+  common::PipelineConfig c = Config();
+  for (auto& [name, stage] : c.stages) stage.train.skip_nonfinite = true;
+  ScopedFault fault("rank=0,step=2,kind=nan_from");
+  auto t = Trainer::Create(c, o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const absl::Status st = (*t)->Run();
+  EXPECT_TRUE(absl::IsDataLoss(st)) << st;
+  EXPECT_NE(st.message().find("4 steps in a row skipped"), std::string::npos) << st;
 }
 
 // A stop between an epoch's two renames (best.pt, then last.pt): best.pt holds an epoch the
