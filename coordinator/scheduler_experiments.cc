@@ -1,6 +1,7 @@
 // The scheduler's experiment calls (docs/SERVICE.md, "Groups, logs, retry and delete"): the
 // list of groups, task logs shipped by the groups, retry and delete of a finished job. Kept apart
 // from scheduler.cc, whose locking rules (scheduler.h) they follow.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -178,7 +179,9 @@ std::string JobOfDeletingName(const std::string& name) {
 
 void Scheduler::FinishInterruptedRemovals() {
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(options_.work_dir, ec)) {
+  // increment(ec): a read error in the middle ends the scan, never the coordinator's start.
+  for (fs::directory_iterator it(options_.work_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const fs::directory_entry& entry = *it;
     const std::string name = entry.path().filename().string();
     const std::string job_id = JobOfDeletingName(name);
     if (job_id.empty()) continue;
@@ -278,6 +281,14 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
                                                               std::strerror(error), "; nothing was deleted"));
           }
           folder_name.clear();  // gone meanwhile
+        } else {
+          // The rename durable before the delete commits: else a power loss could bring the
+          // folder back under the job's name after the job is gone.
+          const int dir = ::open(folder_parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+          if (dir >= 0) {
+            (void)::fsync(dir);
+            ::close(dir);
+          }
         }
       }
       // The manifests only this job referred to go with it (a submit that finds a swept one in

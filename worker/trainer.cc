@@ -194,6 +194,7 @@ struct FaultPlan {
   int rank = -1;
   int64_t step = -1;
   std::string kind = "throw";
+  double seconds = 0;  // kind=slow_write: how long
 };
 
 FaultPlan ReadFaultPlan() {
@@ -205,6 +206,7 @@ FaultPlan ReadFaultPlan() {
     if (kv.first == "rank") plan.rank = std::atoi(kv.second.c_str());
     if (kv.first == "step") plan.step = std::atoll(kv.second.c_str());
     if (kv.first == "kind") plan.kind = kv.second;
+    if (kv.first == "seconds") plan.seconds = std::atof(kv.second.c_str());
   }
   return plan;
 }
@@ -475,6 +477,7 @@ struct Trainer::State {
   // Whether every parameter and buffer of the model is finite (waits for the device): a
   // checkpoint of non-finite weights is not written, and not resumed from.
   bool ModelIsFinite() const;
+  bool slowed = false;  // AVIARY_FAULT_INJECT kind=slow_write done
   // TrainOptions::lock_run_folder: the locked file's descriptor (rank 0), closed with the trainer.
   int lock_fd = -1;
   ~State() {
@@ -482,8 +485,10 @@ struct Trainer::State {
   }
   absl::Status LockRunFolder();
   // Steps skipped in a row for a non-finite loss (train.skip_nonfinite): a run that skips every
-  // step trains nothing, and ends after TrainOptions::max_skipped_in_a_row.
+  // step trains nothing, and ends after TrainOptions::max_skipped_in_a_row batches without an
+  // optimizer step applied (CountSkipped: `batches` more, the last at `where`).
   int64_t skipped_in_a_row = 0;
+  absl::Status CountSkipped(int batches, const std::string& where);
   // The epoch's monitor value into best / early stopping; true when the run stops early here.
   // `write_best`: the epoch improved on best.pt's value (the re-run of an adopted best epoch
   // that does not do better is marked best, and leaves best.pt as it is).
@@ -558,8 +563,14 @@ absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common:
   return absl::OkStatus();
 }
 
+// The deadline of the collectives that wait for rank 0's files (ShareWriteOutcome, the start's
+// barrier): writes and fsyncs of a large checkpoint on a loaded shared filesystem may take longer
+// than comm.timeout_s, which is for hung ranks.
+constexpr double kRankZeroFilesTimeoutS = 1800;
+
 absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const std::string& what) {
   if (comm == nullptr) return wrote;
+  comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's file writes");
   // Said before the all-reduce: another rank's abort (it fails with "rank 0 could not write")
   // may end this process before its own error is printed.
   if (rank == 0 && !wrote.ok()) Log().Error(absl::StrCat("writing ", what, ": ", wrote.message()));
@@ -866,9 +877,14 @@ void Trainer::State::RemoveStaleTemporaries() const {
   std::sort(last_temporaries.begin(), last_temporaries.end());
   const std::string last = Path("last.pt");
   std::string adopt;
-  if (!last_temporaries.empty() && ::access(last.c_str(), F_OK) != 0) {
+  // Only the rotation's signature: no last.pt, a last.prev.pt, and a temporary file newer than
+  // it. The lease fence runs before the rotation's renames, so a temporary file without that
+  // signature (a first write, or one the fence refused and a kill left) was never allowed out.
+  absl::StatusOr<CheckpointMeta> previous = absl::NotFoundError("");
+  if (!last_temporaries.empty() && ::access(last.c_str(), F_OK) != 0) previous = ReadCheckpointMeta(Path("last.prev.pt"));
+  if (previous.ok()) {
     // The newest that reads (several: kills in more than one rotation; each run's pid differs).
-    std::pair<int, int64_t> newest{-2, -1};
+    std::pair<int, int64_t> newest{previous->epoch, previous->step};
     for (const std::string& path : last_temporaries) {
       absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(path);
       if (!meta.ok()) continue;
@@ -889,6 +905,11 @@ void Trainer::State::RemoveStaleTemporaries() const {
       Log().Warn(absl::StrCat("cannot rename ", adopt, " to ", last, ": ", std::strerror(error),
                               " (left as it is; resuming from what else the folder holds)"));
     } else {
+      const int dir = ::open(options.out_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (dir >= 0) {
+        (void)::fsync(dir);  // the rename durable before this run writes over last.prev.pt
+        ::close(dir);
+      }
       Log().Warn(absl::StrCat("found no ", last, " but a complete ", adopt.substr(adopt.rfind('/') + 1),
                               " (a stop between the checkpoint rotation's renames): renamed to last.pt"));
     }
@@ -939,7 +960,10 @@ absl::Status Trainer::State::Resume() {
   if (rank == 0) RemoveStaleTemporaries();
   // The other ranks read the folder after rank 0 has tidied it (a last.pt it renamed back in
   // place must be seen by all, or they would resume from different epochs).
-  if (comm != nullptr && options.resume) AVIARY_RETURN_IF_ERROR(comm->Barrier());
+  if (comm != nullptr) {
+    comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's run folder");
+    AVIARY_RETURN_IF_ERROR(comm->Barrier());
+  }
   if (!options.resume) {
     // Starting over (--no-resume): the earlier run's checkpoints are moved aside, not left for a
     // later resume to pick (the highest epoch wins: an abandoned epoch 9 over this run's epoch 0)
@@ -1199,7 +1223,7 @@ static int64_t RunDigest(common::PipelineConfig config, const TrainOptions& opti
   for (auto& [name, stage] : config.stages) stage.train.num_workers = 0;
   const std::string text = absl::StrCat(common::PipelineConfigToYaml(config), "\n", options.stage, "\n",
                                         options.fold, "\n", options.init_checkpoint, "\n",
-                                        options.extend_epochs ? 1 : 0);
+                                        options.extend_epochs ? 1 : 0, options.resume ? 1 : 0);
   uint64_t h = 14695981039346656037ULL;
   for (unsigned char c : text) h = (h ^ c) * 1099511628211ULL;
   return static_cast<int64_t>(h >> 2);
@@ -1226,7 +1250,8 @@ absl::Status Trainer::State::JoinGroup() {
       if (hi == lo) continue;
       if (i == 0) {
         return absl::FailedPreconditionError(absl::StrCat(
-            "rank ", rank, ": the ranks' runs differ (the config, --set, --stage, --fold, --init or --extend-epochs ",
+            "rank ", rank, ": the ranks' runs differ (the config, --set, --stage, --fold, --init, --extend-epochs or "
+            "--no-resume ",
             "each rank was started with; only the data roots, data.cache_dir and train.num_workers may differ): "
             "start every rank "
             "with the same command and the same config file contents"));
@@ -1237,7 +1262,9 @@ absl::Status Trainer::State::JoinGroup() {
             i == 4 ? train_items.size() : valid_items.size(),
             "): every rank must see the same dataset files at the same paths (a filesystem shared by all ranks)"));
       }
-      return absl::FailedPreconditionError(absl::StrCat(
+      // UNAVAILABLE (a group under `serve` retries the task): a shared filesystem may show a
+      // file renamed a moment ago to one host only (NFS caches a name's absence for a while).
+      return absl::UnavailableError(absl::StrCat(
           "rank ", rank, " resumes at epoch ", start_epoch, " batch ", mid.batches_done, " step ", step,
           " but the ranks range over ", what[i - 1], " ", lo, "..", hi, ": every rank must see the same ",
           Path("last.pt"), " (put --out on a filesystem shared by all ranks)"));
@@ -1501,8 +1528,10 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     // train.skip_nonfinite: a finite loss whose gradient is not (the same on every rank: it
     // was checked after the all-reduce). Counted as the micro-batches it drops, as a loss's are.
     skipped_steps += micro_batches;
-    Log().Warn(absl::StrCat("skipped: non-finite gradient (norm ", step_fn->last_grad_norm(), ") at epoch ", t->epoch,
-                            " step ", s));
+    const std::string where = absl::StrCat("non-finite gradient (norm ", step_fn->last_grad_norm(), ") at epoch ",
+                                           t->epoch, " step ", s);
+    Log().Warn(absl::StrCat("skipped: ", where));
+    AVIARY_RETURN_IF_ERROR(CountSkipped(micro_batches, where));
   } else if (applied && train.grad_clip_norm > 0 && !std::isfinite(step_fn->last_grad_norm())) {
     // Stepped on (the norm is read after the step is queued): the weights are not finite now.
     return absl::DataLossError(absl::StrCat("non-finite gradient (norm ", step_fn->last_grad_norm(), ") at epoch ",
@@ -1510,6 +1539,7 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
                                             "finite (set train.skip_nonfinite to skip such steps)"));
   }
   if (applied) {
+    skipped_in_a_row = 0;
     if (fault.kind == "nan_weights" && rank == fault.rank && step == fault.step) {
       // A non-finite gradient that no check saw (none is made unless clipping or skip_nonfinite
       // asks), written into the weights by the optimizer: the step's loss was finite.
@@ -1636,18 +1666,22 @@ absl::StatusOr<bool> Trainer::State::SkipNonFinite(const Batch& batch, double lo
     where = absl::StrCat("non-finite loss on rank(s) ", bad_ranks, " at epoch ", epoch, " step ", s);
     if (!train.skip_nonfinite) return absl::DataLossError(where);
   } else {
-    skipped_in_a_row = 0;
     return false;
   }
   ++skipped_steps;
   Log().Warn(absl::StrCat("skipped: ", where));
-  if (++skipped_in_a_row >= options.max_skipped_in_a_row) {
-    // Every rank skips the same steps (NonFiniteRanks is every rank's answer): all end here.
-    return absl::DataLossError(absl::StrCat(skipped_in_a_row, " steps in a row skipped for a non-finite loss (",
-                                            "train.skip_nonfinite), the last: ", where,
-                                            "; the run trains nothing: look at the data and the learning rate"));
-  }
+  AVIARY_RETURN_IF_ERROR(CountSkipped(1, where));
   return true;
+}
+
+absl::Status Trainer::State::CountSkipped(int batches, const std::string& where) {
+  skipped_in_a_row += batches;
+  if (options.max_skipped_in_a_row <= 0 || skipped_in_a_row < options.max_skipped_in_a_row) return absl::OkStatus();
+  // Every rank skips the same batches (the losses' and the gradient's checks are every rank's
+  // answer): all end here.
+  return absl::DataLossError(absl::StrCat(skipped_in_a_row, " batches in a row skipped for a non-finite loss or ",
+                                          "gradient (train.skip_nonfinite), the last: ", where,
+                                          "; the run trains nothing: look at the data and the learning rate"));
 }
 
 // A trained step's loss into the epoch's totals; its correct predictions, a 0-d tensor on the
@@ -1736,7 +1770,9 @@ absl::StatusOr<EpochRecord> Trainer::State::FinishEpoch(const EpochTally& t) {
   record.step = step;
   record.train_loss = seen > 0 ? loss_sum / seen : kNaN;
   record.train_acc = seen > 0 ? static_cast<double>(correct) / seen : kNaN;
-  record.samples_per_s = (seen - seen_before) / std::max(elapsed, 1e-9);
+  // Not measured when this run trained none of the epoch (resumed at its end: saved before its
+  // validation): NaN, not 0.
+  record.samples_per_s = seen > seen_before ? (seen - seen_before) / std::max(elapsed, 1e-9) : kNaN;
   return record;
 }
 
@@ -1936,6 +1972,13 @@ absl::Status Trainer::Run() {
     bool write_best = false;
     const bool stop_early = s.TrackMonitor(&*record, &write_best);
     s.history.push_back(*record);
+    if (writer && s.fault.kind == "slow_write" && s.fault.rank == 0 && s.step >= s.fault.step && !s.slowed) {
+      // A loaded shared filesystem: the epoch's files take this long to write (once).
+      Log().Warn(absl::StrFormat("AVIARY_FAULT_INJECT: rank 0 writes epoch %d's files %.1f s late", epoch,
+                                 s.fault.seconds));
+      std::this_thread::sleep_for(std::chrono::duration<double>(s.fault.seconds));
+      s.slowed = true;
+    }
     if (writer) wrote = s.WriteEpochFiles(epoch, write_best, write);
     AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, absl::StrCat("epoch ", epoch, "'s files")));
     Log().Info(absl::StrFormat(

@@ -51,9 +51,10 @@
 // the others; one that then fails to restore, or holds non-finite weights, is skipped for the
 // next. No last.pt is written with non-finite weights.
 // Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|
-// nan_from|nan_weights]" makes rank R throw, produce a NaN loss, stop answering, or raise SIGTERM
-// (a preemption) at optimizer step K of the run; produce a NaN loss at every step from K on; or
-// make its weights non-finite after step K (a finite loss, a non-finite gradient).
+// nan_from|nan_weights|slow_write][,seconds=S]" makes rank R throw, produce a NaN loss, stop
+// answering, or raise SIGTERM (a preemption) at optimizer step K of the run; produce a NaN loss at
+// every step from K on; make its weights non-finite after step K (a finite loss, a non-finite
+// gradient); or (rank 0) write the first epoch's files ending at step K or later S seconds late.
 //
 // Not thread-safe: Run() once, from one thread.
 #ifndef AVIARY_WORKER_TRAINER_H_
@@ -158,8 +159,9 @@ struct TrainOptions {
   // the trainer's life, and a second run in the folder (a rerun while the first still writes) is
   // refused, FAILED_PRECONDITION naming the holder. (`serve` has the coordinator's lease fence.)
   bool lock_run_folder = false;
-  // train.skip_nonfinite: this many steps skipped in a row end the run (DATA_LOSS): it trains
-  // nothing (a learning rate that diverged, a broken data path).
+  // train.skip_nonfinite: this many batches skipped (for a non-finite loss or gradient) with no
+  // optimizer step applied in between end the run (DATA_LOSS): it trains nothing (a learning
+  // rate that diverged, a broken data path). <= 0: never.
   int64_t max_skipped_in_a_row = 100;
   // The worker group (not owned; null: one process without the all-reduce path). With one rank
   // the reducer still runs (its cost can be measured), unless train.cuda_graph. Must outlive

@@ -87,6 +87,12 @@ grep -q "rank 1 throws at step 3" "$tmp/f_throw.txt" || fail "throw: the cause i
 # Both ranks end the group, each naming rank 1: rank 1 with its loss, rank 0 from the ranks' check.
 expect_group_failure nan "non-finite loss (\(nan\) on rank 1|on rank\(s\) 1)" AVIARY_FAULT_INJECT="rank=1,step=2,kind=nan"
 expect_group_failure hang "ranks that did not arrive: 1 \(no answer" AVIARY_FAULT_INJECT="rank=1,step=2,kind=hang"
+# Rank 0 writing its files for longer than comm.timeout_s (a loaded shared filesystem) is no hang:
+# the other ranks wait for its outcome longer (it used to end the group in the middle of the writes).
+timeout 300 env AVIARY_FAULT_INJECT="rank=0,step=1,kind=slow_write,seconds=8" "$mpiexec" -np 2 --oversubscribe "$w" train \
+    --config "$tmp/p.yaml" --set train.batch_size=8 --set train.epochs=2 --set comm.timeout_s=3 --stage finetune --fold 0 \
+    --out "$tmp/slow_write" > "$tmp/slow_write.log" 2>&1 || { cat "$tmp/slow_write.log"; fail "a slow write of rank 0 ended the group"; }
+grep -q "writes epoch 0's files 8.0 s late" "$tmp/slow_write.log" || { cat "$tmp/slow_write.log"; fail "slow_write: the fault did not run"; }
 # On a CPU device NCCL is refused (not built, or no CUDA device for it).
 out=$(mpi2 "$w" train --config "$tmp/p.yaml" --set comm.backend=nccl --device cpu --stage finetune --fold 0 --out "$tmp/nccl" 2>&1)
 rc=$?

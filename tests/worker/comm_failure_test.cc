@@ -1,6 +1,7 @@
 // After a collective times out, the MPI backend does not wait again: the reducer's other
 // buckets (waited on from destructors) and later collectives fail at once, naming the first
 // failure, so the error reaches the coordinator without comm.timeout_s more per bucket.
+// First: a LongerTimeout scope lets a late rank in without a failure.
 // Under mpirun -np 2: rank 1 builds the reducer, then takes no part (it waits at a barrier on
 // MPI_COMM_WORLD that rank 0 reaches at the end).
 #include <mpi.h>
@@ -8,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -43,6 +45,20 @@ int main() {
   }
   auto comm = MpiCommunicator::Create(/*timeout_s=*/1.0);
   if (!comm.ok()) return 1;
+  {
+    // Within a LongerTimeout scope a rank that comes later than comm.timeout_s (rank 0's slow
+    // checkpoint writes, for the others) is no failure; the deadline comes back after it.
+    if ((*comm)->rank() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+    {
+      Communicator::LongerTimeout longer(comm->get(), 10.0, "the test's slow rank");
+      Expect((*comm)->timeout_s() == 10.0, "the deadline is raised");
+      at::Tensor x = at::ones({4});
+      const absl::Status st = (*comm)->AllReduce(x);
+      Expect(st.ok(), "a late rank within the longer deadline: " + st.ToString());
+      Expect(x[0].item<float>() == 2.0f, "the all-reduce's sum");
+    }
+    Expect((*comm)->timeout_s() == 1.0, "the deadline is back to comm.timeout_s");
+  }
   std::vector<at::Tensor> params;
   for (int i = 0; i < 3; ++i) params.push_back(at::ones({1000}).set_requires_grad(true));
   ReducerOptions options;

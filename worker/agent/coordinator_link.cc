@@ -507,8 +507,12 @@ void CoordinatorLink::HeartbeatLoop() {
     {
       absl::MutexLock lock(&mu_);
       // From the previous send: an answer that took most of the interval does not delay the next.
-      const auto wait = last_sent + std::chrono::milliseconds(heartbeat_ms_) - LeaseClock::Clock::now();
-      const absl::Time deadline = absl::Now() + absl::FromChrono(std::max(wait, LeaseClock::Clock::duration::zero()));
+      // At least a quarter interval after the previous answer, though: a coordinator slower than
+      // the interval gets no back-to-back heartbeats.
+      const auto interval = std::chrono::milliseconds(heartbeat_ms_);
+      const auto wait = std::max<LeaseClock::Clock::duration>(last_sent + interval - LeaseClock::Clock::now(),
+                                                              interval / 4);
+      const absl::Time deadline = absl::Now() + absl::FromChrono(wait);
       while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
       }
       if (!running_) return;

@@ -105,4 +105,9 @@ absl::StatusOr<at::Tensor> AllGatherRows(Communicator& comm, const at::Tensor& r
   return at::cat(parts, 0);
 }
 
+std::string Communicator::TimeoutText() const {
+  if (timeout_why_.empty()) return absl::StrCat("comm.timeout_s = ", timeout_s_, " s");
+  return absl::StrCat(timeout_s_, " s (", timeout_why_, ")");
+}
+
 }  // namespace aviary::worker::comm

@@ -20,6 +20,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,6 +60,46 @@ class Communicator {
   // Concatenation along dim 0 of every rank's `tensor` (same shape on all ranks), rank order.
   virtual absl::StatusOr<at::Tensor> AllGather(const at::Tensor& tensor) = 0;
   virtual absl::Status Barrier() = 0;
+
+  // The collectives' deadline (comm.timeout_s).
+  double timeout_s() const { return timeout_s_; }
+
+  // Raises the deadline to at least `seconds` for its scope, `why` naming it in timeout errors:
+  // for collectives that wait on one rank's slow work rather than a hang (the other ranks wait
+  // for rank 0's checkpoint writes and fsyncs, which a loaded shared filesystem can stretch past
+  // comm.timeout_s: their timeout then aborted rank 0 in the middle of its writes).
+  class LongerTimeout {
+   public:
+    LongerTimeout(Communicator* comm, double seconds, std::string why) : comm_(comm) {
+      if (comm_ == nullptr || seconds <= comm_->timeout_s_) {
+        comm_ = nullptr;
+        return;
+      }
+      before_ = comm_->timeout_s_;
+      before_why_ = std::move(comm_->timeout_why_);
+      comm_->timeout_s_ = seconds;
+      comm_->timeout_why_ = std::move(why);
+    }
+    ~LongerTimeout() {
+      if (comm_ == nullptr) return;
+      comm_->timeout_s_ = before_;
+      comm_->timeout_why_ = std::move(before_why_);
+    }
+    LongerTimeout(const LongerTimeout&) = delete;
+    LongerTimeout& operator=(const LongerTimeout&) = delete;
+
+   private:
+    Communicator* comm_;
+    double before_ = 0;
+    std::string before_why_;
+  };
+
+ protected:
+  // How timeout errors name the deadline: "comm.timeout_s = 300 s", or the raised one's.
+  std::string TimeoutText() const;
+
+  double timeout_s_ = 300.0;
+  std::string timeout_why_;  // "" : comm.timeout_s
 };
 
 // Builds the communicator config.comm.backend asks for: "mpi", "nccl", or "auto" (NCCL when

@@ -251,8 +251,7 @@ absl::Status MpiCommunicator::WaitRequest(MPI_Request* request, int64_t seq,
     if (Clock::now() > deadline) {
       failed_ = absl::DeadlineExceededError(
           absl::StrCat("rank ", rank_, ": collective #", seq, " (", what,
-                       ") waited longer than comm.timeout_s = ", timeout_s_,
-                       " s; ranks that did not arrive: ", NotArrived(seq)));
+                       ") waited longer than ", TimeoutText(), "; ranks that did not arrive: ", NotArrived(seq)));
       return failed_;
     }
     backoff.Pause();

@@ -60,7 +60,6 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm ctl_ = MPI_COMM_NULL;   // arrival queries and answers
   int rank_ = 0;
   int world_size_ = 1;
-  double timeout_s_ = 300.0;
   int64_t seq_ = 0;  // collectives started so far on this rank
   absl::Status failed_;  // the first collective that failed or timed out
 };

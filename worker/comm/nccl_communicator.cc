@@ -214,8 +214,7 @@ absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const s
     if (Clock::now() > deadline) {
       return Abort(absl::DeadlineExceededError(absl::StrCat(
           "rank ", rank_, ": collective #", seq, " (", what,
-          ") waited longer than comm.timeout_s = ", timeout_s_,
-          " s; NCCL cannot tell which ranks did not arrive (the communicator was aborted)")));
+          ") waited longer than ", TimeoutText(), "; NCCL cannot tell which ranks did not arrive (the communicator was aborted)")));
     }
     if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(200));
   }

@@ -59,12 +59,13 @@ class NcclCommunicator final : public Communicator {
 
  private:
   NcclCommunicator(int rank, int world_size, at::Device device, double timeout_s)
-      : rank_(rank), world_size_(world_size), device_(device), timeout_s_(timeout_s) {}
+      : rank_(rank), world_size_(world_size), device_(device) {
+    timeout_s_ = timeout_s;
+  }
 
   int rank_;
   int world_size_;
   at::Device device_;
-  double timeout_s_;
   // The collectives' stream waits for the work queued so far on the current stream.
   absl::Status AfterProducers();
   // Aborts the communicator (once) and returns `why`: after an error a collective may be in
