@@ -782,7 +782,22 @@ absl::Status Store::DeleteGroup(const std::string& group_id) {
 absl::Status Store::AddPoints(const std::string& job_id, const std::string& task_id, int attempt,
                               int64_t time_unix_ms,
                               const std::vector<aviary::v1::Metrics>& points) {
-  for (const aviary::v1::Metrics& point : points) {
+  // Step points: only the newest of a task's attempt is kept (a restarted coordinator shows it;
+  // nothing reads older ones). Every one was kept until retention: some 40,000 rows a day per
+  // running task, the table's full scans at each start growing with them.
+  int last_step = -1;
+  for (size_t i = 0; i < points.size(); ++i) {
+    if (!points[i].epoch_end()) last_step = static_cast<int>(i);
+  }
+  for (size_t i = 0; i < points.size(); ++i) {
+    const aviary::v1::Metrics& point = points[i];
+    if (!point.epoch_end() && static_cast<int>(i) != last_step) continue;
+    if (!point.epoch_end()) {
+      Statement del(this, "DELETE FROM metric_points WHERE task_id=?1 AND epoch_end=0 AND attempt=?2");
+      del.Bind(1, task_id);
+      del.Bind(2, attempt);
+      AVIARY_RETURN_IF_ERROR(del.Run());
+    }
     if (point.epoch_end()) {
       // An epoch end sent again within one attempt (a run resumed from its checkpoint re-sends
       // the epochs it restored) replaces the earlier one.

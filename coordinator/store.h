@@ -128,7 +128,9 @@ class Store {
   absl::Status UpdateTask(const TaskRow& task);  // INTERNAL when the row is missing
   absl::Status PutGroup(const GroupRow& group);
   absl::Status DeleteGroup(const std::string& group_id);
-  // Appends the points; an epoch end replaces the one of the same task, attempt and epoch.
+  // Stores the points: an epoch end replaces the one of the same task, attempt and epoch; of the
+  // step points only the newest (the last in `points`) is kept per task and attempt, in place
+  // of the one before.
   absl::Status AddPoints(const std::string& job_id, const std::string& task_id, int attempt,
                          int64_t time_unix_ms, const std::vector<aviary::v1::Metrics>& points);
   absl::Status AddCheckpoint(const std::string& task_id, int attempt, const std::string& path,

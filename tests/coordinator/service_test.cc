@@ -2210,7 +2210,9 @@ TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
   grpc::Status by_default = prune(-1, false, &response);
   EXPECT_EQ(by_default.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(by_default.error_message().find("retention_days is 0"), std::string::npos) << by_default.error_message();
-  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 2);
+  // Of the step points only the newest of the attempt is stored (step 5).
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 1);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0 AND step=5", done), 1);
   EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);
   ASSERT_TRUE(prune(1, false, &response).ok());  // finished less than a day ago
   EXPECT_EQ(response.jobs_size(), 0);
@@ -2220,17 +2222,17 @@ TEST_F(CoordinatorServiceTest, PruneJobsOnDemandWithDryRun) {
   EXPECT_TRUE(response.dry_run());
   ASSERT_EQ(response.jobs_size(), 1);
   EXPECT_EQ(response.jobs(0).job_id(), done);
-  EXPECT_EQ(response.jobs(0).step_points(), 2);
+  EXPECT_EQ(response.jobs(0).step_points(), 1);
   EXPECT_EQ(response.jobs(0).manifest_refs(), 1);
   EXPECT_EQ(response.manifests_deleted(), 1);
   EXPECT_GT(response.manifest_bytes_deleted(), 0);
   EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 2);  // nothing removed
-  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 2);
+  EXPECT_EQ(CountRows("SELECT count(*) FROM metric_points WHERE job_id=?1 AND epoch_end=0", done), 1);
   PruneJobsResponse real;
   ASSERT_TRUE(prune(0, false, &real).ok());
   EXPECT_FALSE(real.dry_run());
   ASSERT_EQ(real.jobs_size(), 1);
-  EXPECT_EQ(real.jobs(0).step_points(), 2);
+  EXPECT_EQ(real.jobs(0).step_points(), 1);
   EXPECT_EQ(real.manifests_deleted(), response.manifests_deleted());
   EXPECT_EQ(real.manifest_bytes_deleted(), response.manifest_bytes_deleted());
   EXPECT_EQ(CountRows("SELECT count(*) FROM manifests"), 1);

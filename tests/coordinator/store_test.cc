@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -232,6 +233,44 @@ TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
   EXPECT_EQ((*rows)[1].epoch, 1);
   EXPECT_TRUE((*rows)[2].best);
   EXPECT_EQ((*rows)[3].attempt, 2);
+}
+
+// Of a task's step points only the newest per attempt is stored (each report's last replaces the
+// one before): the table stays the size of the epoch history, not 40,000 rows a day per running
+// task. The epoch ends all stay, and the newest point of each attempt is what a restart shows.
+TEST_F(StoreTest, OnlyTheNewestStepPointOfAnAttemptIsStored) {
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const std::string job_id = "j0123456789ab", task_id = "j0123456789ab/pretrain-f0";
+  auto point = [](int step, bool epoch_end) {
+    aviary::v1::Metrics m;
+    m.set_epoch(step / 10);
+    m.set_step(step);
+    m.set_epoch_end(epoch_end);
+    return m;
+  };
+  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 1, 10, {point(1, false), point(2, false)}).ok());
+  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 1, 11, {point(3, false), point(10, true)}).ok());
+  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 1, 12, {point(11, false), point(12, false)}).ok());
+  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 2, 13, {point(4, false)}).ok());
+  auto last = (*store)->LoadLastPoints();
+  ASSERT_TRUE(last.ok()) << last.status();
+  std::map<int, int64_t> steps;  // attempt -> its newest point's step
+  for (const PointRow& row : *last) steps[row.attempt] = row.metrics.step();
+  EXPECT_EQ(steps, (std::map<int, int64_t>{{1, 12}, {2, 4}}));
+  auto ends = (*store)->LoadEpochEnds(job_id);
+  ASSERT_TRUE(ends.ok()) << ends.status();
+  ASSERT_EQ(ends->size(), 1u);
+  (*store)->Close().IgnoreError();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT count(*) FROM metric_points WHERE epoch_end=0", -1, &stmt, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int64(stmt, 0), 2);  // one per attempt
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
 }
 
 // Manifests are stored once per content, deflated (a pool's paths compress about tenfold), and
