@@ -445,14 +445,9 @@ void Scheduler::ApplyChanges(Changes* changes) {
   }
   for (const std::string& id : touched) RefreshSnapshot(&jobs_.at(id));
   // Events, after the state they describe.
-  for (EventSpec& spec : changes->events) {
+  for (const EventSpec& spec : changes->events) {
     Job& job = jobs_.at(spec.job_id);
-    JobEvent event;
-    *event.mutable_job() = *job.snapshot;
-    event.set_task_id(spec.task_id);
-    if (spec.has_metrics) *event.mutable_metrics() = spec.metrics;
-    event.set_message(spec.message);
-    job.events.emplace_back(job.next_event++, std::move(event));
+    job.events.push_back(Job::Event{job.next_event++, job.snapshot, spec});
   }
   std::map<std::string, size_t> event_jobs;  // job id -> events added now
   for (const EventSpec& spec : changes->events) ++event_jobs[spec.job_id];
@@ -1041,7 +1036,7 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
   const Job& job = *found;
   if (!send(first)) return absl::CancelledError("the watcher went away");
   if (TerminalJob(first.job().state())) return absl::OkStatus();
-  std::vector<JobEvent> batch;
+  std::vector<Job::Event> batch;  // copied under the lock (a pointer and the spec), sent outside
   while (true) {
     batch.clear();
     {
@@ -1053,17 +1048,16 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
       if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
       if (job.deleted) return absl::NotFoundError(absl::StrCat("job ", job_id, " was deleted"));
       if (job.next_event > seen) {
-        if (job.events.empty() || job.events.front().first > seen) {
+        if (job.events.empty() || job.events.front().seq > seen) {
           // The watcher fell behind the retained events: say so with the state as it is now,
           // then send what is retained (a finished job keeps its final change's events, so the
           // stream still ends with "job J SUCCEEDED").
-          JobEvent now;
-          *now.mutable_job() = *job.snapshot;
-          now.set_message("(events were dropped for a slow watcher) current state");
+          Job::Event now{0, job.snapshot, {}};
+          now.spec.message = "(events were dropped for a slow watcher) current state";
           batch.push_back(std::move(now));
         }
-        for (const auto& [seq, event] : job.events) {
-          if (seq >= seen) batch.push_back(event);
+        for (const Job::Event& event : job.events) {
+          if (event.seq >= seen) batch.push_back(event);
         }
         seen = job.next_event;
       }
@@ -1071,10 +1065,15 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
     if (cancelled()) return absl::CancelledError("the watcher went away");
     // Every event of a commit carries the job as it is after the commit: send the whole batch
     // (the change that ends the job has several events, "job J SUCCEEDED" last), then end.
-    for (const JobEvent& event : batch) {
-      if (!send(event)) return absl::CancelledError("the watcher went away");
+    for (const Job::Event& event : batch) {
+      JobEvent out;
+      *out.mutable_job() = *event.job;
+      out.set_task_id(event.spec.task_id);
+      if (event.spec.has_metrics) *out.mutable_metrics() = event.spec.metrics;
+      out.set_message(event.spec.message);
+      if (!send(out)) return absl::CancelledError("the watcher went away");
     }
-    if (!batch.empty() && TerminalJob(batch.back().job().state())) return absl::OkStatus();
+    if (!batch.empty() && TerminalJob(batch.back().job->state())) return absl::OkStatus();
   }
 }
 

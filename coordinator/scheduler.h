@@ -195,13 +195,28 @@ class Scheduler {
                                                           const std::string& source,
                                                           const std::vector<std::string>& overrides,
                                                           std::map<std::string, absl::Status>* weights_checked) const;
+  struct EventSpec {
+    std::string job_id;
+    std::string task_id;
+    bool has_metrics = false;
+    aviary::v1::Metrics metrics;
+    std::string message;
+  };
   struct Job {
     JobRow row;
     std::vector<std::string> task_ids;  // DAG order
     // The job with its tasks as of the last commit; readers copy it outside the lock.
     std::shared_ptr<const aviary::v1::JobInfo> snapshot;
     uint64_t next_event = 0;            // sequence number of the next event
-    std::deque<std::pair<uint64_t, aviary::v1::JobEvent>> events;  // the latest events
+    // The latest events, each with the snapshot after its commit (shared, not a copy: a running
+    // job keeps up to 128 of them, and a sweep's JobInfo holds every task). The JobEvent sent
+    // is made from it by its watcher, outside the lock.
+    struct Event {
+      uint64_t seq = 0;
+      std::shared_ptr<const aviary::v1::JobInfo> job;
+      EventSpec spec;
+    };
+    std::deque<Event> events;
     // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
     // never move (std::map, never erased), so watchers may wait on it.
     mutable absl::CondVar watch_cv;
@@ -213,13 +228,6 @@ class Scheduler {
     std::atomic<int64_t> last_seen_ms{0};
     bool reaped = false;  // under seen_mu_: the reaper has decided it is lost (FindGroup refuses it)
     std::atomic<int64_t> gpu_memory_bytes{0};  // its last heartbeat's (0: not reported)
-  };
-  struct EventSpec {
-    std::string job_id;
-    std::string task_id;
-    bool has_metrics = false;
-    aviary::v1::Metrics metrics;
-    std::string message;
   };
   // Staged changes of one mutation: copies of the rows it changes, written in one transaction,
   // then applied to memory.
