@@ -363,6 +363,9 @@ absl::Status Status(Client& client, const ClientArgs& args) {
 // ---------------------------------------------------------------------------------------------
 // list [--limit N]
 
+// What the coordinator answers for --limit 0 (coordinator/service.cc, kDefaultListLimit).
+constexpr size_t kDefaultListedJobs = 1000;
+
 absl::Status List(Client& client, const ClientArgs& args) {
   v1::ListJobsRequest request;
   request.set_limit(args.limit);
@@ -386,6 +389,9 @@ absl::Status List(Client& client, const ClientArgs& args) {
   }
   std::cout << JobLineHeader() << "\n";
   for (const v1::JobInfo* j : jobs) std::cout << FormatJobLine(*j) << "\n";
+  if (args.limit == 0 && jobs.size() >= kDefaultListedJobs) {
+    std::cerr << "(the newest " << jobs.size() << " jobs; --limit N lists up to 10000)\n";
+  }
   return absl::OkStatus();
 }
 

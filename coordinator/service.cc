@@ -38,6 +38,7 @@ constexpr int kMaxReceiveBytes = 64 << 20;  // progress batches of up to 100,000
 constexpr size_t kMaxPointsPerReport = 100000;
 constexpr size_t kMaxPipelineBytes = 4 << 20;
 constexpr size_t kMaxTextBytes = 4096;
+constexpr int kDefaultListLimit = 1000;  // ListJobs with limit 0
 
 bool IsHex12(absl::string_view text) {
   if (text.size() != 12) return false;
@@ -266,7 +267,10 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
       return absl::InvalidArgumentError(
           absl::StrCat("field 'limit': ", request->limit(), " is outside 0..10000"));
     }
-    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(request->limit())) {
+    // 0: the newest kDefaultListLimit (every job with every task grew without bound: after
+    // weeks of sweeps, tens of MB a call, and past the client's message limit at last).
+    const int limit = request->limit() == 0 ? kDefaultListLimit : request->limit();
+    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(limit)) {
       *response->add_jobs() = std::move(job);
     }
     return absl::OkStatus();
