@@ -167,7 +167,8 @@ class Scheduler {
   // Without, the job goes at once (the group learns it at its next heartbeat).
   absl::StatusOr<std::vector<std::string>> DeleteJob(const std::string& job_id, bool with_run_folders);
   // Appends a registered group's log lines to the task's bounded log (kept in memory: the last
-  // kMaxLogBytesPerTask bytes per task, lines cut at kMaxLogLineBytes).
+  // kMaxLogBytesPerTask bytes per task, each line counted as its text and kLogLineOverheadBytes,
+  // lines cut at kMaxLogLineBytes).
   absl::Status ShipLogs(const aviary::v1::ShipLogsRequest& request);
   // The kept lines of one task of the job ("" = every task) with seq > after_seq, at most the
   // last `limit` per task (0 = all), and the job as it is.
@@ -175,6 +176,7 @@ class Scheduler {
 
   static constexpr size_t kMaxLogBytesPerTask = 256 << 10;
   static constexpr size_t kMaxLogLineBytes = 2048;
+  static constexpr size_t kLogLineOverheadBytes = 128;  // counted per line beside its text
   static constexpr size_t kMaxLogTasks = 1024;  // the least recently written task's log goes first
 
   const SchedulerOptions& options() const { return options_; }

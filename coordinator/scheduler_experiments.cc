@@ -388,10 +388,12 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
     }
     line.set_seq(++log.last_seq);
     if (line.attempt() <= 0) line.set_attempt(attempt);
-    log.bytes += line.text().size();
+    // A line's memory, not only its text: a short line's LogLine, string and deque slot cost
+    // more than its characters (1,024 tasks of short lines held about 3x the budget).
+    log.bytes += line.text().size() + kLogLineOverheadBytes;
     log.lines.push_back(std::move(line));
     while (log.bytes > kMaxLogBytesPerTask && !log.lines.empty()) {
-      log.bytes -= log.lines.front().text().size();
+      log.bytes -= log.lines.front().text().size() + kLogLineOverheadBytes;
       log.lines.pop_front();
       ++log.dropped;
     }

@@ -2854,9 +2854,10 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   for (int i = 0; i < 200; ++i) ASSERT_TRUE(ship(group, pretrain, {std::string(2000, 'y')}).ok());
   got = logs(pretrain, 0, 0);
   EXPECT_GT(got.tasks(0).dropped(), 0);
-  size_t bytes = 0;
-  for (const LogLine& line : got.tasks(0).lines()) bytes += line.text().size();
+  size_t bytes = 0;  // counted as the coordinator does: each line's text and overhead
+  for (const LogLine& line : got.tasks(0).lines()) bytes += line.text().size() + Scheduler::kLogLineOverheadBytes;
   EXPECT_LE(bytes, Scheduler::kMaxLogBytesPerTask);
+  EXPECT_GT(bytes + 2000 + Scheduler::kLogLineOverheadBytes, Scheduler::kMaxLogBytesPerTask);  // full
   EXPECT_EQ(got.tasks(0).last_seq(), 3 + 1 + 200);
   EXPECT_EQ(got.tasks(0).lines(got.tasks(0).lines_size() - 1).seq(), 204);
 
