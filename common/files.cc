@@ -217,20 +217,32 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
     }
   }
   bool moved_previous = false;
+  // With a rotation the new file is first renamed `<path>.ready.<pid>`: complete and allowed out
+  // by the check. A kill between the rotation's renames leaves it under that name, and only such
+  // a file may be put in place later (a `.tmp.` one may have been refused by the check).
+  std::string staged = tmp;
+  if (!options.keep_previous_as.empty()) {
+    staged = absl::StrCat(path, ".ready.", ::getpid());
+    if (::rename(tmp.c_str(), staged.c_str()) != 0) {
+      fault.error = errno;
+      ::unlink(tmp.c_str());
+      return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat("rename ", tmp, " -> ", staged, " failed")), fault);
+    }
+  }
   if (!options.keep_previous_as.empty() && ::access(path.c_str(), F_OK) == 0) {
     if (::rename(path.c_str(), options.keep_previous_as.c_str()) != 0) {
       fault.error = errno;
-      ::unlink(tmp.c_str());
+      ::unlink(staged.c_str());
       return WithStorageFault(
           ErrnoStatus(fault.error, absl::StrCat("rename ", path, " -> ", options.keep_previous_as, " failed")), fault);
     }
     moved_previous = true;
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (::rename(staged.c_str(), path.c_str()) != 0) {
     fault.error = errno;
-    ::unlink(tmp.c_str());
+    ::unlink(staged.c_str());
     if (moved_previous) ::rename(options.keep_previous_as.c_str(), path.c_str());
-    return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat("rename ", tmp, " -> ", path, " failed")), fault);
+    return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat("rename ", staged, " -> ", path, " failed")), fault);
   }
   int fd = ::open(fault.dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0 || ::fsync(fd) != 0) {

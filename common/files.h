@@ -51,7 +51,9 @@ struct AtomicWriteOptions {
   CommitCheck check;     // optional
   // When set and `path` exists, `path` is renamed to this name just before the new file is
   // renamed into place (last.pt -> last.prev.pt), so the previous version survives a new one
-  // that turns out unreadable.
+  // that turns out unreadable. The new file goes `<path>.tmp.<pid>` -> (the check) ->
+  // `<path>.ready.<pid>` -> (the rotation) -> `path`: a kill between the rotation's renames leaves
+  // the newest version as `<path>.ready.<pid>`, one the check allowed.
   std::string keep_previous_as;
 };
 

@@ -849,43 +849,47 @@ absl::Status Trainer::State::BuildModel() {
 // What a write killed between its temporary file and the rename left ("last.pt.tmp.<pid>": a
 // SIGKILL after the stop's grace time, an OOM kill), a checkpoint's size each: a run folder
 // preempted often would fill up with them. Nothing writes the folder before this run does.
-// One is kept: a complete last.pt.tmp.<pid> where there is no last.pt. The rotation renames
-// last.pt to last.prev.pt and then the temporary file to last.pt; a kill between the two leaves
-// the newest checkpoint only as the temporary file (removing it lost an epoch). It becomes
-// last.pt again when it reads as a checkpoint (one cut short does not: its zip directory is at
-// the end); Resume's own checks follow as for any last.pt.
+// One is kept: a "last.pt.ready.<pid>" where there is no last.pt. The rotation renames the new
+// file (checked by the lease fence) last.pt.ready.<pid>, last.pt to last.prev.pt, then the ready
+// file to last.pt; a kill before the last rename leaves the newest checkpoint only as the ready
+// file (removing it lost an epoch). It becomes last.pt again when it reads as a checkpoint newer
+// than last.prev.pt; Resume's own checks follow as for any last.pt. A ".tmp." file is never
+// put in place: the fence may have refused it.
 void Trainer::State::RemoveStaleTemporaries() const {
   std::error_code ec;
   int removed = 0;
-  std::vector<std::string> last_temporaries;
-  for (const auto& entry : std::filesystem::directory_iterator(options.out_dir, ec)) {
-    const std::string name = entry.path().filename().string();
+  std::vector<std::string> ready;
+  // increment(ec): a read error in the middle ends the tidy-up, never the run's start.
+  for (std::filesystem::directory_iterator it(options.out_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::filesystem::path& path = it->path();
+    const std::string name = path.filename().string();
     for (const char* ours : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "config.yaml"}) {
-      const std::string prefix = absl::StrCat(ours, ".tmp.");
-      if (!absl::StartsWith(name, prefix) || name.size() == prefix.size() ||
-          name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) {
-        continue;
+      for (const char* kind : {".tmp.", ".ready."}) {
+        const std::string prefix = absl::StrCat(ours, kind);
+        if (!absl::StartsWith(name, prefix) || name.size() == prefix.size() ||
+            name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) {
+          continue;
+        }
+        if (std::strcmp(ours, "last.pt") == 0 && std::strcmp(kind, ".ready.") == 0) {
+          ready.push_back(path.string());
+          continue;
+        }
+        std::error_code gone;
+        if (std::filesystem::remove(path, gone)) ++removed;
       }
-      if (std::strcmp(ours, "last.pt") == 0) {
-        last_temporaries.push_back(entry.path().string());
-        continue;
-      }
-      std::error_code gone;
-      if (std::filesystem::remove(entry.path(), gone)) ++removed;
     }
   }
-  std::sort(last_temporaries.begin(), last_temporaries.end());
+  std::sort(ready.begin(), ready.end());
   const std::string last = Path("last.pt");
   std::string adopt;
-  // Only the rotation's signature: no last.pt, a last.prev.pt, and a temporary file newer than
-  // it. The lease fence runs before the rotation's renames, so a temporary file without that
-  // signature (a first write, or one the fence refused and a kill left) was never allowed out.
-  absl::StatusOr<CheckpointMeta> previous = absl::NotFoundError("");
-  if (!last_temporaries.empty() && ::access(last.c_str(), F_OK) != 0) previous = ReadCheckpointMeta(Path("last.prev.pt"));
-  if (previous.ok()) {
-    // The newest that reads (several: kills in more than one rotation; each run's pid differs).
-    std::pair<int, int64_t> newest{previous->epoch, previous->step};
-    for (const std::string& path : last_temporaries) {
+  if (!ready.empty() && ::access(last.c_str(), F_OK) != 0) {
+    // The newest that reads (several: kills in more than one rotation; each run's pid differs),
+    // and newer than last.prev.pt when there is one.
+    std::pair<int, int64_t> newest{-2, -1};
+    if (absl::StatusOr<CheckpointMeta> previous = ReadCheckpointMeta(Path("last.prev.pt")); previous.ok()) {
+      newest = {previous->epoch, previous->step};
+    }
+    for (const std::string& path : ready) {
       absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(path);
       if (!meta.ok()) continue;
       if (std::make_pair(meta->epoch, meta->step) > newest) {
@@ -894,7 +898,7 @@ void Trainer::State::RemoveStaleTemporaries() const {
       }
     }
   }
-  for (const std::string& path : last_temporaries) {
+  for (const std::string& path : ready) {
     if (path == adopt) continue;
     std::error_code gone;
     if (std::filesystem::remove(path, gone)) ++removed;
@@ -1243,7 +1247,12 @@ absl::Status Trainer::State::JoinGroup() {
     std::vector<int64_t> both;
     for (int64_t v : mine) both.insert(both.end(), {v, -v});
     at::Tensor range = at::tensor(both, at::kLong);
-    AVIARY_RETURN_IF_ERROR(comm->AllReduce(range, comm::ReduceOp::kMax));
+    {
+      // After each rank read its checkpoint from the shared run folder (and rank 0 moved files
+      // aside): slow storage, no hang.
+      comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for the ranks' checkpoint reads");
+      AVIARY_RETURN_IF_ERROR(comm->AllReduce(range, comm::ReduceOp::kMax));
+    }
     const char* what[3] = {"epochs", "batches", "optimizer steps"};
     for (int i = 0; i < 6; ++i) {
       const int64_t hi = range[2 * i].item<int64_t>(), lo = -range[2 * i + 1].item<int64_t>();

@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,7 @@ std::vector<std::string> Entries(const std::string& dir) {
     if (n != "." && n != "..") out.push_back(n);
   }
   ::closedir(d);
+  std::sort(out.begin(), out.end());
   return out;
 }
 
@@ -103,6 +105,18 @@ TEST(AtomicWriteTest, KeepsThePreviousVersionWhenAsked) {
   ASSERT_TRUE(WriteFileAtomically(dir + "/last.pt", "epoch 2", options).ok());
   EXPECT_EQ(*ReadFileToString(dir + "/last.pt"), "epoch 2");
   EXPECT_EQ(*ReadFileToString(options.keep_previous_as), "epoch 1");
+  // The staged names (.tmp., then .ready. once the check allowed it) are gone after the write,
+  // and a write the check refuses never gets the .ready. name.
+  EXPECT_EQ(Entries(dir), (std::vector<std::string>{"last.prev.pt", "last.pt"}));
+  std::vector<std::string> seen;
+  options.check = [&](const std::string& p) {
+    seen = Entries(dir);
+    return absl::AbortedError("lease gone");
+  };
+  EXPECT_TRUE(absl::IsAborted(WriteFileAtomically(dir + "/last.pt", "epoch 3", options)));
+  EXPECT_EQ(seen, (std::vector<std::string>{"last.prev.pt", "last.pt", absl::StrCat("last.pt.tmp.", ::getpid())}));
+  EXPECT_EQ(Entries(dir), (std::vector<std::string>{"last.prev.pt", "last.pt"}));
+  EXPECT_EQ(*ReadFileToString(dir + "/last.pt"), "epoch 2");
 }
 
 TEST(AtomicWriteTest, AFailedRenameIsAStorageFaultNamingPathAndErrno) {

@@ -372,9 +372,10 @@ TEST_F(TrainerTest, ABestCheckpointNewerThanTheResumedOneIsKept) {
   EXPECT_EQ(last->best_epoch, 2);
 }
 
-// A stop between the rotation's two renames (last.pt -> last.prev.pt, last.pt.tmp.<pid> ->
-// last.pt): the newest checkpoint is only the temporary file. It is renamed back, not removed
-// as stale (which lost an epoch); one cut short is removed.
+// A stop between the rotation's renames (last.pt -> last.prev.pt, last.pt.ready.<pid> -> last.pt):
+// the newest checkpoint is only the ready file. It is renamed back, not removed as stale (which
+// lost an epoch); one cut short is removed, and so is a complete ".tmp." one (the lease fence may
+// have refused it).
 TEST_F(TrainerTest, ACompleteTemporaryCheckpointLeftByARotationIsResumed) {
   TrainOptions o;
   o.out_dir = Out("rotation");
@@ -386,8 +387,9 @@ TEST_F(TrainerTest, ACompleteTemporaryCheckpointLeftByARotationIsResumed) {
     ASSERT_TRUE((*first)->Run().ok());
   }
   const std::string complete = *common::ReadFileToString(o.out_dir + "/last.pt");
-  fs::rename(o.out_dir + "/last.pt", o.out_dir + "/last.pt.tmp.4242");
-  ASSERT_TRUE(common::WriteFileAtomically(o.out_dir + "/last.pt.tmp.4243", complete.substr(0, complete.size() / 2)).ok());
+  fs::rename(o.out_dir + "/last.pt", o.out_dir + "/last.pt.ready.4242");
+  ASSERT_TRUE(common::WriteFileAtomically(o.out_dir + "/last.pt.ready.4243", complete.substr(0, complete.size() / 2)).ok());
+  fs::copy_file(o.out_dir + "/last.pt.ready.4242", o.out_dir + "/last.pt.tmp.4244");
   auto prev = ReadCheckpointMeta(o.out_dir + "/last.prev.pt");
   ASSERT_TRUE(prev.ok()) << prev.status();
   ASSERT_EQ(prev->epoch, 0);
@@ -395,8 +397,9 @@ TEST_F(TrainerTest, ACompleteTemporaryCheckpointLeftByARotationIsResumed) {
   auto resumed = Trainer::Create(Config(), o);
   ASSERT_TRUE(resumed.ok()) << resumed.status();
   EXPECT_EQ((*resumed)->history().size(), 2u);  // after epoch 1, not epoch 0 (last.prev.pt)
-  EXPECT_FALSE(fs::exists(o.out_dir + "/last.pt.tmp.4242"));
-  EXPECT_FALSE(fs::exists(o.out_dir + "/last.pt.tmp.4243"));
+  for (const char* left : {"last.pt.ready.4242", "last.pt.ready.4243", "last.pt.tmp.4244"}) {
+    EXPECT_FALSE(fs::exists(o.out_dir + "/" + left)) << left;
+  }
   EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt"), complete);
   ASSERT_TRUE((*resumed)->Run().ok());
   EXPECT_EQ((*resumed)->history().size(), 3u);
