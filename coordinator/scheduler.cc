@@ -447,7 +447,10 @@ void Scheduler::ApplyChanges(Changes* changes) {
   // Events, after the state they describe.
   for (const EventSpec& spec : changes->events) {
     Job& job = jobs_.at(spec.job_id);
-    job.events.push_back(Job::Event{job.next_event++, job.snapshot, spec});
+    const bool shared = !job.events.empty() && job.events.back().job == job.snapshot;
+    const size_t bytes = shared ? 0 : job.snapshot_bytes;
+    job.events.push_back(Job::Event{job.next_event++, job.snapshot, spec, bytes});
+    job.event_bytes += bytes;
   }
   std::map<std::string, size_t> event_jobs;  // job id -> events added now
   for (const EventSpec& spec : changes->events) ++event_jobs[spec.job_id];
@@ -455,8 +458,18 @@ void Scheduler::ApplyChanges(Changes* changes) {
     Job& job = jobs_.at(id);
     // Bounded memory: a finished job keeps only the events of its final change (a watcher that
     // lags further gets the final state), a running one the latest kMaxEventsPerJob.
+    // And at most max_event_bytes_per_job of snapshots, the newest commit's events always.
     const size_t keep = TerminalJob(job.row.info.state()) ? added : kMaxEventsPerJob;
-    while (job.events.size() > keep) job.events.pop_front();
+    while (job.events.size() > added &&
+           (job.events.size() > keep || job.event_bytes > options_.max_event_bytes_per_job)) {
+      Job::Event& front = job.events.front();
+      if (job.events.size() > 1 && job.events[1].job == front.job) {
+        job.events[1].bytes = front.bytes;  // the next event holds the snapshot now
+      } else {
+        job.event_bytes -= front.bytes;
+      }
+      job.events.pop_front();
+    }
     job.watch_cv.SignalAll();
   }
 }
@@ -472,6 +485,7 @@ void Scheduler::UpdateJobCountsLocked() {
 
 void Scheduler::RefreshSnapshot(Job* job) {
   job->snapshot = std::make_shared<const JobInfo>(BuildJobInfo(*job));
+  job->snapshot_bytes = job->snapshot->ByteSizeLong();
 }
 
 JobInfo Scheduler::BuildJobInfo(const Job& job) const {

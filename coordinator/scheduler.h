@@ -56,6 +56,9 @@ struct SchedulerOptions {
   // The folders a job's data paths must resolve into (docs/SERVICE.md, "Security model");
   // realpath-resolved at Create (each must be an existing folder). Empty: every job is refused.
   std::vector<std::string> data_roots;
+  // The retained events of a running job (WatchJob's replay for a watcher that fell behind):
+  // at most this many bytes of job snapshots (and 128 events).
+  size_t max_event_bytes_per_job = 16 << 20;
 };
 
 // NOT_FOUND naming the job id: the answer for an unknown or deleted job.
@@ -174,7 +177,7 @@ class Scheduler {
   // last `limit` per task (0 = all), and the job as it is.
   absl::StatusOr<aviary::v1::GetLogsResponse> GetLogs(const aviary::v1::GetLogsRequest& request) const;
 
-  static constexpr size_t kMaxLogBytesPerTask = 256 << 10;
+  static constexpr size_t kMaxLogBytesPerTask = 512 << 10;
   static constexpr size_t kMaxLogLineBytes = 2048;
   static constexpr size_t kLogLineOverheadBytes = 128;  // counted per line beside its text
   static constexpr size_t kMaxLogTasks = 1024;  // the least recently written task's log goes first
@@ -210,15 +213,19 @@ class Scheduler {
     // The job with its tasks as of the last commit; readers copy it outside the lock.
     std::shared_ptr<const aviary::v1::JobInfo> snapshot;
     uint64_t next_event = 0;            // sequence number of the next event
-    // The latest events, each with the snapshot after its commit (shared, not a copy: a running
-    // job keeps up to 128 of them, and a sweep's JobInfo holds every task). The JobEvent sent
-    // is made from it by its watcher, outside the lock.
+    // The latest events, each with the snapshot after its commit (shared by the events of one
+    // commit). The JobEvent sent is made from it by its watcher, outside the lock. At most
+    // kMaxEventsPerJob, and at most SchedulerOptions::max_event_bytes_per_job of snapshots: a
+    // running sweep's JobInfo holds every task, and each commit (a report) makes a new one.
     struct Event {
       uint64_t seq = 0;
       std::shared_ptr<const aviary::v1::JobInfo> job;
       EventSpec spec;
+      size_t bytes = 0;  // the snapshot's size, on the first event holding it (0 on the others)
     };
     std::deque<Event> events;
+    size_t event_bytes = 0;  // the sum of events' `bytes`
+    size_t snapshot_bytes = 0;  // snapshot's size (RefreshSnapshot)
     // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
     // never move (std::map, never erased), so watchers may wait on it.
     mutable absl::CondVar watch_cv;

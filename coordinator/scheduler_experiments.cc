@@ -190,8 +190,8 @@ void Scheduler::FinishInterruptedRemovals() {
     bool live = false;
     {
       absl::ReaderMutexLock lock(&mu_);
-      auto it = jobs_.find(job_id);
-      live = it != jobs_.end() && !it->second.deleted;
+      auto job = jobs_.find(job_id);
+      live = job != jobs_.end() && !job->second.deleted;
     }
     const std::string folder = absl::StrCat(options_.work_dir, "/", job_id);
     if (live) {
@@ -321,6 +321,7 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
     }
     job.task_ids.clear();
     job.events.clear();
+    job.event_bytes = 0;
     job.snapshot = std::make_shared<const JobInfo>();
     job.watch_cv.SignalAll();
     UpdateJobCountsLocked();

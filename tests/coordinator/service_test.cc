@@ -2687,6 +2687,50 @@ TEST_F(CoordinatorServiceTest, AnInterruptedRunFolderRemovalIsFinishedAtTheNextS
   EXPECT_FALSE(fs::exists(runs + "." + kept + ".deleting"));
 }
 
+// A running job keeps its latest events for a watcher that falls behind (at most 128, and at most
+// max_event_bytes_per_job of job snapshots: each report's commit makes a new one, a sweep's holds
+// every task). One behind the retained events gets the current state first, then what is kept.
+TEST_F(CoordinatorServiceTest, AWatcherBehindTheRetainedEventsGetsTheCurrentStateFirst) {
+  for (const size_t budget : {size_t{16} << 20, size_t{1}}) {
+    SCOPED_TRACE(budget);
+    config_.max_event_bytes_per_job = budget;  // 1: each commit keeps its own events only
+    Start();
+    const std::string job_id = Submit();
+    const std::string group = Register();
+    const std::string task = Lease(group).task().task_id();
+    std::vector<JobEvent> got;
+    auto send = [&](const JobEvent& event) {
+      got.push_back(event);
+      if (got.size() == 1) {  // the watcher is busy: three reports commit meanwhile
+        for (int step = 1; step <= 3; ++step) {
+          Metrics point;
+          point.set_step(step);
+          bool cancel = false;
+          EXPECT_TRUE(Report(group, task, {point}, &cancel).ok());
+        }
+      }
+      return got.size() < (budget == 1 ? 3u : 4u);  // what each budget sends, then the watcher leaves
+    };
+    const absl::Status watched = coordinator_->scheduler()->WatchJob(job_id, send, [] { return false; });
+    EXPECT_TRUE(absl::IsCancelled(watched)) << watched;
+    ASSERT_GE(got.size(), 2u);
+    if (budget == 1) {
+      EXPECT_TRUE(absl::StrContains(got[1].message(), "events were dropped for a slow watcher")) << got[1].message();
+      EXPECT_EQ(got[1].job().tasks(0).latest().step(), 3);  // the current state
+      ASSERT_EQ(got.size(), 3u);  // then the last report's event, kept
+      EXPECT_EQ(got[2].metrics().step(), 3);
+    } else {
+      ASSERT_EQ(got.size(), 4u);  // every report's event, in order, each with the job after it
+      for (int i = 1; i <= 3; ++i) {
+        EXPECT_EQ(got[i].metrics().step(), i);
+        EXPECT_EQ(got[i].job().tasks(0).latest().step(), i);
+      }
+    }
+    ASSERT_TRUE(coordinator_->Shutdown().ok());
+    coordinator_.reset();
+  }
+}
+
 // A job cancelled under its group: the group may train the task, and write its run folder, until
 // it learns of the cancel. Deleting the run folder meanwhile raced those writes; it waits until
 // the group lets go (or is removed as lost). Deleting without the folders is not held up.
@@ -2851,28 +2895,28 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   ASSERT_EQ(got.tasks(0).lines_size(), 1);
   EXPECT_LE(got.tasks(0).lines(0).text().size(), Scheduler::kMaxLogLineBytes + 16);
   EXPECT_TRUE(absl::EndsWith(got.tasks(0).lines(0).text(), "\xe2\x82\xac [cut]")) << got.tasks(0).lines(0).text().substr(2030);
-  for (int i = 0; i < 200; ++i) ASSERT_TRUE(ship(group, pretrain, {std::string(2000, 'y')}).ok());
+  for (int i = 0; i < 300; ++i) ASSERT_TRUE(ship(group, pretrain, {std::string(2000, 'y')}).ok());
   got = logs(pretrain, 0, 0);
   EXPECT_GT(got.tasks(0).dropped(), 0);
   size_t bytes = 0;  // counted as the coordinator does: each line's text and overhead
   for (const LogLine& line : got.tasks(0).lines()) bytes += line.text().size() + Scheduler::kLogLineOverheadBytes;
   EXPECT_LE(bytes, Scheduler::kMaxLogBytesPerTask);
   EXPECT_GT(bytes + 2000 + Scheduler::kLogLineOverheadBytes, Scheduler::kMaxLogBytesPerTask);  // full
-  EXPECT_EQ(got.tasks(0).last_seq(), 3 + 1 + 200);
-  EXPECT_EQ(got.tasks(0).lines(got.tasks(0).lines_size() - 1).seq(), 204);
+  EXPECT_EQ(got.tasks(0).last_seq(), 3 + 1 + 300);
+  EXPECT_EQ(got.tasks(0).lines(got.tasks(0).lines_size() - 1).seq(), 304);
 
   // One poll for every task, each from its own seq (aviary logs --follow).
   const std::string finetune = got.job().tasks(1).task_id();
   ASSERT_TRUE(ship(group, finetune, {"f one", "f two"}).ok());
   GetLogsRequest each;
   each.set_job_id(job_id);
-  (*each.mutable_after_seq_by_task())[pretrain] = 202;
+  (*each.mutable_after_seq_by_task())[pretrain] = 302;
   (*each.mutable_after_seq_by_task())[finetune] = 1;
   GetLogsResponse both;
   ASSERT_TRUE(jobs_->GetLogs(Ctx().get(), each, &both).ok());
   ASSERT_EQ(both.tasks_size(), 3);
   ASSERT_EQ(both.tasks(0).lines_size(), 2);
-  EXPECT_EQ(both.tasks(0).lines(0).seq(), 203);
+  EXPECT_EQ(both.tasks(0).lines(0).seq(), 303);
   ASSERT_EQ(both.tasks(1).lines_size(), 1);
   EXPECT_EQ(both.tasks(1).lines(0).text(), "f two");
   (*each.mutable_after_seq_by_task())[finetune] = -1;

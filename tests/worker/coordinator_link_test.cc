@@ -124,7 +124,9 @@ TEST_F(CoordinatorLinkTest, EndTaskShipsEveryLineAlsoMoreThanOneCallTakes) {
   // No threads started: nothing ships until the task ends, as when the coordinator was away.
   link.BeginTask(task.task_id(), task.attempt());
   const common::Logger log("trainer");
-  constexpr int kLines = 4500;  // more than two ShipLogs calls take, fewer than the buffer keeps
+  // More than one ShipLogs call takes (2,000), fewer than the group's buffer (5,000) and the
+  // coordinator's budget (512 KiB counting 128 bytes a line) keep.
+  constexpr int kLines = 2500;
   for (int i = 0; i < kLines; ++i) log.Info(absl::StrCat("line ", i));
   link.EndTask();
 
