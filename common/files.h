@@ -58,7 +58,8 @@ struct AtomicWriteOptions {
 };
 
 // As above, with `options`. Every failure (open, write, fsync, close, rename, the check) removes
-// the temporary file `<path>.tmp.<pid>` and leaves the previous `path` as it was. Errors name the
+// the new file (`<path>.tmp.<pid>`, or `<path>.ready.<pid>` once staged) and leaves the previous
+// `path` as it was. Errors name the
 // path and errno's text and name ("No space left on device (ENOSPC)"); ENOSPC and EDQUOT are
 // RESOURCE_EXHAUSTED, other errno values INTERNAL, the check's error is returned as it is.
 // Errors of the filesystem carry a storage-fault payload (StorageFaultOf).

@@ -57,7 +57,8 @@ struct SchedulerOptions {
   // realpath-resolved at Create (each must be an existing folder). Empty: every job is refused.
   std::vector<std::string> data_roots;
   // The retained events of a running job (WatchJob's replay for a watcher that fell behind):
-  // at most this many bytes of job snapshots (and 128 events).
+  // at most this many bytes of job snapshots, by their serialized size (memory is more), and 128
+  // events; the newest commit's events are always kept.
   size_t max_event_bytes_per_job = 16 << 20;
 };
 
@@ -97,7 +98,7 @@ class Scheduler {
   // is given back to the system, so the coordinator's RSS does not keep a submit's peak.
   absl::StatusOr<std::string> SubmitJob(const aviary::v1::SubmitJobRequest& request);
   absl::StatusOr<aviary::v1::JobInfo> GetJob(const std::string& job_id) const;
-  // Newest first; limit 0 = every job.
+  // Newest first; limit 0 = every job (the RPC asks for at most 10000; 0 there is 1000).
   std::vector<aviary::v1::JobInfo> ListJobs(int limit) const;
   absl::StatusOr<aviary::v1::JobInfo> CancelJob(const std::string& job_id);
   absl::StatusOr<aviary::v1::GetHistoryResponse> GetHistory(const std::string& job_id);

@@ -1,6 +1,7 @@
 // Rank 0's link to the coordinator's WorkerService (docs/SERVICE.md, "Worker groups"): the main
 // thread registers and leases (Agent::ServeRank0, steps R1 to R4 of worker/agent/group_control.h);
-// two threads of its own send heartbeats and the buffered reports, in the order they were made.
+// three threads of its own send heartbeats, ship the task's log lines and send the buffered
+// reports (in the order they were made).
 //
 // Failures: transient ones (UNAVAILABLE, DEADLINE_EXCEEDED, ...) are retried with backoff
 // (0.5 s to 10 s) while training goes on and aviary_coordinator_connected is 0. A NOT_FOUND for
@@ -13,8 +14,8 @@
 // notes when it asked, each answered heartbeat renews the current lease from its send time, a
 // cancel answer or a NOT_FOUND revokes it; CheckLease is the trainer's commit check.
 //
-// Thread-safe: the main thread calls everything but the loops; HeartbeatLoop and SenderLoop run
-// on the threads StartThreads starts. They share group_id_, the lease and running_ under mu_,
+// Thread-safe: the main thread calls everything but the loops; HeartbeatLoop, ShipLoop and
+// SenderLoop run on the threads StartThreads starts. They share group_id_, the lease and running_ under mu_,
 // the cancel and lost flags as atomics, and the ReportBuffer (itself thread-safe).
 #ifndef AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
 #define AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
