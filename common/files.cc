@@ -244,11 +244,19 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
     if (moved_previous) ::rename(options.keep_previous_as.c_str(), path.c_str());
     return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat("rename ", staged, " -> ", path, " failed")), fault);
   }
-  int fd = ::open(fault.dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  absl::Status synced = SyncFolder(fault.dir, &fault.error);
+  if (!synced.ok()) return WithStorageFault(synced, fault);
+  return absl::OkStatus();
+}
+
+absl::Status SyncFolder(const std::string& dir, int* error) {
+  const std::string folder = dir.empty() ? "." : dir;
+  const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0 || ::fsync(fd) != 0) {
-    fault.error = errno;
+    const int failed = errno;
     if (fd >= 0) ::close(fd);
-    return WithStorageFault(ErrnoStatus(fault.error, absl::StrCat(fault.dir, ": fsync of the folder failed")), fault);
+    if (error != nullptr) *error = failed;
+    return ErrnoStatus(failed, absl::StrCat(folder, ": fsync of the folder failed"));
   }
   ::close(fd);
   return absl::OkStatus();

@@ -19,6 +19,11 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
 
+// fsync of the folder `dir` ("" is "."): the renames and removals in it made durable. The error
+// names the folder and errno's text and name (as WriteFileAtomically's); `*error` (may be null)
+// gets errno.
+absl::Status SyncFolder(const std::string& dir, int* error = nullptr);
+
 // A whole file read-only in memory: mapped when it is a regular file (no copy of a large
 // metadata CSV, and the pages are the page cache's), else read. Open's errors are
 // ReadFileToString's. Move-only; contents() lives as long as the object.

@@ -1,7 +1,6 @@
 // The scheduler's experiment calls (docs/SERVICE.md, "Groups, logs, retry and delete"): the
 // list of groups, task logs shipped by the groups, retry and delete of a finished job. Kept apart
 // from scheduler.cc, whose locking rules (scheduler.h) they follow.
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -284,11 +283,7 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
         } else {
           // The rename durable before the delete commits: else a power loss could bring the
           // folder back under the job's name after the job is gone.
-          const int dir = ::open(folder_parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-          if (dir >= 0) {
-            (void)::fsync(dir);
-            ::close(dir);
-          }
+          common::SyncFolder(folder_parent).IgnoreError();
         }
       }
       // The manifests only this job referred to go with it (a submit that finds a swept one in

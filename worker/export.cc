@@ -1,6 +1,5 @@
 #include "worker/export.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -239,15 +238,7 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   std::remove(staged_sidecar.c_str());
   AVIARY_RETURN_IF_ERROR(written);
   // The renames on disk (as WriteFileAtomically's): both files lie in one folder.
-  const std::string folder = std::filesystem::path(options.out).parent_path().string();
-  const int fd = ::open(folder.empty() ? "." : folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0 || ::fsync(fd) != 0) {
-    const int error = errno;
-    if (fd >= 0) ::close(fd);
-    return absl::InternalError(absl::StrCat(folder.empty() ? "." : folder, ": fsync of the folder failed: ",
-                                            std::strerror(error)));
-  }
-  ::close(fd);
+  AVIARY_RETURN_IF_ERROR(common::SyncFolder(std::filesystem::path(options.out).parent_path().string()));
   return result;
 }
 

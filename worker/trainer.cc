@@ -910,11 +910,8 @@ void Trainer::State::RemoveStaleTemporaries() const {
       Log().Warn(absl::StrCat("cannot rename ", adopt, " to ", last, ": ", std::strerror(error),
                               " (left as it is; resuming from what else the folder holds)"));
     } else {
-      const int dir = ::open(options.out_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-      if (dir >= 0) {
-        (void)::fsync(dir);  // the rename durable before this run writes over last.prev.pt
-        ::close(dir);
-      }
+      // The rename durable before this run writes over last.prev.pt (a failure only costs that).
+      common::SyncFolder(options.out_dir).IgnoreError();
       Log().Warn(absl::StrCat("found no ", last, " but a complete ", adopt.substr(adopt.rfind('/') + 1),
                               " (a stop between the checkpoint rotation's renames): renamed to last.pt"));
     }
