@@ -1864,6 +1864,7 @@ absl::Status Trainer::State::Validate(EpochRecord* record) {
     AVIARY_ASSIGN_OR_RETURN(more, next());
     DeviceCopier::Await(behind);
     behind = std::move(mark);
+    if (options.on_progress) options.on_progress();
   }
   double loss_sum = loss_sum_dev.defined() ? loss_sum_dev.item<double>() : 0.0;
   std::vector<float> probs;

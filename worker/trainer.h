@@ -150,6 +150,9 @@ struct TrainOptions {
   // last.pt at that step (mid-epoch: the next run resumes there and ends as an uninterrupted
   // run would). In a multi-rank run it must answer the same on every rank at the same step.
   std::function<bool()> should_stop;
+  // Called on this rank from the training thread for each validation batch: a sign of progress
+  // between optimizer steps (the agent's stall watchdog). Must be cheap; no collectives.
+  std::function<void()> on_progress;
   // An epoch whose training took at least this long (on any rank) is saved in last.pt before
   // its validation, as a mid-epoch checkpoint with every batch done: a stop or crash during a
   // long validation (a kill after the stop's grace time, an out-of-memory error) then loses the

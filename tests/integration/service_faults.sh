@@ -7,6 +7,9 @@
 #      group reconnects, keeps its lease, and the job completes.
 #   3. SIGTERM to a group's ranks mid-task: the task is given back as preempted (no restart
 #      counted) and resumed by the next group.
+#   4. A group of one rank whose training thread stops making progress (AVIARY_FAULT_INJECT
+#      kind=hang) without failing: its watchdog (--stall-timeout-s) fails the task as retryable
+#      and ends the group; the task is leased again and completes on the next group.
 # usage: service_faults.sh BIN_DIR MPIEXEC
 set -uo pipefail
 bin=$1
@@ -103,6 +106,31 @@ if wait_for 300 jq_status "$job3" 'task("finetune").get("latest", {}).get("epoch
     fail "group c did not resume from the checkpoint: $(grep -m3 -E 'leased|resuming|epoch 1/' "$tmp/c.log")"
 else
   fail "job 3 made no progress"; tail -n 30 "$tmp/b.log"
+fi
+
+# 4. A stuck task: nothing fails, nothing times out (one rank has no peer to notice), and the
+#    link's thread keeps heartbeating, so only the watchdog can give the task back.
+kill -USR2 "$group_pid" 2>/dev/null   # group c: a clean stop, so that group d leases job 4
+wait_for 60 bash -c "! kill -0 $group_pid 2>/dev/null" || fail "group c did not stop on SIGUSR2"
+AVIARY_FAULT_INJECT="rank=0,step=4,kind=hang" start_group d 1 --stall-timeout-s 3
+pid_d=$group_pid
+job4=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=3 | tail -n 1)
+echo "job $job4 (group d hangs at step 4)"
+if wait_for 180 bash -c "! kill -0 $pid_d 2>/dev/null"; then
+  wait "$pid_d"; rc=$?
+  [ "$rc" != 0 ] || fail "group d exited 0 after its watchdog ended it"
+  grep -q "no progress on rank 0 for [0-9]* s (the last sign: a training step; --stall-timeout-s 3)" "$tmp/d.log" ||
+    fail "group d did not log its stall: $(grep -m3 -E 'FAULT|progress|ends the group' "$tmp/d.log")"
+  grep -q "task .* failed on group .* (retryable): task .*: no progress on rank 0" "$tmp/coordinator.log" ||
+    fail "the coordinator did not get the stall as a retryable failure: $(grep -m3 'failed on group' "$tmp/coordinator.log")"
+  jq_status "$job4" 'task("finetune")["state"] == "TASK_STATE_READY" and task("finetune")["restarts"] == 1' ||
+    fail "the stalled task is not READY with one restart: $(jq_status "$job4" 'task("finetune")')"
+  start_group e 1
+  if avt 600 watch "$job4" > "$tmp/watch4.log" 2>&1; then ok; else
+    fail "the stalled job did not complete on group e"; tail -n 20 "$tmp/e.log"
+  fi
+else
+  fail "group d did not end within 180 s of its stall"; tail -n 30 "$tmp/d.log"
 fi
 
 echo "service_faults: $passes checks passed, $fails failed"

@@ -26,6 +26,7 @@ ANNOTATED = [
     "worker/agent/group_metrics.cc",
     "worker/agent/lease_clock.cc",
     "worker/agent/report_buffer.cc",
+    "worker/agent/stall_watchdog.cc",
     "worker/loader.cc",
 ]
 # gcc-only flags clang rejects or that point at gcc's precompiled header.

@@ -1,11 +1,13 @@
 // The worker agent's parts that need no coordinator: the report buffer (order, bound, what is
 // dropped), the backoff schedules, the retryable classification, and the control protocol's
-// messages and outcome verdict; the stop signals (in child processes).
+// messages and outcome verdict; the stop signals (in child processes); the stall watchdog (its
+// checks driven with a made-up clock).
 #include "worker/agent/agent.h"
 #include "worker/agent/group_control.h"
 #include "worker/agent/lease_clock.h"
 #include "worker/agent/report_buffer.h"
 #include "worker/agent/signals.h"
+#include "worker/agent/stall_watchdog.h"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -14,11 +16,13 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
 
 namespace aviary::worker {
@@ -324,6 +328,90 @@ TEST(LeaseClockTest, OffWhenTheCoordinatorDoesNotSayItsTimeout) {
   const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);
   lease.Begin("j1/pretrain-f0", 1, t0);
   EXPECT_TRUE(lease.Check("/r/last.pt", t0 + std::chrono::hours(24)).ok());
+}
+
+struct Stall {
+  std::string task_id;
+  double seconds = 0;
+  std::string last;
+};
+
+// A watchdog without its thread: the test drives Check() with its own clock.
+std::unique_ptr<StallWatchdog> Manual(double timeout_s, std::vector<Stall>* stalls) {
+  return std::make_unique<StallWatchdog>(
+      timeout_s, [stalls](const std::string& t, double s, const std::string& l) { stalls->push_back({t, s, l}); },
+      /*start_thread=*/false);
+}
+
+TEST(StallWatchdogTest, FiresOnceAfterTheTimeoutWithoutProgress) {
+  std::vector<Stall> stalls;
+  auto watchdog = Manual(10, &stalls);
+  StallWatchdog& w = *watchdog;
+  w.Arm("job-1/finetune-f0", "the task's start");
+  int64_t now = 1000000;
+  for (int i = 0; i <= 10; ++i, now += 1000) EXPECT_FALSE(w.Check(now)) << i;  // 10 s idle: not yet
+  w.Progress("a training step");
+  for (int i = 0; i <= 10; ++i, now += 1000) EXPECT_FALSE(w.Check(now)) << "after progress " << i;
+  EXPECT_TRUE(w.Check(now));  // 11 s without progress
+  ASSERT_EQ(stalls.size(), 1u);
+  EXPECT_EQ(stalls[0].task_id, "job-1/finetune-f0");
+  EXPECT_DOUBLE_EQ(stalls[0].seconds, 11.0);
+  EXPECT_EQ(stalls[0].last, "a training step");
+  for (int i = 0; i < 30; ++i, now += 1000) EXPECT_FALSE(w.Check(now));  // once per lease
+  EXPECT_EQ(stalls.size(), 1u);
+  w.Arm("job-1/finetune-f1", "the task's start");  // the next task: watched again
+  for (int i = 0; i <= 11; ++i, now += 1000) w.Check(now);
+  ASSERT_EQ(stalls.size(), 2u);
+  EXPECT_EQ(stalls[1].task_id, "job-1/finetune-f1");
+  EXPECT_EQ(stalls[1].last, "the task's start");
+}
+
+TEST(StallWatchdogTest, QuietWhenDisarmedOrOff) {
+  std::vector<Stall> stalls;
+  auto watchdog = Manual(5, &stalls);
+  StallWatchdog& w = *watchdog;
+  int64_t now = 0;
+  for (int i = 0; i < 20; ++i, now += 1000) EXPECT_FALSE(w.Check(now)) << "never armed";
+  w.Arm("t", "the task's start");
+  w.Disarm();
+  for (int i = 0; i < 20; ++i, now += 1000) EXPECT_FALSE(w.Check(now)) << "disarmed";
+  auto off = Manual(0, &stalls);
+  off->Arm("t", "the task's start");
+  for (int i = 0; i < 20; ++i, now += 1000) EXPECT_FALSE(off->Check(now)) << "timeout 0";
+  EXPECT_TRUE(stalls.empty());
+}
+
+TEST(StallWatchdogTest, StoppedTimeDoesNotCount) {
+  // A check that finds the previous one long ago (SIGSTOP, a suspended VM) counts at most
+  // kMaxCountedGapMs: the hour a job-control stop lasted is not an hour without progress.
+  std::vector<Stall> stalls;
+  auto watchdog = Manual(30, &stalls);
+  StallWatchdog& w = *watchdog;
+  w.Arm("t", "the task's start");
+  int64_t now = 0;
+  EXPECT_FALSE(w.Check(now));
+  now += 3600 * 1000;
+  EXPECT_FALSE(w.Check(now));
+  for (int i = 0; i < 25; ++i) EXPECT_FALSE(w.Check(now += 1000)) << i;  // 5 + 25 = 30 s counted
+  EXPECT_TRUE(w.Check(now += 1000));
+  ASSERT_EQ(stalls.size(), 1u);
+  EXPECT_DOUBLE_EQ(stalls[0].seconds, 31.0);
+}
+
+TEST(StallWatchdogTest, ItsThreadFiresWithoutProgress) {
+  // The real thread and clock, at its smallest timeout: the firing itself, not its timing.
+  absl::Mutex mu;
+  std::vector<Stall> stalls;
+  StallWatchdog w(0.5, [&](const std::string& t, double s, const std::string& l) {
+    absl::MutexLock lock(&mu);
+    stalls.push_back({t, s, l});
+  });
+  w.Arm("t", "the task's start");
+  absl::MutexLock lock(&mu);
+  auto fired = [&stalls]() { return !stalls.empty(); };
+  mu.Await(absl::Condition(&fired));
+  EXPECT_EQ(stalls[0].task_id, "t");
+  EXPECT_GT(stalls[0].seconds, 0.5);
 }
 
 }  // namespace

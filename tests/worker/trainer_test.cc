@@ -223,7 +223,8 @@ TEST_F(TrainerTest, AnEpochSavedBeforeItsValidationResumesThere) {
   const size_t speed = *ha->ColumnIndex("samples_per_s");
   for (size_t r = 0; r < 2; ++r) {
     for (size_t c = 0; c < ha->header().size(); ++c) {
-      if (c != speed) EXPECT_EQ(ha->row(r)[c], hb->row(r)[c]) << "row " << r << " " << ha->header()[c];
+      if (c == speed) continue;
+      EXPECT_EQ(ha->row(r)[c], hb->row(r)[c]) << "row " << r << " " << ha->header()[c];
     }
   }
   EXPECT_EQ(hb->row(0)[speed], "nan");  // none of epoch 0 trained by the run that validated it
@@ -658,13 +659,16 @@ TEST_F(TrainerTest, PretrainedWeightsMustFitTheBackbone) {
 }
 
 // TrainOptions::on_step and on_epoch: the step numbers add up to the history, the samples to
-// the batches, and the checkpoints exist when on_epoch runs.
+// the batches, and the checkpoints exist when on_epoch runs. on_progress comes with each
+// validation batch: after an epoch's steps, the same number of times each epoch.
 TEST_F(TrainerTest, StepStatsAddUpToTheHistory) {
   TrainOptions o;
   o.out_dir = Out("steps");
   std::vector<StepStats> steps;
   std::vector<bool> files_at_epoch_end;
+  std::map<size_t, int> progress_after_steps;  // steps.size() at each on_progress -> calls
   o.on_step = [&](const StepStats& s) { steps.push_back(s); };
+  o.on_progress = [&]() { ++progress_after_steps[steps.size()]; };
   o.on_epoch = [&](const EpochRecord& r) {
     files_at_epoch_end.push_back(fs::exists(o.out_dir + "/last.pt") && fs::exists(o.out_dir + "/history.csv") &&
                                  (!r.best || fs::exists(o.out_dir + "/best.pt")));
@@ -680,6 +684,13 @@ TEST_F(TrainerTest, StepStatsAddUpToTheHistory) {
   const int64_t per_epoch = steps.front().steps_per_epoch;
   ASSERT_GT(per_epoch, 0);
   EXPECT_EQ(static_cast<int64_t>(steps.size()), per_epoch * 3);
+  ASSERT_EQ(progress_after_steps.size(), 3u);
+  int epoch_end = 0;
+  for (const auto& [after, calls] : progress_after_steps) {
+    EXPECT_EQ(static_cast<int64_t>(after), per_epoch * ++epoch_end);
+    EXPECT_GT(calls, 0);
+    EXPECT_EQ(calls, progress_after_steps.begin()->second);
+  }
   std::map<int, const StepStats*> last_of_epoch;
   int64_t samples = 0;
   for (size_t i = 0; i < steps.size(); ++i) {

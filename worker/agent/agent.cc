@@ -35,6 +35,7 @@
 #include "worker/agent/group_control.h"
 #include "worker/agent/group_metrics.h"
 #include "worker/agent/signals.h"
+#include "worker/agent/stall_watchdog.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_session.h"
 #include "worker/trainer.h"
@@ -137,12 +138,15 @@ class Agent {
                 bool training);
   void Report0(const v1::Task& task, const Outcome& outcome);
   [[noreturn]] void EndGroup(const std::string& why);
+  // Rank 0's watchdog fired (on its thread): the task is failed as retryable, the group ended.
+  [[noreturn]] void OnStall(const std::string& task_id, double seconds, const std::string& last);
 
   const AgentOptions& options_;
   comm::MpiSession& session_;
   GroupControl& control_;
   std::unique_ptr<GroupMetrics> metrics_;  // rank 0
   std::unique_ptr<CoordinatorLink> link_;  // rank 0
+  std::unique_ptr<StallWatchdog> watchdog_;  // rank 0; after link_: destroyed (joined) first
   std::string leave_reason_;               // rank 0: LeaveGroup's reason after a clean loop end
   // The current task's state; RunTask starts it afresh.
   struct TaskState {
@@ -246,6 +250,9 @@ absl::Status Agent::Serve() {
   if (control_.rank() != 0) return ServeOther();
   if (metrics_port > 0) Log().Info(absl::StrCat("group metrics on ", registration.metrics_address(), "/metrics"));
   link_ = std::make_unique<CoordinatorLink>(options_, metrics_.get(), std::move(registration));
+  watchdog_ = std::make_unique<StallWatchdog>(
+      options_.stall_timeout_s,
+      [this](const std::string& task_id, double seconds, const std::string& last) { OnStall(task_id, seconds, last); });
   absl::Status st = ServeRank0();
   // Tell the other ranks (OK: max tasks or a signal; else the error that ends the group).
   std::string stop = StopMessage(st);
@@ -297,7 +304,9 @@ absl::Status Agent::ServeRank0() {
     std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));
+    watchdog_->Arm(task.task_id(), "the task's start");
     Outcome outcome = RunTask(task);
+    watchdog_->Disarm();
     metrics_->EndTask();  // before the outcome reaches the coordinator: an idle group reads 0
     Report0(task, outcome);
     // A fenced task is abandoned: its reports would be refused or would mislead. Not when the
@@ -417,6 +426,7 @@ absl::Status Agent::Train(const v1::Task& task, const PreparedTask& prepared, st
   options.on_step = [this](const StepStats& s) { OnStep(s); };
   options.on_epoch = [this](const EpochRecord& record) { OnEpoch(record); };
   options.should_stop = [this]() { return ShouldStop(); };
+  if (watchdog_) options.on_progress = [this]() { watchdog_->Progress("a validation batch"); };
   try {
     AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> communicator,
                             comm::CreateCommunicator(prepared.config.comm, session_, options.device));
@@ -453,6 +463,7 @@ std::pair<int64_t, int64_t> Agent::ExchangeSamples(int64_t kind, int64_t decisio
 
 bool Agent::ShouldStop() {
   const bool root = control_.rank() == 0;
+  if (watchdog_) watchdog_->Progress("a training step");
   auto [decision, signals] = ExchangeSamples(kExStep, root ? static_cast<int64_t>(link_->Decide()) : 0);
   if (root && task_.stop_reason == kNoStop && (decision != 0 || signals != 0)) {
     task_.stop_reason = decision != 0 ? static_cast<StopReason>(decision) : kSignal;
@@ -504,6 +515,7 @@ void Agent::PushStepPoint(const StepStats& s, double rate) {
 }
 
 void Agent::OnEpoch(const EpochRecord& record) {
+  if (watchdog_) watchdog_->Progress("an epoch's end");
   ExchangeSamples(kExEpochEnd, 0);  // every rank calls on_epoch at the same point
   if (control_.rank() != 0) return;
   Report point;
@@ -566,6 +578,25 @@ std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, i
   } else {
     std::this_thread::sleep_for(std::chrono::seconds(30));
   }
+  EndGroup(message);
+}
+
+void Agent::OnStall(const std::string& task_id, double seconds, const std::string& last) {
+  // A stuck training thread cannot stop the task: report it from here, then end the process.
+  // The lease's fence refuses the stuck thread's writes meanwhile only once the coordinator took
+  // the task back, so the report goes first and the group ends right after it.
+  const std::string message = absl::StrFormat(
+      "task %s: no progress on rank 0 for %.0f s (the last sign: %s; --stall-timeout-s %g): a stuck read, "
+      "device or deadlock; ending the group so that the task is leased again",
+      task_id, seconds, last, options_.stall_timeout_s);
+  Log().Error(message);
+  Report r;
+  r.kind = Report::Kind::kFail;
+  r.task_id = task_id;
+  r.error = message;
+  r.retryable = true;
+  link_->Push(std::move(r));
+  link_->Drain(task_id, 15, 5);
   EndGroup(message);
 }
 

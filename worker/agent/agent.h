@@ -53,6 +53,9 @@ struct AgentOptions {
   double connect_timeout_s = 0;             // give up registering after this long; 0: never
   double rpc_timeout_s = 10;                // the deadline of each call
   double report_interval_s = 2;             // step points at most this often
+  // Rank 0 ends the group when its task made no progress (no step, validation batch or epoch
+  // end) for this long, after failing it as retryable (stall_watchdog.h); 0: off.
+  double stall_timeout_s = 3600;
   size_t max_buffered_points = 100000;      // ReportBuffer bound (SERVICE.md)
 };
 
