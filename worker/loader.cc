@@ -38,6 +38,9 @@ absl::StatusOr<std::unique_ptr<Loader>> Loader::Create(std::vector<LoaderItem> i
   }
   if (options.clip_samples < 1) return bad("clip_samples", options.clip_samples, "must be >= 1");
   if (options.num_classes < 1) return bad("num_classes", options.num_classes, "must be >= 1");
+  for (double d : options.read_retry_delays_s) {
+    if (!(d >= 0 && d <= 600)) return bad("read_retry_delays_s", d, "each must be in [0, 600] s");
+  }
   if (options.pin_memory && !at::hasCUDA()) {
     return bad("pin_memory", "true", "needs a CUDA build of torch with a device");
   }
@@ -171,21 +174,33 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
   RowOutcome outcome;
   int64_t item = build.rows[k];
   int64_t pos = -1;  // position of rows[k] in the epoch order, found on the first failure
+  bool all_unreadable = true;  // no broken clip of the row so far could be read
   for (int attempt = 0;; ++attempt) {
     uint64_t crop_seed = MixSeed(options_.seed, static_cast<uint64_t>(build.epoch),
                                  static_cast<uint64_t>(item), static_cast<uint64_t>(attempt));
     ClipData clip = clip_(items_[item], options_.train, crop_seed, out);
+    // A read that failed now (NFS, too many open files): the same clip again, after a wait.
+    for (size_t r = 0; !clip.problem.empty() && clip.retry && r < options_.read_retry_delays_s.size(); ++r) {
+      if (outcome.read_retries++ == 0) outcome.read_retry_message = clip.message;
+      std::this_thread::sleep_for(std::chrono::duration<double>(options_.read_retry_delays_s[r]));
+      clip = clip_(items_[item], options_.train, crop_seed, out);
+    }
     if (clip.problem.empty()) {
       outcome.item = item;
       return outcome;
     }
+    all_unreadable = all_unreadable && clip.unreadable;
     ++outcome.problems[clip.problem];
     outcome.messages.emplace(clip.problem, clip.message);
     if (!options_.train) return outcome;  // validation leaves broken items out
     if (attempt + 1 >= options_.max_substitutions) {
-      outcome.status = absl::DataLossError(absl::StrCat(
-          "loader: ", options_.max_substitutions, " broken clips in a row from ",
-          items_[build.rows[k]].path, " on (last: ", items_[item].path, ": ", clip.message, ")"));
+      const std::string what = absl::StrCat(
+          "loader: ", options_.max_substitutions, " broken clips in a row from ", items_[build.rows[k]].path,
+          " on (last: ", items_[item].path, ": ", clip.message, ")");
+      // None could be read at all: the storage failed (an unmounted share, a dead server), not the
+      // files (the coordinator read them at submit); another attempt, maybe on another node, may.
+      outcome.status = all_unreadable ? absl::UnavailableError(absl::StrCat(what, "; none could be read"))
+                                      : absl::DataLossError(what);
       return outcome;
     }
     // The deterministic substitute: the next items of the epoch order.
@@ -295,6 +310,8 @@ void Loader::WorkerLoop() {
       absl::MutexLock lock(&mu_);
       for (const auto& [name, count] : outcome.problems) stats_.problems[name] += count;
       for (const auto& [name, message] : outcome.messages) stats_.examples.emplace(name, message);
+      if (outcome.read_retries > 0 && stats_.read_retries == 0) stats_.read_retry_example = outcome.read_retry_message;
+      stats_.read_retries += outcome.read_retries;
       if (build->generation != generation_) continue;  // a new epoch started meanwhile: drop it
       if (!outcome.status.ok()) {
         if (error_.ok()) error_ = outcome.status;

@@ -53,6 +53,11 @@ struct LoaderItem {
 struct ClipData {
   std::string problem;  // e.g. "truncated", "silent"
   std::string message;
+  // The file could not be read (not there, an I/O error, ...): no verdict on its contents.
+  bool unreadable = false;
+  // ... for a cause that may pass (an I/O error, too many open files, out of memory), so the
+  // loader reads it again (LoaderOptions::read_retry_delays_s).
+  bool retry = false;
 };
 // Writes the clip of `item` into `out` (clip_samples floats: the clip's row of the batch; what it
 // leaves there on a problem is overwritten or dropped). `train` selects the random crop (seeded
@@ -73,6 +78,9 @@ struct LoaderOptions {
   bool pin_memory = false;     // page-locked host batches (needs CUDA)
   int64_t max_batches = -1;    // per epoch, for debug runs; -1: all
   int max_substitutions = 64;  // broken clips in a row before the epoch fails
+  // A clip that could not be read now (ClipData::retry) is read again after each of these waits
+  // (the same item and crop: the batch is what it would have been) before it counts as broken.
+  std::vector<double> read_retry_delays_s = {0.25, 1.0, 4.0};
 };
 
 struct Batch {
@@ -85,6 +93,8 @@ struct Batch {
 struct LoaderStats {
   std::map<std::string, int64_t> problems;  // broken clips per reason, this loader's lifetime
   std::map<std::string, std::string> examples;  // per reason, the first broken clip's message (its file)
+  int64_t read_retries = 0;        // clips read again after a read that failed now (ClipData::retry)
+  std::string read_retry_example;  // the first such read's message
   int64_t batches = 0;
   int64_t consumer_waits = 0;      // Next() calls that found no ready batch
   double consumer_wait_s = 0.0;    // time Next() spent waiting: the GPU starving
@@ -107,7 +117,9 @@ class Loader {
   // the next epoch ahead, during validation, and starts it again when it begins.
   void StartEpoch(int epoch, int64_t first_batch = 0);
   // The next batch of the epoch in order; false at the end of the epoch. An error (e.g. more
-  // than max_substitutions broken clips in a row) is returned as a status.
+  // than max_substitutions broken clips in a row: DATA_LOSS, or UNAVAILABLE when none of them
+  // could be read (ClipData::unreadable): the files' storage or this node's view of it, not their
+  // contents) is returned as a status.
   absl::StatusOr<bool> Next(Batch* batch);
 
   int64_t BatchesPerEpoch() const { return num_batches_; }
@@ -128,6 +140,8 @@ class Loader {
     int64_t item = -1;
     std::map<std::string, int64_t> problems;
     std::map<std::string, std::string> messages;  // the first per problem
+    int64_t read_retries = 0;
+    std::string read_retry_message;  // the first
     absl::Status status;
   };
 

@@ -312,6 +312,28 @@ class StepProfiler {
   int64_t seen_ = 0;   // the last step seen
 };
 
+// Clip reads that failed for a cause that may pass and were made again (Loader): `count` of them.
+void ReportReadRetries(int64_t count, const LoaderStats& stats, const std::string& where) {
+  if (count <= 0) return;
+  Log().Warn(absl::StrCat(count, " clip read(s) failed and were made again, ", where,
+                          "; the run's first: ", stats.read_retry_example));
+}
+
+// The training clips broken (and substituted) or read again in epoch `epoch`: `after` less
+// `before`, the train loader's totals at the end of the epoch and of the previous one.
+void ReportNewBrokenClips(const LoaderStats& before, const LoaderStats& after, int epoch) {
+  for (const auto& [problem, count] : after.problems) {
+    auto was = before.problems.find(problem);
+    const int64_t added = count - (was != before.problems.end() ? was->second : 0);
+    if (added <= 0) continue;
+    auto example = after.examples.find(problem);
+    Log().Warn(absl::StrCat("epoch ", epoch, ": ", added, " training clip(s) skipped as ", problem, " (substituted)",
+                            example != after.examples.end() ? absl::StrCat("; the run's first: ", example->second)
+                                                            : ""));
+  }
+  ReportReadRetries(after.read_retries - before.read_retries, after, absl::StrCat("in epoch ", epoch));
+}
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -709,6 +731,8 @@ absl::Status Trainer::State::CreateLoaders() {
     } else if (!r->ok()) {
       out.problem = AudioProblemName(r->problem);
       out.message = r->message;
+      out.unreadable = r->problem == AudioProblem::kMissing;
+      out.retry = r->retry;
     }
     return out;
   };
@@ -1369,8 +1393,11 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
     more = next_more;
   }
   held_batches = 0;
-  // The broken clips of the epochs trained (the next one's rows decoded ahead are not).
+  // The broken clips of the epochs trained (the next one's rows decoded ahead are not); this
+  // epoch's new ones are said now (a week-long run must not keep them for its end).
+  LoaderStats before = std::move(trained_loader_stats);
   trained_loader_stats = train_loader->Stats();
+  ReportNewBrokenClips(before, trained_loader_stats, epoch);
   // The next epoch's first batches decode meanwhile (the epoch's totals, validation, its files);
   // its StartEpoch keeps them. (Wasted if the run stops early: nothing else changes.)
   if (epoch + 1 < epochs) train_loader->StartEpoch(epoch + 1);
@@ -1975,7 +2002,9 @@ absl::Status Trainer::Run() {
     if (swap) s.ema->Swap(*s.model);
     AVIARY_RETURN_IF_ERROR(validated);
     if (epoch == s.start_epoch && s.valid_loader) {  // the same clips every validation: said once
-      ReportBrokenClips(s.valid_loader->Stats(), "validation clips left out", " (from every validation)");
+      const LoaderStats valid = s.valid_loader->Stats();
+      ReportBrokenClips(valid, "validation clips left out", " (from every validation)");
+      ReportReadRetries(valid.read_retries, valid, "in the first validation");
     }
     bool write_best = false;
     const bool stop_early = s.TrackMonitor(&*record, &write_best);
@@ -2006,6 +2035,7 @@ absl::Status Trainer::Run() {
     }
   }
   ReportBrokenClips(s.trained_loader_stats, "training clips skipped", " (substituted)");
+  ReportReadRetries(s.trained_loader_stats.read_retries, s.trained_loader_stats, "in the run's training");
   if (s.skipped_steps > 0) {
     // Counted per batch: with grad_accum_steps > 1 one is a micro-batch, and its optimizer step
     // may still have been taken from the others.

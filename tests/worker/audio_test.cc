@@ -1,6 +1,8 @@
 #include "worker/data/audio.h"
 
 #include <sndfile.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -594,6 +596,37 @@ TEST(AudioProblemTest, ExceptionInADecodeIsTheFilesProblem) {
   EXPECT_EQ(r->failure.problem, AudioProblem::kMissing);
   EXPECT_NE(r->failure.message.find(path), std::string::npos) << r->failure.message;
   EXPECT_NE(r->failure.message.find("out of memory"), std::string::npos) << r->failure.message;
+  EXPECT_TRUE(r->failure.retry);  // memory may be there for the next read
+}
+
+// kMissing says whether the cause may pass (DecodeFailure::retry, read again by the loader): a
+// file that is not there does not come back, a process out of file descriptors (EMFILE, as
+// under a heavy loader or an NFS server's hiccup: a real failed open here) may read it next time.
+TEST(AudioProblemTest, AFailedOpenMayPassAMissingFileDoesNot) {
+  TempDir tmp;
+  DecodeResult absent = Decode(tmp.Sub("nope.ogg"));
+  EXPECT_EQ(absent.failure.problem, AudioProblem::kMissing);
+  EXPECT_FALSE(absent.failure.retry) << absent.failure.message;
+  const std::string path = tmp.Sub("tone.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, Sine(440, 16000, 1600));
+  DecodeResult ok = Decode(path);
+  ASSERT_TRUE(ok.ok()) << ok.failure.message;
+  EXPECT_FALSE(ok.failure.retry);
+  // No descriptor left: the soft limit at the lowest one free.
+  const int lowest_free = ::dup(0);
+  ASSERT_GE(lowest_free, 0);
+  ::close(lowest_free);
+  struct rlimit saved;
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  struct rlimit tight = saved;
+  tight.rlim_cur = static_cast<rlim_t>(lowest_free);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
+  DecodeResult starved = Decode(path);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  EXPECT_EQ(starved.failure.problem, AudioProblem::kMissing) << starved.failure.message;
+  EXPECT_TRUE(starved.failure.retry) << starved.failure.message;
+  EXPECT_NE(starved.failure.message.find("Too many open files"), std::string::npos) << starved.failure.message;
+  EXPECT_TRUE(Decode(path).ok());  // and it reads again once descriptors are back
 }
 
 // A decode that would deliver more than 2^29 samples is refused before any is decoded: 700,000

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
+#include <memory>
 #include <set>
 #include <thread>
 
@@ -180,6 +182,75 @@ TEST(LoaderTest, TooManyBrokenClipsInARowFailTheEpochWithTheirNames) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(r.status().message().find("5 broken clips in a row"), absl::string_view::npos);
+}
+
+// A clip whose read fails now for the first `failures` calls per item in `flaky` (an I/O error
+// on a network share), then succeeds; `unreadable` items never read (an unmounted share).
+ClipFn FlakyClip(std::set<std::string> flaky, int failures, std::set<std::string> unreadable = {}) {
+  auto calls = std::make_shared<std::map<std::string, std::atomic<int>>>();
+  for (const auto& f : flaky) (*calls)[f] = 0;
+  return [=](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
+    const bool failing = unreadable.count(item.path) || (flaky.count(item.path) && (*calls)[item.path]++ < failures);
+    if (!failing) return EncodingClip()(item, train, seed, out);
+    std::fill(out.begin(), out.end(), -7.0f);
+    ClipData c;
+    c.problem = "missing";
+    c.message = item.path + ": reading failed after 0 frames: Input/output error";
+    c.unreadable = true;
+    c.retry = unreadable.count(item.path) == 0;
+    return c;
+  };
+}
+
+TEST(LoaderTest, AReadThatFailsNowIsMadeAgainAndTheBatchIsUnchanged) {
+  auto items = MakeItems(40);
+  auto o = Options(8);
+  o.read_retry_delays_s = {0, 0, 0};
+  auto clean = Loader::Create(items, EncodingClip(), o);
+  auto flaky = Loader::Create(items, FlakyClip({"item3", "item17"}, 2), o);
+  ASSERT_TRUE(clean.ok() && flaky.ok());
+  auto want = DrainEpoch(**clean, 0);
+  auto got = DrainEpoch(**flaky, 0);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].items, want[i].items);  // no substitute: the same items and crops
+    EXPECT_TRUE(at::equal(got[i].waveforms, want[i].waveforms)) << "batch " << i;
+  }
+  const LoaderStats stats = (*flaky)->Stats();
+  EXPECT_TRUE(stats.problems.empty());
+  EXPECT_EQ(stats.read_retries, 4);
+  EXPECT_NE(stats.read_retry_example.find("Input/output error"), std::string::npos);
+  // Past the retries it is broken, substituted as any other.
+  auto stubborn = Loader::Create(items, FlakyClip({"item3"}, 10), o);
+  ASSERT_TRUE(stubborn.ok());
+  for (const Batch& b : DrainEpoch(**stubborn, 0)) {
+    for (int64_t item : b.items) EXPECT_NE(items[item].path, "item3");
+  }
+  EXPECT_EQ((*stubborn)->Stats().problems.at("missing"), 1);
+  EXPECT_EQ((*stubborn)->Stats().read_retries, 3);
+  o.read_retry_delays_s = {-1};
+  auto bad = Loader::Create(items, EncodingClip(), o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("read_retry_delays_s = -1"), absl::string_view::npos) << bad.status();
+}
+
+TEST(LoaderTest, NoClipReadableInARowIsUnavailableNotDataLoss) {
+  // The storage failed (an unmounted share: "no such file" everywhere, no retry), not the
+  // files: a retryable UNAVAILABLE, while broken contents stay DATA_LOSS (above).
+  auto items = MakeItems(16);
+  std::set<std::string> all;
+  for (const auto& i : items) all.insert(i.path);
+  auto o = Options(4);
+  o.max_substitutions = 5;
+  auto l = Loader::Create(items, FlakyClip({}, 0, all), o);
+  ASSERT_TRUE(l.ok());
+  (*l)->StartEpoch(0);
+  Batch b;
+  auto r = (*l)->Next(&b);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_NE(r.status().message().find("5 broken clips in a row"), absl::string_view::npos);
+  EXPECT_NE(r.status().message().find("none could be read"), absl::string_view::npos);
 }
 
 TEST(LoaderTest, RestartingAnEpochMidwayStartsClean) {

@@ -392,6 +392,14 @@ DecodeFailure Failure(AudioProblem problem, std::string message) {
   return DecodeFailure{problem, std::move(message)};
 }
 
+// The file cannot be read now: kMissing, worth reading again (DecodeFailure::retry) unless `err`
+// (0: not known) says it is not there or never readable by us.
+DecodeFailure Unreadable(std::string message, int err = 0) {
+  const bool lasting = err == ENOENT || err == ENOTDIR || err == EACCES || err == EPERM || err == ELOOP ||
+                       err == ENAMETOOLONG || err == EISDIR || err == EINVAL;
+  return DecodeFailure{AudioProblem::kMissing, std::move(message), /*retry=*/!lasting};
+}
+
 // Opens `path` for reading and classifies what can be told from the file system and the header.
 // On a problem fills `failure` and returns false; `audio` gets the header fields it could read.
 bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, SF_INFO* info,
@@ -399,10 +407,8 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
     int err = errno;
-    *failure = Failure(
-        AudioProblem::kMissing,
-        absl::StrCat(path, ": ",
-                     err == ENOENT || err == ENOTDIR ? "no such file" : std::strerror(err)));
+    const bool absent = err == ENOENT || err == ENOTDIR;
+    *failure = Unreadable(absl::StrCat(path, ": ", absent ? "no such file" : std::strerror(err)), err);
     return false;
   }
   if (S_ISDIR(st.st_mode)) {
@@ -415,8 +421,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       const int err = errno;
-      *failure = Failure(AudioProblem::kMissing,
-                         absl::StrCat(path, ": cannot open for reading: ", std::strerror(err)));
+      *failure = Unreadable(absl::StrCat(path, ": cannot open for reading: ", std::strerror(err)), err);
       return false;
     }
     ::close(fd);
@@ -447,8 +452,9 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
       // The system failed (too many open files, out of memory, an I/O error), not the file:
       // missing for this run, as a failed open above. (Only an open's failure says so: a read
       // error within libsndfile's header parsing reads as a malformed file, and is cached so.)
-      *failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": cannot open for reading: ",
-                                                              system ? error : std::strerror(unreadable)));
+      *failure = Unreadable(
+          absl::StrCat(path, ": cannot open for reading: ", system ? error : std::strerror(unreadable)),
+          system ? 0 : unreadable);
     } else if (container.empty()) {
       *failure = Failure(AudioProblem::kNotAudio,
                          absl::StrCat(path, ": not audio (", st.st_size,
@@ -490,8 +496,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     if (feeder == nullptr) {
       const int err = errno;
       file->reset(nullptr);
-      *failure = Failure(AudioProblem::kMissing,
-                         absl::StrCat(path, ": cannot open to stream: ", std::strerror(err)));
+      *failure = Unreadable(absl::StrCat(path, ": cannot open to stream: ", std::strerror(err)), err);
       return false;
     }
     SF_INFO streamed{};
@@ -739,8 +744,8 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
       sf_count_t n = sf_readf_float(file.get(), interleaved.data(),
                                     std::min<int64_t>(kBlockFrames, source_start - at));
       if (const int err = file.stream_read_errno(); n <= 0 && err != 0) {
-        result.failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": reading failed after ", at,
-                                                                      " frames: ", std::strerror(err)));
+        result.failure =
+            Unreadable(absl::StrCat(path, ": reading failed after ", at, " frames: ", std::strerror(err)), err);
         return result;
       }
       if (n == 0 && !known && sf_error(file.get()) == SF_ERR_NO_ERROR) {
@@ -788,15 +793,16 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
                   absl::StrCat(path, ": libsndfile error after ", source_start + read_total,
                                known ? absl::StrCat(" of ", audio.source_frames) : std::string(),
                                " frames: ", sf_strerror(file.get())));
+      result.failure.retry = system;
       return result;
     }
     if (n == 0) {
       if (const int err = file.stream_read_errno(); err != 0) {
         // Not the stream's end: reading the file failed (EIO on a network filesystem, say). It
         // cannot be read now, which is no verdict on its contents (the cache does not keep it).
-        result.failure = Failure(AudioProblem::kMissing,
-                                 absl::StrCat(path, ": reading failed after ", source_start + read_total,
-                                              " frames: ", std::strerror(err)));
+        result.failure = Unreadable(
+            absl::StrCat(path, ": reading failed after ", source_start + read_total, " frames: ", std::strerror(err)),
+            err);
         return result;
       }
       at_end = true;
@@ -894,13 +900,11 @@ absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const Decode
     return DecodeAudioUnguarded(path, options, sink);
   } catch (const std::bad_alloc&) {
     DecodeResult result;
-    result.failure = Failure(AudioProblem::kMissing,
-                             absl::StrCat(path, ": out of memory while decoding (std::bad_alloc)"));
+    result.failure = Unreadable(absl::StrCat(path, ": out of memory while decoding (std::bad_alloc)"));
     return result;
   } catch (const std::exception& e) {
     DecodeResult result;
-    result.failure = Failure(AudioProblem::kMissing,
-                             absl::StrCat(path, ": the decode failed: ", e.what()));
+    result.failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": the decode failed: ", e.what()));
     return result;
   }
 }

@@ -84,6 +84,9 @@ struct DecodedAudio {
 struct DecodeFailure {
   AudioProblem problem = AudioProblem::kNone;
   std::string message;  // names the path and libsndfile's error text
+  // kMissing for a cause that may pass (an I/O error, too many open files, out of memory; not a
+  // file that does not exist): worth reading again.
+  bool retry = false;
 };
 
 // The outcome of a decode: `audio` is meaningful when ok(); on a skippable problem `failure`

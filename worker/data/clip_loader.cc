@@ -28,6 +28,11 @@ void SetProblem(ClipResult* result, absl::Span<float> out, AudioProblem problem,
   std::fill(out.begin(), out.end(), 0.0f);
 }
 
+void SetProblem(ClipResult* result, absl::Span<float> out, const DecodeFailure& failure) {
+  SetProblem(result, out, failure.problem, failure.message);
+  result->retry = failure.retry;
+}
+
 absl::Status CheckRequest(const ClipRequest& request) {
   if (request.sample_rate <= 0) {
     return absl::InvalidArgumentError(
@@ -119,7 +124,7 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
   } else {
     AVIARY_ASSIGN_OR_RETURN(DecodeResult probe, ProbeAudio(path, request.sample_rate));
     if (!probe.ok()) {
-      SetProblem(&result, out_clip, probe.failure.problem, probe.failure.message);
+      SetProblem(&result, out_clip, probe.failure);
       return result;
     }
     DecodeOptions options;
@@ -138,7 +143,7 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
       options.duration_s = static_cast<double>(result.plan.source_length) / request.sample_rate;
       AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
       if (!decoded.ok()) {
-        SetProblem(&result, out_clip, decoded.failure.problem, decoded.failure.message);
+        SetProblem(&result, out_clip, decoded.failure);
         return result;
       }
       window = std::move(decoded.audio.samples);
@@ -155,7 +160,7 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
       options.duration_s = request.max_seconds;
       AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
       if (!decoded.ok()) {
-        SetProblem(&result, out_clip, decoded.failure.problem, decoded.failure.message);
+        SetProblem(&result, out_clip, decoded.failure);
         return result;
       }
       result.audio_samples = Limited(static_cast<int64_t>(decoded.audio.samples.size()), limit);
