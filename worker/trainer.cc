@@ -535,6 +535,11 @@ struct Trainer::State {
   // (one all-reduce of its code). Rank 0 returns `wrote`; the others, when it failed, the same
   // code with "rank 0 could not write ...".
   absl::Status ShareWriteOutcome(const absl::Status& wrote, const std::string& what);
+  // Every rank, after Create's steps that each rank takes alone (device, items, loaders, model,
+  // the lock): `mine`, and every rank's outcome. When any rank failed, every rank returns the
+  // first failing rank's status ("rank R: ..."), so that all end the task together with one code
+  // and its cause (a rank that failed alone used to leave the others in the start's barrier).
+  absl::Status ShareStartOutcome(const absl::Status& mine);
   // Trainer::Create's steps, in order.
   absl::Status ConfigureDevice();
   absl::Status LoadItems();
@@ -603,6 +608,36 @@ absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const 
   if (rank == 0 || shared == absl::StatusCode::kOk) return wrote;
   return absl::Status(shared, absl::StrCat("rank ", rank, ": rank 0 could not write ", what, " to ",
                                            options.out_dir, " (its error ends the task)"));
+}
+
+absl::Status Trainer::State::ShareStartOutcome(const absl::Status& mine) {
+  if (comm == nullptr || world == 1) return mine;
+  // The others may still be reading a large manifest or a cold cache: a wait as long as the start's.
+  comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the ranks' start");
+  at::Tensor codes = at::zeros({world}, at::kLong);
+  codes[rank] = static_cast<int64_t>(mine.code());
+  AVIARY_RETURN_IF_ERROR(comm->AllReduce(codes, comm::ReduceOp::kSum));
+  int first = -1;
+  for (int r = 0; r < world && first < 0; ++r) {
+    if (codes[r].item<int64_t>() != 0) first = r;
+  }
+  if (first < 0) return mine;
+  if (!mine.ok() && rank != first) Log().Error(absl::StrCat("rank ", rank, ": ", mine.message()));
+  // The first failing rank's message, to every rank: one byte per int64 (a type every backend
+  // sends), its length first.
+  std::string message = rank == first ? absl::StrCat("rank ", first, ": ", mine.message()) : std::string();
+  if (message.size() > 4096) message.resize(4096);
+  at::Tensor size = at::tensor({static_cast<int64_t>(message.size())}, at::kLong);
+  AVIARY_RETURN_IF_ERROR(comm->Broadcast(size, first));
+  const int64_t n = size[0].item<int64_t>();
+  at::Tensor chars = at::zeros({std::max<int64_t>(n, 1)}, at::kLong);
+  int64_t* c = chars.data_ptr<int64_t>();
+  for (size_t i = 0; rank == first && i < message.size(); ++i) c[i] = static_cast<unsigned char>(message[i]);
+  AVIARY_RETURN_IF_ERROR(comm->Broadcast(chars, first));
+  c = chars.data_ptr<int64_t>();
+  message.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) message[static_cast<size_t>(i)] = static_cast<char>(c[i]);
+  return absl::Status(static_cast<absl::StatusCode>(codes[first].item<int64_t>()), message);
 }
 
 absl::Status Trainer::State::BroadcastState(bool parameters) {
@@ -678,9 +713,6 @@ absl::Status Trainer::State::LoadItems() {
       valid_items.push_back({table.samples[r].filepath, table.samples[r].target});
     }
   }
-  comm = options.comm;
-  rank = comm ? comm->rank() : 0;
-  world = comm ? comm->world_size() : 1;
   if (train.cuda_graph && world > 1) {
     return absl::FailedPreconditionError(absl::StrCat(
         "train.cuda_graph: CUDA graphs run in one-rank groups (the gradient all-reduce runs inside "
@@ -1329,11 +1361,23 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   AVIARY_ASSIGN_OR_RETURN(const common::StageConfig* stage, common::GetStage(config, options.stage));
   s->train = stage->train;
   if (options.out_dir.empty()) return absl::InvalidArgumentError("--out: the run folder is empty");
-  AVIARY_RETURN_IF_ERROR(s->ConfigureDevice());
-  AVIARY_RETURN_IF_ERROR(s->LoadItems());
-  AVIARY_RETURN_IF_ERROR(s->CreateLoaders());
-  AVIARY_RETURN_IF_ERROR(s->BuildModel());
-  if (options.lock_run_folder && s->rank == 0) AVIARY_RETURN_IF_ERROR(s->LockRunFolder());
+  s->comm = options.comm;
+  s->rank = s->comm ? s->comm->rank() : 0;
+  s->world = s->comm ? s->comm->world_size() : 1;
+  // Each rank alone (its host's files, device and memory may fail where the others' do not).
+  const absl::Status started = [&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR(s->ConfigureDevice());
+    AVIARY_RETURN_IF_ERROR(s->LoadItems());
+    AVIARY_RETURN_IF_ERROR(s->CreateLoaders());
+    AVIARY_RETURN_IF_ERROR(s->BuildModel());
+    if (options.lock_run_folder && s->rank == 0) AVIARY_RETURN_IF_ERROR(s->LockRunFolder());
+    if (s->fault.kind == "fail_start" && s->rank == s->fault.rank) {
+      return absl::NotFoundError(absl::StrCat("AVIARY_FAULT_INJECT: rank ", s->rank,
+                                              " cannot start (a data root missing on its host, say)"));
+    }
+    return absl::OkStatus();
+  }();
+  AVIARY_RETURN_IF_ERROR(s->ShareStartOutcome(started));
   AVIARY_RETURN_IF_ERROR(s->Resume());
   AVIARY_RETURN_IF_ERROR(s->JoinGroup());
   s->copier = std::make_unique<DeviceCopier>(options.device);

@@ -10,6 +10,9 @@
 #   4. A group of one rank whose training thread stops making progress (AVIARY_FAULT_INJECT
 #      kind=hang) without failing: its watchdog (--stall-timeout-s) fails the task as retryable
 #      and ends the group; the task is leased again and completes on the next group.
+#   5. One rank of a two-rank group fails before the first step (AVIARY_FAULT_INJECT
+#      kind=fail_start: a data root missing on its host): every rank ends the task at once with
+#      its cause, the group lives on, and the coordinator gets the cause with each attempt.
 # usage: service_faults.sh BIN_DIR MPIEXEC
 set -uo pipefail
 bin=$1
@@ -131,6 +134,24 @@ if wait_for 180 bash -c "! kill -0 $pid_d 2>/dev/null"; then
   fi
 else
   fail "group d did not end within 180 s of its stall"; tail -n 30 "$tmp/d.log"
+fi
+
+# 5. A rank that cannot start while the others can: they used to wait for it in the start's
+#    barrier (1800 s), and the coordinator learnt only that a rank did not arrive.
+kill -USR2 "$group_pid" 2>/dev/null   # group e
+wait_for 60 bash -c "! kill -0 $group_pid 2>/dev/null" || fail "group e did not stop on SIGUSR2"
+AVIARY_FAULT_INJECT="rank=1,kind=fail_start" start_group f 2
+pid_f=$group_pid
+job5=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=2 | tail -n 1)
+echo "job $job5 (rank 1 of group f cannot start)"
+if wait_for 180 jq_status "$job5" 'j["state"] == "JOB_STATE_FAILED"'; then
+  jq_status "$job5" '"rank 1: AVIARY_FAULT_INJECT: rank 1 cannot start" in j["error"] and task("finetune")["restarts"] == 2' ||
+    fail "job 5 failed without rank 1's cause or with other restarts: $(jq_status "$job5" 'j["error"]'), $(jq_status "$job5" 'task("finetune")["restarts"]')"
+  [ "$(grep -c "failed on group .* (retryable): rank 1: AVIARY_FAULT_INJECT" "$tmp/coordinator.log")" = 3 ] ||
+    fail "the coordinator did not get rank 1's cause with each of the 3 attempts: $(grep -m3 'failed on group' "$tmp/coordinator.log")"
+  kill -0 "$pid_f" 2>/dev/null || fail "group f ended: the ranks did not agree on the outcome"
+else
+  fail "job 5 did not fail within 180 s"; tail -n 30 "$tmp/f.log"; tail -n 20 "$tmp/coordinator.log"
 fi
 
 echo "service_faults: $passes checks passed, $fails failed"
