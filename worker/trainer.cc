@@ -190,7 +190,7 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
 }
 
 // AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|nan_from|nan_weights|
-// slow_write][,seconds=S]" (tests only; trainer.h says what each does).
+// slow_write|fail_start][,seconds=S]" (tests only; trainer.h says what each does).
 struct FaultPlan {
   int rank = -1;
   int64_t step = -1;
