@@ -660,6 +660,25 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     }
   }
 
+  // Two points that train alike (one value spelled two ways, "1e-3" and "0.001"; a key only a
+  // disabled stage reads) would spend the GPU time twice on one result.
+  if (sweep) {
+    std::map<std::string, size_t> trains;
+    for (size_t p = 0; p < configs.size(); ++p) {
+      common::PipelineConfig runs = configs[p];
+      for (auto& [name, stage] : runs.stages) {
+        if (!stage.enabled) stage = common::StageConfig{/*enabled=*/false, common::TrainConfig{}};
+      }
+      const auto [first, fresh] = trains.emplace(common::PipelineConfigToYaml(runs), p);
+      if (!fresh) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            source, ": sweep points ", first->second, " (", absl::StrJoin(grid[first->second], ", "), ") and ", p,
+            " (", absl::StrJoin(grid[p], ", "), ") train alike (the same config once parsed, the disabled stages "
+            "left out); drop one of the values"));
+      }
+    }
+  }
+
   const bool pretrain = config.stages.at("pretrain").enabled;
   const bool finetune = config.stages.at("finetune").enabled;
   if (!pretrain && !finetune) {

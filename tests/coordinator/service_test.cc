@@ -2421,6 +2421,11 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   refused(SweepRequest(root_, {{"train.lr", {}}}), {"sweep[0]", "no values"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3"}}, {"train.lr", {"2e-3"}}}), {"swept twice"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "1e-3"}}}), {"twice"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3", "0.001"}}}),
+          {"sweep points 0 (train.lr=1e-3) and 2 (train.lr=0.001) train alike"});
+  SubmitJobRequest disabled = SweepRequest(root_, {{"stages.pretrain.lr", {"1e-3", "2e-3"}}});
+  disabled.add_overrides("stages.pretrain.enabled=false");
+  refused(disabled, {"sweep points 0 (stages.pretrain.lr=1e-3) and 1 (stages.pretrain.lr=2e-3) train alike"});
   refused(SweepRequest(root_, {{"seed", {"1", "2"}}}), {"changes 'seed'"});
   refused(SweepRequest(root_, {{"folds.selected_folds", {"[0]", "[1]"}}}), {"changes 'folds'"});
   refused(SweepRequest(root_, {{"train.monitor", {"auc", "loss"}}}), {"changes 'train.monitor'"});
