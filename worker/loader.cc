@@ -179,10 +179,15 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
     uint64_t crop_seed = MixSeed(options_.seed, static_cast<uint64_t>(build.epoch),
                                  static_cast<uint64_t>(item), static_cast<uint64_t>(attempt));
     ClipData clip = clip_(items_[item], options_.train, crop_seed, out);
-    // A read that failed now (NFS, too many open files): the same clip again, after a wait.
-    for (size_t r = 0; !clip.problem.empty() && clip.retry && r < options_.read_retry_delays_s.size(); ++r) {
+    // A read of the row's own item that failed now (NFS, too many open files): the same clip
+    // again, after a wait.
+    for (size_t r = 0; attempt == 0 && !clip.problem.empty() && clip.retry && r < options_.read_retry_delays_s.size();
+         ++r) {
       if (outcome.read_retries++ == 0) outcome.read_retry_message = clip.message;
-      std::this_thread::sleep_for(std::chrono::duration<double>(options_.read_retry_delays_s[r]));
+      if (!WaitToReadAgain(options_.read_retry_delays_s[r], build.generation)) {
+        outcome.status = absl::CancelledError("loader: stopped or a new epoch started");  // the row is dropped
+        return outcome;
+      }
       clip = clip_(items_[item], options_.train, crop_seed, out);
     }
     if (clip.problem.empty()) {
@@ -207,6 +212,13 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
     if (pos < 0) pos = std::find(order.begin(), order.end(), build.rows[k]) - order.begin();
     item = order[(pos + attempt + 1) % n];
   }
+}
+
+bool Loader::WaitToReadAgain(double seconds, uint64_t generation) const {
+  absl::MutexLock lock(&mu_);
+  auto cut = [this, generation]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_ || generation_ != generation; };
+  mu_.AwaitWithTimeout(absl::Condition(&cut), absl::Seconds(seconds));
+  return !cut();
 }
 
 Batch Loader::Assemble(const Build& build) const {

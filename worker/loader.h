@@ -53,7 +53,7 @@ struct LoaderItem {
 struct ClipData {
   std::string problem;  // e.g. "truncated", "silent"
   std::string message;
-  // The file could not be read (not there, an I/O error, ...): no verdict on its contents.
+  // The system could not read the file (not there, an I/O error, ...): no verdict on its contents.
   bool unreadable = false;
   // ... for a cause that may pass (an I/O error, too many open files, out of memory), so the
   // loader reads it again (LoaderOptions::read_retry_delays_s).
@@ -78,8 +78,10 @@ struct LoaderOptions {
   bool pin_memory = false;     // page-locked host batches (needs CUDA)
   int64_t max_batches = -1;    // per epoch, for debug runs; -1: all
   int max_substitutions = 64;  // broken clips in a row before the epoch fails
-  // A clip that could not be read now (ClipData::retry) is read again after each of these waits
-  // (the same item and crop: the batch is what it would have been) before it counts as broken.
+  // A row's clip that could not be read now (ClipData::retry) is read again after each of these
+  // waits (the same item and crop: the batch is what it would have been) before it counts as
+  // broken. Only the row's own item: its substitutes are not (a failed storage then ends the
+  // epoch within seconds, well inside comm.timeout_s). A stop or a new epoch cuts the waits.
   std::vector<double> read_retry_delays_s = {0.25, 1.0, 4.0};
 };
 
@@ -150,6 +152,8 @@ class Loader {
   void WorkerLoop();
   // Decodes row k of `build` into its row of the tensor (training: substituting broken clips).
   RowOutcome FillRow(const Build& build, size_t k) const;
+  // Sleeps `seconds` unless the loader stops or a new epoch starts (false then).
+  bool WaitToReadAgain(double seconds, uint64_t generation) const;
   // The finished batch: the rows left out dropped (validation), the targets, the items.
   Batch Assemble(const Build& build) const;
 

@@ -15,6 +15,7 @@
 #include <initializer_list>
 #include <cstdio>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -334,6 +335,28 @@ void ReportNewBrokenClips(const LoaderStats& before, const LoaderStats& after, i
   ReportReadRetries(after.read_retries - before.read_retries, after, absl::StrCat("in epoch ", epoch));
 }
 
+// Epoch `epoch`'s validation left out other clips than the run's first (`first`; `before` and
+// `after`: the validation loader's totals before and after it).
+void ReportValidationChanges(const LoaderStats& first, const LoaderStats& before, const LoaderStats& after,
+                             int epoch) {
+  auto count = [](const LoaderStats& s, const std::string& problem) {
+    auto it = s.problems.find(problem);
+    return it != s.problems.end() ? it->second : int64_t{0};
+  };
+  std::set<std::string> problems;
+  for (const LoaderStats* s : {&first, &after}) {
+    for (const auto& [problem, n] : s->problems) problems.insert(problem);
+  }
+  for (const std::string& problem : problems) {
+    const int64_t now = count(after, problem) - count(before, problem);
+    if (now == count(first, problem)) continue;
+    Log().Warn(absl::StrCat("epoch ", epoch, ": validation left out ", now, " clip(s) as ", problem,
+                            ", the first validation ", count(first, problem),
+                            ": its metrics are over other clips (a read that failed even when made again)"));
+  }
+  ReportReadRetries(after.read_retries - before.read_retries, after, absl::StrCat("in epoch ", epoch, "'s validation"));
+}
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -540,6 +563,8 @@ struct Trainer::State {
   // first failing rank's status ("rank R: ..."), so that all end the task together with one code
   // and its cause (a rank that failed alone used to leave the others in the start's barrier).
   absl::Status ShareStartOutcome(const absl::Status& mine);
+  // Trainer::Create's steps that each rank takes alone (their outcome is then shared).
+  absl::Status StartAlone(const TrainOptions& options);
   // Trainer::Create's steps, in order.
   absl::Status ConfigureDevice();
   absl::Status LoadItems();
@@ -763,7 +788,7 @@ absl::Status Trainer::State::CreateLoaders() {
     } else if (!r->ok()) {
       out.problem = AudioProblemName(r->problem);
       out.message = r->message;
-      out.unreadable = r->problem == AudioProblem::kMissing;
+      out.unreadable = r->unreadable;
       out.retry = r->retry;
     }
     return out;
@@ -1353,6 +1378,19 @@ absl::Status Trainer::State::JoinGroup() {
   return absl::OkStatus();
 }
 
+absl::Status Trainer::State::StartAlone(const TrainOptions& options) {
+  AVIARY_RETURN_IF_ERROR(ConfigureDevice());
+  AVIARY_RETURN_IF_ERROR(LoadItems());
+  AVIARY_RETURN_IF_ERROR(CreateLoaders());
+  AVIARY_RETURN_IF_ERROR(BuildModel());
+  if (options.lock_run_folder && rank == 0) AVIARY_RETURN_IF_ERROR(LockRunFolder());
+  if (fault.kind == "fail_start" && rank == fault.rank) {
+    return absl::NotFoundError(
+        absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " cannot start (a data root missing on its host, say)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineConfig& config,
                                                          const TrainOptions& options) {
   auto s = std::make_unique<State>();
@@ -1366,16 +1404,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   s->world = s->comm ? s->comm->world_size() : 1;
   // Each rank alone (its host's files, device and memory may fail where the others' do not).
   const absl::Status started = [&]() -> absl::Status {
-    AVIARY_RETURN_IF_ERROR(s->ConfigureDevice());
-    AVIARY_RETURN_IF_ERROR(s->LoadItems());
-    AVIARY_RETURN_IF_ERROR(s->CreateLoaders());
-    AVIARY_RETURN_IF_ERROR(s->BuildModel());
-    if (options.lock_run_folder && s->rank == 0) AVIARY_RETURN_IF_ERROR(s->LockRunFolder());
-    if (s->fault.kind == "fail_start" && s->rank == s->fault.rank) {
-      return absl::NotFoundError(absl::StrCat("AVIARY_FAULT_INJECT: rank ", s->rank,
-                                              " cannot start (a data root missing on its host, say)"));
+    // An exception (CUDA out of memory on a shared GPU, no thread left for the loader) is this
+    // rank's failure too: the others must hear of it here, not wait for it.
+    try {
+      return s->StartAlone(options);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("exception at the start: ", e.what()));  // "rank R: " added when shared
     }
-    return absl::OkStatus();
   }();
   AVIARY_RETURN_IF_ERROR(s->ShareStartOutcome(started));
   AVIARY_RETURN_IF_ERROR(s->Resume());
@@ -2025,6 +2060,7 @@ absl::Status Trainer::Run() {
                             " epochs (0-", s.epochs - 1, ")"));
     return absl::OkStatus();
   }
+  LoaderStats first_validation, last_validation;  // the validation loader's totals after them
   for (int epoch = s.start_epoch; epoch < s.epochs; ++epoch) {
     absl::StatusOr<EpochRecord> record = absl::InternalError("not run");
     try {
@@ -2045,10 +2081,18 @@ absl::Status Trainer::Run() {
     }
     if (swap) s.ema->Swap(*s.model);
     AVIARY_RETURN_IF_ERROR(validated);
-    if (epoch == s.start_epoch && s.valid_loader) {  // the same clips every validation: said once
+    if (s.valid_loader) {
+      // The same clips every validation: said once; a later one that left out others (a read
+      // that failed even when made again) is said too: its metrics are over other clips.
       const LoaderStats valid = s.valid_loader->Stats();
-      ReportBrokenClips(valid, "validation clips left out", " (from every validation)");
-      ReportReadRetries(valid.read_retries, valid, "in the first validation");
+      if (epoch == s.start_epoch) {
+        ReportBrokenClips(valid, "validation clips left out", " (from every validation)");
+        ReportReadRetries(valid.read_retries, valid, "in the first validation");
+        first_validation = valid;
+      } else {
+        ReportValidationChanges(first_validation, last_validation, valid, epoch);
+      }
+      last_validation = valid;
     }
     bool write_best = false;
     const bool stop_early = s.TrackMonitor(&*record, &write_best);

@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -396,6 +397,64 @@ TEST(StallWatchdogTest, StoppedTimeDoesNotCount) {
   EXPECT_TRUE(w.Check(now += 1000));
   ASSERT_EQ(stalls.size(), 1u);
   EXPECT_DOUBLE_EQ(stalls[0].seconds, 31.0);
+}
+
+TEST(StallWatchdogTest, ATaskMayNeedLongerNeverShorter) {
+  // A task whose waits for a stuck peer last longer (2 x comm.timeout_s + 30 s) than the timeout.
+  std::vector<Stall> stalls;
+  auto watchdog = Manual(10, &stalls);
+  watchdog->Arm("t", "the task's start");
+  watchdog->AtLeast(20);
+  watchdog->AtLeast(5);  // never shorter
+  int64_t now = 0;
+  for (int i = 0; i <= 20; ++i, now += 1000) EXPECT_FALSE(watchdog->Check(now)) << i;
+  EXPECT_TRUE(watchdog->Check(now));
+  watchdog->Arm("u", "the task's start");  // the next task starts from the constructor's again
+  for (int i = 0; i <= 10; ++i, now += 1000) EXPECT_FALSE(watchdog->Check(now)) << i;
+  EXPECT_TRUE(watchdog->Check(now));
+  auto off = Manual(0, &stalls);
+  off->Arm("t", "the task's start");
+  off->AtLeast(20);  // off stays off
+  for (int i = 0; i < 40; ++i, now += 1000) EXPECT_FALSE(off->Check(now));
+  EXPECT_EQ(stalls.size(), 2u);
+}
+
+TEST(StallWatchdogTest, DisarmWaitsForAFiringUnderWay) {
+  // on_stall ends the process; the main thread, finishing the task just then, must not report
+  // its outcome meanwhile: Disarm returns only once on_stall has.
+  absl::Mutex mu;
+  bool in_stall = false, release = false;
+  std::atomic<bool> disarmed{false};
+  StallWatchdog w(
+      1,
+      [&](const std::string&, double, const std::string&) {
+        absl::MutexLock lock(&mu);
+        in_stall = true;
+        mu.Await(absl::Condition(&release));
+      },
+      /*start_thread=*/false);
+  w.Arm("t", "the task's start");
+  std::thread checker([&] {
+    int64_t now = 0;
+    while (!w.Check(now)) now += 1000;
+  });
+  {
+    absl::MutexLock lock(&mu);
+    mu.Await(absl::Condition(&in_stall));
+  }
+  std::thread main_thread([&] {
+    w.Disarm();
+    disarmed = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(disarmed.load()) << "Disarm returned while on_stall ran";
+  {
+    absl::MutexLock lock(&mu);
+    release = true;
+  }
+  checker.join();
+  main_thread.join();
+  EXPECT_TRUE(disarmed.load());
 }
 
 TEST(StallWatchdogTest, ItsThreadFiresWithoutProgress) {

@@ -1,5 +1,6 @@
 #include "worker/data/audio.h"
 
+#include <fcntl.h>
 #include <sndfile.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -606,6 +607,7 @@ TEST(AudioProblemTest, AFailedOpenMayPassAMissingFileDoesNot) {
   TempDir tmp;
   DecodeResult absent = Decode(tmp.Sub("nope.ogg"));
   EXPECT_EQ(absent.failure.problem, AudioProblem::kMissing);
+  EXPECT_TRUE(absent.failure.unreadable);
   EXPECT_FALSE(absent.failure.retry) << absent.failure.message;
   const std::string path = tmp.Sub("tone.wav");
   WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, Sine(440, 16000, 1600));
@@ -613,7 +615,7 @@ TEST(AudioProblemTest, AFailedOpenMayPassAMissingFileDoesNot) {
   ASSERT_TRUE(ok.ok()) << ok.failure.message;
   EXPECT_FALSE(ok.failure.retry);
   // No descriptor left: the soft limit at the lowest one free.
-  const int lowest_free = ::dup(0);
+  const int lowest_free = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   ASSERT_GE(lowest_free, 0);
   ::close(lowest_free);
   struct rlimit saved;
@@ -624,6 +626,7 @@ TEST(AudioProblemTest, AFailedOpenMayPassAMissingFileDoesNot) {
   DecodeResult starved = Decode(path);
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
   EXPECT_EQ(starved.failure.problem, AudioProblem::kMissing) << starved.failure.message;
+  EXPECT_TRUE(starved.failure.unreadable);
   EXPECT_TRUE(starved.failure.retry) << starved.failure.message;
   EXPECT_NE(starved.failure.message.find("Too many open files"), std::string::npos) << starved.failure.message;
   EXPECT_TRUE(Decode(path).ok());  // and it reads again once descriptors are back

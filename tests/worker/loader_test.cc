@@ -234,6 +234,30 @@ TEST(LoaderTest, AReadThatFailsNowIsMadeAgainAndTheBatchIsUnchanged) {
   EXPECT_NE(bad.status().message().find("read_retry_delays_s = -1"), absl::string_view::npos) << bad.status();
 }
 
+TEST(LoaderTest, AStopCutsTheWaitBeforeAReadIsMadeAgain) {
+  // Ten minutes before the next read: destroying the loader (a preemption's stop) and a new
+  // epoch must not wait for it (without the cut this test hangs until its timeout).
+  auto items = MakeItems(16);
+  auto o = Options(4);
+  o.read_retry_delays_s = {600};
+  auto failed_reads = std::make_shared<std::atomic<int>>(0);
+  ClipFn flaky = [failed_reads](const LoaderItem& item, bool, uint64_t, absl::Span<float> out) {
+    std::fill(out.begin(), out.end(), 0.0f);
+    ++*failed_reads;
+    ClipData c;
+    c.problem = "missing";
+    c.message = item.path + ": Input/output error";
+    c.unreadable = c.retry = true;
+    return c;
+  };
+  auto l = Loader::Create(items, flaky, o);
+  ASSERT_TRUE(l.ok());
+  (*l)->StartEpoch(0);
+  while (*failed_reads < 2) std::this_thread::sleep_for(std::chrono::milliseconds(5));  // both threads wait
+  (*l)->StartEpoch(1);  // a new epoch: the waits for epoch 0's rows end
+  l->reset();           // and a stop: the waits for epoch 1's rows end
+}
+
 TEST(LoaderTest, NoClipReadableInARowIsUnavailableNotDataLoss) {
   // The storage failed (an unmounted share: "no such file" everywhere, no retry), not the
   // files: a retryable UNAVAILABLE, while broken contents stay DATA_LOSS (above).

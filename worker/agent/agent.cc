@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -371,6 +372,9 @@ Outcome Agent::RunTask(const v1::Task& task) {
   Outcome agreed = Agree(task_.id, prepared.status(), 600, 0, /*training=*/false);
   if (!agreed.status.ok()) return agreed;
   task_.deadline_s = 2 * prepared->config.comm.timeout_s + 30;
+  // Rank 0 may wait that long for a stuck peer before the exchange says which: the watchdog
+  // gives it that time and a minute (a group of one rank has no peer to wait for).
+  if (watchdog_ && control_.world() > 1) watchdog_->AtLeast(task_.deadline_s + 60);
   // T3 to T5.
   task_.last_point = Clock::now();
   task_.step_point_sent = false;
@@ -583,13 +587,14 @@ std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, i
 
 void Agent::OnStall(const std::string& task_id, double seconds, const std::string& last) {
   // A stuck training thread cannot stop the task: report it from here, then end the process.
-  // The lease's fence refuses the stuck thread's writes meanwhile only once the coordinator took
-  // the task back, so the report goes first and the group ends right after it.
+  // The lease is given up first, so that a training thread that wakes meanwhile writes nothing
+  // into the run folder the next attempt will use.
   const std::string message = absl::StrFormat(
-      "task %s: no progress on rank 0 for %.0f s (the last sign: %s; --stall-timeout-s %g): a stuck read, "
-      "device or deadlock; ending the group so that the task is leased again",
+      "task %s: no progress on rank 0 (or a rank it waits for) for %.0f s (the last sign: %s; --stall-timeout-s "
+      "%g): a stuck read, device or deadlock; ending the group so that the task is leased again",
       task_id, seconds, last, options_.stall_timeout_s);
   Log().Error(message);
+  link_->RevokeLease("the stall watchdog failed the task");
   Report r;
   r.kind = Report::Kind::kFail;
   r.task_id = task_id;
@@ -597,7 +602,10 @@ void Agent::OnStall(const std::string& task_id, double seconds, const std::strin
   r.retryable = true;
   link_->Push(std::move(r));
   link_->Drain(task_id, 15, 5);
-  EndGroup(message);
+  // Not MPI_Abort: MPI runs MPI_THREAD_SERIALIZED and the main thread may be inside a call. A
+  // rank that exits without MPI_Finalize makes mpirun end the others.
+  common::WriteLineToStderr(absl::StrCat("aviary: rank 0 ends the group: ", message));
+  std::_Exit(1);
 }
 
 Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, double deadline_s,

@@ -14,7 +14,9 @@
 // notes when it asked, each answered heartbeat renews the current lease from its send time, a
 // cancel answer or a NOT_FOUND revokes it; CheckLease is the trainer's commit check.
 //
-// Thread-safe: the main thread calls everything but the loops; HeartbeatLoop, ShipLoop and
+// Thread-safe: the main thread calls everything but the loops (and the stall watchdog's thread,
+// which the main thread no longer answers to, RevokeLease, Push and Drain before the process
+// ends); HeartbeatLoop, ShipLoop and
 // SenderLoop run on the threads StartThreads starts. They share group_id_, the lease and running_ under mu_,
 // the cancel and lost flags as atomics, and the ReportBuffer (itself thread-safe).
 #ifndef AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
@@ -94,6 +96,9 @@ class CoordinatorLink {
   // `signal_wait_s`.
   void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s);
   void DropTask(const std::string& task_id);
+  // The lease is given up here (the stall watchdog fails the task): every later CheckLease, the
+  // training thread's commit check, refuses. Any thread.
+  void RevokeLease(const std::string& why) { lease_.Revoke(why); }
 
   // LeaveGroup once (after StopThreads), on a clean exit of the agent: the coordinator removes
   // the group at once instead of counting it as lost after heartbeat_timeout_s. Nothing when the

@@ -32,6 +32,7 @@ void StallWatchdog::Arm(const std::string& task_id, const char* what) {
   absl::MutexLock lock(&mu_);
   armed_ = true;
   fired_ = false;
+  task_timeout_s_ = timeout_s_;
   task_id_ = task_id;
   seen_progress_ = progress_.load(std::memory_order_acquire);
   last_check_ms_ = -1;
@@ -40,7 +41,14 @@ void StallWatchdog::Arm(const std::string& task_id, const char* what) {
 
 void StallWatchdog::Disarm() {
   absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](bool* firing) { return !*firing; }, &firing_));
   armed_ = false;
+}
+
+void StallWatchdog::AtLeast(double timeout_s) {
+  absl::MutexLock lock(&mu_);
+  if (timeout_s_ > 0) task_timeout_s_ = std::max(task_timeout_s_, timeout_s);
 }
 
 bool StallWatchdog::Check(int64_t now_ms) {
@@ -58,11 +66,14 @@ bool StallWatchdog::Check(int64_t now_ms) {
     }
     last_check_ms_ = now_ms;
     idle_s = static_cast<double>(idle_ms_) / 1000.0;
-    if (idle_s <= timeout_s_) return false;
+    if (idle_s <= task_timeout_s_) return false;
     fired_ = true;
+    firing_ = true;
     task_id = task_id_;
   }
   on_stall_(task_id, idle_s, last_.load(std::memory_order_relaxed));
+  absl::MutexLock lock(&mu_);
+  firing_ = false;
   return true;
 }
 

@@ -11,7 +11,8 @@
 // kMaxCountedGapMs ago (the process was stopped, the machine suspended) counts kMaxCountedGapMs.
 //
 // Thread-safe: Progress() is called on the training thread (a lock-free store), Arm/Disarm on
-// the main thread, `on_stall` runs on the watchdog's thread.
+// the main thread, `on_stall` runs on the watchdog's thread (and is expected to end the process:
+// Disarm waits for a firing under way).
 #ifndef AVIARY_WORKER_AGENT_STALL_WATCHDOG_H_
 #define AVIARY_WORKER_AGENT_STALL_WATCHDOG_H_
 
@@ -42,9 +43,13 @@ class StallWatchdog {
   StallWatchdog& operator=(const StallWatchdog&) = delete;
 
   // A task starts (its clock starts now, `what` being its first sign of progress); Disarm: it
-  // ended. A watchdog that fired stays quiet until the next Arm.
+  // ended. A watchdog that fired stays quiet until the next Arm. Disarm waits while `on_stall`
+  // runs (it ends the process: the task's outcome must not be reported meanwhile).
   void Arm(const std::string& task_id, const char* what) ABSL_LOCKS_EXCLUDED(mu_);
   void Disarm() ABSL_LOCKS_EXCLUDED(mu_);
+  // The armed task's timeout, when it needs a longer one than the constructor's (the task's
+  // own waits for a peer are longer); never shorter, and nothing when off.
+  void AtLeast(double timeout_s) ABSL_LOCKS_EXCLUDED(mu_);
   // A sign of progress: the clock starts again. `what` must be a string literal (kept by address).
   void Progress(const char* what) {
     last_.store(what, std::memory_order_relaxed);
@@ -65,6 +70,8 @@ class StallWatchdog {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool armed_ ABSL_GUARDED_BY(mu_) = false;
   bool fired_ ABSL_GUARDED_BY(mu_) = false;
+  bool firing_ ABSL_GUARDED_BY(mu_) = false;  // on_stall runs
+  double task_timeout_s_ ABSL_GUARDED_BY(mu_) = 0;
   std::string task_id_ ABSL_GUARDED_BY(mu_);
   uint64_t seen_progress_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t last_check_ms_ ABSL_GUARDED_BY(mu_) = -1;  // -1: no check since Arm

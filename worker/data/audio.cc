@@ -397,7 +397,7 @@ DecodeFailure Failure(AudioProblem problem, std::string message) {
 DecodeFailure Unreadable(std::string message, int err = 0) {
   const bool lasting = err == ENOENT || err == ENOTDIR || err == EACCES || err == EPERM || err == ELOOP ||
                        err == ENAMETOOLONG || err == EISDIR || err == EINVAL;
-  return DecodeFailure{AudioProblem::kMissing, std::move(message), /*retry=*/!lasting};
+  return DecodeFailure{AudioProblem::kMissing, std::move(message), /*unreadable=*/true, /*retry=*/!lasting};
 }
 
 // Opens `path` for reading and classifies what can be told from the file system and the header.

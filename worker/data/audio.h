@@ -84,8 +84,11 @@ struct DecodedAudio {
 struct DecodeFailure {
   AudioProblem problem = AudioProblem::kNone;
   std::string message;  // names the path and libsndfile's error text
-  // kMissing for a cause that may pass (an I/O error, too many open files, out of memory; not a
-  // file that does not exist): worth reading again.
+  // kMissing because the system could not read the file (not there, no permission, an I/O
+  // error, too many open files, out of memory), not because a decoder failed on it.
+  bool unreadable = false;
+  // ... for a cause that may pass (an I/O error, too many open files, out of memory; not a file
+  // that does not exist): worth reading again.
   bool retry = false;
 };
 

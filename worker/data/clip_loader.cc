@@ -30,6 +30,7 @@ void SetProblem(ClipResult* result, absl::Span<float> out, AudioProblem problem,
 
 void SetProblem(ClipResult* result, absl::Span<float> out, const DecodeFailure& failure) {
   SetProblem(result, out, failure.problem, failure.message);
+  result->unreadable = failure.unreadable;
   result->retry = failure.retry;
 }
 

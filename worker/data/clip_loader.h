@@ -45,7 +45,8 @@ struct ClipResult {
   std::vector<float> samples;  // exactly ClipSamples(request); zeros on a problem (LoadClipInto: empty)
   AudioProblem problem = AudioProblem::kNone;
   std::string message;
-  bool retry = false;         // DecodeFailure::retry: the file could not be read now
+  bool unreadable = false;    // DecodeFailure::unreadable: the system could not read the file
+  bool retry = false;         // DecodeFailure::retry: ... now, for a cause that may pass
   ClipPlan plan;              // how the clip was cut (meaningful when ok())
   int64_t audio_samples = 0;  // length of the file at the request's rate (after max_seconds)
   bool from_cache = false;
