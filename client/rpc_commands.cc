@@ -59,6 +59,9 @@ constexpr double kDefaultTimeoutS = 30;
 // `watch`: consecutive failed reconnection attempts before giving up (each bounded by
 // --timeout), and the backoff between them.
 constexpr int kMaxReconnects = 10;
+// `watch`'s exit code when it gave up on a job it had been watching: its final state is not known
+// (it may still be running). 1 is a FAILED or CANCELLED job.
+constexpr int kWatchStateUnknownExit = 3;
 constexpr double kFirstBackoffS = 0.5;
 constexpr double kMaxBackoffS = 10;
 // `watch` on a terminal redraws at most this often (progress reports arrive every 2 s per
@@ -195,10 +198,17 @@ class Client {
       creds = grpc::SslCredentials(ssl);
     }
     grpc::ChannelArguments args;
-    // Detects a vanished coordinator host under a quiet `watch` stream. Not more often than the
-    // server's default ping policy (5 min) allows, or it answers with GOAWAY.
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 300000);
+    // Detects a vanished coordinator host (powered off, cut off: no FIN) under a quiet `watch`
+    // stream within about 50 s. The coordinator lets a client ping every 10 s
+    // (coordinator/service.cc); gRPC's own server default (5 min) would answer this with GOAWAY.
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
     args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+    // Reconnecting (watch, logs --follow): try the coordinator again every 1 to 5 s, not gRPC's
+    // default 1 s growing to 120 s, which noticed a restarted coordinator minutes late and let
+    // the reconnection attempts run out meanwhile.
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 1000);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
     args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20);
     channel_ = grpc::CreateCustomChannel(options_.coordinator, creds, args);
     stub_ = v1::JobService::NewStub(channel_);
@@ -206,6 +216,8 @@ class Client {
 
   const ClientOptions& options() const { return options_; }
   v1::JobService::Stub* stub() { return stub_.get(); }
+  // The coordinator answered a call of this client (so TLS is not why a later one fails).
+  void NoteAnswered() { answered_ = true; }
 
   // A context with the deadline and the bearer token.
   void Prepare(grpc::ClientContext* context, bool with_deadline = true) const {
@@ -243,7 +255,7 @@ class Client {
         // A plaintext client closed on by a TLS server sees only "Socket closed" (from the
         // transport); an UNAVAILABLE the coordinator itself returned ("the coordinator is shutting
         // down") reached it, so TLS is not the cause.
-        if (code == absl::StatusCode::kUnavailable && options_.tls_ca.empty() &&
+        if (code == absl::StatusCode::kUnavailable && options_.tls_ca.empty() && !answered_ &&
             (message.find("Socket closed") != std::string::npos ||
              message.find("Connection reset") != std::string::npos ||
              message.find("failed to connect") != std::string::npos) &&
@@ -273,11 +285,14 @@ class Client {
     grpc::ClientContext context;
     Prepare(&context);
     if (wait_for_ready) context.set_wait_for_ready(true);
-    return ToStatus((stub_.get()->*method)(&context, request, response), rpc);
+    const grpc::Status status = (stub_.get()->*method)(&context, request, response);
+    if (status.ok()) answered_ = true;
+    return ToStatus(status, rpc);
   }
 
  private:
   ClientOptions options_;
+  bool answered_ = false;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::JobService::Stub> stub_;
 };
@@ -334,8 +349,19 @@ absl::Status Submit(Client& client, const ClientArgs& args) {
   AVIARY_RETURN_IF_ERROR(CheckUtf8("the config's path", request.source_path()));
   AVIARY_RETURN_IF_ERROR(CheckUtf8("the current directory", request.working_dir()));
   v1::SubmitJobResponse response;
-  AVIARY_RETURN_IF_ERROR(
-      client.Call("SubmitJob", &v1::JobService::Stub::SubmitJob, request, &response));
+  absl::Status submitted = client.Call("SubmitJob", &v1::JobService::Stub::SubmitJob, request, &response);
+  const bool never_reached = absl::StrContains(submitted.message(), "failed to connect") ||
+                             absl::StrContains(submitted.message(), "Connection refused") ||
+                             absl::StrContains(submitted.message(), "DNS resolution failed");
+  if (submitted.code() == absl::StatusCode::kDeadlineExceeded ||
+      (submitted.code() == absl::StatusCode::kUnavailable && !never_reached)) {
+    // The coordinator may have recorded the job before the answer was lost (it drops a submit
+    // whose caller has gone only up to its commit): a second submit would run it twice.
+    return absl::Status(submitted.code(),
+                        absl::StrCat(submitted.message(), "; the job may have been created all the same: check "
+                                                          "`aviary list` before submitting again"));
+  }
+  AVIARY_RETURN_IF_ERROR(submitted);
   std::cerr << "submitted " << request.source_path() << " to " << client.options().coordinator
             << "; follow it with: aviary watch " << response.job_id() << "\n";
   std::cout << response.job_id() << "\n";
@@ -550,6 +576,11 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
         }
         for (const v1::LogLine& line : log.lines()) {
           if (line.seq() <= seen) continue;
+          // Lines the coordinator let go (its per-task budget) between two polls of a follower.
+          if (!first && seen > 0 && line.seq() > seen + 1) {
+            std::cout << "(" << log.task_id() << ": " << line.seq() - seen - 1
+                      << " lines were no longer kept when asked for)\n";
+          }
           std::cout << FormatLogLine(only_task.empty() ? log.task_id() : "", line) << "\n";
           seen = line.seq();
           new_lines = true;
@@ -562,7 +593,10 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     if (!status.ok()) {
       const bool retryable = status.code() == absl::StatusCode::kUnavailable ||
                              status.code() == absl::StatusCode::kDeadlineExceeded;
-      if (!args.follow || first || !retryable || ++failures > kMaxReconnects) return status;
+      if (!args.follow || first || !retryable) return status;
+      if (++failures > kMaxReconnects) {
+        return common::Annotate(status, absl::StrCat("gave up after ", kMaxReconnects, " attempts"));
+      }
       std::cerr << "aviary logs: " << status.message() << "; retrying in " << backoff_s << " s\n";
       std::this_thread::sleep_for(std::chrono::duration<double>(backoff_s));
       backoff_s = std::min(kMaxBackoffS, backoff_s * 2);
@@ -956,6 +990,7 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
     if (terminal) break;
     if (got_message) {
       connected_once = true;
+      client.NoteAnswered();
       failures = 0;
       backoff_s = kFirstBackoffS;
     }
@@ -972,17 +1007,30 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
     } else {
       error = client.ToStatus(status, "WatchJob");
     }
+    // RESOURCE_EXHAUSTED: the coordinator's watcher slots are full ("retry later"; the slot of
+    // this client's own broken stream may be among them for a while).
     const bool retryable = error.code() == absl::StatusCode::kUnavailable ||
-                           error.code() == absl::StatusCode::kDeadlineExceeded;
+                           error.code() == absl::StatusCode::kDeadlineExceeded ||
+                           (connected_once && error.code() == absl::StatusCode::kResourceExhausted);
     // A coordinator that was never reached is an error right away, like every other command.
-    if (!retryable || !connected_once) {
+    if (!connected_once) {
       view.Finish();
       return error;
     }
-    if (++failures > kMaxReconnects) {
+    const bool give_up = !retryable || ++failures > kMaxReconnects;
+    if (give_up && ClientExitCode(error.code()) != 1) {  // a caller error: the job deleted, the token revoked
       view.Finish();
-      return common::Annotate(error, absl::StrCat("gave up after ", kMaxReconnects,
-                                                  " reconnection attempts"));
+      return error;
+    }
+    if (give_up) {
+      // Not a failed job: its final state is unknown, and it may be running on (exit 3).
+      view.Finish();
+      const std::string why =
+          retryable ? absl::StrCat("gave up after ", kMaxReconnects, " reconnection attempts") : std::string();
+      std::cerr << FormatClientError("watch", retryable ? common::Annotate(error, why) : error) << "\n"
+                << "aviary watch: job " << job_id << " was " << JobStateName(view.job().state())
+                << " when last seen; it may be running on (see `aviary status " << job_id << "` later)\n";
+      return kWatchStateUnknownExit;
     }
     view.Note(absl::StrFormat("connection lost (%s: %s); reconnecting in %.1f s (attempt %d/%d)",
                               absl::StatusCodeToString(error.code()), error.message(), backoff_s,
@@ -1063,7 +1111,8 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       {"submit", "P.yaml", "submit a pipeline; prints the job id last"},
       {"status", "JOB", "the job and its tasks"},
       {"list", nullptr, "jobs, newest first"},
-      {"watch", "JOB", "live progress; exit 0 when the job succeeds, else 1"},
+      {"watch", "JOB", "live progress; exit 0 when the job succeeds, 1 when it fails or is cancelled, 3 when its end "
+                       "was not seen (the coordinator lost)"},
       {"cancel", "JOB", "cancel a job: its running tasks stop at their next step"},
       {"history", "JOB", "epoch rows of every task; --plot: loss, val AUC and lr per task"},
       {"prune", nullptr, "retention now: finished jobs lose step points and manifests (state and history stay)"},

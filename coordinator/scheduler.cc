@@ -528,11 +528,13 @@ absl::StatusOr<Scheduler::Group*> Scheduler::FindGroup(const std::string& group_
 // ---------------------------------------------------------------------------------------------
 // JobService.
 
-absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequest& request) {
+absl::StatusOr<std::string> Scheduler::SubmitJob(const aviary::v1::SubmitJobRequest& request,
+                                                 const std::function<bool()>& caller_gone) {
   bool stale_cache = false;
   std::vector<std::unique_ptr<common::StageTable>> tables;
-  absl::StatusOr<std::string> job_id = BuildAndRecordJob(request, /*use_cache=*/true, &stale_cache, &tables);
-  if (stale_cache) job_id = BuildAndRecordJob(request, /*use_cache=*/false, &stale_cache, &tables);
+  absl::StatusOr<std::string> job_id =
+      BuildAndRecordJob(request, /*use_cache=*/true, &stale_cache, &tables, caller_gone);
+  if (stale_cache) job_id = BuildAndRecordJob(request, /*use_cache=*/false, &stale_cache, &tables, caller_gone);
   // The tables (~200 MB of strings for a BirdCLEF-size pool) freed and the heap trimmed on a
   // thread of their own, after the reply: 30-80 ms that the submit no longer waits for. The
   // thread touches nothing but what it owns.
@@ -614,7 +616,8 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
 
 absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request,
                                                          bool use_cache, bool* stale_cache,
-                                                         std::vector<std::unique_ptr<common::StageTable>>* tables) {
+                                                         std::vector<std::unique_ptr<common::StageTable>>* tables,
+                                                         const std::function<bool()>& caller_gone) {
   const absl::Time submit_started = absl::Now();
   *stale_cache = false;
   const std::string source = request.source_path().empty() ? "<submitted>" : request.source_path();
@@ -666,6 +669,9 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     std::map<std::string, size_t> trains;
     for (size_t p = 0; p < configs.size(); ++p) {
       common::PipelineConfig runs = configs[p];
+      // The tasks train with their stage's train.* (the top-level one merged in); the top-level
+      // section itself only feeds inference from the run's config.yaml.
+      runs.train = common::TrainConfig{};
       for (auto& [name, stage] : runs.stages) {
         if (!stage.enabled) stage = common::StageConfig{/*enabled=*/false, common::TrainConfig{}};
       }
@@ -929,6 +935,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         return absl::FailedPreconditionError("a cached manifest was pruned; building it again");
       }
     }
+    // A caller that has given up (a dataset read longer than its --timeout, a coordinator stopping
+    // under it) saw no job id: recording the job now would run it twice when it submits again.
+    if (caller_gone && caller_gone()) {
+      return absl::CancelledError(
+          "the caller gave up (its deadline passed or it cancelled) before the job was recorded; nothing was recorded");
+    }
+    if (shutdown_) return absl::UnavailableError("the coordinator is shutting down; the job was not recorded");
     AVIARY_RETURN_IF_ERROR(store_->Transaction([&]() -> absl::Status {
       AVIARY_RETURN_IF_ERROR(store_->PutJob(job_row));
       for (const NewTask& task : new_tasks) {
@@ -1059,6 +1072,9 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
   uint64_t seen = 0;
   {
     absl::ReaderMutexLock lock(&mu_);
+    // A watcher that reconnects to a coordinator stopping under it: not one snapshot and then
+    // UNAVAILABLE, which it would take as a connection made and retry at once.
+    if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
     auto it = jobs_.find(job_id);
     if (it == jobs_.end() || it->second.deleted) return NoSuchJob(job_id);
     found = &it->second;
@@ -1081,16 +1097,18 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
       if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
       if (job.deleted) return absl::NotFoundError(absl::StrCat("job ", job_id, " was deleted"));
       if (job.next_event > seen) {
-        if (job.events.empty() || job.events.front().seq > seen) {
+        const bool behind = job.events.empty() || job.events.front().seq > seen;
+        if (behind) {
           // The watcher fell behind the retained events: say so with the state as it is now,
-          // then send what is retained (a finished job keeps its final change's events, so the
-          // stream still ends with "job J SUCCEEDED").
+          // then send only the retained events of that state (the last commit's: a finished
+          // job's stream still ends with "job J SUCCEEDED"). The older ones would take the
+          // watcher back in time (tasks LEASED again after SUCCEEDED).
           Job::Event now{0, job.snapshot, {}};
           now.spec.message = "(events were dropped for a slow watcher) current state";
           batch.push_back(std::move(now));
         }
         for (const Job::Event& event : job.events) {
-          if (event.seq >= seen) batch.push_back(event);
+          if (event.seq >= seen && (!behind || event.job == job.snapshot)) batch.push_back(event);
         }
         seen = job.next_event;
       }

@@ -96,7 +96,11 @@ class Scheduler {
   // manifest (outside the lock), then records the job. Returns the job id. The dataset's tables
   // (hundreds of MB for the whole BirdCLEF pool) are freed before it returns, and the freed heap
   // is given back to the system, so the coordinator's RSS does not keep a submit's peak.
-  absl::StatusOr<std::string> SubmitJob(const aviary::v1::SubmitJobRequest& request);
+  // `caller_gone` (optional) is asked right before the job is recorded: true (the caller's
+  // deadline passed, it cancelled, the server is stopping) records nothing (CANCELLED), so that a
+  // caller who saw no answer may submit again without running the job twice.
+  absl::StatusOr<std::string> SubmitJob(const aviary::v1::SubmitJobRequest& request,
+                                        const std::function<bool()>& caller_gone = {});
   absl::StatusOr<aviary::v1::JobInfo> GetJob(const std::string& job_id) const;
   // Newest first; limit 0 = every job (the RPC asks for at most 10000; 0 there is 1000).
   std::vector<aviary::v1::JobInfo> ListJobs(int limit) const;
@@ -191,8 +195,8 @@ class Scheduler {
   // The dataset tables it read go to `*tables` (freed by the caller after the reply).
   absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request, bool use_cache,
                                                 bool* stale_cache,
-                                                std::vector<std::unique_ptr<common::StageTable>>* tables);
-  absl::StatusOr<std::string> BuildAndRecordJob(const aviary::v1::SubmitJobRequest& request);
+                                                std::vector<std::unique_ptr<common::StageTable>>* tables,
+                                                const std::function<bool()>& caller_gone);
   // The request's pipeline with `overrides`, data paths resolved against its working_dir,
   // validated, and checked against the data roots.
   // `weights_checked`: the pretrained-weights checks done so far in this submit (by file, model

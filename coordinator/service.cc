@@ -243,7 +243,8 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
     if (request->sweep_size() > 16) {
       return absl::InvalidArgumentError(absl::StrCat("field 'sweep': ", request->sweep_size(), " axes, at most 16"));
     }
-    AVIARY_ASSIGN_OR_RETURN(std::string job_id, scheduler_->SubmitJob(*request));
+    AVIARY_ASSIGN_OR_RETURN(std::string job_id,
+                            scheduler_->SubmitJob(*request, [context] { return context->IsCancelled(); }));
     response->set_job_id(job_id);
     return absl::OkStatus();
   });

@@ -2426,6 +2426,10 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   SubmitJobRequest disabled = SweepRequest(root_, {{"stages.pretrain.lr", {"1e-3", "2e-3"}}});
   disabled.add_overrides("stages.pretrain.enabled=false");
   refused(disabled, {"sweep points 0 (stages.pretrain.lr=1e-3) and 1 (stages.pretrain.lr=2e-3) train alike"});
+  SubmitJobRequest overridden = SweepRequest(root_, {{"train.epochs", {"1", "2"}}});  // every stage sets its own
+  overridden.add_overrides("stages.pretrain.epochs=3");
+  overridden.add_overrides("stages.finetune.epochs=3");
+  refused(overridden, {"sweep points 0 (train.epochs=1) and 1 (train.epochs=2) train alike"});
   refused(SweepRequest(root_, {{"seed", {"1", "2"}}}), {"changes 'seed'"});
   refused(SweepRequest(root_, {{"folds.selected_folds", {"[0]", "[1]"}}}), {"changes 'folds'"});
   refused(SweepRequest(root_, {{"train.monitor", {"auc", "loss"}}}), {"changes 'train.monitor'"});
@@ -2696,9 +2700,14 @@ TEST_F(CoordinatorServiceTest, AnInterruptedRunFolderRemovalIsFinishedAtTheNextS
 // max_event_bytes_per_job of job snapshots: each report's commit makes a new one, a sweep's holds
 // every task). One behind the retained events gets the current state first, then what is kept.
 TEST_F(CoordinatorServiceTest, AWatcherBehindTheRetainedEventsGetsTheCurrentStateFirst) {
-  for (const size_t budget : {size_t{16} << 20, size_t{1}}) {
+  // 16 MiB: every report's event kept; 1: each commit keeps its own events only; two snapshots
+  // and a half (measured in the first round): the last two reports' events kept, and the
+  // watcher, behind them, must not be sent the older one (it would go back in time).
+  size_t snapshot_bytes = 0;
+  for (const int round : {0, 1, 2}) {
+    const size_t budget = round == 0 ? size_t{16} << 20 : round == 1 ? size_t{1} : snapshot_bytes * 5 / 2;
     SCOPED_TRACE(budget);
-    config_.max_event_bytes_per_job = budget;  // 1: each commit keeps its own events only
+    config_.max_event_bytes_per_job = budget;
     Start();
     const std::string job_id = Submit();
     const std::string group = Register();
@@ -2714,16 +2723,18 @@ TEST_F(CoordinatorServiceTest, AWatcherBehindTheRetainedEventsGetsTheCurrentStat
           EXPECT_TRUE(Report(group, task, {point}, &cancel).ok());
         }
       }
-      return got.size() < (budget == 1 ? 3u : 4u);  // what each budget sends, then the watcher leaves
+      return got.size() < (round == 0 ? 4u : 3u);  // what each budget sends, then the watcher leaves
     };
     const absl::Status watched = coordinator_->scheduler()->WatchJob(job_id, send, [] { return false; });
     EXPECT_TRUE(absl::IsCancelled(watched)) << watched;
     ASSERT_GE(got.size(), 2u);
-    if (budget == 1) {
+    if (round == 0) snapshot_bytes = got.back().job().ByteSizeLong();
+    if (round > 0) {
       EXPECT_TRUE(absl::StrContains(got[1].message(), "events were dropped for a slow watcher")) << got[1].message();
       EXPECT_EQ(got[1].job().tasks(0).latest().step(), 3);  // the current state
       ASSERT_EQ(got.size(), 3u);  // then the last report's event, kept
       EXPECT_EQ(got[2].metrics().step(), 3);
+      EXPECT_EQ(got[2].job().tasks(0).latest().step(), 3);  // not the second report's, retained too
     } else {
       ASSERT_EQ(got.size(), 4u);  // every report's event, in order, each with the job after it
       for (int i = 1; i <= 3; ++i) {
