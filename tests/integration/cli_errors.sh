@@ -193,6 +193,22 @@ if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
   else
     ok
   fi
+  # A coordinator that does not come back (kill -9, its host gone): watch gives up after its
+  # reconnections (10, each bounded by --timeout) with exit 3, "final state unknown", not the 1
+  # of a failed job, and no TLS hint for a connection that had worked.
+  if start_coord "$tmp/c.yaml" "$tmp/c4.log"; then
+    job2=$(av submit "$tmp/w.yaml" | tail -1)
+    av --timeout 1 watch "$job2" > "$tmp/watch2.out" 2>&1 & watch_pid=$!
+    for _ in $(seq 300); do grep -q PENDING "$tmp/watch2.out" && break; sleep 0.1; done
+    kill -9 $coord_pid; wait $coord_pid 2>/dev/null
+    wait $watch_pid; rc=$?
+    if [ $rc -ne 3 ] || ! grep -qF "job $job2 was PENDING when last seen" "$tmp/watch2.out" ||
+       ! grep -qF "gave up after 10 reconnection attempts" "$tmp/watch2.out" || grep -qF -- "--tls-ca" "$tmp/watch2.out"; then
+      fail "watch of a coordinator gone for good -> rc=$rc:"; sed 's/^/    /' "$tmp/watch2.out"
+    else
+      ok
+    fi
+  fi
   if command -v openssl >/dev/null; then
     openssl req -x509 -newkey rsa:2048 -nodes -keyout "$tmp/tls.key" -out "$tmp/tls.crt" -days 1 \
       -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null
