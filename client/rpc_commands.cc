@@ -21,6 +21,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -532,6 +533,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
   }
   std::map<std::string, int64_t> after;    // per task: the last seq printed
   std::map<std::string, int64_t> log_ids;  // per task: the coordinator's log it came from
+  std::set<std::string> dropped_said;      // tasks whose lines no longer kept were said
   int failures = 0;
   double backoff_s = kFirstBackoffS;
   bool first = true;
@@ -571,7 +573,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
             continue;
           }
         }
-        if (first && log.dropped() > 0 && args.tail == 0) {
+        if (first && log.dropped() > 0 && args.tail == 0 && dropped_said.insert(log.task_id()).second) {
           std::cout << "(" << log.task_id() << ": " << log.dropped() << " earlier lines are no longer kept)\n";
         }
         for (const v1::LogLine& line : log.lines()) {
@@ -604,6 +606,8 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     }
     failures = 0;
     backoff_s = kFirstBackoffS;
+    // An answer cut at its size bound: the rest at once, still as the first pass (--tail).
+    if (response.more() && new_lines) continue;
     first = false;
     if (!args.follow) return absl::OkStatus();
     const Clock::time_point now = Clock::now();

@@ -19,8 +19,10 @@
 namespace aviary::coordinator {
 
 struct CoordinatorConfig {
-  // Not a coordinator.yaml key (tests set it): SchedulerOptions::max_event_bytes_per_job.
+  // Not coordinator.yaml keys (tests set them): SchedulerOptions::max_event_bytes_per_job and
+  // max_logs_response_bytes.
   size_t max_event_bytes_per_job = 16 << 20;
+  size_t max_logs_response_bytes = 16 << 20;
   std::string listen = "0.0.0.0:7070";
   std::string port_file;
   std::string metrics_listen = "0.0.0.0:9470";  // "" disables /metrics

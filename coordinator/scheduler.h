@@ -60,6 +60,10 @@ struct SchedulerOptions {
   // at most this many bytes of job snapshots, by their serialized size (memory is more), and 128
   // events; the newest commit's events are always kept.
   size_t max_event_bytes_per_job = 16 << 20;
+  // GetLogs' lines per answer, at most this many bytes (the first line always): a whole sweep's
+  // logs (1024 tasks x 512 KiB) would pass the client's message limit and hold the logs' lock
+  // for every group's ShipLogs meanwhile. The answer says `more`; the client asks again.
+  size_t max_logs_response_bytes = 16 << 20;
 };
 
 // NOT_FOUND naming the job id: the answer for an unknown or deleted job.

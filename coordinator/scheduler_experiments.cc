@@ -427,6 +427,7 @@ absl::StatusOr<aviary::v1::GetLogsResponse> Scheduler::GetLogs(const aviary::v1:
     }
   }
   absl::MutexLock lock(&logs_mu_);
+  size_t bytes = 0;
   for (const std::string& id : task_ids) {
     aviary::v1::GetLogsResponse::TaskLog* out = response.add_tasks();
     out->set_task_id(id);
@@ -443,7 +444,15 @@ absl::StatusOr<aviary::v1::GetLogsResponse> Scheduler::GetLogs(const aviary::v1:
     if (request.limit() > 0 && log.lines.size() - first > static_cast<size_t>(request.limit())) {
       first = log.lines.size() - static_cast<size_t>(request.limit());
     }
-    for (size_t i = first; i < log.lines.size(); ++i) *out->add_lines() = log.lines[i];
+    for (size_t i = first; i < log.lines.size() && !response.more(); ++i) {
+      const size_t line_bytes = log.lines[i].ByteSizeLong();
+      if (bytes > 0 && bytes + line_bytes > options_.max_logs_response_bytes) {
+        response.set_more(true);  // this task's later lines and the next tasks' in the next answer
+        break;
+      }
+      bytes += line_bytes;
+      *out->add_lines() = log.lines[i];
+    }
   }
   return response;
 }

@@ -678,6 +678,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   options.retention_s = config.retention_days * 86400.0;
   options.data_roots = config.data_roots;
   options.max_event_bytes_per_job = config.max_event_bytes_per_job;
+  options.max_logs_response_bytes = config.max_logs_response_bytes;
   AVIARY_ASSIGN_OR_RETURN(c->scheduler_,
                           Scheduler::Create(options, c->store_.get(), c->metrics_.get()));
   c->job_service_ = std::make_unique<JobServiceImpl>(c->scheduler_.get(), c->auth_.get());

@@ -2838,6 +2838,52 @@ TEST_F(CoordinatorServiceTest, ALogLineShippedAgainIsStoredOnce) {
   EXPECT_EQ(response.tasks(0).lines(6).seq(), 7);  // numbered by the coordinator
 }
 
+// A job's logs in one answer could pass the client's message limit (a sweep: 1024 tasks x 512
+// KiB): the answer stops at max_logs_response_bytes of lines, says `more`, and the next request
+// (from each task's last seq) brings the rest, each line once, in order.
+TEST_F(CoordinatorServiceTest, ABigLogsAnswerIsCutAndTheRestComesNext) {
+  config_.max_logs_response_bytes = 300;
+  Start();
+  const std::string job_id = Submit();
+  const std::string group = Register();
+  const std::string pretrain = Lease(group).task().task_id();
+  ShipLogsRequest ship;
+  ship.set_group_id(group);
+  ship.set_task_id(pretrain);
+  std::vector<std::string> shipped;
+  for (int i = 0; i < 40; ++i) {
+    shipped.push_back(absl::StrCat("epoch ", i, ": a line of about forty bytes"));
+    LogLine* line = ship.add_lines();
+    line->set_text(shipped.back());
+    line->set_level("info");
+  }
+  ShipLogsResponse shipped_response;
+  ASSERT_TRUE(workers_->ShipLogs(WorkerCtx().get(), ship, &shipped_response).ok());
+  std::vector<std::string> got;
+  std::map<std::string, int64_t> after;
+  int answers = 0;
+  for (bool more = true; more && answers < 100; ++answers) {
+    GetLogsRequest request;
+    request.set_job_id(job_id);  // every task: the others come without lines
+    for (const auto& [task, seq] : after) (*request.mutable_after_seq_by_task())[task] = seq;
+    GetLogsResponse response;
+    const grpc::Status status = jobs_->GetLogs(Ctx().get(), request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    size_t bytes = 0;
+    for (const auto& log : response.tasks()) {
+      for (const LogLine& line : log.lines()) {
+        got.push_back(line.text());
+        after[log.task_id()] = line.seq();
+        bytes += line.ByteSizeLong();
+      }
+    }
+    EXPECT_LE(bytes, 300u);
+    more = response.more();
+  }
+  EXPECT_GT(answers, 3);
+  EXPECT_EQ(got, shipped);
+}
+
 TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   Start();
   const std::string job_id = Submit();
