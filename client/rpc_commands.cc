@@ -202,13 +202,15 @@ class Client {
     // Detects a vanished coordinator host (powered off, cut off: no FIN) under a quiet `watch`
     // stream within about 50 s. The coordinator lets a client ping every 10 s
     // (coordinator/service.cc); gRPC's own server default (5 min) would answer this with GOAWAY.
+    // Pings without data, unbounded: gRPC stops after 2 by default on a stream with nothing sent.
     args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
     args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
-    // Reconnecting (watch, logs --follow): try the coordinator again every 1 to 5 s, not gRPC's
-    // default 1 s growing to 120 s, which noticed a restarted coordinator minutes late and let
-    // the reconnection attempts run out meanwhile.
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+    // Reconnecting (watch, logs --follow): gRPC tries the coordinator again after 1 s growing to
+    // 5 s, not to its default 120 s, which noticed a restarted coordinator minutes late and let
+    // the reconnection attempts run out meanwhile. (Not GRPC_ARG_MIN_RECONNECT_BACKOFF_MS: gRPC
+    // takes it as the connect attempt's minimum timeout, 20 s by default.)
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 1000);
-    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
     args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20);
     channel_ = grpc::CreateCustomChannel(options_.coordinator, creds, args);
@@ -354,13 +356,18 @@ absl::Status Submit(Client& client, const ClientArgs& args) {
   const bool never_reached = absl::StrContains(submitted.message(), "failed to connect") ||
                              absl::StrContains(submitted.message(), "Connection refused") ||
                              absl::StrContains(submitted.message(), "DNS resolution failed");
+  const bool not_recorded = absl::StrContains(submitted.message(), "was not recorded");
   if (submitted.code() == absl::StatusCode::kDeadlineExceeded ||
-      (submitted.code() == absl::StatusCode::kUnavailable && !never_reached)) {
+      (submitted.code() == absl::StatusCode::kUnavailable && !never_reached && !not_recorded)) {
     // The coordinator may have recorded the job before the answer was lost (it drops a submit
     // whose caller has gone only up to its commit): a second submit would run it twice.
-    return absl::Status(submitted.code(),
-                        absl::StrCat(submitted.message(), "; the job may have been created all the same: check "
-                                                          "`aviary list` before submitting again"));
+    return absl::Status(
+        submitted.code(),
+        absl::StrCat(submitted.message(), "; the job may have been created all the same: check `aviary list` "
+                     "before submitting again",
+                     submitted.code() == absl::StatusCode::kDeadlineExceeded
+                         ? " (a dataset read at submit may take longer than --timeout: give it more)"
+                         : ""));
   }
   AVIARY_RETURN_IF_ERROR(submitted);
   std::cerr << "submitted " << request.source_path() << " to " << client.options().coordinator
@@ -534,6 +541,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
   std::map<std::string, int64_t> after;    // per task: the last seq printed
   std::map<std::string, int64_t> log_ids;  // per task: the coordinator's log it came from
   std::set<std::string> dropped_said;      // tasks whose lines no longer kept were said
+  bool answered = false;                    // a GetLogs answered (a follower rides out errors after)
   int failures = 0;
   double backoff_s = kFirstBackoffS;
   bool first = true;
@@ -553,7 +561,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     // After the first answer a follower waits for a coordinator that is restarting (up to
     // --timeout a call), as watch does, rather than failing at once.
     const absl::Status status = client.Call("GetLogs", &v1::JobService::Stub::GetLogs, request, &response,
-                                            /*wait_for_ready=*/args.follow && !first);
+                                            /*wait_for_ready=*/args.follow && answered);
     bool new_lines = false;
     bool again = false;  // a task's log started afresh: ask again from its start at once
     if (status.ok()) {
@@ -573,7 +581,9 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
             continue;
           }
         }
-        if (first && log.dropped() > 0 && args.tail == 0 && dropped_said.insert(log.task_id()).second) {
+        // Said before the task's first lines (an answer cut before them brings them next).
+        if (first && log.dropped() > 0 && args.tail == 0 && (log.lines_size() > 0 || !response.more()) &&
+            dropped_said.insert(log.task_id()).second) {
           std::cout << "(" << log.task_id() << ": " << log.dropped() << " earlier lines are no longer kept)\n";
         }
         for (const v1::LogLine& line : log.lines()) {
@@ -595,7 +605,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     if (!status.ok()) {
       const bool retryable = status.code() == absl::StatusCode::kUnavailable ||
                              status.code() == absl::StatusCode::kDeadlineExceeded;
-      if (!args.follow || first || !retryable) return status;
+      if (!args.follow || !answered || !retryable) return status;
       if (++failures > kMaxReconnects) {
         return common::Annotate(status, absl::StrCat("gave up after ", kMaxReconnects, " attempts"));
       }
@@ -606,8 +616,9 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     }
     failures = 0;
     backoff_s = kFirstBackoffS;
+    answered = true;
     // An answer cut at its size bound: the rest at once, still as the first pass (--tail).
-    if (response.more() && new_lines) continue;
+    if (response.more() && (new_lines || again)) continue;
     first = false;
     if (!args.follow) return absl::OkStatus();
     const Clock::time_point now = Clock::now();

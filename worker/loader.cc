@@ -66,7 +66,14 @@ Loader::Loader(std::vector<LoaderItem> items, ClipFn clip, LoaderOptions options
   plan_ = Plan(0);
   num_batches_ = static_cast<int64_t>(plan_.size());
   plan_.clear();
-  for (int i = 0; i < options_.num_threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  try {
+    for (int i = 0; i < options_.num_threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  } catch (...) {
+    // No thread left (EAGAIN): the threads started must end before this object goes, or their
+    // destruction terminates the process; the caller then gets the exception.
+    StopWorkers();
+    throw;
+  }
 }
 
 Loader::~Loader() { StopWorkers(); }

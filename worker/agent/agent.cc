@@ -367,14 +367,18 @@ Outcome Agent::RunTask(const v1::Task& task) {
   task_.id = task.task_id();
   task_.out_dir = task.out_dir();
   task_.device = RankDevice();
+  // The prepare agreement below waits up to 600 s for the peers, the trainer's collectives for
+  // rank 0's files up to 1800 s (AtLeast again once the task's comm.timeout_s is known).
+  if (watchdog_ && control_.world() > 1) watchdog_->AtLeast(1800 + 60);
   // T1, T2: every rank prepared the task, or every rank skips it.
   absl::StatusOr<PreparedTask> prepared = Prepare(task);
   Outcome agreed = Agree(task_.id, prepared.status(), 600, 0, /*training=*/false);
   if (!agreed.status.ok()) return agreed;
   task_.deadline_s = 2 * prepared->config.comm.timeout_s + 30;
-  // Rank 0 may wait that long for a stuck peer before the exchange says which: the watchdog
-  // gives it that time and a minute (a group of one rank has no peer to wait for).
-  if (watchdog_ && control_.world() > 1) watchdog_->AtLeast(task_.deadline_s + 60);
+  // Rank 0 may wait that long for a stuck peer before the exchange says which, and up to 1800 s
+  // in the collectives that wait for its own files (the trainer's kRankZeroFilesTimeoutS): the
+  // watchdog gives it that and a minute (a group of one rank has no peer to wait for).
+  if (watchdog_ && control_.world() > 1) watchdog_->AtLeast(std::max(task_.deadline_s, 1800.0) + 60);
   // T3 to T5.
   task_.last_point = Clock::now();
   task_.step_point_sent = false;

@@ -88,9 +88,10 @@ CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metr
   args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 1 << 30);  // tasks carry their manifest
   args.SetInt(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, 1 << 30);
   // gRPC's own reconnect backoff grows to 120 s by default: keep it within ours (0.5 s to
-  // 10 s), so that reports flow soon after the coordinator is back.
+  // 10 s), so that reports flow soon after the coordinator is back. (Not
+  // GRPC_ARG_MIN_RECONNECT_BACKOFF_MS: gRPC takes it as the connect attempt's minimum timeout,
+  // 20 s by default, and 0.5 s would fail a connect over a slow link or TLS handshake.)
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 500);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
   channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
   stub_ = v1::WorkerService::NewStub(channel_);

@@ -793,6 +793,7 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
                   absl::StrCat(path, ": libsndfile error after ", source_start + read_total,
                                known ? absl::StrCat(" of ", audio.source_frames) : std::string(),
                                " frames: ", sf_strerror(file.get())));
+      result.failure.unreadable = system;
       result.failure.retry = system;
       return result;
     }
