@@ -379,22 +379,26 @@ class Console::Request {
     last_write_ = std::chrono::steady_clock::now();
     return mg_write(conn_, text.data(), text.size()) == static_cast<int>(text.size());
   }
-  // A comment line when nothing was written for a while: finds peers that went away.
+  // A `ping` event when nothing was written for a while: finds peers that went away, and tells
+  // the page its stream is alive (a comment line would not reach its script, which reopens a
+  // stream silent for 35 s: a dead connection the browser had not noticed).
   bool KeepAlive() {
     if (std::chrono::steady_clock::now() - last_write_ < kKeepalive) return true;
     last_write_ = std::chrono::steady_clock::now();
-    constexpr char kPing[] = ": keepalive\n\n";
+    constexpr char kPing[] = "event: ping\ndata: {}\n\n";
     return mg_write(conn_, kPing, sizeof(kPing) - 1) == static_cast<int>(sizeof(kPing) - 1);
   }
 
   int status() const { return status_; }
 
-  // Who calls: the bearer token of the Authorization header, else the login cookie.
+  // Who calls: the bearer token of the Authorization header, else the login cookie. (Another
+  // scheme in the header, a proxy's Basic authentication in front of the console, is the proxy's:
+  // the cookie decides.)
   absl::Status Authorize(const Authenticator& auth, const char* what, RoleSet allowed) {
     std::string token;
     const std::string header = Header("Authorization");
-    if (!header.empty()) {
-      token = absl::StartsWith(header, "Bearer ") ? header.substr(7) : "";
+    if (absl::StartsWith(header, "Bearer ")) {
+      token = header.substr(7);
     } else {
       token = Cookie(kCookie);
       by_cookie_ = !token.empty();
@@ -647,17 +651,38 @@ void Console::ServeStatic(Request& request, const std::string& name) {
   request.Error(absl::NotFoundError(absl::StrCat("/static/", name, ": no such file")));
 }
 
-std::string Console::JobsJson() const {
+namespace {
+
+std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit) {
   std::string json = "{\"jobs\":[";
   bool first = true;
-  for (const aviary::v1::JobInfo& job : scheduler_->ListJobs(kDefaultJobLimit)) {
+  for (const aviary::v1::JobInfo& job : jobs) {
     if (!first) json += ",";
     first = false;
     json += ProtoJson(job);
   }
-  absl::StrAppend(&json, "],\"limit\":", kDefaultJobLimit, "}");
+  absl::StrAppend(&json, "],\"limit\":", limit, "}");
   return json;
 }
+
+// A job as the list pages show it: states, epochs, epoch ends and best metrics; not the step
+// points' loss, rate, step and times, which change at every progress report.
+aviary::v1::JobInfo AsListed(aviary::v1::JobInfo job) {
+  job.clear_updated_unix_ms();
+  for (aviary::v1::TaskInfo& task : *job.mutable_tasks()) {
+    task.clear_updated_unix_ms();
+    if (task.has_latest() && !task.latest().epoch_end()) {
+      aviary::v1::Metrics kept;
+      kept.set_epoch(task.latest().epoch());
+      *task.mutable_latest() = kept;
+    }
+  }
+  return job;
+}
+
+}  // namespace
+
+std::string Console::JobsJson() const { return JobsJsonOf(scheduler_->ListJobs(kDefaultJobLimit), kDefaultJobLimit); }
 
 void Console::ServeJobs(Request& request) { request.Json(JobsJson()); }
 
@@ -665,7 +690,10 @@ Console::Overview Console::OverviewJson() {
   absl::MutexLock lock(&overview_mu_);
   const auto now = std::chrono::steady_clock::now();
   if (overview_.jobs == nullptr || now - overview_at_ >= kOverviewRefresh) {
-    overview_.jobs = std::make_shared<const std::string>(JobsJson());
+    std::vector<aviary::v1::JobInfo> jobs = scheduler_->ListJobs(kDefaultJobLimit);
+    overview_.jobs = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit));
+    for (aviary::v1::JobInfo& job : jobs) job = AsListed(std::move(job));
+    overview_.jobs_shown = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit));
     overview_.groups = std::make_shared<const std::string>(GroupsJson());
     overview_at_ = now;
   }
@@ -737,7 +765,8 @@ std::string Console::GroupsJson() const {
                     "],\"devices\":[", absl::StrJoin(devices, ","), "],\"backend\":", JsonQuote(info.backend()),
                     ",\"version\":", JsonQuote(info.version()), ",\"metrics_address\":", JsonQuote(info.metrics_address()),
                     ",\"registered_unix_ms\":", view.row.registered_unix_ms,
-                    ",\"last_heartbeat_age_s\":", JsonNumber(view.last_heartbeat_age_s));
+                    // Whole seconds: the groups' JSON then changes (and is sent) once a second at most.
+                    ",\"last_heartbeat_age_s\":", JsonNumber(std::floor(view.last_heartbeat_age_s)));
     if (view.has_task) {
       const aviary::v1::TaskInfo& task = view.task;
       absl::StrAppend(&json, ",\"task_id\":", JsonQuote(task.task_id()), ",\"epoch\":", task.latest().epoch(),
@@ -797,6 +826,10 @@ void Console::StreamOverview(Request& request) {
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
   StreamSlot slot(this, request.holder(*auth_, tls_front_ != nullptr));
   if (!slot.held()) return request.Error(slot.status());
+  // ?topics=groups (the groups page), =jobs, or both (none given).
+  const std::string topics = request.Query("topics");
+  const bool want_jobs = topics.empty() || absl::StrContains(topics, "jobs");
+  const bool want_groups = topics.empty() || absl::StrContains(topics, "groups");
   if (!request.StartStream()) return;
   Overview last;
   const auto changed = [](const std::shared_ptr<const std::string>& now,
@@ -807,11 +840,11 @@ void Console::StreamOverview(Request& request) {
     // A token a reload removed ends the stream (the page then goes to the login form).
     if (!request.StillAuthorized(*auth_)) return;
     const Overview now = OverviewJson();
-    if (changed(now.jobs, last.jobs)) {
+    if (want_jobs && changed(now.jobs_shown, last.jobs_shown)) {
       if (!request.Event("jobs", *now.jobs)) return;
     }
-    last.jobs = now.jobs;
-    if (changed(now.groups, last.groups)) {
+    last.jobs_shown = now.jobs_shown;
+    if (want_groups && changed(now.groups, last.groups)) {
       if (!request.Event("groups", *now.groups)) return;
     }
     last.groups = now.groups;

@@ -95,6 +95,9 @@ class Console {
   // most every 500 ms (one build a tick, not one per open page).
   struct Overview {
     std::shared_ptr<const std::string> jobs;
+    // What the list pages show of the jobs (JobsJson without the step-level fields: the step's
+    // loss, rate and times): a stream sends `jobs` when this changes, not at every progress report.
+    std::shared_ptr<const std::string> jobs_shown;
     std::shared_ptr<const std::string> groups;
   };
   Overview OverviewJson() ABSL_LOCKS_EXCLUDED(overview_mu_);

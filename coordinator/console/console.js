@@ -126,7 +126,15 @@
   async function api(path, options) {
     const opts = Object.assign({credentials: 'same-origin'}, options || {});
     opts.headers = Object.assign({'X-Aviary-Console': '1', Accept: 'application/json'}, opts.headers || {});
-    const response = await fetch(path, opts);
+    // A coordinator that takes a request and never answers must not leave it pending for ever.
+    if (!opts.signal && window.AbortSignal && AbortSignal.timeout) opts.signal = AbortSignal.timeout(30000);
+    let response;
+    try {
+      response = await fetch(path, opts);
+    } catch (e) {
+      if (e && (e.name === 'TimeoutError' || e.name === 'AbortError')) throw new Error('the coordinator did not answer within 30 s');
+      throw e;
+    }
     let body = null;
     try { body = await response.json(); } catch (e) { body = null; }
     if (response.status === 401 && page) {
@@ -156,14 +164,27 @@
   // /login on a 401 (a reload revoked the token) and show a 404 (a deleted job), and with all
   // streams taken (429) the page still shows its data. The reopen then waits 2 s, doubling up
   // to 30 s.
+  // The server sends a `ping` every 10 s when nothing else went: a stream silent for 35 s is a
+  // dead connection that the browser has not noticed (a laptop's sleep, a NAT that forgot it),
+  // closed and opened again here.
   function stream(path, handlers, onOpen) {
     let source = null;
     let stopped = false;
     let delay = 2000;
+    let heard = Date.now();
+    const watchdog = setInterval(() => {
+      if (stopped || !source || source.readyState !== EventSource.OPEN || Date.now() - heard < 35000) return;
+      source.close();
+      setLive('off');
+      heard = Date.now();
+      open();
+    }, 5000);
     function open() {
       if (stopped) return;
       source = new EventSource(path);
-      source.onopen = () => { delay = 2000; setLive('on'); if (onOpen) onOpen(); };
+      source.onmessage = () => { heard = Date.now(); };
+      source.addEventListener('ping', () => { heard = Date.now(); });
+      source.onopen = () => { heard = Date.now(); delay = 2000; setLive('on'); if (onOpen) onOpen(); };
       source.onerror = () => {
         if (stopped) return;
         setLive('off');
@@ -173,11 +194,11 @@
         delay = Math.min(2 * delay, 30000);
       };
       for (const [name, fn] of Object.entries(handlers)) {
-        source.addEventListener(name, (e) => fn(JSON.parse(e.data)));
+        source.addEventListener(name, (e) => { heard = Date.now(); fn(JSON.parse(e.data)); });
       }
     }
     open();
-    return {close() { stopped = true; if (source) source.close(); }};
+    return {close() { stopped = true; clearInterval(watchdog); if (source) source.close(); }};
   }
 
   function errorBox(message) { return el('div', {class: 'error-box', role: 'alert'}, message); }
@@ -250,6 +271,8 @@
         state.graph.updateOptions({file: newRows});
       }
     };
+    // The graph's window listeners and resize observer go with it (dropping its box leaks them).
+    state.dispose = () => { if (state.graph) { state.graph.destroy(); state.graph = null; } };
     state.update(rows, state.best);
     return state;
   }
@@ -541,6 +564,7 @@
       const lrRows = mergeSeries([series('lr')]);
       if (chartsTask !== task.task_id) {
         chartsTask = task.task_id;
+        if (charts) Object.values(charts).forEach((c) => c.dispose());
         const facts = el('div', {class: 'facts', id: 'task-facts'});
         const grid = el('div', {class: 'charts', id: 'charts'});
         const files = el('div', {class: 'files', id: 'task-files'});
@@ -666,7 +690,8 @@
       },
       end: () => {
         events.close();
-        load().then((ok) => { if (ok) { setLive('done'); watchForRetry(); } });
+        // A failed load (a blip) still watches: the retry watch loads the job again.
+        load().then((ok) => { setLive(ok ? 'done' : 'off'); watchForRetry(); });
       },
     }, load); };
     follow();
@@ -766,6 +791,7 @@
       const rows = mergeSeries(series);
       const key = `${metric}|${tasks.map((t) => t.task_id).join('|')}`;
       if (!graph || graph.key !== key) {
+        if (graph) graph.dispose();
         fill(chartBox);
         graph = chart(chartBox, METRICS[metric], ['epoch', ...tasks.map((t) => t.task_id)], rows, {lr: metric === 'lr'});
         graph.key = key;
@@ -809,6 +835,7 @@
       drawDiff();
     }
 
+    const loading = new Set();  // jobs whose history is being fetched
     async function loadHistory(jobId) {
       const h = await api(`/api/jobs/${jobId}/history`);
       for (const [id] of histories) if (id.startsWith(`${jobId}/`)) histories.delete(id);
@@ -854,11 +881,15 @@
     stream('/api/events', {jobs: (data) => {
       jobs = data.jobs || [];
       drawPicker();
-      const stale = jobs.filter((j) => chosenJobs.has(j.job_id) && updated.get(j.job_id) !== j.updated_unix_ms);
+      // One history request per job at a time; a job changed meanwhile is looked at again on
+      // the next event.
+      const stale = jobs.filter((j) => chosenJobs.has(j.job_id) && !loading.has(j.job_id) &&
+                                       updated.get(j.job_id) !== j.updated_unix_ms);
       if (stale.length) {
+        stale.forEach((j) => loading.add(j.job_id));
         Promise.all(stale.map((j) => loadHistory(j.job_id).then(() => {
           jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms);
-        }))).then(() => { drawTaskPicker(); draw(); }).catch(() => {});
+        }).finally(() => loading.delete(j.job_id)))).then(() => { drawTaskPicker(); draw(); }).catch(() => {});
       }
     }}, () => { loadJobs(); });
     loadJobs();
@@ -898,9 +929,10 @@
                                  : el('span', {class: 'muted'}, 'idle')),
           el('td', {class: 'num'}, g.task_id ? `${g.epoch || 0}/${(g.epochs || 0) - 1}` : '\u2014'),
           el('td', {class: 'num'}, fmt(g.samples_per_s, 1)),
-          el('td', {class: 'num muted', title: 'groups do not report device memory yet'},
-             g.gpu_memory_bytes === null || g.gpu_memory_bytes === undefined ? 'not reported'
-               : `${(g.gpu_memory_bytes / 2 ** 30).toFixed(1)} GiB`),
+          g.gpu_memory_bytes === null || g.gpu_memory_bytes === undefined
+            ? el('td', {class: 'num muted', title: 'this group reports no device memory (a CPU group, or none yet)'},
+                 'not reported')
+            : el('td', {class: 'num'}, `${(g.gpu_memory_bytes / 2 ** 30).toFixed(1)} GiB`),
           el('td', {class: `num ${heartbeat > 10 ? 'warn' : 'ok'}`}, `${duration(heartbeat)} ago`),
           el('td', {class: 'num'}, `${age(g.registered_unix_ms)} ago`));
       }));
@@ -911,7 +943,7 @@
       return Object.entries(counts).map(([d, n]) => (n > 1 ? `${n}\u00d7 ${d}` : d)).join(', ') || '\u2014';
     }
     const load = () => api('/api/groups').then(render).catch((e) => flash(e.message));
-    stream('/api/events', {groups: render}, load);
+    stream('/api/events?topics=groups', {groups: render}, load);
   }
 
   // ---------------------------------------------------------------------------------------------

@@ -678,6 +678,27 @@ TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
     return absl::StrContains(t, "event: jobs\ndata: {\"jobs\":[{\"job_id\":\"" + job_id) &&
            absl::StrContains(t, "event: groups\ndata: {\"groups\":[{");
   })) << overview.text();
+  // The groups page's: groups only (a tick writes jobs before groups, so none came).
+  EventStream groups(port_, "/api/events?topics=groups", {Bearer("the-token")});
+  EXPECT_TRUE(groups.ReadUntil([&](const std::string& t) { return absl::StrContains(t, "event: groups\ndata: {"); }))
+      << groups.text();
+  EXPECT_FALSE(absl::StrContains(groups.text(), "event: jobs")) << groups.text();
+  // A quiet stream says it is alive with a `ping` event (10 s), which the page's script sees (a
+  // comment line would not reach it).
+  EXPECT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: ping\ndata: {}\n\n"); }))
+      << stream.text();
+}
+
+// Behind a proxy with its own Basic login (nginx auth_basic forwards the header), the console's
+// cookie decides: the header of another scheme is not a token.
+TEST_F(ConsoleTest, AProxysBasicCredentialsLeaveTheCallToTheCookie) {
+  Start();
+  const std::vector<std::string> headers = {"Authorization: Basic dXNlcjpwYXNz",
+                                            "Cookie: aviary_console=the-viewer-token"};
+  HttpResponse jobs = Http(port_, "GET", "/api/jobs", headers);
+  EXPECT_EQ(jobs.status, 200) << jobs.body;
+  HttpResponse bare = Http(port_, "GET", "/api/jobs", {"Authorization: Basic dXNlcjpwYXNz"});
+  EXPECT_EQ(bare.status, 401) << bare.body;
 }
 
 TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {
