@@ -139,6 +139,8 @@ class Agent {
                 bool training);
   void Report0(const v1::Task& task, const Outcome& outcome);
   [[noreturn]] void EndGroup(const std::string& why);
+  // Rank 0, before the group ends: a retryable FailTask for `task_id`, waited for (15 s at most).
+  void FailBeforeTheEnd(const std::string& task_id, const std::string& message);
   // Rank 0's watchdog fired (on its thread): the task is failed as retryable, the group ended.
   [[noreturn]] void OnStall(const std::string& task_id, double seconds, const std::string& last);
 
@@ -571,18 +573,21 @@ std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, i
   return *std::move(all);
 }
 
+void Agent::FailBeforeTheEnd(const std::string& task_id, const std::string& message) {
+  Report r;
+  r.kind = Report::Kind::kFail;
+  r.task_id = task_id;
+  r.error = message;
+  r.retryable = true;
+  link_->Push(std::move(r));
+  link_->Drain(task_id, 15, 5);
+}
+
 [[noreturn]] void Agent::OutOfStep(const std::string& task_id, const std::string& why) {
   const std::string message = absl::StrCat("task ", task_id, ": ", why);
   Log().Error(message);
   if (control_.rank() == 0 && link_) {
-    // Report before ending the group, so that the coordinator re-leases at once.
-    Report r;
-    r.kind = Report::Kind::kFail;
-    r.task_id = task_id;
-    r.error = message;
-    r.retryable = true;
-    link_->Push(std::move(r));
-    link_->Drain(task_id, 15, 5);
+    FailBeforeTheEnd(task_id, message);  // so that the coordinator re-leases at once
   } else {
     std::this_thread::sleep_for(std::chrono::seconds(30));
   }
@@ -599,13 +604,7 @@ void Agent::OnStall(const std::string& task_id, double seconds, const std::strin
       task_id, seconds, last, options_.stall_timeout_s);
   Log().Error(message);
   link_->RevokeLease("the stall watchdog failed the task");
-  Report r;
-  r.kind = Report::Kind::kFail;
-  r.task_id = task_id;
-  r.error = message;
-  r.retryable = true;
-  link_->Push(std::move(r));
-  link_->Drain(task_id, 15, 5);
+  FailBeforeTheEnd(task_id, message);
   // Not MPI_Abort: MPI runs MPI_THREAD_SERIALIZED and the main thread may be inside a call. A
   // rank that exits without MPI_Finalize makes mpirun end the others.
   common::WriteLineToStderr(absl::StrCat("aviary: rank 0 ends the group: ", message));
