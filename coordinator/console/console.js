@@ -705,6 +705,10 @@
     const params = new URLSearchParams(location.search);
     const chosenJobs = new Set((params.get('jobs') || '').split(',').filter(Boolean));
     let chosenTasks = new Set((params.get('tasks') || '').split(',').filter(Boolean));
+    // Tasks picked by hand (or in the link): kept across reloads (a stream's reconnect), and a job
+    // added later brings its own tasks; else every task of the chosen jobs.
+    let tasksByHand = params.get('tasks') !== null;
+    let pickerKey = null;  // what the job picker shows; redrawn only when it changes
     let metric = params.get('metric') || 'val_auc';
     let showAll = false;
     let jobs = [];
@@ -734,7 +738,7 @@
     function syncUrl() {
       const q = new URLSearchParams();
       if (chosenJobs.size) q.set('jobs', [...chosenJobs].join(','));
-      if (params.get('tasks') !== null || chosenTasks.size) q.set('tasks', [...chosenTasks].join(','));
+      if (tasksByHand || chosenTasks.size) q.set('tasks', [...chosenTasks].join(','));
       if (metric !== 'val_auc') q.set('metric', metric);
       history.replaceState(null, '', `/compare?${q.toString()}`);
     }
@@ -745,6 +749,11 @@
       for (const id of chosenJobs) {
         if (!shown.some((j) => j.job_id === id) && jobInfo.has(id)) shown.push(jobInfo.get(id));
       }
+      // The same boxes while nothing shown changed: a box swapped between a click's press and
+      // release loses the click (and the keyboard focus).
+      const key = JSON.stringify([shown.map((j) => [j.job_id, j.name, j.state]), [...chosenJobs]]);
+      if (key === pickerKey) return;
+      pickerKey = key;
       fill(picker, ...shown.map((j) => {
         const box = el('input', {type: 'checkbox', value: j.job_id, onchange: (e) => {
           if (e.target.checked) chosenJobs.add(j.job_id); else chosenJobs.delete(j.job_id);
@@ -772,6 +781,7 @@
       fill(taskPicker, ...tasks.map((t) => {
         const box = el('input', {type: 'checkbox', value: t.task_id, onchange: (e) => {
           if (e.target.checked) chosenTasks.add(t.task_id); else chosenTasks.delete(t.task_id);
+          tasksByHand = true;
           syncUrl();
           loadTasks();
         }});
@@ -868,10 +878,13 @@
           flash(`left out, no such job: ${gone.join(', ')}`);
         }
         await Promise.all(infos.map((j) => loadHistory(j.job_id)));
+        const added = infos.filter((j) => !jobInfo.has(j.job_id));
         infos.forEach((j) => { jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms); });
-        // No explicit task list: every task of the chosen jobs.
-        if (params.get('tasks') === null) {
-          chosenTasks = new Set(allTasks().map((t) => t.task_id));
+        if (!tasksByHand) {
+          chosenTasks = new Set(allTasks().map((t) => t.task_id));  // every task of the chosen jobs
+        } else {
+          // A job added since brings its tasks (not at the page's first load: the link's list holds).
+          for (const j of added) if (jobInfo.size > added.length) for (const t of j.tasks || []) chosenTasks.add(t.task_id);
         }
         drawTaskPicker();
         await loadTasks();
