@@ -823,13 +823,22 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
 }
 
 void Console::StreamOverview(Request& request) {
+  // ?topics=groups (the groups page), =jobs, =jobs,groups, or both (none given).
+  const std::string topics = request.Query("topics");
+  bool want_jobs = topics.empty(), want_groups = topics.empty();
+  for (absl::string_view topic : absl::StrSplit(topics, ',', absl::SkipEmpty())) {
+    if (topic == "jobs") {
+      want_jobs = true;
+    } else if (topic == "groups") {
+      want_groups = true;
+    } else {
+      return request.Error(absl::InvalidArgumentError(
+          absl::StrCat("/api/events?topics=", topics, ": '", topic, "' is not jobs or groups")));
+    }
+  }
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
   StreamSlot slot(this, request.holder(*auth_, tls_front_ != nullptr));
   if (!slot.held()) return request.Error(slot.status());
-  // ?topics=groups (the groups page), =jobs, or both (none given).
-  const std::string topics = request.Query("topics");
-  const bool want_jobs = topics.empty() || absl::StrContains(topics, "jobs");
-  const bool want_groups = topics.empty() || absl::StrContains(topics, "groups");
   if (!request.StartStream()) return;
   Overview last;
   const auto changed = [](const std::shared_ptr<const std::string>& now,

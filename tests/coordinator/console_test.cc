@@ -683,6 +683,9 @@ TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   EXPECT_TRUE(groups.ReadUntil([&](const std::string& t) { return absl::StrContains(t, "event: groups\ndata: {"); }))
       << groups.text();
   EXPECT_FALSE(absl::StrContains(groups.text(), "event: jobs")) << groups.text();
+  HttpResponse unknown = Http(port_, "GET", "/api/events?topics=groups,gpus", {Bearer("the-token")});
+  EXPECT_EQ(unknown.status, 400) << unknown.body;
+  EXPECT_TRUE(absl::StrContains(unknown.body, "'gpus' is not jobs or groups")) << unknown.body;
   // A quiet stream says it is alive with a `ping` event (10 s), which the page's script sees (a
   // comment line would not reach it).
   EXPECT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: ping\ndata: {}\n\n"); }))

@@ -15,6 +15,8 @@ expect "--coordinator is required" "$worker" serve --metrics-listen ""
 expect "--coordinator: expected HOST:PORT, got 'localhost'" "$worker" serve --coordinator localhost
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
 expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""
+expect "--stall-timeout-s" "$worker" serve --coordinator 127.0.0.1:1 --stall-timeout-s -5 --metrics-listen ""
+expect "--stall-timeout-s" "$worker" serve --coordinator 127.0.0.1:1 --stall-timeout-s soon --metrics-listen ""
 expect "--token-file" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/missing-token" --metrics-listen ""
 : > "$tmp/empty-token"
 expect "holds no token" "$worker" serve --coordinator 127.0.0.1:1 --token-file "$tmp/empty-token" --metrics-listen ""
