@@ -359,6 +359,16 @@ absl::Status CheckOutputPath(const std::string& flag, const std::string& path) {
   return absl::OkStatus();
 }
 
+absl::Status CheckNotTheInput(const std::string& out, const std::string& out_flag, const std::string& in,
+                              const std::string& in_what) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(out, in, ec) && !ec) {
+    return absl::InvalidArgumentError(absl::StrCat(out_flag, " ", out, ": is the ", in_what, " ", in,
+                                                   " itself; write elsewhere (it would be replaced)"));
+  }
+  return absl::OkStatus();
+}
+
 void WriteLineToStderr(absl::string_view line) {
   const std::string text = absl::StrCat(line, "\n");
   const char* p = text.data();

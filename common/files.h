@@ -101,6 +101,10 @@ absl::Status RemoveTreeNoFollow(const std::string& parent, const std::string& na
 // folder: checked before any work and said with the flag (INVALID_ARGUMENT, exit 2), where the
 // atomic write would fail late, naming its temporary file.
 absl::Status CheckOutputPath(const std::string& flag, const std::string& path);
+// An output (`out_flag` `out`) that is the input file `in` itself, by its path or through a link,
+// would replace what the command reads: INVALID_ARGUMENT naming both, checked before any work.
+absl::Status CheckNotTheInput(const std::string& out, const std::string& out_flag, const std::string& in,
+                              const std::string& in_what);
 
 // Writes `line` and a newline to standard error in one write(2) (more only when the kernel takes
 // part of it). A rank under mpirun shares its stderr with mpirun's own messages, and a line written

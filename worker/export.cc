@@ -15,6 +15,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/backbone_fit.h"
@@ -96,18 +97,6 @@ int64_t FileSize(const std::string& path) {
   return ec ? -1 : static_cast<int64_t>(n);
 }
 
-// An output that is the input file itself (by its path or through a link) would replace what
-// the command reads: refused before anything is read.
-absl::Status CheckNotTheInput(const std::string& out, const char* out_flag, const std::string& in,
-                              const char* in_what) {
-  std::error_code ec;
-  if (std::filesystem::equivalent(out, in, ec) && !ec) {
-    return absl::InvalidArgumentError(absl::StrCat(out_flag, " ", out, ": is the ", in_what, " ", in,
-                                                   " itself; write elsewhere (it would be replaced)"));
-  }
-  return absl::OkStatus();
-}
-
 std::string SidecarJson(const ExportOptions& options, const ExportResult& result,
                         const CheckpointMeta& meta, const common::PipelineConfig& config) {
   const common::FrontendConfig& fe = config.frontend;
@@ -181,13 +170,25 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
         "--out ", options.out, ": the JSON sidecar would overwrite the weights; name the weights "
         "file with another extension (.pt, .pth, .safetensors)"));
   }
-  AVIARY_RETURN_IF_ERROR(CheckNotTheInput(options.out, "--out", options.checkpoint, "checkpoint"));
-  AVIARY_RETURN_IF_ERROR(CheckNotTheInput(result.sidecar_path, "--out's sidecar",
+  // The sidecar's path too (a folder named like it would fail its rename after the weights').
+  AVIARY_RETURN_IF_ERROR(common::CheckOutputPath("--out's sidecar", result.sidecar_path));
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(options.out, "--out", options.checkpoint, "checkpoint"));
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(result.sidecar_path, "--out's sidecar",
                                           options.checkpoint, "checkpoint"));
   AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(options.checkpoint));
   AVIARY_ASSIGN_OR_RETURN(
       common::PipelineConfig config,
       common::ParsePipelineConfig(meta.config_yaml, absl::StrCat(options.checkpoint, " (config_yaml)")));
+  // Every format's window goes through the front end's reflect padding (the sidecar tells the
+  // notebook the window; torch.stft refuses one of n_fft / 2 samples or fewer).
+  const int sr = config.data.sample_rate;
+  const int64_t min_samples = config.frontend.n_fft / 2 + 1;
+  if (std::llround(options.window_s * sr) < min_samples) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--window: %g s is %d samples at %d Hz, fewer than the front end needs (%d for n_fft %d: at least %g s)",
+        options.window_s, std::llround(options.window_s * sr), sr, min_samples, config.frontend.n_fft,
+        static_cast<double>(min_samples) / sr));
+  }
   if (static_cast<int>(meta.class_names.size()) != meta.num_classes) {
     return absl::FailedPreconditionError(absl::StrCat(
         options.checkpoint, ": ", meta.class_names.size(), " class names for ", meta.num_classes,
@@ -220,7 +221,8 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   }
   // The weights and their sidecar are a pair (the sidecar names the outputs and the window):
   // both are written in full under temporary names first and then renamed into place, so a
-  // failed write never leaves new weights beside an earlier export's sidecar.
+  // failed write never leaves new weights beside an earlier export's sidecar. Only the sidecar's
+  // rename failing after the weights' (its path was checked above) could, and its error says so.
   const std::string staged_weights = absl::StrCat(options.out, ".partial");
   const std::string staged_sidecar = absl::StrCat(result.sidecar_path, ".partial");
   absl::Status written = WriteExportPair(options, config, meta, *model, tensors, staged_weights,
@@ -332,7 +334,7 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--model: ImageNet backbones exist for efficientnet_b0..b3 only, got '", options.model, "'"));
   }
-  AVIARY_RETURN_IF_ERROR(CheckNotTheInput(options.out, "--out", options.in, "input"));
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(options.out, "--out", options.in, "input"));
   common::ModelConfig mc;
   mc.name = options.model;
   AVIARY_ASSIGN_OR_RETURN(std::shared_ptr<ClassifierImpl> model,

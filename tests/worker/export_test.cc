@@ -216,6 +216,35 @@ TEST(ExportCheckpointTest, RefusesToOverwriteItsCheckpointAndLeavesNoStagedFiles
   EXPECT_FALSE(std::filesystem::exists(TempPath("b0_self_export.json.partial")));
 }
 
+// A window the front end cannot take (torch.stft's reflect padding needs more than n_fft / 2
+// samples) is refused for every format, naming --window; a folder where the sidecar goes is
+// refused before the weights are written (it failed after them, beside an older sidecar).
+TEST(ExportCheckpointTest, RefusesAShortWindowAndASidecarPathThatIsAFolder) {
+  const std::string ckpt = SaveB0("b0_window.pt");
+  for (const char* format : {"state_dict", "safetensors", "onnx"}) {
+    ExportOptions o;
+    o.checkpoint = ckpt;
+    o.format = format;
+    o.out = TempPath(std::string("b0_window.") + format);
+    o.window_s = 0.01;  // 320 samples at 32 kHz; n_fft 2028 needs 1015
+    auto r = ExportCheckpoint(o);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << format;
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "--window: 0.01 s is 320 samples at 32000 Hz")) << r.status();
+    EXPECT_FALSE(std::filesystem::exists(o.out)) << format;
+  }
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "state_dict";
+  o.out = TempPath("b0_folder.pt");
+  std::filesystem::remove(o.out);
+  std::filesystem::create_directories(TempPath("b0_folder.json"));
+  auto r = ExportCheckpoint(o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "--out's sidecar " + TempPath("b0_folder.json") + ": is a directory"))
+      << r.status();
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+}
+
 // The metadata of a one-plane, two-class small_cnn fine-tuning checkpoint written with `config`.
 CheckpointMeta TwoClassSmallCnnMeta(const common::PipelineConfig& config) {
   CheckpointMeta meta;
