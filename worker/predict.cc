@@ -20,11 +20,13 @@
 #include <optional>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/config.h"
 #include "common/csv.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "worker/data/audio.h"
 #include "worker/checkpoint.h"
@@ -37,6 +39,20 @@ namespace {
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// The extensions of the formats the decoder reads (libsndfile's and mp3), any case.
+bool HasAudioExtension(const std::string& path) {
+  static const char* const kAudio[] = {"ogg", "oga", "opus", "mp3", "flac", "wav",  "wave", "aif",
+                                       "aiff", "aifc", "au", "snd", "caf", "w64", "rf64"};
+  const size_t slash = path.find_last_of('/');
+  const size_t dot = path.find_last_of('.');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return false;
+  const std::string ext = absl::AsciiStrToLower(absl::string_view(path).substr(dot + 1));
+  for (const char* a : kAudio) {
+    if (ext == a) return true;
+  }
+  return false;
 }
 
 std::string Stem(const std::string& path) {
@@ -359,6 +375,9 @@ absl::StatusOr<PredictReport> Predictor::Run(
 
   absl::Status status;
   std::string text;
+  std::map<std::string, std::string> predicted_stems;  // stem -> the file whose rows carry it
+  csv.flush();
+  int64_t csv_bytes = static_cast<int64_t>(csv.tellp());  // after the last whole file's rows
   for (size_t i = 0; i < n; ++i) {
     DecodedFile file;
     {
@@ -371,16 +390,24 @@ absl::StatusOr<PredictReport> Predictor::Run(
       report.decode_wait_s += Seconds(wait_start);
     }
     cv.notify_all();
-    if (!file.error.ok()) {
-      status = file.error;
-      break;
-    }
     const DecodeResult& r = file.result;
-    const bool silent = r.failure.problem == AudioProblem::kSilent;
-    if (!r.ok() && !silent) {
+    const bool silent = file.error.ok() && r.failure.problem == AudioProblem::kSilent;
+    const std::string stem = Stem(audio_files[i]);
+    if (!file.error.ok()) {
+      // The decoder's own failure on this file (a resampler refusing its rate): skipped and
+      // said, as an undecodable file is; the others are still predicted.
+      report.skipped.push_back({audio_files[i], "error", absl::StrCat(audio_files[i], ": ", file.error.message())});
+    } else if (!r.ok() && !silent) {
       report.skipped.push_back(
           {audio_files[i], AudioProblemName(r.failure.problem), r.failure.message});
+    } else if (auto seen = predicted_stems.find(stem); seen != predicted_stems.end()) {
+      // A file ListAudioFiles let through (not named as audio) that decoded after all: its row
+      // ids would repeat the other file's.
+      report.skipped.push_back({audio_files[i], "duplicate_stem",
+                                absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
+                                             " (predicted): its row ids would repeat those")});
     } else {
+      predicted_stems.emplace(stem, audio_files[i]);
       absl::StatusOr<std::vector<float>> probs = impl_->Predict(r.audio.samples);
       if (!probs.ok()) {
         status = absl::Status(probs.status().code(),
@@ -399,7 +426,18 @@ absl::StatusOr<PredictReport> Predictor::Run(
         }
         text += '\n';
       }
+      errno = 0;
       csv << text;
+      csv.flush();  // a full disk is seen at this file, and the rows before it are whole
+      if (!csv) {  // a full disk: said now, not after the other files' hours
+        const int error = errno;
+        status = absl::Status(error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
+                                                                 : absl::StatusCode::kInternal,
+                              absl::StrCat("writing the CSV failed at the rows of ", audio_files[i], ": ",
+                                           error != 0 ? common::ErrnoText(error) : std::string("a stream error")));
+        break;
+      }
+      csv_bytes = static_cast<int64_t>(csv.tellp());
       ++report.files_predicted;
       if (silent) ++report.silent_files;
       report.rows += rows;
@@ -412,13 +450,19 @@ absl::StatusOr<PredictReport> Predictor::Run(
       p.rows = report.rows;
       p.audio_seconds = report.audio_seconds;
       p.elapsed_s = Seconds(start);
+      p.csv_bytes = csv_bytes;
       progress(p);
     }
   }
   join();
   if (!status.ok()) return status;
+  errno = 0;
   csv.flush();
-  if (!csv) return absl::InternalError("writing the submission failed");
+  if (!csv) {
+    const int error = errno;
+    return absl::InternalError(absl::StrCat("writing the CSV failed at its end: ",
+                                            error != 0 ? common::ErrnoText(error) : std::string("a stream error")));
+  }
   report.elapsed_s = Seconds(start);
   return report;
 }
@@ -473,8 +517,12 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
   if (files.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no files to predict"));
   }
+  // Two audio files of one stem (XC1.ogg and XC1.mp3) would give the same row ids: refused now.
+  // Other files (XC1.txt beside XC1.ogg) are tried and skipped when not audio (Run skips one
+  // that decodes with a stem already predicted).
   std::map<std::string, std::string> by_stem;
   for (const std::string& f : files) {
+    if (!HasAudioExtension(f)) continue;
     auto [it, inserted] = by_stem.emplace(Stem(f), f);
     if (!inserted) {
       return absl::InvalidArgumentError(absl::StrCat(it->second, " and ", f,

@@ -33,8 +33,10 @@
 // Rows are written in the order of the input files.
 //
 // Bad input: files that cannot be decoded (missing, empty, not audio, truncated, no samples,
-// NaN samples) are skipped and reported in PredictReport::skipped, never fatal; silent files are
-// predicted (all-zero input). Checkpoints are refused at Create with FAILED_PRECONDITION or
+// NaN samples), a decoder error on one file (reason "error") and a file whose stem a predicted
+// file already had ("duplicate_stem") are skipped and reported in PredictReport::skipped, never
+// fatal; silent files are predicted (all-zero input). A failed write of the CSV (a full disk)
+// ends the run at that file. Checkpoints are refused at Create with FAILED_PRECONDITION or
 // INVALID_ARGUMENT naming the file: not a checkpoint, no class names, class names that do not
 // match num_classes, ensemble members with different label sets, sample rates or channel modes.
 //
@@ -75,11 +77,12 @@ struct PredictProgress {
   int64_t rows = 0;
   double audio_seconds = 0;  // of the predicted files
   double elapsed_s = 0;
+  int64_t csv_bytes = -1;    // the CSV's length after these files' rows, flushed (-1: unknown)
 };
 
 struct SkippedFile {
   std::string path;
-  std::string reason;  // AudioProblemName: "empty", "not_audio", ...
+  std::string reason;  // AudioProblemName ("empty", "not_audio", ...), "error" or "duplicate_stem"
   std::string message;
 };
 
@@ -120,7 +123,8 @@ class Predictor {
 
   // Predicts `audio_files` in order and writes the CSV (header first) to `csv`. Undecodable
   // files are skipped and listed in the report. `progress` (may be empty) is called after each
-  // file from the calling thread.
+  // file from the calling thread. On an error (inference, or writing `csv`) the rows of the files
+  // before it are in `csv` (the last progress call counts them).
   absl::StatusOr<PredictReport> Run(const std::vector<std::string>& audio_files, std::ostream& csv,
                                     const std::function<void(const PredictProgress&)>& progress);
 
@@ -142,8 +146,8 @@ class Predictor {
 
 // The files to predict: `path` itself when it is a file, else the regular files directly in the
 // directory (not recursive; names starting with '.' left out), sorted by name. NOT_FOUND when
-// `path` does not exist; INVALID_ARGUMENT for an empty directory or two files with the same
-// stem (their row ids would collide).
+// `path` does not exist; INVALID_ARGUMENT for an empty directory or two audio files (by their
+// extension: .ogg, .mp3, .flac, .wav, ...) with the same stem (their row ids would collide).
 absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path);
 
 // "<stem of path>_<end_s>" with end_s printed without a fraction when it is whole ("XC1_5"),

@@ -56,6 +56,13 @@ expect "$tmp/missing.ogg" "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/mis
 expect "--offset" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --offset -3 --out "$tmp/bad.npy"
 expect "--out is required" "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg"
 [ -e "$tmp/bad.npy" ] && fail "a refused command wrote its output"
+# --out naming an input would replace it (the clip was decoded first, then overwritten).
+cp "$ogg" "$tmp/self.ogg"
+expect "--out $tmp/self.ogg: is the --audio file $tmp/self.ogg itself" \
+  "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/self.ogg" --out "$tmp/self.ogg"
+expect "--out $tmp/p.yaml: is the --config file $tmp/p.yaml itself" \
+  "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --out "$tmp/p.yaml"
+cmp -s "$ogg" "$tmp/self.ogg" || fail "a refused --out replaced its --audio file"
 # An --out in a missing folder is bad input named by its flag (exit 2, as `aviary dataset` and
 # `aviary predict` say it), for the torch tools that write through a temporary file; checked
 # before any work, so no checkpoint or weights file is needed to see it.

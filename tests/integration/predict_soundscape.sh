@@ -102,9 +102,11 @@ fi
 mkdir -p "$tmp/mixed"
 cp "$tmp/sc/soundscapes/$one" "$tmp/mixed/"
 : > "$tmp/mixed/empty.ogg"
-echo "not audio" > "$tmp/mixed/notes.txt"
+# Notes beside a recording, under its stem: not audio by its name, so not refused as a second
+# file of that stem; tried and skipped.
+echo "not audio" > "$tmp/mixed/${one%.*}.txt"
 if "$bin/aviary" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/mixed.csv" --threads 2 > "$tmp/mixed.log" 2>&1; then
-  if grep -q "skipped 2 file(s) that could not be decoded (no rows): 1 empty 1 not_audio" "$tmp/mixed.log" &&
+  if grep -q "skipped 2 file(s) (no rows): 1 empty 1 not_audio" "$tmp/mixed.log" &&
      grep -q "19 rows from 1 of 3 file(s)" "$tmp/mixed.log" && [ "$(wc -l < "$tmp/mixed.csv")" -eq 20 ]; then
     ok
   else
@@ -123,6 +125,31 @@ expect "smooth: expected an odd number of weights" "$a" predict --checkpoint "$t
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --device tpu
 mkdir -p "$tmp/bad"; : > "$tmp/bad/a.ogg"
 expect "no file could be predicted" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/bad" --out "$tmp/x.csv"
+expect "--smooth: expected comma-separated weights" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/x.csv" --smooth ""
+# Outputs refused before any work: a folder (the rename would fail after the whole run), the
+# checkpoint or an audio file itself.
+expect "--out $tmp/bad: is a directory" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/bad"
+cp "$tmp/run/best.pt" "$tmp/copy.pt"
+expect "is the checkpoint $tmp/copy.pt itself" "$a" predict --checkpoint "$tmp/copy.pt" --audio "$tmp/mixed" --out "$tmp/copy.pt"
+expect "is the audio file $tmp/mixed/$one itself" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/mixed/$one"
+cmp -s "$tmp/run/best.pt" "$tmp/copy.pt" && cmp -s "$tmp/sc/soundscapes/$one" "$tmp/mixed/$one" || fail "a refused --out was written"
+ls "$tmp/bad" "$tmp/mixed" | grep -q "\.tmp\." && fail "a refused run left a temporary file"
+
+# A write that fails in the middle (a full disk; here the file size limit, EFBIG): the run stops
+# at that file, says so, and keeps the whole files' rows written before it as --out.partial.
+(trap '' XFSZ; ulimit -f 6; exec "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/sc/soundscapes" \
+  --out "$tmp/full.csv" --threads 2) 2>&1 | cat > "$tmp/full.log"  # the log outside the limit
+rc=${PIPESTATUS[0]}
+rows=$(($(wc -l < "$tmp/full.csv.partial" 2>/dev/null || echo 0) - 1))
+if [ $rc -ne 0 ] && grep -q "writing the CSV failed at the rows of .*: File too large (EFBIG)" "$tmp/full.log" &&
+   grep -q "are in $tmp/full.csv.partial; $tmp/full.csv not written" "$tmp/full.log" && [ ! -e "$tmp/full.csv" ] &&
+   [ $rows -gt 0 ] && [ $((rows % 19)) -eq 0 ] && [ $rows -lt 76 ] &&
+   cmp -s <(head -n $((rows + 1)) "$tmp/sub.csv") "$tmp/full.csv.partial"; then
+  ok
+else
+  fail "a failed write (rc=$rc, $rows rows kept): $(cat "$tmp/full.log")"
+fi
+ls "$tmp" | grep -q "full\.csv\.tmp\." && fail "the failed write left its temporary file"
 # An ensemble of checkpoints with different label sets: a 2-epoch debug run on 6 species.
 "$a" synth --out "$tmp/t6" --layout 2024 --species 6 --recordings 40 --seed 4 --max-seconds 6 --no-broken >/dev/null || fail "synth 6"
 "$bin/aviary-worker" train --config "$tmp/p.yaml" --set data.target.root="$tmp/t6" --set data.cache_dir= --set debug=true \

@@ -444,6 +444,44 @@ TEST(PredictTest, ListAudioFilesChecksItsInput) {
   st = ListAudioFiles(dangling).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(st.message()), HasSubstr(dangling + "/b.ogg: cannot stat"));
+  // Only audio files (by extension, any case) count for a stem: notes beside a recording do not
+  // refuse the folder.
+  std::string notes = Dir("notes");
+  std::ofstream(notes + "/XC1.OGG").close();
+  std::ofstream(notes + "/XC1.txt").close();
+  files = ListAudioFiles(notes);
+  ASSERT_TRUE(files.ok()) << files.status();
+  EXPECT_EQ(files->size(), 2u);
+  std::ofstream(notes + "/XC1.mp3").close();
+  EXPECT_THAT(std::string(ListAudioFiles(notes).status().message()), HasSubstr("same stem 'XC1'"));
+}
+
+// A file not named as audio that decodes after all, with a stem a predicted file had: skipped
+// and said (its row ids would repeat the other's), the run goes on.
+TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
+  std::unique_ptr<Predictor> p = TwoClassPredictor("stem", 1);
+  ASSERT_NE(p, nullptr);
+  std::string dir = Dir("stem");
+  WriteWav(dir + "/a.wav", Noise(32000, 3), 32000);
+  WriteWav(dir + "/a.bak", Noise(32000, 4), 32000);
+  WriteWav(dir + "/b.wav", Noise(32000, 5), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  ASSERT_EQ(files->size(), 3u);  // a.bak, a.wav, b.wav
+  std::ostringstream csv;
+  std::vector<int64_t> bytes;
+  auto report = p->Run(*files, csv, [&](const PredictProgress& progress) { bytes.push_back(progress.csv_bytes); });
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->files_predicted, 2);
+  ASSERT_EQ(report->skipped.size(), 1u);
+  EXPECT_EQ(report->skipped[0].path, dir + "/a.wav");
+  EXPECT_EQ(report->skipped[0].reason, "duplicate_stem");
+  EXPECT_THAT(report->skipped[0].message, HasSubstr("the same stem 'a' as " + dir + "/a.bak"));
+  // The CSV's length after each file's rows (a failed write keeps whole files only).
+  ASSERT_EQ(bytes.size(), 3u);
+  EXPECT_LT(bytes[0], bytes[2]);
+  EXPECT_EQ(bytes[0], bytes[1]);  // the skipped file wrote nothing
+  EXPECT_EQ(bytes[2], static_cast<int64_t>(csv.str().size()));
 }
 
 }  // namespace

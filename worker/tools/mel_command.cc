@@ -48,6 +48,8 @@ absl::StatusOr<MelResult> MakeMel(const MelArgs& args) {
   const std::string& out_path = args.out;
   const double offset_s = args.offset_s;
   AVIARY_RETURN_IF_ERROR(CheckOutputPath("--out", out_path));
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(out_path, "--out", audio_path, "--audio file"));
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(out_path, "--out", args.config, "--config file"));
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config, common::LoadPipelineConfig(args.config, args.overrides));
 
   const int sample_rate = config.data.sample_rate;
@@ -88,8 +90,9 @@ absl::StatusOr<MelResult> MakeMel(const MelArgs& args) {
   result.decoded_samples = static_cast<int64_t>(samples.size());
   if (samples.empty()) {
     return absl::OutOfRangeError(absl::StrFormat(
-        "--offset: %g s is past the end of %s (%.3f s long)", offset_s, audio_path,
-        result.source_seconds));
+        "--offset: %g s is past the end of %s (%s)", offset_s, audio_path,
+        result.source_seconds >= 0 ? absl::StrFormat("%.3f s long", result.source_seconds)
+                                   : std::string("its header does not tell its length")));
   }
   // The validation window: the first `duration` seconds from the offset, zero-padded at the end.
   samples.resize(static_cast<size_t>(window_samples), 0.0f);

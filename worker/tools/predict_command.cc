@@ -5,9 +5,11 @@
 //
 // A BirdCLEF submission from trained checkpoints (worker/predict.h): one row per `window`
 // seconds of every audio file, one probability column per class in label order. The CSV is
-// written to a temporary file next to --out and renamed when complete. Undecodable files are
-// reported and skipped; the run ends with a summary on stdout (and exit 0 when at least one
-// file was predicted, 2 when every file was skipped).
+// written to a temporary file next to --out, fsynced and renamed when complete; after an error
+// the rows written so far are kept as --out.partial. Undecodable files are reported and skipped;
+// the run ends with a summary on stdout (and exit 0 when at least one file was predicted, 2
+// when every file was skipped).
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -25,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/files.h"
 #include "worker/tools/tools.h"
 #include "worker/predict.h"
 
@@ -95,21 +99,45 @@ struct PredictArgs {
   std::string audio;
   std::string out;
   std::string smooth;
+  bool smooth_given = false;
   std::string memory_format = "channels_last";
 };
+
+// The CSV's bytes on disk before the rename publishes it (as WriteFileAtomically does).
+absl::Status SyncFile(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::InternalError(absl::StrCat("open ", path, ": ", common::ErrnoText(errno)));
+  const int rc = ::fsync(fd);
+  const int error = errno;
+  ::close(fd);
+  if (rc != 0) return absl::InternalError(absl::StrCat("fsync ", path, ": ", common::ErrnoText(error)));
+  return absl::OkStatus();
+}
 
 int RunPredict(const PredictArgs& args) {
   worker::PredictOptions options = args.options;
   const std::string& memory_format = args.memory_format;
-  if (!args.smooth.empty()) {
+  if (args.smooth_given) {
     auto weights = ParseWeights(args.smooth);
     if (!weights.ok()) return Fail(weights.status());
     options.smooth = *weights;
   }
   options.channels_last = memory_format == "channels_last";
 
+  // A folder (or a missing one) as --out is said now, not after the run when the rename fails.
+  if (absl::Status out = common::CheckOutputPath("--out", args.out); !out.ok()) return Fail(out);
+  for (const std::string& checkpoint : options.checkpoints) {
+    if (absl::Status in = common::CheckNotTheInput(args.out, "--out", checkpoint, "checkpoint"); !in.ok()) {
+      return Fail(in);
+    }
+  }
   auto files = worker::ListAudioFiles(args.audio);
   if (!files.ok()) return Fail(files.status());
+  for (const std::string& file : *files) {
+    if (absl::Status in = common::CheckNotTheInput(args.out, "--out", file, "audio file"); !in.ok()) {
+      return Fail(in);
+    }
+  }
   auto predictor = worker::Predictor::Create(options);
   if (!predictor.ok()) return Fail(predictor.status());
   const worker::Predictor& p = **predictor;
@@ -133,20 +161,41 @@ int RunPredict(const PredictArgs& args) {
         absl::StrCat("--out ", args.out, ": cannot write ", tmp, ": ", std::strerror(errno))));
   }
   ProgressBar bar;
-  auto report = (*predictor)->Run(*files, csv, [&bar](const worker::PredictProgress& progress) {
+  worker::PredictProgress last;  // the files done so far (their rows are in the CSV)
+  auto report = (*predictor)->Run(*files, csv, [&bar, &last](const worker::PredictProgress& progress) {
+    last = progress;
     bar.Update(progress);
   });
+  errno = 0;
   csv.close();
-  if (report.ok() && !csv) report = absl::InternalError(absl::StrCat("writing ", tmp, " failed"));
+  if (report.ok() && !csv) {
+    report = absl::InternalError(absl::StrCat("writing ", tmp, " failed: ", common::ErrnoText(errno)));
+  }
+  if (report.ok() && report->files_predicted > 0) {
+    if (absl::Status synced = SyncFile(tmp); !synced.ok()) report = synced;
+  }
   if (!report.ok()) {
-    std::remove(tmp.c_str());
+    // The rows written so far are kept (hours of inference on a CPU), apart from --out.
+    const std::string partial = absl::StrCat(args.out, ".partial");
+    // Cut back to the last whole file's rows (a failed write may have left part of a row).
+    if (last.rows > 0 && last.csv_bytes > 0 && ::truncate(tmp.c_str(), last.csv_bytes) == 0 &&
+        std::rename(tmp.c_str(), partial.c_str()) == 0) {
+      std::cerr << "aviary predict: the rows of the " << last.files_done << " file(s) before the error ("
+                << last.rows << " rows) are in " << partial << "; " << args.out << " not written\n";
+    } else {
+      std::remove(tmp.c_str());
+    }
     return Fail(report.status());
   }
   if (report->files_predicted == 0) std::remove(tmp.c_str());  // no submission without rows
   if (report->files_predicted > 0 && std::rename(tmp.c_str(), args.out.c_str()) != 0) {
-    std::string why = std::strerror(errno);
-    std::remove(tmp.c_str());
-    return Fail(absl::InternalError(absl::StrCat("rename ", tmp, " -> ", args.out, ": ", why)));
+    // The complete CSV stays under its temporary name: nothing to predict again.
+    return Fail(absl::InternalError(absl::StrCat("rename ", tmp, " -> ", args.out, ": ", common::ErrnoText(errno),
+                                                 "; the complete CSV is kept as ", tmp)));
+  }
+  if (report->files_predicted > 0) {
+    const std::string dir = std::filesystem::path(args.out).parent_path().string();
+    if (absl::Status synced = common::SyncFolder(dir); !synced.ok()) return Fail(synced);
   }
 
   const worker::PredictReport& r = *report;
@@ -161,7 +210,7 @@ int RunPredict(const PredictArgs& args) {
   if (!r.skipped.empty()) {
     std::map<std::string, int> counts;
     for (const auto& s : r.skipped) ++counts[s.reason];
-    std::cout << "skipped " << r.skipped.size() << " file(s) that could not be decoded (no rows):";
+    std::cout << "skipped " << r.skipped.size() << " file(s) (no rows):";
     for (const auto& [reason, count] : counts) std::cout << " " << count << " " << reason;
     std::cout << "\n";
     for (const auto& s : r.skipped) std::cout << "  " << s.reason << ": " << s.message << "\n";
@@ -196,9 +245,9 @@ void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
   common::AddNumber(predict, "--batch", &o.batch_windows, "N",
                     "windows per forward pass (default: the stage's infer_bs x batch_size)", 1, 1 << 20);
   common::AddNumber(predict, "--tta", &o.tta, "N", "views per window averaged (default: train.tta)", 1, 64);
-  predict->add_option("--smooth", args->smooth,
-                      "centered moving average over neighbouring windows (an odd number of weights)")
-      ->type_name("w,w,w");
+  CLI::Option* smooth = predict->add_option(
+      "--smooth", args->smooth, "centered moving average over neighbouring windows (an odd number of weights)");
+  smooth->type_name("w,w,w");
   common::AddNumber(predict, "--threads", &o.threads, "N", "torch threads (default: every core)", 1, 1024);
   common::AddNumber(predict, "--decode-threads", &o.decode_threads, "N", "decoders reading ahead", 1, 64)
       ->capture_default_str();
@@ -210,7 +259,10 @@ void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
       ->type_name("channels_last|contiguous")
       ->check(common::OneOf({"channels_last", "contiguous"}))
       ->capture_default_str();
-  predict->callback([run, args] { *run = [args] { return RunPredict(*args); }; });
+  predict->callback([run, args, smooth] {
+    args->smooth_given = smooth->count() > 0;  // --smooth "" is refused, not taken as off
+    *run = [args] { return RunPredict(*args); };
+  });
 }
 
 }  // namespace aviary::cli
