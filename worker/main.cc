@@ -62,12 +62,15 @@ int PrintVersion() {
 // The MPI session of this process when it runs as a rank of a multi-process world.
 aviary::worker::comm::MpiSession* g_session = nullptr;
 
+// "aviary" when the client runs this program for `aviary mel|predict|export|weights`.
+std::string g_program = "aviary-worker";
+
 int Fail(const std::string& command, const absl::Status& st) {
   if (g_session != nullptr && g_session->world_size() > 1) {
     // The other ranks may be waiting in a collective: end the whole group.
-    g_session->Abort(absl::StrCat("aviary-worker ", command, ": ", st.message()), aviary::common::ExitCodeFor(st));
+    g_session->Abort(absl::StrCat(g_program, " ", command, ": ", st.message()), aviary::common::ExitCodeFor(st));
   }
-  aviary::common::WriteLineToStderr(absl::StrCat("aviary-worker ", command, ": ", st.message()));
+  aviary::common::WriteLineToStderr(absl::StrCat(g_program, " ", command, ": ", st.message()));
   return aviary::common::ExitCodeFor(st);
 }
 
@@ -454,6 +457,7 @@ int main(int argc, char** argv) {
   // `aviary mel|predict` run this program as "aviary" (client/main.cc): their help then names
   // the command the user typed.
   const std::string self = std::filesystem::path(argc > 0 ? argv[0] : "").filename().string();
+  if (self == "aviary") g_program = "aviary";
   CLI::App app("aviary-worker: trains on this machine (train), serves a coordinator as part of a worker group "
                "(serve), measures the group's all-reduce (allreduce-bench), and runs `aviary mel`, "
                "`aviary predict`, `aviary export` and `aviary weights`.",
@@ -490,7 +494,9 @@ int main(int argc, char** argv) {
   try {
     rc = run();
   } catch (const std::exception& e) {
-    rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", e.what())));
+    // The first line: torch's errors carry a C++ backtrace after it.
+    const std::string what = e.what();
+    rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", what.substr(0, what.find('\n')))));
   }
   g_session = nullptr;
   return rc;  // `session` finalizes MPI (when it initialized it)

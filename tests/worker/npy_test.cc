@@ -87,6 +87,15 @@ TEST(NpyTest, RefusesMismatchedDataAndBadFiles) {
   EXPECT_NE(truncated.status().message().find("needs 16 data bytes, file has 8"), std::string::npos)
       << truncated.status();
 
+  // A shape whose product wraps around size_t (to 0 here) is refused, not read as empty.
+  std::string huge = *header;
+  huge.replace(huge.find("(4,)"), 4, "(4611686018427387904, 4)");
+  huge.erase(huge.rfind("  \n"), 20);  // the same header length: 20 spaces of its padding fewer
+  ASSERT_TRUE(WriteFileAtomically(path, huge).ok());
+  auto wrapped = ReadNpy(path);
+  EXPECT_EQ(wrapped.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(wrapped.status().message().find("is too large"), std::string::npos) << wrapped.status();
+
   std::string f8 = *header;
   f8.replace(f8.find("'<f4'"), 5, "'<f8'");
   ASSERT_TRUE(WriteFileAtomically(path, f8 + std::string(32, '\0')).ok());

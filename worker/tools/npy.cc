@@ -1,6 +1,7 @@
 #include "worker/tools/npy.h"
 
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -154,6 +155,9 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
     int64_t d = 0;
     if (!absl::SimpleAtoi(part, &d) || d < 0) return Bad(path, absl::StrCat("shape ", *shape_text));
     array.shape.push_back(d);
+    if (d != 0 && count > std::numeric_limits<size_t>::max() / sizeof(float) / static_cast<size_t>(d)) {
+      return Bad(path, absl::StrCat("shape ", *shape_text, " is too large"));
+    }
     count *= static_cast<size_t>(d);
   }
   const size_t data_at = prefix + header_len;
