@@ -23,6 +23,7 @@ using ::testing::HasSubstr;
 
 std::string Dir(const std::string& name) {
   std::string dir = ::testing::TempDir() + "/predict_test_" + name;
+  std::filesystem::remove_all(dir);  // an earlier run's files
   ::mkdir(dir.c_str(), 0755);
   return dir;
 }
