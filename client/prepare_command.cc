@@ -28,6 +28,7 @@
 #include "absl/strings/str_split.h"
 #include "common/catalog.h"
 #include "common/config.h"
+#include "common/cpus.h"
 #include "common/status.h"
 #include "client/commands.h"
 #include "worker/data/audio.h"
@@ -153,7 +154,9 @@ struct PrepareArgs {
   std::string config;
   std::vector<std::string> overrides;
   std::string stage;  // empty: every enabled stage
-  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // The cores this process may use (affinity, a container's quota), shared with the other ranks
+  // of a split run on its host.
+  int threads = common::CoresPerRank(common::LocalRanksFromEnvironment());
   double shard_mb = worker::kDefaultShardBytes / double(1 << 20);
   bool dry_run = false;
   std::string part;  // "R/N"; empty: from mpirun's environment, else the whole cache
@@ -258,7 +261,7 @@ void AddPrepareCommand(CLI::App* app, Runner* run) {
   prepare->add_option("--stage", args->stage, "pretrain or finetune (default: every enabled stage)")
       ->type_name("S")
       ->check(common::OneOf({"pretrain", "finetune"}));
-  common::AddNumber(prepare, "--threads", &args->threads, "N", "decoders (default: every core)", 1, 1024);
+  common::AddNumber(prepare, "--threads", &args->threads, "N", "decoders (default: the cores this process may use, shared among the ranks of its host)", 1, 1024);
   common::AddNumber(prepare, "--shard-mb", &args->shard_mb, "M", "size of a cache shard, MiB", 0.001, 1e6)
       ->capture_default_str();
   prepare->add_option("--part", args->part,

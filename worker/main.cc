@@ -28,6 +28,7 @@
 #include "absl/strings/ascii.h"
 #include "common/csv.h"
 #include "common/config.h"
+#include "common/cpus.h"
 #include "common/cli.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -76,9 +77,7 @@ int Fail(const std::string& command, const absl::Status& st) {
 
 // Torch intra-op threads per rank: the cores shared among the ranks of this host.
 int DefaultThreads() {
-  int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  int local = g_session ? g_session->local_size() : 1;
-  return std::max(1, cores / std::max(1, local));
+  return aviary::common::CoresPerRank(g_session ? g_session->local_size() : 1);
 }
 
 // One device per local rank.

@@ -1,5 +1,7 @@
 #include "common/files.h"
 
+#include <sched.h>
+
 #include <dirent.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -10,10 +12,12 @@
 #include <cstring>
 #include <algorithm>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/cpus.h"
 #include "gtest/gtest.h"
 
 namespace aviary::common {
@@ -210,6 +214,56 @@ TEST(WriteLineToStderrTest, WritesTheLineAndItsNewlineInOneWrite) {
   ASSERT_GT(n, 0) << ErrnoText(errno);
   got.resize(static_cast<size_t>(n));
   EXPECT_EQ(got, line + "\n");
+}
+
+// The default thread counts (common/cpus.h): a container's quota in whole cores, the calling
+// thread's affinity, and the host's cores shared among its ranks.
+TEST(CpusTest, CgroupQuotaInWholeCores) {
+  EXPECT_EQ(CoresOfCgroupQuota("max 100000\n"), 0);
+  EXPECT_EQ(CoresOfCgroupQuota("250000 100000\n"), 3);
+  EXPECT_EQ(CoresOfCgroupQuota("50000 100000"), 1);
+  EXPECT_EQ(CoresOfCgroupQuota("200000 100000"), 2);
+  EXPECT_EQ(CoresOfCgroupQuota(""), 0);
+  EXPECT_EQ(CoresOfCgroupQuota("lots"), 0);
+  EXPECT_EQ(CoresOfCgroupQuota("-5 100000"), 0);
+}
+
+TEST(CpusTest, AffinityAndRanksBoundTheCount) {
+  const int host = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int usable = UsableCores();
+  EXPECT_GE(usable, 1);
+  EXPECT_LE(usable, host);
+  EXPECT_EQ(CoresPerRank(1), usable);
+  EXPECT_EQ(CoresPerRank(host), 1);
+  EXPECT_EQ(CoresPerRank(4 * host), 1);
+  cpu_set_t saved, one;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof(saved), &saved), 0);
+  CPU_ZERO(&one);
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &saved)) {
+      CPU_SET(cpu, &one);
+      break;
+    }
+  }
+  ASSERT_EQ(::sched_setaffinity(0, sizeof(one), &one), 0);  // this thread: taskset -c to one core
+  EXPECT_EQ(UsableCores(), 1);
+  EXPECT_EQ(CoresPerRank(1), 1);
+  ASSERT_EQ(::sched_setaffinity(0, sizeof(saved), &saved), 0);
+}
+
+TEST(CpusTest, LocalRanksFromTheLaunchersEnvironment) {
+  ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  ::unsetenv("MPI_LOCALNRANKS");
+  ::unsetenv("PMI_LOCAL_SIZE");
+  EXPECT_EQ(LocalRanksFromEnvironment(), 1);
+  ::setenv("MPI_LOCALNRANKS", "3", 1);
+  EXPECT_EQ(LocalRanksFromEnvironment(), 3);
+  ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "8", 1);
+  EXPECT_EQ(LocalRanksFromEnvironment(), 8);
+  ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "x", 1);
+  EXPECT_EQ(LocalRanksFromEnvironment(), 3);
+  ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  ::unsetenv("MPI_LOCALNRANKS");
 }
 
 }  // namespace

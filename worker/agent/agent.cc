@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/config.h"
+#include "common/cpus.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -227,8 +228,7 @@ absl::Status Agent::Serve() {
   if (options_.threads > 0) {
     at::set_num_threads(options_.threads);
   } else {
-    int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    at::set_num_threads(std::max(1, cores / std::max(1, session_.local_size())));
+    at::set_num_threads(common::CoresPerRank(session_.local_size()));
   }
   // Rank 0 sets up its endpoint first and shares the outcome, so that a bad --metrics-listen
   // stops every rank with one message.

@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/cpus.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -752,8 +753,8 @@ std::unordered_map<std::string, CacheEntry> CachedEntries(ShardScan* scan) {
 }
 
 int DecodeThreads(const PrepareOptions& options, size_t files) {
-  const int threads = options.num_threads > 0 ? options.num_threads
-                                              : static_cast<int>(std::thread::hardware_concurrency());
+  const int threads =
+      options.num_threads > 0 ? options.num_threads : common::CoresPerRank(common::LocalRanksFromEnvironment());
   return std::max(1, std::min<int>(threads, static_cast<int>(std::min<size_t>(files, 1 << 20))));
 }
 

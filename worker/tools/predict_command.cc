@@ -28,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/cpus.h"
 #include "common/files.h"
 #include "worker/tools/tools.h"
 #include "worker/predict.h"
@@ -227,7 +228,7 @@ int RunPredict(const PredictArgs& args) {
 void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
   auto args = std::make_shared<PredictArgs>();
   worker::PredictOptions& o = args->options;
-  o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  o.threads = common::UsableCores();  // affinity and a container's quota, not the host's cores
   o.decode_threads = 1;
   o.device = "auto";
   CLI::App* predict = common::AddCommand(
@@ -248,7 +249,7 @@ void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
   CLI::Option* smooth = predict->add_option(
       "--smooth", args->smooth, "centered moving average over neighbouring windows (an odd number of weights)");
   smooth->type_name("w,w,w");
-  common::AddNumber(predict, "--threads", &o.threads, "N", "torch threads (default: every core)", 1, 1024);
+  common::AddNumber(predict, "--threads", &o.threads, "N", "torch threads (default: the cores this process may use)", 1, 1024);
   common::AddNumber(predict, "--decode-threads", &o.decode_threads, "N", "decoders reading ahead", 1, 64)
       ->capture_default_str();
   predict->add_option("--device", o.device, "auto uses the GPU when libtorch has CUDA")

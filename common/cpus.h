@@ -1,0 +1,29 @@
+// How many cores a process may use: its CPU affinity (taskset, Slurm's or mpirun's binding) and
+// its cgroup's CPU quota (a container's --cpus), shared among the ranks of its host. The
+// default of every thread-count flag: std::thread::hardware_concurrency() counts the host's
+// cores, so 8 ranks on a 64-core node each started 64 decoders, and a container limited to 8
+// CPUs on a 128-core host ran 128.
+#ifndef AVIARY_COMMON_CPUS_H_
+#define AVIARY_COMMON_CPUS_H_
+
+namespace aviary::common {
+
+// The cores this process may run on: the CPUs in its affinity mask, at most its cgroup v2
+// quota (cpu.max, rounded up), at least 1.
+int UsableCores();
+
+// UsableCores(), at most the host's cores / `local_ranks` (the processes of this host share
+// them; ranks bound to their own cores keep their binding's count), at least 1.
+int CoresPerRank(int local_ranks);
+
+// The number of ranks on this host from the launcher's environment (Open MPI, MPICH/PMI, an
+// srun step), 1 when none says.
+int LocalRanksFromEnvironment();
+
+// The cgroup v2 quota in `cpu_max` (the file's text: "max 100000" or "250000 100000"), in
+// cores rounded up; 0 for none or text it cannot read.
+int CoresOfCgroupQuota(const char* cpu_max);
+
+}  // namespace aviary::common
+
+#endif  // AVIARY_COMMON_CPUS_H_
