@@ -163,7 +163,9 @@ struct PrepareArgs {
 };
 
 // This process's part of a split prepare: --part R/N, else the rank and size mpirun (Open MPI,
-// or a PMI launcher) gives it, else 0 of 1.
+// or a PMI launcher) or an srun step gives it, else 0 of 1. (Slurm's batch script is one task:
+// SLURM_STEP_NUM_TASKS is srun's, not the allocation's SLURM_NTASKS, so `aviary prepare` run
+// from an sbatch script still prepares the whole cache.)
 absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts) {
   *part = 0;
   *num_parts = 1;
@@ -177,7 +179,8 @@ absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts) {
     return absl::OkStatus();
   }
   for (const auto& [rank_var, size_var] : {std::pair<const char*, const char*>{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
-                                           {"PMI_RANK", "PMI_SIZE"}}) {
+                                           {"PMI_RANK", "PMI_SIZE"},
+                                           {"SLURM_PROCID", "SLURM_STEP_NUM_TASKS"}}) {
     const char* rank = std::getenv(rank_var);
     const char* size = std::getenv(size_var);
     if (rank == nullptr || size == nullptr) continue;
@@ -245,6 +248,14 @@ int RunPrepare(const PrepareArgs& args) {
   if (!report.ok()) return Fail(report.status());
   PrintReport(*report, part_prefix);
   std::cout << part_prefix << "wrote " << config->data.cache_dir << "/" << worker::PrepareReportName(options) << "\n";
+  if (auto unread = report->counts.find(worker::AudioProblem::kMissing); unread != report->counts.end()) {
+    // Not broken, not cached: training decodes them on the fly until a run reads them.
+    auto example = report->examples.find(worker::AudioProblem::kMissing);
+    std::cerr << "aviary prepare: " << part_prefix << unread->second
+              << " file(s) could not be read this time and are not cached"
+              << (example != report->examples.end() ? absl::StrCat(" (e.g. ", example->second, ")") : "")
+              << "; run `aviary prepare` again when they can be read\n";
+  }
   return 0;
 }
 

@@ -857,11 +857,29 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   // One stat per file (LookupCurrent): on a network filesystem with BirdCLEF's ~150k files
   // that is seconds, which only the rank that writes the checkpoints spends.
   if (rank != 0 || cache == nullptr || !CacheMismatch(*cache, base).empty()) return;
-  for (const std::string& path : paths) cached_files += cache->LookupCurrent(path) != nullptr;
-  Log().Info(absl::StrCat("reading ", cached_files, " of the ", data_files, " files from the decoded-audio cache ",
-                          cache->dir(),
-                          cached_files < data_files ? "; the others are decoded on the fly (`aviary prepare` caches them)"
-                                                    : ""));
+  int64_t known = 0;  // in the cache under this path, current or not
+  for (const std::string& path : paths) {
+    cached_files += cache->LookupCurrent(path) != nullptr;
+    known += cache->Lookup(path) != nullptr;
+  }
+  const std::string line = absl::StrCat("reading ", cached_files, " of the ", data_files,
+                                        " files from the decoded-audio cache ", cache->dir());
+  if (cached_files == data_files) {
+    Log().Info(line);
+  } else if (known == 0 && cache->size() > 0) {
+    // Decoding every file on the fly is several times slower than the cache: said loudly. The
+    // cache is keyed by the absolute path `prepare` was given.
+    Log().Warn(absl::StrCat(line, ": none of them is in it, though it holds ", cache->size(),
+                            " files; they are all decoded on the fly. Was it prepared under another path to "
+                            "the data (a symbolic link, another mount point)? Prepare with the data roots "
+                            "this config names"));
+  } else if (cached_files * 2 < data_files) {
+    Log().Warn(absl::StrCat(line, "; the other ", data_files - cached_files, " are decoded on the fly (",
+                            known - cached_files, " changed since `aviary prepare`, ", data_files - known,
+                            " never prepared: run `aviary prepare` again)"));
+  } else {
+    Log().Info(absl::StrCat(line, "; the others are decoded on the fly (`aviary prepare` caches them)"));
+  }
 }
 
 // A run resumed with another share of its files in the cache is not bit-exact against an

@@ -125,6 +125,14 @@ check "after the split run nothing is left to decode" grep -q " 0 decoded now" <
 outp=$("$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist2" --part 1/3 2>/dev/null); rc=$?
 check "--part 1/3 exits 0" test $rc -eq 0
 check "--part 1/3 decodes a third" grep -qE "^part 1 of 3: cache .*: $(( (${total:-0} + 1) / 3 )) files" <<<"$outp"
+# A task of an srun step takes its share as an mpirun rank does; an sbatch script (the
+# allocation's SLURM_NTASKS, no step) prepares the whole cache.
+outs=$(env SLURM_PROCID=1 SLURM_STEP_NUM_TASKS=3 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist3" 2>/dev/null); rc=$?
+check "srun step task 1 of 3 exits 0" test $rc -eq 0
+check "an srun step's task decodes its third" grep -qE "^part 1 of 3: cache .*: $(( (${total:-0} + 1) / 3 )) files" <<<"$outs"
+outb=$(env SLURM_PROCID=0 SLURM_NTASKS=8 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist4" 2>/dev/null); rc=$?
+check "an sbatch script's prepare exits 0" test $rc -eq 0
+check "an sbatch script's prepare takes every file" grep -qE "^cache .*: ${total:-x} files" <<<"$outb"
 
 expect2() {  # expect2 "substring" args...
   local want=$1; shift

@@ -276,6 +276,36 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   EXPECT_EQ(third.files_decoded, 0);
 }
 
+// A shard file that cannot be read now (here a link that loops: ELOOP, as an NFS timeout's EIO
+// or an ESTALE would be) is not a damaged shard: prepare stops naming it and deletes nothing
+// (sealed shards were deleted and decoded again), and training does not open the cache.
+TEST(AudioCacheTest, AReadErrorIsNotADamagedShard) {
+  TempDir tmp;
+  const std::vector<std::string> paths = CorpusPaths();
+  const std::string dir = tmp.Sub("cache");
+  PrepareReport first = MustPrepare(paths, Options(dir, 2, 512 << 10));
+  const std::vector<int> shards = ShardNumbers(dir, ".index.csv");
+  ASSERT_GE(shards.size(), 2u);
+  for (const char* suffix : {".index.csv", ".pcm"}) {
+    const std::string file = ShardFile(dir, shards[0], suffix);
+    const std::string kept = file + ".kept";
+    fs::rename(file, kept);
+    fs::create_symlink(fs::path(file).filename(), file);  // a link to itself
+    absl::StatusOr<PrepareReport> again = PrepareAudioCache(paths, Options(dir, 2, 512 << 10));
+    EXPECT_EQ(again.status().code(), absl::StatusCode::kUnavailable) << suffix;
+    EXPECT_NE(again.status().message().find(file), std::string::npos) << again.status();
+    EXPECT_NE(again.status().message().find("no shard was dropped"), std::string::npos) << again.status();
+    EXPECT_EQ(AudioCache::Open(dir).status().code(), absl::StatusCode::kUnavailable) << suffix;
+    fs::remove(file);
+    fs::rename(kept, file);
+    EXPECT_EQ(ShardNumbers(dir, ".index.csv"), shards);
+    EXPECT_EQ(ShardNumbers(dir, ".pcm"), shards);
+  }
+  PrepareReport last = MustPrepare(paths, Options(dir, 2, 512 << 10));
+  EXPECT_EQ(last.files_decoded, 0);
+  EXPECT_EQ(last.files_cached, first.files_total);
+}
+
 // Every reason is counted, in the report and in prepare_report.csv.
 TEST(AudioCacheTest, ReportCountsEveryReason) {
   TempDir tmp;

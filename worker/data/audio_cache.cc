@@ -220,7 +220,10 @@ struct ShardScan {
 };
 
 // Reads and checks every shard index in `dir` against its .pcm (`expected_rate` is the
-// manifest's sample rate).
+// manifest's sample rate). A shard is invalid (and prepare drops it) for what its files hold:
+// an index that does not parse or does not cover its .pcm, a file missing. A failure to read
+// them (EIO, ESTALE or a timeout of a shared filesystem, a permission) is an error naming the
+// file: sealed shards were deleted and decoded again for a passing read error.
 absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) {
   ShardScan scan;
   std::map<int, int64_t> pcm_bytes;
@@ -231,6 +234,10 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
     if (auto shard = ParseShardName(name, ".pcm")) {
       std::error_code size_ec;
       auto size = fs::file_size(it->path(), size_ec);
+      if (size_ec && size_ec != std::errc::no_such_file_or_directory) {
+        return absl::UnavailableError(absl::StrCat(it->path().string(), ": cannot read its size: ", size_ec.message(),
+                                                   " (no shard was dropped; run again when it can be read)"));
+      }
       pcm_bytes[*shard] = size_ec ? -1 : static_cast<int64_t>(size);
       scan.max_shard = std::max(scan.max_shard, *shard);
     } else if (auto shard = ParseShardName(name, ".index.csv")) {
@@ -249,6 +256,10 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
       continue;
     }
     auto table = common::CsvTable::ReadFile(IndexPath(dir, shard));
+    if (!table.ok() && absl::IsInternal(table.status())) {  // open or read failed: errno's
+      return absl::UnavailableError(absl::StrCat(table.status().message(),
+                                                 " (no shard was dropped; run again when it can be read)"));
+    }
     if (!table.ok()) {
       scan.invalid[shard] = std::string(table.status().message());
       continue;
@@ -391,7 +402,15 @@ absl::Status WriteAll(int fd, const void* data, size_t num_bytes, const std::str
     ssize_t w = ::write(fd, p, num_bytes);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return absl::InternalError(absl::StrCat(path, ": write failed: ", std::strerror(errno)));
+      const int error = errno;
+      // A full disk or quota as WriteFileAtomically says it (RESOURCE_EXHAUSTED): what was
+      // sealed stays, and a run with space resumes from there.
+      return absl::Status(error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
+                                                             : absl::StatusCode::kInternal,
+                          absl::StrCat(path, ": write failed: ", common::ErrnoText(error),
+                                       error == ENOSPC || error == EDQUOT
+                                           ? "; the shards sealed so far are kept: free space and run again"
+                                           : ""));
     }
     p += w;
     num_bytes -= static_cast<size_t>(w);
@@ -457,12 +476,19 @@ class ShardWriter {
 
  private:
   absl::Status OpenShard() {
-    shard_ = next_shard_;
-    next_shard_ += stride_;
-    const std::string pcm = PcmPath(dir_, shard_);
-    fd_ = ::open(pcm.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) {
-      return absl::InternalError(absl::StrCat(pcm, ": cannot create: ", std::strerror(errno)));
+    // A new file, never one that exists: a second writer that the lock did not keep out (a
+    // filesystem whose flock is local to a node) takes the next number instead of writing into
+    // this one's shard.
+    for (int tries = 0;; ++tries) {
+      shard_ = next_shard_;
+      next_shard_ += stride_;
+      const std::string pcm = PcmPath(dir_, shard_);
+      fd_ = ::open(pcm.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+      if (fd_ >= 0) break;
+      const int error = errno;
+      if (error == EEXIST && tries < 1000) continue;
+      return absl::InternalError(absl::StrCat(pcm, ": cannot create: ", common::ErrnoText(error),
+                                              error == EEXIST ? " (and the next 1000 shard numbers exist)" : ""));
     }
     samples_ = 0;
     opened_ = std::chrono::steady_clock::now();
