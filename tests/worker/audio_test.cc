@@ -295,6 +295,20 @@ TEST(AudioWindowTest, WindowPastTheEndIsEmptyAndOk) {
   EXPECT_EQ(r.audio.samples.size(), 8000u);
 }
 
+// A length the header tells is reserved once (Expect): the samples take their own size, where
+// growing by doubling held up to 3x a long recording's samples during a reallocation.
+TEST(AudioWindowTest, AKnownLengthIsReservedOnce) {
+  TempDir tmp;
+  std::string path = tmp.Sub("long.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, Sine(440, 16000, 16000 * 7 + 123));
+  for (int rate : {16000, 32000}) {
+    DecodeResult r = Decode(path, rate, ChannelMode::kFirst, 0.0, 0.0);
+    ASSERT_TRUE(r.ok()) << r.failure.message;
+    EXPECT_EQ(r.audio.samples.size(), static_cast<size_t>(r.audio.total_samples)) << rate;
+    EXPECT_EQ(r.audio.samples.capacity(), r.audio.samples.size()) << rate;
+  }
+}
+
 // A one-hour file (8 kHz WAV, written in a second): decoding a 10 s window 50 minutes in must
 // return exactly those samples, at the source rate and resampled. The signal identifies its
 // position: a 101.3 Hz tone plus a component with a 4-hour period, increasing over the hour.

@@ -598,6 +598,7 @@ class Emitter {
 class VectorSink : public SampleSink {
  public:
   explicit VectorSink(std::vector<float>* out) : out_(out) {}
+  void Expect(int64_t samples) override { out_->reserve(out_->size() + static_cast<size_t>(samples)); }
   bool Consume(const float* samples, int64_t count) override {
     out_->insert(out_->end(), samples, samples + count);
     return true;
@@ -719,6 +720,7 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
   }
   // Unknown length: one sample past the limit tells a stream that is too long.
   if (!known) want = std::min(want, kMaxDecodeSamples + 1);
+  if (known) sink->Expect(want);
 
   // Where to start reading: the window's first source frame less the resampler margin, rounded
   // down to a frame that falls exactly on an output sample (a multiple of from / gcd).

@@ -112,6 +112,10 @@ absl::StatusOr<DecodeResult> DecodeAudio(const std::string& path, const DecodeOp
 class SampleSink {
  public:
   virtual ~SampleSink() = default;
+  // Before the first Consume, when the header tells the length: the samples the decode will
+  // deliver (at most; a truncated stream gives fewer). A sink that collects them reserves that
+  // much once: growing by doubling held up to 3x a long recording's samples at a reallocation.
+  virtual void Expect(int64_t /*samples*/) {}
   virtual bool Consume(const float* samples, int64_t count) = 0;
 };
 absl::StatusOr<DecodeResult> DecodeAudioTo(const std::string& path, const DecodeOptions& options,

@@ -378,6 +378,7 @@ absl::StatusOr<std::unique_ptr<DirLock>> LockSplitCount(const std::string& dir, 
 // Collects a decode as int16 cache samples.
 class Int16Sink : public SampleSink {
  public:
+  void Expect(int64_t samples) override { data_.reserve(data_.size() + static_cast<size_t>(samples)); }
   bool Consume(const float* samples, int64_t count) override {
     size_t base = data_.size();
     data_.resize(base + static_cast<size_t>(count));
