@@ -747,10 +747,15 @@ TEST(AudioCacheTest, ThreadCountDoesNotChangeTheData) {
   TempDir tmp;
   const std::vector<std::string> paths = CorpusPaths();
   MustPrepare(paths, Options(tmp.Sub("one"), 1));
-  MustPrepare(paths, Options(tmp.Sub("two"), 2));
+  // Eight writers on two cores and shards of 64 KiB: most shards fill while other files' writes
+  // into them are still under way, and are sealed by the thread whose write lands last.
+  PrepareReport many = MustPrepare(paths, Options(tmp.Sub("two"), 8, 64 << 10));
+  EXPECT_GT(many.shards_written, 8);
+  EXPECT_EQ(ShardNumbers(tmp.Sub("two"), ".index.csv").size(), static_cast<size_t>(many.shards_written));
   auto one = MustOpen(tmp.Sub("one"));
   auto two = MustOpen(tmp.Sub("two"));
   ASSERT_TRUE(one && two);
+  EXPECT_TRUE(two->invalid_shards().empty());
   ASSERT_EQ(one->size(), two->size());
   for (const std::string& path : paths) {
     const CacheEntry* a = one->Lookup(path);

@@ -397,10 +397,11 @@ class Int16Sink : public SampleSink {
   int64_t clipped_ = 0;
 };
 
-absl::Status WriteAll(int fd, const void* data, size_t num_bytes, const std::string& path) {
+// Writes all of `data` at `offset` (pwrite: writers of one file at their own offsets).
+absl::Status PWriteAll(int fd, const void* data, size_t num_bytes, off_t offset, const std::string& path) {
   const char* p = static_cast<const char*>(data);
   while (num_bytes > 0) {
-    ssize_t w = ::write(fd, p, num_bytes);
+    ssize_t w = ::pwrite(fd, p, num_bytes, offset);
     if (w < 0) {
       if (errno == EINTR) continue;
       const int error = errno;
@@ -414,100 +415,147 @@ absl::Status WriteAll(int fd, const void* data, size_t num_bytes, const std::str
                                            : ""));
     }
     p += w;
+    offset += w;
     num_bytes -= static_cast<size_t>(w);
   }
   return absl::OkStatus();
 }
 
-// Appends decoded files to shards and seals them. Not synchronised: the caller holds a mutex.
+// Appends decoded files to shards and seals them; thread-safe. A file's place in the open shard
+// is taken under the writer's lock, and its samples are written there (pwrite) and the shard
+// sealed (fsync, close, index) outside it: decoders do not wait for one another's writes, nor
+// for a 256 MB fsync to a network filesystem. A shard is sealed by the thread whose write lands
+// last once it is full (or open seal_interval_s).
 class ShardWriter {
  public:
   // Shards first_shard, first_shard + stride, ... (a part of a split run writes its own residue).
   ShardWriter(std::string dir, int first_shard, int stride, int64_t shard_bytes, double seal_interval_s)
       : dir_(std::move(dir)),
-        next_shard_(first_shard),
         stride_(stride),
         shard_bytes_(shard_bytes),
-        seal_interval_s_(seal_interval_s) {}
+        seal_interval_s_(seal_interval_s),
+        next_shard_(first_shard) {}
   ~ShardWriter() {
-    if (fd_ >= 0) ::close(fd_);  // an unsealed shard is discarded by the next run
+    for (const auto& shard : shards_) {
+      if (shard->fd >= 0) ::close(shard->fd);  // an unsealed shard is discarded by the next run
+    }
   }
+  ShardWriter(const ShardWriter&) = delete;
+  ShardWriter& operator=(const ShardWriter&) = delete;
 
   absl::Status Append(CacheEntry entry, const std::vector<int16_t>& samples) {
-    if (fd_ < 0) AVIARY_RETURN_IF_ERROR(OpenShard());
-    entry.shard = shard_;
-    entry.offset = samples_;
-    entry.frames = static_cast<int64_t>(samples.size());
-    if (!samples.empty()) {
-      AVIARY_RETURN_IF_ERROR(
-          WriteAll(fd_, samples.data(), samples.size() * sizeof(int16_t), PcmPath(dir_, shard_)));
-      samples_ += entry.frames;
+    std::shared_ptr<Shard> shard;
+    int64_t offset = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (open_ == nullptr) AVIARY_RETURN_IF_ERROR(OpenShard());
+      shard = open_;
+      offset = shard->samples;
+      entry.shard = shard->number;
+      entry.offset = offset;
+      entry.frames = static_cast<int64_t>(samples.size());
+      shard->samples += entry.frames;
+      shard->entries.push_back(std::move(entry));
+      ++shard->in_flight;
+      const double open_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - shard->opened).count();
+      if (shard->samples * 2 >= shard_bytes_ || (seal_interval_s_ > 0 && open_s >= seal_interval_s_)) {
+        shard->full = true;
+        open_.reset();  // the next file opens a new shard
+      }
     }
-    entries_.push_back(std::move(entry));
-    const double open_s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - opened_).count();
-    if (samples_ * 2 >= shard_bytes_ || (seal_interval_s_ > 0 && open_s >= seal_interval_s_)) {
-      AVIARY_RETURN_IF_ERROR(Seal());
+    absl::Status written = samples.empty() ? absl::OkStatus()
+                                           : PWriteAll(shard->fd, samples.data(), samples.size() * sizeof(int16_t),
+                                                       static_cast<off_t>(offset) * 2, PcmPath(dir_, shard->number));
+    bool seal = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --shard->in_flight;
+      if (!written.ok()) shard->failed = true;
+      seal = shard->full && shard->in_flight == 0 && !shard->failed;
     }
-    return absl::OkStatus();
+    AVIARY_RETURN_IF_ERROR(written);
+    return seal ? Seal(shard.get()) : absl::OkStatus();
   }
 
-  // Makes the open shard durable: fsync + close the .pcm, then write its index atomically.
-  absl::Status Seal() {
-    if (fd_ < 0) return absl::OkStatus();
-    const std::string pcm = PcmPath(dir_, shard_);
-    int sync_rc = ::fsync(fd_);
-    int sync_errno = errno;
-    int close_rc = ::close(fd_);
-    fd_ = -1;
-    if (sync_rc != 0 || close_rc != 0) {
-      return absl::InternalError(absl::StrCat(
-          pcm, ": fsync/close failed: ", std::strerror(sync_rc != 0 ? sync_errno : errno)));
+  // Seals the shard still open; no Append may run.
+  absl::Status Finish() {
+    std::shared_ptr<Shard> shard;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      shard = std::move(open_);
     }
-    AVIARY_RETURN_IF_ERROR(
-        common::WriteFileAtomically(IndexPath(dir_, shard_), IndexText(entries_)));
-    for (CacheEntry& e : entries_) sealed_.push_back(std::move(e));
-    entries_.clear();
-    ++shards_written_;
-    return absl::OkStatus();
+    return shard != nullptr && !shard->failed ? Seal(shard.get()) : absl::OkStatus();
   }
 
+  // After Finish: what this run sealed.
   const std::vector<CacheEntry>& sealed() const { return sealed_; }
   int shards_written() const { return shards_written_; }
 
  private:
+  struct Shard {
+    int number = -1;
+    int fd = -1;
+    int64_t samples = 0;               // the places taken so far
+    std::vector<CacheEntry> entries;   // in the order of their places
+    int in_flight = 0;                 // writes under way
+    bool full = false;                 // takes no more files
+    bool failed = false;               // a write failed: never sealed
+    std::chrono::steady_clock::time_point opened;
+  };
+
+  // Makes a shard durable: fsync + close the .pcm, then write its index atomically. Without the
+  // writer's lock (nothing else touches a full shard whose writes have landed).
+  absl::Status Seal(Shard* shard) {
+    const std::string pcm = PcmPath(dir_, shard->number);
+    int sync_rc = ::fsync(shard->fd);
+    int sync_errno = errno;
+    int close_rc = ::close(shard->fd);
+    int close_errno = errno;
+    shard->fd = -1;
+    if (sync_rc != 0 || close_rc != 0) {
+      return absl::InternalError(
+          absl::StrCat(pcm, ": fsync/close failed: ", common::ErrnoText(sync_rc != 0 ? sync_errno : close_errno)));
+    }
+    AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(IndexPath(dir_, shard->number), IndexText(shard->entries)));
+    std::lock_guard<std::mutex> lock(mu_);
+    for (CacheEntry& e : shard->entries) sealed_.push_back(std::move(e));
+    shard->entries.clear();
+    ++shards_written_;
+    return absl::OkStatus();
+  }
+
   absl::Status OpenShard() {
     // A new file, never one that exists: a second writer that the lock did not keep out (a
     // filesystem whose flock is local to a node) takes the next number instead of writing into
     // this one's shard.
+    auto shard = std::make_shared<Shard>();
     for (int tries = 0;; ++tries) {
-      shard_ = next_shard_;
+      shard->number = next_shard_;
       next_shard_ += stride_;
-      const std::string pcm = PcmPath(dir_, shard_);
-      fd_ = ::open(pcm.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-      if (fd_ >= 0) break;
+      const std::string pcm = PcmPath(dir_, shard->number);
+      shard->fd = ::open(pcm.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+      if (shard->fd >= 0) break;
       const int error = errno;
       if (error == EEXIST && tries < 1000) continue;
       return absl::InternalError(absl::StrCat(pcm, ": cannot create: ", common::ErrnoText(error),
                                               error == EEXIST ? " (and the next 1000 shard numbers exist)" : ""));
     }
-    samples_ = 0;
-    opened_ = std::chrono::steady_clock::now();
+    shard->opened = std::chrono::steady_clock::now();
+    shards_.push_back(shard);
+    open_ = std::move(shard);
     return absl::OkStatus();
   }
 
-  std::string dir_;
-  int next_shard_;
-  int stride_;
-  int64_t shard_bytes_;
-  double seal_interval_s_;
-  int shard_ = -1;
-  int fd_ = -1;
-  int64_t samples_ = 0;
-  std::chrono::steady_clock::time_point opened_;
-  std::vector<CacheEntry> entries_;  // of the open shard
-  std::vector<CacheEntry> sealed_;   // written by this run
-  int shards_written_ = 0;
+  const std::string dir_;
+  const int stride_;
+  const int64_t shard_bytes_;
+  const double seal_interval_s_;
+  std::mutex mu_;
+  int next_shard_;                               // guarded by mu_
+  std::shared_ptr<Shard> open_;                  // guarded by mu_; null: none open
+  std::vector<std::shared_ptr<Shard>> shards_;   // every shard opened (their fds closed at the end)
+  std::vector<CacheEntry> sealed_;               // guarded by mu_; written by this run
+  int shards_written_ = 0;                       // guarded by mu_
 };
 
 void RemoveQuietly(const std::string& path) {
@@ -935,7 +983,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   decode.channels = options.channels;
   decode.duration_s = options.max_seconds;  // 0: to the end; else the first max_seconds only
 
-  std::mutex mu;  // guards writer, progress, error, clipped
+  std::mutex mu;  // guards progress, error, clipped, transient (the writer has its own lock)
   int first_shard = scan.max_shard + 1;
   while (!OwnsShard(first_shard, options)) ++first_shard;
   ShardWriter writer(dir, first_shard, options.num_parts, options.shard_bytes, options.seal_interval_s);
@@ -966,7 +1014,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       entry.source_frames = audio.source_frames;
       if (entry.problem != AudioProblem::kNone) sink.data().clear();
     }
-    std::lock_guard<std::mutex> guard(mu);
+    std::unique_lock<std::mutex> guard(mu);
     if (!result.ok()) {
       if (error.ok()) error = common::Annotate(result.status(), item.path);
       failed = true;
@@ -981,7 +1029,9 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       return;
     }
     clipped += sink.clipped();
+    guard.unlock();  // the samples are written beside the other decoders' (ShardWriter)
     absl::Status st = writer.Append(std::move(entry), sink.data());
+    guard.lock();
     if (!st.ok()) {
       if (error.ok()) error = st;
       failed = true;
@@ -995,7 +1045,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   }, [&](size_t i) { return todo[i].path; });
   AVIARY_RETURN_IF_ERROR(error);
   AVIARY_RETURN_IF_ERROR(thrown);
-  AVIARY_RETURN_IF_ERROR(writer.Seal());
+  AVIARY_RETURN_IF_ERROR(writer.Finish());
 
   report.files_decoded = static_cast<int64_t>(writer.sealed().size() + transient.size());
   report.clipped_samples = clipped;
