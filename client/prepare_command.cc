@@ -252,9 +252,10 @@ int RunPrepare(const PrepareArgs& args) {
     // Not broken, not cached: training decodes them on the fly until a run reads them.
     auto example = report->examples.find(worker::AudioProblem::kMissing);
     std::cerr << "aviary prepare: " << part_prefix << unread->second
-              << " file(s) could not be read this time and are not cached"
+              << " file(s) could not be read and are not cached"
               << (example != report->examples.end() ? absl::StrCat(" (e.g. ", example->second, ")") : "")
-              << "; run `aviary prepare` again when they can be read\n";
+              << "; training decodes them on the fly. Once they can be read (a permission fixed, the "
+                 "filesystem answering), run `aviary prepare` again\n";
   }
   return 0;
 }

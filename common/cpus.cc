@@ -8,15 +8,30 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace aviary::common {
 namespace {
 
 int HostCores() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
+// An OpenMP runtime told to bind (libgomp, loaded with libtorch, pins the initial thread at load
+// time) leaves this thread's mask at one place: the process's cores are not what it says.
+bool OpenMpBinds() {
+  for (const char* name : {"OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"}) {
+    if (const char* v = std::getenv(name); v != nullptr && *v != '\0') return true;
+  }
+  return false;
+}
+
 int AffinityCores() {
+  if (OpenMpBinds()) return HostCores();
   cpu_set_t set;
   CPU_ZERO(&set);
   if (::sched_getaffinity(0, sizeof(set), &set) != 0) return HostCores();
@@ -24,19 +39,85 @@ int AffinityCores() {
   return n > 0 ? n : HostCores();
 }
 
-int QuotaCores() {
-  // The process's own cgroup (v2: one line "0::/path"); the mount at /sys/fs/cgroup.
-  std::ifstream self("/proc/self/cgroup");
-  std::string line, path;
-  while (std::getline(self, line)) {
-    if (line.rfind("0::", 0) == 0) path = line.substr(3);
+std::string ReadSmallFile(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) return "";
+  std::stringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+// This process's cgroup folders, the leaf first and up to the root of the hierarchy that
+// `controller` (v1; "" for the v2 unified one) is mounted at.
+std::vector<std::string> CgroupFolders(const std::string& controller) {
+  std::string path;
+  bool found = false;
+  std::istringstream lines(ReadSmallFile("/proc/self/cgroup"));
+  for (std::string line; std::getline(lines, line);) {
+    std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
+    if (parts.size() != 3) continue;
+    const bool match = controller.empty() ? parts[0] == "0" && parts[1].empty()
+                                          : absl::StrContains(absl::StrCat(",", parts[1], ","), absl::StrCat(",", controller, ","));
+    if (match) {
+      path = parts[2];
+      found = true;
+    }
   }
-  for (const std::string& dir : {"/sys/fs/cgroup" + path, std::string("/sys/fs/cgroup")}) {
-    std::ifstream file(dir + "/cpu.max");
-    if (!file) continue;
-    std::stringstream text;
-    text << file.rdbuf();
-    return CoresOfCgroupQuota(text.str().c_str());
+  std::vector<std::string> mounts;
+  if (controller.empty()) {
+    mounts = {"/sys/fs/cgroup"};
+  } else {
+    mounts = {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu", "/sys/fs/cgroup/cpu"};
+  }
+  std::vector<std::string> folders;
+  for (const std::string& mount : mounts) {
+    // In a container the recorded path is often the host's and does not exist inside: its
+    // own root then holds the container's limits.
+    std::string p = found ? path : "/";
+    while (true) {
+      folders.push_back(mount + (p == "/" ? "" : p));
+      if (p.empty() || p == "/") break;
+      p = p.substr(0, p.find_last_of('/'));
+      if (p.empty()) p = "/";
+    }
+  }
+  return folders;
+}
+
+// The smallest CPU quota over the cgroup folders (v2 cpu.max, else v1 cfs), in whole cores; 0
+// for none.
+int QuotaCores() {
+  int best = 0;
+  auto take = [&best](int cores) {
+    if (cores > 0 && (best == 0 || cores < best)) best = cores;
+  };
+  for (const std::string& dir : CgroupFolders("")) take(CoresOfCgroupQuota(ReadSmallFile(dir + "/cpu.max").c_str()));
+  if (best > 0) return best;
+  for (const std::string& dir : CgroupFolders("cpu")) {
+    std::string quota = ReadSmallFile(dir + "/cpu.cfs_quota_us"), period = ReadSmallFile(dir + "/cpu.cfs_period_us");
+    if (quota.empty() || period.empty()) continue;
+    take(CoresOfCgroupQuota(absl::StrCat(absl::StripAsciiWhitespace(quota), " ", period).c_str()));
+  }
+  return best;
+}
+
+// The CPUs of this process's cgroup cpuset (v2 cpuset.cpus.effective; "0-15,32-47"), 0 when
+// not known.
+int CpusetCores() {
+  for (const std::string& dir : CgroupFolders("")) {
+    const std::string text(absl::StripAsciiWhitespace(ReadSmallFile(dir + "/cpuset.cpus.effective")));
+    if (text.empty()) continue;
+    int count = 0;
+    for (absl::string_view range : absl::StrSplit(text, ',')) {
+      std::vector<absl::string_view> ends = absl::StrSplit(range, '-');
+      int lo = 0, hi = 0;
+      if (ends.empty() || ends.size() > 2 || !absl::SimpleAtoi(ends[0], &lo) ||
+          !absl::SimpleAtoi(ends.back(), &hi) || hi < lo) {
+        return 0;
+      }
+      count += hi - lo + 1;
+    }
+    return count;
   }
   return 0;
 }
@@ -59,15 +140,30 @@ int UsableCores() {
 }
 
 int CoresPerRank(int local_ranks) {
-  const int usable = UsableCores();
-  const int shared = std::max(1, HostCores() / std::max(1, local_ranks));
-  return std::max(1, std::min(usable, shared));
+  // The pool the host's ranks share: the container's cpuset (else the host), at most its quota.
+  int pool = HostCores();
+  if (const int cpuset = CpusetCores(); cpuset > 0) pool = std::min(pool, cpuset);
+  if (const int quota = QuotaCores(); quota > 0) pool = std::min(pool, quota);
+  return std::max(1, std::min(UsableCores(), pool / std::max(1, local_ranks)));
 }
 
 int LocalRanksFromEnvironment() {
   for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"}) {
     int n = 0;
     if (const char* v = std::getenv(name); v != nullptr && absl::SimpleAtoi(v, &n) && n > 0) return n;
+  }
+  // An srun step: its tasks per node (--ntasks-per-node), else its tasks over its nodes.
+  int tasks = 0, nodes = 0, per_node = 0;
+  const char* step_tasks = std::getenv("SLURM_STEP_NUM_TASKS");
+  if (step_tasks != nullptr && absl::SimpleAtoi(step_tasks, &tasks) && tasks > 0) {
+    if (const char* v = std::getenv("SLURM_NTASKS_PER_NODE"); v != nullptr && absl::SimpleAtoi(v, &per_node) &&
+                                                                per_node > 0) {
+      return std::min(per_node, tasks);
+    }
+    if (const char* v = std::getenv("SLURM_STEP_NUM_NODES"); v != nullptr && absl::SimpleAtoi(v, &nodes) && nodes > 0) {
+      return (tasks + nodes - 1) / nodes;
+    }
+    return tasks;
   }
   return 1;
 }

@@ -8,16 +8,19 @@
 
 namespace aviary::common {
 
-// The cores this process may run on: the CPUs in its affinity mask, at most its cgroup v2
-// quota (cpu.max, rounded up), at least 1.
+// The cores this process may run on: the CPUs in its affinity mask (the host's cores when an
+// OpenMP binding variable is set: libgomp pins the first thread to one place), at most its
+// cgroup's CPU quota (the smallest on the way to the root: v2 cpu.max, else v1 cfs, rounded
+// up), at least 1.
 int UsableCores();
 
-// UsableCores(), at most the host's cores / `local_ranks` (the processes of this host share
-// them; ranks bound to their own cores keep their binding's count), at least 1.
+// UsableCores(), at most the pool the host's ranks share (its cgroup cpuset, else the host's
+// cores, at most the quota) / `local_ranks`, at least 1: ranks bound to their own cores keep
+// their binding's count, ranks that share a mask, a container or a socket divide it.
 int CoresPerRank(int local_ranks);
 
-// The number of ranks on this host from the launcher's environment (Open MPI, MPICH/PMI, an
-// srun step), 1 when none says.
+// The number of ranks on this host from the launcher's environment (Open MPI, MPICH/PMI; an
+// srun step: SLURM_NTASKS_PER_NODE, else its tasks over its nodes), 1 when none says.
 int LocalRanksFromEnvironment();
 
 // The cgroup v2 quota in `cpu_max` (the file's text: "max 100000" or "250000 100000"), in

@@ -21,6 +21,7 @@
 #include <torch/version.h>
 #include <ATen/Parallel.h>
 #include <ATen/Context.h>
+#include <c10/util/Exception.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -377,7 +378,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   t->add_option("--device", train->device, "auto uses the GPU when libtorch has CUDA")
       ->type_name("auto|cpu|cuda")
       ->check(OneOf({"auto", "cpu", "cuda"}));
-  AddNumber(t, "--threads", &train->threads, "N", "torch threads (default: the cores / local ranks)", 1, 1024);
+  AddNumber(t, "--threads", &train->threads, "N", "torch threads (default: the cores this rank may use, shared among the ranks of its host)", 1, 1024);
   t->add_option("--log-level", train->log_level, "log level")->type_name(kLogLevel);
   aviary::common::AddSetOption(t, &train->overrides);
   t->callback([run, train] { *run = [train] { return RunTrain(*train); }; });
@@ -427,7 +428,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   s->add_option("--device", o.device, "auto uses the GPU when libtorch has CUDA")
       ->type_name("auto|cpu|cuda")
       ->check(OneOf({"auto", "cpu", "cuda"}));
-  AddNumber(s, "--threads", &o.threads, "N", "torch threads per rank (0: the cores / local ranks)", 0, 1024);
+  AddNumber(s, "--threads", &o.threads, "N", "torch threads per rank (0: the cores this rank may use, shared among the ranks of its host)", 0, 1024);
   AddNumber(s, "--max-tasks", &o.max_tasks, "N", "exit 0 after N tasks (0: forever)", 0, 1000000000);
   AddNumber(s, "--connect-timeout-s", &o.connect_timeout_s, "S",
             "exit 1 when the coordinator cannot be reached for S s (0: retry forever)", 0.0, 1e9);
@@ -492,8 +493,10 @@ int main(int argc, char** argv) {
   int rc = 1;
   try {
     rc = run();
+  } catch (const c10::Error& e) {
+    rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", e.what_without_backtrace())));
   } catch (const std::exception& e) {
-    // The first line: torch's errors carry a C++ backtrace after it.
+    // The first line: other errors may carry a backtrace after it.
     const std::string what = e.what();
     rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", what.substr(0, what.find('\n')))));
   }

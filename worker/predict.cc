@@ -41,20 +41,6 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-// The extensions of the formats the decoder reads (libsndfile's and mp3), any case.
-bool HasAudioExtension(const std::string& path) {
-  static const char* const kAudio[] = {"ogg", "oga", "opus", "mp3", "flac", "wav",  "wave", "aif",
-                                       "aiff", "aifc", "au", "snd", "caf", "w64", "rf64"};
-  const size_t slash = path.find_last_of('/');
-  const size_t dot = path.find_last_of('.');
-  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return false;
-  const std::string ext = absl::AsciiStrToLower(absl::string_view(path).substr(dot + 1));
-  for (const char* a : kAudio) {
-    if (ext == a) return true;
-  }
-  return false;
-}
-
 std::string Stem(const std::string& path) {
   size_t slash = path.rfind('/');
   std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
@@ -86,6 +72,22 @@ struct DecodedFile {
 };
 
 }  // namespace
+
+bool HasAudioExtension(const std::string& path) {
+  static const char* const kAudio[] = {"ogg", "oga", "opus", "mp3", "flac", "wav",  "wave", "aif",  "aiff",
+                                       "aifc", "au",  "snd",  "caf", "w64",  "rf64", "sph",  "nist", "voc",
+                                       "ircam", "sf", "paf",  "pvf", "xi",   "htk",  "sd2",  "avr",  "wve",
+                                       "mat",  "mat4", "mat5", "mpc", "svx",  "8svx", "iff"};
+  const size_t slash = path.find_last_of('/');
+  const size_t dot = path.find_last_of('.');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return false;
+  const std::string ext = absl::AsciiStrToLower(absl::string_view(path).substr(dot + 1));
+  for (const char* a : kAudio) {
+    if (ext == a) return true;
+  }
+  return false;
+}
+
 
 struct Predictor::Impl {
   PredictOptions options;
@@ -376,6 +378,12 @@ absl::StatusOr<PredictReport> Predictor::Run(
   absl::Status status;
   std::string text;
   std::map<std::string, std::string> predicted_stems;  // stem -> the file whose rows carry it
+  // The stems of the files named as audio: a file of another extension with one of them (XC1.bak
+  // beside XC1.wav) is never predicted in its place, whichever sorts first.
+  std::map<std::string, std::string> audio_stems;
+  for (const std::string& f : audio_files) {
+    if (HasAudioExtension(f)) audio_stems.emplace(Stem(f), f);
+  }
   csv.flush();
   int64_t csv_bytes = static_cast<int64_t>(csv.tellp());  // after the last whole file's rows
   for (size_t i = 0; i < n; ++i) {
@@ -400,9 +408,15 @@ absl::StatusOr<PredictReport> Predictor::Run(
     } else if (!r.ok() && !silent) {
       report.skipped.push_back(
           {audio_files[i], AudioProblemName(r.failure.problem), r.failure.message});
+    } else if (auto audio = audio_stems.find(stem);
+               !HasAudioExtension(audio_files[i]) && audio != audio_stems.end()) {
+      // Not named as audio, beside a recording of its stem (ListAudioFiles lets it through):
+      // that recording's rows carry the stem.
+      report.skipped.push_back({audio_files[i], "duplicate_stem",
+                                absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", audio->second,
+                                             ", the audio file predicted under it")});
     } else if (auto seen = predicted_stems.find(stem); seen != predicted_stems.end()) {
-      // A file ListAudioFiles let through (not named as audio) that decoded after all: its row
-      // ids would repeat the other file's.
+      // Two files not named as audio that both decode: the first one's rows carry the stem.
       report.skipped.push_back({audio_files[i], "duplicate_stem",
                                 absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
                                              " (predicted): its row ids would repeat those")});
@@ -447,6 +461,7 @@ absl::StatusOr<PredictReport> Predictor::Run(
       PredictProgress p;
       p.files_done = static_cast<int64_t>(i + 1);
       p.files_total = report.files_total;
+      p.files_predicted = report.files_predicted;
       p.rows = report.rows;
       p.audio_seconds = report.audio_seconds;
       p.elapsed_s = Seconds(start);

@@ -73,6 +73,7 @@ struct PredictOptions {
 
 struct PredictProgress {
   int64_t files_done = 0;  // predicted or skipped
+  int64_t files_predicted = 0;
   int64_t files_total = 0;
   int64_t rows = 0;
   double audio_seconds = 0;  // of the predicted files
@@ -149,6 +150,10 @@ class Predictor {
 // `path` does not exist; INVALID_ARGUMENT for an empty directory or two audio files (by their
 // extension: .ogg, .mp3, .flac, .wav, ...) with the same stem (their row ids would collide).
 absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path);
+
+// Whether `path` ends in the extension of a format the decoder reads (libsndfile's and mp3:
+// .ogg, .mp3, .flac, .wav, ...), any case.
+bool HasAudioExtension(const std::string& path);
 
 // "<stem of path>_<end_s>" with end_s printed without a fraction when it is whole ("XC1_5"),
 // else with up to 6 significant decimals ("XC1_2.5").

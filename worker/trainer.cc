@@ -870,9 +870,9 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
     // Decoding every file on the fly is several times slower than the cache: said loudly. The
     // cache is keyed by the absolute path `prepare` was given.
     Log().Warn(absl::StrCat(line, ": none of them is in it, though it holds ", cache->size(),
-                            " files; they are all decoded on the fly. Was it prepared under another path to "
-                            "the data (a symbolic link, another mount point)? Prepare with the data roots "
-                            "this config names"));
+                            " files; they are all decoded on the fly. Was it prepared for another stage (`aviary "
+                            "prepare --stage`), or under another path to the data (a symbolic link, another mount "
+                            "point)? Prepare with this stage and the data roots this config names"));
   } else if (cached_files * 2 < data_files) {
     Log().Warn(absl::StrCat(line, "; the other ", data_files - cached_files, " are decoded on the fly (",
                             known - cached_files, " changed since `aviary prepare`, ", data_files - known,

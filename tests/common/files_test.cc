@@ -248,6 +248,12 @@ TEST(CpusTest, AffinityAndRanksBoundTheCount) {
   ASSERT_EQ(::sched_setaffinity(0, sizeof(one), &one), 0);  // this thread: taskset -c to one core
   EXPECT_EQ(UsableCores(), 1);
   EXPECT_EQ(CoresPerRank(1), 1);
+  // With an OpenMP binding variable the thread's mask is libgomp's pinning, not the process's.
+  ::setenv("OMP_PROC_BIND", "true", 1);
+  if (usable == host) {  // (else a quota or binding limits it anyway)
+    EXPECT_EQ(UsableCores(), host);
+  }
+  ::unsetenv("OMP_PROC_BIND");
   ASSERT_EQ(::sched_setaffinity(0, sizeof(saved), &saved), 0);
 }
 
@@ -264,6 +270,16 @@ TEST(CpusTest, LocalRanksFromTheLaunchersEnvironment) {
   EXPECT_EQ(LocalRanksFromEnvironment(), 3);
   ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
   ::unsetenv("MPI_LOCALNRANKS");
+  // An srun step of 8 tasks on 2 nodes; with --ntasks-per-node 3; a batch script (no step).
+  ::setenv("SLURM_STEP_NUM_TASKS", "8", 1);
+  ::setenv("SLURM_STEP_NUM_NODES", "2", 1);
+  EXPECT_EQ(LocalRanksFromEnvironment(), 4);
+  ::setenv("SLURM_NTASKS_PER_NODE", "3", 1);
+  EXPECT_EQ(LocalRanksFromEnvironment(), 3);
+  ::unsetenv("SLURM_STEP_NUM_TASKS");
+  EXPECT_EQ(LocalRanksFromEnvironment(), 1);
+  ::unsetenv("SLURM_STEP_NUM_NODES");
+  ::unsetenv("SLURM_NTASKS_PER_NODE");
 }
 
 }  // namespace

@@ -131,9 +131,15 @@ expect "--smooth: expected comma-separated weights" "$a" predict --checkpoint "$
 expect "--out $tmp/bad: is a directory" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/bad"
 cp "$tmp/run/best.pt" "$tmp/copy.pt"
 expect "is the checkpoint $tmp/copy.pt itself" "$a" predict --checkpoint "$tmp/copy.pt" --audio "$tmp/mixed" --out "$tmp/copy.pt"
-expect "is the audio file $tmp/mixed/$one itself" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/mixed/$one"
+expect "--out $tmp/mixed/$one: in the --audio folder $tmp/mixed with an audio file's name" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/mixed/$one"
+expect "is the audio file $tmp/mixed/$one itself" "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed/$one" --out "$tmp/mixed/$one"
 cmp -s "$tmp/run/best.pt" "$tmp/copy.pt" && cmp -s "$tmp/sc/soundscapes/$one" "$tmp/mixed/$one" || fail "a refused --out was written"
 ls "$tmp/bad" "$tmp/mixed" | grep -q "\.tmp\." && fail "a refused run left a temporary file"
+# A CSV written into the --audio folder is not an input of the next run there.
+for run in 1 2; do
+  "$a" predict --checkpoint "$tmp/run/best.pt" --audio "$tmp/mixed" --out "$tmp/mixed/sub.csv" --threads 2 > "$tmp/inside.log" 2>&1 &&
+    grep -q "19 rows from 1 of 3 file(s)" "$tmp/inside.log" && ok || fail "run $run with --out in the --audio folder: $(cat "$tmp/inside.log")"
+done
 
 # A write that fails in the middle (a full disk; here the file size limit, EFBIG): the run stops
 # at that file, says so, and keeps the whole files' rows written before it as --out.partial.
@@ -141,7 +147,7 @@ ls "$tmp/bad" "$tmp/mixed" | grep -q "\.tmp\." && fail "a refused run left a tem
   --out "$tmp/full.csv" --threads 2) 2>&1 | cat > "$tmp/full.log"  # the log outside the limit
 rc=${PIPESTATUS[0]}
 rows=$(($(wc -l < "$tmp/full.csv.partial" 2>/dev/null || echo 0) - 1))
-if [ $rc -ne 0 ] && grep -q "writing the CSV failed at the rows of .*: File too large (EFBIG)" "$tmp/full.log" &&
+if [ $rc -ne 0 ] && grep -q "writing $tmp/full.csv.tmp.[0-9]* failed at the rows of .*: File too large (EFBIG)" "$tmp/full.log" &&
    grep -q "are in $tmp/full.csv.partial; $tmp/full.csv not written" "$tmp/full.log" && [ ! -e "$tmp/full.csv" ] &&
    [ $rows -gt 0 ] && [ $((rows % 19)) -eq 0 ] && [ $rows -lt 76 ] &&
    cmp -s <(head -n $((rows + 1)) "$tmp/sub.csv") "$tmp/full.csv.partial"; then

@@ -457,8 +457,9 @@ TEST(PredictTest, ListAudioFilesChecksItsInput) {
   EXPECT_THAT(std::string(ListAudioFiles(notes).status().message()), HasSubstr("same stem 'XC1'"));
 }
 
-// A file not named as audio that decodes after all, with a stem a predicted file had: skipped
-// and said (its row ids would repeat the other's), the run goes on.
+// A file not named as audio that decodes after all, with the stem of a recording (which sorts
+// after it) or of another such file predicted before it: skipped and said (its row ids would
+// repeat the other's), whatever the order; the run goes on.
 TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
   std::unique_ptr<Predictor> p = TwoClassPredictor("stem", 1);
   ASSERT_NE(p, nullptr);
@@ -466,23 +467,29 @@ TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
   WriteWav(dir + "/a.wav", Noise(32000, 3), 32000);
   WriteWav(dir + "/a.bak", Noise(32000, 4), 32000);
   WriteWav(dir + "/b.wav", Noise(32000, 5), 32000);
+  WriteWav(dir + "/c.bak", Noise(32000, 6), 32000);
+  WriteWav(dir + "/c.old", Noise(32000, 7), 32000);
   auto files = ListAudioFiles(dir);
   ASSERT_TRUE(files.ok()) << files.status();
-  ASSERT_EQ(files->size(), 3u);  // a.bak, a.wav, b.wav
+  ASSERT_EQ(files->size(), 5u);  // a.bak, a.wav, b.wav, c.bak, c.old
   std::ostringstream csv;
   std::vector<int64_t> bytes;
   auto report = p->Run(*files, csv, [&](const PredictProgress& progress) { bytes.push_back(progress.csv_bytes); });
   ASSERT_TRUE(report.ok()) << report.status();
-  EXPECT_EQ(report->files_predicted, 2);
-  ASSERT_EQ(report->skipped.size(), 1u);
-  EXPECT_EQ(report->skipped[0].path, dir + "/a.wav");
+  EXPECT_EQ(report->files_predicted, 3);  // a.wav, b.wav, c.bak
+  ASSERT_EQ(report->skipped.size(), 2u);
+  EXPECT_EQ(report->skipped[0].path, dir + "/a.bak");
   EXPECT_EQ(report->skipped[0].reason, "duplicate_stem");
-  EXPECT_THAT(report->skipped[0].message, HasSubstr("the same stem 'a' as " + dir + "/a.bak"));
+  EXPECT_THAT(report->skipped[0].message, HasSubstr("the same stem 'a' as " + dir + "/a.wav, the audio file"));
+  EXPECT_EQ(report->skipped[1].path, dir + "/c.old");
+  EXPECT_THAT(report->skipped[1].message, HasSubstr("the same stem 'c' as " + dir + "/c.bak (predicted)"));
+  EXPECT_EQ(csv.str().find("\na_1,"), csv.str().rfind("\na_1,"));  // one row a_1, a.wav's
   // The CSV's length after each file's rows (a failed write keeps whole files only).
-  ASSERT_EQ(bytes.size(), 3u);
-  EXPECT_LT(bytes[0], bytes[2]);
-  EXPECT_EQ(bytes[0], bytes[1]);  // the skipped file wrote nothing
-  EXPECT_EQ(bytes[2], static_cast<int64_t>(csv.str().size()));
+  ASSERT_EQ(bytes.size(), 5u);
+  EXPECT_EQ(bytes[0], static_cast<int64_t>(csv.str().find('\n') + 1));  // a.bak skipped: the header
+  EXPECT_LT(bytes[0], bytes[1]);
+  EXPECT_EQ(bytes[3], bytes[4]);  // the skipped c.old wrote nothing
+  EXPECT_EQ(bytes[4], static_cast<int64_t>(csv.str().size()));
 }
 
 }  // namespace

@@ -222,9 +222,15 @@ struct ShardScan {
 // Reads and checks every shard index in `dir` against its .pcm (`expected_rate` is the
 // manifest's sample rate). A shard is invalid (and prepare drops it) for what its files hold:
 // an index that does not parse or does not cover its .pcm, a file missing. A failure to read
-// them (EIO, ESTALE or a timeout of a shared filesystem, a permission) is an error naming the
-// file: sealed shards were deleted and decoded again for a passing read error.
-absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) {
+// them (EIO, ESTALE or a timeout of a shared filesystem, a permission) is, for prepare
+// (`read_errors_fatal`), an error naming the file: sealed shards were deleted and decoded again
+// for a passing read error. A reader skips such a shard (invalid, said so) and decodes its files
+// on the fly, as it did: one unreadable index must not fail every attempt of a training task.
+absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, bool read_errors_fatal) {
+  auto unreadable = [](const std::string& what) {
+    return absl::UnavailableError(absl::StrCat(
+        what, " (no shard was dropped: run `aviary prepare` again when it can be read, or fix its permissions)"));
+  };
   ShardScan scan;
   std::map<int, int64_t> pcm_bytes;
   std::vector<int> indexed;
@@ -235,8 +241,9 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
       std::error_code size_ec;
       auto size = fs::file_size(it->path(), size_ec);
       if (size_ec && size_ec != std::errc::no_such_file_or_directory) {
-        return absl::UnavailableError(absl::StrCat(it->path().string(), ": cannot read its size: ", size_ec.message(),
-                                                   " (no shard was dropped; run again when it can be read)"));
+        const std::string why = absl::StrCat(it->path().string(), ": cannot read its size: ", size_ec.message());
+        if (read_errors_fatal) return unreadable(why);
+        scan.invalid[*shard] = absl::StrCat(why, " (a read error, not damage)");
       }
       pcm_bytes[*shard] = size_ec ? -1 : static_cast<int64_t>(size);
       scan.max_shard = std::max(scan.max_shard, *shard);
@@ -250,6 +257,7 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
   if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot list: ", ec.message()));
 
   for (int shard : indexed) {
+    if (scan.invalid.count(shard)) continue;  // its .pcm could not be read
     auto pcm = pcm_bytes.find(shard);
     if (pcm == pcm_bytes.end() || pcm->second < 0) {
       scan.invalid[shard] = "its .pcm is missing";
@@ -257,8 +265,9 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate) 
     }
     auto table = common::CsvTable::ReadFile(IndexPath(dir, shard));
     if (!table.ok() && absl::IsInternal(table.status())) {  // open or read failed: errno's
-      return absl::UnavailableError(absl::StrCat(table.status().message(),
-                                                 " (no shard was dropped; run again when it can be read)"));
+      if (read_errors_fatal) return unreadable(std::string(table.status().message()));
+      scan.invalid[shard] = absl::StrCat(table.status().message(), " (a read error, not damage)");
+      continue;
     }
     if (!table.ok()) {
       scan.invalid[shard] = std::string(table.status().message());
@@ -513,8 +522,11 @@ class ShardWriter {
     int close_errno = errno;
     shard->fd = -1;
     if (sync_rc != 0 || close_rc != 0) {
-      return absl::InternalError(
-          absl::StrCat(pcm, ": fsync/close failed: ", common::ErrnoText(sync_rc != 0 ? sync_errno : close_errno)));
+      const int error = sync_rc != 0 ? sync_errno : close_errno;
+      // A network filesystem reports a full disk here, at the flush.
+      return absl::Status(error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
+                                                             : absl::StatusCode::kInternal,
+                          absl::StrCat(pcm, ": fsync/close failed: ", common::ErrnoText(error)));
     }
     AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(IndexPath(dir_, shard->number), IndexText(shard->entries)));
     std::lock_guard<std::mutex> lock(mu_);
@@ -589,7 +601,7 @@ int16_t FloatToCacheSample(float x) {
 
 absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& dir) {
   AVIARY_ASSIGN_OR_RETURN(Manifest manifest, ReadManifest(dir));
-  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest.sample_rate));
+  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest.sample_rate, /*read_errors_fatal=*/false));
   std::unique_ptr<AudioCache> cache(new AudioCache());
   cache->dir_ = dir;
   cache->sample_rate_ = manifest.sample_rate;
@@ -873,7 +885,7 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
   if (manifest.ok()) {
     AVIARY_RETURN_IF_ERROR(
         CheckManifestMatches(dir, *manifest, Manifest{options.sample_rate, options.channels, options.max_seconds}));
-    AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest->sample_rate));
+    AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest->sample_rate, /*read_errors_fatal=*/true));
     for (const auto& [shard, reason] : scan.invalid) plan.invalid_shards += OwnsShard(shard, options) ? 1 : 0;
     cached = CachedEntries(&scan);
   } else if (!absl::IsNotFound(manifest.status())) {
@@ -959,7 +971,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
 
   PrepareReport report;
   report.cache_dir = dir;
-  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, wanted.sample_rate));
+  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, wanted.sample_rate, /*read_errors_fatal=*/true));
   for (const std::string& stray : scan.stray) {
     if (OwnsStray(stray, options)) RemoveQuietly(stray);
   }

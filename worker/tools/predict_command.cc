@@ -24,6 +24,7 @@
 #include <memory>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -104,6 +105,36 @@ struct PredictArgs {
   std::string memory_format = "channels_last";
 };
 
+// --out among the files to predict: an earlier run's CSV (or its .partial) in the --audio folder
+// is left out; an --out named as audio, or the --audio file itself, is refused (it would be
+// replaced). Compared by name within the folder, and by inode for the one file given.
+absl::Status LeaveOutTheOutput(const PredictArgs& args, std::vector<std::string>* files) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(args.audio, ec)) {
+    return common::CheckNotTheInput(args.out, "--out", args.audio, "audio file");
+  }
+  const fs::path out_dir = fs::path(args.out).parent_path().empty() ? fs::path(".") : fs::path(args.out).parent_path();
+  if (!fs::equivalent(out_dir, args.audio, ec) || ec) return absl::OkStatus();
+  const std::string out_name = fs::path(args.out).filename().string();
+  if (worker::HasAudioExtension(out_name)) {
+    return absl::InvalidArgumentError(absl::StrCat("--out ", args.out, ": in the --audio folder ", args.audio,
+                                                   " with an audio file's name: write elsewhere (it would be "
+                                                   "replaced, or read as audio by the next run)"));
+  }
+  const std::string partial_name = out_name + ".partial";
+  files->erase(std::remove_if(files->begin(), files->end(),
+                              [&](const std::string& f) {
+                                const std::string name = fs::path(f).filename().string();
+                                return name == out_name || name == partial_name;
+                              }),
+               files->end());
+  if (files->empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(args.audio, ": no files to predict besides --out"));
+  }
+  return absl::OkStatus();
+}
+
 // The CSV's bytes on disk before the rename publishes it (as WriteFileAtomically does).
 absl::Status SyncFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -134,11 +165,7 @@ int RunPredict(const PredictArgs& args) {
   }
   auto files = worker::ListAudioFiles(args.audio);
   if (!files.ok()) return Fail(files.status());
-  for (const std::string& file : *files) {
-    if (absl::Status in = common::CheckNotTheInput(args.out, "--out", file, "audio file"); !in.ok()) {
-      return Fail(in);
-    }
-  }
+  if (absl::Status in = LeaveOutTheOutput(args, &*files); !in.ok()) return Fail(in);
   auto predictor = worker::Predictor::Create(options);
   if (!predictor.ok()) return Fail(predictor.status());
   const worker::Predictor& p = **predictor;
@@ -169,8 +196,16 @@ int RunPredict(const PredictArgs& args) {
   });
   errno = 0;
   csv.close();
-  if (report.ok() && !csv) {
-    report = absl::InternalError(absl::StrCat("writing ", tmp, " failed: ", common::ErrnoText(errno)));
+  if (report.ok() && !csv) {  // a network filesystem tells a full disk at the last flush
+    const int error = errno;
+    report = absl::Status(error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
+                                                             : absl::StatusCode::kInternal,
+                          absl::StrCat("writing ", tmp, " failed: ", common::ErrnoText(error)));
+  }
+  if (!report.ok() && absl::StartsWith(report.status().message(), "writing the CSV")) {
+    // Run's write errors, with the file they were writing.
+    report = absl::Status(report.status().code(),
+                          absl::StrCat("writing ", tmp, report.status().message().substr(strlen("writing the CSV"))));
   }
   if (report.ok() && report->files_predicted > 0) {
     if (absl::Status synced = SyncFile(tmp); !synced.ok()) report = synced;
@@ -181,8 +216,9 @@ int RunPredict(const PredictArgs& args) {
     // Cut back to the last whole file's rows (a failed write may have left part of a row).
     if (last.rows > 0 && last.csv_bytes > 0 && ::truncate(tmp.c_str(), last.csv_bytes) == 0 &&
         std::rename(tmp.c_str(), partial.c_str()) == 0) {
-      std::cerr << "aviary predict: the rows of the " << last.files_done << " file(s) before the error ("
-                << last.rows << " rows) are in " << partial << "; " << args.out << " not written\n";
+      std::cerr << "aviary predict: the rows of the " << last.files_predicted << " file(s) predicted before the error ("
+                << last.rows << " rows; " << last.files_done << " of " << last.files_total << " files done) are in "
+                << partial << "; " << args.out << " not written\n";
     } else {
       std::remove(tmp.c_str());
     }
