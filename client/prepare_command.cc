@@ -220,11 +220,12 @@ int RunPrepare(const PrepareArgs& args) {
   if (!channels.ok()) return Fail(channels.status());
 
   std::vector<std::string> paths;
-  for (const std::string& stage : stages) {
-    auto table = common::BuildStageTable(*config, stage);
-    if (!table.ok()) return Fail(table.status());
-    std::cout << part_prefix << "stage " << stage << ": " << table->samples.size() << " samples" << std::endl;
-    for (const common::Sample& s : table->samples) paths.push_back(s.filepath);
+  // Both stages read the target's metadata and check its files: once (BuildStageTables).
+  std::vector<absl::StatusOr<common::StageTable>> tables = common::BuildStageTables(*config, stages);
+  for (size_t i = 0; i < stages.size(); ++i) {
+    if (!tables[i].ok()) return Fail(tables[i].status());
+    std::cout << part_prefix << "stage " << stages[i] << ": " << tables[i]->samples.size() << " samples" << std::endl;
+    for (const common::Sample& s : tables[i]->samples) paths.push_back(s.filepath);
   }
 
   ProgressPrinter printer(part_prefix);

@@ -793,6 +793,32 @@ absl::Status CheckManifestMatches(const std::string& dir, const Manifest& have, 
   return absl::OkStatus();
 }
 
+// Runs work(i) for every i in [0, n) on `threads` threads. An exception thrown by work(i)
+// (std::bad_alloc) would terminate the process from a thread: it is caught, the remaining work
+// is skipped, and the first one comes back as an INTERNAL error naming `what(i)`.
+absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work,
+                         const std::function<std::string(size_t)>& what) {
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  absl::Status error;
+  auto loop = [&]() {
+    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      try {
+        work(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> guard(mu);
+        if (error.ok()) error = absl::InternalError(absl::StrCat(what(i), ": ", e.what()));
+        next = n;  // stop handing out work
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) pool.emplace_back(loop);
+  for (std::thread& t : pool) t.join();
+  return error;
+}
+
 // The asked-for files, distinct, in order of first appearance: those whose cached version is
 // current (same size and mtime) and those to decode.
 struct PendingFiles {
@@ -812,12 +838,23 @@ PendingFiles SplitPaths(const std::vector<std::string>& paths,
   PendingFiles pending;
   std::unordered_map<std::string, bool> seen;
   int64_t distinct = 0;
+  std::vector<std::pair<const std::string*, std::string>> mine;  // path, key
   for (const std::string& path : paths) {
     std::string key = AudioCacheKey(path);
     if (!seen.emplace(key, true).second) continue;
     if (distinct++ % options.num_parts != options.part) continue;
+    mine.emplace_back(&path, std::move(key));
+  }
+  // One stat per file, 32 at a time: on a network filesystem a stat is a round trip, and a
+  // BirdCLEF pool is 150,000-250,000 files (minutes one by one).
+  std::vector<FileStamp> stamps(mine.size());
+  (void)ParallelFor(mine.size(), static_cast<int>(std::min<size_t>(32, std::max<size_t>(1, mine.size()))),
+                    [&](size_t i) { stamps[i] = StampOf(*mine[i].first); }, [](size_t) { return std::string(); });
+  for (size_t i = 0; i < mine.size(); ++i) {
+    const std::string& path = *mine[i].first;
+    std::string& key = mine[i].second;
     ++pending.files_total;
-    FileStamp stamp = StampOf(path);
+    const FileStamp& stamp = stamps[i];
     auto it = cached.find(key);
     // A missing verdict (cached by an older version) is never current: the file is tried again.
     if (it != cached.end() && it->second.problem != AudioProblem::kMissing &&
@@ -843,32 +880,6 @@ int DecodeThreads(const PrepareOptions& options, size_t files) {
   const int threads =
       options.num_threads > 0 ? options.num_threads : common::CoresPerRank(common::LocalRanksFromEnvironment());
   return std::max(1, std::min<int>(threads, static_cast<int>(std::min<size_t>(files, 1 << 20))));
-}
-
-// Runs work(i) for every i in [0, n) on `threads` threads. An exception thrown by work(i)
-// (std::bad_alloc) would terminate the process from a thread: it is caught, the remaining work
-// is skipped, and the first one comes back as an INTERNAL error naming `what(i)`.
-absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)>& work,
-                         const std::function<std::string(size_t)>& what) {
-  std::atomic<size_t> next{0};
-  std::mutex mu;
-  absl::Status error;
-  auto loop = [&]() {
-    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      try {
-        work(i);
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> guard(mu);
-        if (error.ok()) error = absl::InternalError(absl::StrCat(what(i), ": ", e.what()));
-        next = n;  // stop handing out work
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads));
-  for (int t = 0; t < threads; ++t) pool.emplace_back(loop);
-  for (std::thread& t : pool) t.join();
-  return error;
 }
 
 }  // namespace
