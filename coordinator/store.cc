@@ -1076,4 +1076,28 @@ absl::StatusOr<std::vector<Store::CheckpointRow>> Store::LoadCheckpoints(const s
   return rows;
 }
 
+absl::StatusOr<std::map<std::string, std::vector<Store::CheckpointRow>>> Store::LoadJobCheckpoints(
+    const std::string& job_id) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  AVIARY_RETURN_IF_ERROR(CheckOpen());
+  // "<job_id>/" <= task_id < "<job_id>0" ('0' follows '/'): a range of the (task_id, id) index.
+  Statement st(this,
+               "SELECT task_id, path, epoch, best, attempt FROM checkpoints WHERE task_id >= ?1 AND task_id < ?2 "
+               "ORDER BY task_id, id");
+  st.Bind(1, absl::StrCat(job_id, "/"));
+  st.Bind(2, absl::StrCat(job_id, "0"));
+  std::map<std::string, std::vector<CheckpointRow>> rows;
+  absl::Status status;
+  while (st.Step(&status)) {
+    CheckpointRow row;
+    row.path = st.Text(1);
+    row.epoch = static_cast<int>(st.Int(2));
+    row.best = st.Int(3) != 0;
+    row.attempt = static_cast<int>(st.Int(4));
+    rows[st.Text(0)].push_back(std::move(row));
+  }
+  AVIARY_RETURN_IF_ERROR(status);
+  return rows;
+}
+
 }  // namespace aviary::coordinator

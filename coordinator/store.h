@@ -189,6 +189,9 @@ class Store {
     int attempt = 0;
   };
   absl::StatusOr<std::vector<CheckpointRow>> LoadCheckpoints(const std::string& task_id);
+  // The checkpoints of every task of a job (task ids "<job_id>/..."), by task, each oldest
+  // first: one query (the console's job page asked once per task, 1,024 for a big sweep).
+  absl::StatusOr<std::map<std::string, std::vector<CheckpointRow>>> LoadJobCheckpoints(const std::string& job_id);
 
   // A damaged job or task row (its info does not parse) fails its reader with DATA_LOSS naming
   // the row: the scheduler cannot go on without it. A damaged group row or metric point is

@@ -654,7 +654,7 @@
     let retryWatch = null;
     function watchForRetry() {
       retryWatch = setInterval(() => {
-        api(`/api/jobs/${jobId}`).then((j) => {
+        api(`/api/jobs/${jobId}?checkpoints=0`).then((j) => {
           if (TERMINAL_JOB.has(j.state)) return;
           clearInterval(retryWatch);
           retryWatch = null;

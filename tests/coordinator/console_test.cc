@@ -394,6 +394,11 @@ TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
   EXPECT_TRUE(absl::StrContains(job.body, "\"task_id\":\"" + task_id_ + "\"")) << job.body;
   EXPECT_TRUE(absl::StrContains(job.body, "\"state\":\"TASK_STATE_LEASED\"")) << job.body;
   EXPECT_TRUE(absl::StrContains(job.body, "\"checkpoints\":{\"" + task_id_ + "\":[]")) << job.body;
+  // ?checkpoints=0: the job without them (the finished page's watch for a retry).
+  HttpResponse bare = Http(port_, "GET", "/api/jobs/" + job_id + "?checkpoints=0", {Bearer("the-viewer-token")});
+  ASSERT_EQ(bare.status, 200) << bare.body;
+  EXPECT_TRUE(absl::StrContains(bare.body, "\"task_id\":\"" + task_id_ + "\"")) << bare.body;
+  EXPECT_FALSE(absl::StrContains(bare.body, "\"checkpoints\"")) << bare.body;
 
   HttpResponse history = Http(port_, "GET", "/api/jobs/" + job_id + "/history", {Bearer("the-viewer-token")});
   ASSERT_EQ(history.status, 200) << history.body;

@@ -233,6 +233,23 @@ TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
   EXPECT_EQ((*rows)[1].epoch, 1);
   EXPECT_TRUE((*rows)[2].best);
   EXPECT_EQ((*rows)[3].attempt, 2);
+
+  // A job's checkpoints in one query, by task, oldest first; another job's (even one whose id
+  // sorts next to it) are not among them.
+  ASSERT_TRUE((*store)->AddCheckpoint("j0123456789ab/finetune-f1", 1, "/runs/f1/last.pt", 0, false, 15).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint("j0123456789ac/finetune-f0", 1, "/other/last.pt", 0, false, 16).ok());
+  ASSERT_TRUE((*store)->AddCheckpoint("j0123456789aa/finetune-f0", 1, "/other/last.pt", 0, false, 17).ok());
+  auto job = (*store)->LoadJobCheckpoints("j0123456789ab");
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_EQ(job->size(), 2u);
+  ASSERT_EQ(job->at(task_id).size(), 4u);
+  EXPECT_EQ(job->at(task_id)[2].path, "/runs/best.pt");
+  EXPECT_EQ(job->at(task_id)[3].attempt, 2);
+  ASSERT_EQ(job->at("j0123456789ab/finetune-f1").size(), 1u);
+  EXPECT_EQ(job->at("j0123456789ab/finetune-f1")[0].path, "/runs/f1/last.pt");
+  auto none = (*store)->LoadJobCheckpoints("j00000000000f");
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
 }
 
 // Of a task's step points only the newest per attempt is stored (each report's last replaces the
