@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -22,21 +23,33 @@ namespace {
 int HostCores() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
 // An OpenMP runtime told to bind (libgomp, loaded with libtorch, pins the initial thread at load
-// time) leaves this thread's mask at one place: the process's cores are not what it says.
+// time) may leave this thread's mask at one place: then the mask is not the process's cores.
 bool OpenMpBinds() {
   for (const char* name : {"OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"}) {
-    if (const char* v = std::getenv(name); v != nullptr && *v != '\0') return true;
+    const char* v = std::getenv(name);
+    if (v == nullptr || *v == '\0') continue;
+    const std::string value = absl::AsciiStrToLower(v);
+    if (value == "false" || value == "disabled" || value == "none") continue;
+    return true;
   }
   return false;
 }
 
+int CpusetCores();
+
 int AffinityCores() {
-  if (OpenMpBinds()) return HostCores();
   cpu_set_t set;
   CPU_ZERO(&set);
   if (::sched_getaffinity(0, sizeof(set), &set) != 0) return HostCores();
   const int n = CPU_COUNT(&set);
-  return n > 0 ? n : HostCores();
+  if (n <= 0) return HostCores();
+  // One place (a core and its hyperthread) under an OpenMP binding: libgomp's pinning of this
+  // thread, not the process's share; its cgroup's cpuset (else the host) says that.
+  if (n <= 2 && OpenMpBinds()) {
+    const int cpuset = CpusetCores();
+    return cpuset > 0 ? cpuset : HostCores();
+  }
+  return n;
 }
 
 std::string ReadSmallFile(const std::string& path) {
@@ -66,19 +79,21 @@ std::vector<std::string> CgroupFolders(const std::string& controller) {
   std::vector<std::string> mounts;
   if (controller.empty()) {
     mounts = {"/sys/fs/cgroup"};
-  } else {
+  } else if (controller == "cpu") {
     mounts = {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu", "/sys/fs/cgroup/cpu"};
+  } else {
+    mounts = {"/sys/fs/cgroup/" + controller};
   }
   std::vector<std::string> folders;
   for (const std::string& mount : mounts) {
     // In a container the recorded path is often the host's and does not exist inside: its
     // own root then holds the container's limits.
-    std::string p = found ? path : "/";
+    std::string p = found && !path.empty() && path[0] == '/' ? path : "/";
     while (true) {
       folders.push_back(mount + (p == "/" ? "" : p));
-      if (p.empty() || p == "/") break;
-      p = p.substr(0, p.find_last_of('/'));
-      if (p.empty()) p = "/";
+      const size_t slash = p.find_last_of('/');
+      if (p == "/" || slash == std::string::npos) break;
+      p = slash == 0 ? "/" : p.substr(0, slash);
     }
   }
   return folders;
@@ -101,11 +116,14 @@ int QuotaCores() {
   return best;
 }
 
-// The CPUs of this process's cgroup cpuset (v2 cpuset.cpus.effective; "0-15,32-47"), 0 when
-// not known.
+// The CPUs of this process's cgroup cpuset (v2 cpuset.cpus.effective, else v1
+// cpuset.effective_cpus; "0-15,32-47"), 0 when not known.
 int CpusetCores() {
-  for (const std::string& dir : CgroupFolders("")) {
-    const std::string text(absl::StripAsciiWhitespace(ReadSmallFile(dir + "/cpuset.cpus.effective")));
+  std::vector<std::string> files;
+  for (const std::string& dir : CgroupFolders("")) files.push_back(dir + "/cpuset.cpus.effective");
+  for (const std::string& dir : CgroupFolders("cpuset")) files.push_back(dir + "/cpuset.effective_cpus");
+  for (const std::string& file : files) {
+    const std::string text(absl::StripAsciiWhitespace(ReadSmallFile(file)));
     if (text.empty()) continue;
     int count = 0;
     for (absl::string_view range : absl::StrSplit(text, ',')) {
@@ -130,7 +148,8 @@ int CoresOfCgroupQuota(const char* cpu_max) {
   if (!(in >> quota >> period) || quota == "max") return 0;
   int64_t q = 0, p = 0;
   if (!absl::SimpleAtoi(quota, &q) || !absl::SimpleAtoi(period, &p) || q <= 0 || p <= 0) return 0;
-  return static_cast<int>(std::max<int64_t>(1, (q + p - 1) / p));
+  const int64_t cores = q / p + (q % p != 0 ? 1 : 0);
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, cores), 1 << 20));
 }
 
 int UsableCores() {
@@ -152,20 +171,28 @@ int LocalRanksFromEnvironment() {
     int n = 0;
     if (const char* v = std::getenv(name); v != nullptr && absl::SimpleAtoi(v, &n) && n > 0) return n;
   }
-  // An srun step: its tasks per node (--ntasks-per-node), else its tasks over its nodes.
-  int tasks = 0, nodes = 0, per_node = 0;
+  // An srun step: the most tasks it runs on one node (SLURM_STEP_TASKS_PER_NODE, "4(x2),3"; an
+  // sbatch's SLURM_NTASKS_PER_NODE is the allocation's, not the step's), else its tasks over its
+  // nodes.
+  int tasks = 0, nodes = 0;
   const char* step_tasks = std::getenv("SLURM_STEP_NUM_TASKS");
-  if (step_tasks != nullptr && absl::SimpleAtoi(step_tasks, &tasks) && tasks > 0) {
-    if (const char* v = std::getenv("SLURM_NTASKS_PER_NODE"); v != nullptr && absl::SimpleAtoi(v, &per_node) &&
-                                                                per_node > 0) {
-      return std::min(per_node, tasks);
+  if (step_tasks == nullptr || !absl::SimpleAtoi(step_tasks, &tasks) || tasks <= 0) return 1;
+  if (const char* v = std::getenv("SLURM_STEP_TASKS_PER_NODE"); v != nullptr) {
+    int most = 0;
+    for (absl::string_view item : absl::StrSplit(v, ',')) {
+      int n = 0;
+      if (!absl::SimpleAtoi(item.substr(0, item.find('(')), &n) || n <= 0) {
+        most = 0;
+        break;
+      }
+      most = std::max(most, n);
     }
-    if (const char* v = std::getenv("SLURM_STEP_NUM_NODES"); v != nullptr && absl::SimpleAtoi(v, &nodes) && nodes > 0) {
-      return (tasks + nodes - 1) / nodes;
-    }
-    return tasks;
+    if (most > 0) return std::min(most, tasks);
   }
-  return 1;
+  if (const char* v = std::getenv("SLURM_STEP_NUM_NODES"); v != nullptr && absl::SimpleAtoi(v, &nodes) && nodes > 0) {
+    return (tasks + nodes - 1) / nodes;
+  }
+  return tasks;
 }
 
 }  // namespace aviary::common

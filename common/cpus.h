@@ -20,7 +20,8 @@ int UsableCores();
 int CoresPerRank(int local_ranks);
 
 // The number of ranks on this host from the launcher's environment (Open MPI, MPICH/PMI; an
-// srun step: SLURM_NTASKS_PER_NODE, else its tasks over its nodes), 1 when none says.
+// srun step: the most tasks of SLURM_STEP_TASKS_PER_NODE, else its tasks over its nodes), 1 when
+// none says.
 int LocalRanksFromEnvironment();
 
 // The cgroup v2 quota in `cpu_max` (the file's text: "max 100000" or "250000 100000"), in

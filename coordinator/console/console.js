@@ -859,7 +859,7 @@
       try {
         // A job of the link that is gone (deleted, or a typo) is dropped with a note; the others
         // still load.
-        const results = await Promise.allSettled([...chosenJobs].map((id) => api(`/api/jobs/${id}`)));
+        const results = await Promise.allSettled([...chosenJobs].map((id) => api(`/api/jobs/${id}?checkpoints=0`)));
         const gone = [];
         const infos = [];
         [...chosenJobs].forEach((id, i) => {

@@ -226,6 +226,7 @@ TEST(CpusTest, CgroupQuotaInWholeCores) {
   EXPECT_EQ(CoresOfCgroupQuota(""), 0);
   EXPECT_EQ(CoresOfCgroupQuota("lots"), 0);
   EXPECT_EQ(CoresOfCgroupQuota("-5 100000"), 0);
+  EXPECT_EQ(CoresOfCgroupQuota("17592186044415000 1000"), 1 << 20);  // v1's largest: clamped, not wrapped
 }
 
 TEST(CpusTest, AffinityAndRanksBoundTheCount) {
@@ -248,11 +249,14 @@ TEST(CpusTest, AffinityAndRanksBoundTheCount) {
   ASSERT_EQ(::sched_setaffinity(0, sizeof(one), &one), 0);  // this thread: taskset -c to one core
   EXPECT_EQ(UsableCores(), 1);
   EXPECT_EQ(CoresPerRank(1), 1);
-  // With an OpenMP binding variable the thread's mask is libgomp's pinning, not the process's.
+  // With an OpenMP binding variable a one-place mask is libgomp's pinning, not the process's;
+  // OMP_PROC_BIND=false binds nothing.
   ::setenv("OMP_PROC_BIND", "true", 1);
-  if (usable == host) {  // (else a quota or binding limits it anyway)
+  if (usable == host) {  // (else a quota or cpuset limits it anyway)
     EXPECT_EQ(UsableCores(), host);
   }
+  ::setenv("OMP_PROC_BIND", "false", 1);
+  EXPECT_EQ(UsableCores(), 1);
   ::unsetenv("OMP_PROC_BIND");
   ASSERT_EQ(::sched_setaffinity(0, sizeof(saved), &saved), 0);
 }
@@ -270,16 +274,21 @@ TEST(CpusTest, LocalRanksFromTheLaunchersEnvironment) {
   EXPECT_EQ(LocalRanksFromEnvironment(), 3);
   ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
   ::unsetenv("MPI_LOCALNRANKS");
-  // An srun step of 8 tasks on 2 nodes; with --ntasks-per-node 3; a batch script (no step).
+  // An srun step of 8 tasks on 2 nodes; its tasks per node "3(x2),2" (the most: 3; the
+  // allocation's SLURM_NTASKS_PER_NODE is not the step's); a batch script (no step).
   ::setenv("SLURM_STEP_NUM_TASKS", "8", 1);
   ::setenv("SLURM_STEP_NUM_NODES", "2", 1);
+  ::setenv("SLURM_NTASKS_PER_NODE", "7", 1);
   EXPECT_EQ(LocalRanksFromEnvironment(), 4);
-  ::setenv("SLURM_NTASKS_PER_NODE", "3", 1);
+  ::setenv("SLURM_STEP_TASKS_PER_NODE", "3(x2),2", 1);
   EXPECT_EQ(LocalRanksFromEnvironment(), 3);
+  ::setenv("SLURM_STEP_TASKS_PER_NODE", "junk", 1);
+  EXPECT_EQ(LocalRanksFromEnvironment(), 4);
   ::unsetenv("SLURM_STEP_NUM_TASKS");
   EXPECT_EQ(LocalRanksFromEnvironment(), 1);
   ::unsetenv("SLURM_STEP_NUM_NODES");
   ::unsetenv("SLURM_NTASKS_PER_NODE");
+  ::unsetenv("SLURM_STEP_TASKS_PER_NODE");
 }
 
 }  // namespace

@@ -215,6 +215,35 @@ TEST(AudioCacheTest, AnIndexOffsetPastItsShardIsRefusedWithoutOverflow) {
       << cache->invalid_shards()[0];
 }
 
+// An index whose rows do not tile its .pcm (two rows over the same samples, here; the largest
+// end still equal to the file's size) does not describe its samples: the shard is refused.
+TEST(AudioCacheTest, RowsThatOverlapAreRefused) {
+  TempDir tmp;
+  const std::vector<std::string> paths = CorpusPaths();
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare(paths, Options(dir, 2, 4 << 20));
+  const int shard = ShardNumbers(dir, ".index.csv").front();
+  std::vector<std::string> lines = absl::StrSplit(testing::ReadBytes(ShardFile(dir, shard, ".index.csv")), '\n',
+                                                  absl::SkipEmpty());
+  std::vector<size_t> with_samples;
+  for (size_t i = 1; i < lines.size(); ++i) {
+    std::vector<std::string> cells = absl::StrSplit(lines[i], ',');
+    ASSERT_GT(cells.size(), 3u) << lines[i];
+    if (cells[3] != "0") with_samples.push_back(i);  // column 2: offset, 3: frames
+  }
+  ASSERT_GE(with_samples.size(), 3u);
+  std::vector<std::string> first = absl::StrSplit(lines[with_samples[0]], ',');
+  std::vector<std::string> second = absl::StrSplit(lines[with_samples[1]], ',');
+  second[2] = first[2];  // the second row claims the first one's samples
+  lines[with_samples[1]] = absl::StrJoin(second, ",");
+  WriteBytes(ShardFile(dir, shard, ".index.csv"), absl::StrJoin(lines, "\n") + "\n");
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  ASSERT_EQ(cache->invalid_shards().size(), 1u);
+  EXPECT_NE(cache->invalid_shards()[0].find("its rows overlap at sample"), std::string::npos)
+      << cache->invalid_shards()[0];
+}
+
 // A kill loses at most the shard in progress: here, a shard whose .pcm is gone, a shard whose
 // index was cut short, an orphan .pcm (killed before its index was written) and a temporary
 // index file. Readers skip the broken shards; the next prepare removes them and decodes exactly

@@ -441,6 +441,7 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     *failure = Failure(AudioProblem::kEmpty, absl::StrCat(path, ": empty file (0 bytes)"));
     return false;
   }
+  audio->file_bytes = static_cast<int64_t>(st.st_size);
   *info = SF_INFO{};
   SNDFILE* handle = nullptr;
   std::string error;
@@ -598,7 +599,12 @@ class Emitter {
 class VectorSink : public SampleSink {
  public:
   explicit VectorSink(std::vector<float>* out) : out_(out) {}
-  void Expect(int64_t samples) override { out_->reserve(out_->size() + static_cast<size_t>(samples)); }
+  void Expect(int64_t samples) override {
+    try {
+      out_->reserve(out_->size() + static_cast<size_t>(samples));
+    } catch (const std::exception&) {  // a hint: the vector grows as it would have
+    }
+  }
   bool Consume(const float* samples, int64_t count) override {
     out_->insert(out_->end(), samples, samples + count);
     return true;
@@ -720,7 +726,11 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
   }
   // Unknown length: one sample past the limit tells a stream that is too long.
   if (!known) want = std::min(want, kMaxDecodeSamples + 1);
-  if (known) sink->Expect(want);
+  // Reserved up to what the file's bytes can hold (64 samples a byte covers 8 kbit/s speech
+  // resampled from 16 to 32 kHz) and 2^26 samples (35 minutes at 32 kHz; longer ones grow): a
+  // damaged header's claim of 2^29 samples must not reserve 2 GiB per decoder.
+  constexpr int64_t kMaxExpected = int64_t{1} << 26;
+  if (known) sink->Expect(std::min({want, kMaxExpected, std::max<int64_t>(0, audio.file_bytes) * 64}));
 
   // Where to start reading: the window's first source frame less the resampler margin, rounded
   // down to a frame that falls exactly on an output sample (a multiple of from / gcd).

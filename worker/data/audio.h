@@ -78,6 +78,7 @@ struct DecodedAudio {
   // Samples of the whole file at `sample_rate` (round(source_frames * T / R)); -1 when unknown.
   int64_t total_samples = -1;
   int source_format = 0;  // libsndfile's SF_INFO::format
+  int64_t file_bytes = -1;  // the file's size when it was opened
 };
 
 // A decode that failed for a reason the data plane skips and counts.
@@ -112,9 +113,10 @@ absl::StatusOr<DecodeResult> DecodeAudio(const std::string& path, const DecodeOp
 class SampleSink {
  public:
   virtual ~SampleSink() = default;
-  // Before the first Consume, when the header tells the length: the samples the decode will
-  // deliver (at most; a truncated stream gives fewer). A sink that collects them reserves that
-  // much once: growing by doubling held up to 3x a long recording's samples at a reallocation.
+  // Before the first Consume, when the header tells the length: about the samples the decode
+  // will deliver (a hint, bounded; a truncated stream gives fewer). A sink that collects them
+  // reserves that much once, best effort: growing by doubling held up to 3x a long recording's
+  // samples at a reallocation.
   virtual void Expect(int64_t /*samples*/) {}
   virtual bool Consume(const float* samples, int64_t count) = 0;
 };

@@ -297,12 +297,25 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, 
                               expected_rate, " Hz");
       }
     }
-    // A sealed shard's rows lie end to end over its whole .pcm: an index that stops short lost
-    // rows (cut at a row's end, it parses).
+    // A sealed shard's rows lie end to end over its whole .pcm, without a gap or an overlap (the
+    // writers take their places in turn): an index that stops short lost rows (cut at a row's end,
+    // it parses), and one whose rows do not tile does not describe its samples.
     if (reason.empty()) {
+      std::vector<std::pair<int64_t, int64_t>> spans;  // offset, frames of the rows with samples
+      for (const CacheEntry& e : entries) {
+        if (e.frames > 0) spans.emplace_back(e.offset, e.frames);
+      }
+      std::sort(spans.begin(), spans.end());
       int64_t covered = 0;
-      for (const CacheEntry& e : entries) covered = std::max(covered, e.offset + e.frames);
-      if (covered * 2 != pcm->second) {
+      for (const auto& [offset, frames] : spans) {
+        if (offset != covered) {
+          reason = absl::StrCat("its rows ", offset < covered ? "overlap" : "leave a gap", " at sample ",
+                                std::min(offset, covered));
+          break;
+        }
+        covered = offset + frames;
+      }
+      if (reason.empty() && covered * 2 != pcm->second) {
         reason = absl::StrCat("its index covers ", covered * 2, " of the .pcm's ", pcm->second,
                               " bytes (rows are missing)");
       }
@@ -387,7 +400,12 @@ absl::StatusOr<std::unique_ptr<DirLock>> LockSplitCount(const std::string& dir, 
 // Collects a decode as int16 cache samples.
 class Int16Sink : public SampleSink {
  public:
-  void Expect(int64_t samples) override { data_.reserve(data_.size() + static_cast<size_t>(samples)); }
+  void Expect(int64_t samples) override {
+    try {
+      data_.reserve(data_.size() + static_cast<size_t>(samples));
+    } catch (const std::exception&) {  // a hint: the vector grows as it would have
+    }
+  }
   bool Consume(const float* samples, int64_t count) override {
     size_t base = data_.size();
     data_.resize(base + static_cast<size_t>(count));
@@ -463,8 +481,9 @@ class ShardWriter {
       entry.shard = shard->number;
       entry.offset = offset;
       entry.frames = static_cast<int64_t>(samples.size());
-      shard->samples += entry.frames;
+      // The row first (it may throw): a place is never taken without its row.
       shard->entries.push_back(std::move(entry));
+      shard->samples += static_cast<int64_t>(samples.size());
       ++shard->in_flight;
       const double open_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - shard->opened).count();
       if (shard->samples * 2 >= shard_bytes_ || (seal_interval_s_ > 0 && open_s >= seal_interval_s_)) {
@@ -472,9 +491,15 @@ class ShardWriter {
         open_.reset();  // the next file opens a new shard
       }
     }
-    absl::Status written = samples.empty() ? absl::OkStatus()
-                                           : PWriteAll(shard->fd, samples.data(), samples.size() * sizeof(int16_t),
-                                                       static_cast<off_t>(offset) * 2, PcmPath(dir_, shard->number));
+    absl::Status written;
+    try {
+      if (!samples.empty()) {
+        written = PWriteAll(shard->fd, samples.data(), samples.size() * sizeof(int16_t),
+                            static_cast<off_t>(offset) * 2, PcmPath(dir_, shard->number));
+      }
+    } catch (const std::exception& e) {  // PcmPath's allocation: the shard must not wait for it forever
+      written = absl::ResourceExhaustedError(absl::StrCat("writing shard ", shard->number, ": ", e.what()));
+    }
     bool seal = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -812,9 +837,16 @@ absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)
       }
     }
   };
+  // The calling thread works too; a thread that cannot be started (a container's pids.max, ulimit
+  // -u) leaves the work to those that could, rather than ending the process.
   std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads));
-  for (int t = 0; t < threads; ++t) pool.emplace_back(loop);
+  try {
+    pool.reserve(static_cast<size_t>(std::max(0, threads - 1)));
+    for (int t = 1; t < threads; ++t) pool.emplace_back(loop);
+  } catch (const std::exception& e) {
+    Log().Warn(absl::StrCat("started ", pool.size() + 1, " of ", threads, " threads: ", e.what()));
+  }
+  loop();
   for (std::thread& t : pool) t.join();
   return error;
 }
@@ -833,7 +865,7 @@ struct PendingFiles {
 };
 // With several parts, part R takes the distinct files R, R + N, R + 2N, ... (the same split in
 // every part, whatever the cache holds when each starts).
-PendingFiles SplitPaths(const std::vector<std::string>& paths,
+absl::StatusOr<PendingFiles> SplitPaths(const std::vector<std::string>& paths,
                         const std::unordered_map<std::string, CacheEntry>& cached, const PrepareOptions& options) {
   PendingFiles pending;
   std::unordered_map<std::string, bool> seen;
@@ -848,8 +880,9 @@ PendingFiles SplitPaths(const std::vector<std::string>& paths,
   // One stat per file, 32 at a time: on a network filesystem a stat is a round trip, and a
   // BirdCLEF pool is 150,000-250,000 files (minutes one by one).
   std::vector<FileStamp> stamps(mine.size());
-  (void)ParallelFor(mine.size(), static_cast<int>(std::min<size_t>(32, std::max<size_t>(1, mine.size()))),
-                    [&](size_t i) { stamps[i] = StampOf(*mine[i].first); }, [](size_t) { return std::string(); });
+  AVIARY_RETURN_IF_ERROR(ParallelFor(mine.size(), static_cast<int>(std::min<size_t>(32, std::max<size_t>(1, mine.size()))),
+                                     [&](size_t i) { stamps[i] = StampOf(*mine[i].first); },
+                                     [&](size_t i) { return absl::StrCat("stat ", *mine[i].first); }));
   for (size_t i = 0; i < mine.size(); ++i) {
     const std::string& path = *mine[i].first;
     std::string& key = mine[i].second;
@@ -902,7 +935,7 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
   } else if (!absl::IsNotFound(manifest.status())) {
     return manifest.status();
   }
-  const PendingFiles pending = SplitPaths(paths, cached, options);
+  AVIARY_ASSIGN_OR_RETURN(const PendingFiles pending, SplitPaths(paths, cached, options));
   plan.files_total = pending.files_total;
   plan.files_cached = static_cast<int64_t>(pending.current.size());
   plan.files_to_decode = static_cast<int64_t>(pending.todo.size());
@@ -995,7 +1028,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     RemoveQuietly(PcmPath(dir, shard));
   }
   const std::unordered_map<std::string, CacheEntry> cached = CachedEntries(&scan);
-  const PendingFiles pending = SplitPaths(paths, cached, options);
+  AVIARY_ASSIGN_OR_RETURN(const PendingFiles pending, SplitPaths(paths, cached, options));
   const std::vector<PendingFiles::Item>& todo = pending.todo;
   std::vector<const CacheEntry*> outcomes = pending.current;
   report.files_total = pending.files_total;
