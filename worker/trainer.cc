@@ -863,15 +863,23 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   std::atomic<size_t> next{0};
   std::atomic<int64_t> current{0}, known{0};  // known: in the cache under this path, current or not
   auto count = [&] {
-    for (size_t i = next.fetch_add(1); i < files.size(); i = next.fetch_add(1)) {
-      if (cache->Lookup(files[i]) == nullptr) continue;
-      known.fetch_add(1);
-      if (cache->LookupCurrent(files[i]) != nullptr) current.fetch_add(1);
+    try {
+      for (size_t i = next.fetch_add(1); i < files.size(); i = next.fetch_add(1)) {
+        if (cache->Lookup(files[i]) == nullptr) continue;
+        known.fetch_add(1);
+        if (cache->LookupCurrent(files[i]) != nullptr) current.fetch_add(1);
+      }
+    } catch (const std::exception&) {  // (an allocation) the count is for the log only
+      next = files.size();
     }
   };
+  // The calling thread counts too; a thread that cannot be started leaves it to the others.
   std::vector<std::thread> counters;
   const size_t threads = std::min<size_t>(32, files.size() / 256 + 1);
-  for (size_t t = 1; t < threads; ++t) counters.emplace_back(count);
+  try {
+    for (size_t t = 1; t < threads; ++t) counters.emplace_back(count);
+  } catch (const std::exception&) {
+  }
   count();
   for (std::thread& t : counters) t.join();
   cached_files = current.load();
