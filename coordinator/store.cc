@@ -1056,6 +1056,15 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
   return out;
 }
 
+Store::CheckpointRow Store::CheckpointAt(Statement& st, int first) {
+  CheckpointRow row;
+  row.path = st.Text(first);
+  row.epoch = static_cast<int>(st.Int(first + 1));
+  row.best = st.Int(first + 2) != 0;
+  row.attempt = static_cast<int>(st.Int(first + 3));
+  return row;
+}
+
 absl::StatusOr<std::vector<Store::CheckpointRow>> Store::LoadCheckpoints(const std::string& task_id) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
@@ -1064,14 +1073,7 @@ absl::StatusOr<std::vector<Store::CheckpointRow>> Store::LoadCheckpoints(const s
   st.Bind(1, task_id);
   std::vector<CheckpointRow> rows;
   absl::Status status;
-  while (st.Step(&status)) {
-    CheckpointRow row;
-    row.path = st.Text(0);
-    row.epoch = static_cast<int>(st.Int(1));
-    row.best = st.Int(2) != 0;
-    row.attempt = static_cast<int>(st.Int(3));
-    rows.push_back(std::move(row));
-  }
+  while (st.Step(&status)) rows.push_back(CheckpointAt(st, 0));
   AVIARY_RETURN_IF_ERROR(status);
   return rows;
 }
@@ -1088,14 +1090,7 @@ absl::StatusOr<std::map<std::string, std::vector<Store::CheckpointRow>>> Store::
   st.Bind(2, absl::StrCat(job_id, "0"));
   std::map<std::string, std::vector<CheckpointRow>> rows;
   absl::Status status;
-  while (st.Step(&status)) {
-    CheckpointRow row;
-    row.path = st.Text(1);
-    row.epoch = static_cast<int>(st.Int(2));
-    row.best = st.Int(3) != 0;
-    row.attempt = static_cast<int>(st.Int(4));
-    rows[st.Text(0)].push_back(std::move(row));
-  }
+  while (st.Step(&status)) rows[st.Text(0)].push_back(CheckpointAt(st, 1));
   AVIARY_RETURN_IF_ERROR(status);
   return rows;
 }

@@ -223,6 +223,8 @@ class Store {
   static std::string PointLabel(int64_t id, const std::string& task_id);
 
   class Statement;
+  // The checkpoint in `st`'s current row, its path in column `first` (then epoch, best, attempt).
+  static CheckpointRow CheckpointAt(Statement& st, int first);
   static constexpr size_t kMaxDamagedRowsKept = 8;
 
   const std::string path_;
