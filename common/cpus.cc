@@ -23,14 +23,20 @@ namespace {
 int HostCores() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
 // An OpenMP runtime told to bind (libgomp, loaded with libtorch, pins the initial thread at load
-// time) may leave this thread's mask at one place: then the mask is not the process's cores.
+// time) leaves this thread's mask at one place (a core, a socket): then the mask is not the
+// process's cores. OMP_PROC_BIND=false turns binding off whatever the places say.
 bool OpenMpBinds() {
-  for (const char* name : {"OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"}) {
+  auto set = [](const char* name, std::string* value) {
     const char* v = std::getenv(name);
-    if (v == nullptr || *v == '\0') continue;
-    const std::string value = absl::AsciiStrToLower(v);
-    if (value == "false" || value == "disabled" || value == "none") continue;
+    if (v == nullptr || *v == '\0') return false;
+    *value = absl::AsciiStrToLower(v);
     return true;
+  };
+  std::string value;
+  if (set("OMP_PROC_BIND", &value)) return value != "false";
+  if (set("KMP_AFFINITY", &value) && (value == "disabled" || value == "none")) return false;
+  for (const char* name : {"OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"}) {
+    if (set(name, &value)) return true;
   }
   return false;
 }
@@ -43,9 +49,10 @@ int AffinityCores() {
   if (::sched_getaffinity(0, sizeof(set), &set) != 0) return HostCores();
   const int n = CPU_COUNT(&set);
   if (n <= 0) return HostCores();
-  // One place (a core and its hyperthread) under an OpenMP binding: libgomp's pinning of this
-  // thread, not the process's share; its cgroup's cpuset (else the host) says that.
-  if (n <= 2 && OpenMpBinds()) {
+  // Under an OpenMP binding the mask is one place, libgomp's pinning of this thread (a core, or a
+  // socket with OMP_PLACES=sockets), not the process's share: its cgroup's cpuset (else the host)
+  // says that, and CoresPerRank divides it among the host's ranks.
+  if (OpenMpBinds()) {
     const int cpuset = CpusetCores();
     return cpuset > 0 ? cpuset : HostCores();
   }

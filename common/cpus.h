@@ -8,8 +8,9 @@
 
 namespace aviary::common {
 
-// The cores this process may run on: the CPUs in its affinity mask (the host's cores when an
-// OpenMP binding variable is set: libgomp pins the first thread to one place), at most its
+// The cores this process may run on: the CPUs in its affinity mask (its cgroup's cpuset, else the
+// host's cores, when an OpenMP binding variable is set: libgomp pins the first thread to one
+// place; OMP_PROC_BIND=false binds nothing), at most its
 // cgroup's CPU quota (the smallest on the way to the root: v2 cpu.max, else v1 cfs, rounded
 // up), at least 1.
 int UsableCores();

@@ -862,6 +862,7 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   const std::vector<std::string> files(paths.begin(), paths.end());
   std::atomic<size_t> next{0};
   std::atomic<int64_t> current{0}, known{0};  // known: in the cache under this path, current or not
+  std::atomic<bool> aborted{false};
   auto count = [&] {
     try {
       for (size_t i = next.fetch_add(1); i < files.size(); i = next.fetch_add(1)) {
@@ -869,7 +870,8 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
         known.fetch_add(1);
         if (cache->LookupCurrent(files[i]) != nullptr) current.fetch_add(1);
       }
-    } catch (const std::exception&) {  // (an allocation) the count is for the log only
+    } catch (...) {  // (an allocation) no count rather than a wrong one
+      aborted = true;
       next = files.size();
     }
   };
@@ -882,6 +884,12 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   }
   count();
   for (std::thread& t : counters) t.join();
+  if (aborted) {
+    // Unknown: not compared at a resume (CheckSameDataSource) nor reported as a cache miss.
+    cached_files = -1;
+    Log().Warn(absl::StrCat("could not count the files read from the decoded-audio cache ", cache->dir()));
+    return;
+  }
   cached_files = current.load();
   const std::string line = absl::StrCat("reading ", cached_files, " of the ", data_files,
                                         " files from the decoded-audio cache ", cache->dir());

@@ -249,15 +249,19 @@ TEST(CpusTest, AffinityAndRanksBoundTheCount) {
   ASSERT_EQ(::sched_setaffinity(0, sizeof(one), &one), 0);  // this thread: taskset -c to one core
   EXPECT_EQ(UsableCores(), 1);
   EXPECT_EQ(CoresPerRank(1), 1);
-  // With an OpenMP binding variable a one-place mask is libgomp's pinning, not the process's;
-  // OMP_PROC_BIND=false binds nothing.
+  // With an OpenMP binding variable the mask is libgomp's pinning, not the process's;
+  // OMP_PROC_BIND=false binds nothing, whatever the places say.
+  for (const char* name : {"OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"}) ::unsetenv(name);
   ::setenv("OMP_PROC_BIND", "true", 1);
   if (usable == host) {  // (else a quota or cpuset limits it anyway)
     EXPECT_EQ(UsableCores(), host);
   }
   ::setenv("OMP_PROC_BIND", "false", 1);
+  ::setenv("OMP_PLACES", "cores", 1);
   EXPECT_EQ(UsableCores(), 1);
   ::unsetenv("OMP_PROC_BIND");
+  EXPECT_EQ(UsableCores() == 1, usable == 1);  // OMP_PLACES alone binds
+  ::unsetenv("OMP_PLACES");
   ASSERT_EQ(::sched_setaffinity(0, sizeof(saved), &saved), 0);
 }
 

@@ -497,8 +497,8 @@ class ShardWriter {
         written = PWriteAll(shard->fd, samples.data(), samples.size() * sizeof(int16_t),
                             static_cast<off_t>(offset) * 2, PcmPath(dir_, shard->number));
       }
-    } catch (const std::exception& e) {  // PcmPath's allocation: the shard must not wait for it forever
-      written = absl::ResourceExhaustedError(absl::StrCat("writing shard ", shard->number, ": ", e.what()));
+    } catch (...) {  // PcmPath's allocation: the shard must not wait for it forever
+      written = absl::ResourceExhaustedError("out of memory writing a shard");
     }
     bool seal = false;
     {
@@ -518,7 +518,7 @@ class ShardWriter {
       std::lock_guard<std::mutex> lock(mu_);
       shard = std::move(open_);
     }
-    return shard != nullptr && !shard->failed ? Seal(shard.get()) : absl::OkStatus();
+    return shard != nullptr && !shard->failed && shard->in_flight == 0 ? Seal(shard.get()) : absl::OkStatus();
   }
 
   // After Finish: what this run sealed.
@@ -832,8 +832,12 @@ absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)
         work(i);
       } catch (const std::exception& e) {
         std::lock_guard<std::mutex> guard(mu);
-        if (error.ok()) error = absl::InternalError(absl::StrCat(what(i), ": ", e.what()));
         next = n;  // stop handing out work
+        try {
+          if (error.ok()) error = absl::InternalError(absl::StrCat(what(i), ": ", e.what()));
+        } catch (...) {  // the message's allocation failed too
+          if (error.ok()) error = absl::ResourceExhaustedError("out of memory");
+        }
       }
     }
   };
@@ -844,7 +848,10 @@ absl::Status ParallelFor(size_t n, int threads, const std::function<void(size_t)
     pool.reserve(static_cast<size_t>(std::max(0, threads - 1)));
     for (int t = 1; t < threads; ++t) pool.emplace_back(loop);
   } catch (const std::exception& e) {
-    Log().Warn(absl::StrCat("started ", pool.size() + 1, " of ", threads, " threads: ", e.what()));
+    try {
+      Log().Warn(absl::StrCat("started ", pool.size() + 1, " of ", threads, " threads: ", e.what()));
+    } catch (...) {
+    }
   }
   loop();
   for (std::thread& t : pool) t.join();
