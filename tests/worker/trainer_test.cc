@@ -33,6 +33,40 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// Prepares the decoded-audio cache `cache_dir` from the corpus at `corpus`, its files named under
+// `root` (the corpus itself, or a link to it).
+void PrepareCorpusCache(const std::string& corpus, const std::string& root, const std::string& cache_dir) {
+  std::vector<std::string> audio;
+  for (const auto& e : fs::recursive_directory_iterator(corpus)) {
+    if (e.path().extension() != ".ogg" && e.path().extension() != ".mp3") continue;
+    audio.push_back((fs::path(root) / fs::relative(e.path(), corpus)).string());
+  }
+  PrepareOptions prepare;
+  prepare.cache_dir = cache_dir;
+  prepare.num_threads = 1;
+  ASSERT_TRUE(PrepareAudioCache(audio, prepare).ok());
+}
+
+// The warning lines logged while it lives.
+class WarningTap {
+ public:
+  WarningTap() {
+    common::SetLogTap([this](common::LogLevel level, int, absl::string_view line) {
+      absl::MutexLock lock(&mu_);
+      if (level == common::LogLevel::kWarning) lines_.emplace_back(line);
+    });
+  }
+  ~WarningTap() { common::SetLogTap(nullptr); }
+  std::vector<std::string> lines() const {
+    absl::MutexLock lock(&mu_);
+    return lines_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<std::string> lines_;
+};
+
 class TrainerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -1078,26 +1112,15 @@ TEST_F(TrainerTest, AResumeWithAnotherShareOfCachedFilesSaysItIsNotBitExact) {
   EXPECT_EQ(before->cached_files, 0);  // no cache was prepared
   EXPECT_GT(before->data_files, 10);
 
-  std::vector<std::string> audio;
-  for (const auto& e : fs::recursive_directory_iterator(*root_)) {
-    if (e.path().extension() == ".ogg" || e.path().extension() == ".mp3") audio.push_back(e.path().string());
-  }
-  PrepareOptions prepare;
-  prepare.cache_dir = c.data.cache_dir;
-  prepare.num_threads = 1;
-  ASSERT_TRUE(PrepareAudioCache(audio, prepare).ok());
+  PrepareCorpusCache(*root_, *root_, c.data.cache_dir);
 
-  absl::Mutex mu;
-  std::vector<std::string> warnings;
-  common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
-    absl::MutexLock lock(&mu);
-    if (level == common::LogLevel::kWarning) warnings.emplace_back(line);
-  });
+  auto tap = std::make_unique<WarningTap>();
   common::PipelineConfig more = c;
   for (auto* t : {&more.train, &more.stages["finetune"].train}) t->epochs = 2;
   o.extend_epochs = true;
   auto resumed = Trainer::Create(more, o);
-  common::SetLogTap(nullptr);
+  const std::vector<std::string> warnings = tap->lines();
+  tap.reset();
   ASSERT_TRUE(resumed.ok()) << resumed.status();
   const std::string said = absl::StrCat("read 0 of its ", before->data_files, " files from the decoded-audio cache; ",
                                         "this one reads ", before->data_files, " of ", before->data_files);
@@ -1121,30 +1144,22 @@ TEST_F(TrainerTest, ACachePreparedUnderAnotherPathIsAWarning) {
   const std::string link = Out("linked_root");
   fs::remove(link);
   fs::create_symlink(*root_, link);
-  std::vector<std::string> audio;
+  PrepareCorpusCache(*root_, link, c.data.cache_dir);
+  size_t files = 0;
   for (const auto& e : fs::recursive_directory_iterator(*root_)) {
-    if (e.path().extension() != ".ogg" && e.path().extension() != ".mp3") continue;
-    audio.push_back((fs::path(link) / fs::relative(e.path(), *root_)).string());
+    files += e.path().extension() == ".ogg" || e.path().extension() == ".mp3";
   }
-  PrepareOptions prepare;
-  prepare.cache_dir = c.data.cache_dir;
-  prepare.num_threads = 1;
-  ASSERT_TRUE(PrepareAudioCache(audio, prepare).ok());
 
-  absl::Mutex mu;
-  std::vector<std::string> warnings;
-  common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
-    absl::MutexLock lock(&mu);
-    if (level == common::LogLevel::kWarning) warnings.emplace_back(line);
-  });
+  auto tap = std::make_unique<WarningTap>();
   TrainOptions o;
   o.out_dir = Out("linked_run");
   auto trainer = Trainer::Create(c, o);
-  common::SetLogTap(nullptr);
+  const std::vector<std::string> warnings = tap->lines();
+  tap.reset();
   ASSERT_TRUE(trainer.ok()) << trainer.status();
   bool found = false;
   for (const std::string& w : warnings) {
-    found = found || (absl::StrContains(w, "none of them is in it, though it holds " + std::to_string(audio.size())) &&
+    found = found || (absl::StrContains(w, "none of them is in it, though it holds " + std::to_string(files)) &&
                       absl::StrContains(w, "another path to the data"));
   }
   EXPECT_TRUE(found) << "no such warning among " << warnings.size() << (warnings.empty() ? "" : ": " + warnings[0]);
