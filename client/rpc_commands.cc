@@ -103,15 +103,7 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const std::st
 // skipped, surrounding whitespace removed), so a file listing several tokens works here too.
 absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& source) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path, absl::StrCat("token file (", source, ")")));
-  std::vector<std::string> tokens = common::ParseTokenLines(text);
-  if (tokens.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("token file '", path, "' (", source, ") holds no token (only blank or '#' lines)"));
-  }
-  if (const std::string problem = common::TokenByteProblem(tokens.front()); !problem.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, " ", path, ": ", problem));
-  }
-  return tokens.front();
+  return common::FirstToken(text, absl::StrCat("token file '", path, "' (", source, ")"));
 }
 
 absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -45,6 +47,20 @@ inline std::string TokenByteProblem(absl::string_view token) {
                         i + 1, " (1-based) of the token is not printable ASCII, which a gRPC header cannot carry");
   }
   return "";
+}
+
+// The token a client or worker group sends from a token file's `text`: its first token line,
+// checked by TokenByteProblem. `source` names the file and where it was given in errors
+// ("token file '/etc/aviary/worker.token' (--token-file)").
+inline absl::StatusOr<std::string> FirstToken(absl::string_view text, absl::string_view source) {
+  std::vector<std::string> tokens = ParseTokenLines(text);
+  if (tokens.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, " holds no token (only blank or '#' lines)"));
+  }
+  if (const std::string problem = TokenByteProblem(tokens.front()); !problem.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", problem));
+  }
+  return tokens.front();
 }
 
 }  // namespace aviary::common

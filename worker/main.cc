@@ -172,20 +172,6 @@ int RunTrain(const TrainArgs& args) {
   return 0;
 }
 
-// The first token line of `path` (common/tokens.h: blank and '#' lines skipped); none is an error.
-absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& what) {
-  auto text = aviary::common::ReadFileToString(path);
-  if (!text.ok()) return aviary::common::Annotate(text.status(), what);
-  std::vector<std::string> tokens = aviary::common::ParseTokenLines(*text);
-  if (tokens.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": '", path, "' holds no token (only blank or '#' lines)"));
-  }
-  if (const std::string problem = aviary::common::TokenByteProblem(tokens.front()); !problem.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": ", problem));
-  }
-  return tokens.front();
-}
 
 // Flag errors are the same on every rank: rank 0 says it, every rank exits with the code.
 int ServeFail(const absl::Status& st) {
@@ -213,11 +199,14 @@ absl::Status PrepareServe(const ServeArgs& args, aviary::worker::AgentOptions* o
         absl::StrCat("--coordinator: expected HOST:PORT, got '", options.coordinator, "'"));
   }
   if (!args.token_file.empty()) {
-    auto token = ReadToken(args.token_file, "--token-file");
-    if (!token.ok()) return token.status();
-    options.token = *token;
+    options.token_file = args.token_file;
+    options.token_source = "--token-file";
   } else if (const char* env = std::getenv("AVIARY_TOKEN_FILE"); env != nullptr && *env != '\0') {
-    auto token = ReadToken(env, "AVIARY_TOKEN_FILE");
+    options.token_file = env;
+    options.token_source = "AVIARY_TOKEN_FILE";
+  }
+  if (!options.token_file.empty()) {
+    auto token = aviary::worker::ReadTokenFile(options);
     if (!token.ok()) return token.status();
     options.token = *token;
   } else if (const char* env = std::getenv("AVIARY_TOKEN"); env != nullptr) {

@@ -293,5 +293,84 @@ TEST_F(CoordinatorLinkTest, TextThatIsNotUtf8ArrivesAndALongFailureArrivesCut) {
   EXPECT_LT(failed->error().size(), 64u * 1024);
 }
 
+// A worker token rotated while a group runs (docs/SERVICE.md, "Security model"): the coordinator
+// refuses the old token, the link reads its token file again and goes on with the one there. The
+// task's completion, refused meanwhile, is kept (it was dropped as refused for good), arrives once
+// the file holds the new token, and the group is not lost.
+TEST_F(CoordinatorLinkTest, ARotatedTokenIsReadAgainFromItsFileAndTheCompletionArrives) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  Write("group.token", "# the group's copy\nthe-worker-token\n");
+  options_.token_file = root_ + "/group.token";
+  options_.token_source = "--token-file";
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  link.StartThreads();
+  link.BeginTask(task.task_id(), task.attempt());
+  fs::create_directories(task.out_dir());
+  const std::string best = task.out_dir() + "/best.pt";
+  std::ofstream(best) << "checkpoint";
+
+  // The coordinator now takes the new token only; the group's file still holds the old one.
+  Write("worker.token", "the-new-worker-token\n");
+  ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  Report done;
+  done.kind = Report::Kind::kComplete;
+  done.task_id = task.task_id();
+  done.path = best;
+  done.point.set_epoch(0);
+  link.Push(done);
+  link.Drain(task.task_id(), 1.5, 0);  // refused for 1.5 s: kept
+  auto state = [&] {
+    v1::GetJobRequest get;
+    get.set_job_id(submitted.job_id());
+    v1::JobInfo job;
+    const grpc::Status status = jobs_->GetJob(Ctx().get(), get, &job);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    for (const v1::TaskInfo& t : job.tasks()) {
+      if (t.task_id() == task.task_id()) return t.state();
+    }
+    return v1::TASK_STATE_UNSPECIFIED;
+  };
+  EXPECT_EQ(state(), v1::TASK_STATE_LEASED);
+
+  Write("group.token", "the-new-worker-token\n");  // the holders moved
+  link.Drain(task.task_id(), 30, 0);
+  EXPECT_EQ(state(), v1::TASK_STATE_SUCCEEDED);
+  EXPECT_FALSE(link.lost());
+  // Heartbeats go on with the new token: the group is still known (NOT_FOUND would mark it lost).
+  link.EndTask();
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  EXPECT_FALSE(link.lost());
+  bool available = true;
+  v1::Task next;
+  EXPECT_TRUE(link.Lease(&next, &available).ok());
+  link.StopThreads();
+}
+
+// A group that starts (or registers again) after a rotation, with the old token read: the refused
+// RegisterGroup reads the file again and registers with the token there. Given no file (the token
+// itself, AVIARY_TOKEN), the refusal stands; so does one whose file holds the refused token.
+TEST_F(CoordinatorLinkTest, RegisterGoesOnWithTheTokenNowInTheFile) {
+  Write("group.token", "the-worker-token\n");
+  options_.token = "the-old-worker-token";
+  {
+    CoordinatorLink given(options_, metrics_.get(), OneRank());
+    EXPECT_TRUE(absl::IsUnauthenticated(given.Register()));
+  }
+  options_.token_file = root_ + "/group.token";
+  options_.token_source = "AVIARY_TOKEN_FILE";
+  {
+    CoordinatorLink from_file(options_, metrics_.get(), OneRank());
+    const absl::Status registered = from_file.Register();
+    EXPECT_TRUE(registered.ok()) << registered;
+  }
+  Write("group.token", "the-old-worker-token\n");
+  CoordinatorLink stale(options_, metrics_.get(), OneRank());
+  const absl::Status refused = stale.Register();
+  EXPECT_TRUE(absl::IsUnauthenticated(refused)) << refused;
+}
+
 }  // namespace
 }  // namespace aviary::worker

@@ -32,6 +32,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "worker/agent/report_buffer.h"
 
 namespace aviary::worker {
@@ -42,6 +43,12 @@ class MpiSession;
 struct AgentOptions {
   std::string coordinator;                  // HOST:PORT (required)
   std::string token;                        // bearer token; empty: no authorization entry
+  // The file the token came from ("" when it was given itself: AVIARY_TOKEN) and where that was
+  // said ("--token-file", "AVIARY_TOKEN_FILE"). Rank 0 reads it again when the coordinator
+  // refuses the token (UNAUTHENTICATED), so that a rotation reaches running groups through the
+  // file (docs/SERVICE.md); meanwhile their reports are kept, not dropped.
+  std::string token_file;
+  std::string token_source;
   std::string tls_ca_pem;                   // PEM to trust; empty: an insecure channel
   std::string tls_cert_pem;                 // client certificate for mutual TLS ("" = none)
   std::string tls_key_pem;                  // its private key
@@ -58,6 +65,9 @@ struct AgentOptions {
   double stall_timeout_s = 3600;
   size_t max_buffered_points = 100000;      // ReportBuffer bound (SERVICE.md)
 };
+
+// The token in options.token_file (common::FirstToken); errors name the file and token_source.
+absl::StatusOr<std::string> ReadTokenFile(const AgentOptions& options);
 
 // Runs the agent on every rank of the session's world until max_tasks tasks were handled, a
 // signal arrived (OK), or registration failed for good (UNAVAILABLE after connect_timeout_s,

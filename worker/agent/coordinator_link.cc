@@ -8,8 +8,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "common/tokens.h"
 #include "common/utf8.h"
 #include "worker/agent/signals.h"
 
@@ -70,10 +72,16 @@ std::string FailureText(const std::string& error) {
 
 }  // namespace
 
+absl::StatusOr<std::string> ReadTokenFile(const AgentOptions& options) {
+  auto text = common::ReadFileToString(options.token_file);
+  if (!text.ok()) return common::Annotate(text.status(), options.token_source);
+  return common::FirstToken(*text, absl::StrCat("token file '", options.token_file, "' (", options.token_source, ")"));
+}
+
 CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metrics,
                                  v1::RegisterGroupRequest registration)
     : options_(options), metrics_(metrics), registration_(std::move(registration)),
-      buffer_(options.max_buffered_points) {
+      buffer_(options.max_buffered_points), token_(options.token) {
   std::shared_ptr<grpc::ChannelCredentials> creds;
   if (options.tls_ca_pem.empty() && options.tls_cert_pem.empty()) {
     creds = grpc::InsecureChannelCredentials();
@@ -141,6 +149,7 @@ absl::Status CoordinatorLink::Register() {
     Connected(false);
     const std::string what = absl::StrCat("RegisterGroup to ", options_.coordinator, ": ",
                                           GrpcCodeName(st.error_code()), ": ", st.error_message());
+    if (st.error_code() == grpc::StatusCode::UNAUTHENTICATED && RereadToken("RegisterGroup")) continue;
     if (!IsTransient(st.error_code())) {
       return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
     }
@@ -239,7 +248,9 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
   // The deadline grows with the manifest: rpc_timeout_s plus 1 s per 8 MB.
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000) + size / 8000));
-  if (!options_.token.empty()) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+  if (const std::string token = CurrentToken(); !token.empty()) {
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+  }
   std::unique_ptr<grpc::ClientReader<v1::ManifestChunk>> reader = stub_->GetManifest(&ctx, request);
   std::string out;
   if (size > 0) out.reserve(static_cast<size_t>(size));
@@ -374,7 +385,8 @@ bool CoordinatorLink::ShipLogs() {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   const grpc::Status st = stub_->ShipLogs(&ctx, request, &response);
-  const bool transient = !st.ok() && IsTransient(st.error_code());
+  const bool transient = !st.ok() && (IsTransient(st.error_code()) || KeepsRefused(st));
+  if (!st.ok() && st.error_code() == grpc::StatusCode::UNAUTHENTICATED) RereadToken("ShipLogs");
   {
     absl::MutexLock logs(&logs_->mu);
     // Another lease's buffer by now (the same task again, after EndTask could not ship): its
@@ -478,7 +490,48 @@ std::string CoordinatorLink::group_id() const {
 void CoordinatorLink::Prepare(grpc::ClientContext* ctx) const {
   ctx->set_deadline(std::chrono::system_clock::now() +
                     std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000)));
-  if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+  if (const std::string token = CurrentToken(); !token.empty()) {
+    ctx->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+  }
+}
+
+std::string CoordinatorLink::CurrentToken() const {
+  absl::MutexLock lock(&token_mu_);
+  return token_;
+}
+
+bool CoordinatorLink::KeepsRefused(const grpc::Status& st) const {
+  return st.error_code() == grpc::StatusCode::UNAUTHENTICATED && !options_.token_file.empty();
+}
+
+bool CoordinatorLink::RereadToken(const char* rpc) {
+  if (options_.token_file.empty()) return false;
+  absl::MutexLock lock(&token_mu_);
+  // Once a second at most: the heartbeat, log and report threads may all be refused at once.
+  const auto now = Clock::now();
+  if (token_read_at_ != Clock::time_point{} && now - token_read_at_ < std::chrono::seconds(1)) return false;
+  token_read_at_ = now;
+  auto token = ReadTokenFile(options_);
+  if (!token.ok()) {
+    Log().Error(absl::StrCat("the coordinator refused the group's token (", rpc, ") and reading it again failed: ",
+                             token.status().message()));
+    return false;
+  }
+  if (*token == token_) {
+    // Said once a minute: every heartbeat is refused meanwhile.
+    if (token_said_at_ != Clock::time_point{} && now - token_said_at_ < std::chrono::seconds(60)) return false;
+    token_said_at_ = now;
+    Log().Error(absl::StrCat("the coordinator refused the group's token (", rpc, ", UNAUTHENTICATED); ",
+                             options_.token_file, " (", options_.token_source,
+                             ") still holds it: put a token the coordinator's worker_token_file lists there (it is "
+                             "read again at the next refusal)"));
+    return false;
+  }
+  token_ = *std::move(token);
+  token_said_at_ = Clock::time_point{};
+  Log().Info(absl::StrCat("the coordinator refused the group's token (", rpc, "); using the one now in ",
+                          options_.token_file, " (", options_.token_source, ")"));
+  return true;
 }
 
 void CoordinatorLink::Connected(bool c) {
@@ -497,6 +550,8 @@ absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, co
     }
   } else if (IsTransient(st.error_code())) {
     Connected(false);
+  } else if (st.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+    RereadToken(rpc);
   }
   return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
 }
@@ -652,7 +707,9 @@ void CoordinatorLink::SenderLoop() {
       Connected(true);
       backoff.Reset();
       buffer_.Pop();
-    } else if (IsTransient(st.error_code())) {
+    } else if (IsTransient(st.error_code()) || KeepsRefused(st)) {
+      // A refused token is kept at too (the token file may be fixed, RereadToken in Failed): a
+      // task's completion must not be lost to a rotation.
       buffer_.Release();
       const double delay = backoff.Next();
       Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",

@@ -8,7 +8,9 @@
 // the current group (the coordinator timed it out) marks the group lost: the task stops
 // (kGroupLost) and the main thread registers anew. A cancel_task answer (Heartbeat,
 // ReportProgress) for the current lease marks the task cancelled (kCancelled). A report refused
-// for good (e.g. FAILED_PRECONDITION) is dropped and logged.
+// for good (e.g. FAILED_PRECONDITION) is dropped and logged. UNAUTHENTICATED (a rotated worker
+// token) re-reads the token file, if the token came from one, and keeps the reports and log
+// lines for a retry with the token it now holds.
 //
 // The lease fence (lease_clock.h): Register learns the coordinator's heartbeat timeout, Lease
 // notes when it asked, each answered heartbeat renews the current lease from its send time, a
@@ -23,6 +25,7 @@
 #define AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <list>
 #include <deque>
@@ -135,6 +138,14 @@ class CoordinatorLink {
   // lines are left.
   bool ShipLogs() ABSL_LOCKS_EXCLUDED(ship_mu_);
   void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
+  std::string CurrentToken() const ABSL_LOCKS_EXCLUDED(token_mu_);
+  // Reads options_.token_file again after the coordinator refused the token in `rpc`: true when
+  // it now holds another one (used from then on). At most once a second; the outcome is logged
+  // (an unchanged file says what to do). False without a token file.
+  bool RereadToken(const char* rpc) ABSL_LOCKS_EXCLUDED(token_mu_);
+  // Whether a call refused with `st` is kept for a retry rather than dropped: UNAUTHENTICATED
+  // while the token comes from a file (which may be fixed).
+  bool KeepsRefused(const grpc::Status& st) const;
   // The manifest `hash` (`size` bytes): from the cache, else streamed by GetManifest and kept.
   absl::Status FetchManifest(const std::string& hash, int64_t size, const std::string& gid, std::string* csv);
   void Connected(bool c);
@@ -159,6 +170,10 @@ class CoordinatorLink {
   ReportBuffer buffer_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<::aviary::v1::WorkerService::Stub> stub_;
+  mutable absl::Mutex token_mu_;
+  std::string token_ ABSL_GUARDED_BY(token_mu_);  // options_.token, then what RereadToken read
+  std::chrono::steady_clock::time_point token_read_at_ ABSL_GUARDED_BY(token_mu_){};
+  std::chrono::steady_clock::time_point token_said_at_ ABSL_GUARDED_BY(token_mu_){};  // "still holds it"
   absl::Mutex ship_mu_;  // held across one ShipLogs call
   // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
   mutable absl::Mutex mu_;
