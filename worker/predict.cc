@@ -18,6 +18,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/ascii.h"
@@ -364,7 +365,6 @@ absl::StatusOr<PredictReport> Predictor::Run(
   std::vector<std::thread> threads;
   const int num_decoders =
       std::max(1, std::min<int>(impl_->options.decode_threads, static_cast<int>(n)));
-  for (int t = 0; t < num_decoders && n > 0; ++t) threads.emplace_back(decoder);
   auto join = [&] {
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -374,6 +374,15 @@ absl::StatusOr<PredictReport> Predictor::Run(
     for (std::thread& t : threads) t.join();
     threads.clear();
   };
+  // As many decoders as the system starts (EAGAIN under a thread limit): fewer are slower, none
+  // is an error; a started thread must be joined before it goes, or the process ends.
+  try {
+    for (int t = 0; t < num_decoders && n > 0; ++t) threads.emplace_back(decoder);
+  } catch (const std::system_error& e) {
+    if (threads.empty()) {
+      return absl::ResourceExhaustedError(absl::StrCat("predict: cannot start a decode thread: ", e.what()));
+    }
+  }
 
   absl::Status status;
   std::string text;

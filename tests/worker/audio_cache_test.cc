@@ -512,6 +512,35 @@ TEST(AudioCacheTest, ChangedFileIsDecodedAgainAndTheNewestShardWins) {
   EXPECT_EQ(entry->shard, 1);
 }
 
+// A shard file that appears while a run writes (another node's writer, which a node-local flock
+// did not keep out) is never opened for writing: the run takes the next number, and both stay.
+TEST(AudioCacheTest, AShardFileThatAppearsMeanwhileIsNotWrittenInto) {
+  TempDir tmp;
+  const std::string a = tmp.Sub("a.wav"), b = tmp.Sub("b.wav");
+  WriteAudio(a, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 16000));
+  WriteAudio(b, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(880, 32000, 16000));
+  const std::string dir = tmp.Sub("cache");
+  PrepareOptions options = Options(dir, /*threads=*/1, /*shard_bytes=*/1);  // a shard a file
+  const std::string theirs = ShardFile(dir, 1, ".pcm");
+  options.progress = [&](const PrepareProgress& p) {
+    if (p.files_done == 1) WriteBytes(theirs, "another writer's samples");
+  };
+  PrepareReport report = MustPrepare({a, b}, options);
+  EXPECT_EQ(report.files_decoded, 2);
+  std::ifstream in(theirs, std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "another writer's samples");
+  EXPECT_EQ(ShardNumbers(dir, ".index.csv"), (std::vector<int>{0, 2}));
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  const CacheEntry* first = cache->Lookup(a);
+  const CacheEntry* second = cache->Lookup(b);
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(second, nullptr);
+  EXPECT_EQ(first->shard, 0);
+  EXPECT_EQ(second->shard, 2);
+  EXPECT_EQ(second->frames, 16000);
+}
+
 TEST(AudioCacheTest, RefusesAnotherRateModeOrAConcurrentRun) {
   TempDir tmp;
   const std::string path = tmp.Sub("a.wav");
