@@ -2882,6 +2882,33 @@ TEST_F(CoordinatorServiceTest, ABigLogsAnswerIsCutAndTheRestComesNext) {
   }
   EXPECT_GT(answers, 3);
   EXPECT_EQ(got, shipped);
+
+  // `aviary logs` asks again while an answer says `more`: every line once, in order; with
+  // --tail, the last lines only.
+  auto client = [&](const std::string& args) {
+    const std::string command =
+        absl::StrCat("env -u AVIARY_TOKEN_FILE AVIARY_TOKEN=the-token " AVIARY_CLIENT_BINARY " --coordinator 127.0.0.1:",
+                     coordinator_->grpc_port(), " logs ", args, " 2>&1");
+    FILE* pipe = ::popen(command.c_str(), "r");
+    std::string out;
+    if (pipe == nullptr) return out;
+    char buffer[4096];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
+    EXPECT_EQ(::pclose(pipe), 0) << command << "\n" << out;
+    return out;
+  };
+  auto printed = [](const std::string& out) {
+    std::vector<std::string> texts;
+    for (absl::string_view line : absl::StrSplit(out, '\n')) {
+      const size_t at = line.find("epoch ");
+      if (at != absl::string_view::npos) texts.emplace_back(line.substr(at));
+    }
+    return texts;
+  };
+  EXPECT_EQ(printed(client(job_id)), shipped);
+  EXPECT_EQ(printed(client(absl::StrCat(job_id, " --tail 3"))),
+            std::vector<std::string>(shipped.end() - 3, shipped.end()));
 }
 
 TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
