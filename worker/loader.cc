@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/numpy_random.h"
 
 namespace aviary::worker {
@@ -58,7 +60,11 @@ absl::StatusOr<std::unique_ptr<Loader>> Loader::Create(std::vector<LoaderItem> i
         "loader: ", n, " training items are fewer than one global batch (batch_size ",
         options.batch_size, " x ", options.world_size, " ranks) and drop_remainder is set"));
   }
-  return std::unique_ptr<Loader>(new Loader(std::move(items), std::move(clip), options));
+  try {
+    return std::unique_ptr<Loader>(new Loader(std::move(items), std::move(clip), options));
+  } catch (const std::system_error& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("loader: cannot start a decode thread: ", e.what()));
+  }
 }
 
 Loader::Loader(std::vector<LoaderItem> items, ClipFn clip, LoaderOptions options)
@@ -68,11 +74,16 @@ Loader::Loader(std::vector<LoaderItem> items, ClipFn clip, LoaderOptions options
   plan_.clear();
   try {
     for (int i = 0; i < options_.num_threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
-  } catch (...) {
-    // No thread left (EAGAIN): the threads started must end before this object goes, or their
-    // destruction terminates the process; the caller then gets the exception.
-    StopWorkers();
-    throw;
+  } catch (const std::system_error& e) {
+    // No thread left (EAGAIN under a thread limit): the threads started do the work, more slowly
+    // (as common::ParallelFor). With none, the threads started must end before this object goes,
+    // or their destruction terminates the process; Create then says why.
+    if (workers_.empty()) {
+      StopWorkers();
+      throw;
+    }
+    common::Logger("loader").Warn(absl::StrCat("started ", workers_.size(), " of ", options_.num_threads,
+                                               " decode threads (", e.what(), "); the loader is slower"));
   }
 }
 

@@ -1,8 +1,17 @@
 #include "worker/loader.h"
 
+#include <grp.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <system_error>
 #include <map>
 #include <memory>
 #include <set>
@@ -389,6 +398,96 @@ TEST(LoaderTest, EveryThreadDecodesRowsOfTheBatchInProgress) {
     ExpectRowsHoldTheirItems(batches[i]);
   }
   EXPECT_GE(most.load(), 2);
+}
+
+// Under a thread limit (RLIMIT_NPROC, EAGAIN) the loader starts the threads it can and works
+// with them; with none, Create says so (a started thread left unjoined ended the process). Run
+// in a child process as uid 65534 when root (root is not held to the limit).
+TEST(LoaderTest, AThreadLimitGivesFewerThreadsOrAClearError) {
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::geteuid() == 0 && (::setgroups(0, nullptr) != 0 || ::setresgid(65534, 65534, 65534) != 0 ||
+                             ::setresuid(65534, 65534, 65534) != 0)) {
+      ::_exit(3);
+    }
+    const rlimit limit{64, 64};
+    if (::setrlimit(RLIMIT_NPROC, &limit) != 0) ::_exit(3);
+    // Threads that hold every slot left under the limit; each ticket lets one of them end.
+    std::mutex mu;
+    std::condition_variable cv;
+    int tickets = 0, ended = 0;
+    std::vector<std::thread> holders;
+    auto hold = [&] {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return tickets > 0; });
+      --tickets;
+      ++ended;
+      cv.notify_all();
+    };
+    try {
+      while (holders.size() < 80) holders.emplace_back(hold);
+    } catch (const std::system_error&) {
+    }
+    auto let_go = [&](int n) {  // returns when n more have ended
+      std::unique_lock<std::mutex> lock(mu);
+      const int want = ended + n;
+      tickets += n;
+      cv.notify_all();
+      cv.wait(lock, [&] { return ended >= want; });
+    };
+    auto let_all_go = [&] {
+      let_go(static_cast<int>(holders.size()) - ended);
+      for (std::thread& t : holders) t.join();
+    };
+    if (holders.size() < 2 || holders.size() >= 80) {
+      let_all_go();
+      ::_exit(3);  // the limit did not shape the threads here
+    }
+    int failed = 0;
+    auto o = Options(8);
+    o.num_threads = 4;
+    auto none = Loader::Create(MakeItems(40), EncodingClip(), o);
+    if (none.ok() || !absl::IsResourceExhausted(none.status()) ||
+        none.status().message().find("cannot start a decode thread") == std::string::npos) {
+      std::fprintf(stderr, "no thread: %s\n", none.ok() ? "created" : std::string(none.status().message()).c_str());
+      failed = 1;
+    }
+    let_go(2);  // two slots free, once the kernel has counted the two threads' exits
+    auto some = Loader::Create(MakeItems(40), EncodingClip(), o);
+    for (int tries = 0; tries < 100 && absl::IsResourceExhausted(some.status()); ++tries) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      some = Loader::Create(MakeItems(40), EncodingClip(), o);
+    }
+    if (!some.ok()) {
+      std::fprintf(stderr, "two threads free: %s\n", std::string(some.status().message()).c_str());
+      failed = 1;
+    } else {
+      (*some)->StartEpoch(1);
+      Batch b;
+      int batches = 0;
+      while (true) {
+        auto more = (*some)->Next(&b);
+        if (!more.ok() || !*more) {
+          if (!more.ok()) failed = 1;
+          break;
+        }
+        for (int64_t r = 0; r < b.waveforms.size(0); ++r) {
+          if (b.waveforms[r][0].item<float>() != static_cast<float>(b.items[r])) failed = 1;
+        }
+        ++batches;
+      }
+      if (batches != 5) failed = 1;
+      some->reset();
+    }
+    let_all_go();
+    ::_exit(failed);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 3) GTEST_SKIP() << "could not hold this process to a thread limit";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "see stderr";
 }
 
 TEST(LoaderTest, ANewEpochStartedMidwayDropsTheRowsInFlight) {
