@@ -25,7 +25,8 @@ best_of() {
   local cmd=$1 runs=$2 best=""
   for _ in $(seq "$runs"); do
     local t0 t1 d
-    t0=$(date +%s.%N); eval "$cmd" >/dev/null; t1=$(date +%s.%N)
+    # Inside $(...) set -e is off: a failed (and fast) run must not be the best.
+    t0=$(date +%s.%N); eval "$cmd" >/dev/null || { echo "failed: $cmd" >&2; return 1; }; t1=$(date +%s.%N)
     d=$(python3 -c "print($t1 - $t0)")
     if [ -z "$best" ] || python3 -c "import sys; sys.exit(0 if $d < $best else 1)"; then best=$d; fi
   done
@@ -34,7 +35,7 @@ best_of() {
 
 ffmpeg_files() {  # ffmpeg_files LIST
   while read -r f; do
-    ffmpeg -nostdin -v error -threads 1 -i "$f" -ac 1 -ar 32000 -f f32le - >/dev/null
+    ffmpeg -nostdin -v error -threads 1 -i "$f" -ac 1 -ar 32000 -f f32le - >/dev/null || return 1
   done < "$1"
 }
 
@@ -46,7 +47,7 @@ data = b"\0\0" * n
 hdr = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 32000, 64000, 2, 16) + b"data" + struct.pack("<I", len(data))
 open(sys.argv[1], "wb").write(hdr + data)
 PY
-startup=$(best_of "for i in \$(seq 20); do ffmpeg -nostdin -v error -threads 1 -i $tmp/tiny.wav -ac 1 -ar 32000 -f f32le - >/dev/null; done" 3)
+startup=$(best_of "for i in \$(seq 20); do ffmpeg -nostdin -v error -threads 1 -i $tmp/tiny.wav -ac 1 -ar 32000 -f f32le - >/dev/null || exit 1; done" 3)
 startup=$(python3 -c "print($startup / 20)")
 
 echo "machine: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(. /etc/os-release; echo "$PRETTY_NAME")"
@@ -82,7 +83,7 @@ echo "$clips"
 head -100 "$tmp/clips.tsv" > "$tmp/clips100.tsv"
 ffmpeg_clips() {
   while IFS=$'\t' read -r f s; do
-    ffmpeg -nostdin -v error -threads 1 -ss "$s" -t 10 -i "$f" -ac 1 -ar 32000 -f f32le - >/dev/null
+    ffmpeg -nostdin -v error -threads 1 -ss "$s" -t 10 -i "$f" -ac 1 -ar 32000 -f f32le - >/dev/null || return 1
   done < "$tmp/clips100.tsv"
 }
 ref=$(best_of ffmpeg_clips 2)

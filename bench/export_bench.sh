@@ -44,13 +44,22 @@ for model in small_cnn efficientnet_b0; do
     t1=$(date +%s.%N)
     a=$(sed -n 's/.*(\([0-9.]*\) s per file.*/\1/p' <<<"$out")
     wa=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
-    read -r n wn <<<"$(/usr/bin/python3 bench/notebook_inference.py docs/INFERENCE.md "$tmp/export_$model.pt" \
-                        "$tmp/sc/soundscapes" "$tmp/n.csv" "$threads" | tail -1 | sed 's/per_file_s=//; s/wall_s=//')"
+    # Each side's line in a variable first: a failed run stops the script (set -e, pipefail)
+    # rather than leaving its numbers empty.
+    line=$(/usr/bin/python3 bench/notebook_inference.py docs/INFERENCE.md "$tmp/export_$model.pt" \
+             "$tmp/sc/soundscapes" "$tmp/n.csv" "$threads" | tail -1 | sed 's/per_file_s=//; s/wall_s=//')
+    read -r n wn <<<"$line"
     o=""; wo=""
     if [ -n "$py_ort" ]; then
-      read -r o wo <<<"$("$py_ort" bench/onnx_inference.py "$tmp/export_$model.onnx" "$tmp/wav" "$tmp/o.csv" "$threads" \
-                        | tail -1 | sed 's/per_file_s=//; s/wall_s=//')"
+      line=$("$py_ort" bench/onnx_inference.py "$tmp/export_$model.onnx" "$tmp/wav" "$tmp/o.csv" "$threads" \
+               | tail -1 | sed 's/per_file_s=//; s/wall_s=//')
+      read -r o wo <<<"$line"
+      if [ -z "$o" ] || [ -z "${wo:-}" ]; then echo "onnxruntime round $i: no timing in '$line'" >&2; exit 1; fi
       if [ -z "$best_o" ] || python3 -c "import sys; sys.exit(0 if $o < $best_o else 1)"; then best_o=$o; wall_o=$wo; fi
+    fi
+    if [ -z "$a" ] || [ -z "$n" ] || [ -z "${wn:-}" ]; then
+      echo "$model round $i: no timing (aviary '$a', notebook '$n $wn')" >&2
+      exit 1
     fi
     echo "$model round=$i aviary_predict per_file_s=$a wall_s=$wa notebook per_file_s=$n wall_s=$wn onnxruntime per_file_s=$o wall_s=$wo"
     if [ -z "$best_a" ] || python3 -c "import sys; sys.exit(0 if $a < $best_a else 1)"; then best_a=$a; wall_a=$wa; fi

@@ -25,12 +25,14 @@ run_side() {  # run_side SIDE MODEL FORMAT OUT.csv
   if [ "$1" = aviary ]; then
     t0=$(date +%s.%N)
     out=$("$build/bin/aviary" predict --checkpoint "$tmp/$2.pt" --audio "$tmp/sc/soundscapes" --out "$4" \
-            --threads "$threads" --batch "$batch" --memory-format "$3" 2>/dev/null)
+            --threads "$threads" --batch "$batch" --memory-format "$3" 2>"$tmp/stderr") ||
+      { echo "aviary predict ($2, $3) failed:" >&2; cat "$tmp/stderr" >&2; return 1; }
     t1=$(date +%s.%N)
     echo "$(sed -n 's/.*(\([0-9.]*\) s per file.*/\1/p' <<<"$out") $(python3 -c "print(f'{$t1 - $t0:.2f}')")"
   else
     out=$(/usr/bin/python3 bench/predict_reference.py "$2" "$tmp/$2.safetensors" "$tmp/sc/solution.csv" \
-            "$tmp/sc/soundscapes" "$4" "$threads" "$batch" "$3")
+            "$tmp/sc/soundscapes" "$4" "$threads" "$batch" "$3") ||
+      { echo "bench/predict_reference.py ($2, $3) failed" >&2; return 1; }
     echo "$(sed -n 's/.*per_file_s=\([0-9.]*\).*/\1/p' <<<"$out") $(sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p' <<<"$out")"
   fi
 }
@@ -49,7 +51,12 @@ for model in small_cnn efficientnet_b0; do
   declare -A best=() wall=()
   for ((i = 0; i < rounds; i++)); do
     for side in $sides; do
+      # (A failure inside $(...) does not stop the script: a round without both numbers does.)
       read -r s w <<<"$(run_side "${side%%:*}" "$model" "${side##*:}" "$tmp/${side/:/_}.csv")"
+      if [ -z "$s" ] || [ -z "${w:-}" ]; then
+        echo "$side model=$model round=$i: no timing (the run failed, see above)" >&2
+        exit 1
+      fi
       echo "$side model=$model round=$i per_file_s=$s wall_s=$w"
       if [ -z "${best[$side]:-}" ] || python3 -c "import sys; sys.exit(0 if $s < ${best[$side]} else 1)"; then
         best[$side]=$s; wall[$side]=$w

@@ -6,6 +6,7 @@
 # later ones, which reuse the dataset version's manifests; coordinator memory; SQLite growth),
 # and the scheduler load test (bench/status_bench: 64 groups, LeaseTask / GetManifest / status).
 # Usage: bench/scale_bench.sh [BUILD_DIR] [scale_bench.py flags: --scale F --repeats N --jobs N
+#        --load-jobs N --load-seconds S (0 skips the load test; default 60)
 #        --json OUT --keep DIR]   (after scripts/test.sh has built BUILD_DIR, default build/)
 set -euo pipefail
 cd "$(dirname "$0")/.."

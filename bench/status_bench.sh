@@ -16,11 +16,14 @@ if [[ ! -f "$build/build.ninja" && ! -f "$build/Makefile" ]]; then
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 fi
 coordinator=${COORDINATOR_BIN:-}
-if [[ -z "$coordinator" ]]; then
-  cmake --build "$build" -j"$(nproc)" --target aviary-coordinator status_bench >/dev/null
-  coordinator="$build/bin/aviary-coordinator"
-else
-  cmake --build "$build" -j"$(nproc)" --target status_bench >/dev/null
+targets=(status_bench)
+if [[ -z "$coordinator" ]]; then targets+=(aviary-coordinator); fi
+# Quiet unless it fails (ninja prints compiler errors on stdout).
+if ! build_log=$(cmake --build "$build" -j"$(nproc)" --target "${targets[@]}" 2>&1); then
+  echo "$build_log" >&2
+  echo "status_bench.sh: building ${targets[*]} in $build failed" >&2
+  exit 1
 fi
+coordinator=${coordinator:-$build/bin/aviary-coordinator}
 echo "machine: $(nproc) cores, $(uname -srm), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 "$build/bench/status_bench" --coordinator-bin "$coordinator" --duration "$duration" "$@"

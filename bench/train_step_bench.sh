@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 build=${1:?build folder}
 python=${2:?python}
 rounds=${3:-3}
-shift 3 || true
+shift $(( $# < 3 ? $# : 3 ))  # ROUNDS may be left out
 ours=""
 ref=""
 for ((i = 0; i < rounds; i++)); do

@@ -54,6 +54,10 @@ def main():
         for r in rows:
             by_label.setdefault(r[label_col], []).append(r)
         labels = sorted(by_label)
+        # A shared id's number comes from the label's place in name order, the same in every
+        # source (the drawing order below is shuffled per source): the same id then carries the
+        # same label (and author) wherever it appears, as a cross-source duplicate does.
+        place = {label: k for k, label in enumerate(labels)}
         rng.shuffle(labels)
         weights = [1.0 / (k + 1) ** 1.1 for k in range(len(labels))]
         n = max(len(labels), int(round(size * a.scale)))
@@ -68,7 +72,7 @@ def main():
                 template = by_label[label][i % len(by_label[label])]
                 row = dict(template)
                 if rng.random() < 0.1:  # an id shared with the other sources
-                    number = 10_000_000 + labels.index(label) * 1000 + rng.randrange(200)
+                    number = 10_000_000 + place[label] * 1000 + rng.randrange(200)
                     row["author"] = f"Recordist {number % 997}"
                 else:
                     number = 20_000_000 + index * 1_000_000 + i

@@ -7,8 +7,12 @@ then measures:
     dedup, target exclusion, 25 stratified folds, cv filter, up- and downsampling, the train
     list) against the seed's pandas + scikit-learn code doing the same
     (tests/parity/reference_pipeline.py, which also writes the folds) on the same files: best
-    wall time of REPEATS runs and peak RSS, and that both wrote the same bytes; and
-    `aviary dataset folds --stage pretrain` alone;
+    wall time of REPEATS runs and peak RSS, and that both wrote the same folds (bytes) and train list
+    (as tests/parity/corpus_parity.sh compares it); and
+    `aviary dataset folds --stage pretrain` alone. The reference is a whole python3 process, so
+    its wall time and RSS include the interpreter's start and the pandas and scikit-learn
+    imports: an import-only run (best of REPEATS) is measured too, and the ratio is given both
+    with and without it;
   - `aviary submit` of the whole pipeline (pretraining on the pool, fine-tuning on the target)
     to a coordinator on 127.0.0.1: wall time per submit, the coordinator's RSS and the SQLite
     file's growth per job, over JOBS jobs.
@@ -85,28 +89,48 @@ def main():
     p.add_argument("--load-jobs", type=int, default=20)
     p.add_argument("--load-seconds", type=float, default=60, help="0 skips the load test")
     p.add_argument("--json", default="")
-    p.add_argument("--keep", default="", help="make the pool here and keep it (reused when present)")
+    p.add_argument("--keep", default="", help="make the pool here and keep it (reused when made at the same scale)")
     a = p.parse_args()
+    if a.repeats < 1 or a.jobs < 1:
+        raise SystemExit("--repeats and --jobs must be at least 1")
     bin_dir = os.path.join(os.path.abspath(a.build), "bin")
     aviary = os.path.join(bin_dir, "aviary")
     tmp = tempfile.mkdtemp(prefix="aviary_scale_")
-    work = a.keep or tmp
+    work = os.path.abspath(a.keep) if a.keep else tmp
     pool = os.path.join(work, "pool")
+    # What the pool was made with, written once it is complete: a pool of another scale, or one
+    # an interrupted run left half made, is not measured as this one.
+    made_with = f"scale {a.scale!r} seed 1 templates 300x600 v2\n"
+    marker = os.path.join(pool, ".complete")
+    # SIGTERM (a CI timeout, kill) cleans up as Ctrl-C does.
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
+        if os.path.isdir(pool) and not (os.path.exists(marker) and open(marker).read() == made_with):
+            if not os.path.exists(marker):
+                raise SystemExit(f"{pool} is incomplete (an interrupted run?): remove it, or --keep another folder")
+            raise SystemExit(f"{pool} was made with {open(marker).read().strip()!r}, not {made_with.strip()!r}: "
+                             "remove it, or --keep another folder")
         if not os.path.isdir(pool):
             templates = os.path.join(work, "templates")
+            shutil.rmtree(templates, ignore_errors=True)
             procs = [subprocess.Popen([aviary, "synth", "--out", os.path.join(templates, layout), "--layout", layout,
                                        "--species", "300", "--recordings", "600", "--seed", "3", "--max-seconds", "2",
                                        "--no-broken"], stdout=subprocess.DEVNULL) for layout in LAYOUTS]
-            if any(proc.wait() != 0 for proc in procs):
-                raise SystemExit("aviary synth failed")
+            codes = [proc.wait() for proc in procs]  # every one, before any cleanup
+            if any(code != 0 for code in codes):
+                raise SystemExit(f"aviary synth failed (exit codes {codes})")
             subprocess.run([sys.executable, os.path.join(HERE, "make_corpus.py"), "--templates", templates,
                             "--out", pool, "--scale", str(a.scale)], check=True)
+            with open(marker, "w") as out:
+                out.write(made_with)
         config = os.path.join(tmp, "pipeline.yaml")
-        with open(config, "w") as f:
-            f.write(f"data:\n  target: {{layout: \"2024\", root: {pool}/2024}}\n  pretrain_sources:\n")
+        with open(config, "w") as f:  # paths as JSON strings: YAML takes them whatever they hold
+            f.write(f"data:\n  target: {{layout: \"2024\", root: {json.dumps(pool + '/2024')}}}\n  pretrain_sources:\n")
             for layout in ["2021", "2022", "2023", "xc"]:
-                f.write(f"    - {{layout: \"{layout}\", root: {pool}/{layout}}}\n")
+                f.write(f"    - {{layout: \"{layout}\", root: {json.dumps(pool + '/' + layout)}}}\n")
         rows = {}
 
         # 1. Folds of the pretraining pool.
@@ -124,18 +148,33 @@ def main():
         timed(ours_cmd)  # warm the page cache and the dentry cache for both
         folds_s, _ = best_of(a.repeats, ours_cmd)
         ours_s, _ = best_of(a.repeats, train_cmd)
-        ref_s, _ = best_of(a.repeats, ref_cmd)
+        ref_s, ref_out = best_of(a.repeats, ref_cmd)
+        # The reference's fixed cost: the interpreter and its imports, nothing else.
+        import_cmd = [sys.executable, "-c", "import argparse, json, os; import pandas as pd; "
+                      "from sklearn.model_selection import StratifiedKFold"]
+        import_s, _ = best_of(a.repeats, import_cmd)
         ours_mib = peak_rss_mib(train_cmd)
         ref_mib = peak_rss_mib(ref_cmd)
+        import_mib = peak_rss_mib(import_cmd)
 
         def same_bytes(x, y):
             return open(os.path.join(tmp, x), "rb").read() == open(os.path.join(tmp, y), "rb").read()
 
-        same = same_bytes("ours.csv", "ref.csv") and same_bytes("ours_train.csv", "ref_train.csv")
+        def same_train_list():
+            """As tests/parity/corpus_parity.sh compares them: the rows whose place pandas fixes
+            (the reference's ordered_prefix) in order, the up- and downsampled rest as a multiset
+            (their order follows value_counts' order of tied classes)."""
+            prefix = int(ref_out.split("ordered_prefix=")[1].split()[0])
+            ours = open(os.path.join(tmp, "ours_train.csv")).read().splitlines()
+            ref = open(os.path.join(tmp, "ref_train.csv")).read().splitlines()
+            return ours[:prefix + 1] == ref[:prefix + 1] and sorted(ours[prefix + 1:]) == sorted(ref[prefix + 1:])
+
+        same = same_bytes("ours.csv", "ref.csv") and same_train_list()
         samples = sum(1 for _ in open(os.path.join(tmp, "ours.csv"))) - 1
         rows["folds"] = {"aviary_s": ours_s, "reference_s": ref_s, "speedup": ref_s / ours_s,
+                         "reference_imports_s": import_s, "speedup_without_imports": (ref_s - import_s) / ours_s,
                          "aviary_folds_only_s": folds_s, "aviary_mib": ours_mib, "reference_mib": ref_mib,
-                         "same_output": same, "pool_samples": samples}
+                         "reference_imports_mib": import_mib, "same_output": same, "pool_samples": samples}
 
         # 2. Submits to a coordinator.
         state = os.path.join(tmp, "state")
@@ -157,7 +196,11 @@ def main():
             env = dict(os.environ, AVIARY_TOKEN_FILE=os.path.join(state, "token"))
             db = os.path.join(state, "aviary.db")
             idle_mib = rss_of(coordinator.pid)
-            sizes, walls, rss = [os.path.getsize(db)], [], []
+
+            def db_bytes():
+                return os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0)
+
+            sizes, walls, rss = [db_bytes()], [], []
             for _ in range(a.jobs):
                 wall, _, _ = timed([aviary, "--coordinator", f"127.0.0.1:{port}", "submit", config,
                                     "--set", "folds.selected_folds=[0]"], env)
@@ -166,13 +209,18 @@ def main():
                 # reply (Scheduler::SubmitJob): its memory read once that is done.
                 time.sleep(1.0)
                 rss.append(rss_of(coordinator.pid))
-                sizes.append(os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0))
+                sizes.append(db_bytes())
             growth = [(b - a_) / 2**20 for a_, b in zip(sizes, sizes[1:])]
             rows["submit"] = {"jobs": a.jobs, "submit_s": walls, "coordinator_idle_mib": idle_mib,
                               "coordinator_mib_after_each": rss, "db_growth_mib_per_job": growth}
         finally:
             coordinator.send_signal(signal.SIGTERM)
-            coordinator.wait(timeout=60)
+            try:
+                coordinator.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                coordinator.kill()
+                coordinator.wait()
+                print("the coordinator did not stop within 60 s of SIGTERM: killed", file=sys.stderr)
         # After a clean stop the WAL is folded into the file: its size over the jobs.
         rows["submit"]["db_mib_after_stop"] = os.path.getsize(db) / 2**20
 
@@ -202,8 +250,10 @@ def main():
         print(f"{'what':44} {'aviary':>16} {'reference':>16}")
         print(f"{'folds + train list (pretrain): wall (best)':44} {f['aviary_s']:>15.2f}s {f['reference_s']:>15.2f}s"
               f"   {f['speedup']:.1f}x")
+        print(f"{'  the reference less python3 + imports':44} {'':>16} {f['reference_s'] - f['reference_imports_s']:>15.2f}s"
+              f"   {f['speedup_without_imports']:.1f}x (imports alone {f['reference_imports_s']:.2f}s)")
         print(f"{'folds + train list (pretrain): peak RSS':44} {f['aviary_mib']:>13.0f}MiB {f['reference_mib']:>13.0f}MiB"
-              f"   same bytes: {f['same_output']}")
+              f"   same output: {f['same_output']}; python3 + imports alone {f['reference_imports_mib']:.0f} MiB")
         print(f"{'dataset folds alone: wall (best)':44} {f['aviary_folds_only_s']:>15.2f}s")
         def few(values, fmt):
             """All values, or the first three, '...' and the last three."""
