@@ -103,7 +103,7 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const std::st
 // skipped, surrounding whitespace removed), so a file listing several tokens works here too.
 absl::StatusOr<std::string> ReadToken(const std::string& path, const std::string& source) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path, absl::StrCat("token file (", source, ")")));
-  return common::FirstToken(text, absl::StrCat("token file '", path, "' (", source, ")"));
+  return common::FirstToken(text, path, source);
 }
 
 absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {

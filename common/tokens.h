@@ -49,16 +49,19 @@ inline std::string TokenByteProblem(absl::string_view token) {
   return "";
 }
 
-// The token a client or worker group sends from a token file's `text`: its first token line,
-// checked by TokenByteProblem. `source` names the file and where it was given in errors
-// ("token file '/etc/aviary/worker.token' (--token-file)").
-inline absl::StatusOr<std::string> FirstToken(absl::string_view text, absl::string_view source) {
+// The token a client or worker group sends from the text of the token file `path`: its first
+// token line, checked by TokenByteProblem. `source` says where the file was named
+// ("--token-file", "AVIARY_TOKEN_FILE"); errors name both ("token file 'F' (--token-file) holds
+// no token ...", "--token-file F: byte 0x01 at position 4 ...").
+inline absl::StatusOr<std::string> FirstToken(absl::string_view text, absl::string_view path,
+                                              absl::string_view source) {
   std::vector<std::string> tokens = ParseTokenLines(text);
   if (tokens.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, " holds no token (only blank or '#' lines)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("token file '", path, "' (", source, ") holds no token (only blank or '#' lines)"));
   }
   if (const std::string problem = TokenByteProblem(tokens.front()); !problem.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": ", problem));
+    return absl::InvalidArgumentError(absl::StrCat(source, " ", path, ": ", problem));
   }
   return tokens.front();
 }

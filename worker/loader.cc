@@ -72,6 +72,7 @@ Loader::Loader(std::vector<LoaderItem> items, ClipFn clip, LoaderOptions options
   plan_ = Plan(0);
   num_batches_ = static_cast<int64_t>(plan_.size());
   plan_.clear();
+  workers_.reserve(static_cast<size_t>(options_.num_threads));  // no reallocation with threads started
   try {
     for (int i = 0; i < options_.num_threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
   } catch (const std::system_error& e) {
@@ -84,6 +85,9 @@ Loader::Loader(std::vector<LoaderItem> items, ClipFn clip, LoaderOptions options
     }
     common::Logger("loader").Warn(absl::StrCat("started ", workers_.size(), " of ", options_.num_threads,
                                                " decode threads (", e.what(), "); the loader is slower"));
+  } catch (...) {
+    StopWorkers();  // the threads started end before this object goes
+    throw;
   }
 }
 

@@ -28,6 +28,7 @@
 #include "common/config.h"
 #include "common/csv.h"
 #include "common/files.h"
+#include "common/logging.h"
 #include "common/status.h"
 #include "worker/data/audio.h"
 #include "worker/checkpoint.h"
@@ -376,12 +377,15 @@ absl::StatusOr<PredictReport> Predictor::Run(
   };
   // As many decoders as the system starts (EAGAIN under a thread limit): fewer are slower, none
   // is an error; a started thread must be joined before it goes, or the process ends.
+  threads.reserve(static_cast<size_t>(num_decoders));  // no reallocation with threads started
   try {
     for (int t = 0; t < num_decoders && n > 0; ++t) threads.emplace_back(decoder);
   } catch (const std::system_error& e) {
     if (threads.empty()) {
       return absl::ResourceExhaustedError(absl::StrCat("predict: cannot start a decode thread: ", e.what()));
     }
+    common::Logger("predict").Warn(absl::StrCat("started ", threads.size(), " of ", num_decoders,
+                                                " decode threads (", e.what(), "); decoding is slower"));
   }
 
   absl::Status status;

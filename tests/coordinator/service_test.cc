@@ -2887,8 +2887,8 @@ TEST_F(CoordinatorServiceTest, ABigLogsAnswerIsCutAndTheRestComesNext) {
   // --tail, the last lines only.
   auto client = [&](const std::string& args) {
     const std::string command =
-        absl::StrCat("env -u AVIARY_TOKEN_FILE AVIARY_TOKEN=the-token " AVIARY_CLIENT_BINARY " --coordinator 127.0.0.1:",
-                     coordinator_->grpc_port(), " logs ", args, " 2>&1");
+        absl::StrCat("env -u AVIARY_TOKEN_FILE -u AVIARY_TLS_CA AVIARY_TOKEN=the-token '" AVIARY_CLIENT_BINARY
+                     "' --coordinator 127.0.0.1:", coordinator_->grpc_port(), " logs ", args, " 2>&1");
     FILE* pipe = ::popen(command.c_str(), "r");
     std::string out;
     if (pipe == nullptr) return out;

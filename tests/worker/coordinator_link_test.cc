@@ -372,5 +372,27 @@ TEST_F(CoordinatorLinkTest, RegisterGoesOnWithTheTokenNowInTheFile) {
   EXPECT_TRUE(absl::IsUnauthenticated(refused)) << refused;
 }
 
+// A group registering again (it was lost) while its token is refused: not an error at once, as
+// at the start, but waited out like an outage, the file read again at each try, until it holds
+// a token the coordinator takes.
+TEST_F(CoordinatorLinkTest, RegisteringAgainWaitsUntilTheTokenFileIsFixed) {
+  Write("group.token", "the-worker-token\n");
+  options_.token_file = root_ + "/group.token";
+  options_.token_source = "--token-file";
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  ASSERT_TRUE(link.Register().ok());
+  Write("worker.token", "the-new-worker-token\n");
+  ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  std::thread fix([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    const std::string next = root_ + "/group.token.next";
+    std::ofstream(next) << "the-new-worker-token\n";
+    fs::rename(next, root_ + "/group.token");
+  });
+  const absl::Status again = link.Register();
+  fix.join();
+  EXPECT_TRUE(again.ok()) << again;
+}
+
 }  // namespace
 }  // namespace aviary::worker

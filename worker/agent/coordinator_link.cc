@@ -75,7 +75,7 @@ std::string FailureText(const std::string& error) {
 absl::StatusOr<std::string> ReadTokenFile(const AgentOptions& options) {
   auto text = common::ReadFileToString(options.token_file);
   if (!text.ok()) return common::Annotate(text.status(), options.token_source);
-  return common::FirstToken(*text, absl::StrCat("token file '", options.token_file, "' (", options.token_source, ")"));
+  return common::FirstToken(*text, options.token_file, options.token_source);
 }
 
 CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metrics,
@@ -135,6 +135,7 @@ absl::Status CoordinatorLink::Register() {
                                 "writes into run folders are not fenced"));
       }
       lost_ = false;
+      registered_before_ = true;
       metrics_->SetGroupId(response.group_id());
       Connected(true);
       Log().Info(absl::StrCat("registered with ", options_.coordinator, " as group ", response.group_id(),
@@ -149,11 +150,17 @@ absl::Status CoordinatorLink::Register() {
     Connected(false);
     const std::string what = absl::StrCat("RegisterGroup to ", options_.coordinator, ": ",
                                           GrpcCodeName(st.error_code()), ": ", st.error_message());
-    if (st.error_code() == grpc::StatusCode::UNAUTHENTICATED && RereadToken("RegisterGroup")) continue;
-    if (!IsTransient(st.error_code())) {
+    // A refused token: tried again at once when the file now holds another one. At the first
+    // registration a token that stays refused is an error (a wrong file fails the start); when
+    // registering again (the group was lost, its task perhaps running on), it is waited out
+    // like an outage, the file read again at each try (a rotation whose file is being fixed).
+    const bool refused = st.error_code() == grpc::StatusCode::UNAUTHENTICATED;
+    if (refused && RereadToken("RegisterGroup")) continue;
+    if (!IsTransient(st.error_code()) && !(refused && registered_before_ && KeepsRefused(st))) {
       return absl::Status(static_cast<absl::StatusCode>(st.error_code()), what);
     }
     double delay = backoff.Next();
+    if (refused) delay = std::max(delay, 1.0);  // each try reads the file again (RereadToken's pace)
     const double waited = SecondsSince(start);
     if (options_.connect_timeout_s > 0) {
       if (waited >= options_.connect_timeout_s) {
@@ -506,29 +513,42 @@ bool CoordinatorLink::KeepsRefused(const grpc::Status& st) const {
 
 bool CoordinatorLink::RereadToken(const char* rpc) {
   if (options_.token_file.empty()) return false;
-  absl::MutexLock lock(&token_mu_);
   // Once a second at most: the heartbeat, log and report threads may all be refused at once.
+  // The slot is claimed under the lock; the file is read (it may sit on a slow shared
+  // filesystem) and the outcome logged without it, so that no call waits for the read.
   const auto now = Clock::now();
-  if (token_read_at_ != Clock::time_point{} && now - token_read_at_ < std::chrono::seconds(1)) return false;
-  token_read_at_ = now;
-  auto token = ReadTokenFile(options_);
-  if (!token.ok()) {
-    Log().Error(absl::StrCat("the coordinator refused the group's token (", rpc, ") and reading it again failed: ",
-                             token.status().message()));
-    return false;
+  std::string current;
+  {
+    absl::MutexLock lock(&token_mu_);
+    if (token_read_at_ != Clock::time_point{} && now - token_read_at_ < std::chrono::seconds(1)) return false;
+    token_read_at_ = now;
+    current = token_;
   }
-  if (*token == token_) {
+  absl::StatusOr<std::string> token = ReadTokenFile(options_);
+  const bool changed = token.ok() && *token != current;
+  if (!changed) {
     // Said once a minute: every heartbeat is refused meanwhile.
-    if (token_said_at_ != Clock::time_point{} && now - token_said_at_ < std::chrono::seconds(60)) return false;
-    token_said_at_ = now;
-    Log().Error(absl::StrCat("the coordinator refused the group's token (", rpc, ", UNAUTHENTICATED); ",
-                             options_.token_file, " (", options_.token_source,
-                             ") still holds it: put a token the coordinator's worker_token_file lists there (it is "
-                             "read again at the next refusal)"));
+    {
+      absl::MutexLock lock(&token_mu_);
+      if (token_said_at_ != Clock::time_point{} && now - token_said_at_ < std::chrono::seconds(60)) return false;
+      token_said_at_ = now;
+    }
+    if (!token.ok()) {
+      Log().Error(absl::StrCat("the coordinator refused the group's token (", rpc,
+                               ", UNAUTHENTICATED) and reading it again failed: ", token.status().message()));
+    } else {
+      Log().Error(absl::StrCat("the coordinator refused the group's token (", rpc, ", UNAUTHENTICATED); ",
+                               options_.token_file, " (", options_.token_source,
+                               ") still holds it: put a token the coordinator's worker_token_file lists there "
+                               "(it is read again at the next refusal)"));
+    }
     return false;
   }
-  token_ = *std::move(token);
-  token_said_at_ = Clock::time_point{};
+  {
+    absl::MutexLock lock(&token_mu_);
+    token_ = *std::move(token);
+    token_said_at_ = Clock::time_point{};
+  }
   Log().Info(absl::StrCat("the coordinator refused the group's token (", rpc, "); using the one now in ",
                           options_.token_file, " (", options_.token_source, ")"));
   return true;

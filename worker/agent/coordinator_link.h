@@ -58,7 +58,8 @@ class CoordinatorLink {
   CoordinatorLink& operator=(const CoordinatorLink&) = delete;
 
   // Registers (retrying transient failures with backoff). UNAVAILABLE after connect_timeout_s;
-  // CANCELLED when a signal arrived first; the coordinator's refusal otherwise.
+  // CANCELLED when a signal arrived first; the coordinator's refusal otherwise, except that a
+  // refused token from a file is retried (the file read again) when registering again.
   absl::Status Register();
 
   // The heartbeat, log-shipping and sender threads; StopThreads wakes and joins them (idempotent).
@@ -189,6 +190,7 @@ class CoordinatorLink {
   std::atomic<bool> connected_{false};  // the last call answered (Connected)
   LeaseClock lease_;                       // thread-safe itself
   LeaseClock::Clock::time_point lease_asked_at_{};  // main thread only
+  bool registered_before_ = false;                  // main thread only (Register)
   // The last few manifests by hash, most recent first (main thread only): a group that trains
   // the folds of one dataset version fetches each manifest once.
   static constexpr size_t kCachedManifests = 4;
