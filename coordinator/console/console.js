@@ -649,6 +649,14 @@
 
     window.addEventListener('hashchange', render);
     let reloadTimer = null;
+    // Events are drawn at most every 200 ms: each carries the whole job, and a sweep's groups
+    // report many a second (every event still updates `job` and the curves' points; only the
+    // DOM work is coalesced).
+    let renderTimer = null;
+    function renderSoon() {
+      if (renderTimer) return;
+      renderTimer = setTimeout(() => { renderTimer = null; render(); }, 200);
+    }
     // After the job's end the stream is closed; `aviary retry` can start the job again under the
     // same id, so the page looks every 15 s and follows it again once it is no longer finished.
     let retryWatch = null;
@@ -686,7 +694,7 @@
             api(`/api/jobs/${jobId}`).then((j) => { checkpoints = j.checkpoints || {}; render(); }).catch(() => {});
           }, 1000);
         }
-        render();
+        renderSoon();
       },
       end: () => {
         events.close();
