@@ -38,6 +38,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
+#include "tests/coordinator/http_get.h"
 #include "tests/coordinator/tiny_dataset.h"
 
 namespace aviary::coordinator {
@@ -723,15 +724,7 @@ TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {
   // curl (a real TLS client) trusts the self-signed certificate; the answer, the login cookie
   // (Secure over HTTPS) and an event stream come through the TLS front.
   auto curl = [&](const std::string& args) {
-    const std::string command = absl::StrCat("curl -s -i --max-time 20 --cacert ", cert, " ", args);
-    FILE* pipe = ::popen(command.c_str(), "r");
-    std::string out;
-    if (pipe == nullptr) return out;
-    char buffer[4096];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
-    ::pclose(pipe);
-    return out;
+    return CommandOutput(absl::StrCat("curl -s -i --max-time 20 --cacert ", cert, " ", args));
   };
   const std::string base = absl::StrCat("https://127.0.0.1:", port_);
   const std::string jobs = curl(absl::StrCat("-H 'Authorization: Bearer the-viewer-token' ", base, "/api/jobs"));

@@ -1,4 +1,5 @@
-// An HTTP/1.0 GET against a loopback port, for the coordinator tests that read /metrics.
+// An HTTP/1.0 GET against a loopback port, for the coordinator tests that read /metrics; and
+// the output of a command run by the shell (curl, the `aviary` client).
 #ifndef AVIARY_TESTS_COORDINATOR_HTTP_GET_H_
 #define AVIARY_TESTS_COORDINATOR_HTTP_GET_H_
 
@@ -8,6 +9,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +36,23 @@ inline std::string HttpGet(int port, const std::string& path) {
   ::close(fd);
   const size_t body = response.find("\r\n\r\n");
   return body == std::string::npos ? "" : response.substr(body + 4);
+}
+
+// What `command` (run by /bin/sh) printed on stdout, and its pclose() status in `*status` when
+// given (-1 when it could not start).
+inline std::string CommandOutput(const std::string& command, int* status = nullptr) {
+  FILE* pipe = ::popen(command.c_str(), "r");
+  std::string out;
+  if (pipe == nullptr) {
+    if (status != nullptr) *status = -1;
+    return out;
+  }
+  char buffer[4096];
+  size_t n;
+  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
+  const int closed = ::pclose(pipe);
+  if (status != nullptr) *status = closed;
+  return out;
 }
 
 }  // namespace aviary::coordinator

@@ -2889,13 +2889,9 @@ TEST_F(CoordinatorServiceTest, ABigLogsAnswerIsCutAndTheRestComesNext) {
     const std::string command =
         absl::StrCat("env -u AVIARY_TOKEN_FILE -u AVIARY_TLS_CA AVIARY_TOKEN=the-token '" AVIARY_CLIENT_BINARY
                      "' --coordinator 127.0.0.1:", coordinator_->grpc_port(), " logs ", args, " 2>&1");
-    FILE* pipe = ::popen(command.c_str(), "r");
-    std::string out;
-    if (pipe == nullptr) return out;
-    char buffer[4096];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
-    EXPECT_EQ(::pclose(pipe), 0) << command << "\n" << out;
+    int status = -1;
+    const std::string out = CommandOutput(command, &status);
+    EXPECT_EQ(status, 0) << command << "\n" << out;
     return out;
   };
   auto printed = [](const std::string& out) {
