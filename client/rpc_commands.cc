@@ -74,6 +74,10 @@ constexpr double kPlainStepIntervalS = 10;
 struct ClientOptions {
   std::string coordinator;
   std::string token;   // empty: no authorization entry
+  // The file the token came from and where it was named ("" when it was given itself): `watch`
+  // and `logs --follow` read it again when the coordinator refuses the token (a rotation).
+  std::string token_file;
+  std::string token_source;
   std::string tls_ca;  // PEM; empty: plaintext
   double timeout_s = kDefaultTimeoutS;
 };
@@ -144,9 +148,14 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
         absl::StrCat("--timeout ", options.timeout_s, ": expected seconds in (0, 86400]"));
   }
   if (global.token_file) {
-    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(*global.token_file, "--token-file"));
+    options.token_file = *global.token_file;
+    options.token_source = "--token-file";
   } else if (std::string env = Env("AVIARY_TOKEN_FILE"); !env.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(env, "AVIARY_TOKEN_FILE"));
+    options.token_file = env;
+    options.token_source = "AVIARY_TOKEN_FILE";
+  }
+  if (!options.token_file.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(options.token, ReadToken(options.token_file, options.token_source));
   } else {
     options.token = std::string(absl::StripAsciiWhitespace(Env("AVIARY_TOKEN")));
     if (const std::string problem = common::TokenByteProblem(options.token); !problem.empty()) {
@@ -213,6 +222,17 @@ class Client {
   v1::JobService::Stub* stub() { return stub_.get(); }
   // The coordinator answered a call of this client (so TLS is not why a later one fails).
   void NoteAnswered() { answered_ = true; }
+
+  // After an UNAUTHENTICATED answer: reads the token file again; true when it now holds another
+  // token (used from here on), so that a long `watch` or `logs --follow` rides through a token
+  // rotation. A token whose holder was not moved (revoked) still ends them.
+  bool RereadToken() {
+    if (options_.token_file.empty()) return false;
+    absl::StatusOr<std::string> token = ReadToken(options_.token_file, options_.token_source);
+    if (!token.ok() || *token == options_.token) return false;
+    options_.token = *std::move(token);
+    return true;
+  }
 
   // A context with the deadline and the bearer token.
   void Prepare(grpc::ClientContext* context, bool with_deadline = true) const {
@@ -594,6 +614,12 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     std::cout.flush();
     // A failed write stops --follow (main() reports it: client/output.h).
     if (StdoutFailed()) return absl::OkStatus();
+    if (!status.ok() && status.code() == absl::StatusCode::kUnauthenticated && args.follow && answered &&
+        client.RereadToken()) {
+      std::cerr << "aviary logs: the coordinator refused the token; going on with the one now in "
+                << client.options().token_file << "\n";
+      continue;
+    }
     if (!status.ok()) {
       const bool retryable = status.code() == absl::StatusCode::kUnavailable ||
                              status.code() == absl::StatusCode::kDeadlineExceeded;
@@ -1023,6 +1049,12 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
     if (!connected_once) {
       view.Finish();
       return error;
+    }
+    // A rotated token (the reload ends the old one's stream): again at once with the file's new one.
+    if (error.code() == absl::StatusCode::kUnauthenticated && client.RereadToken()) {
+      view.Note(absl::StrCat("the coordinator refused the token; going on with the one now in ",
+                             client.options().token_file));
+      continue;
     }
     const bool give_up = !retryable || ++failures > kMaxReconnects;
     if (give_up && ClientExitCode(error.code()) != 1) {  // a caller error: the job deleted, the token revoked

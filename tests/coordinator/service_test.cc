@@ -6,6 +6,7 @@
 #include <sqlite3.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -1007,6 +1008,74 @@ TEST_F(CoordinatorServiceTest, AReloadThatRevokesATokenEndsItsOpenWatch) {
   while (client->Read(&event)) cancelled = cancelled || event.job().state() == JOB_STATE_CANCELLED;
   EXPECT_TRUE(client->Finish().ok());
   EXPECT_TRUE(cancelled);
+}
+
+// `aviary watch` and `aviary logs --follow` reading their token from a file ride through a
+// rotation: the reload that removes the old token refuses their next call (a watch's open stream
+// ends UNAUTHENTICATED, above), they read the file again and go on with the new token to the
+// job's end (they ended with the error before).
+TEST_F(CoordinatorServiceTest, WatchAndLogsFollowRideThroughATokenRotationThroughTheirTokenFile) {
+  Start();
+  Write("client.token", "the-token\n");
+  // Runs `subcommand JOB`, rotates the client token from `old_token` to `new_token` while it runs,
+  // then cancels the job; returns what it printed and checks its exit code.
+  auto ride = [&](const std::string& subcommand, const std::string& old_token, const std::string& new_token,
+                  int want_exit) {
+    SubmitJobRequest submit;
+    submit.set_pipeline_yaml(kPipeline);
+    submit.set_source_path("pipe.yaml");
+    submit.set_working_dir(root_);
+    SubmitJobResponse submitted;
+    EXPECT_TRUE(jobs_->SubmitJob(Ctx(old_token).get(), submit, &submitted).ok());
+    const std::string job_id = submitted.job_id();
+    // A line in its log, so that both commands print something at their first answer.
+    const std::string group = Register();
+    ShipLogsRequest ship;
+    ship.set_group_id(group);
+    ship.set_task_id(Lease(group).task().task_id());
+    LogLine* shipped = ship.add_lines();
+    shipped->set_text("a line before the rotation");
+    shipped->set_level("info");
+    ShipLogsResponse ship_response;
+    EXPECT_TRUE(workers_->ShipLogs(WorkerCtx().get(), ship, &ship_response).ok());
+    const std::string command = absl::StrCat(
+        "env -u AVIARY_TOKEN -u AVIARY_TLS_CA AVIARY_TOKEN_FILE='", root_, "/client.token' '" AVIARY_CLIENT_BINARY
+        "' --coordinator 127.0.0.1:", coordinator_->grpc_port(), " ", subcommand, " ", job_id, " 2>&1");
+    FILE* pipe = ::popen(command.c_str(), "r");
+    if (pipe == nullptr) return std::string("popen failed");
+    std::string out;
+    char line[4096];
+    if (std::fgets(line, sizeof(line), pipe) != nullptr) out += line;  // it has had its first answer
+    // The rotation: both tokens, the holder moved, the old one removed.
+    Write("token", absl::StrCat(old_token, "\n", new_token, "\n"));
+    EXPECT_TRUE(coordinator_->ReloadTokens().ok());
+    Write("client.token", new_token + "\n");
+    Write("token", new_token + "\n");
+    EXPECT_TRUE(coordinator_->ReloadTokens().ok());
+    // The job is cancelled once the command says it goes on with the new token (or after 60 s,
+    // so that one that does not ends too): a cancel it saw before would test nothing.
+    std::atomic<bool> going_on{false};
+    std::thread canceller([&] {
+      for (int i = 0; i < 600 && !going_on; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      CancelJobRequest cancel;
+      cancel.set_job_id(job_id);
+      CancelJobResponse cancelled;
+      EXPECT_TRUE(jobs_->CancelJob(Ctx(new_token).get(), cancel, &cancelled).ok());
+    });
+    while (std::fgets(line, sizeof(line), pipe) != nullptr) {
+      out += line;
+      if (absl::StrContains(line, "going on with the one now in")) going_on = true;
+    }
+    going_on = true;
+    canceller.join();
+    const int status = ::pclose(pipe);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == want_exit) << subcommand << ": " << status << "\n" << out;
+    EXPECT_TRUE(absl::StrContains(out, "going on with the one now in " + root_ + "/client.token")) << out;
+    EXPECT_TRUE(absl::StrContains(out, "job " + job_id + " CANCELLED")) << out;
+    return out;
+  };
+  ride("watch", "the-token", "the-second-token", 1);  // 1: the job was cancelled
+  ride("logs --follow", "the-second-token", "the-third-token", 0);
 }
 
 TEST_F(CoordinatorServiceTest, CallsWithoutTheTokenAreUnauthenticated) {
