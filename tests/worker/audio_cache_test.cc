@@ -28,6 +28,7 @@
 #include "gtest/gtest.h"
 #include "tests/worker/audio_test_util.h"
 #include "worker/data/audio.h"
+#include "worker/data/clip_loader.h"
 
 namespace aviary::worker {
 namespace {
@@ -492,6 +493,41 @@ TEST(AudioCacheTest, UnreadableFileIsMissingAndNotCached) {
   ASSERT_NE(entry, nullptr);
   EXPECT_EQ(entry->problem, AudioProblem::kNone);
   EXPECT_EQ(entry->frames, 32000);
+}
+
+// A file whose whole decode passes the decoder's limit (2^29 samples: 4.66 h at 32 kHz; here a
+// 1 kHz file cached at 768 kHz, refused from its header) is reported but not cached as
+// not_audio: training, which reads only its clips' windows, decodes them from the file as it
+// does without a cache.
+TEST(AudioCacheTest, AFileTooLongToDecodeWholeIsReportedNotCached) {
+  TempDir tmp;
+  const std::string long_path = tmp.Sub("long.wav"), short_path = tmp.Sub("short.wav");
+  WriteAudio(long_path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 1000, 1, Sine(50, 1000, 700000));
+  WriteAudio(short_path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 1000, 1, Sine(50, 1000, 1000));
+  const std::string dir = tmp.Sub("cache");
+  PrepareOptions options = Options(dir);
+  options.sample_rate = 768000;
+  PrepareReport report = MustPrepare({long_path, short_path}, options);
+  EXPECT_EQ(report.files_decoded, 2);
+  EXPECT_EQ(report.counts[AudioProblem::kNotAudio], 1);
+  EXPECT_EQ(report.counts[AudioProblem::kNone], 1);
+  EXPECT_NE(report.examples[AudioProblem::kNotAudio].find("not cached"), std::string::npos)
+      << report.examples[AudioProblem::kNotAudio];
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  EXPECT_EQ(cache->Lookup(long_path), nullptr);
+  EXPECT_NE(cache->Lookup(short_path), nullptr);
+  ClipRequest request;
+  request.sample_rate = 768000;
+  request.duration_s = 0.01;
+  auto clip = LoadClip(cache.get(), long_path, request);
+  ASSERT_TRUE(clip.ok()) << clip.status();
+  EXPECT_TRUE(clip->ok()) << clip->message;
+  EXPECT_FALSE(clip->from_cache);
+  // The next run decodes it again (nothing recorded) and finds the other cached.
+  PrepareReport again = MustPrepare({long_path, short_path}, options);
+  EXPECT_EQ(again.files_cached, 1);
+  EXPECT_EQ(again.files_decoded, 1);
 }
 
 TEST(AudioCacheTest, ChangedFileIsDecodedAgainAndTheNewestShardWins) {

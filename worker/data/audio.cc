@@ -722,6 +722,7 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
                      audio.source_frames, " frames at ", from_hz,
                      " Hz in the header), more than the decoder's limit of ", kMaxDecodeSamples,
                      ": refused"));
+    result.failure.over_limit = true;
     return result;
   }
   // Unknown length: one sample past the limit tells a stream that is too long.
@@ -883,6 +884,7 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
         AudioProblem::kNotAudio,
         absl::StrCat(path, ": the stream decodes to more than the decoder's limit of ",
                      kMaxDecodeSamples, " samples at ", to_hz, " Hz: refused"));
+    result.failure.over_limit = true;
     return result;
   }
   if (emitter.emitted() == 0) {

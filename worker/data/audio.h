@@ -91,6 +91,10 @@ struct DecodeFailure {
   // ... for a cause that may pass (an I/O error, too many open files, out of memory; not a file
   // that does not exist): worth reading again.
   bool retry = false;
+  // kNotAudio because the decode would deliver more than the decoder's limit (2^29 samples,
+  // 4.66 hours at 32 kHz): audio, too long to decode whole, whose windows decode (a training
+  // clip's): `aviary prepare` does not cache the verdict.
+  bool over_limit = false;
 };
 
 // The outcome of a decode: `audio` is meaningful when ok(); on a skippable problem `failure`

@@ -1056,7 +1056,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   progress.files_to_decode = static_cast<int64_t>(todo.size());
   absl::Status error;
   int64_t clipped = 0;
-  std::deque<CacheEntry> transient;  // kMissing outcomes: reported, not cached
+  std::deque<CacheEntry> transient;  // kMissing and over-limit outcomes: reported, not cached
   std::atomic<bool> failed{false};
   absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
@@ -1076,6 +1076,10 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       entry.source_channels = audio.source_channels;
       entry.source_frames = audio.source_frames;
       if (entry.problem != AudioProblem::kNone) sink.data().clear();
+      if (result->failure.over_limit) {
+        absl::StrAppend(&entry.message, " (not cached: training decodes its clips' windows from the file; "
+                                        "data.cache_max_seconds caches the first seconds of every file)");
+      }
     }
     std::unique_lock<std::mutex> guard(mu);
     if (!result.ok()) {
@@ -1083,9 +1087,11 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       failed = true;
       return;
     }
-    if (entry.problem == AudioProblem::kMissing) {
+    if (entry.problem == AudioProblem::kMissing || result->failure.over_limit) {
       // Not a verdict on the file (it could not be read now: permission, too many open files,
-      // an I/O error): counted in the report, never cached, so the next run tries again.
+      // an I/O error): counted in the report, never cached, so the next run tries again. Nor is
+      // a file too long to decode whole: cached as not_audio, training would skip the file whose
+      // windows it decodes when there is no cache.
       transient.push_back(std::move(entry));
       ++progress.files_done;
       if (options.progress) options.progress(progress);
