@@ -225,13 +225,25 @@ class Client {
 
   // After an UNAUTHENTICATED answer: reads the token file again; true when it now holds another
   // token (used from here on), so that a long `watch` or `logs --follow` rides through a token
-  // rotation. A token whose holder was not moved (revoked) still ends them.
-  bool RereadToken() {
+  // rotation; false when it holds the same one (revoked: the refusal stands) or the token was
+  // not given in a file; the error when the file cannot be read now.
+  absl::StatusOr<bool> RereadToken() {
     if (options_.token_file.empty()) return false;
-    absl::StatusOr<std::string> token = ReadToken(options_.token_file, options_.token_source);
-    if (!token.ok() || *token == options_.token) return false;
-    options_.token = *std::move(token);
+    AVIARY_ASSIGN_OR_RETURN(std::string token, ReadToken(options_.token_file, options_.token_source));
+    if (token == options_.token) return false;
+    options_.token = std::move(token);
     return true;
+  }
+
+  // `refused` (UNAUTHENTICATED) once the token file was read again (RereadToken): OK when the
+  // file now holds another token; else the refusal, with why the file did not help.
+  absl::Status AfterRefusal(const absl::Status& refused) {
+    absl::StatusOr<bool> changed = RereadToken();
+    if (changed.ok() && *changed) return absl::OkStatus();
+    if (!changed.ok()) {
+      return common::Annotate(refused, absl::StrCat("reading the token file again: ", changed.status().message()));
+    }
+    return refused;
   }
 
   // A context with the deadline and the bearer token.
@@ -614,8 +626,9 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
     std::cout.flush();
     // A failed write stops --follow (main() reports it: client/output.h).
     if (StdoutFailed()) return absl::OkStatus();
-    if (!status.ok() && status.code() == absl::StatusCode::kUnauthenticated && args.follow && answered &&
-        client.RereadToken()) {
+    if (!status.ok() && status.code() == absl::StatusCode::kUnauthenticated && args.follow && answered) {
+      const absl::Status still = client.AfterRefusal(status);
+      if (!still.ok()) return still;
       std::cerr << "aviary logs: the coordinator refused the token; going on with the one now in "
                 << client.options().token_file << "\n";
       continue;
@@ -1051,10 +1064,13 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
       return error;
     }
     // A rotated token (the reload ends the old one's stream): again at once with the file's new one.
-    if (error.code() == absl::StatusCode::kUnauthenticated && client.RereadToken()) {
-      view.Note(absl::StrCat("the coordinator refused the token; going on with the one now in ",
-                             client.options().token_file));
-      continue;
+    if (error.code() == absl::StatusCode::kUnauthenticated) {
+      error = client.AfterRefusal(error);
+      if (error.ok()) {
+        view.Note(absl::StrCat("the coordinator refused the token; going on with the one now in ",
+                               client.options().token_file));
+        continue;
+      }
     }
     const bool give_up = !retryable || ++failures > kMaxReconnects;
     if (give_up && ClientExitCode(error.code()) != 1) {  // a caller error: the job deleted, the token revoked

@@ -640,6 +640,7 @@
           fill(main, errorBox(e.message));
           if (events) events.close();  // a deleted (or never seen) job: nothing more will come
           if (retryWatch) clearInterval(retryWatch);
+          job = null;  // a render still pending (an event's, the checkpoint reload's) draws nothing
         } else {
           flash(e.message);
         }

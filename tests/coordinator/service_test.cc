@@ -1039,7 +1039,7 @@ TEST_F(CoordinatorServiceTest, WatchAndLogsFollowRideThroughATokenRotationThroug
     ShipLogsResponse ship_response;
     EXPECT_TRUE(workers_->ShipLogs(WorkerCtx().get(), ship, &ship_response).ok());
     const std::string command = absl::StrCat(
-        "env -u AVIARY_TOKEN -u AVIARY_TLS_CA AVIARY_TOKEN_FILE='", root_, "/client.token' '" AVIARY_CLIENT_BINARY
+        "timeout 120 env -u AVIARY_TOKEN -u AVIARY_TLS_CA AVIARY_TOKEN_FILE='", root_, "/client.token' '" AVIARY_CLIENT_BINARY
         "' --coordinator 127.0.0.1:", coordinator_->grpc_port(), " ", subcommand, " ", job_id, " 2>&1");
     FILE* pipe = ::popen(command.c_str(), "r");
     if (pipe == nullptr) return std::string("popen failed");
