@@ -50,6 +50,19 @@ assert np.array_equal(ours[0], ours[1]) and np.array_equal(ours[0], ours[2])
 PY
   done
 done
+# An mp3 without a Xing/Info tag states no length: mel says so rather than a made-up duration.
+if command -v ffmpeg >/dev/null; then
+  ffmpeg -v error -nostdin -i "$mp3" -c:a libmp3lame -q:a 4 -write_xing 0 "$tmp/untagged.mp3"
+  if out=$("$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/untagged.mp3" --out "$tmp/u.npy" 2>&1) &&
+     grep -qF "source of unknown length (an mp3 without a length tag)" <<<"$out" &&
+     /usr/bin/python3 -c "import numpy as np, sys; sys.exit(0 if np.load('$tmp/u.npy').shape == (3, 128, 192) else 1)"; then
+    ok
+  else
+    fail "mel of an mp3 without a length tag: $out"
+  fi
+else
+  echo "SKIP mel of an mp3 without a length tag: ffmpeg is not installed"
+fi
 echo "not audio" > "$tmp/text.ogg"
 expect "$tmp/text.ogg" "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/text.ogg" --out "$tmp/bad.npy"
 expect "$tmp/missing.ogg" "$aviary" mel --config "$tmp/p.yaml" --audio "$tmp/missing.ogg" --out "$tmp/bad.npy"
