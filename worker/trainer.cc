@@ -905,7 +905,7 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   } else if (cached_files * 2 < data_files) {
     Log().Warn(absl::StrCat(line, "; the other ", data_files - cached_files, " are decoded on the fly (",
                             known.load() - cached_files, " changed since `aviary prepare`, ", data_files - known.load(),
-                            " never prepared: run `aviary prepare` again)"));
+                            " never prepared or too long to cache: run `aviary prepare` again)"));
   } else {
     Log().Info(absl::StrCat(line, "; the others are decoded on the fly (`aviary prepare` caches them)"));
   }

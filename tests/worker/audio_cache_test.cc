@@ -507,6 +507,12 @@ TEST(AudioCacheTest, AFileTooLongToDecodeWholeIsReportedNotCached) {
   const std::string dir = tmp.Sub("cache");
   PrepareOptions options = Options(dir);
   options.sample_rate = 768000;
+  // The dry run says the same and counts no bytes for it.
+  auto plan = PlanAudioCache({long_path, short_path}, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->problems[AudioProblem::kNotAudio], 1);
+  EXPECT_NE(plan->examples[AudioProblem::kNotAudio].find("not cached"), std::string::npos);
+  EXPECT_EQ(plan->cache_bytes, int64_t{768000} * 2);  // the short file's second at 768 kHz
   PrepareReport report = MustPrepare({long_path, short_path}, options);
   EXPECT_EQ(report.files_decoded, 2);
   EXPECT_EQ(report.counts[AudioProblem::kNotAudio], 1);

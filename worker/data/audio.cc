@@ -46,9 +46,6 @@ constexpr double kResampleMarginSeconds = 0.02;
 // resample to 7.68e9 samples at 32 kHz (std::bad_alloc, or the OOM killer).
 constexpr int kMinSourceRate = 1000;
 constexpr int kMaxSourceRate = 768000;
-// The most samples one decode may deliver: 2^29 (2 GiB as float, 1 GiB as int16; 4.66 hours at
-// 32 kHz). A decode that would deliver more is refused as a problem file, not attempted.
-constexpr int64_t kMaxDecodeSamples = int64_t{1} << 29;
 
 // Feeds a file's bytes into one end of a socket pair from a thread, so that libsndfile can read
 // the file as a stream (sf_open_fd on the other end). libsndfile then treats it as a pipe: for
@@ -884,7 +881,6 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
         AudioProblem::kNotAudio,
         absl::StrCat(path, ": the stream decodes to more than the decoder's limit of ",
                      kMaxDecodeSamples, " samples at ", to_hz, " Hz: refused"));
-    result.failure.over_limit = true;
     return result;
   }
   if (emitter.emitted() == 0) {

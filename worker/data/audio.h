@@ -91,11 +91,16 @@ struct DecodeFailure {
   // ... for a cause that may pass (an I/O error, too many open files, out of memory; not a file
   // that does not exist): worth reading again.
   bool retry = false;
-  // kNotAudio because the decode would deliver more than the decoder's limit (2^29 samples,
-  // 4.66 hours at 32 kHz): audio, too long to decode whole, whose windows decode (a training
-  // clip's): `aviary prepare` does not cache the verdict.
+  // kNotAudio because the header's length would deliver more than kMaxDecodeSamples: audio, too
+  // long to decode whole, whose windows decode (a training clip's): `aviary prepare` does not
+  // cache the verdict. (A stream of unknown length found too long while decoding is not
+  // flagged: its clips are decoded whole too, so it stays not_audio everywhere.)
   bool over_limit = false;
 };
+
+// The most samples one decode may deliver: 2^29 (2 GiB as float, 1 GiB as int16; 4.66 hours at
+// 32 kHz). A decode that would deliver more is refused as a problem file, not attempted.
+constexpr int64_t kMaxDecodeSamples = int64_t{1} << 29;
 
 // The outcome of a decode: `audio` is meaningful when ok(); on a skippable problem `failure`
 // says why (`audio` then holds what was learnt before the failure, e.g. the header). absl

@@ -969,6 +969,14 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
       return;
     }
     const int64_t kept = limit >= 0 ? std::min(total, limit) : total;
+    if (kept > kMaxDecodeSamples) {  // reported and left out of the cache, as prepare does
+      if (plan.problems[AudioProblem::kNotAudio]++ == 0) {
+        plan.examples[AudioProblem::kNotAudio] = absl::StrCat(
+            pending.todo[i].path, ": ", total, " samples at ", options.sample_rate, " Hz, more than the decoder's limit of ",
+            kMaxDecodeSamples, " (not cached: training decodes its clips' windows from the file)");
+      }
+      return;
+    }
     plan.source_seconds += static_cast<double>(total) / options.sample_rate;
     plan.audio_seconds += static_cast<double>(kept) / options.sample_rate;
     plan.cache_bytes += kept * static_cast<int64_t>(sizeof(int16_t));
