@@ -66,11 +66,50 @@ void AppendFloat(std::string* out, float v) {
   out->append(buf, end);
 }
 
-// One decoded file handed from the decoder threads to inference.
-struct DecodedFile {
-  bool ready = false;
-  absl::Status error;   // misuse / resource failure: ends the run
-  DecodeResult result;  // ok(), or a skippable problem
+// Decoded samples a file may have waiting for inference by default: 2^22 (16 MiB, 131 s at
+// 32 kHz; a BirdCLEF soundscape streams in two pieces).
+constexpr int64_t kDefaultChunkSamples = int64_t{1} << 22;
+// The longest file predict decodes: 2^40 samples (397 days at 32 kHz), a bound against a
+// damaged header, not a memory limit: samples stream through (see RowStream).
+constexpr int64_t kPredictMaxSamples = int64_t{1} << 40;
+
+// One file between its decoder thread and inference: the decoder appends the samples as it
+// decodes them (waiting while `chunk` samples are not taken), inference takes them as they come.
+struct FileStream {
+  std::vector<float> pending;  // decoded, not taken by inference yet
+  bool unwanted = false;       // skipped whatever it holds: samples dropped, never waited for
+  bool done = false;           // the decode ended; error and result say how
+  absl::Status error;          // the decoder's own failure (a resampler refusing its rate)
+  DecodeResult result;         // ok(), or a skippable problem; result.audio.samples stays empty
+};
+
+// Hands a decode's samples to its FileStream. A non-finite sample stops the decode (the decoder
+// then reports the file non_finite) before it reaches a model.
+class StreamSink : public SampleSink {
+ public:
+  StreamSink(FileStream* file, std::mutex* mu, std::condition_variable* cv, const bool* stop, size_t chunk)
+      : file_(file), mu_(mu), cv_(cv), stop_(stop), chunk_(chunk) {}
+
+  bool Consume(const float* samples, int64_t count) override {
+    for (int64_t k = 0; k < count; ++k) {
+      if (!std::isfinite(samples[k])) return false;
+    }
+    {
+      std::unique_lock<std::mutex> lock(*mu_);
+      cv_->wait(lock, [&] { return *stop_ || file_->unwanted || file_->pending.size() < chunk_; });
+      if (*stop_) return false;
+      if (!file_->unwanted) file_->pending.insert(file_->pending.end(), samples, samples + count);
+    }
+    cv_->notify_all();
+    return true;
+  }
+
+ private:
+  FileStream* file_;
+  std::mutex* mu_;
+  std::condition_variable* cv_;
+  const bool* stop_;
+  size_t chunk_;
 };
 
 }  // namespace
@@ -119,41 +158,122 @@ struct Predictor::Impl {
     return sum.cpu();
   }
 
-  absl::StatusOr<std::vector<float>> Predict(const std::vector<float>& samples) {
-    const int64_t n_samples = static_cast<int64_t>(samples.size());
-    const int64_t rows = std::max<int64_t>(1, (n_samples + window - 1) / window);
-    const int64_t classes = static_cast<int64_t>(class_names.size());
-    const std::vector<int64_t> shifts = TtaShifts(tta, window);
-    int64_t max_shift = 0;
-    for (int64_t s : shifts) max_shift = std::max(max_shift, std::abs(s));
+  class RowStream;
+  // One whole waveform's rows (PredictWaveform).
+  absl::StatusOr<std::vector<float>> Predict(const std::vector<float>& samples);
+};
+
+// The rows of one file computed as its samples arrive. Rows go through the models in blocks of
+// `batch` from the file's start (rows [0, batch), [batch, 2 batch), ...), as a whole-file pass
+// cuts them, and a block runs once every sample its views read is there (up to the block's end
+// plus the largest TTA shift): the batches, hence the probabilities, are the whole-file ones
+// however the samples are fed. Only the samples from the next block's first view on are kept,
+// so a file of any length holds about one block of samples. Thread-compatible.
+class Predictor::Impl::RowStream {
+ public:
+  explicit RowStream(Impl* impl)
+      : impl_(impl), shifts_(TtaShifts(impl->tta, impl->window)) {
+    for (int64_t s : shifts_) max_shift_ = std::max(max_shift_, std::abs(s));
+  }
+
+  // Appends `n` samples and runs the blocks they complete.
+  absl::Status Feed(const float* samples, int64_t n) {
+    buffer_.insert(buffer_.end(), samples, samples + n);
+    fed_ += n;
+    peak_ = std::max(peak_, static_cast<int64_t>(buffer_.size()));
+    const int64_t window = impl_->window, batch = impl_->batch;
+    while (fed_ >= (next_row_ + batch) * window + max_shift_) {
+      AVIARY_RETURN_IF_ERROR(RunBlock(next_row_, next_row_ + batch));
+      next_row_ += batch;
+    }
+    // The next block's views start at next_row_ * window - max_shift_.
+    const int64_t keep_from = std::max<int64_t>(0, next_row_ * window - max_shift_);
+    if (keep_from > buffer_start_) {
+      buffer_.erase(buffer_.begin(), buffer_.begin() + (keep_from - buffer_start_));
+      buffer_start_ = keep_from;
+    }
+    return absl::OkStatus();
+  }
+
+  // Samples the next block waits for (>= 1).
+  int64_t Wanted() const {
+    return std::max<int64_t>(1, (next_row_ + impl_->batch) * impl_->window + max_shift_ - fed_);
+  }
+  int64_t fed() const { return fed_; }
+  int64_t rows_done() const { return next_row_; }
+  int64_t peak_samples() const { return peak_; }
+
+  // The file ended after the samples fed: its last rows (zeros past the end), then every row
+  // averaged over views and models and smoothed: row-major [max(1, ceil(fed / W)), classes].
+  absl::StatusOr<std::vector<float>> Finish() {
+    const int64_t rows = std::max<int64_t>(1, (fed_ + impl_->window - 1) / impl_->window);
+    while (next_row_ < rows) {
+      const int64_t end = std::min<int64_t>(next_row_ + impl_->batch, rows);
+      AVIARY_RETURN_IF_ERROR(RunBlock(next_row_, end));
+      next_row_ = end;
+    }
+    buffer_.clear();
+    buffer_.shrink_to_fit();
+    const int64_t classes = static_cast<int64_t>(impl_->class_names.size());
+    return SmoothRows(probs_, rows, classes, impl_->options.smooth);
+  }
+
+ private:
+  // Rows [r0, r1): every view of every row through the models, summed over views in order and
+  // divided by views x models, appended to probs_.
+  absl::Status RunBlock(int64_t r0, int64_t r1) {
+    const int64_t window = impl_->window;
+    const int64_t count = r1 - r0;
+    const int64_t classes = static_cast<int64_t>(impl_->class_names.size());
     try {
       c10::InferenceMode guard;
-      // Zero-padded copy: max_shift in front, the last window's padding plus max_shift behind.
-      const int64_t padded_len = max_shift + rows * window + max_shift;
-      at::Tensor padded = at::zeros({padded_len}, at::kFloat);
-      if (n_samples > 0) {
-        padded.narrow(0, max_shift, n_samples)
-            .copy_(at::from_blob(const_cast<float*>(samples.data()), {n_samples}, at::kFloat));
+      // The file's samples [r0 W - M, r1 W + M), zeros outside the file.
+      const int64_t lo = r0 * window - max_shift_;
+      const int64_t len = count * window + 2 * max_shift_;
+      at::Tensor segment = at::zeros({len}, at::kFloat);
+      const int64_t from = std::max<int64_t>(lo, 0);
+      const int64_t to = std::min<int64_t>(lo + len, fed_);
+      if (to > from) {
+        segment.narrow(0, from - lo, to - from)
+            .copy_(at::from_blob(buffer_.data() + (from - buffer_start_), {to - from}, at::kFloat));
       }
-      at::Tensor total = at::zeros({rows, classes}, at::kFloat);
-      for (int64_t shift : shifts) {
-        at::Tensor view = padded.as_strided({rows, window}, {window, 1}, max_shift + shift);
-        for (int64_t begin = 0; begin < rows; begin += batch) {
-          const int64_t count = std::min<int64_t>(batch, rows - begin);
-          at::Tensor p = ForwardWindows(view.narrow(0, begin, count).contiguous());
-          total.narrow(0, begin, count).add_(p);
-        }
+      at::Tensor total = at::zeros({count, classes}, at::kFloat);
+      for (int64_t shift : shifts_) {
+        at::Tensor view = segment.as_strided({count, window}, {window, 1}, max_shift_ + shift);
+        total.add_(impl_->ForwardWindows(view.contiguous()));
       }
-      total.div_(static_cast<double>(shifts.size() * models.size()));
-      std::vector<float> out(total.data_ptr<float>(), total.data_ptr<float>() + total.numel());
-      return SmoothRows(out, rows, classes, options.smooth);
+      total.div_(static_cast<double>(shifts_.size() * impl_->models.size()));
+      const float* p = total.data_ptr<float>();
+      probs_.insert(probs_.end(), p, p + total.numel());
+      return absl::OkStatus();
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("inference: ", e.what_without_backtrace()));
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat("inference: ", e.what()));
     }
   }
+
+  Impl* impl_;
+  std::vector<int64_t> shifts_;
+  int64_t max_shift_ = 0;
+  std::vector<float> buffer_;  // the file's samples [buffer_start_, buffer_start_ + size)
+  int64_t buffer_start_ = 0;
+  int64_t fed_ = 0;
+  int64_t next_row_ = 0;       // rows before it are in probs_
+  int64_t peak_ = 0;
+  std::vector<float> probs_;   // rows [0, next_row_) x classes
 };
+
+// Fed in pieces: only about a block's samples are copied.
+absl::StatusOr<std::vector<float>> Predictor::Impl::Predict(const std::vector<float>& samples) {
+  RowStream rows(this);
+  constexpr int64_t kPiece = int64_t{1} << 20;
+  const int64_t n = static_cast<int64_t>(samples.size());
+  for (int64_t at = 0; at < n; at += kPiece) {
+    AVIARY_RETURN_IF_ERROR(rows.Feed(samples.data() + at, std::min(kPiece, n - at)));
+  }
+  return rows.Finish();
+}
 
 Predictor::Predictor(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Predictor::~Predictor() = default;
@@ -167,11 +287,13 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
         absl::StrCat("window: expected seconds > 0, got ", options.window_s));
   }
   if (options.batch_windows < 0 || options.tta < 0 || options.decode_threads < 1 ||
-      options.prefetch < 1) {
+      options.prefetch < 1 || options.chunk_samples < 0 || !(options.progress_interval_s >= 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("batch ", options.batch_windows, ", tta ", options.tta, ", decode threads ",
-                     options.decode_threads, ", prefetch ", options.prefetch,
-                     ": expected batch >= 0, tta >= 0, decode threads >= 1, prefetch >= 1"));
+                     options.decode_threads, ", prefetch ", options.prefetch, ", chunk samples ",
+                     options.chunk_samples, ", progress interval ", options.progress_interval_s,
+                     ": expected batch >= 0, tta >= 0, decode threads >= 1, prefetch >= 1, "
+                     "chunk samples >= 0, progress interval >= 0"));
   }
   if (!options.smooth.empty()) {
     double sum = 0;
@@ -325,9 +447,11 @@ absl::StatusOr<PredictReport> Predictor::Run(
   header.insert(header.end(), impl_->class_names.begin(), impl_->class_names.end());
   common::WriteCsvRow(csv, header);
 
-  // Decoders fill slots in file order, at most `prefetch` files ahead of inference.
+  // Decoders take the files in order, at most `prefetch` ahead of the one in inference, and
+  // stream each one's samples to it: a file of any length holds about a chunk and a batch of
+  // windows' samples.
   const size_t n = audio_files.size();
-  std::vector<DecodedFile> slots(n);
+  std::vector<FileStream> slots(n);
   std::mutex mu;
   std::condition_variable cv;
   size_t next_to_decode = 0;
@@ -336,7 +460,9 @@ absl::StatusOr<PredictReport> Predictor::Run(
   DecodeOptions decode_options;
   decode_options.target_sample_rate = impl_->sample_rate;
   decode_options.channels = impl_->channels;
+  decode_options.max_samples = kPredictMaxSamples;  // streamed: no whole file is held
   const size_t prefetch = static_cast<size_t>(impl_->options.prefetch);
+  const int64_t chunk = impl_->options.chunk_samples > 0 ? impl_->options.chunk_samples : kDefaultChunkSamples;
   auto decoder = [&] {
     while (true) {
       size_t i;
@@ -348,17 +474,16 @@ absl::StatusOr<PredictReport> Predictor::Run(
         if (stop || next_to_decode >= n) return;
         i = next_to_decode++;
       }
-      DecodedFile file;
-      absl::StatusOr<DecodeResult> result = DecodeAudio(audio_files[i], decode_options);
-      if (result.ok()) {
-        file.result = std::move(*result);
-      } else {
-        file.error = result.status();
-      }
+      StreamSink sink(&slots[i], &mu, &cv, &stop, static_cast<size_t>(chunk));
+      absl::StatusOr<DecodeResult> result = DecodeAudioTo(audio_files[i], decode_options, &sink);
       {
         std::lock_guard<std::mutex> lock(mu);
-        slots[i] = std::move(file);
-        slots[i].ready = true;
+        if (result.ok()) {
+          slots[i].result = std::move(*result);
+        } else {
+          slots[i].error = result.status();
+        }
+        slots[i].done = true;
       }
       cv.notify_all();
     }
@@ -399,21 +524,71 @@ absl::StatusOr<PredictReport> Predictor::Run(
   }
   csv.flush();
   int64_t csv_bytes = static_cast<int64_t>(csv.tellp());  // after the last whole file's rows
+  std::vector<float> samples;  // taken from the decoder, fed to the rows
+  PredictProgress whole_files;  // as of the last whole file
+  whole_files.files_total = report.files_total;
+  whole_files.csv_bytes = csv_bytes;
+  double last_progress_s = 0;
   for (size_t i = 0; i < n; ++i) {
-    DecodedFile file;
+    const std::string stem = Stem(audio_files[i]);
+    // A file skipped for its stem if it decodes, said before its samples are looked at.
+    std::string duplicate;
+    if (auto audio = audio_stems.find(stem); !HasAudioExtension(audio_files[i]) && audio != audio_stems.end()) {
+      // Not named as audio, beside a recording of its stem (ListAudioFiles lets it through):
+      // that recording's rows carry the stem.
+      duplicate = absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", audio->second,
+                               ", the audio file predicted under it");
+    } else if (auto seen = predicted_stems.find(stem); seen != predicted_stems.end()) {
+      // Two files not named as audio that both decode: the first one's rows carry the stem.
+      duplicate = absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
+                               " (predicted): its row ids would repeat those");
+    }
     {
-      const auto wait_start = std::chrono::steady_clock::now();
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return slots[i].ready; });
-      file = std::move(slots[i]);
-      slots[i] = DecodedFile();
+      std::lock_guard<std::mutex> lock(mu);
       consumed = i + 1;
-      report.decode_wait_s += Seconds(wait_start);
+      if (!duplicate.empty()) {
+        slots[i].unwanted = true;
+        slots[i].pending.clear();
+      }
     }
     cv.notify_all();
+    Impl::RowStream rows(impl_.get());
+    FileStream file;  // the decode's outcome once done
+    while (!file.done) {
+      // Woken for a block's worth (at most a chunk) or the end.
+      const size_t wanted = static_cast<size_t>(std::min(rows.Wanted(), chunk));
+      samples.clear();
+      {
+        const auto wait_start = std::chrono::steady_clock::now();
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return slots[i].done || slots[i].pending.size() >= wanted; });
+        samples.swap(slots[i].pending);  // the decoder fills the emptied buffer next
+        if (slots[i].done) {
+          file = std::move(slots[i]);
+          file.done = true;
+          slots[i] = FileStream();
+        }
+        report.decode_wait_s += Seconds(wait_start);
+      }
+      cv.notify_all();
+      if (!samples.empty() && duplicate.empty()) {
+        const int64_t rows_before = rows.rows_done();
+        if (absl::Status fed = rows.Feed(samples.data(), static_cast<int64_t>(samples.size())); !fed.ok()) {
+          status = absl::Status(fed.code(), absl::StrCat(audio_files[i], ": ", fed.message()));
+          break;
+        }
+        if (progress && rows.rows_done() > rows_before && Seconds(start) - last_progress_s >= impl_->options.progress_interval_s) {
+          PredictProgress p = whole_files;
+          p.elapsed_s = last_progress_s = Seconds(start);
+          p.file_audio_seconds = static_cast<double>(rows.rows_done() * impl_->window) / impl_->sample_rate;
+          progress(p);
+        }
+      }
+    }
+    if (!status.ok()) break;
+    report.peak_file_samples = std::max(report.peak_file_samples, rows.peak_samples());
     const DecodeResult& r = file.result;
     const bool silent = file.error.ok() && r.failure.problem == AudioProblem::kSilent;
-    const std::string stem = Stem(audio_files[i]);
     if (!file.error.ok()) {
       // The decoder's own failure on this file (a resampler refusing its rate): skipped and
       // said, as an undecodable file is; the others are still predicted.
@@ -421,30 +596,20 @@ absl::StatusOr<PredictReport> Predictor::Run(
     } else if (!r.ok() && !silent) {
       report.skipped.push_back(
           {audio_files[i], AudioProblemName(r.failure.problem), r.failure.message});
-    } else if (auto audio = audio_stems.find(stem);
-               !HasAudioExtension(audio_files[i]) && audio != audio_stems.end()) {
-      // Not named as audio, beside a recording of its stem (ListAudioFiles lets it through):
-      // that recording's rows carry the stem.
-      report.skipped.push_back({audio_files[i], "duplicate_stem",
-                                absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", audio->second,
-                                             ", the audio file predicted under it")});
-    } else if (auto seen = predicted_stems.find(stem); seen != predicted_stems.end()) {
-      // Two files not named as audio that both decode: the first one's rows carry the stem.
-      report.skipped.push_back({audio_files[i], "duplicate_stem",
-                                absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
-                                             " (predicted): its row ids would repeat those")});
+    } else if (!duplicate.empty()) {
+      report.skipped.push_back({audio_files[i], "duplicate_stem", duplicate});
     } else {
       predicted_stems.emplace(stem, audio_files[i]);
-      absl::StatusOr<std::vector<float>> probs = impl_->Predict(r.audio.samples);
+      absl::StatusOr<std::vector<float>> probs = rows.Finish();
       if (!probs.ok()) {
         status = absl::Status(probs.status().code(),
                               absl::StrCat(audio_files[i], ": ", probs.status().message()));
         break;
       }
       const int64_t classes = static_cast<int64_t>(impl_->class_names.size());
-      const int64_t rows = static_cast<int64_t>(probs->size()) / classes;
+      const int64_t num_rows = static_cast<int64_t>(probs->size()) / classes;
       text.clear();
-      for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t row = 0; row < num_rows; ++row) {
         // Quoted as the header is, when the name needs it (a comma, a quote).
         common::AppendCsvField(&text, RowId(audio_files[i], static_cast<double>(row + 1) * impl_->options.window_s));
         for (int64_t c = 0; c < classes; ++c) {
@@ -467,18 +632,17 @@ absl::StatusOr<PredictReport> Predictor::Run(
       csv_bytes = static_cast<int64_t>(csv.tellp());
       ++report.files_predicted;
       if (silent) ++report.silent_files;
-      report.rows += rows;
-      report.audio_seconds += static_cast<double>(r.audio.samples.size()) / impl_->sample_rate;
+      report.rows += num_rows;
+      report.audio_seconds += static_cast<double>(rows.fed()) / impl_->sample_rate;
     }
+    whole_files.files_done = static_cast<int64_t>(i + 1);
+    whole_files.files_predicted = report.files_predicted;
+    whole_files.rows = report.rows;
+    whole_files.audio_seconds = report.audio_seconds;
+    whole_files.csv_bytes = csv_bytes;
     if (progress) {
-      PredictProgress p;
-      p.files_done = static_cast<int64_t>(i + 1);
-      p.files_total = report.files_total;
-      p.files_predicted = report.files_predicted;
-      p.rows = report.rows;
-      p.audio_seconds = report.audio_seconds;
-      p.elapsed_s = Seconds(start);
-      p.csv_bytes = csv_bytes;
+      PredictProgress p = whole_files;
+      p.elapsed_s = last_progress_s = Seconds(start);
       progress(p);
     }
   }

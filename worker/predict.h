@@ -28,14 +28,19 @@
 //   p'[i] = sum_j w_j p[i + j - h] / sum_j w_j   (j over the windows inside the file)
 // so each row stays a convex combination (softmax rows still sum to 1).
 //
-// Pipeline: `decode_threads` threads decode the next files while the current one runs through
-// the models (at most `prefetch` decoded files wait); torch uses `threads` intra-op threads.
-// Rows are written in the order of the input files.
+// Pipeline: `decode_threads` threads decode the files in order, at most `prefetch` ahead of the
+// one in inference, and stream their samples to it (at most `chunk_samples` of a file waiting):
+// a file's rows go through the models in batches of `batch` windows as soon as the samples they
+// read are decoded, and only the samples the next batch reads are kept. A file of any length
+// (hours of a field recorder) therefore holds about a chunk plus a batch of windows' samples,
+// and its probabilities are the ones of a whole-file pass. A file's rows are written when its
+// decode has ended well (a file found truncated or non-finite at its end has no rows). torch
+// uses `threads` intra-op threads. Rows are written in the order of the input files.
 //
 // Bad input: files that cannot be decoded (missing, empty, not audio, truncated, no samples,
-// NaN samples), a decoder error on one file (reason "error") and a file whose stem a predicted
-// file already had ("duplicate_stem") are skipped and reported in PredictReport::skipped, never
-// fatal; silent files are predicted (all-zero input). A failed write of the CSV (a full disk)
+// NaN samples: the decode stops at the first), a decoder error on one file (reason "error") and
+// a file whose stem a predicted file already had ("duplicate_stem") are skipped and reported in
+// PredictReport::skipped, never fatal; silent files are predicted (all-zero input). A failed write of the CSV (a full disk)
 // ends the run at that file. Checkpoints are refused at Create with FAILED_PRECONDITION or
 // INVALID_ARGUMENT naming the file: not a checkpoint, no class names, class names that do not
 // match num_classes, ensemble members with different label sets, sample rates or channel modes.
@@ -64,14 +69,19 @@ struct PredictOptions {
   std::vector<double> smooth;   // centered moving-average weights (odd count); empty = off
   int threads = 0;              // torch intra-op threads; 0 leaves torch's setting
   int decode_threads = 1;       // >= 1
-  int prefetch = 2;             // decoded files waiting ahead of inference, >= 1
+  int prefetch = 2;             // files decoding ahead of the one in inference, >= 1
+  int64_t chunk_samples = 0;    // decoded samples a file may have waiting; 0 = 2^22 (131 s at
+                                // 32 kHz)
   std::string device = "auto";  // "auto" (CUDA when available), "cpu" or "cuda"
+  // Least seconds between two progress calls within a file (Run), >= 0.
+  double progress_interval_s = 1.0;
   // Run the models on channels-last (NHWC) tensors: the same values, ~1.4-1.7x faster on the
   // CPU with libtorch 1.13's oneDNN convolutions (docs/BENCHMARKS.md).
   bool channels_last = true;
 };
 
 struct PredictProgress {
+  // Of the whole files done; a call within a file (a long one) repeats them.
   int64_t files_done = 0;  // predicted or skipped
   int64_t files_predicted = 0;
   int64_t files_total = 0;
@@ -79,6 +89,9 @@ struct PredictProgress {
   double audio_seconds = 0;  // of the predicted files
   double elapsed_s = 0;
   int64_t csv_bytes = -1;    // the CSV's length after these files' rows, flushed (-1: unknown)
+  // Seconds of the file in inference whose windows went through the models; 0 in the call
+  // after a file.
+  double file_audio_seconds = 0;
 };
 
 struct SkippedFile {
@@ -95,6 +108,9 @@ struct PredictReport {
   double audio_seconds = 0;
   double elapsed_s = 0;
   double decode_wait_s = 0;  // time inference waited for the decoder
+  // The most decoded samples inference held for one file at once: about a batch of windows
+  // (plus a chunk and the TTA shifts), whatever the files' lengths.
+  int64_t peak_file_samples = 0;
   std::vector<SkippedFile> skipped;
 };
 
@@ -124,7 +140,8 @@ class Predictor {
 
   // Predicts `audio_files` in order and writes the CSV (header first) to `csv`. Undecodable
   // files are skipped and listed in the report. `progress` (may be empty) is called after each
-  // file from the calling thread. On an error (inference, or writing `csv`) the rows of the files
+  // file from the calling thread, and within a long file after a batch of its windows at most
+  // every progress_interval_s (file_audio_seconds > 0). On an error (inference, or writing `csv`) the rows of the files
   // before it are in `csv` (the last progress call counts them).
   absl::StatusOr<PredictReport> Run(const std::vector<std::string>& audio_files, std::ostream& csv,
                                     const std::function<void(const PredictProgress&)>& progress);

@@ -737,6 +737,32 @@ TEST(AudioProblemTest, ZeroFramesAndNonFinite) {
   ExpectProblem(nan, AudioProblem::kNonFinite);
 }
 
+// DecodeOptions::max_samples bounds what a decode delivers (kMaxDecodeSamples by default): a
+// header announcing more is refused before any decoding (over_limit); a consumer that streams
+// (aviary predict) raises it.
+TEST(AudioProblemTest, MaxSamplesBoundsADecodeFromTheHeader) {
+  TempDir tmp;
+  const std::string wav = tmp.Sub("second.wav");
+  WriteAudio(wav, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  DecodeOptions options;
+  options.max_samples = 31999;
+  auto refused = DecodeAudio(wav, options);
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_EQ(refused->failure.problem, AudioProblem::kNotAudio);
+  EXPECT_TRUE(refused->failure.over_limit);
+  EXPECT_NE(refused->failure.message.find("more than the decoder's limit of 31999"), std::string::npos)
+      << refused->failure.message;
+  EXPECT_TRUE(refused->audio.samples.empty());
+  options.max_samples = 32000;
+  auto decoded = DecodeAudio(wav, options);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(decoded->ok()) << decoded->failure.message;
+  EXPECT_EQ(decoded->audio.samples.size(), 32000u);
+  options.max_samples = 0;
+  EXPECT_EQ(DecodeAudio(wav, options).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DecodeOptions().max_samples, kMaxDecodeSamples);
+}
+
 // The synthetic corpus writer's broken files are classified as what it wrote.
 TEST(AudioProblemTest, SynthBrokenFilesClassifiedAsWritten) {
   const auto& corpus = SharedCorpus();

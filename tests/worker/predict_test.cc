@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -171,53 +173,69 @@ TEST(PredictTest, EnsembleAndTtaAverage) {
   ASSERT_EQ(tta_probs->size(), probs->size());
 }
 
-// Each row is the model on its own window (the last one zero-padded) and, with TTA, the average of
-// its shifted views (zeros outside the recording): computed here one view at a time from the
-// checkpoint's model and front end, against PredictWaveform's batched rows.
-TEST(PredictTest, EachRowIsTheModelOnItsWindowAndTtaAveragesTheShiftedViews) {
-  const std::string ckpt = SaveModel("rows", {"x", "y", "z"});
+// Rows of `wave` computed one view at a time from the checkpoint's model and front end (no
+// batching, no streaming): row i averages the model's probabilities on the views of window i
+// shifted by TtaShifts(tta, window), zeros outside the recording; the last window zero-padded.
+std::vector<float> ReferenceRows(const std::string& ckpt, const std::vector<float>& wave, int64_t window, int tta) {
+  std::vector<float> out;
   auto meta = ReadCheckpointMeta(ckpt);
-  ASSERT_TRUE(meta.ok()) << meta.status();
-  auto config = common::ParsePipelineConfig(meta->config_yaml, "rows");
-  ASSERT_TRUE(config.ok()) << config.status();
-  auto model = BuildClassifier(config->model, 1, 3);
-  ASSERT_TRUE(model.ok()) << model.status();
-  ASSERT_TRUE(RestoreCheckpoint(ckpt, **model, nullptr).ok());
+  EXPECT_TRUE(meta.ok()) << meta.status();
+  if (!meta.ok()) return out;
+  auto config = common::ParsePipelineConfig(meta->config_yaml, "reference");
+  EXPECT_TRUE(config.ok()) << config.status();
+  if (!config.ok()) return out;
+  auto model = BuildClassifier(config->model, 1, meta->num_classes);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return out;
+  EXPECT_TRUE(RestoreCheckpoint(ckpt, **model, nullptr).ok());
   (*model)->eval();
   auto frontend = MelFrontend::Create(config->frontend, config->augment, config->data.sample_rate);
-  ASSERT_TRUE(frontend.ok()) << frontend.status();
+  EXPECT_TRUE(frontend.ok()) << frontend.status();
+  if (!frontend.ok()) return out;
+  const int64_t n = static_cast<int64_t>(wave.size());
+  const int64_t rows = std::max<int64_t>(1, (n + window - 1) / window);
+  const std::vector<int64_t> shifts = TtaShifts(tta, window);
+  torch::NoGradGuard no_grad;
+  for (int64_t i = 0; i < rows; ++i) {
+    at::Tensor sum = at::zeros({meta->num_classes});
+    for (int64_t shift : shifts) {
+      at::Tensor view = at::zeros({1, window});
+      float* x = view.data_ptr<float>();
+      for (int64_t j = 0; j < window; ++j) {
+        const int64_t from = i * window + shift + j;
+        if (from >= 0 && from < n) x[j] = wave[static_cast<size_t>(from)];
+      }
+      sum += (*model)->Probabilities((*model)->forward((*frontend)->Forward(view)).to(at::kFloat))[0];
+    }
+    sum /= static_cast<double>(shifts.size());
+    for (int64_t k = 0; k < meta->num_classes; ++k) out.push_back(sum[k].item<float>());
+  }
+  return out;
+}
+
+// Each row is the model on its own window (the last one zero-padded) and, with TTA, the average of
+// its shifted views (zeros outside the recording): computed one view at a time (ReferenceRows),
+// against PredictWaveform's batched rows.
+TEST(PredictTest, EachRowIsTheModelOnItsWindowAndTtaAveragesTheShiftedViews) {
+  const std::string ckpt = SaveModel("rows", {"x", "y", "z"});
   PredictOptions options;
   options.checkpoints = {ckpt};
   options.window_s = 0.5;
   options.device = "cpu";
-  const int64_t window = config->data.sample_rate / 2;
+  const int64_t window = 16000;  // 0.5 s at the checkpoint's 32 kHz
   const std::vector<float> wave = Noise(window * 3 + window / 3, 9);  // 4 windows, the last padded
-  const int64_t n = static_cast<int64_t>(wave.size());
   for (int tta : {1, 3}) {
     options.tta = tta;
     auto predictor = Predictor::Create(options);
     ASSERT_TRUE(predictor.ok()) << predictor.status();
+    ASSERT_EQ((*predictor)->window_samples(), window);
     auto rows = (*predictor)->PredictWaveform(wave);
     ASSERT_TRUE(rows.ok()) << rows.status();
     ASSERT_EQ(rows->size(), 4u * 3u);
-    const std::vector<int64_t> shifts = TtaShifts(tta, window);
-    torch::NoGradGuard no_grad;
-    for (int64_t i = 0; i < 4; ++i) {
-      at::Tensor sum = at::zeros({3});
-      for (int64_t shift : shifts) {
-        at::Tensor view = at::zeros({1, window});
-        float* out = view.data_ptr<float>();
-        for (int64_t j = 0; j < window; ++j) {
-          const int64_t from = i * window + shift + j;
-          if (from >= 0 && from < n) out[j] = wave[static_cast<size_t>(from)];
-        }
-        sum += (*model)->Probabilities((*model)->forward((*frontend)->Forward(view)).to(at::kFloat))[0];
-      }
-      sum /= static_cast<double>(shifts.size());
-      for (int64_t k = 0; k < 3; ++k) {
-        EXPECT_NEAR((*rows)[static_cast<size_t>(i * 3 + k)], sum[k].item<float>(), 1e-5)
-            << "tta " << tta << " window " << i << " class " << k;
-      }
+    const std::vector<float> reference = ReferenceRows(ckpt, wave, window, tta);
+    ASSERT_EQ(reference.size(), rows->size());
+    for (size_t k = 0; k < rows->size(); ++k) {
+      EXPECT_NEAR((*rows)[k], reference[k], 1e-5) << "tta " << tta << " window " << k / 3 << " class " << k % 3;
     }
   }
 }
@@ -490,6 +508,134 @@ TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
   EXPECT_LT(bytes[0], bytes[1]);
   EXPECT_EQ(bytes[3], bytes[4]);  // the skipped c.old wrote nothing
   EXPECT_EQ(bytes[4], static_cast<int64_t>(csv.str().size()));
+}
+
+// A mono 32-bit float WAV of `samples` at `rate` (exact samples, NaN included).
+void WriteFloatWav(const std::string& path, const std::vector<float>& samples, int rate) {
+  auto le = [](uint32_t v, int n) {
+    std::string s;
+    for (int k = 0; k < n; ++k) s.push_back(static_cast<char>((v >> (8 * k)) & 0xff));
+    return s;
+  };
+  std::string data(samples.size() * 4, '\0');
+  std::memcpy(data.data(), samples.data(), data.size());  // little-endian IEEE floats on x86/arm
+  const uint32_t n = static_cast<uint32_t>(data.size());
+  std::ofstream(path, std::ios::binary) << "RIFF" << le(36 + n, 4) << "WAVEfmt " << le(16, 4) << le(3, 2)
+                                        << le(1, 2) << le(static_cast<uint32_t>(rate), 4)
+                                        << le(static_cast<uint32_t>(rate) * 4, 4) << le(4, 2) << le(32, 2)
+                                        << "data" << le(n, 4) << data;
+}
+
+// The probabilities of a CSV's rows (row ids dropped), row-major.
+std::vector<float> CsvValues(const std::string& csv) {
+  std::vector<float> values;
+  std::istringstream lines(csv);
+  std::string line;
+  std::getline(lines, line);  // the header
+  while (std::getline(lines, line)) {
+    std::istringstream fields(line);
+    std::string field;
+    std::getline(fields, field, ',');  // row_id
+    while (std::getline(fields, field, ',')) values.push_back(std::stof(field));
+  }
+  return values;
+}
+
+// A file streams through inference: its samples reach the models in the decoder's pieces (here
+// 5000 at a time) and a block of `batch` windows runs once the samples it reads are there, so
+// only about a block is held, not the file; the rows are those of the file taken whole, to the
+// bit, and the model's own on each view (ReferenceRows), TTA shifts and smoothing across the
+// blocks' edges included.
+TEST(PredictTest, ALongFileStreamsThroughInferenceWithTheWholeFileRows) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("stream", {"a", "b", "c"})};
+  options.window_s = 0.5;  // 16000 samples
+  options.batch_windows = 3;
+  options.tta = 3;         // shifts 0, +2667, -2667
+  options.smooth = {0.25, 0.5, 0.25};
+  options.threads = 1;
+  options.device = "cpu";
+  options.progress_interval_s = 0;
+  const std::string dir = Dir("stream");
+  const std::vector<float> wave = Noise(16000 * 80 + 777, 11);  // 40 s: 81 rows, 27 blocks
+  WriteFloatWav(dir + "/long.wav", wave, 32000);
+  WriteFloatWav(dir + "/short.wav", Noise(20000, 12), 32000);
+  const std::vector<std::string> files = {dir + "/long.wav", dir + "/short.wav"};
+
+  auto run = [&](int64_t chunk, int decoders, int prefetch, PredictReport* report) {
+    PredictOptions o = options;
+    o.chunk_samples = chunk;
+    o.decode_threads = decoders;
+    o.prefetch = prefetch;
+    auto p = Predictor::Create(o);
+    EXPECT_TRUE(p.ok()) << p.status();
+    if (!p.ok()) return std::string();
+    std::ostringstream csv;
+    std::vector<PredictProgress> calls;
+    auto r = (*p)->Run(files, csv, [&](const PredictProgress& progress) { calls.push_back(progress); });
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (r.ok()) *report = *r;
+    // A call after each file, and within the long one after each block that ran as its samples
+    // came (the interval is 0), repeating the whole files' counts.
+    std::vector<double> within;
+    int64_t files_done = 0;
+    for (const PredictProgress& c : calls) {
+      if (c.file_audio_seconds > 0) {
+        EXPECT_EQ(c.files_done, 0);
+        EXPECT_EQ(c.rows, 0);
+        EXPECT_EQ(c.csv_bytes, static_cast<int64_t>(strlen("row_id,a,b,c\n")));
+        within.push_back(c.file_audio_seconds);
+      } else {
+        EXPECT_EQ(c.files_done, ++files_done);
+      }
+    }
+    EXPECT_EQ(files_done, 2);
+    EXPECT_FALSE(within.empty());
+    EXPECT_TRUE(std::is_sorted(within.begin(), within.end()));
+    for (double s : within) EXPECT_LE(s, 40.0);
+    return csv.str();
+  };
+  PredictReport streamed, whole;
+  const std::string pieces = run(5000, 2, 1, &streamed);
+  const std::string at_once = run(int64_t{1} << 24, 1, 2, &whole);  // the decoder runs to the end unhindered
+  EXPECT_EQ(streamed.rows, 81 + 2);
+  EXPECT_TRUE(streamed.skipped.empty());
+  EXPECT_EQ(pieces, at_once);
+  // Held: a block's span (3 x 16000 + 2 x 2667) and what came with the piece that completed it
+  // (at most a chunk and a decoder block of 16384): under 80000 of the file's 1280777.
+  EXPECT_GT(streamed.peak_file_samples, 3 * 16000);
+  EXPECT_LT(streamed.peak_file_samples, 80000);
+
+  std::vector<float> expected = ReferenceRows(options.checkpoints[0], wave, 16000, 3);
+  ASSERT_EQ(expected.size(), 81u * 3u);
+  expected = SmoothRows(expected, 81, 3, options.smooth);
+  const std::vector<float> got = CsvValues(pieces);
+  ASSERT_EQ(got.size(), (81u + 2u) * 3u);
+  for (size_t k = 0; k < expected.size(); ++k) {
+    EXPECT_NEAR(got[k], expected[k], 1e-5) << "row " << k / 3 << " class " << k % 3;
+  }
+}
+
+// A NaN late in a long file ends its decode there: the file is skipped (non_finite, no rows)
+// whatever blocks of its windows went through the models before; the next file is predicted.
+TEST(PredictTest, AFileFoundNonFiniteWhileStreamingHasNoRows) {
+  std::unique_ptr<Predictor> p = TwoClassPredictor("stream_nan", 0.5);
+  ASSERT_NE(p, nullptr);
+  const std::string dir = Dir("stream_nan");
+  std::vector<float> wave = Noise(16000 * 60, 13);
+  wave[16000 * 50 + 5] = std::nanf("");
+  WriteFloatWav(dir + "/a_nan.wav", wave, 32000);
+  WriteFloatWav(dir + "/b.wav", Noise(16000 * 2, 14), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::ostringstream csv;
+  auto report = p->Run(*files, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->skipped.size(), 1u);
+  EXPECT_EQ(report->skipped[0].reason, "non_finite");
+  EXPECT_EQ(report->files_predicted, 1);
+  EXPECT_EQ(csv.str().find("a_nan_"), std::string::npos) << csv.str().substr(0, 200);
+  EXPECT_EQ(report->rows, 2);
 }
 
 }  // namespace

@@ -624,6 +624,10 @@ absl::Status ValidateOptions(const DecodeOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("duration_s ", options.duration_s, ": must be finite and <= 1e9"));
   }
+  if (options.max_samples < 1 || options.max_samples > (int64_t{1} << 62)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_samples ", options.max_samples, ": must be in [1, 2^62]"));
+  }
   return absl::OkStatus();
 }
 
@@ -712,18 +716,19 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
     }
     return result;
   }
-  if (known && want > kMaxDecodeSamples) {
+  const int64_t limit = options.max_samples;
+  if (known && want > limit) {
     result.failure = Failure(
         AudioProblem::kNotAudio,
         absl::StrCat(path, ": the decode would deliver ", want, " samples at ", to_hz, " Hz (",
                      audio.source_frames, " frames at ", from_hz,
-                     " Hz in the header), more than the decoder's limit of ", kMaxDecodeSamples,
+                     " Hz in the header), more than the decoder's limit of ", limit,
                      ": refused"));
     result.failure.over_limit = true;
     return result;
   }
   // Unknown length: one sample past the limit tells a stream that is too long.
-  if (!known) want = std::min(want, kMaxDecodeSamples + 1);
+  if (!known) want = std::min(want, limit + 1);
   // Reserved up to what the file's bytes can hold (64 samples a byte covers 8 kbit/s speech
   // resampled from 16 to 32 kHz) and 2^26 samples (35 minutes at 32 kHz; longer ones grow): a
   // damaged header's claim of 2^29 samples must not reserve 2 GiB per decoder.
@@ -876,11 +881,11 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
       audio.total_samples = ResampledLength(audio.source_frames, from_hz, to_hz);
     }
   }
-  if (emitter.emitted() > kMaxDecodeSamples) {
+  if (emitter.emitted() > limit) {
     result.failure = Failure(
         AudioProblem::kNotAudio,
         absl::StrCat(path, ": the stream decodes to more than the decoder's limit of ",
-                     kMaxDecodeSamples, " samples at ", to_hz, " Hz: refused"));
+                     limit, " samples at ", to_hz, " Hz: refused"));
     return result;
   }
   if (emitter.emitted() == 0) {

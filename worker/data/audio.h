@@ -53,6 +53,11 @@ enum class ChannelMode { kFirst, kMean };  // the notebook takes the first chann
 absl::StatusOr<ChannelMode> ParseChannelMode(absl::string_view name);
 const char* ChannelModeName(ChannelMode mode);
 
+// The most samples one decode may deliver: 2^29 (2 GiB as float, 1 GiB as int16; 4.66 hours at
+// 32 kHz). A decode that would deliver more is refused as a problem file, not attempted
+// (DecodeOptions::max_samples).
+constexpr int64_t kMaxDecodeSamples = int64_t{1} << 29;
+
 struct DecodeOptions {
   // Resample to this rate (soxr, SOXR_HQ); 0 keeps the source rate.
   int target_sample_rate = 32000;
@@ -63,6 +68,11 @@ struct DecodeOptions {
   // before `offset_s`.
   double offset_s = 0.0;
   double duration_s = 0.0;
+  // The most samples the decode may deliver, >= 1: a file whose header gives more is refused
+  // (kNotAudio, over_limit), a stream of unknown length that turns out longer too (kNotAudio).
+  // A consumer that holds only a bounded part of a stream at a time (DecodeAudioTo with a sink
+  // that passes samples on, as `aviary predict` does) may raise it.
+  int64_t max_samples = kMaxDecodeSamples;
 };
 
 struct DecodedAudio {
@@ -91,16 +101,12 @@ struct DecodeFailure {
   // ... for a cause that may pass (an I/O error, too many open files, out of memory; not a file
   // that does not exist): worth reading again.
   bool retry = false;
-  // kNotAudio because the header's length would deliver more than kMaxDecodeSamples: audio, too
+  // kNotAudio because the header's length would deliver more than max_samples: audio, too
   // long to decode whole, whose windows decode (a training clip's): `aviary prepare` does not
   // cache the verdict. (A stream of unknown length found too long while decoding is not
   // flagged: its clips are decoded whole too, so it stays not_audio everywhere.)
   bool over_limit = false;
 };
-
-// The most samples one decode may deliver: 2^29 (2 GiB as float, 1 GiB as int16; 4.66 hours at
-// 32 kHz). A decode that would deliver more is refused as a problem file, not attempted.
-constexpr int64_t kMaxDecodeSamples = int64_t{1} << 29;
 
 // The outcome of a decode: `audio` is meaningful when ok(); on a skippable problem `failure`
 // says why (`audio` then holds what was learnt before the failure, e.g. the header). absl

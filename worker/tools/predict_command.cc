@@ -60,20 +60,25 @@ class ProgressBar {
     const double rate = p.elapsed_s > 0 ? p.files_done / p.elapsed_s : 0.0;
     const double eta = rate > 0 ? (p.files_total - p.files_done) / rate : -1.0;
     const double per_file = p.files_done > 0 ? p.elapsed_s / p.files_done : 0.0;
+    // Within a long file: how much of it went through the model.
+    const std::string in_file =
+        p.file_audio_seconds > 0
+            ? absl::StrCat(", file ", p.files_done + 1, ": ", Clock(p.file_audio_seconds), " of audio done")
+            : std::string();
     if (tty_) {
       constexpr int kWidth = 30;
       int filled =
           p.files_total > 0 ? static_cast<int>(kWidth * p.files_done / p.files_total) : kWidth;
       std::string bar(static_cast<size_t>(filled), '#');
       bar.append(static_cast<size_t>(kWidth - filled), '.');
-      std::fprintf(stderr, "\r\033[K[%s] %lld/%lld files  %.2f s/file  ETA %s", bar.c_str(),
+      std::fprintf(stderr, "\r\033[K[%s] %lld/%lld files  %.2f s/file  ETA %s%s", bar.c_str(),
                    static_cast<long long>(p.files_done), static_cast<long long>(p.files_total),
-                   per_file, Clock(eta).c_str());
+                   per_file, Clock(eta).c_str(), in_file.c_str());
       if (last) std::fprintf(stderr, "\n");
     } else {
-      std::fprintf(stderr, "predict: %lld/%lld files, %.2f s/file, ETA %s\n",
+      std::fprintf(stderr, "predict: %lld/%lld files, %.2f s/file, ETA %s%s\n",
                    static_cast<long long>(p.files_done), static_cast<long long>(p.files_total),
-                   per_file, Clock(eta).c_str());
+                   per_file, Clock(eta).c_str(), in_file.c_str());
     }
     std::fflush(stderr);
   }
