@@ -66,9 +66,10 @@ void AppendFloat(std::string* out, float v) {
   out->append(buf, end);
 }
 
-// Decoded samples a file may have waiting for inference by default: 2^22 (16 MiB, 131 s at
-// 32 kHz; a BirdCLEF soundscape streams in two pieces).
-constexpr int64_t kDefaultChunkSamples = int64_t{1} << 22;
+// Decoded samples a file may have waiting for inference by default: 2^23 (32 MiB, 262 s at
+// 32 kHz): the decoders reading ahead decode a BirdCLEF soundscape (240 s) whole, as before
+// streaming, and an hours-long file up to that much.
+constexpr int64_t kDefaultChunkSamples = int64_t{1} << 23;
 // The longest file predict decodes: 2^40 samples (397 days at 32 kHz), a bound against a
 // damaged header, not a memory limit: samples stream through (see RowStream).
 constexpr int64_t kPredictMaxSamples = int64_t{1} << 40;
@@ -178,6 +179,43 @@ class Predictor::Impl::RowStream {
 
   // Appends `n` samples and runs the blocks they complete.
   absl::Status Feed(const float* samples, int64_t n) {
+    return Guarded([&] { return FeedUnguarded(samples, n); });
+  }
+
+  // Samples the next block waits for (>= 1).
+  int64_t Wanted() const {
+    return std::max<int64_t>(1, (next_row_ + impl_->batch) * impl_->window + max_shift_ - fed_);
+  }
+  int64_t fed() const { return fed_; }
+  int64_t rows_done() const { return next_row_; }
+  int64_t peak_samples() const { return peak_; }
+
+  // The file ended after the samples fed: its last rows (zeros past the end), then every row
+  // averaged over views and models and smoothed: row-major [max(1, ceil(fed / W)), classes].
+  absl::StatusOr<std::vector<float>> Finish() {
+    std::vector<float> rows;
+    AVIARY_RETURN_IF_ERROR(Guarded([&]() -> absl::Status {
+      AVIARY_ASSIGN_OR_RETURN(rows, FinishUnguarded());
+      return absl::OkStatus();
+    }));
+    return rows;
+  }
+
+ private:
+  // An exception (std::bad_alloc of a buffer) as an error: it must not leave Run with decode
+  // threads running.
+  template <typename F>
+  static absl::Status Guarded(F&& f) {
+    try {
+      return f();
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("inference: out of memory (std::bad_alloc)");
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("inference: ", e.what()));
+    }
+  }
+
+  absl::Status FeedUnguarded(const float* samples, int64_t n) {
     buffer_.insert(buffer_.end(), samples, samples + n);
     fed_ += n;
     peak_ = std::max(peak_, static_cast<int64_t>(buffer_.size()));
@@ -195,17 +233,7 @@ class Predictor::Impl::RowStream {
     return absl::OkStatus();
   }
 
-  // Samples the next block waits for (>= 1).
-  int64_t Wanted() const {
-    return std::max<int64_t>(1, (next_row_ + impl_->batch) * impl_->window + max_shift_ - fed_);
-  }
-  int64_t fed() const { return fed_; }
-  int64_t rows_done() const { return next_row_; }
-  int64_t peak_samples() const { return peak_; }
-
-  // The file ended after the samples fed: its last rows (zeros past the end), then every row
-  // averaged over views and models and smoothed: row-major [max(1, ceil(fed / W)), classes].
-  absl::StatusOr<std::vector<float>> Finish() {
+  absl::StatusOr<std::vector<float>> FinishUnguarded() {
     const int64_t rows = std::max<int64_t>(1, (fed_ + impl_->window - 1) / impl_->window);
     while (next_row_ < rows) {
       const int64_t end = std::min<int64_t>(next_row_ + impl_->batch, rows);
@@ -218,7 +246,6 @@ class Predictor::Impl::RowStream {
     return SmoothRows(probs_, rows, classes, impl_->options.smooth);
   }
 
- private:
   // Rows [r0, r1): every view of every row through the models, summed over views in order and
   // divided by views x models, appended to probs_.
   absl::Status RunBlock(int64_t r0, int64_t r1) {

@@ -34,8 +34,9 @@
 // read are decoded, and only the samples the next batch reads are kept. A file of any length
 // (hours of a field recorder) therefore holds about a chunk plus a batch of windows' samples,
 // and its probabilities are the ones of a whole-file pass. A file's rows are written when its
-// decode has ended well (a file found truncated or non-finite at its end has no rows). torch
-// uses `threads` intra-op threads. Rows are written in the order of the input files.
+// decode has ended well: a file found truncated or non-finite partway has no rows, though its
+// earlier windows went through the models (an inference error there ends the run). torch uses
+// `threads` intra-op threads. Rows are written in the order of the input files.
 //
 // Bad input: files that cannot be decoded (missing, empty, not audio, truncated, no samples,
 // NaN samples: the decode stops at the first), a decoder error on one file (reason "error") and
@@ -70,8 +71,8 @@ struct PredictOptions {
   int threads = 0;              // torch intra-op threads; 0 leaves torch's setting
   int decode_threads = 1;       // >= 1
   int prefetch = 2;             // files decoding ahead of the one in inference, >= 1
-  int64_t chunk_samples = 0;    // decoded samples a file may have waiting; 0 = 2^22 (131 s at
-                                // 32 kHz)
+  int64_t chunk_samples = 0;    // decoded samples a file may have waiting; 0 = 2^23 (262 s at
+                                // 32 kHz: a BirdCLEF soundscape is read ahead whole)
   std::string device = "auto";  // "auto" (CUDA when available), "cpu" or "cuda"
   // Least seconds between two progress calls within a file (Run), >= 0.
   double progress_interval_s = 1.0;

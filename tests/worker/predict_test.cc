@@ -597,7 +597,9 @@ TEST(PredictTest, ALongFileStreamsThroughInferenceWithTheWholeFileRows) {
   };
   PredictReport streamed, whole;
   const std::string pieces = run(5000, 2, 1, &streamed);
-  const std::string at_once = run(int64_t{1} << 24, 1, 2, &whole);  // the decoder runs to the end unhindered
+  // A chunk larger than the file: the decoder is never held back (inference still takes the
+  // samples in pieces of its own, whatever is there when it wakes).
+  const std::string at_once = run(int64_t{1} << 24, 1, 2, &whole);
   EXPECT_EQ(streamed.rows, 81 + 2);
   EXPECT_TRUE(streamed.skipped.empty());
   EXPECT_EQ(pieces, at_once);
@@ -636,6 +638,84 @@ TEST(PredictTest, AFileFoundNonFiniteWhileStreamingHasNoRows) {
   EXPECT_EQ(report->files_predicted, 1);
   EXPECT_EQ(csv.str().find("a_nan_"), std::string::npos) << csv.str().substr(0, 200);
   EXPECT_EQ(report->rows, 2);
+}
+
+// A long file skipped for its stem (b.bak beside b.wav) while its decoder waits in the sink
+// with a chunk of it not taken: marked unwanted, its samples are dropped and the decoder goes
+// on to the end (its verdict decides the reason), and the files after it are predicted (a run
+// that waited for its end with the chunk neither taken nor dropped would never end).
+TEST(PredictTest, AStemDuplicateWhoseDecoderWaitsIsDrainedNotWaitedFor) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("stream_dup", {"a", "b"})};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  options.chunk_samples = 3000;
+  options.decode_threads = 3;
+  options.prefetch = 2;
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::string dir = Dir("stream_dup");
+  WriteFloatWav(dir + "/a.wav", Noise(16000 * 20, 21), 32000);
+  WriteFloatWav(dir + "/b.bak", Noise(16000 * 30, 22), 32000);
+  WriteFloatWav(dir + "/b.wav", Noise(16000 * 4, 23), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  ASSERT_EQ(files->size(), 3u);  // a.wav, b.bak, b.wav
+  std::ostringstream csv;
+  auto report = (*p)->Run(*files, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->skipped.size(), 1u);
+  EXPECT_EQ(report->skipped[0].path, dir + "/b.bak");
+  EXPECT_EQ(report->skipped[0].reason, "duplicate_stem");
+  EXPECT_EQ(report->files_predicted, 2);
+  EXPECT_EQ(report->rows, 20 + 4);
+}
+
+// A stream that takes `limit` bytes and then fails, as a full disk does.
+class FullDisk : public std::streambuf {
+ public:
+  explicit FullDisk(size_t limit) : limit_(limit) {}
+  std::string written;
+
+ protected:
+  int_type overflow(int_type c) override {
+    if (c == traits_type::eof()) return traits_type::not_eof(c);
+    if (written.size() >= limit_) return traits_type::eof();
+    written.push_back(static_cast<char>(c));
+    return c;
+  }
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    std::streamsize k = 0;
+    while (k < n && overflow(traits_type::to_int_type(s[k])) != traits_type::eof()) ++k;
+    return k;
+  }
+
+ private:
+  size_t limit_;
+};
+
+// A failed write ends the run while the next file's decoder waits in the sink: it is woken by
+// the stop and the run returns (without the wake-up, Run would wait for it forever).
+TEST(PredictTest, AFailedWriteStopsDecodersThatWait) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("stream_full", {"a", "b"})};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  options.chunk_samples = 3000;
+  options.decode_threads = 2;
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::string dir = Dir("stream_full");
+  WriteFloatWav(dir + "/a.wav", Noise(16000 * 2, 31), 32000);
+  WriteFloatWav(dir + "/b.wav", Noise(16000 * 40, 32), 32000);
+  WriteFloatWav(dir + "/c.wav", Noise(16000 * 40, 33), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  FullDisk disk(std::string("row_id,a,b\n").size() + 10);  // the header and part of a row
+  std::ostream csv(&disk);
+  auto report = (*p)->Run(*files, csv, nullptr);
+  ASSERT_FALSE(report.ok());
+  EXPECT_THAT(report.status().message(), HasSubstr("writing the CSV failed at the rows of " + dir + "/a.wav"));
 }
 
 }  // namespace

@@ -55,8 +55,11 @@ class ProgressBar {
   ProgressBar() : tty_(::isatty(STDERR_FILENO) == 1) {}
   void Update(const worker::PredictProgress& p) {
     const bool last = p.files_done == p.files_total;
-    if (!last && p.elapsed_s - last_s_ < (tty_ ? 0.2 : 10.0)) return;
+    // The end of a long file is drawn whatever the time: the bar would keep its in-file text.
+    const bool file_ended = showing_in_file_ && p.file_audio_seconds == 0;
+    if (!last && !file_ended && p.elapsed_s - last_s_ < (tty_ ? 0.2 : 10.0)) return;
     last_s_ = p.elapsed_s;
+    showing_in_file_ = p.file_audio_seconds > 0;
     const double rate = p.elapsed_s > 0 ? p.files_done / p.elapsed_s : 0.0;
     const double eta = rate > 0 ? (p.files_total - p.files_done) / rate : -1.0;
     const double per_file = p.files_done > 0 ? p.elapsed_s / p.files_done : 0.0;
@@ -86,6 +89,7 @@ class ProgressBar {
  private:
   bool tty_;
   double last_s_ = -1e9;
+  bool showing_in_file_ = false;  // the last line drawn was within a file
 };
 
 absl::StatusOr<std::vector<double>> ParseWeights(const std::string& text) {
