@@ -5,7 +5,9 @@
 // --worker-token-file F), submits --jobs jobs over a
 // tiny hand-written dataset (a 2024-layout metadata CSV and empty audio files: the catalog only
 // checks that they exist), registers --groups worker groups that heartbeat every
-// --heartbeat-ms (the first --leased of them lease a task first and heartbeat with it), and
+// --heartbeat-ms (the first --leased of them lease a task first and heartbeat with it; with
+// --report-ms they also send ReportProgress, --report-points step points each, as a training
+// group does every 2 s), and
 // runs --pollers concurrent clients that call GetJob and ListJobs in a closed loop (or every
 // --poll-interval-ms) for --duration seconds. Prints p50/p99/max latency and RPC/s of the
 // pollers and of the heartbeats, as one JSON line and as a table.
@@ -91,6 +93,10 @@ struct Options {
   // and so is GetManifest, which a group calls (as aviary-worker does) for a manifest hash it
   // has not fetched yet (each group remembers its last 4).
   int task_ms = 0;
+  // > 0: a group holding a task sends ReportProgress every this many ms (staggered over the
+  // groups) with `report_points` step points (one SQLite transaction each).
+  int report_ms = 0;
+  int report_points = 4;
 };
 
 // Latencies of one kind of call, in microseconds, plus its error count.
@@ -300,7 +306,7 @@ std::atomic<bool> g_stop{false};
 // A worker group: registers, optionally leases a task, then heartbeats every interval.
 void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& options,
               bool lease, Clock::time_point measure_from, Samples* out, std::string* held,
-              Samples* first_leases, Samples* leases, Samples* fetches) {
+              Samples* first_leases, Samples* leases, Samples* fetches, Samples* reports) {
   auto stub = v1::WorkerService::NewStub(channel);
   v1::RegisterGroupRequest reg;
   reg.set_world_size(1);
@@ -382,6 +388,46 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
   auto leased_at = Clock::now();
   const auto interval = std::chrono::milliseconds(options.heartbeat_ms);
   auto next = Clock::now();
+  // Reports: staggered over the groups, as groups started at different times are.
+  const auto report_interval = std::chrono::milliseconds(options.report_ms);
+  auto next_report = Clock::now() + report_interval * index / std::max(1, options.groups);
+  int64_t step = 0;
+  auto report = [&] {
+    v1::ReportProgressRequest req;
+    req.set_group_id(reg_response.group_id());
+    req.set_task_id(task_id);
+    req.set_steps_per_epoch(1000);
+    const double absent = std::nan("");  // a step point has no validation values
+    for (int k = 0; k < options.report_points; ++k) {
+      v1::Metrics* m = req.add_points();
+      m->set_epoch(0);
+      m->set_step(++step);
+      m->set_lr(1e-3);
+      m->set_train_loss(1.0 / static_cast<double>(step));
+      m->set_train_acc(0.5);
+      for (auto set : {&v1::Metrics::set_val_loss, &v1::Metrics::set_val_auc, &v1::Metrics::set_val_roc_auc,
+                       &v1::Metrics::set_val_cmap, &v1::Metrics::set_val_acc}) {
+        (m->*set)(absent);
+      }
+      m->set_samples_per_s(512);
+      m->set_samples_total(step * 64);
+    }
+    v1::ReportProgressResponse resp;
+    grpc::ClientContext context;
+    PrepareWorker(&context);
+    const auto t0 = Clock::now();
+    grpc::Status s = stub->ReportProgress(&context, req, &resp);
+    const auto t1 = Clock::now();
+    if (t0 < measure_from) return;
+    if (s.ok()) {
+      reports->us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    } else {
+      reports->errors++;
+      if (reports->first_error.empty()) {
+        reports->first_error = ToStatus(s, absl::StrCat("ReportProgress of group ", index)).ToString();
+      }
+    }
+  };
   while (!g_stop.load()) {
     v1::HeartbeatRequest req;
     req.set_group_id(reg_response.group_id());
@@ -419,6 +465,15 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
       }
       lease_task(leases);
       leased_at = Clock::now();
+    }
+    if (options.report_ms > 0) {
+      // Reports between heartbeats, each at its own time.
+      while (!g_stop.load() && next_report < next + interval) {
+        std::this_thread::sleep_until(next_report);
+        if (!task_id.empty()) report();
+        next_report += report_interval;
+        if (next_report < Clock::now()) next_report = Clock::now();  // late: no burst
+      }
     }
     next += interval;
     if (next < Clock::now()) next = Clock::now();  // late: do not burst to catch up
@@ -492,6 +547,11 @@ std::optional<int> ParseOptions(int argc, char** argv, Options* o) {
   app.add_option("--pipeline", o->pipeline, "submit this pipeline YAML instead of the built-in tiny one");
   app.add_option("--working-dir", o->working_dir,
                  "the pipeline's relative paths resolve here (a data root of a spawned coordinator)");
+  AddNumber(&app, "--report-ms", &o->report_ms, "MS",
+            "groups holding a task send ReportProgress every MS (0: none)", 0, 3600000)
+      ->capture_default_str();
+  AddNumber(&app, "--report-points", &o->report_points, "N", "step points per report", 1, 10000)
+      ->capture_default_str();
   AddNumber(&app, "--task-ms", &o->task_ms, "MS",
             "groups holding a task hand it back after MS and lease again (0: hold it)", 0, 86400000)
       ->capture_default_str();
@@ -571,7 +631,7 @@ absl::Status Run(const Options& options) {
   const int group_channel_count = std::max(1, (options.groups + 7) / 8);
   for (int i = 0; i < group_channel_count; ++i) group_channels.push_back(MakeChannel(address, 100000 + i));
   std::vector<Samples> heartbeats(options.groups), first_lease_samples(options.groups), lease_samples(options.groups),
-      fetch_samples(options.groups);
+      fetch_samples(options.groups), report_samples(options.groups);
   std::vector<std::string> held(options.groups);
   std::vector<std::thread> group_threads;
   const auto warmup_end = Clock::now() + std::chrono::seconds(1);
@@ -579,7 +639,7 @@ absl::Status Run(const Options& options) {
     group_threads.emplace_back(RunGroup, group_channels[g % group_channel_count], g,
                                std::cref(options), g < options.leased, warmup_end,
                                &heartbeats[g], &held[g], &first_lease_samples[g], &lease_samples[g],
-                               &fetch_samples[g]);
+                               &fetch_samples[g], &report_samples[g]);
   }
   std::this_thread::sleep_until(warmup_end);
 
@@ -608,7 +668,10 @@ absl::Status Run(const Options& options) {
   lease_all.Merge(lease_burst_all);
   lease_all.Merge(lease_steady_all);
   for (auto& s : fetch_samples) fetch_all.Merge(s);
+  Samples report_all;
+  for (auto& s : report_samples) report_all.Merge(s);
   const Summary lease = Summarize(lease_all, hb_s), fetch = Summarize(fetch_all, hb_s);
+  const Summary progress = Summarize(report_all, hb_s);
   const Summary lease_burst = Summarize(lease_burst_all, hb_s), lease_steady = Summarize(lease_steady_all, hb_s);
 
   Samples get_all, list_all, hb_all, poll_all;
@@ -638,6 +701,8 @@ absl::Status Run(const Options& options) {
             << Json("poll", poll) << "," << Json("get_job", get) << "," << Json("list_jobs", list)
             << "," << Json("heartbeat", hb) << "," << Json("lease", lease) << "," << Json("lease_burst", lease_burst)
             << "," << Json("lease_steady", lease_steady) << "," << Json("get_manifest", fetch)
+            << "," << Json("report_progress", progress)
+            << absl::StrFormat(",\"report_ms\":%d,\"report_points\":%d", options.report_ms, options.report_points)
             << absl::StrFormat(",\"submit_s\":%.2f,\"coordinator_cpu_s\":%.2f,\"coordinator_cores\":%.3f}\n",
                                submit_s, cpu_s, cpu_s >= 0 ? cpu_s / hb_s : -1.0);
 
@@ -664,10 +729,11 @@ absl::Status Run(const Options& options) {
             << Row("  burst", lease_burst) << "\n"
             << Row("  steady", lease_steady) << "\n"
             << Row("GetManifest", fetch) << "\n"
+            << Row("ReportProgress", progress) << "\n"
             << absl::StrFormat("\nsubmits: %d in %.1f s; coordinator CPU while loaded: %s\n", options.jobs, submit_s,
                                cpu_s >= 0 ? absl::StrFormat("%.1f s in %.1f s (%.2f cores)", cpu_s, hb_s, cpu_s / hb_s)
                                           : std::string("unknown (not spawned)"));
-  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_burst_all, &lease_steady_all, &fetch_all}) {
+  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_burst_all, &lease_steady_all, &fetch_all, &report_all}) {
     if (!s->first_error.empty()) std::cout << "first error: " << s->first_error << "\n";
   }
   process.reset();

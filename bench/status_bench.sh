@@ -6,6 +6,8 @@
 # one JSON line and a table (p50/p99/max latency, RPC/s, errors) of the pollers and heartbeats.
 # Usage: bench/status_bench.sh [BUILD_DIR] [DURATION_S] [extra status_bench flags...]
 #   e.g. bench/status_bench.sh build 20 --poll-interval-ms 1000 --channels 20
+#        bench/status_bench.sh build 20 --groups 64 --leased 64 --jobs 32 --report-ms 2000
+#        (every group holds a task and sends ReportProgress every 2 s, as aviary-worker does)
 # COORDINATOR_BIN=path uses that aviary-coordinator instead of building $BUILD_DIR's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
