@@ -47,6 +47,12 @@ std::string MetaToYaml(const CheckpointMeta& m) {
     out << YAML::Key << "cached_files" << YAML::Value << m.cached_files;
     out << YAML::Key << "data_files" << YAML::Value << m.data_files;
   }
+  if (m.train_items >= 0) {
+    out << YAML::Key << "train_items" << YAML::Value << m.train_items;
+    out << YAML::Key << "train_items_digest" << YAML::Value << m.train_items_digest;
+    out << YAML::Key << "valid_items" << YAML::Value << m.valid_items;
+    out << YAML::Key << "valid_items_digest" << YAML::Value << m.valid_items_digest;
+  }
   if (m.in_epoch >= 0) {
     out << YAML::Key << "in_epoch" << YAML::Value << m.in_epoch;
     out << YAML::Key << "batches_done" << YAML::Value << m.batches_done;
@@ -88,6 +94,12 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     if (n["cached_files"]) {
       m.cached_files = n["cached_files"].as<int64_t>();
       m.data_files = n["data_files"].as<int64_t>();
+    }
+    if (n["train_items"]) {
+      m.train_items = n["train_items"].as<int64_t>();
+      m.train_items_digest = n["train_items_digest"].as<int64_t>();
+      m.valid_items = n["valid_items"].as<int64_t>();
+      m.valid_items_digest = n["valid_items_digest"].as<int64_t>();
     }
     if (n["in_epoch"]) {
       m.in_epoch = n["in_epoch"].as<int>();

@@ -50,6 +50,13 @@ struct CheckpointMeta {
   // recorded (checkpoints written before).
   int64_t cached_files = -1;
   int64_t data_files = -1;
+  // The run's training and validation items as listed (paths and targets, in order; before
+  // debug mode's cut): their counts and a 62-bit digest of each list. -1 counts: not recorded
+  // (checkpoints written before). A resume over other items is refused (the folds moved).
+  int64_t train_items = -1;
+  int64_t valid_items = -1;
+  int64_t train_items_digest = 0;
+  int64_t valid_items_digest = 0;
   // A checkpoint written mid-epoch (a stop or preemption, TrainOptions::should_stop): epoch
   // `in_epoch` (= epoch + 1) is in progress and its first `batches_done` loader batches are
   // trained; `epoch_loss_sum`, `epoch_seen` and `epoch_correct` are the epoch's running totals

@@ -77,6 +77,22 @@ std::string Num(double v) {
   return absl::StrFormat("%.6g", v);
 }
 
+// A 62-bit FNV-1a digest of the items' paths and targets, in order (the ranks compare them, and
+// a resume compares them with its checkpoint's).
+int64_t ItemsDigest(const std::vector<LoaderItem>& items) {
+  uint64_t h = 14695981039346656037ULL;
+  auto mix = [&h](const void* data, size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  };
+  for (const LoaderItem& item : items) {
+    mix(item.path.data(), item.path.size() + 1);  // with its NUL: "ab","c" differs from "a","bc"
+    const int32_t target = item.target;
+    mix(&target, sizeof(target));
+  }
+  return static_cast<int64_t>(h >> 2);
+}
+
 std::string HistoryCsv(const std::vector<EpochRecord>& rows) {
   std::ostringstream out;
   common::WriteCsvRow(out, HistoryColumns());
@@ -388,6 +404,8 @@ struct Trainer::State {
   // (CountCachedFiles; recorded in the checkpoints rank 0 writes and compared on resume; the
   // other ranks leave it 0 and stat nothing).
   int64_t cached_files = 0, data_files = 0;
+  // The items as listed, before debug mode's cut (CheckpointMeta::train_items ...).
+  int64_t listed_train = 0, listed_valid = 0, train_digest = 0, valid_digest = 0;
   std::unique_ptr<Loader> train_loader, valid_loader;
   std::unique_ptr<MelFrontend> frontend;
   std::shared_ptr<ClassifierImpl> model;
@@ -458,6 +476,10 @@ struct Trainer::State {
     m.world_size = world;
     m.cached_files = cached_files;
     m.data_files = data_files;
+    m.train_items = listed_train;
+    m.valid_items = listed_valid;
+    m.train_items_digest = train_digest;
+    m.valid_items_digest = valid_digest;
     m.early_stop_value = early_stop_value;
     m.early_stop_epoch = early_stop_epoch;
     m.stopped_early = stopped_early;
@@ -555,6 +577,13 @@ struct Trainer::State {
   // Rank 0: best.pt (when `best`), last.pt (the previous one kept as last.prev.pt), history.csv,
   // history.png (its failure is only logged). Stops at the first failure.
   absl::Status WriteEpochFiles(int epoch, bool best, const common::AtomicWriteOptions& write);
+  // history.csv and history.png from `history` (rank 0).
+  absl::Status WriteHistoryFiles(const common::AtomicWriteOptions& write);
+  // A run that ended (all epochs, or stopped early) resumes to nothing, and its history files
+  // may lack its last epoch: they are written after last.pt, and a fault between them (a full
+  // disk, a fence, a kill) left them behind. Rank 0 writes them again from last.pt's history
+  // when history.csv differs from it; every rank shares the outcome.
+  absl::Status CatchUpHistoryFiles(const common::AtomicWriteOptions& write);
   // Every rank, after each round of rank 0's writes (`what`): rank 0's `wrote`, known to all
   // (one all-reduce of its code). Rank 0 returns `wrote`; the others, when it failed, the same
   // code with "rank 0 could not write ...".
@@ -572,6 +601,7 @@ struct Trainer::State {
   absl::Status CreateLoaders();
   void CountCachedFiles(const ClipRequest& base);
   void CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const;
+  absl::Status CheckSameItems(const CheckpointMeta& meta, const std::string& last) const;
   absl::Status BuildModel();
   absl::Status Resume();
   // Resume's checks and restores of the chosen checkpoint, in order.
@@ -606,6 +636,10 @@ absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common:
   last.keep_previous_as = Path("last.prev.pt");
   AVIARY_RETURN_IF_ERROR(
       SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), Meta(epoch), last, LastGroups()));
+  return WriteHistoryFiles(write);
+}
+
+absl::Status Trainer::State::WriteHistoryFiles(const common::AtomicWriteOptions& write) {
   AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(Path("history.csv"), HistoryCsv(history), write));
   // history.png is drawn straight to its file: the fence is checked before, not at its rename.
   absl::Status plot = write.check ? write.check(Path("history.png")) : absl::OkStatus();
@@ -615,6 +649,21 @@ absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common:
                           Path("history.png"));
   if (!plot.ok()) Log().Warn(absl::StrCat("history.png: ", plot.message()));
   return absl::OkStatus();
+}
+
+absl::Status Trainer::State::CatchUpHistoryFiles(const common::AtomicWriteOptions& write) {
+  absl::Status wrote;
+  if (rank == 0) {
+    const std::string expected = HistoryCsv(history);
+    absl::StatusOr<std::string> found = common::ReadFileToString(Path("history.csv"));
+    if (!found.ok() || *found != expected) {
+      Log().Warn(absl::StrCat(Path("history.csv"), found.ok() ? " differs from" : " is missing from",
+                              " the run's history in last.pt (", history.size(),
+                              " epochs; a fault after last.pt was written): written again"));
+      wrote = WriteHistoryFiles(write);
+    }
+  }
+  return ShareWriteOutcome(wrote, "history.csv");
 }
 
 // The deadline of the collectives that wait for rank 0's files (ShareWriteOutcome, the start's
@@ -739,6 +788,10 @@ absl::Status Trainer::State::LoadItems() {
       valid_items.push_back({table.samples[r].filepath, table.samples[r].target});
     }
   }
+  listed_train = static_cast<int64_t>(train_items.size());
+  listed_valid = static_cast<int64_t>(valid_items.size());
+  train_digest = ItemsDigest(train_items);
+  valid_digest = ItemsDigest(valid_items);
   if (train.cuda_graph && world > 1) {
     return absl::FailedPreconditionError(absl::StrCat(
         "train.cuda_graph: CUDA graphs run in one-rank groups (the gradient all-reduce runs inside "
@@ -915,6 +968,22 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
 // uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
 // differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
 // finishes between two attempts of a task is normal; the log says so.
+absl::Status Trainer::State::CheckSameItems(const CheckpointMeta& meta, const std::string& last) const {
+  if (meta.train_items < 0) return absl::OkStatus();  // written before items were recorded
+  if (meta.train_items == listed_train && meta.valid_items == listed_valid &&
+      meta.train_items_digest == train_digest && meta.valid_items_digest == valid_digest) {
+    return absl::OkStatus();
+  }
+  const bool same_counts = meta.train_items == listed_train && meta.valid_items == listed_valid;
+  return absl::FailedPreconditionError(absl::StrCat(
+      "resume: ", last, " was trained on ", meta.train_items, " training and ", meta.valid_items,
+      " validation items; this run lists ", listed_train, " and ", listed_valid,
+      same_counts ? " (the same counts, other files or labels)" : "",
+      ": the dataset changed since (a file added, removed or unreadable when the items were listed, or the "
+      "metadata edited), which moves clips between the folds and changes every epoch's order. Restore the dataset "
+      "as it was, or start over (--no-resume, which moves the checkpoints aside, or another --out)"));
+}
+
 void Trainer::State::CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const {
   if (rank != 0 || meta.cached_files < 0) return;
   if (meta.cached_files == cached_files && meta.data_files == data_files) return;
@@ -1237,6 +1306,7 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
 // the position and totals of a mid-epoch checkpoint.
 absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const std::string& last) {
   AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta.history_csv, last));
+  AVIARY_RETURN_IF_ERROR(CheckSameItems(meta, last));
   CheckSameDataSource(meta, last);
   for (EpochRecord& r : history) r.best = r.epoch == meta.best_epoch;
   start_epoch = meta.epoch + 1;
@@ -1258,6 +1328,15 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
     } else {
       return state.status();
     }
+  }
+  if (meta.in_epoch < 0 && meta.world_size > 0 && meta.world_size != world && rank == 0) {
+    // At an epoch's end no batch moves (ResumeBatch says the mid-epoch case), but the global
+    // batch and its learning rate do.
+    Log().Warn(absl::StrCat("resume: ", last, " was written on ", meta.world_size,
+                            meta.world_size == 1 ? " rank" : " ranks", "; on ", world,
+                            world == 1 ? " rank" : " ranks", " the global batch is now ", global_batch,
+                            " (the learning rate follows it, Adam's moments come from the old one), and the run "
+                            "is not bit-exact against an uninterrupted one"));
   }
   if (meta.in_epoch >= 0) {
     start_epoch = meta.in_epoch;
@@ -1301,20 +1380,6 @@ void Trainer::State::AdoptNewerBest(const CheckpointMeta& last) {
   best_epoch = best->best_epoch;
 }
 
-// A 62-bit FNV-1a digest of the items' paths and targets, in order (the ranks compare them).
-static int64_t ItemsDigest(const std::vector<LoaderItem>& items) {
-  uint64_t h = 14695981039346656037ULL;
-  auto mix = [&h](const void* data, size_t n) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
-  };
-  for (const LoaderItem& item : items) {
-    mix(item.path.data(), item.path.size() + 1);  // with its NUL: "ab","c" differs from "a","bc"
-    const int32_t target = item.target;
-    mix(&target, sizeof(target));
-  }
-  return static_cast<int64_t>(h >> 2);
-}
 
 // Where a mid-epoch checkpoint resumes in this run's loader plan. Loader batch s of an epoch is
 // rows [s*B*W, (s+1)*B*W) of the epoch's order for any number of ranks W (Loader::Plan), so a run
@@ -2097,6 +2162,7 @@ absl::Status Trainer::Run() {
   absl::Status wrote;
   if (writer) wrote = common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config), write);
   AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, "config.yaml"));
+  if (s.stopped_early || s.start_epoch >= s.epochs) AVIARY_RETURN_IF_ERROR(s.CatchUpHistoryFiles(write));
   if (s.stopped_early) {
     Log().Info(absl::StrCat("nothing to do: the run stopped early after epoch ", s.start_epoch - 1,
                             " (train.early_stop_patience)"));

@@ -2,6 +2,7 @@
 // checkpoint, debug mode, refusals before any step, and the on_step / on_epoch hooks.
 #include "worker/trainer.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -171,10 +172,31 @@ TEST_F(TrainerTest, AnInterruptedAndResumedRunEqualsAnUninterruptedOne) {
   for (const char* f : {"best.pt", "config.yaml", "history.png"}) {
     EXPECT_TRUE(fs::exists(b.out_dir + "/" + f)) << f;
   }
-  // A finished run resumed again has nothing to do.
+  // A finished run resumed again has nothing to do, and leaves its history files alone.
+  const std::string history = b.out_dir + "/history.csv";
+  auto inode = [](const std::string& path) {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_ino) : int64_t{-1};
+  };
+  const int64_t before = inode(history);
   auto third = Trainer::Create(Config(), b);
   ASSERT_TRUE(third.ok());
   EXPECT_TRUE((*third)->Run().ok());
+  EXPECT_EQ(inode(history), before);  // not written again
+  // A fault after the last epoch's last.pt (a full disk, a kill) left history.csv without that
+  // epoch and no history.png: the run resumed has nothing to train, and writes them again from
+  // last.pt's history.
+  auto full = common::ReadFileToString(history);
+  ASSERT_TRUE(full.ok()) << full.status();
+  const std::string last_row_cut = full->substr(0, full->rfind('\n', full->size() - 2) + 1);
+  ASSERT_LT(last_row_cut.size(), full->size());
+  ASSERT_TRUE(common::WriteFileAtomically(history, last_row_cut).ok());
+  ASSERT_TRUE(fs::remove(b.out_dir + "/history.png"));
+  auto fourth = Trainer::Create(Config(), b);
+  ASSERT_TRUE(fourth.ok());
+  EXPECT_TRUE((*fourth)->Run().ok());
+  EXPECT_EQ(*common::ReadFileToString(history), *full);
+  EXPECT_TRUE(fs::exists(b.out_dir + "/history.png"));
 }
 
 TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
@@ -1132,6 +1154,54 @@ TEST_F(TrainerTest, AResumeWithAnotherShareOfCachedFilesSaysItIsNotBitExact) {
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(after->cached_files, before->data_files);
   EXPECT_EQ(after->data_files, before->data_files);
+}
+
+// The items a run trained on are in its checkpoints: a resume over a dataset that changed since
+// (a training file gone: the stage's table drops it, the folds move, every epoch's order
+// changes) is refused, naming both lists' sizes; the dataset restored, it resumes.
+TEST_F(TrainerTest, AResumeOverADatasetThatChangedIsRefused) {
+  const std::string data = Out("changed_data") + "/2024";
+  fs::copy(*root_ + "/2024", data, fs::copy_options::recursive);
+  common::PipelineConfig c = Config();
+  c.data.target = {"2024", data};
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) t->epochs = 2;
+  TrainOptions o;
+  o.out_dir = Out("changed");
+  int polls = 0;
+  o.should_stop = [&polls] { return ++polls > 3; };  // inside epoch 0
+  auto first = Trainer::Create(c, o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(absl::IsCancelled((*first)->Run()));
+  absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  EXPECT_GT(meta->train_items, 0);
+  EXPECT_GT(meta->valid_items, 0);
+  EXPECT_NE(meta->train_items_digest, 0);
+
+  // One recording of the stage away (moved out of the dataset).
+  std::string moved;
+  for (const auto& e : fs::recursive_directory_iterator(data)) {
+    if (e.path().extension() == ".ogg") {
+      moved = e.path().string();
+      break;
+    }
+  }
+  ASSERT_FALSE(moved.empty());
+  fs::rename(moved, o.out_dir + "/aside.ogg");
+  o.should_stop = nullptr;
+  auto refused = Trainer::Create(c, o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_TRUE(absl::StrContains(refused.status().message(),
+                                 absl::StrCat("was trained on ", meta->train_items, " training and ",
+                                              meta->valid_items, " validation items")))
+      << refused.status();
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "the dataset changed since")) << refused.status();
+
+  fs::rename(o.out_dir + "/aside.ogg", moved);
+  auto resumed = Trainer::Create(c, o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_TRUE((*resumed)->Run().ok());
 }
 
 // A cache prepared under another path to the same files (a symbolic link, another mount point)
