@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <utility>
 #include <vector>
@@ -200,9 +201,27 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   return WriteFileAtomically(path, contents, AtomicWriteOptions{});
 }
 
+const std::string& TemporarySuffix() {
+  static const std::string suffix = [] {
+    std::random_device device;
+    const uint64_t drawn = (static_cast<uint64_t>(device()) << 32) ^ device();
+    return absl::StrCat(::getpid(), ".", drawn % 1000000000000ULL);
+  }();
+  return suffix;
+}
+
+bool IsTemporarySuffix(absl::string_view suffix) {
+  const size_t dot = suffix.find('.');
+  auto digits = [](absl::string_view s) {
+    return !s.empty() && s.find_first_not_of("0123456789") == absl::string_view::npos;
+  };
+  if (dot == absl::string_view::npos) return digits(suffix);
+  return digits(suffix.substr(0, dot)) && digits(suffix.substr(dot + 1));
+}
+
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents,
                                  const AtomicWriteOptions& options) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  const std::string tmp = absl::StrCat(path, ".tmp.", TemporarySuffix());
   StorageFault fault;
   fault.path = path;
   fault.dir = DirOf(path);
@@ -217,12 +236,12 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
     }
   }
   bool moved_previous = false;
-  // With a rotation the new file is first renamed `<path>.ready.<pid>`: complete and allowed out
+  // With a rotation the new file is first renamed `<path>.ready.<suffix>`: complete and allowed out
   // by the check. A kill between the rotation's renames leaves it under that name, and only such
   // a file may be put in place later (a `.tmp.` one may have been refused by the check).
   std::string staged = tmp;
   if (!options.keep_previous_as.empty()) {
-    staged = absl::StrCat(path, ".ready.", ::getpid());
+    staged = absl::StrCat(path, ".ready.", TemporarySuffix());
     if (::rename(tmp.c_str(), staged.c_str()) != 0) {
       fault.error = errno;
       ::unlink(tmp.c_str());

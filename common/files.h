@@ -19,6 +19,14 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
 
+// This process's suffix of temporary file names, "<pid>.<a random number drawn once>": two
+// processes of one pid (rank 0 of two groups in two containers, a stale group and the task's new
+// holder writing one run folder) never share a temporary file.
+const std::string& TemporarySuffix();
+// Whether `suffix` is one TemporarySuffix() gives (digits '.' digits), or the bare pid that
+// earlier versions used.
+bool IsTemporarySuffix(absl::string_view suffix);
+
 // fsync of the folder `dir` ("" is "."): the renames and removals in it made durable. The error
 // names the folder and errno's text and name (as WriteFileAtomically's); `*error` (may be null)
 // gets errno.
@@ -56,14 +64,15 @@ struct AtomicWriteOptions {
   CommitCheck check;     // optional
   // When set and `path` exists, `path` is renamed to this name just before the new file is
   // renamed into place (last.pt -> last.prev.pt), so the previous version survives a new one
-  // that turns out unreadable. The new file goes `<path>.tmp.<pid>` -> (the check) ->
-  // `<path>.ready.<pid>` -> (the rotation) -> `path`: a kill between the rotation's renames leaves
-  // the newest version as `<path>.ready.<pid>`, one the check allowed.
+  // that turns out unreadable. The new file goes `<path>.tmp.<suffix>` -> (the check) ->
+  // `<path>.ready.<suffix>` -> (the rotation) -> `path` (TemporarySuffix()): a kill between the
+  // rotation's renames leaves the newest version as `<path>.ready.<suffix>`, one the check
+  // allowed.
   std::string keep_previous_as;
 };
 
 // As above, with `options`. Every failure (open, write, fsync, close, rename, the check) removes
-// the new file (`<path>.tmp.<pid>`, or `<path>.ready.<pid>` once staged) and leaves the previous
+// the new file (`<path>.tmp.<suffix>`, or `<path>.ready.<suffix>` once staged) and leaves the previous
 // `path` as it was. Errors name the
 // path and errno's text and name ("No space left on device (ENOSPC)"); ENOSPC and EDQUOT are
 // RESOURCE_EXHAUSTED, other errno values INTERNAL, the check's error is returned as it is.

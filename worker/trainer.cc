@@ -1044,11 +1044,11 @@ absl::Status Trainer::State::BuildModel() {
   return absl::OkStatus();
 }
 
-// What a write killed between its temporary file and the rename left ("last.pt.tmp.<pid>": a
+// What a write killed between its temporary file and the rename left ("last.pt.tmp.<suffix>": a
 // SIGKILL after the stop's grace time, an OOM kill), a checkpoint's size each: a run folder
 // preempted often would fill up with them. Nothing writes the folder before this run does.
-// One is kept: a "last.pt.ready.<pid>" where there is no last.pt. The rotation renames the new
-// file (checked by the lease fence) last.pt.ready.<pid>, last.pt to last.prev.pt, then the ready
+// One is kept: a "last.pt.ready.<suffix>" where there is no last.pt. The rotation renames the new
+// file (checked by the lease fence) last.pt.ready.<suffix>, last.pt to last.prev.pt, then the ready
 // file to last.pt; a kill before the last rename leaves the newest checkpoint only as the ready
 // file (removing it lost an epoch). It becomes last.pt again when it reads as a checkpoint newer
 // than last.prev.pt; Resume's own checks follow as for any last.pt. A ".tmp." file is never
@@ -1064,8 +1064,8 @@ void Trainer::State::RemoveStaleTemporaries() const {
     for (const char* ours : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "config.yaml"}) {
       for (const char* kind : {".tmp.", ".ready."}) {
         const std::string prefix = absl::StrCat(ours, kind);
-        if (!absl::StartsWith(name, prefix) || name.size() == prefix.size() ||
-            name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) {
+        if (!absl::StartsWith(name, prefix) ||
+            !common::IsTemporarySuffix(absl::string_view(name).substr(prefix.size()))) {
           continue;
         }
         if (std::strcmp(ours, "last.pt") == 0 && std::strcmp(kind, ".ready.") == 0) {

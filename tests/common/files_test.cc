@@ -118,9 +118,23 @@ TEST(AtomicWriteTest, KeepsThePreviousVersionWhenAsked) {
     return absl::AbortedError("lease gone");
   };
   EXPECT_TRUE(absl::IsAborted(WriteFileAtomically(dir + "/last.pt", "epoch 3", options)));
-  EXPECT_EQ(seen, (std::vector<std::string>{"last.prev.pt", "last.pt", absl::StrCat("last.pt.tmp.", ::getpid())}));
+  EXPECT_EQ(seen, (std::vector<std::string>{"last.prev.pt", "last.pt", absl::StrCat("last.pt.tmp.", TemporarySuffix())}));
   EXPECT_EQ(Entries(dir), (std::vector<std::string>{"last.prev.pt", "last.pt"}));
   EXPECT_EQ(*ReadFileToString(dir + "/last.pt"), "epoch 2");
+}
+
+// Temporary names carry the pid and a number drawn once per process: two processes of one pid
+// (two containers) never write one temporary file. The tidy-up's matcher takes them and the
+// bare pid of earlier versions, nothing else.
+TEST(FilesTest, TemporarySuffixIsThePidAndADrawnNumber) {
+  const std::string& suffix = TemporarySuffix();
+  EXPECT_EQ(&suffix, &TemporarySuffix());  // drawn once
+  EXPECT_TRUE(absl::StartsWith(suffix, absl::StrCat(::getpid(), "."))) << suffix;
+  EXPECT_TRUE(IsTemporarySuffix(suffix));
+  EXPECT_TRUE(IsTemporarySuffix("4242"));
+  for (const char* other : {"", ".", "4242.", ".17", "4242.17.3", "42a", "4242.x", "old"}) {
+    EXPECT_FALSE(IsTemporarySuffix(other)) << other;
+  }
 }
 
 TEST(AtomicWriteTest, AFailedRenameIsAStorageFaultNamingPathAndErrno) {

@@ -54,7 +54,7 @@ df -k "$runs" | tail -n 1
 # The next epoch's save fails: a retryable FailTask reaches the coordinator at once.
 if wait_for 120 grep -q "No space left on device (ENOSPC)" "$tmp/coordinator.log"; then
   echo "the coordinator heard of the full disk after $(( $(date +%s) - filled_at )) s"
-  grep -E "failed on group g[0-9a-f]+ \(retryable\): rank 0: $ft_dir/[a-z.]+[0-9]*: write failed .*No space left on device \(ENOSPC\)" "$tmp/coordinator.log" >/dev/null ||
+  grep -E "failed on group g[0-9a-f]+ \(retryable\): rank 0: $ft_dir/[a-z.]+[0-9.]*: write failed .*No space left on device \(ENOSPC\)" "$tmp/coordinator.log" >/dev/null ||
     fail "the FailTask does not name the run folder's file and ENOSPC as retryable: $(grep -m1 ENOSPC "$tmp/coordinator.log")"
   wait_for 10 jq_status "$job" 'task("finetune")["state"] == "TASK_STATE_READY" and task("finetune")["restarts"] == 1' ||
     fail "the task is not READY with 1 restart after the storage fault: $(jq_status "$job" 'task("finetune")')"

@@ -147,7 +147,7 @@ TEST(CheckpointTest, AFailedWriteKeepsThePreviousCheckpoint) {
   auto before = common::ReadFileToString(path);
   ASSERT_TRUE(before.ok());
   // Block the temporary file with a directory of the same name.
-  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  std::string tmp = absl::StrCat(path, ".tmp.", common::TemporarySuffix());
   ASSERT_EQ(::mkdir(tmp.c_str(), 0755), 0);
   CheckpointMeta m = Meta();
   m.epoch = 9;
@@ -268,7 +268,7 @@ TEST(CheckpointTest, ARefusedCommitLeavesThePreviousCheckpointAndNoTemporary) {
   EXPECT_EQ(back->epoch, 4);
   EXPECT_EQ(back->task_id, "j1/finetune-f2");
   EXPECT_EQ(back->attempt, 1);
-  EXPECT_NE(::access((path + ".tmp." + std::to_string(::getpid())).c_str(), F_OK), 0);
+  EXPECT_NE(::access((path + ".tmp." + common::TemporarySuffix()).c_str(), F_OK), 0);
   EXPECT_NE(::access(fenced.keep_previous_as.c_str(), F_OK), 0);  // nothing was moved either
 }
 
