@@ -13,6 +13,7 @@
 #include <functional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -347,6 +348,45 @@ TEST_F(CoordinatorLinkTest, ARotatedTokenIsReadAgainFromItsFileAndTheCompletionA
   v1::Task next;
   EXPECT_TRUE(link.Lease(&next, &available).ok());
   link.StopThreads();
+}
+
+// Step points dropped for the buffer's bound while the coordinator cannot take them (here it
+// refuses the group's token) are said, with the count, instead of leaving a silent gap: the
+// warning is in the task's log that `aviary logs` shows once the group gets through again.
+TEST_F(CoordinatorLinkTest, StepPointsDroppedForTheBufferBoundAreSaid) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  Write("group.token", "the-worker-token\n");
+  options_.token_file = root_ + "/group.token";
+  options_.token_source = "--token-file";
+  options_.max_buffered_points = 3;
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  link.StartThreads();
+  link.BeginTask(task.task_id(), task.attempt());
+  Write("worker.token", "the-new-worker-token\n");  // the group's reports are refused from now
+  ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  for (int k = 1; k <= 10; ++k) {
+    Report point;
+    point.kind = Report::Kind::kPoint;
+    point.task_id = task.task_id();
+    point.point.set_step(k);
+    link.Push(point);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // the sender's first retries
+  Write("group.token", "the-new-worker-token\n");  // through again
+  link.Drain(task.task_id(), 30, 0);
+  link.EndTask();  // ships the task's lines
+  link.StopThreads();
+  v1::GetLogsResponse::TaskLog logs;
+  ASSERT_NO_FATAL_FAILURE(TaskLogs(submitted.job_id(), task.task_id(), &logs));
+  std::string said;
+  for (const v1::LogLine& line : logs.lines()) {
+    if (line.text().find("step point(s) dropped so far") != std::string::npos) said = line.text();
+  }
+  EXPECT_NE(said.find("reached their bound of 3 points"), std::string::npos) << "not said: '" << said << "'";
+  EXPECT_EQ(said.rfind("[agent] 7 step point(s)", 0), 0u) << said;  // 10 pushed, 3 kept
 }
 
 // A group that starts (or registers again) after a rotation, with the old token read: the refused

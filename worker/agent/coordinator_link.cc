@@ -252,12 +252,7 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
   request.set_group_id(gid);
   request.set_manifest_hash(hash);
   grpc::ClientContext ctx;
-  // The deadline grows with the manifest: rpc_timeout_s plus 1 s per 8 MB.
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000) + size / 8000));
-  if (const std::string token = CurrentToken(); !token.empty()) {
-    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
-  }
+  Prepare(&ctx, size / 8000);  // the deadline grows with the manifest: 1 s more per 8 MB
   std::unique_ptr<grpc::ClientReader<v1::ManifestChunk>> reader = stub_->GetManifest(&ctx, request);
   std::string out;
   if (size > 0) out.reserve(static_cast<size_t>(size));
@@ -494,9 +489,9 @@ std::string CoordinatorLink::group_id() const {
   return group_id_;
 }
 
-void CoordinatorLink::Prepare(grpc::ClientContext* ctx) const {
+void CoordinatorLink::Prepare(grpc::ClientContext* ctx, int64_t extra_ms) const {
   ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000)));
+                    std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_s * 1000) + extra_ms));
   if (const std::string token = CurrentToken(); !token.empty()) {
     ctx->AddMetadata("authorization", absl::StrCat("Bearer ", token));
   }
@@ -709,10 +704,23 @@ grpc::Status CoordinatorLink::Send(const std::vector<Report>& run, const std::st
 
 void CoordinatorLink::SenderLoop() {
   Backoff backoff(0.5, 10);
+  int64_t dropped_said = 0;  // step points said dropped so far
+  Clock::time_point dropped_said_at;
   while (true) {
     {
       absl::MutexLock lock(&mu_);
       if (!running_) return;
+    }
+    // Step points dropped for the buffer's bound (a coordinator away for long): said when it
+    // starts, then at most once a minute, with the count so far.
+    if (const int64_t dropped = buffer_.dropped_points();
+        dropped > dropped_said && (dropped_said == 0 || Clock::now() - dropped_said_at >= std::chrono::minutes(1))) {
+      Log().Warn(absl::StrCat(dropped, " step point(s) dropped so far: the reports waiting for the coordinator ",
+                              "reached their bound of ", options_.max_buffered_points,
+                              " points, and the oldest step points go first (epoch ends, checkpoints and outcomes "
+                              "are kept); the tasks' step curves have a gap there"));
+      dropped_said = dropped;
+      dropped_said_at = Clock::now();
     }
     std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0.5);
     if (run.empty()) continue;

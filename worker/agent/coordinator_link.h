@@ -138,7 +138,8 @@ class CoordinatorLink {
   // drop as many unsent ones. At most 2,000 lines a call: true when the call succeeded and
   // lines are left.
   bool ShipLogs() ABSL_LOCKS_EXCLUDED(ship_mu_);
-  void Prepare(grpc::ClientContext* ctx) const;  // the deadline and the bearer token
+  // The deadline (rpc_timeout_s plus `extra_ms`) and the bearer token.
+  void Prepare(grpc::ClientContext* ctx, int64_t extra_ms = 0) const;
   std::string CurrentToken() const ABSL_LOCKS_EXCLUDED(token_mu_);
   // Reads options_.token_file again after the coordinator refused the token in `rpc`: true when
   // it now holds another one (used from then on). At most once a second; the outcome is logged
