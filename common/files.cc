@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -203,8 +204,16 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
 
 const std::string& TemporarySuffix() {
   static const std::string suffix = [] {
-    std::random_device device;
-    const uint64_t drawn = (static_cast<uint64_t>(device()) << 32) ^ device();
+    uint64_t drawn = 0;
+    try {
+      std::random_device device;
+      drawn = (static_cast<uint64_t>(device()) << 32) ^ device();
+    } catch (const std::exception&) {  // no entropy source: the clock and an address
+      timespec now{};
+      ::clock_gettime(CLOCK_REALTIME, &now);
+      drawn = static_cast<uint64_t>(now.tv_sec) * 1000000007ULL ^ static_cast<uint64_t>(now.tv_nsec) ^
+              reinterpret_cast<uintptr_t>(&now);
+    }
     return absl::StrCat(::getpid(), ".", drawn % 1000000000000ULL);
   }();
   return suffix;

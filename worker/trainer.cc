@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -120,8 +121,11 @@ absl::StatusOr<std::vector<EpochRecord>> ParseHistory(const std::string& csv,
   for (size_t i = 0; i < table.num_rows(); ++i) {
     const auto& f = table.row(i);
     EpochRecord r;
-    r.epoch = std::stoi(f[0]);
-    r.step = std::stoll(f[1]);
+    // std::stoi would throw out of the trainer's start on a damaged history: an error naming it.
+    if (!absl::SimpleAtoi(f[0], &r.epoch) || !absl::SimpleAtoi(f[1], &r.step)) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": history row ", i + 1, " has epoch '", f[0],
+                                                     "' and step '", f[1], "', not whole numbers"));
+    }
     r.lr = ParseNum(f[2]);
     r.train_loss = ParseNum(f[3]);
     r.train_acc = ParseNum(f[4]);
@@ -579,10 +583,12 @@ struct Trainer::State {
   absl::Status WriteEpochFiles(int epoch, bool best, const common::AtomicWriteOptions& write);
   // history.csv and history.png from `history` (rank 0).
   absl::Status WriteHistoryFiles(const common::AtomicWriteOptions& write);
+  absl::Status WriteHistoryPlotFile(const common::AtomicWriteOptions& write);  // history.png alone
   // A run that ended (all epochs, or stopped early) resumes to nothing, and its history files
   // may lack its last epoch: they are written after last.pt, and a fault between them (a full
   // disk, a fence, a kill) left them behind. Rank 0 writes them again from last.pt's history
-  // when history.csv differs from it; every rank shares the outcome.
+  // when history.csv differs from it (history.png alone when it is missing or older than
+  // history.csv); every rank shares the outcome.
   absl::Status CatchUpHistoryFiles(const common::AtomicWriteOptions& write);
   // Every rank, after each round of rank 0's writes (`what`): rank 0's `wrote`, known to all
   // (one all-reduce of its code). Rank 0 returns `wrote`; the others, when it failed, the same
@@ -641,6 +647,10 @@ absl::Status Trainer::State::WriteEpochFiles(int epoch, bool best, const common:
 
 absl::Status Trainer::State::WriteHistoryFiles(const common::AtomicWriteOptions& write) {
   AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(Path("history.csv"), HistoryCsv(history), write));
+  return WriteHistoryPlotFile(write);
+}
+
+absl::Status Trainer::State::WriteHistoryPlotFile(const common::AtomicWriteOptions& write) {
   // history.png is drawn straight to its file: the fence is checked before, not at its rename.
   absl::Status plot = write.check ? write.check(Path("history.png")) : absl::OkStatus();
   if (!plot.ok()) return plot;
@@ -656,11 +666,18 @@ absl::Status Trainer::State::CatchUpHistoryFiles(const common::AtomicWriteOption
   if (rank == 0) {
     const std::string expected = HistoryCsv(history);
     absl::StatusOr<std::string> found = common::ReadFileToString(Path("history.csv"));
+    struct stat csv_st {}, png_st {};
     if (!found.ok() || *found != expected) {
-      Log().Warn(absl::StrCat(Path("history.csv"), found.ok() ? " differs from" : " is missing from",
-                              " the run's history in last.pt (", history.size(),
-                              " epochs; a fault after last.pt was written): written again"));
+      Log().Warn(absl::StrCat(Path("history.csv"),
+                              found.ok() ? " differs from the run's history in last.pt"
+                                         : absl::StrCat(" cannot be read (", found.status().message(), ")"),
+                              " (", history.size(), " epochs; a fault after last.pt was written?): written again"));
       wrote = WriteHistoryFiles(write);
+    } else if (::stat(Path("history.png").c_str(), &png_st) != 0 ||
+               (::stat(Path("history.csv").c_str(), &csv_st) == 0 && png_st.st_mtime < csv_st.st_mtime)) {
+      // Drawn after history.csv: a fault between them left it missing or a version behind.
+      Log().Warn(absl::StrCat(Path("history.png"), " is missing or older than history.csv: drawn again"));
+      wrote = WriteHistoryPlotFile(write);
     }
   }
   return ShareWriteOutcome(wrote, "history.csv");
@@ -964,10 +981,8 @@ void Trainer::State::CountCachedFiles(const ClipRequest& base) {
   }
 }
 
-// A run resumed with another share of its files in the cache is not bit-exact against an
-// uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
-// differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
-// finishes between two attempts of a task is normal; the log says so.
+// The items listed now against the checkpoint's: another list is refused (the folds moved). Each
+// rank compares its own (JoinGroup compares the ranks'); under mpirun the message names the rank.
 absl::Status Trainer::State::CheckSameItems(const CheckpointMeta& meta, const std::string& last) const {
   if (meta.train_items < 0) return absl::OkStatus();  // written before items were recorded
   if (meta.train_items == listed_train && meta.valid_items == listed_valid &&
@@ -976,7 +991,7 @@ absl::Status Trainer::State::CheckSameItems(const CheckpointMeta& meta, const st
   }
   const bool same_counts = meta.train_items == listed_train && meta.valid_items == listed_valid;
   return absl::FailedPreconditionError(absl::StrCat(
-      "resume: ", last, " was trained on ", meta.train_items, " training and ", meta.valid_items,
+      world > 1 ? absl::StrCat("rank ", rank, ": ") : std::string(), "resume: ", last, " was trained on ", meta.train_items, " training and ", meta.valid_items,
       " validation items; this run lists ", listed_train, " and ", listed_valid,
       same_counts ? " (the same counts, other files or labels)" : "",
       ": the dataset changed since (a file added, removed or unreadable when the items were listed, or the "
@@ -984,6 +999,10 @@ absl::Status Trainer::State::CheckSameItems(const CheckpointMeta& meta, const st
       "as it was, or start over (--no-resume, which moves the checkpoints aside, or another --out)"));
 }
 
+// A run resumed with another share of its files in the cache is not bit-exact against an
+// uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
+// differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
+// finishes between two attempts of a task is normal; the log says so.
 void Trainer::State::CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const {
   if (rank != 0 || meta.cached_files < 0) return;
   if (meta.cached_files == cached_files && meta.data_files == data_files) return;
@@ -1061,7 +1080,7 @@ void Trainer::State::RemoveStaleTemporaries() const {
   for (std::filesystem::directory_iterator it(options.out_dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::filesystem::path& path = it->path();
     const std::string name = path.filename().string();
-    for (const char* ours : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "config.yaml"}) {
+    for (const char* ours : {"last.pt", "last.prev.pt", "best.pt", "history.csv", "history.png", "config.yaml"}) {
       for (const char* kind : {".tmp.", ".ready."}) {
         const std::string prefix = absl::StrCat(ours, kind);
         if (!absl::StartsWith(name, prefix) ||
@@ -1329,7 +1348,8 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
       return state.status();
     }
   }
-  if (meta.in_epoch < 0 && meta.world_size > 0 && meta.world_size != world && rank == 0) {
+  if (meta.in_epoch < 0 && meta.world_size > 0 && meta.world_size != world && rank == 0 &&
+      meta.epoch + 1 < epochs && !meta.stopped_early) {  // not for a run with nothing left to train
     // At an epoch's end no batch moves (ResumeBatch says the mid-epoch case), but the global
     // batch and its learning rate do.
     Log().Warn(absl::StrCat("resume: ", last, " was written on ", meta.world_size,

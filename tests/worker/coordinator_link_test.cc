@@ -363,10 +363,10 @@ TEST_F(CoordinatorLinkTest, StepPointsDroppedForTheBufferBoundAreSaid) {
   CoordinatorLink link(options_, metrics_.get(), OneRank());
   v1::Task task;
   ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
-  link.StartThreads();
   link.BeginTask(task.task_id(), task.attempt());
   Write("worker.token", "the-new-worker-token\n");  // the group's reports are refused from now
   ASSERT_TRUE(coordinator_->ReloadTokens().ok());
+  // Pushed before the sender starts (none in flight): 3 kept, 7 dropped.
   for (int k = 1; k <= 10; ++k) {
     Report point;
     point.kind = Report::Kind::kPoint;
@@ -374,6 +374,7 @@ TEST_F(CoordinatorLinkTest, StepPointsDroppedForTheBufferBoundAreSaid) {
     point.point.set_step(k);
     link.Push(point);
   }
+  link.StartThreads();
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // the sender's first retries
   Write("group.token", "the-new-worker-token\n");  // through again
   link.Drain(task.task_id(), 30, 0);
@@ -386,7 +387,7 @@ TEST_F(CoordinatorLinkTest, StepPointsDroppedForTheBufferBoundAreSaid) {
     if (line.text().find("step point(s) dropped so far") != std::string::npos) said = line.text();
   }
   EXPECT_NE(said.find("reached their bound of 3 points"), std::string::npos) << "not said: '" << said << "'";
-  EXPECT_EQ(said.rfind("[agent] 7 step point(s)", 0), 0u) << said;  // 10 pushed, 3 kept
+  EXPECT_EQ(said.rfind("[agent] 7 step point(s)", 0), 0u) << said;
 }
 
 // A group that starts (or registers again) after a rotation, with the old token read: the refused

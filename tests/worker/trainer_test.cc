@@ -197,6 +197,14 @@ TEST_F(TrainerTest, AnInterruptedAndResumedRunEqualsAnUninterruptedOne) {
   EXPECT_TRUE((*fourth)->Run().ok());
   EXPECT_EQ(*common::ReadFileToString(history), *full);
   EXPECT_TRUE(fs::exists(b.out_dir + "/history.png"));
+  // history.png alone gone (a fault after history.csv's rename): drawn again, history.csv kept.
+  const int64_t kept = inode(history);
+  ASSERT_TRUE(fs::remove(b.out_dir + "/history.png"));
+  auto fifth = Trainer::Create(Config(), b);
+  ASSERT_TRUE(fifth.ok());
+  EXPECT_TRUE((*fifth)->Run().ok());
+  EXPECT_TRUE(fs::exists(b.out_dir + "/history.png"));
+  EXPECT_EQ(inode(history), kept);
 }
 
 TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
