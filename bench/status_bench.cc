@@ -176,6 +176,19 @@ absl::Status ToStatus(const grpc::Status& s, const std::string& what) {
                       absl::StrCat(what, ": ", s.error_message()));
 }
 
+// One call into `samples`: its latency when it succeeded, else an error (the first one's text
+// kept, as `rpc` of group `group`, or of a client when group < 0).
+void Record(Samples* samples, const grpc::Status& s, Clock::duration took, const char* rpc, int group = -1) {
+  if (s.ok()) {
+    samples->us.push_back(std::chrono::duration<double, std::micro>(took).count());
+    return;
+  }
+  samples->errors++;
+  if (samples->first_error.empty()) {
+    samples->first_error = ToStatus(s, group < 0 ? std::string(rpc) : absl::StrCat(rpc, " of group ", group)).ToString();
+  }
+}
+
 absl::Status WriteFile(const fs::path& path, const std::string& text) {
   fs::create_directories(path.parent_path());
   std::ofstream out(path, std::ios::binary);
@@ -350,15 +363,10 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     if (s.ok() && bytes != task.manifest_size()) {
       s = grpc::Status(grpc::StatusCode::DATA_LOSS, absl::StrCat(bytes, " bytes, the lease said ", task.manifest_size()));
     }
+    Record(fetches, s, Clock::now() - t0, "GetManifest", index);
     if (s.ok()) {
-      fetches->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       fetched.push_back(task.manifest_hash());
       if (fetched.size() > 4) fetched.pop_front();
-    } else {
-      fetches->errors++;
-      if (fetches->first_error.empty()) {
-        fetches->first_error = ToStatus(s, absl::StrCat("GetManifest of group ", index)).ToString();
-      }
     }
   };
   // `samples`: the first lease (all groups at once, the start burst) or a later one (steady).
@@ -370,17 +378,10 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     PrepareWorker(&context);
     const auto t0 = Clock::now();
     grpc::Status s = stub->LeaseTask(&context, req, &resp);
-    if (s.ok()) {
-      samples->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-      if (resp.available()) {
-        task_id = resp.task().task_id();
-        fetch_manifest(resp.task());
-      }
-    } else {
-      samples->errors++;
-      if (samples->first_error.empty()) {
-        samples->first_error = ToStatus(s, absl::StrCat("LeaseTask of group ", index)).ToString();
-      }
+    Record(samples, s, Clock::now() - t0, "LeaseTask", index);
+    if (s.ok() && resp.available()) {
+      task_id = resp.task().task_id();
+      fetch_manifest(resp.task());
     }
   };
   if (lease) lease_task(first_leases);
@@ -417,16 +418,7 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     PrepareWorker(&context);
     const auto t0 = Clock::now();
     grpc::Status s = stub->ReportProgress(&context, req, &resp);
-    const auto t1 = Clock::now();
-    if (t0 < measure_from) return;
-    if (s.ok()) {
-      reports->us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-    } else {
-      reports->errors++;
-      if (reports->first_error.empty()) {
-        reports->first_error = ToStatus(s, absl::StrCat("ReportProgress of group ", index)).ToString();
-      }
-    }
+    if (t0 >= measure_from) Record(reports, s, Clock::now() - t0, "ReportProgress", index);
   };
   while (!g_stop.load()) {
     v1::HeartbeatRequest req;
@@ -437,17 +429,7 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
     PrepareWorker(&context);
     const auto t0 = Clock::now();
     grpc::Status s = stub->Heartbeat(&context, req, &resp);
-    const auto t1 = Clock::now();
-    if (t0 >= measure_from) {
-      if (s.ok()) {
-        out->us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      } else {
-        out->errors++;
-        if (out->first_error.empty()) {
-          out->first_error = ToStatus(s, absl::StrCat("Heartbeat of group ", index)).ToString();
-        }
-      }
-    }
+    if (t0 >= measure_from) Record(out, s, Clock::now() - t0, "Heartbeat", index);
     if (lease && options.task_ms > 0 && Clock::now() - leased_at >= std::chrono::milliseconds(options.task_ms)) {
       if (!task_id.empty()) {  // hand it back, as a preempted group does
         v1::FailTaskRequest fail;
@@ -506,16 +488,7 @@ void RunPoller(std::shared_ptr<grpc::Channel> channel, int index, const Options&
       v1::JobInfo resp;
       s = stub->GetJob(&context, req, &resp);
     }
-    const auto t1 = Clock::now();
-    Samples* out = list ? list_out : get_out;
-    if (s.ok()) {
-      out->us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-    } else {
-      out->errors++;
-      if (out->first_error.empty()) {
-        out->first_error = ToStatus(s, list ? "ListJobs" : "GetJob").ToString();
-      }
-    }
+    Record(list ? list_out : get_out, s, Clock::now() - t0, list ? "ListJobs" : "GetJob");
     if (options.poll_interval_ms > 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_interval_ms));
     }
