@@ -180,6 +180,10 @@ void CoordinatorLink::StartThreads() {
     absl::MutexLock lock(&mu_);
     running_ = true;
   }
+  {
+    std::lock_guard<std::mutex> lock(sleep_mu_);
+    stopping_ = false;
+  }
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
   shipper_ = std::thread([this] { ShipLoop(); });
   sender_ = std::thread([this] { SenderLoop(); });
@@ -190,8 +194,12 @@ void CoordinatorLink::StopThreads() {
     absl::MutexLock lock(&mu_);
     if (!running_) return;
     running_ = false;
-    cv_.SignalAll();
   }
+  {
+    std::lock_guard<std::mutex> lock(sleep_mu_);
+    stopping_ = true;
+  }
+  sleep_cv_.notify_all();
   buffer_.Interrupt();
   if (heartbeat_.joinable()) heartbeat_.join();
   if (shipper_.joinable()) shipper_.join();
@@ -575,19 +583,16 @@ void CoordinatorLink::HeartbeatLoop() {
   int64_t heartbeat_failures = 0;
   auto last_sent = LeaseClock::Clock::now();
   while (true) {
+    LeaseClock::Clock::duration wait;
     {
       absl::MutexLock lock(&mu_);
       // From the previous send: an answer that took most of the interval does not delay the next.
       // At least a quarter interval after the previous answer, though: a coordinator slower than
       // the interval gets no back-to-back heartbeats.
       const auto interval = std::chrono::milliseconds(heartbeat_ms_);
-      const auto wait = std::max<LeaseClock::Clock::duration>(last_sent + interval - LeaseClock::Clock::now(),
-                                                              interval / 4);
-      const absl::Time deadline = absl::Now() + absl::FromChrono(wait);
-      while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-      }
-      if (!running_) return;
+      wait = std::max<LeaseClock::Clock::duration>(last_sent + interval - LeaseClock::Clock::now(), interval / 4);
     }
+    if (!SleepUnlessStopped(wait)) return;
     last_sent = LeaseClock::Clock::now();
     if (lost_) continue;
     v1::HeartbeatRequest request;
@@ -627,15 +632,20 @@ void CoordinatorLink::HeartbeatLoop() {
   }
 }
 
+bool CoordinatorLink::SleepUnlessStopped(std::chrono::steady_clock::duration d) {
+  std::unique_lock<std::mutex> lock(sleep_mu_);
+  // wait_for runs on the steady clock (libstdc++: pthread_cond_clockwait, CLOCK_MONOTONIC).
+  return !sleep_cv_.wait_for(lock, d, [this] { return stopping_; });
+}
+
 void CoordinatorLink::ShipLoop() {
   while (true) {
+    int interval_ms;
     {
       absl::MutexLock lock(&mu_);
-      const absl::Time deadline = absl::Now() + absl::Milliseconds(heartbeat_ms_);
-      while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-      }
-      if (!running_) return;
+      interval_ms = heartbeat_ms_;
     }
+    if (!SleepUnlessStopped(std::chrono::milliseconds(interval_ms))) return;
     if (!lost_) ShipLogs();
   }
 }
@@ -742,10 +752,8 @@ void CoordinatorLink::SenderLoop() {
       const double delay = backoff.Next();
       Log().Warn(absl::StrFormat("%s; %zu report(s) buffered, retrying in %.1f s",
                                  Failed(RpcName(run.front().kind), st, gid).message(), buffer_.size(), delay));
-      absl::MutexLock lock(&mu_);
-      const absl::Time deadline = absl::Now() + absl::Seconds(delay);
-      while (running_ && !cv_.WaitWithDeadline(&mu_, deadline)) {
-      }
+      SleepUnlessStopped(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double>(delay)));
     } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
       (void)Failed(RpcName(run.front().kind), st, gid);
       buffer_.Pop();

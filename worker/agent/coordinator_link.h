@@ -26,10 +26,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -158,6 +160,8 @@ class CoordinatorLink {
   // next one back by a whole interval: the lease is valid for timeout - margin from a send).
   void HeartbeatLoop();
   void ShipLoop();
+  // Waits `d` on the steady clock, or less when StopThreads is called: false then.
+  bool SleepUnlessStopped(std::chrono::steady_clock::duration d);
   // Cancels the current task if it is still the lease the answer was about (`generation`; a
   // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
   // lease of the same task (failed as retryable and leased again) must not stop the new one.
@@ -179,8 +183,13 @@ class CoordinatorLink {
   absl::Mutex ship_mu_;  // held across one ShipLogs call
   // The main thread and rank 0's two threads (heartbeat, sender) share these under mu_.
   mutable absl::Mutex mu_;
-  absl::CondVar cv_;  // running_ became false
   bool running_ ABSL_GUARDED_BY(mu_) = false;
+  // The threads' pauses (SleepUnlessStopped) wait on the steady clock: Abseil's CondVar
+  // deadlines are wall-clock times, and a clock stepped back (NTP, a VM's tools) stretched a
+  // heartbeat's wait past the lease.
+  std::mutex sleep_mu_;
+  std::condition_variable sleep_cv_;
+  bool stopping_ = false;  // guarded by sleep_mu_: StopThreads was called
   std::string group_id_ ABSL_GUARDED_BY(mu_);
   int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
   std::string task_id_ ABSL_GUARDED_BY(mu_);
