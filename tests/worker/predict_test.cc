@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -508,6 +509,25 @@ TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
   EXPECT_LT(bytes[0], bytes[1]);
   EXPECT_EQ(bytes[3], bytes[4]);  // the skipped c.old wrote nothing
   EXPECT_EQ(bytes[4], static_cast<int64_t>(csv.str().size()));
+}
+
+// Options out of range are refused at Create, naming each value (the streaming ones included).
+TEST(PredictTest, CreateRefusesOptionsOutOfRange) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("options", {"a", "b"})};
+  options.device = "cpu";
+  for (auto [set, said] : std::vector<std::pair<std::function<void(PredictOptions*)>, std::string>>{
+           {[](PredictOptions* o) { o->chunk_samples = -1; }, "chunk samples -1"},
+           {[](PredictOptions* o) { o->progress_interval_s = -0.5; }, "progress interval -0.5"},
+           {[](PredictOptions* o) { o->prefetch = 0; }, "prefetch 0"},
+           {[](PredictOptions* o) { o->decode_threads = 0; }, "decode threads 0"}}) {
+    PredictOptions bad = options;
+    set(&bad);
+    auto p = Predictor::Create(bad);
+    ASSERT_FALSE(p.ok()) << said;
+    EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(p.status().message(), HasSubstr(said));
+  }
 }
 
 // A mono 32-bit float WAV of `samples` at `rate` (exact samples, NaN included).
