@@ -205,6 +205,20 @@ TEST_F(TrainerTest, AnInterruptedAndResumedRunEqualsAnUninterruptedOne) {
   EXPECT_TRUE((*fifth)->Run().ok());
   EXPECT_TRUE(fs::exists(b.out_dir + "/history.png"));
   EXPECT_EQ(inode(history), kept);
+  // The catch-up passes the lease fence as every write does: a group whose lease ran out
+  // leaves the cut file as it is, and its error names the file.
+  ASSERT_TRUE(common::WriteFileAtomically(history, last_row_cut).ok());
+  TrainOptions stale = b;
+  stale.commit_check = [](const std::string& path) {
+    if (absl::EndsWith(path, "history.csv")) return absl::AbortedError("lease expired; not writing " + path);
+    return absl::OkStatus();
+  };
+  auto sixth = Trainer::Create(Config(), stale);
+  ASSERT_TRUE(sixth.ok());
+  absl::Status refused = (*sixth)->Run();
+  EXPECT_TRUE(absl::IsAborted(refused)) << refused;
+  EXPECT_NE(refused.message().find("not writing " + history), std::string::npos) << refused;
+  EXPECT_EQ(*common::ReadFileToString(history), last_row_cut);
 }
 
 TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
