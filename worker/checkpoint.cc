@@ -40,6 +40,7 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   out << YAML::Key << "config_yaml" << YAML::Value << YAML::Literal << m.config_yaml;
   out << YAML::Key << "history_csv" << YAML::Value << YAML::Literal << m.history_csv;
   out << YAML::Key << "skipped_steps" << YAML::Value << m.skipped_steps;
+  if (m.skipped_in_a_row > 0) out << YAML::Key << "skipped_in_a_row" << YAML::Value << m.skipped_in_a_row;
   out << YAML::Key << "task_id" << YAML::Value << m.task_id;
   out << YAML::Key << "attempt" << YAML::Value << m.attempt;
   if (m.world_size > 0) out << YAML::Key << "world_size" << YAML::Value << m.world_size;
@@ -88,6 +89,7 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     m.config_yaml = n["config_yaml"].as<std::string>();
     m.history_csv = n["history_csv"].as<std::string>();
     if (n["skipped_steps"]) m.skipped_steps = n["skipped_steps"].as<int64_t>();
+    if (n["skipped_in_a_row"]) m.skipped_in_a_row = n["skipped_in_a_row"].as<int64_t>();
     if (n["task_id"]) m.task_id = n["task_id"].as<std::string>();
     if (n["attempt"]) m.attempt = n["attempt"].as<int>();
     if (n["world_size"]) m.world_size = n["world_size"].as<int>();

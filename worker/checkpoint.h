@@ -38,6 +38,9 @@ struct CheckpointMeta {
   std::string config_yaml;               // the resolved config of the run
   std::string history_csv;               // history.csv up to `epoch`
   int64_t skipped_steps = 0;             // non-finite steps skipped (train.skip_nonfinite)
+  // Of them, the batches skipped in a row just before it was written (a resume goes on counting
+  // towards TrainOptions::max_skipped_in_a_row); 0 when absent.
+  int64_t skipped_in_a_row = 0;
   // The lease that wrote it (fencing, docs/SERVICE.md): the coordinator's task id and attempt;
   // "" and 0 for `aviary-worker train` and checkpoints written before.
   std::string task_id;

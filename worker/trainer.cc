@@ -475,6 +475,7 @@ struct Trainer::State {
     m.config_yaml = common::PipelineConfigToYaml(config);
     m.history_csv = HistoryCsv(history);
     m.skipped_steps = skipped_steps;
+    m.skipped_in_a_row = skipped_in_a_row;
     m.task_id = options.task_id;
     m.attempt = options.attempt;
     m.world_size = world;
@@ -1334,6 +1335,7 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
   best_epoch = meta.best_epoch;
   AdoptNewerBest(meta);
   skipped_steps = meta.skipped_steps;
+  skipped_in_a_row = meta.skipped_in_a_row;
   early_stop_value = meta.early_stop_epoch >= 0 ? meta.early_stop_value : kNaN;
   early_stop_epoch = meta.early_stop_epoch;
   stopped_early = meta.stopped_early;

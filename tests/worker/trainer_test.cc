@@ -401,6 +401,25 @@ TEST_F(TrainerTest, SkippingEveryStepEndsTheRun) {
   const absl::Status st = (*t)->Run();
   EXPECT_TRUE(absl::IsDataLoss(st)) << st;
   EXPECT_NE(st.message().find("4 batches in a row skipped"), std::string::npos) << st;
+  // Stopped two skips into the streak and resumed: the streak goes on from last.pt (the run
+  // ends at the same batch as the uninterrupted one, not after 4 more).
+  TrainOptions b = o;
+  b.out_dir = Out("skip_all_resumed");
+  int polls = 0;
+  b.should_stop = [&polls] { return ++polls > 4; };  // steps 0 and 1 trained, batches 2 and 3 skipped
+  auto first = Trainer::Create(c, b);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const absl::Status stopped = (*first)->Run();
+  ASSERT_TRUE(absl::IsCancelled(stopped)) << stopped;
+  auto meta = ReadCheckpointMeta(b.out_dir + "/last.pt");
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  EXPECT_EQ(meta->skipped_in_a_row, 2);
+  b.should_stop = nullptr;
+  auto resumed = Trainer::Create(c, b);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  const absl::Status again = (*resumed)->Run();
+  EXPECT_TRUE(absl::IsDataLoss(again)) << again;
+  EXPECT_EQ(again.message(), st.message());
 }
 
 // A stop between an epoch's two renames (best.pt, then last.pt): best.pt holds an epoch the
