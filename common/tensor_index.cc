@@ -157,6 +157,30 @@ std::string CheckJsonHeader(const std::string& json) {
   return "";
 }
 
+// Bytes of a file that one tensor or record claims.
+struct ByteRange {
+  uint64_t begin = 0;
+  uint64_t size = 0;
+  std::string what;
+};
+
+// "" when the non-empty ranges are disjoint; else names two that overlap.
+std::string Overlap(std::vector<ByteRange> ranges) {
+  ranges.erase(std::remove_if(ranges.begin(), ranges.end(), [](const ByteRange& r) { return r.size == 0; }),
+               ranges.end());
+  std::sort(ranges.begin(), ranges.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
+  const ByteRange* reach = nullptr;  // of the ranges so far, the one that ends last
+  for (const ByteRange& r : ranges) {
+    if (reach != nullptr && r.begin < reach->begin + reach->size) {
+      return absl::StrCat(r.what, " (bytes [", r.begin, ", ", r.begin + r.size, ")) overlaps ", reach->what,
+                          " (bytes [", reach->begin, ", ", reach->begin + reach->size,
+                          ")): each byte holds one tensor's values");
+    }
+    if (reach == nullptr || r.begin + r.size > reach->begin + reach->size) reach = &r;
+  }
+  return "";
+}
+
 absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::string& path) {
   auto bad = [&](const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid safetensors file: ", why));
@@ -180,6 +204,7 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
   if (!header.IsMap()) return bad("header is not a JSON object");
   TensorIndex out;
   std::set<std::string> names;
+  std::vector<ByteRange> ranges;
   try {
     for (const auto& kv : header) {
       TensorEntry entry;
@@ -199,12 +224,16 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
       const int64_t element = ElementSize(entry.dtype);
       if (element == 0) return bad(absl::StrCat("entry '", entry.name, "' has unsupported dtype ", Shown(entry.dtype)));
       if (info["shape"].size() > kMaxRank) return bad(absl::StrCat("entry '", entry.name, "' has rank > ", kMaxRank));
+      // The product of the non-zero dimensions is bounded too: [0, 2^62, 2^62] holds nothing,
+      // and still overflows a reader's strides.
       uint64_t bytes = static_cast<uint64_t>(element);
+      uint64_t extent = bytes;
       for (const auto& d : info["shape"]) {
         const int64_t dim = d.as<int64_t>();
-        if (dim < 0 || (dim > 0 && bytes > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
+        if (dim < 0 || (dim > 0 && extent > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
           return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", dim, " out of range"));
         }
+        if (dim > 0) extent *= static_cast<uint64_t>(dim);
         bytes *= static_cast<uint64_t>(dim);
         entry.shape.push_back(dim);
       }
@@ -215,11 +244,16 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
                                 "] that do not fit its shape ", ShapeText(entry.shape), " and ", entry.dtype,
                                 " or the file's ", data_bytes, " data bytes"));
       }
+      entry.data_offset = 8 + header_len + begin;
+      ranges.push_back({begin, bytes, absl::StrCat("entry '", entry.name, "'")});
       out.push_back(std::move(entry));
     }
   } catch (const YAML::Exception& e) {
     return bad(absl::StrCat("header JSON: ", e.msg));
   }
+  // Each byte belongs to one tensor (as the format says): entries aliasing one range would make
+  // a reader copy a file's bytes once per entry.
+  if (const std::string why = Overlap(std::move(ranges)); !why.empty()) return bad(why);
   return out;
 }
 
@@ -546,11 +580,12 @@ class Unpickler {
           return Bad(absl::StrCat("tensor size ", size, " / stride ", stride));
         }
         if (size == 0) empty = true;
-        if (__builtin_mul_overflow(numel, size, &numel) || numel > kMaxViewElements) too_many = true;
+        // Of the non-zero sizes, so that an empty view's other sizes are bounded too.
+        if (size > 0 && (__builtin_mul_overflow(numel, size, &numel) || numel > kMaxViewElements)) too_many = true;
         v->shape.push_back(size);
         v->stride.push_back(stride);
       }
-      if (!empty && too_many) {
+      if (too_many) {
         return Bad(absl::StrCat("tensor ", ShapeText(v->shape), " has more than ", kMaxViewElements, " elements"));
       }
       // An expanded view (stride 0) holds more elements than its storage, and whoever reads it
@@ -828,11 +863,20 @@ absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::st
   }
   // The storages' records, each checked to lie in the file as stored bytes.
   std::map<std::string, uint64_t> records;
+  std::map<std::string, uint64_t> record_offsets;
+  std::vector<ByteRange> ranges;
   for (const auto& [name, entry] : *entries) {
     if (name.rfind(prefix + "data/", 0) != 0) continue;
     absl::StatusOr<uint64_t> data = ZipEntryData(file, path, name, entry);
     if (!data.ok()) return data.status();
     records[name.substr(prefix.size() + 5)] = entry.size;
+    record_offsets[name.substr(prefix.size() + 5)] = *data;
+    ranges.push_back({*data, entry.size, absl::StrCat("zip entry ", Shown(name))});
+  }
+  // Records sharing bytes (entries of a crafted directory pointing at one stored file) would be
+  // read once per key, however small the file.
+  if (const std::string why = Overlap(std::move(ranges)); !why.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a torch.save zip archive: ", why));
   }
   // The byte order of the storages (a file without the record is little-endian, as torch reads it).
   if (auto order = entries->find(prefix + "byteorder"); order != entries->end()) {
@@ -859,6 +903,7 @@ absl::StatusOr<TensorIndex> ReadTorchSaveArchive(const File& file, const std::st
     return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict ", why));
   }
   if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
+  for (TensorEntry& entry : out) entry.data_offset = record_offsets.at(entry.storage);
   // What a reader makes of all the views together: a file of many expanded views of one small
   // storage passes each view's cap and still claims terabytes.
   std::map<std::string, int64_t> storage_numel;

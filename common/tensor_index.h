@@ -37,6 +37,11 @@ struct TensorEntry {
   int64_t storage_numel = 0;
   int64_t storage_offset = 0;
   std::vector<int64_t> stride = {};
+  // The file offset of the values: a safetensors tensor's first byte, or a torch.save storage
+  // record's (stored, uncompressed). The tensors' byte ranges (safetensors) and the storage
+  // records (torch.save) are checked to lie in the file without overlapping: a file cannot
+  // claim its bytes many times over.
+  uint64_t data_offset = 0;
 
   // Name, dtype and shape: what a file says to a model.
   bool operator==(const TensorEntry& o) const {

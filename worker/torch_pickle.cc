@@ -1,7 +1,11 @@
 #include "worker/torch_pickle.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <caffe2/serialize/inline_container.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -9,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
+#include "common/status.h"
 #include "common/tensor_index.h"
 
 namespace aviary::worker {
@@ -26,56 +31,73 @@ at::ScalarType StorageType(const std::string& dtype, bool* ok) {
 
 }  // namespace
 
-// The pickle is read by common/tensor_index.cc (the coordinator's torch-free reader, which checks
-// every storage and view against the archive, and the byte order), so both read a file the same
-// way; the values come from torch's own zip reader.
-absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
-    const std::string& path) {
-  absl::StatusOr<common::TensorIndex> index = common::ReadTorchSaveIndex(path);
-  if (!index.ok()) return index.status();
-  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> zip;
-  try {
-    zip = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
-  } catch (const std::exception& e) {
-    std::string what = e.what();
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a torch.save zip archive: ",
-                                                   what.substr(0, what.find('\n'))));
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadIndexedTensors(
+    const std::string& path, const common::TensorIndex& index) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    const std::string message = absl::StrCat(path, ": ", std::strerror(err));
+    return err == ENOENT ? absl::NotFoundError(message) : absl::InvalidArgumentError(message);
   }
-  std::map<std::string, at::Tensor> storages;  // by key: tensors may share one
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  // `n` bytes at `offset` into `dst` (the index checked that they lie in the file; a file cut
+  // since is an error naming what was read).
+  auto read = [&](void* dst, uint64_t n, uint64_t offset, const std::string& what) -> absl::Status {
+    auto* out = static_cast<char*>(dst);
+    uint64_t done = 0;
+    while (done < n) {
+      const ssize_t got = ::pread(fd, out + done, n - done, static_cast<off_t>(offset + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": reading ", what, " (", n, " bytes at byte ", offset,
+                                                       "): ", got < 0 ? std::strerror(errno) : "end of file"));
+      }
+      done += static_cast<uint64_t>(got);
+    }
+    return absl::OkStatus();
+  };
+  std::map<std::string, at::Tensor> storages;  // torch.save: by key (tensors may share one)
   std::vector<std::pair<std::string, at::Tensor>> out;
-  out.reserve(index->size());
-  for (const common::TensorEntry& entry : *index) {
+  out.reserve(index.size());
+  for (const common::TensorEntry& entry : index) {
     bool ok = false;
     const at::ScalarType type = StorageType(entry.dtype, &ok);
     if (!ok) return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", entry.name, ": dtype ", entry.dtype));
-    // The index checked each view against the storage it names, and that a key names one
-    // storage (one type and size: torch.save memoizes a storage).
-    at::Tensor& storage = storages[entry.storage];
-    if (!storage.defined()) {
-      const std::string record = absl::StrCat("data/", entry.storage);
-      try {
-        auto [ptr, size] = zip->getRecord(record);
-        const size_t want = static_cast<size_t>(entry.storage_numel) * at::elementSize(type);
-        if (size < want) {  // checked by the index too
-          return absl::InvalidArgumentError(
-              absl::StrCat(path, ": record ", record, " has ", size, " bytes, expected ", want));
-        }
-        storage = at::empty({entry.storage_numel}, at::TensorOptions().dtype(type));
-        if (want > 0) std::memcpy(storage.data_ptr(), ptr.get(), want);
-      } catch (const std::exception& e) {
-        std::string what = e.what();
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, ": record ", record, ": ", what.substr(0, what.find('\n'))));
-      }
-    }
     try {
+      if (entry.storage.empty()) {  // safetensors: the tensor's own bytes
+        at::Tensor t = at::empty(entry.shape, at::TensorOptions().dtype(type));
+        const uint64_t n = static_cast<uint64_t>(t.numel()) * at::elementSize(type);
+        AVIARY_RETURN_IF_ERROR(read(t.data_ptr(), n, entry.data_offset, absl::StrCat("tensor ", entry.name)));
+        out.emplace_back(entry.name, std::move(t));
+        continue;
+      }
+      // torch.save: the index checked each view against the storage it names, and that a key
+      // names one storage (one type and size: torch.save memoizes a storage).
+      at::Tensor& storage = storages[entry.storage];
+      if (!storage.defined()) {
+        storage = at::empty({entry.storage_numel}, at::TensorOptions().dtype(type));
+        const uint64_t n = static_cast<uint64_t>(entry.storage_numel) * at::elementSize(type);
+        AVIARY_RETURN_IF_ERROR(read(storage.data_ptr(), n, entry.data_offset,
+                                    absl::StrCat("record data/", entry.storage, " of tensor ", entry.name)));
+      }
       out.emplace_back(entry.name, storage.as_strided(entry.shape, entry.stride, entry.storage_offset).clone());
-    } catch (const std::exception& e) {
+    } catch (const std::exception& e) {  // an allocation torch refuses (memory, sizes)
       std::string what = e.what();
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", entry.name, ": ", what.substr(0, what.find('\n'))));
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", entry.name, " ",
+                                                     common::ShapeText(entry.shape), " ", entry.dtype, ": ",
+                                                     what.substr(0, what.find('\n'))));
     }
   }
   return out;
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
+    const std::string& path) {
+  AVIARY_ASSIGN_OR_RETURN(common::TensorIndex index, common::ReadTorchSaveIndex(path));
+  return ReadIndexedTensors(path, index);
 }
 
 }  // namespace aviary::worker

@@ -2,8 +2,9 @@
 // Python: the pickle through common/tensor_index.h's small unpickler for what state dicts
 // contain (dicts, OrderedDicts, tuples, lists, strings, numbers, persistent-id storages,
 // torch._utils._rebuild_tensor_v2 and _rebuild_parameter), the one the coordinator checks
-// files with, and the storages through torch's zip reader. torch's own C++ pickle_load maps
-// OrderedDict to None, which loses every state_dict() that Python writes, hence this reader.
+// files with, and the storages' bytes where that index found them (stored records, checked to
+// lie in the file without overlapping). torch's own C++ pickle_load maps OrderedDict to None,
+// which loses every state_dict() that Python writes, hence this reader.
 //
 // Thread-compatible; no global state.
 #ifndef AVIARY_WORKER_TORCH_PICKLE_H_
@@ -16,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/status/statusor.h"
+#include "common/tensor_index.h"
 
 namespace aviary::worker {
 
@@ -25,6 +27,13 @@ namespace aviary::worker {
 // or naming the path and the name when two tensors flatten to one name.
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
     const std::string& path);
+
+// The tensors `index` (common::ReadTensorIndex of `path`: safetensors or torch.save) lists,
+// read from `path` by their offsets: one allocation per tensor (or shared storage), no copy of
+// the file. INVALID_ARGUMENT naming the path and the tensor when a read fails (a file cut since)
+// or torch refuses the allocation.
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadIndexedTensors(
+    const std::string& path, const std::vector<common::TensorEntry>& index);
 
 // Writes `tensors` as Python's `torch.save(state_dict, path)` does: a zip archive (data.pkl,
 // data/<key>, byteorder, version) whose pickle holds a collections.OrderedDict of

@@ -15,14 +15,12 @@
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
+#include "common/tensor_index.h"
 #include "worker/torch_pickle.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::worker {
 namespace {
-
-// As common/tensor_index.cc.
-constexpr size_t kMaxRank = 16;
 
 std::string ShapeString(at::IntArrayRef sizes) {
   return absl::StrCat("[", absl::StrJoin(sizes, ", "), "]");
@@ -37,82 +35,17 @@ const DtypeName kDtypes[] = {{"F64", at::kDouble}, {"F32", at::kFloat},  {"F16",
                              {"I16", at::kShort},  {"I8", at::kChar},    {"U8", at::kByte},
                              {"BOOL", at::kBool}};
 
-bool LooksLikeSafetensors(const std::string& bytes) {
-  if (bytes.size() < 10) return false;
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);  // little-endian hosts only (x86-64, aarch64)
-  return n > 1 && n <= bytes.size() - 8 && bytes[8] == '{';
-}
-
-absl::StatusOr<NamedTensors> ParseSafetensors(const std::string& bytes, const std::string& path) {
-  auto bad = [&](const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid safetensors file: ", why));
-  };
-  if (!LooksLikeSafetensors(bytes)) return bad("bad header length");
-  uint64_t header_len = 0;
-  std::memcpy(&header_len, bytes.data(), 8);
-  const size_t data_start = 8 + header_len;
-  YAML::Node header;
-  try {
-    header = YAML::Load(bytes.substr(8, header_len));
-  } catch (const YAML::Exception& e) {
-    return bad(absl::StrCat("header JSON: ", e.msg));
-  }
-  if (!header.IsMap()) return bad("header is not a JSON object");
-  NamedTensors out;
-  // The checks of common/tensor_index.cc's reader (the coordinator's), so that both refuse the
-  // same files: yaml-cpp throws on a malformed entry, and a negative or wrapped-around shape
-  // would reach at::empty.
-  const uint64_t data_bytes = bytes.size() - data_start;
-  try {
-    for (const auto& kv : header) {
-      std::string name = kv.first.as<std::string>();
-      if (name == "__metadata__") continue;
-      const YAML::Node& info = kv.second;
-      if (!info.IsMap() || !info["dtype"] || !info["shape"] || !info["data_offsets"] ||
-          !info["shape"].IsSequence() || !info["data_offsets"].IsSequence() ||
-          info["data_offsets"].size() != 2) {
-        return bad(absl::StrCat("entry '", name, "' lacks dtype/shape/data_offsets"));
-      }
-      std::string dtype = info["dtype"].as<std::string>();
-      const DtypeName* dt = nullptr;
-      for (const auto& d : kDtypes) {
-        if (dtype == d.name) dt = &d;
-      }
-      if (!dt) return bad(absl::StrCat("entry '", name, "' has unsupported dtype ", dtype));
-      if (info["shape"].size() > kMaxRank) return bad(absl::StrCat("entry '", name, "' has rank > ", kMaxRank));
-      std::vector<int64_t> shape;
-      uint64_t want = at::elementSize(dt->type);
-      for (const auto& d : info["shape"]) {
-        const int64_t dim = d.as<int64_t>();
-        if (dim < 0 || (dim > 0 && want > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
-          return bad(absl::StrCat("entry '", name, "' has a dimension ", dim, " out of range"));
-        }
-        want *= static_cast<uint64_t>(dim);
-        shape.push_back(dim);
-      }
-      const uint64_t begin = info["data_offsets"][0].as<uint64_t>();
-      const uint64_t end = info["data_offsets"][1].as<uint64_t>();
-      if (end < begin || end - begin != want || end > data_bytes) {
-        return bad(absl::StrCat("entry '", name, "' has data_offsets [", begin, ", ", end,
-                                "] that do not fit its shape ", ShapeString(shape), " and ",
-                                dtype, " or the file's ", data_bytes, " data bytes"));
-      }
-      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dt->type));
-      if (want > 0) std::memcpy(t.data_ptr(), bytes.data() + data_start + begin, want);
-      out.emplace_back(std::move(name), std::move(t));
-    }
-  } catch (const YAML::Exception& e) {
-    return bad(absl::StrCat("header JSON: ", e.msg));
-  }
-  return out;
-}
-
 }  // namespace
 
 absl::StatusOr<NamedTensors> ReadSafetensors(const std::string& path) {
-  AVIARY_ASSIGN_OR_RETURN(std::string bytes, common::ReadFileToString(path));
-  return ParseSafetensors(bytes, path);
+  // The coordinator's reader (common/tensor_index.h) lists the tensors and checks every length
+  // the header gives (its size, JSON only, names, shapes, ranges that overlap nothing); the
+  // values are read by the offsets it found.
+  AVIARY_ASSIGN_OR_RETURN(common::TensorIndex index, common::ReadTensorIndex(path));
+  if (!index.empty() && !index.front().storage.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": a torch.save archive, not a safetensors file"));
+  }
+  return ReadIndexedTensors(path, index);
 }
 
 absl::Status WriteSafetensors(const NamedTensors& tensors, const std::string& path) {
@@ -157,13 +90,11 @@ absl::Status WriteSafetensors(const NamedTensors& tensors, const std::string& pa
 }
 
 absl::StatusOr<NamedTensors> ReadStateDict(const std::string& path) {
-  AVIARY_ASSIGN_OR_RETURN(std::string bytes, common::ReadFileToString(path));
-  if (LooksLikeSafetensors(bytes)) return ParseSafetensors(bytes, path);
-  AVIARY_ASSIGN_OR_RETURN(NamedTensors out, ReadTorchSaveTensors(path));
-  if (out.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
-  }
-  return out;
+  // One reader for both formats, the coordinator's (it tells them apart as LooksLikeSafetensors
+  // did: a plausible header length and a '{'), so that both refuse the same files.
+  AVIARY_ASSIGN_OR_RETURN(common::TensorIndex index, common::ReadTensorIndex(path));
+  if (index.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
+  return ReadIndexedTensors(path, index);
 }
 
 std::string LoadReport::Summary() const {

@@ -287,6 +287,30 @@ TEST_F(TensorIndexTest, CraftedArchivesAreRefusedBeforeTheyCostMemory) {
   std::vector<std::pair<std::string, std::string>> views;
   for (int i = 0; i < 300; ++i) views.emplace_back(absl::StrCat("w", i), Tensor("0", 1, {255, 255}, {0, 0}));
   refused(Zip({{"a/data.pkl", Pickle(OrderedDict(views))}, {"a/data/0", data}}), "tensors view 19507500 elements");
+  // Two storage records sharing one stored entry's bytes (the second's directory entry points at
+  // the first's local header): each key would be read, and allocated, on its own.
+  std::string shared = Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})},
+                                                               {"v", Tensor("1", 6, {2, 3}, {3, 1})}}))},
+                            {"a/data/0", data},
+                            {"a/data/1", data}});
+  const size_t first_record = shared.find("PK\x03\x04", 4);
+  size_t third_cd = shared.find("PK\x01\x02");
+  for (int k = 0; k < 2; ++k) third_cd = shared.find("PK\x01\x02", third_cd + 4);
+  ASSERT_NE(third_cd, std::string::npos);
+  EXPECT_EQ(Read(shared), "ok");  // as written: apart
+  shared.replace(third_cd + 42, 4, Le(first_record, 4));
+  refused(shared, "zip entry a/data/1 (bytes [");
+  refused(shared, "overlaps zip entry a/data/0");
+  // An empty view whose other sizes multiply past any tensor: nothing to read, and still a
+  // stride no reader can compute.
+  std::string huge = Global("torch._utils", "_rebuild_tensor_v2") + "((" + Str("storage") +
+                     Global("torch", "FloatStorage") + Str("0") + Str("cpu") + "K" + Le(6, 1) + "tQK" + Le(0, 1) +
+                     "(K" + Le(0, 1);
+  for (int d = 0; d < 3; ++d) huge += "J" + Le(0x7FFFFFFF, 4);
+  huge += "t(";
+  for (int d = 0; d < 4; ++d) huge += "K" + Le(1, 1);
+  huge += "t\x89" + Global("collections", "OrderedDict") + ")Rtr" + Le(0, 4) + "R";
+  refused(Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", huge}}))}, {"a/data/0", data}}), "elements");
 }
 
 // Random damage to a good archive and to a good safetensors file (bytes flipped, cut short):

@@ -188,6 +188,14 @@ TEST(WeightsTest, CorruptSafetensorsHeadersAreErrorsNamingTheEntry) {
        "entry 'w' has a dimension 4611686018427387904 out of range"},
       {R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551608,18446744073709551612]}})", 8,
        "entry 'w' has data_offsets"},
+      // Empty, with sizes whose product no stride holds (torch threw out of the reader).
+      {R"({"w":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],"data_offsets":[0,0]}})", 8,
+       "entry 'w' has a dimension 4611686018427387904 out of range"},
+      // Entries aliasing one range: a file's bytes copied once per entry.
+      {R"({"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
+       8, "entry 'b' (bytes [4, 8)) overlaps entry 'a' (bytes [0, 8))"},
+      // YAML's anchors and aliases (one entry repeated at 8 bytes a copy), which JSON has not.
+      {R"({"a":&x {"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":*x})", 8, "outside a string: not JSON"},
   };
   for (const Case& c : cases) {
     auto r = read(c.header, c.data_bytes);
@@ -197,6 +205,13 @@ TEST(WeightsTest, CorruptSafetensorsHeadersAreErrorsNamingTheEntry) {
         << r.status();
     EXPECT_NE(r.status().message().find(c.expect), absl::string_view::npos) << r.status();
   }
+  // Entries back to back, one of them empty, read.
+  auto fine = read(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"e":{"dtype":"F32","shape":[0,3],)"
+                   R"("data_offsets":[4,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
+                   8);
+  ASSERT_TRUE(fine.ok()) << fine.status();
+  ASSERT_EQ(fine->size(), 3u);
+  EXPECT_EQ((*fine)[1].second.sizes(), (std::vector<int64_t>{0, 3}));
   std::remove(path.c_str());
 }
 
