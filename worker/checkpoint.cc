@@ -70,6 +70,9 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   return out.c_str();
 }
 
+// More classes than any species list (BirdCLEF 2024: 182; Xeno-Canto's birds: ~11,000).
+constexpr int kMaxCheckpointClasses = 1 << 20;
+
 absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::string& path) {
   CheckpointMeta m;
   try {
@@ -122,6 +125,16 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
   if (m.format != 1) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": checkpoint format ", m.format, " is not supported (expected 1)"));
+  }
+  // What a model is built from, before anything is allocated for it: a damaged or edited value
+  // (in_channels 10^8: a first convolution of 100 GB) is an error naming the file.
+  if (m.in_channels != 1 && m.in_channels != 3) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has in_channels ", m.in_channels,
+                                                   " (expected 1 or 3, as frontend.in_channels)"));
+  }
+  if (m.num_classes < 1 || m.num_classes > kMaxCheckpointClasses) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has num_classes ", m.num_classes,
+                                                   " (expected 1 to ", kMaxCheckpointClasses, ")"));
   }
   if (m.world_size < 0 || m.batches_done < 0) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has world_size ", m.world_size,

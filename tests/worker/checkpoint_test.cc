@@ -3,6 +3,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <tuple>
+#include <vector>
+
 #include <torch/optim/adam.h>
 #include <torch/serialize/output-archive.h>
 
@@ -279,6 +282,26 @@ TEST(CheckpointTest, MissingOrForeignFilesAreClearErrors) {
   auto r = ReadCheckpointMeta(path);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find(path), absl::string_view::npos);
+  // Metadata a model would be built from, out of range (an edited or damaged file): refused by
+  // the reader, naming the file and the value, before anything is allocated for it (predict and
+  // export build the model from it; in_channels 10^8 was a 100 GB first convolution).
+  auto model = Model(3);
+  for (const auto& [field, value, expect] :
+       std::vector<std::tuple<std::string, int, std::string>>{{"in_channels", 100000000, "in_channels 100000000"},
+                                                              {"in_channels", 2, "in_channels 2 (expected 1 or 3"},
+                                                              {"num_classes", 0, "num_classes 0 (expected 1 to"},
+                                                              {"num_classes", 2000000000, "num_classes 2000000000"}}) {
+    CheckpointMeta meta = Meta();
+    (field == "in_channels" ? meta.in_channels : meta.num_classes) = value;
+    const std::string edited = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_edited.pt";
+    ASSERT_TRUE(SaveCheckpoint(edited, *model, nullptr, meta).ok());
+    auto read = ReadCheckpointMeta(edited);
+    ASSERT_FALSE(read.ok()) << field;
+    EXPECT_EQ(read.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(read.status().message().find(edited + ": checkpoint metadata has " + expect), absl::string_view::npos)
+        << read.status();
+    std::remove(edited.c_str());
+  }
 }
 
 }  // namespace
