@@ -350,6 +350,9 @@ absl::StatusOr<std::string> EmitFrontend(Graph& g, const common::FrontendConfig&
   return planes;
 }
 
+// protobuf's limit on one message (what onnx.load and onnxruntime parse).
+constexpr int64_t kMaxOnnxBytes = int64_t{1} << 31;
+
 }  // namespace
 
 absl::StatusOr<std::string> OnnxModelBytes(ClassifierImpl& model, const common::FrontendConfig& frontend,
@@ -359,6 +362,20 @@ absl::StatusOr<std::string> OnnxModelBytes(ClassifierImpl& model, const common::
     return absl::InvalidArgumentError(absl::StrCat("ONNX export: a window of ", window_samples,
                                                    " samples is too short for reflect padding of ",
                                                    frontend.n_fft / 2));
+  }
+  // One protobuf message holds at most 2 GiB, and the initializers are in it: the two DFT
+  // kernels ([n_fft / 2 + 1, 1, n_fft] float each) and the weights. Said before any is made
+  // (n_fft 65536 would build 17 GB of phases for a file no reader opens).
+  const int64_t n_freqs = frontend.n_fft / 2 + 1;
+  int64_t weight_bytes = 0;
+  for (const at::Tensor& t : model.parameters()) weight_bytes += t.numel() * 4;
+  for (const at::Tensor& t : model.buffers()) weight_bytes += t.numel() * 4;
+  const int64_t dft_bytes = 2 * n_freqs * frontend.n_fft * 4;
+  if (dft_bytes + weight_bytes >= kMaxOnnxBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ONNX export: the graph's constants would take ", dft_bytes + weight_bytes, " bytes (the DFT kernels of ",
+        "frontend.n_fft ", frontend.n_fft, ": ", dft_bytes, "; the weights: ", weight_bytes,
+        "), more than the 2 GiB one ONNX file holds; export --format safetensors or state_dict instead"));
   }
   torch::NoGradGuard no_grad;
   Graph g;
@@ -381,6 +398,10 @@ absl::StatusOr<std::string> OnnxModelBytes(ClassifierImpl& model, const common::
   x = model.sigmoid() ? g.Node("Sigmoid", {x}) : g.Node("Softmax", {x}, {Attr::Int("axis", -1)});
   std::string bytes = g.Finish(input, {"batch", std::to_string(window_samples)}, x, "probabilities",
                                {"batch", std::to_string(model.num_classes())}, producer_version);
+  if (static_cast<int64_t>(bytes.size()) >= kMaxOnnxBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("ONNX export: the model is ", bytes.size(),
+                                                   " bytes, more than the 2 GiB one ONNX file holds"));
+  }
   if (info != nullptr) {
     info->num_nodes = g.nodes();
     info->num_initializers = g.initializers();

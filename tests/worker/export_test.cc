@@ -291,6 +291,35 @@ TEST(ExportCheckpointTest, RefusesAFrontendWhoseChannelsDifferFromTheFirstConvol
   }
 }
 
+// One ONNX file holds at most 2 GiB (a protobuf message), and its DFT kernels grow as n_fft^2: a
+// front end of n_fft 32768 (4.3 GB of kernels) is refused before they are made, naming the key;
+// the other formats carry no front end and export.
+TEST(ExportCheckpointTest, AnOnnxGraphPastTwoGibIsRefusedNamingNfft) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.frontend.n_mels = 32;
+  config.frontend.n_fft = 32768;
+  auto model = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const std::string ckpt = TempPath("huge_nfft.pt");
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, TwoClassSmallCnnMeta(config)).ok());
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "onnx";
+  o.out = TempPath("huge_nfft.onnx");
+  std::filesystem::remove(o.out);
+  auto r = ExportCheckpoint(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "the DFT kernels of frontend.n_fft 32768: 4295229440"))
+      << r.status();
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+  o.format = "safetensors";
+  o.out = TempPath("huge_nfft.safetensors");
+  EXPECT_TRUE(ExportCheckpoint(o).ok());
+}
+
 // With train.ema_eval a last.pt's model tensors are the raw weights and its "ema_state" the
 // validated average: the export carries the average (and says so in the sidecar).
 TEST(ExportCheckpointTest, ALastCheckpointOfAnEmaEvalRunExportsTheAverage) {
