@@ -19,6 +19,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -495,6 +496,73 @@ TEST(AudioCacheTest, UnreadableFileIsMissingAndNotCached) {
   EXPECT_EQ(entry->frames, 32000);
 }
 
+// A shard that cannot be opened now (a permission here; ESTALE, EMFILE or a failed mmap
+// elsewhere) is skipped as an unreadable index is, naming it, and the cache opens with the
+// other shards' files: training decodes that shard's files on the fly instead of failing every
+// attempt. Once readable, it is used again.
+TEST(AudioCacheTest, AShardThatCannotBeOpenedIsSkippedNotFatal) {
+  TempDir tmp;
+  ASSERT_EQ(::chmod(tmp.path().c_str(), 0755), 0);
+  const std::vector<std::string> paths = {tmp.Sub("a.wav"), tmp.Sub("b.wav")};
+  for (const std::string& path : paths) {
+    WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  }
+  const std::string dir = tmp.Sub("cache");
+  PrepareOptions options = Options(dir, 1, 16 << 10);  // one file per shard
+  MustPrepare(paths, options);
+  ASSERT_EQ(ShardNumbers(dir, ".index.csv").size(), 2u);
+  const std::string first = ShardFile(dir, 0, ".pcm");
+  const int status = RunWithoutReadAccess(first, [&] {
+    auto cache = AudioCache::Open(dir);
+    if (!cache.ok()) {
+      std::fprintf(stderr, "open: %s\n", std::string(cache.status().message()).c_str());
+      return false;
+    }
+    const std::vector<std::string>& skipped = (*cache)->invalid_shards();
+    if (skipped.size() != 1 || skipped[0].rfind("shard-000000: " + first + ": cannot open: Permission denied", 0) != 0 ||
+        (*cache)->size() != 1) {
+      std::fprintf(stderr, "skipped %zu shard(s): %s; %zu entries\n", skipped.size(),
+                   skipped.empty() ? "" : skipped[0].c_str(), (*cache)->size());
+      return false;
+    }
+    return true;
+  });
+  if (status == 2) GTEST_SKIP() << "cannot switch to uid 65534 to deny read access";
+  ASSERT_EQ(status, 0) << "the unreadable shard was not skipped (see stderr)";
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  EXPECT_TRUE(cache->invalid_shards().empty());
+  EXPECT_EQ(cache->size(), 2u);
+}
+
+// The lock files of a cache folder shared by a group, created by a teammate (0644 under a umask
+// of 022): a prepare that may not write them still locks them (flock needs no write access)
+// instead of failing "LOCK: cannot open: Permission denied".
+TEST(AudioCacheTest, LockFilesATeammateCreatedStillLock) {
+  TempDir tmp;
+  ASSERT_EQ(::chmod(tmp.path().c_str(), 0755), 0);
+  const std::string path = tmp.Sub("a.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  const std::string dir = tmp.Sub("cache");
+  ASSERT_TRUE(std::filesystem::create_directories(dir));
+  ASSERT_EQ(::chmod(dir.c_str(), 0777), 0);
+  MustPrepare({path}, Options(dir));
+  ASSERT_TRUE(fs::exists(dir + "/LOCK"));
+  const std::string other = tmp.Sub("unrelated");
+  WriteBytes(other, "x");
+  const int status = RunWithoutReadAccess(other, [&] {
+    auto report = PrepareAudioCache({path}, Options(dir));
+    if (!report.ok() || report->files_cached != 1) {
+      std::fprintf(stderr, "prepare: %s\n", report.ok() ? "did not find the file cached"
+                                                         : std::string(report.status().message()).c_str());
+      return false;
+    }
+    return true;
+  });
+  if (status == 2) GTEST_SKIP() << "cannot switch to uid 65534";
+  EXPECT_EQ(status, 0) << "see stderr";
+}
+
 // A file whose whole decode passes the decoder's limit (2^29 samples: 4.66 h at 32 kHz; here a
 // 1 kHz file cached at 768 kHz, refused from its header) is reported but not cached as
 // not_audio: training, which reads only its clips' windows, decodes them from the file as it
@@ -814,6 +882,20 @@ TEST(AudioCacheTest, PartsOfASplitRunWriteOneCache) {
     ::close(fd);
     EXPECT_TRUE(PrepareAudioCache(paths, part1).ok());  // the other split is done
   }
+  {
+    // A sibling part probing the old LOCK.of-3 at the same instant holds it exclusively for a
+    // moment: not a run split 3 ways, and this part waits for the probe instead of refusing.
+    int fd = ::open((dir + "/LOCK.of-3").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+    std::thread release([fd] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      ::close(fd);
+    });
+    auto waited = PrepareAudioCache(paths, part1);
+    release.join();
+    EXPECT_TRUE(waited.ok()) << waited.status();
+  }
   part1.part = 2;
   EXPECT_EQ(PrepareAudioCache(paths, part1).status().code(), absl::StatusCode::kInvalidArgument);
 }
@@ -826,11 +908,19 @@ TEST(AudioCacheTest, APartLeavesTheOtherPartsShards) {
   MustPrepare({paths[0]}, Options(dir));
   WriteBytes(ShardFile(dir, 5, ".pcm"), "in progress");   // part 1's (odd)
   WriteBytes(ShardFile(dir, 6, ".pcm"), "interrupted");   // part 0's (even)
+  // Temporary indexes of shards past 6 digits (a run split many ways numbers them so): by the
+  // whole number, not its first 6 digits (123456, even, for both).
+  const std::string odd_tmp = dir + "/shard-1234567.index.csv.tmp.1.2";
+  const std::string even_tmp = dir + "/shard-1234568.index.csv.tmp.1.2";
+  WriteBytes(odd_tmp, "part 1's, being sealed");
+  WriteBytes(even_tmp, "part 0's, left by a kill");
   PrepareOptions part0 = Options(dir);
   part0.num_parts = 2;
   PrepareReport report = MustPrepare(paths, part0);
   EXPECT_TRUE(fs::exists(ShardFile(dir, 5, ".pcm")));
   EXPECT_FALSE(fs::exists(ShardFile(dir, 6, ".pcm")));
+  EXPECT_TRUE(fs::exists(odd_tmp));
+  EXPECT_FALSE(fs::exists(even_tmp));
   ASSERT_EQ(report.dropped_shards.size(), 1u);
   EXPECT_EQ(report.dropped_shards[0].rfind("shard-000006", 0), 0u) << report.dropped_shards[0];
   for (int shard : ShardNumbers(dir, ".index.csv")) {

@@ -6,6 +6,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/files.h"
 #include "gtest/gtest.h"
 #include "tests/worker/audio_test_util.h"
 #include "worker/data/audio_cache.h"
@@ -293,6 +297,30 @@ TEST(LoadClipTest, FileChangedSincePrepareIsDecodedOnTheFly) {
   EXPECT_TRUE(kept.from_cache);
   EXPECT_EQ(kept.audio_samples, 3 * 32000);
   EXPECT_EQ(cache.stale_files(), 1);
+  // An entry without a stamp (prepare could not stat the file then): nothing says the audio is
+  // the file's, which can be stat()ed now; decoded on the fly, as prepare would decode it again.
+  const std::string index = dir + "/shard-000000.index.csv";
+  auto text = common::ReadFileToString(index);
+  ASSERT_TRUE(text.ok()) << text.status();
+  std::vector<std::string> lines = absl::StrSplit(*text, '\n');
+  bool edited = false;
+  for (std::string& line : lines) {
+    if (!absl::StartsWith(line, AudioCacheKey(same) + ",")) continue;
+    std::vector<std::string> cols = absl::StrSplit(line, ',');
+    ASSERT_GE(cols.size(), 11u) << line;
+    cols[9] = "-1";   // file_bytes
+    cols[10] = "-1";  // mtime_ns
+    line = absl::StrJoin(cols, ",");
+    edited = true;
+  }
+  ASSERT_TRUE(edited) << *text;
+  ASSERT_TRUE(common::WriteFileAtomically(index, absl::StrJoin(lines, "\n")).ok());
+  auto unstamped = AudioCache::Open(dir);
+  ASSERT_TRUE(unstamped.ok()) << unstamped.status();
+  ASSERT_NE((*unstamped)->Lookup(same), nullptr);
+  EXPECT_EQ((*unstamped)->Lookup(same)->file_bytes, -1);
+  EXPECT_FALSE(MustLoad(unstamped->get(), same, request).from_cache);
+  EXPECT_EQ((*unstamped)->stale_files(), 1);
 }
 
 // Broken files give a clip of zeros and the problem, from the cache and on the fly; never NaN.

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <random>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -338,12 +339,22 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, 
 // A whole-cache run holds LOCK exclusively; a part of a split run (PrepareOptions::part) holds
 // LOCK shared and LOCK.part-R exclusively, so that parts run together but never beside a
 // whole-cache run or a second copy of themselves.
+//
+// A lock file, created when missing; -1 and errno on failure. One a teammate created (0644
+// under a umask of 022, in a group-writable cache folder) is opened read-only: flock needs no
+// write access, and a read-only descriptor holds the lock as well.
+int OpenLockFile(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd >= 0 || errno != EACCES) return fd;
+  return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+}
+
 class DirLock {
  public:
   static absl::StatusOr<std::unique_ptr<DirLock>> Acquire(const std::string& dir, const std::string& name,
                                                           bool exclusive, const std::string& who) {
     const std::string path = (fs::path(dir) / name).string();
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    int fd = OpenLockFile(path);
     if (fd < 0) {
       return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
     }
@@ -384,7 +395,14 @@ absl::StatusOr<std::unique_ptr<DirLock>> LockSplitCount(const std::string& dir, 
         other == options.num_parts) {
       continue;
     }
+    // Every part of this run probes too, each holding the probe's lock for an instant: a busy
+    // probe is tried again for a while (a run split `other` ways holds its lock throughout).
     auto probe = DirLock::Acquire(dir, name, true, "");
+    std::minstd_rand jitter(static_cast<unsigned>(options.part) * 7919u + static_cast<unsigned>(::getpid()));
+    for (int tries = 0; absl::IsFailedPrecondition(probe.status()) && tries < 40; ++tries) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(25 + jitter() % 50));
+      probe = DirLock::Acquire(dir, name, true, "");
+    }
     if (absl::IsFailedPrecondition(probe.status())) {
       return absl::FailedPreconditionError(absl::StrCat(
           dir, ": an `aviary prepare` split into ", other, " parts is writing this cache (", name,
@@ -637,14 +655,23 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
   }
   for (auto& [shard, entries] : scan.valid) {  // ascending: later shards replace earlier entries
     const std::string pcm = PcmPath(dir, shard);
+    // A shard that cannot be opened or mapped now (a permission, ESTALE, EMFILE, the process's
+    // map count or address space) is skipped as an unreadable index is: its files decode on the
+    // fly, and one shard must not fail every attempt of a training task.
+    auto skip = [&](const std::string& why) {
+      cache->invalid_shards_.push_back(absl::StrCat(ShardName(shard), ": ", pcm, ": ", why, " (a read error, not damage)"));
+    };
     int fd = ::open(pcm.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-      return absl::InternalError(absl::StrCat(pcm, ": cannot open: ", std::strerror(errno)));
+    if (fd < 0) {
+      skip(absl::StrCat("cannot open: ", std::strerror(errno)));
+      continue;
+    }
     struct stat st;
     if (::fstat(fd, &st) != 0) {
       int err = errno;
       ::close(fd);
-      return absl::InternalError(absl::StrCat(pcm, ": fstat failed: ", std::strerror(err)));
+      skip(absl::StrCat("fstat failed: ", std::strerror(err)));
+      continue;
     }
     Mapping mapping;
     mapping.num_bytes = static_cast<size_t>(st.st_size);
@@ -653,12 +680,21 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
       if (addr == MAP_FAILED) {
         int err = errno;
         ::close(fd);
-        return absl::InternalError(absl::StrCat(pcm, ": mmap of ", mapping.num_bytes,
-                                                " bytes failed: ", std::strerror(err)));
+        skip(absl::StrCat("mmap of ", mapping.num_bytes, " bytes failed: ", std::strerror(err)));
+        continue;
       }
       mapping.data = static_cast<const int16_t*>(addr);
     }
     ::close(fd);  // the mapping stays valid
+    // The index was checked against the size the scan saw; the file mapped must hold as much
+    // (nothing truncates a shard, but a reader must not fault past the end of a mapping).
+    int64_t needed = 0;
+    for (const CacheEntry& e : entries) needed = std::max(needed, (e.offset + e.frames) * 2);
+    if (static_cast<int64_t>(mapping.num_bytes) < needed) {
+      if (mapping.data != nullptr) ::munmap(const_cast<int16_t*>(mapping.data), mapping.num_bytes);
+      skip(absl::StrCat("holds ", mapping.num_bytes, " bytes now, its index needs ", needed));
+      continue;
+    }
     cache->mappings_[shard] = mapping;
     for (CacheEntry& e : entries) {
       auto [it, inserted] = cache->by_path_.emplace(e.path, cache->entries_.size());
@@ -703,6 +739,9 @@ const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
   auto it = by_path_.find(AudioCacheKey(path));
   if (it == by_path_.end()) return nullptr;
   const size_t i = it->second;
+  // A "missing" verdict (cached by an older aviary; prepare tries such files again) says nothing
+  // about the file now: decoded on the fly, as prepare would.
+  if (entries_[i].problem == AudioProblem::kMissing) return nullptr;
   int8_t state = freshness_[i].load(std::memory_order_acquire);
   if (state == 0) {
     const CacheEntry& e = entries_[i];
@@ -710,8 +749,10 @@ const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
     bool stale = false;
     std::string now;
     // A source that cannot be stat()ed (gone, unreachable) keeps its cached audio: there is no
-    // newer version to prefer. An entry without a stamp (-1) cannot be compared.
-    if (e.file_bytes >= 0 && ::stat(e.path.c_str(), &st) == 0) {
+    // newer version to prefer. An entry without a stamp (-1: prepare could not stat the file)
+    // is stale when the file can be stat()ed now, as prepare judges it: nothing says the
+    // cached audio is that file's.
+    if (::stat(e.path.c_str(), &st) == 0) {
       const FileStamp stamp{static_cast<int64_t>(st.st_size),
                             static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 +
                                 st.st_mtim.tv_nsec};
@@ -721,8 +762,9 @@ const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
     int8_t expected = 0;
     if (freshness_[i].compare_exchange_strong(expected, stale ? 2 : 1) && stale) {
       stale_files_.fetch_add(1);
-      Log().Warn(absl::StrCat(e.path, ": changed since `aviary prepare` cached it (then ",
-                              e.file_bytes, " bytes, mtime_ns ", e.mtime_ns, "; now ", now,
+      const std::string then = e.file_bytes < 0 ? std::string("cached without its size and mtime")
+                                                 : absl::StrCat("then ", e.file_bytes, " bytes, mtime_ns ", e.mtime_ns);
+      Log().Warn(absl::StrCat(e.path, ": changed since `aviary prepare` cached it (", then, "; now ", now,
                               "): decoded on the fly instead of the cache ", dir_,
                               " (run `aviary prepare` again)"));
     }
@@ -797,9 +839,13 @@ bool OwnsShard(int shard, const PrepareOptions& options) { return shard % option
 bool OwnsStray(const std::string& path, const PrepareOptions& options) {
   if (options.num_parts == 1) return true;
   const std::string name = fs::path(path).filename().string();
-  int shard = 0;
-  return name.size() > 12 && name.rfind("shard-", 0) == 0 && absl::SimpleAtoi(name.substr(6, 6), &shard) &&
-         OwnsShard(shard, options);
+  // The digits up to the first '.': shard numbers grow past 6 digits (a run split 100 ways
+  // numbers its shards R, R + 100, ...), and 6 of 7 name another shard.
+  if (name.rfind("shard-", 0) != 0) return false;
+  const size_t dot = name.find('.', 6);
+  if (dot == std::string::npos) return false;
+  const std::optional<int> shard = ParseShardName(name.substr(0, dot) + ".x", ".x");
+  return shard.has_value() && OwnsShard(*shard, options);
 }
 
 // FAILED_PRECONDITION unless the cache in `dir` holds what this run asks for.
@@ -1009,7 +1055,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   {
     // The parts of a split run may all find no manifest: one writes it, the others then read it.
     const std::string guard_path = (fs::path(dir) / kManifestLockFile).string();
-    const int guard = ::open(guard_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    const int guard = OpenLockFile(guard_path);
     if (guard < 0 || ::flock(guard, LOCK_EX) != 0) {
       const int err = errno;
       if (guard >= 0) ::close(guard);

@@ -34,7 +34,8 @@
 // shards (a file re-decoded because it changed), the highest shard number wins.
 //
 // Samples are stored as round(x * 32768) clamped to [-32768, 32767] and read back as q / 32768:
-// within 1/65536 of the decode for |x| < 1, and clipped at +-1.
+// within 1/65536 of the decode for -1 <= x < 32767/32768, within 1/32768 up to 1 (the top
+// step saturates at 32767), and clipped at +-1 (counted as clipped from |x| >= 1).
 #ifndef AVIARY_WORKER_DATA_AUDIO_CACHE_H_
 #define AVIARY_WORKER_DATA_AUDIO_CACHE_H_
 
@@ -109,7 +110,8 @@ class AudioCache {
   // so that the caller decodes the new version instead of serving stale audio. The source is
   // stat()ed once per entry, on first use (a file changed later is not noticed); a stale entry
   // is logged once and counted in stale_files(). A source that cannot be stat()ed (gone) keeps
-  // its cached entry.
+  // its cached entry; an entry without a stamp (file_bytes -1) is stale once the file can be
+  // stat()ed, and a "missing" entry (older caches) is never served (as prepare judges them).
   const CacheEntry* LookupCurrent(absl::string_view path) const;
   // Entries found stale by LookupCurrent so far.
   int64_t stale_files() const { return stale_files_.load(); }
