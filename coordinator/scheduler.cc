@@ -121,8 +121,18 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerOpti
   std::unique_ptr<Scheduler> scheduler(new Scheduler(resolved, store, metrics));
   AVIARY_RETURN_IF_ERROR(scheduler->Restore());
   scheduler->FinishInterruptedRemovals();
+  // Restore restarted the groups' clocks, but no heartbeat could arrive during the removals: the
+  // reaper's first pass would have taken every group for lost after a slow one.
+  scheduler->RestartHeartbeatClocks();
   scheduler->reaper_ = std::thread([s = scheduler.get()] { s->ReaperLoop(); });
   return scheduler;
+}
+
+void Scheduler::RestartHeartbeatClocks() {
+  absl::ReaderMutexLock lock(&mu_);
+  absl::MutexLock seen(&seen_mu_);
+  const int64_t now = NowMs();
+  for (auto& [id, group] : groups_) group->last_seen_ms = std::max(now, group->last_seen_ms.load());
 }
 
 Scheduler::~Scheduler() { Shutdown(); }

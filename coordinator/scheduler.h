@@ -267,6 +267,9 @@ class Scheduler {
   // dir and did not finish removing (the coordinator stopped) are removed, or renamed back where
   // the job is still in the store (its delete did not commit). Logs what it did; never fails.
   void FinishInterruptedRemovals() ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
+  // Every group's heartbeat clock restarts now (after a start that answered no heartbeat for a
+  // while: the removals above may take minutes on a shared filesystem).
+  void RestartHeartbeatClocks() ABSL_LOCKS_EXCLUDED(mu_);
   void ReaperLoop();
 
   // Staging helpers: read the state (mu_, shared or exclusive) into `changes`.

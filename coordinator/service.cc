@@ -536,7 +536,12 @@ grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
       // to a group that has stopped it.
       aviary::v1::FailTaskRequest recorded = *request;
       recorded.set_error(absl::StrCat("(its message was refused: ", checked.message(), ")"));
-      if (!scheduler_->FailTask(recorded).ok()) return checked;
+      // Not recorded (not registered, not the holder, a commit that failed): that status, which
+      // the agent acts on (registers again, lets go, retries), with the refusal added.
+      if (absl::Status failed = scheduler_->FailTask(recorded); !failed.ok()) {
+        return absl::Status(failed.code(), absl::StrCat(failed.message(), " (and field 'error' was refused: ",
+                                                        checked.message(), ")"));
+      }
       return absl::Status(checked.code(), absl::StrCat(checked.message(), " (the failure is recorded without it)"));
     }
     return scheduler_->FailTask(*request);

@@ -1879,6 +1879,20 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     lease = Lease(b);
     EXPECT_EQ(lease.task().task_id(), pretrain);
   }
+  // One that cannot be recorded either (a group the coordinator does not know): its status, not
+  // the message's refusal (an agent registers again on NOT_FOUND and drops an INVALID_ARGUMENT).
+  {
+    FailTaskRequest request;
+    request.set_group_id("g0123456789ab");
+    request.set_task_id(pretrain);
+    request.set_retryable(true);
+    FailTaskResponse response;
+    const grpc::Status status = workers_->FailTask(WorkerCtx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+    EXPECT_NE(status.error_message().find("(and field 'error' was refused: field 'error': must not be empty)"),
+              std::string::npos)
+        << status.error_message();
+  }
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
   ASSERT_TRUE(Complete(b, pretrain, Checkpoint(pretrain, "best.pt")).ok());
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_SUCCEEDED);
