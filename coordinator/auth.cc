@@ -77,7 +77,7 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-absl::StatusOr<TokenSet> LoadTokenSet(const CoordinatorConfig& config) {
+absl::StatusOr<TokenSet> LoadTokenSet(const CoordinatorConfig& config, bool reload) {
   TokenSet set;
   const RoleFile files[] = {
       {Role::kClient, "token_file", &config.token_file, &set.client, !config.allow_no_auth},
@@ -92,7 +92,8 @@ absl::StatusOr<TokenSet> LoadTokenSet(const CoordinatorConfig& config) {
           "key '", file.key, "': not set and allow_no_auth is false (`aviary-coordinator init DIR` "
           "writes the client, viewer and worker token files and a config naming them)"));
     }
-    auto tokens = ReadTokenFile(*file.path);
+    set.enforced = true;
+    auto tokens = ReadTokenFile(*file.path, /*allow_empty=*/reload);
     if (!tokens.ok()) {
       absl::Status st = common::Annotate(tokens.status(), absl::StrCat("key '", file.key, "'"));
       if (st.code() == absl::StatusCode::kNotFound) {
@@ -146,7 +147,7 @@ absl::Status Authenticator::Check(const grpc::ServerContext& context, const char
 absl::Status Authenticator::CheckToken(const grpc::ServerContext& context, const char* rpc,
                                        RoleSet allowed) const {
   const std::shared_ptr<const TokenSet> set = tokens();
-  if (set->empty()) return absl::OkStatus();  // allow_no_auth
+  if (set->no_auth()) return absl::OkStatus();  // allow_no_auth
   const auto& metadata = context.client_metadata();
   auto it = metadata.find("authorization");
   if (it == metadata.end()) {
@@ -163,7 +164,7 @@ absl::Status Authenticator::CheckToken(const grpc::ServerContext& context, const
 absl::Status Authenticator::CheckBearer(const std::string& value, const char* what, RoleSet allowed,
                                         Role* role) const {
   const std::shared_ptr<const TokenSet> set = tokens();
-  if (set->empty()) {  // allow_no_auth
+  if (set->no_auth()) {  // allow_no_auth
     if (role != nullptr) *role = Role::kClient;
     return absl::OkStatus();
   }

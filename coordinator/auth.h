@@ -46,7 +46,11 @@ struct TokenSet {
   std::vector<std::string> viewer;
   std::vector<std::string> worker;
 
-  bool empty() const { return client.empty() && viewer.empty() && worker.empty(); }
+  // Whether tokens are asked for at all: false only with allow_no_auth and no token file
+  // configured, when every call is let in. A token file that holds no token (a reload after the
+  // last one of a role was removed) lets no one of that role in; it never turns tokens off.
+  bool enforced = false;
+  bool no_auth() const { return !enforced; }
 };
 
 // Reads token_file, viewer_token_file and worker_token_file (common/tokens.h: one token per
@@ -54,7 +58,9 @@ struct TokenSet {
 // (NOT_FOUND, pointing at `aviary-coordinator init`), a file without a token, a required file
 // not configured (token_file and worker_token_file unless allow_no_auth), and one token in two
 // roles' files (INVALID_ARGUMENT naming both files).
-absl::StatusOr<TokenSet> LoadTokenSet(const CoordinatorConfig& config);
+// `reload`: a file that holds no token leaves its role without any (revoking a role's last
+// token is removing its line and a SIGHUP); at start it is an error (a mistake, most likely).
+absl::StatusOr<TokenSet> LoadTokenSet(const CoordinatorConfig& config, bool reload = false);
 
 // Compares in time that depends only on the lengths, not on where the strings differ.
 bool ConstantTimeEquals(const std::string& a, const std::string& b);

@@ -402,7 +402,7 @@ class Console::Request {
     } else {
       token = Cookie(kCookie);
       by_cookie_ = !token.empty();
-      if (token.empty() && !auth.tokens()->empty()) {
+      if (token.empty() && !auth.tokens()->no_auth()) {
         return absl::UnauthenticatedError(absl::StrCat(
             what, ": no token: send 'Authorization: Bearer <token>' or log in at /login"));
       }
@@ -423,7 +423,7 @@ class Console::Request {
   // would be a new holder) the peer's address; "" (no per-holder limit) when that address is
   // the TLS front's loopback relay, which every browser shares.
   std::string holder(const Authenticator& auth, bool behind_tls_front) const {
-    if (!auth.tokens()->empty()) return "token " + Sha256Hex(token_);
+    if (!auth.tokens()->no_auth()) return "token " + Sha256Hex(token_);
     if (behind_tls_front) return "";
     return absl::StrCat("address ", info_->remote_addr);
   }
@@ -448,7 +448,7 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
     return absl::InvalidArgumentError(absl::StrCat("console_listen '", options.listen, "': one HOST:PORT only"));
   }
   std::unique_ptr<Console> console(new Console(options, scheduler, store, auth));
-  if (auth->tokens()->empty()) console->own_names_ = OwnHostNames();  // for the Host check
+  if (auth->tokens()->no_auth()) console->own_names_ = OwnHostNames();  // for the Host check
   mg_init_library(0);
   const bool tls = console->tls();
   // With TLS civetweb serves plain HTTP on loopback only, behind the TLS front.
@@ -508,7 +508,7 @@ void Console::Route(Request& request) {
   const std::string& path = request.path();
   const std::string& method = request.method();
   const bool get = method == "GET" || method == "HEAD";
-  if (auth_->tokens()->empty()) {
+  if (auth_->tokens()->no_auth()) {
     // Without authentication the Host header is what stands between the API and a page on
     // another site whose name an attacker re-points at this address (DNS rebinding).
     if (absl::Status host = CheckHostWithoutAuth(request.Header("Host"), own_names_); !host.ok()) {
@@ -557,7 +557,7 @@ void Console::Route(Request& request) {
   if (!allowed.ok()) return request.Error(allowed);
   if (parts.size() == 1 && parts[0] == "session") {
     return request.Json(absl::StrCat("{\"role\":", JsonQuote(RoleName(request.role())),
-                                     ",\"auth\":", auth_->tokens()->empty() ? "false" : "true",
+                                     ",\"auth\":", auth_->tokens()->no_auth() ? "false" : "true",
                                      ",\"grafana_url\":", JsonQuote(options_.grafana_url), "}"));
   }
   if (parts.size() == 1 && parts[0] == "jobs") return ServeJobs(request);
@@ -601,6 +601,25 @@ void Console::ServePage(Request& request, const std::string& path) {
 void Console::ServeLogin(Request& request) {
   const bool secure = tls();
   if (request.method() == "POST") {
+    // Login CSRF: a page on another site could post a token its author holds and swap this
+    // browser's cookie for it (the form needs no header such a page cannot send). Browsers say
+    // where a POST comes from: Sec-Fetch-Site (same-origin, or none: typed by the user), else
+    // (older browsers) an Origin whose host is this request's Host. A reverse proxy that
+    // rewrites Host still passes the first.
+    const std::string site = request.Header("Sec-Fetch-Site");
+    const std::string origin = request.Header("Origin");
+    std::string origin_host = origin;
+    for (const char* scheme : {"http://", "https://"}) {
+      if (absl::StartsWith(origin_host, scheme)) origin_host = origin_host.substr(std::strlen(scheme));
+    }
+    const bool foreign =
+        !site.empty() ? site != "same-origin" && site != "none"
+                      : !origin.empty() && (origin_host == origin || origin_host != request.Header("Host"));
+    if (foreign) {
+      return request.Error(absl::PermissionDeniedError(absl::StrCat(
+          "console POST /login from another site (Origin '", origin, "', Sec-Fetch-Site '",
+          request.Header("Sec-Fetch-Site"), "'): log in from this console's own page")));
+    }
     const std::string body = request.Body();
     const std::string token = std::string(absl::StripAsciiWhitespace(Request::Var(body, "token")));
     const std::string next = SafeNext(Request::Var(body, "next"));

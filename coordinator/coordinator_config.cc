@@ -461,10 +461,10 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {
+absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path, bool allow_empty) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
   std::vector<std::string> tokens = common::ParseTokenLines(text);
-  if (tokens.empty()) {
+  if (tokens.empty() && !allow_empty) {
     return absl::InvalidArgumentError(absl::StrCat(
         "token file ", path, ": holds no token (only blank or '#' lines; an empty token is refused)"));
   }

@@ -92,7 +92,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
   std::unique_ptr<CoordinatorMetrics> metrics(new CoordinatorMetrics());
   if (listen_address.empty()) return metrics;
   try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(listen_address, 2);
+    // More than two threads and a request deadline (civetweb's 30 s): two idle connections held
+    // open by anyone who can reach the port kept Prometheus's scrapes out.
+    metrics->exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+        "listening_ports", listen_address, "num_threads", "8", "request_timeout_ms", "5000"});
   } catch (const std::exception& e) {
     return absl::UnavailableError(
         absl::StrCat("metrics_listen ", listen_address, ": cannot serve /metrics: ", e.what()));

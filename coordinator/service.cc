@@ -666,7 +666,7 @@ std::string WithPort(const std::string& address, int port) {
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorConfig& config,
                                                                  const CoordinatorSecrets& secrets) {
   std::unique_ptr<Coordinator> c(new Coordinator());
-  if (secrets.tokens.empty()) {
+  if (secrets.tokens.no_auth()) {
     c->log_.Warn(
         "serving WITHOUT authentication (allow_no_auth: true): anyone who can reach the port "
         "can submit and cancel jobs and impersonate worker groups");
@@ -757,7 +757,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
       secrets.tls_client_ca_pem.empty() ? "" : ", client certificates for worker groups", "), metrics on ",
       config.metrics_listen.empty() ? std::string("(disabled)")
                                     : WithPort(config.metrics_listen, c->metrics_port())));
-  if (!secrets.tokens.empty()) {
+  if (!secrets.tokens.no_auth()) {
     c->log_.Info(absl::StrCat("tokens: ", secrets.tokens.client.size(), " client, ", secrets.tokens.viewer.size(),
                               " viewer, ", secrets.tokens.worker.size(), " worker"));
   }
@@ -768,12 +768,12 @@ Coordinator::~Coordinator() { (void)Shutdown(); }
 
 absl::Status Coordinator::ReloadTokens() {
   if (auth_ == nullptr) return absl::FailedPreconditionError("ReloadTokens: the coordinator is not running");
-  absl::StatusOr<TokenSet> tokens = LoadTokenSet(config_);
+  absl::StatusOr<TokenSet> tokens = LoadTokenSet(config_, /*reload=*/true);
   if (!tokens.ok()) {
     log_.Error(absl::StrCat("token reload failed, the current tokens stay: ", tokens.status().message()));
     return tokens.status();
   }
-  if (tokens->empty() != auth_->tokens()->empty()) {
+  if (tokens->no_auth() != auth_->tokens()->no_auth()) {
     // Turning authentication on or off is a restart, not a reload.
     absl::Status st = absl::FailedPreconditionError(
         "token reload: the config had no token files at start (allow_no_auth); restart to turn authentication on");

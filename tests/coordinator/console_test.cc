@@ -484,6 +484,21 @@ TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
   HttpResponse away = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
                            "token=the-token&next=%2F%2Fevil.example");
   EXPECT_EQ(away.headers["location"], "/jobs");
+  // Nor a login from another site's page (login CSRF: its author's token in this browser's
+  // cookie), said by its Origin or by Sec-Fetch-Site; this console's own form logs in.
+  for (const std::string& from : {std::string("Origin: http://evil.example"), std::string("Origin: null"),
+                                  std::string("Sec-Fetch-Site: cross-site"), std::string("Sec-Fetch-Site: same-site")}) {
+    HttpResponse csrf =
+        Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded", from}, "token=the-token");
+    EXPECT_EQ(csrf.status, 403) << from;
+    EXPECT_EQ(csrf.headers.count("set-cookie"), 0u) << from;
+  }
+  HttpResponse own = Http(port_, "POST", "/login",
+                          {"Content-Type: application/x-www-form-urlencoded", "Origin: http://127.0.0.1",
+                           "Sec-Fetch-Site: same-origin"},
+                          "token=the-token");
+  EXPECT_EQ(own.status, 303);
+  EXPECT_EQ(own.headers.count("set-cookie"), 1u);
 }
 
 TEST_F(ConsoleTest, APostWithoutAnAuthorizationHeaderNeedsTheConsolesHeader) {

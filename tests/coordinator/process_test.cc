@@ -232,6 +232,20 @@ TEST_F(CoordinatorProcessTest, SighupReloadsTheTokenFiles) {
   EXPECT_EQ(list("old-token"), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
 
+  // The role's last token removed (a leaked one revoked): no client gets in, and tokens stay on
+  // (an empty file is never "no authentication"); then a new one.
+  std::ofstream(root_ + "/token") << "# revoked 2026-12-06\n";
+  ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+  ASSERT_TRUE(Eventually([&] { return logged("tokens reloaded: 0 client, 0 viewer, 1 worker") == 1; }))
+      << Read(root_ + "/coordinator.log");
+  EXPECT_EQ(list("new-token"), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(list(""), grpc::StatusCode::UNAUTHENTICATED);
+  std::ofstream(root_ + "/token") << "new-token\n";
+  ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+  ASSERT_TRUE(Eventually([&] { return logged("tokens reloaded: 1 client, 0 viewer, 1 worker") == 2; }))
+      << Read(root_ + "/coordinator.log");
+  EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
+
   // A broken file (the worker token also in the clients' file) keeps the current set.
   std::ofstream(root_ + "/token") << "other-token\nproc-worker-token\n";
   ASSERT_EQ(::kill(pid_, SIGHUP), 0);
@@ -255,7 +269,7 @@ TEST_F(CoordinatorProcessTest, SighupReloadsTheTokenFiles) {
   RegisterGroupResponse group;
   EXPECT_TRUE(workers_->RegisterGroup(Ctx("proc-worker-token").get(), register_request, &group).ok());
   EXPECT_EQ(list("new-token"), grpc::StatusCode::OK);
-  EXPECT_EQ(logged("tokens reloaded"), 2);
+  EXPECT_EQ(logged("tokens reloaded"), 4);
 }
 
 TEST_F(CoordinatorProcessTest, SurvivesKill9WithEveryAcknowledgedReport) {
