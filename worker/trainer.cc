@@ -1455,8 +1455,11 @@ absl::Status Trainer::State::JoinGroup() {
     // And the same training and validation items (`aviary-worker train` builds them on every
     // rank from its own view of the dataset: a file one host lacks would shift the epoch's order).
     // The run first: ranks with other configs also differ in what follows, for that reason.
-    const int64_t mine[6] = {RunDigest(config, options), start_epoch, mid.batches_done, step,
-                             ItemsDigest(train_items), ItemsDigest(valid_items)};
+    // And one kind of device: a CPU rank among GPU ranks computes its update in float32 where
+    // the others use bf16 autocast and a fused optimizer, so the replicas drift apart (each
+    // rank's weights are its own after the start's broadcast).
+    const int64_t mine[7] = {RunDigest(config, options), start_epoch, mid.batches_done, step,
+                             ItemsDigest(train_items), ItemsDigest(valid_items), options.device.is_cuda() ? 1 : 0};
     std::vector<int64_t> both;
     for (int64_t v : mine) both.insert(both.end(), {v, -v});
     at::Tensor range = at::tensor(both, at::kLong);
@@ -1467,9 +1470,16 @@ absl::Status Trainer::State::JoinGroup() {
       AVIARY_RETURN_IF_ERROR(comm->AllReduce(range, comm::ReduceOp::kMax));
     }
     const char* what[3] = {"epochs", "batches", "optimizer steps"};
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < 7; ++i) {
       const int64_t hi = range[2 * i].item<int64_t>(), lo = -range[2 * i + 1].item<int64_t>();
       if (hi == lo) continue;
+      if (i == 6) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "rank ", rank, " trains on ", options.device.is_cuda() ? "a GPU" : "the CPU",
+            ", and another rank of the group on ", options.device.is_cuda() ? "the CPU" : "a GPU",
+            ": the replicas would compute different updates and drift apart; give every node of the group a GPU, "
+            "or start every rank with --device cpu"));
+      }
       if (i == 0) {
         return absl::FailedPreconditionError(absl::StrCat(
             "rank ", rank, ": the ranks' runs differ (the config, --set, --stage, --fold, --init, --extend-epochs or "
@@ -1634,6 +1644,10 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
     return absl::CancelledError(where);
   }
   absl::Status shared = WriteMidEpoch(t, next);
+  // A rank that did not arrive (the totals' all-reduce or the write's outcome timed out): the
+  // group is broken, and that ends the run, naming the rank; as a stop it was "preempted" under
+  // `serve`, and `train` waited in MPI_Finalize for the hung rank for ever.
+  if (absl::IsDeadlineExceeded(shared)) return shared;
   if (!shared.ok()) {
     Log().Warn(absl::StrCat(where, ": no mid-epoch checkpoint (", shared.message(), "); ", Path("last.pt"),
                             " holds what it held"));

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -67,31 +68,48 @@ GroupControl::~GroupControl() {
   if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
+// The buffers of a non-blocking collective live on the heap: when the wait times out the request
+// is still pending (a late rank may complete it, and MPI then writes into them), so they are left
+// to MPI (released, never freed) rather than freed under it; the group ends soon after anyway.
 absl::Status GroupControl::Broadcast(std::string* bytes, int root, double max_sleep_s, double deadline_s) {
-  int64_t size = rank_ == root ? static_cast<int64_t>(bytes->size()) : 0;
+  auto size = std::make_unique<int64_t>(rank_ == root ? static_cast<int64_t>(bytes->size()) : 0);
   MPI_Request req;
-  AVIARY_MPI_CHECK(MPI_Ibcast(&size, 1, MPI_INT64_T, root, comm_, &req));
-  AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control broadcast"));
-  if (size < 0 || size > std::numeric_limits<int>::max()) {
-    return absl::InternalError(absl::StrCat("control broadcast from rank ", root, ": bad size ", size));
+  AVIARY_MPI_CHECK(MPI_Ibcast(size.get(), 1, MPI_INT64_T, root, comm_, &req));
+  if (absl::Status waited = Wait(&req, max_sleep_s, deadline_s, "the control broadcast"); !waited.ok()) {
+    (void)size.release();  // still MPI's
+    return waited;
   }
-  if (size == 0) {
+  const int64_t n = *size;
+  if (n < 0 || n > std::numeric_limits<int>::max()) {
+    return absl::InternalError(absl::StrCat("control broadcast from rank ", root, ": bad size ", n));
+  }
+  if (n == 0) {
     bytes->clear();
     return absl::OkStatus();
   }
-  if (rank_ != root) bytes->assign(static_cast<size_t>(size), '\0');
-  AVIARY_MPI_CHECK(MPI_Ibcast(bytes->data(), static_cast<int>(size), MPI_BYTE, root, comm_, &req));
-  return Wait(&req, 0.002, deadline_s, "the control broadcast");
+  auto buffer = std::make_unique<std::string>(rank_ == root ? *bytes : std::string(static_cast<size_t>(n), '\0'));
+  AVIARY_MPI_CHECK(MPI_Ibcast(buffer->data(), static_cast<int>(n), MPI_BYTE, root, comm_, &req));
+  if (absl::Status waited = Wait(&req, 0.002, deadline_s, "the control broadcast"); !waited.ok()) {
+    (void)buffer.release();  // still MPI's
+    return waited;
+  }
+  *bytes = std::move(*buffer);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int64_t>> GroupControl::AllGather(const std::vector<int64_t>& mine, double max_sleep_s,
                                                              double deadline_s) {
-  std::vector<int64_t> all(mine.size() * static_cast<size_t>(world_));
+  auto send = std::make_unique<std::vector<int64_t>>(mine);
+  auto all = std::make_unique<std::vector<int64_t>>(mine.size() * static_cast<size_t>(world_));
   MPI_Request req;
-  AVIARY_MPI_CHECK(MPI_Iallgather(mine.data(), static_cast<int>(mine.size()), MPI_INT64_T, all.data(),
-                                  static_cast<int>(mine.size()), MPI_INT64_T, comm_, &req));
-  AVIARY_RETURN_IF_ERROR(Wait(&req, max_sleep_s, deadline_s, "the control all-gather"));
-  return all;
+  AVIARY_MPI_CHECK(MPI_Iallgather(send->data(), static_cast<int>(send->size()), MPI_INT64_T, all->data(),
+                                  static_cast<int>(send->size()), MPI_INT64_T, comm_, &req));
+  if (absl::Status waited = Wait(&req, max_sleep_s, deadline_s, "the control all-gather"); !waited.ok()) {
+    (void)send.release();  // still MPI's
+    (void)all.release();
+    return waited;
+  }
+  return std::move(*all);
 }
 
 absl::StatusOr<std::vector<int64_t>> GroupControl::Exchange(int64_t kind, int64_t a, int64_t b, int64_t c,

@@ -2,7 +2,14 @@
 
 #include <mpi.h>
 
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "worker/comm/mpi_communicator.h"
@@ -47,6 +54,46 @@ absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, cons
   return backend;
 }
 
+// The set-up's collectives (the ranks' agreement, MPI_Comm_dup, the NCCL id's broadcast,
+// ncclCommInitRank) have no deadline of their own: a rank that never reaches them (hung reading
+// its config on a stuck share, a wedged GPU, dead after MPI_Init) kept every other rank in them
+// for ever. This one ends the process once the set-up has taken longer than comm.timeout_s,
+// saying so; no MPI call from its thread (MPI_THREAD_SERIALIZED), so _Exit: a rank that exits
+// before MPI_Finalize makes mpirun end the group.
+class SetupDeadline {
+ public:
+  SetupDeadline(double seconds, int rank, int world) {
+    thread_ = std::thread([this, seconds, rank, world] {
+      using Clock = std::chrono::steady_clock;
+      const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                               std::chrono::duration<double>(seconds));
+      std::unique_lock<std::mutex> lock(mu_);
+      if (cv_.wait_until(lock, deadline, [this] { return done_; })) return;
+      common::WriteLineToStderr(absl::StrCat(
+          "aviary: rank ", rank, " of ", world, " ends the group: the communicator's set-up did not finish within ",
+          "comm.timeout_s = ", seconds, " s: another rank did not arrive (hung or dead before it, e.g. reading its "
+          "config or data on a stuck share; see the other ranks' logs)"));
+      std::_Exit(1);
+    });
+  }
+  ~SetupDeadline() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  SetupDeadline(const SetupDeadline&) = delete;
+  SetupDeadline& operator=(const SetupDeadline&) = delete;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::CommConfig& config,
@@ -56,6 +103,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
   // calls do not match: ranks that chose differently would wait in them for ever. So the ranks
   // agree first: an error anywhere ends every rank, and "auto" falls back to MPI everywhere when
   // one rank cannot use NCCL (one GPU fewer on a node, a host without a GPU).
+  SetupDeadline deadline(config.timeout_s, session.rank(), session.world_size());
   absl::StatusOr<std::string> mine = ChooseBackend(config, session, device);
   int first_failed = -1;
   AVIARY_RETURN_IF_ERROR(session.AllRanksOk(mine.status(), &first_failed));

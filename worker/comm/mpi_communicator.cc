@@ -188,8 +188,14 @@ static absl::StatusOr<int> MpiCount(int64_t elements, absl::string_view what) {
 }
 
 absl::StatusOr<bool> MpiCommunicator::TestRequest(MPI_Request* request) {
+  if (!failed_.ok()) return failed_;
   int flag = 0;
-  AVIARY_MPI_CHECK(MPI_Test(request, &flag, MPI_STATUS_IGNORE));
+  if (int rc = MPI_Test(request, &flag, MPI_STATUS_IGNORE); rc != MPI_SUCCESS) {
+    // As WaitRequest: the request is not tested again (undefined after an error), and every
+    // later wait says why.
+    failed_ = absl::InternalError(MpiErrorMessage("MPI_Test", rc, __FILE__, __LINE__));
+    return failed_;
+  }
   if (!flag) AnswerQueries();
   return flag != 0;
 }

@@ -65,7 +65,11 @@ MpiSession::~MpiSession() {
   if (!owns_) return;
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (finalized) return;
+  if (const int rc = MPI_Finalize(); rc != MPI_SUCCESS) {
+    common::WriteLineToStderr(
+        absl::StrCat("aviary: rank ", rank_, ": ", MpiErrorMessage("MPI_Finalize", rc, __FILE__, __LINE__)));
+  }
 }
 
 absl::Status MpiSession::AllRanksOk(const absl::Status& mine, int* first_failed) const {

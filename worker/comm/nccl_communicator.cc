@@ -7,6 +7,9 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -132,6 +135,9 @@ std::string CudaErrorMessage(const char* call, cudaError_t code, const char* fil
                       cudaGetErrorString(code));
 }
 
+// How long an abort is waited for (Abort).
+constexpr int kAbortWaitS = 10;
+
 absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
     const MpiSession& session, const at::Device& device, double timeout_s) {
   if (!device.is_cuda()) return absl::FailedPreconditionError("NCCL backend: needs a CUDA device");
@@ -164,9 +170,30 @@ NcclCommunicator::~NcclCommunicator() {
 absl::Status NcclCommunicator::Abort(absl::Status why) {
   if (!aborted_) {
     aborted_ = true;
-    const ncclResult_t rc = ncclCommAbort(comm_);
-    if (rc != ncclSuccess) {
-      common::Logger("comm").Warn(absl::StrCat("rank ", rank_, ": ncclCommAbort: ", ncclGetErrorString(rc)));
+    // ncclCommAbort may wait for the other ranks of this node to abort too (NCCL >= 2.16), and a
+    // hung one never does: it runs on a thread of its own, waited for a while, so that the error
+    // still reaches the caller (which ends the group) instead of hanging here.
+    if (!why.ok()) common::Logger("comm").Error(absl::StrCat("rank ", rank_, ": aborting NCCL: ", why.message()));
+    struct Outcome {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false;
+      ncclResult_t rc = ncclSuccess;
+    };
+    auto outcome = std::make_shared<Outcome>();
+    std::thread([comm = comm_, outcome] {
+      const ncclResult_t rc = ncclCommAbort(comm);
+      std::lock_guard<std::mutex> lock(outcome->mu);
+      outcome->rc = rc;
+      outcome->done = true;
+      outcome->cv.notify_all();
+    }).detach();
+    std::unique_lock<std::mutex> lock(outcome->mu);
+    if (!outcome->cv.wait_for(lock, std::chrono::seconds(kAbortWaitS), [&] { return outcome->done; })) {
+      common::Logger("comm").Warn(absl::StrCat("rank ", rank_, ": ncclCommAbort has not returned after ", kAbortWaitS,
+                                               " s (another rank of this node has not aborted); going on without it"));
+    } else if (outcome->rc != ncclSuccess) {
+      common::Logger("comm").Warn(absl::StrCat("rank ", rank_, ": ncclCommAbort: ", ncclGetErrorString(outcome->rc)));
     }
   }
   return why;
