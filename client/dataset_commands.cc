@@ -63,12 +63,25 @@ void PrintSourceReports(const StageTable& table) {
   }
 }
 
+// A --out that is one of the files the command read (the config, a source's metadata CSV: a
+// slip of tab completion) would be replaced by the folds with exit 0: refused, naming both.
+absl::Status CheckOutIsNoInput(const std::string& flag, const std::string& out, const DatasetArgs& args,
+                               const StageTable& table) {
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(out, flag, args.config, "--config file"));
+  for (const auto& source : table.sources) {
+    AVIARY_RETURN_IF_ERROR(
+        common::CheckNotTheInput(out, flag, source.metadata_path, absl::StrCat(source.layout, " metadata")));
+  }
+  return absl::OkStatus();
+}
+
 int RunFolds(const DatasetArgs& args) {
   if (absl::Status st = CheckOutputPath("--out", args.out); !st.ok()) return Fail("folds", st);
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("folds", config.status());
   auto table = common::BuildStageTable(*config, args.stage);
   if (!table.ok()) return Fail("folds", table.status());
+  if (absl::Status st = CheckOutIsNoInput("--out", args.out, args, *table); !st.ok()) return Fail("folds", st);
   absl::Status st = common::WriteFoldsCsv(*table, args.out);
   if (!st.ok()) return Fail("folds", st);
   PrintSourceReports(*table);
@@ -82,6 +95,7 @@ int RunTrainList(const DatasetArgs& args) {
   if (!config.ok()) return Fail("train-list", config.status());
   auto table = common::BuildStageTable(*config, args.stage);
   if (!table.ok()) return Fail("train-list", table.status());
+  if (absl::Status st = CheckOutIsNoInput("--out", args.out, args, *table); !st.ok()) return Fail("train-list", st);
   auto list = common::BuildTrainList(*config, *table, args.fold);
   if (!list.ok()) return Fail("train-list", list.status());
   absl::Status st = common::WriteTrainListCsv(*table, list->train, args.out);
@@ -203,6 +217,9 @@ int RunSummary(const DatasetArgs& args) {
     if (stage == "pretrain" && config->data.pretrain_sources.empty()) continue;
     auto table = common::BuildStageTable(*config, stage);
     if (!table.ok()) return Fail("summary", table.status());
+    if (!args.plot.empty()) {
+      if (absl::Status st = CheckOutIsNoInput("--plot", args.plot, args, *table); !st.ok()) return Fail("summary", st);
+    }
     PrintSourceReports(*table);
     PrintClassCounts(*table, *config, args.all_classes);
     tables.push_back(std::move(*table));

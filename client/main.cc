@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -13,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <grpc/support/log.h>
 #include <grpcpp/grpcpp.h>
 
 #include "client/commands.h"
@@ -192,6 +194,12 @@ int Run(const std::vector<std::string>& args, std::string* command_path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // gRPC's own log lines (a failed TLS handshake, each reconnection) repeat what the call's status
+  // says, ahead of the one error line the commands print, and in the middle of `watch`'s redrawn
+  // block on a terminal. Kept when asked for (GRPC_VERBOSITY, GRPC_TRACE).
+  if (std::getenv("GRPC_VERBOSITY") == nullptr && std::getenv("GRPC_TRACE") == nullptr) {
+    gpr_set_log_function([](gpr_log_func_args*) {});
+  }
   aviary::cli::SetUpStdout();  // before gRPC starts its threads
   std::string command_path = "aviary";
   const int code = Run(std::vector<std::string>(argv + 1, argv + argc), &command_path);

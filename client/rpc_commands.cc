@@ -147,6 +147,15 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
     return absl::InvalidArgumentError(
         absl::StrCat("--timeout ", options.timeout_s, ": expected seconds in (0, 86400]"));
   }
+  // A flag given with an empty value (a script's unset variable: --tls-ca "$CA") is refused, not
+  // read as "not given": that skipped the environment's CA and dialed in plaintext, the bearer
+  // token in clear.
+  if (global.token_file && global.token_file->empty()) {
+    return absl::InvalidArgumentError("--token-file is empty (expected a file whose first token line is the token)");
+  }
+  if (global.tls_ca && global.tls_ca->empty()) {
+    return absl::InvalidArgumentError("--tls-ca is empty (expected the coordinator's CA certificate, PEM)");
+  }
   if (global.token_file) {
     options.token_file = *global.token_file;
     options.token_source = "--token-file";
@@ -316,6 +325,7 @@ class Client {
     if (status.ok()) answered_ = true;
     return ToStatus(status, rpc);
   }
+
 
  private:
   ClientOptions options_;
@@ -507,9 +517,12 @@ absl::Status Groups(Client& client, const ClientArgs& args) {
     std::cerr << "no worker groups registered on " << client.options().coordinator << "\n";
     return absl::OkStatus();
   }
-  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count();
+  // The heartbeats' age by the coordinator's clock (this host's may be off by minutes).
+  const int64_t now = response.answered_unix_ms() > 0
+                          ? response.answered_unix_ms()
+                          : std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count();
   std::cout << FormatGroups({response.groups().begin(), response.groups().end()}, now);
   return absl::OkStatus();
 }
@@ -906,8 +919,11 @@ class WatchView {
       // Block lines are cut to the terminal's width: a wrapped line would break the cursor-up
       // count of the next redraw.
       const size_t width = TerminalColumns();
+      // Cut by bytes at a character boundary, never inside a character (a stray lead byte is
+      // drawn as a replacement character): a UTF-8 character has at least as many bytes as the
+      // columns it fills, so the cut line still fits.
       auto fit = [width](std::string line) {
-        if (width > 1 && line.size() >= width) line.resize(width - 1);
+        if (width > 1 && line.size() >= width) line = std::string(common::Utf8Prefix(line, width - 1));
         return line;
       };
       absl::StrAppend(&out, "\r\x1b[2K", fit(absl::StrCat(job_.job_id(), "  ", JobStateName(job_.state()))), "\n");

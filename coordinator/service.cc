@@ -14,6 +14,8 @@
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -352,6 +354,7 @@ grpc::Status JobServiceImpl::ListGroups(grpc::ServerContext* context,
                                         aviary::v1::ListGroupsResponse* response) {
   return Serve(*context, *auth_, "JobService.ListGroups", kClientOrViewer, [&]() -> absl::Status {
     for (aviary::v1::GroupInfo& group : scheduler_->ListGroups()) *response->add_groups() = std::move(group);
+    response->set_answered_unix_ms(absl::ToUnixMillis(absl::Now()));
     return absl::OkStatus();
   });
 }

@@ -3148,6 +3148,9 @@ TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
     // The last heartbeat lies within the test: after it started, before the answer.
     EXPECT_GE(g.last_heartbeat_unix_ms(), started - kRoundingMs);
     EXPECT_LE(g.last_heartbeat_unix_ms(), answered + kRoundingMs);
+    // And the answer's own clock after it (a client's age of a heartbeat is their difference).
+    EXPECT_GE(response.answered_unix_ms(), g.last_heartbeat_unix_ms());
+    EXPECT_LE(response.answered_unix_ms(), answered + kRoundingMs);
     EXPECT_GT(g.registered_unix_ms(), 0);
     if (g.group_id() == busy) {
       EXPECT_EQ(g.world_size(), 2);

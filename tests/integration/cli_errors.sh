@@ -47,6 +47,15 @@ expect "--fold: expected an integer in [0, 1000000], got 'x'" "$aviary" dataset 
 expect "data.target" "$aviary" dataset folds --config "$tmp/p.yaml" --set data.target.root=$tmp/missing --stage finetune --out "$tmp/o.csv"
 expect "data.pretrain_sources" "$aviary" dataset folds --config "$tmp/p.yaml" --stage pretrain --out "$tmp/o.csv"
 expect "cannot make 30 stratified folds" "$aviary" dataset folds --config "$tmp/p.yaml" --set folds.finetune_splits=30 --stage finetune --out "$tmp/o.csv"
+# An --out that is one of the files read (a tab-completion slip) would be replaced, exit 0.
+cp "$tmp/p.yaml" "$tmp/p.keep"
+cp "$tmp/t/train_metadata.csv" "$tmp/meta.keep"
+expect "--out $tmp/p.yaml: is the --config file $tmp/p.yaml itself" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out "$tmp/p.yaml"
+expect "--out $tmp/t/train_metadata.csv: is the 2024 metadata" \
+  "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/t/train_metadata.csv"
+expect "--plot $tmp/p.yaml: is the --config file" "$aviary" dataset summary --config "$tmp/p.yaml" --plot "$tmp/p.yaml"
+if cmp -s "$tmp/p.yaml" "$tmp/p.keep" && cmp -s "$tmp/t/train_metadata.csv" "$tmp/meta.keep"; then ok; else fail "an input was replaced"; fi
 # An output path in a missing folder, or a folder, is bad input named by its flag (exit 1 and the
 # atomic write's temporary file name before).
 expect "--out $tmp/nodir/o.csv: the folder $tmp/nodir does not exist" \
@@ -130,6 +139,10 @@ expect "--tls-ca $tmp/notpem.crt: holds no PEM certificate" \
   "$aviary" --coordinator 127.0.0.1:1 --tls-ca "$tmp/notpem.crt" list
 expect "AVIARY_TLS_CA $tmp/notpem.crt: holds no PEM certificate" \
   env AVIARY_TLS_CA="$tmp/notpem.crt" "$aviary" --coordinator 127.0.0.1:1 list
+# A flag given empty (a script's unset variable) is refused, not taken for "not given": an empty
+# --tls-ca skipped AVIARY_TLS_CA and dialed in plaintext, the token in clear.
+expect "--tls-ca is empty" env AVIARY_TLS_CA="$tmp/notpem.crt" "$aviary" --coordinator 127.0.0.1:1 --tls-ca "" list
+expect "--token-file is empty" env AVIARY_TOKEN=t "$aviary" --coordinator 127.0.0.1:1 --token-file "" list
 # A coordinator address without a port (gRPC would dial 443) is refused naming where it came from.
 # (as aviary-worker serve and the launchers already do).
 expect "--coordinator: expected HOST:PORT, got 'localhost' (e.g. localhost:7070)" "$aviary" --coordinator localhost list
@@ -216,9 +229,20 @@ if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
     printf 'tls_cert_file: %s\ntls_key_file: %s\n' "$tmp/tls.crt" "$tmp/tls.key" >> "$tmp/tls.yaml"
     if start_coord "$tmp/tls.yaml" "$tmp/c3.log"; then
       out=$("$aviary" --coordinator "127.0.0.1:$(cat "$tmp/tls.yaml.port")" --token-file "$tmp/c.token" --timeout 5 list 2>&1); rc=$?
+      # A CA that did not sign the coordinator's certificate: the one error line, not gRPC's own
+      # handshake log lines before it.
+      openssl req -x509 -newkey rsa:2048 -nodes -keyout "$tmp/other.key" -out "$tmp/other.crt" -days 1 \
+        -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+      wrong=$("$aviary" --coordinator "127.0.0.1:$(cat "$tmp/tls.yaml.port")" --token-file "$tmp/c.token" \
+        --tls-ca "$tmp/other.crt" --timeout 5 list 2>&1); wrong_rc=$?
       kill -TERM $coord_pid; wait $coord_pid
       if [ $rc -ne 1 ] || ! grep -qF "(if the coordinator serves TLS, pass --tls-ca)" <<<"$out"; then
         fail "plaintext list against a TLS coordinator -> rc=$rc: $out"
+      else
+        ok
+      fi
+      if [ $wrong_rc -ne 1 ] || [ "$(grep -c . <<<"$wrong")" -ne 1 ] || ! grep -q "^aviary list: UNAVAILABLE" <<<"$wrong"; then
+        fail "list with a CA that did not sign the coordinator's certificate -> rc=$wrong_rc, wanted one line: $wrong"
       else
         ok
       fi
