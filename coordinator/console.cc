@@ -603,9 +603,9 @@ void Console::ServeLogin(Request& request) {
   if (request.method() == "POST") {
     // Login CSRF: a page on another site could post a token its author holds and swap this
     // browser's cookie for it (the form needs no header such a page cannot send). Browsers say
-    // where a POST comes from: Sec-Fetch-Site (same-origin, or none: typed by the user), else
-    // (older browsers) an Origin whose host is this request's Host. A reverse proxy that
-    // rewrites Host still passes the first.
+    // where a POST comes from: Sec-Fetch-Site (same-origin, or none: typed by the user; sent
+    // over HTTPS and to localhost), else an Origin whose host is this request's Host (or the
+    // X-Forwarded-Host of a reverse proxy that rewrites Host: DEPLOY says to keep it).
     const std::string site = request.Header("Sec-Fetch-Site");
     const std::string origin = request.Header("Origin");
     std::string origin_host = origin;
@@ -614,7 +614,8 @@ void Console::ServeLogin(Request& request) {
     }
     const bool foreign =
         !site.empty() ? site != "same-origin" && site != "none"
-                      : !origin.empty() && (origin_host == origin || origin_host != request.Header("Host"));
+                      : !origin.empty() && (origin_host == origin || (origin_host != request.Header("Host") &&
+                                                                      origin_host != request.Header("X-Forwarded-Host")));
     if (foreign) {
       return request.Error(absl::PermissionDeniedError(absl::StrCat(
           "console POST /login from another site (Origin '", origin, "', Sec-Fetch-Site '",

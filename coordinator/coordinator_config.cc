@@ -464,9 +464,13 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path, bool allow_empty) {
   AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
   std::vector<std::string> tokens = common::ParseTokenLines(text);
-  if (tokens.empty() && !allow_empty) {
+  // An empty role only from a file that says so with a '#' line: a zero-byte file is more
+  // likely caught in the middle of a rewrite (truncated, not yet written) than meant.
+  const bool says_none = text.find('#') != std::string::npos;
+  if (tokens.empty() && !(allow_empty && says_none)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "token file ", path, ": holds no token (only blank or '#' lines; an empty token is refused)"));
+        "token file ", path, ": holds no token (only blank or '#' lines; an empty token is refused)",
+        allow_empty ? "; to leave the role without any, keep a '#' line (e.g. '# revoked')" : ""));
   }
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (const std::string problem = common::TokenByteProblem(tokens[i]); !problem.empty()) {

@@ -89,8 +89,9 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config);
 
 // Reads a token file: every token line of `path` (common/tokens.h: one per line, blank and '#'
 // lines ignored, a leading UTF-8 BOM dropped). INVALID_ARGUMENT naming the file when it holds
-// none (unless `allow_empty`), or a token with a byte a gRPC header cannot carry (naming the
-// token and the byte); NOT_FOUND when missing.
+// none (unless `allow_empty` and the file has a '#' line: a zero-byte file is refused even
+// then), or a token with a byte a gRPC header cannot carry (naming the token and the byte);
+// NOT_FOUND when missing.
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path, bool allow_empty = false);
 
 }  // namespace aviary::coordinator

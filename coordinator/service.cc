@@ -785,8 +785,15 @@ absl::Status Coordinator::ReloadTokens() {
   }
   const std::string counts = absl::StrCat(tokens->client.size(), " client, ", tokens->viewer.size(), " viewer, ",
                                           tokens->worker.size(), " worker");
+  const bool role_emptied = (tokens->client.empty() && !auth_->tokens()->client.empty()) ||
+                            (tokens->viewer.empty() && !auth_->tokens()->viewer.empty()) ||
+                            (tokens->worker.empty() && !auth_->tokens()->worker.empty());
   auth_->Replace(std::move(*tokens));
-  log_.Info(absl::StrCat("tokens reloaded: ", counts));
+  if (role_emptied) {
+    log_.Warn(absl::StrCat("tokens reloaded: ", counts, " (a role's file lists no token now: nobody gets that role)"));
+  } else {
+    log_.Info(absl::StrCat("tokens reloaded: ", counts));
+  }
   return absl::OkStatus();
 }
 

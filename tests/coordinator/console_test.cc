@@ -499,6 +499,22 @@ TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
                           "token=the-token");
   EXPECT_EQ(own.status, 303);
   EXPECT_EQ(own.headers.count("set-cookie"), 1u);
+  // A browser that sends no Sec-Fetch-Site (plain HTTP to another host than localhost): its
+  // Origin against the Host it asked for, port included, or a reverse proxy's X-Forwarded-Host.
+  const std::string here = absl::StrCat("127.0.0.1:", port_);
+  for (const std::vector<std::string>& headers :
+       {std::vector<std::string>{"Host: " + here, "Origin: http://" + here},
+        std::vector<std::string>{"Host: backend:8080", "X-Forwarded-Host: " + here, "Origin: http://" + here}}) {
+    std::vector<std::string> with = headers;
+    with.push_back("Content-Type: application/x-www-form-urlencoded");
+    HttpResponse origin_only = Http(port_, "POST", "/login", with, "token=the-token");
+    EXPECT_EQ(origin_only.status, 303) << headers[0];
+  }
+  HttpResponse other_port = Http(port_, "POST", "/login",
+                                 {"Host: " + here, "Origin: http://127.0.0.1:1",
+                                  "Content-Type: application/x-www-form-urlencoded"},
+                                 "token=the-token");
+  EXPECT_EQ(other_port.status, 403);
 }
 
 TEST_F(ConsoleTest, APostWithoutAnAuthorizationHeaderNeedsTheConsolesHeader) {

@@ -288,6 +288,14 @@ TEST_F(CoordinatorConfigTest, TokenFileListsTrimmedTokensOneALine) {
   ASSERT_FALSE(empty.ok());
   EXPECT_NE(empty.status().message().find("holds no token"), std::string::npos) << empty.status();
   EXPECT_NE(empty.status().message().find(root_ + "/t2"), std::string::npos) << empty.status();
+  // On a reload (allow_empty) a file that says so revokes its role; a zero-byte one (a rewrite
+  // caught half-way) is still refused.
+  auto revoked = ReadTokenFile(root_ + "/t2", /*allow_empty=*/true);
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_TRUE(revoked->empty());
+  auto truncated = ReadTokenFile(Write("t0", ""), /*allow_empty=*/true);
+  ASSERT_FALSE(truncated.ok());
+  EXPECT_NE(truncated.status().message().find("keep a '#' line"), std::string::npos) << truncated.status();
   EXPECT_EQ(ReadTokenFile(root_ + "/missing").status().code(), absl::StatusCode::kNotFound);
 }
 
