@@ -1,6 +1,7 @@
 #include "worker/torch_pickle.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <caffe2/serialize/inline_container.h>
@@ -31,8 +32,14 @@ at::ScalarType StorageType(const std::string& dtype, bool* ok) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadIndexedTensors(
-    const std::string& path, const common::TensorIndex& index) {
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadWeightsFile(const std::string& path,
+                                                                                bool torch_save_only) {
+  // The file as it is before its index is read, and as the values are read from it: the same
+  // one (a rename between would read one file's offsets in another).
+  struct stat before {};
+  const bool stamped = ::stat(path.c_str(), &before) == 0;
+  AVIARY_ASSIGN_OR_RETURN(const common::TensorIndex index,
+                          torch_save_only ? common::ReadTorchSaveIndex(path) : common::ReadTensorIndex(path));
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -43,6 +50,16 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadIndexedTenso
     int fd;
     ~Closer() { ::close(fd); }
   } closer{fd};
+  auto unchanged = [&]() -> absl::Status {
+    struct stat now {};
+    if (stamped && ::fstat(fd, &now) == 0 &&
+        (now.st_dev != before.st_dev || now.st_ino != before.st_ino || now.st_size != before.st_size ||
+         now.st_mtim.tv_sec != before.st_mtim.tv_sec || now.st_mtim.tv_nsec != before.st_mtim.tv_nsec)) {
+      return absl::UnavailableError(absl::StrCat(path, ": replaced or changed while it was read; read it again"));
+    }
+    return absl::OkStatus();
+  };
+  AVIARY_RETURN_IF_ERROR(unchanged());
   // `n` bytes at `offset` into `dst` (the index checked that they lie in the file; a file cut
   // since is an error naming what was read).
   auto read = [&](void* dst, uint64_t n, uint64_t offset, const std::string& what) -> absl::Status {
@@ -91,13 +108,13 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadIndexedTenso
                                                      what.substr(0, what.find('\n'))));
     }
   }
+  AVIARY_RETURN_IF_ERROR(unchanged());  // written in place meanwhile
   return out;
 }
 
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
     const std::string& path) {
-  AVIARY_ASSIGN_OR_RETURN(common::TensorIndex index, common::ReadTorchSaveIndex(path));
-  return ReadIndexedTensors(path, index);
+  return ReadWeightsFile(path, /*torch_save_only=*/true);
 }
 
 }  // namespace aviary::worker

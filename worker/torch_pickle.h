@@ -17,7 +17,6 @@
 #include <ATen/ATen.h>
 
 #include "absl/status/statusor.h"
-#include "common/tensor_index.h"
 
 namespace aviary::worker {
 
@@ -28,12 +27,14 @@ namespace aviary::worker {
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadTorchSaveTensors(
     const std::string& path);
 
-// The tensors `index` (common::ReadTensorIndex of `path`: safetensors or torch.save) lists,
-// read from `path` by their offsets: one allocation per tensor (or shared storage), no copy of
-// the file. INVALID_ARGUMENT naming the path and the tensor when a read fails (a file cut since)
-// or torch refuses the allocation.
-absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadIndexedTensors(
-    const std::string& path, const std::vector<common::TensorEntry>& index);
+// The tensors of a weights file: common::ReadTensorIndex's index (safetensors or torch.save; only
+// torch.save with `torch_save_only`), then each tensor's bytes read by the offsets it found: one
+// allocation per tensor (or shared storage), no copy of the file. A file replaced or changed
+// between the index and the values (its device, inode, size or mtime) is UNAVAILABLE naming it
+// (read it again); INVALID_ARGUMENT naming the path and the tensor when a read fails or torch
+// refuses the allocation.
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadWeightsFile(const std::string& path,
+                                                                                bool torch_save_only);
 
 // Writes `tensors` as Python's `torch.save(state_dict, path)` does: a zip archive (data.pkl,
 // data/<key>, byteorder, version) whose pickle holds a collections.OrderedDict of

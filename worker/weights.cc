@@ -38,14 +38,15 @@ const DtypeName kDtypes[] = {{"F64", at::kDouble}, {"F32", at::kFloat},  {"F16",
 }  // namespace
 
 absl::StatusOr<NamedTensors> ReadSafetensors(const std::string& path) {
-  // The coordinator's reader (common/tensor_index.h) lists the tensors and checks every length
-  // the header gives (its size, JSON only, names, shapes, ranges that overlap nothing); the
-  // values are read by the offsets it found.
-  AVIARY_ASSIGN_OR_RETURN(common::TensorIndex index, common::ReadTensorIndex(path));
-  if (!index.empty() && !index.front().storage.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": a torch.save archive, not a safetensors file"));
+  // Told apart by the header (a torch.save archive is a zip), as the index does; then the
+  // coordinator's reader (common/tensor_index.h) lists the tensors and checks every length the
+  // header gives (its size, JSON only, names, shapes, ranges that overlap nothing), and the
+  // values are read by the offsets it found (ReadWeightsFile).
+  std::string head(9, '\0');
+  if (std::ifstream in(path, std::ios::binary); in && (!in.read(head.data(), 9) || head[8] != '{')) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a safetensors file (no JSON header)"));
   }
-  return ReadIndexedTensors(path, index);
+  return ReadWeightsFile(path, /*torch_save_only=*/false);
 }
 
 absl::Status WriteSafetensors(const NamedTensors& tensors, const std::string& path) {
@@ -92,9 +93,9 @@ absl::Status WriteSafetensors(const NamedTensors& tensors, const std::string& pa
 absl::StatusOr<NamedTensors> ReadStateDict(const std::string& path) {
   // One reader for both formats, the coordinator's (it tells them apart as LooksLikeSafetensors
   // did: a plausible header length and a '{'), so that both refuse the same files.
-  AVIARY_ASSIGN_OR_RETURN(common::TensorIndex index, common::ReadTensorIndex(path));
-  if (index.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
-  return ReadIndexedTensors(path, index);
+  AVIARY_ASSIGN_OR_RETURN(NamedTensors tensors, ReadWeightsFile(path, /*torch_save_only=*/false));
+  if (tensors.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": the state dict holds no tensors"));
+  return tensors;
 }
 
 std::string LoadReport::Summary() const {

@@ -537,7 +537,8 @@ TEST(AudioCacheTest, AShardThatCannotBeOpenedIsSkippedNotFatal) {
 
 // The lock files of a cache folder shared by a group, created by a teammate (0644 under a umask
 // of 022): a prepare that may not write them still locks them (flock needs no write access)
-// instead of failing "LOCK: cannot open: Permission denied".
+// instead of failing "LOCK: cannot open: Permission denied". (As root, as CI runs, the child is
+// another user; run by its owner, the files are writable and the case is not reached.)
 TEST(AudioCacheTest, LockFilesATeammateCreatedStillLock) {
   TempDir tmp;
   ASSERT_EQ(::chmod(tmp.path().c_str(), 0755), 0);

@@ -346,7 +346,22 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, 
 int OpenLockFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd >= 0 || errno != EACCES) return fd;
-  return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int read_only = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (read_only < 0) errno = EACCES;  // the first refusal is the one to tell
+  return read_only;
+}
+
+// Why flock() failed on a lock file, with what to do where a read-only descriptor cannot hold
+// an exclusive lock (NFS emulates flock with POSIX locks, which need write access).
+std::string LockFailure(int fd, int err) {
+  std::string text = std::strerror(err);
+  struct stat st;
+  if (err == EBADF && (::fcntl(fd, F_GETFL) & O_ACCMODE) == O_RDONLY && ::fstat(fd, &st) == 0) {
+    absl::StrAppend(&text, " (the file is not writable by this user, and this filesystem locks only files open for "
+                           "writing; its owner (uid ", st.st_uid, ", mode ", absl::StrFormat("%o", st.st_mode & 07777),
+                           ") can make it group-writable: chmod g+w)");
+  }
+  return text;
 }
 
 class DirLock {
@@ -359,13 +374,14 @@ class DirLock {
       return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
     }
     if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
-      int err = errno;
+      const int err = errno;
+      const std::string why = LockFailure(fd, err);
       ::close(fd);
       if (err == EWOULDBLOCK) {
         return absl::FailedPreconditionError(
             absl::StrCat(dir, ": ", who, " is writing this cache (", path, " is locked)"));
       }
-      return absl::InternalError(absl::StrCat(path, ": flock failed: ", std::strerror(err)));
+      return absl::InternalError(absl::StrCat(path, ": flock failed: ", why));
     }
     return std::unique_ptr<DirLock>(new DirLock(fd));
   }
@@ -1058,8 +1074,9 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     const int guard = OpenLockFile(guard_path);
     if (guard < 0 || ::flock(guard, LOCK_EX) != 0) {
       const int err = errno;
+      const std::string why = guard >= 0 ? LockFailure(guard, err) : std::string(std::strerror(err));
       if (guard >= 0) ::close(guard);
-      return absl::InternalError(absl::StrCat(guard_path, ": cannot lock: ", std::strerror(err)));
+      return absl::InternalError(absl::StrCat(guard_path, ": cannot lock: ", why));
     }
     auto manifest = ReadManifest(dir);
     absl::Status st;
