@@ -250,6 +250,22 @@ absl::Status Agent::Serve() {
   AVIARY_RETURN_IF_ERROR(control_.Broadcast(&setup, 0, 0.02, 0));
   if (!setup.empty()) return ParseStopMessage(setup);
   AVIARY_ASSIGN_OR_RETURN(v1::RegisterGroupRequest registration, Describe(metrics_port));
+  // One kind of device in a group (every rank sees every rank's): a CPU rank among GPU ranks
+  // would fail every task it leases at the trainer's check (the replicas would drift apart), job
+  // after job; the group is refused at its start instead, before it registers.
+  int first_cpu = -1, first_gpu = -1;
+  for (int r = 0; r < registration.devices_size(); ++r) {
+    int& first = absl::StartsWith(registration.devices(r), "cuda") ? first_gpu : first_cpu;
+    if (first < 0) first = r;
+  }
+  if (first_cpu >= 0 && first_gpu >= 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the group's ranks train on different kinds of device: rank ", first_cpu, " on ",
+        registration.hosts(first_cpu), " has ", registration.devices(first_cpu), ", rank ", first_gpu, " on ",
+        registration.hosts(first_gpu), " ", registration.devices(first_gpu),
+        " (no GPU visible to that rank: a driver or CUDA_VISIBLE_DEVICES problem?); give every rank a GPU, or "
+        "start the group with --device cpu"));
+  }
   if (control_.rank() != 0) return ServeOther();
   if (metrics_port > 0) Log().Info(absl::StrCat("group metrics on ", registration.metrics_address(), "/metrics"));
   link_ = std::make_unique<CoordinatorLink>(options_, metrics_.get(), std::move(registration));

@@ -2,6 +2,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -57,9 +58,14 @@ absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, cons
 // The set-up's collectives (the ranks' agreement, MPI_Comm_dup, the NCCL id's broadcast,
 // ncclCommInitRank) have no deadline of their own: a rank that never reaches them (hung reading
 // its config on a stuck share, a wedged GPU, dead after MPI_Init) kept every other rank in them
-// for ever. This one ends the process once the set-up has taken longer than comm.timeout_s,
-// saying so; no MPI call from its thread (MPI_THREAD_SERIALIZED), so _Exit: a rank that exits
-// before MPI_Finalize makes mpirun end the group.
+// for ever. This one ends the process once the set-up has taken longer than comm.timeout_s
+// (at least kMinSetupS: the ranks of `train` reach it after loading libtorch and their config,
+// seconds apart on a loaded host, and a low comm.timeout_s is for hung collectives), saying so;
+// no MPI call from its thread (MPI_THREAD_SERIALIZED), so _Exit: a rank that exits before
+// MPI_Finalize makes mpirun end the group. Under `serve` the process ends without a report;
+// the coordinator reaps the group after its heartbeat timeout and leases the task again.
+constexpr double kMinSetupS = 60;
+
 class SetupDeadline {
  public:
   SetupDeadline(double seconds, int rank, int world) {
@@ -71,8 +77,8 @@ class SetupDeadline {
       if (cv_.wait_until(lock, deadline, [this] { return done_; })) return;
       common::WriteLineToStderr(absl::StrCat(
           "aviary: rank ", rank, " of ", world, " ends the group: the communicator's set-up did not finish within ",
-          "comm.timeout_s = ", seconds, " s: another rank did not arrive (hung or dead before it, e.g. reading its "
-          "config or data on a stuck share; see the other ranks' logs)"));
+          seconds, " s (max(comm.timeout_s, ", kMinSetupS, " s)): another rank did not arrive (hung or dead before "
+          "it, e.g. reading its config on a stuck share; see the other ranks' logs)"));
       std::_Exit(1);
     });
   }
@@ -102,8 +108,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
   // Each rank chooses from its own host (its GPUs, its local ranks), but NCCL's and MPI's set-up
   // calls do not match: ranks that chose differently would wait in them for ever. So the ranks
   // agree first: an error anywhere ends every rank, and "auto" falls back to MPI everywhere when
-  // one rank cannot use NCCL (one GPU fewer on a node, a host without a GPU).
-  SetupDeadline deadline(config.timeout_s, session.rank(), session.world_size());
+  // one rank cannot use NCCL (more ranks than GPUs on a node; a rank without a GPU among GPU
+  // ranks is refused after this, by the trainer and by `serve` at its start).
+  SetupDeadline deadline(std::max(config.timeout_s, kMinSetupS), session.rank(), session.world_size());
   absl::StatusOr<std::string> mine = ChooseBackend(config, session, device);
   int first_failed = -1;
   AVIARY_RETURN_IF_ERROR(session.AllRanksOk(mine.status(), &first_failed));
