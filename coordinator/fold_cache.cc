@@ -117,7 +117,9 @@ std::optional<std::map<int, ManifestRef>> FoldCache::Lookup(const std::string& k
         absl::MutexLock lock(&mu_);
         versions_.remove_if([&](const auto& entry) { return entry.second == version; });
       }
-      if (store_ != nullptr) (void)store_->DeleteDatasetVersion(key);  // a failure: rebuilt and replaced
+      // Only this stale copy: a submit may have just recorded a rebuilt version under the key.
+      // A failure leaves it to be rebuilt and replaced.
+      if (store_ != nullptr) (void)store_->DeleteDatasetVersionIfStamps(key, EncodeStamps(version->stamps));
       return std::nullopt;
     }
   }
@@ -148,7 +150,7 @@ std::shared_ptr<const FoldCache::Version> FoldCache::LoadFromStore(const std::st
   if (!row.ok() || !row->has_value()) return nullptr;
   absl::StatusOr<std::vector<FileStamp>> stamps = DecodeStamps((*row)->stamps);
   if (!stamps.ok()) {
-    (void)store_->DeleteDatasetVersion(key);  // unreadable: built again and replaced
+    (void)store_->DeleteDatasetVersionIfStamps(key, (*row)->stamps);  // unreadable: built again and replaced
     return nullptr;
   }
   auto version = std::make_shared<Version>();

@@ -686,6 +686,18 @@ absl::Status Store::DeleteDatasetVersion(const std::string& key) {
   return absl::OkStatus();
 }
 
+absl::Status Store::DeleteDatasetVersionIfStamps(const std::string& key, const std::string& stamps) {
+  return Transaction([&]() -> absl::Status {
+    Statement st(this, "SELECT stamps FROM dataset_versions WHERE key=?1");
+    st.Bind(1, key);
+    absl::Status status;
+    const bool found = st.Step(&status);
+    AVIARY_RETURN_IF_ERROR(status);
+    if (!found || st.Text(0) != stamps) return absl::OkStatus();  // gone, or another version now
+    return DeleteDatasetVersion(key);
+  });
+}
+
 absl::StatusOr<std::optional<DatasetVersionRow>> Store::LoadDatasetVersion(const std::string& key) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());

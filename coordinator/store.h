@@ -147,6 +147,9 @@ class Store {
   // stored) and keeps only the `max_versions` most recently recorded.
   absl::Status PutDatasetVersion(const DatasetVersionRow& version, size_t max_versions);
   absl::Status DeleteDatasetVersion(const std::string& key);
+  // Deletes the version under `key` only while its stamps are still `stamps` (EncodeStamps): a
+  // lookup that found its copy stale must not delete the version a build has just put in its place.
+  absl::Status DeleteDatasetVersionIfStamps(const std::string& key, const std::string& stamps);
   // Stores `csv` under `hash` (its Sha256Hex) unless that content is stored already.
   // `deflated`, when not empty, is DeflateManifest(csv).
   absl::Status PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated = "");

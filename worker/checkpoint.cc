@@ -189,6 +189,16 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
                                   int fold, const std::string& task_id) {
   ResumeChoice choice;
   choice.skipped.resize(candidates.size());
+  for (const ResumeCandidate& c : candidates) {
+    const absl::StatusCode code = c.meta.status().code();
+    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable) {
+      choice.blocked = absl::Status(
+          code, absl::StrCat(c.meta.status().message(), ": it may hold the newest epoch, so the run does not go on "
+                                                         "from an older one; make it readable, or start over with "
+                                                         "--no-resume (the files are then moved aside)"));
+      return choice;
+    }
+  }
   for (size_t i = 0; i < candidates.size(); ++i) {
     const ResumeCandidate& c = candidates[i];
     if (!c.meta.ok()) {
@@ -231,7 +241,11 @@ namespace {
 
 absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
   if (::access(path.c_str(), R_OK) != 0) {
-    return absl::NotFoundError(absl::StrCat(path, ": no such checkpoint"));
+    const int error = errno;
+    if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(absl::StrCat(path, ": no such checkpoint"));
+    // Not "no such checkpoint": a resume must not fall back past a file it cannot read now.
+    const std::string what = absl::StrCat(path, ": cannot read the checkpoint: ", std::strerror(error));
+    return error == EACCES || error == EPERM ? absl::PermissionDeniedError(what) : absl::UnavailableError(what);
   }
   // Onto the CPU: a checkpoint written on a GPU holds CUDA tensors, which a host without one
   // could not even open; the readers copy each tensor to where it goes.

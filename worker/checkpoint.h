@@ -97,9 +97,13 @@ struct ResumeCandidate {
 // and fold are `stage` and `fold`, and when both it and `task_id` name a task, the same task.
 // Newest: the highest epoch, then the highest attempt, then the most batches of the next epoch
 // (a mid-epoch checkpoint), then the earlier candidate.
+// A candidate that could not be read for a reason other than its content (PERMISSION_DENIED, an
+// I/O error: UNAVAILABLE) is not skipped: it may hold the newest epoch, and falling back past it
+// would lose that. `blocked` then says so and `index` is -1.
 struct ResumeChoice {
   int index = -1;
   std::vector<std::string> skipped;
+  absl::Status blocked;
 };
 ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates, const std::string& stage,
                                   int fold, const std::string& task_id);

@@ -1218,6 +1218,7 @@ absl::Status Trainer::State::Resume() {
   }
   while (true) {
     ResumeChoice choice = PickResumeCheckpoint(candidates, options.stage, options.fold, options.task_id);
+    AVIARY_RETURN_IF_ERROR(choice.blocked);
     if (choice.index < 0) {
       // Nothing fits: as before, a foreign last.pt is an error, not a silent fresh start.
       std::string why;

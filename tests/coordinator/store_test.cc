@@ -526,6 +526,14 @@ TEST_F(StoreTest, DatasetVersionsSurviveReopenAndNeverNameAPrunedManifest) {
   EXPECT_FALSE((*store)->LoadDatasetVersion("k2")->has_value());
   EXPECT_TRUE((*store)->LoadDatasetVersion("k1")->has_value());
   EXPECT_TRUE((*store)->LoadDatasetVersion("k3")->has_value());
+  // A lookup that found an older copy of k3 stale deletes only that copy: a rebuilt k3 (other
+  // stamps) stays, the stale one goes.
+  ASSERT_TRUE((*store)->DeleteDatasetVersionIfStamps("k3", "1 2 3 4 5 7 /data/xc\\n\n").ok());
+  EXPECT_TRUE((*store)->LoadDatasetVersion("k3")->has_value());
+  ASSERT_TRUE((*store)->DeleteDatasetVersionIfStamps("k3", version("k3", 40).stamps).ok());
+  EXPECT_FALSE((*store)->LoadDatasetVersion("k3")->has_value());
+  ASSERT_TRUE((*store)->DeleteDatasetVersionIfStamps("k3", version("k3", 40).stamps).ok());  // gone: no error
+  ASSERT_TRUE((*store)->PutDatasetVersion(version("k3", 40), 2).ok());
   // Pruning job b (the target's manifest) sweeps the manifest and both versions naming it.
   int64_t points = 0, cleared = 0, swept = 0, bytes = 0;
   ASSERT_TRUE((*store)->Transaction([&]() -> absl::Status {

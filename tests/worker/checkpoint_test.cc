@@ -1,7 +1,11 @@
 #include "worker/checkpoint.h"
 
+#include <grp.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cstdio>
 
 #include <tuple>
 #include <vector>
@@ -214,6 +218,22 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 0);
   std::swap(c[0], c[1]);
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 1);
+  // A checkpoint that cannot be read now (a permission, an I/O error) may be the newest: the
+  // choice is blocked, naming it, rather than falling back to the older one.
+  for (const absl::Status& unreadable : {absl::PermissionDeniedError("run/last.pt: cannot read the checkpoint: "
+                                                                     "Permission denied"),
+                                         absl::UnavailableError("run/last.pt: cannot read the checkpoint: "
+                                                                "Input/output error")}) {
+    c[0].meta = unreadable;
+    c[1].meta = meta(3, 1);
+    r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
+    EXPECT_EQ(r.index, -1);
+    EXPECT_EQ(r.blocked.code(), unreadable.code());
+    EXPECT_NE(r.blocked.message().find(std::string(unreadable.message()) + ": it may hold the newest epoch"),
+              std::string::npos)
+        << r.blocked;
+    EXPECT_NE(r.blocked.message().find("--no-resume"), std::string::npos) << r.blocked;
+  }
 }
 
 // The mid-epoch position and early-stopping state, and a named tensor group, read back exactly;
@@ -277,6 +297,36 @@ TEST(CheckpointTest, ARefusedCommitLeavesThePreviousCheckpointAndNoTemporary) {
 
 TEST(CheckpointTest, MissingOrForeignFilesAreClearErrors) {
   EXPECT_EQ(ReadCheckpointMeta("/nonexistent/best.pt").status().code(), absl::StatusCode::kNotFound);
+  {
+    // A checkpoint this user may not read is PERMISSION_DENIED naming it, not "no such
+    // checkpoint" (a resume skipped it and went on from the older one). Checked as nobody when
+    // run as root (root reads any file).
+    const std::string locked = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_locked.pt";
+    auto small = Model(3);
+    ASSERT_TRUE(SaveCheckpoint(locked, *small, nullptr, Meta()).ok());
+    const bool root = ::geteuid() == 0;
+    ASSERT_EQ(::chmod(locked.c_str(), root ? 0600 : 0000), 0);
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      if (root && (::setgroups(0, nullptr) != 0 || ::setresgid(65534, 65534, 65534) != 0 ||
+                   ::setresuid(65534, 65534, 65534) != 0)) {
+        ::_exit(2);
+      }
+      // Only access(2) runs before the answer: no torch work in the forked child.
+      auto read = ReadCheckpointMeta(locked);
+      const bool good = !read.ok() && read.status().code() == absl::StatusCode::kPermissionDenied &&
+                        read.status().message() == locked + ": cannot read the checkpoint: Permission denied";
+      if (!good) std::fprintf(stderr, "got: %s\n", read.status().ToString().c_str());
+      ::_exit(good ? 0 : 1);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    ::chmod(locked.c_str(), 0644);
+    std::remove(locked.c_str());
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0) << "2: could not drop to nobody";
+  }
   std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_not_a_ckpt.pt";
   ASSERT_TRUE(common::WriteFileAtomically(path, "garbage").ok());
   auto r = ReadCheckpointMeta(path);
