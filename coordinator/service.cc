@@ -36,6 +36,9 @@ namespace fs = std::filesystem;
 // other calls (a crowd of watchers must never cost a group its lease).
 constexpr int kMaxServerThreads = 512;
 constexpr int kMaxWatchers = 256;
+// Of them, viewer tokens (dashboards, scripts that poll) hold at most this many: a viewer
+// opening streams in a loop cannot take the clients' `aviary watch`.
+constexpr int kMaxViewerWatchers = kMaxWatchers / 2;
 constexpr int kMaxReceiveBytes = 64 << 20;  // progress batches of up to 100,000 points
 constexpr size_t kMaxPointsPerReport = 100000;
 constexpr size_t kMaxPipelineBytes = 4 << 20;
@@ -303,8 +306,20 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
     }
     struct Release {
       std::atomic<int>* count;
-      ~Release() { count->fetch_sub(1); }
-    } release{&watchers_};
+      ~Release() {
+        if (count != nullptr) count->fetch_sub(1);
+      }
+    } release{&watchers_}, release_viewer{nullptr};
+    // A viewer: its token passes for WatchJob (above) but not for a client's calls.
+    if (!auth_->Check(*context, "JobService.WatchJob", kClientOnly).ok()) {
+      if (viewer_watchers_.fetch_add(1) >= kMaxViewerWatchers) {
+        viewer_watchers_.fetch_sub(1);
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "WatchJob: viewer tokens hold ", kMaxViewerWatchers, " streams already (the other ",
+            kMaxWatchers - kMaxViewerWatchers, " are kept for client tokens); poll with GetJob or retry later"));
+      }
+      release_viewer.count = &viewer_watchers_;
+    }
     // The token is checked again before each event and every idle half second: a SIGHUP reload
     // that removed it ends the stream (UNAUTHENTICATED), as it ends every later call; a watch
     // otherwise lasts as long as the job, days.

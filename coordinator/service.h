@@ -62,7 +62,8 @@ class JobServiceImpl final : public aviary::v1::JobService::Service {
  private:
   Scheduler* scheduler_;
   const Authenticator* auth_;
-  std::atomic<int> watchers_{0};  // open WatchJob streams
+  std::atomic<int> watchers_{0};         // open WatchJob streams
+  std::atomic<int> viewer_watchers_{0};  // those of them opened with a viewer token
 };
 
 class WorkerServiceImpl final : public aviary::v1::WorkerService::Service {

@@ -976,6 +976,46 @@ TEST_F(CoordinatorServiceTest, CancelStopsTheHolderAndEndsWatchers) {
   EXPECT_EQ(count, 1);
 }
 
+// Viewer tokens hold at most half of the WatchJob streams: a dashboard opening them in a loop
+// is refused RESOURCE_EXHAUSTED at 128, and a client's `aviary watch` still gets one.
+TEST_F(CoordinatorServiceTest, ViewersCannotTakeEveryWatchStream) {
+  Write("viewer.token", "the-viewer-token\n");
+  config_.viewer_token_file = root_ + "/viewer.token";
+  Start();
+  const std::string job_id = Submit();  // stays PENDING: no group
+  WatchJobRequest request;
+  request.set_job_id(job_id);
+  JobEvent event;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<JobEvent>>> streams;
+  for (int i = 0; i < 128; ++i) {
+    contexts.push_back(Ctx("the-viewer-token"));
+    streams.push_back(jobs_->WatchJob(contexts.back().get(), request));
+    ASSERT_TRUE(streams.back()->Read(&event)) << "viewer stream " << i;
+  }
+  auto refused_context = Ctx("the-viewer-token");
+  auto refused = jobs_->WatchJob(refused_context.get(), request);
+  EXPECT_FALSE(refused->Read(&event));
+  const grpc::Status full = refused->Finish();
+  EXPECT_EQ(full.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << full.error_message();
+  EXPECT_TRUE(absl::StrContains(full.error_message(), "viewer tokens hold 128 streams already"))
+      << full.error_message();
+  auto client_context = Ctx();
+  auto client = jobs_->WatchJob(client_context.get(), request);
+  ASSERT_TRUE(client->Read(&event));
+  // The job ends: every stream sends the cancel and ends OK.
+  CancelJobRequest cancel;
+  cancel.set_job_id(job_id);
+  CancelJobResponse cancelled_job;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled_job).ok());
+  streams.push_back(std::move(client));
+  for (auto& stream : streams) {
+    while (stream->Read(&event)) {
+    }
+    EXPECT_TRUE(stream->Finish().ok());
+  }
+}
+
 TEST_F(CoordinatorServiceTest, AReloadThatRevokesATokenEndsItsOpenWatch) {
   Write("viewer.token", "the-viewer-token\n");
   config_.viewer_token_file = root_ + "/viewer.token";
