@@ -457,7 +457,10 @@ absl::Status List(Client& client, const ClientArgs& args) {
   }
   std::cout << JobLineHeader() << "\n";
   for (const v1::JobInfo* j : jobs) std::cout << FormatJobLine(*j) << "\n";
-  if (args.limit == 0 && jobs.size() >= kDefaultListedJobs) {
+  if (response.omitted() > 0) {
+    std::cerr << "(the newest " << jobs.size() << " jobs: " << response.omitted()
+              << " older ones left out to keep the answer under 64 MB; aviary delete JOB removes a finished one)\n";
+  } else if (args.limit == 0 && jobs.size() >= kDefaultListedJobs) {
     std::cerr << "(the newest " << jobs.size() << " jobs; --limit N lists up to 10000)\n";
   }
   return absl::OkStatus();

@@ -44,6 +44,9 @@ constexpr int kMaxStreams = 48;
 // peer's address. A page refused a stream loads its data by GET instead (console.js).
 constexpr int kMaxStreamsPerHolder = 16;
 constexpr int kDefaultJobLimit = 200;
+// The jobs' serialized size at most (their JSON is about twice that): a page every tab reloads
+// and every stream gets each interval. Older jobs past it are left out, and counted.
+constexpr size_t kMaxJobListBytes = size_t{8} << 20;
 constexpr auto kKeepalive = std::chrono::seconds(10);
 // How old the /api/events payloads may be: every open stream shares one build of the job list
 // (up to kDefaultJobLimit jobs with their tasks) and the group list per interval.
@@ -673,7 +676,7 @@ void Console::ServeStatic(Request& request, const std::string& name) {
 
 namespace {
 
-std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit) {
+std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit, int omitted) {
   std::string json = "{\"jobs\":[";
   bool first = true;
   for (const aviary::v1::JobInfo& job : jobs) {
@@ -681,7 +684,7 @@ std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit) 
     first = false;
     json += ProtoJson(job);
   }
-  absl::StrAppend(&json, "],\"limit\":", limit, "}");
+  absl::StrAppend(&json, "],\"limit\":", limit, ",\"omitted\":", omitted, "}");
   return json;
 }
 
@@ -702,7 +705,11 @@ aviary::v1::JobInfo AsListed(aviary::v1::JobInfo job) {
 
 }  // namespace
 
-std::string Console::JobsJson() const { return JobsJsonOf(scheduler_->ListJobs(kDefaultJobLimit), kDefaultJobLimit); }
+std::string Console::JobsJson() const {
+  int omitted = 0;
+  std::vector<aviary::v1::JobInfo> jobs = scheduler_->ListJobs(kDefaultJobLimit, kMaxJobListBytes, &omitted);
+  return JobsJsonOf(jobs, kDefaultJobLimit, omitted);
+}
 
 void Console::ServeJobs(Request& request) { request.Json(JobsJson()); }
 
@@ -710,10 +717,11 @@ Console::Overview Console::OverviewJson() {
   absl::MutexLock lock(&overview_mu_);
   const auto now = std::chrono::steady_clock::now();
   if (overview_.jobs == nullptr || now - overview_at_ >= kOverviewRefresh) {
-    std::vector<aviary::v1::JobInfo> jobs = scheduler_->ListJobs(kDefaultJobLimit);
-    overview_.jobs = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit));
+    int omitted = 0;
+    std::vector<aviary::v1::JobInfo> jobs = scheduler_->ListJobs(kDefaultJobLimit, kMaxJobListBytes, &omitted);
+    overview_.jobs = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit, omitted));
     for (aviary::v1::JobInfo& job : jobs) job = AsListed(std::move(job));
-    overview_.jobs_shown = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit));
+    overview_.jobs_shown = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit, omitted));
     overview_.groups = std::make_shared<const std::string>(GroupsJson());
     overview_at_ = now;
   }

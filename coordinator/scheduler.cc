@@ -1000,15 +1000,25 @@ absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
   return *snapshot;  // copied outside the lock
 }
 
-std::vector<JobInfo> Scheduler::ListJobs(int limit) const {
+std::vector<JobInfo> Scheduler::ListJobs(int limit, size_t max_bytes, int* omitted) const {
   std::vector<std::shared_ptr<const JobInfo>> snapshots;
+  size_t listed = 0;
   {
     absl::ReaderMutexLock lock(&mu_);
-    for (auto it = job_order_.rbegin(); it != job_order_.rend(); ++it) {
-      if (limit > 0 && static_cast<int>(snapshots.size()) >= limit) break;
-      snapshots.push_back(jobs_.at(it->second).snapshot);
+    listed = limit > 0 ? std::min(job_order_.size(), static_cast<size_t>(limit)) : job_order_.size();
+    size_t bytes = 0;
+    for (auto it = job_order_.rbegin(); it != job_order_.rend() && snapshots.size() < listed; ++it) {
+      const std::shared_ptr<const JobInfo>& snapshot = jobs_.at(it->second).snapshot;
+      if (max_bytes > 0) {
+        // A sweep's job carries every grid point's tasks: a few hundred KB each, and 10,000 of
+        // them were a GB answer built in the coordinator's memory.
+        bytes += snapshot->ByteSizeLong();
+        if (bytes > max_bytes && !snapshots.empty()) break;
+      }
+      snapshots.push_back(snapshot);
     }
   }
+  if (omitted != nullptr) *omitted = static_cast<int>(listed - snapshots.size());
   std::vector<JobInfo> out;
   out.reserve(snapshots.size());
   for (const auto& snapshot : snapshots) out.push_back(*snapshot);

@@ -44,6 +44,7 @@ constexpr size_t kMaxPointsPerReport = 100000;
 constexpr size_t kMaxPipelineBytes = 4 << 20;
 constexpr size_t kMaxTextBytes = 4096;
 constexpr int kDefaultListLimit = 1000;  // ListJobs with limit 0
+constexpr size_t kMaxListBytes = size_t{64} << 20;  // ListJobs' jobs, serialized
 
 bool IsHex12(absl::string_view text) {
   if (text.size() != 12) return false;
@@ -276,9 +277,11 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
     // 0: the newest kDefaultListLimit (every job with every task grew without bound: after
     // weeks of sweeps, tens of MB a call, and past the client's message limit at last).
     const int limit = request->limit() == 0 ? kDefaultListLimit : request->limit();
-    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(limit)) {
+    int omitted = 0;
+    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(limit, kMaxListBytes, &omitted)) {
       *response->add_jobs() = std::move(job);
     }
+    response->set_omitted(omitted);
     return absl::OkStatus();
   });
 }

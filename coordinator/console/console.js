@@ -337,7 +337,10 @@
       const byState = {};
       for (const j of jobs) byState[stateName(j.state)] = (byState[stateName(j.state)] || 0) + 1;
       fill(counts, ...Object.entries(byState).map(([s, n]) => el('span', {class: `count state-${s}`}, `${n} ${s}`)),
-           data.limit && jobs.length >= data.limit
+           data.omitted > 0
+             ? el('span', {class: 'count muted', id: 'jobs-limit', title: 'large jobs (sweeps): the list is capped at 8 MB'},
+                  `the newest ${jobs.length} jobs (${data.omitted} older left out)`)
+             : data.limit && jobs.length >= data.limit
              ? el('span', {class: 'count muted', id: 'jobs-limit', title: 'aviary list --limit N lists more'},
                   `the newest ${data.limit} jobs`) : null);
       empty.classList.toggle('hidden', jobs.length > 0);

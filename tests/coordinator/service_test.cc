@@ -483,6 +483,39 @@ TEST_F(CoordinatorServiceTest, PretrainThenFinetuneRunsToSuccess) {
   EXPECT_EQ(value, 1);
 }
 
+// The job list is bounded in bytes as well as in count (sweeps' jobs are hundreds of KB each):
+// the newest jobs that fit, always at least one, and how many older ones were left out.
+TEST_F(CoordinatorServiceTest, JobListIsBoundedInBytes) {
+  Start();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) ids.push_back(Submit());
+  Scheduler* scheduler = coordinator_->scheduler();
+  const std::vector<JobInfo> all = scheduler->ListJobs(0);
+  ASSERT_EQ(all.size(), 3u);
+  EXPECT_EQ(all[0].job_id(), ids[2]);  // newest first
+  const size_t one = all[0].ByteSizeLong();
+  int omitted = -1;
+  std::vector<JobInfo> listed = scheduler->ListJobs(0, 2 * one + one / 2, &omitted);
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_EQ(listed[1].job_id(), ids[1]);
+  EXPECT_EQ(omitted, 1);
+  listed = scheduler->ListJobs(0, 1, &omitted);  // the newest job alone is past the cap
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].job_id(), ids[2]);
+  EXPECT_EQ(omitted, 2);
+  listed = scheduler->ListJobs(2, 1, &omitted);  // only the jobs within the limit count
+  EXPECT_EQ(omitted, 1);
+  listed = scheduler->ListJobs(0, 0, &omitted);
+  EXPECT_EQ(listed.size(), 3u);
+  EXPECT_EQ(omitted, 0);
+  // The RPC (a 64 MB cap) lists all three and says none was left out.
+  ListJobsRequest request;
+  ListJobsResponse response;
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), request, &response).ok());
+  EXPECT_EQ(response.jobs_size(), 3);
+  EXPECT_EQ(response.omitted(), 0);
+}
+
 TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
   config_.heartbeat_timeout_s = kReapAfterS;
   config_.max_restarts = 1;
