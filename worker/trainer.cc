@@ -567,6 +567,7 @@ struct Trainer::State {
   // `write_best`: the epoch improved on best.pt's value (the re-run of an adopted best epoch
   // that does not do better is marked best, and leaves best.pt as it is).
   bool TrackMonitor(EpochRecord* record, bool* write_best);
+  bool said_unmeasured_monitor = false;  // TrackMonitor's warning, once a run
   // TrainBatch's parts.
   StepSeeds SeedsFor(int epoch, int64_t s) const;
   void InjectFault(at::Tensor* loss) const;
@@ -2054,6 +2055,19 @@ bool Trainer::State::TrackMonitor(EpochRecord* record, bool* write_best) {
     for (auto& h : history) h.best = false;
   }
   if (train.early_stop_patience <= 0) return false;
+  if (std::isnan(value)) {
+    // Not measured this epoch (no validation rows, every validation clip unreadable, one class
+    // for roc_auc): no sign of a plateau, so it never ends the run. It stopped a run that had
+    // measured nothing at epoch patience - 1, "not improving".
+    if (!said_unmeasured_monitor) {
+      Log().Warn(absl::StrCat("stage ", options.stage, " fold ", options.fold, ": train.monitor ", train.monitor,
+                              " is NaN after epoch ", record->epoch, " (not measured): early stopping does not end "
+                              "the run on such an epoch"));
+      said_unmeasured_monitor = true;
+    }
+    stopped_early = false;
+    return false;
+  }
   if (ImprovedForEarlyStop(value)) {
     early_stop_value = value;
     early_stop_epoch = record->epoch;

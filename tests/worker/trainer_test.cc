@@ -18,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/catalog.h"
 #include "common/logging.h"
+#include "common/manifest.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "client/synth.h"
@@ -1087,6 +1088,34 @@ TEST_F(TrainerTest, EarlyStoppingStopsAfterThePatienceAndKeepsTheBest) {
   ASSERT_TRUE(again.ok()) << again.status();
   ASSERT_TRUE((*again)->Run().ok());
   EXPECT_EQ(static_cast<int>((*again)->history().size()), expected_rows);
+}
+
+// An epoch whose monitor was not measured (NaN: here, a fold without validation rows) never ends
+// the run by early stopping: it stopped at epoch patience - 1 as "not improving".
+TEST_F(TrainerTest, EarlyStoppingWaitsWhileTheMonitorIsNotMeasured) {
+  common::PipelineConfig c = Config();
+  c.train.early_stop_patience = 1;
+  for (auto& [name, stage] : c.stages) stage.train = c.train;
+  auto table = common::BuildStageTable(c, "finetune");
+  ASSERT_TRUE(table.ok()) << table.status();
+  auto manifest = common::BuildTaskManifest(c, *table, 0);
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  manifest->valid.clear();
+  TrainOptions o;
+  o.out_dir = Out("early_unmeasured");
+  o.manifest = &*manifest;
+  WarningTap warnings;
+  auto run = Trainer::Create(c, o);
+  ASSERT_TRUE(run.ok()) << run.status();
+  ASSERT_TRUE((*run)->Run().ok());
+  ASSERT_EQ((*run)->history().size(), 3u);
+  for (const EpochRecord& r : (*run)->history()) EXPECT_TRUE(std::isnan(r.val_auc)) << r.epoch;
+  auto last = ReadCheckpointMeta(o.out_dir + "/last.pt");
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_FALSE(last->stopped_early);
+  int said = 0;
+  for (const std::string& line : warnings.lines()) said += absl::StrContains(line, "is NaN after epoch 0 (not measured)");
+  EXPECT_EQ(said, 1);
 }
 
 // The keys a resume lets differ change speed only; train.cuda_graph is one (its error messages
