@@ -212,6 +212,20 @@ bool Eventually(const std::function<bool()>& condition) {
 // had let go of its task: cancelled (a sibling failed, or the user) and retried meanwhile, it was
 // leased to a second group while the first went on to train it. Now the cancel reaches the
 // first group, stays through BeginTask, and the task waits for the first group to let go.
+// GetManifest's time: rpc_timeout_s plus 1 ms per 8 KB, and the whole of it doubled for each
+// fetch of the manifest in a row that ran out of time (a slow link restarted the download at
+// every retried lease, for ever), up to 2^8 times.
+TEST(ManifestFetchTest, TheAllowanceDoublesAfterEachFetchThatRanOutOfTime) {
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(0, 10, 0), 0);
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(80'000'000, 10, 0), 10'000);
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(80'000'000, 10, 1), 30'000);  // 2 x 20 s, less the 10 s
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(80'000'000, 10, 2), 70'000);
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(0, 10, 3), 70'000);  // a busy coordinator: small ones too
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(80'000'000, 10, 50), (int64_t{20'000} << 8) - 10'000);
+  EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(int64_t{1} << 36, 10, 50),
+            ((int64_t{10'000} + (int64_t{1} << 36) / 8000) << 8) - 10'000);
+}
+
 TEST_F(CoordinatorLinkTest, HeartbeatsNameALeasedTaskBeforeItBegins) {
   v1::SubmitJobResponse submitted;
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));

@@ -260,7 +260,12 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
   request.set_group_id(gid);
   request.set_manifest_hash(hash);
   grpc::ClientContext ctx;
-  Prepare(&ctx, size / 8000);  // the deadline grows with the manifest: 1 s more per 8 MB
+  if (hash != slow_manifest_) {
+    slow_manifest_ = hash;
+    slow_fetches_ = 0;
+  }
+  const int64_t extra_ms = ManifestFetchExtraMs(size, options_.rpc_timeout_s, slow_fetches_);
+  Prepare(&ctx, extra_ms);
   std::unique_ptr<grpc::ClientReader<v1::ManifestChunk>> reader = stub_->GetManifest(&ctx, request);
   std::string out;
   if (size > 0) out.reserve(static_cast<size_t>(size));
@@ -281,18 +286,34 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
                                             chunk.offset(), " of ", chunk.total_size(), " bytes does not continue the ",
                                             out.size(), " of ", size, " bytes read"));
   }
+  if (st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    ++slow_fetches_;
+    const absl::Status failed = Failed("GetManifest", st, gid);
+    return absl::Status(failed.code(),
+                        absl::StrFormat("%s (%d of %d bytes in %.0f s; the next try allows %.0f s)", failed.message(),
+                                        out.size(), size, SecondsSince(started),
+                                        options_.rpc_timeout_s + ManifestFetchExtraMs(size, options_.rpc_timeout_s, slow_fetches_) / 1000.0));
+  }
   if (!st.ok()) return Failed("GetManifest", st, gid);
   if (static_cast<int64_t>(out.size()) != size) {
     return absl::DataLossError(absl::StrCat("GetManifest ", hash, " from ", options_.coordinator, ": got ", out.size(),
                                             " bytes, the lease said ", size));
   }
   ++manifest_fetches_;
+  slow_fetches_ = 0;
   Log().Info(absl::StrFormat("manifest %s (%d bytes) fetched in %.0f ms", hash.substr(0, 12), size,
                              1000 * SecondsSince(started)));
   manifests_.emplace_front(hash, out);
   while (manifests_.size() > kCachedManifests) manifests_.pop_back();
   *csv = std::move(out);
   return absl::OkStatus();
+}
+
+int64_t CoordinatorLink::ManifestFetchExtraMs(int64_t size, double rpc_timeout_s, int slow_fetches) {
+  const int64_t rpc_ms = static_cast<int64_t>(rpc_timeout_s * 1000);
+  const int64_t allowed = rpc_ms + std::max<int64_t>(size, 0) / 8000;
+  // A manifest is at most 2^36 bytes (2^23 ms here), shifted by 8 at most: no overflow.
+  return (allowed << std::min(std::max(slow_fetches, 0), 8)) - rpc_ms;
 }
 
 void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {

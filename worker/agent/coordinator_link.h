@@ -75,6 +75,11 @@ class CoordinatorLink {
   // go of it, and the task could be leased to a second group. A failed fetch keeps the lease
   // named (the coordinator hands the same task back to the retried LeaseTask).
   absl::Status Lease(::aviary::v1::Task* task, bool* available);
+  // What GetManifest of `size` bytes may take beyond rpc_timeout_s: 1 ms per 8 KB (8 MB/s); the
+  // whole allowance doubles for each fetch of it in a row that ran out of time (`slow_fetches`,
+  // at most 2^8 times): a link slower than that (a WAN, a busy coordinator) restarted the
+  // download from byte 0 at every retried lease, and the task never began, nor went elsewhere.
+  static int64_t ManifestFetchExtraMs(int64_t size, double rpc_timeout_s, int slow_fetches);
   // Manifests fetched from the coordinator and leases served from the cache (main thread).
   int64_t manifest_fetches() const { return manifest_fetches_; }
   int64_t manifest_hits() const { return manifest_hits_; }
@@ -206,6 +211,10 @@ class CoordinatorLink {
   static constexpr size_t kCachedManifests = 4;
   std::list<std::pair<std::string, std::string>> manifests_;
   int64_t manifest_fetches_ = 0, manifest_hits_ = 0;
+  // Fetches of `slow_manifest_` in a row that ran out of time (main thread only): each doubles
+  // the next one's allowance (ManifestFetchExtraMs).
+  std::string slow_manifest_;
+  int slow_fetches_ = 0;
   std::thread heartbeat_, shipper_, sender_;
   std::shared_ptr<LogBuffer> logs_ = std::make_shared<LogBuffer>();
 };
