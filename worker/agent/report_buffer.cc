@@ -1,12 +1,27 @@
 #include "worker/agent/report_buffer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <utility>
 
-#include "absl/time/time.h"
-
 namespace aviary::worker {
+namespace {
+
+std::chrono::steady_clock::duration Steady(double seconds) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(std::clamp(seconds, 0.0, 1e7)));
+}
+
+// absl::Mutex as a BasicLockable for std::condition_variable_any (this Abseil has no lock()):
+// the wait unlocks it and locks it again before it returns, inside the caller's MutexLock.
+struct Lockable {
+  absl::Mutex* mu;
+  void lock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->Lock(); }
+  void unlock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->Unlock(); }
+};
+
+}  // namespace
 
 void ReportBuffer::Push(Report report) {
   absl::MutexLock lock(&mu_);
@@ -30,14 +45,15 @@ void ReportBuffer::Push(Report report) {
   }
   if (point) ++points_;
   queue_.push_back(std::move(report));
-  cv_.SignalAll();
+  cv_.notify_all();
 }
 
 std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
   absl::MutexLock lock(&mu_);
-  const absl::Time deadline = absl::Now() + absl::Seconds(wait_s);
-  while (!(interrupted_ || queue_.size() > in_flight_) && !cv_.WaitWithDeadline(&mu_, deadline)) {
-  }
+  Lockable held{&mu_};
+  cv_.wait_for(held, Steady(wait_s), [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return interrupted_ || queue_.size() > in_flight_;
+  });
   std::vector<Report> run;
   if (in_flight_ > 0 || queue_.empty()) return run;
   const Report& first = queue_.front();
@@ -60,13 +76,13 @@ void ReportBuffer::Pop() {
     queue_.pop_front();
   }
   in_flight_ = 0;
-  cv_.SignalAll();
+  cv_.notify_all();
 }
 
 void ReportBuffer::Release() {
   absl::MutexLock lock(&mu_);
   in_flight_ = 0;
-  cv_.SignalAll();
+  cv_.notify_all();
 }
 
 void ReportBuffer::DropTask(const std::string& task_id) {
@@ -80,13 +96,17 @@ void ReportBuffer::DropTask(const std::string& task_id) {
     kept.push_back(std::move(queue_[i]));
   }
   queue_.swap(kept);
-  cv_.SignalAll();
+  cv_.notify_all();
 }
 
 bool ReportBuffer::WaitEmpty(double timeout_s) {
   absl::MutexLock lock(&mu_);
-  const absl::Time deadline = timeout_s < 0 ? absl::InfiniteFuture() : absl::Now() + absl::Seconds(timeout_s);
-  while (!(queue_.empty() || interrupted_) && !cv_.WaitWithDeadline(&mu_, deadline)) {
+  Lockable held{&mu_};
+  const auto done = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return queue_.empty() || interrupted_; };
+  if (timeout_s < 0) {
+    cv_.wait(held, done);
+  } else {
+    cv_.wait_for(held, Steady(timeout_s), done);
   }
   return queue_.empty();
 }
@@ -94,7 +114,7 @@ bool ReportBuffer::WaitEmpty(double timeout_s) {
 void ReportBuffer::Interrupt() {
   absl::MutexLock lock(&mu_);
   interrupted_ = true;
-  cv_.SignalAll();
+  cv_.notify_all();
 }
 
 size_t ReportBuffer::size() const {

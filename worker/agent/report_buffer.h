@@ -4,6 +4,7 @@
 #ifndef AVIARY_WORKER_AGENT_REPORT_BUFFER_H_
 #define AVIARY_WORKER_AGENT_REPORT_BUFFER_H_
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -61,7 +62,10 @@ class ReportBuffer {
  private:
   const size_t max_points_;
   mutable absl::Mutex mu_;  // the trainer's thread pushes, rank 0's sender peeks and pops
-  absl::CondVar cv_;
+  // Waits run on the steady clock (libstdc++: pthread_cond_clockwait, CLOCK_MONOTONIC); absl's
+  // CondVar here waits until a wall-clock time, and a clock stepped back an hour made Drain's
+  // 30 s limit on a signal an hour too.
+  std::condition_variable_any cv_;
   std::deque<Report> queue_ ABSL_GUARDED_BY(mu_);
   size_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
   size_t points_ ABSL_GUARDED_BY(mu_) = 0;
