@@ -4,6 +4,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <thread>
+
 #include <prometheus/counter.h>
 #include <prometheus/registry.h>
 
@@ -68,6 +71,22 @@ TEST(MetricsServerTest, ServesTheRegistryAndRefusesOtherRequests) {
   family.Add({{"group_id", "g1"}}).Increment(1);
   EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total{group_id=\"g1\"} 4"));
   ::close(idle);
+  // Nor one that sends its request a byte at a time, each within the 5 s a read used to get: the
+  // request as a whole has 5 s, then the connection is closed (it held the one serving thread,
+  // and the group's exit, for as long as it went on: 16 KB at a byte per 4 s is 18 hours).
+  int trickle = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_EQ(::connect(trickle, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const std::string slow = "GET /metrics HTTP/1.1\r\nX-Padding: " + std::string(40, 'a') + "\r\n\r\n";
+  size_t sent = 0;
+  for (; sent < slow.size(); ++sent) {
+    if (::send(trickle, slow.data() + sent, 1, MSG_NOSIGNAL) != 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));  // 60 bytes: 15 s in all
+    char byte;
+    if (::recv(trickle, &byte, 1, MSG_DONTWAIT) == 0) break;  // the server closed it
+  }
+  EXPECT_LT(sent, slow.size()) << "the server waited for the whole trickled request";
+  ::close(trickle);
+  EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total{group_id=\"g1\"} 4"));
 }
 
 TEST(MetricsServerTest, BadListenAddressesAreErrorsNamingThem) {

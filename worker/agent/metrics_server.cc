@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include <prometheus/text_serializer.h>
@@ -138,12 +139,22 @@ void MetricsServer::Serve() {
 
 void MetricsServer::Answer(int fd) const {
   timeval timeout{kRequestTimeoutS, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  // The whole request within kRequestTimeoutS, not each read: a client sending a byte every few
+  // seconds held the one serving thread (every scrape waited) and the destructor's join (the
+  // group's exit) for hours. The destructor's wake ends the wait at once.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(kRequestTimeoutS);
   std::string request;
   char buf[4096];
   while (request.find("\r\n\r\n") == std::string::npos && request.find("\n\n") == std::string::npos) {
-    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return;  // no complete request in time
+    pollfd fds[2] = {{fd, POLLIN, 0}, {wake_read_, POLLIN, 0}};
+    const int rc = ::poll(fds, 2, static_cast<int>(left.count()));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc <= 0 || fds[1].revents != 0) return;  // a poll error, the time is up, or stopping
+    ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return;  // closed, or no complete request within the timeout
     request.append(buf, static_cast<size_t>(n));
