@@ -1240,6 +1240,19 @@ absl::Status Trainer::State::Resume() {
       // Written before its weights were checked (an older aviary): resuming would end at the first step.
       meta = absl::DataLossError(absl::StrCat(last, ": its weights are not finite"));
     }
+    if (meta.ok() && ema) {
+      // The EMA's state is part of the checkpoint: a damaged one falls back like damaged weights
+      // (it ended the run, with a good last.prev.pt beside it).
+      absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(last, "ema_state");
+      if (state.ok()) {
+        if (absl::Status imported = ema->ImportState(*state, last); !imported.ok()) meta = imported;
+      } else if (absl::IsNotFound(state.status())) {
+        Log().Warn(absl::StrCat("resume: ", last, " holds no EMA state; the average starts from its weights"));
+        *ema = WeightEma(*model, train.ema_decay, train.ema_warmup_steps);
+      } else {
+        meta = state.status();
+      }
+    }
     if (!meta.ok()) {
       Log().Warn(absl::StrCat("resume: ", meta.status().message(), "; trying the next checkpoint"));
       candidates[choice.index].meta = meta.status();
@@ -1341,17 +1354,6 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
   early_stop_value = meta.early_stop_epoch >= 0 ? meta.early_stop_value : kNaN;
   early_stop_epoch = meta.early_stop_epoch;
   stopped_early = meta.stopped_early;
-  if (ema) {
-    absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(last, "ema_state");
-    if (state.ok()) {
-      AVIARY_RETURN_IF_ERROR(ema->ImportState(*state, last));
-    } else if (absl::IsNotFound(state.status())) {
-      Log().Warn(absl::StrCat("resume: ", last, " holds no EMA state; the average starts from its weights"));
-      *ema = WeightEma(*model, train.ema_decay, train.ema_warmup_steps);
-    } else {
-      return state.status();
-    }
-  }
   if (meta.in_epoch < 0 && meta.world_size > 0 && meta.world_size != world && rank == 0 &&
       meta.epoch + 1 < epochs && !meta.stopped_early) {  // not for a run with nothing left to train
     // At an epoch's end no batch moves (ResumeBatch says the mid-epoch case), but the global

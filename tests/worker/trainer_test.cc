@@ -257,6 +257,49 @@ TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
   EXPECT_EQ(h->num_rows(), 3u);
 }
 
+// A last.pt whose weights read back but whose EMA state does not fit the model (damaged, or
+// edited) falls back to last.prev.pt like damaged weights: it ended the run, with a good
+// last.prev.pt beside it.
+TEST_F(TrainerTest, ALastCheckpointWithABadEmaStateFallsBackToThePreviousOne) {
+  common::PipelineConfig c = Config();
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) {
+    t->epochs = 2;
+    t->ema_decay = 0.9;
+  }
+  TrainOptions o;
+  o.out_dir = Out("ema_fallback");
+  auto first = Trainer::Create(c, o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)->Run().ok());
+  // last.pt rewritten with its own weights, optimizer state and metadata, and an EMA state that
+  // names no parameter of the model.
+  const std::string last = o.out_dir + "/last.pt";
+  auto meta = ReadCheckpointMeta(last);
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  auto model = BuildClassifier(c.model, meta->in_channels, meta->num_classes);
+  ASSERT_TRUE(model.ok()) << model.status();
+  AdamOptimizer optimizer(**model, AdamSettings{});
+  auto restored = RestoreCheckpoint(last, **model, &optimizer);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  CheckpointGroups bad{{"ema_state", {{"not_a_parameter", at::zeros({3})}, {"__updates", at::scalar_tensor(5, at::kLong)}}}};
+  ASSERT_TRUE(SaveCheckpoint(last, **model, &optimizer, *meta, {}, bad).ok());
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) t->epochs = 3;
+  o.extend_epochs = true;
+  WarningTap warnings;
+  auto second = Trainer::Create(c, o);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second)->history().size(), 1u);  // last.prev.pt: epoch 0
+  bool said = false;
+  for (const std::string& line : warnings.lines()) {
+    said = said || absl::StrContains(line, last + ": the EMA state does not fit the model");
+  }
+  EXPECT_TRUE(said);
+  ASSERT_TRUE((*second)->Run().ok());
+  auto resumed = ReadCheckpointMeta(last);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ(resumed->epoch, 2);
+}
+
 // An epoch that trained long enough is saved before its validation (a mid-epoch last.pt with
 // every batch done): a run that dies during validation or the epoch's writes (here: its best.pt
 // refused) resumes at the validation, not the epoch's first step, and ends as an uninterrupted
