@@ -1328,6 +1328,20 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
   if (changed.empty()) return absl::OkStatus();
   if (only_epochs && options.extend_epochs) {
     Log().Info(absl::StrCat("resume: --extend-epochs: ", absl::StrJoin(changed, "; ")));
+    // The schedule is a function of train.epochs (the notebook's): over more epochs its decay
+    // starts again from higher up. Said, with the rates, when the next epoch's is above the last.
+    const int next = meta.in_epoch >= 0 ? meta.in_epoch : meta.epoch + 1;
+    if (next > 0) {
+      const double was = LearningRate(effective(*before).train, next - 1, global_batch);
+      const double now = LearningRate(train, next, global_batch);
+      if (now > was * 1.01) {
+        Log().Warn(absl::StrFormat(
+            "resume: --extend-epochs: train.scheduler %s is computed over %d epochs now: epoch %d trains at "
+            "lr %.6g, above the %.6g of epoch %d (the last trained): the decay goes back up, and Adam's moments "
+            "come from the lower rate",
+            train.scheduler, train.epochs, next, now, was, next - 1));
+      }
+    }
     return absl::OkStatus();
   }
   return absl::FailedPreconditionError(absl::StrCat(

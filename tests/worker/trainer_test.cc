@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/catalog.h"
 #include "common/logging.h"
@@ -1229,6 +1230,33 @@ TEST_F(TrainerTest, ARunFolderRefusesAnotherConfigUnlessExtendingEpochs) {
   o.extend_epochs = false;
   o.resume = false;  // --no-resume: start over with any config
   EXPECT_TRUE(Trainer::Create(lr, o).ok());
+}
+
+// Extending a finished run's epochs recomputes the cosine schedule over the new count: the next
+// epoch's rate is above the last trained epoch's, and the log says so with both rates.
+TEST_F(TrainerTest, ExtendingEpochsSaysWhenTheLearningRateGoesBackUp) {
+  common::PipelineConfig c = Config();  // 3 epochs, cos, 1 ramp epoch
+  TrainOptions o;
+  o.out_dir = Out("extend_lr");
+  auto first = Trainer::Create(c, o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)->Run().ok());
+  for (auto* t : {&c.train, &c.stages["finetune"].train}) t->epochs = 10;
+  o.extend_epochs = true;
+  WarningTap warnings;
+  auto extended = Trainer::Create(c, o);
+  ASSERT_TRUE(extended.ok()) << extended.status();
+  const int global_batch = c.train.batch_size;
+  common::TrainConfig three = c.train;
+  three.epochs = 3;
+  const double was = LearningRate(three, 2, global_batch), now = LearningRate(c.train, 3, global_batch);
+  ASSERT_GT(now, was * 1.01);
+  int said = 0;
+  for (const std::string& line : warnings.lines()) {
+    said += absl::StrContains(line, absl::StrFormat("train.scheduler cos is computed over 10 epochs now: epoch 3 "
+                                                    "trains at lr %.6g, above the %.6g of epoch 2", now, was));
+  }
+  EXPECT_EQ(said, 1);
 }
 
 // A run resumed after `aviary prepare` cached its files reads 16-bit clips where it decoded float
