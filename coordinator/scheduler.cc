@@ -311,13 +311,43 @@ void Scheduler::FailTaskAndJob(Changes* changes, const std::string& task_id,
   task.info.clear_group_id();
   task.info.set_updated_unix_ms(now);
   const std::string job_id = task.info.job_id();
-  for (const std::string& other : jobs_.at(job_id).task_ids) {
-    if (other == task_id || TerminalTask(View(*changes, other).info.state())) continue;
+  const Job& entry = jobs_.at(job_id);
+  const bool sweep = entry.row.info.sweep_size() > 0;
+  const int point = task.info.sweep_point();
+  // A sweep: the tasks other points depend on (a pretraining shared with them) are not this
+  // point's to cancel. `gone`: the failed task and the ones cancelled for it; the job's tasks are
+  // in DAG order, so a task's dependency is decided before the task.
+  std::set<std::string> shared, gone{task_id};
+  if (sweep) {
+    for (const std::string& id : entry.task_ids) {
+      const TaskRow& row = View(*changes, id);
+      if (!row.depends_on.empty() && row.info.sweep_point() != View(*changes, row.depends_on).info.sweep_point()) {
+        shared.insert(row.depends_on);
+      }
+    }
+  }
+  for (const std::string& other : entry.task_ids) {
+    if (other == task_id) continue;
+    const TaskRow& view = View(*changes, other);
+    if (TerminalTask(view.info.state())) continue;
+    if (sweep && gone.count(view.depends_on) == 0 &&
+        (view.info.sweep_point() != point || shared.count(other) > 0)) {
+      continue;  // another grid point's: it trains on
+    }
+    gone.insert(other);
     TaskRow& row = Stage(changes, other);
     row.info.set_state(aviary::v1::TASK_STATE_CANCELLED);
     row.info.set_error(absl::StrCat("cancelled: task ", task_id, " failed"));
     row.info.clear_group_id();
     row.info.set_updated_unix_ms(now);
+  }
+  changes->events.push_back(
+      {job_id, task_id, false, {},
+       absl::StrCat("task ", task_id, " FAILED: ", error,
+                    sweep ? absl::StrCat(" (sweep point ", point, "; the other points go on)") : "")});
+  if (sweep) {
+    DeriveJobState(changes, job_id);  // FAILED once nothing is left to run
+    return;
   }
   JobRow& job = StageJob(changes, job_id);
   if (!TerminalJob(job.info.state())) {
@@ -325,8 +355,6 @@ void Scheduler::FailTaskAndJob(Changes* changes, const std::string& task_id,
     job.info.set_error(absl::StrCat("task ", task_id, " failed: ", error));
     job.info.set_updated_unix_ms(now);
   }
-  changes->events.push_back(
-      {job_id, task_id, false, {}, absl::StrCat("task ", task_id, " FAILED: ", error)});
 }
 
 void Scheduler::DeriveJobState(Changes* changes, const std::string& job_id) {
@@ -336,18 +364,31 @@ void Scheduler::DeriveJobState(Changes* changes, const std::string& job_id) {
       staged != changes->jobs.end() ? staged->second.info.state() : job.row.info.state();
   if (TerminalJob(current)) return;
   bool all_succeeded = true;
+  bool all_ended = true;
   bool started = false;
+  const TaskInfo* failed = nullptr;  // the first failed task (a sweep's points run on after it)
+  int failed_count = 0;
   for (const std::string& id : job.task_ids) {
     const TaskInfo& info = View(*changes, id).info;
     if (info.state() != aviary::v1::TASK_STATE_SUCCEEDED) all_succeeded = false;
+    if (!TerminalTask(info.state())) all_ended = false;
+    if (info.state() == aviary::v1::TASK_STATE_FAILED) {
+      if (failed == nullptr) failed = &info;
+      ++failed_count;
+    }
     if (info.attempt() > 0) started = true;
   }
-  const JobState next = all_succeeded ? aviary::v1::JOB_STATE_SUCCEEDED
-                        : started     ? aviary::v1::JOB_STATE_RUNNING
-                                      : aviary::v1::JOB_STATE_PENDING;
+  const JobState next = all_succeeded                    ? aviary::v1::JOB_STATE_SUCCEEDED
+                        : all_ended && failed != nullptr ? aviary::v1::JOB_STATE_FAILED
+                        : started                        ? aviary::v1::JOB_STATE_RUNNING
+                                                         : aviary::v1::JOB_STATE_PENDING;
   if (next != current) {
     JobRow& row = StageJob(changes, job_id);
     row.info.set_state(next);
+    if (next == aviary::v1::JOB_STATE_FAILED) {
+      row.info.set_error(absl::StrCat("task ", failed->task_id(), " failed: ", failed->error(),
+                                      failed_count > 1 ? absl::StrCat(" (and ", failed_count - 1, " more)") : ""));
+    }
     row.info.set_updated_unix_ms(UnixMs());
     changes->events.push_back({job_id, "", false, {},
                                absl::StrCat("job ", job_id, " ", JobStateName(next))});

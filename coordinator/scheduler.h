@@ -283,10 +283,13 @@ class Scheduler {
   // would exceed max_restarts. `why` starts the failure message.
   void RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Fails the task and its job; cancels the job's other unfinished tasks.
+  // Fails the task and its job; cancels the job's other unfinished tasks. In a sweep only the
+  // failed task's grid point goes (its unfinished tasks, and the tasks that depend on a task
+  // that went): the other points train on, and the job ends FAILED when its last task ends.
   void FailTaskAndJob(Changes* changes, const std::string& task_id, const std::string& error)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Re-derives the job's state from its (staged) tasks.
+  // Re-derives the job's state from its (staged) tasks: SUCCEEDED when all succeeded, FAILED
+  // (naming the first failed task) when all ended and one failed (a sweep's other points ran on).
   void DeriveJobState(Changes* changes, const std::string& job_id) ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // A mutation, step by step: (1) take write_mu_, then mu_ as a reader; (2) stage the rows it
   // changes into a Changes (Stage, StageJob, ...) reading the state under the reader lock;

@@ -120,18 +120,27 @@ bool ComputeSweepBest(const aviary::v1::JobInfo& job, aviary::v1::SweepBest* bes
     ++sum.tasks;
     if (!task.has_best()) continue;
     const double value = MetricValue(task.best(), metric);
-    if (std::isnan(value)) continue;
+    // Not measured (NaN), or an infinite loss (accepted in reports): a mean over it would be NaN
+    // or win outright, and a NaN best was never replaced.
+    if (!std::isfinite(value)) continue;
     sum.total += value;
     ++sum.counted;
   }
   bool found = false;
   double best_value = 0;
+  int best_counted = 0;
   for (const auto& [point, sum] : sums) {
     if (sum.counted == 0) continue;
     const double mean = sum.total / sum.counted;
-    if (found && !(higher ? mean > best_value : mean < best_value)) continue;
+    // A point with more folds counted first: a mean over fewer folds (a point still running, or
+    // one whose folds failed) is not comparable, and one lucky fold won over a finished point.
+    if (found && (sum.counted < best_counted ||
+                  (sum.counted == best_counted && !(higher ? mean > best_value : mean < best_value)))) {
+      continue;
+    }
     found = true;
     best_value = mean;
+    best_counted = sum.counted;
     best->set_point(point);
     best->mutable_overrides()->CopyFrom(sum.first->sweep_overrides());
     best->set_metric(metric);

@@ -2536,6 +2536,80 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
   EXPECT_EQ(job.sweep_best().point(), 2);
 }
 
+// A failed grid point ends only itself: its unfinished tasks are cancelled, the other points
+// train on, and the job ends FAILED (naming the failed task) when its last task ends. The best
+// point is the one with the most folds counted, then the best mean: the failed point's one good
+// fold (0.9) does not win over a finished point (0.8 over both folds).
+TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
+  Start();
+  SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr", {"1e-3", "2e-4"}}});
+  SubmitJobResponse response;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &response).ok());
+  const std::string job_id = response.job_id();
+  const std::string pretrain = job_id + "/pretrain-f0-p0";  // point 0's, shared by both points
+  const std::string first = Register();
+  LeaseTaskResponse lease = Lease(first);
+  ASSERT_TRUE(lease.available());
+  ASSERT_EQ(lease.task().task_id(), pretrain);
+  ASSERT_TRUE(Complete(first, pretrain, Checkpoint(pretrain, "best.pt")).ok());
+  // Each of the four fine-tuning tasks on a group of its own.
+  std::map<std::string, std::string> group_of;
+  group_of[Lease(first).task().task_id()] = first;
+  for (int i = 0; i < 3; ++i) {
+    const std::string group = Register();
+    LeaseTaskResponse leased = Lease(group);
+    ASSERT_TRUE(leased.available());
+    group_of[leased.task().task_id()] = group;
+  }
+  ASSERT_EQ(group_of.size(), 4u);
+  auto finish = [&](const std::string& task, double auc) {
+    CompleteTaskRequest complete;
+    complete.set_group_id(group_of.at(task));
+    complete.set_task_id(task);
+    complete.set_best_checkpoint(Checkpoint(task, "best.pt"));
+    *complete.mutable_best() = EpochEnd(1, auc);
+    CompleteTaskResponse done;
+    ASSERT_TRUE(workers_->CompleteTask(WorkerCtx().get(), complete, &done).ok());
+  };
+  finish(job_id + "/finetune-f0-p0", 0.9);
+  FailTaskRequest fail;
+  fail.set_group_id(group_of.at(job_id + "/finetune-f1-p0"));
+  fail.set_task_id(job_id + "/finetune-f1-p0");
+  fail.set_error("out of memory");
+  FailTaskResponse failed;
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &failed).ok());
+  JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_RUNNING);
+  for (const TaskInfo& task : job.tasks()) {
+    if (absl::EndsWith(task.task_id(), "-p1")) EXPECT_EQ(task.state(), TASK_STATE_LEASED) << task.task_id();
+  }
+  finish(job_id + "/finetune-f0-p1", 0.8);
+  finish(job_id + "/finetune-f1-p1", 0.8);
+  job = GetJob(job_id);
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  EXPECT_TRUE(absl::StartsWith(job.error(), "task " + job_id + "/finetune-f1-p0 failed: ")) << job.error();
+  EXPECT_TRUE(absl::StrContains(job.error(), "out of memory")) << job.error();
+  ASSERT_TRUE(job.has_sweep_best());
+  EXPECT_EQ(job.sweep_best().point(), 1);
+  EXPECT_EQ(job.sweep_best().tasks(), 2);
+  EXPECT_NEAR(job.sweep_best().value(), 0.8, 1e-12);
+  // A shared pretraining that fails (point 0's task) ends every point that waits for it.
+  SubmitJobResponse second;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &second).ok());
+  const std::string group = Register();
+  LeaseTaskResponse shared = Lease(group);
+  ASSERT_EQ(shared.task().task_id(), second.job_id() + "/pretrain-f0-p0");
+  fail.set_group_id(group);
+  fail.set_task_id(shared.task().task_id());
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &failed).ok());
+  job = GetJob(second.job_id());
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  for (const TaskInfo& task : job.tasks()) {
+    if (task.stage() == "finetune") EXPECT_EQ(task.state(), TASK_STATE_CANCELLED) << task.task_id();
+  }
+  EXPECT_TRUE(absl::StartsWith(job.error(), "task " + second.job_id() + "/pretrain-f0-p0 failed: ")) << job.error();
+}
+
 TEST_F(CoordinatorServiceTest, SweepOverFinetuneKeysSharesOnePretraining) {
   Start();
   SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr", {"1e-3", "2e-4", "1e-4"}}});
