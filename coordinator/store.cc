@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/content_hash.h"
@@ -383,6 +384,9 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
     }
   }
   AVIARY_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
+  // The -wal file is truncated back to 64 MB at checkpoints: one large transaction (a migration,
+  // a sweep's submit, a prune) kept it at its peak size until shutdown.
+  AVIARY_RETURN_IF_ERROR(store->Exec("PRAGMA journal_size_limit=67108864"));
   AVIARY_RETURN_IF_ERROR(store->Exec("PRAGMA foreign_keys=ON"));
   AVIARY_RETURN_IF_ERROR(store->InitSchema());
   return store;
@@ -424,10 +428,13 @@ absl::Status Store::InitSchema() {
     AVIARY_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
       if (version == 1) AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
       AVIARY_RETURN_IF_ERROR(MigrateFromVersion2());
+      // Verified before the version is written: a file that does not end up as version 3 (an
+      // object added by hand) stays the version it was, for the coordinator that wrote it.
+      AVIARY_RETURN_IF_ERROR(VerifySchema());
       const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
       return Exec(pragma.c_str());
     }));
-    return VerifySchema();
+    return absl::OkStatus();
   }
   if (version != 0) {
     return absl::FailedPreconditionError(
@@ -532,7 +539,17 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
   if (in_transaction_) return body();  // nested: part of the enclosing transaction
   AVIARY_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
   in_transaction_ = true;
-  absl::Status status = body();
+  absl::Status status;
+  try {
+    status = body();
+  } catch (...) {
+    // An exception (std::bad_alloc in a large submit) that gRPC turns into UNKNOWN and the server
+    // outlives: left open, every later Transaction took the nested branch and nothing was ever
+    // committed again.
+    in_transaction_ = false;
+    if (!sqlite3_get_autocommit(db_)) (void)Exec("ROLLBACK");
+    throw;
+  }
   if (status.ok()) status = Exec("COMMIT");
   in_transaction_ = false;
   if (!status.ok()) {
@@ -870,7 +887,14 @@ absl::StatusOr<std::vector<JobRow>> Store::LoadJobs() {
   while (st.Step(&status)) {
     JobRow row;
     row.seq = st.Int(0);
-    AVIARY_RETURN_IF_ERROR(st.Parse(1, &row.info, absl::StrCat("job ", st.Text(2))));
+    const std::string id = st.Text(2);
+    AVIARY_RETURN_IF_ERROR(st.Parse(1, &row.info, absl::StrCat("job ", id)));
+    // A damaged blob may still parse: one naming another job would be written back as a second row.
+    if (row.info.job_id() != id) {
+      return absl::DataLossError(absl::StrCat("database ", path_, ": job ", id, ": its stored info names job '",
+                                              absl::CHexEscape(row.info.job_id().substr(0, 64)),
+                                              "' (a damaged row; restore a backup)"));
+    }
     rows.push_back(std::move(row));
   }
   AVIARY_RETURN_IF_ERROR(status);
@@ -882,7 +906,7 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
                "SELECT t.seq, t.depends_on, t.init_checkpoint, t.resume_checkpoint, t.info, t.manifest_hash, "
-               "t.task_id "
+               "t.task_id, t.job_id "
                "FROM tasks t LEFT JOIN jobs j ON j.job_id = t.job_id ORDER BY j.seq, t.seq");
   std::vector<TaskRow> rows;
   absl::Status status;
@@ -892,7 +916,16 @@ absl::StatusOr<std::vector<TaskRow>> Store::LoadTasks() {
     row.depends_on = st.Text(1);
     row.init_checkpoint = st.Text(2);
     row.resume_checkpoint = st.Text(3);
-    AVIARY_RETURN_IF_ERROR(st.Parse(4, &row.info, absl::StrCat("task ", st.Text(6))));
+    const std::string id = st.Text(6);
+    AVIARY_RETURN_IF_ERROR(st.Parse(4, &row.info, absl::StrCat("task ", id)));
+    // A damaged blob that still parses with another id: every write of the task would miss its
+    // row ("no row"), and the lease batches that staged it failed for every group.
+    if (row.info.task_id() != id || row.info.job_id() != st.Text(7)) {
+      return absl::DataLossError(absl::StrCat("database ", path_, ": task ", id, ": its stored info names task '",
+                                              absl::CHexEscape(row.info.task_id().substr(0, 80)), "' of job '",
+                                              absl::CHexEscape(row.info.job_id().substr(0, 64)),
+                                              "' (a damaged row; restore a backup)"));
+    }
     row.manifest_hash = st.Text(5);
     rows.push_back(std::move(row));
   }

@@ -214,6 +214,77 @@ TEST_F(StoreTest, DamagedRowsAreNamedOrSkipped) {
       << jobs.status();
 }
 
+// A damaged row whose blob still parses but names another job or task (here: another row's blob)
+// is DATA_LOSS naming the row, like one that does not parse: kept, every write of the task missed
+// its row, and a job's was written back as a second row.
+TEST_F(StoreTest, ARowWhoseInfoNamesAnotherIdIsDamaged) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    JobRow a, b;
+    a.info.set_job_id("j0123456789ab");
+    b.info.set_job_id("jbbbbbbbbbbbb");
+    b.seq = 1;
+    TaskRow first, second;
+    first.info.set_task_id("j0123456789ab/pretrain-f0");
+    first.info.set_job_id("j0123456789ab");
+    second.info.set_task_id("j0123456789ab/finetune-f0");
+    second.info.set_job_id("j0123456789ab");
+    ASSERT_TRUE((*store)
+                    ->Transaction([&]() -> absl::Status {
+                      AVIARY_RETURN_IF_ERROR((*store)->PutJob(a));
+                      AVIARY_RETURN_IF_ERROR((*store)->PutJob(b));
+                      AVIARY_RETURN_IF_ERROR((*store)->InsertTask(first, TaskPayload{"a\n", "", ""}));
+                      return (*store)->InsertTask(second, TaskPayload{"a\n", "", ""});
+                    })
+                    .ok());
+    ASSERT_TRUE((*store)->LoadTasks().ok());
+    ASSERT_TRUE((*store)->LoadJobs().ok());
+  }
+  RawExec("UPDATE tasks SET info=(SELECT info FROM tasks WHERE task_id='j0123456789ab/finetune-f0') "
+          "WHERE task_id='j0123456789ab/pretrain-f0'");
+  RawExec("UPDATE jobs SET info=(SELECT info FROM jobs WHERE job_id='jbbbbbbbbbbbb') WHERE job_id='j0123456789ab'");
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto tasks = (*store)->LoadTasks();
+  EXPECT_EQ(tasks.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(tasks.status().message().find("task j0123456789ab/pretrain-f0: its stored info names task "
+                                          "'j0123456789ab/finetune-f0'"),
+            std::string::npos)
+      << tasks.status();
+  auto jobs = (*store)->LoadJobs();
+  EXPECT_EQ(jobs.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(jobs.status().message().find("job j0123456789ab: its stored info names job 'jbbbbbbbbbbbb'"),
+            std::string::npos)
+      << jobs.status();
+}
+
+// An exception out of a transaction's body (std::bad_alloc in a large submit; gRPC answers it
+// UNKNOWN and the server goes on) rolls the transaction back and leaves the store usable: the
+// next transaction commits, as another connection sees. It used to stay open for good, every
+// later write "nested" in it and none committed.
+TEST_F(StoreTest, AnExceptionInATransactionRollsItBack) {
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  JobRow job;
+  job.info.set_job_id("j0123456789ab");
+  EXPECT_THROW((void)(*store)->Transaction([&]() -> absl::Status {
+    AVIARY_RETURN_IF_ERROR((*store)->PutJob(job));
+    throw std::bad_alloc();
+  }),
+               std::bad_alloc);
+  job.info.set_job_id("jbbbbbbbbbbbb");
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->PutJob(job); }).ok());
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT group_concat(job_id) FROM jobs", -1, &stmt, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))), "jbbbbbbbbbbbb");
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+}
+
 // ReportCheckpoint sent again after its answer was lost records the checkpoint once; the same
 // file written at another epoch, or by another attempt, is a row of its own.
 TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
@@ -577,6 +648,33 @@ TEST_F(StoreTest, MigratesSchemaVersion2) {
   ASSERT_TRUE((*store)->Close().ok());
   store = Store::Open(path_);  // the migrated file verifies as version 3
   ASSERT_TRUE(store.ok()) << store.status();
+}
+
+// A version-2 file that would not verify as version 3 after the migration (an index added by
+// hand) is refused naming it, and stays version 2 (it was migrated, then refused: neither
+// coordinator could open it).
+TEST_F(StoreTest, AMigrationThatDoesNotVerifyLeavesTheFileAsItWas) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+  }
+  RawExec("DROP TABLE dataset_version_manifests; DROP TABLE dataset_versions; PRAGMA user_version=2; "
+          "CREATE INDEX by_hand ON jobs(state)");
+  auto store = Store::Open(path_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_NE(store.status().message().find("unexpected index by_hand"), std::string::npos) << store.status();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT (SELECT user_version FROM pragma_user_version), "
+                                   "(SELECT count(*) FROM sqlite_master WHERE name='dataset_versions')",
+                               -1, &stmt, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(stmt, 0), 2);
+  EXPECT_EQ(sqlite3_column_int(stmt, 1), 0);  // the migration rolled back
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
 }
 
 TEST_F(StoreTest, UsesWalAndFullSync) {
