@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status.h"
 #include "worker/checkpoint.h"
 
 namespace aviary::worker {
@@ -110,17 +111,42 @@ absl::Status WeightEma::ImportState(const NamedTensors& state, const std::string
   return absl::OkStatus();
 }
 
+namespace {
+
+absl::Status CheckFinite(const torch::nn::Module& module, const std::string& path, bool ema) {
+  torch::NoGradGuard no_grad;
+  int bad = 0;
+  std::string first;
+  auto check = [&](const std::string& name, const at::Tensor& t) {
+    if (!t.is_floating_point() || at::isfinite(t).all().item<bool>()) return;
+    if (bad++ == 0) first = name;
+  };
+  for (const auto& p : module.named_parameters()) check(p.key(), p.value());
+  for (const auto& b : module.named_buffers()) check(b.key(), b.value());
+  if (bad == 0) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      path, ": ", bad, " of the model's tensors", ema ? " (with its EMA average)" : "", " are not finite, the first '",
+      first, "': a run that diverged; every output would be NaN. Use an earlier checkpoint"));
+}
+
+}  // namespace
+
 absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::TrainConfig& train,
                                          torch::nn::Module& module) {
-  if (!train.ema_eval || train.ema_decay <= 0) return false;
-  absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(path, "ema_state");
-  if (absl::IsNotFound(state.status())) return false;
-  if (!state.ok()) return state.status();
-  WeightEma ema(module, train.ema_decay, train.ema_warmup_steps);
-  absl::Status imported = ema.ImportState(*state, path);
-  if (!imported.ok()) return imported;
-  ema.Swap(module);
-  return true;
+  bool applied = false;
+  if (train.ema_eval && train.ema_decay > 0) {
+    absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(path, "ema_state");
+    if (!state.ok() && !absl::IsNotFound(state.status())) return state.status();
+    if (state.ok()) {
+      WeightEma ema(module, train.ema_decay, train.ema_warmup_steps);
+      absl::Status imported = ema.ImportState(*state, path);
+      if (!imported.ok()) return imported;
+      ema.Swap(module);
+      applied = true;
+    }
+  }
+  AVIARY_RETURN_IF_ERROR(CheckFinite(module, path, applied));
+  return applied;
 }
 
 }  // namespace aviary::worker

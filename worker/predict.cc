@@ -435,6 +435,15 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
     info.epoch = meta.epoch;
     info.sigmoid = model->sigmoid();
     info.ema = ema;
+    if (!impl->infos.empty() && info.sigmoid != impl->infos[0].sigmoid) {
+      // Softmax rows sum to 1, sigmoid ones do not: averaged, one model's scale decides the
+      // ranking of every class.
+      auto act = [](bool sigmoid) { return sigmoid ? "sigmoid (loss BCE)" : "softmax (loss CCE)"; };
+      return absl::FailedPreconditionError(absl::StrCat(
+          "ensemble checkpoints end in different activations: ", path, " in ", act(info.sigmoid), ", ",
+          options.checkpoints[0], " in ", act(impl->infos[0].sigmoid),
+          ": their probabilities do not average; predict them apart"));
+    }
     impl->infos.push_back(info);
     impl->models.push_back(std::move(model));
     configs.push_back(std::move(config));

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -41,10 +42,15 @@ std::string SaveModel(const std::string& name, const std::vector<std::string>& c
   config.frontend.n_mels = 32;
   config.train.batch_size = 2;
   config.train.infer_bs = 2;
+  if (final_act == "sigmoid") config.train.loss = "BCE";
   for (auto& [name, stage] : config.stages) stage.train = config.train;
   if (num_classes < 0) num_classes = static_cast<int>(classes.size());
   auto model = BuildClassifier(config.model, 1, num_classes);
   EXPECT_TRUE(model.ok()) << model.status();
+  if (name.find("nonfinite") != std::string::npos) {
+    torch::NoGradGuard no_grad;
+    (*model)->named_parameters().begin()->value().view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+  }
   CheckpointMeta meta;
   meta.stage = "finetune";
   meta.monitor = "auc";
@@ -172,6 +178,30 @@ TEST(PredictTest, EnsembleAndTtaAverage) {
   auto tta_probs = (*tta)->PredictWaveform(wave);
   ASSERT_TRUE(tta_probs.ok());
   ASSERT_EQ(tta_probs->size(), probs->size());
+}
+
+// An ensemble of a softmax (CCE) and a sigmoid (BCE) model is refused naming both: their rows
+// do not average (softmax rows sum to 1). A checkpoint whose weights are not finite (a run that
+// diverged) is refused naming it and the first tensor: every cell would have been "nan".
+TEST(PredictTest, RefusesMixedActivationsAndWeightsThatAreNotFinite) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("act_softmax", {"x", "y"}), SaveModel("act_sigmoid", {"x", "y"}, -1, "sigmoid")};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  auto mixed = Predictor::Create(options);
+  ASSERT_FALSE(mixed.ok());
+  EXPECT_EQ(mixed.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(mixed.status().message()),
+              HasSubstr("ensemble checkpoints end in different activations: " + options.checkpoints[1] +
+                        " in sigmoid (loss BCE), " + options.checkpoints[0] + " in softmax (loss CCE)"));
+  options.checkpoints = {options.checkpoints[1]};
+  EXPECT_TRUE(Predictor::Create(options).ok());  // a sigmoid model alone
+  options.checkpoints = {SaveModel("weights_nonfinite", {"x", "y"})};
+  auto diverged = Predictor::Create(options);
+  ASSERT_FALSE(diverged.ok());
+  EXPECT_EQ(diverged.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(diverged.status().message()),
+              HasSubstr(options.checkpoints[0] + ": 1 of the model's tensors are not finite, the first '"));
 }
 
 // Rows of `wave` computed one view at a time from the checkpoint's model and front end (no
