@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <ctime>
 
 #include <google/protobuf/util/json_util.h>
@@ -269,11 +270,25 @@ absl::Status ParseSweepFlag(const std::string& text, v1::SweepAxis* axis) {
     item.clear();
     return absl::OkStatus();
   };
+  // The last character of `item` that is not a space (0: none).
+  auto last_non_space = [&item]() -> char {
+    for (size_t k = item.size(); k > 0; --k) {
+      if (item[k - 1] != ' ' && item[k - 1] != '\t') return item[k - 1];
+    }
+    return 0;
+  };
   for (size_t i = 1; i + 1 < list.size(); ++i) {
     const char c = list[i];
     if (quote != 0) {
+      if (quote == '"' && c == '\\' && i + 2 < list.size()) {  // an escape: the next character is not the end
+        item += c;
+        item += list[++i];
+        continue;
+      }
       if (c == quote) quote = 0;
-    } else if (c == '"' || c == '\'') {
+    } else if ((c == '"' || c == '\'') && std::strchr("[{,:", last_non_space()) != nullptr) {
+      // As YAML reads a flow collection: a quote opens a quoted scalar only where a scalar starts
+      // (`it's` is a plain one). strchr finds the terminating 0 too: the item's start.
       quote = c;
     } else if (c == '[' || c == '{') {
       ++depth;

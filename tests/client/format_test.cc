@@ -229,6 +229,17 @@ TEST(ClientFormatTest, SweepFlagsSplitAtTopLevelCommas) {
   ASSERT_TRUE(ParseSweepFlag("model.name=['a,b', \"c\"]", &axis).ok());
   ASSERT_EQ(axis.values_size(), 2);
   EXPECT_EQ(axis.values(0), "'a,b'");
+  // As YAML reads them: a quote inside a plain value is a character (`it's`, as --set takes it),
+  // a backslash escapes a double quote inside double quotes, nested lists quote too.
+  ASSERT_TRUE(ParseSweepFlag("data.tag=[it's, b]", &axis).ok());
+  ASSERT_EQ(axis.values_size(), 2);
+  EXPECT_EQ(axis.values(0), "it's");
+  ASSERT_TRUE(ParseSweepFlag("model.name=[\"a\\\",b\", c]", &axis).ok());
+  ASSERT_EQ(axis.values_size(), 2);
+  EXPECT_EQ(axis.values(0), "\"a\\\",b\"");
+  ASSERT_TRUE(ParseSweepFlag("folds.selected_folds=[['x,y', 1], [2]]", &axis).ok());
+  ASSERT_EQ(axis.values_size(), 2);
+  EXPECT_EQ(axis.values(0), "['x,y', 1]");
   for (const char* bad : {"train.lr", "=[1]", "train.lr=1e-3", "train.lr=[]", "train.lr=[1,,2]", "train.lr=[[1]",
                           "train.lr=['1]"}) {
     const absl::Status status = ParseSweepFlag(bad, &axis);
