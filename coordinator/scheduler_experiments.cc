@@ -318,6 +318,10 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
     job.events.clear();
     job.event_bytes = 0;
     job.snapshot = std::make_shared<const JobInfo>();
+    // Kept only as "deleted" for its watchers until the next start: not its sweep axes, tags and
+    // note (a sweep's values are up to ~280 KB).
+    job.row.info.Clear();
+    job.row.info.set_job_id(job_id);
     job.watch_cv.SignalAll();
     UpdateJobCountsLocked();
     pruned_.erase(job_id);
