@@ -280,7 +280,8 @@ absl::Status ParseSweepFlag(const std::string& text, v1::SweepAxis* axis) {
   for (size_t i = 1; i + 1 < list.size(); ++i) {
     const char c = list[i];
     if (quote != 0) {
-      if (quote == '"' && c == '\\' && i + 2 < list.size()) {  // an escape: the next character is not the end
+      if ((quote == '"' && c == '\\' && i + 2 < list.size()) ||  // an escape: the next character is not the end
+          (quote == '\'' && c == '\'' && i + 2 < list.size() && list[i + 1] == '\'')) {  // '' in single quotes
         item += c;
         item += list[++i];
         continue;

@@ -341,10 +341,14 @@ void Scheduler::FailTaskAndJob(Changes* changes, const std::string& task_id,
     row.info.clear_group_id();
     row.info.set_updated_unix_ms(now);
   }
+  bool others_run = false;  // a sweep's other points, still to end
+  for (const std::string& other : entry.task_ids) {
+    others_run = others_run || (sweep && other != task_id && !TerminalTask(View(*changes, other).info.state()));
+  }
   changes->events.push_back(
       {job_id, task_id, false, {},
        absl::StrCat("task ", task_id, " FAILED: ", error,
-                    sweep ? absl::StrCat(" (sweep point ", point, "; the other points go on)") : "")});
+                    others_run ? absl::StrCat(" (sweep point ", point, "; the other points go on)") : "")});
   if (sweep) {
     DeriveJobState(changes, job_id);  // FAILED once nothing is left to run
     return;

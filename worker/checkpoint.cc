@@ -189,16 +189,6 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
                                   int fold, const std::string& task_id) {
   ResumeChoice choice;
   choice.skipped.resize(candidates.size());
-  for (const ResumeCandidate& c : candidates) {
-    const absl::StatusCode code = c.meta.status().code();
-    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable) {
-      choice.blocked = absl::Status(
-          code, absl::StrCat(c.meta.status().message(), ": it may hold the newest epoch, so the run does not go on "
-                                                         "from an older one; make it readable, or start over with "
-                                                         "--no-resume (the files are then moved aside)"));
-      return choice;
-    }
-  }
   for (size_t i = 0; i < candidates.size(); ++i) {
     const ResumeCandidate& c = candidates[i];
     if (!c.meta.ok()) {
@@ -233,6 +223,21 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
     }
     choice.index = static_cast<int>(i);
     choice.skipped[i].clear();
+  }
+  // Candidates come newest first (the rotation's order): one that cannot be read now and is
+  // listed before the choice (or with no choice) may hold a newer epoch than the choice.
+  const size_t before = choice.index < 0 ? candidates.size() : static_cast<size_t>(choice.index);
+  for (size_t i = 0; i < before; ++i) {
+    const absl::StatusCode code = candidates[i].meta.status().code();
+    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable) {
+      choice.index = -1;
+      choice.blocked = absl::Status(
+          code, absl::StrCat(candidates[i].meta.status().message(), ": it may hold the newest epoch, so the run "
+                                                                     "does not go on from an older one; make it "
+                                                                     "readable, or start over with --no-resume (the "
+                                                                     "files are then moved aside)"));
+      break;
+    }
   }
   return choice;
 }

@@ -97,9 +97,11 @@ struct ResumeCandidate {
 // and fold are `stage` and `fold`, and when both it and `task_id` name a task, the same task.
 // Newest: the highest epoch, then the highest attempt, then the most batches of the next epoch
 // (a mid-epoch checkpoint), then the earlier candidate.
-// A candidate that could not be read for a reason other than its content (PERMISSION_DENIED, an
-// I/O error: UNAVAILABLE) is not skipped: it may hold the newest epoch, and falling back past it
-// would lose that. `blocked` then says so and `index` is -1.
+// Candidates are listed newest first (last.pt, then last.prev.pt: the rotation's order). One that
+// could not be read for a reason other than its content (PERMISSION_DENIED, an I/O error:
+// UNAVAILABLE) and is listed before the choice (or when none fits) is not passed over: it may
+// hold the newest epoch, and falling back past it would lose that. `blocked` then says so and
+// `index` is -1. An older one that cannot be read is skipped like a damaged one.
 struct ResumeChoice {
   int index = -1;
   std::vector<std::string> skipped;

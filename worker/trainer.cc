@@ -1200,9 +1200,18 @@ absl::Status Trainer::State::Resume() {
     return absl::OkStatus();
   }
   std::vector<ResumeCandidate> candidates;
-  for (const char* name : {"last.pt", "last.prev.pt"}) {
+  for (const char* name : {"last.pt", "last.prev.pt"}) {  // newest first
     const std::string path = Path(name);
-    if (::access(path.c_str(), F_OK) != 0) continue;
+    if (::access(path.c_str(), F_OK) != 0) {
+      const int error = errno;
+      if (error == ENOENT || error == ENOTDIR) continue;
+      // Not "absent": an I/O error or a permission may hide the newest checkpoint
+      // (PickResumeCheckpoint does not pass over it).
+      const std::string what = absl::StrCat(path, ": cannot look it up: ", std::strerror(error));
+      candidates.push_back({path, error == EACCES || error == EPERM ? absl::PermissionDeniedError(what)
+                                                                    : absl::UnavailableError(what)});
+      continue;
+    }
     candidates.push_back({path, ReadCheckpointMeta(path)});
   }
   if (candidates.empty()) {

@@ -237,6 +237,9 @@ TEST(ClientFormatTest, SweepFlagsSplitAtTopLevelCommas) {
   ASSERT_TRUE(ParseSweepFlag("model.name=[\"a\\\",b\", c]", &axis).ok());
   ASSERT_EQ(axis.values_size(), 2);
   EXPECT_EQ(axis.values(0), "\"a\\\",b\"");
+  ASSERT_TRUE(ParseSweepFlag("data.tag=['it''s, ok', b]", &axis).ok());  // '' is a quote inside quotes
+  ASSERT_EQ(axis.values_size(), 2);
+  EXPECT_EQ(axis.values(0), "'it''s, ok'");
   ASSERT_TRUE(ParseSweepFlag("folds.selected_folds=[['x,y', 1], [2]]", &axis).ok());
   ASSERT_EQ(axis.values_size(), 2);
   EXPECT_EQ(axis.values(0), "['x,y', 1]");

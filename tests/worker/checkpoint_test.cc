@@ -233,6 +233,17 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
               std::string::npos)
         << r.blocked;
     EXPECT_NE(r.blocked.message().find("--no-resume"), std::string::npos) << r.blocked;
+    // The older one unreadable (listed after a good last.pt) is passed over: it cannot be newer.
+    std::swap(c[0].meta, c[1].meta);
+    c[0].meta = meta(4, 1);
+    r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
+    EXPECT_EQ(r.index, 0);
+    EXPECT_TRUE(r.blocked.ok()) << r.blocked;
+    // ... unless the newer one does not fit either (a damaged last.pt): then it is all there is.
+    c[0].meta = absl::InvalidArgumentError("run/last.pt: not an aviary checkpoint");
+    r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
+    EXPECT_EQ(r.index, -1);
+    EXPECT_EQ(r.blocked.code(), unreadable.code());
   }
 }
 
@@ -325,7 +336,8 @@ TEST(CheckpointTest, MissingOrForeignFilesAreClearErrors) {
     ::chmod(locked.c_str(), 0644);
     std::remove(locked.c_str());
     ASSERT_TRUE(WIFEXITED(status));
-    EXPECT_EQ(WEXITSTATUS(status), 0) << "2: could not drop to nobody";
+    if (WEXITSTATUS(status) == 2) GTEST_SKIP() << "root here cannot drop to uid 65534 (no CAP_SETUID, or unmapped)";
+    EXPECT_EQ(WEXITSTATUS(status), 0);
   }
   std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_not_a_ckpt.pt";
   ASSERT_TRUE(common::WriteFileAtomically(path, "garbage").ok());
