@@ -315,7 +315,7 @@ absl::Status Store::CheckOpen() const {
   if (db_ == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat("database ", path_, " is closed"));
   }
-  return absl::OkStatus();
+  return broken_;
 }
 
 absl::Status Store::Exec(const char* sql) {
@@ -547,21 +547,28 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
     // outlives: left open, every later Transaction took the nested branch and nothing was ever
     // committed again.
     in_transaction_ = false;
-    if (!sqlite3_get_autocommit(db_)) (void)Exec("ROLLBACK");
+    (void)RollBack(absl::UnknownError("an exception"));
     throw;
   }
   if (status.ok()) status = Exec("COMMIT");
   in_transaction_ = false;
-  if (!status.ok()) {
-    if (!sqlite3_get_autocommit(db_)) {
-      absl::Status rollback = Exec("ROLLBACK");
-      if (!rollback.ok()) {
-        return absl::InternalError(absl::StrCat(status.message(), "; then ", rollback.message()));
-      }
-    }
-    return status;
-  }
+  if (!status.ok()) return RollBack(status);
   return absl::OkStatus();
+}
+
+absl::Status Store::RollBack(const absl::Status& cause) {
+  if (sqlite3_get_autocommit(db_)) return cause;  // SQLite rolled back itself (FULL, IOERR, BUSY)
+  absl::Status rollback = Exec("ROLLBACK");
+  if (!rollback.ok() && !sqlite3_get_autocommit(db_)) rollback = Exec("ROLLBACK");  // once more
+  if (!sqlite3_get_autocommit(db_)) {
+    // Still inside the transaction: every later BEGIN would fail, and reads would see the failed
+    // body's rows. Later calls get this error; a restart rolls the file back.
+    broken_ = absl::InternalError(absl::StrCat("database ", path_, ": a transaction could not be rolled back (",
+                                               rollback.message(), "): the coordinator must be restarted"));
+    return absl::InternalError(absl::StrCat(cause.message(), "; then ", broken_.message()));
+  }
+  if (!rollback.ok()) return absl::InternalError(absl::StrCat(cause.message(), "; then ", rollback.message()));
+  return cause;
 }
 
 absl::Status Store::PutJob(const JobRow& job) {

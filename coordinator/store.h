@@ -221,6 +221,9 @@ class Store {
   absl::Status VerifySchema();
   absl::Status SqlError(int rc, const std::string& statement) const;
   absl::Status CheckOpen() const;
+  // Rolls back the open transaction after `cause` (the failed body or COMMIT); returns `cause`, or
+  // more when the ROLLBACK itself failed (then the store refuses every later call).
+  absl::Status RollBack(const absl::Status& cause);
   // True (and counted) when `parsed` failed; called with mu_ held.
   bool SkipDamaged(const absl::Status& parsed, const std::string& row);
   static std::string PointLabel(int64_t id, const std::string& task_id);
@@ -234,6 +237,7 @@ class Store {
   sqlite3* db_ = nullptr;
   int lock_fd_ = -1;
   bool in_transaction_ = false;
+  absl::Status broken_;  // guarded by mu_: set when a ROLLBACK failed (RollBack); CheckOpen says it
   std::recursive_mutex mu_;
   int64_t damaged_rows_skipped_ = 0;        // guarded by mu_
   std::vector<std::string> damaged_rows_;  // guarded by mu_
