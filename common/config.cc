@@ -17,6 +17,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -349,6 +350,15 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
     return absl::OkStatus();
   }
   if (!node.IsScalar()) return Expected(*origins, key, node, "a string");
+  // YAML's escapes ("\0", "\x07") make characters no file name or label holds: a NUL cut every
+  // path at it (the path policy checked "/data/c" of "/data/c\0x"), while messages and the stored
+  // config carried the whole string.
+  for (const char c : node.Scalar()) {
+    if (c == '\t' || static_cast<unsigned char>(c) >= 0x20) continue;
+    return KeyError(origins->Where(key, node), key,
+                    absl::StrCat("expected a string without control characters (a YAML escape such as \\0 or "
+                                 "\\n), got '", absl::CHexEscape(node.Scalar().substr(0, 200)), "'"));
+  }
   *out = node.Scalar();
   return absl::OkStatus();
 }
@@ -864,7 +874,9 @@ const std::vector<Field<CommConfig>>& FieldsOf<CommConfig>() {
       MakeField("backend", &CommConfig::backend, OneOf({"auto", "nccl", "mpi"})),
       // At least 1 KiB: the reducer's bucket is bucket_mb x 2^20 bytes, which must not round to 0.
       MakeField("bucket_mb", &CommConfig::bucket_mb, NumberIn(1.0 / 1024, 4096)),
-      MakeField("timeout_s", &CommConfig::timeout_s, PositiveAtMost(86400)),
+      // At least 1 s: it is the deadline of every collective, the per-step all-reduce included
+      // (1 ms failed every attempt of a multi-rank group at the first skew between ranks).
+      MakeField("timeout_s", &CommConfig::timeout_s, NumberIn(1, 86400)),
   };
   return *fields;
 }

@@ -746,12 +746,14 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": stages: both pretrain and finetune are disabled; nothing to run"));
   }
-  // Fine-tuning has one task per selected fold: without pretraining and without a fold the job
-  // would have no task and stay PENDING for ever.
-  if (!pretrain && config.folds.selected_folds.empty()) {
+  // Fine-tuning has one task per selected fold: without a fold it would not run at all (without
+  // pretraining the job had no task and stayed PENDING for ever; with it, the job "succeeded"
+  // having pretrained only).
+  if (finetune && config.folds.selected_folds.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        source, ": key 'folds.selected_folds': expected at least one fold while stages.pretrain.enabled is "
-                "false (fine-tuning runs one task per selected fold), got an empty list; nothing to run"));
+        source, ": key 'folds.selected_folds': expected at least one fold while stages.finetune.enabled is "
+                "true (fine-tuning runs one task per selected fold), got an empty list",
+        pretrain ? "; set stages.finetune.enabled=false to pretrain only" : "; nothing to run"));
   }
 
   // One job's tasks are written in one transaction under the writers' lock (every lease and

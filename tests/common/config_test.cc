@@ -165,7 +165,13 @@ TEST(ConfigTest, NumericKeysHaveUpperBounds) {
   EXPECT_EQ(ParseError("train:\n  lr: 1000\n"),
             "x.yaml:2: key 'train.lr': expected a number in (0, 100], got '1000.0'");
   EXPECT_EQ(ParseError("comm:\n  timeout_s: 1e9\n"),
-            "x.yaml:2: key 'comm.timeout_s': expected a number in (0, 86400], got '1000000000.0'");
+            "x.yaml:2: key 'comm.timeout_s': expected a number in [1, 86400], got '1000000000.0'");
+  EXPECT_EQ(ParseError("comm:\n  timeout_s: 0.001\n"),
+            "x.yaml:2: key 'comm.timeout_s': expected a number in [1, 86400], got '0.001'");
+  // A YAML escape that makes a control character: a NUL cut every path at it.
+  EXPECT_EQ(ParseError("data:\n  cache_dir: \"/data/c\\0x\"\n"),
+            "x.yaml:2: key 'data.cache_dir': expected a string without control characters (a YAML escape such as "
+            "\\0 or \\n), got '/data/c\\x00x'");
   // Beyond int's range (and int64's) the message still gives the key's own range.
   EXPECT_EQ(ParseError("train:\n  epochs: 99999999999\n"),
             "x.yaml:2: key 'train.epochs': expected an integer in [1, 10000], got '99999999999'");

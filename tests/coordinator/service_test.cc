@@ -1401,8 +1401,15 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("pipe.yaml: key 'folds.selected_folds': expected at least one fold while "
-                                        "stages.pretrain.enabled is false"),
+                                        "stages.finetune.enabled is true"),
             std::string::npos)
+      << status.error_message();
+  // With pretraining too: the job "succeeded" having pretrained only.
+  submit.clear_overrides();
+  submit.add_overrides("folds.selected_folds=[]");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("; set stages.finetune.enabled=false to pretrain only"), std::string::npos)
       << status.error_message();
 
   // A dataset that cannot be read is refused at submit, naming the path.
