@@ -493,10 +493,15 @@ print(f"params={params} step_s={step:.4f} compute_s={compute:.4f} comm8_s={comm:
       f"samples_per_s_8gpu_no_overlap={no_overlap:.0f} samples_per_s_8gpu_full_overlap={full_overlap:.0f} "
       f"scaling_no_overlap={no_overlap / rate / n:.3f}")
 PY
+  projected=$?
   cat "$work/projection.out" >>"$log"
   p=$(sed -n 's/.*samples_per_s_8gpu_no_overlap=\([0-9]*\).*/\1/p' "$work/projection.out")
   f=$(sed -n 's/.*samples_per_s_8gpu_full_overlap=\([0-9]*\).*/\1/p' "$work/projection.out")
-  record projection_8gpu INFO "$p-$f samples/s" "$d x 8" - - "busbw ${AVIARY_PROJECTION_BUSBW_GBPS:-350} GB/s assumed; $(sed -n 's/.*\(comm8_s=[0-9.]*\).*/\1/p' "$work/projection.out")"
+  if [ $projected -ne 0 ] || [ -z "$p" ]; then
+    record projection_8gpu FAIL - - - - "the projection's python failed (exit $projected; see the log)"
+  else
+    record projection_8gpu INFO "$p-$f samples/s" "$d x 8" - - "busbw ${AVIARY_PROJECTION_BUSBW_GBPS:-350} GB/s assumed; $(sed -n 's/.*\(comm8_s=[0-9.]*\).*/\1/p' "$work/projection.out")"
+  fi
 else
   record projection_8gpu SKIP - - - - "no data-path rate"
 fi
