@@ -242,6 +242,11 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
   return choice;
 }
 
+absl::Status UnreadableCheckpoint(const std::string& path, int error, const char* doing) {
+  const std::string what = absl::StrCat(path, ": ", doing, ": ", std::strerror(error));
+  return error == EACCES || error == EPERM ? absl::PermissionDeniedError(what) : absl::UnavailableError(what);
+}
+
 namespace {
 
 absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
@@ -249,8 +254,7 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
     const int error = errno;
     if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(absl::StrCat(path, ": no such checkpoint"));
     // Not "no such checkpoint": a resume must not fall back past a file it cannot read now.
-    const std::string what = absl::StrCat(path, ": cannot read the checkpoint: ", std::strerror(error));
-    return error == EACCES || error == EPERM ? absl::PermissionDeniedError(what) : absl::UnavailableError(what);
+    return UnreadableCheckpoint(path, error, "cannot read the checkpoint");
   }
   // Onto the CPU: a checkpoint written on a GPU holds CUDA tensors, which a host without one
   // could not even open; the readers copy each tensor to where it goes.

@@ -110,6 +110,11 @@ struct ResumeChoice {
 ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates, const std::string& stage,
                                   int fold, const std::string& task_id);
 
+// A checkpoint `path` that `access` refused with `error` (not ENOENT): PERMISSION_DENIED for
+// EACCES/EPERM, UNAVAILABLE otherwise (an I/O error, ESTALE), "<path>: <doing>: <errno text>".
+// PickResumeCheckpoint does not pass over either.
+absl::Status UnreadableCheckpoint(const std::string& path, int error, const char* doing);
+
 // Reads only the metadata.
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
 

@@ -1205,11 +1205,8 @@ absl::Status Trainer::State::Resume() {
     if (::access(path.c_str(), F_OK) != 0) {
       const int error = errno;
       if (error == ENOENT || error == ENOTDIR) continue;
-      // Not "absent": an I/O error or a permission may hide the newest checkpoint
-      // (PickResumeCheckpoint does not pass over it).
-      const std::string what = absl::StrCat(path, ": cannot look it up: ", std::strerror(error));
-      candidates.push_back({path, error == EACCES || error == EPERM ? absl::PermissionDeniedError(what)
-                                                                    : absl::UnavailableError(what)});
+      // Not "absent": an I/O error or a permission may hide the newest checkpoint.
+      candidates.push_back({path, UnreadableCheckpoint(path, error, "cannot look it up")});
       continue;
     }
     candidates.push_back({path, ReadCheckpointMeta(path)});
