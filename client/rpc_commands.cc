@@ -39,6 +39,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/cli.h"
+#include "common/config.h"
+#include "common/files.h"
 #include "common/plot.h"
 #include "common/status.h"
 #include "common/tokens.h"
@@ -89,18 +91,19 @@ std::string Env(const char* name) {
 
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const std::string& what) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) {
+  // Only a path that is not there "does not exist": one that cannot be looked up (a parent
+  // folder of mode 700) is left to the read, which names errno's text.
+  if (!fs::exists(path, ec) && !ec) {
     return absl::NotFoundError(absl::StrCat(what, " '", path, "' does not exist"));
   }
   if (fs::is_directory(path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat(what, " '", path, "' is a directory, expected a file"));
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot open ", what, " '", path, "'"));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, " '", path, "'"));
-  return text.str();
+  // At most kMaxConfigBytes, the coordinator's cap on a submitted config: a token file, a CA
+  // certificate or a recipe is a few KB; `--config /dev/zero` is refused, not read.
+  absl::StatusOr<std::string> text = common::ReadFileToString(path, common::kMaxConfigBytes);
+  if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", text.status().message()));
+  return text;
 }
 
 // The token: the first token line of the file (common/tokens.h: blank lines and '#' lines

@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/files.h"
 #include "common/layouts.h"
 #include "common/model_shapes.h"
 #include "common/status.h"
@@ -336,7 +337,7 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
 absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins* origins,
                         bool* out) {
   bool value = false;
-  if (!node.IsScalar() || !YAML::convert<bool>::decode(node, value)) {
+  if (!ParseYamlBool(node, &value)) {
     return Expected(*origins, key, node, "true or false");
   }
   *out = value;
@@ -1293,16 +1294,11 @@ absl::StatusOr<PipelineConfig> LoadPipelineConfig(const std::string& path,
     return absl::InvalidArgumentError(
         absl::StrCat("config file '", path, "' is a directory, expected a YAML file"));
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in.is_open()) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot open config file '", path, "'"));
+  absl::StatusOr<std::string> text = ReadFileToString(path, kMaxConfigBytes);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("config file: ", text.status().message()));
   }
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot read config file '", path, "'"));
-  }
-  return ParsePipelineConfig(text.str(), path, overrides);
+  return ParsePipelineConfig(*text, path, overrides);
 }
 
 absl::StatusOr<PipelineConfig> ParsePipelineConfig(const std::string& yaml_text,
@@ -1328,6 +1324,36 @@ absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std:
         " (BCE trains sigmoids, CCE a softmax; validation and predict apply model.final_act), got ", train->loss));
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name) {
+  AVIARY_RETURN_IF_ERROR(CheckLossMatchesActivation(config, source_name));
+  if (config.model.pretrain == "none" && !config.model.pretrained_weights.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source_name, ": key 'model.pretrained_weights': expected '' while model.pretrain is 'none' (the file "
+        "would not be loaded), got ", Quote(config.model.pretrained_weights),
+        "; set model.pretrain=imagenet to start from it"));
+  }
+  return absl::OkStatus();
+}
+
+TrainConfig WithoutUnreadKeys(const TrainConfig& train) {
+  const TrainConfig defaults;
+  TrainConfig out = train;
+  const std::string& scheduler = train.scheduler;
+  if (scheduler != "none") out.lr = defaults.lr;
+  if (scheduler == "none") {
+    out.lr_start = defaults.lr_start;
+    out.lr_max_per_sample = defaults.lr_max_per_sample;
+    out.lr_ramp_epochs = defaults.lr_ramp_epochs;
+    out.lr_per_step = defaults.lr_per_step;
+  }
+  if (scheduler != "cos" && scheduler != "exp") out.lr_min = defaults.lr_min;
+  if (scheduler != "exp" && scheduler != "step") out.lr_decay = defaults.lr_decay;
+  if (scheduler != "step") out.lr_step_epochs = defaults.lr_step_epochs;
+  if (train.early_stop_patience == 0) out.early_stop_min_delta = defaults.early_stop_min_delta;
+  if (train.ema_decay <= 0) out.ema_warmup_steps = defaults.ema_warmup_steps;
+  return out;
 }
 
 absl::Status ValidatePipelineConfig(const PipelineConfig& config) {
@@ -1495,6 +1521,19 @@ absl::Status CheckYamlText(const std::string& text, const std::string& source) {
         "anchor's value stands (write the value out)"));
   }
   return absl::OkStatus();
+}
+
+bool ParseYamlBool(const YAML::Node& node, bool* out) {
+  if (!node.IsScalar()) return false;
+  const std::string text = absl::AsciiStrToLower(node.Scalar());
+  if (text == "true" || text == "yes" || text == "on") {
+    *out = true;
+  } else if (text == "false" || text == "no" || text == "off") {
+    *out = false;
+  } else {
+    return false;
+  }
+  return true;
 }
 
 std::string DescribeYamlNode(const YAML::Node& node) {

@@ -183,7 +183,12 @@ inline const std::vector<std::string>& StageNames() {
 // (so the example works on a file without `pretrain_sources`); an index past the end of a list
 // is an error. `stages.<name>` takes `enabled` and any train.* key directly
 // (stages.pretrain.epochs). Relative data roots stay relative (to the working directory).
-// Errors: NOT_FOUND for a missing file, INVALID_ARGUMENT otherwise.
+// Errors: NOT_FOUND for a missing file, INVALID_ARGUMENT otherwise (a file over kMaxConfigBytes
+// among them).
+// The most a config file may hold, pipeline or coordinator (and a SubmitJob's pipeline_yaml):
+// a recipe is a few KB; a path given by mistake (a dataset, /dev/zero) is refused, not read.
+inline constexpr size_t kMaxConfigBytes = size_t{4} << 20;
+
 absl::StatusOr<PipelineConfig> LoadPipelineConfig(const std::string& path,
                                                   const std::vector<std::string>& overrides = {});
 
@@ -201,6 +206,19 @@ absl::Status ValidatePipelineConfig(const PipelineConfig& config);
 // `source_name`. Checked where a run starts (`aviary-worker train`, SubmitJob), not by Parse:
 // checkpoints written before the check carry such configs and must still load.
 absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name);
+
+// What a run checks before it starts (`aviary-worker train`, SubmitJob), beyond Parse's checks,
+// INVALID_ARGUMENT naming the key and `source_name`: CheckLossMatchesActivation, and no
+// model.pretrained_weights while model.pretrain is 'none' (the file would not be loaded: the
+// run would start from random weights while its config names a backbone).
+absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name);
+
+// `train` with the keys its run does not read set back to their defaults: train.lr is read only
+// by scheduler 'none'; lr_start, lr_max_per_sample, lr_ramp_epochs and lr_per_step only by the
+// others, lr_min by 'cos' and 'exp', lr_decay by 'exp' and 'step', lr_step_epochs by 'step';
+// early_stop_min_delta only with early_stop_patience > 0; ema_warmup_steps only with ema_decay
+// > 0. Two stages equal after it train alike (a sweep over train.lr under 'cos' is one run).
+TrainConfig WithoutUnreadKeys(const TrainConfig& train);
 
 // The resolved config as YAML (every key, overrides applied); Parse(ToYaml(c)) == c. Each stage
 // is written as `enabled` plus the train.* keys where it differs from `train`; doubles are

@@ -44,8 +44,15 @@ absl::StatusOr<int> OpenToRead(const std::string& path) {
   return fd;
 }
 
-// The rest of `fd` after `out`'s first `used` bytes, which it fills first; closes `fd`.
-absl::Status ReadToEnd(const std::string& path, int fd, std::string* out, size_t used) {
+absl::Status TooLarge(const std::string& path, size_t max_bytes) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(path, ": larger than ", max_bytes, " bytes, the most this file may hold"));
+}
+
+// The rest of `fd` after `out`'s first `used` bytes, which it fills first; closes `fd`. More
+// than `max_bytes` in all is INVALID_ARGUMENT (a file that grew, or /dev/zero, which has no size).
+absl::Status ReadToEnd(const std::string& path, int fd, std::string* out, size_t used,
+                       size_t max_bytes = SIZE_MAX) {
   while (true) {
     char chunk[65536];
     // Into the string while it has room (its size was the file's), then to the end of a file
@@ -61,6 +68,10 @@ absl::Status ReadToEnd(const std::string& path, int fd, std::string* out, size_t
     if (n == 0) break;
     if (!room) out->append(chunk, static_cast<size_t>(n));
     used += static_cast<size_t>(n);
+    if (used > max_bytes) {
+      ::close(fd);
+      return TooLarge(path, max_bytes);
+    }
   }
   ::close(fd);
   out->resize(used);
@@ -70,12 +81,21 @@ absl::Status ReadToEnd(const std::string& path, int fd, std::string* out, size_t
 }  // namespace
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+  return ReadFileToString(path, SIZE_MAX);
+}
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max_bytes) {
   AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path));
   // read(2) into a string of the file's size: a stream copy grows its buffer step by step
   // (a BirdCLEF-size metadata CSV is tens of MB and the submit path reads several).
   struct stat st;
-  std::string out(::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0, '\0');
-  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &out, 0));
+  const size_t size = ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;
+  if (size > max_bytes) {
+    ::close(fd);
+    return TooLarge(path, max_bytes);
+  }
+  std::string out(size, '\0');
+  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &out, 0, max_bytes));
   return out;
 }
 

@@ -16,6 +16,9 @@ namespace aviary::common {
 // Reads a whole file; NOT_FOUND or INTERNAL naming the path and errno text; INVALID_ARGUMENT
 // for a directory.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+// The same, INVALID_ARGUMENT naming the path when the file holds more than `max_bytes` (read
+// stops there: `--config /dev/zero` is refused, not read until memory runs out).
+absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max_bytes);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
 

@@ -14,6 +14,11 @@ namespace aviary::common {
 // How a YAML node reads in an error message: "'abc'" for a scalar, else its kind ("a list").
 std::string DescribeYamlNode(const YAML::Node& node);
 
+// A YAML boolean, the same in the pipeline and coordinator configs: true/false, yes/no, on/off in
+// any case (what PyYAML reads as booleans). yaml-cpp's y/n are not (PyYAML reads them as strings:
+// `cv_filter: n` would mean one thing here and another to a script reading the same file).
+bool ParseYamlBool(const YAML::Node& node, bool* out);
+
 // What a config's YAML text must be before it is loaded, INVALID_ARGUMENT naming `source`, the
 // line (and column) otherwise: UTF-8 (yaml-cpp writes other bytes back as U+FFFD, so a path
 // would not read back as itself), one document (YAML::Load ignores the rest), no aliases (a node

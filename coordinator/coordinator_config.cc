@@ -68,12 +68,7 @@ Reader String(std::string CoordinatorConfig::*member, bool is_path) {
 Reader Bool(bool CoordinatorConfig::*member) {
   return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
                   CoordinatorConfig* out) -> absl::Status {
-    const std::string text = node.IsScalar() ? absl::AsciiStrToLower(node.Scalar()) : "";
-    if (text == "true" || text == "yes" || text == "on") {
-      out->*member = true;
-    } else if (text == "false" || text == "no" || text == "off") {
-      out->*member = false;
-    } else {
+    if (!common::ParseYamlBool(node, &(out->*member))) {
       return KeyError(origin, key, absl::StrCat("expected true or false, got ", Describe(node)));
     }
     return absl::OkStatus();
@@ -369,7 +364,7 @@ absl::StatusOr<CoordinatorConfig> LoadCoordinatorConfig(const std::string& path,
   if (path.empty()) {
     return ParseCoordinatorConfig("", "", fs::current_path().string(), overrides);
   }
-  AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
+  AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path, common::kMaxConfigBytes));
   std::error_code ec;
   fs::path absolute = fs::absolute(path, ec);
   const std::string base = ec ? fs::path(path).parent_path().string()
@@ -462,7 +457,7 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
 }
 
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path, bool allow_empty) {
-  AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
+  AVIARY_ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path, common::kMaxConfigBytes));
   std::vector<std::string> tokens = common::ParseTokenLines(text);
   // An empty role only from a file that says so with a '#' line: a zero-byte file is more
   // likely caught in the middle of a rewrite (truncated, not yet written) than meant.

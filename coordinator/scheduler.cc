@@ -607,7 +607,6 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
     std::map<std::string, absl::Status>* weights_checked) const {
   AVIARY_ASSIGN_OR_RETURN(common::PipelineConfig config,
                           common::ParsePipelineConfig(request.pipeline_yaml(), source, overrides));
-  AVIARY_RETURN_IF_ERROR(common::CheckLossMatchesActivation(config, source));
 
   // Relative data paths resolve against the client's working directory.
   const std::string& base = request.working_dir();
@@ -644,6 +643,8 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
   for (const auto& [key, path] : data_paths) {
     AVIARY_RETURN_IF_ERROR(common::Annotate(CheckDataPath(key, path, options_.data_roots), source));
   }
+  // After the paths: a path outside the data roots is refused as such whatever else is wrong.
+  AVIARY_RETURN_IF_ERROR(common::CheckBeforeRun(config, source));
   // The ImageNet backbone file fits the model (the trainer's rule, common/backbone_fit.h) when
   // the coordinator can read it; a file only the workers can read is left to the trainer.
   if (config.model.pretrain == "imagenet") {
@@ -729,13 +730,16 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       runs.train = common::TrainConfig{};
       for (auto& [name, stage] : runs.stages) {
         if (!stage.enabled) stage = common::StageConfig{/*enabled=*/false, common::TrainConfig{}};
+        // A key the stage's run does not read (train.lr under scheduler 'cos') changes nothing.
+        stage.train = common::WithoutUnreadKeys(stage.train);
       }
       const auto [first, fresh] = trains.emplace(common::PipelineConfigToYaml(runs), p);
       if (!fresh) {
         return absl::InvalidArgumentError(absl::StrCat(
             source, ": sweep points ", first->second, " (", absl::StrJoin(grid[first->second], ", "), ") and ", p,
             " (", absl::StrJoin(grid[p], ", "), ") train alike (the same config once parsed, the disabled stages "
-            "left out); drop one of the values"));
+            "and the keys a run does not read left out: train.lr is read only with train.scheduler none, "
+            "lr_max_per_sample and the ramp only with the others); drop one of the values"));
       }
     }
   }

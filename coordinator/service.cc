@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/config.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -41,7 +42,7 @@ constexpr int kMaxWatchers = 256;
 constexpr int kMaxViewerWatchers = kMaxWatchers / 2;
 constexpr int kMaxReceiveBytes = 64 << 20;  // progress batches of up to 100,000 points
 constexpr size_t kMaxPointsPerReport = 100000;
-constexpr size_t kMaxPipelineBytes = 4 << 20;
+constexpr size_t kMaxPipelineBytes = common::kMaxConfigBytes;
 constexpr size_t kMaxTextBytes = 4096;
 constexpr int kDefaultListLimit = 1000;  // ListJobs with limit 0
 constexpr size_t kMaxListBytes = size_t{64} << 20;  // ListJobs' jobs, serialized

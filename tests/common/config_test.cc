@@ -127,6 +127,36 @@ TEST(ConfigTest, WrongTypeNamesFileLineKeyAndValue) {
               HasSubstr("key 'train.epochs': expected an integer in ["));
 }
 
+// Booleans read as PyYAML and the coordinator config read them: true/false, yes/no, on/off in any
+// case; yaml-cpp's y/n (strings to PyYAML) are refused.
+TEST(ConfigTest, BooleansReadAsPyYamlReadsThem) {
+  for (const char* yes : {"true", "True", "TRUE", "tRuE", "yes", "Yes", "on", "ON"}) {
+    auto config = ParsePipelineConfig(absl::StrCat("debug: ", yes, "\n"), "x.yaml");
+    ASSERT_TRUE(config.ok()) << yes << ": " << config.status();
+    EXPECT_TRUE(config->debug) << yes;
+  }
+  for (const char* no : {"false", "False", "no", "NO", "off", "Off"}) {
+    auto config = ParsePipelineConfig(absl::StrCat("debug: true\nfolds:\n  cv_filter: ", no, "\n"), "x.yaml");
+    ASSERT_TRUE(config.ok()) << no << ": " << config.status();
+    EXPECT_FALSE(config->folds.cv_filter) << no;
+  }
+  EXPECT_EQ(ParseError("debug: y\n"), "x.yaml:1: key 'debug': expected true or false, got 'y'");
+  EXPECT_EQ(ParseError("folds:\n  cv_filter: N\n"), "x.yaml:2: key 'folds.cv_filter': expected true or false, got 'N'");
+  EXPECT_EQ(ParseError("debug: 1\n"), "x.yaml:1: key 'debug': expected true or false, got '1'");
+}
+
+// A config file is read up to kMaxConfigBytes: a path given by mistake is refused, not read.
+TEST(ConfigTest, AConfigFileOverTheCapIsRefused) {
+  const std::string path = WriteTemp("big.yaml", absl::StrCat("# ", std::string(kMaxConfigBytes, 'x'), "\n"));
+  absl::StatusOr<PipelineConfig> config = LoadPipelineConfig(path);
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(config.status().message(), HasSubstr(path + ": larger than 4194304 bytes"));
+  config = LoadPipelineConfig("/dev/zero");
+  ASSERT_FALSE(config.ok());
+  EXPECT_THAT(config.status().message(), HasSubstr("/dev/zero: larger than"));
+}
+
 TEST(ConfigTest, WrongNodeKindIsAnError) {
   EXPECT_EQ(ParseError("train: 5\n"), "x.yaml:1: key 'train': expected a map, got '5'");
   EXPECT_EQ(ParseError("data:\n  target: [a, b]\n"),
@@ -245,6 +275,18 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
               HasSubstr("key 'stages.pretrain.loss': expected BCE while model.final_act is sigmoid"));
   EXPECT_EQ(mismatch("model:\n  final_act: sigmoid\ntrain:\n  loss: BCE\n"), "");
   EXPECT_EQ(mismatch(""), "");
+  // CheckBeforeRun: that, and no weights file that would not be loaded.
+  auto before_run = [](const std::string& yaml) {
+    absl::StatusOr<PipelineConfig> c = ParsePipelineConfig(yaml, "x.yaml");
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::string(CheckBeforeRun(*c, "x.yaml").message()) : std::string("parse failed");
+  };
+  EXPECT_EQ(before_run("model:\n  pretrained_weights: w/b1.safetensors\n"),
+            "x.yaml: key 'model.pretrained_weights': expected '' while model.pretrain is 'none' (the file would not "
+            "be loaded), got 'w/b1.safetensors'; set model.pretrain=imagenet to start from it");
+  EXPECT_THAT(before_run("train:\n  loss: BCE\n"), HasSubstr("key 'train.loss': expected CCE"));
+  EXPECT_EQ(before_run("model:\n  pretrain: imagenet\n  pretrained_weights: w/b1.safetensors\n"), "");
+  EXPECT_EQ(before_run(""), "");
   // Products of batch_size that the trainer holds in an int, bounded by 2^20: 65536 x 65536
   // wrapped to a validation batch of 0 ("loader option batch_size = 0") after the config was
   // accepted.
@@ -271,6 +313,56 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
 }
 
 // Two configs' differences by dotted key, both values named, a key only one side has absent.
+// The keys a run does not read go back to their defaults; the ones it reads are kept.
+TEST(ConfigTest, WithoutUnreadKeysKeepsWhatTheScheduleReads) {
+  TrainConfig t;
+  t.lr = 5e-4;
+  t.lr_start = 1e-5;
+  t.lr_max_per_sample = 2e-6;
+  t.lr_min = 2e-6;
+  t.lr_ramp_epochs = 3;
+  t.lr_decay = 0.5;
+  t.lr_step_epochs = 4;
+  t.lr_per_step = true;
+  t.early_stop_min_delta = 0.01;
+  t.ema_warmup_steps = 100;
+  const TrainConfig d;
+  t.scheduler = "cos";
+  TrainConfig cos = WithoutUnreadKeys(t);
+  EXPECT_EQ(cos.lr, d.lr);
+  EXPECT_EQ(cos.lr_start, 1e-5);
+  EXPECT_EQ(cos.lr_max_per_sample, 2e-6);
+  EXPECT_EQ(cos.lr_min, 2e-6);
+  EXPECT_EQ(cos.lr_ramp_epochs, 3);
+  EXPECT_TRUE(cos.lr_per_step);
+  EXPECT_EQ(cos.lr_decay, d.lr_decay);
+  EXPECT_EQ(cos.lr_step_epochs, d.lr_step_epochs);
+  EXPECT_EQ(cos.early_stop_min_delta, d.early_stop_min_delta);
+  EXPECT_EQ(cos.ema_warmup_steps, d.ema_warmup_steps);
+  t.scheduler = "exp";
+  TrainConfig exp = WithoutUnreadKeys(t);
+  EXPECT_EQ(exp.lr_decay, 0.5);
+  EXPECT_EQ(exp.lr_min, 2e-6);
+  EXPECT_EQ(exp.lr_step_epochs, d.lr_step_epochs);
+  t.scheduler = "step";
+  TrainConfig step = WithoutUnreadKeys(t);
+  EXPECT_EQ(step.lr_decay, 0.5);
+  EXPECT_EQ(step.lr_step_epochs, 4);
+  EXPECT_EQ(step.lr_min, d.lr_min);
+  t.scheduler = "none";
+  t.early_stop_patience = 2;
+  t.ema_decay = 0.99;
+  TrainConfig none = WithoutUnreadKeys(t);
+  EXPECT_EQ(none.lr, 5e-4);
+  EXPECT_EQ(none.lr_start, d.lr_start);
+  EXPECT_EQ(none.lr_max_per_sample, d.lr_max_per_sample);
+  EXPECT_EQ(none.lr_min, d.lr_min);
+  EXPECT_EQ(none.lr_ramp_epochs, d.lr_ramp_epochs);
+  EXPECT_EQ(none.lr_per_step, d.lr_per_step);
+  EXPECT_EQ(none.early_stop_min_delta, 0.01);
+  EXPECT_EQ(none.ema_warmup_steps, 100);
+}
+
 TEST(ConfigTest, DiffNamesTheKeysThatDiffer) {
   PipelineConfig a, b;
   EXPECT_TRUE(DiffPipelineConfigs(a, b).empty());

@@ -75,6 +75,17 @@ TEST(MappedFileTest, MapsOrReadsWholeFilesWithReadFilesErrors) {
   auto read = ReadFileToString(path);
   ASSERT_TRUE(read.ok());
   EXPECT_EQ(*read, big);
+  // A cap: a file of its size reads; one byte over is refused naming the path, and a file with
+  // no size (/dev/zero) stops at the cap rather than filling memory.
+  auto capped = ReadFileToString(path, big.size());
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  EXPECT_EQ(*capped, big);
+  auto over = ReadFileToString(path, big.size() - 1);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(over.status().message(), path + ": larger than")) << over.status();
+  auto zero = ReadFileToString("/dev/zero", 1 << 20);
+  EXPECT_EQ(zero.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(zero.status().message(), "/dev/zero: larger than 1048576 bytes")) << zero.status();
 
   EXPECT_EQ(MappedFile::Open(dir + "/nope.csv").status().code(), absl::StatusCode::kNotFound);
   EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir + "/nope.csv").status().message(), dir + "/nope.csv"));

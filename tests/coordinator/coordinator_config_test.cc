@@ -11,6 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/config.h"
 #include "coordinator/service.h"
 #include "gtest/gtest.h"
 
@@ -90,6 +91,24 @@ TEST_F(CoordinatorConfigTest, DataRootsAreResolvedExistingFolders) {
                                            root_ + "/file' (" + real + "/file) is not a folder"),
             std::string::npos)
       << config.status();
+}
+
+// Booleans read as in the pipeline config (common::ParseYamlBool); a file over the config cap is
+// refused naming it.
+TEST_F(CoordinatorConfigTest, BooleansAndSizeAsThePipelineConfig) {
+  auto config = LoadCoordinatorConfig(Write("on.yaml", "allow_no_auth: On\n"), {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->allow_no_auth);
+  const std::string y = Write("y.yaml", "allow_no_auth: y\n");
+  config = LoadCoordinatorConfig(y, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("allow_no_auth"), std::string::npos) << config.status();
+  EXPECT_NE(config.status().message().find("expected true or false, got 'y'"), std::string::npos) << config.status();
+  const std::string big = Write("big.yaml", "allow_no_auth: true\n# " + std::string(common::kMaxConfigBytes, 'x') + "\n");
+  config = LoadCoordinatorConfig(big, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(config.status().message().find(big + ": larger than"), std::string::npos) << config.status();
 }
 
 TEST_F(CoordinatorConfigTest, UnknownKeyNamesFileLineAndSuggestion) {

@@ -1832,6 +1832,12 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesDataPathsOutsideTheDataRoots) {
   grpc::Status status = SubmitStatus(jobs_.get(), kPipeline, root_,
                                      {"data.cache_dir=" + root_ + "/new/../../../etc"}, Ctx());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // A weights file the run would not load (model.pretrain none) is refused.
+  status = SubmitStatus(jobs_.get(), kPipeline, root_, {"model.pretrained_weights=weights/b0.safetensors"}, Ctx());
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("key 'model.pretrained_weights': expected '' while model.pretrain is 'none'"),
+            std::string::npos)
+      << status.error_message();
   // Numeric keys have upper bounds at submit too.
   status = SubmitStatus(jobs_.get(), kPipeline, root_, {"train.epochs=2147483647"}, Ctx());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -2446,8 +2452,10 @@ SubmitJobRequest SweepRequest(const std::string& root, const std::vector<std::pa
 
 TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerPretrainConfig) {
   Start();
-  // train.lr and model.dropout change what pretraining reads: a pretraining task per point.
-  SubmitJobRequest request = SweepRequest(root_, {{"train.lr", {"1e-3", "5e-4"}}, {"model.dropout", {"0.2", "0.3"}}});
+  // train.lr_max_per_sample and model.dropout change what pretraining reads: a pretraining task
+  // per point.
+  SubmitJobRequest request =
+      SweepRequest(root_, {{"train.lr_max_per_sample", {"1e-6", "5e-7"}}, {"model.dropout", {"0.2", "0.3"}}});
   request.add_tags("team=birds");
   request.add_tags("lr-search");
   request.set_note("first sweep");
@@ -2460,11 +2468,17 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
   EXPECT_EQ(job.note(), "first sweep");
   EXPECT_EQ(job.monitor(), "auc");
   // The points are ranked by their final stage's monitor, a stage override included.
-  SubmitJobRequest by_loss = SweepRequest(root_, {{"train.lr", {"1e-3", "5e-4"}}});
+  SubmitJobRequest by_loss = SweepRequest(root_, {{"train.lr_max_per_sample", {"1e-6", "5e-7"}}});
   by_loss.add_overrides("stages.finetune.monitor=loss");
   SubmitJobResponse by_loss_response;
   ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), by_loss, &by_loss_response).ok());
   EXPECT_EQ(GetJob(by_loss_response.job_id()).monitor(), "loss");
+  // train.lr is what a constant-rate run reads (scheduler none): a sweep over it is two points.
+  SubmitJobRequest constant = SweepRequest(root_, {{"train.lr", {"1e-3", "5e-4"}}});
+  constant.add_overrides("train.scheduler=none");
+  SubmitJobResponse constant_response;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), constant, &constant_response).ok());
+  EXPECT_EQ(GetJob(constant_response.job_id()).tasks_size(), 2 + 2 * 2);
   ASSERT_EQ(job.sweep_size(), 2);
   ASSERT_EQ(job.tasks_size(), 4 + 4 * 2);  // 4 pretraining tasks, 4 points x 2 folds
   std::map<std::string, const TaskInfo*> by_id;
@@ -2482,7 +2496,7 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
       ASSERT_EQ(ft->sweep_overrides_size(), 2);
     }
   }
-  EXPECT_EQ(by_id[job_id + "/finetune-f1-p3"]->sweep_overrides(0), "train.lr=5e-4");
+  EXPECT_EQ(by_id[job_id + "/finetune-f1-p3"]->sweep_overrides(0), "train.lr_max_per_sample=5e-7");
   EXPECT_EQ(by_id[job_id + "/finetune-f1-p3"]->sweep_overrides(1), "model.dropout=0.3");
   EXPECT_FALSE(job.has_sweep_best());
 
@@ -2496,11 +2510,11 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
     ASSERT_TRUE(config.ok()) << config.status();
     const int point = i;
     EXPECT_EQ(lease.task().task_id(), absl::StrCat(job_id, "/pretrain-f0-p", point));
-    EXPECT_DOUBLE_EQ(config->stages.at("pretrain").train.lr, point < 2 ? 1e-3 : 5e-4);
+    EXPECT_DOUBLE_EQ(config->stages.at("pretrain").train.lr_max_per_sample, point < 2 ? 1e-6 : 5e-7);
     EXPECT_DOUBLE_EQ(config->model.dropout, point % 2 == 0 ? 0.2 : 0.3);
     ASSERT_TRUE(Complete(group, lease.task().task_id(), Checkpoint(lease.task().task_id(), "best.pt")).ok());
   }
-  // Fine-tuning: point 2 (lr 5e-4, dropout 0.2) has the best mean val_auc.
+  // Fine-tuning: point 2 (lr_max_per_sample 5e-7, dropout 0.2) has the best mean val_auc.
   const std::map<int, double> auc{{0, 0.5}, {1, 0.55}, {2, 0.7}, {3, 0.6}};
   for (int i = 0; i < 8; ++i) {
     LeaseTaskResponse lease = Lease(group);
@@ -2525,7 +2539,7 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
   EXPECT_EQ(job.sweep_best().tasks(), 2);
   EXPECT_EQ(job.sweep_best().tasks_total(), 2);
   ASSERT_EQ(job.sweep_best().overrides_size(), 2);
-  EXPECT_EQ(job.sweep_best().overrides(0), "train.lr=5e-4");
+  EXPECT_EQ(job.sweep_best().overrides(0), "train.lr_max_per_sample=5e-7");
   EXPECT_EQ(job.sweep_best().overrides(1), "model.dropout=0.2");
   // The points' series are apart on /metrics (label `point`).
   const std::string exposition = HttpGet(coordinator_->metrics_port(), "/metrics");
@@ -2549,7 +2563,7 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
 // fold (0.9) does not win over a finished point (0.8 over both folds).
 TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
   Start();
-  SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr", {"1e-3", "2e-4"}}});
+  SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr_max_per_sample", {"1e-6", "2e-7"}}});
   SubmitJobResponse response;
   ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &response).ok());
   const std::string job_id = response.job_id();
@@ -2619,7 +2633,7 @@ TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
 
 TEST_F(CoordinatorServiceTest, SweepOverFinetuneKeysSharesOnePretraining) {
   Start();
-  SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr", {"1e-3", "2e-4", "1e-4"}}});
+  SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr_max_per_sample", {"1e-6", "2e-7", "1e-7"}}});
   SubmitJobResponse response;
   ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &response).ok());
   JobInfo job = GetJob(response.job_id());
@@ -2637,8 +2651,8 @@ TEST_F(CoordinatorServiceTest, SweepOverFinetuneKeysSharesOnePretraining) {
     EXPECT_EQ(lease.task().init_checkpoint(), best);  // every point fine-tunes the one pretraining
     auto config = common::ParsePipelineConfig(lease.task().pipeline_yaml(), "lease");
     ASSERT_TRUE(config.ok());
-    const double want[] = {1e-3, 2e-4, 1e-4};
-    EXPECT_DOUBLE_EQ(config->stages.at("finetune").train.lr, want[lease.task().task_id().back() - '0']);
+    const double want[] = {1e-6, 2e-7, 1e-7};
+    EXPECT_DOUBLE_EQ(config->stages.at("finetune").train.lr_max_per_sample, want[lease.task().task_id().back() - '0']);
     ASSERT_TRUE(Complete(group, lease.task().task_id(), Checkpoint(lease.task().task_id(), "best.pt")).ok());
   }
   EXPECT_EQ(GetJob(response.job_id()).state(), JOB_STATE_SUCCEEDED);
@@ -2658,11 +2672,20 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   refused(SweepRequest(root_, {{"train.lr", {}}}), {"sweep[0]", "no values"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3"}}, {"train.lr", {"2e-3"}}}), {"swept twice"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "1e-3"}}}), {"twice"});
-  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3", "0.001"}}}),
-          {"sweep points 0 (train.lr=1e-3) and 2 (train.lr=0.001) train alike"});
-  SubmitJobRequest disabled = SweepRequest(root_, {{"stages.pretrain.lr", {"1e-3", "2e-3"}}});
+  refused(SweepRequest(root_, {{"train.lr_max_per_sample", {"1e-6", "2e-6", "0.000001"}}}),
+          {"sweep points 0 (train.lr_max_per_sample=1e-6) and 2 (train.lr_max_per_sample=0.000001) train alike"});
+  SubmitJobRequest disabled = SweepRequest(root_, {{"stages.pretrain.lr_max_per_sample", {"1e-6", "2e-6"}}});
   disabled.add_overrides("stages.pretrain.enabled=false");
-  refused(disabled, {"sweep points 0 (stages.pretrain.lr=1e-3) and 1 (stages.pretrain.lr=2e-3) train alike"});
+  refused(disabled, {"sweep points 0 (stages.pretrain.lr_max_per_sample=1e-6) and 1 "
+                     "(stages.pretrain.lr_max_per_sample=2e-6) train alike"});
+  // Keys the run does not read: train.lr under the default 'cos' schedule (the notebook's CFG.lr,
+  // which its LR callback replaces every epoch), the cosine's lr_min under 'step'.
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3"}}}),
+          {"sweep points 0 (train.lr=1e-3) and 1 (train.lr=2e-3) train alike",
+           "train.lr is read only with train.scheduler none"});
+  SubmitJobRequest step = SweepRequest(root_, {{"train.lr_min", {"1e-6", "2e-6"}}});
+  step.add_overrides("train.scheduler=step");
+  refused(step, {"sweep points 0 (train.lr_min=1e-6) and 1 (train.lr_min=2e-6) train alike"});
   SubmitJobRequest overridden = SweepRequest(root_, {{"train.epochs", {"1", "2"}}});  // every stage sets its own
   overridden.add_overrides("stages.pretrain.epochs=3");
   overridden.add_overrides("stages.finetune.epochs=3");
@@ -2677,7 +2700,7 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   // 256 points of 1 pretraining + 16 fine-tuning tasks: more tasks than one job may have.
   std::vector<std::string> lrs;
   for (int i = 1; i <= 256; ++i) lrs.push_back(absl::StrCat(i, "e-6"));
-  SubmitJobRequest many = SweepRequest(root_, {{"stages.finetune.lr", lrs}});
+  SubmitJobRequest many = SweepRequest(root_, {{"stages.finetune.lr_max_per_sample", lrs}});
   many.add_overrides("folds.finetune_splits=16");
   many.add_overrides("folds.selected_folds=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]");
   refused(many, {"up to 4352 tasks", "256 sweep point(s)", "16 fold(s) of folds.selected_folds", "at most 4096"});

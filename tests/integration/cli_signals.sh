@@ -75,9 +75,9 @@ av_bg=(env --default-signal=INT,TERM "$aviary" --coordinator "127.0.0.1:$port" -
 # No worker group: the jobs stay PENDING and `watch` has nothing new to say.
 job=$(av submit "$tmp/w.yaml" 2>/dev/null | tail -1)
 # 256 tasks: `status --json` is about 128 KB, more than a pipe holds.
-lrs=$(seq -s, 1 16 | sed 's/[0-9][0-9]*/&e-4/g')
+lrs=$(seq -s, 1 16 | sed 's/[0-9][0-9]*/&e-7/g')
 dropouts=$(seq -s, 10 25 | sed 's/[0-9][0-9]*/0.&/g')
-sweep=$(av submit "$tmp/w.yaml" --sweep "train.lr=[$lrs]" --sweep "model.dropout=[$dropouts]" 2>/dev/null | tail -1)
+sweep=$(av submit "$tmp/w.yaml" --sweep "train.lr_max_per_sample=[$lrs]" --sweep "model.dropout=[$dropouts]" 2>/dev/null | tail -1)
 
 # 1. SIGINT and SIGTERM: `watch` blocked in the stream's Read, `logs --follow` between polls.
 for sig in INT TERM; do

@@ -60,6 +60,8 @@ expect "--limit: expected an integer in [0, 10000], got '-1'" av list --limit -1
 expect "aviary status: JOB is required" av status
 expect "'$tmp/nope.yaml' does not exist" av submit "$tmp/nope.yaml"
 expect "'$tmp' is a directory, expected a file" av submit "$tmp"
+expect "pipeline config: /dev/zero: larger than 4194304 bytes" av submit /dev/zero
+expect "model.pretrained_weights': expected '' while model.pretrain is 'none'" av submit "$tmp/p.yaml" --set model.pretrained_weights=$tmp/w.pt
 # Text that is not UTF-8 (a Latin-1 comment) is named by line and column, not a bare INTERNAL.
 { cat "$tmp/p.yaml"; printf '\n# Rohrs\xe4nger\n'; } > "$tmp/latin1.yaml"
 expect "$tmp/latin1.yaml:$(grep -na Rohrs "$tmp/latin1.yaml" | cut -d: -f1):8: byte 0xE4 is not UTF-8" av submit "$tmp/latin1.yaml"

@@ -33,7 +33,7 @@ start_group g1 2
 wait_for 60 sh -c "'$bin/aviary' --coordinator 127.0.0.1:$port --token-file '$tmp/token' groups | grep -q idle" ||
   fail "groups does not show the idle group"
 job=$(av submit "$tmp/p.yaml" --name sweep --tag team=birds --tag smoke --note "e2e sweep" \
-  --sweep "stages.finetune.lr=[1e-3,3e-4]" --sweep "stages.finetune.label_smoothing=[0.0,0.1]" | tail -n 1)
+  --sweep "stages.finetune.lr_max_per_sample=[1.4e-6,5e-7]" --sweep "stages.finetune.label_smoothing=[0.0,0.1]" | tail -n 1)
 [[ "$job" =~ ^j[0-9a-f]{12}$ ]] || fail "submit's last line is not a job id: '$job'"
 echo "sweep job $job"
 jq_status "$job" 'len(j["tasks"]) == 5' || fail "a 2 x 2 fine-tuning sweep over one fold should have 5 tasks (one pretraining)"
@@ -67,7 +67,7 @@ for f in logs.log logs-all.log; do
   [ -z "$dups" ] || fail "$f has lines twice: $dups"
 done
 av status "$job" > "$tmp/status.txt" || fail "status"
-grep -q "^best     point [0-3] (stages.finetune.lr=.*): val_auc [0-9.]*, mean of 1/1 folds" "$tmp/status.txt" ||
+grep -q "^best     point [0-3] (stages.finetune.lr_max_per_sample=.*): val_auc [0-9.]*, mean of 1/1 folds" "$tmp/status.txt" ||
   { fail "status does not report the best sweep point"; cat "$tmp/status.txt"; }
 grep -q "^tags     smoke team=birds" "$tmp/status.txt" && grep -q "^note     e2e sweep" "$tmp/status.txt" ||
   fail "status does not show the tags and the note"
