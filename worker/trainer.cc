@@ -1392,6 +1392,21 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
       mid.loss_sum = meta.epoch_loss_sum;
       mid.seen = meta.epoch_seen;
       mid.correct = meta.epoch_correct;
+      // On other ranks the resume may start a few per-rank batches back (ResumeBatch): those are
+      // trained and counted again, so the totals keep only the share of the batches before the
+      // resume point (their mean is kept; the rows' own losses were summed away).
+      const int64_t saved_rows = meta.world_size > 0 ? meta.batches_done * meta.world_size : 0;
+      const int64_t kept_rows = mid.batches_done * world;
+      if (kept_rows < saved_rows && mid.seen > 0) {
+        const double share = static_cast<double>(kept_rows) / static_cast<double>(saved_rows);
+        const int64_t seen = static_cast<int64_t>(std::llround(static_cast<double>(mid.seen) * share));
+        Log().Info(absl::StrCat("resume: epoch ", meta.in_epoch, "'s running totals scaled from ", mid.seen,
+                                " to the ", seen, " samples before batch ", mid.batches_done,
+                                " (the samples after it are trained and counted again)"));
+        mid.loss_sum *= share;
+        mid.correct = static_cast<int64_t>(std::llround(static_cast<double>(mid.correct) * share));
+        mid.seen = seen;
+      }
     }
   }
   Log().Info(absl::StrCat("resuming ", last, " after epoch ", meta.epoch, " (step ", meta.step,

@@ -57,14 +57,14 @@ preempt accum 0 "" --set train.batch_size=8 --set train.grad_accum_steps=2 --set
 preempt two 1 "$mpiexec -np 2 --oversubscribe" --set train.batch_size=8
 
 # Another number of ranks on resume (the coordinator may re-lease a task to a group of another
-# size): stopped mid-epoch on one process at loader batch b, resumed on two. Batch s of an epoch
+# size): stopped mid-epoch on one process at loader batch b (3 here, odd), resumed on two. Batch s of an epoch
 # is rows [s*B*W, (s+1)*B*W) of its order, so two ranks resume at batch b/2 (b even: the same
 # samples) or (b-1)/2 (b odd: one batch of the epoch again), and epoch 1 then takes the 2-rank
 # epoch's steps less that batch. Before that, a group whose rank 1 sees only the epoch-end
 # last.pt (node-local run folders) is refused: same epoch, another batch and optimizer step.
 world_change() {
   local args=(train --config "$tmp/p.yaml" --stage finetune --fold 0 --threads 1 --set train.batch_size=8)
-  AVIARY_FAULT_INJECT="rank=0,step=11,kind=sigterm" "$w" "${args[@]}" --out "$tmp/world" > "$tmp/world.1.log" 2>&1
+  AVIARY_FAULT_INJECT="rank=0,step=10,kind=sigterm" "$w" "${args[@]}" --out "$tmp/world" > "$tmp/world.1.log" 2>&1
   local line b k
   line=$(grep -o "stopped at epoch 1 batch [0-9]* (step [0-9]*)" "$tmp/world.1.log" | head -1)
   [ -n "$line" ] || { cat "$tmp/world.1.log"; fail "world: no mid-epoch stop in epoch 1"; return; }
@@ -88,6 +88,14 @@ world_change() {
     || { cat "$tmp/world.2.log"; fail "world: resume on two ranks"; return; }
   grep -q "stopped at batch $b of epoch 1 on 1 rank; on 2 ranks that is batch $((b / 2)) " "$tmp/world.2.log" \
     || { cat "$tmp/world.2.log"; fail "world: the resume does not say where it resumes"; return; }
+  # b odd: one per-rank batch is trained again, and the epoch's totals so far keep only the
+  # batches before the resume point (else its samples count twice in train_loss/train_acc).
+  if [ $((b % 2)) = 1 ]; then
+    grep -q "epoch 1's running totals scaled from $((b * 8)) to the $(((b - 1) * 8)) samples before batch $((b / 2)) " \
+      "$tmp/world.2.log" || { cat "$tmp/world.2.log"; fail "world: the totals were not cut to the resume point"; return; }
+  elif grep -q "running totals scaled" "$tmp/world.2.log"; then
+    fail "world: totals scaled although no batch is trained again"; return
+  fi
   if /usr/bin/python3 - "$tmp/world/history.csv" "$k" "$((b / 2))" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
