@@ -252,7 +252,7 @@ void AddDatasetCommand(CLI::App* app, Runner* run) {
   CLI::App* folds = dataset->add_subcommand("folds", "write the stage's samples with their fold (folds.csv)");
   config_flags(folds);
   stage_flag(folds);
-  folds->add_option("--out", args->out, "the CSV to write")->type_name("folds.csv")->required();
+  folds->add_option("--out", args->out, "the CSV to write")->type_name("folds.csv")->required()->check(common::NonEmpty("a path"));
   folds->callback([run, args] { *run = [args] { return RunFolds(*args); }; });
 
   CLI::App* train_list =
@@ -260,12 +260,17 @@ void AddDatasetCommand(CLI::App* app, Runner* run) {
   config_flags(train_list);
   stage_flag(train_list);
   common::AddNumber(train_list, "--fold", &args->fold, "K", "the validation fold", 0, 1000000)->required();
-  train_list->add_option("--out", args->out, "the CSV to write")->type_name("train.csv")->required();
+  train_list->add_option("--out", args->out, "the CSV to write")
+      ->type_name("train.csv")
+      ->required()
+      ->check(common::NonEmpty("a path"));
   train_list->callback([run, args] { *run = [args] { return RunTrainList(*args); }; });
 
   CLI::App* summary = dataset->add_subcommand("summary", "the enabled stages' sources, rows dropped and classes");
   config_flags(summary);
-  summary->add_option("--plot", args->plot, "also draw the class counts to a PNG")->type_name("out.png");
+  summary->add_option("--plot", args->plot, "also draw the class counts to a PNG")
+      ->type_name("out.png")
+      ->check(common::NonEmpty("a path"));
   summary->add_flag("--all-classes", args->all_classes, "every class, not only the largest and smallest");
   summary->callback([run, args] { *run = [args] { return RunSummary(*args); }; });
 }

@@ -108,7 +108,8 @@ void AddHelpCommands(CLI::App* app, aviary::cli::Runner* run) {
     *run = [app, topic] {
       const CLI::App* shown = app;
       std::string path = "aviary";
-      for (const std::string& word : *topic) {
+      for (size_t w = 0; w < topic->size(); ++w) {
+        const std::string& word = (*topic)[w];
         const CLI::App* next = nullptr;
         for (const CLI::App* sub : shown->get_subcommands({})) {
           if (sub->get_name() == word) next = sub;
@@ -118,7 +119,12 @@ void AddHelpCommands(CLI::App* app, aviary::cli::Runner* run) {
                     << " (" << path << " --help lists them)\n";
           return 2;
         }
-        if (next->get_group() == aviary::cli::kToolGroup) return RunTool(word, {"--help"});
+        if (next->get_group() == aviary::cli::kToolGroup) {
+          // The worker's command with the rest of the words (`help weights import`).
+          std::vector<std::string> rest(topic->begin() + static_cast<std::ptrdiff_t>(w) + 1, topic->end());
+          rest.push_back("--help");
+          return RunTool(word, rest);
+        }
         shown = next;
         path += " " + word;
       }

@@ -1216,7 +1216,9 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       common::AddRepeatedOption(sub, "--sweep", &args->sweeps, "KEY=[V1,V2,...]",
                                 "sweep a key over values (repeatable: the grid of all --sweep)");
     } else if (name == "logs") {
-      sub->add_option("--task", args->task, "one task (e.g. finetune-f0, or JOB/finetune-f0)")->type_name("T");
+      sub->add_option("--task", args->task, "one task (e.g. finetune-f0, or JOB/finetune-f0)")
+          ->type_name("T")
+          ->check(common::NonEmpty("a task"));
       sub->add_flag("--follow", args->follow, "keep printing new lines until the job ends");
       common::AddNumber(sub, "--tail", &args->tail, "N", "only the last N lines of each task first (0: all kept)",
                         0, 100000);
@@ -1233,7 +1235,8 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       sub->add_flag("--json", args->json, "the ListJobsResponse as JSON (proto field names)");
     } else if (name == "history") {
       sub->add_option("--plot", args->plot, "also draw loss, val AUC and learning rate to a PNG")
-          ->type_name("out.png");
+          ->type_name("out.png")
+          ->check(common::NonEmpty("a path"));
       sub->add_flag("--csv", args->csv, "CSV instead of the table");
     } else if (name == "prune") {
       common::AddNumber(sub, "--older-than", &args->older_than_days, "DAYS",

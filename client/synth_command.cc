@@ -61,7 +61,7 @@ void AddSynthCommands(CLI::App* app, Runner* run) {
       "Real ogg/mp3 files and the metadata CSV of the layout; a few broken files (empty, truncated, "
       "silent, not audio) unless --no-broken.");
   synth->group(kOfflineGroup);
-  synth->add_option("--out", corpus->out_dir, "the corpus folder")->type_name("DIR")->required();
+  synth->add_option("--out", corpus->out_dir, "the corpus folder")->type_name("DIR")->required()->check(common::NonEmpty("a folder"));
   synth->add_option("--layout", *layout, "the metadata layout: 2024, 2023, 2022, 2021, 2020 or xc")
       ->type_name("L")
       ->required();
@@ -93,7 +93,10 @@ void AddSynthCommands(CLI::App* app, Runner* run) {
       "1 or 2 species per window) over background noise; DIR/solution.csv their truth in BirdCLEF "
       "solution format.");
   soundscapes->group(kOfflineGroup);
-  soundscapes->add_option("--out", scapes->out_dir, "the output folder")->type_name("DIR")->required();
+  soundscapes->add_option("--out", scapes->out_dir, "the output folder")
+      ->type_name("DIR")
+      ->required()
+      ->check(common::NonEmpty("a folder"));
   common::AddNumber(soundscapes, "--species", &scapes->species, "N", "classes", 1, 999)->capture_default_str();
   common::AddNumber(soundscapes, "--count", &scapes->count, "M", "soundscapes", 1, 9999)->capture_default_str();
   common::AddNumber(soundscapes, "--seconds", &scapes->seconds, "S", "length of each, seconds (1..3600)")

@@ -286,9 +286,20 @@ CLI::Validator IntegerIn(long long min, long long max) {
         if (text.empty() || end != text.c_str() + text.size() || errno == ERANGE || v < min || v > max) {
           return absl::StrCat("expected an integer", RangeText(min, max), ", got '", text, "'");
         }
+        // Handed on in base 10: CLI11 converts the text again with strtoll base 0, where a
+        // leading zero means octal (`--seed 0042` was seed 34, `--fold 09` refused).
+        text = std::to_string(v);
         return "";
       },
       "", "integer");
+}
+
+CLI::Validator NonEmpty(const std::string& what) {
+  return CLI::Validator(
+      [what](std::string& text) -> std::string {
+        return text.empty() ? absl::StrCat("expected ", what, ", got '' (an unset shell variable?)") : "";
+      },
+      "", "non-empty");
 }
 
 CLI::Validator OneOf(std::vector<std::string> choices) {

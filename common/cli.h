@@ -62,8 +62,12 @@ CLI::Option* AddRepeatedOption(CLI::App* app, const std::string& name, std::vect
                                const std::string& type_name, const std::string& description);
 
 // Validators for numbers with a message that names the flag, the range and the text given:
-// "--fold: expected an integer in [0, 99], got 'x'".
+// "--fold: expected an integer in [0, 99], got 'x'". IntegerIn rewrites the text in base 10
+// (use it with Option::transform: a check() runs on a copy).
 CLI::Validator IntegerIn(long long min, long long max);
+// "--out: expected a path, got ''": for a path or name flag whose empty value would be
+// skipped ("--plot $UNSET"), widened (--task) or taken as the current or root folder.
+CLI::Validator NonEmpty(const std::string& what);
 // "--stage: expected one of pretrain, finetune, got 'x'".
 CLI::Validator OneOf(std::vector<std::string> choices);
 CLI::Validator NumberIn(double min, double max);
@@ -75,7 +79,8 @@ CLI::Option* AddNumber(CLI::App* app, const std::string& name, T* out, const std
                        T max = std::numeric_limits<T>::max()) {
   CLI::Option* option = app->add_option(name, *out, description)->type_name(type_name);
   if constexpr (std::is_integral_v<T>) {
-    option->check(IntegerIn(static_cast<long long>(min), static_cast<long long>(max)));
+    // A transform: the text is handed on in base 10 (IntegerIn).
+    option->transform(IntegerIn(static_cast<long long>(min), static_cast<long long>(max)));
   } else {
     option->check(NumberIn(static_cast<double>(min), static_cast<double>(max)));
   }

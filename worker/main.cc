@@ -357,7 +357,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
       ->required()
       ->check(OneOf({"pretrain", "finetune"}));
   AddNumber(t, "--fold", &train->options.fold, "K", "the validation fold", 0, 1000000)->required();
-  t->add_option("--out", train->options.out_dir, "the run folder")->type_name("RUN")->required();
+  t->add_option("--out", train->options.out_dir, "the run folder")->type_name("RUN")->required()->check(aviary::common::NonEmpty("a folder"));
   t->add_option("--init", train->options.init_checkpoint, "start from this checkpoint's weights")->type_name("CKPT");
   t->add_flag("--no-resume", train->no_resume,
               "start over even if RUN holds last.pt (its checkpoints, history and config.yaml are moved aside "

@@ -118,6 +118,27 @@ else
 fi
 expect "aviary help: unknown command 'fold' of 'aviary dataset' (aviary dataset --help lists them)" \
   "$aviary" help dataset fold
+# A worker's command and its subcommand (it showed `weights`' help).
+out=$("$aviary" help weights import 2>&1)
+if [ $? -ne 0 ] || ! grep -q "^Usage: .*weights import " <<<"$out"; then
+  echo "FAIL: aviary help weights import: $out"; fails=$((fails + 1))
+else
+  passes=$((passes + 1))
+fi
+# An empty path (an unset shell variable) is refused naming the flag: synth-soundscapes wrote into
+# /, history and summary skipped the plot, dataset folds failed at the rename naming no flag.
+expect "--out: expected a folder, got ''" "$aviary" synth-soundscapes --out "" --species 3
+expect "--out: expected a path, got ''" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out ""
+expect "--plot: expected a path, got ''" "$aviary" dataset summary --config "$tmp/p.yaml" --plot ""
+expect "--out: expected a path, got ''" "$aviary" export "$tmp/none.pt" --out ""
+# Integers are base 10: a leading zero is not octal (--seed 010 wrote seed 8's corpus).
+"$aviary" synth --out "$tmp/s10" --layout 2024 --species 3 --recordings 6 --seed 10 --max-seconds 2 >/dev/null
+"$aviary" synth --out "$tmp/s010" --layout 2024 --species 3 --recordings 6 --seed 010 --max-seconds 2 >/dev/null
+if cmp -s "$tmp/s10/train_metadata.csv" "$tmp/s010/train_metadata.csv"; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: synth --seed 010 wrote another corpus than --seed 10"; fails=$((fails + 1))
+fi
 # synth --no-broken says none are broken (no empty "(0 broken:)").
 out=$("$aviary" synth --out "$tmp/nb" --layout 2024 --species 3 --recordings 6 --seed 1 --max-seconds 2 --no-broken 2>&1)
 if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then

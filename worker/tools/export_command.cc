@@ -77,7 +77,7 @@ void AddExportCommands(CLI::App* app, common::CommandRunner* run) {
       ->type_name("state_dict|safetensors|onnx")
       ->check(common::OneOf({"state_dict", "safetensors", "onnx"}))
       ->capture_default_str();
-  e->add_option("--out", ex->out, "the weights file to write")->type_name("F")->required();
+  e->add_option("--out", ex->out, "the weights file to write")->type_name("F")->required()->check(common::NonEmpty("a path"));
   common::AddNumber(e, "--window", &ex->window_s, "S", "seconds per prediction row, for the sidecar", 0.01, 3600.0)
       ->capture_default_str();
   e->callback([run, ex] { *run = [ex] { return RunExport(*ex); }; });
@@ -96,7 +96,7 @@ void AddExportCommands(CLI::App* app, common::CommandRunner* run) {
       ->type_name("efficientnet_b0..b3")
       ->check(common::OneOf({"efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"}))
       ->required();
-  i->add_option("--out", im->out, "the backbone file to write")->type_name("F")->required();
+  i->add_option("--out", im->out, "the backbone file to write")->type_name("F")->required()->check(common::NonEmpty("a path"));
   common::AddNumber(i, "--in-channels", &im->in_channels, "N", "frontend.in_channels of the runs that use it", 1, 3)
       ->capture_default_str();
   i->add_option("--format", im->format, "the output's format")

@@ -137,7 +137,7 @@ void AddMelCommand(CLI::App* app, common::CommandRunner* run) {
   mel->add_option("--audio", args->audio, "an audio file")->type_name("F")->required();
   common::AddNumber(mel, "--offset", &args->offset_s, "S", "start of the window, seconds", 0.0, 1e9)
       ->capture_default_str();
-  mel->add_option("--out", args->out, "the .npy to write")->type_name("x.npy")->required();
+  mel->add_option("--out", args->out, "the .npy to write")->type_name("x.npy")->required()->check(common::NonEmpty("a path"));
   common::AddSetOption(mel, &args->overrides);
   mel->callback([run, args] { *run = [args] { return RunMel(*args); }; });
 }

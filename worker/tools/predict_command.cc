@@ -286,7 +286,10 @@ void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
   predict->add_option("--audio", args->audio, "an audio file, or a folder of them")
       ->type_name("DIR_OR_FILE")
       ->required();
-  predict->add_option("--out", args->out, "the submission CSV to write")->type_name("sub.csv")->required();
+  predict->add_option("--out", args->out, "the submission CSV to write")
+      ->type_name("sub.csv")
+      ->required()
+      ->check(common::NonEmpty("a path"));
   common::AddNumber(predict, "--window", &o.window_s, "S", "window, seconds", 0.01, 3600.0)->capture_default_str();
   common::AddNumber(predict, "--batch", &o.batch_windows, "N",
                     "windows per forward pass (default: the stage's infer_bs x batch_size)", 1, 1 << 20);
