@@ -31,6 +31,20 @@ std::string BackboneFit::Summary() const {
   return s;
 }
 
+namespace {
+
+// Whether a safetensors dtype name holds integers or booleans: values that a float weight would
+// take by a cast (a quantized file's int8 codes as the initialisation).
+bool IntegerDtype(const std::string& dtype) {
+  return dtype == "I64" || dtype == "I32" || dtype == "I16" || dtype == "I8" || dtype == "U8" || dtype == "BOOL";
+}
+
+bool FloatDtype(const std::string& dtype) {
+  return dtype == "F64" || dtype == "F32" || dtype == "F16" || dtype == "BF16";
+}
+
+}  // namespace
+
 BackboneFit CompareBackbone(const TensorIndex& file, const TensorIndex& expected) {
   std::map<std::string, const TensorEntry*> model;
   for (const TensorEntry& e : expected) model[e.name] = &e;
@@ -45,6 +59,10 @@ BackboneFit CompareBackbone(const TensorIndex& file, const TensorIndex& expected
     }
     seen[f.name] = true;
     const std::vector<int64_t>& want = it->second->shape;
+    if (FloatDtype(it->second->dtype) && IntegerDtype(f.dtype)) {
+      fit.mismatched.push_back(absl::StrCat(f.name, ": file ", f.dtype, " values vs model ", it->second->dtype));
+      continue;
+    }
     if (f.shape == want) {
       fit.fitting.push_back(f.name);
       continue;

@@ -1140,7 +1140,7 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
   // refuses a pool whose output would be empty: it needs 16 mel bins and 16 frames (frames =
   // 1 + clip samples / hop_length, as the front end's STFT with center=True makes them).
   if (config.model.name == "small_cnn") {
-    constexpr int kSmallCnnMinSize = 16;
+    const int kSmallCnnMinSize = MinModelFrames("small_cnn");
     if (frontend.n_mels < kSmallCnnMinSize) {
       return KeyError(where.Any({"frontend.n_mels", "model.name"}), "frontend.n_mels",
                       absl::StrCat("expected >= ", kSmallCnnMinSize,
@@ -1324,6 +1324,20 @@ absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std:
         " (BCE trains sigmoids, CCE a softmax; validation and predict apply model.final_act), got ", train->loss));
   }
   return absl::OkStatus();
+}
+
+int MinModelFrames(const std::string& model_name) { return model_name == "small_cnn" ? 16 : 1; }
+
+absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples, const std::string& what) {
+  const int min_frames = MinModelFrames(config.model.name);
+  const int64_t frames = 1 + samples / config.frontend.hop_length;
+  if (frames >= min_frames) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s: %d samples make %d frames (1 + samples / frontend.hop_length %d), fewer than model %s takes (%d: "
+      "at least %g s at %d Hz)",
+      what, samples, frames, config.frontend.hop_length, config.model.name, min_frames,
+      static_cast<double>((min_frames - 1) * int64_t{config.frontend.hop_length}) / config.data.sample_rate,
+      config.data.sample_rate));
 }
 
 absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name) {

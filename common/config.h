@@ -207,6 +207,14 @@ absl::Status ValidatePipelineConfig(const PipelineConfig& config);
 // checkpoints written before the check carry such configs and must still load.
 absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name);
 
+// The fewest STFT frames (1 + samples / hop_length, the front end's center=True STFT) a model
+// takes: small_cnn's four 2x2 max-pools need 16 (torch refuses an empty pool output); 1 for the
+// EfficientNets (their adaptive pooling takes any size).
+int MinModelFrames(const std::string& model_name);
+// INVALID_ARGUMENT naming `what` ("--window: 0.2 s") when a window of `samples` makes fewer
+// frames than config.model takes: an export or predict window shorter than the training clip.
+absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples, const std::string& what);
+
 // What a run checks before it starts (`aviary-worker train`, SubmitJob), beyond Parse's checks,
 // INVALID_ARGUMENT naming the key and `source_name`: CheckLossMatchesActivation, and no
 // model.pretrained_weights while model.pretrain is 'none' (the file would not be loaded: the

@@ -297,6 +297,26 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   return absl::OkStatus();
 }
 
+std::optional<FileVersion> VersionOf(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  FileVersion v;
+  v.device = static_cast<uint64_t>(st.st_dev);
+  v.inode = static_cast<uint64_t>(st.st_ino);
+  v.size = static_cast<int64_t>(st.st_size);
+  v.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  return v;
+}
+
+absl::Status CheckUnchanged(const std::string& path, const std::optional<FileVersion>& before) {
+  if (!before) return absl::OkStatus();
+  const std::optional<FileVersion> now = VersionOf(path);
+  if (now && *now == *before) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      path, ": ", now ? "replaced or changed" : "removed",
+      " while it was read (a training run replaces its last.pt and best.pt as it goes); read it again"));
+}
+
 absl::Status SyncFolder(const std::string& dir, int* error) {
   const std::string folder = dir.empty() ? "." : dir;
   const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);

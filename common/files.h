@@ -35,6 +35,25 @@ bool IsTemporarySuffix(absl::string_view suffix);
 // gets errno.
 absl::Status SyncFolder(const std::string& dir, int* error = nullptr);
 
+// What a file is at a moment: device, inode, size and modification time. A read in several
+// opens (a checkpoint's metadata, tensors and EMA group) compares it before and after, so that a
+// file replaced by rename in between (a training run's last.pt, every epoch) is not taken as one.
+struct FileVersion {
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  int64_t size = 0;
+  int64_t mtime_ns = 0;
+  bool operator==(const FileVersion& o) const {
+    return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns;
+  }
+  bool operator!=(const FileVersion& o) const { return !(*this == o); }
+};
+// The file's version now; nullopt when stat(2) fails (the read that follows names why).
+std::optional<FileVersion> VersionOf(const std::string& path);
+// UNAVAILABLE naming `path` when it is no longer the `before` version (replaced, rewritten or
+// removed since); OK when `before` is nullopt (nothing to compare).
+absl::Status CheckUnchanged(const std::string& path, const std::optional<FileVersion>& before);
+
 // A whole file read-only in memory: mapped when it is a regular file (no copy of a large
 // metadata CSV, and the pages are the page cache's), else read. Open's errors are
 // ReadFileToString's. Move-only; contents() lives as long as the object.

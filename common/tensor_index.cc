@@ -931,12 +931,13 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 absl::StatusOr<TensorIndex> ReadTensorIndex(const std::string& path) {
   absl::StatusOr<std::unique_ptr<File>> file = File::Open(path);
   if (!file.ok()) return file.status();
-  // The worker's test (worker/weights.cc LooksLikeSafetensors): a plausible length and a '{'.
+  // A plausible header length and a '{'. A length past the file's end is a safetensors file cut
+  // short (its reader says so), not a zip: a zip's first 8 bytes read as more than 16 MB.
   if ((*file)->size() >= 10) {
     absl::StatusOr<std::string> head = (*file)->Read(0, 9, "the header");
     if (!head.ok()) return head.status();
     const uint64_t n = Le(*head, 0, 8);
-    if (n > 1 && n <= (*file)->size() - 8 && (*head)[8] == '{') return ReadSafetensorsIndex(**file, path);
+    if (n > 1 && n <= kMaxSafetensorsHeader && (*head)[8] == '{') return ReadSafetensorsIndex(**file, path);
   }
   return ReadTorchSaveArchive(**file, path);
 }

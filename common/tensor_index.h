@@ -24,6 +24,12 @@
 
 #include "absl/status/statusor.h"
 
+// The weights files' readers and writers (this index, worker/torch_pickle, worker/weights,
+// worker/onnx_export) copy tensor bytes and header integers in host order: every format they
+// speak is little-endian, and so must the host be.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "aviary reads and writes little-endian weights files in host order: a big-endian host is not supported");
+
 namespace aviary::common {
 
 struct TensorEntry {

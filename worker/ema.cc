@@ -134,6 +134,7 @@ absl::Status CheckFinite(const torch::nn::Module& module, const std::string& pat
 absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::TrainConfig& train,
                                          torch::nn::Module& module) {
   bool applied = false;
+  bool averaged = false;
   if (train.ema_eval && train.ema_decay > 0) {
     absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(path, "ema_state");
     if (!state.ok() && !absl::IsNotFound(state.status())) return state.status();
@@ -144,9 +145,11 @@ absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::
       ema.Swap(module);
       applied = true;
     }
+    // Without the group the file is a best.pt, whose tensors are the average already.
+    averaged = true;
   }
   AVIARY_RETURN_IF_ERROR(CheckFinite(module, path, applied));
-  return applied;
+  return averaged;
 }
 
 }  // namespace aviary::worker

@@ -71,8 +71,8 @@ class WeightEma {
 // stage's train.ema_eval, validation, the monitor and best.pt use the average: a checkpoint
 // that carries an "ema_state" group (last.pt, whose model tensors are the raw weights) gets the
 // averaged parameters copied into `module` (buffers stay: the EMA does not average them). best.pt
-// already holds the average as its weights and carries no group. True when the average was
-// applied; the errors of reading the group and of WeightEma::ImportState, naming `path`; and
+// already holds the average as its weights and carries no group. True when `module` now holds
+// the average (applied from the group, or a best.pt of such a run); the errors of reading the group and of WeightEma::ImportState, naming `path`; and
 // FAILED_PRECONDITION naming `path` and the first tensor when a weight or buffer to be used is
 // not finite (a run that diverged: every output would be NaN, written as "nan" cells).
 absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::TrainConfig& train,

@@ -175,6 +175,8 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(options.out, "--out", options.checkpoint, "checkpoint"));
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(result.sidecar_path, "--out's sidecar",
                                           options.checkpoint, "checkpoint"));
+  // The metadata, the tensors and the EMA group are read in three opens: of one file.
+  const std::optional<common::FileVersion> version = common::VersionOf(options.checkpoint);
   AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(options.checkpoint));
   AVIARY_ASSIGN_OR_RETURN(
       common::PipelineConfig config,
@@ -189,6 +191,10 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
         options.window_s, std::llround(options.window_s * sr), sr, min_samples, config.frontend.n_fft,
         static_cast<double>(min_samples) / sr));
   }
+  // small_cnn's pools need frames the training clip had and a shorter window may not: the
+  // export would load and fail at inference ("Output size is too small").
+  AVIARY_RETURN_IF_ERROR(common::CheckWindowFitsModel(config, std::llround(options.window_s * sr),
+                                                      absl::StrFormat("--window: %g s", options.window_s)));
   if (static_cast<int>(meta.class_names.size()) != meta.num_classes) {
     return absl::FailedPreconditionError(absl::StrCat(
         options.checkpoint, ": ", meta.class_names.size(), " class names for ", meta.num_classes,
@@ -202,6 +208,7 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   common::TrainConfig stage_train = config.train;
   if (auto stage = common::GetStage(config, meta.stage); stage.ok()) stage_train = (*stage)->train;
   AVIARY_ASSIGN_OR_RETURN(result.ema, UseValidatedWeights(options.checkpoint, stage_train, *model));
+  AVIARY_RETURN_IF_ERROR(common::CheckUnchanged(options.checkpoint, version));
   NamedTensors tensors = ModuleStateDict(*model);
   // The front end must give the first convolution the planes it takes; only an edited config or
   // checkpoint gets here, and every format would carry the mismatch (the ONNX graph's Concat, the
@@ -223,8 +230,10 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   // both are written in full under temporary names first and then renamed into place, so a
   // failed write never leaves new weights beside an earlier export's sidecar. Only the sidecar's
   // rename failing after the weights' (its path was checked above) could, and its error says so.
-  const std::string staged_weights = absl::StrCat(options.out, ".partial");
-  const std::string staged_sidecar = absl::StrCat(result.sidecar_path, ".partial");
+  // Named by this process (TemporarySuffix): two exports to one --out never share a staged file,
+  // nor can an input named like it (`export m.pt.partial --out m.pt`) be moved into place.
+  const std::string staged_weights = absl::StrCat(options.out, ".partial.", common::TemporarySuffix());
+  const std::string staged_sidecar = absl::StrCat(result.sidecar_path, ".partial.", common::TemporarySuffix());
   absl::Status written = WriteExportPair(options, config, meta, *model, tensors, staged_weights,
                                          staged_sidecar, &result);
   if (written.ok() && std::rename(staged_weights.c_str(), options.out.c_str()) != 0) {
@@ -270,6 +279,7 @@ absl::Status WriteExportPair(const ExportOptions& options, const common::Pipelin
   result.num_bytes = FileSize(weights_path);
   result.model_name = meta.model_name;
   result.num_classes = meta.num_classes;
+  result.in_channels = meta.in_channels;
   return common::WriteFileAtomically(sidecar_path, SidecarJson(options, result, meta, config));
 }
 
@@ -376,7 +386,11 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
       return absl::InvalidArgumentError(
           absl::StrCat(options.in, ": two tensors map to ", target, " (the second is ", name, ")"));
     }
-    if (tensor.sizes() != it->second.sizes()) {
+    if (it->second.is_floating_point() && !tensor.is_floating_point()) {
+      // A quantized file's integer codes would be cast to weights (CompareBackbone's rule).
+      report.mismatched.push_back(absl::StrCat(target, ": file ", c10::toString(tensor.scalar_type()),
+                                               " values vs model ", c10::toString(it->second.scalar_type())));
+    } else if (tensor.sizes() != it->second.sizes()) {
       report.mismatched.push_back(absl::StrCat(target, ": file ", ShapeString(tensor.sizes()), " vs model ",
                                                ShapeString(it->second.sizes())));
     } else {
@@ -395,7 +409,7 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
   // A first convolution of another channel count is expected (frontend.in_channels 1); any
   // other shape difference means another variant or architecture.
   bool other_mismatch = false;
-  for (const std::string& m : report.mismatched) other_mismatch = other_mismatch || m.rfind("features.0.0.weight:", 0) != 0;
+  for (const std::string& m : report.mismatched) other_mismatch = other_mismatch || m.rfind("features.0.0.weight: file [", 0) != 0;
   if (report.mapped.empty() || !report.missing.empty() || other_mismatch || !extra_backbone.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         options.in, ": does not hold the ", options.model, " backbone (read as ", report.naming,

@@ -47,10 +47,13 @@ struct ExportResult {
   int64_t num_tensors = 0;
   int64_t onnx_nodes = 0;       // --format onnx: the graph's nodes
   int64_t num_bytes = 0;        // of the weights file
-  std::string torchvision;      // "efficientnet_b0" when the state dict loads into it; else ""
+  // "efficientnet_b0" when the state dict loads into it (its first convolution replaced for
+  // in_channels other than 3, as docs/INFERENCE.md says); else ""
+  std::string torchvision;
   std::string model_name;
   int num_classes = 0;
-  bool ema = false;             // the checkpoint's EMA average was exported (ema_eval, last.pt)
+  int in_channels = 3;
+  bool ema = false;             // the weights are the run's EMA average (ema_eval: best.pt, or last.pt's group)
 };
 
 // `out` with its extension replaced by ".json" ("model.pt" -> "model.json").

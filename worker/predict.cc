@@ -353,6 +353,8 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
 
   std::vector<common::PipelineConfig> configs;
   for (const std::string& path : options.checkpoints) {
+    // The metadata, the tensors and the EMA group are read in three opens: of one file.
+    const std::optional<common::FileVersion> version = common::VersionOf(path);
     AVIARY_ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(path));
     if (meta.class_names.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -404,6 +406,7 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
     common::TrainConfig stage_train = config.train;
     if (auto stage = common::GetStage(config, meta.stage); stage.ok()) stage_train = (*stage)->train;
     AVIARY_ASSIGN_OR_RETURN(const bool ema, UseValidatedWeights(path, stage_train, *model));
+    AVIARY_RETURN_IF_ERROR(common::CheckUnchanged(path, version));
     model->eval();
     if (absl::Status st = PlaceModel(*model, impl->device, options.channels_last); !st.ok()) {
       return common::Annotate(st, path);
@@ -465,6 +468,12 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
           absl::StrCat("window: ", options.window_s, " s is ", impl->window,
                        " samples, fewer than the front end needs (", fe->MinSamples(), ")"));
     }
+  }
+  // A small_cnn trained on longer clips cannot take a window of too few frames (its pools).
+  for (size_t k = 0; k < configs.size(); ++k) {
+    AVIARY_RETURN_IF_ERROR(common::Annotate(
+        common::CheckWindowFitsModel(configs[k], impl->window, absl::StrCat("window: ", options.window_s, " s")),
+        options.checkpoints[k]));
   }
   return std::unique_ptr<Predictor>(new Predictor(std::move(impl)));
 }

@@ -123,7 +123,7 @@ struct PredictModelInfo {
   int fold = 0;
   int epoch = -1;
   bool sigmoid = false;
-  bool ema = false;  // the checkpoint's EMA average replaced its raw weights (ema_eval, last.pt)
+  bool ema = false;  // the weights are the run's EMA average (ema_eval: best.pt, or last.pt's group)
 };
 
 class Predictor {

@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -91,6 +93,25 @@ TEST(MappedFileTest, MapsOrReadsWholeFilesWithReadFilesErrors) {
   EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir + "/nope.csv").status().message(), dir + "/nope.csv"));
   EXPECT_EQ(MappedFile::Open(dir).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir).status().message(), "is a directory"));
+}
+
+// A file read in several opens is the same file throughout, or UNAVAILABLE naming it.
+TEST(FileVersionTest, AReplacedOrRemovedFileIsNamed) {
+  const std::string dir = FreshDir("version");
+  const std::string path = dir + "/last.pt";
+  ASSERT_TRUE(WriteFileAtomically(path, "epoch 1").ok());
+  const std::optional<FileVersion> before = VersionOf(path);
+  ASSERT_TRUE(before.has_value());
+  EXPECT_TRUE(CheckUnchanged(path, before).ok());
+  // The next epoch's file, renamed over it (same size: the inode tells them apart).
+  ASSERT_TRUE(WriteFileAtomically(path, "epoch 2").ok());
+  absl::Status replaced = CheckUnchanged(path, before);
+  EXPECT_EQ(replaced.code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(absl::StrContains(replaced.message(), path + ": replaced or changed while it was read")) << replaced;
+  ASSERT_EQ(std::remove(path.c_str()), 0);
+  EXPECT_TRUE(absl::StrContains(CheckUnchanged(path, VersionOf(dir)).message(), path + ": removed"));
+  EXPECT_FALSE(VersionOf(path).has_value());
+  EXPECT_TRUE(CheckUnchanged(path, std::nullopt).ok());
 }
 
 TEST(AtomicWriteTest, ARefusedCommitKeepsThePreviousFileAndLeavesNoTemporary) {

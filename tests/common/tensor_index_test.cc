@@ -393,6 +393,10 @@ TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
             path + ": not a valid safetensors file: two entries are named 'w'");
   // A header length past the file's end is no safetensors file, as for the worker.
   EXPECT_TRUE(absl::StrContains(Read(Le(1u << 30, 8) + "{}"), "shorter than a zip end record"));
+  // ... unless it is one a safetensors header may have: a file cut inside its header is named as
+  // such (it was "not a torch.save zip archive").
+  const std::string cut = file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4).substr(0, 30);
+  EXPECT_EQ(Read(cut), path + ": truncated: the safetensors header at byte 8 needs 54 bytes, the file has 30");
   EXPECT_EQ(ReadTensorIndex(dir_ + "/absent").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(ReadTensorIndex(dir_).status().code(), absl::StatusCode::kInvalidArgument);
 }
@@ -434,6 +438,18 @@ TEST(BackboneFitTest, TheRuleTheTrainerAndTheCoordinatorShare) {
                                                "[32, 1, 3, 3], "))
       << fit.Summary();
   EXPECT_TRUE(absl::StrContains(fit.Summary(), ", ... (3 more)")) << fit.Summary();
+  // Integer values for float weights (a quantized file) are a mismatch, not a cast.
+  TensorIndex quantized = *b0;
+  quantized[3].dtype = "I8";
+  BackboneFit codes = CompareBackbone(quantized, *b0);
+  EXPECT_FALSE(codes.ok());
+  ASSERT_EQ(codes.mismatched.size(), 1u);
+  EXPECT_EQ(codes.mismatched[0], absl::StrCat(quantized[3].name, ": file I8 values vs model F32"));
+  TensorIndex halves = *b0;
+  for (TensorEntry& e : halves) {
+    if (e.dtype == "F32") e.dtype = "F16";
+  }
+  EXPECT_TRUE(CompareBackbone(halves, *b0).ok());
 }
 
 }  // namespace

@@ -121,6 +121,18 @@ TEST(TimmToTorchvisionNameTest, MapsStemBlocksAndHead) {
   EXPECT_EQ(TimmToTorchvisionName("blocks.1.0.conv_pwl"), "");
 }
 
+// The metadata of a one-plane, two-class small_cnn fine-tuning checkpoint written with `config`.
+CheckpointMeta TwoClassSmallCnnMeta(const common::PipelineConfig& config) {
+  CheckpointMeta meta;
+  meta.stage = "finetune";
+  meta.model_name = "small_cnn";
+  meta.num_classes = 2;
+  meta.in_channels = 1;
+  meta.class_names = {"a", "b"};
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  return meta;
+}
+
 // A checkpoint of efficientnet_b0, written as the trainer does.
 std::string SaveB0(const std::string& name, common::PipelineConfig* config_out = nullptr) {
   common::PipelineConfig config;
@@ -212,8 +224,63 @@ TEST(ExportCheckpointTest, RefusesToOverwriteItsCheckpointAndLeavesNoStagedFiles
   o.out = TempPath("b0_self_export.safetensors");
   ASSERT_TRUE(ExportCheckpoint(o).ok());
   EXPECT_TRUE(std::filesystem::exists(TempPath("b0_self_export.json")));
-  EXPECT_FALSE(std::filesystem::exists(o.out + ".partial"));
-  EXPECT_FALSE(std::filesystem::exists(TempPath("b0_self_export.json.partial")));
+  for (const auto& entry : std::filesystem::directory_iterator(std::filesystem::path(o.out).parent_path())) {
+    const std::string name = entry.path().filename().string();
+    EXPECT_EQ(name.find("b0_self_export.safetensors.partial"), std::string::npos) << name;
+    EXPECT_EQ(name.find("b0_self_export.json.partial"), std::string::npos) << name;
+  }
+}
+
+// A one-plane EfficientNet's stem is [32, 1, 3, 3]: its state dict loads into torchvision's model
+// once the first convolution is replaced (docs/INFERENCE.md); the result says how many planes.
+TEST(ExportCheckpointTest, AOnePlaneEfficientNetSaysItsPlanes) {
+  common::PipelineConfig config;
+  config.model.name = "efficientnet_b0";
+  config.frontend.in_channels = 1;
+  torch::manual_seed(5);
+  auto model = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(model.ok());
+  CheckpointMeta meta = TwoClassSmallCnnMeta(config);
+  meta.model_name = "efficientnet_b0";
+  const std::string ckpt = TempPath("b0_mono.pt");
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, meta).ok());
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "state_dict";
+  o.out = TempPath("b0_mono_export.pt");
+  auto r = ExportCheckpoint(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->torchvision, "efficientnet_b0");
+  EXPECT_EQ(r->in_channels, 1);
+}
+
+// small_cnn's four pools need 16 frames: a window shorter than that is refused at export (the
+// files loaded and failed at inference), a longer one exports.
+TEST(ExportCheckpointTest, ASmallCnnWindowOfTooFewFramesIsRefused) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.frontend.n_mels = 32;
+  torch::manual_seed(3);
+  auto model = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(model.ok());
+  const std::string ckpt = TempPath("cnn_window.pt");
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, TwoClassSmallCnnMeta(config)).ok());
+  for (const char* format : {"onnx", "safetensors"}) {
+    ExportOptions o;
+    o.checkpoint = ckpt;
+    o.format = format;
+    o.out = TempPath(std::string("cnn_window.") + format);
+    std::filesystem::remove(o.out);  // an earlier run's
+    o.window_s = 0.2;  // 6400 samples at 32 kHz: 1 + 6400 / 835 = 8 frames
+    auto r = ExportCheckpoint(o);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << format;
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "--window: 0.2 s: 6400 samples make 8 frames")) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "fewer than model small_cnn takes (16")) << r.status();
+    EXPECT_FALSE(std::filesystem::exists(o.out)) << format;
+    o.window_s = 0.5;  // 20 frames
+    EXPECT_TRUE(ExportCheckpoint(o).ok()) << format;
+  }
 }
 
 // A window the front end cannot take (torch.stft's reflect padding needs more than n_fft / 2
@@ -245,17 +312,6 @@ TEST(ExportCheckpointTest, RefusesAShortWindowAndASidecarPathThatIsAFolder) {
   EXPECT_FALSE(std::filesystem::exists(o.out));
 }
 
-// The metadata of a one-plane, two-class small_cnn fine-tuning checkpoint written with `config`.
-CheckpointMeta TwoClassSmallCnnMeta(const common::PipelineConfig& config) {
-  CheckpointMeta meta;
-  meta.stage = "finetune";
-  meta.model_name = "small_cnn";
-  meta.num_classes = 2;
-  meta.in_channels = 1;
-  meta.class_names = {"a", "b"};
-  meta.config_yaml = common::PipelineConfigToYaml(config);
-  return meta;
-}
 
 // A checkpoint whose config asks the front end for another number of mel planes than its first
 // convolution takes (an edited config_yaml, or a checkpoint pasted from another run): every
@@ -345,6 +401,16 @@ TEST(ExportCheckpointTest, ALastCheckpointOfAnEmaEvalRunExportsTheAverage) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(r->ema);
   EXPECT_NE(Slurp(r->sidecar_path).find(R"("ema": true)"), std::string::npos) << Slurp(r->sidecar_path);
+  // The run's best.pt holds the average as its tensors (no group): its export is the average too.
+  const std::string best = TempPath("ema_best.pt");
+  ASSERT_TRUE(SaveCheckpoint(best, **averaged, nullptr, meta).ok());
+  ExportOptions from_best = o;
+  from_best.checkpoint = best;
+  from_best.out = TempPath("ema_best.safetensors");
+  auto rb = ExportCheckpoint(from_best);
+  ASSERT_TRUE(rb.ok()) << rb.status();
+  EXPECT_TRUE(rb->ema);
+  EXPECT_NE(Slurp(rb->sidecar_path).find(R"("ema": true)"), std::string::npos) << Slurp(rb->sidecar_path);
   auto back = ReadStateDict(o.out);
   ASSERT_TRUE(back.ok()) << back.status();
   std::map<std::string, at::Tensor> by_name(back->begin(), back->end());
@@ -434,6 +500,19 @@ TEST(ImportWeightsTest, AFileWithoutNumBatchesTrackedIsABackbone) {
       EXPECT_EQ(t.item<int64_t>(), 0) << name;
     }
   }
+  // Integer codes for a float weight (a quantized file) are refused, not cast into weights.
+  NamedTensors codes = kept;
+  codes[5].second = codes[5].second.to(at::kChar);
+  const std::string quantized = TempPath("quantized.safetensors");
+  ASSERT_TRUE(WriteSafetensors(codes, quantized).ok());
+  ImportOptions q;
+  q.in = quantized;
+  q.out = TempPath("quantized_out.safetensors");
+  auto refused = ImportWeights(q);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), codes[5].first + ": file Char values vs model Float"))
+      << refused.status();
+  EXPECT_FALSE(std::filesystem::exists(q.out));
   // Any other missing buffer is still missing.
   NamedTensors no_mean;
   for (const auto& [name, t] : kept) {

@@ -33,7 +33,11 @@ int RunExport(const worker::ExportOptions& options) {
             << r.num_classes << " classes" << (r.ema ? ", the EMA weights (ema_eval)" : "") << "\n";
   if (!r.torchvision.empty() && options.format != "onnx") {
     std::cout << "loads with strict=True into torchvision.models." << r.torchvision << "(num_classes="
-              << r.num_classes << ")\n";
+              << r.num_classes << ")"
+              << (r.in_channels != 3 ? absl::StrCat(" once its features[0][0] is a Conv2d(", r.in_channels,
+                                                    ", C, 3, 2, 1, bias=False) (docs/INFERENCE.md)")
+                                     : "")
+              << "\n";
   }
   return 0;
 }
