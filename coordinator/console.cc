@@ -110,6 +110,26 @@ std::string JsonNumber(double value) {
   return absl::StrCat(value);
 }
 
+// Every byte outside [A-Za-z0-9._~-] as %XX: a cookie value or a query parameter. civetweb's
+// mg_url_encode leaves ";,$()" as they are, and a token holding ';' ended its cookie there (the
+// browser kept the part before it: a login that let nobody in).
+std::string PercentEncode(absl::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";  // as mg_url_encode writes it
+  std::string out;
+  out.reserve(text.size() * 3);
+  for (const char ch : text) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '~' || c == '-') {
+      out.push_back(ch);
+    } else {
+      out.push_back('%');
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  return out;
+}
+
 std::string HtmlEscape(absl::string_view text) {
   return absl::StrReplaceAll(text, {{"&", "&amp;"}, {"<", "&lt;"}, {">", "&gt;"}, {"\"", "&quot;"}, {"'", "&#39;"}});
 }
@@ -378,9 +398,13 @@ class Console::Request {
   }
   // One event; false when the peer went away.
   bool Event(const char* name, const std::string& data) {
-    const std::string text = absl::StrCat("event: ", name, "\ndata: ", data, "\n\n");
+    // In three writes: `data` (a job list of up to ~16 MB, shared by every stream) is not copied
+    // per stream for the time a slow browser takes to read it.
+    const std::string head = absl::StrCat("event: ", name, "\ndata: ");
     last_write_ = std::chrono::steady_clock::now();
-    return mg_write(conn_, text.data(), text.size()) == static_cast<int>(text.size());
+    return mg_write(conn_, head.data(), head.size()) == static_cast<int>(head.size()) &&
+           mg_write(conn_, data.data(), data.size()) == static_cast<int>(data.size()) &&
+           mg_write(conn_, "\n\n", 2) == 2;
   }
   // A `ping` event when nothing was written for a while: finds peers that went away, and tells
   // the page its stream is alive (a comment line would not reach its script, which reopens a
@@ -630,13 +654,9 @@ void Console::ServeLogin(Request& request) {
     absl::Status allowed = auth_->CheckBearer(token, "console login", kClientOrViewer);
     if (!allowed.ok() || token.empty()) {
       log_.Info(absl::StrCat("console login refused: ", allowed.ok() ? "empty token" : allowed.message()));
-      std::vector<char> encoded(next.size() * 3 + 1);
-      mg_url_encode(next.c_str(), encoded.data(), encoded.size());
-      return request.Redirect(absl::StrCat("/login?error=1&next=", encoded.data()));
+      return request.Redirect(absl::StrCat("/login?error=1&next=", PercentEncode(next)));
     }
-    std::vector<char> value(token.size() * 3 + 1);
-    mg_url_encode(token.c_str(), value.data(), value.size());
-    return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", value.data(),
+    return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", PercentEncode(token),
                                                "; Path=/; HttpOnly; SameSite=Strict", secure ? "; Secure" : "",
                                                "\r\n"));
   }
@@ -728,9 +748,35 @@ Console::Overview Console::OverviewJson() {
   return overview_;
 }
 
+// A task's checkpoint rows as a JSON list, oldest first.
+static void AppendCheckpointRows(std::string* out, const std::vector<Store::CheckpointRow>& rows) {
+  *out += "[";
+  for (size_t k = 0; k < rows.size(); ++k) {
+    const Store::CheckpointRow& row = rows[k];
+    absl::StrAppend(out, k > 0 ? "," : "", "{\"path\":", JsonQuote(row.path), ",\"epoch\":", row.epoch,
+                    ",\"best\":", row.best ? "true" : "false", ",\"attempt\":", row.attempt, "}");
+  }
+  *out += "]";
+}
+
 void Console::ServeJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
   if (!job.ok()) return request.Error(job.status());
+  // ?task=ID: {"checkpoints": {ID: [...]}} alone, one task's rows (the job page's refresh after
+  // that task's epoch ends: a sweep's job and all its tasks' rows are megabytes).
+  if (const std::string task_id = request.Query("task"); !task_id.empty()) {
+    bool found = false;
+    for (const aviary::v1::TaskInfo& task : job->tasks()) found = found || task.task_id() == task_id;
+    if (!found) {
+      return request.Error(absl::NotFoundError(absl::StrCat("job ", job_id, " has no task '", task_id, "'")));
+    }
+    auto rows = store_->LoadCheckpoints(task_id);
+    if (!rows.ok()) return request.Error(rows.status());
+    std::string json = absl::StrCat("{\"checkpoints\":{", JsonQuote(task_id), ":");
+    AppendCheckpointRows(&json, *rows);
+    json += "}}";
+    return request.Json(json);
+  }
   std::string json = ProtoJson(*job);
   // ?checkpoints=0: the job alone (the page's watch for a retry of a finished job asks every 15 s).
   if (request.Query("checkpoints") == "0") return request.Json(json);
@@ -743,13 +789,8 @@ void Console::ServeJob(Request& request, const std::string& job_id) {
     const std::string& task_id = job->tasks(i).task_id();
     auto found = by_task->find(task_id);
     const std::vector<Store::CheckpointRow>* rows = found == by_task->end() ? &kNone : &found->second;
-    absl::StrAppend(&checkpoints, i > 0 ? "," : "", JsonQuote(task_id), ":[");
-    for (size_t k = 0; k < rows->size(); ++k) {
-      const Store::CheckpointRow& row = (*rows)[k];
-      absl::StrAppend(&checkpoints, k > 0 ? "," : "", "{\"path\":", JsonQuote(row.path), ",\"epoch\":", row.epoch,
-                      ",\"best\":", row.best ? "true" : "false", ",\"attempt\":", row.attempt, "}");
-    }
-    checkpoints += "]";
+    absl::StrAppend(&checkpoints, i > 0 ? "," : "", JsonQuote(task_id), ":");
+    AppendCheckpointRows(&checkpoints, *rows);
   }
   checkpoints += "}";
   if (!json.empty() && json.back() == '}') {

@@ -442,7 +442,8 @@
           if (node.outerHTML !== headParts[i].outerHTML) { headParts[i].replaceWith(node); headParts[i] = node; }
         });
       }
-      if (TERMINAL_JOB.has(job.state)) cancelButton.remove();
+      // A viewer token may not cancel (the coordinator refuses it): no button to press.
+      if (TERMINAL_JOB.has(job.state) || session.role === 'viewer') cancelButton.remove();
       else if (!cancelButton.isConnected) head.append(cancelButton);
       const facts = [['created', `${age(job.created_unix_ms)} ago`], ['updated', `${age(job.updated_unix_ms)} ago`],
                      ['tasks', String((job.tasks || []).length)]];
@@ -651,7 +652,15 @@
       }
     }
 
-    window.addEventListener('hashchange', render);
+    // One task's reported checkpoints, merged into the job's (the whole list comes with load()).
+    function loadCheckpoints(taskId) {
+      if (!taskId) return;
+      api(`/api/jobs/${jobId}?task=${encodeURIComponent(taskId)}`)
+        .then((j) => { checkpoints = Object.assign({}, checkpoints, j.checkpoints || {}); render(); })
+        .catch(() => {});
+    }
+    // Another task shown: its list as it is now (the refreshes were for the one shown before).
+    window.addEventListener('hashchange', () => { render(); loadCheckpoints(selectedTask); });
     let reloadTimer = null;
     // Events are drawn at most every 200 ms: each carries the whole job, and a sweep's groups
     // report many a second (every event still updates `job` and the curves' points; only the
@@ -688,15 +697,13 @@
           const task = (job.tasks || []).find((t) => t.task_id === event.task_id);
           addPoint(event.task_id, task ? task.attempt : 0, m, Date.now());
         }
-        // An epoch end (checkpoints follow it) or a task's new state: refresh the checkpoint list
-        // (at most once a second).
-        const changed = !previous || (m && m.epoch_end) || (job.tasks || []).some((t, i) => !previous.tasks ||
-          !previous.tasks[i] || previous.tasks[i].state !== t.state);
+        // An epoch end of the shown task (checkpoints follow it) or a task's new state: refresh
+        // the shown task's checkpoint list (at most once a second; one task's rows, not the job's:
+        // a sweep reports an epoch end every few seconds).
+        const changed = !previous || (m && m.epoch_end && event.task_id === selectedTask) ||
+          (job.tasks || []).some((t, i) => !previous.tasks || !previous.tasks[i] || previous.tasks[i].state !== t.state);
         if (changed && !reloadTimer) {
-          reloadTimer = setTimeout(() => {
-            reloadTimer = null;
-            api(`/api/jobs/${jobId}`).then((j) => { checkpoints = j.checkpoints || {}; render(); }).catch(() => {});
-          }, 1000);
+          reloadTimer = setTimeout(() => { reloadTimer = null; loadCheckpoints(selectedTask); }, 1000);
         }
         renderSoon();
       },

@@ -445,6 +445,31 @@ TEST_F(ConsoleTest, CheckpointsAppearOnTheJob) {
   HttpResponse job = Http(port_, "GET", "/api/jobs/" + job_id, {Bearer("the-token")});
   ASSERT_EQ(job.status, 200);
   EXPECT_TRUE(absl::StrContains(job.body, "best.pt\",\"epoch\":1,\"best\":true,\"attempt\":1}")) << job.body;
+  // ?task=: that task's rows alone (the page's refresh after its epoch ends), not the job.
+  HttpResponse one = Http(port_, "GET", "/api/jobs/" + job_id + "?task=" + task_id_, {Bearer("the-token")});
+  ASSERT_EQ(one.status, 200) << one.body;
+  EXPECT_TRUE(absl::StartsWith(one.body, "{\"checkpoints\":{\"" + task_id_ + "\":[{\"path\":")) << one.body;
+  EXPECT_TRUE(absl::StrContains(one.body, "best.pt\",\"epoch\":1,\"best\":true,\"attempt\":1}")) << one.body;
+  EXPECT_FALSE(absl::StrContains(one.body, "\"tasks\"")) << one.body;
+  HttpResponse other = Http(port_, "GET", "/api/jobs/" + job_id + "?task=" + job_id + "/nope", {Bearer("the-token")});
+  EXPECT_EQ(other.status, 404) << other.body;
+  EXPECT_TRUE(absl::StrContains(other.body, "has no task '" + job_id + "/nope'")) << other.body;
+}
+
+// A token may hold any printable byte; its cookie must carry all of it. civetweb's encoder left
+// ';' and ',' as they are: the cookie ended at the ';' and the login let nobody in.
+TEST_F(ConsoleTest, ATokenWithCookieSeparatorsLogsIn) {
+  Write("token", "semi;colon,x=+y$(z)\n");
+  Start();
+  HttpResponse login = Http(port_, "POST", "/login", {"Content-Type: application/x-www-form-urlencoded"},
+                            "token=semi%3Bcolon%2Cx%3D%2By%24%28z%29&next=%2Fgroups");
+  ASSERT_EQ(login.status, 303) << login.body;
+  EXPECT_EQ(login.headers["location"], "/groups");
+  const std::string cookie = login.headers["set-cookie"];
+  EXPECT_TRUE(absl::StartsWith(cookie, "aviary_console=semi%3bcolon%2cx%3d%2by%24%28z%29; Path=/")) << cookie;
+  const std::string cookie_header = absl::StrCat("Cookie: ", cookie.substr(0, cookie.find(';')));
+  HttpResponse page = Http(port_, "GET", "/groups", {cookie_header});
+  EXPECT_EQ(page.status, 200) << page.headers["location"];
 }
 
 TEST_F(ConsoleTest, AViewerCannotCancelAClientCanWithTheCsrfHeader) {
