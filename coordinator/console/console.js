@@ -365,8 +365,13 @@
           el('td', {}, tagsOf(job)));
       }));
     }
-    const load = () => api('/api/jobs').then(render).catch((e) => flash(e.message));
-    stream('/api/events', {jobs: render}, load);
+    // The Age column from the last list, redrawn every 30 s: a quiet coordinator sends no event
+    // (it said "2 min" for hours).
+    let last = null;
+    const show = (data) => { last = data; render(data); };
+    setInterval(() => { if (last) render(last); }, 30000);
+    const load = () => api('/api/jobs').then(show).catch((e) => flash(e.message));
+    stream('/api/events', {jobs: show}, load);
   }
 
   // ---------------------------------------------------------------------------------------------
