@@ -1539,10 +1539,15 @@ absl::Status CheckYamlText(const std::string& text, const std::string& source) {
 
 bool ParseYamlBool(const YAML::Node& node, bool* out) {
   if (!node.IsScalar()) return false;
-  const std::string text = absl::AsciiStrToLower(node.Scalar());
-  if (text == "true" || text == "yes" || text == "on") {
+  const std::string& text = node.Scalar();
+  // PyYAML's forms: all lower, Title or all UPPER ("tRuE" is a string to it).
+  const std::string lower = absl::AsciiStrToLower(text);
+  std::string title = lower;
+  if (!title.empty()) title[0] = absl::ascii_toupper(static_cast<unsigned char>(title[0]));
+  if (text != lower && text != title && text != absl::AsciiStrToUpper(text)) return false;
+  if (lower == "true" || lower == "yes" || lower == "on") {
     *out = true;
-  } else if (text == "false" || text == "no" || text == "off") {
+  } else if (lower == "false" || lower == "no" || lower == "off") {
     *out = false;
   } else {
     return false;

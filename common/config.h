@@ -176,6 +176,10 @@ inline const std::vector<std::string>& StageNames() {
   return kNames;
 }
 
+// The most a config file may hold, pipeline or coordinator (and a SubmitJob's pipeline_yaml):
+// a recipe is a few KB; a path given by mistake (a dataset, /dev/zero) is refused, not read.
+inline constexpr size_t kMaxConfigBytes = size_t{4} << 20;
+
 // Loads `path`, applies `overrides` ("dotted.key=value"; list items by index, e.g.
 // "data.pretrain_sources.0.root=/x"), converts and validates. Overrides patch the YAML tree
 // before conversion, in order; the value is parsed as YAML ("[0,1]", "true", "{layout: xc,
@@ -185,10 +189,6 @@ inline const std::vector<std::string>& StageNames() {
 // (stages.pretrain.epochs). Relative data roots stay relative (to the working directory).
 // Errors: NOT_FOUND for a missing file, INVALID_ARGUMENT otherwise (a file over kMaxConfigBytes
 // among them).
-// The most a config file may hold, pipeline or coordinator (and a SubmitJob's pipeline_yaml):
-// a recipe is a few KB; a path given by mistake (a dataset, /dev/zero) is refused, not read.
-inline constexpr size_t kMaxConfigBytes = size_t{4} << 20;
-
 absl::StatusOr<PipelineConfig> LoadPipelineConfig(const std::string& path,
                                                   const std::vector<std::string>& overrides = {});
 

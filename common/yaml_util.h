@@ -15,8 +15,9 @@ namespace aviary::common {
 std::string DescribeYamlNode(const YAML::Node& node);
 
 // A YAML boolean, the same in the pipeline and coordinator configs: true/false, yes/no, on/off in
-// any case (what PyYAML reads as booleans). yaml-cpp's y/n are not (PyYAML reads them as strings:
-// `cv_filter: n` would mean one thing here and another to a script reading the same file).
+// lower, Title or UPPER case (what PyYAML reads as booleans). yaml-cpp's y/n are not, nor "tRuE"
+// (PyYAML reads them as strings: `cv_filter: n` would mean one thing here and another to a script
+// reading the same file).
 bool ParseYamlBool(const YAML::Node& node, bool* out);
 
 // What a config's YAML text must be before it is loaded, INVALID_ARGUMENT naming `source`, the

@@ -722,25 +722,54 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   // Two points that train alike (one value spelled two ways, "1e-3" and "0.001"; a key only a
   // disabled stage reads) would spend the GPU time twice on one result.
   if (sweep) {
-    std::map<std::string, size_t> trains;
-    for (size_t p = 0; p < configs.size(); ++p) {
+    // A point's config as its tasks run it: each stage's train.* (the top-level one merged in;
+    // the top-level section itself only feeds inference from the run's config.yaml), a disabled
+    // stage as nothing; with `read_only`, less the keys the runs do not read (WithoutUnreadKeys).
+    auto runs_of = [&](size_t p, bool read_only) {
       common::PipelineConfig runs = configs[p];
-      // The tasks train with their stage's train.* (the top-level one merged in); the top-level
-      // section itself only feeds inference from the run's config.yaml.
       runs.train = common::TrainConfig{};
       for (auto& [name, stage] : runs.stages) {
         if (!stage.enabled) stage = common::StageConfig{/*enabled=*/false, common::TrainConfig{}};
-        // A key the stage's run does not read (train.lr under scheduler 'cos') changes nothing.
-        stage.train = common::WithoutUnreadKeys(stage.train);
+        if (read_only) stage.train = common::WithoutUnreadKeys(stage.train);
       }
-      const auto [first, fresh] = trains.emplace(common::PipelineConfigToYaml(runs), p);
+      return common::PipelineConfigToYaml(runs);
+    };
+    std::map<std::string, size_t> trains;
+    std::vector<std::string> reads(configs.size());
+    for (size_t p = 0; p < configs.size(); ++p) {
+      reads[p] = runs_of(p, true);
+      const auto [first, fresh] = trains.emplace(runs_of(p, false), p);
       if (!fresh) {
         return absl::InvalidArgumentError(absl::StrCat(
             source, ": sweep points ", first->second, " (", absl::StrJoin(grid[first->second], ", "), ") and ", p,
             " (", absl::StrJoin(grid[p], ", "), ") train alike (the same config once parsed, the disabled stages "
-            "and the keys a run does not read left out: train.lr is read only with train.scheduler none, "
-            "lr_max_per_sample and the ramp only with the others); drop one of the values"));
+            "left out); drop one of the values"));
       }
+    }
+    // A key whose values change nothing the runs read at any values of the other keys (train.lr
+    // under the 'cos' schedule): every point of it repeats another's training. A key read at some
+    // points only (train.lr swept with train.scheduler [cos, none]) is kept.
+    for (int a = 0; a < request.sweep_size(); ++a) {
+      if (request.sweep(a).values_size() < 2) continue;
+      std::map<std::string, std::vector<size_t>> by_others;  // the other keys' values -> points
+      for (size_t p = 0; p < grid.size(); ++p) {
+        std::vector<std::string> others = grid[p];
+        others.erase(others.begin() + a);
+        by_others[absl::StrJoin(others, "\n")].push_back(p);
+      }
+      bool changes = false;
+      for (const auto& [others, points] : by_others) {
+        for (size_t i = 1; i < points.size() && !changes; ++i) changes = reads[points[i]] != reads[points[0]];
+      }
+      if (changes) continue;
+      const std::vector<size_t>& pair = by_others.begin()->second;
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": sweep key '", request.sweep(a).key(), "' changes nothing the tasks read (points ", pair[0],
+          " (", absl::StrJoin(grid[pair[0]], ", "), ") and ", pair[1], " (", absl::StrJoin(grid[pair[1]], ", "),
+          ") train alike): train.lr is read only with train.scheduler none, lr_start, lr_max_per_sample and "
+          "lr_ramp_epochs only with the other schedules, lr_min not with step, lr_decay not with cos, "
+          "lr_step_epochs only with step, early_stop_min_delta only with early_stop_patience, "
+          "ema_warmup_steps only with ema_decay; sweep a key the runs read"));
     }
   }
 

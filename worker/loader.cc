@@ -58,7 +58,9 @@ absl::StatusOr<std::unique_ptr<Loader>> Loader::Create(std::vector<LoaderItem> i
       n < static_cast<int64_t>(options.batch_size) * options.world_size) {
     return absl::InvalidArgumentError(absl::StrCat(
         "loader: ", n, " training items are fewer than one global batch (batch_size ",
-        options.batch_size, " x ", options.world_size, " ranks) and drop_remainder is set"));
+        options.batch_size, " x ", options.world_size, " ranks) and drop_remainder is set: not one step per "
+        "epoch; lower train.batch_size (or the stage's stages.<stage>.batch_size), run on fewer ranks, or set "
+        "train.drop_remainder false"));
   }
   try {
     return std::unique_ptr<Loader>(new Loader(std::move(items), std::move(clip), options));

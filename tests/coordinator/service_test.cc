@@ -2473,12 +2473,18 @@ TEST_F(CoordinatorServiceTest, SweepIsTheGridTimesTheFoldsWithOnePretrainingPerP
   SubmitJobResponse by_loss_response;
   ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), by_loss, &by_loss_response).ok());
   EXPECT_EQ(GetJob(by_loss_response.job_id()).monitor(), "loss");
-  // train.lr is what a constant-rate run reads (scheduler none): a sweep over it is two points.
+  // train.lr is what a constant-rate run reads (scheduler none): a sweep over it is two points;
+  // swept with the schedule, it is read at the 'none' points and kept (the 'cos' ones repeat).
   SubmitJobRequest constant = SweepRequest(root_, {{"train.lr", {"1e-3", "5e-4"}}});
   constant.add_overrides("train.scheduler=none");
   SubmitJobResponse constant_response;
   ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), constant, &constant_response).ok());
   EXPECT_EQ(GetJob(constant_response.job_id()).tasks_size(), 2 + 2 * 2);
+  SubmitJobRequest mixed = SweepRequest(root_, {{"train.scheduler", {"cos", "none"}}, {"train.lr", {"1e-3", "5e-4"}}});
+  SubmitJobResponse mixed_response;
+  const grpc::Status mixed_status = jobs_->SubmitJob(Ctx().get(), mixed, &mixed_response);
+  ASSERT_TRUE(mixed_status.ok()) << mixed_status.error_message();
+  EXPECT_EQ(GetJob(mixed_response.job_id()).tasks_size(), 4 + 4 * 2);
   ASSERT_EQ(job.sweep_size(), 2);
   ASSERT_EQ(job.tasks_size(), 4 + 4 * 2);  // 4 pretraining tasks, 4 points x 2 folds
   std::map<std::string, const TaskInfo*> by_id;
@@ -2681,11 +2687,13 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   // Keys the run does not read: train.lr under the default 'cos' schedule (the notebook's CFG.lr,
   // which its LR callback replaces every epoch), the cosine's lr_min under 'step'.
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3"}}}),
-          {"sweep points 0 (train.lr=1e-3) and 1 (train.lr=2e-3) train alike",
+          {"sweep key 'train.lr' changes nothing the tasks read (points 0 (train.lr=1e-3) and 1 (train.lr=2e-3) "
+           "train alike)",
            "train.lr is read only with train.scheduler none"});
-  SubmitJobRequest step = SweepRequest(root_, {{"train.lr_min", {"1e-6", "2e-6"}}});
+  SubmitJobRequest step = SweepRequest(root_, {{"model.dropout", {"0.2", "0.3"}}, {"train.lr_min", {"1e-6", "2e-6"}}});
   step.add_overrides("train.scheduler=step");
-  refused(step, {"sweep points 0 (train.lr_min=1e-6) and 1 (train.lr_min=2e-6) train alike"});
+  refused(step, {"sweep key 'train.lr_min' changes nothing the tasks read (points 0 (model.dropout=0.2, "
+                 "train.lr_min=1e-6) and 1 (model.dropout=0.2, train.lr_min=2e-6) train alike)"});
   SubmitJobRequest overridden = SweepRequest(root_, {{"train.epochs", {"1", "2"}}});  // every stage sets its own
   overridden.add_overrides("stages.pretrain.epochs=3");
   overridden.add_overrides("stages.finetune.epochs=3");
