@@ -297,15 +297,29 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   return absl::OkStatus();
 }
 
-std::optional<FileVersion> VersionOf(const std::string& path) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+namespace {
+
+FileVersion VersionOfStat(const struct stat& st) {
   FileVersion v;
   v.device = static_cast<uint64_t>(st.st_dev);
   v.inode = static_cast<uint64_t>(st.st_ino);
   v.size = static_cast<int64_t>(st.st_size);
   v.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   return v;
+}
+
+}  // namespace
+
+std::optional<FileVersion> VersionOf(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return VersionOfStat(st);
+}
+
+std::optional<FileVersion> VersionOfOpen(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return std::nullopt;
+  return VersionOfStat(st);
 }
 
 absl::Status CheckUnchanged(const std::string& path, const std::optional<FileVersion>& before) {

@@ -50,6 +50,8 @@ struct FileVersion {
 };
 // The file's version now; nullopt when stat(2) fails (the read that follows names why).
 std::optional<FileVersion> VersionOf(const std::string& path);
+// The version of the file open as `fd` (fstat(2)); nullopt when it fails.
+std::optional<FileVersion> VersionOfOpen(int fd);
 // UNAVAILABLE naming `path` when it is no longer the `before` version (replaced, rewritten or
 // removed since); OK when `before` is nullopt (nothing to compare).
 absl::Status CheckUnchanged(const std::string& path, const std::optional<FileVersion>& before);

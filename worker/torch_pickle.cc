@@ -36,8 +36,7 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadWeightsFile(
                                                                                 bool torch_save_only) {
   // The file as it is before its index is read, and as the values are read from it: the same
   // one (a rename between would read one file's offsets in another).
-  struct stat before {};
-  const bool stamped = ::stat(path.c_str(), &before) == 0;
+  const std::optional<common::FileVersion> before = common::VersionOf(path);
   AVIARY_ASSIGN_OR_RETURN(const common::TensorIndex index,
                           torch_save_only ? common::ReadTorchSaveIndex(path) : common::ReadTensorIndex(path));
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -51,10 +50,8 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadWeightsFile(
     ~Closer() { ::close(fd); }
   } closer{fd};
   auto unchanged = [&]() -> absl::Status {
-    struct stat now {};
-    if (stamped && ::fstat(fd, &now) == 0 &&
-        (now.st_dev != before.st_dev || now.st_ino != before.st_ino || now.st_size != before.st_size ||
-         now.st_mtim.tv_sec != before.st_mtim.tv_sec || now.st_mtim.tv_nsec != before.st_mtim.tv_nsec)) {
+    const std::optional<common::FileVersion> now = common::VersionOfOpen(fd);
+    if (before && now && *now != *before) {
       return absl::UnavailableError(absl::StrCat(path, ": replaced or changed while it was read; read it again"));
     }
     return absl::OkStatus();

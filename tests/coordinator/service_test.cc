@@ -2608,7 +2608,9 @@ TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
   JobInfo job = GetJob(job_id);
   EXPECT_EQ(job.state(), JOB_STATE_RUNNING);
   for (const TaskInfo& task : job.tasks()) {
-    if (absl::EndsWith(task.task_id(), "-p1")) EXPECT_EQ(task.state(), TASK_STATE_LEASED) << task.task_id();
+    if (absl::EndsWith(task.task_id(), "-p1")) {
+      EXPECT_EQ(task.state(), TASK_STATE_LEASED) << task.task_id();
+    }
   }
   finish(job_id + "/finetune-f0-p1", 0.8);
   finish(job_id + "/finetune-f1-p1", 0.8);
@@ -2632,7 +2634,9 @@ TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
   job = GetJob(second.job_id());
   EXPECT_EQ(job.state(), JOB_STATE_FAILED);
   for (const TaskInfo& task : job.tasks()) {
-    if (task.stage() == "finetune") EXPECT_EQ(task.state(), TASK_STATE_CANCELLED) << task.task_id();
+    if (task.stage() == "finetune") {
+      EXPECT_EQ(task.state(), TASK_STATE_CANCELLED) << task.task_id();
+    }
   }
   EXPECT_TRUE(absl::StartsWith(job.error(), "task " + second.job_id() + "/pretrain-f0-p0 failed: ")) << job.error();
 }
