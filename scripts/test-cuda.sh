@@ -23,12 +23,15 @@ AVIARY_BUILD_DIR=${AVIARY_CUDA_BUILD_DIR:-build-cuda} aviary_build_targets
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 if [ $# -eq 0 ]; then
   # Everything but the parity tests, which compare the same code with Debian's references and
-  # ran in scripts/test.sh (the CUDA configuration's own parity is the interop test), and the
-  # tests of the torch-free programs (the client's offline tools and errors, the documented
-  # flags, the coordinator's init), which are the same in both configurations, and of the
-  # coordinator's RPC surface and the network between hosts (roles, the RPC fuzz, the network
-  # namespaces), whose worker side is the training code the other service tests run here.
-  set -- -LE parity \
-    -E '^(integration\.(cli_docs|cli_errors|cli_signals|prepare_cli|coordinator_init|bash_completion|service_roles|service_netns)|coordinator\.RpcFuzzTest\..*)$'
+  # ran in scripts/test.sh (the CUDA configuration's own parity is the interop test); the tests
+  # labelled torch-free (the coordinator, the store, common/, deploy/), whose programs link no
+  # libtorch and are the same in both configurations (lint.torch_free checks it); and, by name,
+  # the tests of the client's offline tools and errors, the documented flags, the coordinator's
+  # init, and of the service's coordinator and agent side (roles and network namespaces between
+  # hosts, the console in a browser, sweeps and the client's commands, normal exits, fencing),
+  # whose worker side is the training that service_e2e, service_faults, service_storage and the
+  # training tests run here.
+  set -- -LE 'parity|torch-free' \
+    -E '^integration\.(cli_docs|cli_errors|cli_signals|prepare_cli|coordinator_init|bash_completion|service_roles|service_netns|console_browser|service_experiments|service_lifecycle|service_fencing)$'
 fi
 ctest --test-dir "${AVIARY_CUDA_BUILD_DIR:-build-cuda}" --output-on-failure -j 2 "$@"
