@@ -13,7 +13,7 @@
 # as long again, and exits only then, about 2 x --stop-timeout after the signal; measured.)
 # Ranks that have not exited --stop-timeout seconds after SIGUSR2, or a second signal to this
 # script, get that: SIGTERM to mpirun. Exit 0 after a clean stop; after one that needed SIGTERM,
-# mpirun's exit code (1 if that was 0).
+# mpirun's exit code (1 if that was 0); after mpirun exited non-zero on its own, its exit code.
 set -euo pipefail
 
 usage() {
@@ -322,8 +322,13 @@ if [ "$stopping" -eq 1 ]; then
     if [ "$rc" -eq 0 ]; then exit 1; fi
     exit "$rc"
   fi
-  # A clean stop: every rank left on SIGUSR2 (mpirun's own exit code then says nothing more).
-  echo "launch-group.sh: group stopped by signal (mpirun exit code $rc)" >&2
+  if [ "$rc" -ne 0 ]; then
+    # mpirun exits 0 once every rank has left on SIGUSR2: a rank that failed (an error while
+    # stopping, a crash, a group already failing when the signal came) is not a clean stop.
+    echo "launch-group.sh: the group was stopping on a signal but mpirun exited with code $rc (a rank failed)" >&2
+    exit "$rc"
+  fi
+  echo "launch-group.sh: group stopped by signal (mpirun exit code 0)" >&2
   exit 0
 fi
 exit "$rc"

@@ -303,6 +303,23 @@ else
   [ $rc -ne 0 ] && ok || { fail "launch-group.sh after a stop that needed SIGTERM: rc=0"; sed 's/^/    /' "$tmp/launch2.log"; }
   grep -q "did not stop within --stop-timeout 1s" "$tmp/launch2.log" && ok ||
     fail "no 'did not stop within' in: $(cat "$tmp/launch2.log")"
+
+  # A launcher (--mpirun) that exits 3 at once on the stop signal, as after a rank failed while
+  # stopping: not a clean stop, though no SIGTERM was needed (the launcher said 0). A stand-in:
+  # Open MPI 4.1's mpirun, after a rank's non-zero exit, aborts the job and waits 2 x
+  # odls_base_sigkill_timeout, so the launcher's SIGTERM after --stop-timeout comes first.
+  printf '%s\n' '#!/usr/bin/env bash' "trap 'exit 3' USR2" ": >'$tmp/mpirun.started'" \
+    'while true; do sleep 0.1; done' >"$tmp/failing-mpirun"
+  chmod +x "$tmp/failing-mpirun"
+  "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 --bind-to none \
+    --worker "$tmp/fake-worker" --mpirun "$tmp/failing-mpirun" --stop-timeout 15 >"$tmp/launch3.log" 2>&1 &
+  lpid=$!
+  wait_for "$tmp/mpirun.started" || fail "the stand-in mpirun did not start"
+  kill -TERM $lpid
+  wait $lpid; rc=$?
+  [ $rc -eq 3 ] && ok || { fail "launch-group.sh after mpirun exited 3 on the stop: rc=$rc"; sed 's/^/    /' "$tmp/launch3.log"; }
+  grep -q "mpirun exited with code 3 (a rank failed)" "$tmp/launch3.log" && ok ||
+    fail "no 'mpirun exited with code 3 (a rank failed)' in: $(cat "$tmp/launch3.log")"
 fi
 
 echo "== Slurm script"
