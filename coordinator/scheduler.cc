@@ -168,12 +168,19 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> last_points, store_->LoadLastPoints());
   std::map<std::string, int> reported_attempt;  // task -> the latest attempt that reported a point
   {
+    // Finished tasks report nothing more (a retry starts a new attempt): their points are not
+    // kept, or every task ever run would hold one in memory.
+    std::set<std::string> ended;
+    for (const TaskRow& task : tasks) {
+      if (TerminalTask(task.info.state())) ended.insert(task.info.task_id());
+    }
     absl::MutexLock writer(&write_mu_);
     for (const PointRow& row : last_points) {
-      LastPoint& last = last_points_[row.task_id];
-      if (row.attempt >= last.attempt) last = {row.attempt, row.metrics};
       int& attempt = reported_attempt[row.task_id];
       attempt = std::max(attempt, row.attempt);
+      if (ended.count(row.task_id) != 0) continue;
+      LastPoint& last = last_points_[row.task_id];
+      if (row.attempt >= last.attempt) last = {row.attempt, row.metrics};
     }
   }
 
@@ -403,11 +410,16 @@ absl::Status Scheduler::Commit(Changes* changes) {
   AVIARY_RETURN_IF_ERROR(WriteChanges(changes));
   // Committed: apply to memory, exclusively (readers waited for none of the above). No other
   // writer runs in between: write_mu_ is held throughout.
+  std::vector<std::string> ended;  // their last points go: a finished task reports nothing more
+  for (const auto& [id, task] : changes->tasks) {
+    if (TerminalTask(task.info.state())) ended.push_back(id);
+  }
   mu_.ReaderUnlock();
   mu_.Lock();
   ApplyChanges(changes);
   mu_.Unlock();
   mu_.ReaderLock();
+  for (const std::string& id : ended) last_points_.erase(id);
   return absl::OkStatus();
 }
 
@@ -1298,6 +1310,9 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
 
 absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id,
                                           int64_t gpu_memory_bytes) {
+  // The lease the group has let go of: its task and that task's attempt (each lease adds one).
+  std::string stale_task;
+  int stale_attempt = 0;
   {
     absl::ReaderMutexLock lock(&mu_);
     AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
@@ -1307,12 +1322,22 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
     // The usual heartbeat: nothing to write. A group still running a task it no longer holds
     // is told to stop, again and again: an answer lost on its way must not count as heard.
     if (!task_id.empty() || !HoldsStale(*group)) return cancel;
+    stale_task = group->row.task_id;
+    auto it = tasks_.find(stale_task);
+    stale_attempt = it == tasks_.end() ? 0 : it->second.info.attempt();
   }
+  if (let_go_hook_for_test_) let_go_hook_for_test_();
   // The group runs no task while its row still names one it no longer holds: it has let go.
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
-  AVIARY_RETURN_IF_ERROR(LetGo(*group, group->row.task_id));
+  // Of that lease only. A heartbeat carries no attempt: one sent before the group leased again
+  // (another task, or this one retried) and answered after that lease was cancelled too would
+  // otherwise lift the fence on a task the group may be training now, and a second group could
+  // lease it into the same run folder. The group's next heartbeat lets go of that one.
+  auto it = tasks_.find(stale_task);
+  if ((it == tasks_.end() ? 0 : it->second.info.attempt()) != stale_attempt) return false;
+  AVIARY_RETURN_IF_ERROR(LetGo(*group, stale_task));
   return false;
 }
 
@@ -1916,7 +1941,7 @@ int Scheduler::ReapLostGroups() {
   if (lost.empty()) return 0;
   absl::Status status = Commit(&changes);
   if (!status.ok()) {
-    log_.Error(absl::StrCat("reaper: cannot remove lost groups: ", status.message()));
+    log_.Error(absl::StrCat("reaper: cannot remove lost groups ", absl::StrJoin(lost, ", "), ": ", status.message()));
     absl::MutexLock seen(&seen_mu_);  // judged again at the next pass (still silent)
     for (const std::string& id : lost) groups_.at(id)->reaped = false;
     return 0;

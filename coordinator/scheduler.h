@@ -195,6 +195,10 @@ class Scheduler {
 
   const SchedulerOptions& options() const { return options_; }
 
+  // Tests only, set before any heartbeat: runs in a heartbeat that lets go of a lease, between
+  // its read of that lease and its write (where a new lease and a cancel may land).
+  void SetLetGoHookForTest(std::function<void()> hook) { let_go_hook_for_test_ = std::move(hook); }
+
  private:
   // `use_cache`: take the manifests of an unchanged dataset version from fold_cache_. Sets
   // `*stale_cache` (and fails) when a cached manifest is no longer stored (pruned since).
@@ -364,6 +368,7 @@ class Scheduler {
   int64_t NowMs() const;
 
   const SchedulerOptions options_;
+  std::function<void()> let_go_hook_for_test_;
   Store* const store_;
   CoordinatorMetrics* const metrics_;
   common::Logger log_{"scheduler"};

@@ -3581,6 +3581,40 @@ TEST_F(CoordinatorServiceTest, ACancelledHolderLetsGoByLeasingOrFailing) {
   EXPECT_EQ(lease.task().task_id(), pretrain);
 }
 
+// A heartbeat without a task, sent after a cancel and answered only after the group leased the
+// task again and that lease was cancelled too, lets go of the first lease only: the group may be
+// training the second, and nobody else leases the task until its next heartbeat says it stopped.
+TEST_F(CoordinatorServiceTest, ALateHeartbeatDoesNotLetGoOfALaterLease) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  CancelAndRetry(job_id);
+  // Between the heartbeat's read of the cancelled lease 1 and its write: A leases attempt 2,
+  // which is cancelled and retried.
+  int hooked = 0;
+  coordinator_->scheduler()->SetLetGoHookForTest([&] {
+    if (hooked++ > 0) return;
+    LeaseTaskResponse lease = Lease(a);
+    EXPECT_EQ(lease.task().task_id(), pretrain);
+    EXPECT_EQ(lease.task().attempt(), 2);
+    CancelAndRetry(job_id);
+  });
+  bool cancel = true;
+  ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());
+  EXPECT_FALSE(cancel);
+  ASSERT_EQ(hooked, 1);
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available());  // A may be training attempt 2
+  ASSERT_TRUE(Heartbeat(a, "", &cancel).ok());  // now it says so: it lets go
+  LeaseTaskResponse lease = Lease(b);
+  ASSERT_TRUE(lease.available());
+  EXPECT_EQ(lease.task().task_id(), pretrain);
+  EXPECT_EQ(lease.task().attempt(), 3);
+  coordinator_->scheduler()->SetLetGoHookForTest(nullptr);
+}
+
 // After an outage longer than the heartbeat timeout the group abandoned its task; the restarted
 // coordinator hands the same task and attempt back, and the resumed run's reports (steps from
 // the checkpoint, the restored epochs sent again) are accepted; a re-sent epoch is not stored twice.
