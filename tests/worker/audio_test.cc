@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <new>
 #include <string>
@@ -281,6 +282,12 @@ TEST(AudioWindowTest, LengthsFollowTheRoundingRule) {
   EXPECT_EQ(ResampledLength(1, 44100, 32000), 1);  // 0.7256 rounds up
   EXPECT_EQ(ResampledLength(100, 32000, 32000), 100);
   EXPECT_EQ(ResampledLength(int64_t{1} << 40, 44100, 32000), 797831566640);  // no overflow
+  // A bogus header length (an Ogg granule near 2^62) upsampled past int64: saturated, never
+  // wrapped to a negative or small count that passed as a decoded file.
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(ResampledLength(int64_t{1} << 62, 16000, 32000), kMax);
+  EXPECT_EQ(ResampledLength((int64_t{1} << 62) + 1, 8000, 32000), kMax);
+  EXPECT_EQ(ResampledLength(kMax, 44100, 32000), 6692696262570358862);  // fits: downsampled
 }
 
 TEST(AudioWindowTest, WindowPastTheEndIsEmptyAndOk) {

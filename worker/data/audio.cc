@@ -680,7 +680,11 @@ int64_t ResampledLength(int64_t source_frames, int from_hz, int to_hz) {
   if (from_hz == to_hz || source_frames <= 0) return std::max<int64_t>(source_frames, 0);
   // round(frames * to / from) without overflow: frames < 2^63 / to is not guaranteed, so split.
   __int128 num = static_cast<__int128>(source_frames) * to_hz * 2 + from_hz;
-  return static_cast<int64_t>(num / (2 * static_cast<__int128>(from_hz)));
+  const __int128 samples = num / (2 * static_cast<__int128>(from_hz));
+  // Saturated: a bogus length in a header (an Ogg granule near 2^62, upsampled) wrapped to a
+  // negative or tiny count, and the file passed as decoded; INT64_MAX fails the size limit.
+  return samples > std::numeric_limits<int64_t>::max() ? std::numeric_limits<int64_t>::max()
+                                                        : static_cast<int64_t>(samples);
 }
 
 namespace {

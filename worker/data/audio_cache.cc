@@ -447,15 +447,19 @@ class Int16Sink : public SampleSink {
       float x = samples[i];
       clipped_ += x >= 1.0f || x < -1.0f;
       data_[base + i] = FloatToCacheSample(x);
+      any_nonzero_ |= data_[base + i] != 0;
     }
     return true;
   }
   std::vector<int16_t>& data() { return data_; }
   int64_t clipped() const { return clipped_; }
+  // Whether a sample is non-zero at 16 bits (the decoder's silence check sees exact zeros only).
+  bool any_nonzero() const { return any_nonzero_; }
 
  private:
   std::vector<int16_t> data_;
   int64_t clipped_ = 0;
+  bool any_nonzero_ = false;
 };
 
 // Writes all of `data` at `offset` (pwrite: writers of one file at their own offsets).
@@ -932,18 +936,32 @@ struct PendingFiles {
   std::vector<const CacheEntry*> current;  // cached entries of files not decoded again
   int64_t files_total = 0;
 };
-// With several parts, part R takes the distinct files R, R + N, R + 2N, ... (the same split in
-// every part, whatever the cache holds when each starts).
+// The part of a split run that decodes the file of `key`: by a hash (64-bit FNV-1a) of its file
+// name, not by its place in the list. The parts' lists may differ (a file one host does not see
+// yet, metadata edited between the parts' starts): by place, every file after the difference
+// moved to another part, some were decoded twice and others by no part, and every part said it
+// was done. By name, every file any part sees is some part's, the same wherever the pool is
+// mounted; thousands of names split about evenly.
+int PartOf(const std::string& key, int num_parts) {
+  uint64_t hash = 14695981039346656037ull;
+  for (unsigned char c : fs::path(key).filename().string()) {
+    hash ^= c;
+    hash *= 1099511628211ull;
+  }
+  return static_cast<int>(hash % static_cast<uint64_t>(num_parts));
+}
+
+// With several parts, part R takes the distinct files whose PartOf is R (the same split in every
+// part, whatever the cache holds when each starts).
 absl::StatusOr<PendingFiles> SplitPaths(const std::vector<std::string>& paths,
                         const std::unordered_map<std::string, CacheEntry>& cached, const PrepareOptions& options) {
   PendingFiles pending;
   std::unordered_map<std::string, bool> seen;
-  int64_t distinct = 0;
   std::vector<std::pair<const std::string*, std::string>> mine;  // path, key
   for (const std::string& path : paths) {
     std::string key = AudioCacheKey(path);
     if (!seen.emplace(key, true).second) continue;
-    if (distinct++ % options.num_parts != options.part) continue;
+    if (options.num_parts > 1 && PartOf(key, options.num_parts) != options.part) continue;
     mine.emplace_back(&path, std::move(key));
   }
   // One stat per file, 32 at a time: on a network filesystem a stat is a round trip, and a
@@ -1146,6 +1164,13 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       entry.source_sample_rate = audio.source_sample_rate;
       entry.source_channels = audio.source_channels;
       entry.source_frames = audio.source_frames;
+      if (entry.problem == AudioProblem::kNone && !sink.data().empty() && !sink.any_nonzero()) {
+        // Audible to the decoder, silent in the cache: every clip of it would be skipped as
+        // silent (the loader's check), so the report counts it as silent, not ok.
+        entry.problem = AudioProblem::kSilent;
+        entry.message = absl::StrCat(item.path, ": all ", sink.data().size(),
+                                     " samples are zero at 16 bits (none reaches 2^-16)");
+      }
       if (entry.problem != AudioProblem::kNone) sink.data().clear();
       if (result->failure.over_limit) {
         absl::StrAppend(&entry.message, " (not cached: training decodes its clips' windows from the file; "

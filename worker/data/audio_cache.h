@@ -25,7 +25,8 @@
 //   LOCK.of-N
 //   LOCK.manifest              while one writes the manifest.
 // A split prepare (several processes or hosts, e.g. the ranks of an mpirun) writes one cache:
-// part R of N decodes the distinct files R, R + N, ... and numbers its shards R mod N, so the
+// part R of N decodes the distinct files whose name hashes to R (PartOf in the .cc; not by their
+// place in the list, which the parts may see differently) and numbers its shards R mod N, so the
 // parts never write the same file; the shard indexes together are the cache's index. A part is
 // refused while a run split into another number of parts writes the cache (LOCK.of-N).
 // A shard whose index is missing (an interrupted run) or unreadable, or whose .pcm is shorter

@@ -5,6 +5,7 @@
 #include <random>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 
@@ -48,6 +49,13 @@ absl::Status CheckRequest(const ClipRequest& request) {
         absl::StrCat("clip max_seconds ", request.max_seconds, ": must be >= 0"));
   }
   return absl::OkStatus();
+}
+
+// A decoder's error that does not name the file (INTERNAL from soxr, say): named here, so that
+// the loader's problem report ("error") says which file.
+absl::Status NamingFile(const absl::Status& status, const std::string& path) {
+  if (absl::StrContains(status.message(), path)) return status;
+  return common::Annotate(status, path);
 }
 
 }  // namespace
@@ -123,7 +131,9 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
     for (int64_t i = 0; i < result.plan.source_length; ++i) out[i] = CacheSampleToFloat(in[i]);
     std::fill(out + result.plan.source_length, out + result.plan.source_length + result.plan.pad_back, 0.0f);
   } else {
-    AVIARY_ASSIGN_OR_RETURN(DecodeResult probe, ProbeAudio(path, request.sample_rate));
+    absl::StatusOr<DecodeResult> probed = ProbeAudio(path, request.sample_rate);
+    if (!probed.ok()) return NamingFile(probed.status(), path);
+    DecodeResult probe = *std::move(probed);
     if (!probe.ok()) {
       SetProblem(&result, out_clip, probe.failure);
       return result;
@@ -142,7 +152,9 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
       // Exact: llround((k / rate) * rate) == k for every k below 2^52.
       options.offset_s = static_cast<double>(result.plan.source_offset) / request.sample_rate;
       options.duration_s = static_cast<double>(result.plan.source_length) / request.sample_rate;
-      AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
+      absl::StatusOr<DecodeResult> decoding = DecodeAudio(path, options);
+      if (!decoding.ok()) return NamingFile(decoding.status(), path);
+      DecodeResult decoded = *std::move(decoding);
       if (!decoded.ok()) {
         SetProblem(&result, out_clip, decoded.failure);
         return result;
@@ -159,7 +171,9 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
       // Length unknown from the header (an mp3 libsndfile could not scan): decode it all (or
       // the part max_seconds allows).
       options.duration_s = request.max_seconds;
-      AVIARY_ASSIGN_OR_RETURN(DecodeResult decoded, DecodeAudio(path, options));
+      absl::StatusOr<DecodeResult> decoding = DecodeAudio(path, options);
+      if (!decoding.ok()) return NamingFile(decoding.status(), path);
+      DecodeResult decoded = *std::move(decoding);
       if (!decoded.ok()) {
         SetProblem(&result, out_clip, decoded.failure);
         return result;
