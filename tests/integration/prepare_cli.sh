@@ -122,14 +122,21 @@ check "shards of both ranks" test "$(ls "$tmp/dist"/shard-00000[0-9].index.csv |
 check "the split cache holds what the single run wrote" test "$(pcm_bytes "$tmp/dist")" = "$(pcm_bytes "$tmp/cache")"
 after=$("$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist" 2>/dev/null)
 check "after the split run nothing is left to decode" grep -q " 0 decoded now" <<<"$after"
-outp=$("$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist2" --part 1/3 2>/dev/null); rc=$?
-check "--part 1/3 exits 0" test $rc -eq 0
-check "--part 1/3 decodes a third" grep -qE "^part 1 of 3: cache .*: $(( (${total:-0} + 1) / 3 )) files" <<<"$outp"
+# --part R/3 one after another: each its share (the files whose name hashes to R), every file once.
+third=()
+for r in 0 1 2; do
+  outp=$("$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist2" --part "$r/3" 2>/dev/null); rc=$?
+  check "--part $r/3 exits 0" test $rc -eq 0
+  third[r]=$(sed -nE "s/^part $r of 3: cache .*: ([0-9]+) files .*/\1/p" <<<"$outp")
+done
+check "--part 0/3, 1/3, 2/3 decode shares (${third[*]}) that add up to every file (${total:-?})" \
+  test "$((${third[0]:-0} + ${third[1]:-0} + ${third[2]:-0}))" = "${total:-x}" -a "${third[1]:-0}" -gt 0
 # A task of an srun step takes its share as an mpirun rank does; an sbatch script (the
 # allocation's SLURM_NTASKS, no step) prepares the whole cache.
 outs=$(env SLURM_PROCID=1 SLURM_STEP_NUM_TASKS=3 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist3" 2>/dev/null); rc=$?
 check "srun step task 1 of 3 exits 0" test $rc -eq 0
-check "an srun step's task decodes its third" grep -qE "^part 1 of 3: cache .*: $(( (${total:-0} + 1) / 3 )) files" <<<"$outs"
+check "an srun step's task decodes the share of --part 1/3 (${third[1]:-?} files)" \
+  grep -qE "^part 1 of 3: cache .*: ${third[1]:-x} files" <<<"$outs"
 outb=$(env SLURM_PROCID=0 SLURM_NTASKS=8 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist4" 2>/dev/null); rc=$?
 check "an sbatch script's prepare exits 0" test $rc -eq 0
 check "an sbatch script's prepare takes every file" grep -qE "^cache .*: ${total:-x} files" <<<"$outb"

@@ -167,7 +167,8 @@ struct PrepareOptions {
   double max_seconds = 0;
   int num_threads = 0;  // decode threads (probe threads for PlanAudioCache); 0 = every core
   // This process's share of a split run: part `part` of `num_parts` (see the file comment).
-  // Parts of one run must agree on num_parts and on the list of paths.
+  // Parts of one run must agree on num_parts (their lists may differ: a file is the part its
+  // name hashes to).
   int part = 0;
   int num_parts = 1;
   int64_t shard_bytes = kDefaultShardBytes;  // a shard is sealed once it holds this much
