@@ -308,6 +308,12 @@ while [ -z "$rc" ]; do
   else
     r=$?
     if [ "$r" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+    # Cut by a trapped signal just as mpirun exited (bash reaped it meanwhile), r is the
+    # signal's 128+n, not mpirun's code: waiting again gives the code bash kept for it (and the
+    # same r when r was mpirun's own).
+    if [ "$r" -gt 128 ]; then
+      if wait "$pid"; then r=0; else r=$?; fi
+    fi
     rc=$r
   fi
 done
