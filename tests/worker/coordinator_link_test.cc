@@ -364,6 +364,57 @@ TEST_F(CoordinatorLinkTest, ARotatedTokenIsReadAgainFromItsFileAndTheCompletionA
   link.StopThreads();
 }
 
+// A run of points of which the coordinator refuses one (INVALID_ARGUMENT: an epoch outside the
+// task's plan) loses that point only: the epoch ends around it reach the history (the whole run
+// was dropped with it).
+TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  auto point = [&](int epoch, int64_t step) {
+    Report report;
+    report.kind = Report::Kind::kPoint;
+    report.task_id = task.task_id();
+    report.steps_per_epoch = 10;
+    v1::Metrics& m = report.point;
+    m.set_epoch(epoch);
+    m.set_step(step);
+    m.set_epoch_end(true);
+    m.set_lr(1e-3);
+    m.set_train_loss(1.25);
+    m.set_train_acc(0.4);
+    m.set_val_loss(0.9);
+    m.set_val_auc(0.5 + 0.1 * epoch);
+    m.set_val_roc_auc(0.7);
+    m.set_val_cmap(0.6);
+    m.set_val_acc(0.5);
+    m.set_samples_total(160);
+    return report;
+  };
+  // Pushed before the threads start: one run of three points.
+  link.Push(point(0, 10));
+  link.Push(point(99, 15));  // the plan has 3 epochs
+  link.Push(point(1, 20));
+  link.StartThreads();
+  link.BeginTask(task.task_id(), task.attempt());
+  link.Drain(task.task_id(), 30, 0);
+  link.EndTask();
+  link.StopThreads();
+
+  v1::GetHistoryRequest request;
+  request.set_job_id(submitted.job_id());
+  v1::GetHistoryResponse history;
+  const grpc::Status status = jobs_->GetHistory(Ctx().get(), request, &history);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<int> epochs;
+  for (const v1::HistoryRow& row : history.rows()) {
+    if (row.task_id() == task.task_id()) epochs.push_back(row.metrics().epoch());
+  }
+  EXPECT_EQ(epochs, (std::vector<int>{0, 1}));
+}
+
 // Step points dropped for the buffer's bound while the coordinator cannot take them (here it
 // refuses the group's token) are said, with the count, instead of leaving a silent gap: the
 // warning is in the task's log that `aviary logs` shows once the group gets through again.

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
+#include <optional>
 #include <random>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
@@ -68,6 +71,22 @@ std::string FailureText(const std::string& error) {
   std::string text(common::Utf8Prefix(valid, kMaxBytes));
   if (text.size() < valid.size()) text += " [cut]";
   return text;
+}
+
+// The point a refused ReportProgress names ("field 'points[i]...'", coordinator/service.cc and
+// scheduler.cc), when it is one of the `n` sent.
+std::optional<size_t> RefusedPoint(const std::string& message, size_t n) {
+  constexpr absl::string_view kField = "field 'points[";
+  const size_t at = absl::string_view(message).find(kField);
+  if (at == std::string::npos) return std::nullopt;
+  const size_t from = at + kField.size();
+  const size_t close = message.find(']', from);
+  size_t index = 0;
+  if (close == std::string::npos || !absl::SimpleAtoi(absl::string_view(message).substr(from, close - from), &index) ||
+      index >= n) {
+    return std::nullopt;
+  }
+  return index;
 }
 
 }  // namespace
@@ -779,6 +798,50 @@ void CoordinatorLink::SenderLoop() {
       (void)Failed(RpcName(run.front().kind), st, gid);
       buffer_.Pop();
       buffer_.DropTask(run.front().task_id);
+    } else if (st.error_code() == grpc::StatusCode::INVALID_ARGUMENT && run.size() > 1 &&
+               RefusedPoint(st.error_message(), run.size()).has_value()) {
+      // One point of the run refused (out of the task's plan, a step going back): the whole run
+      // went with it, epoch ends and all (history rows lost). The refusal names the point
+      // ("field 'points[i]...'"): it goes, the rest is sent again, one request as before.
+      std::vector<Report> rest = run;
+      grpc::Status now = st;
+      bool kept = false, unknown = false;
+      while (true) {
+        const std::optional<size_t> bad = RefusedPoint(now.error_message(), rest.size());
+        if (!bad.has_value()) {
+          Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
+                                   " point(s) of task ", run.front().task_id, " dropped"));
+          break;
+        }
+        const Report& refused = rest[*bad];
+        Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; that point (epoch ",
+                                 refused.point.epoch(), ", step ", refused.point.step(), ") of task ",
+                                 refused.task_id, " dropped, the run's other ", rest.size() - 1, " sent again"));
+        rest.erase(rest.begin() + static_cast<std::ptrdiff_t>(*bad));
+        if (rest.empty()) break;
+        now = Send(rest, gid);
+        if (now.ok()) break;
+        if (IsTransient(now.error_code()) || KeepsRefused(now)) {
+          kept = true;  // the whole run again later: its refused point goes again, the rest is
+          break;        // recognised where it was taken (ReportProgress skips a resent run's points)
+        }
+        if (now.error_code() != grpc::StatusCode::INVALID_ARGUMENT) {
+          Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
+                                   " point(s) of task ", run.front().task_id, " dropped"));
+          unknown = now.error_code() == grpc::StatusCode::NOT_FOUND;
+          break;
+        }
+      }
+      if (kept) {
+        buffer_.Release();
+        SleepUnlessStopped(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(backoff.Next())));
+      } else {
+        Connected(true);
+        backoff.Reset();
+        buffer_.Pop();
+        if (unknown) buffer_.DropTask(run.front().task_id);  // as NOT_FOUND above: it registers again
+      }
     } else {
       // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
       // get the same answer.
