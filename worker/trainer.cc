@@ -541,9 +541,10 @@ struct Trainer::State {
   // A stop between optimizer steps, before loader batch `next` of the epoch: last.pt at this
   // step (rank 0; every rank learns the outcome), then CANCELLED.
   absl::Status StopMidEpoch(const EpochTally& t, int64_t next);
-  // Rank 0 writes last.pt at batch `next` of epoch t.epoch (every rank's totals summed); the
-  // outcome shared by every rank (ShareWriteOutcome).
-  absl::Status WriteMidEpoch(const EpochTally& t, int64_t next);
+  // Rank 0 writes last.pt at batch `next` of epoch t.epoch (every rank's totals summed). Returns
+  // a failure of the ranks' collectives (the group is broken); `*wrote` gets the write's outcome,
+  // shared by every rank (ShareWriteOutcome).
+  absl::Status WriteMidEpoch(const EpochTally& t, int64_t next, absl::Status* wrote);
   // TrainOptions::checkpoint_before_validation_s, for the epoch TrainEpoch just trained.
   absl::Status CheckpointBeforeValidation();
   // The epoch TrainEpoch trained last, this rank's totals (CheckpointBeforeValidation).
@@ -596,6 +597,9 @@ struct Trainer::State {
   // (one all-reduce of its code). Rank 0 returns `wrote`; the others, when it failed, the same
   // code with "rank 0 could not write ...".
   absl::Status ShareWriteOutcome(const absl::Status& wrote, const std::string& what);
+  // The same, apart: returns a failure of the all-reduce itself, and sets `*shared` to the
+  // outcome every rank learns.
+  absl::Status ShareWriteOutcome(const absl::Status& wrote, const std::string& what, absl::Status* shared);
   // Every rank, after Create's steps that each rank takes alone (device, items, loaders, model,
   // the lock): `mine`, and every rank's outcome. When any rank failed, every rank returns the
   // first failing rank's status ("rank R: ..."), so that all end the task together with one code
@@ -691,17 +695,27 @@ absl::Status Trainer::State::CatchUpHistoryFiles(const common::AtomicWriteOption
 constexpr double kRankZeroFilesTimeoutS = 1800;
 
 absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const std::string& what) {
-  if (comm == nullptr) return wrote;
+  absl::Status shared;
+  AVIARY_RETURN_IF_ERROR(ShareWriteOutcome(wrote, what, &shared));
+  return shared;
+}
+
+absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const std::string& what,
+                                               absl::Status* shared) {
+  *shared = wrote;
+  if (comm == nullptr) return absl::OkStatus();
   comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's file writes");
   // Said before the all-reduce: another rank's abort (it fails with "rank 0 could not write")
   // may end this process before its own error is printed.
   if (rank == 0 && !wrote.ok()) Log().Error(absl::StrCat("writing ", what, ": ", wrote.message()));
   at::Tensor code = at::tensor({static_cast<int64_t>(wrote.code())}, at::kLong);
   AVIARY_RETURN_IF_ERROR(comm->AllReduce(code, comm::ReduceOp::kMax));
-  const auto shared = static_cast<absl::StatusCode>(code[0].item<int64_t>());
-  if (rank == 0 || shared == absl::StatusCode::kOk) return wrote;
-  return absl::Status(shared, absl::StrCat("rank ", rank, ": rank 0 could not write ", what, " to ",
-                                           options.out_dir, " (its error ends the task)"));
+  const auto rank0 = static_cast<absl::StatusCode>(code[0].item<int64_t>());
+  if (rank != 0 && rank0 != absl::StatusCode::kOk) {
+    *shared = absl::Status(rank0, absl::StrCat("rank ", rank, ": rank 0 could not write ", what, " to ",
+                                               options.out_dir, " (its error ends the task)"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Trainer::State::ShareStartOutcome(const absl::Status& mine) {
@@ -1682,11 +1696,12 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
     // Nothing trained since the checkpoint the run started from or the epoch's last.pt.
     return absl::CancelledError(where);
   }
-  absl::Status shared = WriteMidEpoch(t, next);
-  // A rank that did not arrive (the totals' all-reduce or the write's outcome timed out): the
-  // group is broken, and that ends the run, naming the rank; as a stop it was "preempted" under
-  // `serve`, and `train` waited in MPI_Finalize for the hung rank for ever.
-  if (absl::IsDeadlineExceeded(shared)) return shared;
+  absl::Status shared;
+  // The ranks' collectives failed (a rank did not arrive, a peer's network went, the communicator
+  // broke earlier): the group is broken, and that ends the run with that error, naming the rank;
+  // as a stop it was "preempted" under `serve`, and `train` waited in MPI_Finalize for the hung
+  // rank for ever. (Only DEADLINE_EXCEEDED was passed on: an MPI or NCCL error was a stop.)
+  AVIARY_RETURN_IF_ERROR(WriteMidEpoch(t, next, &shared));
   if (!shared.ok()) {
     Log().Warn(absl::StrCat(where, ": no mid-epoch checkpoint (", shared.message(), "); ", Path("last.pt"),
                             " holds what it held"));
@@ -1696,7 +1711,7 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
   return absl::CancelledError(absl::StrCat(where, "; ", Path("last.pt"), " holds this step"));
 }
 
-absl::Status Trainer::State::WriteMidEpoch(const EpochTally& t, int64_t next) {
+absl::Status Trainer::State::WriteMidEpoch(const EpochTally& t, int64_t next, absl::Status* shared) {
   // Every rank's totals, summed: rank 0's checkpoint carries them (a resumed rank 0 starts
   // from them, the others from zero, so FinishEpoch's sum is the same).
   double loss_sum = t.loss_sum;
@@ -1728,7 +1743,7 @@ absl::Status Trainer::State::WriteMidEpoch(const EpochTally& t, int64_t next) {
       wrote = SaveCheckpoint(Path("last.pt"), *model, optimizer.get(), meta, write, LastGroups());
     }
   }
-  return ShareWriteOutcome(wrote, "the mid-epoch last.pt");
+  return ShareWriteOutcome(wrote, "the mid-epoch last.pt", shared);
 }
 
 absl::Status Trainer::State::CheckpointBeforeValidation() {
@@ -1743,7 +1758,9 @@ absl::Status Trainer::State::CheckpointBeforeValidation() {
     write = flag[0].item<int64_t>() != 0;
   }
   if (!write) return absl::OkStatus();
-  AVIARY_RETURN_IF_ERROR(WriteMidEpoch(t, t.steps));
+  absl::Status wrote;
+  AVIARY_RETURN_IF_ERROR(WriteMidEpoch(t, t.steps, &wrote));
+  AVIARY_RETURN_IF_ERROR(wrote);
   if (rank == 0) {
     Log().Info(absl::StrCat("epoch ", t.epoch, " trained: ", Path("last.pt"),
                             " holds it before its validation (a stop during validation resumes there)"));

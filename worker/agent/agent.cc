@@ -247,9 +247,14 @@ absl::Status Agent::Serve() {
       setup = StopMessage(metrics.status());
     }
   }
-  AVIARY_RETURN_IF_ERROR(control_.Broadcast(&setup, 0, 0.02, 0));
+  // A control collective that fails fails on one rank, not all: returned, its error was printed
+  // by rank 0 only (the others' errors are rank 0's stop) and the other ranks waited in the next
+  // collective. It ends the group, naming this rank.
+  if (absl::Status st = control_.Broadcast(&setup, 0, 0.02, 0); !st.ok()) EndGroup(std::string(st.message()));
   if (!setup.empty()) return ParseStopMessage(setup);
-  AVIARY_ASSIGN_OR_RETURN(v1::RegisterGroupRequest registration, Describe(metrics_port));
+  absl::StatusOr<v1::RegisterGroupRequest> described = Describe(metrics_port);
+  if (!described.ok()) EndGroup(std::string(described.status().message()));
+  v1::RegisterGroupRequest registration = *std::move(described);
   // One kind of device in a group (every rank sees every rank's): a CPU rank among GPU ranks
   // would fail every task it leases at the trainer's check (the replicas would drift apart), job
   // after job; the group is refused at its start instead, before it registers.
@@ -361,8 +366,9 @@ absl::Status Agent::ServeRank0() {
 absl::Status Agent::ServeOther() {
   while (true) {
     std::string msg;
-    AVIARY_RETURN_IF_ERROR(control_.Broadcast(&msg, 0, 0.02, 0));
-    if (msg.empty()) return absl::InternalError("empty control message from rank 0");
+    // Returned, this rank's own failure went unsaid (only rank 0 prints a stop): it ends the group.
+    if (absl::Status st = control_.Broadcast(&msg, 0, 0.02, 0); !st.ok()) EndGroup(std::string(st.message()));
+    if (msg.empty()) EndGroup("empty control message from rank 0");
     if (msg[0] == kMsgStop) {
       absl::Status st = ParseStopMessage(msg);
       return st.ok() ? st : absl::Status(st.code(), absl::StrCat("rank 0: ", st.message()));

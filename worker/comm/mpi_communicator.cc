@@ -90,7 +90,8 @@ class MpiWork final : public Work {
         seq_(seq),
         what_(std::move(what)) {}
   ~MpiWork() override {
-    if (done_) return;
+    // Never started (an empty tensor, or a launch that failed and broke the communicator).
+    if (done_ || request_ == MPI_REQUEST_NULL) return;
     absl::Status st = Wait();
     if (!st.ok()) Log().Error(st.message());
   }
@@ -239,6 +240,17 @@ std::string MpiCommunicator::NotArrived(int64_t seq) {
                          : absl::StrJoin(missing, ", ");
 }
 
+// A collective this rank could not start: the others started theirs, so this rank is out of
+// step with them from here on, and every later collective fails (Broken) naming this one.
+#define AVIARY_MPI_LAUNCH(call)                                                       \
+  do {                                                                                \
+    int aviary_mpi_rc_ = (call);                                                      \
+    if (aviary_mpi_rc_ != MPI_SUCCESS) {                                              \
+      failed_ = absl::InternalError(MpiErrorMessage(#call, aviary_mpi_rc_, __FILE__, __LINE__)); \
+      return failed_;                                                                 \
+    }                                                                                 \
+  } while (0)
+
 absl::Status MpiCommunicator::WaitRequest(MPI_Request* request, int64_t seq,
                                           const std::string& what) {
   if (!failed_.ok()) return Broken(seq, what);
@@ -285,7 +297,7 @@ absl::StatusOr<std::unique_ptr<Work>> MpiCommunicator::AllReduceAsync(at::Tensor
       this, tensor, staged, seq,
       absl::StrCat("all-reduce of ", tensor.numel(), " ", c10::toString(tensor.scalar_type())));
   if (tensor.numel() > 0) {
-    AVIARY_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, staged.data_ptr(), count, *type, WireOp(op), comm_,
+    AVIARY_MPI_LAUNCH(MPI_Iallreduce(MPI_IN_PLACE, staged.data_ptr(), count, *type, WireOp(op), comm_,
                                     work->request()));
   }
   return std::unique_ptr<Work>(std::move(work));
@@ -304,7 +316,7 @@ absl::Status MpiCommunicator::Broadcast(at::Tensor tensor, int root) {
   MpiWork work(this, tensor, staged, seq,
                absl::StrCat("broadcast of ", tensor.numel(), " from rank ", root));
   if (tensor.numel() > 0) {
-    AVIARY_MPI_CHECK(MPI_Ibcast(staged.data_ptr(), count, *type, root, comm_, work.request()));
+    AVIARY_MPI_LAUNCH(MPI_Ibcast(staged.data_ptr(), count, *type, root, comm_, work.request()));
   }
   return work.Wait();
 }
@@ -322,11 +334,13 @@ absl::StatusOr<at::Tensor> MpiCommunicator::AllGather(const at::Tensor& tensor) 
   at::Tensor gathered = at::empty(shape, staged.options());
   const int64_t seq = ++seq_;
   MpiWork work(this, gathered, gathered, seq, absl::StrCat("all-gather of ", tensor.numel()));
-  AVIARY_MPI_CHECK(MPI_Iallgather(staged.data_ptr(), count, *type, gathered.data_ptr(), count, *type, comm_,
+  AVIARY_MPI_LAUNCH(MPI_Iallgather(staged.data_ptr(), count, *type, gathered.data_ptr(), count, *type, comm_,
                                   work.request()));
   absl::Status st = work.Wait();
   if (!st.ok()) {
-    if (staged.data_ptr() != tensor.data_ptr()) new at::Tensor(staged);  // NOLINT: MPI may still read it
+    // MPI may still read `staged` (a late rank): kept for ever, also when it is the caller's own
+    // tensor (contiguous, of a wire type), whose memory the caller may free or reuse on return.
+    new at::Tensor(staged);  // NOLINT: leaked on purpose
     return st;
   }
   return gathered.to(tensor.device(), tensor.scalar_type());
@@ -336,7 +350,7 @@ absl::Status MpiCommunicator::Barrier() {
   if (!failed_.ok()) return Broken(seq_ + 1, "barrier");
   const int64_t seq = ++seq_;
   MPI_Request request = MPI_REQUEST_NULL;
-  AVIARY_MPI_CHECK(MPI_Ibarrier(comm_, &request));
+  AVIARY_MPI_LAUNCH(MPI_Ibarrier(comm_, &request));
   return WaitRequest(&request, seq, "barrier");
 }
 

@@ -144,10 +144,25 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   std::unique_ptr<NcclCommunicator> c(
       new NcclCommunicator(session.rank(), session.world_size(), device, timeout_s));
   c10::cuda::CUDAGuard guard(device.index());
-  ncclUniqueId id;
-  if (c->rank_ == 0) AVIARY_NCCL_CHECK(ncclGetUniqueId(&id), nullptr);
-  AVIARY_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
-  AVIARY_NCCL_CHECK(ncclCommInitRank(&c->comm_, c->world_size_, id, c->rank_), nullptr);
+  // Rank 0's id, and whether it has one: a rank 0 that failed returned before the broadcast,
+  // and the other ranks waited in it until the setup deadline killed the group, rank 0's error
+  // unsaid to the coordinator.
+  struct {
+    int32_t ok = 0;
+    ncclUniqueId id;
+  } setup;
+  ncclResult_t made = ncclSuccess;
+  if (c->rank_ == 0) {
+    made = ncclGetUniqueId(&setup.id);
+    setup.ok = made == ncclSuccess ? 1 : 0;
+  }
+  AVIARY_MPI_CHECK(MPI_Bcast(&setup, sizeof(setup), MPI_BYTE, 0, MPI_COMM_WORLD));
+  if (c->rank_ == 0) AVIARY_NCCL_CHECK(made, nullptr);
+  if (setup.ok != 1) {
+    return absl::InternalError(absl::StrCat("rank ", c->rank_, ": rank 0 could not make the NCCL id "
+                                            "(ncclGetUniqueId failed there; its log says why)"));
+  }
+  AVIARY_NCCL_CHECK(ncclCommInitRank(&c->comm_, c->world_size_, setup.id, c->rank_), nullptr);
   c->stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index()).stream();
   return c;
 }
