@@ -9,8 +9,10 @@
 
 #if defined(AVIARY_WITH_CUDA_TORCH)
 #include <ATen/autocast_mode.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -98,6 +100,12 @@ class CudaGraphModelStep final : public GraphedModelStep {
           for (size_t i = 0; i < buffers.size(); ++i) buffers[i].detach().copy_(saved[i]);
         }
         optimizer->ZeroGrad();  // backward in the capture allocates the gradients the graph owns
+        // The warm-up's memory back to the device, as torch.cuda.graph does before a capture:
+        // the capture allocates from a private pool that cannot reuse blocks cached for the
+        // side stream, and the allocator does not free cached blocks while a capture is under
+        // way, so a batch using over half the free memory ran out of it at capture.
+        side.synchronize();
+        c10::cuda::CUDACachingAllocator::emptyCache();
       } catch (const std::exception& e) {
         status = TorchError("warm-up", e);
       }
@@ -177,6 +185,14 @@ class CudaGraphModelStep final : public GraphedModelStep {
 
 bool GraphedModelStep::Built() { return true; }
 
+int CudaComputeMajor(int index) {
+  try {
+    return at::cuda::getDeviceProperties(index < 0 ? at::cuda::current_device() : static_cast<c10::DeviceIndex>(index))->major;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
 struct DeviceCopier::Stream {
   c10::cuda::CUDAStream stream;
 };
@@ -252,6 +268,8 @@ absl::StatusOr<std::unique_ptr<GraphedModelStep>> GraphedModelStep::Capture(
 #else  // a torch without CUDA: CheckSupported refuses
 
 bool GraphedModelStep::Built() { return false; }
+
+int CudaComputeMajor(int /*index*/) { return -1; }
 
 struct DeviceCopier::Stream {};
 struct DeviceCopier::Event {};

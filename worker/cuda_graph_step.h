@@ -70,6 +70,11 @@ class GraphedModelStep {
   virtual const at::Tensor& static_targets() const = 0;
 };
 
+// The major version of CUDA device `index`'s compute capability (8 from Ampere on; -1: the
+// current device), or -1 in a build against a torch without CUDA. (Here: this file is the
+// worker's one translation unit built with CUDA torch's headers.)
+int CudaComputeMajor(int index);
+
 }  // namespace aviary::worker
 
 #endif  // AVIARY_WORKER_CUDA_GRAPH_STEP_H_

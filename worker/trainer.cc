@@ -767,6 +767,12 @@ void ConfigureCudaMode(bool deterministic) {
   ctx.setDeterministicAlgorithms(deterministic, /*warn_only=*/true);
 }
 
+bool Bf16Autocast(const std::string& precision, bool cuda, int compute_major) {
+  if (!cuda || precision == "fp32") return false;
+  if (precision == "bf16") return true;
+  return compute_major >= 8;  // auto
+}
+
 // The device and precision checks; cuDNN's mode (train.deterministic).
 absl::Status Trainer::State::ConfigureDevice() {
   if (train.tta != 1) {
@@ -776,7 +782,20 @@ absl::Status Trainer::State::ConfigureDevice() {
   if (options.device.is_cuda() && !at::hasCUDA()) {
     return absl::FailedPreconditionError("device cuda was asked for, but torch sees no CUDA device");
   }
-  autocast = options.device.is_cuda() && train.precision != "fp32";
+  const int compute_major = options.device.is_cuda()
+                                ? CudaComputeMajor(options.device.has_index() ? options.device.index() : -1)
+                                : -1;
+  autocast = Bf16Autocast(train.precision, options.device.is_cuda(), compute_major);
+  if (options.device.is_cuda() && rank == 0 && compute_major >= 0 && compute_major < 8) {
+    if (autocast) {
+      Log().Warn(absl::StrCat("train.precision bf16 on a GPU of compute capability ", compute_major,
+                              ".x (bf16 needs 8.0, Ampere, for its tensor cores): expect a slow step or a cuDNN "
+                              "error; train.precision auto trains in fp32 there"));
+    } else if (train.precision == "auto") {
+      Log().Info(absl::StrCat("train.precision auto: fp32 on this GPU (compute capability ", compute_major,
+                              ".x; bf16 autocast from 8.0, Ampere, on)"));
+    }
+  }
   if (options.device.is_cuda()) {
     ConfigureCudaMode(train.deterministic);
     // The rank's GPU current on this thread too: raw CUDA calls outside torch's guards (event

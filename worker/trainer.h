@@ -187,6 +187,12 @@ bool ResumeMayChange(const std::string& key);
 // process: cuBLAS reads it when its handle is created, once.
 void ConfigureCudaMode(bool deterministic);
 
+// Whether train.precision asks for bf16 autocast on a device: "fp32" never; "bf16" on CUDA;
+// "auto" on CUDA devices of compute capability 8 or more (`compute_major`: bf16 tensor cores,
+// Ampere on) and not on older GPUs (a T4 or V100 runs bf16 convolutions slowly, or cuDNN refuses
+// them) nor where the capability is unknown (-1). Never on the CPU.
+bool Bf16Autocast(const std::string& precision, bool cuda, int compute_major);
+
 class Trainer {
  public:
   // Builds the data, the model (with pretrained or pretraining weights) and the optimizer, and

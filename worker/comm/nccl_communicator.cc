@@ -262,10 +262,21 @@ absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const s
   }
 }
 
+// A collective this rank could not enqueue (its producers' event, NCCL's own check): the other
+// ranks enqueued theirs, so this communicator is out of step with them from here on (the next
+// collective would pair with their pending one): aborted, as after an error in flight.
+#define AVIARY_NCCL_LAUNCH(call)                                                                            \
+  do {                                                                                                      \
+    ncclResult_t aviary_nccl_rc_ = (call);                                                                  \
+    if (aviary_nccl_rc_ != ncclSuccess) {                                                                   \
+      return Abort(absl::InternalError(NcclErrorMessage(#call, aviary_nccl_rc_, comm_, __FILE__, __LINE__))); \
+    }                                                                                                       \
+  } while (0)
+
 absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tensor tensor,
                                                                        ReduceOp op) {
   if (aborted_)
-    return absl::FailedPreconditionError("NCCL communicator was aborted after an error");
+    return absl::FailedPreconditionError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
   auto type = NcclType(tensor.scalar_type());
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
@@ -274,10 +285,8 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tenso
   const int64_t seq = ++seq_;
   auto work = std::make_unique<NcclWork>(this, tensor, dev, seq,
                                          absl::StrCat("all-reduce of ", tensor.numel()));
-  AVIARY_RETURN_IF_ERROR(AfterProducers());
-  AVIARY_NCCL_CHECK(ncclAllReduce(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, NcclOp(op),
-                                  comm_, stream()),
-                    comm_);
+  if (absl::Status st = AfterProducers(); !st.ok()) return Abort(st);
+  AVIARY_NCCL_LAUNCH(ncclAllReduce(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, NcclOp(op), comm_, stream()));
   // Enqueued: a failure to record its event leaves it in flight with nothing to wait for it.
   if (absl::Status recorded = work->Record(); !recorded.ok()) return Abort(recorded);
   return std::unique_ptr<Work>(std::move(work));
@@ -285,7 +294,7 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tenso
 
 absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
   if (aborted_)
-    return absl::FailedPreconditionError("NCCL communicator was aborted after an error");
+    return absl::FailedPreconditionError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
   auto type = NcclType(tensor.scalar_type());
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
@@ -294,17 +303,15 @@ absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
   const int64_t seq = ++seq_;
   NcclWork work(this, tensor, dev, seq,
                 absl::StrCat("broadcast of ", tensor.numel(), " from rank ", root));
-  AVIARY_RETURN_IF_ERROR(AfterProducers());
-  AVIARY_NCCL_CHECK(
-      ncclBroadcast(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, root, comm_, stream()),
-      comm_);
+  if (absl::Status st = AfterProducers(); !st.ok()) return Abort(st);
+  AVIARY_NCCL_LAUNCH(ncclBroadcast(dev.data_ptr(), dev.data_ptr(), dev.numel(), *type, root, comm_, stream()));
   if (absl::Status recorded = work.Record(); !recorded.ok()) return Abort(recorded);
   return work.Wait();
 }
 
 absl::StatusOr<at::Tensor> NcclCommunicator::AllGather(const at::Tensor& tensor) {
   if (aborted_)
-    return absl::FailedPreconditionError("NCCL communicator was aborted after an error");
+    return absl::FailedPreconditionError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
   auto type = NcclType(tensor.scalar_type());
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
@@ -315,9 +322,8 @@ absl::StatusOr<at::Tensor> NcclCommunicator::AllGather(const at::Tensor& tensor)
   at::Tensor out = at::empty(shape, dev.options());
   const int64_t seq = ++seq_;
   NcclWork work(this, out, out, seq, absl::StrCat("all-gather of ", tensor.numel()));
-  AVIARY_RETURN_IF_ERROR(AfterProducers());
-  AVIARY_NCCL_CHECK(
-      ncclAllGather(dev.data_ptr(), out.data_ptr(), dev.numel(), *type, comm_, stream()), comm_);
+  if (absl::Status st = AfterProducers(); !st.ok()) return Abort(st);
+  AVIARY_NCCL_LAUNCH(ncclAllGather(dev.data_ptr(), out.data_ptr(), dev.numel(), *type, comm_, stream()));
   if (absl::Status recorded = work.Record(); !recorded.ok()) return Abort(recorded);
   AVIARY_RETURN_IF_ERROR(work.Wait());
   return out.to(tensor.device());
