@@ -1619,6 +1619,12 @@ absl::Status Scheduler::FailUnloadableLease(const std::string& group_id, const s
   return absl::DataLossError(absl::StrCat(why, "; the task FAILED, lease another"));
 }
 
+absl::StatusOr<bool> Scheduler::Holds(const std::string& group_id, const std::string& task_id) const {
+  absl::ReaderMutexLock lock(&mu_);
+  AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
+  return GroupHolds(*group, task_id);
+}
+
 absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressRequest& request) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);

@@ -136,6 +136,9 @@ class Scheduler {
                            const std::function<bool(const aviary::v1::ManifestChunk&)>& send);
   // Returns cancel_task.
   absl::StatusOr<bool> ReportProgress(const aviary::v1::ReportProgressRequest& request);
+  // Whether the group holds the task (NOT_FOUND for an unknown group), as ReportProgress judges
+  // it first: a report refused for its points is answered cancel_task when it is not.
+  absl::StatusOr<bool> Holds(const std::string& group_id, const std::string& task_id) const;
   absl::Status ReportCheckpoint(const aviary::v1::ReportCheckpointRequest& request);
   absl::Status CompleteTask(const aviary::v1::CompleteTaskRequest& request);
   absl::Status FailTask(const aviary::v1::FailTaskRequest& request);

@@ -508,7 +508,17 @@ grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* context,
                                                      " points, at most ", kMaxPointsPerReport));
     }
     for (int i = 0; i < request->points_size(); ++i) {
-      AVIARY_RETURN_IF_ERROR(CheckPoint(absl::StrCat("points[", i, "]"), request->points(i)));
+      if (absl::Status bad = CheckPoint(absl::StrCat("points[", i, "]"), request->points(i)); !bad.ok()) {
+        // A group that no longer holds the task is told to stop, whatever its points say (as the
+        // scheduler answers it): the refusal told it nothing, and it learnt of the cancel only
+        // at its next heartbeat.
+        AVIARY_ASSIGN_OR_RETURN(const bool holds, scheduler_->Holds(request->group_id(), request->task_id()));
+        if (!holds) {
+          response->set_cancel_task(true);
+          return absl::OkStatus();
+        }
+        return bad;
+      }
     }
     AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->ReportProgress(*request));
     response->set_cancel_task(cancel);

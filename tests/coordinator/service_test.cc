@@ -3615,6 +3615,27 @@ TEST_F(CoordinatorServiceTest, ALateHeartbeatDoesNotLetGoOfALaterLease) {
   coordinator_->scheduler()->SetLetGoHookForTest(nullptr);
 }
 
+// A report refused for its points (a negative lr) from a group that no longer holds the task is
+// answered cancel_task, as any report of a task it lost (it was INVALID_ARGUMENT, and the group
+// learnt of the cancel at its next heartbeat); from the holder it is refused naming the field.
+TEST_F(CoordinatorServiceTest, AMalformedReportFromALostHolderIsToldToStop) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().task_id(), pretrain);
+  Metrics bad = EpochEnd(0, 0.5);
+  bad.set_lr(-1);
+  bool cancel = false;
+  grpc::Status status = Report(a, pretrain, {bad}, &cancel);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("points[0].lr"), std::string::npos) << status.error_message();
+  CancelAndRetry(job_id);
+  status = Report(a, pretrain, {bad}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(cancel);
+}
+
 // After an outage longer than the heartbeat timeout the group abandoned its task; the restarted
 // coordinator hands the same task and attempt back, and the resumed run's reports (steps from
 // the checkpoint, the restored epochs sent again) are accepted; a re-sent epoch is not stored twice.
