@@ -415,6 +415,58 @@ TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
   EXPECT_EQ(epochs, (std::vector<int>{0, 1}));
 }
 
+// A point whose step jumped ahead makes the next one look wrong ("less than the step before"):
+// the refusal cannot say which is bad, so the run goes whole as before. Dropping the named point
+// kept the one that jumped, and every later point of the task was refused behind it.
+TEST_F(CoordinatorLinkTest, APointThatJumpedAheadDoesNotBlockTheLaterOnes) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  auto point = [&](int epoch, int64_t step) {
+    Report report;
+    report.kind = Report::Kind::kPoint;
+    report.task_id = task.task_id();
+    report.steps_per_epoch = 10;
+    v1::Metrics& m = report.point;
+    m.set_epoch(epoch);
+    m.set_step(step);
+    m.set_epoch_end(true);
+    m.set_lr(1e-3);
+    m.set_train_loss(1.25);
+    m.set_train_acc(0.4);
+    m.set_val_loss(0.9);
+    m.set_val_auc(0.5);
+    m.set_val_roc_auc(0.7);
+    m.set_val_cmap(0.6);
+    m.set_val_acc(0.5);
+    m.set_samples_total(160);
+    return report;
+  };
+  link.Push(point(0, 10));
+  link.Push(point(1, 1000));  // jumped ahead
+  link.Push(point(1, 20));
+  link.StartThreads();
+  link.BeginTask(task.task_id(), task.attempt());
+  link.Drain(task.task_id(), 30, 0);
+  link.Push(point(2, 30));
+  link.Drain(task.task_id(), 30, 0);
+  link.EndTask();
+  link.StopThreads();
+
+  v1::GetHistoryRequest request;
+  request.set_job_id(submitted.job_id());
+  v1::GetHistoryResponse history;
+  const grpc::Status status = jobs_->GetHistory(Ctx().get(), request, &history);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<int> epochs;
+  for (const v1::HistoryRow& row : history.rows()) {
+    if (row.task_id() == task.task_id()) epochs.push_back(row.metrics().epoch());
+  }
+  EXPECT_EQ(epochs, (std::vector<int>{2}));
+}
+
 // Step points dropped for the buffer's bound while the coordinator cannot take them (here it
 // refuses the group's token) are said, with the count, instead of leaving a silent gap: the
 // warning is in the task's log that `aviary logs` shows once the group gets through again.

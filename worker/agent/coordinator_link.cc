@@ -7,6 +7,7 @@
 #include <random>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -74,8 +75,12 @@ std::string FailureText(const std::string& error) {
 }
 
 // The point a refused ReportProgress names ("field 'points[i]...'", coordinator/service.cc and
-// scheduler.cc), when it is one of the `n` sent.
+// scheduler.cc), when it is one of the `n` sent and the fault is its own (a value out of range,
+// an epoch outside the plan). Not for an epoch or step "less than" the one before: a point that
+// jumped ahead makes the next one look wrong, and dropping that one would keep the bad point
+// and have every later point refused.
 std::optional<size_t> RefusedPoint(const std::string& message, size_t n) {
+  if (absl::StrContains(message, " is less than the ")) return std::nullopt;
   constexpr absl::string_view kField = "field 'points[";
   const size_t at = absl::string_view(message).find(kField);
   if (at == std::string::npos) return std::nullopt;
@@ -800,14 +805,17 @@ void CoordinatorLink::SenderLoop() {
       buffer_.DropTask(run.front().task_id);
     } else if (st.error_code() == grpc::StatusCode::INVALID_ARGUMENT && run.size() > 1 &&
                RefusedPoint(st.error_message(), run.size()).has_value()) {
-      // One point of the run refused (out of the task's plan, a step going back): the whole run
-      // went with it, epoch ends and all (history rows lost). The refusal names the point
-      // ("field 'points[i]...'"): it goes, the rest is sent again, one request as before.
+      // One point of the run refused (a value out of range, an epoch outside the task's plan):
+      // the whole run went with it, epoch ends and all (history rows lost). The refusal names
+      // the point ("field 'points[i]...'"): it goes, the rest is sent again, one request as
+      // before; at most kMaxRefusedPoints times (a refusal of every point drops the run).
+      constexpr int kMaxRefusedPoints = 8;
       std::vector<Report> rest = run;
       grpc::Status now = st;
       bool kept = false, unknown = false;
-      while (true) {
-        const std::optional<size_t> bad = RefusedPoint(now.error_message(), rest.size());
+      for (int dropped = 0;; ++dropped) {
+        const std::optional<size_t> bad =
+            dropped < kMaxRefusedPoints ? RefusedPoint(now.error_message(), rest.size()) : std::nullopt;
         if (!bad.has_value()) {
           Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
                                    " point(s) of task ", run.front().task_id, " dropped"));
@@ -822,8 +830,12 @@ void CoordinatorLink::SenderLoop() {
         now = Send(rest, gid);
         if (now.ok()) break;
         if (IsTransient(now.error_code()) || KeepsRefused(now)) {
-          kept = true;  // the whole run again later: its refused point goes again, the rest is
-          break;        // recognised where it was taken (ReportProgress skips a resent run's points)
+          // The whole run again later: its refused point goes again, the rest is recognised
+          // where it was taken (ReportProgress skips a resent run's points).
+          Log().Warn(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", buffer_.size(),
+                                  " report(s) buffered, retrying"));
+          kept = true;
+          break;
         }
         if (now.error_code() != grpc::StatusCode::INVALID_ARGUMENT) {
           Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
