@@ -770,7 +770,7 @@ void ConfigureCudaMode(bool deterministic) {
 bool Bf16Autocast(const std::string& precision, bool cuda, int compute_major) {
   if (!cuda || precision == "fp32") return false;
   if (precision == "bf16") return true;
-  return compute_major >= 8;  // auto
+  return compute_major < 0 || compute_major >= 8;  // auto: fp32 only on a GPU known to be older
 }
 
 // The device and precision checks; cuDNN's mode (train.deterministic).
@@ -1531,7 +1531,8 @@ absl::Status Trainer::State::JoinGroup() {
     // the others use bf16 autocast and a fused optimizer, so the replicas drift apart (each
     // rank's weights are its own after the start's broadcast).
     const int64_t mine[7] = {RunDigest(config, options), start_epoch, mid.batches_done, step,
-                             ItemsDigest(train_items), ItemsDigest(valid_items), options.device.is_cuda() ? 1 : 0};
+                             ItemsDigest(train_items), ItemsDigest(valid_items),
+                             (options.device.is_cuda() ? 1 : 0) + (autocast ? 2 : 0)};
     std::vector<int64_t> both;
     for (int64_t v : mine) both.insert(both.end(), {v, -v});
     at::Tensor range = at::tensor(both, at::kLong);
@@ -1545,6 +1546,14 @@ absl::Status Trainer::State::JoinGroup() {
     for (int i = 0; i < 7; ++i) {
       const int64_t hi = range[2 * i].item<int64_t>(), lo = -range[2 * i + 1].item<int64_t>();
       if (hi == lo) continue;
+      if (i == 6 && hi % 2 == lo % 2) {  // one kind of device, bf16 on some ranks only
+        return absl::FailedPreconditionError(absl::StrCat(
+            "rank ", rank, " trains ", autocast ? "in bf16 (autocast)" : "in fp32",
+            ", and another rank of the group ", autocast ? "in fp32" : "in bf16",
+            " (train.precision auto: bf16 on GPUs of compute capability 8.0 and later only): the replicas would "
+            "compute different updates and drift apart; give the group GPUs of one generation, or set "
+            "train.precision fp32 or bf16"));
+      }
       if (i == 6) {
         return absl::FailedPreconditionError(absl::StrCat(
             "rank ", rank, " trains on ", options.device.is_cuda() ? "a GPU" : "the CPU",

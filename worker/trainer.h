@@ -189,8 +189,9 @@ void ConfigureCudaMode(bool deterministic);
 
 // Whether train.precision asks for bf16 autocast on a device: "fp32" never; "bf16" on CUDA;
 // "auto" on CUDA devices of compute capability 8 or more (`compute_major`: bf16 tensor cores,
-// Ampere on) and not on older GPUs (a T4 or V100 runs bf16 convolutions slowly, or cuDNN refuses
-// them) nor where the capability is unknown (-1). Never on the CPU.
+// Ampere on) and where it is unknown (-1: a build without aviary's CUDA code, as before), not on
+// GPUs known to be older (a T4 or V100 runs bf16 convolutions slowly, or cuDNN refuses them).
+// Never on the CPU. The ranks of a group must agree (the trainer's start checks it).
 bool Bf16Autocast(const std::string& precision, bool cuda, int compute_major);
 
 class Trainer {
