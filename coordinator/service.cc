@@ -499,26 +499,27 @@ grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* context,
   return Serve(*context, *auth_, "WorkerService.ReportProgress", kWorkerOnly, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
+    absl::Status bad;
     if (request->steps_per_epoch() < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
+      bad = absl::InvalidArgumentError(absl::StrCat(
           "field 'steps_per_epoch': ", request->steps_per_epoch(), " must be >= 0"));
+    } else if (static_cast<size_t>(request->points_size()) > kMaxPointsPerReport) {
+      bad = absl::InvalidArgumentError(absl::StrCat("field 'points': ", request->points_size(),
+                                                    " points, at most ", kMaxPointsPerReport));
     }
-    if (static_cast<size_t>(request->points_size()) > kMaxPointsPerReport) {
-      return absl::InvalidArgumentError(absl::StrCat("field 'points': ", request->points_size(),
-                                                     " points, at most ", kMaxPointsPerReport));
+    for (int i = 0; bad.ok() && i < request->points_size(); ++i) {
+      bad = CheckPoint(absl::StrCat("points[", i, "]"), request->points(i));
     }
-    for (int i = 0; i < request->points_size(); ++i) {
-      if (absl::Status bad = CheckPoint(absl::StrCat("points[", i, "]"), request->points(i)); !bad.ok()) {
-        // A group that no longer holds the task is told to stop, whatever its points say (as the
-        // scheduler answers it): the refusal told it nothing, and it learnt of the cancel only
-        // at its next heartbeat.
-        AVIARY_ASSIGN_OR_RETURN(const bool holds, scheduler_->Holds(request->group_id(), request->task_id()));
-        if (!holds) {
-          response->set_cancel_task(true);
-          return absl::OkStatus();
-        }
-        return bad;
+    if (!bad.ok()) {
+      // A group that no longer holds the task is told to stop, whatever its report says (as the
+      // scheduler answers it): the refusal told it nothing, and it learnt of the cancel only at
+      // its next heartbeat.
+      AVIARY_ASSIGN_OR_RETURN(const bool holds, scheduler_->Holds(request->group_id(), request->task_id()));
+      if (!holds) {
+        response->set_cancel_task(true);
+        return absl::OkStatus();
       }
+      return bad;
     }
     AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->ReportProgress(*request));
     response->set_cancel_task(cancel);
