@@ -312,7 +312,7 @@ while [ -z "$rc" ]; do
     # signal's 128+n, not mpirun's code: waiting again gives the code bash kept for it (and the
     # same r when r was mpirun's own).
     if [ "$r" -gt 128 ]; then
-      if wait "$pid"; then r=0; else r=$?; fi
+      if wait "$pid"; then r=0; else r2=$?; [ "$r2" -eq 127 ] || r=$r2; fi  # 127: forgotten (POSIX mode)
     fi
     rc=$r
   fi
