@@ -100,6 +100,38 @@ class CoordinatorLinkTest : public ::testing::Test {
     ASSERT_TRUE(link.Lease(task, &available).ok());
     ASSERT_TRUE(available);
   }
+  // An epoch end of `task_id` as the trainer reports it (valid values).
+  static Report EpochEndReport(const std::string& task_id, int epoch, int64_t step) {
+    Report report;
+    report.kind = Report::Kind::kPoint;
+    report.task_id = task_id;
+    report.steps_per_epoch = 10;
+    v1::Metrics& m = report.point;
+    m.set_epoch(epoch);
+    m.set_step(step);
+    m.set_epoch_end(true);
+    m.set_lr(1e-3);
+    m.set_train_loss(1.25);
+    m.set_train_acc(0.4);
+    m.set_val_loss(0.9);
+    m.set_val_auc(0.5 + 0.1 * epoch);
+    m.set_val_roc_auc(0.7);
+    m.set_val_cmap(0.6);
+    m.set_val_acc(0.5);
+    m.set_samples_total(160);
+    return report;
+  }
+  // The epochs of `task_id` in the job's history (`aviary history`), in order.
+  void HistoryEpochs(const std::string& job_id, const std::string& task_id, std::vector<int>* epochs) {
+    v1::GetHistoryRequest request;
+    request.set_job_id(job_id);
+    v1::GetHistoryResponse history;
+    const grpc::Status status = jobs_->GetHistory(Ctx().get(), request, &history);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    for (const v1::HistoryRow& row : history.rows()) {
+      if (row.task_id() == task_id) epochs->push_back(row.metrics().epoch());
+    }
+  }
   static v1::RegisterGroupRequest OneRank() {
     v1::RegisterGroupRequest registration;
     registration.set_world_size(1);
@@ -373,26 +405,7 @@ TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
   CoordinatorLink link(options_, metrics_.get(), OneRank());
   v1::Task task;
   ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
-  auto point = [&](int epoch, int64_t step) {
-    Report report;
-    report.kind = Report::Kind::kPoint;
-    report.task_id = task.task_id();
-    report.steps_per_epoch = 10;
-    v1::Metrics& m = report.point;
-    m.set_epoch(epoch);
-    m.set_step(step);
-    m.set_epoch_end(true);
-    m.set_lr(1e-3);
-    m.set_train_loss(1.25);
-    m.set_train_acc(0.4);
-    m.set_val_loss(0.9);
-    m.set_val_auc(0.5 + 0.1 * epoch);
-    m.set_val_roc_auc(0.7);
-    m.set_val_cmap(0.6);
-    m.set_val_acc(0.5);
-    m.set_samples_total(160);
-    return report;
-  };
+  auto point = [&](int epoch, int64_t step) { return EpochEndReport(task.task_id(), epoch, step); };
   // Pushed before the threads start: one run of three points.
   link.Push(point(0, 10));
   link.Push(point(99, 15));  // the plan has 3 epochs
@@ -403,15 +416,8 @@ TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
   link.EndTask();
   link.StopThreads();
 
-  v1::GetHistoryRequest request;
-  request.set_job_id(submitted.job_id());
-  v1::GetHistoryResponse history;
-  const grpc::Status status = jobs_->GetHistory(Ctx().get(), request, &history);
-  ASSERT_TRUE(status.ok()) << status.error_message();
   std::vector<int> epochs;
-  for (const v1::HistoryRow& row : history.rows()) {
-    if (row.task_id() == task.task_id()) epochs.push_back(row.metrics().epoch());
-  }
+  ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
   EXPECT_EQ(epochs, (std::vector<int>{0, 1}));
 }
 
@@ -424,26 +430,7 @@ TEST_F(CoordinatorLinkTest, APointThatJumpedAheadDoesNotBlockTheLaterOnes) {
   CoordinatorLink link(options_, metrics_.get(), OneRank());
   v1::Task task;
   ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
-  auto point = [&](int epoch, int64_t step) {
-    Report report;
-    report.kind = Report::Kind::kPoint;
-    report.task_id = task.task_id();
-    report.steps_per_epoch = 10;
-    v1::Metrics& m = report.point;
-    m.set_epoch(epoch);
-    m.set_step(step);
-    m.set_epoch_end(true);
-    m.set_lr(1e-3);
-    m.set_train_loss(1.25);
-    m.set_train_acc(0.4);
-    m.set_val_loss(0.9);
-    m.set_val_auc(0.5);
-    m.set_val_roc_auc(0.7);
-    m.set_val_cmap(0.6);
-    m.set_val_acc(0.5);
-    m.set_samples_total(160);
-    return report;
-  };
+  auto point = [&](int epoch, int64_t step) { return EpochEndReport(task.task_id(), epoch, step); };
   link.Push(point(0, 10));
   link.Push(point(1, 1000));  // jumped ahead
   link.Push(point(1, 20));
@@ -455,15 +442,8 @@ TEST_F(CoordinatorLinkTest, APointThatJumpedAheadDoesNotBlockTheLaterOnes) {
   link.EndTask();
   link.StopThreads();
 
-  v1::GetHistoryRequest request;
-  request.set_job_id(submitted.job_id());
-  v1::GetHistoryResponse history;
-  const grpc::Status status = jobs_->GetHistory(Ctx().get(), request, &history);
-  ASSERT_TRUE(status.ok()) << status.error_message();
   std::vector<int> epochs;
-  for (const v1::HistoryRow& row : history.rows()) {
-    if (row.task_id() == task.task_id()) epochs.push_back(row.metrics().epoch());
-  }
+  ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
   EXPECT_EQ(epochs, (std::vector<int>{2}));
 }
 
