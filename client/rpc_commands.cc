@@ -434,9 +434,6 @@ absl::Status Status(Client& client, const ClientArgs& args) {
 // ---------------------------------------------------------------------------------------------
 // list [--limit N]
 
-// What the coordinator answers for --limit 0 (coordinator/service.cc, kDefaultListLimit).
-constexpr size_t kDefaultListedJobs = 1000;
-
 absl::Status List(Client& client, const ClientArgs& args) {
   v1::ListJobsRequest request;
   request.set_limit(args.limit);
@@ -463,8 +460,9 @@ absl::Status List(Client& client, const ClientArgs& args) {
   if (response.omitted() > 0) {
     std::cerr << "(the newest " << jobs.size() << " jobs: " << response.omitted()
               << " older ones left out to keep the answer under 64 MB; aviary delete JOB removes a finished one)\n";
-  } else if (args.limit == 0 && jobs.size() >= kDefaultListedJobs) {
-    std::cerr << "(the newest " << jobs.size() << " jobs; --limit N lists up to 10000)\n";
+  } else if (response.beyond_limit() > 0) {
+    std::cerr << "(the newest " << jobs.size() << " jobs; " << response.beyond_limit()
+              << " older ones: --limit N lists up to 10000)\n";
   }
   return absl::OkStatus();
 }

@@ -696,7 +696,9 @@ void Console::ServeStatic(Request& request, const std::string& name) {
 
 namespace {
 
-std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit, int omitted) {
+// `beyond_limit`: older jobs than the newest `limit` (the page says it shows the newest only then).
+std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit, int omitted,
+                       int beyond_limit) {
   std::string json = "{\"jobs\":[";
   bool first = true;
   for (const aviary::v1::JobInfo& job : jobs) {
@@ -704,7 +706,8 @@ std::string JobsJsonOf(const std::vector<aviary::v1::JobInfo>& jobs, int limit, 
     first = false;
     json += ProtoJson(job);
   }
-  absl::StrAppend(&json, "],\"limit\":", limit, ",\"omitted\":", omitted, "}");
+  absl::StrAppend(&json, "],\"limit\":", limit, ",\"omitted\":", omitted,
+                  ",\"beyond_limit\":", beyond_limit, "}");
   return json;
 }
 
@@ -727,8 +730,10 @@ aviary::v1::JobInfo AsListed(aviary::v1::JobInfo job) {
 
 std::string Console::JobsJson() const {
   int omitted = 0;
-  std::vector<aviary::v1::JobInfo> jobs = scheduler_->ListJobs(kDefaultJobLimit, kMaxJobListBytes, &omitted);
-  return JobsJsonOf(jobs, kDefaultJobLimit, omitted);
+  int beyond_limit = 0;
+  std::vector<aviary::v1::JobInfo> jobs =
+      scheduler_->ListJobs(kDefaultJobLimit, kMaxJobListBytes, &omitted, &beyond_limit);
+  return JobsJsonOf(jobs, kDefaultJobLimit, omitted, beyond_limit);
 }
 
 void Console::ServeJobs(Request& request) { request.Json(JobsJson()); }
@@ -738,10 +743,14 @@ Console::Overview Console::OverviewJson() {
   const auto now = std::chrono::steady_clock::now();
   if (overview_.jobs == nullptr || now - overview_at_ >= kOverviewRefresh) {
     int omitted = 0;
-    std::vector<aviary::v1::JobInfo> jobs = scheduler_->ListJobs(kDefaultJobLimit, kMaxJobListBytes, &omitted);
-    overview_.jobs = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit, omitted));
+    int beyond_limit = 0;
+    std::vector<aviary::v1::JobInfo> jobs =
+        scheduler_->ListJobs(kDefaultJobLimit, kMaxJobListBytes, &omitted, &beyond_limit);
+    overview_.jobs = std::make_shared<const std::string>(
+        JobsJsonOf(jobs, kDefaultJobLimit, omitted, beyond_limit));
     for (aviary::v1::JobInfo& job : jobs) job = AsListed(std::move(job));
-    overview_.jobs_shown = std::make_shared<const std::string>(JobsJsonOf(jobs, kDefaultJobLimit, omitted));
+    overview_.jobs_shown = std::make_shared<const std::string>(
+        JobsJsonOf(jobs, kDefaultJobLimit, omitted, beyond_limit));
     overview_.groups = std::make_shared<const std::string>(GroupsJson());
     overview_at_ = now;
   }

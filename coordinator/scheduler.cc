@@ -1092,12 +1092,13 @@ absl::StatusOr<JobInfo> Scheduler::GetJob(const std::string& job_id) const {
   return *snapshot;  // copied outside the lock
 }
 
-std::vector<JobInfo> Scheduler::ListJobs(int limit, size_t max_bytes, int* omitted) const {
+std::vector<JobInfo> Scheduler::ListJobs(int limit, size_t max_bytes, int* omitted, int* beyond_limit) const {
   std::vector<std::shared_ptr<const JobInfo>> snapshots;
   size_t listed = 0;
   {
     absl::ReaderMutexLock lock(&mu_);
     listed = limit > 0 ? std::min(job_order_.size(), static_cast<size_t>(limit)) : job_order_.size();
+    if (beyond_limit != nullptr) *beyond_limit = static_cast<int>(job_order_.size() - listed);
     size_t bytes = 0;
     for (auto it = job_order_.rbegin(); it != job_order_.rend() && snapshots.size() < listed; ++it) {
       const std::shared_ptr<const JobInfo>& snapshot = jobs_.at(it->second).snapshot;

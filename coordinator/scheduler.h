@@ -108,8 +108,10 @@ class Scheduler {
   absl::StatusOr<aviary::v1::JobInfo> GetJob(const std::string& job_id) const;
   // Newest first; limit 0 = every job (the RPC asks for at most 10000; 0 there is 1000).
   // `max_bytes` (0: no cap) bounds the jobs' serialized size: the newest that fit, and always the
-  // newest one; `*omitted` (optional) gets how many of the `limit` were left out for it.
-  std::vector<aviary::v1::JobInfo> ListJobs(int limit, size_t max_bytes = 0, int* omitted = nullptr) const;
+  // newest one; `*omitted` (optional) gets how many of the `limit` were left out for it, and
+  // `*beyond_limit` (optional) how many older jobs the limit left out.
+  std::vector<aviary::v1::JobInfo> ListJobs(int limit, size_t max_bytes = 0, int* omitted = nullptr,
+                                            int* beyond_limit = nullptr) const;
   absl::StatusOr<aviary::v1::JobInfo> CancelJob(const std::string& job_id);
   absl::StatusOr<aviary::v1::GetHistoryResponse> GetHistory(const std::string& job_id);
   // Sends the job as it is, then one event per change of the job, until an event leaves the job

@@ -279,10 +279,12 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
     // weeks of sweeps, tens of MB a call, and past the client's message limit at last).
     const int limit = request->limit() == 0 ? kDefaultListLimit : request->limit();
     int omitted = 0;
-    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(limit, kMaxListBytes, &omitted)) {
+    int beyond_limit = 0;
+    for (aviary::v1::JobInfo& job : scheduler_->ListJobs(limit, kMaxListBytes, &omitted, &beyond_limit)) {
       *response->add_jobs() = std::move(job);
     }
     response->set_omitted(omitted);
+    response->set_beyond_limit(beyond_limit);
     return absl::OkStatus();
   });
 }

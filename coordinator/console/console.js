@@ -340,9 +340,9 @@
            data.omitted > 0
              ? el('span', {class: 'count muted', id: 'jobs-limit', title: 'large jobs (sweeps): the list is capped at 8 MB'},
                   `the newest ${jobs.length} jobs (${data.omitted} older left out)`)
-             : data.limit && jobs.length >= data.limit
+             : data.beyond_limit > 0
              ? el('span', {class: 'count muted', id: 'jobs-limit', title: 'aviary list --limit N lists more'},
-                  `the newest ${data.limit} jobs`) : null);
+                  `the newest ${jobs.length} jobs (${data.beyond_limit} older)`) : null);
       empty.classList.toggle('hidden', jobs.length > 0);
       patchRows(tbody, jobs.map((job) => {
         const best = jobBest(job);

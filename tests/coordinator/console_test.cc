@@ -606,7 +606,7 @@ TEST_F(ConsoleTest, ErrorsAreValidJsonAndHeadOpensNoStream) {
   EXPECT_EQ(head.headers["content-type"], "text/event-stream");
   EXPECT_EQ(head.body, "");
   // The job list says how many it shows at most.
-  EXPECT_TRUE(absl::StrContains(Http(port_, "GET", "/api/jobs", {Bearer("the-token")}).body, "\"limit\":200,\"omitted\":0}"));
+  EXPECT_TRUE(absl::StrContains(Http(port_, "GET", "/api/jobs", {Bearer("the-token")}).body, "\"limit\":200,\"omitted\":0,\"beyond_limit\":0}"));
 }
 
 TEST_F(ConsoleTest, LoginNextRefusesControlCharactersAndOtherHosts) {

@@ -514,6 +514,21 @@ TEST_F(CoordinatorServiceTest, JobListIsBoundedInBytes) {
   ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), request, &response).ok());
   EXPECT_EQ(response.jobs_size(), 3);
   EXPECT_EQ(response.omitted(), 0);
+  EXPECT_EQ(response.beyond_limit(), 0);
+  // Exactly as many jobs as the limit: none beyond it (the list and the console said "the
+  // newest N" then); one fewer: one beyond.
+  request.set_limit(3);
+  response.Clear();
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), request, &response).ok());
+  EXPECT_EQ(response.jobs_size(), 3);
+  EXPECT_EQ(response.beyond_limit(), 0);
+  request.set_limit(2);
+  response.Clear();
+  ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), request, &response).ok());
+  EXPECT_EQ(response.jobs_size(), 2);
+  EXPECT_EQ(response.jobs(1).job_id(), ids[1]);
+  EXPECT_EQ(response.beyond_limit(), 1);
+  EXPECT_EQ(response.omitted(), 0);
 }
 
 TEST_F(CoordinatorServiceTest, LostGroupsRestartTheTaskThenFailIt) {
