@@ -1,11 +1,14 @@
 #include "worker/checkpoint.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <algorithm>
+#include <functional>
+#include <new>
 #include <sstream>
 #include <tuple>
 
@@ -17,10 +20,16 @@
 #include <torch/serialize/output-archive.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::worker {
 namespace {
+
+std::function<int(const std::string&)>& ReadFault() {
+  static auto* fault = new std::function<int(const std::string&)>();
+  return *fault;
+}
 
 std::string MetaToYaml(const CheckpointMeta& m) {
   YAML::Emitter out;
@@ -72,6 +81,9 @@ std::string MetaToYaml(const CheckpointMeta& m) {
 
 // More classes than any species list (BirdCLEF 2024: 182; Xeno-Canto's birds: ~11,000).
 constexpr int kMaxCheckpointClasses = 1 << 20;
+// More ranks and loader batches per epoch than any run has; their product fits an int64_t.
+constexpr int kMaxCheckpointRanks = 1 << 20;
+constexpr int64_t kMaxCheckpointBatches = int64_t{1} << 40;
 
 absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::string& path) {
   CheckpointMeta m;
@@ -136,11 +148,33 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has num_classes ", m.num_classes,
                                                    " (expected 1 to ", kMaxCheckpointClasses, ")"));
   }
-  if (m.world_size < 0 || m.batches_done < 0) {
+  // Positions a resume computes with (batches_done x world_size must not overflow): a damaged or
+  // edited value is an error naming the file, not an epoch or batch to skip to.
+  if (m.world_size < 0 || m.world_size > kMaxCheckpointRanks || m.batches_done < 0 ||
+      m.batches_done > kMaxCheckpointBatches) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has world_size ", m.world_size,
-                                                   " and batches_done ", m.batches_done, " (expected >= 0)"));
+                                                   " and batches_done ", m.batches_done, " (expected 0 to ",
+                                                   kMaxCheckpointRanks, " and 0 to ", kMaxCheckpointBatches, ")"));
+  }
+  if (m.epoch < -1 || m.best_epoch < -1 || m.step < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has epoch ", m.epoch, ", best_epoch ",
+                                                   m.best_epoch, " and step ", m.step,
+                                                   " (expected epochs >= -1 and step >= 0)"));
+  }
+  if (m.in_epoch != -1 && m.in_epoch != m.epoch + 1) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": checkpoint metadata has in_epoch ", m.in_epoch,
+                                                   " after epoch ", m.epoch, " (expected ", m.epoch + 1, ")"));
   }
   return m;
+}
+
+// Out of memory (std::bad_alloc, or c10's allocator refusing) says nothing about the file:
+// RESOURCE_EXHAUSTED, which a resume does not pass over as it does a damaged checkpoint.
+bool IsOutOfMemory(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) return true;
+  const std::string what = e.what();
+  return what.find("can't allocate memory") != std::string::npos ||
+         what.find("CUDA out of memory") != std::string::npos;
 }
 
 template <typename Fn>
@@ -149,6 +183,9 @@ absl::Status Guard(const std::string& what, Fn&& fn) {
     fn();
   } catch (const std::exception& e) {
     std::string msg = e.what();
+    if (IsOutOfMemory(e)) {
+      return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory: ", msg.substr(0, msg.find('\n'))));
+    }
     return absl::InvalidArgumentError(absl::StrCat(what, ": ", msg.substr(0, msg.find('\n'))));
   }
   return absl::OkStatus();
@@ -229,7 +266,8 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
   const size_t before = choice.index < 0 ? candidates.size() : static_cast<size_t>(choice.index);
   for (size_t i = 0; i < before; ++i) {
     const absl::StatusCode code = candidates[i].meta.status().code();
-    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable) {
+    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable ||
+        code == absl::StatusCode::kResourceExhausted) {
       choice.index = -1;
       choice.blocked = absl::Status(
           code, absl::StrCat(candidates[i].meta.status().message(), ": it may hold the newest epoch, so the run "
@@ -242,6 +280,10 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
   return choice;
 }
 
+void SetCheckpointReadFaultForTest(std::function<int(const std::string& path)> fault) {
+  ReadFault() = std::move(fault);
+}
+
 absl::Status UnreadableCheckpoint(const std::string& path, int error, const char* doing) {
   const std::string what = absl::StrCat(path, ": ", doing, ": ", std::strerror(error));
   return error == EACCES || error == EPERM ? absl::PermissionDeniedError(what) : absl::UnavailableError(what);
@@ -249,17 +291,61 @@ absl::Status UnreadableCheckpoint(const std::string& path, int error, const char
 
 namespace {
 
+// The whole archive is read here, from one open file: a checkpoint renamed over meanwhile is
+// read as it was when opened. A read that fails (EIO, ESTALE on NFS) is UNAVAILABLE, not "not an
+// aviary checkpoint": torch's own file reader says only "file read failed", and a resume would
+// take the healthy newest checkpoint for a damaged one and go on from an older one.
 absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
-  if (::access(path.c_str(), R_OK) != 0) {
+  const int injected = ReadFault() ? ReadFault()(path) : 0;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
     const int error = errno;
     if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(absl::StrCat(path, ": no such checkpoint"));
     // Not "no such checkpoint": a resume must not fall back past a file it cannot read now.
     return UnreadableCheckpoint(path, error, "cannot read the checkpoint");
   }
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    const int error = errno;
+    ::close(fd);
+    return UnreadableCheckpoint(path, error, "cannot read the checkpoint");
+  }
+  if (!S_ISREG(info.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not an aviary checkpoint: not a regular file"));
+  }
+  int read_error = 0;
+  auto read = [&](uint64_t pos, void* buf, size_t n) -> size_t {
+    if (injected != 0) {
+      read_error = injected;
+      return 0;
+    }
+    size_t done = 0;
+    while (done < n) {
+      const ssize_t got = ::pread(fd, static_cast<char*>(buf) + done, n - done, static_cast<off_t>(pos + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) {
+        read_error = errno;
+        break;
+      }
+      if (got == 0) break;  // past the end: a short file, which the archive reader refuses
+      done += static_cast<size_t>(got);
+    }
+    return done;
+  };
+  const size_t size = static_cast<size_t>(info.st_size);
   // Onto the CPU: a checkpoint written on a GPU holds CUDA tensors, which a host without one
   // could not even open; the readers copy each tensor to where it goes.
-  return Guard(absl::StrCat(path, ": not an aviary checkpoint"),
-               [&] { archive->load_from(path, torch::Device(torch::kCPU)); });
+  absl::Status st = Guard(absl::StrCat(path, ": not an aviary checkpoint"), [&] {
+    archive->load_from(read, [size] { return size; }, torch::Device(torch::kCPU));
+  });
+  ::close(fd);
+  if (read_error != 0) return UnreadableCheckpoint(path, read_error, "reading the checkpoint");
+  if (absl::IsResourceExhausted(st)) {
+    return absl::ResourceExhaustedError(absl::StrCat(path, ": reading the checkpoint (", size, " bytes): ",
+                                                     st.message().substr(st.message().find("out of memory"))));
+  }
+  return st;
 }
 
 absl::StatusOr<CheckpointMeta> ReadMeta(torch::serialize::InputArchive& archive,
@@ -281,12 +367,11 @@ absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
   return ReadMeta(archive, path);
 }
 
-absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
-  torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive);
-  if (!st.ok()) return st;
+namespace {
+
+absl::StatusOr<NamedTensors> ReadModelTensors(torch::serialize::InputArchive& archive, const std::string& path) {
   NamedTensors out;
-  st = Guard(absl::StrCat(path, ": reading model tensors"), [&] {
+  absl::Status st = Guard(absl::StrCat(path, ": reading model tensors"), [&] {
     torch::serialize::InputArchive weights;
     archive.read("model", weights);
     for (const std::string& key : weights.keys()) {
@@ -299,16 +384,14 @@ absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
   return out;
 }
 
-absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group) {
-  torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive);
-  if (!st.ok()) return st;
+absl::StatusOr<NamedTensors> ReadGroup(torch::serialize::InputArchive& archive, const std::string& path,
+                                       const std::string& group) {
   std::vector<std::string> keys = archive.keys();
   if (std::find(keys.begin(), keys.end(), group) == keys.end()) {
     return absl::NotFoundError(absl::StrCat(path, ": holds no ", group));
   }
   NamedTensors out;
-  st = Guard(absl::StrCat(path, ": reading ", group), [&] {
+  absl::Status st = Guard(absl::StrCat(path, ": reading ", group), [&] {
     torch::serialize::InputArchive g;
     archive.read(group, g);
     for (const std::string& key : g.keys()) {
@@ -320,6 +403,22 @@ absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const 
   if (!st.ok()) return st;
   return out;
 }
+
+}  // namespace
+
+absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
+  return ReadModelTensors(archive, path);
+}
+
+absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group) {
+  torch::serialize::InputArchive archive;
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
+  return ReadGroup(archive, path, group);
+}
+
+bool SameCheckpointMeta(const CheckpointMeta& a, const CheckpointMeta& b) { return MetaToYaml(a) == MetaToYaml(b); }
 
 namespace {
 
@@ -368,7 +467,8 @@ absl::Status RestoreLegacyOptimizer(torch::serialize::InputArchive& archive, Cla
 }  // namespace
 
 absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, ClassifierImpl& model,
-                                                 AdamOptimizer* optimizer) {
+                                                 AdamOptimizer* optimizer, const std::string& group,
+                                                 absl::StatusOr<NamedTensors>* group_tensors) {
   torch::serialize::InputArchive archive;
   absl::Status st = OpenArchive(path, &archive);
   if (!st.ok()) return st;
@@ -381,7 +481,7 @@ absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, Classi
         meta->in_channels, " input channels does not fit the model ", model.name(), " with ",
         model.num_classes(), " classes and ", model.in_channels(), " input channels"));
   }
-  auto tensors = ReadCheckpointTensors(path);
+  auto tensors = ReadModelTensors(archive, path);  // the same open file as the metadata
   if (!tensors.ok()) return tensors.status();
   auto report = LoadIntoModule(*tensors, model, LoadOptions{}, path);
   if (!report.ok()) return report.status();
@@ -407,6 +507,7 @@ absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, Classi
     }
     if (!st.ok()) return st;
   }
+  if (group_tensors != nullptr) *group_tensors = ReadGroup(archive, path, group);
   return meta;
 }
 

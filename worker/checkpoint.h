@@ -10,6 +10,7 @@
 #define AVIARY_WORKER_CHECKPOINT_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -81,7 +82,8 @@ using CheckpointGroups = std::vector<std::pair<std::string, NamedTensors>>;
 
 // Saves `model` (and `optimizer`'s state when not null) with `meta` to `path` atomically;
 // `write` adds the lease check before the rename and keeps the previous file (last.prev.pt).
-// Errors are those of common::WriteFileAtomically (path, errno; a storage-fault payload).
+// Errors are those of common::WriteFileAtomically (path, errno; a storage-fault payload), and
+// INTERNAL when the archive cannot be serialized.
 absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
                             const AdamOptimizer* optimizer, const CheckpointMeta& meta,
                             const common::AtomicWriteOptions& write = {},
@@ -99,9 +101,10 @@ struct ResumeCandidate {
 // (a mid-epoch checkpoint), then the earlier candidate.
 // Candidates are listed newest first (last.pt, then last.prev.pt: the rotation's order). One that
 // could not be read for a reason other than its content (PERMISSION_DENIED, an I/O error:
-// UNAVAILABLE) and is listed before the choice (or when none fits) is not passed over: it may
-// hold the newest epoch, and falling back past it would lose that. `blocked` then says so and
-// `index` is -1. An older one that cannot be read is skipped like a damaged one.
+// UNAVAILABLE; out of memory reading it: RESOURCE_EXHAUSTED) and is listed before the choice (or
+// when none fits) is not passed over: it may hold the newest epoch, and falling back past it
+// would lose that. `blocked` then says so and `index` is -1. An older one that cannot be read is
+// skipped like a damaged one.
 struct ResumeChoice {
   int index = -1;
   std::vector<std::string> skipped;
@@ -114,6 +117,10 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
 // EACCES/EPERM, UNAVAILABLE otherwise (an I/O error, ESTALE), "<path>: <doing>: <errno text>".
 // PickResumeCheckpoint does not pass over either.
 absl::Status UnreadableCheckpoint(const std::string& path, int error, const char* doing);
+
+// Tests only: `fault(path)` runs before each open of a checkpoint to read it (it may replace the
+// file); an errno it returns (0: none) fails that file's reads so. Empty: none. Not thread-safe.
+void SetCheckpointReadFaultForTest(std::function<int(const std::string& path)> fault);
 
 // Reads only the metadata.
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
@@ -129,8 +136,15 @@ absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const 
 // naming both sides, a checkpoint of another model, class count or input channels. The
 // optimizer state is read by parameter name ("optimizer_state"); checkpoints written before
 // that (torch::optim's own "optimizer" archive) are read too where this libtorch can parse them.
+// With `group_tensors`, the named group `group` is read too (as ReadCheckpointGroup: NOT_FOUND when
+// absent). Metadata, weights, optimizer state and group all come from one open of the file (one
+// renamed over meanwhile is read as it was when opened), and the metadata returned is theirs.
 absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, ClassifierImpl& model,
-                                                 AdamOptimizer* optimizer);
+                                                 AdamOptimizer* optimizer, const std::string& group = "",
+                                                 absl::StatusOr<NamedTensors>* group_tensors = nullptr);
+
+// Whether two checkpoints' metadata are the same (every field).
+bool SameCheckpointMeta(const CheckpointMeta& a, const CheckpointMeta& b);
 
 }  // namespace aviary::worker
 

@@ -212,7 +212,7 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
 }
 
 // AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|nan_from|nan_weights|
-// slow_write|fail_start][,seconds=S]" (tests only; trainer.h says what each does).
+// slow_write|fail_start|fail_resume][,seconds=S]" (tests only; trainer.h says what each does).
 struct FaultPlan {
   int rank = -1;
   int64_t step = -1;
@@ -615,6 +615,10 @@ struct Trainer::State {
   void CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const;
   absl::Status CheckSameItems(const CheckpointMeta& meta, const std::string& last) const;
   absl::Status BuildModel();
+  // Rank 0 tidies the run folder, and the others wait for it (a collective).
+  absl::Status TidyRunFolder();
+  // Each rank alone after TidyRunFolder: reads and restores its checkpoint (the outcome is then
+  // shared as the start's: a rank whose read failed used to end the whole group alone).
   absl::Status Resume();
   // Resume's checks and restores of the chosen checkpoint, in order.
   absl::Status CheckConfigUnchanged(const CheckpointMeta& meta, const std::string& path) const;
@@ -1209,13 +1213,21 @@ absl::Status Trainer::State::LockRunFolder() {
 }
 
 // Restores the newest valid checkpoint of the run folder (last.pt, last.prev.pt) when asked.
-absl::Status Trainer::State::Resume() {
+absl::Status Trainer::State::TidyRunFolder() {
   if (rank == 0) RemoveStaleTemporaries();
   // The other ranks read the folder after rank 0 has tidied it (a last.pt it renamed back in
   // place must be seen by all, or they would resume from different epochs).
   if (comm != nullptr) {
     comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's run folder");
     AVIARY_RETURN_IF_ERROR(comm->Barrier());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::State::Resume() {
+  if (fault.kind == "fail_resume" && rank == fault.rank) {
+    return absl::UnavailableError(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank,
+                                               " cannot read its checkpoint (an I/O error on its host, say)"));
   }
   if (!options.resume) {
     // Starting over (--no-resume): the earlier run's checkpoints are moved aside, not left for a
@@ -1256,6 +1268,8 @@ absl::Status Trainer::State::Resume() {
     }
     return absl::OkStatus();
   }
+  constexpr int kMaxReplacedReads = 8;
+  int replaced = 0;
   while (true) {
     ResumeChoice choice = PickResumeCheckpoint(candidates, options.stage, options.fold, options.task_id);
     AVIARY_RETURN_IF_ERROR(choice.blocked);
@@ -1270,11 +1284,24 @@ absl::Status Trainer::State::Resume() {
     const std::string last = candidates[choice.index].path;
     const CheckpointMeta& found = *candidates[choice.index].meta;
     AVIARY_RETURN_IF_ERROR(CheckConfigUnchanged(found, last));
+    absl::StatusOr<NamedTensors> ema_state = absl::NotFoundError("");
     absl::StatusOr<CheckpointMeta> meta =
         found.class_names == table.class_names
-            ? RestoreCheckpoint(last, *model, optimizer.get())
+            ? RestoreCheckpoint(last, *model, optimizer.get(), "ema_state", ema ? &ema_state : nullptr)
             : absl::StatusOr<CheckpointMeta>(absl::FailedPreconditionError(
                   absl::StrCat(last, ": its label set differs from this stage's; use another --out")));
+    if (meta.ok() && !SameCheckpointMeta(*meta, found)) {
+      // Replaced between the choice's read and the restore's (a rotation by a writer that still
+      // held the run folder): choose again with what the file holds now.
+      if (++replaced > kMaxReplacedReads) {
+        return absl::UnavailableError(absl::StrCat(last, " was replaced ", replaced,
+                                                   " times while this rank read it: another writer in ",
+                                                   options.out_dir, "?"));
+      }
+      Log().Warn(absl::StrCat("resume: ", last, " was replaced while it was read; choosing again"));
+      candidates[choice.index].meta = *meta;
+      continue;
+    }
     if (meta.ok() && !ModelIsFinite()) {
       // Written before its weights were checked (an older aviary): resuming would end at the first step.
       meta = absl::DataLossError(absl::StrCat(last, ": its weights are not finite"));
@@ -1282,14 +1309,13 @@ absl::Status Trainer::State::Resume() {
     if (meta.ok() && ema) {
       // The EMA's state is part of the checkpoint: a damaged one falls back like damaged weights
       // (it ended the run, with a good last.prev.pt beside it).
-      absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(last, "ema_state");
-      if (state.ok()) {
-        if (absl::Status imported = ema->ImportState(*state, last); !imported.ok()) meta = imported;
-      } else if (absl::IsNotFound(state.status())) {
+      if (ema_state.ok()) {
+        if (absl::Status imported = ema->ImportState(*ema_state, last); !imported.ok()) meta = imported;
+      } else if (absl::IsNotFound(ema_state.status())) {
         Log().Warn(absl::StrCat("resume: ", last, " holds no EMA state; the average starts from its weights"));
         *ema = WeightEma(*model, train.ema_decay, train.ema_warmup_steps);
       } else {
-        meta = state.status();
+        meta = ema_state.status();
       }
     }
     if (!meta.ok()) {
@@ -1638,7 +1664,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
     }
   }();
   AVIARY_RETURN_IF_ERROR(s->ShareStartOutcome(started));
-  AVIARY_RETURN_IF_ERROR(s->Resume());
+  AVIARY_RETURN_IF_ERROR(s->TidyRunFolder());
+  // The resume too: each rank reads the checkpoint on its own host (an I/O error, out of memory
+  // copying the optimizer's moments to its GPU).
+  const absl::Status resumed = [&]() -> absl::Status {
+    try {
+      return s->Resume();
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("exception at the resume: ", e.what()));
+    }
+  }();
+  AVIARY_RETURN_IF_ERROR(s->ShareStartOutcome(resumed));
   AVIARY_RETURN_IF_ERROR(s->JoinGroup());
   s->copier = std::make_unique<DeviceCopier>(options.device);
   s->step_fn = std::make_unique<TrainStep>(s->config, s->train, s->frontend.get(), s->model.get(),

@@ -1,7 +1,8 @@
 // Loading parameter tensors by name into a module: PyTorch state dicts written by Python's
-// `torch.save(model.state_dict(), path)` (read with torch's own unpickler) and safetensors
-// files. Used for `model.pretrain: imagenet` (torchvision/timm naming) and for initialising
-// fine-tuning from a pretraining checkpoint.
+// `torch.save(model.state_dict(), path)` (read by common/tensor_index's own unpickler;
+// worker/torch_pickle.h says why not torch's) and safetensors files. Used for
+// `model.pretrain: imagenet` (torchvision/timm naming) and for initialising fine-tuning from a
+// pretraining checkpoint.
 //
 // Thread-compatible; loading mutates the module under NoGradGuard.
 #ifndef AVIARY_WORKER_WEIGHTS_H_

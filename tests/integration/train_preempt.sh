@@ -110,5 +110,26 @@ PY
 }
 world_change
 
+# A rank whose resume fails (an I/O error on its host, out of memory copying the optimizer's
+# moments to its GPU): every rank ends the task with that rank's cause, as a failed start does.
+# That rank used to end the whole group alone (MPI_Abort: under a coordinator the group died with
+# the task, and the other ranks never said why).
+resume_fails() {
+  local args=(train --config "$tmp/p.yaml" --stage finetune --fold 0 --threads 1 --set train.batch_size=8)
+  AVIARY_FAULT_INJECT="rank=1,kind=fail_resume" timeout 300 $mpiexec -np 2 --oversubscribe "$w" "${args[@]}" \
+    --out "$tmp/world" > "$tmp/resume_fails.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 124 ]; then
+    fail "resume_fails: the ranks did not end within 300 s of rank 1's failed resume"
+  elif [ $rc -eq 0 ]; then
+    fail "resume_fails: exited 0"
+  elif [ "$(grep -c "rank 1: AVIARY_FAULT_INJECT: rank 1 cannot read its checkpoint" "$tmp/resume_fails.log")" -ge 2 ]; then
+    ok  # both ranks name rank 1's cause
+  else
+    cat "$tmp/resume_fails.log"; fail "resume_fails: the ranks did not both end with rank 1's cause"
+  fi
+}
+resume_fails
+
 echo "train_preempt: $passes passed, $fails failed"
 [ $fails -eq 0 ]

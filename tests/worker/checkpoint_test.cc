@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 
 #include <tuple>
@@ -223,7 +224,9 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
   for (const absl::Status& unreadable : {absl::PermissionDeniedError("run/last.pt: cannot read the checkpoint: "
                                                                      "Permission denied"),
                                          absl::UnavailableError("run/last.pt: cannot read the checkpoint: "
-                                                                "Input/output error")}) {
+                                                                "Input/output error"),
+                                         absl::ResourceExhaustedError("run/last.pt: reading the checkpoint (1 bytes): "
+                                                                      "out of memory")}) {
     c[0].meta = unreadable;
     c[1].meta = meta(3, 1);
     r = PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2");
@@ -252,7 +255,7 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
 TEST(CheckpointTest, MidEpochStateAndGroupsRoundTrip) {
   auto a = Model(3);
   CheckpointMeta m = Meta();
-  m.in_epoch = 2;
+  m.in_epoch = 5;  // epoch 4 ended
   m.batches_done = 5;
   m.epoch_loss_sum = 12.345678901234567;
   m.epoch_seen = 40;
@@ -264,7 +267,7 @@ TEST(CheckpointTest, MidEpochStateAndGroupsRoundTrip) {
   ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, m, {}, groups).ok());
   auto read = ReadCheckpointMeta(path);
   ASSERT_TRUE(read.ok()) << read.status();
-  EXPECT_EQ(read->in_epoch, 2);
+  EXPECT_EQ(read->in_epoch, 5);
   EXPECT_EQ(read->batches_done, 5);
   EXPECT_EQ(read->epoch_loss_sum, m.epoch_loss_sum);
   EXPECT_EQ(read->epoch_seen, 40);
@@ -280,6 +283,67 @@ TEST(CheckpointTest, MidEpochStateAndGroupsRoundTrip) {
   // An epoch-end checkpoint has no position.
   ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, Meta()).ok());
   EXPECT_EQ(ReadCheckpointMeta(path)->in_epoch, -1);
+}
+
+// A read that fails (EIO, ESTALE on NFS) is UNAVAILABLE naming the file and the error, not "not
+// an aviary checkpoint": a resume would take a healthy last.pt for a damaged one and go on from
+// last.prev.pt. The whole restore, weights and a group included, reads one open file.
+TEST(CheckpointTest, AReadErrorIsUnavailableNotDamage) {
+  auto a = Model(3);
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_eio.pt";
+  CheckpointGroups groups{{"ema_state", {{"w", at::arange(4, at::kFloat)}}}};
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, Meta(), {}, groups).ok());
+  SetCheckpointReadFaultForTest([&](const std::string& p) { return p == path ? EIO : 0; });
+  auto meta = ReadCheckpointMeta(path);
+  EXPECT_EQ(meta.status().code(), absl::StatusCode::kUnavailable) << meta.status();
+  EXPECT_EQ(meta.status().message(), path + ": reading the checkpoint: Input/output error");
+  auto b = Model(3);
+  auto restored = RestoreCheckpoint(path, *b, nullptr);
+  EXPECT_EQ(restored.status().code(), absl::StatusCode::kUnavailable) << restored.status();
+  SetCheckpointReadFaultForTest(nullptr);
+  absl::StatusOr<NamedTensors> group = absl::UnknownError("not read");
+  restored = RestoreCheckpoint(path, *b, nullptr, "ema_state", &group);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_TRUE(SameCheckpointMeta(*restored, Meta()));
+  ASSERT_TRUE(group.ok()) << group.status();
+  ASSERT_EQ(group->size(), 1u);
+  EXPECT_TRUE(at::equal((*group)[0].second, at::arange(4, at::kFloat)));
+  restored = RestoreCheckpoint(path, *b, nullptr, "epoch_state", &group);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kNotFound);
+  std::remove(path.c_str());
+}
+
+// Metadata a resume computes positions from is checked: a damaged or edited value is an error
+// naming the file and the value (batches_done x world_size overflowed an int64).
+TEST(CheckpointTest, InconsistentPositionsAreRefused) {
+  auto a = Model(3);
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_position.pt";
+  auto refused = [&](const CheckpointMeta& m) {
+    EXPECT_TRUE(SaveCheckpoint(path, *a, nullptr, m).ok());
+    return ReadCheckpointMeta(path).status();
+  };
+  CheckpointMeta m = Meta();
+  m.in_epoch = 7;  // epoch 4 ended: in_epoch can only be 5
+  m.batches_done = 3;
+  absl::Status st = refused(m);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(st.message(), path + ": checkpoint metadata has in_epoch 7 after epoch 4 (expected 5)");
+  m.in_epoch = 5;
+  m.world_size = 2;
+  m.batches_done = int64_t{1} << 50;
+  st = refused(m);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("batches_done 1125899906842624"), absl::string_view::npos) << st;
+  m = Meta();
+  m.best_epoch = -3;
+  EXPECT_NE(refused(m).message().find("best_epoch -3"), absl::string_view::npos);
+  m = Meta();
+  m.in_epoch = 5;
+  m.batches_done = 3;
+  m.world_size = 2;
+  EXPECT_TRUE(refused(m).ok());
+  std::remove(path.c_str());
 }
 
 TEST(CheckpointTest, ARefusedCommitLeavesThePreviousCheckpointAndNoTemporary) {
@@ -324,7 +388,7 @@ TEST(CheckpointTest, MissingOrForeignFilesAreClearErrors) {
                    ::setresuid(65534, 65534, 65534) != 0)) {
         ::_exit(2);
       }
-      // Only access(2) runs before the answer: no torch work in the forked child.
+      // Only open(2) runs before the answer: no torch work in the forked child.
       auto read = ReadCheckpointMeta(locked);
       const bool good = !read.ok() && read.status().code() == absl::StatusCode::kPermissionDenied &&
                         read.status().message() == locked + ": cannot read the checkpoint: Permission denied";

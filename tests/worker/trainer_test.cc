@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -238,6 +240,47 @@ TEST_F(TrainerTest, AnUnreadableLastCheckpointFallsBackToThePreviousOne) {
   EXPECT_EQ(prev->epoch, 0);
   EXPECT_EQ(prev->task_id, o.task_id);
   EXPECT_EQ(prev->attempt, 1);
+  // A last.pt that cannot be read now (an I/O error on a network share) is not a damaged one:
+  // the resume stops, naming it, rather than going on from last.prev.pt and moving it aside.
+  const std::string last_pt = o.out_dir + "/last.pt";
+  SetCheckpointReadFaultForTest([&](const std::string& p) { return p == last_pt ? EIO : 0; });
+  o.attempt = 2;
+  o.extend_epochs = true;  // on to 3 epochs
+  auto blocked = Trainer::Create(Config(), o);
+  SetCheckpointReadFaultForTest(nullptr);
+  ASSERT_FALSE(blocked.ok());
+  EXPECT_EQ(blocked.status().code(), absl::StatusCode::kUnavailable) << blocked.status();
+  EXPECT_TRUE(absl::StrContains(blocked.status().message(),
+                                last_pt + ": reading the checkpoint: Input/output error: it may hold the newest epoch"))
+      << blocked.status();
+  EXPECT_EQ(ReadCheckpointMeta(last_pt)->epoch, 1);  // in place, not moved aside
+  EXPECT_NE(::access((last_pt + ".unreadable").c_str(), F_OK), 0);
+  // Replaced between the resume's choice and its restore (by a writer that still held the
+  // folder): the resume chooses again with what the file holds then, and restores that
+  // consistently (metadata, weights and optimizer state from one read).
+  const std::string kept = o.out_dir + "/kept.pt";
+  ASSERT_TRUE(common::WriteFileAtomically(kept, *common::ReadFileToString(last_pt)).ok());
+  int opens = 0;
+  SetCheckpointReadFaultForTest([&](const std::string& p) {
+    if (p == last_pt && ++opens == 2) {  // the restore's open, after the choice's
+      EXPECT_EQ(::system(("cp " + o.out_dir + "/last.prev.pt " + last_pt).c_str()), 0);
+    }
+    return 0;
+  });
+  WarningTap warnings;
+  auto replaced = Trainer::Create(Config(), o);
+  SetCheckpointReadFaultForTest(nullptr);
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  EXPECT_EQ((*replaced)->history().size(), 1u);  // epoch 0: what last.pt held when restored
+  bool said = false;
+  for (const std::string& line : warnings.lines()) {
+    said = said || absl::StrContains(line, last_pt + " was replaced while it was read; choosing again");
+  }
+  EXPECT_TRUE(said);
+  replaced->reset();
+  ASSERT_EQ(::rename(kept.c_str(), last_pt.c_str()), 0);
+  o.attempt = 1;
+  o.extend_epochs = false;
   // A torn last.pt (storage trouble): the next attempt resumes from last.prev.pt.
   ASSERT_TRUE(common::WriteFileAtomically(o.out_dir + "/last.pt", "torn").ok());
   o.attempt = 2;
