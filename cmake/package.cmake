@@ -1,6 +1,7 @@
 # `cmake --install build --prefix P` and `cpack` (a .deb): the three programs in P/bin (aviary
 # runs aviary-worker from its own folder), configs/ and deploy/ in P/share/aviary, the docs in
-# P/share/doc/aviary. Tests and benchmarks are not installed.
+# P/share/doc/aviary, and in P/share/aviary/systemd the systemd units and their environment
+# files rewritten for the .deb's paths (below). Tests and benchmarks are not installed.
 include(GNUInstallDirs)
 install(TARGETS aviary aviary-worker aviary-coordinator RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 # `aviary completion bash`, written at build time, where bash-completion looks for it.
@@ -20,6 +21,27 @@ install(FILES ${PROJECT_SOURCE_DIR}/README.md ${PROJECT_SOURCE_DIR}/docs/SERVICE
               ${PROJECT_SOURCE_DIR}/docs/DEPLOY.md ${PROJECT_SOURCE_DIR}/docs/BENCHMARKS.md
               ${PROJECT_SOURCE_DIR}/docs/INFERENCE.md
         DESTINATION ${CMAKE_INSTALL_DOCDIR})
+# deploy/systemd/ names the hand-made layout (/opt/aviary/bin, /opt/aviary/deploy,
+# /opt/aviary/docs); the .deb's copies name where the .deb puts those files: /usr/bin,
+# /usr/share/aviary/deploy, /usr/share/doc/aviary, and their comments /usr/share/aviary/systemd.
+# Written for the prefix /usr (the .deb's, CPACK_PACKAGING_INSTALL_PREFIX) whatever --prefix
+# installs them. Shipped, never enabled: the operator copies them to /etc/systemd/system
+# (docs/DEPLOY.md, "Install layouts").
+set(AVIARY_PACKAGE_PREFIX /usr)
+foreach(_file aviary-coordinator.service aviary-worker-group@.service coordinator.env.example
+              worker-group.env.example)
+  set(_source ${PROJECT_SOURCE_DIR}/deploy/systemd/${_file})
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${_source})
+  file(READ ${_source} _text)
+  # The worker env file's PATH starts with /opt/aviary/bin: /usr/bin is on it already.
+  string(REPLACE "/opt/aviary/bin:" "" _text "${_text}")
+  string(REPLACE "/opt/aviary/bin/" "${AVIARY_PACKAGE_PREFIX}/${CMAKE_INSTALL_BINDIR}/" _text "${_text}")
+  string(REPLACE "/opt/aviary/deploy/" "${AVIARY_PACKAGE_PREFIX}/${CMAKE_INSTALL_DATADIR}/aviary/deploy/" _text "${_text}")
+  string(REPLACE "/opt/aviary/docs/" "${AVIARY_PACKAGE_PREFIX}/${CMAKE_INSTALL_DOCDIR}/" _text "${_text}")
+  string(REPLACE " deploy/systemd/" " ${AVIARY_PACKAGE_PREFIX}/${CMAKE_INSTALL_DATADIR}/aviary/systemd/" _text "${_text}")
+  file(WRITE ${CMAKE_BINARY_DIR}/systemd/${_file} "${_text}")
+  install(FILES ${CMAKE_BINARY_DIR}/systemd/${_file} DESTINATION ${CMAKE_INSTALL_DATADIR}/aviary/systemd)
+endforeach()
 
 set(CPACK_PACKAGE_NAME aviary)
 set(CPACK_PACKAGE_VENDOR "aviary")
@@ -29,7 +51,7 @@ set(CPACK_PACKAGE_DESCRIPTION_SUMMARY
 set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
 set(CPACK_GENERATOR DEB)
 set(CPACK_STRIP_FILES ON)
-set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
+set(CPACK_PACKAGING_INSTALL_PREFIX ${AVIARY_PACKAGE_PREFIX})
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
 set(CPACK_DEBIAN_PACKAGE_SECTION science)
 set(CPACK_DEBIAN_COMPRESSION_TYPE gzip)  # xz takes minutes on 2 cores for ~50 MB

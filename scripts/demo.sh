@@ -62,21 +62,43 @@ stop_service() {
   wait 2>/dev/null || true
 }
 trap stop_service EXIT
+# wait_started WHAT PID LOG SECONDS FILE...: waits until every FILE is non-empty while PID runs;
+# otherwise prints LOG and says which file WHAT did not write, and the demo ends (exit 1).
+wait_started() {
+  local what=$1 pid=$2 log=$3 seconds=$4 f
+  shift 4
+  local deadline=$((SECONDS + seconds))
+  for f in "$@"; do
+    until [ -s "$f" ]; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        cat "$log"; echo "$what exited before writing $f (its log is above: $log)"; exit 1
+      fi
+      if [ $SECONDS -ge $deadline ]; then
+        cat "$log"; echo "$what did not write $f within $seconds s (its log is above: $log)"; exit 1
+      fi
+      sleep 0.2
+    done
+  done
+  if ! kill -0 "$pid" 2>/dev/null; then
+    cat "$log"; echo "$what exited right after writing $* (its log is above: $log)"; exit 1
+  fi
+}
 "$coordinator" --config configs/coordinator.yaml --listen 127.0.0.1:0 --port-file $out/coordinator.port \
   --metrics-listen 127.0.0.1:0 --metrics-port-file $out/metrics.port --database $out/aviary.db \
   --work-dir $out/runs --token-file $out/token --worker-token-file $out/worker.token \
   --set data_roots="$PWD/data" > $out/coordinator.log 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -s $out/coordinator.port ] && [ -s $out/metrics.port ] && break; sleep 0.2; done
-[ -s $out/coordinator.port ] || { cat $out/coordinator.log; echo "the coordinator did not start"; exit 1; }
+wait_started "the coordinator" $! $out/coordinator.log 30 $out/coordinator.port $out/metrics.port
 export AVIARY_COORDINATOR=127.0.0.1:$(cat $out/coordinator.port) AVIARY_TOKEN_FILE=$out/token
 echo "coordinator on $AVIARY_COORDINATOR (log $out/coordinator.log), Prometheus metrics on" \
   "http://127.0.0.1:$(cat $out/metrics.port)/metrics"
 mpirun -np 2 --oversubscribe "$worker" serve --coordinator "$AVIARY_COORDINATOR" --token-file $out/worker.token \
   --metrics-listen 127.0.0.1:0 --metrics-port-file $out/group.port > $out/group.log 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -s $out/group.port ] && break; sleep 0.2; done
-echo "worker group: 2 ranks (log $out/group.log), its metrics on http://127.0.0.1:$(cat $out/group.port 2>/dev/null)/metrics"
+# Rank 0 writes group.port once its /metrics listens; mpirun exits when a rank dies at start
+# (a missing library, a bad flag): the demo then stops here, not in `aviary watch`.
+wait_started "the worker group (mpirun)" $! $out/group.log 120 $out/group.port
+echo "worker group: 2 ranks (log $out/group.log), its metrics on http://127.0.0.1:$(cat $out/group.port)/metrics"
 
 step "Submit configs/demo.yaml: pretrain on the pool (fold 0), then fine-tune on the target (fold 0)"
 job=$("$aviary" submit configs/demo.yaml --name demo | tail -n 1)

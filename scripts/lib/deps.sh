@@ -58,7 +58,8 @@ aviary_install_packages() {
     AVIARY_APT_UPDATED=1
   fi
   # A fresh machine's unattended-upgrades may hold dpkg's lock for a while: wait for it.
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
+  # DEBIAN_FRONTEND through env, after sudo: sudo's env_reset drops it from sudo's own environment.
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 }
 
 # Configures ${AVIARY_BUILD_DIR:-build} (extra arguments go to cmake). Release, like the CUDA

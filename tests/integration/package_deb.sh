@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The .deb (cpack): it holds the three programs, configs/, deploy/ and the docs, and declares its
-# Debian dependencies; installed with apt-get (as root, or with passwordless sudo; skipped, exit
-# 77, otherwise), `aviary --help` works and a tiny offline training runs from the installed
+# The .deb (cpack): it holds the three programs, configs/, deploy/, the docs and the systemd units
+# for its own paths (naming only files it holds), and declares its Debian dependencies;
+# installed with apt-get (as root, or with passwordless sudo; skipped, exit 77, otherwise),
+# `aviary --help` works and a tiny offline training runs from the installed
 # files (/usr/bin, /usr/share/aviary/configs/demo.yaml); then the package is removed again.
 # usage: package_deb.sh BUILD_DIR
 set -uo pipefail
@@ -31,6 +32,28 @@ for doc in "$(dirname "$0")/../../README.md" "$(dirname "$0")"/../../docs/*.md; 
 done
 extra=$(grep '^./usr/bin/.' <<<"$contents" | grep -v -x -e ./usr/bin/aviary -e ./usr/bin/aviary-worker -e ./usr/bin/aviary-coordinator)
 [ -z "$extra" ] && ok || fail "the package installs more programs than the three: $extra"
+# The systemd units and env files for the .deb's paths (/usr/share/aviary/systemd): nothing in
+# them names the hand-made layout's /opt/aviary, and the programs they start (ExecStart, the
+# worker env file's --worker) and the Documentation= file are in the package.
+mkdir -p "$tmp/unpacked" && dpkg-deb -x "$deb" "$tmp/unpacked"
+for f in aviary-coordinator.service aviary-worker-group@.service coordinator.env.example worker-group.env.example; do
+  shipped=/usr/share/aviary/systemd/$f
+  if [ ! -f "$tmp/unpacked$shipped" ]; then fail "the package lacks $shipped"; continue; fi
+  ok
+  if grep -n /opt/aviary "$tmp/unpacked$shipped"; then fail "$shipped names /opt/aviary"; else ok; fi
+  named=$(sed -n -e 's/^ExecStart=\([^ ]*\).*/program \1/p' -e 's/^AVIARY_LAUNCH_ARGS=.*--worker \([^ ]*\).*/program \1/p' \
+                 -e 's/^Documentation=file:\([^ ]*\).*/file \1/p' "$tmp/unpacked$shipped")
+  case $f in
+    *.service) grep -q '^program ' <<<"$named" && ok || fail "$shipped: no ExecStart= program found" ;;
+    worker-group.env.example) grep -q '^program ' <<<"$named" && ok || fail "$shipped: no --worker program found" ;;
+  esac
+  while read -r kind path; do
+    [ -n "$path" ] || continue
+    if [ ! -f "$tmp/unpacked$path" ]; then fail "$shipped names $path, which the package does not install"
+    elif [ "$kind" = program ] && [ ! -x "$tmp/unpacked$path" ]; then fail "$shipped runs $path, which is not executable"
+    else ok; fi
+  done <<<"$named"
+done
 
 if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n); else
   echo "package_deb: not root and no passwordless sudo: the install step is skipped"
