@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -804,41 +806,56 @@ absl::StatusOr<SynthFile> WriteRow(const SynthOptions& options, const RowPlan& r
   *fields = RowFields(layout, row, draw);
   const std::string label = SynthSpeciesCode(row.species);
   const std::string relative = RelativeAudioPath(layout, label, fields->at("filename"));
-  const std::string path = (fs::path(options.out_dir) / relative).string();
+  const std::string final_path = (fs::path(options.out_dir) / relative).string();
   std::error_code ec;
-  fs::create_directories(fs::path(path).parent_path(), ec);
+  fs::create_directories(fs::path(final_path).parent_path(), ec);
   if (ec) {
-    return absl::InternalError(absl::StrCat(fs::path(path).parent_path().string(),
+    return absl::InternalError(absl::StrCat(fs::path(final_path).parent_path().string(),
                                             ": cannot create directory: ", ec.message()));
   }
+  // Written beside its name and renamed into place: a run stopped midway leaves no half-written
+  // file under the name (and a rerun over an earlier corpus replaces each file whole).
+  const std::string path = absl::StrCat(final_path, ".tmp.", common::TemporarySuffix());
   const uint32_t ogg_serial =
       static_cast<uint32_t>(Mix(options.seed, static_cast<uint64_t>(row.id)) & 0x7fffffff);
-  switch (row.kind) {
-    case SynthFileKind::kEmpty:
-      AVIARY_RETURN_IF_ERROR(WriteBinary(path, ""));
-      break;
-    case SynthFileKind::kNotAudio:
-      AVIARY_RETURN_IF_ERROR(WriteBinary(
-          path, absl::StrCat("<html><body>404 Not Found: ", XcId(row.id),
-                             " (broken file written by aviary synth)</body></html>\n")));
-      break;
-    case SynthFileKind::kSilent:
-      AVIARY_RETURN_IF_ERROR(WriteAudioFile(
-          path, mp3, draw.sample_rate, draw.channels,
-          std::vector<float>(static_cast<size_t>(draw.frames * draw.channels), 0.0f), ogg_serial));
-      break;
-    case SynthFileKind::kGood:
-    case SynthFileKind::kTruncated: {
-      std::vector<float> audio = RenderRecording(SynthSpeciesVoice(row.species), draw.sample_rate,
-                                                 draw.channels, draw.frames, draw.audio_seed);
-      AVIARY_RETURN_IF_ERROR(WriteAudioFile(path, mp3, draw.sample_rate, draw.channels, audio, ogg_serial));
-      if (row.kind == SynthFileKind::kTruncated) {
-        AVIARY_ASSIGN_OR_RETURN(std::string bytes, ReadBinary(path));
-        bytes.resize(std::min(bytes.size(), kTruncatedBytes));
-        AVIARY_RETURN_IF_ERROR(WriteBinary(path, bytes));
+  const absl::Status wrote = [&]() -> absl::Status {
+    switch (row.kind) {
+      case SynthFileKind::kEmpty:
+        AVIARY_RETURN_IF_ERROR(WriteBinary(path, ""));
+        break;
+      case SynthFileKind::kNotAudio:
+        AVIARY_RETURN_IF_ERROR(WriteBinary(
+            path, absl::StrCat("<html><body>404 Not Found: ", XcId(row.id),
+                               " (broken file written by aviary synth)</body></html>\n")));
+        break;
+      case SynthFileKind::kSilent:
+        AVIARY_RETURN_IF_ERROR(WriteAudioFile(
+            path, mp3, draw.sample_rate, draw.channels,
+            std::vector<float>(static_cast<size_t>(draw.frames * draw.channels), 0.0f), ogg_serial));
+        break;
+      case SynthFileKind::kGood:
+      case SynthFileKind::kTruncated: {
+        std::vector<float> audio = RenderRecording(SynthSpeciesVoice(row.species), draw.sample_rate,
+                                                   draw.channels, draw.frames, draw.audio_seed);
+        AVIARY_RETURN_IF_ERROR(WriteAudioFile(path, mp3, draw.sample_rate, draw.channels, audio, ogg_serial));
+        if (row.kind == SynthFileKind::kTruncated) {
+          AVIARY_ASSIGN_OR_RETURN(std::string bytes, ReadBinary(path));
+          bytes.resize(std::min(bytes.size(), kTruncatedBytes));
+          AVIARY_RETURN_IF_ERROR(WriteBinary(path, bytes));
+        }
+        break;
       }
-      break;
     }
+    return absl::OkStatus();
+  }();
+  if (!wrote.ok()) {
+    ::unlink(path.c_str());
+    return wrote;
+  }
+  if (::rename(path.c_str(), final_path.c_str()) != 0) {
+    const int error = errno;
+    ::unlink(path.c_str());
+    return absl::InternalError(absl::StrCat("rename ", path, " -> ", final_path, ": ", std::strerror(error)));
   }
   SynthFile file;
   file.relative_path = relative;

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
 #include "common/layouts.h"
@@ -327,7 +328,27 @@ TEST(SynthTest, SameOptionsGiveIdenticalBytes) {
     for (const auto& [name, bytes] : a) {
       ASSERT_TRUE(b.count(name)) << name;
       EXPECT_TRUE(bytes == b[name]) << name << " differs between two runs";
+      EXPECT_EQ(name.find(".tmp."), std::string::npos) << name << ": a staged file left behind";
     }
+    // Written again over the first corpus, each file is replaced whole (written beside its name
+    // and renamed), not written through what is there: here a link to a file of another corpus.
+    const std::string audio = [&] {
+      for (const auto& [name, bytes] : a) {
+        if ((absl::EndsWith(name, ".ogg") || absl::EndsWith(name, ".mp3")) && bytes.size() > 100) return name;
+      }
+      return std::string();
+    }();
+    ASSERT_FALSE(audio.empty());
+    const fs::path linked = fs::path(tmp.Sub(LayoutName(layout) + "_a")) / audio;
+    const std::string outside = tmp.Sub(LayoutName(layout) + "_outside.ogg");
+    { std::ofstream(outside) << "another corpus's file"; }
+    fs::remove(linked);
+    fs::create_symlink(outside, linked);
+    options.out_dir = tmp.Sub(LayoutName(layout) + "_a");
+    ASSERT_TRUE(WriteSyntheticCorpus(options).ok());
+    EXPECT_EQ(Slurp(outside), "another corpus's file");
+    EXPECT_FALSE(fs::is_symlink(linked));
+    EXPECT_TRUE(Slurp(linked.string()) == b.at(audio));
     // Another seed gives another corpus.
     options.out_dir = tmp.Sub(LayoutName(layout) + "_c");
     options.seed = 8;
