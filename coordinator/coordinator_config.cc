@@ -418,11 +418,15 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
                                                    config.heartbeat_interval_s,
                                                    ": expected a value in [0.001, 3600]"));
   }
+  // The least timeout the lease check below allows: one bound in both messages (a value under
+  // the interval was told "more than the interval", then one just over it "at least" this).
+  const double min_timeout_s =
+      std::max(2 * config.heartbeat_interval_s + 0.5, 2 * config.heartbeat_interval_s / 0.9);
   if (!(config.heartbeat_timeout_s > config.heartbeat_interval_s) ||
       config.heartbeat_timeout_s > 86400) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s,
-        ": expected more than heartbeat_interval_s (", config.heartbeat_interval_s,
+        "key 'heartbeat_timeout_s': ", config.heartbeat_timeout_s, ": expected at least ", min_timeout_s,
+        " (a group's lease must span two heartbeats of heartbeat_interval_s ", config.heartbeat_interval_s,
         ") and at most 86400"));
   }
   // A group's lease lasts the timeout less a margin of max(0.5 s, timeout / 10) after the send
@@ -436,8 +440,7 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
         ": too short for heartbeat_interval_s ", config.heartbeat_interval_s,
         ": a group's lease (the timeout less a margin of max(0.5 s, timeout / 10), here ", lease_s,
         " s) must span two heartbeat intervals (", 2 * config.heartbeat_interval_s,
-        " s), or healthy groups have their checkpoint writes fenced; expected at least ",
-        std::max(2 * config.heartbeat_interval_s + 0.5, 2 * config.heartbeat_interval_s / 0.9)));
+        " s), or healthy groups have their checkpoint writes fenced; expected at least ", min_timeout_s));
   }
   if (config.max_restarts < 0 || config.max_restarts > 1000) {
     return absl::InvalidArgumentError(absl::StrCat("key 'max_restarts': ", config.max_restarts,

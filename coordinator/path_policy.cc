@@ -119,7 +119,9 @@ absl::Status CheckDataPath(const std::string& key, const std::string& path,
   }
   return absl::InvalidArgumentError(absl::StrCat("key '", key, "': '", path, "' resolves to '",
                                                  *resolved, "', outside the data roots (",
-                                                 absl::StrJoin(roots, ", "), ")"));
+                                                 absl::StrJoin(roots, ", "),
+                                                 "): jobs read and write only inside the coordinator's "
+                                                 "data_roots (its config)"));
 }
 
 bool TransientFilesystemErrno(int err) {

@@ -14,6 +14,7 @@
 #include <google/protobuf/util/field_comparator.h>
 #include <google/protobuf/util/message_differencer.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -622,6 +623,7 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
 
   // Relative data paths resolve against the client's working directory.
   const std::string& base = request.working_dir();
+  std::map<std::string, std::string> relative;  // key -> the relative path as written
   auto check_and_resolve = [&](const std::string& key, std::string* path) -> absl::Status {
     if (path->empty() || fs::path(*path).is_absolute()) return absl::OkStatus();
     if (base.empty()) {
@@ -629,8 +631,19 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
           source, ": key '", key, "': relative path '", *path,
           "' but the request has no working_dir to resolve it against"));
     }
+    relative[key] = *path;
     Resolve(base, path);
     return absl::OkStatus();
+  };
+  // Where a key's value came from: the last --set (or sweep point) that gave it, else the file.
+  auto source_of = [&](const std::string& key) {
+    for (size_t i = overrides.size(); i-- > 0;) {
+      if (absl::StartsWith(overrides[i], key + "=")) {
+        return absl::StrCat(static_cast<int>(i) < request.overrides_size() ? "--set " : "sweep point's ",
+                            overrides[i]);
+      }
+    }
+    return source;
   };
   AVIARY_RETURN_IF_ERROR(check_and_resolve("data.target.root", &config.data.target.root));
   for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
@@ -653,7 +666,16 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
   data_paths.emplace_back("data.cache_dir", config.data.cache_dir);
   data_paths.emplace_back("model.pretrained_weights", config.model.pretrained_weights);
   for (const auto& [key, path] : data_paths) {
-    AVIARY_RETURN_IF_ERROR(common::Annotate(CheckDataPath(key, path, options_.data_roots), source));
+    absl::Status inside = CheckDataPath(key, path, options_.data_roots);
+    if (inside.ok()) continue;
+    auto written = relative.find(key);
+    if (written != relative.end()) {
+      // The config's folder is not the base: a path relative to it was the likely intent.
+      inside = absl::Status(inside.code(), absl::StrCat(inside.message(), " ('", written->second,
+                                                        "' is relative: it resolves against the folder the client "
+                                                        "ran in, ", base, ", not against the config's folder)"));
+    }
+    return common::Annotate(inside, source_of(key));
   }
   // After the paths: a path outside the data roots is refused as such whatever else is wrong.
   AVIARY_RETURN_IF_ERROR(common::CheckBeforeRun(config, source));

@@ -167,6 +167,11 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
   ASSERT_FALSE(config.ok());
   EXPECT_NE(config.status().message().find(timeout + ":2: key 'heartbeat_timeout_s'"), std::string::npos)
       << config.status();
+  // The bound it names is the one a value just over the interval is then told: the least allowed.
+  EXPECT_NE(config.status().message().find(": 1: expected at least 4.5 (a group's lease must span two heartbeats "
+                                           "of heartbeat_interval_s 2) and at most 86400"),
+            std::string::npos)
+      << config.status();
 
   // A work_dir that is not UTF-8 once resolved (a relative one, in a config folder whose name is
   // not UTF-8) is a config error naming the line (exit 2), not a failed start.

@@ -79,7 +79,9 @@ TEST_F(PathPolicyTest, DataPathsAndCheckpoints) {
   const absl::Status outside = CheckDataPath("data.cache_dir", root_ + "/data2/x", *roots);
   EXPECT_EQ(outside.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(outside.message(), absl::StrCat("key 'data.cache_dir': '", root_, "/data2/x' resolves to '", root_,
-                                            "/data2/x', outside the data roots (", root_, "/data)"));
+                                            "/data2/x', outside the data roots (", root_,
+                                            "/data): jobs read and write only inside the coordinator's data_roots "
+                                            "(its config)"));
   EXPECT_FALSE(CheckDataPath("model.pretrained_weights", root_ + "/data/etc/shadow", *roots).ok());
   EXPECT_NE(CheckDataPath("data.cache_dir", root_ + "/data/a", {}).message().find("set `data_roots`"),
             std::string::npos);

@@ -50,7 +50,12 @@ expect "bad.yaml:$(wc -l < "$tmp/bad.yaml")" av submit "$tmp/bad.yaml"
 expect "model.name" av submit "$tmp/p.yaml" --set model.name=resnet9000
 expect "NOT_FOUND" av status jffffffffffff
 # Issue 14: paths outside the coordinator's data_roots and absurd numbers are refused at submit.
-expect "key 'data.cache_dir': '/etc' resolves to '/etc', outside the data roots" av submit "$tmp/p.yaml" --set data.cache_dir=/etc
+expect "--set data.cache_dir=/etc: key 'data.cache_dir': '/etc' resolves to '/etc', outside the data roots" av submit "$tmp/p.yaml" --set data.cache_dir=/etc
+# A relative data path resolves against the folder the client ran in (not the config's), and the
+# refusal says so.
+expect "'rel/cache' is relative: it resolves against the folder the client ran in, /, not against the config's folder" \
+  bash -c 'cd / && "$0" --coordinator "$1" --token-file "$2" submit "$3" --set data.cache_dir=rel/cache' \
+  "$bin/aviary" "127.0.0.1:$port" "$tmp/token" "$tmp/p.yaml"
 expect "key 'model.pretrained_weights': '/etc/shadow'" av submit "$tmp/p.yaml" --set model.pretrained_weights=/etc/shadow
 expect "key 'train.epochs': expected an integer in [1, 10000], got '2147483647'" av submit "$tmp/p.yaml" --set train.epochs=2147483647
 expect "key 'train.loss': expected CCE while model.final_act is softmax" av submit "$tmp/p.yaml" --set train.loss=BCE

@@ -7,6 +7,9 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/logging.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/files.h"
@@ -321,6 +324,40 @@ TEST(LoadClipTest, FileChangedSincePrepareIsDecodedOnTheFly) {
   EXPECT_EQ((*unstamped)->Lookup(same)->file_bytes, -1);
   EXPECT_FALSE(MustLoad(unstamped->get(), same, request).from_cache);
   EXPECT_EQ((*unstamped)->stale_files(), 1);
+}
+
+// A corpus rewritten after prepare: the first 10 changed files are named in the log, then one
+// line says the rest are counted, not named (a line per file flooded the log); all are counted.
+TEST(LoadClipTest, ChangedFilesAreNamedUpToTenThenCounted) {
+  TempDir tmp;
+  std::vector<std::string> files;
+  for (int i = 0; i < 13; ++i) {
+    files.push_back(tmp.Sub(absl::StrCat("f", i, ".wav")));
+    WriteAudio(files.back(), SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  }
+  const std::string dir = tmp.Sub("cache");
+  ASSERT_NE(Prepare(files, dir), nullptr);
+  for (const std::string& f : files) {
+    WriteAudio(f, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(880, 32000, 2 * 32000));
+  }
+  auto opened = AudioCache::Open(dir);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  absl::Mutex mu;
+  std::vector<std::string> warnings;
+  common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
+    absl::MutexLock lock(&mu);
+    if (level == common::LogLevel::kWarning) warnings.emplace_back(line);
+  });
+  for (const std::string& f : files) EXPECT_FALSE(MustLoad(opened->get(), f, Request(ClipMode::kValidation, 1)).from_cache);
+  common::SetLogTap(nullptr);
+  EXPECT_EQ((*opened)->stale_files(), 13);
+  int named = 0, counted = 0;
+  for (const std::string& line : warnings) {
+    named += absl::StrContains(line, ": changed since `aviary prepare` cached it (");
+    counted += absl::StrContains(line, "counted, not named");
+  }
+  EXPECT_EQ(named, 10);
+  EXPECT_EQ(counted, 1);
 }
 
 // Broken files give a clip of zeros and the problem, from the cache and on the fly; never NaN.

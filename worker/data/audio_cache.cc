@@ -781,12 +781,20 @@ const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
     }
     int8_t expected = 0;
     if (freshness_[i].compare_exchange_strong(expected, stale ? 2 : 1) && stale) {
-      stale_files_.fetch_add(1);
+      // The first few by name; a rewritten corpus would otherwise log one line per file.
+      constexpr int64_t kNamedStaleFiles = 10;
+      const int64_t n = stale_files_.fetch_add(1) + 1;
       const std::string then = e.file_bytes < 0 ? std::string("cached without its size and mtime")
                                                  : absl::StrCat("then ", e.file_bytes, " bytes, mtime_ns ", e.mtime_ns);
-      Log().Warn(absl::StrCat(e.path, ": changed since `aviary prepare` cached it (", then, "; now ", now,
-                              "): decoded on the fly instead of the cache ", dir_,
-                              " (run `aviary prepare` again)"));
+      if (n <= kNamedStaleFiles) {
+        Log().Warn(absl::StrCat(e.path, ": changed since `aviary prepare` cached it (", then, "; now ", now,
+                                "): decoded on the fly instead of the cache ", dir_,
+                                " (run `aviary prepare` again)"));
+      }
+      if (n == kNamedStaleFiles) {
+        Log().Warn(absl::StrCat("more files than these ", kNamedStaleFiles, " may have changed since `aviary prepare` "
+                                "cached them in ", dir_, ": they are decoded on the fly too, counted, not named"));
+      }
     }
     state = freshness_[i].load(std::memory_order_acquire);
   }

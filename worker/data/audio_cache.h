@@ -110,7 +110,8 @@ class AudioCache {
   // since prepare cached it (its size or mtime differ from the entry's file_bytes/mtime_ns),
   // so that the caller decodes the new version instead of serving stale audio. The source is
   // stat()ed once per entry, on first use (a file changed later is not noticed); a stale entry
-  // is logged once and counted in stale_files(). A source that cannot be stat()ed (gone) keeps
+  // is counted in stale_files(), and the first 10 are logged by name (then one line says the
+  // rest are counted). A source that cannot be stat()ed (gone) keeps
   // its cached entry; an entry without a stamp (file_bytes -1) is stale once the file can be
   // stat()ed, and a "missing" entry (older caches) is never served (as prepare judges them).
   const CacheEntry* LookupCurrent(absl::string_view path) const;
