@@ -8,6 +8,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -176,6 +177,13 @@ double ShownValAuc(const v1::TaskInfo& task, double last_epoch_val_auc) {
   return std::nan("");
 }
 
+std::string SweepPointSuffix(const v1::TaskInfo& task) {
+  // The coordinator names a sweep's tasks JOB/STAGE-fFOLD-pPOINT and other tasks JOB/STAGE-fFOLD
+  // (coordinator/scheduler.cc): sweep_point alone is 0 for both point 0 and no sweep.
+  const std::string suffix = absl::StrCat("-p", task.sweep_point());
+  return absl::EndsWith(task.task_id(), absl::StrCat("-f", task.fold(), suffix)) ? suffix : "";
+}
+
 std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s, double last_epoch_val_auc) {
   const TaskProgress p = ProgressOf(task);
   const int width = std::max(2, static_cast<int>(absl::StrCat(task.epochs()).size()));
@@ -187,8 +195,9 @@ std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s, double last_e
     const std::string spe = absl::StrCat(task.steps_per_epoch());
     step = absl::StrFormat("step %*d/%s", static_cast<int>(spe.size()), p.step_in_epoch, spe);
   }
-  std::string line = absl::StrFormat("%-8s  f%-2d %-9s  %s  %s  loss %s  val_auc %s",
-                                     task.stage(), task.fold(), TaskStateName(task.state()),
+  std::string line = absl::StrFormat("%-8s  %-3s %-9s  %s  %s  loss %s  val_auc %s",
+                                     task.stage(), absl::StrCat("f", task.fold(), SweepPointSuffix(task)),
+                                     TaskStateName(task.state()),
                                      epoch, step, FormatMetric(LatestLoss(task)),
                                      FormatMetric(ShownValAuc(task, last_epoch_val_auc)));
   if (task.state() == v1::TASK_STATE_LEASED) {

@@ -94,8 +94,13 @@ double LatestLoss(const v1::TaskInfo& task);
 // the best epoch's once known; else NaN.
 double ShownValAuc(const v1::TaskInfo& task, double last_epoch_val_auc = std::nan(""));
 
+// "-p3" for a task of sweep point 3 (its task id ends in "-p3", as `status` shows it); "" for a
+// task of a job without a sweep.
+std::string SweepPointSuffix(const v1::TaskInfo& task);
+
 // The live line of one task:
-// "finetune  f1  LEASED     epoch  3/25  step  120/400  loss 2.3456  val_auc 0.4123  ETA 12m05s".
+// "finetune  f1  LEASED     epoch  3/25  step  120/400  loss 2.3456  val_auc 0.4123  ETA 12m05s";
+// a sweep's task names its point after the fold: "finetune  f1-p3  LEASED ...".
 std::string FormatTaskLine(const v1::TaskInfo& task, double eta_s,
                            double last_epoch_val_auc = std::nan(""));
 

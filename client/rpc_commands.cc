@@ -772,7 +772,19 @@ absl::Status History(Client& client, const ClientArgs& args) {
   if (args.csv) {
     std::cout << FormatHistoryCsv(rows);
   } else if (rows.empty()) {
-    std::cerr << "job " << request.job_id() << " has no finished epochs yet\n";
+    // "yet" only while the job may still train: a finished job (cancelled before its first epoch
+    // end) will not get any. When its state cannot be read, the neutral wording.
+    v1::GetJobRequest job_request;
+    job_request.set_job_id(request.job_id());
+    v1::JobInfo job;
+    const absl::Status got = client.Call("GetJob", &v1::JobService::Stub::GetJob, job_request, &job);
+    std::string why = " has no finished epochs";
+    if (got.ok() && IsTerminal(job.state())) {
+      why = absl::StrCat(" is ", JobStateName(job.state()), " and has no finished epochs");
+    } else if (got.ok()) {
+      why += " yet";
+    }
+    std::cerr << "job " << request.job_id() << why << "\n";
   } else {
     std::cout << FormatHistoryTable(rows);
   }

@@ -1,12 +1,15 @@
 #include "common/cli.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
+#include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -160,6 +163,45 @@ std::string FirstUnknownFlag(const CLI::App* command, const std::vector<std::str
   return "";
 }
 
+// Levenshtein distance of `a` and `b` (two rows).
+size_t EditDistance(const std::string& a, const std::string& b) {
+  std::vector<size_t> previous(b.size() + 1), current(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) previous[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    current[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t substitution = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
+    }
+    std::swap(previous, current);
+  }
+  return previous[b.size()];
+}
+
+// The flag of `command` nearest to the unknown "--name" `unknown` ("--tags" -> "--tag"): the
+// closest one within an edit distance of 2 (the first of equally close ones), else the first
+// that `unknown` begins or that begins with `unknown` ("--with-run" -> "--with-run-folders");
+// "" when none is close.
+std::string NearestFlag(const CLI::App* command, const std::string& unknown) {
+  constexpr size_t kMaxDistance = 2;
+  std::string nearest, prefixed;
+  size_t nearest_distance = kMaxDistance + 1;
+  for (const CLI::Option* option : command->get_options()) {
+    if (!option->nonpositional()) continue;
+    for (const std::string& l : option->get_lnames()) {
+      const std::string flag = "--" + l;
+      if (const size_t distance = EditDistance(unknown, flag); distance < nearest_distance) {
+        nearest_distance = distance;
+        nearest = flag;
+      }
+      if (prefixed.empty() && (absl::StartsWith(flag, unknown) || absl::StartsWith(unknown, flag))) {
+        prefixed = flag;
+      }
+    }
+  }
+  return nearest.empty() ? prefixed : nearest;
+}
+
 // The first "--name" after `command`'s name in `args` that `command` does not define but one of
 // its parents does (a program's flag given after the command: "aviary list --coordinator X"),
 // "" when none.
@@ -220,6 +262,9 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
     // ("--coordinatr" making --coordinator missing) is the more useful thing to say.
     if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
       message = absl::StrCat("The following argument was not expected: ", unknown);
+      if (const std::string nearest = NearestFlag(command, unknown); !nearest.empty()) {
+        absl::StrAppend(&message, " (did you mean ", nearest, "?)");
+      }
     } else if (const size_t at = message.find(kAtMostOne);
                dynamic_cast<const CLI::ArgumentMismatch*>(&e) != nullptr && at != std::string::npos) {
       // CLI11: "--limit: At Most 1 required but received 2". A program's own flag (aviary

@@ -5,7 +5,8 @@
 //   PROGRAM CMD: MESSAGE (PROGRAM CMD --help lists the flags)      on stderr, exit code 2
 //
 // where MESSAGE is CLI11's ("--config is required", "The following argument was not expected:
-// --stge") or ours for numbers ("--fold: expected an integer in [0, 99], got 'x'").
+// --stge", to which we add the command's nearest flag: " (did you mean --stage?)") or ours for
+// numbers ("--fold: expected an integer in [0, 99], got 'x'").
 #ifndef AVIARY_COMMON_CLI_H_
 #define AVIARY_COMMON_CLI_H_
 

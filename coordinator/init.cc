@@ -78,7 +78,7 @@ constexpr char kConfig[] =
     "# several tokens, one a line (rotation), and SIGHUP re-reads them.\n"
     "# Clients that submit and cancel (aviary --token-file, AVIARY_TOKEN_FILE):\n"
     "token_file: \"token\"\n"
-    "# Read-only viewers (status, list, watch, history):\n"
+    "# Read-only viewers (status, list, watch, history, groups, logs):\n"
     "viewer_token_file: \"viewer.token\"\n"
     "# Worker groups only (aviary-worker serve --token-file):\n"
     "worker_token_file: \"worker.token\"\n"

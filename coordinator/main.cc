@@ -48,7 +48,7 @@ int RunInit(const std::string& dir, const std::vector<std::string>& data_roots) 
   }
   std::cout << "wrote " << result->token_path << " (client token, mode 600: for `aviary` users who submit and cancel)\n"
             << "wrote " << result->viewer_token_path
-            << " (viewer token, mode 600: status, list, watch, history only)\n"
+            << " (viewer token, mode 600: status, list, watch, history, groups, logs only)\n"
             << "wrote " << result->worker_token_path
             << " (worker token, mode 600: only for the hosts that run `aviary-worker serve`)\n"
             << "wrote " << result->config_path

@@ -93,6 +93,21 @@ TEST(ClientFormatTest, TaskLineShowsProgressLossAucAndEta) {
             "finetune  f2  BLOCKED    epoch  0/25  step -  loss -  val_auc -");
 }
 
+// A sweep's tasks of one fold differ only in their point: `watch` names it as `status` does
+// (the task id's "-pN"), a job without a sweep shows the fold alone.
+TEST(ClientFormatTest, TaskLineOfASweepNamesItsPoint) {
+  v1::TaskInfo t = Task("pretrain", 0, v1::TASK_STATE_SUCCEEDED, 2, 0, 0);
+  t.clear_latest();
+  EXPECT_EQ(SweepPointSuffix(t), "");
+  EXPECT_EQ(FormatTaskLine(t, -1), "pretrain  f0  SUCCEEDED  epoch  0/2  step -  loss -  val_auc -");
+  t.set_task_id("j0123456789ab/pretrain-f0-p0");  // sweep_point 0
+  EXPECT_EQ(SweepPointSuffix(t), "-p0");
+  EXPECT_EQ(FormatTaskLine(t, -1), "pretrain  f0-p0 SUCCEEDED  epoch  0/2  step -  loss -  val_auc -");
+  t.set_task_id("j0123456789ab/pretrain-f0-p1");
+  t.set_sweep_point(1);
+  EXPECT_EQ(FormatTaskLine(t, -1), "pretrain  f0-p1 SUCCEEDED  epoch  0/2  step -  loss -  val_auc -");
+}
+
 TEST(EtaTrackerTest, RateFromObservedStepsAndResetOnNewAttempt) {
   EtaTracker eta;
   v1::TaskInfo t = Task("pretrain", 0, v1::TASK_STATE_LEASED, 2, 100, 10);

@@ -6,7 +6,9 @@ says (issue 13, "first contact"):
   of that help is in the entry (the README lists commands in full);
 - docs/SERVICE.md: the coordinator's and `serve`'s flag lists are complete both ways; the
   client bullets' flags are in the client commands' help;
-- every documented flag is accepted: `PROGRAM CMD --flag=x` never answers "unknown flag".
+- every documented flag is accepted: `PROGRAM CMD --flag=x` never answers "unknown flag";
+- a README entry shows a flag that has a default (`--seed S=42` in the help) in [brackets], as
+  optional.
 
 usage: cli_docs.py BIN_DIR SOURCE_DIR
 """
@@ -68,6 +70,24 @@ def accepted(program, command, flags):
             return
 
 
+def unbracketed(line):
+    """The flags of `line` outside [...] (innermost brackets first: `[--sweep KEY=[V1,V2] ...]`)."""
+    while True:
+        stripped = re.sub(r"\[[^\[\]]*\]", "", line)
+        if stripped == line:
+            return set(FLAG.findall(line))
+        line = stripped
+
+
+def defaulted_flags(program, command):
+    """The flags whose help line shows a default: "  --seed S=42   random seed". --set's value
+    name KEY=VALUE is no default."""
+    argv = [program] + (command.split() if command else []) + ["--help"]
+    _, out = run(argv)
+    found = re.findall(r"^\s+(?:-\w,)?(--[a-z][a-z0-9-]*) \S*=\S*", out, re.M)
+    return set(found) - {"--set"}
+
+
 def compare(where, program, command, documented, both_ways=True):
     helped = help_flags(program, command)
     name = f"{program} {command or ''}".strip()
@@ -82,7 +102,7 @@ def compare(where, program, command, documented, both_ways=True):
 def readme_entries():
     text = open(f"{SRC}/README.md").read()
     block = text.split("## Commands", 1)[1].split("```", 2)[1]
-    entries = []  # [program, command, flags]
+    entries = []  # [program, command, flags, flags shown outside brackets]
     client_block = False
     for line in block.splitlines():
         if not line.strip():
@@ -98,26 +118,34 @@ def readme_entries():
                 command = "init"
             if command in ("dataset", "weights"):  # dataset folds|..., weights import: each its own help
                 command = f"{command} {words[2]}"
-            entries.append([program, command, set()])
+            entries.append([program, command, set(), set()])
         if client_block:
             current = None
             for w in words:
                 if w in CLIENT:
-                    current = [("aviary"), w, set()]
+                    current = [("aviary"), w, set(), None]  # the client's line: not checked for brackets
                     entries.append(current)
                 elif current is not None:
                     current[2].update(FLAG.findall(w))
             continue
         entries[-1][2].update(FLAG.findall(line))
-    merged = {}
-    for program, command, flags in entries:
+        entries[-1][3].update(unbracketed(line))
+    merged, required_looking = {}, {}
+    for program, command, flags, bare in entries:
         merged.setdefault((program, command), set()).update(flags)
-    return merged
+        if bare is not None:
+            required_looking.setdefault((program, command), set()).update(bare)
+    return merged, required_looking
 
 
 def main():
-    for (program, command), flags in readme_entries().items():
+    entries, required_looking = readme_entries()
+    for (program, command), flags in entries.items():
         compare("README.md", program, command, flags)
+    for (program, command), bare in required_looking.items():
+        name = f"{program} {command or ''}".strip()
+        for f in sorted(bare & defaulted_flags(program, command)):
+            failures.append(f"README.md: {name} shows {f} as required; it has a default: write it [{f} ...]")
     service = open(f"{SRC}/docs/SERVICE.md").read()
     coord = service.split("Flags override keys:", 1)[1].split("Unknown keys", 1)[0]
     compare("docs/SERVICE.md", "aviary-coordinator", None, set(FLAG.findall(coord)) | {"--config"})

@@ -24,7 +24,15 @@ YAML
 expect "unknown command 'fold'" "$aviary" fold
 expect "unknown command 'split' (expected folds, train-list, summary)" "$aviary" dataset split
 expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
-expect "argument was not expected: --stge" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
+expect "argument was not expected: --stge (did you mean --stage?)" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
+# A mistyped flag is answered with the command's nearest flag (edit distance <= 2, or a prefix
+# either way), none when no flag is close.
+expect "aviary submit: The following argument was not expected: --tags (did you mean --tag?)" \
+  "$aviary" submit "$tmp/p.yaml" --tags a
+expect "The following argument was not expected: --with-run (did you mean --with-run-folders?)" \
+  "$aviary" delete j0123456789ab --with-run
+expect "aviary list: The following argument was not expected: --zzzzzz (see aviary list --help)" \
+  "$aviary" list --zzzzzz
 expect "--stage: expected one of pretrain, finetune, got 'train'" "$aviary" dataset folds --config "$tmp/p.yaml" --stage train --out "$tmp/o.csv"
 # A program's own flag after the command (the usage puts it before) is named as such; CLI11 alone
 # said "The following arguments were not expected: 127.0.0.1:1 --coordinator".
@@ -226,6 +234,30 @@ if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
     fail "watch: one header line 'job $job PENDING ..., N tasks' across the restart:"; sed 's/^/    /' "$tmp/watch.out"
   else
     ok
+  fi
+  # A sweep's tasks of one fold differ only in their point: watch's lines name it as status does
+  # ("finetune  f0-p1 READY", not two "finetune  f0" lines). The history of a job cancelled before
+  # any epoch end says so without "yet".
+  if start_coord "$tmp/c.yaml" "$tmp/c5.log"; then
+    sweep=$(av submit "$tmp/w.yaml" --sweep "train.lr_max_per_sample=[1e-4,2e-4]" 2>/dev/null | tail -1)
+    av --timeout 10 watch "$sweep" > "$tmp/watch3.out" 2>&1 & watch_pid=$!
+    for _ in $(seq 300); do grep -q "f2-p1" "$tmp/watch3.out" && break; sleep 0.1; done
+    av cancel "$sweep" >/dev/null
+    wait $watch_pid
+    hist=$(av history "$sweep" 2>&1); hist_rc=$?
+    kill -TERM $coord_pid; wait $coord_pid
+    if ! grep -q "finetune  f0-p0 " "$tmp/watch3.out" || ! grep -q "finetune  f0-p1 " "$tmp/watch3.out" ||
+       grep -q "finetune  f0  " "$tmp/watch3.out"; then
+      fail "watch of a sweep: its lines do not name the point:"; sed 's/^/    /' "$tmp/watch3.out"
+    else
+      ok
+    fi
+    if [ $hist_rc -ne 0 ] || ! grep -qF "job $sweep is CANCELLED and has no finished epochs" <<<"$hist" ||
+       grep -q "yet" <<<"$hist"; then
+      fail "history of a job cancelled before any epoch end -> rc=$hist_rc: $hist"
+    else
+      ok
+    fi
   fi
   # A coordinator that does not come back (kill -9, its host gone): watch gives up after its
   # reconnections (10, each bounded by --timeout) with exit 3, "final state unknown", not the 1

@@ -2,8 +2,8 @@
 # `aviary mel` end to end on real ogg and mp3 files: the .npy is what numpy reads, with the
 # model input's shape and range, equal to torchaudio's MelSpectrogram + AmplitudeToDB + the
 # notebook's normalisation on the same decoded samples (ffmpeg decodes them for the reference);
-# --offset moves the window; bad input is refused with exit code 2 (for export and weights import
-# too: an --out in a missing folder).
+# --offset moves the window; bad input is refused with exit code 2 (for weights import too: an
+# --out in a missing folder; export makes that folder, and refuses a file on the way).
 # usage: mel_cli.sh AVIARY_BIN
 set -uo pipefail
 aviary=$1
@@ -21,6 +21,15 @@ for f in "$ogg" "$mp3"; do
   for offset in 0 1.5; do
     if ! "$aviary" mel --config "$tmp/p.yaml" --audio "$f" --offset $offset --out "$tmp/m.npy" > "$tmp/log" 2>&1; then
       cat "$tmp/log"; fail "mel $f --offset $offset"; continue
+    fi
+    # "zero-padded at the end" when, and only when, fewer samples than the window were read.
+    read -r got window < <(sed -n 's/.* from \([0-9]*\) samples (window \([0-9]*\).*/\1 \2/p' "$tmp/log")
+    if [ -z "${got:-}" ] || [ -z "${window:-}" ] ||
+       { [ "$got" -lt "$window" ] && ! grep -qF "(window $window, zero-padded at the end)" "$tmp/log"; } ||
+       { [ "$got" -ge "$window" ] && grep -qF "zero-padded" "$tmp/log"; }; then
+      fail "mel $f --offset $offset: padding said wrongly: $(cat "$tmp/log")"
+    else
+      ok
     fi
     /usr/bin/python3 - "$f" "$tmp/m.npy" "$offset" <<'PY' && passes=$((passes + 1)) || fails=$((fails + 1))
 import subprocess, sys
@@ -50,6 +59,22 @@ assert np.array_equal(ours[0], ours[1]) and np.array_equal(ours[0], ours[2])
 PY
   done
 done
+# A full window (every file is at least 0.3 s long) is not "zero-padded"; one that runs past the
+# file's end is.
+out=$("$aviary" mel --config "$tmp/p.yaml" --set data.duration=0.25 --audio "$ogg" --out "$tmp/w.npy" 2>&1)
+if [ $? -ne 0 ] || ! grep -qF "from 8000 samples (window 8000), source" <<<"$out"; then
+  fail "mel of a full window: $out"
+else
+  ok
+fi
+len=$(sed -n 's/.*, source \([0-9.]*\) s at .*/\1/p' <<<"$out")
+end=$(awk -v l="${len:-0}" 'BEGIN { printf "%.3f", (l > 0.2 ? l - 0.1 : 0) }')
+out=$("$aviary" mel --config "$tmp/p.yaml" --set data.duration=0.25 --audio "$ogg" --offset "$end" --out "$tmp/w.npy" 2>&1)
+if [ $? -ne 0 ] || ! grep -qE "from [0-9]+ samples \(window 8000, zero-padded at the end\), source" <<<"$out"; then
+  fail "mel of a window past the file's end (--offset $end): $out"
+else
+  ok
+fi
 # An mp3 without a Xing/Info tag states no length: mel says so rather than a made-up duration.
 if command -v ffmpeg >/dev/null; then
   ffmpeg -v error -nostdin -i "$mp3" -c:a libmp3lame -q:a 4 -write_xing 0 "$tmp/untagged.mp3"
@@ -81,8 +106,17 @@ cmp -s "$ogg" "$tmp/self.ogg" || fail "a refused --out replaced its --audio file
 # before any work, so no checkpoint or weights file is needed to see it.
 expect "--out $tmp/nodir/m.npy: the folder $tmp/nodir does not exist" \
   "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --out "$tmp/nodir/m.npy"
-expect "--out $tmp/nodir/model.pt: the folder $tmp/nodir does not exist" \
-  "$aviary" export "$tmp/p.yaml" --out "$tmp/nodir/model.pt"
+# export makes a missing folder (as aviary-worker train --out does): the refusal is the input's,
+# not the folder's, and a refused export leaves no folder behind; a path on the way that is a file
+# is still refused.
+out=$("$aviary" export "$tmp/p.yaml" --out "$tmp/nodir/sub/model.pt" 2>&1); rc=$?
+if [ $rc -eq 0 ] || grep -qF "does not exist" <<<"$out" || ! grep -qF "$tmp/p.yaml" <<<"$out" || [ -e "$tmp/nodir" ]; then
+  fail "export into a missing folder of a file that is no checkpoint -> rc=$rc, $(ls -d "$tmp/nodir" 2>&1): $out"
+else
+  ok
+fi
+expect "--out $tmp/p.yaml/model.pt: $tmp/p.yaml is not a folder" \
+  "$aviary" export "$tmp/p.yaml" --out "$tmp/p.yaml/model.pt"
 expect "--out $tmp/nodir/b0.safetensors: the folder $tmp/nodir does not exist" \
   "$aviary" weights import "$tmp/p.yaml" --model efficientnet_b0 --out "$tmp/nodir/b0.safetensors"
 echo "mel_cli: $passes passed, $fails failed"

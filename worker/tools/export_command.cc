@@ -5,8 +5,13 @@
 // dict or safetensors file with a JSON sidecar for notebooks (docs/INFERENCE.md), and a
 // downloaded torchvision/timm EfficientNet checkpoint as the backbone file that
 // model.pretrained_weights takes.
+#include <filesystem>
 #include <iostream>
 #include <memory>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -22,10 +27,52 @@ int Fail(const char* command, const absl::Status& status) {
   return ExitCodeFor(status);
 }
 
+// Makes the missing folders above `path` (`flag` names it in the error), as `aviary-worker train
+// --out` makes its run folder; `*made` gets those it made, the deepest first. A path on the way
+// that exists and is not a folder is refused (INVALID_ARGUMENT, exit 2), as is one that cannot be
+// made.
+absl::Status MakeParentFolders(const std::string& flag, const std::string& path,
+                               std::vector<std::filesystem::path>* made) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<fs::path> missing;  // the deepest first
+  for (fs::path p = fs::path(path).parent_path(); !p.empty(); p = p.parent_path()) {
+    const fs::file_status st = fs::status(p, ec);
+    if (fs::is_directory(st)) break;
+    if (fs::exists(st)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, " ", path, ": ", p.string(), " is not a folder"));
+    }
+    missing.push_back(p);
+    if (p == p.parent_path()) break;  // the root
+  }
+  if (missing.empty()) return absl::OkStatus();
+  fs::create_directories(missing.front(), ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " ", path, ": cannot create the folder ", missing.front().string(), ": ", ec.message()));
+  }
+  *made = std::move(missing);
+  return absl::OkStatus();
+}
+
 int RunExport(const worker::ExportOptions& options) {
-  if (absl::Status out = CheckOutputPath("--out", options.out); !out.ok()) return Fail("export", out);
+  std::vector<std::filesystem::path> made;
+  if (absl::Status folders = MakeParentFolders("--out", options.out, &made); !folders.ok()) {
+    return Fail("export", folders);
+  }
+  // A refused export leaves none of the folders it made behind (a folder is removed only when
+  // empty).
+  auto undo = [&made](const absl::Status& status) {
+    for (const std::filesystem::path& folder : made) {
+      std::error_code ec;
+      std::filesystem::remove(folder, ec);
+    }
+    return Fail("export", status);
+  };
+  if (absl::Status out = CheckOutputPath("--out", options.out); !out.ok()) return undo(out);
   auto result = worker::ExportCheckpoint(options);
-  if (!result.ok()) return Fail("export", result.status());
+  if (!result.ok()) return undo(result.status());
   const worker::ExportResult& r = *result;
   std::cout << "wrote " << r.weights_path << " (" << options.format << ", " << r.num_tensors << " tensors, "
             << (r.onnx_nodes > 0 ? absl::StrCat(r.onnx_nodes, " nodes, ") : "") << r.num_bytes << " bytes) and "

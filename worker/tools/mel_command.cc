@@ -117,7 +117,8 @@ int RunMel(const MelArgs& args) {
   }
   std::cout << "wrote " << args.out << ": float32 [" << absl::StrJoin(result->shape, ", ")
             << "] from " << result->decoded_samples << " samples (window " << result->window_samples
-            << ", zero-padded at the end), source "
+            << (result->decoded_samples < result->window_samples ? ", zero-padded at the end" : "")
+            << "), source "
             << (result->source_seconds >= 0 ? absl::StrFormat("%.3f s", result->source_seconds)
                                             : std::string("of unknown length (an mp3 without a "
                                                           "length tag)"))
@@ -131,8 +132,8 @@ void AddMelCommand(CLI::App* app, common::CommandRunner* run) {
   auto args = std::make_shared<MelArgs>();
   CLI::App* mel = common::AddCommand(
       app, "mel", "the model input of one clip as .npy",
-      "The data.duration window from --offset (zero-padded at the end), resampled to data.sample_rate, "
-      "through the front end in evaluation mode; float32 [in_channels, n_mels, frames].");
+      "The data.duration window from --offset (zero-padded at the end where the file ends first), resampled to "
+      "data.sample_rate, through the front end in evaluation mode; float32 [in_channels, n_mels, frames].");
   mel->add_option("--config", args->config, "the pipeline YAML")->type_name("P.yaml")->required();
   mel->add_option("--audio", args->audio, "an audio file")->type_name("F")->required();
   common::AddNumber(mel, "--offset", &args->offset_s, "S", "start of the window, seconds", 0.0, 1e9)
