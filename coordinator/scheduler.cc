@@ -1579,6 +1579,7 @@ bool Scheduler::GroupHolds(const Group& group, const std::string& task_id) const
   return held != nullptr && held->info.task_id() == task_id;
 }
 
+// "(state CANCELLED)": the worker's link logs reports refused so as a warning (a user's cancel).
 absl::Status Scheduler::RequireHolder(const Group& group, const std::string& task_id,
                                       absl::string_view action) const {
   if (GroupHolds(group, task_id)) return absl::OkStatus();

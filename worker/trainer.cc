@@ -711,7 +711,16 @@ absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const 
   comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's file writes");
   // Said before the all-reduce: another rank's abort (it fails with "rank 0 could not write")
   // may end this process before its own error is printed.
-  if (rank == 0 && !wrote.ok()) Log().Error(absl::StrCat("writing ", what, ": ", wrote.message()));
+  // A write the lease fence refused (ABORTED: the task was cancelled or given to another group)
+  // is the expected end of a cancel: a warning, not an error.
+  if (rank == 0 && !wrote.ok()) {
+    const std::string line = absl::StrCat("writing ", what, ": ", wrote.message());
+    if (absl::IsAborted(wrote)) {
+      Log().Warn(line);
+    } else {
+      Log().Error(line);
+    }
+  }
   at::Tensor code = at::tensor({static_cast<int64_t>(wrote.code())}, at::kLong);
   AVIARY_RETURN_IF_ERROR(comm->AllReduce(code, comm::ReduceOp::kMax));
   const auto rank0 = static_cast<absl::StatusCode>(code[0].item<int64_t>());

@@ -183,6 +183,8 @@ if wait_for 120 jq_status "$job2" 'int(task("finetune").get("latest", {}).get("s
     { fail "the group did not end the cancelled task"; grep -F "$job2" "$tmp/g1.log" | tail -n 8; }
   grep -q "task $job2/finetune-f0 stopped: cancelled by the coordinator" "$tmp/g1.log" ||
     { fail "the group did not say the task was cancelled"; grep -F "$job2" "$tmp/g1.log" | tail -n 8; }
+  # A user's cancel is no error of the group's: its fenced write and refused reports are warnings.
+  if grep -F "$job2" "$tmp/g1.log" | grep -F "[error]"; then fail "the group logged errors for a cancelled task"; fi
   c1=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')
   sleep 4
   c2=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')

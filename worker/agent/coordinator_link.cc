@@ -856,9 +856,15 @@ void CoordinatorLink::SenderLoop() {
       }
     } else {
       // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
-      // get the same answer.
-      Log().Error(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
-                               " report(s) of task ", run.front().task_id, " dropped"));
+      // get the same answer. A task the user cancelled is the expected case: a warning.
+      const std::string line = absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
+                                            " report(s) of task ", run.front().task_id, " dropped");
+      if (st.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+          absl::StrContains(st.error_message(), "(state CANCELLED)")) {
+        Log().Warn(line);
+      } else {
+        Log().Error(line);
+      }
       buffer_.Pop();
     }
     metrics_->SetBuffered(buffer_.points());
