@@ -567,6 +567,12 @@ TEST(AudioProblemTest, MissingEmptyAndNotAudio) {
   ExpectProblem(tmp.Sub("text.ogg"), AudioProblem::kNotAudio, "not audio");
   WriteBytes(tmp.Sub("text.mp3"), "ID");  // shorter than any signature
   ExpectProblem(tmp.Sub("text.mp3"), AudioProblem::kNotAudio);
+  // An HTML page saved under an .mp3 name (a failed download): libsndfile says it "does not
+  // exist", which it does; the message leaves that out.
+  WriteBytes(tmp.Sub("page.mp3"), "<html><body>404 Not Found</body></html>\n");
+  ExpectProblem(tmp.Sub("page.mp3"), AudioProblem::kNotAudio, "not audio (");
+  EXPECT_EQ(Decode(tmp.Sub("page.mp3")).failure.message.find("does not exist"), std::string::npos)
+      << Decode(tmp.Sub("page.mp3")).failure.message;
   std::filesystem::create_directories(tmp.Sub("dir.ogg"));
   ExpectProblem(tmp.Sub("dir.ogg"), AudioProblem::kNotAudio, "directory");
 }

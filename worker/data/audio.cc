@@ -465,9 +465,12 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
           absl::StrCat(path, ": cannot open for reading: ", system ? error : std::strerror(unreadable)),
           system ? 0 : unreadable);
     } else if (container.empty()) {
+      // libsndfile says "File does not exist or is not a regular file (possibly a pipe?)" of a
+      // file with an .mp3 name that is not MPEG: it exists (stat above), so that is left out.
+      const bool misleading = absl::StrContains(error, "does not exist");
       *failure = Failure(AudioProblem::kNotAudio,
-                         absl::StrCat(path, ": not audio (", st.st_size,
-                                      " bytes, no known audio signature); libsndfile: ", error));
+                         absl::StrCat(path, ": not audio (", st.st_size, " bytes, no known audio signature)",
+                                      misleading ? "" : absl::StrCat("; libsndfile: ", error)));
     } else {
       *failure = Failure(AudioProblem::kTruncated,
                          absl::StrCat(path, ": ", container, " file of ", st.st_size,
