@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <string_view>
+#include <system_error>
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
@@ -158,8 +160,15 @@ absl::StatusOr<std::vector<SourceRow>> ReadSource(const SourceConfig& source,
   report->root = source.root;
   report->metadata_path = JoinPath(source.root, spec.metadata_file);
   auto cannot_read = [&](const absl::Status& status) {
-    return absl::InvalidArgumentError(absl::StrCat(key, " (layout ", source.layout, ", root '", source.root,
-                                                   "'): cannot read metadata: ", status.message()));
+    // A relative root resolves against the current folder, not the config's: said, with it.
+    std::string relative;
+    if (!source.root.empty() && source.root[0] != '/') {
+      std::error_code ec;
+      const std::filesystem::path here = std::filesystem::current_path(ec);
+      relative = absl::StrCat(", relative to the current folder ", ec ? std::string("(unknown)") : here.string());
+    }
+    return absl::InvalidArgumentError(absl::StrCat(key, " (layout ", source.layout, ", root '", source.root, "'",
+                                                   relative, "): cannot read metadata: ", status.message()));
   };
   absl::StatusOr<MappedFile> file = MappedFile::Open(report->metadata_path);
   if (!file.ok()) return cannot_read(file.status());

@@ -22,6 +22,11 @@ train:
 YAML
 
 expect "unknown command 'fold'" "$aviary" fold
+# A relative data root resolves against the current folder (not the config's): the error says so.
+mkdir -p "$tmp/elsewhere"
+sed "s#root: $tmp/t#root: t#" "$tmp/p.yaml" > "$tmp/relative.yaml"
+expect "root 't', relative to the current folder $tmp/elsewhere): cannot read metadata" \
+  bash -c 'cd "$0" && exec "$1" dataset summary --config "$2"' "$tmp/elsewhere" "$aviary" "$tmp/relative.yaml"
 expect "unknown command 'split' (expected folds, train-list, summary)" "$aviary" dataset split
 expect "--config is required" "$aviary" dataset folds --stage finetune --out "$tmp/o.csv"
 expect "argument was not expected: --stge (did you mean --stage?)" "$aviary" dataset folds --config "$tmp/p.yaml" --stge finetune --out "$tmp/o.csv"
