@@ -746,9 +746,12 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
                               ? "train.monitor"
                               : nullptr;
     if (differs != nullptr) {
+      // Named against point 0 (the grid's first values): the point itself may hold the config's
+      // own value ("data.duration=5" refused while point 0 set 3).
       return absl::InvalidArgumentError(absl::StrCat(
           source, ": sweep point ", p, " (", absl::StrJoin(grid[p], ", "), ") changes '", differs,
-          "', which the tasks of one job share (the dataset, folds, stages and the metric its points are ranked "
+          "' from point 0 (", absl::StrJoin(grid[0], ", "),
+          "), which the tasks of one job share (the dataset, folds, stages and the metric its points are ranked "
           "by); submit one job per value"));
     }
   }

@@ -2717,7 +2717,7 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   overridden.add_overrides("stages.pretrain.epochs=3");
   overridden.add_overrides("stages.finetune.epochs=3");
   refused(overridden, {"sweep points 0 (train.epochs=1) and 1 (train.epochs=2) train alike"});
-  refused(SweepRequest(root_, {{"seed", {"1", "2"}}}), {"changes 'seed'"});
+  refused(SweepRequest(root_, {{"seed", {"1", "2"}}}), {"sweep point 1 (seed=2) changes 'seed' from point 0 (seed=1)"});
   refused(SweepRequest(root_, {{"folds.selected_folds", {"[0]", "[1]"}}}), {"changes 'folds'"});
   refused(SweepRequest(root_, {{"train.monitor", {"auc", "loss"}}}), {"changes 'train.monitor'"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3\n"}}}), {"sweep[0].values[1]", "control character"});
