@@ -1168,6 +1168,24 @@ absl::StatusOr<JobInfo> Scheduler::CancelJob(const std::string& job_id) {
   return *it->second.snapshot;
 }
 
+namespace {
+
+// Whether `again` is `first` as history.csv gives it back (each value to 6 significant digits;
+// samples_total is not in the file).
+bool RepeatsEpochEnd(const aviary::v1::Metrics& again, const aviary::v1::Metrics& first) {
+  auto same = [](double a, double b) {
+    if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+    return std::fabs(a - b) <= 1e-5 * std::max(std::fabs(a), std::fabs(b));
+  };
+  return again.epoch() == first.epoch() && again.step() == first.step() && same(again.lr(), first.lr()) &&
+         same(again.train_loss(), first.train_loss()) && same(again.train_acc(), first.train_acc()) &&
+         same(again.val_loss(), first.val_loss()) && same(again.val_auc(), first.val_auc()) &&
+         same(again.val_roc_auc(), first.val_roc_auc()) && same(again.val_cmap(), first.val_cmap()) &&
+         same(again.val_acc(), first.val_acc()) && same(again.samples_per_s(), first.samples_per_s());
+}
+
+}  // namespace
+
 absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::string& job_id) {
   std::map<std::string, std::pair<int64_t, const TaskInfo*>> order;
   std::map<std::string, TaskInfo> infos;
@@ -1181,12 +1199,20 @@ absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::
     }
   }
   AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> points, store_->LoadEpochEnds(job_id));
-  // The last report of each (task, epoch).
+  // The last report of each (task, epoch); but a resumed attempt reports the epochs it restored
+  // again (worker/agent: history.csv's 6 significant digits), and such a repeat keeps the report
+  // it repeats: the epoch was trained by that attempt, at that time.
   std::map<std::pair<int64_t, int>, PointRow> last;
   for (PointRow& point : points) {
     auto it = order.find(point.task_id);
     if (it == order.end()) continue;
-    last[{it->second.first, point.metrics.epoch()}] = std::move(point);
+    const std::pair<int64_t, int> key{it->second.first, point.metrics.epoch()};
+    auto kept = last.find(key);
+    if (kept != last.end() && kept->second.attempt < point.attempt &&
+        RepeatsEpochEnd(point.metrics, kept->second.metrics)) {
+      continue;
+    }
+    last[key] = std::move(point);
   }
   aviary::v1::GetHistoryResponse response;
   for (auto& [key, point] : last) {

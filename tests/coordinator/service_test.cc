@@ -679,6 +679,51 @@ TEST_F(CoordinatorServiceTest, ANewAttemptStartsWithoutTheLastAttemptsProgressTi
   EXPECT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
 }
 
+// A resumed attempt reports the epochs it restored from last.pt again, as history.csv holds them
+// (6 significant digits): the history keeps the attempt that trained them. An epoch trained
+// again (other values) is the new attempt's.
+TEST_F(CoordinatorServiceTest, HistoryKeepsTheAttemptThatTrainedARestoredEpoch) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  bool cancel = false;
+  Metrics first = EpochEnd(0, 0.612345678901);
+  first.set_train_loss(1.23456789012);
+  Metrics second = EpochEnd(1, 0.7);
+  second.set_step(20);
+  ASSERT_TRUE(Report(a, pretrain, {first, second}, &cancel).ok());
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("lost a rank");
+  fail.set_retryable(true);
+  FailTaskResponse fail_response;
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
+  ASSERT_EQ(Lease(a).task().attempt(), 2);
+  // Attempt 2 restored epoch 0 only (last.prev.pt, say): epoch 0 repeated from the file, epoch 1
+  // trained again.
+  Metrics restored = first;
+  restored.set_val_auc(0.612346);
+  restored.set_train_loss(1.23457);
+  restored.set_samples_total(0);
+  Metrics retrained = EpochEnd(1, 0.71);
+  retrained.set_step(20);
+  ASSERT_TRUE(Report(a, pretrain, {restored, retrained}, &cancel).ok());
+  GetHistoryRequest request;
+  request.set_job_id(job_id);
+  GetHistoryResponse history;
+  ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), request, &history).ok());
+  ASSERT_EQ(history.rows_size(), 2);
+  EXPECT_EQ(history.rows(0).metrics().epoch(), 0);
+  EXPECT_EQ(history.rows(0).attempt(), 1);
+  EXPECT_DOUBLE_EQ(history.rows(0).metrics().val_auc(), 0.612345678901);  // the first report's
+  EXPECT_EQ(history.rows(1).metrics().epoch(), 1);
+  EXPECT_EQ(history.rows(1).attempt(), 2);
+  EXPECT_DOUBLE_EQ(history.rows(1).metrics().val_auc(), 0.71);
+}
+
 TEST_F(CoordinatorServiceTest, RetryableFailureCountsAsRestartNonRetryableFailsTheJob) {
   Start();
   const std::string job_id = Submit();
