@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "common/config.h"
 #include "worker/frontend.h"
@@ -28,9 +29,11 @@ double Ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::ti
 
 bool g_cuda = false;
 
-// Waits for the device (a host read of one element).
+// Waits for the device: its current stream, where the front end's kernels run (no copy; a host
+// read of one element made a contiguous copy of the channels-last output in the timed region).
+// Device-generic, so it builds against a CPU-only libtorch too (as worker/comm/reducer.cc).
 void Sync(const at::Tensor& t) {
-  if (g_cuda && t.defined()) (void)t.flatten()[0].item<float>();
+  if (g_cuda && t.defined()) c10::impl::getDeviceGuardImpl(t.device().type())->getStream(t.device()).synchronize();
 }
 
 template <typename F>

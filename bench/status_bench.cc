@@ -597,7 +597,6 @@ absl::Status Run(const Options& options) {
     job_ids.push_back(resp.job_id());
   }
   const double submit_s = std::chrono::duration<double>(Clock::now() - submit_start).count();
-  const double cpu_before = process ? process->CpuSeconds() : -1;
 
   // Groups: one thread each, on their own channels (8 groups per channel).
   std::vector<std::shared_ptr<grpc::Channel>> group_channels;
@@ -615,6 +614,9 @@ absl::Status Run(const Options& options) {
                                &fetch_samples[g], &report_samples[g]);
   }
   std::this_thread::sleep_until(warmup_end);
+  // The coordinator's CPU over the window hb_s divides it by (from warmup_end, after the second
+  // the groups had to register and take their first leases).
+  const double cpu_before = process ? process->CpuSeconds() : -1;
 
   // Pollers.
   std::vector<std::shared_ptr<grpc::Channel>> poll_channels;

@@ -50,6 +50,16 @@ grep -qE "^datapath_loader_wait	INFO	[0-9.]+ % eager, [0-9.]+ % graph" "$tmp/out
 grep -q "^datapath_profile	INFO	no device activity	.*optimizer steps 2-3" "$tmp/out/results.tsv" ||
   { grep "^datapath_profile" "$tmp/out/results.tsv"; fail "no profile of the data path's steps"; }
 gzip -t "$tmp/out/datapath_trace.json.gz" 2>/dev/null || fail "the data path's trace did not come back in --out"
+# The speed rows read a corpus without broken files, the correctness checks one with them.
+broken='^ +(empty|not_audio|truncated|silent) +[0-9]+ '
+grep -qE "$broken" "$tmp/work/prepare.out" || { cat "$tmp/work/prepare.out"; fail "the checks' corpus has no broken files"; }
+grep -qE "$broken" "$tmp/work/prepare_clean.out" && { cat "$tmp/work/prepare_clean.out"; fail "the speed rows' corpus has broken files"; }
+# The graphed data path against the graphed synthetic step (like for like).
+grep -q "^datapath_graph	INFO	.*vs the graphed synthetic-input step; vs the eager one" "$tmp/out/results.tsv" ||
+  { grep "^datapath_graph" "$tmp/out/results.tsv"; fail "the graphed data path is not compared with the graphed step"; }
+# The 8-GPU projection never exceeds 8 x the one-rank rate (its ratio column).
+awk -F'\t' '$1 == "projection_8gpu" {found = 1; if ($2 != "INFO" || $5 == "-" || $5 + 0 > 1) bad = 1} END {exit (!found || bad)}' \
+  "$tmp/out/results.tsv" || { grep "^projection_8gpu" "$tmp/out/results.tsv"; fail "the 8-GPU projection is faster than linear"; }
 # Every check that ran measured something.
 awk -F'\t' 'NR > 1 && $2 != "SKIP" && ($3 == "" || $3 == "-" || $3 ~ /^ /) {print "FAIL: " $1 " measured nothing: " $0; bad=1} END {exit bad}' \
   "$tmp/out/results.tsv" || fail "a check measured nothing"
