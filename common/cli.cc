@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/config.h"
 
 namespace aviary::common {
 
@@ -161,21 +162,6 @@ std::string FirstUnknownFlag(const CLI::App* command, const std::vector<std::str
     if (!known) return name;
   }
   return "";
-}
-
-// Levenshtein distance of `a` and `b` (two rows).
-size_t EditDistance(const std::string& a, const std::string& b) {
-  std::vector<size_t> previous(b.size() + 1), current(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) previous[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    current[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t substitution = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
-      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
-    }
-    std::swap(previous, current);
-  }
-  return previous[b.size()];
 }
 
 // The flag of `command` nearest to the unknown "--name" `unknown` ("--tags" -> "--tag"): the

@@ -1437,25 +1437,27 @@ absl::StatusOr<const StageConfig*> GetStage(const PipelineConfig& config,
   return &it->second;
 }
 
+size_t EditDistance(const std::string& a, const std::string& b) {
+  // Two rows.
+  std::vector<size_t> previous(b.size() + 1), current(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) previous[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    current[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t substitution = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
+    }
+    std::swap(previous, current);
+  }
+  return previous[b.size()];
+}
+
 std::string DidYouMean(const std::string& key, const std::vector<std::string>& candidates) {
   const size_t max_distance = std::max<size_t>(2, key.size() / 3);
   std::string best;
   size_t best_distance = max_distance + 1;
-  std::vector<size_t> previous, current;
   for (const std::string& candidate : candidates) {
-    // Levenshtein distance, two rows.
-    previous.resize(candidate.size() + 1);
-    current.resize(candidate.size() + 1);
-    for (size_t j = 0; j <= candidate.size(); ++j) previous[j] = j;
-    for (size_t i = 1; i <= key.size(); ++i) {
-      current[0] = i;
-      for (size_t j = 1; j <= candidate.size(); ++j) {
-        const size_t substitution = previous[j - 1] + (key[i - 1] == candidate[j - 1] ? 0 : 1);
-        current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
-      }
-      std::swap(previous, current);
-    }
-    const size_t distance = previous[candidate.size()];
+    const size_t distance = EditDistance(key, candidate);
     if (distance < best_distance) {
       best_distance = distance;
       best = candidate;

@@ -276,6 +276,9 @@ inline bool operator!=(const PipelineConfig& a, const PipelineConfig& b) { retur
 // (at most max(2, key.size() / 3); the first of equally close ones), or "" when none is close.
 std::string DidYouMean(const std::string& key, const std::vector<std::string>& candidates);
 
+// The Levenshtein distance of `a` and `b` (insertions, deletions and substitutions of bytes).
+size_t EditDistance(const std::string& a, const std::string& b);
+
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_CONFIG_H_

@@ -1608,7 +1608,8 @@ bool Scheduler::GroupHolds(const Group& group, const std::string& task_id) const
   return held != nullptr && held->info.task_id() == task_id;
 }
 
-// "(state CANCELLED)": the worker's link logs reports refused so as a warning (a user's cancel).
+// "(state CANCELLED)": the worker's link logs reports refused so as a warning (a user's cancel, or
+// the job's cancel after another task failed, which that task reports).
 absl::Status Scheduler::RequireHolder(const Group& group, const std::string& task_id,
                                       absl::string_view action) const {
   if (GroupHolds(group, task_id)) return absl::OkStatus();

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <algorithm>
 #include <functional>
+#include <memory>
 #include <new>
 #include <sstream>
 #include <tuple>
@@ -19,6 +20,7 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "yaml-cpp/yaml.h"
@@ -297,21 +299,21 @@ namespace {
 // take the healthy newest checkpoint for a damaged one and go on from an older one.
 absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
   const int injected = ReadFault() ? ReadFault()(path) : 0;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO under the name would block the open; pread of a regular file ignores it.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int error = errno;
     if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(absl::StrCat(path, ": no such checkpoint"));
     // Not "no such checkpoint": a resume must not fall back past a file it cannot read now.
     return UnreadableCheckpoint(path, error, "cannot read the checkpoint");
   }
+  const std::unique_ptr<int, void (*)(int*)> closer(new int(fd), [](int* f) {
+    ::close(*f);
+    delete f;
+  });
   struct stat info {};
-  if (::fstat(fd, &info) != 0) {
-    const int error = errno;
-    ::close(fd);
-    return UnreadableCheckpoint(path, error, "cannot read the checkpoint");
-  }
+  if (::fstat(fd, &info) != 0) return UnreadableCheckpoint(path, errno, "cannot read the checkpoint");
   if (!S_ISREG(info.st_mode)) {
-    ::close(fd);
     return absl::InvalidArgumentError(absl::StrCat(path, ": not an aviary checkpoint: not a regular file"));
   }
   int read_error = 0;
@@ -339,11 +341,22 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
   absl::Status st = Guard(absl::StrCat(path, ": not an aviary checkpoint"), [&] {
     archive->load_from(read, [size] { return size; }, torch::Device(torch::kCPU));
   });
-  ::close(fd);
   if (read_error != 0) return UnreadableCheckpoint(path, read_error, "reading the checkpoint");
   if (absl::IsResourceExhausted(st)) {
+    // Records are stored uncompressed: one larger than the file is a damaged size field, not a
+    // host short of memory (which a resume would wait for instead of falling back).
+    const std::string message(st.message());
+    const size_t at = message.find("tried to allocate ");
+    uint64_t wanted = 0;
+    if (at != std::string::npos &&
+        absl::SimpleAtoi(absl::string_view(message).substr(at + 18, message.find(' ', at + 18) - (at + 18)),
+                         &wanted) &&
+        wanted > size) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": not an aviary checkpoint: a record of ", wanted,
+                                                     " bytes in a file of ", size));
+    }
     return absl::ResourceExhaustedError(absl::StrCat(path, ": reading the checkpoint (", size, " bytes): ",
-                                                     st.message().substr(st.message().find("out of memory"))));
+                                                     message.substr(message.find("out of memory"))));
   }
   return st;
 }

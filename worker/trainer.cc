@@ -711,11 +711,12 @@ absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const 
   comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's file writes");
   // Said before the all-reduce: another rank's abort (it fails with "rank 0 could not write")
   // may end this process before its own error is printed.
-  // A write the lease fence refused (ABORTED: the task was cancelled or given to another group)
-  // is the expected end of a cancel: a warning, not an error.
+  // A write the lease fence refused because the coordinator revoked the lease (a cancel; the task
+  // given to another group: worker/agent/coordinator_link.cc) is the expected end of a cancel: a
+  // warning. An expired lease (a partition) or another failure is an error.
   if (rank == 0 && !wrote.ok()) {
     const std::string line = absl::StrCat("writing ", what, ": ", wrote.message());
-    if (absl::IsAborted(wrote)) {
+    if (absl::IsAborted(wrote) && absl::StrContains(wrote.message(), "is gone (the coordinator cancelled it")) {
       Log().Warn(line);
     } else {
       Log().Error(line);
