@@ -49,6 +49,12 @@ absl::Status MakeParentFolders(const std::string& flag, const std::string& path,
   if (missing.empty()) return absl::OkStatus();
   fs::create_directories(missing.front(), ec);
   if (ec) {
+    // The ones it made before it failed (the deepest first; each only when empty), none else:
+    // every folder in `missing` did not exist.
+    for (const fs::path& p : missing) {
+      std::error_code ignored;
+      fs::remove(p, ignored);
+    }
     return absl::InvalidArgumentError(
         absl::StrCat(flag, " ", path, ": cannot create the folder ", missing.front().string(), ": ", ec.message()));
   }
