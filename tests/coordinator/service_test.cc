@@ -279,6 +279,17 @@ class CoordinatorServiceTest : public ::testing::Test {
     return status;
   }
 
+  // A retryable FailTask of `task_id` by `group_id` (a lost rank, say).
+  grpc::Status FailRetryable(const std::string& group_id, const std::string& task_id, const std::string& error) {
+    FailTaskRequest request;
+    request.set_group_id(group_id);
+    request.set_task_id(task_id);
+    request.set_error(error);
+    request.set_retryable(true);
+    FailTaskResponse response;
+    return workers_->FailTask(WorkerCtx().get(), request, &response);
+  }
+
   // A checkpoint file `name` written in the run folder of `task_id` (<job>/<stage>-f<k>); its path.
   std::string Checkpoint(const std::string& task_id, const std::string& name) {
     const size_t slash = task_id.find('/');
@@ -659,13 +670,7 @@ TEST_F(CoordinatorServiceTest, ANewAttemptStartsWithoutTheLastAttemptsProgressTi
   };
   double value = 0;
   ASSERT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
-  FailTaskRequest fail;
-  fail.set_group_id(a);
-  fail.set_task_id(pretrain);
-  fail.set_error("lost a rank");
-  fail.set_retryable(true);
-  FailTaskResponse fail_response;
-  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
+  ASSERT_TRUE(FailRetryable(a, pretrain, "lost a rank").ok());
   ASSERT_EQ(Lease(a).task().attempt(), 2);
   ASSERT_TRUE(sample("aviary_task_running", &value));
   EXPECT_EQ(value, 1);
@@ -694,13 +699,7 @@ TEST_F(CoordinatorServiceTest, HistoryKeepsTheAttemptThatTrainedARestoredEpoch) 
   Metrics second = EpochEnd(1, 0.7);
   second.set_step(20);
   ASSERT_TRUE(Report(a, pretrain, {first, second}, &cancel).ok());
-  FailTaskRequest fail;
-  fail.set_group_id(a);
-  fail.set_task_id(pretrain);
-  fail.set_error("lost a rank");
-  fail.set_retryable(true);
-  FailTaskResponse fail_response;
-  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &fail_response).ok());
+  ASSERT_TRUE(FailRetryable(a, pretrain, "lost a rank").ok());
   ASSERT_EQ(Lease(a).task().attempt(), 2);
   // Attempt 2 restored epoch 0 only (last.prev.pt, say): epoch 0 repeated from the file, epoch 1
   // trained again.
