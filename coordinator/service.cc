@@ -709,6 +709,12 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   c->config_ = config;
   c->auth_ = std::make_unique<Authenticator>(secrets.tokens, !secrets.tls_client_ca_pem.empty());
   AVIARY_ASSIGN_OR_RETURN(c->store_, Store::Open(config.database));
+  if (c->store_->upgraded_from() != 0) {
+    c->log_.Warn(absl::StrCat("database ", config.database, ": schema upgraded from version ",
+                              c->store_->upgraded_from(), " to ", kStoreSchemaVersion,
+                              " (one way: the coordinator that wrote it reads version ", c->store_->upgraded_from(),
+                              " only); the file from before the upgrade is kept at ", c->store_->upgrade_backup()));
+  }
   AVIARY_ASSIGN_OR_RETURN(c->metrics_, CoordinatorMetrics::Create(config.metrics_listen));
   SchedulerOptions options;
   options.work_dir = config.work_dir;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -17,6 +18,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/status.h"
 #include "coordinator/content_hash.h"
 
@@ -177,8 +179,9 @@ absl::StatusOr<std::map<std::string, std::string>> SchemaObjects(sqlite3* db, co
   return objects;
 }
 
-// The objects kSchema creates, read back from an in-memory database.
-absl::StatusOr<std::map<std::string, std::string>> ExpectedSchema() {
+// The objects schema version `version` (1 to kStoreSchemaVersion) creates, read back from an
+// in-memory database.
+absl::StatusOr<std::map<std::string, std::string>> ExpectedSchema(int64_t version = kStoreSchemaVersion) {
   sqlite3* db = nullptr;
   int rc = sqlite3_open(":memory:", &db);
   if (rc != SQLITE_OK) {
@@ -186,8 +189,8 @@ absl::StatusOr<std::map<std::string, std::string>> ExpectedSchema() {
     return absl::InternalError(absl::StrCat("sqlite3_open(:memory:): ", sqlite3_errstr(rc)));
   }
   std::vector<const char*> statements(std::begin(kSchema), std::end(kSchema));
-  statements.insert(statements.end(), std::begin(kSchemaV2), std::end(kSchemaV2));
-  statements.insert(statements.end(), std::begin(kSchemaV3), std::end(kSchemaV3));
+  if (version >= 2) statements.insert(statements.end(), std::begin(kSchemaV2), std::end(kSchemaV2));
+  if (version >= 3) statements.insert(statements.end(), std::begin(kSchemaV3), std::end(kSchemaV3));
   for (const char* sql : statements) {
     char* error = nullptr;
     rc = sqlite3_exec(db, sql, nullptr, nullptr, &error);
@@ -266,8 +269,12 @@ class Store::Statement {
       return absl::DataLossError(absl::StrCat(
           "database ", store_->path_, ": ", row, ": its column ",
           sqlite3_column_name(stmt_, column), " does not parse as ", message->GetTypeName(),
-          " (statement '", sql_, "'); the file is damaged: nothing was changed; restore it "
-          "from a backup (docs/DEPLOY.md, \"Failures\")"));
+          " (statement '", sql_, "'); the file is damaged",
+          store_->upgraded_from_ == 0
+              ? std::string(": nothing was changed")
+              : absl::StrCat(" (its schema was upgraded from version ", store_->upgraded_from_,
+                             " at this start; the file from before is ", store_->upgrade_backup_, ")"),
+          "; restore it from a backup (docs/DEPLOY.md, \"Failures\")"));
     }
     return absl::OkStatus();
   }
@@ -368,7 +375,21 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   std::unique_ptr<Store> store(new Store(path, db, lock_fd));
   const int busy_rc = sqlite3_busy_timeout(db, kBusyTimeoutMs);
   if (busy_rc != SQLITE_OK) return store->SqlError(busy_rc, "sqlite3_busy_timeout");
-  // A file that is not ours is refused before anything is written to it (the journal mode is).
+  // SQLITE_OPEN_READWRITE falls back to read-only when the file is not writable (a backup
+  // restored by root into the folder of a service that runs as another user): the coordinator
+  // started, said it listened, and failed every write after it.
+  if (sqlite3_db_readonly(db, "main") == 1) {
+    struct stat st = {};
+    std::string owner = "unknown owner";
+    if (::stat(path.c_str(), &st) == 0) {
+      owner = absl::StrCat("owner uid ", st.st_uid, ", mode ", absl::StrFormat("%04o", st.st_mode & 07777));
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        "database ", path, " is read-only for this coordinator (uid ", ::geteuid(), "; the file: ", owner,
+        "): it must be able to write the file and create ", path, "-wal and -shm next to it"));
+  }
+  // A file that is not ours, or that a newer coordinator wrote, is refused before anything is
+  // written to it (the journal mode is).
   AVIARY_RETURN_IF_ERROR(store->CheckIsOursOrEmpty());
   // journal_mode returns a row with the mode in effect; check that WAL was accepted.
   {
@@ -411,10 +432,30 @@ absl::Status Store::CheckIsOursOrEmpty() {
   int64_t version = 0;
   int64_t tables = 0;
   AVIARY_RETURN_IF_ERROR(ReadSchemaVersion(&version, &tables));
-  if (version == 0 && tables != 0) {
+  if (version == 0) {
+    if (tables == 0) return absl::OkStatus();
     return absl::FailedPreconditionError(absl::StrCat(
         "database ", path_, " holds ", tables,
         " tables but no aviary schema version (PRAGMA user_version = 0): not an aviary database"));
+  }
+  if (version < 0 || version > kStoreSchemaVersion) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "database ", path_, " has schema version ", version, " (PRAGMA user_version); this coordinator reads "
+        "versions 1 to ", kStoreSchemaVersion, ": a newer coordinator's file (run that coordinator, or use a "
+        "new database file) or not an aviary database; it was not changed"));
+  }
+  // Versions 1 to 3: another program's file can carry a small user_version too. Every table of
+  // that version must be there (by name: the migration checks the rest); version 3 is checked
+  // whole, as after a migration.
+  if (version == kStoreSchemaVersion) return VerifySchema();
+  AVIARY_ASSIGN_OR_RETURN(auto expected, ExpectedSchema(version));
+  AVIARY_ASSIGN_OR_RETURN(auto actual, SchemaObjects(db_, absl::StrCat("database ", path_)));
+  for (const auto& [name, sql] : expected) {
+    if (name.compare(0, 6, "table ") == 0 && !actual.count(name)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "database ", path_, " has schema version ", version, " but no ", name,
+          " of that version: not an aviary database, or a damaged one; it was not changed"));
+    }
   }
   return absl::OkStatus();
 }
@@ -425,6 +466,20 @@ absl::Status Store::InitSchema() {
   AVIARY_RETURN_IF_ERROR(ReadSchemaVersion(&version, &tables));
   if (version == kStoreSchemaVersion) return VerifySchema();
   if (version == 1 || version == 2) {
+    // The upgrade is one way (the coordinator that wrote the file refuses version 3): the file as
+    // it was is copied first, for a rollback to that release.
+    std::string backup = absl::StrCat(path_, ".v", version, ".bak");
+    for (int n = 2; fs::exists(backup); ++n) backup = absl::StrCat(path_, ".v", version, ".", n, ".bak");
+    {
+      Statement vacuum(this, "VACUUM INTO ?1");
+      vacuum.Bind(1, backup);
+      absl::Status copied = vacuum.Run();
+      if (!copied.ok()) {
+        return absl::Status(copied.code(), absl::StrCat("schema upgrade from version ", version, ": the copy of the "
+                                                        "file before it, ", backup, ", could not be written: ",
+                                                        copied.message(), "; nothing was changed"));
+      }
+    }
     AVIARY_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
       if (version == 1) AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
       AVIARY_RETURN_IF_ERROR(MigrateFromVersion2());
@@ -434,15 +489,12 @@ absl::Status Store::InitSchema() {
       const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
       return Exec(pragma.c_str());
     }));
+    upgraded_from_ = version;
+    upgrade_backup_ = backup;
     return absl::OkStatus();
   }
-  if (version != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("database ", path_, " has schema version ", version,
-                     "; this coordinator reads version ", kStoreSchemaVersion,
-                     " (use a new database file or the matching coordinator)"));
-  }
   AVIARY_RETURN_IF_ERROR(CheckIsOursOrEmpty());  // (checked in Open already; cheap)
+  if (version != 0) return absl::InternalError(absl::StrCat("database ", path_, ": schema version ", version));
   return Transaction([&]() -> absl::Status {
     for (const char* sql : kSchema) AVIARY_RETURN_IF_ERROR(Exec(sql));
     for (const char* sql : kSchemaV2) AVIARY_RETURN_IF_ERROR(Exec(sql));
@@ -488,7 +540,7 @@ absl::Status Store::MigrateFromVersion2() {
 }
 
 absl::Status Store::VerifySchema() {
-  AVIARY_ASSIGN_OR_RETURN(auto expected, ExpectedSchema());
+  AVIARY_ASSIGN_OR_RETURN(auto expected, ExpectedSchema(kStoreSchemaVersion));
   AVIARY_ASSIGN_OR_RETURN(auto actual, SchemaObjects(db_, absl::StrCat("database ", path_)));
   const std::string hint = " (a damaged database, or one changed by hand: restore a backup or use a new file)";
   // Tables first: a dropped table takes its indices with it.
@@ -700,14 +752,16 @@ absl::Status Store::PutDatasetVersion(const DatasetVersionRow& version, size_t m
 }
 
 absl::Status Store::DeleteDatasetVersion(const std::string& key) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  AVIARY_RETURN_IF_ERROR(CheckOpen());
-  for (const char* sql : {"DELETE FROM dataset_version_manifests WHERE key=?1", "DELETE FROM dataset_versions WHERE key=?1"}) {
-    Statement st(this, sql);
-    st.Bind(1, key);
-    AVIARY_RETURN_IF_ERROR(st.Run());
-  }
-  return absl::OkStatus();
+  // One commit (nested in the caller's when it has one): a crash between the two deletes left a
+  // version without its manifests.
+  return Transaction([&]() -> absl::Status {
+    for (const char* sql : {"DELETE FROM dataset_version_manifests WHERE key=?1", "DELETE FROM dataset_versions WHERE key=?1"}) {
+      Statement st(this, sql);
+      st.Bind(1, key);
+      AVIARY_RETURN_IF_ERROR(st.Run());
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::Status Store::DeleteDatasetVersionIfStamps(const std::string& key, const std::string& stamps) {

@@ -116,6 +116,10 @@ class Store {
   absl::Status Close();
 
   const std::string& path() const { return path_; }
+  // When this Open upgraded the file's schema: the version it had (else 0), and the copy of the
+  // file from before the upgrade (VACUUM INTO; the coordinator that wrote it reads that one).
+  int64_t upgraded_from() const { return upgraded_from_; }
+  const std::string& upgrade_backup() const { return upgrade_backup_; }
 
   // Runs `body` inside BEGIN IMMEDIATE ... COMMIT; rolls back when `body` or COMMIT fails and
   // returns that error. The mutators below must be called from such a body.
@@ -210,7 +214,9 @@ class Store {
   absl::Status InitSchema();
   // PRAGMA user_version and the number of tables.
   absl::Status ReadSchemaVersion(int64_t* version, int64_t* tables);
-  // FAILED_PRECONDITION for a database of tables without aviary's schema version.
+  // FAILED_PRECONDITION, before anything is written to the file, for a database of tables
+  // without aviary's schema version, of a version this coordinator does not read (newer), or of
+  // versions 1 to 3 without that version's tables.
   absl::Status CheckIsOursOrEmpty();
   // Schema 1 -> 2 (see kStoreSchemaVersion), inside InitSchema's transaction.
   absl::Status MigrateFromVersion1();
@@ -236,6 +242,8 @@ class Store {
   const std::string path_;
   sqlite3* db_ = nullptr;
   int lock_fd_ = -1;
+  int64_t upgraded_from_ = 0;
+  std::string upgrade_backup_;
   bool in_transaction_ = false;
   absl::Status broken_;  // guarded by mu_: set when a ROLLBACK failed (RollBack); CheckOpen says it
   std::recursive_mutex mu_;

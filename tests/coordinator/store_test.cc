@@ -2,12 +2,17 @@
 
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -505,7 +510,23 @@ TEST_F(StoreTest, MigratesAVersion1Database) {
     auto none = (*store)->LoadTaskPayload("jbbbbbbbbbbbb/finetune-f2");
     ASSERT_TRUE(none.ok()) << none.status();
     EXPECT_EQ(none->manifest_hash, "");
+    // The upgrade is one way: the first open kept the version-1 file as it was, the second had
+    // nothing to upgrade.
+    EXPECT_EQ((*store)->upgraded_from(), open == 0 ? 1 : 0);
+    EXPECT_EQ((*store)->upgrade_backup(), open == 0 ? path_ + ".v1.bak" : "");
   }
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open_v2((path_ + ".v1.bak").c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT (SELECT user_version FROM pragma_user_version), "
+                                   "(SELECT count(*) FROM tasks WHERE length(manifest_csv) > 0)",
+                               -1, &stmt, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(stmt, 0), 1);
+  EXPECT_EQ(sqlite3_column_int(stmt, 1), 3);  // the manifests still in their rows
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
 }
 
 TEST_F(StoreTest, FailedTransactionLeavesNothing) {
@@ -758,6 +779,59 @@ TEST_F(StoreTest, RefusesAForeignDatabase) {
   EXPECT_EQ(header[18], 1);
   EXPECT_EQ(header[19], 1);
   EXPECT_FALSE(fs::exists(path_ + "-wal"));
+}
+
+// Another program's SQLite file with a user_version of its own, or a newer coordinator's file
+// still in rollback mode (a VACUUM INTO copy), is refused before anything is written to it:
+// the journal mode used to be switched to WAL first.
+TEST_F(StoreTest, RefusesAVersionedForeignOrNewerFileWithoutChangingIt) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"PRAGMA user_version=7", "schema version 7 (PRAGMA user_version); this coordinator reads versions 1 to 3"},
+      {"PRAGMA user_version=1", "has schema version 1 but no table checkpoints of that version: not an aviary database"},
+      {"PRAGMA user_version=2", "has schema version 2 but no table checkpoints of that version"},
+      {"PRAGMA user_version=3", "table checkpoints is missing"},
+  };
+  for (const auto& [pragma, want] : cases) {
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+    RawExec("CREATE TABLE t(x INTEGER); " + pragma);
+    std::ifstream before_in(path_, std::ios::binary);
+    const std::string before((std::istreambuf_iterator<char>(before_in)), std::istreambuf_iterator<char>());
+    auto store = Store::Open(path_);
+    ASSERT_FALSE(store.ok()) << pragma;
+    EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
+    EXPECT_NE(store.status().message().find(want), std::string::npos) << store.status();
+    EXPECT_NE(store.status().message().find(path_), std::string::npos) << store.status();
+    std::ifstream after_in(path_, std::ios::binary);
+    const std::string after((std::istreambuf_iterator<char>(after_in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(after, before) << pragma << ": the file was changed";
+    EXPECT_FALSE(fs::exists(path_ + "-wal")) << pragma;
+    EXPECT_FALSE(fs::exists(path_ + ".v1.bak")) << pragma;
+  }
+}
+
+// A database file this process cannot write (a backup restored by root into the folder of a
+// service that runs as another user) is refused at Open, naming it: SQLite opened it read-only
+// and every write after the start failed. As root (CI), the open runs as nobody in a child.
+TEST_F(StoreTest, RefusesAReadOnlyDatabaseAtOpen) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+  }
+  ASSERT_EQ(::chmod(path_.c_str(), 0444), 0);
+  ASSERT_EQ(::chmod((path_ + ".lock").c_str(), 0666), 0);
+  ASSERT_EQ(::chmod(root_.c_str(), 0755), 0);
+  const bool root = ::geteuid() == 0;
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        if (root && (::setgid(65534) != 0 || ::setuid(65534) != 0)) std::_Exit(2);
+        auto store = Store::Open(path_);
+        if (store.ok()) std::_Exit(1);
+        std::fprintf(stderr, "%s\n", std::string(store.status().ToString()).c_str());
+        std::_Exit(store.status().code() == absl::StatusCode::kFailedPrecondition ? 3 : 4);
+      },
+      ::testing::ExitedWithCode(3), "is read-only for this coordinator \\(uid [0-9]+; the file: owner uid [0-9]+, mode 0444\\)");
 }
 
 TEST_F(StoreTest, OneStorePerDatabase) {
