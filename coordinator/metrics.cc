@@ -100,7 +100,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
     return absl::UnavailableError(
         absl::StrCat("metrics_listen ", listen_address, ": cannot serve /metrics: ", e.what()));
   }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
+  // The registry is served from Publish(), once the scheduler has restored the stored state.
   const std::vector<int> ports = metrics->exposer_->GetListeningPorts();
   if (ports.empty()) {
     return absl::UnavailableError(
@@ -108,6 +108,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
   }
   metrics->port_ = ports.front();
   return metrics;
+}
+
+void CoordinatorMetrics::Publish() {
+  if (exposer_ == nullptr || published_) return;
+  exposer_->RegisterCollectable(registry_);
+  published_ = true;
 }
 
 std::string CoordinatorMetrics::Serialize() const {

@@ -34,6 +34,11 @@ class CoordinatorMetrics {
 
   // The bound port of /metrics, 0 when not serving.
   int port() const { return port_; }
+  // Serves the registry on /metrics; until then it answers with no series. Called once the
+  // scheduler has restored the stored counters and jobs: served before, a restarted coordinator's
+  // counters read 0 for as long as the restore took, and Prometheus took 5 -> 0 -> 5 for a
+  // counter reset (increase() of 5: AviaryJobFailed and AviaryWorkerGroupLost fired).
+  void Publish();
   // The text exposition of the registry (what /metrics answers).
   std::string Serialize() const;
 
@@ -66,6 +71,7 @@ class CoordinatorMetrics {
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
+  bool published_ = false;
 
   prometheus::Family<prometheus::Gauge>* train_loss_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
   prometheus::Family<prometheus::Gauge>* train_accuracy_ ABSL_PT_GUARDED_BY(mu_) = nullptr;

@@ -727,6 +727,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   options.max_logs_response_bytes = config.max_logs_response_bytes;
   AVIARY_ASSIGN_OR_RETURN(c->scheduler_,
                           Scheduler::Create(options, c->store_.get(), c->metrics_.get()));
+  c->metrics_->Publish();  // after the restore: the stored counters, never 0 first
   c->job_service_ = std::make_unique<JobServiceImpl>(c->scheduler_.get(), c->auth_.get());
   c->worker_service_ = std::make_unique<WorkerServiceImpl>(c->scheduler_.get(), c->auth_.get());
 

@@ -39,6 +39,7 @@
 #include "common/utf8.h"
 #include "coordinator/content_hash.h"
 #include "coordinator/fold_cache.h"
+#include "coordinator/metrics.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/aviary.grpc.pb.h"
@@ -875,6 +876,20 @@ TEST_F(CoordinatorServiceTest, AnOutcomeSentAgainAfterItsAnswerWasLostIsTakenOnc
   ASSERT_EQ(lease.task().attempt(), 2);
   CancelAndRetry(job_id);
   EXPECT_EQ(fail(a, ft0), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+// /metrics answers with no series until Publish (the coordinator calls it after the scheduler's
+// restore): a restarted coordinator served its stored counters as 0 for as long as the restore
+// took, and Prometheus read 5 -> 0 -> 5 as a counter reset (AviaryJobFailed fired).
+TEST(CoordinatorMetricsTest, ServesNoSeriesBeforePublish) {
+  auto metrics = CoordinatorMetrics::Create("127.0.0.1:0");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  ASSERT_GT((*metrics)->port(), 0);
+  (*metrics)->AddJobsFailed(5);
+  EXPECT_FALSE(absl::StrContains(HttpGet((*metrics)->port(), "/metrics"), "aviary_jobs_failed_total"));
+  (*metrics)->Publish();
+  (*metrics)->Publish();  // once is enough; again does nothing
+  EXPECT_TRUE(absl::StrContains(HttpGet((*metrics)->port(), "/metrics"), "\naviary_jobs_failed_total 5\n"));
 }
 
 // The AviaryJobFailed alert watches aviary_jobs_failed_total: every transition to FAILED counts,
