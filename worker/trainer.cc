@@ -576,6 +576,9 @@ struct Trainer::State {
   absl::StatusOr<bool> SkipNonFinite(const Batch& batch, double loss_value, int epoch, int64_t s);
   at::Tensor Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const;
   void ReportStep(const EpochTally& t, int64_t s, int64_t samples, bool skipped, double data_wait);
+  // on_step for a step that ends the run with a non-finite loss (StepStats::nonfinite_stop).
+  void ReportNonFiniteStop(const EpochTally& t, int64_t s, double loss_value);
+  StepStats StepStatsFor(const EpochTally& t, int64_t s, int64_t samples, bool skipped, double data_wait);
   void LogProgress(int64_t s, EpochTally* t);
   double StepLr(int epoch, int64_t s, int64_t steps) const;  // train.lr_per_step's rate at step s
   double AllReduceSeconds() const;  // the reducer's time in this epoch so far
@@ -1892,7 +1895,15 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
   at::Tensor loss = fwd.loss;
   InjectFault(&loss);
   const double loss_value = loss.item<double>();
-  AVIARY_ASSIGN_OR_RETURN(bool skip, SkipNonFinite(batch, loss_value, t->epoch, s));
+  absl::StatusOr<bool> skip_or = SkipNonFinite(batch, loss_value, t->epoch, s);
+  if (!skip_or.ok()) {
+    // The run ends here: the step goes out first with the non-finite loss (the running mean
+    // leaves it out), so the coordinator exports it (alert AviaryLossNotFinite): it used to end
+    // unreported, and the alert could not fire without train.skip_nonfinite.
+    if (absl::IsDataLoss(skip_or.status())) ReportNonFiniteStop(*t, s, loss_value);
+    return skip_or.status();
+  }
+  const bool skip = *skip_or;
   at::Tensor correct;  // on the device, summed into t->correct_pending unread
   if (!skip) {
     if (graphed) {
@@ -2086,7 +2097,20 @@ at::Tensor Trainer::State::Tally(const StepForward& fwd, double loss_value, int6
 
 // on_step's StepStats after step `s` of the epoch; a `skipped` step trained nothing.
 void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples, bool skipped, double data_wait) {
+  if (options.on_step) options.on_step(StepStatsFor(t, s, samples, skipped, data_wait));
+}
+
+void Trainer::State::ReportNonFiniteStop(const EpochTally& t, int64_t s, double loss_value) {
   if (!options.on_step) return;
+  StepStats st = StepStatsFor(t, s, 0, /*skipped=*/true, 0);
+  // This rank's loss when it is the non-finite one; NaN when another rank's was.
+  st.train_loss = std::isfinite(loss_value) ? kNaN : loss_value;
+  st.nonfinite_stop = true;
+  options.on_step(st);
+}
+
+StepStats Trainer::State::StepStatsFor(const EpochTally& t, int64_t s, int64_t samples, bool skipped,
+                                       double data_wait) {
   StepStats st;
   st.epoch = t.epoch;
   st.step = step;
@@ -2101,7 +2125,7 @@ void Trainer::State::ReportStep(const EpochTally& t, int64_t s, int64_t samples,
   st.data_wait_seconds = data_wait;
   st.allreduce_seconds = std::max(0.0, AllReduceSeconds() - t.allreduce_before);
   st.loader_queue_depth = train_loader->QueueDepth() + held_batches;
-  options.on_step(st);
+  return st;
 }
 
 // The live line on stderr (options.progress_bar), else a log line every log_every_s.

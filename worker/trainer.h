@@ -113,6 +113,9 @@ struct StepStats {
   double allreduce_seconds = 0; // gradient all-reduce time not hidden by backward (reducer)
   int loader_queue_depth = 0;   // prefetched batches ready beyond this step's (the next one,
                                 // already taken for its copy to the device, included)
+  // The run ends at this step for a non-finite loss (train.skip_nonfinite off): train_loss is
+  // that loss (NaN when it was another rank's), for the coordinator's export; sent at once.
+  bool nonfinite_stop = false;
 };
 
 // The history.csv header, in the contract's column order.

@@ -4,6 +4,7 @@
 // checks driven with a made-up clock).
 #include "worker/agent/agent.h"
 #include "worker/agent/group_control.h"
+#include "worker/agent/group_metrics.h"
 #include "worker/agent/lease_clock.h"
 #include "worker/agent/report_buffer.h"
 #include "worker/agent/signals.h"
@@ -187,6 +188,17 @@ std::vector<int64_t> Finished(const std::vector<absl::StatusCode>& codes) {
   std::vector<int64_t> rows;
   for (absl::StatusCode code : codes) rows.insert(rows.end(), {kExFinished, static_cast<int64_t>(code), 0, 0});
   return rows;
+}
+
+// An idle group shows (and sends with its heartbeats) no GPU memory: it kept the last task's.
+TEST(GroupMetricsTest, TheEndOfATaskZeroesItsGpuMemory) {
+  auto metrics = GroupMetrics::Create("");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  (*metrics)->SetGpuMemory("cuda:0", 3e9);
+  (*metrics)->SetGpuMemory("cuda:1", 1e9);
+  EXPECT_EQ((*metrics)->GpuMemoryBytes(), 4000000000);
+  (*metrics)->EndTask();
+  EXPECT_EQ((*metrics)->GpuMemoryBytes(), 0);
 }
 
 TEST(GroupControlTest, TheVerdictBlamesTheFirstRankWhoseErrorIsNotAConsequence) {

@@ -510,6 +510,30 @@ TEST_F(TrainerTest, SkippingEveryStepEndsTheRun) {
   EXPECT_EQ(again.message(), st.message());
 }
 
+// Without train.skip_nonfinite a non-finite loss ends the run, and the step goes out through
+// on_step first with that loss (the agent sends it at once, the coordinator exports it for the
+// AviaryLossNotFinite alert): it used to end unreported, the running mean finite.
+TEST_F(TrainerTest, ANonFiniteLossThatEndsTheRunIsReportedFirst) {
+  TrainOptions o;
+  o.out_dir = Out("nonfinite_stop");
+  std::vector<StepStats> steps;
+  o.on_step = [&](const StepStats& s) { steps.push_back(s); };
+  ScopedFault fault("rank=0,step=2,kind=nan");
+  auto t = Trainer::Create(Config(), o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const absl::Status st = (*t)->Run();
+  EXPECT_TRUE(absl::IsDataLoss(st)) << st;
+  ASSERT_EQ(steps.size(), 3u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_FALSE(steps[i].nonfinite_stop) << i;
+    EXPECT_TRUE(std::isfinite(steps[i].train_loss)) << i;
+  }
+  EXPECT_TRUE(steps[2].nonfinite_stop);
+  EXPECT_TRUE(std::isnan(steps[2].train_loss)) << steps[2].train_loss;
+  EXPECT_TRUE(steps[2].skipped);
+  EXPECT_EQ(steps[2].samples, 0);
+}
+
 // A stop between an epoch's two renames (best.pt, then last.pt): best.pt holds an epoch the
 // resumed run trains again. Its value is adopted: the re-run replaces best.pt only by doing
 // better, and the best epoch reported is the one whose weights best.pt holds.

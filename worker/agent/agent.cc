@@ -511,10 +511,14 @@ void Agent::OnStep(const StepStats& s) {
   const double since = SecondsSince(task_.last_point);
   // The first step of a lease at once (watch shows the task moving, and a task shorter than the
   // interval still leaves a step point), then at most every report_interval_s.
-  if (task_.step_point_sent && since < options_.report_interval_s) return;
+  if (task_.step_point_sent && since < options_.report_interval_s && !s.nonfinite_stop) return;
+  // A step's samples reach rank 0 with the next step's exchange: at the lease's first point
+  // none has, and its rate is not measured (NaN on the wire), not 0.
+  const bool first = !task_.step_point_sent;
   task_.step_point_sent = true;
-  const double rate = (task_.group_samples - task_.samples_at_last_point) / std::max(since, 1e-9);
-  metrics_->SetSamplesPerSecond(rate);
+  const double rate =
+      first ? kNaN : (task_.group_samples - task_.samples_at_last_point) / std::max(since, 1e-9);
+  if (!first) metrics_->SetSamplesPerSecond(rate);
   task_.last_point = Clock::now();
   task_.samples_at_last_point = task_.group_samples;
 #if defined(AVIARY_WITH_CUDA_TORCH)

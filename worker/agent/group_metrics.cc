@@ -122,6 +122,12 @@ void GroupMetrics::EndTask() {
   absl::MutexLock lock(&mu_);
   samples_per_second_->Set(0);
   queue_depth_->Set(0);
+  // The task's tensors are gone with its trainer: an idle group showed (and sent with its
+  // heartbeats) the memory its last task had allocated.
+  for (auto& [device, gauge] : gpu_memory_) {
+    gauge->Set(0);
+    gpu_memory_bytes_[device] = 0;
+  }
 }
 
 void GroupMetrics::SetConnected(bool connected) {
