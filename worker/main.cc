@@ -420,7 +420,9 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   AddNumber(s, "--threads", &o.threads, "N", "torch threads per rank (0: the cores this rank may use, shared among the ranks of its host)", 0, 1024);
   AddNumber(s, "--max-tasks", &o.max_tasks, "N", "exit 0 after N tasks (0: forever)", 0, 1000000000);
   AddNumber(s, "--connect-timeout-s", &o.connect_timeout_s, "S",
-            "exit 1 when the coordinator cannot be reached for S s (0: retry forever)", 0.0, 1e9);
+            "exit 1 when registering with the coordinator fails for S s, at start or again after it lost "
+            "the group (0: retry forever); once registered, the group waits out an unreachable coordinator, "
+            "training on and buffering its reports", 0.0, 1e9);
   AddNumber(s, "--stall-timeout-s", &o.stall_timeout_s, "S",
             "fail the task (retryable) and end the group when it made no progress for S s (0: never)", 0.0, 1e9);
   s->add_option("--log-level", serve->log_level, "log level")->type_name(kLogLevel);

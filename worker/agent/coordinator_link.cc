@@ -125,6 +125,14 @@ CoordinatorLink::CoordinatorLink(const AgentOptions& options, GroupMetrics* metr
   // 20 s by default, and 0.5 s would fail a connect over a slow link or TLS handshake.)
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 500);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 10000);
+  // Keepalive pings (every 15 s: the coordinator allows one per 10 s; dead after 5 s unanswered,
+  // with or without calls in flight): a connection gone silently dead (a dropped conntrack entry,
+  // a moved address, a partition of that path) was used for ever, every call ending in
+  // DEADLINE_EXCEEDED, so the group never reconnected nor registered again once reaped.
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 15000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   channel_ = grpc::CreateCustomChannel(options.coordinator, creds, args);
   stub_ = v1::WorkerService::NewStub(channel_);
 }
@@ -152,6 +160,7 @@ absl::Status CoordinatorLink::Register() {
         absl::MutexLock lock(&mu_);
         group_id_ = response.group_id();
         heartbeat_ms_ = heartbeat_ms;
+        heartbeat_timeout_ms_ = response.heartbeat_timeout_ms();
       }
       lease_.SetTimeout(response.heartbeat_timeout_ms());
       if (response.heartbeat_timeout_ms() <= 0) {
@@ -629,8 +638,15 @@ void CoordinatorLink::HeartbeatLoop() {
   auto last_sent = LeaseClock::Clock::now();
   while (true) {
     LeaseClock::Clock::duration wait;
+    int64_t deadline_ms = 0;
     {
       absl::MutexLock lock(&mu_);
+      // A heartbeat waits at most two intervals, and at most half the coordinator's timeout: with
+      // the RPC timeout (10 s) one stuck heartbeat outlasted a short lease (heartbeat_timeout_s
+      // 6), and the group was reaped while the next one would have got through.
+      int64_t cap = static_cast<int64_t>(options_.rpc_timeout_s * 1000);
+      if (heartbeat_timeout_ms_ > 0) cap = std::min<int64_t>(cap, heartbeat_timeout_ms_ / 2);
+      deadline_ms = std::max<int64_t>(1000, std::min<int64_t>(cap, 2 * static_cast<int64_t>(heartbeat_ms_)));
       // From the previous send: an answer that took most of the interval does not delay the next.
       // At least a quarter interval after the previous answer, though: a coordinator slower than
       // the interval gets no back-to-back heartbeats.
@@ -653,6 +669,7 @@ void CoordinatorLink::HeartbeatLoop() {
     v1::HeartbeatResponse response;
     grpc::ClientContext ctx;
     Prepare(&ctx);
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
     const auto sent_at = LeaseClock::Clock::now();
     grpc::Status st = stub_->Heartbeat(&ctx, request, &response);
     if (!st.ok()) {

@@ -197,6 +197,7 @@ class CoordinatorLink {
   bool stopping_ = false;  // guarded by sleep_mu_: StopThreads was called
   std::string group_id_ ABSL_GUARDED_BY(mu_);
   int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
+  int64_t heartbeat_timeout_ms_ ABSL_GUARDED_BY(mu_) = 0;  // the coordinator's; 0: not said
   std::string task_id_ ABSL_GUARDED_BY(mu_);
   int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // the leases' count
   bool leased_not_begun_ ABSL_GUARDED_BY(mu_) = false;  // Lease named task_id_, BeginTask not yet
