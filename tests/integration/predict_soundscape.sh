@@ -6,14 +6,22 @@
 # the CSV must be in BirdCLEF's format. Then ensembles, TTA, smoothing and the refusals of bad
 # input (undecodable files skipped with a summary; a non-checkpoint; ensembles of different
 # label sets).
-# usage: predict_soundscape.sh BIN_DIR
+# SHARE: train_small_cnn.sh's run of the same recipe (ctest's fixture small_cnn_run), used instead
+# of training again; without it (or when it holds no run) this script trains.
+# usage: predict_soundscape.sh BIN_DIR [SHARE]
 set -uo pipefail
 bin=$1
+share=${2:-}
 source "$(dirname "$0")/lib.sh"
 
-small_cnn_recipe "$bin"
-"$bin/aviary" prepare --config "$tmp/p.yaml" > "$tmp/prepare.log" 2>&1 || { cat "$tmp/prepare.log"; fail "prepare"; }
-"$bin/aviary-worker" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/run" --threads 2 > "$tmp/train.log" 2>&1 || { cat "$tmp/train.log"; fail "train"; }
+if [ -n "$share" ] && [ -s "$share/run/best.pt" ] && [ -s "$share/p.yaml" ]; then
+  echo "the model of $share/run (integration.train_small_cnn's run)"
+  cp -r "$share/run" "$tmp/run" && cp "$share/p.yaml" "$tmp/p.yaml" || fail "copy $share"
+else
+  small_cnn_recipe "$bin"
+  "$bin/aviary" prepare --config "$tmp/p.yaml" > "$tmp/prepare.log" 2>&1 || { cat "$tmp/prepare.log"; fail "prepare"; }
+  "$bin/aviary-worker" train --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/run" --threads 2 > "$tmp/train.log" 2>&1 || { cat "$tmp/train.log"; fail "train"; }
+fi
 
 # 4 soundscapes of 92.5 s: 19 rows each, the last window padded.
 "$bin/aviary" synth-soundscapes --out "$tmp/sc" --species 12 --count 4 --seconds 92.5 --seed 11 > "$tmp/sc.log" 2>&1 || { cat "$tmp/sc.log"; fail "synth-soundscapes"; }

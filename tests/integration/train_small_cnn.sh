@@ -3,10 +3,14 @@
 # ogg files, broken ones included), `aviary prepare` decodes it into the cache, and
 # `aviary-worker train` trains the small CNN; its validation macro ROC-AUC must reach 0.9, and
 # the run folder must hold what DESIGN.md promises. Then the refusals of bad input.
-# usage: train_small_cnn.sh BIN_DIR
+# With SHARE, the run folder and its config are copied there when every check of the training
+# passed (ctest's fixture small_cnn_run: predict_soundscape.sh predicts with that model).
+# usage: train_small_cnn.sh BIN_DIR [SHARE]
 set -uo pipefail
 bin=$1
+share=${2:-}
 source "$(dirname "$0")/lib.sh"
+[ -z "$share" ] || rm -rf "$share"
 
 small_cnn_recipe "$bin"
 "$bin/aviary" prepare --config "$tmp/p.yaml" > "$tmp/prepare.log" 2>&1 || { cat "$tmp/prepare.log"; fail "prepare"; }
@@ -32,6 +36,9 @@ PY
   # The loader's share of each epoch (what the GPU acceptance reports for the real data path).
   [ "$(grep -cE "epoch [0-9]+: waited [0-9.]+ s for the loader's batches of [0-9.]+ s \([0-9.]+%\)" "$tmp/train.log")" = 12 ] ||
     { grep "waited" "$tmp/train.log"; fail "no loader-wait line for each of the 12 epochs"; }
+  if [ -n "$share" ] && [ $fails -eq 0 ]; then
+    mkdir -p "$share" && cp -r "$tmp/run" "$share/run" && cp "$tmp/p.yaml" "$share/p.yaml" || fail "copy the run to $share"
+  fi
 else
   cat "$tmp/train.log"; fail "train"
 fi

@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -66,6 +68,15 @@ absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, cons
 // the coordinator reaps the group after its heartbeat timeout and leases the task again.
 constexpr double kMinSetupS = 60;
 
+// kMinSetupS, or AVIARY_COMM_SETUP_MIN_S when set to a positive number of seconds: a test hook
+// (tests/integration/train_distributed.sh), so that its stuck rank costs seconds, not a minute.
+double MinSetupSeconds() {
+  const char* env = std::getenv("AVIARY_COMM_SETUP_MIN_S");
+  double seconds = 0;
+  if (env != nullptr && absl::SimpleAtod(env, &seconds) && seconds > 0 && std::isfinite(seconds)) return seconds;
+  return kMinSetupS;
+}
+
 class SetupDeadline {
  public:
   SetupDeadline(double seconds, int rank, int world) {
@@ -77,7 +88,7 @@ class SetupDeadline {
       if (cv_.wait_until(lock, deadline, [this] { return done_; })) return;
       common::WriteLineToStderr(absl::StrCat(
           "aviary: rank ", rank, " of ", world, " ends the group: the communicator's set-up did not finish within ",
-          seconds, " s (max(comm.timeout_s, ", kMinSetupS, " s)): another rank did not arrive (hung or dead before "
+          seconds, " s (max(comm.timeout_s, ", MinSetupSeconds(), " s)): another rank did not arrive (hung or dead before "
           "it, e.g. reading its config on a stuck share; see the other ranks' logs)"));
       std::_Exit(1);
     });
@@ -110,7 +121,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
   // agree first: an error anywhere ends every rank, and "auto" falls back to MPI everywhere when
   // one rank cannot use NCCL (more ranks than GPUs on a node; a rank without a GPU among GPU
   // ranks is refused after this, by the trainer and by `serve` at its start).
-  SetupDeadline deadline(std::max(config.timeout_s, kMinSetupS), session.rank(), session.world_size());
+  SetupDeadline deadline(std::max(config.timeout_s, MinSetupSeconds()), session.rank(), session.world_size());
   absl::StatusOr<std::string> mine = ChooseBackend(config, session, device);
   int first_failed = -1;
   AVIARY_RETURN_IF_ERROR(session.AllRanksOk(mine.status(), &first_failed));
