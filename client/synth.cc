@@ -17,6 +17,7 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/csv.h"
@@ -976,6 +977,26 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   if (ec) {
     return absl::InternalError(absl::StrCat("cannot create ", audio_dir, ": ", ec.message()));
   }
+  // What an earlier run left: its recordings (ten digits, .ogg), replaced or removed below so
+  // that the folder holds what solution.csv lists, and a stopped run's staged files. Anything
+  // else is refused before any work: `aviary predict --audio` would read it, and `aviary score`
+  // refuse its rows.
+  std::vector<std::string> earlier;
+  for (fs::directory_iterator it(audio_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const bool recording = name.size() == 14 && absl::EndsWith(name, ".ogg") &&
+                           std::all_of(name.begin(), name.begin() + 10, [](char c) { return c >= '0' && c <= '9'; });
+    const bool staged = name.size() > 19 && absl::StrContains(name, ".ogg.tmp.") &&
+                        std::all_of(name.begin(), name.begin() + 10, [](char c) { return c >= '0' && c <= '9'; });
+    if (!(recording || staged) || !it->is_regular_file()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--out ", options.out_dir, ": ", it->path().string(), " is not a recording of synth-soundscapes: its "
+          "soundscapes/ folder must hold only those (aviary predict --audio reads every file there); use an empty "
+          "--out or remove it"));
+    }
+    earlier.push_back(it->path().string());
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", audio_dir, ": ", ec.message()));
   SoundscapeReport report;
   std::vector<int> by_name(static_cast<size_t>(options.species));
   std::iota(by_name.begin(), by_name.end(), 0);
@@ -1040,8 +1061,20 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
     }
     const std::string stem = absl::StrCat(id);
     const std::string path = absl::StrCat(audio_dir, "/", stem, ".ogg");
-    AVIARY_RETURN_IF_ERROR(WriteAudioFile(path, /*mp3=*/false, sr, 1, audio,
-                                          static_cast<uint32_t>(Mix(options.seed, id))));
+    // Beside its name, then renamed into place: a run stopped midway leaves no half-written
+    // recording under the name.
+    const std::string staged = absl::StrCat(path, ".tmp.", common::TemporarySuffix());
+    if (absl::Status wrote = WriteAudioFile(staged, /*mp3=*/false, sr, 1, audio,
+                                            static_cast<uint32_t>(Mix(options.seed, id)));
+        !wrote.ok()) {
+      ::unlink(staged.c_str());
+      return wrote;
+    }
+    if (::rename(staged.c_str(), path.c_str()) != 0) {
+      const int error = errno;
+      ::unlink(staged.c_str());
+      return absl::InternalError(absl::StrCat("rename ", staged, " -> ", path, ": ", std::strerror(error)));
+    }
     report.files.push_back(path);
     for (int64_t w = 0; w < rows; ++w) {
       // The nominal end of the window, as `aviary predict` writes it (worker/predict.h RowId).
@@ -1056,6 +1089,14 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
       WriteCsvRow(solution, fields);
       ++report.rows;
     }
+  }
+  for (const std::string& path : earlier) {
+    if (std::find(report.files.begin(), report.files.end(), path) != report.files.end()) continue;
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return absl::InternalError(absl::StrCat("cannot remove ", path, " (an earlier run's, not in this run's "
+                                              "solution.csv): ", std::strerror(errno)));
+    }
+    ++report.removed;
   }
   report.solution_path = absl::StrCat(options.out_dir, "/solution.csv");
   AVIARY_RETURN_IF_ERROR(WriteFileAtomically(report.solution_path, solution.str()));

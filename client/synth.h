@@ -165,9 +165,14 @@ struct SoundscapeReport {
   std::string solution_path;
   int rows = 0;
   int calls = 0;
+  // Recordings of an earlier run in DIR/soundscapes/ that this run's solution.csv does not list
+  // (another --seed or a larger --count), removed; and staged files of a stopped run.
+  int removed = 0;
 };
 
-// INVALID_ARGUMENT naming the option for bad values; INTERNAL for I/O failures.
+// INVALID_ARGUMENT naming the option for bad values, or DIR/soundscapes/ holding a file this
+// command does not write (`aviary predict --audio` reads every file there); INTERNAL for I/O
+// failures. Each recording is written beside its name and renamed into place.
 absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptions& options);
 
 }  // namespace aviary::synth

@@ -46,7 +46,11 @@ int RunSynthSoundscapes(const synth::SoundscapeOptions& options) {
   if (!report.ok()) return fail(report.status());
   std::cout << "wrote " << report->files.size() << " soundscape(s) to " << options.out_dir
             << "/soundscapes and " << report->solution_path << ": " << report->rows << " rows, "
-            << report->classes.size() << " classes, " << report->calls << " calls\n";
+            << report->classes.size() << " classes, " << report->calls << " calls";
+  if (report->removed > 0) {
+    std::cout << "; removed " << report->removed << " file(s) of an earlier run that this solution.csv does not list";
+  }
+  std::cout << "\n";
   return 0;
 }
 
@@ -91,7 +95,8 @@ void AddSynthCommands(CLI::App* app, Runner* run) {
       app, "synth-soundscapes", "long recordings of known calls and their solution.csv",
       "DIR/soundscapes/ holds 32 kHz ogg recordings of the synthetic species' calls at known windows (0, "
       "1 or 2 species per window) over background noise; DIR/solution.csv their truth in BirdCLEF "
-      "solution format.");
+      "solution format. Run again into the same DIR, the earlier run's recordings are replaced (the folder "
+      "holds what solution.csv lists); a file there that it did not write is refused.");
   soundscapes->group(kOfflineGroup);
   soundscapes->add_option("--out", scapes->out_dir, "the output folder")
       ->type_name("DIR")

@@ -549,5 +549,41 @@ TEST(SynthTest, SoundscapeRowsAreThoseAviaryPredictMakes) {
   EXPECT_EQ(common::WindowEndText(2.5), "2.5");
 }
 
+// A second run into the same --out leaves the recordings its solution.csv lists and no others
+// (the first run's stayed, and `aviary predict --audio` then `aviary score` failed on their
+// rows), nor a stopped run's staged file; a file this command does not write is refused before
+// any work.
+TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
+  TempDir tmp;
+  SoundscapeOptions o;
+  o.out_dir = tmp.Sub("scapes");
+  o.species = 3;
+  o.count = 3;
+  o.seconds = 5;
+  o.seed = 1;
+  auto first = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->files.size(), 3u);
+  EXPECT_EQ(first->removed, 0);
+  const std::string audio_dir = o.out_dir + "/soundscapes";
+  std::ofstream(first->files[0] + ".tmp.123.0") << "half";  // as a run killed while writing leaves it
+  o.count = 1;
+  o.seed = 2;
+  auto second = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->removed, 4);
+  std::vector<std::string> left;
+  for (const auto& entry : fs::directory_iterator(audio_dir)) left.push_back(entry.path().string());
+  EXPECT_EQ(left, second->files);
+  std::ofstream(audio_dir + "/notes.txt") << "mine";
+  auto refused = WriteSyntheticSoundscapes(o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find(audio_dir + "/notes.txt is not a recording of synth-soundscapes"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_TRUE(fs::exists(second->files[0]));
+}
+
 }  // namespace
 }  // namespace aviary::synth
