@@ -77,7 +77,7 @@ absl::Status CheckUniqueHeader(const CsvTable& table) {
   std::unordered_map<std::string, size_t> seen;
   for (size_t c = 0; c < table.header().size(); ++c) {
     if (!seen.emplace(table.header()[c], c).second) {
-      return absl::InvalidArgumentError(absl::StrCat(table.source(), ":1: duplicate column '",
+      return absl::InvalidArgumentError(absl::StrCat(table.source(), ":", table.header_line(), ": duplicate column '",
                                                      table.header()[c], "'"));
     }
   }
@@ -113,8 +113,9 @@ absl::StatusOr<ScoringInput> LoadScoringInput(const std::string& solution_path,
     if (c != submission_id_col && !solution.ColumnIndex(name)) extra.push_back(name);
   }
   if (!missing.empty() || !extra.empty()) {
-    std::string message = absl::StrCat(submission.source(), ": class columns differ from ",
-                                       solution.source(), ":");
+    std::string message = absl::StrCat(submission.source(), ":", submission.header_line(),
+                                       ": class columns differ from ", solution.source(), ":",
+                                       solution.header_line(), ":");
     if (!missing.empty()) {
       absl::StrAppend(&message, " missing ", missing.size(), " (", absl::StrJoin(missing, ","),
                       ")");

@@ -26,6 +26,8 @@ class CsvTable {
   const std::vector<std::string>& row(size_t i) const { return rows_[i]; }
   // The 1-based line in the file where row `i` starts.
   int line(size_t i) const { return lines_[i]; }
+  // The 1-based line of the header (after blank lines, if any).
+  int header_line() const { return header_line_; }
 
   // Index of column `name`, or nullopt.
   std::optional<size_t> ColumnIndex(absl::string_view name) const;

@@ -325,8 +325,11 @@ def check_cli(aviary):
             sol_frame=pd.concat([sol_df.iloc[:3], sol_df.iloc[[0]], sol_df.iloc[3:]]))
         bad("unknown_row", "SUB:14: row_id 'elsewhere_5' is not in SOL",
             sub_frame=pd.concat([sub_df, sub_df.iloc[[0]].assign(row_id="elsewhere_5")]))
-        bad("missing_class", "SUB: class columns differ from SOL: missing 1 (sp002)",
+        bad("missing_class", "SUB:1: class columns differ from SOL:1: missing 1 (sp002)",
             sub_frame=sub_df.drop(columns=["sp002"]))
+        # The header's own line, after blank lines (a duplicate column named line 1).
+        bad("duplicate_class", "SUB:3: duplicate column 'sp001'",
+            raw_sub="\n\n" + open(sub).read().replace("sp002", "sp001", 1))
         bad("extra_class", "extra 1 (bogus)", sub_frame=sub_df.assign(bogus=0.5))
         bad("no_row_id", "SUB:1: missing column 'row_id'", sub_frame=sub_df.drop(columns=["row_id"]))
         lines = open(sub).read().splitlines()
