@@ -248,8 +248,45 @@ bool IsTemporarySuffix(absl::string_view suffix) {
   return digits(suffix.substr(0, dot)) && digits(suffix.substr(dot + 1));
 }
 
-absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents,
+namespace {
+
+// `path` when it is not a symbolic link, else the file its chain of links ends at (a dangling
+// link's target, as a shell's `>` would create it); INVALID_ARGUMENT for a loop.
+absl::StatusOr<std::string> ThroughSymlinks(const std::string& path) {
+  std::string at = path;
+  for (int hops = 0; hops < 40; ++hops) {
+    struct stat st = {};
+    if (::lstat(at.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return at;
+    // The kernel's protected_symlinks rule, which a readlink-then-open would bypass: in a sticky
+    // world-writable folder (/tmp) a link is followed only when it is ours or the folder owner's
+    // (else `--port-file /tmp/p`, planted as a link by another user, wrote where it points).
+    const std::string folder = DirOf(at);
+    struct stat dir = {};
+    if (::stat(folder.empty() ? "." : folder.c_str(), &dir) == 0 && (dir.st_mode & S_ISVTX) &&
+        (dir.st_mode & S_IWOTH) && st.st_uid != ::geteuid() && st.st_uid != dir.st_uid) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          path, ": a symbolic link of another user (uid ", st.st_uid, ") in the sticky world-writable folder ",
+          folder.empty() ? "." : folder, " is not followed"));
+    }
+    std::error_code ec;
+    const std::filesystem::path target = std::filesystem::read_symlink(at, ec);
+    if (ec) return absl::InternalError(absl::StrCat(path, ": cannot read the symbolic link ", at, ": ", ec.message()));
+    at = target.is_absolute() ? target.string() : (std::filesystem::path(at).parent_path() / target).string();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(path, ": too many levels of symbolic links"));
+}
+
+}  // namespace
+
+absl::Status WriteFileAtomically(const std::string& given_path, absl::string_view contents,
                                  const AtomicWriteOptions& options) {
+  // A symbolic link is written through (its target replaced), as `cp` or a shell's `>` would:
+  // the rename replaced the link itself with a file, and its target kept the old contents. Not
+  // with a rotation (keep_previous_as names a file beside the given path).
+  std::string path = given_path;
+  if (options.keep_previous_as.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(path, ThroughSymlinks(given_path));
+  }
   const std::string tmp = absl::StrCat(path, ".tmp.", TemporarySuffix());
   StorageFault fault;
   fault.path = path;

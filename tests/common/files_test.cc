@@ -46,6 +46,44 @@ std::vector<std::string> Entries(const std::string& dir) {
   return out;
 }
 
+// A symbolic link (a chain of them, a relative one, a dangling one) is written through: its
+// target gets the contents and the link stays. The rename used to replace the link with a file
+// and leave its target as it was; a loop is refused.
+TEST(WriteFileAtomicallyTest, WritesThroughSymbolicLinks) {
+  const std::string dir = FreshDir("symlinks");
+  ASSERT_EQ(::mkdir((dir + "/shared").c_str(), 0755), 0);
+  ASSERT_TRUE(WriteFileAtomically(dir + "/shared/folds.csv", "old").ok());
+  ASSERT_EQ(::symlink("shared/folds.csv", (dir + "/hop.csv").c_str()), 0);
+  ASSERT_EQ(::symlink((dir + "/hop.csv").c_str(), (dir + "/link.csv").c_str()), 0);
+  ASSERT_TRUE(WriteFileAtomically(dir + "/link.csv", "new").ok());
+  EXPECT_EQ(*ReadFileToString(dir + "/shared/folds.csv"), "new");
+  struct stat st = {};
+  ASSERT_EQ(::lstat((dir + "/link.csv").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+  ASSERT_EQ(::symlink("shared/absent.csv", (dir + "/dangling.csv").c_str()), 0);
+  ASSERT_TRUE(WriteFileAtomically(dir + "/dangling.csv", "made").ok());
+  EXPECT_EQ(*ReadFileToString(dir + "/shared/absent.csv"), "made");
+  EXPECT_EQ(Entries(dir + "/shared"), (std::vector<std::string>{"absent.csv", "folds.csv"}));  // no temporary left
+  ASSERT_EQ(::symlink("loop_b.csv", (dir + "/loop_a.csv").c_str()), 0);
+  ASSERT_EQ(::symlink("loop_a.csv", (dir + "/loop_b.csv").c_str()), 0);
+  const absl::Status loop = WriteFileAtomically(dir + "/loop_a.csv", "x");
+  EXPECT_EQ(loop.code(), absl::StatusCode::kInvalidArgument) << loop;
+  EXPECT_TRUE(absl::StrContains(loop.message(), "too many levels of symbolic links")) << loop;
+  // In a sticky world-writable folder (/tmp) another user's link is not followed (the kernel's
+  // protected_symlinks rule): a planted `--port-file /tmp/p` link would write where it points.
+  // Needs root to give a link another owner.
+  const std::string sticky = dir + "/sticky";
+  ASSERT_EQ(::mkdir(sticky.c_str(), 0777), 0);
+  ASSERT_EQ(::chmod(sticky.c_str(), 01777), 0);
+  ASSERT_EQ(::symlink((dir + "/shared/folds.csv").c_str(), (sticky + "/planted").c_str()), 0);
+  if (::geteuid() == 0 && ::lchown((sticky + "/planted").c_str(), 65534, 65534) == 0) {
+    const absl::Status planted = WriteFileAtomically(sticky + "/planted", "owned");
+    EXPECT_EQ(planted.code(), absl::StatusCode::kPermissionDenied) << planted;
+    EXPECT_TRUE(absl::StrContains(planted.message(), "a symbolic link of another user (uid 65534)")) << planted;
+    EXPECT_EQ(*ReadFileToString(dir + "/shared/folds.csv"), "new");
+  }
+}
+
 // A regular file is mapped, an empty one and a /proc file (size 0 to stat) are read; errors are
 // ReadFileToString's; a moved-from file leaves its contents with the new owner.
 TEST(MappedFileTest, MapsOrReadsWholeFilesWithReadFilesErrors) {
