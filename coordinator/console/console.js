@@ -15,6 +15,11 @@
     val_loss: 'val loss', train_loss: 'train loss', val_acc: 'val accuracy', train_acc: 'train accuracy',
     lr: 'learning rate',
   };
+  // train.monitor (JobInfo.monitor) -> the history column it watches, and +1 maximised / -1 minimised.
+  const MONITORS = {auc: ['val_auc', 1], roc_auc: ['val_roc_auc', 1], cmap: ['val_cmap', 1], acc: ['val_acc', 1],
+                    loss: ['val_loss', -1]};
+  // The compare page draws at most this many tasks unless chosen by hand (one colour each).
+  const DEFAULT_TASKS = COLORS.length;
   let session = {role: '', grafana_url: ''};
 
   // ---------------------------------------------------------------------------------------------
@@ -479,10 +484,11 @@
         if (!column) { column = {stage: t.stage, tasks: []}; stages.push(column); }
         column.tasks.push(t);
       }
-      // Within a stage of several tasks (folds, a sweep's grid), the best by the monitor (val PR-AUC).
+      // Within a stage of several tasks (folds, a sweep's grid), the best by the monitor.
       const leaders = new Set();
+      const {column, sign} = monitored();
       for (const s of stages) {
-        const scored = s.tasks.map((t) => [t, num((taskBest(t) || {}).val_auc)])
+        const scored = s.tasks.map((t) => [t, sign * num((taskBest(t) || {})[column])])
           .filter(([, v]) => Number.isFinite(v));
         if (scored.length < 2) continue;
         scored.sort((a, b) => b[1] - a[1]);
@@ -553,11 +559,19 @@
       return point ? point.metrics : null;
     }
 
+    // The job's monitor (train.monitor) as a history column and a sign: the best epoch of a task
+    // still running (or cancelled, failed) is the one its best.pt holds, not the highest val_auc.
+    function monitored() {
+      const [column, sign] = MONITORS[job.monitor] || MONITORS.auc;
+      return {column, sign};
+    }
+
     function bestEpoch(task, points) {
       if (task.best && task.best.epoch_end) return task.best.epoch;
+      const {column, sign} = monitored();
       let best = null, bestValue = -Infinity;
       for (const p of points) {
-        const v = num(p.metrics.val_auc);
+        const v = sign * num(p.metrics[column]);
         if (Number.isFinite(v) && v > bestValue) { bestValue = v; best = p.metrics.epoch; }
       }
       return best;
@@ -762,7 +776,10 @@
     function syncUrl() {
       const q = new URLSearchParams();
       if (chosenJobs.size) q.set('jobs', [...chosenJobs].join(','));
-      if (tasksByHand || chosenTasks.size) q.set('tasks', [...chosenTasks].join(','));
+      // Only a choice made by hand: the default (the first DEFAULT_TASKS of the chosen jobs) is
+      // what the link without `tasks` gives again, and a sweep's every task id made a URL longer
+      // than the server reads (a reload or a shared link got 400).
+      if (tasksByHand) q.set('tasks', [...chosenTasks].join(','));
       if (metric !== 'val_auc') q.set('metric', metric);
       history.replaceState(null, '', `/compare?${q.toString()}`);
     }
@@ -802,7 +819,11 @@
 
     function drawTaskPicker() {
       const tasks = allTasks();
-      fill(taskPicker, ...tasks.map((t) => {
+      const note = !tasksByHand && tasks.length > chosenTasks.size
+        ? [el('p', {class: 'muted small'}, `The first ${chosenTasks.size} of ${tasks.length} tasks are drawn (more ` +
+                                           'curves than colours are unreadable); tick others below.')]
+        : [];
+      fill(taskPicker, ...note, ...tasks.map((t) => {
         const box = el('input', {type: 'checkbox', value: t.task_id, onchange: (e) => {
           if (e.target.checked) chosenTasks.add(t.task_id); else chosenTasks.delete(t.task_id);
           tasksByHand = true;
@@ -889,7 +910,8 @@
         [...chosenJobs].forEach((id, i) => {
           const r = results[i];
           if (r.status === 'fulfilled') { infos.push(r.value); return; }
-          if (r.reason && r.reason.status === 404) {
+          // 404: deleted; 400: not a job id at all (a typo in the link).
+          if (r.reason && (r.reason.status === 404 || r.reason.status === 400)) {
             gone.push(id);
             chosenJobs.delete(id);
             for (const t of [...chosenTasks]) if (t.startsWith(`${id}/`)) chosenTasks.delete(t);
@@ -905,7 +927,8 @@
         const added = infos.filter((j) => !jobInfo.has(j.job_id));
         infos.forEach((j) => { jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms); });
         if (!tasksByHand) {
-          chosenTasks = new Set(allTasks().map((t) => t.task_id));  // every task of the chosen jobs
+          // The chosen jobs' first tasks: a sweep's hundreds were all fetched and drawn at once.
+          chosenTasks = new Set(allTasks().slice(0, DEFAULT_TASKS).map((t) => t.task_id));
         } else {
           // A job added since brings its tasks (not at the page's first load: the link's list holds).
           for (const j of added) if (jobInfo.size > added.length) for (const t of j.tasks || []) chosenTasks.add(t.task_id);

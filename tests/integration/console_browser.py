@@ -254,6 +254,17 @@ try:
     flash = wait_until("the note", lambda: driver.find_element(By.ID, "flash").text, timeout=10)
     check(flash and missing in flash, f"the compare page names the job it left out: {flash!r}")
     check(missing not in driver.current_url, f"the unknown job is dropped from the URL ({driver.current_url})")
+    # A malformed id (not a job id at all: the coordinator's 400) is left out the same way.
+    driver.get(f"{args.url}/compare?jobs={args.job1},jnotanid")
+    check(wait_until("job1's tasks", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#task-picker input:checked")) == 2,
+                     timeout=30), "a compare link with a malformed job id still shows the other job's 2 tasks")
+    # The default selection stays out of the URL (a sweep's every task id made a link longer than
+    # the server reads); a metric chosen on the page goes in.
+    driver.execute_script("const s = document.getElementById('metric'); s.value = 'val_loss';"
+                          "s.dispatchEvent(new Event('change'));")
+    check(wait_until("the metric in the URL", lambda: "metric=val_loss" in driver.current_url, timeout=10),
+          f"the chosen metric is in the URL ({driver.current_url})")
+    check("tasks=" not in driver.current_url, f"the default task selection is not in the URL ({driver.current_url})")
 
     # A coordinator restart: the job page reconnects and keeps growing.
     driver.get(f"{args.url}/jobs/{args.job1}")
@@ -299,9 +310,10 @@ try:
           "after log out a page redirects to /login again")
 
     # Browser console errors (a CSP refusal, a script error) fail the test.
-    # Expected network errors: the refusals above (401, 403, the unknown job's 404) and the
-    # restart's dropped streams.
-    expected = ("status of 401", "status of 403", "status of 404", "net::ERR_")  # net::ERR_*: the coordinator was down
+    # Expected network errors: the refusals above (401, 403, the unknown job's 404, the malformed
+    # job id's 400) and the restart's dropped streams.
+    expected = ("status of 401", "status of 403", "status of 404", "jnotanid?checkpoints=0 - Failed to load resource: "
+                "the server responded with a status of 400", "net::ERR_")  # net::ERR_*: the coordinator was down
     logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
             and not (e.get("source") == "network" and any(x in e.get("message", "") for x in expected))]
     check(not logs, f"no script errors in the browser console: {logs}")
