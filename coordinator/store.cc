@@ -19,6 +19,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "coordinator/content_hash.h"
 
@@ -474,13 +475,26 @@ absl::Status Store::InitSchema() {
       Statement vacuum(this, "VACUUM INTO ?1");
       vacuum.Bind(1, backup);
       absl::Status copied = vacuum.Run();
+      // VACUUM INTO does not fsync its file: made durable before the upgrade commits (a power
+      // loss kept the upgraded database and a truncated copy).
+      if (copied.ok()) {
+        const int fd = ::open(backup.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || ::fsync(fd) != 0) {
+          copied = absl::InternalError(absl::StrCat("fsync ", backup, ": ", std::strerror(errno)));
+        }
+        if (fd >= 0) ::close(fd);
+      }
+      if (copied.ok()) copied = common::SyncFolder(fs::path(backup).parent_path().string());
       if (!copied.ok()) {
+        ::unlink(backup.c_str());  // a partial copy (a full disk) is no backup
         return absl::Status(copied.code(), absl::StrCat("schema upgrade from version ", version, ": the copy of the "
                                                         "file before it, ", backup, ", could not be written: ",
                                                         copied.message(), "; nothing was changed"));
       }
     }
-    AVIARY_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
+    // A failed upgrade leaves the file as it was, and no copy: a coordinator restarted on it
+    // again and again (systemd) made a full copy each time.
+    absl::Status upgraded = Transaction([&]() -> absl::Status {
       if (version == 1) AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
       AVIARY_RETURN_IF_ERROR(MigrateFromVersion2());
       // Verified before the version is written: a file that does not end up as version 3 (an
@@ -488,7 +502,11 @@ absl::Status Store::InitSchema() {
       AVIARY_RETURN_IF_ERROR(VerifySchema());
       const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
       return Exec(pragma.c_str());
-    }));
+    });
+    if (!upgraded.ok()) {
+      ::unlink(backup.c_str());
+      return upgraded;
+    }
     upgraded_from_ = version;
     upgrade_backup_ = backup;
     return absl::OkStatus();

@@ -781,6 +781,25 @@ TEST_F(StoreTest, RefusesAForeignDatabase) {
   EXPECT_FALSE(fs::exists(path_ + "-wal"));
 }
 
+// A version 2 file that fails its upgrade (an index added by hand: the upgraded schema is not
+// version 3's) stays version 2 and keeps no copy: a coordinator restarted on it again and again
+// made a full copy each time.
+TEST_F(StoreTest, AFailedUpgradeKeepsNoCopy) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+  }
+  RawExec("DROP TABLE dataset_version_manifests; DROP TABLE dataset_versions; PRAGMA user_version=2; "
+          "CREATE INDEX stray ON jobs(seq);");
+  for (int start = 0; start < 2; ++start) {
+    auto store = Store::Open(path_);
+    ASSERT_FALSE(store.ok());
+    EXPECT_NE(store.status().message().find("unexpected index stray"), std::string::npos) << store.status();
+    EXPECT_FALSE(fs::exists(path_ + ".v2.bak")) << start;
+    EXPECT_FALSE(fs::exists(path_ + ".v2.2.bak")) << start;
+  }
+}
+
 // Another program's SQLite file with a user_version of its own, or a newer coordinator's file
 // still in rollback mode (a VACUUM INTO copy), is refused before anything is written to it:
 // the journal mode used to be switched to WAL first.
