@@ -564,7 +564,7 @@ absl::Status WriteFoldsCsv(const StageTable& table, const std::string& path) {
     AppendCsvField(&out, s.primary_label);
     absl::StrAppend(&out, ",", s.fold, s.cv ? ",True\n" : ",False\n");
   }
-  return WriteFileAtomically(path, out);
+  return WriteOutputFileAtomically(path, out);
 }
 
 absl::Status WriteTrainListCsv(const StageTable& table, const std::vector<size_t>& rows,
@@ -578,7 +578,7 @@ absl::Status WriteTrainListCsv(const StageTable& table, const std::vector<size_t
     AppendCsvField(&out, s.primary_label);
     absl::StrAppend(&out, ",", s.target, "\n");
   }
-  return WriteFileAtomically(path, out);
+  return WriteOutputFileAtomically(path, out);
 }
 
 }  // namespace aviary::common

@@ -222,6 +222,12 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   return WriteFileAtomically(path, contents, AtomicWriteOptions{});
 }
 
+absl::Status WriteOutputFileAtomically(const std::string& path, absl::string_view contents) {
+  AtomicWriteOptions options;
+  options.follow_symlinks = true;
+  return WriteFileAtomically(path, contents, options);
+}
+
 const std::string& TemporarySuffix() {
   static const std::string suffix = [] {
     uint64_t drawn = 0;
@@ -280,11 +286,11 @@ absl::StatusOr<std::string> ThroughSymlinks(const std::string& path) {
 
 absl::Status WriteFileAtomically(const std::string& given_path, absl::string_view contents,
                                  const AtomicWriteOptions& options) {
-  // A symbolic link is written through (its target replaced), as `cp` or a shell's `>` would:
-  // the rename replaced the link itself with a file, and its target kept the old contents. Not
-  // with a rotation (keep_previous_as names a file beside the given path).
+  // An output a user named as a symbolic link is written through (its target replaced), as `cp`
+  // or a shell's `>` would: the rename replaced the link itself with a file, and its target kept
+  // the old contents. Not with a rotation (keep_previous_as names a file beside the given path).
   std::string path = given_path;
-  if (options.keep_previous_as.empty()) {
+  if (options.follow_symlinks && options.keep_previous_as.empty()) {
     AVIARY_ASSIGN_OR_RETURN(path, ThroughSymlinks(given_path));
   }
   const std::string tmp = absl::StrCat(path, ".tmp.", TemporarySuffix());

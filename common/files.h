@@ -21,6 +21,9 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max_bytes);
 // Writes `contents` to `path` through a temporary file, fsync and rename.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
+// The same for an output a user names (`--out F`): a symbolic link there is written through
+// (AtomicWriteOptions::follow_symlinks).
+absl::Status WriteOutputFileAtomically(const std::string& path, absl::string_view contents);
 
 // This process's suffix of temporary file names, "<pid>.<a random number drawn once>": two
 // processes of one pid (rank 0 of two groups in two containers, a stale group and the task's new
@@ -93,6 +96,11 @@ struct AtomicWriteOptions {
   // rotation's renames leaves the newest version as `<path>.ready.<suffix>`, one the check
   // allowed.
   std::string keep_previous_as;
+  // A symbolic link at `path` is written through (its target replaced, as `cp` or a shell's `>`
+  // would), following the kernel's protected_symlinks rule in sticky world-writable folders;
+  // else the link itself is replaced. Not with keep_previous_as. For a file a user names on a
+  // command line (WriteOutputFileAtomically), not the files of a run folder or a port file.
+  bool follow_symlinks = false;
 };
 
 // As above, with `options`. Every failure (open, write, fsync, close, rename, the check) removes

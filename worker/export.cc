@@ -272,7 +272,7 @@ absl::Status WriteExportPair(const ExportOptions& options, const common::Pipelin
         OnnxModelBytes(model, config.frontend, config.data.sample_rate,
                        static_cast<int64_t>(std::llround(options.window_s * config.data.sample_rate)),
                        common::Version(), &info));
-    AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(weights_path, bytes));
+    AVIARY_RETURN_IF_ERROR(common::WriteOutputFileAtomically(weights_path, bytes));
     result.onnx_nodes = info.num_nodes;
   }
   result.num_tensors = static_cast<int64_t>(tensors.size());
@@ -280,7 +280,7 @@ absl::Status WriteExportPair(const ExportOptions& options, const common::Pipelin
   result.model_name = meta.model_name;
   result.num_classes = meta.num_classes;
   result.in_channels = meta.in_channels;
-  return common::WriteFileAtomically(sidecar_path, SidecarJson(options, result, meta, config));
+  return common::WriteOutputFileAtomically(sidecar_path, SidecarJson(options, result, meta, config));
 }
 
 }  // namespace

@@ -46,27 +46,34 @@ std::vector<std::string> Entries(const std::string& dir) {
   return out;
 }
 
-// A symbolic link (a chain of them, a relative one, a dangling one) is written through: its
-// target gets the contents and the link stays. The rename used to replace the link with a file
-// and leave its target as it was; a loop is refused.
+// An output a user names as a symbolic link (a chain of them, a relative one, a dangling one) is
+// written through: its target gets the contents and the link stays. The rename used to replace
+// the link with a file and leave its target as it was; a loop is refused. Other writes (a run
+// folder's files) replace a link, as before.
 TEST(WriteFileAtomicallyTest, WritesThroughSymbolicLinks) {
   const std::string dir = FreshDir("symlinks");
   ASSERT_EQ(::mkdir((dir + "/shared").c_str(), 0755), 0);
   ASSERT_TRUE(WriteFileAtomically(dir + "/shared/folds.csv", "old").ok());
   ASSERT_EQ(::symlink("shared/folds.csv", (dir + "/hop.csv").c_str()), 0);
   ASSERT_EQ(::symlink((dir + "/hop.csv").c_str(), (dir + "/link.csv").c_str()), 0);
-  ASSERT_TRUE(WriteFileAtomically(dir + "/link.csv", "new").ok());
+  ASSERT_TRUE(WriteOutputFileAtomically(dir + "/link.csv", "new").ok());
   EXPECT_EQ(*ReadFileToString(dir + "/shared/folds.csv"), "new");
   struct stat st = {};
   ASSERT_EQ(::lstat((dir + "/link.csv").c_str(), &st), 0);
   EXPECT_TRUE(S_ISLNK(st.st_mode));
+  // Not an output: the link is replaced, its target left alone.
+  ASSERT_EQ(::symlink("shared/folds.csv", (dir + "/run_file.csv").c_str()), 0);
+  ASSERT_TRUE(WriteFileAtomically(dir + "/run_file.csv", "run").ok());
+  EXPECT_EQ(*ReadFileToString(dir + "/shared/folds.csv"), "new");
+  ASSERT_EQ(::lstat((dir + "/run_file.csv").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISREG(st.st_mode));
   ASSERT_EQ(::symlink("shared/absent.csv", (dir + "/dangling.csv").c_str()), 0);
-  ASSERT_TRUE(WriteFileAtomically(dir + "/dangling.csv", "made").ok());
+  ASSERT_TRUE(WriteOutputFileAtomically(dir + "/dangling.csv", "made").ok());
   EXPECT_EQ(*ReadFileToString(dir + "/shared/absent.csv"), "made");
   EXPECT_EQ(Entries(dir + "/shared"), (std::vector<std::string>{"absent.csv", "folds.csv"}));  // no temporary left
   ASSERT_EQ(::symlink("loop_b.csv", (dir + "/loop_a.csv").c_str()), 0);
   ASSERT_EQ(::symlink("loop_a.csv", (dir + "/loop_b.csv").c_str()), 0);
-  const absl::Status loop = WriteFileAtomically(dir + "/loop_a.csv", "x");
+  const absl::Status loop = WriteOutputFileAtomically(dir + "/loop_a.csv", "x");
   EXPECT_EQ(loop.code(), absl::StatusCode::kInvalidArgument) << loop;
   EXPECT_TRUE(absl::StrContains(loop.message(), "too many levels of symbolic links")) << loop;
   // In a sticky world-writable folder (/tmp) another user's link is not followed (the kernel's
@@ -77,7 +84,7 @@ TEST(WriteFileAtomicallyTest, WritesThroughSymbolicLinks) {
   ASSERT_EQ(::chmod(sticky.c_str(), 01777), 0);
   ASSERT_EQ(::symlink((dir + "/shared/folds.csv").c_str(), (sticky + "/planted").c_str()), 0);
   if (::geteuid() == 0 && ::lchown((sticky + "/planted").c_str(), 65534, 65534) == 0) {
-    const absl::Status planted = WriteFileAtomically(sticky + "/planted", "owned");
+    const absl::Status planted = WriteOutputFileAtomically(sticky + "/planted", "owned");
     EXPECT_EQ(planted.code(), absl::StatusCode::kPermissionDenied) << planted;
     EXPECT_TRUE(absl::StrContains(planted.message(), "a symbolic link of another user (uid 65534)")) << planted;
     EXPECT_EQ(*ReadFileToString(dir + "/shared/folds.csv"), "new");

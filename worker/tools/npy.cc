@@ -15,7 +15,7 @@
 namespace aviary::worker {
 
 using common::ReadFileToString;
-using common::WriteFileAtomically;
+using common::WriteOutputFileAtomically;
 namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
@@ -108,7 +108,7 @@ absl::Status WriteNpy(const std::string& path, const std::vector<int64_t>& shape
   const size_t offset = bytes.size();
   bytes.resize(offset + num_values * sizeof(float));
   if (num_values > 0) std::memcpy(bytes.data() + offset, data, num_values * sizeof(float));
-  return WriteFileAtomically(path, bytes);
+  return WriteOutputFileAtomically(path, bytes);
 }
 
 absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
