@@ -126,11 +126,10 @@ absl::StatusOr<bool> CsvRowReader::NextFields(std::vector<absl::string_view>* fi
 absl::Status CsvRowReader::ReadField(size_t index, int row_line, absl::string_view* value) {
   const size_t n = text_.size();
   if (pos_ >= n || text_[pos_] != '"') {
-    const size_t end = EndOfRun(text_, pos_);
-    if (end < n && text_[end] == '"') {
-      return absl::InvalidArgumentError(absl::StrCat(source_, ":", line_, ": quote inside an unquoted field '",
-                                                     text_.substr(pos_, end - pos_), "\"'"));
-    }
+    // A quote inside an unquoted field is a character of it, as pandas and Python's csv read it
+    // (`Tom "Birdman" Lee`, ` "b"` after a comma).
+    size_t end = EndOfRun(text_, pos_);
+    while (end < n && text_[end] == '"') end = EndOfRun(text_, end + 1);
     *value = text_.substr(pos_, end - pos_);
     pos_ = end;
     return absl::OkStatus();
@@ -162,9 +161,10 @@ absl::Status CsvRowReader::ReadField(size_t index, int row_line, absl::string_vi
     }
     break;
   }
-  // Text after the closing quote belongs to the field too (as pandas reads it); a quote in it
-  // is an error.
-  const size_t end = EndOfRun(text_, pos_);
+  // Text after the closing quote belongs to the field too, quotes in it as characters (as pandas
+  // reads it: `"q"r"s` is `qr"s`).
+  size_t end = EndOfRun(text_, pos_);
+  while (end < n && text_[end] == '"') end = EndOfRun(text_, end + 1);
   if (end == pos_) {
     if (copy != nullptr) *value = *copy;
     return absl::OkStatus();
@@ -176,10 +176,6 @@ absl::Status CsvRowReader::ReadField(size_t index, int row_line, absl::string_vi
   }
   copy->append(text_.data() + pos_, end - pos_);
   pos_ = end;
-  if (pos_ < n && text_[pos_] == '"') {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source_, ":", line_, ": quote inside an unquoted field '", *copy, "\"'"));
-  }
   *value = *copy;
   return absl::OkStatus();
 }

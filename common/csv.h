@@ -77,8 +77,8 @@ class CsvRowReader {
 
   // The next row: true with as many `fields` as the header and the 1-based `line` the row starts
   // on; false after the last row. Blank lines are skipped. INVALID_ARGUMENT naming
-  // `source`:line for a row with another number of fields, a quote inside an unquoted field or
-  // an unterminated quoted field.
+  // `source`:line for a row with another number of fields or an unterminated quoted field (a
+  // quote inside an unquoted field is a character of it, as pandas reads it).
   absl::StatusOr<bool> Next(std::vector<absl::string_view>* fields, int* line);
 
  private:
