@@ -13,6 +13,7 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <set>
 #include <sstream>
 #include <system_error>
 #include <utility>
@@ -977,22 +978,34 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   if (ec) {
     return absl::InternalError(absl::StrCat("cannot create ", audio_dir, ": ", ec.message()));
   }
-  // What an earlier run left: its recordings (ten digits, .ogg), replaced or removed below so
-  // that the folder holds what solution.csv lists, and a stopped run's staged files. Anything
-  // else is refused before any work: `aviary predict --audio` would read it, and `aviary score`
-  // refuse its rows.
+  // What an earlier run left: the recordings its solution.csv lists (replaced or removed below,
+  // so that the folder holds what the new solution.csv lists) and a stopped run's staged files.
+  // Anything else is refused before any work (`aviary predict --audio` would read it, and
+  // `aviary score` refuse its rows); by its name alone a recording cannot be told from a user's
+  // (BirdCLEF's soundscapes are named with ten digits too).
+  std::set<std::string> listed;
+  const std::string old_solution = absl::StrCat(options.out_dir, "/solution.csv");
+  if (fs::exists(old_solution, ec)) {
+    absl::StatusOr<common::CsvTable> table = common::CsvTable::ReadFile(old_solution);
+    if (table.ok() && table->num_rows() > 0 && !table->header().empty() && table->header()[0] == "row_id") {
+      for (size_t r = 0; r < table->num_rows(); ++r) {
+        const std::string& id = table->row(r)[0];
+        const size_t cut = id.rfind('_');
+        if (cut != std::string::npos) listed.insert(id.substr(0, cut) + ".ogg");
+      }
+    }
+  }
   std::vector<std::string> earlier;
   for (fs::directory_iterator it(audio_dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    const bool recording = name.size() == 14 && absl::EndsWith(name, ".ogg") &&
-                           std::all_of(name.begin(), name.begin() + 10, [](char c) { return c >= '0' && c <= '9'; });
-    const bool staged = name.size() > 19 && absl::StrContains(name, ".ogg.tmp.") &&
-                        std::all_of(name.begin(), name.begin() + 10, [](char c) { return c >= '0' && c <= '9'; });
-    if (!(recording || staged) || !it->is_regular_file()) {
+    const size_t tmp = name.find(".ogg.tmp.");
+    const bool staged = tmp == 10 && std::all_of(name.begin(), name.begin() + 10, [](char c) { return c >= '0' && c <= '9'; }) &&
+                        common::IsTemporarySuffix(absl::string_view(name).substr(tmp + 9));
+    if (!(staged || listed.count(name)) || !it->is_regular_file()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--out ", options.out_dir, ": ", it->path().string(), " is not a recording of synth-soundscapes: its "
-          "soundscapes/ folder must hold only those (aviary predict --audio reads every file there); use an empty "
-          "--out or remove it"));
+          "--out ", options.out_dir, ": ", it->path().string(), " is not a recording that ", old_solution,
+          " lists (an earlier run's): the soundscapes/ folder must hold only those (aviary predict --audio "
+          "reads every file there); use an empty --out or remove it"));
     }
     earlier.push_back(it->path().string());
   }

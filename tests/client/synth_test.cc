@@ -566,7 +566,7 @@ TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
   ASSERT_EQ(first->files.size(), 3u);
   EXPECT_EQ(first->removed, 0);
   const std::string audio_dir = o.out_dir + "/soundscapes";
-  std::ofstream(first->files[0] + ".tmp.123.0") << "half";  // as a run killed while writing leaves it
+  std::ofstream(first->files[0] + ".tmp.123.456") << "half";  // as a run killed while writing leaves it
   o.count = 1;
   o.seed = 2;
   auto second = WriteSyntheticSoundscapes(o);
@@ -575,14 +575,21 @@ TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
   std::vector<std::string> left;
   for (const auto& entry : fs::directory_iterator(audio_dir)) left.push_back(entry.path().string());
   EXPECT_EQ(left, second->files);
-  std::ofstream(audio_dir + "/notes.txt") << "mine";
-  auto refused = WriteSyntheticSoundscapes(o);
-  ASSERT_FALSE(refused.ok());
-  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(refused.status().message().find(audio_dir + "/notes.txt is not a recording of synth-soundscapes"),
-            std::string::npos)
-      << refused.status();
-  EXPECT_TRUE(fs::exists(second->files[0]));
+  // A recording named like one (BirdCLEF's soundscapes have ten-digit names too) that the
+  // solution.csv does not list is the user's: refused, not removed; and any other file.
+  for (const std::string name : {"1000170626.ogg", "notes.txt"}) {
+    std::ofstream(audio_dir + "/" + name) << "mine";
+    auto refused = WriteSyntheticSoundscapes(o);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(refused.status().message().find(audio_dir + "/" + name + " is not a recording that " + o.out_dir +
+                                              "/solution.csv lists"),
+              std::string::npos)
+        << refused.status();
+    EXPECT_TRUE(fs::exists(audio_dir + "/" + name));
+    EXPECT_TRUE(fs::exists(second->files[0]));
+    fs::remove(audio_dir + "/" + name);
+  }
 }
 
 }  // namespace
