@@ -59,7 +59,8 @@ else
   run_ok "promtool check rules" promtool check rules "$deploy/prometheus/alerts.yml"
   run_ok "promtool test rules" promtool test rules "$deploy/prometheus/alerts_test.yml"
   # The unit tests must catch broken rules: a stalled threshold of 40 minutes, a NaN test that
-  # no longer matches NaN, a restart rule that only looks at increase(), a never-reported rule
+  # no longer matches NaN, a restart rule that fires an hour after a failed scrape (the "first
+  # seen above 0" term it had), a never-reported rule
   # that ignores reports, a stalled rule that pairs one sweep point's timestamp with another's
   # lease, a non-finite-loss rule that holds 40 minutes after the last report.
   mkdir -p "$tmp/rules"
@@ -67,7 +68,7 @@ else
   i=0
   for edit in 's/> 20 \* 60/> 40 * 60/' \
               's/(aviary_train_loss != aviary_train_loss)/(aviary_train_loss < -1e300)/' \
-              's/or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))//' \
+              's/expr: increase(aviary_task_restarts_total\[1h\]) > 0$/expr: (increase(aviary_task_restarts_total[1h]) > 0) or ((aviary_task_restarts_total > 0) unless (aviary_task_restarts_total offset 1h))/' \
               's/unless on (job_id, stage, fold, point) aviary_task_last_progress_timestamp_seconds$/> 1/' \
               's/and on (job_id, stage, fold, point)/and on (job_id, stage, fold)/' \
               's/_seconds < 30 \* 60)/_seconds < 40 * 60)/'; do
