@@ -340,6 +340,41 @@ TEST_F(CoordinatorLinkTest, TextThatIsNotUtf8ArrivesAndALongFailureArrivesCut) {
   EXPECT_LT(failed->error().size(), 64u * 1024);
 }
 
+// Leaving with the task's outcome still buffered (the drain gave up on a signal's grace) sends it
+// first: LeaveGroup put the task back to READY, and a finished task ran again (here a failure that
+// is not retryable would have been retried).
+TEST_F(CoordinatorLinkTest, LeavingSendsABufferedOutcomeFirst) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  // No sender thread: the report stays buffered, as after a drain that gave up.
+  link.Push(EpochEndReport(task.task_id(), 0, 10));
+  Report failure;
+  failure.kind = Report::Kind::kFail;
+  failure.task_id = task.task_id();
+  failure.error = "bad data: no rows";
+  failure.retryable = false;
+  link.Push(failure);
+  link.Leave("stopped by signal (SIGTERM)");
+  v1::GetJobRequest get;
+  get.set_job_id(submitted.job_id());
+  v1::JobInfo job;
+  const grpc::Status status = jobs_->GetJob(Ctx().get(), get, &job);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const v1::TaskInfo* left = nullptr;
+  for (const v1::TaskInfo& t : job.tasks()) {
+    if (t.task_id() == task.task_id()) left = &t;
+  }
+  ASSERT_NE(left, nullptr);
+  EXPECT_EQ(left->state(), v1::TASK_STATE_FAILED) << v1::TaskState_Name(left->state());
+  EXPECT_NE(left->error().find("bad data: no rows"), std::string::npos) << left->error();
+  std::vector<int> epochs;
+  ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
+  EXPECT_EQ(epochs, std::vector<int>{0});
+}
+
 // A worker token rotated while a group runs (docs/SERVICE.md, "Security model"): the coordinator
 // refuses the old token, the link reads its token file again and goes on with the one there. The
 // task's completion, refused meanwhile, is kept (it was dropped as refused for good), arrives once

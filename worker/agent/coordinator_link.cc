@@ -524,6 +524,25 @@ void CoordinatorLink::DropTask(const std::string& task_id) { buffer_.DropTask(ta
 void CoordinatorLink::Leave(const std::string& reason) {
   const std::string gid = group_id();
   if (gid.empty() || lost_) return;
+  // What the drain gave up on (a signal's grace): one more try, in order, before leaving.
+  // LeaveGroup puts the group's task back to READY without a restart: a CompleteTask still
+  // buffered here ran the finished task again, a FailTask gave a failure a free retry.
+  for (int runs = 0; runs < 8 && buffer_.size() > 0; ++runs) {
+    std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0);
+    if (run.empty()) break;
+    const grpc::Status st = Send(run, gid);
+    if (!st.ok() && (IsTransient(st.error_code()) || KeepsRefused(st))) {
+      buffer_.Release();
+      break;
+    }
+    // Sent, or refused for good (a point out of range, a task the coordinator moved on): the
+    // reports behind it go on, as the sender's loop does.
+    if (!st.ok()) Log().Warn(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; dropped"));
+    buffer_.Pop();
+  }
+  if (const size_t left = buffer_.size(); left > 0) {
+    Log().Warn(absl::StrCat(left, " report(s) not delivered to ", options_.coordinator, " before leaving"));
+  }
   v1::LeaveGroupRequest request;
   request.set_group_id(gid);
   // The coordinator takes one line of at most 1,024 bytes of UTF-8 (an error's message may be
