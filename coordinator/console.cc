@@ -47,7 +47,10 @@ constexpr int kDefaultJobLimit = 200;
 // The jobs' serialized size at most (their JSON is about twice that): a page every tab reloads
 // and every stream gets each interval. Older jobs past it are left out, and counted.
 constexpr size_t kMaxJobListBytes = size_t{8} << 20;
-constexpr auto kKeepalive = std::chrono::seconds(10);
+// A quiet stream's ping interval. A peer that closed is found at the second write after its FIN:
+// at 10 s a reload of a few tabs kept their old streams' slots (16 per holder) for about 20 s,
+// and the new ones were refused (the pages fell back to polling).
+constexpr auto kKeepalive = std::chrono::seconds(3);
 // How old the /api/events payloads may be: every open stream shares one build of the job list
 // (up to kDefaultJobLimit jobs with their tasks) and the group list per interval.
 constexpr auto kOverviewRefresh = std::chrono::milliseconds(500);

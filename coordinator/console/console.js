@@ -169,7 +169,7 @@
   // /login on a 401 (a reload revoked the token) and show a 404 (a deleted job), and with all
   // streams taken (429) the page still shows its data. The reopen then waits 2 s, doubling up
   // to 30 s.
-  // The server sends a `ping` every 10 s when nothing else went: a stream silent for 35 s is a
+  // The server sends a `ping` every 3 s when nothing else went: a stream silent for 35 s is a
   // dead connection that the browser has not noticed (a laptop's sleep, a NAT that forgot it),
   // closed and opened again here.
   function stream(path, handlers, onOpen) {
@@ -808,6 +808,17 @@
       if (!jobs.length) fill(picker, el('p', {class: 'muted'}, 'No jobs yet.'));
     }
 
+    // The chosen jobs' tasks in turn (job 1's first, job 2's first, ..., job 1's second, ...),
+    // DEFAULT_TASKS at most.
+    function defaultTasks() {
+      const queues = [...chosenJobs].filter((id) => jobInfo.has(id)).map((id) => [...(jobInfo.get(id).tasks || [])]);
+      const picked = [];
+      while (picked.length < DEFAULT_TASKS && queues.some((q) => q.length)) {
+        for (const q of queues) if (q.length && picked.length < DEFAULT_TASKS) picked.push(q.shift());
+      }
+      return picked;
+    }
+
     function allTasks() {
       const out = [];
       for (const id of chosenJobs) for (const t of (jobInfo.get(id) || {}).tasks || []) out.push(t);
@@ -927,8 +938,9 @@
         const added = infos.filter((j) => !jobInfo.has(j.job_id));
         infos.forEach((j) => { jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms); });
         if (!tasksByHand) {
-          // The chosen jobs' first tasks: a sweep's hundreds were all fetched and drawn at once.
-          chosenTasks = new Set(allTasks().slice(0, DEFAULT_TASKS).map((t) => t.task_id));
+          // At most DEFAULT_TASKS, taken from the chosen jobs in turn (a sweep's hundreds were all
+          // fetched and drawn at once; the first job's alone would hide the others).
+          chosenTasks = new Set(defaultTasks().map((t) => t.task_id));
         } else {
           // A job added since brings its tasks (not at the page's first load: the link's list holds).
           for (const j of added) if (jobInfo.size > added.length) for (const t of j.tasks || []) chosenTasks.add(t.task_id);

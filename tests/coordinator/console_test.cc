@@ -748,7 +748,7 @@ TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   HttpResponse unknown = Http(port_, "GET", "/api/events?topics=groups,gpus", {Bearer("the-token")});
   EXPECT_EQ(unknown.status, 400) << unknown.body;
   EXPECT_TRUE(absl::StrContains(unknown.body, "'gpus' is not jobs or groups")) << unknown.body;
-  // A quiet stream says it is alive with a `ping` event (10 s), which the page's script sees (a
+  // A quiet stream says it is alive with a `ping` event (3 s), which the page's script sees (a
   // comment line would not reach it).
   EXPECT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: ping\ndata: {}\n\n"); }))
       << stream.text();
