@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -893,14 +894,37 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   bool alive = true;
+  // A step point (progress within an epoch) comes at most once a second: each event carries the
+  // whole job, and a sweep's groups reported steps many times a second (66 KB per event for a
+  // 100-task sweep, per open page). A held-back step point is superseded by the next event (it
+  // carries the job as it is then) or sent by the next tick; epoch ends and state changes go at
+  // once (the page draws each epoch end).
+  using Clock = std::chrono::steady_clock;
+  constexpr auto kStepEvery = std::chrono::seconds(1);
+  std::optional<aviary::v1::JobEvent> held;
+  Clock::time_point last_sent{};
+  const auto send = [&](const aviary::v1::JobEvent& event) {
+    held.reset();
+    last_sent = Clock::now();
+    alive = request.StillAuthorized(*auth_) && request.Event("job", ProtoJson(event));
+    return alive;
+  };
   absl::Status status = scheduler_->WatchJob(
       job_id,
       [&](const aviary::v1::JobEvent& event) {
-        alive = request.StillAuthorized(*auth_) && request.Event("job", ProtoJson(event));
-        return alive;
+        const bool step = event.has_metrics() && !event.metrics().epoch_end();
+        if (step && Clock::now() - last_sent < kStepEvery) {
+          held = event;
+          return true;
+        }
+        return send(event);
       },
       [&] {
         if (stopping_) return true;
+        if (held.has_value() && Clock::now() - last_sent >= kStepEvery) {
+          const aviary::v1::JobEvent event = *std::move(held);
+          if (!send(event)) return true;
+        }
         alive = alive && request.StillAuthorized(*auth_) && request.KeepAlive();
         return !alive;
       });

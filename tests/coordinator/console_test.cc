@@ -6,6 +6,7 @@
 // HTTPS with the gRPC port's certificate.
 #include "coordinator/console.h"
 
+#include <cmath>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -752,6 +753,47 @@ TEST_F(ConsoleTest, TheJobStreamSendsEachEpochAsItArrives) {
   // comment line would not reach it).
   EXPECT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: ping\ndata: {}\n\n"); }))
       << stream.text();
+}
+
+// Step points in quick succession reach a job's stream at most once a second, the last one
+// included (each event carries the whole job: a sweep's reports made megabytes a minute per
+// page); an epoch end goes at once.
+TEST_F(ConsoleTest, TheJobStreamHoldsBackStepPointsThatComeFast) {
+  Start();
+  const std::string job_id = Submit();
+  RunEpochs(0, &task_id_);
+  Report(0, 1);
+  EventStream stream(port_, "/api/jobs/" + job_id + "/events", {Bearer("the-viewer-token")});
+  ASSERT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: job\ndata: {"); }))
+      << stream.text();
+  for (int step = 11; step <= 19; ++step) {  // epoch 1 ends at step 20
+    ReportProgressRequest request;
+    request.set_group_id(group_id_);
+    request.set_task_id(task_id_);
+    request.set_steps_per_epoch(10);
+    Metrics* m = request.add_points();
+    m->set_epoch(1);
+    m->set_step(step);
+    m->set_lr(1e-3);
+    m->set_train_loss(1.0);
+    for (auto set : {&Metrics::set_train_acc, &Metrics::set_val_loss, &Metrics::set_val_auc, &Metrics::set_val_roc_auc,
+                     &Metrics::set_val_cmap, &Metrics::set_val_acc, &Metrics::set_samples_per_s}) {
+      (m->*set)(std::nan(""));
+    }
+    ReportProgressResponse response;
+    ASSERT_TRUE(workers_->ReportProgress(Ctx("the-worker-token").get(), request, &response).ok());
+  }
+  // The last step point arrives (held back, then sent by a tick).
+  ASSERT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "\"step\":\"19\""); }))
+      << stream.text();
+  const std::string text = stream.text();
+  size_t events = 0;
+  for (size_t at = text.find("event: job\n"); at != std::string::npos; at = text.find("event: job\n", at + 1)) ++events;
+  EXPECT_LE(events, 5u) << "9 step points in quick succession: " << events << " events (one more: the first)";
+  Report(1, 2);
+  EXPECT_TRUE(stream.ReadUntil([&](const std::string& t) {
+    return absl::StrContains(t, "\"task_id\":\"" + task_id_ + "\",\"metrics\":{\"epoch\":1");
+  })) << stream.text();
 }
 
 // Behind a proxy with its own Basic login (nginx auth_basic forwards the header), the console's
