@@ -21,6 +21,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/str_join.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
@@ -978,22 +980,16 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   if (ec) {
     return absl::InternalError(absl::StrCat("cannot create ", audio_dir, ": ", ec.message()));
   }
-  // What an earlier run left: the recordings its solution.csv lists (replaced or removed below,
-  // so that the folder holds what the new solution.csv lists) and a stopped run's staged files.
-  // Anything else is refused before any work (`aviary predict --audio` would read it, and
-  // `aviary score` refuse its rows); by its name alone a recording cannot be told from a user's
-  // (BirdCLEF's soundscapes are named with ten digits too).
-  std::set<std::string> listed;
-  const std::string old_solution = absl::StrCat(options.out_dir, "/solution.csv");
-  if (fs::exists(old_solution, ec)) {
-    absl::StatusOr<common::CsvTable> table = common::CsvTable::ReadFile(old_solution);
-    if (table.ok() && table->num_rows() > 0 && !table->header().empty() && table->header()[0] == "row_id") {
-      for (size_t r = 0; r < table->num_rows(); ++r) {
-        const std::string& id = table->row(r)[0];
-        const size_t cut = id.rfind('_');
-        if (cut != std::string::npos) listed.insert(id.substr(0, cut) + ".ogg");
-      }
-    }
+  // What an earlier run left: the recordings its list DIR/.synth-soundscapes names (replaced or
+  // removed below, so that the folder holds what the new solution.csv lists) and a stopped run's
+  // staged files. Anything else is refused before any work (`aviary predict --audio` would read
+  // it, and `aviary score` refuse its rows). Not by name or by a solution.csv: BirdCLEF's own
+  // soundscapes have ten-digit names and a solution.csv of this format.
+  const std::string marker = absl::StrCat(options.out_dir, "/.synth-soundscapes");
+  std::set<std::string> ours;
+  if (fs::exists(marker, ec)) {
+    AVIARY_ASSIGN_OR_RETURN(const std::string listed, common::ReadFileToString(marker));
+    for (absl::string_view name : absl::StrSplit(listed, '\n', absl::SkipEmpty())) ours.emplace(name);
   }
   std::vector<std::string> earlier;
   for (fs::directory_iterator it(audio_dir, ec), end; !ec && it != end; it.increment(ec)) {
@@ -1001,11 +997,11 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
     const size_t tmp = name.find(".ogg.tmp.");
     const bool staged = tmp == 10 && std::all_of(name.begin(), name.begin() + 10, [](char c) { return c >= '0' && c <= '9'; }) &&
                         common::IsTemporarySuffix(absl::string_view(name).substr(tmp + 9));
-    if (!(staged || listed.count(name)) || !it->is_regular_file()) {
+    if (!(staged || ours.count(name)) || !it->is_regular_file()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--out ", options.out_dir, ": ", it->path().string(), " is not a recording that ", old_solution,
-          " lists (an earlier run's): the soundscapes/ folder must hold only those (aviary predict --audio "
-          "reads every file there); use an empty --out or remove it"));
+          "--out ", options.out_dir, ": ", it->path().string(), " is not a recording an earlier synth-soundscapes "
+          "run wrote (", marker, " lists those): the soundscapes/ folder must hold only those (aviary predict "
+          "--audio reads every file there); use an empty --out or remove it"));
     }
     earlier.push_back(it->path().string());
   }
@@ -1032,8 +1028,18 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   // 3 rows here, 2 there).
   const int64_t window = std::max<int64_t>(1, std::llround(options.window_s * sr));
   const int64_t rows = std::max<int64_t>(1, (frames + window - 1) / window);
+  // This run's names join the list before the first is written: a run stopped midway leaves
+  // only listed recordings, which the next run replaces or removes.
+  const auto id_of = [&options](int k) { return 1000000000LL + static_cast<int64_t>(options.seed % 1000000) * 1000 + k; };
+  std::set<std::string> mine;
+  for (int k = 0; k < options.count; ++k) mine.insert(absl::StrCat(id_of(k), ".ogg"));
+  {
+    std::set<std::string> both = ours;
+    both.insert(mine.begin(), mine.end());
+    AVIARY_RETURN_IF_ERROR(WriteFileAtomically(marker, absl::StrCat(absl::StrJoin(both, "\n"), "\n")));
+  }
   for (int k = 0; k < options.count; ++k) {
-    const int64_t id = 1000000000LL + static_cast<int64_t>(options.seed % 1000000) * 1000 + k;
+    const int64_t id = id_of(k);
     Rng rng(Mix(Mix(options.seed, 0x50c5ca9e), static_cast<uint64_t>(k)));
     std::vector<float> call(static_cast<size_t>(frames), 0.0f);
     std::vector<std::vector<int>> truth(static_cast<size_t>(rows),
@@ -1113,6 +1119,7 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   }
   report.solution_path = absl::StrCat(options.out_dir, "/solution.csv");
   AVIARY_RETURN_IF_ERROR(WriteFileAtomically(report.solution_path, solution.str()));
+  AVIARY_RETURN_IF_ERROR(WriteFileAtomically(marker, absl::StrCat(absl::StrJoin(mine, "\n"), "\n")));
   return report;
 }
 

@@ -95,8 +95,9 @@ void AddSynthCommands(CLI::App* app, Runner* run) {
       app, "synth-soundscapes", "long recordings of known calls and their solution.csv",
       "DIR/soundscapes/ holds 32 kHz ogg recordings of the synthetic species' calls at known windows (0, "
       "1 or 2 species per window) over background noise; DIR/solution.csv their truth in BirdCLEF "
-      "solution format. Run again into the same DIR, the recordings the earlier solution.csv lists are "
-      "replaced or removed (the folder holds what the new one lists); any other file there is refused.");
+      "solution format. Run again into the same DIR, the recordings an earlier run wrote (DIR/.synth-soundscapes "
+      "lists them) are replaced or removed, so the folder holds what the new solution.csv lists; any other file "
+      "there is refused.");
   soundscapes->group(kOfflineGroup);
   soundscapes->add_option("--out", scapes->out_dir, "the output folder")
       ->type_name("DIR")

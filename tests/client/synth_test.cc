@@ -575,21 +575,37 @@ TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
   std::vector<std::string> left;
   for (const auto& entry : fs::directory_iterator(audio_dir)) left.push_back(entry.path().string());
   EXPECT_EQ(left, second->files);
-  // A recording named like one (BirdCLEF's soundscapes have ten-digit names too) that the
-  // solution.csv does not list is the user's: refused, not removed; and any other file.
+  // A recording named like one (BirdCLEF's soundscapes have ten-digit names too) that no run
+  // listed is the user's: refused, not removed; and any other file.
   for (const std::string name : {"1000170626.ogg", "notes.txt"}) {
     std::ofstream(audio_dir + "/" + name) << "mine";
     auto refused = WriteSyntheticSoundscapes(o);
     ASSERT_FALSE(refused.ok());
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_NE(refused.status().message().find(audio_dir + "/" + name + " is not a recording that " + o.out_dir +
-                                              "/solution.csv lists"),
+    EXPECT_NE(refused.status().message().find(audio_dir + "/" + name + " is not a recording an earlier "
+                                              "synth-soundscapes run wrote"),
               std::string::npos)
         << refused.status();
     EXPECT_TRUE(fs::exists(audio_dir + "/" + name));
     EXPECT_TRUE(fs::exists(second->files[0]));
     fs::remove(audio_dir + "/" + name);
   }
+  // A run stopped midway (its names already listed, one written, solution.csv not yet): the
+  // next run takes its recording as an earlier run's.
+  std::ofstream(o.out_dir + "/.synth-soundscapes", std::ios::app) << "1000009000.ogg\n";
+  std::ofstream(audio_dir + "/1000009000.ogg") << "partial run";
+  auto after_stop = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(after_stop.ok()) << after_stop.status();
+  EXPECT_FALSE(fs::exists(audio_dir + "/1000009000.ogg"));
+  // BirdCLEF's own layout (a solution.csv of this format, ten-digit recordings) is not taken
+  // for an earlier run's.
+  const std::string birdclef = tmp.Sub("birdclef");
+  fs::create_directories(birdclef + "/soundscapes");
+  std::ofstream(birdclef + "/solution.csv") << "row_id,sp000\n1000170626_5,1\n";
+  std::ofstream(birdclef + "/soundscapes/1000170626.ogg") << "a real recording";
+  o.out_dir = birdclef;
+  EXPECT_FALSE(WriteSyntheticSoundscapes(o).ok());
+  EXPECT_TRUE(fs::exists(birdclef + "/soundscapes/1000170626.ogg"));
 }
 
 }  // namespace

@@ -527,7 +527,9 @@ void CoordinatorLink::Leave(const std::string& reason) {
   // What the drain gave up on (a signal's grace): one more try, in order, before leaving.
   // LeaveGroup puts the group's task back to READY without a restart: a CompleteTask still
   // buffered here ran the finished task again, a FailTask gave a failure a free retry.
-  for (int runs = 0; runs < 8 && buffer_.size() > 0; ++runs) {
+  // (Each epoch leaves a run of points and a checkpoint report: up to 256 runs, so that an
+  // outcome behind a backlog of epochs is reached; each is one RPC to a coordinator that answers.)
+  for (int runs = 0; runs < 256 && buffer_.size() > 0 && !lost_; ++runs) {
     std::vector<Report> run = buffer_.Peek(kMaxPointsPerReport, 0);
     if (run.empty()) break;
     const grpc::Status st = Send(run, gid);
@@ -537,9 +539,11 @@ void CoordinatorLink::Leave(const std::string& reason) {
     }
     // Sent, or refused for good (a point out of range, a task the coordinator moved on): the
     // reports behind it go on, as the sender's loop does.
+    // (Failed() on NOT_FOUND marks the group lost: nothing more is sent, and it does not leave.)
     if (!st.ok()) Log().Warn(absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; dropped"));
     buffer_.Pop();
   }
+  if (lost_) return;
   if (const size_t left = buffer_.size(); left > 0) {
     Log().Warn(absl::StrCat(left, " report(s) not delivered to ", options_.coordinator, " before leaving"));
   }
