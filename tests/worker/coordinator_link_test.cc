@@ -121,6 +121,21 @@ class CoordinatorLinkTest : public ::testing::Test {
     m.set_samples_total(160);
     return report;
   }
+  // The task `task_id` of the job as `aviary status` gets it.
+  void TaskInfoOf(const std::string& job_id, const std::string& task_id, v1::TaskInfo* out) {
+    v1::GetJobRequest get;
+    get.set_job_id(job_id);
+    v1::JobInfo job;
+    const grpc::Status status = jobs_->GetJob(Ctx().get(), get, &job);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    for (const v1::TaskInfo& t : job.tasks()) {
+      if (t.task_id() == task_id) {
+        *out = t;
+        return;
+      }
+    }
+    FAIL() << "no task " << task_id << " in job " << job_id;
+  }
   // The epochs of `task_id` in the job's history (`aviary history`), in order.
   void HistoryEpochs(const std::string& job_id, const std::string& task_id, std::vector<int>* epochs) {
     v1::GetHistoryRequest request;
@@ -324,20 +339,12 @@ TEST_F(CoordinatorLinkTest, TextThatIsNotUtf8ArrivesAndALongFailureArrivesCut) {
   for (const v1::LogLine& line : logs.lines()) found += line.text().find("corrupt: " + shown) != std::string::npos;
   EXPECT_EQ(found, 1);
 
-  v1::GetJobRequest get;
-  get.set_job_id(submitted.job_id());
-  v1::JobInfo job;
-  const grpc::Status status = jobs_->GetJob(Ctx().get(), get, &job);
-  ASSERT_TRUE(status.ok()) << status.error_message();
-  const v1::TaskInfo* failed = nullptr;
-  for (const v1::TaskInfo& t : job.tasks()) {
-    if (t.task_id() == task.task_id()) failed = &t;
-  }
-  ASSERT_NE(failed, nullptr);
-  EXPECT_EQ(failed->state(), v1::TASK_STATE_FAILED);
-  EXPECT_NE(failed->error().find("cannot open " + shown), std::string::npos) << failed->error().substr(0, 200);
-  EXPECT_NE(failed->error().find("x [cut]"), std::string::npos);
-  EXPECT_LT(failed->error().size(), 64u * 1024);
+  v1::TaskInfo failed;
+  ASSERT_NO_FATAL_FAILURE(TaskInfoOf(submitted.job_id(), task.task_id(), &failed));
+  EXPECT_EQ(failed.state(), v1::TASK_STATE_FAILED);
+  EXPECT_NE(failed.error().find("cannot open " + shown), std::string::npos) << failed.error().substr(0, 200);
+  EXPECT_NE(failed.error().find("x [cut]"), std::string::npos);
+  EXPECT_LT(failed.error().size(), 64u * 1024);
 }
 
 // Leaving with the task's outcome still buffered (the drain gave up on a signal's grace) sends it
@@ -358,18 +365,10 @@ TEST_F(CoordinatorLinkTest, LeavingSendsABufferedOutcomeFirst) {
   failure.retryable = false;
   link.Push(failure);
   link.Leave("stopped by signal (SIGTERM)");
-  v1::GetJobRequest get;
-  get.set_job_id(submitted.job_id());
-  v1::JobInfo job;
-  const grpc::Status status = jobs_->GetJob(Ctx().get(), get, &job);
-  ASSERT_TRUE(status.ok()) << status.error_message();
-  const v1::TaskInfo* left = nullptr;
-  for (const v1::TaskInfo& t : job.tasks()) {
-    if (t.task_id() == task.task_id()) left = &t;
-  }
-  ASSERT_NE(left, nullptr);
-  EXPECT_EQ(left->state(), v1::TASK_STATE_FAILED) << v1::TaskState_Name(left->state());
-  EXPECT_NE(left->error().find("bad data: no rows"), std::string::npos) << left->error();
+  v1::TaskInfo left;
+  ASSERT_NO_FATAL_FAILURE(TaskInfoOf(submitted.job_id(), task.task_id(), &left));
+  EXPECT_EQ(left.state(), v1::TASK_STATE_FAILED) << v1::TaskState_Name(left.state());
+  EXPECT_NE(left.error().find("bad data: no rows"), std::string::npos) << left.error();
   std::vector<int> epochs;
   ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
   EXPECT_EQ(epochs, std::vector<int>{0});
