@@ -51,6 +51,7 @@ struct ClientArgs {
   std::string note;                    // submit --note
   std::vector<std::string> sweeps;     // submit --sweep key=[v1,...]
   std::string task;                    // logs --task
+  std::vector<std::string> tasks;      // history --task (repeatable)
   bool follow = false;                 // logs --follow
   int tail = 0;                        // logs --tail
   bool with_run_folders = false;       // delete --with-run-folders

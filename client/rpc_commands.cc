@@ -38,6 +38,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/cli.h"
 #include "common/config.h"
 #include "common/files.h"
@@ -685,7 +686,7 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// history JOB [--plot out.png] [--csv]
+// history JOB [--task T ...] [--plot out.png] [--csv]
 
 absl::Status PlotHistory(const std::string& job_id, const std::vector<v1::HistoryRow>& rows,
                          const std::string& path) {
@@ -753,6 +754,10 @@ absl::Status History(Client& client, const ClientArgs& args) {
   v1::GetHistoryRequest request;
   request.set_job_id(args.target);
   AVIARY_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  for (const std::string& task : args.tasks) {
+    AVIARY_RETURN_IF_ERROR(CheckUtf8("--task", task));
+    request.add_tasks(task);
+  }
   if (!args.plot.empty()) {
     // Before the call: a plot that cannot be written is bad input (exit 2), not a failed write.
     std::error_code ec;
@@ -779,7 +784,16 @@ absl::Status History(Client& client, const ClientArgs& args) {
     v1::JobInfo job;
     const absl::Status got = client.Call("GetJob", &v1::JobService::Stub::GetJob, job_request, &job);
     std::string why = " has no finished epochs";
-    if (got.ok() && IsTerminal(job.state())) {
+    if (!args.tasks.empty()) {
+      // --task: the tasks named have none (the job's other tasks may).
+      why = absl::StrCat(": ", absl::StrJoin(args.tasks, ", "), args.tasks.size() == 1 ? " has" : " have",
+                         " no finished epochs");
+      if (got.ok() && IsTerminal(job.state())) {
+        absl::StrAppend(&why, " (the job is ", JobStateName(job.state()), ")");
+      } else if (got.ok()) {
+        why += " yet";
+      }
+    } else if (got.ok() && IsTerminal(job.state())) {
       why = absl::StrCat(" is ", JobStateName(job.state()), " and has no finished epochs");
     } else if (got.ok()) {
       why += " yet";
@@ -791,7 +805,8 @@ absl::Status History(Client& client, const ClientArgs& args) {
   if (const std::string* plot = args.plot.empty() ? nullptr : &args.plot) {
     if (rows.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "--plot ", *plot, ": job ", request.job_id(), " has no finished epochs to plot"));
+          "--plot ", *plot, ": job ", request.job_id(), args.tasks.empty() ? "" : absl::StrCat(" (", absl::StrJoin(args.tasks, ", "), ")"),
+          " has no finished epochs to plot"));
     }
     AVIARY_RETURN_IF_ERROR(
         common::Annotate(PlotHistory(request.job_id(), rows, *plot), absl::StrCat("--plot ", *plot)));
@@ -1244,6 +1259,9 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
                         10000);
       sub->add_flag("--json", args->json, "the ListJobsResponse as JSON (proto field names)");
     } else if (name == "history") {
+      sub->add_option("--task", args->tasks, "only this task's rows (repeatable; e.g. finetune-f0, or JOB/finetune-f0)")
+          ->type_name("T")
+          ->check(common::NonEmpty("a task"));
       sub->add_option("--plot", args->plot, "also draw loss, val AUC and learning rate to a PNG")
           ->type_name("out.png")
           ->check(common::NonEmpty("a path"));

@@ -363,7 +363,8 @@ class Console::Request {
   }
 
   static std::string Var(const std::string& data, const char* name) {
-    std::vector<char> buffer(8192);
+    // As long as a whole request may be (civetweb's max_request_size, 16 KiB by default).
+    std::vector<char> buffer(16384);
     const int n = mg_get_var(data.data(), data.size(), name, buffer.data(), buffer.size());
     return n < 0 ? "" : std::string(buffer.data(), n);
   }
@@ -814,7 +815,10 @@ void Console::ServeJob(Request& request, const std::string& job_id) {
 }
 
 void Console::ServeHistory(Request& request, const std::string& job_id) {
-  absl::StatusOr<aviary::v1::GetHistoryResponse> history = scheduler_->GetHistory(job_id);
+  // ?tasks=A,B: those tasks' rows only (ids or names within the job; the compare page's few
+  // tasks of a sweep, not its tens of thousands of rows).
+  std::vector<std::string> tasks = absl::StrSplit(request.Query("tasks"), ',', absl::SkipEmpty());
+  absl::StatusOr<aviary::v1::GetHistoryResponse> history = scheduler_->GetHistory(job_id, tasks);
   if (!history.ok()) return request.Error(history.status());
   request.Json(ProtoJson(*history));
 }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <iterator>
 #include <optional>
 #include <set>
 #include <thread>
@@ -1186,19 +1187,37 @@ bool RepeatsEpochEnd(const aviary::v1::Metrics& again, const aviary::v1::Metrics
 
 }  // namespace
 
-absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::string& job_id) {
+absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::string& job_id,
+                                                                      const std::vector<std::string>& tasks) {
   std::map<std::string, std::pair<int64_t, const TaskInfo*>> order;
   std::map<std::string, TaskInfo> infos;
   {
     absl::ReaderMutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
     if (it == jobs_.end() || it->second.deleted) return NoSuchJob(job_id);
-    for (const std::string& id : it->second.task_ids) infos[id] = tasks_.at(id).info;
-    for (const std::string& id : it->second.task_ids) {
-      order[id] = {tasks_.at(id).seq, &infos.at(id)};
+    const std::vector<std::string>& job_tasks = it->second.task_ids;
+    if (tasks.empty()) {
+      for (const std::string& id : job_tasks) infos[id] = tasks_.at(id).info;
+    } else {
+      const std::set<std::string> of_job(job_tasks.begin(), job_tasks.end());
+      for (const std::string& task : tasks) {
+        const std::string id = absl::StrContains(task, '/') ? task : absl::StrCat(job_id, "/", task);
+        if (!of_job.count(id)) return absl::NotFoundError(absl::StrCat("job ", job_id, " has no task '", task, "'"));
+        if (!infos.count(id)) infos[id] = tasks_.at(id).info;
+      }
+    }
+    for (const auto& [id, info] : infos) order[id] = {tasks_.at(id).seq, &info};
+  }
+  // A few tasks of a sweep: their rows by the task index, not the job's tens of thousands.
+  std::vector<PointRow> points;
+  if (tasks.empty()) {
+    AVIARY_ASSIGN_OR_RETURN(points, store_->LoadEpochEnds(job_id));
+  } else {
+    for (const auto& [id, info] : infos) {
+      AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> rows, store_->LoadTaskEpochEnds(id));
+      std::move(rows.begin(), rows.end(), std::back_inserter(points));
     }
   }
-  AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> points, store_->LoadEpochEnds(job_id));
   // The last report of each (task, epoch); but a resumed attempt reports the epochs it restored
   // again (worker/agent: history.csv's 6 significant digits), and such a repeat keeps the report
   // it repeats: the epoch was trained by that attempt, at that time.

@@ -113,7 +113,11 @@ class Scheduler {
   std::vector<aviary::v1::JobInfo> ListJobs(int limit, size_t max_bytes = 0, int* omitted = nullptr,
                                             int* beyond_limit = nullptr) const;
   absl::StatusOr<aviary::v1::JobInfo> CancelJob(const std::string& job_id);
-  absl::StatusOr<aviary::v1::GetHistoryResponse> GetHistory(const std::string& job_id);
+  // The last report of each epoch of the job's tasks, in task then epoch order. `tasks` (task
+  // ids, or names within the job: "finetune-f0"), when not empty: those tasks' rows only;
+  // NOT_FOUND naming a task the job does not have.
+  absl::StatusOr<aviary::v1::GetHistoryResponse> GetHistory(const std::string& job_id,
+                                                            const std::vector<std::string>& tasks = {});
   // Sends the job as it is, then one event per change of the job, until an event leaves the job
   // terminal (OK), `send` returns false or `cancelled` returns true (CANCELLED), or Shutdown
   // (UNAVAILABLE). `cancelled` is polled at least every 500 ms.

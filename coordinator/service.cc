@@ -351,7 +351,15 @@ grpc::Status JobServiceImpl::GetHistory(grpc::ServerContext* context,
                                         aviary::v1::GetHistoryResponse* response) {
   return Serve(*context, *auth_, "JobService.GetHistory", kClientOrViewer, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
-    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetHistory(request->job_id()));
+    for (int i = 0; i < request->tasks_size(); ++i) {
+      if (request->tasks(i).empty() || request->tasks(i).size() > 256) {
+        return absl::InvalidArgumentError(absl::StrCat("field 'tasks[", i, "]': ",
+                                                       request->tasks(i).empty() ? "empty" : "longer than 256 bytes",
+                                                       " (a task id, or its name within the job)"));
+      }
+    }
+    AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetHistory(request->job_id(),
+                                                              {request->tasks().begin(), request->tasks().end()}));
     return absl::OkStatus();
   });
 }

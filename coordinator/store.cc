@@ -1118,12 +1118,21 @@ absl::StatusOr<int64_t> Store::GetCounter(const std::string& name) {
 }
 
 absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& job_id) {
+  return LoadEpochEndsWhere("job_id", job_id);
+}
+
+absl::StatusOr<std::vector<PointRow>> Store::LoadTaskEpochEnds(const std::string& task_id) {
+  return LoadEpochEndsWhere("task_id", task_id);
+}
+
+absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEndsWhere(const char* column, const std::string& value) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
-  Statement st(this,
-               "SELECT task_id, attempt, time_unix_ms, metrics, id FROM metric_points "
-               "WHERE job_id=?1 AND epoch_end=1 ORDER BY id");
-  st.Bind(1, job_id);
+  // `column` is one of the two above (an index each: metric_points_by_job, metric_points_by_task).
+  const std::string sql = absl::StrCat("SELECT task_id, attempt, time_unix_ms, metrics, id FROM metric_points WHERE ",
+                                       column, "=?1 AND epoch_end=1 ORDER BY id");
+  Statement st(this, sql.c_str());
+  st.Bind(1, value);
   std::vector<PointRow> rows;
   absl::Status status;
   while (st.Step(&status)) {

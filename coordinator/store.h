@@ -184,6 +184,8 @@ class Store {
   absl::StatusOr<int64_t> GetCounter(const std::string& name);  // 0 when never set
   // The epoch-end points of a job's tasks, in insertion order.
   absl::StatusOr<std::vector<PointRow>> LoadEpochEnds(const std::string& job_id);
+  // One task's epoch-end points, in insertion order.
+  absl::StatusOr<std::vector<PointRow>> LoadTaskEpochEnds(const std::string& task_id);
   // Per task, its latest epoch-end point (for restoring gauges).
   absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> LoadLatestEpochEnds();
   // The last stored point of each (task, attempt); time_unix_ms is 0.
@@ -233,6 +235,8 @@ class Store {
   // True (and counted) when `parsed` failed; called with mu_ held.
   bool SkipDamaged(const absl::Status& parsed, const std::string& row);
   static std::string PointLabel(int64_t id, const std::string& task_id);
+  // The epoch-end points whose `column` ("job_id" or "task_id") is `value`, in insertion order.
+  absl::StatusOr<std::vector<PointRow>> LoadEpochEndsWhere(const char* column, const std::string& value);
 
   class Statement;
   // The checkpoint in `st`'s current row, its path in column `first` (then epoch, best, attempt).

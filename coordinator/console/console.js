@@ -20,6 +20,9 @@
                     loss: ['val_loss', -1]};
   // The compare page draws at most this many tasks unless chosen by hand (one colour each).
   const DEFAULT_TASKS = COLORS.length;
+  // The most tasks of one job whose history the compare page asks for by name (a longer URL than
+  // the server reads); more: the job's whole history.
+  const HISTORY_TASKS_MAX = 200;
   let session = {role: '', grafana_url: ''};
 
   // ---------------------------------------------------------------------------------------------
@@ -839,6 +842,8 @@
           if (e.target.checked) chosenTasks.add(t.task_id); else chosenTasks.delete(t.task_id);
           tasksByHand = true;
           syncUrl();
+          // A task ticked now: its rows (the page holds only the chosen tasks' history).
+          if (e.target.checked) loadHistory(t.job_id).then(draw).catch((err) => flash(err.message));
           loadTasks();
         }});
         box.checked = chosenTasks.has(t.task_id);
@@ -902,9 +907,15 @@
     }
 
     const loading = new Set();  // jobs whose history is being fetched
+    // The chosen tasks' rows of a job (a sweep's every row is tens of MB, and the page asks again
+    // at each of the job's updates); the whole job's when more are chosen than a URL holds.
     async function loadHistory(jobId) {
-      const h = await api(`/api/jobs/${jobId}/history`);
-      for (const [id] of histories) if (id.startsWith(`${jobId}/`)) histories.delete(id);
+      const names = [...chosenTasks].filter((t) => t.startsWith(`${jobId}/`)).map((t) => t.slice(jobId.length + 1));
+      const h = !names.length ? {rows: []}
+        : await api(`/api/jobs/${jobId}/history` + (names.length <= HISTORY_TASKS_MAX ? `?tasks=${names.map(encodeURIComponent).join(',')}` : ''));
+      // Only the asked-for tasks' rows are replaced: a slower call for fewer tasks (a job update's,
+      // made before a tick) does not drop a task ticked meanwhile.
+      for (const name of names) histories.delete(`${jobId}/${name}`);
       for (const row of h.rows || []) {
         if (!histories.has(row.task_id)) histories.set(row.task_id, new Map());
         histories.get(row.task_id).set(row.metrics.epoch, row.metrics);
@@ -934,7 +945,6 @@
           syncUrl();
           flash(`left out, no such job: ${gone.join(', ')}`);
         }
-        await Promise.all(infos.map((j) => loadHistory(j.job_id)));
         const added = infos.filter((j) => !jobInfo.has(j.job_id));
         infos.forEach((j) => { jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms); });
         if (!tasksByHand) {
@@ -945,6 +955,12 @@
           // A job added since brings its tasks (not at the page's first load: the link's list holds).
           for (const j of added) if (jobInfo.size > added.length) for (const t of j.tasks || []) chosenTasks.add(t.task_id);
         }
+        // A link's task the job does not have (any more) is dropped: the history call refuses it.
+        for (const t of [...chosenTasks]) {
+          const j = jobInfo.get(t.slice(0, t.indexOf('/')));
+          if (j && !(j.tasks || []).some((x) => x.task_id === t)) chosenTasks.delete(t);
+        }
+        await Promise.all(infos.map((j) => loadHistory(j.job_id)));
         drawTaskPicker();
         await loadTasks();
       } catch (e) { flash(e.message); }

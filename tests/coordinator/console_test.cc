@@ -409,7 +409,28 @@ TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
   EXPECT_EQ(std::count(history.body.begin(), history.body.end(), '{') - 1, 2 * 2)  // 2 rows, each with metrics
       << history.body;
 
+  // ?tasks=: those tasks' rows only, named by id or by name within the job; a task without epoch
+  // ends has none; a task the job does not have is 404, named.
   const std::string task_name = task_id_.substr(task_id_.find('/') + 1);
+  GetJobRequest get;
+  get.set_job_id(job_id);
+  JobInfo info;
+  ASSERT_TRUE(jobs_->GetJob(Ctx("the-token").get(), get, &info).ok());
+  ASSERT_GE(info.tasks_size(), 2);
+  const std::string other = info.tasks(0).task_id() == task_id_ ? info.tasks(1).task_id() : info.tasks(0).task_id();
+  for (const std::string& which : {task_name, task_id_, other + "," + task_name}) {
+    HttpResponse only = Http(port_, "GET", "/api/jobs/" + job_id + "/history?tasks=" + which, {Bearer("the-token")});
+    ASSERT_EQ(only.status, 200) << which << ": " << only.body;
+    EXPECT_EQ(only.body, history.body) << which;
+  }
+  HttpResponse none = Http(port_, "GET", "/api/jobs/" + job_id + "/history?tasks=" + other, {Bearer("the-token")});
+  ASSERT_EQ(none.status, 200) << none.body;
+  EXPECT_EQ(none.body, "{\"rows\":[]}");
+  HttpResponse no_such_task =
+      Http(port_, "GET", "/api/jobs/" + job_id + "/history?tasks=" + task_name + ",finetune-f9", {Bearer("the-token")});
+  EXPECT_EQ(no_such_task.status, 404) << no_such_task.body;
+  EXPECT_TRUE(absl::StrContains(no_such_task.body, "job " + job_id + " has no task 'finetune-f9'")) << no_such_task.body;
+
   HttpResponse config = Http(port_, "GET", absl::StrCat("/api/jobs/", job_id, "/tasks/", task_name, "/config"),
                              {Bearer("the-token")});
   ASSERT_EQ(config.status, 200) << config.body;

@@ -7,7 +7,8 @@ coordinator with two jobs training (console_browser.sh sets them up). Checks, in
   while the job trains (the chart's point count increases); clicking a task node shows that
   task (title, URL fragment, its charts and config); the viewer's job page has no "Cancel job"
   button (the coordinator refuses a viewer's cancel: console_test); the compare page overlays both jobs' tasks and
-  diffs their configs (train.lr_max_per_sample and model.dropout differ); the groups page lists
+  diffs their configs (train.lr_max_per_sample and model.dropout differ), and a task ticked by
+  hand gets its curve (the page fetches only the drawn tasks' history); the groups page lists
   both groups with their tasks;
 - a coordinator restart: the job page goes "reconnecting", then "live" again, and its curves
   keep growing;
@@ -228,6 +229,17 @@ try:
     check(len(driver.find_elements(By.CSS_SELECTOR, "#task-picker input:checked")) == 3,
           "the compare page selects the 3 tasks of both jobs")
     shot("06-compare")
+    # The page fetches the history of the tasks it draws only: a link that chooses none draws
+    # none, and a task ticked then gets its rows (and its curve) at once.
+    driver.get(f"{args.url}/compare?jobs={args.job2}&tasks=")
+    check(wait_until("job2's task", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#task-picker input")) == 1,
+                     timeout=30), "a compare link choosing no task lists job2's one task")
+    check(not driver.find_elements(By.CSS_SELECTOR, "#task-picker input:checked") and
+          "Pick tasks" in driver.find_element(By.ID, "compare-chart").text, "a link choosing no task draws none")
+    wait_until("the tick", lambda: driver.find_element(By.CSS_SELECTOR, "#task-picker input").click() or True, timeout=10)
+    check(wait_until("the ticked task's curve", lambda: int(driver.find_element(By.CSS_SELECTOR, "#compare-chart .chart")
+                                                            .get_attribute("data-points") or 0) >= 1, timeout=60),
+          "a task ticked on the compare page gets its curve")
 
     # Groups.
     driver.get(f"{args.url}/groups")

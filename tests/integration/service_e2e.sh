@@ -150,6 +150,19 @@ av history "$job" --plot "$tmp/history.png" > "$tmp/history.txt" 2>&1 || fail "h
 [ "$(head -c 4 "$tmp/history.png" | od -An -c | tr -d ' ')" = "211PNG" ] || fail "history --plot wrote no PNG"
 grep -q finetune "$tmp/history.txt" && grep -q pretrain "$tmp/history.txt" || fail "history lacks a stage"
 av list | grep -q "$job" || fail "list does not show $job"
+# --task: the named task's rows only (its name within the job, or its id); a task the job does
+# not have is refused, named, exit 2.
+av history "$job" --csv > "$tmp/history_all.csv" || fail "history --csv"
+first_task=$(sed -n 2p "$tmp/history_all.csv" | cut -d, -f1)
+[ -n "$first_task" ] || fail "history --csv has no rows"
+av history "$job" --task "${first_task#*/}" --csv > "$tmp/history_one.csv" || fail "history --task ${first_task#*/}"
+[ "$(tail -n +2 "$tmp/history_one.csv")" = "$(grep "^$first_task," "$tmp/history_all.csv")" ] &&
+  [ "$(tail -n +2 "$tmp/history_one.csv" | wc -l)" -lt "$(tail -n +2 "$tmp/history_all.csv" | wc -l)" ] ||
+  fail "history --task ${first_task#*/}: not exactly that task's rows"
+av history "$job" --task "$first_task" --csv | cmp -s - "$tmp/history_one.csv" || fail "history --task by id differs"
+out=$(av history "$job" --task finetune-f99 2>&1); rc=$?
+[ "$rc" = 2 ] && grep -q "NOT_FOUND: job $job has no task 'finetune-f99'" <<<"$out" ||
+  fail "history --task finetune-f99 -> rc=$rc: $out"
 
 # prune (issue 15): a dry run counts what the finished job would lose and removes nothing; the
 # real run removes the same (its step points, its manifests: no other job refers to them); its
