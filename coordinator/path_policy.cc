@@ -30,12 +30,13 @@ bool RealPath(const std::string& path, std::string* out, int* err) {
 
 }  // namespace
 
-absl::StatusOr<std::string> ResolvePolicyPath(const std::string& label, const std::string& path) {
+namespace {
+
+// ResolvePolicyPath of `path`, which is `original` with `links` dangling symbolic links replaced
+// by their targets.
+absl::StatusOr<std::string> Resolve(const std::string& label, const std::string& original, const std::string& path,
+                                    int links) {
   const fs::path given(path);
-  if (path.empty() || !given.is_absolute()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(label, ": '", path, "' is not an absolute path"));
-  }
   // Split into components; try the whole path, then ever shorter prefixes.
   std::vector<std::string> parts;
   for (const fs::path& part : given.relative_path()) {
@@ -47,15 +48,33 @@ absl::StatusOr<std::string> ResolvePolicyPath(const std::string& label, const st
     std::string resolved;
     int err = 0;
     if (!RealPath(prefix.string(), &resolved, &err)) {
-      if (err == ENOENT) continue;
-      return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "': realpath of '",
-                                                     prefix.string(), "': ", std::strerror(err)));
+      if (err != ENOENT) {
+        return absl::InvalidArgumentError(absl::StrCat(label, ": '", original, "': realpath of '",
+                                                       prefix.string(), "': ", std::strerror(err)));
+      }
+      // Not there, or a symbolic link to something not there (yet): that one is followed, as
+      // the workers will (it must not pass as a folder of the root that holds the link).
+      struct stat st;
+      if (::lstat(prefix.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) continue;
+      if (links >= 40) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(label, ": '", original, "': more than 40 symbolic links (a loop?) at '", prefix.string(), "'"));
+      }
+      std::error_code ec;
+      const fs::path target = fs::read_symlink(prefix, ec);
+      if (ec) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(label, ": '", original, "': readlink of '", prefix.string(), "': ", ec.message()));
+      }
+      fs::path next = target.is_absolute() ? target : prefix.parent_path() / target;
+      for (size_t i = keep; i < parts.size(); ++i) next /= parts[i];
+      return Resolve(label, original, next.string(), links + 1);
     }
     fs::path result(resolved);
     for (size_t i = keep; i < parts.size(); ++i) {
       if (parts[i] == "..") {
         return absl::InvalidArgumentError(absl::StrCat(
-            label, ": '", path, "': '..' after the existing part '", prefix.string(),
+            label, ": '", original, "': '..' after the existing part '", prefix.string(),
             "' (a path that does not exist yet may not climb out of it)"));
       }
       if (parts[i] == ".") continue;
@@ -63,7 +82,17 @@ absl::StatusOr<std::string> ResolvePolicyPath(const std::string& label, const st
     }
     return result.string();
   }
-  return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "': nothing of it exists"));
+  return absl::InvalidArgumentError(absl::StrCat(label, ": '", original, "': nothing of it exists"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ResolvePolicyPath(const std::string& label, const std::string& path) {
+  if (path.empty() || !fs::path(path).is_absolute()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": '", path, "' is not an absolute path"));
+  }
+  return Resolve(label, path, path, 0);
 }
 
 bool PathIsInside(const std::string& path, const std::string& root) {

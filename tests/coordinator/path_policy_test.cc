@@ -66,6 +66,30 @@ TEST_F(PathPolicyTest, ResolvesSymlinksAndPathsThatDoNotExistYet) {
   EXPECT_FALSE(ResolvePolicyPath("key 'k'", "relative/path").ok());
 }
 
+TEST_F(PathPolicyTest, FollowsALinkToWhatDoesNotExistYet) {
+  // A dangling link inside a root is what its target will be, not a new folder of the root (the
+  // workers write through it): data/later -> data2/notyet, data/rel -> ../data2/x/y (relative).
+  fs::create_symlink(root_ + "/data2/notyet", root_ + "/data/later");
+  fs::create_symlink("../data2/x/y", root_ + "/data/rel");
+  auto resolved = ResolvePolicyPath("key 'k'", root_ + "/data/later/cache");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, root_ + "/data2/notyet/cache");
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/later");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, root_ + "/data2/notyet");
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/rel/z");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, root_ + "/data2/x/y/z");
+  EXPECT_FALSE(CheckDataPath("data.cache_dir", root_ + "/data/later/cache", {root_ + "/data"}).ok());
+  EXPECT_TRUE(CheckDataPath("data.cache_dir", root_ + "/data/later/cache", {root_ + "/data2"}).ok());
+  // A link to itself (a loop) is refused, named.
+  fs::create_symlink(root_ + "/data/loop", root_ + "/data/loop");
+  resolved = ResolvePolicyPath("key 'k'", root_ + "/data/loop/x");
+  ASSERT_FALSE(resolved.ok());
+  EXPECT_NE(resolved.status().message().find("key 'k': '" + root_ + "/data/loop/x': "), std::string::npos)
+      << resolved.status();
+}
+
 TEST_F(PathPolicyTest, OnlyErrorsThatSayNothingAboutTheFileAreTransient) {
   for (int err : {EIO, ESTALE, ETIMEDOUT, EINTR, EMFILE}) EXPECT_TRUE(TransientFilesystemErrno(err)) << err;
   for (int err : {ENOENT, ENOTDIR, EACCES, ELOOP, 0}) EXPECT_FALSE(TransientFilesystemErrno(err)) << err;
