@@ -8,12 +8,14 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -109,8 +111,9 @@ Reader Int(int CoordinatorConfig::*member, int min, int max) {
 }
 
 // A list of folders: a YAML sequence, or one string of comma-separated folders (as --set gives
-// it). Relative ones resolve against the origin's folder; each is realpath-resolved and must be
-// an existing directory.
+// it). Relative ones resolve against the origin's folder. Each is realpath-resolved and must be
+// an existing directory: checked once the flags are applied (ResolveDataRoots), so that a flag
+// can stand in for a file's root that is not there (a share not mounted).
 Reader PathList(std::vector<std::string> CoordinatorConfig::*member) {
   return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
                   CoordinatorConfig* out) -> absl::Status {
@@ -137,9 +140,10 @@ Reader PathList(std::vector<std::string> CoordinatorConfig::*member) {
         item = (fs::path(origin.base_dir) / item).lexically_normal().string();
       }
     }
-    auto resolved = ResolveDataRoots(key, items);
-    if (!resolved.ok()) return absl::InvalidArgumentError(absl::StrCat(origin.where, ": ", resolved.status().message()));
-    out->*member = std::move(*resolved);
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i].empty()) return KeyError(origin, key, absl::StrCat("item ", i, ": an empty path"));
+    }
+    out->*member = std::move(items);
     return absl::OkStatus();
   };
 }
@@ -147,6 +151,7 @@ Reader PathList(std::vector<std::string> CoordinatorConfig::*member) {
 struct Field {
   std::string name;
   Reader read;
+  bool takes_list = false;  // a --set value "[a, b]" is read as a YAML sequence
 };
 
 const std::vector<Field>& Fields() {
@@ -160,7 +165,7 @@ const std::vector<Field>& Fields() {
       {"console_grafana_url", String(&CoordinatorConfig::console_grafana_url, false)},
       {"database", String(&CoordinatorConfig::database, true)},
       {"work_dir", String(&CoordinatorConfig::work_dir, true)},
-      {"data_roots", PathList(&CoordinatorConfig::data_roots)},
+      {"data_roots", PathList(&CoordinatorConfig::data_roots), true},
       {"token_file", String(&CoordinatorConfig::token_file, true)},
       {"viewer_token_file", String(&CoordinatorConfig::viewer_token_file, true)},
       {"worker_token_file", String(&CoordinatorConfig::worker_token_file, true)},
@@ -326,23 +331,33 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
   for (const ConfigOverride& override_value : overrides) {
     const Field* field = FindField(override_value.key);
     if (field == nullptr) return UnknownKey(override_value.label, override_value.key);
-    YAML::Node value;
-    try {
-      AVIARY_RETURN_IF_ERROR(common::CheckYamlText(override_value.value, override_value.label));
-      value = override_value.value.empty() ? YAML::Node(YAML::NodeType::Null)
-                                           : YAML::Load(override_value.value);
-    } catch (const YAML::Exception& e) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(override_value.label, ": key '", override_value.key,
-                       "': the value does not parse as YAML: ", e.msg));
+    // The text as typed, a scalar: "[::]:7070", "/srv/a: b" and "@x.db" are a listen address and
+    // paths, not YAML (and YAML would read "on" as a bool). Only a list key's "[a, b]" is YAML.
+    YAML::Node value(YAML::NodeType::Null);
+    const std::string& text = override_value.value;
+    if (const size_t bad = common::FirstInvalidUtf8(text); bad != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrFormat("%s: key '%s': byte 0x%02x is not UTF-8", override_value.label,
+                                                        override_value.key, static_cast<unsigned char>(text[bad])));
     }
-    // Strings keep the text as typed (YAML would read "0.0.0.0:7070" fine, but "on" as bool).
-    if (value.IsScalar() || value.IsNull()) {
-      if (!override_value.value.empty()) value = YAML::Node(override_value.value);
+    if (field->takes_list && absl::StartsWith(absl::StripLeadingAsciiWhitespace(text), "[")) {
+      try {
+        AVIARY_RETURN_IF_ERROR(common::CheckYamlText(text, override_value.label));
+        value = YAML::Load(text);
+      } catch (const YAML::Exception& e) {
+        return absl::InvalidArgumentError(absl::StrCat(override_value.label, ": key '", override_value.key,
+                                                       "': the list does not parse as YAML: ", e.msg));
+      }
+    } else if (!text.empty()) {
+      value = YAML::Node(text);
     }
     const Origin origin{override_value.label, cwd};
     AVIARY_RETURN_IF_ERROR(field->read(value, origin, override_value.key, &config));
     set_at[override_value.key] = origin.where;
+  }
+  if (!config.data_roots.empty()) {
+    auto resolved = ResolveDataRoots("data_roots", config.data_roots);
+    if (!resolved.ok()) return common::Annotate(resolved.status(), set_at["data_roots"]);
+    config.data_roots = std::move(*resolved);
   }
   absl::Status valid = ValidateCoordinatorConfig(config);
   if (!valid.ok()) {
@@ -380,6 +395,19 @@ absl::Status ValidateCoordinatorConfig(const CoordinatorConfig& config) {
       !absl::StartsWith(config.console_grafana_url, "https://")) {
     return absl::InvalidArgumentError(absl::StrCat("key 'console_grafana_url': '", config.console_grafana_url,
                                                    "' is not an http:// or https:// URL"));
+  }
+  // What belongs to a listener that is off would be ignored: a script waiting for the port file
+  // would wait for ever.
+  for (const auto& [key, value, listener] :
+       {std::tuple<const char*, const std::string&, const std::string&>{"metrics_port_file", config.metrics_port_file,
+                                                                        config.metrics_listen},
+        {"console_port_file", config.console_port_file, config.console_listen},
+        {"console_grafana_url", config.console_grafana_url, config.console_listen}}) {
+    if (!value.empty() && listener.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "key '", key, "': '", value, "' is set, but ", absl::StartsWith(key, "metrics") ? "metrics_listen" : "console_listen",
+          " is empty (that listener is off); set both, or neither"));
+    }
   }
   if (config.database.empty()) return absl::InvalidArgumentError("key 'database': the path is empty");
   if (config.work_dir.empty()) return absl::InvalidArgumentError("key 'work_dir': the path is empty");

@@ -8,8 +8,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/utf8.h"
 #include "coordinator/path_policy.h"
 
 namespace aviary::coordinator {
@@ -19,35 +22,48 @@ namespace fs = std::filesystem;
 
 absl::Status ErrnoError(const std::string& what, const std::string& path, int err) {
   const std::string message = absl::StrCat(what, " '", path, "': ", std::strerror(err));
-  if (err == EEXIST) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(message, " (init never overwrites: remove it, or start the coordinator with it)"));
+  switch (err) {
+    case EEXIST:
+      return absl::FailedPreconditionError(
+          absl::StrCat(message, " (init never overwrites: remove it, or start the coordinator with it)"));
+    case EACCES:
+    case EPERM:
+    case EROFS:
+      return absl::PermissionDeniedError(message);
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:
+      return absl::ResourceExhaustedError(message);
+    default:
+      return absl::InternalError(message);
   }
-  return absl::PermissionDeniedError(message);
 }
 
-// Writes `text` to a new file `path` with `mode`; fails if it exists.
+// Writes `text` to a new file `path` with `mode`; fails if it exists. A file it could not write
+// whole is removed.
 absl::Status WriteNewFile(const std::string& path, const std::string& text, mode_t mode) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-  if (fd < 0) return ErrnoError("cannot create", path, errno);
-  // The umask may have narrowed the mode, never widened it; set it exactly.
-  if (::fchmod(fd, mode) != 0) {
-    const int err = errno;
+  if (fd < 0) return ErrnoError("init: cannot create", path, errno);
+  auto fail = [&](const char* what, int err) {
     ::close(fd);
-    return ErrnoError("cannot chmod", path, err);
-  }
+    ::unlink(path.c_str());
+    return ErrnoError(what, path, err);
+  };
+  // The umask may have narrowed the mode, never widened it; set it exactly.
+  if (::fchmod(fd, mode) != 0) return fail("init: cannot chmod", errno);
   size_t done = 0;
   while (done < text.size()) {
     const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      return ErrnoError("cannot write", path, err);
-    }
+    if (n <= 0) return fail("init: cannot write", n < 0 ? errno : EIO);
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) return ErrnoError("cannot write", path, errno);
+  if (::fsync(fd) != 0) return fail("init: cannot write", errno);
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(path.c_str());
+    return ErrnoError("init: cannot write", path, err);
+  }
   return absl::OkStatus();
 }
 
@@ -107,6 +123,15 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
   if (dir.empty()) return absl::InvalidArgumentError("init: expected a folder (aviary-coordinator init DIR)");
   auto roots = ResolveDataRoots("--data-root", data_roots);
   if (!roots.ok()) return absl::InvalidArgumentError(absl::StrCat("init: ", roots.status().message()));
+  // The config is UTF-8 text (the coordinator refuses any other byte in it).
+  for (size_t i = 0; i < roots->size(); ++i) {
+    if (const size_t bad = common::FirstInvalidUtf8((*roots)[i]); bad != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "init: key '--data-root' [%d]: '%s': byte 0x%02x is not UTF-8 (the config is UTF-8 text; use a folder whose "
+          "path is UTF-8, or a link to it that is)",
+          i, common::ValidUtf8(data_roots[i]), static_cast<unsigned char>((*roots)[i][bad])));
+    }
+  }
   std::error_code ec;
   const fs::path root = fs::absolute(dir, ec);
   if (ec) return absl::InvalidArgumentError(absl::StrCat("init: '", dir, "': ", ec.message()));
@@ -126,13 +151,20 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
     return absl::PermissionDeniedError(
         absl::StrCat("init: cannot create '", (root / "runs").string(), "': ", ec.message()));
   }
+  // All four files or none: a half-written state folder would refuse every later init.
+  std::vector<std::string> written;
+  auto undo = [&written](const absl::Status& st) {
+    for (const std::string& path : written) ::unlink(path.c_str());
+    return st;
+  };
   for (const std::string& path : {result.token_path, result.viewer_token_path, result.worker_token_path}) {
     absl::StatusOr<std::string> token = RandomToken();  // 256 random bits each: distinct
-    if (!token.ok()) return token.status();
-    if (absl::Status st = WriteNewFile(path, *token + "\n", 0600); !st.ok()) return st;
+    if (!token.ok()) return undo(token.status());
+    if (absl::Status st = WriteNewFile(path, *token + "\n", 0600); !st.ok()) return undo(st);
+    written.push_back(path);
   }
   if (absl::Status st = WriteNewFile(result.config_path, kConfig + DataRootsYaml(*roots), 0644); !st.ok()) {
-    return st;
+    return undo(st);
   }
   return result;
 }

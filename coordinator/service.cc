@@ -687,10 +687,7 @@ absl::StatusOr<CoordinatorSecrets> LoadCoordinatorSecrets(const CoordinatorConfi
   if (!config.tls_client_ca_file.empty()) {
     auto ca = common::ReadFileToString(config.tls_client_ca_file);
     if (!ca.ok()) return common::Annotate(ca.status(), "key 'tls_client_ca_file'");
-    if (ca->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat("key 'tls_client_ca_file': ", config.tls_client_ca_file,
-                                                     " holds no PEM certificate"));
-    }
+    AVIARY_RETURN_IF_ERROR(CheckTlsCaPem(*ca, absl::StrCat("key 'tls_client_ca_file': ", config.tls_client_ca_file)));
     secrets.tls_client_ca_pem = std::move(*ca);
   }
   return secrets;
@@ -836,6 +833,10 @@ absl::Status Coordinator::ReloadTokens() {
                             (tokens->viewer.empty() && !auth_->tokens()->viewer.empty()) ||
                             (tokens->worker.empty() && !auth_->tokens()->worker.empty());
   auth_->Replace(std::move(*tokens));
+  // A rotation writes a new file (a temporary one renamed over): its mode is the writer's umask's.
+  WarnIfNotPrivate("token_file", config_.token_file);
+  WarnIfNotPrivate("viewer_token_file", config_.viewer_token_file);
+  WarnIfNotPrivate("worker_token_file", config_.worker_token_file);
   if (role_emptied) {
     log_.Warn(absl::StrCat("tokens reloaded: ", counts, " (a role's file lists no token now: nobody gets that role)"));
   } else {

@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -64,9 +65,18 @@ absl::Status LoadPem(SSL_CTX* ctx, const std::string& cert_pem, const std::strin
   if (cert_bio != nullptr) BIO_free(cert_bio);
   if (!ok) return absl::InvalidArgumentError(absl::StrCat(cert_name, ": not a PEM certificate: ", OpenSslError()));
   BIO* key_bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
-  EVP_PKEY* key = key_bio != nullptr ? PEM_read_bio_PrivateKey(key_bio, nullptr, nullptr, nullptr) : nullptr;
+  // No passphrase: OpenSSL's default callback would prompt on the terminal (and gRPC cannot use
+  // an encrypted key at all).
+  pem_password_cb* no_passphrase = [](char*, int, int, void*) { return 0; };
+  EVP_PKEY* key = key_bio != nullptr ? PEM_read_bio_PrivateKey(key_bio, nullptr, no_passphrase, nullptr) : nullptr;
   if (key_bio != nullptr) BIO_free(key_bio);
   if (key == nullptr) {
+    if (key_pem.find("ENCRYPTED") != std::string::npos) {
+      ERR_clear_error();
+      return absl::InvalidArgumentError(absl::StrCat(
+          key_name, ": an encrypted private key (a passphrase) is not supported; write it decrypted, readable by the "
+                    "coordinator only: openssl pkey -in KEY -out KEY.plain && chmod 600 KEY.plain"));
+    }
     return absl::InvalidArgumentError(absl::StrCat(key_name, ": not a PEM private key: ", OpenSslError()));
   }
   ok = SSL_CTX_use_PrivateKey(ctx, key) == 1;  // refuses a key of another certificate
@@ -136,6 +146,30 @@ absl::Status CheckTlsPem(const std::string& cert_pem, const std::string& key_pem
   ERR_clear_error();
   SSL_CTX_free(ctx);
   return loaded;
+}
+
+absl::Status CheckTlsCaPem(const std::string& ca_pem, const std::string& name) {
+  ERR_clear_error();
+  BIO* bio = BIO_new_mem_buf(ca_pem.data(), static_cast<int>(ca_pem.size()));
+  if (bio == nullptr) return absl::InternalError(absl::StrCat("BIO_new_mem_buf: ", OpenSslError()));
+  int certificates = 0;
+  while (X509* cert = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr)) {
+    X509_free(cert);
+    ++certificates;
+  }
+  BIO_free(bio);
+  // The loop ends at the end of the text (PEM_R_NO_START_LINE), or at a block that does not parse.
+  const unsigned long last = ERR_peek_last_error();
+  const bool clean_end = ERR_GET_LIB(last) == ERR_LIB_PEM && ERR_GET_REASON(last) == PEM_R_NO_START_LINE;
+  if (certificates == 0 || (last != 0 && !clean_end)) {
+    const std::string why = last != 0 && !clean_end ? OpenSslError() : "no certificate in it";
+    ERR_clear_error();
+    return absl::InvalidArgumentError(absl::StrCat(name, ": not a PEM certificate list: ",
+                                                   certificates > 0 ? absl::StrCat("after ", certificates, " certificate(s), ") : "",
+                                                   why));
+  }
+  ERR_clear_error();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<TlsFront>> TlsFront::Start(const std::string& listen, int backend_port,
@@ -225,11 +259,19 @@ void TlsFront::AcceptLoop() {
       }
       ++active_;
     }
-    std::thread([this, fd] {
-      Relay(fd);
+    try {
+      std::thread([this, fd] {
+        Relay(fd);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--active_ == 0) idle_.notify_all();
+      }).detach();
+    } catch (const std::system_error& e) {
+      // No thread (EAGAIN: a pid or cgroup limit): this connection is dropped, the console goes on.
+      ::close(fd);
+      log_.Warn(absl::StrCat("console (TLS): cannot start a thread for a connection: ", e.what()));
       std::lock_guard<std::mutex> lock(mu_);
       if (--active_ == 0) idle_.notify_all();
-    }).detach();
+    }
   }
 }
 

@@ -35,6 +35,10 @@ namespace aviary::coordinator {
 absl::Status CheckTlsPem(const std::string& cert_pem, const std::string& key_pem, const std::string& cert_name,
                          const std::string& key_name);
 
+// Whether `ca_pem` is one or more PEM certificates that parse (tls_client_ca_file, which gRPC
+// would otherwise refuse only when it starts serving). INVALID_ARGUMENT starting with `name`.
+absl::Status CheckTlsCaPem(const std::string& ca_pem, const std::string& name);
+
 class TlsFront {
  public:
   static constexpr int kMaxConnections = 128;

@@ -303,6 +303,67 @@ TEST_F(CoordinatorConfigTest, FlagsOverrideKeysAndPathsResolve) {
   EXPECT_FALSE(ParseSetOverride("no-equals").ok());
 }
 
+// A flag's value is the text as typed, not YAML: an IPv6 address in brackets, a path with ": " or
+// a leading '@'. Only a list key reads "[a, b]" as YAML.
+TEST_F(CoordinatorConfigTest, FlagValuesAreTakenAsTyped) {
+  const std::string path = Write("c.yaml", "allow_no_auth: true\n");
+  auto config = LoadCoordinatorConfig(path, {{"listen", "[::1]:0", "--listen [::1]:0"},
+                                             {"work_dir", "/tmp/wd: x", "--work-dir '/tmp/wd: x'"},
+                                             {"database", "/tmp/@x.db", "--set database=/tmp/@x.db"},
+                                             {"log_level", "debug", "--log-level debug"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->listen, "[::1]:0");
+  EXPECT_EQ(config->work_dir, "/tmp/wd: x");
+  EXPECT_EQ(config->database, "/tmp/@x.db");
+  fs::create_directories(root_ + "/a");
+  fs::create_directories(root_ + "/b");
+  config = LoadCoordinatorConfig(path, {{"data_roots", "[" + root_ + "/a, " + root_ + "/b]", "--set data_roots=[...]"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::string real = fs::canonical(root_).string();
+  EXPECT_EQ(config->data_roots, (std::vector<std::string>{real + "/a", real + "/b"}));
+  auto bad = LoadCoordinatorConfig(path, {{"work_dir", "/tmp/\xff", "--work-dir /tmp/\xff"}});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().message(), "--work-dir /tmp/\xff: key 'work_dir': byte 0xff is not UTF-8") << bad.status();
+}
+
+// A root the file names that is not there (a share not mounted) may be replaced by a flag: the
+// roots are resolved once the flags are applied.
+TEST_F(CoordinatorConfigTest, AFlagReplacesAMissingDataRootOfTheFile) {
+  fs::create_directories(root_ + "/here");
+  const std::string path = Write("c.yaml", "allow_no_auth: true\ndata_roots: [/nonexistent/mount]\n");
+  auto config = LoadCoordinatorConfig(path, {{"data_roots", root_ + "/here", "--set data_roots=" + root_ + "/here"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->data_roots, (std::vector<std::string>{fs::canonical(root_ + "/here").string()}));
+  config = LoadCoordinatorConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(root_ + "/c.yaml:2: key 'data_roots' [0]: '/nonexistent/mount'"),
+            std::string::npos)
+      << config.status();
+}
+
+// A port file or Grafana link of a listener that is off is refused (it would never be written).
+TEST_F(CoordinatorConfigTest, SettingsOfAListenerThatIsOffAreRefused) {
+  const std::string path = Write("c.yaml", "allow_no_auth: true\nmetrics_port_file: m.port\n");
+  auto config = LoadCoordinatorConfig(path, {{"metrics_listen", "", "--metrics-listen ''"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(root_ + "/c.yaml:2: key 'metrics_port_file': '" + root_ +
+                                           "/m.port' is set, but metrics_listen is empty"),
+            std::string::npos)
+      << config.status();
+  EXPECT_TRUE(LoadCoordinatorConfig(path, {}).ok());
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                      {"console_port_file", "/tmp/c.port", "--console-port-file /tmp/c.port"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("--console-port-file /tmp/c.port: key 'console_port_file': '/tmp/c.port' "
+                                           "is set, but console_listen is empty"),
+            std::string::npos)
+      << config.status();
+  config = LoadCoordinatorConfig("", {{"allow_no_auth", "true", "--set allow_no_auth=true"},
+                                      {"console_grafana_url", "https://g", "--set console_grafana_url=https://g"}});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("key 'console_grafana_url'"), std::string::npos) << config.status();
+}
+
 // A token file lists every valid token, one a line (rotation); blank and '#' lines are ignored.
 TEST_F(CoordinatorConfigTest, TokenFileListsTrimmedTokensOneALine) {
   auto tokens = ReadTokenFile(Write("t1", "# rotated 2026-12-03\n  abc123  \n\nsecond\n"));
@@ -451,6 +512,33 @@ TEST_F(CoordinatorConfigTest, TlsFilesThatAreNotPemAreRefusedByKey) {
   ASSERT_FALSE(secrets.ok());
   EXPECT_TRUE(absl::StrContains(secrets.status().message(), "key 'tls_key_file': " + other)) << secrets.status();
   EXPECT_TRUE(absl::StrContains(secrets.status().message(), "does not match")) << secrets.status();
+
+  // An encrypted key: refused, saying so (no passphrase prompt; gRPC cannot use one).
+  const std::string encrypted = root_ + "/enc.key";
+  ASSERT_EQ(std::system(absl::StrCat("openssl pkey -in ", key, " -aes256 -passout pass:secret -out ", encrypted,
+                                     " > /dev/null 2>&1").c_str()),
+            0);
+  config.tls_key_file = encrypted;
+  secrets = LoadCoordinatorSecrets(config);
+  ASSERT_FALSE(secrets.ok());
+  EXPECT_TRUE(absl::StrContains(secrets.status().message(),
+                                "key 'tls_key_file': " + encrypted + ": an encrypted private key (a passphrase) is not supported"))
+      << secrets.status();
+
+  // tls_client_ca_file: certificates that parse, not just their header line.
+  config.tls_key_file = key;
+  config.tls_client_ca_file = cert;
+  EXPECT_TRUE(LoadCoordinatorSecrets(config).ok()) << LoadCoordinatorSecrets(config).status();
+  const std::string broken =
+      Write("broken-ca.pem", "-----BEGIN CERTIFICATE-----\nnotbase64!!\n-----END CERTIFICATE-----\n");
+  for (const std::string& ca : {broken, junk}) {
+    config.tls_client_ca_file = ca;
+    secrets = LoadCoordinatorSecrets(config);
+    ASSERT_FALSE(secrets.ok()) << ca;
+    EXPECT_TRUE(absl::StrContains(secrets.status().message(),
+                                  "key 'tls_client_ca_file': " + ca + ": not a PEM certificate list"))
+        << secrets.status();
+  }
 }
 
 }  // namespace

@@ -41,6 +41,19 @@ grep -qxF "data_roots: [\"$(realpath data/a)\", \"$(realpath data/b)\"]" roots/c
 out=$("$bin/aviary-coordinator" init roots2 --data-root "$tmp/missing" 2>&1) && fail "init took a missing --data-root"
 grep -qF "key '--data-root' [0]: '$tmp/missing': No such file or directory" <<<"$out" || fail "init --data-root missing: $out"
 [ ! -e roots2/coordinator.yaml ] || fail "a refused init wrote roots2/coordinator.yaml"
+# A root whose path is not UTF-8 cannot go in the config (the coordinator would refuse it).
+mkdir -p "$tmp/d"$'\xff'
+out=$("$bin/aviary-coordinator" init roots3 --data-root "$tmp/d"$'\xff' 2>&1) && fail "init took a non-UTF-8 --data-root"
+grep -qF "byte 0xff is not UTF-8" <<<"$out" || fail "init --data-root non-UTF-8: $out"
+[ ! -e roots3/token ] || fail "a refused init wrote roots3/token"
+# A write that fails midway (here the config, which a long data root makes longer than a 1 KiB
+# file size limit: EFBIG) leaves no file behind, so init can run again once the cause is gone.
+long="$tmp/$(printf 'a%.0s' {1..150})" && mkdir -p "$long"
+out=$( (trap '' XFSZ; ulimit -f 1; "$bin/aviary-coordinator" init half --data-root "$long") 2>&1) &&
+  fail "init wrote past ulimit -f 1"
+grep -qF "init: cannot write '$tmp/half/coordinator.yaml': File too large" <<<"$out" || fail "init past ulimit -f: $out"
+[ -z "$(find half -type f)" ] || fail "a failed init left files: $(find half -type f | tr '\n' ' ')"
+"$bin/aviary-coordinator" init half > /dev/null 2>&1 && [ -s half/coordinator.yaml ] || fail "init after a failed one"
 
 # Started from another folder with only the listen addresses overridden: the state lands in
 # state/, not in the working directory.

@@ -49,9 +49,13 @@ kill -HUP "$coord_pid"
 wait_for 20 grep -q "tokens reloaded: 2 client, 0 viewer, 1 worker" "$tmp/coordinator.log" || fail "no reload line after SIGHUP"
 client new-client-token > /dev/null 2>&1 && ok || fail "the new token after the first reload"
 client "$old" > /dev/null 2>&1 && ok || fail "the old token after the first reload"
-echo new-client-token > "$tmp/token"
+# The second rotation renames a group-readable file over it (a umask of 022): the reload warns.
+not_private() { grep -c "key 'token_file': $tmp/token holds secrets but is not private (mode 0644" "$tmp/coordinator.log"; }
+warned=$(not_private)
+(umask 022; echo new-client-token > "$tmp/token.new") && mv "$tmp/token.new" "$tmp/token"
 kill -HUP "$coord_pid"
 wait_for 20 grep -q "tokens reloaded: 1 client, 0 viewer, 1 worker" "$tmp/coordinator.log" || fail "no second reload line"
+[ "$(not_private)" -gt "$warned" ] && ok || fail "the reload of a group-readable token file does not warn"
 expect "UNAUTHENTICATED" client "$old"
 client new-client-token > /dev/null 2>&1 && ok || fail "the new token after the second reload"
 # A broken reload (the worker token listed as a client token too) keeps the tokens in force.
