@@ -86,6 +86,31 @@ bool PermanentLoadError(const absl::Status& status) {
   return absl::IsDataLoss(status) || absl::IsNotFound(status);
 }
 
+// The augment keys a run reads (worker/augment.cc, worker/frontend.cc): the others set to their
+// defaults. A value read only behind a probability of 0 draws nothing and changes nothing (the
+// random draws per sample are the same whatever it is): the noise and time-shift keys behind
+// audio_augment_prob, noise_std_* behind noise_prob, timeshift_max behind timeshift_prob, each
+// mix's alpha behind its probability, a mask's width behind its probability (not the masks'
+// counts: they set how many numbers each batch draws).
+common::AugmentConfig AugmentWithoutUnreadKeys(const common::AugmentConfig& augment) {
+  const common::AugmentConfig defaults;
+  common::AugmentConfig out = augment;
+  if (augment.audio_augment_prob <= 0) {
+    out.noise_prob = defaults.noise_prob;
+    out.timeshift_prob = defaults.timeshift_prob;
+  }
+  if (augment.audio_augment_prob <= 0 || augment.noise_prob <= 0) {
+    out.noise_std_min = defaults.noise_std_min;
+    out.noise_std_max = defaults.noise_std_max;
+  }
+  if (augment.audio_augment_prob <= 0 || augment.timeshift_prob <= 0) out.timeshift_max = defaults.timeshift_max;
+  if (augment.mixup_prob <= 0) out.mixup_alpha = defaults.mixup_alpha;
+  if (augment.cutmix_prob <= 0) out.cutmix_alpha = defaults.cutmix_alpha;
+  if (augment.time_mask_prob <= 0) out.time_mask_param = defaults.time_mask_param;
+  if (augment.freq_mask_prob <= 0) out.freq_mask_param = defaults.freq_mask_param;
+  return out;
+}
+
 }  // namespace
 
 absl::Status NoSuchJob(const std::string& job_id) {
@@ -354,10 +379,15 @@ void Scheduler::FailTaskAndJob(Changes* changes, const std::string& task_id,
   for (const std::string& other : entry.task_ids) {
     others_run = others_run || (sweep && other != task_id && !TerminalTask(View(*changes, other).info.state()));
   }
+  // The points that end with it: a shared pretraining's failure ends every point it serves.
+  std::set<int> points{point};
+  for (const std::string& id : gone) points.insert(View(*changes, id).info.sweep_point());
   changes->events.push_back(
       {job_id, task_id, false, {},
        absl::StrCat("task ", task_id, " FAILED: ", error,
-                    others_run ? absl::StrCat(" (sweep point ", point, "; the other points go on)") : "")});
+                    others_run ? absl::StrCat(points.size() == 1 ? " (sweep point " : " (sweep points ",
+                                              absl::StrJoin(points, ", "), "; the other points go on)")
+                               : "")});
   if (sweep) {
     DeriveJobState(changes, job_id);  // FAILED once nothing is left to run
     return;
@@ -770,6 +800,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         if (!stage.enabled) stage = common::StageConfig{/*enabled=*/false, common::TrainConfig{}};
         if (read_only) stage.train = common::WithoutUnreadKeys(stage.train);
       }
+      if (read_only) runs.augment = AugmentWithoutUnreadKeys(runs.augment);
       return common::PipelineConfigToYaml(runs);
     };
     std::map<std::string, size_t> trains;
@@ -807,7 +838,8 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
           ") train alike): train.lr is read only with train.scheduler none, lr_start, lr_max_per_sample and "
           "lr_ramp_epochs only with the other schedules, lr_min not with step, lr_decay not with cos, "
           "lr_step_epochs only with step, early_stop_min_delta only with early_stop_patience, "
-          "ema_warmup_steps only with ema_decay; sweep a key the runs read"));
+          "ema_warmup_steps only with ema_decay; an augment key only when its probability (and "
+          "audio_augment_prob for noise and time shift) is above 0; sweep a key the runs read"));
     }
   }
 
@@ -830,12 +862,23 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   // One job's tasks are written in one transaction under the writers' lock (every lease and
   // report waits for it), each with its resolved config: a grid of 256 points times hundreds of
   // folds would hold it for minutes and store a gigabyte.
-  const size_t most_tasks = grid.size() * ((pretrain ? 1 : 0) + (finetune ? config.folds.selected_folds.size() : 0));
+  // Pretraining tasks are shared by the points whose configs agree on everything pretraining
+  // reads (they differ only in stages.finetune.*): key = that config as YAML.
+  auto pretrain_key = [&](size_t p) {
+    common::PipelineConfig reads = configs[p];
+    reads.train = reads.stages.at("pretrain").train;
+    reads.stages["finetune"] = common::StageConfig{};
+    return common::PipelineConfigToYaml(reads);
+  };
+  std::set<std::string> pretrain_keys;
+  for (size_t p = 0; pretrain && p < grid.size(); ++p) pretrain_keys.insert(pretrain_key(p));
+  const size_t finetune_tasks = grid.size() * (finetune ? config.folds.selected_folds.size() : 0);
+  const size_t most_tasks = pretrain_keys.size() + finetune_tasks;
   if (most_tasks > kMaxTasksPerJob) {
     return absl::InvalidArgumentError(absl::StrCat(
-        source, ": up to ", most_tasks, " tasks (", grid.size(), " sweep point(s) x (",
-        pretrain ? "1 pretraining + " : "", finetune ? config.folds.selected_folds.size() : 0,
-        " fold(s) of folds.selected_folds)); one job has at most ", kMaxTasksPerJob,
+        source, ": ", most_tasks, " tasks (", pretrain ? absl::StrCat(pretrain_keys.size(), " pretraining + ") : "",
+        grid.size(), " sweep point(s) x ", finetune ? config.folds.selected_folds.size() : 0,
+        " fold(s) of folds.selected_folds); one job has at most ", kMaxTasksPerJob,
         ": sweep fewer values or select fewer folds, or submit several jobs"));
   }
 
@@ -846,9 +889,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     int pretrain_index = -1;  // finetune: the new_tasks index of its pretraining task
   };
   std::vector<NewTask> new_tasks;
-  // Pretraining tasks are shared by the points whose configs agree on everything pretraining
-  // reads (they differ only in stages.finetune.*): key = that config as YAML.
-  std::map<std::string, int> pretrain_by_config;
+  std::map<std::string, int> pretrain_by_config;  // pretrain_key -> its new_tasks index
   std::vector<int> point_pretrain(grid.size(), -1);
   struct BuiltVersion {
     std::string key;
@@ -983,11 +1024,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       for (size_t p = 0; p < grid.size(); ++p) {
         const common::PipelineConfig& point = configs[p];
         if (stage == "pretrain") {
-          common::PipelineConfig reads = point;
-          reads.train = reads.stages.at("pretrain").train;
-          reads.stages["finetune"] = common::StageConfig{};
-          auto [it, fresh] = pretrain_by_config.emplace(common::PipelineConfigToYaml(reads),
-                                                        static_cast<int>(new_tasks.size()));
+          auto [it, fresh] = pretrain_by_config.emplace(pretrain_key(p), static_cast<int>(new_tasks.size()));
           point_pretrain[p] = it->second;
           if (!fresh) continue;
         }

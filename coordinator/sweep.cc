@@ -33,6 +33,12 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
     if (axis.values().empty()) {
       return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' has no values"));
     }
+    // Before each value is looked at: an axis of millions of values is refused at once.
+    const size_t grid = points.size() * static_cast<size_t>(axis.values_size());
+    if (grid > kMaxSweepPoints) {
+      return absl::InvalidArgumentError(absl::StrCat("sweep: the grid has more than ", kMaxSweepPoints,
+                                                     " points (reached with key '", key, "')"));
+    }
     std::set<std::string> seen;
     for (int v = 0; v < axis.values_size(); ++v) {
       const std::string& value = axis.values(v);
@@ -53,11 +59,6 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
         return absl::InvalidArgumentError(
             absl::StrCat("field '", field, "': key '", key, "' lists the value '", value, "' twice"));
       }
-    }
-    const size_t grid = points.size() * static_cast<size_t>(axis.values_size());
-    if (grid > kMaxSweepPoints) {
-      return absl::InvalidArgumentError(absl::StrCat("sweep: the grid has more than ", kMaxSweepPoints,
-                                                     " points (reached with key '", key, "')"));
     }
     std::vector<std::vector<std::string>> next;
     next.reserve(grid);

@@ -28,6 +28,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/backbone_fit.h"
@@ -2715,6 +2716,64 @@ TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
   EXPECT_TRUE(absl::StartsWith(job.error(), "task " + second.job_id() + "/pretrain-f0-p0 failed: ")) << job.error();
 }
 
+// A pretraining shared by points 0 and 1 fails: the event names both, the points of the other
+// pretraining (2 and 3) go on.
+TEST_F(CoordinatorServiceTest, AFailedSharedPretrainingNamesEveryPointItEnds) {
+  Start();
+  SubmitJobRequest request =
+      SweepRequest(root_, {{"model.dropout", {"0.2", "0.3"}}, {"stages.finetune.lr_max_per_sample", {"1e-6", "2e-6"}}});
+  SubmitJobResponse response;
+  ASSERT_TRUE(jobs_->SubmitJob(Ctx().get(), request, &response).ok());
+  const std::string job_id = response.job_id();
+  std::vector<std::string> messages;
+  std::atomic<bool> watching{false};
+  std::atomic<bool> saw_failure{false};
+  auto watch_context = Ctx();
+  std::thread watcher([&] {
+    WatchJobRequest watch;
+    watch.set_job_id(job_id);
+    auto reader = jobs_->WatchJob(watch_context.get(), watch);
+    JobEvent event;
+    while (reader->Read(&event)) {
+      messages.push_back(event.message());
+      if (absl::StrContains(event.message(), "FAILED")) saw_failure = true;
+      watching = true;
+    }
+    (void)reader->Finish();
+  });
+  auto stop_watching = [&] {
+    watch_context->TryCancel();
+    watcher.join();
+  };
+  if (!Eventually([&] { return watching.load(); })) {
+    stop_watching();
+    FAIL() << "no first event from WatchJob";
+  }
+  const std::string group = Register();
+  LeaseTaskResponse lease = Lease(group);
+  if (!lease.available() || lease.task().task_id() != job_id + "/pretrain-f0-p0") {
+    stop_watching();
+    FAIL() << "expected pretrain-f0-p0 first, got " << lease.task().task_id();
+  }
+  FailTaskRequest fail;
+  fail.set_group_id(group);
+  fail.set_task_id(lease.task().task_id());
+  fail.set_error("out of memory");
+  FailTaskResponse failed;
+  const bool ok = workers_->FailTask(WorkerCtx().get(), fail, &failed).ok();
+  const bool seen = ok && Eventually([&] { return saw_failure.load(); });
+  stop_watching();
+  ASSERT_TRUE(ok);
+  ASSERT_TRUE(seen) << "the watcher never saw the failure";
+  bool named = false;
+  for (const std::string& m : messages) {
+    named = named || (absl::StrContains(m, "pretrain-f0-p0 FAILED: ") &&
+                       absl::EndsWith(m, "out of memory (not retryable) (sweep points 0, 1; the other points go on)"));
+  }
+  EXPECT_TRUE(named) << absl::StrJoin(messages, "\n");
+  EXPECT_EQ(GetJob(job_id).state(), JOB_STATE_RUNNING);
+}
+
 TEST_F(CoordinatorServiceTest, SweepOverFinetuneKeysSharesOnePretraining) {
   Start();
   SubmitJobRequest request = SweepRequest(root_, {{"stages.finetune.lr_max_per_sample", {"1e-6", "2e-7", "1e-7"}}});
@@ -2772,6 +2831,23 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   step.add_overrides("train.scheduler=step");
   refused(step, {"sweep key 'train.lr_min' changes nothing the tasks read (points 0 (model.dropout=0.2, "
                  "train.lr_min=1e-6) and 1 (model.dropout=0.2, train.lr_min=2e-6) train alike)"});
+  // Augment keys behind a probability of 0 (the default timeshift_prob, a mixup_prob set to 0):
+  // the per-sample draws are the same, so are the runs. With the probability above 0: accepted.
+  refused(SweepRequest(root_, {{"augment.timeshift_max", {"0.25", "0.5"}}}),
+          {"sweep key 'augment.timeshift_max' changes nothing the tasks read", "an augment key only when its probability"});
+  SubmitJobRequest no_mixup = SweepRequest(root_, {{"augment.mixup_alpha", {"0.4", "0.5"}}});
+  no_mixup.add_overrides("augment.mixup_prob=0");
+  refused(no_mixup, {"sweep key 'augment.mixup_alpha' changes nothing the tasks read"});
+  SubmitJobRequest no_audio = SweepRequest(root_, {{"augment.noise_std_max", {"0.02", "0.05"}}});
+  no_audio.add_overrides("augment.audio_augment_prob=0");
+  refused(no_audio, {"sweep key 'augment.noise_std_max' changes nothing the tasks read"});
+  {
+    SubmitJobRequest shifted = SweepRequest(root_, {{"augment.timeshift_max", {"0.25", "0.5"}}});
+    shifted.add_overrides("augment.timeshift_prob=0.5");
+    SubmitJobResponse accepted;
+    const grpc::Status status = jobs_->SubmitJob(Ctx().get(), shifted, &accepted);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
   SubmitJobRequest overridden = SweepRequest(root_, {{"train.epochs", {"1", "2"}}});  // every stage sets its own
   overridden.add_overrides("stages.pretrain.epochs=3");
   overridden.add_overrides("stages.finetune.epochs=3");
@@ -2783,13 +2859,18 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   refused(SweepRequest(root_, {{"a", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17"}},
                                {"b", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"}}}),
           {"more than 256 points"});
-  // 256 points of 1 pretraining + 16 fine-tuning tasks: more tasks than one job may have.
+  // An axis longer than the grid may be is refused before its values are looked at (a request of
+  // millions of values took seconds and hundreds of MB to be refused).
+  std::vector<std::string> too_many(300, "1e-3");
+  refused(SweepRequest(root_, {{"train.lr", too_many}}), {"more than 256 points (reached with key 'train.lr')"});
+  // 256 points of 16 fine-tuning tasks, sharing 1 pretraining: more tasks than one job may have.
   std::vector<std::string> lrs;
   for (int i = 1; i <= 256; ++i) lrs.push_back(absl::StrCat(i, "e-6"));
   SubmitJobRequest many = SweepRequest(root_, {{"stages.finetune.lr_max_per_sample", lrs}});
   many.add_overrides("folds.finetune_splits=16");
   many.add_overrides("folds.selected_folds=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]");
-  refused(many, {"up to 4352 tasks", "256 sweep point(s)", "16 fold(s) of folds.selected_folds", "at most 4096"});
+  refused(many, {": 4097 tasks (1 pretraining + 256 sweep point(s) x 16 fold(s) of folds.selected_folds)",
+                 "at most 4096"});
   SubmitJobRequest tag = SweepRequest(root_, {});
   tag.add_tags("bad key=1");
   refused(tag, {"tags[0]", "bad key=1"});
@@ -2799,7 +2880,7 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   ListJobsRequest list_request;
   ListJobsResponse list;
   ASSERT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
-  EXPECT_EQ(list.jobs_size(), 0);
+  EXPECT_EQ(list.jobs_size(), 1);  // the time-shift sweep only
 }
 
 TEST_F(CoordinatorServiceTest, RetryRefusesAJobWhoseManifestsWerePruned) {
