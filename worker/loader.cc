@@ -177,6 +177,7 @@ void Loader::StartEpoch(int epoch, int64_t first_batch) {
     absl::MutexLock lock(&mu_);
     epoch_ = epoch;
     ++generation_;
+    unreadable_in_a_row_ = 0;
     plan_ = std::move(plan);
     epoch_order_ = std::move(order);
     building_.clear();
@@ -205,7 +206,10 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
     ClipData clip = clip_(items_[item], options_.train, crop_seed, out);
     // A read of the row's own item that failed now (NFS, too many open files): the same clip
     // again, after a wait.
-    for (size_t r = 0; attempt == 0 && !clip.problem.empty() && clip.retry && r < options_.read_retry_delays_s.size();
+    // Validation after 3 rows in a row that could not be read: the storage, not this file.
+    const bool outage = !options_.train && unreadable_in_a_row_.load() >= 3;
+    for (size_t r = 0; attempt == 0 && !outage && !clip.problem.empty() && clip.retry &&
+                       r < options_.read_retry_delays_s.size();
          ++r) {
       if (outcome.read_retries++ == 0) outcome.read_retry_message = clip.message;
       if (!WaitToReadAgain(options_.read_retry_delays_s[r], build.generation)) {
@@ -221,7 +225,11 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
     all_unreadable = all_unreadable && clip.unreadable;
     ++outcome.problems[clip.problem];
     outcome.messages.emplace(clip.problem, clip.message);
-    if (!options_.train) return outcome;  // validation leaves broken items out
+    if (!options_.train) {  // validation leaves broken items out
+      outcome.unreadable = clip.unreadable;
+      if (clip.unreadable) outcome.unreadable_message = absl::StrCat(items_[item].path, ": ", clip.message);
+      return outcome;
+    }
     if (attempt + 1 >= options_.max_substitutions) {
       const std::string what = absl::StrCat(
           "loader: ", options_.max_substitutions, " broken clips in a row from ", items_[build.rows[k]].path,
@@ -344,11 +352,22 @@ void Loader::WorkerLoop() {
     bool last = false;
     {
       absl::MutexLock lock(&mu_);
+      // A new epoch started meanwhile: the row is dropped (and made again), uncounted.
+      if (build->generation != generation_) continue;
       for (const auto& [name, count] : outcome.problems) stats_.problems[name] += count;
       for (const auto& [name, message] : outcome.messages) stats_.examples.emplace(name, message);
       if (outcome.read_retries > 0 && stats_.read_retries == 0) stats_.read_retry_example = outcome.read_retry_message;
       stats_.read_retries += outcome.read_retries;
-      if (build->generation != generation_) continue;  // a new epoch started meanwhile: drop it
+      if (!options_.train && outcome.status.ok()) {
+        if (!outcome.unreadable) {
+          unreadable_in_a_row_ = 0;
+        } else if (++unreadable_in_a_row_ >= options_.max_substitutions) {
+          outcome.status = absl::UnavailableError(absl::StrCat(
+              "loader: ", options_.max_substitutions, " validation clips in a row could not be read (last: ",
+              outcome.unreadable_message, "): the storage failed, not the files; validation without them would "
+              "measure another set of clips"));
+        }
+      }
       if (!outcome.status.ok()) {
         if (error_.ok()) error_ = outcome.status;
         produced_.SignalAll();

@@ -5,9 +5,11 @@
 // Order and sharding. Training: the epoch's order is numpy's
 // RandomState(seed + epoch).permutation(N) over the item list; step s covers the global batch
 // order[s*G, (s+1)*G) with G = batch_size * world_size, and rank r takes its b = batch_size
-// items at offset r*b of it, so 2 ranks with batch b see exactly what 1 rank with batch 2b sees.
-// drop_remainder drops the last partial global batch; otherwise the last global batch is split
-// as evenly as it goes. Validation: fixed item order, item i belongs to rank i % world_size,
+// items at offset r*b of it, so 2 ranks with batch b see exactly what 1 rank with batch 2b sees
+// (the full batches). drop_remainder drops the last partial global batch; otherwise each rank
+// takes ceil(rest / world_size) of it, the last rank's share padded with items from the start of
+// the epoch's order (every rank takes the same steps with the same batch shape: 21 items, batch
+// 4, 2 ranks: a last step of 3 + 3 rows, one of them order[0] again). Validation: fixed item order, item i belongs to rank i % world_size,
 // every item exactly once, batches of batch_size from the rank's share (last one partial).
 //
 // Broken clips. When the clip function reports a problem (corrupt, silent, ... file), the
@@ -121,7 +123,10 @@ class Loader {
   // The next batch of the epoch in order; false at the end of the epoch. An error (e.g. more
   // than max_substitutions broken clips in a row: DATA_LOSS, or UNAVAILABLE when none of them
   // could be read (ClipData::unreadable): the files' storage or this node's view of it, not their
-  // contents) is returned as a status.
+  // contents) is returned as a status. Validation leaves broken clips out, but max_substitutions
+  // clips in a row that could not be read are UNAVAILABLE too (a storage outage: its metrics
+  // would cover another set of clips, after minutes of waits); past 3 such rows, a row's read is
+  // not made again after waits.
   absl::StatusOr<bool> Next(Batch* batch);
 
   int64_t BatchesPerEpoch() const { return num_batches_; }
@@ -144,6 +149,8 @@ class Loader {
     std::map<std::string, std::string> messages;  // the first per problem
     int64_t read_retries = 0;
     std::string read_retry_message;  // the first
+    bool unreadable = false;  // validation: the row's clip was left out, not read at all
+    std::string unreadable_message;
     absl::Status status;
   };
 
@@ -173,6 +180,9 @@ class Loader {
   // Counts StartEpoch calls: work begun under an older one is dropped (the same epoch may start
   // again, from another batch).
   uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  // Validation: rows left out in a row because their clip could not be read (ClipData::unreadable).
+  // Atomic: FillRow reads it (past a few, a row's read is not made again after waits).
+  std::atomic<int> unreadable_in_a_row_{0};
   std::vector<std::vector<int64_t>> plan_ ABSL_GUARDED_BY(mu_);  // this epoch's batches for this rank
   // The epoch's full order (training), for substitutions; shared with in-flight builds.
   std::shared_ptr<const std::vector<int64_t>> epoch_order_ ABSL_GUARDED_BY(mu_) =

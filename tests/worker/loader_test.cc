@@ -286,6 +286,48 @@ TEST(LoaderTest, NoClipReadableInARowIsUnavailableNotDataLoss) {
   EXPECT_NE(r.status().message().find("none could be read"), absl::string_view::npos);
 }
 
+TEST(LoaderTest, ValidationThatCannotReadItsClipsIsUnavailableNotASubset) {
+  // Validation leaves a broken clip out; but clip after clip that cannot be read is the storage
+  // (a share gone away), and metrics over what is left would measure another set: UNAVAILABLE,
+  // without every row's read retries (each a wait: past 3 such rows, none).
+  auto items = MakeItems(40);
+  std::set<std::string> flaky;
+  for (const auto& i : items) flaky.insert(i.path);
+  auto o = Options(4, 0, 1, /*train=*/false);
+  o.max_substitutions = 30;
+  o.read_retry_delays_s = {0, 0, 0};
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  ClipFn failing = FlakyClip(flaky, 1000);
+  auto l = Loader::Create(
+      items,
+      [calls, failing](const LoaderItem& item, bool train, uint64_t seed, absl::Span<float> out) {
+        ++*calls;
+        return failing(item, train, seed, out);
+      },
+      o);
+  ASSERT_TRUE(l.ok());
+  (*l)->StartEpoch(0);
+  Batch b;
+  absl::StatusOr<bool> r = true;
+  while (r.ok() && *r) r = (*l)->Next(&b);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_NE(r.status().message().find("30 validation clips in a row could not be read (last: item"),
+            absl::string_view::npos)
+      << r.status();
+  // 4 reads for the first rows (2 threads: at most 5 before the third left out), 1 for the rest:
+  // about 50, where every row's retries make 120.
+  l->reset();
+  EXPECT_LT(calls->load(), 70);
+  // A few unreadable clips among readable ones are left out, as any broken clip.
+  auto some = Loader::Create(items, FlakyClip({}, 0, {"item3", "item4", "item20"}), o);
+  ASSERT_TRUE(some.ok());
+  int64_t rows = 0;
+  for (const Batch& batch : DrainEpoch(**some, 0)) rows += static_cast<int64_t>(batch.items.size());
+  EXPECT_EQ(rows, 37);
+  EXPECT_EQ((*some)->Stats().problems.at("missing"), 3);
+}
+
 TEST(LoaderTest, RestartingAnEpochMidwayStartsClean) {
   auto items = MakeItems(64);
   auto l = Loader::Create(items, EncodingClip(), Options(4));
