@@ -1033,6 +1033,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
         task.row.info.set_fold(fold);
         // As the trainer plans it (worker/trainer.cc): debug runs 2 epochs.
         task.row.info.set_epochs(point.debug ? 2 : point.stages.at(stage).train.epochs);
+        task.row.info.set_monitor(point.stages.at(stage).train.monitor);
         task.row.info.set_sweep_point(static_cast<int>(p));
         for (const std::string& o : grid[p]) task.row.info.add_sweep_overrides(o);
         task.row.manifest_hash = ref.hash;

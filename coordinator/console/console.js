@@ -489,8 +489,8 @@
       }
       // Within a stage of several tasks (folds, a sweep's grid), the best by the monitor.
       const leaders = new Set();
-      const {column, sign} = monitored();
       for (const s of stages) {
+        const {column, sign} = monitored(s.tasks[0]);
         const scored = s.tasks.map((t) => [t, sign * num((taskBest(t) || {})[column])])
           .filter(([, v]) => Number.isFinite(v));
         if (scored.length < 2) continue;
@@ -562,16 +562,17 @@
       return point ? point.metrics : null;
     }
 
-    // The job's monitor (train.monitor) as a history column and a sign: the best epoch of a task
-    // still running (or cancelled, failed) is the one its best.pt holds, not the highest val_auc.
-    function monitored() {
-      const [column, sign] = MONITORS[job.monitor] || MONITORS.auc;
+    // A task's monitor (its stage's train.monitor; the job's, the final stage's, for a task stored
+    // without one) as a history column and a sign: the best epoch of a task still running (or
+    // cancelled, failed) is the one its best.pt holds, not the highest val_auc.
+    function monitored(task) {
+      const [column, sign] = MONITORS[(task && task.monitor) || job.monitor] || MONITORS.auc;
       return {column, sign};
     }
 
     function bestEpoch(task, points) {
       if (task.best && task.best.epoch_end) return task.best.epoch;
-      const {column, sign} = monitored();
+      const {column, sign} = monitored(task);
       let best = null, bestValue = -Infinity;
       for (const p of points) {
         const v = sign * num(p.metrics[column]);

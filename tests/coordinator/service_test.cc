@@ -2716,6 +2716,19 @@ TEST_F(CoordinatorServiceTest, AFailedSweepPointEndsOnlyItself) {
   EXPECT_TRUE(absl::StartsWith(job.error(), "task " + second.job_id() + "/pretrain-f0-p0 failed: ")) << job.error();
 }
 
+// Each task carries the monitor its best epoch is chosen by: its stage's (the console marks the
+// best epoch of a running task by it).
+TEST_F(CoordinatorServiceTest, EachTaskCarriesItsStagesMonitor) {
+  Start();
+  const std::string job_id = Submit({"stages.pretrain.monitor=loss"});
+  const JobInfo job = GetJob(job_id);
+  EXPECT_EQ(job.monitor(), "auc");
+  ASSERT_GE(job.tasks_size(), 2);
+  for (const TaskInfo& task : job.tasks()) {
+    EXPECT_EQ(task.monitor(), task.stage() == "pretrain" ? "loss" : "auc") << task.task_id();
+  }
+}
+
 // A pretraining shared by points 0 and 1 fails: the event names both, the points of the other
 // pretraining (2 and 3) go on.
 TEST_F(CoordinatorServiceTest, AFailedSharedPretrainingNamesEveryPointItEnds) {
