@@ -494,6 +494,7 @@ absl::Status Store::InitSchema() {
     }
     // A failed upgrade leaves the file as it was, and no copy: a coordinator restarted on it
     // again and again (systemd) made a full copy each time.
+    bool body_done = false;  // the failure, if any, is the COMMIT's
     absl::Status upgraded = Transaction([&]() -> absl::Status {
       if (version == 1) AVIARY_RETURN_IF_ERROR(MigrateFromVersion1());
       AVIARY_RETURN_IF_ERROR(MigrateFromVersion2());
@@ -501,9 +502,17 @@ absl::Status Store::InitSchema() {
       // object added by hand) stays the version it was, for the coordinator that wrote it.
       AVIARY_RETURN_IF_ERROR(VerifySchema());
       const std::string pragma = absl::StrCat("PRAGMA user_version=", kStoreSchemaVersion);
-      return Exec(pragma.c_str());
+      AVIARY_RETURN_IF_ERROR(Exec(pragma.c_str()));
+      body_done = true;
+      return absl::OkStatus();
     });
     if (!upgraded.ok()) {
+      // A COMMIT that failed at the WAL's fsync may still be replayed at the next open (the
+      // upgrade then done after all): the copy from before is kept, and said so.
+      if (body_done) {
+        return absl::Status(upgraded.code(), absl::StrCat(upgraded.message(), " (schema upgrade from version ", version,
+                                                          ": the copy of the file before it is kept: ", backup, ")"));
+      }
       ::unlink(backup.c_str());
       return upgraded;
     }
