@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "common/backbone_fit.h"
 #include "common/catalog.h"
 #include "common/config.h"
@@ -752,8 +753,11 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     overrides.insert(overrides.end(), grid[p].begin(), grid[p].end());
     absl::StatusOr<common::PipelineConfig> config = ResolveJobConfig(request, source, overrides, &weights_checked);
     if (!config.ok() && sweep) {
-      return common::Annotate(config.status(),
-                              absl::StrCat("sweep point ", p, " (", absl::StrJoin(grid[p], ", "), ")"));
+      // The parser names every override "--set K=V": the point's own came from --sweep.
+      std::string message(config.status().message());
+      for (const std::string& o : grid[p]) message = absl::StrReplaceAll(message, {{"--set " + o, "--sweep " + o}});
+      return absl::Status(config.status().code(), absl::StrCat("sweep point ", p, " (", absl::StrJoin(grid[p], ", "),
+                                                               "): ", message));
     }
     AVIARY_RETURN_IF_ERROR(config.status());
     configs.push_back(*std::move(config));

@@ -2823,7 +2823,8 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
     for (const std::string& text : says) EXPECT_TRUE(absl::StrContains(status.error_message(), text)) << status.error_message();
   };
   refused(SweepRequest(root_, {{"train.lrr", {"1e-3"}}}), {"train.lrr", "sweep point 0"});
-  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "fast"}}}), {"train.lr", "sweep point 1"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "fast"}}}),
+          {"sweep point 1 (train.lr=fast): ", "--sweep train.lr=fast: key 'train.lr'"});
   refused(SweepRequest(root_, {{"train.lr", {"-1"}}}), {"train.lr"});
   refused(SweepRequest(root_, {{"train.lr", {}}}), {"sweep[0]", "no values"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3"}}, {"train.lr", {"2e-3"}}}), {"swept twice"});
