@@ -1216,7 +1216,7 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       {"watch", "JOB", "live progress; exit 0 when the job succeeds, 1 when it fails or is cancelled, 3 when its end "
                        "was not seen (the coordinator lost)"},
       {"cancel", "JOB", "cancel a job: its running tasks stop at their next step"},
-      {"history", "JOB", "epoch rows of every task; --plot: loss, val AUC and lr per task"},
+      {"history", "JOB", "epoch rows of every task (or --task T's); --plot: loss, val AUC and lr per task"},
       {"prune", nullptr, "retention now: finished jobs lose step points and manifests (state and history stay)"},
       {"logs", "JOB", "the log lines the worker groups shipped for the job's tasks"},
       {"groups", nullptr, "registered worker groups and what they run"},

@@ -352,6 +352,11 @@ class Console::Request {
 
   // A query parameter ("" when absent).
   std::string Query(const char* name) const { return Var(query_, name); }
+  // Whether the query names `name` at all ("?tasks=" does, with an empty value).
+  bool HasQuery(const char* name) const {
+    char unused[1];
+    return mg_get_var(query_.data(), query_.size(), name, unused, sizeof(unused)) != -1;
+  }
 
   // The body (at most 64 KiB).
   std::string Body() {
@@ -818,6 +823,11 @@ void Console::ServeHistory(Request& request, const std::string& job_id) {
   // ?tasks=A,B: those tasks' rows only (ids or names within the job; the compare page's few
   // tasks of a sweep, not its tens of thousands of rows).
   std::vector<std::string> tasks = absl::StrSplit(request.Query("tasks"), ',', absl::SkipEmpty());
+  // An empty list is no task, not every task.
+  if (tasks.empty() && request.HasQuery("tasks")) {
+    absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
+    return job.ok() ? request.Json("{\"rows\":[]}") : request.Error(job.status());
+  }
   absl::StatusOr<aviary::v1::GetHistoryResponse> history = scheduler_->GetHistory(job_id, tasks);
   if (!history.ok()) return request.Error(history.status());
   request.Json(ProtoJson(*history));

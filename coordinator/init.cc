@@ -10,6 +10,7 @@
 #include <fstream>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/utf8.h"
@@ -123,13 +124,23 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
   if (dir.empty()) return absl::InvalidArgumentError("init: expected a folder (aviary-coordinator init DIR)");
   auto roots = ResolveDataRoots("--data-root", data_roots);
   if (!roots.ok()) return absl::InvalidArgumentError(absl::StrCat("init: ", roots.status().message()));
-  // The config is UTF-8 text (the coordinator refuses any other byte in it).
+  // The config is UTF-8 text (the coordinator refuses any other byte in it), and a control
+  // character in a quoted YAML scalar does not read back as itself (a newline becomes a space).
   for (size_t i = 0; i < roots->size(); ++i) {
-    if (const size_t bad = common::FirstInvalidUtf8((*roots)[i]); bad != std::string::npos) {
+    const std::string& root_path = (*roots)[i];
+    if (const size_t bad = common::FirstInvalidUtf8(root_path); bad != std::string::npos) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "init: key '--data-root' [%d]: '%s': byte 0x%02x is not UTF-8 (the config is UTF-8 text; use a folder whose "
-          "path is UTF-8, or a link to it that is)",
-          i, common::ValidUtf8(data_roots[i]), static_cast<unsigned char>((*roots)[i][bad])));
+          "init: key '--data-root' [%d]: '%s' (%s): byte 0x%02x is not UTF-8 (the config is UTF-8 text; use a folder "
+          "whose path is UTF-8)",
+          i, common::ValidUtf8(data_roots[i]), common::ValidUtf8(root_path), static_cast<unsigned char>(root_path[bad])));
+    }
+    for (const char c : root_path) {
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "init: key '--data-root' [%d]: '%s': a control character (byte 0x%02x) in the path, which the config "
+            "cannot hold; use a folder whose path has none",
+            i, absl::CEscape(root_path), static_cast<unsigned char>(c)));
+      }
     }
   }
   std::error_code ec;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/files.h"
@@ -507,9 +508,11 @@ absl::Status Store::InitSchema() {
       return absl::OkStatus();
     });
     if (!upgraded.ok()) {
-      // A COMMIT that failed at the WAL's fsync may still be replayed at the next open (the
-      // upgrade then done after all): the copy from before is kept, and said so.
-      if (body_done) {
+      // A COMMIT that failed in I/O (the WAL's fsync: SQLITE_IOERR_*, whose text SqlError puts
+      // in the message) may still be replayed at the next open, the upgrade then done after all:
+      // the copy from before is kept, and said so. Any other failure (a full disk, a busy
+      // database) left the file as it was: the copy goes, as after a failed body.
+      if (body_done && absl::StrContains(upgraded.message(), sqlite3_errstr(SQLITE_IOERR))) {
         return absl::Status(upgraded.code(), absl::StrCat(upgraded.message(), " (schema upgrade from version ", version,
                                                           ": the copy of the file before it is kept: ", backup, ")"));
       }

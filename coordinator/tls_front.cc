@@ -153,7 +153,8 @@ absl::Status CheckTlsCaPem(const std::string& ca_pem, const std::string& name) {
   BIO* bio = BIO_new_mem_buf(ca_pem.data(), static_cast<int>(ca_pem.size()));
   if (bio == nullptr) return absl::InternalError(absl::StrCat("BIO_new_mem_buf: ", OpenSslError()));
   int certificates = 0;
-  while (X509* cert = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr)) {
+  // As gRPC reads it (PEM_read_bio_X509_AUX: "TRUSTED CERTIFICATE" blocks too).
+  while (X509* cert = PEM_read_bio_X509_AUX(bio, nullptr, nullptr, nullptr)) {
     X509_free(cert);
     ++certificates;
   }

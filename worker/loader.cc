@@ -364,8 +364,8 @@ void Loader::WorkerLoop() {
         } else if (++unreadable_in_a_row_ >= options_.max_substitutions) {
           outcome.status = absl::UnavailableError(absl::StrCat(
               "loader: ", options_.max_substitutions, " validation clips in a row could not be read (last: ",
-              outcome.unreadable_message, "): the storage failed, not the files; validation without them would "
-              "measure another set of clips"));
+              outcome.unreadable_message, "): missing or unreadable, the storage's failure (an unmounted or failed "
+              "share) more likely than the files'; validation without them would measure another set of clips"));
         }
       }
       if (!outcome.status.ok()) {

@@ -7,7 +7,7 @@
 // order[s*G, (s+1)*G) with G = batch_size * world_size, and rank r takes its b = batch_size
 // items at offset r*b of it, so 2 ranks with batch b see exactly what 1 rank with batch 2b sees
 // (the full batches). drop_remainder drops the last partial global batch; otherwise each rank
-// takes ceil(rest / world_size) of it, the last rank's share padded with items from the start of
+// takes ceil(rest / world_size) of it, the last ranks' shares padded with items from the start of
 // the epoch's order (every rank takes the same steps with the same batch shape: 21 items, batch
 // 4, 2 ranks: a last step of 3 + 3 rows, one of them order[0] again). Validation: fixed item order, item i belongs to rank i % world_size,
 // every item exactly once, batches of batch_size from the rank's share (last one partial).

@@ -844,7 +844,7 @@
           tasksByHand = true;
           syncUrl();
           // A task ticked now: its rows (the page holds only the chosen tasks' history).
-          if (e.target.checked) loadHistory(t.job_id).then(draw).catch((err) => flash(err.message));
+          if (e.target.checked) loadHistory(t.job_id, [t.task_id]).then(draw).catch((err) => flash(err.message));
           loadTasks();
         }});
         box.checked = chosenTasks.has(t.task_id);
@@ -908,18 +908,27 @@
     }
 
     const loading = new Set();  // jobs whose history is being fetched
+    let historyCalls = 0;
+    const historyCall = new Map();  // task_id -> the call whose rows it shows
     // The chosen tasks' rows of a job (a sweep's every row is tens of MB, and the page asks again
-    // at each of the job's updates); the whole job's when more are chosen than a URL holds.
-    async function loadHistory(jobId) {
-      const names = [...chosenTasks].filter((t) => t.startsWith(`${jobId}/`)).map((t) => t.slice(jobId.length + 1));
+    // at each of the job's updates), or `only` these task ids (one ticked); the whole job's when
+    // more are chosen than a URL holds. Calls overlap (a tick during an update's call): a task
+    // takes the rows of the latest call made for it, whichever answers last.
+    async function loadHistory(jobId, only) {
+      const call = ++historyCalls;
+      const ids = only || [...chosenTasks].filter((t) => t.startsWith(`${jobId}/`));
+      const names = ids.map((t) => t.slice(jobId.length + 1));
       const h = !names.length ? {rows: []}
         : await api(`/api/jobs/${jobId}/history` + (names.length <= HISTORY_TASKS_MAX ? `?tasks=${names.map(encodeURIComponent).join(',')}` : ''));
-      // Only the asked-for tasks' rows are replaced: a slower call for fewer tasks (a job update's,
-      // made before a tick) does not drop a task ticked meanwhile.
-      for (const name of names) histories.delete(`${jobId}/${name}`);
+      const rows = new Map(ids.map((id) => [id, new Map()]));
       for (const row of h.rows || []) {
-        if (!histories.has(row.task_id)) histories.set(row.task_id, new Map());
-        histories.get(row.task_id).set(row.metrics.epoch, row.metrics);
+        if (!rows.has(row.task_id)) rows.set(row.task_id, new Map());
+        rows.get(row.task_id).set(row.metrics.epoch, row.metrics);
+      }
+      for (const [id, epochs] of rows) {
+        if ((historyCall.get(id) || 0) > call) continue;
+        historyCall.set(id, call);
+        histories.set(id, epochs);
       }
     }
 
@@ -967,19 +976,21 @@
       } catch (e) { flash(e.message); }
     }
 
+    // One history request per job at a time; a job changed meanwhile (its last event came while
+    // the request was out) is looked at again when the request ends.
+    function refreshStale() {
+      const stale = jobs.filter((j) => chosenJobs.has(j.job_id) && !loading.has(j.job_id) &&
+                                       updated.get(j.job_id) !== j.updated_unix_ms);
+      if (!stale.length) return;
+      stale.forEach((j) => loading.add(j.job_id));
+      Promise.all(stale.map((j) => loadHistory(j.job_id).then(() => {
+        jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms);
+      }).finally(() => loading.delete(j.job_id)))).then(() => { drawTaskPicker(); draw(); refreshStale(); }).catch(() => {});
+    }
     stream('/api/events', {jobs: (data) => {
       jobs = data.jobs || [];
       drawPicker();
-      // One history request per job at a time; a job changed meanwhile is looked at again on
-      // the next event.
-      const stale = jobs.filter((j) => chosenJobs.has(j.job_id) && !loading.has(j.job_id) &&
-                                       updated.get(j.job_id) !== j.updated_unix_ms);
-      if (stale.length) {
-        stale.forEach((j) => loading.add(j.job_id));
-        Promise.all(stale.map((j) => loadHistory(j.job_id).then(() => {
-          jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms);
-        }).finally(() => loading.delete(j.job_id)))).then(() => { drawTaskPicker(); draw(); }).catch(() => {});
-      }
+      refreshStale();
     }}, () => { loadJobs(); });
     loadJobs();
   }

@@ -426,6 +426,11 @@ TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
   HttpResponse none = Http(port_, "GET", "/api/jobs/" + job_id + "/history?tasks=" + other, {Bearer("the-token")});
   ASSERT_EQ(none.status, 200) << none.body;
   EXPECT_EQ(none.body, "{\"rows\":[]}");
+  for (const char* empty : {"?tasks=", "?tasks=,"}) {  // no task, not every task
+    HttpResponse no_task = Http(port_, "GET", "/api/jobs/" + job_id + "/history" + empty, {Bearer("the-token")});
+    ASSERT_EQ(no_task.status, 200) << no_task.body;
+    EXPECT_EQ(no_task.body, "{\"rows\":[]}") << empty;
+  }
   HttpResponse no_such_task =
       Http(port_, "GET", "/api/jobs/" + job_id + "/history?tasks=" + task_name + ",finetune-f9", {Bearer("the-token")});
   EXPECT_EQ(no_such_task.status, 404) << no_such_task.body;

@@ -529,6 +529,12 @@ TEST_F(CoordinatorConfigTest, TlsFilesThatAreNotPemAreRefusedByKey) {
   config.tls_key_file = key;
   config.tls_client_ca_file = cert;
   EXPECT_TRUE(LoadCoordinatorSecrets(config).ok()) << LoadCoordinatorSecrets(config).status();
+  // A "TRUSTED CERTIFICATE" (openssl x509 -trustout), which gRPC reads too.
+  const std::string trusted = root_ + "/trusted.pem";
+  ASSERT_EQ(std::system(absl::StrCat("openssl x509 -in ", cert, " -trustout -out ", trusted, " > /dev/null 2>&1").c_str()),
+            0);
+  config.tls_client_ca_file = trusted;
+  EXPECT_TRUE(LoadCoordinatorSecrets(config).ok()) << LoadCoordinatorSecrets(config).status();
   const std::string broken =
       Write("broken-ca.pem", "-----BEGIN CERTIFICATE-----\nnotbase64!!\n-----END CERTIFICATE-----\n");
   for (const std::string& ca : {broken, junk}) {

@@ -46,6 +46,11 @@ mkdir -p "$tmp/d"$'\xff'
 out=$("$bin/aviary-coordinator" init roots3 --data-root "$tmp/d"$'\xff' 2>&1) && fail "init took a non-UTF-8 --data-root"
 grep -qF "byte 0xff is not UTF-8" <<<"$out" || fail "init --data-root non-UTF-8: $out"
 [ ! -e roots3/token ] || fail "a refused init wrote roots3/token"
+# Nor a control character: a newline in a quoted YAML scalar reads back as a space.
+mkdir -p "$tmp/a"$'\n'"b"
+out=$("$bin/aviary-coordinator" init roots4 --data-root "$tmp/a"$'\n'"b" 2>&1) && fail "init took a --data-root with a newline"
+grep -qF "a control character (byte 0x0a)" <<<"$out" || fail "init --data-root with a newline: $out"
+[ ! -e roots4/token ] || fail "a refused init wrote roots4/token"
 # A write that fails midway (here the config, which a long data root makes longer than a 1 KiB
 # file size limit: EFBIG) leaves no file behind, so init can run again once the cause is gone.
 long="$tmp/$(printf 'a%.0s' {1..150})" && mkdir -p "$long"
