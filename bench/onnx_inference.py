@@ -32,6 +32,7 @@ with open(submission, "w", newline="") as f:
         probs = session.run(None, {"waveform": np.pad(x, (0, n * W - len(x))).reshape(n, W)})[0]
         stem = os.path.splitext(os.path.basename(path))[0]
         for i, p in enumerate(probs):
-            out.writerow([f"{stem}_{(i + 1) * meta['window_s']:.6g}"] + [f"{v:.9g}" for v in p])
+            end = f"{(i + 1) * meta['window_s']:.6f}".rstrip("0").rstrip(".")  # as aviary predict's row ids
+            out.writerow([f"{stem}_{end}"] + [f"{v:.9g}" for v in p])
 end = time.perf_counter()
 print(f"per_file_s={(end - loop) / max(1, len(files)):.3f} wall_s={end - start:.2f}")

@@ -284,6 +284,27 @@ absl::StatusOr<std::string> ThroughSymlinks(const std::string& path) {
 
 }  // namespace
 
+namespace {
+
+// A user's output resolved: refused when it is a FIFO, a device or a socket (`--out /dev/null`,
+// a link to a pipe), which the rename of a new file would replace (a folder is the writers' own
+// CheckOutputPath's to say, or the rename's).
+absl::StatusOr<std::string> ResolveUserOutput(const std::string& path) {
+  AVIARY_ASSIGN_OR_RETURN(std::string resolved, ThroughSymlinks(path));
+  struct stat st;
+  if (::stat(resolved.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, resolved == path ? "" : absl::StrCat(" (", resolved, ")"),
+        ": not a regular file (a pipe, a device or a socket): the finished file is renamed into place, which would "
+        "replace it; write to a file"));
+  }
+  return resolved;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ResolveOutputPath(const std::string& path) { return ResolveUserOutput(path); }
+
 absl::Status WriteFileAtomically(const std::string& given_path, absl::string_view contents,
                                  const AtomicWriteOptions& options) {
   // An output a user named as a symbolic link is written through (its target replaced), as `cp`
@@ -291,7 +312,7 @@ absl::Status WriteFileAtomically(const std::string& given_path, absl::string_vie
   // the old contents. Not with a rotation (keep_previous_as names a file beside the given path).
   std::string path = given_path;
   if (options.follow_symlinks && options.keep_previous_as.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(path, ThroughSymlinks(given_path));
+    AVIARY_ASSIGN_OR_RETURN(path, ResolveUserOutput(given_path));
   }
   const std::string tmp = absl::StrCat(path, ".tmp.", TemporarySuffix());
   StorageFault fault;

@@ -24,6 +24,14 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
 // The same for an output a user names (`--out F`): a symbolic link there is written through
 // (AtomicWriteOptions::follow_symlinks).
 absl::Status WriteOutputFileAtomically(const std::string& path, absl::string_view contents);
+// The file an output a user names (`--out F`) is written to, as WriteOutputFileAtomically finds
+// it: `path` itself, or when it is a symbolic link the file its chain of links ends at (a dangling
+// link's target, which a shell's `>` would create), under the same protected_symlinks rule.
+// PERMISSION_DENIED for another user's link in a sticky world-writable folder, INVALID_ARGUMENT
+// for a loop. A writer that names its own temporary, staged or sibling files (`aviary predict`'s
+// `.tmp.` and `.partial`, `aviary export`'s sidecar) resolves --out once and names them from the
+// result, so that the rename replaces the link's target and not the link.
+absl::StatusOr<std::string> ResolveOutputPath(const std::string& path);
 
 // This process's suffix of temporary file names, "<pid>.<a random number drawn once>": two
 // processes of one pid (rank 0 of two groups in two containers, a stale group and the task's new

@@ -1262,7 +1262,8 @@ absl::Status WritePng(const Figure& figure, const std::string& path) {
   const std::string context = absl::StrCat("WritePng ", path);
   absl::StatusOr<std::string> png = RenderPng(figure);
   if (!png.ok()) return Annotate(png.status(), context);
-  return Annotate(WriteFileAtomically(path, *png), context);
+  // A symbolic link as the PNG (`--plot link.png`) is written through: its target is replaced.
+  return Annotate(WriteOutputFileAtomically(path, *png), context);
 }
 
 }  // namespace aviary::common

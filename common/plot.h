@@ -86,8 +86,9 @@ struct Figure {
 // panels, or panels too small to hold a chart; INTERNAL naming the cairo call that failed.
 absl::StatusOr<std::string> RenderPng(const Figure& figure);
 
-// Renders `figure` and writes it to `path` atomically (temporary file + rename); errors start
-// with "WritePng <path>: ".
+// Renders `figure` and writes it to `path` atomically (temporary file + rename): a user's output
+// (`--plot F`), so a symbolic link there is written through (WriteOutputFileAtomically); errors
+// start with "WritePng <path>: ".
 absl::Status WritePng(const Figure& figure, const std::string& path);
 
 // Encodes `rgb` (height rows of width pixels, 3 bytes each, top row first) as an 8-bit RGB

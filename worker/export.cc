@@ -108,7 +108,7 @@ std::string SidecarJson(const ExportOptions& options, const ExportResult& result
     << "  \"format\": \"aviary-export-1\",\n"
     << "  \"aviary_version\": " << Quote(common::Version()) << ",\n"
     << "  \"aviary_commit\": " << Quote(common::GitCommit()) << ",\n"
-    << "  \"weights\": " << Quote(std::filesystem::path(result.weights_path).filename().string()) << ",\n"
+    << "  \"weights\": " << Quote(std::filesystem::path(options.out).filename().string()) << ",\n"
     << "  \"weights_format\": " << Quote(options.format) << ",\n"
     << "  \"model\": {\n"
     << "    \"name\": " << Quote(meta.model_name) << ",\n"
@@ -163,16 +163,38 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat("--window: must be > 0 seconds, got ", options.window_s));
   }
   ExportResult result;
-  result.weights_path = options.out;
-  result.sidecar_path = SidecarPath(options.out);
-  if (result.sidecar_path == result.weights_path) {
+  // A symbolic link as --out (or as its sidecar) is written through, as a shell's `>` would: the
+  // staged files and the renames are beside the link's target, which they replace (a rename
+  // onto the link replaced the link with a file, and its target kept the old weights). The
+  // sidecar is named after --out as given (OUT with .json: where the notebook looks for it),
+  // and written through when it is a link itself.
+  absl::StatusOr<std::string> weights = common::ResolveOutputPath(options.out);
+  if (!weights.ok()) return common::Annotate(weights.status(), "--out");
+  result.weights_path = *weights;
+  absl::StatusOr<std::string> sidecar = common::ResolveOutputPath(SidecarPath(options.out));
+  if (!sidecar.ok()) return common::Annotate(sidecar.status(), "--out's sidecar");
+  result.sidecar_path = *sidecar;
+  // One file under two spellings ("m.json -> ./m.pt"): compared as normalized absolute paths.
+  auto same_file = [](const std::string& a, const std::string& b) {
+    std::error_code ec;
+    const std::filesystem::path pa = std::filesystem::absolute(a, ec).lexically_normal();
+    const std::filesystem::path pb = std::filesystem::absolute(b, ec).lexically_normal();
+    return pa == pb || std::filesystem::equivalent(a, b, ec);
+  };
+  if (same_file(result.sidecar_path, result.weights_path)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--out ", options.out, ": the JSON sidecar would overwrite the weights; name the weights "
         "file with another extension (.pt, .pth, .safetensors)"));
   }
-  // The sidecar's path too (a folder named like it would fail its rename after the weights').
+  // The sidecar's path too (a folder named like it would fail its rename after the weights'),
+  // and a link's target.
+  if (result.weights_path != options.out) {
+    AVIARY_RETURN_IF_ERROR(common::CheckOutputPath(absl::StrCat("--out ", options.out, ": its link's target"),
+                                                   result.weights_path));
+  }
   AVIARY_RETURN_IF_ERROR(common::CheckOutputPath("--out's sidecar", result.sidecar_path));
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(options.out, "--out", options.checkpoint, "checkpoint"));
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(result.weights_path, "--out", options.checkpoint, "checkpoint"));
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(result.sidecar_path, "--out's sidecar",
                                           options.checkpoint, "checkpoint"));
   // The metadata, the tensors and the EMA group are read in three opens: of one file.
@@ -232,24 +254,28 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   // rename failing after the weights' (its path was checked above) could, and its error says so.
   // Named by this process (TemporarySuffix): two exports to one --out never share a staged file,
   // nor can an input named like it (`export m.pt.partial --out m.pt`) be moved into place.
-  const std::string staged_weights = absl::StrCat(options.out, ".partial.", common::TemporarySuffix());
+  const std::string staged_weights = absl::StrCat(result.weights_path, ".partial.", common::TemporarySuffix());
   const std::string staged_sidecar = absl::StrCat(result.sidecar_path, ".partial.", common::TemporarySuffix());
   absl::Status written = WriteExportPair(options, config, meta, *model, tensors, staged_weights,
                                          staged_sidecar, &result);
-  if (written.ok() && std::rename(staged_weights.c_str(), options.out.c_str()) != 0) {
-    written = absl::InternalError(absl::StrCat("cannot rename ", staged_weights, " to ", options.out, ": ",
-                                               std::strerror(errno)));
+  if (written.ok() && std::rename(staged_weights.c_str(), result.weights_path.c_str()) != 0) {
+    written = absl::InternalError(absl::StrCat("cannot rename ", staged_weights, " to ", result.weights_path, ": ",
+                                               common::ErrnoText(errno)));
   }
   if (written.ok() && std::rename(staged_sidecar.c_str(), result.sidecar_path.c_str()) != 0) {
     written = absl::InternalError(absl::StrCat("cannot rename ", staged_sidecar, " to ", result.sidecar_path,
-                                               ": ", std::strerror(errno), " (", options.out,
+                                               ": ", common::ErrnoText(errno), " (", result.weights_path,
                                                " is written; its sidecar is not)"));
   }
   std::remove(staged_weights.c_str());
   std::remove(staged_sidecar.c_str());
   AVIARY_RETURN_IF_ERROR(written);
-  // The renames on disk (as WriteFileAtomically's): both files lie in one folder.
-  AVIARY_RETURN_IF_ERROR(common::SyncFolder(std::filesystem::path(options.out).parent_path().string()));
+  // The renames on disk (as WriteFileAtomically's): both files lie in one folder, unless the
+  // sidecar's name is a link elsewhere.
+  const std::string weights_dir = std::filesystem::path(result.weights_path).parent_path().string();
+  const std::string sidecar_dir = std::filesystem::path(result.sidecar_path).parent_path().string();
+  AVIARY_RETURN_IF_ERROR(common::SyncFolder(weights_dir));
+  if (sidecar_dir != weights_dir) AVIARY_RETURN_IF_ERROR(common::SyncFolder(sidecar_dir));
   return result;
 }
 
@@ -345,6 +371,13 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
         "--model: ImageNet backbones exist for efficientnet_b0..b3 only, got '", options.model, "'"));
   }
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(options.out, "--out", options.in, "input"));
+  // A symbolic link as --out is written through (its target replaced, as by a shell's `>`).
+  absl::StatusOr<std::string> out_file = common::ResolveOutputPath(options.out);
+  if (!out_file.ok()) return common::Annotate(out_file.status(), "--out");
+  AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(*out_file, "--out", options.in, "input"));
+  AVIARY_RETURN_IF_ERROR(common::CheckOutputPath(
+      *out_file == options.out ? std::string("--out") : absl::StrCat("--out ", options.out, ": its link's target"),
+      *out_file));
   common::ModelConfig mc;
   mc.name = options.model;
   AVIARY_ASSIGN_OR_RETURN(std::shared_ptr<ClassifierImpl> model,
@@ -426,9 +459,9 @@ absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options) {
   check.skip_mismatched = true;
   AVIARY_RETURN_IF_ERROR(LoadIntoModule(out, *model, check, options.in).status());
   if (options.format == "state_dict") {
-    AVIARY_RETURN_IF_ERROR(WriteTorchSaveTensors(out, options.out));
+    AVIARY_RETURN_IF_ERROR(WriteTorchSaveTensors(out, *out_file));
   } else {
-    AVIARY_RETURN_IF_ERROR(WriteSafetensors(out, options.out));
+    AVIARY_RETURN_IF_ERROR(WriteSafetensors(out, *out_file));
   }
   report.written = static_cast<int64_t>(out.size());
   return report;

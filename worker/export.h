@@ -62,10 +62,12 @@ std::string SidecarPath(const std::string& out);
 // Reads and checks the checkpoint (it must load into the model its metadata names), takes the
 // weights the run validated (worker/ema.h UseValidatedWeights: a last.pt's EMA average with
 // train.ema_eval), writes the
-// weights and the sidecar atomically. INVALID_ARGUMENT for an unknown format or an --out whose
-// sidecar would be itself; the checkpoint's errors naming its path; FAILED_PRECONDITION naming
-// the path and both counts when its config's frontend.in_channels differs from the input
-// channels of the model's first convolution (nothing written).
+// weights and the sidecar atomically. A symbolic link as `out` is written through (its target
+// replaced, as by a shell's `>`; common::ResolveOutputPath), and the sidecar goes beside the
+// target: weights_path and sidecar_path are the files written. INVALID_ARGUMENT for an unknown
+// format or an --out whose sidecar would be itself; the checkpoint's errors naming its path;
+// FAILED_PRECONDITION naming the path and both counts when its config's frontend.in_channels
+// differs from the input channels of the model's first convolution (nothing written).
 absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options);
 
 struct ImportOptions {
@@ -98,7 +100,7 @@ std::string TimmToTorchvisionName(const std::string& timm_name);
 // FAILED_PRECONDITION, with the report's summary, when the file lacks backbone tensors of the
 // model, backbone tensors the model lacks, any other than the first convolution
 // (features.0.0.weight) in another shape (another variant, not an EfficientNet) or no tensor
-// fits; the output is then not written.
+// fits; the output is then not written. A symbolic link as `out` is written through.
 absl::StatusOr<ImportReport> ImportWeights(const ImportOptions& options);
 
 }  // namespace aviary::worker

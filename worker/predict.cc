@@ -51,6 +51,13 @@ std::string Stem(const std::string& path) {
   return name;
 }
 
+// `result`, its error prefixed with `context` (the checkpoint a setting came from).
+template <typename T>
+absl::StatusOr<T> WithPath(absl::StatusOr<T> result, absl::string_view context) {
+  if (result.ok()) return result;
+  return common::Annotate(result.status(), context);
+}
+
 bool SameFrontend(const common::FrontendConfig& a, const common::FrontendConfig& b) {
   return a == b;
 }
@@ -64,6 +71,15 @@ void AppendFloat(std::string* out, float v) {
     return;
   }
   out->append(buf, end);
+}
+
+// A failed write of the CSV stream (`error`: errno after it, 0 when the stream said nothing):
+// RESOURCE_EXHAUSTED for a full disk or quota, else INTERNAL; `what` starts "writing the CSV"
+// (`aviary predict` puts its file's name there).
+absl::Status CsvWriteError(absl::string_view what, int error) {
+  return absl::Status(error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
+                                                         : absl::StatusCode::kInternal,
+                      absl::StrCat(what, ": ", error != 0 ? common::ErrnoText(error) : std::string("a stream error")));
 }
 
 // Decoded samples a file may have waiting for inference by default: 2^23 (32 MiB, 262 s at
@@ -159,6 +175,14 @@ struct Predictor::Impl {
     return sum.cpu();
   }
 
+  // CANCELLED when options.should_stop asks for a stop (before a batch, before a file).
+  absl::Status CheckStop() const {
+    if (options.should_stop && options.should_stop()) {
+      return absl::CancelledError("stopped on request");
+    }
+    return absl::OkStatus();
+  }
+
   class RowStream;
   // One whole waveform's rows (PredictWaveform).
   absl::StatusOr<std::vector<float>> Predict(const std::vector<float>& samples);
@@ -221,6 +245,7 @@ class Predictor::Impl::RowStream {
     peak_ = std::max(peak_, static_cast<int64_t>(buffer_.size()));
     const int64_t window = impl_->window, batch = impl_->batch;
     while (fed_ >= (next_row_ + batch) * window + max_shift_) {
+      AVIARY_RETURN_IF_ERROR(impl_->CheckStop());
       AVIARY_RETURN_IF_ERROR(RunBlock(next_row_, next_row_ + batch));
       next_row_ += batch;
     }
@@ -345,6 +370,12 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
           "--device cuda: this libtorch has no usable CUDA device");
     }
     impl->device = c10::Device(c10::kCUDA, 0);
+    // float32 on the GPU as on the CPU and in ONNX: cuDNN's convolutions and cuBLAS's matmuls
+    // default to TF32 on Ampere and later (10 mantissa bits), which moved probabilities by up to
+    // 2.7e-3 (bench/gpu/acceptance.sh). Process-wide; the legacy setters exist in libtorch 1.13
+    // and 2.x and keep 2.x's per-op precision flags consistent.
+    at::globalContext().setAllowTF32CuBLAS(false);
+    at::globalContext().setAllowTF32CuDNN(false);
   } else if (options.device != "cpu" && options.device != "auto") {
     return absl::InvalidArgumentError(
         absl::StrCat("--device: expected auto, cpu or cuda, got '", options.device, "'"));
@@ -373,7 +404,8 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
     if (impl->class_names.empty()) {
       impl->class_names = meta.class_names;
       impl->sample_rate = config.data.sample_rate;
-      AVIARY_ASSIGN_OR_RETURN(impl->channels, ParseChannelMode(config.data.channels));
+      AVIARY_ASSIGN_OR_RETURN(impl->channels,
+                              WithPath(ParseChannelMode(config.data.channels), absl::StrCat(path, " (config_yaml)")));
     } else {
       const std::string& first = options.checkpoints[0];
       if (meta.class_names != impl->class_names) {
@@ -400,7 +432,7 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
       }
     }
     AVIARY_ASSIGN_OR_RETURN(std::shared_ptr<ClassifierImpl> model,
-                            BuildClassifier(config.model, meta.in_channels, meta.num_classes));
+                            WithPath(BuildClassifier(config.model, meta.in_channels, meta.num_classes), path));
     AVIARY_ASSIGN_OR_RETURN(CheckpointMeta restored, RestoreCheckpoint(path, *model, nullptr));
     (void)restored;
     common::TrainConfig stage_train = config.train;
@@ -490,7 +522,10 @@ absl::StatusOr<PredictReport> Predictor::Run(
   report.files_total = static_cast<int64_t>(audio_files.size());
   std::vector<std::string> header{"row_id"};
   header.insert(header.end(), impl_->class_names.begin(), impl_->class_names.end());
+  errno = 0;
   common::WriteCsvRow(csv, header);
+  csv.flush();  // a full disk is said before any file is decoded
+  if (!csv) return CsvWriteError("writing the CSV failed at its header", errno);
 
   // Decoders take the files in order, at most `prefetch` ahead of the one in inference, and
   // stream each one's samples to it: a file of any length holds about a chunk and a batch of
@@ -567,7 +602,6 @@ absl::StatusOr<PredictReport> Predictor::Run(
   for (const std::string& f : audio_files) {
     if (HasAudioExtension(f)) audio_stems.emplace(Stem(f), f);
   }
-  csv.flush();
   int64_t csv_bytes = static_cast<int64_t>(csv.tellp());  // after the last whole file's rows
   std::vector<float> samples;  // taken from the decoder, fed to the rows
   PredictProgress whole_files;  // as of the last whole file
@@ -575,6 +609,10 @@ absl::StatusOr<PredictReport> Predictor::Run(
   whole_files.csv_bytes = csv_bytes;
   double last_progress_s = 0;
   for (size_t i = 0; i < n; ++i) {
+    if (absl::Status stop = impl_->CheckStop(); !stop.ok()) {
+      status = absl::Status(stop.code(), absl::StrCat("before ", audio_files[i], ": ", stop.message()));
+      break;
+    }
     const std::string stem = Stem(audio_files[i]);
     // A file skipped for its stem if it decodes, said before its samples are looked at.
     std::string duplicate;
@@ -668,10 +706,7 @@ absl::StatusOr<PredictReport> Predictor::Run(
       csv.flush();  // a full disk is seen at this file, and the rows before it are whole
       if (!csv) {  // a full disk: said now, not after the other files' hours
         const int error = errno;
-        status = absl::Status(error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
-                                                                 : absl::StatusCode::kInternal,
-                              absl::StrCat("writing the CSV failed at the rows of ", audio_files[i], ": ",
-                                           error != 0 ? common::ErrnoText(error) : std::string("a stream error")));
+        status = CsvWriteError(absl::StrCat("writing the CSV failed at the rows of ", audio_files[i]), error);
         break;
       }
       csv_bytes = static_cast<int64_t>(csv.tellp());
@@ -695,11 +730,7 @@ absl::StatusOr<PredictReport> Predictor::Run(
   if (!status.ok()) return status;
   errno = 0;
   csv.flush();
-  if (!csv) {
-    const int error = errno;
-    return absl::InternalError(absl::StrCat("writing the CSV failed at its end: ",
-                                            error != 0 ? common::ErrnoText(error) : std::string("a stream error")));
-  }
+  if (!csv) return CsvWriteError("writing the CSV failed at its end", errno);
   report.elapsed_s = Seconds(start);
   return report;
 }
@@ -718,35 +749,34 @@ int64_t Predictor::NumWindows(int64_t num_samples) const {
 absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
-    return absl::NotFoundError(absl::StrCat(path, ": no such file or directory"));
+    const int error = errno;
+    if (error == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file or directory"));
+    return absl::Status(absl::ErrnoToStatusCode(error), absl::StrCat(path, ": cannot stat: ", common::ErrnoText(error)));
   }
   if (!S_ISDIR(st.st_mode)) return std::vector<std::string>{path};
   DIR* dir = ::opendir(path.c_str());
   if (dir == nullptr) {
-    return absl::NotFoundError(absl::StrCat(path, ": cannot open directory: ", std::strerror(errno)));
+    const int error = errno;
+    return absl::Status(absl::ErrnoToStatusCode(error),  // EACCES: PERMISSION_DENIED
+                        absl::StrCat(path, ": cannot open the folder: ", common::ErrnoText(error)));
   }
   std::vector<std::string> files;
-  // A file that cannot be looked at (a dangling link, no permission) is an error, not a file
-  // left out: the submission would lack its rows without a word. Folders are not descended.
+  // A file that cannot be looked at (a dangling link, no permission) is listed, not left out:
+  // its decode fails and Run reports it skipped ("missing"), where the submission would lack its
+  // rows without a word, and the other files are predicted. Folders are not descended.
   absl::Status listed;
   while (listed.ok()) {
     errno = 0;
     struct dirent* e = ::readdir(dir);
     if (e == nullptr) {
-      if (errno != 0) listed = absl::InternalError(absl::StrCat(path, ": readdir: ", std::strerror(errno)));
+      if (errno != 0) listed = absl::InternalError(absl::StrCat(path, ": readdir: ", common::ErrnoText(errno)));
       break;
     }
     std::string name = e->d_name;
     if (name.empty() || name[0] == '.') continue;
     std::string full = path.back() == '/' ? path + name : absl::StrCat(path, "/", name);
     struct stat fst;
-    if (::stat(full.c_str(), &fst) != 0) {
-      listed = absl::FailedPreconditionError(
-          absl::StrCat(full, ": cannot stat: ", std::strerror(errno),
-                       " (a dangling link?); remove it or predict the other files one by one"));
-    } else if (S_ISREG(fst.st_mode)) {
-      files.push_back(full);
-    }
+    if (::stat(full.c_str(), &fst) != 0 || S_ISREG(fst.st_mode)) files.push_back(full);
   }
   ::closedir(dir);
   AVIARY_RETURN_IF_ERROR(listed);

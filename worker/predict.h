@@ -38,11 +38,12 @@
 // earlier windows went through the models (an inference error there ends the run). torch uses
 // `threads` intra-op threads. Rows are written in the order of the input files.
 //
-// Bad input: files that cannot be decoded (missing, empty, not audio, truncated, no samples,
-// NaN samples: the decode stops at the first), a decoder error on one file (reason "error") and
-// a file whose stem a predicted file already had ("duplicate_stem") are skipped and reported in
-// PredictReport::skipped, never fatal; silent files are predicted (all-zero input). A failed write of the CSV (a full disk)
-// ends the run at that file. Checkpoints are refused at Create with FAILED_PRECONDITION or
+// Bad input: files that cannot be decoded (missing, a dangling link among them; empty, not
+// audio, truncated, no samples, NaN samples: the decode stops at the first), a decoder error on
+// one file (reason "error") and a file whose stem a predicted file already had
+// ("duplicate_stem") are skipped and reported in PredictReport::skipped, never fatal; silent
+// files are predicted (all-zero input). A failed write of the CSV (a full disk) ends the run at
+// that file. Checkpoints are refused at Create with FAILED_PRECONDITION or
 // INVALID_ARGUMENT naming the file: not a checkpoint, no class names, class names that do not
 // match num_classes, ensemble members with different label sets, sample rates or channel modes.
 //
@@ -79,6 +80,10 @@ struct PredictOptions {
   // Run the models on channels-last (NHWC) tensors: the same values, ~1.4-1.7x faster on the
   // CPU with libtorch 1.13's oneDNN convolutions (docs/BENCHMARKS.md).
   bool channels_last = true;
+  // Asked before every batch of windows and every file (optional; `aviary predict` asks whether
+  // SIGINT or SIGTERM arrived): true ends Run with CANCELLED, the rows of the whole files before
+  // in the CSV (the last progress call counts them). Called from Run's thread.
+  std::function<bool()> should_stop;
 };
 
 struct PredictProgress {
@@ -164,9 +169,13 @@ class Predictor {
 };
 
 // The files to predict: `path` itself when it is a file, else the regular files directly in the
-// directory (not recursive; names starting with '.' left out), sorted by name. NOT_FOUND when
-// `path` does not exist; INVALID_ARGUMENT for an empty directory or two audio files (by their
-// extension: .ogg, .mp3, .flac, .wav, ...) with the same stem (their row ids would collide).
+// directory (not recursive; names starting with '.' left out), sorted by name. An entry that
+// cannot be looked at (a dangling link, one stat(2) refuses) is listed too: Run reports it
+// skipped ("missing") rather than leave its rows out without a word, and the other files are
+// predicted. NOT_FOUND when `path` does not exist; the errno's code (PERMISSION_DENIED, ...)
+// naming the folder when it cannot be read; INVALID_ARGUMENT for an empty directory or two audio
+// files (by their extension: .ogg, .mp3, .flac, .wav, ...) with the same stem (their row ids
+// would collide).
 absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path);
 
 // Whether `path` ends in the extension of a format the decoder reads (libsndfile's and mp3:
@@ -174,7 +183,8 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
 bool HasAudioExtension(const std::string& path);
 
 // "<stem of path>_<end_s>" with end_s printed without a fraction when it is whole ("XC1_5"),
-// else with up to 6 significant decimals ("XC1_2.5").
+// else with 6 decimals, trailing zeros trimmed ("XC1_2.5", "XC1_10001.25"; Python:
+// f"{end_s:.6f}".rstrip("0").rstrip(".")): common::WindowEndText.
 std::string RowId(const std::string& path, double end_s);
 
 // Shifts in samples of the `tta` views of a `window` samples window (see the file comment).

@@ -257,7 +257,7 @@ absl::Status WriteTorchSaveTensors(const std::vector<std::pair<std::string, at::
     return absl::InternalError(absl::StrCat(path, ": writing the torch.save archive: ",
                                             msg.substr(0, msg.find('\n'))));
   }
-  return common::WriteFileAtomically(path, zip);
+  return common::WriteOutputFileAtomically(path, zip);  // a link as the output is written through
 }
 
 }  // namespace aviary::worker

@@ -208,7 +208,11 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
   figure.width = 1100;
   figure.height = 520;
   figure.panels = {panel};
-  return common::WritePng(figure, path);
+  // Not written through a symbolic link (WritePng is for a user's --plot): history.png is the run
+  // folder's own file, as history.csv and the checkpoints are.
+  absl::StatusOr<std::string> png = common::RenderPng(figure);
+  if (!png.ok()) return common::Annotate(png.status(), absl::StrCat("history plot ", path));
+  return common::Annotate(common::WriteFileAtomically(path, *png), absl::StrCat("history plot ", path));
 }
 
 // AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|nan_from|nan_weights|

@@ -87,7 +87,7 @@ absl::Status WriteSafetensors(const NamedTensors& tensors, const std::string& pa
   std::memcpy(bytes.data(), &len, 8);
   bytes += json;
   bytes += data;
-  return common::WriteFileAtomically(path, bytes);
+  return common::WriteOutputFileAtomically(path, bytes);  // a link as the output is written through
 }
 
 absl::StatusOr<NamedTensors> ReadStateDict(const std::string& path) {

@@ -38,7 +38,8 @@ for path in sorted(glob.glob(os.path.join(audio_dir, "*.wav"))):
     p = np.concatenate([sess.run(None, {"waveform": x[i:i + step]})[0] for i in range(0, n, step)])
     stem = os.path.splitext(os.path.basename(path))[0]
     for i in range(n):
-        rid = f"{stem}_{(i + 1) * meta['window_s']:.6g}"
+        end_s = f"{(i + 1) * meta['window_s']:.6f}".rstrip("0").rstrip(".")  # worker/predict.h RowId
+        rid = f"{stem}_{end_s}"
         worst = max(worst, float(np.abs(p[i] - ref[rid]).max()))
         compared += 1
 ok = compared == len(ref) and worst <= tol

@@ -155,7 +155,7 @@ done
   --out "$tmp/full.csv" --threads 2) 2>&1 | cat > "$tmp/full.log"  # the log outside the limit
 rc=${PIPESTATUS[0]}
 rows=$(($(wc -l < "$tmp/full.csv.partial" 2>/dev/null || echo 0) - 1))
-if [ $rc -ne 0 ] && grep -q "writing $tmp/full.csv.tmp.[0-9]* failed at the rows of .*: File too large (EFBIG)" "$tmp/full.log" &&
+if [ $rc -ne 0 ] && grep -q "writing $tmp/full.csv.tmp.[0-9.]* failed at the rows of .*: File too large (EFBIG)" "$tmp/full.log" &&
    grep -q "are in $tmp/full.csv.partial; $tmp/full.csv not written" "$tmp/full.log" && [ ! -e "$tmp/full.csv" ] &&
    [ $rows -gt 0 ] && [ $((rows % 19)) -eq 0 ] && [ $rows -lt 76 ] &&
    cmp -s <(head -n $((rows + 1)) "$tmp/sub.csv") "$tmp/full.csv.partial"; then

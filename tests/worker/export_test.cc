@@ -3,19 +3,25 @@
 // tests/parity/check_export.py.
 #include "worker/export.h"
 
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <vector>
 
 #include <caffe2/serialize/inline_container.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <torch/utils.h>
 
 #include "absl/strings/match.h"
 #include "common/backbone_fit.h"
 #include "common/config.h"
+#include "common/files.h"
 #include "common/model_shapes.h"
+#include "common/plot.h"
 #include "worker/checkpoint.h"
 #include "worker/ema.h"
 #include "worker/models.h"
@@ -520,6 +526,168 @@ TEST(ImportWeightsTest, AFileWithoutNumBatchesTrackedIsABackbone) {
   }
   EXPECT_FALSE(LoadIntoModule(no_mean, **fresh, strict, in).ok());
   EXPECT_FALSE(common::CompareBackbone(IndexOf(no_mean), *shapes).ok());
+}
+
+// A fresh folder under the test's temporary folder.
+std::string FreshDir(const std::string& name) {
+  const std::string dir = TempPath(name);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// The names in `dir` that hold `part`.
+std::vector<std::string> NamesWith(const std::string& dir, const std::string& part) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.find(part) != std::string::npos) names.push_back(name);
+  }
+  return names;
+}
+
+// The file an output link leads to, by the rule WriteOutputFileAtomically writes through with:
+// relative targets from the link's folder, chains, a dangling link's target; a loop refused.
+TEST(ResolveOutputPathTest, FollowsLinksToTheFileTheyEndAt) {
+  const std::string dir = FreshDir("resolve");
+  std::filesystem::create_directories(dir + "/real");
+  EXPECT_EQ(*common::ResolveOutputPath(dir + "/plain.csv"), dir + "/plain.csv");  // absent
+  std::ofstream(dir + "/real/a.csv") << "x";
+  EXPECT_EQ(*common::ResolveOutputPath(dir + "/real/a.csv"), dir + "/real/a.csv");
+  std::filesystem::create_symlink("real/a.csv", dir + "/rel.csv");
+  EXPECT_EQ(std::filesystem::weakly_canonical(*common::ResolveOutputPath(dir + "/rel.csv")),
+            std::filesystem::path(dir + "/real/a.csv"));
+  std::filesystem::create_symlink(dir + "/rel.csv", dir + "/chain.csv");
+  EXPECT_EQ(std::filesystem::weakly_canonical(*common::ResolveOutputPath(dir + "/chain.csv")),
+            std::filesystem::path(dir + "/real/a.csv"));
+  std::filesystem::create_symlink(dir + "/real/new.csv", dir + "/dangling.csv");
+  EXPECT_EQ(*common::ResolveOutputPath(dir + "/dangling.csv"), dir + "/real/new.csv");
+  std::filesystem::create_symlink(dir + "/loop2", dir + "/loop1");
+  std::filesystem::create_symlink(dir + "/loop1", dir + "/loop2");
+  EXPECT_EQ(common::ResolveOutputPath(dir + "/loop1").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// --out as a symbolic link is written through, and so is the sidecar's name (OUT.json, beside the
+// name given: where the notebook looks): the link's target gets the weights, the sidecar link's
+// target the JSON, the links stay links and no staged file is left anywhere. (The renames
+// replaced the links with files and the targets kept the old bytes.)
+TEST(ExportCheckpointTest, AnOutputLinkIsWrittenThroughAndSoIsTheSidecarsName) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.frontend.n_mels = 32;
+  torch::manual_seed(4);
+  auto model = BuildClassifier(config.model, 1, 2);
+  ASSERT_TRUE(model.ok());
+  const std::string dir = FreshDir("export_link");
+  const std::string ckpt = dir + "/best.pt";
+  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, TwoClassSmallCnnMeta(config)).ok());
+  std::filesystem::create_directories(dir + "/store");
+  std::filesystem::create_directories(dir + "/elsewhere");
+  std::ofstream(dir + "/store/model.pt") << "old weights";
+  std::ofstream(dir + "/elsewhere/side.json") << "old sidecar";
+  std::filesystem::create_symlink("store/model.pt", dir + "/link.pt");
+  std::filesystem::create_symlink(dir + "/elsewhere/side.json", dir + "/link.json");
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "state_dict";
+  o.window_s = 0.5;
+  o.out = dir + "/link.pt";
+  auto r = ExportCheckpoint(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(std::filesystem::is_symlink(dir + "/link.pt"));
+  EXPECT_TRUE(std::filesystem::is_symlink(dir + "/link.json"));
+  EXPECT_EQ(std::filesystem::weakly_canonical(r->weights_path), std::filesystem::path(dir + "/store/model.pt"));
+  EXPECT_EQ(r->sidecar_path, dir + "/elsewhere/side.json");
+  auto back = ReadStateDict(dir + "/store/model.pt");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(static_cast<int64_t>(back->size()), r->num_tensors);
+  const std::string json = Slurp(dir + "/elsewhere/side.json");
+  EXPECT_NE(json.find(R"("weights": "link.pt")"), std::string::npos) << json;
+  EXPECT_THAT(NamesWith(dir, ".partial"), ::testing::IsEmpty());
+  EXPECT_THAT(NamesWith(dir + "/store", ".partial"), ::testing::IsEmpty());
+  EXPECT_THAT(NamesWith(dir + "/elsewhere", ".partial"), ::testing::IsEmpty());
+  EXPECT_FALSE(std::filesystem::exists(dir + "/store/model.json"));
+  // A sidecar name that is the weights file under another spelling (m.json -> ./m.pt) is refused
+  // before anything is written (the JSON went over the weights).
+  std::ofstream(dir + "/m.pt") << "old weights";
+  std::filesystem::create_symlink("./m.pt", dir + "/m.json");
+  o.out = dir + "/m.pt";
+  auto same = ExportCheckpoint(o);
+  ASSERT_FALSE(same.ok());
+  EXPECT_THAT(std::string(same.status().message()), ::testing::HasSubstr("the JSON sidecar would overwrite the weights"));
+  EXPECT_EQ(Slurp(dir + "/m.pt"), "old weights");
+  // A pipe (or a device) as the output, or a link to one, is refused: the rename would replace it.
+  ASSERT_EQ(::mkfifo((dir + "/pipe").c_str(), 0644), 0);
+  std::filesystem::create_symlink("pipe", dir + "/to_pipe.pt");
+  o.out = dir + "/to_pipe.pt";
+  auto piped = ExportCheckpoint(o);
+  ASSERT_FALSE(piped.ok());
+  EXPECT_THAT(std::string(piped.status().message()), ::testing::HasSubstr("not a regular file"));
+  EXPECT_TRUE(std::filesystem::is_fifo(dir + "/pipe"));
+  // A link to the checkpoint is still the checkpoint.
+  std::filesystem::create_symlink(ckpt, dir + "/to_ckpt.pt");
+  o.out = dir + "/to_ckpt.pt";
+  EXPECT_EQ(ExportCheckpoint(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// `weights import --out link` writes the backbone into the link's target; the link stays.
+TEST(ImportWeightsTest, AnOutputLinkIsWrittenThrough) {
+  common::ModelConfig mc;
+  mc.name = "efficientnet_b0";
+  torch::manual_seed(6);
+  auto model = BuildClassifier(mc, 3, 1);
+  ASSERT_TRUE(model.ok()) << model.status();
+  NamedTensors backbone;
+  for (const auto& p : (*model)->named_parameters(true)) {
+    if (p.key().rfind("features.", 0) == 0) backbone.emplace_back(p.key(), p.value().detach().clone());
+  }
+  for (const auto& b : (*model)->named_buffers(true)) {
+    if (b.key().rfind("features.", 0) == 0) backbone.emplace_back(b.key(), b.value().clone());
+  }
+  const std::string dir = FreshDir("import_link");
+  ASSERT_TRUE(WriteSafetensors(backbone, dir + "/download.safetensors").ok());
+  std::filesystem::create_directories(dir + "/weights");
+  std::ofstream(dir + "/weights/b0.safetensors") << "old";
+  std::filesystem::create_symlink("weights/b0.safetensors", dir + "/b0.safetensors");
+  ImportOptions o;
+  o.in = dir + "/download.safetensors";
+  o.out = dir + "/b0.safetensors";
+  auto r = ImportWeights(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(std::filesystem::is_symlink(o.out));
+  auto back = ReadStateDict(dir + "/weights/b0.safetensors");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(static_cast<int64_t>(back->size()), r->written);
+  EXPECT_THAT(NamesWith(dir, ".tmp."), ::testing::IsEmpty());
+  EXPECT_THAT(NamesWith(dir + "/weights", ".tmp."), ::testing::IsEmpty());
+  // A link to the input is the input.
+  std::filesystem::create_symlink(o.in, dir + "/to_in.safetensors");
+  o.out = dir + "/to_in.safetensors";
+  EXPECT_EQ(ImportWeights(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A PNG written to a symbolic link (`--plot link.png`) goes to the
+// link's target; the link stays.
+TEST(WritePngTest, ALinkIsWrittenThrough) {
+  const std::string dir = FreshDir("png_link");
+  std::filesystem::create_directories(dir + "/plots");
+  std::ofstream(dir + "/plots/p.png") << "old";
+  std::filesystem::create_symlink("plots/p.png", dir + "/p.png");
+  common::Figure figure;
+  figure.width = 400;
+  figure.height = 300;
+  common::Panel panel;
+  common::Series line;
+  line.x = {0, 1, 2};
+  line.y = {1, 3, 2};
+  panel.lines = {line};
+  figure.panels = {panel};
+  ASSERT_TRUE(common::WritePng(figure, dir + "/p.png").ok());
+  EXPECT_TRUE(std::filesystem::is_symlink(dir + "/p.png"));
+  EXPECT_EQ(Slurp(dir + "/plots/p.png").substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+  EXPECT_THAT(NamesWith(dir, ".tmp."), ::testing::IsEmpty());
+  EXPECT_THAT(NamesWith(dir + "/plots", ".tmp."), ::testing::IsEmpty());
 }
 
 }  // namespace

@@ -1,15 +1,24 @@
 #include "worker/predict.h"
 
+#include <ATen/Context.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
@@ -486,14 +495,16 @@ TEST(PredictTest, ListAudioFilesChecksItsInput) {
   ASSERT_TRUE(files.ok());
   EXPECT_EQ(*files, (std::vector<std::string>{ok + "/a.ogg", ok + "/b.ogg"}));
   EXPECT_EQ(*ListAudioFiles(ok + "/a.ogg"), (std::vector<std::string>{ok + "/a.ogg"}));
-  // A dangling link is named, not left out (its rows would be missing from the submission).
+  // A dangling link is listed, not left out (its rows would be missing from the submission
+  // without a word) and not an error for the whole folder: Run skips it as missing
+  // (RunSkipsADanglingLinkAsMissing).
   std::string dangling = Dir("dangling");
   std::ofstream(dangling + "/a.ogg").close();
   std::filesystem::remove(dangling + "/b.ogg");
   std::filesystem::create_symlink(dangling + "/gone.ogg", dangling + "/b.ogg");
-  st = ListAudioFiles(dangling).status();
-  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(st.message()), HasSubstr(dangling + "/b.ogg: cannot stat"));
+  files = ListAudioFiles(dangling);
+  ASSERT_TRUE(files.ok()) << files.status();
+  EXPECT_EQ(*files, (std::vector<std::string>{dangling + "/a.ogg", dangling + "/b.ogg"}));
   // Only audio files (by extension, any case) count for a stem: notes beside a recording do not
   // refuse the folder.
   std::string notes = Dir("notes");
@@ -504,6 +515,45 @@ TEST(PredictTest, ListAudioFilesChecksItsInput) {
   EXPECT_EQ(files->size(), 2u);
   std::ofstream(notes + "/XC1.mp3").close();
   EXPECT_THAT(std::string(ListAudioFiles(notes).status().message()), HasSubstr("same stem 'XC1'"));
+}
+
+// A folder that cannot be read is said with errno's own code and the folder's name, not as
+// NOT_FOUND (the folder exists). Skipped where this process reads a folder of mode 0 (root with
+// CAP_DAC_OVERRIDE).
+TEST(PredictTest, ListAudioFilesSaysWhyAFolderCannotBeRead) {
+  const std::string dir = Dir("unreadable");
+  std::ofstream(dir + "/a.ogg").close();
+  ::chmod(dir.c_str(), 0);
+  if (::access(dir.c_str(), R_OK) == 0) {
+    ::chmod(dir.c_str(), 0755);
+    GTEST_SKIP() << "this process reads a folder of mode 0";
+  }
+  const absl::Status st = ListAudioFiles(dir).status();
+  ::chmod(dir.c_str(), 0755);
+  EXPECT_EQ(st.code(), absl::StatusCode::kPermissionDenied) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr(dir + ": cannot open the folder: Permission denied (EACCES)"));
+}
+
+// A dangling link among the audio files (a recording moved away) is one bad file: skipped and
+// reported as missing, and the other files are predicted (it ended the whole run before).
+TEST(PredictTest, RunSkipsADanglingLinkAsMissing) {
+  std::unique_ptr<Predictor> p = TwoClassPredictor("dangling_run", 1);
+  ASSERT_NE(p, nullptr);
+  const std::string dir = Dir("dangling_run");
+  WriteWav(dir + "/a.wav", Noise(32000 * 2, 3), 32000);
+  std::filesystem::create_symlink(dir + "/moved_away.wav", dir + "/b.wav");
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  ASSERT_EQ(files->size(), 2u);
+  std::ostringstream csv;
+  auto report = p->Run(*files, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->files_predicted, 1);
+  EXPECT_EQ(report->rows, 2);
+  ASSERT_EQ(report->skipped.size(), 1u);
+  EXPECT_EQ(report->skipped[0].path, dir + "/b.wav");
+  EXPECT_EQ(report->skipped[0].reason, "missing");
+  EXPECT_THAT(report->skipped[0].message, HasSubstr(dir + "/b.wav"));
 }
 
 // A file not named as audio that decodes after all, with the stem of a recording (which sorts
@@ -744,6 +794,102 @@ class FullDisk : public std::streambuf {
   size_t limit_;
 };
 
+// A stream that cannot take the header ends the run before any file is decoded, said as the
+// header's failure (it was not checked: the first file's rows were blamed, or with no rows to
+// write the run ended well with an empty CSV).
+TEST(PredictTest, AFailedHeaderWriteEndsTheRunAtOnce) {
+  std::unique_ptr<Predictor> p = TwoClassPredictor("header_full", 0.5);
+  ASSERT_NE(p, nullptr);
+  const std::string dir = Dir("header_full");
+  WriteWav(dir + "/a.wav", Noise(16000, 41), 32000);
+  FullDisk disk(4);  // "row_" of the header
+  std::ostream csv(&disk);
+  int calls = 0;
+  auto report = p->Run({dir + "/a.wav"}, csv, [&](const PredictProgress&) { ++calls; });
+  ASSERT_FALSE(report.ok());
+  EXPECT_THAT(report.status().message(), HasSubstr("writing the CSV failed at its header"));
+  EXPECT_EQ(calls, 0);
+}
+
+// should_stop (SIGINT / SIGTERM in `aviary predict`) is asked before every file and every batch:
+// true ends Run with CANCELLED, the CSV holding the header and the rows of the whole files before
+// (as the last progress call counts them), never part of a file's rows.
+TEST(PredictTest, ShouldStopEndsTheRunBetweenBatchesWithWholeFilesRows) {
+  const std::string dir = Dir("stop");
+  WriteFloatWav(dir + "/a.wav", Noise(16000 * 3, 51), 32000);   // 3 rows
+  WriteFloatWav(dir + "/b.wav", Noise(16000 * 40, 52), 32000);  // 40 rows: 20 batches of 2
+  WriteFloatWav(dir + "/c.wav", Noise(16000 * 2, 53), 32000);
+  const std::vector<std::string> files = {dir + "/a.wav", dir + "/b.wav", dir + "/c.wav"};
+  PredictOptions options;
+  options.checkpoints = {SaveModel("stop", {"a", "b"})};
+  options.window_s = 0.5;
+  options.batch_windows = 2;
+  options.device = "cpu";
+  options.progress_interval_s = 0;
+  options.chunk_samples = 8000;  // b.wav reaches inference in pieces: a progress call per batch
+  // The stop arrives within b.wav, after some of its batches ran.
+  int64_t asked = 0, asked_at_stop = 0;
+  PredictProgress last;
+  options.should_stop = [&] {
+    ++asked;
+    if (last.files_done == 1 && last.file_audio_seconds > 0) {
+      if (asked_at_stop == 0) asked_at_stop = asked;
+      return true;
+    }
+    return false;
+  };
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::ostringstream csv;
+  auto report = (*p)->Run(files, csv, [&](const PredictProgress& progress) { last = progress; });
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
+  EXPECT_THAT(report.status().message(), HasSubstr(dir + "/b.wav"));
+  EXPECT_GT(asked, 3);  // asked per batch, not only per file
+  EXPECT_EQ(asked, asked_at_stop);
+  // The rows of a.wav only: b.wav's batches that ran are not written.
+  EXPECT_EQ(last.files_done, 1);
+  EXPECT_EQ(last.rows, 3);
+  EXPECT_EQ(static_cast<int64_t>(csv.str().size()), last.csv_bytes);
+  EXPECT_EQ(CsvValues(csv.str()).size(), 3u * 2u);
+  EXPECT_EQ(csv.str().find("b_"), std::string::npos);
+
+  // Asked before the first file: nothing but the header.
+  PredictOptions at_once = options;
+  at_once.should_stop = [] { return true; };
+  auto q = Predictor::Create(at_once);
+  ASSERT_TRUE(q.ok()) << q.status();
+  std::ostringstream header_only;
+  report = (*q)->Run(files, header_only, nullptr);
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(report.status().message(), HasSubstr("before " + dir + "/a.wav"));
+  EXPECT_EQ(header_only.str(), "row_id,a,b\n");
+}
+
+// On CUDA, predict computes in float32 as the CPU does: TF32 (cuDNN's default for convolutions)
+// moved probabilities by up to 2.7e-3. Skipped without a CUDA device.
+TEST(PredictTest, CudaPredictsWithoutTf32AsTheCpuDoes) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::globalContext().setAllowTF32CuDNN(true);  // libtorch's default, set by another user
+  PredictOptions options;
+  options.checkpoints = {SaveModel("tf32", {"a", "b", "c"})};
+  options.window_s = 0.5;
+  options.device = "cpu";
+  auto cpu = Predictor::Create(options);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  options.device = "cuda";
+  auto gpu = Predictor::Create(options);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_FALSE(at::globalContext().allowTF32CuBLAS());
+  EXPECT_FALSE(at::globalContext().allowTF32CuDNN());
+  const std::vector<float> wave = Noise(16000 * 8, 61);
+  auto a = (*cpu)->PredictWaveform(wave);
+  auto b = (*gpu)->PredictWaveform(wave);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(a->size(), b->size());
+  for (size_t k = 0; k < a->size(); ++k) EXPECT_NEAR((*a)[k], (*b)[k], 1e-4) << k;
+}
+
 // A failed write ends the run while the next file's decoder waits in the sink: it is woken by
 // the stop and the run returns (without the wake-up, Run would wait for it forever).
 TEST(PredictTest, AFailedWriteStopsDecodersThatWait) {
@@ -766,6 +912,134 @@ TEST(PredictTest, AFailedWriteStopsDecodersThatWait) {
   auto report = (*p)->Run(*files, csv, nullptr);
   ASSERT_FALSE(report.ok());
   EXPECT_THAT(report.status().message(), HasSubstr("writing the CSV failed at the rows of " + dir + "/a.wav"));
+}
+
+// `aviary predict` itself (worker/tools/predict_command.cc), run as aviary-worker: what only the
+// command does (its output file, its signals, its list of inputs).
+class PredictCommandTest : public ::testing::Test {
+ protected:
+  // Starts `aviary-worker predict` with `args`, its stdout and stderr into `log_`.
+  pid_t Start(const std::vector<std::string>& args) {
+    log_ = dir_ + ".log";  // beside the folder: it may be the --audio folder
+    std::vector<std::string> argv_text = {AVIARY_WORKER_BIN, "predict", "--device", "cpu", "--threads", "1"};
+    argv_text.insert(argv_text.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (std::string& a : argv_text) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    EXPECT_GE(fd, 0);
+    const pid_t pid = ::fork();
+    if (pid == 0) {  // only async-signal-safe calls here
+      ::dup2(fd, STDOUT_FILENO);
+      ::dup2(fd, STDERR_FILENO);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::close(fd);
+    EXPECT_GT(pid, 0);
+    return pid;
+  }
+  // The exit code (128 + the signal for a process a signal ended).
+  static int Wait(pid_t pid) {
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  int Run(const std::vector<std::string>& args) { return Wait(Start(args)); }
+  std::string Log() const { return Read(log_); }
+  static std::string Read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  // The names in `dir` that start with `prefix`.
+  static std::vector<std::string> NamesStarting(const std::string& dir, const std::string& prefix) {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind(prefix, 0) == 0) names.push_back(name);
+    }
+    return names;
+  }
+
+  std::string dir_;
+  std::string log_;
+};
+
+// --out as a symbolic link (a relative one here) is written through: its target gets the CSV
+// and the link stays a link; no temporary file is left beside either. The rename replaced the
+// link with a regular file, and its target kept the old bytes.
+TEST_F(PredictCommandTest, AnOutputLinkIsWrittenThrough) {
+  dir_ = Dir("cli_link");
+  const std::string ckpt = SaveModel("cli_link", {"a", "b"});
+  ::mkdir((dir_ + "/audio").c_str(), 0755);
+  ::mkdir((dir_ + "/real").c_str(), 0755);
+  WriteWav(dir_ + "/audio/x.wav", Noise(32000, 71), 32000);
+  std::ofstream(dir_ + "/real/sub.csv") << "old\n";
+  std::filesystem::create_symlink("real/sub.csv", dir_ + "/link.csv");
+  ASSERT_EQ(Run({"--checkpoint", ckpt, "--audio", dir_ + "/audio", "--out", dir_ + "/link.csv", "--window", "0.5"}), 0)
+      << Log();
+  EXPECT_TRUE(std::filesystem::is_symlink(dir_ + "/link.csv"));
+  const std::string csv = Read(dir_ + "/real/sub.csv");
+  EXPECT_EQ(csv.rfind("row_id,a,b\nx_0.5,", 0), 0u) << csv;
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 3);
+  EXPECT_THAT(NamesStarting(dir_ + "/real", "sub.csv."), ::testing::IsEmpty());
+  EXPECT_THAT(NamesStarting(dir_, "link.csv."), ::testing::IsEmpty());
+}
+
+// SIGINT while a long file is in inference (after a SIGCONT): the run stops between batches, keeps the rows of the
+// whole files before it as --out.partial (nothing of the long file's), removes its temporary
+// file, writes no --out, says so and exits 130. (The temporary file was left with the rows so
+// far, not cut back to whole files, and no .partial.)
+TEST_F(PredictCommandTest, SigintKeepsTheWholeFilesRowsAsPartial) {
+  dir_ = Dir("cli_sigint");
+  const std::string ckpt = SaveModel("cli_sigint", {"a", "b"});
+  ::mkdir((dir_ + "/audio").c_str(), 0755);
+  WriteWav(dir_ + "/audio/a.wav", Noise(32000, 72), 32000);        // 2 rows
+  WriteWav(dir_ + "/audio/b.wav", Noise(32000 * 120, 73), 32000);  // 240 rows x 64 views: seconds
+  const std::string out = dir_ + "/sub.csv";
+  const pid_t pid = Start({"--checkpoint", ckpt, "--audio", dir_ + "/audio", "--out", out, "--window", "0.5",
+                           "--tta", "64", "--batch", "2"});
+  // a.wav's rows in the temporary file: b.wav is in inference.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  bool a_done = false;
+  while (!a_done && std::chrono::steady_clock::now() < deadline) {
+    for (const std::string& name : NamesStarting(dir_, "sub.csv.tmp.")) {
+      const std::string rows = Read(dir_ + "/" + name);
+      a_done = a_done || std::count(rows.begin(), rows.end(), '\n') >= 3;
+    }
+    if (!a_done) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(a_done) << Log();
+  // A SIGCONT first (a shell's `fg` after Ctrl-Z) is no stop: the SIGINT is the one said (the
+  // serving agent's handlers took the SIGCONT as mpirun's stop: exit 143, "stopped by SIGCONT").
+  ASSERT_EQ(::kill(pid, SIGCONT), 0);
+  ASSERT_EQ(::kill(pid, SIGINT), 0);
+  EXPECT_EQ(Wait(pid), 130) << Log();
+  const std::string partial = Read(out + ".partial");
+  EXPECT_EQ(partial.rfind("row_id,a,b\na_0.5,", 0), 0u) << partial;
+  EXPECT_EQ(std::count(partial.begin(), partial.end(), '\n'), 3) << partial;
+  EXPECT_EQ(partial.find("b_"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(out));
+  EXPECT_THAT(NamesStarting(dir_, "sub.csv.tmp."), ::testing::IsEmpty());
+  EXPECT_THAT(Log(), HasSubstr("stopped by SIGINT"));
+  EXPECT_THAT(Log(), HasSubstr("are in " + out + ".partial; " + out + " not written"));
+}
+
+// --out inside the --audio folder: an earlier run's .partial and a killed run's temporary file
+// are not read as audio, and a dangling link there is one file skipped as missing, not the end
+// of the run (it ended it with "cannot stat").
+TEST_F(PredictCommandTest, OutputsAndDanglingLinksInTheAudioFolder) {
+  dir_ = Dir("cli_inside");
+  const std::string ckpt = SaveModel("cli_inside", {"a", "b"});
+  WriteWav(dir_ + "/x.wav", Noise(32000, 74), 32000);
+  std::ofstream(dir_ + "/sub.csv.partial") << "row_id,a,b\n";
+  std::ofstream(dir_ + "/sub.csv.tmp.4242.123456789") << "row_id,a,b\nx_0.5,0.5";
+  std::filesystem::create_symlink(dir_ + "/moved_away.wav", dir_ + "/y.wav");
+  ASSERT_EQ(Run({"--checkpoint", ckpt, "--audio", dir_, "--out", dir_ + "/sub.csv", "--window", "0.5"}), 0) << Log();
+  EXPECT_THAT(Log(), HasSubstr("2 rows from 1 of 2 file(s)"));
+  EXPECT_THAT(Log(), HasSubstr("skipped 1 file(s) (no rows): 1 missing"));
+  EXPECT_THAT(Log(), HasSubstr(dir_ + "/y.wav"));
 }
 
 }  // namespace

@@ -5,14 +5,18 @@
 //
 // A BirdCLEF submission from trained checkpoints (worker/predict.h): one row per `window`
 // seconds of every audio file, one probability column per class in label order. The CSV is
-// written to a temporary file next to --out, fsynced and renamed when complete; after an error
-// the rows written so far are kept as --out.partial. Undecodable files are reported and skipped;
-// the run ends with a summary on stdout (and exit 0 when at least one file was predicted, 2
-// when every file was skipped).
+// written to a temporary file next to --out, fsynced and renamed when complete (a symbolic link
+// as --out is written through: its target is replaced); after an error, or SIGINT / SIGTERM
+// (exit 130 / 143, checked between batches), the rows of the whole files written so far are kept
+// as --out.partial. Undecodable files (a dangling link among them) are reported and skipped; the
+// run ends with a summary on stdout (and exit 0 when at least one file was predicted, 2 when
+// every file was skipped).
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -108,40 +112,97 @@ absl::StatusOr<std::vector<double>> ParseWeights(const std::string& text) {
 struct PredictArgs {
   worker::PredictOptions options;
   std::string audio;
-  std::string out;
+  std::string out;       // as given
+  std::string out_file;  // `out` through its symbolic links (common::ResolveOutputPath): written
   std::string smooth;
   bool smooth_given = false;
   std::string memory_format = "channels_last";
 };
 
-// --out among the files to predict: an earlier run's CSV (or its .partial) in the --audio folder
-// is left out; an --out named as audio, or the --audio file itself, is refused (it would be
+// SIGINT, SIGTERM, SIGUSR2: the first one stops the run between batches (its rows of whole files
+// kept as .partial, exit 128 + the signal); the handlers then go back to the default, so that a
+// second one ends the process at once (its rows are left in the .tmp. file). Not the serving
+// agent's handlers (worker/agent/signals.h): those also take a SIGCONT from the parent as a stop
+// (mpirun's), which a shell's `fg` after Ctrl-Z is.
+std::atomic<int> g_stop_signal{0};
+
+void OnPredictStop(int signal) {
+  int none = 0;
+  g_stop_signal.compare_exchange_strong(none, signal);  // the first signal is the one said
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaction(s, &dfl, nullptr);  // async-signal-safe
+}
+
+void InstallPredictStopHandlers() {
+  struct sigaction action {};
+  action.sa_handler = OnPredictStop;
+  sigemptyset(&action.sa_mask);
+  for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaddset(&action.sa_mask, s);
+  for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaction(s, &action, nullptr);
+}
+
+// The folder of `path` ("." for a bare name).
+std::filesystem::path FolderOf(const std::string& path) {
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? std::filesystem::path(".") : parent;
+}
+
+// --out among the files to predict: an earlier run's CSV (or its .partial, or a run's temporary
+// `.tmp.<suffix>` file) in the --audio folder is left out, by the name given and by the name its
+// links lead to; an --out named as audio, or the --audio file itself, is refused (it would be
 // replaced). Compared by name within the folder, and by inode for the one file given.
 absl::Status LeaveOutTheOutput(const PredictArgs& args, std::vector<std::string>* files) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(args.audio, ec)) {
-    return common::CheckNotTheInput(args.out, "--out", args.audio, "audio file");
+    AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(args.out, "--out", args.audio, "audio file"));
+    return common::CheckNotTheInput(args.out_file, "--out", args.audio, "audio file");
   }
-  const fs::path out_dir = fs::path(args.out).parent_path().empty() ? fs::path(".") : fs::path(args.out).parent_path();
-  if (!fs::equivalent(out_dir, args.audio, ec) || ec) return absl::OkStatus();
-  const std::string out_name = fs::path(args.out).filename().string();
-  if (worker::HasAudioExtension(out_name)) {
-    return absl::InvalidArgumentError(absl::StrCat("--out ", args.out, ": in the --audio folder ", args.audio,
-                                                   " with an audio file's name: write elsewhere (it would be "
-                                                   "replaced, or read as audio by the next run)"));
+  std::vector<std::string> out_names;  // of --out and its target, in the --audio folder
+  for (const std::string& out : {args.out, args.out_file}) {
+    if (!fs::equivalent(FolderOf(out), args.audio, ec) || ec) continue;
+    const std::string out_name = fs::path(out).filename().string();
+    if (worker::HasAudioExtension(out_name)) {
+      return absl::InvalidArgumentError(absl::StrCat("--out ", args.out, ": in the --audio folder ", args.audio,
+                                                     " with an audio file's name: write elsewhere (it would be "
+                                                     "replaced, or read as audio by the next run)"));
+    }
+    out_names.push_back(out_name);
   }
-  const std::string partial_name = out_name + ".partial";
-  files->erase(std::remove_if(files->begin(), files->end(),
-                              [&](const std::string& f) {
-                                const std::string name = fs::path(f).filename().string();
-                                return name == out_name || name == partial_name;
-                              }),
-               files->end());
+  if (out_names.empty()) return absl::OkStatus();
+  auto is_output = [&](const std::string& f) {
+    const std::string name = fs::path(f).filename().string();
+    for (const std::string& out_name : out_names) {
+      if (name == out_name || name == out_name + ".partial") return true;
+      const std::string tmp = out_name + ".tmp.";
+      if (absl::StartsWith(name, tmp) && common::IsTemporarySuffix(absl::string_view(name).substr(tmp.size()))) {
+        return true;
+      }
+    }
+    return false;
+  };
+  files->erase(std::remove_if(files->begin(), files->end(), is_output), files->end());
   if (files->empty()) {
     return absl::InvalidArgumentError(absl::StrCat(args.audio, ": no files to predict besides --out"));
   }
   return absl::OkStatus();
+}
+
+// After a failed or stopped run: the rows of the whole files in `tmp` (as `last` counts them; a
+// failed write may have left part of a row) kept as `partial`, else `tmp` removed. Says which.
+void KeepWholeFilesRows(const std::string& tmp, const std::string& partial, const std::string& out,
+                        const worker::PredictProgress& last, const char* before_what) {
+  if (last.rows > 0 && last.csv_bytes > 0 && ::truncate(tmp.c_str(), last.csv_bytes) == 0 &&
+      std::rename(tmp.c_str(), partial.c_str()) == 0) {
+    common::WriteLineToStderr(absl::StrCat("aviary predict: the rows of the ", last.files_predicted,
+                                           " file(s) predicted before the ", before_what, " (", last.rows,
+                                           " rows; ", last.files_done, " of ", last.files_total,
+                                           " files done) are in ", partial, "; ", out, " not written"));
+  } else {
+    std::remove(tmp.c_str());
+  }
 }
 
 // The CSV's bytes on disk before the rename publishes it (as WriteFileAtomically does).
@@ -164,17 +225,34 @@ int RunPredict(const PredictArgs& args) {
     options.smooth = *weights;
   }
   options.channels_last = memory_format == "channels_last";
+  options.should_stop = [] { return g_stop_signal.load() != 0; };  // the handlers are installed before Run
 
   // A folder (or a missing one) as --out is said now, not after the run when the rename fails.
   if (absl::Status out = common::CheckOutputPath("--out", args.out); !out.ok()) return Fail(out);
+  // A symbolic link as --out is written through, as a shell's `>` would: the temporary file, the
+  // .partial and the rename are beside its target, which the rename replaces (a rename onto the
+  // link replaced the link with a file, and its target kept the old rows).
+  PredictArgs resolved = args;
+  absl::StatusOr<std::string> out_file = common::ResolveOutputPath(args.out);
+  if (!out_file.ok()) return Fail(common::Annotate(out_file.status(), "--out"));
+  resolved.out_file = *out_file;
+  const std::string& out = resolved.out_file;
+  if (out != args.out) {
+    if (absl::Status target = common::CheckOutputPath(absl::StrCat("--out ", args.out, ": its link's target"), out);
+        !target.ok()) {
+      return Fail(target);
+    }
+  }
   for (const std::string& checkpoint : options.checkpoints) {
-    if (absl::Status in = common::CheckNotTheInput(args.out, "--out", checkpoint, "checkpoint"); !in.ok()) {
-      return Fail(in);
+    for (const std::string& path : {args.out, out}) {
+      if (absl::Status in = common::CheckNotTheInput(path, "--out", checkpoint, "checkpoint"); !in.ok()) {
+        return Fail(in);
+      }
     }
   }
   auto files = worker::ListAudioFiles(args.audio);
   if (!files.ok()) return Fail(files.status());
-  if (absl::Status in = LeaveOutTheOutput(args, &*files); !in.ok()) return Fail(in);
+  if (absl::Status in = LeaveOutTheOutput(resolved, &*files); !in.ok()) return Fail(in);
   auto predictor = worker::Predictor::Create(options);
   if (!predictor.ok()) return Fail(predictor.status());
   const worker::Predictor& p = **predictor;
@@ -191,11 +269,17 @@ int RunPredict(const PredictArgs& args) {
             << (options.smooth.empty() ? "off" : args.smooth) << ", device " << p.device()
             << ", " << options.threads << " thread(s), " << memory_format << std::endl;
 
-  const std::string tmp = absl::StrCat(args.out, ".tmp.", ::getpid());
+  // SIGINT / SIGTERM (and SIGUSR2, as for train) stop the run between batches: the whole files'
+  // rows become --out.partial. A second signal ends the process at once.
+  InstallPredictStopHandlers();
+  // Named by this process (TemporarySuffix, as export's staged files): two runs to one --out
+  // never share a temporary file.
+  const std::string tmp = absl::StrCat(out, ".tmp.", common::TemporarySuffix());
   std::ofstream csv(tmp, std::ios::binary | std::ios::trunc);
   if (!csv) {
-    return Fail(absl::NotFoundError(
-        absl::StrCat("--out ", args.out, ": cannot write ", tmp, ": ", std::strerror(errno))));
+    const int error = errno;
+    return Fail(absl::Status(absl::ErrnoToStatusCode(error),
+                             absl::StrCat("--out ", args.out, ": cannot write ", tmp, ": ", common::ErrnoText(error))));
   }
   ProgressBar bar;
   worker::PredictProgress last;  // the files done so far (their rows are in the CSV)
@@ -221,27 +305,27 @@ int RunPredict(const PredictArgs& args) {
   }
   if (!report.ok()) {
     // The rows written so far are kept (hours of inference on a CPU), apart from --out.
-    const std::string partial = absl::StrCat(args.out, ".partial");
-    // Cut back to the last whole file's rows (a failed write may have left part of a row).
-    if (last.rows > 0 && last.csv_bytes > 0 && ::truncate(tmp.c_str(), last.csv_bytes) == 0 &&
-        std::rename(tmp.c_str(), partial.c_str()) == 0) {
-      std::cerr << "aviary predict: the rows of the " << last.files_predicted << " file(s) predicted before the error ("
-                << last.rows << " rows; " << last.files_done << " of " << last.files_total << " files done) are in "
-                << partial << "; " << args.out << " not written\n";
-    } else {
-      std::remove(tmp.c_str());
+    const std::string partial = absl::StrCat(out, ".partial");
+    if (const int signal = g_stop_signal.load(); absl::IsCancelled(report.status()) && signal != 0) {
+      KeepWholeFilesRows(tmp, partial, args.out, last, "stop");
+      const char* name = signal == SIGINT ? "SIGINT" : signal == SIGTERM ? "SIGTERM" : "SIGUSR2";
+      common::WriteLineToStderr(absl::StrCat("aviary predict: stopped by ", name, " (", report.status().message(),
+                                             "); ", args.out, " not written"));
+      return 128 + signal;
     }
+    KeepWholeFilesRows(tmp, partial, args.out, last, "error");
     return Fail(report.status());
   }
   if (report->files_predicted == 0) std::remove(tmp.c_str());  // no submission without rows
-  if (report->files_predicted > 0 && std::rename(tmp.c_str(), args.out.c_str()) != 0) {
+  if (report->files_predicted > 0 && std::rename(tmp.c_str(), out.c_str()) != 0) {
     // The complete CSV stays under its temporary name: nothing to predict again.
-    return Fail(absl::InternalError(absl::StrCat("rename ", tmp, " -> ", args.out, ": ", common::ErrnoText(errno),
+    return Fail(absl::InternalError(absl::StrCat("rename ", tmp, " -> ", out, ": ", common::ErrnoText(errno),
                                                  "; the complete CSV is kept as ", tmp)));
   }
   if (report->files_predicted > 0) {
-    const std::string dir = std::filesystem::path(args.out).parent_path().string();
-    if (absl::Status synced = common::SyncFolder(dir); !synced.ok()) return Fail(synced);
+    if (absl::Status synced = common::SyncFolder(std::filesystem::path(out).parent_path().string()); !synced.ok()) {
+      return Fail(synced);
+    }
   }
 
   const worker::PredictReport& r = *report;
