@@ -139,6 +139,21 @@ CheckpointMeta TwoClassSmallCnnMeta(const common::PipelineConfig& config) {
   return meta;
 }
 
+// A one-plane, two-class small_cnn of 32 mels (weights drawn with torch seed `seed`) saved as the
+// checkpoint `ckpt`.
+::testing::AssertionResult SaveTwoClassSmallCnn(const std::string& ckpt, int seed) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.frontend.n_mels = 32;
+  torch::manual_seed(seed);
+  auto model = BuildClassifier(config.model, 1, 2);
+  if (!model.ok()) return ::testing::AssertionFailure() << model.status();
+  const absl::Status saved = SaveCheckpoint(ckpt, **model, nullptr, TwoClassSmallCnnMeta(config));
+  if (!saved.ok()) return ::testing::AssertionFailure() << saved;
+  return ::testing::AssertionSuccess();
+}
+
 // A checkpoint of efficientnet_b0, written as the trainer does.
 std::string SaveB0(const std::string& name, common::PipelineConfig* config_out = nullptr) {
   common::PipelineConfig config;
@@ -263,15 +278,8 @@ TEST(ExportCheckpointTest, AOnePlaneEfficientNetSaysItsPlanes) {
 // small_cnn's four pools need 16 frames: a window shorter than that is refused at export (the
 // files loaded and failed at inference), a longer one exports.
 TEST(ExportCheckpointTest, ASmallCnnWindowOfTooFewFramesIsRefused) {
-  common::PipelineConfig config;
-  config.model.name = "small_cnn";
-  config.frontend.in_channels = 1;
-  config.frontend.n_mels = 32;
-  torch::manual_seed(3);
-  auto model = BuildClassifier(config.model, 1, 2);
-  ASSERT_TRUE(model.ok());
   const std::string ckpt = TempPath("cnn_window.pt");
-  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, TwoClassSmallCnnMeta(config)).ok());
+  ASSERT_TRUE(SaveTwoClassSmallCnn(ckpt, 3));
   for (const char* format : {"onnx", "safetensors"}) {
     ExportOptions o;
     o.checkpoint = ckpt;
@@ -572,16 +580,9 @@ TEST(ResolveOutputPathTest, FollowsLinksToTheFileTheyEndAt) {
 // target the JSON, the links stay links and no staged file is left anywhere. (The renames
 // replaced the links with files and the targets kept the old bytes.)
 TEST(ExportCheckpointTest, AnOutputLinkIsWrittenThroughAndSoIsTheSidecarsName) {
-  common::PipelineConfig config;
-  config.model.name = "small_cnn";
-  config.frontend.in_channels = 1;
-  config.frontend.n_mels = 32;
-  torch::manual_seed(4);
-  auto model = BuildClassifier(config.model, 1, 2);
-  ASSERT_TRUE(model.ok());
   const std::string dir = FreshDir("export_link");
   const std::string ckpt = dir + "/best.pt";
-  ASSERT_TRUE(SaveCheckpoint(ckpt, **model, nullptr, TwoClassSmallCnnMeta(config)).ok());
+  ASSERT_TRUE(SaveTwoClassSmallCnn(ckpt, 4));
   std::filesystem::create_directories(dir + "/store");
   std::filesystem::create_directories(dir + "/elsewhere");
   std::ofstream(dir + "/store/model.pt") << "old weights";
