@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -286,10 +287,36 @@ absl::StatusOr<std::string> ThroughSymlinks(const std::string& path) {
 
 namespace {
 
+// Whether `path` names a device or a process's descriptor (/dev/stdout, /proc/self/fd/1): a
+// file a shell opened for this process (`> run.log`), or a pipe, which a rename would replace or
+// cannot reach. /dev/shm holds ordinary files.
+bool IsDescriptorOrDevicePath(const std::filesystem::path& path) {
+  const std::string normal = path.lexically_normal().string();
+  return (absl::StartsWith(normal, "/dev/") && !absl::StartsWith(normal, "/dev/shm/")) ||
+         absl::StartsWith(normal, "/proc/");
+}
+
 // A user's output resolved: refused when it is a FIFO, a device or a socket (`--out /dev/null`,
-// a link to a pipe), which the rename of a new file would replace (a folder is the writers' own
-// CheckOutputPath's to say, or the rename's).
+// a link to a pipe), or reached through /dev or /proc (`--out /dev/stdout` led to the file
+// stdout was redirected to, which the rename replaced: `>> run.log` lost its earlier lines),
+// which the rename of a new file would replace (a folder is the writers' own CheckOutputPath's
+// to say, or the rename's).
 absl::StatusOr<std::string> ResolveUserOutput(const std::string& path) {
+  auto refuse = [&path](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", why,
+                                                   ": the finished file is renamed into place, which would replace "
+                                                   "it; write to a file"));
+  };
+  // Each name of its chain of links (ThroughSymlinks refuses a loop and the protected ones).
+  std::filesystem::path at = std::filesystem::absolute(path);
+  for (int links = 0; links <= 40; ++links) {
+    if (IsDescriptorOrDevicePath(at)) return refuse(absl::StrCat("reaches ", at.string(), ", a device or a descriptor"));
+    std::error_code ec;
+    if (!std::filesystem::is_symlink(at, ec)) break;
+    const std::filesystem::path target = std::filesystem::read_symlink(at, ec);
+    if (ec) break;
+    at = target.is_absolute() ? target : at.parent_path() / target;
+  }
   AVIARY_ASSIGN_OR_RETURN(std::string resolved, ThroughSymlinks(path));
   struct stat st;
   if (::stat(resolved.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {

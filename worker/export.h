@@ -37,7 +37,7 @@ namespace aviary::worker {
 struct ExportOptions {
   std::string checkpoint;            // RUN/best.pt
   std::string format = "state_dict";  // "state_dict", "safetensors" or "onnx"
-  std::string out;                   // the weights file; the sidecar goes beside it
+  std::string out;                   // the weights file; the sidecar is `out` with .json
   double window_s = 5.0;             // recorded in the sidecar: seconds per prediction row
 };
 
@@ -63,8 +63,9 @@ std::string SidecarPath(const std::string& out);
 // weights the run validated (worker/ema.h UseValidatedWeights: a last.pt's EMA average with
 // train.ema_eval), writes the
 // weights and the sidecar atomically. A symbolic link as `out` is written through (its target
-// replaced, as by a shell's `>`; common::ResolveOutputPath), and the sidecar goes beside the
-// target: weights_path and sidecar_path are the files written. INVALID_ARGUMENT for an unknown
+// replaced, as by a shell's `>`; common::ResolveOutputPath); the sidecar is `out` with .json
+// (beside the name given, where the notebook looks; written through too when it is a link), and
+// its "weights" is `out`'s file name: weights_path and sidecar_path are the files written. INVALID_ARGUMENT for an unknown
 // format or an --out whose sidecar would be itself; the checkpoint's errors naming its path;
 // FAILED_PRECONDITION naming the path and both counts when its config's frontend.in_channels
 // differs from the input channels of the model's first convolution (nothing written).

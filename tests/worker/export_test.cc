@@ -573,6 +573,17 @@ TEST(ResolveOutputPathTest, FollowsLinksToTheFileTheyEndAt) {
   std::filesystem::create_symlink(dir + "/loop2", dir + "/loop1");
   std::filesystem::create_symlink(dir + "/loop1", dir + "/loop2");
   EXPECT_EQ(common::ResolveOutputPath(dir + "/loop1").status().code(), absl::StatusCode::kInvalidArgument);
+  // A device or a descriptor, named or linked to (/dev/stdout led to the file stdout was redirected
+  // to, which the rename replaced), is refused; /dev/shm holds ordinary files.
+  std::filesystem::create_symlink("/dev/stdout", dir + "/to_stdout.csv");
+  for (const std::string& path : {std::string("/dev/stdout"), std::string("/proc/self/fd/2"), dir + "/to_stdout.csv"}) {
+    auto refused = common::ResolveOutputPath(path);
+    ASSERT_FALSE(refused.ok()) << path;
+    EXPECT_THAT(std::string(refused.status().message()), ::testing::HasSubstr("a device or a descriptor")) << path;
+  }
+  if (std::filesystem::is_directory("/dev/shm")) {
+    EXPECT_TRUE(common::ResolveOutputPath("/dev/shm/aviary_resolve_test.csv").ok());
+  }
 }
 
 // --out as a symbolic link is written through, and so is the sidecar's name (OUT.json, beside the

@@ -7,7 +7,7 @@
 // seconds of every audio file, one probability column per class in label order. The CSV is
 // written to a temporary file next to --out, fsynced and renamed when complete (a symbolic link
 // as --out is written through: its target is replaced); after an error, or SIGINT / SIGTERM
-// (exit 130 / 143, checked between batches), the rows of the whole files written so far are kept
+// (checked between batches; then ended by that signal), the rows of the whole files written so far are kept
 // as --out.partial. Undecodable files (a dangling link among them) are reported and skipped; the
 // run ends with a summary on stdout (and exit 0 when at least one file was predicted, 2 when
 // every file was skipped).
@@ -120,7 +120,7 @@ struct PredictArgs {
 };
 
 // SIGINT, SIGTERM, SIGUSR2: the first one stops the run between batches (its rows of whole files
-// kept as .partial, exit 128 + the signal); the handlers then go back to the default, so that a
+// kept as .partial, then the process ends by that signal); the handlers then go back to the default, so that a
 // second one ends the process at once (its rows are left in the .tmp. file). Not the serving
 // agent's handlers (worker/agent/signals.h): those also take a SIGCONT from the parent as a stop
 // (mpirun's), which a shell's `fg` after Ctrl-Z is.
@@ -138,6 +138,7 @@ void OnPredictStop(int signal) {
 void InstallPredictStopHandlers() {
   struct sigaction action {};
   action.sa_handler = OnPredictStop;
+  action.sa_flags = SA_RESTART;  // a write to the terminal in progress goes on
   sigemptyset(&action.sa_mask);
   for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaddset(&action.sa_mask, s);
   for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaction(s, &action, nullptr);
@@ -311,7 +312,12 @@ int RunPredict(const PredictArgs& args) {
       const char* name = signal == SIGINT ? "SIGINT" : signal == SIGTERM ? "SIGTERM" : "SIGUSR2";
       common::WriteLineToStderr(absl::StrCat("aviary predict: stopped by ", name, " (", report.status().message(),
                                              "); ", args.out, " not written"));
-      return 128 + signal;
+      // Ended by the signal itself (its handler is the default again), not an exit of 128 + it: a
+      // shell running a loop of commands stops at a Ctrl-C only when the command died by it.
+      std::cout.flush();
+      std::fflush(nullptr);
+      ::raise(signal);
+      return 128 + signal;  // (not reached)
     }
     KeepWholeFilesRows(tmp, partial, args.out, last, "error");
     return Fail(report.status());
