@@ -18,6 +18,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <system_error>
 #include <thread>
 
@@ -761,6 +762,7 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
                         absl::StrCat(path, ": cannot open the folder: ", common::ErrnoText(error)));
   }
   std::vector<std::string> files;
+  std::set<std::string> unseen;  // listed but not there to look at (stat failed)
   // A file that cannot be looked at (a dangling link, no permission) is listed, not left out:
   // its decode fails and Run reports it skipped ("missing"), where the submission would lack its
   // rows without a word, and the other files are predicted. Folders are not descended.
@@ -776,7 +778,12 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
     if (name.empty() || name[0] == '.') continue;
     std::string full = path.back() == '/' ? path + name : absl::StrCat(path, "/", name);
     struct stat fst;
-    if (::stat(full.c_str(), &fst) != 0 || S_ISREG(fst.st_mode)) files.push_back(full);
+    if (::stat(full.c_str(), &fst) != 0) {
+      unseen.insert(full);
+      files.push_back(full);
+    } else if (S_ISREG(fst.st_mode)) {
+      files.push_back(full);
+    }
   }
   ::closedir(dir);
   AVIARY_RETURN_IF_ERROR(listed);
@@ -786,10 +793,11 @@ absl::StatusOr<std::vector<std::string>> ListAudioFiles(const std::string& path)
   }
   // Two audio files of one stem (XC1.ogg and XC1.mp3) would give the same row ids: refused now.
   // Other files (XC1.txt beside XC1.ogg) are tried and skipped when not audio (Run skips one
-  // that decodes with a stem already predicted).
+  // that decodes with a stem already predicted), and so is one that is not there (a dangling
+  // XC1.ogg beside XC1.wav: skipped as missing, it gives no rows).
   std::map<std::string, std::string> by_stem;
   for (const std::string& f : files) {
-    if (!HasAudioExtension(f)) continue;
+    if (!HasAudioExtension(f) || unseen.count(f)) continue;
     auto [it, inserted] = by_stem.emplace(Stem(f), f);
     if (!inserted) {
       return absl::InvalidArgumentError(absl::StrCat(it->second, " and ", f,
