@@ -351,11 +351,15 @@ grpc::Status JobServiceImpl::GetHistory(grpc::ServerContext* context,
                                         aviary::v1::GetHistoryResponse* response) {
   return Serve(*context, *auth_, "JobService.GetHistory", kClientOrViewer, [&]() -> absl::Status {
     AVIARY_RETURN_IF_ERROR(CheckJobId("job_id", request->job_id()));
+    // Each a task id, or a name within the job (as `aviary logs --task` takes it), of a task id's
+    // shape; one the job does not have is the scheduler's NOT_FOUND.
     for (int i = 0; i < request->tasks_size(); ++i) {
-      if (request->tasks(i).empty() || request->tasks(i).size() > 256) {
-        return absl::InvalidArgumentError(absl::StrCat("field 'tasks[", i, "]': ",
-                                                       request->tasks(i).empty() ? "empty" : "longer than 256 bytes",
-                                                       " (a task id, or its name within the job)"));
+      const std::string& task = request->tasks(i);
+      const std::string id = absl::StrContains(task, '/') ? task : absl::StrCat(request->job_id(), "/", task);
+      if (!CheckTaskId("tasks", id).ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("field 'tasks[", i, "]': ", Shown(task),
+                                                       " is not a task (<stage>-f<fold>[-p<point>], or "
+                                                       "<job_id>/<stage>-f<fold>[-p<point>])"));
       }
     }
     AVIARY_ASSIGN_OR_RETURN(*response, scheduler_->GetHistory(request->job_id(),

@@ -163,6 +163,9 @@ av history "$job" --task "$first_task" --csv | cmp -s - "$tmp/history_one.csv" |
 out=$(av history "$job" --task finetune-f99 2>&1); rc=$?
 [ "$rc" = 2 ] && grep -q "NOT_FOUND: job $job has no task 'finetune-f99'" <<<"$out" ||
   fail "history --task finetune-f99 -> rc=$rc: $out"
+out=$(av history "$job" --task 'fine tune' 2>&1); rc=$?
+[ "$rc" = 2 ] && grep -q "INVALID_ARGUMENT: field 'tasks\[0\]': 'fine tune' is not a task" <<<"$out" ||
+  fail "history --task 'fine tune' -> rc=$rc: $out"
 
 # prune (issue 15): a dry run counts what the finished job would lose and removes nothing; the
 # real run removes the same (its step points, its manifests: no other job refers to them); its
