@@ -283,10 +283,6 @@ absl::StatusOr<std::string> ThroughSymlinks(const std::string& path) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": too many levels of symbolic links"));
 }
 
-}  // namespace
-
-namespace {
-
 // Whether `path` names a device or a process's descriptor (/dev/stdout, /proc/self/fd/1): a
 // file a shell opened for this process (`> run.log`), or a pipe, which a rename would replace or
 // cannot reach. /dev/shm holds ordinary files.
@@ -296,12 +292,14 @@ bool IsDescriptorOrDevicePath(const std::filesystem::path& path) {
          absl::StartsWith(normal, "/proc/");
 }
 
+}  // namespace
+
 // A user's output resolved: refused when it is a FIFO, a device or a socket (`--out /dev/null`,
 // a link to a pipe), or reached through /dev or /proc (`--out /dev/stdout` led to the file
 // stdout was redirected to, which the rename replaced: `>> run.log` lost its earlier lines),
 // which the rename of a new file would replace (a folder is the writers' own CheckOutputPath's
 // to say, or the rename's).
-absl::StatusOr<std::string> ResolveUserOutput(const std::string& path) {
+absl::StatusOr<std::string> ResolveOutputPath(const std::string& path) {
   auto refuse = [&path](const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", why,
                                                    ": the finished file is renamed into place, which would replace "
@@ -320,17 +318,11 @@ absl::StatusOr<std::string> ResolveUserOutput(const std::string& path) {
   AVIARY_ASSIGN_OR_RETURN(std::string resolved, ThroughSymlinks(path));
   struct stat st;
   if (::stat(resolved.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, resolved == path ? "" : absl::StrCat(" (", resolved, ")"),
-        ": not a regular file (a pipe, a device or a socket): the finished file is renamed into place, which would "
-        "replace it; write to a file"));
+    return refuse(absl::StrCat(resolved == path ? "" : absl::StrCat("(", resolved, ") "),
+                               "not a regular file (a pipe, a device or a socket)"));
   }
   return resolved;
 }
-
-}  // namespace
-
-absl::StatusOr<std::string> ResolveOutputPath(const std::string& path) { return ResolveUserOutput(path); }
 
 absl::Status WriteFileAtomically(const std::string& given_path, absl::string_view contents,
                                  const AtomicWriteOptions& options) {
@@ -339,7 +331,7 @@ absl::Status WriteFileAtomically(const std::string& given_path, absl::string_vie
   // the old contents. Not with a rotation (keep_previous_as names a file beside the given path).
   std::string path = given_path;
   if (options.follow_symlinks && options.keep_previous_as.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(path, ResolveUserOutput(given_path));
+    AVIARY_ASSIGN_OR_RETURN(path, ResolveOutputPath(given_path));
   }
   const std::string tmp = absl::StrCat(path, ".tmp.", TemporarySuffix());
   StorageFault fault;
