@@ -140,10 +140,7 @@ Reader PathList(std::vector<std::string> CoordinatorConfig::*member) {
         item = (fs::path(origin.base_dir) / item).lexically_normal().string();
       }
     }
-    for (size_t i = 0; i < items.size(); ++i) {
-      if (items[i].empty()) return KeyError(origin, key, absl::StrCat("item ", i, ": an empty path"));
-    }
-    out->*member = std::move(items);
+    out->*member = std::move(items);  // an empty one is ResolveDataRoots' to refuse
     return absl::OkStatus();
   };
 }

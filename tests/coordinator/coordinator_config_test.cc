@@ -84,6 +84,11 @@ TEST_F(CoordinatorConfigTest, DataRootsAreResolvedExistingFolders) {
                                            "/missing': No such file or directory"),
             std::string::npos)
       << config.status();
+  config = LoadCoordinatorConfig(Write("empty.yaml", "allow_no_auth: true\ndata_roots: [\"\"]\n"), {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(root_ + "/empty.yaml:2: key 'data_roots' [0]: an empty path"),
+            std::string::npos)
+      << config.status();
   Write("file", "x");
   config = LoadCoordinatorConfig(path, {{"data_roots", root_ + "/file", "--set data_roots=" + root_ + "/file"}});
   ASSERT_FALSE(config.ok());
