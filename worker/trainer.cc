@@ -437,6 +437,7 @@ struct Trainer::State {
   int global_batch = 0;
   bool autocast = false;
   int start_epoch = 0;
+  bool restored = false;  // Resume went on from a checkpoint of the run folder
   int64_t step = 0;
   double best_value = kNaN;
   int best_epoch = -1;
@@ -627,6 +628,7 @@ struct Trainer::State {
   // Each rank alone after TidyRunFolder: reads and restores its checkpoint (the outcome is then
   // shared as the start's: a rank whose read failed used to end the whole group alone).
   absl::Status Resume();
+  absl::Status LoadInitCheckpoint();
   // Resume's checks and restores of the chosen checkpoint, in order.
   absl::Status CheckConfigUnchanged(const CheckpointMeta& meta, const std::string& path) const;
   absl::Status RestoreRunState(const CheckpointMeta& meta, const std::string& path);
@@ -1097,25 +1099,59 @@ absl::Status Trainer::State::BuildModel() {
     if (!report.ok()) return report.status();
     Log().Info(absl::StrCat("backbone from ", config.model.pretrained_weights, ": ", report->Summary()));
   }
-  if (!options.init_checkpoint.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(NamedTensors weights, ReadCheckpointTensors(options.init_checkpoint));
-    LoadOptions li;
-    li.skip_mismatched = true;  // the new head
-    li.require_all = false;
-    li.allow_unexpected = true;
-    auto report = LoadIntoModule(weights, *model, li, options.init_checkpoint);
-    if (!report.ok()) return report.status();
-    if (report->loaded.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          options.init_checkpoint, ": no tensor fits the model ", model->name(), ": ",
-          report->Summary()));
-    }
-    Log().Info(absl::StrCat("initialised from ", options.init_checkpoint, ": ", report->Summary(),
-                            report->mismatched.empty() ? "" : " (mismatched tensors skipped)"));
-  }
   AVIARY_RETURN_IF_ERROR(PlaceModel(*model, options.device, channels_last));
   AVIARY_ASSIGN_OR_RETURN(optimizer, AdamOptimizer::FromConfig(train, *model));
   if (train.ema_decay > 0) ema = std::make_unique<WeightEma>(*model, train.ema_decay, train.ema_warmup_steps);
+  return absl::OkStatus();
+}
+
+// --init (fine-tuning from the pretraining's best.pt), read only when Resume restored nothing: a
+// run that resumes goes on from its own checkpoint whatever became of the init file since (a
+// pretraining run again with --no-resume moved it aside). The weights are copied into the placed
+// model in place (the optimizer holds its parameters; no step has run), and the EMA starts from
+// them. A checkpoint of another model or input is refused (every backbone tensor of B0 fits B1 by
+// name and shape: B1's extra blocks would stay random); the head is new unless the classes are the
+// same in the same order (an equal count of other classes would fit it by shape).
+absl::Status Trainer::State::LoadInitCheckpoint() {
+  const std::string& path = options.init_checkpoint;
+  AVIARY_ASSIGN_OR_RETURN(const CheckpointMeta meta, ReadCheckpointMeta(path));
+  if (meta.model_name != model->name() || meta.in_channels != model->in_channels()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": --init is a checkpoint of ", meta.model_name, " on ", meta.in_channels, "-channel input; this run builds ",
+        model->name(), " on ", model->in_channels(), "-channel input (model.name, frontend.in_channels)"));
+  }
+  AVIARY_ASSIGN_OR_RETURN(NamedTensors weights, ReadCheckpointTensors(path));
+  const bool same_classes = meta.class_names == table.class_names;
+  if (!same_classes) {
+    weights.erase(std::remove_if(weights.begin(), weights.end(),
+                                 [](const auto& named) { return absl::StartsWith(named.first, "classifier."); }),
+                  weights.end());
+  }
+  LoadOptions li;
+  li.skip_mismatched = true;
+  li.require_all = false;
+  li.allow_unexpected = true;
+  AVIARY_ASSIGN_OR_RETURN(const LoadReport report, LoadIntoModule(weights, *model, li, path));
+  if (report.loaded.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(path, ": no tensor fits the model ", model->name(), ": ",
+                                                      report.Summary()));
+  }
+  std::vector<std::string> not_loaded;  // besides the new head
+  for (const std::string& name : report.missing) {
+    if (!absl::StartsWith(name, "classifier.")) not_loaded.push_back(name);
+  }
+  for (const std::string& mismatch : report.mismatched) {
+    if (!absl::StartsWith(mismatch, "classifier.")) not_loaded.push_back(mismatch);
+  }
+  if (!not_loaded.empty()) {
+    Log().Warn(absl::StrCat("--init ", path, ": ", not_loaded.size(), " tensor(s) of the model besides the head "
+                            "keep their fresh values: ", report.Summary()));
+  }
+  if (ema) *ema = WeightEma(*model, train.ema_decay, train.ema_warmup_steps);
+  Log().Info(absl::StrCat("initialised from ", path, ": ", report.Summary(),
+                          same_classes ? " (the same classes: the head too)"
+                                       : absl::StrCat(" (a new head for ", table.class_names.size(), " classes; the "
+                                                      "checkpoint's ", meta.class_names.size(), " left out)")));
   return absl::OkStatus();
 }
 
@@ -1438,6 +1474,7 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
 absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const std::string& last) {
   AVIARY_ASSIGN_OR_RETURN(history, ParseHistory(meta.history_csv, last));
   AVIARY_RETURN_IF_ERROR(CheckSameItems(meta, last));
+  restored = true;
   CheckSameDataSource(meta, last);
   for (EpochRecord& r : history) r.best = r.epoch == meta.best_epoch;
   start_epoch = meta.epoch + 1;
@@ -1686,7 +1723,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   // copying the optimizer's moments to its GPU).
   const absl::Status resumed = [&]() -> absl::Status {
     try {
-      return s->Resume();
+      AVIARY_RETURN_IF_ERROR(s->Resume());
+      return s->restored || options.init_checkpoint.empty() ? absl::OkStatus() : s->LoadInitCheckpoint();
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat("exception at the resume: ", e.what()));
     }

@@ -747,6 +747,107 @@ TEST_F(TrainerTest, FineTuningStartsFromThePretrainingCheckpointWithANewHead) {
   EXPECT_EQ(ReadCheckpointMeta(fine.out_dir + "/last.pt")->num_classes, 5);
 }
 
+// The tensors of `path` whose names start with `prefix`, by name.
+std::map<std::string, at::Tensor> TensorsUnder(const std::string& path, const std::string& prefix) {
+  std::map<std::string, at::Tensor> out;
+  auto tensors = ReadCheckpointTensors(path);
+  EXPECT_TRUE(tensors.ok()) << tensors.status();
+  if (!tensors.ok()) return out;
+  for (auto& [name, tensor] : *tensors) {
+    if (absl::StartsWith(name, prefix)) out.emplace(name, tensor);
+  }
+  return out;
+}
+
+TEST_F(TrainerTest, FineTuningTakesTheBackboneAndResumesWithoutItsInitFile) {
+  common::PipelineConfig c = Config();
+  c.debug = true;
+  TrainOptions pre;
+  pre.stage = "pretrain";
+  pre.out_dir = Out("init_pretrain");
+  auto p = Trainer::Create(c, pre);
+  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_TRUE((*p)->Run().ok());
+  const std::string best = pre.out_dir + "/best.pt";
+
+  // Stopped after its first step (at the ramp's 5e-6: Adam moves a weight by about that): the
+  // backbone's weights are the pretraining's, give or take the step (a fresh one's are not).
+  TrainOptions fine;
+  fine.stage = "finetune";
+  fine.out_dir = Out("init_finetune");
+  fine.init_checkpoint = best;
+  int polls = 0;
+  fine.should_stop = [&polls] { return ++polls > 1; };
+  auto stopped = Trainer::Create(c, fine);
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  ASSERT_TRUE(absl::IsCancelled((*stopped)->Run()));
+  ASSERT_EQ(ReadCheckpointMeta(fine.out_dir + "/last.pt")->step, 1);
+  const auto pretrained = TensorsUnder(best, "features.");
+  const auto initialised = TensorsUnder(fine.out_dir + "/last.pt", "features.");
+  ASSERT_FALSE(pretrained.empty());
+  ASSERT_EQ(initialised.size(), pretrained.size());
+  int weights = 0;
+  for (const auto& [name, tensor] : pretrained) {
+    ASSERT_TRUE(initialised.count(name)) << name;
+    if (!tensor.is_floating_point() || absl::StrContains(name, "running_")) continue;  // BatchNorm's statistics move
+    ++weights;
+    EXPECT_TRUE(at::allclose(initialised.at(name), tensor, /*rtol=*/0, /*atol=*/1e-4)) << name;
+  }
+  EXPECT_GT(weights, 0);
+
+  // The pretraining's best.pt moved away (its run started over): the fine-tuning resumes from its
+  // own last.pt, and ends as a run never stopped does.
+  ASSERT_EQ(::rename(best.c_str(), (best + ".moved").c_str()), 0);
+  fine.should_stop = nullptr;
+  auto resumed = Trainer::Create(c, fine);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_TRUE((*resumed)->Run().ok());
+  ASSERT_EQ(::rename((best + ".moved").c_str(), best.c_str()), 0);
+  TrainOptions straight = fine;
+  straight.out_dir = Out("init_straight");
+  auto uninterrupted = Trainer::Create(c, straight);
+  ASSERT_TRUE(uninterrupted.ok()) << uninterrupted.status();
+  ASSERT_TRUE((*uninterrupted)->Run().ok());
+  const auto a = TensorsUnder(straight.out_dir + "/last.pt", "");
+  const auto b = TensorsUnder(fine.out_dir + "/last.pt", "");
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, tensor] : a) {
+    ASSERT_TRUE(b.count(name)) << name;
+    EXPECT_TRUE(at::equal(b.at(name), tensor)) << name;
+  }
+
+  // A run of the same classes takes the head too.
+  TrainOptions again = fine;
+  again.out_dir = Out("init_same_classes");
+  again.init_checkpoint = fine.out_dir + "/best.pt";
+  polls = 0;
+  again.should_stop = [&polls] { return ++polls > 1; };
+  auto same = Trainer::Create(c, again);
+  ASSERT_TRUE(same.ok()) << same.status();
+  ASSERT_TRUE(absl::IsCancelled((*same)->Run()));
+  const auto head = TensorsUnder(again.init_checkpoint, "classifier.");
+  const auto taken = TensorsUnder(again.out_dir + "/last.pt", "classifier.");
+  ASSERT_FALSE(head.empty());
+  ASSERT_EQ(taken.size(), head.size());
+  for (const auto& [name, tensor] : head) {
+    EXPECT_TRUE(at::allclose(taken.at(name), tensor, /*rtol=*/0, /*atol=*/1e-4)) << name;
+  }
+
+  // A checkpoint of another model is refused, naming both (B0's backbone would fit B1's by name
+  // and shape, B1's extra blocks left random).
+  common::PipelineConfig other = c;
+  other.model.name = "efficientnet_b0";
+  TrainOptions foreign = fine;
+  foreign.out_dir = Out("init_foreign");
+  auto refused = Trainer::Create(other, foreign);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("--init is a checkpoint of small_cnn"), std::string::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("this run builds efficientnet_b0"), std::string::npos)
+      << refused.status();
+}
+
 TEST_F(TrainerTest, RefusesBadInputsBeforeTraining) {
   TrainOptions o;
   o.out_dir = Out("refuse");
