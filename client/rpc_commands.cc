@@ -360,6 +360,24 @@ absl::Status CheckUtf8(const std::string& what, const std::string& text) {
       static_cast<unsigned char>(text[at])));
 }
 
+// True when `status` (of a call that changes a job) may have come after the coordinator made the
+// change: no answer within --timeout, or a connection lost after the call went out (not one never
+// made).
+bool AnswerLostAfterTheCall(const absl::Status& status) {
+  const bool never_reached = absl::StrContains(status.message(), "failed to connect") ||
+                             absl::StrContains(status.message(), "Connection refused") ||
+                             absl::StrContains(status.message(), "DNS resolution failed");
+  return status.code() == absl::StatusCode::kDeadlineExceeded ||
+         (status.code() == absl::StatusCode::kUnavailable && !never_reached);
+}
+
+// `status`, saying that the job may have been `done` all the same when the answer was lost.
+absl::Status MayHaveHappened(const absl::Status& status, const std::string& job_id, const std::string& done) {
+  if (!AnswerLostAfterTheCall(status)) return status;
+  return absl::Status(status.code(), absl::StrCat(status.message(), "; job ", job_id, " may have been ", done,
+                                                  " all the same: check `aviary status ", job_id, "`"));
+}
+
 absl::Status Submit(Client& client, const ClientArgs& args) {
   const std::string& path = args.target;
   AVIARY_ASSIGN_OR_RETURN(std::string yaml, ReadWholeFile(path, "pipeline config"));
@@ -391,12 +409,7 @@ absl::Status Submit(Client& client, const ClientArgs& args) {
   AVIARY_RETURN_IF_ERROR(CheckUtf8("the current directory", request.working_dir()));
   v1::SubmitJobResponse response;
   absl::Status submitted = client.Call("SubmitJob", &v1::JobService::Stub::SubmitJob, request, &response);
-  const bool never_reached = absl::StrContains(submitted.message(), "failed to connect") ||
-                             absl::StrContains(submitted.message(), "Connection refused") ||
-                             absl::StrContains(submitted.message(), "DNS resolution failed");
-  const bool not_recorded = absl::StrContains(submitted.message(), "was not recorded");
-  if (submitted.code() == absl::StatusCode::kDeadlineExceeded ||
-      (submitted.code() == absl::StatusCode::kUnavailable && !never_reached && !not_recorded)) {
+  if (AnswerLostAfterTheCall(submitted) && !absl::StrContains(submitted.message(), "was not recorded")) {
     // The coordinator may have recorded the job before the answer was lost (it drops a submit
     // whose caller has gone only up to its commit): a second submit would run it twice.
     return absl::Status(
@@ -478,8 +491,14 @@ absl::Status Cancel(Client& client, const ClientArgs& args) {
   v1::CancelJobResponse response;
   AVIARY_RETURN_IF_ERROR(
       client.Call("CancelJob", &v1::JobService::Stub::CancelJob, request, &response));
-  std::cout << "job " << response.job().job_id() << " is "
-            << JobStateName(response.job().state()) << "\n";
+  const v1::JobState state = response.job().state();
+  if (state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED) {
+    // Exit 0 all the same (the job is not running, as asked), but not as if this cancelled it.
+    std::cout << "job " << response.job().job_id() << " had already ended (" << JobStateName(state)
+              << "): nothing to cancel\n";
+  } else {
+    std::cout << "job " << response.job().job_id() << " is " << JobStateName(state) << "\n";
+  }
   return absl::OkStatus();
 }
 
@@ -539,7 +558,8 @@ absl::Status Retry(Client& client, const ClientArgs& args) {
   v1::RetryJobRequest request;
   request.set_job_id(args.target);
   v1::JobInfo job;
-  AVIARY_RETURN_IF_ERROR(client.Call("RetryJob", &v1::JobService::Stub::RetryJob, request, &job));
+  AVIARY_RETURN_IF_ERROR(
+      MayHaveHappened(client.Call("RetryJob", &v1::JobService::Stub::RetryJob, request, &job), args.target, "retried"));
   int again = 0;
   for (const auto& t : job.tasks()) {
     again += t.state() == v1::TASK_STATE_READY || t.state() == v1::TASK_STATE_BLOCKED;
@@ -554,7 +574,8 @@ absl::Status Delete(Client& client, const ClientArgs& args) {
   request.set_job_id(args.target);
   request.set_with_run_folders(args.with_run_folders);
   v1::DeleteJobResponse response;
-  AVIARY_RETURN_IF_ERROR(client.Call("DeleteJob", &v1::JobService::Stub::DeleteJob, request, &response));
+  AVIARY_RETURN_IF_ERROR(MayHaveHappened(
+      client.Call("DeleteJob", &v1::JobService::Stub::DeleteJob, request, &response), args.target, "deleted"));
   std::cout << "job " << request.job_id() << " deleted\n";
   for (const std::string& folder : response.removed_folders()) std::cout << "removed " << folder << "\n";
   if (args.with_run_folders && response.removed_folders().empty()) {
@@ -680,6 +701,8 @@ absl::Status Logs(Client& client, const ClientArgs& args) {
         std::cerr << "job " << args.target << " " << JobStateName(response.job().state()) << "\n";
         return absl::OkStatus();
       }
+    } else if (!IsTerminal(response.job().state())) {
+      ended_at.reset();  // retried while its last lines were awaited: its end is a later one
     }
     if (!again) std::this_thread::sleep_for(std::chrono::duration<double>(kLogPollS));
   }
@@ -1070,7 +1093,8 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
           break;
         }
         if (IsTerminal(event.job().state())) {
-          // The coordinator ends the stream after this event; do not wait for it.
+          // The coordinator ends the stream after this change; do not wait for it. The change's
+          // other events say only "job J STATE", which the summary below says.
           terminal = true;
           context.TryCancel();
           break;
@@ -1105,10 +1129,15 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
     const bool retryable = error.code() == absl::StatusCode::kUnavailable ||
                            error.code() == absl::StatusCode::kDeadlineExceeded ||
                            (connected_once && error.code() == absl::StatusCode::kResourceExhausted);
-    // A coordinator that was never reached is an error right away, like every other command.
+    // A coordinator that was never reached is an error right away, like every other command;
+    // but not exit 1 (a failed job): the job's state is not known (3), unless the caller erred (2).
     if (!connected_once) {
       view.Finish();
-      return error;
+      if (ClientExitCode(error.code()) != 1) return error;
+      std::cerr << FormatClientError("watch", error) << "\n"
+                << "aviary watch: job " << job_id << " not seen; its state is not known (see `aviary status "
+                << job_id << "` later)\n";
+      return kWatchStateUnknownExit;
     }
     // A rotated token (the reload ends the old one's stream): again at once with the file's new one.
     if (error.code() == absl::StatusCode::kUnauthenticated) {
@@ -1214,7 +1243,7 @@ void AddClientCommands(CLI::App* app, const GlobalOptions* global, Runner* run) 
       {"status", "JOB", "the job and its tasks"},
       {"list", nullptr, "jobs, newest first"},
       {"watch", "JOB", "live progress; exit 0 when the job succeeds, 1 when it fails or is cancelled, 3 when its end "
-                       "was not seen (the coordinator lost)"},
+                       "was not seen (the coordinator not reached, or lost)"},
       {"cancel", "JOB", "cancel a job: its running tasks stop at their next step"},
       {"history", "JOB", "epoch rows of every task (or --task T's); --plot: loss, val AUC and lr per task"},
       {"prune", nullptr, "retention now: finished jobs lose step points and manifests (state and history stay)"},

@@ -206,6 +206,15 @@ else
   passes=$((passes + 1))
 fi
 
+# `watch` of a coordinator never reached: exit 3 (the job's state unknown), not the 1 of a job
+# that failed, which a script would take as the job's end.
+out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 2 watch j0123456789ab 2>&1); rc=$?
+if [ $rc -ne 3 ] || ! grep -qF "aviary watch: job j0123456789ab not seen; its state is not known" <<<"$out"; then
+  fail "watch of a coordinator never reached -> rc=$rc: $out"
+else
+  ok
+fi
+
 # A real coordinator (the one built next to aviary): `watch` rides out its restart, and the
 # coordinator's own UNAVAILABLE ("the coordinator is shutting down") is not blamed on TLS; a
 # plaintext client closed on by a TLS coordinator still gets the --tls-ca hint.

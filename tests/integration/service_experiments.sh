@@ -83,6 +83,12 @@ av logs "$job" --task pretrain-f0-p0 --tail 3 > "$tmp/tail.log" || fail "logs --
 
 # Retry: a job cancelled once its pretraining wrote last.pt resumes from it.
 expect "only a FAILED or CANCELLED job can be retried" av retry "$job"
+# Cancelling a job that had ended: exit 0 (it is not running, as asked), not said as if cancelled.
+if out=$(av cancel "$job" 2>&1) && [ "$out" = "job $job had already ended (SUCCEEDED): nothing to cancel" ]; then
+  ok
+else
+  fail "cancel of a SUCCEEDED job said: $out"
+fi
 # 12 epochs: the pretraining must still run when the cancel lands (seeing epoch 1 and cancelling
 # takes a second or two; with 4 epochs of about a second each it sometimes finished first).
 job2=$(av submit "$tmp/p.yaml" --name retry --set stages.pretrain.epochs=12 | tail -n 1)
