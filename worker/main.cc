@@ -261,7 +261,18 @@ int RunServe(const ServeArgs& args) {
   // host has, no GPU on one node) must not leave the others waiting in the group's first
   // collective: the ranks agree first, and the lowest failing rank says why.
   int first_failed = -1;
-  absl::Status all = g_session->AllRanksOk(mine, &first_failed);
+  absl::Status all;
+  {
+    // A rank hung in PrepareServe (a token or certificate file on a stuck share, a FIFO) would
+    // keep the others in the agreement for ever: the group never registered, so no coordinator
+    // notices, and mpirun never ends.
+    std::optional<aviary::worker::comm::SetupDeadline> deadline;
+    if (g_session->world_size() > 1) {
+      deadline.emplace(aviary::worker::comm::MinSetupSeconds(), g_session->rank(), g_session->world_size(),
+                       "serve's start", "reading each rank's flags and files");
+    }
+    all = g_session->AllRanksOk(mine, &first_failed);
+  }
   if (!all.ok()) {
     if (first_failed < 0) {  // the agreement itself failed (MPI)
       aviary::common::WriteLineToStderr(absl::StrCat("aviary-worker serve: rank ", g_session->rank(), ": ", all.message()));

@@ -108,6 +108,20 @@ if [ $rc -eq 0 ] || [ $rc -eq 124 ]; then
 elif ! grep -q "rank 0 of 2 ends the group: the communicator's set-up did not finish within 15 s (max(comm.timeout_s, 15 s))" "$tmp/stuck.log"; then
   cat "$tmp/stuck.log"; fail "a rank stuck before the set-up: the others did not say why they ended"
 fi
+# So for `serve`: a rank hung reading its token file (a FIFO here) kept rank 0 in the ranks'
+# agreement for ever, before any registration (no coordinator to notice it, mpirun never ended).
+mkfifo "$tmp/stuck.token"
+echo "t0ken-for-a-stuck-serve" > "$tmp/serve.token"
+# shellcheck disable=SC2016  # expanded by the rank's shell
+timeout 120 env AVIARY_COMM_SETUP_MIN_S=15 "$mpiexec" -np 2 --oversubscribe bash -c \
+  't=$0; [ "$OMPI_COMM_WORLD_RANK" = 1 ] && t=$1; exec "$2" serve --coordinator 127.0.0.1:1 --token-file "$t" --metrics-listen ""' \
+  "$tmp/serve.token" "$tmp/stuck.token" "$w" > "$tmp/stuck_serve.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] || [ $rc -eq 124 ]; then
+  cat "$tmp/stuck_serve.log"; fail "serve with a rank stuck at its start: exit $rc (124: the group hung)"
+elif ! grep -q "rank 0 of 2 ends the group: serve's start did not finish within 15 s (reading each rank's flags and files)" "$tmp/stuck_serve.log"; then
+  cat "$tmp/stuck_serve.log"; fail "serve with a rank stuck at its start: rank 0 did not say why it ended"
+fi
 # On a CPU device NCCL is refused (not built, or no CUDA device for it).
 out=$(mpi2 "$w" train --config "$tmp/p.yaml" --set comm.backend=nccl --device cpu --stage finetune --fold 0 --out "$tmp/nccl" 2>&1)
 rc=$?

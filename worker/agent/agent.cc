@@ -230,6 +230,13 @@ absl::Status Agent::Serve() {
   } else {
     at::set_num_threads(common::CoresPerRank(session_.local_size()));
   }
+  // Up to the registration (where rank 0 may wait long for a coordinator): rank 0's metrics
+  // endpoint and port file (a stuck share), every rank's host and device.
+  std::optional<comm::SetupDeadline> start_deadline;
+  if (control_.world() > 1) {
+    start_deadline.emplace(comm::MinSetupSeconds(), control_.rank(), control_.world(), "serve's start",
+                           "rank 0's metrics endpoint and port file, each rank's host and device");
+  }
   // Rank 0 sets up its endpoint first and shares the outcome, so that a bad --metrics-listen
   // stops every rank with one message.
   std::string setup;
@@ -255,6 +262,7 @@ absl::Status Agent::Serve() {
   absl::StatusOr<v1::RegisterGroupRequest> described = Describe(metrics_port);
   if (!described.ok()) EndGroup(std::string(described.status().message()));
   v1::RegisterGroupRequest registration = *std::move(described);
+  start_deadline.reset();
   // One kind of device in a group (every rank sees every rank's): a CPU rank among GPU ranks
   // would fail every task it leases at the trainer's check (the replicas would drift apart), job
   // after job; the group is refused at its start instead, before it registers.

@@ -57,68 +57,6 @@ absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, cons
   return backend;
 }
 
-// The set-up's collectives (the ranks' agreement, MPI_Comm_dup, the NCCL id's broadcast,
-// ncclCommInitRank) have no deadline of their own: a rank that never reaches them (hung reading
-// its config on a stuck share, a wedged GPU, dead after MPI_Init) kept every other rank in them
-// for ever. This one ends the process once the set-up has taken longer than comm.timeout_s
-// (at least kMinSetupS: the ranks of `train` reach it after loading libtorch and their config,
-// seconds apart on a loaded host, and a low comm.timeout_s is for hung collectives), saying so;
-// no MPI call from its thread (MPI_THREAD_SERIALIZED), so _Exit: a rank that exits before
-// MPI_Finalize makes mpirun end the group. Under `serve` the process ends without a report;
-// the coordinator reaps the group after its heartbeat timeout and leases the task again.
-constexpr double kMinSetupS = 60;
-
-// kMinSetupS, or AVIARY_COMM_SETUP_MIN_S when set to a positive number of seconds: a test hook
-// (tests/integration/train_distributed.sh), so that its stuck rank costs seconds, not a minute.
-double MinSetupSeconds() {
-  const char* env = std::getenv("AVIARY_COMM_SETUP_MIN_S");
-  double seconds = 0;
-  if (env != nullptr && absl::SimpleAtod(env, &seconds) && seconds > 0 && std::isfinite(seconds)) {
-    static const bool said = [seconds] {
-      common::WriteLineToStderr(absl::StrCat("aviary: AVIARY_COMM_SETUP_MIN_S=", seconds, " (a test hook) replaces the ",
-                                             kMinSetupS, " s minimum of the communicator's set-up deadline"));
-      return true;
-    }();
-    (void)said;
-    return seconds;
-  }
-  return kMinSetupS;
-}
-
-class SetupDeadline {
- public:
-  SetupDeadline(double seconds, int rank, int world) {
-    thread_ = std::thread([this, seconds, rank, world] {
-      using Clock = std::chrono::steady_clock;
-      const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                               std::chrono::duration<double>(seconds));
-      std::unique_lock<std::mutex> lock(mu_);
-      if (cv_.wait_until(lock, deadline, [this] { return done_; })) return;
-      common::WriteLineToStderr(absl::StrCat(
-          "aviary: rank ", rank, " of ", world, " ends the group: the communicator's set-up did not finish within ",
-          seconds, " s (max(comm.timeout_s, ", MinSetupSeconds(), " s)): another rank did not arrive (hung or dead before "
-          "it, e.g. reading its config on a stuck share; see the other ranks' logs)"));
-      std::_Exit(1);
-    });
-  }
-  ~SetupDeadline() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  SetupDeadline(const SetupDeadline&) = delete;
-  SetupDeadline& operator=(const SetupDeadline&) = delete;
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::CommConfig& config,
@@ -129,7 +67,13 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
   // agree first: an error anywhere ends every rank, and "auto" falls back to MPI everywhere when
   // one rank cannot use NCCL (more ranks than GPUs on a node; a rank without a GPU among GPU
   // ranks is refused after this, by the trainer and by `serve` at its start).
-  SetupDeadline deadline(std::max(config.timeout_s, MinSetupSeconds()), session.rank(), session.world_size());
+  // The set-up's collectives (the ranks' agreement, MPI_Comm_dup, the NCCL id's broadcast,
+  // ncclCommInitRank) have no deadline of their own (comm.timeout_s, at least the minimum: the
+  // ranks of `train` reach it after loading libtorch and their config, seconds apart on a loaded
+  // host, and a low comm.timeout_s is for hung collectives).
+  SetupDeadline deadline(std::max(config.timeout_s, MinSetupSeconds()), session.rank(), session.world_size(),
+                         "the communicator's set-up",
+                         absl::StrCat("max(comm.timeout_s, ", MinSetupSeconds(), " s)"));
   absl::StatusOr<std::string> mine = ChooseBackend(config, session, device);
   int first_failed = -1;
   AVIARY_RETURN_IF_ERROR(session.AllRanksOk(mine.status(), &first_failed));

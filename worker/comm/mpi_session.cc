@@ -2,13 +2,70 @@
 
 #include <mpi.h>
 
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/logging.h"
 
 namespace aviary::worker::comm {
+
+constexpr double kMinSetupS = 60;
+
+double MinSetupSeconds() {
+  const char* env = std::getenv("AVIARY_COMM_SETUP_MIN_S");
+  double seconds = 0;
+  if (env != nullptr && absl::SimpleAtod(env, &seconds) && seconds > 0 && std::isfinite(seconds)) {
+    static const bool said = [seconds] {
+      common::WriteLineToStderr(absl::StrCat("aviary: AVIARY_COMM_SETUP_MIN_S=", seconds, " (a test hook) replaces the ",
+                                             kMinSetupS, " s minimum of the start-up deadlines"));
+      return true;
+    }();
+    (void)said;
+    return seconds;
+  }
+  return kMinSetupS;
+}
+
+struct SetupDeadline::State {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread thread;
+};
+
+SetupDeadline::SetupDeadline(double seconds, int rank, int world, std::string what, std::string why_s)
+    : state_(std::make_unique<State>()) {
+  State* state = state_.get();
+  state->thread = std::thread([state, seconds, rank, world, what = std::move(what), why_s = std::move(why_s)] {
+    using Clock = std::chrono::steady_clock;
+    const auto deadline =
+        Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    std::unique_lock<std::mutex> lock(state->mu);
+    if (state->cv.wait_until(lock, deadline, [state] { return state->done; })) return;
+    common::WriteLineToStderr(absl::StrCat(
+        "aviary: rank ", rank, " of ", world, " ends the group: ", what, " did not finish within ", seconds, " s (",
+        why_s, "): another rank did not arrive (hung or dead before it, e.g. reading its config or files on a stuck "
+        "share; see the other ranks' logs)"));
+    std::_Exit(1);
+  });
+}
+
+SetupDeadline::~SetupDeadline() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->done = true;
+  }
+  state_->cv.notify_all();
+  state_->thread.join();
+}
 
 bool LaunchedUnderMpi() {
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
@@ -78,12 +135,18 @@ absl::Status MpiSession::AllRanksOk(const absl::Status& mine, int* first_failed)
     if (!mine.ok()) *first_failed = rank_;
     return mine;
   }
-  const int candidate = mine.ok() ? world_size_ : rank_;
-  int lowest = world_size_;
+  // One collective (with two, a rank whose first failed would leave the others in the second).
   const int failed = mine.ok() ? 0 : 1;
+  std::vector<int> all(static_cast<size_t>(world_size_), 0);
+  AVIARY_MPI_CHECK(MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  int lowest = world_size_;
   int failures = 0;
-  AVIARY_MPI_CHECK(MPI_Allreduce(&candidate, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
-  AVIARY_MPI_CHECK(MPI_Allreduce(&failed, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD));
+  for (int r = world_size_ - 1; r >= 0; --r) {
+    if (all[static_cast<size_t>(r)] != 0) {
+      lowest = r;
+      ++failures;
+    }
+  }
   if (failures == 0) return absl::OkStatus();
   *first_failed = lowest;
   if (!mine.ok()) return mine;

@@ -55,6 +55,31 @@ class MpiSession {
 // True when this process was started by mpirun/srun (an MPI world exists to join).
 bool LaunchedUnderMpi();
 
+// A start-up step's collectives have no deadline of their own: a rank that never reaches them
+// (hung reading its config or token file on a stuck share, a wedged GPU, dead after MPI_Init)
+// kept every other rank in them for ever. While one lives, a thread ends the process (saying
+// "rank R of W ends the group: <what> did not finish within S s (<why_s>): ...") once `seconds`
+// have passed; destroying it disarms it. No MPI call from its thread (MPI_THREAD_SERIALIZED),
+// so _Exit: a rank that exits before MPI_Finalize makes mpirun end the group. Under `serve`
+// nothing reports it to the coordinator; the coordinator reaps the group after its heartbeat
+// timeout, or it never registered.
+class SetupDeadline {
+ public:
+  SetupDeadline(double seconds, int rank, int world, std::string what, std::string why_s);
+  ~SetupDeadline();
+  SetupDeadline(const SetupDeadline&) = delete;
+  SetupDeadline& operator=(const SetupDeadline&) = delete;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// The least a start-up step waits for the other ranks: 60 s (ranks reach it after loading
+// libtorch and their files, seconds apart on a loaded host), or AVIARY_COMM_SETUP_MIN_S when set
+// to a positive number of seconds (a test hook, said once on stderr).
+double MinSetupSeconds();
+
 // "MPI_Allreduce(...) failed at file:line on rank R: <MPI error string>" for a failed call.
 std::string MpiErrorMessage(const char* call, int code, const char* file, int line);
 
