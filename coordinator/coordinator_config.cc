@@ -351,10 +351,19 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
     AVIARY_RETURN_IF_ERROR(field->read(value, origin, override_value.key, &config));
     set_at[override_value.key] = origin.where;
   }
+  // A root not there now (UNAVAILABLE: a share not mounted yet) is said after every other
+  // error: a caller may wait for it (the coordinator exits 1, which systemd restarts), never for
+  // a config that is wrong as well.
+  absl::Status roots_unavailable;
   if (!config.data_roots.empty()) {
     auto resolved = ResolveDataRoots("data_roots", config.data_roots);
-    if (!resolved.ok()) return common::Annotate(resolved.status(), set_at["data_roots"]);
-    config.data_roots = std::move(*resolved);
+    if (absl::IsUnavailable(resolved.status())) {
+      roots_unavailable = common::Annotate(resolved.status(), set_at["data_roots"]);
+    } else if (!resolved.ok()) {
+      return common::Annotate(resolved.status(), set_at["data_roots"]);
+    } else {
+      config.data_roots = std::move(*resolved);
+    }
   }
   absl::Status valid = ValidateCoordinatorConfig(config);
   if (!valid.ok()) {
@@ -368,6 +377,7 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
     }
     return where.empty() ? valid : common::Annotate(valid, where);
   }
+  if (!roots_unavailable.ok()) return roots_unavailable;
   return config;
 }
 

@@ -1,7 +1,10 @@
 // `aviary-coordinator`: the job scheduler service (docs/SERVICE.md).
 //
 // Exit codes: 0 after a clean shutdown (SIGTERM / SIGINT), 2 for config errors (before it
-// listens), 1 otherwise. SIGHUP re-reads the token files (Coordinator::ReloadTokens).
+// listens), 1 otherwise, including a data root that does not exist or cannot be reached at
+// start (a shared filesystem not mounted yet: waiting may fix it, so systemd's unit, which
+// does not restart after exit 2, tries again). SIGHUP re-reads the token files
+// (Coordinator::ReloadTokens).
 #include <malloc.h>
 #include <signal.h>
 
@@ -142,6 +145,15 @@ int main(int argc, char** argv) {
     }
   }
   auto config = aviary::coordinator::LoadCoordinatorConfig(config_path, overrides);
+  if (absl::IsUnavailable(config.status())) {
+    // A data root not there now (LoadCoordinatorConfig says it only when nothing else is wrong):
+    // exit 1, which systemd's unit restarts (not 2, which it does not: a config error).
+    return Fail("config",
+                absl::UnavailableError(absl::StrCat(config.status().message(),
+                                                    "; exit 1, not 2: a data root that is not there may be on a shared "
+                                                    "filesystem not mounted yet, which a restart waits for")),
+                1);
+  }
   if (!config.ok()) return Fail("config", config.status(), 2);
   aviary::common::LogLevel level = aviary::common::LogLevel::kInfo;
   (void)aviary::common::ParseLogLevel(config->log_level, &level);  // validated already

@@ -118,9 +118,13 @@ absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key
     std::string real;
     int err = 0;
     if (ec || !RealPath(absolute.string(), &real, &err)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          label, ": '", roots[i], "': ", ec ? ec.message() : std::strerror(err),
-          " (each data root must be an existing folder)"));
+      // Not there, or not reachable now (a shared filesystem not mounted yet, a stale handle):
+      // UNAVAILABLE, which waiting may fix; a path that cannot name a folder at all is refused.
+      const bool transient = !ec && (err == ENOENT || err == ESTALE || err == EIO || err == ETIMEDOUT ||
+                                     err == EHOSTDOWN || err == EHOSTUNREACH || err == ENOTCONN);
+      return absl::Status(transient ? absl::StatusCode::kUnavailable : absl::StatusCode::kInvalidArgument,
+                          absl::StrCat(label, ": '", roots[i], "': ", ec ? ec.message() : std::strerror(err),
+                                       " (each data root must be an existing folder)"));
     }
     struct stat st;
     if (::stat(real.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {

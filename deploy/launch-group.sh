@@ -25,8 +25,9 @@ where the group runs
                          Every node must have the same number of slots. Default: this host only.
   --gpus-per-node G      ranks per node (default: the hostfile's slots, else `nvidia-smi -L`
                          lines on this host, else 1)
-  --cores-per-rank C     CPU cores per rank (default: cores of this host / G, at least 1);
-                         also the rank's torch threads (--threads)
+  --cores-per-rank C     physical CPU cores per rank (default: this host's physical cores / G,
+                         at least 1: nproc over lscpu's threads per core, as PE= counts cores,
+                         not hardware threads); also the rank's torch threads (--threads)
   --map-by SPEC          mpirun --map-by (default ppr:G:node:PE=C: G ranks per node, C cores each)
   --bind-to WHAT         mpirun --bind-to (default core; use none on shared nodes)
 what it serves
@@ -180,8 +181,26 @@ num_nodes=${#hosts[@]}
 [ "$num_nodes" -gt 0 ] || num_nodes=1
 np=$((num_nodes * gpus_per_node))
 
+# Physical cores this process may run on. Open MPI's PE=N counts cores, not hardware threads
+# (without --use-hwthread-cpus), while nproc counts threads: on a node with 2 threads per core,
+# nproc / G would ask for twice the cores a rank can have. So nproc (which honours the CPU
+# affinity a cgroup, container or taskset gives) over the threads per core (lscpu's CPUs per
+# distinct socket,core pair); nproc alone where lscpu is missing or leaves a core blank.
+physical_cores() {
+  local threads per_core=1
+  threads=$(nproc 2>/dev/null || echo 1)
+  if command -v lscpu >/dev/null 2>&1; then
+    per_core=$(lscpu -p=SOCKET,CORE 2>/dev/null | awk -F, '
+      /^#/ { next }
+      { if ($2 == "") blank = 1; n++; if (!(($1 "," $2) in seen)) { seen[$1 "," $2] = 1; k++ } }
+      END { if (blank || n == 0 || k == 0 || n < k) print 1; else print int(n / k) }') || per_core=1
+    is_pos_int "$per_core" || per_core=1
+  fi
+  echo $((threads / per_core))
+}
+
 if [ -z "$cores_per_rank" ]; then
-  cores=$(nproc 2>/dev/null || echo 1)
+  cores=$(physical_cores)
   cores_per_rank=$((cores / gpus_per_node))
   [ "$cores_per_rank" -ge 1 ] || cores_per_rank=1
 fi
@@ -286,8 +305,11 @@ forward() {
   echo "launch-group.sh: $1: stopping the group (SIGUSR2 to mpirun; SIGTERM after ${stop_timeout}s)" >&2
   if [ -n "$pid" ]; then stop_mpirun; fi
 }
+# Once: a signal between `pid=$!` and the check after it runs this from the trap, and the check
+# would run it again (a second SIGUSR2, and a second killer in place of the first).
 # shellcheck disable=SC2317  # called from forward
 stop_mpirun() {
+  if [ -n "$killer" ]; then return; fi
   kill -USR2 "$pid" 2>/dev/null || true
   (sleep "$stop_timeout"; : >"$forced_file"; kill -TERM "$pid" 2>/dev/null) >/dev/null 2>&1 &
   killer=$!

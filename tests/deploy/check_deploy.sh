@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Checks deploy/ (issue 7): the Prometheus config and alert rules with promtool (including unit
 # tests of every alert, and that those tests catch a broken rule), the Dockerfile's packages
-# against CMakeLists.txt (tests/deploy/check_docker_deps.py), the Grafana dashboard's
-# structure and metric names (tests/deploy/check_metrics.py, plus self-tests that it rejects
-# bad input), the shell scripts (bash -n, shellcheck when installed), the systemd units
-# (systemd-analyze verify when available), and the launchers: launch-group.sh's argument errors
-# and dry run, a real 2-rank `mpirun` group of a stand-in worker stopped by SIGTERM, and the
-# Slurm script's hostfile, dry run and requeue on the time-limit signal (a fake scontrol); and
-# docs/DEPLOY.md's launch-group.sh example against the command the page says it prints.
+# against CMakeLists.txt and the unpacked packages' CMake configs
+# (tests/deploy/check_docker_deps.py), the Grafana dashboard's structure and metric names
+# (tests/deploy/check_metrics.py, plus self-tests that it rejects bad input) and its data
+# source provisioning, the shell scripts (bash -n, shellcheck: deploy/, tests/deploy/,
+# scripts/), the systemd units (systemd-analyze verify when available) and env files, and the
+# launchers: launch-group.sh's argument errors and dry run (cores per rank on a node with 2
+# threads per core), a real 2-rank `mpirun` group of a stand-in worker stopped by SIGTERM, and
+# the Slurm script's hostfile, dry run and requeue on the time-limit signal (a fake scontrol);
+# and docs/DEPLOY.md's launch-group.sh example against the command the page says it prints.
 #
 #   tests/deploy/check_deploy.sh [REPO]        (REPO defaults to this checkout)
-# Needs promtool (Debian: prometheus), python3 and mpirun. Exit 0 when every check passes.
+# Needs promtool (Debian: prometheus), shellcheck, python3 and mpirun (scripts/test.sh installs
+# them). Exit 0 when every check passes.
 # shellcheck disable=SC2015,SC2016  # `ok` never fails; single-quoted $ on purpose
 set -uo pipefail
 repo=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
@@ -160,6 +163,15 @@ else
   ok
 fi
 
+# The provisioned data source is not the default: a Grafana whose provisioning marks two data
+# sources as default (a site's own and this one) fails to start, and the dashboard picks its
+# data source through its variable (check_metrics.py checks every panel uses it).
+ds_file=$deploy/grafana/provisioning/datasources/prometheus.yaml
+n_ds=$(grep -cE '^ *- name:' "$ds_file")
+n_not_default=$(grep -cE '^ +isDefault: false *(#.*)?$' "$ds_file")
+if [ "$n_ds" -ge 1 ] && [ "$n_ds" -eq "$n_not_default" ] && [ "$(grep -c 'isDefault:' "$ds_file")" -eq "$n_ds" ]; then ok
+else fail "$ds_file: every data source needs 'isDefault: false' ($n_ds data sources, $n_not_default with it)"; fi
+
 echo "== Dockerfile packages"
 run_ok "check_docker_deps.py $repo" "$py" "$repo/tests/deploy/check_docker_deps.py" "$repo"
 # Self-test: a Dockerfile without libssl-dev (OpenSSL) is refused by name.
@@ -169,16 +181,43 @@ sed 's/ libssl-dev//' "$deploy/docker/Dockerfile" >"$fake/deploy/docker/Dockerfi
 out=$("$py" "$repo/tests/deploy/check_docker_deps.py" "$fake" 2>&1); rc=$?
 [ $rc -eq 1 ] && grep -qF "needs 'OpenSSL' (package libssl-dev)" <<<"$out" && ok ||
   fail "check_docker_deps.py must refuse a Dockerfile without libssl-dev (rc=$rc): $out"
+# Self-test: without libcurl4-openssl-dev, the find_dependency(CURL) of the unpacked
+# prometheus-cpp's CMake config (this machine's prometheus-cpp-dev) is refused by name.
+sed 's/ libcurl4-openssl-dev//' "$deploy/docker/Dockerfile" >"$fake/deploy/docker/Dockerfile"
+out=$("$py" "$repo/tests/deploy/check_docker_deps.py" "$fake" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -qF "prometheus-cpp-config.cmake (package prometheus-cpp-dev, which" <<<"$out" &&
+  grep -qF "find_dependency(CURL): needs package libcurl4-openssl-dev" <<<"$out" && ok ||
+  fail "check_docker_deps.py must refuse a Dockerfile without libcurl4-openssl-dev (rc=$rc): $out"
+# Self-test: a config (a stand-in tree) naming a dependency with no known package, followed from
+# a dependency's own config (prometheus-cpp -> civetweb).
+cp "$deploy/docker/Dockerfile" "$fake/deploy/docker/Dockerfile"
+mkdir -p "$fake/cmake/prometheus-cpp" "$fake/cmake/civetweb"
+printf 'include(CMakeFindDependencyMacro)\nfind_dependency(civetweb)\n' >"$fake/cmake/prometheus-cpp/prometheus-cpp-config.cmake"
+printf '# find_dependency(Commented)\n  find_dependency(NoSuchLib 1.0)\n' >"$fake/cmake/civetweb/civetweb-config.cmake"
+out=$("$py" "$repo/tests/deploy/check_docker_deps.py" "$fake" --cmake-config-root "$fake/cmake" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -qF "civetweb-config.cmake (package libcivetweb-dev, which" <<<"$out" &&
+  grep -qF "find_dependency(NoSuchLib): no package known" <<<"$out" && ! grep -q Commented <<<"$out" && ok ||
+  fail "check_docker_deps.py must refuse a config's unknown find_dependency (rc=$rc): $out"
 
 echo "== shell scripts"
-scripts=("$deploy"/*.sh "$deploy"/slurm/*.sbatch "$repo"/tests/deploy/*.sh)
+scripts=("$deploy"/*.sh "$deploy"/slurm/*.sbatch "$repo"/tests/deploy/*.sh "$repo"/scripts/*.sh "$repo"/scripts/lib/*.sh)
 for s in "${scripts[@]}"; do
   run_ok "bash -n $s" bash -n "$s"
 done
+# The codes that scripts/ trips today, excluded for those files only (SC2119: a function of
+# deps.sh called without arguments; SC2155: export with $(...); SC2034: deps.sh's package lists,
+# used by the scripts that source it; SC2086: its unquoted CMAKE_BUILD_TYPE).
+declare -A shellcheck_exclude=(
+  ["$repo/scripts/demo.sh"]="SC2119,SC2155" ["$repo/scripts/test.sh"]="SC2119"
+  ["$repo/scripts/test-cuda.sh"]="SC2119" ["$repo/scripts/lib/deps.sh"]="SC2034,SC2086")
 if command -v shellcheck >/dev/null 2>&1; then
-  run_ok "shellcheck" shellcheck -s bash -x "${scripts[@]}"
+  for s in "${scripts[@]}"; do
+    exclude=${shellcheck_exclude[$s]:-}
+    # From the repository's root: scripts/ source scripts/lib/deps.sh by that relative path.
+    run_ok "shellcheck $s" env -C "$repo" shellcheck -s bash -x ${exclude:+-e "$exclude"} "$s"
+  done
 else
-  echo "SKIP: shellcheck is not installed"
+  fail "shellcheck is not installed (Debian package: shellcheck; scripts/test.sh installs it)"
 fi
 
 echo "== systemd units"
@@ -218,6 +257,13 @@ if command -v systemd-analyze >/dev/null 2>&1; then
 else
   echo "SKIP: systemd-analyze is not installed"
 fi
+# A CUDA worker built against a PyTorch wheel loads torch from the builder's virtualenv (its
+# RUNPATH), which the service user may not read: the worker env example shows the way out, a
+# commented LD_LIBRARY_PATH naming torch's lib and the wheel's nvidia/*/lib folders.
+env_example=$deploy/systemd/worker-group.env.example
+grep -Eq '^#LD_LIBRARY_PATH=.*site-packages/torch/lib' "$env_example" &&
+  grep -Eq '^#LD_LIBRARY_PATH=.*site-packages/nvidia/[^/:]+/lib' "$env_example" && ok ||
+  fail "$env_example: no commented LD_LIBRARY_PATH line naming torch's lib and nvidia/*/lib folders"
 
 echo "== launch-group.sh"
 launch=$deploy/launch-group.sh
@@ -246,6 +292,50 @@ grep -q secret-token <<<"$out" && fail "launch-group.sh --dry-run shows a token 
 printf 'node01 slots=4\nnode02 slots=2\n' >"$tmp/uneven"
 out=$("$launch" --coordinator c:1 --hostfile "$tmp/uneven" --dry-run 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -qF "node02 has slots=2" <<<"$out" && ok || fail "uneven hostfile: rc=$rc: $out"
+
+# The default cores per rank on a node with 2 threads per core (stand-in nproc and lscpu: 16
+# CPUs, 2 sockets x 4 cores x 2 threads). PE= counts physical cores (Open MPI without
+# --use-hwthread-cpus): 8 cores / 2 ranks = 4 each, not nproc's 16 / 2 = 8.
+# lscpu_standin DIR SOCKETS CORES THREADS: an lscpu that prints that topology (-p=SOCKET,CORE).
+lscpu_standin() {
+  local s c t
+  mkdir -p "$1"
+  { echo '#!/bin/sh'; echo "echo '# Socket,Core'"
+    for ((t = 0; t < $4; t++)); do for ((s = 0; s < $2; s++)); do for ((c = 0; c < $3; c++)); do
+      echo "echo $s,$((s * $3 + c))"
+    done; done; done; } >"$1/lscpu"
+  chmod +x "$1/lscpu"
+}
+lscpu_standin "$tmp/smt" 2 4 2
+printf '#!/bin/sh\necho 16\n' >"$tmp/smt/nproc"
+chmod +x "$tmp/smt/nproc"
+out=$(PATH="$tmp/smt:$PATH" "$launch" --coordinator c:1 --gpus-per-node 2 --dry-run 2>&1); rc=$?
+for want in "--map-by ppr:2:node:PE=4 --bind-to core" "--threads 4 "; do
+  [ $rc -eq 0 ] && grep -qF -- "$want" <<<"$out" && ok ||
+    fail "launch-group.sh on 8 cores x 2 threads, 2 ranks (rc=$rc): no '$want' in: $out"
+done
+# Without lscpu: nproc (16 / 2 = 8). A PATH of the stand-in nproc and the few tools the dry run uses.
+mkdir -p "$tmp/nolscpu"
+cp "$tmp/smt/nproc" "$tmp/nolscpu/"
+for c in dirname id sort awk hostname grep; do ln -sf "$(command -v "$c")" "$tmp/nolscpu/$c"; done
+out=$(PATH="$tmp/nolscpu" "$BASH" "$launch" --coordinator c:1 --gpus-per-node 2 --dry-run 2>&1); rc=$?
+[ $rc -eq 0 ] && grep -qF -- "--map-by ppr:2:node:PE=8 " <<<"$out" && ok ||
+  fail "launch-group.sh without lscpu (nproc 16, 2 ranks; rc=$rc): no 'PE=8' in: $out"
+
+# stop_mpirun runs once: run again (a signal between `pid=$!` and the check after it runs it
+# from the trap, then the check does), it keeps its first killer and starts no second one.
+fn=$(sed -n '/^stop_mpirun() {$/,/^}$/p' "$launch")
+if [ -z "$fn" ]; then
+  fail "no stop_mpirun() in $launch"
+else
+  out=$(bash -c "$fn"'
+    sleep 30 & pid=$!; stop_timeout=1; forced_file=$1/forced; killer=""
+    stop_mpirun; first=$killer; stop_mpirun
+    echo "killers $first $killer"; wait' _ "$tmp" 2>&1)
+  read -r first second < <(sed -n 's/^killers //p' <<<"$out")
+  [ -n "$first" ] && [ "$first" = "$second" ] && ok ||
+    fail "stop_mpirun called twice must keep its first killer: $out"
+fi
 
 # A real group: 2 ranks of a stand-in worker under mpirun. Each rank records its arguments and
 # an exported knob, and on SIGUSR2 (the launcher's stop, which mpirun forwards at once) takes 3 s
@@ -335,6 +425,7 @@ fi
 echo "\$*" >> "$tmp/scontrol.log"
 EOF
 chmod +x "$tmp/bin/scontrol"
+lscpu_standin "$tmp/bin" 2 8 1   # one thread per core: Slurm's CPUs are cores
 grep -q '^#SBATCH --signal=B:USR1@' "$sbatch_script" && ok || fail "no --signal=B:USR1@ in $sbatch_script"
 # The time-limit signal must come early enough for a group that does not stop (killed about
 # 3 x AVIARY_STOP_TIMEOUT after it with the mpirun launcher) to be gone before the limit, or
@@ -358,6 +449,24 @@ out=$(env "${slurm_env[@]}" AVIARY_LAUNCHER=srun bash "$sbatch_script" 2>&1); rc
 for want in "srun --mpi=pmix --ntasks-per-node=4 --cpus-per-task=8" "serve --coordinator coord:7070"; do
   grep -qF -- "$want" <<<"$out" && ok || fail "sbatch srun dry run (rc=$rc): no '$want' in: $out"
 done
+# Nodes with 2 threads per core (the stand-in lscpu of $tmp/smt): Slurm's 8 CPUs per task are
+# 4 cores' threads, so PE=4 and 4 torch threads; srun keeps --cpus-per-task=8 (Slurm's count);
+# the job's --threads-per-core=1 (SLURM_THREADS_PER_CORE) makes the 8 CPUs 8 cores;
+# AVIARY_CORES_PER_RANK sets it outright.
+for case in "|--map-by ppr:4:node:PE=4|--threads 4 " \
+            "AVIARY_LAUNCHER=srun|--cpus-per-task=8 --cpu-bind=cores|--threads 4 " \
+            "SLURM_THREADS_PER_CORE=1|--map-by ppr:4:node:PE=8|--threads 8 " \
+            "AVIARY_CORES_PER_RANK=6|--map-by ppr:4:node:PE=6|--threads 6 "; do
+  IFS='|' read -r extra want1 want2 <<<"$case"
+  # shellcheck disable=SC2086  # $extra: one NAME=value or none
+  out=$(env "${slurm_env[@]}" PATH="$tmp/smt:$tmp/bin:$PATH" $extra bash "$sbatch_script" 2>&1); rc=$?
+  for want in "$want1" "$want2"; do
+    [ $rc -eq 0 ] && grep -qF -- "$want" <<<"$out" && ok ||
+      fail "sbatch dry run, 2 threads per core, SLURM_CPUS_PER_TASK=8 ${extra:-} (rc=$rc): no '$want' in: $out"
+  done
+done
+out=$(env "${slurm_env[@]}" AVIARY_CORES_PER_RANK=0 bash "$sbatch_script" 2>&1); rc=$?
+[ $rc -eq 2 ] && grep -qF "AVIARY_CORES_PER_RANK '0'" <<<"$out" && ok || fail "sbatch with AVIARY_CORES_PER_RANK=0: rc=$rc: $out"
 # The time-limit signal (SIGUSR1 to the batch shell): the group stops cleanly, the job is
 # requeued. A real 2-rank group of the stand-in worker on this host.
 rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped
@@ -383,8 +492,9 @@ grep -qx "requeue 4243" "$tmp/scontrol.log" 2>/dev/null && ok ||
 echo "== docs/DEPLOY.md: the launch-group.sh example and the output it shows"
 # The page's hostfile, its `launch-group.sh ... --dry-run` command and the mpirun command it says
 # that prints, taken from the page as written and run here on the machine it describes: a normal
-# user (the root-only --allow-run-as-root is dropped), 96 cores (a stand-in nproc), LD_LIBRARY_PATH
-# and NCCL_IB_HCA set. The token file is the only path replaced (the launcher checks it is readable).
+# user (the root-only --allow-run-as-root is dropped), 96 cores of 2 threads (stand-in nproc and
+# lscpu), LD_LIBRARY_PATH and NCCL_IB_HCA set. The token file is the only path replaced (the
+# launcher checks it is readable).
 doc=$repo/docs/DEPLOY.md
 if ! "$py" - "$doc" "$tmp/docex" <<'EOF2'
 import os, re, sys
@@ -405,8 +515,8 @@ EOF2
 then
   fail "could not extract the launch-group.sh example from $doc"
 else
-  mkdir -p "$tmp/docex/bin"
-  printf '#!/bin/sh\necho 96\n' >"$tmp/docex/bin/nproc"
+  lscpu_standin "$tmp/docex/bin" 2 48 2
+  printf '#!/bin/sh\necho 192\n' >"$tmp/docex/bin/nproc"
   chmod +x "$tmp/docex/bin/nproc"
   read -r -a words <"$tmp/docex/command"
   token=""
