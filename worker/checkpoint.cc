@@ -15,6 +15,9 @@
 
 #include <type_traits>
 #include <utility>
+#include <vector>
+
+#include <zlib.h>
 
 #include <torch/optim/adam.h>
 #include <torch/serialize/input-archive.h>
@@ -22,6 +25,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/status.h"
 #include "yaml-cpp/yaml.h"
 
@@ -293,11 +297,131 @@ absl::Status UnreadableCheckpoint(const std::string& path, int error, const char
 
 namespace {
 
+// Little-endian fields of the zip format.
+uint64_t LoadLe(const unsigned char* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// Every stored record of the zip archive in `fd` (`size` bytes) against the CRC-32 its central
+// directory holds. torch writes one (PyTorchStreamWriter) but its reader never checks it (miniz
+// is built without the reader's CRC checks): a checkpoint whose tensor bytes rotted on disk or
+// were damaged in a copy, the file's size unchanged, loaded as if whole, and a run resumed from
+// damaged weights and Adam moments beside a good last.prev.pt. DATA_LOSS naming the record;
+// UNAVAILABLE for a read error (as OpenArchive's).
+absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& path) {
+  auto read_at = [&](uint64_t pos, size_t n, std::string* out) -> absl::Status {
+    out->resize(n);
+    size_t done = 0;
+    while (done < n) {
+      const ssize_t got = ::pread(fd, out->data() + done, n - done, static_cast<off_t>(pos + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) return UnreadableCheckpoint(path, errno, "reading the checkpoint");
+      if (got == 0) break;
+      done += static_cast<size_t>(got);
+    }
+    if (done != n) return absl::DataLossError(absl::StrCat(path, ": damaged: the zip directory points past the end"));
+    return absl::OkStatus();
+  };
+  auto damaged = [&](const std::string& why) {
+    return absl::DataLossError(absl::StrCat(path, ": damaged (", why, ")"));
+  };
+  auto u = [](const std::string& b, size_t at, int bytes) {
+    return LoadLe(reinterpret_cast<const unsigned char*>(b.data()) + at, bytes);
+  };
+  // The end-of-central-directory record: within the last 22 + 65535 bytes (its comment).
+  const uint64_t tail_size = std::min<uint64_t>(size, 22 + 65535);
+  std::string tail;
+  AVIARY_RETURN_IF_ERROR(read_at(size - tail_size, static_cast<size_t>(tail_size), &tail));
+  size_t eocd = std::string::npos;
+  for (size_t i = tail.size() >= 22 ? tail.size() - 22 + 1 : 0; i-- > 0;) {
+    if (u(tail, i, 4) == 0x06054b50) {
+      eocd = i;
+      break;
+    }
+  }
+  if (eocd == std::string::npos) return damaged("no zip directory at its end");
+  uint64_t entries = u(tail, eocd + 10, 2);
+  uint64_t dir_size = u(tail, eocd + 12, 4);
+  uint64_t dir_offset = u(tail, eocd + 16, 4);
+  if (entries == 0xFFFF || dir_size == 0xFFFFFFFF || dir_offset == 0xFFFFFFFF) {
+    // ZIP64: the locator just before, pointing at the 64-bit record.
+    if (eocd < 20 || u(tail, eocd - 20, 4) != 0x07064b50) return damaged("no zip64 locator");
+    const uint64_t at = u(tail, eocd - 20 + 8, 8);
+    if (at > size || size - at < 56) return damaged("the zip64 record lies outside the file");
+    std::string record;
+    AVIARY_RETURN_IF_ERROR(read_at(at, 56, &record));
+    if (u(record, 0, 4) != 0x06064b50) return damaged("no zip64 record");
+    entries = u(record, 32, 8);
+    dir_size = u(record, 40, 8);
+    dir_offset = u(record, 48, 8);
+  }
+  if (dir_offset > size || dir_size > size - dir_offset) return damaged("the zip directory lies outside the file");
+  std::string dir;
+  AVIARY_RETURN_IF_ERROR(read_at(dir_offset, static_cast<size_t>(dir_size), &dir));
+  std::vector<char> chunk(1 << 20);
+  size_t at = 0;
+  for (uint64_t e = 0; e < entries; ++e) {
+    if (dir.size() - at < 46 || u(dir, at, 4) != 0x02014b50) return damaged("a zip directory entry is not one");
+    const uint64_t method = u(dir, at + 10, 2);
+    const uint32_t crc = static_cast<uint32_t>(u(dir, at + 16, 4));
+    uint64_t stored = u(dir, at + 20, 4);
+    uint64_t plain = u(dir, at + 24, 4);
+    const size_t name_len = u(dir, at + 28, 2), extra_len = u(dir, at + 30, 2), comment_len = u(dir, at + 32, 2);
+    uint64_t local = u(dir, at + 42, 4);
+    if (dir.size() - at - 46 < name_len + extra_len + comment_len) return damaged("a zip directory entry is cut");
+    const std::string name = dir.substr(at + 46, name_len);
+    // The ZIP64 extra field: the 64-bit values of the fields set to 0xFFFFFFFF, in this order.
+    for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+      const uint64_t id = u(dir, x, 2), len = u(dir, x + 2, 2);
+      if (x + 4 + len > at + 46 + name_len + extra_len) break;
+      if (id == 0x0001) {
+        size_t f = x + 4;
+        for (uint64_t* field : {&plain, &stored, &local}) {
+          if (*field != 0xFFFFFFFF) continue;
+          if (f + 8 > x + 4 + len) return damaged(absl::StrCat("record ", name, ": a short zip64 field"));
+          *field = u(dir, f, 8);
+          f += 8;
+        }
+      }
+      x += 4 + len;
+    }
+    at += 46 + name_len + extra_len + comment_len;
+    if (method != 0) continue;  // compressed: torch writes none (and its reader inflates with its own check)
+    if (stored != plain) return damaged(absl::StrCat("record ", name, ": stored and plain sizes differ"));
+    std::string header;
+    if (local > size || size - local < 30) return damaged(absl::StrCat("record ", name, " lies outside the file"));
+    AVIARY_RETURN_IF_ERROR(read_at(local, 30, &header));
+    if (u(header, 0, 4) != 0x04034b50) return damaged(absl::StrCat("record ", name, ": no local header"));
+    const uint64_t data = local + 30 + u(header, 26, 2) + u(header, 28, 2);
+    if (data > size || stored > size - data) return damaged(absl::StrCat("record ", name, " lies outside the file"));
+    uLong sum = crc32(0L, Z_NULL, 0);
+    for (uint64_t done = 0; done < stored;) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk.size(), stored - done));
+      const ssize_t got = ::pread(fd, chunk.data(), n, static_cast<off_t>(data + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) return UnreadableCheckpoint(path, errno, "reading the checkpoint");
+      if (got == 0) return damaged(absl::StrCat("record ", name, " is cut"));
+      sum = crc32(sum, reinterpret_cast<const Bytef*>(chunk.data()), static_cast<uInt>(got));
+      done += static_cast<uint64_t>(got);
+    }
+    if (static_cast<uint32_t>(sum) != crc) {
+      return absl::DataLossError(absl::StrFormat(
+          "%s: damaged: record %s (%d bytes) has CRC-32 %08x, the archive wrote %08x (bytes changed on disk or in a "
+          "copy)",
+          path, name, stored, static_cast<uint32_t>(sum), crc));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // The whole archive is read here, from one open file: a checkpoint renamed over meanwhile is
 // read as it was when opened. A read that fails (EIO, ESTALE on NFS) is UNAVAILABLE, not "not an
 // aviary checkpoint": torch's own file reader says only "file read failed", and a resume would
 // take the healthy newest checkpoint for a damaged one and go on from an older one.
-absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
+// `verify`: the records' checksums too (VerifyRecordChecksums: a read of the whole file).
+absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive, bool verify) {
   const int injected = ReadFault() ? ReadFault()(path) : 0;
   // O_NONBLOCK: a FIFO under the name would block the open; pread of a regular file ignores it.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
@@ -358,6 +482,7 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
     return absl::ResourceExhaustedError(absl::StrCat(path, ": reading the checkpoint (", size, " bytes): ",
                                                      message.substr(message.find("out of memory"))));
   }
+  if (st.ok() && verify && injected == 0) return VerifyRecordChecksums(fd, size, path);
   return st;
 }
 
@@ -375,7 +500,7 @@ absl::StatusOr<CheckpointMeta> ReadMeta(torch::serialize::InputArchive& archive,
 
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
   torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive);
+  absl::Status st = OpenArchive(path, &archive, /*verify=*/false);
   if (!st.ok()) return st;
   return ReadMeta(archive, path);
 }
@@ -421,13 +546,13 @@ absl::StatusOr<NamedTensors> ReadGroup(torch::serialize::InputArchive& archive, 
 
 absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
   torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
   return ReadModelTensors(archive, path);
 }
 
 absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group) {
   torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
   return ReadGroup(archive, path, group);
 }
 
@@ -483,7 +608,7 @@ absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, Classi
                                                  AdamOptimizer* optimizer, const std::string& group,
                                                  absl::StatusOr<NamedTensors>* group_tensors) {
   torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive);
+  absl::Status st = OpenArchive(path, &archive, /*verify=*/true);
   if (!st.ok()) return st;
   auto meta = ReadMeta(archive, path);
   if (!meta.ok()) return meta.status();

@@ -314,6 +314,35 @@ TEST(CheckpointTest, AReadErrorIsUnavailableNotDamage) {
   std::remove(path.c_str());
 }
 
+// Bytes changed inside a record (bit rot, a bad copy; the file's size unchanged) are found by the
+// records' CRC-32, which torch writes but its reader does not check: a restore is DATA_LOSS naming
+// the file and the record (a resume falls back to last.prev.pt), not damaged weights taken as
+// good. The metadata alone still reads (a resume's choice among candidates).
+TEST(CheckpointTest, ChangedBytesInARecordAreDamage) {
+  auto a = Model(3);
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_rot.pt";
+  CheckpointGroups groups{{"ema_state", {{"w", at::full({4096}, 1234.5678f)}}}};
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, Meta(), {}, groups).ok());
+  auto b = Model(3);
+  ASSERT_TRUE(RestoreCheckpoint(path, *b, nullptr).ok());
+  ASSERT_TRUE(ReadCheckpointTensors(path).ok());
+  std::string bytes = *common::ReadFileToString(path);
+  const float value = 1234.5678f;
+  const std::string pattern(reinterpret_cast<const char*>(&value), sizeof(value));
+  const size_t run = bytes.find(pattern + pattern + pattern + pattern);
+  ASSERT_NE(run, std::string::npos);
+  bytes[run + 9] = static_cast<char>(bytes[run + 9] ^ 0x10);  // one bit of the third float
+  ASSERT_TRUE(common::WriteFileAtomically(path, bytes).ok());
+  EXPECT_TRUE(ReadCheckpointMeta(path).ok());
+  auto restored = RestoreCheckpoint(path, *b, nullptr);
+  EXPECT_EQ(restored.status().code(), absl::StatusCode::kDataLoss) << restored.status();
+  EXPECT_NE(restored.status().message().find(path + ": damaged: record "), std::string::npos) << restored.status();
+  EXPECT_NE(restored.status().message().find("has CRC-32"), std::string::npos) << restored.status();
+  EXPECT_EQ(ReadCheckpointTensors(path).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(ReadCheckpointGroup(path, "ema_state").status().code(), absl::StatusCode::kDataLoss);
+  std::remove(path.c_str());
+}
+
 // Metadata a resume computes positions from is checked: a damaged or edited value is an error
 // naming the file and the value (batches_done x world_size overflowed an int64).
 TEST(CheckpointTest, InconsistentPositionsAreRefused) {
