@@ -16,6 +16,7 @@
 #include <initializer_list>
 #include <cstdio>
 #include <limits>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -635,7 +636,7 @@ struct Trainer::State {
   absl::Status JoinGroup();
   int64_t ResumeBatch(const CheckpointMeta& meta, const std::string& last) const;
   void AdoptNewerBest(const CheckpointMeta& last);
-  void RemoveStaleTemporaries() const;
+  absl::Status RemoveStaleTemporaries() const;
   // Renames each existing file of `names` in the run folder to the first free NAME<suffix>,
   // NAME<suffix>.2, ... (an earlier one's stays); `moved` lists "NAME to NEW" for the log.
   absl::Status MoveAside(std::initializer_list<const char*> names, const std::string& suffix,
@@ -717,7 +718,10 @@ absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const 
                                                absl::Status* shared) {
   *shared = wrote;
   if (comm == nullptr) return absl::OkStatus();
-  comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's file writes");
+  // The others wait for rank 0's writes; rank 0, which arrives last, waits as long as for any
+  // collective (with the longer wait it noticed a rank lost before it after 30 minutes).
+  comm::Communicator::LongerTimeout longer(rank != 0 ? comm : nullptr, kRankZeroFilesTimeoutS,
+                                           "the wait for rank 0's file writes");
   // Said before the all-reduce: another rank's abort (it fails with "rank 0 could not write")
   // may end this process before its own error is printed.
   // A write the lease fence refused because the coordinator revoked the lease (a cancel; the task
@@ -1158,13 +1162,17 @@ absl::Status Trainer::State::LoadInitCheckpoint() {
 // What a write killed between its temporary file and the rename left ("last.pt.tmp.<suffix>": a
 // SIGKILL after the stop's grace time, an OOM kill), a checkpoint's size each: a run folder
 // preempted often would fill up with them. Nothing writes the folder before this run does.
-// One is kept: a "last.pt.ready.<suffix>" where there is no last.pt. The rotation renames the new
-// file (checked by the lease fence) last.pt.ready.<suffix>, last.pt to last.prev.pt, then the ready
-// file to last.pt; a kill before the last rename leaves the newest checkpoint only as the ready
-// file (removing it lost an epoch). It becomes last.pt again when it reads as a checkpoint newer
-// than last.prev.pt; Resume's own checks follow as for any last.pt. A ".tmp." file is never
-// put in place: the fence may have refused it.
-void Trainer::State::RemoveStaleTemporaries() const {
+// The rotation renames the new file (checked by the lease fence) last.pt.ready.<suffix>, last.pt
+// to last.prev.pt, then the ready file to last.pt: a kill between those renames leaves the newest
+// checkpoint only as the ready file (removing it lost an epoch). The newest ready file that reads
+// as a checkpoint newer than what the folder holds finishes the rotation: beside a last.pt of the
+// same run (killed before the second rename) last.pt becomes last.prev.pt first; with no last.pt
+// (killed before the third) it must be newer than last.prev.pt. Resume's own checks follow as for
+// any last.pt. A ready file that cannot be read now (an I/O error, a permission) may be the
+// newest epoch: kept, and the start refused with its error, as Resume refuses a last.pt it cannot
+// read (not with --no-resume, which starts over). A ".tmp." file is never put in place: the
+// fence may have refused it.
+absl::Status Trainer::State::RemoveStaleTemporaries() const {
   std::error_code ec;
   int removed = 0;
   std::vector<std::string> ready;
@@ -1190,22 +1198,40 @@ void Trainer::State::RemoveStaleTemporaries() const {
   }
   std::sort(ready.begin(), ready.end());
   const std::string last = Path("last.pt");
-  std::string adopt;
-  if (!ready.empty() && ::access(last.c_str(), F_OK) != 0) {
-    // The newest that reads (several: kills in more than one rotation; each run's pid differs),
-    // and newer than last.prev.pt when there is one.
-    std::pair<int, int64_t> newest{-2, -1};
-    if (absl::StatusOr<CheckpointMeta> previous = ReadCheckpointMeta(Path("last.prev.pt")); previous.ok()) {
-      newest = {previous->epoch, previous->step};
+  const bool have_last = ::access(last.c_str(), F_OK) == 0;
+  std::vector<absl::StatusOr<CheckpointMeta>> metas;
+  for (const std::string& path : ready) metas.push_back(ReadCheckpointMeta(path));
+  for (size_t i = 0; i < ready.size() && options.resume; ++i) {
+    const absl::StatusCode code = metas[i].status().code();
+    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable ||
+        code == absl::StatusCode::kResourceExhausted) {
+      return absl::Status(code, absl::StrCat(metas[i].status().message(),
+                                             ": a checkpoint a stopped rotation left, which may hold the newest epoch, "
+                                             "so the run does not go on from an older one; make it readable, or start "
+                                             "over with --no-resume (the earlier run's files are moved aside)"));
     }
-    for (const std::string& path : ready) {
-      absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(path);
-      if (!meta.ok()) continue;
-      if (std::make_pair(meta->epoch, meta->step) > newest) {
-        newest = {meta->epoch, meta->step};
-        adopt = path;
+  }
+  std::string adopt;
+  std::optional<CheckpointMeta> replaced;  // last.pt, when a ready file of its run is newer
+  if (!ready.empty() && options.resume) {
+    // The newest that reads (several: kills in more than one rotation; each run's pid differs).
+    std::pair<int, int64_t> newest{-2, -1};
+    absl::StatusOr<CheckpointMeta> floor =
+        have_last ? ReadCheckpointMeta(last) : ReadCheckpointMeta(Path("last.prev.pt"));
+    if (floor.ok()) newest = {floor->epoch, floor->step};
+    // A last.pt that does not read: Resume's to judge (it may fall back to last.prev.pt, which a
+    // rotation here would replace).
+    const bool may_adopt = !have_last || floor.ok();
+    for (size_t i = 0; i < ready.size() && may_adopt; ++i) {
+      if (!metas[i].ok()) continue;
+      const CheckpointMeta& m = *metas[i];
+      if (have_last && (m.stage != floor->stage || m.fold != floor->fold || m.task_id != floor->task_id)) continue;
+      if (std::make_pair(m.epoch, m.step) > newest) {
+        newest = {m.epoch, m.step};
+        adopt = ready[i];
       }
     }
+    if (!adopt.empty() && have_last) replaced = *floor;
   }
   for (const std::string& path : ready) {
     if (path == adopt) continue;
@@ -1213,20 +1239,29 @@ void Trainer::State::RemoveStaleTemporaries() const {
     if (std::filesystem::remove(path, gone)) ++removed;
   }
   if (!adopt.empty()) {
-    if (::rename(adopt.c_str(), last.c_str()) != 0) {
+    const std::string previous = Path("last.prev.pt");
+    if (replaced && ::rename(last.c_str(), previous.c_str()) != 0) {
+      const int error = errno;
+      Log().Warn(absl::StrCat("cannot rename ", last, " to ", previous, ": ", std::strerror(error), " (", adopt,
+                              ", newer, left as it is; resuming from ", last, ")"));
+    } else if (::rename(adopt.c_str(), last.c_str()) != 0) {
       const int error = errno;
       Log().Warn(absl::StrCat("cannot rename ", adopt, " to ", last, ": ", std::strerror(error),
                               " (left as it is; resuming from what else the folder holds)"));
     } else {
       // The rename durable before this run writes over last.prev.pt (a failure only costs that).
       common::SyncFolder(options.out_dir).IgnoreError();
-      Log().Warn(absl::StrCat("found no ", last, " but a complete ", adopt.substr(adopt.rfind('/') + 1),
-                              " (a stop between the checkpoint rotation's renames): renamed to last.pt"));
+      Log().Warn(absl::StrCat(
+          replaced ? absl::StrCat("found last.pt of epoch ", replaced->epoch, " beside a complete, newer ")
+                   : absl::StrCat("found no ", last, " but a complete "),
+          adopt.substr(adopt.rfind('/') + 1), " (a stop between the checkpoint rotation's renames): ",
+          replaced ? "the rotation finished (last.pt to last.prev.pt, it to last.pt)" : "renamed to last.pt"));
     }
   }
   if (removed > 0) {
     Log().Info(absl::StrCat("removed ", removed, " temporary file(s) an interrupted write left in ", options.out_dir));
   }
+  return absl::OkStatus();
 }
 
 absl::Status Trainer::State::LockRunFolder() {
@@ -1267,14 +1302,11 @@ absl::Status Trainer::State::LockRunFolder() {
 
 // Restores the newest valid checkpoint of the run folder (last.pt, last.prev.pt) when asked.
 absl::Status Trainer::State::TidyRunFolder() {
-  if (rank == 0) RemoveStaleTemporaries();
+  const absl::Status tidied = rank == 0 ? RemoveStaleTemporaries() : absl::OkStatus();
   // The other ranks read the folder after rank 0 has tidied it (a last.pt it renamed back in
-  // place must be seen by all, or they would resume from different epochs).
-  if (comm != nullptr) {
-    comm::Communicator::LongerTimeout longer(comm, kRankZeroFilesTimeoutS, "the wait for rank 0's run folder");
-    AVIARY_RETURN_IF_ERROR(comm->Barrier());
-  }
-  return absl::OkStatus();
+  // place must be seen by all, or they would resume from different epochs), and hear of its
+  // refusal: the outcome is shared once rank 0 has one.
+  return ShareStartOutcome(tidied);
 }
 
 absl::Status Trainer::State::Resume() {
@@ -1824,7 +1856,10 @@ absl::Status Trainer::State::StopMidEpoch(const EpochTally& t, int64_t next) {
   if (!shared.ok()) {
     Log().Warn(absl::StrCat(where, ": no mid-epoch checkpoint (", shared.message(), "); ", Path("last.pt"),
                             " holds what it held"));
-    return absl::CancelledError(where);
+    // Still a stop, but a disk that is full is said (the agent waits until it can write again
+    // before it leases another task: worker/agent/agent.cc).
+    const std::optional<common::StorageFault> fault = common::StorageFaultOf(shared);
+    return fault ? common::WithStorageFault(absl::CancelledError(where), *fault) : absl::CancelledError(where);
   }
   if (rank == 0) Log().Info(absl::StrCat(where, ": ", Path("last.pt"), " holds this step"));
   return absl::CancelledError(absl::StrCat(where, "; ", Path("last.pt"), " holds this step"));

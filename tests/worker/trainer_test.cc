@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <limits>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -613,6 +614,75 @@ TEST_F(TrainerTest, ACompleteTemporaryCheckpointLeftByARotationIsResumed) {
   EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt"), complete);
   ASSERT_TRUE((*resumed)->Run().ok());
   EXPECT_EQ((*resumed)->history().size(), 3u);
+}
+
+// A stop between the rotation's first renames (the new file staged as last.pt.ready.X, last.pt
+// not yet moved to last.prev.pt) left the newest epoch beside an older last.pt: the rotation is
+// finished, not the newer file removed. A ready file that cannot be read now may be the newest
+// epoch: the start is refused and the file kept.
+TEST_F(TrainerTest, ARotationStoppedBeforeItsSecondRenameIsFinished) {
+  TrainOptions o;
+  o.out_dir = Out("rotation2");
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  {
+    auto first = Trainer::Create(two, o);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run().ok());
+  }
+  const std::string epoch1 = *common::ReadFileToString(o.out_dir + "/last.pt");
+  const std::string epoch0 = *common::ReadFileToString(o.out_dir + "/last.prev.pt");
+  fs::rename(o.out_dir + "/last.pt", o.out_dir + "/last.pt.ready.4242");
+  fs::rename(o.out_dir + "/last.prev.pt", o.out_dir + "/last.pt");
+
+  // Unreadable now (EIO): refused, naming it, and kept.
+  const std::string ready = o.out_dir + "/last.pt.ready.4242";
+  SetCheckpointReadFaultForTest([&](const std::string& p) { return p == ready ? EIO : 0; });
+  o.extend_epochs = true;  // on to 3 epochs
+  auto refused = Trainer::Create(Config(), o);
+  SetCheckpointReadFaultForTest(nullptr);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find(ready), std::string::npos) << refused.status();
+  EXPECT_NE(refused.status().message().find("may hold the newest epoch"), std::string::npos) << refused.status();
+  EXPECT_TRUE(fs::exists(ready));
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt"), epoch0);
+
+  auto resumed = Trainer::Create(Config(), o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->history().size(), 2u);  // after epoch 1 (the ready file), not epoch 0
+  EXPECT_FALSE(fs::exists(ready));
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt"), epoch1);
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.prev.pt"), epoch0);
+  ASSERT_TRUE((*resumed)->Run().ok());
+  EXPECT_EQ((*resumed)->history().size(), 3u);
+}
+
+// A stop whose mid-epoch checkpoint could not be written for want of space is still a stop, but
+// says so (the agent then waits for space before it leases another task).
+TEST_F(TrainerTest, AStopWhoseCheckpointFoundNoSpaceSaysSo) {
+  TrainOptions o;
+  o.out_dir = Out("stop_enospc");
+  int polls = 0;
+  o.should_stop = [&polls] { return ++polls > 2; };
+  o.commit_check = [](const std::string& path) {
+    if (!absl::EndsWith(path, "/last.pt")) return absl::OkStatus();  // config.yaml at the start
+    common::StorageFault fault;
+    fault.path = path;
+    fault.dir = fs::path(path).parent_path().string();
+    fault.num_bytes = 1;
+    fault.error = ENOSPC;
+    return common::WithStorageFault(absl::ResourceExhaustedError(path + ": No space left on device (ENOSPC)"),
+                                    fault);
+  };
+  auto t = Trainer::Create(Config(), o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const absl::Status stopped = (*t)->Run();
+  EXPECT_TRUE(absl::IsCancelled(stopped)) << stopped;
+  const std::optional<common::StorageFault> fault = common::StorageFaultOf(stopped);
+  ASSERT_TRUE(fault.has_value()) << stopped;
+  EXPECT_EQ(fault->error, ENOSPC);
+  EXPECT_FALSE(fs::exists(o.out_dir + "/last.pt"));
 }
 
 // Starting over (--no-resume) in a folder of a finished run, stopped early: a later resume
