@@ -262,6 +262,19 @@ TEST(ReducerTest, RefusesReplicasThatDiffer) {
       << reducer.status();
 }
 
+// One rank's failure to make its buckets and hooks (here a parameter without a gradient; on a
+// GPU, memory) is every rank's error: the others used to go on to the first gradient all-reduce.
+TEST(ReducerTest, WhatOneRankCannotBuildFailsEveryRank) {
+  if (Comm().world_size() == 1) GTEST_SKIP() << "needs two ranks";
+  std::vector<at::Tensor> params = {at::zeros({10}).set_requires_grad(Comm().rank() != 1)};
+  auto reducer = Reducer::Create(params, &Comm(), ReducerOptions{});
+  ASSERT_FALSE(reducer.ok());
+  const std::string expected = Comm().rank() == 1 ? "rank 1: Reducer: parameter 0 does not require grad"
+                                                  : "Reducer: rank 1 could not make its gradient buckets";
+  EXPECT_NE(reducer.status().message().find(expected), absl::string_view::npos) << reducer.status();
+  EXPECT_EQ(reducer.status().code(), absl::StatusCode::kInvalidArgument) << reducer.status();
+}
+
 torch::nn::Sequential SmallNet() {
   return torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(),
                                torch::nn::Linear(32, 4));

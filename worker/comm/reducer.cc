@@ -103,50 +103,74 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
                                                    options.bucket_bytes, " and ",
                                                    options.first_bucket_bytes));
   }
-  // Every rank must bring the same parameters: compare the counts (max and -min in one call).
+  // Each rank builds its buckets and hooks first (memory a shared GPU may not have, a parameter
+  // without a gradient), then the ranks agree: a failure on one rank after the agreement left the
+  // others training on into their first gradient all-reduce, to wait there for a timeout.
   int64_t total = 0;
   for (const auto& p : params) total += p.numel();
-  at::Tensor range = at::tensor(
-      {static_cast<int64_t>(params.size()), -static_cast<int64_t>(params.size()), total, -total},
-      at::kLong);
+  const int64_t count = static_cast<int64_t>(params.size());
+  std::unique_ptr<Reducer> r(new Reducer(std::move(params), comm, options));
+  absl::Status built;
+  try {
+    built = r->Build();
+  } catch (const std::exception& e) {
+    built = absl::ResourceExhaustedError(
+        absl::StrCat("Reducer: cannot make the gradient buckets (", total * 4, " bytes or more): ", e.what()));
+  }
+  // Every rank must bring the same parameters: compare the counts (max and -min in one call), and
+  // the highest rank whose buckets failed (0: none) with its error's code.
+  at::Tensor range = at::tensor({count, -count, total, -total, built.ok() ? int64_t{0} : int64_t{comm->rank()} + 1,
+                                 static_cast<int64_t>(built.code())},
+                                at::kLong);
   if (absl::Status st = comm->AllReduce(range, ReduceOp::kMax); !st.ok()) return st;
+  if (range[4].item<int64_t>() != 0) {
+    if (!built.ok()) return absl::Status(built.code(), absl::StrCat("rank ", comm->rank(), ": ", built.message()));
+    return absl::Status(static_cast<absl::StatusCode>(range[5].item<int64_t>()),
+                        absl::StrCat("rank ", comm->rank(), ": Reducer: rank ", range[4].item<int64_t>() - 1,
+                                     " could not make its gradient buckets (its log says why)"));
+  }
   if (range[0].item<int64_t>() != -range[1].item<int64_t>() ||
       range[2].item<int64_t>() != -range[3].item<int64_t>()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "Reducer: the replicas differ: rank ", comm->rank(), " has ", params.size(),
+        "Reducer: the replicas differ: rank ", comm->rank(), " has ", count,
         " parameters with ", total, " elements; across ranks the parameters range over ",
         -range[1].item<int64_t>(), "..", range[0].item<int64_t>(), " and the elements over ",
         -range[3].item<int64_t>(), "..", range[2].item<int64_t>()));
   }
-  std::unique_ptr<Reducer> r(new Reducer(std::move(params), comm, options));
-  r->plan_ = PlanBuckets(r->params_, options);
-  r->bucket_of_.resize(r->params_.size());
-  r->offset_of_.resize(r->params_.size());
-  for (size_t b = 0; b < r->plan_.size(); ++b) {
+  return r;
+}
+
+// The buckets, each parameter's gradient in its bucket's memory, and the hooks: this rank's part
+// of Create.
+absl::Status Reducer::Build() {
+  plan_ = PlanBuckets(params_, options_);
+  bucket_of_.resize(params_.size());
+  offset_of_.resize(params_.size());
+  for (size_t b = 0; b < plan_.size(); ++b) {
     auto bucket = std::make_unique<Bucket>();
-    bucket->params = r->plan_[b];
+    bucket->params = plan_[b];
     // Offsets aligned to 16 elements (64 bytes in float32): the gradients are the optimizer's
     // inputs, and the fused kernels load vectors only from aligned tensors. The gaps stay zero.
     constexpr int64_t kAlign = 16;
     int64_t total = 0;
     for (size_t p : bucket->params) {
-      r->bucket_of_[p] = b;
-      r->offset_of_[p] = total;
-      total += (r->params_[p].numel() + kAlign - 1) / kAlign * kAlign;
+      bucket_of_[p] = b;
+      offset_of_[p] = total;
+      total += (params_[p].numel() + kAlign - 1) / kAlign * kAlign;
     }
-    const at::Tensor& first = r->params_[bucket->params.front()];
+    const at::Tensor& first = params_[bucket->params.front()];
     bucket->flat = at::zeros({total}, first.options().requires_grad(false));
     bucket->ready.assign(bucket->params.size(), false);
-    r->buckets_.push_back(std::move(bucket));
+    buckets_.push_back(std::move(bucket));
   }
   // Each parameter's gradient in its bucket's memory, in the parameter's own strides when it is
   // dense (channels_last convolution weights stay channels_last), so that the bucket's copy keeps
   // the layout and Finish hands the tensor itself out as the gradient. Made with set_, not as a
   // view: autograd refuses detach_() on views, and optimizers' zero_grad may detach_ a .grad.
-  r->grad_of_.resize(r->params_.size());
-  for (size_t i = 0; i < r->params_.size(); ++i) {
-    const at::Tensor& p = r->params_[i];
-    const at::Tensor& flat = r->buckets_[r->bucket_of_[i]]->flat;
+  grad_of_.resize(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    const at::Tensor& flat = buckets_[bucket_of_[i]]->flat;
     std::vector<int64_t> strides = p.strides().vec();
     if (!p.is_non_overlapping_and_dense()) {
       int64_t stride = 1;
@@ -155,26 +179,25 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
         stride *= std::max<int64_t>(p.size(static_cast<int64_t>(d)), 1);
       }
     }
-    r->grad_of_[i] = at::empty({0}, flat.options())
-                         .set_(flat.storage(), flat.storage_offset() + r->offset_of_[i],
-                               p.sizes(), strides);
+    grad_of_[i] = at::empty({0}, flat.options())
+                      .set_(flat.storage(), flat.storage_offset() + offset_of_[i], p.sizes(), strides);
   }
-  Reducer* self = r.get();
-  for (size_t i = 0; i < r->params_.size(); ++i) {
-    if (!r->params_[i].requires_grad()) {
+  Reducer* self = this;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!params_[i].requires_grad()) {
       return absl::InvalidArgumentError(
           absl::StrCat("Reducer: parameter ", i, " does not require grad"));
     }
     // The node lives as long as something holds it: the reducer does, or each backward would
     // make a new one without the hook.
-    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(r->params_[i]);
+    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
     if (accumulator == nullptr) {
       return absl::InternalError(absl::StrCat("Reducer: parameter ", i, " has no gradient accumulator"));
     }
-    r->hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<AccumulatedHook>(self, i)));
-    r->accumulators_.push_back(std::move(accumulator));
+    accumulators_.push_back(accumulator);  // first: the destructor unhooks each of hook_keys_
+    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<AccumulatedHook>(self, i)));
   }
-  return r;
+  return absl::OkStatus();
 }
 
 void Reducer::Prepare() {

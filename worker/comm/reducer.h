@@ -95,6 +95,7 @@ class Reducer {
   struct Bucket;
   class AccumulatedHook;
   Reducer(std::vector<at::Tensor> params, Communicator* comm, ReducerOptions options);
+  absl::Status Build();
   void OnGrad(size_t param);
   // Copies the bucket's gradients (.grad of the ready parameters; zeros for the others) into it.
   void Fill(Bucket& b);
