@@ -103,6 +103,7 @@ void PrintReport(const worker::PrepareReport& r, const std::string& part) {
   for (const std::string& s : r.dropped_shards) {
     out << "  dropped incomplete " << s << " (its files were decoded again)\n";
   }
+  for (const std::string& s : r.kept_shards) out << "  kept " << s << "\n";
   out << "  " << std::left << std::setw(11) << "reason" << std::right << std::setw(8)
             << "files"
             << "  detail\n";

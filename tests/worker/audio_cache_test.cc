@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <signal.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -20,6 +22,7 @@
 #include <set>
 #include <string>
 #include <chrono>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -87,6 +90,16 @@ std::string ShardFile(const std::string& dir, int shard, const std::string& suff
   char name[32];
   std::snprintf(name, sizeof(name), "shard-%06d", shard);
   return dir + "/" + name + suffix;
+}
+
+// Sets the file's mtime (and atime) `seconds` back from now: a shard left by an interrupted run
+// long ago, which prepare drops (a recent one may be being written: kept).
+void Backdate(const std::string& path, int64_t seconds) {
+  struct timespec now {};
+  ASSERT_EQ(::clock_gettime(CLOCK_REALTIME, &now), 0);
+  now.tv_sec -= static_cast<time_t>(seconds);
+  const struct timespec times[2] = {now, now};
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), times, 0), 0) << path << ": " << std::strerror(errno);
 }
 
 // Every cached value equals the direct decode quantised to int16: |q / 32768 - x| <= 1/65536
@@ -280,6 +293,7 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   lines.resize(keep);
   WriteBytes(ShardFile(dir, middle, ".index.csv"), absl::StrJoin(lines, "\n") + "\n");
   WriteBytes(ShardFile(dir, 900, ".pcm"), std::string(1000, '\x7f'));
+  Backdate(ShardFile(dir, 900, ".pcm"), 3600);
   WriteBytes(ShardFile(dir, 3, ".index.csv.tmp.12345"), "path,shard\n");
 
   {
@@ -942,6 +956,7 @@ TEST(AudioCacheTest, APartLeavesTheOtherPartsShards) {
   MustPrepare({paths[0]}, Options(dir));
   WriteBytes(ShardFile(dir, 5, ".pcm"), "in progress");   // part 1's (odd)
   WriteBytes(ShardFile(dir, 6, ".pcm"), "interrupted");   // part 0's (even)
+  Backdate(ShardFile(dir, 6, ".pcm"), 3600);
   // Temporary indexes of shards past 6 digits (a run split many ways numbers them so): by the
   // whole number, not its first 6 digits (123456, even, for both).
   const std::string odd_tmp = dir + "/shard-1234567.index.csv.tmp.1.2";
@@ -971,6 +986,190 @@ TEST(AudioCacheTest, OpenWithoutACache) {
   WriteBytes(tmp.Sub("manifest.txt"),
              "format=aviary-audio-cache/9\nsample_rate=1\nchannels=first\n");
   EXPECT_EQ(AudioCache::Open(tmp.path()).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// The manifest's keys are checked, not skipped: sample_type must be int16le (another is a cache
+// this build does not read), a key twice or a line that is not key=value is damage naming the
+// file, and an unknown key is refused (max_seconds was once such a key: builds before it read a
+// cut cache as whole files). Another format is said first, whatever else its manifest holds.
+// Prepare refuses them all; a valid manifest still opens.
+TEST(AudioCacheTest, ManifestKeysAreCheckedStrictly) {
+  TempDir tmp;
+  const std::string good = "format=aviary-audio-cache/1\nsample_rate=32000\nchannels=first\nsample_type=int16le\n";
+  struct Case {
+    std::string manifest;
+    absl::StatusCode code;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"format=aviary-audio-cache/1\nsample_rate=32000\nchannels=first\n", absl::StatusCode::kDataLoss,
+       "no sample_type"},
+      {good + "sample_type=float32le\n", absl::StatusCode::kDataLoss, "'sample_type' appears twice"},
+      {"format=aviary-audio-cache/1\nsample_rate=32000\nchannels=first\nsample_type=float32le\n",
+       absl::StatusCode::kFailedPrecondition, "sample_type 'float32le'"},
+      {good + "sample_rate=48000\n", absl::StatusCode::kDataLoss, "'sample_rate' appears twice (line 5)"},
+      {good + "max_seconds=60\nmax_seconds=60\n", absl::StatusCode::kDataLoss, "'max_seconds' appears twice"},
+      {good + "compression=flac\n", absl::StatusCode::kFailedPrecondition, "unknown key 'compression'"},
+      {good + "garbage\n", absl::StatusCode::kDataLoss, "line 5 is not key=value"},
+      {"format=aviary-audio-cache/2\nformat=aviary-audio-cache/2\ncompression=flac\n",
+       absl::StatusCode::kFailedPrecondition, "format 'aviary-audio-cache/2'"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string dir = tmp.Sub("c" + std::to_string(i));
+    fs::create_directories(dir);
+    WriteBytes(dir + "/manifest.txt", cases[i].manifest);
+    auto opened = AudioCache::Open(dir);
+    EXPECT_EQ(opened.status().code(), cases[i].code) << i << ": " << opened.status();
+    EXPECT_NE(opened.status().message().find(dir + "/manifest.txt"), std::string::npos) << opened.status();
+    EXPECT_NE(opened.status().message().find(cases[i].says), std::string::npos) << opened.status();
+    auto prepared = PrepareAudioCache({}, Options(dir));
+    EXPECT_EQ(prepared.status().code(), cases[i].code) << i << ": " << prepared.status();
+  }
+  const std::string dir = tmp.Sub("good");
+  fs::create_directories(dir);
+  WriteBytes(dir + "/manifest.txt", good + "max_seconds=60\n");
+  auto opened = AudioCache::Open(dir);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ((*opened)->max_seconds(), 60);
+}
+
+// A .pcm without an index is only an interrupted run's when nobody has written to it for a while:
+// where flock does not reach across hosts, a prepare on another host may be writing it. Prepare
+// keeps one written within max(2 x seal_interval_s, 10 min), saying so (and the plan does not
+// count it), and drops it once it is older.
+TEST(AudioCacheTest, AShardWithoutAnIndexIsDroppedOnlyOnceItIsOld) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("a.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare({path}, Options(dir));
+  const std::string orphan = ShardFile(dir, 900, ".pcm");
+  WriteBytes(orphan, std::string(4000, '\x11'));
+
+  PrepareReport fresh = MustPrepare({path}, Options(dir));
+  EXPECT_TRUE(fs::exists(orphan));
+  EXPECT_TRUE(fresh.dropped_shards.empty());
+  ASSERT_EQ(fresh.kept_shards.size(), 1u);
+  EXPECT_EQ(fresh.kept_shards[0].rfind("shard-000900: no index yet", 0), 0u) << fresh.kept_shards[0];
+  EXPECT_NE(fresh.kept_shards[0].find("possibly a prepare on another host"), std::string::npos);
+  auto plan = PlanAudioCache({path}, Options(dir));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->invalid_shards, 0);
+  {
+    auto cache = MustOpen(dir);
+    ASSERT_NE(cache, nullptr);
+    ASSERT_EQ(cache->invalid_shards().size(), 1u);  // readers skip it either way
+    EXPECT_EQ(cache->size(), 1u);
+  }
+
+  // An hour old: still within twice a seal interval of an hour.
+  Backdate(orphan, 3600);
+  PrepareOptions slow_seals = Options(dir);
+  slow_seals.seal_interval_s = 3600;
+  EXPECT_EQ(MustPrepare({path}, slow_seals).kept_shards.size(), 1u);
+  EXPECT_TRUE(fs::exists(orphan));
+  // Past max(2 x 120 s, 10 min): an interrupted run's.
+  plan = PlanAudioCache({path}, Options(dir));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->invalid_shards, 1);
+  PrepareReport old = MustPrepare({path}, Options(dir));
+  EXPECT_FALSE(fs::exists(orphan));
+  EXPECT_TRUE(old.kept_shards.empty());
+  ASSERT_EQ(old.dropped_shards.size(), 1u);
+  EXPECT_EQ(old.dropped_shards[0], "shard-000900: no index (an interrupted run)");
+}
+
+// A prepare that fails part-way (here a write past RLIMIT_FSIZE, EFBIG, as ENOSPC would be on a
+// full disk) removes the unsealed shard it was writing: nothing of it is left taking space until
+// the next prepare. The shards it sealed stay, and the next run decodes only what is missing.
+TEST(AudioCacheTest, AFailedPrepareRemovesItsUnsealedShards) {
+  TempDir tmp;
+  std::vector<std::string> paths;
+  for (int i = 0; i < 8; ++i) {  // 64,000 bytes of samples each: 4 to a shard of 250,000
+    paths.push_back(tmp.Sub("short" + std::to_string(i) + ".wav"));
+    WriteAudio(paths.back(), SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(220 + 10 * i, 32000, 32000));
+  }
+  const std::string long_file = tmp.Sub("long.wav");  // 1.9 MB of samples: past the 1 MB limit
+  WriteAudio(long_file, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 30 * 32000));
+  paths.push_back(long_file);
+  const std::string dir = tmp.Sub("cache");
+  PrepareOptions options = Options(dir, /*threads=*/1, /*shard_bytes=*/250000);
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    struct rlimit limit {};
+    limit.rlim_cur = limit.rlim_max = 1 << 20;
+    if (::signal(SIGXFSZ, SIG_IGN) == SIG_ERR || ::setrlimit(RLIMIT_FSIZE, &limit) != 0) ::_exit(2);
+    auto report = PrepareAudioCache(paths, options);
+    const bool as_expected = !report.ok() && report.status().message().find("shard-000002.pcm: write failed") !=
+                                                 std::string::npos;
+    if (!as_expected) {
+      std::fprintf(stderr, "prepare: %s\n", report.ok() ? "ok" : report.status().ToString().c_str());
+    }
+    ::_exit(as_expected ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_GT(pid, 0);
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0) << "prepare did not fail writing a shard (see stderr)";
+  EXPECT_EQ(ShardNumbers(dir, ".index.csv"), (std::vector<int>{0, 1}));
+  EXPECT_EQ(ShardNumbers(dir, ".pcm"), (std::vector<int>{0, 1}));  // shard 2's is gone
+
+  PrepareReport again = MustPrepare(paths, options);
+  EXPECT_EQ(again.files_cached, 8);
+  EXPECT_EQ(again.files_decoded, 1);
+  EXPECT_TRUE(again.dropped_shards.empty());
+}
+
+// Read() serves what LookupCurrent serves (not a file changed since prepare), and checks its
+// range without adding offset and count, whose sum can pass INT64_MAX.
+TEST(AudioCacheTest, ReadChecksItsRangeWithoutOverflowAndSkipsChangedFiles) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("a.wav");
+  const std::string changed = tmp.Sub("b.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  WriteAudio(changed, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare({path, changed}, Options(dir));
+  WriteAudio(changed, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(880, 32000, 2 * 32000));
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  const CacheEntry* entry = cache->Lookup(path);
+  ASSERT_NE(entry, nullptr);
+  ASSERT_EQ(entry->frames, 32000);
+  std::vector<float> out(16);
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(cache->Read(path, 10, kMax, out.data()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(cache->Read(path, kMax, 16, out.data()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(cache->Read(path, kMax, kMax, out.data()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(cache->Read(path, 32001, 0, out.data()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_TRUE(cache->Read(path, 32000, 0, out.data()).ok());
+  EXPECT_TRUE(cache->Read(path, 32000 - 16, 16, out.data()).ok());
+  ASSERT_NE(cache->Lookup(changed), nullptr);
+  EXPECT_EQ(cache->Read(changed, 0, 16, out.data()).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(cache->stale_files(), 1);
+}
+
+// LookupCurrent stat()s the path as the caller spells it, as prepare did, not the normalised key:
+// through a symbolic link to a folder, "link/../a.wav" is the link target's sibling, while the
+// key says "a.wav" beside the link, here another file.
+TEST(AudioCacheTest, LookupCurrentStatsThePathAsGiven) {
+  TempDir tmp;
+  fs::create_directories(tmp.Sub("real/sub"));
+  fs::create_directory_symlink(tmp.Sub("real/sub"), tmp.Sub("link"));
+  const std::string through_link = tmp.Sub("link/../a.wav");  // real/a.wav to the kernel
+  WriteAudio(tmp.Sub("real/a.wav"), SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 32000));
+  WriteAudio(tmp.Sub("a.wav"), SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(880, 32000, 3 * 32000));
+  ASSERT_EQ(AudioCacheKey(through_link), tmp.Sub("a.wav"));
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare({through_link}, Options(dir));
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  const CacheEntry* entry = cache->LookupCurrent(through_link);
+  ASSERT_NE(entry, nullptr) << "the cached file, unchanged, was taken for changed";
+  EXPECT_EQ(entry->frames, 32000);
+  EXPECT_EQ(cache->stale_files(), 0);
 }
 
 TEST(AudioCacheTest, ThreadCountDoesNotChangeTheData) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <set>
 #include <string>
 #include <vector>
@@ -20,6 +21,7 @@
 namespace aviary::worker {
 namespace {
 
+namespace fs = std::filesystem;
 using testing::SharedCorpus;
 using testing::Sine;
 using testing::TempDir;
@@ -501,6 +503,51 @@ TEST(LoadClipTest, BadRequestsAndConfiguredCache) {
   ASSERT_TRUE(some.ok());
   ASSERT_NE(*some, nullptr);
   EXPECT_EQ((*some)->size(), 1u);
+}
+
+// A configured cache that cannot be opened (another format version, a damaged manifest, one
+// that cannot be read now) is not used, with a warning naming the manifest and the reason, as a
+// cache of another rate is: training decodes on the fly instead of failing every attempt.
+TEST(LoadClipTest, ConfiguredCacheThatCannotBeOpenedIsWarnedAboutNotFatal) {
+  TempDir tmp;
+  struct Case {
+    std::string name;
+    std::string manifest;  // "": manifest.txt is a link to itself (ELOOP, as EIO or ESTALE)
+    std::string says;
+  };
+  const std::string good = "format=aviary-audio-cache/1\nsample_rate=32000\nchannels=first\nsample_type=int16le\n";
+  const std::vector<Case> cases = {
+      {"newer", "format=aviary-audio-cache/2\nsample_rate=32000\n", "FAILED_PRECONDITION: "},
+      {"damaged", good + "sample_rate=16000\n", "DATA_LOSS: "},
+      {"truncated", "format=aviary-audio-cache/1\nsample_ra", "DATA_LOSS: "},
+      {"unreadable", "", "INTERNAL: "},
+  };
+  for (const Case& c : cases) {
+    common::DataConfig data;
+    data.cache_dir = tmp.Sub(c.name);
+    fs::create_directories(data.cache_dir);
+    const std::string manifest = data.cache_dir + "/manifest.txt";
+    if (c.manifest.empty()) {
+      fs::create_symlink("manifest.txt", manifest);
+    } else {
+      WriteBytes(manifest, c.manifest);
+    }
+    absl::Mutex mu;
+    std::vector<std::string> warnings;
+    common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
+      absl::MutexLock lock(&mu);
+      if (level == common::LogLevel::kWarning) warnings.emplace_back(line);
+    });
+    auto opened = OpenConfiguredCache(data);
+    common::SetLogTap(nullptr);
+    ASSERT_TRUE(opened.ok()) << c.name << ": " << opened.status();
+    EXPECT_EQ(*opened, nullptr) << c.name;
+    ASSERT_EQ(warnings.size(), 1u) << c.name;
+    EXPECT_TRUE(absl::StrContains(warnings[0], "not using the decoded-audio cache data.cache_dir " + data.cache_dir))
+        << warnings[0];
+    EXPECT_TRUE(absl::StrContains(warnings[0], c.says + manifest)) << warnings[0];
+    EXPECT_TRUE(absl::StrContains(warnings[0], "decoded on the fly")) << warnings[0];
+  }
 }
 
 }  // namespace

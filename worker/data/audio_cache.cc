@@ -16,7 +16,9 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <mutex>
+#include <set>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -116,6 +118,12 @@ std::string DescribeMaxSeconds(double max_seconds) {
                          : "whole files";
 }
 
+// Reads manifest.txt. Every line is key=value, each key at most once (DATA_LOSS otherwise, as
+// for a missing or malformed required key). A key this build does not know is refused
+// (FAILED_PRECONDITION), not skipped: max_seconds was added to format 1 without a version bump,
+// and builds from before it read a cut cache as whole files; a key is only ever added by a
+// writer that older readers must not ignore. Another format or sample_type is
+// FAILED_PRECONDITION (a cache this build does not read), checked first.
 absl::StatusOr<Manifest> ReadManifest(const std::string& dir) {
   const std::string path = (fs::path(dir) / kManifest).string();
   auto text = common::ReadFileToString(path);
@@ -126,36 +134,61 @@ absl::StatusOr<Manifest> ReadManifest(const std::string& dir) {
     }
     return text.status();
   }
-  Manifest m;
-  bool have_format = false, have_rate = false, have_channels = false;
-  for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipEmpty())) {
-    std::pair<absl::string_view, absl::string_view> kv =
-        absl::StrSplit(line, absl::MaxSplits('=', 1));
-    if (kv.first == "format") {
-      if (kv.second != kFormat) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(path, ": format '", kv.second, "', this build reads '", kFormat, "'"));
-      }
-      have_format = true;
-    } else if (kv.first == "sample_rate") {
-      if (!absl::SimpleAtoi(kv.second, &m.sample_rate) || m.sample_rate <= 0) {
-        return absl::DataLossError(absl::StrCat(path, ": bad sample_rate '", kv.second, "'"));
-      }
-      have_rate = true;
-    } else if (kv.first == "channels") {
-      auto mode = ParseChannelMode(kv.second);
-      if (!mode.ok()) return absl::DataLossError(absl::StrCat(path, ": ", mode.status().message()));
-      m.channels = *mode;
-      have_channels = true;
-    } else if (kv.first == "max_seconds") {
-      if (!absl::SimpleAtod(kv.second, &m.max_seconds) || !(m.max_seconds > 0)) {
-        return absl::DataLossError(absl::StrCat(path, ": bad max_seconds '", kv.second, "'"));
-      }
+  std::map<std::string, std::string> values;
+  std::string damage;  // the first duplicate key or line that is not key=value
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    ++line_number;
+    if (line.empty()) continue;
+    const size_t eq = line.find('=');
+    if (eq == absl::string_view::npos || eq == 0) {
+      if (damage.empty()) damage = absl::StrCat("line ", line_number, " is not key=value");
+      continue;
+    }
+    const std::string key(line.substr(0, eq));
+    if (!values.emplace(key, std::string(line.substr(eq + 1))).second && damage.empty()) {
+      damage = absl::StrCat("key '", key, "' appears twice (line ", line_number, ")");
     }
   }
-  if (!have_format || !have_rate || !have_channels) {
-    return absl::DataLossError(
-        absl::StrCat(path, ": incomplete manifest (needs format, sample_rate and channels)"));
+  // Another format first: its manifest may hold anything.
+  auto format = values.find("format");
+  if (format != values.end() && format->second != kFormat) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": format '", format->second, "', this build reads '", kFormat, "'"));
+  }
+  if (!damage.empty()) return absl::DataLossError(absl::StrCat(path, ": ", damage));
+  for (const char* key : {"format", "sample_rate", "channels", "sample_type"}) {
+    if (!values.count(key)) {
+      return absl::DataLossError(absl::StrCat(
+          path, ": incomplete manifest (no ", key, "; needs format, sample_rate, channels and sample_type)"));
+    }
+  }
+  Manifest m;
+  for (const auto& [key, value] : values) {
+    if (key == "format") {
+      // checked above
+    } else if (key == "sample_type") {
+      if (value != "int16le") {
+        return absl::FailedPreconditionError(
+            absl::StrCat(path, ": sample_type '", value, "', this build reads 'int16le'"));
+      }
+    } else if (key == "sample_rate") {
+      if (!absl::SimpleAtoi(value, &m.sample_rate) || m.sample_rate <= 0) {
+        return absl::DataLossError(absl::StrCat(path, ": bad sample_rate '", value, "'"));
+      }
+    } else if (key == "channels") {
+      auto mode = ParseChannelMode(value);
+      if (!mode.ok()) return absl::DataLossError(absl::StrCat(path, ": ", mode.status().message()));
+      m.channels = *mode;
+    } else if (key == "max_seconds") {
+      if (!absl::SimpleAtod(value, &m.max_seconds) || !(m.max_seconds > 0)) {
+        return absl::DataLossError(absl::StrCat(path, ": bad max_seconds '", value, "'"));
+      }
+    } else {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": unknown key '", key, "' (written by a newer aviary?); this build reads format, sample_rate, "
+          "channels, sample_type and max_seconds, and does not guess what another key changes"));
+    }
   }
   return m;
 }
@@ -216,9 +249,20 @@ std::string IndexText(const std::vector<CacheEntry>& entries) {
 struct ShardScan {
   std::map<int, std::vector<CacheEntry>> valid;  // complete shards and their entries
   std::map<int, std::string> invalid;            // shard -> why it is not usable
+  // Of `invalid`, the .pcm files without an index modified within the grace period: maybe
+  // being written by a prepare whose lock this host does not see. Kept, not dropped.
+  std::set<int> maybe_writing;
   std::vector<std::string> stray;                // leftover temporary files
   int max_shard = -1;                            // over every shard file seen
 };
+
+// How long a .pcm without an index is taken for one being written (kept) rather than an
+// interrupted run's (dropped): twice the seal interval (a writer seals a shard at the latest that
+// long after opening it, and writes into it throughout), and at least 10 min (a long file's
+// decode between two writes, a slow fsync, clocks apart). The lock files keep a second prepare
+// out only where flock works across hosts; this keeps one prepare from deleting another's open
+// shard where it does not. A writer's seal_interval_s is not recorded: this run's stands in.
+double OrphanGraceSeconds(double seal_interval_s) { return std::max(2 * seal_interval_s, 600.0); }
 
 // Reads and checks every shard index in `dir` against its .pcm (`expected_rate` is the
 // manifest's sample rate). A shard is invalid (and prepare drops it) for what its files hold:
@@ -227,7 +271,10 @@ struct ShardScan {
 // (`read_errors_fatal`), an error naming the file: sealed shards were deleted and decoded again
 // for a passing read error. A reader skips such a shard (invalid, said so) and decodes its files
 // on the fly, as it did: one unreadable index must not fail every attempt of a training task.
-absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, bool read_errors_fatal) {
+// A .pcm without an index whose mtime is less than `orphan_grace_s` old (or in the future: a
+// clock ahead) is in `maybe_writing`: see OrphanGraceSeconds.
+absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, bool read_errors_fatal,
+                                     double orphan_grace_s) {
   auto unreadable = [](const std::string& what) {
     return absl::UnavailableError(absl::StrCat(
         what, " (no shard was dropped: run `aviary prepare` again when it can be read, or fix its permissions)"));
@@ -327,10 +374,26 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, 
     }
     scan.valid[shard] = std::move(entries);
   }
+  struct timespec now {};
+  ::clock_gettime(CLOCK_REALTIME, &now);
   for (const auto& [shard, bytes] : pcm_bytes) {
-    if (!scan.valid.count(shard) && !scan.invalid.count(shard)) {
-      scan.invalid[shard] = "no index (an interrupted run)";
+    if (scan.valid.count(shard) || scan.invalid.count(shard)) continue;
+    // A writer's .pcm has no index until it is sealed; its mtime moves with every write. One
+    // that cannot be stat()ed now (removed meanwhile) is an interrupted run's, as before.
+    struct stat st;
+    if (::stat(PcmPath(dir, shard).c_str(), &st) == 0) {
+      const double age_s = static_cast<double>(now.tv_sec - st.st_mtim.tv_sec) +
+                           static_cast<double>(now.tv_nsec - st.st_mtim.tv_nsec) * 1e-9;
+      if (age_s < orphan_grace_s) {
+        scan.maybe_writing.insert(shard);
+        scan.invalid[shard] = absl::StrFormat(
+            "no index yet, its .pcm was written %.0f s ago: possibly a prepare on another host writing it (kept "
+            "until it is %.0f s old, then dropped as an interrupted run's)",
+            age_s, orphan_grace_s);
+        continue;
+      }
     }
+    scan.invalid[shard] = "no index (an interrupted run)";
   }
   return scan;
 }
@@ -500,9 +563,13 @@ class ShardWriter {
         shard_bytes_(shard_bytes),
         seal_interval_s_(seal_interval_s),
         next_shard_(first_shard) {}
+  // Removes the .pcm of every shard this writer created but did not seal: there is one only when
+  // the run failed (a full disk, a decode error), and at ~256 MB each they would hold the space
+  // until the next prepare dropped them. Sealed shards stay: a run with space resumes from them.
   ~ShardWriter() {
     for (const auto& shard : shards_) {
-      if (shard->fd >= 0) ::close(shard->fd);  // an unsealed shard is discarded by the next run
+      if (shard->fd >= 0) ::close(shard->fd);
+      if (!shard->sealed) Discard(*shard);
     }
   }
   ShardWriter(const ShardWriter&) = delete;
@@ -572,6 +639,10 @@ class ShardWriter {
     int in_flight = 0;                 // writes under way
     bool full = false;                 // takes no more files
     bool failed = false;               // a write failed: never sealed
+    bool sealed = false;               // its index is written
+    bool identified = false;           // dev/ino hold the .pcm's identity (fstat after creating it)
+    dev_t dev = 0;
+    ino_t ino = 0;
     std::chrono::steady_clock::time_point opened;
   };
 
@@ -593,6 +664,7 @@ class ShardWriter {
     }
     AVIARY_RETURN_IF_ERROR(common::WriteFileAtomically(IndexPath(dir_, shard->number), IndexText(shard->entries)));
     std::lock_guard<std::mutex> lock(mu_);
+    shard->sealed = true;
     for (CacheEntry& e : shard->entries) sealed_.push_back(std::move(e));
     shard->entries.clear();
     ++shards_written_;
@@ -616,9 +688,38 @@ class ShardWriter {
                                               error == EEXIST ? " (and the next 1000 shard numbers exist)" : ""));
     }
     shard->opened = std::chrono::steady_clock::now();
+    struct stat st;
+    if (::fstat(shard->fd, &st) == 0) {
+      shard->identified = true;
+      shard->dev = st.st_dev;
+      shard->ino = st.st_ino;
+    }
     shards_.push_back(shard);
     open_ = std::move(shard);
     return absl::OkStatus();
+  }
+
+  // Unlinks an unsealed shard's .pcm, if the name still holds the file this writer created (not
+  // one a run that took the number since made) and no index was written (a failure after the
+  // rename: the shard may be whole). An unknown identity is left to the next run, as before.
+  // Never throws (a destructor's).
+  void Discard(const Shard& shard) const noexcept {
+    try {
+      const std::string pcm = PcmPath(dir_, shard.number);
+      struct stat st;
+      if (!shard.identified || ::stat(pcm.c_str(), &st) != 0 || st.st_dev != shard.dev || st.st_ino != shard.ino ||
+          ::access(IndexPath(dir_, shard.number).c_str(), F_OK) == 0) {
+        return;
+      }
+      if (::unlink(pcm.c_str()) != 0) {
+        const int error = errno;
+        Log().Warn(absl::StrCat(pcm, ": cannot remove this failed run's unsealed shard: ", common::ErrnoText(error),
+                                " (the next prepare drops it)"));
+        return;
+      }
+      Log().Info(absl::StrCat(pcm, ": removed this failed run's unsealed shard (", st.st_size, " bytes)"));
+    } catch (...) {  // an allocation: the next prepare drops the shard
+    }
   }
 
   const std::string dir_;
@@ -664,7 +765,8 @@ int16_t FloatToCacheSample(float x) {
 
 absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& dir) {
   AVIARY_ASSIGN_OR_RETURN(Manifest manifest, ReadManifest(dir));
-  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest.sample_rate, /*read_errors_fatal=*/false));
+  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest.sample_rate, /*read_errors_fatal=*/false,
+                                                   OrphanGraceSeconds(PrepareOptions{}.seal_interval_s)));
   std::unique_ptr<AudioCache> cache(new AudioCache());
   cache->dir_ = dir;
   cache->sample_rate_ = manifest.sample_rate;
@@ -771,8 +873,10 @@ const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
     // A source that cannot be stat()ed (gone, unreachable) keeps its cached audio: there is no
     // newer version to prefer. An entry without a stamp (-1: prepare could not stat the file)
     // is stale when the file can be stat()ed now, as prepare judges it: nothing says the
-    // cached audio is that file's.
-    if (::stat(e.path.c_str(), &st) == 0) {
+    // cached audio is that file's. The caller's spelling is stat()ed, as prepare stat()ed the
+    // one it was given: the key is lexically normalised, and "link/../a.ogg" is another file
+    // than the key's "a.ogg" when `link` is a symbolic link to a folder elsewhere.
+    if (::stat(std::string(path).c_str(), &st) == 0) {
       const FileStamp stamp{static_cast<int64_t>(st.st_size),
                             static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 +
                                 st.st_mtim.tv_nsec};
@@ -811,18 +915,19 @@ absl::Span<const int16_t> AudioCache::Samples(const CacheEntry& entry) const {
 
 absl::Status AudioCache::Read(absl::string_view path, int64_t offset, int64_t num_frames,
                               float* out) const {
-  const CacheEntry* entry = Lookup(path);
+  const CacheEntry* entry = LookupCurrent(path);
   if (entry == nullptr) {
-    return absl::NotFoundError(absl::StrCat(path, ": not in the audio cache ", dir_));
+    return absl::NotFoundError(
+        absl::StrCat(path, ": not in the audio cache ", dir_, ", or changed since `aviary prepare` cached it"));
   }
   if (entry->problem != AudioProblem::kNone) {
     return absl::FailedPreconditionError(
         absl::StrCat(path, ": cached as ", AudioProblemName(entry->problem), ": ", entry->message));
   }
-  if (offset < 0 || num_frames < 0 || offset + num_frames > entry->frames) {
-    return absl::OutOfRangeError(absl::StrCat(path, ": samples [", offset, ", ",
-                                              offset + num_frames, ") outside the cached ",
-                                              entry->frames));
+  // Without adding them: offset + num_frames can pass INT64_MAX.
+  if (offset < 0 || num_frames < 0 || offset > entry->frames || num_frames > entry->frames - offset) {
+    return absl::OutOfRangeError(absl::StrCat(path, ": ", num_frames, " samples from sample ", offset,
+                                              " are not all inside the cached ", entry->frames));
   }
   absl::Span<const int16_t> samples = Samples(*entry);
   for (int64_t i = 0; i < num_frames; ++i) out[i] = CacheSampleToFloat(samples[offset + i]);
@@ -1024,8 +1129,11 @@ absl::StatusOr<PreparePlan> PlanAudioCache(const std::vector<std::string>& paths
   if (manifest.ok()) {
     AVIARY_RETURN_IF_ERROR(
         CheckManifestMatches(dir, *manifest, Manifest{options.sample_rate, options.channels, options.max_seconds}));
-    AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest->sample_rate, /*read_errors_fatal=*/true));
-    for (const auto& [shard, reason] : scan.invalid) plan.invalid_shards += OwnsShard(shard, options) ? 1 : 0;
+    AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest->sample_rate, /*read_errors_fatal=*/true,
+                                                              OrphanGraceSeconds(options.seal_interval_s)));
+    for (const auto& [shard, reason] : scan.invalid) {
+      plan.invalid_shards += OwnsShard(shard, options) && !scan.maybe_writing.count(shard) ? 1 : 0;
+    }
     cached = CachedEntries(&scan);
   } else if (!absl::IsNotFound(manifest.status())) {
     return manifest.status();
@@ -1119,12 +1227,18 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
 
   PrepareReport report;
   report.cache_dir = dir;
-  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, wanted.sample_rate, /*read_errors_fatal=*/true));
+  AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, wanted.sample_rate, /*read_errors_fatal=*/true,
+                                                   OrphanGraceSeconds(options.seal_interval_s)));
   for (const std::string& stray : scan.stray) {
     if (OwnsStray(stray, options)) RemoveQuietly(stray);
   }
   for (const auto& [shard, reason] : scan.invalid) {
     if (!OwnsShard(shard, options)) continue;  // another part's, maybe being written now
+    if (scan.maybe_writing.count(shard)) {
+      Log().Warn(absl::StrCat(dir, ": keeping ", ShardName(shard), " (", reason, ")"));
+      report.kept_shards.push_back(absl::StrCat(ShardName(shard), ": ", reason));
+      continue;
+    }
     Log().Warn(absl::StrCat(dir, ": dropping ", ShardName(shard), " (", reason,
                             "); its files are decoded again"));
     report.dropped_shards.push_back(absl::StrCat(ShardName(shard), ": ", reason));

@@ -7,8 +7,11 @@
 //   manifest.txt               "format=aviary-audio-cache/1", "sample_rate=32000",
 //                              "channels=first", "sample_type=int16le", and "max_seconds=N"
 //                              when each file holds only its first N seconds
-//                              (data.cache_max_seconds): one key=value per line. A cache holds
-//                              one rate, one channel mode and one cut.
+//                              (data.cache_max_seconds): one key=value per line, each key once.
+//                              A cache holds one rate, one channel mode and one cut. Readers
+//                              refuse a key they do not know (FAILED_PRECONDITION): a writer
+//                              that adds one must also bump the format, since builds older
+//                              than this check skip unknown keys.
 //   shard-000000.pcm           int16 little-endian mono samples, files back to back (~256 MB).
 //   shard-000000.index.csv     the shard's index, written atomically (temporary file, fsync,
 //                              rename) once its .pcm is complete and fsynced. Columns:
@@ -18,7 +21,12 @@
 //                              `offset`/`frames` count samples in the .pcm; `problem` is
 //                              AudioProblemName (files with a problem have frames 0 and are
 //                              listed so that they are not decoded again); file_bytes/mtime_ns
-//                              identify the source file version that was decoded.
+//                              identify the source file version that was decoded (size and
+//                              mtime only: a file replaced by one of the same size whose mtime
+//                              was carried over, by cp -p, rsync -t or tar, is taken for the
+//                              one cached; `touch` such files. Not st_ino or st_ctime: they
+//                              differ per copy, per fuse mount or after a chmod, and would make
+//                              whole caches stale).
 //   prepare_report.csv         the last prepare's counts per reason (see WritePrepareReportCsv);
 //                              prepare_report.part-R-of-N.csv for part R of a split run.
 //   LOCK, LOCK.part-R,         flock()ed by a running prepare (see PrepareOptions::part);
@@ -31,7 +39,10 @@
 // refused while a run split into another number of parts writes the cache (LOCK.of-N).
 // A shard whose index is missing (an interrupted run) or unreadable, or whose .pcm is shorter
 // than its index says, is ignored by readers and deleted by the next prepare, which decodes its
-// files again: a kill loses at most the shard in progress. When a path appears in several
+// files again: a kill loses at most the shard in progress. A .pcm without an index written to
+// within max(2 x seal_interval_s, 10 min) is kept instead (PrepareReport::kept_shards): it may be
+// one that a prepare on another host is writing, where flock does not reach across hosts. A
+// prepare that fails removes the unsealed shards it created. When a path appears in several
 // shards (a file re-decoded because it changed), the highest shard number wins.
 //
 // Samples are stored as round(x * 32768) clamped to [-32768, 32767] and read back as q / 32768:
@@ -85,9 +96,11 @@ struct CacheEntry {
 class AudioCache {
  public:
   // Opens the cache in `dir`: reads manifest.txt (NOT_FOUND when absent, FAILED_PRECONDITION
-  // for another format version), every readable shard index, and maps their .pcm files. Shards
-  // that are incomplete or inconsistent are skipped (see invalid_shards()); INTERNAL when a
-  // valid shard cannot be mapped.
+  // for another format version, sample_type or an unknown key, DATA_LOSS when damaged: a key
+  // twice, a required key missing or malformed; INTERNAL or INVALID_ARGUMENT when it cannot be
+  // read), every readable shard index, and maps their .pcm files. Shards that are incomplete,
+  // inconsistent or cannot be read or mapped are skipped (see invalid_shards()); INTERNAL when
+  // the folder cannot be listed.
   static absl::StatusOr<std::unique_ptr<AudioCache>> Open(const std::string& dir);
   ~AudioCache();
   AudioCache(const AudioCache&) = delete;
@@ -109,7 +122,8 @@ class AudioCache {
   // Lookup, for a reader about to use the entry: nullptr also when the source file changed
   // since prepare cached it (its size or mtime differ from the entry's file_bytes/mtime_ns),
   // so that the caller decodes the new version instead of serving stale audio. The source is
-  // stat()ed once per entry, on first use (a file changed later is not noticed); a stale entry
+  // stat()ed once per entry, on first use, under the spelling `path` gives (the first caller's
+  // for a key several spellings share; a file changed later is not noticed); a stale entry
   // is counted in stale_files(), and the first 10 are logged by name (then one line says the
   // rest are counted). A source that cannot be stat()ed (gone) keeps
   // its cached entry; an entry without a stamp (file_bytes -1) is stale once the file can be
@@ -120,8 +134,9 @@ class AudioCache {
   // The entry's samples (empty for a problem entry). Valid while the cache lives.
   absl::Span<const int16_t> Samples(const CacheEntry& entry) const;
   // Copies samples [offset, offset + num_frames) of `path` to `out` as floats (q / 32768).
-  // NOT_FOUND when the path is not cached, FAILED_PRECONDITION when it was cached with a
-  // problem, OUT_OF_RANGE when the range is not inside [0, frames).
+  // NOT_FOUND when LookupCurrent finds no entry (not cached, changed since prepare cached it,
+  // or a "missing" verdict), FAILED_PRECONDITION when it was cached with a problem,
+  // OUT_OF_RANGE when the range is not inside [0, frames).
   absl::Status Read(absl::string_view path, int64_t offset, int64_t num_frames, float* out) const;
 
  private:
@@ -192,6 +207,9 @@ struct PrepareReport {
   int64_t clipped_samples = 0;  // samples of this run clamped to int16's range
   int shards_written = 0;
   std::vector<std::string> dropped_shards;  // incomplete shards removed at the start
+  // Shards without an index written to recently, left alone: possibly being written by a
+  // prepare on another host (see the file comment), "shard-000007: reason".
+  std::vector<std::string> kept_shards;
   double elapsed_s = 0;
 };
 
@@ -218,7 +236,8 @@ struct PreparePlan {
   double source_seconds = 0;  // audio of the files to decode, at full length
   double audio_seconds = 0;   // what the cache would hold of them (after max_seconds)
   int64_t cache_bytes = 0;    // int16 samples to write: audio_seconds x sample_rate x 2
-  int invalid_shards = 0;     // incomplete shards a prepare would drop (their files are counted)
+  int invalid_shards = 0;     // incomplete shards a prepare would drop (their files are counted;
+                              // recent ones without an index, which it keeps, are not)
   double elapsed_s = 0;
 };
 // FAILED_PRECONDITION when the cache holds another rate, channel mode or cut, as for

@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status.h"
 
 namespace aviary::worker {
@@ -199,8 +200,14 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
 absl::StatusOr<std::unique_ptr<AudioCache>> OpenConfiguredCache(const common::DataConfig& data) {
   if (data.cache_dir.empty()) return std::unique_ptr<AudioCache>();
   auto cache = AudioCache::Open(data.cache_dir);
-  if (!cache.ok() && absl::IsNotFound(cache.status())) return std::unique_ptr<AudioCache>();
-  return cache;
+  if (cache.ok()) return cache;
+  if (!absl::IsNotFound(cache.status())) {
+    common::Logger("cache").Warn(absl::StrCat(
+        "not using the decoded-audio cache data.cache_dir ", data.cache_dir, ": ",
+        absl::StatusCodeToString(cache.status().code()), ": ", cache.status().message(),
+        "; every clip is decoded on the fly (`aviary prepare` with this config repairs the cache or says what to do)"));
+  }
+  return std::unique_ptr<AudioCache>();
 }
 
 }  // namespace aviary::worker

@@ -72,8 +72,15 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
 std::string CacheMismatch(const AudioCache& cache, const ClipRequest& request);
 
 // The cache named by `data.cache_dir`: nullptr when the key is empty or the directory holds no
-// cache yet (training then decodes on the fly); an error when the cache exists but cannot be
-// opened. Relative paths are relative to the working directory, like the data roots.
+// cache yet (training then decodes on the fly). A cache that cannot be opened is also nullptr,
+// with a warning naming the folder and the reason: one of another format version, sample type or
+// unknown manifest key, a damaged manifest, or one that cannot be read now (a permission, EIO,
+// ESTALE), as a cache of another rate or channel mode is not used but warned about. The cache only
+// saves decoding, which gives the same clips (within 2^-16); failing would fail every attempt of
+// every task that names it, and `aviary prepare` (strict) says what is wrong. A permission error
+// too: a shard that cannot be opened is already skipped, not fatal, and for the same reason. No
+// error comes back today; the StatusOr leaves room for one. Relative paths are relative to the
+// working directory, like the data roots.
 absl::StatusOr<std::unique_ptr<AudioCache>> OpenConfiguredCache(const common::DataConfig& data);
 
 }  // namespace aviary::worker
