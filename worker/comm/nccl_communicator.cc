@@ -276,7 +276,7 @@ absl::Status NcclCommunicator::WaitEvent(cudaEvent_t event, int64_t seq, const s
 absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tensor tensor,
                                                                        ReduceOp op) {
   if (aborted_)
-    return absl::FailedPreconditionError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
+    return absl::AbortedError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
   auto type = NcclType(tensor.scalar_type());
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
@@ -294,7 +294,7 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tenso
 
 absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
   if (aborted_)
-    return absl::FailedPreconditionError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
+    return absl::AbortedError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
   auto type = NcclType(tensor.scalar_type());
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
@@ -311,7 +311,7 @@ absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
 
 absl::StatusOr<at::Tensor> NcclCommunicator::AllGather(const at::Tensor& tensor) {
   if (aborted_)
-    return absl::FailedPreconditionError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
+    return absl::AbortedError(absl::StrCat("rank ", rank_, ": NCCL communicator was aborted after an error"));
   auto type = NcclType(tensor.scalar_type());
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
