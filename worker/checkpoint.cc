@@ -389,6 +389,8 @@ absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& pat
     }
     at += 46 + name_len + extra_len + comment_len;
     if (method != 0) continue;  // compressed: torch writes none (and its reader inflates with its own check)
+    // 0: none recorded (Python's torch.save with serialization.config.save.compute_crc32 off).
+    if (crc == 0) continue;
     if (stored != plain) return damaged(absl::StrCat("record ", name, ": stored and plain sizes differ"));
     std::string header;
     if (local > size || size - local < 30) return damaged(absl::StrCat("record ", name, " lies outside the file"));

@@ -1212,38 +1212,50 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
     }
   }
   std::string adopt;
-  std::optional<CheckpointMeta> replaced;  // last.pt, when a ready file of its run is newer
+  std::optional<CheckpointMeta> replaced;  // a readable last.pt that a newer ready file of its run follows
+  bool damaged_last = false;               // a last.pt that does not read as a checkpoint (torn, damaged)
+  bool keep_ready = false;
   if (!ready.empty() && options.resume) {
     // The newest that reads (several: kills in more than one rotation; each run's pid differs).
     std::pair<int, int64_t> newest{-2, -1};
-    absl::StatusOr<CheckpointMeta> floor =
-        have_last ? ReadCheckpointMeta(last) : ReadCheckpointMeta(Path("last.prev.pt"));
+    const absl::StatusOr<CheckpointMeta> last_meta =
+        have_last ? ReadCheckpointMeta(last) : absl::StatusOr<CheckpointMeta>(absl::NotFoundError(last));
+    const absl::StatusCode last_code = last_meta.status().code();
+    if (have_last && (last_code == absl::StatusCode::kPermissionDenied || last_code == absl::StatusCode::kUnavailable ||
+                      last_code == absl::StatusCode::kResourceExhausted)) {
+      // last.pt cannot be read now: Resume refuses the start with its error, and the ready files
+      // stay for the start that can read it (one may be newer).
+      keep_ready = true;
+    }
+    damaged_last = have_last && !last_meta.ok() && !keep_ready;
+    const absl::StatusOr<CheckpointMeta> floor = last_meta.ok() ? last_meta : ReadCheckpointMeta(Path("last.prev.pt"));
     if (floor.ok()) newest = {floor->epoch, floor->step};
-    // A last.pt that does not read: Resume's to judge (it may fall back to last.prev.pt, which a
-    // rotation here would replace).
-    const bool may_adopt = !have_last || floor.ok();
-    for (size_t i = 0; i < ready.size() && may_adopt; ++i) {
+    for (size_t i = 0; i < ready.size() && !keep_ready; ++i) {
       if (!metas[i].ok()) continue;
       const CheckpointMeta& m = *metas[i];
-      if (have_last && (m.stage != floor->stage || m.fold != floor->fold || m.task_id != floor->task_id)) continue;
+      if (last_meta.ok() && (m.stage != last_meta->stage || m.fold != last_meta->fold || m.task_id != last_meta->task_id)) {
+        continue;
+      }
       if (std::make_pair(m.epoch, m.step) > newest) {
         newest = {m.epoch, m.step};
         adopt = ready[i];
       }
     }
-    if (!adopt.empty() && have_last) replaced = *floor;
+    if (!adopt.empty() && last_meta.ok()) replaced = *last_meta;
   }
   for (const std::string& path : ready) {
-    if (path == adopt) continue;
+    if (path == adopt || keep_ready) continue;
     std::error_code gone;
     if (std::filesystem::remove(path, gone)) ++removed;
   }
   if (!adopt.empty()) {
-    const std::string previous = Path("last.prev.pt");
-    if (replaced && ::rename(last.c_str(), previous.c_str()) != 0) {
+    // last.pt out of the way first: to last.prev.pt when it reads (the rotation's second rename),
+    // aside as last.pt.unreadable when it does not (as Resume sets a damaged last.pt aside).
+    const std::string aside = replaced ? Path("last.prev.pt") : Path("last.pt.unreadable");
+    if ((replaced || damaged_last) && ::rename(last.c_str(), aside.c_str()) != 0) {
       const int error = errno;
-      Log().Warn(absl::StrCat("cannot rename ", last, " to ", previous, ": ", std::strerror(error), " (", adopt,
-                              ", newer, left as it is; resuming from ", last, ")"));
+      Log().Warn(absl::StrCat("cannot rename ", last, " to ", aside, ": ", std::strerror(error), " (", adopt,
+                              ", newer, left as it is; resuming from what else the folder holds)"));
     } else if (::rename(adopt.c_str(), last.c_str()) != 0) {
       const int error = errno;
       Log().Warn(absl::StrCat("cannot rename ", adopt, " to ", last, ": ", std::strerror(error),
@@ -1251,11 +1263,15 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
     } else {
       // The rename durable before this run writes over last.prev.pt (a failure only costs that).
       common::SyncFolder(options.out_dir).IgnoreError();
-      Log().Warn(absl::StrCat(
-          replaced ? absl::StrCat("found last.pt of epoch ", replaced->epoch, " beside a complete, newer ")
-                   : absl::StrCat("found no ", last, " but a complete "),
-          adopt.substr(adopt.rfind('/') + 1), " (a stop between the checkpoint rotation's renames): ",
-          replaced ? "the rotation finished (last.pt to last.prev.pt, it to last.pt)" : "renamed to last.pt"));
+      const std::string name = adopt.substr(adopt.rfind('/') + 1);
+      Log().Warn(replaced ? absl::StrCat("found last.pt of epoch ", replaced->epoch, " beside a complete, newer ", name,
+                                         " (a stop between the checkpoint rotation's renames): the rotation finished "
+                                         "(last.pt to last.prev.pt, it to last.pt)")
+                 : damaged_last ? absl::StrCat("found a last.pt that does not read as a checkpoint beside a complete ",
+                                               name, " newer than last.prev.pt: last.pt set aside as ", aside,
+                                               ", it renamed to last.pt")
+                                : absl::StrCat("found no ", last, " but a complete ", name,
+                                               " (a stop between the checkpoint rotation's renames): renamed to last.pt"));
     }
   }
   if (removed > 0) {
@@ -1736,6 +1752,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
   AVIARY_ASSIGN_OR_RETURN(const common::StageConfig* stage, common::GetStage(config, options.stage));
   s->train = stage->train;
   if (options.out_dir.empty()) return absl::InvalidArgumentError("--out: the run folder is empty");
+  if (!options.init_checkpoint.empty()) {
+    // Read after the resume (LoadInitCheckpoint), by when the start may have moved the folder's
+    // checkpoints aside (--no-resume) and every rank would race that rename.
+    std::error_code ec;
+    const std::filesystem::path init_dir = std::filesystem::path(options.init_checkpoint).parent_path();
+    if (std::filesystem::equivalent(init_dir.empty() ? "." : init_dir, options.out_dir, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--init ", options.init_checkpoint, " lies in the run folder --out ", options.out_dir,
+          ", whose checkpoints this run moves aside or writes over: copy it elsewhere first"));
+    }
+  }
   s->comm = options.comm;
   s->rank = s->comm ? s->comm->rank() : 0;
   s->world = s->comm ? s->comm->world_size() : 1;

@@ -658,6 +658,41 @@ TEST_F(TrainerTest, ARotationStoppedBeforeItsSecondRenameIsFinished) {
   EXPECT_EQ((*resumed)->history().size(), 3u);
 }
 
+// The same ready file beside a last.pt that cannot be read now (EIO): kept, and the start refused
+// by Resume; beside a damaged last.pt: adopted, the damaged one set aside (it was removed, and the
+// run fell back to last.prev.pt: two epochs lost).
+TEST_F(TrainerTest, AReadyCheckpointBesideAnUnreadableLastCheckpointIsKept) {
+  TrainOptions o;
+  o.out_dir = Out("rotation3");
+  common::PipelineConfig two = Config();
+  for (auto& [name, stage] : two.stages) stage.train.epochs = 2;
+  {
+    auto first = Trainer::Create(two, o);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run().ok());
+  }
+  const std::string epoch1 = *common::ReadFileToString(o.out_dir + "/last.pt");
+  const std::string ready = o.out_dir + "/last.pt.ready.4242";
+  const std::string last_pt = o.out_dir + "/last.pt";
+  fs::rename(last_pt, ready);
+  fs::copy_file(o.out_dir + "/last.prev.pt", last_pt);  // epoch 0
+  SetCheckpointReadFaultForTest([&](const std::string& p) { return p == last_pt ? EIO : 0; });
+  o.extend_epochs = true;  // on to 3 epochs
+  auto refused = Trainer::Create(Config(), o);
+  SetCheckpointReadFaultForTest(nullptr);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  EXPECT_TRUE(fs::exists(ready));
+
+  ASSERT_TRUE(common::WriteFileAtomically(last_pt, "torn").ok());
+  auto resumed = Trainer::Create(Config(), o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->history().size(), 2u);  // after epoch 1 (the ready file)
+  EXPECT_FALSE(fs::exists(ready));
+  EXPECT_EQ(*common::ReadFileToString(last_pt), epoch1);
+  EXPECT_EQ(*common::ReadFileToString(o.out_dir + "/last.pt.unreadable"), "torn");
+}
+
 // A stop whose mid-epoch checkpoint could not be written for want of space is still a stop, but
 // says so (the agent then waits for space before it leases another task).
 TEST_F(TrainerTest, AStopWhoseCheckpointFoundNoSpaceSaysSo) {
@@ -929,6 +964,11 @@ TEST_F(TrainerTest, RefusesBadInputsBeforeTraining) {
   o.fold = 0;
   o.init_checkpoint = "/nonexistent/best.pt";
   EXPECT_EQ(Trainer::Create(Config(), o).status().code(), absl::StatusCode::kNotFound);
+  // --init inside --out: read after the start moved the folder's checkpoints aside.
+  o.init_checkpoint = o.out_dir + "/best.pt";
+  auto inside = Trainer::Create(Config(), o);
+  EXPECT_EQ(inside.status().code(), absl::StatusCode::kInvalidArgument) << inside.status();
+  EXPECT_NE(inside.status().message().find("lies in the run folder --out"), std::string::npos) << inside.status();
 
   o.init_checkpoint.clear();
   common::PipelineConfig c = Config();

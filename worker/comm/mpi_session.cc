@@ -52,8 +52,8 @@ SetupDeadline::SetupDeadline(double seconds, int rank, int world, std::string wh
     if (state->cv.wait_until(lock, deadline, [state] { return state->done; })) return;
     common::WriteLineToStderr(absl::StrCat(
         "aviary: rank ", rank, " of ", world, " ends the group: ", what, " did not finish within ", seconds, " s (",
-        why_s, "): another rank did not arrive (hung or dead before it, e.g. reading its config or files on a stuck "
-        "share; see the other ranks' logs)"));
+        why_s, "): this rank or another did not get there (hung or dead before it, e.g. reading its config or files "
+        "on a stuck share; see the other ranks' logs)"));
     std::_Exit(1);
   });
 }

@@ -1,6 +1,7 @@
 #include "worker/comm/reducer.h"
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -113,20 +114,23 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
   absl::Status built;
   try {
     built = r->Build();
-  } catch (const std::exception& e) {
+  } catch (const c10::OutOfMemoryError& e) {
     built = absl::ResourceExhaustedError(
-        absl::StrCat("Reducer: cannot make the gradient buckets (", total * 4, " bytes or more): ", e.what()));
+        absl::StrCat("Reducer: out of memory making the gradient buckets (", total, " elements): ", e.what()));
+  } catch (const std::exception& e) {
+    built = absl::InternalError(absl::StrCat("Reducer: cannot make the gradient buckets: ", e.what()));
   }
   // Every rank must bring the same parameters: compare the counts (max and -min in one call), and
-  // the highest rank whose buckets failed (0: none) with its error's code.
-  at::Tensor range = at::tensor({count, -count, total, -total, built.ok() ? int64_t{0} : int64_t{comm->rank()} + 1,
-                                 static_cast<int64_t>(built.code())},
-                                at::kLong);
+  // the lowest rank whose buckets failed with its error's code: (world - rank) * 64 + code, the
+  // highest for the lowest rank (0: none failed; codes are below 64).
+  const int64_t world = comm->world_size();
+  const int64_t failed = built.ok() ? 0 : (world - comm->rank()) * 64 + static_cast<int64_t>(built.code());
+  at::Tensor range = at::tensor({count, -count, total, -total, failed}, at::kLong);
   if (absl::Status st = comm->AllReduce(range, ReduceOp::kMax); !st.ok()) return st;
-  if (range[4].item<int64_t>() != 0) {
+  if (const int64_t first = range[4].item<int64_t>(); first != 0) {
     if (!built.ok()) return absl::Status(built.code(), absl::StrCat("rank ", comm->rank(), ": ", built.message()));
-    return absl::Status(static_cast<absl::StatusCode>(range[5].item<int64_t>()),
-                        absl::StrCat("rank ", comm->rank(), ": Reducer: rank ", range[4].item<int64_t>() - 1,
+    return absl::Status(static_cast<absl::StatusCode>(first % 64),
+                        absl::StrCat("rank ", comm->rank(), ": Reducer: rank ", world - first / 64,
                                      " could not make its gradient buckets (its log says why)"));
   }
   if (range[0].item<int64_t>() != -range[1].item<int64_t>() ||
