@@ -146,8 +146,16 @@ int main(int argc, char** argv) {
   }
   auto config = aviary::coordinator::LoadCoordinatorConfig(config_path, overrides);
   if (absl::IsUnavailable(config.status())) {
-    // A data root not there now (LoadCoordinatorConfig says it only when nothing else is wrong):
-    // exit 1, which systemd's unit restarts (not 2, which it does not: a config error).
+    // A data root not there now (LoadCoordinatorConfig says it only when nothing else in the
+    // config is wrong): exit 1, which systemd's unit restarts (not 2, which it does not: a config
+    // error), once the secrets read too (a missing token file must not wait for a mount).
+    std::vector<aviary::coordinator::ConfigOverride> without_roots = overrides;
+    without_roots.push_back({"data_roots", "", "(data_roots left out to check the rest)"});
+    auto rest = aviary::coordinator::LoadCoordinatorConfig(config_path, without_roots);
+    if (!rest.ok()) return Fail("config", rest.status(), 2);
+    if (auto secrets = aviary::coordinator::LoadCoordinatorSecrets(*rest); !secrets.ok()) {
+      return Fail("config", secrets.status(), 2);
+    }
     return Fail("config",
                 absl::UnavailableError(absl::StrCat(config.status().message(),
                                                     "; exit 1, not 2: a data root that is not there may be on a shared "

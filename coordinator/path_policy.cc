@@ -110,6 +110,9 @@ bool PathIsInside(const std::string& path, const std::string& root) {
 absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key,
                                                           const std::vector<std::string>& roots) {
   std::vector<std::string> resolved;
+  // The first root not there now (UNAVAILABLE), said once every root is checked: a root that is
+  // wrong whatever the mounts (INVALID_ARGUMENT) comes first, or a caller would wait for nothing.
+  absl::Status unavailable;
   for (size_t i = 0; i < roots.size(); ++i) {
     const std::string label = absl::StrCat("key '", key, "' [", i, "]");
     if (roots[i].empty()) return absl::InvalidArgumentError(absl::StrCat(label, ": an empty path"));
@@ -122,9 +125,12 @@ absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key
       // UNAVAILABLE, which waiting may fix; a path that cannot name a folder at all is refused.
       const bool transient = !ec && (err == ENOENT || err == ESTALE || err == EIO || err == ETIMEDOUT ||
                                      err == EHOSTDOWN || err == EHOSTUNREACH || err == ENOTCONN);
-      return absl::Status(transient ? absl::StatusCode::kUnavailable : absl::StatusCode::kInvalidArgument,
+      absl::Status status(transient ? absl::StatusCode::kUnavailable : absl::StatusCode::kInvalidArgument,
                           absl::StrCat(label, ": '", roots[i], "': ", ec ? ec.message() : std::strerror(err),
                                        " (each data root must be an existing folder)"));
+      if (!transient) return status;
+      if (unavailable.ok()) unavailable = std::move(status);
+      continue;
     }
     struct stat st;
     if (::stat(real.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
@@ -133,6 +139,7 @@ absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key
     }
     resolved.push_back(real);
   }
+  if (!unavailable.ok()) return unavailable;
   return resolved;
 }
 

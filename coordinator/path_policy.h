@@ -24,7 +24,9 @@ absl::StatusOr<std::string> ResolvePolicyPath(const std::string& label, const st
 bool PathIsInside(const std::string& path, const std::string& root);
 
 // Each root made absolute and resolved with realpath; it must exist and be a directory.
-// INVALID_ARGUMENT naming `key` and the root.
+// INVALID_ARGUMENT naming `key` and the root; UNAVAILABLE for one that is not there or not
+// reachable now (ENOENT, ESTALE, EIO, ...: a share not mounted yet), said only when no other
+// root is invalid.
 absl::StatusOr<std::vector<std::string>> ResolveDataRoots(const std::string& key,
                                                           const std::vector<std::string>& roots);
 

@@ -55,6 +55,17 @@ timeout 60 "$coordinator" --config "$tmp/good.yaml" --set "data_roots=$tmp/not-m
   >"$tmp/both.out" 2>&1; rc=$?
 if [ $rc -eq 2 ] && grep -q "listen=bogus" "$tmp/both.out"; then ok
 else fail "aviary-coordinator with a missing data root and listen=bogus: rc=$rc, wanted 2 naming listen: $(cat "$tmp/both.out")"; fi
+# A missing root before a root that is a file: the file is the error (exit 2), whatever the order.
+timeout 60 "$coordinator" --config "$tmp/good.yaml" --set "data_roots=[$tmp/not-mounted, $tmp/a-file]" \
+  >"$tmp/roots.out" 2>&1; rc=$?
+if [ $rc -eq 2 ] && grep -q "a-file.*is not a folder" "$tmp/roots.out"; then ok
+else fail "aviary-coordinator with a missing data root and one that is a file: rc=$rc, wanted 2 naming the file: $(cat "$tmp/roots.out")"; fi
+# A missing root and a missing token file: the token file is the error (exit 2), not a wait for the mount.
+grep -v '^allow_no_auth' "$tmp/good.yaml" >"$tmp/token.yaml"
+printf 'token_file: %s/no-such.token\nworker_token_file: %s/no-such.token\n' "$tmp" "$tmp" >>"$tmp/token.yaml"
+timeout 60 "$coordinator" --config "$tmp/token.yaml" --set "data_roots=$tmp/not-mounted" >"$tmp/token.out" 2>&1; rc=$?
+if [ $rc -eq 2 ] && grep -q "no-such.token" "$tmp/token.out"; then ok
+else fail "aviary-coordinator with a missing data root and a missing token file: rc=$rc, wanted 2 naming the token file: $(cat "$tmp/token.out")"; fi
 
 # SIGTERM (the unit's KillSignal) to a running coordinator: exit 0.
 signal=$(sed -n 's/^KillSignal=SIG//p' "$unit")
