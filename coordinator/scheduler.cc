@@ -87,6 +87,10 @@ bool PermanentLoadError(const absl::Status& status) {
   return absl::IsDataLoss(status) || absl::IsNotFound(status);
 }
 
+// The store's counter of the longest heartbeat timeout the registered groups may have been told
+// (Group::fence_timeout_ms).
+constexpr char kFenceTimeoutCounter[] = "groups_fence_timeout_ms";
+
 // The augment keys a run reads (worker/augment.cc, worker/frontend.cc): the others set to their
 // defaults. A value read only behind a probability of 0 draws nothing and changes nothing (the
 // random draws per sample are the same whatever it is): the noise and time-shift keys behind
@@ -191,6 +195,7 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(std::vector<TaskRow> tasks, store_->LoadTasks());
   AVIARY_ASSIGN_OR_RETURN(std::vector<GroupRow> groups, store_->LoadGroups());
   AVIARY_ASSIGN_OR_RETURN(const int64_t groups_lost_total, store_->GetCounter("groups_lost_total"));
+  AVIARY_ASSIGN_OR_RETURN(const int64_t fence_told_ms, store_->GetCounter(kFenceTimeoutCounter));
   AVIARY_ASSIGN_OR_RETURN(const int64_t jobs_failed_total, store_->GetCounter("jobs_failed_total"));
   AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
   AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> last_points, store_->LoadLastPoints());
@@ -232,12 +237,19 @@ absl::Status Scheduler::Restore() {
     tasks_[row.info.task_id()] = std::move(row);
   }
   const int64_t now = NowMs();
+  const int64_t timeout_ms = HeartbeatTimeoutMs();
   for (GroupRow& row : groups) {
     auto group = std::make_unique<Group>();
     group->row = std::move(row);
     group->last_seen_ms = now;  // every heartbeat clock restarts now
+    // Told by an earlier coordinator, perhaps a longer timeout than this one's.
+    group->fence_timeout_ms = std::max(timeout_ms, fence_told_ms);
     groups_[group->row.group_id] = std::move(group);
   }
+  // The longest timeout a registered group may run its fence on, for the next start: this one's,
+  // or the earlier one's while groups registered under it remain.
+  const int64_t told = groups_.empty() ? timeout_ms : std::max(timeout_ms, fence_told_ms);
+  if (told != fence_told_ms) AVIARY_RETURN_IF_ERROR(store_->SetCounter(kFenceTimeoutCounter, told));
 
   if (metrics_ != nullptr) {
     for (const auto& [id, task] : tasks_) {
@@ -527,6 +539,7 @@ void Scheduler::ApplyChanges(Changes* changes) {
     if (it == groups_.end()) {
       auto fresh = std::make_unique<Group>();
       fresh->last_seen_ms = NowMs();
+      fresh->fence_timeout_ms = HeartbeatTimeoutMs();  // as RegisterGroup tells it
       it = groups_.emplace(id, std::move(fresh)).first;
     }
     it->second->row = std::move(group);
@@ -1414,15 +1427,13 @@ absl::StatusOr<aviary::v1::RegisterGroupResponse> Scheduler::RegisterGroup(
   }
   aviary::v1::RegisterGroupResponse response;
   response.set_group_id(row.group_id);
-  response.set_heartbeat_interval_ms(
-      static_cast<int32_t>(std::llround(options_.heartbeat_interval_s * 1000)));
-  response.set_heartbeat_timeout_ms(
-      static_cast<int32_t>(std::llround(options_.heartbeat_timeout_s * 1000)));
+  response.set_heartbeat_interval_ms(static_cast<int32_t>(HeartbeatIntervalMs()));
+  response.set_heartbeat_timeout_ms(static_cast<int32_t>(HeartbeatTimeoutMs()));
   return response;
 }
 
 absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std::string& task_id,
-                                          int64_t gpu_memory_bytes) {
+                                          int64_t gpu_memory_bytes, int64_t fence_timeout_ms) {
   // The lease the group has let go of: its task and that task's attempt (each lease adds one).
   std::string stale_task;
   int stale_attempt = 0;
@@ -1430,6 +1441,7 @@ absl::StatusOr<bool> Scheduler::Heartbeat(const std::string& group_id, const std
     absl::ReaderMutexLock lock(&mu_);
     AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
     group->gpu_memory_bytes = gpu_memory_bytes;
+    if (fence_timeout_ms > 0) group->fence_timeout_ms = fence_timeout_ms;
     const TaskRow* held = HeldTask(*group);
     const bool cancel = !task_id.empty() && (held == nullptr || held->info.task_id() != task_id);
     // The usual heartbeat: nothing to write. A group still running a task it no longer holds
@@ -2039,11 +2051,13 @@ int Scheduler::ReapLostGroups() {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   const int64_t now = NowMs();
-  const int64_t timeout_ms = static_cast<int64_t>(options_.heartbeat_timeout_s * 1000);
+  const int64_t configured_ms = HeartbeatTimeoutMs();
   Changes changes;
   std::vector<std::string> lost;
   for (const auto& [id, group] : groups_) {
     int64_t silent_ms = 0;
+    // Not before the group's own fence has run out (a longer timeout an earlier coordinator told).
+    const int64_t timeout_ms = std::max(configured_ms, group->fence_timeout_ms.load());
     {
       absl::MutexLock seen(&seen_mu_);  // as FindGroup judges: never both
       silent_ms = now - group->last_seen_ms.load();

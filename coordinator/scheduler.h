@@ -130,8 +130,13 @@ class Scheduler {
       const aviary::v1::RegisterGroupRequest& request);
   // Renews the group; returns cancel_task. A group that heartbeats without a task has let go of
   // one its row still names (LetGo).
+  // `fence_timeout_ms`: the timeout the group's write fence runs on (0: not said); the reaper
+  // waits for the longer of it and heartbeat_timeout_s.
   absl::StatusOr<bool> Heartbeat(const std::string& group_id, const std::string& task_id,
-                                 int64_t gpu_memory_bytes = 0);
+                                 int64_t gpu_memory_bytes = 0, int64_t fence_timeout_ms = 0);
+  // What a heartbeat's answer tells the group (RegisterGroupResponse's values).
+  int32_t heartbeat_interval_ms() const { return static_cast<int32_t>(HeartbeatIntervalMs()); }
+  int32_t heartbeat_timeout_ms() const { return static_cast<int32_t>(HeartbeatTimeoutMs()); }
   // A group that already holds a task gets that task again (a retried LeaseTask is harmless).
   // The task carries its manifest's hash and size, not the manifest (GetManifest).
   absl::StatusOr<aviary::v1::LeaseTaskResponse> LeaseTask(const std::string& group_id);
@@ -261,6 +266,12 @@ class Scheduler {
     std::atomic<int64_t> last_seen_ms{0};
     bool reaped = false;  // under seen_mu_: the reaper has decided it is lost (FindGroup refuses it)
     std::atomic<int64_t> gpu_memory_bytes{0};  // its last heartbeat's (0: not reported)
+    // The heartbeat timeout its write fence runs on: told at registration, said by its heartbeats;
+    // for a group registered with an earlier coordinator, the longest that one may have told
+    // (the store's counter "groups_fence_timeout_ms") until its first heartbeat says. The reaper waits for
+    // the longer of it and heartbeat_timeout_s: a coordinator restarted with a shorter timeout
+    // reaped a group whose fence still let it write, and the task's next holder wrote beside it.
+    std::atomic<int64_t> fence_timeout_ms{0};
   };
   // Staged changes of one mutation: copies of the rows it changes, written in one transaction,
   // then applied to memory.
@@ -375,6 +386,9 @@ class Scheduler {
   void UpdateJobCountsLocked() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewId(char prefix) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   int64_t NowMs() const;
+  // heartbeat_timeout_s and heartbeat_interval_s in milliseconds, as the groups are told them.
+  int64_t HeartbeatTimeoutMs() const { return std::llround(options_.heartbeat_timeout_s * 1000); }
+  int64_t HeartbeatIntervalMs() const { return std::llround(options_.heartbeat_interval_s * 1000); }
 
   const SchedulerOptions options_;
   std::function<void()> let_go_hook_for_test_;

@@ -490,9 +490,18 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
       return absl::InvalidArgumentError(absl::StrCat("field 'gpu_memory_bytes': ", request->gpu_memory_bytes(),
                                                      " is outside 0..", kMaxDeviceBytes));
     }
+    // At most a day (as heartbeat_timeout_s may be): a larger one would keep a lost group forever.
+    constexpr int64_t kMaxFenceMs = int64_t{24} * 3600 * 1000;
+    if (request->fence_timeout_ms() < 0 || request->fence_timeout_ms() > kMaxFenceMs) {
+      return absl::InvalidArgumentError(absl::StrCat("field 'fence_timeout_ms': ", request->fence_timeout_ms(),
+                                                     " is outside 0..", kMaxFenceMs));
+    }
     AVIARY_ASSIGN_OR_RETURN(bool cancel, scheduler_->Heartbeat(request->group_id(), request->task_id(),
-                                                               request->gpu_memory_bytes()));
+                                                               request->gpu_memory_bytes(),
+                                                               request->fence_timeout_ms()));
     response->set_cancel_task(cancel);
+    response->set_heartbeat_interval_ms(scheduler_->heartbeat_interval_ms());
+    response->set_heartbeat_timeout_ms(scheduler_->heartbeat_timeout_ms());
     return absl::OkStatus();
   });
 }

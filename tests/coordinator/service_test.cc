@@ -817,6 +817,36 @@ TEST_F(CoordinatorServiceTest, ARegistrationSentAgainCountsAsHearingFromTheGroup
   EXPECT_TRUE(Heartbeat(a, "", &cancel).ok());
 }
 
+// A coordinator restarted with a shorter heartbeat timeout reaps a group that registered before no
+// sooner than the timeout that group was told (its write fence runs on it: reaped earlier, its
+// task's next holder wrote beside it), until the group's heartbeat says it runs on the new one,
+// which the answer tells it.
+TEST_F(CoordinatorServiceTest, AShorterTimeoutAfterARestartWaitsForTheGroupsFence) {
+  config_.heartbeat_timeout_s = 6;
+  Start();
+  const std::string a = Register();
+  config_.heartbeat_timeout_s = 2;
+  Restart();
+  auto beat = [&](int64_t fence_ms, HeartbeatResponse* response) {
+    HeartbeatRequest request;
+    request.set_group_id(a);
+    request.set_fence_timeout_ms(fence_ms);
+    return workers_->Heartbeat(WorkerCtx().get(), request, response);
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));  // past 2 s, within 6 s
+  HeartbeatResponse response;
+  grpc::Status status = beat(6000, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.heartbeat_timeout_ms(), 2000);
+  EXPECT_EQ(response.heartbeat_interval_ms(), 200);
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));  // the fence it said: 6 s
+  status = beat(2000, &response);  // now on the new timeout
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));
+  status = beat(2000, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+}
+
 // A group whose CompleteTask or FailTask landed but whose answer was lost (a deadline, a
 // coordinator restart right after the commit) sends it again: the same group's report for the
 // attempt it ended is answered OK and changes nothing, across a restart too. Anything else is

@@ -71,6 +71,9 @@ if wait_for 300 jq_status "$job2" 'task("finetune").get("latest", {}).get("epoch
     fail "the job did not complete after the coordinator restart"; tail -n 20 "$tmp/watch2.log"; tail -n 30 "$tmp/b.log"; tail -n 30 "$tmp/coordinator.log"
   fi
   jq_status "$job2" 'task("finetune")["restarts"] == 0' || fail "the restart of the coordinator cost the task a restart"
+  # The group registered under the 8 s timeout; the coordinator's heartbeat answers told it the new one.
+  grep -q "the coordinator's heartbeat timeout is now 30.0 s (was 8.0 s)" "$tmp/b.log" ||
+    fail "group b did not take the restarted coordinator's heartbeat timeout: $(grep -i "heartbeat timeout" "$tmp/b.log")"
   jq_status "$job" 'j["state"] == "JOB_STATE_SUCCEEDED"' || fail "the first job's state was lost"
   n=$(av history "$job2" --csv | tail -n +2 | wc -l)
   [ "$n" = 15 ] || fail "history of the second job: expected 15 epoch rows, got $n"

@@ -336,6 +336,27 @@ TEST(LeaseClockTest, RevokedAtOnceAndFreshForTheNextLease) {
   EXPECT_TRUE(lease.Check("/r/best.pt", t0 + milliseconds(2000)).ok());
 }
 
+// A coordinator restarted with a shorter heartbeat timeout says so in a heartbeat's answer: the
+// current lease runs from its last renewal with the new timeout (the coordinator reaps the group
+// after the new one once told); a longer one lengthens it only from the next renewal.
+TEST(LeaseClockTest, AShorterTimeoutShortensTheCurrentLease) {
+  LeaseClock lease;
+  lease.SetTimeout(20000);  // margin 2 s
+  const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);
+  lease.Begin("j1/finetune-f0", 1, t0);
+  lease.Renew("j1/finetune-f0", t0 + milliseconds(1000));
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(18000)).ok());
+  lease.SetTimeout(4000);  // margin 500 ms: from the renewal at 1 s, valid until 4.5 s
+  EXPECT_EQ(lease.timeout_ms(), 4000);
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(4400)).ok());
+  EXPECT_FALSE(lease.Check("/r/last.pt", t0 + milliseconds(4500)).ok());
+  lease.SetTimeout(30000);  // longer: not until a renewal
+  EXPECT_FALSE(lease.Check("/r/last.pt", t0 + milliseconds(4500)).ok());
+  lease.Renew("j1/finetune-f0", t0 + milliseconds(2000));  // 2 s + 30 s - 3 s
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(28900)).ok());
+  EXPECT_FALSE(lease.Check("/r/last.pt", t0 + milliseconds(29000)).ok());
+}
+
 TEST(LeaseClockTest, OffWhenTheCoordinatorDoesNotSayItsTimeout) {
   LeaseClock lease;
   const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);

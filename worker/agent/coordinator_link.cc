@@ -689,6 +689,7 @@ void CoordinatorLink::HeartbeatLoop() {
       generation = lease_generation_;
     }
     request.set_gpu_memory_bytes(metrics_->GpuMemoryBytes());
+    request.set_fence_timeout_ms(lease_.timeout_ms());  // the coordinator reaps the group no sooner
     v1::HeartbeatResponse response;
     grpc::ClientContext ctx;
     Prepare(&ctx);
@@ -709,11 +710,34 @@ void CoordinatorLink::HeartbeatLoop() {
       heartbeat_failures = 0;
     }
     Connected(true);
+    AdoptHeartbeatValues(response);
     if (response.cancel_task()) {
       CancelIfCurrent(request.task_id(), generation, "Heartbeat");
     } else {
       lease_.Renew(request.task_id(), sent_at);
     }
+  }
+}
+
+void CoordinatorLink::AdoptHeartbeatValues(const v1::HeartbeatResponse& response) {
+  const int64_t timeout_ms = response.heartbeat_timeout_ms();
+  const int64_t interval_ms = response.heartbeat_interval_ms();
+  int64_t was_timeout = 0, was_interval = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    was_timeout = heartbeat_timeout_ms_;
+    was_interval = heartbeat_ms_;
+    if (timeout_ms > 0) heartbeat_timeout_ms_ = timeout_ms;
+    if (interval_ms > 0) heartbeat_ms_ = static_cast<int>(interval_ms);
+  }
+  if (timeout_ms > 0 && timeout_ms != was_timeout) {
+    lease_.SetTimeout(timeout_ms);
+    Log().Info(absl::StrFormat("the coordinator's heartbeat timeout is now %.1f s (was %.1f s): the write fence "
+                               "follows it", timeout_ms / 1000.0, was_timeout / 1000.0));
+  }
+  if (interval_ms > 0 && interval_ms != was_interval) {
+    Log().Info(absl::StrFormat("the coordinator's heartbeat interval is now %.1f s (was %.1f s)", interval_ms / 1000.0,
+                               was_interval / 1000.0));
   }
 }
 

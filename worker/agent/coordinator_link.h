@@ -167,6 +167,10 @@ class CoordinatorLink {
   void ShipLoop();
   // Waits `d` on the steady clock, or less when StopThreads is called: false then.
   bool SleepUnlessStopped(std::chrono::steady_clock::duration d);
+  // A heartbeat's answer with the coordinator's interval and timeout (0: an older coordinator)
+  // other than those told at registration (it restarted with others): the group heartbeats and
+  // fences its writes with them from now on.
+  void AdoptHeartbeatValues(const v1::HeartbeatResponse& response);
   // Cancels the current task if it is still the lease the answer was about (`generation`; a
   // negative one: whatever lease of `task_id` is current). A heartbeat answered for an earlier
   // lease of the same task (failed as retryable and leased again) must not stop the new one.

@@ -13,7 +13,16 @@ std::chrono::milliseconds LeaseClock::Margin(int64_t timeout_ms) {
 
 void LeaseClock::SetTimeout(int64_t timeout_ms) {
   absl::MutexLock lock(&mu_);
-  timeout_ms_ = std::max<int64_t>(0, timeout_ms);
+  timeout_ms = std::max<int64_t>(0, timeout_ms);
+  if (!task_id_.empty() && timeout_ms > 0 && (timeout_ms_ <= 0 || timeout_ms < timeout_ms_)) {
+    valid_until_ = std::min(valid_until_, renewed_at_ + std::chrono::milliseconds(timeout_ms) - Margin(timeout_ms));
+  }
+  timeout_ms_ = timeout_ms;
+}
+
+int64_t LeaseClock::timeout_ms() const {
+  absl::MutexLock lock(&mu_);
+  return timeout_ms_;
 }
 
 void LeaseClock::Begin(const std::string& task_id, int attempt, Clock::time_point asked_at) {
@@ -21,12 +30,14 @@ void LeaseClock::Begin(const std::string& task_id, int attempt, Clock::time_poin
   task_id_ = task_id;
   attempt_ = attempt;
   revoked_.clear();
+  renewed_at_ = asked_at;
   valid_until_ = asked_at + std::chrono::milliseconds(timeout_ms_) - Margin(timeout_ms_);
 }
 
 void LeaseClock::Renew(const std::string& task_id, Clock::time_point sent_at) {
   absl::MutexLock lock(&mu_);
   if (task_id.empty() || task_id != task_id_ || !revoked_.empty()) return;
+  renewed_at_ = std::max(renewed_at_, sent_at);
   valid_until_ = std::max(valid_until_, sent_at + std::chrono::milliseconds(timeout_ms_) - Margin(timeout_ms_));
 }
 

@@ -28,8 +28,11 @@ class LeaseClock {
  public:
   using Clock = std::chrono::steady_clock;
 
-  // The coordinator's heartbeat timeout (RegisterGroupResponse.heartbeat_timeout_ms; 0: off).
+  // The coordinator's heartbeat timeout (RegisterGroupResponse.heartbeat_timeout_ms, or a
+  // heartbeat's answer after the coordinator restarted with another; 0: off). A shorter one
+  // shortens the current lease too: it runs from its last renewal with the new timeout.
   void SetTimeout(int64_t timeout_ms);
+  int64_t timeout_ms() const;
   // A new lease of `task_id` (attempt `attempt`), asked for at `asked_at`.
   void Begin(const std::string& task_id, int attempt, Clock::time_point asked_at);
   // An answered heartbeat for `task_id` sent at `sent_at` extends the lease (never shortens it).
@@ -53,6 +56,7 @@ class LeaseClock {
   std::string task_id_ ABSL_GUARDED_BY(mu_);
   int attempt_ ABSL_GUARDED_BY(mu_) = 0;
   Clock::time_point valid_until_ ABSL_GUARDED_BY(mu_) = Clock::time_point{};
+  Clock::time_point renewed_at_ ABSL_GUARDED_BY(mu_) = Clock::time_point{};  // Begin's or the last Renew's
   std::string revoked_ ABSL_GUARDED_BY(mu_);
 };
 
