@@ -208,6 +208,12 @@ absl::Status Scheduler::Restore() {
       if (TerminalTask(task.info.state())) ended.insert(task.info.task_id());
     }
     absl::MutexLock writer(&write_mu_);
+    // The longest timeout a registered group may run its fence on, for the next start: this
+    // one's, or the earlier one's while groups registered under it remain (ReapLostGroups keeps
+    // it as they say theirs or go).
+    const int64_t told = groups.empty() ? HeartbeatTimeoutMs() : std::max(HeartbeatTimeoutMs(), fence_told_ms);
+    if (told != fence_told_ms) AVIARY_RETURN_IF_ERROR(store_->SetCounter(kFenceTimeoutCounter, told));
+    fence_counter_ms_ = told;
     for (const PointRow& row : last_points) {
       int& attempt = reported_attempt[row.task_id];
       attempt = std::max(attempt, row.attempt);
@@ -246,10 +252,6 @@ absl::Status Scheduler::Restore() {
     group->fence_timeout_ms = std::max(timeout_ms, fence_told_ms);
     groups_[group->row.group_id] = std::move(group);
   }
-  // The longest timeout a registered group may run its fence on, for the next start: this one's,
-  // or the earlier one's while groups registered under it remain.
-  const int64_t told = groups_.empty() ? timeout_ms : std::max(timeout_ms, fence_told_ms);
-  if (told != fence_told_ms) AVIARY_RETURN_IF_ERROR(store_->SetCounter(kFenceTimeoutCounter, told));
 
   if (metrics_ != nullptr) {
     for (const auto& [id, task] : tasks_) {
@@ -2052,6 +2054,18 @@ int Scheduler::ReapLostGroups() {
   absl::ReaderMutexLock lock(&mu_);
   const int64_t now = NowMs();
   const int64_t configured_ms = HeartbeatTimeoutMs();
+  // The store's counter follows the longest fence a registered group runs on: up when a group says
+  // a longer one than it holds (an upgrade from a coordinator that kept none), down once the
+  // groups told a longer timeout have said a shorter one or gone (it only grew before).
+  int64_t longest_fence_ms = configured_ms;
+  for (const auto& [id, group] : groups_) longest_fence_ms = std::max(longest_fence_ms, group->fence_timeout_ms.load());
+  if (longest_fence_ms != fence_counter_ms_) {
+    if (absl::Status kept = store_->SetCounter(kFenceTimeoutCounter, longest_fence_ms); kept.ok()) {
+      fence_counter_ms_ = longest_fence_ms;
+    } else {
+      log_.Warn(absl::StrCat("reaper: cannot keep the groups' fence timeout in the store: ", kept.message()));
+    }
+  }
   Changes changes;
   std::vector<std::string> lost;
   for (const auto& [id, group] : groups_) {
@@ -2069,8 +2083,8 @@ int Scheduler::ReapLostGroups() {
     ++changes.groups_lost;
     if (const TaskRow* held = HeldTask(*group)) {
       RestartOrFail(&changes, held->info.task_id(),
-                    absl::StrFormat("lost group %s (no heartbeat for %.1f s, heartbeat_timeout_s %g)",
-                                    id, silent_ms / 1000.0, options_.heartbeat_timeout_s));
+                    absl::StrFormat("lost group %s (no heartbeat for %.1f s, timeout %g s)", id, silent_ms / 1000.0,
+                                    timeout_ms / 1000.0));
     }
   }
   if (lost.empty()) return 0;
@@ -2082,8 +2096,8 @@ int Scheduler::ReapLostGroups() {
     return 0;
   }
   for (const std::string& id : lost) {
-    log_.Warn(absl::StrCat("group ", id, " lost (no heartbeat for more than ",
-                           options_.heartbeat_timeout_s, " s); removed"));
+    log_.Warn(absl::StrCat("group ", id, " lost (no heartbeat within its timeout: heartbeat_timeout_s ",
+                           options_.heartbeat_timeout_s, " s, or the longer one its fence runs on); removed"));
   }
   return static_cast<int>(lost.size());
 }

@@ -362,6 +362,11 @@ TEST(LeaseClockTest, OffWhenTheCoordinatorDoesNotSayItsTimeout) {
   const auto t0 = LeaseClock::Clock::time_point{} + std::chrono::hours(1);
   lease.Begin("j1/pretrain-f0", 1, t0);
   EXPECT_TRUE(lease.Check("/r/last.pt", t0 + std::chrono::hours(24)).ok());
+  // A coordinator that says one (restarted, a newer one): the lease from its last renewal.
+  lease.Renew("j1/pretrain-f0", t0 + milliseconds(1000));
+  lease.SetTimeout(4000);
+  EXPECT_TRUE(lease.Check("/r/last.pt", t0 + milliseconds(4400)).ok());
+  EXPECT_FALSE(lease.Check("/r/last.pt", t0 + milliseconds(4500)).ok());
 }
 
 struct Stall {

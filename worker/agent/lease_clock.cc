@@ -14,8 +14,15 @@ std::chrono::milliseconds LeaseClock::Margin(int64_t timeout_ms) {
 void LeaseClock::SetTimeout(int64_t timeout_ms) {
   absl::MutexLock lock(&mu_);
   timeout_ms = std::max<int64_t>(0, timeout_ms);
-  if (!task_id_.empty() && timeout_ms > 0 && (timeout_ms_ <= 0 || timeout_ms < timeout_ms_)) {
-    valid_until_ = std::min(valid_until_, renewed_at_ + std::chrono::milliseconds(timeout_ms) - Margin(timeout_ms));
+  if (!task_id_.empty() && timeout_ms > 0) {
+    const Clock::time_point from_renewal = renewed_at_ + std::chrono::milliseconds(timeout_ms) - Margin(timeout_ms);
+    // From no fence (an older coordinator said no timeout) to one: the lease from its last
+    // renewal; to a shorter one: not past that.
+    if (timeout_ms_ <= 0) {
+      valid_until_ = from_renewal;
+    } else if (timeout_ms < timeout_ms_) {
+      valid_until_ = std::min(valid_until_, from_renewal);
+    }
   }
   timeout_ms_ = timeout_ms;
 }
