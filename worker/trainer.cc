@@ -1233,9 +1233,8 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
     for (size_t i = 0; i < ready.size() && !keep_ready; ++i) {
       if (!metas[i].ok()) continue;
       const CheckpointMeta& m = *metas[i];
-      if (last_meta.ok() && (m.stage != last_meta->stage || m.fold != last_meta->fold || m.task_id != last_meta->task_id)) {
-        continue;
-      }
+      // Of the run the folder holds (last.pt's, else last.prev.pt's): another task's is not adopted.
+      if (floor.ok() && (m.stage != floor->stage || m.fold != floor->fold || m.task_id != floor->task_id)) continue;
       if (std::make_pair(m.epoch, m.step) > newest) {
         newest = {m.epoch, m.step};
         adopt = ready[i];
@@ -1250,12 +1249,20 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
   }
   if (!adopt.empty()) {
     // last.pt out of the way first: to last.prev.pt when it reads (the rotation's second rename),
-    // aside as last.pt.unreadable when it does not (as Resume sets a damaged last.pt aside).
-    const std::string aside = replaced ? Path("last.prev.pt") : Path("last.pt.unreadable");
-    if ((replaced || damaged_last) && ::rename(last.c_str(), aside.c_str()) != 0) {
-      const int error = errno;
-      Log().Warn(absl::StrCat("cannot rename ", last, " to ", aside, ": ", std::strerror(error), " (", adopt,
-                              ", newer, left as it is; resuming from what else the folder holds)"));
+    // aside as Resume sets a damaged last.pt aside (last.pt.unreadable, or .unreadable.N when
+    // taken) when it does not.
+    std::string aside = replaced ? Path("last.prev.pt") : "";
+    absl::Status moved = absl::OkStatus();
+    if (replaced && ::rename(last.c_str(), aside.c_str()) != 0) {
+      moved = absl::InternalError(absl::StrCat("cannot rename ", last, " to ", aside, ": ", std::strerror(errno)));
+    } else if (damaged_last) {
+      std::vector<std::string> names;
+      moved = MoveAside({"last.pt"}, ".unreadable", &names);
+      if (moved.ok() && !names.empty()) aside = names.front().substr(names.front().rfind(' ') + 1);  // "last.pt to X"
+    }
+    if (!moved.ok()) {
+      Log().Warn(absl::StrCat(moved.message(), " (", adopt, ", newer, left as it is; resuming from what else the "
+                              "folder holds)"));
     } else if (::rename(adopt.c_str(), last.c_str()) != 0) {
       const int error = errno;
       Log().Warn(absl::StrCat("cannot rename ", adopt, " to ", last, ": ", std::strerror(error),

@@ -295,6 +295,9 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   WriteBytes(ShardFile(dir, 900, ".pcm"), std::string(1000, '\x7f'));
   Backdate(ShardFile(dir, 900, ".pcm"), 3600);
   WriteBytes(ShardFile(dir, 3, ".index.csv.tmp.12345"), "path,shard\n");
+  Backdate(ShardFile(dir, 3, ".index.csv.tmp.12345"), 3600);
+  // A recent temporary file may be a seal in progress on another host: left alone.
+  WriteBytes(ShardFile(dir, 4, ".index.csv.tmp.777"), "path,shard\n");
 
   {
     auto cache = MustOpen(dir);
@@ -310,6 +313,7 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   EXPECT_EQ(second.counts, first.counts);
   EXPECT_FALSE(fs::exists(ShardFile(dir, 900, ".pcm")));
   EXPECT_FALSE(fs::exists(ShardFile(dir, 3, ".index.csv.tmp.12345")));
+  EXPECT_TRUE(fs::exists(ShardFile(dir, 4, ".index.csv.tmp.777")));
   EXPECT_FALSE(fs::exists(ShardFile(dir, last, ".index.csv")));
   auto cache = MustOpen(dir);
   ASSERT_NE(cache, nullptr);
@@ -963,6 +967,7 @@ TEST(AudioCacheTest, APartLeavesTheOtherPartsShards) {
   const std::string even_tmp = dir + "/shard-1234568.index.csv.tmp.1.2";
   WriteBytes(odd_tmp, "part 1's, being sealed");
   WriteBytes(even_tmp, "part 0's, left by a kill");
+  Backdate(even_tmp, 3600);  // a recent one may be another host's seal in progress
   PrepareOptions part0 = Options(dir);
   part0.num_parts = 2;
   PrepareReport report = MustPrepare(paths, part0);
@@ -1077,6 +1082,12 @@ TEST(AudioCacheTest, AShardWithoutAnIndexIsDroppedOnlyOnceItIsOld) {
   EXPECT_TRUE(old.kept_shards.empty());
   ASSERT_EQ(old.dropped_shards.size(), 1u);
   EXPECT_EQ(old.dropped_shards[0], "shard-000900: no index (an interrupted run)");
+  // Stamped a day in the future (a wrong clock): not kept for a day.
+  WriteBytes(orphan, std::string(4000, '\x11'));
+  Backdate(orphan, -86400);
+  PrepareReport future = MustPrepare({path}, Options(dir));
+  EXPECT_FALSE(fs::exists(orphan));
+  EXPECT_TRUE(future.kept_shards.empty());
 }
 
 // A prepare that fails part-way (here a write past RLIMIT_FSIZE, EFBIG, as ENOSPC would be on a

@@ -741,8 +741,12 @@ void Agent::Report0(const v1::Task& task, const Outcome& outcome) {
       case kGroupLost:
         Log().Warn(absl::StrCat("task ", task.task_id(), " abandoned: the coordinator no longer knows this group"));
         return;
-      case kSignal:
       case kNoStop:
+        // CANCELLED that no stop asked for (an error of that code from deeper down): a failure,
+        // retryable, that counts a restart; as a preemption it never would, and a task failing
+        // so would be leased again for ever.
+        break;
+      case kSignal:
         r.kind = Report::Kind::kFail;
         r.error = "stopped by signal";
         r.retryable = true;

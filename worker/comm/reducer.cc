@@ -9,6 +9,8 @@
 #include <torch/version.h>
 
 #include <chrono>
+#include <new>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 
@@ -114,11 +116,14 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
   absl::Status built;
   try {
     built = r->Build();
-  } catch (const c10::OutOfMemoryError& e) {
-    built = absl::ResourceExhaustedError(
-        absl::StrCat("Reducer: out of memory making the gradient buckets (", total, " elements): ", e.what()));
   } catch (const std::exception& e) {
-    built = absl::InternalError(absl::StrCat("Reducer: cannot make the gradient buckets: ", e.what()));
+    // Out of memory (c10's allocator on a GPU or the host, std::bad_alloc): RESOURCE_EXHAUSTED.
+    const bool memory = dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr ||
+                        dynamic_cast<const std::bad_alloc*>(&e) != nullptr ||
+                        std::string(e.what()).find("can't allocate memory") != std::string::npos;
+    built = memory ? absl::ResourceExhaustedError(absl::StrCat("Reducer: out of memory making the gradient buckets (",
+                                                               total, " elements): ", e.what()))
+                   : absl::InternalError(absl::StrCat("Reducer: cannot make the gradient buckets: ", e.what()));
   }
   // Every rank must bring the same parameters: compare the counts (max and -min in one call), and
   // the lowest rank whose buckets failed with its error's code: (world - rank) * 64 + code, the
