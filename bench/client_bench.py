@@ -15,11 +15,14 @@ import time
 def run_once(argv):
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr is read to its end before waiting, as communicate() does (a child that writes more
+    # than a pipe holds would block on a full pipe while we wait for it); communicate() itself
+    # would reap the child, and wait4 is what gives its ru_maxrss.
+    with p.stderr:
+        err = p.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
     if p.returncode != 0:
         sys.exit(f"{' '.join(argv)} exited {p.returncode}: {err.strip()}")
     return wall, usage.ru_maxrss / 1024.0  # KiB -> MiB

@@ -5,7 +5,8 @@
 // Prints three rates, in samples/s, for the config's finetune stage, fold 0:
 //   loader:    the loader alone (the consumer only takes batches);
 //   synthetic: front end + model forward/backward + optimizer on a fixed random batch;
-//   real:      the same steps fed by the loader, with the time the consumer waited for data.
+//   real:      the same steps fed by the loader, with the time the consumer waited for data
+//              (after one untimed batch and step, as the synthetic step's warm-up).
 // With AVIARY_LOADER_BENCH_ONLY set, the loader's figure alone: STEPS batches timed after
 // prefetch_batches + 1 untimed ones, what a GPU host's decode threads can feed
 // (bench/gpu/acceptance.sh's `loader` row). Batches are in pinned memory where torch has a CUDA
@@ -135,21 +136,40 @@ int main(int argc, char** argv) {
   for (int i = 0; i < steps; ++i) step(fx, fy, i);
   const double synthetic_rate = steps * lo.batch_size / Since(t0);
 
-  // 3. The step fed by the loader.
+  // 3. The step fed by the loader. Its first batch and step are not timed, as the synthetic
+  // step's warm-up: the loader starts empty, and the first step allocates.
   auto fed = make_loader();
+  if (!fed.ok()) return Die(fed.status());
+  int64_t i = 0;
+  int epoch = 0;
+  (*fed)->StartEpoch(epoch);
+  worker::Batch b;
+  {
+    absl::StatusOr<bool> more = (*fed)->Next(&b);
+    if (!more.ok()) return Die(more.status());
+    if (!*more) return Die(absl::FailedPreconditionError("the loader gave no batch"));
+    step(b.waveforms, b.targets, 0);
+  }
+  const double wait_before = (*fed)->Stats().consumer_wait_s;
   n = 0;
   t0 = Clock::now();
-  int64_t i = 0;
-  for (int epoch = 0; i < steps; ++epoch) {
-    (*fed)->StartEpoch(epoch);
-    worker::Batch b;
-    while (i < steps && *(*fed)->Next(&b)) {
-      step(b.waveforms, b.targets, i++);
-      n += b.waveforms.size(0);
+  int64_t in_epoch = 1;  // batches taken in this epoch (the untimed one)
+  while (i < steps) {
+    absl::StatusOr<bool> more = (*fed)->Next(&b);
+    if (!more.ok()) return Die(more.status());
+    if (!*more) {
+      if (in_epoch == 0) return Die(absl::FailedPreconditionError("an epoch of the loader gave no batch"));
+      (*fed)->StartEpoch(++epoch);
+      in_epoch = 0;
+      continue;
     }
+    ++in_epoch;
+    step(b.waveforms, b.targets, ++i);
+    n += b.waveforms.size(0);
   }
   const double real_time = Since(t0);
-  const worker::LoaderStats stats = (*fed)->Stats();
+  worker::LoaderStats stats = (*fed)->Stats();
+  stats.consumer_wait_s -= wait_before;
   std::cout << "batch " << lo.batch_size << ", " << lo.num_threads << " loader thread(s), "
             << at::get_num_threads() << " torch thread(s), model " << config->model.name << ", "
             << config->data.duration << " s clips\n"

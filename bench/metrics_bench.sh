@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Evaluation metrics on a 100,000 x 180 validation matrix: aviary's ComputeEvalMetrics vs
-# scikit-learn on the same truth and float32 scores, same machine, same invocation.
+# scikit-learn on the same truth and float32 scores, same machine, same invocation, best of 3 runs
+# on each side.
 # Usage: bench/metrics_bench.sh [BUILD_DIR] [ROWS] [CLASSES]
 set -euo pipefail
 cd "$(dirname "$0")/.."

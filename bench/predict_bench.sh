@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Soundscape inference on the CPU: `aviary predict` against the same work done by PyTorch from
 # Python (bench/predict_reference.py: torchaudio decode + mel front end + the same model with the
-# same weights, /usr/bin/python3, the same libtorch), on COUNT synthetic 4-minute soundscapes
+# same weights; PYTHON, default /usr/bin/python3, whose torch must be BUILD_DIR's libtorch
+# version, else the script refuses: bench/reference_python.sh), on COUNT synthetic 4-minute soundscapes
 # (32 kHz ogg, 48 windows of 5 s, 182 classes like BirdCLEF 2024), for small_cnn and
 # efficientnet_b0 (random weights: the time does not depend on them), torch threads THREADS, the
 # same batch. The two sides alternate for ROUNDS rounds; the best round of each side counts.
 # Both write a submission; the script prints the largest difference between them. Each side runs
 # with contiguous (PyTorch's default) and channels-last (aviary's default) tensors.
-# Usage: bench/predict_bench.sh [BUILD_DIR] [COUNT] [ROUNDS] [THREADS]
+# Usage: [PYTHON=PY] bench/predict_bench.sh [BUILD_DIR] [COUNT] [ROUNDS] [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
+source bench/reference_python.sh
+python=$(reference_python "$build") || exit 2
 count=${2:-4}
 rounds=${3:-2}
 threads=${4:-2}
@@ -30,7 +33,7 @@ run_side() {  # run_side SIDE MODEL FORMAT OUT.csv
     t1=$(date +%s.%N)
     echo "$(sed -n 's/.*(\([0-9.]*\) s per file.*/\1/p' <<<"$out") $(python3 -c "print(f'{$t1 - $t0:.2f}')")"
   else
-    out=$(/usr/bin/python3 bench/predict_reference.py "$2" "$tmp/$2.safetensors" "$tmp/sc/solution.csv" \
+    out=$("$python" bench/predict_reference.py "$2" "$tmp/$2.safetensors" "$tmp/sc/solution.csv" \
             "$tmp/sc/soundscapes" "$4" "$threads" "$batch" "$3") ||
       { echo "bench/predict_reference.py ($2, $3) failed" >&2; return 1; }
     echo "$(sed -n 's/.*per_file_s=\([0-9.]*\).*/\1/p' <<<"$out") $(sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p' <<<"$out")"

@@ -15,7 +15,8 @@
 // Every client is a thread with blocking calls on real gRPC stubs; --channels spreads them
 // over that many channels, each its own TCP connection (local subchannel pools). The
 // coordinator, the pollers and the groups share this machine's cores: the output says how
-// many. Not a test: nothing here asserts a time.
+// many. Not a test: nothing here asserts a time. Exits 1 when any measured RPC failed, after
+// printing the figures and the first error of each kind.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -715,6 +716,16 @@ absl::Status Run(const Options& options) {
   if (!options.keep) {
     std::error_code ec;
     fs::remove_all(scratch, ec);
+  }
+  // Failed RPCs make the figures above a partial measurement: the exit status says so.
+  int64_t failed = 0;
+  std::string first_error;
+  for (const Samples* s : {&get_all, &list_all, &hb_all, &lease_burst_all, &lease_steady_all, &fetch_all, &report_all}) {
+    failed += s->errors;
+    if (first_error.empty()) first_error = s->first_error;
+  }
+  if (failed > 0) {
+    return absl::UnavailableError(absl::StrCat(failed, " RPC(s) failed during the run (first: ", first_error, ")"));
   }
   return absl::OkStatus();
 }

@@ -21,8 +21,9 @@ esac
 exec "$python" "\$@"
 EOF
 chmod +x "$tmp/guarded-python"
-# The GPU call's budgets (450 s, 240 s a step) are for an H100; two loaded cores doing the same
-# steps at toy sizes get what ctest's TIMEOUT (1500 s) leaves.
+# The GPU defaults (--budget 450, --step-timeout 240) were sized from H200 runs
+# (bench/gpu/runs/2026-12-04-h200-*); two loaded cores doing the same steps at toy sizes get what
+# ctest's TIMEOUT (1500 s) leaves.
 if "$repo/bench/gpu/acceptance.sh" --dry-run --budget 1300 --step-timeout 900 --pack "$tmp/pack" --python "$tmp/guarded-python" --out "$tmp/out" --work "$tmp/work" > "$tmp/run.log" 2>&1; then
   ok
 else
@@ -54,9 +55,16 @@ gzip -t "$tmp/out/datapath_trace.json.gz" 2>/dev/null || fail "the data path's t
 broken='^ +(empty|not_audio|truncated|silent) +[0-9]+ '
 grep -qE "$broken" "$tmp/work/prepare.out" || { cat "$tmp/work/prepare.out"; fail "the checks' corpus has no broken files"; }
 grep -qE "$broken" "$tmp/work/prepare_clean.out" && { cat "$tmp/work/prepare_clean.out"; fail "the speed rows' corpus has broken files"; }
-# The graphed data path against the graphed synthetic step (like for like).
-grep -q "^datapath_graph	INFO	.*vs the graphed synthetic-input step; vs the eager one" "$tmp/out/results.tsv" ||
-  { grep "^datapath_graph" "$tmp/out/results.tsv"; fail "the graphed data path is not compared with the graphed step"; }
+# The eager data path against the waveform-input step (like for like: all but the loader), the
+# graphed one against the graphed model step (said to be not like for like); medians both.
+grep -q "^datapath	INFO	.*vs the waveform-input step's median round" "$tmp/out/results.tsv" ||
+  { grep "^datapath	" "$tmp/out/results.tsv"; fail "the data path is not compared with the waveform-input step"; }
+grep -q "^datapath_graph	INFO	.*vs the graphed model step alone (mel input, no loader/front end; median round): not like for like" \
+  "$tmp/out/results.tsv" || { grep "^datapath_graph" "$tmp/out/results.tsv"; fail "the graphed data path is not compared with the graphed step"; }
+# Each step's wall time, and nothing stopped.
+awk -F'\t' 'NR > 1 && $3 !~ /^[0-9]+$/ {bad = 1} END {exit (NR < 20 || bad)}' "$tmp/out/steps.tsv" ||
+  { cat "$tmp/out/steps.tsv"; fail "steps.tsv lacks the steps' wall times"; }
+grep -q "	STOPPED	" "$tmp/out/results.tsv" && { grep "	STOPPED	" "$tmp/out/results.tsv"; fail "a check was stopped"; }
 # The 8-GPU projection never exceeds 8 x the one-rank rate (its ratio column).
 awk -F'\t' '$1 == "projection_8gpu" {found = 1; if ($2 != "INFO" || $5 == "-" || $5 + 0 > 1) bad = 1} END {exit (!found || bad)}' \
   "$tmp/out/results.tsv" || { grep "^projection_8gpu" "$tmp/out/results.tsv"; fail "the 8-GPU projection is faster than linear"; }
@@ -79,15 +87,33 @@ expect_refusal "--cudnn-benchmark: expected one of auto, on, off, got 'fast'" "$
 expect_refusal "--budget and --step-timeout take whole seconds, got '7m'" \
   "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --budget 7m
 
-# Out of time: with no budget left no step starts, each is reported, and the table is still
-# printed (a device call's limit must not take the results with it).
+# Out of time: with no budget left no step starts, each is reported as STOPPED (not measured,
+# a failure), and the table is still printed (a device call's limit must not take the results
+# with it).
 if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$python" --out "$tmp/out0" --work "$tmp/work0" \
      --budget 0 > "$tmp/run0.log" 2>&1; then
   fail "acceptance.sh --budget 0 passed"
 fi
-grep -q "prepare: not run, the 0 s budget is spent" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "no 'budget is spent' line"; }
-grep -q "^corpus  *FAIL" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "the table was not printed with the corpus check failed"; }
-grep -q "^projection_8gpu  *SKIP" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "a projection without a data-path rate"; }
+grep -q "synth: not run, the 0 s budget is spent" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "no 'budget is spent' line"; }
+grep -q "^corpus  *STOPPED  .*stopped: budget/timeout (step synth not started" "$tmp/run0.log" ||
+  { tail -20 "$tmp/run0.log"; fail "the table was not printed with the corpus check stopped"; }
+grep -q "^projection_8gpu  *STOPPED" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "a projection without a data-path rate"; }
+grep -q "^step_vs_compile  *STOPPED" "$tmp/run0.log" || { tail -20 "$tmp/run0.log"; fail "torch.compile without budget was not STOPPED"; }
+grep -q "	FAIL	" "$tmp/out0/results.tsv" && { cat "$tmp/out0/results.tsv"; fail "a step the budget left unstarted reads FAIL"; }
 ok
+
+# --only: one group; the others' rows are SKIP "not selected" and pass; unknown groups refused.
+if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$python" --out "$tmp/out1" --work "$tmp/work1" \
+     --only allreduce > "$tmp/run1.log" 2>&1; then
+  ok
+else
+  tail -30 "$tmp/run1.log"; fail "acceptance.sh --only allreduce failed"
+fi
+grep -q "^allreduce	INFO	" "$tmp/out1/results.tsv" || fail "--only allreduce did not run allreduce-bench"
+grep -q "^datapath	SKIP	.*not selected (--only allreduce; group datapath)" "$tmp/out1/results.tsv" ||
+  { cat "$tmp/out1/results.tsv"; fail "--only allreduce: the data path's row is not SKIP"; }
+[ "$(grep -c "	SKIP	.*not selected" "$tmp/out1/results.tsv")" -eq 19 ] ||
+  { cat "$tmp/out1/results.tsv"; fail "--only allreduce: not every other check is SKIP"; }
+expect_refusal "--only: unknown group 'bogus'" "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --only speed,bogus
 echo "gpu_acceptance_dry_run: $passes passed, $fails failed"
 [ $fails -eq 0 ]
