@@ -443,7 +443,10 @@ void RunGroup(std::shared_ptr<grpc::Channel> channel, int index, const Options& 
         grpc::ClientContext fail_context;
         PrepareWorker(&fail_context);
         grpc::Status handed_back = stub->FailTask(&fail_context, fail, &fail_response);
-        if (!handed_back.ok() && leases->first_error.empty()) leases->first_error = ToStatus(handed_back, "FailTask").ToString();
+        if (!handed_back.ok()) {
+          ++leases->errors;  // counted: the run exits 1 with it, as for the leases themselves
+          if (leases->first_error.empty()) leases->first_error = ToStatus(handed_back, "FailTask").ToString();
+        }
         task_id.clear();
       }
       lease_task(leases);

@@ -212,7 +212,9 @@ absl::Status Scheduler::Restore() {
     // one's, or the earlier one's while groups registered under it remain (ReapLostGroups keeps
     // it as they say theirs or go).
     const int64_t told = groups.empty() ? HeartbeatTimeoutMs() : std::max(HeartbeatTimeoutMs(), fence_told_ms);
-    if (told != fence_told_ms) AVIARY_RETURN_IF_ERROR(store_->SetCounter(kFenceTimeoutCounter, told));
+    if (told != fence_told_ms) {
+      AVIARY_RETURN_IF_ERROR(store_->Transaction([&] { return store_->SetCounter(kFenceTimeoutCounter, told); }));
+    }
     fence_counter_ms_ = told;
     for (const PointRow& row : last_points) {
       int& attempt = reported_attempt[row.task_id];
@@ -2060,10 +2062,16 @@ int Scheduler::ReapLostGroups() {
   int64_t longest_fence_ms = configured_ms;
   for (const auto& [id, group] : groups_) longest_fence_ms = std::max(longest_fence_ms, group->fence_timeout_ms.load());
   if (longest_fence_ms != fence_counter_ms_) {
-    if (absl::Status kept = store_->SetCounter(kFenceTimeoutCounter, longest_fence_ms); kept.ok()) {
+    const absl::Status kept =
+        store_->Transaction([&] { return store_->SetCounter(kFenceTimeoutCounter, longest_fence_ms); });
+    if (kept.ok()) {
+      if (fence_counter_failing_) log_.Info("reaper: the groups' fence timeout is kept in the store again");
       fence_counter_ms_ = longest_fence_ms;
-    } else {
-      log_.Warn(absl::StrCat("reaper: cannot keep the groups' fence timeout in the store: ", kept.message()));
+      fence_counter_failing_ = false;
+    } else if (!fence_counter_failing_) {  // said once, not at every pass
+      log_.Warn(absl::StrCat("reaper: cannot keep the groups' fence timeout in the store (tried again at each pass): ",
+                             kept.message()));
+      fence_counter_failing_ = true;
     }
   }
   Changes changes;

@@ -402,6 +402,7 @@ class Scheduler {
   absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   // The store's "groups_fence_timeout_ms" as last written (Restore, ReapLostGroups).
   int64_t fence_counter_ms_ ABSL_GUARDED_BY(write_mu_) = 0;
+  bool fence_counter_failing_ ABSL_GUARDED_BY(write_mu_) = false;
   mutable absl::Mutex mu_;
   // A group's heartbeat clock: a message from it refreshes last_seen_ms only if the reaper has
   // not judged it lost, and the reaper judges under the same lock, so the two never both act

@@ -49,26 +49,29 @@ budget=450
 step_timeout=240
 groups=checks,speed,datapath,allreduce
 only=$groups
+# need FLAG ARGS...: FLAG has a value after it (exit 2, as for any bad argument, when not).
+need() { [ $# -ge 2 ] || { echo "acceptance.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
-    --pack) pack=$2; shift ;;
-    --build) build=$2; shift ;;
-    --python) python=$2; shift ;;
-    --out) out=$2; shift ;;
-    --work) work=$2; shift ;;
+    --pack) need "$@"; pack=$2; shift ;;
+    --build) need "$@"; build=$2; shift ;;
+    --python) need "$@"; python=$2; shift ;;
+    --out) need "$@"; out=$2; shift ;;
+    --work) need "$@"; work=$2; shift ;;
     --skip-compile) compile=0 ;;
-    --only) only=$2; shift ;;
-    --budget) budget=$2; shift ;;
-    --step-timeout) step_timeout=$2; shift ;;
+    --only) need "$@"; only=$2; shift ;;
+    --budget) need "$@"; budget=$2; shift ;;
+    --step-timeout) need "$@"; step_timeout=$2; shift ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "acceptance.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-for n in "$budget" "$step_timeout"; do
-  [[ "$n" =~ ^[0-9]+$ ]] || { echo "acceptance.sh: --budget and --step-timeout take whole seconds, got '$n'" >&2; exit 2; }
-done
+[[ "$budget" =~ ^[0-9]+$ ]] || { echo "acceptance.sh: --budget takes whole seconds, got '$budget'" >&2; exit 2; }
+# Not 0: `timeout 0` is no limit at all.
+[[ "$step_timeout" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "acceptance.sh: --step-timeout takes whole seconds above 0, got '$step_timeout'" >&2; exit 2; }
 IFS=, read -ra only_list <<<"$only"
 [ ${#only_list[@]} -gt 0 ] || { echo "acceptance.sh: --only takes a comma-separated list of: $groups" >&2; exit 2; }
 for g in "${only_list[@]}"; do
@@ -76,6 +79,10 @@ for g in "${only_list[@]}"; do
 done
 # want GROUP: whether --only selected it.
 want() { case ",$only," in *",$1,"*) return 0 ;; esac; return 1; }
+# The trainer's CUDA-graph flag, for the checks' graphed runs and the datapath group's graphed
+# row alike (so set whatever --only chose). The dry run has no CUDA: eager against eager.
+graph_set=(--set train.cuda_graph=true); graph_what="train.cuda_graph vs eager"
+[ $dry -eq 1 ] && { graph_set=(); graph_what="no GPU: eager against eager"; }
 if [ -n "$pack" ]; then
   bin=$(cd "$pack/bin" && pwd) || exit 2
   benchbin=$bin
@@ -354,8 +361,6 @@ fi
 # drop_remainder false, where each epoch's partial last batch takes the eager step between
 # replays. The dry run has no CUDA: eager against eager (tests the comparison and the parsing).
 say "3b. CUDA graph training"
-graph_set=(--set train.cuda_graph=true); graph_what="train.cuda_graph vs eager"
-[ $dry -eq 1 ] && { graph_set=(); graph_what="no GPU: eager against eager"; }
 # graph_same NAME EAGER_RUN GRAPH_RUN NOTE: the row comparing two run folders of $work (the
 # graphed run's `run` name is its folder's).
 graph_same() {
@@ -704,10 +709,11 @@ say "10. torch.compile"
 compile_left=$(( budget - ($(date +%s) - t_start) ))
 if [ $compile -eq 0 ]; then
   record step_vs_compile SKIP - - - - "--skip-compile"
-elif [ $dry -eq 0 ] && [ $compile_left -lt 150 ]; then
-  step_done step_compile 124 0 0 "not started: ${compile_left} s of the ${budget} s --budget left, under the 150 s its compile needs"
+elif [ $dry -eq 0 ] && { [ $compile_left -lt 150 ] || [ $step_timeout -lt 150 ]; }; then
+  # The step would be cut short by the budget left or by --step-timeout, whichever is shorter.
+  step_done step_compile 124 0 0 "not started: ${compile_left} s of the ${budget} s --budget left, --step-timeout ${step_timeout} s; its compile needs 150 s"
   record step_vs_compile STOPPED - - - ">= 1.0x" \
-    "stopped: budget/timeout (not started: ${compile_left} s of the --budget left; the compile takes about 100-120 s); not measured"
+    "stopped: budget/timeout (not started: ${compile_left} s of the --budget left, --step-timeout ${step_timeout} s; the compile takes about 100-120 s); not measured"
 else
   run step_compile "$python" "$repo/bench/train_step_reference.py" "${step_args[@]}" --input mel --compile \
     --compile-backend $compile_backend --warmup $(( warmup + 2 ))

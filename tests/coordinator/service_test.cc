@@ -846,7 +846,7 @@ TEST_F(CoordinatorServiceTest, AShorterTimeoutAfterARestartWaitsForTheGroupsFenc
   // again, the group is reaped after 2 s, not 6.
   coordinator_->scheduler()->ReapLostGroups();
   Restart();
-  std::this_thread::sleep_for(std::chrono::milliseconds(3500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(4500));  // 2 s, and the reaper's period to spare
   status = beat(2000, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
 }

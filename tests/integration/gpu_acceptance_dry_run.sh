@@ -84,8 +84,12 @@ bench=$build/bench/train_step_bench
 expect_refusal "--cuda-graph needs --input mel --device cuda (got --input wave --device cpu)" "$bench" --cuda-graph
 expect_refusal "--cuda-graph needs --input mel --device cuda (got --input mel --device cpu)" "$bench" --cuda-graph --input mel
 expect_refusal "--cudnn-benchmark: expected one of auto, on, off, got 'fast'" "$bench" --cudnn-benchmark fast
-expect_refusal "--budget and --step-timeout take whole seconds, got '7m'" \
+expect_refusal "--budget takes whole seconds, got '7m'" \
   "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --budget 7m
+# 0 would be `timeout 0`: no limit at all.
+expect_refusal "--step-timeout takes whole seconds above 0, got '0'" \
+  "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --step-timeout 0
+expect_refusal "--only needs a value" "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --only
 
 # Out of time: with no budget left no step starts, each is reported as STOPPED (not measured,
 # a failure), and the table is still printed (a device call's limit must not take the results
