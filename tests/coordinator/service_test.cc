@@ -3528,6 +3528,16 @@ TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
   const grpc::Status negative = workers_->Heartbeat(WorkerCtx().get(), beat, &beat_response);
   EXPECT_EQ(negative.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(negative.error_message().find("gpu_memory_bytes"), std::string::npos) << negative.error_message();
+  // So is a fence timeout below 0 or above a day (a group would keep itself from the reaper).
+  beat.set_gpu_memory_bytes(0);
+  for (const int64_t fence_ms : {int64_t{-1}, int64_t{24} * 3600 * 1000 + 1}) {
+    beat.set_fence_timeout_ms(fence_ms);
+    const grpc::Status refused = workers_->Heartbeat(WorkerCtx().get(), beat, &beat_response);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << fence_ms;
+    EXPECT_NE(refused.error_message().find("field 'fence_timeout_ms': " + std::to_string(fence_ms)), std::string::npos)
+        << refused.error_message();
+  }
+  beat.set_fence_timeout_ms(0);
   ListGroupsRequest request;
   ListGroupsResponse response;
   ASSERT_TRUE(jobs_->ListGroups(Ctx().get(), request, &response).ok());
