@@ -157,7 +157,9 @@ absl::Status Authenticator::CheckToken(const grpc::ServerContext& context, const
   // "Bearer <token>"; anything else matches no token.
   constexpr absl::string_view kScheme = "Bearer ";
   const absl::string_view header(it->second.data(), it->second.size());
-  const std::string value(absl::StartsWith(header, kScheme) ? header.substr(kScheme.size()) : absl::string_view());
+  // The scheme in any case (RFC 7235); "bearer" was once taken for no token at all.
+  const std::string value(absl::StartsWithIgnoreCase(header, kScheme) ? header.substr(kScheme.size())
+                                                                      : absl::string_view());
   return CheckBearer(value, rpc, allowed);
 }
 

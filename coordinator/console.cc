@@ -29,6 +29,7 @@
 #include "common/utf8.h"
 #include "coordinator/console_assets.h"
 #include "coordinator/content_hash.h"
+#include "coordinator/init.h"
 #include "google/protobuf/util/json_util.h"
 #include "yaml-cpp/yaml.h"
 
@@ -36,6 +37,12 @@ namespace aviary::coordinator {
 namespace {
 
 constexpr char kCookie[] = "aviary_console";
+// A login session's life; the cookie's Max-Age says the same.
+constexpr auto kSessionLifetime = std::chrono::hours(12);
+constexpr int kSessionLifetimeS = 12 * 3600;
+// Live sessions at most (a few hundred bytes each); a login past it ends the one that would
+// expire first.
+constexpr size_t kMaxSessions = 4096;
 constexpr char kCsrfHeader[] = "X-Aviary-Console";
 // civetweb threads; each event stream holds one, so streams stop below the total and the
 // rest stay for the pages and /api.
@@ -114,6 +121,14 @@ std::string JsonNumber(double value) {
   return absl::StrCat(value);
 }
 
+// The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 7235);
+// nullopt for another scheme or none.
+std::optional<std::string> BearerToken(const std::string& header) {
+  constexpr absl::string_view kScheme = "Bearer ";
+  if (!absl::StartsWithIgnoreCase(header, kScheme)) return std::nullopt;
+  return header.substr(kScheme.size());
+}
+
 // Every byte outside [A-Za-z0-9._~-] as %XX: a cookie value or a query parameter. civetweb's
 // mg_url_encode leaves ";,$()" as they are, and a token holding ';' ended its cookie there (the
 // browser kept the part before it: a login that let nobody in).
@@ -146,7 +161,11 @@ std::string ProtoJson(const google::protobuf::Message& message) {
   options.always_print_primitive_fields = true;
   std::string json;
   auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
-  if (!status.ok()) return "{}";
+  if (!status.ok()) {
+    // Still a JSON object (callers append fields to it), saying what went wrong and where.
+    return absl::StrCat("{\"error\":{\"code\":\"INTERNAL\",\"message\":",
+                        JsonQuote(absl::StrCat(message.GetTypeName(), " as JSON: ", status.ToString())), "}}");
+  }
   return json;
 }
 
@@ -431,17 +450,23 @@ class Console::Request {
   // Who calls: the bearer token of the Authorization header, else the login cookie. (Another
   // scheme in the header, a proxy's Basic authentication in front of the console, is the proxy's:
   // the cookie decides.)
-  absl::Status Authorize(const Authenticator& auth, const char* what, RoleSet allowed) {
+  absl::Status Authorize(Console& console, const Authenticator& auth, const char* what, RoleSet allowed) {
     std::string token;
-    const std::string header = Header("Authorization");
-    if (absl::StartsWith(header, "Bearer ")) {
-      token = header.substr(7);
+    if (std::optional<std::string> bearer = BearerToken(Header("Authorization"))) {
+      token = *std::move(bearer);
     } else {
-      token = Cookie(kCookie);
-      by_cookie_ = !token.empty();
-      if (token.empty() && !auth.tokens()->no_auth()) {
-        return absl::UnauthenticatedError(absl::StrCat(
-            what, ": no token: send 'Authorization: Bearer <token>' or log in at /login"));
+      const std::string id = Cookie(kCookie);
+      std::optional<std::string> session = id.empty() ? std::nullopt : console.SessionToken(id);
+      if (session.has_value()) {
+        token = *std::move(session);
+        session_id_ = id;
+        by_cookie_ = true;
+      } else if (!auth.tokens()->no_auth()) {
+        return absl::UnauthenticatedError(
+            id.empty() ? absl::StrCat(what, ": no token: send 'Authorization: Bearer <token>' or log in at /login")
+                       : absl::StrCat(what, ": the login session has ended (logged out, ",
+                                      kSessionLifetimeS / 3600, " hours after its login, or begun before the "
+                                      "coordinator restarted): log in again at /login"));
       }
     }
     token_ = token;
@@ -449,11 +474,17 @@ class Console::Request {
     return auth.CheckBearer(token, what, allowed, &role_);
   }
   // Whether the token Authorize accepted still has a role it allowed (a SIGHUP reload may have
-  // removed it since): event streams ask on each event and keepalive poll.
-  bool StillAuthorized(const Authenticator& auth) const {
+  // removed it since) and its login session, if it came by one, is still live (not logged out or
+  // expired): event streams ask on each event and keepalive poll.
+  bool StillAuthorized(Console& console, const Authenticator& auth) const {
+    if (!session_id_.empty() && !console.SessionToken(session_id_).has_value()) return false;
     return auth.CheckBearer(token_, "console event stream", allowed_).ok();
   }
+  // The login session's id (the cookie's value) when the cookie named a live one.
+  const std::string& session_id() const { return session_id_; }
   bool by_cookie() const { return by_cookie_; }
+  // The peer's address as civetweb saw it (behind the TLS front: its loopback relay).
+  std::string peer() const { return info_->remote_addr; }
   Role role() const { return role_; }
   // Whose streams these are, for the per-holder limit: the token Authorize checked (hashed: not
   // kept in the clear); without authentication (where any token passes, so a new one each time
@@ -474,6 +505,7 @@ class Console::Request {
   int status_ = 0;
   bool by_cookie_ = false;
   std::string token_;  // what Authorize checked
+  std::string session_id_;  // the live login session it came by, if any
   RoleSet allowed_ = 0;
   Role role_ = Role::kViewer;
   std::chrono::steady_clock::time_point last_write_;
@@ -504,6 +536,11 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
   callbacks.log_message = LogMessage;
   console->ctx_ = mg_start(&callbacks, nullptr, mg_options);
   if (console->ctx_ == nullptr) {
+    if (tls) {  // civetweb was to serve the TLS front on loopback
+      return absl::UnavailableError(absl::StrCat("console_listen ", options.listen, " (TLS): cannot serve the "
+                                                 "console's backend on ", ports, " for its TLS front (no "
+                                                 "loopback interface?)"));
+    }
     return absl::UnavailableError(absl::StrCat("console_listen ", ports,
                                                ": cannot serve the console there (address in use, or not an IPv4 "
                                                "address of this host?)"));
@@ -552,7 +589,7 @@ void Console::Route(Request& request) {
       return request.Error(host);
     }
   }
-  if (method == "POST" && !absl::StartsWith(request.Header("Authorization"), "Bearer ") &&
+  if (method == "POST" && !BearerToken(request.Header("Authorization")).has_value() &&
       request.Header(kCsrfHeader) != "1") {
     // The login cookie, or no authentication: a form on another site could send this POST, but
     // it cannot set this header (and SameSite=Strict keeps the cookie home). A bearer token is
@@ -568,6 +605,8 @@ void Console::Route(Request& request) {
   if (path == "/favicon.ico" && get) return request.Redirect("/static/logo.svg");
   if (path == "/login") return ServeLogin(request);
   if (path == "/logout" && method == "POST") {
+    // The session ends here, not only the browser's copy of its cookie.
+    if (const std::string id = request.Cookie(kCookie); !id.empty()) EndSession(id);
     return request.Redirect("/login", absl::StrCat("Set-Cookie: ", kCookie, "=; Path=/; Max-Age=0; HttpOnly; "
                                                    "SameSite=Strict\r\n"));
   }
@@ -590,7 +629,7 @@ void Console::Route(Request& request) {
     return request.Error(absl::InvalidArgumentError(absl::StrCat(method, " ", path, ": not a method of this path")));
   }
   const std::string what = absl::StrCat("console GET ", path);
-  absl::Status allowed = request.Authorize(*auth_, what.c_str(), kClientOrViewer);
+  absl::Status allowed = request.Authorize(*this, *auth_, what.c_str(), kClientOrViewer);
   if (!allowed.ok()) return request.Error(allowed);
   if (parts.size() == 1 && parts[0] == "session") {
     return request.Json(absl::StrCat("{\"role\":", JsonQuote(RoleName(request.role())),
@@ -615,8 +654,44 @@ void Console::Route(Request& request) {
   request.Error(absl::NotFoundError(absl::StrCat(path, ": no such API path (docs/SERVICE.md, \"Web console\")")));
 }
 
+absl::StatusOr<std::string> Console::StartSession(const std::string& token) {
+  AVIARY_ASSIGN_OR_RETURN(std::string id, RandomToken());
+  const auto now = std::chrono::steady_clock::now();
+  absl::MutexLock lock(&sessions_mu_);
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    it = it->second.expires <= now ? sessions_.erase(it) : std::next(it);
+  }
+  if (sessions_.size() >= kMaxSessions) {
+    auto first = std::min_element(sessions_.begin(), sessions_.end(), [](const auto& a, const auto& b) {
+      return a.second.expires < b.second.expires;
+    });
+    sessions_.erase(first);
+    log_.Warn(absl::StrCat("console: ", kMaxSessions, " login sessions are live; the oldest was ended"));
+  }
+  sessions_[Sha256Hex(id)] = Session{token, now + kSessionLifetime};
+  return id;
+}
+
+std::optional<std::string> Console::SessionToken(const std::string& id) {
+  const std::string key = Sha256Hex(id);
+  absl::MutexLock lock(&sessions_mu_);
+  auto it = sessions_.find(key);
+  if (it == sessions_.end()) return std::nullopt;
+  if (it->second.expires <= std::chrono::steady_clock::now()) {
+    sessions_.erase(it);
+    return std::nullopt;
+  }
+  return it->second.token;
+}
+
+void Console::EndSession(const std::string& id) {
+  const std::string key = Sha256Hex(id);
+  absl::MutexLock lock(&sessions_mu_);
+  sessions_.erase(key);
+}
+
 void Console::ServePage(Request& request, const std::string& path) {
-  absl::Status allowed = request.Authorize(*auth_, "console page", kClientOrViewer);
+  absl::Status allowed = request.Authorize(*this, *auth_, "console page", kClientOrViewer);
   if (!allowed.ok()) {
     // Where it was going, query included (/compare?jobs=A,B), so that it survives the login.
     const std::string target = request.query().empty() ? path : absl::StrCat(path, "?", request.query());
@@ -663,12 +738,15 @@ void Console::ServeLogin(Request& request) {
     const std::string next = SafeNext(Request::Var(body, "next"));
     absl::Status allowed = auth_->CheckBearer(token, "console login", kClientOrViewer);
     if (!allowed.ok() || token.empty()) {
-      log_.Info(absl::StrCat("console login refused: ", allowed.ok() ? "empty token" : allowed.message()));
+      log_.Info(absl::StrCat("console login from ", secure ? "a TLS peer" : request.peer(), " refused: ",
+                             allowed.ok() ? "empty token" : allowed.message()));
       return request.Redirect(absl::StrCat("/login?error=1&next=", PercentEncode(next)));
     }
-    return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", PercentEncode(token),
-                                               "; Path=/; HttpOnly; SameSite=Strict", secure ? "; Secure" : "",
-                                               "\r\n"));
+    absl::StatusOr<std::string> session = StartSession(token);
+    if (!session.ok()) return request.Error(session.status());
+    return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", *session, "; Path=/; Max-Age=",
+                                               kSessionLifetimeS, "; HttpOnly; SameSite=Strict",
+                                               secure ? "; Secure" : "", "\r\n"));
   }
   if (request.method() != "GET" && request.method() != "HEAD") {
     return request.Error(absl::InvalidArgumentError("/login: GET or POST"));
@@ -889,7 +967,7 @@ void Console::ServeGroups(Request& request) { request.Json(GroupsJson()); }
 
 void Console::ServeCancel(Request& request, const std::string& job_id) {
   const std::string what = absl::StrCat("console POST /api/jobs/", job_id, "/cancel");
-  absl::Status allowed = request.Authorize(*auth_, what.c_str(), kClientOnly);
+  absl::Status allowed = request.Authorize(*this, *auth_, what.c_str(), kClientOnly);
   if (!allowed.ok()) return request.Error(allowed);
   if (!IsJobId(job_id)) {
     return request.Error(absl::InvalidArgumentError(absl::StrCat(what, ": '", job_id, "' is not a job id")));
@@ -920,7 +998,7 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   const auto send = [&](const aviary::v1::JobEvent& event) {
     held.reset();
     last_sent = Clock::now();
-    alive = request.StillAuthorized(*auth_) && request.Event("job", ProtoJson(event));
+    alive = request.StillAuthorized(*this, *auth_) && request.Event("job", ProtoJson(event));
     return alive;
   };
   absl::Status status = scheduler_->WatchJob(
@@ -939,7 +1017,7 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
           const aviary::v1::JobEvent event = *std::move(held);
           if (!send(event)) return true;
         }
-        alive = alive && request.StillAuthorized(*auth_) && request.KeepAlive();
+        alive = alive && request.StillAuthorized(*this, *auth_) && request.KeepAlive();
         return !alive;
       });
   // A finished job ends the stream; the page closes it rather than reconnecting.
@@ -971,7 +1049,7 @@ void Console::StreamOverview(Request& request) {
   };
   while (!stopping_) {
     // A token a reload removed ends the stream (the page then goes to the login form).
-    if (!request.StillAuthorized(*auth_)) return;
+    if (!request.StillAuthorized(*this, *auth_)) return;
     const Overview now = OverviewJson();
     if (want_jobs && changed(now.jobs_shown, last.jobs_shown)) {
       if (!request.Event("jobs", *now.jobs)) return;

@@ -12,8 +12,11 @@
 // Auth: the tokens and roles of the gRPC port (coordinator/auth.h). Reads need the client or
 // the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
 // or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
-// over HTTPS; it holds the token itself, so it outlives a coordinator restart and a SIGHUP reload
-// revokes it). A POST without an Authorization: Bearer header (the cookie's, log out, or any with
+// over HTTPS). The cookie holds a random session id, not the token: browsers send a cookie to
+// every port of its host, so another service there (or a page it serves) would read a token
+// kept in it. The session (in memory: a coordinator restart ends it) maps to the token, which is
+// checked at each call (a SIGHUP reload that removes it revokes the session); POST /logout ends
+// it, and it expires 12 hours after the login. A POST without an Authorization: Bearer header (the cookie's, log out, or any with
 // authentication off) must also carry `X-Aviary-Console: 1`; with authentication off the Host
 // header must name this machine (DNS rebinding). An event stream re-checks its token at least
 // every second and ends once a reload has revoked it.
@@ -27,6 +30,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -118,6 +122,21 @@ class Console {
   int streams_ ABSL_GUARDED_BY(streams_mu_) = 0;
   std::map<std::string, int> streams_by_holder_ ABSL_GUARDED_BY(streams_mu_);
   std::vector<std::string> own_names_;  // with authentication off: the Host names accepted
+  // Login sessions: SHA-256 of the cookie's id -> the token it logged in with (the id is not
+  // kept, so a memory dump does not hold live cookies). At most kMaxSessions; the one that
+  // expires first goes when a login would pass that.
+  struct Session {
+    std::string token;
+    std::chrono::steady_clock::time_point expires;
+  };
+  // A new session for `token`: the cookie's value (64 hex digits).
+  absl::StatusOr<std::string> StartSession(const std::string& token) ABSL_LOCKS_EXCLUDED(sessions_mu_);
+  // The token of the live session `id` (the cookie's value); nullopt when none (logged out,
+  // expired, from before a restart, or never issued).
+  std::optional<std::string> SessionToken(const std::string& id) ABSL_LOCKS_EXCLUDED(sessions_mu_);
+  void EndSession(const std::string& id) ABSL_LOCKS_EXCLUDED(sessions_mu_);
+  absl::Mutex sessions_mu_;
+  std::map<std::string, Session> sessions_ ABSL_GUARDED_BY(sessions_mu_);
   absl::Mutex overview_mu_;
   Overview overview_ ABSL_GUARDED_BY(overview_mu_);
   std::chrono::steady_clock::time_point overview_at_ ABSL_GUARDED_BY(overview_mu_);

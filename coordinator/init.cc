@@ -68,20 +68,6 @@ absl::Status WriteNewFile(const std::string& path, const std::string& text, mode
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> RandomToken() {
-  std::ifstream in("/dev/urandom", std::ios::binary);
-  unsigned char bytes[32];
-  if (!in.read(reinterpret_cast<char*>(bytes), sizeof(bytes))) {
-    return absl::InternalError("cannot read 32 bytes from /dev/urandom for the token");
-  }
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string token;
-  for (unsigned char b : bytes) {
-    token += kHex[b >> 4];
-    token += kHex[b & 15];
-  }
-  return token;
-}
 
 constexpr char kConfig[] =
     "# aviary-coordinator configuration written by `aviary-coordinator init` (every key and its\n"
@@ -178,6 +164,21 @@ absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
     return undo(st);
   }
   return result;
+}
+
+absl::StatusOr<std::string> RandomToken() {
+  std::ifstream in("/dev/urandom", std::ios::binary);
+  unsigned char bytes[32];
+  if (!in.read(reinterpret_cast<char*>(bytes), sizeof(bytes))) {
+    return absl::InternalError("cannot read 32 bytes from /dev/urandom (a new token or session id)");
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (unsigned char b : bytes) {
+    token += kHex[b >> 4];
+    token += kHex[b & 15];
+  }
+  return token;
 }
 
 }  // namespace aviary::coordinator

@@ -28,6 +28,9 @@ struct InitResult {
   std::string work_dir;     // absolute
 };
 
+// 32 bytes of /dev/urandom as 64 lowercase hex digits (a token; the console's session ids).
+absl::StatusOr<std::string> RandomToken();
+
 absl::StatusOr<InitResult> InitStateDir(const std::string& dir,
                                         const std::vector<std::string>& data_roots = {});
 

@@ -1283,6 +1283,13 @@ TEST_F(CoordinatorServiceTest, CallsWithoutTheTokenAreUnauthenticated) {
   ListJobsRequest list_request;
   ListJobsResponse list;
   EXPECT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+  // The scheme in any case (RFC 7235): "bearer <token>" was taken for no token at all.
+  for (const char* scheme : {"bearer ", "BEARER "}) {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", absl::StrCat(scheme, "the-token"));
+    const grpc::Status status = jobs_->ListJobs(&context, list_request, &list);
+    EXPECT_TRUE(status.ok()) << scheme << ": " << status.error_message();
+  }
 }
 
 // Issue 14: clients and worker groups shared one token, so any client could act as a worker.
