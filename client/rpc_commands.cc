@@ -797,6 +797,11 @@ absl::Status History(Client& client, const ClientArgs& args) {
   AVIARY_RETURN_IF_ERROR(
       client.Call("GetHistory", &v1::JobService::Stub::GetHistory, request, &response));
   std::vector<v1::HistoryRow> rows(response.rows().begin(), response.rows().end());
+  if (response.damaged_points_skipped() > 0) {
+    std::cerr << "warning: " << response.damaged_points_skipped()
+              << " epoch rows of this history are damaged in the coordinator's database and left out (its log "
+                 "names them)\n";
+  }
   if (args.csv) {
     std::cout << FormatHistoryCsv(rows);
   } else if (rows.empty()) {

@@ -1269,11 +1269,12 @@ absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::
   }
   // A few tasks of a sweep: their rows by the task index, not the job's tens of thousands.
   std::vector<PointRow> points;
+  int64_t damaged = 0;
   if (tasks.empty()) {
-    AVIARY_ASSIGN_OR_RETURN(points, store_->LoadEpochEnds(job_id));
+    AVIARY_ASSIGN_OR_RETURN(points, store_->LoadEpochEnds(job_id, &damaged));
   } else {
     for (const auto& [id, info] : infos) {
-      AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> rows, store_->LoadTaskEpochEnds(id));
+      AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> rows, store_->LoadTaskEpochEnds(id, &damaged));
       std::move(rows.begin(), rows.end(), std::back_inserter(points));
     }
   }
@@ -1293,6 +1294,14 @@ absl::StatusOr<aviary::v1::GetHistoryResponse> Scheduler::GetHistory(const std::
     last[key] = std::move(point);
   }
   aviary::v1::GetHistoryResponse response;
+  response.set_damaged_points_skipped(damaged);
+  // Named in the log the first time this coordinator meets them (Restore reads only the newest).
+  std::vector<std::string> described;
+  if (const int64_t first_met = store_->TakeDamagedRows(&described); first_met > 0) {
+    log_.Warn(absl::StrCat("history of job ", job_id, ": skipped ", first_met,
+                           " damaged metric-point rows (left out of the history; restore the database from a "
+                           "backup to get them back); the first: ", absl::StrJoin(described, "; ")));
+  }
   for (auto& [key, point] : last) {
     const TaskInfo& info = *order.at(point.task_id).second;
     aviary::v1::HistoryRow* row = response.add_rows();

@@ -162,7 +162,7 @@ constexpr const char* kSchemaV3[] = {
 absl::StatusOr<std::map<std::string, std::string>> SchemaObjects(sqlite3* db, const std::string& what) {
   sqlite3_stmt* stmt = nullptr;
   const char* sql =
-      "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name";
+      "SELECT type, name, sql FROM sqlite_master WHERE substr(name, 1, 7) <> 'sqlite_' ORDER BY type, name";
   int rc = sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr);
   if (rc != SQLITE_OK) {
     return absl::InternalError(absl::StrCat(what, ": ", sql, ": ", sqlite3_errmsg(db)));
@@ -390,6 +390,15 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
         "database ", path, " is read-only for this coordinator (uid ", ::geteuid(), "; the file: ", owner,
         "): it must be able to write the file and create ", path, "-wal and -shm next to it"));
   }
+  // A writable file in a folder this user cannot write: SQLite opened it, then the first write
+  // failed with "attempt to write a readonly database" (it cannot create or remove the -wal).
+  const std::string folder = resolved.has_parent_path() ? resolved.parent_path().string() : std::string(".");
+  if (::access(folder.c_str(), W_OK | X_OK) != 0) {
+    const int error = errno;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "database ", path, ": its folder ", folder, " is not writable for this coordinator (uid ", ::geteuid(),
+        "; ", std::strerror(error), "): SQLite creates and removes ", path, "-wal and -shm there"));
+  }
   // A file that is not ours, or that a newer coordinator wrote, is refused before anything is
   // written to it (the journal mode is).
   AVIARY_RETURN_IF_ERROR(store->CheckIsOursOrEmpty());
@@ -424,7 +433,8 @@ absl::Status Store::ReadSchemaVersion(int64_t* version, int64_t* tables) {
     if (st.Step(&status)) *version = st.Int(0);
     AVIARY_RETURN_IF_ERROR(status);
   }
-  Statement st(this, "SELECT count(*) FROM sqlite_master WHERE type='table'");
+  // Every schema object, not only tables: a file holding only a view or a trigger is not empty.
+  Statement st(this, "SELECT count(*) FROM sqlite_master WHERE substr(name, 1, 7) <> 'sqlite_'");
   absl::Status status;
   if (st.Step(&status)) *tables = st.Int(0);
   return status;
@@ -438,7 +448,7 @@ absl::Status Store::CheckIsOursOrEmpty() {
     if (tables == 0) return absl::OkStatus();
     return absl::FailedPreconditionError(absl::StrCat(
         "database ", path_, " holds ", tables,
-        " tables but no aviary schema version (PRAGMA user_version = 0): not an aviary database"));
+        " schema objects (tables, views, indices, triggers) but no aviary schema version (PRAGMA user_version = 0): not an aviary database"));
   }
   if (version < 0 || version > kStoreSchemaVersion) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -767,10 +777,11 @@ absl::Status Store::PutDatasetVersion(const DatasetVersionRow& version, size_t m
       st.Bind(4, manifest.size);
       AVIARY_RETURN_IF_ERROR(st.Run());
     }
-    // The oldest beyond max_versions (rowid breaks ties of the same millisecond).
+    // The first recorded beyond max_versions: by rowid (this row, inserted last, has the largest),
+    // not created_unix_ms (a wall clock that stepped back would make the new version the oldest).
     std::vector<std::string> old;
     {
-      Statement st(this, "SELECT key FROM dataset_versions ORDER BY created_unix_ms DESC, rowid DESC LIMIT -1 OFFSET ?1");
+      Statement st(this, "SELECT key FROM dataset_versions ORDER BY rowid DESC LIMIT -1 OFFSET ?1");
       st.Bind(1, static_cast<int64_t>(max_versions));
       absl::Status status;
       while (st.Step(&status)) old.push_back(st.Text(0));
@@ -1129,15 +1140,16 @@ absl::StatusOr<int64_t> Store::GetCounter(const std::string& name) {
   return 0;
 }
 
-absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& job_id) {
-  return LoadEpochEndsWhere("job_id", job_id);
+absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEnds(const std::string& job_id, int64_t* damaged) {
+  return LoadEpochEndsWhere("job_id", job_id, damaged);
 }
 
-absl::StatusOr<std::vector<PointRow>> Store::LoadTaskEpochEnds(const std::string& task_id) {
-  return LoadEpochEndsWhere("task_id", task_id);
+absl::StatusOr<std::vector<PointRow>> Store::LoadTaskEpochEnds(const std::string& task_id, int64_t* damaged) {
+  return LoadEpochEndsWhere("task_id", task_id, damaged);
 }
 
-absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEndsWhere(const char* column, const std::string& value) {
+absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEndsWhere(const char* column, const std::string& value,
+                                                                int64_t* damaged) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   // `column` is one of the two above (an index each: metric_points_by_job, metric_points_by_task).
@@ -1155,6 +1167,8 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEndsWhere(const char* colu
     const std::string label = PointLabel(st.Int(4), row.task_id);
     if (!SkipDamaged(st.Parse(3, &row.metrics, label), label)) {
       rows.push_back(std::move(row));
+    } else if (damaged != nullptr) {
+      ++*damaged;
     }
   }
   AVIARY_RETURN_IF_ERROR(status);

@@ -3,8 +3,9 @@
 // worker groups and their leases, metric points and checkpoints, in one SQLite file.
 //
 // The database runs in WAL mode with synchronous=FULL, so a committed transaction survives
-// `kill -9` and power loss. The schema is versioned with `PRAGMA user_version`; a file written
-// by another schema version (or another program) is refused. Every sqlite return code is
+// `kill -9` and power loss. The schema is versioned with `PRAGMA user_version`; a file of an
+// older version (1, 2) is copied aside and upgraded at Open, one of a newer version or another
+// program's is refused. Every sqlite return code is
 // checked and turned into a Status naming the statement and the database path.
 //
 // Mutations are only allowed inside Transaction(): the scheduler runs one transaction per RPC and
@@ -158,7 +159,8 @@ class Store {
   // `deflated`, when not empty, is DeflateManifest(csv).
   absl::Status PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated = "");
 
-  // Removes a job with its tasks (manifests included), metric points and checkpoints.
+  // Removes a job with its tasks, metric points and checkpoints (the manifests no task refers to
+  // any more stay until SweepManifests).
   absl::Status DeleteJob(const std::string& job_id);
 
   // Readers (each takes the lock itself).
@@ -182,10 +184,11 @@ class Store {
   };
   absl::StatusOr<ManifestStats> GetManifestStats();
   absl::StatusOr<int64_t> GetCounter(const std::string& name);  // 0 when never set
-  // The epoch-end points of a job's tasks, in insertion order.
-  absl::StatusOr<std::vector<PointRow>> LoadEpochEnds(const std::string& job_id);
-  // One task's epoch-end points, in insertion order.
-  absl::StatusOr<std::vector<PointRow>> LoadTaskEpochEnds(const std::string& task_id);
+  // The epoch-end points of a job's tasks, in insertion order. Damaged points are left out (and
+  // counted for TakeDamagedRows); `damaged`, when given, gets how many this call left out.
+  absl::StatusOr<std::vector<PointRow>> LoadEpochEnds(const std::string& job_id, int64_t* damaged = nullptr);
+  // One task's epoch-end points, in insertion order (`damaged` as above).
+  absl::StatusOr<std::vector<PointRow>> LoadTaskEpochEnds(const std::string& task_id, int64_t* damaged = nullptr);
   // Per task, its latest epoch-end point (for restoring gauges).
   absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> LoadLatestEpochEnds();
   // The last stored point of each (task, attempt); time_unix_ms is 0.
@@ -206,7 +209,9 @@ class Store {
   // the row: the scheduler cannot go on without it. A damaged group row or metric point is
   // history or a registration the group renews, so the readers skip it and count it here, each
   // row once: TakeDamagedRows returns how many were found since the last call and describes the
-  // first few. (They stay in the file, for whoever restores it; the next start names them again.)
+  // first few. (They stay in the file, for whoever restores it. A start reads the groups and each
+  // task's newest points, and names the damaged ones; an older epoch end is met, and named, by
+  // the first history read of its job after a start.)
   int64_t TakeDamagedRows(std::vector<std::string>* described);
 
  private:
@@ -236,7 +241,8 @@ class Store {
   bool SkipDamaged(const absl::Status& parsed, const std::string& row);
   static std::string PointLabel(int64_t id, const std::string& task_id);
   // The epoch-end points whose `column` ("job_id" or "task_id") is `value`, in insertion order.
-  absl::StatusOr<std::vector<PointRow>> LoadEpochEndsWhere(const char* column, const std::string& value);
+  absl::StatusOr<std::vector<PointRow>> LoadEpochEndsWhere(const char* column, const std::string& value,
+                                                           int64_t* damaged);
 
   class Statement;
   // The checkpoint in `st`'s current row, its path in column `first` (then epoch, best, attempt).

@@ -686,6 +686,50 @@ TEST_F(CoordinatorServiceTest, ANewAttemptStartsWithoutTheLastAttemptsProgressTi
   EXPECT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
 }
 
+// An older epoch end whose stored metrics are damaged is not read at a start (only each task's
+// newest point is): the history leaves it out, says how many it left out, and names it once.
+TEST_F(CoordinatorServiceTest, HistorySaysHowManyDamagedEpochRowsItLeftOut) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.5), EpochEnd(1, 0.6), EpochEnd(2, 0.7)}, &cancel).ok());
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(config_.database.c_str(), &db), SQLITE_OK);
+    // 0xff starts a varint that never ends: no protobuf parser takes it.
+    char* err = nullptr;
+    ASSERT_EQ(sqlite3_exec(db, "UPDATE metric_points SET metrics=x'ff' WHERE epoch=0 AND epoch_end=1", nullptr,
+                           nullptr, &err),
+              SQLITE_OK)
+        << err;
+    EXPECT_EQ(sqlite3_changes(db), 1);
+    sqlite3_close(db);
+  }
+  Start();
+  for (int read = 0; read < 2; ++read) {  // every read says it, not only the first
+    GetHistoryRequest request;
+    request.set_job_id(job_id);
+    GetHistoryResponse history;
+    ASSERT_TRUE(jobs_->GetHistory(Ctx().get(), request, &history).ok());
+    ASSERT_EQ(history.rows_size(), 2) << read;
+    EXPECT_EQ(history.rows(0).metrics().epoch(), 1);
+    EXPECT_EQ(history.damaged_points_skipped(), 1) << read;
+  }
+  // The client says so.
+  const std::string command =
+      absl::StrCat("env -u AVIARY_TOKEN_FILE -u AVIARY_TLS_CA AVIARY_TOKEN=the-token '" AVIARY_CLIENT_BINARY
+                   "' --coordinator 127.0.0.1:", coordinator_->grpc_port(), " history ", job_id, " 2>&1");
+  int status = -1;
+  const std::string out = CommandOutput(command, &status);
+  EXPECT_EQ(status, 0) << out;
+  EXPECT_NE(out.find("warning: 1 epoch rows of this history are damaged"), std::string::npos) << out;
+}
+
 // A resumed attempt reports the epochs it restored from last.pt again, as history.csv holds them
 // (6 significant digits): the history keeps the attempt that trained them. An epoch trained
 // again (other values) is the new attempt's.

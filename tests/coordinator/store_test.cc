@@ -459,7 +459,7 @@ TEST_F(StoreTest, ManifestsAreStoredOncePerContent) {
 
 // A database of schema version 1 (each task held its own manifest) is migrated at Open: the
 // manifests move into the content table, once per content; a row that does not inflate stays and
-// is still DATA_LOSS naming the task; the migrated file then opens as version 2.
+// is still DATA_LOSS naming the task; the migrated file (upgraded on to version 3) then opens.
 TEST_F(StoreTest, MigratesAVersion1Database) {
   RawExec(
       "CREATE TABLE jobs (  job_id TEXT PRIMARY KEY,  seq INTEGER NOT NULL,  state INTEGER NOT NULL,  info BLOB NOT NULL);"
@@ -627,6 +627,12 @@ TEST_F(StoreTest, DatasetVersionsSurviveReopenAndNeverNameAPrunedManifest) {
   EXPECT_FALSE((*store)->LoadDatasetVersion("k3")->has_value());
   ASSERT_TRUE((*store)->DeleteDatasetVersionIfStamps("k3", version("k3", 40).stamps).ok());  // gone: no error
   ASSERT_TRUE((*store)->PutDatasetVersion(version("k3", 40), 2).ok());
+  // "The most recent" is the order recorded, not the wall clock's: after the clock stepped back a
+  // version recorded now stays, and the one recorded first (k1) goes.
+  ASSERT_TRUE((*store)->PutDatasetVersion(version("k4", 25), 2).ok());
+  EXPECT_TRUE((*store)->LoadDatasetVersion("k4")->has_value());
+  EXPECT_TRUE((*store)->LoadDatasetVersion("k3")->has_value());
+  EXPECT_FALSE((*store)->LoadDatasetVersion("k1")->has_value());
   // Pruning job b (the target's manifest) sweeps the manifest and both versions naming it.
   int64_t points = 0, cleared = 0, swept = 0, bytes = 0;
   ASSERT_TRUE((*store)->Transaction([&]() -> absl::Status {
@@ -636,6 +642,7 @@ TEST_F(StoreTest, DatasetVersionsSurviveReopenAndNeverNameAPrunedManifest) {
   EXPECT_EQ(swept, 1);
   EXPECT_FALSE((*store)->LoadDatasetVersion("k1")->has_value());
   EXPECT_FALSE((*store)->LoadDatasetVersion("k3")->has_value());
+  EXPECT_FALSE((*store)->LoadDatasetVersion("k4")->has_value());
   EXPECT_TRUE((*store)->LoadManifest(Sha256Hex(pool)).ok());  // job a still refers to it
   ASSERT_TRUE((*store)->Close().ok());
   sqlite3* db = nullptr;
@@ -781,6 +788,25 @@ TEST_F(StoreTest, RefusesAForeignDatabase) {
   EXPECT_FALSE(fs::exists(path_ + "-wal"));
 }
 
+// A file of views only (no table) is not empty either; nor does a stray table escape the
+// schema check by a name LIKE 'sqlite_%' matches ('_' is LIKE's any-character).
+TEST_F(StoreTest, RefusesAFileOfViewsAndATableNamedLikeSqlites) {
+  RawExec("CREATE VIEW v AS SELECT 1");
+  auto store = Store::Open(path_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_NE(store.status().message().find("1 schema objects"), std::string::npos) << store.status();
+  fs::remove_all(root_);
+  fs::create_directories(root_);
+  {
+    auto fresh = Store::Open(path_);
+    ASSERT_TRUE(fresh.ok()) << fresh.status();
+  }
+  RawExec("CREATE TABLE sqliteXstray(x INTEGER)");
+  auto stray = Store::Open(path_);
+  ASSERT_FALSE(stray.ok());
+  EXPECT_NE(stray.status().message().find("unexpected table sqliteXstray"), std::string::npos) << stray.status();
+}
+
 // A version 2 file that fails its upgrade (an index added by hand: the upgraded schema is not
 // version 3's) stays version 2 and keeps no copy: a coordinator restarted on it again and again
 // made a full copy each time.
@@ -851,6 +877,30 @@ TEST_F(StoreTest, RefusesAReadOnlyDatabaseAtOpen) {
         std::_Exit(store.status().code() == absl::StatusCode::kFailedPrecondition ? 3 : 4);
       },
       ::testing::ExitedWithCode(3), "is read-only for this coordinator \\(uid [0-9]+; the file: owner uid [0-9]+, mode 0444\\)");
+}
+
+// A writable file in a folder this user cannot write (root's, say) opened, and the first write
+// failed "attempt to write a readonly database" (SQLite creates and removes the -wal there).
+TEST_F(StoreTest, RefusesADatabaseInAFolderItCannotWrite) {
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+  }
+  ASSERT_EQ(::chmod(path_.c_str(), 0666), 0);
+  ASSERT_EQ(::chmod((path_ + ".lock").c_str(), 0666), 0);
+  ASSERT_EQ(::chmod(root_.c_str(), 0555), 0);
+  const bool root = ::geteuid() == 0;
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        if (root && (::setgid(65534) != 0 || ::setuid(65534) != 0)) std::_Exit(2);
+        auto store = Store::Open(path_);
+        if (store.ok()) std::_Exit(1);
+        std::fprintf(stderr, "%s\n", std::string(store.status().ToString()).c_str());
+        std::_Exit(store.status().code() == absl::StatusCode::kFailedPrecondition ? 3 : 4);
+      },
+      ::testing::ExitedWithCode(3), "its folder .* is not writable for this coordinator \\(uid [0-9]+; ");
+  ASSERT_EQ(::chmod(root_.c_str(), 0755), 0);
 }
 
 TEST_F(StoreTest, OneStorePerDatabase) {
