@@ -586,13 +586,16 @@ absl::Status PrepareOutDir(const std::string& out_dir) {
     return absl::InvalidArgumentError(
         absl::StrCat("--out ", out_dir, ": exists and is not a directory"));
   }
+  // A folder the user named that cannot be made or written is bad input (exit 2), as one that is
+  // a file is.
   fs::create_directories(out_dir, ec);
   if (ec) {
-    return absl::InternalError(
+    return absl::InvalidArgumentError(
         absl::StrCat("--out ", out_dir, ": cannot create directory: ", ec.message()));
   }
   if (::access(out_dir.c_str(), W_OK | X_OK) != 0) {
-    return absl::InternalError(absl::StrCat("--out ", out_dir, ": directory is not writable"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--out ", out_dir, ": directory is not writable: ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }
@@ -973,6 +976,18 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   if (options.sample_rate < 8000 || options.sample_rate > 192000) {
     return absl::InvalidArgumentError(
         absl::StrCat("sample rate ", options.sample_rate, ": must be in [8000, 192000]"));
+  }
+  // The truth is a dense windows x species table: a tiny window would ask for gigabytes (and a
+  // window under a sample holds no audio).
+  if (options.window_s * options.sample_rate < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--window ", options.window_s, ": shorter than one sample at ",
+                                                   options.sample_rate, " Hz"));
+  }
+  if (const double cells = std::ceil(options.seconds / options.window_s) * options.species; cells > 2e7) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--window ", options.window_s, ": ", std::ceil(options.seconds / options.window_s), " windows of ",
+        options.species, " species per soundscape (", cells, " solution cells, at most 20,000,000): a longer "
+        "--window or fewer --species"));
   }
   const std::string audio_dir = absl::StrCat(options.out_dir, "/soundscapes");
   std::error_code ec;

@@ -6,8 +6,8 @@
 //
 // Species. Species i has the same code in every layout and corpus (SynthSpeciesCode: 6 lowercase
 // letters + "1", e.g. "amecro1"-like), so corpora written with different --species overlap on
-// their first species. First letters walk a..z with stride 15, so consecutive species fall in
-// different halves of the xc A-M / N-Z split. Each species has a call (SynthSpeciesVoice) that
+// their first species. First letters walk a..z with stride 15, so consecutive species mostly fall
+// in different halves of the xc A-M / N-Z split (not all: m then b, y then n). Each species has a call (SynthSpeciesVoice) that
 // depends on its index only: base pitch spread log-uniformly over 1-6 kHz by a golden-ratio
 // sequence, one of four sweep shapes (up, down, up-down, trill), syllable rate and duty cycle,
 // syllables per call and harmonics. A recording renders a few calls at random times over
@@ -24,7 +24,7 @@
 //     They do not depend on the layout, so corpora of different layouts written with the same
 //     seed, --species and --recordings hold the same shared rows (~10% of rows): same id, same
 //     species, same author (the author of a shared slot depends on (i, j) only), and, with the
-//     same --max_seconds, the same metadata values and waveform (drawn from (seed, id); the
+//     same --max-seconds, the same metadata values and waveform (drawn from (seed, id); the
 //     codec follows the layout). This exercises the pool's dedup on (xc_id, primary_label, author)
 //     and the exclusion of target xc_ids. Different --recordings keep the low slots in common.
 //     Shared slots need a class of 5+ rows, so corpora with ~1 row per class share nothing.

@@ -34,6 +34,14 @@ int RunSynth(const synth::SynthOptions& options) {
   }
   std::cout << ", " << report->duplicate_rows << " duplicate rows, " << report->shared_rows
             << " rows with cross-layout xc_ids\n";
+  // Which ones, so that a prepare or training report can be checked against them (and a
+  // data.corrupt_files list written from them).
+  if (report->broken_files > 0) std::cout << "broken files (under " << options.out_dir << "):\n";
+  for (const synth::SynthFile& f : report->files) {
+    if (f.kind != synth::SynthFileKind::kGood) {
+      std::cout << "  " << synth::SynthFileKindName(f.kind) << "\t" << f.relative_path << "\n";
+    }
+  }
   return 0;
 }
 

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -96,8 +97,14 @@ absl::StatusOr<bool> CsvRowReader::Next(std::vector<absl::string_view>* fields, 
 absl::StatusOr<bool> CsvRowReader::NextFields(std::vector<absl::string_view>* fields, int* line) {
   fields->clear();
   const size_t n = text_.size();
-  // Blank lines (nothing at all before the line end) are no rows.
-  while (pos_ < n && (text_[pos_] == '\r' || text_[pos_] == '\n')) {
+  // Blank lines (nothing but spaces and tabs before the line end, as pandas' skip_blank_lines
+  // takes them) are no rows.
+  while (pos_ < n) {
+    size_t end = pos_;
+    while (end < n && (text_[end] == ' ' || text_[end] == '\t')) ++end;
+    if (end < n && text_[end] != '\r' && text_[end] != '\n') break;
+    pos_ = end;
+    if (pos_ >= n) break;
     if (text_[pos_] == '\r' && pos_ + 1 < n && text_[pos_ + 1] == '\n') ++pos_;
     ++pos_;
     ++line_;
@@ -235,9 +242,10 @@ void AppendCsvField(std::string* out, absl::string_view field) {
 }
 
 void WriteCsvRow(std::ostream& out, const std::vector<std::string>& fields) {
-  // One empty field would be an empty line, which readers skip: quote it (as Python's csv does).
-  if (fields.size() == 1 && fields[0].empty()) {
-    out << "\"\"\n";
+  // One empty (or blank) field would be a blank line, which readers skip: quote it (as Python's
+  // csv does the empty one).
+  if (fields.size() == 1 && fields[0].find_first_not_of(" \t") == std::string::npos) {
+    out << '"' << fields[0] << "\"\n";
     return;
   }
   for (size_t i = 0; i < fields.size(); ++i) {
@@ -277,7 +285,22 @@ absl::StatusOr<std::vector<std::string>> ParsePythonStringList(absl::string_view
     std::string item;
     while (i < text.size() && text[i] != q) {
       if (text[i] == '\\' && i + 1 < text.size()) {
+        // Python's string escapes (what repr writes); an unknown one keeps its backslash.
+        const char e = text[++i];
+        if (e == 'x' && i + 2 < text.size() && absl::ascii_isxdigit(text[i + 1]) && absl::ascii_isxdigit(text[i + 2])) {
+          item.push_back(static_cast<char>(std::stoi(std::string(text.substr(i + 1, 2)), nullptr, 16)));
+          i += 3;
+          continue;
+        }
+        switch (e) {
+          case 'n': item.push_back('\n'); break;
+          case 'r': item.push_back('\r'); break;
+          case 't': item.push_back('\t'); break;
+          case '\\': case '\'': case '"': item.push_back(e); break;
+          default: item.push_back('\\'); item.push_back(e); break;
+        }
         ++i;
+        continue;
       }
       item.push_back(text[i]);
       ++i;
@@ -302,12 +325,30 @@ absl::StatusOr<std::vector<std::string>> ParsePythonStringList(absl::string_view
 }
 
 std::string FormatPythonStringList(const std::vector<std::string>& items) {
+  // As Python's repr() writes each string: single quotes unless the item holds one and no double
+  // quote; backslashes, the quote and control characters escaped (bytes >= 0x80 as they are).
   std::string out = "[";
   for (size_t i = 0; i < items.size(); ++i) {
     if (i) out += ", ";
-    char q = items[i].find('\'') != std::string::npos ? '"' : '\'';
+    const std::string& item = items[i];
+    const char q = item.find('\'') != std::string::npos && item.find('"') == std::string::npos ? '"' : '\'';
     out += q;
-    out += items[i];
+    for (const char c : item) {
+      if (c == '\\' || c == q) {
+        out += '\\';
+        out += c;
+      } else if (c == '\n') {
+        out += "\\n";
+      } else if (c == '\r') {
+        out += "\\r";
+      } else if (c == '\t') {
+        out += "\\t";
+      } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+        out += absl::StrFormat("\\x%02x", static_cast<unsigned char>(c));
+      } else {
+        out += c;
+      }
+    }
     out += q;
   }
   out += "]";

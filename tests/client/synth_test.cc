@@ -512,12 +512,33 @@ TEST(SynthTest, RefusesBadOptions) {
   s = error_of(o);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find(file), absl::string_view::npos) << s;
+  // A folder that cannot be made is the user's path too (exit 2, as the README says).
   o.out_dir = file + "/corpus";
   s = error_of(o);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find(o.out_dir), absl::string_view::npos) << s;
 
   EXPECT_FALSE(fs::exists(base.out_dir));  // nothing written for refused options
+}
+
+// A window so short that the dense truth table would take gigabytes (or under one sample) is
+// refused naming --window, before anything is written (it ended in std::bad_alloc).
+TEST(SynthTest, SoundscapesRefuseAWindowTooShort) {
+  TempDir tmp;
+  SoundscapeOptions o;
+  o.out_dir = tmp.Sub("tiny_window");
+  o.species = 999;
+  o.count = 1;
+  o.seconds = 3600;
+  for (const double window : {0.001, 1e-6}) {
+    o.window_s = window;
+    auto report = WriteSyntheticSoundscapes(o);
+    ASSERT_FALSE(report.ok()) << window;
+    EXPECT_EQ(report.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(report.status().message().find(absl::StrCat("--window ", window)), std::string::npos)
+        << report.status();
+  }
+  EXPECT_FALSE(fs::exists(o.out_dir));
 }
 
 // solution.csv has the rows `aviary predict` makes of each file: ceil(frames / window samples),

@@ -37,6 +37,24 @@ TEST(CsvTableTest, AcceptsBomCrlfBlankLinesAndEmptyFields) {
   EXPECT_EQ(t->line(1), 4);
 }
 
+// A line of spaces and tabs only is blank, as pandas reads it (it was "expected 2 fields, got 1").
+TEST(CsvTableTest, ALineOfWhitespaceOnlyIsBlank) {
+  auto t = CsvTable::Parse("a,b\n1,2\n   \n3,4\n\t \r\n5,6\n  ", "w.csv");
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_EQ(t->num_rows(), 3u);
+  EXPECT_EQ(t->row(1), (std::vector<std::string>{"3", "4"}));
+  EXPECT_EQ(t->line(1), 4);
+  EXPECT_EQ(t->line(2), 6);
+  // A lone blank value is written quoted, so that it reads back.
+  std::ostringstream out;
+  WriteCsvRow(out, {"name"});
+  WriteCsvRow(out, {"  "});
+  auto back = CsvTable::Parse(out.str(), "b.csv");
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->num_rows(), 1u);
+  EXPECT_EQ(back->row(0), std::vector<std::string>{"  "});
+}
+
 TEST(CsvTableTest, NamesFileAndLineOfARaggedRow) {
   auto t = CsvTable::Parse("a,b,c\n1,2,3\n4,5\n", "meta.csv");
   ASSERT_FALSE(t.ok());
@@ -146,7 +164,8 @@ ReferenceTable ReferenceParse(absl::string_view text, const std::string& source)
   int line = 1, row_line = 1;
   size_t header_fields = 0;
   auto finish_row = [&]() -> bool {
-    const bool blank = fields.empty() && field.empty() && !was_quoted;
+    // Nothing but spaces and tabs (pandas' skip_blank_lines).
+    const bool blank = fields.empty() && field.find_first_not_of(" \t") == std::string::npos && !was_quoted;
     fields.push_back(field);
     field.clear();
     was_quoted = false;
@@ -207,7 +226,7 @@ ReferenceTable ReferenceParse(absl::string_view text, const std::string& source)
 // CsvTable::Parse (on the reader) gives the reference's rows, lines and error messages.
 TEST(CsvRowReaderTest, AgreesWithACharacterAtATimeParserOnRandomTexts) {
   std::mt19937 rng(12345);
-  const char alphabet[] = {'a', 'b', ',', '"', '\n', '\r', ' '};
+  const char alphabet[] = {'a', 'b', ',', '"', '\n', '\r', ' ', '\t'};
   int ok = 0, failed = 0;
   for (int n = 0; n < 20000; ++n) {
     std::string text;
@@ -215,7 +234,7 @@ TEST(CsvRowReaderTest, AgreesWithACharacterAtATimeParserOnRandomTexts) {
     for (int i = 0; i < length; ++i) {
       // Mostly well-formed: letters and separators more often than quotes.
       const uint32_t pick = rng() % 16;
-      text.push_back(pick < 6 ? alphabet[pick % 2] : pick < 10 ? ',' : pick < 12 ? '\n' : alphabet[3 + pick % 4]);
+      text.push_back(pick < 6 ? alphabet[pick % 2] : pick < 10 ? ',' : pick < 12 ? '\n' : alphabet[3 + pick % 5]);
     }
     const ReferenceTable want = ReferenceParse(text, "f.csv");
     auto got = CsvTable::Parse(text, "f.csv");
@@ -290,6 +309,12 @@ TEST(PythonListTest, FormatRoundTrips) {
   std::vector<std::string> items{"a1", "o'brien"};
   EXPECT_EQ(FormatPythonStringList(items), "['a1', \"o'brien\"]");
   EXPECT_EQ(*ParsePythonStringList(FormatPythonStringList(items)), items);
+  // Both quotes, a backslash, control characters: as Python's repr() writes them.
+  const std::vector<std::string> hard{"a'b\"c", "a\\b", "tab\there\nnl", std::string("nul\0x", 5), "\x01"};
+  EXPECT_EQ(FormatPythonStringList(hard), "['a\\'b\"c', 'a\\\\b', 'tab\\there\\nnl', 'nul\\x00x', '\\x01']");
+  EXPECT_EQ(*ParsePythonStringList(FormatPythonStringList(hard)), hard);
+  // An escape Python does not know keeps its backslash ('\d' is the two characters).
+  EXPECT_EQ(*ParsePythonStringList("['a\\d']"), std::vector<std::string>{"a\\d"});
 }
 
 }  // namespace

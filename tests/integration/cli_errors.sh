@@ -159,6 +159,17 @@ if grep -q "0 broken:" <<<"$out" || ! grep -q "(none broken)" <<<"$out"; then
 else
   passes=$((passes + 1))
 fi
+# By default the broken files are listed, by kind and path under --out (the help said "listed";
+# only their counts were printed).
+out=$("$aviary" synth --out "$tmp/broken" --layout 2024 --species 3 --recordings 12 --seed 1 --max-seconds 2 2>&1)
+listed=$(sed -n 's/^  \(empty\|truncated\|silent\|not_audio\)\t//p' <<<"$out")
+missing=0
+while IFS= read -r rel; do [ -n "$rel" ] && [ ! -e "$tmp/broken/$rel" ] && missing=$((missing + 1)); done <<<"$listed"
+if grep -q "^broken files (under $tmp/broken):" <<<"$out" && [ "$(grep -c . <<<"$listed")" -ge 4 ] && [ "$missing" = 0 ]; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: synth did not list its broken files by kind and existing path: $out"; fails=$((fails + 1))
+fi
 # Credentials the client cannot send are refused by source and byte, before gRPC sees them (it
 # aborted on a token byte an HTTP/2 header cannot carry); a CA file that is not PEM is refused.
 printf 'tok\001en\n' > "$tmp/control.token"
