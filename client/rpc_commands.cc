@@ -123,29 +123,9 @@ absl::StatusOr<ClientOptions> ParseClientOptions(const GlobalOptions& global) {
   } else {
     options.coordinator = kDefaultCoordinator;
   }
-  if (options.coordinator.empty()) {
-    return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
-  }
-  // Without a port gRPC dials 443 ("ipv4:127.0.0.1:443: Connection refused"); the coordinator
-  // listens on 7070 unless told otherwise.
-  if (options.coordinator.find(':') == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR",
-                                                   ": expected HOST:PORT, got '", options.coordinator, "' (e.g. ",
-                                                   options.coordinator, ":7070)"));
-  }
-  // An empty, out-of-range or non-numeric port ("127.0.0.1:", "host:0", "host:7070x") would be
-  // dialed as another port (gRPC reads the digits it finds) and fail as "Connection refused" on
-  // an address nobody typed. A unix: socket path has no port.
-  if (!absl::StartsWith(options.coordinator, "unix:") && !absl::StartsWith(options.coordinator, "unix-abstract:")) {
-    const std::string port = options.coordinator.substr(options.coordinator.rfind(':') + 1);
-    int port_number = 0;
-    const bool numeric = !port.empty() && port.find_first_not_of("0123456789") == std::string::npos;
-    if (!numeric || !absl::SimpleAtoi(port, &port_number) || port_number < 1 || port_number > 65535) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR", ": expected HOST:PORT with a port in 1..65535, got '",
-          options.coordinator, "'"));
-    }
-  }
+  // The coordinator listens on 7070 unless told otherwise.
+  AVIARY_RETURN_IF_ERROR(
+      common::CheckDialAddress(options.coordinator, global.coordinator ? "--coordinator" : "AVIARY_COORDINATOR"));
   options.timeout_s = global.timeout_s.value_or(kDefaultTimeoutS);
   if (!(options.timeout_s > 0) || options.timeout_s > 86400) {
     return absl::InvalidArgumentError(

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -164,6 +165,31 @@ std::string FirstUnknownFlag(const CLI::App* command, const std::vector<std::str
   return "";
 }
 
+// A value flag of `command` (or a parent) followed by another of its flags ("--out --format",
+// the value left out: a script's unset variable): CLI11 takes that flag as the value, and
+// `aviary export ck.pt --out --format` wrote a file named "--format". The message, "" when none.
+std::string FlagTakenAsValue(const CLI::App* command, const std::vector<std::string>& args) {
+  auto find = [command](const std::string& name) -> const CLI::Option* {
+    for (const CLI::App* a = command; a != nullptr; a = a->get_parent()) {
+      if (const CLI::Option* option = a->get_option_no_throw(name); option != nullptr) return option;
+    }
+    return nullptr;
+  };
+  for (size_t i = 0; i + 1 < args.size(); ++i) {
+    if (args[i] == "--") break;
+    if (args[i].size() < 3 || args[i].compare(0, 2, "--") != 0 || args[i].find('=') != std::string::npos) continue;
+    const CLI::Option* option = find(args[i]);
+    if (option == nullptr || option->get_type_size_min() == 0) continue;  // unknown, or a flag without a value
+    const std::string& next = args[i + 1];
+    if (next.size() < 3 || next.compare(0, 2, "--") != 0) continue;
+    const std::string name = next.substr(0, next.find('='));
+    if (find(name) != nullptr || name == "--help") {
+      return absl::StrCat(args[i], ": expected a value, got the flag '", next, "'");
+    }
+  }
+  return "";
+}
+
 // The flag of `command` nearest to the unknown "--name" `unknown` ("--tags" -> "--tag"): the
 // closest one within an edit distance of 2 (the first of equally close ones), else the first
 // that `unknown` begins or that begins with `unknown` ("--with-run" -> "--with-run-folders");
@@ -234,6 +260,13 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
   std::vector<std::string> reversed(args.rbegin(), args.rend());
   try {
     app->parse(reversed);
+    if (const CLI::App* command = DeepestSelected(app); !FlagTakenAsValue(command, args).empty()) {
+      if (print_errors) {
+        std::cerr << CommandPath(command) << ": " << FlagTakenAsValue(command, args) << " (see "
+                  << CommandPath(command) << " --help)\n";
+      }
+      return 2;
+    }
     return std::nullopt;
   } catch (const CLI::CallForHelp&) {
     std::cout << DeepestSelected(app)->help();
@@ -246,7 +279,10 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
     std::string message = e.what();
     // CLI11 reports unknown flags last, after missing and invalid ones; a misspelt flag
     // ("--coordinatr" making --coordinator missing) is the more useful thing to say.
-    if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
+    if (std::string taken = FlagTakenAsValue(command, args); !taken.empty()) {
+      // Said first: what CLI11 says then ("--audio is required") follows from it.
+      message = taken;
+    } else if (std::string unknown = FirstUnknownFlag(command, args); !unknown.empty()) {
       message = absl::StrCat("The following argument was not expected: ", unknown);
       if (const std::string nearest = NearestFlag(command, unknown); !nearest.empty()) {
         absl::StrAppend(&message, " (did you mean ", nearest, "?)");
@@ -285,6 +321,23 @@ std::optional<int> ParseCommandLine(CLI::App* app, const std::vector<std::string
     std::cerr << path << ": " << message << " (see " << help_path << " --help)\n";
     return 2;
   }
+}
+
+absl::Status CheckDialAddress(const std::string& address, const std::string& source) {
+  if (address.empty()) return absl::InvalidArgumentError(absl::StrCat(source, " is empty (expected HOST:PORT)"));
+  if (absl::StartsWith(address, "unix:") || absl::StartsWith(address, "unix-abstract:")) return absl::OkStatus();
+  if (address.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": expected HOST:PORT, got '", address, "' (e.g. ", address, ":7070)"));
+  }
+  const std::string port = address.substr(address.rfind(':') + 1);
+  int number = 0;
+  const bool numeric = !port.empty() && port.find_first_not_of("0123456789") == std::string::npos;
+  if (!numeric || !absl::SimpleAtoi(port, &number) || number < 1 || number > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": expected HOST:PORT with a port in 1..65535, got '", address, "'"));
+  }
+  return absl::OkStatus();
 }
 
 CLI::Option* AddSetOption(CLI::App* app, std::vector<std::string>* overrides, const std::string& description) {

@@ -18,6 +18,8 @@
 
 #include <CLI/CLI.hpp>
 
+#include "absl/status/status.h"
+
 namespace aviary::common {
 
 // What a parsed subcommand runs: set by its CLI11 callback, called by main(); returns the exit
@@ -72,6 +74,12 @@ CLI::Validator NonEmpty(const std::string& what);
 // "--stage: expected one of pretrain, finetune, got 'x'".
 CLI::Validator OneOf(std::vector<std::string> choices);
 CLI::Validator NumberIn(double min, double max);
+
+// A coordinator address to dial: HOST:PORT with a port of digits in 1..65535, or a unix: /
+// unix-abstract: address. INVALID_ARGUMENT naming `source` (the flag or variable) and the
+// address otherwise: without a port gRPC dials 443, and it reads "host:99999" or "host:" as
+// another port, failing as "Connection refused" on an address nobody typed.
+absl::Status CheckDialAddress(const std::string& address, const std::string& source);
 
 // A numeric option in [min, max], stored in *out (its initial value is the default).
 template <typename T>

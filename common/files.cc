@@ -516,10 +516,25 @@ absl::Status CheckOutputPath(const std::string& flag, const std::string& path) {
   if (fs::is_directory(path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": is a directory, expected a file path"));
   }
-  const fs::path parent = fs::path(path).parent_path();
+  // Where the write goes: through a link to its target (a dangling link's folder may be missing),
+  // refused for a device, a pipe or a descriptor.
+  absl::StatusOr<std::string> resolved = ResolveOutputPath(path);
+  if (!resolved.ok()) return absl::Status(resolved.status().code(), absl::StrCat(flag, " ", resolved.status().message()));
+  const std::string via = *resolved == path ? "" : absl::StrCat(" (a link to ", *resolved, ")");
+  if (fs::is_directory(*resolved, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, via, ": is a directory, expected a file path"));
+  }
+  const fs::path parent = fs::path(*resolved).parent_path();
   if (!parent.empty() && !fs::is_directory(parent, ec)) {
     return absl::InvalidArgumentError(
-        absl::StrCat(flag, " ", path, ": the folder ", parent.string(), " does not exist"));
+        absl::StrCat(flag, " ", path, via, ": the folder ", parent.string(), " does not exist"));
+  }
+  // The temporary file beside it must be creatable: said now, not after the work naming it.
+  const std::string folder = parent.empty() ? std::string(".") : parent.string();
+  if (::access(folder.c_str(), W_OK | X_OK) != 0) {
+    const int error = errno;
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, via, ": the folder ", folder,
+                                                   " is not writable by this user (", std::strerror(error), ")"));
   }
   return absl::OkStatus();
 }

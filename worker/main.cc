@@ -194,10 +194,7 @@ struct ServeArgs {
 absl::Status PrepareServe(const ServeArgs& args, aviary::worker::AgentOptions* out) {
   AVIARY_RETURN_IF_ERROR(ApplyLogLevel(args.log_level));
   aviary::worker::AgentOptions options = args.options;
-  if (options.coordinator.find(':') == std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--coordinator: expected HOST:PORT, got '", options.coordinator, "'"));
-  }
+  AVIARY_RETURN_IF_ERROR(aviary::common::CheckDialAddress(options.coordinator, "--coordinator"));
   if (!args.token_file.empty()) {
     options.token_file = args.token_file;
     options.token_source = "--token-file";
@@ -303,6 +300,14 @@ int RunAllreduceBench(const BenchArgs& args) {
   if (g_session == nullptr) {
     return Fail("allreduce-bench", absl::FailedPreconditionError("run it under mpirun (e.g. mpirun -np 2 aviary-worker allreduce-bench)"));
   }
+  if (args.min_bytes > args.max_bytes) {
+    return Fail("allreduce-bench", absl::InvalidArgumentError(absl::StrCat(
+        "--min-bytes ", args.min_bytes, " is more than --max-bytes ", args.max_bytes, ": no size to measure")));
+  }
+  if (args.device == "cuda" && !at::hasCUDA()) {
+    return Fail("allreduce-bench", absl::FailedPreconditionError(
+        "--device cuda: this libtorch has no CUDA, or no GPU is visible (CUDA_VISIBLE_DEVICES)"));
+  }
   const std::string& dtype_name = args.dtype;
   const at::ScalarType dtype = dtype_name == "bf16" ? at::kBFloat16 : at::kFloat;
   const c10::Device device = RankDevice(args.device == "cuda");
@@ -353,7 +358,8 @@ int RunAllreduceBench(const BenchArgs& args) {
 void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   using aviary::common::AddNumber;
   using aviary::common::OneOf;
-  const char* kLogLevel = "debug|info|warning|error";
+  const char* kLogLevel = "debug|info|warning|error|off";
+  const std::vector<std::string> kLogLevels = {"debug", "info", "warning", "error", "off"};
 
   auto train = std::make_shared<TrainArgs>();
   CLI::App* t = aviary::common::AddCommand(
@@ -379,7 +385,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
       ->type_name("auto|cpu|cuda")
       ->check(OneOf({"auto", "cpu", "cuda"}));
   AddNumber(t, "--threads", &train->threads, "N", "torch threads (default: the cores this rank may use, shared among the ranks of its host)", 1, 1024);
-  t->add_option("--log-level", train->log_level, "log level")->type_name(kLogLevel);
+  t->add_option("--log-level", train->log_level, "log level")->type_name(kLogLevel)->check(OneOf(kLogLevels));
   aviary::common::AddSetOption(t, &train->overrides);
   t->callback([run, train] { *run = [train] { return RunTrain(*train); }; });
 
@@ -399,7 +405,10 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
       ->type_name("cpu|cuda")
       ->check(OneOf({"cpu", "cuda"}))
       ->capture_default_str();
-  b->add_option("--backend", bench->backend, "comm.backend")->type_name("auto|mpi|nccl")->capture_default_str();
+  b->add_option("--backend", bench->backend, "comm.backend")
+      ->type_name("auto|mpi|nccl")
+      ->check(OneOf({"auto", "mpi", "nccl"}))
+      ->capture_default_str();
   AddNumber(b, "--timeout-s", &bench->timeout_s, "S", "comm.timeout_s", 1, 86400)->capture_default_str();
   b->callback([run, bench] { *run = [bench] { return RunAllreduceBench(*bench); }; });
 
@@ -413,14 +422,21 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
       "once) stop the task at the next step (reported to the coordinator as preempted: the task is leased "
       "again and resumes from its last checkpoint), leave the coordinator and exit 0.");
   s->add_option("--coordinator", o.coordinator, "the coordinator's address")->type_name("HOST:PORT")->required();
+  // Given empty (a script's unset variable: --tls-ca "$CA") these are refused, not read as "not
+  // given": that fell back to the environment or to none, and dialed in plaintext with the token.
   s->add_option("--token-file", serve->token_file, "the bearer token (else the file in AVIARY_TOKEN_FILE, else AVIARY_TOKEN)")
-      ->type_name("F");
-  s->add_option("--tls-ca", serve->tls_ca, "CA certificate of a TLS coordinator (else AVIARY_TLS_CA)")->type_name("F");
+      ->type_name("F")
+      ->check(aviary::common::NonEmpty("a file"));
+  s->add_option("--tls-ca", serve->tls_ca, "CA certificate of a TLS coordinator (else AVIARY_TLS_CA)")
+      ->type_name("F")
+      ->check(aviary::common::NonEmpty("a file"));
   s->add_option("--tls-cert", serve->tls_cert,
                 "client certificate (PEM) for a coordinator with tls_client_ca_file (else AVIARY_TLS_CERT)")
-      ->type_name("F");
+      ->type_name("F")
+      ->check(aviary::common::NonEmpty("a file"));
   s->add_option("--tls-key", serve->tls_key, "the client certificate's private key (else AVIARY_TLS_KEY)")
-      ->type_name("F");
+      ->type_name("F")
+      ->check(aviary::common::NonEmpty("a file"));
   s->add_option("--metrics-listen", o.metrics_listen, "/metrics address; port 0 picks one; \"\" disables")
       ->type_name("ADDR")
       ->capture_default_str();
@@ -436,7 +452,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
             "training on and buffering its reports", 0.0, 1e9);
   AddNumber(s, "--stall-timeout-s", &o.stall_timeout_s, "S",
             "fail the task (retryable) and end the group when it made no progress for S s (0: never)", 0.0, 1e9);
-  s->add_option("--log-level", serve->log_level, "log level")->type_name(kLogLevel);
+  s->add_option("--log-level", serve->log_level, "log level")->type_name(kLogLevel)->check(OneOf(kLogLevels));
   s->callback([run, serve] { *run = [serve] { return RunServe(*serve); }; });
 
   aviary::cli::AddMelCommand(app, run);
@@ -496,7 +512,9 @@ int main(int argc, char** argv) {
   try {
     rc = run();
   } catch (const c10::Error& e) {
-    rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", e.what_without_backtrace())));
+    // The first line: torch's dispatcher errors list every backend after it.
+    const std::string what = e.what_without_backtrace();
+    rc = Fail(name, absl::InternalError(absl::StrCat("uncaught exception: ", what.substr(0, what.find('\n')))));
   } catch (const std::exception& e) {
     // The first line: other errors may carry a backtrace after it.
     const std::string what = e.what();

@@ -144,6 +144,9 @@ expect "--out: expected a folder, got ''" "$aviary" synth-soundscapes --out "" -
 expect "--out: expected a path, got ''" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out ""
 expect "--plot: expected a path, got ''" "$aviary" dataset summary --config "$tmp/p.yaml" --plot ""
 expect "--out: expected a path, got ''" "$aviary" export "$tmp/none.pt" --out ""
+# A value left out: the next flag was taken as the value (export wrote a file named --format).
+expect "--out: expected a value, got the flag '--format'" "$aviary" export "$tmp/none.pt" --out --format
+[ -e ./--format ] && { echo "FAIL: export wrote ./--format"; fails=$((fails + 1)); }
 # Integers are base 10: a leading zero is not octal (--seed 010 wrote seed 8's corpus).
 "$aviary" synth --out "$tmp/s10" --layout 2024 --species 3 --recordings 6 --seed 10 --max-seconds 2 >/dev/null
 "$aviary" synth --out "$tmp/s010" --layout 2024 --species 3 --recordings 6 --seed 010 --max-seconds 2 >/dev/null

@@ -106,6 +106,14 @@ cmp -s "$ogg" "$tmp/self.ogg" || fail "a refused --out replaced its --audio file
 # before any work, so no checkpoint or weights file is needed to see it.
 expect "--out $tmp/nodir/m.npy: the folder $tmp/nodir does not exist" \
   "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --out "$tmp/nodir/m.npy"
+# The same through a dangling link (the write goes to its target): it failed after the work with
+# exit 1, naming a temporary file.
+ln -s "$tmp/nodir2/y.npy" "$tmp/dangling.npy"
+expect "--out $tmp/dangling.npy (a link to $tmp/nodir2/y.npy): the folder $tmp/nodir2 does not exist" \
+  "$aviary" mel --config "$tmp/p.yaml" --audio "$ogg" --out "$tmp/dangling.npy"
+# A flag where a value goes (the value left out) is named, not taken as the value.
+expect "--config: expected a value, got the flag '--audio'" \
+  "$aviary" mel --config --audio "$ogg" --out "$tmp/x.npy"
 # export makes a missing folder (as aviary-worker train --out does): the refusal is the input's,
 # not the folder's, and a refused export leaves no folder behind; a path on the way that is a file
 # is still refused.

@@ -13,6 +13,19 @@ source "$(dirname "$0")/lib.sh"
 expect "argument was not expected: --coordinatr" "$worker" serve --coordinatr 127.0.0.1:7070
 expect "--coordinator is required" "$worker" serve --metrics-listen ""
 expect "--coordinator: expected HOST:PORT, got 'localhost'" "$worker" serve --coordinator localhost
+# A port out of range or missing was dialed as another (99999 wrapped to 34463, "host:" to 443).
+expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.1:99999'" \
+  "$worker" serve --coordinator 127.0.0.1:99999 --metrics-listen "" --connect-timeout-s 1
+expect "--coordinator: expected HOST:PORT with a port in 1..65535, got 'localhost:'" \
+  "$worker" serve --coordinator localhost: --metrics-listen "" --connect-timeout-s 1
+# A TLS or token flag given empty (an unset variable) is refused: it was read as not given, and
+# the group dialed in plaintext with AVIARY_TOKEN.
+for flag in --tls-ca --token-file --tls-cert --tls-key; do
+  expect "$flag: expected a file, got ''" env AVIARY_TOKEN=x "$worker" serve --coordinator 127.0.0.1:1 "$flag" "" \
+    --metrics-listen "" --connect-timeout-s 1
+done
+expect "--log-level: expected one of debug, info, warning, error, off, got 'loud'" \
+  "$worker" serve --coordinator 127.0.0.1:1 --log-level loud --metrics-listen ""
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
 expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""
 expect "--stall-timeout-s" "$worker" serve --coordinator 127.0.0.1:1 --stall-timeout-s -5 --metrics-listen ""

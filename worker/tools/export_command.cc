@@ -129,7 +129,10 @@ void AddExportCommands(CLI::App* app, common::CommandRunner* run) {
       app, "export", "a checkpoint as a PyTorch state dict, safetensors or ONNX file, with a JSON sidecar",
       "The sidecar (OUT with the extension .json) holds the class names, sample rate, window, mel front end "
       "parameters and the aviary version; docs/INFERENCE.md runs the export in a notebook.");
-  e->add_option("checkpoint", ex->checkpoint, "a trained checkpoint")->type_name("RUN/best.pt")->required();
+  e->add_option("checkpoint", ex->checkpoint, "a trained checkpoint")
+      ->type_name("RUN/best.pt")
+      ->required()
+      ->check(common::NonEmpty("a checkpoint"));
   e->add_option("--format", ex->format, "the file's format (onnx: the whole path, waveform to probabilities)")
       ->type_name("state_dict|safetensors|onnx")
       ->check(common::OneOf({"state_dict", "safetensors", "onnx"}))
@@ -148,13 +151,19 @@ void AddExportCommands(CLI::App* app, common::CommandRunner* run) {
       "FILE: a state dict (.pth/.pt, torch.save) or .safetensors of torchvision's or timm's efficientnet_b0..b3; "
       "timm's names are mapped to torchvision's. The output holds the features.* tensors that "
       "model.pretrain: imagenet loads.");
-  i->add_option("file", im->in, "the downloaded checkpoint")->type_name("FILE")->required();
+  i->add_option("file", im->in, "the downloaded checkpoint")
+      ->type_name("FILE")
+      ->required()
+      ->check(common::NonEmpty("a file"));
   i->add_option("--model", im->model, "the aviary model it is for")
       ->type_name("efficientnet_b0..b3")
       ->check(common::OneOf({"efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"}))
       ->required();
   i->add_option("--out", im->out, "the backbone file to write")->type_name("F")->required()->check(common::NonEmpty("a path"));
-  common::AddNumber(i, "--in-channels", &im->in_channels, "N", "frontend.in_channels of the runs that use it", 1, 3)
+  // 1 or 3, as frontend.in_channels takes (a 2-channel file fit no run).
+  i->add_option("--in-channels", im->in_channels, "frontend.in_channels of the runs that use it")
+      ->type_name("1|3")
+      ->check(common::OneOf({"1", "3"}))
       ->capture_default_str();
   i->add_option("--format", im->format, "the output's format")
       ->type_name("safetensors|state_dict")

@@ -134,8 +134,11 @@ void AddMelCommand(CLI::App* app, common::CommandRunner* run) {
       app, "mel", "the model input of one clip as .npy",
       "The data.duration window from --offset (zero-padded at the end where the file ends first), resampled to "
       "data.sample_rate, through the front end in evaluation mode; float32 [in_channels, n_mels, frames].");
-  mel->add_option("--config", args->config, "the pipeline YAML")->type_name("P.yaml")->required();
-  mel->add_option("--audio", args->audio, "an audio file")->type_name("F")->required();
+  mel->add_option("--config", args->config, "the pipeline YAML")
+      ->type_name("P.yaml")
+      ->required()
+      ->check(common::NonEmpty("a file"));
+  mel->add_option("--audio", args->audio, "an audio file")->type_name("F")->required()->check(common::NonEmpty("a file"));
   common::AddNumber(mel, "--offset", &args->offset_s, "S", "start of the window, seconds", 0.0, 1e9)
       ->capture_default_str();
   mel->add_option("--out", args->out, "the .npy to write")->type_name("x.npy")->required()->check(common::NonEmpty("a path"));

@@ -372,10 +372,12 @@ void AddPredictCommand(CLI::App* app, common::CommandRunner* run) {
       "class; several --checkpoint are averaged with equal weights.");
   common::AddRepeatedOption(predict, "--checkpoint", &o.checkpoints, "RUN/best.pt",
                             "a trained model (repeat for an ensemble)")
-      ->required();
+      ->required()
+      ->check(common::NonEmpty("a checkpoint"));
   predict->add_option("--audio", args->audio, "an audio file, or a folder of them")
       ->type_name("DIR_OR_FILE")
-      ->required();
+      ->required()
+      ->check(common::NonEmpty("a file or folder"));
   predict->add_option("--out", args->out, "the submission CSV to write")
       ->type_name("sub.csv")
       ->required()
