@@ -24,6 +24,11 @@
 namespace aviary::common {
 namespace {
 
+// The most a source's metadata CSV may hold (BirdCLEF's largest, Xeno-Canto's extended, is a few
+// hundred MB); the corrupt-file list's. A sparse file of a terabyte was read into memory whole.
+constexpr size_t kMaxMetadataBytes = size_t{4} << 30;
+constexpr size_t kMaxCorruptListBytes = size_t{256} << 20;
+
 // Whether pandas' read_csv (default na_values, keep_default_na) reads `field` as NaN.
 bool IsPandasNa(absl::string_view field) {
   static constexpr absl::string_view kNa[] = {"",     "#N/A", "#N/A N/A", "#NA",  "-1.#IND", "-1.#QNAN", "-NaN",
@@ -170,9 +175,9 @@ absl::StatusOr<std::vector<SourceRow>> ReadSource(const SourceConfig& source,
     return absl::InvalidArgumentError(absl::StrCat(key, " (layout ", source.layout, ", root '", source.root, "'",
                                                    relative, "): cannot read metadata: ", status.message()));
   };
-  absl::StatusOr<MappedFile> file = MappedFile::Open(report->metadata_path);
+  absl::StatusOr<std::string> file = ReadRegularFile(report->metadata_path, kMaxMetadataBytes);
   if (!file.ok()) return cannot_read(file.status());
-  const absl::string_view text = file->contents();
+  const absl::string_view text = *file;
   // Rows are read as views into the file (no table of strings): the xc metadata has 30-odd
   // columns, of which five matter here.
   absl::StatusOr<CsvRowReader> reader = CsvRowReader::Open(text, report->metadata_path);
@@ -361,7 +366,7 @@ absl::Status AssignLabelsAndFolds(const PipelineConfig& config, StageTable* tabl
 }  // namespace
 
 absl::StatusOr<std::vector<std::string>> ReadCorruptFileList(const std::string& path) {
-  AVIARY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  AVIARY_ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, kMaxCorruptListBytes));
   std::vector<std::string> out;
   try {
     YAML::Node node = YAML::Load(text);

@@ -2,7 +2,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -30,13 +29,13 @@ namespace aviary::common {
 namespace {
 
 // open(2) of a file to read, with ReadFileToString's errors.
-absl::StatusOr<int> OpenToRead(const std::string& path) {
+absl::StatusOr<int> OpenToRead(const std::string& path, int extra_flags = 0) {
   // A folder opens as a stream of nothing: say what it is rather than parse "".
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": is a directory, expected a file"));
   }
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | extra_flags);
   if (fd < 0) {
     int err = errno;
     if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
@@ -100,47 +99,27 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max
   return out;
 }
 
-absl::StatusOr<MappedFile> MappedFile::Open(const std::string& path) {
-  AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path));
-  MappedFile file;
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, size_t max_bytes) {
+  // O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+  AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path, O_NONBLOCK));
   struct stat st;
-  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0) {
-    void* data = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    if (data != MAP_FAILED) {
-      ::close(fd);
-      file.data_ = static_cast<const char*>(data);
-      file.size_ = static_cast<size_t>(st.st_size);
-      file.mapped_ = true;
-      return file;
-    }
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return absl::InternalError(absl::StrCat(path, ": cannot stat: ", std::strerror(err)));
   }
-  // Not a regular file (a pipe, /proc), empty, or not mappable: read.
-  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &file.copy_, 0));
-  file.data_ = file.copy_.data();
-  file.size_ = file.copy_.size();
-  return file;
-}
-
-MappedFile::MappedFile(MappedFile&& other) noexcept { *this = std::move(other); }
-
-MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
-  if (this == &other) return *this;
-  Unmap();
-  mapped_ = std::exchange(other.mapped_, false);
-  copy_ = std::move(other.copy_);
-  size_ = std::exchange(other.size_, 0);
-  data_ = mapped_ ? std::exchange(other.data_, nullptr) : copy_.data();
-  other.data_ = nullptr;
-  return *this;
-}
-
-MappedFile::~MappedFile() { Unmap(); }
-
-void MappedFile::Unmap() {
-  if (mapped_) ::munmap(const_cast<char*>(data_), size_);  // a failure leaves the mapping: nothing to undo
-  mapped_ = false;
-  data_ = nullptr;
-  size_ = 0;
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file (a pipe, a device or a socket)"));
+  }
+  const size_t size = st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;  // /proc files say 0
+  if (size > max_bytes) {
+    ::close(fd);
+    return TooLarge(path, max_bytes);
+  }
+  std::string out(size, '\0');
+  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &out, 0, max_bytes));
+  return out;
 }
 
 namespace {

@@ -67,29 +67,12 @@ std::optional<FileVersion> VersionOfOpen(int fd);
 // removed since); OK when `before` is nullopt (nothing to compare).
 absl::Status CheckUnchanged(const std::string& path, const std::optional<FileVersion>& before);
 
-// A whole file read-only in memory: mapped when it is a regular file (no copy of a large
-// metadata CSV, and the pages are the page cache's), else read. Open's errors are
-// ReadFileToString's. Move-only; contents() lives as long as the object.
-class MappedFile {
- public:
-  static absl::StatusOr<MappedFile> Open(const std::string& path);
-  MappedFile() = default;
-  MappedFile(MappedFile&& other) noexcept;
-  MappedFile& operator=(MappedFile&& other) noexcept;
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  ~MappedFile();
-
-  absl::string_view contents() const { return absl::string_view(data_, size_); }
-
- private:
-  void Unmap();
-
-  const char* data_ = nullptr;
-  size_t size_ = 0;
-  bool mapped_ = false;
-  std::string copy_;  // the contents when not mapped
-};
+// A whole file a user names as data (a metadata CSV, the corrupt-file list), read into memory:
+// not mapped (a mapped file truncated while it is read raises SIGBUS, and the coordinator that
+// read it for a submit died of it), and refused unless a regular file (a FIFO blocked the reader
+// for good, /dev/zero filled memory) or when larger than `max_bytes`. Errors name the path, as
+// ReadFileToString's do.
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, size_t max_bytes);
 
 // A check made right before the rename that publishes a file (the worker's lease fence): an
 // error stops the write; the temporary file is removed and the previous file stays.
@@ -111,9 +94,10 @@ struct AtomicWriteOptions {
   bool follow_symlinks = false;
 };
 
-// As above, with `options`. Every failure (open, write, fsync, close, rename, the check) removes
-// the new file (`<path>.tmp.<suffix>`, or `<path>.ready.<suffix>` once staged) and leaves the previous
-// `path` as it was. Errors name the
+// As above, with `options`. Every failure before the rename (open, write, fsync, close, the
+// check, the rename itself) removes the new file (`<path>.tmp.<suffix>`, or `<path>.ready.<suffix>`
+// once staged) and leaves the previous `path` as it was; a failure of the folder's fsync after
+// the rename is reported with the new file in place (not yet durable). Errors name the
 // path and errno's text and name ("No space left on device (ENOSPC)"); ENOSPC and EDQUOT are
 // RESOURCE_EXHAUSTED, other errno values INTERNAL, the check's error is returned as it is.
 // Errors of the filesystem carry a storage-fault payload (StorageFaultOf).

@@ -524,6 +524,11 @@ class Unpickler {
     if (key.size() > kMaxStorageKeyBytes) {
       return Bad(absl::StrCat("storage key '", Shown(key), "' is longer than ", kMaxStorageKeyBytes, " bytes"));
     }
+    // torch names its storages "0", "1", ...: an empty key named the folder entry "data/", which
+    // a reader took for a safetensors tensor (its offset and strides ignored).
+    if (key.empty() || key.find('/') != std::string::npos) {
+      return Bad(absl::StrCat("storage key '", Shown(key), "' is empty or holds '/'"));
+    }
     const int64_t numel = pid->items[4]->i;
     auto record = records_.find(key);
     if (record == records_.end()) return Bad(absl::StrCat("storage '", key, "' has no data record in the archive"));
@@ -810,6 +815,20 @@ class Unpickler {
 std::string Flatten(const Value& dict, const std::string& prefix, TensorIndex* out, int64_t* budget, int depth,
                     std::set<std::string>* names) {
   if (depth > 64) return "nests deeper than 64 (or refers to itself)";
+  // A key set twice in one mapping where either value is a tensor or a mapping: torch.load keeps
+  // the last value, whatever its kind (a tensor then a number was read here as the tensor).
+  // Either reading is a guess, so it is refused.
+  std::map<absl::string_view, std::pair<int, bool>> keys;  // -> (times set, a tensor or mapping among them)
+  for (const auto& [k, v] : dict.dict) {
+    if (k->kind != Value::Kind::kString) continue;
+    auto& [times, holds] = keys[k->s];
+    ++times;
+    holds = holds || v->kind == Value::Kind::kTensor || v->kind == Value::Kind::kDict;
+    if (times > 1 && holds) {
+      return absl::StrCat("is ambiguous: the key '", Shown(prefix.empty() ? k->s : prefix + "." + k->s),
+                          "' is set twice in one mapping (torch.load keeps the last value)");
+    }
+  }
   for (const auto& [k, v] : dict.dict) {
     if (--*budget < 0) return absl::StrCat("has more than ", kMaxFlattenEntries, " entries (or refers to itself)");
     if (k->kind != Value::Kind::kString) continue;

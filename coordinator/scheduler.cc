@@ -23,6 +23,7 @@
 #include "common/backbone_fit.h"
 #include "common/catalog.h"
 #include "common/config.h"
+#include "common/layouts.h"
 #include "common/manifest.h"
 #include "common/status.h"
 #include "common/utf8.h"
@@ -710,6 +711,20 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
   for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
     data_paths.emplace_back(absl::StrCat("data.pretrain_sources.", i, ".root"),
                             config.data.pretrain_sources[i].root);
+  }
+  // And each source's metadata file, which the coordinator itself reads at submit: a link there to
+  // a file outside the roots (/etc/passwd) was read, and its first line came back in the error.
+  {
+    std::vector<std::pair<std::string, const common::SourceConfig*>> sources{{"data.target.root", &config.data.target}};
+    for (size_t i = 0; i < config.data.pretrain_sources.size(); ++i) {
+      sources.emplace_back(absl::StrCat("data.pretrain_sources.", i, ".root"), &config.data.pretrain_sources[i]);
+    }
+    for (const auto& [key, source] : sources) {
+      absl::StatusOr<common::Layout> layout = common::ParseLayout(source->layout);
+      if (!layout.ok() || source->root.empty()) continue;  // ValidatePipelineConfig said it
+      const std::string& file = common::GetLayoutSpec(*layout).metadata_file;
+      data_paths.emplace_back(absl::StrCat(key, " (its ", file, ")"), absl::StrCat(source->root, "/", file));
+    }
   }
   data_paths.emplace_back("data.corrupt_files", config.data.corrupt_files);
   data_paths.emplace_back("data.cache_dir", config.data.cache_dir);

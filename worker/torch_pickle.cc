@@ -39,11 +39,17 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadWeightsFile(
   const std::optional<common::FileVersion> before = common::VersionOf(path);
   AVIARY_ASSIGN_OR_RETURN(const common::TensorIndex index,
                           torch_save_only ? common::ReadTorchSaveIndex(path) : common::ReadTensorIndex(path));
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO swapped in since the index was read opens at once (and is refused below)
+  // instead of waiting for a writer.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
     const std::string message = absl::StrCat(path, ": ", std::strerror(err));
     return err == ENOENT ? absl::NotFoundError(message) : absl::InvalidArgumentError(message);
+  }
+  if (struct stat st; ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file (replaced since its index was read?)"));
   }
   struct Closer {
     int fd;

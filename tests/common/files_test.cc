@@ -91,31 +91,40 @@ TEST(WriteFileAtomicallyTest, WritesThroughSymbolicLinks) {
   }
 }
 
-// A regular file is mapped, an empty one and a /proc file (size 0 to stat) are read; errors are
-// ReadFileToString's; a moved-from file leaves its contents with the new owner.
-TEST(MappedFileTest, MapsOrReadsWholeFilesWithReadFilesErrors) {
-  const std::string dir = FreshDir("mapped");
+// A user's data file is read whole (not mapped: a mapped file truncated under the reader raised
+// SIGBUS in the coordinator); an empty one and a /proc file (size 0 to stat) read too. A FIFO
+// (which blocked the reader for good) and a device (/dev/zero filled memory) are refused at once
+// naming the path, and so is a file past the cap; other errors are ReadFileToString's.
+TEST(ReadRegularFileTest, ReadsRegularFilesAndRefusesPipesDevicesAndTooLarge) {
+  const std::string dir = FreshDir("regular");
   const std::string path = dir + "/meta.csv";
   std::string big(3 * 65536 + 17, 'x');
   for (size_t i = 0; i < big.size(); i += 101) big[i] = static_cast<char>('a' + i % 26);
   ASSERT_TRUE(WriteFileAtomically(path, big).ok());
-  auto mapped = MappedFile::Open(path);
-  ASSERT_TRUE(mapped.ok()) << mapped.status();
-  EXPECT_EQ(mapped->contents(), big);
-  MappedFile moved = *std::move(mapped);
-  EXPECT_EQ(moved.contents(), big);
-  MappedFile assigned;
-  assigned = std::move(moved);
-  EXPECT_EQ(assigned.contents(), big);
+  auto whole = ReadRegularFile(path, big.size());
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(*whole, big);
+  auto over = ReadRegularFile(path, big.size() - 1);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(over.status().message(), path + ": larger than")) << over.status();
 
   ASSERT_TRUE(WriteFileAtomically(dir + "/empty.csv", "").ok());
-  auto empty = MappedFile::Open(dir + "/empty.csv");
+  auto empty = ReadRegularFile(dir + "/empty.csv", 10);
   ASSERT_TRUE(empty.ok()) << empty.status();
-  EXPECT_EQ(empty->contents(), "");
+  EXPECT_EQ(*empty, "");
 
-  auto proc = MappedFile::Open("/proc/self/status");
+  auto proc = ReadRegularFile("/proc/self/status", 1 << 20);
   ASSERT_TRUE(proc.ok()) << proc.status();
-  EXPECT_TRUE(absl::StrContains(proc->contents(), "Name:")) << proc->contents();
+  EXPECT_TRUE(absl::StrContains(*proc, "Name:")) << *proc;
+
+  const std::string fifo = dir + "/fifo.csv";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const std::string& odd : {fifo, std::string("/dev/zero")}) {
+    auto refused = ReadRegularFile(odd, size_t{1} << 30);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << odd;
+    EXPECT_TRUE(absl::StrContains(refused.status().message(), odd + ": not a regular file")) << refused.status();
+  }
+
   auto proc_string = ReadFileToString("/proc/self/status");
   ASSERT_TRUE(proc_string.ok()) << proc_string.status();
   EXPECT_TRUE(absl::StrContains(*proc_string, "Name:"));
@@ -127,17 +136,16 @@ TEST(MappedFileTest, MapsOrReadsWholeFilesWithReadFilesErrors) {
   auto capped = ReadFileToString(path, big.size());
   ASSERT_TRUE(capped.ok()) << capped.status();
   EXPECT_EQ(*capped, big);
-  auto over = ReadFileToString(path, big.size() - 1);
-  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(over.status().message(), path + ": larger than")) << over.status();
+  auto over_string = ReadFileToString(path, big.size() - 1);
+  EXPECT_EQ(over_string.status().code(), absl::StatusCode::kInvalidArgument);
   auto zero = ReadFileToString("/dev/zero", 1 << 20);
   EXPECT_EQ(zero.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(zero.status().message(), "/dev/zero: larger than 1048576 bytes")) << zero.status();
 
-  EXPECT_EQ(MappedFile::Open(dir + "/nope.csv").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir + "/nope.csv").status().message(), dir + "/nope.csv"));
-  EXPECT_EQ(MappedFile::Open(dir).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(MappedFile::Open(dir).status().message(), "is a directory"));
+  EXPECT_EQ(ReadRegularFile(dir + "/nope.csv", 10).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(absl::StrContains(ReadRegularFile(dir + "/nope.csv", 10).status().message(), dir + "/nope.csv"));
+  EXPECT_EQ(ReadRegularFile(dir, 10).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(ReadRegularFile(dir, 10).status().message(), "is a directory"));
 }
 
 // A file read in several opens is the same file throughout, or UNAVAILABLE naming it.

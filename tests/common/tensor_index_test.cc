@@ -130,11 +130,17 @@ TEST_F(TensorIndexTest, TensorsThatFlattenToOneNameAreAnErrorNamingTheFileAndThe
   const std::string path = dir_ + "/f";
   const std::string nested = Pickle("}(" + Str("a") + OrderedDict({{"b", Tensor("0", 6, {2, 3}, {3, 1})}}) +
                                     Str("a.b") + Tensor("1", 6, {3, 2}, {2, 1}) + "u");
+  const std::string got = Read(Zip({{"a/data.pkl", nested}, {"a/data/0", data}, {"a/data/1", data}}));
+  EXPECT_TRUE(absl::StartsWith(got, path)) << got;
+  EXPECT_TRUE(absl::StrContains(got, "two tensors are named 'a.b'")) << got;
+  // A key set twice in one mapping, the second time to a tensor or to a number (torch.load keeps
+  // the number: the tensor was read here all the same).
   const std::string twice = Pickle(OrderedDict({{"w", Tensor("0", 6, {2, 3}, {3, 1})}, {"w", Tensor("1", 6, {6}, {1})}}));
-  for (const auto& [pickle, name] : {std::pair<std::string, std::string>{nested, "a.b"}, {twice, "w"}}) {
-    const std::string got = Read(Zip({{"a/data.pkl", pickle}, {"a/data/0", data}, {"a/data/1", data}}));
-    EXPECT_TRUE(absl::StartsWith(got, path)) << got;
-    EXPECT_TRUE(absl::StrContains(got, absl::StrCat("two tensors are named '", name, "'"))) << got;
+  const std::string then_number = Pickle("}(" + Str("w") + Tensor("0", 6, {2, 3}, {3, 1}) + Str("w") + "K" + Le(5, 1) + "u");
+  for (const std::string& pickle : {twice, then_number}) {
+    const std::string again = Read(Zip({{"a/data.pkl", pickle}, {"a/data/0", data}, {"a/data/1", data}}));
+    EXPECT_TRUE(absl::StartsWith(again, path)) << again;
+    EXPECT_TRUE(absl::StrContains(again, "the key 'w' is set twice in one mapping")) << again;
   }
   // Distinct names in nested and dotted form still read.
   const std::string distinct = Pickle("}(" + Str("a") + OrderedDict({{"b", Tensor("0", 6, {2, 3}, {3, 1})}}) +
@@ -159,6 +165,10 @@ TEST_F(TensorIndexTest, CorruptArchivesAreClearErrors) {
       {zip.substr(0, zip.size() - 30), "no zip end record"},
       {zip.substr(0, 40), "no zip end record"},
       {Zip({{"a/data.pkl", good}, {"a/data/0", data.substr(0, 20)}}), "storage '0' claims 6 elements of F32"},
+      // An empty key names the folder entry "a/data/": the worker read it as a safetensors
+      // tensor, its offset and strides ignored.
+      {Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", Tensor("", 6, {2, 3}, {3, 1})}}))}, {"a/data/", data}}),
+       "storage key '' is empty or holds '/'"},
       {Zip({{"a/data.pkl", good}}), "storage '0' has no data record"},
       {Zip({{"a/data.pkl", Pickle(OrderedDict({{"w", Tensor("0", 6, {4, 3}, {3, 1})}}))}, {"a/data/0", data}}),
        "reaches past its storage of 6 elements"},

@@ -1988,6 +1988,18 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesDataPathsOutsideTheDataRoots) {
     EXPECT_NE(message.find("resolves to '" + c.resolved + "'"), std::string::npos) << message;
     EXPECT_NE(message.find(roots), std::string::npos) << message;
   }
+  // A source's metadata file linked out of the root is refused as such: it was read, and the
+  // missing-column error quoted the first line of /etc/passwd.
+  fs::create_directories(root_ + "/linked");
+  fs::create_symlink("/etc/passwd", root_ + "/linked/train_metadata.csv");
+  {
+    const grpc::Status linked = SubmitStatus(jobs_.get(), kPipeline, root_, {"data.target.root=linked"}, Ctx());
+    EXPECT_EQ(linked.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(linked.error_message().find("key 'data.target.root (its train_metadata.csv)'"), std::string::npos)
+        << linked.error_message();
+    EXPECT_NE(linked.error_message().find("resolves to '/etc/passwd'"), std::string::npos) << linked.error_message();
+    EXPECT_EQ(linked.error_message().find("root:"), std::string::npos) << linked.error_message();
+  }
   // '..' below a part that does not exist yet cannot hide a climb out of the root.
   grpc::Status status = SubmitStatus(jobs_.get(), kPipeline, root_,
                                      {"data.cache_dir=" + root_ + "/new/../../../etc"}, Ctx());
