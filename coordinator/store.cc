@@ -642,8 +642,24 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
     (void)RollBack(absl::UnknownError("an exception"));
     throw;
   }
-  if (status.ok()) status = Exec("COMMIT");
+  bool commit_failed = false;
+  if (status.ok()) {
+    status = Exec("COMMIT");
+    commit_failed = !status.ok();
+  }
   in_transaction_ = false;
+  if (commit_failed && (sqlite3_extended_errcode(db_) & 0xff) == SQLITE_IOERR) {
+    // A COMMIT that failed in its I/O (the WAL's fsync: EIO) may still be on disk: its frames
+    // can stay in the -wal file and be replayed at the next open. Taken for rolled back, the
+    // caller left memory without the change and its client retried: a second copy of a job
+    // after a restart. What the file holds is known again only by reading it back.
+    (void)RollBack(status);
+    broken_ = absl::InternalError(absl::StrCat(
+        "database ", path_, ": a COMMIT failed with an I/O error (", status.message(),
+        "); whether it reached the disk is unknown: the coordinator must be restarted (it reads the file back), "
+        "and the disk checked"));
+    return broken_;
+  }
   if (!status.ok()) return RollBack(status);
   return absl::OkStatus();
 }

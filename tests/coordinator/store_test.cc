@@ -2,14 +2,18 @@
 
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -901,6 +905,37 @@ TEST_F(StoreTest, RefusesADatabaseInAFolderItCannotWrite) {
       },
       ::testing::ExitedWithCode(3), "its folder .* is not writable for this coordinator \\(uid [0-9]+; ");
   ASSERT_EQ(::chmod(root_.c_str(), 0755), 0);
+}
+
+// A COMMIT that fails in its I/O may be on disk all the same (its WAL frames replayed at the next
+// open): the store refuses everything after it, saying a restart must read the file back, rather
+// than report a rollback the caller would retry (a second copy of a job after the restart). The
+// failure here: the WAL's writes past a file-size limit (EFBIG, SQLITE_IOERR_WRITE), in a child.
+// The child's side: exits 7 when the failed COMMIT broke the store, another code otherwise.
+[[noreturn]] void CommitPastAFileSizeLimit(const std::string& path) {
+  auto store = Store::Open(path);
+  if (!store.ok()) std::_Exit(2);
+  std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit limit;
+  limit.rlim_cur = limit.rlim_max = 256 * 1024;
+  if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) std::_Exit(3);
+  // 2 MB of random letters (stored deflated, still over a MB of pages into the WAL at COMMIT).
+  std::mt19937 rng(7);
+  std::string csv(2 << 20, 'x');
+  for (char& c : csv) c = static_cast<char>('a' + rng() % 26);
+  const absl::Status failed = (*store)->Transaction([&] { return (*store)->PutManifest(Sha256Hex(csv), csv); });
+  std::fprintf(stderr, "first: %s\n", std::string(failed.ToString()).c_str());
+  if (failed.ok()) std::_Exit(4);
+  const absl::Status after = (*store)->Transaction([&] { return (*store)->PutManifest(Sha256Hex("a"), "a"); });
+  std::fprintf(stderr, "after: %s\n", std::string(after.ToString()).c_str());
+  std::_Exit(after.ok() ? 5 : 7);
+}
+
+TEST_F(StoreTest, ACommitThatFailsInItsIoBreaksTheStore) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(CommitPastAFileSizeLimit(path_), ::testing::ExitedWithCode(7),
+      "first: INTERNAL: database .*: a COMMIT failed with an I/O error .*whether it reached the disk is unknown: "
+      "the coordinator must be restarted(.|\n)*after: INTERNAL: database .*: a COMMIT failed with an I/O error");
 }
 
 TEST_F(StoreTest, OneStorePerDatabase) {
