@@ -282,20 +282,25 @@ absl::Status Scheduler::Restore() {
     metrics_->AddJobsFailed(jobs_failed_total_);
     UpdateJobCountsLocked();
   }
-  // A lease whose holder is not registered cannot come from one transaction; repair it anyway.
+  // A lease whose holder is not registered cannot come from one transaction (but from a damaged
+  // group row, skipped); repair it anyway. That group may still be training the task and write
+  // its run folder until its fence runs out: the task is not leased again before then.
   Changes repairs;
+  const int64_t fence_ms = std::max(timeout_ms, fence_told_ms);
   for (auto& [id, task] : tasks_) {
     if (task.info.state() != aviary::v1::TASK_STATE_LEASED) continue;
     auto group = groups_.find(task.info.group_id());
     if (group == groups_.end() || group->second->row.task_id != id) {
       RestartOrFail(&repairs, id, absl::StrCat("lease held by unregistered group ",
                                                task.info.group_id(), " at restart"));
+      if (group == groups_.end()) orphan_fence_until_ms_[id] = now + fence_ms;
     }
   }
   for (auto& [id, job] : jobs_) RefreshSnapshot(&job);
   if (!repairs.tasks.empty()) {
     log_.Warn(absl::StrCat("restore: ", repairs.tasks.size(),
-                           " leases without a registered holder were put back"));
+                           " leases without a registered holder were put back; leased again after ", fence_ms / 1000,
+                           " s (their group's fence: it may still be training them)"));
     AVIARY_RETURN_IF_ERROR(WriteChanges(&repairs));
     ApplyChanges(&repairs);
   }
@@ -1544,6 +1549,9 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       for (const std::string& id : job.task_ids) {
         if (View(changes, id).info.state() != aviary::v1::TASK_STATE_READY) continue;
         if (auto fence = stopping.find(id); fence != stopping.end() && !fence->second.empty()) continue;
+        if (auto orphan = orphan_fence_until_ms_.find(id); orphan != orphan_fence_until_ms_.end()) {
+          if (NowMs() < orphan->second) continue;
+        }
         next = id;
         break;
       }

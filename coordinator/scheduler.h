@@ -404,6 +404,10 @@ class Scheduler {
   int64_t fence_counter_ms_ ABSL_GUARDED_BY(write_mu_) = 0;
   bool fence_counter_failing_ ABSL_GUARDED_BY(write_mu_) = false;
   mutable absl::Mutex mu_;
+  // Tasks Restore put back from a lease whose holder was not registered (its group row damaged):
+  // that group may still be training and writing under its fence, so nobody leases them before
+  // this time (NowMs). Written by Restore only, read by DecideLeases.
+  std::map<std::string, int64_t> orphan_fence_until_ms_ ABSL_GUARDED_BY(mu_);
   // A group's heartbeat clock: a message from it refreshes last_seen_ms only if the reaper has
   // not judged it lost, and the reaper judges under the same lock, so the two never both act
   // (a heartbeat answered "still yours" while the reaper's commit hands its task on). A leaf:

@@ -3716,6 +3716,35 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesPretrainedWeightsThatDoNotFitTheMode
   EXPECT_EQ(CountRows("SELECT COUNT(*) FROM jobs"), 3);
 }
 
+// A lease whose group row is damaged (skipped at the restart) is put back, but not leased to
+// another group before that group's fence runs out: it may still be training the task and
+// writing its run folder (it was leased at once: two writers of one folder).
+TEST_F(CoordinatorServiceTest, ALeaseWhoseGroupRowIsDamagedWaitsOutTheFenceAfterARestart) {
+  config_.heartbeat_timeout_s = kReapAfterS;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  coordinator_.reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(config_.database.c_str(), &db), SQLITE_OK);
+    char* err = nullptr;
+    ASSERT_EQ(sqlite3_exec(db, "UPDATE groups SET info=x'ff'", nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_close(db);
+  }
+  Start();
+  const auto restarted = std::chrono::steady_clock::now();
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available()) << "leased at once, while group " << a << " may still write its run folder";
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_READY);
+  std::this_thread::sleep_until(restarted + std::chrono::milliseconds(kReapAfterS * 1000 + 500));
+  const LeaseTaskResponse after = Lease(b);
+  ASSERT_TRUE(after.available());
+  EXPECT_EQ(after.task().attempt(), 2);
+}
+
 // A stored manifest that does not inflate (DATA_LOSS) fails the leased task, naming it, instead of
 // handing the same task and error to every retried LeaseTask for ever; the job fails as with any
 // failed task.
