@@ -96,6 +96,23 @@ AVIARY_TORCH_PIP_PACKAGES=(
 )
 AVIARY_TORCH_VENV=${AVIARY_TORCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/aviary/torch-${AVIARY_TORCH_VERSION}-cu130}
 
+# pip install of pinned wheels into the venv, tried three times: pip retries a connection, not a
+# read that fails partway through a wheel of hundreds of MB.
+aviary_pip_install() {
+  local try
+  for try in 1 2 3; do
+    if "${AVIARY_TORCH_VENV}/bin/pip" install -q --no-deps --no-compile --disable-pip-version-check \
+      --only-binary=:all: --retries 10 --timeout 60 "$@"; then
+      return 0
+    fi
+    [ "$try" = 3 ] && break
+    echo "aviary: pip install failed (try $try of 3); again in $((try * 20)) s" >&2
+    sleep $((try * 20))
+  done
+  echo "aviary: pip install $* failed three times" >&2
+  return 1
+}
+
 # Creates (once) the virtualenv with the CUDA torch wheel; prints nothing. The venv's python is
 # ${AVIARY_TORCH_VENV}/bin/python.
 aviary_torch_venv() {
@@ -108,8 +125,7 @@ aviary_torch_venv() {
   rm -rf "${AVIARY_TORCH_VENV}"
   /usr/bin/python3 -m venv "${AVIARY_TORCH_VENV}"
   # --no-deps: the pins above are the whole set (not the nvidia-* wheels the toolkit provides).
-  "${AVIARY_TORCH_VENV}/bin/pip" install -q --no-deps --no-compile --disable-pip-version-check \
-    "${AVIARY_TORCH_PIP_PACKAGES[@]}"
+  aviary_pip_install "${AVIARY_TORCH_PIP_PACKAGES[@]}"
   printf '%s\n' "${AVIARY_TORCH_PIP_PACKAGES[@]}" >"$stamp"
 }
 
@@ -123,8 +139,7 @@ aviary_onnxruntime() {
   if [ -f "$stamp" ] && cmp -s "$stamp" <(printf '%s\n' "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}"); then
     return 0
   fi
-  "${AVIARY_TORCH_VENV}/bin/pip" install -q --no-deps --no-compile --disable-pip-version-check \
-    "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}"
+  aviary_pip_install "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}"
   printf '%s\n' "${AVIARY_ONNXRUNTIME_PIP_PACKAGES[@]}" >"$stamp"
 }
 

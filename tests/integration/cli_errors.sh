@@ -233,6 +233,8 @@ fi
 # coordinator's own UNAVAILABLE ("the coordinator is shutting down") is not blamed on TLS; a
 # plaintext client closed on by a TLS coordinator still gets the --tls-ca hint.
 coordinator_bin="$(dirname "$aviary")/aviary-coordinator"
+# Whatever ends this script (a failed wait, a branch that stops early) stops the coordinator too.
+trap 'kill -KILL ${coord_pid:-} 2>/dev/null; rm -rf "$tmp"' EXIT
 start_coord() {  # start_coord YAML LOG: sets coord_pid; waits for "listening"
   "$coordinator_bin" --config "$1" --port-file "$1.port" > "$2" 2>&1 & coord_pid=$!
   for _ in $(seq 300); do grep -q listening "$2" && return 0; sleep 0.1; done

@@ -16,7 +16,11 @@ tool=$2
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/deps.sh"
 py="${AVIARY_ONNX_PYTHON:-${AVIARY_TORCH_VENV}/bin/python}"
-if ! "$py" -c "import onnxruntime" 2>/dev/null; then
+if ! import_error=$("$py" -c "import onnxruntime" 2>&1); then
+  if [ "${AVIARY_REQUIRE_ONNX:-0}" = 1 ]; then  # scripts/test-cuda.sh installed it: a failure, not a skip
+    echo "FAIL: onnxruntime does not import for $py: $import_error"
+    exit 1
+  fi
   echo "SKIP: no onnxruntime for $py (scripts/lib/deps.sh: aviary_onnxruntime)"
   exit 77
 fi
