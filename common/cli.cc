@@ -179,7 +179,8 @@ std::string FlagTakenAsValue(const CLI::App* command, const std::vector<std::str
     if (args[i] == "--") break;
     if (args[i].size() < 3 || args[i].compare(0, 2, "--") != 0 || args[i].find('=') != std::string::npos) continue;
     const CLI::Option* option = find(args[i]);
-    if (option == nullptr || option->get_type_size_min() == 0) continue;  // unknown, or a flag without a value
+    // Unknown, or an on/off flag (CLI11 gives a flag expected 0 values but a type size of 1).
+    if (option == nullptr || option->get_expected_min() == 0 || option->get_items_expected_min() == 0) continue;
     const std::string& next = args[i + 1];
     if (next.size() < 3 || next.compare(0, 2, "--") != 0) continue;
     const std::string name = next.substr(0, next.find('='));

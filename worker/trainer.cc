@@ -299,7 +299,9 @@ class StepProfiler {
       std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
       if (result != nullptr) result->save(plan_.out);
     } catch (const std::exception& e) {
-      Log().Warn(absl::StrCat("AVIARY_PROFILE: the profiler failed: ", e.what()));
+      // The first line: libtorch's errors carry a backtrace after it.
+      const std::string what = e.what();
+      Log().Warn(absl::StrCat("AVIARY_PROFILE: the profiler failed: ", what.substr(0, what.find('\n'))));
       return;
     }
     std::error_code ec;

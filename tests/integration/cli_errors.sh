@@ -146,6 +146,19 @@ expect "--plot: expected a path, got ''" "$aviary" dataset summary --config "$tm
 expect "--out: expected a path, got ''" "$aviary" export "$tmp/none.pt" --out ""
 # A value left out: the next flag was taken as the value (export wrote a file named --format).
 expect "--out: expected a value, got the flag '--format'" "$aviary" export "$tmp/none.pt" --out --format
+# An on/off flag before another flag is no such case (the first version of that check refused
+# `synth ... --no-broken --seed 5`).
+if "$aviary" synth --out "$tmp/flags" --layout 2024 --species 3 --recordings 6 --max-seconds 2 --no-broken --seed 5 \
+  >/dev/null 2>"$tmp/flags.err"; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: synth --no-broken --seed 5 was refused: $(cat "$tmp/flags.err")"; fails=$((fails + 1))
+fi
+if "$aviary" dataset summary --config "$tmp/p.yaml" --all-classes --set seed=1 >/dev/null 2>"$tmp/flags.err"; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: dataset summary --all-classes --set seed=1 was refused: $(cat "$tmp/flags.err")"; fails=$((fails + 1))
+fi
 [ -e ./--format ] && { echo "FAIL: export wrote ./--format"; fails=$((fails + 1)); }
 # Integers are base 10: a leading zero is not octal (--seed 010 wrote seed 8's corpus).
 "$aviary" synth --out "$tmp/s10" --layout 2024 --species 3 --recordings 6 --seed 10 --max-seconds 2 >/dev/null
