@@ -43,6 +43,7 @@ constexpr int kSessionLifetimeS = 12 * 3600;
 // Live sessions at most (a few hundred bytes each); a login past it ends the one that would
 // expire first.
 constexpr size_t kMaxSessions = 4096;
+constexpr size_t kMaxSessionsPerToken = 64;
 constexpr char kCsrfHeader[] = "X-Aviary-Console";
 // civetweb threads; each event stream holds one, so streams stop below the total and the
 // rest stay for the pages and /api.
@@ -660,6 +661,17 @@ absl::StatusOr<std::string> Console::StartSession(const std::string& token) {
   absl::MutexLock lock(&sessions_mu_);
   for (auto it = sessions_.begin(); it != sessions_.end();) {
     it = it->second.expires <= now ? sessions_.erase(it) : std::next(it);
+  }
+  // One token's sessions at most kMaxSessionsPerToken: its holder logging in again and again
+  // cannot end everyone else's (the oldest of its own go).
+  std::vector<std::map<std::string, Session>::iterator> mine;
+  for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
+    if (it->second.token == token) mine.push_back(it);
+  }
+  if (mine.size() >= kMaxSessionsPerToken) {
+    sessions_.erase(*std::min_element(mine.begin(), mine.end(), [](const auto& a, const auto& b) {
+      return a->second.expires < b->second.expires;
+    }));
   }
   if (sessions_.size() >= kMaxSessions) {
     auto first = std::min_element(sessions_.begin(), sessions_.end(), [](const auto& a, const auto& b) {

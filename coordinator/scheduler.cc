@@ -737,14 +737,16 @@ absl::StatusOr<common::PipelineConfig> Scheduler::ResolveJobConfig(
   for (const auto& [key, path] : data_paths) {
     absl::Status inside = CheckDataPath(key, path, options_.data_roots);
     if (inside.ok()) continue;
-    auto written = relative.find(key);
+    // A metadata file's key is its root's, with "(its FILE)": the root's source and spelling.
+    const std::string root_key = key.substr(0, key.find(" (its "));
+    auto written = relative.find(root_key);
     if (written != relative.end()) {
       // The config's folder is not the base: a path relative to it was the likely intent.
       inside = absl::Status(inside.code(), absl::StrCat(inside.message(), " ('", written->second,
                                                         "' is relative: it resolves against the folder the client "
                                                         "ran in, ", base, ", not against the config's folder)"));
     }
-    return common::Annotate(inside, source_of(key));
+    return common::Annotate(inside, source_of(root_key));
   }
   // After the paths: a path outside the data roots is refused as such whatever else is wrong.
   AVIARY_RETURN_IF_ERROR(common::CheckBeforeRun(config, source));

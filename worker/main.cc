@@ -359,7 +359,15 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
   using aviary::common::AddNumber;
   using aviary::common::OneOf;
   const char* kLogLevel = "debug|info|warning|error|off";
-  const std::vector<std::string> kLogLevels = {"debug", "info", "warning", "error", "off"};
+  // What ParseLogLevel takes (any case, "warn" too; "" leaves the default), said at parse time.
+  const CLI::Validator kLogLevels(
+      [](std::string& text) -> std::string {
+        if (text.empty()) return "";
+        aviary::common::LogLevel level;
+        const absl::Status parsed = aviary::common::ParseLogLevel(text, &level);
+        return parsed.ok() ? "" : std::string(parsed.message());
+      },
+      "", "log level");
 
   auto train = std::make_shared<TrainArgs>();
   CLI::App* t = aviary::common::AddCommand(
@@ -385,7 +393,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
       ->type_name("auto|cpu|cuda")
       ->check(OneOf({"auto", "cpu", "cuda"}));
   AddNumber(t, "--threads", &train->threads, "N", "torch threads (default: the cores this rank may use, shared among the ranks of its host)", 1, 1024);
-  t->add_option("--log-level", train->log_level, "log level")->type_name(kLogLevel)->check(OneOf(kLogLevels));
+  t->add_option("--log-level", train->log_level, "log level")->type_name(kLogLevel)->check(kLogLevels);
   aviary::common::AddSetOption(t, &train->overrides);
   t->callback([run, train] { *run = [train] { return RunTrain(*train); }; });
 
@@ -452,7 +460,7 @@ void AddCommands(CLI::App* app, aviary::common::CommandRunner* run) {
             "training on and buffering its reports", 0.0, 1e9);
   AddNumber(s, "--stall-timeout-s", &o.stall_timeout_s, "S",
             "fail the task (retryable) and end the group when it made no progress for S s (0: never)", 0.0, 1e9);
-  s->add_option("--log-level", serve->log_level, "log level")->type_name(kLogLevel)->check(OneOf(kLogLevels));
+  s->add_option("--log-level", serve->log_level, "log level")->type_name(kLogLevel)->check(kLogLevels);
   s->callback([run, serve] { *run = [serve] { return RunServe(*serve); }; });
 
   aviary::cli::AddMelCommand(app, run);

@@ -545,6 +545,17 @@ TEST_F(ConsoleTest, TheCookieHoldsASessionThatLoggingOutEnds) {
   EXPECT_EQ(Http(port_, "GET", "/groups", {session}).headers["location"], "/login?next=%2fgroups");
 }
 
+// One token's holder logging in again and again ends only its own oldest sessions (at most 64
+// per token), not everyone's (4096 in all).
+TEST_F(ConsoleTest, OneTokensLoginsEndOnlyItsOwnOldestSessions) {
+  Start();
+  const std::string other = LoginCookie("the-token");
+  const std::string first = LoginCookie("the-viewer-token");
+  for (int i = 0; i < 64; ++i) LoginCookie("the-viewer-token");
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {first}).status, 401);
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {other}).status, 200);
+}
+
 // The Bearer scheme in any case (RFC 7235), here as on the gRPC port; a POST it carries needs no
 // console header (a script's, not a browser's).
 TEST_F(ConsoleTest, TheBearerSchemeIsMatchedInAnyCase) {

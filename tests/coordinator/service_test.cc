@@ -3720,7 +3720,7 @@ TEST_F(CoordinatorServiceTest, SubmitRefusesPretrainedWeightsThatDoNotFitTheMode
 // another group before that group's fence runs out: it may still be training the task and
 // writing its run folder (it was leased at once: two writers of one folder).
 TEST_F(CoordinatorServiceTest, ALeaseWhoseGroupRowIsDamagedWaitsOutTheFenceAfterARestart) {
-  config_.heartbeat_timeout_s = kReapAfterS;
+  config_.heartbeat_timeout_s = 2 * kReapAfterS;  // the fence: room for the first lease below
   Start();
   const std::string job_id = Submit({"stages.finetune.enabled=false"});
   const std::string a = Register();
@@ -3735,13 +3735,19 @@ TEST_F(CoordinatorServiceTest, ALeaseWhoseGroupRowIsDamagedWaitsOutTheFenceAfter
     sqlite3_close(db);
   }
   Start();
-  const auto restarted = std::chrono::steady_clock::now();
   const std::string b = Register();
   EXPECT_FALSE(Lease(b).available()) << "leased at once, while group " << a << " may still write its run folder";
   EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_READY);
-  std::this_thread::sleep_until(restarted + std::chrono::milliseconds(kReapAfterS * 1000 + 500));
-  const LeaseTaskResponse after = Lease(b);
-  ASSERT_TRUE(after.available());
+  // Once the fence has run out it is leased (group b heartbeats meanwhile, as an agent does).
+  LeaseTaskResponse after;
+  ASSERT_TRUE(Eventually([&] {
+    bool cancel = false;
+    EXPECT_TRUE(Heartbeat(b, "", &cancel).ok());
+    LeaseTaskRequest request;
+    request.set_group_id(b);
+    after.Clear();
+    return workers_->LeaseTask(WorkerCtx().get(), request, &after).ok() && after.available();
+  }));
   EXPECT_EQ(after.task().attempt(), 2);
 }
 

@@ -24,7 +24,7 @@ for flag in --tls-ca --token-file --tls-cert --tls-key; do
   expect "$flag: expected a file, got ''" env AVIARY_TOKEN=x "$worker" serve --coordinator 127.0.0.1:1 "$flag" "" \
     --metrics-listen "" --connect-timeout-s 1
 done
-expect "--log-level: expected one of debug, info, warning, error, off, got 'loud'" \
+expect "--log-level: unknown log level 'loud' (expected debug, info, warning, error, off)" \
   "$worker" serve --coordinator 127.0.0.1:1 --log-level loud --metrics-listen ""
 expect "--device: expected one of auto, cpu, cuda, got 'tpu'" "$worker" serve --coordinator 127.0.0.1:1 --device tpu --metrics-listen ""
 expect "--max-tasks" "$worker" serve --coordinator 127.0.0.1:1 --max-tasks -1 --metrics-listen ""

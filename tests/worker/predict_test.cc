@@ -37,7 +37,11 @@ using ::testing::HasSubstr;
 
 std::string Dir(const std::string& name) {
   std::string dir = ::testing::TempDir() + "/predict_test_" + name;
-  std::filesystem::remove_all(dir);  // an earlier run's files
+  // An earlier run's files (a folder it left at mode 0 first made readable again: a death
+  // test's child runs this again after its parent set that mode).
+  ::chmod(dir.c_str(), 0755);
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
   ::mkdir(dir.c_str(), 0755);
   return dir;
 }
