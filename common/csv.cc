@@ -4,6 +4,7 @@
 
 
 #include <algorithm>
+#include <cstdint>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -255,6 +256,27 @@ void WriteCsvRow(std::ostream& out, const std::vector<std::string>& fields) {
   out << '\n';
 }
 
+namespace {
+// `code` (a Unicode scalar value) as UTF-8.
+void AppendUtf8(uint32_t code, std::string* out) {
+  if (code < 0x80) {
+    out->push_back(static_cast<char>(code));
+  } else if (code < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (code >> 6)));
+    out->push_back(static_cast<char>(0x80 | (code & 0x3F)));
+  } else if (code < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (code >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((code >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (code & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (code >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((code >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((code >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (code & 0x3F)));
+  }
+}
+}  // namespace
+
 absl::StatusOr<std::vector<std::string>> ParsePythonStringList(absl::string_view text) {
   std::vector<std::string> items;
   auto bad = [&](absl::string_view why) {
@@ -285,12 +307,19 @@ absl::StatusOr<std::vector<std::string>> ParsePythonStringList(absl::string_view
     std::string item;
     while (i < text.size() && text[i] != q) {
       if (text[i] == '\\' && i + 1 < text.size()) {
-        // Python's string escapes (what repr writes); an unknown one keeps its backslash.
+        // Python's string escapes (what repr writes); an unknown one keeps its backslash. \xNN,
+        // \uNNNN and \UNNNNNNNN are code points (repr writes U+00A0 as \xa0), kept as UTF-8.
         const char e = text[++i];
-        if (e == 'x' && i + 2 < text.size() && absl::ascii_isxdigit(text[i + 1]) && absl::ascii_isxdigit(text[i + 2])) {
-          item.push_back(static_cast<char>(std::stoi(std::string(text.substr(i + 1, 2)), nullptr, 16)));
-          i += 3;
-          continue;
+        const size_t digits = e == 'x' ? 2 : e == 'u' ? 4 : e == 'U' ? 8 : 0;
+        if (digits > 0 && i + digits < text.size() &&
+            std::all_of(text.begin() + i + 1, text.begin() + i + 1 + digits,
+                        [](char c) { return absl::ascii_isxdigit(static_cast<unsigned char>(c)); })) {
+          const uint32_t code = static_cast<uint32_t>(std::stoul(std::string(text.substr(i + 1, digits)), nullptr, 16));
+          if (code <= 0x10FFFF && (code < 0xD800 || code > 0xDFFF)) {
+            AppendUtf8(code, &item);
+            i += 1 + digits;
+            continue;
+          }
         }
         switch (e) {
           case 'n': item.push_back('\n'); break;

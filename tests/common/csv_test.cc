@@ -315,6 +315,9 @@ TEST(PythonListTest, FormatRoundTrips) {
   EXPECT_EQ(*ParsePythonStringList(FormatPythonStringList(hard)), hard);
   // An escape Python does not know keeps its backslash ('\d' is the two characters).
   EXPECT_EQ(*ParsePythonStringList("['a\\d']"), std::vector<std::string>{"a\\d"});
+  // \x, \u and \U are code points, as Python's repr writes U+00A0 and U+200B: UTF-8 here.
+  EXPECT_EQ(*ParsePythonStringList("['a\\xa0b', '\\u200b', '\\U0001F426']"),
+            (std::vector<std::string>{"a\xC2\xA0" "b", "\xE2\x80\x8B", "\xF0\x9F\x90\xA6"}));
 }
 
 }  // namespace
