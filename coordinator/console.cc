@@ -4,6 +4,8 @@
 #include <civetweb.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +26,8 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/files.h"
 #include "common/status.h"
 #include "common/utf8.h"
@@ -38,12 +42,9 @@ namespace {
 
 constexpr char kCookie[] = "aviary_console";
 // A login session's life; the cookie's Max-Age says the same.
-constexpr auto kSessionLifetime = std::chrono::hours(12);
 constexpr int kSessionLifetimeS = 12 * 3600;
-// Live sessions at most (a few hundred bytes each); a login past it ends the one that would
-// expire first.
+// Logged-out sessions remembered at most (until they expire).
 constexpr size_t kMaxSessions = 4096;
-constexpr size_t kMaxSessionsPerToken = 64;
 constexpr char kCsrfHeader[] = "X-Aviary-Console";
 // civetweb threads; each event stream holds one, so streams stop below the total and the
 // rest stay for the pages and /api.
@@ -466,8 +467,8 @@ class Console::Request {
         return absl::UnauthenticatedError(
             id.empty() ? absl::StrCat(what, ": no token: send 'Authorization: Bearer <token>' or log in at /login")
                        : absl::StrCat(what, ": the login session has ended (logged out, ",
-                                      kSessionLifetimeS / 3600, " hours after its login, or begun before the "
-                                      "coordinator restarted): log in again at /login"));
+                                      kSessionLifetimeS / 3600, " hours after its login, or its token was "
+                                      "removed): log in again at /login"));
       }
     }
     token_ = token;
@@ -655,51 +656,77 @@ void Console::Route(Request& request) {
   request.Error(absl::NotFoundError(absl::StrCat(path, ": no such API path (docs/SERVICE.md, \"Web console\")")));
 }
 
-absl::StatusOr<std::string> Console::StartSession(const std::string& token) {
-  AVIARY_ASSIGN_OR_RETURN(std::string id, RandomToken());
-  const auto now = std::chrono::steady_clock::now();
-  absl::MutexLock lock(&sessions_mu_);
-  for (auto it = sessions_.begin(); it != sessions_.end();) {
-    it = it->second.expires <= now ? sessions_.erase(it) : std::next(it);
+namespace {
+
+// HMAC-SHA256 of `text` keyed by `key`, in hex.
+std::string HmacHex(const std::string& key, const std::string& text) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char*>(text.data()),
+           text.size(), mac, &length) == nullptr) {
+    return "";
   }
-  // One token's sessions at most kMaxSessionsPerToken: its holder logging in again and again
-  // cannot end everyone else's (the oldest of its own go).
-  std::vector<std::map<std::string, Session>::iterator> mine;
-  for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
-    if (it->second.token == token) mine.push_back(it);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) {
+    hex += kHex[mac[i] >> 4];
+    hex += kHex[mac[i] & 15];
   }
-  if (mine.size() >= kMaxSessionsPerToken) {
-    sessions_.erase(*std::min_element(mine.begin(), mine.end(), [](const auto& a, const auto& b) {
-      return a->second.expires < b->second.expires;
-    }));
-  }
-  if (sessions_.size() >= kMaxSessions) {
-    auto first = std::min_element(sessions_.begin(), sessions_.end(), [](const auto& a, const auto& b) {
-      return a.second.expires < b.second.expires;
-    });
-    sessions_.erase(first);
-    log_.Warn(absl::StrCat("console: ", kMaxSessions, " login sessions are live; the oldest was ended"));
-  }
-  sessions_[Sha256Hex(id)] = Session{token, now + kSessionLifetime};
-  return id;
+  return hex;
 }
 
-std::optional<std::string> Console::SessionToken(const std::string& id) {
-  const std::string key = Sha256Hex(id);
-  absl::MutexLock lock(&sessions_mu_);
-  auto it = sessions_.find(key);
-  if (it == sessions_.end()) return std::nullopt;
-  if (it->second.expires <= std::chrono::steady_clock::now()) {
-    sessions_.erase(it);
-    return std::nullopt;
-  }
-  return it->second.token;
+std::string SessionMac(const std::string& token, const std::string& signed_part) {
+  return HmacHex(token, absl::StrCat("aviary console session ", signed_part));
 }
 
-void Console::EndSession(const std::string& id) {
-  const std::string key = Sha256Hex(id);
+int64_t UnixSeconds() { return absl::ToUnixSeconds(absl::Now()); }
+
+}  // namespace
+
+absl::StatusOr<std::string> Console::StartSession(const std::string& token) const {
+  AVIARY_ASSIGN_OR_RETURN(std::string random, RandomToken());
+  const std::string signed_part =
+      absl::StrCat(UnixSeconds() + kSessionLifetimeS, ".", random.substr(0, 16), ".", Sha256Hex(token).substr(0, 16));
+  const std::string mac = SessionMac(token, signed_part);
+  if (mac.empty()) return absl::InternalError("console login: HMAC-SHA256 failed (OpenSSL)");
+  return absl::StrCat(signed_part, ".", mac);
+}
+
+std::optional<std::string> Console::SessionToken(const std::string& cookie) {
+  const std::vector<std::string> parts = absl::StrSplit(cookie, '.');
+  int64_t expires = 0;
+  if (parts.size() != 4 || !absl::SimpleAtoi(parts[0], &expires) || parts[3].size() != 64) return std::nullopt;
+  const int64_t now = UnixSeconds();
+  if (expires <= now || expires > now + kSessionLifetimeS + 60) return std::nullopt;
+  {
+    absl::MutexLock lock(&sessions_mu_);
+    if (ended_sessions_.count(parts[3]) != 0) return std::nullopt;
+  }
+  const std::string signed_part = cookie.substr(0, cookie.rfind('.'));
+  const std::shared_ptr<const TokenSet> tokens = auth_->tokens();
+  for (const std::vector<std::string>* role : {&tokens->client, &tokens->viewer}) {
+    for (const std::string& token : *role) {
+      if (Sha256Hex(token).substr(0, 16) != parts[2]) continue;
+      if (ConstantTimeEquals(SessionMac(token, signed_part), parts[3])) return token;
+    }
+  }
+  return std::nullopt;
+}
+
+void Console::EndSession(const std::string& cookie) {
+  const std::vector<std::string> parts = absl::StrSplit(cookie, '.');
+  int64_t expires = 0;
+  if (parts.size() != 4 || !absl::SimpleAtoi(parts[0], &expires)) return;
+  const int64_t now = UnixSeconds();
   absl::MutexLock lock(&sessions_mu_);
-  sessions_.erase(key);
+  for (auto it = ended_sessions_.begin(); it != ended_sessions_.end();) {
+    it = it->second <= now ? ended_sessions_.erase(it) : std::next(it);
+  }
+  if (ended_sessions_.size() >= kMaxSessions) {  // the one that expires first is let go
+    ended_sessions_.erase(std::min_element(ended_sessions_.begin(), ended_sessions_.end(),
+                                           [](const auto& a, const auto& b) { return a.second < b.second; }));
+  }
+  ended_sessions_[parts[3]] = expires;
 }
 
 void Console::ServePage(Request& request, const std::string& path) {

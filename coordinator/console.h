@@ -12,11 +12,11 @@
 // Auth: the tokens and roles of the gRPC port (coordinator/auth.h). Reads need the client or
 // the viewer role, cancel the client role. A call carries the token in `Authorization: Bearer`
 // or in the `aviary_console` cookie that POST /login sets (HttpOnly, SameSite=Strict, Secure
-// over HTTPS). The cookie holds a random session id, not the token: browsers send a cookie to
-// every port of its host, so another service there (or a page it serves) would read a token
-// kept in it. The session (in memory: a coordinator restart ends it) maps to the token, which is
-// checked at each call (a SIGHUP reload that removes it revokes the session); POST /logout ends
-// it, and it expires 12 hours after the login. A POST without an Authorization: Bearer header (the cookie's, log out, or any with
+// over HTTPS). The cookie holds a signed session, not the token: browsers send a cookie to every
+// port of its host, so another service there (or a page it serves) would read a token kept in
+// it. The session names its token by a hash prefix and is signed with the token (HMAC), so it
+// outlives a coordinator restart and a SIGHUP reload that removes the token revokes it; POST
+// /logout ends it, and it expires 12 hours after the login. A POST without an Authorization: Bearer header (the cookie's, log out, or any with
 // authentication off) must also carry `X-Aviary-Console: 1`; with authentication off the Host
 // header must name this machine (DNS rebinding). An event stream re-checks its token at least
 // every second and ends once a reload has revoked it.
@@ -122,21 +122,20 @@ class Console {
   int streams_ ABSL_GUARDED_BY(streams_mu_) = 0;
   std::map<std::string, int> streams_by_holder_ ABSL_GUARDED_BY(streams_mu_);
   std::vector<std::string> own_names_;  // with authentication off: the Host names accepted
-  // Login sessions: SHA-256 of the cookie's id -> the token it logged in with (the id is not
-  // kept, so a memory dump does not hold live cookies). At most kMaxSessions; the one that
-  // expires first goes when a login would pass that.
-  struct Session {
-    std::string token;
-    std::chrono::steady_clock::time_point expires;
-  };
-  // A new session for `token`: the cookie's value (64 hex digits).
-  absl::StatusOr<std::string> StartSession(const std::string& token) ABSL_LOCKS_EXCLUDED(sessions_mu_);
-  // The token of the live session `id` (the cookie's value); nullopt when none (logged out,
-  // expired, from before a restart, or never issued).
-  std::optional<std::string> SessionToken(const std::string& id) ABSL_LOCKS_EXCLUDED(sessions_mu_);
-  void EndSession(const std::string& id) ABSL_LOCKS_EXCLUDED(sessions_mu_);
+  // Login sessions are kept by the browser: the cookie is "<expires>.<nonce>.<token id>.<mac>"
+  // (Unix seconds; 16 random hex digits; the first 16 hex digits of the token's SHA-256; an
+  // HMAC-SHA256 keyed by the token itself over the rest). It names no token and proves the login
+  // to the coordinator alone; it outlives a restart, and a reload that removes its token makes
+  // it fail. A new session's cookie for `token`:
+  absl::StatusOr<std::string> StartSession(const std::string& token) const;
+  // The token of the session `cookie` names; nullopt when it does not verify against a client or
+  // viewer token now in force, has expired, or was logged out.
+  std::optional<std::string> SessionToken(const std::string& cookie) ABSL_LOCKS_EXCLUDED(sessions_mu_);
+  // Logs `cookie`'s session out: refused from now until it expires (in memory: a copy of a
+  // logged-out cookie works again after a restart, until its expiry).
+  void EndSession(const std::string& cookie) ABSL_LOCKS_EXCLUDED(sessions_mu_);
   absl::Mutex sessions_mu_;
-  std::map<std::string, Session> sessions_ ABSL_GUARDED_BY(sessions_mu_);
+  std::map<std::string, int64_t> ended_sessions_ ABSL_GUARDED_BY(sessions_mu_);  // mac -> expires
   absl::Mutex overview_mu_;
   Overview overview_ ABSL_GUARDED_BY(overview_mu_);
   std::chrono::steady_clock::time_point overview_at_ ABSL_GUARDED_BY(overview_mu_);

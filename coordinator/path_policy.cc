@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/utf8.h"
 
 namespace aviary::coordinator {
 namespace {
@@ -216,7 +217,8 @@ absl::Status CheckCheckpointPath(const std::string& field, const std::string& pa
         absl::StrCat(label, ": '", path, "' is not a regular file"));
   }
   if (!PathIsInside(real, real_out) || real == real_out) {
-    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' resolves to '", real,
+    // The target as valid UTF-8: this message becomes a task's error (a string field).
+    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' resolves to '", common::ValidUtf8(real),
                                                    "', outside the task's run folder '", out_dir,
                                                    "'"));
   }

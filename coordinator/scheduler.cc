@@ -337,7 +337,10 @@ const TaskRow& Scheduler::View(const Changes& changes, const std::string& task_i
   return it != changes.tasks.end() ? it->second : tasks_.at(task_id);
 }
 
-void Scheduler::RestartOrFail(Changes* changes, const std::string& task_id, const std::string& why) {
+void Scheduler::RestartOrFail(Changes* changes, const std::string& task_id, const std::string& given_why) {
+  // Valid UTF-8 whatever the reason quotes (a path a group's link resolves to): a string field
+  // that is not would fail every client's parse of the job, and every watcher's stream.
+  const std::string why = common::ValidUtf8(given_why);
   // Only a leased task restarts: an earlier change of the same commit may have ended it (e.g.
   // the reaper failed another task of its job, which cancelled this one).
   if (View(*changes, task_id).info.state() != aviary::v1::TASK_STATE_LEASED) return;
@@ -360,7 +363,8 @@ void Scheduler::RestartOrFail(Changes* changes, const std::string& task_id, cons
 }
 
 void Scheduler::FailTaskAndJob(Changes* changes, const std::string& task_id,
-                               const std::string& error) {
+                               const std::string& given_error) {
+  const std::string error = common::ValidUtf8(given_error);  // as in RestartOrFail
   TaskRow& task = Stage(changes, task_id);
   const int64_t now = UnixMs();
   task.info.set_state(aviary::v1::TASK_STATE_FAILED);
@@ -551,6 +555,11 @@ void Scheduler::ApplyChanges(Changes* changes) {
       fresh->last_seen_ms = NowMs();
       fresh->fence_timeout_ms = HeartbeatTimeoutMs();  // as RegisterGroup tells it
       it = groups_.emplace(id, std::move(fresh)).first;
+    }
+    if (!group.task_id.empty()) {
+      it->second->last_task_id = group.task_id;
+      auto task = tasks_.find(group.task_id);
+      it->second->last_attempt = task != tasks_.end() ? task->second.info.attempt() : 0;
     }
     it->second->row = std::move(group);
   }
@@ -1868,8 +1877,12 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
   }
   for (size_t i = 0; i < points.size(); ++i) {
     const aviary::v1::Metrics& point = points[i];
-    // Gauges keep the latest values only: epoch ends and the last point are enough.
-    if (point.epoch_end() || i + 1 == points.size()) {
+    // Gauges keep the latest values only: epoch ends and the last point are enough. An epoch end
+    // the next point of the batch repeats (a resumed run's) is no event of its own: a report of
+    // thousands of one epoch's ends sent every watcher thousands of job snapshots.
+    const bool repeated = point.epoch_end() && i + 1 < points.size() && points[i + 1].epoch_end() &&
+                          points[i + 1].epoch() == point.epoch();
+    if (!repeated && (point.epoch_end() || i + 1 == points.size())) {
       changes.points.emplace_back(task.info, point);
       changes.events.push_back(
           {task.info.job_id(), task.info.task_id(), true, point,

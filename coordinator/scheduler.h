@@ -272,6 +272,10 @@ class Scheduler {
     // the longer of it and heartbeat_timeout_s: a coordinator restarted with a shorter timeout
     // reaped a group whose fence still let it write, and the task's next holder wrote beside it.
     std::atomic<int64_t> fence_timeout_ms{0};
+    // The task it was leased last and that lease's attempt (in memory; under mu_): it may still
+    // ship that task's last log lines after the task ended, and no other task's.
+    std::string last_task_id;
+    int last_attempt = 0;
   };
   // Staged changes of one mutation: copies of the rows it changes, written in one transaction,
   // then applied to memory.

@@ -365,7 +365,17 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
                                                       "': no such task (its job was deleted); group ",
                                                       group->row.group_id, " keeps no log for it"));
   }
-  const int attempt = task->second.info.attempt();
+  // Only the group that runs the task, or ran it last, writes its log (another group's lines in
+  // any job's log, or a thousand tasks' logs pushed out of memory by one group).
+  const bool holds = group->row.task_id == request.task_id();
+  if (!holds && group->last_task_id != request.task_id()) {
+    return absl::FailedPreconditionError(absl::StrCat("task_id '", request.task_id(), "': group ",
+                                                      group->row.group_id,
+                                                      " neither runs it nor ran it last; its log is its holder's"));
+  }
+  // The attempt of this group's lease, not the task's current one (a retry leased to another
+  // group since): what the group's own lines may say, at most.
+  const int attempt = holds ? task->second.info.attempt() : group->last_attempt;
   absl::MutexLock lock(&logs_mu_);
   TaskLog& log = logs_[request.task_id()];
   if (log.log_id == 0) {
@@ -387,7 +397,7 @@ absl::Status Scheduler::ShipLogs(const aviary::v1::ShipLogsRequest& request) {
       line.mutable_text()->append(" [cut]");
     }
     line.set_seq(++log.last_seq);
-    if (line.attempt() <= 0) line.set_attempt(attempt);
+    if (line.attempt() <= 0 || line.attempt() > attempt) line.set_attempt(attempt);
     // A line's memory, not only its text: a short line's LogLine, string and deque slot cost
     // more than its characters (1,024 tasks of short lines held about 3x the budget).
     log.bytes += line.text().size() + kLogLineOverheadBytes;

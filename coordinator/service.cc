@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -161,10 +162,12 @@ absl::Status CheckPointValues(const std::string& field, const aviary::v1::Metric
   auto bad = [&field](const char* name, double value, const char* rule) {
     return absl::InvalidArgumentError(absl::StrCat("field '", field, ".", name, "': ", value, " ", rule));
   };
-  if (point.step() > kMaxCount) return bad("step", static_cast<double>(point.step()), "is more than 2^53");
-  if (point.samples_total() > kMaxCount) {
-    return bad("samples_total", static_cast<double>(point.samples_total()), "is more than 2^53");
-  }
+  // The counts as the integers sent (as a double, 2^62 + 1 read "4.61169e+18").
+  auto bad_count = [&field](const char* name, int64_t value) {
+    return absl::InvalidArgumentError(absl::StrCat("field '", field, ".", name, "': ", value, " is more than 2^53"));
+  };
+  if (point.step() > kMaxCount) return bad_count("step", point.step());
+  if (point.samples_total() > kMaxCount) return bad_count("samples_total", point.samples_total());
   if (!std::isfinite(point.lr()) || point.lr() < 0) return bad("lr", point.lr(), "must be finite and >= 0");
   if (std::isinf(point.samples_per_s()) || point.samples_per_s() < 0) {
     return bad("samples_per_s", point.samples_per_s(), "must be finite and >= 0, or NaN");
@@ -458,15 +461,21 @@ grpc::Status WorkerServiceImpl::RegisterGroup(grpc::ServerContext* context,
           std::max(request->hosts_size(), request->devices_size()),
           " entries for world_size ", request->world_size()));
     }
+    // One line each (they are logged and listed: a newline forged a log line).
     for (int i = 0; i < request->hosts_size(); ++i) {
       AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("hosts[", i, "]"), request->hosts(i), false, 256));
+      AVIARY_RETURN_IF_ERROR(CheckName(absl::StrCat("hosts[", i, "]"), request->hosts(i)));
     }
     for (int i = 0; i < request->devices_size(); ++i) {
       AVIARY_RETURN_IF_ERROR(CheckText(absl::StrCat("devices[", i, "]"), request->devices(i), false, 64));
+      AVIARY_RETURN_IF_ERROR(CheckName(absl::StrCat("devices[", i, "]"), request->devices(i)));
     }
-    AVIARY_RETURN_IF_ERROR(CheckText("backend", request->backend(), false, 64));
-    AVIARY_RETURN_IF_ERROR(CheckText("version", request->version(), false, 256));
-    AVIARY_RETURN_IF_ERROR(CheckText("metrics_address", request->metrics_address(), false, 256));
+    for (const auto& [field, value, max] : {std::tuple<const char*, const std::string*, size_t>{"backend", &request->backend(), 64},
+                                           {"version", &request->version(), 256},
+                                           {"metrics_address", &request->metrics_address(), 256}}) {
+      AVIARY_RETURN_IF_ERROR(CheckText(field, *value, false, max));
+      AVIARY_RETURN_IF_ERROR(CheckName(field, *value));
+    }
     if (const std::string& id = request->registration_id();
         id.size() > 64 || !std::all_of(id.begin(), id.end(), [](char c) {
           return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';

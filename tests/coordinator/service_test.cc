@@ -1639,8 +1639,8 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   point.set_epoch(2147483647);
   refused(point, "field 'points[0].epoch': 2147483647 is outside the task's plan of");
   point = EpochEnd(0, 0.5);
-  point.set_step(int64_t{1} << 62);
-  refused(point, "field 'points[0].step'");
+  point.set_step((int64_t{1} << 62) + 1);
+  refused(point, "field 'points[0].step': 4611686018427387905 is more than 2^53");  // the integer sent
   point = EpochEnd(0, std::numeric_limits<double>::infinity());
   refused(point, "field 'points[0].val_auc': inf must be in [0, 1], or NaN");
   point = EpochEnd(0, 1.5);
@@ -3338,12 +3338,15 @@ TEST_F(CoordinatorServiceTest, DeleteWithRunFoldersWaitsForTheCancelledHolder) {
 
 // A group numbers its lines (LogLine.seq in ShipLogs); a ShipLogs sent again after its answer was
 // lost, possibly with newer lines behind, stores each line once. Another group's numbers are its
-// own, and unnumbered lines (seq 0) are always stored.
+// own, and unnumbered lines (seq 0) are always stored. Only the group that runs the task or ran
+// it last writes its log (any group could write any task's), each line under its own lease's
+// attempt.
 TEST_F(CoordinatorServiceTest, ALogLineShippedAgainIsStoredOnce) {
   Start();
   const std::string job_id = Submit();
   const std::string a = Register();
   const std::string b = Register();
+  const std::string c = Register();
   const std::string pretrain = Lease(a).task().task_id();
   auto ship = [&](const std::string& gid, const std::vector<std::pair<int64_t, std::string>>& lines) {
     ShipLogsRequest request;
@@ -3361,9 +3364,13 @@ TEST_F(CoordinatorServiceTest, ALogLineShippedAgainIsStoredOnce) {
   ASSERT_TRUE(ship(a, {{1, "one"}, {2, "two"}}).ok());
   ASSERT_TRUE(ship(a, {{1, "one"}, {2, "two"}, {3, "three"}}).ok());
   ASSERT_TRUE(ship(a, {{3, "three"}}).ok());
+  EXPECT_EQ(ship(b, {{1, "b one"}}).error_code(), grpc::StatusCode::FAILED_PRECONDITION);  // not b's yet
+  ASSERT_TRUE(FailRetryable(a, pretrain, "lost a rank").ok());
+  ASSERT_EQ(Lease(b).task().attempt(), 2);
   ASSERT_TRUE(ship(b, {{1, "b one"}, {0, "b unnumbered"}}).ok());
   ASSERT_TRUE(ship(b, {{1, "b one"}, {0, "b unnumbered"}}).ok());
-  ASSERT_TRUE(ship(a, {{4, "four"}}).ok());
+  ASSERT_TRUE(ship(a, {{4, "four"}}).ok());  // a ran it last: its late lines
+  EXPECT_EQ(ship(c, {{1, "c"}}).error_code(), grpc::StatusCode::FAILED_PRECONDITION);  // never c's
   EXPECT_EQ(ship(a, {{-1, "x"}}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   GetLogsRequest request;
   request.set_job_id(job_id);
@@ -3374,6 +3381,8 @@ TEST_F(CoordinatorServiceTest, ALogLineShippedAgainIsStoredOnce) {
   for (const LogLine& line : response.tasks(0).lines()) texts.push_back(line.text());
   EXPECT_EQ(texts, (std::vector<std::string>{"one", "two", "three", "b one", "b unnumbered", "b unnumbered", "four"}));
   EXPECT_EQ(response.tasks(0).lines(6).seq(), 7);  // numbered by the coordinator
+  EXPECT_EQ(response.tasks(0).lines(3).attempt(), 2);  // b's lease
+  EXPECT_EQ(response.tasks(0).lines(6).attempt(), 1);  // a's, though the task is at attempt 2
 }
 
 // A job's logs in one answer could pass the client's message limit (a sweep: 1024 tasks x 512
@@ -3528,8 +3537,12 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   EXPECT_EQ(got.tasks(0).last_seq(), 3 + 1 + 300);
   EXPECT_EQ(got.tasks(0).lines(got.tasks(0).lines_size() - 1).seq(), 304);
 
-  // One poll for every task, each from its own seq (aviary logs --follow).
+  // One poll for every task, each from its own seq (aviary logs --follow). A task's log is its
+  // holder's: the fine-tuning's once the group is leased it.
   const std::string finetune = got.job().tasks(1).task_id();
+  EXPECT_EQ(ship(group, finetune, {"f zero"}).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(Complete(group, pretrain, Checkpoint(pretrain, "best.pt")).ok());
+  ASSERT_EQ(Lease(group).task().task_id(), finetune);
   ASSERT_TRUE(ship(group, finetune, {"f one", "f two"}).ok());
   GetLogsRequest each;
   each.set_job_id(job_id);
@@ -3554,8 +3567,8 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   EXPECT_NE(logs(finetune, 0, 0).tasks(0).log_id(), before);
   EXPECT_EQ(logs(got.job().tasks(2).task_id(), 0, 0).tasks(0).log_id(), 0);  // no line yet
   Restart();
-  ASSERT_TRUE(ship(group, pretrain, {"after the restart"}).ok());
-  got = logs(pretrain, 0, 0);
+  ASSERT_TRUE(ship(group, finetune, {"after the restart"}).ok());
+  got = logs(finetune, 0, 0);
   ASSERT_EQ(got.tasks(0).lines_size(), 1);
   EXPECT_EQ(got.tasks(0).lines(0).seq(), 1);
   EXPECT_GT(got.tasks(0).log_id(), before);
@@ -3749,6 +3762,84 @@ TEST_F(CoordinatorServiceTest, ALeaseWhoseGroupRowIsDamagedWaitsOutTheFenceAfter
     return workers_->LeaseTask(WorkerCtx().get(), request, &after).ok() && after.available();
   }));
   EXPECT_EQ(after.task().attempt(), 2);
+}
+
+// A refused CompleteTask quotes where the checkpoint's link resolves to: a name that is not UTF-8
+// made the task's and the job's error a string no client could parse (ListJobs and GetJob of the
+// job failed for good, watchers' streams too). It is stored as valid UTF-8.
+TEST_F(CoordinatorServiceTest, ARefusalThatQuotesANonUtf8PathLeavesTheJobReadable) {
+  config_.max_restarts = 0;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  const std::string out_dir = Lease(a).task().out_dir();
+  Write("outside/\xff\xfe.pt", "checkpoint");
+  fs::create_directories(out_dir);
+  fs::create_symlink(root_ + "/outside/\xff\xfe.pt", out_dir + "/best.pt");
+  EXPECT_FALSE(Complete(a, pretrain, out_dir + "/best.pt").ok());
+  const JobInfo job = GetJob(job_id);  // parses
+  EXPECT_EQ(job.state(), JOB_STATE_FAILED);
+  EXPECT_NE(job.error().find("outside the task's run folder"), std::string::npos) << job.error();
+  EXPECT_EQ(common::FirstInvalidUtf8(job.error()), std::string::npos);
+  ListJobsRequest list_request;
+  ListJobsResponse list;
+  EXPECT_TRUE(jobs_->ListJobs(Ctx().get(), list_request, &list).ok());
+}
+
+// Registration strings are one line each: they are logged and listed (a newline in a host name
+// forged a coordinator log line).
+TEST_F(CoordinatorServiceTest, RegistrationStringsAreOneLineEach) {
+  Start();
+  for (const auto& [field, set] :
+       std::vector<std::pair<std::string, std::function<void(RegisterGroupRequest*)>>>{
+           {"hosts[0]", [](RegisterGroupRequest* r) { r->add_hosts("h\n[coordinator] group g lost"); }},
+           {"devices[0]", [](RegisterGroupRequest* r) { r->add_devices("cuda:0\x1b[2J"); }},
+           {"backend", [](RegisterGroupRequest* r) { r->set_backend("mpi\r"); }},
+           {"version", [](RegisterGroupRequest* r) { r->set_version("1\n2"); }}}) {
+    RegisterGroupRequest request;
+    request.set_world_size(2);
+    set(&request);
+    RegisterGroupResponse response;
+    const grpc::Status status = workers_->RegisterGroup(WorkerCtx().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+    EXPECT_NE(status.error_message().find("field '" + field + "': control character"), std::string::npos)
+        << status.error_message();
+  }
+  // A device name with spaces is fine.
+  RegisterGroupRequest request;
+  request.set_world_size(1);
+  request.add_devices("NVIDIA H100 80GB HBM3");
+  RegisterGroupResponse response;
+  EXPECT_TRUE(workers_->RegisterGroup(WorkerCtx().get(), request, &response).ok());
+}
+
+// A report of thousands of one epoch's ends (a resumed run's repeats) is one event, not one job
+// snapshot per point for every watcher.
+TEST_F(CoordinatorServiceTest, RepeatedEpochEndsInOneReportAreOneEvent) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_TRUE(Lease(a).available());
+  grpc::ClientContext watch_context;
+  watch_context.AddMetadata("authorization", "Bearer the-token");
+  WatchJobRequest watch_request;
+  watch_request.set_job_id(job_id);
+  auto stream = jobs_->WatchJob(&watch_context, watch_request);
+  JobEvent event;
+  ASSERT_TRUE(stream->Read(&event));  // the snapshot
+  bool cancel = false;
+  std::vector<Metrics> points(2000, EpochEnd(0, 0.5));
+  ASSERT_TRUE(Report(a, pretrain, points, &cancel).ok());
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(1, 0.6)}, &cancel).ok());
+  int epoch_events = 0;
+  while (stream->Read(&event)) {
+    if (event.message().find("epoch ") != std::string::npos) ++epoch_events;
+    if (event.message().find("epoch 2 of") != std::string::npos) break;
+  }
+  EXPECT_EQ(epoch_events, 2);
+  watch_context.TryCancel();
 }
 
 // A stored manifest that does not inflate (DATA_LOSS) fails the leased task, naming it, instead of

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <new>
@@ -538,6 +540,43 @@ TEST(AudioMp3Test, WithoutXingTagDecodesToTheEndOfTheStream) {
   }
 }
 
+// An ID3v2 tag of hundreds of KB (cover art) before the audio: an mp3 without a length tag was
+// called truncated (libsndfile, reading it as a stream, refused a header allocation of that size),
+// and one with a Xing tag was too when its first frame lay past the 256 KB looked at. Both decode
+// to the samples of the same file without the tag.
+TEST(AudioMp3Test, LargeId3TagsDecodeAsWithout) {
+  if (!HaveTool("ffmpeg")) GTEST_SKIP() << "ffmpeg is not installed (needed to encode the mp3s)";
+  TempDir tmp;
+  const int rate = 44100;
+  const std::string wav = tmp.Sub("noise.wav");
+  WriteAudio(wav, SF_FORMAT_WAV | SF_FORMAT_PCM_16, rate, 1, Noise(int64_t{3} * rate, 5));
+  for (const std::string xing : {"0", "1"}) {
+    const std::string mp3 = tmp.Sub("plain" + xing + ".mp3");
+    bool ok = false;
+    RunCapture("ffmpeg -nostdin -v error -y -i " + ShellQuote(wav) + " -c:a libmp3lame -q:a 4 -id3v2_version 0 -write_xing " +
+                   xing + " " + ShellQuote(mp3),
+               &ok);
+    ASSERT_TRUE(ok) << "ffmpeg could not encode " << mp3;
+    std::string bytes;
+    {
+      std::ifstream in(mp3, std::ios::binary);
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    // ID3v2.3, no flags, a 300,000-byte body of padding (zeros), its size syncsafe.
+    const uint32_t body = 300000;
+    std::string tag = {'I', 'D', '3', 3, 0, 0, static_cast<char>((body >> 21) & 0x7F), static_cast<char>((body >> 14) & 0x7F),
+                       static_cast<char>((body >> 7) & 0x7F), static_cast<char>(body & 0x7F)};
+    tag.append(body, '\0');
+    const std::string tagged = tmp.Sub("tagged" + xing + ".mp3");
+    std::ofstream(tagged, std::ios::binary) << tag << bytes;
+    DecodeResult want = Decode(mp3, 32000);
+    ASSERT_TRUE(want.ok()) << want.failure.message;
+    DecodeResult got = Decode(tagged, 32000);
+    ASSERT_TRUE(got.ok()) << xing << ": " << AudioProblemName(got.failure.problem) << ": " << got.failure.message;
+    EXPECT_EQ(got.audio.samples, want.audio.samples) << xing;
+  }
+}
+
 // --- Problems ----------------------------------------------------------------------------------
 
 void ExpectProblem(const std::string& path, AudioProblem problem,
@@ -714,6 +753,24 @@ TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
     TruncateCopy(full, cut, 0.5);
     ExpectProblem(cut, AudioProblem::kTruncated,
                   name == "a.flac" ? "flac decoder lost sync" : "data chunk is cut short");
+  }
+  // A WAV written to a pipe (`ffmpeg ... -f wav -`) says 0xFFFFFFFF, "length unknown", for its
+  // RIFF and data sizes: whole, not cut short (it was called truncated).
+  {
+    const std::string whole = tmp.Sub("a.wav");
+    std::string bytes;
+    {
+      std::ifstream in(whole, std::ios::binary);
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    const size_t data = bytes.find("data");
+    ASSERT_NE(data, std::string::npos);
+    for (size_t at : {size_t{4}, data + 4}) bytes.replace(at, 4, std::string(4, '\xff'));
+    const std::string piped = tmp.Sub("piped.wav");
+    std::ofstream(piped, std::ios::binary) << bytes;
+    DecodeResult decoded = Decode(piped, 16000, ChannelMode::kFirst, 0.0, 0.0);
+    ASSERT_TRUE(decoded.ok()) << decoded.failure.message;
+    EXPECT_EQ(decoded.audio.samples.size(), tone.size());
   }
   // A window before the cut still decodes: only what is decoded can be judged on the fly.
   std::string cut = tmp.Sub("cut50.mp3");

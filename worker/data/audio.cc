@@ -27,6 +27,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/status.h"
 
 namespace aviary::worker {
@@ -53,11 +54,19 @@ constexpr int kMaxSourceRate = 768000;
 // the stream, where on a regular file sf_readf_* stop at the estimated count.
 class StreamFeeder {
  public:
-  // The read end for sf_open_fd (libsndfile closes it), or -1 (errno set) on failure.
-  static std::unique_ptr<StreamFeeder> Start(const std::string& path, int* read_fd) {
+  // The read end for sf_open_fd (libsndfile closes it), or -1 (errno set) on failure. The stream
+  // starts `skip` bytes into the file (past an MPEG file's ID3v2 tags: read as a stream,
+  // libsndfile refuses a header allocation for one of 50 KB or more, cover art).
+  static std::unique_ptr<StreamFeeder> Start(const std::string& path, int* read_fd, off_t skip = 0) {
     *read_fd = -1;
     const int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (in < 0) return nullptr;
+    if (skip > 0 && ::lseek(in, skip, SEEK_SET) != skip) {
+      const int err = errno;
+      ::close(in);
+      errno = err;
+      return nullptr;
+    }
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
       ::close(in);
@@ -268,22 +277,28 @@ bool IsMpeg(const SF_INFO& info) { return (info.format & SF_FORMAT_TYPEMASK) == 
 // tag, in its first frame. libsndfile (mpg123) reports an exact frame count only then; without
 // one (`-write_xing 0`, many streams and cut files) it estimates the count from the file size
 // and the first frame's bitrate, which for VBR is off either way (a 30 s file "of 9 s", a 12 s
-// file "of 42 s"). Reads the first frame after any ID3v2 tags.
-bool MpegStatesLength(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return false;
+// file "of 42 s"). Reads the first frame after any ID3v2 tags, which may be of any size (cover
+// art: hundreds of KB); `*audio_start` gets where they end (0 without any).
+bool MpegStatesLength(const std::string& path, off_t* audio_start) {
+  *audio_start = 0;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  off_t start = 0;
+  for (;;) {  // ID3v2 tags (syncsafe sizes), each read where it starts
+    unsigned char h[10];
+    if (::pread(fd, h, sizeof(h), start) != static_cast<ssize_t>(sizeof(h)) || std::memcmp(h, "ID3", 3) != 0) break;
+    const off_t size = (off_t{h[6]} & 0x7F) << 21 | (off_t{h[7]} & 0x7F) << 14 | (off_t{h[8]} & 0x7F) << 7 |
+                       (off_t{h[9]} & 0x7F);
+    start += 10 + size + ((h[5] & 0x10) ? 10 : 0);
+  }
+  *audio_start = start;
   std::string head(256 * 1024, '\0');
-  head.resize(std::fread(head.data(), 1, head.size(), f));
-  std::fclose(f);
+  const ssize_t got = ::pread(fd, head.data(), head.size(), start);
+  ::close(fd);
+  head.resize(got > 0 ? static_cast<size_t>(got) : 0);
   const auto* d = reinterpret_cast<const unsigned char*>(head.data());
   const size_t n = head.size();
   size_t pos = 0;
-  while (n - pos >= 10 && std::memcmp(d + pos, "ID3", 3) == 0) {  // ID3v2 tags (syncsafe size)
-    const size_t size = (size_t{d[pos + 6]} & 0x7F) << 21 | (size_t{d[pos + 7]} & 0x7F) << 14 |
-                        (size_t{d[pos + 8]} & 0x7F) << 7 | (size_t{d[pos + 9]} & 0x7F);
-    pos += 10 + size + ((d[pos + 5] & 0x10) ? 10 : 0);
-    if (pos >= n) return false;
-  }
   // The first plausible frame header: sync, a version, Layer III, a bitrate, a sample rate.
   for (; pos + 4 <= n; ++pos) {
     if (d[pos] != 0xFF || (d[pos + 1] & 0xE0) != 0xE0) continue;
@@ -322,6 +337,9 @@ std::string WavTruncationNote(SNDFILE* file, int format) {
   absl::string_view text(log);
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     if (absl::StartsWith(line, "data :") && absl::StrContains(line, "(should be")) {
+      // 0xFFFFFFFF is "length unknown" (a WAV written to a pipe: `ffmpeg ... -f wav -`, arecord),
+      // not a longer data chunk: the file is whole.
+      if (absl::StartsWith(absl::StripLeadingAsciiWhitespace(line.substr(6)), "4294967295")) return "";
       return std::string(line);
     }
   }
@@ -498,13 +516,14 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
                                     kMaxSourceRate, " Hz): a corrupt header"));
     return false;
   }
-  if (IsMpeg(*info) && !MpegStatesLength(path)) {
+  off_t audio_start = 0;
+  if (IsMpeg(*info) && !MpegStatesLength(path, &audio_start)) {
     // MPEG without a Xing/Info/VBRI tag: libsndfile's count is an estimate (far off either way
     // for VBR), and sf_readf_* stop at it. Reopen the file as a stream: the length is then
     // unknown (SF_COUNT_MAX) and a decode reads to the end of the stream, where a stream that
     // ends is no truncation.
     int fd = -1;
-    std::unique_ptr<StreamFeeder> feeder = StreamFeeder::Start(path, &fd);
+    std::unique_ptr<StreamFeeder> feeder = StreamFeeder::Start(path, &fd, audio_start);
     if (feeder == nullptr) {
       const int err = errno;
       file->reset(nullptr);
