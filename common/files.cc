@@ -84,12 +84,22 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   return ReadFileToString(path, SIZE_MAX);
 }
 
-absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max_bytes) {
-  AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path));
-  // read(2) into a string of the file's size: a stream copy grows its buffer step by step
-  // (a BirdCLEF-size metadata CSV is tens of MB and the submit path reads several).
+namespace {
+
+// The open `fd` of `path` read whole, at most `max_bytes`; closes it. read(2) into a string of
+// the file's size: a stream copy grows its buffer step by step (a BirdCLEF-size metadata CSV is
+// tens of MB and the submit path reads several). `regular_only`: anything but a regular file is
+// INVALID_ARGUMENT.
+absl::StatusOr<std::string> ReadOpenFile(const std::string& path, int fd, size_t max_bytes, bool regular_only) {
   struct stat st;
-  const size_t size = ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;
+  const bool stated = ::fstat(fd, &st) == 0;
+  if (regular_only && !(stated && S_ISREG(st.st_mode))) {
+    const int err = errno;
+    ::close(fd);
+    return stated ? absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file (a pipe, a device or a socket)"))
+                  : absl::InternalError(absl::StrCat(path, ": cannot stat: ", std::strerror(err)));
+  }
+  const size_t size = stated && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;  // /proc files say 0
   if (size > max_bytes) {
     ::close(fd);
     return TooLarge(path, max_bytes);
@@ -99,27 +109,17 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max
   return out;
 }
 
+}  // namespace
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path, size_t max_bytes) {
+  AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path));
+  return ReadOpenFile(path, fd, max_bytes, /*regular_only=*/false);
+}
+
 absl::StatusOr<std::string> ReadRegularFile(const std::string& path, size_t max_bytes) {
-  // O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+  // O_NONBLOCK: a FIFO opens at once (and is refused) instead of waiting for a writer.
   AVIARY_ASSIGN_OR_RETURN(const int fd, OpenToRead(path, O_NONBLOCK));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return absl::InternalError(absl::StrCat(path, ": cannot stat: ", std::strerror(err)));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file (a pipe, a device or a socket)"));
-  }
-  const size_t size = st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;  // /proc files say 0
-  if (size > max_bytes) {
-    ::close(fd);
-    return TooLarge(path, max_bytes);
-  }
-  std::string out(size, '\0');
-  AVIARY_RETURN_IF_ERROR(ReadToEnd(path, fd, &out, 0, max_bytes));
-  return out;
+  return ReadOpenFile(path, fd, max_bytes, /*regular_only=*/true);
 }
 
 namespace {
