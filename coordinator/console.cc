@@ -714,6 +714,9 @@ std::optional<std::string> Console::SessionToken(const std::string& cookie) {
 }
 
 void Console::EndSession(const std::string& cookie) {
+  // Only a session that verifies: a logout needs no token, and made-up cookies filled the set
+  // and pushed the real logouts out of it.
+  if (!SessionToken(cookie).has_value()) return;
   const std::vector<std::string> parts = absl::StrSplit(cookie, '.');
   int64_t expires = 0;
   if (parts.size() != 4 || !absl::SimpleAtoi(parts[0], &expires)) return;

@@ -253,6 +253,11 @@ absl::Status Scheduler::Restore() {
     group->last_seen_ms = now;  // every heartbeat clock restarts now
     // Told by an earlier coordinator, perhaps a longer timeout than this one's.
     group->fence_timeout_ms = std::max(timeout_ms, fence_told_ms);
+    // The task it holds is the one whose last log lines it may ship after it ends.
+    group->last_task_id = group->row.task_id;
+    if (auto task = tasks_.find(group->row.task_id); task != tasks_.end()) {
+      group->last_attempt = task->second.info.attempt();
+    }
     groups_[group->row.group_id] = std::move(group);
   }
 
@@ -556,10 +561,15 @@ void Scheduler::ApplyChanges(Changes* changes) {
       fresh->fence_timeout_ms = HeartbeatTimeoutMs();  // as RegisterGroup tells it
       it = groups_.emplace(id, std::move(fresh)).first;
     }
-    if (!group.task_id.empty()) {
-      it->second->last_task_id = group.task_id;
-      auto task = tasks_.find(group.task_id);
+    // The task it holds now, else the one it held until this change (a completion clears it).
+    const std::string& last = !group.task_id.empty() ? group.task_id : it->second->row.task_id;
+    if (!last.empty() && last != it->second->last_task_id) {
+      it->second->last_task_id = last;
+      auto task = tasks_.find(last);
       it->second->last_attempt = task != tasks_.end() ? task->second.info.attempt() : 0;
+    } else if (!group.task_id.empty()) {  // the same task leased again (a retry): its attempt
+      auto task = tasks_.find(last);
+      if (task != tasks_.end()) it->second->last_attempt = task->second.info.attempt();
     }
     it->second->row = std::move(group);
   }
@@ -1875,13 +1885,17 @@ absl::StatusOr<bool> Scheduler::ReportProgress(const aviary::v1::ReportProgressR
     *task.info.mutable_latest() = points.back();
     task.info.set_updated_unix_ms(now);
   }
+  // Each epoch's last end in the batch: an earlier end of the same epoch (a resumed run's repeats)
+  // is no event of its own (a report of thousands of one epoch's ends sent every watcher
+  // thousands of job snapshots).
+  std::map<int, size_t> last_end;
+  for (size_t i = 0; i < points.size(); ++i) {
+    if (points[i].epoch_end()) last_end[points[i].epoch()] = i;
+  }
   for (size_t i = 0; i < points.size(); ++i) {
     const aviary::v1::Metrics& point = points[i];
-    // Gauges keep the latest values only: epoch ends and the last point are enough. An epoch end
-    // the next point of the batch repeats (a resumed run's) is no event of its own: a report of
-    // thousands of one epoch's ends sent every watcher thousands of job snapshots.
-    const bool repeated = point.epoch_end() && i + 1 < points.size() && points[i + 1].epoch_end() &&
-                          points[i + 1].epoch() == point.epoch();
+    // Gauges keep the latest values only: epoch ends and the last point are enough.
+    const bool repeated = point.epoch_end() && last_end.at(point.epoch()) != i;
     if (!repeated && (point.epoch_end() || i + 1 == points.size())) {
       changes.points.emplace_back(task.info, point);
       changes.events.push_back(

@@ -3572,6 +3572,10 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   ASSERT_EQ(got.tasks(0).lines_size(), 1);
   EXPECT_EQ(got.tasks(0).lines(0).seq(), 1);
   EXPECT_GT(got.tasks(0).log_id(), before);
+  // A task held across the restart and ended since: its last lines (the agent ships them after
+  // CompleteTask) are still its group's to ship.
+  ASSERT_TRUE(Complete(group, finetune, Checkpoint(finetune, "best.pt")).ok());
+  ASSERT_TRUE(ship(group, finetune, {"the result"}).ok());
 }
 
 TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {
@@ -3830,7 +3834,14 @@ TEST_F(CoordinatorServiceTest, RepeatedEpochEndsInOneReportAreOneEvent) {
   JobEvent event;
   ASSERT_TRUE(stream->Read(&event));  // the snapshot
   bool cancel = false;
-  std::vector<Metrics> points(2000, EpochEnd(0, 0.5));
+  // The repeats alone, and between ordinary points of the epoch.
+  std::vector<Metrics> points(1000, EpochEnd(0, 0.5));
+  for (int i = 0; i < 500; ++i) {
+    Metrics step = EpochEnd(0, 0.5);
+    step.set_epoch_end(false);
+    points.push_back(step);
+    points.push_back(EpochEnd(0, 0.5));
+  }
   ASSERT_TRUE(Report(a, pretrain, points, &cancel).ok());
   ASSERT_TRUE(Report(a, pretrain, {EpochEnd(1, 0.6)}, &cancel).ok());
   int epoch_events = 0;

@@ -284,7 +284,7 @@ bool MpegStatesLength(const std::string& path, off_t* audio_start) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
   off_t start = 0;
-  for (;;) {  // ID3v2 tags (syncsafe sizes), each read where it starts
+  for (int tags = 0; tags < 64; ++tags) {  // ID3v2 tags (syncsafe sizes), each read where it starts
     unsigned char h[10];
     if (::pread(fd, h, sizeof(h), start) != static_cast<ssize_t>(sizeof(h)) || std::memcmp(h, "ID3", 3) != 0) break;
     const off_t size = (off_t{h[6]} & 0x7F) << 21 | (off_t{h[7]} & 0x7F) << 14 | (off_t{h[8]} & 0x7F) << 7 |
