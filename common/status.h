@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 
 #define AVIARY_STATUS_CONCAT_INNER_(a, b) a##b
@@ -54,10 +55,27 @@ inline int ExitCodeFor(absl::StatusCode code) {
 // The process exit code for a command's final status (see above).
 inline int ExitCodeFor(const absl::Status& status) { return ExitCodeFor(status.code()); }
 
-// Prepends `context` to the message of `status`, keeping its code: "context: message".
+// Prepends `context` to the message of `status`, keeping its code and payloads (a storage
+// fault, a revoked lease): "context: message".
 inline absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+  absl::Status annotated(status.code(), absl::StrCat(context, ": ", status.message()));
+  status.ForEachPayload([&annotated](absl::string_view url, const absl::Cord& payload) {
+    annotated.SetPayload(url, payload);
+  });
+  return annotated;
+}
+
+// A write the lease fence refused because the coordinator took the task's lease away (a user's
+// cancel, the task given to another group): the expected end of a cancel, which a group logs as
+// a warning, not as its own failure. Marked on the status as a payload.
+inline constexpr absl::string_view kLeaseRevokedUrl = "type.aviary/lease-revoked";
+inline absl::Status MarkLeaseRevoked(absl::Status status) {
+  if (!status.ok()) status.SetPayload(kLeaseRevokedUrl, absl::Cord("1"));
+  return status;
+}
+inline bool IsLeaseRevoked(const absl::Status& status) {
+  return !status.ok() && status.GetPayload(kLeaseRevokedUrl).has_value();
 }
 
 }  // namespace aviary::common

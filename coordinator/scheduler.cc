@@ -1738,8 +1738,10 @@ bool Scheduler::GroupHolds(const Group& group, const std::string& task_id) const
   return held != nullptr && held->info.task_id() == task_id;
 }
 
-// "(state CANCELLED)": the worker's link logs reports refused so as a warning (a user's cancel, or
-// the job's cancel after another task failed, which that task reports).
+// The worker's link (worker/agent/coordinator_link.cc TakenAwayByAUser) reads these words: it
+// logs reports refused "(state CANCELLED)" (a user's cancel, or the job's cancel after another
+// task failed, which that task reports), "(state READY|BLOCKED)" (a cancel, then a retry) or
+// "no such task" (a cancel, then a delete) as a warning.
 absl::Status Scheduler::RequireHolder(const Group& group, const std::string& task_id,
                                       absl::string_view action) const {
   if (GroupHolds(group, task_id)) return absl::OkStatus();

@@ -728,21 +728,22 @@ absl::Status Trainer::State::ShareWriteOutcome(const absl::Status& wrote, const 
   // may end this process before its own error is printed.
   // A write the lease fence refused because the coordinator revoked the lease (a cancel; the task
   // given to another group: worker/agent/coordinator_link.cc) is the expected end of a cancel: a
-  // warning. An expired lease (a partition) or another failure is an error.
+  // warning, on every rank. An expired lease (a partition) or another failure is an error.
   if (rank == 0 && !wrote.ok()) {
     const std::string line = absl::StrCat("writing ", what, ": ", wrote.message());
-    if (absl::IsAborted(wrote) && absl::StrContains(wrote.message(), "is gone (the coordinator cancelled it")) {
+    if (common::IsLeaseRevoked(wrote)) {
       Log().Warn(line);
     } else {
       Log().Error(line);
     }
   }
-  at::Tensor code = at::tensor({static_cast<int64_t>(wrote.code())}, at::kLong);
-  AVIARY_RETURN_IF_ERROR(comm->AllReduce(code, comm::ReduceOp::kMax));
-  const auto rank0 = static_cast<absl::StatusCode>(code[0].item<int64_t>());
-  if (rank != 0 && rank0 != absl::StatusCode::kOk) {
-    *shared = absl::Status(rank0, absl::StrCat("rank ", rank, ": rank 0 could not write ", what, " to ",
-                                               options.out_dir, " (its error ends the task)"));
+  AVIARY_ASSIGN_OR_RETURN(const comm::RootOutcome root, comm::ShareRootOutcome(*comm, wrote));
+  if (rank != 0 && root.code != absl::StatusCode::kOk) {
+    *shared = absl::Status(root.code, absl::StrCat("rank ", rank, ": rank 0 could not write ", what, " to ",
+                                                   options.out_dir, " (its error ends the task",
+                                                   root.lease_revoked ? ": the coordinator took the lease away" : "",
+                                                   ")"));
+    if (root.lease_revoked) *shared = common::MarkLeaseRevoked(*shared);
   }
   return absl::OkStatus();
 }

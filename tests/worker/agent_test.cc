@@ -25,6 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status.h"
 #include "gtest/gtest.h"
 
 namespace aviary::worker {
@@ -328,12 +329,28 @@ TEST(LeaseClockTest, RevokedAtOnceAndFreshForTheNextLease) {
   absl::Status st = lease.Check("/r/best.pt", t0);
   ASSERT_TRUE(absl::IsAborted(st));
   EXPECT_NE(st.message().find("no longer knows group g1"), std::string::npos) << st;
+  EXPECT_FALSE(common::IsLeaseRevoked(st)) << "a lost group is no cancel";
+  lease.Revoke("a cancel heard later", /*by_cancel=*/true);  // the first reason stands
+  EXPECT_FALSE(common::IsLeaseRevoked(lease.Check("/r/best.pt", t0)));
   lease.Renew("j1/pretrain-f0", t0 + milliseconds(1000));  // a late answer does not revive it
   EXPECT_FALSE(lease.Check("/r/best.pt", t0 + milliseconds(1000)).ok());
   lease.End();
   EXPECT_TRUE(lease.Check("/r/best.pt", t0 + std::chrono::hours(5)).ok());  // no lease: nothing to fence
   lease.Begin("j1/pretrain-f0", 2, t0 + milliseconds(2000));
   EXPECT_TRUE(lease.Check("/r/best.pt", t0 + milliseconds(2000)).ok());
+  // Taken away by the coordinator (a cancel): the refusal is marked as the end of a cancel, and
+  // the mark does not outlive the lease.
+  lease.Revoke("the coordinator cancelled it or gave it to another group (Heartbeat)", /*by_cancel=*/true);
+  st = lease.Check("/r/last.pt", t0 + milliseconds(2000));
+  EXPECT_TRUE(absl::IsAborted(st)) << st;
+  EXPECT_TRUE(common::IsLeaseRevoked(st)) << st;
+  EXPECT_TRUE(common::IsLeaseRevoked(common::Annotate(st, "epoch 1's files")));
+  lease.Begin("j1/pretrain-f0", 3, t0 + milliseconds(3000));
+  lease.Revoke("the coordinator no longer knows group g1");
+  EXPECT_FALSE(common::IsLeaseRevoked(lease.Check("/r/last.pt", t0 + milliseconds(3000))));
+  // Expired, not revoked: no mark.
+  lease.Begin("j1/pretrain-f0", 4, t0 + milliseconds(4000));
+  EXPECT_FALSE(common::IsLeaseRevoked(lease.Check("/r/last.pt", t0 + std::chrono::hours(2))));
 }
 
 // A coordinator restarted with a shorter heartbeat timeout says so in a heartbeat's answer: the

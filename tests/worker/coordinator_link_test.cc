@@ -15,7 +15,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "coordinator/service.h"
 #include "gtest/gtest.h"
@@ -433,6 +435,73 @@ TEST_F(CoordinatorLinkTest, ARotatedTokenIsReadAgainFromItsFileAndTheCompletionA
 // A run of points of which the coordinator refuses one (INVALID_ARGUMENT: an epoch outside the
 // task's plan) loses that point only: the epoch ends around it reach the history (the whole run
 // was dropped with it).
+// A task the user cancelled and then retried or deleted: the group's late reports are refused
+// by the real coordinator, and dropped with a warning, as after a cancel alone; another group's
+// task is an error.
+TEST_F(CoordinatorLinkTest, ReportsRefusedAfterAUsersCancelRetryOrDeleteAreWarnings) {
+  std::vector<std::pair<common::LogLevel, std::string>> lines;
+  absl::Mutex mu;
+  struct UntapOnReturn {
+    ~UntapOnReturn() { common::SetLogTap(nullptr); }
+  } untap;
+  for (const std::string then : {"cancel", "delete", "retry"}) {  // retry last: its task is READY again
+    SCOPED_TRACE(then);
+    v1::SubmitJobResponse submitted;
+    ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+    CoordinatorLink link(options_, metrics_.get(), OneRank());
+    v1::Task task;
+    ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+    v1::CancelJobRequest cancel;
+    cancel.set_job_id(submitted.job_id());
+    v1::CancelJobResponse cancelled;
+    ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+    if (then == "retry") {
+      v1::RetryJobRequest retry;
+      retry.set_job_id(submitted.job_id());
+      v1::JobInfo retried;
+      const grpc::Status st = jobs_->RetryJob(Ctx().get(), retry, &retried);
+      ASSERT_TRUE(st.ok()) << st.error_message();
+    } else if (then == "delete") {
+      v1::DeleteJobRequest remove;
+      remove.set_job_id(submitted.job_id());
+      v1::DeleteJobResponse removed;
+      const grpc::Status st = jobs_->DeleteJob(Ctx().get(), remove, &removed);
+      ASSERT_TRUE(st.ok()) << st.error_message();
+    }
+    // Tapped here: a link's destructor (the last iteration's) removes the tap.
+    common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
+      absl::MutexLock lock(&mu);
+      if (absl::StrContains(line, "dropped")) lines.emplace_back(level, std::string(line));
+    });
+    {
+      absl::MutexLock lock(&mu);
+      lines.clear();
+    }
+    Report failure;
+    failure.kind = Report::Kind::kFail;
+    failure.task_id = task.task_id();
+    failure.error = "late";
+    failure.retryable = true;
+    link.Push(failure);
+    link.StartThreads();
+    link.Drain(task.task_id(), 30, 0);
+    // The refusal is said before the report leaves the buffer, maybe after Drain saw it taken.
+    for (int i = 0; i < 500; ++i) {
+      absl::MutexLock lock(&mu);
+      if (!lines.empty()) break;
+      mu.AwaitWithTimeout(absl::Condition(+[](decltype(lines)* l) { return !l->empty(); }, &lines), absl::Milliseconds(20));
+    }
+    link.StopThreads();
+    absl::MutexLock lock(&mu);
+    ASSERT_EQ(lines.size(), 1u);
+    EXPECT_EQ(lines[0].first, common::LogLevel::kWarning) << lines[0].second;
+    EXPECT_TRUE(absl::StrContains(lines[0].second, "is not leased to group")) << lines[0].second;
+  }
+  EXPECT_FALSE(TakenAwayByAUser(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                             "task j1/finetune-f0 is not leased to group g2 (state RUNNING)")));
+  EXPECT_FALSE(TakenAwayByAUser(grpc::Status(grpc::StatusCode::NOT_FOUND, "(state CANCELLED)")));
+}
+
 TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
   v1::SubmitJobResponse submitted;
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));

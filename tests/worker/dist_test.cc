@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/metrics.h"
+#include "common/status.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/mpi_session.h"
@@ -68,6 +69,29 @@ TEST(CommunicatorTest, BroadcastAndGather) {
     for (int k = 0; k <= r; ++k) EXPECT_EQ((*all)[at_row++][1].item<int64_t>(), r);
   }
   EXPECT_TRUE(Comm().Barrier().ok());
+}
+
+// Rank 0's write outcome on every rank, and whether the coordinator's revoking of the lease
+// refused it (the others then log the cancel as a warning, not as their failure).
+TEST(CommunicatorTest, RankZerosOutcomeAndItsLeaseMarkReachEveryRank) {
+  const bool root = Comm().rank() == 0;
+  auto ok = ShareRootOutcome(Comm(), absl::OkStatus());
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->code, absl::StatusCode::kOk);
+  EXPECT_FALSE(ok->lease_revoked);
+  const absl::Status refused = absl::AbortedError("lease for task t attempt 1 is gone; not writing last.pt");
+  auto cancelled = ShareRootOutcome(Comm(), root ? common::MarkLeaseRevoked(refused) : absl::OkStatus());
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+  EXPECT_EQ(cancelled->code, absl::StatusCode::kAborted);
+  EXPECT_TRUE(cancelled->lease_revoked);
+  auto expired = ShareRootOutcome(Comm(), root ? refused : absl::OkStatus());
+  ASSERT_TRUE(expired.ok()) << expired.status();
+  EXPECT_EQ(expired->code, absl::StatusCode::kAborted);
+  EXPECT_FALSE(expired->lease_revoked);
+  auto full = ShareRootOutcome(Comm(), root ? absl::ResourceExhaustedError("disk full") : absl::OkStatus());
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->code, absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(full->lease_revoked);
 }
 
 TEST(BucketPlannerTest, SplitsAtByteCapFirstBucketSmallReverseOrder) {

@@ -25,6 +25,7 @@
 #include "common/manifest.h"
 #include "common/csv.h"
 #include "common/files.h"
+#include "common/status.h"
 #include "client/synth.h"
 #include "gtest/gtest.h"
 #include "worker/checkpoint.h"
@@ -222,6 +223,7 @@ TEST_F(TrainerTest, AnInterruptedAndResumedRunEqualsAnUninterruptedOne) {
   ASSERT_TRUE(sixth.ok());
   absl::Status refused = (*sixth)->Run();
   EXPECT_TRUE(absl::IsAborted(refused)) << refused;
+  EXPECT_FALSE(common::IsLeaseRevoked(refused)) << "an expired lease is no cancel";
   EXPECT_NE(refused.message().find("not writing " + history), std::string::npos) << refused;
   EXPECT_EQ(*common::ReadFileToString(history), last_row_cut);
 }
@@ -362,12 +364,17 @@ TEST_F(TrainerTest, AnEpochSavedBeforeItsValidationResumesThere) {
   b.out_dir = Out("before_validation");
   b.checkpoint_before_validation_s = 0;  // every epoch
   b.commit_check = [](const std::string& path) {
-    if (absl::EndsWith(path, "/best.pt")) return absl::AbortedError("stopped for the test: not writing " + path);
+    // As a cancel's revoked lease refuses it (worker/agent/lease_clock.cc).
+    if (absl::EndsWith(path, "/best.pt")) {
+      return common::MarkLeaseRevoked(absl::AbortedError("stopped for the test: not writing " + path));
+    }
     return absl::OkStatus();
   };
   auto first = Trainer::Create(two, b);
   ASSERT_TRUE(first.ok()) << first.status();
-  ASSERT_TRUE(absl::IsAborted((*first)->Run()));
+  const absl::Status cancelled = (*first)->Run();
+  ASSERT_TRUE(absl::IsAborted(cancelled)) << cancelled;
+  EXPECT_TRUE(common::IsLeaseRevoked(cancelled)) << "the refusal's mark is lost on the way: " << cancelled;
   auto saved = ReadCheckpointMeta(b.out_dir + "/last.pt");
   ASSERT_TRUE(saved.ok()) << saved.status();
   EXPECT_EQ(saved->epoch, -1);

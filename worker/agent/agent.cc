@@ -417,7 +417,14 @@ Outcome Agent::RunTask(const v1::Task& task) {
   std::vector<EpochRecord> history;
   absl::Status status = Train(task, *prepared, &history);
   if (!status.ok() && !absl::IsCancelled(status)) {
-    Log().Error(absl::StrCat("task ", task_.id, " on rank ", control_.rank(), ": ", status.message()));
+    // A write refused because the coordinator took the lease away is how a cancel heard during
+    // the epoch's writes ends: a warning (on every rank: the trainer shares rank 0's mark).
+    const std::string line = absl::StrCat("task ", task_.id, " on rank ", control_.rank(), ": ", status.message());
+    if (common::IsLeaseRevoked(status)) {
+      Log().Warn(line);
+    } else {
+      Log().Error(line);
+    }
   }
   // T6. When one of this rank's collectives timed out (comm.timeout_s: a peer did not arrive),
   // the peers are either here already (one failed alone) or cannot be reached (a network

@@ -747,6 +747,19 @@ bool CoordinatorLink::SleepUnlessStopped(std::chrono::steady_clock::duration d) 
   return !sleep_cv_.wait_for(lock, d, [this] { return stopping_; });
 }
 
+bool TakenAwayByAUser(const grpc::Status& refused) {
+  // coordinator/scheduler.cc RequireHolder: "task T is not leased to group G (state S)", or
+  // "(task_id 'T': no such task; its job was deleted)". CANCELLED: a cancel; READY or BLOCKED:
+  // a cancel and then `aviary retry` (a group the coordinator reaped is refused NOT_FOUND).
+  if (refused.error_code() != grpc::StatusCode::FAILED_PRECONDITION) return false;
+  const std::string& text = refused.error_message();
+  if (!absl::StrContains(text, " is not leased to group ")) return false;
+  for (const char* moved : {"(state CANCELLED)", "(state READY)", "(state BLOCKED)", "no such task; its job was deleted"}) {
+    if (absl::StrContains(text, moved)) return true;
+  }
+  return false;
+}
+
 void CoordinatorLink::ShipLoop() {
   while (true) {
     int interval_ms;
@@ -764,7 +777,8 @@ void CoordinatorLink::CancelIfCurrent(const std::string& task_id, int64_t genera
   if (task_id.empty() || task_id != task_id_ || cancel_) return;
   if (generation >= 0 && generation != lease_generation_) return;
   cancel_ = true;
-  lease_.Revoke(absl::StrCat("the coordinator cancelled it or gave it to another group (", rpc, ")"));
+  lease_.Revoke(absl::StrCat("the coordinator cancelled it or gave it to another group (", rpc, ")"),
+                /*by_cancel=*/true);
   Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
 }
 
@@ -920,11 +934,11 @@ void CoordinatorLink::SenderLoop() {
       }
     } else {
       // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would
-      // get the same answer. A task the user cancelled is the expected case: a warning.
+      // get the same answer. A task the user cancelled (and maybe retried or deleted since) is
+      // the expected case: a warning.
       const std::string line = absl::StrCat(Failed(RpcName(run.front().kind), st, gid).message(), "; ", run.size(),
                                             " report(s) of task ", run.front().task_id, " dropped");
-      if (st.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-          absl::StrContains(st.error_message(), "(state CANCELLED)")) {
+      if (TakenAwayByAUser(st)) {
         Log().Warn(line);
       } else {
         Log().Error(line);

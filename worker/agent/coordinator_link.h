@@ -224,6 +224,10 @@ class CoordinatorLink {
   std::shared_ptr<LogBuffer> logs_ = std::make_shared<LogBuffer>();
 };
 
+// True when `refused` says the task was taken from this group by a user (cancelled, then maybe
+// retried or its job deleted): reports refused so are dropped with a warning, not an error.
+bool TakenAwayByAUser(const grpc::Status& refused);
+
 }  // namespace aviary::worker
 
 #endif  // AVIARY_WORKER_AGENT_COORDINATOR_LINK_H_

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/status.h"
 
 namespace aviary::worker {
 
@@ -37,6 +38,7 @@ void LeaseClock::Begin(const std::string& task_id, int attempt, Clock::time_poin
   task_id_ = task_id;
   attempt_ = attempt;
   revoked_.clear();
+  revoked_by_cancel_ = false;
   renewed_at_ = asked_at;
   valid_until_ = asked_at + std::chrono::milliseconds(timeout_ms_) - Margin(timeout_ms_);
 }
@@ -48,23 +50,27 @@ void LeaseClock::Renew(const std::string& task_id, Clock::time_point sent_at) {
   valid_until_ = std::max(valid_until_, sent_at + std::chrono::milliseconds(timeout_ms_) - Margin(timeout_ms_));
 }
 
-void LeaseClock::Revoke(const std::string& why) {
+void LeaseClock::Revoke(const std::string& why, bool by_cancel) {
   absl::MutexLock lock(&mu_);
-  if (!task_id_.empty() && revoked_.empty()) revoked_ = why;
+  if (task_id_.empty() || !revoked_.empty()) return;
+  revoked_ = why;
+  revoked_by_cancel_ = by_cancel;
 }
 
 void LeaseClock::End() {
   absl::MutexLock lock(&mu_);
   task_id_.clear();
   revoked_.clear();
+  revoked_by_cancel_ = false;
 }
 
 absl::Status LeaseClock::Check(const std::string& path, Clock::time_point now) const {
   absl::MutexLock lock(&mu_);
   if (task_id_.empty()) return absl::OkStatus();  // not under a lease (nothing to fence)
   if (!revoked_.empty()) {
-    return absl::AbortedError(absl::StrCat("lease for task ", task_id_, " attempt ", attempt_, " is gone (", revoked_,
-                                           "); not writing ", path));
+    absl::Status gone = absl::AbortedError(
+        absl::StrCat("lease for task ", task_id_, " attempt ", attempt_, " is gone (", revoked_, "); not writing ", path));
+    return revoked_by_cancel_ ? common::MarkLeaseRevoked(gone) : gone;
   }
   if (timeout_ms_ <= 0 || now < valid_until_) return absl::OkStatus();
   const double ago_s = std::chrono::duration<double>(now - valid_until_).count();

@@ -38,8 +38,9 @@ class LeaseClock {
   // An answered heartbeat for `task_id` sent at `sent_at` extends the lease (never shortens it).
   void Renew(const std::string& task_id, Clock::time_point sent_at);
   // The lease is gone (cancelled, the group removed): every later Check fails. `why` is logged
-  // in the error.
-  void Revoke(const std::string& why);
+  // in the error. `by_cancel`: the coordinator took it away (a cancel, the task given to another
+  // group), and Check's errors are marked common::MarkLeaseRevoked (the expected end of a cancel).
+  void Revoke(const std::string& why, bool by_cancel = false);
   void End();
 
   // OK while the current lease is valid at `now`; else ABORTED "lease for task T attempt N
@@ -58,6 +59,7 @@ class LeaseClock {
   Clock::time_point valid_until_ ABSL_GUARDED_BY(mu_) = Clock::time_point{};
   Clock::time_point renewed_at_ ABSL_GUARDED_BY(mu_) = Clock::time_point{};  // Begin's or the last Renew's
   std::string revoked_ ABSL_GUARDED_BY(mu_);
+  bool revoked_by_cancel_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace aviary::worker

@@ -123,6 +123,16 @@ absl::StatusOr<at::Tensor> AllGatherRows(Communicator& comm, const at::Tensor& r
   return at::cat(parts, 0);
 }
 
+absl::StatusOr<RootOutcome> ShareRootOutcome(Communicator& comm, const absl::Status& mine) {
+  // The largest code wins: the others pass OK (0). One tensor, one collective.
+  at::Tensor v = at::tensor({static_cast<int64_t>(mine.code()), common::IsLeaseRevoked(mine) ? int64_t{1} : 0}, at::kLong);
+  AVIARY_RETURN_IF_ERROR(comm.AllReduce(v, ReduceOp::kMax));
+  RootOutcome root;
+  root.code = static_cast<absl::StatusCode>(v[0].item<int64_t>());
+  root.lease_revoked = root.code != absl::StatusCode::kOk && v[1].item<int64_t>() != 0;
+  return root;
+}
+
 std::string Communicator::TimeoutText() const {
   if (timeout_why_.empty()) return absl::StrCat("comm.timeout_s = ", timeout_s_, " s");
   return absl::StrCat(timeout_s_, " s (", timeout_why_, ")");

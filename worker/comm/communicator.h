@@ -113,6 +113,15 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
 // differ between ranks (the other dimensions and the dtype may not). Collective.
 absl::StatusOr<at::Tensor> AllGatherRows(Communicator& comm, const at::Tensor& rows);
 
+// What rank 0 alone did (its writes of the run folder), on every rank: the code of rank 0's
+// `mine` (the others pass OK) and whether it was a write refused because the coordinator took
+// the task's lease away (common::IsLeaseRevoked: a cancel, not a failure). Collective.
+struct RootOutcome {
+  absl::StatusCode code = absl::StatusCode::kOk;
+  bool lease_revoked = false;
+};
+absl::StatusOr<RootOutcome> ShareRootOutcome(Communicator& comm, const absl::Status& mine);
+
 // True when this build has the NCCL backend.
 bool NcclBackendBuilt();
 
