@@ -240,10 +240,21 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
                                       : absl::DataLossError(what);
       return outcome;
     }
+    // Stopped, a new epoch, or another row's error: no more attempts (on failing storage each may
+    // take long, and the loader's destructor waits for them).
+    if (Abandoned(build.generation)) {
+      outcome.status = absl::CancelledError("loader: stopped, a new epoch started or the epoch failed");
+      return outcome;
+    }
     // The deterministic substitute: the next items of the epoch order.
     if (pos < 0) pos = std::find(order.begin(), order.end(), build.rows[k]) - order.begin();
     item = order[(pos + attempt + 1) % n];
   }
+}
+
+bool Loader::Abandoned(uint64_t generation) const {
+  absl::MutexLock lock(&mu_);
+  return stopping_ || generation_ != generation || !error_.ok();
 }
 
 bool Loader::WaitToReadAgain(double seconds, uint64_t generation) const {
@@ -347,7 +358,8 @@ void Loader::WorkerLoop() {
     try {
       outcome = FillRow(*build, k);
     } catch (const std::exception& e) {
-      outcome.status = absl::InternalError(absl::StrCat("loader: batch ", build->index, " row ", k, ": ", e.what()));
+      outcome.status = absl::InternalError(absl::StrCat("loader: batch ", build->index, " row ", k, " (",
+                                                        items_[build->rows[k]].path, " or a substitute): ", e.what()));
     }
     bool last = false;
     {

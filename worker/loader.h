@@ -159,6 +159,8 @@ class Loader {
   void WorkerLoop();
   // Decodes row k of `build` into its row of the tensor (training: substituting broken clips).
   RowOutcome FillRow(const Build& build, size_t k) const;
+  // True when the loader stops, a new epoch started or the epoch failed: a row gives up.
+  bool Abandoned(uint64_t generation) const;
   // Sleeps `seconds` unless the loader stops or a new epoch starts (false then).
   bool WaitToReadAgain(double seconds, uint64_t generation) const;
   // The finished batch: the rows left out dropped (validation), the targets, the items.

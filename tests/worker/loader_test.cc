@@ -193,6 +193,49 @@ TEST(LoaderTest, TooManyBrokenClipsInARowFailTheEpochWithTheirNames) {
   EXPECT_NE(r.status().message().find("5 broken clips in a row"), absl::string_view::npos);
 }
 
+// Once a row's substitutions fail the epoch, the rows other threads are substituting give up
+// at their next attempt rather than making all of theirs (each may be slow on failing storage,
+// and the loader's destructor waits for them).
+TEST(LoaderTest, OtherRowsStopSubstitutingOnceTheEpochFailed) {
+  auto items = MakeItems(64);
+  auto o = Options(8);
+  o.num_threads = 2;
+  o.max_substitutions = 32;
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  auto fast_thread = std::make_shared<std::atomic<std::thread::id>>(std::thread::id());
+  auto slow_started = std::make_shared<std::atomic<bool>>(false);
+  ClipFn broken = [calls, fast_thread, slow_started](const LoaderItem& item, bool, uint64_t, absl::Span<float> out) {
+    // The first thread to ask breaks its clips at once, once the other is substituting too; the
+    // other slowly (failing storage).
+    std::thread::id none;
+    fast_thread->compare_exchange_strong(none, std::this_thread::get_id());
+    if (fast_thread->load() != std::this_thread::get_id()) {
+      *slow_started = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    } else {
+      for (int i = 0; i < 1000 && !*slow_started; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ++*calls;
+    std::fill(out.begin(), out.end(), -7.0f);
+    ClipData c;
+    c.problem = "truncated";
+    c.message = item.path + ": truncated";
+    return c;
+  };
+  {
+    auto l = Loader::Create(items, broken, o);
+    ASSERT_TRUE(l.ok());
+    (*l)->StartEpoch(0);
+    Batch b;
+    auto r = (*l)->Next(&b);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  }  // the threads joined
+  // 32 of the failing row; the slow row's attempt under way (a few at most), not its 32.
+  EXPECT_GE(calls->load(), 32);
+  EXPECT_LT(calls->load(), 32 + 16);
+}
+
 // A clip whose read fails now for the first `failures` calls per item in `flaky` (an I/O error
 // on a network share), then succeeds; `unreadable` items never read (an unmounted share).
 ClipFn FlakyClip(std::set<std::string> flaky, int failures, std::set<std::string> unreadable = {}) {

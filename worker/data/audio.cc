@@ -976,9 +976,19 @@ absl::StatusOr<DecodeResult> ProbeAudio(const std::string& path, int target_samp
         absl::StrCat("target_sample_rate ", target_sample_rate, ": must be >= 0"));
   }
   DecodeResult result;
-  SndFile file;
-  SF_INFO info;
-  OpenAudio(path, target_sample_rate, &file, &info, &result.audio, &result.failure);
+  // As DecodeAudioTo: an exception (std::bad_alloc in the open's buffers) is this file's problem
+  // now, not one of a decode thread (the loader would fail the epoch without naming the file).
+  try {
+    SndFile file;
+    SF_INFO info;
+    OpenAudio(path, target_sample_rate, &file, &info, &result.audio, &result.failure);
+  } catch (const std::bad_alloc&) {
+    result = DecodeResult();
+    result.failure = Unreadable(absl::StrCat(path, ": out of memory while opening (std::bad_alloc)"));
+  } catch (const std::exception& e) {
+    result = DecodeResult();
+    result.failure = Failure(AudioProblem::kMissing, absl::StrCat(path, ": the open failed: ", e.what()));
+  }
   return result;
 }
 
