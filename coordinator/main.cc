@@ -144,6 +144,15 @@ int main(int argc, char** argv) {
       overrides.push_back({key, values[i], absl::StrCat(option->get_name(), " ", values[i])});
     }
   }
+  // SIGHUP (a `systemctl reload` just after the start) ends a process that has not blocked it,
+  // and systemd restarts no process a SIGHUP ended: blocked from here on; one that arrives before
+  // the start is done waits, and reloads the tokens once the coordinator serves.
+  sigset_t hangup;
+  sigemptyset(&hangup);
+  sigaddset(&hangup, SIGHUP);
+  if (int err = pthread_sigmask(SIG_BLOCK, &hangup, nullptr); err != 0) {
+    return Fail("cannot start", absl::InternalError(absl::StrCat("pthread_sigmask: error ", err)), 1);
+  }
   auto config = aviary::coordinator::LoadCoordinatorConfig(config_path, overrides);
   if (absl::IsUnavailable(config.status())) {
     // A data root not there now (LoadCoordinatorConfig says it only when nothing else in the
@@ -182,7 +191,12 @@ int main(int argc, char** argv) {
 
   aviary::common::Logger log("coordinator");
   auto coordinator = aviary::coordinator::Coordinator::Start(*config, *secrets);
-  if (!coordinator.ok()) return Fail("cannot start", coordinator.status(), 1);
+  // A database that is not aviary's or not writable, a port file's missing folder: the user's to
+  // fix, exit 2 (systemd does not restart it in vain). An address or database in use, or an
+  // internal error: exit 1, which a restart may outlive.
+  if (!coordinator.ok()) {
+    return Fail("cannot start", coordinator.status(), aviary::common::ExitCodeFor(coordinator.status()));
+  }
 
   while (true) {
     int signal_number = 0;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -773,6 +774,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   } else {
     credentials = grpc::InsecureServerCredentials();
   }
+  // gRPC sets SO_REUSEPORT on Linux by default: a second coordinator of the same user (another
+  // database) would bind the same port, and the kernel would split clients and groups between
+  // the two. Without it the bind fails: "address in use" below.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(config.listen, credentials, &c->grpc_port_);
   grpc::ResourceQuota quota("aviary-coordinator");
   quota.SetMaxThreads(kMaxServerThreads);
@@ -802,23 +807,30 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
     console.tls_key_pem = secrets.tls_key_pem;
     console.grafana_url = config.console_grafana_url;
     AVIARY_ASSIGN_OR_RETURN(c->console_, Console::Start(console, c->scheduler_.get(), c->store_.get(), c->auth_.get()));
-    if (!config.console_port_file.empty()) {
-      AVIARY_RETURN_IF_ERROR(common::Annotate(
-          common::WriteFileAtomically(config.console_port_file, absl::StrCat(c->console_port(), "\n")),
-          "key 'console_port_file'"));
-    }
     c->log_.Info(absl::StrCat("console on ", c->console_->tls() ? "https://" : "http://",
                               WithPort(config.console_listen, c->console_port()), "/"));
   }
-  if (!config.port_file.empty()) {
-    AVIARY_RETURN_IF_ERROR(common::Annotate(
-        common::WriteFileAtomically(config.port_file, absl::StrCat(c->grpc_port_, "\n")),
-        "key 'port_file'"));
-  }
-  if (!config.metrics_port_file.empty() && c->metrics_port() != 0) {
-    AVIARY_RETURN_IF_ERROR(common::Annotate(
-        common::WriteFileAtomically(config.metrics_port_file, absl::StrCat(c->metrics_port(), "\n")),
-        "key 'metrics_port_file'"));
+  // The port files once every listener is up, all or none: a start that fails leaves no file
+  // naming a port nobody serves (which another process may take later).
+  struct PortFile {
+    const char* key;
+    const std::string& path;
+    int port;
+  };
+  const PortFile port_files[] = {
+      {"console_port_file", config.console_port_file, c->console_ ? c->console_port() : 0},
+      {"port_file", config.port_file, c->grpc_port_},
+      {"metrics_port_file", config.metrics_port_file, c->metrics_port()},
+  };
+  std::vector<std::string> written;
+  for (const PortFile& file : port_files) {
+    if (file.path.empty() || file.port == 0) continue;
+    absl::Status wrote = common::WriteFileAtomically(file.path, absl::StrCat(file.port, "\n"));
+    if (!wrote.ok()) {
+      for (const std::string& path : written) ::unlink(path.c_str());
+      return common::Annotate(wrote, absl::StrCat("key '", file.key, "'"));
+    }
+    written.push_back(file.path);
   }
   c->log_.Info(absl::StrCat(
       "listening on ", WithPort(config.listen, c->grpc_port_), " (gRPC",

@@ -357,7 +357,8 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
     const int error = errno;
     ::close(lock_fd);
     if (error == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(absl::StrCat(
+      // UNAVAILABLE: it may end (an old coordinator still stopping), and a restart waits for it.
+      return absl::UnavailableError(absl::StrCat(
           "database ", path, " is in use by another coordinator (", lock_path, " is locked)"));
     }
     return absl::InternalError(absl::StrCat("database ", path, ": flock ", lock_path, ": ",

@@ -1498,6 +1498,41 @@ TEST_F(CoordinatorServiceTest, AWorkDirThatIsNotUtf8IsRefusedAtStart) {
   EXPECT_EQ(common::FirstInvalidUtf8(coordinator.status().message()), std::string::npos);
 }
 
+// gRPC sets SO_REUSEPORT on Linux unless told not to: a second coordinator (another database)
+// would then share the first one's port, and the kernel would split the clients and groups
+// between them. It is refused, naming the address.
+TEST_F(CoordinatorServiceTest, ASecondCoordinatorOnAPortInUseIsRefused) {
+  Start();
+  CoordinatorConfig second = config_;
+  second.listen = absl::StrCat("127.0.0.1:", coordinator_->grpc_port());
+  second.database = root_ + "/second.db";
+  second.work_dir = root_ + "/second_runs";
+  auto secrets = LoadCoordinatorSecrets(second);
+  ASSERT_TRUE(secrets.ok()) << secrets.status();
+  auto coordinator = Coordinator::Start(second, *secrets);
+  ASSERT_FALSE(coordinator.ok()) << "a second coordinator serves port " << coordinator_->grpc_port();
+  EXPECT_EQ(coordinator.status().code(), absl::StatusCode::kUnavailable) << coordinator.status();
+  EXPECT_TRUE(absl::StrContains(coordinator.status().message(), second.listen)) << coordinator.status();
+  EXPECT_TRUE(absl::StrContains(coordinator.status().message(), "address in use")) << coordinator.status();
+}
+
+// The port files are written once every listener is up, all or none: a start that fails
+// leaves none naming a port nobody serves.
+TEST_F(CoordinatorServiceTest, AFailedStartLeavesNoPortFile) {
+  config_.port_file = root_ + "/grpc.port";
+  config_.metrics_port_file = root_ + "/missing_folder/metrics.port";
+  auto secrets = LoadCoordinatorSecrets(config_);
+  ASSERT_TRUE(secrets.ok()) << secrets.status();
+  auto coordinator = Coordinator::Start(config_, *secrets);
+  ASSERT_FALSE(coordinator.ok());
+  EXPECT_TRUE(absl::StrContains(coordinator.status().message(), "key 'metrics_port_file'")) << coordinator.status();
+  EXPECT_FALSE(fs::exists(config_.port_file)) << "a failed start left " << config_.port_file;
+  config_.metrics_port_file = root_ + "/metrics.port";
+  Start();
+  EXPECT_EQ(*common::ReadFileToString(config_.port_file), absl::StrCat(coordinator_->grpc_port(), "\n"));
+  EXPECT_EQ(*common::ReadFileToString(config_.metrics_port_file), absl::StrCat(coordinator_->metrics_port(), "\n"));
+}
+
 TEST_F(CoordinatorServiceTest, TokenFilesAreCheckedAtStart) {
   Write("viewer.token", "viewer-a\nthe-worker-token\n");
   config_.viewer_token_file = root_ + "/viewer.token";

@@ -82,6 +82,21 @@ expect "set \`data_roots\` in the coordinator config" env AVIARY_TOKEN_FILE="$tm
 [ -s "$tmp/state/aviary.db" ] || fail "the database is not in state/"
 [ -z "$(ls -A "$tmp/elsewhere")" ] || fail "the coordinator wrote into the working directory: $(ls -A "$tmp/elsewhere")"
 
+# A second coordinator on the same database, or on the same port (another database): either may
+# start once the first stops, so exit 1 (systemd restarts it). A database that is not aviary's
+# is the user's to fix: exit 2 (systemd does not restart it in vain).
+out=$(timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" --listen 127.0.0.1:0 \
+  --metrics-listen "" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -q "in use by another coordinator" <<<"$out" && ok ||
+  fail "a second coordinator on the same database: rc=$rc (wanted 1): $out"
+out=$(timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" --database "$tmp/second.db" \
+  --listen "127.0.0.1:$port" --metrics-listen "" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -qF "listen 127.0.0.1:$port: cannot serve gRPC there (address in use" <<<"$out" && ok ||
+  fail "a second coordinator on port $port: rc=$rc (wanted 1): $out"
+sqlite3 "$tmp/theirs.db" "CREATE TABLE notes(text TEXT);" || fail "sqlite3"
+expect "not an aviary database" timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" \
+  --database "$tmp/theirs.db" --listen 127.0.0.1:0 --metrics-listen ""
+
 # configs/coordinator.yaml in place, without its token: the error says how to get one.
 cd "$tmp"
 mkdir cfg && printf 'token_file: "token"\n' > cfg/c.yaml
