@@ -13,6 +13,8 @@
 #      restart counted (preempted), at most one more epoch was trained, and the group left
 #      rather than being lost.
 #   3. The same with SIGUSR2 to mpirun (the launchers' stop): mpirun exits 0 within seconds.
+#   4. SIGTERM on rank 1 alone after the task's last step: the task succeeds and the group
+#      leaves rather than leasing on.
 # usage: service_lifecycle.sh BIN_DIR MPIEXEC
 set -uo pipefail
 bin=$1
@@ -66,6 +68,7 @@ grep -q "left the coordinator as group" "$tmp/a.log" || fail "group a did not lo
 sleep 8  # past heartbeat_timeout_s (6 s): a group that did not leave is reaped as lost by now
 check_left a
 check_not_lost "after --max-tasks 1"
+last_step=$(jq_status "$job" 'task("finetune")["latest"]["step"]')
 
 # stop_mid_task NAME SIGNAL JOB: starts group NAME, waits until JOB's task trains epoch 1, sends
 # SIGNAL to mpirun; sets t0 (when), before (the epoch then) and pid_g (mpirun's pid).
@@ -144,6 +147,27 @@ if stop_mid_task c USR2 "$job3"; then
   fi
   check_handed_back c "$job3"
 fi
+
+# 4. A signal on rank 1 alone after the task's last step (during its last validation: no step
+#    exchange follows, only the epoch's end and the finish): the task still succeeds, and the
+#    group leases nothing more and leaves (it used to lease on, rank 1's stop unheard, and
+#    waited idle for ever).
+job4=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false | tail -n 1)
+AVIARY_FAULT_INJECT="rank=1,step=$((last_step - 1)),kind=sigterm" start_group d 2
+pid_d=$group_pid
+echo "job $job4 on group d: SIGTERM on rank 1 in the last step ($((last_step - 1)))"
+if avt 300 watch "$job4" > "$tmp/watch4.log" 2>&1; then ok; else
+  fail "job 4 did not succeed"; tail -n 20 "$tmp/watch4.log"; tail -n 30 "$tmp/d.log"
+fi
+grep -q "AVIARY_FAULT_INJECT: rank 1 raises SIGTERM" "$tmp/d.log" || fail "rank 1 raised no SIGTERM"
+if wait_for 60 bash -c "! kill -0 $pid_d 2>/dev/null"; then
+  wait "$pid_d"; rc=$?
+  [ "$rc" = 0 ] || fail "group d exited with $rc after rank 1's SIGTERM"
+  grep -q "a rank was stopped by a signal" "$tmp/d.log" || fail "group d did not say why it left"
+else
+  fail "group d still runs 60 s after its task, rank 1 stopped by a signal"; tail -n 20 "$tmp/d.log"
+fi
+check_left d
 
 echo "service_lifecycle: $passes checks passed, $fails failed"
 [ "$fails" -eq 0 ]

@@ -152,6 +152,9 @@ class Agent {
   std::unique_ptr<CoordinatorLink> link_;  // rank 0
   std::unique_ptr<StallWatchdog> watchdog_;  // rank 0; after link_: destroyed (joined) first
   std::string leave_reason_;               // rank 0: LeaveGroup's reason after a clean loop end
+  // A signal on some rank seen in any exchange of a task (T4 to T6), also one that a cancel's
+  // stop at the same step, an epoch's end or the finish carried: the group leases no more.
+  bool group_signalled_ = false;
   // The current task's state; RunTask starts it afresh.
   struct TaskState {
     std::string id;
@@ -352,7 +355,7 @@ absl::Status Agent::ServeRank0() {
                             "); the group cannot be trusted any more"));
     }
     if (task_.stop_reason == kGroupLost) link_->DropTask(task.task_id());
-    if (task_.stop_reason == kSignal) {  // a signal on any rank stops the whole group
+    if (task_.stop_reason == kSignal || group_signalled_) {  // a signal on any rank stops the whole group
       leave_reason_ = "a rank was stopped by a signal";
       break;
     }
@@ -501,6 +504,7 @@ std::pair<int64_t, int64_t> Agent::ExchangeSamples(int64_t kind, int64_t decisio
     samples += all[kExchangeRow * r + 3];
     signals += all[kExchangeRow * r + 2];
   }
+  if (signals != 0) group_signalled_ = true;
   if (control_.rank() == 0) {
     task_.group_samples += samples;
     metrics_->AddSamples(samples);
@@ -656,12 +660,15 @@ Outcome Agent::Agree(const std::string& task_id, const absl::Status& mine, doubl
                      int64_t pending_samples, bool training) {
   Outcome out;
   auto all = Exchange(task_id, training ? kExFinished : kExPrepared, static_cast<int64_t>(mine.code()),
-                      pending_samples, 0, deadline_s, mine);
+                      pending_samples, Signalled() ? 1 : 0, deadline_s, mine);
   if (control_.rank() == 0) {
     for (int r = 0; r < control_.world(); ++r) {
       task_.group_samples += all[kExchangeRow * r + 2];
       if (metrics_) metrics_->AddSamples(all[kExchangeRow * r + 2]);
     }
+  }
+  for (int r = 0; r < control_.world(); ++r) {
+    if (all[kExchangeRow * r + 3] != 0) group_signalled_ = true;
   }
   const Verdict verdict = JudgeOutcome(all, control_.world(), training);
   out.agreed = verdict.agreed;
