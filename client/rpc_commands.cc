@@ -451,10 +451,12 @@ absl::Status List(Client& client, const ClientArgs& args) {
   }
   std::cout << JobLineHeader() << "\n";
   for (const v1::JobInfo* j : jobs) std::cout << FormatJobLine(*j) << "\n";
+  // Both when both: older jobs within the limit left out for the size, and more past the limit.
   if (response.omitted() > 0) {
     std::cerr << "(the newest " << jobs.size() << " jobs: " << response.omitted()
               << " older ones left out to keep the answer under 64 MB; aviary delete JOB removes a finished one)\n";
-  } else if (response.beyond_limit() > 0) {
+  }
+  if (response.beyond_limit() > 0) {
     std::cerr << "(the newest " << jobs.size() << " jobs; " << response.beyond_limit()
               << " older ones: --limit N lists up to 10000)\n";
   }
@@ -782,9 +784,9 @@ absl::Status History(Client& client, const ClientArgs& args) {
               << " epoch rows of this history are damaged in the coordinator's database and left out (its log "
                  "names them)\n";
   }
-  if (args.csv) {
-    std::cout << FormatHistoryCsv(rows);
-  } else if (rows.empty()) {
+  // --csv: the header alone on stdout, and the notice on stderr as without it.
+  if (args.csv) std::cout << FormatHistoryCsv(rows);
+  if (rows.empty()) {
     // "yet" only while the job may still train: a finished job (cancelled before its first epoch
     // end) will not get any. When its state cannot be read, the neutral wording.
     v1::GetJobRequest job_request;
@@ -807,7 +809,7 @@ absl::Status History(Client& client, const ClientArgs& args) {
       why += " yet";
     }
     std::cerr << "job " << request.job_id() << why << "\n";
-  } else {
+  } else if (!args.csv) {
     std::cout << FormatHistoryTable(rows);
   }
   if (const std::string* plot = args.plot.empty() ? nullptr : &args.plot) {

@@ -288,6 +288,7 @@ if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
     av cancel "$sweep" >/dev/null
     wait $watch_pid
     hist=$(av history "$sweep" 2>&1); hist_rc=$?
+    hist_csv_err=$(av history "$sweep" --csv 2>&1 > "$tmp/hist.csv"); hist_csv_rc=$?
     kill -TERM $coord_pid; wait $coord_pid
     if ! grep -q "finetune  f0-p0 " "$tmp/watch3.out" || ! grep -q "finetune  f0-p1 " "$tmp/watch3.out" ||
        grep -q "finetune  f0  " "$tmp/watch3.out"; then
@@ -298,6 +299,13 @@ if [ -x "$coordinator_bin" ] && start_coord "$tmp/c.yaml" "$tmp/c1.log"; then
     if [ $hist_rc -ne 0 ] || ! grep -qF "job $sweep is CANCELLED and has no finished epochs" <<<"$hist" ||
        grep -q "yet" <<<"$hist"; then
       fail "history of a job cancelled before any epoch end -> rc=$hist_rc: $hist"
+    else
+      ok
+    fi
+    # --csv: the header alone on stdout, the same notice on stderr.
+    if [ $hist_csv_rc -ne 0 ] || [ "$(wc -l < "$tmp/hist.csv")" -ne 1 ] ||
+       ! grep -qF "job $sweep is CANCELLED and has no finished epochs" <<<"$hist_csv_err"; then
+      fail "history --csv of a job without epoch ends -> rc=$hist_csv_rc, stderr '$hist_csv_err', stdout: $(cat "$tmp/hist.csv")"
     else
       ok
     fi
