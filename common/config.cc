@@ -1328,6 +1328,18 @@ absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std:
 
 int MinModelFrames(const std::string& model_name) { return model_name == "small_cnn" ? 16 : 1; }
 
+absl::Status CheckWindowIsWholeSamples(double window_s, int sample_rate, const std::string& what) {
+  const double samples = window_s * sample_rate;
+  const double whole = std::round(samples);
+  if (std::abs(samples - whole) <= 1e-6 * std::max(1.0, samples)) return absl::OkStatus();
+  // The nearest windows of whole samples below and above, in seconds.
+  const double below = std::floor(samples) / sample_rate, above = std::ceil(samples) / sample_rate;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s: %.17g s is %.6f samples at %d Hz, not a whole number (the windows and the row ids, which count "
+      "whole windows, would drift apart): take %.17g s (%.0f samples) or %.17g s (%.0f samples)",
+      what, window_s, samples, sample_rate, below, std::floor(samples), above, std::ceil(samples)));
+}
+
 absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples, const std::string& what) {
   const int min_frames = MinModelFrames(config.model.name);
   const int64_t frames = 1 + samples / config.frontend.hop_length;

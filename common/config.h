@@ -214,6 +214,11 @@ int MinModelFrames(const std::string& model_name);
 // INVALID_ARGUMENT naming `what` ("--window: 0.2 s") when a window of `samples` makes fewer
 // frames than config.model takes: an export or predict window shorter than the training clip.
 absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples, const std::string& what);
+// INVALID_ARGUMENT naming `what` ("--window") when `window_s` at `sample_rate` is not a whole
+// number of samples: the windows would be the rounded length while the row ids count whole
+// window_s steps, drifting apart (0.25 s at 22050 Hz: 5513 samples, 0.33 s off after an hour).
+// It names the nearest windows that are.
+absl::Status CheckWindowIsWholeSamples(double window_s, int sample_rate, const std::string& what);
 
 // What a run checks before it starts (`aviary-worker train`, SubmitJob), beyond Parse's checks,
 // INVALID_ARGUMENT naming the key and `source_name`: CheckLossMatchesActivation, and no

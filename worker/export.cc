@@ -206,6 +206,7 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   // Every format's window goes through the front end's reflect padding (the sidecar tells the
   // notebook the window; torch.stft refuses one of n_fft / 2 samples or fewer).
   const int sr = config.data.sample_rate;
+  AVIARY_RETURN_IF_ERROR(common::CheckWindowIsWholeSamples(options.window_s, sr, "--window"));
   const int64_t min_samples = config.frontend.n_fft / 2 + 1;
   if (std::llround(options.window_s * sr) < min_samples) {
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -494,6 +494,7 @@ absl::StatusOr<std::unique_ptr<Predictor>> Predictor::Create(const PredictOption
   impl->batch = options.batch_windows > 0 ? options.batch_windows
                                           : std::max(1, train.infer_bs * train.batch_size);
   impl->tta = options.tta > 0 ? options.tta : std::max(1, train.tta);
+  AVIARY_RETURN_IF_ERROR(common::CheckWindowIsWholeSamples(options.window_s, impl->sample_rate, "window"));
   impl->window = static_cast<int64_t>(std::llround(options.window_s * impl->sample_rate));
   for (const auto& fe : impl->frontends) {
     if (impl->window < fe->MinSamples()) {

@@ -312,6 +312,15 @@ TEST(ExportCheckpointTest, RefusesAShortWindowAndASidecarPathThatIsAFolder) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << format;
     EXPECT_TRUE(absl::StrContains(r.status().message(), "--window: 0.01 s is 320 samples at 32000 Hz")) << r.status();
     EXPECT_FALSE(std::filesystem::exists(o.out)) << format;
+    // Not a whole number of samples: the sidecar's window_samples and the row ids would drift.
+    o.window_s = 1.0 / 3;  // 10666.67 samples
+    r = ExportCheckpoint(o);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << format;
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "--window: 0.33333333333333331 s is 10666.666667 samples "
+                                                        "at 32000 Hz, not a whole number")) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "take 0.33331250000000001 s (10666 samples) or "
+                                                        "0.33334374999999999 s (10667 samples)")) << r.status();
+    EXPECT_FALSE(std::filesystem::exists(o.out)) << format;
   }
   ExportOptions o;
   o.checkpoint = ckpt;

@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "gmock/gmock.h"
@@ -440,6 +441,24 @@ std::unique_ptr<Predictor> TwoClassPredictor(const std::string& name, double win
   auto p = Predictor::Create(options);
   EXPECT_TRUE(p.ok()) << p.status();
   return p.ok() ? std::move(*p) : nullptr;
+}
+
+// A window of a fraction of a sample is refused (its rows would be the rounded length while
+// their ids count whole windows); one of whole samples, even of a fraction of a millisecond, is not.
+TEST(PredictTest, AWindowOfAFractionOfASampleIsRefused) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("fraction", {"a", "b"})};
+  options.device = "cpu";
+  options.window_s = 0.50001 + 1.0 / 64000;  // 16000.82 samples at 32 kHz
+  auto refused = Predictor::Create(options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "window: ")) << refused.status();
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "not a whole number")) << refused.status();
+  options.window_s = 16001.0 / 32000;
+  auto whole = Predictor::Create(options);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ((*whole)->window_samples(), 16001);
 }
 
 // A silent file keeps its rows (all-zero input; counted as silent), as a file with sound does:
