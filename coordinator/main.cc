@@ -191,9 +191,9 @@ int main(int argc, char** argv) {
 
   aviary::common::Logger log("coordinator");
   auto coordinator = aviary::coordinator::Coordinator::Start(*config, *secrets);
-  // A database that is not aviary's or not writable, a port file's missing folder: the user's to
-  // fix, exit 2 (systemd does not restart it in vain). An address or database in use, or an
-  // internal error: exit 1, which a restart may outlive.
+  // A database that is not aviary's or not writable (its folder's permissions too), a port
+  // file's missing folder: the user's to fix, exit 2 (systemd does not restart it in vain). An
+  // address or database in use, or an internal error: exit 1, which a restart may outlive.
   if (!coordinator.ok()) {
     return Fail("cannot start", coordinator.status(), aviary::common::ExitCodeFor(coordinator.status()));
   }

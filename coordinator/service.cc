@@ -735,6 +735,19 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
         "can submit and cancel jobs and impersonate worker groups");
   }
   c->config_ = config;
+  // A port file's folder that is not there is the user's to fix (exit 2), found before anything
+  // starts; one that fails later (a full disk) is not.
+  for (const auto& [key, path] : {std::pair<const char*, const std::string&>{"port_file", config.port_file},
+                                  {"metrics_port_file", config.metrics_port_file},
+                                  {"console_port_file", config.console_port_file}}) {
+    if (path.empty()) continue;
+    const std::filesystem::path folder = std::filesystem::absolute(path).parent_path();
+    std::error_code ec;
+    if (!std::filesystem::is_directory(folder, ec)) {
+      return absl::FailedPreconditionError(absl::StrCat("key '", key, "': ", path, ": the folder ", folder.string(),
+                                                        " is not there (or not a folder)"));
+    }
+  }
   c->auth_ = std::make_unique<Authenticator>(secrets.tokens, !secrets.tls_client_ca_pem.empty());
   AVIARY_ASSIGN_OR_RETURN(c->store_, Store::Open(config.database));
   if (c->store_->upgraded_from() != 0) {

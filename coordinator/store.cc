@@ -350,8 +350,15 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   const std::string lock_path = resolved.string() + ".lock";
   const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (lock_fd < 0) {
-    return absl::InternalError(absl::StrCat("database ", path, ": cannot open lock file ",
-                                            lock_path, ": ", std::strerror(errno)));
+    const int error = errno;
+    const std::string what =
+        absl::StrCat("database ", path, ": cannot open lock file ", lock_path, ": ", std::strerror(error));
+    // The folder's or the file's permissions, a read-only filesystem: the user's to fix (exit 2).
+    if (error == EACCES || error == EPERM || error == EROFS) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, " (the coordinator's user must be able to create and write files in the database's folder)"));
+    }
+    return absl::InternalError(what);
   }
   if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
     const int error = errno;

@@ -1520,10 +1520,21 @@ TEST_F(CoordinatorServiceTest, ASecondCoordinatorOnAPortInUseIsRefused) {
 // leaves none naming a port nobody serves.
 TEST_F(CoordinatorServiceTest, AFailedStartLeavesNoPortFile) {
   config_.port_file = root_ + "/grpc.port";
+  // A folder that is not there: the user's to fix (FAILED_PRECONDITION: exit 2), before anything
+  // starts.
   config_.metrics_port_file = root_ + "/missing_folder/metrics.port";
   auto secrets = LoadCoordinatorSecrets(config_);
   ASSERT_TRUE(secrets.ok()) << secrets.status();
   auto coordinator = Coordinator::Start(config_, *secrets);
+  ASSERT_FALSE(coordinator.ok());
+  EXPECT_EQ(coordinator.status().code(), absl::StatusCode::kFailedPrecondition) << coordinator.status();
+  EXPECT_TRUE(absl::StrContains(coordinator.status().message(), "key 'metrics_port_file'")) << coordinator.status();
+  EXPECT_FALSE(fs::exists(config_.port_file)) << "a failed start left " << config_.port_file;
+  // A write that fails once the listeners are up (here: a folder where the file goes): the port
+  // file written before it is removed.
+  config_.metrics_port_file = root_ + "/a_folder";
+  fs::create_directories(config_.metrics_port_file);
+  coordinator = Coordinator::Start(config_, *secrets);
   ASSERT_FALSE(coordinator.ok());
   EXPECT_TRUE(absl::StrContains(coordinator.status().message(), "key 'metrics_port_file'")) << coordinator.status();
   EXPECT_FALSE(fs::exists(config_.port_file)) << "a failed start left " << config_.port_file;

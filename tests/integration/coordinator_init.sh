@@ -93,6 +93,9 @@ out=$(timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml
   --listen "127.0.0.1:$port" --metrics-listen "" 2>&1); rc=$?
 [ $rc -eq 1 ] && grep -qF "listen 127.0.0.1:$port: cannot serve gRPC there (address in use" <<<"$out" && ok ||
   fail "a second coordinator on port $port: rc=$rc (wanted 1): $out"
+expect "key 'port_file': $tmp/missing/port: the folder $tmp/missing is not there" timeout 60 \
+  "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" --database "$tmp/third.db" \
+  --port-file "$tmp/missing/port" --listen 127.0.0.1:0 --metrics-listen ""
 sqlite3 "$tmp/theirs.db" "CREATE TABLE notes(text TEXT);" || fail "sqlite3"
 expect "not an aviary database" timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" \
   --database "$tmp/theirs.db" --listen 127.0.0.1:0 --metrics-listen ""

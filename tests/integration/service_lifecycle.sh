@@ -147,6 +147,7 @@ if stop_mid_task c USR2 "$job3"; then
   fi
   check_handed_back c "$job3"
 fi
+avt 30 cancel "$job3" >/dev/null 2>&1 || fail "cancel $job3"  # READY again: the next group would lease it
 
 # 4. A signal on rank 1 alone after the task's last step (during its last validation: no step
 #    exchange follows, only the epoch's end and the finish): the task still succeeds, and the

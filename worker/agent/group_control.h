@@ -61,9 +61,9 @@
 //       TrainOptions::commit_check) and the trainer shares the outcome with every rank (one
 //       all-reduce of rank 0's code): a failed write ends the run on every rank with the same
 //       code, so T6 agrees. Then (TrainOptions::on_epoch): Exchange
-//       kExEpochEnd {0, signal flag (acted on at the next T4), samples}; rank 0 queues the epoch's
+//       kExEpochEnd {0, signal flag, samples}; rank 0 queues the epoch's
 //       point, then ReportCheckpoint for best.pt (when the epoch is the best) and last.pt.
-//   T6. Exchange kExFinished {code, samples}, then the outcome agreement. Rank 0 reports OK as
+//   T6. Exchange kExFinished {code, samples, signal flag}, then the outcome agreement. Rank 0 reports OK as
 //       CompleteTask (best.pt, or last.pt when no epoch was best, with that epoch's metrics);
 //       CANCELLED on every rank as nothing after a cancel or a lost group, else (a signal) as
 //       FailTask(retryable, preempted, "stopped by signal"); another error as FailTask,
@@ -91,7 +91,9 @@
 //     task's reports, registers anew (R1) and leases again.
 //   SIGTERM / SIGINT / SIGUSR2, or SIGCONT from mpirun (signals.h). On rank 0 the decision
 //     becomes kSignal; any rank's flag counts at its next T4 (a rank signalled while idle: at the
-//     next task's first step). Every rank stops; rank 0 reports FailTask(retryable, preempted),
+//     next task's first step). A flag seen at T2, T5 or T6 only (a signal after the last step, or
+//     at the step a cancel stopped) ends nothing: the task ends as it would have, then rank 0
+//     leases no more and leaves. Every rank stops; rank 0 reports FailTask(retryable, preempted),
 //     waits up to 30 s for delivery, broadcasts kMsgStop with OK, leaves (R6), and every rank
 //     returns OK (exit 0). A signal on rank 0 while idle ends its loop (R5). A second signal ends
 //     the process. (mpirun forwards SIGUSR2 at once; SIGTERM to mpirun reaches the ranks as
@@ -137,10 +139,10 @@ namespace aviary::worker {
 enum StopReason : int64_t { kNoStop = 0, kCancelled = 1, kGroupLost = 2, kSignal = 3 };
 
 // The exchanges of a task; each rank's row is {kind, a, b, c}.
-constexpr int64_t kExPrepared = 1;   // T2: {code, 0, 0}
+constexpr int64_t kExPrepared = 1;   // T2: {code, 0, signal flag}
 constexpr int64_t kExStep = 2;       // T4: {stop decision, signal flag, samples}
 constexpr int64_t kExEpochEnd = 3;   // T5: {0, signal flag, samples}
-constexpr int64_t kExFinished = 4;   // T6: {code, samples, 0}
+constexpr int64_t kExFinished = 4;   // T6: {code, samples, signal flag}
 constexpr int kExchangeRow = 4;      // values per rank
 
 // Where a rank is at an exchange of `kind` ("training (step exchange)").
