@@ -489,6 +489,40 @@ done
 grep -qx "requeue 4243" "$tmp/scontrol.log" 2>/dev/null && ok ||
   { fail "sbatch: no 'scontrol requeue 4243' after SIGUSR1"; sed 's/^/    /' "$tmp/sbatch.log"; }
 
+# The same with AVIARY_LAUNCHER=srun: a stand-in srun with Slurm's signal handling (SIGUSR2
+# forwarded to the tasks; a SIGTERM it receives kills them: "forcing job termination"). The
+# script's stop must reach the ranks as SIGUSR2, not kill them.
+mkdir -p "$tmp/srunbin"
+cat >"$tmp/srunbin/srun" <<'EOF'
+#!/usr/bin/env bash
+while [ "${1#--}" != "$1" ]; do shift; done
+pids=()
+for r in 0 1; do OMPI_COMM_WORLD_RANK=$r "$@" & pids+=($!); done
+trap 'kill -USR2 "${pids[@]}" 2>/dev/null' USR2
+trap 'echo "srun: forcing job termination" >&2; kill -KILL "${pids[@]}" 2>/dev/null; exit 143' TERM
+for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do wait "$p"; done; done
+EOF
+chmod +x "$tmp/srunbin/srun"
+rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped "$tmp/scontrol.log"
+env PATH="$tmp/srunbin:$tmp/bin:$PATH" SLURM_JOB_ID=4244 SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=2 \
+    SLURM_CPUS_PER_TASK=1 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=127.0.0.1:7070 AVIARY_LAUNCHER=srun \
+    AVIARY_WORKER="$tmp/fake-worker" AVIARY_STOP_TIMEOUT=20 \
+    bash "$sbatch_script" >"$tmp/sbatch_srun.log" 2>&1 &
+spid=$!
+if wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
+  kill -USR1 $spid
+else
+  fail "sbatch with srun: the group's ranks did not start:"; sed 's/^/    /' "$tmp/sbatch_srun.log"
+  kill -TERM $spid
+fi
+wait $spid; rc=$?
+[ $rc -eq 0 ] && ok || { fail "sbatch with srun after SIGUSR1: rc=$rc"; sed 's/^/    /' "$tmp/sbatch_srun.log"; }
+for r in 0 1; do
+  [ -e "$tmp/rank$r.stopped" ] && ok ||
+    { fail "sbatch with srun: rank $r was killed before it stopped cleanly"; sed 's/^/    /' "$tmp/sbatch_srun.log"; }
+done
+grep -qx "requeue 4244" "$tmp/scontrol.log" 2>/dev/null && ok || fail "sbatch with srun: no 'scontrol requeue 4244' after SIGUSR1"
+
 echo "== docs/DEPLOY.md: the launch-group.sh example and the output it shows"
 # The page's hostfile, its `launch-group.sh ... --dry-run` command and the mpirun command it says
 # that prints, taken from the page as written and run here on the machine it describes: a normal
