@@ -272,6 +272,15 @@ fi
 command -v "$mpirun" >/dev/null 2>&1 || die "--mpirun '$mpirun': not found"
 command -v "$worker" >/dev/null 2>&1 || die "--worker '$worker': not found (build it, or pass --worker)"
 
+# A metrics port that already answers on rank 0's host is another process's (another group's,
+# when allocations share a node): this group's rank 0 could not bind it, and its exit would
+# remove the file_sd target that group wrote under the same name. Refused before the file is
+# touched.
+# shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments
+if [ -n "$sd_file" ] && timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$rank0_host" "$metrics_port" 2>/dev/null; then
+  die "rank 0's metrics port ${rank0_host}:${metrics_port} already answers (another group's?); $sd_file is left as it is: give this group another --metrics-listen port"
+fi
+
 # Where the stop's SIGTERM fallback notes that it fired (a subshell cannot set our variables):
 # a private folder, so that no one else can place the marker.
 marker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aviary-launch.XXXXXX") || die "mktemp -d failed"

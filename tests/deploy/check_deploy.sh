@@ -383,6 +383,23 @@ else
   [ -e "$tmp/sd/aviary-group-localhost-19471.json" ] && fail "file_sd target left behind" || ok
   grep -q "stopped by signal" "$tmp/launch.log" && ok || fail "no 'stopped by signal' in: $(cat "$tmp/launch.log")"
 
+  # A metrics port that already answers (another group's on a shared node): refused before the
+  # file_sd target of that name is touched (the failed group's exit removed the other's).
+  /usr/bin/python3 -c 'import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+print(s.getsockname()[1], flush=True); time.sleep(120)' >"$tmp/busy.port" &
+busy_pid=$!
+for _ in $(seq 100); do [ -s "$tmp/busy.port" ] && break; sleep 0.1; done
+busy=$(cat "$tmp/busy.port")
+echo '[{"targets": ["localhost:'"$busy"'"]}]' >"$tmp/sd/aviary-group-localhost-$busy.json"
+out=$("$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 --bind-to none \
+        --worker "$tmp/fake-worker" --sd-dir "$tmp/sd" --metrics-listen "127.0.0.1:$busy" 2>&1); rc=$?
+kill "$busy_pid" 2>/dev/null
+[ $rc -eq 2 ] && grep -qF "rank 0's metrics port localhost:$busy already answers" <<<"$out" && ok ||
+  fail "launch-group.sh on a metrics port in use: rc=$rc: $out"
+grep -qF "localhost:$busy" "$tmp/sd/aviary-group-localhost-$busy.json" 2>/dev/null && ok ||
+  fail "launch-group.sh on a metrics port in use removed or changed the other group's file_sd target"
+
   # A group slower to stop (3 s) than --stop-timeout (1 s): the launcher falls back to SIGTERM
   # to mpirun, and its exit code says the stop was not clean (it said 0).
   rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped
