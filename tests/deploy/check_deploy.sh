@@ -486,25 +486,32 @@ out=$(env "${slurm_env[@]}" AVIARY_CORES_PER_RANK=0 bash "$sbatch_script" 2>&1);
 [ $rc -eq 2 ] && grep -qF "AVIARY_CORES_PER_RANK '0'" <<<"$out" && ok || fail "sbatch with AVIARY_CORES_PER_RANK=0: rc=$rc: $out"
 # The time-limit signal (SIGUSR1 to the batch shell): the group stops cleanly, the job is
 # requeued. A real 2-rank group of the stand-in worker on this host.
-rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped
-env PATH="$tmp/bin:$PATH" SLURM_JOB_ID=4243 SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=2 \
-    SLURM_CPUS_PER_TASK=1 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=127.0.0.1:7070 \
-    AVIARY_WORKER="$tmp/fake-worker" AVIARY_STOP_TIMEOUT=5 \
-    bash "$sbatch_script" >"$tmp/sbatch.log" 2>&1 &
-spid=$!
-if wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
-  kill -USR1 $spid
-else
-  fail "sbatch: the group's ranks did not start:"; sed 's/^/    /' "$tmp/sbatch.log"
-  kill -TERM $spid
-fi
-wait $spid; rc=$?
-[ $rc -eq 0 ] && ok || { fail "sbatch after SIGUSR1: rc=$rc"; sed 's/^/    /' "$tmp/sbatch.log"; }
-for r in 0 1; do
-  [ -e "$tmp/rank$r.stopped" ] && ok || fail "sbatch: rank $r was killed before it stopped cleanly"
-done
-grep -qx "requeue 4243" "$tmp/scontrol.log" 2>/dev/null && ok ||
-  { fail "sbatch: no 'scontrol requeue 4243' after SIGUSR1"; sed 's/^/    /' "$tmp/sbatch.log"; }
+# sbatch_time_limit WHAT JOB_ID [NAME=VALUE...]: runs the script as job JOB_ID with the extra
+# environment, sends SIGUSR1 once both ranks run, and checks the clean stop and the requeue.
+sbatch_time_limit() {
+  local what=$1 id=$2 log="$tmp/sbatch-$2.log" spid rc r
+  shift 2
+  rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped "$tmp/scontrol.log"
+  env PATH="$tmp/bin:$PATH" SLURM_JOB_ID="$id" SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=2 \
+      SLURM_CPUS_PER_TASK=1 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=127.0.0.1:7070 \
+      AVIARY_WORKER="$tmp/fake-worker" AVIARY_STOP_TIMEOUT=5 "$@" \
+      bash "$sbatch_script" >"$log" 2>&1 &
+  spid=$!
+  if wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
+    kill -USR1 $spid
+  else
+    fail "$what: the group's ranks did not start:"; sed 's/^/    /' "$log"
+    kill -TERM $spid
+  fi
+  wait $spid; rc=$?
+  [ $rc -eq 0 ] && ok || { fail "$what after SIGUSR1: rc=$rc"; sed 's/^/    /' "$log"; }
+  for r in 0 1; do
+    [ -e "$tmp/rank$r.stopped" ] && ok || { fail "$what: rank $r was killed before it stopped cleanly"; sed 's/^/    /' "$log"; }
+  done
+  grep -qx "requeue $id" "$tmp/scontrol.log" 2>/dev/null && ok ||
+    { fail "$what: no 'scontrol requeue $id' after SIGUSR1"; sed 's/^/    /' "$log"; }
+}
+sbatch_time_limit sbatch 4243
 
 # The same with AVIARY_LAUNCHER=srun: a stand-in srun with Slurm's signal handling (SIGUSR2
 # forwarded to the tasks; a SIGTERM it receives kills them: "forcing job termination"). The
@@ -520,25 +527,7 @@ trap 'echo "srun: forcing job termination" >&2; kill -KILL "${pids[@]}" 2>/dev/n
 for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do wait "$p"; done; done
 EOF
 chmod +x "$tmp/srunbin/srun"
-rm -f "$tmp"/rank*.args "$tmp"/rank*.stopped "$tmp/scontrol.log"
-env PATH="$tmp/srunbin:$tmp/bin:$PATH" SLURM_JOB_ID=4244 SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=2 \
-    SLURM_CPUS_PER_TASK=1 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=127.0.0.1:7070 AVIARY_LAUNCHER=srun \
-    AVIARY_WORKER="$tmp/fake-worker" AVIARY_STOP_TIMEOUT=20 \
-    bash "$sbatch_script" >"$tmp/sbatch_srun.log" 2>&1 &
-spid=$!
-if wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
-  kill -USR1 $spid
-else
-  fail "sbatch with srun: the group's ranks did not start:"; sed 's/^/    /' "$tmp/sbatch_srun.log"
-  kill -TERM $spid
-fi
-wait $spid; rc=$?
-[ $rc -eq 0 ] && ok || { fail "sbatch with srun after SIGUSR1: rc=$rc"; sed 's/^/    /' "$tmp/sbatch_srun.log"; }
-for r in 0 1; do
-  [ -e "$tmp/rank$r.stopped" ] && ok ||
-    { fail "sbatch with srun: rank $r was killed before it stopped cleanly"; sed 's/^/    /' "$tmp/sbatch_srun.log"; }
-done
-grep -qx "requeue 4244" "$tmp/scontrol.log" 2>/dev/null && ok || fail "sbatch with srun: no 'scontrol requeue 4244' after SIGUSR1"
+sbatch_time_limit "sbatch with srun" 4244 PATH="$tmp/srunbin:$tmp/bin:$PATH" AVIARY_LAUNCHER=srun AVIARY_STOP_TIMEOUT=20
 
 echo "== docs/DEPLOY.md: the launch-group.sh example and the output it shows"
 # The page's hostfile, its `launch-group.sh ... --dry-run` command and the mpirun command it says
