@@ -56,8 +56,9 @@ how
                          that does not stop takes about 3 x S: keep S above a step plus a
                          report, and 3 x S below systemd's TimeoutStopSec and Slurm's --signal
                          lead time)
-  --sd-dir DIR           while the group runs, write DIR/aviary-group-<host>-<port>.json, a
-                         Prometheus file_sd target for rank 0's /metrics (removed at exit)
+  --sd-dir DIR           while the group runs, write DIR/aviary-group-<host>-<port>-<pid>.json,
+                         a Prometheus file_sd target for rank 0's /metrics (removed at exit;
+                         <pid> is this launcher's: a group that fails to start removes its own)
   --dry-run              print the mpirun command (and the file_sd target) and exit
 EOF
 }
@@ -257,7 +258,9 @@ if [ -n "$sd_dir" ]; then
   if [ -z "$metrics_listen" ] || ! is_uint "$metrics_port" || [ "$metrics_port" -eq 0 ]; then
     die "--sd-dir needs a fixed --metrics-listen port (got '$metrics_listen')"
   fi
-  sd_file="$sd_dir/aviary-group-${rank0_host}-${metrics_port}.json"
+  # This launcher's own file (its pid in the name): two groups that raced for one port both
+  # wrote their target, and the one that failed to bind it removes its own, not the other's.
+  sd_file="$sd_dir/aviary-group-${rank0_host}-${metrics_port}-$$.json"
   all_hosts=$(IFS=,; echo "${hosts[*]:-$rank0_host}")
   sd_json="[{\"targets\": [\"${rank0_host}:${metrics_port}\"], \"labels\": {\"aviary_hosts\": \"${all_hosts}\"}}]"
 fi
@@ -278,7 +281,7 @@ command -v "$worker" >/dev/null 2>&1 || die "--worker '$worker': not found (buil
 # touched.
 # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments
 if [ -n "$sd_file" ] && timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$rank0_host" "$metrics_port" 2>/dev/null; then
-  die "rank 0's metrics port ${rank0_host}:${metrics_port} already answers (another group's?); $sd_file is left as it is: give this group another --metrics-listen port"
+  die "rank 0's metrics port ${rank0_host}:${metrics_port} already answers (another group's?): give this group another --metrics-listen port (under Slurm: AVIARY_METRICS_PORT)"
 fi
 
 # Where the stop's SIGTERM fallback notes that it fired (a subshell cannot set our variables):

@@ -284,7 +284,7 @@ for want in "-np 8 " "--hostfile $tmp/hostfile" "--map-by ppr:4:node:PE=6 --bind
             "--mca odls_base_sigkill_timeout 45" "-x NCCL_IB_HCA" "-x UCX_TLS" "-x AVIARY_TOKEN " \
             "serve --coordinator coord:7070 --metrics-listen 0.0.0.0:9471" "--threads 6" \
             "--token-file $tmp/hostfile" "--tls-cert $tmp/hostfile --tls-key $tmp/hostfile" "--log-level debug" \
-            "file_sd target $tmp/sd/aviary-group-node01-9471.json" '"targets": ["node01:9471"]'; do
+            "file_sd target $tmp/sd/aviary-group-node01-9471-" '"targets": ["node01:9471"]'; do
   grep -qF -- "$want" <<<"$out" && ok || fail "launch-group.sh --dry-run: no '$want' in: $out"
 done
 grep -q secret-token <<<"$out" && fail "launch-group.sh --dry-run shows a token value: $out" || ok
@@ -363,7 +363,7 @@ else
     fail "the group's ranks did not start:"; sed 's/^/    /' "$tmp/launch.log"
     kill -TERM $lpid 2>/dev/null
   else
-    [ -s "$tmp/sd/aviary-group-localhost-19471.json" ] && ok || fail "no file_sd target while the group runs"
+    [ -s "$tmp/sd/aviary-group-localhost-19471-$lpid.json" ] && ok || fail "no file_sd target while the group runs: $(ls "$tmp/sd")"
     for r in 0 1; do
       grep -q -- "serve --coordinator 127.0.0.1:7070 --metrics-listen 127.0.0.1:19471 --device auto --threads 1 .* NCCL_TEST_KNOB=42$" \
         "$tmp/rank$r.args" && ok || fail "rank $r got: $(cat "$tmp/rank$r.args")"
@@ -380,20 +380,20 @@ else
   for r in 0 1; do
     [ -e "$tmp/rank$r.stopped" ] && ok || fail "rank $r was killed before it stopped cleanly"
   done
-  [ -e "$tmp/sd/aviary-group-localhost-19471.json" ] && fail "file_sd target left behind" || ok
+  [ -e "$tmp/sd/aviary-group-localhost-19471-$lpid.json" ] && fail "file_sd target left behind" || ok
   grep -q "stopped by signal" "$tmp/launch.log" && ok || fail "no 'stopped by signal' in: $(cat "$tmp/launch.log")"
 
   # A metrics port that already answers (another group's on a shared node): refused before the
   # file_sd target of that name is touched (the failed group's exit removed the other's).
-  /usr/bin/python3 -c 'import socket, sys, time
+  "$py" -c 'import socket, sys, time
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
 print(s.getsockname()[1], flush=True); time.sleep(120)' >"$tmp/busy.port" &
 busy_pid=$!
 for _ in $(seq 100); do [ -s "$tmp/busy.port" ] && break; sleep 0.1; done
 busy=$(cat "$tmp/busy.port")
 echo '[{"targets": ["localhost:'"$busy"'"]}]' >"$tmp/sd/aviary-group-localhost-$busy.json"
-out=$("$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 --bind-to none \
-        --worker "$tmp/fake-worker" --sd-dir "$tmp/sd" --metrics-listen "127.0.0.1:$busy" 2>&1); rc=$?
+out=$(timeout 60 "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 \
+        --bind-to none --worker "$tmp/fake-worker" --sd-dir "$tmp/sd" --metrics-listen "127.0.0.1:$busy" 2>&1); rc=$?
 kill "$busy_pid" 2>/dev/null
 [ $rc -eq 2 ] && grep -qF "rank 0's metrics port localhost:$busy already answers" <<<"$out" && ok ||
   fail "launch-group.sh on a metrics port in use: rc=$rc: $out"
@@ -521,9 +521,9 @@ cat >"$tmp/srunbin/srun" <<'EOF'
 #!/usr/bin/env bash
 while [ "${1#--}" != "$1" ]; do shift; done
 pids=()
-for r in 0 1; do OMPI_COMM_WORLD_RANK=$r "$@" & pids+=($!); done
 trap 'kill -USR2 "${pids[@]}" 2>/dev/null' USR2
 trap 'echo "srun: forcing job termination" >&2; kill -KILL "${pids[@]}" 2>/dev/null; exit 143' TERM
+for r in 0 1; do OMPI_COMM_WORLD_RANK=$r "$@" & pids+=($!); done
 for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do wait "$p"; done; done
 EOF
 chmod +x "$tmp/srunbin/srun"
