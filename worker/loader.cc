@@ -223,8 +223,12 @@ Loader::RowOutcome Loader::FillRow(const Build& build, size_t k) const {
       return outcome;
     }
     all_unreadable = all_unreadable && clip.unreadable;
-    ++outcome.problems[clip.problem];
-    outcome.messages.emplace(clip.problem, clip.message);
+    // The row's own item only: a substitute that is broken too is counted as its own row's (it
+    // counted twice, and on two ranks, when broken items met in the epoch's order).
+    if (attempt == 0) {
+      ++outcome.problems[clip.problem];
+      outcome.messages.emplace(clip.problem, clip.message);
+    }
     if (!options_.train) {  // validation leaves broken items out
       outcome.unreadable = clip.unreadable;
       if (clip.unreadable) outcome.unreadable_message = absl::StrCat(items_[item].path, ": ", clip.message);

@@ -164,6 +164,23 @@ TEST(LoaderTest, BrokenTrainingClipsAreSubstitutedAndCounted) {
   for (size_t i = 0; i < batches.size(); ++i) EXPECT_EQ(batches[i].items, batches2[i].items);
 }
 
+// Half the items broken, so that broken items meet in the epoch's order: each is counted once,
+// as its own row's problem, not again when a row before it tried it as a substitute.
+TEST(LoaderTest, EachBrokenItemIsCountedOnceAlsoWhenSubstitutesAreBroken) {
+  auto items = MakeItems(40);
+  std::set<std::string> broken;
+  for (int i = 0; i < 40; i += 2) broken.insert("item" + std::to_string(i));
+  for (int i = 1; i < 8; i += 2) broken.insert("item" + std::to_string(i));  // runs of broken items
+  auto l = Loader::Create(items, EncodingClip(broken), Options(8));
+  ASSERT_TRUE(l.ok());
+  auto batches = DrainEpoch(**l, 0);
+  ASSERT_EQ(batches.size(), 5u);
+  for (const Batch& b : batches) {
+    for (int64_t item : b.items) EXPECT_FALSE(broken.count(items[item].path)) << item;
+  }
+  EXPECT_EQ((*l)->Stats().problems.at("truncated"), static_cast<int64_t>(broken.size()));
+}
+
 TEST(LoaderTest, BrokenValidationClipsAreLeftOut) {
   auto items = MakeItems(10);
   auto l = Loader::Create(items, EncodingClip({"item2"}), Options(4, 0, 1, false));
