@@ -310,6 +310,46 @@ TEST_F(CoordinatorLinkTest, HeartbeatsNameALeasedTaskBeforeItBegins) {
   first.StopThreads();
 }
 
+// The coordinator forgot the group between a lease and the task's begin (here: LeaveGroup in its
+// name; a reap after a partition): the group registers again without the task, so its
+// heartbeats do not name it and it hears no cancel of a task that is not its own.
+TEST_F(CoordinatorLinkTest, ARegistrationAgainForgetsATaskLeasedButNotBegun) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  auto workers = v1::WorkerService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer the-worker-token");
+  v1::LeaveGroupRequest leave;
+  leave.set_group_id(link.group_id());
+  leave.set_reason("the test");
+  v1::LeaveGroupResponse left;
+  const grpc::Status st = workers->LeaveGroup(&ctx, leave, &left);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  v1::Task again;
+  bool available = false;
+  EXPECT_FALSE(link.Lease(&again, &available).ok());
+  ASSERT_TRUE(link.lost());
+  ASSERT_TRUE(link.Register().ok());
+  std::vector<std::string> cancels;
+  absl::Mutex mu;
+  common::SetLogTap([&](common::LogLevel, int, absl::string_view line) {
+    absl::MutexLock lock(&mu);
+    if (absl::StrContains(line, "cancelled task")) cancels.emplace_back(line);
+  });
+  struct UntapOnReturn {
+    ~UntapOnReturn() { common::SetLogTap(nullptr); }
+  } untap;
+  link.StartThreads();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // heartbeats every 200 ms
+  link.StopThreads();
+  EXPECT_EQ(link.Decide(), kNoStop);
+  absl::MutexLock lock(&mu);
+  EXPECT_TRUE(cancels.empty()) << cancels[0];
+}
+
 // Text from outside (a clip's file name in Latin-1, a library's message) is not always UTF-8, and
 // gRPC refuses a proto3 string that is not with INTERNAL, which the link takes for a transient
 // failure: the lines and the task's failure were retried for ever and the task stayed leased.

@@ -161,6 +161,13 @@ absl::Status CoordinatorLink::Register() {
         group_id_ = response.group_id();
         heartbeat_ms_ = heartbeat_ms;
         heartbeat_timeout_ms_ = response.heartbeat_timeout_ms();
+        // A task leased by the group the coordinator forgot, never begun (its manifest fetch was
+        // answered NOT_FOUND): not this group's. Its heartbeats named it, and heard "cancel".
+        if (leased_not_begun_) {
+          task_id_.clear();
+          leased_not_begun_ = false;
+          lease_.End();
+        }
       }
       lease_.SetTimeout(response.heartbeat_timeout_ms());
       if (response.heartbeat_timeout_ms() <= 0) {
