@@ -29,6 +29,37 @@ namespace {
 namespace fs = std::filesystem;
 namespace v1 = ::aviary::v1;
 
+// The log lines that hold `part`, with their levels, while it lives. A link's destructor
+// removes every tap: Tap() again after one.
+class TappedLines {
+ public:
+  explicit TappedLines(std::string part) : part_(std::move(part)) { Tap(); }
+  ~TappedLines() { common::SetLogTap(nullptr); }
+  void Tap() {
+    common::SetLogTap([this](common::LogLevel level, int, absl::string_view line) {
+      if (!absl::StrContains(line, part_)) return;
+      absl::MutexLock lock(&mu_);
+      lines_.emplace_back(level, std::string(line));
+    });
+  }
+  void Clear() {
+    absl::MutexLock lock(&mu_);
+    lines_.clear();
+  }
+  // The lines so far, once there is one or `wait` has passed.
+  std::vector<std::pair<common::LogLevel, std::string>> Lines(absl::Duration wait = absl::ZeroDuration()) {
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(this, &TappedLines::Any), wait);
+    return lines_;
+  }
+
+ private:
+  bool Any() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !lines_.empty(); }
+  const std::string part_;
+  absl::Mutex mu_;
+  std::vector<std::pair<common::LogLevel, std::string>> lines_ ABSL_GUARDED_BY(mu_);
+};
+
 class CoordinatorLinkTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -333,21 +364,13 @@ TEST_F(CoordinatorLinkTest, ARegistrationAgainForgetsATaskLeasedButNotBegun) {
   EXPECT_FALSE(link.Lease(&again, &available).ok());
   ASSERT_TRUE(link.lost());
   ASSERT_TRUE(link.Register().ok());
-  std::vector<std::string> cancels;
-  absl::Mutex mu;
-  common::SetLogTap([&](common::LogLevel, int, absl::string_view line) {
-    absl::MutexLock lock(&mu);
-    if (absl::StrContains(line, "cancelled task")) cancels.emplace_back(line);
-  });
-  struct UntapOnReturn {
-    ~UntapOnReturn() { common::SetLogTap(nullptr); }
-  } untap;
+  TappedLines cancels("cancelled task");
   link.StartThreads();
   std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // heartbeats every 200 ms
   link.StopThreads();
   EXPECT_EQ(link.Decide(), kNoStop);
-  absl::MutexLock lock(&mu);
-  EXPECT_TRUE(cancels.empty()) << cancels[0];
+  const auto heard = cancels.Lines();
+  EXPECT_TRUE(heard.empty()) << heard[0].second;
 }
 
 // Text from outside (a clip's file name in Latin-1, a library's message) is not always UTF-8, and
@@ -472,18 +495,11 @@ TEST_F(CoordinatorLinkTest, ARotatedTokenIsReadAgainFromItsFileAndTheCompletionA
   link.StopThreads();
 }
 
-// A run of points of which the coordinator refuses one (INVALID_ARGUMENT: an epoch outside the
-// task's plan) loses that point only: the epoch ends around it reach the history (the whole run
-// was dropped with it).
 // A task the user cancelled and then retried or deleted: the group's late reports are refused
 // by the real coordinator, and dropped with a warning, as after a cancel alone; another group's
 // task is an error.
 TEST_F(CoordinatorLinkTest, ReportsRefusedAfterAUsersCancelRetryOrDeleteAreWarnings) {
-  std::vector<std::pair<common::LogLevel, std::string>> lines;
-  absl::Mutex mu;
-  struct UntapOnReturn {
-    ~UntapOnReturn() { common::SetLogTap(nullptr); }
-  } untap;
+  TappedLines dropped("dropped");
   for (const std::string then : {"cancel", "delete", "retry"}) {  // retry last: its task is READY again
     SCOPED_TRACE(then);
     v1::SubmitJobResponse submitted;
@@ -509,14 +525,8 @@ TEST_F(CoordinatorLinkTest, ReportsRefusedAfterAUsersCancelRetryOrDeleteAreWarni
       ASSERT_TRUE(st.ok()) << st.error_message();
     }
     // Tapped here: a link's destructor (the last iteration's) removes the tap.
-    common::SetLogTap([&](common::LogLevel level, int, absl::string_view line) {
-      absl::MutexLock lock(&mu);
-      if (absl::StrContains(line, "dropped")) lines.emplace_back(level, std::string(line));
-    });
-    {
-      absl::MutexLock lock(&mu);
-      lines.clear();
-    }
+    dropped.Tap();
+    dropped.Clear();
     Report failure;
     failure.kind = Report::Kind::kFail;
     failure.task_id = task.task_id();
@@ -526,13 +536,8 @@ TEST_F(CoordinatorLinkTest, ReportsRefusedAfterAUsersCancelRetryOrDeleteAreWarni
     link.StartThreads();
     link.Drain(task.task_id(), 30, 0);
     // The refusal is said before the report leaves the buffer, maybe after Drain saw it taken.
-    for (int i = 0; i < 500; ++i) {
-      absl::MutexLock lock(&mu);
-      if (!lines.empty()) break;
-      mu.AwaitWithTimeout(absl::Condition(+[](decltype(lines)* l) { return !l->empty(); }, &lines), absl::Milliseconds(20));
-    }
+    const auto lines = dropped.Lines(absl::Seconds(10));
     link.StopThreads();
-    absl::MutexLock lock(&mu);
     ASSERT_EQ(lines.size(), 1u);
     EXPECT_EQ(lines[0].first, common::LogLevel::kWarning) << lines[0].second;
     EXPECT_TRUE(absl::StrContains(lines[0].second, "is not leased to group")) << lines[0].second;
@@ -542,6 +547,9 @@ TEST_F(CoordinatorLinkTest, ReportsRefusedAfterAUsersCancelRetryOrDeleteAreWarni
   EXPECT_FALSE(TakenAwayByAUser(grpc::Status(grpc::StatusCode::NOT_FOUND, "(state CANCELLED)")));
 }
 
+// A run of points of which the coordinator refuses one (INVALID_ARGUMENT: an epoch outside the
+// task's plan) loses that point only: the epoch ends around it reach the history (the whole run
+// was dropped with it).
 TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
   v1::SubmitJobResponse submitted;
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
