@@ -373,6 +373,39 @@ TEST_F(CoordinatorLinkTest, ARegistrationAgainForgetsATaskLeasedButNotBegun) {
   EXPECT_TRUE(heard.empty()) << heard[0].second;
 }
 
+// The task's outcome taken (SUCCEEDED) before the group's EndTask: heartbeats naming it meanwhile are
+// answered "cancel" (the task is not leased to the group any more), which said "the coordinator
+// cancelled task T; stopping it" at the end of every task whose drain outlasted a heartbeat.
+TEST_F(CoordinatorLinkTest, HeartbeatsAfterTheOutcomeWasTakenStopNothing) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  link.BeginTask(task.task_id(), task.attempt());
+  TappedLines cancels("cancelled task");
+  link.StartThreads();
+  fs::create_directories(task.out_dir());
+  std::ofstream(task.out_dir() + "/best.pt") << "checkpoint";
+  link.Push(EpochEndReport(task.task_id(), 0, 10));
+  Report done;
+  done.kind = Report::Kind::kComplete;
+  done.task_id = task.task_id();
+  done.path = task.out_dir() + "/best.pt";
+  done.point = EpochEndReport(task.task_id(), 0, 10).point;
+  link.Push(done);
+  link.Drain(task.task_id(), 20, 5);
+  v1::TaskInfo info;
+  ASSERT_NO_FATAL_FAILURE(TaskInfoOf(submitted.job_id(), task.task_id(), &info));
+  ASSERT_EQ(info.state(), v1::TASK_STATE_SUCCEEDED) << v1::TaskState_Name(info.state()) << " " << info.error();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // heartbeats every 200 ms name it
+  EXPECT_EQ(link.Decide(), kNoStop);
+  const auto heard = cancels.Lines();
+  EXPECT_TRUE(heard.empty()) << heard[0].second;
+  link.EndTask();
+  link.StopThreads();
+}
+
 // Text from outside (a clip's file name in Latin-1, a library's message) is not always UTF-8, and
 // gRPC refuses a proto3 string that is not with INTERNAL, which the link takes for a transient
 // failure: the lines and the task's failure were retried for ever and the task stayed leased.

@@ -263,6 +263,7 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
       task_id_ = response.task().task_id();
       ++lease_generation_;
       cancel_ = false;
+      outcome_pushed_ = false;
       leased_not_begun_ = true;
       lease_.Begin(task_id_, response.task().attempt(), lease_asked_at_);
     } else if (leased_not_begun_) {  // a task whose fetch failed is not ours any more
@@ -390,6 +391,7 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
     task_id_ = task_id;
     ++lease_generation_;
     cancel_ = false;
+    outcome_pushed_ = false;
     lease_.Begin(task_id, attempt, lease_asked_at_);
   }
   leased_not_begun_ = false;
@@ -502,6 +504,10 @@ StopReason CoordinatorLink::Decide() const {
 }
 
 void CoordinatorLink::Push(Report r) {
+  if (r.kind == Report::Kind::kComplete || r.kind == Report::Kind::kFail) {
+    absl::MutexLock lock(&mu_);
+    if (r.task_id == task_id_) outcome_pushed_ = true;
+  }
   buffer_.Push(std::move(r));
   metrics_->SetBuffered(buffer_.points());
 }
@@ -783,6 +789,9 @@ void CoordinatorLink::CancelIfCurrent(const std::string& task_id, int64_t genera
   absl::MutexLock lock(&mu_);
   if (task_id.empty() || task_id != task_id_ || cancel_) return;
   if (generation >= 0 && generation != lease_generation_) return;
+  // The outcome is on its way or taken (the coordinator answers "cancel" for a task it has done with): the
+  // task stopped by itself. A user's cancel meanwhile refuses the outcome, and that is said.
+  if (outcome_pushed_) return;
   cancel_ = true;
   lease_.Revoke(absl::StrCat("the coordinator cancelled it or gave it to another group (", rpc, ")"),
                 /*by_cancel=*/true);

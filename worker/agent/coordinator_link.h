@@ -205,6 +205,9 @@ class CoordinatorLink {
   std::string task_id_ ABSL_GUARDED_BY(mu_);
   int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // the leases' count
   bool leased_not_begun_ ABSL_GUARDED_BY(mu_) = false;  // Lease named task_id_, BeginTask not yet
+  // task_id_'s outcome (CompleteTask, FailTask) is pushed: the task is over here, and a heartbeat
+  // answered "cancel" after the coordinator took the outcome (SUCCEEDED; until EndTask) stops nothing.
+  bool outcome_pushed_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<bool> cancel_{false};
   std::atomic<bool> lost_{false};
   std::atomic<bool> connected_{false};  // the last call answered (Connected)
