@@ -223,8 +223,9 @@ int TasksDone(const v1::JobInfo& job) {
 
 }  // namespace
 
+// TASKS is as wide as a job's most ("4096/4096 done"): a sweep's row keeps NAME in its column.
 std::string JobLineHeader() {
-  return absl::StrFormat("%-14s  %-9s  %-19s  %-10s  %s", "JOB", "STATE", "CREATED (UTC)",
+  return absl::StrFormat("%-14s  %-9s  %-19s  %-14s  %s", "JOB", "STATE", "CREATED (UTC)",
                          "TASKS", "NAME");
 }
 
@@ -233,7 +234,7 @@ std::string FormatJobLine(const v1::JobInfo& job) {
   if (const std::string tags = FormatTags(job); !tags.empty()) {
     absl::StrAppend(&name, name.empty() ? "" : "  ", "[", tags, "]");
   }
-  return absl::StrFormat("%-14s  %-9s  %-19s  %-10s  %s", job.job_id(), JobStateName(job.state()),
+  return absl::StrFormat("%-14s  %-9s  %-19s  %-14s  %s", job.job_id(), JobStateName(job.state()),
                          FormatUnixMs(job.created_unix_ms()),
                          absl::StrCat(TasksDone(job), "/", job.tasks_size(), " done"), name);
 }

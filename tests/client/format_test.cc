@@ -266,6 +266,24 @@ TEST(ClientFormatTest, SweepFlagsSplitAtTopLevelCommas) {
   }
 }
 
+// A sweep's job has up to 4,096 tasks: its TASKS cell ("4096/4096 done") pushed NAME out of the
+// column the header and the other rows keep.
+TEST(ClientFormatTest, ALargeSweepsRowKeepsTheNameColumn) {
+  v1::JobInfo small;
+  small.set_job_id("j0123456789ab");
+  small.set_state(v1::JOB_STATE_SUCCEEDED);
+  small.set_created_unix_ms(1700000000000);
+  small.set_name("first");
+  small.add_tasks()->set_state(v1::TASK_STATE_SUCCEEDED);
+  v1::JobInfo large = small;
+  large.set_name("sweep");
+  for (int i = 1; i < 4096; ++i) large.add_tasks()->set_state(v1::TASK_STATE_SUCCEEDED);
+  const size_t column = JobLineHeader().find("NAME");
+  EXPECT_EQ(FormatJobLine(small).find("first"), column) << FormatJobLine(small);
+  EXPECT_EQ(FormatJobLine(large).find("sweep"), column) << FormatJobLine(large);
+  EXPECT_NE(FormatJobLine(large).find("4096/4096 done"), std::string::npos) << FormatJobLine(large);
+}
+
 TEST(ClientFormatTest, TagsNotesAndTheBestSweepPointAreShown) {
   v1::JobInfo job;
   job.set_job_id("j0123456789ab");
