@@ -49,6 +49,9 @@ bool TerminalTask(TaskState state) {
          state == aviary::v1::TASK_STATE_CANCELLED;
 }
 
+// A task's restarts over all its retries (aviary_task_restarts_total).
+int RestartsTotal(const TaskInfo& info) { return info.restarts() + info.restarts_before_retry(); }
+
 bool TerminalJob(JobState state) {
   return state == aviary::v1::JOB_STATE_SUCCEEDED || state == aviary::v1::JOB_STATE_FAILED ||
          state == aviary::v1::JOB_STATE_CANCELLED;
@@ -201,6 +204,9 @@ absl::Status Scheduler::Restore() {
   AVIARY_ASSIGN_OR_RETURN(auto epoch_ends, store_->LoadLatestEpochEnds());
   AVIARY_ASSIGN_OR_RETURN(std::vector<PointRow> last_points, store_->LoadLastPoints());
   std::map<std::string, int> reported_attempt;  // task -> the latest attempt that reported a point
+  // task -> when that attempt's last point arrived (the last-progress timestamp; the task's
+  // updated_unix_ms moves with a retry, a cancel or a preemption too)
+  std::map<std::string, int64_t> reported_at_ms;
   {
     // Finished tasks report nothing more (a retry starts a new attempt): their points are not
     // kept, or every task ever run would hold one in memory.
@@ -219,6 +225,7 @@ absl::Status Scheduler::Restore() {
     fence_counter_ms_ = told;
     for (const PointRow& row : last_points) {
       int& attempt = reported_attempt[row.task_id];
+      if (row.attempt >= attempt) reported_at_ms[row.task_id] = row.time_unix_ms;
       attempt = std::max(attempt, row.attempt);
       if (ended.count(row.task_id) != 0) continue;
       LastPoint& last = last_points_[row.task_id];
@@ -247,6 +254,15 @@ absl::Status Scheduler::Restore() {
   }
   const int64_t now = NowMs();
   const int64_t timeout_ms = HeartbeatTimeoutMs();
+  // Per group, the task it ended last (CompleteTask, FailTask): a group that holds none ships
+  // that task's last lines after its outcome, also to a coordinator restarted just then.
+  std::map<std::string, const TaskRow*> ended_last;
+  for (const auto& [id, task] : tasks_) {
+    const std::string& by = task.info.ended_by_group();
+    if (by.empty()) continue;
+    const TaskRow*& last = ended_last[by];
+    if (last == nullptr || task.info.updated_unix_ms() > last->info.updated_unix_ms()) last = &task;
+  }
   for (GroupRow& row : groups) {
     auto group = std::make_unique<Group>();
     group->row = std::move(row);
@@ -257,6 +273,9 @@ absl::Status Scheduler::Restore() {
     group->last_task_id = group->row.task_id;
     if (auto task = tasks_.find(group->row.task_id); task != tasks_.end()) {
       group->last_attempt = task->second.info.attempt();
+    } else if (auto ended = ended_last.find(group->row.group_id); ended != ended_last.end()) {
+      group->last_task_id = ended->second->info.task_id();
+      group->last_attempt = ended->second->info.ended_attempt();
     }
     groups_[group->row.group_id] = std::move(group);
   }
@@ -268,11 +287,12 @@ absl::Status Scheduler::Restore() {
       // no series again.
       if (TerminalJob(jobs_.at(info.job_id()).row.info.state()) && task.manifest_hash.empty()) continue;
       metrics_->SetTaskRunning(info, info.state() == aviary::v1::TASK_STATE_LEASED);
-      metrics_->AddTaskRestarts(info, info.restarts());
+      metrics_->AddTaskRestarts(info, RestartsTotal(info));
       auto end = epoch_ends.find(id);
-      if (end != epoch_ends.end()) metrics_->ObservePoint(info, end->second, info.updated_unix_ms());
+      if (end != epoch_ends.end()) metrics_->ObservePoint(info, end->second.metrics, end->second.time_unix_ms);
       if (info.has_latest() && !info.latest().epoch_end()) {
-        metrics_->ObservePoint(info, info.latest(), info.updated_unix_ms());
+        auto at = reported_at_ms.find(id);
+        metrics_->ObservePoint(info, info.latest(), at != reported_at_ms.end() ? at->second : info.updated_unix_ms());
       }
       // A leased attempt that has not reported yet has no last-progress timestamp, as before
       // the restart (the points above may be an earlier attempt's).
@@ -532,8 +552,8 @@ void Scheduler::ApplyChanges(Changes* changes) {
     touched.insert(task.info.job_id());
     TaskRow& current = tasks_.at(id);
     if (metrics_ != nullptr) {
-      if (task.info.restarts() > current.info.restarts()) {
-        metrics_->AddTaskRestarts(task.info, task.info.restarts() - current.info.restarts());
+      if (const int more = RestartsTotal(task.info) - RestartsTotal(current.info); more > 0) {
+        metrics_->AddTaskRestarts(task.info, more);
       }
       const bool leased = task.info.state() == aviary::v1::TASK_STATE_LEASED;
       if (leased && (current.info.state() != aviary::v1::TASK_STATE_LEASED ||

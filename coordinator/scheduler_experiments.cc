@@ -104,6 +104,7 @@ absl::StatusOr<JobInfo> Scheduler::RetryJob(const std::string& job_id) {
     task.info.set_state(waits ? aviary::v1::TASK_STATE_BLOCKED : aviary::v1::TASK_STATE_READY);
     task.info.clear_error();
     task.info.clear_group_id();
+    task.info.set_restarts_before_retry(task.info.restarts_before_retry() + task.info.restarts());
     task.info.set_restarts(0);
     task.info.set_updated_unix_ms(now);
     ++(waits ? blocked : ready);

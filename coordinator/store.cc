@@ -1199,19 +1199,22 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadEpochEndsWhere(const char* colu
   return rows;
 }
 
-absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> Store::LoadLatestEpochEnds() {
+absl::StatusOr<std::map<std::string, PointRow>> Store::LoadLatestEpochEnds() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT task_id, metrics, id FROM metric_points WHERE id IN "
+               "SELECT task_id, metrics, id, attempt, time_unix_ms FROM metric_points WHERE id IN "
                "(SELECT max(id) FROM metric_points WHERE epoch_end=1 GROUP BY task_id)");
-  std::map<std::string, aviary::v1::Metrics> out;
+  std::map<std::string, PointRow> out;
   absl::Status status;
   while (st.Step(&status)) {
-    aviary::v1::Metrics metrics;
-    const std::string label = PointLabel(st.Int(2), st.Text(0));
-    if (!SkipDamaged(st.Parse(1, &metrics, label), label)) {
-      out[st.Text(0)] = std::move(metrics);
+    PointRow row;
+    row.task_id = st.Text(0);
+    row.attempt = static_cast<int>(st.Int(3));
+    row.time_unix_ms = st.Int(4);
+    const std::string label = PointLabel(st.Int(2), row.task_id);
+    if (!SkipDamaged(st.Parse(1, &row.metrics, label), label)) {
+      out[row.task_id] = std::move(row);
     }
   }
   AVIARY_RETURN_IF_ERROR(status);
@@ -1222,7 +1225,7 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
   Statement st(this,
-               "SELECT task_id, attempt, metrics, id FROM metric_points WHERE id IN "
+               "SELECT task_id, attempt, metrics, id, time_unix_ms FROM metric_points WHERE id IN "
                "(SELECT max(id) FROM metric_points GROUP BY task_id, attempt)");
   std::vector<PointRow> out;
   absl::Status status;
@@ -1230,6 +1233,7 @@ absl::StatusOr<std::vector<PointRow>> Store::LoadLastPoints() {
     PointRow row;
     row.task_id = st.Text(0);
     row.attempt = static_cast<int>(st.Int(1));
+    row.time_unix_ms = st.Int(4);
     const std::string label = PointLabel(st.Int(3), row.task_id);
     if (!SkipDamaged(st.Parse(2, &row.metrics, label), label)) {
       out.push_back(std::move(row));

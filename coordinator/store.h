@@ -190,8 +190,8 @@ class Store {
   // One task's epoch-end points, in insertion order (`damaged` as above).
   absl::StatusOr<std::vector<PointRow>> LoadTaskEpochEnds(const std::string& task_id, int64_t* damaged = nullptr);
   // Per task, its latest epoch-end point (for restoring gauges).
-  absl::StatusOr<std::map<std::string, aviary::v1::Metrics>> LoadLatestEpochEnds();
-  // The last stored point of each (task, attempt); time_unix_ms is 0.
+  absl::StatusOr<std::map<std::string, PointRow>> LoadLatestEpochEnds();
+  // The last stored point of each (task, attempt).
   absl::StatusOr<std::vector<PointRow>> LoadLastPoints();
   // Checkpoints of a task, oldest first (path, epoch, best).
   struct CheckpointRow {

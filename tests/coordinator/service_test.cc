@@ -2217,6 +2217,69 @@ Metrics StepPoint(int epoch, int64_t step) {
   return m;
 }
 
+// `aviary retry` sets a task's restarts (max_restarts' count) back to 0; the counter
+// aviary_task_restarts_total must not follow it, neither at once nor when a restart rebuilds it
+// from the stored tasks (3 -> 1 is a counter reset to Prometheus, and AviaryTaskRestarted fired).
+// Nor is a retry progress: a restart exported the retry's time as the last-progress timestamp of
+// the earlier attempt's NaN loss, and AviaryLossNotFinite fired for half an hour.
+TEST_F(CoordinatorServiceTest, ARetryNeitherTurnsTheRestartCounterBackNorCountsAsProgress) {
+  config_.max_restarts = 5;
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::vector<std::string> labels{"job_id=\"" + job_id + "\"", "stage=\"pretrain\""};
+  auto sample = [&](const char* name, double* value) {
+    return FindSample(HttpGet(coordinator_->metrics_port(), "/metrics"), name, labels, value);
+  };
+  const std::string a = Register();
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    ASSERT_EQ(Lease(a).task().attempt(), attempt);
+    ASSERT_TRUE(FailRetryable(a, pretrain, "lost a rank").ok());
+  }
+  ASSERT_EQ(Lease(a).task().attempt(), 3);
+  Metrics diverged = StepPoint(0, 5);
+  diverged.set_train_loss(std::numeric_limits<double>::quiet_NaN());
+  const int64_t reported_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                  std::chrono::system_clock::now().time_since_epoch()).count();
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {diverged}, &cancel).ok());
+  FailTaskRequest fail;
+  fail.set_group_id(a);
+  fail.set_task_id(pretrain);
+  fail.set_error("loss is NaN");
+  fail.set_retryable(false);
+  FailTaskResponse failed;
+  ASSERT_TRUE(workers_->FailTask(WorkerCtx().get(), fail, &failed).ok());
+  ASSERT_EQ(GetJob(job_id).state(), JOB_STATE_FAILED);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // the retry comes later
+  RetryJobRequest retry;
+  retry.set_job_id(job_id);
+  JobInfo retried;
+  ASSERT_TRUE(jobs_->RetryJob(Ctx().get(), retry, &retried).ok());
+  ASSERT_EQ(retried.tasks(0).restarts(), 0);
+  EXPECT_EQ(retried.tasks(0).restarts_before_retry(), 2);
+  double value = 0;
+  ASSERT_TRUE(sample("aviary_task_restarts_total", &value));
+  EXPECT_EQ(value, 2);
+  Restart();
+  ASSERT_TRUE(sample("aviary_task_restarts_total", &value));
+  EXPECT_EQ(value, 2);
+  ASSERT_TRUE(sample("aviary_task_last_progress_timestamp_seconds", &value));
+  EXPECT_GE(value * 1000, reported_ms - 1);
+  EXPECT_LT(value * 1000, reported_ms + 1000) << "the retry's time, not the report's";
+  ASSERT_TRUE(sample("aviary_train_loss", &value));
+  EXPECT_TRUE(std::isnan(value)) << value;
+  // A restart of the retried task counts on from there, also after a restart of the coordinator.
+  ASSERT_EQ(Lease(a).task().attempt(), 4);
+  ASSERT_TRUE(FailRetryable(a, pretrain, "lost a rank").ok());
+  ASSERT_TRUE(sample("aviary_task_restarts_total", &value));
+  EXPECT_EQ(value, 3);
+  Restart();
+  ASSERT_TRUE(sample("aviary_task_restarts_total", &value));
+  EXPECT_EQ(value, 3);
+  EXPECT_EQ(GetJob(job_id).tasks(0).restarts(), 1);
+}
+
 TEST_F(CoordinatorServiceTest, StepsNeverGoBackWithinAnAttempt) {
   config_.heartbeat_timeout_s = kReapAfterS;
   Start();
@@ -3622,6 +3685,14 @@ TEST_F(CoordinatorServiceTest, LogsAreShippedNumberedAndBoundedPerTask) {
   // CompleteTask) are still its group's to ship.
   ASSERT_TRUE(Complete(group, finetune, Checkpoint(finetune, "best.pt")).ok());
   ASSERT_TRUE(ship(group, finetune, {"the result"}).ok());
+  // And across a restart between the task's CompleteTask and its last lines: the group holds
+  // no task then, and was refused ("neither runs it nor ran it last") for good.
+  Restart();
+  ASSERT_TRUE(ship(group, finetune, {"the result, after the restart"}).ok());
+  got = logs(finetune, 0, 0);
+  ASSERT_EQ(got.tasks(0).lines_size(), 1);
+  EXPECT_EQ(got.tasks(0).lines(0).attempt(), 1);
+  EXPECT_EQ(ship(group, pretrain, {"x"}).error_code(), grpc::StatusCode::FAILED_PRECONDITION);  // not the last
 }
 
 TEST_F(CoordinatorServiceTest, ListGroupsShowsEachGroupAndItsTask) {

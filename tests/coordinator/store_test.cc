@@ -127,7 +127,9 @@ TEST_F(StoreTest, RowsSurviveCloseAndReopen) {
   EXPECT_EQ((*points)[0].attempt, 2);
   auto latest = (*store)->LoadLatestEpochEnds();
   ASSERT_TRUE(latest.ok());
-  EXPECT_EQ(latest->at("j0123456789ab/pretrain-f0").epoch(), 3);
+  EXPECT_EQ(latest->at("j0123456789ab/pretrain-f0").metrics.epoch(), 3);
+  EXPECT_EQ(latest->at("j0123456789ab/pretrain-f0").time_unix_ms, 99);
+  EXPECT_EQ(latest->at("j0123456789ab/pretrain-f0").attempt, 2);
   auto checkpoints = (*store)->LoadCheckpoints("j0123456789ab/pretrain-f0");
   ASSERT_TRUE(checkpoints.ok());
   ASSERT_EQ(checkpoints->size(), 1u);
@@ -354,8 +356,13 @@ TEST_F(StoreTest, OnlyTheNewestStepPointOfAnAttemptIsStored) {
   auto last = (*store)->LoadLastPoints();
   ASSERT_TRUE(last.ok()) << last.status();
   std::map<int, int64_t> steps;  // attempt -> its newest point's step
-  for (const PointRow& row : *last) steps[row.attempt] = row.metrics.step();
+  std::map<int, int64_t> times;  // attempt -> when its newest point arrived
+  for (const PointRow& row : *last) {
+    steps[row.attempt] = row.metrics.step();
+    times[row.attempt] = row.time_unix_ms;
+  }
   EXPECT_EQ(steps, (std::map<int, int64_t>{{1, 12}, {2, 4}}));
+  EXPECT_EQ(times, (std::map<int, int64_t>{{1, 12}, {2, 13}}));
   auto ends = (*store)->LoadEpochEnds(job_id);
   ASSERT_TRUE(ends.ok()) << ends.status();
   ASSERT_EQ(ends->size(), 1u);
