@@ -7,6 +7,7 @@
 // (Coordinator::ReloadTokens).
 #include <malloc.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <iostream>
@@ -15,7 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/cli.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -185,6 +188,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGHUP);
+  sigaddset(&signals, SIGUSR1);  // the store broke (below)
   if (int err = pthread_sigmask(SIG_BLOCK, &signals, nullptr); err != 0) {
     return Fail("cannot start", absl::InternalError(absl::StrCat("pthread_sigmask: error ", err)), 1);
   }
@@ -198,10 +202,30 @@ int main(int argc, char** argv) {
     return Fail("cannot start", coordinator.status(), aviary::common::ExitCodeFor(coordinator.status()));
   }
 
+  // A database that can take no more writes (a COMMIT failed in its I/O): every write RPC fails
+  // from then on, while heartbeats (no writes) keep the groups and their tasks. The process exits
+  // 1, which the service manager restarts; the restart reads the file back, or says what is wrong.
+  static absl::Mutex broken_mu;
+  static absl::Status* broken = new absl::Status();
+  (*coordinator)->OnStoreBroken([](const absl::Status& why) {
+    {
+      absl::MutexLock lock(&broken_mu);
+      *broken = why;
+    }
+    ::kill(::getpid(), SIGUSR1);
+  });
+  int exit_code = 0;
   while (true) {
     int signal_number = 0;
     if (int err = sigwait(&signals, &signal_number); err != 0) {
       log.Error(absl::StrCat("sigwait failed (error ", err, "); shutting down"));
+      break;
+    }
+    if (signal_number == SIGUSR1) {
+      absl::MutexLock lock(&broken_mu);
+      if (broken->ok()) continue;  // not ours
+      log.Error(absl::StrCat(broken->message(), "; shutting down: exit 1, for the service manager to restart it"));
+      exit_code = 1;
       break;
     }
     if (signal_number == SIGHUP) {
@@ -216,5 +240,5 @@ int main(int argc, char** argv) {
   coordinator->reset();
   if (!closed.ok()) return Fail("shutdown", closed, 1);
   log.Info("stopped");
-  return 0;
+  return exit_code;
 }

@@ -860,6 +860,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
 
 Coordinator::~Coordinator() { (void)Shutdown(); }
 
+void Coordinator::OnStoreBroken(std::function<void(const absl::Status&)> on_broken) {
+  store_->SetOnBroken(std::move(on_broken));
+}
+
 absl::Status Coordinator::ReloadTokens() {
   if (auth_ == nullptr) return absl::FailedPreconditionError("ReloadTokens: the coordinator is not running");
   absl::StatusOr<TokenSet> tokens = LoadTokenSet(config_, /*reload=*/true);

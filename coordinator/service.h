@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -132,6 +133,12 @@ class Coordinator {
   // reloaded: N client, M viewer, K worker". On an error (naming the key and the file) the
   // current tokens stay. Not to be called concurrently with Shutdown.
   absl::Status ReloadTokens();
+
+  // `on_broken` is called once when the database can take no more writes (a COMMIT that failed
+  // in its I/O; Store::SetOnBroken): every write RPC fails from then on, and only a restart
+  // mends it. From any thread, under the store's lock: it must only hand the news on (main asks
+  // the process to exit 1). At once when broken already.
+  void OnStoreBroken(std::function<void(const absl::Status&)> on_broken);
 
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }

@@ -293,9 +293,22 @@ class Store::Statement {
 
 absl::Status Store::SqlError(int rc, const std::string& statement) const {
   const char* detail = db_ != nullptr ? sqlite3_errmsg(db_) : sqlite3_errstr(rc);
-  return absl::InternalError(absl::StrCat("database ", path_, ": statement '", statement,
-                                          "' failed: ", sqlite3_errstr(rc), " (", rc, "): ",
-                                          detail));
+  const std::string text = absl::StrCat("database ", path_, ": statement '", statement, "' failed: ",
+                                        sqlite3_errstr(rc), " (", rc, "): ", detail);
+  switch (rc & 0xff) {
+    case SQLITE_NOTADB:
+      // Another program's file (a config, a log): the user's to fix, which a restart does not
+      // (exit 2, as for a SQLite file that is not aviary's).
+      return absl::FailedPreconditionError(
+          absl::StrCat(text, ": not an SQLite file, so not an aviary database; it was not changed"));
+    case SQLITE_CORRUPT:
+      // A damaged page: reading it again gets the same answer. DATA_LOSS is permanent to the
+      // scheduler (a lease whose manifest cannot be read fails its task, not retried for ever).
+      return absl::DataLossError(
+          absl::StrCat(text, ": the file is damaged; restore it from a backup (docs/DEPLOY.md, \"Failures\")"));
+    default:
+      return absl::InternalError(text);
+  }
 }
 
 bool Store::SkipDamaged(const absl::Status& parsed, const std::string& row) {
@@ -666,10 +679,24 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
         "database ", path_, ": a COMMIT failed with an I/O error (", status.message(),
         "); whether it reached the disk is unknown: the coordinator must be restarted (it reads the file back), "
         "and the disk checked"));
+    Broke();
     return broken_;
   }
   if (!status.ok()) return RollBack(status);
   return absl::OkStatus();
+}
+
+void Store::SetOnBroken(std::function<void(const absl::Status&)> on_broken) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  on_broken_ = std::move(on_broken);
+  if (!broken_.ok()) Broke();
+}
+
+void Store::Broke() {
+  if (on_broken_ && !broken_said_) {
+    broken_said_ = true;
+    on_broken_(broken_);
+  }
 }
 
 absl::Status Store::RollBack(const absl::Status& cause) {
@@ -681,6 +708,7 @@ absl::Status Store::RollBack(const absl::Status& cause) {
     // body's rows. Later calls get this error; a restart rolls the file back.
     broken_ = absl::InternalError(absl::StrCat("database ", path_, ": a transaction could not be rolled back (",
                                                rollback.message(), "): the coordinator must be restarted"));
+    Broke();
     return absl::InternalError(absl::StrCat(cause.message(), "; then ", broken_.message()));
   }
   if (!rollback.ok()) return absl::InternalError(absl::StrCat(cause.message(), "; then ", rollback.message()));

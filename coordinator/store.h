@@ -125,6 +125,11 @@ class Store {
   // Runs `body` inside BEGIN IMMEDIATE ... COMMIT; rolls back when `body` or COMMIT fails and
   // returns that error. The mutators below must be called from such a body.
   absl::Status Transaction(const std::function<absl::Status()>& body);
+  // Called once, with the error every later call gets, when the store can write no more (a
+  // COMMIT failed in its I/O, a ROLLBACK failed): only a restart, which reads the file back,
+  // mends it. At once when it is so already. Runs under the store's lock: it must not call the
+  // store (the coordinator's asks the process to exit 1, which systemd restarts).
+  void SetOnBroken(std::function<void(const absl::Status&)> on_broken);
 
   absl::Status PutJob(const JobRow& job);
   // `manifest_deflated`, when not empty, is DeflateManifest(payload.manifest_csv), made before the
@@ -237,6 +242,7 @@ class Store {
   // Rolls back the open transaction after `cause` (the failed body or COMMIT); returns `cause`, or
   // more when the ROLLBACK itself failed (then the store refuses every later call).
   absl::Status RollBack(const absl::Status& cause);
+  void Broke();  // under mu_: broken_ was just set
   // True (and counted) when `parsed` failed; called with mu_ held.
   bool SkipDamaged(const absl::Status& parsed, const std::string& row);
   static std::string PointLabel(int64_t id, const std::string& task_id);
@@ -256,6 +262,8 @@ class Store {
   std::string upgrade_backup_;
   bool in_transaction_ = false;
   absl::Status broken_;  // guarded by mu_: set when a ROLLBACK failed (RollBack); CheckOpen says it
+  std::function<void(const absl::Status&)> on_broken_;  // guarded by mu_
+  bool broken_said_ = false;                            // guarded by mu_: on_broken_ was called
   std::recursive_mutex mu_;
   int64_t damaged_rows_skipped_ = 0;        // guarded by mu_
   std::vector<std::string> damaged_rows_;  // guarded by mu_

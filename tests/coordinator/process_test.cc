@@ -5,10 +5,12 @@
 #include <signal.h>
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <csignal>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -80,10 +82,16 @@ class CoordinatorProcessTest : public ::testing::Test {
             "--heartbeat-timeout-s", "30", "--log-level", "debug", "--set", "data_roots=" + root_};
   }
 
-  // Starts the binary with `args`, stderr to `log`.
-  pid_t Spawn(const std::vector<std::string>& args, const std::string& log) {
+  // Starts the binary with `args`, stderr to `log`; with `file_size_limit`, under that
+  // RLIMIT_FSIZE and SIGXFSZ ignored (a write past it fails with EFBIG: a full disk, nearly).
+  pid_t Spawn(const std::vector<std::string>& args, const std::string& log, rlim_t file_size_limit = 0) {
     const pid_t pid = ::fork();
     if (pid == 0) {
+      if (file_size_limit > 0) {
+        struct rlimit limit;
+        limit.rlim_cur = limit.rlim_max = file_size_limit;
+        if (std::signal(SIGXFSZ, SIG_IGN) == SIG_ERR || ::setrlimit(RLIMIT_FSIZE, &limit) != 0) ::_exit(126);
+      }
       const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       if (fd >= 0) {
         ::dup2(fd, 2);
@@ -172,11 +180,60 @@ TEST_F(CoordinatorProcessTest, ConfigErrorsExitWithTwoBeforeListening) {
   EXPECT_EQ(RunToExit(args, root_ + "/c.log"), 2);
   EXPECT_NE(Read(root_ + "/c.log").find("missing-token"), std::string::npos) << Read(root_ + "/c.log");
 
-  // A database of another program is not a config error: exit 1.
-  std::ofstream(root_ + "/other.db") << "not sqlite at all, just text that is long enough to matter";
+  // A file of another program (not SQLite at all) is the user's to fix, as a SQLite file that is
+  // not aviary's: exit 2 (it was 1, which systemd restarts every few seconds for ever), unchanged.
+  const std::string other = "not sqlite at all, just text that is long enough to matter";
+  std::ofstream(root_ + "/other.db") << other;
   args = ArgsWith("--database", root_ + "/other.db");
-  EXPECT_EQ(RunToExit(args, root_ + "/d.log"), 1);
+  EXPECT_EQ(RunToExit(args, root_ + "/d.log"), 2);
   EXPECT_NE(Read(root_ + "/d.log").find(root_ + "/other.db"), std::string::npos) << Read(root_ + "/d.log");
+  EXPECT_NE(Read(root_ + "/d.log").find("not an SQLite file"), std::string::npos) << Read(root_ + "/d.log");
+  EXPECT_EQ(Read(root_ + "/other.db"), other);
+}
+
+// A COMMIT that fails in its I/O leaves the database unable to take writes until a restart reads
+// it back: every write RPC failed from then on while the process lived on, heartbeats kept the
+// groups and their tasks, and nothing restarted it. It exits 1 now (systemd restarts it), saying why.
+TEST_F(CoordinatorProcessTest, ADatabaseThatCanTakeNoMoreWritesEndsTheProcessWithExitOne) {
+  StartAndConnect("first.log");
+  ASSERT_EQ(::kill(pid_, SIGTERM), 0);
+  ASSERT_EQ(::waitpid(pid_, nullptr, 0), pid_);
+  pid_ = -1;
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(root_ + "/aviary.db", ec);
+  ASSERT_FALSE(ec) << ec.message();
+  // Room for the database as it is and some 12 pages of write-ahead log (the log file too).
+  fs::remove(root_ + "/port");
+  pid_ = Spawn(ArgsWith("--log-level", "info"), root_ + "/second.log", size + 48 * 1024 + 32 * 1024);
+  int port = 0;
+  ASSERT_TRUE(Eventually([&] {
+    return absl::SimpleAtoi(absl::StripAsciiWhitespace(Read(root_ + "/port")), &port) && port > 0;
+  })) << Read(root_ + "/second.log");
+  jobs_ = JobService::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  grpc::Status refused;
+  for (int i = 0; i < 200 && refused.ok(); ++i) {
+    SubmitJobRequest request;
+    request.set_pipeline_yaml(kPipeline);
+    request.set_source_path("pipe.yaml");
+    request.set_working_dir(root_);
+    request.set_note(std::string(3000, 'n'));  // a page or so of its own
+    SubmitJobResponse response;
+    refused = jobs_->SubmitJob(Ctx().get(), request, &response);
+  }
+  ASSERT_FALSE(refused.ok()) << "every submit was stored";
+  EXPECT_NE(refused.error_message().find("a COMMIT failed with an I/O error"), std::string::npos)
+      << refused.error_message();
+  int status = 0;
+  ASSERT_TRUE(Eventually([&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }))
+      << "still running: " << Read(root_ + "/second.log");
+  pid_ = -1;
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  const std::string log = Read(root_ + "/second.log");
+  EXPECT_NE(log.find("[error] [coordinator] database " + root_ + "/aviary.db: a COMMIT failed with an I/O error"),
+            std::string::npos) << log;
+  EXPECT_NE(log.find("shutting down: exit 1"), std::string::npos) << log;
 }
 
 TEST_F(CoordinatorProcessTest, SigtermShutsDownCleanly) {

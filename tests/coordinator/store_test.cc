@@ -922,6 +922,11 @@ TEST_F(StoreTest, RefusesADatabaseInAFolderItCannotWrite) {
 [[noreturn]] void CommitPastAFileSizeLimit(const std::string& path) {
   auto store = Store::Open(path);
   if (!store.ok()) std::_Exit(2);
+  int told = 0;  // SetOnBroken's calls: once
+  (*store)->SetOnBroken([&told](const absl::Status& why) {
+    ++told;
+    std::fprintf(stderr, "broken: %s\n", std::string(why.ToString()).c_str());
+  });
   std::signal(SIGXFSZ, SIG_IGN);
   struct rlimit limit;
   limit.rlim_cur = limit.rlim_max = 256 * 1024;
@@ -935,14 +940,48 @@ TEST_F(StoreTest, RefusesADatabaseInAFolderItCannotWrite) {
   if (failed.ok()) std::_Exit(4);
   const absl::Status after = (*store)->Transaction([&] { return (*store)->PutManifest(Sha256Hex("a"), "a"); });
   std::fprintf(stderr, "after: %s\n", std::string(after.ToString()).c_str());
-  std::_Exit(after.ok() ? 5 : 7);
+  std::_Exit(after.ok() ? 5 : told == 1 ? 7 : 8);
 }
 
 TEST_F(StoreTest, ACommitThatFailsInItsIoBreaksTheStore) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(CommitPastAFileSizeLimit(path_), ::testing::ExitedWithCode(7),
+      "broken: INTERNAL: database .*: a COMMIT failed with an I/O error(.|\n)*"
       "first: INTERNAL: database .*: a COMMIT failed with an I/O error .*whether it reached the disk is unknown: "
       "the coordinator must be restarted(.|\n)*after: INTERNAL: database .*: a COMMIT failed with an I/O error");
+}
+
+// A damaged page (a bad sector under a manifest's overflow pages) reads the same way again: it
+// is DATA_LOSS, which the scheduler takes for permanent (the lease fails its task), not INTERNAL,
+// which a group retried for ever on the same task.
+TEST_F(StoreTest, ADamagedPageIsDataLossNamingTheFile) {
+  std::mt19937 rng(11);
+  std::string csv(64 * 1024, 'x');  // random letters: some 40 KB deflated, a chain of overflow pages
+  for (char& c : csv) c = static_cast<char>('a' + rng() % 26);
+  const std::string hash = Sha256Hex(csv);
+  {
+    auto store = Store::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    ASSERT_TRUE((*store)->Transaction([&] { return (*store)->PutManifest(hash, csv); }).ok());
+    ASSERT_TRUE((*store)->Close().ok());  // checkpointed into the file
+  }
+  // The last pages of the file are the manifest's (the newest row): garbage over three of them.
+  const uintmax_t size = fs::file_size(path_);
+  ASSERT_GT(size, 4u * 4096);
+  {
+    std::fstream file(path_, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(static_cast<std::streamoff>(size - 3 * 4096));
+    const std::string garbage(3 * 4096, '\xff');
+    file.write(garbage.data(), static_cast<std::streamsize>(garbage.size()));
+    ASSERT_TRUE(file.good());
+  }
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto loaded = (*store)->LoadManifest(hash);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss) << loaded.status();
+  EXPECT_NE(loaded.status().message().find(path_), std::string::npos) << loaded.status();
+  EXPECT_NE(loaded.status().message().find("restore it from a backup"), std::string::npos) << loaded.status();
 }
 
 TEST_F(StoreTest, OneStorePerDatabase) {
