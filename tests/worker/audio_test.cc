@@ -473,6 +473,57 @@ int64_t SndfileFrames(const std::string& path) {
 // decode to the end of the stream: as many samples as ffmpeg decodes from the same mp3, within
 // one mp3 frame (1152 samples: the decoders may differ by the decoder delay/padding they trim
 // without a tag), and no problem reported.
+// A VBRI tag (Fraunhofer's encoders) was taken for a stated length, as a Xing tag with a frame
+// count is; but libmpg123 does not read VBRI, so libsndfile's count was the bitrate estimate, and
+// the decode stopped there: 25 of 30 s lost, without a word. Such a file decodes as a stream now.
+TEST(AudioMp3Test, AVbriTagIsNoStatedLength) {
+  if (!HaveTool("ffmpeg")) GTEST_SKIP() << "ffmpeg is not installed (needed to encode the mp3)";
+  TempDir tmp;
+  const int rate = 44100;
+  const std::string wav = tmp.Sub("low.wav");
+  const std::string plain = tmp.Sub("plain.mp3");
+  WriteAudio(wav, SF_FORMAT_WAV | SF_FORMAT_PCM_16, rate, 1, Noise(int64_t{30} * rate, 1));
+  bool ok = false;
+  RunCapture("ffmpeg -nostdin -v error -y -i " + ShellQuote(wav) + " -c:a libmp3lame -q:a 4 -write_xing 0 " +
+                 ShellQuote(plain),
+             &ok);
+  ASSERT_TRUE(ok) << "ffmpeg could not encode " << plain;
+  std::string bytes;
+  {
+    std::ifstream in(plain, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  size_t pos = 0;
+  if (bytes.compare(0, 3, "ID3") == 0 && bytes.size() > 10) {  // ffmpeg's ID3v2 tag first
+    const auto b = [&](size_t i) { return static_cast<size_t>(static_cast<unsigned char>(bytes[i]) & 0x7F); };
+    pos = 10 + (b(6) << 21 | b(7) << 14 | b(8) << 7 | b(9));
+  }
+  while (pos + 64 < bytes.size() &&
+         !(static_cast<unsigned char>(bytes[pos]) == 0xFF && (static_cast<unsigned char>(bytes[pos + 1]) & 0xE0) == 0xE0)) {
+    ++pos;
+  }
+  ASSERT_LT(pos + 64, bytes.size()) << "no frame header in " << plain;
+  // "VBRI", version 1, delay, quality, bytes, frames: 32 bytes after the first frame's header.
+  const int64_t frames = int64_t{30} * rate / 1152;
+  std::string vbri("VBRI\x00\x01\x00\x00\x00\x4b", 10);
+  for (int64_t v : {static_cast<int64_t>(bytes.size()), frames}) {
+    for (int shift = 24; shift >= 0; shift -= 8) vbri.push_back(static_cast<char>((v >> shift) & 0xFF));
+  }
+  bytes.replace(pos + 4 + 32, vbri.size(), vbri);
+  const std::string tagged = tmp.Sub("vbri.mp3");
+  std::ofstream(tagged, std::ios::binary) << bytes;
+  // The scenario holds: libsndfile's count is the estimate, far short of the 30 s.
+  EXPECT_LT(SndfileFrames(tagged), int64_t{25} * rate) << tagged;
+  DecodeResult ours = Decode(tagged, 0);
+  ASSERT_TRUE(ours.ok()) << AudioProblemName(ours.failure.problem) << ": " << ours.failure.message;
+  const int64_t got = static_cast<int64_t>(ours.audio.samples.size());
+  EXPECT_GE(got, int64_t{30} * rate - 2 * 1152) << tagged;
+  EXPECT_LE(got, int64_t{30} * rate + 2 * 1152) << tagged;
+  auto probe = ProbeAudio(tagged, 32000);
+  ASSERT_TRUE(probe.ok());
+  EXPECT_EQ(probe->audio.total_samples, -1) << "a length the header cannot tell: " << tagged;
+}
+
 TEST(AudioMp3Test, WithoutXingTagDecodesToTheEndOfTheStream) {
   if (!HaveTool("ffmpeg")) GTEST_SKIP() << "ffmpeg is not installed (needed to encode the mp3s)";
   TempDir tmp;
@@ -754,9 +805,12 @@ TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
     ExpectProblem(cut, AudioProblem::kTruncated,
                   name == "a.flac" ? "flac decoder lost sync" : "data chunk is cut short");
   }
-  // A WAV written to a pipe (`ffmpeg ... -f wav -`) says 0xFFFFFFFF, "length unknown", for its
-  // RIFF and data sizes: whole, not cut short (it was called truncated).
-  {
+  // A WAV written to a pipe says "length unknown" for its RIFF and data sizes: 0xFFFFFFFF
+  // (`ffmpeg ... -f wav -`), 0x7FFFF000 and 0x7FFFF024 (sox): whole, not cut short (it was called
+  // truncated, and every clip of it skipped).
+  for (const auto& [riff_size, data_size] : std::vector<std::pair<std::string, std::string>>{
+           {"\xff\xff\xff\xff", "\xff\xff\xff\xff"},
+           {std::string("\x24\xf0\xff\x7f", 4), std::string("\x00\xf0\xff\x7f", 4)}}) {
     const std::string whole = tmp.Sub("a.wav");
     std::string bytes;
     {
@@ -765,9 +819,13 @@ TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
     }
     const size_t data = bytes.find("data");
     ASSERT_NE(data, std::string::npos);
-    for (size_t at : {size_t{4}, data + 4}) bytes.replace(at, 4, std::string(4, '\xff'));
+    ASSERT_EQ(riff_size.size(), 4u);
+    ASSERT_EQ(data_size.size(), 4u);
+    bytes.replace(4, 4, riff_size);
+    bytes.replace(data + 4, 4, data_size);
     const std::string piped = tmp.Sub("piped.wav");
     std::ofstream(piped, std::ios::binary) << bytes;
+    ExpectProblem(piped, AudioProblem::kNone);
     DecodeResult decoded = Decode(piped, 16000, ChannelMode::kFirst, 0.0, 0.0);
     ASSERT_TRUE(decoded.ok()) << decoded.failure.message;
     EXPECT_EQ(decoded.audio.samples.size(), tone.size());

@@ -273,9 +273,10 @@ std::mutex& SndfileOpenMutex() {
 bool IsOgg(const SF_INFO& info) { return (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_OGG; }
 bool IsMpeg(const SF_INFO& info) { return (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_MPEG; }
 
-// Whether an MPEG audio file states its length: a Xing/Info tag with a frame count, or a VBRI
-// tag, in its first frame. libsndfile (mpg123) reports an exact frame count only then; without
-// one (`-write_xing 0`, many streams and cut files) it estimates the count from the file size
+// Whether an MPEG audio file states its length: a Xing/Info tag with a frame count in its first
+// frame. libsndfile (mpg123) reports an exact frame count only then; without one (a VBRI tag,
+// which libmpg123 does not read, `-write_xing 0`, many streams and cut files) it estimates the
+// count from the file size
 // and the first frame's bitrate, which for VBR is off either way (a 30 s file "of 9 s", a 12 s
 // file "of 42 s"). Reads the first frame after any ID3v2 tags, which may be of any size (cover
 // art: hundreds of KB); `*audio_start` gets where they end (0 without any).
@@ -309,15 +310,14 @@ bool MpegStatesLength(const std::string& path, off_t* audio_start) {
     if (version == 1 || layer == 0 || bitrate == 15 || rate == 3) continue;
     const bool mono = (d[pos + 3] >> 6) == 3;
     // The Xing/Info tag follows the side information: 32/17 bytes (MPEG-1 stereo/mono), 17/9
-    // (MPEG-2 and 2.5); VBRI always sits 32 bytes after the header.
+    // (MPEG-2 and 2.5).
     const size_t side = version == 3 ? (mono ? 17 : 32) : (mono ? 9 : 17);
     const size_t xing = pos + 4 + side;
     if (xing + 8 <= n &&
         (std::memcmp(d + xing, "Xing", 4) == 0 || std::memcmp(d + xing, "Info", 4) == 0)) {
       return (d[xing + 7] & 0x01) != 0;  // the frame-count field is present
     }
-    const size_t vbri = pos + 4 + 32;
-    return vbri + 4 <= n && std::memcmp(d + vbri, "VBRI", 4) == 0;
+    return false;
   }
   return false;
 }
@@ -337,9 +337,13 @@ std::string WavTruncationNote(SNDFILE* file, int format) {
   absl::string_view text(log);
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     if (absl::StartsWith(line, "data :") && absl::StrContains(line, "(should be")) {
-      // 0xFFFFFFFF is "length unknown" (a WAV written to a pipe: `ffmpeg ... -f wav -`, arecord),
-      // not a longer data chunk: the file is whole.
-      if (absl::StartsWith(absl::StripLeadingAsciiWhitespace(line.substr(6)), "4294967295")) return "";
+      // The sizes a WAV written to a pipe says for "length unknown", not a longer data chunk
+      // (the file is whole): 0xFFFFFFFF (`ffmpeg ... -f wav -`, arecord), 0x7FFFF000 (sox), and
+      // 0x7FFFFFFF.
+      const absl::string_view declared = absl::StripLeadingAsciiWhitespace(line.substr(6));
+      for (absl::string_view unknown : {"4294967295 ", "2147479552 ", "2147483647 "}) {
+        if (absl::StartsWith(declared, unknown)) return "";
+      }
       return std::string(line);
     }
   }
