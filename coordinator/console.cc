@@ -40,7 +40,11 @@
 namespace aviary::coordinator {
 namespace {
 
-constexpr char kCookie[] = "aviary_console";
+// The login cookie's name: this prefix and the console's port (a browser keeps cookies per host,
+// not per port: two consoles on one host, or several `ssh -L` tunnels to localhost, overwrote
+// each other's sessions), "__Host-" in front under TLS (no Domain, Path=/, Secure: a sibling
+// host or a plain-HTTP page cannot set it).
+constexpr char kCookiePrefix[] = "aviary_console_";
 // A login session's life; the cookie's Max-Age says the same.
 constexpr int kSessionLifetimeS = 12 * 3600;
 // Logged-out sessions remembered at most (until they expire).
@@ -50,8 +54,9 @@ constexpr char kCsrfHeader[] = "X-Aviary-Console";
 // rest stay for the pages and /api.
 constexpr int kServerThreads = 64;
 constexpr int kMaxStreams = 48;
-// Per holder: a token (every tab of a user's browser shares its cookie) or, without one, the
-// peer's address. A page refused a stream loads its data by GET instead (console.js).
+// Per holder: a login session (every tab of a user's browser shares its cookie), a bearer token
+// or, without authentication, the peer's address. A page refused a stream loads its data by GET
+// instead (console.js).
 constexpr int kMaxStreamsPerHolder = 16;
 constexpr int kDefaultJobLimit = 200;
 // The jobs' serialized size at most (their JSON is about twice that): a page every tab reloads
@@ -312,7 +317,8 @@ class StreamSlot {
           absl::StrCat(kMaxStreams, " event streams are open already; reload later"));
     } else if (!holder_.empty() && mine >= kMaxStreamsPerHolder) {
       status_ = absl::ResourceExhaustedError(absl::StrCat(
-          "this token (or address) has ", kMaxStreamsPerHolder, " event streams open already; close a page"));
+          "this login (or token, or address) has ", kMaxStreamsPerHolder,
+          " event streams open already; close a page"));
     } else {
       ++mine;
       ++console_->streams_;
@@ -360,15 +366,23 @@ class Console::Request {
     return value != nullptr ? value : "";
   }
 
-  std::string Cookie(const char* name) const {
+  // Every value of the cookie `name`, in the order sent: a browser sends one per path and
+  // domain that matches (another service on the host may have set one for a longer path, which
+  // comes first), so the caller tries each.
+  std::vector<std::string> Cookies(const std::string& name) const {
+    std::vector<std::string> values;
     const char* header = mg_get_header(conn_, "Cookie");
-    if (header == nullptr) return "";
-    std::vector<char> buffer(4096);
-    const int n = mg_get_cookie(header, name, buffer.data(), buffer.size());
-    if (n < 0) return "";
-    std::vector<char> decoded(buffer.size());
-    const int m = mg_url_decode(buffer.data(), n, decoded.data(), static_cast<int>(decoded.size()), 1);
-    return m < 0 ? "" : std::string(decoded.data(), m);
+    if (header == nullptr) return values;
+    for (absl::string_view pair : absl::StrSplit(header, ';')) {
+      pair = absl::StripAsciiWhitespace(pair);
+      if (!absl::ConsumePrefix(&pair, name) || !absl::ConsumePrefix(&pair, "=")) continue;
+      if (pair.empty() || pair.size() > 4096) continue;
+      std::vector<char> decoded(pair.size() + 1);
+      const int m = mg_url_decode(pair.data(), static_cast<int>(pair.size()), decoded.data(),
+                                  static_cast<int>(decoded.size()), 1);
+      if (m > 0) values.emplace_back(decoded.data(), m);
+    }
+    return values;
   }
 
   // A query parameter ("" when absent).
@@ -457,15 +471,18 @@ class Console::Request {
     if (std::optional<std::string> bearer = BearerToken(Header("Authorization"))) {
       token = *std::move(bearer);
     } else {
-      const std::string id = Cookie(kCookie);
-      std::optional<std::string> session = id.empty() ? std::nullopt : console.SessionToken(id);
-      if (session.has_value()) {
-        token = *std::move(session);
-        session_id_ = id;
-        by_cookie_ = true;
-      } else if (!auth.tokens()->no_auth()) {
+      const std::vector<std::string> ids = Cookies(console.cookie_name());
+      for (const std::string& id : ids) {
+        if (std::optional<std::string> session = console.SessionToken(id); session.has_value()) {
+          token = *std::move(session);
+          session_id_ = id;
+          by_cookie_ = true;
+          break;
+        }
+      }
+      if (!by_cookie_ && !auth.tokens()->no_auth()) {
         return absl::UnauthenticatedError(
-            id.empty() ? absl::StrCat(what, ": no token: send 'Authorization: Bearer <token>' or log in at /login")
+            ids.empty() ? absl::StrCat(what, ": no token: send 'Authorization: Bearer <token>' or log in at /login")
                        : absl::StrCat(what, ": the login session has ended (logged out, ",
                                       kSessionLifetimeS / 3600, " hours after its login, or its token was "
                                       "removed): log in again at /login"));
@@ -493,6 +510,9 @@ class Console::Request {
   // would be a new holder) the peer's address; "" (no per-holder limit) when that address is
   // the TLS front's loopback relay, which every browser shares.
   std::string holder(const Authenticator& auth, bool behind_tls_front) const {
+    // A login session (one browser: its tabs share the cookie), not its token: one viewer token
+    // shared by a team is many holders.
+    if (by_cookie_) return "session " + Sha256Hex(session_id_);
     if (!auth.tokens()->no_auth()) return "token " + Sha256Hex(token_);
     if (behind_tls_front) return "";
     return absl::StrCat("address ", info_->remote_addr);
@@ -560,6 +580,7 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
                                                                  options.tls_key_pem));
     console->port_ = console->tls_front_->port();
   }
+  console->cookie_name_ = absl::StrCat(tls ? "__Host-" : "", kCookiePrefix, console->port_);
   return console;
 }
 
@@ -608,9 +629,9 @@ void Console::Route(Request& request) {
   if (path == "/login") return ServeLogin(request);
   if (path == "/logout" && method == "POST") {
     // The session ends here, not only the browser's copy of its cookie.
-    if (const std::string id = request.Cookie(kCookie); !id.empty()) EndSession(id);
-    return request.Redirect("/login", absl::StrCat("Set-Cookie: ", kCookie, "=; Path=/; Max-Age=0; HttpOnly; "
-                                                   "SameSite=Strict\r\n"));
+    for (const std::string& id : request.Cookies(cookie_name_)) EndSession(id);
+    return request.Redirect("/login", absl::StrCat("Set-Cookie: ", cookie_name_, "=; Path=/; Max-Age=0; HttpOnly; "
+                                                   "SameSite=Strict", tls() ? "; Secure" : "", "\r\n"));
   }
   if (absl::StartsWith(path, "/static/") && get) return ServeStatic(request, path.substr(8));
   if (get && (path == "/jobs" || path == "/compare" || path == "/groups" ||
@@ -701,6 +722,8 @@ std::optional<std::string> Console::SessionToken(const std::string& cookie) {
   {
     absl::MutexLock lock(&sessions_mu_);
     if (ended_sessions_.count(parts[3]) != 0) return std::nullopt;
+    auto before = ended_before_.find(parts[2]);
+    if (before != ended_before_.end() && expires - kSessionLifetimeS <= before->second) return std::nullopt;
   }
   const std::string signed_part = cookie.substr(0, cookie.rfind('.'));
   const std::shared_ptr<const TokenSet> tokens = auth_->tokens();
@@ -725,9 +748,20 @@ void Console::EndSession(const std::string& cookie) {
   for (auto it = ended_sessions_.begin(); it != ended_sessions_.end();) {
     it = it->second <= now ? ended_sessions_.erase(it) : std::next(it);
   }
-  if (ended_sessions_.size() >= kMaxSessions) {  // the one that expires first is let go
-    ended_sessions_.erase(std::min_element(ended_sessions_.begin(), ended_sessions_.end(),
-                                           [](const auto& a, const auto& b) { return a.second < b.second; }));
+  if (ended_sessions_.size() >= kMaxSessions) {
+    // None is let go before it expires (anyone with a token could log in and out until another
+    // user's logout was forgotten, and a copy of that cookie worked again): this one ends every
+    // session of its token begun no later than it. A shared viewer token's other users may have
+    // to log in again.
+    int64_t& before = ended_before_[parts[2]];
+    const int64_t issued = expires - kSessionLifetimeS;
+    if (issued > before) before = issued;
+    if (!said_sessions_full_) {
+      said_sessions_full_ = true;
+      log_.Warn(absl::StrCat(kMaxSessions, " logged-out sessions are remembered until they expire; "
+                             "until some do, a logout ends every session of its token begun before it"));
+    }
+    return;
   }
   ended_sessions_[parts[3]] = expires;
 }
@@ -786,7 +820,7 @@ void Console::ServeLogin(Request& request) {
     }
     absl::StatusOr<std::string> session = StartSession(token);
     if (!session.ok()) return request.Error(session.status());
-    return request.Redirect(next, absl::StrCat("Set-Cookie: ", kCookie, "=", *session, "; Path=/; Max-Age=",
+    return request.Redirect(next, absl::StrCat("Set-Cookie: ", cookie_name_, "=", *session, "; Path=/; Max-Age=",
                                                kSessionLifetimeS, "; HttpOnly; SameSite=Strict",
                                                secure ? "; Secure" : "", "\r\n"));
   }

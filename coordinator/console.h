@@ -72,6 +72,8 @@ class Console {
 
   int port() const { return port_; }
   bool tls() const { return !options_.tls_cert_pem.empty(); }
+  // The login cookie's name: "aviary_console_<port>" ("__Host-" before it under TLS).
+  const std::string& cookie_name() const { return cookie_name_; }
 
   // One request, for civetweb's callback (public only for it).
   int Handle(mg_connection* conn);
@@ -114,6 +116,7 @@ class Console {
   mg_context* ctx_ = nullptr;
   std::unique_ptr<TlsFront> tls_front_;  // with TLS: serves `listen`, relays to civetweb on loopback
   int port_ = 0;
+  std::string cookie_name_;
   std::atomic<bool> stopping_{false};
   // Open event streams (each holds a server thread), in all and per holder (a token, or the
   // peer's address without one): one holder cannot take every stream.
@@ -136,6 +139,10 @@ class Console {
   void EndSession(const std::string& cookie) ABSL_LOCKS_EXCLUDED(sessions_mu_);
   absl::Mutex sessions_mu_;
   std::map<std::string, int64_t> ended_sessions_ ABSL_GUARDED_BY(sessions_mu_);  // mac -> expires
+  // Once ended_sessions_ is full: token id -> the sessions of that token begun (expiry less the
+  // lifetime) at or before this Unix second are logged out.
+  std::map<std::string, int64_t> ended_before_ ABSL_GUARDED_BY(sessions_mu_);
+  bool said_sessions_full_ ABSL_GUARDED_BY(sessions_mu_) = false;
   absl::Mutex overview_mu_;
   Overview overview_ ABSL_GUARDED_BY(overview_mu_);
   std::chrono::steady_clock::time_point overview_at_ ABSL_GUARDED_BY(overview_mu_);

@@ -252,9 +252,11 @@ class ConsoleTest : public ::testing::Test {
                               "token=" + token + "&next=%2Fjobs");
     EXPECT_EQ(login.status, 303) << login.body;
     const std::string cookie = login.headers["set-cookie"];
-    EXPECT_TRUE(absl::StartsWith(cookie, "aviary_console=")) << cookie;
+    EXPECT_TRUE(absl::StartsWith(cookie, CookieName() + "=")) << cookie;
     return absl::StrCat("Cookie: ", cookie.substr(0, cookie.find(';')));
   }
+  // The login cookie's name: the console's port in it.
+  std::string CookieName() const { return absl::StrCat("aviary_console_", port_); }
 
   void Start() {
     auto secrets = LoadCoordinatorSecrets(config_);
@@ -522,12 +524,14 @@ TEST_F(ConsoleTest, TheCookieHoldsASessionThatLoggingOutEnds) {
   const std::string cookie = login.headers["set-cookie"];
   EXPECT_FALSE(absl::StrContains(cookie, "the-viewer-token")) << cookie;
   EXPECT_TRUE(absl::StrContains(cookie, "; Max-Age=43200;")) << cookie;
-  const std::string id = cookie.substr(std::strlen("aviary_console="), cookie.find(';') - std::strlen("aviary_console="));
+  const std::string name = CookieName() + "=";
+  ASSERT_TRUE(absl::StartsWith(cookie, name)) << cookie;
+  const std::string id = cookie.substr(name.size(), cookie.find(';') - name.size());
   const std::vector<std::string> parts = absl::StrSplit(id, '.');
   ASSERT_EQ(parts.size(), 4u) << cookie;
   EXPECT_EQ(parts[3].size(), 64u) << cookie;
   EXPECT_EQ(id.find_first_not_of("0123456789abcdef."), std::string::npos) << cookie;
-  const std::string session = "Cookie: aviary_console=" + id;
+  std::string session = "Cookie: " + name + id;
   // Two logins, two sessions.
   EXPECT_NE(LoginCookie("the-viewer-token"), session);
   EXPECT_EQ(Http(port_, "GET", "/api/jobs", {session}).status, 200);
@@ -535,20 +539,21 @@ TEST_F(ConsoleTest, TheCookieHoldsASessionThatLoggingOutEnds) {
   for (size_t changed = 0; changed < 3; ++changed) {
     std::vector<std::string> forged_parts = parts;
     forged_parts[changed].back() = forged_parts[changed].back() == '1' ? '2' : '1';
-    EXPECT_EQ(Http(port_, "GET", "/api/jobs", {"Cookie: aviary_console=" + absl::StrJoin(forged_parts, ".")}).status,
+    EXPECT_EQ(Http(port_, "GET", "/api/jobs", {"Cookie: " + name + absl::StrJoin(forged_parts, ".")}).status,
               401)
         << changed;
   }
-  // A restart keeps it.
+  // A restart keeps it (at the same port, so under the same name: port 0 here picks another).
   ASSERT_TRUE(coordinator_->Shutdown().ok());
   coordinator_.reset();
   Start();
+  session = absl::StrCat("Cookie: ", CookieName(), "=", id);
   EXPECT_EQ(Http(port_, "GET", "/api/jobs", {session}).status, 200);
   EventStream stream(port_, "/api/events", {session});
   ASSERT_TRUE(stream.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
       << stream.text();
   // The token itself in the cookie (as it once was) is not a session.
-  HttpResponse forged = Http(port_, "GET", "/api/jobs", {"Cookie: aviary_console=the-viewer-token"});
+  HttpResponse forged = Http(port_, "GET", "/api/jobs", {absl::StrCat("Cookie: ", CookieName(), "=the-viewer-token")});
   EXPECT_EQ(forged.status, 401) << forged.body;
 
   HttpResponse out = Http(port_, "POST", "/logout", {session, "X-Aviary-Console: 1"});
@@ -729,7 +734,7 @@ TEST_F(ConsoleTest, LoginNextRefusesControlCharactersAndOtherHosts) {
   EXPECT_EQ(injected.status, 303);
   EXPECT_EQ(injected.headers["location"], "/jobs");
   EXPECT_EQ(injected.headers.count("x-injected"), 0u);
-  EXPECT_TRUE(absl::StartsWith(injected.headers["set-cookie"], "aviary_console=")) << injected.headers["set-cookie"];
+  EXPECT_TRUE(absl::StartsWith(injected.headers["set-cookie"], CookieName() + "=")) << injected.headers["set-cookie"];
   // The form's hidden field gets the same check.
   HttpResponse form = Http(port_, "GET", "/login?next=%2F%09%2Fevil.example");
   EXPECT_EQ(form.status, 200);
@@ -786,6 +791,68 @@ TEST_F(ConsoleTest, StreamsEndWhenAReloadRevokesTheirToken) {
 
 // One token holds at most 16 event streams (of the console's 48): the 17th is refused with 429
 // naming the limit, and another token still gets one.
+// A browser keeps cookies per host, not per port: two consoles on one host (or two `ssh -L`
+// tunnels to localhost) took one cookie name, and a login at one logged the other out. Another
+// service on the host may also set a cookie of the name for a longer path, which the browser
+// sends first: the session is found among them.
+TEST_F(ConsoleTest, EachConsolesLoginCookieIsItsOwn) {
+  Start();
+  const std::string mine = LoginCookie("the-viewer-token");
+  const std::string value = mine.substr(mine.find('=') + 1);
+  // The same session under another console's name is no login here.
+  const std::string other = absl::StrCat("Cookie: aviary_console_", port_ + 1, "=", value);
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {other}).status, 401);
+  // Shadowed by a cookie of the same name set for /api by someone else: still this login.
+  const std::string shadowed = absl::StrCat("Cookie: ", CookieName(), "=junk; ", mine.substr(strlen("Cookie: ")));
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {shadowed}).status, 200);
+  // A logout ends it however it came.
+  HttpResponse out = Http(port_, "POST", "/logout", {shadowed, "X-Aviary-Console: 1"});
+  EXPECT_EQ(out.status, 303);
+  EXPECT_TRUE(absl::StartsWith(out.headers["set-cookie"], CookieName() + "=; ")) << out.headers["set-cookie"];
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {mine}).status, 401);
+}
+
+// Logged-out sessions are remembered until they expire, at most 4,096: anyone with a token
+// could log in and out 4,096 times until another user's logout was forgotten, and a copy of that
+// cookie taken before worked again. Past the bound a logout ends every session of its token
+// begun before it, and none is forgotten early.
+TEST_F(ConsoleTest, LoggingOutManyTimesForgetsNoOtherLogout) {
+  Start();
+  const std::string victim = LoginCookie("the-token");
+  ASSERT_EQ(Http(port_, "POST", "/logout", {victim, "X-Aviary-Console: 1"}).status, 303);
+  ASSERT_EQ(Http(port_, "GET", "/api/jobs", {victim}).status, 401);
+  const std::string kept = LoginCookie("the-token");  // the victim's login after the logout
+  for (int i = 0; i < 4100; ++i) {
+    const std::string own = LoginCookie("the-viewer-token");
+    ASSERT_EQ(Http(port_, "POST", "/logout", {own, "X-Aviary-Console: 1"}).status, 303) << i;
+  }
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {victim}).status, 401);
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {kept}).status, 200);  // another token's: untouched
+  // Past the bound, the viewer token's sessions begun before its latest logout (to the second)
+  // are ended too; a login after it is not.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  const std::string later = LoginCookie("the-viewer-token");
+  EXPECT_EQ(Http(port_, "GET", "/api/jobs", {later}).status, 200);
+}
+
+// The per-holder stream limit counts a login, not its token: one viewer token pasted by a whole
+// team (as `aviary-coordinator init` writes one) is many browsers.
+TEST_F(ConsoleTest, AStreamLimitPerLoginNotPerToken) {
+  Start();
+  const std::string first = LoginCookie("the-viewer-token");
+  std::vector<std::unique_ptr<EventStream>> streams;
+  for (int i = 0; i < 16; ++i) {
+    streams.push_back(std::make_unique<EventStream>(port_, "/api/events", std::vector<std::string>{first}));
+    ASSERT_TRUE(streams.back()->ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+        << i << ": " << streams.back()->text();
+  }
+  HttpResponse refused = Http(port_, "GET", "/api/events", {first});
+  EXPECT_EQ(refused.status, 429) << refused.body;
+  EventStream colleague(port_, "/api/events", {LoginCookie("the-viewer-token")});
+  EXPECT_TRUE(colleague.ReadUntil([](const std::string& t) { return absl::StrContains(t, "event: jobs\ndata: {"); }))
+      << colleague.text();
+}
+
 TEST_F(ConsoleTest, OneTokenCannotTakeEveryEventStream) {
   Start();
   std::vector<std::unique_ptr<EventStream>> streams;
@@ -929,6 +996,8 @@ TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {
   EXPECT_TRUE(absl::StrContains(jobs, "{\"jobs\":[{\"job_id\":\"" + job_id + "\"")) << jobs;
   const std::string login = curl(absl::StrCat("-d token=the-viewer-token -d next=/jobs ", base, "/login"));
   EXPECT_TRUE(absl::StrContains(login, "; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict; Secure")) << login;
+  // "__Host-": a cookie no sibling host and no plain-HTTP page can set (nor one for a path).
+  EXPECT_TRUE(absl::StrContains(login, absl::StrCat("Set-Cookie: __Host-aviary_console_", port_, "="))) << login;
   // The stream stays open (the job runs): curl's start, the TLS handshake and the first event
   // must come within --max-time, on a loaded machine too.
   const std::string stream = curl(absl::StrCat("--max-time 8 -H 'Authorization: Bearer the-token' ", base, "/api/jobs/",
