@@ -219,6 +219,12 @@
     box.className = `flash flash-${kind || 'error'}`;
     box.textContent = message;
   }
+  // An error said by flash() goes once the data it was about loads again (a timeout, a proxy's
+  // 502 stayed red beside live data).
+  function clearFlashError() {
+    const box = document.getElementById('flash');
+    if (box && box.classList.contains('flash-error')) box.remove();
+  }
 
   // ---------------------------------------------------------------------------------------------
   // Charts (dygraphs): one per metric group, x = epoch (1-based), the best epoch marked.
@@ -378,7 +384,7 @@
     let last = null;
     const show = (data) => { last = data; render(data); };
     setInterval(() => { if (last) render(last); }, 30000);
-    const load = () => api('/api/jobs').then(show).catch((e) => flash(e.message));
+    const load = () => api('/api/jobs').then((j) => { clearFlashError(); show(j); }).catch((e) => flash(e.message));
     stream('/api/events', {jobs: show}, load);
   }
 
@@ -660,6 +666,7 @@
         job = j;
         history.clear();
         for (const row of h.rows || []) addPoint(row.task_id, row.attempt, row.metrics, row.time_unix_ms);
+        clearFlashError();
         render();
         return true;
       } catch (e) {
@@ -680,7 +687,7 @@
       if (!taskId) return;
       api(`/api/jobs/${jobId}?task=${encodeURIComponent(taskId)}`)
         .then((j) => { checkpoints = Object.assign({}, checkpoints, j.checkpoints || {}); render(); })
-        .catch(() => {});
+        .catch((e) => flash(`checkpoints of ${taskId}: ${e.message}`));
     }
     // Another task shown: its list as it is now (the refreshes were for the one shown before).
     window.addEventListener('hashchange', () => { render(); loadCheckpoints(selectedTask); });
@@ -696,10 +703,15 @@
     // After the job's end the stream is closed; `aviary retry` can start the job again under the
     // same id, so the page looks every 15 s and follows it again once it is no longer finished.
     let retryWatch = null;
-    function watchForRetry() {
+    function watchForRetry(loaded) {
       retryWatch = setInterval(() => {
         api(`/api/jobs/${jobId}?checkpoints=0`).then((j) => {
-          if (TERMINAL_JOB.has(j.state)) return;
+          if (TERMINAL_JOB.has(j.state)) {
+            // The load at the end failed (a coordinator restarting just then): the finished job
+            // as it is, once it loads.
+            if (!loaded) load().then((ok) => { if (ok) { loaded = true; setLive('done'); } });
+            return;
+          }
           clearInterval(retryWatch);
           retryWatch = null;
           follow();
@@ -733,7 +745,7 @@
       end: () => {
         events.close();
         // A failed load (a blip) still watches: the retry watch loads the job again.
-        load().then((ok) => { setLive(ok ? 'done' : 'off'); watchForRetry(); });
+        load().then((ok) => { setLive(ok ? 'done' : 'off'); watchForRetry(ok); });
       },
     }, load); };
     follow();
@@ -985,7 +997,8 @@
       stale.forEach((j) => loading.add(j.job_id));
       Promise.all(stale.map((j) => loadHistory(j.job_id).then(() => {
         jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms);
-      }).finally(() => loading.delete(j.job_id)))).then(() => { drawTaskPicker(); draw(); refreshStale(); }).catch(() => {});
+      }).finally(() => loading.delete(j.job_id)))).then(() => { drawTaskPicker(); draw(); refreshStale(); })
+        .catch((e) => flash(`history: ${e.message}; it is read again at the next change`));
     }
     stream('/api/events', {jobs: (data) => {
       jobs = data.jobs || [];
@@ -1042,7 +1055,7 @@
       for (const d of devices || []) counts[d] = (counts[d] || 0) + 1;
       return Object.entries(counts).map(([d, n]) => (n > 1 ? `${n}\u00d7 ${d}` : d)).join(', ') || '\u2014';
     }
-    const load = () => api('/api/groups').then(render).catch((e) => flash(e.message));
+    const load = () => api('/api/groups').then((g) => { clearFlashError(); render(g); }).catch((e) => flash(e.message));
     stream('/api/events?topics=groups', {groups: render}, load);
   }
 

@@ -291,6 +291,9 @@ try:
                      timeout=30), "the page reconnects after the restart")
     check(wait_until("growth after the restart", lambda: points() > before, timeout=90),
           f"the curves keep growing after the restart ({before} -> {points()})")
+    # An error said while the coordinator was away (a load that failed) goes once the job loads.
+    check(wait_until("no stale error", lambda: not driver.find_elements(By.CSS_SELECTOR, "#flash.flash-error"),
+                     timeout=30), "no error box is left beside the live page after the restart")
     shot("08-after-restart")
 
     # The client token may cancel from the page: a job submitted now (console_browser.sh answers

@@ -14,6 +14,7 @@
 #include <torch/optim/adam.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -31,6 +32,7 @@ namespace aviary::worker::comm {
 namespace {
 
 Communicator* g_comm = nullptr;
+MpiSession* g_session = nullptr;
 
 Communicator& Comm() { return *g_comm; }
 
@@ -73,6 +75,34 @@ TEST(CommunicatorTest, BroadcastAndGather) {
 
 // Rank 0's write outcome on every rank, and whether the coordinator's revoking of the lease
 // refused it (the others then log the cancel as a warning, not as their failure).
+// A communicator one rank could not make (NCCL's init failing there alone: it connects lazily,
+// and a shared GPU may be out of memory) fails every rank's CreateCommunicator, the others naming
+// that rank: they went on into the trainer's first collective and waited there (30 minutes)
+// while the failing rank's error never reached the coordinator.
+TEST(CommunicatorTest, ACommunicatorOneRankCouldNotMakeFailsEveryRank) {
+  if (Comm().world_size() == 1) GTEST_SKIP() << "needs two ranks";
+  common::CommConfig config;
+  config.backend = "mpi";
+  config.timeout_s = 60;
+  ASSERT_EQ(::setenv("AVIARY_FAULT_INJECT", "rank=1,kind=fail_comm", 1), 0);
+  auto made = CreateCommunicator(config, *g_session, at::Device(at::kCPU));
+  ::unsetenv("AVIARY_FAULT_INJECT");
+  ASSERT_FALSE(made.ok());
+  if (Comm().rank() == 1) {
+    EXPECT_NE(made.status().message().find("AVIARY_FAULT_INJECT: rank 1 could not make its communicator"),
+              std::string::npos) << made.status();
+  } else {
+    EXPECT_EQ(made.status().code(), absl::StatusCode::kFailedPrecondition) << made.status();
+    EXPECT_NE(made.status().message().find("rank 1 of 2 could not start"), std::string::npos) << made.status();
+  }
+  // The ranks are in step after it: the next one is made on both, and reduces.
+  auto again = CreateCommunicator(config, *g_session, at::Device(at::kCPU));
+  ASSERT_TRUE(again.ok()) << again.status();
+  at::Tensor one = at::ones({3});
+  ASSERT_TRUE((*again)->AllReduce(one).ok());
+  EXPECT_EQ(one[0].item<float>(), 2.0f);
+}
+
 TEST(CommunicatorTest, RankZerosOutcomeAndItsLeaseMarkReachEveryRank) {
   const bool root = Comm().rank() == 0;
   auto ok = ShareRootOutcome(Comm(), absl::OkStatus());
@@ -483,6 +513,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   at::set_num_threads(1);
+  aviary::worker::comm::g_session = session->get();
   int rc = 0;
   {
     auto comm = aviary::worker::comm::MpiCommunicator::Create(60.0);

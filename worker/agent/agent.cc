@@ -477,13 +477,27 @@ absl::Status Agent::Train(const v1::Task& task, const PreparedTask& prepared, st
   options.on_epoch = [this](const EpochRecord& record) { OnEpoch(record); };
   options.should_stop = [this]() { return ShouldStop(); };
   if (watchdog_) options.on_progress = [this]() { watchdog_->Progress("a validation batch"); };
+  // A task that ends in an error (or an exception) may end on this rank alone, its peers still
+  // in a collective: its communicator is discarded (NCCL: aborted), before the trainer goes, not
+  // destroyed, which waited for those peers for ever and kept this rank's error from the
+  // coordinator (the group was ended instead). Declared in this order, destroyed in reverse.
+  std::unique_ptr<comm::Communicator> communicator;
+  std::unique_ptr<Trainer> trainer;
+  struct DiscardUnlessDone {
+    comm::Communicator* comm = nullptr;
+    bool done = false;
+    ~DiscardUnlessDone() {
+      if (comm != nullptr && !done) comm->Discard();
+    }
+  } discard;
   try {
-    AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> communicator,
-                            comm::CreateCommunicator(prepared.config.comm, session_, options.device));
+    AVIARY_ASSIGN_OR_RETURN(communicator, comm::CreateCommunicator(prepared.config.comm, session_, options.device));
+    discard.comm = communicator.get();
     options.comm = communicator.get();
-    AVIARY_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(prepared.config, options));
+    AVIARY_ASSIGN_OR_RETURN(trainer, Trainer::Create(prepared.config, options));
     if (control_.rank() == 0) PushRestoredEpochs(trainer->history());
     absl::Status status = trainer->Run();
+    discard.done = status.ok();
     *history = trainer->history();
     if (control_.rank() == 0 && !status.ok()) {
       task_.storage_fault = common::StorageFaultOf(status);

@@ -12,6 +12,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -59,6 +61,24 @@ absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, cons
 
 }  // namespace
 
+namespace {
+
+// AVIARY_FAULT_INJECT="rank=R,kind=fail_comm" (tests only): rank R's communicator is made and
+// then refused, as an NCCL init that failed on that rank alone.
+bool FailInjected(int rank) {
+  const char* env = std::getenv("AVIARY_FAULT_INJECT");
+  if (env == nullptr) return false;
+  bool kind = false;
+  int at = -1;
+  for (absl::string_view part : absl::StrSplit(env, ',')) {
+    if (part == "kind=fail_comm") kind = true;
+    if (absl::ConsumePrefix(&part, "rank=") && !absl::SimpleAtoi(part, &at)) at = -1;
+  }
+  return kind && at == rank;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::CommConfig& config,
                                                                  const MpiSession& session,
                                                                  const at::Device& device) {
@@ -90,16 +110,40 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
       backend = "mpi";
     }
   }
+  absl::StatusOr<std::unique_ptr<Communicator>> made = absl::InternalError("no backend");
 #ifdef AVIARY_WITH_NCCL_BACKEND
   if (backend == "nccl") {
     auto c = NcclCommunicator::Create(session, device, config.timeout_s);
-    if (!c.ok()) return c.status();
-    return std::unique_ptr<Communicator>(std::move(*c));
+    if (c.ok()) {
+      made = std::unique_ptr<Communicator>(std::move(*c));
+    } else {
+      made = c.status();
+    }
   }
 #endif
-  auto c = MpiCommunicator::Create(config.timeout_s);
-  if (!c.ok()) return c.status();
-  return std::unique_ptr<Communicator>(std::move(*c));
+  if (backend != "nccl") {
+    auto c = MpiCommunicator::Create(config.timeout_s);
+    if (c.ok()) {
+      made = std::unique_ptr<Communicator>(std::move(*c));
+    } else {
+      made = c.status();
+    }
+  }
+  if (made.ok() && FailInjected(session.rank())) {
+    (*made)->Discard();
+    made = absl::InternalError(absl::StrCat("AVIARY_FAULT_INJECT: rank ", session.rank(),
+                                            " could not make its communicator (an NCCL init failing there alone)"));
+  }
+  // NCCL's init can fail on one rank only (connecting lazily, out of memory on a shared GPU):
+  // the others went on into the trainer's first collective and waited there for the 30 minutes
+  // of its longer deadline while the failing rank's error never reached the coordinator. Agreed
+  // here: every rank fails, naming the first that could not; a made communicator is discarded.
+  absl::Status everyone = session.AllRanksOk(made.status(), &first_failed);
+  if (!everyone.ok()) {
+    if (made.ok()) (*made)->Discard();
+    return everyone;
+  }
+  return made;
 }
 
 absl::StatusOr<at::Tensor> AllGatherRows(Communicator& comm, const at::Tensor& rows) {

@@ -61,6 +61,11 @@ class Communicator {
   virtual absl::StatusOr<at::Tensor> AllGather(const at::Tensor& tensor) = 0;
   virtual absl::Status Barrier() = 0;
 
+  // Gives the communicator up after an error that the other ranks may not share (they may wait
+  // in a collective still): NCCL's is aborted (ncclCommDestroy waits for the peers' collectives,
+  // for ever when they wait for this rank); MPI's needs nothing. Later collectives fail at once.
+  virtual void Discard() {}
+
   // The collectives' deadline (comm.timeout_s).
   double timeout_s() const { return timeout_s_; }
 

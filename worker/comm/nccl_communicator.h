@@ -50,6 +50,7 @@ class NcclCommunicator final : public Communicator {
   absl::Status Broadcast(at::Tensor tensor, int root) override;
   absl::StatusOr<at::Tensor> AllGather(const at::Tensor& tensor) override;
   absl::Status Barrier() override;
+  void Discard() override { (void)Abort(absl::OkStatus()); }
 
   // Waits for `event` (recorded after collective `seq`) with the deadline; aborts on error.
   absl::Status WaitEvent(cudaEvent_t event, int64_t seq, const std::string& what);
