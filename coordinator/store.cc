@@ -504,21 +504,30 @@ absl::Status Store::InitSchema() {
     std::string backup = absl::StrCat(path_, ".v", version, ".bak");
     for (int n = 2; fs::exists(backup); ++n) backup = absl::StrCat(path_, ".v", version, ".", n, ".bak");
     {
+      // Copied under a name of its own and renamed once whole: a coordinator killed during the
+      // copy (SIGKILL after systemd's stop timeout, a power cut) left a truncated file under the
+      // name DEPLOY.md tells operators to roll back onto. A killed copy's leftover goes first.
+      const std::string partial = backup + ".partial";
+      ::unlink(partial.c_str());
       Statement vacuum(this, "VACUUM INTO ?1");
-      vacuum.Bind(1, backup);
+      vacuum.Bind(1, partial);
       absl::Status copied = vacuum.Run();
       // VACUUM INTO does not fsync its file: made durable before the upgrade commits (a power
       // loss kept the upgraded database and a truncated copy).
       if (copied.ok()) {
-        const int fd = ::open(backup.c_str(), O_RDONLY | O_CLOEXEC);
+        const int fd = ::open(partial.c_str(), O_RDONLY | O_CLOEXEC);
         if (fd < 0 || ::fsync(fd) != 0) {
-          copied = absl::InternalError(absl::StrCat("fsync ", backup, ": ", std::strerror(errno)));
+          copied = absl::InternalError(absl::StrCat("fsync ", partial, ": ", std::strerror(errno)));
         }
         if (fd >= 0) ::close(fd);
       }
+      if (copied.ok() && ::rename(partial.c_str(), backup.c_str()) != 0) {
+        copied = absl::InternalError(absl::StrCat("rename ", partial, " to ", backup, ": ", std::strerror(errno)));
+      }
       if (copied.ok()) copied = common::SyncFolder(fs::path(backup).parent_path().string());
       if (!copied.ok()) {
-        ::unlink(backup.c_str());  // a partial copy (a full disk) is no backup
+        ::unlink(partial.c_str());  // a partial copy (a full disk) is no backup
+        ::unlink(backup.c_str());
         return absl::Status(copied.code(), absl::StrCat("schema upgrade from version ", version, ": the copy of the "
                                                         "file before it, ", backup, ", could not be written: ",
                                                         copied.message(), "; nothing was changed"));

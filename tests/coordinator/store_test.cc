@@ -498,6 +498,9 @@ TEST_F(StoreTest, MigratesAVersion1Database) {
   RawExec("INSERT INTO tasks VALUES('jbbbbbbbbbbbb/finetune-f1', 'jbbbbbbbbbbbb', 1, 0, '', '', '', '', x'', "
           "x'41565a310a000000000000007801', 'seed: 2\n')");
   RawExec("INSERT INTO tasks VALUES('jbbbbbbbbbbbb/finetune-f2', 'jbbbbbbbbbbbb', 2, 0, '', '', '', '', x'', x'', '')");
+  // What an upgrade killed during its copy left: the copy is made under its own name and renamed
+  // once whole (a kill left a truncated file under the backup's name), and such a leftover goes.
+  std::ofstream(path_ + ".v1.bak.partial") << "the first pages of a copy";
   for (int open = 0; open < 2; ++open) {
     auto store = Store::Open(path_);
     ASSERT_TRUE(store.ok()) << store.status();
@@ -525,6 +528,7 @@ TEST_F(StoreTest, MigratesAVersion1Database) {
     // nothing to upgrade.
     EXPECT_EQ((*store)->upgraded_from(), open == 0 ? 1 : 0);
     EXPECT_EQ((*store)->upgrade_backup(), open == 0 ? path_ + ".v1.bak" : "");
+    EXPECT_FALSE(fs::exists(path_ + ".v1.bak.partial"));
   }
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open_v2((path_ + ".v1.bak").c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
