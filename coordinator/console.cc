@@ -58,6 +58,7 @@ constexpr int kMaxStreams = 48;
 // or, without authentication, the peer's address. A page refused a stream loads its data by GET
 // instead (console.js).
 constexpr int kMaxStreamsPerHolder = 16;
+constexpr int kMaxStreamsPerToken = 32;  // over a token's logins
 constexpr int kDefaultJobLimit = 200;
 // The jobs' serialized size at most (their JSON is about twice that): a page every tab reloads
 // and every stream gets each interval. Older jobs past it are left out, and counted.
@@ -308,31 +309,35 @@ int HandleRequest(mg_connection* conn, void* cbdata) { return static_cast<Consol
 // status(), when all are taken or its holder has kMaxStreamsPerHolder open.
 class StreamSlot {
  public:
-  StreamSlot(Console* console, std::string holder) : console_(console), holder_(std::move(holder)) {
+  // Whose streams these are, each with its bound (see Request::holders).
+  using Holders = std::vector<std::pair<std::string, int>>;
+  StreamSlot(Console* console, Holders holders) : console_(console), holders_(std::move(holders)) {
     absl::MutexLock lock(&console_->streams_mu_);
-    int unlimited = 0;
-    int& mine = holder_.empty() ? unlimited : console_->streams_by_holder_[holder_];
     if (console_->streams_ >= kMaxStreams) {
       status_ = absl::ResourceExhaustedError(
           absl::StrCat(kMaxStreams, " event streams are open already; reload later"));
-    } else if (!holder_.empty() && mine >= kMaxStreamsPerHolder) {
-      status_ = absl::ResourceExhaustedError(absl::StrCat(
-          "this login (or token, or address) has ", kMaxStreamsPerHolder,
-          " event streams open already; close a page"));
-    } else {
-      ++mine;
-      ++console_->streams_;
-      held_ = true;
+      return;
     }
-    if (!holder_.empty() && mine == 0) console_->streams_by_holder_.erase(holder_);
+    for (const auto& [holder, bound] : holders_) {
+      auto it = console_->streams_by_holder_.find(holder);
+      if (it != console_->streams_by_holder_.end() && it->second >= bound) {
+        status_ = absl::ResourceExhaustedError(absl::StrCat(
+            "this ", holder.substr(0, holder.find(' ')), " has ", bound, " event streams open already; close a page"));
+        return;
+      }
+    }
+    for (const auto& [holder, bound] : holders_) ++console_->streams_by_holder_[holder];
+    ++console_->streams_;
+    held_ = true;
   }
   ~StreamSlot() {
     if (!held_) return;
     absl::MutexLock lock(&console_->streams_mu_);
     --console_->streams_;
-    if (holder_.empty()) return;
-    auto it = console_->streams_by_holder_.find(holder_);
-    if (it != console_->streams_by_holder_.end() && --it->second <= 0) console_->streams_by_holder_.erase(it);
+    for (const auto& [holder, bound] : holders_) {
+      auto it = console_->streams_by_holder_.find(holder);
+      if (it != console_->streams_by_holder_.end() && --it->second <= 0) console_->streams_by_holder_.erase(it);
+    }
   }
   StreamSlot(const StreamSlot&) = delete;
   StreamSlot& operator=(const StreamSlot&) = delete;
@@ -341,7 +346,7 @@ class StreamSlot {
 
  private:
   Console* const console_;
-  const std::string holder_;
+  const Holders holders_;
   bool held_ = false;
   absl::Status status_;
 };
@@ -509,13 +514,17 @@ class Console::Request {
   // kept in the clear); without authentication (where any token passes, so a new one each time
   // would be a new holder) the peer's address; "" (no per-holder limit) when that address is
   // the TLS front's loopback relay, which every browser shares.
-  std::string holder(const Authenticator& auth, bool behind_tls_front) const {
-    // A login session (one browser: its tabs share the cookie), not its token: one viewer token
-    // shared by a team is many holders.
-    if (by_cookie_) return "session " + Sha256Hex(session_id_);
-    if (!auth.tokens()->no_auth()) return "token " + Sha256Hex(token_);
-    if (behind_tls_front) return "";
-    return absl::StrCat("address ", info_->remote_addr);
+  // A login (one browser: its tabs share the cookie) has kMaxStreamsPerHolder, and its token
+  // kMaxStreamsPerToken over all its logins (one viewer token shared by a team is many browsers,
+  // and logging in again is no way past the total).
+  std::vector<std::pair<std::string, int>> holders(const Authenticator& auth, bool behind_tls_front) const {
+    if (by_cookie_) {
+      return {{"login " + Sha256Hex(session_id_), kMaxStreamsPerHolder},
+              {"token " + Sha256Hex(token_), kMaxStreamsPerToken}};
+    }
+    if (!auth.tokens()->no_auth()) return {{"token " + Sha256Hex(token_), kMaxStreamsPerHolder}};
+    if (behind_tls_front) return {};
+    return {{absl::StrCat("address ", info_->remote_addr), kMaxStreamsPerHolder}};
   }
 
  private:
@@ -567,7 +576,6 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
                                                ": cannot serve the console there (address in use, or not an IPv4 "
                                                "address of this host?)"));
   }
-  mg_set_request_handler(console->ctx_, "/", HandleRequest, console.get());
   mg_server_port bound[4];
   std::memset(bound, 0, sizeof(bound));
   const int n = mg_get_server_ports(console->ctx_, 4, bound);
@@ -580,7 +588,10 @@ absl::StatusOr<std::unique_ptr<Console>> Console::Start(const ConsoleOptions& op
                                                                  options.tls_key_pem));
     console->port_ = console->tls_front_->port();
   }
+  // Its name has the port, known only now; the handler last (a request before it is a 404, not
+  // one that reads the name while it is written).
   console->cookie_name_ = absl::StrCat(tls ? "__Host-" : "", kCookiePrefix, console->port_);
+  mg_set_request_handler(console->ctx_, "/", HandleRequest, console.get());
   return console;
 }
 
@@ -1058,7 +1069,7 @@ void Console::StreamJob(Request& request, const std::string& job_id) {
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->GetJob(job_id);
   if (!job.ok()) return request.Error(job.status());
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
-  StreamSlot slot(this, request.holder(*auth_, tls_front_ != nullptr));
+  StreamSlot slot(this, request.holders(*auth_, tls_front_ != nullptr));
   if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   bool alive = true;
@@ -1115,7 +1126,7 @@ void Console::StreamOverview(Request& request) {
     }
   }
   if (request.method() == "HEAD") return request.Reply(200, "text/event-stream", "");  // headers only
-  StreamSlot slot(this, request.holder(*auth_, tls_front_ != nullptr));
+  StreamSlot slot(this, request.holders(*auth_, tls_front_ != nullptr));
   if (!slot.held()) return request.Error(slot.status());
   if (!request.StartStream()) return;
   Overview last;

@@ -198,8 +198,11 @@ int main(int argc, char** argv) {
   // A database that is not aviary's or not writable (its folder's permissions too), a port
   // file's missing folder: the user's to fix, exit 2 (systemd does not restart it in vain). An
   // address or database in use, or an internal error: exit 1, which a restart may outlive.
+  // A damaged database file (DATA_LOSS: a page that does not read) is the user's to restore
+  // from a backup: exit 2 too (a restart reads the same page).
   if (!coordinator.ok()) {
-    return Fail("cannot start", coordinator.status(), aviary::common::ExitCodeFor(coordinator.status()));
+    return Fail("cannot start", coordinator.status(),
+                absl::IsDataLoss(coordinator.status()) ? 2 : aviary::common::ExitCodeFor(coordinator.status()));
   }
 
   // A database that can take no more writes (a COMMIT failed in its I/O): every write RPC fails

@@ -261,7 +261,7 @@ absl::Status Scheduler::Restore() {
     const std::string& by = task.info.ended_by_group();
     if (by.empty()) continue;
     const TaskRow*& last = ended_last[by];
-    if (last == nullptr || task.info.updated_unix_ms() > last->info.updated_unix_ms()) last = &task;
+    if (last == nullptr || task.info.ended_unix_ms() > last->info.ended_unix_ms()) last = &task;
   }
   for (GroupRow& row : groups) {
     auto group = std::make_unique<Group>();
@@ -2009,6 +2009,7 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   task.info.set_state(aviary::v1::TASK_STATE_SUCCEEDED);
   task.info.set_ended_by_group(request.group_id());
   task.info.set_ended_attempt(task.info.attempt());
+  task.info.set_ended_unix_ms(UnixMs());
   task.info.set_best_checkpoint(request.best_checkpoint());
   if (request.has_best()) *task.info.mutable_best() = request.best();
   task.info.clear_group_id();
@@ -2074,6 +2075,7 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   TaskRow& ended = Stage(&changes, request.task_id());
   ended.info.set_ended_by_group(request.group_id());
   ended.info.set_ended_attempt(ended.info.attempt());
+  ended.info.set_ended_unix_ms(UnixMs());
   AVIARY_RETURN_IF_ERROR(Commit(&changes));
   log_.Warn(absl::StrCat("task ", request.task_id(), " failed on group ", request.group_id(),
                          request.preempted() ? " (preempted): " : request.retryable() ? " (retryable): " : ": ",

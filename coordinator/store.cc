@@ -299,8 +299,9 @@ absl::Status Store::SqlError(int rc, const std::string& statement) const {
     case SQLITE_NOTADB:
       // Another program's file (a config, a log): the user's to fix, which a restart does not
       // (exit 2, as for a SQLite file that is not aviary's).
-      return absl::FailedPreconditionError(
-          absl::StrCat(text, ": not an SQLite file, so not an aviary database; it was not changed"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          text, ": not an SQLite file (another program's file, or an aviary database whose header is damaged: "
+                "restore that from a backup); it was not changed"));
     case SQLITE_CORRUPT:
       // A damaged page: reading it again gets the same answer. DATA_LOSS is permanent to the
       // scheduler (a lease whose manifest cannot be read fails its task, not retried for ever).
@@ -670,6 +671,7 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
     // committed again.
     in_transaction_ = false;
     (void)RollBack(absl::UnknownError("an exception"));
+    if (!broken_.ok()) Broke();
     throw;
   }
   bool commit_failed = false;
@@ -684,14 +686,19 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
     // caller left memory without the change and its client retried: a second copy of a job
     // after a restart. What the file holds is known again only by reading it back.
     (void)RollBack(status);
+    const std::string then = broken_.ok() ? "" : absl::StrCat("; then ", broken_.message());
     broken_ = absl::InternalError(absl::StrCat(
         "database ", path_, ": a COMMIT failed with an I/O error (", status.message(),
         "); whether it reached the disk is unknown: the coordinator must be restarted (it reads the file back), "
-        "and the disk checked"));
+        "and the disk checked", then));
     Broke();
     return broken_;
   }
-  if (!status.ok()) return RollBack(status);
+  if (!status.ok()) {
+    absl::Status rolled = RollBack(status);
+    if (!broken_.ok()) Broke();
+    return rolled;
+  }
   return absl::OkStatus();
 }
 
@@ -717,7 +724,6 @@ absl::Status Store::RollBack(const absl::Status& cause) {
     // body's rows. Later calls get this error; a restart rolls the file back.
     broken_ = absl::InternalError(absl::StrCat("database ", path_, ": a transaction could not be rolled back (",
                                                rollback.message(), "): the coordinator must be restarted"));
-    Broke();
     return absl::InternalError(absl::StrCat(cause.message(), "; then ", broken_.message()));
   }
   if (!rollback.ok()) return absl::InternalError(absl::StrCat(cause.message(), "; then ", rollback.message()));

@@ -242,7 +242,7 @@ class Store {
   // Rolls back the open transaction after `cause` (the failed body or COMMIT); returns `cause`, or
   // more when the ROLLBACK itself failed (then the store refuses every later call).
   absl::Status RollBack(const absl::Status& cause);
-  void Broke();  // under mu_: broken_ was just set
+  void Broke();  // under mu_: broken_ was just set (Transaction calls it; RollBack only sets broken_)
   // True (and counted) when `parsed` failed; called with mu_ held.
   bool SkipDamaged(const absl::Status& parsed, const std::string& row);
   static std::string PointLabel(int64_t id, const std::string& task_id);

@@ -210,20 +210,22 @@
   }
 
   function errorBox(message) { return el('div', {class: 'error-box', role: 'alert'}, message); }
-  function flash(message, kind) {
+  function flash(message, kind, loading) {
     let box = document.getElementById('flash');
     if (!box) {
       box = el('div', {id: 'flash'});
       main.prepend(box);
     }
     box.className = `flash flash-${kind || 'error'}`;
+    box.dataset.loading = loading ? '1' : '';
     box.textContent = message;
   }
-  // An error said by flash() goes once the data it was about loads again (a timeout, a proxy's
-  // 502 stayed red beside live data).
-  function clearFlashError() {
+  // A failed load of the page's data: said until that data loads again (a timeout, a proxy's 502
+  // stayed red beside live data). What a user's action got (a refused cancel) stays.
+  function loadError(message) { flash(message, 'error', true); }
+  function clearLoadError() {
     const box = document.getElementById('flash');
-    if (box && box.classList.contains('flash-error')) box.remove();
+    if (box && box.dataset.loading === '1') box.remove();
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -384,7 +386,7 @@
     let last = null;
     const show = (data) => { last = data; render(data); };
     setInterval(() => { if (last) render(last); }, 30000);
-    const load = () => api('/api/jobs').then((j) => { clearFlashError(); show(j); }).catch((e) => flash(e.message));
+    const load = () => api('/api/jobs').then((j) => { clearLoadError(); show(j); }).catch((e) => loadError(e.message));
     stream('/api/events', {jobs: show}, load);
   }
 
@@ -666,7 +668,7 @@
         job = j;
         history.clear();
         for (const row of h.rows || []) addPoint(row.task_id, row.attempt, row.metrics, row.time_unix_ms);
-        clearFlashError();
+        clearLoadError();
         render();
         return true;
       } catch (e) {
@@ -676,7 +678,7 @@
           if (retryWatch) clearInterval(retryWatch);
           job = null;  // a render still pending (an event's, the checkpoint reload's) draws nothing
         } else {
-          flash(e.message);
+          loadError(e.message);
         }
         return false;
       }
@@ -687,7 +689,7 @@
       if (!taskId) return;
       api(`/api/jobs/${jobId}?task=${encodeURIComponent(taskId)}`)
         .then((j) => { checkpoints = Object.assign({}, checkpoints, j.checkpoints || {}); render(); })
-        .catch((e) => flash(`checkpoints of ${taskId}: ${e.message}`));
+        .catch((e) => loadError(`checkpoints of ${taskId}: ${e.message}`));
     }
     // Another task shown: its list as it is now (the refreshes were for the one shown before).
     window.addEventListener('hashchange', () => { render(); loadCheckpoints(selectedTask); });
@@ -997,8 +999,8 @@
       stale.forEach((j) => loading.add(j.job_id));
       Promise.all(stale.map((j) => loadHistory(j.job_id).then(() => {
         jobInfo.set(j.job_id, j); updated.set(j.job_id, j.updated_unix_ms);
-      }).finally(() => loading.delete(j.job_id)))).then(() => { drawTaskPicker(); draw(); refreshStale(); })
-        .catch((e) => flash(`history: ${e.message}; it is read again at the next change`));
+      }).finally(() => loading.delete(j.job_id)))).then(() => { clearLoadError(); drawTaskPicker(); draw(); refreshStale(); })
+        .catch((e) => loadError(`history: ${e.message}; it is read again at the next change`));
     }
     stream('/api/events', {jobs: (data) => {
       jobs = data.jobs || [];
@@ -1055,7 +1057,7 @@
       for (const d of devices || []) counts[d] = (counts[d] || 0) + 1;
       return Object.entries(counts).map(([d, n]) => (n > 1 ? `${n}\u00d7 ${d}` : d)).join(', ') || '\u2014';
     }
-    const load = () => api('/api/groups').then((g) => { clearFlashError(); render(g); }).catch((e) => flash(e.message));
+    const load = () => api('/api/groups').then((g) => { clearLoadError(); render(g); }).catch((e) => loadError(e.message));
     stream('/api/events?topics=groups', {groups: render}, load);
   }
 

@@ -111,23 +111,28 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
     }
   }
   absl::StatusOr<std::unique_ptr<Communicator>> made = absl::InternalError("no backend");
+  try {  // (torch's device guard and stream pool throw): every rank must reach the agreement below
 #ifdef AVIARY_WITH_NCCL_BACKEND
-  if (backend == "nccl") {
-    auto c = NcclCommunicator::Create(session, device, config.timeout_s);
-    if (c.ok()) {
-      made = std::unique_ptr<Communicator>(std::move(*c));
-    } else {
-      made = c.status();
+    if (backend == "nccl") {
+      auto c = NcclCommunicator::Create(session, device, config.timeout_s);
+      if (c.ok()) {
+        made = std::unique_ptr<Communicator>(std::move(*c));
+      } else {
+        made = c.status();
+      }
     }
-  }
 #endif
-  if (backend != "nccl") {
-    auto c = MpiCommunicator::Create(config.timeout_s);
-    if (c.ok()) {
-      made = std::unique_ptr<Communicator>(std::move(*c));
-    } else {
-      made = c.status();
+    if (backend != "nccl") {
+      auto c = MpiCommunicator::Create(config.timeout_s);
+      if (c.ok()) {
+        made = std::unique_ptr<Communicator>(std::move(*c));
+      } else {
+        made = c.status();
+      }
     }
+  } catch (const std::exception& e) {
+    made = absl::InternalError(absl::StrCat("rank ", session.rank(), ": making the ", backend,
+                                            " communicator: exception: ", e.what()));
   }
   if (made.ok() && FailInjected(session.rank())) {
     (*made)->Discard();
@@ -137,8 +142,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(const common::C
   // NCCL's init can fail on one rank only (connecting lazily, out of memory on a shared GPU):
   // the others went on into the trainer's first collective and waited there for the 30 minutes
   // of its longer deadline while the failing rank's error never reached the coordinator. Agreed
-  // here: every rank fails, naming the first that could not; a made communicator is discarded.
-  absl::Status everyone = session.AllRanksOk(made.status(), &first_failed);
+  // here: every rank fails with the first failing rank's error (the same code on every rank, so
+  // that `serve` fails the task rather than ending the group); a made communicator is discarded.
+  absl::Status everyone = session.FirstFailure(made.status());
   if (!everyone.ok()) {
     if (made.ok()) (*made)->Discard();
     return everyone;

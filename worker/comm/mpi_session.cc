@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/logging.h"
@@ -152,6 +153,24 @@ absl::Status MpiSession::AllRanksOk(const absl::Status& mine, int* first_failed)
   if (!mine.ok()) return mine;
   return absl::FailedPreconditionError(absl::StrCat("rank ", lowest, failures > 1 ? absl::StrCat(" and ", failures - 1, " more") : "",
                                                     " of ", world_size_, " could not start (see its message)"));
+}
+
+absl::Status MpiSession::FirstFailure(const absl::Status& mine) const {
+  int first = -1;
+  const absl::Status agreed = AllRanksOk(mine, &first);
+  if (agreed.ok() || first < 0 || world_size_ == 1) return agreed;  // first < 0: the agreement failed
+  // The failing rank's code and message, from it to every rank (the length first).
+  std::string text = rank_ == first ? std::string(mine.message()) : std::string();
+  if (rank_ == first && !absl::StartsWith(text, "rank ")) text = absl::StrCat("rank ", rank_, ": ", text);
+  int64_t head[2] = {static_cast<int64_t>(mine.code()), static_cast<int64_t>(text.size())};
+  AVIARY_MPI_CHECK(MPI_Bcast(head, 2, MPI_INT64_T, first, MPI_COMM_WORLD));
+  if (head[1] < 0 || head[1] > (int64_t{1} << 20)) {
+    return absl::InternalError(absl::StrCat("rank ", first, " failed; its message's length ", head[1], " is refused"));
+  }
+  text.resize(static_cast<size_t>(head[1]));
+  if (head[1] > 0) AVIARY_MPI_CHECK(MPI_Bcast(text.data(), static_cast<int>(head[1]), MPI_CHAR, first, MPI_COMM_WORLD));
+  const auto code = static_cast<absl::StatusCode>(head[0]);
+  return absl::Status(code == absl::StatusCode::kOk ? absl::StatusCode::kUnknown : code, text);
 }
 
 void MpiSession::Abort(const std::string& message, int exit_code) const {

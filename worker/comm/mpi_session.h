@@ -42,6 +42,10 @@ class MpiSession {
   // or the agreement itself failed: INTERNAL with MPI's message). A collective on
   // MPI_COMM_WORLD: every rank must call it.
   absl::Status AllRanksOk(const absl::Status& mine, int* first_failed) const;
+  // The same agreement, but every rank returns the lowest failing rank's own status (its code,
+  // and its message with "rank R: " in front unless it starts so): a step of a task whose ranks
+  // must fail alike (the agent ends the group when their codes differ). Collective, as above.
+  absl::Status FirstFailure(const absl::Status& mine) const;
 
  private:
   MpiSession() = default;
