@@ -303,6 +303,9 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
   if (!node.IsScalar() || !absl::SimpleAtoi(node.Scalar(), &value)) {
     return Expected(*origins, key, node, "an integer");
   }
+  if (HasLeadingZero(node.Scalar())) {
+    return Expected(*origins, key, node, "an integer without a leading zero (YAML 1.1 reads 010 as octal 8)");
+  }
   if (value < std::numeric_limits<int>::min() || value > std::numeric_limits<int>::max()) {
     return Expected(*origins, key, node,
                     absl::StrCat("an integer in [", std::numeric_limits<int>::min(), ", ",
@@ -319,6 +322,9 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
       value > std::numeric_limits<uint32_t>::max()) {
     return Expected(*origins, key, node,
                     absl::StrCat("an integer in [0, ", std::numeric_limits<uint32_t>::max(), "]"));
+  }
+  if (HasLeadingZero(node.Scalar())) {
+    return Expected(*origins, key, node, "an integer without a leading zero (YAML 1.1 reads 010 as octal 8)");
   }
   *out = static_cast<uint32_t>(value);
   return absl::OkStatus();
@@ -1313,8 +1319,17 @@ absl::StatusOr<PipelineConfig> ParsePipelineConfig(const std::string& yaml_text,
 }
 
 absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name) {
-  std::vector<std::pair<std::string, const TrainConfig*>> trains{{"train", &config.train}};
-  for (const auto& [name, stage] : config.stages) trains.emplace_back("stages." + name, &stage.train);
+  // The stages that train (a disabled one, or train.* that every stage overrides, trains nothing:
+  // `stages: {pretrain: {loss: BCE}, finetune: {loss: BCE}}` with sigmoids was refused for the
+  // top level's CCE). A stage's loss as train.* gave it is named so.
+  std::vector<std::pair<std::string, const TrainConfig*>> trains;
+  for (const std::string& name : StageNames()) {
+    auto it = config.stages.find(name);
+    if (it == config.stages.end() || !it->second.enabled) continue;
+    const bool inherited = it->second.train.loss == config.train.loss;
+    trains.emplace_back(inherited ? "train" : "stages." + name, &it->second.train);
+  }
+  if (trains.empty()) trains.emplace_back("train", &config.train);
   for (const auto& [prefix, train] : trains) {
     const std::string act = train->loss == "BCE" ? "sigmoid" : "softmax";
     if (config.model.final_act == act) continue;
@@ -1549,6 +1564,12 @@ absl::Status CheckYamlText(const std::string& text, const std::string& source) {
         "anchor's value stands (write the value out)"));
   }
   return absl::OkStatus();
+}
+
+bool HasLeadingZero(const std::string& text) {
+  absl::string_view digits = absl::StripAsciiWhitespace(text);
+  if (!digits.empty() && (digits[0] == '-' || digits[0] == '+')) digits.remove_prefix(1);
+  return digits.size() > 1 && digits[0] == '0';
 }
 
 bool ParseYamlBool(const YAML::Node& node, bool* out) {

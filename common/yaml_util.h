@@ -20,6 +20,10 @@ std::string DescribeYamlNode(const YAML::Node& node);
 // reading the same file).
 bool ParseYamlBool(const YAML::Node& node, bool* out);
 
+// Whether an integer's text has a leading zero ("010", "-07"; not "0"): YAML 1.1 readers (PyYAML,
+// yaml-cpp's as<int>) take it for octal, 8, where a decimal reading says 10. The configs refuse it.
+bool HasLeadingZero(const std::string& text);
+
 // What a config's YAML text must be before it is loaded, INVALID_ARGUMENT naming `source`, the
 // line (and column) otherwise: UTF-8 (yaml-cpp writes other bytes back as U+FFFD, so a path
 // would not read back as itself), one document (YAML::Load ignores the rest), no aliases (a node

@@ -102,6 +102,10 @@ Reader Int(int CoordinatorConfig::*member, int min, int max) {
     if (!digits) {
       return KeyError(origin, key, absl::StrCat("expected an integer, got ", Describe(node)));
     }
+    if (common::HasLeadingZero(text)) {
+      return KeyError(origin, key, absl::StrCat("expected an integer without a leading zero (YAML 1.1 reads 010 as "
+                                                "octal 8), got ", Describe(node)));
+    }
     if (!absl::SimpleAtoi(text, &value) || value < min || value > max) {
       return KeyError(origin, key, absl::StrCat("expected an integer in ", min, "..", max, ", got ", Describe(node)));
     }

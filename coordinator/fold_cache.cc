@@ -34,8 +34,10 @@ FileStamp StampFile(const std::string& path) {
 
 std::string FoldCache::Key(const common::PipelineConfig& config, const std::string& stage) {
   // Fields joined by '\n' (paths hold no newline that could make two keys alike: roots are
-  // checked paths; a newline would only make a key of its own).
-  std::string key = absl::StrCat("stage=", stage, "\ntarget=", config.data.target.layout, ":", config.data.target.root);
+  // checked paths; a newline would only make a key of its own). First the rules' version: the
+  // versions outlive the coordinator (in its database), and a release that changes how a table or
+  // a manifest is made from the same files (the filter, dedup, the folds) must not reuse them.
+  std::string key = absl::StrCat("rules=", kFoldRulesVersion, "\nstage=", stage, "\ntarget=", config.data.target.layout, ":", config.data.target.root);
   if (stage == "pretrain") {
     for (const common::SourceConfig& source : config.data.pretrain_sources) {
       absl::StrAppend(&key, "\nsource=", source.layout, ":", source.root);

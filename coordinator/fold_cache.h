@@ -65,6 +65,10 @@ struct ManifestRef {
   int64_t size = 0;   // its bytes
 };
 
+// The version of the rules that make a stage's table and manifests from its files (common/catalog,
+// common/folds, common/tensor_index): bumped by a change to them, it is part of every key.
+inline constexpr int kFoldRulesVersion = 1;
+
 class FoldCache {
  public:
   // `store` (may be null: memory only) must outlive the cache.

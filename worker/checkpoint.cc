@@ -96,6 +96,13 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
   try {
     YAML::Node n = YAML::Load(text);
     m.format = n["format"].as<int>();
+    // First: another version's file may name its fields otherwise, and was called unreadable
+    // ("bad conversion"), set aside and resumed past.
+    if (m.format != 1) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": checkpoint format ", m.format, " is not supported (this aviary reads format 1): written by "
+          "another version of aviary; run that version, or start over with --no-resume"));
+    }
     m.stage = n["stage"].as<std::string>();
     m.fold = n["fold"].as<int>();
     m.epoch = n["epoch"].as<int>();
@@ -139,10 +146,6 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": checkpoint metadata is unreadable: ", e.what()));
-  }
-  if (m.format != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": checkpoint format ", m.format, " is not supported (expected 1)"));
   }
   // What a model is built from, before anything is allocated for it: a damaged or edited value
   // (in_channels 10^8: a first convolution of 100 GB) is an error naming the file.
@@ -272,8 +275,7 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
   const size_t before = choice.index < 0 ? candidates.size() : static_cast<size_t>(choice.index);
   for (size_t i = 0; i < before; ++i) {
     const absl::StatusCode code = candidates[i].meta.status().code();
-    if (code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable ||
-        code == absl::StatusCode::kResourceExhausted) {
+    if (BlocksResume(code)) {
       choice.index = -1;
       choice.blocked = absl::Status(
           code, absl::StrCat(candidates[i].meta.status().message(), ": it may hold the newest epoch, so the run "
@@ -284,6 +286,11 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
     }
   }
   return choice;
+}
+
+bool BlocksResume(absl::StatusCode code) {
+  return code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable ||
+         code == absl::StatusCode::kResourceExhausted || code == absl::StatusCode::kFailedPrecondition;
 }
 
 void SetCheckpointReadFaultForTest(std::function<int(const std::string& path)> fault) {

@@ -101,7 +101,8 @@ struct ResumeCandidate {
 // (a mid-epoch checkpoint), then the earlier candidate.
 // Candidates are listed newest first (last.pt, then last.prev.pt: the rotation's order). One that
 // could not be read for a reason other than its content (PERMISSION_DENIED, an I/O error:
-// UNAVAILABLE; out of memory reading it: RESOURCE_EXHAUSTED) and is listed before the choice (or
+// UNAVAILABLE; out of memory reading it: RESOURCE_EXHAUSTED; another version's format:
+// FAILED_PRECONDITION; see BlocksResume) and is listed before the choice (or
 // when none fits) is not passed over: it may hold the newest epoch, and falling back past it
 // would lose that. `blocked` then says so and `index` is -1. An older one that cannot be read is
 // skipped like a damaged one.
@@ -112,6 +113,12 @@ struct ResumeChoice {
 };
 ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates, const std::string& stage,
                                   int fold, const std::string& task_id);
+
+// Whether a checkpoint whose metadata read so is not to be passed over (nor removed, nor set
+// aside) for an older one: it could not be read now (PERMISSION_DENIED, UNAVAILABLE,
+// RESOURCE_EXHAUSTED) or was written by another version of aviary in a format this one does not
+// read (FAILED_PRECONDITION): either may hold the newest epoch.
+bool BlocksResume(absl::StatusCode code);
 
 // A checkpoint `path` that `access` refused with `error` (not ENOENT): PERMISSION_DENIED for
 // EACCES/EPERM, UNAVAILABLE otherwise (an I/O error, ESTALE), "<path>: <doing>: <errno text>".

@@ -213,6 +213,12 @@ TEST(ConfigTest, NumericKeysHaveUpperBounds) {
             "--set frontend.n_mels=2147483648: key 'frontend.n_mels': expected an integer in [1, 1024], "
             "got '2147483648'");
   EXPECT_EQ(ParseError("train:\n  epochs: 1e3\n"), "x.yaml:2: key 'train.epochs': expected an integer, got '1e3'");
+  // A leading zero: octal 8 to PyYAML and yaml-cpp's as<int>, 10 to a decimal reading.
+  EXPECT_EQ(ParseError("seed: 010\n"),
+            "x.yaml:1: key 'seed': expected an integer without a leading zero (YAML 1.1 reads 010 as octal 8), got '010'");
+  EXPECT_THAT(ParseError("train:\n  epochs: 07\n"), HasSubstr("x.yaml:2: key 'train.epochs': expected an integer "
+                                                              "without a leading zero"));
+  EXPECT_EQ(ParseError("seed: 0\n"), "");
   // The bounds themselves are accepted.
   EXPECT_EQ(ParseError("train:\n  epochs: 10000\n  batch_size: 65536\n  num_workers: 256\n"), "");
 }
@@ -276,6 +282,12 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
               HasSubstr("key 'stages.pretrain.loss': expected BCE while model.final_act is sigmoid"));
   EXPECT_EQ(mismatch("model:\n  final_act: sigmoid\ntrain:\n  loss: BCE\n"), "");
   EXPECT_EQ(mismatch(""), "");
+  // Only the stages that train: both overriding the top level's loss, or a disabled one.
+  EXPECT_EQ(mismatch("model: {final_act: sigmoid}\nstages: {pretrain: {loss: BCE}, finetune: {loss: BCE}}\n"), "");
+  EXPECT_EQ(mismatch("model: {final_act: sigmoid}\ntrain: {loss: BCE}\nstages: {pretrain: {enabled: false, loss: CCE}}\n"),
+            "");
+  EXPECT_THAT(mismatch("model: {final_act: sigmoid}\nstages: {pretrain: {loss: BCE}}\n"),
+              HasSubstr("key 'train.loss': expected BCE while model.final_act is sigmoid"));  // finetune's
   // CheckBeforeRun: that, and no weights file that would not be loaded.
   auto before_run = [](const std::string& yaml) {
     absl::StatusOr<PipelineConfig> c = ParsePipelineConfig(yaml, "x.yaml");

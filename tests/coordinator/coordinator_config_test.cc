@@ -159,6 +159,14 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
             std::string::npos)
       << config.status();
 
+  // A leading zero: octal 8 to a YAML 1.1 reader, 10 to a decimal one.
+  const std::string octal = Write("o.yaml", "allow_no_auth: true\nmax_restarts: 010\n");
+  auto leading_zero = LoadCoordinatorConfig(octal, {});
+  ASSERT_FALSE(leading_zero.ok());
+  EXPECT_NE(leading_zero.status().message().find(octal + ":2: key 'max_restarts': expected an integer without a "
+                                                 "leading zero"),
+            std::string::npos)
+      << leading_zero.status();
   // A number beyond int names the key's range (it read as "expected an integer", which it is).
   const std::string huge = Write("m.yaml", "allow_no_auth: true\nmax_restarts: 99999999999\n");
   config = LoadCoordinatorConfig(huge, {});

@@ -2515,6 +2515,16 @@ TEST_F(CoordinatorServiceTest, ManifestsAreSharedPerDatasetVersionAndLeasedByRef
   EXPECT_EQ(hash_of(with + "/pretrain-f0"), hash_of(first + "/pretrain-f0"));
 }
 
+// The versions outlive the coordinator (its database): a release that makes other tables or
+// manifests from the same files must not reuse them, and its key says the rules' version.
+TEST(FoldCacheTest, TheKeyNamesTheRulesVersion) {
+  const common::PipelineConfig config;
+  for (const char* stage : {"pretrain", "finetune"}) {
+    EXPECT_TRUE(absl::StartsWith(FoldCache::Key(config, stage), absl::StrCat("rules=", kFoldRulesVersion, "\nstage=")))
+        << FoldCache::Key(config, stage);
+  }
+}
+
 // The fold cache drops a version whose files changed (content, size or a rewrite in place) and
 // keeps at most its bound of versions.
 // Single flight: a build of a version another build holds waits for its release (then looks the

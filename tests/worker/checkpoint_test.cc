@@ -399,6 +399,39 @@ TEST(CheckpointTest, ARefusedCommitLeavesThePreviousCheckpointAndNoTemporary) {
   EXPECT_NE(::access(fenced.keep_previous_as.c_str(), F_OK), 0);  // nothing was moved either
 }
 
+// A checkpoint of another version's format (a rollout or a rollback with the run half way) was
+// "unreadable: bad conversion" (INVALID_ARGUMENT, damage): the resume went on from last.prev.pt,
+// an epoch older, and set the newer file aside. It blocks the resume now, saying why.
+TEST(CheckpointTest, AnotherVersionsFormatBlocksTheResume) {
+  const std::string newer = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_format2.pt";
+  const std::string older = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_format1.pt";
+  auto small = Model(3);
+  CheckpointMeta m2 = Meta();
+  m2.format = 2;
+  m2.epoch = 5;
+  ASSERT_TRUE(SaveCheckpoint(newer, *small, nullptr, m2).ok());
+  ASSERT_TRUE(SaveCheckpoint(older, *small, nullptr, Meta()).ok());
+  auto read = ReadCheckpointMeta(newer);
+  ASSERT_FALSE(read.ok());
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kFailedPrecondition) << read.status();
+  EXPECT_NE(read.status().message().find(newer + ": checkpoint format 2 is not supported (this aviary reads "
+                                         "format 1): written by another version of aviary"),
+            std::string::npos)
+      << read.status();
+  std::vector<ResumeCandidate> c(2);
+  c[0].path = newer;
+  c[0].meta = read;
+  c[1].path = older;
+  c[1].meta = ReadCheckpointMeta(older);
+  ASSERT_TRUE(c[1].meta.ok()) << c[1].meta.status();
+  ResumeChoice r = PickResumeCheckpoint(c, "finetune", 2, "");
+  EXPECT_EQ(r.index, -1);
+  EXPECT_EQ(r.blocked.code(), absl::StatusCode::kFailedPrecondition) << r.blocked;
+  EXPECT_NE(r.blocked.message().find("format 2"), std::string::npos) << r.blocked;
+  std::remove(newer.c_str());
+  std::remove(older.c_str());
+}
+
 TEST(CheckpointTest, MissingOrForeignFilesAreClearErrors) {
   EXPECT_EQ(ReadCheckpointMeta("/nonexistent/best.pt").status().code(), absl::StatusCode::kNotFound);
   {
