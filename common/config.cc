@@ -1592,7 +1592,16 @@ bool ParseYamlBool(const YAML::Node& node, bool* out) {
 
 std::string DescribeYamlNode(const YAML::Node& node) {
   switch (node.Type()) {
-    case YAML::NodeType::Scalar: return absl::StrCat("'", node.Scalar(), "'");
+    case YAML::NodeType::Scalar: {
+      // At most 200 bytes (at a character's start) of a long value: a message goes back to a
+      // client in a gRPC status, whose metadata has a size limit.
+      constexpr size_t kShown = 200;
+      const std::string& text = node.Scalar();
+      if (text.size() <= kShown) return absl::StrCat("'", text, "'");
+      size_t cut = kShown;
+      while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+      return absl::StrCat("'", text.substr(0, cut), "...' (", text.size(), " bytes)");
+    }
     case YAML::NodeType::Null: return "an empty value";
     case YAML::NodeType::Sequence: return "a list";
     case YAML::NodeType::Map: return "a map";

@@ -14,6 +14,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -59,6 +60,14 @@ Reader String(std::string CoordinatorConfig::*member, bool is_path) {
     }
     if (!node.IsScalar()) return KeyError(origin, key, absl::StrCat("expected a string, got ", Describe(node)));
     std::string value = node.Scalar();
+    // As the pipeline config: a YAML escape ("\0") makes a character no path holds, and a NUL cut
+    // the path the OS saw while messages showed the whole string.
+    for (const char c : value) {
+      if (c == '\t' || static_cast<unsigned char>(c) >= 0x20) continue;
+      return KeyError(origin, key,
+                      absl::StrCat("expected a string without control characters (a YAML escape such as \\0 or "
+                                   "\\n), got '", absl::CHexEscape(value.substr(0, 200)), "'"));
+    }
     if (is_path && !value.empty() && fs::path(value).is_relative() && !origin.base_dir.empty()) {
       value = (fs::path(origin.base_dir) / value).lexically_normal().string();
     }

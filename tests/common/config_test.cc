@@ -219,6 +219,10 @@ TEST(ConfigTest, NumericKeysHaveUpperBounds) {
   EXPECT_THAT(ParseError("train:\n  epochs: 07\n"), HasSubstr("x.yaml:2: key 'train.epochs': expected an integer "
                                                               "without a leading zero"));
   EXPECT_EQ(ParseError("seed: 0\n"), "");
+  // A long value is shown cut (a message goes back to a client in a gRPC status).
+  const std::string long_error = ParseError("train:\n  epochs: " + std::string(20000, 'a') + "\n");
+  EXPECT_LT(long_error.size(), 400u) << long_error.size();
+  EXPECT_THAT(long_error, HasSubstr("...' (20000 bytes)"));
   // The bounds themselves are accepted.
   EXPECT_EQ(ParseError("train:\n  epochs: 10000\n  batch_size: 65536\n  num_workers: 256\n"), "");
 }

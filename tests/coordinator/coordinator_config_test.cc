@@ -167,6 +167,14 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
                                                  "leading zero"),
             std::string::npos)
       << leading_zero.status();
+  // A control character in a path (a YAML escape): the OS would see the path cut at a NUL.
+  const std::string nul = Write("n.yaml", "allow_no_auth: true\ndatabase: \"/srv/aviary.db\\0x\"\n");
+  auto with_nul = LoadCoordinatorConfig(nul, {});
+  ASSERT_FALSE(with_nul.ok());
+  EXPECT_NE(with_nul.status().message().find(nul + ":2: key 'database': expected a string without control "
+                                             "characters"),
+            std::string::npos)
+      << with_nul.status();
   // A number beyond int names the key's range (it read as "expected an integer", which it is).
   const std::string huge = Write("m.yaml", "allow_no_auth: true\nmax_restarts: 99999999999\n");
   config = LoadCoordinatorConfig(huge, {});
