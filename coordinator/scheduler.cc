@@ -977,7 +977,15 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     std::string key;
     std::vector<FileStamp> stamps;
     std::map<int, ManifestRef> manifests;
+    // An audio folder changed at about the time its files were checked (a dataset unpacking
+    // during the submit): the folders are stamped after the checks, so a file that appeared in
+    // between would be in the stamp and not in the manifests, for every later submit. Not kept.
+    std::string racy_folder;
   };
+  // When the stages' files began to be read (wall clock, as file times are); folder times from
+  // a second before it on are taken for changes during the read (clock ticks, a file server's
+  // clock a little behind).
+  int64_t read_started_ns = 0;
   // Per stage: each fold's manifest (the CSV empty when the cache has it stored), its reference
   // and its deflated bytes (made here when the store lacks them, so that the transaction below
   // only inserts them), and the version to record once the job is committed.
@@ -1027,6 +1035,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       return absl::OkStatus();
     }();
     stamper.join();
+    constexpr int64_t kRacyMarginNs = 1000000000;
+    for (const FileStamp& folder : folder_stamps) {
+      if (folder.exists && std::max(folder.mtime_ns, folder.ctime_ns) >= read_started_ns - kRacyMarginNs) {
+        version.racy_folder = folder.path;
+        break;
+      }
+    }
     log_.Info(absl::StrCat("stage ", out->stage, ": ", table.samples.size(), " samples read and checked in ",
                            absl::ToInt64Milliseconds(read_time), " ms; ", out->folds.size(), " manifest(s) in ",
                            absl::ToInt64Milliseconds(absl::Now() - started), " ms"));
@@ -1079,6 +1094,7 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       }
     }
     const absl::Time started = absl::Now();
+    read_started_ns = absl::ToUnixNanos(started);
     std::vector<absl::StatusOr<common::StageTable>> built_tables = common::BuildStageTables(config, names);
     const absl::Duration read_time = absl::Now() - started;
     std::vector<std::thread> builders;
@@ -1096,7 +1112,14 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
   std::vector<BuiltVersion> built;  // recorded in the cache once the job is committed
   for (StageManifests& stage : stages) {
     AVIARY_RETURN_IF_ERROR(common::Annotate(stage.status, absl::StrCat("stage ", stage.stage)));
-    if (!stage.cached) built.push_back(std::move(stage.version));
+    if (stage.cached) continue;
+    if (!stage.version.racy_folder.empty()) {
+      log_.Info(absl::StrCat("stage ", stage.stage, ": ", stage.version.racy_folder,
+                             " changed while the dataset was read; its manifests are not kept for reuse (the next "
+                             "submit reads the files again)"));
+      continue;
+    }
+    built.push_back(std::move(stage.version));
   }
   for (StageManifests& stage_manifests : stages) {
     const std::string& stage = stage_manifests.stage;

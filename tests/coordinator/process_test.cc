@@ -451,6 +451,9 @@ TEST_F(CoordinatorProcessTest, DatasetVersionsSurviveARestart) {
   };
   const std::vector<std::string> none, both{"pretrain", "finetune"};
 
+  // A dataset version whose folders changed within a second of its read is not kept (SetUp
+  // wrote this one just now).
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
   StartAndConnect("first.log");
   const std::string first = submit();
   stop();

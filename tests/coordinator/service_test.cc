@@ -2515,6 +2515,21 @@ TEST_F(CoordinatorServiceTest, ManifestsAreSharedPerDatasetVersionAndLeasedByRef
   EXPECT_EQ(hash_of(with + "/pretrain-f0"), hash_of(first + "/pretrain-f0"));
 }
 
+// A dataset changing while a submit reads it (an archive still unpacking): the audio folders are
+// stamped after their files were checked, so a file that appeared in between was in the stamp but
+// not in the manifests, and every later submit reused them. Such a version is not kept; one whose
+// folders are older than a second before the read is.
+TEST_F(CoordinatorServiceTest, ADatasetChangingWhileItIsReadIsNotKeptForReuse) {
+  Start();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // SetUp wrote the dataset just now
+  fs::last_write_time(root_ + "/t24/train_audio/a", fs::file_time_type::clock::now());
+  ASSERT_FALSE(Submit().empty());
+  EXPECT_EQ(CountRows("SELECT count(*) FROM dataset_versions"), 1);  // pretraining's (its folders are older)
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  ASSERT_FALSE(Submit().empty());
+  EXPECT_EQ(CountRows("SELECT count(*) FROM dataset_versions"), 2);
+}
+
 // The versions outlive the coordinator (its database): a release that makes other tables or
 // manifests from the same files must not reuse them, and its key says the rules' version.
 TEST(FoldCacheTest, TheKeyNamesTheRulesVersion) {
