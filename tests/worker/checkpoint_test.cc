@@ -343,6 +343,59 @@ TEST(CheckpointTest, ChangedBytesInARecordAreDamage) {
   std::remove(path.c_str());
 }
 
+// A zip directory listing one record many times (crafted: each entry's range is inside the file
+// and its CRC right) was that many reads of the record: hours of checksum work from a file of
+// tens of MB. Records that overlap are damage.
+TEST(CheckpointTest, ADirectoryListingARecordManyTimesIsDamage) {
+  auto a = Model(3);
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_dup.pt";
+  CheckpointGroups groups{{"ema_state", {{"w", at::full({1 << 16}, 0.5f)}}}};
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, Meta(), {}, groups).ok());
+  std::string bytes = *common::ReadFileToString(path);
+  const auto le = [&](size_t at, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; --i) v = v << 8 | static_cast<unsigned char>(bytes[at + i]);
+    return v;
+  };
+  const auto put = [&](size_t at, int n, uint64_t v) {
+    for (int i = 0; i < n; ++i) bytes[at + i] = static_cast<char>((v >> (8 * i)) & 0xFF);
+  };
+  const size_t eocd = bytes.rfind(std::string("PK\x05\x06", 4));
+  ASSERT_NE(eocd, std::string::npos);
+  ASSERT_EQ(le(eocd + 10, 2), le(eocd + 8, 2));
+  const uint64_t entries = le(eocd + 10, 2), dir_size = le(eocd + 12, 4), dir_offset = le(eocd + 16, 4);
+  ASSERT_LT(dir_offset, 0xFFFFFFFFu) << "a zip64 file: this test edits the plain record";
+  const size_t dir_end = dir_offset + dir_size;
+  // torch writes a zip64 end record and its locator between the directory and the plain end.
+  const bool zip64 = eocd - dir_end == 76 && le(dir_end, 4) == 0x06064b50 && le(eocd - 20, 4) == 0x07064b50;
+  ASSERT_TRUE(zip64 || dir_end == eocd) << "other records between the directory and its end";
+  // Every entry again, 40 times more (at most 65,535 entries in all).
+  const std::string dir = bytes.substr(dir_offset, dir_size);
+  const uint64_t copies = std::min<uint64_t>(40, 65535 / entries - 1);
+  std::string more;
+  for (uint64_t c = 0; c < copies; ++c) more += dir;
+  bytes.insert(dir_end, more);
+  const uint64_t all = entries * (copies + 1), all_size = dir_size * (copies + 1);
+  const size_t moved = eocd + more.size();
+  put(moved + 8, 2, all);
+  put(moved + 10, 2, all);
+  put(moved + 12, 4, all_size);
+  if (zip64) {
+    const size_t record = dir_end + more.size();
+    put(record + 24, 8, all);
+    put(record + 32, 8, all);
+    put(record + 40, 8, all_size);
+    put(moved - 20 + 8, 8, record);  // the locator points at the record, moved
+  }
+  ASSERT_TRUE(common::WriteFileAtomically(path, bytes).ok());
+  auto b = Model(3);
+  auto restored = RestoreCheckpoint(path, *b, nullptr);
+  ASSERT_FALSE(restored.ok());
+  EXPECT_EQ(restored.status().code(), absl::StatusCode::kDataLoss) << restored.status();
+  EXPECT_NE(restored.status().message().find("the records overlap"), std::string::npos) << restored.status();
+  std::remove(path.c_str());
+}
+
 // Metadata a resume computes positions from is checked: a damaged or edited value is an error
 // naming the file and the value (batches_done x world_size overflowed an int64).
 TEST(CheckpointTest, InconsistentPositionsAreRefused) {
