@@ -570,6 +570,14 @@ absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const 
   return ReadGroup(archive, path, group);
 }
 
+absl::StatusOr<bool> CheckpointHoldsOptimizer(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/false));
+  const std::vector<std::string> keys = archive.keys();
+  return std::find(keys.begin(), keys.end(), "optimizer_state") != keys.end() ||
+         std::find(keys.begin(), keys.end(), "optimizer") != keys.end();
+}
+
 bool SameCheckpointMeta(const CheckpointMeta& a, const CheckpointMeta& b) { return MetaToYaml(a) == MetaToYaml(b); }
 
 namespace {

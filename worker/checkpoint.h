@@ -138,6 +138,8 @@ absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path);
 // One of the checkpoint's named groups (CheckpointGroups); NOT_FOUND when it has none of that
 // name.
 absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group);
+// Whether the checkpoint carries optimizer state (a last.pt; best.pt carries none).
+absl::StatusOr<bool> CheckpointHoldsOptimizer(const std::string& path);
 
 // Restores `model` (and `optimizer`) from a checkpoint of the same model and classes. Refuses,
 // naming both sides, a checkpoint of another model, class count or input channels. The

@@ -145,8 +145,14 @@ absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::
       ema.Swap(module);
       applied = true;
     }
-    // Without the group the file is a best.pt, whose tensors are the average already.
-    averaged = true;
+    // Without the group: a best.pt, whose tensors are the average already; or a last.pt written
+    // before the group was (its optimizer state says so), whose tensors are the raw weights.
+    if (applied) {
+      averaged = true;
+    } else {
+      AVIARY_ASSIGN_OR_RETURN(const bool last, CheckpointHoldsOptimizer(path));
+      averaged = !last;
+    }
   }
   AVIARY_RETURN_IF_ERROR(CheckFinite(module, path, applied));
   return averaged;

@@ -71,7 +71,8 @@ class WeightEma {
 // stage's train.ema_eval, validation, the monitor and best.pt use the average: a checkpoint
 // that carries an "ema_state" group (last.pt, whose model tensors are the raw weights) gets the
 // averaged parameters copied into `module` (buffers stay: the EMA does not average them). best.pt
-// already holds the average as its weights and carries no group. True when `module` now holds
+// already holds the average as its weights and carries no group (a last.pt without the group, of
+// a build before it, holds the raw weights: its optimizer state tells it). True when `module` now holds
 // the average (applied from the group, or a best.pt of such a run); the errors of reading the group and of WeightEma::ImportState, naming `path`; and
 // FAILED_PRECONDITION naming `path` and the first tensor when a weight or buffer to be used is
 // not finite (a run that diverged: every output would be NaN, written as "nan" cells).

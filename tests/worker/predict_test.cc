@@ -342,6 +342,18 @@ TEST(PredictTest, ALastCheckpointOfAnEmaEvalRunPredictsWithTheAverage) {
     EXPECT_TRUE(probs.ok()) << probs.status();
     return *probs;
   };
+  // A last.pt of such a run without the group (written before it was): its optimizer state
+  // says it holds the raw weights, which predict uses, and says so (it said "averaged").
+  meta.config_yaml = common::PipelineConfigToYaml(config);
+  const std::string old_last = ::testing::TempDir() + "/predict_test_ema_old_last.pt";
+  AdamOptimizer adam(**raw, AdamSettings{});
+  ASSERT_TRUE(SaveCheckpoint(old_last, **raw, &adam, meta, {}, {}).ok());
+  auto used = UseValidatedWeights(old_last, config.train, **averaged);
+  ASSERT_TRUE(used.ok()) << used.status();
+  EXPECT_FALSE(*used);
+  auto used_best = UseValidatedWeights(best, config.train, **averaged);
+  ASSERT_TRUE(used_best.ok()) << used_best.status();
+  EXPECT_TRUE(*used_best);
   const std::vector<float> from_last = predict(last), from_best = predict(best);
   const std::vector<float> from_raw = predict(plain), from_no_eval = predict(last_no_eval);
   ASSERT_EQ(from_last.size(), from_best.size());
