@@ -85,7 +85,7 @@ mpirun=${MPIRUN:-mpirun}
 mpirun_extra=()
 env_extra=()
 stop_timeout=45
-sd_dir=""
+sd_dir=${AVIARY_SD_DIR:-}  # --sd-dir; from the environment too (the systemd unit's env file)
 dry_run=0
 serve_extra=()
 

@@ -529,6 +529,37 @@ EOF
 chmod +x "$tmp/srunbin/srun"
 sbatch_time_limit "sbatch with srun" 4244 PATH="$tmp/srunbin:$tmp/bin:$PATH" AVIARY_LAUNCHER=srun AVIARY_STOP_TIMEOUT=20
 
+# A group that fails by itself (the stall watchdog's exit 1, a crash) is launched again in its
+# allocation, AVIARY_RELAUNCHES times (it ended the job, and the allocation with it, for good);
+# exit 2 (a configuration error, which a relaunch repeats) is not. A one-task stand-in srun.
+mkdir -p "$tmp/srun1"
+cat >"$tmp/srun1/srun" <<'EOF'
+#!/usr/bin/env bash
+while [ "${1#--}" != "$1" ]; do shift; done
+OMPI_COMM_WORLD_RANK=0 "$@"
+EOF
+chmod +x "$tmp/srun1/srun"
+for code in 1 2; do
+  printf '#!/usr/bin/env bash\necho run >>"%s/failing.runs"\nexit %s\n' "$tmp" "$code" >"$tmp/failing-worker"
+  chmod +x "$tmp/failing-worker"
+  rm -f "$tmp/failing.runs"
+  out=$(env PATH="$tmp/srun1:$tmp/bin:$PATH" SLURM_JOB_ID=4245 SLURM_JOB_NODELIST=localhost SLURM_GPUS_ON_NODE=1 \
+        SLURM_CPUS_PER_TASK=1 SLURM_SUBMIT_DIR="$repo" AVIARY_COORDINATOR=127.0.0.1:7070 \
+        AVIARY_WORKER="$tmp/failing-worker" AVIARY_LAUNCHER=srun AVIARY_RELAUNCHES=1 bash "$sbatch_script" 2>&1); rc=$?
+  runs=$(grep -c . "$tmp/failing.runs" 2>/dev/null || echo 0)
+  want=1
+  if [ "$code" = 1 ]; then want=2; fi
+  if [ $rc -eq "$code" ] && [ "$runs" -eq "$want" ]; then ok; else
+    fail "sbatch, a group exiting $code by itself: rc=$rc, $runs launches (want rc $code, $want launches): $out"
+  fi
+  if [ "$code" = 1 ]; then
+    grep -qF "launching the group again in 10 s (relaunch 1 of 1, AVIARY_RELAUNCHES)" <<<"$out" && ok ||
+      fail "sbatch relaunch: no notice in: $out"
+  fi
+done
+out=$(env "${slurm_env[@]}" AVIARY_RELAUNCHES=x bash "$sbatch_script" 2>&1); rc=$?
+[ $rc -eq 2 ] && grep -qF "AVIARY_RELAUNCHES 'x'" <<<"$out" && ok || fail "sbatch with AVIARY_RELAUNCHES=x: rc=$rc: $out"
+
 echo "== docs/DEPLOY.md: the launch-group.sh example and the output it shows"
 # The page's hostfile, its `launch-group.sh ... --dry-run` command and the mpirun command it says
 # that prints, taken from the page as written and run here on the machine it describes: a normal
