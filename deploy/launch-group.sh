@@ -296,6 +296,19 @@ cleanup() {
 trap cleanup EXIT
 if [ -n "$sd_file" ]; then
   mkdir -p "$sd_dir"
+  # Targets of earlier launchers for this host and port whose launcher is gone (SIGKILLed before
+  # its EXIT trap: a plain scancel after Slurm's KillWait, a node that crashed) were scraped for
+  # ever, and counted twice with a new group on the same port. The port answers no one now
+  # (checked above); a launcher still alive (one racing for the port) keeps its file.
+  for old in "$sd_dir/aviary-group-${rank0_host}-${metrics_port}-"*.json; do
+    [ -e "$old" ] || continue
+    old_pid=${old##*-}
+    old_pid=${old_pid%.json}
+    if is_uint "$old_pid" && [ "$old_pid" != "$$" ] && ! kill -0 "$old_pid" 2>/dev/null; then
+      echo "launch-group.sh: removing $old (its launcher, pid $old_pid, is gone)" >&2
+      rm -f "$old"
+    fi
+  done
   printf '%s\n' "$sd_json" >"$sd_file.tmp.$$" && mv -f "$sd_file.tmp.$$" "$sd_file"
 fi
 

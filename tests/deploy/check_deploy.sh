@@ -355,6 +355,14 @@ echo "localhost slots=2" >"$tmp/local-hostfile"
 if ! command -v mpirun >/dev/null 2>&1; then
   fail "mpirun not found"
 else
+  # Targets an earlier launcher left for this host and port: one whose launcher is gone (killed
+  # before its EXIT trap) is removed, one whose launcher lives (racing for the port) is kept.
+  mkdir -p "$tmp/sd"
+  (exit 0) &
+  dead=$!
+  wait $dead
+  echo '[]' >"$tmp/sd/aviary-group-localhost-19471-$dead.json"
+  echo '[]' >"$tmp/sd/aviary-group-localhost-19471-$$.json"
   NCCL_TEST_KNOB=42 "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" \
     --cores-per-rank 1 --bind-to none --worker "$tmp/fake-worker" --sd-dir "$tmp/sd" \
     --metrics-listen 127.0.0.1:19471 --stop-timeout 15 >"$tmp/launch.log" 2>&1 &
@@ -364,6 +372,9 @@ else
     kill -TERM $lpid 2>/dev/null
   else
     [ -s "$tmp/sd/aviary-group-localhost-19471-$lpid.json" ] && ok || fail "no file_sd target while the group runs: $(ls "$tmp/sd")"
+    [ ! -e "$tmp/sd/aviary-group-localhost-19471-$dead.json" ] && ok || fail "a gone launcher's file_sd target was kept"
+    [ -e "$tmp/sd/aviary-group-localhost-19471-$$.json" ] && ok || fail "a live launcher's file_sd target was removed"
+    rm -f "$tmp/sd/aviary-group-localhost-19471-$$.json"
     for r in 0 1; do
       grep -q -- "serve --coordinator 127.0.0.1:7070 --metrics-listen 127.0.0.1:19471 --device auto --threads 1 .* NCCL_TEST_KNOB=42$" \
         "$tmp/rank$r.args" && ok || fail "rank $r got: $(cat "$tmp/rank$r.args")"
