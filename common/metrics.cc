@@ -45,9 +45,7 @@ absl::Status CheckScores(const BinaryLabels& truth, MatrixView<T> scores) {
                                                    truth.cols));
   }
   const size_t n = scores.rows * scores.cols;
-  if (n > 0 && scores.data == nullptr) {
-    return absl::InvalidArgumentError("scores view has no data");
-  }
+  AVIARY_RETURN_IF_ERROR(scores.CheckHeld("scores"));
   for (size_t i = 0; i < n; ++i) {
     if (!std::isfinite(scores.data[i])) {
       return absl::InvalidArgumentError(
@@ -303,6 +301,8 @@ absl::StatusOr<MetricValue> CategoricalAccuracy(MatrixView<T> soft_truth, Matrix
                                                    soft_truth.cols, " but scores are ",
                                                    scores.rows, " x ", scores.cols));
   }
+  AVIARY_RETURN_IF_ERROR(soft_truth.CheckHeld("truth"));
+  AVIARY_RETURN_IF_ERROR(scores.CheckHeld("scores"));
   for (size_t i = 0; i < soft_truth.rows * soft_truth.cols; ++i) {
     if (!std::isfinite(soft_truth.data[i]) || !std::isfinite(scores.data[i])) {
       const bool truth_bad = !std::isfinite(soft_truth.data[i]);

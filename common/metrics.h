@@ -46,7 +46,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 
 namespace aviary::common {
 
@@ -56,13 +58,26 @@ struct MatrixView {
   const T* data = nullptr;
   size_t rows = 0;
   size_t cols = 0;
+  // The values `data` holds when known (a view of a vector), else SIZE_MAX: checked against
+  // rows x cols by the metrics (a model head of another width read past the vector).
+  size_t held = static_cast<size_t>(-1);
 
   MatrixView() = default;
   MatrixView(const T* data_in, size_t rows_in, size_t cols_in)
       : data(data_in), rows(rows_in), cols(cols_in) {}
-  // A view of `values` (size must be rows * cols).
+  // A view of `values` (size must be rows * cols; the metrics refuse another).
   MatrixView(const std::vector<T>& values, size_t rows_in, size_t cols_in)
-      : data(values.data()), rows(rows_in), cols(cols_in) {}
+      : data(values.data()), rows(rows_in), cols(cols_in), held(values.size()) {}
+  // Whether rows x cols values are there to read (INVALID_ARGUMENT naming `what` otherwise).
+  absl::Status CheckHeld(const char* what) const {
+    const size_t n = rows * cols;
+    if (n > 0 && data == nullptr) return absl::InvalidArgumentError(absl::StrCat(what, " view has no data"));
+    if (held != static_cast<size_t>(-1) && held != n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " hold ", held, " values for ", rows, " x ", cols, " (rows = samples, columns = classes)"));
+    }
+    return absl::OkStatus();
+  }
 
   const T& operator()(size_t row, size_t col) const { return data[row * cols + col]; }
 };

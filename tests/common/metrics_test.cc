@@ -122,6 +122,21 @@ TEST(MetricsTest, UndefinedCasesAreNanWithAReason) {
   EXPECT_DOUBLE_EQ(all->val_cmap.value, 1.0);  // only the 5 padded rows, all ones
 }
 
+// A view of a vector holding other than rows x cols values (a model head of another width than
+// the classes): refused, not read past its end; a soft truth without data too (it crashed).
+TEST(MetricsTest, AViewOfAVectorOfAnotherSizeIsAnError) {
+  BinaryLabels y = Truth(2, 2, {1, 0, 0, 1});
+  std::vector<double> three{0.1, 0.9, 0.8};
+  auto all = ComputeEvalMetrics(y, MatrixView<double>(three, 2, 2));
+  ASSERT_FALSE(all.ok());
+  EXPECT_EQ(all.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(all.status().message().find("scores hold 3 values for 2 x 2"), std::string::npos) << all.status();
+  std::vector<double> s{0.1, 0.9, 0.8, 0.2};
+  auto soft = CategoricalAccuracy(MatrixView<double>(nullptr, 2, 2), MatrixView<double>(s, 2, 2));
+  ASSERT_FALSE(soft.ok());
+  EXPECT_NE(soft.status().message().find("truth view has no data"), std::string::npos) << soft.status();
+}
+
 TEST(MetricsTest, NonFiniteScoresAreErrors) {
   BinaryLabels y = Truth(2, 2, {1, 0, 0, 1});
   for (double bad : {std::numeric_limits<double>::quiet_NaN(),
