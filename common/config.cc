@@ -1318,14 +1318,15 @@ absl::StatusOr<PipelineConfig> ParsePipelineConfig(const std::string& yaml_text,
   }
 }
 
-absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name) {
+absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name,
+                                        const std::string& stage) {
   // The stages that train (a disabled one, or train.* that every stage overrides, trains nothing:
   // `stages: {pretrain: {loss: BCE}, finetune: {loss: BCE}}` with sigmoids was refused for the
   // top level's CCE). A stage's loss as train.* gave it is named so.
   std::vector<std::pair<std::string, const TrainConfig*>> trains;
   for (const std::string& name : StageNames()) {
     auto it = config.stages.find(name);
-    if (it == config.stages.end() || !it->second.enabled) continue;
+    if (it == config.stages.end() || (stage.empty() ? !it->second.enabled : name != stage)) continue;
     const bool inherited = it->second.train.loss == config.train.loss;
     trains.emplace_back(inherited ? "train" : "stages." + name, &it->second.train);
   }
@@ -1367,8 +1368,8 @@ absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples,
       config.data.sample_rate));
 }
 
-absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name) {
-  AVIARY_RETURN_IF_ERROR(CheckLossMatchesActivation(config, source_name));
+absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name, const std::string& stage) {
+  AVIARY_RETURN_IF_ERROR(CheckLossMatchesActivation(config, source_name, stage));
   if (config.model.pretrain == "none" && !config.model.pretrained_weights.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         source_name, ": key 'model.pretrained_weights': expected '' while model.pretrain is 'none' (the file "

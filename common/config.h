@@ -205,7 +205,10 @@ absl::Status ValidatePipelineConfig(const PipelineConfig& config);
 // export apply: BCE independent sigmoids, CCE a softmax. INVALID_ARGUMENT naming the key and
 // `source_name`. Checked where a run starts (`aviary-worker train`, SubmitJob), not by Parse:
 // checkpoints written before the check carry such configs and must still load.
-absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name);
+// `stage`, when given, is the one stage to check (`aviary-worker train --stage S` trains S also
+// when it is disabled); else the enabled stages.
+absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name,
+                                        const std::string& stage = "");
 
 // The fewest STFT frames (1 + samples / hop_length, the front end's center=True STFT) a model
 // takes: small_cnn's four 2x2 max-pools need 16 (torch refuses an empty pool output); 1 for the
@@ -224,7 +227,8 @@ absl::Status CheckWindowIsWholeSamples(double window_s, int sample_rate, const s
 // INVALID_ARGUMENT naming the key and `source_name`: CheckLossMatchesActivation, and no
 // model.pretrained_weights while model.pretrain is 'none' (the file would not be loaded: the
 // run would start from random weights while its config names a backbone).
-absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name);
+absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name,
+                            const std::string& stage = "");
 
 // `train` with the keys its run does not read set back to their defaults: train.lr is read only
 // by scheduler 'none'; lr_start, lr_max_per_sample, lr_ramp_epochs and lr_per_step only by the

@@ -1037,7 +1037,9 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     stamper.join();
     constexpr int64_t kRacyMarginNs = 1000000000;
     for (const FileStamp& folder : folder_stamps) {
-      if (folder.exists && std::max(folder.mtime_ns, folder.ctime_ns) >= read_started_ns - kRacyMarginNs) {
+      // ctime: the kernel sets it when an entry is added or removed, and no archive carries it
+      // over (tar and rsync -a keep mtimes, a future one from a machine whose clock ran ahead).
+      if (folder.exists && folder.ctime_ns >= read_started_ns - kRacyMarginNs) {
         version.racy_folder = folder.path;
         break;
       }

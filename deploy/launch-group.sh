@@ -299,12 +299,14 @@ if [ -n "$sd_file" ]; then
   # Targets of earlier launchers for this host and port whose launcher is gone (SIGKILLed before
   # its EXIT trap: a plain scancel after Slurm's KillWait, a node that crashed) were scraped for
   # ever, and counted twice with a new group on the same port. The port answers no one now
-  # (checked above); a launcher still alive (one racing for the port) keeps its file.
+  # (checked above); a launcher still alive (one racing for the port, another user's: /proc
+  # shows it where kill -0 may not) keeps its file. Only this launcher's names (a pid; the Slurm
+  # script's srun path names its files by "job<id>").
   for old in "$sd_dir/aviary-group-${rank0_host}-${metrics_port}-"*.json; do
     [ -e "$old" ] || continue
     old_pid=${old##*-}
     old_pid=${old_pid%.json}
-    if is_uint "$old_pid" && [ "$old_pid" != "$$" ] && ! kill -0 "$old_pid" 2>/dev/null; then
+    if is_uint "$old_pid" && [ "$old_pid" != "$$" ] && [ ! -d "/proc/$old_pid" ]; then
       echo "launch-group.sh: removing $old (its launcher, pid $old_pid, is gone)" >&2
       rm -f "$old"
     fi

@@ -32,6 +32,9 @@
 namespace aviary::worker {
 namespace {
 
+// The payload of a checkpoint format this aviary does not read (IsOtherCheckpointFormat).
+constexpr absl::string_view kOtherFormatUrl = "type.aviary/checkpoint-other-format";
+
 std::function<int(const std::string&)>& ReadFault() {
   static auto* fault = new std::function<int(const std::string&)>();
   return *fault;
@@ -99,9 +102,11 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     // First: another version's file may name its fields otherwise, and was called unreadable
     // ("bad conversion"), set aside and resumed past.
     if (m.format != 1) {
-      return absl::FailedPreconditionError(absl::StrCat(
+      absl::Status other = absl::FailedPreconditionError(absl::StrCat(
           path, ": checkpoint format ", m.format, " is not supported (this aviary reads format 1): written by "
           "another version of aviary; run that version, or start over with --no-resume"));
+      other.SetPayload(kOtherFormatUrl, absl::Cord("1"));
+      return other;
     }
     m.stage = n["stage"].as<std::string>();
     m.fold = n["fold"].as<int>();
@@ -275,7 +280,7 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
   const size_t before = choice.index < 0 ? candidates.size() : static_cast<size_t>(choice.index);
   for (size_t i = 0; i < before; ++i) {
     const absl::StatusCode code = candidates[i].meta.status().code();
-    if (BlocksResume(code)) {
+    if (BlocksResume(candidates[i].meta.status())) {
       choice.index = -1;
       choice.blocked = absl::Status(
           code, absl::StrCat(candidates[i].meta.status().message(), ": it may hold the newest epoch, so the run "
@@ -288,9 +293,14 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
   return choice;
 }
 
-bool BlocksResume(absl::StatusCode code) {
+bool IsOtherCheckpointFormat(const absl::Status& status) {
+  return !status.ok() && status.GetPayload(kOtherFormatUrl).has_value();
+}
+
+bool BlocksResume(const absl::Status& status) {
+  const absl::StatusCode code = status.code();
   return code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kUnavailable ||
-         code == absl::StatusCode::kResourceExhausted || code == absl::StatusCode::kFailedPrecondition;
+         code == absl::StatusCode::kResourceExhausted || IsOtherCheckpointFormat(status);
 }
 
 void SetCheckpointReadFaultForTest(std::function<int(const std::string& path)> fault) {
@@ -564,18 +574,16 @@ absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
   return ReadModelTensors(archive, path);
 }
 
-absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group) {
+absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group,
+                                                 bool* holds_optimizer) {
   torch::serialize::InputArchive archive;
   AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
+  if (holds_optimizer != nullptr) {
+    const std::vector<std::string> keys = archive.keys();
+    *holds_optimizer = std::find(keys.begin(), keys.end(), "optimizer_state") != keys.end() ||
+                       std::find(keys.begin(), keys.end(), "optimizer") != keys.end();
+  }
   return ReadGroup(archive, path, group);
-}
-
-absl::StatusOr<bool> CheckpointHoldsOptimizer(const std::string& path) {
-  torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/false));
-  const std::vector<std::string> keys = archive.keys();
-  return std::find(keys.begin(), keys.end(), "optimizer_state") != keys.end() ||
-         std::find(keys.begin(), keys.end(), "optimizer") != keys.end();
 }
 
 bool SameCheckpointMeta(const CheckpointMeta& a, const CheckpointMeta& b) { return MetaToYaml(a) == MetaToYaml(b); }

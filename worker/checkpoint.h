@@ -117,8 +117,11 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
 // Whether a checkpoint whose metadata read so is not to be passed over (nor removed, nor set
 // aside) for an older one: it could not be read now (PERMISSION_DENIED, UNAVAILABLE,
 // RESOURCE_EXHAUSTED) or was written by another version of aviary in a format this one does not
-// read (FAILED_PRECONDITION): either may hold the newest epoch.
-bool BlocksResume(absl::StatusCode code);
+// read (IsOtherCheckpointFormat): either may hold the newest epoch. (A checkpoint of another
+// label set or model, FAILED_PRECONDITION too, is passed over.)
+bool BlocksResume(const absl::Status& status);
+// The error of a checkpoint whose format this aviary does not read (marked by a payload).
+bool IsOtherCheckpointFormat(const absl::Status& status);
 
 // A checkpoint `path` that `access` refused with `error` (not ENOENT): PERMISSION_DENIED for
 // EACCES/EPERM, UNAVAILABLE otherwise (an I/O error, ESTALE), "<path>: <doing>: <errno text>".
@@ -137,9 +140,10 @@ absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path);
 
 // One of the checkpoint's named groups (CheckpointGroups); NOT_FOUND when it has none of that
 // name.
-absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group);
-// Whether the checkpoint carries optimizer state (a last.pt; best.pt carries none).
-absl::StatusOr<bool> CheckpointHoldsOptimizer(const std::string& path);
+// `holds_optimizer`, when given, gets whether the checkpoint carries optimizer state (a last.pt;
+// best.pt carries none), from the same open of the file, also when the group is NOT_FOUND.
+absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group,
+                                                 bool* holds_optimizer = nullptr);
 
 // Restores `model` (and `optimizer`) from a checkpoint of the same model and classes. Refuses,
 // naming both sides, a checkpoint of another model, class count or input channels. The

@@ -136,7 +136,8 @@ absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::
   bool applied = false;
   bool averaged = false;
   if (train.ema_eval && train.ema_decay > 0) {
-    absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(path, "ema_state");
+    bool holds_optimizer = false;
+    absl::StatusOr<NamedTensors> state = ReadCheckpointGroup(path, "ema_state", &holds_optimizer);
     if (!state.ok() && !absl::IsNotFound(state.status())) return state.status();
     if (state.ok()) {
       WeightEma ema(module, train.ema_decay, train.ema_warmup_steps);
@@ -147,12 +148,7 @@ absl::StatusOr<bool> UseValidatedWeights(const std::string& path, const common::
     }
     // Without the group: a best.pt, whose tensors are the average already; or a last.pt written
     // before the group was (its optimizer state says so), whose tensors are the raw weights.
-    if (applied) {
-      averaged = true;
-    } else {
-      AVIARY_ASSIGN_OR_RETURN(const bool last, CheckpointHoldsOptimizer(path));
-      averaged = !last;
-    }
+    averaged = applied || !holds_optimizer;
   }
   AVIARY_RETURN_IF_ERROR(CheckFinite(module, path, applied));
   return averaged;

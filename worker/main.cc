@@ -112,7 +112,7 @@ int RunTrain(const TrainArgs& args) {
   if (absl::Status st = ApplyLogLevel(args.log_level); !st.ok()) return Fail("train", st);
   auto config = aviary::common::LoadPipelineConfig(args.config, args.overrides);
   if (!config.ok()) return Fail("train", config.status());
-  if (absl::Status st = aviary::common::CheckBeforeRun(*config, args.config); !st.ok()) {
+  if (absl::Status st = aviary::common::CheckBeforeRun(*config, args.config, args.options.stage); !st.ok()) {
     return Fail("train", st);
   }
   aviary::worker::TrainOptions options = args.options;

@@ -1206,7 +1206,7 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
   for (const std::string& path : ready) metas.push_back(ReadCheckpointMeta(path));
   for (size_t i = 0; i < ready.size() && options.resume; ++i) {
     const absl::StatusCode code = metas[i].status().code();
-    if (BlocksResume(code)) {
+    if (BlocksResume(metas[i].status())) {
       return absl::Status(code, absl::StrCat(metas[i].status().message(),
                                              ": a checkpoint a stopped rotation left, which may hold the newest epoch, "
                                              "so the run does not go on from an older one; make it readable, or start "
@@ -1223,7 +1223,7 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
     const absl::StatusOr<CheckpointMeta> last_meta =
         have_last ? ReadCheckpointMeta(last) : absl::StatusOr<CheckpointMeta>(absl::NotFoundError(last));
     const absl::StatusCode last_code = last_meta.status().code();
-    if (have_last && BlocksResume(last_code)) {
+    if (have_last && BlocksResume(last_meta.status())) {
       // last.pt cannot be read now: Resume refuses the start with its error, and the ready files
       // stay for the start that can read it (one may be newer).
       keep_ready = true;

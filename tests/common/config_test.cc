@@ -292,6 +292,13 @@ TEST(ConfigTest, TrainingOptionsAreCheckedByKey) {
             "");
   EXPECT_THAT(mismatch("model: {final_act: sigmoid}\nstages: {pretrain: {loss: BCE}}\n"),
               HasSubstr("key 'train.loss': expected BCE while model.final_act is sigmoid"));  // finetune's
+  // `aviary-worker train --stage pretrain` trains that stage, disabled or not.
+  absl::StatusOr<PipelineConfig> disabled = ParsePipelineConfig(
+      "model: {final_act: sigmoid}\ntrain: {loss: BCE}\nstages: {pretrain: {enabled: false, loss: CCE}}\n", "x.yaml");
+  ASSERT_TRUE(disabled.ok()) << disabled.status();
+  EXPECT_THAT(std::string(CheckLossMatchesActivation(*disabled, "x.yaml", "pretrain").message()),
+              HasSubstr("key 'stages.pretrain.loss': expected BCE"));
+  EXPECT_TRUE(CheckLossMatchesActivation(*disabled, "x.yaml", "finetune").ok());
   // CheckBeforeRun: that, and no weights file that would not be loaded.
   auto before_run = [](const std::string& yaml) {
     absl::StatusOr<PipelineConfig> c = ParsePipelineConfig(yaml, "x.yaml");

@@ -481,6 +481,11 @@ TEST(CheckpointTest, AnotherVersionsFormatBlocksTheResume) {
   EXPECT_EQ(r.index, -1);
   EXPECT_EQ(r.blocked.code(), absl::StatusCode::kFailedPrecondition) << r.blocked;
   EXPECT_NE(r.blocked.message().find("format 2"), std::string::npos) << r.blocked;
+  // Another FAILED_PRECONDITION (a last.pt of another label set or model) is passed over.
+  c[0].meta = absl::FailedPreconditionError(newer + ": its label set differs from this stage's");
+  r = PickResumeCheckpoint(c, "finetune", 2, "");
+  EXPECT_EQ(r.index, 1);
+  EXPECT_TRUE(r.blocked.ok()) << r.blocked;
   std::remove(newer.c_str());
   std::remove(older.c_str());
 }
