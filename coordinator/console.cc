@@ -431,6 +431,11 @@ class Console::Request {
           absl::StrCat("{\"error\":{\"code\":", JsonQuote(StatusCodeName(status.code())),
                        ",\"message\":", JsonQuote(status.message()), "}}"));
   }
+  void MethodNotAllowed(const char* allow, const std::string& message) {
+    Reply(405, "application/json; charset=utf-8",
+          absl::StrCat("{\"error\":{\"code\":\"INVALID_ARGUMENT\",\"message\":", JsonQuote(message), "}}"),
+          absl::StrCat("Allow: ", allow, "\r\n"));
+  }
   void Redirect(const std::string& location, const std::string& extra_headers = "") {
     Reply(303, "text/plain; charset=utf-8", "see " + location,
           absl::StrCat("Location: ", location, "\r\n", extra_headers));
@@ -656,11 +661,14 @@ void Console::Route(Request& request) {
   // The JSON API: reads need the client or the viewer role.
   const std::vector<std::string> parts = absl::StrSplit(path.substr(5), '/');
   const bool post = method == "POST";
-  if (post && parts.size() == 3 && parts[0] == "jobs" && parts[2] == "cancel") {
-    return ServeCancel(request, parts[1]);
-  }
-  if (!get) {
-    return request.Error(absl::InvalidArgumentError(absl::StrCat(method, " ", path, ": not a method of this path")));
+  const bool cancel_path = parts.size() == 3 && parts[0] == "jobs" && parts[2] == "cancel";
+  if (post && cancel_path) return ServeCancel(request, parts[1]);
+  // Another method than the path's: 405 with the one it takes (a 404 said the cancel did not
+  // exist, a 400 that the request was malformed).
+  if (cancel_path || !get) {
+    return request.MethodNotAllowed(cancel_path ? "POST" : "GET, HEAD",
+                                    absl::StrCat(method, " ", path, ": not a method of this path (it takes ",
+                                                 cancel_path ? "POST" : "GET", ")"));
   }
   const std::string what = absl::StrCat("console GET ", path);
   absl::Status allowed = request.Authorize(*this, *auth_, what.c_str(), kClientOrViewer);

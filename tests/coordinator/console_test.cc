@@ -472,6 +472,15 @@ TEST_F(ConsoleTest, ServesJobsHistoryConfigCheckpointsAndGroups) {
 
   // Bad and unknown ids.
   EXPECT_EQ(Http(port_, "GET", "/api/jobs/x", {Bearer("the-token")}).status, 400);
+  // Another method than the path's: 405, saying the one it takes (the cancel's GET was a 404,
+  // "no such API path"; a POST to a reading path a 400).
+  HttpResponse get_cancel = Http(port_, "GET", "/api/jobs/j0123456789ab/cancel", {Bearer("the-token")});
+  EXPECT_EQ(get_cancel.status, 405) << get_cancel.body;
+  EXPECT_EQ(get_cancel.headers["allow"], "POST");
+  HttpResponse post_jobs = Http(port_, "POST", "/api/jobs", {Bearer("the-token")});
+  EXPECT_EQ(post_jobs.status, 405) << post_jobs.body;
+  EXPECT_EQ(post_jobs.headers["allow"], "GET, HEAD");
+  EXPECT_TRUE(absl::StrContains(post_jobs.body, "not a method of this path (it takes GET)")) << post_jobs.body;
   HttpResponse unknown = Http(port_, "GET", "/api/jobs/jffffffffffff", {Bearer("the-token")});
   EXPECT_EQ(unknown.status, 404);
   EXPECT_TRUE(absl::StrContains(unknown.body, "no such job")) << unknown.body;
