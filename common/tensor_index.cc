@@ -10,15 +10,36 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::common {
 namespace {
+
+// A JSON whole number as a plain YAML scalar: decimal digits without a leading zero (yaml-cpp's
+// as<> reads "010" as octal 8, "0x10" as 16, and a quoted "8" as 8: the safetensors library
+// refuses all three).
+std::optional<uint64_t> JsonCount(const YAML::Node& node) {
+  if (!node.IsScalar() || node.Tag() != "?") return std::nullopt;
+  const std::string& text = node.Scalar();
+  if (text.empty() || text.size() > 20 || (text.size() > 1 && text[0] == '0')) return std::nullopt;
+  for (const char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+  }
+  uint64_t value = 0;
+  if (!absl::SimpleAtoi(text, &value)) return std::nullopt;
+  return value;
+}
+
+std::string DescribeNode(const YAML::Node& node) {
+  return node.IsScalar() ? node.Scalar() : node.IsSequence() ? "a list" : node.IsMap() ? "a map" : "nothing";
+}
 
 // Caps on what a header may claim (far above real files: a B3 state dict's pickle is ~60 KB, its
 // safetensors header ~40 KB). The coordinator reads files users name at submit: every cap bounds
@@ -229,7 +250,13 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
       uint64_t bytes = static_cast<uint64_t>(element);
       uint64_t extent = bytes;
       for (const auto& d : info["shape"]) {
-        const int64_t dim = d.as<int64_t>();
+        const std::optional<uint64_t> count = JsonCount(d);
+        if (!count.has_value()) {
+          return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", Shown(DescribeNode(d)),
+                                  " that is not a JSON whole number"));
+        }
+        const int64_t dim = *count > (uint64_t{1} << 62) ? -1 : static_cast<int64_t>(*count);
+        if (dim < 0) return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", *count, " out of range"));
         if (dim < 0 || (dim > 0 && extent > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
           return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", dim, " out of range"));
         }
@@ -237,8 +264,13 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
         bytes *= static_cast<uint64_t>(dim);
         entry.shape.push_back(dim);
       }
-      const uint64_t begin = info["data_offsets"][0].as<uint64_t>();
-      const uint64_t end = info["data_offsets"][1].as<uint64_t>();
+      const std::optional<uint64_t> first = JsonCount(info["data_offsets"][0]);
+      const std::optional<uint64_t> last = JsonCount(info["data_offsets"][1]);
+      if (!first.has_value() || !last.has_value()) {
+        return bad(absl::StrCat("entry '", entry.name, "' has data_offsets that are not JSON whole numbers"));
+      }
+      const uint64_t begin = *first;
+      const uint64_t end = *last;
       if (end < begin || end - begin != bytes || end > data_bytes) {
         return bad(absl::StrCat("entry '", entry.name, "' has data_offsets [", begin, ", ", end,
                                 "] that do not fit its shape ", ShapeText(entry.shape), " and ", entry.dtype,

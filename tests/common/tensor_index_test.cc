@@ -385,6 +385,15 @@ TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
                    "[2, 3] and F32 or the file's 20 data bytes");
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0)),
                                 "has a dimension 4611686018427387904 out of range"));
+  // Numbers as JSON writes them, not as YAML reads them: "010" was octal 8, a quoted "8" and
+  // "0x8" were 8, where the safetensors library refuses the file.
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"U8","shape":[010],"data_offsets":[0,8]}})", 8)),
+                                "has a dimension 010 that is not a JSON whole number"));
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"U8","shape":["8"],"data_offsets":[0,8]}})", 8)),
+                                "has a dimension 8 that is not a JSON whole number"));
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"U8","shape":[8],"data_offsets":[0,"0x8"]}})", 8)),
+                                "has data_offsets that are not JSON whole numbers"));
+  EXPECT_EQ(Read(file(R"({"w":{"dtype":"U8","shape":[0,8],"data_offsets":[0,0]}})", 0)), "ok");
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}})", 1)),
                                 "unsupported dtype Q7"));
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w":{"dtype":"F32"}})", 0)), "lacks dtype/shape/data_offsets"));

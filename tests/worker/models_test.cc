@@ -182,8 +182,10 @@ TEST(WeightsTest, CorruptSafetensorsHeadersAreErrorsNamingTheEntry) {
   const std::vector<Case> cases{
       {R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", 8, "entry 'w' lacks dtype/shape/data_offsets"},
       {R"({"w":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", 8, "entry 'w' lacks dtype/shape/data_offsets"},
-      {R"({"w":{"dtype":"F32","shape":["two"],"data_offsets":[0,8]}})", 8, "header JSON"},
-      {R"({"w":{"dtype":"F32","shape":[-2,-1],"data_offsets":[0,8]}})", 8, "entry 'w' has a dimension -2 out of range"},
+      {R"({"w":{"dtype":"F32","shape":["two"],"data_offsets":[0,8]}})", 8,
+       "entry 'w' has a dimension two that is not a JSON whole number"},
+      {R"({"w":{"dtype":"F32","shape":[-2,-1],"data_offsets":[0,8]}})", 8,
+       "entry 'w' has a dimension -2 that is not a JSON whole number"},
       {R"({"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", 8,
        "entry 'w' has a dimension 4611686018427387904 out of range"},
       {R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551608,18446744073709551612]}})", 8,
