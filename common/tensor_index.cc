@@ -257,7 +257,7 @@ absl::StatusOr<TensorIndex> ReadSafetensorsIndex(const File& file, const std::st
         }
         const int64_t dim = *count > (uint64_t{1} << 62) ? -1 : static_cast<int64_t>(*count);
         if (dim < 0) return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", *count, " out of range"));
-        if (dim < 0 || (dim > 0 && extent > (uint64_t{1} << 62) / static_cast<uint64_t>(dim))) {
+        if (dim > 0 && extent > (uint64_t{1} << 62) / static_cast<uint64_t>(dim)) {
           return bad(absl::StrCat("entry '", entry.name, "' has a dimension ", dim, " out of range"));
         }
         if (dim > 0) extent *= static_cast<uint64_t>(dim);
