@@ -217,7 +217,8 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
 }
 
 // AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|nan_from|nan_weights|
-// slow_write|fail_start|fail_resume][,seconds=S]" (tests only; trainer.h says what each does).
+// nan_input|slow_write|fail_start|fail_resume][,seconds=S]" (tests only; trainer.h says what each
+// does).
 struct FaultPlan {
   int rank = -1;
   int64_t step = -1;
@@ -580,6 +581,13 @@ struct Trainer::State {
   // TrainBatch's parts.
   StepSeeds SeedsFor(int epoch, int64_t s) const;
   void InjectFault(at::Tensor* loss) const;
+  const Batch& InjectInputFault(const Batch& batch);
+  Batch faulty_batch;  // InjectInputFault's batch
+  bool input_fault_done = false;
+  // train.skip_nonfinite: the buffers before the batch's forward, put back when it is skipped.
+  void SaveBuffers();
+  void RestoreBuffers();
+  std::vector<at::Tensor> saved_buffers;
   absl::StatusOr<std::string> NonFiniteRanks(double loss_value);
   absl::StatusOr<bool> SkipNonFinite(const Batch& batch, double loss_value, int epoch, int64_t s);
   at::Tensor Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const;
@@ -1997,12 +2005,17 @@ Trainer::State::EpochTally Trainer::State::StartEpoch(int epoch) {
 // the K-th (or the epoch's last).
 absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double data_wait, EpochTally* t) {
   if (train.lr_per_step && step_fn->pending_micro_batches() == 0) SetLr(StepLr(t->epoch, s, t->steps));
+  // The forward in training mode moves BatchNorm's running statistics: a batch whose loss is
+  // not finite (a NaN in its input) made them NaN for good, and every validation after it failed
+  // "outputs are not finite" though the step was skipped. A skipped batch leaves them as they were.
+  if (train.skip_nonfinite) SaveBuffers();
   StepForward fwd;
   bool graphed = false;
+  const Batch& input = InjectInputFault(batch);
   if (train.cuda_graph) {
-    AVIARY_ASSIGN_OR_RETURN(graphed, GraphForward(batch, SeedsFor(t->epoch, s), &fwd));
+    AVIARY_ASSIGN_OR_RETURN(graphed, GraphForward(input, SeedsFor(t->epoch, s), &fwd));
   } else {
-    fwd = step_fn->Forward(batch.waveforms, batch.targets, SeedsFor(t->epoch, s));
+    fwd = step_fn->Forward(input.waveforms, input.targets, SeedsFor(t->epoch, s));
   }
   at::Tensor loss = fwd.loss;
   InjectFault(&loss);
@@ -2016,6 +2029,7 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     return skip_or.status();
   }
   const bool skip = *skip_or;
+  if (skip) RestoreBuffers();
   at::Tensor correct;  // on the device, summed into t->correct_pending unread
   if (!skip) {
     if (graphed) {
@@ -2120,6 +2134,41 @@ StepSeeds Trainer::State::SeedsFor(int epoch, int64_t s) const {
   seeds.augment = MixSeed(config.seed, epoch, s, 1 + salt);
   seeds.spec_augment = MixSeed(config.seed, epoch, s, 2 + salt);
   return seeds;
+}
+
+// The model's buffers (BatchNorm's running statistics and batch counts) copied aside, into
+// tensors kept from step to step.
+void Trainer::State::SaveBuffers() {
+  torch::NoGradGuard no_grad;
+  const std::vector<at::Tensor> buffers = model->buffers();
+  if (saved_buffers.size() != buffers.size()) saved_buffers.clear();
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (i < saved_buffers.size()) {
+      saved_buffers[i].copy_(buffers[i].detach(), /*non_blocking=*/true);
+    } else {
+      saved_buffers.push_back(buffers[i].detach().clone());
+    }
+  }
+}
+
+// The buffers back as SaveBuffers found them (in place: a captured CUDA graph holds them).
+void Trainer::State::RestoreBuffers() {
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> buffers = model->buffers();
+  if (buffers.size() != saved_buffers.size()) return;
+  for (size_t i = 0; i < buffers.size(); ++i) buffers[i].detach().copy_(saved_buffers[i], /*non_blocking=*/true);
+}
+
+// AVIARY_FAULT_INJECT kind=nan_input: rank R's batch at step K with a NaN in its first
+// waveform (a damaged cache shard), once; else `batch` itself.
+const Batch& Trainer::State::InjectInputFault(const Batch& batch) {
+  if (fault.kind != "nan_input" || rank != fault.rank || step != fault.step || input_fault_done) return batch;
+  input_fault_done = true;  // once: a skipped batch leaves the step as it was
+  Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " puts a NaN into its batch at step ", step));
+  faulty_batch = batch;
+  faulty_batch.waveforms = batch.waveforms.clone(at::MemoryFormat::Contiguous);
+  faulty_batch.waveforms.view(-1)[0].fill_(std::numeric_limits<float>::quiet_NaN());
+  return faulty_batch;
 }
 
 // AVIARY_FAULT_INJECT at its rank and optimizer step: a NaN loss, a rank that stops answering,

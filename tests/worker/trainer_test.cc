@@ -518,6 +518,28 @@ TEST_F(TrainerTest, SkippingEveryStepEndsTheRun) {
   EXPECT_EQ(again.message(), st.message());
 }
 
+// A batch skipped for a non-finite loss leaves BatchNorm's running statistics as they were: its
+// forward (a NaN in its input, as from a damaged cache shard) made them NaN for good, and every
+// validation after it failed "outputs are not finite" though the step itself was skipped.
+TEST_F(TrainerTest, ASkippedBatchLeavesTheRunningStatisticsAsTheyWere) {
+  TrainOptions o;
+  o.out_dir = Out("skip_nan_input");
+  common::PipelineConfig c = Config();
+  for (auto& [name, stage] : c.stages) {
+    stage.train.skip_nonfinite = true;
+    stage.train.epochs = 1;
+  }
+  ScopedFault fault("rank=0,step=2,kind=nan_input");
+  auto t = Trainer::Create(c, o);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const absl::Status st = (*t)->Run();
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ((*t)->skipped_steps(), 1);
+  ASSERT_EQ((*t)->history().size(), 1u);
+  EXPECT_TRUE(std::isfinite((*t)->history()[0].val_loss)) << (*t)->history()[0].val_loss;
+  EXPECT_TRUE(std::isfinite((*t)->history()[0].train_loss)) << (*t)->history()[0].train_loss;
+}
+
 // Without train.skip_nonfinite a non-finite loss ends the run, and the step goes out through
 // on_step first with that loss (the agent sends it at once, the coordinator exports it for the
 // AviaryLossNotFinite alert): it used to end unreported, the running mean finite.
