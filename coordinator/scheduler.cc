@@ -223,11 +223,20 @@ absl::Status Scheduler::Restore() {
       AVIARY_RETURN_IF_ERROR(store_->Transaction([&] { return store_->SetCounter(kFenceTimeoutCounter, told); }));
     }
     fence_counter_ms_ = told;
+    // task -> TaskInfo.points_reset_unix_ms: the points stored by then order nothing (of the same
+    // millisecond too: the clock's resolution cannot tell which came first)
+    std::map<std::string, int64_t> reset_at_ms;
+    for (const TaskRow& task : tasks) {
+      if (task.info.points_reset_unix_ms() > 0) reset_at_ms[task.info.task_id()] = task.info.points_reset_unix_ms();
+    }
     for (const PointRow& row : last_points) {
       int& attempt = reported_attempt[row.task_id];
       if (row.attempt >= attempt) reported_at_ms[row.task_id] = row.time_unix_ms;
       attempt = std::max(attempt, row.attempt);
       if (ended.count(row.task_id) != 0) continue;
+      if (auto reset = reset_at_ms.find(row.task_id); reset != reset_at_ms.end() && row.time_unix_ms <= reset->second) {
+        continue;
+      }
       LastPoint& last = last_points_[row.task_id];
       if (row.attempt >= last.attempt) last = {row.attempt, row.metrics};
     }
@@ -1594,9 +1603,14 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       // The group asks for work while holding a task: it has dropped the task (a failed manifest
       // fetch, or its lease fence ran out while the coordinator was away) and resumes it from its
       // checkpoint, possibly behind its last report. The attempt stays (docs/SERVICE.md,
-      // "Fencing"); its progress points start afresh, as a new attempt's do.
-      last_points_.erase(held->info.task_id());
-      waiter->leased = *held;
+      // "Fencing"); its progress points start afresh, as a new attempt's do: in the store too
+      // (TaskInfo.points_reset_unix_ms), or a restart before its first report restored the
+      // ordering from its old points and refused the resumed run's.
+      const std::string held_id = held->info.task_id();
+      last_points_.erase(held_id);
+      Stage(&changes, held_id).info.set_points_reset_unix_ms(UnixMs());
+      changes.put_groups[group_id] = (*group)->row;  // unchanged: the lease it holds
+      staged.push_back(waiter);
       continue;
     }
     if (HoldsStale(**group) && changes.put_groups.count(group_id) == 0) {

@@ -4233,6 +4233,32 @@ TEST_F(CoordinatorServiceTest, AHeldTaskLeasedAgainRestartsItsPointOrdering) {
   EXPECT_EQ(Report(a, pretrain, {step}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
+// The held task's ordering starts afresh in the store too: a coordinator restarted after the
+// group asked again, before its first report, restored the ordering from the old points and
+// refused the resumed run's (steps behind them) as "steps never go back".
+TEST_F(CoordinatorServiceTest, AHeldTaskLeasedAgainKeepsItsFreshOrderingOverARestart) {
+  Start();
+  const std::string job_id = Submit();
+  const std::string pretrain = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  Metrics step = EpochEnd(1, 0.5);
+  step.set_epoch_end(false);
+  step.set_step(15);
+  bool cancel = false;
+  ASSERT_TRUE(Report(a, pretrain, {EpochEnd(0, 0.5), step}, &cancel).ok());
+  LeaseTaskResponse again = Lease(a);  // dropped it (its fence ran out), asks again
+  ASSERT_EQ(again.task().task_id(), pretrain);
+  EXPECT_EQ(again.task().attempt(), 1);
+  Restart();
+  step.set_step(11);  // resumed from last.pt after epoch 0 (step 10)
+  grpc::Status status = Report(a, pretrain, {step}, &cancel);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(cancel);
+  step.set_step(10);  // within the resumed run the ordering holds again, also after the restart
+  EXPECT_EQ(Report(a, pretrain, {step}, &cancel).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 // A task deleted under its holder: the holder is told to stop (ReportProgress), or refused with
 // FAILED_PRECONDITION naming the task; never NOT_FOUND, which tells a group it is not registered.
 TEST_F(CoordinatorServiceTest, ADeletedTaskIsNotNotFoundForItsHolder) {
