@@ -46,6 +46,10 @@ constexpr int kMaxReceiveBytes = 64 << 20;  // progress batches of up to 100,000
 constexpr size_t kMaxPointsPerReport = 100000;
 constexpr size_t kMaxPipelineBytes = common::kMaxConfigBytes;
 constexpr size_t kMaxTextBytes = 4096;
+constexpr int kMaxOverrides = 1000;
+// Percent-encoded on the wire (a byte outside printable ASCII takes 3): 6 KiB at most, under the
+// 8 KiB of metadata a gRPC client accepts by default.
+constexpr size_t kMaxStatusMessageBytes = 2048;
 constexpr int kDefaultListLimit = 1000;  // ListJobs with limit 0
 constexpr size_t kMaxListBytes = size_t{64} << 20;  // ListJobs' jobs, serialized
 
@@ -115,13 +119,14 @@ absl::Status CheckText(const std::string& field, const std::string& value, bool 
 }
 
 // A job name is one line of text: control characters (a newline, ANSI escapes) would reach
-// every terminal that lists the jobs.
+// every terminal that lists the jobs; in a path, a NUL cuts it where the path policy reads it
+// and a newline forges a line of the coordinator's log.
 absl::Status CheckName(const std::string& field, const std::string& value) {
   for (size_t i = 0; i < value.size(); ++i) {
     const auto c = static_cast<unsigned char>(value[i]);
     if (c < 0x20 || c == 0x7f) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "field '%s': control character 0x%02x at byte %d (a name is one line of printable text)", field, c, i));
+          "field '%s': control character 0x%02x at byte %d (expected one line of printable text)", field, c, i));
     }
   }
   return absl::OkStatus();
@@ -215,7 +220,19 @@ grpc::Status Serve(const grpc::ServerContext& context, const Authenticator& auth
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  // The message travels in the trailing metadata, which a client takes up to 8 KiB of (gRPC's
+  // default): a longer one (an error quoting a 5,000-byte path twice) reached the user as
+  // "RESOURCE_EXHAUSTED: received initial metadata size exceeds limit", the error itself lost.
+  // Its start names the field and the problem; cut at a character's start (the rest of the
+  // message is UTF-8 as the values it quotes).
+  absl::string_view message = status.message();
+  if (message.size() > kMaxStatusMessageBytes) {
+    size_t cut = kMaxStatusMessageBytes;
+    while (cut > 0 && (static_cast<unsigned char>(message[cut]) & 0xC0) == 0x80) --cut;
+    return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                        absl::StrCat(message.substr(0, cut), "... (", message.size() - cut, " more bytes)"));
+  }
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(message));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -229,15 +246,24 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckText("name", request->name(), false, 256));
     AVIARY_RETURN_IF_ERROR(CheckName("name", request->name()));
     AVIARY_RETURN_IF_ERROR(CheckText("source_path", request->source_path(), false));
+    AVIARY_RETURN_IF_ERROR(CheckName("source_path", request->source_path()));
     AVIARY_RETURN_IF_ERROR(CheckText("working_dir", request->working_dir(), false));
+    AVIARY_RETURN_IF_ERROR(CheckName("working_dir", request->working_dir()));
     if (!request->working_dir().empty() && fs::path(request->working_dir()).is_relative()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "field 'working_dir': ", Shown(request->working_dir()), " is not an absolute path"));
+    }
+    // Each is applied again for every sweep point: 100,000 of them kept a core busy for minutes,
+    // after the caller had gone.
+    if (request->overrides_size() > kMaxOverrides) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field 'overrides': ", request->overrides_size(), " overrides, at most ", kMaxOverrides));
     }
     for (int i = 0; i < request->overrides_size(); ++i) {
       const std::string& text = request->overrides(i);
       const std::string field = absl::StrCat("overrides[", i, "]");
       AVIARY_RETURN_IF_ERROR(CheckText(field, text, true));
+      AVIARY_RETURN_IF_ERROR(CheckName(field, text));
       if (text.find('=') == std::string::npos || text[0] == '=') {
         return absl::InvalidArgumentError(
             absl::StrCat("field '", field, "': ", Shown(text), " is not dotted.key=value"));

@@ -1638,6 +1638,44 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("working_dir"), std::string::npos) << status.error_message();
+  // Paths are one line: a NUL cut the working folder where the path policy read it (the task's
+  // config kept the rest), a newline forged a line of the coordinator's log.
+  submit.set_working_dir(root_ + std::string("\0junk", 5));
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'working_dir': control character 0x00 at byte " +
+                                        std::to_string(root_.size())),
+            std::string::npos)
+      << status.error_message();
+  submit.set_working_dir(root_);
+  submit.set_source_path("/srv/x\n[error] forged/p.yaml");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'source_path': control character 0x0a"), std::string::npos)
+      << status.error_message();
+  submit.set_source_path("pipe.yaml");
+  submit.add_overrides("train.lr=1e-3\n");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'overrides[0]': control character 0x0a"), std::string::npos)
+      << status.error_message();
+  // Every override is applied again for every sweep point: their number is bounded.
+  submit.clear_overrides();
+  for (int i = 0; i < 1001; ++i) submit.add_overrides("train.lr=1e-3");
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("field 'overrides': 1001 overrides, at most 1000"), std::string::npos)
+      << status.error_message();
+  submit.clear_overrides();
+  // An error quoting a long value reaches the client, cut (its whole text was over gRPC's 8 KiB
+  // of metadata: the client saw RESOURCE_EXHAUSTED instead of it).
+  submit.add_overrides("data.cache_dir=/" + std::string(2000, 'x') + "\xc3\xa9" + std::string(2000, 'y'));
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("data.cache_dir"), std::string::npos) << status.error_message();
+  EXPECT_NE(status.error_message().find(" more bytes)"), std::string::npos) << status.error_message();
+  EXPECT_LE(status.error_message().size(), 2100u);
+  submit.clear_overrides();
 
   GetJobRequest get;
   get.set_job_id("not-a-job");
