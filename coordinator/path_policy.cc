@@ -182,11 +182,29 @@ bool TransientFilesystemErrno(int err) {
   }
 }
 
-absl::Status CheckCheckpointPath(const std::string& field, const std::string& path,
-                                 const std::string& out_dir) {
+namespace {
+
+// `path` made lexically normal, without a trailing separator ("/a/b/" is "/a/b").
+fs::path NormalPath(const std::string& path) {
+  fs::path normal = fs::path(path).lexically_normal();
+  if (!normal.has_filename() && normal.has_relative_path()) normal = normal.parent_path();
+  return normal;
+}
+
+}  // namespace
+
+absl::Status CheckCheckpointPath(const std::string& field, const std::string& path, const std::string& out_dir,
+                                 const std::string& work_dir) {
   const std::string label = absl::StrCat("field '", field, "'");
   if (!fs::path(path).is_absolute()) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' is not an absolute path"));
+  }
+  // As the group writes it: the run folder's path, then the file's below it. (A path that only
+  // resolved into the run folder, through a link, could be pointed elsewhere after the check.)
+  const fs::path below = NormalPath(path).lexically_relative(NormalPath(out_dir));
+  if (below.empty() || below == "." || *below.begin() == "..") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": '", path, "' is not inside the task's run folder '", out_dir, "'"));
   }
   // The run folder first: when the filesystem fails there (a stale mount), the coordinator can
   // say nothing about the group's file. (A folder it does not find is refused: it may never have
@@ -198,6 +216,18 @@ absl::Status CheckCheckpointPath(const std::string& field, const std::string& pa
                                           std::strerror(err), " (the coordinator must see work_dir at the groups' path)");
     if (TransientFilesystemErrno(err)) return absl::UnavailableError(what);
     return absl::InvalidArgumentError(what);
+  }
+  // The run folder is the coordinator's, made under work_dir: one a group replaced by a symbolic
+  // link (to /etc) moved the boundary below with it.
+  std::string real_work;
+  const fs::path out_below = NormalPath(out_dir).lexically_relative(NormalPath(work_dir));
+  if (!work_dir.empty() && !out_below.empty() && *out_below.begin() != ".." && RealPath(work_dir, &real_work, &err)) {
+    const std::string expected = (fs::path(real_work) / out_below).lexically_normal().string();
+    if (real_out != expected) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          label, ": '", path, "': the task's run folder '", out_dir, "' resolves to '", common::ValidUtf8(real_out),
+          "', not '", expected, "': a symbolic link stands in its path (run folders are real folders under work_dir)"));
+    }
   }
   std::string real;
   if (!RealPath(path, &real, &err)) {
@@ -221,6 +251,14 @@ absl::Status CheckCheckpointPath(const std::string& field, const std::string& pa
     return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' resolves to '", common::ValidUtf8(real),
                                                    "', outside the task's run folder '", out_dir,
                                                    "'"));
+  }
+  // No link below the run folder either: re-pointed after this check, the path stored would
+  // name another file at the next lease (resume_checkpoint) or in a fine-tuning task's
+  // init_checkpoint.
+  if (const std::string expected = (fs::path(real_out) / below).lexically_normal().string(); real != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": '", path, "' resolves to '", common::ValidUtf8(real),
+                                                   "' through a symbolic link (a checkpoint is a regular file of "
+                                                   "the task's run folder, named by its own path)"));
   }
   return absl::OkStatus();
 }

@@ -44,8 +44,10 @@ bool TransientFilesystemErrno(int err);
 // realpath of `out_dir` (the task's run folder). INVALID_ARGUMENT naming `field` and the path
 // when it does not; UNAVAILABLE when the filesystem failed (EIO, ESTALE, ETIMEDOUT, ...: the
 // coordinator cannot tell), which the group retries rather than drops.
-absl::Status CheckCheckpointPath(const std::string& field, const std::string& path,
-                                 const std::string& out_dir);
+// `path` must name it by the run folder's own path, with no symbolic link below the run folder;
+// with `work_dir` (the coordinator's, holding the run folders), none below work_dir either.
+absl::Status CheckCheckpointPath(const std::string& field, const std::string& path, const std::string& out_dir,
+                                 const std::string& work_dir = "");
 
 }  // namespace aviary::coordinator
 

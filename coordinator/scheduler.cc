@@ -1994,7 +1994,8 @@ absl::Status Scheduler::ReportCheckpoint(const aviary::v1::ReportCheckpointReque
   // Checked before any lock: a stalled filesystem must not hold up every writer.
   const TaskPlanView plan = TaskPlan(request.task_id());
   const int epochs = plan.epochs;
-  absl::Status checked = plan.known ? CheckCheckpointPath("path", request.path(), plan.out_dir) : absl::OkStatus();
+  absl::Status checked =
+      plan.known ? CheckCheckpointPath("path", request.path(), plan.out_dir, options_.work_dir) : absl::OkStatus();
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(request.group_id()));
@@ -2024,7 +2025,8 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
   const TaskPlanView plan = TaskPlan(request.task_id());
   const int epochs = plan.epochs;
   absl::Status checked =
-      plan.known ? CheckCheckpointPath("best_checkpoint", request.best_checkpoint(), plan.out_dir) : absl::OkStatus();
+      plan.known ? CheckCheckpointPath("best_checkpoint", request.best_checkpoint(), plan.out_dir, options_.work_dir)
+                 : absl::OkStatus();
   if (checked.ok() && request.has_best() && epochs > 0 && request.best().epoch() >= epochs) {
     checked = absl::InvalidArgumentError(absl::StrCat("field 'best.epoch': ", request.best().epoch(),
                                                       " is outside the task's plan of ", epochs, " epochs (0-based)"));

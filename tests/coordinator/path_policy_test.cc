@@ -120,5 +120,48 @@ TEST_F(PathPolicyTest, DataPathsAndCheckpoints) {
   EXPECT_FALSE(CheckCheckpointPath("path", root_ + "/data/etc/passwd", root_ + "/data").ok());
 }
 
+// A group writes the run folders: one it replaced by a symbolic link (to /etc) moved the
+// boundary with it, and /etc/passwd passed as a task's best checkpoint; a link below the run
+// folder could be pointed elsewhere after the check.
+TEST_F(PathPolicyTest, CheckpointsGoThroughNoSymbolicLink) {
+  const std::string work = root_ + "/work";
+  fs::create_directories(work + "/j1/a-fold0");
+  fs::create_directories(work + "/j1/real");
+  std::ofstream(work + "/j1/a-fold0/last.pt") << "x";
+  std::ofstream(work + "/j1/real/last.pt") << "x";
+  EXPECT_TRUE(CheckCheckpointPath("path", work + "/j1/a-fold0/last.pt", work + "/j1/a-fold0", work).ok());
+  EXPECT_TRUE(CheckCheckpointPath("path", work + "//j1/a-fold0/./last.pt", work + "/j1/a-fold0/", work).ok());
+  // Named through another path that resolves into the run folder.
+  fs::create_symlink(work + "/j1/a-fold0", root_ + "/alias");
+  absl::Status st = CheckCheckpointPath("path", root_ + "/alias/last.pt", work + "/j1/a-fold0", work);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("is not inside the task's run folder"), std::string::npos) << st;
+  // A link below the run folder, even to a file inside it.
+  fs::create_symlink(work + "/j1/a-fold0/last.pt", work + "/j1/a-fold0/link.pt");
+  st = CheckCheckpointPath("path", work + "/j1/a-fold0/link.pt", work + "/j1/a-fold0", work);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("through a symbolic link"), std::string::npos) << st;
+  // The run folder replaced by a link: to /etc, or to another folder under work_dir.
+  fs::create_symlink("/etc", work + "/j1/b-fold0");
+  st = CheckCheckpointPath("best_checkpoint", "/etc/passwd", work + "/j1/b-fold0", work);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  st = CheckCheckpointPath("best_checkpoint", work + "/j1/b-fold0/passwd", work + "/j1/b-fold0", work);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("a symbolic link stands in its path"), std::string::npos) << st;
+  fs::create_symlink(work + "/j1/real", work + "/j1/c-fold0");
+  st = CheckCheckpointPath("path", work + "/j1/c-fold0/last.pt", work + "/j1/c-fold0", work);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("a symbolic link stands in its path"), std::string::npos) << st;
+  // work_dir itself may be a link (the operator's): the folders below it are checked.
+  fs::create_symlink(work, root_ + "/work-link");
+  EXPECT_TRUE(
+      CheckCheckpointPath("path", root_ + "/work-link/j1/a-fold0/last.pt", root_ + "/work-link/j1/a-fold0",
+                          root_ + "/work-link")
+          .ok());
+  EXPECT_FALSE(CheckCheckpointPath("path", root_ + "/work-link/j1/c-fold0/last.pt", root_ + "/work-link/j1/c-fold0",
+                                   root_ + "/work-link")
+                   .ok());
+}
+
 }  // namespace
 }  // namespace aviary::coordinator
