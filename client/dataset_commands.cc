@@ -10,6 +10,7 @@
 #include "common/catalog.h"
 #include "common/config.h"
 #include "common/files.h"
+#include "common/layouts.h"
 #include "common/plot.h"
 #include "common/status.h"
 #include "client/commands.h"
@@ -63,14 +64,25 @@ void PrintSourceReports(const StageTable& table) {
   }
 }
 
-// A --out that is one of the files the command read (the config, a source's metadata CSV: a
-// slip of tab completion) would be replaced by the folds with exit 0: refused, naming both.
+// A --out that is one of the files the command may read (the config, a source's metadata CSV,
+// the target's (a pretraining table reads it to leave its rows out), the corrupt-file list: a
+// slip of tab completion) would be replaced with exit 0: refused, naming both. Checked before
+// anything is read or built, whichever stages are enabled.
 absl::Status CheckOutIsNoInput(const std::string& flag, const std::string& out, const DatasetArgs& args,
-                               const StageTable& table) {
+                               const PipelineConfig& config) {
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(out, flag, args.config, "--config file"));
-  for (const auto& source : table.sources) {
+  if (!config.data.corrupt_files.empty()) {
     AVIARY_RETURN_IF_ERROR(
-        common::CheckNotTheInput(out, flag, source.metadata_path, absl::StrCat(source.layout, " metadata")));
+        common::CheckNotTheInput(out, flag, config.data.corrupt_files, "data.corrupt_files list"));
+  }
+  std::vector<common::SourceConfig> sources = config.data.pretrain_sources;
+  sources.insert(sources.begin(), config.data.target);
+  for (const common::SourceConfig& source : sources) {
+    absl::StatusOr<common::Layout> layout = common::ParseLayout(source.layout);
+    if (!layout.ok()) continue;  // the table's build names it
+    const std::string metadata =
+        (std::filesystem::path(source.root) / common::GetLayoutSpec(*layout).metadata_file).string();
+    AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(out, flag, metadata, absl::StrCat(source.layout, " metadata")));
   }
   return absl::OkStatus();
 }
@@ -79,9 +91,9 @@ int RunFolds(const DatasetArgs& args) {
   if (absl::Status st = CheckOutputPath("--out", args.out); !st.ok()) return Fail("folds", st);
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("folds", config.status());
+  if (absl::Status st = CheckOutIsNoInput("--out", args.out, args, *config); !st.ok()) return Fail("folds", st);
   auto table = common::BuildStageTable(*config, args.stage);
   if (!table.ok()) return Fail("folds", table.status());
-  if (absl::Status st = CheckOutIsNoInput("--out", args.out, args, *table); !st.ok()) return Fail("folds", st);
   absl::Status st = common::WriteFoldsCsv(*table, args.out);
   if (!st.ok()) return Fail("folds", st);
   PrintSourceReports(*table);
@@ -93,9 +105,9 @@ int RunTrainList(const DatasetArgs& args) {
   if (absl::Status st = CheckOutputPath("--out", args.out); !st.ok()) return Fail("train-list", st);
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("train-list", config.status());
+  if (absl::Status st = CheckOutIsNoInput("--out", args.out, args, *config); !st.ok()) return Fail("train-list", st);
   auto table = common::BuildStageTable(*config, args.stage);
   if (!table.ok()) return Fail("train-list", table.status());
-  if (absl::Status st = CheckOutIsNoInput("--out", args.out, args, *table); !st.ok()) return Fail("train-list", st);
   auto list = common::BuildTrainList(*config, *table, args.fold);
   if (!list.ok()) return Fail("train-list", list.status());
   absl::Status st = common::WriteTrainListCsv(*table, list->train, args.out);
@@ -207,6 +219,9 @@ int RunSummary(const DatasetArgs& args) {
   }
   auto config = LoadConfig(args);
   if (!config.ok()) return Fail("summary", config.status());
+  if (!args.plot.empty()) {
+    if (absl::Status st = CheckOutIsNoInput("--plot", args.plot, args, *config); !st.ok()) return Fail("summary", st);
+  }
   std::vector<StageTable> tables;
   for (const std::string& stage : {std::string("finetune"), std::string("pretrain")}) {
     // A disabled stage's sources are not read (they may not exist on this machine).
@@ -217,9 +232,6 @@ int RunSummary(const DatasetArgs& args) {
     if (stage == "pretrain" && config->data.pretrain_sources.empty()) continue;
     auto table = common::BuildStageTable(*config, stage);
     if (!table.ok()) return Fail("summary", table.status());
-    if (!args.plot.empty()) {
-      if (absl::Status st = CheckOutIsNoInput("--plot", args.plot, args, *table); !st.ok()) return Fail("summary", st);
-    }
     PrintSourceReports(*table);
     PrintClassCounts(*table, *config, args.all_classes);
     tables.push_back(std::move(*table));

@@ -14,6 +14,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/folds.h"
@@ -342,8 +343,16 @@ absl::Status AssignLabelsAndFolds(const PipelineConfig& config, StageTable* tabl
     labels.push_back(s.primary_label);
   }
   if (table->samples.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("stage '", table->stage, "': no usable samples (see the source reports)"));
+    // What became of each source's rows: the caller prints the reports only for a table built.
+    std::vector<std::string> sources;
+    for (const SourceReport& r : table->sources) {
+      sources.push_back(absl::StrCat(r.layout, " ", r.metadata_path, ": ", r.rows_read, " rows read, ",
+                                     r.duplicates_dropped, " duplicate, ", r.target_overlap_dropped, " in the target, ",
+                                     r.corrupt_dropped, " corrupt, ", r.missing_file_dropped, " missing audio, ",
+                                     r.empty_label_dropped, " without a label"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat("stage '", table->stage, "': no usable samples (",
+                                                   sources.empty() ? "no source" : absl::StrJoin(sources, "; "), ")"));
   }
   auto folds_or = StratifiedKFoldAssign(labels, table->n_splits, config.seed, true);
   if (!folds_or.ok()) {

@@ -235,6 +235,18 @@ TEST_F(CatalogTest, EmptyLabelsAndMissingFilesAreDroppedAndCounted) {
   EXPECT_EQ(table->samples.size(), 4u);
 }
 
+// A table of no sample says what became of each source's rows: the caller prints the source
+// reports only for a table built, and "see the source reports" pointed at nothing.
+TEST_F(CatalogTest, NoUsableSamplesSaysWhatBecameOfEachSource) {
+  Write("t24/train_metadata.csv", "primary_label,filename\na,a/XC1.ogg\n,a/XC2.ogg\n");
+  auto table = BuildStageTable(config_, "finetune");
+  ASSERT_EQ(table.status().code(), absl::StatusCode::kInvalidArgument) << table.status();
+  EXPECT_EQ(table.status().message(),
+            absl::StrCat("stage 'finetune': no usable samples (2024 ", root_,
+                         "/t24/train_metadata.csv: 2 rows read, 0 duplicate, 0 in the target, 0 corrupt, "
+                         "1 missing audio, 1 without a label)"));
+}
+
 TEST_F(CatalogTest, AllClassesSmallerThanSplitsIsAClearError) {
   WriteTarget();
   config_.folds.finetune_splits = 5;

@@ -68,7 +68,18 @@ expect "--out $tmp/p.yaml: is the --config file $tmp/p.yaml itself" \
 expect "--out $tmp/t/train_metadata.csv: is the 2024 metadata" \
   "$aviary" dataset train-list --config "$tmp/p.yaml" --stage finetune --fold 0 --out "$tmp/t/train_metadata.csv"
 expect "--plot $tmp/p.yaml: is the --config file" "$aviary" dataset summary --config "$tmp/p.yaml" --plot "$tmp/p.yaml"
-if cmp -s "$tmp/p.yaml" "$tmp/p.keep" && cmp -s "$tmp/t/train_metadata.csv" "$tmp/meta.keep"; then ok; else fail "an input was replaced"; fi
+# The target's metadata under another stage (pretraining reads it to leave its rows out), the
+# corrupt-file list, the config with no stage enabled: each was replaced with exit 0.
+expect "--out $tmp/t/train_metadata.csv: is the 2024 metadata" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage pretrain --out "$tmp/t/train_metadata.csv"
+echo '[]' > "$tmp/corrupt.json"
+expect "--out $tmp/corrupt.json: is the data.corrupt_files list" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --set "data.corrupt_files=$tmp/corrupt.json" --stage finetune \
+  --out "$tmp/corrupt.json"
+expect "--plot $tmp/p.yaml: is the --config file" \
+  "$aviary" dataset summary --config "$tmp/p.yaml" --set stages.finetune.enabled=false --plot "$tmp/p.yaml"
+if cmp -s "$tmp/p.yaml" "$tmp/p.keep" && cmp -s "$tmp/t/train_metadata.csv" "$tmp/meta.keep" &&
+   [ "$(cat "$tmp/corrupt.json")" = "[]" ]; then ok; else fail "an input was replaced"; fi
 # An output path in a missing folder, or a folder, is bad input named by its flag (exit 1 and the
 # atomic write's temporary file name before).
 expect "--out $tmp/nodir/o.csv: the folder $tmp/nodir does not exist" \
