@@ -6,10 +6,13 @@
 
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <algorithm>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <set>
 #include <sstream>
 #include <tuple>
 
@@ -326,8 +329,9 @@ uint64_t LoadLe(const unsigned char* p, int bytes) {
 // is built without the reader's CRC checks): a checkpoint whose tensor bytes rotted on disk or
 // were damaged in a copy, the file's size unchanged, loaded as if whole, and a run resumed from
 // damaged weights and Adam moments beside a good last.prev.pt. DATA_LOSS naming the record;
-// UNAVAILABLE for a read error (as OpenArchive's).
-absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& path) {
+// UNAVAILABLE for a read error (as OpenArchive's). `*not_zip`: the file holds no zip directory.
+absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& path, bool* not_zip) {
+  *not_zip = false;
   auto read_at = [&](uint64_t pos, size_t n, std::string* out) -> absl::Status {
     out->resize(n);
     size_t done = 0;
@@ -358,7 +362,10 @@ absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& pat
       break;
     }
   }
-  if (eocd == std::string::npos) return damaged("no zip directory at its end");
+  if (eocd == std::string::npos) {
+    *not_zip = true;  // no zip at all (cut short, another format): the archive reader says what
+    return damaged("no zip directory at its end");
+  }
   uint64_t entries = u(tail, eocd + 10, 2);
   uint64_t dir_size = u(tail, eocd + 12, 4);
   uint64_t dir_offset = u(tail, eocd + 16, 4);
@@ -440,12 +447,47 @@ absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& pat
   return absl::OkStatus();
 }
 
+// The files whose records VerifyRecordChecksums found whole, by identity and change times (a
+// resume reads last.pt's metadata, then restores it: one read of the whole file, not two). A
+// file changed since has another size, mtime or ctime: only files last changed over a second
+// before their check are kept (the clock behind ctime ticks coarsely; a change within the same
+// tick would look the same), as git treats "racy" index entries.
+using FileVersion = std::tuple<dev_t, ino_t, off_t, int64_t, int64_t, int64_t, int64_t>;
+
+FileVersion VersionOf(const struct stat& info) {
+  return {info.st_dev, info.st_ino, info.st_size, info.st_mtim.tv_sec, info.st_mtim.tv_nsec, info.st_ctim.tv_sec,
+          info.st_ctim.tv_nsec};
+}
+
+std::mutex verified_mu;
+std::set<FileVersion>& VerifiedFiles() {
+  static auto* files = new std::set<FileVersion>();
+  return *files;
+}
+
+bool VerifiedBefore(const struct stat& info) {
+  std::lock_guard<std::mutex> lock(verified_mu);
+  return VerifiedFiles().count(VersionOf(info)) != 0;
+}
+
+void RememberVerified(const struct stat& info) {
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  if (now.tv_sec - info.st_ctim.tv_sec < 2) return;  // changed within the last second or so
+  std::lock_guard<std::mutex> lock(verified_mu);
+  if (VerifiedFiles().size() >= 1024) VerifiedFiles().clear();  // a long-lived process: bounded
+  VerifiedFiles().insert(VersionOf(info));
+}
+
 // The whole archive is read here, from one open file: a checkpoint renamed over meanwhile is
 // read as it was when opened. A read that fails (EIO, ESTALE on NFS) is UNAVAILABLE, not "not an
 // aviary checkpoint": torch's own file reader says only "file read failed", and a resume would
 // take the healthy newest checkpoint for a damaged one and go on from an older one.
-// `verify`: the records' checksums too (VerifyRecordChecksums: a read of the whole file).
-absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive, bool verify) {
+// The records' checksums are checked first (VerifyRecordChecksums: a read of the whole file),
+// once per file as it is (VerifiedBefore): torch's reader has no bounds checks of its own, and
+// one byte changed in a record it parses (constants.pkl, code/) aborted the process ("free():
+// invalid size") where a damaged checkpoint must be DATA_LOSS, and a resume fall back.
+absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
   const int injected = ReadFault() ? ReadFault()(path) : 0;
   // O_NONBLOCK: a FIFO under the name would block the open; pread of a regular file ignores it.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
@@ -484,6 +526,15 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
     return done;
   };
   const size_t size = static_cast<size_t>(info.st_size);
+  if (injected == 0 && !VerifiedBefore(info)) {
+    bool not_zip = false;
+    const absl::Status verified = VerifyRecordChecksums(fd, size, path, &not_zip);
+    if (verified.ok()) {
+      RememberVerified(info);
+    } else if (!not_zip) {
+      return verified;
+    }
+  }
   // Onto the CPU: a checkpoint written on a GPU holds CUDA tensors, which a host without one
   // could not even open; the readers copy each tensor to where it goes.
   absl::Status st = Guard(absl::StrCat(path, ": not an aviary checkpoint"), [&] {
@@ -506,7 +557,6 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
     return absl::ResourceExhaustedError(absl::StrCat(path, ": reading the checkpoint (", size, " bytes): ",
                                                      message.substr(message.find("out of memory"))));
   }
-  if (st.ok() && verify && injected == 0) return VerifyRecordChecksums(fd, size, path);
   return st;
 }
 
@@ -524,7 +574,7 @@ absl::StatusOr<CheckpointMeta> ReadMeta(torch::serialize::InputArchive& archive,
 
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
   torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive, /*verify=*/false);
+  absl::Status st = OpenArchive(path, &archive);
   if (!st.ok()) return st;
   return ReadMeta(archive, path);
 }
@@ -570,14 +620,14 @@ absl::StatusOr<NamedTensors> ReadGroup(torch::serialize::InputArchive& archive, 
 
 absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
   torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
   return ReadModelTensors(archive, path);
 }
 
 absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group,
                                                  bool* holds_optimizer) {
   torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
   if (holds_optimizer != nullptr) {
     const std::vector<std::string> keys = archive.keys();
     *holds_optimizer = std::find(keys.begin(), keys.end(), "optimizer_state") != keys.end() ||
@@ -638,7 +688,7 @@ absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, Classi
                                                  AdamOptimizer* optimizer, const std::string& group,
                                                  absl::StatusOr<NamedTensors>* group_tensors) {
   torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive, /*verify=*/true);
+  absl::Status st = OpenArchive(path, &archive);
   if (!st.ok()) return st;
   auto meta = ReadMeta(archive, path);
   if (!meta.ok()) return meta.status();

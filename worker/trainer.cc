@@ -1230,7 +1230,6 @@ absl::Status Trainer::State::RemoveStaleTemporaries() const {
     std::pair<int, int64_t> newest{-2, -1};
     const absl::StatusOr<CheckpointMeta> last_meta =
         have_last ? ReadCheckpointMeta(last) : absl::StatusOr<CheckpointMeta>(absl::NotFoundError(last));
-    const absl::StatusCode last_code = last_meta.status().code();
     if (have_last && BlocksResume(last_meta.status())) {
       // last.pt cannot be read now: Resume refuses the start with its error, and the ready files
       // stay for the start that can read it (one may be newer).

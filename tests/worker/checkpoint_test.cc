@@ -317,7 +317,7 @@ TEST(CheckpointTest, AReadErrorIsUnavailableNotDamage) {
 // Bytes changed inside a record (bit rot, a bad copy; the file's size unchanged) are found by the
 // records' CRC-32, which torch writes but its reader does not check: a restore is DATA_LOSS naming
 // the file and the record (a resume falls back to last.prev.pt), not damaged weights taken as
-// good. The metadata alone still reads (a resume's choice among candidates).
+// good. The metadata read too: the records are checked before torch parses any.
 TEST(CheckpointTest, ChangedBytesInARecordAreDamage) {
   auto a = Model(3);
   const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_rot.pt";
@@ -333,13 +333,44 @@ TEST(CheckpointTest, ChangedBytesInARecordAreDamage) {
   ASSERT_NE(run, std::string::npos);
   bytes[run + 9] = static_cast<char>(bytes[run + 9] ^ 0x10);  // one bit of the third float
   ASSERT_TRUE(common::WriteFileAtomically(path, bytes).ok());
-  EXPECT_TRUE(ReadCheckpointMeta(path).ok());
+  EXPECT_EQ(ReadCheckpointMeta(path).status().code(), absl::StatusCode::kDataLoss);
   auto restored = RestoreCheckpoint(path, *b, nullptr);
   EXPECT_EQ(restored.status().code(), absl::StatusCode::kDataLoss) << restored.status();
   EXPECT_NE(restored.status().message().find(path + ": damaged: record "), std::string::npos) << restored.status();
   EXPECT_NE(restored.status().message().find("has CRC-32"), std::string::npos) << restored.status();
   EXPECT_EQ(ReadCheckpointTensors(path).status().code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(ReadCheckpointGroup(path, "ema_state").status().code(), absl::StatusCode::kDataLoss);
+  std::remove(path.c_str());
+}
+
+// One byte changed in a record torch parses (the STOP of constants.pkl): its reader has no bounds
+// checks, and the process aborted ("free(): invalid size") in export, predict and a resume, where
+// a damaged checkpoint is DATA_LOSS (and a resume falls back). The CRCs are checked first.
+TEST(CheckpointTest, ADamagedRecordTorchParsesIsDamageNotACrash) {
+  auto a = Model(3);
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_pickle.pt";
+  ASSERT_TRUE(SaveCheckpoint(path, *a, nullptr, Meta()).ok());
+  std::string bytes = *common::ReadFileToString(path);
+  auto u = [&bytes](size_t at, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(bytes[at + i]);
+    return v;
+  };
+  // The record's central directory entry (the name's last occurrence), then its data.
+  const size_t name = bytes.rfind("/constants.pkl");
+  ASSERT_NE(name, std::string::npos);
+  const size_t entry = bytes.rfind(std::string("PK\x01\x02", 4), name);
+  ASSERT_NE(entry, std::string::npos);
+  const uint64_t stored = u(entry + 20, 4), local = u(entry + 42, 4);
+  const uint64_t data = local + 30 + u(local + 26, 2) + u(local + 28, 2);
+  ASSERT_GT(stored, 0u);
+  ASSERT_EQ(bytes[data + stored - 1], '.');  // pickle's STOP
+  bytes[data + stored - 1] = 'b';
+  ASSERT_TRUE(common::WriteFileAtomically(path, bytes).ok());
+  for (const absl::Status& st : {ReadCheckpointMeta(path).status(), ReadCheckpointTensors(path).status()}) {
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    EXPECT_NE(st.message().find("constants.pkl"), std::string::npos) << st;
+  }
   std::remove(path.c_str());
 }
 
