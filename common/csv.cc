@@ -86,6 +86,20 @@ absl::StatusOr<CsvRowReader> CsvRowReader::Open(absl::string_view text, std::str
   return reader;
 }
 
+namespace {
+
+// The line ends in `text` as a row's end counts them: "\r\n", a lone '\r' and a lone '\n' one
+// each (a quoted field's lines in a file of bare-CR line ends were not counted).
+int LineEnds(absl::string_view text) {
+  int ends = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '\n' || (text[i] == '\r' && (i + 1 == text.size() || text[i + 1] != '\n'))) ++ends;
+  }
+  return ends;
+}
+
+}  // namespace
+
 absl::StatusOr<bool> CsvRowReader::Next(std::vector<absl::string_view>* fields, int* line) {
   AVIARY_ASSIGN_OR_RETURN(bool more, NextFields(fields, line));
   if (more && fields->size() != header_.size()) {
@@ -150,7 +164,7 @@ absl::Status CsvRowReader::ReadField(size_t index, int row_line, absl::string_vi
     if (quote == absl::string_view::npos) {
       return absl::InvalidArgumentError(absl::StrCat(source_, ":", row_line, ": unterminated quoted field"));
     }
-    line_ += static_cast<int>(std::count(text_.begin() + pos_, text_.begin() + quote, '\n'));
+    line_ += LineEnds(text_.substr(pos_, quote - pos_));
     if (quote + 1 < n && text_[quote + 1] == '"') {  // an escaped quote
       if (copy == nullptr) {
         while (unescaped_.size() <= index) unescaped_.emplace_back();

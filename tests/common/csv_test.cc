@@ -61,6 +61,17 @@ TEST(CsvTableTest, NamesFileAndLineOfARaggedRow) {
   EXPECT_EQ(t.status().message(), "meta.csv:3: expected 3 fields (as the header), got 2");
 }
 
+// A quoted field's lines count as a row's end counts them: "\r\n", '\r' or '\n' (a file of
+// bare-CR line ends named line 4 for the 6th).
+TEST(CsvTableTest, CountsAQuotedFieldsLinesWhateverTheirEnds) {
+  for (const char* end : {"\n", "\r\n", "\r"}) {
+    const std::string text = absl::StrCat("a,b,c", end, "1,\"x", end, "y", end, "z\",3", end, "4,5,6", end, "7,8,9,10", end);
+    auto t = CsvTable::Parse(text, "meta.csv");
+    ASSERT_FALSE(t.ok()) << absl::CEscape(end);
+    EXPECT_EQ(t.status().message(), "meta.csv:6: expected 3 fields (as the header), got 4") << absl::CEscape(end);
+  }
+}
+
 TEST(CsvTableTest, RejectsUnterminatedQuoteAndEmptyFile) {
   auto t = CsvTable::Parse("a,b\n\"open,2\n", "q.csv");
   ASSERT_FALSE(t.ok());
@@ -192,7 +203,8 @@ ReferenceTable ReferenceParse(absl::string_view text, const std::string& source)
       } else if (c == '"') {
         in_quotes = false;
       } else {
-        if (c == '\n') ++line;
+        // A line end as a row's: '\n', a lone '\r' ("\r\n" counts at its '\n').
+        if (c == '\n' || (c == '\r' && (i + 1 == text.size() || text[i + 1] != '\n'))) ++line;
         field.push_back(c);
       }
     } else if (c == '"') {
