@@ -175,14 +175,22 @@ std::string FlagTakenAsValue(const CLI::App* command, const std::vector<std::str
     }
     return nullptr;
   };
-  for (size_t i = 0; i + 1 < args.size(); ++i) {
+  for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--") break;
-    if (args[i].size() < 3 || args[i].compare(0, 2, "--") != 0 || args[i].find('=') != std::string::npos) continue;
-    const CLI::Option* option = find(args[i]);
+    if (args[i].size() < 3 || args[i].compare(0, 2, "--") != 0) continue;
+    const size_t eq = args[i].find('=');
+    // "--out=" (an unset variable after the '='): CLI11 takes it as "--out" and the next
+    // argument as its value, "--set=seed=7" a file name and the override lost.
+    const bool empty_value = eq != std::string::npos && eq + 1 == args[i].size();
+    if (eq != std::string::npos && !empty_value) continue;
+    const CLI::Option* option = find(args[i].substr(0, eq));
     // Unknown, or an on/off flag (CLI11 gives a flag expected 0 values but a type size of 1).
     if (option == nullptr || option->get_expected_min() == 0 || option->get_items_expected_min() == 0) continue;
+    if (empty_value) return absl::StrCat(args[i], ": expected a value after the '='");
+    if (i + 1 == args.size()) continue;
     const std::string& next = args[i + 1];
-    if (next.size() < 3 || next.compare(0, 2, "--") != 0) continue;
+    if (next == "--" || next == "-h") return absl::StrCat(args[i], ": expected a value, got '", next, "'");
+    if (next.size() < 2 || next[0] != '-') continue;
     const std::string name = next.substr(0, next.find('='));
     if (find(name) != nullptr || name == "--help") {
       return absl::StrCat(args[i], ": expected a value, got the flag '", next, "'");
@@ -331,7 +339,18 @@ absl::Status CheckDialAddress(const std::string& address, const std::string& sou
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": expected HOST:PORT, got '", address, "' (e.g. ", address, ":7070)"));
   }
-  const std::string port = address.substr(address.rfind(':') + 1);
+  // An IPv6 address is bracketed before its port ("[::1]:7070"): in "::1" or "fe80::1" the
+  // last group read as the port, and gRPC dialled an address nobody typed.
+  const size_t colon = address.rfind(':');
+  if (address[0] != '[' && address.find(':') != colon) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": expected HOST:PORT, got '", address,
+                                                   "' (an IPv6 address goes in brackets: [", address, "]:7070)"));
+  }
+  if (address[0] == '[' && (colon == 0 || address[colon - 1] != ']')) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": expected [IPV6]:PORT, got '", address, "' (e.g. [::1]:7070)"));
+  }
+  const std::string port = address.substr(colon + 1);
   int number = 0;
   const bool numeric = !port.empty() && port.find_first_not_of("0123456789") == std::string::npos;
   if (!numeric || !absl::SimpleAtoi(port, &number) || number < 1 || number > 65535) {

@@ -152,11 +152,21 @@ fi
 # An empty path (an unset shell variable) is refused naming the flag: synth-soundscapes wrote into
 # /, history and summary skipped the plot, dataset folds failed at the rename naming no flag.
 expect "--out: expected a folder, got ''" "$aviary" synth-soundscapes --out "" --species 3
+# A --out that is a file is bad input (exit 2), as for `aviary synth` (it exited 1).
+touch "$tmp/afile"
+expect "--out $tmp/afile: exists and is not a directory" "$aviary" synth-soundscapes --out "$tmp/afile" --species 3
 expect "--out: expected a path, got ''" "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out ""
 expect "--plot: expected a path, got ''" "$aviary" dataset summary --config "$tmp/p.yaml" --plot ""
 expect "--out: expected a path, got ''" "$aviary" export "$tmp/none.pt" --out ""
 # A value left out: the next flag was taken as the value (export wrote a file named --format).
 expect "--out: expected a value, got the flag '--format'" "$aviary" export "$tmp/none.pt" --out --format
+# "--out=" (an unset variable): the next argument was taken as the value, the override lost and
+# a file named "--set=seed=7" written; "-h" and "--" were file names too.
+expect "--out=: expected a value after the '='" \
+  "$aviary" dataset folds --config "$tmp/p.yaml" --stage finetune --out= --set=seed=7
+expect "--out: expected a value, got '-h'" "$aviary" export "$tmp/none.pt" --out -h
+expect "--out: expected a value, got '--'" "$aviary" export "$tmp/none.pt" --out --
+if [ -e ./--set=seed=7 ] || [ -e ./-h ] || [ -e ./-- ]; then fail "a flag was written as a file"; else ok; fi
 # An on/off flag before another flag is no such case (the first version of that check refused
 # `synth ... --no-broken --seed 5`).
 if "$aviary" synth --out "$tmp/flags" --layout 2024 --species 3 --recordings 6 --max-seconds 2 --no-broken --seed 5 \
@@ -226,6 +236,10 @@ expect "AVIARY_COORDINATOR: expected HOST:PORT with a port in 1..65535, got 'coo
 # A port with junk after its digits was dialed as the digits ("ipv4:127.0.0.1:7070").
 expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.1:7070x'" \
   "$aviary" --coordinator 127.0.0.1:7070x list
+# An IPv6 address without brackets: its last group was read as the port ("::1" dialled port 1).
+expect "--coordinator: expected HOST:PORT, got '::1' (an IPv6 address goes in brackets: [::1]:7070)" \
+  "$aviary" --coordinator ::1 list
+expect "--coordinator: expected [IPV6]:PORT, got '[::1]7070'" "$aviary" --coordinator '[::1]7070' list
 # A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
 printf '\357\273\277the-token\n' > "$tmp/bom.token"
 out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?
