@@ -44,7 +44,9 @@ std::string Located(const CsvTable& table, size_t row) {
 absl::StatusOr<double> ParseCell(const CsvTable& table, size_t row, size_t col) {
   const std::string& text = table.row(row)[col];
   double value = 0.0;
-  if (!absl::SimpleAtod(absl::string_view(text), &value)) {
+  // Decimal only: SimpleAtod (strtod) reads "0x10" as 16, where pandas, and so Kaggle's scorer,
+  // reads the column as text and fails.
+  if (text.find_first_of("xX") != std::string::npos || !absl::SimpleAtod(absl::string_view(text), &value)) {
     return absl::InvalidArgumentError(absl::StrCat(Located(table, row), ": column '",
                                                    table.header()[col],
                                                    "': not a number: '", text, "'"));
@@ -254,6 +256,13 @@ int RunScore(const ScoreArgs& args) {
   if (!metrics.ok()) return fail(metrics.status());
   size_t accuracy_rows = 0;
   metrics->val_acc = SoundscapeAccuracy(input->truth, input->scores, &accuracy_rows);
+  // The class a reason names by its index, by its column too (182 columns are not counted by eye).
+  for (common::MetricValue* value : {&metrics->val_roc_auc, &metrics->val_cmap, &metrics->val_auc}) {
+    const int64_t c = value->undefined_class;
+    if (value->defined() || c < 0 || c >= static_cast<int64_t>(input->classes.size())) continue;
+    absl::StrAppend(&value->undefined_reason, "; class ", c, " is the column '", input->classes[c], "' of ",
+                    args.solution);
+  }
 
   const std::pair<const char*, const MetricValue*> named[] = {
       {"macro_roc_auc", &metrics->val_roc_auc},

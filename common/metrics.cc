@@ -263,9 +263,11 @@ absl::StatusOr<MetricValue> MacroRocAuc(const BinaryLabels& truth, MatrixView<T>
   for (size_t c : keep) {
     SortedCells<T> cells = ClassCells(truth, scores, c);
     if (cells.negative.empty()) {
-      return Undefined(absl::StrCat("class ", c,
-                                    " has no negative label (ROC-AUC needs both; every row "
-                                    "is positive)"));
+      MetricValue undefined = Undefined(absl::StrCat("class ", c,
+                                                     " has no negative label (ROC-AUC needs both; every row "
+                                                     "is positive)"));
+      undefined.undefined_class = static_cast<int64_t>(c);
+      return undefined;
     }
     sum += RocAuc(cells);
   }
@@ -325,6 +327,7 @@ absl::StatusOr<EvalMetrics> ComputeEvalMetrics(const BinaryLabels& truth, Matrix
   // One sort per class serves both the ROC-AUC (classes with a positive) and the cmAP.
   double roc_sum = 0.0, cmap_sum = 0.0;
   std::string roc_undefined;
+  int64_t roc_undefined_class = -1;
   for (size_t c = 0; c < truth.cols; ++c) {
     SortedCells<T> cells = ClassCells(truth, scores, c);
     cmap_sum += AveragePrecision(cells, 5, T(1));
@@ -334,6 +337,7 @@ absl::StatusOr<EvalMetrics> ComputeEvalMetrics(const BinaryLabels& truth, Matrix
       if (roc_undefined.empty()) {
         roc_undefined = absl::StrCat(
             "class ", c, " has no negative label (ROC-AUC needs both; every row is positive)");
+        roc_undefined_class = static_cast<int64_t>(c);
       }
       continue;
     }
@@ -348,6 +352,7 @@ absl::StatusOr<EvalMetrics> ComputeEvalMetrics(const BinaryLabels& truth, Matrix
       out.val_roc_auc = Undefined("no class has a positive label");
     } else if (!roc_undefined.empty()) {
       out.val_roc_auc = Undefined(roc_undefined);
+      out.val_roc_auc.undefined_class = roc_undefined_class;
     } else {
       out.val_roc_auc = Defined(roc_sum / static_cast<double>(out.scored_classes.size()));
     }

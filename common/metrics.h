@@ -120,6 +120,7 @@ std::vector<size_t> RowArgmax(MatrixView<T> m);
 struct MetricValue {
   double value = std::numeric_limits<double>::quiet_NaN();
   std::string undefined_reason;  // empty when `value` is defined
+  int64_t undefined_class = -1;  // the class (column) the reason names, -1 when none
 
   bool defined() const { return undefined_reason.empty(); }
 };

@@ -294,6 +294,18 @@ def check_cli(aviary):
         if got.get("accuracy_rows") != 3 or got.get("accuracy") is None or abs(got["accuracy"] - 2 / 3) > 1e-12:
             checker.failures.append(f"cli accuracy over labelled rows: rc {out.returncode} {out.stdout} {out.stderr}")
 
+        # A class with no negative label: the reason names its column, not only its index (182
+        # columns are not counted by eye).
+        y = np.array([[1, 1, 0], [0, 1, 1], [1, 1, 0], [0, 1, 1]], dtype=np.int64)
+        s = rng.random_sample((4, 3))
+        sol, sub = write_birdclef(tmp, "allpos", y, s, rng, classes=["owl", "wren", "jay"])
+        out = run_score(aviary, sol, sub)
+        got = json.loads(out.stdout) if out.returncode == 0 else {}
+        want = f"class 1 has no negative label (ROC-AUC needs both; every row is positive); class 1 is the column 'wren' of {sol}"
+        checker.checks += 1
+        if got.get("macro_roc_auc") is not None or got.get("undefined", {}).get("macro_roc_auc") != want:
+            checker.failures.append(f"cli no-negative class: rc {out.returncode} {out.stdout} {out.stderr}")
+
         # Bad input: exit code 2 and a message naming what is wrong.
         y, s = make_case(rng, "round2", 12, 4)
         sol, sub = write_birdclef(tmp, "good", y, s, rng, shuffle=False)
@@ -337,6 +349,10 @@ def check_cli(aviary):
         cells[2] = "abc"
         lines[3] = ",".join(cells)
         bad("non_numeric", "SUB:4: column 'sp001': not a number: 'abc'", raw_sub="\n".join(lines) + "\n")
+        # Hexadecimal: strtod reads "0x10" as 16; pandas (and so Kaggle's scorer) reads text.
+        cells[2] = "0x10"
+        lines[3] = ",".join(cells)
+        bad("hex_cell", "SUB:4: column 'sp001': not a number: '0x10'", raw_sub="\n".join(lines) + "\n")
         cells[2] = "nan"
         lines[3] = ",".join(cells)
         bad("nan_cell", "SUB:4: column 'sp001': 'nan' is not a finite number",
