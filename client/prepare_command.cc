@@ -216,6 +216,14 @@ int RunPrepare(const PrepareArgs& args) {
       if (stage == "pretrain" && config->data.pretrain_sources.empty()) continue;
       stages.push_back(stage);
     }
+    // Nothing to prepare: an empty cache would be made, its manifest fixing the sample rate
+    // and channels for later runs, and exit 0.
+    if (stages.empty()) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          args.config.empty() ? std::string("the config") : args.config,
+          ": no stage to prepare: stages.pretrain.enabled and stages.finetune.enabled are false (or pretraining "
+          "has no data.pretrain_sources); enable one, or name it with --stage")));
+    }
   }
   auto channels = worker::ParseChannelMode(config->data.channels);
   if (!channels.ok()) return Fail(channels.status());

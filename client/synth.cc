@@ -989,11 +989,14 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
         options.species, " species per soundscape (", cells, " solution cells, at most 20,000,000): a longer "
         "--window or fewer --species"));
   }
+  // A --out that is a file or cannot be made is bad input (exit 2), as for `aviary synth`.
+  AVIARY_RETURN_IF_ERROR(PrepareOutDir(options.out_dir));
   const std::string audio_dir = absl::StrCat(options.out_dir, "/soundscapes");
   std::error_code ec;
   fs::create_directories(audio_dir, ec);
   if (ec) {
-    return absl::InternalError(absl::StrCat("cannot create ", audio_dir, ": ", ec.message()));
+    return absl::InvalidArgumentError(absl::StrCat("--out ", options.out_dir, ": cannot create ", audio_dir, ": ",
+                                                   ec.message()));
   }
   // What an earlier run left: the recordings its list DIR/.synth-soundscapes names (replaced or
   // removed below, so that the folder holds what the new solution.csv lists) and a stopped run's

@@ -161,6 +161,10 @@ expect2 "holds the first 1.5 s of each file; this run asks for whole files" --co
   --set data.cache_dir="$tmp/cut" --dry-run
 expect2 "key 'data.cache_max_seconds': expected 0 (whole recordings) or >= data.duration" --config "$tmp/p.yaml" \
   --set data.cache_max_seconds=2
+# No stage to prepare: an empty cache was made (its manifest fixing the rate for later runs), exit 0.
+expect2 "no stage to prepare" --config "$tmp/p.yaml" --set data.cache_dir="$tmp/nostage" \
+  --set stages.pretrain.enabled=false --set stages.finetune.enabled=false
+check "no cache is made without a stage" test ! -e "$tmp/nostage"
 
 if [ $fails -ne 0 ]; then echo "$fails check(s) failed"; exit 1; fi
 echo "all prepare CLI checks passed"
