@@ -386,7 +386,17 @@ absl::StatusOr<CoordinatorConfig> ParseCoordinatorConfig(const std::string& yaml
     if (absl::ConsumePrefix(&message, "key '")) {
       const std::string key(message.substr(0, message.find('\'')));
       auto it = set_at.find(key);
-      if (it != set_at.end()) where = it->second;
+      if (it != set_at.end()) {
+        where = it->second;
+      } else if (key == "heartbeat_timeout_s" && set_at.count("heartbeat_interval_s") != 0) {
+        // The timeout left at its default, too short for the interval set: the line that set
+        // the interval is the one to look at.
+        const absl::Status hinted(valid.code(), absl::StrCat(valid.message(),
+                                                             " (heartbeat_timeout_s is not set: its default is ",
+                                                             CoordinatorConfig().heartbeat_timeout_s,
+                                                             " s; set it with heartbeat_interval_s)"));
+        return common::Annotate(hinted, set_at["heartbeat_interval_s"]);
+      }
     }
     return where.empty() ? valid : common::Annotate(valid, where);
   }

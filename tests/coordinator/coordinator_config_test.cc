@@ -250,6 +250,17 @@ TEST_F(CoordinatorConfigTest, HeartbeatTimeoutCoversTheLeaseMargin) {
           << config.status();
     }
   }
+  // The timeout left at its default: the interval's line is named (the message named the
+  // timeout's key alone, with no line: the user had not written it).
+  const std::string slow = Write("slow.yaml", "allow_no_auth: true\n\nheartbeat_interval_s: 30\n");
+  config = LoadCoordinatorConfig(slow, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find(slow + ":3: key 'heartbeat_timeout_s': "), std::string::npos)
+      << config.status();
+  EXPECT_NE(config.status().message().find("(heartbeat_timeout_s is not set: its default is 20 s; set it with "
+                                           "heartbeat_interval_s)"),
+            std::string::npos)
+      << config.status();
   config = LoadCoordinatorConfig("", {no_auth, {"heartbeat_interval_s", "0.0004", "--set heartbeat_interval_s=0.0004"},
                                       {"heartbeat_timeout_s", "1", "--set heartbeat_timeout_s=1"}});
   ASSERT_FALSE(config.ok());
