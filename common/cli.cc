@@ -423,8 +423,12 @@ CLI::Validator NumberIn(double min, double max) {
         errno = 0;
         char* end = nullptr;
         double v = std::strtod(text.c_str(), &end);
-        if (text.empty() || end != text.c_str() + text.size() || errno == ERANGE || !std::isfinite(v) ||
-            v < min || v > max) {
+        // Decimal text only, as IntegerIn takes: strtod also reads hexadecimal ("--window 0x10"
+        // ran 16 s windows) and skips leading blanks.
+        const bool decimal = !text.empty() && text.find_first_of("xX") == std::string::npos &&
+                             !std::isspace(static_cast<unsigned char>(text[0]));
+        if (!decimal || end != text.c_str() + text.size() || errno == ERANGE || !std::isfinite(v) || v < min ||
+            v > max) {
           return absl::StrCat("expected a number", RangeText(min, max), ", got '", text, "'");
         }
         return "";

@@ -240,6 +240,9 @@ expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.
 expect "--coordinator: expected HOST:PORT, got '::1' (an IPv6 address goes in brackets: [::1]:7070)" \
   "$aviary" --coordinator ::1 list
 expect "--coordinator: expected [IPV6]:PORT, got '[::1]7070'" "$aviary" --coordinator '[::1]7070' list
+# A number flag takes decimal text (strtod read "0x10" as 16 and skipped leading blanks).
+expect "--timeout: expected a number in [0.001, 86400], got '0x10'" "$aviary" --timeout 0x10 list
+expect "--timeout: expected a number in [0.001, 86400], got ' 5'" "$aviary" --timeout ' 5' list
 # A token file that starts with a UTF-8 BOM works: the call goes out (and finds no coordinator).
 printf '\357\273\277the-token\n' > "$tmp/bom.token"
 out=$("$aviary" --coordinator 127.0.0.1:1 --timeout 5 --token-file "$tmp/bom.token" list 2>&1); rc=$?

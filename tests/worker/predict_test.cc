@@ -467,6 +467,11 @@ TEST(PredictTest, AWindowOfAFractionOfASampleIsRefused) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(refused.status().message(), "window: ")) << refused.status();
   EXPECT_TRUE(absl::StrContains(refused.status().message(), "not a whole number")) << refused.status();
+  // A fraction of a sample within a millionth of the window (5.000004 s: 160000.128 samples).
+  options.window_s = 5.000004;
+  refused = Predictor::Create(options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "not a whole number")) << refused.status();
   options.window_s = 16001.0 / 32000;
   auto whole = Predictor::Create(options);
   ASSERT_TRUE(whole.ok()) << whole.status();
