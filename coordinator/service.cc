@@ -118,18 +118,30 @@ absl::Status CheckText(const std::string& field, const std::string& value, bool 
   return absl::OkStatus();
 }
 
-// A job name is one line of text: control characters (a newline, ANSI escapes) would reach
-// every terminal that lists the jobs; in a path, a NUL cuts it where the path policy reads it
-// and a newline forges a line of the coordinator's log.
-absl::Status CheckName(const std::string& field, const std::string& value) {
+// The first control character of `value` (a tab too unless `tab_ok`): INVALID_ARGUMENT naming
+// `field`, the byte and where.
+absl::Status CheckControlCharacters(const std::string& field, const std::string& value, bool tab_ok) {
   for (size_t i = 0; i < value.size(); ++i) {
     const auto c = static_cast<unsigned char>(value[i]);
-    if (c < 0x20 || c == 0x7f) {
+    if ((c < 0x20 && !(tab_ok && c == '\t')) || c == 0x7f) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "field '%s': control character 0x%02x at byte %d (expected one line of printable text)", field, c, i));
     }
   }
   return absl::OkStatus();
+}
+
+// A job name is one line of text: control characters (a newline, ANSI escapes) would reach
+// every terminal that lists the jobs.
+absl::Status CheckName(const std::string& field, const std::string& value) {
+  return CheckControlCharacters(field, value, /*tab_ok=*/false);
+}
+
+// A path or an override is one line: a NUL cut a path where the path policy read it (the task
+// got the rest), a newline forged a line of the coordinator's log. A tab is a character of it,
+// as the config's strings take it (common/config.cc).
+absl::Status CheckOneLine(const std::string& field, const std::string& value) {
+  return CheckControlCharacters(field, value, /*tab_ok=*/true);
 }
 
 // A tag is "key" or "key=value": the key 1..64 of [A-Za-z0-9_.-], the value one line of at most
@@ -246,9 +258,9 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckText("name", request->name(), false, 256));
     AVIARY_RETURN_IF_ERROR(CheckName("name", request->name()));
     AVIARY_RETURN_IF_ERROR(CheckText("source_path", request->source_path(), false));
-    AVIARY_RETURN_IF_ERROR(CheckName("source_path", request->source_path()));
+    AVIARY_RETURN_IF_ERROR(CheckOneLine("source_path", request->source_path()));
     AVIARY_RETURN_IF_ERROR(CheckText("working_dir", request->working_dir(), false));
-    AVIARY_RETURN_IF_ERROR(CheckName("working_dir", request->working_dir()));
+    AVIARY_RETURN_IF_ERROR(CheckOneLine("working_dir", request->working_dir()));
     if (!request->working_dir().empty() && fs::path(request->working_dir()).is_relative()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "field 'working_dir': ", Shown(request->working_dir()), " is not an absolute path"));
@@ -263,7 +275,7 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
       const std::string& text = request->overrides(i);
       const std::string field = absl::StrCat("overrides[", i, "]");
       AVIARY_RETURN_IF_ERROR(CheckText(field, text, true));
-      AVIARY_RETURN_IF_ERROR(CheckName(field, text));
+      AVIARY_RETURN_IF_ERROR(CheckOneLine(field, text));
       if (text.find('=') == std::string::npos || text[0] == '=') {
         return absl::InvalidArgumentError(
             absl::StrCat("field '", field, "': ", Shown(text), " is not dotted.key=value"));

@@ -1659,6 +1659,10 @@ TEST_F(CoordinatorServiceTest, BadRequestsAreInvalidArgumentNamingTheField) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("field 'overrides[0]': control character 0x0a"), std::string::npos)
       << status.error_message();
+  submit.clear_overrides();
+  submit.add_overrides("name=a\tb");  // a tab is a character of a value, as --set takes it
+  status = jobs_->SubmitJob(Ctx().get(), submit, &submit_response);
+  EXPECT_EQ(status.error_message().find("control character"), std::string::npos) << status.error_message();
   // Every override is applied again for every sweep point: their number is bounded.
   submit.clear_overrides();
   for (int i = 0; i < 1001; ++i) submit.add_overrides("train.lr=1e-3");
