@@ -584,10 +584,14 @@ struct Trainer::State {
   const Batch& InjectInputFault(const Batch& batch);
   Batch faulty_batch;  // InjectInputFault's batch
   bool input_fault_done = false;
-  // train.skip_nonfinite: the buffers before the batch's forward, put back when it is skipped.
+  // train.skip_nonfinite: the buffers as they were at optimizer step `saved_buffers_step`, put
+  // back when a skipped batch left them non-finite.
+  static constexpr int64_t kBufferSaveSteps = 64;
   void SaveBuffers();
   void RestoreBuffers();
+  bool BuffersAreFinite() const;
   std::vector<at::Tensor> saved_buffers;
+  int64_t saved_buffers_step = 0;
   absl::StatusOr<std::string> NonFiniteRanks(double loss_value);
   absl::StatusOr<bool> SkipNonFinite(const Batch& batch, double loss_value, int epoch, int64_t s);
   at::Tensor Tally(const StepForward& fwd, double loss_value, int64_t b, EpochTally* t) const;
@@ -1964,14 +1968,23 @@ absl::Status Trainer::State::CheckpointBeforeValidation() {
   return absl::OkStatus();
 }
 
-bool Trainer::State::ModelIsFinite() const {
+namespace {
+
+// Whether every floating-point tensor of `tensors` is finite (one wait for the device).
+bool AllFinite(const std::vector<at::Tensor>& tensors) {
   std::vector<at::Tensor> finite;
-  for (const auto& p : model->parameters()) finite.push_back(at::isfinite(p.detach()).all());
-  for (const auto& b : model->buffers()) {
-    if (b.is_floating_point()) finite.push_back(at::isfinite(b).all());
+  for (const at::Tensor& t : tensors) {
+    if (t.is_floating_point()) finite.push_back(at::isfinite(t.detach()).all());
   }
-  if (finite.empty()) return true;
-  return at::stack(finite).all().item<bool>();
+  return finite.empty() || at::stack(finite).all().item<bool>();
+}
+
+}  // namespace
+
+bool Trainer::State::ModelIsFinite() const {
+  std::vector<at::Tensor> tensors = model->parameters();
+  for (const at::Tensor& b : model->buffers()) tensors.push_back(b);
+  return AllFinite(tensors);
 }
 
 // The epoch's learning rate (set now unless train.lr_per_step), the model in training mode, the
@@ -2006,8 +2019,12 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
   if (train.lr_per_step && step_fn->pending_micro_batches() == 0) SetLr(StepLr(t->epoch, s, t->steps));
   // The forward in training mode moves BatchNorm's running statistics: a batch whose loss is
   // not finite (a NaN in its input) made them NaN for good, and every validation after it failed
-  // "outputs are not finite" though the step was skipped. A skipped batch leaves them as they were.
-  if (train.skip_nonfinite) SaveBuffers();
+  // "outputs are not finite" though the step was skipped. A copy of them, taken every
+  // kBufferSaveSteps optimizer steps (one copy per buffer: not every step's cost), is put back
+  // when a skipped batch left them non-finite.
+  if (train.skip_nonfinite && (saved_buffers.empty() || step >= saved_buffers_step + kBufferSaveSteps)) {
+    SaveBuffers();
+  }
   StepForward fwd;
   bool graphed = false;
   const Batch& input = InjectInputFault(batch);
@@ -2028,7 +2045,11 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     return skip_or.status();
   }
   const bool skip = *skip_or;
-  if (skip) RestoreBuffers();
+  if (skip && !BuffersAreFinite()) {
+    Log().Warn(absl::StrCat("the skipped batch left BatchNorm's running statistics non-finite: those of step ",
+                            saved_buffers_step, " are put back"));
+    RestoreBuffers();
+  }
   at::Tensor correct;  // on the device, summed into t->correct_pending unread
   if (!skip) {
     if (graphed) {
@@ -2139,6 +2160,7 @@ StepSeeds Trainer::State::SeedsFor(int epoch, int64_t s) const {
 // tensors kept from step to step.
 void Trainer::State::SaveBuffers() {
   torch::NoGradGuard no_grad;
+  saved_buffers_step = step;
   const std::vector<at::Tensor> buffers = model->buffers();
   if (saved_buffers.size() != buffers.size()) saved_buffers.clear();
   for (size_t i = 0; i < buffers.size(); ++i) {
@@ -2149,6 +2171,8 @@ void Trainer::State::SaveBuffers() {
     }
   }
 }
+
+bool Trainer::State::BuffersAreFinite() const { return AllFinite(model->buffers()); }
 
 // The buffers back as SaveBuffers found them (in place: a captured CUDA graph holds them).
 void Trainer::State::RestoreBuffers() {
