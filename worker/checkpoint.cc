@@ -6,13 +6,10 @@
 
 #include <cerrno>
 #include <cstring>
-#include <ctime>
 #include <algorithm>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <new>
-#include <set>
 #include <sstream>
 #include <tuple>
 
@@ -26,6 +23,7 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -330,7 +328,17 @@ uint64_t LoadLe(const unsigned char* p, int bytes) {
 // were damaged in a copy, the file's size unchanged, loaded as if whole, and a run resumed from
 // damaged weights and Adam moments beside a good last.prev.pt. DATA_LOSS naming the record;
 // UNAVAILABLE for a read error (as OpenArchive's). `*not_zip`: the file holds no zip directory.
-absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& path, bool* not_zip) {
+// `parsed_only`: only the records torch parses, not the tensors' bytes (IsTensorRecord).
+// A record of tensor bytes ("<archive>/data/<n>", "<archive>/constants/<n>"), which torch copies
+// and does not parse: the rest (the pickles, code/, version) it parses.
+bool IsTensorRecord(absl::string_view name) {
+  const size_t slash = name.find('/');
+  if (slash == absl::string_view::npos) return false;
+  const absl::string_view rest = name.substr(slash + 1);
+  return absl::StartsWith(rest, "data/") || absl::StartsWith(rest, "constants/");
+}
+
+absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& path, bool parsed_only, bool* not_zip) {
   *not_zip = false;
   auto read_at = [&](uint64_t pos, size_t n, std::string* out) -> absl::Status {
     out->resize(n);
@@ -415,6 +423,7 @@ absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& pat
       x += 4 + len;
     }
     at += 46 + name_len + extra_len + comment_len;
+    if (parsed_only && IsTensorRecord(name)) continue;
     if (method != 0) continue;  // compressed: torch writes none (and its reader inflates with its own check)
     // 0: none recorded (Python's torch.save with serialization.config.save.compute_crc32 off).
     if (crc == 0) continue;
@@ -447,47 +456,16 @@ absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& pat
   return absl::OkStatus();
 }
 
-// The files whose records VerifyRecordChecksums found whole, by identity and change times (a
-// resume reads last.pt's metadata, then restores it: one read of the whole file, not two). A
-// file changed since has another size, mtime or ctime: only files last changed over a second
-// before their check are kept (the clock behind ctime ticks coarsely; a change within the same
-// tick would look the same), as git treats "racy" index entries.
-using FileVersion = std::tuple<dev_t, ino_t, off_t, int64_t, int64_t, int64_t, int64_t>;
-
-FileVersion VersionOf(const struct stat& info) {
-  return {info.st_dev, info.st_ino, info.st_size, info.st_mtim.tv_sec, info.st_mtim.tv_nsec, info.st_ctim.tv_sec,
-          info.st_ctim.tv_nsec};
-}
-
-std::mutex verified_mu;
-std::set<FileVersion>& VerifiedFiles() {
-  static auto* files = new std::set<FileVersion>();
-  return *files;
-}
-
-bool VerifiedBefore(const struct stat& info) {
-  std::lock_guard<std::mutex> lock(verified_mu);
-  return VerifiedFiles().count(VersionOf(info)) != 0;
-}
-
-void RememberVerified(const struct stat& info) {
-  timespec now{};
-  ::clock_gettime(CLOCK_REALTIME, &now);
-  if (now.tv_sec - info.st_ctim.tv_sec < 2) return;  // changed within the last second or so
-  std::lock_guard<std::mutex> lock(verified_mu);
-  if (VerifiedFiles().size() >= 1024) VerifiedFiles().clear();  // a long-lived process: bounded
-  VerifiedFiles().insert(VersionOf(info));
-}
-
 // The whole archive is read here, from one open file: a checkpoint renamed over meanwhile is
 // read as it was when opened. A read that fails (EIO, ESTALE on NFS) is UNAVAILABLE, not "not an
 // aviary checkpoint": torch's own file reader says only "file read failed", and a resume would
 // take the healthy newest checkpoint for a damaged one and go on from an older one.
-// The records' checksums are checked first (VerifyRecordChecksums: a read of the whole file),
-// once per file as it is (VerifiedBefore): torch's reader has no bounds checks of its own, and
-// one byte changed in a record it parses (constants.pkl, code/) aborted the process ("free():
-// invalid size") where a damaged checkpoint must be DATA_LOSS, and a resume fall back.
-absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive) {
+// The records torch parses (data.pkl, constants.pkl, code/, version: small) are checked against
+// their checksums first: its reader has no bounds checks of its own, and one byte changed in
+// constants.pkl aborted the process ("free(): invalid size") where a damaged checkpoint must be
+// DATA_LOSS, and a resume fall back. `verify`: the tensors' records too, after the read
+// (VerifyRecordChecksums: a read of the whole file).
+absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive* archive, bool verify) {
   const int injected = ReadFault() ? ReadFault()(path) : 0;
   // O_NONBLOCK: a FIFO under the name would block the open; pread of a regular file ignores it.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
@@ -526,14 +504,10 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
     return done;
   };
   const size_t size = static_cast<size_t>(info.st_size);
-  if (injected == 0 && !VerifiedBefore(info)) {
+  if (injected == 0) {
     bool not_zip = false;
-    const absl::Status verified = VerifyRecordChecksums(fd, size, path, &not_zip);
-    if (verified.ok()) {
-      RememberVerified(info);
-    } else if (!not_zip) {
-      return verified;
-    }
+    const absl::Status parsed = VerifyRecordChecksums(fd, size, path, /*parsed_only=*/true, &not_zip);
+    if (!parsed.ok() && !not_zip) return parsed;  // not a zip: the archive reader says what it is
   }
   // Onto the CPU: a checkpoint written on a GPU holds CUDA tensors, which a host without one
   // could not even open; the readers copy each tensor to where it goes.
@@ -557,6 +531,10 @@ absl::Status OpenArchive(const std::string& path, torch::serialize::InputArchive
     return absl::ResourceExhaustedError(absl::StrCat(path, ": reading the checkpoint (", size, " bytes): ",
                                                      message.substr(message.find("out of memory"))));
   }
+  if (st.ok() && verify && injected == 0) {
+    bool not_zip = false;
+    return VerifyRecordChecksums(fd, size, path, /*parsed_only=*/false, &not_zip);
+  }
   return st;
 }
 
@@ -574,7 +552,7 @@ absl::StatusOr<CheckpointMeta> ReadMeta(torch::serialize::InputArchive& archive,
 
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
   torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive);
+  absl::Status st = OpenArchive(path, &archive, /*verify=*/false);
   if (!st.ok()) return st;
   return ReadMeta(archive, path);
 }
@@ -620,14 +598,14 @@ absl::StatusOr<NamedTensors> ReadGroup(torch::serialize::InputArchive& archive, 
 
 absl::StatusOr<NamedTensors> ReadCheckpointTensors(const std::string& path) {
   torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
   return ReadModelTensors(archive, path);
 }
 
 absl::StatusOr<NamedTensors> ReadCheckpointGroup(const std::string& path, const std::string& group,
                                                  bool* holds_optimizer) {
   torch::serialize::InputArchive archive;
-  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive));
+  AVIARY_RETURN_IF_ERROR(OpenArchive(path, &archive, /*verify=*/true));
   if (holds_optimizer != nullptr) {
     const std::vector<std::string> keys = archive.keys();
     *holds_optimizer = std::find(keys.begin(), keys.end(), "optimizer_state") != keys.end() ||
@@ -688,7 +666,7 @@ absl::StatusOr<CheckpointMeta> RestoreCheckpoint(const std::string& path, Classi
                                                  AdamOptimizer* optimizer, const std::string& group,
                                                  absl::StatusOr<NamedTensors>* group_tensors) {
   torch::serialize::InputArchive archive;
-  absl::Status st = OpenArchive(path, &archive);
+  absl::Status st = OpenArchive(path, &archive, /*verify=*/true);
   if (!st.ok()) return st;
   auto meta = ReadMeta(archive, path);
   if (!meta.ok()) return meta.status();

@@ -317,7 +317,8 @@ TEST(CheckpointTest, AReadErrorIsUnavailableNotDamage) {
 // Bytes changed inside a record (bit rot, a bad copy; the file's size unchanged) are found by the
 // records' CRC-32, which torch writes but its reader does not check: a restore is DATA_LOSS naming
 // the file and the record (a resume falls back to last.prev.pt), not damaged weights taken as
-// good. The metadata read too: the records are checked before torch parses any.
+// good. The metadata alone still reads (a resume's choice among candidates): the tensors' bytes
+// are checked once read, the records torch parses before it parses them.
 TEST(CheckpointTest, ChangedBytesInARecordAreDamage) {
   auto a = Model(3);
   const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_rot.pt";
@@ -333,7 +334,7 @@ TEST(CheckpointTest, ChangedBytesInARecordAreDamage) {
   ASSERT_NE(run, std::string::npos);
   bytes[run + 9] = static_cast<char>(bytes[run + 9] ^ 0x10);  // one bit of the third float
   ASSERT_TRUE(common::WriteFileAtomically(path, bytes).ok());
-  EXPECT_EQ(ReadCheckpointMeta(path).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_TRUE(ReadCheckpointMeta(path).ok());
   auto restored = RestoreCheckpoint(path, *b, nullptr);
   EXPECT_EQ(restored.status().code(), absl::StatusCode::kDataLoss) << restored.status();
   EXPECT_NE(restored.status().message().find(path + ": damaged: record "), std::string::npos) << restored.status();
