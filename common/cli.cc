@@ -342,7 +342,11 @@ absl::Status CheckDialAddress(const std::string& address, const std::string& sou
   // An IPv6 address is bracketed before its port ("[::1]:7070"): in "::1" or "fe80::1" the
   // last group read as the port, and gRPC dialled an address nobody typed.
   const size_t colon = address.rfind(':');
-  if (address[0] != '[' && address.find(':') != colon) {
+  // gRPC's own target schemes ("dns:///coord:7070", "ipv4:10.0.0.1:7070", "ipv6:[::1]:7070")
+  // carry colons of their own: their port is still the last part.
+  const bool scheme = absl::StartsWith(address, "dns:") || absl::StartsWith(address, "ipv4:") ||
+                      absl::StartsWith(address, "ipv6:") || absl::StartsWith(address, "xds:");
+  if (!scheme && address[0] != '[' && address.find(':') != colon) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": expected HOST:PORT, got '", address,
                                                    "' (an IPv6 address goes in brackets: [", address, "]:7070)"));
   }

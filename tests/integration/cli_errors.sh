@@ -240,6 +240,11 @@ expect "--coordinator: expected HOST:PORT with a port in 1..65535, got '127.0.0.
 expect "--coordinator: expected HOST:PORT, got '::1' (an IPv6 address goes in brackets: [::1]:7070)" \
   "$aviary" --coordinator ::1 list
 expect "--coordinator: expected [IPV6]:PORT, got '[::1]7070'" "$aviary" --coordinator '[::1]7070' list
+# gRPC's target schemes keep their colons: the call goes out (and finds no coordinator).
+for target in 'dns:///127.0.0.1:1' 'ipv4:127.0.0.1:1' 'ipv6:[::1]:1' '[::1]:1'; do
+  out=$("$aviary" --coordinator "$target" --timeout 2 list 2>&1); rc=$?
+  if [ $rc -ne 1 ] || grep -qF "expected" <<<"$out"; then fail "--coordinator $target -> rc=$rc: $out"; else ok; fi
+done
 # A number flag takes decimal text (strtod read "0x10" as 16 and skipped leading blanks).
 expect "--timeout: expected a number in [0.001, 86400], got '0x10'" "$aviary" --timeout 0x10 list
 expect "--timeout: expected a number in [0.001, 86400], got ' 5'" "$aviary" --timeout ' 5' list
