@@ -1578,6 +1578,7 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
   Changes changes;
   std::vector<LeaseWaiter*> staged;  // the waiters whose lease is in `changes`
   std::vector<LeaseWaiter*> let_go;  // the waiters whose group lets go of a task in `changes`
+  std::vector<std::string> points_reset;  // held tasks leased again: their point ordering starts afresh
   // Tasks that a registered group may still be training (cancelled or failed under it, retried
   // since): nobody else leases them until that group lets go (never two writers of one run
   // folder; docs/SERVICE.md, "Fencing"). Task id -> those groups.
@@ -1607,7 +1608,7 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
       // (TaskInfo.points_reset_unix_ms), or a restart before its first report restored the
       // ordering from its old points and refused the resumed run's.
       const std::string held_id = held->info.task_id();
-      last_points_.erase(held_id);
+      points_reset.push_back(held_id);  // in memory once committed
       Stage(&changes, held_id).info.set_points_reset_unix_ms(UnixMs());
       changes.put_groups[group_id] = (*group)->row;  // unchanged: the lease it holds
       staged.push_back(waiter);
@@ -1661,6 +1662,8 @@ void Scheduler::DecideLeases(const std::vector<LeaseWaiter*>& batch) {
   const absl::Status committed = Commit(&changes);
   if (!committed.ok()) {
     for (LeaseWaiter* waiter : let_go) waiter->status = committed;
+  } else {
+    for (const std::string& id : points_reset) last_points_.erase(id);
   }
   std::set<std::string> logged;  // a group that asked twice is logged once
   for (LeaseWaiter* waiter : staged) {
