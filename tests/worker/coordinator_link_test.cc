@@ -472,6 +472,22 @@ TEST_F(CoordinatorLinkTest, LeavingSendsABufferedOutcomeFirst) {
   EXPECT_EQ(epochs, std::vector<int>{0});
 }
 
+// A signal another rank got (the ranks share it) bounds rank 0's drain as its own would: with
+// the reports undeliverable (here: no sender thread) the drain waited for ever, and the group
+// never reached LeaveGroup. (Without the bound this test does not end: ctest's timeout fails it.)
+TEST_F(CoordinatorLinkTest, AnotherRanksSignalBoundsTheDrain) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  link.Push(EpochEndReport(task.task_id(), 0, 10));
+  link.Drain(task.task_id(), -1, 0.2, /*group_signalled=*/true);
+  std::vector<int> epochs;  // nothing was delivered: the drain gave up
+  ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
+  EXPECT_TRUE(epochs.empty());
+}
+
 // A worker token rotated while a group runs (docs/SERVICE.md, "Security model"): the coordinator
 // refuses the old token, the link reads its token file again and goes on with the one there. The
 // task's completion, refused meanwhile, is kept (it was dropped as refused for good), arrives once

@@ -348,7 +348,9 @@ absl::Status Agent::ServeRank0() {
     // ranks disagreed: the group ends, and its retryable FailTask is the coordinator's word of it
     // (refused if the task moved on; else the task waited for the group's heartbeat timeout).
     if (task_.fenced && outcome.agreed) link_->DropTask(task.task_id());
-    link_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30);
+    // A signal on another rank bounds the drain as one here does (the coordinator away, rank 0
+    // waited for ever, and the launcher's SIGKILL ended the group instead of its LeaveGroup).
+    link_->Drain(task.task_id(), outcome.agreed ? -1 : 15, 30, group_signalled_);
     link_->EndTask();
     if (!outcome.agreed) {
       EndGroup(absl::StrCat("task ", task.task_id(), " ended differently on the ranks (", outcome.status.message(),

@@ -512,7 +512,8 @@ void CoordinatorLink::Push(Report r) {
   metrics_->SetBuffered(buffer_.points());
 }
 
-void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, double signal_wait_s) {
+void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, double signal_wait_s,
+                            bool group_signalled) {
   Clock::time_point signalled_at{};
   const auto start = Clock::now();
   while (!buffer_.WaitEmpty(0.2)) {
@@ -521,7 +522,7 @@ void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, doubl
       Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
       return;
     }
-    if (Signalled()) {
+    if (group_signalled || Signalled()) {
       if (signalled_at == Clock::time_point{}) signalled_at = Clock::now();
       if (SecondsSince(signalled_at) > signal_wait_s) {
         Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,

@@ -103,9 +103,9 @@ class CoordinatorLink {
   void Push(Report r);
 
   // Waits until the buffer is delivered, at most `max_wait_s` (< 0: no limit). A lost group
-  // drops `task_id`'s reports (they would be refused); after a signal it gives up after
-  // `signal_wait_s`.
-  void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s);
+  // drops `task_id`'s reports (they would be refused); after a signal (this process's, or
+  // `group_signalled`: another rank's, which the ranks shared) it gives up after `signal_wait_s`.
+  void Drain(const std::string& task_id, double max_wait_s, double signal_wait_s, bool group_signalled = false);
   void DropTask(const std::string& task_id);
   // The lease is given up here (the stall watchdog fails the task): every later CheckLease, the
   // training thread's commit check, refuses. Any thread.

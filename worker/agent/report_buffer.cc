@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <utility>
 
+#include "worker/agent/mutex_lockable.h"
+
 namespace aviary::worker {
 namespace {
 
@@ -12,14 +14,6 @@ std::chrono::steady_clock::duration Steady(double seconds) {
   return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
       std::chrono::duration<double>(std::clamp(seconds, 0.0, 1e7)));
 }
-
-// absl::Mutex as a BasicLockable for std::condition_variable_any (this Abseil has no lock()):
-// the wait unlocks it and locks it again before it returns, inside the caller's MutexLock.
-struct Lockable {
-  absl::Mutex* mu;
-  void lock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->Lock(); }
-  void unlock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->Unlock(); }
-};
 
 }  // namespace
 
@@ -50,7 +44,7 @@ void ReportBuffer::Push(Report report) {
 
 std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
   absl::MutexLock lock(&mu_);
-  Lockable held{&mu_};
+  MutexLockable held{&mu_};
   cv_.wait_for(held, Steady(wait_s), [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return interrupted_ || queue_.size() > in_flight_;
   });
@@ -101,7 +95,7 @@ void ReportBuffer::DropTask(const std::string& task_id) {
 
 bool ReportBuffer::WaitEmpty(double timeout_s) {
   absl::MutexLock lock(&mu_);
-  Lockable held{&mu_};
+  MutexLockable held{&mu_};
   const auto done = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return queue_.empty() || interrupted_; };
   if (timeout_s < 0) {
     cv_.wait(held, done);

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <utility>
 
+#include "worker/agent/mutex_lockable.h"
+
 namespace aviary::worker {
 namespace {
 
@@ -24,6 +26,7 @@ StallWatchdog::~StallWatchdog() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
+  cv_.notify_all();
   if (thread_.joinable()) thread_.join();
 }
 
@@ -81,7 +84,11 @@ void StallWatchdog::Loop() {
   while (true) {
     {
       absl::MutexLock lock(&mu_);
-      mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(kCheckIntervalMs));
+      // On the steady clock: AwaitWithTimeout waited until a wall-clock time, and a clock stepped
+      // back a day held the check (and a hung task's stall) back a day.
+      MutexLockable held{&mu_};
+      cv_.wait_for(held, std::chrono::milliseconds(kCheckIntervalMs),
+                   [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_; });
       if (stopping_) return;
     }
     Check(NowMs());

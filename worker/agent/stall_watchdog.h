@@ -17,6 +17,7 @@
 #define AVIARY_WORKER_AGENT_STALL_WATCHDOG_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -67,6 +68,7 @@ class StallWatchdog {
   std::atomic<uint64_t> progress_{0};
   std::atomic<const char*> last_{""};
   absl::Mutex mu_;
+  std::condition_variable_any cv_;  // Loop's wait between checks (the steady clock)
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool armed_ ABSL_GUARDED_BY(mu_) = false;
   bool fired_ ABSL_GUARDED_BY(mu_) = false;
