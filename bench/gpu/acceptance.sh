@@ -218,6 +218,15 @@ if [ -n "$pack" ]; then
 fi
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+# aviary's programs load here, or no step of theirs can run: said now, not after the Python
+# references have used minutes of device time (a library the host lacks, e.g. libgomp.so.1,
+# which the pack leaves to the host, failed every aviary step within milliseconds).
+missing=$(for b in "$bin/aviary-worker" "$bin/aviary"; do [ -x "$b" ] && ldd "$b" 2>&1 | grep 'not found'; done |
+  sort -u | tr -s ' \t\n' ' ')
+if [ -n "$missing" ]; then
+  echo "acceptance.sh: the programs in $bin do not load here:$missing (see $log)" >&2
+  exit 2
+fi
 
 if [ $dry -eq 1 ]; then
   dev=cpu; backend=mpi
@@ -529,7 +538,9 @@ dp_cmd=("$bin/aviary-worker" train --config "$work/b0.yaml" --stage finetune --f
 prof_skip=10; prof_steps=8
 [ $dry -eq 1 ] && { prof_skip=1; prof_steps=2; }
 rm -f "$work/datapath_trace.json"
-if run datapath env AVIARY_PROFILE="out=$work/datapath_trace.json,skip=$prof_skip,steps=$prof_steps" "${dp_cmd[@]}"; then
+# TEARDOWN_CUPTI=1: the profiler detaches CUPTI when it stops (Kineto keeps it attached
+# otherwise, slowing the epochs after the profile by 10-20%: the one the rows read).
+if run datapath env TEARDOWN_CUPTI=1 AVIARY_PROFILE="out=$work/datapath_trace.json,skip=$prof_skip,steps=$prof_steps" "${dp_cmd[@]}"; then
   d=$(tail -1 "$work/run_b0/history.csv" | awk -F, '{print $NF}')
   what="aviary-worker train's last epoch (loader + copy + augmentation + front end + model + reducer)"
   if [ -n "$w_med" ]; then
