@@ -1781,6 +1781,7 @@ absl::Status Scheduler::GetManifest(const std::string& group_id, const std::stri
     return FailUnloadableLease(group_id, held_id, held_attempt, load_error);
   }
   const std::string& csv = *shared;
+  if (manifest_hook_for_test_) manifest_hook_for_test_();
   constexpr size_t kChunk = size_t{1} << 20;
   aviary::v1::ManifestChunk chunk;
   size_t offset = 0;

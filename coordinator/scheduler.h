@@ -212,6 +212,9 @@ class Scheduler {
   // Tests only, set before any heartbeat: runs in a heartbeat that lets go of a lease, between
   // its read of that lease and its write (where a new lease and a cancel may land).
   void SetLetGoHookForTest(std::function<void()> hook) { let_go_hook_for_test_ = std::move(hook); }
+  // Tests only: runs in GetManifest before its first chunk is sent (a slow fetch). Not thread-safe
+  // with fetches under way.
+  void SetManifestHookForTest(std::function<void()> hook) { manifest_hook_for_test_ = std::move(hook); }
 
  private:
   // `use_cache`: take the manifests of an unchanged dataset version from fold_cache_. Sets
@@ -396,6 +399,7 @@ class Scheduler {
 
   const SchedulerOptions options_;
   std::function<void()> let_go_hook_for_test_;
+  std::function<void()> manifest_hook_for_test_;
   Store* const store_;
   CoordinatorMetrics* const metrics_;
   common::Logger log_{"scheduler"};

@@ -322,13 +322,6 @@ uint64_t LoadLe(const unsigned char* p, int bytes) {
   return v;
 }
 
-// Every stored record of the zip archive in `fd` (`size` bytes) against the CRC-32 its central
-// directory holds. torch writes one (PyTorchStreamWriter) but its reader never checks it (miniz
-// is built without the reader's CRC checks): a checkpoint whose tensor bytes rotted on disk or
-// were damaged in a copy, the file's size unchanged, loaded as if whole, and a run resumed from
-// damaged weights and Adam moments beside a good last.prev.pt. DATA_LOSS naming the record;
-// UNAVAILABLE for a read error (as OpenArchive's). `*not_zip`: the file holds no zip directory.
-// `parsed_only`: only the records torch parses, not the tensors' bytes (IsTensorRecord).
 // A record of tensor bytes ("<archive>/data/<n>", "<archive>/constants/<n>"), which torch copies
 // and does not parse: the rest (the pickles, code/, version) it parses.
 bool IsTensorRecord(absl::string_view name) {
@@ -338,6 +331,13 @@ bool IsTensorRecord(absl::string_view name) {
   return absl::StartsWith(rest, "data/") || absl::StartsWith(rest, "constants/");
 }
 
+// Every stored record of the zip archive in `fd` (`size` bytes) against the CRC-32 its central
+// directory holds. torch writes one (PyTorchStreamWriter) but its reader never checks it (miniz
+// is built without the reader's CRC checks): a checkpoint whose tensor bytes rotted on disk or
+// were damaged in a copy, the file's size unchanged, loaded as if whole, and a run resumed from
+// damaged weights and Adam moments beside a good last.prev.pt. DATA_LOSS naming the record;
+// UNAVAILABLE for a read error (as OpenArchive's). `*not_zip`: the file holds no zip directory.
+// `parsed_only`: only the records torch parses, not the tensors' bytes (IsTensorRecord).
 absl::Status VerifyRecordChecksums(int fd, uint64_t size, const std::string& path, bool parsed_only, bool* not_zip) {
   *not_zip = false;
   auto read_at = [&](uint64_t pos, size_t n, std::string* out) -> absl::Status {

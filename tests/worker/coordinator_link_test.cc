@@ -7,10 +7,13 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +25,7 @@
 #include "coordinator/service.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/tiny_dataset.h"
+#include "worker/agent/signals.h"
 
 namespace aviary::worker {
 namespace {
@@ -486,6 +490,47 @@ TEST_F(CoordinatorLinkTest, AnotherRanksSignalBoundsTheDrain) {
   std::vector<int> epochs;  // nothing was delivered: the drain gave up
   ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
   EXPECT_TRUE(epochs.empty());
+}
+
+// A stop signal while the manifest is fetched cancels the fetch: it waited for the call's
+// deadline (minutes for a large manifest on a slow link), and the launcher's SIGKILL came first.
+// (Without the cancel, the fetch here ends when the slowed coordinator lets it, 5 s later, and
+// succeeds.)
+TEST_F(CoordinatorLinkTest, AStopSignalCancelsAManifestFetch) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  ASSERT_TRUE(link.Register().ok());
+  struct Gate {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool entered = false, released = false;
+  };
+  auto gate = std::make_shared<Gate>();  // shared: the coordinator's thread may leave the hook after the test
+  coordinator_->scheduler()->SetManifestHookForTest([gate] {
+    std::unique_lock<std::mutex> lock(gate->mu);
+    gate->entered = true;
+    gate->cv.notify_all();
+    gate->cv.wait_for(lock, std::chrono::seconds(5), [&] { return gate->released; });
+  });
+  absl::Status leased;
+  v1::Task task;
+  bool available = false;
+  std::thread lease([&] { leased = link.Lease(&task, &available); });
+  {
+    std::unique_lock<std::mutex> lock(gate->mu);
+    gate->cv.wait(lock, [&] { return gate->entered; });
+  }
+  SetStopSignalForTest(SIGUSR2);
+  lease.join();
+  SetStopSignalForTest(0);
+  {
+    std::lock_guard<std::mutex> lock(gate->mu);
+    gate->released = true;
+  }
+  gate->cv.notify_all();
+  EXPECT_TRUE(absl::IsCancelled(leased)) << leased;
+  EXPECT_NE(leased.message().find("stopped by a signal (SIGUSR2)"), std::string::npos) << leased;
 }
 
 // A worker token rotated while a group runs (docs/SERVICE.md, "Security model"): the coordinator

@@ -322,6 +322,7 @@ absl::Status Agent::ServeRank0() {
     st = link_->Lease(&task, &available);
     if (!st.ok()) {
       if (link_->lost()) continue;
+      if (absl::IsCancelled(st) && Signalled()) break;  // its manifest's fetch, stopped: the group leaves
       const double delay = errors.Next();
       Log().Warn(absl::StrFormat("%s; retrying in %.1f s", st.message(), delay));
       SleepUnlessSignalled(delay);

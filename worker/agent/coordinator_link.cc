@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
+#include <mutex>
 #include <optional>
 #include <random>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -312,16 +315,46 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
   if (size > 0) out.reserve(static_cast<size_t>(size));
   v1::ManifestChunk chunk;
   bool bad = false;
-  while (reader->Read(&chunk)) {
-    if (chunk.offset() != static_cast<int64_t>(out.size()) || chunk.total_size() != size ||
-        static_cast<int64_t>(out.size() + chunk.data().size()) > size) {
-      bad = true;
-      ctx.TryCancel();
-      break;
+  grpc::Status st;
+  bool stopped = false;  // by a signal
+  {
+    // A stop signal during the fetch (its deadline grows to minutes for a large manifest on a slow
+    // link) cancels it: the group leaves as on any signal. It waited for the deadline, and the
+    // launcher's SIGKILL came first (the group counted lost, its task leased until the timeout).
+    std::mutex watch_mu;
+    std::condition_variable watch_cv;
+    bool fetched = false;
+    std::thread watcher([&] {
+      std::unique_lock<std::mutex> lock(watch_mu);
+      while (!watch_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return fetched; })) {
+        if (Signalled()) {
+          stopped = true;
+          ctx.TryCancel();
+          return;
+        }
+      }
+    });
+    while (reader->Read(&chunk)) {
+      if (chunk.offset() != static_cast<int64_t>(out.size()) || chunk.total_size() != size ||
+          static_cast<int64_t>(out.size() + chunk.data().size()) > size) {
+        bad = true;
+        ctx.TryCancel();
+        break;
+      }
+      out += chunk.data();
     }
-    out += chunk.data();
+    st = reader->Finish();
+    {
+      std::lock_guard<std::mutex> lock(watch_mu);
+      fetched = true;
+    }
+    watch_cv.notify_all();
+    watcher.join();
   }
-  grpc::Status st = reader->Finish();
+  if (stopped && !st.ok()) {
+    return absl::CancelledError(absl::StrCat("GetManifest ", hash.substr(0, 12), " from ", options_.coordinator,
+                                             ": stopped by a signal (", StopSignalName(), ")"));
+  }
   if (bad) {
     return absl::DataLossError(absl::StrCat("GetManifest ", hash, " from ", options_.coordinator, ": a chunk at offset ",
                                             chunk.offset(), " of ", chunk.total_size(), " bytes does not continue the ",

@@ -117,6 +117,8 @@ void InstallStopSignalHandlers() {
 
 bool Signalled() { return g_signal.load(std::memory_order_relaxed) != 0; }
 
+void SetStopSignalForTest(int sig) { g_signal.store(sig, std::memory_order_relaxed); }
+
 std::string StopSignalName() {
   const int sig = g_signal.load(std::memory_order_relaxed);
   switch (sig) {

@@ -28,6 +28,9 @@ void InstallStopSignalHandlers();
 
 // Whether a stop signal arrived.
 bool Signalled();
+
+// Tests only: sets the flag as signal `sig` would (0 clears it).
+void SetStopSignalForTest(int sig);
 // The stop signal, for the log ("SIGTERM", ...); empty when none arrived.
 std::string StopSignalName();
 
