@@ -119,5 +119,20 @@ grep -q "^datapath	SKIP	.*not selected (--only allreduce; group datapath)" "$tmp
 [ "$(grep -c "	SKIP	.*not selected" "$tmp/out1/results.tsv")" -eq 19 ] ||
   { cat "$tmp/out1/results.tsv"; fail "--only allreduce: not every other check is SKIP"; }
 expect_refusal "--only: unknown group 'bogus'" "$repo/bench/gpu/acceptance.sh" --dry-run --build "$build" --only speed,bogus
+
+# The next GPU session's first device call, its flags as docs/BENCHMARKS.md gives them: every
+# row of the speed and data-path groups is measured (INFO on the CPU), torch.compile skipped.
+if "$repo/bench/gpu/acceptance.sh" --dry-run --pack "$tmp/pack" --python "$tmp/guarded-python" --out "$tmp/out2" \
+     --work "$tmp/work2" --only speed,datapath --skip-compile --budget 1300 --step-timeout 900 > "$tmp/run2.log" 2>&1; then
+  ok
+else
+  tail -30 "$tmp/run2.log"; fail "acceptance.sh --only speed,datapath --skip-compile failed"
+fi
+for check in mel step_vs_eager step_graph step_wave datapath allreduce_share datapath_profile datapath_graph \
+    datapath_loader_wait loader projection_8gpu; do
+  grep -q "^$check	INFO	" "$tmp/out2/results.tsv" ||
+    { grep "^$check	" "$tmp/out2/results.tsv"; fail "--only speed,datapath --skip-compile: '$check' was not measured"; }
+done
+grep -q "^step_vs_compile	SKIP	" "$tmp/out2/results.tsv" || fail "--skip-compile: torch.compile's row is not SKIP"
 echo "gpu_acceptance_dry_run: $passes passed, $fails failed"
 [ $fails -eq 0 ]
