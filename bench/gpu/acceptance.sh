@@ -221,8 +221,12 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERE
 # aviary's programs load here, or no step of theirs can run: said now, not after the Python
 # references have used minutes of device time (a library the host lacks, e.g. libgomp.so.1,
 # which the pack leaves to the host, failed every aviary step within milliseconds).
-missing=$(for b in "$bin/aviary-worker" "$bin/aviary"; do [ -x "$b" ] && ldd "$b" 2>&1 | grep 'not found'; done |
-  sort -u | tr -s ' \t\n' ' ')
+missing=""
+if command -v ldd >/dev/null 2>&1; then
+  for b in "$bin/aviary-worker" "$bin/aviary"; do [ -x "$b" ] && ldd "$b" >>"$log" 2>&1; done
+  missing=$(for b in "$bin/aviary-worker" "$bin/aviary"; do [ -x "$b" ] && ldd "$b" 2>&1 | grep 'not found'; done |
+    sort -u | tr -s ' \t\n' ' ')
+fi
 if [ -n "$missing" ]; then
   echo "acceptance.sh: the programs in $bin do not load here:$missing (see $log)" >&2
   exit 2

@@ -517,9 +517,14 @@ TEST_F(CoordinatorLinkTest, AStopSignalCancelsAManifestFetch) {
   v1::Task task;
   bool available = false;
   std::thread lease([&] { leased = link.Lease(&task, &available); });
+  bool entered = false;
   {
     std::unique_lock<std::mutex> lock(gate->mu);
-    gate->cv.wait(lock, [&] { return gate->entered; });
+    entered = gate->cv.wait_for(lock, std::chrono::seconds(30), [&] { return gate->entered; });
+  }
+  if (!entered) {  // the lease ended before its manifest's fetch: no fetch to stop
+    lease.join();
+    FAIL() << "no manifest fetch: " << leased << " (available " << available << ")";
   }
   SetStopSignalForTest(SIGUSR2);
   lease.join();

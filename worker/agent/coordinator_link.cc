@@ -10,6 +10,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -334,6 +335,16 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
         }
       }
     });
+    // Joined on every way out (a string that cannot grow throws: a joinable thread destroyed
+    // would end the process).
+    absl::Cleanup join_watcher = [&] {
+      {
+        std::lock_guard<std::mutex> lock(watch_mu);
+        fetched = true;
+      }
+      watch_cv.notify_all();
+      watcher.join();
+    };
     while (reader->Read(&chunk)) {
       if (chunk.offset() != static_cast<int64_t>(out.size()) || chunk.total_size() != size ||
           static_cast<int64_t>(out.size() + chunk.data().size()) > size) {
@@ -344,12 +355,6 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
       out += chunk.data();
     }
     st = reader->Finish();
-    {
-      std::lock_guard<std::mutex> lock(watch_mu);
-      fetched = true;
-    }
-    watch_cv.notify_all();
-    watcher.join();
   }
   if (stopped && !st.ok()) {
     return absl::CancelledError(absl::StrCat("GetManifest ", hash.substr(0, 12), " from ", options_.coordinator,
