@@ -17,11 +17,14 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "common/status.h"
 
 namespace aviary::common {
@@ -303,6 +306,46 @@ absl::StatusOr<std::string> ResolveOutputPath(const std::string& path) {
   return resolved;
 }
 
+namespace {
+
+// The paths this process is writing now. The temporary and staged names are per process (one
+// suffix), so two threads writing one path would truncate each other's temporary file and one
+// rename would find it gone: the second writer waits for the first (the last one wins, whole).
+class PathsBeingWritten {
+ public:
+  class Hold {
+   public:
+    Hold(PathsBeingWritten* paths, std::string path) : paths_(paths), path_(std::move(path)) {
+      absl::MutexLock lock(&paths_->mu_);
+      while (paths_->writing_.contains(path_)) paths_->done_.Wait(&paths_->mu_);
+      paths_->writing_.insert(path_);
+    }
+    ~Hold() {
+      absl::MutexLock lock(&paths_->mu_);
+      paths_->writing_.erase(path_);
+      paths_->done_.SignalAll();
+    }
+    Hold(const Hold&) = delete;
+    Hold& operator=(const Hold&) = delete;
+
+   private:
+    PathsBeingWritten* const paths_;
+    const std::string path_;
+  };
+
+ private:
+  absl::Mutex mu_;
+  absl::CondVar done_;
+  absl::flat_hash_set<std::string> writing_ ABSL_GUARDED_BY(mu_);
+};
+
+PathsBeingWritten& WritersOfThisProcess() {
+  static auto* paths = new PathsBeingWritten();
+  return *paths;
+}
+
+}  // namespace
+
 absl::Status WriteFileAtomically(const std::string& given_path, absl::string_view contents,
                                  const AtomicWriteOptions& options) {
   // An output a user named as a symbolic link is written through (its target replaced), as `cp`
@@ -312,6 +355,7 @@ absl::Status WriteFileAtomically(const std::string& given_path, absl::string_vie
   if (options.follow_symlinks && options.keep_previous_as.empty()) {
     AVIARY_ASSIGN_OR_RETURN(path, ResolveOutputPath(given_path));
   }
+  const PathsBeingWritten::Hold hold(&WritersOfThisProcess(), path);
   const std::string tmp = absl::StrCat(path, ".tmp.", TemporarySuffix());
   StorageFault fault;
   fault.path = path;

@@ -35,7 +35,8 @@ absl::StatusOr<std::string> ResolveOutputPath(const std::string& path);
 
 // This process's suffix of temporary file names, "<pid>.<a random number drawn once>": two
 // processes of one pid (rank 0 of two groups in two containers, a stale group and the task's new
-// holder writing one run folder) never share a temporary file.
+// holder writing one run folder) never share a temporary file. Within a process,
+// WriteFileAtomically lets one thread at a time write a given path (a second waits).
 const std::string& TemporarySuffix();
 // Whether `suffix` is one TemporarySuffix() gives (digits '.' digits), or the bare pid that
 // earlier versions used.

@@ -46,6 +46,34 @@ std::vector<std::string> Entries(const std::string& dir) {
   return out;
 }
 
+// Two threads of one process writing one path (the temporary name is per process): each write
+// succeeds and the file is one of them, whole. They shared "<path>.tmp.<suffix>": one truncated
+// the other's temporary file mid-write, and one rename found it already gone.
+TEST(WriteFileAtomicallyTest, TwoThreadsWritingOnePathEachWriteWhole) {
+  const std::string dir = FreshDir("two_writers");
+  const std::string path = dir + "/history.csv";
+  const std::string a(512 * 1024, 'a');
+  const std::string b(512 * 1024 + 7, 'b');
+  std::vector<absl::Status> failed[2];
+  auto write = [&](int k) {
+    for (int i = 0; i < 25; ++i) {
+      absl::Status st = WriteFileAtomically(path, k == 0 ? a : b);
+      if (!st.ok()) failed[k].push_back(st);
+    }
+  };
+  std::thread first(write, 0);
+  std::thread second(write, 1);
+  first.join();
+  second.join();
+  for (const auto& list : failed) {
+    for (const absl::Status& st : list) ADD_FAILURE() << st;
+  }
+  auto now = ReadFileToString(path);
+  ASSERT_TRUE(now.ok()) << now.status();
+  EXPECT_TRUE(*now == a || *now == b) << "size " << now->size();
+  EXPECT_EQ(Entries(dir), std::vector<std::string>{"history.csv"});
+}
+
 // An output a user names as a symbolic link (a chain of them, a relative one, a dangling one) is
 // written through: its target gets the contents and the link stays. The rename used to replace
 // the link with a file and leave its target as it was; a loop is refused. Other writes (a run
