@@ -40,6 +40,9 @@ absl::StatusOr<std::unique_ptr<Loader>> Loader::Create(std::vector<LoaderItem> i
   }
   if (options.clip_samples < 1) return bad("clip_samples", options.clip_samples, "must be >= 1");
   if (options.num_classes < 1) return bad("num_classes", options.num_classes, "must be >= 1");
+  if (options.max_substitutions < 1) {
+    return bad("max_substitutions", options.max_substitutions, "must be >= 1");
+  }
   for (double d : options.read_retry_delays_s) {
     if (!(d >= 0 && d <= 600)) return bad("read_retry_delays_s", d, "each must be in [0, 600] s");
   }
@@ -426,8 +429,10 @@ absl::StatusOr<bool> Loader::Next(Batch* batch) {
     stats_.consumer_wait_s +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
-  if (!error_.ok()) return error_;
+  // A batch that is ready is delivered even when a later one (prefetched) failed: the epoch
+  // fails at the first batch it cannot have, not at a step that depends on prefetch timing.
   auto it = ready_.find(next_to_consume_);
+  if (it == ready_.end()) return error_;
   *batch = std::move(it->second);
   ready_.erase(it);
   ++next_to_consume_;

@@ -79,7 +79,7 @@ struct LoaderOptions {
   int num_classes = 1;
   bool pin_memory = false;     // page-locked host batches (needs CUDA)
   int64_t max_batches = -1;    // per epoch, for debug runs; -1: all
-  int max_substitutions = 64;  // broken clips in a row before the epoch fails
+  int max_substitutions = 64;  // broken clips in a row (a row's and its substitutes') that fail the epoch; >= 1
   // A row's clip that could not be read now (ClipData::retry) is read again after each of these
   // waits (the same item and crop: the batch is what it would have been) before it counts as
   // broken. Only the row's own item: its substitutes are not (a failed storage then ends the
@@ -120,13 +120,13 @@ class Loader {
   // error, the work done is kept (the same batches, whatever the timing): so a trainer starts
   // the next epoch ahead, during validation, and starts it again when it begins.
   void StartEpoch(int epoch, int64_t first_batch = 0);
-  // The next batch of the epoch in order; false at the end of the epoch. An error (e.g. more
-  // than max_substitutions broken clips in a row: DATA_LOSS, or UNAVAILABLE when none of them
+  // The next batch of the epoch in order; false at the end of the epoch. An error (e.g.
+  // max_substitutions broken clips in a row: DATA_LOSS, or UNAVAILABLE when none of them
   // could be read (ClipData::unreadable): the files' storage or this node's view of it, not their
   // contents) is returned as a status. Validation leaves broken clips out, but max_substitutions
   // clips in a row that could not be read are UNAVAILABLE too (a storage outage: its metrics
   // would cover another set of clips, after minutes of waits); past 3 such rows, a row's read is
-  // not made again after waits.
+  // not made again after waits. A batch that is ready is returned even when a later one failed.
   absl::StatusOr<bool> Next(Batch* batch);
 
   int64_t BatchesPerEpoch() const { return num_batches_; }

@@ -17,6 +17,7 @@
 #include <set>
 #include <thread>
 
+#include "common/numpy_random.h"
 #include "gtest/gtest.h"
 #include "worker/device_copy.h"
 
@@ -208,6 +209,45 @@ TEST(LoaderTest, TooManyBrokenClipsInARowFailTheEpochWithTheirNames) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(r.status().message().find("5 broken clips in a row"), absl::string_view::npos);
+}
+
+// A batch that is ready is delivered although a later, prefetched one has failed the epoch: the
+// failure comes at the first batch that cannot be had (it came at once, so the step where an
+// epoch failed hung on prefetch timing, and steps that were ready were lost).
+TEST(LoaderTest, ReadyBatchesComeBeforeALaterBatchsError) {
+  auto items = MakeItems(32);
+  auto o = Options(4);
+  o.num_threads = 1;
+  o.prefetch_batches = 2;
+  o.max_substitutions = 5;
+  o.seed = 7;
+  common::LegacyRandomState rng(o.seed + 0);
+  const std::vector<int64_t> order = rng.Permutation(static_cast<int64_t>(items.size()));
+  std::set<std::string> broken;  // every item but batch 0's
+  for (size_t i = 4; i < order.size(); ++i) broken.insert(items[order[i]].path);
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  ClipFn clip = [calls, inner = EncodingClip(broken)](const LoaderItem& item, bool train, uint64_t seed,
+                                                        absl::Span<float> out) {
+    ClipData c = inner(item, train, seed, out);
+    ++*calls;
+    return c;
+  };
+  auto l = Loader::Create(items, clip, o);
+  ASSERT_TRUE(l.ok()) << l.status();
+  (*l)->StartEpoch(0);
+  // Batch 0's 4 clips, then batch 1's first row and its 4 substitutes fail the epoch.
+  for (int i = 0; i < 2000 && calls->load() < 9; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_EQ(calls->load(), 9);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the error recorded (else: a pass anyway)
+  Batch b;
+  auto first = (*l)->Next(&b);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(*first);
+  EXPECT_EQ(b.index, 0);
+  ExpectRowsHoldTheirItems(b);
+  auto second = (*l)->Next(&b);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kDataLoss) << second.status();
 }
 
 // Once a row's substitutions fail the epoch, the rows other threads are substituting give up
@@ -469,6 +509,11 @@ TEST(LoaderTest, BadOptionsAreNamed) {
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.status().message().find("item 3 (item3) has target 9"), absl::string_view::npos);
   EXPECT_FALSE(Loader::Create({}, EncodingClip(), Options(4)).ok());
+  auto none = Options(4);
+  none.max_substitutions = 0;  // the first broken clip failed the epoch
+  auto s = Loader::Create(MakeItems(8), EncodingClip(), none);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("max_substitutions = 0: must be >= 1"), absl::string_view::npos) << s.status();
 }
 
 TEST(LoaderTest, EveryThreadDecodesRowsOfTheBatchInProgress) {
