@@ -353,7 +353,13 @@ std::string FormatFixed(double v, int decimals) {
 // A tick label for `v` on a linear axis whose ticks are `step` apart.
 std::string FormatTick(double v, double step) {
   if (std::abs(v) < step * 1e-6) return "0";
-  if (std::abs(v) >= 1e7 || step < 1e-6) return absl::StrFormat("%.3g", v);
+  if (std::abs(v) >= 1e7 || step < 1e-6) {
+    // As many significant digits as reach the step's: ticks 1e7 + k * 1000 read 1.001e+07, ...
+    // and 0.69314715, 0.6931472, ... (three digits printed every tick the same).
+    const int digits = static_cast<int>(std::floor(std::log10(std::abs(v)))) -
+                       static_cast<int>(std::floor(std::log10(step))) + 1;
+    return absl::StrFormat("%.*g", std::clamp(digits, 3, 17), v);
+  }
   int decimals = std::max(0, static_cast<int>(std::ceil(-std::log10(step) - 1e-9)));
   return FormatFixed(v, decimals);
 }
@@ -390,15 +396,16 @@ struct Axis {
     if (!log) return v;
     return v > 0 ? std::log10(v) : std::numeric_limits<double>::quiet_NaN();
   }
-  // Position of a transformed value: 0 at lo, 1 at hi.
-  double Unit(double t) const { return (t - lo) / (hi - lo); }
+  // Position of a transformed value: 0 at lo, 1 at hi. In halves (exact), so that limits near
+  // the largest doubles do not overflow to an infinite span.
+  double Unit(double t) const { return (t * 0.5 - lo * 0.5) / (hi * 0.5 - lo * 0.5); }
 };
 
 void MakeLinearTicks(Axis* axis, int target, double min_step) {
   axis->ticks.clear();
   axis->labels.clear();
   axis->minor_ticks.clear();
-  double step = std::max(NiceStep((axis->hi - axis->lo) / std::max(1, target)), min_step);
+  double step = std::max(NiceStep((axis->hi * 0.5 - axis->lo * 0.5) / std::max(1, target) * 2), min_step);
   const double first = std::ceil(axis->lo / step - 1e-9);
   const double last = std::floor(axis->hi / step + 1e-9);
   // Absurd ranges (overflowing spans, or ticks beyond 2^53) get no ticks rather than UB.
@@ -481,6 +488,11 @@ struct Extent {
   bool empty() const { return lo > hi; }
 };
 
+// `v` within the finite doubles (a limit past them drew nothing: every point at an infinite one).
+double Finitely(double v) {
+  return std::clamp(v, -std::numeric_limits<double>::max(), std::numeric_limits<double>::max());
+}
+
 // Axis limits from the data extent: `margin` of the span on each side, degenerate spans padded.
 void SetLimits(Axis* axis, Extent e, double margin) {
   if (e.empty()) {
@@ -488,15 +500,15 @@ void SetLimits(Axis* axis, Extent e, double margin) {
     axis->hi = 1;
     return;
   }
-  if (e.hi - e.lo <= std::abs(e.hi) * 1e-12) {
+  if (e.hi * 0.5 - e.lo * 0.5 <= std::abs(e.hi) * 0.5e-12) {
     double pad = axis->log ? 0.5 : (e.lo != 0 ? std::abs(e.lo) * 0.1 : 1.0);
-    axis->lo = e.lo - pad;
-    axis->hi = e.hi + pad;
+    axis->lo = Finitely(e.lo - pad);
+    axis->hi = Finitely(e.hi + pad);
     return;
   }
-  double span = e.hi - e.lo;
-  axis->lo = e.lo - margin * span;
-  axis->hi = e.hi + margin * span;
+  const double half_span = e.hi * 0.5 - e.lo * 0.5;
+  axis->lo = Finitely(e.lo - 2 * margin * half_span);
+  axis->hi = Finitely(e.hi + 2 * margin * half_span);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -669,7 +681,7 @@ class PanelRenderer {
         e.Add(left.lo);
         e.Add(left.hi);
       }
-      double span = e.hi - e.lo;
+      double span = Finitely(e.hi - e.lo);
       if (y_.log) {
         // Start below the smallest bar so that it still shows.
         if (span <= 0) span = 1;
@@ -679,8 +691,8 @@ class PanelRenderer {
         y_.lo = 0;
         y_.hi = 1;
       } else {
-        y_.lo = e.lo < 0 ? e.lo - 0.05 * span : e.lo;
-        y_.hi = e.hi > 0 ? e.hi + 0.05 * span : e.hi;
+        y_.lo = e.lo < 0 ? Finitely(e.lo - 0.05 * span) : e.lo;
+        y_.hi = e.hi > 0 ? Finitely(e.hi + 0.05 * span) : e.hi;
       }
       // Room for value labels above the bars.
       show_bar_values_ = false;
@@ -693,9 +705,9 @@ class PanelRenderer {
       if (show_bar_values_) {
         // Labels go above positive bars and below negative ones.
         const double fraction = std::min(0.3, (ch + 2.0 * m_.gap) / plot_.height());
-        const double extra = (y_.hi - y_.lo) * fraction / (1 - 2 * fraction);
-        if (!y_.log && e.lo < 0) y_.lo -= extra;
-        if (y_.log || e.hi > 0) y_.hi += extra;
+        const double extra = Finitely((y_.hi * 0.5 - y_.lo * 0.5) * 2 * fraction / (1 - 2 * fraction));
+        if (!y_.log && e.lo < 0) y_.lo = Finitely(y_.lo - extra);
+        if (y_.log || e.hi > 0) y_.hi = Finitely(y_.hi + extra);
       }
     } else {
       SetLimits(&y_, left, 0.05);
@@ -745,7 +757,11 @@ class PanelRenderer {
     categorical_ = HasBars() && !panel_.bars->labels.empty();
     if (categorical_) {
       // Every k-th category label, k in 1, 2, 5, 10, 20, ... so that labels do not touch.
-      const auto& labels = panel_.bars->labels;
+      // A label wider than a third of the panel is shortened with "..." (it ran into the next panel).
+      std::vector<std::string> labels;
+      for (const std::string& label : panel_.bars->labels) {
+        labels.push_back(canvas_->FitText(label, area_.width() / 3.0, m_.font));
+      }
       double unit = plot_.width() / (x_.hi - x_.lo);
       double needed = MaxLabelWidth(labels) + 2.0 * CharWidth();
       long long every = static_cast<long long>(NiceStep(needed / unit));
@@ -1012,13 +1028,16 @@ class PanelRenderer {
     bool bar, dashed;
   };
 
+  // The names shortened with "..." to what one entry's row of the panel holds (a long one ran
+  // across the next panel).
   std::vector<LegendEntry> LegendEntries() const {
+    const double room = std::max(0.0, area_.width() - 2.0 * m_.pad - 2 * LegendInner() - LegendSample() - m_.gap);
     std::vector<LegendEntry> entries;
     if (panel_.bars && !panel_.bars->name.empty()) {
-      entries.push_back({panel_.bars->name, panel_.bars->rgb, true, false});
+      entries.push_back({canvas_->FitText(panel_.bars->name, room, m_.font), panel_.bars->rgb, true, false});
     }
     for (const Series& s : panel_.lines) {
-      if (!s.name.empty()) entries.push_back({s.name, s.rgb, false, s.dashed});
+      if (!s.name.empty()) entries.push_back({canvas_->FitText(s.name, room, m_.font), s.rgb, false, s.dashed});
     }
     return entries;
   }
@@ -1124,7 +1143,7 @@ class PanelRenderer {
         double row_w = -spacing;
         for (size_t i : row) row_w += spacing + LegendEntryWidth(entries[i]);
         double x = (plot_.x0 + plot_.x1 - row_w) / 2;
-        x = std::round(std::clamp(x, area_.x0 + m_.pad, area_.x1 - m_.pad - row_w));
+        x = std::round(std::max(area_.x0 + m_.pad, std::min(x, area_.x1 - m_.pad - row_w)));
         for (size_t i : row) {
           DrawLegendEntry(entries[i], area_, x, y + CapHeight() / 2.0);
           x += LegendEntryWidth(entries[i]) + spacing;
@@ -1178,6 +1197,19 @@ uint32_t PaletteColor(int index) {
   static constexpr uint32_t kTab10[10] = {0x1F77B4, 0xFF7F0E, 0x2CA02C, 0xD62728, 0x9467BD,
                                           0x8C564B, 0xE377C2, 0x7F7F7F, 0xBCBD22, 0x17BECF};
   return kTab10[((index % 10) + 10) % 10];
+}
+
+std::vector<std::string> AxisTickLabelsForTest(double lo, double hi, bool log_scale, int target) {
+  Axis axis;
+  axis.log = log_scale;
+  axis.lo = axis.Transform(lo);
+  axis.hi = axis.Transform(hi);
+  if (log_scale) {
+    MakeLogTicks(&axis, target);
+  } else {
+    MakeLinearTicks(&axis, target, 0);
+  }
+  return axis.labels;
 }
 
 absl::StatusOr<std::string> EncodePng(int width, int height, absl::string_view rgb) {

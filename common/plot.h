@@ -95,6 +95,10 @@ absl::Status WritePng(const Figure& figure, const std::string& path);
 // PNG with cairo's writer.
 absl::StatusOr<std::string> EncodePng(int width, int height, absl::string_view rgb);
 
+// For tests: the tick labels of an axis over [lo, hi] (data units; > 0 for a log axis), about
+// `target` of them, as a panel's axis gets them.
+std::vector<std::string> AxisTickLabelsForTest(double lo, double hi, bool log_scale, int target);
+
 }  // namespace aviary::common
 
 #endif  // AVIARY_COMMON_PLOT_H_

@@ -10,6 +10,7 @@
 #include <limits>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/csv.h"
@@ -675,6 +676,92 @@ TEST(PlotTest, LegendShowsEachNamedSeriesInItsColour) {
   const Bounds names = Find(with, frame.x0 + 1, frame.y0 + 1, frame.x1, frame.y1, IsInk);
   EXPECT_GT(names.count, 60) << "the names are written";
   EXPECT_GT(names.height(), 16) << "on two rows";
+}
+
+// A long series name is shortened with "..." to its panel: its legend row is readable from its
+// sample on and stays in the panel (a row wider than the panel was clamped with lo > hi: it
+// started left of the figure, its sample and the name's start cut off).
+TEST(PlotTest, ALongLegendNameStaysInItsPanel) {
+  Figure figure;
+  figure.width = 800;
+  figure.height = 400;
+  figure.columns = 2;
+  Panel left;
+  left.legend = true;
+  Panel right;  // no named series: no legend
+  right.lines.push_back(Series{"", {0, 1, 2}, {2, 1, 0}, 0x2CA02C});
+  // A rising line (the legend inside the plot, if it fits) and a zigzag (no place inside: rows
+  // under the plot).
+  Series rising{std::string(400, 'x'), {0, 1, 2}, {0, 1, 2}, 0xD62728};
+  Series zigzag{std::string(400, 'y'), {}, {}, 0xD62728};
+  for (int i = 0; i < 200; ++i) {
+    zigzag.x.push_back(i);
+    zigzag.y.push_back(i % 2);
+  }
+  for (const Series& series : {rising, zigzag}) {
+    left.lines = {series};
+    figure.panels = {left, right};
+    Image image = RenderOrDie(figure);
+    const Bounds red = Find(image, image.width / 2, 0, image.width, image.height, [](uint32_t c) { return c == 0xD62728u; });
+    EXPECT_TRUE(red.empty()) << series.name.substr(0, 1) << ": the left legend's sample is in the right panel";
+    // The legend's row under the plot starts with the sample, at the panel's left edge (the row
+    // started left of the figure: no sample, the name's start cut off).
+    const Bounds sample = Find(image, 0, image.height * 9 / 10, image.width / 2, image.height,
+                               [](uint32_t c) { return c == 0xD62728u; });
+    EXPECT_GE(sample.width(), 15) << series.name.substr(0, 1) << ": no legend sample under the plot";
+    EXPECT_LT(sample.x0, 40) << series.name.substr(0, 1);
+  }
+}
+
+// A long category label is shortened with "..." to a third of its panel (centred under its bar,
+// it ran into the next panel).
+TEST(PlotTest, ALongCategoryLabelStaysInItsPanel) {
+  Figure figure;
+  figure.width = 800;
+  figure.height = 400;
+  figure.columns = 2;
+  Panel left;
+  left.bars = BarSeries{"", {std::string(200, 'x'), "b"}, {1, 2}};
+  Panel right;
+  right.lines.push_back(Series{"", {0, 1, 2}, {2, 1, 0}, 0x2CA02C});
+  figure.panels = {left, right};
+  Image image = RenderOrDie(figure);
+  // Left of the right panel's y axis, at the height of the x labels: nothing of the right panel.
+  const Bounds ink = Find(image, image.width / 2, image.height * 9 / 10, image.width / 2 + 20, image.height, IsInk);
+  EXPECT_TRUE(ink.empty()) << "the left panel's label runs into the right panel";
+}
+
+// Tick labels differ where their ticks do: 1e7 + k * 1000 and ticks 5e-8 apart printed three
+// digits, the same on every tick; so did a log axis over a float's 0.001 and a double's.
+TEST(PlotTest, TickLabelsHaveTheDigitsThatTellThemApart) {
+  for (const auto& [lo, hi, log_scale] : std::vector<std::tuple<double, double, bool>>{
+           {1e7, 1.005e7, false}, {0.6931471, 0.6931473, false}, {-2e9, -1.99999e9, false},
+           {0.001, 0.0010000000474974513, true}}) {
+    const std::vector<std::string> labels = AxisTickLabelsForTest(lo, hi, log_scale, 5);
+    ASSERT_GE(labels.size(), 2u) << lo << " " << hi;
+    EXPECT_EQ(std::set<std::string>(labels.begin(), labels.end()).size(), labels.size())
+        << lo << " " << hi << ": " << ::testing::PrintToString(labels);
+  }
+  EXPECT_EQ(AxisTickLabelsForTest(0, 1, false, 5), (std::vector<std::string>{"0", "0.2", "0.4", "0.6", "0.8", "1.0"}));
+  EXPECT_EQ(AxisTickLabelsForTest(1e7, 5e7, false, 4),
+            (std::vector<std::string>{"1e+07", "2e+07", "3e+07", "4e+07", "5e+07"}));
+}
+
+// Values near the largest doubles: the lines and bars are drawn (the limits overflowed to
+// infinities, and every point became NaN: an empty chart).
+TEST(PlotTest, DrawsValuesNearTheLargestDoubles) {
+  Figure figure;
+  figure.width = 600;
+  figure.height = 300;
+  figure.columns = 2;
+  Panel lines;
+  lines.lines.push_back(Series{"", {0, 1, 2}, {-1.7e308, 0, 1.7e308}, 0x123456});
+  Panel bars;
+  bars.bars = BarSeries{"", {"a", "b"}, {1e308, 1.7e308}, 0x654321};
+  figure.panels = {lines, bars};
+  Image image = RenderOrDie(figure);
+  EXPECT_GT(image.Count(0x123456), 50) << "the line is drawn";
+  EXPECT_GT(image.Count(0x654321), 500) << "the bars are drawn";
 }
 
 TEST(PlotTest, DashedLinesHaveGapsAndSolidOnesNone) {
