@@ -141,11 +141,29 @@ int main(int argc, char** argv) {
     if (!override_value.ok()) return Fail("config", override_value.status(), 2);
     overrides.push_back(*override_value);
   }
+  // A flag and a `--set` of its key: refused, whatever their order (the flag won, silently).
+  for (size_t i = 0; i < key_flags.size(); ++i) {
+    const auto& [key, option] = key_flags[i];
+    if (option->count() == 0) continue;
+    for (const ConfigOverride& set : overrides) {
+      if (set.key == key) {
+        return Fail("config",
+                    absl::InvalidArgumentError(absl::StrCat(option->get_name(), " and ", set.label, " both set key '",
+                                                            key, "': give one")),
+                    2);
+      }
+    }
+  }
   for (size_t i = 0; i < key_flags.size(); ++i) {
     const auto& [key, option] = key_flags[i];
     if (option->count() > 0) {
       overrides.push_back({key, values[i], absl::StrCat(option->get_name(), " ", values[i])});
     }
+  }
+  // An empty --config (an unset variable) read as "no file": the defaults' errors hid it.
+  if (app.get_option("--config")->count() > 0 && config_path.empty()) {
+    return Fail("config", absl::InvalidArgumentError("--config is empty (leave the flag out for the built-in defaults)"),
+                2);
   }
   // SIGHUP (a `systemctl reload` just after the start) ends a process that has not blocked it,
   // and systemd restarts no process a SIGHUP ended: blocked from here on; one that arrives before
@@ -195,8 +213,8 @@ int main(int argc, char** argv) {
 
   aviary::common::Logger log("coordinator");
   auto coordinator = aviary::coordinator::Coordinator::Start(*config, *secrets);
-  // A database that is not aviary's or not writable (its folder's permissions too), a port
-  // file's missing folder: the user's to fix, exit 2 (systemd does not restart it in vain). An
+  // A database that is not aviary's or not writable (its folder's permissions too), a folder
+  // named as the database, a database's or a port file's missing folder: the user's to fix, exit 2 (systemd does not restart it in vain). An
   // address or database in use, or an internal error: exit 1, which a restart may outlive.
   // A damaged database file (DATA_LOSS: a page that does not read) is the user's to restore
   // from a backup: exit 2 too (a restart reads the same page).

@@ -4,7 +4,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <tuple>
 #include <utility>
@@ -873,15 +875,15 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
       {"port_file", config.port_file, c->grpc_port_},
       {"metrics_port_file", config.metrics_port_file, c->metrics_port()},
   };
-  std::vector<std::string> written;
   for (const PortFile& file : port_files) {
     if (file.path.empty() || file.port == 0) continue;
-    absl::Status wrote = common::WriteFileAtomically(file.path, absl::StrCat(file.port, "\n"));
+    const std::string contents = absl::StrCat(file.port, "\n");
+    absl::Status wrote = common::WriteFileAtomically(file.path, contents);
     if (!wrote.ok()) {
-      for (const std::string& path : written) ::unlink(path.c_str());
+      c->RemovePortFiles();
       return common::Annotate(wrote, absl::StrCat("key '", file.key, "'"));
     }
-    written.push_back(file.path);
+    c->port_files_.emplace_back(file.path, contents);
   }
   c->log_.Info(absl::StrCat(
       "listening on ", WithPort(config.listen, c->grpc_port_), " (gRPC",
@@ -934,9 +936,23 @@ absl::Status Coordinator::ReloadTokens() {
   return absl::OkStatus();
 }
 
+void Coordinator::RemovePortFiles() {
+  for (const auto& [path, contents] : port_files_) {
+    // Not when it names another port now (a coordinator started since, given the same file).
+    absl::StatusOr<std::string> now = common::ReadFileToString(path, 64);
+    if (now.ok() && *now == contents && ::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      log_.Warn(absl::StrCat(path, ": cannot remove the port file: ", std::strerror(errno)));
+    }
+  }
+  port_files_.clear();
+}
+
 absl::Status Coordinator::Shutdown(std::chrono::milliseconds grace) {
   if (shut_down_) return absl::OkStatus();
   shut_down_ = true;
+  // First, so that a supervisor waiting for the next start's file never reads a port about to
+  // close (a clean stop left the files naming ports nobody served).
+  RemovePortFiles();
   // Watchers end first so that Shutdown's wait is for short calls only.
   if (scheduler_) scheduler_->Shutdown();
   if (console_) console_->Shutdown();

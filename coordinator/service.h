@@ -12,6 +12,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/logging.h"
@@ -125,8 +127,9 @@ class Coordinator {
                                                             const CoordinatorSecrets& secrets);
   ~Coordinator();
 
-  // Stops accepting calls, waits up to `grace` for running ones (then cancels them), stops the
-  // scheduler and closes the store. Idempotent.
+  // Removes the port files it wrote (those that still name its ports), stops accepting calls,
+  // waits up to `grace` for running ones (then cancels them), stops the scheduler and closes the
+  // store. Idempotent.
   absl::Status Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(5000));
 
   // Re-reads the config's token files (SIGHUP) and swaps them in as a whole; logs "tokens
@@ -149,6 +152,7 @@ class Coordinator {
 
  private:
   Coordinator() = default;
+  void RemovePortFiles();
 
   common::Logger log_{"coordinator"};
   std::unique_ptr<Store> store_;
@@ -161,6 +165,8 @@ class Coordinator {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<Console> console_;
   int grpc_port_ = 0;
+  // The port files written at the start: (path, contents).
+  std::vector<std::pair<std::string, std::string>> port_files_;
   bool shut_down_ = false;
 };
 

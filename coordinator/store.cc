@@ -356,6 +356,12 @@ absl::Status Store::Exec(const char* sql) {
 
 absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   if (path.empty()) return absl::InvalidArgumentError("database path is empty");
+  // A folder named as the database: sqlite's "unable to open database file", twice, named no cause.
+  if (struct stat st = {}; ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("database ", path, ": a folder, not a database file (name a file in it, e.g. ", path,
+                     "/aviary.db)"));
+  }
   // The lock sits next to the file the path resolves to, so that two coordinators that name one
   // database by different paths (a symlink, "..") still exclude each other.
   std::error_code ec;
@@ -371,6 +377,12 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
     if (error == EACCES || error == EPERM || error == EROFS) {
       return absl::FailedPreconditionError(
           absl::StrCat(what, " (the coordinator's user must be able to create and write files in the database's folder)"));
+    }
+    // A folder that is not there (a typo, a share not mounted): the user's to fix too, as a port
+    // file's missing folder is (exit 2: a restart every few seconds would not make it).
+    if (error == ENOENT || error == ENOTDIR) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          what, " (its folder ", resolved.parent_path().string(), " is not there or is not a folder)"));
     }
     return absl::InternalError(what);
   }

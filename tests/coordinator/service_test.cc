@@ -1518,7 +1518,7 @@ TEST_F(CoordinatorServiceTest, ASecondCoordinatorOnAPortInUseIsRefused) {
 
 // The port files are written once every listener is up, all or none: a start that fails
 // leaves none naming a port nobody serves.
-TEST_F(CoordinatorServiceTest, AFailedStartLeavesNoPortFile) {
+TEST_F(CoordinatorServiceTest, AFailedStartOrACleanStopLeavesNoPortFile) {
   config_.port_file = root_ + "/grpc.port";
   // A folder that is not there: the user's to fix (FAILED_PRECONDITION: exit 2), before anything
   // starts.
@@ -1542,6 +1542,12 @@ TEST_F(CoordinatorServiceTest, AFailedStartLeavesNoPortFile) {
   Start();
   EXPECT_EQ(*common::ReadFileToString(config_.port_file), absl::StrCat(coordinator_->grpc_port(), "\n"));
   EXPECT_EQ(*common::ReadFileToString(config_.metrics_port_file), absl::StrCat(coordinator_->metrics_port(), "\n"));
+  // A clean stop removes them (they named ports nobody served, which a supervisor waiting for
+  // the next start's file read), but not one that names another port by then.
+  ASSERT_TRUE(common::WriteFileAtomically(config_.metrics_port_file, "1\n").ok());
+  ASSERT_TRUE(coordinator_->Shutdown().ok());
+  EXPECT_FALSE(fs::exists(config_.port_file)) << "a clean stop left " << config_.port_file;
+  EXPECT_EQ(*common::ReadFileToString(config_.metrics_port_file), "1\n");
 }
 
 TEST_F(CoordinatorServiceTest, TokenFilesAreCheckedAtStart) {

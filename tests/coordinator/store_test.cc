@@ -1010,11 +1010,25 @@ TEST_F(StoreTest, OneStorePerDatabase) {
   EXPECT_TRUE(third.ok()) << third.status();
 }
 
+// A folder that is not there (a typo; a share not mounted) and a folder named as the database
+// are the user's to fix: FAILED_PRECONDITION (exit 2, which systemd does not restart every few
+// seconds in vain), naming the path and the cause. They were INTERNAL (exit 1), the folder's
+// "unable to open database file: unable to open database file".
 TEST_F(StoreTest, UnopenableFileNamesThePath) {
   auto store = Store::Open(root_ + "/missing/dir/aviary.db");
   ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
   EXPECT_NE(store.status().message().find(root_ + "/missing/dir/aviary.db"), std::string::npos)
       << store.status();
+  EXPECT_NE(store.status().message().find("its folder " + root_ + "/missing/dir is not there"), std::string::npos)
+      << store.status();
+  ASSERT_EQ(::mkdir((root_ + "/a.db").c_str(), 0755), 0);
+  auto folder = Store::Open(root_ + "/a.db");
+  ASSERT_FALSE(folder.ok());
+  EXPECT_EQ(folder.status().code(), absl::StatusCode::kFailedPrecondition) << folder.status();
+  EXPECT_NE(folder.status().message().find(root_ + "/a.db: a folder, not a database file"), std::string::npos)
+      << folder.status();
+  EXPECT_NE(::access((root_ + "/a.db.lock").c_str(), F_OK), 0);  // nothing created beside it
 }
 
 }  // namespace

@@ -96,6 +96,17 @@ out=$(timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml
 expect "key 'port_file': $tmp/missing/port: the folder $tmp/missing is not there" timeout 60 \
   "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" --database "$tmp/third.db" \
   --port-file "$tmp/missing/port" --listen 127.0.0.1:0 --metrics-listen ""
+# A database's folder that is not there, a folder named as the database: exit 2 (they were 1,
+# restarted every few seconds in vain), naming the cause.
+expect "(its folder $tmp/nowhere is not there or is not a folder)" timeout 60 "$bin/aviary-coordinator" \
+  --config "$tmp/state/coordinator.yaml" --database "$tmp/nowhere/a.db" --listen 127.0.0.1:0 --metrics-listen ""
+expect "database $tmp/state: a folder, not a database file" timeout 60 "$bin/aviary-coordinator" \
+  --config "$tmp/state/coordinator.yaml" --database "$tmp/state" --listen 127.0.0.1:0 --metrics-listen ""
+# A flag and a --set of its key (the flag won whatever the order), an empty --config (read as
+# no file): refused.
+expect "--listen and --set listen=127.0.0.1:0 both set key 'listen': give one" timeout 60 \
+  "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" --set listen=127.0.0.1:0 --listen 127.0.0.1:1
+expect "--config is empty" timeout 60 "$bin/aviary-coordinator" --config "" --listen 127.0.0.1:0
 sqlite3 "$tmp/theirs.db" "CREATE TABLE notes(text TEXT);" || fail "sqlite3"
 expect "not an aviary database" timeout 60 "$bin/aviary-coordinator" --config "$tmp/state/coordinator.yaml" \
   --database "$tmp/theirs.db" --listen 127.0.0.1:0 --metrics-listen ""
