@@ -1143,8 +1143,8 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
   }
 
   // small_cnn halves the mel image four times with 2x2 max-pools (worker/models.cc), and torch
-  // refuses a pool whose output would be empty: it needs 16 mel bins and 16 frames (frames =
-  // 1 + clip samples / hop_length, as the front end's STFT with center=True makes them).
+  // refuses a pool whose output would be empty: it needs 16 mel bins and 16 frames (MelFrames,
+  // as the front end's STFT with center=True makes them).
   if (config.model.name == "small_cnn") {
     const int kSmallCnnMinSize = MinModelFrames("small_cnn");
     if (frontend.n_mels < kSmallCnnMinSize) {
@@ -1152,14 +1152,14 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
                       absl::StrCat("expected >= ", kSmallCnnMinSize,
                                    " for model.name small_cnn (four 2x2 max-pools), got ", Show(frontend.n_mels)));
     }
-    const int64_t frames = 1 + clip_samples / frontend.hop_length;
+    const int64_t frames = MelFrames(clip_samples, frontend);
     if (frames < kSmallCnnMinSize) {
       return KeyError(
           where.Any({"data.duration", "frontend.hop_length", "data.sample_rate", "model.name"}), "data.duration",
           absl::StrCat("expected a clip of at least ", kSmallCnnMinSize,
-                       " frames for model.name small_cnn (four 2x2 max-pools; frames = 1 + samples / "
-                       "frontend.hop_length ",
-                       frontend.hop_length, "), got ", Show(data.duration), " (", clip_samples, " samples, ", frames,
+                       " frames for model.name small_cnn (four 2x2 max-pools; frames = 1 + ",
+                       frontend.n_fft % 2 ? "(samples - 1)" : "samples", " / frontend.hop_length ", frontend.hop_length,
+                       frontend.n_fft % 2 ? " with an odd frontend.n_fft" : "", "), got ", Show(data.duration), " (", clip_samples, " samples, ", frames,
                        " frames)"));
     }
   }
@@ -1212,7 +1212,7 @@ absl::Status Validate(const PipelineConfig& config, const Locator& where) {
 
   // torch's BatchNorm refuses a training batch with one value per channel: a model that shrinks
   // the mel image to 1 x 1 (EfficientNet at most 32 x 32) cannot train on batches of one image.
-  const int64_t mel_frames = 1 + clip_samples / frontend.hop_length;
+  const int64_t mel_frames = MelFrames(clip_samples, frontend);
   AVIARY_ASSIGN_OR_RETURN(const int64_t norm_plane,
                           SmallestNormPlane(config.model.name, frontend.n_mels, mel_frames));
   for (const auto& [prefix, train] : trains) {
@@ -1342,6 +1342,10 @@ absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std:
   return absl::OkStatus();
 }
 
+int64_t MelFrames(int64_t samples, const FrontendConfig& frontend) {
+  return 1 + (samples - frontend.n_fft % 2) / frontend.hop_length;
+}
+
 int MinModelFrames(const std::string& model_name) { return model_name == "small_cnn" ? 16 : 1; }
 
 absl::Status CheckWindowIsWholeSamples(double window_s, int sample_rate, const std::string& what) {
@@ -1360,13 +1364,16 @@ absl::Status CheckWindowIsWholeSamples(double window_s, int sample_rate, const s
 
 absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples, const std::string& what) {
   const int min_frames = MinModelFrames(config.model.name);
-  const int64_t frames = 1 + samples / config.frontend.hop_length;
+  const int64_t frames = MelFrames(samples, config.frontend);
   if (frames >= min_frames) return absl::OkStatus();
+  const int odd = config.frontend.n_fft % 2;
   return absl::InvalidArgumentError(absl::StrFormat(
-      "%s: %d samples make %d frames (1 + samples / frontend.hop_length %d), fewer than model %s takes (%d: "
+      "%s: %d samples make %d frames (1 + %s / frontend.hop_length %d%s), fewer than model %s takes (%d: "
       "at least %g s at %d Hz)",
-      what, samples, frames, config.frontend.hop_length, config.model.name, min_frames,
-      static_cast<double>((min_frames - 1) * int64_t{config.frontend.hop_length}) / config.data.sample_rate,
+      what, samples, frames, odd ? "(samples - 1)" : "samples", config.frontend.hop_length,
+      odd ? " with an odd frontend.n_fft" : "",
+      config.model.name, min_frames,
+      static_cast<double>((min_frames - 1) * int64_t{config.frontend.hop_length} + odd) / config.data.sample_rate,
       config.data.sample_rate));
 }
 

@@ -210,9 +210,13 @@ absl::Status ValidatePipelineConfig(const PipelineConfig& config);
 absl::Status CheckLossMatchesActivation(const PipelineConfig& config, const std::string& source_name,
                                         const std::string& stage = "");
 
-// The fewest STFT frames (1 + samples / hop_length, the front end's center=True STFT) a model
-// takes: small_cnn's four 2x2 max-pools need 16 (torch refuses an empty pool output); 1 for the
-// EfficientNets (their adaptive pooling takes any size).
+// The STFT frames the front end (center=True, reflect pad of n_fft / 2) makes of `samples`:
+// 1 + (samples - n_fft % 2) / hop_length (one fewer for an odd n_fft when hop_length divides
+// samples), as worker/frontend.h's NumFrames.
+int64_t MelFrames(int64_t samples, const FrontendConfig& frontend);
+// The fewest STFT frames (MelFrames) a model takes: small_cnn's four 2x2 max-pools need 16
+// (torch refuses an empty pool output); 1 for the EfficientNets (their adaptive pooling takes
+// any size).
 int MinModelFrames(const std::string& model_name);
 // INVALID_ARGUMENT naming `what` ("--window: 0.2 s") when a window of `samples` makes fewer
 // frames than config.model takes: an export or predict window shorter than the training clip.

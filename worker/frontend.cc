@@ -185,6 +185,9 @@ absl::StatusOr<std::unique_ptr<MelFrontend>> MelFrontend::Create(
     Float32NoGradScope scope;
     const auto cpu = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
     fe->window_ = at::hann_window(frontend.n_fft, /*periodic=*/true, cpu).to(device);
+    // The device with its index ("cuda" is the current one, "cuda:0"): a tensor's device always
+    // has one, and Forward compares them (a bare "cuda" refused every CUDA waveform).
+    fe->device_ = fe->window_.device();
     at::Tensor fb = MelFilterbankHtk(fe->n_freqs(), frontend.fmin, frontend.fmax,
                                      frontend.n_mels, sample_rate);
     // torchaudio warns about empty filters (n_mels too high for n_fft); so do we.
@@ -210,6 +213,7 @@ void MelFrontend::CheckWaveforms(const at::Tensor& waveforms) const {
   TORCH_CHECK(waveforms.defined(), "MelFrontend: undefined waveform tensor");
   TORCH_CHECK(waveforms.dim() == 2, "MelFrontend: expected waveforms [batch, samples], got ",
               waveforms.sizes());
+  TORCH_CHECK(waveforms.size(0) >= 1, "MelFrontend: an empty batch (waveforms ", waveforms.sizes(), ")");
   TORCH_CHECK(c10::isFloatingType(waveforms.scalar_type()),
               "MelFrontend: expected floating-point waveforms, got ", waveforms.scalar_type());
   TORCH_CHECK(waveforms.device() == device_, "MelFrontend: waveforms on ", waveforms.device(),

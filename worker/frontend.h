@@ -109,11 +109,14 @@ class MelFrontend {
   MelFrontend(const MelFrontend&) = delete;
   MelFrontend& operator=(const MelFrontend&) = delete;
 
-  // waveforms [B, T] (floating, on device(), T >= MinSamples()) -> float32
+  // waveforms [B, T] (floating, on device(), B >= 1, T >= MinSamples()) -> float32
   // [B, in_channels, n_mels, NumFrames(T)] in output_format. kTrain applies SpecAugment with
   // draws from `generator` (a generator of device()'s type; an undefined one means that
   // device's default generator). Throws c10::Error naming the problem for a wrong rank, dtype,
-  // device or a clip too short for reflect padding (torch itself refuses those).
+  // device, an empty batch or a clip too short for reflect padding (torch itself refuses
+  // those). Values are not checked (a check would wait for the device every batch): a NaN or
+  // infinite sample makes its clip's image NaN, and with normalize per_batch the whole batch's
+  // (train.skip_nonfinite then skips the step).
   at::Tensor Forward(const at::Tensor& waveforms, FrontendMode mode = FrontendMode::kEval,
                      const at::Generator& generator = {}) const;
 
@@ -147,7 +150,7 @@ class MelFrontend {
   int64_t in_channels() const { return in_channels_; }
   int sample_rate() const { return sample_rate_; }
   NormalizeMode normalize() const { return normalize_; }
-  c10::Device device() const { return device_; }
+  c10::Device device() const { return device_; }  // with its index ("cuda:0" for a bare "cuda")
   // [n_freqs, n_mels], float32, on device(): torchaudio's melscale_fbanks layout.
   const at::Tensor& mel_filterbank() const { return filterbank_; }
   // [n_fft], float32, on device(): periodic Hann.

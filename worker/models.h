@@ -23,7 +23,9 @@
 
 namespace aviary::worker {
 
-// Width/depth multipliers and default dropout of efficientnet_b0..b3 (torchvision).
+// Width/depth multipliers of efficientnet_b0..b3 (torchvision), and torchvision's dropout for
+// each (0.2, 0.2, 0.3, 0.3), kept for reference only: the head's dropout is model.dropout (0.2 by
+// default) for every model, as the recipe sets it.
 struct EfficientNetScale {
   double width_mult;
   double depth_mult;

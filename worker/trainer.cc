@@ -970,7 +970,7 @@ absl::Status Trainer::State::CreateLoaders() {
     const int64_t last_batch = (rest + world - 1) / world;
     AVIARY_ASSIGN_OR_RETURN(const int64_t plane,
                             common::SmallestNormPlane(config.model.name, config.frontend.n_mels,
-                                                      1 + lo.clip_samples / config.frontend.hop_length));
+                                                      common::MelFrames(lo.clip_samples, config.frontend)));
     if (last_batch * plane < 2) {
       return absl::InvalidArgumentError(absl::StrCat(
           "stage ", options.stage, " fold ", options.fold, ": the last training batch of each epoch holds ",

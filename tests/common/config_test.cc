@@ -467,6 +467,13 @@ TEST(ConfigTest, CrossFieldChecks) {
   EXPECT_EQ(ParseError("model:\n  name: small_cnn\ndata:\n  duration: 0.39\n"),
             "x.yaml:4: key 'data.duration': expected a clip of at least 16 frames for model.name small_cnn (four "
             "2x2 max-pools; frames = 1 + samples / frontend.hop_length 835), got '0.39' (12480 samples, 15 frames)");
+  // An odd n_fft makes one frame fewer where hop_length divides the clip (torch.stft: 15 frames of
+  // 12525 samples, n_fft 2027, hop 835): refused here, not at the first batch's max-pool.
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\nfrontend:\n  n_fft: 2027\n", {"data.duration=0.391406250"}),
+            "--set data.duration=0.391406250: key 'data.duration': expected a clip of at least 16 frames for "
+            "model.name small_cnn (four 2x2 max-pools; frames = 1 + (samples - 1) / frontend.hop_length 835 with "
+            "an odd frontend.n_fft), got '0.39140625' (12525 samples, 15 frames)");
+  EXPECT_EQ(ParseError("model:\n  name: small_cnn\nfrontend:\n  n_fft: 2028\n", {"data.duration=0.391406250"}), "");
   EXPECT_THAT(ParseError("frontend:\n  hop_length: 2028\n", {"model.name=small_cnn", "data.duration=0.9"}),
               HasSubstr("--set data.duration=0.9: key 'data.duration': expected a clip of at least 16 frames"));
   EXPECT_EQ(ParseError("frontend:\n  n_mels: 8\n"), "");  // the EfficientNets have no such limit

@@ -123,6 +123,27 @@ TEST(MelFrontendTest, RefusesWrongRankDtypeAndDevice) {
   auto fe = Make();
   EXPECT_THROW(fe->Forward(at::zeros({kRate})), c10::Error);
   EXPECT_THROW(fe->Forward(at::zeros({2, kRate}, at::kInt)), c10::Error);
+  // An empty batch is named as one (torch's reflect pad said "Expected 2D or 3D (batch mode)
+  // tensor ... got [1, 0, 32000]").
+  try {
+    fe->Forward(at::zeros({0, kRate}));
+    FAIL() << "an empty batch must be refused";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("MelFrontend: an empty batch (waveforms [0, 32000])"),
+              std::string::npos)
+        << e.what_without_backtrace();
+  }
+}
+
+// A front end made for a bare "cuda" takes the current device's waveforms ("cuda:0": a tensor's
+// device always has an index, and a bare "cuda" front end refused every CUDA waveform).
+TEST(MelFrontendTest, ABareCudaDeviceTakesTheCurrentDevicesWaveforms) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a CUDA device (the CUDA build on a GPU host)";
+  auto fe = MelFrontend::Create({}, {}, kRate, c10::Device(c10::kCUDA));
+  ASSERT_TRUE(fe.ok()) << fe.status();
+  EXPECT_TRUE((*fe)->device().has_index()) << (*fe)->device();
+  at::Tensor out = (*fe)->Forward(Waveforms(2, kRate).to(c10::Device(c10::kCUDA)));
+  EXPECT_EQ(out.device(), (*fe)->device());
 }
 
 TEST(MelFrontendTest, CreateRejectsBadSettings) {
