@@ -1,5 +1,7 @@
 #include "worker/data/clip_loader.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -326,6 +328,36 @@ TEST(LoadClipTest, FileChangedSincePrepareIsDecodedOnTheFly) {
   EXPECT_EQ((*unstamped)->Lookup(same)->file_bytes, -1);
   EXPECT_FALSE(MustLoad(unstamped->get(), same, request).from_cache);
   EXPECT_EQ((*unstamped)->stale_files(), 1);
+}
+
+// A cache file that cannot be read when a clip is asked for (here shortened after the cache was
+// opened; EIO or ESTALE on a share alike): the clip is decoded from its audio file, the same
+// clip with the same draws, and the failure counted. The cache was memory-mapped: the read past
+// the file's end raised SIGBUS, which killed the rank.
+TEST(LoadClipTest, ACacheFileThatCannotBeReadIsDecodedInstead) {
+  TempDir tmp;
+  const std::string path = tmp.Sub("a.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440, 32000, 5 * 32000));
+  const std::string dir = tmp.Sub("cache");
+  auto cache = Prepare({path}, dir);
+  ASSERT_NE(cache, nullptr);
+  ASSERT_TRUE(MustLoad(cache.get(), path, Request(ClipMode::kTrain, 5)).from_cache);
+  ASSERT_EQ(::truncate((dir + "/shard-000000.pcm").c_str(), 1000), 0);
+  for (ClipMode mode : {ClipMode::kTrain, ClipMode::kValidation}) {
+    const ClipRequest request = Request(mode, 5);
+    ClipResult read = MustLoad(cache.get(), path, request);
+    ClipResult fly = MustLoad(nullptr, path, request);
+    EXPECT_FALSE(read.from_cache);
+    EXPECT_TRUE(read.ok()) << read.message;
+    EXPECT_EQ(read.plan.source_offset, fly.plan.source_offset);
+    EXPECT_EQ(read.samples, fly.samples);
+  }
+  EXPECT_EQ(cache->read_failures(), 2);
+  std::vector<float> out(10);
+  absl::Status st = cache->Read(path, 20000, 10, out.data());
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_TRUE(absl::StrContains(st.message(), dir + "/shard-000000.pcm (")) << st;
+  EXPECT_TRUE(absl::StrContains(st.message(), "shortened since the cache was opened")) << st;
 }
 
 // A corpus rewritten after prepare: the first 10 changed files are named in the log, then one

@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -779,9 +778,9 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
   }
   for (auto& [shard, entries] : scan.valid) {  // ascending: later shards replace earlier entries
     const std::string pcm = PcmPath(dir, shard);
-    // A shard that cannot be opened or mapped now (a permission, ESTALE, EMFILE, the process's
-    // map count or address space) is skipped as an unreadable index is: its files decode on the
-    // fly, and one shard must not fail every attempt of a training task.
+    // A shard that cannot be opened now (a permission, ESTALE, EMFILE) is skipped as an
+    // unreadable index is: its files decode on the fly, and one shard must not fail every
+    // attempt of a training task.
     auto skip = [&](const std::string& why) {
       cache->invalid_shards_.push_back(absl::StrCat(ShardName(shard), ": ", pcm, ": ", why, " (a read error, not damage)"));
     };
@@ -797,29 +796,20 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
       skip(absl::StrCat("fstat failed: ", std::strerror(err)));
       continue;
     }
-    Mapping mapping;
-    mapping.num_bytes = static_cast<size_t>(st.st_size);
-    if (mapping.num_bytes > 0) {
-      void* addr = ::mmap(nullptr, mapping.num_bytes, PROT_READ, MAP_SHARED, fd, 0);
-      if (addr == MAP_FAILED) {
-        int err = errno;
-        ::close(fd);
-        skip(absl::StrCat("mmap of ", mapping.num_bytes, " bytes failed: ", std::strerror(err)));
-        continue;
-      }
-      mapping.data = static_cast<const int16_t*>(addr);
-    }
-    ::close(fd);  // the mapping stays valid
-    // The index was checked against the size the scan saw; the file mapped must hold as much
-    // (nothing truncates a shard, but a reader must not fault past the end of a mapping).
+    ShardFile file;
+    file.fd = fd;
+    file.num_bytes = static_cast<int64_t>(st.st_size);
+    file.path = pcm;
+    // The index was checked against the size the scan saw; the file opened must hold as much
+    // (nothing truncates a shard; a shard shortened later is ReadSamples' DATA_LOSS).
     int64_t needed = 0;
     for (const CacheEntry& e : entries) needed = std::max(needed, (e.offset + e.frames) * 2);
-    if (static_cast<int64_t>(mapping.num_bytes) < needed) {
-      if (mapping.data != nullptr) ::munmap(const_cast<int16_t*>(mapping.data), mapping.num_bytes);
-      skip(absl::StrCat("holds ", mapping.num_bytes, " bytes now, its index needs ", needed));
+    if (file.num_bytes < needed) {
+      ::close(fd);
+      skip(absl::StrCat("holds ", file.num_bytes, " bytes now, its index needs ", needed));
       continue;
     }
-    cache->mappings_[shard] = mapping;
+    cache->shards_[shard] = std::move(file);
     for (CacheEntry& e : entries) {
       auto [it, inserted] = cache->by_path_.emplace(e.path, cache->entries_.size());
       if (inserted) {
@@ -840,10 +830,8 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
 }
 
 AudioCache::~AudioCache() {
-  for (auto& [shard, mapping] : mappings_) {
-    if (mapping.data != nullptr) {
-      ::munmap(const_cast<int16_t*>(mapping.data), mapping.num_bytes);
-    }
+  for (auto& [shard, file] : shards_) {
+    if (file.fd >= 0) ::close(file.fd);
   }
 }
 
@@ -907,12 +895,46 @@ const CacheEntry* AudioCache::LookupCurrent(absl::string_view path) const {
   return state == 1 ? &entries_[i] : nullptr;
 }
 
-absl::Span<const int16_t> AudioCache::Samples(const CacheEntry& entry) const {
-  if (entry.frames == 0) return {};
-  auto it = mappings_.find(entry.shard);
-  if (it == mappings_.end() || it->second.data == nullptr) return {};
-  return absl::Span<const int16_t>(it->second.data + entry.offset,
-                                   static_cast<size_t>(entry.frames));
+absl::Status AudioCache::ReadSamples(const CacheEntry& entry, int64_t offset, int64_t count, int16_t* out) const {
+  // Without adding them: offset + count can pass INT64_MAX.
+  if (offset < 0 || count < 0 || offset > entry.frames || count > entry.frames - offset) {
+    return absl::OutOfRangeError(absl::StrCat(entry.path, ": ", count, " samples from sample ", offset,
+                                              " are not all inside the cached ", entry.frames));
+  }
+  if (count == 0) return absl::OkStatus();
+  auto it = shards_.find(entry.shard);
+  if (it == shards_.end()) {  // Open keeps only entries of the shards it opened
+    return absl::InternalError(absl::StrCat(entry.path, ": its shard ", entry.shard, " is not open"));
+  }
+  const ShardFile& file = it->second;
+  char* to = reinterpret_cast<char*>(out);
+  const int64_t first = (entry.offset + offset) * 2;
+  int64_t done = 0;
+  const int64_t bytes = count * 2;
+  while (done < bytes) {
+    const ssize_t n = ::pread(file.fd, to + done, static_cast<size_t>(bytes - done), static_cast<off_t>(first + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : 0;
+      read_failures_.fetch_add(1);
+      const std::string where = absl::StrCat(file.path, " (", entry.path, ", bytes ", first, " to ", first + bytes, ")");
+      if (err == 0) {
+        return absl::DataLossError(absl::StrCat(where, ": the file ends at byte ", first + done,
+                                                " (shortened since the cache was opened)"));
+      }
+      return absl::UnavailableError(absl::StrCat(where, ": read failed: ", std::strerror(err)));
+    }
+    done += n;
+  }
+  // The cache is little-endian int16 (manifest sample_type=int16le), as this host is.
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the cache's int16le samples are read as they are");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int16_t>> AudioCache::Samples(const CacheEntry& entry) const {
+  std::vector<int16_t> out(static_cast<size_t>(entry.frames));
+  AVIARY_RETURN_IF_ERROR(ReadSamples(entry, 0, entry.frames, out.data()));
+  return out;
 }
 
 absl::Status AudioCache::Read(absl::string_view path, int64_t offset, int64_t num_frames,
@@ -931,8 +953,9 @@ absl::Status AudioCache::Read(absl::string_view path, int64_t offset, int64_t nu
     return absl::OutOfRangeError(absl::StrCat(path, ": ", num_frames, " samples from sample ", offset,
                                               " are not all inside the cached ", entry->frames));
   }
-  absl::Span<const int16_t> samples = Samples(*entry);
-  for (int64_t i = 0; i < num_frames; ++i) out[i] = CacheSampleToFloat(samples[offset + i]);
+  std::vector<int16_t> samples(static_cast<size_t>(num_frames));
+  AVIARY_RETURN_IF_ERROR(ReadSamples(*entry, offset, num_frames, samples.data()));
+  for (int64_t i = 0; i < num_frames; ++i) out[i] = CacheSampleToFloat(samples[i]);
   return absl::OkStatus();
 }
 

@@ -1,5 +1,5 @@
 // The decoded-audio cache: every file of a stage decoded once (resampled, mono), stored as int16
-// PCM shards plus a CSV index, memory-mapped by training. `aviary prepare` writes it
+// PCM shards plus a CSV index, read by training with pread. `aviary prepare` writes it
 // (PrepareAudioCache); the clip loader reads it (AudioCache) and decodes on the fly what it
 // does not hold.
 //
@@ -90,16 +90,19 @@ struct CacheEntry {
   int64_t mtime_ns = -1;    // its modification time
 };
 
-// A read-only, memory-mapped cache. Thread-safe: immutable after Open (but for LookupCurrent's
-// per-entry freshness flags, atomics); any number of threads may call Lookup/Read concurrently.
+// A read-only cache, its shards open and read with pread (not mapped: a page that cannot be read
+// on a shared filesystem, EIO or ESTALE once another host replaced the file, raised SIGBUS and
+// killed the rank; a failed pread is an error the clip loader answers by decoding the file).
+// Thread-safe: immutable after Open (but for LookupCurrent's per-entry freshness flags and the
+// read-failure count, atomics); any number of threads may call Lookup/Read concurrently.
 // Move-free: hold it in the unique_ptr Open returns.
 class AudioCache {
  public:
   // Opens the cache in `dir`: reads manifest.txt (NOT_FOUND when absent, FAILED_PRECONDITION
   // for another format version, sample_type or an unknown key, DATA_LOSS when damaged: a key
   // twice, a required key missing or malformed; INTERNAL or INVALID_ARGUMENT when it cannot be
-  // read), every readable shard index, and maps their .pcm files. Shards that are incomplete,
-  // inconsistent or cannot be read or mapped are skipped (see invalid_shards()); INTERNAL when
+  // read), every readable shard index, and opens their .pcm files. Shards that are incomplete,
+  // inconsistent or cannot be opened are skipped (see invalid_shards()); INTERNAL when
   // the folder cannot be listed.
   static absl::StatusOr<std::unique_ptr<AudioCache>> Open(const std::string& dir);
   ~AudioCache();
@@ -131,8 +134,15 @@ class AudioCache {
   const CacheEntry* LookupCurrent(absl::string_view path) const;
   // Entries found stale by LookupCurrent so far.
   int64_t stale_files() const { return stale_files_.load(); }
-  // The entry's samples (empty for a problem entry). Valid while the cache lives.
-  absl::Span<const int16_t> Samples(const CacheEntry& entry) const;
+  // Reads samples [offset, offset + count) of `entry` into `out` (count int16). OUT_OF_RANGE
+  // when the range is not inside [0, entry.frames); UNAVAILABLE naming the .pcm file when the
+  // read fails (EIO, ESTALE) and DATA_LOSS when the file ends early (shortened since Open); each
+  // failure is counted in read_failures().
+  absl::Status ReadSamples(const CacheEntry& entry, int64_t offset, int64_t count, int16_t* out) const;
+  // The entry's samples, all of them (empty for a problem entry); ReadSamples' errors.
+  absl::StatusOr<std::vector<int16_t>> Samples(const CacheEntry& entry) const;
+  // ReadSamples calls that failed so far.
+  int64_t read_failures() const { return read_failures_.load(); }
   // Copies samples [offset, offset + num_frames) of `path` to `out` as floats (q / 32768).
   // NOT_FOUND when LookupCurrent finds no entry (not cached, changed since prepare cached it,
   // or a "missing" verdict), FAILED_PRECONDITION when it was cached with a problem,
@@ -140,9 +150,10 @@ class AudioCache {
   absl::Status Read(absl::string_view path, int64_t offset, int64_t num_frames, float* out) const;
 
  private:
-  struct Mapping {
-    const int16_t* data = nullptr;
-    size_t num_bytes = 0;
+  struct ShardFile {
+    int fd = -1;
+    int64_t num_bytes = 0;
+    std::string path;
   };
   AudioCache() = default;
 
@@ -152,11 +163,12 @@ class AudioCache {
   double max_seconds_ = 0;
   std::vector<CacheEntry> entries_;
   std::unordered_map<std::string, size_t> by_path_;
-  std::map<int, Mapping> mappings_;  // shard -> mapped .pcm
+  std::map<int, ShardFile> shards_;  // shard -> its open .pcm
   std::vector<std::string> invalid_shards_;
   // Per entry, whether its source file is unchanged: 0 not checked yet, 1 current, 2 stale.
   std::unique_ptr<std::atomic<int8_t>[]> freshness_;
   mutable std::atomic<int64_t> stale_files_{0};
+  mutable std::atomic<int64_t> read_failures_{0};
 };
 
 // Converts a cached sample to float.

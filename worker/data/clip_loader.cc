@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -116,22 +117,38 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
   if (cache != nullptr && CacheMismatch(*cache, request).empty()) {
     entry = cache->LookupCurrent(path);  // nullptr too when the file changed since prepare
   }
+  bool served = false;
   if (entry != nullptr) {
     result.from_cache = true;
     if (entry->problem != AudioProblem::kNone) {
       SetProblem(&result, out_clip, entry->problem, entry->message);
       return result;
     }
-    absl::Span<const int16_t> samples = cache->Samples(*entry);
-    result.audio_samples = Limited(static_cast<int64_t>(samples.size()), limit);
+    result.audio_samples = Limited(entry->frames, limit);
     result.plan = PlanClip(result.audio_samples, clip, request.mode, rng);
-    float* front = out_clip.data();
-    std::fill(front, front + result.plan.pad_front, 0.0f);
-    float* out = front + result.plan.pad_front;
-    const int16_t* in = samples.data() + result.plan.source_offset;
-    for (int64_t i = 0; i < result.plan.source_length; ++i) out[i] = CacheSampleToFloat(in[i]);
-    std::fill(out + result.plan.source_length, out + result.plan.source_length + result.plan.pad_back, 0.0f);
-  } else {
+    thread_local std::vector<int16_t> samples;  // a clip's, reused by this decode thread
+    samples.resize(static_cast<size_t>(result.plan.source_length));
+    absl::Status read = cache->ReadSamples(*entry, result.plan.source_offset, result.plan.source_length, samples.data());
+    if (read.ok()) {
+      float* front = out_clip.data();
+      std::fill(front, front + result.plan.pad_front, 0.0f);
+      float* out = front + result.plan.pad_front;
+      for (int64_t i = 0; i < result.plan.source_length; ++i) out[i] = CacheSampleToFloat(samples[i]);
+      std::fill(out + result.plan.source_length, out + result.plan.source_length + result.plan.pad_back, 0.0f);
+      served = true;
+    } else {
+      // The cache's file cannot be read now (EIO, ESTALE on a share): the clip is decoded from
+      // its audio file, the same clip (the same draws) within 2^-16. The first failures are
+      // logged; AudioCache::read_failures() counts them all.
+      if (const int64_t failures = cache->read_failures(); failures <= 3) {
+        common::Logger("cache").Warn(absl::StrCat(read.message(), "; decoding ", path, " instead",
+                                                  failures == 3 ? " (further read failures of the cache are not logged)" : ""));
+      }
+      result = ClipResult();
+      rng.seed(request.seed);
+    }
+  }
+  if (!served) {
     absl::StatusOr<DecodeResult> probed = ProbeAudio(path, request.sample_rate);
     if (!probed.ok()) return NamingFile(probed.status(), path);
     DecodeResult probe = *std::move(probed);
