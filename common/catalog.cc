@@ -399,6 +399,13 @@ absl::StatusOr<std::vector<std::string>> ReadCorruptFileList(const std::string& 
 
 namespace {
 
+// The last component of a folder path ("/a/birdclef-2023/" -> "birdclef-2023"; "" for "/").
+std::string LastComponent(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
 // The pretraining table from the sources' rows (`target_ids`: the target's xc_ids).
 absl::StatusOr<StageTable> BuildPretrainTable(const PipelineConfig& config, std::vector<SourceRead> reads,
                                               const absl::flat_hash_set<std::string>& target_ids) {
@@ -406,17 +413,37 @@ absl::StatusOr<StageTable> BuildPretrainTable(const PipelineConfig& config, std:
   table.stage = "pretrain";
   table.n_splits = config.folds.pretrain_splits;
   // Corrupt-file list: match the full path, or a path that ends with the row's
-  // source-relative path (lists written on another machine, e.g. /kaggle/input/...).
-  absl::flat_hash_set<std::string> corrupt_exact, corrupt_suffix;
+  // source-relative path (lists written on another machine, e.g. /kaggle/input/...). Such a
+  // path names one source when the folder before that part is named as a source's root is
+  // ("/kaggle/input/birdclef-2023/train_audio/x/XC1.ogg" and a root ".../birdclef-2023"): then it
+  // drops that source's row only (2022 and 2023 share the relative layout, and the notebook
+  // compares whole paths); else any source's row with that relative path.
+  absl::flat_hash_set<std::string> corrupt_exact;
+  absl::flat_hash_map<std::string, std::vector<std::string>> corrupt_suffix;  // suffix -> folders before it
+  std::vector<std::string> root_names;  // per source, its root's last component
+  absl::flat_hash_set<std::string> root_name_set;
+  for (const SourceConfig& source : config.data.pretrain_sources) {
+    root_names.push_back(LastComponent(source.root));
+    root_name_set.insert(root_names.back());
+  }
   if (!config.data.corrupt_files.empty()) {
     AVIARY_ASSIGN_OR_RETURN(auto corrupt, ReadCorruptFileList(config.data.corrupt_files));
     for (const auto& p : corrupt) {
       corrupt_exact.insert(p);
       for (size_t pos = p.find('/'); pos != std::string::npos; pos = p.find('/', pos + 1)) {
-        corrupt_suffix.insert(p.substr(pos + 1));
+        corrupt_suffix[p.substr(pos + 1)].push_back(LastComponent(p.substr(0, pos)));
       }
     }
   }
+  // Whether a list path ending with source i's row path `relative` names that row.
+  auto listed_suffix = [&](size_t i, absl::string_view relative) {
+    auto it = corrupt_suffix.find(relative);
+    if (it == corrupt_suffix.end()) return false;
+    for (const std::string& folder : it->second) {
+      if (!root_name_set.contains(folder) || folder == root_names[i]) return true;
+    }
+    return false;
+  };
 
   // The pool is concat(sources) in config order, walked in place (no copy of its rows):
   // the known all-zero files of 2021; the deduplication on (xc_id, primary_label, author),
@@ -456,7 +483,7 @@ absl::StatusOr<StageTable> BuildPretrainTable(const PipelineConfig& config, std:
         }
         if (!corrupt_exact.empty() &&
             (corrupt_exact.contains(s.filepath) || corrupt_exact.contains(row.relative_path()) ||
-             corrupt_suffix.contains(row.relative_path()))) {
+             listed_suffix(i, row.relative_path()))) {
           ++rep.corrupt_dropped;
           continue;
         }

@@ -145,6 +145,40 @@ TEST_F(CatalogTest, PretrainPoolAppliesTheSeedRulesInOrder) {
   EXPECT_EQ(table->samples.back().primary_label, "nuthat");
 }
 
+// A corrupt-list path written on another machine drops the row of the source whose root its
+// folder names (2022 and 2023 share the relative layout train_audio/<label>/<file>: a listed 2023
+// file dropped 2022's copy too, where the notebook compares whole paths); a path whose folder
+// names no source drops every source's row with that relative path, as before.
+TEST_F(CatalogTest, ACorruptListPathDropsTheRowOfTheSourceItsFolderNames) {
+  WriteTarget();
+  config_.data.pretrain_sources = {{"2023", root_ + "/birdclef-a"}, {"2023", root_ + "/birdclef-b/"}};
+  const char* header = "primary_label,secondary_labels,author,rating,filename\n";
+  Write("birdclef-a/train_metadata.csv", absl::StrCat(header, "c,[],p,4.0,c/XC40.ogg\nc,[],p,4.0,c/XC41.ogg\n",
+                                                      "c,[],p,4.0,c/XC42.ogg\nd,[],p,4.0,d/XC50.ogg\n",
+                                                      "d,[],p,4.0,d/XC51.ogg\n"));
+  Write("birdclef-b/train_metadata.csv", absl::StrCat(header, "c,[],q,4.0,c/XC40.ogg\nc,[],q,4.0,c/XC43.ogg\n",
+                                                      "d,[],q,4.0,d/XC52.ogg\n"));
+  for (const char* f : {"birdclef-a/train_audio/c/XC40.ogg", "birdclef-a/train_audio/c/XC41.ogg",
+                        "birdclef-a/train_audio/c/XC42.ogg", "birdclef-a/train_audio/d/XC50.ogg",
+                        "birdclef-a/train_audio/d/XC51.ogg", "birdclef-b/train_audio/c/XC40.ogg",
+                        "birdclef-b/train_audio/c/XC43.ogg", "birdclef-b/train_audio/d/XC52.ogg"}) {
+    Touch(f);
+  }
+  config_.data.corrupt_files = root_ + "/corrupt.json";
+  Write("corrupt.json", "[\"/kaggle/input/birdclef-b/train_audio/c/XC40.ogg\"]");
+  auto table = BuildStageTable(config_, "pretrain");
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(table->sources[0].corrupt_dropped, 0);
+  EXPECT_EQ(table->sources[1].corrupt_dropped, 1);
+  EXPECT_EQ(table->samples.size(), 7u);
+  Write("corrupt.json", "[\"/elsewhere/train_audio/c/XC40.ogg\"]");
+  table = BuildStageTable(config_, "pretrain");
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(table->sources[0].corrupt_dropped, 1);
+  EXPECT_EQ(table->sources[1].corrupt_dropped, 1);
+  EXPECT_EQ(table->samples.size(), 6u);
+}
+
 // The notebook reads the metadata with pandas, which turns "", "NA", "None", ... into NaN, and
 // drop_duplicates takes NaN for equal to NaN: such authors are one author in the dedup.
 TEST_F(CatalogTest, AuthorsPandasReadsAsNaNAreOneAuthorInTheDedup) {
