@@ -25,6 +25,7 @@
 #include "common/config.h"
 #include "common/layouts.h"
 #include "common/manifest.h"
+#include "common/mutex_lockable.h"
 #include "common/status.h"
 #include "common/utf8.h"
 #include "coordinator/content_hash.h"
@@ -174,11 +175,14 @@ void Scheduler::RestartHeartbeatClocks() {
 Scheduler::~Scheduler() { Shutdown(); }
 
 void Scheduler::Shutdown() {
-  if (!shutdown_.exchange(true)) reaper_wake_.Notify();
+  if (!shutdown_.exchange(true)) {
+    absl::MutexLock lock(&reaper_mu_);  // the reaper is waiting, or has not checked the flag yet
+    reaper_cv_.notify_all();
+  }
   if (reaper_.joinable()) reaper_.join();
   // Under the lock, so that a watcher between its check and its wait sees the flag.
   absl::MutexLock lock(&mu_);
-  for (auto& [id, job] : jobs_) job.watch_cv.SignalAll();
+  for (auto& [id, job] : jobs_) job.watch_cv.notify_all();
 }
 
 int64_t Scheduler::NowMs() const {
@@ -641,7 +645,7 @@ void Scheduler::ApplyChanges(Changes* changes) {
       }
       job.events.pop_front();
     }
-    job.watch_cv.SignalAll();
+    job.watch_cv.notify_all();
   }
 }
 
@@ -1436,10 +1440,10 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
     batch.clear();
     {
       absl::ReaderMutexLock lock(&mu_);
-      const absl::Time deadline = absl::Now() + absl::Milliseconds(500);
-      while (!shutdown_ && !job.deleted && job.next_event <= seen) {
-        if (job.watch_cv.WaitWithDeadline(&mu_, deadline)) break;  // timed out
-      }
+      common::ReaderMutexLockable held{&mu_};
+      job.watch_cv.wait_for(held, std::chrono::milliseconds(500), [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return shutdown_ || job.deleted || job.next_event > seen;
+      });
       if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
       if (job.deleted) return absl::NotFoundError(absl::StrCat("job ", job_id, " was deleted"));
       if (job.next_event > seen) {
@@ -2320,7 +2324,12 @@ void Scheduler::ReaperLoop() {
   const auto period = std::chrono::milliseconds(
       std::max<int64_t>(10, static_cast<int64_t>(options_.reaper_period_s * 1000)));
   auto next_prune = std::chrono::steady_clock::now();
-  while (!reaper_wake_.WaitForNotificationWithTimeout(absl::FromChrono(period))) {
+  while (true) {
+    {
+      absl::MutexLock lock(&reaper_mu_);
+      common::MutexLockable held{&reaper_mu_};
+      if (reaper_cv_.wait_for(held, period, [this] { return shutdown_.load(); })) return;
+    }
     ReapLostGroups();
     if (std::chrono::steady_clock::now() >= next_prune) {
       absl::StatusOr<int> pruned = PruneFinishedJobs();

@@ -18,6 +18,7 @@
 #define AVIARY_COORDINATOR_SCHEDULER_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -258,9 +259,12 @@ class Scheduler {
     std::deque<Event> events;
     size_t event_bytes = 0;  // the sum of events' `bytes`
     size_t snapshot_bytes = 0;  // snapshot's size (RefreshSnapshot)
-    // Signalled (under mu_) after each commit that adds events, and at Shutdown. Job objects
-    // never move (std::map, never erased), so watchers may wait on it.
-    mutable absl::CondVar watch_cv;
+    // Notified (under mu_) after each commit that adds events, and at Shutdown. Job objects
+    // never move (std::map, never erased), so watchers may wait on it. A
+    // std::condition_variable_any on mu_ (common::ReaderMutexLockable): its timed wait runs on
+    // the steady clock, where absl::CondVar's waited until a wall-clock time (a clock stepped
+    // back an hour kept a watcher of a quiet job from noticing its client had gone for an hour).
+    mutable std::condition_variable_any watch_cv;
     bool deleted = false;               // DeleteJob: kept (watchers may wait on it), never shown
   };
   struct Group {
@@ -466,7 +470,11 @@ class Scheduler {
   uint64_t logs_clock_ ABSL_GUARDED_BY(logs_mu_) = 0;
   int64_t last_log_id_ ABSL_GUARDED_BY(logs_mu_) = 0;  // log_ids increase, across restarts too (the clock)
 
-  absl::Notification reaper_wake_;  // Shutdown
+  // Wakes the reaper at Shutdown. Its wait between passes runs on the steady clock (absl's
+  // Notification waited until a wall-clock time: a clock stepped back an hour stopped the
+  // reaping of dead groups, and their tasks' new leases, for an hour).
+  absl::Mutex reaper_mu_;
+  std::condition_variable_any reaper_cv_;
   std::atomic<bool> shutdown_{false};
   std::thread reaper_;
 };

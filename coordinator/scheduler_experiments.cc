@@ -323,7 +323,7 @@ absl::StatusOr<std::vector<std::string>> Scheduler::DeleteJob(const std::string&
     // note (a sweep's values are up to ~280 KB).
     job.row.info.Clear();
     job.row.info.set_job_id(job_id);
-    job.watch_cv.SignalAll();
+    job.watch_cv.notify_all();
     UpdateJobCountsLocked();
     pruned_.erase(job_id);
     for (const std::string& id : task_ids) last_points_.erase(id);

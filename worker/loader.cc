@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/mutex_lockable.h"
 #include "common/numpy_random.h"
 
 namespace aviary::worker {
@@ -104,6 +105,7 @@ void Loader::StopWorkers() {
     stopping_ = true;
     work_.SignalAll();
     produced_.SignalAll();
+    retry_cv_.notify_all();
   }
   for (auto& t : workers_) {
     if (t.joinable()) t.join();
@@ -190,6 +192,7 @@ void Loader::StartEpoch(int epoch, int64_t first_batch) {
     next_to_consume_ = next_to_build_;
     error_ = absl::OkStatus();
     work_.SignalAll();
+    retry_cv_.notify_all();  // rows of the old epoch waiting to read again give up
   }
 }
 
@@ -266,8 +269,11 @@ bool Loader::Abandoned(uint64_t generation) const {
 
 bool Loader::WaitToReadAgain(double seconds, uint64_t generation) const {
   absl::MutexLock lock(&mu_);
-  auto cut = [this, generation]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_ || generation_ != generation; };
-  mu_.AwaitWithTimeout(absl::Condition(&cut), absl::Seconds(seconds));
+  auto cut = [this, generation]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_ || generation_ != generation; };
+  // On the steady clock (AwaitWithTimeout waited until a wall-clock time: a clock stepped back
+  // an hour held a row's read, and the batch, an hour).
+  common::MutexLockable held{&mu_};
+  retry_cv_.wait_for(held, std::chrono::duration<double>(seconds), cut);
   return !cut();
 }
 

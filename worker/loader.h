@@ -29,6 +29,7 @@
 #define AVIARY_WORKER_LOADER_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -176,6 +177,9 @@ class Loader {
   mutable absl::Mutex mu_;
   absl::CondVar produced_;  // a batch became ready, or an error
   absl::CondVar work_;      // a row to decode or room for a new batch, or stopping
+  // A new epoch or stopping, for rows waiting to read again (WaitToReadAgain: on mu_, a wait on
+  // the steady clock).
+  mutable std::condition_variable_any retry_cv_;
   std::vector<std::thread> workers_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int epoch_ ABSL_GUARDED_BY(mu_) = -1;

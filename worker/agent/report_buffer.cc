@@ -5,7 +5,7 @@
 #include <cstddef>
 #include <utility>
 
-#include "worker/agent/mutex_lockable.h"
+#include "common/mutex_lockable.h"
 
 namespace aviary::worker {
 namespace {
@@ -44,7 +44,7 @@ void ReportBuffer::Push(Report report) {
 
 std::vector<Report> ReportBuffer::Peek(size_t max_points, double wait_s) {
   absl::MutexLock lock(&mu_);
-  MutexLockable held{&mu_};
+  common::MutexLockable held{&mu_};
   cv_.wait_for(held, Steady(wait_s), [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return interrupted_ || queue_.size() > in_flight_;
   });
@@ -95,7 +95,7 @@ void ReportBuffer::DropTask(const std::string& task_id) {
 
 bool ReportBuffer::WaitEmpty(double timeout_s) {
   absl::MutexLock lock(&mu_);
-  MutexLockable held{&mu_};
+  common::MutexLockable held{&mu_};
   const auto done = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return queue_.empty() || interrupted_; };
   if (timeout_s < 0) {
     cv_.wait(held, done);

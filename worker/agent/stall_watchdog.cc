@@ -4,7 +4,7 @@
 #include <chrono>
 #include <utility>
 
-#include "worker/agent/mutex_lockable.h"
+#include "common/mutex_lockable.h"
 
 namespace aviary::worker {
 namespace {
@@ -86,7 +86,7 @@ void StallWatchdog::Loop() {
       absl::MutexLock lock(&mu_);
       // On the steady clock: AwaitWithTimeout waited until a wall-clock time, and a clock stepped
       // back a day held the check (and a hung task's stall) back a day.
-      MutexLockable held{&mu_};
+      common::MutexLockable held{&mu_};
       cv_.wait_for(held, std::chrono::milliseconds(kCheckIntervalMs),
                    [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_; });
       if (stopping_) return;

@@ -2,12 +2,12 @@
 // clock (libstdc++: pthread_cond_clockwait, CLOCK_MONOTONIC). This Abseil's own timed waits
 // (Mutex::AwaitWithTimeout, CondVar::WaitWithTimeout) wait until a wall-clock time: a clock
 // stepped back an hour made a one-second wait an hour and a second.
-#ifndef AVIARY_WORKER_AGENT_MUTEX_LOCKABLE_H_
-#define AVIARY_WORKER_AGENT_MUTEX_LOCKABLE_H_
+#ifndef AVIARY_COMMON_MUTEX_LOCKABLE_H_
+#define AVIARY_COMMON_MUTEX_LOCKABLE_H_
 
 #include "absl/synchronization/mutex.h"
 
-namespace aviary::worker {
+namespace aviary::common {
 
 // The wait unlocks the mutex and locks it again before it returns, inside the caller's
 // MutexLock (this Abseil's Mutex has no lock()/unlock()).
@@ -17,6 +17,13 @@ struct MutexLockable {
   void unlock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->Unlock(); }
 };
 
-}  // namespace aviary::worker
+// The same inside a ReaderMutexLock (a shared hold).
+struct ReaderMutexLockable {
+  absl::Mutex* mu;
+  void lock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->ReaderLock(); }
+  void unlock() ABSL_NO_THREAD_SAFETY_ANALYSIS { mu->ReaderUnlock(); }
+};
 
-#endif  // AVIARY_WORKER_AGENT_MUTEX_LOCKABLE_H_
+}  // namespace aviary::common
+
+#endif  // AVIARY_COMMON_MUTEX_LOCKABLE_H_
