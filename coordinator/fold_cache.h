@@ -67,7 +67,8 @@ struct ManifestRef {
 
 // The version of the rules that make a stage's table and manifests from its files (common/catalog,
 // common/folds, common/tensor_index): bumped by a change to them, it is part of every key.
-inline constexpr int kFoldRulesVersion = 1;
+// 2: a corrupt-list path whose folder names a source's root drops that source's row only.
+inline constexpr int kFoldRulesVersion = 2;
 
 class FoldCache {
  public:

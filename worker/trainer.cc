@@ -412,6 +412,7 @@ struct Trainer::State {
   common::StageTable table;
   std::vector<LoaderItem> train_items, valid_items;
   std::unique_ptr<AudioCache> cache;
+  int64_t reported_cache_read_failures = 0;  // AudioCache::read_failures() said in the log so far
   // Of the data_files distinct training and validation files, those rank 0 reads from the cache
   // (CountCachedFiles; recorded in the checkpoints rank 0 writes and compared on resume; the
   // other ranks leave it 0 and stat nothing).
@@ -1871,6 +1872,13 @@ absl::StatusOr<EpochRecord> Trainer::State::TrainEpoch(int epoch) {
   LoaderStats before = std::move(trained_loader_stats);
   trained_loader_stats = train_loader->Stats();
   ReportNewBrokenClips(before, trained_loader_stats, epoch);
+  if (cache != nullptr && cache->read_failures() > reported_cache_read_failures) {
+    Log().Warn(absl::StrCat(cache->read_failures() - reported_cache_read_failures,
+                            " reads of the decoded-audio cache failed by epoch ", epoch,
+                            "'s end (I/O errors, ESTALE: the first are logged above); those clips were decoded "
+                            "from their audio files instead, far slower"));
+    reported_cache_read_failures = cache->read_failures();
+  }
   // The next epoch's first batches decode meanwhile (the epoch's totals, validation, its files);
   // its StartEpoch keeps them. (Wasted if the run stops early: nothing else changes.)
   if (epoch + 1 < epochs) train_loader->StartEpoch(epoch + 1);

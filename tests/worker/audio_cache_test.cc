@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/csv.h"
@@ -523,7 +524,7 @@ TEST(AudioCacheTest, UnreadableFileIsMissingAndNotCached) {
   EXPECT_EQ(entry->frames, 32000);
 }
 
-// A shard that cannot be opened now (a permission here; ESTALE, EMFILE or a failed mmap
+// A shard that cannot be opened now (a permission here; ESTALE or EMFILE
 // elsewhere) is skipped as an unreadable index is, naming it, and the cache opens with the
 // other shards' files: training decodes that shard's files on the fly instead of failing every
 // attempt. Once readable, it is used again.
@@ -677,6 +678,55 @@ TEST(AudioCacheTest, AShardFileThatAppearsMeanwhileIsNotWrittenInto) {
   EXPECT_EQ(first->shard, 0);
   EXPECT_EQ(second->shard, 2);
   EXPECT_EQ(second->frames, 16000);
+}
+
+// More shards than half the descriptor limit (a full BirdCLEF cache holds thousands; mpirun's
+// ranks often start with 1024): the cache keeps that many open and opens the others for each
+// read, and every entry reads as it does with all of them open. Kept open, the shards past the
+// limit failed to open and were skipped, their clips decoded on the fly. In a child: the limit
+// is lowered for good there.
+TEST(AudioCacheTest, MoreShardsThanDescriptorsStillReadEveryEntry) {
+  TempDir tmp;
+  std::vector<std::string> paths;
+  for (int i = 0; i < 40; ++i) {
+    paths.push_back(tmp.Sub(absl::StrCat("f", i, ".wav")));
+    WriteAudio(paths.back(), SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(200 + 10 * i, 32000, 800));
+  }
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare(paths, Options(dir, /*threads=*/1, /*shard_bytes=*/1));  // a shard a file
+  std::vector<std::vector<int16_t>> expected;
+  {
+    auto cache = MustOpen(dir);
+    ASSERT_NE(cache, nullptr);
+    for (const std::string& path : paths) {
+      ASSERT_NE(cache->Lookup(path), nullptr) << path;
+      auto q = cache->Samples(*cache->Lookup(path));
+      ASSERT_TRUE(q.ok()) << q.status();
+      expected.push_back(*q);
+    }
+  }
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        struct rlimit limit;
+        limit.rlim_cur = limit.rlim_max = 32;
+        if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) std::_Exit(2);
+        auto cache = AudioCache::Open(dir);
+        if (!cache.ok()) std::_Exit(3);
+        if (!(*cache)->invalid_shards().empty()) {
+          std::fprintf(stderr, "skipped: %s\n", (*cache)->invalid_shards()[0].c_str());
+          std::_Exit(4);
+        }
+        for (size_t i = 0; i < paths.size(); ++i) {
+          const CacheEntry* entry = (*cache)->Lookup(paths[i]);
+          if (entry == nullptr) std::_Exit(5);
+          auto q = (*cache)->Samples(*entry);
+          if (!q.ok() || *q != expected[i]) std::_Exit(6);
+        }
+        std::fprintf(stderr, "all %zu read\n", paths.size());
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(0), "all 40 read");
 }
 
 TEST(AudioCacheTest, RefusesAnotherRateModeOrAConcurrentRun) {

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
@@ -764,6 +766,26 @@ int16_t FloatToCacheSample(float x) {
 // ---------------------------------------------------------------------------------------------
 // AudioCache
 
+namespace {
+
+// How many of `shards` shard files a cache keeps open: all while they fit in half the soft
+// RLIMIT_NOFILE, which is raised towards the hard limit when they do not.
+int64_t KeepOpenBudget(int64_t shards) {
+  struct rlimit limit = {};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return std::min<int64_t>(shards, 256);
+  const auto as_count = [](rlim_t v) {
+    return v == RLIM_INFINITY ? std::numeric_limits<int64_t>::max() / 4 : static_cast<int64_t>(v);
+  };
+  if (shards > as_count(limit.rlim_cur) / 2 && limit.rlim_cur < limit.rlim_max) {
+    struct rlimit raised = limit;
+    raised.rlim_cur = static_cast<rlim_t>(std::min(as_count(limit.rlim_max), 2 * shards + 1024));
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+  }
+  return std::min(shards, as_count(limit.rlim_cur) / 2);
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& dir) {
   AVIARY_ASSIGN_OR_RETURN(Manifest manifest, ReadManifest(dir));
   AVIARY_ASSIGN_OR_RETURN(ShardScan scan, ScanShards(dir, manifest.sample_rate, /*read_errors_fatal=*/false,
@@ -776,6 +798,10 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
   for (const auto& [shard, reason] : scan.invalid) {
     cache->invalid_shards_.push_back(absl::StrCat(ShardName(shard), ": ", reason));
   }
+  // A shard is kept open (one descriptor) while the process's limit leaves room; past half the
+  // soft limit (raised towards the hard one first, as a full BirdCLEF cache holds thousands of
+  // 256 MB shards and mpirun's ranks often start with 1024) each read opens its shard.
+  const int64_t keep_open = KeepOpenBudget(static_cast<int64_t>(scan.valid.size()));
   for (auto& [shard, entries] : scan.valid) {  // ascending: later shards replace earlier entries
     const std::string pcm = PcmPath(dir, shard);
     // A shard that cannot be opened now (a permission, ESTALE, EMFILE) is skipped as an
@@ -800,12 +826,16 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
     file.fd = fd;
     file.num_bytes = static_cast<int64_t>(st.st_size);
     file.path = pcm;
+    if (static_cast<int64_t>(cache->shards_.size()) >= keep_open) {
+      ::close(fd);
+      file.fd = -1;
+    }
     // The index was checked against the size the scan saw; the file opened must hold as much
     // (nothing truncates a shard; a shard shortened later is ReadSamples' DATA_LOSS).
     int64_t needed = 0;
     for (const CacheEntry& e : entries) needed = std::max(needed, (e.offset + e.frames) * 2);
     if (file.num_bytes < needed) {
-      ::close(fd);
+      if (file.fd >= 0) ::close(file.fd);
       skip(absl::StrCat("holds ", file.num_bytes, " bytes now, its index needs ", needed));
       continue;
     }
@@ -907,12 +937,29 @@ absl::Status AudioCache::ReadSamples(const CacheEntry& entry, int64_t offset, in
     return absl::InternalError(absl::StrCat(entry.path, ": its shard ", entry.shard, " is not open"));
   }
   const ShardFile& file = it->second;
+  // A shard past the descriptors kept open (KeepOpenBudget): opened for this read.
+  int fd = file.fd;
+  if (fd < 0) {
+    fd = ::open(file.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      const int err = errno;
+      read_failures_.fetch_add(1);
+      return absl::UnavailableError(absl::StrCat(file.path, " (", entry.path, "): cannot open: ", std::strerror(err)));
+    }
+  }
+  struct CloseOpened {
+    int fd;
+    bool opened;
+    ~CloseOpened() {
+      if (opened) ::close(fd);
+    }
+  } close_opened{fd, file.fd < 0};
   char* to = reinterpret_cast<char*>(out);
   const int64_t first = (entry.offset + offset) * 2;
   int64_t done = 0;
   const int64_t bytes = count * 2;
   while (done < bytes) {
-    const ssize_t n = ::pread(file.fd, to + done, static_cast<size_t>(bytes - done), static_cast<off_t>(first + done));
+    const ssize_t n = ::pread(fd, to + done, static_cast<size_t>(bytes - done), static_cast<off_t>(first + done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       const int err = n < 0 ? errno : 0;

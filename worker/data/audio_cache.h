@@ -90,7 +90,8 @@ struct CacheEntry {
   int64_t mtime_ns = -1;    // its modification time
 };
 
-// A read-only cache, its shards open and read with pread (not mapped: a page that cannot be read
+// A read-only cache, its shards open (as many as half the descriptor limit allows; the rest
+// opened by each read) and read with pread (not mapped: a page that cannot be read
 // on a shared filesystem, EIO or ESTALE once another host replaced the file, raised SIGBUS and
 // killed the rank; a failed pread is an error the clip loader answers by decoding the file).
 // Thread-safe: immutable after Open (but for LookupCurrent's per-entry freshness flags and the
@@ -151,7 +152,7 @@ class AudioCache {
 
  private:
   struct ShardFile {
-    int fd = -1;
+    int fd = -1;  // -1: past the descriptors kept open, opened by each read
     int64_t num_bytes = 0;
     std::string path;
   };
