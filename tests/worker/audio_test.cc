@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <fstream>
 #include <iterator>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/worker/audio_test_util.h"
 
@@ -240,6 +242,33 @@ TEST(AudioWindowTest, WindowsEqualWholeFileDecode) {
   EXPECT_GE(compared, 60);
 }
 
+// Low source rates (1-4 kHz loggers): the resampler's margin before a window is at least 1024
+// source frames; 20 ms of a 1 kHz source (20 frames) left windows of white noise up to 1e-3 off
+// the whole decode.
+TEST(AudioWindowTest, LowRateWindowsEqualWholeFileDecode) {
+  TempDir tmp;
+  for (int rate : {1000, 2000, 3000, 4000}) {
+    std::vector<float> noise(static_cast<size_t>(8 * rate));
+    uint32_t x = 12345;
+    for (float& v : noise) {
+      x = x * 1664525u + 1013904223u;
+      v = static_cast<float>(static_cast<int32_t>(x >> 8) - (1 << 23)) / static_cast<float>(1 << 24);
+    }
+    const std::string path = tmp.Sub(absl::StrCat("noise", rate, ".wav"));
+    WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_FLOAT, rate, 1, noise);
+    DecodeResult whole = Decode(path, 32000);
+    ASSERT_TRUE(whole.ok()) << whole.failure.message;
+    for (double offset : {0.5, 3.3, 6.0}) {
+      DecodeResult window = Decode(path, 32000, ChannelMode::kFirst, offset, 1.0);
+      ASSERT_TRUE(window.ok()) << window.failure.message;
+      const int64_t t0 = window.audio.offset;
+      std::vector<float> slice(whole.audio.samples.begin() + t0,
+                               whole.audio.samples.begin() + t0 + static_cast<int64_t>(window.audio.samples.size()));
+      EXPECT_LE(Compare(window.audio.samples, slice).max_abs, 1e-6) << rate << " Hz at " << offset << " s";
+    }
+  }
+}
+
 // libsndfile 1.2 mis-seeks inside an Ogg Vorbis stream's final page on a fresh handle (by up to
 // thousands of frames); the decoder works around it (worker/audio.cc, OggSeekLimit). Every
 // window in the last 1.5 s of every file, at the source rate, must equal the whole decode.
@@ -265,6 +294,76 @@ TEST(AudioWindowTest, OggWindowsInTheFinalPageAreExact) {
     }
   }
   EXPECT_GE(compared, 200);
+}
+
+// The Ogg page checksum (CRC-32, polynomial 0x04C11DB7, not reflected, initial 0), over the
+// page with its checksum field zeroed.
+uint32_t OggCrc(const unsigned char* page, size_t n) {
+  uint32_t crc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    crc ^= static_cast<uint32_t>(page[i]) << 24;
+    for (int b = 0; b < 8; ++b) crc = (crc & 0x80000000u) ? (crc << 1) ^ 0x04C11DB7u : crc << 1;
+  }
+  return crc;
+}
+
+// An Ogg stream whose granule positions start past 0 (cut from a live stream, remuxed with its
+// timestamps): libsndfile counts frames from the first granule, and the final-page limit taken
+// as an absolute granule fell inside the final page, where libsndfile 1.2 mis-seeks: windows at
+// the end came back as other audio (up to 1.3 off), reported fine.
+TEST(AudioWindowTest, OggWindowsInTheFinalPageAreExactWhenGranulesStartPastZero) {
+  const auto& corpus = SharedCorpus();
+  const synth::SynthFile* good = nullptr;
+  for (const auto& f : corpus.ogg) {
+    if (f.kind == synth::SynthFileKind::kGood && f.num_frames > 5 * f.sample_rate) good = &f;
+  }
+  ASSERT_NE(good, nullptr);
+  std::string bytes;
+  {
+    std::ifstream in(corpus.OggPath(*good), std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  // Every audio page's granule (the headers' are 0) shifted by 10,000,000, checksums redone.
+  constexpr int64_t kShift = 10000000;
+  int shifted = 0;
+  for (size_t pos = 0; pos + 27 <= bytes.size();) {
+    auto* page = reinterpret_cast<unsigned char*>(&bytes[pos]);
+    ASSERT_EQ(std::memcmp(page, "OggS", 4), 0) << "at byte " << pos;
+    const size_t segments = page[26];
+    size_t body = 0;
+    for (size_t i = 0; i < segments; ++i) body += page[27 + i];
+    const size_t length = 27 + segments + body;
+    int64_t granule = 0;
+    for (int b = 7; b >= 0; --b) granule = (granule << 8) | page[6 + b];
+    if (granule > 0) {
+      granule += kShift;
+      for (int b = 0; b < 8; ++b) page[6 + b] = static_cast<unsigned char>(granule >> (8 * b));
+      ++shifted;
+    }
+    std::memset(page + 22, 0, 4);
+    const uint32_t crc = OggCrc(page, length);
+    for (int b = 0; b < 4; ++b) page[22 + b] = static_cast<unsigned char>(crc >> (8 * b));
+    pos += length;
+  }
+  ASSERT_GE(shifted, 3);
+  TempDir tmp;
+  const std::string path = tmp.Sub("live.ogg");
+  WriteBytes(path, bytes);
+  DecodeResult whole = Decode(path, 0);
+  ASSERT_TRUE(whole.ok()) << whole.failure.message;
+  const double seconds = double(whole.audio.source_frames) / good->sample_rate;
+  int compared = 0;
+  for (double back = 1.5; back > 0.01; back -= 0.0731) {
+    DecodeResult window = Decode(path, 0, ChannelMode::kFirst, std::max(0.0, seconds - back), 0.25);
+    ASSERT_TRUE(window.ok()) << window.failure.message;
+    const int64_t t0 = window.audio.offset;
+    for (size_t i = 0; i < window.audio.samples.size(); ++i) {
+      ASSERT_EQ(window.audio.samples[i], whole.audio.samples[t0 + i])
+          << path << " window at frame " << t0 << ", sample " << i;
+    }
+    ++compared;
+  }
+  EXPECT_GE(compared, 20);
 }
 
 TEST(AudioWindowTest, LengthsFollowTheRoundingRule) {
@@ -830,6 +929,35 @@ TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
     ASSERT_TRUE(decoded.ok()) << decoded.failure.message;
     EXPECT_EQ(decoded.audio.samples.size(), tone.size());
   }
+  // AIFF and AU cut in half (libsndfile shortens their frame count and logs nothing), and a WAV
+  // whose chunks before "data" fill libsndfile's 2 KB log (the line that told it cut was lost):
+  // truncated, from the header's declared size. They decoded "fine" at half their length.
+  for (const auto& [name, format] : std::vector<std::pair<std::string, int>>{
+           {"a.aiff", SF_FORMAT_AIFF | SF_FORMAT_PCM_16}, {"a.au", SF_FORMAT_AU | SF_FORMAT_PCM_16}}) {
+    const std::string full = tmp.Sub(name);
+    WriteAudio(full, format, 16000, 1, tone);
+    ExpectProblem(full, AudioProblem::kNone);
+    const std::string cut_copy = tmp.Sub("cut_" + name);
+    TruncateCopy(full, cut_copy, 0.5);
+    ExpectProblem(cut_copy, AudioProblem::kTruncated, name == "a.au" ? "the data of the AU header is cut short"
+                                                                     : "the SSND chunk is cut short");
+  }
+  {
+    std::string bytes = testing::ReadBytes(tmp.Sub("a.wav"));
+    const size_t data = bytes.find("data");
+    ASSERT_NE(data, std::string::npos);
+    std::string junk;
+    for (int i = 0; i < 100; ++i) junk += std::string("JUNK\x08\x00\x00\x00", 8) + "metadata";
+    bytes.insert(data, junk);
+    const uint32_t riff = static_cast<uint32_t>(bytes.size() - 8);
+    for (int b = 0; b < 4; ++b) bytes[4 + b] = static_cast<char>(riff >> (8 * b));
+    const std::string many = tmp.Sub("many_chunks.wav");
+    testing::WriteBytes(many, bytes);
+    ExpectProblem(many, AudioProblem::kNone);
+    const std::string cut_many = tmp.Sub("cut_many_chunks.wav");
+    TruncateCopy(many, cut_many, 0.6);
+    ExpectProblem(cut_many, AudioProblem::kTruncated, "the data chunk is cut short");
+  }
   // A window before the cut still decodes: only what is decoded can be judged on the fly.
   std::string cut = tmp.Sub("cut50.mp3");
   DecodeResult early = Decode(cut, 32000, ChannelMode::kFirst, 0.0, 0.5);
@@ -863,6 +991,16 @@ TEST(AudioProblemTest, ZeroFramesAndNonFinite) {
   x[12345] = std::nanf("");
   WriteAudio(nan, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, x);
   ExpectProblem(nan, AudioProblem::kNonFinite);
+  // A finite but absurd sample (1e30: squared in the front end, an infinity) is damage too; a
+  // loud one (4.0, 12 dB over full scale) is audio.
+  const std::string huge = tmp.Sub("huge.wav");
+  x[12345] = 1e30f;
+  WriteAudio(huge, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, x);
+  ExpectProblem(huge, AudioProblem::kNonFinite, "above 1e4 in magnitude");
+  const std::string loud = tmp.Sub("loud.wav");
+  x[12345] = 4.0f;
+  WriteAudio(loud, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, x);
+  ExpectProblem(loud, AudioProblem::kNone);
 }
 
 // DecodeOptions::max_samples bounds what a decode delivers (kMaxDecodeSamples by default): a

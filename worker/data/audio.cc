@@ -38,8 +38,10 @@ constexpr int64_t kBlockFrames = 16384;
 // Source audio decoded before a window's first sample so that the resampler's filter is fully
 // primed there: a window then equals the same samples of a whole-file decode. SOXR_HQ's filter
 // is a few hundred taps long at our ratios; 20 ms of source is several times that (measured in
-// audio_test: windows equal whole-file decodes to float rounding).
+// audio_test: windows equal whole-file decodes to float rounding), and at least 1024 frames
+// (20 ms of a 1-4 kHz source was too few: windows off by up to 1e-3).
 constexpr double kResampleMarginSeconds = 0.02;
+constexpr int64_t kMinResampleMarginFrames = 1024;
 
 // Source sample rates the decoder accepts: [1000, 768000] Hz. Real recordings use 8 kHz and up
 // (1 kHz leaves room for odd loggers); 768 kHz is the highest rate any converter offers. A header
@@ -322,6 +324,65 @@ bool MpegStatesLength(const std::string& path, off_t* audio_start) {
   return false;
 }
 
+// The audio data's declared size against the file's, read from the header itself: WAV (RIFF,
+// little-endian chunks: "data"), AIFF/AIFC (FORM, big-endian chunks: "SSND") and AU (".snd":
+// its data size field). "" when the data fits, the size says "unknown" (a pipe's WAV: 0xFFFFFFFF,
+// 0x7FFFF000, 0x7FFFFFFF; AU's 0xFFFFFFFF), for other formats or a header this does not follow
+// (libsndfile's log is the other check). libsndfile shortens such a file's frame count without
+// an error: a cut download decoded "fine" at half its length. (Its log says so for WAV only, and
+// a log of many chunks before "data" passed its 2 KB and lost the line.)
+std::string DeclaredDataBeyondFile(const std::string& path, int format) {
+  const int type = format & SF_FORMAT_TYPEMASK;
+  const bool wav = type == SF_FORMAT_WAV || type == SF_FORMAT_WAVEX;
+  const bool aiff = type == SF_FORMAT_AIFF;
+  const bool au = type == SF_FORMAT_AU;
+  if (!wav && !aiff && !au) return "";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "";
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st = {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return "";
+  const int64_t file_bytes = st.st_size;
+  unsigned char h[12];
+  auto read_at = [&](int64_t at, size_t n) { return ::pread(fd, h, n, at) == static_cast<ssize_t>(n); };
+  auto le32 = [&](int at) {
+    return uint32_t{h[at]} | uint32_t{h[at + 1]} << 8 | uint32_t{h[at + 2]} << 16 | uint32_t{h[at + 3]} << 24;
+  };
+  auto be32 = [&](int at) {
+    return uint32_t{h[at]} << 24 | uint32_t{h[at + 1]} << 16 | uint32_t{h[at + 2]} << 8 | uint32_t{h[at + 3]};
+  };
+  auto beyond = [&](const char* what, int64_t start, int64_t declared) {
+    return absl::StrCat("the ", what, " is cut short (it declares ", declared, " bytes, the file holds ",
+                        std::max<int64_t>(0, file_bytes - start), " from its start)");
+  };
+  if (au) {
+    if (!read_at(0, 12) || std::memcmp(h, ".snd", 4) != 0) return "";
+    const uint32_t offset = be32(4), size = be32(8);
+    if (size == 0xFFFFFFFFu || offset + int64_t{size} <= file_bytes) return "";
+    return beyond("data of the AU header", offset, size);
+  }
+  if (!read_at(0, 12)) return "";
+  if (wav ? std::memcmp(h, "RIFF", 4) != 0 || std::memcmp(h + 8, "WAVE", 4) != 0
+          : std::memcmp(h, "FORM", 4) != 0 || (std::memcmp(h + 8, "AIFF", 4) != 0 && std::memcmp(h + 8, "AIFC", 4) != 0)) {
+    return "";
+  }
+  int64_t pos = 12;
+  for (int chunks = 0; chunks < 100000 && pos + 8 <= file_bytes; ++chunks) {
+    if (!read_at(pos, 8)) return "";
+    const uint32_t size = wav ? le32(4) : be32(4);
+    if (std::memcmp(h, wav ? "data" : "SSND", 4) == 0) {
+      if (wav && (size == 0xFFFFFFFFu || size == 0x7FFFF000u || size == 0x7FFFFFFFu)) return "";
+      if (pos + 8 + int64_t{size} <= file_bytes) return "";
+      return beyond(wav ? "data chunk" : "SSND chunk", pos + 8, size);
+    }
+    pos += 8 + int64_t{size} + (size & 1);
+  }
+  return "";
+}
+
 // libsndfile opens a WAV file whose data chunk is longer than the file (a cut download, an
 // unfinished recording) without an error: it shortens the frame count to what is there and
 // notes "data : <declared> (should be <present>)" in its log. Returns that log line for the
@@ -354,10 +415,14 @@ std::string WavTruncationNote(SNDFILE* file, int format) {
 // off) when a freshly opened file is asked for a frame inside the stream's final page; every
 // frame before that page seeks exactly (measured on 56 files; cf. libsndfile issue #885). The
 // decoder therefore never seeks past the start of the final page: it seeks to this limit and
-// decodes forward. The limit is the granule position of the second-to-last page (where the final
-// page's samples begin) less a safety margin, found by walking the Ogg pages in the file's last
-// 140 KB (a page is at most 65307 bytes, so that holds the last two). 0 when it cannot be found.
-int64_t OggSeekLimit(const std::string& path) {
+// decodes forward. The limit is where the final page's samples begin, less a safety margin:
+// `total_frames` (libsndfile's count, from the stream's first granule on) less the final page's
+// frames (its granule position less the previous page's), found by walking the Ogg pages in the
+// file's last 140 KB (a page is at most 65307 bytes, so that holds the last two). Measured from
+// the end: a stream whose first granule is not 0 (cut from a live stream) counts its granules
+// from there, and the absolute granule put the limit inside the final page. 0 when it cannot be
+// found.
+int64_t OggSeekLimit(const std::string& path, int64_t total_frames) {
   constexpr int64_t kTail = 140 * 1024;
   constexpr int64_t kMarginFrames = 8192;
   FILE* f = std::fopen(path.c_str(), "rb");
@@ -401,7 +466,9 @@ int64_t OggSeekLimit(const std::string& path) {
     if (!chain || pos != n) continue;
     // The last page with a granule position before the final page.
     for (size_t i = granules.size() - 1; i-- > 0;) {
-      if (granules[i] >= 0) return std::max<int64_t>(0, granules[i] - kMarginFrames);
+      if (granules[i] >= 0 && granules.back() >= granules[i]) {
+        return std::max<int64_t>(0, total_frames - (granules.back() - granules[i]) - kMarginFrames);
+      }
     }
     return 0;
   }
@@ -571,6 +638,10 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     *failure = Failure(AudioProblem::kTooShort, absl::StrCat(path, ": 0 frames"));
     return false;
   }
+  if (std::string what = DeclaredDataBeyondFile(path, info->format); !what.empty()) {
+    *failure = Failure(AudioProblem::kTruncated, absl::StrCat(path, ": ", what));
+    return false;
+  }
   if (std::string line = WavTruncationNote(file->get(), info->format); !line.empty()) {
     *failure =
         Failure(AudioProblem::kTruncated,
@@ -579,6 +650,10 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
   }
   return true;
 }
+
+// A float sample past this (80 dB over full scale) is damage, not audio: squared in the mel
+// front end a 1e30 overflowed to infinity downstream, where a NaN or an infinity is caught here.
+constexpr float kMaxSampleMagnitude = 1e4f;
 
 // Delivers output samples to a sink, dropping the first `skip` and stopping after `want`;
 // checks for zeros and non-finite values on the way.
@@ -598,7 +673,7 @@ class Emitter {
     for (int64_t i = 0; i < n; ++i) {
       float x = samples[i];
       any_nonzero_ |= x != 0.0f;
-      all_finite_ &= std::isfinite(x);
+      all_finite_ &= std::fabs(x) <= kMaxSampleMagnitude;  // false for NaN too
     }
     emitted_ += n;
     if (!sink_->Consume(samples, n)) stopped_ = true;
@@ -772,7 +847,8 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
   if (resample) {
     const int64_t g = std::gcd(from_hz, to_hz);
     const int64_t q = from_hz / g, p = to_hz / g;
-    const int64_t margin = static_cast<int64_t>(std::ceil(kResampleMarginSeconds * from_hz));
+    const int64_t margin =
+        std::max(kMinResampleMarginFrames, static_cast<int64_t>(std::ceil(kResampleMarginSeconds * from_hz)));
     int64_t pos = static_cast<int64_t>(static_cast<__int128>(t0) * from_hz / to_hz) - margin;
     pos = std::max<int64_t>(0, pos);
     source_start = pos / q * q;
@@ -785,7 +861,7 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
     // Unknown length (an MPEG stream whose count libsndfile estimates): sf_seek refuses frames
     // past the estimate, so decode forward from the start.
     const int64_t seek_to = !known       ? 0
-                            : IsOgg(info) ? std::min(source_start, OggSeekLimit(path))
+                            : IsOgg(info) ? std::min(source_start, OggSeekLimit(path, audio.source_frames))
                                           : source_start;
     if (seek_to > 0) {
       sf_count_t got = sf_seek(file.get(), seek_to, SEEK_SET);
@@ -927,7 +1003,8 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
   }
   if (!emitter.all_finite()) {
     result.failure =
-        Failure(AudioProblem::kNonFinite, absl::StrCat(path, ": NaN or infinite samples"));
+        Failure(AudioProblem::kNonFinite,
+                absl::StrCat(path, ": NaN, infinite or absurd samples (above 1e4 in magnitude, 80 dB over full scale)"));
     return result;
   }
   if (!emitter.any_nonzero()) {
