@@ -138,7 +138,8 @@ absl::StatusOr<ClipResult> LoadClipInto(const AudioCache* cache, const std::stri
       served = true;
     } else {
       // The cache's file cannot be read now (EIO, ESTALE on a share): the clip is decoded from
-      // its audio file, the same clip (the same draws) within 2^-16. The first failures are
+      // its audio file, the same clip (the same draws) within 2^-16 at the usual rates
+      // (worker/data/audio.h, "Windows"). The first failures are
       // logged; AudioCache::read_failures() counts them all.
       if (const int64_t failures = cache->read_failures(); failures <= 3) {
         common::Logger("cache").Warn(absl::StrCat(read.message(), "; decoding ", path, " instead",
