@@ -724,9 +724,24 @@ TEST(AudioCacheTest, MoreShardsThanDescriptorsStillReadEveryEntry) {
           if (!q.ok() || *q != expected[i]) std::_Exit(6);
         }
         std::fprintf(stderr, "all %zu read\n", paths.size());
+        // A shard opened per read that is another file now (the cache prepared again under the
+        // same folder numbers its shards from 0): refused, not read as the entry's samples.
+        const CacheEntry* last = nullptr;
+        for (const std::string& path : paths) {
+          const CacheEntry* e = (*cache)->Lookup(path);
+          if (last == nullptr || e->shard > last->shard) last = e;
+        }
+        const std::string pcm = absl::StrCat(dir, "/shard-", std::string(6 - std::to_string(last->shard).size(), '0'),
+                                              last->shard, ".pcm");
+        std::error_code ec;
+        std::filesystem::copy_file(pcm, pcm + ".copy", ec);
+        if (ec || ::rename((pcm + ".copy").c_str(), pcm.c_str()) != 0) std::_Exit(7);
+        auto replaced = (*cache)->Samples(*last);
+        if (replaced.ok() || replaced.status().code() != absl::StatusCode::kUnavailable) std::_Exit(8);
+        std::fprintf(stderr, "replaced: %s\n", std::string(replaced.status().message()).c_str());
         std::_Exit(0);
       },
-      ::testing::ExitedWithCode(0), "all 40 read");
+      ::testing::ExitedWithCode(0), "all 40 read\nreplaced: .*not the shard file the cache opened");
 }
 
 TEST(AudioCacheTest, RefusesAnotherRateModeOrAConcurrentRun) {

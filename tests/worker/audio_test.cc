@@ -891,6 +891,18 @@ TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
   std::string stub = tmp.Sub("stub.ogg");
   TruncateCopy(corpus.OggPath(*ogg), stub, 100.0 / testing::ReadBytes(corpus.OggPath(*ogg)).size());
   ExpectProblem(stub, AudioProblem::kTruncated, "Ogg file of 100 bytes");
+  // A whole Ogg stream with bytes after it (an ID3v1 tag a tagger appended; one stray byte):
+  // libsndfile finds no length, but the end-of-stream page is there: it decodes whole, as the
+  // file without them (it was "truncated", and prepare cached that).
+  DecodeResult clean = Decode(corpus.OggPath(*ogg), 32000);
+  ASSERT_TRUE(clean.ok()) << clean.failure.message;
+  for (const std::string& extra : {std::string("TAG") + std::string(125, ' '), std::string(1, '\0')}) {
+    const std::string tagged = tmp.Sub("tagged.ogg");
+    testing::WriteBytes(tagged, testing::ReadBytes(corpus.OggPath(*ogg)) + extra);
+    DecodeResult decoded = Decode(tagged, 32000);
+    ASSERT_TRUE(decoded.ok()) << extra.size() << " bytes after: " << decoded.failure.message;
+    EXPECT_EQ(decoded.audio.samples, clean.audio.samples) << extra.size() << " bytes after";
+  }
   // FLAC: libFLAC loses sync at the cut (a libsndfile error mid-stream). WAV: a data chunk
   // longer than the file (libsndfile opens it and shortens the frame count; its log says so).
   std::vector<float> tone = Sine(300, 16000, 16000 * 3);
@@ -943,6 +955,16 @@ TEST(AudioProblemTest, TruncatedFilesOfEveryFormat) {
                                                                      : "the SSND chunk is cut short");
   }
   {
+    // An AIFF written to a pipe says "length unknown" in its SSND size (sox: 0x7F000008): whole.
+    std::string bytes = testing::ReadBytes(tmp.Sub("a.aiff"));
+    const size_t ssnd = bytes.find("SSND");
+    ASSERT_NE(ssnd, std::string::npos);
+    bytes.replace(ssnd + 4, 4, std::string("\x7f\x00\x00\x08", 4));
+    const std::string piped = tmp.Sub("piped.aiff");
+    testing::WriteBytes(piped, bytes);
+    ExpectProblem(piped, AudioProblem::kNone);
+  }
+  {
     std::string bytes = testing::ReadBytes(tmp.Sub("a.wav"));
     const size_t data = bytes.find("data");
     ASSERT_NE(data, std::string::npos);
@@ -992,13 +1014,13 @@ TEST(AudioProblemTest, ZeroFramesAndNonFinite) {
   WriteAudio(nan, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, x);
   ExpectProblem(nan, AudioProblem::kNonFinite);
   // A finite but absurd sample (1e30: squared in the front end, an infinity) is damage too; a
-  // loud one (4.0, 12 dB over full scale) is audio.
+  // float file stored at integer scale (32767) is audio.
   const std::string huge = tmp.Sub("huge.wav");
   x[12345] = 1e30f;
   WriteAudio(huge, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, x);
-  ExpectProblem(huge, AudioProblem::kNonFinite, "above 1e4 in magnitude");
-  const std::string loud = tmp.Sub("loud.wav");
-  x[12345] = 4.0f;
+  ExpectProblem(huge, AudioProblem::kNonFinite, "above 1e8 in magnitude");
+  const std::string loud = tmp.Sub("loud.wav");  // a float file at integer scale
+  x[12345] = 32767.0f;
   WriteAudio(loud, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 32000, 1, x);
   ExpectProblem(loud, AudioProblem::kNone);
 }

@@ -375,6 +375,8 @@ std::string DeclaredDataBeyondFile(const std::string& path, int format) {
     const uint32_t size = wav ? le32(4) : be32(4);
     if (std::memcmp(h, wav ? "data" : "SSND", 4) == 0) {
       if (wav && (size == 0xFFFFFFFFu || size == 0x7FFFF000u || size == 0x7FFFFFFFu)) return "";
+      // An AIFF written to a pipe: sox says 0x7F000008 (and may add to it), others 0xFFFFFFFF.
+      if (!wav && size >= 0x7F000000u) return "";
       if (pos + 8 + int64_t{size} <= file_bytes) return "";
       return beyond(wav ? "data chunk" : "SSND chunk", pos + 8, size);
     }
@@ -409,6 +411,34 @@ std::string WavTruncationNote(SNDFILE* file, int format) {
     }
   }
   return "";
+}
+
+// Whether the file's last 140 KB hold an Ogg page marked end-of-stream (header type 0x04) that
+// ends inside the file: the stream is whole, whatever follows it.
+bool OggEndOfStreamInTail(const std::string& path) {
+  constexpr int64_t kTail = 140 * 1024;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  struct stat st = {};
+  std::string tail;
+  if (::fstat(fd, &st) == 0 && st.st_size > 0) {
+    const int64_t start = std::max<int64_t>(0, st.st_size - kTail);
+    tail.resize(static_cast<size_t>(st.st_size - start));
+    const ssize_t got = ::pread(fd, tail.data(), tail.size(), start);
+    tail.resize(got > 0 ? static_cast<size_t>(got) : 0);
+  }
+  ::close(fd);
+  const auto* data = reinterpret_cast<const unsigned char*>(tail.data());
+  const size_t n = tail.size();
+  for (size_t at = tail.find("OggS"); at != std::string::npos; at = tail.find("OggS", at + 1)) {
+    if (n - at < 27 || data[at + 4] != 0 || (data[at + 5] & 0x04) == 0) continue;
+    const size_t segments = data[at + 26];
+    if (n - at < 27 + segments) continue;
+    size_t body = 0;
+    for (size_t i = 0; i < segments; ++i) body += data[at + 27 + i];
+    if (n - at >= 27 + segments + body) return true;
+  }
+  return false;
 }
 
 // libsndfile 1.2's Ogg Vorbis seek lands at the wrong sample (hundreds to thousands of frames
@@ -625,9 +655,12 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
     audio->source_frames = info->frames;
     audio->total_samples = ResampledLength(info->frames, info->samplerate, audio->sample_rate);
   }
-  if (!known && IsOgg(*info)) {
+  if (!known && IsOgg(*info) && !OggEndOfStreamInTail(path)) {
     // libsndfile finds an Ogg stream's length in its last page's granule position; a stream cut
-    // short has no final page, so its length is unknown.
+    // short has no final page, so its length is unknown. A whole stream followed by other bytes
+    // (an ID3v1 tag a tagger appended, a stray byte) has one, its end-of-stream page, though
+    // libsndfile then finds no length: decoded to its end as an MPEG file of unknown length is
+    // (it was called truncated, and prepare cached that).
     *failure = Failure(AudioProblem::kTruncated,
                        absl::StrCat(path,
                                     ": Ogg stream without an end (libsndfile finds no final "
@@ -651,9 +684,10 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
   return true;
 }
 
-// A float sample past this (80 dB over full scale) is damage, not audio: squared in the mel
-// front end a 1e30 overflowed to infinity downstream, where a NaN or an infinity is caught here.
-constexpr float kMaxSampleMagnitude = 1e4f;
+// A float sample past this is damage, not audio: squared in the mel front end a 1e30 overflowed
+// to infinity downstream, where a NaN or an infinity is caught here. (Float files stored at
+// integer scale, +-32768, are audio: libsndfile returns float samples as stored.)
+constexpr float kMaxSampleMagnitude = 1e8f;
 
 // Delivers output samples to a sink, dropping the first `skip` and stopping after `want`;
 // checks for zeros and non-finite values on the way.
@@ -1004,7 +1038,7 @@ absl::StatusOr<DecodeResult> DecodeAudioUnguarded(const std::string& path,
   if (!emitter.all_finite()) {
     result.failure =
         Failure(AudioProblem::kNonFinite,
-                absl::StrCat(path, ": NaN, infinite or absurd samples (above 1e4 in magnitude, 80 dB over full scale)"));
+                absl::StrCat(path, ": NaN, infinite or absurd samples (above 1e8 in magnitude)"));
     return result;
   }
   if (!emitter.any_nonzero()) {

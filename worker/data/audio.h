@@ -43,7 +43,7 @@ enum class AudioProblem {
                // libsndfile error mid-stream
   kSilent,     // decodes, but every returned sample is exactly zero
   kTooShort,   // decodes to no samples at all (0 frames)
-  kNonFinite,  // a sample is NaN, infinite or above 1e4 in magnitude (float WAV/FLAC can hold them)
+  kNonFinite,  // a sample is NaN, infinite or above 1e8 in magnitude (float WAV/FLAC can hold them)
 };
 inline constexpr int kNumAudioProblems = 8;
 // "ok", "missing", "empty", "not_audio", "truncated", "silent", "too_short", "non_finite".

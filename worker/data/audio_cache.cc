@@ -811,12 +811,16 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
       cache->invalid_shards_.push_back(absl::StrCat(ShardName(shard), ": ", pcm, ": ", why, " (a read error, not damage)"));
     };
     int fd = ::open(pcm.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      skip(absl::StrCat("cannot open: ", std::strerror(errno)));
-      continue;
-    }
     struct stat st;
-    if (::fstat(fd, &st) != 0) {
+    if (fd < 0) {
+      const int err = errno;
+      // Out of descriptors (the process's or the system's): the shard is read by opening it
+      // for each read, as one past the budget is, not skipped for the whole run.
+      if ((err != EMFILE && err != ENFILE) || ::stat(pcm.c_str(), &st) != 0) {
+        skip(absl::StrCat("cannot open: ", std::strerror(err)));
+        continue;
+      }
+    } else if (::fstat(fd, &st) != 0) {
       int err = errno;
       ::close(fd);
       skip(absl::StrCat("fstat failed: ", std::strerror(err)));
@@ -826,7 +830,9 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
     file.fd = fd;
     file.num_bytes = static_cast<int64_t>(st.st_size);
     file.path = pcm;
-    if (static_cast<int64_t>(cache->shards_.size()) >= keep_open) {
+    file.device = static_cast<uint64_t>(st.st_dev);
+    file.inode = static_cast<uint64_t>(st.st_ino);
+    if (fd >= 0 && static_cast<int64_t>(cache->shards_.size()) >= keep_open) {
       ::close(fd);
       file.fd = -1;
     }
@@ -954,6 +960,15 @@ absl::Status AudioCache::ReadSamples(const CacheEntry& entry, int64_t offset, in
       if (opened) ::close(fd);
     }
   } close_opened{fd, file.fd < 0};
+  if (file.fd < 0) {
+    struct stat st = {};
+    if (::fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_dev) != file.device ||
+        static_cast<uint64_t>(st.st_ino) != file.inode) {
+      read_failures_.fetch_add(1);
+      return absl::UnavailableError(absl::StrCat(file.path, " (", entry.path,
+                                                 "): not the shard file the cache opened (prepared again since?)"));
+    }
+  }
   char* to = reinterpret_cast<char*>(out);
   const int64_t first = (entry.offset + offset) * 2;
   int64_t done = 0;

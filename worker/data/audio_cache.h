@@ -155,6 +155,9 @@ class AudioCache {
     int fd = -1;  // -1: past the descriptors kept open, opened by each read
     int64_t num_bytes = 0;
     std::string path;
+    // The file Open checked: a read that opens its path must find the same one (a cache
+    // prepared again under the same folder numbers its shards from 0 again).
+    uint64_t device = 0, inode = 0;
   };
   AudioCache() = default;
 
