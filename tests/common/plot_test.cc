@@ -678,18 +678,24 @@ TEST(PlotTest, LegendShowsEachNamedSeriesInItsColour) {
   EXPECT_GT(names.height(), 16) << "on two rows";
 }
 
-// A long series name is shortened with "..." to its panel: its legend row is readable from its
-// sample on and stays in the panel (a row wider than the panel was clamped with lo > hi: it
-// started left of the figure, its sample and the name's start cut off).
-TEST(PlotTest, ALongLegendNameStaysInItsPanel) {
+// An 800 x 400 figure of `left` and, right of it, a panel of one unnamed falling line (no legend).
+Figure BesideALine(const Panel& left) {
   Figure figure;
   figure.width = 800;
   figure.height = 400;
   figure.columns = 2;
+  Panel right;
+  right.lines.push_back(Series{"", {0, 1, 2}, {2, 1, 0}, 0x2CA02C});
+  figure.panels = {left, right};
+  return figure;
+}
+
+// A long series name is shortened with "..." to its panel: its legend row is readable from its
+// sample on and stays in the panel (a row wider than the panel was clamped with lo > hi: it
+// started left of the figure, its sample and the name's start cut off).
+TEST(PlotTest, ALongLegendNameStaysInItsPanel) {
   Panel left;
   left.legend = true;
-  Panel right;  // no named series: no legend
-  right.lines.push_back(Series{"", {0, 1, 2}, {2, 1, 0}, 0x2CA02C});
   // A rising line (the legend inside the plot, if it fits) and a zigzag (no place inside: rows
   // under the plot).
   Series rising{std::string(400, 'x'), {0, 1, 2}, {0, 1, 2}, 0xD62728};
@@ -700,8 +706,7 @@ TEST(PlotTest, ALongLegendNameStaysInItsPanel) {
   }
   for (const Series& series : {rising, zigzag}) {
     left.lines = {series};
-    figure.panels = {left, right};
-    Image image = RenderOrDie(figure);
+    Image image = RenderOrDie(BesideALine(left));
     const Bounds red = Find(image, image.width / 2, 0, image.width, image.height, [](uint32_t c) { return c == 0xD62728u; });
     EXPECT_TRUE(red.empty()) << series.name.substr(0, 1) << ": the left legend's sample is in the right panel";
     // The legend's row under the plot starts with the sample, at the panel's left edge (the row
@@ -716,16 +721,9 @@ TEST(PlotTest, ALongLegendNameStaysInItsPanel) {
 // A long category label is shortened with "..." to a third of its panel (centred under its bar,
 // it ran into the next panel).
 TEST(PlotTest, ALongCategoryLabelStaysInItsPanel) {
-  Figure figure;
-  figure.width = 800;
-  figure.height = 400;
-  figure.columns = 2;
   Panel left;
   left.bars = BarSeries{"", {std::string(200, 'x'), "b"}, {1, 2}};
-  Panel right;
-  right.lines.push_back(Series{"", {0, 1, 2}, {2, 1, 0}, 0x2CA02C});
-  figure.panels = {left, right};
-  Image image = RenderOrDie(figure);
+  Image image = RenderOrDie(BesideALine(left));
   // Left of the right panel's y axis, at the height of the x labels: nothing of the right panel.
   const Bounds ink = Find(image, image.width / 2, image.height * 9 / 10, image.width / 2 + 20, image.height, IsInk);
   EXPECT_TRUE(ink.empty()) << "the left panel's label runs into the right panel";
