@@ -269,7 +269,10 @@ bool Loader::Abandoned(uint64_t generation) const {
 
 bool Loader::WaitToReadAgain(double seconds, uint64_t generation) const {
   absl::MutexLock lock(&mu_);
-  auto cut = [this, generation]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_ || generation_ != generation; };
+  // Another row's error ends the wait too (the epoch failed; the read would be thrown away).
+  auto cut = [this, generation]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return stopping_ || generation_ != generation || !error_.ok();
+  };
   // On the steady clock (AwaitWithTimeout waited until a wall-clock time: a clock stepped back
   // an hour held a row's read, and the batch, an hour).
   common::MutexLockable held{&mu_};
@@ -356,6 +359,7 @@ void Loader::WorkerLoop() {
       if (build->generation != generation_) continue;  // a new epoch started meanwhile: drop it
       if (!outcome.status.ok()) {
         if (error_.ok()) error_ = outcome.status;
+        retry_cv_.notify_all();  // rows waiting to read again give up
         produced_.SignalAll();
         continue;
       }
@@ -395,6 +399,7 @@ void Loader::WorkerLoop() {
       }
       if (!outcome.status.ok()) {
         if (error_.ok()) error_ = outcome.status;
+        retry_cv_.notify_all();  // rows waiting to read again give up
         produced_.SignalAll();
         continue;
       }
@@ -417,6 +422,7 @@ void Loader::WorkerLoop() {
     if (build->generation != generation_) continue;
     if (!status.ok()) {
       if (error_.ok()) error_ = status;
+      retry_cv_.notify_all();  // rows waiting to read again give up
     } else {
       ready_[build->index] = std::move(batch);
     }
