@@ -402,6 +402,13 @@ TEST_F(TensorIndexTest, ReadsSafetensorsAndRefusesCorruptHeaders) {
   // takes ~200 bytes of each: gigabytes from 100 MB).
   EXPECT_TRUE(absl::StrContains(Read(file(R"({"w": &a {"dtype":"F32"}, "v": *a})", 0)),
                                 "'&' at byte 6 outside a string: not JSON"));
+  // A '"' inside a bare word (YAML reads it as a character) must not open a string for the
+  // checks: it hid the tokens and the anchors up to the next '"' from them.
+  EXPECT_TRUE(absl::StrContains(Read(file(R"({"m": [x", &A [1], *A, y"], "w":{"dtype":"F32"}})", 0)),
+                                "'\"' at byte 8 inside a bare word: not JSON"));
+  std::string hidden = R"({"m": [x")";
+  for (int i = 0; i < 270000; ++i) hidden += ",1";
+  EXPECT_TRUE(absl::StrContains(Read(file(hidden + R"(, y"]})", 0)), "inside a bare word: not JSON"));
   std::string many = R"({"w":[0)";
   for (int i = 0; i < 270000; ++i) many += ",0";
   EXPECT_TRUE(absl::StrContains(Read(file(many + "]}", 0)), "more than 262144 JSON tokens"));
