@@ -413,12 +413,12 @@ std::string WavTruncationNote(SNDFILE* file, int format) {
   return "";
 }
 
-// Whether the file's last 140 KB hold an Ogg page marked end-of-stream (header type 0x04) that
-// ends inside the file: the stream is whole, whatever follows it.
-bool OggEndOfStreamInTail(const std::string& path) {
+// The file's last 140 KB (a page is at most 65307 bytes: they hold the last two); "" when it
+// cannot be read.
+std::string OggTail(const std::string& path) {
   constexpr int64_t kTail = 140 * 1024;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
+  if (fd < 0) return "";
   struct stat st = {};
   std::string tail;
   if (::fstat(fd, &st) == 0 && st.st_size > 0) {
@@ -428,6 +428,13 @@ bool OggEndOfStreamInTail(const std::string& path) {
     tail.resize(got > 0 ? static_cast<size_t>(got) : 0);
   }
   ::close(fd);
+  return tail;
+}
+
+// Whether the file's last 140 KB hold an Ogg page marked end-of-stream (header type 0x04) that
+// ends inside the file: the stream is whole, whatever follows it.
+bool OggEndOfStreamInTail(const std::string& path) {
+  const std::string tail = OggTail(path);
   const auto* data = reinterpret_cast<const unsigned char*>(tail.data());
   const size_t n = tail.size();
   for (size_t at = tail.find("OggS"); at != std::string::npos; at = tail.find("OggS", at + 1)) {
@@ -453,20 +460,8 @@ bool OggEndOfStreamInTail(const std::string& path) {
 // from there, and the absolute granule put the limit inside the final page. 0 when it cannot be
 // found.
 int64_t OggSeekLimit(const std::string& path, int64_t total_frames) {
-  constexpr int64_t kTail = 140 * 1024;
   constexpr int64_t kMarginFrames = 8192;
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return 0;
-  std::string tail;
-  if (std::fseek(f, 0, SEEK_END) == 0) {
-    long size = std::ftell(f);
-    long start = size > kTail ? size - kTail : 0;
-    if (size > 0 && std::fseek(f, start, SEEK_SET) == 0) {
-      tail.resize(static_cast<size_t>(size - start));
-      tail.resize(std::fread(tail.data(), 1, tail.size(), f));
-    }
-  }
-  std::fclose(f);
+  const std::string tail = OggTail(path);
   const auto* data = reinterpret_cast<const unsigned char*>(tail.data());
   const size_t n = tail.size();
   // Try each capture pattern as the start of a chain of pages that ends exactly at the end of

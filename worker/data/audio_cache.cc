@@ -804,9 +804,9 @@ absl::StatusOr<std::unique_ptr<AudioCache>> AudioCache::Open(const std::string& 
   const int64_t keep_open = KeepOpenBudget(static_cast<int64_t>(scan.valid.size()));
   for (auto& [shard, entries] : scan.valid) {  // ascending: later shards replace earlier entries
     const std::string pcm = PcmPath(dir, shard);
-    // A shard that cannot be opened now (a permission, ESTALE, EMFILE) is skipped as an
-    // unreadable index is: its files decode on the fly, and one shard must not fail every
-    // attempt of a training task.
+    // A shard that cannot be opened now (a permission, ESTALE) is skipped as an unreadable
+    // index is: its files decode on the fly, and one shard must not fail every attempt of a
+    // training task.
     auto skip = [&](const std::string& why) {
       cache->invalid_shards_.push_back(absl::StrCat(ShardName(shard), ": ", pcm, ": ", why, " (a read error, not damage)"));
     };
