@@ -2,8 +2,10 @@
 
 #include <charconv>
 #include <cstdint>
+#include <string>
+#include <system_error>
 
-#include "absl/strings/numbers.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "common/csv.h"
 #include "common/status.h"
@@ -36,6 +38,15 @@ void AppendRow(std::string* out, absl::string_view split, absl::string_view path
   const std::to_chars_result end = std::to_chars(digits, digits + sizeof(digits), number);
   out->append(digits, end.ptr);
   out->push_back('\n');
+}
+
+// A target as ManifestToCsv writes it: an optional '-' and decimal digits, nothing else. (SimpleAtoi
+// also takes spaces around it and a '+': a manifest edited by hand or by another tool should
+// say what it means.)
+bool ParseManifestInt(absl::string_view text, int* value) {
+  if (text.empty() || text.front() == '+') return false;
+  const std::from_chars_result end = std::from_chars(text.data(), text.data() + text.size(), *value);
+  return end.ec == std::errc() && end.ptr == text.data() + text.size();
 }
 
 }  // namespace
@@ -71,24 +82,37 @@ absl::StatusOr<TaskManifest> ParseManifestCsv(absl::string_view text, const std:
   }
   TaskManifest m;
   bool have_stage = false, have_fold = false;
+  absl::flat_hash_map<std::string, int> class_index;
   for (size_t i = 0; i < table.num_rows(); ++i) {
     const auto& row = table.row(i);
     const std::string where = absl::StrCat(source, ":", table.line(i));
     const std::string& split = row[0];
     int target = -1;
-    if (split != "stage" && !absl::SimpleAtoi(row[2], &target)) {
+    if (split != "stage" && !ParseManifestInt(row[2], &target)) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": target '", row[2], "' is not an integer"));
     }
     if (split == "stage") {
+      if (have_stage) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": a second stage row ('", row[1], "' after '",
+                                                       m.stage, "')"));
+      }
       m.stage = row[1];
       have_stage = true;
     } else if (split == "fold") {
+      if (have_fold) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": a second fold row (", target, " after ", m.fold, ")"));
+      }
       m.fold = target;
       have_fold = true;
     } else if (split == "class") {
       if (target != static_cast<int>(m.class_names.size())) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": class '", row[1], "' has index ", target,
                                                        ", expected ", m.class_names.size()));
+      }
+      if (row[1].empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": class ", target, " has no name"));
+      if (auto [it, inserted] = class_index.emplace(row[1], target); !inserted) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": class '", row[1], "' at index ", target,
+                                                       " is already class ", it->second));
       }
       m.class_names.push_back(row[1]);
     } else if (split == "train" || split == "valid") {

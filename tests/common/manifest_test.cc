@@ -47,5 +47,37 @@ TEST(ManifestTest, BadInputNamesTheLine) {
   EXPECT_NE(not_int.status().message().find("m.csv:3"), std::string::npos) << not_int.status();
 }
 
+// A row that says something twice, or a number written other than as ManifestToCsv writes it,
+// is refused at its line rather than read one way or the other.
+TEST(ManifestTest, RepeatsAndLooseNumbersAreRefused) {
+  const std::string head = "split,path,target\n";
+  const std::string tail = "class,a,0\nclass,b,1\ntrain,/d/1.ogg,0\n";
+  ASSERT_TRUE(ParseManifestCsv(head + "stage,finetune,\nfold,,-1\n" + tail, "m.csv").ok());
+  auto two_stages = ParseManifestCsv(head + "stage,finetune,\nstage,pretrain,\nfold,,0\n" + tail, "m.csv");
+  ASSERT_FALSE(two_stages.ok());
+  EXPECT_NE(two_stages.status().message().find("m.csv:3: a second stage row ('pretrain' after 'finetune')"),
+            std::string::npos)
+      << two_stages.status();
+  auto two_folds = ParseManifestCsv(head + "stage,finetune,\nfold,,0\nfold,,2\n" + tail, "m.csv");
+  ASSERT_FALSE(two_folds.ok());
+  EXPECT_NE(two_folds.status().message().find("m.csv:4: a second fold row (2 after 0)"), std::string::npos)
+      << two_folds.status();
+  auto same_class = ParseManifestCsv(head + "stage,finetune,\nfold,,0\nclass,a,0\nclass,a,1\ntrain,/d/1.ogg,0\n",
+                                     "m.csv");
+  ASSERT_FALSE(same_class.ok());
+  EXPECT_NE(same_class.status().message().find("m.csv:5: class 'a' at index 1 is already class 0"),
+            std::string::npos)
+      << same_class.status();
+  auto nameless = ParseManifestCsv(head + "stage,finetune,\nfold,,0\nclass,,0\ntrain,/d/1.ogg,0\n", "m.csv");
+  ASSERT_FALSE(nameless.ok());
+  EXPECT_NE(nameless.status().message().find("class 0 has no name"), std::string::npos) << nameless.status();
+  for (const char* loose : {" 1", "1 ", "+1", "1.0", "0x1", "", "99999999999"}) {
+    auto parsed = ParseManifestCsv(head + "stage,finetune,\nfold,,0\n" + tail + "train,/d/2.ogg," + loose + "\n",
+                                   "m.csv");
+    ASSERT_FALSE(parsed.ok()) << "'" << loose << "'";
+    EXPECT_NE(parsed.status().message().find("m.csv:7: target '"), std::string::npos) << parsed.status();
+  }
+}
+
 }  // namespace
 }  // namespace aviary::common
