@@ -251,7 +251,7 @@ absl::Status UnknownKey(const std::string& where, const std::string& prefix,
   if (hint.empty()) {
     hint = absl::StrCat(" (expected one of ", absl::StrJoin(known, ", "), ")");
   }
-  return absl::InvalidArgumentError(absl::StrCat(where, ": unknown ", what, " '", key, "'", hint));
+  return absl::InvalidArgumentError(absl::StrCat(where, ": unknown ", what, " ", ShownYamlText(key), hint));
 }
 
 // Checks the keys of map `node` at `prefix`: scalar, known, not repeated.
@@ -300,6 +300,7 @@ absl::Status ReadStruct(const YAML::Node& node, const std::string& prefix, Origi
 absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins* origins,
                         int* out) {
   int64_t value = 0;
+  if (!IsUntypedScalar(node)) return Expected(*origins, key, node, "an integer, not a quoted or tagged string");
   if (!node.IsScalar() || !absl::SimpleAtoi(node.Scalar(), &value)) {
     return Expected(*origins, key, node, "an integer");
   }
@@ -318,6 +319,7 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
 absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins* origins,
                         uint32_t* out) {
   int64_t value = 0;
+  if (!IsUntypedScalar(node)) return Expected(*origins, key, node, "an integer, not a quoted or tagged string");
   if (!node.IsScalar() || !absl::SimpleAtoi(node.Scalar(), &value) || value < 0 ||
       value > std::numeric_limits<uint32_t>::max()) {
     return Expected(*origins, key, node,
@@ -333,8 +335,15 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
 absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins* origins,
                         double* out) {
   double value = 0;
-  if (!node.IsScalar() || !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
-    return Expected(*origins, key, node, "a finite number");
+  if (!IsUntypedScalar(node)) return Expected(*origins, key, node, "a number, not a quoted or tagged string");
+  // Decimal as PyYAML reads a float (SimpleAtod also took hex floats, 0x1p-3, which PyYAML reads
+  // as a string), and no leading zero on a whole number (YAML 1.1 reads 010 as octal 8).
+  if (!node.IsScalar() || !IsDecimalNumber(node.Scalar()) || !absl::SimpleAtod(node.Scalar(), &value) ||
+      !std::isfinite(value)) {
+    return Expected(*origins, key, node, "a finite decimal number");
+  }
+  if (HasLeadingZero(node.Scalar()) && node.Scalar().find_first_of(".eE") == std::string::npos) {
+    return Expected(*origins, key, node, "a number without a leading zero (YAML 1.1 reads 010 as octal 8)");
   }
   *out = value;
   return absl::OkStatus();
@@ -344,7 +353,8 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
                         bool* out) {
   bool value = false;
   if (!ParseYamlBool(node, &value)) {
-    return Expected(*origins, key, node, "true or false");
+    return Expected(*origins, key, node,
+                    IsUntypedScalar(node) ? "true or false" : "true or false, not a quoted or tagged string");
   }
   *out = value;
   return absl::OkStatus();
@@ -360,11 +370,24 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
   // YAML's escapes ("\0", "\x07") make characters no file name or label holds: a NUL cut every
   // path at it (the path policy checked "/data/c" of "/data/c\0x"), while messages and the stored
   // config carried the whole string.
-  for (const char c : node.Scalar()) {
-    if (c == '\t' || static_cast<unsigned char>(c) >= 0x20) continue;
+  // DEL, the C1 controls (U+0080-U+009F, "\N" is U+0085) and the line and paragraph separators
+  // (U+2028, U+2029) are refused with them: they break a log or a CSV line as a newline does.
+  const std::string& text = node.Scalar();
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const auto next = [&](size_t k) { return i + k < text.size() ? static_cast<unsigned char>(text[i + k]) : 0; };
+    const bool control = (c < 0x20 && c != '\t') || c == 0x7f || (c == 0xc2 && next(1) >= 0x80 && next(1) <= 0x9f) ||
+                         (c == 0xe2 && next(1) == 0x80 && (next(2) == 0xa8 || next(2) == 0xa9));
+    if (!control) continue;
     return KeyError(origins->Where(key, node), key,
-                    absl::StrCat("expected a string without control characters (a YAML escape such as \\0 or "
-                                 "\\n), got '", absl::CHexEscape(node.Scalar().substr(0, 200)), "'"));
+                    absl::StrCat("expected a string without control characters (a YAML escape such as \\0, "
+                                 "\\n or \\N), got '", absl::CHexEscape(text.substr(0, 200)), "'"));
+  }
+  // yaml-cpp writes "\N" as the lone byte 0x85, not as U+0085: no UTF-8 reader takes it back.
+  if (const size_t bad = FirstInvalidUtf8(text); bad != std::string::npos) {
+    return KeyError(origins->Where(key, node), key,
+                    absl::StrFormat("expected UTF-8 text, got byte 0x%02x at %d (a YAML escape such as \\N)",
+                                    static_cast<unsigned char>(text[bad]), bad));
   }
   *out = node.Scalar();
   return absl::OkStatus();
@@ -619,7 +642,8 @@ Check<std::string> OneOf(std::vector<std::string> allowed) {
 
 Check<std::string> NonEmpty() {
   return [](const std::string& value) {
-    return value.empty() ? std::string("expected a non-empty path") : std::string();
+    // A path of spaces names no file anyone meant (' ' passed, and was looked for as a file).
+    return absl::StripAsciiWhitespace(value).empty() ? std::string("expected a non-empty path") : std::string();
   };
 }
 
@@ -1293,6 +1317,10 @@ absl::StatusOr<PipelineConfig> LoadPipelineConfig(const std::string& path,
                                                   const std::vector<std::string>& overrides) {
   std::error_code error;
   const std::filesystem::file_status status = std::filesystem::status(path, error);
+  if (error && status.type() != std::filesystem::file_type::not_found) {
+    // A folder on the way that may not be searched (EACCES) is not a missing file.
+    return absl::InvalidArgumentError(absl::StrCat("config file '", path, "': ", error.message()));
+  }
   if (!std::filesystem::exists(status)) {
     return absl::NotFoundError(absl::StrCat("config file '", path, "' not found"));
   }
@@ -1378,6 +1406,12 @@ absl::Status CheckWindowFitsModel(const PipelineConfig& config, int64_t samples,
 }
 
 absl::Status CheckBeforeRun(const PipelineConfig& config, const std::string& source_name, const std::string& stage) {
+  if (const std::vector<std::string>& names = StageNames();
+      !stage.empty() && std::find(names.begin(), names.end(), stage) == names.end()) {
+    // Checked the top level's train.* instead, as if no stage had been named.
+    return absl::InvalidArgumentError(absl::StrCat(source_name, ": unknown stage '", stage, "' (expected one of ",
+                                                   absl::StrJoin(StageNames(), ", "), ")"));
+  }
   AVIARY_RETURN_IF_ERROR(CheckLossMatchesActivation(config, source_name, stage));
   if (config.model.pretrain == "none" && !config.model.pretrained_weights.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -1576,6 +1610,34 @@ absl::Status CheckYamlText(const std::string& text, const std::string& source) {
   return absl::OkStatus();
 }
 
+bool IsUntypedScalar(const YAML::Node& node) {
+  const std::string& tag = node.Tag();
+  // "" for a node made in code (a coordinator flag's value, as typed), "?" for a plain scalar.
+  return tag.empty() || tag == "?" || (absl::StartsWith(tag, "tag:yaml.org,2002:") && tag != "tag:yaml.org,2002:str");
+}
+
+bool IsDecimalNumber(absl::string_view text) {
+  size_t i = 0;
+  auto digits = [&] {
+    const size_t start = i;
+    while (i < text.size() && absl::ascii_isdigit(static_cast<unsigned char>(text[i]))) ++i;
+    return i - start;
+  };
+  if (i < text.size() && (text[i] == '-' || text[i] == '+')) ++i;
+  size_t mantissa = digits();
+  if (i < text.size() && text[i] == '.') {
+    ++i;
+    mantissa += digits();
+  }
+  if (mantissa == 0) return false;
+  if (i < text.size() && (text[i] == 'e' || text[i] == 'E')) {
+    ++i;
+    if (i < text.size() && (text[i] == '-' || text[i] == '+')) ++i;
+    if (digits() == 0) return false;
+  }
+  return i == text.size();
+}
+
 bool HasLeadingZero(const std::string& text) {
   absl::string_view digits = absl::StripAsciiWhitespace(text);
   if (!digits.empty() && (digits[0] == '-' || digits[0] == '+')) digits.remove_prefix(1);
@@ -1583,7 +1645,8 @@ bool HasLeadingZero(const std::string& text) {
 }
 
 bool ParseYamlBool(const YAML::Node& node, bool* out) {
-  if (!node.IsScalar()) return false;
+  // "false" quoted is a string (truthy to a Python reader of the same file).
+  if (!node.IsScalar() || !IsUntypedScalar(node)) return false;
   const std::string& text = node.Scalar();
   // PyYAML's forms: all lower, Title or all UPPER ("tRuE" is a string to it).
   const std::string lower = absl::AsciiStrToLower(text);
@@ -1600,18 +1663,29 @@ bool ParseYamlBool(const YAML::Node& node, bool* out) {
   return true;
 }
 
+// At most 200 bytes (at a character's start) of a long value: a message goes back to a client in
+// a gRPC status, whose metadata has a size limit. Control characters are shown escaped (an ESC
+// from a YAML "\e" reached the terminal).
+std::string ShownYamlText(const std::string& text) {
+  constexpr size_t kShown = 200;
+  size_t cut = std::min(kShown, text.size());
+  while (cut > 0 && cut < text.size() && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  std::string shown;
+  for (size_t i = 0; i < cut; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c < 0x20 || c == 0x7f) {
+      absl::StrAppend(&shown, absl::CHexEscape(absl::string_view(&text[i], 1)));
+    } else {
+      shown.push_back(text[i]);
+    }
+  }
+  if (cut == text.size()) return absl::StrCat("'", shown, "'");
+  return absl::StrCat("'", shown, "...' (", text.size(), " bytes)");
+}
+
 std::string DescribeYamlNode(const YAML::Node& node) {
   switch (node.Type()) {
-    case YAML::NodeType::Scalar: {
-      // At most 200 bytes (at a character's start) of a long value: a message goes back to a
-      // client in a gRPC status, whose metadata has a size limit.
-      constexpr size_t kShown = 200;
-      const std::string& text = node.Scalar();
-      if (text.size() <= kShown) return absl::StrCat("'", text, "'");
-      size_t cut = kShown;
-      while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
-      return absl::StrCat("'", text.substr(0, cut), "...' (", text.size(), " bytes)");
-    }
+    case YAML::NodeType::Scalar: return ShownYamlText(node.Scalar());
     case YAML::NodeType::Null: return "an empty value";
     case YAML::NodeType::Sequence: return "a list";
     case YAML::NodeType::Map: return "a map";

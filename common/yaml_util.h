@@ -6,10 +6,15 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 #include "yaml-cpp/yaml.h"
 
 namespace aviary::common {
+
+// A text as an error message shows it: quoted, control characters escaped, at most 200 bytes
+// (then "...' (N bytes)").
+std::string ShownYamlText(const std::string& text);
 
 // How a YAML node reads in an error message: "'abc'" for a scalar, else its kind ("a list").
 std::string DescribeYamlNode(const YAML::Node& node);
@@ -19,6 +24,16 @@ std::string DescribeYamlNode(const YAML::Node& node);
 // (PyYAML reads them as strings: `cv_filter: n` would mean one thing here and another to a script
 // reading the same file).
 bool ParseYamlBool(const YAML::Node& node, bool* out);
+
+// Whether a scalar may be read as a number or a boolean: written plain or with a core tag other
+// than !!str. A quoted scalar ("32", 'false') or one tagged !!str or !local is a string, to
+// PyYAML as to the YAML spec: read as a number it would mean one thing here and another to a
+// script reading the same file.
+bool IsUntypedScalar(const YAML::Node& node);
+
+// Whether `text` is a decimal number as YAML's float reads it: [-+]digits[.digits][e[-+]digits]
+// (a digit on either side of the point). Not hex, not "inf"/"nan", no spaces.
+bool IsDecimalNumber(absl::string_view text);
 
 // Whether an integer's text has a leading zero ("010", "-07"; not "0"): YAML 1.1 readers (PyYAML,
 // yaml-cpp's as<int>) take it for octal, 8, where a decimal reading says 10. The configs refuse it.

@@ -80,7 +80,9 @@ Reader Bool(bool CoordinatorConfig::*member) {
   return [member](const YAML::Node& node, const Origin& origin, const std::string& key,
                   CoordinatorConfig* out) -> absl::Status {
     if (!common::ParseYamlBool(node, &(out->*member))) {
-      return KeyError(origin, key, absl::StrCat("expected true or false, got ", Describe(node)));
+      return KeyError(origin, key, absl::StrCat("expected true or false",
+                                                common::IsUntypedScalar(node) ? "" : " (not quoted)", ", got ",
+                                                Describe(node)));
     }
     return absl::OkStatus();
   };
@@ -91,8 +93,17 @@ Reader Double(double CoordinatorConfig::*member, const char* unit) {
   return [member, unit](const YAML::Node& node, const Origin& origin, const std::string& key,
                         CoordinatorConfig* out) -> absl::Status {
     double value = 0;
-    if (!node.IsScalar() || !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
-      return KeyError(origin, key, absl::StrCat("expected a number of ", unit, ", got ", Describe(node)));
+    // Plain decimal text, as the pipeline config reads numbers (common/yaml_util.h): a quoted
+    // "30" or a hex float is a string to other YAML readers.
+    if (!node.IsScalar() || !common::IsUntypedScalar(node) || !common::IsDecimalNumber(node.Scalar()) ||
+        !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
+      return KeyError(origin, key, absl::StrCat("expected a number of ", unit,
+                                                common::IsUntypedScalar(node) ? "" : " (not quoted)", ", got ",
+                                                Describe(node)));
+    }
+    if (common::HasLeadingZero(node.Scalar()) && node.Scalar().find_first_of(".eE") == std::string::npos) {
+      return KeyError(origin, key, absl::StrCat("expected a number without a leading zero (YAML 1.1 reads 010 as "
+                                                "octal 8), got ", Describe(node)));
     }
     out->*member = value;
     return absl::OkStatus();
@@ -108,8 +119,9 @@ Reader Int(int CoordinatorConfig::*member, int min, int max) {
                                                      [](char c) { return c >= '0' && c <= '9'; }) &&
                         text.size() > static_cast<size_t>(text[0] == '-' || text[0] == '+');
     int64_t value = 0;
-    if (!digits) {
-      return KeyError(origin, key, absl::StrCat("expected an integer, got ", Describe(node)));
+    if (!digits || !common::IsUntypedScalar(node)) {
+      return KeyError(origin, key, absl::StrCat("expected an integer", common::IsUntypedScalar(node) ? "" : " (not quoted)",
+                                                ", got ", Describe(node)));
     }
     if (common::HasLeadingZero(text)) {
       return KeyError(origin, key, absl::StrCat("expected an integer without a leading zero (YAML 1.1 reads 010 as "

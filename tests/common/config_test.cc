@@ -118,7 +118,7 @@ TEST(ConfigTest, WrongTypeNamesFileLineKeyAndValue) {
       "  batch_size: abc\n";
   EXPECT_EQ(ParseError(text), "x.yaml:5: key 'train.batch_size': expected an integer, got 'abc'");
   EXPECT_EQ(ParseError("train:\n  lr: fast\n"),
-            "x.yaml:2: key 'train.lr': expected a finite number, got 'fast'");
+            "x.yaml:2: key 'train.lr': expected a finite decimal number, got 'fast'");
   EXPECT_EQ(ParseError("debug: maybe\n"),
             "x.yaml:1: key 'debug': expected true or false, got 'maybe'");
   EXPECT_THAT(ParseError("folds:\n  selected_folds: [0, x]\n"),
@@ -144,6 +144,79 @@ TEST(ConfigTest, BooleansReadAsPyYamlReadsThem) {
   EXPECT_EQ(ParseError("folds:\n  cv_filter: N\n"), "x.yaml:2: key 'folds.cv_filter': expected true or false, got 'N'");
   EXPECT_EQ(ParseError("debug: 1\n"), "x.yaml:1: key 'debug': expected true or false, got '1'");
   EXPECT_EQ(ParseError("debug: tRuE\n"), "x.yaml:1: key 'debug': expected true or false, got 'tRuE'");
+}
+
+// Numbers and booleans are read as PyYAML reads the same file: a quoted or !!str scalar is a
+// string (a Python reader takes "false" for true), a hex float and 010 are not the decimal
+// numbers they look like (PyYAML: a string, and octal 8).
+TEST(ConfigTest, QuotedAndNonDecimalNumbersAreRefused) {
+  EXPECT_EQ(ParseError("train:\n  batch_size: \"32\"\n"),
+            "x.yaml:2: key 'train.batch_size': expected an integer, not a quoted or tagged string, got '32'");
+  EXPECT_EQ(ParseError("train:\n  batch_size: !!str 16\n"),
+            "x.yaml:2: key 'train.batch_size': expected an integer, not a quoted or tagged string, got '16'");
+  EXPECT_EQ(ParseError("seed: '7'\n"), "x.yaml:1: key 'seed': expected an integer, not a quoted or tagged string, got '7'");
+  EXPECT_EQ(ParseError("debug: \"false\"\n"),
+            "x.yaml:1: key 'debug': expected true or false, not a quoted or tagged string, got 'false'");
+  EXPECT_EQ(ParseError("train:\n  lr: \"0.001\"\n"),
+            "x.yaml:2: key 'train.lr': expected a number, not a quoted or tagged string, got '0.001'");
+  EXPECT_EQ(ParseError("train:\n  lr: 0x1p-3\n"),
+            "x.yaml:2: key 'train.lr': expected a finite decimal number, got '0x1p-3'");
+  EXPECT_EQ(ParseError("train:\n  lr: 0x10\n"), "x.yaml:2: key 'train.lr': expected a finite decimal number, got '0x10'");
+  EXPECT_EQ(ParseError("data:\n  duration: 010\n"),
+            "x.yaml:2: key 'data.duration': expected a number without a leading zero (YAML 1.1 reads 010 as octal 8), "
+            "got '010'");
+  // What is a number stays one: a core tag, signs, a leading point, exponents, 0.5 and 0.
+  auto config = ParsePipelineConfig(
+      "train:\n  batch_size: !!int 16\n  lr: .5e-3\n  lr_min: 0\n  weight_decay: +1E-2\n  lr_start: 0.000001\n"
+      "debug: !!bool true\n",
+      "x.yaml");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->train.batch_size, 16);
+  EXPECT_DOUBLE_EQ(config->train.lr, 0.0005);
+  EXPECT_DOUBLE_EQ(config->train.weight_decay, 0.01);
+  EXPECT_TRUE(config->debug);
+  for (const char* bad : {"1.", "-", ".", "1e", "1e+", "1.5.2", " 1", "1 ", "1_0"}) {
+    EXPECT_THAT(ParseError(absl::StrCat("train:\n  lr: '", bad, "'\n")), HasSubstr("not a quoted")) << bad;
+    const std::string plain = ParseError(absl::StrCat("train:\n  lr: ", bad, "\n"));
+    // 1. is a number; spaces around a plain scalar are YAML's own; a plain "-" is a list item.
+    if (std::string(bad) == "1." || std::string(bad) == " 1" || std::string(bad) == "1 " || std::string(bad) == "-") {
+      continue;
+    }
+    EXPECT_THAT(plain, HasSubstr("expected a finite decimal number")) << bad;
+  }
+}
+
+// A string key's control characters (DEL, C1 such as YAML's "\N", U+2028) are refused as the C0
+// ones are; a path of spaces is no path; messages show an escape's bytes escaped and a long
+// unknown key cut.
+TEST(ConfigTest, ControlCharactersBlankPathsAndShownValues) {
+  for (const char* escape : {"\\x7f", "\\x85", "\\L", "\\P", "\\u2028"}) {
+    EXPECT_THAT(ParseError(absl::StrCat("data:\n  target:\n    root: \"/data", escape, "x\"\n")),
+                HasSubstr("key 'data.target.root': expected a string without control characters"))
+        << escape;
+  }
+  EXPECT_THAT(ParseError("data:\n  target:\n    root: \"/data\\Nx\"\n"),
+              HasSubstr("key 'data.target.root': expected UTF-8 text, got byte 0x85 at 5"));
+  auto accented = ParsePipelineConfig("data:\n  target:\n    root: \"/data/\u00e9t\u00e9 \u0100\"\n", "x.yaml");
+  ASSERT_TRUE(accented.ok()) << accented.status();
+  EXPECT_EQ(accented->data.target.root, "/data/\u00e9t\u00e9 \u0100");
+  EXPECT_THAT(ParseError("data:\n  target:\n    root: ' '\n"),
+              HasSubstr("key 'data.target.root': expected a non-empty path"));
+  EXPECT_EQ(ParseError("train:\n  lr: \"\\e[2J\"\n"),
+            "x.yaml:2: key 'train.lr': expected a number, not a quoted or tagged string, got '\\x1b[2J'");
+  const std::string message = ParseError(absl::StrCat("train:\n  ", std::string(1000, 'k'), ": 1\n"));
+  EXPECT_THAT(message, HasSubstr("unknown key 'train.kkkk"));
+  EXPECT_THAT(message, HasSubstr("...' (1006 bytes)"));
+  EXPECT_LT(message.size(), 2000u) << message.size();
+}
+
+// CheckBeforeRun names a stage it does not know (it checked the top level's train.* instead).
+TEST(ConfigTest, CheckBeforeRunRefusesAnUnknownStage) {
+  auto config = ParsePipelineConfig("", "x.yaml");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(CheckBeforeRun(*config, "x.yaml", "finetune").ok());
+  const absl::Status st = CheckBeforeRun(*config, "x.yaml", "distill");
+  EXPECT_EQ(st.message(), "x.yaml: unknown stage 'distill' (expected one of pretrain, finetune)") << st;
 }
 
 // A config file is read up to kMaxConfigBytes: a path given by mistake is refused, not read.
@@ -202,7 +275,7 @@ TEST(ConfigTest, NumericKeysHaveUpperBounds) {
   // A YAML escape that makes a control character: a NUL cut every path at it.
   EXPECT_EQ(ParseError("data:\n  cache_dir: \"/data/c\\0x\"\n"),
             "x.yaml:2: key 'data.cache_dir': expected a string without control characters (a YAML escape such as "
-            "\\0 or \\n), got '/data/c\\x00x'");
+            "\\0, \\n or \\N), got '/data/c\\x00x'");
   // Beyond int's range (and int64's) the message still gives the key's own range.
   EXPECT_EQ(ParseError("train:\n  epochs: 99999999999\n"),
             "x.yaml:2: key 'train.epochs': expected an integer in [1, 10000], got '99999999999'");

@@ -221,6 +221,35 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
 // healthy groups' checkpoint writes (interval 2, timeout 2.1: the lease ran out 0.4 s before
 // every next heartbeat); an interval under 1 ms reached groups as 0 ms, which they read as "not
 // said" and heartbeated every 2 s.
+// A quoted number or boolean is a string, as in the pipeline config and to PyYAML; a number is
+// decimal (a hex float is a string to PyYAML). A flag's value, as typed, stays a number.
+TEST_F(CoordinatorConfigTest, QuotedAndHexNumbersAreRefused) {
+  const struct {
+    const char* line;
+    const char* message;
+  } cases[] = {
+      {"max_restarts: \"3\"", ":2: key 'max_restarts': expected an integer (not quoted), got '3'"},
+      {"heartbeat_timeout_s: '60'", ":2: key 'heartbeat_timeout_s': expected a number of seconds (not quoted), got '60'"},
+      {"heartbeat_timeout_s: 0x3c", ":2: key 'heartbeat_timeout_s': expected a number of seconds, got '0x3c'"},
+      {"retention_days: 030", ":2: key 'retention_days': expected a number without a leading zero"},
+      {"allow_no_auth: \"true\"", ":1: key 'allow_no_auth': expected true or false (not quoted), got 'true'"},
+  };
+  int i = 0;
+  for (const auto& c : cases) {
+    const bool own_line = absl::StartsWith(c.line, "allow_no_auth");
+    const std::string path =
+        Write(absl::StrCat("q", i++, ".yaml"), absl::StrCat(own_line ? "" : "allow_no_auth: true\n", c.line, "\n"));
+    auto config = LoadCoordinatorConfig(path, {});
+    ASSERT_FALSE(config.ok()) << c.line;
+    EXPECT_NE(config.status().message().find(path + c.message), std::string::npos) << config.status();
+  }
+  const std::string path = Write("flags.yaml", "allow_no_auth: true\nheartbeat_timeout_s: 90.5\n");
+  auto config = LoadCoordinatorConfig(path, {{"max_restarts", "7", "--max-restarts 7"}});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->max_restarts, 7);
+  EXPECT_DOUBLE_EQ(config->heartbeat_timeout_s, 90.5);
+}
+
 TEST_F(CoordinatorConfigTest, HeartbeatTimeoutCoversTheLeaseMargin) {
   const std::string path = Write("h.yaml", "allow_no_auth: true\nheartbeat_interval_s: 2\nheartbeat_timeout_s: 2.1\n");
   auto config = LoadCoordinatorConfig(path, {});
