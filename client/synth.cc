@@ -23,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/str_join.h"
+#include "common/config.h"
 #include "common/csv.h"
 #include "common/files.h"
 #include "common/status.h"
@@ -983,6 +984,9 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
     return absl::InvalidArgumentError(absl::StrCat("--window ", options.window_s, ": shorter than one sample at ",
                                                    options.sample_rate, " Hz"));
   }
+  // As `aviary predict --window` takes it (a set written for 0.1234567 s could not be scored with
+  // its own window).
+  AVIARY_RETURN_IF_ERROR(common::CheckWindowIsWholeSamples(options.window_s, options.sample_rate, "--window"));
   if (const double cells = std::ceil(options.seconds / options.window_s) * options.species; cells > 2e7) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--window ", options.window_s, ": ", std::ceil(options.seconds / options.window_s), " windows of ",
@@ -1048,13 +1052,22 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
   const int64_t rows = std::max<int64_t>(1, (frames + window - 1) / window);
   // This run's names join the list before the first is written: a run stopped midway leaves
   // only listed recordings, which the next run replaces or removes.
-  const auto id_of = [&options](int k) { return 1000000000LL + static_cast<int64_t>(options.seed % 1000000) * 1000 + k; };
+  // 10^4 ids a seed (--count goes to 9999: with 10^3 a seed, seed 7's 1000th was seed 8's first).
+  const auto id_of = [&options](int k) { return 1000000000LL + static_cast<int64_t>(options.seed % 100000) * 10000 + k; };
   std::set<std::string> mine;
   for (int k = 0; k < options.count; ++k) mine.insert(absl::StrCat(id_of(k), ".ogg"));
   {
     std::set<std::string> both = ours;
     both.insert(mine.begin(), mine.end());
     AVIARY_RETURN_IF_ERROR(WriteFileAtomically(marker, absl::StrCat(absl::StrJoin(both, "\n"), "\n")));
+  }
+  // An earlier run's solution.csv goes before the first recording is replaced: a run stopped
+  // midway (another --species, the same names) left it beside recordings it does not describe,
+  // and `aviary score` gave wrong numbers without an error. The new one is written at the end.
+  report.solution_path = absl::StrCat(options.out_dir, "/solution.csv");
+  if (::unlink(report.solution_path.c_str()) != 0 && errno != ENOENT) {
+    return absl::InternalError(absl::StrCat("cannot remove ", report.solution_path, " (an earlier run's): ",
+                                            std::strerror(errno)));
   }
   for (int k = 0; k < options.count; ++k) {
     const int64_t id = id_of(k);
@@ -1135,7 +1148,6 @@ absl::StatusOr<SoundscapeReport> WriteSyntheticSoundscapes(const SoundscapeOptio
     }
     ++report.removed;
   }
-  report.solution_path = absl::StrCat(options.out_dir, "/solution.csv");
   AVIARY_RETURN_IF_ERROR(WriteFileAtomically(report.solution_path, solution.str()));
   AVIARY_RETURN_IF_ERROR(WriteFileAtomically(marker, absl::StrCat(absl::StrJoin(mine, "\n"), "\n")));
   return report;

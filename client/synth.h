@@ -144,7 +144,7 @@ absl::StatusOr<SynthReport> WriteSyntheticCorpus(const SynthOptions& options);
 // `aviary synth --species N` knows them), a random pitch and tempo jitter and level as in the
 // corpus, and lies entirely inside its window (a short last window without room stays empty).
 // Pink/brown background noise covers the whole file. Files are 32 kHz ogg Vorbis named
-// `<id>.ogg` (numeric stems like BirdCLEF's, id = 10^9 + 1000 (seed mod 10^6) + k) in
+// `<id>.ogg` (numeric stems like BirdCLEF's, id = 10^9 + 10^4 (seed mod 10^5) + k) in
 // out_dir/soundscapes; out_dir/solution.csv has `row_id` (`<id>_<end second>`) and one 0/1
 // column per species code, sorted by name (the label order of a training run). Deterministic.
 struct SoundscapeOptions {

@@ -1,7 +1,11 @@
 #include "client/synth.h"
 
 #include <sndfile.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -548,8 +552,9 @@ TEST(SynthTest, SoundscapeRowsAreThoseAviaryPredictMakes) {
   TempDir tmp;
   for (const auto& [seconds, window, want] :
        {std::tuple{10.00001, 5.0, std::vector<std::string>{"_5", "_10"}},
-        std::tuple{2.0, 0.333333, std::vector<std::string>{"_0.333333", "_0.666666", "_0.999999", "_1.333332",
-                                                           "_1.666665", "_1.999998"}}}) {
+        // 10667 samples at 32 kHz: six windows cover 64000 samples (the last short), ids to six decimals.
+        std::tuple{2.0, 0.33334375, std::vector<std::string>{"_0.333344", "_0.666687", "_1.000031", "_1.333375",
+                                                             "_1.666719", "_2.000062"}}}) {
     SoundscapeOptions o;
     o.out_dir = tmp.Sub(absl::StrCat("scape_", window));
     o.species = 3;
@@ -627,6 +632,86 @@ TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
   o.out_dir = birdclef;
   EXPECT_FALSE(WriteSyntheticSoundscapes(o).ok());
   EXPECT_TRUE(fs::exists(birdclef + "/soundscapes/1000170626.ogg"));
+  EXPECT_TRUE(fs::exists(birdclef + "/solution.csv"));
+}
+
+// A rerun stopped after its first recording replaced one of the same name (another --species):
+// the earlier run's solution.csv is gone, not left beside recordings it does not describe
+// (`aviary score` gave wrong numbers without an error).
+TEST(SynthTest, AStoppedRerunLeavesNoEarlierSolution) {
+  TempDir tmp;
+  SoundscapeOptions o;
+  o.out_dir = tmp.Sub("scapes");
+  o.species = 3;
+  o.count = 8;
+  o.seconds = 10;
+  auto first = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string solution = first->solution_path;
+  ASSERT_TRUE(fs::exists(solution));
+  struct stat before {};
+  ASSERT_EQ(::stat(first->files[0].c_str(), &before), 0);
+  o.species = 5;
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    (void)WriteSyntheticSoundscapes(o);
+    ::_exit(0);
+  }
+  // Stopped once the first recording is replaced (a new inode under its name).
+  bool replaced = false;
+  for (int i = 0; i < 60000 && !replaced; ++i) {
+    struct stat now {};
+    replaced = ::stat(first->files[0].c_str(), &now) == 0 && now.st_ino != before.st_ino;
+    if (!replaced) ::usleep(1000);
+  }
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(replaced);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the rerun ended before it was stopped: " << status;
+  EXPECT_FALSE(fs::exists(solution)) << "the 3-species solution.csv stayed beside 5-species recordings";
+  // The next run completes the set.
+  auto again = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(again.ok()) << again.status();
+  std::ifstream in(solution);
+  std::string header;
+  std::getline(in, header);
+  EXPECT_EQ(std::count(header.begin(), header.end(), ','), 5) << header;
+}
+
+// A window that is not whole samples is refused as `aviary predict --window` refuses it; names
+// of two seeds do not meet (seed 7's 1000th recording was seed 8's first).
+TEST(SynthTest, SoundscapeWindowsAndNamesAcrossSeeds) {
+  TempDir tmp;
+  SoundscapeOptions o;
+  o.out_dir = tmp.Sub("w");
+  o.species = 2;
+  o.count = 1;
+  o.seconds = 2;
+  o.window_s = 0.1234567;
+  auto refused = WriteSyntheticSoundscapes(o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("--window: 0.1234567 s is 3950.614400 samples at 32000 Hz, not a whole"),
+            std::string::npos)
+      << refused.status();
+  o.window_s = 1;
+  o.seed = 7;
+  o.count = 1001;
+  o.seconds = 1;
+  o.sample_rate = 8000;
+  o.out_dir = tmp.Sub("seed7");
+  auto seven = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(seven.ok()) << seven.status();
+  o.seed = 8;
+  o.count = 1;
+  o.out_dir = tmp.Sub("seed8");
+  auto eight = WriteSyntheticSoundscapes(o);
+  ASSERT_TRUE(eight.ok()) << eight.status();
+  std::set<std::string> names;
+  for (const std::string& path : seven->files) names.insert(fs::path(path).filename().string());
+  EXPECT_EQ(names.count(fs::path(eight->files[0]).filename().string()), 0u) << eight->files[0];
 }
 
 }  // namespace
