@@ -21,6 +21,7 @@
 #include "common/backbone_fit.h"
 #include "common/config.h"
 #include "common/files.h"
+#include "common/utf8.h"
 #include "common/status.h"
 #include "common/version.h"
 #include "worker/checkpoint.h"
@@ -36,10 +37,11 @@ std::string ShapeString(at::IntArrayRef sizes) {
   return absl::StrCat("[", absl::StrJoin(sizes, ", "), "]");
 }
 
-// A JSON string literal.
+// A JSON string literal. Bytes that are not UTF-8 (a Latin-1 file name) become U+FFFD: JSON is
+// UTF-8, and json.load refused the whole sidecar.
 std::string Quote(const std::string& s) {
   std::string out = "\"";
-  for (unsigned char c : s) {
+  for (unsigned char c : common::ValidUtf8(s)) {
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -188,10 +190,11 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
   }
   // The sidecar's path too (a folder named like it would fail its rename after the weights'),
   // and a link's target.
-  if (result.weights_path != options.out) {
-    AVIARY_RETURN_IF_ERROR(common::CheckOutputPath(absl::StrCat("--out ", options.out, ": its link's target"),
-                                                   result.weights_path));
-  }
+  // The weights' path always (the CLI checks --out, a caller of this function may not: a folder
+  // as --out was found out at the rename, after the whole model was read and written).
+  AVIARY_RETURN_IF_ERROR(common::CheckOutputPath(
+      result.weights_path != options.out ? absl::StrCat("--out ", options.out, ": its link's target") : "--out",
+      result.weights_path));
   AVIARY_RETURN_IF_ERROR(common::CheckOutputPath("--out's sidecar", result.sidecar_path));
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(options.out, "--out", options.checkpoint, "checkpoint"));
   AVIARY_RETURN_IF_ERROR(common::CheckNotTheInput(result.weights_path, "--out", options.checkpoint, "checkpoint"));

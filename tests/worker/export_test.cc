@@ -22,6 +22,7 @@
 #include "common/files.h"
 #include "common/model_shapes.h"
 #include "common/plot.h"
+#include "common/utf8.h"
 #include "worker/checkpoint.h"
 #include "worker/ema.h"
 #include "worker/models.h"
@@ -217,6 +218,29 @@ TEST(ExportCheckpointTest, RefusesAnUnknownFormatBadOutAndNonCheckpoints) {
   auto r = ExportCheckpoint(o);
   EXPECT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find(o.checkpoint), std::string::npos) << r.status();
+}
+
+// A folder as --out is refused before the checkpoint is read (a caller of ExportCheckpoint that
+// skipped the CLI's check found out at the rename); a checkpoint path that is not UTF-8 (a
+// Latin-1 name) is written into the sidecar as U+FFFD, so the sidecar stays JSON.
+TEST(ExportCheckpointTest, AFolderOutIsRefusedFirstAndTheSidecarIsUtf8) {
+  ExportOptions o;
+  o.checkpoint = TempPath("missing_for_folder.pt");
+  o.format = "state_dict";
+  o.out = TempPath("export_folder.pt");
+  std::filesystem::create_directories(o.out);
+  auto r = ExportCheckpoint(o);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_NE(r.status().message().find("--out " + o.out + ": is a directory"), std::string::npos) << r.status();
+  const std::string latin = TempPath("b0_caf\xe9.pt");
+  std::filesystem::copy_file(SaveB0("b0_latin_src.pt"), latin, std::filesystem::copy_options::overwrite_existing);
+  o.checkpoint = latin;
+  o.out = TempPath("b0_latin_export.pt");
+  r = ExportCheckpoint(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const std::string json = Slurp(r->sidecar_path);
+  EXPECT_EQ(common::FirstInvalidUtf8(json), std::string::npos) << json;
+  EXPECT_NE(json.find("b0_caf\xef\xbf\xbd.pt"), std::string::npos) << json;
 }
 
 // --out naming the checkpoint itself (by its path or a link) is refused before anything is read
