@@ -8,10 +8,12 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <utility>
 #include <vector>
@@ -233,12 +235,14 @@ class Store::Statement {
     Keep(sqlite3_bind_int64(stmt_, index, value));
   }
   void Bind(int index, const std::string& text) {
-    Keep(sqlite3_bind_text(stmt_, index, text.data(), static_cast<int>(text.size()),
-                           SQLITE_TRANSIENT));
+    // 64-bit lengths: an int cast of a value past 2 GiB went negative (read to a NUL) or wrapped
+    // (4 GiB + 100 bytes stored as 100); SQLite refuses what passes its own limit (SQLITE_TOOBIG).
+    Keep(sqlite3_bind_text64(stmt_, index, text.data(), static_cast<sqlite3_uint64>(text.size()), SQLITE_TRANSIENT,
+                             SQLITE_UTF8));
   }
   void BindBlob(int index, const std::string& bytes) {
-    Keep(sqlite3_bind_blob(stmt_, index, bytes.data(), static_cast<int>(bytes.size()),
-                           SQLITE_TRANSIENT));
+    Keep(sqlite3_bind_blob64(stmt_, index, bytes.data(), static_cast<sqlite3_uint64>(bytes.size()),
+                             SQLITE_TRANSIENT));
   }
   // Steps once: true with a row, false when done; errors go to *status.
   bool Step(absl::Status* status) {
@@ -307,6 +311,14 @@ absl::Status Store::SqlError(int rc, const std::string& statement) const {
       // scheduler (a lease whose manifest cannot be read fails its task, not retried for ever).
       return absl::DataLossError(
           absl::StrCat(text, ": the file is damaged; restore it from a backup (docs/DEPLOY.md, \"Failures\")"));
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      // Another program (an sqlite3 shell, a backup tool) holds the database's lock past the busy
+      // timeout: transient, as UNAVAILABLE says to a client that retries (INTERNAL did not).
+      return absl::UnavailableError(absl::StrCat(
+          text, ": another program holds the database's lock (an sqlite3 shell or a backup); try again"));
+    case SQLITE_FULL:
+      return absl::ResourceExhaustedError(absl::StrCat(text, ": the disk is full"));
     default:
       return absl::InternalError(text);
   }
@@ -344,14 +356,10 @@ absl::Status Store::CheckOpen() const {
 absl::Status Store::Exec(const char* sql) {
   char* error = nullptr;
   const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &error);
-  if (rc != SQLITE_OK) {
-    std::string detail = error != nullptr ? error : sqlite3_errstr(rc);
-    sqlite3_free(error);
-    return absl::InternalError(absl::StrCat("database ", path_, ": statement '", sql,
-                                            "' failed: ", sqlite3_errstr(rc), " (", rc, "): ",
-                                            detail));
-  }
-  return absl::OkStatus();
+  sqlite3_free(error);  // the same text as sqlite3_errmsg, which SqlError reads
+  // Coded as a statement's error is (a BEGIN IMMEDIATE that met another program's lock was
+  // INTERNAL, a COMMIT on a full disk too).
+  return rc == SQLITE_OK ? absl::OkStatus() : SqlError(rc, sql);
 }
 
 absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
@@ -861,7 +869,9 @@ absl::Status Store::PutDatasetVersion(const DatasetVersionRow& version, size_t m
     std::vector<std::string> old;
     {
       Statement st(this, "SELECT key FROM dataset_versions ORDER BY rowid DESC LIMIT -1 OFFSET ?1");
-      st.Bind(1, static_cast<int64_t>(max_versions));
+      // At least this one kept (OFFSET 0 chose every row, the new one too); a count past int64's
+      // keeps all.
+      st.Bind(1, static_cast<int64_t>(std::clamp<size_t>(max_versions, 1, std::numeric_limits<int64_t>::max())));
       absl::Status status;
       while (st.Step(&status)) old.push_back(st.Text(0));
       AVIARY_RETURN_IF_ERROR(status);

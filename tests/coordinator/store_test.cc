@@ -659,6 +659,11 @@ TEST_F(StoreTest, DatasetVersionsSurviveReopenAndNeverNameAPrunedManifest) {
   EXPECT_FALSE((*store)->LoadDatasetVersion("k3")->has_value());
   EXPECT_FALSE((*store)->LoadDatasetVersion("k4")->has_value());
   EXPECT_TRUE((*store)->LoadManifest(Sha256Hex(pool)).ok());  // job a still refers to it
+  // max_versions 0 keeps the version just written (OFFSET 0 chose every row, it too).
+  DatasetVersionRow only_pool = version("k6", 50);
+  only_pool.manifests.resize(1);
+  ASSERT_TRUE((*store)->PutDatasetVersion(only_pool, 0).ok());
+  EXPECT_TRUE((*store)->LoadDatasetVersion("k6")->has_value());
   ASSERT_TRUE((*store)->Close().ok());
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
@@ -667,9 +672,26 @@ TEST_F(StoreTest, DatasetVersionsSurviveReopenAndNeverNameAPrunedManifest) {
                                    "(SELECT count(*) FROM dataset_version_manifests)", -1, &stmt, nullptr),
             SQLITE_OK);
   ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
-  EXPECT_EQ(sqlite3_column_int(stmt, 0), 0);
+  EXPECT_EQ(sqlite3_column_int(stmt, 0), 2);  // k6 and its one manifest
   sqlite3_finalize(stmt);
   sqlite3_close(db);
+}
+
+// Another program holding the database's write lock past the busy timeout (an sqlite3 shell in
+// a transaction) is UNAVAILABLE, which a client retries, not INTERNAL; the store works once the
+// lock is let go.
+TEST_F(StoreTest, AnotherProgramsLockIsUnavailable) {
+  auto store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), SQLITE_OK);
+  const absl::Status busy = (*store)->Transaction([] { return absl::OkStatus(); });
+  EXPECT_EQ(busy.code(), absl::StatusCode::kUnavailable) << busy;
+  EXPECT_NE(busy.message().find("another program holds the database's lock"), std::string::npos) << busy;
+  ASSERT_EQ(sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_close(db), SQLITE_OK);
+  EXPECT_TRUE((*store)->Transaction([] { return absl::OkStatus(); }).ok());
 }
 
 // A version-2 file (before the dataset versions) gains their tables at Open and keeps its rows.
