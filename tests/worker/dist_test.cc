@@ -314,6 +314,55 @@ TEST(ReducerTest, RefusesReplicasThatDiffer) {
       << reducer.status();
 }
 
+// fp16 gradients are averaged without overflowing on the way: 40000 on each rank summed to
+// 80000, past fp16's 65504, and the average was inf.
+TEST(ReducerTest, Fp16GradientsAverageWithoutOverflow) {
+  at::Tensor p = at::zeros({4}, at::kHalf).set_requires_grad(true);
+  auto reducer = Reducer::Create({p}, &Comm(), ReducerOptions{});
+  ASSERT_TRUE(reducer.ok()) << reducer.status();
+  (*reducer)->Prepare();
+  (p * 40000).sum().backward();
+  ASSERT_TRUE((*reducer)->Finish().ok());
+  EXPECT_TRUE(at::equal(p.grad().to(at::kFloat), at::full({4}, 40000.0f))) << p.grad();
+}
+
+// A sparse gradient is an error naming the parameter and its layout (the dense copy threw inside
+// backward()).
+TEST(ReducerTest, ASparseGradientIsNamed) {
+  at::Tensor w = at::zeros({6, 2}).set_requires_grad(true);
+  auto reducer = Reducer::Create({w}, &Comm(), ReducerOptions{});
+  ASSERT_TRUE(reducer.ok()) << reducer.status();
+  (*reducer)->Prepare();
+  at::embedding(w, at::tensor({1, 3}, at::kLong), -1, false, /*sparse=*/true).sum().backward();
+  const absl::Status st = (*reducer)->Finish();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("parameter 0 has a Sparse gradient"), absl::string_view::npos) << st;
+}
+
+// As many parameters and elements on each rank, in another order or dtype: refused at Create
+// (the counts and totals agreed, and the first all-reduce summed mismatched buckets).
+TEST(ReducerTest, RefusesReplicasWhoseShapesOrDtypesDiffer) {
+  if (Comm().world_size() == 1) GTEST_SKIP() << "needs two ranks";
+  const bool odd = Comm().rank() % 2 == 1;
+  ReducerOptions one_each;
+  one_each.bucket_bytes = 4;
+  one_each.first_bucket_bytes = 4;
+  std::vector<at::Tensor> swapped = {at::zeros({odd ? 32 : 16}).set_requires_grad(true),
+                                     at::zeros({odd ? 16 : 32}).set_requires_grad(true)};
+  auto reducer = Reducer::Create(swapped, &Comm(), one_each);
+  ASSERT_FALSE(reducer.ok());
+  EXPECT_EQ(reducer.status().code(), absl::StatusCode::kFailedPrecondition) << reducer.status();
+  EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
+      << reducer.status();
+  std::vector<at::Tensor> typed = {at::zeros({8}, odd ? at::kBFloat16 : at::kFloat).set_requires_grad(true)};
+  reducer = Reducer::Create(typed, &Comm(), ReducerOptions{});
+  ASSERT_FALSE(reducer.ok());
+  EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
+      << reducer.status();
+  std::vector<at::Tensor> same = {at::zeros({16}).set_requires_grad(true), at::zeros({32}).set_requires_grad(true)};
+  EXPECT_TRUE(Reducer::Create(same, &Comm(), one_each).ok());
+}
+
 // One rank's failure to make its buckets and hooks (here a parameter without a gradient; on a
 // GPU, memory) is every rank's error: the others used to go on to the first gradient all-reduce.
 TEST(ReducerTest, WhatOneRankCannotBuildFailsEveryRank) {

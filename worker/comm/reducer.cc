@@ -67,6 +67,32 @@ std::vector<std::vector<size_t>> PlanBuckets(const std::vector<at::Tensor>& para
   return plan;
 }
 
+namespace {
+
+// The bucket plan as 62 bits (FNV-1a over each bucket's parameters: index, elements, dtype), for
+// the ranks to compare: equal counts and totals passed {16, 32} against {32, 16}, and a bf16
+// parameter against a float one of as many elements; the first all-reduce then went wrong.
+int64_t PlanDigest(const std::vector<at::Tensor>& params, const std::vector<std::vector<size_t>>& plan) {
+  uint64_t h = 1469598103934665603ull;
+  const auto mix = [&h](uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= (v >> (8 * i)) & 0xff;
+      h *= 1099511628211ull;
+    }
+  };
+  for (const std::vector<size_t>& bucket : plan) {
+    mix(bucket.size());
+    for (size_t k : bucket) {
+      mix(k);
+      mix(static_cast<uint64_t>(params[k].numel()));
+      mix(static_cast<uint64_t>(params[k].scalar_type()));
+    }
+  }
+  return static_cast<int64_t>(h >> 2);
+}
+
+}  // namespace
+
 absl::Status BroadcastModuleState(Communicator& comm, torch::nn::Module& module, bool parameters) {
   if (comm.world_size() == 1) return absl::OkStatus();
   torch::NoGradGuard no_grad;
@@ -130,7 +156,8 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
   // highest for the lowest rank (0: none failed; codes are below 64).
   const int64_t world = comm->world_size();
   const int64_t failed = built.ok() ? 0 : (world - comm->rank()) * 64 + static_cast<int64_t>(built.code());
-  at::Tensor range = at::tensor({count, -count, total, -total, failed}, at::kLong);
+  const int64_t digest = built.ok() ? PlanDigest(r->params_, r->plan_) : 0;
+  at::Tensor range = at::tensor({count, -count, total, -total, failed, digest, -digest}, at::kLong);
   if (absl::Status st = comm->AllReduce(range, ReduceOp::kMax); !st.ok()) return st;
   if (const int64_t first = range[4].item<int64_t>(); first != 0) {
     if (!built.ok()) return absl::Status(built.code(), absl::StrCat("rank ", comm->rank(), ": ", built.message()));
@@ -145,6 +172,12 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
         " parameters with ", total, " elements; across ranks the parameters range over ",
         -range[1].item<int64_t>(), "..", range[0].item<int64_t>(), " and the elements over ",
         -range[3].item<int64_t>(), "..", range[2].item<int64_t>()));
+  }
+  if (range[5].item<int64_t>() != -range[6].item<int64_t>()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Reducer: the replicas differ: rank ", comm->rank(), " has ", count, " parameters with ", total,
+        " elements as the others do, but their sizes, order or dtypes differ (or the bucket sizes: ",
+        options.first_bucket_bytes, " and ", options.bucket_bytes, " bytes here)"));
   }
   return r;
 }
@@ -266,7 +299,16 @@ void Reducer::Fill(Bucket& b) {
   for (size_t slot = 0; slot < b.params.size(); ++slot) {
     const size_t p = b.params[slot];
     const at::Tensor& g = params_[p].grad();
-    if (b.ready[slot] && g.defined()) {
+    if (b.ready[slot] && g.defined() && g.layout() != at::kStrided) {
+      // A sparse gradient (an embedding's sparse=true): the dense copy threw inside backward(),
+      // naming neither the parameter nor the layout. Neither backend reduces sparse tensors.
+      if (error_.ok()) {
+        error_ = absl::InvalidArgumentError(absl::StrCat(
+            "Reducer: parameter ", p, " has a ", c10::str(g.layout()), " gradient; the all-reduce takes dense "
+            "gradients only (an embedding's sparse=true)"));
+      }
+      grad_of_[p].zero_();
+    } else if (b.ready[slot] && g.defined()) {
       dst.push_back(grad_of_[p]);
       src.push_back(g);
     } else if (!b.ready[slot] && g.defined() && error_.ok()) {
@@ -293,6 +335,10 @@ void Reducer::Fill(Bucket& b) {
 void Reducer::LaunchReady() {
   while (error_.ok() && next_launch_ < buckets_.size() && buckets_[next_launch_]->pending == 0) {
     Bucket& b = *buckets_[next_launch_];
+    // fp16 is averaged before the sum (as c10d's pre-divide): two ranks' 40000 summed to inf
+    // (fp16 ends at 65504) before the division. Other dtypes after it (bf16 and float32 have
+    // the range, and keep the rounding of a sum then one division).
+    if (b.flat.scalar_type() == at::kHalf && comm_->world_size() > 1) b.flat.mul_(1.0 / comm_->world_size());
     auto work = comm_->AllReduceAsync(b.flat, ReduceOp::kSum);
     if (!work.ok()) {
       error_ = work.status();
@@ -334,7 +380,8 @@ absl::Status Reducer::Finish() {
   for (auto& b : buckets_) {
     absl::Status st = b->work->Wait();
     if (!st.ok()) return st;
-    if (world > 1) b->flat.mul_(1.0 / world);  // one rank: the sum is the average
+    // One rank: the sum is the average; fp16 was divided before the sum (LaunchReady).
+    if (world > 1 && b->flat.scalar_type() != at::kHalf) b->flat.mul_(1.0 / world);
     // The averages are the gradients: no copy back. (As c10d's gradient_as_bucket_view hands
     // them out; unlike it, autograd still allocates each gradient before the bucket's copy.)
     for (size_t p : b->params) {
