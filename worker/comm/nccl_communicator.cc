@@ -2,6 +2,7 @@
 
 #ifdef AVIARY_WITH_NCCL_BACKEND
 
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <mpi.h>
@@ -141,9 +142,13 @@ constexpr int kAbortWaitS = 10;
 absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
     const MpiSession& session, const at::Device& device, double timeout_s) {
   if (!device.is_cuda()) return absl::FailedPreconditionError("NCCL backend: needs a CUDA device");
+  // With its index (a bare "cuda" is the current device): a tensor is used in place only on this
+  // device (one on another GPU was handed to NCCL as it was: ncclInvalidArgument or an illegal
+  // address), and that compares indexes.
+  const at::Device indexed = device.has_index() ? device : at::Device(at::kCUDA, c10::cuda::current_device());
   std::unique_ptr<NcclCommunicator> c(
-      new NcclCommunicator(session.rank(), session.world_size(), device, timeout_s));
-  c10::cuda::CUDAGuard guard(device.index());
+      new NcclCommunicator(session.rank(), session.world_size(), indexed, timeout_s));
+  c10::cuda::CUDAGuard guard(indexed.index());
   // Rank 0's id, and whether it has one: a rank 0 that failed returned before the broadcast,
   // and the other ranks waited in it until the setup deadline killed the group, rank 0's error
   // unsaid to the coordinator.
@@ -163,7 +168,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
                                             "(ncclGetUniqueId failed there; its log says why)"));
   }
   AVIARY_NCCL_CHECK(ncclCommInitRank(&c->comm_, c->world_size_, setup.id, c->rank_), nullptr);
-  c->stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index()).stream();
+  c->stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, indexed.index()).stream();
   return c;
 }
 
@@ -281,7 +286,7 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::AllReduceAsync(at::Tenso
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
   at::Tensor dev =
-      tensor.is_cuda() && tensor.is_contiguous() ? tensor : tensor.to(device_).contiguous();
+      tensor.device() == device_ && tensor.is_contiguous() ? tensor : tensor.to(device_).contiguous();
   const int64_t seq = ++seq_;
   auto work = std::make_unique<NcclWork>(this, tensor, dev, seq,
                                          absl::StrCat("all-reduce of ", tensor.numel()));
@@ -299,7 +304,7 @@ absl::Status NcclCommunicator::Broadcast(at::Tensor tensor, int root) {
   if (!type.ok()) return type.status();
   c10::cuda::CUDAGuard guard(device_.index());
   at::Tensor dev =
-      tensor.is_cuda() && tensor.is_contiguous() ? tensor : tensor.to(device_).contiguous();
+      tensor.device() == device_ && tensor.is_contiguous() ? tensor : tensor.to(device_).contiguous();
   const int64_t seq = ++seq_;
   NcclWork work(this, tensor, dev, seq,
                 absl::StrCat("broadcast of ", tensor.numel(), " from rank ", root));
