@@ -41,7 +41,18 @@ absl::StatusOr<std::string> ChooseBackend(const common::CommConfig& config, cons
     backend = "mpi";
 #ifdef AVIARY_WITH_NCCL_BACKEND
     // NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): MPI then.
-    if (device.is_cuda() && session.local_size() <= c10::cuda::device_count()) backend = "nccl";
+    if (device.is_cuda() && session.local_size() <= c10::cuda::device_count()) {
+      backend = "nccl";
+    } else if (device.is_cuda() && session.local_rank() == 0) {
+      // Said once a host: a launcher that gives each rank one GPU of its own (CUDA_VISIBLE_DEVICES
+      // per rank, srun --gpus-per-task=1) shows every rank one device, and the group went on with
+      // MPI's host-memory all-reduce without a word.
+      static const common::Logger log("comm");
+      log.Warn(absl::StrCat("comm.backend auto: ", session.local_size(), " ranks on this host see ",
+                            c10::cuda::device_count(), " GPU(s), so NCCL is not used (two ranks on one GPU "
+                            "are refused by it); if each rank has a GPU of its own (CUDA_VISIBLE_DEVICES per "
+                            "rank), set comm.backend: nccl"));
+    }
 #endif
   }
   if (backend == "nccl") {
