@@ -3,6 +3,7 @@
 // after more piled up than one call takes (a coordinator that was away for a while).
 #include "worker/agent/coordinator_link.h"
 
+#include <sqlite3.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -23,6 +24,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "coordinator/service.h"
+#include "coordinator/store.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/tiny_dataset.h"
 #include "worker/agent/signals.h"
@@ -490,6 +492,43 @@ TEST_F(CoordinatorLinkTest, AnotherRanksSignalBoundsTheDrain) {
   std::vector<int> epochs;  // nothing was delivered: the drain gave up
   ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
   EXPECT_TRUE(epochs.empty());
+}
+
+// A manifest whose bytes are not the ones its hash names (here the stored copy replaced by other
+// bytes of the same size) is refused by the group: the chunk checks saw only offsets and sizes,
+// and the task trained on other files.
+TEST_F(CoordinatorLinkTest, AManifestThatDoesNotMatchItsHashIsRefused) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((fs::path(root_) / "aviary.db").c_str(), &db), SQLITE_OK);
+  sqlite3_busy_timeout(db, 10000);
+  std::vector<std::pair<std::string, int64_t>> manifests;
+  sqlite3_stmt* select = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT hash, size FROM manifests", -1, &select, nullptr), SQLITE_OK);
+  while (sqlite3_step(select) == SQLITE_ROW) {
+    manifests.emplace_back(reinterpret_cast<const char*>(sqlite3_column_text(select, 0)), sqlite3_column_int64(select, 1));
+  }
+  sqlite3_finalize(select);
+  ASSERT_FALSE(manifests.empty());
+  for (const auto& [hash, size] : manifests) {
+    const std::string other = coordinator::DeflateManifest(std::string(static_cast<size_t>(size), 'x'));
+    sqlite3_stmt* update = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db, "UPDATE manifests SET data=?1 WHERE hash=?2", -1, &update, nullptr), SQLITE_OK);
+    sqlite3_bind_blob(update, 1, other.data(), static_cast<int>(other.size()), SQLITE_TRANSIENT);
+    sqlite3_bind_text(update, 2, hash.data(), static_cast<int>(hash.size()), SQLITE_TRANSIENT);
+    EXPECT_EQ(sqlite3_step(update), SQLITE_DONE) << sqlite3_errmsg(db);
+    sqlite3_finalize(update);
+  }
+  ASSERT_EQ(sqlite3_close(db), SQLITE_OK);
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  ASSERT_TRUE(link.Register().ok());
+  v1::Task task;
+  bool available = false;
+  const absl::Status leased = link.Lease(&task, &available);
+  EXPECT_TRUE(absl::IsDataLoss(leased)) << leased;
+  EXPECT_NE(leased.message().find("bytes received have SHA-256 "), std::string::npos) << leased;
+  EXPECT_FALSE(available);
 }
 
 // A stop signal while the manifest is fetched cancels the fetch: it waited for the call's

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
+#include "common/content_hash.h"
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -377,6 +378,13 @@ absl::Status CoordinatorLink::FetchManifest(const std::string& hash, int64_t siz
   if (static_cast<int64_t>(out.size()) != size) {
     return absl::DataLossError(absl::StrCat("GetManifest ", hash, " from ", options_.coordinator, ": got ", out.size(),
                                             " bytes, the lease said ", size));
+  }
+  // Its content address: what the coordinator sent is the manifest the lease named (the chunk
+  // checks above see only offsets and the size; a store that served other bytes of that size,
+  // or a proxy that changed them, trained the task on other files).
+  if (const std::string got = common::Sha256Hex(out); got != hash) {
+    return absl::DataLossError(absl::StrCat("GetManifest ", hash, " from ", options_.coordinator, ": the ", size,
+                                            " bytes received have SHA-256 ", got));
   }
   ++manifest_fetches_;
   slow_fetches_ = 0;

@@ -1,8 +1,8 @@
-#include "coordinator/content_hash.h"
+#include "common/content_hash.h"
 
 #include <openssl/sha.h>
 
-namespace aviary::coordinator {
+namespace aviary::common {
 
 std::string Sha256Hex(absl::string_view bytes) {
   unsigned char digest[SHA256_DIGEST_LENGTH];
@@ -24,4 +24,4 @@ bool IsSha256Hex(absl::string_view text) {
   return true;
 }
 
-}  // namespace aviary::coordinator
+}  // namespace aviary::common
