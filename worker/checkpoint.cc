@@ -261,11 +261,18 @@ ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates
       const CheckpointMeta& best = *candidates[choice.index].meta;
       // A mid-epoch position in rows of the epoch's order (per-rank batches): a loader batch is
       // world_size of them, and runs on other numbers of ranks write the same files.
-      auto position = [](const CheckpointMeta& c) {
-        const int64_t rows = c.batches_done * std::max(c.world_size, 1);
-        return std::make_tuple(c.epoch, c.attempt, c.in_epoch >= 0 ? rows : int64_t{-1});
+      auto rows = [](const CheckpointMeta& c) {
+        return c.in_epoch >= 0 ? c.batches_done * std::max(c.world_size, 1) : int64_t{-1};
       };
-      if (position(m) <= position(best)) {
+      // The attempt decides before the position only between attempts of one task (a later
+      // attempt's file beats a late write of an earlier one). `train` writes attempt 0 and no
+      // task: its mid-epoch stop in a folder a task's attempt 2 wrote lost to that attempt's
+      // older end of epoch, and was set aside as unreadable.
+      const bool one_task = !m.task_id.empty() && m.task_id == best.task_id;
+      const auto key = [&](const CheckpointMeta& c) {
+        return std::make_tuple(c.epoch, one_task ? c.attempt : 0, rows(c), c.step, c.attempt);
+      };
+      if (key(m) <= key(best)) {
         choice.skipped[i] = absl::StrCat(c.path, " holds epoch ", m.epoch, " (attempt ", m.attempt, "), not newer than ",
                                          candidates[choice.index].path);
         continue;

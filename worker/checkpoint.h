@@ -97,8 +97,9 @@ struct ResumeCandidate {
 // The choice among the candidates: the index of the newest valid one (-1: none) and, per
 // candidate, why it was skipped ("" for the chosen one). Valid: its metadata was read, its stage
 // and fold are `stage` and `fold`, and when both it and `task_id` name a task, the same task.
-// Newest: the highest epoch, then the highest attempt, then the most batches of the next epoch
-// (a mid-epoch checkpoint), then the earlier candidate.
+// Newest: the highest epoch, then (between attempts of one task) the highest attempt, then the
+// most batches of the next epoch (a mid-epoch checkpoint), then the most optimizer steps, then
+// the highest attempt, then the earlier candidate.
 // Candidates are listed newest first (last.pt, then last.prev.pt: the rotation's order). One that
 // could not be read for a reason other than its content (PERMISSION_DENIED, an I/O error:
 // UNAVAILABLE; out of memory reading it: RESOURCE_EXHAUSTED; another version's format:

@@ -219,6 +219,27 @@ TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 0);
   std::swap(c[0], c[1]);
   EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 1);
+  // `aviary-worker train` (attempt 0, no task) stopped inside epoch 4 in a folder whose epoch 3
+  // end a task's attempt 2 wrote: the stop is newer, whichever is listed first (the attempt
+  // decided first, and the newer file was set aside).
+  CheckpointMeta by_train = meta(3, 0, "");
+  by_train.in_epoch = 4;
+  by_train.batches_done = 5;
+  c[0].meta = by_train;
+  c[1].meta = meta(3, 2);
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "").index, 0);
+  std::swap(c[0], c[1]);
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "").index, 1);
+  // Between attempts of one task the later attempt still decides first.
+  CheckpointMeta late_write = meta(3, 1);
+  late_write.in_epoch = 4;
+  late_write.batches_done = 9;
+  CheckpointMeta retried = meta(3, 2);
+  retried.in_epoch = 4;
+  retried.batches_done = 2;
+  c[0].meta = late_write;
+  c[1].meta = retried;
+  EXPECT_EQ(PickResumeCheckpoint(c, "finetune", 2, "j1/finetune-f2").index, 1);
   // A checkpoint that cannot be read now (a permission, an I/O error) may be the newest: the
   // choice is blocked, naming it, rather than falling back to the older one.
   for (const absl::Status& unreadable : {absl::PermissionDeniedError("run/last.pt: cannot read the checkpoint: "
