@@ -167,6 +167,12 @@ fi
 if [ -z "$gpus_per_node" ]; then
   if [ ${#slots[@]} -gt 0 ]; then
     gpus_per_node=${slots[0]}
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    # The GPUs this launcher was given (docs/DEPLOY.md, "Several groups on one node"): nvidia-smi
+    # lists every GPU of the node whatever CUDA_VISIBLE_DEVICES says, so two groups given 4 GPUs
+    # each started 8 ranks apiece on 4 GPUs (NCCL: "Duplicate GPU detected").
+    IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+    gpus_per_node=${#visible[@]}
   elif command -v nvidia-smi >/dev/null 2>&1 && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [ "$n" -gt 0 ]; then
     gpus_per_node=$n
   else
@@ -233,7 +239,7 @@ if [ "$(id -u)" -eq 0 ]; then cmd+=(--allow-run-as-root); fi
 exported=()
 while IFS= read -r name; do
   case $name in
-    NCCL_*|UCX_*|TORCH_*|AVIARY_*|PATH|LD_LIBRARY_PATH) exported+=("$name") ;;
+    NCCL_*|UCX_*|TORCH_*|AVIARY_*|PATH|LD_LIBRARY_PATH|CUDA_VISIBLE_DEVICES) exported+=("$name") ;;
   esac
 done < <(compgen -e | sort)
 for name in "${env_extra[@]+"${env_extra[@]}"}"; do
@@ -311,7 +317,10 @@ if [ -n "$sd_file" ]; then
       rm -f "$old"
     fi
   done
-  printf '%s\n' "$sd_json" >"$sd_file.tmp.$$" && mv -f "$sd_file.tmp.$$" "$sd_file"
+  # `||`, not `&&`: set -e passed over a failed write inside an && list, and the group ran
+  # without its target.
+  { printf '%s\n' "$sd_json" >"$sd_file.tmp.$$" && mv -f "$sd_file.tmp.$$" "$sd_file"; } ||
+    die "--sd-dir '$sd_dir': cannot write $sd_file"
 fi
 
 echo "launch-group.sh: $np ranks on $num_nodes node(s), coordinator $coordinator" >&2
@@ -323,12 +332,19 @@ killer=""
 # shellcheck disable=SC2317  # called from traps
 forward() {
   if [ "$stopping" -eq 1 ]; then
+    # The same stop said twice within 2 s (Slurm's scancel signals every process of the step,
+    # and the batch script's trap passes it on too): not a second request.
+    if [ $((SECONDS - first_signal_at)) -lt 2 ]; then
+      echo "launch-group.sh: $1 again within 2 s: taken for the same stop" >&2
+      return
+    fi
     echo "launch-group.sh: $1 again: SIGTERM to mpirun" >&2
     : >"$forced_file"
     if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
     return
   fi
   stopping=1
+  first_signal_at=$SECONDS
   echo "launch-group.sh: $1: stopping the group (SIGUSR2 to mpirun; SIGTERM after ${stop_timeout}s)" >&2
   if [ -n "$pid" ]; then stop_mpirun; fi
 }
@@ -342,9 +358,20 @@ stop_mpirun() {
   killer=$!
 }
 pid=""
+first_signal_at=0
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
-"${cmd[@]}" &
+# A stop asked for before mpirun starts: nothing to stop (a SIGUSR2 before mpirun set its
+# handlers killed it, and the launcher said "a rank failed").
+if [ "$stopping" -eq 1 ]; then
+  echo "launch-group.sh: stopped before mpirun started" >&2
+  exit 0
+fi
+# In a session of its own, stdin from /dev/null: a terminal's Ctrl-C goes to the foreground
+# process group, which held mpirun too, and mpirun aborted the ranks on it (SIGTERM, without
+# their clean stop; a second Ctrl-C left them running, orphaned) instead of the launcher's
+# SIGUSR2; and mpirun reads no terminal.
+setsid "${cmd[@]}" </dev/null &
 pid=$!
 # A signal that came while mpirun was starting.
 if [ "$stopping" -eq 1 ]; then stop_mpirun; fi

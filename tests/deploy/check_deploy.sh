@@ -394,6 +394,29 @@ else
   [ -e "$tmp/sd/aviary-group-localhost-19471-$lpid.json" ] && fail "file_sd target left behind" || ok
   grep -q "stopped by signal" "$tmp/launch.log" && ok || fail "no 'stopped by signal' in: $(cat "$tmp/launch.log")"
 
+  # A terminal's Ctrl-C: SIGINT to the launcher's whole process group (a job of its own here,
+  # as a shell in a terminal starts it). mpirun, in that group too, aborted the ranks on it
+  # (SIGTERM, which the stand-in ignores, then SIGKILL: no clean stop) instead of the
+  # launcher's SIGUSR2.
+  rm -f "$tmp"/rank?.args "$tmp"/rank?.stopped
+  set -m
+  "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 --bind-to none \
+    --worker "$tmp/fake-worker" --metrics-listen 127.0.0.1:19471 --stop-timeout 15 >"$tmp/launch-int.log" 2>&1 &
+  lpid=$!
+  set +m
+  if ! wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
+    fail "the group's ranks did not start (Ctrl-C case):"; sed 's/^/    /' "$tmp/launch-int.log"
+    kill -TERM $lpid 2>/dev/null
+  else
+    kill -INT -- -"$lpid"
+  fi
+  wait $lpid; rc=$?
+  [ $rc -eq 0 ] && ok || { fail "launch-group.sh after Ctrl-C: rc=$rc"; sed 's/^/    /' "$tmp/launch-int.log"; }
+  for r in 0 1; do
+    [ -e "$tmp/rank$r.stopped" ] && ok || fail "rank $r was not stopped by the launcher's SIGUSR2 after Ctrl-C"
+  done
+  grep -q "SIGINT: stopping the group" "$tmp/launch-int.log" && ok || fail "no 'SIGINT: stopping' in: $(cat "$tmp/launch-int.log")"
+
   # A metrics port that already answers (another group's on a shared node): refused before the
   # file_sd target of that name is touched (the failed group's exit removed the other's).
   "$py" -c 'import socket, sys, time
