@@ -5,14 +5,14 @@
 #   deploy/launch-group.sh --coordinator HOST:PORT --hostfile FILE [options] [-- serve flags]
 #   deploy/launch-group.sh --coordinator HOST:PORT --dry-run ...   prints the mpirun command
 #
-# SIGTERM / SIGINT to this script become SIGUSR2 to mpirun, which forwards it to every rank at
+# SIGTERM / SIGINT / SIGHUP to this script become SIGUSR2 to mpirun, which forwards it to every rank at
 # once: the group stops its task at the next step, reports the task as preempted (it resumes
 # elsewhere from its last.pt), leaves the coordinator and exits 0, and so does mpirun, within
 # seconds. (SIGTERM to mpirun itself is not forwarded: Open MPI 4.1's mpirun sends the ranks
 # SIGCONT, which the ranks take as a stop, SIGTERM --stop-timeout seconds later and SIGKILL after
 # as long again, and exits only then, about 2 x --stop-timeout after the signal; measured.)
 # Ranks that have not exited --stop-timeout seconds after SIGUSR2, or a second signal to this
-# script, get that: SIGTERM to mpirun. Exit 0 after a clean stop; after one that needed SIGTERM,
+# script (2 s or more after the first), get that: SIGTERM to mpirun. Exit 0 after a clean stop; after one that needed SIGTERM,
 # mpirun's exit code (1 if that was 0); after mpirun exited non-zero on its own, its exit code.
 set -euo pipefail
 
@@ -239,7 +239,7 @@ if [ "$(id -u)" -eq 0 ]; then cmd+=(--allow-run-as-root); fi
 exported=()
 while IFS= read -r name; do
   case $name in
-    NCCL_*|UCX_*|TORCH_*|AVIARY_*|PATH|LD_LIBRARY_PATH|CUDA_VISIBLE_DEVICES) exported+=("$name") ;;
+    NCCL_*|UCX_*|TORCH_*|AVIARY_*|PATH|LD_LIBRARY_PATH) exported+=("$name") ;;
   esac
 done < <(compgen -e | sort)
 for name in "${env_extra[@]+"${env_extra[@]}"}"; do
@@ -277,6 +277,50 @@ if [ "$dry_run" -eq 1 ]; then
   if [ -n "$sd_file" ]; then echo "file_sd target $sd_file: $sd_json"; fi
   exit 0
 fi
+
+stopping=0
+# Set before the work that comes before mpirun (the port probe, the file_sd target): a stop
+# signal there ends the launch with exit 0 below, not a kill (143) halfway.
+# The first signal: SIGUSR2 to mpirun (forwarded to every rank at once), and SIGTERM to mpirun
+# if it is still running --stop-timeout seconds later; a second signal (2 s or more after the
+# first): SIGTERM to mpirun now.
+killer=""
+# shellcheck disable=SC2317  # called from traps
+forward() {
+  if [ "$stopping" -eq 1 ]; then
+    # The same stop said twice within 2 s (Slurm's scancel signals every process of the step,
+    # and the batch script's trap passes it on too): not a second request.
+    if [ $((SECONDS - first_signal_at)) -lt 2 ]; then
+      echo "launch-group.sh: $1 again within 2 s: taken for the same stop" >&2 || true
+      return
+    fi
+    echo "launch-group.sh: $1 again: SIGTERM to mpirun" >&2 || true
+    : >"$forced_file"
+    if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+    return
+  fi
+  stopping=1
+  first_signal_at=$SECONDS
+  # (|| true: after a SIGHUP the terminal may be gone, and set -e would end the launcher here.)
+  echo "launch-group.sh: $1: stopping the group (SIGUSR2 to mpirun; SIGTERM after ${stop_timeout}s)" >&2 || true
+  if [ -n "$pid" ]; then stop_mpirun; fi
+}
+# Once: a signal between `pid=$!` and the check after it runs this from the trap, and the check
+# would run it again (a second SIGUSR2, and a second killer in place of the first).
+# shellcheck disable=SC2317  # called from forward
+stop_mpirun() {
+  if [ -n "$killer" ]; then return; fi
+  kill -USR2 "$pid" 2>/dev/null || true
+  (sleep "$stop_timeout"; : >"$forced_file"; kill -TERM "$pid" 2>/dev/null) >/dev/null 2>&1 &
+  killer=$!
+}
+pid=""
+first_signal_at=0
+trap 'forward SIGTERM' TERM
+trap 'forward SIGINT' INT
+# A closed terminal or a dropped ssh: mpirun runs in a session of its own (below) and gets no
+# SIGHUP, so the group stops as on SIGTERM rather than train on without its launcher.
+trap 'forward SIGHUP' HUP
 
 command -v "$mpirun" >/dev/null 2>&1 || die "--mpirun '$mpirun': not found"
 command -v "$worker" >/dev/null 2>&1 || die "--worker '$worker': not found (build it, or pass --worker)"
@@ -324,43 +368,6 @@ if [ -n "$sd_file" ]; then
 fi
 
 echo "launch-group.sh: $np ranks on $num_nodes node(s), coordinator $coordinator" >&2
-stopping=0
-# shellcheck disable=SC2317  # called from traps
-# The first signal: SIGUSR2 to mpirun (forwarded to every rank at once), and SIGTERM to mpirun
-# if it is still running --stop-timeout seconds later; a second signal: SIGTERM to mpirun now.
-killer=""
-# shellcheck disable=SC2317  # called from traps
-forward() {
-  if [ "$stopping" -eq 1 ]; then
-    # The same stop said twice within 2 s (Slurm's scancel signals every process of the step,
-    # and the batch script's trap passes it on too): not a second request.
-    if [ $((SECONDS - first_signal_at)) -lt 2 ]; then
-      echo "launch-group.sh: $1 again within 2 s: taken for the same stop" >&2
-      return
-    fi
-    echo "launch-group.sh: $1 again: SIGTERM to mpirun" >&2
-    : >"$forced_file"
-    if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
-    return
-  fi
-  stopping=1
-  first_signal_at=$SECONDS
-  echo "launch-group.sh: $1: stopping the group (SIGUSR2 to mpirun; SIGTERM after ${stop_timeout}s)" >&2
-  if [ -n "$pid" ]; then stop_mpirun; fi
-}
-# Once: a signal between `pid=$!` and the check after it runs this from the trap, and the check
-# would run it again (a second SIGUSR2, and a second killer in place of the first).
-# shellcheck disable=SC2317  # called from forward
-stop_mpirun() {
-  if [ -n "$killer" ]; then return; fi
-  kill -USR2 "$pid" 2>/dev/null || true
-  (sleep "$stop_timeout"; : >"$forced_file"; kill -TERM "$pid" 2>/dev/null) >/dev/null 2>&1 &
-  killer=$!
-}
-pid=""
-first_signal_at=0
-trap 'forward SIGTERM' TERM
-trap 'forward SIGINT' INT
 # A stop asked for before mpirun starts: nothing to stop (a SIGUSR2 before mpirun set its
 # handlers killed it, and the launcher said "a rank failed").
 if [ "$stopping" -eq 1 ]; then

@@ -417,6 +417,24 @@ else
   done
   grep -q "SIGINT: stopping the group" "$tmp/launch-int.log" && ok || fail "no 'SIGINT: stopping' in: $(cat "$tmp/launch-int.log")"
 
+  # A closed terminal (SIGHUP to the launcher alone: mpirun, in a session of its own, gets none)
+  # stops the group as SIGTERM does; untrapped, the launcher died and the group trained on.
+  rm -f "$tmp"/rank?.args "$tmp"/rank?.stopped
+  "$launch" --coordinator 127.0.0.1:7070 --hostfile "$tmp/local-hostfile" --cores-per-rank 1 --bind-to none \
+    --worker "$tmp/fake-worker" --metrics-listen 127.0.0.1:19471 --stop-timeout 15 >"$tmp/launch-hup.log" 2>&1 &
+  lpid=$!
+  if ! wait_for "$tmp/rank0.args" "$tmp/rank1.args"; then
+    fail "the group's ranks did not start (SIGHUP case):"; sed 's/^/    /' "$tmp/launch-hup.log"
+    kill -TERM $lpid 2>/dev/null
+  else
+    kill -HUP "$lpid"
+  fi
+  wait $lpid; rc=$?
+  [ $rc -eq 0 ] && ok || { fail "launch-group.sh after SIGHUP: rc=$rc"; sed 's/^/    /' "$tmp/launch-hup.log"; }
+  for r in 0 1; do
+    [ -e "$tmp/rank$r.stopped" ] && ok || fail "rank $r was not stopped after the launcher's SIGHUP"
+  done
+
   # A metrics port that already answers (another group's on a shared node): refused before the
   # file_sd target of that name is touched (the failed group's exit removed the other's).
   "$py" -c 'import socket, sys, time
