@@ -24,9 +24,12 @@ prometheus::Labels TaskLabels(const aviary::v1::TaskInfo& task) {
   return labels;
 }
 
-void SetIfFinite(prometheus::Family<prometheus::Gauge>* family, const prometheus::Labels& labels,
-                 double value) {
-  if (std::isfinite(value)) family->Add(labels).Set(value);
+// NaN is a value the point does not carry (worker/trainer: an epoch without validation keeps the
+// last one shown); an infinity is what the epoch measured (a val_loss of +Inf), exported as is:
+// skipped, the previous epoch's healthy value stayed beside the new aviary_task_epoch.
+void SetUnlessAbsent(prometheus::Family<prometheus::Gauge>* family, const prometheus::Labels& labels,
+                     double value) {
+  if (!std::isnan(value)) family->Add(labels).Set(value);
 }
 
 const char* JobStateLabel(aviary::v1::JobState state) {
@@ -126,21 +129,21 @@ void CoordinatorMetrics::ObservePoint(const aviary::v1::TaskInfo& task,
   absl::MutexLock lock(&mu_);
   const prometheus::Labels labels = TaskLabels(task);
   if (point.epoch_end()) {
-    SetIfFinite(train_loss_, labels, point.train_loss());
+    SetUnlessAbsent(train_loss_, labels, point.train_loss());
   } else {
     // A step point always carries the running training loss: a NaN or an infinity here is a
     // diverging run, exported as is for the NaN/inf-loss alert (deploy/prometheus/alerts.yml).
     train_loss_->Add(labels).Set(point.train_loss());
   }
-  SetIfFinite(learning_rate_, labels, point.lr());
+  SetUnlessAbsent(learning_rate_, labels, point.lr());
   task_last_progress_->Add(labels).Set(static_cast<double>(time_unix_ms) / 1000.0);
   if (!point.epoch_end()) return;
-  SetIfFinite(train_accuracy_, labels, point.train_acc());
-  SetIfFinite(val_loss_, labels, point.val_loss());
-  SetIfFinite(val_auc_, labels, point.val_auc());
-  SetIfFinite(val_roc_auc_, labels, point.val_roc_auc());
-  SetIfFinite(val_cmap_, labels, point.val_cmap());
-  SetIfFinite(val_accuracy_, labels, point.val_acc());
+  SetUnlessAbsent(train_accuracy_, labels, point.train_acc());
+  SetUnlessAbsent(val_loss_, labels, point.val_loss());
+  SetUnlessAbsent(val_auc_, labels, point.val_auc());
+  SetUnlessAbsent(val_roc_auc_, labels, point.val_roc_auc());
+  SetUnlessAbsent(val_cmap_, labels, point.val_cmap());
+  SetUnlessAbsent(val_accuracy_, labels, point.val_acc());
   // Epochs are numbered from 0 in history.csv: epoch e's end means e + 1 epochs finished.
   task_epoch_->Add(labels).Set(point.epoch() + 1);
 }
@@ -160,6 +163,12 @@ void CoordinatorMetrics::AddTaskRestarts(const aviary::v1::TaskInfo& task, int r
   absl::MutexLock lock(&mu_);
   prometheus::Counter& counter = task_restarts_->Add(TaskLabels(task));
   if (restarts > 0) counter.Increment(restarts);
+}
+
+void CoordinatorMetrics::RemoveTasks(const std::vector<aviary::v1::TaskInfo>& tasks) {
+  // One task at a time under mu_: each removal walks its family (prometheus-cpp 1.0), and the
+  // reports of other tasks set their series between them.
+  for (const aviary::v1::TaskInfo& task : tasks) RemoveTask(task);
 }
 
 void CoordinatorMetrics::RemoveTask(const aviary::v1::TaskInfo& task) {

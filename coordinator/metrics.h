@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -34,7 +35,7 @@ class CoordinatorMetrics {
 
   // The bound port of /metrics, 0 when not serving.
   int port() const { return port_; }
-  // Serves the registry on /metrics; until then it answers with no series. Called once the
+  // Serves the registry on /metrics; until then there is no /metrics (404). Called once the
   // scheduler has restored the stored counters and jobs: served before, a restarted coordinator's
   // counters read 0 for as long as the restore took, and Prometheus took 5 -> 0 -> 5 for a
   // counter reset (increase() of 5: AviaryJobFailed and AviaryWorkerGroupLost fired).
@@ -54,6 +55,9 @@ class CoordinatorMetrics {
   // Drops every series of the task (its job was deleted, or pruned by retention): /metrics then
   // shows what a restarted coordinator, which exports neither, would.
   void RemoveTask(const aviary::v1::TaskInfo& task);
+  // RemoveTask of each, taking the lock for one task at a time. Each removal walks its family's
+  // series (prometheus-cpp 1.0): call it without the scheduler's locks.
+  void RemoveTasks(const std::vector<aviary::v1::TaskInfo>& tasks);
   // Sets aviary_jobs{state} for every state.
   void SetJobCounts(const std::map<aviary::v1::JobState, int>& counts);
   void SetWorkerGroups(int groups);

@@ -2260,6 +2260,16 @@ absl::StatusOr<int> Scheduler::PruneFinishedJobs() {
 }
 
 absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_than_s, bool dry_run) {
+  std::vector<aviary::v1::TaskInfo> gone_series;
+  absl::StatusOr<aviary::v1::PruneJobsResponse> response = PruneJobsInStore(older_than_s, dry_run, &gone_series);
+  // The pruned tasks' /metrics series, after the locks (as in DeleteJob: removing one walks its
+  // family). A pruned task reports no more (its job is finished), so nothing adds them again.
+  if (metrics_ != nullptr) metrics_->RemoveTasks(gone_series);
+  return response;
+}
+
+absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobsInStore(double older_than_s, bool dry_run,
+                                                                         std::vector<aviary::v1::TaskInfo>* gone_series) {
   if (older_than_s < 0) {
     // retention_days 0 keeps everything for ever: as a default age it must not mean "every
     // finished job" (which pruned a job cancelled a second ago, so that it could not be retried).
@@ -2313,7 +2323,7 @@ absl::StatusOr<aviary::v1::PruneJobsResponse> Scheduler::PruneJobs(double older_
       for (const std::string& task_id : jobs_.at(job_id).task_ids) {
         tasks_.at(task_id).manifest_hash.clear();
         // Its series leave /metrics: per-task series of every job ever run would grow for ever.
-        if (metrics_ != nullptr) metrics_->RemoveTask(tasks_.at(task_id).info);
+        gone_series->push_back(tasks_.at(task_id).info);
       }
     }
   }

@@ -218,6 +218,11 @@ class Scheduler {
   void SetManifestHookForTest(std::function<void()> hook) { manifest_hook_for_test_ = std::move(hook); }
 
  private:
+  // PruneJobs but for /metrics (it takes the locks); the pruned tasks' infos go to *gone_series (their /metrics series
+  // are removed after the locks).
+  absl::StatusOr<aviary::v1::PruneJobsResponse> PruneJobsInStore(double older_than_s, bool dry_run,
+                                                                std::vector<aviary::v1::TaskInfo>* gone_series)
+      ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   // `use_cache`: take the manifests of an unchanged dataset version from fold_cache_. Sets
   // `*stale_cache` (and fails) when a cached manifest is no longer stored (pruned since).
   // The dataset tables it read go to `*tables` (freed by the caller after the reply).

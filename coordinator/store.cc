@@ -1190,6 +1190,11 @@ absl::StatusOr<std::string> Store::LoadManifest(const std::string& hash) {
   if (static_cast<int64_t>(csv.size()) != st.Int(0)) {
     return absl::DataLossError(absl::StrCat(where, ": ", csv.size(), " bytes stored, ", st.Int(0), " recorded"));
   }
+  // Its content address (other bytes of the same size passed, and the group that fetched them
+  // refused them at every lease: the task was never failed).
+  if (const std::string got = Sha256Hex(csv); got != hash) {
+    return absl::DataLossError(absl::StrCat(where, ": the ", csv.size(), " bytes stored have SHA-256 ", got));
+  }
   return csv;
 }
 

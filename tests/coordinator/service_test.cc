@@ -957,7 +957,7 @@ TEST_F(CoordinatorServiceTest, AnOutcomeSentAgainAfterItsAnswerWasLostIsTakenOnc
   EXPECT_EQ(fail(a, ft0), grpc::StatusCode::FAILED_PRECONDITION);
 }
 
-// /metrics answers with no series until Publish (the coordinator calls it after the scheduler's
+// /metrics is not served (404) until Publish (the coordinator calls it after the scheduler's
 // restore): a restarted coordinator served its stored counters as 0 for as long as the restore
 // took, and Prometheus read 5 -> 0 -> 5 as a counter reset (AviaryJobFailed fired).
 TEST(CoordinatorMetricsTest, ServesNoSeriesBeforePublish) {
@@ -969,6 +969,35 @@ TEST(CoordinatorMetricsTest, ServesNoSeriesBeforePublish) {
   (*metrics)->Publish();
   (*metrics)->Publish();  // once is enough; again does nothing
   EXPECT_TRUE(absl::StrContains(HttpGet((*metrics)->port(), "/metrics"), "\naviary_jobs_failed_total 5\n"));
+}
+
+// An epoch end's infinite value is exported as it is (the last finite one stayed, beside the new
+// epoch count); NaN is a value the point does not carry, and the last one stays.
+TEST(CoordinatorMetricsTest, AnInfiniteEpochValueIsShownAndAnAbsentOneKeepsTheLast) {
+  auto metrics = CoordinatorMetrics::Create("");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  (*metrics)->Publish();
+  TaskInfo task;
+  task.set_job_id("j0123456789ab");
+  task.set_stage("finetune");
+  task.set_fold(0);
+  aviary::v1::Metrics point;
+  point.set_epoch_end(true);
+  point.set_epoch(0);
+  point.set_val_loss(1.5);
+  point.set_val_auc(0.75);
+  (*metrics)->ObservePoint(task, point, 1000);
+  point.set_epoch(1);
+  point.set_val_loss(std::numeric_limits<double>::infinity());
+  point.set_val_auc(std::numeric_limits<double>::quiet_NaN());
+  (*metrics)->ObservePoint(task, point, 2000);
+  const std::string text = (*metrics)->Serialize();
+  EXPECT_TRUE(absl::StrContains(text, "aviary_val_loss{fold=\"0\",job_id=\"j0123456789ab\",stage=\"finetune\"} +Inf"))
+      << text;
+  EXPECT_TRUE(absl::StrContains(text, "aviary_val_auc{fold=\"0\",job_id=\"j0123456789ab\",stage=\"finetune\"} 0.75"))
+      << text;
+  EXPECT_TRUE(absl::StrContains(text, "aviary_task_epoch{fold=\"0\",job_id=\"j0123456789ab\",stage=\"finetune\"} 2"))
+      << text;
 }
 
 // The AviaryJobFailed alert watches aviary_jobs_failed_total: every transition to FAILED counts,

@@ -466,6 +466,28 @@ TEST_F(StoreTest, ManifestsAreStoredOncePerContent) {
   EXPECT_NE(damaged.status().message().find("claims 34359738368 bytes from 2 deflated (a damaged header)"),
             std::string::npos)
       << damaged.status();
+  // Other bytes of the same size, whole and inflating: not the content its hash names.
+  ASSERT_TRUE((*store)->Close().ok());
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    const std::string swapped = DeflateManifest(std::string(other.size(), 'x'));
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db, "UPDATE manifests SET data=?1", -1, &st, nullptr), SQLITE_OK);
+    sqlite3_bind_blob(st, 1, swapped.data(), static_cast<int>(swapped.size()), SQLITE_TRANSIENT);
+    EXPECT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+    ASSERT_EQ(sqlite3_close(db), SQLITE_OK);
+  }
+  store = Store::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  damaged = (*store)->LoadManifest(Sha256Hex(other));
+  EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(damaged.status().message().find(absl::StrCat("manifest ", Sha256Hex(other), ": the ", other.size(),
+                                                         " bytes stored have SHA-256 ",
+                                                         Sha256Hex(std::string(other.size(), 'x')))),
+            std::string::npos)
+      << damaged.status();
 }
 
 // A database of schema version 1 (each task held its own manifest) is migrated at Open: the

@@ -434,6 +434,9 @@ else
   for r in 0 1; do
     [ -e "$tmp/rank$r.stopped" ] && ok || fail "rank $r was not stopped after the launcher's SIGHUP"
   done
+  # What a failed stop left running (an orphaned mpirun and its stand-in ranks).
+  pkill -KILL -f "mpirun .*$tmp/local-hostfile" 2>/dev/null || true
+  pkill -KILL -f "$tmp/fake-worker" 2>/dev/null || true
 
   # A metrics port that already answers (another group's on a shared node): refused before the
   # file_sd target of that name is touched (the failed group's exit removed the other's).

@@ -495,8 +495,8 @@ TEST_F(CoordinatorLinkTest, AnotherRanksSignalBoundsTheDrain) {
 }
 
 // A manifest whose bytes are not the ones its hash names (here the stored copy replaced by other
-// bytes of the same size) is refused by the group: the chunk checks saw only offsets and sizes,
-// and the task trained on other files.
+// bytes of the same size) is refused: the coordinator checks what it loads and fails the task
+// (the group checks what it receives too: the chunk checks saw only offsets and sizes).
 TEST_F(CoordinatorLinkTest, AManifestThatDoesNotMatchItsHashIsRefused) {
   v1::SubmitJobResponse submitted;
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
@@ -527,7 +527,8 @@ TEST_F(CoordinatorLinkTest, AManifestThatDoesNotMatchItsHashIsRefused) {
   bool available = false;
   const absl::Status leased = link.Lease(&task, &available);
   EXPECT_TRUE(absl::IsDataLoss(leased)) << leased;
-  EXPECT_NE(leased.message().find("bytes received have SHA-256 "), std::string::npos) << leased;
+  EXPECT_NE(leased.message().find("bytes stored have SHA-256 "), std::string::npos) << leased;
+  EXPECT_NE(leased.message().find("the task FAILED"), std::string::npos) << leased;
   EXPECT_FALSE(available);
 }
 
