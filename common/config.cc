@@ -336,8 +336,9 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
                         double* out) {
   double value = 0;
   if (!IsUntypedScalar(node)) return Expected(*origins, key, node, "a number, not a quoted or tagged string");
-  // Decimal as PyYAML reads a float (SimpleAtod also took hex floats, 0x1p-3, which PyYAML reads
-  // as a string), and no leading zero on a whole number (YAML 1.1 reads 010 as octal 8).
+  // Decimal as YAML 1.2 writes a number (SimpleAtod also took hex floats, 0x1p-3, a string to
+  // PyYAML), and no leading zero on a whole number (YAML 1.1 reads 010 as octal 8). PyYAML itself
+  // is stricter (1e-4 without a point is a string to it): that form stays a number here.
   if (!node.IsScalar() || !IsDecimalNumber(node.Scalar()) || !absl::SimpleAtod(node.Scalar(), &value) ||
       !std::isfinite(value)) {
     return Expected(*origins, key, node, "a finite decimal number");
@@ -367,27 +368,8 @@ absl::Status ReadScalar(const YAML::Node& node, const std::string& key, Origins*
     return absl::OkStatus();
   }
   if (!node.IsScalar()) return Expected(*origins, key, node, "a string");
-  // YAML's escapes ("\0", "\x07") make characters no file name or label holds: a NUL cut every
-  // path at it (the path policy checked "/data/c" of "/data/c\0x"), while messages and the stored
-  // config carried the whole string.
-  // DEL, the C1 controls (U+0080-U+009F, "\N" is U+0085) and the line and paragraph separators
-  // (U+2028, U+2029) are refused with them: they break a log or a CSV line as a newline does.
-  const std::string& text = node.Scalar();
-  for (size_t i = 0; i < text.size(); ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    const auto next = [&](size_t k) { return i + k < text.size() ? static_cast<unsigned char>(text[i + k]) : 0; };
-    const bool control = (c < 0x20 && c != '\t') || c == 0x7f || (c == 0xc2 && next(1) >= 0x80 && next(1) <= 0x9f) ||
-                         (c == 0xe2 && next(1) == 0x80 && (next(2) == 0xa8 || next(2) == 0xa9));
-    if (!control) continue;
-    return KeyError(origins->Where(key, node), key,
-                    absl::StrCat("expected a string without control characters (a YAML escape such as \\0, "
-                                 "\\n or \\N), got '", absl::CHexEscape(text.substr(0, 200)), "'"));
-  }
-  // yaml-cpp writes "\N" as the lone byte 0x85, not as U+0085: no UTF-8 reader takes it back.
-  if (const size_t bad = FirstInvalidUtf8(text); bad != std::string::npos) {
-    return KeyError(origins->Where(key, node), key,
-                    absl::StrFormat("expected UTF-8 text, got byte 0x%02x at %d (a YAML escape such as \\N)",
-                                    static_cast<unsigned char>(text[bad]), bad));
+  if (absl::Status bad = CheckYamlString(node.Scalar()); !bad.ok()) {
+    return KeyError(origins->Where(key, node), key, std::string(bad.message()));
   }
   *out = node.Scalar();
   return absl::OkStatus();
@@ -1612,8 +1594,33 @@ absl::Status CheckYamlText(const std::string& text, const std::string& source) {
 
 bool IsUntypedScalar(const YAML::Node& node) {
   const std::string& tag = node.Tag();
-  // "" for a node made in code (a coordinator flag's value, as typed), "?" for a plain scalar.
-  return tag.empty() || tag == "?" || (absl::StartsWith(tag, "tag:yaml.org,2002:") && tag != "tag:yaml.org,2002:str");
+  // "" for a node made in code (a coordinator flag's value, as typed), "?" for a plain scalar;
+  // of the explicit tags only those of numbers and booleans (!!null 5 or !!binary 32 is no number).
+  return tag.empty() || tag == "?" || tag == "tag:yaml.org,2002:int" || tag == "tag:yaml.org,2002:float" ||
+         tag == "tag:yaml.org,2002:bool";
+}
+
+absl::Status CheckYamlString(const std::string& text) {
+  // YAML's escapes ("\0", "\x07") make characters no file name or label holds: a NUL cut every
+  // path at it (the path policy checked "/data/c" of "/data/c\0x"), while messages and the stored
+  // config carried the whole string. DEL, the C1 controls (U+0080-U+009F) and the line and
+  // paragraph separators (U+2028, U+2029) break a log or a CSV line as a newline does.
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const auto next = [&](size_t k) { return i + k < text.size() ? static_cast<unsigned char>(text[i + k]) : 0; };
+    const bool control = (c < 0x20 && c != '\t') || c == 0x7f || (c == 0xc2 && next(1) >= 0x80 && next(1) <= 0x9f) ||
+                         (c == 0xe2 && next(1) == 0x80 && (next(2) == 0xa8 || next(2) == 0xa9));
+    if (!control) continue;
+    return absl::InvalidArgumentError(
+        absl::StrCat("expected a string without control characters (a YAML escape such as \\0, \\n or \\N), got '",
+                     absl::CHexEscape(text.substr(0, 200)), "'"));
+  }
+  // yaml-cpp writes "\N" as the lone byte 0x85, not as U+0085: no UTF-8 reader takes it back.
+  if (const size_t bad = FirstInvalidUtf8(text); bad != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "expected UTF-8 text, got byte 0x%02x at %d (a YAML escape such as \\N)", static_cast<unsigned char>(text[bad]), bad));
+  }
+  return absl::OkStatus();
 }
 
 bool IsDecimalNumber(absl::string_view text) {

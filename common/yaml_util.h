@@ -25,13 +25,18 @@ std::string DescribeYamlNode(const YAML::Node& node);
 // reading the same file).
 bool ParseYamlBool(const YAML::Node& node, bool* out);
 
-// Whether a scalar may be read as a number or a boolean: written plain or with a core tag other
-// than !!str. A quoted scalar ("32", 'false') or one tagged !!str or !local is a string, to
+// Whether a scalar may be read as a number or a boolean: written plain or tagged !!int, !!float
+// or !!bool. A quoted scalar ("32", 'false') or one tagged !!str or !local is a string, to
 // PyYAML as to the YAML spec: read as a number it would mean one thing here and another to a
 // script reading the same file.
 bool IsUntypedScalar(const YAML::Node& node);
 
-// Whether `text` is a decimal number as YAML's float reads it: [-+]digits[.digits][e[-+]digits]
+// A string value's text as the configs take it, INVALID_ARGUMENT saying what is wrong otherwise
+// (the caller names the key): no control characters (C0 but tab, DEL, C1, U+2028/9: what YAML
+// escapes such as \0, \n and \N make) and UTF-8 (yaml-cpp writes \N as a lone 0x85 byte).
+absl::Status CheckYamlString(const std::string& text);
+
+// Whether `text` is a decimal number as YAML 1.2 writes one: [-+]digits[.digits][e[-+]digits]
 // (a digit on either side of the point). Not hex, not "inf"/"nan", no spaces.
 bool IsDecimalNumber(absl::string_view text);
 

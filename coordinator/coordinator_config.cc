@@ -62,11 +62,8 @@ Reader String(std::string CoordinatorConfig::*member, bool is_path) {
     std::string value = node.Scalar();
     // As the pipeline config: a YAML escape ("\0") makes a character no path holds, and a NUL cut
     // the path the OS saw while messages showed the whole string.
-    for (const char c : value) {
-      if (c == '\t' || static_cast<unsigned char>(c) >= 0x20) continue;
-      return KeyError(origin, key,
-                      absl::StrCat("expected a string without control characters (a YAML escape such as \\0 or "
-                                   "\\n), got '", absl::CHexEscape(value.substr(0, 200)), "'"));
+    if (absl::Status bad = common::CheckYamlString(value); !bad.ok()) {
+      return KeyError(origin, key, std::string(bad.message()));
     }
     if (is_path && !value.empty() && fs::path(value).is_relative() && !origin.base_dir.empty()) {
       value = (fs::path(origin.base_dir) / value).lexically_normal().string();
@@ -219,7 +216,7 @@ absl::Status UnknownKey(const std::string& where, const std::string& key) {
   } else {
     hint = absl::StrCat(" (expected one of ", absl::StrJoin(CoordinatorConfigKeys(), ", "), ")");
   }
-  return absl::InvalidArgumentError(absl::StrCat(where, ": unknown key '", key, "'", hint));
+  return absl::InvalidArgumentError(absl::StrCat(where, ": unknown key ", common::ShownYamlText(key), hint));
 }
 
 // Checks that `address` is one HOST:PORT with a port of digits in 0..65535: no comma (civetweb

@@ -312,7 +312,6 @@ absl::Status Store::SqlError(int rc, const std::string& statement) const {
       return absl::DataLossError(
           absl::StrCat(text, ": the file is damaged; restore it from a backup (docs/DEPLOY.md, \"Failures\")"));
     case SQLITE_BUSY:
-    case SQLITE_LOCKED:
       // Another program (an sqlite3 shell, a backup tool) holds the database's lock past the busy
       // timeout: transient, as UNAVAILABLE says to a client that retries (INTERNAL did not).
       return absl::UnavailableError(absl::StrCat(

@@ -154,7 +154,7 @@ class Store {
   // dataset versions that refer to one of them go too (a version never names a missing manifest).
   absl::Status SweepManifests(int64_t* manifests_deleted, int64_t* bytes_deleted);
   // Records a dataset version (replacing one under the same key; every manifest it names must be
-  // stored) and keeps only the `max_versions` most recently recorded.
+  // stored) and keeps only the `max_versions` most recently recorded (at least this one).
   absl::Status PutDatasetVersion(const DatasetVersionRow& version, size_t max_versions);
   absl::Status DeleteDatasetVersion(const std::string& key);
   // Deletes the version under `key` only while its stamps are still `stamps` (EncodeStamps): a

@@ -643,7 +643,7 @@ TEST(SynthTest, AStoppedRerunLeavesNoEarlierSolution) {
   SoundscapeOptions o;
   o.out_dir = tmp.Sub("scapes");
   o.species = 3;
-  o.count = 8;
+  o.count = 24;  // seconds of writing after the first: a loaded machine still stops it midway
   o.seconds = 10;
   auto first = WriteSyntheticSoundscapes(o);
   ASSERT_TRUE(first.ok()) << first.status();

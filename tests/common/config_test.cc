@@ -162,6 +162,10 @@ TEST(ConfigTest, QuotedAndNonDecimalNumbersAreRefused) {
   EXPECT_EQ(ParseError("train:\n  lr: 0x1p-3\n"),
             "x.yaml:2: key 'train.lr': expected a finite decimal number, got '0x1p-3'");
   EXPECT_EQ(ParseError("train:\n  lr: 0x10\n"), "x.yaml:2: key 'train.lr': expected a finite decimal number, got '0x10'");
+  for (const char* tag : {"!!null", "!!binary", "!!timestamp", "!local"}) {
+    EXPECT_THAT(ParseError(absl::StrCat("train:\n  batch_size: ", tag, " 32\n")), HasSubstr("not a quoted or tagged"))
+        << tag;
+  }
   EXPECT_EQ(ParseError("data:\n  duration: 010\n"),
             "x.yaml:2: key 'data.duration': expected a number without a leading zero (YAML 1.1 reads 010 as octal 8), "
             "got '010'");

@@ -217,10 +217,6 @@ TEST_F(CoordinatorConfigTest, WrongTypesAndValuesNameTheKey) {
   EXPECT_NE(config.status().message().find("key 'listen'"), std::string::npos) << config.status();
 }
 
-// A timeout whose lease (less the fence's margin) does not span two heartbeat intervals fenced
-// healthy groups' checkpoint writes (interval 2, timeout 2.1: the lease ran out 0.4 s before
-// every next heartbeat); an interval under 1 ms reached groups as 0 ms, which they read as "not
-// said" and heartbeated every 2 s.
 // A quoted number or boolean is a string, as in the pipeline config and to PyYAML; a number is
 // decimal (a hex float is a string to PyYAML). A flag's value, as typed, stays a number.
 TEST_F(CoordinatorConfigTest, QuotedAndHexNumbersAreRefused) {
@@ -243,6 +239,19 @@ TEST_F(CoordinatorConfigTest, QuotedAndHexNumbersAreRefused) {
     ASSERT_FALSE(config.ok()) << c.line;
     EXPECT_NE(config.status().message().find(path + c.message), std::string::npos) << config.status();
   }
+  // Strings as the pipeline config takes them: no DEL, C1 or U+2028, no lone byte from "\N"; a
+  // long unknown key is cut in the message.
+  for (const char* escape : {"\\x7f", "\\x85", "\\u2028", "\\N"}) {
+    const std::string p = Write("esc.yaml", absl::StrCat("allow_no_auth: true\ndatabase: \"/srv/a", escape, "b.db\"\n"));
+    auto refused = LoadCoordinatorConfig(p, {});
+    ASSERT_FALSE(refused.ok()) << escape;
+    EXPECT_NE(refused.status().message().find(p + ":2: key 'database': expected "), std::string::npos) << refused.status();
+  }
+  const std::string long_key = Write("long.yaml", absl::StrCat("allow_no_auth: true\n", std::string(1000, 'k'), ": 1\n"));
+  auto unknown = LoadCoordinatorConfig(long_key, {});
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.status().message().find("...' (1000 bytes)"), std::string::npos) << unknown.status();
+  EXPECT_LT(unknown.status().message().size(), 2000u);
   const std::string path = Write("flags.yaml", "allow_no_auth: true\nheartbeat_timeout_s: 90.5\n");
   auto config = LoadCoordinatorConfig(path, {{"max_restarts", "7", "--max-restarts 7"}});
   ASSERT_TRUE(config.ok()) << config.status();
@@ -250,6 +259,10 @@ TEST_F(CoordinatorConfigTest, QuotedAndHexNumbersAreRefused) {
   EXPECT_DOUBLE_EQ(config->heartbeat_timeout_s, 90.5);
 }
 
+// A timeout whose lease (less the fence's margin) does not span two heartbeat intervals fenced
+// healthy groups' checkpoint writes (interval 2, timeout 2.1: the lease ran out 0.4 s before
+// every next heartbeat); an interval under 1 ms reached groups as 0 ms, which they read as "not
+// said" and heartbeated every 2 s.
 TEST_F(CoordinatorConfigTest, HeartbeatTimeoutCoversTheLeaseMargin) {
   const std::string path = Write("h.yaml", "allow_no_auth: true\nheartbeat_interval_s: 2\nheartbeat_timeout_s: 2.1\n");
   auto config = LoadCoordinatorConfig(path, {});

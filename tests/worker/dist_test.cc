@@ -359,6 +359,11 @@ TEST(ReducerTest, RefusesReplicasWhoseShapesOrDtypesDiffer) {
   ASSERT_FALSE(reducer.ok());
   EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
       << reducer.status();
+  std::vector<at::Tensor> shaped = {at::zeros({odd ? 4 : 8, odd ? 8 : 4}).set_requires_grad(true)};
+  reducer = Reducer::Create(shaped, &Comm(), ReducerOptions{});
+  ASSERT_FALSE(reducer.ok());
+  EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
+      << reducer.status();
   std::vector<at::Tensor> same = {at::zeros({16}).set_requires_grad(true), at::zeros({32}).set_requires_grad(true)};
   EXPECT_TRUE(Reducer::Create(same, &Comm(), one_each).ok());
 }

@@ -69,7 +69,7 @@ std::vector<std::vector<size_t>> PlanBuckets(const std::vector<at::Tensor>& para
 
 namespace {
 
-// The bucket plan as 62 bits (FNV-1a over each bucket's parameters: index, elements, dtype), for
+// The bucket plan as 62 bits (FNV-1a over each bucket's parameters: index, shape, dtype), for
 // the ranks to compare: equal counts and totals passed {16, 32} against {32, 16}, and a bf16
 // parameter against a float one of as many elements; the first all-reduce then went wrong.
 int64_t PlanDigest(const std::vector<at::Tensor>& params, const std::vector<std::vector<size_t>>& plan) {
@@ -84,7 +84,8 @@ int64_t PlanDigest(const std::vector<at::Tensor>& params, const std::vector<std:
     mix(bucket.size());
     for (size_t k : bucket) {
       mix(k);
-      mix(static_cast<uint64_t>(params[k].numel()));
+      mix(static_cast<uint64_t>(params[k].dim()));
+      for (int64_t size : params[k].sizes()) mix(static_cast<uint64_t>(size));
       mix(static_cast<uint64_t>(params[k].scalar_type()));
     }
   }
