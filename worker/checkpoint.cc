@@ -63,6 +63,8 @@ std::string MetaToYaml(const CheckpointMeta& m) {
   out << YAML::Key << "task_id" << YAML::Value << m.task_id;
   out << YAML::Key << "attempt" << YAML::Value << m.attempt;
   if (m.world_size > 0) out << YAML::Key << "world_size" << YAML::Value << m.world_size;
+  if (!m.device_type.empty()) out << YAML::Key << "device_type" << YAML::Value << m.device_type;
+  if (m.autocast >= 0) out << YAML::Key << "autocast" << YAML::Value << m.autocast;
   if (m.cached_files >= 0) {
     out << YAML::Key << "cached_files" << YAML::Value << m.cached_files;
     out << YAML::Key << "data_files" << YAML::Value << m.data_files;
@@ -127,6 +129,8 @@ absl::StatusOr<CheckpointMeta> MetaFromYaml(const std::string& text, const std::
     if (n["task_id"]) m.task_id = n["task_id"].as<std::string>();
     if (n["attempt"]) m.attempt = n["attempt"].as<int>();
     if (n["world_size"]) m.world_size = n["world_size"].as<int>();
+    if (n["device_type"]) m.device_type = n["device_type"].as<std::string>();
+    if (n["autocast"]) m.autocast = n["autocast"].as<int>();
     if (n["cached_files"]) {
       m.cached_files = n["cached_files"].as<int64_t>();
       m.data_files = n["data_files"].as<int64_t>();
@@ -235,6 +239,18 @@ absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
   });
   if (!st.ok()) return absl::InternalError(st.message());
   return common::WriteFileAtomically(path, bytes.str(), write);
+}
+
+std::string NumericsChange(const CheckpointMeta& meta, const std::string& device_type, bool autocast) {
+  if (meta.autocast < 0 || meta.device_type.empty()) return "";
+  if (meta.device_type == device_type && (meta.autocast == 1) == autocast) return "";
+  const auto says = [](const std::string& device, bool bf16) {
+    return absl::StrCat(device, bf16 ? " with bf16 autocast" : " in fp32");
+  };
+  return absl::StrCat("was written by a run on ", says(meta.device_type, meta.autocast == 1), "; this one trains on ",
+                      says(device_type, autocast),
+                      ": the run goes on in other arithmetic, so it is not bit-exact against an uninterrupted one "
+                      "(the device and train.precision decide it)");
 }
 
 ResumeChoice PickResumeCheckpoint(const std::vector<ResumeCandidate>& candidates, const std::string& stage,

@@ -54,6 +54,10 @@ struct CheckpointMeta {
   // recorded (checkpoints written before).
   int64_t cached_files = -1;
   int64_t data_files = -1;
+  // How it computed: "cpu" or "cuda", and with bf16 autocast (1) or in fp32 (0). "" and -1: not
+  // recorded (checkpoints written before). A resume that computes otherwise is said (not bit-exact).
+  std::string device_type;
+  int autocast = -1;
   // The run's training and validation items as listed (paths and targets, in order; before
   // debug mode's cut): their counts and a 62-bit digest of each list. -1 counts: not recorded
   // (checkpoints written before). A resume over other items is refused (the folds moved).
@@ -88,6 +92,11 @@ absl::Status SaveCheckpoint(const std::string& path, ClassifierImpl& model,
                             const AdamOptimizer* optimizer, const CheckpointMeta& meta,
                             const common::AtomicWriteOptions& write = {},
                             const CheckpointGroups& groups = {});
+
+// What a resume on `device_type` ("cpu", "cuda") with or without bf16 autocast changes against
+// the run that wrote `meta` ("was written by a run on cuda with bf16 autocast; this one trains on
+// cpu in fp32: ... not bit-exact ..."); "" when nothing does or `meta` does not record it.
+std::string NumericsChange(const CheckpointMeta& meta, const std::string& device_type, bool autocast);
 
 // One checkpoint a run could resume from, and what reading its metadata gave.
 struct ResumeCandidate {

@@ -489,6 +489,8 @@ struct Trainer::State {
     m.task_id = options.task_id;
     m.attempt = options.attempt;
     m.world_size = world;
+    m.device_type = options.device.is_cuda() ? "cuda" : "cpu";
+    m.autocast = autocast ? 1 : 0;
     m.cached_files = cached_files;
     m.data_files = data_files;
     m.train_items = listed_train;
@@ -637,6 +639,8 @@ struct Trainer::State {
   absl::Status CreateLoaders();
   void CountCachedFiles(const ClipRequest& base);
   void CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const;
+  // Warns (rank 0) when the checkpoint was written on another device type or precision.
+  void CheckSameNumerics(const CheckpointMeta& meta, const std::string& last) const;
   absl::Status CheckSameItems(const CheckpointMeta& meta, const std::string& last) const;
   absl::Status BuildModel();
   // Rank 0 tidies the run folder, and the others wait for it (a collective).
@@ -1081,6 +1085,14 @@ absl::Status Trainer::State::CheckSameItems(const CheckpointMeta& meta, const st
 // uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
 // differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
 // finishes between two attempts of a task is normal; the log says so.
+void Trainer::State::CheckSameNumerics(const CheckpointMeta& meta, const std::string& last) const {
+  if (rank != 0) return;
+  // A retried task leased by a group of another kind (a CPU group, a GPU without bf16) went on
+  // in other arithmetic without a word.
+  const std::string change = NumericsChange(meta, options.device.is_cuda() ? "cuda" : "cpu", autocast);
+  if (!change.empty()) Log().Warn(absl::StrCat("resume: ", last, " ", change));
+}
+
 void Trainer::State::CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const {
   if (rank != 0 || meta.cached_files < 0) return;
   if (meta.cached_files == cached_files && meta.data_files == data_files) return;
@@ -1544,6 +1556,7 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
   AVIARY_RETURN_IF_ERROR(CheckSameItems(meta, last));
   restored = true;
   CheckSameDataSource(meta, last);
+  CheckSameNumerics(meta, last);
   for (EpochRecord& r : history) r.best = r.epoch == meta.best_epoch;
   start_epoch = meta.epoch + 1;
   step = meta.step;

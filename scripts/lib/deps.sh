@@ -24,6 +24,8 @@ AVIARY_TEST_PACKAGES=(python3 python3-numpy python3-pandas python3-sklearn pytho
                       iproute2 iptables  # ctest integration.service_netns: network namespaces, partitions
                       clang  # clang: -Wthread-safety over the annotated sources (ctest lint.thread_safety)
                       shellcheck  # the deploy, test and build scripts (ctest deploy.checks)
+                      procps  # ps, pgrep, pkill (service tests, deploy.checks): not in a minimal image
+                      systemd  # systemd-analyze verify of the units (deploy.checks)
                       chromium chromium-driver python3-selenium)  # ctest integration.console_browser
 
 aviary_install_packages() {

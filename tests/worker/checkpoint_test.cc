@@ -167,6 +167,28 @@ TEST(CheckpointTest, AFailedWriteKeepsThePreviousCheckpoint) {
   EXPECT_EQ(ReadCheckpointMeta(path)->epoch, 4);
 }
 
+// How the writing run computed is kept in the metadata, and a resume that computes otherwise is
+// named (a retried task on a CPU group after a GPU one went on in fp32 without a word).
+TEST(CheckpointTest, TheDeviceAndPrecisionAreRecordedAndAChangeIsNamed) {
+  CheckpointMeta m = Meta();
+  EXPECT_EQ(NumericsChange(m, "cpu", false), "");  // not recorded: nothing to compare
+  m.device_type = "cuda";
+  m.autocast = 1;
+  const std::string path = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_ckpt_numerics.pt";
+  auto model = Model(3);
+  ASSERT_TRUE(SaveCheckpoint(path, *model, nullptr, m).ok());
+  absl::StatusOr<CheckpointMeta> back = ReadCheckpointMeta(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->device_type, "cuda");
+  EXPECT_EQ(back->autocast, 1);
+  EXPECT_EQ(NumericsChange(*back, "cuda", true), "");
+  EXPECT_EQ(NumericsChange(*back, "cpu", false),
+            "was written by a run on cuda with bf16 autocast; this one trains on cpu in fp32: the run goes on in "
+            "other arithmetic, so it is not bit-exact against an uninterrupted one (the device and train.precision "
+            "decide it)");
+  EXPECT_NE(NumericsChange(*back, "cuda", false).find("this one trains on cuda in fp32"), std::string::npos);
+}
+
 TEST(CheckpointTest, ResumePicksTheNewestValidCheckpoint) {
   auto meta = [](int epoch, int attempt, const std::string& task = "j1/finetune-f2") {
     CheckpointMeta m = Meta();

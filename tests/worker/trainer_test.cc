@@ -1581,6 +1581,8 @@ TEST_F(TrainerTest, AResumeWithAnotherShareOfCachedFilesSaysItIsNotBitExact) {
   ASSERT_TRUE(before.ok()) << before.status();
   EXPECT_EQ(before->cached_files, 0);  // no cache was prepared
   EXPECT_GT(before->data_files, 10);
+  EXPECT_EQ(before->device_type, "cpu");  // how it computed (a resume elsewhere is named)
+  EXPECT_EQ(before->autocast, 0);
 
   PrepareCorpusCache(*root_, *root_, c.data.cache_dir);
 
