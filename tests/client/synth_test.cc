@@ -105,6 +105,16 @@ const std::vector<Layout> kAllLayouts{Layout::k2024, Layout::k2023, Layout::k202
 
 bool IsMp3(Layout layout) { return layout == Layout::k2020 || layout == Layout::kXc; }
 
+// Soundscape options for `out_dir`: `species` species, `count` files of `seconds` each.
+SoundscapeOptions Scapes(const std::string& out_dir, int species, int count, double seconds) {
+  SoundscapeOptions o;
+  o.out_dir = out_dir;
+  o.species = species;
+  o.count = count;
+  o.seconds = seconds;
+  return o;
+}
+
 TEST(SynthTest, SpeciesCodesAreUniqueLowercaseAndSpread) {
   std::set<std::string> codes;
   std::set<char> first_letters;
@@ -529,11 +539,7 @@ TEST(SynthTest, RefusesBadOptions) {
 // refused naming --window, before anything is written (it ended in std::bad_alloc).
 TEST(SynthTest, SoundscapesRefuseAWindowTooShort) {
   TempDir tmp;
-  SoundscapeOptions o;
-  o.out_dir = tmp.Sub("tiny_window");
-  o.species = 999;
-  o.count = 1;
-  o.seconds = 3600;
+  SoundscapeOptions o = Scapes(tmp.Sub("tiny_window"), 999, 1, 3600);
   for (const double window : {0.001, 1e-6}) {
     o.window_s = window;
     auto report = WriteSyntheticSoundscapes(o);
@@ -555,11 +561,7 @@ TEST(SynthTest, SoundscapeRowsAreThoseAviaryPredictMakes) {
         // 10667 samples at 32 kHz: six windows cover 64000 samples (the last short), ids to six decimals.
         std::tuple{2.0, 0.33334375, std::vector<std::string>{"_0.333344", "_0.666687", "_1.000031", "_1.333375",
                                                              "_1.666719", "_2.000062"}}}) {
-    SoundscapeOptions o;
-    o.out_dir = tmp.Sub(absl::StrCat("scape_", window));
-    o.species = 3;
-    o.count = 1;
-    o.seconds = seconds;
+    SoundscapeOptions o = Scapes(tmp.Sub(absl::StrCat("scape_", window)), 3, 1, seconds);
     o.window_s = window;
     auto report = WriteSyntheticSoundscapes(o);
     ASSERT_TRUE(report.ok()) << report.status();
@@ -581,11 +583,7 @@ TEST(SynthTest, SoundscapeRowsAreThoseAviaryPredictMakes) {
 // any work.
 TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
   TempDir tmp;
-  SoundscapeOptions o;
-  o.out_dir = tmp.Sub("scapes");
-  o.species = 3;
-  o.count = 3;
-  o.seconds = 5;
+  SoundscapeOptions o = Scapes(tmp.Sub("scapes"), 3, 3, 5);
   o.seed = 1;
   auto first = WriteSyntheticSoundscapes(o);
   ASSERT_TRUE(first.ok()) << first.status();
@@ -640,11 +638,8 @@ TEST(SynthTest, SoundscapesOfAnEarlierRunDoNotStayBehind) {
 // (`aviary score` gave wrong numbers without an error).
 TEST(SynthTest, AStoppedRerunLeavesNoEarlierSolution) {
   TempDir tmp;
-  SoundscapeOptions o;
-  o.out_dir = tmp.Sub("scapes");
-  o.species = 3;
-  o.count = 24;  // seconds of writing after the first: a loaded machine still stops it midway
-  o.seconds = 10;
+  // 24 recordings: seconds of writing after the first, so a loaded machine still stops it midway.
+  SoundscapeOptions o = Scapes(tmp.Sub("scapes"), 3, 24, 10);
   auto first = WriteSyntheticSoundscapes(o);
   ASSERT_TRUE(first.ok()) << first.status();
   const std::string solution = first->solution_path;
@@ -684,11 +679,7 @@ TEST(SynthTest, AStoppedRerunLeavesNoEarlierSolution) {
 // of two seeds do not meet (seed 7's 1000th recording was seed 8's first).
 TEST(SynthTest, SoundscapeWindowsAndNamesAcrossSeeds) {
   TempDir tmp;
-  SoundscapeOptions o;
-  o.out_dir = tmp.Sub("w");
-  o.species = 2;
-  o.count = 1;
-  o.seconds = 2;
+  SoundscapeOptions o = Scapes(tmp.Sub("w"), 2, 1, 2);
   o.window_s = 0.1234567;
   auto refused = WriteSyntheticSoundscapes(o);
   ASSERT_FALSE(refused.ok());
