@@ -78,7 +78,7 @@ Reader Bool(bool CoordinatorConfig::*member) {
                   CoordinatorConfig* out) -> absl::Status {
     if (!common::ParseYamlBool(node, &(out->*member))) {
       return KeyError(origin, key, absl::StrCat("expected true or false",
-                                                common::IsUntypedScalar(node) ? "" : " (not quoted)", ", got ",
+                                                common::IsUntypedScalar(node) ? "" : " (not quoted or tagged)", ", got ",
                                                 Describe(node)));
     }
     return absl::OkStatus();
@@ -95,7 +95,7 @@ Reader Double(double CoordinatorConfig::*member, const char* unit) {
     if (!node.IsScalar() || !common::IsUntypedScalar(node) || !common::IsDecimalNumber(node.Scalar()) ||
         !absl::SimpleAtod(node.Scalar(), &value) || !std::isfinite(value)) {
       return KeyError(origin, key, absl::StrCat("expected a number of ", unit,
-                                                common::IsUntypedScalar(node) ? "" : " (not quoted)", ", got ",
+                                                common::IsUntypedScalar(node) ? "" : " (not quoted or tagged)", ", got ",
                                                 Describe(node)));
     }
     if (common::HasLeadingZero(node.Scalar()) && node.Scalar().find_first_of(".eE") == std::string::npos) {
@@ -117,7 +117,7 @@ Reader Int(int CoordinatorConfig::*member, int min, int max) {
                         text.size() > static_cast<size_t>(text[0] == '-' || text[0] == '+');
     int64_t value = 0;
     if (!digits || !common::IsUntypedScalar(node)) {
-      return KeyError(origin, key, absl::StrCat("expected an integer", common::IsUntypedScalar(node) ? "" : " (not quoted)",
+      return KeyError(origin, key, absl::StrCat("expected an integer", common::IsUntypedScalar(node) ? "" : " (not quoted or tagged)",
                                                 ", got ", Describe(node)));
     }
     if (common::HasLeadingZero(text)) {

@@ -5,15 +5,17 @@
 #   deploy/launch-group.sh --coordinator HOST:PORT --hostfile FILE [options] [-- serve flags]
 #   deploy/launch-group.sh --coordinator HOST:PORT --dry-run ...   prints the mpirun command
 #
-# SIGTERM / SIGINT / SIGHUP to this script become SIGUSR2 to mpirun, which forwards it to every rank at
-# once: the group stops its task at the next step, reports the task as preempted (it resumes
+# SIGTERM / SIGINT / SIGHUP to this script become SIGUSR2 to mpirun, which forwards it to every
+# rank at once: the group stops its task at the next step, reports the task as preempted (it resumes
 # elsewhere from its last.pt), leaves the coordinator and exits 0, and so does mpirun, within
 # seconds. (SIGTERM to mpirun itself is not forwarded: Open MPI 4.1's mpirun sends the ranks
 # SIGCONT, which the ranks take as a stop, SIGTERM --stop-timeout seconds later and SIGKILL after
 # as long again, and exits only then, about 2 x --stop-timeout after the signal; measured.)
 # Ranks that have not exited --stop-timeout seconds after SIGUSR2, or a second signal to this
-# script (2 s or more after the first), get that: SIGTERM to mpirun. Exit 0 after a clean stop; after one that needed SIGTERM,
-# mpirun's exit code (1 if that was 0); after mpirun exited non-zero on its own, its exit code.
+# script (2 s or more after the first), get that: SIGTERM to mpirun. Exit 0 after a clean stop
+# (and after a stop signal that came once the launcher's checks were done, before mpirun
+# started); after one that needed SIGTERM, mpirun's exit code (1 if that was 0); after mpirun
+# exited non-zero on its own, its exit code.
 set -euo pipefail
 
 usage() {
@@ -285,22 +287,36 @@ stopping=0
 # if it is still running --stop-timeout seconds later; a second signal (2 s or more after the
 # first): SIGTERM to mpirun now.
 killer=""
+# Microseconds since the epoch (bash 5's EPOCHREALTIME, its separator whatever the locale's;
+# whole seconds from SECONDS on an older bash).
+# shellcheck disable=SC2317  # called from forward
+now_us() {
+  local t=${EPOCHREALTIME:-}
+  if [ -n "$t" ]; then echo "${t//[!0-9]/}"; else echo $((SECONDS * 1000000)); fi
+}
 # shellcheck disable=SC2317  # called from traps
 forward() {
   if [ "$stopping" -eq 1 ]; then
     # The same stop said twice within 2 s (Slurm's scancel signals every process of the step,
-    # and the batch script's trap passes it on too): not a second request.
-    if [ $((SECONDS - first_signal_at)) -lt 2 ]; then
+    # and the batch script's trap passes it on too): not a second request. (Microseconds:
+    # SECONDS counts whole seconds, and 1.2 s could read as 2.)
+    if [ $(($(now_us) - first_signal_us)) -lt 2000000 ]; then
       echo "launch-group.sh: $1 again within 2 s: taken for the same stop" >&2 || true
       return
     fi
     echo "launch-group.sh: $1 again: SIGTERM to mpirun" >&2 || true
-    : >"$forced_file"
-    if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+    # Before mpirun has started there is nothing to kill (and no marker folder yet).
+    if [ -n "$pid" ]; then
+      : >"$forced_file"
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
     return
   fi
   stopping=1
-  first_signal_at=$SECONDS
+  first_signal_us=$(now_us)
+  # A hung-up terminal: what the launcher still says would fail (EIO), and set -e would end it
+  # with 1 after a clean stop.
+  if [ "$1" = SIGHUP ] && [ -t 2 ]; then exec 2>/dev/null; fi
   # (|| true: after a SIGHUP the terminal may be gone, and set -e would end the launcher here.)
   echo "launch-group.sh: $1: stopping the group (SIGUSR2 to mpirun; SIGTERM after ${stop_timeout}s)" >&2 || true
   if [ -n "$pid" ]; then stop_mpirun; fi
@@ -315,7 +331,8 @@ stop_mpirun() {
   killer=$!
 }
 pid=""
-first_signal_at=0
+forced_file=""
+first_signal_us=0
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
 # A closed terminal or a dropped ssh: mpirun runs in a session of its own (below) and gets no

@@ -1081,10 +1081,6 @@ absl::Status Trainer::State::CheckSameItems(const CheckpointMeta& meta, const st
       "as it was, or start over (--no-resume, which moves the checkpoints aside, or another --out)"));
 }
 
-// A run resumed with another share of its files in the cache is not bit-exact against an
-// uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
-// differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
-// finishes between two attempts of a task is normal; the log says so.
 void Trainer::State::CheckSameNumerics(const CheckpointMeta& meta, const std::string& last) const {
   if (rank != 0) return;
   // A retried task leased by a group of another kind (a CPU group, a GPU without bf16) went on
@@ -1093,6 +1089,10 @@ void Trainer::State::CheckSameNumerics(const CheckpointMeta& meta, const std::st
   if (!change.empty()) Log().Warn(absl::StrCat("resume: ", last, " ", change));
 }
 
+// A run resumed with another share of its files in the cache is not bit-exact against an
+// uninterrupted one: a cached clip is the 16-bit copy of the float one decoded on the fly (they
+// differ by up to 2^-16). Not refused: data.cache_dir is operational, and a `prepare` that
+// finishes between two attempts of a task is normal; the log says so.
 void Trainer::State::CheckSameDataSource(const CheckpointMeta& meta, const std::string& last) const {
   if (rank != 0 || meta.cached_files < 0) return;
   if (meta.cached_files == cached_files && meta.data_files == data_files) return;

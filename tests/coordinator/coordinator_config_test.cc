@@ -224,11 +224,11 @@ TEST_F(CoordinatorConfigTest, QuotedAndHexNumbersAreRefused) {
     const char* line;
     const char* message;
   } cases[] = {
-      {"max_restarts: \"3\"", ":2: key 'max_restarts': expected an integer (not quoted), got '3'"},
-      {"heartbeat_timeout_s: '60'", ":2: key 'heartbeat_timeout_s': expected a number of seconds (not quoted), got '60'"},
+      {"max_restarts: \"3\"", ":2: key 'max_restarts': expected an integer (not quoted or tagged), got '3'"},
+      {"heartbeat_timeout_s: '60'", ":2: key 'heartbeat_timeout_s': expected a number of seconds (not quoted or tagged), got '60'"},
       {"heartbeat_timeout_s: 0x3c", ":2: key 'heartbeat_timeout_s': expected a number of seconds, got '0x3c'"},
       {"retention_days: 030", ":2: key 'retention_days': expected a number without a leading zero"},
-      {"allow_no_auth: \"true\"", ":1: key 'allow_no_auth': expected true or false (not quoted), got 'true'"},
+      {"allow_no_auth: \"true\"", ":1: key 'allow_no_auth': expected true or false (not quoted or tagged), got 'true'"},
   };
   int i = 0;
   for (const auto& c : cases) {
