@@ -803,6 +803,12 @@ absl::Status Store::PutManifest(const std::string& hash, const std::string& csv,
   }
   AVIARY_ASSIGN_OR_RETURN(bool stored, HasManifest(hash));
   if (stored) return absl::OkStatus();
+  // New content is stored under its own address only (LoadManifest checks it again: a wrong
+  // one was found out at a lease, as a FAILED task).
+  if (const std::string got = Sha256Hex(csv); got != hash) {
+    return absl::InvalidArgumentError(absl::StrCat("database ", path_, ": manifest hash ", hash, " is not the SHA-256 of its ",
+                                                   csv.size(), " bytes (", got, ")"));
+  }
   Statement st(this, "INSERT INTO manifests(hash, size, data) VALUES(?1, ?2, ?3)");
   st.Bind(1, hash);
   st.Bind(2, static_cast<int64_t>(csv.size()));

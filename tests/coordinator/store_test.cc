@@ -399,6 +399,16 @@ TEST_F(StoreTest, ManifestsAreStoredOncePerContent) {
   };
   ASSERT_TRUE(insert("jaaaaaaaaaaaa", "jaaaaaaaaaaaa/pretrain-f0", TaskPayload{manifest, "seed: 1\n", ""}).ok());
   ASSERT_TRUE(insert("jaaaaaaaaaaaa", "jaaaaaaaaaaaa/finetune-f0", TaskPayload{other, "seed: 1\n", ""}).ok());
+  // New content under another content's address is refused at insert (it was found out only at
+  // a lease, as a FAILED task).
+  const std::string third = "split,path,target\ntrain,/t/c.ogg,0\n";
+  const absl::Status misnamed =
+      insert("jaaaaaaaaaaaa", "jaaaaaaaaaaaa/finetune-f1", TaskPayload{third, "seed: 1\n", Sha256Hex("not it")});
+  EXPECT_EQ(misnamed.code(), absl::StatusCode::kInvalidArgument) << misnamed;
+  EXPECT_NE(misnamed.message().find("manifest hash " + Sha256Hex("not it") + " is not the SHA-256 of its " +
+                                    std::to_string(third.size()) + " bytes (" + Sha256Hex(third) + ")"),
+            std::string::npos)
+      << misnamed;
   // The same content again, by its bytes and by its hash alone.
   ASSERT_TRUE(insert("jbbbbbbbbbbbb", "jbbbbbbbbbbbb/pretrain-f0", TaskPayload{manifest, "seed: 2\n", ""}).ok());
   ASSERT_TRUE(insert("jbbbbbbbbbbbb", "jbbbbbbbbbbbb/finetune-f0", TaskPayload{"", "seed: 2\n", Sha256Hex(other)}).ok());
