@@ -314,6 +314,18 @@ TEST(ReducerTest, RefusesReplicasThatDiffer) {
       << reducer.status();
 }
 
+// Parameters on two devices are refused (their hooks would run on two threads at once).
+TEST(ReducerTest, ParametersOnTwoDevicesAreRefused) {
+  std::vector<at::Tensor> params = {at::zeros({4}).set_requires_grad(true),
+                                    at::zeros({4}, at::TensorOptions().device(at::kMeta)).set_requires_grad(true)};
+  auto reducer = Reducer::Create(params, &Comm(), ReducerOptions{});
+  ASSERT_FALSE(reducer.ok());
+  EXPECT_EQ(reducer.status().code(), absl::StatusCode::kInvalidArgument) << reducer.status();
+  EXPECT_NE(reducer.status().message().find("Reducer: parameter 1 is on meta, parameter 0 on cpu"),
+            absl::string_view::npos)
+      << reducer.status();
+}
+
 // fp16 gradients are averaged without overflowing on the way: 40000 on each rank summed to
 // 80000, past fp16's 65504, and the average was inf.
 TEST(ReducerTest, Fp16GradientsAverageWithoutOverflow) {

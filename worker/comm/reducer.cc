@@ -186,6 +186,15 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
 // The buckets, each parameter's gradient in its bucket's memory, and the hooks: this rank's part
 // of Create.
 absl::Status Reducer::Build() {
+  // One device: autograd runs a CUDA parameter's hook on the device's thread and a CPU one's on
+  // the caller's, and two hooks at once would race on the buckets and call MPI concurrently.
+  for (size_t p = 1; p < params_.size(); ++p) {
+    if (params_[p].device() != params_[0].device()) {
+      return absl::InvalidArgumentError(absl::StrCat("Reducer: parameter ", p, " is on ", params_[p].device().str(),
+                                                     ", parameter 0 on ", params_[0].device().str(),
+                                                     ": the parameters must share one device"));
+    }
+  }
   plan_ = PlanBuckets(params_, options_);
   bucket_of_.resize(params_.size());
   offset_of_.resize(params_.size());
