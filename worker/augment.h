@@ -10,7 +10,12 @@
 //       batch, partner = the batch rolled by one; x = lam x + (1-lam) x', y likewise;
 //     - CutMix with probability cutmix_prob: lam ~ Beta(cutmix_alpha, cutmix_alpha), a segment
 //       of floor((1-lam) T) samples at a uniform start is taken from the partner; labels are
-//       mixed by the segment's actual share of the clip.
+//       mixed by the segment's actual share of the clip (DESIGN.md: "label weight from the
+//       cut length"). The notebook's CutMix (tensorflow_extra's image CutMix on a [B, 1, T, 1]
+//       view) differs: its segment is about sqrt(1-lam) T long, centred at a uniform point and
+//       clipped at the clip's ends, and it keeps the sample's own audio inside the segment while
+//       weighting the sample's own label by the share outside it (content and labels disagree,
+//       an upstream slip we do not copy).
 // Decisions and small draws (probabilities, lam, shifts) come from a CPU generator seeded by
 // the caller; the noise itself is drawn on the batch's device from a generator of that device
 // seeded from the same seed (seed ^ 0x9e3779b97f4a7c15), so a (seed, batch) pair gives the same

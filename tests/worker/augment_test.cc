@@ -1,5 +1,8 @@
 #include "worker/augment.h"
 
+#include <cmath>
+#include <vector>
+
 #include "gtest/gtest.h"
 
 namespace aviary::worker {
@@ -90,11 +93,86 @@ TEST(AugmentTest, CutMixLabelsFollowTheCutLength) {
   at::Tensor x = in.x, y = in.y;
   AugmentReport r = AugmentBatch(c, 11, &x, &y);
   ASSERT_TRUE(r.cutmix);
-  at::Tensor from_partner = (x != in.x).to(at::kFloat).sum(1) / 1000.0;
-  // Every row took the same segment from its partner.
-  EXPECT_NEAR(from_partner[0].item<double>(), 1.0 - r.cutmix_lam, 1e-6);
+  const at::Tensor partner = at::roll(in.x, {1}, {0});
+  const at::Tensor taken = x != in.x;  // MakeInputs' rows share no value: a taken sample differs
+  const int64_t cut = static_cast<int64_t>(std::llround((1.0 - r.cutmix_lam) * 1000));
+  ASSERT_GT(cut, 0);
+  int64_t start = -1;
+  for (int64_t t = 0; t < 1000 && start < 0; ++t) {
+    if (taken[0][t].item<bool>()) start = t;
+  }
+  ASSERT_GE(start, 0);
+  for (int64_t i = 0; i < 4; ++i) {
+    // Every row took the same one segment from its partner, and kept the rest.
+    EXPECT_EQ(taken[i].sum().item<int64_t>(), cut) << "row " << i;
+    EXPECT_TRUE(at::equal(x[i].narrow(0, start, cut), partner[i].narrow(0, start, cut))) << "row " << i;
+    EXPECT_TRUE(at::equal(x[i].narrow(0, 0, start), in.x[i].narrow(0, 0, start))) << "row " << i;
+    EXPECT_TRUE(at::equal(x[i].narrow(0, start + cut, 1000 - start - cut),
+                          in.x[i].narrow(0, start + cut, 1000 - start - cut)))
+        << "row " << i;
+  }
+  // The labels are mixed by the content's shares: the sample's own kept share, the partner's cut.
   at::Tensor want_y = r.cutmix_lam * in.y + (1 - r.cutmix_lam) * at::roll(in.y, {1}, {0});
   EXPECT_TRUE(at::allclose(y, want_y, 1e-5, 1e-6));
+}
+
+// The outer gate: the noise and shift draws apply only within audio_augment_prob.
+TEST(AugmentTest, TheAudioBlockIsGatedByAudioAugmentProb) {
+  auto c = NoAugment();
+  c.noise_prob = 1;
+  c.timeshift_prob = 1;
+  auto in = MakeInputs(64, 100);
+  at::Tensor x = in.x, y = in.y;
+  AugmentReport r = AugmentBatch(c, 3, &x, &y);  // audio_augment_prob 0
+  EXPECT_EQ(r.noised, 0);
+  EXPECT_EQ(r.shifted, 0);
+  EXPECT_TRUE(at::equal(x, in.x));
+
+  // The recipe's probabilities: noise on 0.5 x 0.35 of the samples (sd 24 of 4000).
+  c.audio_augment_prob = 0.5;
+  c.noise_prob = 0.35;
+  c.timeshift_prob = 0;
+  in = MakeInputs(4000, 8);
+  x = in.x;
+  y = in.y;
+  r = AugmentBatch(c, 5, &x, &y);
+  EXPECT_NEAR(r.noised, 700, 100);
+}
+
+struct Moments {
+  double mean = 0, var = 0;
+};
+Moments MomentsOf(const std::vector<double>& v) {
+  Moments m;
+  for (double d : v) m.mean += d;
+  m.mean /= static_cast<double>(v.size());
+  for (double d : v) m.var += (d - m.mean) * (d - m.mean);
+  m.var /= static_cast<double>(v.size() - 1);
+  return m;
+}
+
+// Each mix draws its lam from its own alpha: MixUp Beta(0.5, 0.5) (variance 1/8), CutMix
+// Beta(2.5, 2.5) (variance 1/24). Swapping the two alphas, or one for the other, fails.
+TEST(AugmentTest, MixUpAndCutMixDrawFromTheirOwnAlpha) {
+  auto c = NoAugment();
+  c.mixup_prob = 1;
+  c.cutmix_prob = 1;
+  c.mixup_alpha = 0.5;
+  c.cutmix_alpha = 2.5;
+  std::vector<double> mixup, cutmix;
+  for (uint64_t seed = 0; seed < 1500; ++seed) {
+    auto in = MakeInputs(2, 10000, 2);
+    at::Tensor x = in.x, y = in.y;
+    AugmentReport r = AugmentBatch(c, seed, &x, &y);
+    ASSERT_TRUE(r.mixup);
+    mixup.push_back(r.mixup_lam);
+    cutmix.push_back(r.cutmix ? r.cutmix_lam : 1.0);
+  }
+  const Moments m = MomentsOf(mixup), k = MomentsOf(cutmix);
+  EXPECT_NEAR(m.mean, 0.5, 0.03);
+  EXPECT_NEAR(m.var, 0.125, 0.012);
+  EXPECT_NEAR(k.mean, 0.5, 0.02);
+  EXPECT_NEAR(k.var, 1.0 / 24, 0.006);
 }
 
 TEST(AugmentTest, DeterministicForASeed) {
@@ -111,11 +189,19 @@ TEST(AugmentTest, DeterministicForASeed) {
   EXPECT_FALSE(at::equal(x1, x3));
 }
 
-TEST(AugmentTest, BetaSamplesHaveTheRightMean) {
+TEST(AugmentTest, BetaSamplesHaveTheRightMoments) {
   at::Generator g = MakeGenerator(at::Device(at::kCPU), 1);
-  double sum = 0;
-  for (int i = 0; i < 2000; ++i) sum += SampleBeta(2.5, 2.5, g);
-  EXPECT_NEAR(sum / 2000, 0.5, 0.02);
+  // Beta(a, b): mean a / (a + b), variance ab / ((a + b)^2 (a + b + 1)).
+  struct Case {
+    double a, b, mean, var;
+  };
+  for (const Case& c : {Case{2.5, 2.5, 0.5, 1.0 / 24}, Case{0.5, 0.5, 0.5, 0.125}, Case{2, 5, 2.0 / 7, 10.0 / 392}}) {
+    std::vector<double> v;
+    for (int i = 0; i < 4000; ++i) v.push_back(SampleBeta(c.a, c.b, g));
+    const Moments m = MomentsOf(v);
+    EXPECT_NEAR(m.mean, c.mean, 0.015) << "Beta(" << c.a << ", " << c.b << ")";
+    EXPECT_NEAR(m.var, c.var, c.var * 0.12) << "Beta(" << c.a << ", " << c.b << ")";
+  }
 }
 
 }  // namespace
