@@ -1,5 +1,6 @@
 #include "coordinator/sweep.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -13,6 +14,7 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
     const google::protobuf::RepeatedPtrField<aviary::v1::SweepAxis>& axes) {
   std::vector<std::vector<std::string>> points{{}};
   std::set<std::string> keys;
+  size_t point_bytes = 0;  // the longest point's "key=value" bytes so far
   for (int i = 0; i < axes.size(); ++i) {
     const aviary::v1::SweepAxis& axis = axes.Get(i);
     const std::string field = absl::StrCat("sweep[", i, "]");
@@ -33,19 +35,29 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
     if (axis.values().empty()) {
       return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' has no values"));
     }
+    // One value is a --set: the points could not differ in it, so the checks that compare the
+    // points (the keys a job's points share, sweep best's metric) never saw it, and its bytes
+    // were copied onto every task.
+    if (axis.values_size() == 1) {
+      return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' has one value ('",
+                                                     axis.values(0).substr(0, 80),
+                                                     "'); a sweep needs two or more (give one value with --set)"));
+    }
     // Before each value is looked at: an axis of millions of values is refused at once.
     const size_t grid = points.size() * static_cast<size_t>(axis.values_size());
     if (grid > kMaxSweepPoints) {
-      return absl::InvalidArgumentError(absl::StrCat("sweep: the grid has more than ", kMaxSweepPoints,
-                                                     " points (reached with key '", key, "')"));
+      return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' brings the grid to ",
+                                                     grid, " points, more than ", kMaxSweepPoints));
     }
     std::set<std::string> seen;
+    size_t longest = 0;
     for (int v = 0; v < axis.values_size(); ++v) {
       const std::string& value = axis.values(v);
       if (value.empty() || value.size() > 1024) {
         return absl::InvalidArgumentError(absl::StrCat("field '", field, ".values[", v, "]' of key '", key,
                                                        "': ", value.size(), " bytes (1 to 1024 allowed)"));
       }
+      longest = std::max(longest, key.size() + 1 + value.size());
       // As --set's values (service.cc, CheckText): they reach the task's overrides, the logs and
       // the console. (Not UTF-8 is refused by protobuf itself: a proto3 string.)
       for (size_t b = 0; b < value.size(); ++b) {
@@ -59,6 +71,14 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
         return absl::InvalidArgumentError(
             absl::StrCat("field '", field, "': key '", key, "' lists the value '", value, "' twice"));
       }
+    }
+    // Every task carries its point's overrides (and every job snapshot, GetJob and WatchJob
+    // event all of them): 4096 tasks of 2 KiB each is 8 MiB a snapshot.
+    point_bytes += longest;
+    if (point_bytes > kMaxSweepPointBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key,
+                                                     "' brings a point's overrides to ", point_bytes,
+                                                     " bytes, more than ", kMaxSweepPointBytes, " (the keys and values)"));
     }
     std::vector<std::vector<std::string>> next;
     next.reserve(grid);

@@ -19,11 +19,13 @@ namespace aviary::coordinator {
 inline constexpr size_t kMaxSweepPoints = 256;
 // The most tasks one job may have (its sweep points times its stages' tasks).
 inline constexpr size_t kMaxTasksPerJob = 4096;
+// The most bytes of "key=value" overrides one grid point may have (every task carries its own).
+inline constexpr size_t kMaxSweepPointBytes = 2048;
 
 // The grid points in order (the last axis varies fastest), each as "key=value" overrides. No
 // axes: one point with no overrides. INVALID_ARGUMENT naming the axis for an empty or
-// malformed key, a key given twice, an axis without values, an empty value, or a grid larger than
-// kMaxSweepPoints.
+// malformed key, a key given twice, an axis with fewer than two values, an empty, overlong or
+// repeated value, a grid larger than kMaxSweepPoints, or points of more than kMaxSweepPointBytes.
 absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
     const google::protobuf::RepeatedPtrField<aviary::v1::SweepAxis>& axes);
 

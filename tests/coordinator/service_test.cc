@@ -3132,12 +3132,23 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
     for (const std::string& text : says) EXPECT_TRUE(absl::StrContains(status.error_message(), text)) << status.error_message();
   };
-  refused(SweepRequest(root_, {{"train.lrr", {"1e-3"}}}), {"train.lrr", "sweep point 0"});
+  refused(SweepRequest(root_, {{"train.lrr", {"1e-3", "2e-3"}}}), {"train.lrr", "sweep point 0"});
+  // One value is a --set: the checks that compare the points never saw a shared key in it.
+  refused(SweepRequest(root_, {{"seed", {"7"}}}),
+          {"field 'sweep[0]': key 'seed' has one value ('7'); a sweep needs two or more (give one value with --set)"});
+  refused(SweepRequest(root_, {{"data.target.root", {"t24"}}, {"model.dropout", {"0.2", "0.3"}}}),
+          {"field 'sweep[0]'", "one value"});
+  refused(SweepRequest(root_, {{"model.dropout", {"0.2", "0.3"}}, {"train.monitor", {"loss"}}}),
+          {"field 'sweep[1]'", "one value"});
+  // Every task carries its point's overrides: a point's are at most 2 KiB.
+  refused(SweepRequest(root_, {{"train.lr_min", {"1e-6", absl::StrCat("0.", std::string(1017, '0'), "1")}},
+                               {"train.lr_start", {"5e-6", absl::StrCat("0.", std::string(1017, '0'), "5")}}}),
+          {"field 'sweep[1]': key 'train.lr_start' brings a point's overrides to 2068 bytes, more than 2048"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "fast"}}}),
           {"sweep point 1 (train.lr=fast): ", "--sweep train.lr=fast: key 'train.lr'"});
-  refused(SweepRequest(root_, {{"train.lr", {"-1"}}}), {"train.lr"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "-1"}}}), {"train.lr"});
   refused(SweepRequest(root_, {{"train.lr", {}}}), {"sweep[0]", "no values"});
-  refused(SweepRequest(root_, {{"train.lr", {"1e-3"}}, {"train.lr", {"2e-3"}}}), {"swept twice"});
+  refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3"}}, {"train.lr", {"3e-3", "4e-3"}}}), {"swept twice"});
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "1e-3"}}}), {"twice"});
   refused(SweepRequest(root_, {{"train.lr_max_per_sample", {"1e-6", "2e-6", "0.000001"}}}),
           {"sweep points 0 (train.lr_max_per_sample=1e-6) and 2 (train.lr_max_per_sample=0.000001) train alike"});
@@ -3182,11 +3193,12 @@ TEST_F(CoordinatorServiceTest, SweepAndTagErrorsNameTheKeyAndValueBeforeAnyWork)
   refused(SweepRequest(root_, {{"train.lr", {"1e-3", "2e-3\n"}}}), {"sweep[0].values[1]", "control character"});
   refused(SweepRequest(root_, {{"a", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17"}},
                                {"b", {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"}}}),
-          {"more than 256 points"});
+          {"brings the grid to 272 points, more than 256"});
   // An axis longer than the grid may be is refused before its values are looked at (a request of
   // millions of values took seconds and hundreds of MB to be refused).
   std::vector<std::string> too_many(300, "1e-3");
-  refused(SweepRequest(root_, {{"train.lr", too_many}}), {"more than 256 points (reached with key 'train.lr')"});
+  refused(SweepRequest(root_, {{"train.lr", too_many}}),
+          {"field 'sweep[0]': key 'train.lr' brings the grid to 300 points, more than 256"});
   // 256 points of 16 fine-tuning tasks, sharing 1 pretraining: more tasks than one job may have.
   std::vector<std::string> lrs;
   for (int i = 1; i <= 256; ++i) lrs.push_back(absl::StrCat(i, "e-6"));
