@@ -1,11 +1,15 @@
 #include "worker/agent/metrics_server.h"
 
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 #include <prometheus/counter.h>
 #include <prometheus/registry.h>
@@ -87,6 +91,83 @@ TEST(MetricsServerTest, ServesTheRegistryAndRefusesOtherRequests) {
   EXPECT_LT(sent, slow.size()) << "the server waited for the whole trickled request";
   ::close(trickle);
   EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total{group_id=\"g1\"} 4"));
+}
+
+int Connect(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  return fd;
+}
+
+// Idle clients are served beside the scrape, not before it: the scrape is answered while they
+// are still open (one connection at a time, each had to time out first: 5 s apiece, and two
+// ran past Prometheus' 10 s scrape timeout).
+TEST(MetricsServerTest, IdleClientsDoNotHoldUpAScrape) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  prometheus::BuildCounter().Name("aviary_test_total").Help("a test").Register(*registry).Add({}).Increment(2);
+  auto server = MetricsServer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  std::vector<int> idle;
+  for (int i = 0; i < 3; ++i) idle.push_back(Connect(port));
+  EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total 2"));
+  for (int fd : idle) {
+    char byte;
+    errno = 0;
+    const ssize_t n = ::recv(fd, &byte, 1, MSG_DONTWAIT);
+    EXPECT_TRUE(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        << "an idle client was closed (timed out) before the scrape was answered: recv " << n;
+    ::close(fd);
+  }
+}
+
+// Out of descriptors, accept fails and the connection stays queued: the thread waits between
+// tries instead of spinning (it took a whole core until a descriptor came free). In a child, so
+// that the limit binds nothing else; the CPU the process used over a second of it is the check.
+TEST(MetricsServerTest, OutOfDescriptorsTheServerWaitsInsteadOfSpinning) {
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(pipe_fds[0]);
+    auto registry = std::make_shared<prometheus::Registry>();
+    auto server = MetricsServer::Start("127.0.0.1:0", registry);
+    if (!server.ok()) ::_exit(2);
+    const int client = Connect((*server)->port());
+    // Every descriptor below the limit taken: the server's accept gets EMFILE.
+    rlimit limit{};
+    ::getrlimit(RLIMIT_NOFILE, &limit);
+    limit.rlim_cur = static_cast<rlim_t>(client + 8);
+    if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(3);
+    while (::dup(client) >= 0) {
+    }
+    if (errno != EMFILE) ::_exit(4);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the server meets the EMFILE
+    rusage before{}, after{};
+    ::getrusage(RUSAGE_SELF, &before);
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    ::getrusage(RUSAGE_SELF, &after);
+    const auto cpu_us = [](const rusage& r) {
+      return (r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1000000L + r.ru_utime.tv_usec + r.ru_stime.tv_usec;
+    };
+    const long used_ms = (cpu_us(after) - cpu_us(before)) / 1000;
+    (void)!::write(pipe_fds[1], &used_ms, sizeof(used_ms));
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  long used_ms = -1;
+  const ssize_t n = ::read(pipe_fds[0], &used_ms, sizeof(used_ms));
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+  ASSERT_EQ(n, static_cast<ssize_t>(sizeof(used_ms)));
+  EXPECT_LT(used_ms, 500) << "the server spun on a failing accept: " << used_ms << " ms of CPU in 1 s";
 }
 
 TEST(MetricsServerTest, BadListenAddressesAreErrorsNamingThem) {

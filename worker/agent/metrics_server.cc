@@ -7,15 +7,19 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include <prometheus/text_serializer.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 
 namespace aviary::worker {
 namespace {
@@ -23,14 +27,9 @@ namespace {
 constexpr size_t kMaxRequestBytes = 16 << 10;
 constexpr int kRequestTimeoutS = 5;
 
-void SendAll(int fd, const std::string& data) {
-  size_t sent = 0;
-  while (sent < data.size()) {
-    ssize_t n = ::send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;  // the scraper went away or timed out: nothing to do
-    sent += static_cast<size_t>(n);
-  }
+const common::Logger& Log() {
+  static const common::Logger logger("metrics");
+  return logger;
 }
 
 std::string Response(int code, const char* reason, const std::string& content_type,
@@ -77,7 +76,10 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
     }
     int one = 1;
     ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(fd, a->ai_addr, a->ai_addrlen) == 0 && ::listen(fd, 16) == 0) break;
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) == 0 && ::listen(fd, 64) == 0 &&
+        ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK) == 0) {
+      break;
+    }
     last_error = std::strerror(errno);
     ::close(fd);
     fd = -1;
@@ -120,70 +122,140 @@ MetricsServer::~MetricsServer() {
   ::close(wake_write_);
 }
 
+// One connection's state: its request until complete, then its answer until sent, each within
+// kRequestTimeoutS.
+struct MetricsServer::Connection {
+  int fd = -1;
+  std::chrono::steady_clock::time_point deadline;
+  std::string request;
+  std::string answer;  // empty while reading
+  size_t sent = 0;
+};
+
 void MetricsServer::Serve() {
+  // Connections are served side by side: one at a time, each idle client (a port scan, a hung
+  // scraper) held the next scrape up to 5 s, and two of them ran past Prometheus' 10 s scrape
+  // timeout. At most kMaxConnections are open; the rest wait in the listen backlog.
+  constexpr size_t kMaxConnections = 32;
+  std::vector<Connection> connections;
+  // After accept fails for want of descriptors (EMFILE), the connection stays queued and the
+  // listening socket readable: it is left out of poll for a while (the loop spun at full CPU).
+  std::chrono::steady_clock::time_point accept_again{};
+  bool said_accept_error = false;
+  const auto close_all = [&] {
+    for (Connection& c : connections) ::close(c.fd);
+  };
   while (true) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_read_, POLLIN, 0}};
-    int rc = ::poll(fds, 2, -1);
+    const auto now = std::chrono::steady_clock::now();
+    const bool accepting = connections.size() < kMaxConnections && now >= accept_again;
+    std::vector<pollfd> fds;
+    fds.push_back({wake_read_, POLLIN, 0});
+    fds.push_back({accepting ? listen_fd_ : -1, POLLIN, 0});
+    auto wake_at = accepting ? std::chrono::steady_clock::time_point::max() : accept_again;
+    for (const Connection& c : connections) {
+      fds.push_back({c.fd, static_cast<short>(c.answer.empty() ? POLLIN : POLLOUT), 0});
+      wake_at = std::min(wake_at, c.deadline);
+    }
+    if (connections.size() >= kMaxConnections) wake_at = std::min(wake_at, now + std::chrono::seconds(1));
+    int timeout_ms = -1;
+    if (wake_at != std::chrono::steady_clock::time_point::max()) {
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now).count() + 1, 0, 60000));
+    }
+    const int rc = ::poll(fds.data(), fds.size(), timeout_ms);
     if (rc < 0) {
       if (errno == EINTR) continue;
-      return;
+      // Not expected (ENOMEM): said, and tried again a little later rather than ending /metrics
+      // for the rest of the process without a word.
+      Log().Warn(absl::StrCat("/metrics on port ", port_, ": poll: ", std::strerror(errno), "; retrying"));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      continue;
     }
-    if (fds[1].revents != 0) return;
-    if ((fds[0].revents & POLLIN) == 0) continue;
-    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;  // the peer gave up, or out of descriptors for a moment
-    Answer(fd);
-    ::close(fd);
+    if (fds[0].revents != 0) break;  // stopping
+    // The connections first (fds[2..] are connections[0..] as they were), then the new ones.
+    const auto after = std::chrono::steady_clock::now();
+    std::vector<Connection> kept;
+    kept.reserve(connections.size() + 1);
+    for (size_t i = 0; i < connections.size(); ++i) {
+      Connection& c = connections[i];
+      if (Step(&c, fds[i + 2].revents, after)) {
+        kept.push_back(std::move(c));
+      } else {
+        ::close(c.fd);
+      }
+    }
+    connections = std::move(kept);
+    if (accepting && fds[1].revents != 0) {
+      // One connection per wake-up: the listening socket is non-blocking, so a client gone
+      // before the accept leaves nothing to wait for.
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd >= 0) {
+        Connection c;
+        c.fd = fd;
+        c.deadline = after + std::chrono::seconds(kRequestTimeoutS);
+        connections.push_back(std::move(c));
+      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED &&
+                 errno != EPROTO) {
+        if (!said_accept_error) {
+          Log().Warn(absl::StrCat("/metrics on port ", port_, ": accept: ", std::strerror(errno),
+                                  "; scrapes wait until it succeeds (said once)"));
+          said_accept_error = true;
+        }
+        accept_again = after + std::chrono::milliseconds(250);
+      }
+    }
   }
+  close_all();
 }
 
-void MetricsServer::Answer(int fd) const {
-  timeval timeout{kRequestTimeoutS, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-  // The whole request within kRequestTimeoutS, not each read: a client sending a byte every few
-  // seconds held the one serving thread (every scrape waited) and the destructor's join (the
-  // group's exit) for hours. The destructor's wake ends the wait at once.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(kRequestTimeoutS);
-  std::string request;
-  char buf[4096];
-  while (request.find("\r\n\r\n") == std::string::npos && request.find("\n\n") == std::string::npos) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return;  // no complete request in time
-    pollfd fds[2] = {{fd, POLLIN, 0}, {wake_read_, POLLIN, 0}};
-    const int rc = ::poll(fds, 2, static_cast<int>(left.count()));
-    if (rc < 0 && errno == EINTR) continue;
-    if (rc <= 0 || fds[1].revents != 0) return;  // a poll error, the time is up, or stopping
-    ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;  // closed, or no complete request within the timeout
-    request.append(buf, static_cast<size_t>(n));
-    if (request.size() > kMaxRequestBytes) {
-      SendAll(fd, Response(431, "Request Header Fields Too Large", "text/plain", "request too large\n", false));
-      return;
+// Moves `c` on after poll said `revents`; false when it is done (answered, gone or out of time).
+bool MetricsServer::Step(Connection* c, short revents, std::chrono::steady_clock::time_point now) const {
+  if (c->answer.empty()) {
+    // The whole request within kRequestTimeoutS, not each read: a client sending a byte every
+    // few seconds held the serving thread (every scrape waited) and the group's exit for hours.
+    if (revents != 0) {
+      char buf[4096];
+      const ssize_t n = ::recv(c->fd, buf, sizeof(buf), 0);
+      if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) return now < c->deadline;
+      if (n <= 0) return false;  // closed or failed
+      c->request.append(buf, static_cast<size_t>(n));
     }
+    if (c->request.size() > kMaxRequestBytes) {
+      c->answer = Response(431, "Request Header Fields Too Large", "text/plain", "request too large\n", false);
+    } else if (c->request.find("\r\n\r\n") != std::string::npos || c->request.find("\n\n") != std::string::npos) {
+      c->answer = Answer(c->request);
+    } else {
+      return now < c->deadline;  // no complete request yet
+    }
+    c->deadline = now + std::chrono::seconds(kRequestTimeoutS);  // for the answer
+    revents = POLLOUT;  // try at once: the socket is most likely writable
   }
+  if ((revents & (POLLOUT | POLLERR | POLLHUP)) != 0) {
+    const ssize_t n = ::send(c->fd, c->answer.data() + c->sent, c->answer.size() - c->sent, MSG_NOSIGNAL);
+    if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK) return false;  // the scraper went
+    if (n > 0) c->sent += static_cast<size_t>(n);
+    if (c->sent == c->answer.size()) return false;  // answered: Connection: close
+  }
+  return now < c->deadline;
+}
+
+std::string MetricsServer::Answer(const std::string& request) const {
   const std::string line = request.substr(0, request.find_first_of("\r\n"));
   const size_t sp1 = line.find(' ');
   const size_t sp2 = sp1 == std::string::npos ? std::string::npos : line.find(' ', sp1 + 1);
-  if (sp2 == std::string::npos) {
-    SendAll(fd, Response(400, "Bad Request", "text/plain", "bad request line\n", false));
-    return;
-  }
+  if (sp2 == std::string::npos) return Response(400, "Bad Request", "text/plain", "bad request line\n", false);
   const std::string method = line.substr(0, sp1);
   std::string path = line.substr(sp1 + 1, sp2 - sp1 - 1);
   path = path.substr(0, path.find('?'));
   const bool head = method == "HEAD";
   if (method != "GET" && !head) {
-    SendAll(fd, Response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", false));
-    return;
+    return Response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", false);
   }
   if (path != "/metrics" && path != "/") {
-    SendAll(fd, Response(404, "Not Found", "text/plain", "not found: try /metrics\n", head));
-    return;
+    return Response(404, "Not Found", "text/plain", "not found: try /metrics\n", head);
   }
   const std::string body = prometheus::TextSerializer().Serialize(collectable_->Collect());
-  SendAll(fd, Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, head));
+  return Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, head);
 }
 
 }  // namespace aviary::worker

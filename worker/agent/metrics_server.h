@@ -1,9 +1,11 @@
 // A worker group's /metrics endpoint: a minimal HTTP/1.1 server for Prometheus' text format.
 //
 // GET (or HEAD) /metrics, or /, answers the collectable's samples at that moment
-// (text/plain; version=0.0.4); another path is 404, another method 405. One thread serves one
-// connection at a time and closes it after the answer (Prometheus scrapes every few seconds);
-// a request must arrive within 5 s and may not exceed 16 KB.
+// (text/plain; version=0.0.4); another path is 404, another method 405. One thread serves up to
+// 32 connections side by side (poll) and closes each after its answer (Prometheus scrapes every
+// few seconds); a request must arrive within 5 s of the connection and may not exceed 16 KB,
+// and its answer must be taken within 5 s more. An accept that fails for want of descriptors
+// is said once and tried again every 250 ms.
 //
 // Why not prometheus-cpp's Exposer (which the coordinator uses): Debian's civetweb starts its
 // threads with a 100 KB stack, and glibc places a thread's static TLS on its stack. A CUDA
@@ -17,6 +19,7 @@
 #define AVIARY_WORKER_AGENT_METRICS_SERVER_H_
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -43,8 +46,10 @@ class MetricsServer {
  private:
   MetricsServer(int listen_fd, int wake_read, int wake_write, int port,
                 std::shared_ptr<prometheus::Collectable> collectable);
+  struct Connection;
   void Serve();
-  void Answer(int fd) const;
+  bool Step(Connection* c, short revents, std::chrono::steady_clock::time_point now) const;
+  std::string Answer(const std::string& request) const;
 
   const int listen_fd_;
   const int wake_read_, wake_write_;  // a pipe that wakes the thread at shutdown
