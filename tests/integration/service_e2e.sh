@@ -194,13 +194,17 @@ if wait_for 120 jq_status "$job2" 'int(task("finetune").get("latest", {}).get("s
   av cancel "$job2" > "$tmp/cancel.log" 2>&1 || fail "cancel"; cat "$tmp/cancel.log"
   jq_status "$job2" 'j["state"] == "JOB_STATE_CANCELLED"' || fail "the cancelled job is not CANCELLED"
   # The task's last line comes after the trainer's last step exchange: no sample is counted after
-  # it. (Whichever it is: a cancel revokes the lease, and a last.pt written just then is fenced.)
+  # it. (Whichever it is: a cancel revokes the lease, and a last.pt written just then is refused.)
   wait_for 60 grep -qE "task $job2/finetune-f0 (stopped|attempt [0-9]+ abandoned|failed)" "$tmp/g1.log" ||
     { fail "the group did not end the cancelled task"; grep -F "$job2" "$tmp/g1.log" | tail -n 8; }
   grep -q "task $job2/finetune-f0 stopped: cancelled by the coordinator" "$tmp/g1.log" ||
     { fail "the group did not say the task was cancelled"; grep -F "$job2" "$tmp/g1.log" | tail -n 8; }
-  # A user's cancel is no error of the group's: its fenced write and refused reports are warnings.
+  # A user's cancel is no error of the group's: its refused write and reports are no errors, and
+  # the write is no fenced one (alert AviaryWritesFenced: "lost its lease").
   if grep -F "$job2" "$tmp/g1.log" | grep -F "[error]"; then fail "the group logged errors for a cancelled task"; fi
+  fenced=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | awk '$1 == "aviary_fenced_writes_total" {print $2}')
+  [ -n "$fenced" ] && awk -v f="$fenced" 'BEGIN {exit !(f + 0 == 0)}' ||
+    fail "the cancel counted as a fenced write (aviary_fenced_writes_total '$fenced')"
   c1=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')
   sleep 4
   c2=$(curl -sf "http://127.0.0.1:$(cat "$tmp/g1.mport")/metrics" | grep -E '^aviary_samples_total\{' | awk '{print $NF}')

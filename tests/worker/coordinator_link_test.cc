@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "common/status.h"
 #include "coordinator/service.h"
 #include "coordinator/store.h"
 #include "gtest/gtest.h"
@@ -310,6 +311,42 @@ TEST(ManifestFetchTest, TheAllowanceDoublesAfterEachFetchThatRanOutOfTime) {
   EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(80'000'000, 10, 50), (int64_t{20'000} << 8) - 10'000);
   EXPECT_EQ(CoordinatorLink::ManifestFetchExtraMs(int64_t{1} << 36, 10, 50),
             ((int64_t{10'000} + (int64_t{1} << 36) / 8000) << 8) - 10'000);
+}
+
+// aviary_fenced_writes_total (alert AviaryWritesFenced: "lost its lease") counts the writes a
+// lost lease refused, not the cancelled task's last one: every `aviary cancel` fired the alert.
+TEST_F(CoordinatorLinkTest, ACancelledTasksRefusedWriteIsNoFencedWrite) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  link.BeginTask(task.task_id(), task.attempt());
+  link.StartThreads();
+  const double before = metrics_->FencedWrites();
+  v1::CancelJobRequest cancel;
+  cancel.set_job_id(submitted.job_id());
+  v1::CancelJobResponse cancelled;
+  ASSERT_TRUE(jobs_->CancelJob(Ctx().get(), cancel, &cancelled).ok());
+  EXPECT_TRUE(Eventually([&] { return link.Decide() == kCancelled; }));
+  const absl::Status refused = link.CheckLease(root_ + "/last.pt");
+  EXPECT_TRUE(common::IsLeaseRevoked(refused)) << refused;
+  EXPECT_EQ(metrics_->FencedWrites(), before);
+  link.EndTask();
+
+  // A lease that ends otherwise (here the watchdog's revoke, as a lost group's) is counted.
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  bool available = false;
+  ASSERT_TRUE(link.Lease(&task, &available).ok());
+  ASSERT_TRUE(available);
+  link.BeginTask(task.task_id(), task.attempt());
+  link.RevokeLease("the stall watchdog failed the task");
+  const absl::Status fenced = link.CheckLease(root_ + "/last.pt");
+  EXPECT_TRUE(absl::IsAborted(fenced)) << fenced;
+  EXPECT_FALSE(common::IsLeaseRevoked(fenced)) << fenced;
+  EXPECT_EQ(metrics_->FencedWrites(), before + 1);
+  link.EndTask();
+  link.StopThreads();
 }
 
 TEST_F(CoordinatorLinkTest, HeartbeatsNameALeasedTaskBeforeItBegins) {

@@ -535,10 +535,16 @@ bool CoordinatorLink::ShipLogs() {
 
 absl::Status CoordinatorLink::CheckLease(const std::string& path) {
   absl::Status st = lease_.Check(path);
-  if (!st.ok()) {
-    metrics_->AddFencedWrite();
-    Log().Warn(std::string(st.message()));
+  if (st.ok()) return st;
+  if (common::IsLeaseRevoked(st)) {
+    // A cancel's (the user's, a failed task of the job, a delete): the stopping task's last
+    // write is expected to be refused, and is neither a warning nor a fenced write (an alert
+    // says the group lost its lease).
+    Log().Info(std::string(st.message()));
+    return st;
   }
+  metrics_->AddFencedWrite();
+  Log().Warn(std::string(st.message()));
   return st;
 }
 

@@ -50,6 +50,7 @@ class GroupMetrics {
   void SetBuffered(size_t points);
   // Process-wide counters without the group_id label (they survive a new registration).
   void AddFencedWrite();   // aviary_fenced_writes_total
+  double FencedWrites() const { return fenced_writes_.Value(); }
   void AddStorageFault();  // aviary_storage_faults_total
   void SetGpuMemory(const std::string& device, double bytes);
   // The sum over the devices of the last SetGpuMemory calls (0 before any; sent with heartbeats).
