@@ -20,8 +20,10 @@ namespace aviary::cli {
 int ClientExitCode(absl::StatusCode code) { return common::ExitCodeFor(code); }
 
 std::string FormatClientError(const std::string& command, const absl::Status& status) {
+  // The message is the server's (or a network's, without TLS): escaped like the text it quotes
+  // (a run folder's entry names a worker wrote, in a delete's error), one line.
   return absl::StrCat("aviary ", command, ": ", absl::StatusCodeToString(status.code()), ": ",
-                      status.message());
+                      PrintableLines(std::string(status.message()), " / "));
 }
 
 std::string JobStateName(v1::JobState state) {
@@ -56,6 +58,8 @@ bool IsTerminal(v1::JobState state) {
 
 std::string FormatMetric(double value) {
   if (!std::isfinite(value)) return "-";
+  // A diverging loss (3.4e38) was 44 digits wide in every table.
+  if (std::fabs(value) >= 1e6) return absl::StrFormat("%.4e", value);
   return absl::StrFormat("%.4f", value);
 }
 
@@ -65,7 +69,9 @@ std::string FormatSmall(double value) {
 }
 
 std::string FormatDuration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "-";
+  // Beyond 10^15 s (31 million years: an estimate from a rate near 0) int64 and llround are
+  // near their end (1e19 s printed "-9223372036854775808s").
+  if (!std::isfinite(seconds) || seconds < 0 || seconds >= 1e15) return "-";
   const int64_t s = static_cast<int64_t>(std::llround(seconds));
   if (s < 60) return absl::StrFormat("%ds", s);
   if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
@@ -116,16 +122,19 @@ void EtaTracker::Observe(const v1::TaskInfo& task, double now_s) {
   // measurement: its rate is what matters for the time left.
   if (it == samples_.end() || it->second.attempt != task.attempt() || step < it->second.last_step) {
     Sample s;
-    s.first_s = s.last_s = now_s;
     s.first_step = s.last_step = step;
     s.attempt = task.attempt();
     samples_[task.task_id()] = s;
     return;
   }
-  if (step != it->second.last_step) {
-    it->second.last_step = step;
-    it->second.last_s = now_s;
+  Sample& s = it->second;
+  if (step == s.last_step) return;
+  if (s.first_s < 0) {  // the first change: the measurement starts here
+    s.first_s = now_s;
+    s.first_step = step;
   }
+  s.last_step = step;
+  s.last_s = now_s;
 }
 
 double EtaTracker::SecondsLeft(const v1::TaskInfo& task) const {
@@ -139,19 +148,39 @@ double EtaTracker::SecondsLeft(const v1::TaskInfo& task) const {
   return std::max<double>(0, p.total_steps - s.last_step) / rate;
 }
 
+namespace {
+
+// The characters in `text` (UTF-8: the bytes that start one), the columns most take on a
+// terminal: a byte count padded "héé" one column short.
+size_t Utf8Columns(absl::string_view text) {
+  size_t n = 0;
+  for (char ch : text) n += (static_cast<unsigned char>(ch) & 0xc0) != 0x80;
+  return n;
+}
+
+}  // namespace
+
 std::string PadRight(const std::string& text, size_t width) {
-  if (text.size() >= width) return text;
-  return text + std::string(width - text.size(), ' ');
+  const size_t columns = Utf8Columns(text);
+  if (columns >= width) return text;
+  return text + std::string(width - columns, ' ');
 }
 
 std::string FormatColumns(const std::vector<std::vector<std::string>>& rows) {
+  // Every cell escaped here, whatever its caller did (PrintableText changes nothing twice): a
+  // checkpoint path a worker reported reached the terminal raw in `watch`'s closing table.
+  std::vector<std::vector<std::string>> cells(rows.size());
   std::vector<size_t> widths;
-  for (const auto& row : rows) {
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const auto& row = rows[r];
     if (widths.size() < row.size()) widths.resize(row.size(), 0);
-    for (size_t c = 0; c < row.size(); ++c) widths[c] = std::max(widths[c], row[c].size());
+    for (size_t c = 0; c < row.size(); ++c) {
+      cells[r].push_back(PrintableText(row[c]));
+      widths[c] = std::max(widths[c], Utf8Columns(cells[r].back()));
+    }
   }
   std::string out;
-  for (const auto& row : rows) {
+  for (const auto& row : cells) {
     std::string line;
     for (size_t c = 0; c < row.size(); ++c) {
       if (c + 1 == row.size()) {
@@ -344,10 +373,14 @@ std::string FormatGroups(const std::vector<v1::GroupInfo>& groups, int64_t now_u
 }
 
 std::string FormatLogLine(const std::string& task_id, const v1::LogLine& line) {
-  const std::string stamp = FormatUnixMs(line.time_unix_ms());
-  const int64_t ms = line.time_unix_ms() % 1000;
-  return absl::StrCat(task_id.empty() ? "" : task_id + "  ",
-                      stamp.size() > 11 ? stamp.substr(11) : stamp, absl::StrFormat(".%03d", ms), " ",
+  // The worker's clock, UTC; a time of 0 or before (a clock unset) shows as such, not as
+  // "-.000" or "-.-500".
+  const std::string time = line.time_unix_ms() <= 0 ? std::string("--:--:--.---") : [&] {
+    const std::string stamp = FormatUnixMs(line.time_unix_ms());
+    return absl::StrCat(stamp.size() > 11 ? stamp.substr(11) : stamp,
+                        absl::StrFormat(".%03d", line.time_unix_ms() % 1000));
+  }();
+  return absl::StrCat(task_id.empty() ? "" : PrintableText(task_id) + "  ", time, " ",
                       PadRight(line.level().empty() ? "info" : PrintableText(line.level()), 7), " [rank ", line.rank(),
                       "] ", PrintableText(line.text()));
 }

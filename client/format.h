@@ -25,7 +25,8 @@ namespace aviary::cli {
 // ALREADY_EXISTS, OUT_OF_RANGE); 1 otherwise.
 int ClientExitCode(absl::StatusCode code);
 
-// "aviary CMD: CODE_NAME: message", e.g. "aviary status: NOT_FOUND: job j0123 not found".
+// "aviary CMD: CODE_NAME: message", e.g. "aviary status: NOT_FOUND: job j0123 not found"; the
+// message as PrintableLines joined by " / " (it comes from the server).
 std::string FormatClientError(const std::string& command, const absl::Status& status);
 
 // "PENDING", "RUNNING", ... / "BLOCKED", "READY", "LEASED", ... (the enum name without its
@@ -34,11 +35,11 @@ std::string JobStateName(v1::JobState state);
 std::string TaskStateName(v1::TaskState state);
 bool IsTerminal(v1::JobState state);
 
-// "%.4f" for finite values, "-" for NaN and infinities.
+// "%.4f" for finite values ("%.4e" from 1e6 on), "-" for NaN and infinities.
 std::string FormatMetric(double value);
 // A learning rate or other small number: "%.3g", "-" when not finite.
 std::string FormatSmall(double value);
-// "45s", "12m05s", "3h02m", "2d04h"; "-" for negative or non-finite seconds.
+// "45s", "12m05s", "3h02m", "2d04h"; "-" for negative, non-finite or >= 1e15 seconds.
 std::string FormatDuration(double seconds);
 // Unix milliseconds as UTC "YYYY-MM-DD HH:MM:SS"; "-" for 0.
 std::string FormatUnixMs(int64_t unix_ms);
@@ -53,7 +54,9 @@ struct TaskProgress {
 };
 TaskProgress ProgressOf(const v1::TaskInfo& task);
 
-// Estimates the time left of each task from the steps it made while being watched.
+// Estimates the time left of each task from the steps it made while being watched, measured
+// from the first step change seen (the first sight's step was reported up to a report interval
+// earlier: measured from there, the first rate was too high, "ETA 0s" with most steps left).
 class EtaTracker {
  public:
   // Records the task's latest step at `now_s` (any monotonic clock, seconds).
@@ -63,7 +66,7 @@ class EtaTracker {
 
  private:
   struct Sample {
-    double first_s = 0, last_s = 0;
+    double first_s = -1, last_s = -1;  // -1: no step change seen yet
     int64_t first_step = 0, last_step = 0;
     int32_t attempt = 0;
   };
@@ -137,16 +140,18 @@ absl::Status ParseSweepFlag(const std::string& text, v1::SweepAxis* axis);
 // `aviary groups`: one row per group (id, world size, backend, devices, hosts, task, samples/s,
 // last heartbeat age at `now_unix_ms`).
 std::string FormatGroups(const std::vector<v1::GroupInfo>& groups, int64_t now_unix_ms);
-// `aviary logs`: "HH:MM:SS.mmm LEVEL [rank R] text", with "TASK " first when `task_id` is set.
+// `aviary logs`: "HH:MM:SS.mmm LEVEL [rank R] text" (the worker's clock, UTC; "--:--:--.---"
+// for a time of 0 or before), with "TASK " first when `task_id` is set.
 std::string FormatLogLine(const std::string& task_id, const v1::LogLine& line);
 // The message as JSON (proto field names, defaults printed, indented), ending with a newline.
 absl::StatusOr<std::string> ToJson(const google::protobuf::Message& message);
 
-// Pads `text` with spaces to `width` columns (left-aligned; longer text is kept whole).
+// Pads `text` with spaces to `width` columns (a column a UTF-8 character; left-aligned; longer
+// text is kept whole).
 std::string PadRight(const std::string& text, size_t width);
 
-// Renders rows as columns separated by two spaces, each column as wide as its widest cell;
-// the first row is the header.
+// Renders rows as columns separated by two spaces, each column as wide as its widest cell (in
+// characters); the first row is the header. Every cell is written as PrintableText.
 std::string FormatColumns(const std::vector<std::vector<std::string>>& rows);
 
 }  // namespace aviary::cli

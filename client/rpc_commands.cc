@@ -863,7 +863,7 @@ class WatchView {
       if (std::isfinite(m.val_auc())) epoch_auc_[event.task_id()] = m.val_auc();
       lines.push_back(absl::StrFormat(
           "%s epoch %d: loss %s  val_loss %s  val_auc %s  val_roc_auc %s  val_acc %s  lr %s",
-          event.task_id(), m.epoch(), FormatMetric(m.train_loss()), FormatMetric(m.val_loss()),
+          PrintableText(event.task_id()), m.epoch(), FormatMetric(m.train_loss()), FormatMetric(m.val_loss()),
           FormatMetric(m.val_auc()), FormatMetric(m.val_roc_auc()), FormatMetric(m.val_acc()),
           FormatSmall(m.lr())));
     } else if (!progress && !message.empty()) {
@@ -953,7 +953,10 @@ class WatchView {
   // Moves up over the block, prints `scroll` lines, then the block again.
   void Redraw(const std::vector<std::string>& scroll) {
     std::string out;
-    if (drawn_ > 0) absl::StrAppend(&out, "\x1b[", drawn_, "A");
+    // Up over the block, and everything from there down cleared: a scrolled line wider than
+    // the terminal wraps onto a second row, which its own \x1b[2K did not clear (an old block
+    // row's tail stayed on screen).
+    if (drawn_ > 0) absl::StrAppend(&out, "\x1b[", drawn_, "A\r\x1b[J");
     for (const std::string& l : scroll) absl::StrAppend(&out, "\r\x1b[2K", Stamp(), l, "\n");
     drawn_ = 0;
     if (has_job_) {
@@ -1151,7 +1154,8 @@ absl::StatusOr<int> Watch(Client& client, const ClientArgs& args) {
       return kWatchStateUnknownExit;
     }
     view.Note(absl::StrFormat("connection lost (%s: %s); reconnecting in %.1f s (attempt %d/%d)",
-                              absl::StatusCodeToString(error.code()), error.message(), backoff_s,
+                              absl::StatusCodeToString(error.code()),
+                              PrintableLines(std::string(error.message()), " / "), backoff_s,
                               failures, kMaxReconnects));
     std::this_thread::sleep_for(std::chrono::duration<double>(backoff_s));
     backoff_s = std::min(kMaxBackoffS, backoff_s * 2);

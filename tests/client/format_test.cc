@@ -47,6 +47,8 @@ TEST(ClientFormatTest, ErrorLineNamesCommandAndCode) {
             "aviary status: NOT_FOUND: job jx not found");
   EXPECT_EQ(FormatClientError("watch", absl::UnavailableError("down")),
             "aviary watch: UNAVAILABLE: down");
+  // The message is the server's (a run folder's entry names, in a delete's): escaped, one line.
+  EXPECT_EQ(FormatClientError("x", absl::NotFoundError("a\x1b[2J\nb")), "aviary x: NOT_FOUND: a\\x1b[2J / b");
 }
 
 TEST(ClientFormatTest, DurationsAndNumbers) {
@@ -56,7 +58,12 @@ TEST(ClientFormatTest, DurationsAndNumbers) {
   EXPECT_EQ(FormatDuration(2 * 86400 + 4 * 3600 + 59), "2d04h");
   EXPECT_EQ(FormatDuration(-1), "-");
   EXPECT_EQ(FormatDuration(std::nan("")), "-");
+  EXPECT_EQ(FormatDuration(1e19), "-");  // was "-9223372036854775808s"
+  EXPECT_EQ(FormatDuration(9.99e14), "11562500000d00h");
   EXPECT_EQ(FormatMetric(0.123456), "0.1235");
+  EXPECT_EQ(FormatMetric(3.4e38), "3.4000e+38");  // a diverging loss: 44 digits wide in "%.4f"
+  EXPECT_EQ(FormatMetric(-2.5e6), "-2.5000e+06");
+  EXPECT_EQ(FormatMetric(999999.5), "999999.5000");
   EXPECT_EQ(FormatMetric(std::nan("")), "-");
   EXPECT_EQ(FormatMetric(INFINITY), "-");
   EXPECT_EQ(FormatSmall(0.00025), "0.00025");
@@ -113,8 +120,13 @@ TEST(EtaTrackerTest, RateFromObservedStepsAndResetOnNewAttempt) {
   v1::TaskInfo t = Task("pretrain", 0, v1::TASK_STATE_LEASED, 2, 100, 10);
   eta.Observe(t, 0.0);
   EXPECT_EQ(eta.SecondsLeft(t), -1);  // one sample: no rate yet
+  // The step first seen was reported up to a report interval before: the measurement starts at
+  // the first change (from the first sight, 3 steps in a moment made "ETA 0s").
+  t.mutable_latest()->set_step(13);
+  eta.Observe(t, 0.5);
+  EXPECT_EQ(eta.SecondsLeft(t), -1);
   t.mutable_latest()->set_step(30);
-  eta.Observe(t, 10.0);              // 2 steps/s, 170 steps left
+  eta.Observe(t, 9.0);               // 17 steps in 8.5 s: 2 steps/s, 170 steps left
   EXPECT_DOUBLE_EQ(eta.SecondsLeft(t), 85.0);
   t.set_attempt(2);                  // a new lease starts a new measurement
   t.mutable_latest()->set_step(0);
@@ -142,6 +154,12 @@ TEST(ClientFormatTest, BestTableHasOneRowPerTask) {
             "        runs/j/pretrain-fold0/best.pt\n"
             "j0123456789ab/finetune-f0  CANCELLED  -           -        -            -"
             "        -\n");
+  // The path is a worker's (CompleteTask, ReportCheckpoint): an OSC 52 (the clipboard) or a
+  // colour in it reached the terminal raw.
+  a->set_best_checkpoint("/w/j/\x1b]52;c;ZXZpbA==\x07" "best\x1b[31m.pt");
+  const std::string table = FormatBestTable(job);
+  EXPECT_EQ(table.find('\x1b'), std::string::npos) << table;
+  EXPECT_NE(table.find("/w/j/\\x1b]52;c;ZXZpbA==\\x07best\\x1b[31m.pt"), std::string::npos) << table;
 }
 
 TEST(ClientFormatTest, HistoryCsvWritesNanAsHistoryCsvDoes) {
@@ -173,6 +191,12 @@ TEST(ClientFormatTest, ColumnsAlignToWidestCell) {
   EXPECT_EQ(FormatColumns({{"A", "BB", "C"}, {"long", "x", ""}}),
             "A     BB  C\n"
             "long  x\n");
+  // Columns are characters, not bytes (a host named "héé" pushed its next column one off), and
+  // every cell is escaped.
+  EXPECT_EQ(FormatColumns({{"h\xc3\xa9\xc3\xa9", "1"}, {"abcd", "2"}, {"e\x1b", "3"}}),
+            "h\xc3\xa9\xc3\xa9    1\n"
+            "abcd   2\n"
+            "e\\x1b  3\n");
 }
 
 // A block taller than the terminal cannot be redrawn in place: `watch` shows the tasks that
@@ -345,6 +369,11 @@ TEST(ClientFormatTest, GroupsAndLogLines) {
   line.set_text("[trainer] epoch 1\x1b[31m");
   EXPECT_EQ(FormatLogLine("", line), "14:00:00.123 warning [rank 0] [trainer] epoch 1\\x1b[31m");
   EXPECT_EQ(FormatLogLine("j/t", line).rfind("j/t  14:00:00.123", 0), 0u);
+  // A worker's clock unset: no "-.000" or "-.-500".
+  line.set_time_unix_ms(0);
+  EXPECT_EQ(FormatLogLine("", line), "--:--:--.--- warning [rank 0] [trainer] epoch 1\\x1b[31m");
+  line.set_time_unix_ms(-1500);
+  EXPECT_EQ(FormatLogLine("", line).rfind("--:--:--.--- ", 0), 0u);
 }
 
 }  // namespace
