@@ -313,6 +313,20 @@ TEST(ManifestFetchTest, TheAllowanceDoublesAfterEachFetchThatRanOutOfTime) {
             ((int64_t{10'000} + (int64_t{1} << 36) / 8000) << 8) - 10'000);
 }
 
+// aviary_reports_buffered follows a task's dropped reports (a fenced or lost task's): an idle
+// group kept showing the points it had dropped.
+TEST_F(CoordinatorLinkTest, TheBufferedGaugeFollowsDroppedReports) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  link.Push(EpochEndReport(task.task_id(), 0, 10));  // no sender thread: it stays
+  EXPECT_EQ(metrics_->Buffered(), 1);
+  link.DropTask(task.task_id());
+  EXPECT_EQ(metrics_->Buffered(), 0);
+}
+
 // aviary_fenced_writes_total (alert AviaryWritesFenced: "lost its lease") counts the writes a
 // lost lease refused, not the cancelled task's last one: every `aviary cancel` fired the alert.
 TEST_F(CoordinatorLinkTest, ACancelledTasksRefusedWriteIsNoFencedWrite) {

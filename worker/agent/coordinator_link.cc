@@ -569,7 +569,7 @@ void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, doubl
   Clock::time_point signalled_at{};
   const auto start = Clock::now();
   while (!buffer_.WaitEmpty(0.2)) {
-    if (lost_) buffer_.DropTask(task_id);
+    if (lost_) DropTask(task_id);
     if (max_wait_s >= 0 && SecondsSince(start) > max_wait_s) {
       Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
       return;
@@ -585,7 +585,10 @@ void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, doubl
   }
 }
 
-void CoordinatorLink::DropTask(const std::string& task_id) { buffer_.DropTask(task_id); }
+void CoordinatorLink::DropTask(const std::string& task_id) {
+  buffer_.DropTask(task_id);
+  metrics_->SetBuffered(buffer_.points());  // an idle group kept showing the dropped points
+}
 
 void CoordinatorLink::Leave(const std::string& reason) {
   const std::string gid = group_id();
@@ -949,7 +952,7 @@ void CoordinatorLink::SenderLoop() {
     } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
       (void)Failed(RpcName(run.front().kind), st, gid);
       buffer_.Pop();
-      buffer_.DropTask(run.front().task_id);
+      DropTask(run.front().task_id);
     } else if (st.error_code() == grpc::StatusCode::INVALID_ARGUMENT && run.size() > 1 &&
                RefusedPoint(st.error_message(), run.size()).has_value()) {
       // One point of the run refused (a value out of range, an epoch outside the task's plan):
@@ -999,7 +1002,7 @@ void CoordinatorLink::SenderLoop() {
         Connected(true);
         backoff.Reset();
         buffer_.Pop();
-        if (unknown) buffer_.DropTask(run.front().task_id);  // as NOT_FOUND above: it registers again
+        if (unknown) DropTask(run.front().task_id);  // as NOT_FOUND above: it registers again
       }
     } else {
       // Refused for good (e.g. FAILED_PRECONDITION: the task is no longer ours): a retry would

@@ -145,6 +145,11 @@ void GroupMetrics::SetBuffered(size_t points) {
   buffered_->Set(static_cast<double>(points));
 }
 
+double GroupMetrics::Buffered() {
+  absl::MutexLock lock(&mu_);
+  return buffered_->Value();
+}
+
 void GroupMetrics::SetGpuMemory(const std::string& device, double bytes) {
   absl::MutexLock lock(&mu_);
   auto it = gpu_memory_.find(device);

@@ -48,6 +48,7 @@ class GroupMetrics {
   void EndTask();
   void SetConnected(bool connected);
   void SetBuffered(size_t points);
+  double Buffered() ABSL_LOCKS_EXCLUDED(mu_);  // the gauge's value (tests)
   // Process-wide counters without the group_id label (they survive a new registration).
   void AddFencedWrite();   // aviary_fenced_writes_total
   double FencedWrites() const { return fenced_writes_.Value(); }
