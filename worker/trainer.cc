@@ -216,7 +216,7 @@ absl::Status WriteHistoryPlot(const std::vector<EpochRecord>& rows, const std::s
   return common::Annotate(common::WriteFileAtomically(path, *png), absl::StrCat("history plot ", path));
 }
 
-// AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|nan_from|nan_weights|
+// AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|hang_stderr|sigterm|nan_from|nan_weights|
 // nan_input|slow_write|fail_start|fail_resume][,seconds=S]" (tests only; trainer.h says what each
 // does).
 struct FaultPlan {
@@ -2228,6 +2228,19 @@ void Trainer::State::InjectFault(at::Tensor* loss) const {
   if (fault.kind == "hang") {
     Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " stops answering at step ", step));
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  if (fault.kind == "hang_stderr") {
+    // A stderr that stopped draining (an mpirun no longer forwarding output, a log file on a
+    // hung mount): the log line that fills the pipe blocks with the logger's lock held, and
+    // every other thread's log line waits behind it.
+    Log().Warn(absl::StrCat("AVIARY_FAULT_INJECT: rank ", rank, " blocks its stderr at step ", step));
+    int fds[2];
+    if (::pipe(fds) != 0 || ::dup2(fds[1], STDERR_FILENO) < 0) {
+      Log().Error(absl::StrCat("AVIARY_FAULT_INJECT: hang_stderr: ", std::strerror(errno)));
+      std::_Exit(1);
+    }
+    const std::string line(4096, 'x');
+    while (true) Log().Info(line);  // the read end stays open and unread: the 17th line blocks
   }
   if (fault.kind == "sigterm") {  // a preemption: the stop arrives as a real signal, once
     static bool raised = false;

@@ -50,9 +50,10 @@
 // readable, this stage, fold and task, the highest epoch then attempt) and logs why it skipped
 // the others; one that then fails to restore, or holds non-finite weights, is skipped for the
 // next. No last.pt is written with non-finite weights.
-// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|sigterm|
-// nan_from|nan_weights|nan_input|slow_write|fail_start|fail_resume][,seconds=S]" makes rank R
-// throw, produce a NaN loss, stop answering, or raise SIGTERM (a preemption) at optimizer step K
+// Fault injection for tests: AVIARY_FAULT_INJECT="rank=R,step=K[,kind=throw|nan|hang|hang_stderr|
+// sigterm|nan_from|nan_weights|nan_input|slow_write|fail_start|fail_resume][,seconds=S]" makes rank R
+// throw, produce a NaN loss, stop answering (hang_stderr: inside a log line, its stderr a pipe
+// nobody reads, so the logger stays locked), or raise SIGTERM (a preemption) at optimizer step K
 // of the run; produce a NaN loss at every step from K on; make its weights non-finite after step
 // K (a finite loss, a non-finite gradient); put a NaN into its batch's input at step K; (rank 0) write the first epoch's files ending at step K or
 // later S seconds late; fail its start (NOT_FOUND, before the first collective; no step needed);

@@ -8,8 +8,9 @@
 #   3. SIGTERM to a group's ranks mid-task: the task is given back as preempted (no restart
 #      counted) and resumed by the next group.
 #   4. A group of one rank whose training thread stops making progress (AVIARY_FAULT_INJECT
-#      kind=hang) without failing: its watchdog (--stall-timeout-s) fails the task as retryable
-#      and ends the group; the task is leased again and completes on the next group.
+#      kind=hang_stderr: inside a log line, its stderr blocked) without failing: its watchdog
+#      (--stall-timeout-s) fails the task as retryable and ends the group; the task is leased
+#      again and completes on the next group.
 #   5. One rank of a two-rank group fails before the first step (AVIARY_FAULT_INJECT
 #      kind=fail_start: a data root missing on its host): every rank ends the task at once with
 #      its cause, the group lives on, and the coordinator gets the cause with each attempt.
@@ -115,22 +116,25 @@ else
 fi
 
 # 4. A stuck task: nothing fails, nothing times out (one rank has no peer to notice), and the
-#    link's thread keeps heartbeating, so only the watchdog can give the task back.
+#    link's thread keeps heartbeating, so only the watchdog can give the task back. It is stuck
+#    inside a log line, its stderr a pipe nobody reads (kind=hang_stderr): the watchdog's own
+#    log line waits behind it, so the report goes first and the process ends whatever blocks
+#    (the watchdog used to block on its first log line, the lease renewed for ever).
 kill -USR2 "$group_pid" 2>/dev/null   # group c: a clean stop, so that group d leases job 4
 wait_for 60 bash -c "! kill -0 $group_pid 2>/dev/null" || fail "group c did not stop on SIGUSR2"
 # 15 s: the start (the communicator, the trainer, the first batches) fits in it on a loaded
 # machine; if it does not, the watchdog fires there instead, and the task goes on elsewhere all
 # the same.
-AVIARY_FAULT_INJECT="rank=0,step=4,kind=hang" start_group d 1 --stall-timeout-s 15
+AVIARY_FAULT_INJECT="rank=0,step=4,kind=hang_stderr" start_group d 1 --stall-timeout-s 15
 pid_d=$group_pid
 job4=$(av submit "$tmp/p.yaml" --set stages.pretrain.enabled=false --set stages.finetune.epochs=3 | tail -n 1)
 echo "job $job4 (group d hangs at step 4)"
 if wait_for 180 bash -c "! kill -0 $pid_d 2>/dev/null"; then
   wait "$pid_d"; rc=$?
   [ "$rc" != 0 ] || fail "group d exited 0 after its watchdog ended it"
-  grep -q "no progress on rank 0 (or a rank it waits for) for [0-9]* s (the last sign: [^;]*; --stall-timeout-s 15)" "$tmp/d.log" ||
-    fail "group d did not log its stall: $(grep -m3 -E 'FAULT|progress|ends the group' "$tmp/d.log")"
-  grep -q "task .* failed on group .* (retryable): task .*: no progress on rank 0 (or a rank it waits for)" "$tmp/coordinator.log" ||
+  grep -q "AVIARY_FAULT_INJECT: rank 0 blocks its stderr at step 4" "$tmp/d.log" ||
+    fail "group d did not reach its fault: $(grep -m3 -E 'FAULT|progress|ends the group' "$tmp/d.log")"
+  grep -q "task .* failed on group .* (retryable): task .*: no progress on rank 0 (or a rank it waits for) for [0-9]* s (the last sign: [^;]*; --stall-timeout-s 15)" "$tmp/coordinator.log" ||
     fail "the coordinator did not get the stall as a retryable failure: $(grep -m3 'failed on group' "$tmp/coordinator.log")"
   jq_status "$job4" 'task("finetune")["state"] == "TASK_STATE_READY" and task("finetune")["restarts"] == 1' ||
     fail "the stalled task is not READY with one restart: $(jq_status "$job4" 'task("finetune")')"

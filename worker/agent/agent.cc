@@ -52,6 +52,10 @@ namespace {
 // T6's deadline after this rank's collective timed out (RunTask).
 constexpr double kT6AfterCommTimeoutS = 10.0;
 
+// How long a fired stall watchdog's report may take before the process ends regardless
+// (Agent::OnStall): the report's own wait (Drain) is 15 s.
+constexpr int kStallExitS = 25;
+
 namespace v1 = ::aviary::v1;
 using Clock = std::chrono::steady_clock;
 
@@ -142,7 +146,9 @@ class Agent {
   [[noreturn]] void EndGroup(const std::string& why);
   // Rank 0, before the group ends: a retryable FailTask for `task_id`, waited for (15 s at most).
   void FailBeforeTheEnd(const std::string& task_id, const std::string& message);
-  // Rank 0's watchdog fired (on its thread): the task is failed as retryable, the group ended.
+  void QueueFailure(const std::string& task_id, const std::string& message);  // its first half
+  // Rank 0's watchdog fired (on its thread): the task is failed as retryable, the group ended
+  // (within kStallExitS, whatever blocks).
   [[noreturn]] void OnStall(const std::string& task_id, double seconds, const std::string& last);
 
   const AgentOptions& options_;
@@ -337,10 +343,13 @@ absl::Status Agent::ServeRank0() {
     link_->BeginTask(task.task_id(), task.attempt());  // first: the task's log (aviary logs) starts here
     Log().Info(absl::StrCat("leased task ", task.task_id(), " (attempt ", task.attempt(), ", stage ", task.stage(),
                             " fold ", task.fold(), ") -> ", task.out_dir()));
+    // Armed before the task goes to the other ranks: the lease runs and the heartbeats name the
+    // task from here, and a rank that never reaches the broadcast (a hung transport) held it
+    // with no deadline.
+    watchdog_->Arm(task.task_id(), "the task's start");
     std::string msg = std::string(1, kMsgTask) + task.SerializeAsString();
     absl::Status sent = control_.Broadcast(&msg, 0, 0.02, 0);
     if (!sent.ok()) EndGroup(std::string(sent.message()));
-    watchdog_->Arm(task.task_id(), "the task's start");
     Outcome outcome = RunTask(task);
     watchdog_->Disarm();
     metrics_->EndTask();  // before the outcome reaches the coordinator: an idle group reads 0
@@ -635,13 +644,17 @@ std::vector<int64_t> Agent::Exchange(const std::string& task_id, int64_t kind, i
   return *std::move(all);
 }
 
-void Agent::FailBeforeTheEnd(const std::string& task_id, const std::string& message) {
+void Agent::QueueFailure(const std::string& task_id, const std::string& message) {
   Report r;
   r.kind = Report::Kind::kFail;
   r.task_id = task_id;
   r.error = message;
   r.retryable = true;
   link_->Push(std::move(r));
+}
+
+void Agent::FailBeforeTheEnd(const std::string& task_id, const std::string& message) {
+  QueueFailure(task_id, message);
   link_->Drain(task_id, 15, 5);
 }
 
@@ -658,15 +671,25 @@ void Agent::FailBeforeTheEnd(const std::string& task_id, const std::string& mess
 
 void Agent::OnStall(const std::string& task_id, double seconds, const std::string& last) {
   // A stuck training thread cannot stop the task: report it from here, then end the process.
-  // The lease is given up first, so that a training thread that wakes meanwhile writes nothing
-  // into the run folder the next attempt will use.
+  // What stalled training may block this thread too: a stderr that stopped draining holds the
+  // logger's lock inside the training thread's last log line, and this thread's first log line
+  // would wait behind it forever while the link's thread, which logs nothing while heartbeats
+  // succeed, kept the lease alive. So the process's end is armed before anything else, the
+  // lease is given up (a training thread that wakes meanwhile writes nothing into the run folder
+  // the next attempt will use) and the report queued before the first log line; the link's own
+  // thread sends it.
+  std::thread([] {
+    std::this_thread::sleep_for(std::chrono::seconds(kStallExitS));
+    std::_Exit(1);
+  }).detach();
   const std::string message = absl::StrFormat(
       "task %s: no progress on rank 0 (or a rank it waits for) for %.0f s (the last sign: %s; --stall-timeout-s "
       "%g): a stuck read, device or deadlock; ending the group so that the task is leased again",
       task_id, seconds, last, options_.stall_timeout_s);
-  Log().Error(message);
   link_->RevokeLease("the stall watchdog failed the task");
-  FailBeforeTheEnd(task_id, message);
+  QueueFailure(task_id, message);
+  Log().Error(message);
+  link_->Drain(task_id, 15, 5);
   // Not MPI_Abort: MPI runs MPI_THREAD_SERIALIZED and the main thread may be inside a call. A
   // rank that exits without MPI_Finalize makes mpirun end the others.
   common::WriteLineToStderr(absl::StrCat("aviary: rank 0 ends the group: ", message));
