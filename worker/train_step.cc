@@ -107,12 +107,24 @@ absl::Status TrainStep::Update(const at::Tensor& loss) {
   return absl::OkStatus();
 }
 
-absl::Status TrainStep::Backward(const at::Tensor& loss) {
+absl::Status TrainStep::Backward(const at::Tensor& loss, int64_t samples) {
   const int k = train_.grad_accum_steps;
+  const int64_t full = train_.batch_size;
+  if (samples < 0) samples = full;
   optimizer_->ZeroGrad();
   if (reducer_ != nullptr) reducer_->Prepare();
-  // K = 1 keeps the loss as it is (bit-identical to runs before accumulation existed).
-  (k > 1 ? loss / static_cast<double>(k) : loss).backward();
+  // K = 1 keeps the loss as it is (bit-identical to runs before accumulation existed), and so
+  // does a full micro-batch under K > 1 (loss / K). A short one (an epoch's last, drop_remainder
+  // false) weighs its samples as a full one's: loss x samples / (K x batch_size); Apply divides
+  // by the samples gathered.
+  if (k <= 1) {
+    loss.backward();
+  } else if (samples == full) {
+    (loss / static_cast<double>(k)).backward();
+  } else {
+    (loss * (static_cast<double>(samples) / static_cast<double>(full * k))).backward();
+  }
+  accum_samples_ += samples;
   if (reducer_ != nullptr) {
     absl::Status st = reducer_->Finish();
     if (!st.ok()) return st;
@@ -142,18 +154,23 @@ bool TrainStep::Apply() {
   std::vector<at::Tensor> params = model_->parameters();
   if (k > 1) {
     torch::NoGradGuard no_grad;
-    const int n = pending_;
+    // The mean over the samples gathered: K x batch_size / samples, which is K / n for n full
+    // micro-batches (1 for K of them).
+    const int64_t full = static_cast<int64_t>(k) * train_.batch_size;
     for (size_t i = 0; i < params.size(); ++i) {
       if (!accum_[i].defined()) {
         params[i].mutable_grad() = at::Tensor();
         continue;
       }
-      if (n < k) accum_[i].mul_(static_cast<double>(k) / n);
+      if (accum_samples_ != full && accum_samples_ > 0) {
+        accum_[i].mul_(static_cast<double>(full) / static_cast<double>(accum_samples_));
+      }
       params[i].mutable_grad() = std::move(accum_[i]);
     }
     accum_.clear();
   }
   pending_ = 0;
+  accum_samples_ = 0;
   last_grad_norm_ = std::numeric_limits<double>::quiet_NaN();
   at::Tensor norm;
   if (train_.skip_nonfinite) {

@@ -15,7 +15,10 @@
 // batch_size x ranks x K samples (up to float rounding; BatchNorm layers in training mode
 // normalize each micro-batch with its own statistics, as each rank does without SyncBatchNorm).
 // An optimizer step made of n < K micro-batches (the end of an epoch, skipped micro-batches)
-// scales the sum by K / n: the mean over the micro-batches it has.
+// is the mean over the samples it has: a micro-batch shorter than train.batch_size (an epoch's
+// last with drop_remainder false) weighs each of its samples as a full one's do (it weighed as
+// a whole micro-batch: 1 sample of a {32, 1} step counted half). Its learning rate is still the
+// one of K full micro-batches (the trainer warns when an epoch's batches are no multiple of K).
 // Gradient clipping (train.grad_clip_norm > 0): in Apply(), after the all-reduce and the
 // accumulation, torch.nn.utils.clip_grad_norm_'s semantics: total = the L2 norm of all the
 // gradients, and when total > max_norm every gradient is multiplied by max_norm / (total + 1e-6).
@@ -97,9 +100,10 @@ class TrainStep {
   // Backward, the gradient all-reduce and the optimizer step (Backward then Apply). Errors come
   // from the reducer (a collective that failed or timed out); the group must then end.
   absl::Status Update(const at::Tensor& loss);
-  // One micro-batch: backward of loss / grad_accum_steps and its gradient all-reduce, added to
+  // One micro-batch of `samples` samples (-1: train.batch_size): backward of loss /
+  // grad_accum_steps (weighted by samples / batch_size) and its gradient all-reduce, added to
   // the accumulator when grad_accum_steps > 1 (see the file comment).
-  absl::Status Backward(const at::Tensor& loss);
+  absl::Status Backward(const at::Tensor& loss, int64_t samples = -1);
   // The optimizer step on what Backward() gathered since the last Apply (clipped when
   // train.grad_clip_norm > 0). False, without a step, when no micro-batch was gathered, and
   // with train.skip_nonfinite when the gradient's norm is not finite (the gradients are then
@@ -137,6 +141,7 @@ class TrainStep {
   bool autocast_;
   std::vector<at::Tensor> accum_;  // per trainable parameter (grad_accum_steps > 1)
   int pending_ = 0;
+  int64_t accum_samples_ = 0;  // the samples Backward gathered since the last Apply
   double last_grad_norm_ = 0;
   bool skipped_nonfinite_ = false;
 };

@@ -1525,10 +1525,17 @@ absl::Status Trainer::State::CheckConfigUnchanged(const CheckpointMeta& meta, co
   }
   if (changed.empty()) return absl::OkStatus();
   if (only_epochs && options.extend_epochs) {
+    const int next = meta.in_epoch >= 0 ? meta.in_epoch : meta.epoch + 1;
+    if (train.epochs < next) {
+      // Fewer epochs than the run holds: nothing would train, and the log said last.pt "holds
+      // all N epochs" of the new count while it held more.
+      return absl::FailedPreconditionError(absl::StrCat(
+          options.out_dir, ": --extend-epochs with train.epochs ", train.epochs, ": ", path, " already holds ", next,
+          " epochs (0-", next - 1, "); the epoch count may grow, or shrink to no fewer than ", next));
+    }
     Log().Info(absl::StrCat("resume: --extend-epochs: ", absl::StrJoin(changed, "; ")));
     // The schedule is a function of train.epochs (the notebook's): over more epochs its decay
     // starts again from higher up. Said, with the rates, when the next epoch's is above the last.
-    const int next = meta.in_epoch >= 0 ? meta.in_epoch : meta.epoch + 1;
     if (next > 0) {
       const double was = LearningRate(effective(*before).train, next - 1, global_batch);
       const double now = LearningRate(train, next, global_batch);
@@ -1831,9 +1838,24 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const common::PipelineC
                           s->train_items.size(), " training items, ", s->valid_items.size(),
                           " validation items, ", s->table.class_names.size(), " classes, model ",
                           s->model->name(), ", ", s->train_loader->BatchesPerEpoch(),
-                          " steps per epoch, ", s->epochs, " epochs, device ",
+                          s->accum > 1 ? absl::StrCat(" batches (", (s->train_loader->BatchesPerEpoch() + s->accum - 1) /
+                                                                      s->accum, " optimizer steps)")
+                                       : std::string(" steps"),
+                          " per epoch, ", s->epochs, " epochs, device ",
                           options.device.str(), s->autocast ? " (bf16 autocast)" : "",
                           s->cache ? ", decoded-audio cache" : ", decoding on the fly"));
+  if (const int64_t batches = s->train_loader->BatchesPerEpoch(); s->accum > 1 && batches % s->accum != 0 && s->rank == 0) {
+    // The learning rate follows the global batch of K full micro-batches (lr_max_per_sample x
+    // batch_size x ranks x K); a step of fewer has fewer samples at that rate.
+    Log().Warn(absl::StrCat(
+        "train.grad_accum_steps ", s->accum, ": ",
+        batches < s->accum ? absl::StrCat("every optimizer step has the epoch's ", batches, " batch(es)")
+                           : absl::StrCat("each epoch's ", batches, " batches end with an optimizer step of ",
+                                          batches % s->accum, " batch(es)"),
+        ", at the learning rate of ", s->accum, " (a global batch of ", s->global_batch,
+        "); its gradient is the mean over its samples",
+        batches < s->accum ? "; lower train.grad_accum_steps" : ""));
+  }
   return std::unique_ptr<Trainer>(new Trainer(std::move(s)));
 }
 
@@ -2076,7 +2098,7 @@ absl::Status Trainer::State::TrainBatch(const Batch& batch, int64_t s, double da
     if (graphed) {
       step_fn->AddGraphedMicroBatch();  // the replay ran backward
     } else {
-      AVIARY_RETURN_IF_ERROR(step_fn->Backward(loss));
+      AVIARY_RETURN_IF_ERROR(step_fn->Backward(loss, batch.waveforms.size(0)));
     }
     const int64_t b = batch.waveforms.size(0);
     correct = Tally(fwd, loss_value, b, t);
@@ -2581,9 +2603,15 @@ absl::Status Trainer::Run() {
   common::AtomicWriteOptions write;
   write.check = s.options.commit_check;
   absl::Status wrote;
-  if (writer) wrote = common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config), write);
+  // A run with nothing left to train keeps the config.yaml of the epochs it holds (when there is
+  // one): an early-stopped run resumed with --extend-epochs rewrote it to the new count, and a
+  // later resume with the folder's own config.yaml was refused against last.pt.
+  const bool nothing_to_do = s.stopped_early || s.start_epoch >= s.epochs;
+  if (writer && !(nothing_to_do && std::filesystem::exists(config_path))) {
+    wrote = common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config), write);
+  }
   AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, "config.yaml"));
-  if (s.stopped_early || s.start_epoch >= s.epochs) AVIARY_RETURN_IF_ERROR(s.CatchUpHistoryFiles(write));
+  if (nothing_to_do) AVIARY_RETURN_IF_ERROR(s.CatchUpHistoryFiles(write));
   if (s.stopped_early) {
     Log().Info(absl::StrCat("nothing to do: the run stopped early after epoch ", s.start_epoch - 1,
                             " (train.early_stop_patience)"));

@@ -1533,6 +1533,26 @@ TEST_F(TrainerTest, ARunFolderRefusesAnotherConfigUnlessExtendingEpochs) {
   auto extended = Trainer::Create(epochs_only, o);
   ASSERT_TRUE(extended.ok()) << extended.status();
   EXPECT_EQ((*extended)->history().size(), 2u);
+  extended->reset();
+
+  // Fewer epochs than last.pt holds (2, the debug run's): refused, naming both (it said "last.pt
+  // already holds all 1 epochs (0-0)" and rewrote config.yaml to 1).
+  const absl::StatusOr<std::string> config_yaml = common::ReadFileToString(o.out_dir + "/config.yaml");
+  ASSERT_TRUE(config_yaml.ok()) << config_yaml.status();
+  common::PipelineConfig fewer = c;
+  for (auto* t : {&fewer.train, &fewer.stages["finetune"].train}) t->epochs = 1;
+  auto shrunk = Trainer::Create(fewer, o);
+  ASSERT_EQ(shrunk.status().code(), absl::StatusCode::kFailedPrecondition) << shrunk.status();
+  EXPECT_NE(shrunk.status().message().find("--extend-epochs with train.epochs 1: "), absl::string_view::npos)
+      << shrunk.status();
+  EXPECT_NE(shrunk.status().message().find("already holds 2 epochs (0-1)"), absl::string_view::npos)
+      << shrunk.status();
+  // As many as it holds: nothing to train, and config.yaml stays the one of last.pt's epochs.
+  for (auto* t : {&fewer.train, &fewer.stages["finetune"].train}) t->epochs = 2;
+  auto held = Trainer::Create(fewer, o);
+  ASSERT_TRUE(held.ok()) << held.status();
+  ASSERT_TRUE((*held)->Run().ok());
+  EXPECT_EQ(common::ReadFileToString(o.out_dir + "/config.yaml").value_or(""), *config_yaml);
 
   o.extend_epochs = false;
   o.resume = false;  // --no-resume: start over with any config
