@@ -210,10 +210,12 @@ absl::StatusOr<std::vector<FileStamp>> FoldCache::DecodeStamps(absl::string_view
   return stamps;
 }
 
-FoldCache::BuildClaim FoldCache::ClaimForBuild(std::vector<std::string> keys, bool* waited) {
+FoldCache::BuildClaim FoldCache::ClaimForBuild(std::vector<std::string> keys, bool* waited,
+                                               const std::function<bool()>& give_up, bool* gave_up) {
   std::sort(keys.begin(), keys.end());
   keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
   if (waited != nullptr) *waited = false;
+  if (gave_up != nullptr) *gave_up = false;
   absl::MutexLock lock(&mu_);
   while (true) {
     bool taken = false;
@@ -221,8 +223,16 @@ FoldCache::BuildClaim FoldCache::ClaimForBuild(std::vector<std::string> keys, bo
     if (!taken) break;
     if (waited != nullptr) *waited = true;
     ++waiting_;
-    building_done_.Wait(&mu_);
+    if (give_up) {
+      building_done_.WaitWithTimeout(&mu_, absl::Seconds(1));
+    } else {
+      building_done_.Wait(&mu_);
+    }
     --waiting_;
+    if (give_up && give_up()) {
+      if (gave_up != nullptr) *gave_up = true;
+      return BuildClaim();
+    }
   }
   building_.insert(keys.begin(), keys.end());
   BuildClaim claim;

@@ -32,6 +32,7 @@
 
 #include <cstdint>
 #include <list>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -115,7 +116,12 @@ class FoldCache {
   // Waits until no other claim holds any of `keys`, then claims them all at once (two submits
   // that need two versions each cannot wait for each other). `*waited` (may be null) says
   // whether it had to wait. Call Lookup again after: the waited-for build may have recorded them.
-  BuildClaim ClaimForBuild(std::vector<std::string> keys, bool* waited = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
+  // `give_up` (may be empty) is asked about once a second while waiting: true ends the wait
+  // with an empty claim (no keys) and `*gave_up` true (a client gone while another submit's
+  // build of a pool-size dataset went on for minutes kept a server thread until its end).
+  BuildClaim ClaimForBuild(std::vector<std::string> keys, bool* waited = nullptr,
+                           const std::function<bool()>& give_up = {}, bool* gave_up = nullptr)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // How many ClaimForBuild calls are waiting now (tests).
   int waiting_claims() const ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -1087,8 +1087,13 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
       if (!look_up(stage)) keys.push_back(FoldCache::Key(config, stage.stage));
     }
     if (!keys.empty()) {
-      bool waited = false;
-      claim = fold_cache_.ClaimForBuild(keys, &waited);
+      bool waited = false, gave_up = false;
+      claim = fold_cache_.ClaimForBuild(keys, &waited, caller_gone, &gave_up);
+      if (gave_up) {
+        return absl::CancelledError(
+            "the caller gave up (its deadline passed or it cancelled) while the submit waited for another submit's "
+            "build of the same dataset; nothing was recorded");
+      }
       for (StageManifests& stage : stages) {
         if (!stage.cached && !(waited && look_up(stage))) to_build.push_back(&stage);
       }
@@ -1112,6 +1117,11 @@ absl::StatusOr<std::string> Scheduler::BuildAndRecordJob(const aviary::v1::Submi
     read_started_ns = absl::ToUnixNanos(started);
     std::vector<absl::StatusOr<common::StageTable>> built_tables = common::BuildStageTables(config, names);
     const absl::Duration read_time = absl::Now() - started;
+    // The read is the long part (minutes for a pool); the manifests would be built for no one.
+    if (caller_gone && caller_gone()) {
+      return absl::CancelledError(
+          "the caller gave up (its deadline passed or it cancelled) while the dataset was read; nothing was recorded");
+    }
     std::vector<std::thread> builders;
     for (size_t i = 0; i < to_build.size(); ++i) {
       builders.emplace_back([&, i] {

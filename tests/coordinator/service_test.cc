@@ -2653,6 +2653,26 @@ TEST(FoldCacheTest, ASecondBuildOfTheSameVersionWaitsForTheFirst) {
   // Released again by the second's destructor: free for the next.
   FoldCache::BuildClaim third = cache.ClaimForBuild({"finetune|a", "pretrain|c"}, &waited);
   EXPECT_FALSE(waited);
+
+  // A waiter whose caller went away gives up (about a second after), with an empty claim, and
+  // the holder keeps its keys.
+  std::atomic<bool> gone{false};
+  bool gave_up = false;
+  std::thread quitter([&] {
+    FoldCache::BuildClaim claim = cache.ClaimForBuild({"pretrain|c"}, &waited, [&] { return gone.load(); }, &gave_up);
+    EXPECT_TRUE(claim.keys().empty());
+  });
+  for (int i = 0; i < 3000 && cache.waiting_claims() == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(cache.waiting_claims(), 1);
+  gone = true;
+  quitter.join();
+  EXPECT_TRUE(gave_up);
+  EXPECT_EQ(third.keys(), (std::vector<std::string>{"finetune|a", "pretrain|c"}));
+  third.Release();
+  FoldCache::BuildClaim fourth = cache.ClaimForBuild({"pretrain|c"}, &waited, [] { return true; }, &gave_up);
+  EXPECT_FALSE(waited);  // nothing to wait for: a free key is claimed whatever give_up says
+  EXPECT_FALSE(gave_up);
+  EXPECT_EQ(fourth.keys(), (std::vector<std::string>{"pretrain|c"}));
 }
 
 TEST(FoldCacheTest, ChangedFilesDropTheVersionAndTheCacheIsBounded) {
