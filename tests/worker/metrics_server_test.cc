@@ -23,14 +23,20 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
-// One HTTP exchange with 127.0.0.1:port; the whole answer.
-std::string Exchange(int port, const std::string& request) {
+// A connection to 127.0.0.1:port.
+int Connect(int port) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  return fd;
+}
+
+// One HTTP exchange with 127.0.0.1:port; the whole answer.
+std::string Exchange(int port, const std::string& request) {
+  const int fd = Connect(port);
   EXPECT_EQ(::send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
   std::string out;
   char buf[4096];
@@ -66,20 +72,14 @@ TEST(MetricsServerTest, ServesTheRegistryAndRefusesOtherRequests) {
   EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\nX: " + std::string(20000, 'a') + "\r\n\r\n"),
               StartsWith("HTTP/1.1 431"));
   // A client that connects and says nothing does not stop the next scrape for long.
-  int idle = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(idle, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const int idle = Connect(port);
   family.Add({{"group_id", "g1"}}).Increment(1);
   EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total{group_id=\"g1\"} 4"));
   ::close(idle);
   // Nor one that sends its request a byte at a time, each within the 5 s a read used to get: the
   // request as a whole has 5 s, then the connection is closed (it held the one serving thread,
   // and the group's exit, for as long as it went on: 16 KB at a byte per 4 s is 18 hours).
-  int trickle = ::socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_EQ(::connect(trickle, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const int trickle = Connect(port);
   const std::string slow = "GET /metrics HTTP/1.1\r\nX-Padding: " + std::string(40, 'a') + "\r\n\r\n";
   size_t sent = 0;
   for (; sent < slow.size(); ++sent) {
@@ -91,16 +91,6 @@ TEST(MetricsServerTest, ServesTheRegistryAndRefusesOtherRequests) {
   EXPECT_LT(sent, slow.size()) << "the server waited for the whole trickled request";
   ::close(trickle);
   EXPECT_THAT(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), HasSubstr("aviary_test_total{group_id=\"g1\"} 4"));
-}
-
-int Connect(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  return fd;
 }
 
 // Idle clients are served beside the scrape, not before it: the scrape is answered while they
