@@ -142,6 +142,7 @@ void MetricsServer::Serve() {
   // listening socket readable: it is left out of poll for a while (the loop spun at full CPU).
   std::chrono::steady_clock::time_point accept_again{};
   bool said_accept_error = false;
+  int poll_failures = 0;  // in a row
   const auto close_all = [&] {
     for (Connection& c : connections) ::close(c.fd);
   };
@@ -151,12 +152,13 @@ void MetricsServer::Serve() {
     std::vector<pollfd> fds;
     fds.push_back({wake_read_, POLLIN, 0});
     fds.push_back({accepting ? listen_fd_ : -1, POLLIN, 0});
-    auto wake_at = accepting ? std::chrono::steady_clock::time_point::max() : accept_again;
+    // Woken for the accept backoff's end only while it runs (full, the listening socket is left
+    // out until a connection ends: a wake-up at a past backoff spun the loop at full CPU).
+    auto wake_at = now < accept_again ? accept_again : std::chrono::steady_clock::time_point::max();
     for (const Connection& c : connections) {
       fds.push_back({c.fd, static_cast<short>(c.answer.empty() ? POLLIN : POLLOUT), 0});
       wake_at = std::min(wake_at, c.deadline);
     }
-    if (connections.size() >= kMaxConnections) wake_at = std::min(wake_at, now + std::chrono::seconds(1));
     int timeout_ms = -1;
     if (wake_at != std::chrono::steady_clock::time_point::max()) {
       timeout_ms = static_cast<int>(std::clamp<int64_t>(
@@ -166,11 +168,20 @@ void MetricsServer::Serve() {
     if (rc < 0) {
       if (errno == EINTR) continue;
       // Not expected (ENOMEM): said, and tried again a little later rather than ending /metrics
-      // for the rest of the process without a word.
-      Log().Warn(absl::StrCat("/metrics on port ", port_, ": poll: ", std::strerror(errno), "; retrying"));
+      // at the first failure without a word; after 10 s of them it ends (the wake pipe cannot be
+      // read without poll: the destructor's join would wait for ever).
+      if (++poll_failures > 50) {
+        Log().Warn(absl::StrCat("/metrics on port ", port_, ": poll: ", std::strerror(errno),
+                                " for 10 s; no longer serving"));
+        break;
+      }
+      if (poll_failures == 1) {
+        Log().Warn(absl::StrCat("/metrics on port ", port_, ": poll: ", std::strerror(errno), "; retrying"));
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
       continue;
     }
+    poll_failures = 0;
     if (fds[0].revents != 0) break;  // stopping
     // The connections first (fds[2..] are connections[0..] as they were), then the new ones.
     const auto after = std::chrono::steady_clock::now();
