@@ -35,14 +35,6 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
     if (axis.values().empty()) {
       return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' has no values"));
     }
-    // One value is a --set: the points could not differ in it, so the checks that compare the
-    // points (the keys a job's points share, sweep best's metric) never saw it, and its bytes
-    // were copied onto every task.
-    if (axis.values_size() == 1) {
-      return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' has one value ('",
-                                                     axis.values(0).substr(0, 80),
-                                                     "'); a sweep needs two or more (give one value with --set)"));
-    }
     // Before each value is looked at: an axis of millions of values is refused at once.
     const size_t grid = points.size() * static_cast<size_t>(axis.values_size());
     if (grid > kMaxSweepPoints) {
@@ -71,6 +63,14 @@ absl::StatusOr<std::vector<std::vector<std::string>>> ExpandSweep(
         return absl::InvalidArgumentError(
             absl::StrCat("field '", field, "': key '", key, "' lists the value '", value, "' twice"));
       }
+    }
+    // One value is a --set: the points could not differ in it, so the checks that compare the
+    // points (the keys a job's points share, sweep best's metric) never saw it, and its bytes
+    // were copied onto every task.
+    if (axis.values_size() == 1) {
+      return absl::InvalidArgumentError(absl::StrCat("field '", field, "': key '", key, "' has one value ('",
+                                                     axis.values(0),
+                                                     "'); a sweep needs two or more (give one value with --set)"));
     }
     // Every task carries its point's overrides (and every job snapshot, GetJob and WatchJob
     // event all of them): 4096 tasks of 2 KiB each is 8 MiB a snapshot.
