@@ -2607,7 +2607,8 @@ absl::Status Trainer::Run() {
   // one): an early-stopped run resumed with --extend-epochs rewrote it to the new count, and a
   // later resume with the folder's own config.yaml was refused against last.pt.
   const bool nothing_to_do = s.stopped_early || s.start_epoch >= s.epochs;
-  if (writer && !(nothing_to_do && std::filesystem::exists(config_path))) {
+  std::error_code no_stat;  // a stat that fails (EIO, EACCES) writes it, and the write says why
+  if (writer && !(nothing_to_do && std::filesystem::exists(config_path, no_stat))) {
     wrote = common::WriteFileAtomically(config_path, common::PipelineConfigToYaml(s.config), write);
   }
   AVIARY_RETURN_IF_ERROR(s.ShareWriteOutcome(wrote, "config.yaml"));
