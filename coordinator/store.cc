@@ -675,6 +675,15 @@ absl::Status Store::Close() {
   return absl::OkStatus();
 }
 
+absl::Status Store::RequireTransaction(const char* mutator) {
+  // Blocks while another thread's transaction runs (the connection is theirs), then finds none.
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (in_transaction_) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(
+      "database ", path_, ": Store::", mutator,
+      " called outside Transaction() (a bug: the change would commit on its own, beside another thread's)"));
+}
+
 absl::Status Store::Transaction(const std::function<absl::Status()>& body) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   AVIARY_RETURN_IF_ERROR(CheckOpen());
@@ -750,6 +759,7 @@ absl::Status Store::RollBack(const absl::Status& cause) {
 }
 
 absl::Status Store::PutJob(const JobRow& job) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("PutJob"));
   Statement st(this,
                "INSERT INTO jobs(job_id, seq, state, info) VALUES(?1, ?2, ?3, ?4) "
                "ON CONFLICT(job_id) DO UPDATE SET state=excluded.state, info=excluded.info");
@@ -763,6 +773,7 @@ absl::Status Store::PutJob(const JobRow& job) {
 }
 
 absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload, const std::string& manifest_deflated) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("InsertTask"));
   Statement st(this,
                "INSERT INTO tasks(task_id, job_id, seq, state, group_id, depends_on, "
                "init_checkpoint, resume_checkpoint, info, manifest_csv, pipeline_yaml, manifest_hash) "
@@ -798,6 +809,7 @@ absl::Status Store::InsertTask(const TaskRow& task, const TaskPayload& payload, 
 }
 
 absl::Status Store::PutManifest(const std::string& hash, const std::string& csv, const std::string& deflated) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("PutManifest"));
   if (!IsSha256Hex(hash)) {
     return absl::InvalidArgumentError(absl::StrCat("database ", path_, ": manifest hash '", hash, "' is not a SHA-256"));
   }
@@ -817,6 +829,7 @@ absl::Status Store::PutManifest(const std::string& hash, const std::string& csv,
 }
 
 absl::Status Store::SweepManifests(int64_t* manifests_deleted, int64_t* bytes_deleted) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("SweepManifests"));
   const char* unreferenced = "NOT EXISTS (SELECT 1 FROM tasks t WHERE t.manifest_hash = manifests.hash)";
   {
     const std::string sql = absl::StrCat("SELECT count(*), coalesce(sum(length(data)), 0) FROM manifests WHERE ",
@@ -937,6 +950,7 @@ absl::StatusOr<std::optional<DatasetVersionRow>> Store::LoadDatasetVersion(const
 }
 
 absl::Status Store::UpdateTask(const TaskRow& task) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("UpdateTask"));
   Statement st(this,
                "UPDATE tasks SET state=?2, group_id=?3, init_checkpoint=?4, "
                "resume_checkpoint=?5, info=?6 WHERE task_id=?1");
@@ -955,6 +969,7 @@ absl::Status Store::UpdateTask(const TaskRow& task) {
 }
 
 absl::Status Store::PruneJob(const std::string& job_id, int64_t* points_deleted, int64_t* manifests_cleared) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("PruneJob"));
   {
     Statement st(this, "DELETE FROM metric_points WHERE job_id=?1 AND epoch_end=0");
     st.Bind(1, job_id);
@@ -971,6 +986,7 @@ absl::Status Store::PruneJob(const std::string& job_id, int64_t* points_deleted,
 }
 
 absl::Status Store::DeleteJob(const std::string& job_id) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("DeleteJob"));
   // Checkpoints first: they name tasks, not jobs.
   constexpr const char* kStatements[] = {
       "DELETE FROM checkpoints WHERE task_id IN (SELECT task_id FROM tasks WHERE job_id=?1)",
@@ -987,6 +1003,7 @@ absl::Status Store::DeleteJob(const std::string& job_id) {
 }
 
 absl::Status Store::PutGroup(const GroupRow& group) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("PutGroup"));
   Statement st(this,
                "INSERT INTO groups(group_id, task_id, registered_unix_ms, info) "
                "VALUES(?1, ?2, ?3, ?4) ON CONFLICT(group_id) DO UPDATE SET "
@@ -999,6 +1016,7 @@ absl::Status Store::PutGroup(const GroupRow& group) {
 }
 
 absl::Status Store::DeleteGroup(const std::string& group_id) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("DeleteGroup"));
   Statement st(this, "DELETE FROM groups WHERE group_id=?1");
   st.Bind(1, group_id);
   return st.Run();
@@ -1007,6 +1025,7 @@ absl::Status Store::DeleteGroup(const std::string& group_id) {
 absl::Status Store::AddPoints(const std::string& job_id, const std::string& task_id, int attempt,
                               int64_t time_unix_ms,
                               const std::vector<aviary::v1::Metrics>& points) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("AddPoints"));
   // Step points: only the newest of a task's attempt is kept (a restarted coordinator shows it;
   // nothing reads older ones). Every one was kept until retention: some 40,000 rows a day per
   // running task, the table's full scans at each start growing with them.
@@ -1051,6 +1070,7 @@ absl::Status Store::AddPoints(const std::string& job_id, const std::string& task
 
 absl::Status Store::AddCheckpoint(const std::string& task_id, int attempt, const std::string& path,
                                   int epoch, bool best, int64_t time_unix_ms) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("AddCheckpoint"));
   // A report sent again after its answer was lost adds no second row.
   Statement st(this,
                "INSERT INTO checkpoints(task_id, attempt, path, epoch, best, time_unix_ms) "
@@ -1066,6 +1086,7 @@ absl::Status Store::AddCheckpoint(const std::string& task_id, int attempt, const
 }
 
 absl::Status Store::SetCounter(const std::string& name, int64_t value) {
+  AVIARY_RETURN_IF_ERROR(RequireTransaction("SetCounter"));
   Statement st(this,
                "INSERT INTO counters(name, value) VALUES(?1, ?2) "
                "ON CONFLICT(name) DO UPDATE SET value=excluded.value");

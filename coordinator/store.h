@@ -8,7 +8,8 @@
 // program's is refused. Every sqlite return code is
 // checked and turned into a Status naming the statement and the database path.
 //
-// Mutations are only allowed inside Transaction(): the scheduler runs one transaction per RPC and
+// Mutations are only allowed inside Transaction() (a mutator called outside one returns INTERNAL;
+// DeleteDatasetVersion* make their own): the scheduler runs one transaction per RPC and
 // commits before it replies. The in-memory view lives in the scheduler; the store is read at
 // start (Load*), for lease payloads and for history.
 //
@@ -261,6 +262,8 @@ class Store {
   int64_t upgraded_from_ = 0;
   std::string upgrade_backup_;
   bool in_transaction_ = false;
+  // INTERNAL unless a Transaction() runs on this thread (every mutator's first check).
+  absl::Status RequireTransaction(const char* mutator);
   absl::Status broken_;  // guarded by mu_: set when a ROLLBACK failed (RollBack); CheckOpen says it
   std::function<void(const absl::Status&)> on_broken_;  // guarded by mu_
   bool broken_said_ = false;                            // guarded by mu_: on_broken_ was called

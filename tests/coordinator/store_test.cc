@@ -285,6 +285,15 @@ TEST_F(StoreTest, AnExceptionInATransactionRollsItBack) {
   }),
                std::bad_alloc);
   job.info.set_job_id("jbbbbbbbbbbbb");
+  // Outside a transaction a mutator is refused (it would commit on its own, on the connection
+  // another thread's transaction may hold): nothing is written.
+  const absl::Status outside = (*store)->PutJob(job);
+  EXPECT_EQ(outside.code(), absl::StatusCode::kInternal) << outside;
+  EXPECT_NE(outside.message().find("PutJob called outside Transaction()"), absl::string_view::npos) << outside;
+  EXPECT_EQ((*store)->SetCounter("x", 1).code(), absl::StatusCode::kInternal);
+  ASSERT_TRUE((*store)->LoadJobs().ok());
+  EXPECT_TRUE(std::none_of((*store)->LoadJobs()->begin(), (*store)->LoadJobs()->end(),
+                           [](const JobRow& j) { return j.info.job_id() == "jbbbbbbbbbbbb"; }));
   ASSERT_TRUE((*store)->Transaction([&] { return (*store)->PutJob(job); }).ok());
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
@@ -303,12 +312,12 @@ TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
   auto store = Store::Open(path_);
   ASSERT_TRUE(store.ok()) << store.status();
   const std::string task_id = "j0123456789ab/pretrain-f0";
-  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 0, false, 10).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 0, false, 11).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 1, false, 12).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 1, "/runs/best.pt", 1, true, 12).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 2, "/runs/last.pt", 1, false, 13).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint(task_id, 2, "/runs/last.pt", 1, false, 14).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 0, false, 10); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 0, false, 11); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint(task_id, 1, "/runs/last.pt", 1, false, 12); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint(task_id, 1, "/runs/best.pt", 1, true, 12); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint(task_id, 2, "/runs/last.pt", 1, false, 13); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint(task_id, 2, "/runs/last.pt", 1, false, 14); }).ok());
   auto rows = (*store)->LoadCheckpoints(task_id);
   ASSERT_TRUE(rows.ok()) << rows.status();
   ASSERT_EQ(rows->size(), 4u);
@@ -319,9 +328,9 @@ TEST_F(StoreTest, ACheckpointReportedAgainIsStoredOnce) {
 
   // A job's checkpoints in one query, by task, oldest first; another job's (even one whose id
   // sorts next to it) are not among them.
-  ASSERT_TRUE((*store)->AddCheckpoint("j0123456789ab/finetune-f1", 1, "/runs/f1/last.pt", 0, false, 15).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint("j0123456789ac/finetune-f0", 1, "/other/last.pt", 0, false, 16).ok());
-  ASSERT_TRUE((*store)->AddCheckpoint("j0123456789aa/finetune-f0", 1, "/other/last.pt", 0, false, 17).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint("j0123456789ab/finetune-f1", 1, "/runs/f1/last.pt", 0, false, 15); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint("j0123456789ac/finetune-f0", 1, "/other/last.pt", 0, false, 16); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddCheckpoint("j0123456789aa/finetune-f0", 1, "/other/last.pt", 0, false, 17); }).ok());
   auto job = (*store)->LoadJobCheckpoints("j0123456789ab");
   ASSERT_TRUE(job.ok()) << job.status();
   ASSERT_EQ(job->size(), 2u);
@@ -349,10 +358,10 @@ TEST_F(StoreTest, OnlyTheNewestStepPointOfAnAttemptIsStored) {
     m.set_epoch_end(epoch_end);
     return m;
   };
-  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 1, 10, {point(1, false), point(2, false)}).ok());
-  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 1, 11, {point(3, false), point(10, true)}).ok());
-  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 1, 12, {point(11, false), point(12, false)}).ok());
-  ASSERT_TRUE((*store)->AddPoints(job_id, task_id, 2, 13, {point(4, false)}).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddPoints(job_id, task_id, 1, 10, {point(1, false), point(2, false)}); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddPoints(job_id, task_id, 1, 11, {point(3, false), point(10, true)}); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddPoints(job_id, task_id, 1, 12, {point(11, false), point(12, false)}); }).ok());
+  ASSERT_TRUE((*store)->Transaction([&] { return (*store)->AddPoints(job_id, task_id, 2, 13, {point(4, false)}); }).ok());
   auto last = (*store)->LoadLastPoints();
   ASSERT_TRUE(last.ok()) << last.status();
   std::map<int, int64_t> steps;  // attempt -> its newest point's step
