@@ -43,7 +43,8 @@ for model in small_cnn efficientnet_b0; do
   for ((i = 0; i < rounds; i++)); do
     t0=$(date +%s.%N)
     out=$("$build/bin/aviary" predict --checkpoint "$tmp/$model.pt" --audio "$tmp/sc/soundscapes" --out "$tmp/a.csv" \
-            --threads "$threads" --tta 1 --batch 16 2>/dev/null)
+            --threads "$threads" --tta 1 --batch 16 2>"$tmp/predict.err") ||
+      { echo "aviary predict failed (round $i):" >&2; cat "$tmp/predict.err" >&2; exit 1; }
     t1=$(date +%s.%N)
     a=$(sed -n 's/.*(\([0-9.]*\) s per file.*/\1/p' <<<"$out")
     wa=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
@@ -62,7 +63,8 @@ for model in small_cnn efficientnet_b0; do
       # aviary predict on the same WAVs: onnxruntime's column without the ogg decode on one side only.
       t0=$(date +%s.%N)
       out=$("$build/bin/aviary" predict --checkpoint "$tmp/$model.pt" --audio "$tmp/wav" --out "$tmp/aw.csv" \
-              --threads "$threads" --tta 1 --batch 16 2>/dev/null)
+              --threads "$threads" --tta 1 --batch 16 2>"$tmp/predict.err") ||
+        { echo "aviary predict on the WAVs failed (round $i):" >&2; cat "$tmp/predict.err" >&2; exit 1; }
       t1=$(date +%s.%N)
       aw=$(sed -n 's/.*(\([0-9.]*\) s per file.*/\1/p' <<<"$out")
       waw=$(python3 -c "print(f'{$t1 - $t0:.2f}')")

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """The reference for bench/predict_bench.sh: `aviary predict`'s work done by PyTorch from Python.
 
-For every file of AUDIO (sorted): torchaudio.load (sox_io), first channel, resampled to 32 kHz
+For every file of AUDIO (sorted): torchaudio.load (sox_io; soundfile where torchaudio needs
+torchcodec and it is missing), first channel, resampled to 32 kHz
 when needed, cut into 5 s windows (the last zero-padded), in batches of BATCH windows:
 torchaudio MelSpectrogram(32 kHz, n_fft 2028, hop 835, 20-16000 Hz, 128 HTK mels, power 2)
 + AmplitudeToDB(top_db 80) per clip + the notebook's z-score/min-max per clip + 3 channels,
@@ -95,13 +96,32 @@ def front_end(x):
     return notebook_front_end(x, fmt)
 
 
+def load_audio(path):
+    """torchaudio.load; from torchaudio 2.9 on it decodes through torchcodec, which the PyTorch
+    wheel's venv lacks: then soundfile (libsndfile, as aviary's decoder) when that is there."""
+    try:
+        return torchaudio.load(path)
+    except (ImportError, RuntimeError) as e:
+        try:
+            import soundfile
+        except ImportError:
+            sys.exit(f"predict_reference.py: torchaudio {torchaudio.__version__} cannot load audio ({e}) and "
+                     f"soundfile is not installed: pip install torchcodec or soundfile into {sys.executable}, "
+                     "or run against build/ with /usr/bin/python3")
+        data, sr = soundfile.read(path, dtype="float32", always_2d=True)
+        return torch.from_numpy(data.T.copy()), sr
+
+
+# The decoder, checked before the timed loop (it failed after the model had loaded).
 files = sorted(os.path.join(audio_dir, f) for f in os.listdir(audio_dir) if not f.startswith("."))
+if files:
+    load_audio(files[0])
 t0 = time.perf_counter()
 with torch.inference_mode(), open(out_path, "w", newline="") as out:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["row_id"] + classes)
     for path in files:
-        wav, sr = torchaudio.load(path)
+        wav, sr = load_audio(path)
         wav = wav[0]
         if sr != SR:
             wav = torchaudio.functional.resample(wav, sr, SR)

@@ -14,9 +14,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:?build folder}
-python=${2:?python}
-rounds=${3:-3}
-shift $(( $# < 3 ? $# : 3 ))  # ROUNDS may be left out
+# The python must run BUILD_DIR's libtorch version (bench/reference_python.sh): else the two
+# sides would run different torch versions.
+source bench/reference_python.sh
+python=$(PYTHON=${2:?python} reference_python "$build") || exit 2
+shift 2
+rounds=3
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # ROUNDS may be left out
+  rounds=$1
+  shift
+fi
 ours=""
 ref=""
 for ((i = 0; i < rounds; i++)); do

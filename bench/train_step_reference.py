@@ -98,9 +98,12 @@ def augment(x, y):
 
 model = getattr(torchvision.models, a.model)(num_classes=a.classes).to(dev)
 model = model.to(memory_format=fmt)
-# On CUDA the fused kernel, as aviary's step uses (_fused_adam_): the default (foreach) Adam
-# would credit aviary with a faster optimizer kernel, not a faster step.
-opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if dev.type == "cuda" else {}))
+# The fused kernel where aviary's step uses it (_fused_adam_: CUDA, and the CPU from torch 2.4 on,
+# worker/optimizer.h): the default Adam would credit aviary with a faster optimizer kernel, not a
+# faster step.
+_torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+opt = torch.optim.Adam(model.parameters(), lr=1e-3,
+                       **({"fused": True} if dev.type == "cuda" or _torch_version >= (2, 4) else {}))
 step_model = torch.compile(model, backend=a.compile_backend) if a.compile else model
 
 g = torch.Generator().manual_seed(0)

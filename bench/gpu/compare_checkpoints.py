@@ -49,7 +49,11 @@ for name in ("last.pt", "best.pt"):
         problems.append(f"{name}: no tensors found")
     for key in ta:
         x, y = ta[key], tb[key]
-        if x.shape != y.shape or not torch.equal(x, y):
+        # Bit for bit (torch.equal takes two NaNs for different: a diverged pair failed alike).
+        same = x.shape == y.shape and x.dtype == y.dtype and (
+            torch.equal(x, y) or (x.is_floating_point() and torch.equal(torch.isnan(x), torch.isnan(y))
+                                  and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0))))
+        if not same:
             d = (x.double() - y.double()).abs().max().item() if x.shape == y.shape else float("inf")
             worst = max(worst, d)
             problems.append(f"{name}: {key} differs (max |diff| {d:.3g})")
