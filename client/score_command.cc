@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -29,6 +30,7 @@ using common::CsvTable;
 using common::MetricValue;
 
 constexpr char kRowId[] = "row_id";
+constexpr char kUsage[] = "Usage";  // Kaggle's public/private split column in a solution file
 
 struct ScoringInput {
   std::vector<std::string> classes;
@@ -99,8 +101,10 @@ absl::StatusOr<ScoringInput> LoadScoringInput(const std::string& solution_path,
   ScoringInput input;
   std::vector<size_t> solution_cols, submission_cols;
   std::vector<std::string> missing, extra;
+  // Kaggle's solution files carry a `Usage` column (Public/Private), which its scorer drops.
+  const std::optional<size_t> usage_col = solution.ColumnIndex(kUsage);
   for (size_t c = 0; c < solution.header().size(); ++c) {
-    if (c == solution_id_col) continue;
+    if (c == solution_id_col || c == usage_col) continue;
     const std::string& name = solution.header()[c];
     input.classes.push_back(name);
     solution_cols.push_back(c);
@@ -112,7 +116,9 @@ absl::StatusOr<ScoringInput> LoadScoringInput(const std::string& solution_path,
   }
   for (size_t c = 0; c < submission.header().size(); ++c) {
     const std::string& name = submission.header()[c];
-    if (c != submission_id_col && !solution.ColumnIndex(name)) extra.push_back(name);
+    if (c == submission_id_col || name == kUsage) continue;
+    // An unnamed column: pandas' index, written without index=False (it printed "extra 1 ()").
+    if (!solution.ColumnIndex(name)) extra.push_back(name.empty() ? "an unnamed column, pandas' index?" : name);
   }
   if (!missing.empty() || !extra.empty()) {
     std::string message = absl::StrCat(submission.source(), ":", submission.header_line(),

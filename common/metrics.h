@@ -34,7 +34,8 @@
 //     (accuracy), no classes (padded cmAP).
 //
 // Cost: each class is sorted once, O(n log n) per class, O(n) extra memory per class (the micro
-// AP sorts the n*C cells once). 180 classes x 100k rows take about a second on one core.
+// AP sorts the n*C cells once). 180 classes x 100k rows: 1.5-2.5 s on one core of the
+// 2-vCPU development VM (docs/BENCHMARKS.md, the metrics rows).
 //
 // Thread safety: every function is pure (no globals, no caches); calls may run concurrently.
 #ifndef AVIARY_COMMON_METRICS_H_

@@ -306,6 +306,19 @@ def check_cli(aviary):
         if got.get("macro_roc_auc") is not None or got.get("undefined", {}).get("macro_roc_auc") != want:
             checker.failures.append(f"cli no-negative class: rc {out.returncode} {out.stdout} {out.stderr}")
 
+        # Kaggle's solution files carry a Usage column (Public/Private), which its scorer drops:
+        # scored as without it (it was refused as a class the submission lacked).
+        y, s = make_case(rng, "round2", 12, 4)
+        sol, sub = write_birdclef(tmp, "usage", y, s, rng)
+        sol_usage = os.path.join(tmp, "usage_solution_with_usage.csv")
+        frame = pd.read_csv(sol)
+        frame.insert(1, "Usage", ["Public" if i % 2 else "Private" for i in range(len(frame))])
+        frame.to_csv(sol_usage, index=False)
+        plain, with_usage = run_score(aviary, sol, sub), run_score(aviary, sol_usage, sub)
+        checker.checks += 1
+        if with_usage.returncode != 0 or plain.returncode != 0 or json.loads(with_usage.stdout) != json.loads(plain.stdout):
+            checker.failures.append(f"cli Usage column: rc {with_usage.returncode} {with_usage.stdout} {with_usage.stderr}")
+
         # Bad input: exit code 2 and a message naming what is wrong.
         y, s = make_case(rng, "round2", 12, 4)
         sol, sub = write_birdclef(tmp, "good", y, s, rng, shuffle=False)
@@ -343,6 +356,10 @@ def check_cli(aviary):
         bad("duplicate_class", "SUB:3: duplicate column 'sp001'",
             raw_sub="\n\n" + open(sub).read().replace("sp002", "sp001", 1))
         bad("extra_class", "extra 1 (bogus)", sub_frame=sub_df.assign(bogus=0.5))
+        # A submission written with pandas' index (to_csv without index=False): named as such
+        # (it said "extra 1 ()").
+        bad("pandas_index", "extra 1 (an unnamed column, pandas' index?)", sub_frame=sub_df.reset_index().rename(
+            columns={"index": ""}))
         bad("no_row_id", "SUB:1: missing column 'row_id'", sub_frame=sub_df.drop(columns=["row_id"]))
         lines = open(sub).read().splitlines()
         cells = lines[3].split(",")
