@@ -4,7 +4,7 @@
 # same shapes, same thread count, alternating for ROUNDS rounds; each side's best round counts,
 # so that a neighbour's burst of CPU use does not land on one side only.
 #
-# Usage: bench/train_step_bench.sh BUILD_DIR PYTHON ROUNDS [ARGS...]
+# Usage: bench/train_step_bench.sh BUILD_DIR PYTHON [ROUNDS] [ARGS...]   (ROUNDS: 3 when left out)
 #   BUILD_DIR  build (Debian's libtorch 1.13) or build-cuda (the PyTorch wheel's libtorch)
 #   PYTHON     the python whose torch is that libtorch: /usr/bin/python3 for build, the venv's
 #              for build-cuda (scripts/lib/deps.sh: ${AVIARY_TORCH_VENV}/bin/python)
@@ -23,6 +23,10 @@ rounds=3
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # ROUNDS may be left out
   rounds=$1
   shift
+fi
+if ((rounds < 1)); then
+  echo "$(basename "$0"): ROUNDS must be at least 1, got $rounds" >&2
+  exit 2
 fi
 ours=""
 ref=""

@@ -1625,7 +1625,8 @@ absl::Status Trainer::State::RestoreRunState(const CheckpointMeta& meta, const s
 // value is adopted, so that the re-run replaces it only by doing better, and the best epoch
 // reported stays the one whose weights best.pt holds.
 void Trainer::State::AdoptNewerBest(const CheckpointMeta& last) {
-  if (!std::filesystem::exists(Path("best.pt"))) return;
+  std::error_code no_stat;  // a stat that fails (EIO): the read below says why
+  if (!std::filesystem::exists(Path("best.pt"), no_stat) && !no_stat) return;
   absl::StatusOr<CheckpointMeta> best = ReadCheckpointMeta(Path("best.pt"));
   if (!best.ok()) {
     Log().Warn(absl::StrCat("resume: ", best.status().message(), "; the next best epoch replaces it"));

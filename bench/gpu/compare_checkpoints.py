@@ -49,12 +49,19 @@ for name in ("last.pt", "best.pt"):
         problems.append(f"{name}: no tensors found")
     for key in ta:
         x, y = ta[key], tb[key]
-        # Bit for bit (torch.equal takes two NaNs for different: a diverged pair failed alike).
+        # Equal, NaNs where the other has NaNs included (torch.equal takes two NaNs for different:
+        # a diverged pair failed alike); infinities compare as themselves.
+        nan_x = torch.isnan(x) if x.is_floating_point() else None
         same = x.shape == y.shape and x.dtype == y.dtype and (
-            torch.equal(x, y) or (x.is_floating_point() and torch.equal(torch.isnan(x), torch.isnan(y))
-                                  and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0))))
+            torch.equal(x, y) or (nan_x is not None and torch.equal(nan_x, torch.isnan(y))
+                                  and torch.equal(x[~nan_x], y[~nan_x])))
         if not same:
-            d = (x.double() - y.double()).abs().max().item() if x.shape == y.shape else float("inf")
+            if x.shape != y.shape:
+                d = float("inf")
+            else:
+                diff = (x.double() - y.double()).abs()
+                # NaN on one side only: infinitely apart (max() kept 0 for a NaN difference).
+                d = float("inf") if torch.isnan(diff).any() else diff.max().item()
             worst = max(worst, d)
             problems.append(f"{name}: {key} differs (max |diff| {d:.3g})")
 for p in problems[:20]:

@@ -291,9 +291,9 @@ TEST_F(StoreTest, AnExceptionInATransactionRollsItBack) {
   EXPECT_EQ(outside.code(), absl::StatusCode::kInternal) << outside;
   EXPECT_NE(outside.message().find("PutJob called outside Transaction()"), absl::string_view::npos) << outside;
   EXPECT_EQ((*store)->SetCounter("x", 1).code(), absl::StatusCode::kInternal);
-  ASSERT_TRUE((*store)->LoadJobs().ok());
-  EXPECT_TRUE(std::none_of((*store)->LoadJobs()->begin(), (*store)->LoadJobs()->end(),
-                           [](const JobRow& j) { return j.info.job_id() == "jbbbbbbbbbbbb"; }));
+  const absl::StatusOr<std::vector<JobRow>> jobs = (*store)->LoadJobs();
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_TRUE(std::none_of(jobs->begin(), jobs->end(), [](const JobRow& j) { return j.info.job_id() == "jbbbbbbbbbbbb"; }));
   ASSERT_TRUE((*store)->Transaction([&] { return (*store)->PutJob(job); }).ok());
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
