@@ -143,9 +143,6 @@ void MetricsServer::Serve() {
   std::chrono::steady_clock::time_point accept_again{};
   bool said_accept_error = false;
   int poll_failures = 0;  // in a row
-  const auto close_all = [&] {
-    for (Connection& c : connections) ::close(c.fd);
-  };
   while (true) {
     const auto now = std::chrono::steady_clock::now();
     const bool accepting = connections.size() < kMaxConnections && now >= accept_again;
@@ -216,7 +213,7 @@ void MetricsServer::Serve() {
       }
     }
   }
-  close_all();
+  for (Connection& c : connections) ::close(c.fd);
 }
 
 // Moves `c` on after poll said `revents`; false when it is done (answered, gone or out of time).
