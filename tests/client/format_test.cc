@@ -86,6 +86,15 @@ TEST(ClientFormatTest, ProgressSplitsGlobalStepsIntoEpochs) {
   p = ProgressOf(Task("finetune", 1, v1::TASK_STATE_LEASED, 3, 0, 30));
   EXPECT_EQ(p.total_steps, 0);
   EXPECT_EQ(p.fraction, -1);
+  // There the epoch ends tell it: epoch 0's end (epochs are 0-based) is one of 3 done, not none.
+  v1::TaskInfo ended = Task("finetune", 1, v1::TASK_STATE_LEASED, 3, 0, 30);
+  ended.mutable_latest()->set_epoch(0);
+  ended.mutable_latest()->set_epoch_end(true);
+  p = ProgressOf(ended);
+  EXPECT_EQ(p.epochs_done, 1);
+  EXPECT_DOUBLE_EQ(p.fraction, 1.0 / 3);
+  ended.mutable_latest()->set_epoch(7);  // past the plan (an --extend-epochs run's old plan)
+  EXPECT_EQ(ProgressOf(ended).epochs_done, 3);
 }
 
 TEST(ClientFormatTest, TaskLineShowsProgressLossAucAndEta) {
