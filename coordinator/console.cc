@@ -258,19 +258,6 @@ absl::Status CheckHostWithoutAuth(const std::string& header, const std::vector<s
       "authentication on (aviary-coordinator init)"));
 }
 
-int HttpStatusFor(const absl::Status& status) {
-  switch (status.code()) {
-    case absl::StatusCode::kOk: return 200;
-    case absl::StatusCode::kInvalidArgument: return 400;
-    case absl::StatusCode::kUnauthenticated: return 401;
-    case absl::StatusCode::kPermissionDenied: return 403;
-    case absl::StatusCode::kNotFound: return 404;
-    case absl::StatusCode::kFailedPrecondition: return 409;
-    case absl::StatusCode::kResourceExhausted: return 429;
-    case absl::StatusCode::kUnavailable: return 503;
-    default: return 500;
-  }
-}
 
 std::string StatusCodeName(absl::StatusCode code) {
   std::string name = absl::StatusCodeToString(code);
@@ -304,6 +291,25 @@ int LogMessage(const mg_connection* /*conn*/, const char* message) {
 int HandleRequest(mg_connection* conn, void* cbdata) { return static_cast<Console*>(cbdata)->Handle(conn); }
 
 }  // namespace
+
+int HttpStatusFor(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk: return 200;
+    case absl::StatusCode::kInvalidArgument: return 400;
+    case absl::StatusCode::kUnauthenticated: return 401;
+    case absl::StatusCode::kPermissionDenied: return 403;
+    case absl::StatusCode::kNotFound: return 404;
+    case absl::StatusCode::kFailedPrecondition: return 409;
+    case absl::StatusCode::kAlreadyExists: return 409;
+    case absl::StatusCode::kAborted: return 409;
+    case absl::StatusCode::kOutOfRange: return 400;
+    case absl::StatusCode::kResourceExhausted: return 429;
+    case absl::StatusCode::kUnimplemented: return 501;
+    case absl::StatusCode::kUnavailable: return 503;
+    case absl::StatusCode::kDeadlineExceeded: return 504;
+    default: return 500;
+  }
+}
 
 // One of the console's event streams, held while in scope; held() false, with the reason in
 // status(), when all are taken or its holder has kMaxStreamsPerHolder open.
@@ -427,9 +433,12 @@ class Console::Request {
   }
   void Json(const std::string& json) { Reply(200, "application/json; charset=utf-8", json); }
   void Error(const absl::Status& status) {
-    Reply(HttpStatusFor(status), "application/json; charset=utf-8",
+    const int http = HttpStatusFor(status);
+    // A 401 says how to authenticate (RFC 9110, 11.6.1): a bearer token, or the login page's cookie.
+    Reply(http, "application/json; charset=utf-8",
           absl::StrCat("{\"error\":{\"code\":", JsonQuote(StatusCodeName(status.code())),
-                       ",\"message\":", JsonQuote(status.message()), "}}"));
+                       ",\"message\":", JsonQuote(status.message()), "}}"),
+          http == 401 ? "WWW-Authenticate: Bearer realm=\"aviary\"\r\n" : "");
   }
   void MethodNotAllowed(const char* allow, const std::string& message) {
     Reply(405, "application/json; charset=utf-8",
@@ -792,7 +801,10 @@ void Console::ServePage(Request& request, const std::string& path) {
     const std::string target = request.query().empty() ? path : absl::StrCat(path, "?", request.query());
     std::vector<char> encoded(target.size() * 3 + 1);
     mg_url_encode(target.c_str(), encoded.data(), encoded.size());
-    const std::string error = request.by_cookie() || !request.Header("Authorization").empty() ? "&error=1" : "";
+    // A bearer token that failed, or a cookie: said on the login page. Another scheme (a proxy's
+    // Basic credentials passed on) is no token of ours: the login page without an error.
+    const std::string error =
+        request.by_cookie() || BearerToken(request.Header("Authorization")).has_value() ? "&error=1" : "";
     return request.Redirect(absl::StrCat("/login?next=", encoded.data(), error));
   }
   std::string page = "jobs";
@@ -844,7 +856,7 @@ void Console::ServeLogin(Request& request) {
                                                secure ? "; Secure" : "", "\r\n"));
   }
   if (request.method() != "GET" && request.method() != "HEAD") {
-    return request.Error(absl::InvalidArgumentError("/login: GET or POST"));
+    return request.MethodNotAllowed("GET, HEAD, POST", absl::StrCat("/login: ", request.method(), " is not GET or POST"));
   }
   const ConsoleAsset* login = FindConsoleAsset("login.html");
   const std::string error = request.Query("error").empty()
@@ -1069,7 +1081,13 @@ void Console::ServeCancel(Request& request, const std::string& job_id) {
   }
   absl::StatusOr<aviary::v1::JobInfo> job = scheduler_->CancelJob(job_id);
   if (!job.ok()) return request.Error(job.status());
-  log_.Info(absl::StrCat("job ", job_id, " cancelled from the console (role ", RoleName(request.role()), ")"));
+  // A job that ended meanwhile (the page's confirm dialog open) is answered as it is, not cancelled.
+  if (job->state() == aviary::v1::JOB_STATE_CANCELLED) {
+    log_.Info(absl::StrCat("job ", job_id, " cancelled from the console (role ", RoleName(request.role()), ")"));
+  } else {
+    log_.Info(absl::StrCat("job ", job_id, ": a cancel from the console found it ",
+                           aviary::v1::JobState_Name(job->state()), "; nothing to cancel"));
+  }
   request.Json(ProtoJson(*job));
 }
 

@@ -48,6 +48,10 @@ struct mg_connection;
 
 namespace aviary::coordinator {
 
+// The HTTP status an error of the console's API is answered with (FAILED_PRECONDITION 409,
+// DEADLINE_EXCEEDED 504, ...; INTERNAL, UNKNOWN and DATA_LOSS 500).
+int HttpStatusFor(const absl::Status& status);
+
 struct ConsoleOptions {
   std::string listen;        // HOST:PORT (an IPv4 address); port 0 picks one
   std::string tls_cert_pem;  // both set: HTTPS only

@@ -1464,6 +1464,7 @@ absl::Status Scheduler::WatchJob(const std::string& job_id,
           // job's stream still ends with "job J SUCCEEDED"). The older ones would take the
           // watcher back in time (tasks LEASED again after SUCCEEDED).
           Job::Event now{0, job.snapshot, {}};
+          // console.js reloads the history on this prefix: "(events were dropped".
           now.spec.message = "(events were dropped for a slow watcher) current state";
           batch.push_back(std::move(now));
         }

@@ -229,7 +229,8 @@
   }
 
   // ---------------------------------------------------------------------------------------------
-  // Charts (dygraphs): one per metric group, x = epoch (1-based), the best epoch marked.
+  // Charts (dygraphs): one per metric group, x = epoch (0-based, as history.csv and the reports
+  // number them), the best epoch marked.
 
   function chart(container, title, labels, rows, options) {
     const legend = el('div', {class: 'chart-legend'});
@@ -269,6 +270,7 @@
     state.update = (newRows, best) => {
       state.best = best;
       box.dataset.points = String(newRows.length);
+      box.dataset.epochs = newRows.map((r) => r[0]).join(',');
       if (!window.Dygraph) {
         plot.textContent = 'dygraphs did not load (install Debian\'s libjs-dygraphs)';
         return;
@@ -387,7 +389,8 @@
     const show = (data) => { last = data; render(data); };
     setInterval(() => { if (last) render(last); }, 30000);
     const load = () => api('/api/jobs').then((j) => { clearLoadError(); show(j); }).catch((e) => loadError(e.message));
-    stream('/api/events', {jobs: show}, load);
+    // Jobs only: the groups' part changes every second (their heartbeat ages).
+    stream('/api/events?topics=jobs', {jobs: show}, load);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -444,8 +447,10 @@
       onclick: async () => {
         if (!window.confirm(`Cancel job ${jobId}?`)) return;
         try {
-          await api(`/api/jobs/${jobId}/cancel`, {method: 'POST'});
-          flash(`job ${jobId} cancelled`, 'ok');
+          // A job that ended while the dialog was open is answered as it is (not cancelled).
+          const r = await api(`/api/jobs/${jobId}/cancel`, {method: 'POST'});
+          if (r.state === 'JOB_STATE_CANCELLED') flash(`job ${jobId} cancelled`, 'ok');
+          else flash(`job ${jobId} had already ended (${stateName(r.state)}): nothing to cancel`);
         } catch (e) { flash(`cancel refused: ${e.message}`); }
       }}, 'Cancel job');
     let headParts = null;  // [title, state badge, tags], as in the page
@@ -473,8 +478,9 @@
       for (const t of job.tasks || []) {
         const m = taskBest(t);
         if (!m) continue;
-        if (!(num(m.val_roc_auc) <= roc)) roc = num(m.val_roc_auc);
-        if (!(num(m.val_auc) <= pr)) pr = num(m.val_auc);
+        // A NaN (a validation fold of one class) is no best: it replaced the others' 0.91.
+        if (Number.isFinite(num(m.val_roc_auc)) && !(num(m.val_roc_auc) <= roc)) roc = num(m.val_roc_auc);
+        if (Number.isFinite(num(m.val_auc)) && !(num(m.val_auc) <= pr)) pr = num(m.val_auc);
       }
       facts.push(['best ROC-AUC', fmt(roc)], ['best PR-AUC', fmt(pr)]);
       // A sweep: its best grid point by the monitor (the mean over the point's final-stage tasks).
@@ -656,22 +662,34 @@
       renderTask();
     }
 
-    function addPoint(taskId, attempt, metrics, time) {
-      if (!history.has(taskId)) history.set(taskId, new Map());
-      history.get(taskId).set(metrics.epoch, {metrics, attempt, time});
+    // The epoch ends that came by event while a load() ran: its history may have been read
+    // before them, and its refill wiped them (a gap in the curves until the next reload).
+    const loadsRunning = new Set();  // each running load's [[taskId, attempt, metrics, time]]
+    function addPoint(taskId, attempt, metrics, time, into) {
+      const target = into || history;
+      if (!target.has(taskId)) target.set(taskId, new Map());
+      target.get(taskId).set(metrics.epoch, {metrics, attempt, time});
+      if (!into) for (const arrived of loadsRunning) arrived.push([taskId, attempt, metrics, time]);
     }
 
     async function load() {
+      const arrived = [];
+      loadsRunning.add(arrived);
       try {
         const [j, h] = await Promise.all([api(`/api/jobs/${jobId}`), api(`/api/jobs/${jobId}/history`)]);
         checkpoints = j.checkpoints || {};
-        job = j;
+        // The job as an event of the meantime left it, if that is newer than the one read.
+        job = job && num(job.updated_unix_ms) > num(j.updated_unix_ms) ? Object.assign({}, job, {checkpoints}) : j;
+        const fresh = new Map();
+        for (const row of h.rows || []) addPoint(row.task_id, row.attempt, row.metrics, row.time_unix_ms, fresh);
+        for (const point of arrived) addPoint(...point, fresh);
         history.clear();
-        for (const row of h.rows || []) addPoint(row.task_id, row.attempt, row.metrics, row.time_unix_ms);
+        for (const [taskId, points] of fresh) history.set(taskId, points);
         clearLoadError();
         render();
         return true;
       } catch (e) {
+        // The points stay in `history` (added there too): the next load gets them.
         if (e.status === 404) {
           fill(main, errorBox(e.message));
           if (events) events.close();  // a deleted (or never seen) job: nothing more will come
@@ -681,6 +699,8 @@
           loadError(e.message);
         }
         return false;
+      } finally {
+        loadsRunning.delete(arrived);
       }
     }
 
@@ -694,6 +714,7 @@
     // Another task shown: its list as it is now (the refreshes were for the one shown before).
     window.addEventListener('hashchange', () => { render(); loadCheckpoints(selectedTask); });
     let reloadTimer = null;
+    let droppedTimer = null;
     // Events are drawn at most every 200 ms: each carries the whole job, and a sweep's groups
     // report many a second (every event still updates `job` and the curves' points; only the
     // DOM work is coalesced).
@@ -729,6 +750,11 @@
       job: (event) => {
         const previous = job;
         job = Object.assign({}, event.job, {checkpoints});
+        // The page fell behind and the coordinator dropped events (scheduler.cc, WatchJob): the
+        // epoch ends among them are read back from the history (at most once a second).
+        if (typeof event.message === 'string' && event.message.startsWith('(events were dropped')) {
+          if (!droppedTimer) droppedTimer = setTimeout(() => { droppedTimer = null; load(); }, 1000);
+        }
         const m = event.metrics;
         if (event.task_id && m && m.epoch_end) {
           const task = (job.tasks || []).find((t) => t.task_id === event.task_id);
@@ -1002,7 +1028,7 @@
       }).finally(() => loading.delete(j.job_id)))).then(() => { clearLoadError(); drawTaskPicker(); draw(); refreshStale(); })
         .catch((e) => loadError(`history: ${e.message}; it is read again at the next change`));
     }
-    stream('/api/events', {jobs: (data) => {
+    stream('/api/events?topics=jobs', {jobs: (data) => {
       jobs = data.jobs || [];
       drawPicker();
       refreshStale();

@@ -988,6 +988,44 @@ TEST_F(ConsoleTest, AProxysBasicCredentialsLeaveTheCallToTheCookie) {
   EXPECT_EQ(jobs.status, 200) << jobs.body;
   HttpResponse bare = Http(port_, "GET", "/api/jobs", {"Authorization: Basic dXNlcjpwYXNz"});
   EXPECT_EQ(bare.status, 401) << bare.body;
+  EXPECT_EQ(bare.headers["www-authenticate"], "Bearer realm=\"aviary\"");  // RFC 9110: a 401 says how
+  // A page: the login form, without "that token is not ours" (no token of ours was sent); a bearer
+  // token that fails says so.
+  EXPECT_EQ(Http(port_, "GET", "/jobs", {"Authorization: Basic dXNlcjpwYXNz"}).headers["location"],
+            "/login?next=%2fjobs");
+  EXPECT_EQ(Http(port_, "GET", "/jobs", {Bearer("not-a-token")}).headers["location"], "/login?next=%2fjobs&error=1");
+}
+
+TEST_F(ConsoleTest, CancellingAJobThatHasEndedAnswersItsState) {
+  // The page's confirm dialog was open while the job failed: the answer says FAILED (the page
+  // says "had already ended"), and nothing is cancelled.
+  Start();
+  const std::string job_id = Submit();
+  RunEpochs(1, &task_id_);
+  FailTaskRequest fail;
+  fail.set_group_id(group_id_);
+  fail.set_task_id(task_id_);
+  fail.set_error("out of memory");
+  FailTaskResponse failed;
+  ASSERT_TRUE(workers_->FailTask(Ctx("the-worker-token").get(), fail, &failed).ok());
+  HttpResponse cancel = Http(port_, "POST", "/api/jobs/" + job_id + "/cancel", {Bearer("the-token")});
+  EXPECT_EQ(cancel.status, 200) << cancel.body;
+  EXPECT_TRUE(absl::StrContains(cancel.body, "\"state\":\"JOB_STATE_FAILED\"")) << cancel.body;
+}
+
+TEST_F(ConsoleTest, StatusCodesFollowTheErrorsKind) {
+  Start();
+  HttpResponse put = Http(port_, "PUT", "/login");
+  EXPECT_EQ(put.status, 405) << put.body;
+  EXPECT_EQ(put.headers["allow"], "GET, HEAD, POST");
+  EXPECT_TRUE(absl::StrContains(put.body, "/login: PUT is not GET or POST")) << put.body;
+  EXPECT_EQ(HttpStatusFor(absl::AlreadyExistsError("x")), 409);
+  EXPECT_EQ(HttpStatusFor(absl::AbortedError("x")), 409);
+  EXPECT_EQ(HttpStatusFor(absl::OutOfRangeError("x")), 400);
+  EXPECT_EQ(HttpStatusFor(absl::DeadlineExceededError("x")), 504);
+  EXPECT_EQ(HttpStatusFor(absl::UnimplementedError("x")), 501);
+  EXPECT_EQ(HttpStatusFor(absl::InternalError("x")), 500);
+  EXPECT_EQ(HttpStatusFor(absl::UnknownError("x")), 500);
 }
 
 TEST_F(ConsoleTest, ServesHttpsWithTheCoordinatorsCertificate) {

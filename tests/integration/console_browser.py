@@ -18,9 +18,11 @@ coordinator with two jobs training (console_browser.sh sets them up). Checks, in
 Screenshots of every page go to --artifacts. Exit 77 when chromium cannot start.
 """
 import argparse
+import json
 import os
 import sys
 import time
+import urllib.request
 
 try:
     from selenium import webdriver
@@ -89,6 +91,44 @@ def points(chart_index=1):
     if len(charts) <= chart_index:
         return 0
     return int(charts[chart_index].get_attribute("data-points") or 0)
+
+
+def drawn_epochs(chart_index=0):
+    """The epochs the job page's chart draws (its data-epochs), as ints."""
+    charts = driver.find_elements(By.CSS_SELECTOR, "#charts .chart")
+    if len(charts) <= chart_index:
+        return []
+    return [int(float(e)) for e in (charts[chart_index].get_attribute("data-epochs") or "").split(",") if e]
+
+
+def api(path):
+    """GET of the console's JSON API with the viewer token (not through the page)."""
+    request = urllib.request.Request(args.url + path, headers={"Authorization": f"Bearer {viewer_token}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
+
+
+def ended_epochs(job_id, task_name):
+    """The epochs of a task whose end the coordinator has, by its history."""
+    rows = api(f"/api/jobs/{job_id}/history")["rows"]
+    return sorted({int(r["metrics"]["epoch"]) for r in rows if r["task_id"].endswith("/" + task_name)})
+
+
+# Holds the job page's history answers (received in full, so read before what comes meanwhile)
+# until window.__holdHistory is false: an epoch end can then come by event while a load runs.
+HOLD_HISTORY = """
+window.__holdHistory = true;
+window.__heldHistory = 0;
+const realFetch = window.fetch;
+window.fetch = async function (url, options) {
+  const answer = await realFetch(url, options);
+  if (String(url).endsWith('/history') && window.__holdHistory) {
+    window.__heldHistory += 1;
+    while (window.__holdHistory) await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return answer;
+};
+"""
 
 
 def click_confirm(element_id, timeout=10.0):
@@ -196,6 +236,24 @@ try:
             same = False
             print(f"  ({str(e).splitlines()[0]})")
         check(same, f"#{name} survives the page's updates")
+    # An epoch end that comes by event while the page loads the history (read before it) is kept:
+    # the refill wiped it, and the curves had a gap until the next reload.
+    task_name = driver.find_element(By.ID, "task-title").text.split()[-1].split("/")[-1]
+    hook = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": HOLD_HISTORY})
+    driver.refresh()
+    held = wait_until("the held history", lambda: driver.execute_script("return window.__heldHistory || 0") >= 1,
+                      timeout=30)
+    driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": hook["identifier"]})
+    if check(held, "the job page's history answer is held (the race set up)"):
+        read = ended_epochs(args.job1, task_name)
+        ended = wait_until("an epoch end while the history is held",
+                           lambda: len(ended_epochs(args.job1, task_name)) > len(read), timeout=90)
+        time.sleep(1.5)  # its event reaches the page
+        driver.execute_script("window.__holdHistory = false;")
+        check(ended, f"an epoch of {task_name} ended while the page's history answer was held")
+        want = ended_epochs(args.job1, task_name)
+        whole = wait_until("every epoch drawn", lambda: set(want) <= set(drawn_epochs()), timeout=30)
+        check(whole, f"an epoch ended during the page's load is drawn: {want} <= {drawn_epochs()}")
     check(driver.execute_script("return window.Dygraph !== undefined"), "dygraphs loaded (from /usr/share/javascript)")
     check(len(driver.find_elements(By.CSS_SELECTOR, "#charts .chart canvas")) >= 3, "the charts are drawn on canvases")
     shot("03-job-live")

@@ -302,6 +302,14 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   Backdate(ShardFile(dir, 3, ".index.csv.tmp.12345"), 3600);
   // A recent temporary file may be a seal in progress on another host: left alone.
   WriteBytes(ShardFile(dir, 4, ".index.csv.tmp.777"), "path,shard\n");
+  // Old files with ".tmp." in their names that are not this code's: a user's, in a cache_dir
+  // that is also their folder (they were removed).
+  WriteBytes(dir + "/manifest.txt.tmp.1.2", "x");
+  Backdate(dir + "/manifest.txt.tmp.1.2", 3600);
+  for (const std::string& theirs : {"notes.tmp.txt", "model.tmp.12.34", "shard-3.pcm.tmp.5"}) {
+    WriteBytes(dir + "/" + theirs, "theirs");
+    Backdate(dir + "/" + theirs, 3600);
+  }
 
   {
     auto cache = MustOpen(dir);
@@ -318,6 +326,10 @@ TEST(AudioCacheTest, RecoversFromAnInterruptedRun) {
   EXPECT_FALSE(fs::exists(ShardFile(dir, 900, ".pcm")));
   EXPECT_FALSE(fs::exists(ShardFile(dir, 3, ".index.csv.tmp.12345")));
   EXPECT_TRUE(fs::exists(ShardFile(dir, 4, ".index.csv.tmp.777")));
+  EXPECT_FALSE(fs::exists(dir + "/manifest.txt.tmp.1.2"));
+  for (const std::string& theirs : {"notes.tmp.txt", "model.tmp.12.34", "shard-3.pcm.tmp.5"}) {
+    EXPECT_TRUE(fs::exists(dir + "/" + theirs)) << theirs;
+  }
   EXPECT_FALSE(fs::exists(ShardFile(dir, last, ".index.csv")));
   auto cache = MustOpen(dir);
   ASSERT_NE(cache, nullptr);

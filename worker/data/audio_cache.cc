@@ -274,6 +274,17 @@ double OrphanGraceSeconds(double seal_interval_s) { return std::max(2 * seal_int
 // on the fly, as it did: one unreadable index must not fail every attempt of a training task.
 // A .pcm without an index whose mtime is less than `orphan_grace_s` old (or in the future: a
 // clock ahead) is in `maybe_writing`: see OrphanGraceSeconds.
+// Whether `name` is a temporary file of this code's (an index, the manifest or a prepare report
+// written through WriteFileAtomically: "<name>.tmp.<pid>.<random>"). Anything else with ".tmp."
+// in its name is not ours: a cache_dir set to a folder with a user's "model.tmp.pt" lost it.
+bool IsOwnTemporary(const std::string& name) {
+  const size_t tmp = name.rfind(".tmp.");
+  if (tmp == std::string::npos || !common::IsTemporarySuffix(absl::string_view(name).substr(tmp + 5))) return false;
+  const std::string base = name.substr(0, tmp);
+  return base == kManifest || ParseShardName(base, ".index.csv").has_value() ||
+         (absl::StartsWith(base, "prepare_report") && absl::EndsWith(base, ".csv"));
+}
+
 absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, bool read_errors_fatal,
                                      double orphan_grace_s) {
   auto unreadable = [](const std::string& what) {
@@ -299,7 +310,7 @@ absl::StatusOr<ShardScan> ScanShards(const std::string& dir, int expected_rate, 
     } else if (auto shard = ParseShardName(name, ".index.csv")) {
       indexed.push_back(*shard);
       scan.max_shard = std::max(scan.max_shard, *shard);
-    } else if (name.find(".tmp.") != std::string::npos) {
+    } else if (IsOwnTemporary(name)) {
       scan.stray.push_back(it->path().string());
     }
   }
