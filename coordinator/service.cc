@@ -607,6 +607,8 @@ grpc::Status WorkerServiceImpl::ReportCheckpoint(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckGroupId("group_id", request->group_id()));
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     AVIARY_RETURN_IF_ERROR(CheckText("path", request->path(), true));
+    // One line: a run folder's file named "best.pt\n[scheduler] ..." forged a line of the log.
+    AVIARY_RETURN_IF_ERROR(CheckOneLine("path", request->path()));
     if (request->epoch() < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("field 'epoch': ", request->epoch(), " must be >= 0"));
@@ -623,6 +625,7 @@ grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
     AVIARY_RETURN_IF_ERROR(CheckTaskId("task_id", request->task_id()));
     // A malformed outcome from the task's holder restarts the task (Scheduler::RefuseEndOfTask).
     absl::Status checked = CheckText("best_checkpoint", request->best_checkpoint(), true);
+    if (checked.ok()) checked = CheckOneLine("best_checkpoint", request->best_checkpoint());
     if (checked.ok() && request->has_best()) checked = CheckPoint("best", request->best());
     if (!checked.ok()) return scheduler_->RefuseEndOfTask(request->group_id(), request->task_id(), "CompleteTask", checked);
     return scheduler_->CompleteTask(*request);

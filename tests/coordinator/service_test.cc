@@ -2184,6 +2184,20 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     EXPECT_NE(status.error_message().find("field 'path': '" + bad + "'"), std::string::npos)
         << status.error_message();
   }
+  // A file of the run folder whose name holds a newline (or a NUL) is no checkpoint path: it
+  // forged a line of the coordinator's log and reached the fine-tuning's init_checkpoint.
+  const std::string forged = out_dir + "/best.pt\n[scheduler] task done";
+  std::ofstream(forged) << "x";
+  ASSERT_TRUE(fs::exists(forged));
+  {
+    const grpc::Status status = report(forged);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("field 'path': control character 0x0a at byte"), std::string::npos)
+        << status.error_message();
+    const grpc::Status nul = report(out_dir + std::string("/last.pt\0x", 10));
+    EXPECT_NE(nul.error_message().find("field 'path': control character 0x00 at byte"), std::string::npos)
+        << nul.error_message();
+  }
   ASSERT_TRUE(report(good).ok());
   // The epoch of a checkpoint is within the task's plan (3 epochs: 0..2).
   {
@@ -2229,6 +2243,7 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
   for (const std::string& bad : {out_dir + "/best.pt", std::string("/etc/passwd")}) {
     refused_end([&] { return Complete(b, pretrain, bad); }, "field 'best_checkpoint': '" + bad + "'");
   }
+  refused_end([&] { return Complete(b, pretrain, forged); }, "field 'best_checkpoint': control character 0x0a");
   refused_end(
       [&] {
         CompleteTaskRequest request;
