@@ -249,7 +249,9 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const ExportOptions& options) {
     }
     break;
   }
-  if (meta.model_name.rfind("efficientnet_", 0) == 0 && config.model.neck_features == 0) {
+  // An ONNX file has no state dict to load into torchvision: its sidecar says null.
+  if (meta.model_name.rfind("efficientnet_", 0) == 0 && config.model.neck_features == 0 &&
+      options.format != "onnx") {
     result.torchvision = meta.model_name;
   }
   // The weights and their sidecar are a pair (the sidecar names the outputs and the window):
@@ -290,6 +292,7 @@ absl::Status WriteExportPair(const ExportOptions& options, const common::Pipelin
                              const std::string& weights_path, const std::string& sidecar_path,
                              ExportResult* out) {
   ExportResult& result = *out;
+  int64_t onnx_initializers = 0;
   if (options.format == "state_dict") {
     AVIARY_RETURN_IF_ERROR(WriteTorchSaveTensors(tensors, weights_path));
   } else if (options.format == "safetensors") {
@@ -304,8 +307,10 @@ absl::Status WriteExportPair(const ExportOptions& options, const common::Pipelin
                        common::Version(), &info));
     AVIARY_RETURN_IF_ERROR(common::WriteOutputFileAtomically(weights_path, bytes));
     result.onnx_nodes = info.num_nodes;
+    onnx_initializers = info.num_initializers;
   }
-  result.num_tensors = static_cast<int64_t>(tensors.size());
+  // An ONNX file's tensors are its initializers (BatchNorm folded in, the front end's constants).
+  result.num_tensors = options.format == "onnx" ? onnx_initializers : static_cast<int64_t>(tensors.size());
   result.num_bytes = FileSize(weights_path);
   result.model_name = meta.model_name;
   result.num_classes = meta.num_classes;

@@ -44,7 +44,7 @@ struct ExportOptions {
 struct ExportResult {
   std::string weights_path;
   std::string sidecar_path;
-  int64_t num_tensors = 0;
+  int64_t num_tensors = 0;      // the state dict's; --format onnx: the graph's initializers
   int64_t onnx_nodes = 0;       // --format onnx: the graph's nodes
   int64_t num_bytes = 0;        // of the weights file
   // "efficientnet_b0" when the state dict loads into it (its first convolution replaced for

@@ -13,10 +13,12 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/enum.h>
 #include <torch/nn/modules/pooling.h>
 #include <torch/utils.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status.h"
 #include "worker/frontend.h"
 
@@ -209,7 +211,31 @@ class Emitter {
                                    const std::string& where) {
     std::vector<int64_t> pads = ConvPadding(conv.options);
     if (pads.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": only explicit padding is supported"));
+      std::string mode;
+      visit([&mode](const auto& p) {
+              using T = std::decay_t<decltype(p)>;
+              if constexpr (std::is_same_v<T, torch::enumtype::kSame>) mode = "same";
+              if constexpr (std::is_same_v<T, torch::enumtype::kValid>) mode = "valid";
+            },
+            conv.options.padding());
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": padding '", mode, "' (only explicit padding is supported)"));
+    }
+    bool zero_padded = false;
+    visit([&zero_padded](const auto& mode) {
+            zero_padded = std::is_same_v<std::decay_t<decltype(mode)>, torch::enumtype::kZeros>;
+          },
+          conv.options.padding_mode());
+    if (!zero_padded) {
+      // ONNX's Conv pads with zeros: a reflect or circular Conv2d would be written wrong.
+      return absl::InvalidArgumentError(absl::StrCat(where, ": padding_mode '",
+                                                     torch::enumtype::get_enum_name(conv.options.padding_mode()),
+                                                     "' (only zeros is supported)"));
+    }
+    if (bn != nullptr && (!bn->options.affine() || !bn->options.track_running_stats())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": a BatchNorm2d with affine ", bn->options.affine() ? "true" : "false", " and track_running_stats ",
+          bn->options.track_running_stats() ? "true" : "false", " (only affine with running statistics is folded)"));
     }
     at::Tensor w = conv.weight.detach().to(at::kDouble);
     at::Tensor b = conv.bias.defined() ? conv.bias.detach().to(at::kDouble)
@@ -255,13 +281,17 @@ class Emitter {
     if (m.as<nn::SiLU>() != nullptr) return Silu(x);
     if (m.as<nn::Dropout>() != nullptr) return x;  // eval mode
     if (auto* linear = m.as<nn::Linear>()) {
-      return g_->Node("Gemm", {x, g_->Init("linear_w", linear->weight), g_->Init("linear_b", linear->bias)},
+      const at::Tensor bias = linear->bias.defined() ? linear->bias : at::zeros({linear->weight.size(0)});
+      return g_->Node("Gemm", {x, g_->Init("linear_w", linear->weight), g_->Init("linear_b", bias)},
                       {Attr::Int("transB", 1)});
     }
     if (auto* pool = m.as<nn::MaxPool2d>()) {
       const auto& o = pool->options;
       if (o.ceil_mode() || Pair(o.dilation()) != std::vector<int64_t>{1, 1}) {
-        return absl::InvalidArgumentError(absl::StrCat(where, ": MaxPool2d with ceil_mode or dilation"));
+        return absl::InvalidArgumentError(absl::StrCat(where, ": MaxPool2d with ceil_mode ",
+                                                       o.ceil_mode() ? "true" : "false", " and dilation ",
+                                                       absl::StrJoin(Pair(o.dilation()), "x"),
+                                                       " (only ceil_mode false and dilation 1x1 are supported)"));
       }
       std::vector<int64_t> p = Pair(o.padding());
       return g_->Node("MaxPool", {x},
@@ -403,7 +433,7 @@ absl::StatusOr<std::string> OnnxModelBytes(ClassifierImpl& model, const common::
                                                    " bytes, more than the 2 GiB one ONNX file holds"));
   }
   if (info != nullptr) {
-    info->num_nodes = g.nodes();
+    info->num_nodes = g.nodes() + 1;  // and Finish's Identity
     info->num_initializers = g.initializers();
   }
   return bytes;

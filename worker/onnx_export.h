@@ -7,9 +7,9 @@
 //   output "probabilities" float32 [batch, num_classes]
 //
 // The graph, in the ONNX operators' documented semantics:
-//   - STFT: Pad (reflect, n_fft/2 each side; torch.stft's center=True), then the DFT as one
-//     Conv with 2 x (n_fft/2 + 1) kernels of length n_fft (periodic Hann x cos and x -sin),
-//     stride hop_length; power = re^2 + im^2 (Split, Mul, Add);
+//   - STFT: Pad (reflect, n_fft/2 each side; torch.stft's center=True), then the DFT as two
+//     Convs of n_fft/2 + 1 kernels of length n_fft each (periodic Hann x cos, and x -sin),
+//     stride hop_length; power = re^2 + im^2 (Mul, Add);
 //   - mel: MatMul with the filterbank (the front end's own, [n_mels, n_freqs]);
 //   - dB: 10 / ln(10) x Log(Max(x, 1e-10)), floored at ReduceMax over the clip - top_db;
 //   - normalisation: (x - min) / (max - min) per clip ("per_sample") or over the batch
@@ -33,7 +33,7 @@
 namespace aviary::worker {
 
 struct OnnxGraphInfo {
-  int64_t num_nodes = 0;
+  int64_t num_nodes = 0;         // the final Identity included
   int64_t num_initializers = 0;
 };
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # `aviary export --format onnx` against `aviary predict` (issue 17): for small_cnn and
 # efficientnet_b0..b3 (1 and 3 input channels, with and without a neck, softmax and sigmoid),
-# a checkpoint of random weights and BatchNorm statistics (export_tool; one with the front end's
-# normalize: none, the others per_sample; per_batch depends on the caller's batch by design),
-# exported as ONNX and
+# a checkpoint of random weights, biases and BatchNorm statistics (export_tool; one with the front
+# end's normalize: none, one per_batch, the others per_sample; per_batch depends on the caller's
+# batch by design: it is compared with the whole file as one batch on both sides, predict's
+# batch of infer_bs x batch_size = 8 windows holding a file's 5), exported as ONNX and
 # run by onnxruntime from PyPI (scripts/lib/deps.sh: aviary_onnxruntime, in the torch venv) on
 # synthetic soundscapes (`aviary synth-soundscapes`, decoded by libsndfile into 16-bit WAV so that
-# both sides read the same samples), must give `aviary predict --tta 1`'s probabilities within
+# both sides read the same samples) and a silent file (a flat clip: the normalisation's guard),
+# must give `aviary predict --tta 1`'s probabilities within
 # 1e-4, with the whole file as one batch and one window at a time. Skipped (exit 77) where the
 # venv has no onnxruntime: scripts/test-cuda.sh installs it.
 # usage: onnx_vs_predict.sh BIN_DIR EXPORT_TOOL
@@ -35,11 +37,12 @@ import soundfile as sf
 for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.ogg"))):
     x, sr = sf.read(p, dtype="float32", always_2d=True)
     sf.write(os.path.join(sys.argv[2], os.path.basename(p)[:-4] + ".wav"), x, sr, subtype="PCM_16")
+sf.write(os.path.join(sys.argv[2], "silence.wav"), 0 * x[: int(7.5 * sr)], sr, subtype="PCM_16")
 PY
 i=0
 for spec in "small_cnn 1 0 softmax" "small_cnn 3 16 sigmoid" "efficientnet_b0 3 0 softmax" \
             "efficientnet_b1 3 0 sigmoid" "efficientnet_b2 1 0 softmax" "efficientnet_b3 3 0 softmax" \
-            "efficientnet_b0 3 24 sigmoid" "small_cnn 1 0 softmax none"; do
+            "efficientnet_b0 3 24 sigmoid" "small_cnn 1 0 softmax none" "small_cnn 3 0 sigmoid per_batch"; do
   read -r model cin neck act normalize <<<"$spec"
   i=$((i + 1))
   d="$tmp/case$i"

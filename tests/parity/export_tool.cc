@@ -46,6 +46,13 @@ int main(int argc, char** argv) {
         bn->bias.uniform_(-0.1, 0.1);
         bn->num_batches_tracked.fill_(7);
       }
+      // Biases too (they start at 0: an exporter that dropped or misplaced one went unseen).
+      if (auto* conv = m->as<torch::nn::Conv2d>(); conv != nullptr && conv->bias.defined()) {
+        conv->bias.uniform_(-0.2, 0.2);
+      }
+      if (auto* linear = m->as<torch::nn::Linear>(); linear != nullptr && linear->bias.defined()) {
+        linear->bias.uniform_(-0.2, 0.2);
+      }
     }
   }
   CheckpointMeta meta;

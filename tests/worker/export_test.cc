@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "worker/checkpoint.h"
 #include "worker/ema.h"
 #include "worker/models.h"
+#include "worker/onnx_export.h"
 #include "worker/torch_pickle.h"
 #include "worker/weights.h"
 
@@ -297,6 +299,166 @@ TEST(ExportCheckpointTest, AOnePlaneEfficientNetSaysItsPlanes) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->torchvision, "efficientnet_b0");
   EXPECT_EQ(r->in_channels, 1);
+}
+
+// A reader of the protobuf wire format, from onnx.proto's field numbers (not the writer's): the
+// README's test command has no onnxruntime, so the file's structure is checked here.
+struct Wire {
+  // field number -> its values: a varint's value, or a length-delimited field's bytes.
+  std::multimap<int, uint64_t> varints;
+  std::multimap<int, std::string> bytes;
+};
+
+bool ParseWire(const std::string& data, Wire* out) {
+  size_t at = 0;
+  auto varint = [&](uint64_t* v) {
+    *v = 0;
+    for (int shift = 0; shift < 64 && at < data.size(); shift += 7) {
+      const auto byte = static_cast<unsigned char>(data[at++]);
+      *v |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if ((byte & 0x80) == 0) return true;
+    }
+    return false;
+  };
+  while (at < data.size()) {
+    uint64_t key = 0, v = 0;
+    if (!varint(&key)) return false;
+    const int field = static_cast<int>(key >> 3), type = static_cast<int>(key & 7);
+    if (type == 0) {
+      if (!varint(&v)) return false;
+      out->varints.emplace(field, v);
+    } else if (type == 2) {
+      if (!varint(&v) || v > data.size() - at) return false;
+      out->bytes.emplace(field, data.substr(at, v));
+      at += v;
+    } else if (type == 5) {  // fixed32 (AttributeProto.f)
+      if (data.size() - at < 4) return false;
+      at += 4;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::vector<std::string> All(const Wire& w, int field) {
+  std::vector<std::string> values;
+  for (auto [it, end] = w.bytes.equal_range(field); it != end; ++it) values.push_back(it->second);
+  return values;
+}
+
+std::string One(const Wire& w, int field) {
+  auto it = w.bytes.find(field);
+  return it == w.bytes.end() ? "" : it->second;
+}
+
+// ValueInfoProto's name and dims (a dim_value as its number, a dim_param as its name).
+std::pair<std::string, std::vector<std::string>> ValueInfoOf(const std::string& bytes) {
+  Wire info, type, tensor, shape;
+  EXPECT_TRUE(ParseWire(bytes, &info));
+  EXPECT_TRUE(ParseWire(One(info, 2), &type));   // ValueInfoProto.type
+  EXPECT_TRUE(ParseWire(One(type, 1), &tensor)); // TypeProto.tensor_type
+  EXPECT_EQ(tensor.varints.count(1) == 1 ? tensor.varints.find(1)->second : 0u, 1u);  // elem_type FLOAT
+  EXPECT_TRUE(ParseWire(One(tensor, 2), &shape));  // TypeProto.Tensor.shape
+  std::vector<std::string> dims;
+  for (const std::string& d : All(shape, 1)) {
+    Wire dim;
+    EXPECT_TRUE(ParseWire(d, &dim));
+    dims.push_back(dim.varints.count(1) ? std::to_string(dim.varints.find(1)->second) : One(dim, 2));
+  }
+  return {One(info, 1), dims};
+}
+
+// The ONNX file as onnx.proto reads it: IR 8 and opset 17; the graph's input and output; every
+// initializer's raw bytes as many as its dims and type say; every node's inputs made before it
+// (the graph's input, an initializer, an earlier node's output); the counts the command prints;
+// and the sidecar without a torchvision model (an ONNX file has no state dict).
+TEST(ExportCheckpointTest, TheOnnxFileIsWellFormedOnTheWire) {
+  const std::string ckpt = SaveB0("b0_wire.pt");
+  ExportOptions o;
+  o.checkpoint = ckpt;
+  o.format = "onnx";
+  o.out = TempPath("b0_wire.onnx");
+  auto r = ExportCheckpoint(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->torchvision, "");
+  EXPECT_NE(Slurp(r->sidecar_path).find("\"torchvision\": null"), std::string::npos) << Slurp(r->sidecar_path);
+
+  Wire model, graph, opset;
+  ASSERT_TRUE(ParseWire(Slurp(o.out), &model));
+  ASSERT_EQ(model.varints.count(1), 1u);
+  EXPECT_EQ(model.varints.find(1)->second, 8u);  // ir_version
+  ASSERT_TRUE(ParseWire(One(model, 8), &opset));  // opset_import
+  EXPECT_EQ(One(opset, 1), "");
+  EXPECT_EQ(opset.varints.find(2)->second, 17u);
+  ASSERT_TRUE(ParseWire(One(model, 7), &graph));  // graph
+  const auto input = ValueInfoOf(One(graph, 11));
+  const auto output = ValueInfoOf(One(graph, 12));
+  EXPECT_EQ(input.first, "waveform");
+  EXPECT_EQ(input.second, (std::vector<std::string>{"batch", "160000"}));
+  EXPECT_EQ(output.first, "probabilities");
+  EXPECT_EQ(output.second, (std::vector<std::string>{"batch", "4"}));
+
+  std::set<std::string> made = {input.first};
+  const std::vector<std::string> initializers = All(graph, 5);
+  EXPECT_EQ(static_cast<int64_t>(initializers.size()), r->num_tensors);
+  for (const std::string& bytes : initializers) {
+    Wire t;
+    ASSERT_TRUE(ParseWire(bytes, &t));
+    uint64_t elements = 1;
+    for (auto [it, end] = t.varints.equal_range(1); it != end; ++it) elements *= it->second;  // dims
+    ASSERT_EQ(t.varints.count(2), 1u);
+    const uint64_t type = t.varints.find(2)->second;
+    ASSERT_TRUE(type == 1 || type == 7) << type;  // FLOAT, INT64
+    const std::string name = One(t, 8);
+    EXPECT_EQ(One(t, 9).size(), elements * (type == 1 ? 4 : 8)) << name;
+    EXPECT_TRUE(made.insert(name).second) << "initializer " << name << " twice";
+  }
+  const std::vector<std::string> nodes = All(graph, 1);
+  EXPECT_EQ(static_cast<int64_t>(nodes.size()), r->onnx_nodes);
+  std::string last_op, last_output;
+  for (const std::string& bytes : nodes) {
+    Wire n;
+    ASSERT_TRUE(ParseWire(bytes, &n));
+    for (const std::string& in : All(n, 1)) {
+      EXPECT_TRUE(made.count(in)) << One(n, 4) << " " << One(n, 3) << " reads " << in << " before it is made";
+    }
+    for (const std::string& out : All(n, 2)) EXPECT_TRUE(made.insert(out).second) << out << " made twice";
+    last_op = One(n, 4);
+    last_output = All(n, 2).empty() ? "" : All(n, 2).back();
+  }
+  EXPECT_EQ(last_op, "Identity");
+  EXPECT_EQ(last_output, "probabilities");
+}
+
+// A layer the writer would get wrong is refused, naming it: ONNX's Conv pads with zeros (a
+// reflect-padded one), and only an affine BatchNorm with running statistics folds.
+TEST(OnnxModelBytesTest, RefusesAPaddingModeAndABatchNormItCannotWrite) {
+  common::PipelineConfig config;
+  config.model.name = "small_cnn";
+  config.frontend.in_channels = 1;
+  config.frontend.n_mels = 32;
+  for (const char* change : {"padding_mode", "affine"}) {
+    auto model = BuildClassifier(config.model, 1, 2);
+    ASSERT_TRUE(model.ok()) << model.status();
+    (*model)->eval();
+    for (auto& m : (*model)->modules(/*include_self=*/false)) {
+      if (auto* conv = m->as<torch::nn::Conv2d>(); conv != nullptr && std::string(change) == "padding_mode") {
+        conv->options.padding_mode(torch::kReflect);
+        break;
+      }
+      if (auto* bn = m->as<torch::nn::BatchNorm2d>(); bn != nullptr && std::string(change) == "affine") {
+        bn->options.affine(false);
+        break;
+      }
+    }
+    auto bytes = OnnxModelBytes(**model, config.frontend, 32000, 32000, "test", nullptr);
+    EXPECT_EQ(bytes.status().code(), absl::StatusCode::kInvalidArgument) << change;
+    EXPECT_TRUE(absl::StrContains(bytes.status().message(), std::string(change) == "padding_mode"
+                                                                ? "padding_mode 'kReflect' (only zeros is supported)"
+                                                                : "a BatchNorm2d with affine false"))
+        << bytes.status();
+  }
 }
 
 // small_cnn's four pools need 16 frames: a window shorter than that is refused at export (the

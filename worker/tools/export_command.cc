@@ -80,8 +80,8 @@ int RunExport(const worker::ExportOptions& options) {
   auto result = worker::ExportCheckpoint(options);
   if (!result.ok()) return undo(result.status());
   const worker::ExportResult& r = *result;
-  std::cout << "wrote " << r.weights_path << " (" << options.format << ", " << r.num_tensors << " tensors, "
-            << (r.onnx_nodes > 0 ? absl::StrCat(r.onnx_nodes, " nodes, ") : "") << r.num_bytes << " bytes) and "
+  std::cout << "wrote " << r.weights_path << " (" << options.format << ", " << r.num_tensors
+            << (options.format == "onnx" ? " initializers, " : " tensors, ") << (r.onnx_nodes > 0 ? absl::StrCat(r.onnx_nodes, " nodes, ") : "") << r.num_bytes << " bytes) and "
             << r.sidecar_path << ": " << r.model_name << ", "
             << r.num_classes << " classes" << (r.ema ? ", the EMA weights (ema_eval)" : "") << "\n";
   if (!r.torchvision.empty() && options.format != "onnx") {
