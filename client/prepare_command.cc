@@ -71,6 +71,7 @@ class ProgressPrinter {
       std::fprintf(stderr, "\r\033[K%s[%s] %lld/%lld files  %.1f files/s  %.2f audio-h/s  ETA %s",
                    prefix_.c_str(), bar.c_str(), static_cast<long long>(done), static_cast<long long>(p.files_total),
                    rate, audio_rate / 3600.0, FormatDuration(eta).c_str());
+      open_line_ = !last;
       if (last) std::fprintf(stderr, "\n");
     } else {
       std::fprintf(stderr, "prepare: %s%lld/%lld files, %.1f files/s, %.2f audio-h/s, ETA %s\n",
@@ -80,7 +81,14 @@ class ProgressPrinter {
     std::fflush(stderr);
   }
 
+  // Ends a bar left drawn (a run that failed midway), so that its error starts a line of its own.
+  void EndLine() {
+    if (open_line_) std::fprintf(stderr, "\n");
+    open_line_ = false;
+  }
+
  private:
+  bool open_line_ = false;
   bool tty_;
   std::string prefix_;
   double last_print_s_ = -1e9;
@@ -255,7 +263,10 @@ int RunPrepare(const PrepareArgs& args) {
     return 0;
   }
   auto report = worker::PrepareAudioCache(paths, options);
-  if (!report.ok()) return Fail(report.status());
+  if (!report.ok()) {
+    printer.EndLine();
+    return Fail(report.status());
+  }
   PrintReport(*report, part_prefix);
   std::cout << part_prefix << "wrote " << config->data.cache_dir << "/" << worker::PrepareReportName(options) << "\n";
   if (auto unread = report->counts.find(worker::AudioProblem::kMissing); unread != report->counts.end()) {

@@ -692,6 +692,24 @@ TEST(AudioCacheTest, AShardFileThatAppearsMeanwhileIsNotWrittenInto) {
   EXPECT_EQ(second->frames, 16000);
 }
 
+// Files that cannot be read (a share gone: each open timing out) still move the progress's time
+// on: the printer throttles by it, and printed nothing for as long, then rates over a stale time.
+TEST(AudioCacheTest, UnreadableFilesMoveTheProgressTimeOn) {
+  TempDir tmp;
+  const std::string dir = tmp.Sub("cache");
+  PrepareOptions options = Options(dir, /*threads=*/1, /*shard_bytes=*/1 << 20);
+  std::vector<double> elapsed;
+  options.progress = [&](const PrepareProgress& p) {
+    elapsed.push_back(p.elapsed_s);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  };
+  PrepareReport report = MustPrepare({tmp.Sub("gone1.wav"), tmp.Sub("gone2.wav")}, options);
+  EXPECT_EQ(report.counts[AudioProblem::kMissing], 2);
+  ASSERT_EQ(elapsed.size(), 2u);
+  EXPECT_GT(elapsed[1], elapsed[0]);
+  EXPECT_GE(elapsed[1], 0.05);
+}
+
 // More shards than half the descriptor limit (a full BirdCLEF cache holds thousands; mpirun's
 // ranks often start with 1024): the cache keeps that many open and opens the others for each
 // read, and every entry reads as it does with all of them open. Kept open, the shards past the

@@ -1420,6 +1420,9 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
       // windows it decodes when there is no cache.
       transient.push_back(std::move(entry));
       ++progress.files_done;
+      // The time too: a stretch of unreadable files (a share gone) printed nothing for as long
+      // (the printer throttles by it), then rates over a stale time.
+      progress.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (options.progress) options.progress(progress);
       return;
     }
