@@ -774,6 +774,32 @@ TEST(AudioCacheTest, MoreShardsThanDescriptorsStillReadEveryEntry) {
       ::testing::ExitedWithCode(0), "all 40 read\nreplaced: .*not the shard file the cache opened");
 }
 
+// A first run that sealed nothing (every file unreadable, or stopped early) binds no settings:
+// the corrected run writes its own manifest rather than being told to use another folder. A
+// split run's part still refuses (another part may be writing under the first manifest).
+TEST(AudioCacheTest, AManifestWithoutShardsIsRewrittenByAWholeCacheRun) {
+  TempDir tmp;
+  const std::string dir = tmp.Sub("cache");
+  MustPrepare({tmp.Sub("gone.wav")}, Options(dir));
+  ASSERT_TRUE(fs::exists(dir + "/manifest.txt"));
+  const std::string path = tmp.Sub("a.wav");
+  WriteAudio(path, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 1, Sine(440, 16000, 3200));
+  PrepareOptions split = Options(dir);
+  split.sample_rate = 16000;
+  split.num_parts = 2;
+  EXPECT_EQ(PrepareAudioCache({path}, split).status().code(), absl::StatusCode::kFailedPrecondition);
+  PrepareOptions other = Options(dir);
+  other.sample_rate = 16000;
+  PrepareReport report = MustPrepare({path}, other);
+  EXPECT_EQ(report.files_cached + report.files_decoded, 1);
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  ASSERT_NE(cache->Lookup(path), nullptr);
+  // Now that it holds a shard, another rate is refused as before.
+  other.sample_rate = 32000;
+  EXPECT_EQ(PrepareAudioCache({path}, other).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(AudioCacheTest, RefusesAnotherRateModeOrAConcurrentRun) {
   TempDir tmp;
   const std::string path = tmp.Sub("a.wav");

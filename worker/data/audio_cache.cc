@@ -1079,6 +1079,16 @@ bool OwnsStray(const std::string& path, const PrepareOptions& options) {
   return shard.has_value() && OwnsShard(*shard, options);
 }
 
+// Whether `dir` holds a shard's samples or index (sealed or not); true when it cannot be listed.
+bool HoldsAnyShard(const std::string& dir) {
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (ParseShardName(name, ".pcm") || ParseShardName(name, ".index.csv")) return true;
+  }
+  return static_cast<bool>(ec);
+}
+
 // FAILED_PRECONDITION unless the cache in `dir` holds what this run asks for.
 absl::Status CheckManifestMatches(const std::string& dir, const Manifest& have, const Manifest& wanted) {
   if (have.sample_rate != wanted.sample_rate || have.channels != wanted.channels) {
@@ -1314,6 +1324,13 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
     absl::Status st;
     if (manifest.ok()) {
       st = CheckManifestMatches(dir, *manifest, wanted);
+      if (!st.ok() && options.num_parts == 1 && !HoldsAnyShard(dir)) {
+        // Nothing was ever sealed under the manifest (a first run stopped early, or one that found
+        // no file readable): it binds nothing, and this whole-cache run (LOCK held exclusively)
+        // writes its own. Refused, the corrected run was told to use another folder.
+        Log().Info(absl::StrCat(dir, ": holds no shard; its manifest is rewritten for this run (", st.message(), ")"));
+        st = common::WriteFileAtomically((fs::path(dir) / kManifest).string(), ManifestText(wanted));
+      }
     } else if (absl::IsNotFound(manifest.status())) {
       st = common::WriteFileAtomically((fs::path(dir) / kManifest).string(), ManifestText(wanted));
     } else {
