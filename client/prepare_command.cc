@@ -10,6 +10,9 @@
 // decodes its share of the files into the same cache.
 #include <unistd.h>
 
+#include <signal.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <utility>
@@ -93,6 +96,19 @@ class ProgressPrinter {
   std::string prefix_;
   double last_print_s_ = -1e9;
 };
+
+std::atomic<int> g_stop_signal{0};  // the signal that asked for a stop; 0: none
+static_assert(std::atomic<int>::is_always_lock_free, "set from a signal handler");
+
+void StopRequested(int signal) { g_stop_signal.store(signal, std::memory_order_relaxed); }
+
+void StopOnSignals() {
+  struct sigaction action {};
+  action.sa_handler = StopRequested;
+  ::sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESETHAND;  // the second signal has its default action: the end
+  for (int signal : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(signal, &action, nullptr);
+}
 
 // Writes `text` to stdout in one piece, `prefix` before every line (the part of a split run, so
 // that the ranks' reports can be told apart).
@@ -256,15 +272,26 @@ int RunPrepare(const PrepareArgs& args) {
   options.num_parts = num_parts;
   options.shard_bytes = static_cast<int64_t>(args.shard_mb * (1 << 20));
   options.progress = [&printer](const worker::PrepareProgress& p) { printer.Update(p); };
+
   if (args.dry_run) {
     auto plan = worker::PlanAudioCache(paths, options);
     if (!plan.ok()) return Fail(plan.status());
     PrintPlan(*plan, options.max_seconds, part_prefix);
     return 0;
   }
+  // SIGINT, SIGTERM (mpirun ending the other ranks when one fails, scancel) and SIGHUP stop the
+  // run at the next file, so that the shard being written is removed rather than left for a
+  // later run to keep as "maybe another host's" for minutes; a second signal ends it at once.
+  StopOnSignals();
+  options.should_stop = [] { return g_stop_signal.load(std::memory_order_relaxed) != 0; };
   auto report = worker::PrepareAudioCache(paths, options);
   if (!report.ok()) {
     printer.EndLine();
+    const int signal = g_stop_signal.load();
+    if (absl::IsCancelled(report.status()) && signal != 0) {
+      Fail(report.status());
+      return 128 + signal;  // as the shell reports a process a signal ended
+    }
     return Fail(report.status());
   }
   PrintReport(*report, part_prefix);

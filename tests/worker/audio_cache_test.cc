@@ -23,6 +23,7 @@
 #include <string>
 #include <chrono>
 #include <limits>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -708,6 +709,39 @@ TEST(AudioCacheTest, UnreadableFilesMoveTheProgressTimeOn) {
   ASSERT_EQ(elapsed.size(), 2u);
   EXPECT_GT(elapsed[1], elapsed[0]);
   EXPECT_GE(elapsed[1], 0.05);
+}
+
+// A stop asked for midway (a signal: mpirun ending the other ranks, a Ctrl-C) ends the run with
+// CANCELLED at the next file: the shard sealed before stays, the one being written is removed
+// (a killed run left it, kept by the next run as "maybe another host's" for minutes).
+TEST(AudioCacheTest, AStopRemovesTheShardBeingWrittenAndKeepsTheSealedOnes) {
+  TempDir tmp;
+  std::vector<std::string> paths;
+  for (int i = 0; i < 6; ++i) {
+    paths.push_back(tmp.Sub(absl::StrCat("f", i, ".wav")));
+    WriteAudio(paths.back(), SF_FORMAT_WAV | SF_FORMAT_PCM_16, 32000, 1, Sine(440 + 10 * i, 32000, 32000));
+  }
+  const std::string dir = tmp.Sub("cache");
+  // 1 s of int16 at 32 kHz is 64,000 bytes: a shard of 100,000 bytes is sealed at its 2nd file.
+  PrepareOptions options = Options(dir, /*threads=*/1, /*shard_bytes=*/100000);
+  std::atomic<int> done{0};
+  options.progress = [&](const PrepareProgress& p) { done = static_cast<int>(p.files_done); };
+  options.should_stop = [&] { return done.load() >= 3; };
+  auto stopped = PrepareAudioCache(paths, options);
+  EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled) << stopped.status();
+  EXPECT_TRUE(absl::StrContains(stopped.status().message(), "stopped after 3 of 6 files to decode"))
+      << stopped.status();
+  EXPECT_EQ(ShardNumbers(dir, ".index.csv"), (std::vector<int>{0}));
+  EXPECT_EQ(ShardNumbers(dir, ".pcm"), (std::vector<int>{0}));  // the 3rd file's shard 1 removed
+  auto cache = MustOpen(dir);
+  ASSERT_NE(cache, nullptr);
+  EXPECT_EQ(cache->size(), 2u);
+  EXPECT_TRUE(cache->invalid_shards().empty());
+  // The next run decodes the rest.
+  options.should_stop = nullptr;
+  PrepareReport rest = MustPrepare(paths, options);
+  EXPECT_EQ(rest.files_cached, 2);
+  EXPECT_EQ(rest.files_decoded, 4);
 }
 
 // More shards than half the descriptor limit (a full BirdCLEF cache holds thousands; mpirun's

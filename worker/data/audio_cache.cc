@@ -1396,6 +1396,17 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   std::atomic<bool> failed{false};
   absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
+    if (options.should_stop && options.should_stop()) {
+      std::lock_guard<std::mutex> guard(mu);
+      if (error.ok()) {
+        error = absl::CancelledError(absl::StrCat(
+            dir, ": stopped after ", progress.files_done, " of ", todo.size(),
+            " files to decode; the shards sealed so far stay, the one being written is removed; run it again to "
+            "decode the rest"));
+      }
+      failed = true;
+      return;
+    }
     const PendingFiles::Item& item = todo[i];
     Int16Sink sink;
     auto result = DecodeAudioTo(item.path, decode, &sink);

@@ -209,6 +209,10 @@ struct PrepareOptions {
   double seal_interval_s = 120.0;
   // Called after every file, serialised (never concurrently), from the decode threads.
   std::function<void(const PrepareProgress&)> progress;
+  // Asked before every file (from the decode threads, concurrently): true ends the run with
+  // CANCELLED once the files being decoded are done; the shards sealed so far stay, the one
+  // being written is removed (a SIGTERM from mpirun, a Ctrl-C, a scancel).
+  std::function<bool()> should_stop;
 };
 
 struct PrepareReport {
