@@ -190,8 +190,11 @@ struct PrepareArgs {
 // This process's part of a split prepare: --part R/N, else the rank and size mpirun (Open MPI,
 // or a PMI launcher) or an srun step gives it, else 0 of 1. (Slurm's batch script is one task:
 // SLURM_STEP_NUM_TASKS is srun's, not the allocation's SLURM_NTASKS, so `aviary prepare` run
-// from an sbatch script still prepares the whole cache.)
-absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts) {
+// from an sbatch script still prepares the whole cache; nor is an interactive `srun -n 16 --pty
+// bash` (SLURM_PTY_PORT set) a split: its shell is task 0 of 16, and prepared a 16th.) `*from`
+// names the variables a split was taken from ("" otherwise).
+absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts, std::string* from) {
+  from->clear();
   *part = 0;
   *num_parts = 1;
   if (!flag.empty()) {
@@ -209,11 +212,13 @@ absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts) {
     const char* rank = std::getenv(rank_var);
     const char* size = std::getenv(size_var);
     if (rank == nullptr || size == nullptr) continue;
+    if (absl::string_view(rank_var) == "SLURM_PROCID" && std::getenv("SLURM_PTY_PORT") != nullptr) continue;
     if (!absl::SimpleAtoi(rank, part) || !absl::SimpleAtoi(size, num_parts) || *num_parts < 1 || *part < 0 ||
         *part >= *num_parts) {
       return absl::InvalidArgumentError(
           absl::StrCat(rank_var, "='", rank, "', ", size_var, "='", size, "': not a rank and a size"));
     }
+    if (*num_parts > 1) *from = absl::StrCat(rank_var, "=", rank, " and ", size_var, "=", size);
     return absl::OkStatus();
   }
   return absl::OkStatus();
@@ -221,7 +226,13 @@ absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts) {
 
 int RunPrepare(const PrepareArgs& args) {
   int part = 0, num_parts = 1;
-  if (absl::Status st = ResolvePart(args.part, &part, &num_parts); !st.ok()) return Fail(st);
+  std::string split_from;
+  if (absl::Status st = ResolvePart(args.part, &part, &num_parts, &split_from); !st.ok()) return Fail(st);
+  if (!split_from.empty()) {
+    // Said, so that a shell that inherited a launcher's variables is not a silent 1/N.
+    std::cerr << "aviary prepare: part " << part << " of " << num_parts << " (from " << split_from
+              << "); --part 0/1 prepares the whole cache\n";
+  }
   const std::string part_prefix = num_parts == 1 ? "" : absl::StrCat("part ", part, " of ", num_parts, ": ");
   auto config = common::LoadPipelineConfig(args.config, args.overrides);
   if (!config.ok()) return Fail(config.status());

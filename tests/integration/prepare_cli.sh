@@ -133,10 +133,16 @@ check "--part 0/3, 1/3, 2/3 decode shares (${third[*]}) that add up to every fil
   test "$((${third[0]:-0} + ${third[1]:-0} + ${third[2]:-0}))" = "${total:-x}" -a "${third[1]:-0}" -gt 0
 # A task of an srun step takes its share as an mpirun rank does; an sbatch script (the
 # allocation's SLURM_NTASKS, no step) prepares the whole cache.
-outs=$(env SLURM_PROCID=1 SLURM_STEP_NUM_TASKS=3 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist3" 2>/dev/null); rc=$?
+outs=$(env SLURM_PROCID=1 SLURM_STEP_NUM_TASKS=3 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist3" 2>"$tmp/err_srun"); rc=$?
 check "srun step task 1 of 3 exits 0" test $rc -eq 0
 check "an srun step's task decodes the share of --part 1/3 (${third[1]:-?} files)" \
   grep -qE "^part 1 of 3: cache .*: ${third[1]:-x} files" <<<"$outs"
+check "the split says where it came from: $(head -3 "$tmp/err_srun")" \
+  grep -qF "aviary prepare: part 1 of 3 (from SLURM_PROCID=1 and SLURM_STEP_NUM_TASKS=3); --part 0/1 prepares the whole cache" "$tmp/err_srun"
+# The shell of an interactive `srun -n 3 --pty bash` is task 0 of 3 (SLURM_PTY_PORT set): no split.
+outp=$(env SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=3 SLURM_PTY_PORT=40000 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist5" 2>/dev/null); rc=$?
+check "an srun --pty shell's prepare exits 0" test $rc -eq 0
+check "an srun --pty shell's prepare takes every file" grep -qE "^cache .*: ${total:-x} files" <<<"$outp"
 outb=$(env SLURM_PROCID=0 SLURM_NTASKS=8 "$aviary" prepare --config "$tmp/p.yaml" --set data.cache_dir="$tmp/dist4" 2>/dev/null); rc=$?
 check "an sbatch script's prepare exits 0" test $rc -eq 0
 check "an sbatch script's prepare takes every file" grep -qE "^cache .*: ${total:-x} files" <<<"$outb"
