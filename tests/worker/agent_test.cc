@@ -24,6 +24,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status.h"
 #include "gtest/gtest.h"
@@ -225,6 +227,14 @@ TEST(GroupControlTest, StopMessagesCarryTheStatus) {
   std::string msg = StopMessage(refused);
   EXPECT_EQ(msg[0], kMsgStop);
   EXPECT_EQ(ParseStopMessage(msg), refused);
+  // A garbled one is an error, never OK (atoi's 0 made the other ranks exit 0).
+  for (const std::string& garbled :
+       {std::string(), std::string(1, kMsgStop), std::string(1, kMsgStop) + "x\nwhy", std::string(1, kMsgStop) + "99\n",
+        std::string(1, kMsgStop) + "-3\n", std::string("T0\n")}) {
+    const absl::Status st = ParseStopMessage(garbled);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInternal) << absl::CEscape(garbled);
+    EXPECT_TRUE(absl::StrContains(st.message(), "rank 0's stop message is garbled")) << st;
+  }
 }
 
 // The stop signals, in a child process that installs the handlers, says it is ready through a

@@ -7,6 +7,8 @@
 #include <memory>
 #include <thread>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -31,11 +33,17 @@ std::string StopMessage(const absl::Status& st) {
 }
 
 absl::Status ParseStopMessage(const std::string& msg) {
-  size_t nl = msg.find('\n');
-  int code = std::atoi(msg.substr(1, nl == std::string::npos ? std::string::npos : nl - 1).c_str());
+  // A garbled code ("Sx": atoi's 0) read as OK, and the other ranks exited 0 for a failed group.
+  const size_t nl = msg.find('\n');
+  int code = -1;
+  if (msg.empty() || msg[0] != kMsgStop || nl == std::string::npos ||
+      !absl::SimpleAtoi(absl::string_view(msg).substr(1, nl - 1), &code) || code < 0 ||
+      code > static_cast<int>(absl::StatusCode::kUnauthenticated)) {
+    return absl::InternalError(absl::StrCat("rank 0's stop message is garbled: ",
+                                            absl::CEscape(absl::string_view(msg).substr(0, 64))));
+  }
   if (code == 0) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      nl == std::string::npos ? std::string() : msg.substr(nl + 1));
+  return absl::Status(static_cast<absl::StatusCode>(code), msg.substr(nl + 1));
 }
 
 Verdict JudgeOutcome(const std::vector<int64_t>& rows, int world, bool training) {
@@ -72,10 +80,12 @@ GroupControl::~GroupControl() {
 // is still pending (a late rank may complete it, and MPI then writes into them), so they are left
 // to MPI (released, never freed) rather than freed under it; the group ends soon after anyway.
 absl::Status GroupControl::Broadcast(std::string* bytes, int root, double max_sleep_s, double deadline_s) {
+  // One deadline for both phases (the size, then the bytes): each its own made it twice as long.
+  const auto start = std::chrono::steady_clock::now();
   auto size = std::make_unique<int64_t>(rank_ == root ? static_cast<int64_t>(bytes->size()) : 0);
   MPI_Request req;
   AVIARY_MPI_CHECK(MPI_Ibcast(size.get(), 1, MPI_INT64_T, root, comm_, &req));
-  if (absl::Status waited = Wait(&req, max_sleep_s, deadline_s, "the control broadcast"); !waited.ok()) {
+  if (absl::Status waited = Wait(&req, max_sleep_s, deadline_s, "the control broadcast", start); !waited.ok()) {
     (void)size.release();  // still MPI's
     return waited;
   }
@@ -89,7 +99,7 @@ absl::Status GroupControl::Broadcast(std::string* bytes, int root, double max_sl
   }
   auto buffer = std::make_unique<std::string>(rank_ == root ? *bytes : std::string(static_cast<size_t>(n), '\0'));
   AVIARY_MPI_CHECK(MPI_Ibcast(buffer->data(), static_cast<int>(n), MPI_BYTE, root, comm_, &req));
-  if (absl::Status waited = Wait(&req, 0.002, deadline_s, "the control broadcast"); !waited.ok()) {
+  if (absl::Status waited = Wait(&req, 0.002, deadline_s, "the control broadcast", start); !waited.ok()) {
     (void)buffer.release();  // still MPI's
     return waited;
   }
@@ -134,8 +144,8 @@ absl::StatusOr<std::vector<int64_t>> GroupControl::Exchange(int64_t kind, int64_
   return all;
 }
 
-absl::Status GroupControl::Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what) {
-  const auto start = std::chrono::steady_clock::now();
+absl::Status GroupControl::Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what,
+                                 std::chrono::steady_clock::time_point start) {
   double sleep_s = 20e-6;
   while (true) {
     int done = 0;
@@ -143,7 +153,7 @@ absl::Status GroupControl::Wait(MPI_Request* req, double max_sleep_s, double dea
     if (done) return absl::OkStatus();
     if (deadline_s > 0 && SecondsSince(start) > deadline_s) {
       return absl::DeadlineExceededError(absl::StrFormat(
-          "rank %d waited %.0f s for %s: another rank did not arrive", rank_, deadline_s, what));
+          "rank %d waited %g s for %s: another rank did not arrive", rank_, deadline_s, what));
     }
     std::this_thread::sleep_for(std::chrono::duration<double>(sleep_s));
     sleep_s = std::min(sleep_s * 2, max_sleep_s);

@@ -125,6 +125,7 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -193,7 +194,9 @@ class GroupControl {
   GroupControl() = default;
 
   // Polls `req` with sleeps growing to `max_sleep_s`; DEADLINE_EXCEEDED after `deadline_s` (> 0).
-  absl::Status Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what);
+  // DEADLINE_EXCEEDED once `deadline_s` have passed since `start` (0: never).
+  absl::Status Wait(MPI_Request* req, double max_sleep_s, double deadline_s, const char* what,
+                    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now());
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
