@@ -364,18 +364,27 @@ TEST(ReducerTest, RefusesReplicasWhoseShapesOrDtypesDiffer) {
   auto reducer = Reducer::Create(swapped, &Comm(), one_each);
   ASSERT_FALSE(reducer.ok());
   EXPECT_EQ(reducer.status().code(), absl::StatusCode::kFailedPrecondition) << reducer.status();
-  EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
+  EXPECT_NE(reducer.status().message().find("sizes, order, memory layouts or dtypes differ"), absl::string_view::npos)
       << reducer.status();
   std::vector<at::Tensor> typed = {at::zeros({8}, odd ? at::kBFloat16 : at::kFloat).set_requires_grad(true)};
   reducer = Reducer::Create(typed, &Comm(), ReducerOptions{});
   ASSERT_FALSE(reducer.ok());
-  EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
+  EXPECT_NE(reducer.status().message().find("sizes, order, memory layouts or dtypes differ"), absl::string_view::npos)
       << reducer.status();
   std::vector<at::Tensor> shaped = {at::zeros({odd ? 4 : 8, odd ? 8 : 4}).set_requires_grad(true)};
   reducer = Reducer::Create(shaped, &Comm(), ReducerOptions{});
   ASSERT_FALSE(reducer.ok());
-  EXPECT_NE(reducer.status().message().find("sizes, order or dtypes differ"), absl::string_view::npos)
+  EXPECT_NE(reducer.status().message().find("sizes, order, memory layouts or dtypes differ"), absl::string_view::npos)
       << reducer.status();
+  // A channels_last weight on one rank, a contiguous one on the other: as many elements of one
+  // shape, laid out differently in the bucket.
+  std::vector<at::Tensor> laid_out = {
+      at::zeros({8, 3, 3, 3})
+          .contiguous(odd ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+          .set_requires_grad(true)};
+  reducer = Reducer::Create(laid_out, &Comm(), ReducerOptions{});
+  ASSERT_FALSE(reducer.ok());
+  EXPECT_NE(reducer.status().message().find("memory layouts"), absl::string_view::npos) << reducer.status();
   std::vector<at::Tensor> same = {at::zeros({16}).set_requires_grad(true), at::zeros({32}).set_requires_grad(true)};
   EXPECT_TRUE(Reducer::Create(same, &Comm(), one_each).ok());
 }

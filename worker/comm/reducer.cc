@@ -69,9 +69,11 @@ std::vector<std::vector<size_t>> PlanBuckets(const std::vector<at::Tensor>& para
 
 namespace {
 
-// The bucket plan as 62 bits (FNV-1a over each bucket's parameters: index, shape, dtype), for
-// the ranks to compare: equal counts and totals passed {16, 32} against {32, 16}, and a bf16
-// parameter against a float one of as many elements; the first all-reduce then went wrong.
+// The bucket plan as 62 bits (FNV-1a over each bucket's parameters: index, shape, strides, dtype),
+// for the ranks to compare: equal counts and totals passed {16, 32} against {32, 16}, and a bf16
+// parameter against a float one of as many elements; the first all-reduce then went wrong. The
+// strides too: a bucket holds each gradient in its parameter's layout, so a channels_last weight
+// on one rank and a contiguous one on another were summed element by mismatched element.
 int64_t PlanDigest(const std::vector<at::Tensor>& params, const std::vector<std::vector<size_t>>& plan) {
   uint64_t h = 1469598103934665603ull;
   const auto mix = [&h](uint64_t v) {
@@ -86,6 +88,7 @@ int64_t PlanDigest(const std::vector<at::Tensor>& params, const std::vector<std:
       mix(k);
       mix(static_cast<uint64_t>(params[k].dim()));
       for (int64_t size : params[k].sizes()) mix(static_cast<uint64_t>(size));
+      for (int64_t stride : params[k].strides()) mix(static_cast<uint64_t>(stride));
       mix(static_cast<uint64_t>(params[k].scalar_type()));
     }
   }
@@ -177,7 +180,7 @@ absl::StatusOr<std::unique_ptr<Reducer>> Reducer::Create(std::vector<at::Tensor>
   if (range[5].item<int64_t>() != -range[6].item<int64_t>()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "Reducer: the replicas differ: rank ", comm->rank(), " has ", count, " parameters with ", total,
-        " elements as the others do, but their sizes, order or dtypes differ (or the bucket sizes: ",
+        " elements as the others do, but their sizes, order, memory layouts or dtypes differ (or the bucket sizes: ",
         options.first_bucket_bytes, " and ", options.bucket_bytes, " bytes here)"));
   }
   return r;
