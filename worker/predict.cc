@@ -101,8 +101,10 @@ struct FileStream {
   DecodeResult result;         // ok(), or a skippable problem; result.audio.samples stays empty
 };
 
-// Hands a decode's samples to its FileStream. A non-finite sample stops the decode (the decoder
-// then reports the file non_finite) before it reaches a model.
+// Hands a decode's samples to its FileStream. A non-finite sample, or one past
+// kMaxSampleMagnitude (the decoder's own test), stops the decode (the decoder then reports the
+// file non_finite) before it reaches a model: only NaN and inf did, and a float file damaged at
+// 5 s was inferred to its end, hours on a long one, before it was skipped.
 class StreamSink : public SampleSink {
  public:
   StreamSink(FileStream* file, std::mutex* mu, std::condition_variable* cv, const bool* stop, size_t chunk)
@@ -110,7 +112,7 @@ class StreamSink : public SampleSink {
 
   bool Consume(const float* samples, int64_t count) override {
     for (int64_t k = 0; k < count; ++k) {
-      if (!std::isfinite(samples[k])) return false;
+      if (!(std::fabs(samples[k]) <= kMaxSampleMagnitude)) return false;  // NaN too
     }
     {
       std::unique_lock<std::mutex> lock(*mu_);
@@ -146,6 +148,38 @@ bool HasAudioExtension(const std::string& path) {
   }
   return false;
 }
+
+namespace {
+
+// `files` with each file not named as audio moved to right after the last audio-named file of
+// its stem, if there is one; the order otherwise kept (Predictor::Run).
+std::vector<std::string> AudioNamedFirst(const std::vector<std::string>& files) {
+  std::map<std::string, size_t> last_audio;  // stem -> index of its last audio-named file
+  for (size_t k = 0; k < files.size(); ++k) {
+    if (HasAudioExtension(files[k])) last_audio[Stem(files[k])] = k;
+  }
+  std::map<size_t, std::vector<size_t>> after;  // an audio-named file -> its stem's others
+  std::vector<bool> moved(files.size(), false);
+  for (size_t k = 0; k < files.size(); ++k) {
+    if (HasAudioExtension(files[k])) continue;
+    auto audio = last_audio.find(Stem(files[k]));
+    if (audio == last_audio.end()) continue;
+    after[audio->second].push_back(k);
+    moved[k] = true;
+  }
+  std::vector<std::string> ordered;
+  ordered.reserve(files.size());
+  for (size_t k = 0; k < files.size(); ++k) {
+    if (moved[k]) continue;
+    ordered.push_back(files[k]);
+    if (auto others = after.find(k); others != after.end()) {
+      for (size_t o : others->second) ordered.push_back(files[o]);
+    }
+  }
+  return ordered;
+}
+
+}  // namespace
 
 
 struct Predictor::Impl {
@@ -263,6 +297,9 @@ class Predictor::Impl::RowStream {
     const int64_t rows = std::max<int64_t>(1, (fed_ + impl_->window - 1) / impl_->window);
     while (next_row_ < rows) {
       const int64_t end = std::min<int64_t>(next_row_ + impl_->batch, rows);
+      // Here too: a file of fewer windows than a batch (a soundscape's 48 against 64) runs whole
+      // here, and a stop waited for it (and its views and models).
+      AVIARY_RETURN_IF_ERROR(impl_->CheckStop());
       AVIARY_RETURN_IF_ERROR(RunBlock(next_row_, end));
       next_row_ = end;
     }
@@ -292,6 +329,7 @@ class Predictor::Impl::RowStream {
       }
       at::Tensor total = at::zeros({count, classes}, at::kFloat);
       for (int64_t shift : shifts_) {
+        if (shift != shifts_.front()) AVIARY_RETURN_IF_ERROR(impl_->CheckStop());  // a batch x models each
         at::Tensor view = segment.as_strided({count, window}, {window, 1}, max_shift_ + shift);
         total.add_(impl_->ForwardWindows(view.contiguous()));
       }
@@ -517,9 +555,14 @@ absl::StatusOr<std::vector<float>> Predictor::PredictWaveform(const std::vector<
 }
 
 absl::StatusOr<PredictReport> Predictor::Run(
-    const std::vector<std::string>& audio_files, std::ostream& csv,
+    const std::vector<std::string>& input_files, std::ostream& csv,
     const std::function<void(const PredictProgress&)>& progress) {
   const auto start = std::chrono::steady_clock::now();
+  // A file not named as audio right after the audio-named file of its stem (XC1.bwf after
+  // XC1.ogg, wherever it sorts): it is predicted under the stem only when that one gave no rows
+  // (empty, corrupt), and skipped as a duplicate when it did. Decided before the audio file's
+  // outcome, the stem got no rows at all when the audio file was the broken one.
+  const std::vector<std::string> audio_files = AudioNamedFirst(input_files);
   PredictReport report;
   report.files_total = static_cast<int64_t>(audio_files.size());
   std::vector<std::string> header{"row_id"};
@@ -598,135 +641,143 @@ absl::StatusOr<PredictReport> Predictor::Run(
   absl::Status status;
   std::string text;
   std::map<std::string, std::string> predicted_stems;  // stem -> the file whose rows carry it
-  // The stems of the files named as audio: a file of another extension with one of them (XC1.bak
-  // beside XC1.wav) is never predicted in its place, whichever sorts first.
-  std::map<std::string, std::string> audio_stems;
-  for (const std::string& f : audio_files) {
-    if (HasAudioExtension(f)) audio_stems.emplace(Stem(f), f);
-  }
   int64_t csv_bytes = static_cast<int64_t>(csv.tellp());  // after the last whole file's rows
   std::vector<float> samples;  // taken from the decoder, fed to the rows
   PredictProgress whole_files;  // as of the last whole file
   whole_files.files_total = report.files_total;
   whole_files.csv_bytes = csv_bytes;
   double last_progress_s = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (absl::Status stop = impl_->CheckStop(); !stop.ok()) {
-      status = absl::Status(stop.code(), absl::StrCat("before ", audio_files[i], ": ", stop.message()));
-      break;
-    }
-    const std::string stem = Stem(audio_files[i]);
-    // A file skipped for its stem if it decodes, said before its samples are looked at.
-    std::string duplicate;
-    if (auto audio = audio_stems.find(stem); !HasAudioExtension(audio_files[i]) && audio != audio_stems.end()) {
-      // Not named as audio, beside a recording of its stem (ListAudioFiles lets it through):
-      // that recording's rows carry the stem.
-      duplicate = absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", audio->second,
-                               ", the audio file predicted under it");
-    } else if (auto seen = predicted_stems.find(stem); seen != predicted_stems.end()) {
-      // Two files not named as audio that both decode: the first one's rows carry the stem.
-      duplicate = absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
-                               " (predicted): its row ids would repeat those");
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      consumed = i + 1;
-      if (!duplicate.empty()) {
-        slots[i].unwanted = true;
-        slots[i].pending.clear();
+  // An exception on the way (an allocation for a long file's rows, a stream set to throw, a
+  // callback's) ends the run with a status, the decoders joined as after any failure: unwound
+  // past them, their joinable threads ended the process (no status, no .partial).
+  size_t at = 0;
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      at = i;
+      if (absl::Status stop = impl_->CheckStop(); !stop.ok()) {
+        status = absl::Status(stop.code(), absl::StrCat("before ", audio_files[i], ": ", stop.message()));
+        break;
       }
-    }
-    cv.notify_all();
-    Impl::RowStream rows(impl_.get());
-    FileStream file;  // the decode's outcome once done
-    while (!file.done) {
-      // Woken for a block's worth (at most a chunk) or the end.
-      const size_t wanted = static_cast<size_t>(std::min(rows.Wanted(), chunk));
-      samples.clear();
+      const std::string stem = Stem(audio_files[i]);
+      // A file skipped for its stem if it decodes, said before its samples are looked at.
+      std::string duplicate;
+      if (auto seen = predicted_stems.find(stem); seen != predicted_stems.end()) {
+        // Its stem's rows are written: an audio-named file's (this one not named as audio, beside
+        // it: ListAudioFiles lets it through), or the first of two files that both decode.
+        duplicate = HasAudioExtension(seen->second) && !HasAudioExtension(audio_files[i])
+                        ? absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
+                                       ", the audio file predicted under it")
+                        : absl::StrCat(audio_files[i], ": the same stem '", stem, "' as ", seen->second,
+                                       " (predicted): its row ids would repeat those");
+      }
       {
-        const auto wait_start = std::chrono::steady_clock::now();
-        std::unique_lock<std::mutex> lock(mu);
-        cv.wait(lock, [&] { return slots[i].done || slots[i].pending.size() >= wanted; });
-        samples.swap(slots[i].pending);  // the decoder fills the emptied buffer next
-        if (slots[i].done) {
-          file = std::move(slots[i]);
-          file.done = true;
-          slots[i] = FileStream();
+        std::lock_guard<std::mutex> lock(mu);
+        consumed = i + 1;
+        if (!duplicate.empty()) {
+          slots[i].unwanted = true;
+          slots[i].pending.clear();
         }
-        report.decode_wait_s += Seconds(wait_start);
       }
       cv.notify_all();
-      if (!samples.empty() && duplicate.empty()) {
-        const int64_t rows_before = rows.rows_done();
-        if (absl::Status fed = rows.Feed(samples.data(), static_cast<int64_t>(samples.size())); !fed.ok()) {
-          status = absl::Status(fed.code(), absl::StrCat(audio_files[i], ": ", fed.message()));
+      Impl::RowStream rows(impl_.get());
+      FileStream file;  // the decode's outcome once done
+      while (!file.done) {
+        // Asked at each piece too: a file skipped for its stem is decoded to its end (its
+        // verdict decides the reason) without a block of inference to ask before.
+        if (absl::Status stop = impl_->CheckStop(); !stop.ok()) {
+          status = absl::Status(stop.code(), absl::StrCat(audio_files[i], ": ", stop.message()));
           break;
         }
-        if (progress && rows.rows_done() > rows_before && Seconds(start) - last_progress_s >= impl_->options.progress_interval_s) {
-          PredictProgress p = whole_files;
-          p.elapsed_s = last_progress_s = Seconds(start);
-          p.file_audio_seconds = static_cast<double>(rows.rows_done() * impl_->window) / impl_->sample_rate;
-          progress(p);
+        // Woken for a block's worth (at most a chunk) or the end.
+        const size_t wanted = static_cast<size_t>(std::min(rows.Wanted(), chunk));
+        samples.clear();
+        {
+          const auto wait_start = std::chrono::steady_clock::now();
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait(lock, [&] { return slots[i].done || slots[i].pending.size() >= wanted; });
+          samples.swap(slots[i].pending);  // the decoder fills the emptied buffer next
+          if (slots[i].done) {
+            file = std::move(slots[i]);
+            file.done = true;
+            slots[i] = FileStream();
+          }
+          report.decode_wait_s += Seconds(wait_start);
+        }
+        cv.notify_all();
+        if (!samples.empty() && duplicate.empty()) {
+          const int64_t rows_before = rows.rows_done();
+          if (absl::Status fed = rows.Feed(samples.data(), static_cast<int64_t>(samples.size())); !fed.ok()) {
+            status = absl::Status(fed.code(), absl::StrCat(audio_files[i], ": ", fed.message()));
+            break;
+          }
+          if (progress && rows.rows_done() > rows_before && Seconds(start) - last_progress_s >= impl_->options.progress_interval_s) {
+            PredictProgress p = whole_files;
+            p.elapsed_s = last_progress_s = Seconds(start);
+            p.file_audio_seconds = static_cast<double>(rows.rows_done() * impl_->window) / impl_->sample_rate;
+            progress(p);
+          }
         }
       }
-    }
-    if (!status.ok()) break;
-    report.peak_file_samples = std::max(report.peak_file_samples, rows.peak_samples());
-    const DecodeResult& r = file.result;
-    const bool silent = file.error.ok() && r.failure.problem == AudioProblem::kSilent;
-    if (!file.error.ok()) {
-      // The decoder's own failure on this file (a resampler refusing its rate): skipped and
-      // said, as an undecodable file is; the others are still predicted.
-      report.skipped.push_back({audio_files[i], "error", absl::StrCat(audio_files[i], ": ", file.error.message())});
-    } else if (!r.ok() && !silent) {
-      report.skipped.push_back(
-          {audio_files[i], AudioProblemName(r.failure.problem), r.failure.message});
-    } else if (!duplicate.empty()) {
-      report.skipped.push_back({audio_files[i], "duplicate_stem", duplicate});
-    } else {
-      predicted_stems.emplace(stem, audio_files[i]);
-      absl::StatusOr<std::vector<float>> probs = rows.Finish();
-      if (!probs.ok()) {
-        status = absl::Status(probs.status().code(),
-                              absl::StrCat(audio_files[i], ": ", probs.status().message()));
-        break;
-      }
-      const int64_t classes = static_cast<int64_t>(impl_->class_names.size());
-      const int64_t num_rows = static_cast<int64_t>(probs->size()) / classes;
-      text.clear();
-      for (int64_t row = 0; row < num_rows; ++row) {
-        // Quoted as the header is, when the name needs it (a comma, a quote).
-        common::AppendCsvField(&text, RowId(audio_files[i], static_cast<double>(row + 1) * impl_->options.window_s));
-        for (int64_t c = 0; c < classes; ++c) {
-          text += ',';
-          AppendFloat(&text, (*probs)[static_cast<size_t>(row * classes + c)]);
+      if (!status.ok()) break;
+      report.peak_file_samples = std::max(report.peak_file_samples, rows.peak_samples());
+      const DecodeResult& r = file.result;
+      const bool silent = file.error.ok() && r.failure.problem == AudioProblem::kSilent;
+      if (!file.error.ok()) {
+        // The decoder's own failure on this file (a resampler refusing its rate): skipped and
+        // said, as an undecodable file is; the others are still predicted.
+        report.skipped.push_back({audio_files[i], "error", absl::StrCat(audio_files[i], ": ", file.error.message())});
+      } else if (!r.ok() && !silent) {
+        report.skipped.push_back(
+            {audio_files[i], AudioProblemName(r.failure.problem), r.failure.message});
+      } else if (!duplicate.empty()) {
+        report.skipped.push_back({audio_files[i], "duplicate_stem", duplicate});
+      } else {
+        predicted_stems.emplace(stem, audio_files[i]);
+        absl::StatusOr<std::vector<float>> probs = rows.Finish();
+        if (!probs.ok()) {
+          status = absl::Status(probs.status().code(),
+                                absl::StrCat(audio_files[i], ": ", probs.status().message()));
+          break;
         }
-        text += '\n';
+        const int64_t classes = static_cast<int64_t>(impl_->class_names.size());
+        const int64_t num_rows = static_cast<int64_t>(probs->size()) / classes;
+        text.clear();
+        for (int64_t row = 0; row < num_rows; ++row) {
+          // Quoted as the header is, when the name needs it (a comma, a quote).
+          common::AppendCsvField(&text, RowId(audio_files[i], static_cast<double>(row + 1) * impl_->options.window_s));
+          for (int64_t c = 0; c < classes; ++c) {
+            text += ',';
+            AppendFloat(&text, (*probs)[static_cast<size_t>(row * classes + c)]);
+          }
+          text += '\n';
+        }
+        errno = 0;
+        csv << text;
+        csv.flush();  // a full disk is seen at this file, and the rows before it are whole
+        if (!csv) {  // a full disk: said now, not after the other files' hours
+          const int error = errno;
+          status = CsvWriteError(absl::StrCat("writing the CSV failed at the rows of ", audio_files[i]), error);
+          break;
+        }
+        csv_bytes = static_cast<int64_t>(csv.tellp());
+        ++report.files_predicted;
+        if (silent) ++report.silent_files;
+        report.rows += num_rows;
+        report.audio_seconds += static_cast<double>(rows.fed()) / impl_->sample_rate;
       }
-      errno = 0;
-      csv << text;
-      csv.flush();  // a full disk is seen at this file, and the rows before it are whole
-      if (!csv) {  // a full disk: said now, not after the other files' hours
-        const int error = errno;
-        status = CsvWriteError(absl::StrCat("writing the CSV failed at the rows of ", audio_files[i]), error);
-        break;
+      whole_files.files_done = static_cast<int64_t>(i + 1);
+      whole_files.files_predicted = report.files_predicted;
+      whole_files.rows = report.rows;
+      whole_files.audio_seconds = report.audio_seconds;
+      whole_files.csv_bytes = csv_bytes;
+      if (progress) {
+        PredictProgress p = whole_files;
+        p.elapsed_s = last_progress_s = Seconds(start);
+        progress(p);
       }
-      csv_bytes = static_cast<int64_t>(csv.tellp());
-      ++report.files_predicted;
-      if (silent) ++report.silent_files;
-      report.rows += num_rows;
-      report.audio_seconds += static_cast<double>(rows.fed()) / impl_->sample_rate;
     }
-    whole_files.files_done = static_cast<int64_t>(i + 1);
-    whole_files.files_predicted = report.files_predicted;
-    whole_files.rows = report.rows;
-    whole_files.audio_seconds = report.audio_seconds;
-    whole_files.csv_bytes = csv_bytes;
-    if (progress) {
-      PredictProgress p = whole_files;
-      p.elapsed_s = last_progress_s = Seconds(start);
-      progress(p);
-    }
+  } catch (const std::exception& e) {
+    status = absl::InternalError(absl::StrCat(at < n ? audio_files[at] : std::string("predict"), ": ", e.what()));
   }
   join();
   if (!status.ok()) return status;

@@ -607,9 +607,9 @@ TEST(PredictTest, RunSkipsADanglingLinkAsMissing) {
   EXPECT_THAT(report->skipped[0].message, HasSubstr(dir + "/b.wav"));
 }
 
-// A file not named as audio that decodes after all, with the stem of a recording (which sorts
-// after it) or of another such file predicted before it: skipped and said (its row ids would
-// repeat the other's), whatever the order; the run goes on.
+// A file not named as audio that decodes after all, with the stem of a recording predicted
+// (whichever sorts first: it is taken right after the recording) or of another such file
+// predicted before it: skipped and said (its row ids would repeat the other's); the run goes on.
 TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
   std::unique_ptr<Predictor> p = TwoClassPredictor("stem", 1);
   ASSERT_NE(p, nullptr);
@@ -634,12 +634,38 @@ TEST(PredictTest, RunSkipsAFileWhoseStemWasPredictedAlready) {
   EXPECT_EQ(report->skipped[1].path, dir + "/c.old");
   EXPECT_THAT(report->skipped[1].message, HasSubstr("the same stem 'c' as " + dir + "/c.bak (predicted)"));
   EXPECT_EQ(csv.str().find("\na_1,"), csv.str().rfind("\na_1,"));  // one row a_1, a.wav's
-  // The CSV's length after each file's rows (a failed write keeps whole files only).
+  // The CSV's length after each file's rows (a failed write keeps whole files only), in the
+  // order taken: a.wav, a.bak, b.wav, c.bak, c.old.
   ASSERT_EQ(bytes.size(), 5u);
-  EXPECT_EQ(bytes[0], static_cast<int64_t>(csv.str().find('\n') + 1));  // a.bak skipped: the header
-  EXPECT_LT(bytes[0], bytes[1]);
+  EXPECT_LT(static_cast<int64_t>(csv.str().find('\n') + 1), bytes[0]);  // a.wav's rows
+  EXPECT_EQ(bytes[0], bytes[1]);  // the skipped a.bak wrote nothing
+  EXPECT_LT(bytes[1], bytes[2]);
   EXPECT_EQ(bytes[3], bytes[4]);  // the skipped c.old wrote nothing
   EXPECT_EQ(bytes[4], static_cast<int64_t>(csv.str().size()));
+}
+
+// A recording whose audio-named file gives no rows (an empty XC1.ogg from a failed conversion)
+// is predicted from the other file of its stem (XC1.bwf, which libsndfile reads; it sorts
+// first): the stem got no rows at all, both skipped.
+TEST(PredictTest, AStemsOtherFileIsPredictedWhenItsAudioFileGivesNoRows) {
+  std::unique_ptr<Predictor> p = TwoClassPredictor("stem_broken", 1);
+  ASSERT_NE(p, nullptr);
+  std::string dir = Dir("stem_broken");
+  std::ofstream(dir + "/XC1.ogg").close();  // empty
+  WriteWav(dir + "/XC1.bwf", Noise(64000, 8), 32000);
+  auto files = ListAudioFiles(dir);
+  ASSERT_TRUE(files.ok()) << files.status();
+  ASSERT_EQ(files->size(), 2u);  // XC1.bwf, XC1.ogg
+  std::ostringstream csv;
+  auto report = p->Run(*files, csv, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->files_predicted, 1);
+  EXPECT_EQ(report->rows, 2);
+  ASSERT_EQ(report->skipped.size(), 1u);
+  EXPECT_EQ(report->skipped[0].path, dir + "/XC1.ogg");
+  EXPECT_EQ(report->skipped[0].reason, "empty");
+  EXPECT_THAT(csv.str(), HasSubstr("\nXC1_1,"));
+  EXPECT_THAT(csv.str(), HasSubstr("\nXC1_2,"));
 }
 
 // Options out of range are refused at Create, naming each value (the streaming ones included).
@@ -791,6 +817,51 @@ TEST(PredictTest, AFileFoundNonFiniteWhileStreamingHasNoRows) {
   EXPECT_EQ(report->rows, 2);
 }
 
+// A sample past the decoder's damage threshold (1e8; finite) ends the streamed decode there, as
+// a NaN does: the file was inferred to its end (hours on a long one) and only then skipped.
+TEST(PredictTest, AHugeSampleEndsTheStreamedDecodeWhereItIs) {
+  PredictOptions options;
+  options.checkpoints = {SaveModel("stream_huge", {"a", "b"})};
+  options.window_s = 0.5;
+  options.batch_windows = 2;
+  options.threads = 1;
+  options.device = "cpu";
+  options.progress_interval_s = 0;
+  options.chunk_samples = 8000;
+  options.decode_threads = 1;
+  const std::string dir = Dir("stream_huge");
+  std::vector<float> wave = Noise(16000 * 60, 15);  // 30 s
+  wave[16000 * 10 + 3] = 1e9f;                      // at 5 s
+  WriteFloatWav(dir + "/a.wav", wave, 32000);
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::ostringstream csv;
+  double furthest = 0;
+  auto report = (*p)->Run({dir + "/a.wav"}, csv, [&](const PredictProgress& c) {
+    furthest = std::max(furthest, c.file_audio_seconds);
+  });
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->skipped.size(), 1u);
+  EXPECT_EQ(report->skipped[0].reason, "non_finite");
+  EXPECT_EQ(report->rows, 0);
+  EXPECT_LT(furthest, 8.0);  // the inference's position in the file, not a time
+}
+
+// An exception in the file loop (here the progress callback's; an allocation, a stream set to
+// throw) ends the run with a status naming the file, the decoders joined: it ended the process.
+TEST(PredictTest, AnExceptionInTheFileLoopIsAStatus) {
+  std::unique_ptr<Predictor> p = TwoClassPredictor("throws", 0.5);
+  ASSERT_NE(p, nullptr);
+  const std::string dir = Dir("throws");
+  WriteFloatWav(dir + "/a.wav", Noise(16000 * 4, 16), 32000);
+  WriteFloatWav(dir + "/b.wav", Noise(16000 * 40, 17), 32000);
+  std::ostringstream csv;
+  auto report = p->Run({dir + "/a.wav", dir + "/b.wav"}, csv,
+                       [](const PredictProgress&) { throw std::runtime_error("the callback failed"); });
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kInternal) << report.status();
+  EXPECT_TRUE(absl::StrContains(report.status().message(), "a.wav: the callback failed")) << report.status();
+}
+
 // A long file skipped for its stem (b.bak beside b.wav) while its decoder waits in the sink
 // with a chunk of it not taken: marked unwanted, its samples are dropped and the decoder goes
 // on to the end (its verdict decides the reason), and the files after it are predicted (a run
@@ -915,6 +986,28 @@ TEST(PredictTest, ShouldStopEndsTheRunBetweenBatchesWithWholeFilesRows) {
   EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled);
   EXPECT_THAT(report.status().message(), HasSubstr("before " + dir + "/a.wav"));
   EXPECT_EQ(header_only.str(), "row_id,a,b\n");
+}
+
+// A file of fewer windows than a batch runs whole at its end (Finish): a stop is asked there too,
+// and between the views, not only before the blocks of a long file (it waited for the file).
+TEST(PredictTest, ShouldStopIsAskedForAFileThatRunsWholeAtItsEnd) {
+  const std::string dir = Dir("stop_finish");
+  WriteFloatWav(dir + "/a.wav", Noise(16000 * 40, 54), 32000);  // 40 windows of 0.5 s
+  PredictOptions options;
+  options.checkpoints = {SaveModel("stop_finish", {"a", "b"})};
+  options.window_s = 0.5;
+  options.batch_windows = 64;
+  options.tta = 3;
+  options.device = "cpu";
+  options.chunk_samples = int64_t{1} << 24;
+  int asked = 0;
+  options.should_stop = [&] { return ++asked >= 2; };  // not before the file: within it
+  auto p = Predictor::Create(options);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::ostringstream csv;
+  auto report = (*p)->Run({dir + "/a.wav"}, csv, nullptr);
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
+  EXPECT_EQ(csv.str(), "row_id,a,b\n");
 }
 
 // On CUDA, predict computes in float32 as the CPU does: TF32 (cuDNN's default for convolutions)

@@ -679,11 +679,6 @@ bool OpenAudio(const std::string& path, int target_sample_rate, SndFile* file, S
   return true;
 }
 
-// A float sample past this is damage, not audio: squared in the mel front end a 1e30 overflowed
-// to infinity downstream, where a NaN or an infinity is caught here. (Float files stored at
-// integer scale, +-32768, are audio: libsndfile returns float samples as stored.)
-constexpr float kMaxSampleMagnitude = 1e8f;
-
 // Delivers output samples to a sink, dropping the first `skip` and stopping after `want`;
 // checks for zeros and non-finite values on the way.
 class Emitter {

@@ -122,6 +122,12 @@ struct DecodeResult {
 };
 absl::StatusOr<DecodeResult> DecodeAudio(const std::string& path, const DecodeOptions& options);
 
+// A float sample past this is damage, not audio: squared in the mel front end a 1e30 overflowed
+// to infinity downstream, where a NaN or an infinity is caught. (Float files stored at integer
+// scale, +-32768, are audio: libsndfile returns float samples as stored.) The decoder reports a
+// file holding one as non_finite.
+constexpr float kMaxSampleMagnitude = 1e8f;
+
 // Streams a decode to `sink` block by block (16384 source frames per block, resampled) instead
 // of materialising it: the same samples, window rules and classification as DecodeAudio (the
 // silent and non-finite checks cover everything streamed), with `result->audio.samples` left

@@ -191,21 +191,6 @@ absl::Status LeaveOutTheOutput(const PredictArgs& args, std::vector<std::string>
   return absl::OkStatus();
 }
 
-// After a failed or stopped run: the rows of the whole files in `tmp` (as `last` counts them; a
-// failed write may have left part of a row) kept as `partial`, else `tmp` removed. Says which.
-void KeepWholeFilesRows(const std::string& tmp, const std::string& partial, const std::string& out,
-                        const worker::PredictProgress& last, const char* before_what) {
-  if (last.rows > 0 && last.csv_bytes > 0 && ::truncate(tmp.c_str(), last.csv_bytes) == 0 &&
-      std::rename(tmp.c_str(), partial.c_str()) == 0) {
-    common::WriteLineToStderr(absl::StrCat("aviary predict: the rows of the ", last.files_predicted,
-                                           " file(s) predicted before the ", before_what, " (", last.rows,
-                                           " rows; ", last.files_done, " of ", last.files_total,
-                                           " files done) are in ", partial, "; ", out, " not written"));
-  } else {
-    std::remove(tmp.c_str());
-  }
-}
-
 // The CSV's bytes on disk before the rename publishes it (as WriteFileAtomically does).
 absl::Status SyncFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -215,6 +200,27 @@ absl::Status SyncFile(const std::string& path) {
   ::close(fd);
   if (rc != 0) return absl::InternalError(absl::StrCat("fsync ", path, ": ", common::ErrnoText(error)));
   return absl::OkStatus();
+}
+
+// After a failed or stopped run: the rows of the whole files in `tmp` (as `last` counts them; a
+// failed write may have left part of a row) kept as `partial`, else `tmp` removed. Says which.
+void KeepWholeFilesRows(const std::string& tmp, const std::string& partial, const std::string& out,
+                        const worker::PredictProgress& last, const char* before_what) {
+  if (last.rows > 0 && last.csv_bytes > 0 && ::truncate(tmp.c_str(), last.csv_bytes) == 0) {
+    // On disk before it is said to be there, as the finished CSV is (a crash after the message
+    // left an empty or missing .partial); as far as the filesystem syncs at all: the rows are
+    // kept either way.
+    SyncFile(tmp).IgnoreError();
+    if (std::rename(tmp.c_str(), partial.c_str()) == 0) {
+      common::SyncFolder(std::filesystem::path(partial).parent_path().string()).IgnoreError();
+      common::WriteLineToStderr(absl::StrCat("aviary predict: the rows of the ", last.files_predicted,
+                                             " file(s) predicted before the ", before_what, " (", last.rows,
+                                             " rows; ", last.files_done, " of ", last.files_total,
+                                             " files done) are in ", partial, "; ", out, " not written"));
+      return;
+    }
+  }
+  std::remove(tmp.c_str());
 }
 
 int RunPredict(const PredictArgs& args) {
