@@ -1201,6 +1201,10 @@ absl::Status Trainer::State::LoadInitCheckpoint() {
 // read (not with --no-resume, which starts over). A ".tmp." file is never put in place: the
 // fence may have refused it.
 absl::Status Trainer::State::RemoveStaleTemporaries() const {
+  // Fenced as the writes are: a group that lost its lease before the start (reaped while it
+  // fetched the manifest, stopped past the heartbeat timeout) would remove the new holder's
+  // staged checkpoints and rotate its last.pt.
+  if (options.commit_check) AVIARY_RETURN_IF_ERROR(options.commit_check(options.out_dir));
   std::error_code ec;
   int removed = 0;
   std::vector<std::string> ready;

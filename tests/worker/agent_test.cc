@@ -221,6 +221,27 @@ TEST(GroupControlTest, TheVerdictBlamesTheFirstRankWhoseErrorIsNotAConsequence) 
   EXPECT_TRUE(JudgeOutcome(Finished({C::kOk, C::kInvalidArgument}), 2, /*training=*/false).agreed);
 }
 
+// Interrupt (the link's threads stopped) ends the waits until Resume (started again): it was for
+// good, and the sender's Peek and a drain's WaitEmpty returned at once, spinning a core.
+TEST(ReportBufferTest, ResumeUndoesInterrupt) {
+  ReportBuffer buffer(10);
+  buffer.Push(Point("t", 1, false));
+  buffer.Interrupt();
+  EXPECT_FALSE(buffer.WaitEmpty(5));  // at once
+  buffer.Resume();
+  std::atomic<bool> emptied{false};
+  std::thread sender([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ASSERT_EQ(buffer.Peek(10, 0).size(), 1u);
+    emptied = true;
+    buffer.Pop();
+  });
+  EXPECT_TRUE(buffer.WaitEmpty(30));  // waited for the sender, not returned at once
+  EXPECT_TRUE(emptied.load());
+  sender.join();
+  EXPECT_TRUE(buffer.Peek(10, 0).empty());
+}
+
 TEST(GroupControlTest, StopMessagesCarryTheStatus) {
   EXPECT_TRUE(ParseStopMessage(StopMessage(absl::OkStatus())).ok());
   const absl::Status refused = absl::PermissionDeniedError("token\nrefused");

@@ -629,6 +629,63 @@ TEST_F(CoordinatorLinkTest, AStopSignalCancelsAManifestFetch) {
   EXPECT_NE(leased.message().find("stopped by a signal (SIGUSR2)"), std::string::npos) << leased;
 }
 
+// The group lost while its lease's manifest streams (the coordinator forgot it: here LeaveGroup
+// in its name, heard by the heartbeats as NOT_FOUND): the task is not handed out to start (it
+// may be another group's already, and its start tidies the run folder).
+TEST_F(CoordinatorLinkTest, ATaskWhoseGroupWasLostDuringItsManifestFetchIsNotStarted) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  ASSERT_TRUE(link.Register().ok());
+  struct Gate {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool entered = false, released = false;
+  };
+  auto gate = std::make_shared<Gate>();  // shared: the coordinator's thread may leave the hook after the test
+  coordinator_->scheduler()->SetManifestHookForTest([gate] {
+    std::unique_lock<std::mutex> lock(gate->mu);
+    gate->entered = true;
+    gate->cv.notify_all();
+    gate->cv.wait_for(lock, std::chrono::seconds(20), [&] { return gate->released; });
+  });
+  link.StartThreads();
+  absl::Status leased;
+  v1::Task task;
+  bool available = false;
+  std::thread lease([&] { leased = link.Lease(&task, &available); });
+  bool entered = false;
+  {
+    std::unique_lock<std::mutex> lock(gate->mu);
+    entered = gate->cv.wait_for(lock, std::chrono::seconds(30), [&] { return gate->entered; });
+  }
+  if (entered) {
+    auto workers = v1::WorkerService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer the-worker-token");
+    v1::LeaveGroupRequest leave;
+    leave.set_group_id(link.group_id());
+    leave.set_reason("the test");
+    v1::LeaveGroupResponse left;
+    const grpc::Status st = workers->LeaveGroup(&ctx, leave, &left);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    for (int i = 0; i < 100 && !link.lost(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_TRUE(link.lost());
+  }
+  {
+    std::lock_guard<std::mutex> lock(gate->mu);
+    gate->released = true;
+  }
+  gate->cv.notify_all();
+  lease.join();
+  link.StopThreads();
+  ASSERT_TRUE(entered) << "no manifest fetch: " << leased;
+  EXPECT_FALSE(leased.ok());
+  EXPECT_FALSE(available);
+  EXPECT_NE(leased.message().find("was lost while the task's manifest was fetched; not started"), std::string::npos)
+      << leased;
+}
+
 // A worker token rotated while a group runs (docs/SERVICE.md, "Security model"): the coordinator
 // refuses the old token, the link reads its token file again and goes on with the one there. The
 // task's completion, refused meanwhile, is kept (it was dropped as refused for good), arrives once
@@ -756,6 +813,26 @@ TEST_F(CoordinatorLinkTest, ARefusedPointDropsOnlyItselfNotItsRun) {
   link.Drain(task.task_id(), 30, 0);
   link.EndTask();
   link.StopThreads();
+
+  std::vector<int> epochs;
+  ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));
+  EXPECT_EQ(epochs, (std::vector<int>{0, 1}));
+}
+
+// The same through Leave's last try (the group stopping with a backlog): the refused point goes,
+// not its run (Leave dropped the whole run: history rows lost at a SIGTERM).
+TEST_F(CoordinatorLinkTest, LeaveDropsARefusedPointNotItsRun) {
+  v1::SubmitJobResponse submitted;
+  ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
+  CoordinatorLink link(options_, metrics_.get(), OneRank());
+  v1::Task task;
+  ASSERT_NO_FATAL_FAILURE(RegisterAndLease(link, &task));
+  auto point = [&](int epoch, int64_t step) { return EpochEndReport(task.task_id(), epoch, step); };
+  link.BeginTask(task.task_id(), task.attempt());
+  link.Push(point(0, 10));
+  link.Push(point(99, 15));  // the plan has 3 epochs
+  link.Push(point(1, 20));
+  link.Leave("the test");  // no sender thread: Leave sends them
 
   std::vector<int> epochs;
   ASSERT_NO_FATAL_FAILURE(HistoryEpochs(submitted.job_id(), task.task_id(), &epochs));

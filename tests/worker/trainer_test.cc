@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <optional>
@@ -854,6 +855,30 @@ TEST_F(TrainerTest, ARefusedCommitEndsTheRunAndKeepsThePreviousFiles) {
   for (const auto& e : fs::directory_iterator(o.out_dir)) {
     EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
   }
+}
+
+// The start's tidy-up (staged files of an earlier attempt removed, a stopped rotation finished)
+// is fenced as the writes are: a group whose lease is gone before the start (reaped while it
+// fetched the manifest) removed the new holder's staged checkpoint.
+TEST_F(TrainerTest, TheStartsTidyUpIsFencedAsTheWritesAre) {
+  TrainOptions o;
+  o.out_dir = Out("tidy_fenced");
+  fs::create_directories(o.out_dir);
+  const std::string staged = o.out_dir + "/best.pt.tmp.123.456";  // the new holder's, being written
+  std::ofstream(staged) << "being written";
+  o.commit_check = [](const std::string& path) {
+    return absl::AbortedError("lease for task j000000000001/finetune-f0 attempt 1 expired; not writing " + path);
+  };
+  auto t = Trainer::Create(Config(), o);  // the start (and its tidy-up) is Create's
+  const absl::Status refused = t.ok() ? (*t)->Run() : t.status();
+  EXPECT_TRUE(absl::IsAborted(refused)) << refused;
+  EXPECT_TRUE(fs::exists(staged));
+  // With the lease, the stale file goes.
+  o.commit_check = nullptr;
+  auto again = Trainer::Create(Config(), o);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE((*again)->Run().ok());
+  EXPECT_FALSE(fs::exists(staged));
 }
 
 TEST_F(TrainerTest, FineTuningStartsFromThePretrainingCheckpointWithANewHead) {

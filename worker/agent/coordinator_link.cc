@@ -164,6 +164,7 @@ absl::Status CoordinatorLink::Register() {
       {
         absl::MutexLock lock(&mu_);
         group_id_ = response.group_id();
+        lost_ = false;  // with the id (Failed compares and sets both under mu_)
         heartbeat_ms_ = heartbeat_ms;
         heartbeat_timeout_ms_ = response.heartbeat_timeout_ms();
         // A task leased by the group the coordinator forgot, never begun (its manifest fetch was
@@ -179,7 +180,6 @@ absl::Status CoordinatorLink::Register() {
         Log().Warn(absl::StrCat("the coordinator at ", options_.coordinator, " does not say its heartbeat timeout; "
                                 "writes into run folders are not fenced"));
       }
-      lost_ = false;
       registered_before_ = true;
       metrics_->SetGroupId(response.group_id());
       Connected(true);
@@ -229,6 +229,7 @@ void CoordinatorLink::StartThreads() {
     std::lock_guard<std::mutex> lock(sleep_mu_);
     stopping_ = false;
   }
+  buffer_.Resume();  // a StopThreads before interrupted it for good
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
   shipper_ = std::thread([this] { ShipLoop(); });
   sender_ = std::thread([this] { SenderLoop(); });
@@ -285,6 +286,13 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
       std::string csv;
       AVIARY_RETURN_IF_ERROR(FetchManifest(task->manifest_hash(), task->manifest_size(), request.group_id(), &csv));
       task->set_manifest_csv(std::move(csv));
+    }
+    // The group lost meanwhile (the coordinator forgot it while the manifest streamed: a reap, a
+    // stop past the heartbeat timeout): the task may be another group's already. Not started
+    // (it tidied that group's run folder); the registration again forgets it (leased_not_begun_).
+    if (lost_) {
+      return absl::UnavailableError(absl::StrCat("task ", task->task_id(), ": group ", request.group_id(),
+                                                 " was lost while the task's manifest was fetched; not started"));
     }
     *available = true;
   }
@@ -569,6 +577,16 @@ void CoordinatorLink::Drain(const std::string& task_id, double max_wait_s, doubl
   Clock::time_point signalled_at{};
   const auto start = Clock::now();
   while (!buffer_.WaitEmpty(0.2)) {
+    bool sending = false;
+    {
+      absl::MutexLock lock(&mu_);
+      sending = running_;
+    }
+    if (!sending) {  // no sender to wait for (and WaitEmpty returns at once: the wait spun)
+      Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator,
+                              " (the link's threads are stopped)"));
+      return;
+    }
     if (lost_) DropTask(task_id);
     if (max_wait_s >= 0 && SecondsSince(start) > max_wait_s) {
       Log().Warn(absl::StrCat(buffer_.size(), " report(s) not delivered to ", options_.coordinator));
@@ -605,6 +623,16 @@ void CoordinatorLink::Leave(const std::string& reason) {
     if (!st.ok() && (IsTransient(st.error_code()) || KeepsRefused(st))) {
       buffer_.Release();
       break;
+    }
+    if (st.error_code() == grpc::StatusCode::INVALID_ARGUMENT && run.size() > 1 &&
+        RefusedPoint(st.error_message(), run.size()).has_value()) {
+      // As the sender does: the refused point goes, not its run (history rows lost at a stop).
+      if (ResendWithoutRefusedPoints(run, st, gid).kept) {
+        buffer_.Release();
+        break;
+      }
+      buffer_.Pop();
+      continue;
     }
     // Sent, or refused for good (a point out of range, a task the coordinator moved on): the
     // reports behind it go on, as the sender's loop does.
@@ -713,7 +741,17 @@ absl::Status CoordinatorLink::Failed(const char* rpc, const grpc::Status& st, co
                                         ": ", st.error_message());
   if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
     Connected(true);
-    if (gid == group_id() && !lost_.exchange(true)) {
+    bool newly_lost = false;
+    {
+      // The group's id and the flag under one lock, as Register sets them: a call for the old
+      // group answered after the registration again marked the new group lost.
+      absl::MutexLock lock(&mu_);
+      if (gid == group_id_ && !lost_) {
+        lost_ = true;
+        newly_lost = true;
+      }
+    }
+    if (newly_lost) {
       lease_.Revoke(absl::StrCat("the coordinator no longer knows group ", gid));
       Log().Warn(absl::StrCat(what, "; the group registers again"));
     }
@@ -842,15 +880,19 @@ void CoordinatorLink::ShipLoop() {
 }
 
 void CoordinatorLink::CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc) {
-  absl::MutexLock lock(&mu_);
-  if (task_id.empty() || task_id != task_id_ || cancel_) return;
-  if (generation >= 0 && generation != lease_generation_) return;
-  // The outcome is on its way or taken (the coordinator answers "cancel" for a task it has done with): the
-  // task stopped by itself. A user's cancel meanwhile refuses the outcome, and that is said.
-  if (outcome_pushed_) return;
-  cancel_ = true;
-  lease_.Revoke(absl::StrCat("the coordinator cancelled it or gave it to another group (", rpc, ")"),
-                /*by_cancel=*/true);
+  {
+    absl::MutexLock lock(&mu_);
+    if (task_id.empty() || task_id != task_id_ || cancel_) return;
+    if (generation >= 0 && generation != lease_generation_) return;
+    // The outcome is on its way or taken (the coordinator answers "cancel" for a task it has done with): the
+    // task stopped by itself. A user's cancel meanwhile refuses the outcome, and that is said.
+    if (outcome_pushed_) return;
+    cancel_ = true;
+    lease_.Revoke(absl::StrCat("the coordinator cancelled it or gave it to another group (", rpc, ")"),
+                  /*by_cancel=*/true);
+  }
+  // Said outside mu_: a log line blocked on a stuck stderr held it, and with it Push (the stall
+  // watchdog's failure report, queued before any log line for that reason) and group_id().
   Log().Warn(absl::StrCat("the coordinator cancelled task ", task_id, " (", rpc, "); stopping it"));
 }
 
@@ -907,6 +949,51 @@ grpc::Status CoordinatorLink::Send(const std::vector<Report>& run, const std::st
   return grpc::Status(grpc::StatusCode::INTERNAL, "unknown report kind");
 }
 
+// After a run's refusal that names one of its points (RefusedPoint): that point goes, the rest
+// is sent again, one request as before; at most kMaxRefusedPoints times (a refusal of every point
+// drops the run). `kept`: a transient failure meanwhile (the whole run to be sent again later);
+// `unknown`: the coordinator no longer knows the task's group.
+CoordinatorLink::RefusedRun CoordinatorLink::ResendWithoutRefusedPoints(const std::vector<Report>& run,
+                                                                       const grpc::Status& st,
+                                                                       const std::string& gid) {
+  constexpr int kMaxRefusedPoints = 8;
+  std::vector<Report> rest = run;
+  grpc::Status now = st;
+  bool kept = false, unknown = false;
+  for (int dropped = 0;; ++dropped) {
+    const std::optional<size_t> bad =
+        dropped < kMaxRefusedPoints ? RefusedPoint(now.error_message(), rest.size()) : std::nullopt;
+    if (!bad.has_value()) {
+      Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
+                               " point(s) of task ", run.front().task_id, " dropped"));
+      break;
+    }
+    const Report& refused = rest[*bad];
+    Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; that point (epoch ",
+                             refused.point.epoch(), ", step ", refused.point.step(), ") of task ",
+                             refused.task_id, " dropped, the run's other ", rest.size() - 1, " sent again"));
+    rest.erase(rest.begin() + static_cast<std::ptrdiff_t>(*bad));
+    if (rest.empty()) break;
+    now = Send(rest, gid);
+    if (now.ok()) break;
+    if (IsTransient(now.error_code()) || KeepsRefused(now)) {
+      // The whole run again later: its refused point goes again, the rest is recognised
+      // where it was taken (ReportProgress skips a resent run's points).
+      Log().Warn(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", buffer_.size(),
+                              " report(s) buffered, retrying"));
+      kept = true;
+      break;
+    }
+    if (now.error_code() != grpc::StatusCode::INVALID_ARGUMENT) {
+      Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
+                               " point(s) of task ", run.front().task_id, " dropped"));
+      unknown = now.error_code() == grpc::StatusCode::NOT_FOUND;
+      break;
+    }
+  }
+  return {kept, unknown};
+}
+
 void CoordinatorLink::SenderLoop() {
   Backoff backoff(0.5, 10);
   int64_t dropped_said = 0;  // step points said dropped so far
@@ -959,41 +1046,8 @@ void CoordinatorLink::SenderLoop() {
       // the whole run went with it, epoch ends and all (history rows lost). The refusal names
       // the point ("field 'points[i]...'"): it goes, the rest is sent again, one request as
       // before; at most kMaxRefusedPoints times (a refusal of every point drops the run).
-      constexpr int kMaxRefusedPoints = 8;
-      std::vector<Report> rest = run;
-      grpc::Status now = st;
-      bool kept = false, unknown = false;
-      for (int dropped = 0;; ++dropped) {
-        const std::optional<size_t> bad =
-            dropped < kMaxRefusedPoints ? RefusedPoint(now.error_message(), rest.size()) : std::nullopt;
-        if (!bad.has_value()) {
-          Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
-                                   " point(s) of task ", run.front().task_id, " dropped"));
-          break;
-        }
-        const Report& refused = rest[*bad];
-        Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; that point (epoch ",
-                                 refused.point.epoch(), ", step ", refused.point.step(), ") of task ",
-                                 refused.task_id, " dropped, the run's other ", rest.size() - 1, " sent again"));
-        rest.erase(rest.begin() + static_cast<std::ptrdiff_t>(*bad));
-        if (rest.empty()) break;
-        now = Send(rest, gid);
-        if (now.ok()) break;
-        if (IsTransient(now.error_code()) || KeepsRefused(now)) {
-          // The whole run again later: its refused point goes again, the rest is recognised
-          // where it was taken (ReportProgress skips a resent run's points).
-          Log().Warn(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", buffer_.size(),
-                                  " report(s) buffered, retrying"));
-          kept = true;
-          break;
-        }
-        if (now.error_code() != grpc::StatusCode::INVALID_ARGUMENT) {
-          Log().Error(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", rest.size(),
-                                   " point(s) of task ", run.front().task_id, " dropped"));
-          unknown = now.error_code() == grpc::StatusCode::NOT_FOUND;
-          break;
-        }
-      }
+      const RefusedRun resent = ResendWithoutRefusedPoints(run, st, gid);
+      const bool kept = resent.kept, unknown = resent.unknown;
       if (kept) {
         buffer_.Release();
         SleepUnlessStopped(std::chrono::duration_cast<std::chrono::steady_clock::duration>(

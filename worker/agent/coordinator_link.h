@@ -177,6 +177,13 @@ class CoordinatorLink {
   void CancelIfCurrent(const std::string& task_id, int64_t generation, const char* rpc);
   // Sends one run of reports. OK: delivered (or refused for good: dropped and logged).
   grpc::Status Send(const std::vector<Report>& run, const std::string& group_id);
+  struct RefusedRun {
+    bool kept = false;     // to be sent again later (a transient failure meanwhile)
+    bool unknown = false;  // the coordinator no longer knows the group
+  };
+  // A run whose refusal `st` names one of its points: sent again without it (SenderLoop, Leave).
+  RefusedRun ResendWithoutRefusedPoints(const std::vector<Report>& run, const grpc::Status& st,
+                                        const std::string& gid);
   void SenderLoop();
 
   const AgentOptions& options_;

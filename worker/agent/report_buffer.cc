@@ -111,6 +111,11 @@ void ReportBuffer::Interrupt() {
   cv_.notify_all();
 }
 
+void ReportBuffer::Resume() {
+  absl::MutexLock lock(&mu_);
+  interrupted_ = false;
+}
+
 size_t ReportBuffer::size() const {
   absl::MutexLock lock(&mu_);
   return queue_.size();

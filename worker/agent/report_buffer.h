@@ -52,8 +52,10 @@ class ReportBuffer {
   void DropTask(const std::string& task_id);
   // Waits until nothing is left or `timeout_s` passed (< 0: forever). True when empty.
   bool WaitEmpty(double timeout_s);
-  // Wakes Peek and WaitEmpty callers (shutdown).
+  // Wakes Peek and WaitEmpty callers (shutdown); they return at once until Resume.
   void Interrupt();
+  // Undoes Interrupt (the link's threads started again): else the sender's Peek spun.
+  void Resume();
 
   size_t size() const;
   size_t points() const;           // progress points waiting (the gauge)
