@@ -330,6 +330,18 @@ namespace {
 
 using std::chrono::milliseconds;
 
+// The lease runs on CLOCK_BOOTTIME, which goes on through a suspend (steady_clock stops there:
+// a hibernated host resumed with a lease it no longer had).
+TEST(LeaseClockTest, RunsOnTheBootClock) {
+  timespec before{}, after{};
+  ASSERT_EQ(::clock_gettime(CLOCK_BOOTTIME, &before), 0);
+  const int64_t now = LeaseClock::Clock::now().time_since_epoch().count();
+  ASSERT_EQ(::clock_gettime(CLOCK_BOOTTIME, &after), 0);
+  EXPECT_LE(before.tv_sec * int64_t{1000000000} + before.tv_nsec, now);
+  EXPECT_LE(now, after.tv_sec * int64_t{1000000000} + after.tv_nsec);
+  static_assert(LeaseClock::Clock::is_steady);
+}
+
 TEST(LeaseClockTest, ValidUntilTheLastAnsweredSendPlusTimeoutLessMargin) {
   LeaseClock lease;
   lease.SetTimeout(4000);  // margin max(500 ms, 400 ms) = 500 ms

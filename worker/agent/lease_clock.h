@@ -14,6 +14,8 @@
 #ifndef AVIARY_WORKER_AGENT_LEASE_CLOCK_H_
 #define AVIARY_WORKER_AGENT_LEASE_CLOCK_H_
 
+#include <time.h>
+
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -24,9 +26,25 @@
 
 namespace aviary::worker {
 
+// CLOCK_BOOTTIME: monotonic as steady_clock (CLOCK_MONOTONIC) is, but it runs on while the host
+// is suspended. On steady_clock a host that hibernated (a spot GPU instance) past the timeout
+// resumed with its lease still "valid", while the coordinator had leased the task again.
+struct BootClock {
+  using duration = std::chrono::nanoseconds;
+  using rep = duration::rep;
+  using period = duration::period;
+  using time_point = std::chrono::time_point<BootClock>;
+  static constexpr bool is_steady = true;
+  static time_point now() noexcept {
+    timespec ts{};
+    ::clock_gettime(CLOCK_BOOTTIME, &ts);  // cannot fail for this clock id on Linux >= 2.6.39
+    return time_point(duration(static_cast<rep>(ts.tv_sec) * 1000000000 + ts.tv_nsec));
+  }
+};
+
 class LeaseClock {
  public:
-  using Clock = std::chrono::steady_clock;
+  using Clock = BootClock;
 
   // The coordinator's heartbeat timeout (RegisterGroupResponse.heartbeat_timeout_ms, or a
   // heartbeat's answer after the coordinator restarted with another; 0: off). A shorter one
