@@ -2062,6 +2062,7 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
+  if (EarlierAttempt(request.task_id(), request.attempt(), request.group_id(), "CompleteTask")) return absl::OkStatus();
   if (absl::IsInvalidArgument(checked)) return RestartRefusedEnd(*group, request.task_id(), "CompleteTask", checked);
   AVIARY_RETURN_IF_ERROR(checked);  // UNAVAILABLE: the group sends it again
   Changes changes;
@@ -2112,6 +2113,7 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
+  if (EarlierAttempt(request.task_id(), request.attempt(), request.group_id(), "FailTask")) return absl::OkStatus();
   Changes changes;
   GroupRow group_row = group->row;
   group_row.task_id.clear();
@@ -2144,12 +2146,25 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   return absl::OkStatus();
 }
 
+bool Scheduler::EarlierAttempt(const std::string& task_id, int attempt, const std::string& group_id,
+                               const char* rpc) const {
+  const int current = tasks_.at(task_id).info.attempt();
+  if (attempt <= 0 || attempt == current) return false;
+  // The group holds the task again, at a later attempt: this outcome is a copy of one taken
+  // before (its first answer lost, the retry answered; the copy held up in a busy server). Taken
+  // as the current attempt's, it ended the attempt the group is training now.
+  log_.Info(absl::StrCat("group ", group_id, " sent ", rpc, " for task ", task_id, " attempt ", attempt,
+                         " while it holds attempt ", current, ": a late copy of an outcome taken before; ignored"));
+  return true;
+}
+
 absl::Status Scheduler::RefuseEndOfTask(const std::string& group_id, const std::string& task_id, const char* rpc,
-                                        const absl::Status& refusal) {
+                                        const absl::Status& refusal, int attempt) {
   absl::MutexLock writer(&write_mu_);
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
   if (!GroupHolds(*group, task_id)) return refusal;
+  if (EarlierAttempt(task_id, attempt, group_id, rpc)) return refusal;
   return RestartRefusedEnd(*group, task_id, rpc, refusal);
 }
 

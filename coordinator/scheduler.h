@@ -159,8 +159,9 @@ class Scheduler {
   // same task back for ever. The task restarts instead (counted; FAILED at max_restarts) and the
   // group lets go of it. Returns `refusal`; nothing changes when the group does not hold the task.
   // (A FailTask with a malformed message is recorded with the refusal as its message.)
+  // `attempt` (the request's; 0: not said): a refusal for an earlier attempt restarts nothing.
   absl::Status RefuseEndOfTask(const std::string& group_id, const std::string& task_id, const char* rpc,
-                               const absl::Status& refusal) ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
+                               const absl::Status& refusal, int attempt = 0) ABSL_LOCKS_EXCLUDED(mu_, write_mu_);
   // A group that ends normally: removed at once, not counted as lost (groups_lost_total and the
   // AviaryWorkerGroupLost alert stay quiet); a task it still holds goes back to READY without a
   // restart, like a preemption. NOT_FOUND for an unknown group.
@@ -375,6 +376,10 @@ class Scheduler {
   // and writing its run folder, until it learns so. Nobody else leases that task meanwhile
   // (DecideLeases; docs/SERVICE.md, "Fencing").
   bool HoldsStale(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Whether an outcome for `attempt` (> 0) of a task the group holds is for an earlier attempt
+  // than the current one (said; the caller answers it as taken).
+  bool EarlierAttempt(const std::string& task_id, int attempt, const std::string& group_id, const char* rpc) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // RefuseEndOfTask with the locks held, for a group that holds `task_id`.
   absl::Status RestartRefusedEnd(const Group& group, const std::string& task_id, const char* rpc,
                                  const absl::Status& refusal) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)

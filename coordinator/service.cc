@@ -226,6 +226,11 @@ template <typename Body>
 grpc::Status Serve(const grpc::ServerContext& context, const Authenticator& auth, const char* rpc,
                    RoleSet allowed, Body body) {
   absl::Status status = auth.Check(context, rpc, allowed);
+  // A call whose caller gave up before it ran (its deadline passed while a busy server held it):
+  // not run. Run late, a stale heartbeat or outcome acted on a lease that came after it.
+  if (status.ok() && context.IsCancelled()) {
+    status = absl::CancelledError(absl::StrCat(rpc, ": the caller gave up (deadline passed) before it ran"));
+  }
   if (status.ok()) status = body();
   return ToGrpcStatus(status);
 }
@@ -627,7 +632,10 @@ grpc::Status WorkerServiceImpl::CompleteTask(grpc::ServerContext* context,
     absl::Status checked = CheckText("best_checkpoint", request->best_checkpoint(), true);
     if (checked.ok()) checked = CheckOneLine("best_checkpoint", request->best_checkpoint());
     if (checked.ok() && request->has_best()) checked = CheckPoint("best", request->best());
-    if (!checked.ok()) return scheduler_->RefuseEndOfTask(request->group_id(), request->task_id(), "CompleteTask", checked);
+    if (!checked.ok()) {
+      return scheduler_->RefuseEndOfTask(request->group_id(), request->task_id(), "CompleteTask", checked,
+                                         request->attempt());
+    }
     return scheduler_->CompleteTask(*request);
   });
 }

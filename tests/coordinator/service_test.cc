@@ -282,12 +282,14 @@ class CoordinatorServiceTest : public ::testing::Test {
   }
 
   // A retryable FailTask of `task_id` by `group_id` (a lost rank, say).
-  grpc::Status FailRetryable(const std::string& group_id, const std::string& task_id, const std::string& error) {
+  grpc::Status FailRetryable(const std::string& group_id, const std::string& task_id, const std::string& error,
+                             int attempt = 0) {
     FailTaskRequest request;
     request.set_group_id(group_id);
     request.set_task_id(task_id);
     request.set_error(error);
     request.set_retryable(true);
+    request.set_attempt(attempt);
     FailTaskResponse response;
     return workers_->FailTask(WorkerCtx().get(), request, &response);
   }
@@ -304,11 +306,12 @@ class CoordinatorServiceTest : public ::testing::Test {
   }
 
   grpc::Status Complete(const std::string& group_id, const std::string& task_id,
-                        const std::string& best) {
+                        const std::string& best, int attempt = 0) {
     CompleteTaskRequest request;
     request.set_group_id(group_id);
     request.set_task_id(task_id);
     request.set_best_checkpoint(best);
+    request.set_attempt(attempt);
     *request.mutable_best() = EpochEnd(0, 0.8);
     CompleteTaskResponse response;
     return workers_->CompleteTask(WorkerCtx().get(), request, &response);
@@ -2151,6 +2154,35 @@ TEST_F(CoordinatorServiceTest, NoDataRootsRefusesEveryJobSayingSo) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("set `data_roots` in the coordinator config"), std::string::npos)
       << status.error_message();
+}
+
+// An outcome for an earlier attempt (a FailTask whose answer was lost and whose retry was taken,
+// its first copy held up in a busy server) arriving while the group trains the task again: taken
+// as the duplicate it is. It ended the attempt being trained (restarts counted twice, and the task
+// leased to another group beside it).
+TEST_F(CoordinatorServiceTest, AnOutcomeForAnEarlierAttemptEndsNothing) {
+  Start();
+  const std::string job_id = Submit({"stages.finetune.enabled=false"});
+  const std::string t = job_id + "/pretrain-f0";
+  const std::string a = Register();
+  ASSERT_EQ(Lease(a).task().attempt(), 1);
+  ASSERT_TRUE(FailRetryable(a, t, "nccl timeout", 1).ok());
+  LeaseTaskResponse again = Lease(a);
+  ASSERT_EQ(again.task().task_id(), t);
+  ASSERT_EQ(again.task().attempt(), 2);
+  EXPECT_TRUE(FailRetryable(a, t, "nccl timeout", 1).ok());  // the late copy
+  EXPECT_TRUE(Complete(a, t, Checkpoint(t, "best.pt"), 1).ok());
+  TaskInfo task = GetJob(job_id).tasks(0);
+  EXPECT_EQ(task.state(), TASK_STATE_LEASED);
+  EXPECT_EQ(task.restarts(), 1);
+  EXPECT_EQ(task.attempt(), 2);
+  const std::string b = Register();
+  EXPECT_FALSE(Lease(b).available());
+  // The current attempt's outcome is taken.
+  ASSERT_TRUE(FailRetryable(a, t, "out of memory", 2).ok());
+  task = GetJob(job_id).tasks(0);
+  EXPECT_EQ(task.state(), TASK_STATE_READY);
+  EXPECT_EQ(task.restarts(), 2);
 }
 
 TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {

@@ -267,6 +267,7 @@ absl::Status CoordinatorLink::Lease(v1::Task* task, bool* available) {
     absl::MutexLock lock(&mu_);
     if (response.available()) {
       task_id_ = response.task().task_id();
+      attempt_ = response.task().attempt();
       ++lease_generation_;
       cancel_ = false;
       outcome_pushed_ = false;
@@ -566,7 +567,10 @@ StopReason CoordinatorLink::Decide() const {
 void CoordinatorLink::Push(Report r) {
   if (r.kind == Report::Kind::kComplete || r.kind == Report::Kind::kFail) {
     absl::MutexLock lock(&mu_);
-    if (r.task_id == task_id_) outcome_pushed_ = true;
+    if (r.task_id == task_id_) {
+      outcome_pushed_ = true;
+      if (r.attempt == 0) r.attempt = attempt_;  // the coordinator tells a late copy from it
+    }
   }
   buffer_.Push(std::move(r));
   metrics_->SetBuffered(buffer_.points());
@@ -932,6 +936,7 @@ grpc::Status CoordinatorLink::Send(const std::vector<Report>& run, const std::st
       request.set_task_id(first.task_id);
       request.set_best_checkpoint(first.path);
       *request.mutable_best() = first.point;
+      request.set_attempt(first.attempt);
       v1::CompleteTaskResponse response;
       return stub_->CompleteTask(&ctx, request, &response);
     }
@@ -942,6 +947,7 @@ grpc::Status CoordinatorLink::Send(const std::vector<Report>& run, const std::st
       request.set_error(FailureText(first.error));
       request.set_retryable(first.retryable);
       request.set_preempted(first.preempted);
+      request.set_attempt(first.attempt);
       v1::FailTaskResponse response;
       return stub_->FailTask(&ctx, request, &response);
     }

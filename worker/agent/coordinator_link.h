@@ -210,6 +210,7 @@ class CoordinatorLink {
   int heartbeat_ms_ ABSL_GUARDED_BY(mu_) = 2000;
   int64_t heartbeat_timeout_ms_ ABSL_GUARDED_BY(mu_) = 0;  // the coordinator's; 0: not said
   std::string task_id_ ABSL_GUARDED_BY(mu_);
+  int attempt_ ABSL_GUARDED_BY(mu_) = 0;  // task_id_'s lease's attempt
   int64_t lease_generation_ ABSL_GUARDED_BY(mu_) = 0;  // the leases' count
   bool leased_not_begun_ ABSL_GUARDED_BY(mu_) = false;  // Lease named task_id_, BeginTask not yet
   // task_id_'s outcome (CompleteTask, FailTask) is pushed: the task is over here, and a heartbeat

@@ -30,6 +30,7 @@ struct Report {
   std::string error;              // kFail
   bool retryable = false;         // kFail
   bool preempted = false;         // kFail: stopped by a signal (not counted as a restart)
+  int32_t attempt = 0;            // kComplete, kFail: the lease's attempt (set by the link's Push)
 };
 
 // The reports waiting for the coordinator. Bounded: at most `max_points` progress points; when a
