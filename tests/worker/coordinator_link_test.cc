@@ -583,6 +583,37 @@ TEST_F(CoordinatorLinkTest, AManifestThatDoesNotMatchItsHashIsRefused) {
   EXPECT_FALSE(available);
 }
 
+// Holds the coordinator's manifest streams in its hook until Release (or `hold_s` pass).
+// Shared: the coordinator's thread may leave the hook after the test.
+struct ManifestGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false, released = false;
+
+  static std::shared_ptr<ManifestGate> Hold(coordinator::Coordinator* coordinator, int hold_s) {
+    auto gate = std::make_shared<ManifestGate>();
+    coordinator->scheduler()->SetManifestHookForTest([gate, hold_s] {
+      std::unique_lock<std::mutex> lock(gate->mu);
+      gate->entered = true;
+      gate->cv.notify_all();
+      gate->cv.wait_for(lock, std::chrono::seconds(hold_s), [&] { return gate->released; });
+    });
+    return gate;
+  }
+  // Whether a fetch reached the hook within `timeout_s`.
+  bool WaitEntered(int timeout_s) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(timeout_s), [&] { return entered; });
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      released = true;
+    }
+    cv.notify_all();
+  }
+};
+
 // A stop signal while the manifest is fetched cancels the fetch: it waited for the call's
 // deadline (minutes for a large manifest on a slow link), and the launcher's SIGKILL came first.
 // (Without the cancel, the fetch here ends when the slowed coordinator lets it, 5 s later, and
@@ -592,27 +623,12 @@ TEST_F(CoordinatorLinkTest, AStopSignalCancelsAManifestFetch) {
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
   CoordinatorLink link(options_, metrics_.get(), OneRank());
   ASSERT_TRUE(link.Register().ok());
-  struct Gate {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool entered = false, released = false;
-  };
-  auto gate = std::make_shared<Gate>();  // shared: the coordinator's thread may leave the hook after the test
-  coordinator_->scheduler()->SetManifestHookForTest([gate] {
-    std::unique_lock<std::mutex> lock(gate->mu);
-    gate->entered = true;
-    gate->cv.notify_all();
-    gate->cv.wait_for(lock, std::chrono::seconds(5), [&] { return gate->released; });
-  });
+  auto gate = ManifestGate::Hold(coordinator_.get(), 5);
   absl::Status leased;
   v1::Task task;
   bool available = false;
   std::thread lease([&] { leased = link.Lease(&task, &available); });
-  bool entered = false;
-  {
-    std::unique_lock<std::mutex> lock(gate->mu);
-    entered = gate->cv.wait_for(lock, std::chrono::seconds(30), [&] { return gate->entered; });
-  }
+  const bool entered = gate->WaitEntered(30);
   if (!entered) {  // the lease ended before its manifest's fetch: no fetch to stop
     lease.join();
     FAIL() << "no manifest fetch: " << leased << " (available " << available << ")";
@@ -620,11 +636,7 @@ TEST_F(CoordinatorLinkTest, AStopSignalCancelsAManifestFetch) {
   SetStopSignalForTest(SIGUSR2);
   lease.join();
   SetStopSignalForTest(0);
-  {
-    std::lock_guard<std::mutex> lock(gate->mu);
-    gate->released = true;
-  }
-  gate->cv.notify_all();
+  gate->Release();
   EXPECT_TRUE(absl::IsCancelled(leased)) << leased;
   EXPECT_NE(leased.message().find("stopped by a signal (SIGUSR2)"), std::string::npos) << leased;
 }
@@ -637,28 +649,13 @@ TEST_F(CoordinatorLinkTest, ATaskWhoseGroupWasLostDuringItsManifestFetchIsNotSta
   ASSERT_NO_FATAL_FAILURE(Submit(&submitted));
   CoordinatorLink link(options_, metrics_.get(), OneRank());
   ASSERT_TRUE(link.Register().ok());
-  struct Gate {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool entered = false, released = false;
-  };
-  auto gate = std::make_shared<Gate>();  // shared: the coordinator's thread may leave the hook after the test
-  coordinator_->scheduler()->SetManifestHookForTest([gate] {
-    std::unique_lock<std::mutex> lock(gate->mu);
-    gate->entered = true;
-    gate->cv.notify_all();
-    gate->cv.wait_for(lock, std::chrono::seconds(20), [&] { return gate->released; });
-  });
+  auto gate = ManifestGate::Hold(coordinator_.get(), 20);
   link.StartThreads();
   absl::Status leased;
   v1::Task task;
   bool available = false;
   std::thread lease([&] { leased = link.Lease(&task, &available); });
-  bool entered = false;
-  {
-    std::unique_lock<std::mutex> lock(gate->mu);
-    entered = gate->cv.wait_for(lock, std::chrono::seconds(30), [&] { return gate->entered; });
-  }
+  const bool entered = gate->WaitEntered(30);
   if (entered) {
     auto workers = v1::WorkerService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
     grpc::ClientContext ctx;
@@ -672,11 +669,7 @@ TEST_F(CoordinatorLinkTest, ATaskWhoseGroupWasLostDuringItsManifestFetchIsNotSta
     for (int i = 0; i < 100 && !link.lost(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_TRUE(link.lost());
   }
-  {
-    std::lock_guard<std::mutex> lock(gate->mu);
-    gate->released = true;
-  }
-  gate->cv.notify_all();
+  gate->Release();
   lease.join();
   link.StopThreads();
   ASSERT_TRUE(entered) << "no manifest fetch: " << leased;
