@@ -106,11 +106,12 @@ TaskProgress ProgressOf(const v1::TaskInfo& task) {
     }
   } else {
     // Without steps_per_epoch only epoch ends tell the progress.
-    // An epoch end reports its epoch 0-based: the first one's end is one epoch done.
-    p.epochs_done = task.latest().epoch_end()
-                        ? static_cast<int>(std::clamp<int64_t>(int64_t{task.latest().epoch()} + 1, 0,
-                                                               std::max(task.epochs(), 0)))
-                        : 0;
+    // An epoch end reports its epoch 0-based: the first one's end is one epoch done (within the
+    // plan, when it is known).
+    if (task.latest().epoch_end()) {
+      const int64_t done = std::max<int64_t>(int64_t{task.latest().epoch()} + 1, 0);
+      p.epochs_done = static_cast<int>(task.epochs() > 0 ? std::min<int64_t>(done, task.epochs()) : done);
+    }
     if (task.epochs() > 0 && task.latest().epoch_end()) {
       p.fraction = std::min(1.0, static_cast<double>(p.epochs_done) / task.epochs());
     }

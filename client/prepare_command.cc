@@ -12,7 +12,6 @@
 
 #include <signal.h>
 
-#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <utility>
@@ -33,6 +32,7 @@
 #include "common/config.h"
 #include "common/cpus.h"
 #include "common/status.h"
+#include "common/stop_signals.h"
 #include "client/commands.h"
 #include "worker/data/audio.h"
 #include "worker/data/audio_cache.h"
@@ -96,19 +96,6 @@ class ProgressPrinter {
   std::string prefix_;
   double last_print_s_ = -1e9;
 };
-
-std::atomic<int> g_stop_signal{0};  // the signal that asked for a stop; 0: none
-static_assert(std::atomic<int>::is_always_lock_free, "set from a signal handler");
-
-void StopRequested(int signal) { g_stop_signal.store(signal, std::memory_order_relaxed); }
-
-void StopOnSignals() {
-  struct sigaction action {};
-  action.sa_handler = StopRequested;
-  ::sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESETHAND;  // the second signal has its default action: the end
-  for (int signal : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(signal, &action, nullptr);
-}
 
 // Writes `text` to stdout in one piece, `prefix` before every line (the part of a split run, so
 // that the ranks' reports can be told apart).
@@ -191,7 +178,8 @@ struct PrepareArgs {
 // or a PMI launcher) or an srun step gives it, else 0 of 1. (Slurm's batch script is one task:
 // SLURM_STEP_NUM_TASKS is srun's, not the allocation's SLURM_NTASKS, so `aviary prepare` run
 // from an sbatch script still prepares the whole cache; nor is an interactive `srun -n 16 --pty
-// bash` (SLURM_PTY_PORT set) a split: its shell is task 0 of 16, and prepared a 16th.) `*from`
+// bash` (SLURM_PTY_PORT set, and a terminal on stdin: a step srun starts from that shell inherits
+// the variable, not the terminal) a split: its shell is task 0 of 16, and prepared a 16th.) `*from`
 // names the variables a split was taken from ("" otherwise).
 absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts, std::string* from) {
   from->clear();
@@ -212,7 +200,10 @@ absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts, std
     const char* rank = std::getenv(rank_var);
     const char* size = std::getenv(size_var);
     if (rank == nullptr || size == nullptr) continue;
-    if (absl::string_view(rank_var) == "SLURM_PROCID" && std::getenv("SLURM_PTY_PORT") != nullptr) continue;
+    if (absl::string_view(rank_var) == "SLURM_PROCID" && std::getenv("SLURM_PTY_PORT") != nullptr &&
+        ::isatty(STDIN_FILENO) == 1) {
+      continue;
+    }
     if (!absl::SimpleAtoi(rank, part) || !absl::SimpleAtoi(size, num_parts) || *num_parts < 1 || *part < 0 ||
         *part >= *num_parts) {
       return absl::InvalidArgumentError(
@@ -292,16 +283,16 @@ int RunPrepare(const PrepareArgs& args) {
   }
   // SIGINT, SIGTERM (mpirun ending the other ranks when one fails, scancel) and SIGHUP stop the
   // run at the next file, so that the shard being written is removed rather than left for a
-  // later run to keep as "maybe another host's" for minutes; a second signal ends it at once.
-  StopOnSignals();
-  options.should_stop = [] { return g_stop_signal.load(std::memory_order_relaxed) != 0; };
+  // later run to keep as "maybe another host's" for minutes; then the process ends by that
+  // signal. A second signal ends it at once; an inherited ignored one (nohup) stays ignored.
+  common::InstallStopSignals({SIGINT, SIGTERM, SIGHUP});
+  options.should_stop = [] { return common::StopSignal() != 0; };
   auto report = worker::PrepareAudioCache(paths, options);
   if (!report.ok()) {
     printer.EndLine();
-    const int signal = g_stop_signal.load();
-    if (absl::IsCancelled(report.status()) && signal != 0) {
+    if (const int signal = common::StopSignal(); absl::IsCancelled(report.status()) && signal != 0) {
       Fail(report.status());
-      return 128 + signal;  // as the shell reports a process a signal ended
+      return common::EndByStopSignal(signal);
     }
     return Fail(report.status());
   }
@@ -316,6 +307,9 @@ int RunPrepare(const PrepareArgs& args) {
               << "; training decodes them on the fly. Once they can be read (a permission fixed, the "
                  "filesystem answering), run `aviary prepare` again\n";
   }
+  // A signal that came once every file was decoded: the run is whole and said, and the process
+  // still ends by the signal (a shell's loop of prepares stops at a Ctrl-C).
+  if (const int signal = common::StopSignal(); signal != 0) return common::EndByStopSignal(signal);
   return 0;
 }
 

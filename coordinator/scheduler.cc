@@ -2149,7 +2149,7 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
 bool Scheduler::EarlierAttempt(const std::string& task_id, int attempt, const std::string& group_id,
                                const char* rpc) const {
   const int current = tasks_.at(task_id).info.attempt();
-  if (attempt <= 0 || attempt == current) return false;
+  if (attempt <= 0 || attempt >= current) return false;  // not said, or the current one
   // The group holds the task again, at a later attempt: this outcome is a copy of one taken
   // before (its first answer lost, the retry answered; the copy held up in a busy server). Taken
   // as the current attempt's, it ended the attempt the group is training now.

@@ -659,7 +659,7 @@ grpc::Status WorkerServiceImpl::FailTask(grpc::ServerContext* context,
         return absl::Status(failed.code(), absl::StrCat(failed.message(), " (and field 'error' was refused: ",
                                                         checked.message(), ")"));
       }
-      return absl::Status(checked.code(), absl::StrCat(checked.message(), " (the failure is recorded without it)"));
+      return absl::Status(checked.code(), absl::StrCat(checked.message(), " (the failure is taken without it)"));
     }
     return scheduler_->FailTask(*request);
   });

@@ -95,6 +95,8 @@ TEST(ClientFormatTest, ProgressSplitsGlobalStepsIntoEpochs) {
   EXPECT_DOUBLE_EQ(p.fraction, 1.0 / 3);
   ended.mutable_latest()->set_epoch(7);  // past the plan (an --extend-epochs run's old plan)
   EXPECT_EQ(ProgressOf(ended).epochs_done, 3);
+  ended.set_epochs(0);  // a plan not known: the epoch ends count
+  EXPECT_EQ(ProgressOf(ended).epochs_done, 8);
 }
 
 TEST(ClientFormatTest, TaskLineShowsProgressLossAucAndEta) {

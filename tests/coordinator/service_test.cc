@@ -2298,7 +2298,7 @@ TEST_F(CoordinatorServiceTest, CheckpointsMustBeFilesInTheTasksRunFolder) {
     FailTaskResponse response;
     const grpc::Status status = workers_->FailTask(WorkerCtx().get(), request, &response);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_NE(status.error_message().find("field 'error': must not be empty (the failure is recorded without it)"),
+    EXPECT_NE(status.error_message().find("field 'error': must not be empty (the failure is taken without it)"),
               std::string::npos)
         << status.error_message();
     const TaskInfo info = GetJob(job_id).tasks(0);

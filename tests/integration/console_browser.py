@@ -116,9 +116,22 @@ def ended_epochs(job_id, task_name):
 
 # Holds the job page's history answers (received in full, so read before what comes meanwhile)
 # until window.__holdHistory is false: an epoch end can then come by event while a load runs.
+# The epochs whose ends reached the page by event are in window.__eventEpochs.
 HOLD_HISTORY = """
 window.__holdHistory = true;
 window.__heldHistory = 0;
+window.__eventEpochs = [];
+const RealEventSource = window.EventSource;
+window.EventSource = function (url, options) {
+  const source = new RealEventSource(url, options);
+  source.addEventListener('job', (e) => {
+    const m = JSON.parse(e.data).metrics;
+    if (m && m.epoch_end) window.__eventEpochs.push(Number(m.epoch || 0));
+  });
+  return source;
+};
+for (const k of ['CONNECTING', 'OPEN', 'CLOSED']) window.EventSource[k] = RealEventSource[k];
+window.EventSource.prototype = RealEventSource.prototype;
 const realFetch = window.fetch;
 window.fetch = async function (url, options) {
   const answer = await realFetch(url, options);
@@ -248,7 +261,10 @@ try:
         read = ended_epochs(args.job1, task_name)
         ended = wait_until("an epoch end while the history is held",
                            lambda: len(ended_epochs(args.job1, task_name)) > len(read), timeout=90)
-        time.sleep(1.5)  # its event reaches the page
+        newest = max(ended_epochs(args.job1, task_name))
+        arrived = wait_until("its event on the page", lambda: driver.execute_script(
+            "return window.__eventEpochs.length && Math.max(...window.__eventEpochs)") >= newest, timeout=30)
+        check(arrived, f"the epoch end {newest} reached the page by event while its history was held")
         driver.execute_script("window.__holdHistory = false;")
         check(ended, f"an epoch of {task_name} ended while the page's history answer was held")
         want = ended_epochs(args.job1, task_name)

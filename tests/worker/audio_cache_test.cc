@@ -707,8 +707,7 @@ TEST(AudioCacheTest, UnreadableFilesMoveTheProgressTimeOn) {
   PrepareReport report = MustPrepare({tmp.Sub("gone1.wav"), tmp.Sub("gone2.wav")}, options);
   EXPECT_EQ(report.counts[AudioProblem::kMissing], 2);
   ASSERT_EQ(elapsed.size(), 2u);
-  EXPECT_GT(elapsed[1], elapsed[0]);
-  EXPECT_GE(elapsed[1], 0.05);
+  EXPECT_GT(elapsed[1], elapsed[0]);  // both 0 before (a clock read, not a measurement)
 }
 
 // A stop asked for midway (a signal: mpirun ending the other ranks, a Ctrl-C) ends the run with

@@ -988,26 +988,28 @@ TEST(PredictTest, ShouldStopEndsTheRunBetweenBatchesWithWholeFilesRows) {
   EXPECT_EQ(header_only.str(), "row_id,a,b\n");
 }
 
-// A file of fewer windows than a batch runs whole at its end (Finish): a stop is asked there too,
-// and between the views, not only before the blocks of a long file (it waited for the file).
-TEST(PredictTest, ShouldStopIsAskedForAFileThatRunsWholeAtItsEnd) {
-  const std::string dir = Dir("stop_finish");
-  WriteFloatWav(dir + "/a.wav", Noise(16000 * 40, 54), 32000);  // 40 windows of 0.5 s
+// A file of fewer windows than a batch runs whole at its end (Finish): a stop is asked there, and
+// between the views, not only before the blocks of a long file (a stop waited for the whole file
+// x views x models). PredictWaveform feeds 40 windows in one piece (no block in Feed): its first
+// ask is Finish's, its second the one between the first two views.
+TEST(PredictTest, ShouldStopIsAskedAtTheFilesEndAndBetweenViews) {
   PredictOptions options;
   options.checkpoints = {SaveModel("stop_finish", {"a", "b"})};
   options.window_s = 0.5;
   options.batch_windows = 64;
   options.tta = 3;
   options.device = "cpu";
-  options.chunk_samples = int64_t{1} << 24;
-  int asked = 0;
-  options.should_stop = [&] { return ++asked >= 2; };  // not before the file: within it
-  auto p = Predictor::Create(options);
-  ASSERT_TRUE(p.ok()) << p.status();
-  std::ostringstream csv;
-  auto report = (*p)->Run({dir + "/a.wav"}, csv, nullptr);
-  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
-  EXPECT_EQ(csv.str(), "row_id,a,b\n");
+  const std::vector<float> wave = Noise(16000 * 40, 54);  // 40 windows of 0.5 s
+  for (int stop_at : {1, 2, 3}) {
+    int asked = 0;
+    PredictOptions o = options;
+    o.should_stop = [&] { return ++asked >= stop_at; };
+    auto p = Predictor::Create(o);
+    ASSERT_TRUE(p.ok()) << p.status();
+    auto probs = (*p)->PredictWaveform(wave);
+    EXPECT_EQ(probs.status().code(), absl::StatusCode::kCancelled) << "stop at ask " << stop_at;
+    EXPECT_EQ(asked, stop_at);
+  }
 }
 
 // On CUDA, predict computes in float32 as the CPU does: TF32 (cuDNN's default for convolutions)

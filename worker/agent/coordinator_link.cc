@@ -444,6 +444,7 @@ void CoordinatorLink::BeginTask(const std::string& task_id, int attempt) {
   absl::MutexLock lock(&mu_);
   if (!leased_not_begun_ || task_id_ != task_id) {
     task_id_ = task_id;
+    attempt_ = attempt;
     ++lease_generation_;
     cancel_ = false;
     outcome_pushed_ = false;
@@ -985,8 +986,8 @@ CoordinatorLink::RefusedRun CoordinatorLink::ResendWithoutRefusedPoints(const st
     if (IsTransient(now.error_code()) || KeepsRefused(now)) {
       // The whole run again later: its refused point goes again, the rest is recognised
       // where it was taken (ReportProgress skips a resent run's points).
-      Log().Warn(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; ", buffer_.size(),
-                              " report(s) buffered, retrying"));
+      Log().Warn(absl::StrCat(Failed(RpcName(Report::Kind::kPoint), now, gid).message(), "; the run is kept (",
+                              buffer_.size(), " report(s) buffered)"));
       kept = true;
       break;
     }

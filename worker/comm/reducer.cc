@@ -69,6 +69,20 @@ std::vector<std::vector<size_t>> PlanBuckets(const std::vector<at::Tensor>& para
 
 namespace {
 
+// The strides a parameter's gradient has in its bucket: its own when they are dense
+// (channels_last convolution weights stay channels_last), else contiguous ones.
+std::vector<int64_t> BucketStrides(const at::Tensor& p) {
+  std::vector<int64_t> strides = p.strides().vec();
+  if (!p.is_non_overlapping_and_dense()) {
+    int64_t stride = 1;
+    for (size_t d = strides.size(); d-- > 0;) {
+      strides[d] = stride;
+      stride *= std::max<int64_t>(p.size(static_cast<int64_t>(d)), 1);
+    }
+  }
+  return strides;
+}
+
 // The bucket plan as 62 bits (FNV-1a over each bucket's parameters: index, shape, strides, dtype),
 // for the ranks to compare: equal counts and totals passed {16, 32} against {32, 16}, and a bf16
 // parameter against a float one of as many elements; the first all-reduce then went wrong. The
@@ -88,7 +102,12 @@ int64_t PlanDigest(const std::vector<at::Tensor>& params, const std::vector<std:
       mix(k);
       mix(static_cast<uint64_t>(params[k].dim()));
       for (int64_t size : params[k].sizes()) mix(static_cast<uint64_t>(size));
-      for (int64_t stride : params[k].strides()) mix(static_cast<uint64_t>(stride));
+      // A size-1 dimension's stride addresses nothing (torch may choose any): mixed as 0, so that
+      // equal layouts compare equal.
+      const std::vector<int64_t> strides = BucketStrides(params[k]);
+      for (size_t d = 0; d < strides.size(); ++d) {
+        mix(params[k].size(static_cast<int64_t>(d)) == 1 ? 0 : static_cast<uint64_t>(strides[d]));
+      }
       mix(static_cast<uint64_t>(params[k].scalar_type()));
     }
   }
@@ -226,16 +245,8 @@ absl::Status Reducer::Build() {
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i];
     const at::Tensor& flat = buckets_[bucket_of_[i]]->flat;
-    std::vector<int64_t> strides = p.strides().vec();
-    if (!p.is_non_overlapping_and_dense()) {
-      int64_t stride = 1;
-      for (size_t d = strides.size(); d-- > 0;) {
-        strides[d] = stride;
-        stride *= std::max<int64_t>(p.size(static_cast<int64_t>(d)), 1);
-      }
-    }
     grad_of_[i] = at::empty({0}, flat.options())
-                      .set_(flat.storage(), flat.storage_offset() + offset_of_[i], p.sizes(), strides);
+                      .set_(flat.storage(), flat.storage_offset() + offset_of_[i], p.sizes(), BucketStrides(p));
   }
   Reducer* self = this;
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -1394,6 +1394,12 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   int64_t clipped = 0;
   std::deque<CacheEntry> transient;  // kMissing and over-limit outcomes: reported, not cached
   std::atomic<bool> failed{false};
+  // Asked once before the decoding too: a stop during the listing and the scan (minutes on a
+  // large cache over a network filesystem) came to nothing.
+  if (options.should_stop && options.should_stop()) {
+    return absl::CancelledError(absl::StrCat(dir, ": stopped before decoding (", todo.size(),
+                                             " files to decode); nothing was written"));
+  }
   absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
     if (options.should_stop && options.should_stop()) {

@@ -35,6 +35,7 @@
 #include "absl/strings/str_split.h"
 #include "common/cpus.h"
 #include "common/files.h"
+#include "common/stop_signals.h"
 #include "worker/tools/tools.h"
 #include "worker/predict.h"
 
@@ -118,31 +119,6 @@ struct PredictArgs {
   bool smooth_given = false;
   std::string memory_format = "channels_last";
 };
-
-// SIGINT, SIGTERM, SIGUSR2: the first one stops the run between batches (its rows of whole files
-// kept as .partial, then the process ends by that signal); the handlers then go back to the default, so that a
-// second one ends the process at once (its rows are left in the .tmp. file). Not the serving
-// agent's handlers (worker/agent/signals.h): those also take a SIGCONT from the parent as a stop
-// (mpirun's), which a shell's `fg` after Ctrl-Z is.
-std::atomic<int> g_stop_signal{0};
-
-void OnPredictStop(int signal) {
-  int none = 0;
-  g_stop_signal.compare_exchange_strong(none, signal);  // the first signal is the one said
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  sigemptyset(&dfl.sa_mask);
-  for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaction(s, &dfl, nullptr);  // async-signal-safe
-}
-
-void InstallPredictStopHandlers() {
-  struct sigaction action {};
-  action.sa_handler = OnPredictStop;
-  action.sa_flags = SA_RESTART;  // a write to the terminal in progress goes on
-  sigemptyset(&action.sa_mask);
-  for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaddset(&action.sa_mask, s);
-  for (const int s : {SIGINT, SIGTERM, SIGUSR2}) sigaction(s, &action, nullptr);
-}
 
 // The folder of `path` ("." for a bare name).
 std::filesystem::path FolderOf(const std::string& path) {
@@ -232,7 +208,7 @@ int RunPredict(const PredictArgs& args) {
     options.smooth = *weights;
   }
   options.channels_last = memory_format == "channels_last";
-  options.should_stop = [] { return g_stop_signal.load() != 0; };  // the handlers are installed before Run
+  options.should_stop = [] { return common::StopSignal() != 0; };  // the handlers are installed before Run
 
   // A folder (or a missing one) as --out is said now, not after the run when the rename fails.
   if (absl::Status out = common::CheckOutputPath("--out", args.out); !out.ok()) return Fail(out);
@@ -278,7 +254,10 @@ int RunPredict(const PredictArgs& args) {
 
   // SIGINT / SIGTERM (and SIGUSR2, as for train) stop the run between batches: the whole files'
   // rows become --out.partial. A second signal ends the process at once.
-  InstallPredictStopHandlers();
+  // SIGINT, SIGTERM, SIGUSR2 (Slurm's --signal): the first stops the run between batches, its
+  // rows of whole files kept as .partial, then the process ends by that signal; a second one
+  // ends it at once (its rows are left in the .tmp. file).
+  common::InstallStopSignals({SIGINT, SIGTERM, SIGUSR2});
   // Named by this process (TemporarySuffix, as export's staged files): two runs to one --out
   // never share a temporary file.
   const std::string tmp = absl::StrCat(out, ".tmp.", common::TemporarySuffix());
@@ -313,17 +292,11 @@ int RunPredict(const PredictArgs& args) {
   if (!report.ok()) {
     // The rows written so far are kept (hours of inference on a CPU), apart from --out.
     const std::string partial = absl::StrCat(out, ".partial");
-    if (const int signal = g_stop_signal.load(); absl::IsCancelled(report.status()) && signal != 0) {
+    if (const int signal = common::StopSignal(); absl::IsCancelled(report.status()) && signal != 0) {
       KeepWholeFilesRows(tmp, partial, args.out, last, "stop");
-      const char* name = signal == SIGINT ? "SIGINT" : signal == SIGTERM ? "SIGTERM" : "SIGUSR2";
-      common::WriteLineToStderr(absl::StrCat("aviary predict: stopped by ", name, " (", report.status().message(),
-                                             "); ", args.out, " not written"));
-      // Ended by the signal itself (its handler is the default again), not an exit of 128 + it: a
-      // shell running a loop of commands stops at a Ctrl-C only when the command died by it.
-      std::cout.flush();
-      std::fflush(nullptr);
-      ::raise(signal);
-      return 128 + signal;  // (not reached)
+      common::WriteLineToStderr(absl::StrCat("aviary predict: stopped by ", common::StopSignalName(signal), " (",
+                                             report.status().message(), "); ", args.out, " not written"));
+      return common::EndByStopSignal(signal);
     }
     KeepWholeFilesRows(tmp, partial, args.out, last, "error");
     return Fail(report.status());

@@ -1,0 +1,68 @@
+#include "common/stop_signals.h"
+
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <iostream>
+
+namespace aviary::common {
+namespace {
+
+constexpr int kMaxSignals = 8;
+std::atomic<int> g_stop_signal{0};
+// The signals whose handlers are ours (not inherited as ignored); read by the handler.
+int g_installed[kMaxSignals] = {};
+std::atomic<int> g_num_installed{0};
+static_assert(std::atomic<int>::is_always_lock_free, "read and written in a signal handler");
+
+void OnStopSignal(int signal) {
+  int none = 0;
+  g_stop_signal.compare_exchange_strong(none, signal);  // the first signal is the one said
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  const int n = g_num_installed.load();
+  for (int i = 0; i < n; ++i) sigaction(g_installed[i], &dfl, nullptr);  // async-signal-safe
+}
+
+}  // namespace
+
+void InstallStopSignals(std::initializer_list<int> signals) {
+  struct sigaction action {};
+  action.sa_handler = OnStopSignal;
+  action.sa_flags = SA_RESTART;
+  sigemptyset(&action.sa_mask);
+  for (const int s : signals) sigaddset(&action.sa_mask, s);
+  int n = 0;
+  for (const int s : signals) {
+    struct sigaction old {};
+    if (n == kMaxSignals || sigaction(s, nullptr, &old) != 0) continue;
+    if (old.sa_handler == SIG_IGN) continue;  // nohup's SIGHUP, a background job's SIGINT
+    g_installed[n++] = s;
+  }
+  g_num_installed.store(n);
+  for (int i = 0; i < n; ++i) sigaction(g_installed[i], &action, nullptr);
+}
+
+int StopSignal() { return g_stop_signal.load(); }
+
+const char* StopSignalName(int signal) {
+  switch (signal) {
+    case SIGINT: return "SIGINT";
+    case SIGTERM: return "SIGTERM";
+    case SIGHUP: return "SIGHUP";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGUSR2: return "SIGUSR2";
+    default: return "a signal";
+  }
+}
+
+int EndByStopSignal(int signal) {
+  std::cout.flush();
+  std::fflush(nullptr);
+  ::raise(signal);
+  return 128 + signal;  // (not reached)
+}
+
+}  // namespace aviary::common
