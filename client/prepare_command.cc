@@ -10,6 +10,7 @@
 // decodes its share of the files into the same cache.
 #include <unistd.h>
 
+#include <fcntl.h>
 #include <signal.h>
 
 #include <chrono>
@@ -174,12 +175,22 @@ struct PrepareArgs {
   std::string part;  // "R/N"; empty: from mpirun's environment, else the whole cache
 };
 
+// Whether the process has a controlling terminal (an interactive shell's commands, nohup'ed ones
+// too; not a launcher's tasks).
+bool HasControllingTerminal() {
+  const int fd = ::open("/dev/tty", O_RDONLY | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0) return false;
+  ::close(fd);
+  return true;
+}
+
 // This process's part of a split prepare: --part R/N, else the rank and size mpirun (Open MPI,
 // or a PMI launcher) or an srun step gives it, else 0 of 1. (Slurm's batch script is one task:
 // SLURM_STEP_NUM_TASKS is srun's, not the allocation's SLURM_NTASKS, so `aviary prepare` run
 // from an sbatch script still prepares the whole cache; nor is an interactive `srun -n 16 --pty
-// bash` (SLURM_PTY_PORT set, and a terminal on stdin: a step srun starts from that shell inherits
-// the variable, not the terminal) a split: its shell is task 0 of 16, and prepared a 16th.) `*from`
+// bash` (SLURM_PTY_PORT set, and a controlling terminal: a step srun starts from that shell
+// inherits the variable, not the terminal; stdin is not asked, nohup replaces it) a split: its
+// shell is task 0 of 16, and prepared a 16th.) `*from`
 // names the variables a split was taken from ("" otherwise).
 absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts, std::string* from) {
   from->clear();
@@ -201,7 +212,7 @@ absl::Status ResolvePart(const std::string& flag, int* part, int* num_parts, std
     const char* size = std::getenv(size_var);
     if (rank == nullptr || size == nullptr) continue;
     if (absl::string_view(rank_var) == "SLURM_PROCID" && std::getenv("SLURM_PTY_PORT") != nullptr &&
-        ::isatty(STDIN_FILENO) == 1) {
+        HasControllingTerminal()) {
       continue;
     }
     if (!absl::SimpleAtoi(rank, part) || !absl::SimpleAtoi(size, num_parts) || *num_parts < 1 || *part < 0 ||

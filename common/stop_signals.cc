@@ -22,13 +22,21 @@ void OnStopSignal(int signal) {
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
   sigemptyset(&dfl.sa_mask);
+  sigaction(signal, &dfl, nullptr);  // this one in any case (async-signal-safe)
   const int n = g_num_installed.load();
-  for (int i = 0; i < n; ++i) sigaction(g_installed[i], &dfl, nullptr);  // async-signal-safe
+  for (int i = 0; i < n; ++i) sigaction(g_installed[i], &dfl, nullptr);
 }
 
 }  // namespace
 
 void InstallStopSignals(std::initializer_list<int> signals) {
+  if (g_num_installed.load() != 0) return;  // once: a second list would leave handlers behind
+  // Held off while the handlers go in: one arriving halfway reset those in place, and the rest
+  // were installed after it.
+  sigset_t held, before;
+  sigemptyset(&held);
+  for (const int s : signals) sigaddset(&held, s);
+  pthread_sigmask(SIG_BLOCK, &held, &before);
   struct sigaction action {};
   action.sa_handler = OnStopSignal;
   action.sa_flags = SA_RESTART;
@@ -43,6 +51,7 @@ void InstallStopSignals(std::initializer_list<int> signals) {
   }
   g_num_installed.store(n);
   for (int i = 0; i < n; ++i) sigaction(g_installed[i], &action, nullptr);
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
 }
 
 int StopSignal() { return g_stop_signal.load(); }

@@ -11,11 +11,12 @@
 
 namespace aviary::common {
 
-// Installs the handlers for `signals` (at most 8). Call once, from the main thread.
+// Installs the handlers for `signals` (at most 8), before other threads start. Once per process:
+// a second call does nothing.
 void InstallStopSignals(std::initializer_list<int> signals);
 // The first signal received since InstallStopSignals; 0: none.
 int StopSignal();
-// "SIGINT", "SIGTERM", ... ("signal N" otherwise).
+// "SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2" ("a signal" otherwise).
 const char* StopSignalName(int signal);
 // Ends the process by `signal` itself (its handler is the default again after the first): a shell
 // running a loop of commands stops at a Ctrl-C only when the command died by it. Flushes stdio

@@ -2062,7 +2062,9 @@ absl::Status Scheduler::CompleteTask(const aviary::v1::CompleteTaskRequest& requ
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
-  if (EarlierAttempt(request.task_id(), request.attempt(), request.group_id(), "CompleteTask")) return absl::OkStatus();
+  bool late = false;
+  AVIARY_RETURN_IF_ERROR(CheckOutcomeAttempt(request.task_id(), request.attempt(), request.group_id(), "CompleteTask", &late));
+  if (late) return absl::OkStatus();
   if (absl::IsInvalidArgument(checked)) return RestartRefusedEnd(*group, request.task_id(), "CompleteTask", checked);
   AVIARY_RETURN_IF_ERROR(checked);  // UNAVAILABLE: the group sends it again
   Changes changes;
@@ -2113,7 +2115,9 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
     AVIARY_RETURN_IF_ERROR(LetGo(*group, request.task_id()));  // it has stopped the task
     return holder;
   }
-  if (EarlierAttempt(request.task_id(), request.attempt(), request.group_id(), "FailTask")) return absl::OkStatus();
+  bool late = false;
+  AVIARY_RETURN_IF_ERROR(CheckOutcomeAttempt(request.task_id(), request.attempt(), request.group_id(), "FailTask", &late));
+  if (late) return absl::OkStatus();
   Changes changes;
   GroupRow group_row = group->row;
   group_row.task_id.clear();
@@ -2146,16 +2150,23 @@ absl::Status Scheduler::FailTask(const aviary::v1::FailTaskRequest& request) {
   return absl::OkStatus();
 }
 
-bool Scheduler::EarlierAttempt(const std::string& task_id, int attempt, const std::string& group_id,
-                               const char* rpc) const {
+absl::Status Scheduler::CheckOutcomeAttempt(const std::string& task_id, int attempt, const std::string& group_id,
+                                            const char* rpc, bool* late) const {
+  *late = false;
   const int current = tasks_.at(task_id).info.attempt();
-  if (attempt <= 0 || attempt >= current) return false;  // not said, or the current one
+  if (attempt <= 0 || attempt == current) return absl::OkStatus();  // not said, or the current one
+  if (attempt > current) {
+    return absl::FailedPreconditionError(absl::StrCat("field 'attempt': ", attempt, " of task ", task_id,
+                                                      " is past its current attempt ", current,
+                                                      " (the group's state or the coordinator's is wrong)"));
+  }
   // The group holds the task again, at a later attempt: this outcome is a copy of one taken
   // before (its first answer lost, the retry answered; the copy held up in a busy server). Taken
   // as the current attempt's, it ended the attempt the group is training now.
   log_.Info(absl::StrCat("group ", group_id, " sent ", rpc, " for task ", task_id, " attempt ", attempt,
                          " while it holds attempt ", current, ": a late copy of an outcome taken before; ignored"));
-  return true;
+  *late = true;
+  return absl::OkStatus();
 }
 
 absl::Status Scheduler::RefuseEndOfTask(const std::string& group_id, const std::string& task_id, const char* rpc,
@@ -2164,7 +2175,9 @@ absl::Status Scheduler::RefuseEndOfTask(const std::string& group_id, const std::
   absl::ReaderMutexLock lock(&mu_);
   AVIARY_ASSIGN_OR_RETURN(Group * group, FindGroup(group_id));
   if (!GroupHolds(*group, task_id)) return refusal;
-  if (EarlierAttempt(task_id, attempt, group_id, rpc)) return refusal;
+  bool late = false;
+  AVIARY_RETURN_IF_ERROR(CheckOutcomeAttempt(task_id, attempt, group_id, rpc, &late));
+  if (late) return refusal;
   return RestartRefusedEnd(*group, task_id, rpc, refusal);
 }
 

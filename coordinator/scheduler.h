@@ -376,10 +376,11 @@ class Scheduler {
   // and writing its run folder, until it learns so. Nobody else leases that task meanwhile
   // (DecideLeases; docs/SERVICE.md, "Fencing").
   bool HoldsStale(const Group& group) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Whether an outcome for `attempt` (> 0) of a task the group holds is for an earlier attempt
-  // than the current one (said; the caller answers it as taken).
-  bool EarlierAttempt(const std::string& task_id, int attempt, const std::string& group_id, const char* rpc) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // An outcome for `attempt` (0: not said) of a task the group holds: `*late` when it is for an
+  // earlier attempt than the current one (said; the caller answers it as taken);
+  // FAILED_PRECONDITION for one past the current attempt.
+  absl::Status CheckOutcomeAttempt(const std::string& task_id, int attempt, const std::string& group_id,
+                                   const char* rpc, bool* late) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // RefuseEndOfTask with the locks held, for a group that holds `task_id`.
   absl::Status RestartRefusedEnd(const Group& group, const std::string& task_id, const char* rpc,
                                  const absl::Status& refusal) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_)

@@ -2176,6 +2176,13 @@ TEST_F(CoordinatorServiceTest, AnOutcomeForAnEarlierAttemptEndsNothing) {
   EXPECT_EQ(task.state(), TASK_STATE_LEASED);
   EXPECT_EQ(task.restarts(), 1);
   EXPECT_EQ(task.attempt(), 2);
+  // One past the current attempt: a state gone wrong somewhere, refused and said.
+  const grpc::Status ahead = FailRetryable(a, t, "nccl timeout", 3);
+  EXPECT_EQ(ahead.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << ahead.error_message();
+  EXPECT_NE(ahead.error_message().find("field 'attempt': 3 of task " + t + " is past its current attempt 2"),
+            std::string::npos)
+      << ahead.error_message();
+  EXPECT_EQ(GetJob(job_id).tasks(0).state(), TASK_STATE_LEASED);
   const std::string b = Register();
   EXPECT_FALSE(Lease(b).available());
   // The current attempt's outcome is taken.

@@ -261,9 +261,9 @@ try:
         read = ended_epochs(args.job1, task_name)
         ended = wait_until("an epoch end while the history is held",
                            lambda: len(ended_epochs(args.job1, task_name)) > len(read), timeout=90)
-        newest = max(ended_epochs(args.job1, task_name))
-        arrived = wait_until("its event on the page", lambda: driver.execute_script(
-            "return window.__eventEpochs.length && Math.max(...window.__eventEpochs)") >= newest, timeout=30)
+        newest = max(ended_epochs(args.job1, task_name) or [-1])
+        arrived = ended and wait_until("its event on the page", lambda: driver.execute_script(
+            "return window.__eventEpochs.length ? Math.max(...window.__eventEpochs) : -1") >= newest, timeout=30)
         check(arrived, f"the epoch end {newest} reached the page by event while its history was held")
         driver.execute_script("window.__holdHistory = false;")
         check(ended, f"an epoch of {task_name} ended while the page's history answer was held")

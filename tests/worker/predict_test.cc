@@ -1010,6 +1010,28 @@ TEST(PredictTest, ShouldStopIsAskedAtTheFilesEndAndBetweenViews) {
     EXPECT_EQ(probs.status().code(), absl::StatusCode::kCancelled) << "stop at ask " << stop_at;
     EXPECT_EQ(asked, stop_at);
   }
+  // Through Run, stopped at its last ask (the last view of the file's one block): the CSV keeps
+  // its header only, none of the file's rows.
+  const std::string dir = Dir("stop_finish");
+  WriteFloatWav(dir + "/a.wav", wave, 32000);
+  int total = 0;
+  {
+    PredictOptions o = options;
+    o.should_stop = [&] { ++total; return false; };
+    auto p = Predictor::Create(o);
+    ASSERT_TRUE(p.ok()) << p.status();
+    std::ostringstream csv;
+    ASSERT_TRUE((*p)->Run({dir + "/a.wav"}, csv, nullptr).ok());
+  }
+  int asked = 0;
+  PredictOptions o = options;
+  o.should_stop = [&] { return ++asked >= total; };
+  auto p = Predictor::Create(o);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::ostringstream csv;
+  auto report = (*p)->Run({dir + "/a.wav"}, csv, nullptr);
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
+  EXPECT_EQ(csv.str(), "row_id,a,b\n");
 }
 
 // On CUDA, predict computes in float32 as the CPU does: TF32 (cuDNN's default for convolutions)

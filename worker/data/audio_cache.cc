@@ -1398,7 +1398,7 @@ absl::StatusOr<PrepareReport> PrepareAudioCache(const std::vector<std::string>& 
   // large cache over a network filesystem) came to nothing.
   if (options.should_stop && options.should_stop()) {
     return absl::CancelledError(absl::StrCat(dir, ": stopped before decoding (", todo.size(),
-                                             " files to decode); nothing was written"));
+                                             " files to decode); no file was decoded"));
   }
   absl::Status thrown = ParallelFor(todo.size(), DecodeThreads(options, todo.size()), [&](size_t i) {
     if (failed.load()) return;
